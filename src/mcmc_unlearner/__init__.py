@@ -1,0 +1,38 @@
+"""mcmc-unlearner: remove deleted training data from SG-MCMC posteriors without retraining.
+
+Public API:
+
+* samplers: :class:`SGLD`, :class:`SGHMC`;
+* the unlearner: :class:`MCMCUnlearner` (ours) and :class:`sgmcmcUnlearner` (the seed's subclass API);
+* data: :class:`RemovableDataset`;
+* solvers: :func:`solve`, :class:`SolverName`;
+* errors: :class:`InvalidRequestError`, :class:`SolverDivergedError`.
+"""
+
+from .compat import sgmcmcUnlearner
+from .data import RemovableDataset
+from .errors import InvalidRequestError, SolverDivergedError, UnlearningError
+from .samplers import SGHMC, SGLD
+from .solvers import SolveResult, SolverName, solve
+from .unlearner import BankShift, Expectation, HessianKind, MCMCUnlearner, RemovalReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGHMC",
+    "SGLD",
+    "BankShift",
+    "Expectation",
+    "HessianKind",
+    "InvalidRequestError",
+    "MCMCUnlearner",
+    "RemovableDataset",
+    "RemovalReport",
+    "SolveResult",
+    "SolverDivergedError",
+    "SolverName",
+    "UnlearningError",
+    "__version__",
+    "sgmcmcUnlearner",
+    "solve",
+]

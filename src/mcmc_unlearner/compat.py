@@ -1,0 +1,146 @@
+"""The seed repository's subclass API, verbatim: ``sgmcmcUnlearner``.
+
+Usage (from the seed README; ``cpu=True`` on a machine without CUDA)::
+
+    class myUnlearner(sgmcmcUnlearner):
+        def _apply_sample(self, z): ...   # one SG-MCMC step on minibatch z
+        def _fun(self, z): ...            # F(θ, S) estimated on minibatch z
+        def _z_fun(self, z): ...          # Σ_{z_j∈S'} h(θ, z_j) on the removed batch z
+
+    unlearner = myUnlearner(model=model, optimizer=optimizer, params=model.parameters(),
+                            cpu=True, iter_T=64, scaling=0.1, samp_T=5)
+    unlearner.param_dict['scaling'] = init_scaling / remaining_n
+    unlearner.remove([xx, yy], remaining_sampler)
+
+The algorithm is the paper's (Fu, He & Tao, ICLR 2022, Alg. 1 with the LiSSA recursion): ``G`` is the mean of
+``∇Σh`` over ``samp_T`` sampler steps; ``H⁻¹G`` comes from ``iter_T`` rounds of ``h ← G + h − s·H·h`` in which
+every ``H·h`` is averaged over ``samp_T`` fresh sampler steps and minibatches (double-backward products on
+the live model); then ``θ ← θ + s·h``. The recursion itself is :func:`mcmc_unlearner.solvers.lissa`, shared
+with :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`. A diverging recursion raises
+:class:`~mcmc_unlearner.errors.SolverDivergedError` and restores the parameters and sampler state
+bit for bit (the seed code silently wrote NaN).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .solvers import SolveResult, lissa
+from .unlearner import check_finite_batch
+
+__all__ = ["sgmcmcUnlearner"]
+
+
+class sgmcmcUnlearner:
+    """Base class of the seed API; override ``_apply_sample``, ``_fun`` and ``_z_fun``.
+
+    Args:
+        model: The Bayesian model.
+        optimizer: The SG-MCMC sampler (e.g. :class:`~mcmc_unlearner.samplers.SGLD`).
+        params: The parameters to shift (``model.parameters()``).
+        cpu: Keep everything on the CPU (the seed moves batches with ``.cuda()`` otherwise).
+        iter_T: LiSSA rounds.
+        scaling: LiSSA scaling ``s`` (the seed recommends ``init_scaling / remaining_n``).
+        samp_T: Monte-Carlo sampler steps per expectation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[torch.Tensor],
+        cpu: bool = True,
+        iter_T: int = 64,
+        scaling: float = 0.1,
+        samp_T: int = 5,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.params = [p for p in params]
+        self.cpu = cpu
+        self.param_dict: dict[str, Any] = {"iter_T": iter_T, "scaling": scaling, "samp_T": samp_T}
+        self.last_result: SolveResult | None = None
+
+    # ---- to override -------------------------------------------------------------------------
+    def _apply_sample(self, z: Any) -> None:
+        """Take one SG-MCMC step on minibatch ``z``."""
+        raise NotImplementedError("override _apply_sample(self, z) with one sampler step")
+
+    def _fun(self, z: Any) -> torch.Tensor:
+        """Return ``F(θ, S)`` estimated on minibatch ``z`` (a scalar with autograd history)."""
+        raise NotImplementedError("override _fun(self, z) to return the minibatch energy F")
+
+    def _z_fun(self, z: Any) -> torch.Tensor:
+        """Return ``Σ_{z_j∈z} h(θ, z_j)`` for the removed batch ``z``."""
+        raise NotImplementedError("override _z_fun(self, z) to return the removed points' summed NLL")
+
+    # ---- the algorithm ---------------------------------------------------------------------------
+    def _grad(self, loss: torch.Tensor, create_graph: bool = False) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True))
+
+    def _flat(self, ts: list[torch.Tensor | None]) -> torch.Tensor:
+        return torch.cat(
+            [torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1) for t, p in zip(ts, self.params)]
+        )
+
+    def _sampled_grad(self, target: Any, sampler: Iterator) -> torch.Tensor:
+        total = None
+        for _ in range(self.param_dict["samp_T"]):
+            self._apply_sample(next(sampler))
+            g = self._flat(self._grad(self._z_fun(target))).detach()
+            total = g if total is None else total + g
+        return total / self.param_dict["samp_T"]
+
+    def _sampled_hvp(self, v: torch.Tensor, sampler: Iterator) -> torch.Tensor:
+        total = None
+        for _ in range(self.param_dict["samp_T"]):
+            z = next(sampler)
+            self._apply_sample(z)
+            grads = self._grad(self._fun(z), create_graph=True)
+            flat = self._flat(grads)
+            (hv,) = (self._flat(list(torch.autograd.grad(flat, self.params, grad_outputs=v, allow_unused=True))),)
+            total = hv.detach() if total is None else total + hv.detach()
+        return total / self.param_dict["samp_T"]
+
+    def remove(self, target: Any, sampler: Iterator) -> SolveResult:
+        """Forget the batch ``target`` using ``sampler`` (an iterator over batches of the remaining data).
+
+        Returns:
+            The LiSSA :class:`~mcmc_unlearner.solvers.SolveResult` (``x`` is the applied shift).
+
+        Raises:
+            SolverDivergedError: the recursion diverged; parameters and sampler state are restored.
+            InvalidRequestError: the removed batch is empty or not finite.
+        """
+        batch = tuple(target) if isinstance(target, (list, tuple)) else (target,)
+        check_finite_batch(tuple(t for t in batch if isinstance(t, torch.Tensor)))
+        saved = [p.detach().clone() for p in self.params]
+        opt_state = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            G = self._sampled_grad(target, sampler)
+            result = lissa(
+                lambda v: self._sampled_hvp(v, sampler),
+                G,
+                scaling=float(self.param_dict["scaling"]),
+                iters=int(self.param_dict["iter_T"]),
+                tol=0.0,
+            )
+        except BaseException:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+            self.optimizer.load_state_dict(opt_state)
+            raise
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                k = p.numel()
+                p.add_(result.x[offset : offset + k].view_as(p))
+                offset += k
+        self.last_result = result
+        return result

@@ -1,0 +1,185 @@
+"""The remaining training set: an in-memory view that forgets rows and draws minibatches forever.
+
+Rows are identified by their 0-based position in the original tensors (the *id*). Removing ids never
+copies data: a boolean mask marks what is left. Minibatches are drawn without worker processes, so a
+sampler step costs an index-select, not a DataLoader start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidRequestError
+
+__all__ = ["RemovableDataset", "as_id_tensor"]
+
+Batch = tuple[torch.Tensor, ...]
+
+
+def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Convert ids to a 1-D int64 tensor, refusing floats, booleans and nested shapes.
+
+    Raises:
+        InvalidRequestError: if ``ids`` are not integers or not one-dimensional.
+    """
+    if isinstance(ids, torch.Tensor):
+        t = ids.detach().cpu()
+    else:
+        arr = np.asarray(ids)
+        if arr.dtype == object:
+            raise InvalidRequestError("deletion request: ids must be integers; got mixed or non-numeric values")
+        t = torch.from_numpy(arr.copy()) if arr.size else torch.empty(0, dtype=torch.int64)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise InvalidRequestError(f"deletion request: ids must be integers, got dtype {t.dtype}")
+    if t.ndim != 1:
+        raise InvalidRequestError(f"deletion request: ids must be a flat list, got shape {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+class RemovableDataset:
+    """In-memory data set whose rows can be removed, with an endless shuffled minibatch iterator.
+
+    ``next(ds)`` returns a tuple of tensors (one per input tensor) holding ``batch_size`` remaining rows;
+    every remaining row is visited once per pass and the order is reshuffled each pass (the final partial
+    batch of a pass is dropped, so all batches have the same size, unless fewer rows than ``batch_size``
+    remain).
+
+    Args:
+        *tensors: Tensors sharing their first dimension (e.g. ``x, y``).
+        batch_size: Minibatch size.
+        seed: Seed of the shuffling generator (a private ``torch.Generator``; global RNG untouched).
+    """
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int = 64, seed: int = 0) -> None:
+        if not tensors:
+            raise ValueError("RemovableDataset needs at least one tensor")
+        n = tensors[0].shape[0]
+        if any(t.shape[0] != n for t in tensors):
+            raise ValueError(f"all tensors must share their first dimension; got {[t.shape[0] for t in tensors]}")
+        if n == 0:
+            raise ValueError("RemovableDataset needs at least one row")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tensors: Batch = tuple(tensors)
+        self.batch_size = int(batch_size)
+        self.n_total = int(n)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._alive = torch.ones(n, dtype=torch.bool)
+        self._order = torch.empty(0, dtype=torch.int64)
+        self._pos = 0
+
+    # ----------------------------------------------------------------- bookkeeping
+    def __len__(self) -> int:
+        """Number of remaining rows."""
+        return int(self._alive.sum())
+
+    @property
+    def remaining_ids(self) -> torch.Tensor:
+        """Sorted ids of the rows still in the data set."""
+        return torch.nonzero(self._alive).flatten()
+
+    @property
+    def removed_ids(self) -> torch.Tensor:
+        """Sorted ids of the removed rows."""
+        return torch.nonzero(~self._alive).flatten()
+
+    def validate(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Check a deletion request without changing anything.
+
+        Returns:
+            The ids as a 1-D int64 tensor (request order kept).
+
+        Raises:
+            InvalidRequestError: empty request, non-integer ids, ids outside ``[0, n_total)``, ids repeated
+                inside the request, ids already removed, or a request that would leave no data.
+        """
+        t = as_id_tensor(ids)
+        if t.numel() == 0:
+            raise InvalidRequestError("deletion request is empty: pass at least one training-example id")
+        bad = t[(t < 0) | (t >= self.n_total)]
+        if bad.numel():
+            raise InvalidRequestError(
+                f"deletion request: unknown id(s) {bad[:5].tolist()}; ids are row numbers in [0, {self.n_total})"
+            )
+        uniq, counts = torch.unique(t, return_counts=True)
+        if (counts > 1).any():
+            raise InvalidRequestError(
+                f"deletion request: id(s) {uniq[counts > 1][:5].tolist()} appear more than once; list each id once"
+            )
+        gone = t[~self._alive[t]]
+        if gone.numel():
+            raise InvalidRequestError(
+                f"deletion request: id(s) {gone[:5].tolist()} were already removed; drop them from the request"
+            )
+        if t.numel() >= len(self):
+            raise InvalidRequestError(
+                f"deletion request would remove all {len(self)} remaining examples; "
+                "the posterior would be the prior: retrain from the prior instead"
+            )
+        return t
+
+    def get(self, ids: Sequence[int] | torch.Tensor) -> Batch:
+        """Rows ``ids`` of every tensor (removed rows included: use it to fetch data before removing)."""
+        t = as_id_tensor(ids)
+        return tuple(x[t] for x in self.tensors)
+
+    def remove(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Remove rows after validating the request; on any error nothing changes.
+
+        Returns:
+            The removed ids as an int64 tensor.
+        """
+        t = self.validate(ids)
+        self._alive[t] = False
+        self._order = torch.empty(0, dtype=torch.int64)
+        self._pos = 0
+        return t
+
+    # ----------------------------------------------------------------- sampling
+    def _reshuffle(self) -> None:
+        ids = self.remaining_ids
+        self._order = ids[torch.randperm(ids.numel(), generator=self.generator)]
+        self._pos = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        bs = min(self.batch_size, len(self))
+        if self._pos + bs > self._order.numel():
+            self._reshuffle()
+        idx = self._order[self._pos : self._pos + bs]
+        self._pos += bs
+        return tuple(x[idx] for x in self.tensors)
+
+    def next_batches(self, count: int) -> list[Batch]:
+        """Draw ``count`` consecutive minibatches."""
+        return [next(self) for _ in range(count)]
+
+    def remaining(self) -> Batch:
+        """All remaining rows, in id order."""
+        ids = self.remaining_ids
+        return tuple(x[ids] for x in self.tensors)
+
+    # ----------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """Mask and shuffling state (tensors only, safe to store)."""
+        return {
+            "alive": self._alive.clone(),
+            "order": self._order.clone(),
+            "pos": torch.tensor(self._pos),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        alive = state["alive"].to(torch.bool)
+        if alive.shape != self._alive.shape:
+            raise ValueError(f"state has {alive.numel()} rows, data set has {self.n_total}")
+        self._alive = alive.clone()
+        self._order = state["order"].to(torch.int64).clone()
+        self._pos = int(state["pos"])
+        self.generator.set_state(state["generator"])

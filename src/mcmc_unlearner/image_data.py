@@ -1,0 +1,413 @@
+"""Image classification datasets for the BNN experiments, loaded without torchvision.
+
+:func:`load_dataset` returns an :class:`ImageData` with float32 ``NCHW`` images scaled to ``[0, 1]``
+(raw pixel value / max value; no mean/std standardisation) and int64 labels.
+
+* ``digits``: scikit-learn's bundled 8x8 digits (1797 images, values 0..16 divided by 16), split
+  25 % test with a stratified, seeded ``train_test_split``. Never downloads anything.
+* ``mnist`` / ``fashion-mnist``: IDX files (plain or ``.gz``) under ``<data_dir>/MNIST/raw/`` or
+  ``<data_dir>/FashionMNIST/raw/`` (torchvision's layout), zero-padded by 2 pixels to 32x32 for LeNet-5.
+* ``cifar10`` / ``cifar100``: the "python version" pickled batches under
+  ``<data_dir>/cifar-10-batches-py/`` or ``<data_dir>/cifar-100-python/`` (fine labels for CIFAR-100),
+  read with a restricted unpickler that can only rebuild numpy arrays.
+
+Files are parsed by this module. torchvision is used only to *download* missing files when
+``download=True`` and is imported lazily (``pip install "mcmc-unlearner[vision]"``).
+If ``data_dir`` is ``None`` it defaults to ``$MCMC_UNLEARNER_DATA`` or ``./data``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "ImageData",
+    "RestrictedUnpickler",
+    "class_indices",
+    "load_dataset",
+    "read_cifar_batch",
+    "read_idx",
+    "subset_by_class",
+]
+
+#: Canonical dataset names accepted by :func:`load_dataset`.
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+
+_ALIASES = {
+    "digits": "digits",
+    "mnist": "mnist",
+    "fashion-mnist": "fashion-mnist",
+    "fashion_mnist": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+    "cifar10": "cifar10",
+    "cifar-10": "cifar10",
+    "cifar_10": "cifar10",
+    "cifar100": "cifar100",
+    "cifar-100": "cifar100",
+    "cifar_100": "cifar100",
+}
+
+_MNIST_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_CIFAR10_DIR = "cifar-10-batches-py"
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR100_DIR = "cifar-100-python"
+
+_INSTALL_HINT = 'pip install "mcmc-unlearner[vision]"'
+
+
+@dataclass
+class ImageData:
+    """An image classification dataset held in memory.
+
+    Attributes:
+        x_train: Training images, float32 ``[N, C, H, W]`` in ``[0, 1]``.
+        y_train: Training labels, int64 ``[N]``.
+        x_test: Test images, float32 ``[M, C, H, W]`` in ``[0, 1]``.
+        y_test: Test labels, int64 ``[M]``.
+        n_classes: Number of classes.
+        name: Canonical dataset name.
+        in_shape: Shape ``(C, H, W)`` of one image.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    n_classes: int
+    name: str
+    in_shape: tuple[int, int, int]
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples."""
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        """Number of test examples."""
+        return int(self.y_test.shape[0])
+
+
+def class_indices(y: Tensor, cls: int) -> Tensor:
+    """Indices (int64, ascending) of the examples whose label equals ``cls``."""
+    return torch.nonzero(torch.as_tensor(y) == int(cls), as_tuple=False).flatten().long()
+
+
+def subset_by_class(x: Tensor, y: Tensor, cls: int) -> tuple[Tensor, Tensor]:
+    """Return ``(x[idx], y[idx])`` for the examples of class ``cls``."""
+    idx = class_indices(y, cls)
+    return x[idx], y[idx]
+
+
+# --- IDX (MNIST) ------------------------------------------------------------------------------------
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed, detected by the ``.gz`` suffix).
+
+    The header is validated: two zero bytes, a known type code, ``ndim >= 1`` and a payload whose
+    length is exactly ``prod(dims) * itemsize``.
+
+    Args:
+        path: File path.
+
+    Returns:
+        Array with the file's dims, in native byte order.
+
+    Raises:
+        ValueError: If the file is truncated, has trailing bytes, or has a corrupt header/gzip stream.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt gzip stream ({e})") from e
+    if len(raw) < 4:
+        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, header needs at least 4)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX data type code 0x{code:02x}")
+    if ndim < 1:
+        raise ValueError(f"{path}: IDX file declares 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header (need {header} bytes, file has {len(raw)})")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[code]
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        kind = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise ValueError(f"{path}: IDX file {kind}: dims {dims} need {expected} bytes in total, file has {len(raw)}")
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _find_idx(raw_dir: Path, stem: str) -> Path | None:
+    """Return the plain or ``.gz`` version of an IDX file, preferring the plain one."""
+    for candidate in (raw_dir / stem, raw_dir / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_mnist_split(raw_dir: Path, split: str) -> tuple[Tensor, Tensor]:
+    """Read one MNIST-format split and return padded 32x32 images in [0, 1] and labels."""
+    img_stem, lbl_stem = _MNIST_FILES[split]
+    img_path, lbl_path = _find_idx(raw_dir, img_stem), _find_idx(raw_dir, lbl_stem)
+    assert img_path is not None and lbl_path is not None  # checked by the caller
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{img_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise ValueError(f"{lbl_path}: expected uint8 labels [N], got {labels.dtype} {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{img_path}: {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels")
+    x = torch.from_numpy(images).to(torch.float32).div_(255.0).unsqueeze(1)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _mnist_missing(raw_dir: Path) -> list[Path]:
+    stems = [s for pair in _MNIST_FILES.values() for s in pair]
+    return [raw_dir / s for s in stems if _find_idx(raw_dir, s) is None]
+
+
+# --- CIFAR pickles ----------------------------------------------------------------------------------
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays (plus builtin containers, which need no globals).
+
+    Allowed globals: ``numpy.core.multiarray._reconstruct``, ``numpy._core.multiarray._reconstruct``,
+    ``numpy.ndarray`` and ``numpy.dtype``. Anything else raises :class:`pickle.UnpicklingError`
+    before it is imported or called, so a malicious file cannot execute code.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str):
+        """Resolve only the allowed numpy globals; refuse everything else."""
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a dataset pickle")
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        return np.ndarray if name == "ndarray" else np.dtype
+
+
+def _restricted_load(path: Path) -> object:
+    """Unpickle ``path`` with :class:`RestrictedUnpickler` (latin1 for Python-2 numpy strings)."""
+    data = path.read_bytes()
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError:
+        raise
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from e
+
+
+def read_cifar_batch(path: str | os.PathLike, label_key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR "python version" batch file safely.
+
+    Args:
+        path: Batch file, e.g. ``cifar-10-batches-py/data_batch_1``.
+        label_key: ``"labels"`` (CIFAR-10) or ``"fine_labels"`` / ``"coarse_labels"`` (CIFAR-100).
+
+    Returns:
+        ``(images, labels)``: uint8 ``[N, 3, 32, 32]`` and int64 ``[N]``.
+
+    Raises:
+        pickle.UnpicklingError: If the file references anything but numpy array globals.
+        ValueError: If the content is not a well-formed batch.
+    """
+    path = Path(path)
+    obj = _restricted_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict batch, got {type(obj).__name__}")
+    # Python-2 files give str keys under latin1; Python-3 files may have bytes keys.
+    batch = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    if "data" not in batch or label_key not in batch:
+        raise ValueError(f"{path}: batch lacks 'data' or {label_key!r} (keys: {sorted(map(str, batch))})")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: expected uint8 data [N, 3072], got {data.dtype} {data.shape}")
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: expected {data.shape[0]} integer labels, got {labels.dtype} {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _cifar_files(name: str, root: Path) -> tuple[list[Path], list[Path], str]:
+    if name == "cifar10":
+        d = root / _CIFAR10_DIR
+        return [d / f for f in _CIFAR10_TRAIN], [d / "test_batch"], "labels"
+    d = root / _CIFAR100_DIR
+    return [d / "train"], [d / "test"], "fine_labels"
+
+
+def _load_cifar_files(paths: list[Path], label_key: str) -> tuple[Tensor, Tensor]:
+    parts = [read_cifar_batch(p, label_key) for p in paths]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(x).to(torch.float32).div_(255.0), torch.from_numpy(y)
+
+
+# --- download ---------------------------------------------------------------------------------------
+def _download(name: str, root: Path, missing: list[Path]) -> None:
+    """Download ``name`` into ``root`` with torchvision (imported lazily)."""
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as e:
+        paths = "\n  ".join(str(p) for p in missing)
+        raise ImportError(
+            f"downloading {name!r} needs torchvision: {_INSTALL_HINT}, or place the files at:\n  {paths}"
+        ) from e
+    cls = {
+        "mnist": tvd.MNIST,
+        "fashion-mnist": tvd.FashionMNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+    }[name]
+    root.mkdir(parents=True, exist_ok=True)
+    for train in (True, False):
+        cls(root=str(root), train=train, download=True)
+
+
+def _default_root(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    return Path(os.environ.get("MCMC_UNLEARNER_DATA", "data")).expanduser()
+
+
+def _missing_files(name: str, root: Path) -> list[Path]:
+    if name in _MNIST_DIRS:
+        return _mnist_missing(root / _MNIST_DIRS[name] / "raw")
+    train, test, _ = _cifar_files(name, root)
+    return [p for p in (*train, *test) if not p.is_file()]
+
+
+def _load_digits(seed: int) -> ImageData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
+    return ImageData(
+        x_train=torch.from_numpy(np.ascontiguousarray(x_tr)),
+        y_train=torch.from_numpy(np.ascontiguousarray(y_tr)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_te)),
+        y_test=torch.from_numpy(np.ascontiguousarray(y_te)),
+        n_classes=10,
+        name="digits",
+        in_shape=(1, 8, 8),
+    )
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = False, seed: int = 0
+) -> ImageData:
+    """Load an image classification dataset into memory.
+
+    Args:
+        name: One of :data:`DATASETS` (aliases such as ``fashion_mnist`` or ``cifar-10`` accepted).
+        data_dir: Root folder holding the files in torchvision's layout; defaults to
+            ``$MCMC_UNLEARNER_DATA`` or ``./data``. Ignored for ``digits``.
+        download: Fetch missing files with torchvision (optional dependency) into ``data_dir``.
+        seed: Random state of the stratified train/test split (``digits`` only; the others have
+            fixed official splits).
+
+    Returns:
+        An :class:`ImageData` with images in ``[0, 1]``.
+
+    Raises:
+        ValueError: Unknown name, or corrupt/truncated files.
+        FileNotFoundError: Files missing and ``download`` is false.
+        ImportError: Files missing, ``download`` true, and torchvision not installed.
+    """
+    key = _ALIASES.get(name.strip().lower())
+    if key is None:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if key == "digits":
+        return _load_digits(seed)
+
+    root = _default_root(data_dir)
+    missing = _missing_files(key, root)
+    if missing:
+        if not download:
+            paths = "\n  ".join(str(p) for p in missing)
+            gz = " (or the same names with .gz)" if key in _MNIST_DIRS else ""
+            raise FileNotFoundError(
+                f"dataset {key!r} not found; expected files{gz}:\n  {paths}\n"
+                f"Pass download=True (CLI: --download) to fetch them with torchvision ({_INSTALL_HINT})."
+            )
+        _download(key, root, missing)
+        still = _missing_files(key, root)
+        if still:
+            raise FileNotFoundError(f"download of {key!r} did not produce: {', '.join(map(str, still))}")
+
+    if key in _MNIST_DIRS:
+        raw_dir = root / _MNIST_DIRS[key] / "raw"
+        x_tr, y_tr = _load_mnist_split(raw_dir, "train")
+        x_te, y_te = _load_mnist_split(raw_dir, "test")
+        n_classes = 10
+    else:
+        train, test, label_key = _cifar_files(key, root)
+        x_tr, y_tr = _load_cifar_files(train, label_key)
+        x_te, y_te = _load_cifar_files(test, label_key)
+        n_classes = 10 if key == "cifar10" else 100
+    for split, y in (("train", y_tr), ("test", y_te)):
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+            raise ValueError(f"{key} {split} labels outside [0, {n_classes}): {int(y.min())}..{int(y.max())}")
+    return ImageData(
+        x_train=x_tr,
+        y_train=y_tr,
+        x_test=x_te,
+        y_test=y_te,
+        n_classes=n_classes,
+        name=key,
+        in_shape=tuple(int(s) for s in x_tr.shape[1:]),
+    )

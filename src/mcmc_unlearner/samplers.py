@@ -1,0 +1,160 @@
+"""Stochastic-gradient MCMC samplers as ``torch.optim.Optimizer`` s.
+
+Both target ``p(θ) ∝ exp(-F(θ))`` where ``F`` is the energy whose gradient the caller puts in ``.grad``
+(``loss.backward()`` before ``step()``), exactly as in the seed repository of Fu, He & Tao (ICLR 2022).
+The integrators are kept apart from gradient estimation: a sampler only sees ``p.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["SGHMC", "SGLD", "run_chain", "scale_lr"]
+
+
+def _noise(p: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(p) * std
+    return torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) * std
+
+
+class SGLD(Optimizer):
+    """Stochastic-gradient Langevin dynamics (Welling & Teh, 2011).
+
+    Update: ``θ ← θ − lr·∇F(θ) + N(0, 2·lr)``. Its stationary law is ``exp(−F)`` as ``lr → 0``.
+
+    Args:
+        params: Parameters (or parameter groups) to sample.
+        lr: Step size.
+        generator: Optional ``torch.Generator`` for the injected noise (global RNG when ``None``).
+    """
+
+    def __init__(self, params: Iterable, lr: float, generator: torch.Generator | None = None) -> None:
+        if not lr > 0:
+            raise ValueError(f"SGLD: lr must be positive, got {lr!r}")
+        super().__init__(params, {"lr": lr})
+        self.generator = generator
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Take one Langevin step using the gradients stored in ``p.grad``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"]
+            std = math.sqrt(2.0 * lr)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.add_(p.grad, alpha=-lr).add_(_noise(p, std, self.generator))
+        return loss
+
+
+class SGHMC(Optimizer):
+    """Stochastic-gradient Hamiltonian Monte Carlo (Chen, Fox & Guestrin, 2014), seed parameterisation.
+
+    On the first step the velocity is drawn ``v ~ N(0, lr)`` and added: ``θ ← θ + v``. Afterwards
+    ``v ← v − lr·∇F(θ) − alpha·v + N(0, 2·alpha·lr)``, ``θ ← θ + v``. The velocity lives in
+    ``state[p]["momentum_buffer"]`` and round-trips through ``state_dict``.
+
+    Args:
+        params: Parameters (or parameter groups) to sample.
+        lr: Step size (``η`` in the paper).
+        alpha: Friction, in ``(0, 1]``.
+        generator: Optional ``torch.Generator`` for the injected noise.
+    """
+
+    def __init__(
+        self, params: Iterable, lr: float, alpha: float = 0.9, generator: torch.Generator | None = None
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"SGHMC: lr must be positive, got {lr!r}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"SGHMC: alpha must lie in (0, 1], got {alpha!r}")
+        super().__init__(params, {"lr": lr, "alpha": alpha})
+        self.generator = generator
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Take one SGHMC step using the gradients stored in ``p.grad``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, alpha = group["lr"], group["alpha"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    v = _noise(p, math.sqrt(lr), self.generator)
+                    state["momentum_buffer"] = v
+                else:
+                    v = state["momentum_buffer"]
+                    v.mul_(1.0 - alpha).add_(p.grad, alpha=-lr)
+                    v.add_(_noise(p, math.sqrt(2.0 * alpha * lr), self.generator))
+                p.add_(v)
+        return loss
+
+
+def scale_lr(optimizer: Optimizer, factor: float) -> None:
+    """Multiply every parameter group's ``lr`` by ``factor`` (used after a removal: lr ∝ 1/n)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
+def run_chain(
+    model: torch.nn.Module,
+    sampler: Optimizer,
+    batches: Iterable,
+    energy: Callable[[torch.nn.Module, tuple, int], torch.Tensor],
+    steps: int,
+    n: int,
+    *,
+    lr_schedule: Callable[[int], float] | None = None,
+    keep_every: int = 0,
+    progress: str | None = None,
+) -> torch.Tensor | None:
+    """Run ``steps`` SG-MCMC steps of ``sampler`` on ``energy(model, batch, n)``.
+
+    Args:
+        model: Model whose parameters ``sampler`` updates.
+        sampler: An SG-MCMC optimizer (:class:`SGLD`, :class:`SGHMC`).
+        batches: Endless iterator of minibatches (e.g. a :class:`~mcmc_unlearner.data.RemovableDataset`).
+        energy: Minibatch energy ``F``.
+        steps: Number of steps.
+        n: Data-set size the energy is scaled to.
+        lr_schedule: If given, step ``t`` (0-based, counted within this call) uses ``lr = lr_schedule(t)``.
+        keep_every: Keep the flat parameters every ``keep_every`` steps (0: keep nothing).
+        progress: Label of a tqdm progress bar (``None``: no bar).
+
+    Returns:
+        The kept samples ``[k, D]`` (or ``None`` when ``keep_every`` is 0).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    it = iter(batches)
+    kept: list[torch.Tensor] = []
+    rng = range(steps)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        rng = tqdm(rng, desc=progress, leave=False, mininterval=0.5)
+    for t in rng:
+        if lr_schedule is not None:
+            lr = lr_schedule(t)
+            for group in sampler.param_groups:
+                group["lr"] = lr
+        sampler.zero_grad(set_to_none=False)
+        energy(model, next(it), n).backward()
+        sampler.step()
+        if keep_every and (t + 1) % keep_every == 0:
+            kept.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    sampler.zero_grad()
+    return torch.stack(kept) if kept else None

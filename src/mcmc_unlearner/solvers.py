@@ -1,0 +1,251 @@
+"""Inverse-Hessian-vector solvers behind one interface: ``solve(name, H, b, ...) -> SolveResult``.
+
+``H`` is anything with ``H @ v`` (a :class:`~mcmc_unlearner.curvature.SampleAveragedHessian`, a dense
+matrix, or a stochastic operator); ``b`` is ``[D]`` or ``[D, k]`` (several right-hand sides).
+
+* ``lissa`` — the recursion of Agarwal, Bullins & Hazan (2017) used by Fu, He & Tao (ICLR 2022):
+  ``h₀ = b``, ``h ← b + h − s·H·h`` (``iter_T`` rounds), answer ``s·h``. It converges iff
+  ``0 < s·λ < 2`` for every eigenvalue ``λ`` of ``H``; ``scaling="auto"`` sets ``s = 1/λ_max`` by power
+  iteration. Works with stochastic operators (each product may use fresh samples).
+* ``cg`` — conjugate gradient (Hestenes & Stiefel) on a fixed symmetric positive-definite operator.
+* ``exact`` — dense ``torch.linalg.solve`` (Cholesky when possible), for up to a few thousand parameters.
+
+Every solver checks its answer: non-finite values or a residual that grows past ``divergence_tol`` raise
+:class:`~mcmc_unlearner.errors.SolverDivergedError` with what to change; nothing is applied by a solver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .curvature import top_eigenvalue
+from .errors import SolverDivergedError
+
+__all__ = ["SolveResult", "SolverName", "cg", "exact", "lissa", "solve"]
+
+
+class SolverName(str, Enum):
+    """Inverse-HVP solvers, shared by the API and the CLI."""
+
+    LISSA = "lissa"
+    CG = "cg"
+    EXACT = "exact"
+
+
+@dataclass
+class SolveResult:
+    """Outcome of a solve of ``H x = b``.
+
+    Attributes:
+        x: Solution, same shape as ``b``.
+        solver: Solver name.
+        iterations: Iterations (operator applications for cg/lissa; 0 for exact).
+        residual: Final relative residual ``‖b − Hx‖ / ‖b‖`` (max over columns).
+        converged: Whether ``residual <= tol``.
+        seconds: Wall time of the solve.
+        info: Solver-specific extras (e.g. LiSSA's scaling, the estimated top eigenvalue).
+    """
+
+    x: torch.Tensor
+    solver: str
+    iterations: int
+    residual: float
+    converged: bool
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _apply(H: Any, v: torch.Tensor) -> torch.Tensor:
+    return H(v) if callable(H) and not isinstance(H, torch.Tensor) else H @ v
+
+
+def _col_norm(v: torch.Tensor) -> torch.Tensor:
+    return v.norm(dim=0) if v.ndim == 2 else v.norm().reshape(1)
+
+
+def _rel_residual(H: Any, x: torch.Tensor, b: torch.Tensor) -> float:
+    r = b - _apply(H, x)
+    bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
+    return float((_col_norm(r) / bn).max())
+
+
+def _check_finite(x: torch.Tensor, solver: str, hint: str) -> None:
+    if not torch.isfinite(x).all():
+        raise SolverDivergedError(f"{solver} produced non-finite values; nothing was changed. {hint}")
+
+
+def lissa(
+    H: Any,
+    b: torch.Tensor,
+    scaling: float | str = "auto",
+    iters: int = 64,
+    damping: float = 0.0,
+    tol: float = 1e-3,
+    divergence_tol: float = 10.0,
+    power_iters: int = 30,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> SolveResult:
+    """LiSSA: ``h ← b + h − s·(H + damping)·h``, returning ``x = s·h ≈ (H + damping)⁻¹ b``.
+
+    The relative residual of iterate ``x_k = s·h_k`` is ``‖h_{k+1} − h_k‖ / ‖b‖``, free from the update.
+
+    Args:
+        H: Operator (``H @ v``) or callable; may be stochastic.
+        b: Right-hand side ``[D]`` or ``[D, k]``.
+        scaling: ``s``; ``"auto"`` uses ``0.9 / λ_max`` (power iteration), which contracts for a
+            positive-definite operator.
+        iters: Rounds of the recursion (``iter_T`` in the paper).
+        damping: Added to the diagonal.
+        tol: Residual at which the solve counts as converged (iteration stops early).
+        divergence_tol: Residual above which it counts as diverged.
+        power_iters: Power-iteration steps for ``scaling="auto"``.
+        generator: Randomness of the power iteration.
+        callback: Called with ``(iteration, residual)`` after every round.
+
+    Raises:
+        SolverDivergedError: non-finite values or residual above ``divergence_tol``.
+    """
+    t0 = time.perf_counter()
+    Hd = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
+    info: dict[str, Any] = {}
+    if scaling == "auto":
+        lam = top_eigenvalue(lambda v: Hd(v), b.shape[0], iters=power_iters, generator=generator, dtype=b.dtype)
+        if not lam > 0:
+            raise SolverDivergedError(
+                f"lissa: the top eigenvalue estimate of the Hessian is {lam:.3g} (not positive); LiSSA needs a "
+                "positive-definite Hessian: add damping or use solver='cg' with damping"
+            )
+        info["lambda_max"] = lam
+        s = 0.9 / lam
+    else:
+        s = float(scaling)
+        if not s > 0:
+            raise ValueError(f"lissa: scaling must be positive or 'auto', got {scaling!r}")
+    info["scaling"] = s
+    hint = (
+        f"LiSSA needs scaling·λ_max(H) < 2; lower the scaling (now {s:.3g}) or pass scaling='auto', or use solver='cg'"
+    )
+    bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
+    h = b.clone()
+    res = float("inf")
+    k = 0
+    history = []
+    for k in range(1, iters + 1):
+        step = b - s * Hd(h)
+        res = float((_col_norm(step) / bn).max())
+        h = h + step
+        history.append(res)
+        if callback is not None:
+            callback(k, res)
+        if not (res < divergence_tol * 1e6) or not torch.isfinite(h).all():
+            break  # growing geometrically: no point going on
+        if res <= tol:
+            break
+    x = s * h
+    info["history"] = history
+    _check_finite(x, "lissa", hint)
+    if not res <= divergence_tol:
+        raise SolverDivergedError(
+            f"lissa diverged: relative residual {res:.3g} after {k} iterations (limit {divergence_tol:g}); "
+            f"nothing was changed. {hint}"
+        )
+    return SolveResult(x, "lissa", k, res, res <= tol, time.perf_counter() - t0, info)
+
+
+def cg(
+    H: Any,
+    b: torch.Tensor,
+    damping: float = 0.0,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    x0: torch.Tensor | None = None,
+    divergence_tol: float = 10.0,
+    callback: Callable[[int, float], None] | None = None,
+) -> SolveResult:
+    """Conjugate gradient for ``(H + damping·I) x = b`` (columns of ``b`` solved independently).
+
+    Raises:
+        SolverDivergedError: negative curvature met (``H + damping`` not positive definite), non-finite
+            values, or a final residual above ``divergence_tol``.
+    """
+    t0 = time.perf_counter()
+    A = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
+    hint = "increase damping (the Hessian must be positive definite for cg) or use solver='exact'"
+    bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - A(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = (r * r).sum(0)
+    res = float((_col_norm(r) / bn).max())
+    k = 0
+    while res > tol and k < max_iter:
+        k += 1
+        Ap = A(p)
+        pAp = (p * Ap).sum(0)
+        active = rs > 0
+        if ((pAp <= 0) & active).any():
+            raise SolverDivergedError(
+                f"cg met negative curvature (pᵀHp = {float(pAp.min()):.3g}) at iteration {k}; nothing was "
+                f"changed. {hint}"
+            )
+        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs_new = (r * r).sum(0)
+        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = r + beta * p
+        rs = rs_new
+        res = float((_col_norm(r) / bn).max())
+        if callback is not None:
+            callback(k, res)
+        if not torch.isfinite(x).all():
+            break
+    _check_finite(x, "cg", hint)
+    if not res <= divergence_tol:
+        raise SolverDivergedError(f"cg diverged: relative residual {res:.3g}; nothing was changed. {hint}")
+    return SolveResult(x, "cg", k, res, res <= tol, time.perf_counter() - t0, {"damping": damping})
+
+
+def exact(H: Any, b: torch.Tensor, damping: float = 0.0, divergence_tol: float = 10.0) -> SolveResult:
+    """Dense solve of ``(H + damping·I) x = b``; ``H`` is a matrix or an operator with ``.dense()``.
+
+    Uses a Cholesky factorisation when the matrix is positive definite, LU otherwise.
+    """
+    t0 = time.perf_counter()
+    M = H if isinstance(H, torch.Tensor) else H.dense()
+    M = M.to(b.dtype)
+    if damping:
+        M = M + damping * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    hint = "the Hessian is singular or ill-conditioned: add damping"
+    if not torch.isfinite(M).all():
+        raise SolverDivergedError(f"exact: the Hessian has non-finite entries; nothing was changed. {hint}")
+    L, info_code = torch.linalg.cholesky_ex(M)
+    if int(info_code) == 0:
+        x = torch.cholesky_solve(b if b.ndim == 2 else b[:, None], L)
+        x = x if b.ndim == 2 else x[:, 0]
+        method = "cholesky"
+    else:
+        x = torch.linalg.solve(M, b)
+        method = "lu"
+    _check_finite(x, "exact", hint)
+    res = _rel_residual(M, x, b)
+    if not res <= divergence_tol:
+        raise SolverDivergedError(f"exact: relative residual {res:.3g}; nothing was changed. {hint}")
+    return SolveResult(x, "exact", 0, res, True, time.perf_counter() - t0, {"method": method, "damping": damping})
+
+
+def solve(name: SolverName | str, H: Any, b: torch.Tensor, **options: Any) -> SolveResult:
+    """Solve ``H x = b`` with the solver called ``name`` (``lissa``, ``cg`` or ``exact``)."""
+    try:
+        key = SolverName(name)
+    except ValueError:
+        raise ValueError(f"unknown solver {name!r}; choose one of {[s.value for s in SolverName]}") from None
+    fn = {SolverName.LISSA: lissa, SolverName.CG: cg, SolverName.EXACT: exact}[key]
+    return fn(H, b, **options)

@@ -1,0 +1,289 @@
+"""Tests for :mod:`mcmc_unlearner.image_data`: digits split, IDX and CIFAR readers, safety, errors."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mcmc_unlearner.image_data import (
+    ImageData,
+    class_indices,
+    load_dataset,
+    read_cifar_batch,
+    read_idx,
+    subset_by_class,
+)
+
+
+# --- helpers writing real on-disk formats -----------------------------------------------------------
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    """Encode a uint8 array as an IDX file (magic 0x0000 08 ndim, big-endian uint32 dims)."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _write_mnist(root, folder: str, gz: bool, rng) -> dict[str, np.ndarray]:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (7, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 7, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, 3, dtype=np.uint8),
+    }
+    for stem, arr in arrays.items():
+        if gz:
+            with gzip.open(raw / f"{stem}.gz", "wb") as f:
+                f.write(_idx_bytes(arr))
+        else:
+            (raw / stem).write_bytes(_idx_bytes(arr))
+    return arrays
+
+
+class _Py2StylePickler(pickle._Pickler):
+    """Protocol-2 pickler that writes ``bytes`` as Python-2 ``str`` (BINSTRING) and references
+    ``numpy.core.multiarray._reconstruct``, as the cPickle-written CIFAR batch files do."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if getattr(obj, "__name__", None) == "_reconstruct":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    dispatch[type(len)] = save_global
+
+
+def _py2_pickle(obj, path) -> None:
+    with open(path, "wb") as f:
+        _Py2StylePickler(f, protocol=2).dump(obj)
+
+
+def _cifar_batch(rng, n: int, label_key: bytes, n_classes: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, n_classes, n)
+    batch = {
+        b"batch_label": b"testing batch 1 of 1",
+        label_key: [int(v) for v in labels],
+        b"data": data,
+        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+    }
+    if label_key == b"fine_labels":
+        batch[b"coarse_labels"] = [int(v) % 20 for v in labels]
+    return batch, data, labels
+
+
+# --- digits -----------------------------------------------------------------------------------------
+def test_digits_shapes_range_and_stratification():
+    d = load_dataset("digits", seed=0)
+    assert isinstance(d, ImageData)
+    assert d.name == "digits" and d.n_classes == 10 and d.in_shape == (1, 8, 8)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    assert d.x_train.shape[1:] == (1, 8, 8) and d.x_test.shape[1:] == (1, 8, 8)
+    assert d.n_train + d.n_test == 1797 and d.n_test == 450
+    for x in (d.x_train, d.x_test):
+        assert x.min() >= 0.0 and x.max() <= 1.0
+    assert d.x_train.max() == 1.0
+    total = torch.bincount(torch.cat([d.y_train, d.y_test]), minlength=10).double()
+    test_counts = torch.bincount(d.y_test, minlength=10).double()
+    assert torch.all((test_counts - total * d.n_test / 1797).abs() <= 1.0)
+
+
+def test_digits_deterministic_per_seed():
+    a, b, c = load_dataset("digits", seed=3), load_dataset("digits", seed=3), load_dataset("digits", seed=4)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, c.x_train)
+
+
+# --- MNIST-format IDX -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_files_roundtrip(tmp_path, name, folder, gz):
+    arrays = _write_mnist(tmp_path, folder, gz, np.random.default_rng(0))
+    d = load_dataset(name, data_dir=tmp_path)
+    assert d.name == name and d.n_classes == 10 and d.in_shape == (1, 32, 32)
+    assert d.x_train.shape == (7, 1, 32, 32) and d.x_test.shape == (3, 1, 32, 32)
+    assert d.x_train.dtype == torch.float32 and d.y_test.dtype == torch.int64
+    expected = np.pad(arrays["train-images-idx3-ubyte"], ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 255
+    np.testing.assert_array_equal(d.x_train[:, 0].numpy(), expected)
+    np.testing.assert_array_equal(d.y_train.numpy(), arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(
+        (d.x_test[:, 0, 2:30, 2:30] * 255).round().to(torch.uint8).numpy(), arrays["t10k-images-idx3-ubyte"]
+    )
+    np.testing.assert_array_equal(d.y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_read_idx_other_dtype(tmp_path):
+    arr = (np.arange(6) - 3).astype(">i4").reshape(2, 3)
+    p = tmp_path / "x.idx"
+    p.write_bytes(bytes([0, 0, 0x0C, 2]) + struct.pack(">2I", 2, 3) + arr.tobytes())
+    out = read_idx(p)
+    np.testing.assert_array_equal(out, arr)
+    assert out.dtype == np.dtype("int32")
+
+
+def test_truncated_idx_raises_value_error(tmp_path):
+    arrays = _write_mnist(tmp_path, "MNIST", False, np.random.default_rng(1))
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(_idx_bytes(arrays["train-images-idx3-ubyte"])[:-10])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.*truncated"):
+        load_dataset("mnist", data_dir=tmp_path)
+    path.write_bytes(b"\x00\x00\x08\x03\x00\x00")
+    with pytest.raises(ValueError, match="truncated IDX header"):
+        read_idx(path)
+    path.write_bytes(b"\x1f\x8b\x08\x03" + bytes(20))
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(path)
+
+
+def test_truncated_gzip_idx_raises_value_error(tmp_path):
+    p = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    p.write_bytes(gzip.compress(_idx_bytes(np.zeros(100, np.uint8)))[:-12])
+    with pytest.raises(ValueError, match=r"corrupt gzip|truncated"):
+        read_idx(p)
+
+
+# --- CIFAR pickles ----------------------------------------------------------------------------------
+def test_cifar10_batches_roundtrip(tmp_path):
+    rng = np.random.default_rng(2)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    train_x, train_y = [], []
+    for i in range(1, 6):
+        batch, x, y = _cifar_batch(rng, 4 + i, b"labels", 10)
+        _py2_pickle(batch, d / f"data_batch_{i}")
+        train_x.append(x)
+        train_y.append(y)
+    batch, test_x, test_y = _cifar_batch(rng, 6, b"labels", 10)
+    # the test batch is written like a Python-3 pickle (bytes keys, numpy._core global).
+    (d / "test_batch").write_bytes(pickle.dumps(batch, protocol=4))
+
+    data = load_dataset("cifar10", data_dir=tmp_path)
+    assert data.name == "cifar10" and data.n_classes == 10 and data.in_shape == (3, 32, 32)
+    x = np.concatenate(train_x).reshape(-1, 3, 32, 32).astype(np.float32) / 255
+    np.testing.assert_array_equal(data.x_train.numpy(), x)
+    np.testing.assert_array_equal(data.y_train.numpy(), np.concatenate(train_y))
+    np.testing.assert_array_equal(data.x_test.numpy(), test_x.reshape(-1, 3, 32, 32).astype(np.float32) / 255)
+    np.testing.assert_array_equal(data.y_test.numpy(), test_y)
+    assert data.y_train.dtype == torch.int64
+    # channel layout: first 1024 values are the red plane, row-major.
+    assert data.x_test[0, 0, 0, 1].item() == pytest.approx(test_x[0, 1] / 255)
+    assert data.x_test[0, 1, 0, 0].item() == pytest.approx(test_x[0, 1024] / 255)
+
+
+def test_cifar100_batches_roundtrip(tmp_path):
+    rng = np.random.default_rng(3)
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    tr, tr_x, tr_y = _cifar_batch(rng, 9, b"fine_labels", 100)
+    te, te_x, te_y = _cifar_batch(rng, 5, b"fine_labels", 100)
+    _py2_pickle(tr, d / "train")
+    _py2_pickle(te, d / "test")
+    data = load_dataset("cifar-100", data_dir=tmp_path)
+    assert data.name == "cifar100" and data.n_classes == 100
+    np.testing.assert_array_equal(data.x_train.numpy(), tr_x.reshape(-1, 3, 32, 32).astype(np.float32) / 255)
+    np.testing.assert_array_equal(data.y_train.numpy(), tr_y)
+    np.testing.assert_array_equal(data.x_test.numpy(), te_x.reshape(-1, 3, 32, 32).astype(np.float32) / 255)
+    np.testing.assert_array_equal(data.y_test.numpy(), te_y)
+    _, coarse = read_cifar_batch(d / "train", label_key="coarse_labels")
+    np.testing.assert_array_equal(coarse, tr_y % 20)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _EvilEval:
+    def __reduce__(self):
+        return (eval, ("__import__('sys').exit(3)",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    marker = tmp_path / "pwned"
+    (d / "train").write_bytes(pickle.dumps({b"data": _Evil(marker), b"fine_labels": [0]}, protocol=4))
+    _py2_pickle({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]}, d / "test")
+    with pytest.raises(pickle.UnpicklingError, match=r"(posix|os|nt)\.system"):
+        load_dataset("cifar100", data_dir=tmp_path)
+    assert not marker.exists()
+    (d / "train").write_bytes(pickle.dumps(_EvilEval(), protocol=4))
+    with pytest.raises(pickle.UnpicklingError, match=r"builtins\.eval"):
+        read_cifar_batch(d / "train", "fine_labels")
+    assert "sys" in sys.modules  # still running
+
+
+def test_malformed_cifar_batch(tmp_path):
+    p = tmp_path / "batch"
+    _py2_pickle({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, p)
+    with pytest.raises(ValueError, match="3072"):
+        read_cifar_batch(p)
+    _py2_pickle([1, 2, 3], p)
+    with pytest.raises(ValueError, match="dict"):
+        read_cifar_batch(p)
+
+
+# --- errors and helpers -----------------------------------------------------------------------------
+def test_missing_files_name_paths_and_download_flag(tmp_path):
+    with pytest.raises(FileNotFoundError) as exc:
+        load_dataset("mnist", data_dir=tmp_path)
+    msg = str(exc.value)
+    assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in msg and "--download" in msg
+    with pytest.raises(FileNotFoundError) as exc:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in str(exc.value)
+    assert "--download" in str(exc.value)
+    with pytest.raises(FileNotFoundError, match="FashionMNIST"):
+        load_dataset("fashion_mnist", data_dir=tmp_path)
+
+
+def test_download_without_torchvision_gives_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(ImportError, match=r"mcmc-unlearner\[vision\]") as exc:
+        load_dataset("cifar100", data_dir=tmp_path, download=True)
+    assert str(tmp_path / "cifar-100-python" / "train") in str(exc.value)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        load_dataset("svhn")
+
+
+def test_class_indices_and_subset():
+    y = torch.tensor([2, 0, 2, 1, 2])
+    idx = class_indices(y, 2)
+    assert idx.dtype == torch.int64 and idx.tolist() == [0, 2, 4]
+    assert class_indices(y, 7).numel() == 0
+    x = torch.arange(5.0)[:, None]
+    xs, ys = subset_by_class(x, y, 0)
+    assert xs.tolist() == [[1.0]] and ys.tolist() == [0]
+
+
+def test_module_imports_without_torchvision():
+    import mcmc_unlearner.image_data as mod
+
+    assert "torchvision" not in vars(mod)

@@ -1,0 +1,126 @@
+"""Every sampler passes the same known-Gaussian test against the exact stationary law of its recursion.
+
+For a quadratic energy ``F(θ) = ½(θ−μ)ᵀA(θ−μ)`` both samplers are linear recursions
+``s' = M s + c + ξ`` with Gaussian noise, so their stationary covariance solves the discrete Lyapunov
+equation ``P = M P Mᵀ + Q`` exactly (discretisation bias included). 4,000 independent chains run at once
+(one parameter row each); their final states are independent draws, so the Monte-Carlo standard errors are
+known: the mean's is ``sqrt(diag Σ / N)``, a variance's is ``σ²·sqrt(2/N)``; we allow 5 of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mcmc_unlearner import SGHMC, SGLD
+from mcmc_unlearner.metrics import gaussian_kl
+
+MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
+COV = torch.tensor([[1.0, 0.8], [0.8, 1.5]], dtype=torch.float64)
+A = torch.linalg.inv(COV)
+N_CHAINS = 4000
+LR = 0.02
+
+
+def _stationary_cov(name: str) -> np.ndarray:
+    a = A.numpy()
+    eye = np.eye(2)
+    if name == "sgld":
+        M = eye - LR * a
+        Q = 2 * LR * eye
+        return scipy.linalg.solve_discrete_lyapunov(M, Q)
+    alpha = 0.9
+    # state (θ, v): v' = (1-α)v - lr·A(θ-μ) + ξ;  θ' = θ + v'
+    M = np.block([[eye - LR * a, (1 - alpha) * eye], [-LR * a, (1 - alpha) * eye]])
+    Qv = 2 * alpha * LR * eye
+    Q = np.block([[Qv, Qv], [Qv, Qv]])
+    return scipy.linalg.solve_discrete_lyapunov(M, Q)[:2, :2]
+
+
+def _run(name: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    theta = torch.nn.Parameter(MU + 15.0 + 0.1 * torch.randn(N_CHAINS, 2, generator=g, dtype=torch.float64))
+    start = theta.detach().clone()
+    opt = SGLD([theta], lr=LR, generator=g) if name == "sgld" else SGHMC([theta], lr=LR, alpha=0.9, generator=g)
+    A_ = A.to(theta.dtype)
+    for _ in range(steps):
+        opt.zero_grad()
+        d = theta - MU
+        (0.5 * ((d @ A_) * d).sum()).backward()
+        opt.step()
+    return start, theta.detach()
+
+
+@pytest.mark.parametrize("name", ["sgld", "sghmc"])
+def test_known_gaussian(name: str) -> None:
+    start, samples = _run(name, 1500)
+    target_cov = torch.from_numpy(_stationary_cov(name))
+    # discretisation bias is small at this step size: the recursion's law is within 6% of the target
+    assert torch.allclose(target_cov, COV, rtol=0.06)
+    mean = samples.mean(0)
+    se_mean = (target_cov.diagonal() / N_CHAINS).sqrt()
+    assert ((mean - MU).abs() <= 5 * se_mean).all(), (mean, MU, se_mean)
+    emp = torch.cov(samples.T)
+    se_cov = target_cov.diagonal().outer(target_cov.diagonal()).sqrt() * math.sqrt(2.0 / N_CHAINS)
+    assert ((emp - target_cov).abs() <= 5 * se_cov).all(), (emp, target_cov)
+    kl_start = gaussian_kl(start.mean(0).numpy(), torch.cov(start.T).numpy(), MU.numpy(), COV.numpy())
+    kl_end = gaussian_kl(mean.numpy(), emp.numpy(), MU.numpy(), COV.numpy())
+    assert kl_end < 1e-3 * kl_start and kl_end < 0.05
+
+
+def test_sghmc_state_dict_round_trip() -> None:
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SGHMC([p], lr=0.1, alpha=0.5, generator=g)
+    for _ in range(3):
+        opt.zero_grad()
+        (p**2).sum().backward()
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    v = state["state"][0]["momentum_buffer"].clone()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = SGHMC([q], lr=1.0, alpha=0.1)
+    opt2.load_state_dict(state)
+    assert torch.equal(opt2.state[q]["momentum_buffer"], v)
+    assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["alpha"] == 0.5
+    # identical next step from identical generator states
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    opt.generator, opt2.generator = g1, g2
+    for o, t in ((opt, p), (opt2, q)):
+        o.zero_grad()
+        (t**2).sum().backward()
+        o.step()
+    assert torch.equal(p, q)
+
+
+def test_sgld_step_is_the_seed_formula() -> None:
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = SGLD([p], lr=0.01, generator=torch.Generator().manual_seed(3))
+    (p**2).sum().backward()
+    noise = torch.randn(2, generator=torch.Generator().manual_seed(3)) * math.sqrt(0.02)
+    expected = torch.tensor([1.0, 2.0]) - 0.01 * torch.tensor([2.0, 4.0]) + noise
+    opt.step()
+    assert torch.allclose(p.detach(), expected)
+
+
+def test_sghmc_first_step_draws_velocity() -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = SGHMC([p], lr=0.04, alpha=0.9, generator=torch.Generator().manual_seed(7))
+    (p**2).sum().backward()
+    opt.step()
+    v = torch.randn(2, generator=torch.Generator().manual_seed(7)) * 0.2
+    assert torch.allclose(p.detach(), v)
+    assert torch.allclose(opt.state[p]["momentum_buffer"], v)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_bad_lr_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="lr must be positive"):
+        SGLD([torch.nn.Parameter(torch.zeros(1))], lr=bad)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        SGHMC([torch.nn.Parameter(torch.zeros(1))], lr=bad)
