@@ -1,4 +1,12 @@
-"""Command-line interface: ``mcmc-unlearner``."""
+"""Command-line interface: ``mcmc-unlearner``.
+
+Thin by design: each subcommand lives next to the code it drives and registers itself here through a
+``register(subparsers)`` function that sets ``func`` (``args -> exit code``):
+
+* ``demo`` — the paper's Gaussian-mixture experiment (:mod:`mcmc_unlearner.experiments.gmm`);
+* ``bnn`` — Bayesian neural networks (:mod:`mcmc_unlearner.experiments.bnn`);
+* ``forget``, ``status``, ``verify`` — deletion requests against saved models (:mod:`mcmc_unlearner.deletion`).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +14,40 @@ import argparse
 import sys
 
 from . import __version__
+from .errors import UnlearningError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every subcommand."""
+    from . import deletion
+    from .experiments import bnn, gmm
+
     p = argparse.ArgumentParser(
         prog="mcmc-unlearner",
         description="Remove deleted training data from SG-MCMC Bayesian models without retraining.",
     )
     p.add_argument("--version", action="version", version=f"mcmc-unlearner {__version__}")
-    p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (gmm, bnn, deletion):
+        module.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
+    if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return int(args.func(args) or 0)
+    except (UnlearningError, FileNotFoundError, ValueError) as exc:
+        print(f"mcmc-unlearner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mcmc-unlearner {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
