@@ -11,6 +11,9 @@ from torch import nn
 
 from mcmc_unlearner.models.linreg import exact_posterior
 
+# The test models are tiny: one thread avoids OpenMP start-up and contention costs that dominate at this size.
+torch.set_num_threads(1)
+
 
 class MultiChainBLR(nn.Module):
     """``C`` independent copies of Bayesian linear regression in one module (weights ``[C, d]``).

@@ -29,9 +29,11 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
         t = ids.detach().cpu()
     else:
         arr = np.asarray(ids)
-        if arr.dtype == object:
-            raise InvalidRequestError("deletion request: ids must be integers; got mixed or non-numeric values")
+        if arr.dtype.kind not in "iub" and arr.size:
+            raise InvalidRequestError(f"deletion request: ids must be integers, got values of type {arr.dtype}")
         t = torch.from_numpy(arr.copy()) if arr.size else torch.empty(0, dtype=torch.int64)
+        if arr.dtype.kind == "b":
+            t = t.to(torch.bool)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise InvalidRequestError(f"deletion request: ids must be integers, got dtype {t.dtype}")
     if t.ndim != 1:

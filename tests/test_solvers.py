@@ -1,0 +1,78 @@
+"""Every solver agrees with ``torch.linalg.solve`` on a dense damped SPD system in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcmc_unlearner import SolverDivergedError, solve
+from mcmc_unlearner.solvers import cg, exact, lissa
+
+
+def _spd(d: int, cond: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    evals = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), d, dtype=torch.float64)
+    return (q * evals) @ q.T
+
+
+@pytest.mark.parametrize("rhs_cols", [0, 3])
+def test_all_solvers_match_dense_solve(rhs_cols: int) -> None:
+    d, damping = 30, 0.5
+    H = _spd(d, cond=50.0)
+    g = torch.Generator().manual_seed(1)
+    b = (
+        torch.randn(d, generator=g, dtype=torch.float64)
+        if rhs_cols == 0
+        else torch.randn(d, rhs_cols, generator=g, dtype=torch.float64)
+    )
+    ref = torch.linalg.solve(H + damping * torch.eye(d, dtype=torch.float64), b)
+    results = {
+        "exact": solve("exact", H, b, damping=damping),
+        "cg": solve("cg", lambda v: H @ v, b, damping=damping, tol=1e-12, max_iter=200),
+        "lissa": solve("lissa", lambda v: H @ v, b, damping=damping, scaling="auto", iters=5000, tol=1e-11),
+    }
+    for name, res in results.items():
+        assert res.converged, name
+        assert torch.allclose(res.x, ref, rtol=1e-8, atol=1e-9), (name, (res.x - ref).abs().max())
+        assert res.residual < 1e-8
+
+
+def test_lissa_fixed_scaling_matches_recursion_fixed_point() -> None:
+    H = _spd(5, cond=4.0, seed=2)
+    b = torch.ones(5, dtype=torch.float64)
+    res = lissa(H, b, scaling=0.2, iters=2000, tol=1e-13)
+    assert torch.allclose(res.x, torch.linalg.solve(H, b), atol=1e-10)
+    assert res.info["scaling"] == 0.2
+
+
+def test_lissa_auto_scaling_estimates_top_eigenvalue() -> None:
+    H = _spd(10, cond=20.0, seed=3)
+    res = lissa(H, torch.ones(10, dtype=torch.float64), scaling="auto", iters=10)
+    assert res.info["lambda_max"] == pytest.approx(20.0, rel=0.02)
+
+
+def test_lissa_divergence_is_detected() -> None:
+    H = _spd(6, cond=10.0, seed=4)  # lambda_max = 10: scaling 1 gives |1 - 10| > 1
+    with pytest.raises(SolverDivergedError, match="lower the scaling"):
+        lissa(H, torch.ones(6, dtype=torch.float64), scaling=1.0, iters=64)
+
+
+def test_cg_negative_curvature_is_refused() -> None:
+    H = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    with pytest.raises(SolverDivergedError, match="increase damping"):
+        cg(H, torch.ones(3, dtype=torch.float64))
+    res = cg(H, torch.ones(3, dtype=torch.float64), damping=3.0, tol=1e-12)
+    assert torch.allclose(res.x, torch.tensor([0.25, 1.0, 1 / 6], dtype=torch.float64))
+
+
+def test_exact_refuses_non_finite_matrix() -> None:
+    H = torch.eye(3, dtype=torch.float64)
+    H[0, 1] = float("nan")
+    with pytest.raises(SolverDivergedError, match="non-finite"):
+        exact(H, torch.ones(3, dtype=torch.float64))
+
+
+def test_unknown_solver_name() -> None:
+    with pytest.raises(ValueError, match="unknown solver 'newton'"):
+        solve("newton", torch.eye(2), torch.ones(2))
