@@ -166,10 +166,15 @@ def cg(
     max_iter: int = 100,
     tol: float = 1e-4,
     x0: torch.Tensor | None = None,
+    preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     divergence_tol: float = 10.0,
     callback: Callable[[int, float], None] | None = None,
 ) -> SolveResult:
-    """Conjugate gradient for ``(H + damping·I) x = b`` (columns of ``b`` solved independently).
+    """(Preconditioned) conjugate gradient for ``(H + damping·I) x = b``, columns of ``b`` independent.
+
+    With a ``preconditioner`` ``M⁻¹`` (e.g. :meth:`~mcmc_unlearner.curvature.LowRankPreconditioner.solve`)
+    the start is ``x₀ = M⁻¹b`` unless ``x0`` is given, so ``max_iter=0`` returns the preconditioner's answer
+    (its residual is still measured, at the cost of one product).
 
     Raises:
         SolverDivergedError: negative curvature met (``H + damping`` not positive definite), non-finite
@@ -177,31 +182,37 @@ def cg(
     """
     t0 = time.perf_counter()
     A = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
+    M = preconditioner or (lambda v: v)
     hint = "increase damping (the Hessian must be positive definite for cg) or use solver='exact'"
     bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
+    if x0 is None and preconditioner is not None:
+        x0 = M(b)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - A(x) if x0 is not None else b.clone()
-    p = r.clone()
-    rs = (r * r).sum(0)
+    z = M(r)
+    p = z.clone()
+    rz = (r * z).sum(0)
     res = float((_col_norm(r) / bn).max())
     k = 0
     while res > tol and k < max_iter:
         k += 1
         Ap = A(p)
         pAp = (p * Ap).sum(0)
-        active = rs > 0
+        active = _col_norm(r) / bn > tol
         if ((pAp <= 0) & active).any():
             raise SolverDivergedError(
                 f"cg met negative curvature (pᵀHp = {float(pAp.min()):.3g}) at iteration {k}; nothing was "
                 f"changed. {hint}"
             )
-        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+        one = torch.ones_like(pAp)
+        alpha = torch.where(active, rz / torch.where(active, pAp, one), torch.zeros_like(rz))
         x = x + alpha * p
         r = r - alpha * Ap
-        rs_new = (r * r).sum(0)
-        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-        p = r + beta * p
-        rs = rs_new
+        z = M(r)
+        rz_new = (r * z).sum(0)
+        beta = torch.where(active, rz_new / torch.where(active, rz, one), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
         res = float((_col_norm(r) / bn).max())
         if callback is not None:
             callback(k, res)
@@ -210,7 +221,8 @@ def cg(
     _check_finite(x, "cg", hint)
     if not res <= divergence_tol:
         raise SolverDivergedError(f"cg diverged: relative residual {res:.3g}; nothing was changed. {hint}")
-    return SolveResult(x, "cg", k, res, res <= tol, time.perf_counter() - t0, {"damping": damping})
+    info = {"damping": damping, "preconditioned": preconditioner is not None}
+    return SolveResult(x, "cg", k, res, res <= tol, time.perf_counter() - t0, info)
 
 
 def exact(H: Any, b: torch.Tensor, damping: float = 0.0, divergence_tol: float = 10.0) -> SolveResult:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.func import grad, hessian, vmap
 
-from .curvature import ParamSpec, SampleAveragedHessian, functionalize, stack_batches
+from .curvature import LowRankPreconditioner, ParamSpec, SampleAveragedHessian, functionalize, stack_batches
 from .errors import InvalidRequestError, SolverDivergedError
 from .samplers import scale_lr
 from .solvers import SolveResult, SolverName, solve
@@ -176,8 +176,13 @@ class MCMCUnlearner:
         samp_T: Sampler steps for ``expectation="chain"``.
         grad_draws: Bank samples averaged for ``G`` (``None``: all).
         curvature_draws: Draws averaged for ``H``.
-        refresh_every: With the dense solver, rebuild the cached Hessian after this many requests (between
-            rebuilds it is updated by subtracting the removed points' Hessian). ``1`` rebuilds every time.
+        refresh_every: Curvature reuse across sequential requests. With ``solver="exact"`` the dense
+            remaining-data Hessian is rebuilt every ``refresh_every`` requests and in between updated by
+            subtracting the removed points' Hessian; with ``solver="cg"`` and ``precondition_rank > 0`` the
+            low-rank preconditioner is rebuilt every ``refresh_every`` requests. ``1`` rebuilds every time.
+        precondition_rank: For ``solver="cg"``: Lanczos rank of a low-rank-plus-scalar preconditioner
+            (:class:`~mcmc_unlearner.curvature.LowRankPreconditioner`); CG starts from its answer, so with
+            ``iter_T=0`` a request costs one gradient over the bank and one residual check.
         rescale_lr: Multiply the sampler's step size by ``n_old / n_new`` after each removal (the energy
             grows with ``n``, so the stable step size shrinks with it).
         backend: ``"auto"``, ``"func"`` or ``"autograd"`` for derivatives.
@@ -205,6 +210,7 @@ class MCMCUnlearner:
         grad_draws: int | None = None,
         curvature_draws: int = 16,
         refresh_every: int = 1,
+        precondition_rank: int = 0,
         exact_max_dim: int = 2000,
         rescale_lr: bool = True,
         backend: str = "auto",
@@ -237,12 +243,15 @@ class MCMCUnlearner:
         self.grad_draws = grad_draws
         self.curvature_draws = int(curvature_draws)
         self.refresh_every = max(1, int(refresh_every))
+        self.precondition_rank = int(precondition_rank)
         self.rescale_lr = rescale_lr
         self.backend = backend
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[RemovalReport] = []
         self._cache: torch.Tensor | None = None  # dense remaining-data Hessian after the last request
         self._cache_age = 0
+        self._precond: LowRankPreconditioner | None = None
+        self._precond_age = 0
 
     # ------------------------------------------------------------------ energies
     def _default_energy(self, model: nn.Module, batch: Batch, n: int) -> torch.Tensor:
@@ -414,7 +423,8 @@ class MCMCUnlearner:
             if self.hessian is HessianKind.FULL:
                 op = op + SampleAveragedHessian(h_f, c_thetas, batch, shared_args=True, backend=self.backend)
             rhs = torch.stack([G, dev], 1)
-            res = self._iterative(op, rhs)
+            precond = self._preconditioner(op, info) if self.solver is SolverName.CG else None
+            res = self._iterative(op, rhs, precond)
             products = op.n_products
         x, x_dev = res.x[:, 0], res.x[:, 1]
         info.update(res.info)
@@ -458,9 +468,36 @@ class MCMCUnlearner:
         )
         return report, new_live, new_bank
 
-    def _iterative(self, op: Any, rhs: torch.Tensor) -> SolveResult:
+    def _preconditioner(self, op: Any, info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.precondition_rank <= 0:
+            return None
+        reused = self._precond is not None and self._precond_age < self.refresh_every
+        if reused:
+            self._precond_age += 1
+        else:
+            damped = (lambda v: op @ v + self.damping * v) if self.damping else (lambda v: op @ v)
+            self._precond = LowRankPreconditioner.build(
+                damped,
+                op.dim,
+                self.precondition_rank,
+                generator=self.generator,
+                dtype=op.thetas.dtype if hasattr(op, "thetas") else torch.float32,
+            )
+            self._precond_age = 1
+        info["preconditioner_reused"] = reused
+        return self._precond.solve
+
+    def _iterative(self, op: Any, rhs: torch.Tensor, precond: Callable | None = None) -> SolveResult:
         if self.solver is SolverName.CG:
-            return solve(SolverName.CG, op, rhs, damping=self.damping, max_iter=self.iter_T, tol=self.tol)
+            return solve(
+                SolverName.CG,
+                op,
+                rhs,
+                damping=self.damping,
+                max_iter=self.iter_T,
+                tol=self.tol,
+                preconditioner=precond,
+            )
         return solve(
             SolverName.LISSA,
             op,
@@ -505,6 +542,8 @@ class MCMCUnlearner:
         return A_new, A_new + H_r, products, {"hessian_reused": reused}
 
     def reset_curvature(self) -> None:
-        """Forget the cached dense Hessian (call after the chain has moved a lot by sampling)."""
+        """Forget cached curvature (dense Hessian, preconditioner); call after the chain moved a lot."""
         self._cache = None
         self._cache_age = 0
+        self._precond = None
+        self._precond_age = 0
