@@ -339,8 +339,8 @@ def lanczos(
 class LowRankPreconditioner:
     """``P = U diag(λ) Uᵀ + c·(I − UUᵀ)``: top Lanczos eigenpairs of ``H`` plus a scalar for the rest.
 
-    ``c`` is the average of the remaining eigenvalues, ``tr((I − UUᵀ)H)/(D − k)``, from Hutchinson probes
-    projected off ``U``. Eigenvalues below ``c`` are raised to ``c`` so ``P`` is positive definite;
+    ``c`` is the average of the remaining eigenvalues, ``tr((I − UUᵀ)H)/(D − k)``, estimated as
+    ``Σ zᵀHz / Σ zᵀz`` over Rademacher probes projected off ``U``. Eigenvalues below ``c`` are raised to ``c`` so ``P`` is positive definite;
     ``P⁻¹`` costs ``O(Dk)``.
     Built once and reused across deletion requests (the curvature of a posterior changes slowly).
     """
@@ -358,17 +358,27 @@ class LowRankPreconditioner:
         probes: int = 4,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
+        absolute: bool = False,
     ) -> LowRankPreconditioner:
-        """Run ``rank`` Lanczos steps and ``probes`` Hutchinson products on ``matvec``."""
+        """Run ``rank`` Lanczos steps and ``probes`` Hutchinson products on ``matvec``.
+
+        With ``absolute`` the Ritz values enter as ``|λ|`` (the saddle-free Newton metric of Dauphin et al.,
+        2014, for indefinite Hessians such as a neural network's); otherwise non-positive ones are dropped.
+        """
         evals, vecs = lanczos(matvec, dim, rank, generator, dtype)
-        keep = evals > 0
-        evals, vecs = evals[keep], vecs[:, keep]
-        trace = 0.0  # Hutchinson on the deflated operator (I − UUᵀ)H(I − UUᵀ): only the bulk, low variance
+        if absolute:
+            evals = evals.abs()
+        else:
+            keep = evals > 0
+            evals, vecs = evals[keep], vecs[:, keep]
+        # Hutchinson on the deflated operator (I − UUᵀ)H(I − UUᵀ), as a ratio Σ zᵀHz / Σ zᵀz: only the bulk
+        num = den = 0.0
         for _ in range(probes):
             z = torch.randint(0, 2, (dim,), generator=generator).to(dtype) * 2 - 1
             z = z - vecs @ (vecs.T @ z)
-            trace += float(z @ matvec(z)) / probes
-        c = trace / max(dim - evals.numel(), 1)
+            num += float(z @ matvec(z))
+            den += float(z @ z)
+        c = num / max(den, 1e-30)
         floor = 1e-6 * float(evals.max()) if evals.numel() else 1e-6
         return cls(vecs, evals, max(c, floor))
 

@@ -28,6 +28,7 @@ Alg. 1 read per sample; over-widens); ``"affine"`` applies the exact Gaussian tr
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, hessian, vmap
+from torch.func import grad, jacrev, vmap
 
 from .curvature import LowRankPreconditioner, ParamSpec, SampleAveragedHessian, functionalize, stack_batches
 from .errors import InvalidRequestError, SolverDivergedError
@@ -82,8 +83,8 @@ class RemovalReport:
         residual: Final relative residual of the solve.
         converged: Whether the solve met its tolerance.
         shift_norm: Norm of the (mean) parameter shift ``H⁻¹G``.
-        shift_stderr: Monte-Carlo standard error of the shift (norm), from the spread of the
-            per-draw gradients (halves of the draws solved separately).
+        shift_stderr: Monte-Carlo standard error of the shift (norm): ``‖H⁻¹(Ḡ_A − Ḡ_B)/2‖`` for the two
+            halves A, B of the gradient draws (for cg/lowrank, ``H⁻¹`` is the preconditioner's).
         seconds: Wall time of the request.
         n_draws: Posterior draws averaged for ``G``; ``n_curvature_draws`` for ``H``.
         bank_size: Stored samples shifted (0 without a bank).
@@ -165,7 +166,9 @@ class MCMCUnlearner:
         energy: ``energy(model, batch, n) -> scalar`` minibatch estimate of ``F``; default
             ``-log_prior + n/|B|·Σ nll``.
         bank: Stored posterior samples ``[S, D]`` (flat parameters, see :meth:`collect`).
-        solver: ``"exact"``, ``"cg"``, ``"lissa"`` or ``"auto"`` (exact up to ``exact_max_dim`` parameters).
+        solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"lowrank"`` (saddle-free step on a reused Lanczos
+            approximation; needs ``precondition_rank``) or ``"auto"`` (exact up to ``exact_max_dim``
+            parameters, else lowrank with rank 20).
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"mean"``, ``"sample"`` or ``"affine"`` (see module docstring).
@@ -183,6 +186,13 @@ class MCMCUnlearner:
         precondition_rank: For ``solver="cg"``: Lanczos rank of a low-rank-plus-scalar preconditioner
             (:class:`~mcmc_unlearner.curvature.LowRankPreconditioner`); CG starts from its answer, so with
             ``iter_T=0`` a request costs one gradient over the bank and one residual check.
+        drift_tol: With ``solver="lowrank"``, a reused approximation is rebuilt at once when the request's
+            relative residual against the current Hessian exceeds this (the cheap drift check).
+        curvature_data: ``"minibatch"``: each curvature draw gets one fresh minibatch of the remaining data;
+            ``"full"``: each draw uses every remaining point (needs ``remaining.remaining()``, e.g. a
+            :class:`~mcmc_unlearner.data.RemovableDataset`), so only the draws are Monte Carlo;
+            ``"auto"``: full for the dense solver while (remaining points × curvature draws) <= 32,768,
+            minibatch otherwise.
         rescale_lr: Multiply the sampler's step size by ``n_old / n_new`` after each removal (the energy
             grows with ``n``, so the stable step size shrinks with it).
         backend: ``"auto"``, ``"func"`` or ``"autograd"`` for derivatives.
@@ -211,6 +221,8 @@ class MCMCUnlearner:
         curvature_draws: int = 16,
         refresh_every: int = 1,
         precondition_rank: int = 0,
+        drift_tol: float = 2.0,
+        curvature_data: str = "auto",
         exact_max_dim: int = 2000,
         rescale_lr: bool = True,
         backend: str = "auto",
@@ -228,7 +240,9 @@ class MCMCUnlearner:
         self.energy = energy or self._default_energy
         self.bank = None if bank is None else bank.detach().clone()
         if solver == "auto":
-            solver = SolverName.EXACT if self.spec.dim <= exact_max_dim else SolverName.CG
+            solver = SolverName.EXACT if self.spec.dim <= exact_max_dim else SolverName.LOWRANK
+            if solver is SolverName.LOWRANK and precondition_rank <= 0:
+                precondition_rank = 20
         self.solver = SolverName(solver)
         self.expectation = None if expectation is None else Expectation(expectation)
         self.hessian = HessianKind(hessian)
@@ -244,6 +258,10 @@ class MCMCUnlearner:
         self.curvature_draws = int(curvature_draws)
         self.refresh_every = max(1, int(refresh_every))
         self.precondition_rank = int(precondition_rank)
+        self.drift_tol = float(drift_tol)
+        if curvature_data not in ("auto", "minibatch", "full"):
+            raise ValueError(f"curvature_data must be 'auto', 'minibatch' or 'full', got {curvature_data!r}")
+        self.curvature_data = curvature_data
         self.rescale_lr = rescale_lr
         self.backend = backend
         self.generator = torch.Generator().manual_seed(seed)
@@ -291,7 +309,7 @@ class MCMCUnlearner:
         if self.backend != "autograd":
             try:
                 dims = (0, *([None if shared else 0] * len(batch)))
-                hs = vmap(hessian(f), in_dims=dims, chunk_size=256)(thetas, *batch)
+                hs = vmap(jacrev(grad(f)), in_dims=dims, chunk_size=256)(thetas, *batch)
                 return hs.mean(0)
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":
@@ -416,15 +434,27 @@ class MCMCUnlearner:
             M = A_new if self.hessian is HessianKind.REMAINING else A_old
             res = solve(SolverName.EXACT, M, torch.stack([G, dev], 1), damping=self.damping)
         else:
-            batches = [_as_batch(next(remaining)) for _ in range(n_curv)]
-            bsz = min(b[0].shape[0] for b in batches)
-            stacked = stack_batches([tuple(t[:bsz] for t in b) for b in batches])
-            op: Any = SampleAveragedHessian(e_f, c_thetas, stacked, backend=self.backend)
+            if self.curvature_data == "full":
+                op: Any = SampleAveragedHessian(
+                    e_f, c_thetas, _as_batch(remaining.remaining()), shared_args=True, backend=self.backend
+                )
+            else:
+                stacked = self._curvature_batches(remaining, n_curv)
+                op = SampleAveragedHessian(e_f, c_thetas, stacked, backend=self.backend)
             if self.hessian is HessianKind.FULL:
                 op = op + SampleAveragedHessian(h_f, c_thetas, batch, shared_args=True, backend=self.backend)
-            rhs = torch.stack([G, dev], 1)
-            precond = self._preconditioner(op, info) if self.solver is SolverName.CG else None
-            res = self._iterative(op, rhs, precond)
+            precond = self._preconditioner(op, info) if self.solver in (SolverName.CG, SolverName.LOWRANK) else None
+            if self.solver is SolverName.LOWRANK and info["preconditioner_reused"]:
+                # drift check: a reused approximation whose residual grew past drift_tol is rebuilt here
+                res = solve(SolverName.LOWRANK, op, G, preconditioner=precond, tol=self.tol, divergence_tol=math.inf)
+                if res.residual > self.drift_tol:
+                    self._precond = None
+                    precond = self._preconditioner(op, info)
+                    info["preconditioner_refreshed_for_drift"] = True
+                    res = self._iterative(op, G, precond)
+            else:
+                res = self._iterative(op, G, precond)
+            res.x = torch.stack([res.x, self._stderr_solve(op, dev, precond)], 1)
             products = op.n_products
         x, x_dev = res.x[:, 0], res.x[:, 1]
         info.update(res.info)
@@ -468,8 +498,18 @@ class MCMCUnlearner:
         )
         return report, new_live, new_bank
 
+    @staticmethod
+    def _curvature_batches(remaining: Iterator[Batch], count: int) -> Batch:
+        """``count`` fresh minibatches, cut to a common size and stacked on a leading dimension."""
+        batches = [_as_batch(next(remaining)) for _ in range(count)]
+        bsz = min(b[0].shape[0] for b in batches)
+        return stack_batches([tuple(t[:bsz] for t in b) for b in batches])
+
     def _preconditioner(self, op: Any, info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        lowrank = self.solver is SolverName.LOWRANK
         if self.precondition_rank <= 0:
+            if lowrank:
+                raise ValueError("solver='lowrank' needs precondition_rank > 0 (the Lanczos rank)")
             return None
         reused = self._precond is not None and self._precond_age < self.refresh_every
         if reused:
@@ -482,12 +522,15 @@ class MCMCUnlearner:
                 self.precondition_rank,
                 generator=self.generator,
                 dtype=op.thetas.dtype if hasattr(op, "thetas") else torch.float32,
+                absolute=lowrank,
             )
             self._precond_age = 1
         info["preconditioner_reused"] = reused
-        return self._precond.solve
+        return self._precond if lowrank else self._precond.solve
 
-    def _iterative(self, op: Any, rhs: torch.Tensor, precond: Callable | None = None) -> SolveResult:
+    def _iterative(self, op: Any, rhs: torch.Tensor, precond: Any = None) -> SolveResult:
+        if self.solver is SolverName.LOWRANK:
+            return solve(SolverName.LOWRANK, op, rhs, preconditioner=precond, tol=self.tol)
         if self.solver is SolverName.CG:
             return solve(
                 SolverName.CG,
@@ -508,6 +551,16 @@ class MCMCUnlearner:
             tol=self.tol,
             generator=self.generator,
         )
+
+    def _stderr_solve(self, op: Any, dev: torch.Tensor, precond: Any) -> torch.Tensor:
+        """``H⁻¹·dev`` for the Monte-Carlo error bar: the preconditioner's answer when there is one (no extra
+        products), else a solve with the same solver; ``nan`` if that solve fails (the error bar is advisory)."""
+        if precond is not None:
+            return precond.solve(dev) if hasattr(precond, "solve") else precond(dev)
+        try:
+            return self._iterative(op, dev).x
+        except SolverDivergedError:
+            return torch.full_like(dev, float("nan"))
 
     def _solve_many(self, res: SolveResult, M: Any, g_all: torch.Tensor) -> torch.Tensor:
         if isinstance(M, torch.Tensor):
@@ -531,10 +584,17 @@ class MCMCUnlearner:
             A_new = self._cache - H_r
             self._cache_age += 1
         else:
-            batches = [_as_batch(next(remaining)) for _ in range(thetas.shape[0])]
-            bsz = min(b[0].shape[0] for b in batches)
-            stacked = stack_batches([tuple(t[:bsz] for t in b) for b in batches])
-            A_new = self._dense_hessian(e_f, thetas, stacked, shared=False)
+            full = self.curvature_data == "full" or (
+                self.curvature_data == "auto"
+                and hasattr(remaining, "remaining")
+                and len(remaining) * thetas.shape[0] <= 32_768
+            )
+            if full:
+                A_new = self._dense_hessian(e_f, thetas, _as_batch(remaining.remaining()), shared=True)
+            else:
+                A_new = self._dense_hessian(
+                    e_f, thetas, self._curvature_batches(remaining, thetas.shape[0]), shared=False
+                )
             products += thetas.shape[0] * d
             self._cache_age = 1
         A_new = 0.5 * (A_new + A_new.T)
