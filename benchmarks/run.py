@@ -221,76 +221,127 @@ def case_gmm(quick: bool) -> dict[str, Any]:
     }
 
 
-def case_digits(quick: bool) -> dict[str, Any]:
-    """A Bayesian CNN on scikit-learn's digits; forget all of class 0 in requests of 64."""
+def _digits_setup(quick: bool) -> dict[str, Any]:
     from mcmc_unlearner.image_data import load_dataset
-    from mcmc_unlearner.models.bnn import build_model
 
     ds = load_dataset("digits", seed=0)
+    explore, sample, bank_size = (500, 3000, 100) if quick else (1000, 9000, 200)
+    return {"ds": ds, "explore": explore, "sample": sample, "bank_size": bank_size}
+
+
+def _digits_chain(setup: dict[str, Any], data: RemovableDataset, seed: int):
+    """The BNN experiment's defaults: plain SGD on the mean loss (lr 0.3), then SGLD at (1.0/n)·t^−0.5005."""
+    from mcmc_unlearner.models.bnn import build_model
+
+    ds, n = setup["ds"], len(data)
+    torch.manual_seed(seed)
+    model = build_model("digits_net", ds.in_shape, ds.n_classes)
+    model.n = n
+    sgd = torch.optim.SGD(model.parameters(), lr=0.3 / n)
+    run_chain(model, sgd, data, energy, setup["explore"], n)
+    sampler = SGLD(model.parameters(), lr=1.0 / n, generator=torch.Generator().manual_seed(seed))
+    sched = lambda t: 1.0 / n * (t + 1) ** -0.5005  # noqa: E731
+    every = setup["sample"] // setup["bank_size"]
+    bank = run_chain(model, sampler, data, energy, setup["sample"], n, lr_schedule=sched, keep_every=every)
+    return model, sampler, bank
+
+
+def _digits_ours(model, sampler, bank) -> MCMCUnlearner:
+    # the BNN experiment's default: network Hessians are indefinite, so damped CG preconditioned by a Lanczos
+    # rank-20 approximation that is built once and reused (a stale preconditioner only slows CG down)
+    return MCMCUnlearner(
+        model, sampler, bank=bank, solver="cg", damping=300.0, tol=1e-2, precondition_rank=20, refresh_every=10**6,
+        curvature_draws=8,
+    )  # fmt: skip
+
+
+def case_digits(quick: bool) -> dict[str, Any]:
+    """A Bayesian CNN on scikit-learn's digits; forget all of class 0 in requests of 64."""
+    from mcmc_unlearner.models.bnn import build_model
+
+    setup = _digits_setup(quick)
+    ds = setup["ds"]
     x, y = ds.x_train, ds.y_train
     n = x.shape[0]
     removed = torch.nonzero(y == 0).flatten()
     requests = list(removed.split(64))
-    explore, sample, bank_size = (300, 1500, 50) if quick else (500, 3000, 100)
-
-    def chain(data: RemovableDataset, seed: int):
-        torch.manual_seed(seed)
-        model = build_model("digits_net", ds.in_shape, ds.n_classes)
-        model.n = len(data)
-        sgd = torch.optim.SGD(model.parameters(), lr=0.05 / len(data), momentum=0.9)
-        run_chain(model, sgd, data, energy, explore, len(data))
-        sampler = SGLD(model.parameters(), lr=0.05 / len(data), generator=torch.Generator().manual_seed(seed))
-        sched = lambda t: 0.05 / len(data) * (t + 1) ** -0.5005  # noqa: E731
-        bank = run_chain(
-            model, sampler, data, energy, sample, len(data), lr_schedule=sched, keep_every=sample // bank_size
-        )
-        return model, sampler, bank
-
     keep = torch.ones(n, dtype=torch.bool)
     keep[removed] = False
     kept = torch.nonzero(keep).flatten()
     t0 = time.perf_counter()
-    m_r, _, retrain = chain(RemovableDataset(x[kept], y[kept], batch_size=128, seed=1), seed=11)
+    _, _, retrain = _digits_chain(setup, RemovableDataset(x[kept], y[kept], batch_size=128, seed=1), seed=11)
     retrain_seconds = time.perf_counter() - t0
-    _, _, retrain_b = chain(RemovableDataset(x[kept], y[kept], batch_size=128, seed=2), seed=12)
-    model, sampler, bank = chain(RemovableDataset(x, y, batch_size=128, seed=0), seed=10)
+    _, _, retrain_b = _digits_chain(setup, RemovableDataset(x[kept], y[kept], batch_size=128, seed=2), seed=12)
+    model, sampler, bank = _digits_chain(setup, RemovableDataset(x, y, batch_size=128, seed=0), seed=10)
+    evaluator = build_model("digits_net", ds.in_shape, ds.n_classes)
+    test_kept = ds.y_test != 0
 
-    def removed_error(bank_: torch.Tensor) -> float:
-        probs = 0
+    def errors(bank_: torch.Tensor) -> dict[str, float]:
+        p_rem = p_test = 0
         for theta in bank_:
-            ParamSpec.assign(m_r, theta)
+            ParamSpec.assign(evaluator, theta)
             with torch.no_grad():
-                probs = probs + torch.softmax(m_r(x[removed]), -1)
-        return float((probs.argmax(-1) != y[removed]).float().mean())
+                p_rem = p_rem + torch.softmax(evaluator(x[removed]), -1)
+                p_test = p_test + torch.softmax(evaluator(ds.x_test[test_kept]), -1)
+        return {
+            "removed_error": float((p_rem.argmax(-1) != y[removed]).float().mean()),
+            "test_kept_error": float((p_test.argmax(-1) != ds.y_test[test_kept]).float().mean()),
+        }
 
     make = lambda p: SGLD(p, lr=1.0, generator=torch.Generator().manual_seed(5))  # noqa: E731
     m_p, s_p = _clone_chain(model, sampler, make)
     paper = run_paper(m_p, s_p, RemovableDataset(x, y, batch_size=128, seed=0), bank, requests, 64, 1, 0.05)
     m_o, s_o = _clone_chain(model, sampler, make)
-    # network Hessians are indefinite: a saddle-free step on a Lanczos rank-20 approximation built once
-    un = MCMCUnlearner(
-        m_o, s_o, bank=bank, solver="lowrank", precondition_rank=20, refresh_every=len(requests), curvature_draws=8
-    )
-    ours = run_ours(un, RemovableDataset(x, y, batch_size=128, seed=0), requests)
+    ours = run_ours(_digits_ours(m_o, s_o, bank), RemovableDataset(x, y, batch_size=128, seed=0), requests)
     return {
         "setup": f"digits_net ({bank.shape[1]} params), n={n}, remove class 0 ({len(removed)}) in requests of 64; "
-        f"{explore} SGD + {sample} SGLD steps, bank {bank.shape[0]}",
+        f"{setup['explore']} SGD + {setup['sample']} SGLD steps, bank {bank.shape[0]}",
         "retrain_seconds": retrain_seconds,
         "kl_noise_floor": knn_kl(retrain_b.numpy(), retrain.numpy()),
         "kl_origin": knn_kl(bank.numpy(), retrain.numpy()),
-        "removed_error_retrain": removed_error(retrain),
-        "removed_error_origin": removed_error(bank),
+        **{f"{k}_retrain": v for k, v in errors(retrain).items()},
+        **{f"{k}_origin": v for k, v in errors(bank).items()},
         "paper": {
             **_timing(paper["seconds"]),
             "kl_to_retrain": knn_kl(paper["bank"].numpy(), retrain.numpy()),
-            "removed_error": removed_error(paper["bank"]),
+            **errors(paper["bank"]),
         },
         "ours": {
             **_timing(ours["seconds"]),
             "kl_to_retrain": knn_kl(ours["bank"].numpy(), retrain.numpy()),
-            "removed_error": removed_error(ours["bank"]),
+            **errors(ours["bank"]),
             "residuals": [r.residual for r in ours["reports"]],
         },
+    }
+
+
+def _digits_memory_phase(phase: str, quick: bool) -> None:
+    """Child process body for --memory: train only, or train then unlearn with our default."""
+    setup = _digits_setup(quick)
+    x, y = setup["ds"].x_train, setup["ds"].y_train
+    model, sampler, bank = _digits_chain(setup, RemovableDataset(x, y, batch_size=128, seed=0), seed=10)
+    if phase == "unlearn":
+        data = RemovableDataset(x, y, batch_size=128, seed=0)
+        run_ours(_digits_ours(model, sampler, bank), data, list(torch.nonzero(y == 0).flatten().split(64)))
+
+
+def measure_memory(quick: bool, threads: int) -> dict[str, Any]:
+    """Peak resident memory (ru_maxrss of a child process) of training alone vs training + unlearning."""
+    import os
+    import subprocess
+
+    peaks = {}
+    for phase in ("train", "unlearn"):
+        cmd = [sys.executable, __file__, "--memory-phase", phase, "--threads", str(threads)] + (["--quick"] * quick)
+        proc = subprocess.Popen(cmd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"memory phase {phase} failed with status {status}")
+        peaks[phase] = usage.ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {
+        "train_peak_mib": peaks["train"],
+        "unlearn_peak_mib": peaks["unlearn"],
+        "ratio": peaks["unlearn"] / peaks["train"],
     }
 
 
@@ -303,8 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory of the digits case (2 processes)")
+    p.add_argument("--memory-phase", choices=("train", "unlearn"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_phase:
+        _digits_memory_phase(args.memory_phase, args.quick)
+        return 0
     out: dict[str, Any] = {
         "version": mcmc_unlearner.__version__,
         "torch": torch.__version__,
@@ -323,15 +379,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name}: {res['setup']}")
         for key in ("paper", "ours"):
             r = res[key]
-            acc = {k: v for k, v in r.items() if k in ("undone", "kl_to_retrain", "removed_error")}
+            acc = {k: v for k, v in r.items() if k in ("undone", "kl_to_retrain", "removed_error", "test_kept_error")}
             accs = ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
-            print(
-                f"  {key:6s} median {r['seconds_per_request'] * 1e3:9.2f} ms/request, total {r['seconds_total']:8.2f} s, {accs}"
-            )
-        extra = {k: v for k, v in res.items() if k.startswith(("kl_", "removed_error_", "retrain_seconds"))}
+            per, total = r["seconds_per_request"] * 1e3, r["seconds_total"]
+            print(f"  {key:6s} median {per:9.2f} ms/request, total {total:8.2f} s, {accs}")
+        extra = {
+            k: v for k, v in res.items() if k.startswith(("kl_", "removed_error_", "test_kept_", "retrain_seconds"))
+        }
         if extra:
             print("  " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
         print(f"  speedup (paper / ours, median per request): {res['speedup']:.1f}x")
+    if args.memory:
+        out["memory"] = mem = measure_memory(args.quick, args.threads)
+        print(
+            f"\n== memory (digits): peak RSS train {mem['train_peak_mib']:.0f} MiB, train + unlearn "
+            f"{mem['unlearn_peak_mib']:.0f} MiB, ratio {mem['ratio']:.2f}"
+        )
     if args.json:
 
         def clean(o):

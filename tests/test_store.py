@@ -250,3 +250,40 @@ def test_legacy_torch_checkpoints_weights_only(tmp_path):
     torch.save({"obj": Path("x")}, tmp_path / "bad.pt")  # an arbitrary object: needs unpickling code
     with pytest.raises(StoreError, match="weights-only"):
         read_torch_checkpoint(tmp_path / "bad.pt")
+
+
+def test_lowrank_curvature_survives_save_and_load(tmp_path):
+    """A reused Lanczos approximation is checkpointed: the loaded model's next request equals the in-memory one."""
+    from mcmc_unlearner.image_data import load_dataset
+    from mcmc_unlearner.models.bnn import build_model
+
+    ds = load_dataset("digits", seed=0)
+    n = 300
+    torch.manual_seed(0)
+    model = build_model("mlp", ds.in_shape, ds.n_classes, prior_std=0.5, hidden=(8,))
+    data = RemovableDataset(ds.x_train[:n], ds.y_train[:n], batch_size=50, seed=0)
+    sampler = SGHMC(model.parameters(), lr=1e-4, generator=torch.Generator().manual_seed(1))
+    un = MCMCUnlearner(model, sampler, solver="lowrank", precondition_rank=30, refresh_every=100, curvature_draws=2)
+    for _ in range(4):
+        run_chain(model, sampler, data, un.energy, 5, n)
+        un.collect()
+    un.forget([0, 1], data)  # builds the approximation
+    save_model(
+        tmp_path / "b",
+        model=model,
+        sampler=sampler,
+        data=data,
+        unlearner=un,
+        model_spec=bnn_model_spec("mlp", ds.in_shape, ds.n_classes, prior_std=0.5, hidden=[8]),
+        data_spec=image_data_spec("digits", seed=0, n=n),
+    )
+    lm = load_model(tmp_path / "b")
+    saved_t, saved_m = un.curvature_state()
+    loaded_t, loaded_m = lm.unlearner.curvature_state()
+    assert saved_m == loaded_m and saved_t.keys() == loaded_t.keys() == {"precond_U", "precond_lam"}
+    assert all(torch.equal(saved_t[k], loaded_t[k]) for k in saved_t)
+    r1 = un.forget([2, 3], data)
+    r2 = lm.unlearner.forget([2, 3], lm.data)
+    assert r1.info["preconditioner_reused"] == r2.info["preconditioner_reused"]
+    assert r1.info.get("preconditioner_refreshed_for_drift") == r2.info.get("preconditioner_refreshed_for_drift")
+    assert torch.equal(un.bank, lm.unlearner.bank)

@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
+    from . import distributed
+
+    if distributed.launched() and distributed.env_rank() != 0 and args.command in ("status", "verify"):
+        return 0  # read-only commands under torchrun: rank 0 answers
     try:
         return int(args.func(args) or 0)
     except (UnlearningError, FileNotFoundError, ValueError) as exc:

@@ -340,9 +340,9 @@ class LowRankPreconditioner:
     """``P = U diag(λ) Uᵀ + c·(I − UUᵀ)``: top Lanczos eigenpairs of ``H`` plus a scalar for the rest.
 
     ``c`` is the average of the remaining eigenvalues, ``tr((I − UUᵀ)H)/(D − k)``, estimated as
-    ``Σ zᵀHz / Σ zᵀz`` over Rademacher probes projected off ``U``. Eigenvalues below ``c`` are raised to ``c`` so ``P`` is positive definite;
-    ``P⁻¹`` costs ``O(Dk)``.
-    Built once and reused across deletion requests (the curvature of a posterior changes slowly).
+    ``Σ zᵀHz / Σ zᵀz`` over Rademacher probes projected off ``U``. Eigenvalues below ``c`` are raised to
+    ``c`` so ``P`` is positive definite; ``P⁻¹`` costs ``O(Dk)``. Built once and reused across deletion
+    requests (the curvature of a posterior changes slowly).
     """
 
     def __init__(self, U: torch.Tensor, lam: torch.Tensor, c: float) -> None:

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from . import distributed, store
 from . import ledger as ledger_mod
-from . import store
 from .curvature import ParamSpec
 from .data import as_id_tensor
 from .errors import InvalidRequestError, SolverDivergedError
@@ -166,7 +166,7 @@ def forget(
                     )
                 return ForgetOutcome(False, rid, e, None, recovered)
         un = store.with_config(loaded, dict(overrides or {}))
-        report = un.forget(id_list, loaded.data)
+        report = distributed.apply_request(un, id_list, loaded.data)  # un.forget unless launched by torchrun
         flat = ParamSpec.flatten_module(loaded.model)
         if not torch.isfinite(flat).all() or (un.bank is not None and not torch.isfinite(un.bank).all()):
             raise SolverDivergedError("the updated parameters are not finite; nothing was written")  # pragma: no cover
@@ -359,7 +359,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_forget(args: argparse.Namespace) -> int:
     ids = parse_ids_file(args.ids)
-    out = forget(args.model, ids, request_id=args.request_id, overrides=_overrides(args))
+    if distributed.launched():  # torchrun: all ranks compute, rank 0 commits and prints
+        out = distributed.run_forget(forget, args.model, ids, request_id=args.request_id, overrides=_overrides(args))
+        if out is None:
+            return 0
+    else:
+        out = forget(args.model, ids, request_id=args.request_id, overrides=_overrides(args))
     rolled = out.recovered.get("rolled_back") or []
     if rolled:
         print(f"recovered: rolled back {len(rolled)} uncommitted ledger line(s) from an interrupted request")

@@ -6,7 +6,7 @@
   (``bank``), the remaining-data mask and shuffling state (``data/alive``, ``data/order``, ``data/pos``,
   ``data/generator``), the sampler's tensors (``sampler/state/<i>/<key>``, e.g. SGHMC momentum, and
   ``sampler/generator``), the unlearner's generator (``unlearner/generator``) and cached dense Hessian
-  (``unlearner/cache``);
+  (``unlearner/cache``) and low-rank curvature (``unlearner/precond_*``);
 * ``manifest.json`` — the commit point: format version, the current state file and its SHA-256, the model's
   digest (see :func:`model_digest`), model spec, data spec and data fingerprint, sampler config (class, param
   groups with the current step size), unlearner config, the ledger's committed length and head hash, the last
@@ -380,6 +380,9 @@ def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
         "grad_draws": None if un.grad_draws is None else int(un.grad_draws),
         "curvature_draws": int(un.curvature_draws),
         "refresh_every": int(un.refresh_every),
+        "precondition_rank": int(un.precondition_rank),
+        "drift_tol": float(un.drift_tol),
+        "curvature_data": un.curvature_data,
         "rescale_lr": bool(un.rescale_lr),
         "backend": un.backend,
     }
@@ -420,8 +423,7 @@ def _state_tensors(
     out["data/generator"] = ds["generator"]
     out.update(_sampler_config(sampler)[1])
     out["unlearner/generator"] = un.generator.get_state()
-    if un._cache is not None:
-        out["unlearner/cache"] = un._cache
+    out.update({f"unlearner/{k}": v for k, v in un.curvature_state()[0].items()})
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
 
 
@@ -591,9 +593,8 @@ def load_model(path: str | os.PathLike, *, check_data: bool = True) -> LoadedMod
     sampler = _rebuild_sampler(model, manifest.get("sampler"), tensors)
     ustate = manifest.get("unlearner_state", {})
     un = _rebuild_unlearner(
-        model, sampler if ustate.get("with_sampler", True) else None, manifest["unlearner"], tensors
+        model, sampler if ustate.get("with_sampler", True) else None, manifest["unlearner"], tensors, ustate
     )
-    un._cache_age = int(ustate.get("cache_age", 0))
     if hasattr(model, "n"):
         model.n = len(data)
 
@@ -650,14 +651,16 @@ def _rebuild_unlearner(
     sampler: torch.optim.Optimizer | None,
     config: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
+    ustate: Mapping[str, Any],
 ) -> MCMCUnlearner:
     try:
         un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **config)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"unlearner configuration is invalid: {exc}") from None
     un.generator.set_state(tensors["unlearner/generator"])
-    cache = tensors.get("unlearner/cache")
-    un._cache = None if cache is None else cache.clone()
+    prefix = "unlearner/"
+    curv = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k != "unlearner/generator"}
+    un.load_curvature_state(curv, ustate)
     return un
 
 
@@ -672,7 +675,7 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
     except (TypeError, ValueError) as exc:
         raise ValueError(f"configuration override {dict(overrides)} is invalid: {exc}") from None
     un.generator.set_state(base.generator.get_state())
-    un._cache, un._cache_age = base._cache, base._cache_age
+    un.load_curvature_state(*base.curvature_state())
     return un
 
 
@@ -793,7 +796,7 @@ def save_model(
             "data_config": {"batch_size": data.batch_size, "n_total": data.n_total},
             "sampler": sampler_cfg,
             "unlearner": unlearner_config(unlearner),
-            "unlearner_state": {"cache_age": int(unlearner._cache_age), "with_sampler": unlearner.sampler is not None},
+            "unlearner_state": {**unlearner.curvature_state()[1], "with_sampler": unlearner.sampler is not None},
             "ledger_entries": 1,
             "ledger_head": head,
             "last_request_id": None,
@@ -874,7 +877,7 @@ def commit_update(
             "state_sha256": _sha256(blob),
             "model_sha256": after,
             "sampler": _sampler_config(loaded.sampler)[0],
-            "unlearner_state": {**old.get("unlearner_state", {}), "cache_age": int(un._cache_age)},
+            "unlearner_state": {**old.get("unlearner_state", {}), **un.curvature_state()[1]},
             "ledger_entries": int(old["ledger_entries"]) + 1,
             "ledger_head": head,
             "last_request_id": full.get("request_id", old.get("last_request_id")),
@@ -892,7 +895,7 @@ def commit_update(
     if un is not loaded.unlearner:
         loaded.unlearner.bank = un.bank
         loaded.unlearner.generator.set_state(un.generator.get_state())
-        loaded.unlearner._cache, loaded.unlearner._cache_age = un._cache, un._cache_age
+        loaded.unlearner.load_curvature_state(*un.curvature_state())
     return full
 
 

@@ -601,6 +601,30 @@ class MCMCUnlearner:
         self._cache = A_new
         return A_new, A_new + H_r, products, {"hessian_reused": reused}
 
+    def curvature_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Cached curvature as tensors plus JSON metadata (for checkpoints; see :meth:`load_curvature_state`)."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"cache_age": int(self._cache_age), "precond_age": int(self._precond_age)}
+        if self._cache is not None:
+            tensors["cache"] = self._cache
+        if self._precond is not None:
+            tensors["precond_U"], tensors["precond_lam"] = self._precond.U, self._precond.lam
+            meta["precond_c"] = self._precond.c
+        return tensors, meta
+
+    def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`curvature_state` returned (tensors are cloned)."""
+        cache = tensors.get("cache")
+        self._cache = None if cache is None else cache.clone()
+        self._cache_age = int(meta.get("cache_age", 0))
+        if "precond_U" in tensors and "precond_c" in meta:
+            self._precond = LowRankPreconditioner(
+                tensors["precond_U"].clone(), tensors["precond_lam"].clone(), float(meta["precond_c"])
+            )
+        else:
+            self._precond = None
+        self._precond_age = int(meta.get("precond_age", 0))
+
     def reset_curvature(self) -> None:
         """Forget cached curvature (dense Hessian, preconditioner); call after the chain moved a lot."""
         self._cache = None

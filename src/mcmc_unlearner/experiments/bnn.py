@@ -138,6 +138,9 @@ class BNNConfig:
     iter_T: int = 100
     tol: float = 1e-2
     curvature_draws: int = 8
+    grad_draws: int | None = None
+    precondition_rank: int = 20
+    drift_tol: float = 3.0
     expectation: str = "bank"
     hessian: str = "remaining"
     bank_shift: str = "mean"
@@ -717,6 +720,11 @@ def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer,
         tol=cfg.tol,
         samp_T=cfg.samp_T,
         curvature_draws=cfg.curvature_draws,
+        precondition_rank=cfg.precondition_rank,
+        grad_draws=cfg.grad_draws,
+        drift_tol=cfg.drift_tol,
+        # rebuilt only when the drift check fails (lowrank); a stale preconditioner stays correct for cg
+        refresh_every=10**6 if cfg.precondition_rank > 0 else 1,
         seed=cfg.seed,
     )
 
@@ -906,6 +914,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("damping", float),
         ("iter-T", int),
         ("curvature-draws", int),
+        ("precondition-rank", int),
+        ("grad-draws", int),
+        ("drift-tol", float),
         ("expectation", str),
         ("hessian", str),
         ("bank-shift", str),

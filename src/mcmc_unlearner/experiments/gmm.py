@@ -330,6 +330,7 @@ def _run(
 
     model, data = origin.model, origin.data
     core_cfg = {k: v for k, v in unlearn_cfg.items() if k != "curvature_batch"}
+    core_cfg["curvature_data"] = "full" if curvature_batch is None else "minibatch"
     un = MCMCUnlearner(model, origin.sampler, bank=origin.samples, **core_cfg)  # default energy == gmm_energy
     store_note = None
     if save_model is not None:
@@ -340,7 +341,8 @@ def _run(
     order = removed[torch.randperm(removed.numel(), generator=torch.Generator().manual_seed(1000 * seed + 4))]
     chunks = list(torch.split(order, request_size))
     warmup_seconds = _warm_up(model, origin, x, removed, chunks[0], unlearn_cfg) if warmup else 0.0
-    data.batch_size = len(data) if curvature_batch is None else curvature_batch  # curvature minibatches only
+    if curvature_batch is not None:
+        data.batch_size = curvature_batch  # curvature minibatches only
     reports = []
     t0 = time.perf_counter()
     for ids in tqdm(chunks, desc="unlearn: deletion requests", leave=False, mininterval=0.5, disable=not progress):

@@ -1,0 +1,714 @@
+r"""Data-parallel SG-MCMC and unlearning on ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
+
+Every rank holds a shard of the training data and an identical copy of the parameters. The math is the
+single-process math on the union of the shards, up to floating-point summation order:
+
+* **Data.** :class:`ShardedDataset` gives rank ``r`` of ``W`` the rows whose global id satisfies
+  ``id % W == r``. Every rank keeps the same *global* index sampler (a
+  :class:`~mcmc_unlearner.data.RemovableDataset` over ``arange(n)`` with the same seed), so every rank draws
+  the same global minibatch and keeps the rows it owns. A weight column (``1/|B|`` of the *global* batch,
+  ``0`` for padding) is appended to each local batch, so the energy's ``n/|B|`` factor is exact.
+* **Energy.** ``F = −log p(θ) + n·Σ_{z∈B_local} w_z h(θ,z)`` on each rank, with the prior on group rank 0
+  only; the sum over ranks is the single-process energy. One sampler step all-reduces the gradient (one
+  all-reduce of ``D`` floats); the sampler's noise comes from identically seeded generators, so all ranks keep
+  bit-identical parameters without broadcasting them.
+* **Unlearning.** :class:`DistributedUnlearner` is :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` with its
+  data-touching building blocks all-reduced: per-draw gradients of the removed points, dense Hessians, and
+  Hessian-vector products (an :class:`AllReducedOperator` around the local
+  :class:`~mcmc_unlearner.curvature.SampleAveragedHessian`). The algorithm itself (``_influence``: which
+  draws, which solver, how samples move) is inherited unchanged, so it lives in one place. Collectives cannot
+  run inside ``torch.func`` transforms, so the reduction happens after each local vmapped product.
+* **Requests** name global ids. Every rank validates the whole request against the global alive mask (all
+  ranks hold the same one, because requests reach every rank), so all ranks accept or refuse together; the
+  rank that owns an id contributes its row. The ledger is written by rank 0 only (:func:`run_forget`).
+* **Ensembles.** :func:`ensemble_groups` splits the world into independent chains (one process group each);
+  :func:`gather_banks` collects their sample banks for evaluation.
+
+Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``);
+:func:`init_from_env` starts the process group from those variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .curvature import ParamSpec, stack_batches
+from .data import RemovableDataset, as_id_tensor
+from .errors import InvalidRequestError, UnlearningError
+from .samplers import scale_lr
+from .solvers import SolverName
+from .unlearner import MCMCUnlearner, RemovalReport, _as_batch
+
+__all__ = [
+    "AllReducedOperator",
+    "DistContext",
+    "DistributedUnlearner",
+    "ShardedDataset",
+    "agree",
+    "allreduce_grads",
+    "apply_request",
+    "distributed_step",
+    "ensemble_groups",
+    "env_rank",
+    "gather_banks",
+    "init_from_env",
+    "launched",
+    "params_in_sync",
+    "run_forget",
+]
+
+Batch = tuple[torch.Tensor, ...]
+Group = Any  # torch.distributed.ProcessGroup or None (the default group)
+
+
+# ---------------------------------------------------------------------------------------------- launch
+def launched() -> bool:
+    """True when started by ``torchrun`` (or similar) with more than one process (``WORLD_SIZE > 1``)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def env_rank() -> int:
+    """This process's global rank from the launcher's ``RANK`` variable (0 when not launched)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: global rank, world size, local rank (GPU index) and device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def init_from_env(backend: str = "auto", timeout_s: float = 600.0) -> DistContext:
+    """Start the default process group from ``torchrun``'s environment (no-op if already started).
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or ``"auto"`` (NCCL when CUDA is available, else gloo).
+        timeout_s: Collective timeout; a rank that dies mid-request makes the others fail after this long
+            instead of hanging forever.
+
+    Raises:
+        UnlearningError: ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` are missing.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise UnlearningError(
+                f"distributed launch: environment variable(s) {missing} are not set; start the command with "
+                "torchrun (e.g. `torchrun --nproc-per-node 2 -m mcmc_unlearner.cli ...`)"
+            )
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _group_info(group: Group) -> tuple[int, int]:
+    """(rank within group, group size); (0, 1) without a process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _comm_device(group: Group) -> torch.device:
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, group: Group, op: Any = None) -> torch.Tensor:
+    """In-place sum (or ``op``) over the group, moving to the backend's device if needed; returns ``t``."""
+    if _group_info(group)[1] == 1:
+        return t
+    dev = _comm_device(group)
+    buf = t if t.device == dev and t.is_contiguous() else t.to(dev).contiguous()
+    dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=group)
+    if buf is not t:
+        t.copy_(buf.to(t.device))
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- data
+class ShardedDataset:
+    """One rank's shard of a removable data set; minibatches are the rank's part of a shared global batch.
+
+    Rank ``r`` of ``W`` owns the rows with ``id % W == r``; it stores only those (``tensors[i][k]`` is global
+    row ``r + k·W``). All ranks hold an identical global index sampler (same seed, same removals), so the
+    global minibatch sequence equals that of a single-process ``RemovableDataset(*tensors, batch_size, seed)``.
+
+    ``next(ds)`` returns ``(*fields, w)``: the owned rows of the next global minibatch and a weight column
+    ``w = 1/|B_global|``; when the rank owns none of them, one padding row with weight 0 keeps shapes valid.
+
+    Args:
+        *local: The rank's rows (ids ``rank, rank + world, ...`` in order).
+        n_total: Global number of rows.
+        rank: Rank within the data-parallel group.
+        world: Size of that group.
+        batch_size: Global minibatch size.
+        seed: Seed of the global shuffling generator (the same on all ranks).
+        weight_dtype: dtype of the weight column (default: the default float dtype).
+    """
+
+    def __init__(
+        self,
+        *local: torch.Tensor,
+        n_total: int,
+        rank: int,
+        world: int,
+        batch_size: int = 64,
+        seed: int = 0,
+        weight_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must lie in [0, world={world}), got {rank}")
+        expected = len(range(rank, n_total, world))
+        if not local or any(t.shape[0] != expected for t in local):
+            raise ValueError(
+                f"rank {rank} of {world} must hold {expected} rows of the {n_total} (ids {rank}, {rank + world}, "
+                f"...); got {[t.shape[0] for t in local]}. Use ShardedDataset.from_global to slice global tensors"
+            )
+        self.local: Batch = tuple(local)
+        self.rank, self.world, self.n_total = int(rank), int(world), int(n_total)
+        self.index = RemovableDataset(torch.arange(n_total), batch_size=batch_size, seed=seed)
+        self.weight_dtype = weight_dtype or torch.get_default_dtype()
+
+    @classmethod
+    def from_global(
+        cls, *tensors: torch.Tensor, rank: int, world: int, batch_size: int = 64, seed: int = 0, **kw: Any
+    ) -> ShardedDataset:
+        """Keep rank ``rank``'s rows of global tensors (views, no copy)."""
+        return cls(
+            *(t[rank::world] for t in tensors),
+            n_total=tensors[0].shape[0],
+            rank=rank,
+            world=world,
+            batch_size=batch_size,
+            seed=seed,
+            **kw,
+        )
+
+    @classmethod
+    def from_removable(cls, data: RemovableDataset, rank: int, world: int) -> ShardedDataset:
+        """Shard a :class:`~mcmc_unlearner.data.RemovableDataset`, taking over its removals and shuffle state,
+        so that the sharded data set continues exactly where ``data`` would."""
+        out = cls.from_global(*data.tensors, rank=rank, world=world, batch_size=data.batch_size)
+        out.load_state_dict(data.state_dict())
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+    def __len__(self) -> int:
+        """Global number of remaining rows (the same on every rank)."""
+        return len(self.index)
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.batch_size
+
+    @property
+    def remaining_ids(self) -> torch.Tensor:
+        """Sorted global ids still present (all ranks)."""
+        return self.index.remaining_ids
+
+    @property
+    def removed_ids(self) -> torch.Tensor:
+        """Sorted global ids removed so far."""
+        return self.index.removed_ids
+
+    def validate(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Validate a request against the global alive mask (same answer on every rank); changes nothing."""
+        return self.index.validate(ids)
+
+    def remove(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Remove global ids (every rank calls it with the same request; each drops the rows it owns)."""
+        return self.index.remove(ids)
+
+    def owned(self, ids: torch.Tensor) -> torch.Tensor:
+        """The subset of global ``ids`` this rank holds (order kept)."""
+        return ids[ids % self.world == self.rank]
+
+    def _rows(self, gids: torch.Tensor, w: float) -> Batch:
+        mine = self.owned(gids)
+        wt = torch.full((mine.numel(),), w, dtype=self.weight_dtype)
+        if mine.numel() == 0:  # padding row: a stored row (finite data) with weight 0
+            alive = self.owned(self.remaining_ids)
+            mine = (alive if alive.numel() else torch.tensor([self.rank]))[:1]
+            wt = torch.zeros(1, dtype=self.weight_dtype)
+        pos = mine // self.world
+        return (*(t[pos] for t in self.local), wt.to(self.local[0].device))
+
+    def get(self, ids: Sequence[int] | torch.Tensor) -> Batch:
+        """This rank's rows of a request, with weight 1 (a weight-0 padding row if it owns none)."""
+        return self._rows(as_id_tensor(ids), 1.0)
+
+    def get_global(self, ids: Sequence[int] | torch.Tensor) -> Batch:
+        """Rows of ``ids`` without the weight column; only the owned ones can be returned.
+
+        Raises:
+            ValueError: some id is held by another rank.
+        """
+        t = as_id_tensor(ids)
+        if (t % self.world != self.rank).any():
+            raise ValueError(f"rank {self.rank} holds only ids ≡ {self.rank} (mod {self.world})")
+        return tuple(x[t // self.world] for x in self.local)
+
+    # ------------------------------------------------------------------ sampling
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        (gids,) = next(self.index)
+        return self._rows(gids, 1.0 / gids.numel())
+
+    def remaining(self) -> Batch:
+        """This rank's remaining rows with weight ``1/len(self)`` (so ``n·Σ w·h`` is the full-data sum)."""
+        return self._rows(self.remaining_ids, 1.0 / len(self))
+
+    def state_dict(self) -> dict:
+        """The global sampler's state (same on every rank; equals a single-process RemovableDataset's)."""
+        return self.index.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (or a :class:`RemovableDataset`'s state of the same data)."""
+        self.index.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def allreduce_grads(params: Sequence[torch.Tensor], group: Group = None) -> None:
+    """Sum ``p.grad`` over the group with one all-reduce of a flat ``D``-float buffer."""
+    if _group_info(group)[1] == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    _all_reduce(flat, group)
+    off = 0
+    for p, g in zip(params, grads):
+        k = g.numel()
+        if p.grad is None:
+            p.grad = g
+        p.grad.copy_(flat[off : off + k].view_as(g))
+        off += k
+
+
+def distributed_step(
+    model: nn.Module,
+    sampler: torch.optim.Optimizer,
+    batch: Batch,
+    energy: Callable[[nn.Module, Batch, int], torch.Tensor],
+    n: int,
+    group: Group = None,
+) -> None:
+    """One SG-MCMC step on the group's summed energy: local backward, one gradient all-reduce, sampler step.
+
+    ``energy`` must be the rank's share (e.g. :meth:`DistributedUnlearner.energy`); the sampler must draw its
+    noise from a generator seeded identically on every rank.
+    """
+    sampler.zero_grad(set_to_none=False)
+    energy(model, batch, n).backward()
+    allreduce_grads(ParamSpec.params(model), group)
+    sampler.step()
+
+
+def params_in_sync(model: nn.Module, group: Group = None) -> float:
+    """Largest absolute difference between this rank's parameters and the group's maximum/minimum (0: in sync)."""
+    flat = ParamSpec.flatten_module(model)
+    hi = _all_reduce(flat.clone(), group, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    lo = _all_reduce(flat.clone(), group, dist.ReduceOp.MIN if dist.is_initialized() else None)
+    return float((hi - lo).abs().max()) if flat.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- unlearning
+class AllReducedOperator:
+    """``v ↦ Σ_ranks (local operator @ v)``: the Hessian of the group's summed energy from local shards.
+
+    One all-reduce of ``D`` floats per product (``D × k`` for ``k`` right-hand sides).
+    """
+
+    def __init__(self, op: Any, group: Group = None) -> None:
+        self.op, self.group = op, group
+
+    @property
+    def dim(self) -> int:
+        return self.op.dim
+
+    @property
+    def n_products(self) -> int:
+        return self.op.n_products
+
+    def __getattr__(self, name: str) -> Any:  # thetas, n_draws, ...
+        if name == "op":
+            raise AttributeError(name)
+        return getattr(self.op, name)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return _all_reduce((self.op @ v).contiguous(), self.group)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Same as ``self @ v``."""
+        return self @ v
+
+    def dense(self) -> torch.Tensor:
+        """Dense ``[D, D]`` matrix, summed over ranks."""
+        return _all_reduce(self.op.dense().contiguous(), self.group)
+
+
+class DistributedUnlearner(MCMCUnlearner):
+    """:class:`~mcmc_unlearner.unlearner.MCMCUnlearner` over a data-parallel group.
+
+    Every rank constructs it with the same arguments and seeds (parameters, bank and generators identical) and
+    calls :meth:`forget` with the same request and its :class:`ShardedDataset`. Gradients, dense Hessians and
+    Hessian-vector products are all-reduced over ``group``; everything else (draw selection, solver, shift
+    rule) is the inherited single-process algorithm, so every rank computes identical updates.
+
+    Args:
+        model: The model (``nll(batch) -> [B]`` and ``log_prior()``; or pass ``nll=``/``log_prior=``).
+        sampler: The SG-MCMC optimizer (its noise generator must be seeded identically on all ranks).
+        group: Process group of the data-parallel replicas (``None``: the default group).
+        **kwargs: :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` options. A custom ``energy`` is refused
+            (only the ``−log prior + n/|B|·Σ nll`` form can be split across shards), and so is
+            ``solver="lowrank"`` with ``refresh_every > 1`` (its reuse check is not reduced across ranks).
+    """
+
+    def __init__(
+        self, model: nn.Module, sampler: torch.optim.Optimizer | None = None, *, group: Group = None, **kwargs: Any
+    ) -> None:
+        if kwargs.get("energy") is not None:
+            raise ValueError(
+                "DistributedUnlearner cannot split a custom energy across data shards; pass nll= and log_prior= "
+                "(energy = -log prior + n/|B|·Σ nll)"
+            )
+        super().__init__(model, sampler, **kwargs)
+        if self.solver is SolverName.LOWRANK and self.refresh_every > 1:
+            raise ValueError(
+                "DistributedUnlearner: solver='lowrank' with refresh_every > 1 is not supported (its drift check "
+                "runs on one shard); use refresh_every=1 or solver='cg' with precondition_rank"
+            )
+        self.group = group
+        self.group_rank, self.group_size = _group_info(group)
+        self._local_nll = self.nll
+        self.nll = self._weighted_nll
+        self.energy = self._shard_energy
+
+    # ------------------------------------------------------------------ the rank's share of the energy
+    def _weighted_nll(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-row ``w·h`` of a ``(*fields, w)`` batch (padding rows have ``w = 0``)."""
+        return self._local_nll(model, batch[:-1]) * batch[-1]
+
+    def _shard_energy(self, model: nn.Module, batch: Batch, n: int) -> torch.Tensor:
+        """``n·Σ w·h`` (``w = 1/|B_global|``), minus the log prior on group rank 0 only."""
+        data = self._weighted_nll(model, batch).sum() * n
+        if self.log_prior is not None and self.group_rank == 0:
+            return data - self.log_prior(model)
+        return data
+
+    # ------------------------------------------------------------------ reduced building blocks
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(t.contiguous(), self.group)
+
+    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self._reduce(super()._per_draw_grads(f, thetas, batch))
+
+    def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
+        return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
+
+    def _global(self, op: Any) -> Any:
+        if op is None or isinstance(op, (AllReducedOperator, torch.Tensor)):
+            return op
+        return AllReducedOperator(op, self.group)
+
+    def _iterative(self, op: Any, rhs: torch.Tensor, precond: Any = None):
+        return super()._iterative(self._global(op), rhs, precond)
+
+    def _preconditioner(self, op: Any, info: dict[str, Any]):
+        return super()._preconditioner(self._global(op), info)
+
+    @staticmethod
+    def _curvature_batches(remaining: Iterator[Batch], count: int) -> Batch:
+        """``count`` local minibatch shares, padded with weight-0 rows to a common size and stacked."""
+        batches = [_as_batch(next(remaining)) for _ in range(count)]
+        size = max(b[0].shape[0] for b in batches)
+        return stack_batches([_pad(b, size) for b in batches])
+
+    def _chain_draws(self, remaining: Iterator[Batch], n: int) -> torch.Tensor:
+        if self.sampler is None:
+            raise ValueError("expectation='chain' needs the sampler (pass sampler=...)")
+        draws = []
+        for _ in range(self.samp_T):
+            distributed_step(self.model, self.sampler, _as_batch(next(remaining)), self.energy, n, self.group)
+            draws.append(ParamSpec.flatten_module(self.model))
+        self.sampler.zero_grad()
+        return torch.stack(draws)
+
+    # ------------------------------------------------------------------ sampling and requests
+    def step(self, data: ShardedDataset, n: int | None = None) -> None:
+        """One data-parallel sampler step on the next global minibatch of ``data``."""
+        if self.sampler is None:
+            raise ValueError("step() needs the sampler (pass sampler=...)")
+        distributed_step(self.model, self.sampler, next(data), self.energy, len(data) if n is None else n, self.group)
+
+    def remove(
+        self, batch: Batch, remaining: Iterator[Batch], n_remaining: int | None = None, n_removed: int | None = None
+    ) -> RemovalReport:
+        """Forget the rank's share ``(*fields, w)`` of the removed points (``w = 1`` for real rows).
+
+        Every rank of the group must call it together. ``n_removed`` (global count) defaults to the
+        all-reduced number of weight-1 rows.
+        """
+        if n_removed is None:
+            n_removed = round(float(self._reduce((batch[-1] != 0).sum().to(torch.float64))))
+        rescale, self.rescale_lr = self.rescale_lr, False
+        try:
+            report = super().remove(batch, remaining, n_remaining)
+        finally:
+            self.rescale_lr = rescale
+        report.n_removed = n_removed
+        if rescale and self.sampler is not None:
+            scale_lr(self.sampler, (report.n_remaining + n_removed) / report.n_remaining)
+        return report
+
+    def forget(self, ids: Sequence[int] | torch.Tensor, data: ShardedDataset) -> RemovalReport:
+        """Validate global ids (identically on every rank), unlearn them over the group, then remove them.
+
+        On any error (on every rank alike) model, bank, sampler and data are unchanged.
+        """
+        if not isinstance(data, ShardedDataset):
+            raise TypeError("DistributedUnlearner.forget needs a ShardedDataset (see ShardedDataset.from_global)")
+        ids = data.validate(ids)
+        batch = data.get(ids)
+        # finiteness is checked per owner and agreed on, so that every rank refuses together
+        bad = torch.zeros(ids.numel(), dtype=torch.float64)
+        mine = (ids % data.world == data.rank).nonzero().flatten()
+        for t in batch[:-1]:
+            if t.is_floating_point() and mine.numel():
+                rows = t[: mine.numel()].reshape(mine.numel(), -1)
+                bad[mine[~torch.isfinite(rows).all(1).cpu()]] = 1.0
+        self._reduce(bad)
+        if bad.any():
+            raise InvalidRequestError(
+                f"removed data: id(s) {ids[bad > 0][:5].tolist()} have NaN or infinite values; the data must be "
+                "finite to compute its influence: fix or drop those rows"
+            )
+        state = data.state_dict()
+        data.remove(ids)
+        try:
+            return self.remove(batch, data, len(data), n_removed=ids.numel())
+        except BaseException:
+            data.load_state_dict(state)
+            raise
+
+
+def _pad(batch: Batch, size: int) -> Batch:
+    """Pad a ``(*fields, w)`` batch to ``size`` rows by repeating its first row with weight 0."""
+    extra = size - batch[0].shape[0]
+    if extra <= 0:
+        return batch
+    fields = tuple(torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in batch[:-1])
+    return (*fields, torch.cat([batch[-1], batch[-1].new_zeros(extra)]))
+
+
+# ---------------------------------------------------------------------------------------------- ensembles
+def ensemble_groups(chains: int) -> tuple[int, Group, int, int]:
+    """Split the world into ``chains`` independent chains, each a data-parallel group of consecutive ranks.
+
+    Every rank must call it (group creation is collective).
+
+    Returns:
+        ``(chain index, its process group, rank within it, its size)``.
+
+    Raises:
+        ValueError: the world size is not a multiple of ``chains``.
+    """
+    world = dist.get_world_size()
+    if chains < 1 or world % chains:
+        raise ValueError(f"cannot split {world} processes into {chains} equal chains; use a divisor of {world}")
+    per = world // chains
+    mine = None
+    for c in range(chains):
+        g = dist.new_group(ranks=list(range(c * per, (c + 1) * per)))
+        if c == dist.get_rank() // per:
+            mine = g
+    chain = dist.get_rank() // per
+    return chain, mine, dist.get_rank() % per, per
+
+
+def gather_banks(bank: torch.Tensor | None, chains: int, dim: int) -> list[torch.Tensor]:
+    """All-gather every chain's sample bank (``[S_c, D]``; sizes may differ) onto every rank.
+
+    Call on every rank of the world after :func:`ensemble_groups` (ranks of one chain hold identical banks;
+    the chain's first rank is the one read). Tensors only: no pickling.
+    """
+    world = dist.get_world_size()
+    per = world // chains
+    dev = _comm_device(None)
+    local = torch.zeros(0, dim) if bank is None else bank.detach()
+    size = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    rows = max(int(s) for s in sizes)
+    buf = torch.zeros(rows, dim, dtype=local.dtype, device=dev)
+    buf[: local.shape[0]] = local.to(dev)
+    out = [torch.zeros_like(buf) for _ in range(world)]
+    dist.all_gather(out, buf)
+    return [out[c * per][: int(sizes[c * per])].to(local.device) for c in range(chains)]
+
+
+# ---------------------------------------------------------------------------------------------- CLI: forget
+class _Stage:
+    """Where this process is in a distributed request (drives the agreement protocol of :func:`run_forget`)."""
+
+    value = "idle"
+
+
+_STAGE = _Stage()
+
+# agreement codes: every rank contributes one; all must be equal and non-zero to go on
+FAIL, COMPUTE, NOTHING_TO_DO, COMMITTED = 0, 1, 2, 3
+
+
+def agree(code: int, group: Group = None) -> int:
+    """All-gather one integer per rank; return it when all ranks sent the same non-zero code.
+
+    Raises:
+        UnlearningError: some rank failed (sent 0) or the ranks disagree.
+    """
+    if _group_info(group)[1] == 1:
+        return code
+    dev = _comm_device(group)
+    mine = torch.tensor([code], dtype=torch.int64, device=dev)
+    codes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(codes, mine, group=group)
+    vals = [int(c) for c in codes]
+    if code == FAIL:
+        return FAIL
+    failed = [r for r, v in enumerate(vals) if v == FAIL]
+    if failed:
+        raise UnlearningError(f"rank(s) {failed} failed this request (see their error); nothing was changed")
+    if len(set(vals)) != 1:
+        raise UnlearningError(f"ranks disagree on the request's state (codes {vals}); nothing was changed")
+    return code
+
+
+def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset) -> RemovalReport:
+    """``un.forget(ids, data)``, or its data-parallel version when launched by torchrun.
+
+    Under torchrun every rank holds the full loaded model (same folder); the request is computed by a
+    :class:`DistributedUnlearner` on the rank's shard, and the results (parameters, bank, sampler step size,
+    shuffle state, unlearner generator and curvature cache) are written back into ``un`` and ``data``, so the
+    caller commits exactly what a single process would have.
+    """
+    if not launched():
+        return un.forget(ids, data)
+    from .store import unlearner_config
+
+    ctx = init_from_env(backend="gloo")  # the store loads on CPU: the CLI computes there
+    _STAGE.value = "computing"
+    agree(COMPUTE)
+    shard = ShardedDataset.from_removable(data, ctx.rank, ctx.world)
+    dun = DistributedUnlearner(un.model, un.sampler, bank=un.bank, **unlearner_config(un))
+    dun.generator.set_state(un.generator.get_state())
+    dun.load_curvature_state(*un.curvature_state())
+    report = dun.forget(ids, shard)
+    data.load_state_dict(shard.state_dict())
+    un.bank = dun.bank
+    un.generator.set_state(dun.generator.get_state())
+    un.load_curvature_state(*dun.curvature_state())
+    un.history.append(report)
+    _STAGE.value = "computed"
+    return report
+
+
+def _follow_forget(model_dir: str, ids: Sequence[int], request_id: str | None, overrides: dict[str, Any]) -> None:
+    """What ranks other than 0 do for ``forget``: load the folder read-only and join the computation."""
+    from . import ledger as ledger_mod
+    from . import store
+
+    id_list = [int(i) for i in as_id_tensor(ids).tolist()]
+    rid = request_id or ledger_mod.request_id_for(id_list)
+    loaded = store.load_model(model_dir)
+    if any(e.get("request_id") == rid for e in loaded.requests):
+        return  # already applied: rank 0 reports it (and refuses reused ids)
+    un = store.with_config(loaded, dict(overrides))
+    apply_request(un, id_list, loaded.data)
+
+
+def run_forget(
+    forget_fn: Callable[..., Any],
+    model_dir: str,
+    ids: Sequence[int],
+    *,
+    request_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """``mcmc-unlearner forget`` under torchrun: rank 0 runs ``forget_fn`` (lock, recover, load, commit,
+    ledger); the other ranks load the folder read-only and join the collective computation.
+
+    Ranks agree before computing and after rank 0's commit (:func:`agree`), so a failure on any rank makes all
+    ranks fail with nothing written instead of hanging.
+
+    Returns:
+        ``forget_fn``'s result on rank 0, ``None`` on the other ranks.
+    """
+    owner = not dist.is_initialized()
+    ctx = init_from_env(backend="gloo")  # the store loads on CPU: the CLI computes there
+    try:
+        return _run_forget(ctx, forget_fn, model_dir, ids, request_id, dict(overrides or {}))
+    finally:
+        if owner:
+            dist.destroy_process_group()
+
+
+def _run_forget(
+    ctx: DistContext,
+    forget_fn: Callable[..., Any],
+    model_dir: str,
+    ids: Sequence[int],
+    request_id: str | None,
+    overrides: dict[str, Any],
+) -> Any:
+    if ctx.rank == 0:  # roll back a torn request before the followers read the folder
+        from . import store
+
+        with contextlib.suppress(FileNotFoundError, store.StoreError), store.store_lock(model_dir):
+            store.recover(model_dir)
+    dist.barrier()
+    _STAGE.value = "loading"
+    try:
+        if ctx.rank == 0:
+            out = forget_fn(model_dir, ids, request_id=request_id, overrides=overrides)
+        else:
+            out = None
+            _follow_forget(model_dir, ids, request_id, overrides)
+    except BaseException:
+        if _STAGE.value == "loading":
+            agree(FAIL)
+        elif _STAGE.value == "computed":
+            agree(FAIL)  # rank 0's commit failed after the computation
+        _STAGE.value = "idle"
+        raise
+    stage, _STAGE.value = _STAGE.value, "idle"
+    if stage == "loading":  # already applied: nothing computed
+        agree(NOTHING_TO_DO)
+    else:
+        agree(COMMITTED)
+    return out

@@ -1,0 +1,300 @@
+"""Data-parallel sampling and unlearning: 2 gloo processes on CPU must reproduce the single-process run.
+
+The reference is the plain single-process API (``RemovableDataset`` + ``MCMCUnlearner``) with the same seeds;
+the distributed run shards the data over 2 ranks (``ShardedDataset``) and all-reduces gradients, Hessians and
+Hessian-vector products (``DistributedUnlearner``). Agreement is required to 1e-5 relative: an error in the
+sharding (a row counted twice or missed, the prior added twice, a wrong ``n/|B|`` weight, an un-reduced
+product) changes the parameters at the 1e-2 level or more.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from mcmc_unlearner import cli
+from mcmc_unlearner.data import RemovableDataset
+from mcmc_unlearner.datasets import make_gmm_2d
+from mcmc_unlearner.deletion import verify
+from mcmc_unlearner.distributed import (
+    FAIL,
+    DistributedUnlearner,
+    ShardedDataset,
+    agree,
+    ensemble_groups,
+    gather_banks,
+    params_in_sync,
+)
+from mcmc_unlearner.errors import InvalidRequestError, UnlearningError
+from mcmc_unlearner.models.gmm import GaussianMixture
+from mcmc_unlearner.samplers import SGLD, run_chain
+from mcmc_unlearner.store import gmm_data_spec, gmm_model_spec, load_model, save_model
+from mcmc_unlearner.unlearner import MCMCUnlearner
+
+N = 300
+REMOVED = [*range(0, 40, 3), *range(101, 117)]  # 14 + 16 ids, mixed parity
+
+CONFIGS = {
+    # minibatch curvature, CG on the all-reduced HVP operator, one shift for all samples
+    "cg": dict(solver="cg", curvature_draws=4, curvature_data="minibatch", iter_T=60, tol=1e-7, damping=1e-3),
+    # chain draws (distributed sampler steps), dense all-reduced Hessians, full-data Hessian, Gaussian transport
+    "exact": dict(
+        solver="exact", expectation="chain", samp_T=4, hessian="full", bank_shift="affine", curvature_draws=4
+    ),
+}
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = make_gmm_2d(n=N, seed=3)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _run(
+    cfg: str, seed: int, rank: int = 0, world: int = 1, group=None, sharded: bool = False
+) -> dict[str, torch.Tensor]:
+    """SGLD (100 steps, bank of 8), one deletion request, 20 more steps; single-process or data-parallel."""
+    x, y = _data()
+    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(seed), n=N)
+    sampler = SGLD(model.parameters(), lr=5e-4, generator=torch.Generator().manual_seed(seed + 10))
+    if sharded:
+        data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=seed + 20)
+        un = DistributedUnlearner(model, sampler, group=group, **CONFIGS[cfg])
+
+        def steps(k: int) -> None:
+            for _ in range(k):
+                un.step(data)
+    else:
+        data = RemovableDataset(x, y, batch_size=32, seed=seed + 20)
+        un = MCMCUnlearner(model, sampler, **CONFIGS[cfg])
+
+        def steps(k: int) -> None:
+            run_chain(model, sampler, data, un.energy, k, len(data))
+
+    steps(60)
+    for _ in range(8):
+        steps(5)
+        un.collect()
+    before = model.means.detach().clone()
+    report = un.forget(REMOVED, data)
+    after_forget = model.means.detach().clone()
+    steps(20)
+    return {
+        "before": before,
+        "forget": after_forget,
+        "final": model.means.detach().clone(),
+        "bank": un.bank.clone(),
+        "lr": torch.tensor([sampler.param_groups[0]["lr"]], dtype=torch.float64),
+        "n": torch.tensor([report.n_removed, report.n_remaining, len(data)]),
+    }
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for cfg in CONFIGS:
+            res = _run(cfg, seed=0, rank=rank, world=world, sharded=True)
+            save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/{cfg}-rank{rank}.safetensors")
+
+        # a refused request: every rank refuses it, nothing changes, nobody hangs
+        x, y = _data()
+        model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(5), n=N)
+        data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=1)
+        un = DistributedUnlearner(model, bank=torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+        un.forget([1, 2], data)
+        state, bank = data.state_dict(), un.bank.clone()
+        refused = []
+        for bad in ([2, 3], [7, 7], [N + 1]):
+            try:
+                un.forget(bad, data)
+            except InvalidRequestError:
+                refused.append(1)
+        x_nan = x.clone()
+        x_nan[9, 0] = float("nan")
+        data_nan = ShardedDataset.from_global(x_nan, y, rank=rank, world=world, batch_size=32, seed=1)
+        try:
+            un.forget([8, 9], data_nan)  # row 9 lives on rank 1 only: rank 0 must refuse as well
+        except InvalidRequestError:
+            refused.append(1)
+        unchanged = torch.equal(data.state_dict()["alive"], state["alive"]) and torch.equal(un.bank, bank)
+        try:
+            agree(FAIL if rank == 1 else 1)
+            agreed = 0
+        except UnlearningError:
+            agreed = 1
+        if rank == 1:
+            agreed = 1
+        sync = params_in_sync(model)
+        save_file(
+            {"checks": torch.tensor([len(refused), int(unchanged), agreed, int(sync == 0.0)])},
+            f"{out}/checks-rank{rank}.safetensors",
+        )
+
+        # ensemble: 2 independent chains (one rank each), banks gathered on every rank
+        chain, group, _, _ = ensemble_groups(2)
+        res = _run("cg", seed=chain, group=group, sharded=True)  # a one-rank group: rank 0 of 1
+        banks = gather_banks(res["bank"], chains=2, dim=res["bank"].shape[1])
+        save_file({f"bank{c}": b.contiguous() for c, b in enumerate(banks)}, f"{out}/ensemble-rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_two_gloo_ranks_match_single_process(two_ranks, cfg):
+    ref = _run(cfg, seed=0)
+    r0 = load_file(str(two_ranks / f"{cfg}-rank0.safetensors"))
+    r1 = load_file(str(two_ranks / f"{cfg}-rank1.safetensors"))
+    for key in ("before", "forget", "final", "bank"):
+        assert torch.equal(r0[key], r1[key]), f"ranks drifted apart ({key})"  # identical noise and reductions
+        assert _rel(r0[key], ref[key]) < 1e-5, (key, _rel(r0[key], ref[key]))
+    assert torch.allclose(r0["lr"], ref["lr"], rtol=1e-12)  # lr rescaled by n_old/n_new with the global counts
+    assert r0["n"].tolist() == ref["n"].tolist() == [len(REMOVED), N - len(REMOVED), N - len(REMOVED)]
+    # the request did something measurable, so agreement is not trivial
+    assert _rel(ref["forget"], ref["before"]) > 1e-3
+
+
+def test_refused_requests_and_agreement(two_ranks):
+    for rank in (0, 1):
+        checks = load_file(str(two_ranks / f"checks-rank{rank}.safetensors"))["checks"].tolist()
+        assert checks == [4, 1, 1, 1], (rank, checks)
+
+
+def test_ensemble_banks_gathered(two_ranks):
+    refs = [_run("cg", seed=c)["bank"] for c in (0, 1)]
+    for rank in (0, 1):
+        got = load_file(str(two_ranks / f"ensemble-rank{rank}.safetensors"))
+        for c in (0, 1):
+            assert got[f"bank{c}"].shape == refs[c].shape
+            assert _rel(got[f"bank{c}"], refs[c]) < 1e-5
+    assert _rel(refs[0], refs[1]) > 1e-2  # the chains are different
+
+
+def test_sharded_dataset_partitions_global_batches():
+    x, y = _data()
+    ref = RemovableDataset(x, y, batch_size=32, seed=4)
+    shards = [ShardedDataset.from_global(x, y, rank=r, world=3, batch_size=32, seed=4) for r in range(3)]
+    for step in range(25):
+        if step == 10:
+            for d in (ref, *shards):
+                d.remove(REMOVED)
+        bx, _ = next(ref)
+        parts = [next(s) for s in shards]
+        real = torch.cat([p[0][p[-1] > 0] for p in parts])
+        # every row of the global batch on exactly one rank, with weight 1/|B|
+        assert sorted(real[:, 0].tolist()) == sorted(bx[:, 0].tolist())
+        for p in parts:
+            assert torch.all((p[-1] == 0) | (p[-1] == 1.0 / bx.shape[0]))
+    assert all(len(s) == len(ref) == N - len(REMOVED) for s in shards)
+    full = [s.remaining() for s in shards]
+    assert sum(int((f[-1] > 0).sum()) for f in full) == N - len(REMOVED)
+    with pytest.raises(InvalidRequestError, match="already removed"):
+        shards[1].remove(REMOVED[:2])
+    assert len(shards[1]) == N - len(REMOVED)
+
+
+def test_single_rank_distributed_unlearner_equals_core():
+    """Without a process group the distributed path is the core algorithm (same numbers, same report)."""
+    for cfg in CONFIGS:
+        a, b = _run(cfg, seed=2), _run(cfg, seed=2, sharded=True)
+        for key in ("forget", "final", "bank"):
+            assert _rel(b[key], a[key]) < 1e-5, (cfg, key)
+
+
+def test_custom_energy_refused():
+    model = GaussianMixture(k=2, dim=2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="custom energy"):
+        DistributedUnlearner(model, energy=lambda m, b, n: m.nll(b).sum())
+    with pytest.raises(ValueError, match="lowrank"):
+        DistributedUnlearner(model, solver="lowrank", precondition_rank=2, refresh_every=3)
+
+
+# ---------------------------------------------------------------------------------------------- CLI under torchrun
+def _saved_model(path: Path) -> Path:
+    x, y = make_gmm_2d(n=200, seed=1)
+    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(0), n=200)
+    data = RemovableDataset(torch.from_numpy(x), torch.from_numpy(y), batch_size=32, seed=1)
+    sampler = SGLD(model.parameters(), lr=5e-4, generator=torch.Generator().manual_seed(2))
+    un = MCMCUnlearner(model, sampler, solver="exact", curvature_draws=4)
+    run_chain(model, sampler, data, un.energy, 100, 200)
+    for _ in range(10):
+        run_chain(model, sampler, data, un.energy, 3, 200)
+        un.collect()
+    save_model(
+        path,
+        model=model,
+        sampler=sampler,
+        data=data,
+        unlearner=un,
+        model_spec=gmm_model_spec(model),
+        data_spec=gmm_data_spec(200, 1),
+    )
+    return path
+
+
+def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    cmd += ["--master-port", str(port), "-m", "mcmc_unlearner.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_forget_command_under_torchrun(tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m mcmc_unlearner.cli forget` commits what the 1-process command commits."""
+    single = _saved_model(tmp_path / "single")
+    multi = tmp_path / "multi"
+    shutil.copytree(single, multi)
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(map(str, [3, 4, 17, 40, 41, 99, 150])))
+    assert cli.main(["forget", "--model", str(single), "--ids", str(ids)]) == 0
+    capsys.readouterr()
+    run = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], _free_port())
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("applied request") == 1  # rank 0 prints, rank 1 is silent
+    a, b = load_model(single), load_model(multi)
+    assert _rel(b.unlearner.bank, a.unlearner.bank) < 1e-5
+    assert _rel(b.model.means.detach(), a.model.means.detach()) < 1e-5
+    for key, val in a.data.state_dict().items():
+        assert torch.equal(b.data.state_dict()[key], val), key  # removals and shuffle state identical
+    assert b.sampler.param_groups[0]["lr"] == pytest.approx(a.sampler.param_groups[0]["lr"], rel=1e-12)
+    ea, eb = a.requests[-1], b.requests[-1]
+    for key in ("request_id", "ids", "n_removed", "n_remaining", "solver", "iterations", "config"):
+        assert ea[key] == eb[key], key
+    assert verify(multi).ok
+    again = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], _free_port())
+    assert again.returncode == 0 and again.stdout.count("already applied") == 1, again.stderr[-2000:]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("3 5")  # 3 was removed: every rank refuses, nothing is written
+    before = {p.name: p.read_bytes() for p in multi.iterdir() if p.is_file()}
+    refused = _torchrun(["forget", "--model", str(multi), "--ids", str(bad)], _free_port())
+    assert refused.returncode != 0 and "already removed" in refused.stderr
+    assert {p.name: p.read_bytes() for p in multi.iterdir() if p.is_file()} == before
