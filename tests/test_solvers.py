@@ -98,3 +98,16 @@ def test_lowrank_is_saddle_free_newton_on_spiked_indefinite_matrix() -> None:
     # the residual is measured against H itself: nonzero because of the negative directions
     assert res.residual == pytest.approx(float((b - H @ res.x).norm() / b.norm()), rel=1e-9)
     assert not res.converged
+
+
+def test_truncated_cg_stops_at_negative_curvature_with_a_descent_step() -> None:
+    H = torch.diag(torch.tensor([4.0, 1.0, -2.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    res = cg(H, b, tol=1e-12, negative_curvature="truncate")
+    assert res.info["truncated"] and not res.converged
+    # the iterate decreases the quadratic model q(x) = ½xᵀHx − bᵀx below q(0) = 0
+    q = 0.5 * res.x @ H @ res.x - b @ res.x
+    assert q < 0 and torch.isfinite(res.x).all()
+    # on a positive-definite system truncation never triggers and the answer is exact
+    ok = cg(H.abs(), b, tol=1e-12, negative_curvature="truncate")
+    assert not ok.info["truncated"] and torch.allclose(ok.x, b / H.diagonal().abs())

@@ -331,7 +331,7 @@ def distributed_step(
 
 
 def params_in_sync(model: nn.Module, group: Group = None) -> float:
-    """Largest absolute difference between this rank's parameters and the group's maximum/minimum (0: in sync)."""
+    """Largest spread (max − min over the group) of any parameter coordinate; 0.0 when all ranks agree exactly."""
     flat = ParamSpec.flatten_module(model)
     hi = _all_reduce(flat.clone(), group, dist.ReduceOp.MAX if dist.is_initialized() else None)
     lo = _all_reduce(flat.clone(), group, dist.ReduceOp.MIN if dist.is_initialized() else None)

@@ -173,8 +173,13 @@ def cg(
     preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     divergence_tol: float = 10.0,
     callback: Callable[[int, float], None] | None = None,
+    negative_curvature: str = "raise",
 ) -> SolveResult:
     """(Preconditioned) conjugate gradient for ``(H + damping·I) x = b``, columns of ``b`` independent.
+
+    ``negative_curvature="truncate"`` stops at the first direction with ``pᵀHp <= 0`` and returns the current
+    iterate (truncated Newton-CG, Steihaug 1983): every earlier step decreased the quadratic model, so the
+    answer stays a descent step on an indefinite Hessian. ``"raise"`` (default) refuses instead.
 
     With a ``preconditioner`` ``M⁻¹`` (e.g. :meth:`~mcmc_unlearner.curvature.LowRankPreconditioner.solve`)
     the start is ``x₀ = M⁻¹b`` unless ``x0`` is given, so ``max_iter=0`` returns the preconditioner's answer
@@ -198,12 +203,19 @@ def cg(
     rz = (r * z).sum(0)
     res = float((_col_norm(r) / bn).max())
     k = 0
+    truncated = False
+    if negative_curvature not in ("raise", "truncate"):
+        raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
     while res > tol and k < max_iter:
         k += 1
         Ap = A(p)
         pAp = (p * Ap).sum(0)
         active = _col_norm(r) / bn > tol
         if ((pAp <= 0) & active).any():
+            if negative_curvature == "truncate":
+                k -= 1
+                truncated = True
+                break
             raise SolverDivergedError(
                 f"cg met negative curvature (pᵀHp = {float(pAp.min()):.3g}) at iteration {k}; nothing was "
                 f"changed. {hint}"
@@ -225,7 +237,7 @@ def cg(
     _check_finite(x, "cg", hint)
     if not res <= divergence_tol:
         raise SolverDivergedError(f"cg diverged: relative residual {res:.3g}; nothing was changed. {hint}")
-    info = {"damping": damping, "preconditioned": preconditioner is not None}
+    info = {"damping": damping, "preconditioned": preconditioner is not None, "truncated": truncated}
     return SolveResult(x, "cg", k, res, res <= tol, time.perf_counter() - t0, info)
 
 

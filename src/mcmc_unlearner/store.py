@@ -382,6 +382,7 @@ def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
         "refresh_every": int(un.refresh_every),
         "precondition_rank": int(un.precondition_rank),
         "drift_tol": float(un.drift_tol),
+        "negative_curvature": un.negative_curvature,
         "curvature_data": un.curvature_data,
         "rescale_lr": bool(un.rescale_lr),
         "backend": un.backend,

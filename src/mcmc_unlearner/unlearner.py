@@ -188,6 +188,8 @@ class MCMCUnlearner:
             ``iter_T=0`` a request costs one gradient over the bank and one residual check.
         drift_tol: With ``solver="lowrank"``, a reused approximation is rebuilt at once when the request's
             relative residual against the current Hessian exceeds this (the cheap drift check).
+        negative_curvature: With ``solver="cg"``: ``"raise"`` refuses an indefinite Hessian; ``"truncate"``
+            stops CG at the first negative-curvature direction and keeps the iterate (truncated Newton-CG).
         curvature_data: ``"minibatch"``: each curvature draw gets one fresh minibatch of the remaining data;
             ``"full"``: each draw uses every remaining point (needs ``remaining.remaining()``, e.g. a
             :class:`~mcmc_unlearner.data.RemovableDataset`), so only the draws are Monte Carlo;
@@ -222,6 +224,7 @@ class MCMCUnlearner:
         refresh_every: int = 1,
         precondition_rank: int = 0,
         drift_tol: float = 2.0,
+        negative_curvature: str = "raise",
         curvature_data: str = "auto",
         exact_max_dim: int = 2000,
         rescale_lr: bool = True,
@@ -259,6 +262,9 @@ class MCMCUnlearner:
         self.refresh_every = max(1, int(refresh_every))
         self.precondition_rank = int(precondition_rank)
         self.drift_tol = float(drift_tol)
+        if negative_curvature not in ("raise", "truncate"):
+            raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
+        self.negative_curvature = negative_curvature
         if curvature_data not in ("auto", "minibatch", "full"):
             raise ValueError(f"curvature_data must be 'auto', 'minibatch' or 'full', got {curvature_data!r}")
         self.curvature_data = curvature_data
@@ -540,6 +546,7 @@ class MCMCUnlearner:
                 max_iter=self.iter_T,
                 tol=self.tol,
                 preconditioner=precond,
+                negative_curvature=self.negative_curvature,
             )
         return solve(
             SolverName.LISSA,

@@ -723,6 +723,7 @@ def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer,
         precondition_rank=cfg.precondition_rank,
         grad_draws=cfg.grad_draws,
         drift_tol=cfg.drift_tol,
+        negative_curvature="truncate" if cfg.solver == "cg" else "raise",
         # rebuilt only when the drift check fails (lowrank); a stale preconditioner stays correct for cg
         refresh_every=10**6 if cfg.precondition_rank > 0 else 1,
         seed=cfg.seed,
