@@ -145,8 +145,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res = _run("cg", seed=chain, group=group, sharded=True)  # a one-rank group: rank 0 of 1
         banks = gather_banks(res["bank"], chains=2, dim=res["bank"].shape[1])
         save_file({f"bank{c}": b.contiguous() for c, b in enumerate(banks)}, f"{out}/ensemble-rank{rank}.safetensors")
+        dist.barrier()  # tear down together: gloo aborts a process whose peer exits mid-teardown
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's worker threads can abort the process (SIGABRT, "terminate called
+    # without an active exception") while Python tears down; every result is already on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

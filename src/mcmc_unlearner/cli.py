@@ -11,6 +11,7 @@ Thin by design: each subcommand lives next to the code it drives and registers i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -54,5 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``; under torchrun skip interpreter finalisation, during which gloo's worker threads
+    can abort the process (SIGABRT) after the command itself succeeded."""
+    from . import distributed
+
+    if distributed.launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

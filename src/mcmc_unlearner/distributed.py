@@ -404,6 +404,11 @@ class DistributedUnlearner(MCMCUnlearner):
                 "DistributedUnlearner: solver='lowrank' with refresh_every > 1 is not supported (its drift check "
                 "runs on one shard); use refresh_every=1 or solver='cg' with precondition_rank"
             )
+        if self.newton_steps > 1:
+            raise ValueError(
+                "DistributedUnlearner: newton_steps > 1 is not supported (its full-data gradient is not sharded); "
+                "use newton_steps=1"
+            )
         self.group = group
         self.group_rank, self.group_size = _group_info(group)
         self._local_nll = self.nll
@@ -672,7 +677,10 @@ def run_forget(
     owner = not dist.is_initialized()
     ctx = init_from_env(backend="gloo")  # the store loads on CPU: the CLI computes there
     try:
-        return _run_forget(ctx, forget_fn, model_dir, ids, request_id, dict(overrides or {}))
+        out = _run_forget(ctx, forget_fn, model_dir, ids, request_id, dict(overrides or {}))
+        if owner:
+            dist.barrier()  # tear down together: gloo aborts a process whose peer exits mid-teardown
+        return out
     finally:
         if owner:
             dist.destroy_process_group()

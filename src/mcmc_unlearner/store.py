@@ -383,6 +383,7 @@ def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
         "precondition_rank": int(un.precondition_rank),
         "drift_tol": float(un.drift_tol),
         "negative_curvature": un.negative_curvature,
+        "newton_steps": int(un.newton_steps),
         "curvature_data": un.curvature_data,
         "rescale_lr": bool(un.rescale_lr),
         "backend": un.backend,

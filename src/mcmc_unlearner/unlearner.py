@@ -190,6 +190,9 @@ class MCMCUnlearner:
             relative residual against the current Hessian exceeds this (the cheap drift check).
         negative_curvature: With ``solver="cg"``: ``"raise"`` refuses an indefinite Hessian; ``"truncate"``
             stops CG at the first negative-curvature direction and keeps the iterate (truncated Newton-CG).
+        newton_steps: ``1``: the influence step alone. ``k > 1``: ``k − 1`` further Newton corrections
+            ``x ← x − H⁻¹ E_bank[∇F(θ + x, S∖S')]`` on all remaining points, zeroing the sample-averaged
+            remaining-data gradient (the first-moment identity of the new posterior); for large removals.
         curvature_data: ``"minibatch"``: each curvature draw gets one fresh minibatch of the remaining data;
             ``"full"``: each draw uses every remaining point (needs ``remaining.remaining()``, e.g. a
             :class:`~mcmc_unlearner.data.RemovableDataset`), so only the draws are Monte Carlo;
@@ -225,6 +228,7 @@ class MCMCUnlearner:
         precondition_rank: int = 0,
         drift_tol: float = 2.0,
         negative_curvature: str = "raise",
+        newton_steps: int = 1,
         curvature_data: str = "auto",
         exact_max_dim: int = 2000,
         rescale_lr: bool = True,
@@ -265,6 +269,9 @@ class MCMCUnlearner:
         if negative_curvature not in ("raise", "truncate"):
             raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
         self.negative_curvature = negative_curvature
+        if newton_steps < 1:
+            raise ValueError(f"newton_steps must be >= 1, got {newton_steps}")
+        self.newton_steps = int(newton_steps)
         if curvature_data not in ("auto", "minibatch", "full"):
             raise ValueError(f"curvature_data must be 'auto', 'minibatch' or 'full', got {curvature_data!r}")
         self.curvature_data = curvature_data
@@ -435,6 +442,7 @@ class MCMCUnlearner:
         info: dict[str, Any] = {}
         products = 0
         n_curv = c_thetas.shape[0]
+        precond_or_none: Any = None
         if self.solver is SolverName.EXACT:
             A_new, A_old, products, info = self._dense_system(h_f, e_f, c_thetas, batch, remaining)
             M = A_new if self.hessian is HessianKind.REMAINING else A_old
@@ -462,6 +470,7 @@ class MCMCUnlearner:
                 res = self._iterative(op, G, precond)
             res.x = torch.stack([res.x, self._stderr_solve(op, dev, precond)], 1)
             products = op.n_products
+            precond_or_none = precond
         x, x_dev = res.x[:, 0], res.x[:, 1]
         info.update(res.info)
         new_bank = None
@@ -481,6 +490,11 @@ class MCMCUnlearner:
             mu = ref.mean(0)
             new_live = mu + x + (live - mu) @ T.T
             new_bank = mu + x + (self.bank - mu) @ T.T if self.bank is not None else None
+        if self.newton_steps > 1:
+            system = M if self.solver is SolverName.EXACT else op
+            new_live, new_bank = self._newton_corrections(
+                e_f, system, precond_or_none, remaining, new_live, new_bank, info
+            )
         if not torch.isfinite(new_live).all() or (new_bank is not None and not torch.isfinite(new_bank).all()):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         report = RemovalReport(
@@ -558,6 +572,39 @@ class MCMCUnlearner:
             tol=self.tol,
             generator=self.generator,
         )
+
+    def _newton_corrections(
+        self,
+        e_f: Callable,
+        system: Any,
+        precond: Any,
+        remaining: Any,
+        live: torch.Tensor,
+        bank: torch.Tensor | None,
+        info: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Further Newton steps ``x ← x − H⁻¹ E[∇F(θ + x, S∖S')]`` on the whole remaining data.
+
+        At the new posterior ``E_θ[∇F(θ, S∖S')] = 0`` (integration by parts), so each step moves every
+        sample by the same vector to zero the sample-averaged gradient of the remaining-data energy; the
+        Hessian is the one of the first step (reused, not rebuilt).
+        """
+        if not hasattr(remaining, "remaining"):
+            raise ValueError("newton_steps > 1 needs the remaining data as a RemovableDataset (remaining())")
+        full = _as_batch(remaining.remaining())
+        norms = []
+        for _ in range(self.newton_steps - 1):
+            pts = bank if bank is not None else live[None]
+            g = self._per_draw_grads(e_f, pts[_evenly(pts.shape[0], self.grad_draws)], full).mean(0)
+            if isinstance(system, torch.Tensor):
+                dx = solve(SolverName.EXACT, system, -g, damping=self.damping).x
+            else:
+                dx = self._iterative(system, -g, precond).x
+            live = live + dx
+            bank = None if bank is None else bank + dx
+            norms.append(float(dx.norm()))
+        info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
+        return live, bank
 
     def _stderr_solve(self, op: Any, dev: torch.Tensor, precond: Any) -> torch.Tensor:
         """``H⁻¹·dev`` for the Monte-Carlo error bar: the preconditioner's answer when there is one (no extra
