@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if distributed.launched() and distributed.env_rank() != 0 and args.command in ("status", "verify"):
         return 0  # read-only commands under torchrun: rank 0 answers
+    if distributed.launched() and args.command in ("demo", "bnn"):
+        # the experiments are single-process: rank 0 runs them, the other ranks would only duplicate the work
+        if distributed.env_rank() != 0:
+            return 0
+        print(f"mcmc-unlearner {args.command}: single-process experiment; running on rank 0 only", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except (UnlearningError, FileNotFoundError, ValueError) as exc:
