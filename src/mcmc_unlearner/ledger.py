@@ -149,7 +149,7 @@ def append_entry(
     finally:
         os.close(fd)
     if not existed:
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
     return line_sha256(line), line
 
 
@@ -163,7 +163,8 @@ def truncate_ledger(path: str | os.PathLike, size: int) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename or new file in it survives a crash (no-op where unsupported)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds

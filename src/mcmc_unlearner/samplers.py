@@ -22,7 +22,34 @@ def _noise(p: torch.Tensor, std: float, generator: torch.Generator | None) -> to
     return torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) * std
 
 
-class SGLD(Optimizer):
+class _SGMCMC(Optimizer):
+    """Shared shape of the samplers: validated ``lr``, an optional noise generator, and a ``step`` that
+    applies the integrator's :meth:`_update` to every parameter that has a gradient."""
+
+    def __init__(self, params: Iterable, defaults: dict, generator: torch.Generator | None) -> None:
+        if not defaults["lr"] > 0:
+            raise ValueError(f"{type(self).__name__}: lr must be positive, got {defaults['lr']!r}")
+        super().__init__(params, defaults)
+        self.generator = generator
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Take one step using the gradients stored in ``p.grad`` (``closure`` re-evaluates the energy)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+
+class SGLD(_SGMCMC):
     """Stochastic-gradient Langevin dynamics (Welling & Teh, 2011).
 
     Update: ``θ ← θ − lr·∇F(θ) + N(0, 2·lr)``. Its stationary law is ``exp(−F)`` as ``lr → 0``.
@@ -34,29 +61,14 @@ class SGLD(Optimizer):
     """
 
     def __init__(self, params: Iterable, lr: float, generator: torch.Generator | None = None) -> None:
-        if not lr > 0:
-            raise ValueError(f"SGLD: lr must be positive, got {lr!r}")
-        super().__init__(params, {"lr": lr})
-        self.generator = generator
+        super().__init__(params, {"lr": lr}, generator)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Take one Langevin step using the gradients stored in ``p.grad``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = group["lr"]
-            std = math.sqrt(2.0 * lr)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.add_(p.grad, alpha=-lr).add_(_noise(p, std, self.generator))
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        lr = group["lr"]
+        p.add_(p.grad, alpha=-lr).add_(_noise(p, math.sqrt(2.0 * lr), self.generator))
 
 
-class SGHMC(Optimizer):
+class SGHMC(_SGMCMC):
     """Stochastic-gradient Hamiltonian Monte Carlo (Chen, Fox & Guestrin, 2014), seed parameterisation.
 
     On the first step the velocity is drawn ``v ~ N(0, lr)`` and added: ``θ ← θ + v``. Afterwards
@@ -73,35 +85,20 @@ class SGHMC(Optimizer):
     def __init__(
         self, params: Iterable, lr: float, alpha: float = 0.9, generator: torch.Generator | None = None
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"SGHMC: lr must be positive, got {lr!r}")
         if not 0 < alpha <= 1:
             raise ValueError(f"SGHMC: alpha must lie in (0, 1], got {alpha!r}")
-        super().__init__(params, {"lr": lr, "alpha": alpha})
-        self.generator = generator
+        super().__init__(params, {"lr": lr, "alpha": alpha}, generator)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Take one SGHMC step using the gradients stored in ``p.grad``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, alpha = group["lr"], group["alpha"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    v = _noise(p, math.sqrt(lr), self.generator)
-                    state["momentum_buffer"] = v
-                else:
-                    v = state["momentum_buffer"]
-                    v.mul_(1.0 - alpha).add_(p.grad, alpha=-lr)
-                    v.add_(_noise(p, math.sqrt(2.0 * alpha * lr), self.generator))
-                p.add_(v)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        lr, alpha = group["lr"], group["alpha"]
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            v = state["momentum_buffer"] = _noise(p, math.sqrt(lr), self.generator)
+        else:
+            v = state["momentum_buffer"]
+            v.mul_(1.0 - alpha).add_(p.grad, alpha=-lr)
+            v.add_(_noise(p, math.sqrt(2.0 * alpha * lr), self.generator))
+        p.add_(v)
 
 
 def scale_lr(optimizer: Optimizer, factor: float) -> None:

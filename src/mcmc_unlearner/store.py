@@ -133,19 +133,6 @@ def phase(name: str) -> None:
         time.sleep(_pause_for(name))
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, hook: str | None = None) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync the folder.
 
@@ -175,7 +162,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, hook: str | None
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(p.parent)
+    ledger_mod.fsync_dir(p.parent)
 
 
 def _sha256(data: bytes) -> str:
@@ -750,7 +737,7 @@ def save_model(
             if not overwrite:
                 raise StoreError(f"{root} already holds a saved model; choose another folder (or overwrite=True)")
             (root / MANIFEST_NAME).unlink()  # first: a crash from here on leaves "no saved model"
-            _fsync_dir(root)
+            ledger_mod.fsync_dir(root)
         for p in root.iterdir():
             if p.name in (ledger_mod.LEDGER_NAME, DATA_FILE) or _is_state_file(p.name) or ".tmp-" in p.name:
                 p.unlink()
@@ -954,5 +941,5 @@ def recover(path: str | os.PathLike) -> dict[str, Any]:
                 p.unlink()
                 removed.append(p.name)
     if removed:
-        _fsync_dir(root)
+        ledger_mod.fsync_dir(root)
     return {"rolled_back": rolled, "removed_files": removed}
