@@ -9,7 +9,7 @@ saddle-free low-rank solver on full-data curvature (``curvature_data="full"``: e
 remaining point, so the Hessian-vector products dominate and split across shards). Timings are rank 0's wall
 time between barriers. The request's parameters are compared with the 1-process run (relative difference:
 floating-point summation order only). Communication volume per request is counted from the algorithm
-(see ``docs/distributed.md``) and reported next to the timings.
+(see the README section "Beyond one machine") and reported next to the timings.
 """
 
 from __future__ import annotations
