@@ -273,13 +273,14 @@ def top_eigenvalue(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     tol: float = 1e-3,
+    device: torch.device | str | None = None,
 ) -> float:
     """Largest-magnitude eigenvalue of a symmetric operator by power iteration.
 
     Returns the Rayleigh quotient after at most ``iters`` products (stops early when it changes by
     less than ``tol`` relative).
     """
-    v = torch.randn(dim, generator=generator, dtype=dtype)
+    v = torch.randn(dim, generator=generator, dtype=dtype).to(device)  # CPU generator, then the device
     v /= v.norm()
     lam = 0.0
     for _ in range(iters):
@@ -301,6 +302,7 @@ def lanczos(
     k: int,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` steps of Lanczos with full re-orthogonalisation on a symmetric operator.
 
@@ -308,9 +310,9 @@ def lanczos(
         Ritz values ``[m]`` (ascending) and Ritz vectors ``[D, m]``, ``m <= k`` (fewer on breakdown).
     """
     k = min(k, dim)
-    Q = torch.zeros(dim, k, dtype=dtype)
+    Q = torch.zeros(dim, k, dtype=dtype, device=device)
     alphas, betas = [], []
-    q = torch.randn(dim, generator=generator, dtype=dtype)
+    q = torch.randn(dim, generator=generator, dtype=dtype).to(device)
     q /= q.norm()
     beta = 0.0
     m = 0
@@ -333,7 +335,7 @@ def lanczos(
         off = torch.tensor(betas[: m - 1], dtype=torch.float64)
         T += torch.diag(off, 1) + torch.diag(off, -1)
     evals, S = torch.linalg.eigh(T)
-    return evals.to(dtype), Q[:, :m] @ S.to(dtype)
+    return evals.to(dtype=dtype, device=Q.device), Q[:, :m] @ S.to(dtype=dtype, device=Q.device)
 
 
 class LowRankPreconditioner:
@@ -359,13 +361,14 @@ class LowRankPreconditioner:
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
         absolute: bool = False,
+        device: torch.device | str | None = None,
     ) -> LowRankPreconditioner:
         """Run ``rank`` Lanczos steps and ``probes`` Hutchinson products on ``matvec``.
 
         With ``absolute`` the Ritz values enter as ``|λ|`` (the saddle-free Newton metric of Dauphin et al.,
         2014, for indefinite Hessians such as a neural network's); otherwise non-positive ones are dropped.
         """
-        evals, vecs = lanczos(matvec, dim, rank, generator, dtype)
+        evals, vecs = lanczos(matvec, dim, rank, generator, dtype, device)
         if absolute:
             evals = evals.abs()
         else:
@@ -374,7 +377,7 @@ class LowRankPreconditioner:
         # Hutchinson on the deflated operator (I − UUᵀ)H(I − UUᵀ), as a ratio Σ zᵀHz / Σ zᵀz: only the bulk
         num = den = 0.0
         for _ in range(probes):
-            z = torch.randint(0, 2, (dim,), generator=generator).to(dtype) * 2 - 1
+            z = (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype=dtype, device=vecs.device)
             z = z - vecs @ (vecs.T @ z)
             num += float(z @ matvec(z))
             den += float(z @ z)

@@ -120,7 +120,9 @@ def lissa(
     Hd = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
     info: dict[str, Any] = {}
     if scaling == "auto":
-        lam = top_eigenvalue(lambda v: Hd(v), b.shape[0], iters=power_iters, generator=generator, dtype=b.dtype)
+        lam = top_eigenvalue(
+            lambda v: Hd(v), b.shape[0], iters=power_iters, generator=generator, dtype=b.dtype, device=b.device
+        )
         if not lam > 0:
             raise SolverDivergedError(
                 f"lissa: the top eigenvalue estimate of the Hessian is {lam:.3g} (not positive); LiSSA needs a "

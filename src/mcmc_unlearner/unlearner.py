@@ -543,6 +543,7 @@ class MCMCUnlearner:
                 generator=self.generator,
                 dtype=op.thetas.dtype if hasattr(op, "thetas") else torch.float32,
                 absolute=lowrank,
+                device=op.thetas.device if hasattr(op, "thetas") else None,
             )
             self._precond_age = 1
         info["preconditioner_reused"] = reused
