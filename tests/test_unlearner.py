@@ -161,10 +161,17 @@ def test_bad_requests_leave_everything_bit_identical(blr, case: str) -> None:
     if case == "nan":
         data.tensors[0][7, 1] = float("nan")
     err = SolverDivergedError if case.startswith("diverge") else InvalidRequestError
+    curvature_before = un.curvature_state()
+    generator_before = un.generator.get_state()
     with pytest.raises(err):
         un.forget(ids, data)
     _assert_same(before, _state(model, opt, un, data))
     assert un.history == []
+    # cached curvature and the unlearner's generator are restored too: the next request is unaffected
+    after_t, after_m = un.curvature_state()
+    assert after_m == curvature_before[1] and after_t.keys() == curvature_before[0].keys()
+    assert all(torch.equal(after_t[k], curvature_before[0][k]) for k in after_t)
+    assert torch.equal(un.generator.get_state(), generator_before)
 
 
 def test_preconditioned_cg_reuses_curvature_across_requests(blr) -> None:
@@ -227,3 +234,30 @@ def test_newton_steps_converge_to_the_new_mode_of_a_nonlinear_posterior() -> Non
         assert report.converged
     assert errors[1] > 0.02  # one step is not exact on this nonlinear problem
     assert errors[4] < 0.05 * errors[1]
+
+
+def test_failure_after_curvature_update_restores_the_cache(blr, monkeypatch) -> None:
+    """A request that fails late (after the dense Hessian cache was updated) leaves the cache as it was."""
+    import mcmc_unlearner.unlearner as unlearner_mod
+
+    def run(fail_once: bool) -> torch.Tensor:
+        model, opt, data = _setup(blr, "sgld")
+        un = MCMCUnlearner(model, opt, solver="exact", bank_shift="affine", refresh_every=5, curvature_draws=4)
+        un.bank = run_chain(model, opt, data, un.energy, 40, len(data), keep_every=2)
+        un.forget(blr.removed[:10], data)
+        if fail_once:
+            state = un.curvature_state()
+            with monkeypatch.context() as mp:
+
+                def boom(*a, **k):
+                    raise SolverDivergedError("injected failure after the cache update")
+
+                mp.setattr(unlearner_mod, "_sym_pow", boom)
+                with pytest.raises(SolverDivergedError, match="injected"):
+                    un.forget(blr.removed[10:20], data)
+            assert un.curvature_state()[1] == state[1]
+            assert torch.equal(un.curvature_state()[0]["cache"], state[0]["cache"])
+        un.forget(blr.removed[10:20], data)
+        return un.bank
+
+    assert torch.equal(run(True), run(False))

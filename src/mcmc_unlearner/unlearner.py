@@ -384,11 +384,14 @@ class MCMCUnlearner:
         if expectation is Expectation.BANK and self.bank is None:
             raise ValueError("expectation='bank' needs a sample bank: call collect() while sampling or pass bank=")
         snap = self._snapshot() if expectation is Expectation.CHAIN else None
+        cached = (self._cache, self._cache_age, self._precond, self._precond_age, self.generator.get_state())
         try:
             report, new_live, new_bank = self._influence(batch, remaining, n, expectation)
         except BaseException:
             if snap is not None:
                 self._restore(snap)
+            self._cache, self._cache_age, self._precond, self._precond_age = cached[:4]
+            self.generator.set_state(cached[4])
             raise
         # commit: nothing above touched the model except chain draws (kept on success)
         ParamSpec.assign(self.model, new_live)
