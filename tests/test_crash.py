@@ -18,15 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from mcmc_unlearner import SGHMC, MCMCUnlearner, RemovableDataset
-from mcmc_unlearner.datasets import make_gmm_2d
+from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner.deletion import forget, verify
 from mcmc_unlearner.ledger import request_id_for
-from mcmc_unlearner.models.gmm import GaussianMixture
-from mcmc_unlearner.samplers import run_chain
-from mcmc_unlearner.store import gmm_data_spec, gmm_model_spec, load_model, save_model
+from mcmc_unlearner.store import load_model
 
 pytestmark = [pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL and flock"), pytest.mark.slow]
 
@@ -48,24 +44,7 @@ AFTER_COMMIT = ["committed"]
 
 
 def _make(path: Path) -> None:
-    x, y = make_gmm_2d(n=N, seed=1)
-    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(0), n=N)
-    data = RemovableDataset(torch.from_numpy(x), torch.from_numpy(y), batch_size=32, seed=1)
-    sampler = SGHMC(model.parameters(), lr=1e-3, alpha=0.5, generator=torch.Generator().manual_seed(2))
-    un = MCMCUnlearner(model, sampler, solver="exact", curvature_draws=4)
-    run_chain(model, sampler, data, un.energy, 150, N)
-    for _ in range(10):
-        run_chain(model, sampler, data, un.energy, 3, N)
-        un.collect()
-    save_model(
-        path,
-        model=model,
-        sampler=sampler,
-        data=data,
-        unlearner=un,
-        model_spec=gmm_model_spec(model),
-        data_spec=gmm_data_spec(N, 1),
-    )
+    save_gmm(path, tiny_gmm(bank=10))
 
 
 def _kill_at(model: Path, ids_file: Path, target: str | float, rng: random.Random) -> str:

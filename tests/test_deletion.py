@@ -10,40 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcmc_unlearner import SGHMC, InvalidRequestError, MCMCUnlearner, RemovableDataset
+from conftest import save_gmm, tiny_gmm
+from mcmc_unlearner import InvalidRequestError, RemovableDataset
 from mcmc_unlearner.cli import main
 from mcmc_unlearner.curvature import ParamSpec
-from mcmc_unlearner.datasets import make_gmm_2d
 from mcmc_unlearner.deletion import forget, parse_ids, status, verify
-from mcmc_unlearner.models.gmm import GaussianMixture
-from mcmc_unlearner.samplers import run_chain
-from mcmc_unlearner.store import MANIFEST_NAME, gmm_data_spec, gmm_model_spec, load_model, save_model
+from mcmc_unlearner.store import MANIFEST_NAME, load_model
 
 N = 200
 
 
 def tiny(seed: int = 0, refresh_every: int = 1):
     """A short SGHMC chain on 200 GMM points with a 20-sample bank."""
-    x, y = make_gmm_2d(n=N, seed=1)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(seed), n=N)
-    data = RemovableDataset(x, y, batch_size=32, seed=seed + 1)
-    sampler = SGHMC(model.parameters(), lr=1e-3, alpha=0.5, generator=torch.Generator().manual_seed(seed + 2))
-    un = MCMCUnlearner(model, sampler, solver="exact", curvature_draws=4, refresh_every=refresh_every)
-    run_chain(model, sampler, data, un.energy, 150, N)
-    for _ in range(20):
-        run_chain(model, sampler, data, un.energy, 3, N)
-        un.collect()
-    return model, sampler, data, un
+    return tiny_gmm(seed, refresh_every=refresh_every)
 
 
 def save(path: Path, objs, data_spec=None) -> Path:
-    model, sampler, data, un = objs
-    spec = data_spec or gmm_data_spec(N, 1)
-    save_model(
-        path, model=model, sampler=sampler, data=data, unlearner=un, model_spec=gmm_model_spec(model), data_spec=spec
-    )
-    return path
+    return save_gmm(path, objs, data_spec)
 
 
 @pytest.fixture(scope="module")

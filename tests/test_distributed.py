@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner import cli
 from mcmc_unlearner.data import RemovableDataset
 from mcmc_unlearner.datasets import make_gmm_2d
@@ -38,7 +39,7 @@ from mcmc_unlearner.distributed import (
 from mcmc_unlearner.errors import InvalidRequestError, UnlearningError
 from mcmc_unlearner.models.gmm import GaussianMixture
 from mcmc_unlearner.samplers import SGLD, run_chain
-from mcmc_unlearner.store import gmm_data_spec, gmm_model_spec, load_model, save_model
+from mcmc_unlearner.store import load_model
 from mcmc_unlearner.unlearner import MCMCUnlearner
 
 N = 300
@@ -243,25 +244,7 @@ def test_custom_energy_refused():
 
 # ---------------------------------------------------------------------------------------------- CLI under torchrun
 def _saved_model(path: Path) -> Path:
-    x, y = make_gmm_2d(n=200, seed=1)
-    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(0), n=200)
-    data = RemovableDataset(torch.from_numpy(x), torch.from_numpy(y), batch_size=32, seed=1)
-    sampler = SGLD(model.parameters(), lr=5e-4, generator=torch.Generator().manual_seed(2))
-    un = MCMCUnlearner(model, sampler, solver="exact", curvature_draws=4)
-    run_chain(model, sampler, data, un.energy, 100, 200)
-    for _ in range(10):
-        run_chain(model, sampler, data, un.energy, 3, 200)
-        un.collect()
-    save_model(
-        path,
-        model=model,
-        sampler=sampler,
-        data=data,
-        unlearner=un,
-        model_spec=gmm_model_spec(model),
-        data_spec=gmm_data_spec(200, 1),
-    )
-    return path
+    return save_gmm(path, tiny_gmm(bank=10, burn=100, sampler="sgld", lr=5e-4))
 
 
 def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcmc_unlearner import SGHMC, MCMCUnlearner, RemovableDataset
+from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner.cli import main
-from mcmc_unlearner.datasets import make_gmm_2d
 from mcmc_unlearner.deletion import forget, verify
 from mcmc_unlearner.ledger import (
     GENESIS,
@@ -22,9 +21,7 @@ from mcmc_unlearner.ledger import (
     read_ledger,
     request_id_for,
 )
-from mcmc_unlearner.models.gmm import GaussianMixture
-from mcmc_unlearner.samplers import run_chain
-from mcmc_unlearner.store import StoreError, gmm_data_spec, gmm_model_spec, load_model, recover, save_model, store_lock
+from mcmc_unlearner.store import StoreError, load_model, recover, store_lock
 
 N = 200
 
@@ -32,26 +29,9 @@ N = 200
 @pytest.fixture(scope="module")
 def applied(tmp_path_factory) -> Path:
     """A tiny saved GMM with three applied requests."""
-    x, y = make_gmm_2d(n=N, seed=1)
-    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(0), n=N)
-    data = RemovableDataset(torch.from_numpy(x), torch.from_numpy(y), batch_size=32, seed=1)
-    sampler = SGHMC(model.parameters(), lr=1e-3, alpha=0.5, generator=torch.Generator().manual_seed(2))
-    un = MCMCUnlearner(model, sampler, solver="exact", curvature_draws=4)
-    run_chain(model, sampler, data, un.energy, 150, N)
-    for _ in range(10):
-        run_chain(model, sampler, data, un.energy, 3, N)
-        un.collect()
-    data.remove([0])  # removed before saving: recorded in the save entry
-    path = tmp_path_factory.mktemp("ledger") / "m"
-    save_model(
-        path,
-        model=model,
-        sampler=sampler,
-        data=data,
-        unlearner=un,
-        model_spec=gmm_model_spec(model),
-        data_spec=gmm_data_spec(N, 1),
-    )
+    objs = tiny_gmm(bank=10)
+    objs[2].remove([0])  # removed before saving: recorded in the save entry
+    path = save_gmm(tmp_path_factory.mktemp("ledger") / "m", objs)
     for ids in ([1, 2], [10, 11, 12], [40]):
         forget(path, ids)
     return path

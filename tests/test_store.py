@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner import SGHMC, MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.curvature import ParamSpec
-from mcmc_unlearner.datasets import make_gmm_2d
-from mcmc_unlearner.models.gmm import GaussianMixture
 from mcmc_unlearner.samplers import run_chain
 from mcmc_unlearner.store import (
     MANIFEST_NAME,
@@ -31,34 +30,9 @@ from mcmc_unlearner.store import (
 N = 200
 
 
-def tiny_gmm(seed: int = 0, solver: str = "exact", refresh_every: int = 1):
-    """A short SGHMC chain on 200 GMM points with a 20-sample bank (about 0.5 s)."""
-    x, y = make_gmm_2d(n=N, seed=1)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(seed), n=N)
-    data = RemovableDataset(x, y, batch_size=32, seed=seed + 1)
-    sampler = SGHMC(model.parameters(), lr=1e-3, alpha=0.5, generator=torch.Generator().manual_seed(seed + 2))
-    un = MCMCUnlearner(model, sampler, solver=solver, curvature_draws=4, refresh_every=refresh_every)
-    run_chain(model, sampler, data, un.energy, 150, N)
-    for _ in range(20):
-        run_chain(model, sampler, data, un.energy, 3, N)
-        un.collect()
-    return model, sampler, data, un
-
-
 def save_tiny(path: Path, **kw) -> tuple:
     objs = tiny_gmm(**kw)
-    model, sampler, data, un = objs
-    save_model(
-        path,
-        model=model,
-        sampler=sampler,
-        data=data,
-        unlearner=un,
-        model_spec=gmm_model_spec(model),
-        data_spec=gmm_data_spec(N, 1),
-        extra={"note": "test"},
-    )
+    save_gmm(path, objs, extra={"note": "test"})
     return objs
 
 
