@@ -194,7 +194,10 @@ def cg(
     t0 = time.perf_counter()
     A = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
     M = preconditioner or (lambda v: v)
-    hint = "increase damping (the Hessian must be positive definite for cg) or use solver='exact'"
+    hint = (
+        "increase damping (the Hessian must be positive definite for cg), pass negative_curvature='truncate' "
+        "(truncated Newton-CG), or use solver='exact'"
+    )
     bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
     if x0 is None and preconditioner is not None:
         x0 = M(b)

@@ -168,7 +168,7 @@ class MCMCUnlearner:
         bank: Stored posterior samples ``[S, D]`` (flat parameters, see :meth:`collect`).
         solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"lowrank"`` (saddle-free step on a reused Lanczos
             approximation; needs ``precondition_rank``) or ``"auto"`` (exact up to ``exact_max_dim``
-            parameters, else lowrank with rank 20).
+            parameters, else cg with a rank-20 Lanczos preconditioner).
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"mean"``, ``"sample"`` or ``"affine"`` (see module docstring).
@@ -247,8 +247,8 @@ class MCMCUnlearner:
         self.energy = energy or self._default_energy
         self.bank = None if bank is None else bank.detach().clone()
         if solver == "auto":
-            solver = SolverName.EXACT if self.spec.dim <= exact_max_dim else SolverName.LOWRANK
-            if solver is SolverName.LOWRANK and precondition_rank <= 0:
+            solver = SolverName.EXACT if self.spec.dim <= exact_max_dim else SolverName.CG
+            if solver is SolverName.CG and precondition_rank <= 0:
                 precondition_rank = 20
         self.solver = SolverName(solver)
         self.expectation = None if expectation is None else Expectation(expectation)
