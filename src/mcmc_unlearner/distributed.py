@@ -404,6 +404,8 @@ class DistributedUnlearner(MCMCUnlearner):
                 "DistributedUnlearner: solver='lowrank' with refresh_every > 1 is not supported (its drift check "
                 "runs on one shard); use refresh_every=1 or solver='cg' with precondition_rank"
             )
+        if self.solver is SolverName.KFAC:
+            raise ValueError("DistributedUnlearner: solver='kfac' is not supported (its factors are not sharded)")
         if self.newton_steps > 1:
             raise ValueError(
                 "DistributedUnlearner: newton_steps > 1 is not supported (its full-data gradient is not sharded); "

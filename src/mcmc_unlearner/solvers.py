@@ -9,6 +9,8 @@ matrix, or a stochastic operator); ``b`` is ``[D]`` or ``[D, k]`` (several right
   iteration. Works with stochastic operators (each product may use fresh samples).
 * ``cg`` — conjugate gradient (Hestenes & Stiefel) on a fixed symmetric positive-definite operator.
 * ``exact`` — dense ``torch.linalg.solve`` (Cholesky when possible), for up to a few thousand parameters.
+* ``kfac`` — ``K⁻¹ b`` for the Kronecker-factored curvature of a classifier (:class:`~mcmc_unlearner.kfac.KFAC`),
+  built once and reused; the residual is measured against ``H``.
 * ``lowrank`` — ``P⁻¹ b`` for a low-rank-plus-scalar approximation ``P = U|Λ|Uᵀ + c(I − UUᵀ)`` of ``H`` built
   by Lanczos (:class:`~mcmc_unlearner.curvature.LowRankPreconditioner`): a saddle-free Newton step that stays
   well defined when ``H`` is indefinite, and costs ``O(Dk)`` once ``P`` exists (reused across requests).
@@ -40,6 +42,7 @@ class SolverName(str, Enum):
     CG = "cg"
     EXACT = "exact"
     LOWRANK = "lowrank"
+    KFAC = "kfac"
 
 
 @dataclass
@@ -275,9 +278,15 @@ def exact(H: Any, b: torch.Tensor, damping: float = 0.0, divergence_tol: float =
 
 
 def lowrank(
-    H: Any, b: torch.Tensor, preconditioner: Any, divergence_tol: float = 10.0, tol: float = 1e-4
+    H: Any,
+    b: torch.Tensor,
+    preconditioner: Any,
+    divergence_tol: float = 10.0,
+    tol: float = 1e-4,
+    name: str = "lowrank",
 ) -> SolveResult:
-    """``x = P⁻¹ b`` with ``P`` a :class:`~mcmc_unlearner.curvature.LowRankPreconditioner` of ``H``.
+    """``x = P⁻¹ b`` with ``P`` an approximation of ``H`` that has ``.solve`` (used for ``lowrank``: a
+    :class:`~mcmc_unlearner.curvature.LowRankPreconditioner`, and ``kfac``: a :class:`~mcmc_unlearner.kfac.KFAC`).
 
     The reported residual is measured against ``H`` itself (one product), so it shows how far the saddle-free
     step is from a Newton step; it is large when ``b`` has weight on negative-curvature directions.
@@ -288,12 +297,12 @@ def lowrank(
     t0 = time.perf_counter()
     x = preconditioner.solve(b)
     hint = "raise the Lanczos rank (precondition_rank) or add damping"
-    _check_finite(x, "lowrank", hint)
+    _check_finite(x, name, hint)
     res = _rel_residual(H, x, b)
     if not res <= divergence_tol:
-        raise SolverDivergedError(f"lowrank: relative residual {res:.3g}; nothing was changed. {hint}")
-    info = {"rank": int(preconditioner.U.shape[1]), "bulk": preconditioner.c}
-    return SolveResult(x, "lowrank", 0, res, res <= tol, time.perf_counter() - t0, info)
+        raise SolverDivergedError(f"{name}: relative residual {res:.3g}; nothing was changed. {hint}")
+    info = {"rank": int(preconditioner.U.shape[1]), "bulk": preconditioner.c} if hasattr(preconditioner, "U") else {}
+    return SolveResult(x, name, 0, res, res <= tol, time.perf_counter() - t0, info)
 
 
 def solve(name: SolverName | str, H: Any, b: torch.Tensor, **options: Any) -> SolveResult:
@@ -302,5 +311,7 @@ def solve(name: SolverName | str, H: Any, b: torch.Tensor, **options: Any) -> So
         key = SolverName(name)
     except ValueError:
         raise ValueError(f"unknown solver {name!r}; choose one of {[s.value for s in SolverName]}") from None
+    if key is SolverName.KFAC:
+        return lowrank(H, b, name="kfac", **options)
     fn = {SolverName.LISSA: lissa, SolverName.CG: cg, SolverName.EXACT: exact, SolverName.LOWRANK: lowrank}[key]
     return fn(H, b, **options)

@@ -41,6 +41,7 @@ from torch.func import grad, jacrev, vmap
 
 from .curvature import LowRankPreconditioner, ParamSpec, SampleAveragedHessian, functionalize, stack_batches
 from .errors import InvalidRequestError, SolverDivergedError
+from .kfac import KFAC
 from .samplers import scale_lr
 from .solvers import SolveResult, SolverName, solve
 
@@ -167,8 +168,9 @@ class MCMCUnlearner:
             ``-log_prior + n/|B|·Σ nll``.
         bank: Stored posterior samples ``[S, D]`` (flat parameters, see :meth:`collect`).
         solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"lowrank"`` (saddle-free step on a reused Lanczos
-            approximation; needs ``precondition_rank``) or ``"auto"`` (exact up to ``exact_max_dim``
-            parameters, else cg with a rank-20 Lanczos preconditioner).
+            approximation; needs ``precondition_rank``), ``"kfac"`` (Kronecker-factored curvature of a
+            classifier with a Gaussian prior ``model.prior_std``, built once and reused) or ``"auto"``
+            (exact up to ``exact_max_dim`` parameters, else cg with a rank-20 Lanczos preconditioner).
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"mean"``, ``"sample"`` or ``"affine"`` (see module docstring).
@@ -281,7 +283,8 @@ class MCMCUnlearner:
         self.history: list[RemovalReport] = []
         self._cache: torch.Tensor | None = None  # dense remaining-data Hessian after the last request
         self._cache_age = 0
-        self._precond: LowRankPreconditioner | None = None
+        self._precond: LowRankPreconditioner | KFAC | None = None
+        self._request_n = 0  # remaining points of the request being processed (scales cached K-FAC factors)
         self._precond_age = 0
 
     # ------------------------------------------------------------------ energies
@@ -460,10 +463,12 @@ class MCMCUnlearner:
                 op = SampleAveragedHessian(e_f, c_thetas, stacked, backend=self.backend)
             if self.hessian is HessianKind.FULL:
                 op = op + SampleAveragedHessian(h_f, c_thetas, batch, shared_args=True, backend=self.backend)
-            precond = self._preconditioner(op, info) if self.solver in (SolverName.CG, SolverName.LOWRANK) else None
-            if self.solver is SolverName.LOWRANK and info["preconditioner_reused"]:
+            approximate = self.solver in (SolverName.LOWRANK, SolverName.KFAC)
+            self._request_n = n
+            precond = self._preconditioner(op, info) if approximate or self.solver is SolverName.CG else None
+            if approximate and info["preconditioner_reused"]:
                 # drift check: a reused approximation whose residual grew past drift_tol is rebuilt here
-                res = solve(SolverName.LOWRANK, op, G, preconditioner=precond, tol=self.tol, divergence_tol=math.inf)
+                res = solve(self.solver, op, G, preconditioner=precond, tol=self.tol, divergence_tol=math.inf)
                 if res.residual > self.drift_tol:
                     self._precond = None
                     precond = self._preconditioner(op, info)
@@ -529,6 +534,8 @@ class MCMCUnlearner:
         return stack_batches([tuple(t[:bsz] for t in b) for b in batches])
 
     def _preconditioner(self, op: Any, info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.solver is SolverName.KFAC:
+            return self._kfac(op, info)
         lowrank = self.solver is SolverName.LOWRANK
         if self.precondition_rank <= 0:
             if lowrank:
@@ -552,9 +559,26 @@ class MCMCUnlearner:
         info["preconditioner_reused"] = reused
         return self._precond if lowrank else self._precond.solve
 
+    def _kfac(self, op: Any, info: dict[str, Any]) -> KFAC:
+        reused = self._precond is not None and self._precond_age < self.refresh_every
+        if reused:
+            self._precond_age += 1
+            self._precond.n = self._request_n
+        else:
+            std = getattr(self.model, "prior_std", None)
+            if std is None:
+                raise ValueError("solver='kfac' needs a Gaussian prior N(0, σ²): give the model a prior_std attribute")
+            # factors at the curvature draws, each with its curvature minibatch (or all remaining points)
+            S = op.thetas.shape[0]
+            batches = [tuple(op.args)] * S if op.shared_args else [tuple(a[s] for a in op.args) for s in range(S)]
+            self._precond = KFAC.build(self.model, op.thetas, batches, self._request_n, 1.0 / std**2, self.damping)
+            self._precond_age = 1
+        info["preconditioner_reused"] = reused
+        return self._precond
+
     def _iterative(self, op: Any, rhs: torch.Tensor, precond: Any = None) -> SolveResult:
-        if self.solver is SolverName.LOWRANK:
-            return solve(SolverName.LOWRANK, op, rhs, preconditioner=precond, tol=self.tol)
+        if self.solver in (SolverName.LOWRANK, SolverName.KFAC):
+            return solve(self.solver, op, rhs, preconditioner=precond, tol=self.tol)
         if self.solver is SolverName.CG:
             return solve(
                 SolverName.CG,
@@ -665,7 +689,7 @@ class MCMCUnlearner:
         meta: dict[str, Any] = {"cache_age": int(self._cache_age), "precond_age": int(self._precond_age)}
         if self._cache is not None:
             tensors["cache"] = self._cache
-        if self._precond is not None:
+        if isinstance(self._precond, LowRankPreconditioner):  # a K-FAC factorisation is rebuilt after loading
             tensors["precond_U"], tensors["precond_lam"] = self._precond.U, self._precond.lam
             meta["precond_c"] = self._precond.c
         return tensors, meta

@@ -133,12 +133,12 @@ class BNNConfig:
     batch_size: int = 128
     bank_size: int = 200
     prior_std: float = 0.1
-    solver: str = "cg"
+    solver: str = "kfac"
     damping: float = 300.0
     iter_T: int = 100
     tol: float = 1e-2
     curvature_draws: int = 8
-    grad_draws: int | None = None
+    grad_draws: int | None = 32
     precondition_rank: int = 20
     drift_tol: float = 3.0
     expectation: str = "bank"
