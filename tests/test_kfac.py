@@ -80,3 +80,21 @@ def test_kfac_solver_in_the_unlearner_tracks_the_exact_newton_step() -> None:
     assert cosine > 0.9, cosine
     assert 0.5 < float(b.norm() / a.norm()) < 2.0
     assert reports["kfac"].solver == "kfac" and reports["kfac"].residual < 1.0
+
+
+def test_check_draws_changes_only_the_diagnostic() -> None:
+    """Measuring the residual on fewer draws costs fewer products and leaves the step itself unchanged."""
+    from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+
+    torch.manual_seed(2)
+    model = build_model("mlp", (1, 8, 8), 10, prior_std=0.3, hidden=(8,))
+    x, y = torch.rand(200, 1, 8, 8), torch.randint(0, 10, (200,))
+    theta = ParamSpec.flatten_module(model)
+    bank = theta[None] + 0.01 * torch.randn(6, theta.numel())
+    out = {}
+    for check in (None, 1):
+        d = RemovableDataset(x, y, batch_size=50, seed=0)
+        un = MCMCUnlearner(model, bank=bank, solver="kfac", curvature_draws=4, damping=10.0, check_draws=check)
+        out[check] = (un.forget([0, 1, 2], d), un.bank)
+    assert torch.equal(out[None][1], out[1][1])
+    assert out[1][0].hessian_products < out[None][0].hessian_products

@@ -369,6 +369,7 @@ def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
         "refresh_every": int(un.refresh_every),
         "precondition_rank": int(un.precondition_rank),
         "drift_tol": float(un.drift_tol),
+        "check_draws": un.check_draws,
         "negative_curvature": un.negative_curvature,
         "newton_steps": int(un.newton_steps),
         "curvature_data": un.curvature_data,

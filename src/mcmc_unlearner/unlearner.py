@@ -190,6 +190,8 @@ class MCMCUnlearner:
             ``iter_T=0`` a request costs one gradient over the bank and one residual check.
         drift_tol: With ``solver="lowrank"``, a reused approximation is rebuilt at once when the request's
             relative residual against the current Hessian exceeds this (the cheap drift check).
+        check_draws: With ``solver="lowrank"``/``"kfac"``: measure that residual on only the first this-many
+            curvature draws (``None``: all); the approximation itself is built from all of them.
         negative_curvature: With ``solver="cg"``: ``"raise"`` refuses an indefinite Hessian; ``"truncate"``
             stops CG at the first negative-curvature direction and keeps the iterate (truncated Newton-CG).
         newton_steps: ``1``: the influence step alone. ``k > 1``: ``k − 1`` further Newton corrections
@@ -229,6 +231,7 @@ class MCMCUnlearner:
         refresh_every: int = 1,
         precondition_rank: int = 0,
         drift_tol: float = 2.0,
+        check_draws: int | None = None,
         negative_curvature: str = "raise",
         newton_steps: int = 1,
         curvature_data: str = "auto",
@@ -268,6 +271,7 @@ class MCMCUnlearner:
         self.refresh_every = max(1, int(refresh_every))
         self.precondition_rank = int(precondition_rank)
         self.drift_tol = float(drift_tol)
+        self.check_draws = None if check_draws is None else max(1, int(check_draws))
         if negative_curvature not in ("raise", "truncate"):
             raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
         self.negative_curvature = negative_curvature
@@ -466,18 +470,19 @@ class MCMCUnlearner:
             approximate = self.solver in (SolverName.LOWRANK, SolverName.KFAC)
             self._request_n = n
             precond = self._preconditioner(op, info) if approximate or self.solver is SolverName.CG else None
+            check = self._check_operator(op) if approximate else op  # residual / drift check of an approximation
             if approximate and info["preconditioner_reused"]:
                 # drift check: a reused approximation whose residual grew past drift_tol is rebuilt here
-                res = solve(self.solver, op, G, preconditioner=precond, tol=self.tol, divergence_tol=math.inf)
+                res = solve(self.solver, check, G, preconditioner=precond, tol=self.tol, divergence_tol=math.inf)
                 if res.residual > self.drift_tol:
                     self._precond = None
                     precond = self._preconditioner(op, info)
                     info["preconditioner_refreshed_for_drift"] = True
-                    res = self._iterative(op, G, precond)
+                    res = self._iterative(check, G, precond)
             else:
-                res = self._iterative(op, G, precond)
+                res = self._iterative(check, G, precond)
             res.x = torch.stack([res.x, self._stderr_solve(op, dev, precond)], 1)
-            products = op.n_products
+            products = op.n_products + (check.n_products if check is not op else 0)
             precond_or_none = precond
         x, x_dev = res.x[:, 0], res.x[:, 1]
         info.update(res.info)
@@ -559,12 +564,22 @@ class MCMCUnlearner:
         info["preconditioner_reused"] = reused
         return self._precond if lowrank else self._precond.solve
 
+    def _check_operator(self, op: Any) -> Any:
+        """The operator a low-rank or K-FAC step is checked against: the first ``check_draws`` draws of ``op``."""
+        k = self.check_draws
+        if k is None or not isinstance(op, SampleAveragedHessian) or k >= op.n_draws:
+            return op
+        args = op.args if op.shared_args else tuple(a[:k] for a in op.args)
+        return SampleAveragedHessian(op.f, op.thetas[:k], args, shared_args=op.shared_args, backend=op.backend)
+
     def _kfac(self, op: Any, info: dict[str, Any]) -> KFAC:
         reused = self._precond is not None and self._precond_age < self.refresh_every
         if reused:
             self._precond_age += 1
             self._precond.n = self._request_n
         else:
+            if not isinstance(op, SampleAveragedHessian):
+                raise ValueError("solver='kfac' supports hessian='remaining' only")
             std = getattr(self.model, "prior_std", None)
             if std is None:
                 raise ValueError("solver='kfac' needs a Gaussian prior N(0, σ²): give the model a prior_std attribute")

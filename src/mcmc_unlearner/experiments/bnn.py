@@ -141,6 +141,7 @@ class BNNConfig:
     grad_draws: int | None = 32
     precondition_rank: int = 20
     drift_tol: float = 3.0
+    check_draws: int | None = 2
     expectation: str = "bank"
     hessian: str = "remaining"
     bank_shift: str = "mean"
@@ -723,6 +724,7 @@ def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer,
         precondition_rank=cfg.precondition_rank,
         grad_draws=cfg.grad_draws,
         drift_tol=cfg.drift_tol,
+        check_draws=cfg.check_draws,
         negative_curvature="truncate" if cfg.solver == "cg" else "raise",
         # rebuilt only when the drift check fails (lowrank); a stale preconditioner stays correct for cg
         refresh_every=10**6 if cfg.precondition_rank > 0 else 1,
@@ -918,6 +920,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("precondition-rank", int),
         ("grad-draws", int),
         ("drift-tol", float),
+        ("check-draws", int),
         ("expectation", str),
         ("hessian", str),
         ("bank-shift", str),
