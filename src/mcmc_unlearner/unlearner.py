@@ -417,8 +417,7 @@ class MCMCUnlearner:
         leaves model, bank and data exactly as they were.
         """
         ids = data.validate(ids)
-        batch = data.get(ids)
-        check_finite_batch(batch)
+        batch = data.get(ids)  # remove() refuses non-finite rows; the data state is restored below
         state = data.state_dict()
         data.remove(ids)
         try:
@@ -494,7 +493,7 @@ class MCMCUnlearner:
         elif self.bank_shift is BankShift.SAMPLE:
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
             g_all = self._per_draw_grads(h_f, pts, batch)
-            shifts = self._solve_many(res, M if self.solver is SolverName.EXACT else op, g_all)
+            shifts = self._solve_many(M if self.solver is SolverName.EXACT else op, g_all)
             moved = pts + shifts
             new_live, new_bank = moved[0], (moved[1:] if self.bank is not None else None)
         else:  # AFFINE: exact Gaussian transport A^{-1/2}... from old to new precision
@@ -659,7 +658,7 @@ class MCMCUnlearner:
         except SolverDivergedError:
             return torch.full_like(dev, float("nan"))
 
-    def _solve_many(self, res: SolveResult, M: Any, g_all: torch.Tensor) -> torch.Tensor:
+    def _solve_many(self, M: Any, g_all: torch.Tensor) -> torch.Tensor:
         if isinstance(M, torch.Tensor):
             return solve(SolverName.EXACT, M, g_all.T, damping=self.damping).x.T
         return self._iterative(M, g_all.T).x.T

@@ -156,53 +156,45 @@ class BNNConfig:
     notes: list[str] = field(default_factory=list)
 
 
+#: The paper's protocol, shared by both presets: its LiSSA unlearner with sampler-step expectations.
+_PAPER_PROTOCOL: dict[str, Any] = {
+    "explore_lr": 0.01,
+    "sample_lr": 0.01,
+    "remove_class": 0,
+    "remove_count": "all",
+    "request_size": 64,
+    "solver": "lissa",
+    "expectation": "chain",
+    "hessian": "full",
+    "iter_T": 64,
+    "samp_T": 1,
+    "damping": 0.0,
+    "threads": 0,
+    "bank_size": 100,
+    "eval_every": 10,
+}
+
 #: Named settings that reproduce the paper's protocols (they override the defaults, CLI flags override them).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-fmnist": {
+        **_PAPER_PROTOCOL,
         "dataset": "fashion-mnist",
         "arch": "lenet5",
         "pretrain": "mnist",
         "pretrain_steps": 2000,
         "explore_steps": 1000,
-        "explore_lr": 0.01,
         "sample_steps": 9000,
-        "sample_lr": 0.01,
-        "remove_class": 0,
-        "remove_count": "all",
-        "request_size": 64,
-        "solver": "lissa",
-        "expectation": "chain",
-        "hessian": "full",
-        "iter_T": 64,
-        "samp_T": 1,
         "init_scaling": 0.05,
-        "damping": 0.0,
-        "threads": 0,
-        "bank_size": 100,
-        "eval_every": 10,
     },
     "paper-cifar10": {
+        **_PAPER_PROTOCOL,
         "dataset": "cifar10",
         "arch": "small_cnn",
         "pretrain": "cifar100",
         "pretrain_steps": 10000,
         "explore_steps": 5000,
-        "explore_lr": 0.01,
         "sample_steps": 15000,
-        "sample_lr": 0.01,
-        "remove_class": 0,
-        "remove_count": "all",
-        "request_size": 64,
-        "solver": "lissa",
-        "expectation": "chain",
-        "hessian": "full",
-        "iter_T": 64,
-        "samp_T": 1,
         "init_scaling": 0.08,
-        "damping": 0.0,
-        "threads": 0,
-        "bank_size": 100,
-        "eval_every": 10,
     },
 }
 
