@@ -111,3 +111,18 @@ def test_truncated_cg_stops_at_negative_curvature_with_a_descent_step() -> None:
     # on a positive-definite system truncation never triggers and the answer is exact
     ok = cg(H.abs(), b, tol=1e-12, negative_curvature="truncate")
     assert not ok.info["truncated"] and torch.allclose(ok.x, b / H.diagonal().abs())
+
+
+def test_all_finite_agrees_with_isfinite() -> None:
+    from mcmc_unlearner.errors import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 40, generator=g)
+    assert all_finite(base) and all_finite(torch.tensor([3e38, -3e38])) and all_finite(torch.empty(0))
+    assert all_finite(torch.arange(5))  # integer tensors are always finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in ((0, 0), (17, 23), (49, 39)):
+            t = base.clone()
+            t[pos] = bad
+            assert not all_finite(t), (bad, pos)
+            assert all_finite(t) == bool(torch.isfinite(t).all())

@@ -31,7 +31,7 @@ from . import distributed, store
 from . import ledger as ledger_mod
 from .curvature import ParamSpec
 from .data import as_id_tensor
-from .errors import InvalidRequestError, SolverDivergedError
+from .errors import InvalidRequestError, SolverDivergedError, all_finite
 from .unlearner import RemovalReport
 
 __all__ = [
@@ -168,7 +168,7 @@ def forget(
         un = store.with_config(loaded, dict(overrides or {}))
         report = distributed.apply_request(un, id_list, loaded.data)  # un.forget unless launched by torchrun
         flat = ParamSpec.flatten_module(loaded.model)
-        if not torch.isfinite(flat).all() or (un.bank is not None and not torch.isfinite(un.bank).all()):
+        if not all_finite(flat) or (un.bank is not None and not all_finite(un.bank)):
             raise SolverDivergedError("the updated parameters are not finite; nothing was written")  # pragma: no cover
         if not math.isfinite(report.residual):
             raise SolverDivergedError(
@@ -227,7 +227,7 @@ def status(model_dir: str | Path) -> dict[str, Any]:
         else {k: last.get(k) for k in ("request_id", "time", "n_removed", "solver", "residual", "converged")},
         "last_residual": None if last is None else last.get("residual"),
         "bank_size": 0 if bank is None else int(bank.shape[0]),
-        "params_finite": bool(torch.isfinite(flat).all()) and (bank is None or bool(torch.isfinite(bank).all())),
+        "params_finite": all_finite(flat) and (bank is None or all_finite(bank)),
         "state_hash_ok": True,  # load_model verified state file, manifest checksum and ledger head
         "model_sha256": loaded.model_sha256,
         "pending_uncommitted_lines": loaded.pending,
@@ -334,7 +334,7 @@ def verify(model_dir: str | Path) -> VerifyResult:
         res.problems.append("the last entry's n_remaining differs from the stored remaining count")
     flat = ParamSpec.flatten_module(loaded.model)
     bank = loaded.unlearner.bank
-    if not torch.isfinite(flat).all() or (bank is not None and not torch.isfinite(bank).all()):
+    if not all_finite(flat) or (bank is not None and not all_finite(bank)):
         res.problems.append("stored parameters or sample bank contain NaN or infinite values")
     return res
 

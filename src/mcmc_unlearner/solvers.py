@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .curvature import top_eigenvalue
-from .errors import SolverDivergedError
+from .errors import SolverDivergedError, all_finite
 
 __all__ = ["SolveResult", "SolverName", "cg", "exact", "lissa", "lowrank", "solve"]
 
@@ -83,7 +83,7 @@ def _rel_residual(H: Any, x: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _check_finite(x: torch.Tensor, solver: str, hint: str) -> None:
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise SolverDivergedError(f"{solver} produced non-finite values; nothing was changed. {hint}")
 
 
@@ -153,7 +153,7 @@ def lissa(
         history.append(res)
         if callback is not None:
             callback(k, res)
-        if not (res < divergence_tol * 1e6) or not torch.isfinite(h).all():
+        if not (res < divergence_tol * 1e6) or not all_finite(h):
             break  # growing geometrically: no point going on
         if res <= tol:
             break
@@ -240,7 +240,7 @@ def cg(
         res = float((_col_norm(r) / bn).max())
         if callback is not None:
             callback(k, res)
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             break
     _check_finite(x, "cg", hint)
     if not res <= divergence_tol:
@@ -260,7 +260,7 @@ def exact(H: Any, b: torch.Tensor, damping: float = 0.0, divergence_tol: float =
     if damping:
         M = M + damping * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     hint = "the Hessian is singular or ill-conditioned: add damping"
-    if not torch.isfinite(M).all():
+    if not all_finite(M):
         raise SolverDivergedError(f"exact: the Hessian has non-finite entries; nothing was changed. {hint}")
     L, info_code = torch.linalg.cholesky_ex(M)
     if int(info_code) == 0:

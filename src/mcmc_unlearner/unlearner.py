@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import grad, jacrev, vmap
 
 from .curvature import LowRankPreconditioner, ParamSpec, SampleAveragedHessian, functionalize, stack_batches
-from .errors import InvalidRequestError, SolverDivergedError
+from .errors import InvalidRequestError, SolverDivergedError, all_finite
 from .kfac import KFAC
 from .samplers import scale_lr
 from .solvers import SolveResult, SolverName, solve
@@ -48,6 +48,8 @@ from .solvers import SolveResult, SolverName, solve
 __all__ = ["BankShift", "Expectation", "HessianKind", "MCMCUnlearner", "RemovalReport", "check_finite_batch"]
 
 Batch = tuple[torch.Tensor, ...]
+
+_LOOP_DRAWS = 4  # residual checks at up to this many draws use double-backward loops (see _check_operator)
 
 
 class Expectation(str, Enum):
@@ -121,7 +123,7 @@ class RemovalReport:
 def check_finite_batch(batch: Batch, what: str = "removed data") -> None:
     """Refuse NaN or infinite values in a batch, naming the offending rows."""
     for i, t in enumerate(batch):
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             rows = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)).flatten()[:5].tolist()
             raise InvalidRequestError(
                 f"{what}: field {i} has NaN or infinite values in row(s) {rows} of the request; "
@@ -443,7 +445,7 @@ class MCMCUnlearner:
         G = grads.mean(0)
         half = grads.shape[0] // 2
         dev = 0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G)
-        if not torch.isfinite(G).all():
+        if not all_finite(G):
             raise SolverDivergedError(
                 "the gradient of the removed points' negative log-likelihood is not finite at the current "
                 "samples; nothing was changed. Check the model and data for overflow"
@@ -507,7 +509,7 @@ class MCMCUnlearner:
             new_live, new_bank = self._newton_corrections(
                 e_f, system, precond_or_none, remaining, new_live, new_bank, info
             )
-        if not torch.isfinite(new_live).all() or (new_bank is not None and not torch.isfinite(new_bank).all()):
+        if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         report = RemovalReport(
             n_removed=batch[0].shape[0],
@@ -564,12 +566,18 @@ class MCMCUnlearner:
         return self._precond if lowrank else self._precond.solve
 
     def _check_operator(self, op: Any) -> Any:
-        """The operator a low-rank or K-FAC step is checked against: the first ``check_draws`` draws of ``op``."""
+        """The operator a low-rank or K-FAC step is checked against: the first ``check_draws`` draws of ``op``.
+
+        With ``backend="auto"`` and at most :data:`_LOOP_DRAWS` check draws the products run as a loop of
+        double-backward passes: for one vector at a few draws that is cheaper than vmapped forward-over-reverse
+        (digits CNN, 2 draws × 128 points: 6 ms vs 12 ms); both agree to float rounding (tested).
+        """
         k = self.check_draws
         if k is None or not isinstance(op, SampleAveragedHessian) or k >= op.n_draws:
             return op
         args = op.args if op.shared_args else tuple(a[:k] for a in op.args)
-        return SampleAveragedHessian(op.f, op.thetas[:k], args, shared_args=op.shared_args, backend=op.backend)
+        backend = "autograd" if self.backend == "auto" and k <= _LOOP_DRAWS else op.backend
+        return SampleAveragedHessian(op.f, op.thetas[:k], args, shared_args=op.shared_args, backend=backend)
 
     def _kfac(self, op: Any, info: dict[str, Any]) -> KFAC:
         reused = self._precond is not None and self._precond_age < self.refresh_every

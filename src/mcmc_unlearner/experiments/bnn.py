@@ -138,7 +138,7 @@ class BNNConfig:
     iter_T: int = 100
     tol: float = 1e-2
     curvature_draws: int = 8
-    grad_draws: int | None = 32
+    grad_draws: int | None = 24
     precondition_rank: int = 20
     drift_tol: float = 3.0
     check_draws: int | None = 2
