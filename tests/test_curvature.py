@@ -80,6 +80,26 @@ def test_auto_backend_falls_back_when_func_fails() -> None:
     assert torch.allclose(op @ v, ref, atol=1e-10)
 
 
+def test_auto_backend_preferring_autograd_matches_dense_and_falls_back_to_func() -> None:
+    model, spec, thetas, xs, ys = _setup(4)
+    f = functionalize(model, _energy)
+    ref = _dense_reference(f, thetas, xs, ys)
+    v = torch.randn(spec.dim, dtype=torch.float64)
+    op = SampleAveragedHessian(f, thetas, (xs, ys), backend="auto", prefer="autograd")
+    assert torch.allclose(op @ v, ref @ v, atol=1e-10) and op.backend == "autograd"
+
+    def energy_func_only(m, x, y):
+        # stand-in for an op without double-backward support: fails outside torch.func transforms
+        if not torch._C._functorch.is_functorch_wrapped_tensor(next(m.parameters())):
+            raise NotImplementedError("double backward not implemented (test stand-in)")
+        return _energy(m, x, y)
+
+    op = SampleAveragedHessian(functionalize(model, energy_func_only), thetas, (xs, ys), prefer="autograd")
+    assert torch.allclose(op @ v, ref @ v, atol=1e-10) and op.backend == "func"
+    with pytest.raises(ValueError, match="prefer"):
+        SampleAveragedHessian(f, thetas, (xs, ys), prefer="jax")
+
+
 def test_shared_args_and_sum_operator() -> None:
     model, spec, thetas, xs, ys = _setup(2)
     f = functionalize(model, _energy)

@@ -116,7 +116,9 @@ def test_double_backward_residual_check_matches_the_vmapped_one() -> None:
         un = MCMCUnlearner(model, bank=bank, solver="kfac", curvature_draws=4, damping=10.0, check_draws=2)
         un.backend = backend
         op = SampleAveragedHessian(un._energy_f(100), bank[:4], (x[:40], y[:40]), shared_args=True, backend="func")
-        assert un._check_operator(op).backend == ("autograd" if backend == "auto" else "func")
+        check = un._check_operator(op)
+        check @ torch.ones(theta.numel(), dtype=torch.float64)
+        assert check.backend == ("autograd" if backend == "auto" else "func")
         out[backend] = (un.forget([0, 1, 2], d), un.bank)
     assert torch.equal(out["auto"][1], out["func"][1])  # the step does not depend on the check
     ra, rf = out["auto"][0].residual, out["func"][0].residual

@@ -143,8 +143,10 @@ class SampleAveragedHessian:
         damping: Added multiple of the identity.
         shared_args: If true, ``args`` are the same for every draw (no leading ``S`` dimension).
         backend: ``"func"`` (forward-over-reverse, vmapped), ``"autograd"`` (double backward loop) or
-            ``"auto"`` (``func``, falling back to ``autograd`` if the model does not support it).
+            ``"auto"`` (the ``prefer``-red one, falling back to the other if the model does not support it).
         chunk_size: Draws processed together by ``vmap`` (bounds memory).
+        prefer: Which backend ``"auto"`` tries first: ``"func"`` (many draws or vectors) or ``"autograd"``
+            (one vector at a few draws of a larger network, where the loop is cheaper).
     """
 
     def __init__(
@@ -156,7 +158,10 @@ class SampleAveragedHessian:
         shared_args: bool = False,
         backend: str = "auto",
         chunk_size: int | None = 64,
+        prefer: str = "func",
     ) -> None:
+        if prefer not in ("func", "autograd"):
+            raise ValueError(f"prefer must be 'func' or 'autograd', got {prefer!r}")
         if thetas.ndim != 2:
             raise ValueError(f"thetas must have shape [S, D], got {tuple(thetas.shape)}")
         self.f = f
@@ -166,6 +171,7 @@ class SampleAveragedHessian:
         self.shared_args = shared_args
         self.backend = backend
         self.chunk_size = chunk_size
+        self.prefer = prefer
         self.n_products = 0  # single-draw Hessian-vector products computed so far
 
     @property
@@ -194,13 +200,15 @@ class SampleAveragedHessian:
             return self._mv_func(v)
         if self.backend == "autograd":
             return self._mv_autograd(v)
+        first, second = ("func", "autograd") if self.prefer == "func" else ("autograd", "func")
+        matvecs = {"func": self._mv_func, "autograd": self._mv_autograd}
         try:
-            out = self._mv_func(v)
-            self.backend = "func"
+            out = matvecs[first](v)
+            self.backend = first
             return out
         except (RuntimeError, NotImplementedError, TypeError):
-            self.backend = "autograd"
-            return self._mv_autograd(v)
+            self.backend = second
+            return matvecs[second](v)
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         """``H @ v`` for ``v`` of shape ``[D]`` or ``[D, k]`` (columns treated separately)."""
@@ -225,7 +233,7 @@ class SampleAveragedHessian:
         cols = []
         for j0 in range(0, d, chunk):
             block = eye[:, j0 : j0 + chunk]
-            if self.backend in ("func", "auto"):
+            if self.backend == "func" or (self.backend == "auto" and self.prefer == "func"):
                 try:
                     cols.append(vmap(self.matvec, in_dims=1, out_dims=1)(block))
                     continue
