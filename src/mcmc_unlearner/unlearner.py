@@ -645,7 +645,7 @@ class MCMCUnlearner:
         d = thetas.shape[1]
         rows = batch[0].shape[1 if not shared else 0] if batch else 1
         per_col = _HVP_MEMORY_FACTOR * rows * (self._row_bytes or 1)
-        reserve = dense_memory(d)
+        reserve = dense_memory(d, thetas.element_size())
         if per_col > self.memory_budget - reserve:
             raise MemoryError(
                 f"the dense Hessian needs {format_bytes(reserve + per_col)} for one column over {rows} rows, over "
