@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jacrev, vmap
 
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .bank import BankLayout, to_flat
@@ -220,16 +220,6 @@ def _evenly(n: int, k: int | None) -> torch.Tensor:
     if k is None or k >= n:
         return torch.arange(n)
     return torch.linspace(0, n - 1, k).round().long()
-
-
-def _hvp_columns(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``(θ, V[D, c], *args) -> ∇²f(θ)·V``, forward-over-reverse vmapped over the columns of ``V``."""
-    gf = grad(f)
-
-    def hvp(theta: torch.Tensor, V: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        return vmap(lambda v: jvp(lambda t: gf(t, *args), (theta,), (v,))[1], in_dims=1, out_dims=1)(V)
-
-    return hvp
 
 
 def _own_parameters(model: nn.Module) -> None:
@@ -653,16 +643,17 @@ class MCMCUnlearner:
                 "curvature_data='minibatch', or solver='kfac'/'cg'"
             )
         cols = chunk_for(self.memory_budget, per_col, d, reserve)
+        S = thetas.shape[0]
+        draws = chunk_for(self.memory_budget, per_col * d, S, reserve) if cols == d else 1
         if self.backend != "autograd":
-            try:
-                hvp = _hvp_columns(f)
+            try:  # reverse-over-reverse, ``cols`` Hessian columns and ``draws`` draws at a time
+                hess = jacrev(grad(f), chunk_size=None if cols >= d else cols)
+                dims = (0, *([None if shared else 0] * len(batch)))
                 H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
-                eye = torch.eye(d, dtype=thetas.dtype, device=thetas.device)
-                for s in range(thetas.shape[0]):
-                    args = batch if shared else tuple(t[s] for t in batch)
-                    for j0 in range(0, d, cols):
-                        H[:, j0 : j0 + cols] += hvp(thetas[s], eye[:, j0 : j0 + cols], *args)
-                return H / thetas.shape[0]
+                for s0 in range(0, S, draws):
+                    args = batch if shared else tuple(t[s0 : s0 + draws] for t in batch)
+                    H += vmap(hess, in_dims=dims)(thetas[s0 : s0 + draws], *args).sum(0)
+                return H / S
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":
                     raise
