@@ -283,6 +283,17 @@ def test_prior_precision_measured_from_log_prior() -> None:
     expected = torch.cat([torch.full((p.numel(),), 1 / s**2, dtype=D64) for p, s in zip(model.parameters(), stds)])
     torch.testing.assert_close(prior_precision(model, per_layer, theta), expected)
     assert torch.equal(prior_precision(model, None, theta), torch.zeros_like(theta))
+    # anisotropic on a tensor (one σ per output row of the first weight): a local curvature inside its range
+    rows = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=D64)
+
+    def rowwise(m):
+        return -0.5 * (rows[:, None] * m[0].weight ** 2).sum() - 0.5 * sum(
+            (p**2).sum() for p in list(m.parameters())[1:]
+        )
+
+    P = prior_precision(model, rowwise, theta)
+    assert 1.0 < float(P[0]) < 8.0 and torch.all(P[:12] == P[0])
+    torch.testing.assert_close(P[12:], torch.ones_like(P[12:]))
     with pytest.warns(RuntimeWarning, match="clamped"):
         P = prior_precision(model, lambda m: 0.5 * (m[0].weight ** 2).sum(), theta)
     assert torch.equal(P, torch.zeros_like(theta))
@@ -445,7 +456,7 @@ def test_reduce_over_two_halves_equals_one_build() -> None:
     halves = KroneckerCurvature.build(
         model, thetas, [tuple(t[4:] for t in b) for b in batches], **kw, reduce=lambda t: t + next(other)
     )
-    assert len(sent) == 3 * 2 + 2  # A, G and location sums per layer; squared gradients and rows
+    assert len(sent) == 4 * 2 + 2  # A, G and two location sums per layer; squared gradients and rows
     assert next(other, None) is None
     torch.testing.assert_close(dense(halves), dense(full), atol=1e-9, rtol=1e-9)
 
@@ -481,3 +492,72 @@ def test_memory_estimate_is_within_a_factor_two_of_the_measured_peak() -> None:
     peak = _vm("VmHWM") - base
     print(f"estimate {estimate / 2**20:.1f} MiB, measured peak RSS growth {peak / 2**20:.1f} MiB")
     assert estimate / 2 <= peak <= 2 * estimate, (estimate / 2**20, peak / 2**20)
+
+
+def test_subsampled_input_factor_is_unbiased() -> None:
+    """max_locations draws whole rows uniformly: the average of the subsampled A over builds is the full A."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(72, 3)).double()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(16, 1, 6, 6, dtype=D64), torch.randint(0, 3, (16,)))
+    kw = {"n": 10, "likelihood": "categorical", "exact_expectation": True}
+    full = KroneckerCurvature.build(model, theta[None], [batch], max_locations=None, **kw)
+    A_full = factor(full.blocks[0].lA, full.blocks[0].QA)
+    samples = []
+    for r in range(150):
+        K = KroneckerCurvature.build(
+            model, theta[None], [batch], max_locations=72, generator=torch.Generator().manual_seed(r), **kw
+        )
+        samples.append(factor(K.blocks[0].lA, K.blocks[0].QA))
+    assert K.info["kronecker"]["0"]["A_locations_used"] == 72  # 2 of the 16 rows, 36 locations each
+    assert K.info["kronecker"]["0"]["locations"] == 36  # the data term still counts every location
+    torch.testing.assert_close(factor(K.blocks[1].lA, K.blocks[1].QA), factor(full.blocks[1].lA, full.blocks[1].QA))
+    A = torch.stack(samples)
+    z = (A.mean(0) - A_full).abs() / (A.std(0) / math.sqrt(len(samples)) + 1e-12)
+    assert float(z.max()) < 5.0, float(z.max())
+    assert float((A[0] - A_full).abs().max()) > 1e-3  # a subsample, not the full sum
+
+
+def test_cached_eigenbasis_coordinates_follow_in_place_changes() -> None:
+    """solve/quad reuse the eigenbasis coordinates of recent tensors; an in-place change must invalidate them."""
+    model = conv_bn()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(5, 1, 4, 4, dtype=D64), torch.randint(0, 4, (5,)))
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=100, nll=ce_nll, log_prior=iso_prior(0.5))
+    Kd = dense(K)
+    eye = torch.eye(K.dim, dtype=D64)
+    v = torch.randn(K.dim, dtype=D64)
+    for lam in (0.5, 2.0):
+        x = K.solve(v, lam)
+        torch.testing.assert_close(x, torch.linalg.solve(Kd + lam * eye, v))
+        assert math.isclose(K.quad(x), float(x @ Kd @ x), rel_tol=1e-12)  # from the cached coordinates
+    v.mul_(3.0).add_(1.0)  # in place: the cached coordinates of v are stale now
+    torch.testing.assert_close(K.solve(v, 0.5), torch.linalg.solve(Kd + 0.5 * eye, v))
+    x.add_(1.0)
+    assert math.isclose(K.quad(x), float(x @ Kd @ x), rel_tol=1e-12)
+    y = K @ v
+    torch.testing.assert_close(K.solve(y, 0.0), v)
+
+
+def test_low_rank_factors_from_few_rows_equal_the_full_eigendecomposition() -> None:
+    """A layer seen on fewer rows than its width keeps the rows and decomposes their Gram matrix instead; the
+    operator equals the one built from summed factors (forced by a reduce, which must sum)."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + 0.1 * torch.randn(2, theta.numel(), dtype=D64)
+    batches = [(torch.randn(6, 30, dtype=D64), torch.randint(0, 3, (6,))) for _ in range(2)]
+    kw = {"n": 200, "nll": ce_nll, "log_prior": iso_prior(0.7)}
+    low = KroneckerCurvature.build(model, thetas, batches, **kw)
+    full = KroneckerCurvature.build(model, thetas, batches, **kw, reduce=lambda t: t)
+    assert "rank 12" in low.info["kronecker"]["0"]["A"] and "rank 12" in low.info["kronecker"]["0"]["G"]
+    assert full.info["kronecker"]["0"]["A"] == "full eigenbasis"
+    Kd = dense(full)
+    torch.testing.assert_close(dense(low), Kd, atol=1e-9, rtol=1e-9)
+    V = torch.randn(theta.numel(), 2, dtype=D64)
+    for lam in (0.0, 0.5):
+        ref = torch.linalg.solve(Kd + lam * torch.eye(theta.numel(), dtype=D64), V)
+        torch.testing.assert_close(low.solve(V, lam), ref, atol=1e-9, rtol=1e-9)
+    x = V[:, 0].clone()
+    assert math.isclose(low.quad(x), float(x @ Kd @ x), rel_tol=1e-10)
+    assert math.isclose(low.quad(low.solve(x, 0.5)), float(low.solve(x, 0.5) @ Kd @ low.solve(x, 0.5)), rel_tol=1e-10)

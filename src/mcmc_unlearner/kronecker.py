@@ -63,6 +63,7 @@ import itertools
 import math
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ NLL = Callable[[nn.Module, Batch], Tensor]
 
 _KINDS: tuple[tuple[type[nn.Module], str], ...] = ((nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"))
 _PROBE_ROWS = 8
+_AUTO_MIN_LOCATIONS = 1024  # max_locations="auto": at least this many locations per layer and draw for A ...
+_AUTO_LOCATIONS_PER_DIM = 2  # ... and at least this many per dimension of A
 
 
 class Likelihood(str, Enum):
@@ -235,18 +238,40 @@ def _measure_prior(
         if not g.requires_grad:  # linear in θ: zero curvature
             notes["source"] = "log_prior is linear in the parameters: zero precision"
             return P, notes
-        for name in spec.names:
-            sl = offsets[name]
-            v = torch.zeros_like(t)
-            v[sl] = torch.randn(sl.stop - sl.start, generator=gen, dtype=torch.float64).to(v)
+
+        def quotients(v: Tensor, names: Sequence[str]) -> Tensor:
             (hv,) = torch.autograd.grad(g, t, grad_outputs=v, retain_graph=True, allow_unused=True)
-            prec = (
-                0.0 if hv is None else -float(v[sl].double() @ hv[sl].double()) / float(v[sl].double().square().sum())
-            )
+            if hv is None:
+                return torch.zeros(len(names), dtype=torch.float64)
+            f64 = torch.float64
+            return torch.stack(
+                [
+                    -(v[offsets[k]] * hv[offsets[k]]).sum(dtype=f64) / v[offsets[k]].square().sum(dtype=f64)
+                    for k in names
+                ]
+            ).cpu()
+
+        def probe(names: Sequence[str]) -> Tensor:
+            v = torch.zeros_like(t)
+            for k in names:
+                sl = offsets[k]
+                v[sl] = torch.randn(sl.stop - sl.start, generator=gen, dtype=v.dtype).to(v.device)
+            return v
+
+        # fast path: two probes over all tensors at once. For a prior that is separable across tensors and
+        # isotropic on each, every tensor's Rayleigh quotient is its precision whatever the probe, so the two
+        # agree; otherwise (cross-tensor terms, anisotropy) fall back to one probe per tensor.
+        q1, q2 = (quotients(probe(spec.names), spec.names) for _ in range(2))
+        if torch.allclose(q1, q2, rtol=1e-5, atol=1e-12):
+            precisions, notes["probes"] = q1, "joint (separable, isotropic per tensor)"
+        else:
+            precisions = torch.cat([quotients(probe([k]), [k]) for k in spec.names])
+            notes["probes"] = "one per tensor"
+        for name, prec in zip(spec.names, precisions.tolist()):
             if prec < 0:
                 notes["clamped"][name] = prec
                 prec = 0.0
-            P[sl] = prec
+            P[offsets[name]] = prec
     notes["source"] = "−vᵀ∇²log p(θ)v/‖v‖² per parameter tensor (random probe, double backward)"
     return P, notes
 
@@ -275,6 +300,68 @@ def prior_precision(model: nn.Module, log_prior: Callable[[nn.Module], Tensor] |
 
 
 # ----------------------------------------------------------------------------------------------- blocks
+class _Moment:
+    """``Σ x xᵀ`` over rows ``x`` (or its diagonal), kept as the raw rows while there are fewer rows than dimensions.
+
+    With ``N < d`` rows the factor has rank ``≤ N``: its eigenpairs come from the ``N×N`` Gram matrix (cheaper than a
+    ``d×d`` eigendecomposition, and products then cost ``O(d·N)`` per side instead of ``O(d²)``; e.g. the 1024-wide
+    layers of an MLP seen on 4 draws × 128 rows). Rows are folded into the sum as soon as they reach ``d``, or when
+    the sums must be reduced across processes.
+    """
+
+    def __init__(self, dim: int, full: bool, keep_rows: bool) -> None:
+        self.dim, self.full, self.keep_rows = dim, full, keep_rows and full
+        self.rows: list[Tensor] = []
+        self.n_rows = 0
+        self.sum: Tensor | None = None
+
+    def can_keep(self, n: int) -> bool:
+        return self.keep_rows and self.n_rows + n < self.dim
+
+    def add_rows(self, x: Tensor) -> None:
+        if self.can_keep(x.shape[0]):
+            self.rows.append(x.clone())
+            self.n_rows += x.shape[0]
+        else:
+            self.add_sum(_second_moment(x, self.full))
+
+    def add_sum(self, stat: Tensor) -> None:
+        self.fold()
+        self.sum = stat if self.sum is None else self.sum + stat
+
+    def fold(self) -> None:
+        """Turn kept rows into the sum (from now on only sums are kept)."""
+        self.keep_rows = False
+        if self.rows:
+            X = torch.cat(self.rows)
+            self.rows = []
+            self.add_sum(_second_moment(X, self.full))
+
+    def eig(self, scale: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Eigenvalues and eigenvectors of ``scale·Σ x xᵀ``: ``Q`` is ``[d, r]`` (``r < d`` from kept rows), or
+        ``None`` for a diagonal factor (the eigenvalues are then its diagonal)."""
+        if self.rows and self.sum is None:
+            X = torch.cat(self.rows).to(dtype)
+            self.rows = []
+            gram = scale * (X @ X.T)
+            mu, W = torch.linalg.eigh(0.5 * (gram + gram.T))
+            keep = mu > float(mu.max()) * X.shape[0] * torch.finfo(dtype).eps if mu.numel() else mu > 0
+            mu, W = mu[keep], W[:, keep]
+            U = (X.T @ W) * (scale / mu).sqrt()
+            U, R = torch.linalg.qr(U)  # orthonormal to float precision (R ≈ I up to signs)
+            U = U * torch.sign(torch.diagonal(R))
+            return mu.to(dtype), U.to(dtype).contiguous()
+        self.fold()
+        if self.sum is None:
+            shape = (self.dim, self.dim) if self.full else (self.dim,)
+            self.sum = torch.zeros(shape, dtype=dtype, device=device)
+        M, self.sum = self.sum * scale, None
+        if not self.full:
+            return M.clamp_min(0), None
+        lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
+        return lam.clamp_min(0), Q.contiguous()
+
+
 @dataclass
 class _Block:
     """One Kronecker-factored layer: ``n·L·A⊗G + p`` on its weight (and bias) entries."""
@@ -291,9 +378,10 @@ class _Block:
     eig_G: bool
     module: nn.Module | None = None
     # sums while building
-    A_sum: Tensor | None = None
-    G_sum: Tensor | None = None
-    loc: float = 0.0
+    A_mom: _Moment | None = None
+    G_mom: _Moment | None = None
+    loc: float = 0.0  # locations seen (rows × locations per row)
+    loc_A: float = 0.0  # locations whose inputs entered A (fewer when subsampled)
     # finalised
     lA: Tensor | None = None
     QA: Tensor | None = None
@@ -459,6 +547,14 @@ def _second_moment(x: Tensor, full: bool) -> Tensor:
     return x.T @ x if full else x.square().sum(0)
 
 
+def _factor_form(Q: Tensor | None, dim: int) -> str:
+    if Q is None:
+        return "diagonal (dim > max_factor_dim)"
+    if Q.shape[1] < dim:
+        return f"eigenbasis of rank {Q.shape[1]} (fewer rows than dimensions; the rest is prior only)"
+    return "full eigenbasis"
+
+
 def _owner_reason(model: nn.Module, name: str) -> str:
     owner_name = name.rsplit(".", 1)[0] if "." in name else ""
     owner = model.get_submodule(owner_name) if owner_name else model
@@ -497,6 +593,7 @@ class KroneckerCurvature:
         self.diag_fisher = diag_fisher  # [Dd]: mean per-row Fisher diagonal
         self.n = n
         self.info = info
+        self._cache: list[tuple[weakref.ref, int, list[Tensor]]] = []
 
     # -------------------------------------------------------------------------------------------- n
     @property
@@ -526,6 +623,7 @@ class KroneckerCurvature:
         generator: torch.Generator | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
         max_factor_dim: int = 4096,
+        max_locations: int | str | None = "auto",
         sigma: float | None = None,
         exact_expectation: bool | None = None,
     ) -> KroneckerCurvature:
@@ -549,6 +647,11 @@ class KroneckerCurvature:
             reduce: Applied to every accumulated sum (factor sums, location/row counts, squared gradients) before
                 finalising, e.g. an all-reduce over ``torch.distributed`` ranks.
             max_factor_dim: Factors larger than this keep only their diagonal.
+            max_locations: Estimate each layer's input factor ``A`` (per draw) from a uniformly drawn subset of
+                rows with about this many locations; ``"auto"``: ``max(1024, 2·dim A)`` per layer and draw;
+                ``None``: every location. ``A`` is a plain mean over locations, so the subset is unbiased; for a
+                convolution (``B·H·W`` locations of dimension ``C·k²``) the full sum costs ``C·k²/C_out`` times its
+                forward pass (9× for a 3×3 conv with equal channels). ``G`` always uses every location.
             sigma: Noise standard deviation for ``likelihood="gaussian"`` when it cannot be read off ``nll``.
             exact_expectation: Take the label expectation exactly (one backward per output dimension) instead of
                 sampling; default: exactly when the model has at most ``mc_samples`` outputs per row.
@@ -577,6 +680,12 @@ class KroneckerCurvature:
             raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
+        if (
+            max_locations is not None
+            and max_locations != "auto"
+            and not (isinstance(max_locations, int) and max_locations > 0)
+        ):
+            raise ValueError(f"max_locations must be a positive int, 'auto' or None, got {max_locations!r}")
         if max_factor_dim < 1:
             raise ValueError(f"max_factor_dim must be positive, got {max_factor_dim}")
         mc_samples = int(mc_samples)
@@ -610,8 +719,11 @@ class KroneckerCurvature:
             info["likelihood_reason"] = detected["reason"]
 
         # ---- prior
+        clock = dict.fromkeys(("likelihood", "prior", "forward", "backward", "input_factors", "output_factors"), 0.0)
+        clock["likelihood"] = time.perf_counter() - t_start
         P, prior_notes = _measure_prior(model, log_prior, thetas.mean(0))
         info["prior"] = prior_notes
+        clock["prior"] = time.perf_counter() - t_start - clock["likelihood"]
 
         # ---- statistics
         blocks, reasons = _candidates(model, offsets, by_id, max_factor_dim)
@@ -626,14 +738,39 @@ class KroneckerCurvature:
             if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
                 return None
             fired.add(blk.name)
-            stat, count = _input_moment(blk, args[0].detach(), dtype)
-            blk.A_sum = stat if blk.A_sum is None else blk.A_sum + stat
-            blk.loc += count
+            x = args[0].detach()
+            seen = out.numel() // blk.out_dim
+            batched = x.dim() >= (2 if blk.kind == "linear" else 3 if blk.kind == "conv1d" else 4)
+            cap = (
+                max(_AUTO_MIN_LOCATIONS, _AUTO_LOCATIONS_PER_DIM * blk.in_dim)
+                if max_locations == "auto"
+                else max_locations
+            )
+            if cap is not None and seen > cap and batched and x.shape[0] > 1:
+                # A is a mean over locations: a uniform subset of rows (all of their locations) is unbiased for it
+                keep = math.ceil(cap * x.shape[0] / seen)
+                x = x[torch.randperm(x.shape[0], generator=gen, device=gen.device)[:keep].to(x.device)]
+            t0 = time.perf_counter()
+            if blk.kind == "linear" and blk.A_mom.can_keep(x.numel() // x.shape[-1]):
+                a = x.reshape(-1, x.shape[-1]).to(dtype)
+                if blk.bias is not None:
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+                blk.A_mom.add_rows(a)
+                count = a.shape[0]
+            else:
+                stat, count = _input_moment(blk, x, dtype)
+                blk.A_mom.add_sum(stat)
+            clock["input_factors"] += time.perf_counter() - t0
+            blk.loc += seen
+            blk.loc_A += count
             if not out.requires_grad:
                 return None
             calls.append((blk, out))
             return out.clone()  # in-place ops downstream change the clone, not the tensor we differentiate
 
+        for b in blocks:
+            b.A_mom = _Moment(b.in_dim, b.eig_A, keep_rows=reduce is None)
+            b.G_mom = _Moment(b.out_dim, b.eig_G, keep_rows=reduce is None)
         handles = [b.module.register_forward_hook(hook) for b in blocks]
         diag_params: list[nn.Parameter] = []
         diag_names: list[str] = []
@@ -651,7 +788,9 @@ class KroneckerCurvature:
                     calls.clear()
                     fired.clear()
                     losses = cls._losses(model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record)
+                    t0 = time.perf_counter()
                     first = next(losses)  # runs the forward pass (hooks fire)
+                    clock["forward"] += time.perf_counter() - t0
                     forwards += 1
                     if s == 0:
                         for b in blocks:
@@ -677,20 +816,22 @@ class KroneckerCurvature:
                     while loss is not None:
                         nxt = next(losses, None)
                         inputs = [o for _, o in calls] + diag_params
+                        t0 = time.perf_counter()
                         grads = torch.autograd.grad(loss, inputs, retain_graph=nxt is not None, allow_unused=True)
+                        t1 = time.perf_counter()
+                        clock["backward"] += t1 - t0
                         passes += 1
                         for (blk, _), g in zip(calls, grads):
                             if g is None:
                                 continue
-                            gr = _out_rows(blk, g.detach()).to(dtype)
-                            stat = _second_moment(gr, blk.eig_G)
-                            blk.G_sum = stat if blk.G_sum is None else blk.G_sum + stat
+                            blk.G_mom.add_rows(_out_rows(blk, g.detach()).to(dtype))
                         pos = 0
                         for p, g in zip(diag_params, grads[len(calls) :]):
                             k = p.numel()
                             if g is not None:
                                 diag_sum[pos : pos + k] += g.detach().reshape(-1).to(dtype).square()
                             pos += k
+                        clock["output_factors"] += time.perf_counter() - t1
                         del grads
                         loss = nxt
                     calls.clear()
@@ -706,26 +847,24 @@ class KroneckerCurvature:
         # ---- reduce and finalise
         red = reduce if reduce is not None else (lambda t: t)
         for b in blocks:
-            if b.G_sum is None:  # no gradient reached the layer's output: zero curvature
-                b.G_sum = (
-                    torch.zeros(b.out_dim, b.out_dim, dtype=dtype, device=device)
-                    if b.eig_G
-                    else torch.zeros(b.out_dim, dtype=dtype, device=device)
-                )
-            b.A_sum = red(b.A_sum)
-            b.G_sum = red(b.G_sum)
+            for mom, dim in ((b.A_mom, b.in_dim), (b.G_mom, b.out_dim)):
+                if reduce is not None:
+                    mom.fold()
+                    if mom.sum is None:  # e.g. no gradient reached the layer's output: zero curvature
+                        shape = (dim, dim) if mom.full else (dim,)
+                        mom.sum = torch.zeros(shape, dtype=dtype, device=device)
+                    mom.sum = red(mom.sum)
             b.loc = float(red(torch.tensor(b.loc, dtype=torch.float64, device=device)))
+            b.loc_A = float(red(torch.tensor(b.loc_A, dtype=torch.float64, device=device)))
         diag_sum = red(diag_sum)
         rows = float(red(torch.tensor(rows, dtype=torch.float64, device=device)))
         t_eig = time.perf_counter()
         notes_nonconst = []
         for b in blocks:
-            A = b.A_sum / max(b.loc, 1.0)
-            G = b.G_sum / (max(b.loc, 1.0) * passes_per_label)
-            b.A_sum = b.G_sum = None
+            b.lA, b.QA = b.A_mom.eig(1.0 / max(b.loc_A, 1.0), dtype, device)
+            b.lG, b.QG = b.G_mom.eig(1.0 / (max(b.loc, 1.0) * passes_per_label), dtype, device)
+            b.A_mom = b.G_mom = None
             b.locations = b.loc / max(rows, 1.0)
-            b.lA, b.QA = cls._eig(A, b.eig_A)
-            b.lG, b.QG = cls._eig(G, b.eig_G)
             pb = P[b.w_slice] if b.b_slice is None else torch.cat([P[b.w_slice], P[b.b_slice]])
             b.prior = float(pb.mean()) if pb.numel() else 0.0
             if pb.numel() and float(pb.max() - pb.min()) > 1e-6 * max(abs(b.prior), 1e-30):
@@ -754,9 +893,10 @@ class KroneckerCurvature:
                     "params": [p for p in (b.weight, b.bias) if p is not None],
                     "A_dim": b.in_dim,
                     "G_dim": b.out_dim,
-                    "A": "eigh" if b.eig_A else "diagonal (dim > max_factor_dim)",
-                    "G": "eigh" if b.eig_G else "diagonal (dim > max_factor_dim)",
+                    "A": _factor_form(b.QA, b.in_dim),
+                    "G": _factor_form(b.QG, b.out_dim),
                     "locations": b.locations,
+                    "A_locations_used": b.loc_A,
                 }
                 for b in blocks
             },
@@ -765,6 +905,7 @@ class KroneckerCurvature:
             diagonal_params=int(diag_index.numel()),
             eigh_seconds=eig_seconds,
             build_seconds=time.perf_counter() - t_start,
+            seconds={**clock, "forward": clock["forward"] - clock["input_factors"], "eigh": eig_seconds},
         )
         return cls(blocks, spec.dim, P, diag_index, diag_fisher, n, info)
 
@@ -841,54 +982,119 @@ class KroneckerCurvature:
                     yhat = mu + sigma * eps.to(mu.device, mu.dtype)
                     yield (out - yhat).square().sum() / (2 * sigma**2)
 
-    @staticmethod
-    def _eig(M: Tensor, full: bool) -> tuple[Tensor, Tensor | None]:
-        if not full:
-            return M.clamp_min(0), None
-        lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
-        return lam.clamp_min(0), Q.contiguous()
-
     # ------------------------------------------------------------------------------------- products
-    def _denominators(self, damping: float, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+    # Every product works in the eigenbasis: rotate v (Q_Gᵀ V Q_A per block), scale elementwise, rotate back. The
+    # rotations are the only costly part (≈ 2·out·in·(out + in) flops per layer and direction), so the eigenbasis
+    # coordinates of the last few inputs and outputs are cached (keyed by tensor identity and version counter,
+    # through weak references): solve(g, λ) for several λ rotates g once, and quad(x) of a solve or matmul result
+    # costs no rotation at all - the pattern of a damping search.
+    _CACHE = 6
+
+    def _data_eigvals(self, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """Eigenvalues of the data term per block (``n·L·λ_G λ_Aᵀ``, ``[r_G, r_A]``) and on the diagonal
+        parameters (``n·d``, ``[Dd]``); the prior precision is added by the callers."""
+        out = [
+            self.n * b.locations * b.lG.to(device, dtype)[:, None] * b.lA.to(device, dtype)[None, :]
+            for b in self.blocks
+        ]
+        out.append(self.n * self.diag_fisher.to(device, dtype))
+        return out
+
+    @staticmethod
+    def _low_rank(b: _Block) -> bool:
+        """Whether the block's eigenbasis misses directions (kept-rows factors): there ``K`` is the prior alone."""
+        return any(Q is not None and Q.shape[1] < Q.shape[0] for Q in (b.QA, b.QG))
+
+    def _lookup(self, v: Tensor) -> list[Tensor] | None:
+        for ref, version, coords in self._cache:
+            if ref() is v and v._version == version:
+                return coords
+        return None
+
+    def _remember(self, v: Tensor, coords: list[Tensor]) -> None:
+        self._cache = [e for e in self._cache if e[0]() is not None and e[0]() is not v][-(self._CACHE - 1) :]
+        self._cache.append((weakref.ref(v), v._version, coords))
+
+    def _coords(self, v: Tensor) -> list[Tensor]:
+        """Eigenbasis coordinates of ``v`` (``[D]`` or ``[D, k]``): ``[k, out, in]`` per block, then ``[Dd, k]``."""
+        coords = self._lookup(v)
+        if coords is not None:
+            return coords
+        V = self._as_matrix(v)
+        coords = []
         for b in self.blocks:
-            lG, lA = b.lG.to(device, dtype), b.lA.to(device, dtype)
-            yield self.n * b.locations * lG[:, None] * lA[None, :] + (b.prior + damping)
-        yield self.n * self.diag_fisher.to(device, dtype) + self.prior[self.diag_index].to(device, dtype) + damping
+            M = b.to_matrix(V)
+            if b.QG is not None:
+                M = b.QG.to(V.device, V.dtype).T @ M
+            if b.QA is not None:
+                M = M @ b.QA.to(V.device, V.dtype)
+            coords.append(M)
+        coords.append(V[self.diag_index.to(V.device)])
+        self._remember(v, coords)
+        return coords
+
+    def _as_matrix(self, v: Tensor) -> Tensor:
+        if v.dim() not in (1, 2) or v.shape[0] != self.dim:
+            raise ValueError(f"expected a vector [{self.dim}] or matrix [{self.dim}, k], got {tuple(v.shape)}")
+        v = v.detach()
+        return v[:, None] if v.dim() == 1 else v
 
     def _apply(self, v: Tensor, inverse: bool, damping: float) -> Tensor:
-        if v.shape[0] != self.dim or v.dim() not in (1, 2):
-            raise ValueError(f"expected a vector [{self.dim}] or matrix [{self.dim}, k], got {tuple(v.shape)}")
-        V = v.detach()[:, None] if v.dim() == 1 else v.detach()
-        out = torch.empty_like(V)
-        dens = self._denominators(damping, V.dtype, V.device)
-        for b, den in zip(self.blocks, dens):
-            M = b.to_matrix(V)  # [k, out, in]
-            QG = b.QG.to(V.device, V.dtype) if b.QG is not None else None
-            QA = b.QA.to(V.device, V.dtype) if b.QA is not None else None
-            if QG is not None:
-                M = QG.T @ M
-            if QA is not None:
-                M = M @ QA
+        """``K v`` or ``(K + damping·I)⁻¹ v``. Per block with data eigenvalues ``Λ`` in the eigenbasis ``U`` and the
+        prior ``p`` on the rest: ``f(K) v = f(p)·v + U (f(Λ + p) − f(p)) Uᵀ v`` (``= U f(Λ + p) Uᵀ v`` when ``U`` is
+        a complete basis)."""
+        V = self._as_matrix(v)
+        coords = self._coords(v)
+        lams = self._data_eigvals(V.dtype, V.device)
+        scaled, rest = [], []
+        for i, b in enumerate(self.blocks):
+            low = self._low_rank(b)
+            base = b.prior + (damping if inverse else 0.0)
+            full = lams[i] + base
             if inverse:
-                if float(den.min()) <= 0:
-                    raise ValueError(f"K + {damping}·I is singular on layer '{b.name}': pass damping > 0")
-                M = M / den
+                if (full.numel() and float(full.min()) <= 0) or (low and base <= 0):
+                    raise ValueError(
+                        f"K + {damping}·I is singular on layer '{b.name}': pass damping > 0 (or a log_prior)"
+                    )
+                f, f0 = 1.0 / full, 1.0 / base if low else 0.0
             else:
-                M = M * den
-            if QG is not None:
-                M = QG @ M
-            if QA is not None:
-                M = M @ QA.T
-            b.from_matrix(M, out)
-        den = next(dens)
-        idx = self.diag_index.to(V.device)
-        if inverse and den.numel() and float(den.min()) <= 0:
-            raise ValueError(f"K + {damping}·I is singular on diagonal parameters: pass damping > 0")
-        out[idx] = V[idx] / den[:, None] if inverse else V[idx] * den[:, None]
-        return out[:, 0] if v.dim() == 1 else out
+                f, f0 = full, base
+            scaled.append(coords[i] * f)
+            rest.append((coords[i] * (f - f0), f0) if low else None)
+        diag = lams[-1][:, None] + self.prior[self.diag_index].to(V.device, V.dtype)[:, None]
+        if inverse:
+            diag = diag + damping
+            if diag.numel() and float(diag.min()) <= 0:
+                raise ValueError(f"K + {damping}·I is singular on the diagonal parameters: pass damping > 0")
+            scaled.append(coords[-1] / diag)
+        else:
+            scaled.append(coords[-1] * diag)
+        out = torch.empty_like(V)
+        for b, C, extra in zip(self.blocks, scaled, rest):
+            if extra is None:
+                b.from_matrix(self._back(b, C, V), out)
+            else:
+                delta, f0 = extra
+                b.from_matrix(f0 * b.to_matrix(V) + self._back(b, delta, V), out)
+        out[self.diag_index.to(V.device)] = scaled[-1]
+        result = out[:, 0] if v.dim() == 1 else out
+        self._remember(result, scaled)  # Uᵀ f(K) v = f(Λ + p)·Uᵀ v also for an incomplete basis
+        return result
+
+    @staticmethod
+    def _back(b: _Block, C: Tensor, like: Tensor) -> Tensor:
+        if b.QG is not None:
+            C = b.QG.to(like.device, like.dtype) @ C
+        if b.QA is not None:
+            C = C @ b.QA.to(like.device, like.dtype).T
+        return C
 
     def solve(self, v: Tensor, damping: float = 0.0) -> Tensor:
-        """``(K + damping·I)⁻¹ v`` for ``v`` of shape ``[D]`` or ``[D, k]`` (closed form for any damping)."""
+        """``(K + damping·I)⁻¹ v`` for ``v`` of shape ``[D]`` or ``[D, k]`` (closed form for any damping).
+
+        Raises:
+            ValueError: if ``K + damping·I`` is singular (no prior precision and ``damping = 0``).
+        """
         return self._apply(v, True, float(damping))
 
     def __matmul__(self, v: Tensor) -> Tensor:
@@ -900,8 +1106,18 @@ class KroneckerCurvature:
         return self @ v
 
     def quad(self, x: Tensor) -> float:
-        """``xᵀ K x`` for ``x`` of shape ``[D]``."""
-        return float(x.detach().reshape(-1) @ (self @ x.detach().reshape(-1)))
+        """``xᵀ K x`` for ``x`` of shape ``[D]`` (free for a result of :meth:`solve` or ``@``; else one rotation):
+        ``Σ_blocks (p‖x_b‖² + Σ Λ·(Uᵀx_b)²) + Σ_diag (n·d + P)·x²``."""
+        if x.dim() != 1:
+            raise ValueError(f"quad takes a vector [{self.dim}], got {tuple(x.shape)}")
+        coords = self._coords(x)
+        X = x.detach()[:, None]
+        lams = self._data_eigvals(X.dtype, X.device)
+        total = 0.0
+        for b, C, lam in zip(self.blocks, coords, lams):
+            total += b.prior * float(b.to_matrix(X).square().sum()) + float((C.square() * lam).sum())
+        diag = lams[-1] + self.prior[self.diag_index].to(X.device, X.dtype)
+        return total + float((coords[-1][:, 0].square() * diag).sum())
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -1,0 +1,174 @@
+"""Cost of building and applying the Kronecker-factored curvature, in SGLD steps of the same model.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kronecker.py [--models digits,lenet5,mlp,resnet]
+        [--draws 4] [--rows 128] [--max-locations 16384] [--repeats 3]
+
+For each model: the median time of one SGLD step (energy forward + backward on ``--rows`` rows + update), of
+``KroneckerCurvature.build`` over ``--draws`` draws × ``--rows`` rows (one sampled label per row), split into the
+label passes and the eigendecompositions, of one ``solve(v, damping)`` and one ``K @ v``, and the build's memory
+estimate. Inputs are random (the cost does not depend on the values). One thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.kronecker import KroneckerCurvature
+from mcmc_unlearner.models.bnn import MLP, DigitsNet, LeNet5
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN + (1x1 conv-BN) shortcut, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class ResNetSmall(nn.Module):
+    """Stem conv 3→64, residual blocks of 64, 128 (stride 2) and 256 (stride 2) channels, pool, fc: 1.2M params."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(64, 64, 1), BasicBlock(64, 128, 2), BasicBlock(128, 256, 2))
+        self.fc = nn.Linear(256, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+MODELS = {
+    "digits": (lambda: DigitsNet(1, 10, input_size=8), (1, 8, 8)),
+    "lenet5": (lambda: LeNet5(1, 10, input_size=32), (1, 32, 32)),
+    "mlp": (lambda: MLP(784, hidden=(1024, 1024), n_classes=10), (1, 28, 28)),
+    "resnet": (ResNetSmall, (3, 32, 32)),
+}
+
+
+def nll(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def log_prior(model: nn.Module) -> torch.Tensor:
+    return -0.5 * sum((p**2).sum() for p in model.parameters()) / 0.1**2
+
+
+def rss(field: str) -> int:
+    """``VmRSS``/``VmHWM`` of this process in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field))
+    except OSError:
+        return 0
+
+
+def reset_peak() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs``), so the next peak is the build's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench(name: str, args: argparse.Namespace, max_locations: int | str | None, g: torch.Generator) -> None:
+    """Time one model and print one line."""
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + 0.01 * torch.randn(args.draws, theta.numel(), generator=g)
+    batches = [
+        (torch.randn(args.rows, *shape, generator=g), torch.randint(0, 10, (args.rows,), generator=g))
+        for _ in range(args.draws)
+    ]
+
+    def sgld_step() -> None:
+        model.zero_grad(set_to_none=True)
+        energy = 10_000 * nll(model, batches[0]).mean() - log_prior(model)
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-1e-7).add_(torch.randn(p.shape, generator=g), alpha=1e-4)
+
+    step = median_time(sgld_step, args.repeats + 2)
+    ParamSpec.assign(model, theta)
+    model.zero_grad(set_to_none=True)
+    estimate = KroneckerCurvature.memory_estimate(model, args.rows, batches[0])
+    builds = []
+    reset_peak()
+    base = rss("VmRSS")
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        K = KroneckerCurvature.build(
+            model, thetas, batches, 10_000, nll=nll, log_prior=log_prior, max_locations=max_locations,
+            max_factor_dim=args.max_factor_dim,
+        )  # fmt: skip
+        builds.append((time.perf_counter() - t, K.info["seconds"]))
+    peak = rss("VmHWM") - base
+    build, parts = sorted(builds, key=lambda b: b[0])[(len(builds) - 1) // 2]
+    solve = median_time(lambda: K.solve(torch.randn(K.dim, generator=g), 1.0), 5)  # fresh vectors: no cache
+    matvec = median_time(lambda: K @ torch.randn(K.dim, generator=g), 5)
+    v = torch.randn(K.dim, generator=g)
+    K.solve(v, 1.0)
+    resolve = median_time(lambda: K.quad(K.solve(v, 2.0)), 5)  # another damping for the same v, then quad
+    dims = [max(b["A_dim"], b["G_dim"]) for b in K.info["kronecker"].values()]
+    split = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+    print(
+        f"{name:7s} D={K.dim:>9,d}  SGLD step {step * 1e3:8.1f} ms | build {build:7.2f} s = {build / step:5.1f} steps "
+        f"[{split}] | solve {solve * 1e3:7.1f} ms, K@v {matvec * 1e3:7.1f} ms, re-solve+quad {resolve * 1e3:7.1f} ms"
+        f" | backward passes {K.info['backward_passes']} | diag params {K.info['diagonal_params']:,d} | "
+        f"memory estimate {estimate / 2**20:7.1f} MiB, peak RSS growth {peak / 2**20:7.1f} MiB | "
+        f"largest factor {max(dims)}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits,lenet5,mlp,resnet")
+    parser.add_argument("--draws", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--max-locations", default="auto", help="an int, 'auto' or 'none'")
+    parser.add_argument("--max-factor-dim", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    choice = args.max_locations.lower()
+    max_locations = "auto" if choice == "auto" else None if choice == "none" else int(choice)
+    g = torch.Generator().manual_seed(0)
+    for name in args.models.split(","):
+        bench(name, args, max_locations, g)
+
+
+if __name__ == "__main__":
+    main()
