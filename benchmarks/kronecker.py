@@ -1,7 +1,7 @@
 """Cost of building and applying the Kronecker-factored curvature, in SGLD steps of the same model.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kronecker.py [--models digits,lenet5,mlp,resnet]
-        [--draws 4] [--rows 128] [--max-locations 16384] [--repeats 3]
+        [--draws 4] [--rows 128] [--max-locations auto|none|N] [--repeats 3] [--compare-subsampling]
 
 For each model: the median time of one SGLD step (energy forward + backward on ``--rows`` rows + update), of
 ``KroneckerCurvature.build`` over ``--draws`` draws × ``--rows`` rows (one sampled label per row), split into the
@@ -153,6 +153,41 @@ def bench(name: str, args: argparse.Namespace, max_locations: int | str | None, 
     )
 
 
+def compare_subsampling(name: str, g: torch.Generator) -> None:
+    """How far the step moves when A is subsampled (max_locations="auto") vs when the labels are redrawn.
+
+    For ``v`` = the summed-NLL gradient of 64 other rows (a deletion request's right-hand side) prints the relative
+    error ``‖x − x_ref‖_K / ‖x_ref‖_K`` of ``x = K⁻¹v`` against the full build (every location, label seed 0).
+    """
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + 0.01 * torch.randn(4, theta.numel(), generator=g)
+    batches = [(torch.randn(128, *shape, generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(4)]
+    removed = (torch.randn(64, *shape, generator=g), torch.randint(0, 10, (64,), generator=g))
+    grads = torch.autograd.grad(nll(model, removed).sum(), ParamSpec.params(model))
+    v = torch.cat([t.reshape(-1) for t in grads])
+    settings = {
+        "full, labels seed 0": {"max_locations": None},
+        "full, exact label expectation": {"max_locations": None, "exact_expectation": True},
+        "full, labels seed 1": {"max_locations": None, "generator": torch.Generator().manual_seed(1)},
+        "auto, labels seed 0": {},
+        "auto, labels seed 1": {"generator": torch.Generator().manual_seed(1)},
+    }
+    built = {}
+    for label, kw in settings.items():
+        built[label] = KroneckerCurvature.build(model, thetas, batches, 10_000, nll=nll, log_prior=log_prior, **kw)
+    ref = built["full, labels seed 0"]
+    x_ref = ref.solve(v)
+    norm = ref.quad(x_ref) ** 0.5
+    for label, K in built.items():
+        x = K.solve(v)
+        err = ref.quad(x - x_ref) ** 0.5 / norm
+        cos = float(x @ x_ref / (x.norm() * x_ref.norm()))
+        print(f"{name}: {label}: build {K.info['build_seconds']:.1f} s, rel. K-norm error {err:.3f}, cosine {cos:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits,lenet5,mlp,resnet")
@@ -161,13 +196,17 @@ def main() -> None:
     parser.add_argument("--max-locations", default="auto", help="an int, 'auto' or 'none'")
     parser.add_argument("--max-factor-dim", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-subsampling", action="store_true", help="accuracy of max_locations='auto'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     choice = args.max_locations.lower()
     max_locations = "auto" if choice == "auto" else None if choice == "none" else int(choice)
     g = torch.Generator().manual_seed(0)
     for name in args.models.split(","):
-        bench(name, args, max_locations, g)
+        if args.compare_subsampling:
+            compare_subsampling(name, g)
+        else:
+            bench(name, args, max_locations, g)
 
 
 if __name__ == "__main__":

@@ -561,3 +561,36 @@ def test_low_rank_factors_from_few_rows_equal_the_full_eigendecomposition() -> N
     x = V[:, 0].clone()
     assert math.isclose(low.quad(x), float(x @ Kd @ x), rel_tol=1e-10)
     assert math.isclose(low.quad(low.solve(x, 0.5)), float(low.solve(x, 0.5) @ Kd @ low.solve(x, 0.5)), rel_tol=1e-10)
+
+
+def test_cost_is_one_backward_per_draw_and_label_sample_whatever_the_class_count() -> None:
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 100)).double()
+    theta = ParamSpec.flatten_module(model)
+    batches = [(torch.randn(4, 5, dtype=D64), torch.randint(0, 100, (4,))) for _ in range(3)]
+    K = KroneckerCurvature.build(model, theta[None].repeat(3, 1), batches, n=10, nll=ce_nll, mc_samples=2)
+    assert K.info["backward_passes"] == 3 * 2 and K.info["forward_passes"] == 3
+    assert K.info["label_expectation"] == "mc"
+
+
+def test_tied_weights_fall_back_to_the_diagonal() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.mid = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 6, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.mid(self.emb(tokens))))
+
+    torch.manual_seed(14)
+    model = Tied().double()
+    batch = (torch.randint(0, 6, (5,)), torch.randint(0, 6, (5,)))
+    theta = ParamSpec.flatten_module(model)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=10, nll=ce_nll, log_prior=iso_prior(1.0))
+    assert list(K.info["kronecker"]) == ["mid"]
+    assert "tied" in K.info["diagonal"]["emb.weight"]
+    V = torch.randn(theta.numel(), 2, dtype=D64)
+    torch.testing.assert_close(K.solve(K @ V, 0.1), V - 0.1 * K.solve(V, 0.1), atol=1e-10, rtol=1e-10)

@@ -190,7 +190,8 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
                 other, F.cross_entropy(out, shifted, reduction="none")
             ):
                 return Likelihood.CATEGORICAL, {}
-            return Likelihood.EMPIRICAL, {"reason": "integer labels, but nll is not cross_entropy(model(x), y)"}
+            hint = " (the model is in training mode: dropout makes forwards differ)" if model.training else ""
+            return Likelihood.EMPIRICAL, {"reason": f"integer labels, but nll is not cross_entropy(model(x), y){hint}"}
         if y.is_floating_point() and y.numel() == out.numel():
             gen = torch.Generator().manual_seed(0)
             scale = float(y.double().std()) if y.numel() > 1 else 1.0
@@ -690,6 +691,11 @@ class KroneckerCurvature:
             raise ValueError(f"max_factor_dim must be positive, got {max_factor_dim}")
         mc_samples = int(mc_samples)
         info: dict[str, Any] = {"draws": S, "mc_samples": mc_samples, "model_training": bool(model.training)}
+        if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            info["warning"] = (
+                "model in training mode: BatchNorm batch statistics couple the rows, so the per-row curvature is "
+                "approximate; call model.eval() first"
+            )
 
         # ---- likelihood
         detected: dict[str, Any] = {}
