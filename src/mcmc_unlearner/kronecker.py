@@ -28,24 +28,35 @@ factorising the expectation (the "expand" setting of Eschenhagen et al., NeurIPS
 ``p`` is exact when the prior precision is constant on the block; otherwise its mean is used (recorded in
 ``info``). A factor larger than ``max_factor_dim`` keeps only its diagonal (``Q = I``, recorded).
 
-**Labels.** The expectation over ``ŷ`` is sampled (``mc_samples`` labels per row: categorical ``ŷ ~
-softmax(model(x))``, Gaussian ``ŷ = μ + σε``) with ONE backward pass of ``Σ_i loss(out_i, ŷ_i)`` per sample;
-since rows do not interact, the gradient w.r.t. a layer output at row ``i`` is that row's own ``g_i``. The cost
-is O(draws × mc_samples) backward passes whatever the number of classes. When the model has at most
-``mc_samples`` outputs per row (e.g. scalar regression) the exact expectation costs no more and is used instead
-(one backward per output, ``√p_c``-weighted for the softmax). With ``Likelihood.EMPIRICAL`` (any other ``nll``)
-the gradients of the user's ``nll`` at the TRUE labels are used: the *empirical* Fisher, a weaker approximation
-of the curvature (Kunstner et al., 2019) - ``info["fisher"]`` says so.
+**Sampling.** The expectation over labels is Monte-Carlo estimated with ONE backward pass per sample:
+with ``s_i`` a random vector in output space whose covariance is the loss's output Hessian ``H_i``
+(``E[s_i s_iᵀ] = H_i``), the backward pass of ``Σ_i ⟨out_i, s_i⟩`` gives every layer the per-row output gradients
+``g_i = J_iᵀ s_i`` (rows do not interact), and ``E[g_i g_iᵀ] = J_iᵀ H_i J_i`` is the row's GGN. The cost is
+O(draws × mc_samples) backward passes whatever the number of classes. Two samplers:
+
+* ``sampling="gaussian"`` (default): ``s = (I − p1ᵀ)(√p ⊙ ε)``, ``ε ~ N(0, I)`` for the softmax, since
+  ``(I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ = H``; ``s = ε/σ`` for the Gaussian likelihood.
+* ``sampling="labels"``: K-FAC practice (Martens & Grosse, 2015), ``ŷ ~ softmax(model(x))`` and
+  ``s = p − e_ŷ`` (the gradient of ``−log p_ŷ``), also with ``E[s sᵀ] = H``. For a confident model this is far
+  noisier: a class of probability ``p_a`` contributes only when it is drawn, so ``s_a²`` has relative standard
+  deviation ``≈ 1/√p_a``, against ``√2`` for the Gaussian sketch. On trained digits classifiers (4 draws × 128
+  rows, one sample, ``benchmarks/kronecker.py --compare-sampling``) the error of ``K⁻¹v`` against the exact
+  expectation has median 89% (CNN) / 49% (MLP) with labels and 36% / 17% with the Gaussian sketch.
+
+When the model has at most ``mc_samples`` outputs per row (e.g. scalar regression) the exact expectation costs no
+more and is used instead (one backward per output, ``√p_c``-weighted for the softmax). With
+``Likelihood.EMPIRICAL`` (any other ``nll``) the gradients of the user's ``nll`` at the TRUE labels are used: the
+*empirical* Fisher, a weaker approximation of the curvature (Kunstner et al., 2019) - ``info["fisher"]`` says so.
 
 **Diagonal fallback.** Every other parameter (BatchNorm/LayerNorm affine terms, embeddings, raw parameters such
 as ``MultiheadAttention.in_proj_weight``, and Linear/Conv layers whose forward hook does not fire because their
 weight is used through ``F.linear`` directly, like ``MultiheadAttention.out_proj``) gets the diagonal
-``P + n·diag(E[C_i])``, estimated WITHOUT per-example gradients: with sampled labels
-``E_ŷ[g_i] = E_ŷ[∇ log p(ŷ|x_i)] = 0`` (the score has mean zero) and labels of different rows are independent, so
+``P + n·diag(E[C_i])``, estimated WITHOUT per-example gradients: the samples have mean zero (``E[s_i] = 0``; for
+labels, the score ``E_ŷ[∇ log p(ŷ|x_i)] = 0``) and are independent across rows, so ``E[g_i] = 0`` and
 
     E[(Σ_i g_i)²] = Σ_i E[g_i²] + Σ_{i≠j} E[g_i]·E[g_j] = Σ_i E[g_i²]   (elementwise),
 
-i.e. the square of the ONE minibatch gradient of the sampled-label loss, divided by the number of rows, is an
+i.e. the square of the ONE minibatch gradient of the sampled loss, divided by the number of rows, is an
 unbiased estimate of the mean row diagonal. For the exact expectation and the empirical Fisher (where the
 gradients do not have mean zero) each row's loss is multiplied by an independent random sign ``r_i = ±1``,
 which gives the same identity through ``E[r_i r_j] = δ_ij``.
@@ -627,6 +638,7 @@ class KroneckerCurvature:
         max_locations: int | str | None = "auto",
         sigma: float | None = None,
         exact_expectation: bool | None = None,
+        sampling: str = "gaussian",
     ) -> KroneckerCurvature:
         """Accumulate the factors over posterior draws ``thetas[s]`` with minibatches ``batches[s]``.
 
@@ -656,6 +668,8 @@ class KroneckerCurvature:
             sigma: Noise standard deviation for ``likelihood="gaussian"`` when it cannot be read off ``nll``.
             exact_expectation: Take the label expectation exactly (one backward per output dimension) instead of
                 sampling; default: exactly when the model has at most ``mc_samples`` outputs per row.
+            sampling: ``"gaussian"`` (output-Hessian square root times Gaussian noise) or ``"labels"`` (sampled
+                labels, as in K-FAC practice; much noisier for confident classifiers): see the module docstring.
 
         Raises:
             ValueError: on inconsistent shapes, an unknown likelihood, or a likelihood that cannot be used.
@@ -689,6 +703,8 @@ class KroneckerCurvature:
             raise ValueError(f"max_locations must be a positive int, 'auto' or None, got {max_locations!r}")
         if max_factor_dim < 1:
             raise ValueError(f"max_factor_dim must be positive, got {max_factor_dim}")
+        if sampling not in ("gaussian", "labels"):
+            raise ValueError(f"sampling must be 'gaussian' or 'labels', got {sampling!r}")
         mc_samples = int(mc_samples)
         info: dict[str, Any] = {"draws": S, "mc_samples": mc_samples, "model_training": bool(model.training)}
         if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -793,7 +809,9 @@ class KroneckerCurvature:
                     B = _field_rows(batch)
                     calls.clear()
                     fired.clear()
-                    losses = cls._losses(model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record)
+                    losses = cls._losses(
+                        model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record, sampling
+                    )
                     t0 = time.perf_counter()
                     first = next(losses)  # runs the forward pass (hooks fire)
                     clock["forward"] += time.perf_counter() - t0
@@ -884,13 +902,14 @@ class KroneckerCurvature:
         prior_notes["mean_used_on_blocks"] = notes_nonconst
 
         fisher = {
-            "mc": f"GGN/Fisher with {mc_samples} sampled label(s) per row and draw",
+            "mc": f"GGN/Fisher, Monte Carlo: {mc_samples} {sampling} sample(s) per row and draw",
             "exact": "GGN/Fisher with the exact expectation over labels (one backward per output dimension)",
             "empirical": "EMPIRICAL Fisher: gradients of nll at the true labels (a weaker curvature approximation)",
         }[mode]
         info.update(
             fisher=fisher,
             label_expectation=mode,
+            sampling=sampling if mode == "mc" else None,
             rows=rows,
             forward_passes=forwards,
             backward_passes=passes,
@@ -938,6 +957,7 @@ class KroneckerCurvature:
         sigma: float | None,
         gen: torch.Generator,
         record: dict[str, str],
+        sampling: str = "gaussian",
     ) -> Iterator[Tensor]:
         """Scalar losses whose backward passes give the statistics; the first item runs the forward pass.
 
@@ -971,10 +991,15 @@ class KroneckerCurvature:
                 r = signs(out)
                 for c in range(width):
                     yield -(r * probs[:, c].sqrt() * logp[:, c]).sum()
-            else:
+            elif sampling == "labels":  # ŷ ~ p: gradient p − e_ŷ, E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ
                 for _ in range(mc_samples):
                     yhat = torch.multinomial(probs.to(gen.device, torch.float64), 1, generator=gen)[:, 0]
                     yield -logp.gather(1, yhat.to(out.device)[:, None]).sum()
+            else:  # s = (I − p1ᵀ)(√p ⊙ ε), ε ~ N(0, I): E[s sᵀ] = (I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ
+                for _ in range(mc_samples):
+                    eps = torch.randn(probs.shape, generator=gen, device=gen.device, dtype=probs.dtype)
+                    root = probs.sqrt() * eps.to(out.device)
+                    yield (out * (root - probs * root.sum(-1, keepdim=True))).sum()
         else:
             if use_exact:  # Σ_k e_k e_kᵀ / σ² = I/σ², the Gaussian's output Hessian
                 r = signs(out)
