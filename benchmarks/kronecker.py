@@ -158,7 +158,7 @@ def compare_subsampling(name: str, g: torch.Generator) -> None:
     """How far the step moves when A is subsampled (max_locations="auto") vs when the labels are redrawn.
 
     For ``v`` = the summed-NLL gradient of 64 other rows (a deletion request's right-hand side) prints the relative
-    error ``‖x − x_ref‖_K / ‖x_ref‖_K`` of ``x = K⁻¹v`` against the full build (every location, label seed 0).
+    error ``‖x − x_ref‖_K / ‖x_ref‖_K`` of ``x = K⁻¹v`` against the full build (every location, sample seed 0).
     """
     make, shape = MODELS[name]
     torch.manual_seed(0)
@@ -170,16 +170,16 @@ def compare_subsampling(name: str, g: torch.Generator) -> None:
     grads = torch.autograd.grad(nll(model, removed).sum(), ParamSpec.params(model))
     v = torch.cat([t.reshape(-1) for t in grads])
     settings = {
-        "full, labels seed 0": {"max_locations": None},
+        "full, sample seed 0": {"max_locations": None},
         "full, exact label expectation": {"max_locations": None, "exact_expectation": True},
-        "full, labels seed 1": {"max_locations": None, "generator": torch.Generator().manual_seed(1)},
-        "auto, labels seed 0": {},
-        "auto, labels seed 1": {"generator": torch.Generator().manual_seed(1)},
+        "full, sample seed 1": {"max_locations": None, "generator": torch.Generator().manual_seed(1)},
+        "auto, sample seed 0": {},
+        "auto, sample seed 1": {"generator": torch.Generator().manual_seed(1)},
     }
     built = {}
     for label, kw in settings.items():
         built[label] = KroneckerCurvature.build(model, thetas, batches, 10_000, nll=nll, log_prior=log_prior, **kw)
-    ref = built["full, labels seed 0"]
+    ref = built["full, sample seed 0"]
     x_ref = ref.solve(v)
     norm = ref.quad(x_ref) ** 0.5
     for label, K in built.items():

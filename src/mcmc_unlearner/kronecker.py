@@ -1,4 +1,4 @@
-r"""Kronecker-factored curvature of a Bayesian network's energy, with Monte-Carlo labels, for any PyTorch model.
+r"""Kronecker-factored curvature of a Bayesian network's energy, Monte-Carlo over labels, for any PyTorch model.
 
 Approximates the sample-averaged curvature of the MCMC influence function (Fu, He & Tao, ICLR 2022, eq. 7)
 
@@ -26,7 +26,11 @@ factorising the expectation (the "expand" setting of Eschenhagen et al., NeurIPS
     (n·L·A⊗G + (p + λ)·I)⁻¹ vec(V) = vec(Q_G [(Q_Gᵀ V Q_A) / (n·L·λ_G λ_Aᵀ + p + λ)] Q_Aᵀ).
 
 ``p`` is exact when the prior precision is constant on the block; otherwise its mean is used (recorded in
-``info``). A factor larger than ``max_factor_dim`` keeps only its diagonal (``Q = I``, recorded).
+``info``). A factor larger than ``max_factor_dim`` keeps only its diagonal (``Q = I``, recorded). A factor seen on
+fewer rows than its dimension (wide MLP layers, few draws) is decomposed through the Gram matrix of its rows; its
+eigenbasis is then incomplete and ``K`` is ``p + λ`` on the missing directions. ``A`` is a mean over locations, so
+by default (``max_locations="auto"``) each convolution's ``A`` is estimated from a random subset of rows with
+``max(1024, 2·dim A)`` locations per draw: the full sum costs ``C_in·k²/C_out`` forward passes of the layer.
 
 **Sampling.** The expectation over labels is Monte-Carlo estimated with ONE backward pass per sample:
 with ``s_i`` a random vector in output space whose covariance is the loss's output Hessian ``H_i``
@@ -63,8 +67,9 @@ which gives the same identity through ``E[r_i r_j] = δ_ij``.
 
 **Distributed building.** Every statistic is a sum (second-moment sums, location, row and squared-gradient
 sums) until it is finalised, and ``reduce`` is applied to each, so ranks holding different rows can all-reduce
-them (``reduce=lambda t: (dist.all_reduce(t), t)[1]``). The Kronecker factors then equal the single-process ones;
-the diagonal estimate differs by zero-mean cross terms (its square is taken per rank).
+them (``reduce=lambda t: (dist.all_reduce(t), t)[1]``). The Kronecker factors then equal the single-process ones
+(in expectation when ``A`` is subsampled); the diagonal estimate differs by zero-mean cross terms (its square is
+taken per rank). With a ``reduce`` the rows of wide layers are summed rather than kept (no Gram-matrix shortcut).
 """
 
 from __future__ import annotations
@@ -293,10 +298,13 @@ def prior_precision(model: nn.Module, log_prior: Callable[[nn.Module], Tensor] |
 
     For each parameter tensor ``k``: ``−vᵀ∇²log p(θ)v / ‖v‖²`` for a random Gaussian probe ``v`` supported on that
     tensor (double backward through ``log_prior(model)`` evaluated at ``theta`` by ``functional_call``). This is
-    exact for Gaussian priors that are isotropic on each tensor (``N(0, σ_k² I)``, any ``σ_k``, any mean) and a
-    local (probe-direction) curvature at ``theta`` otherwise. Returns zeros when ``log_prior`` is ``None`` or
-    does not depend on the parameters. Negative values (a locally non-convex prior) are clamped to 0 and a
-    :class:`RuntimeWarning` names the tensors. The model is not changed.
+    exact for Gaussian priors that are isotropic on each tensor (``N(μ_k, σ_k² I)``, any ``σ_k`` and mean) and a
+    local (probe-direction) curvature at ``theta`` otherwise. Two probes spread over all tensors at once are tried
+    first: for a prior separable across tensors and isotropic on each, every tensor's quotient is its precision
+    whatever the probe, so they agree and two double-backward passes suffice; otherwise one probe per tensor is
+    used. Returns zeros when ``log_prior`` is ``None`` or does not depend on the parameters. Negative values (a
+    locally non-convex prior) are clamped to 0 and a :class:`RuntimeWarning` names the tensors. The model is not
+    changed.
 
     Returns:
         ``[D]`` tensor in ``theta``'s dtype/device.
@@ -512,7 +520,7 @@ def _patches(block: _Block, x: Tensor) -> Tensor:
 
 def _chunks(block: _Block, x: Tensor) -> Iterator[Tensor]:
     """Row chunks of the layer input whose unfolded patches take about ``_CHUNK_BYTES`` each."""
-    if block.kind == "linear" or x.dim() < 3:
+    if block.kind == "linear" or x.dim() <= (2 if block.kind == "conv1d" else 3):  # linear, or unbatched
         yield x
         return
     per_row = x[0].numel() * math.prod(block.module.kernel_size) * x.element_size()
