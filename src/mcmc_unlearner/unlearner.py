@@ -590,9 +590,8 @@ class MCMCUnlearner:
         return self.bank.clone() if self._layout is None else self._layout.restore(self.bank)
 
     # ------------------------------------------------------------------ hooks of the data-parallel version
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum across ranks (identity in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`)."""
-        return t
+    #: Sum across ranks (``None`` in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`).
+    _reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def _row_nll(self) -> Callable[[nn.Module, Batch], torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import all_finite
 from ..solvers import SolveResult
-from .base import CurvatureBackend, Problem
+from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
 __all__ = ["KFACBackend"]
 
@@ -61,14 +61,14 @@ class KFACBackend(CurvatureBackend):
                 likelihood=self.likelihood,
                 mc_samples=self.mc_samples,
                 generator=problem.generator,
-                reduce=problem.reduce,
+                reduce=problem.reduce,  # None in one process (keeps the Gram-matrix path for wide layers)
             )
             age = 1
         self._n = problem.n
         self._scale = None
         self._dtype = problem.thetas.dtype
         self._pending = (kfac, age)
-        info = {"preconditioner_reused": reused}
+        info: dict[str, Any] = {"preconditioner_reused": reused, "kfac": kfac.info}
         info.update({f"kfac_{k}": v for k, v in kfac.info.items() if isinstance(v, (int, float, str, bool))})
         return info
 
@@ -79,7 +79,10 @@ class KFACBackend(CurvatureBackend):
         return k
 
     def solve(self, rhs: torch.Tensor, damping: float) -> SolveResult:
-        x = self._k.solve(rhs, damping)
+        try:
+            x = self._k.solve(rhs, damping)
+        except ValueError as exc:  # singular: no prior precision and no damping on some directions
+            raise NegativeCurvatureError(str(exc)) from None
         ok = all_finite(x)
         return SolveResult(x, "kfac", 0, 0.0 if ok else float("nan"), ok, 0.0, {"damping": damping})
 
