@@ -615,9 +615,16 @@ class MCMCUnlearner:
                 self._row_bytes = sum(t[:1].numel() * t.element_size() for t in batch) * 64
         return self._row_bytes
 
-    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
+        """``∇f(θ_s, batch)`` for every draw, in chunks of draws that fit the budget; ``rowwise`` (``f`` is a sum
+        over rows) also splits the rows when one draw over all of them would not fit."""
         rows = batch[0].shape[0]
-        chunk = chunk_for(self.memory_budget, 2 * rows * (self._row_bytes or 1), thetas.shape[0])
+        per_row = 2 * (self._row_bytes or 1)
+        if rowwise and rows * per_row > self.memory_budget and rows > 1:
+            step = max(1, self.memory_budget // per_row)
+            parts = [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
+            return sum(MCMCUnlearner._per_draw_grads(self, f, thetas, part) for part in parts)  # local sums
+        chunk = chunk_for(self.memory_budget, rows * per_row, thetas.shape[0])
         if self.backend != "autograd":
             try:
                 return vmap(grad(f), in_dims=(0, *([None] * len(batch))), chunk_size=chunk)(thetas, *batch)
@@ -854,7 +861,7 @@ class MCMCUnlearner:
             g_thetas = self.bank[_evenly(S, self._grad_draw_count(batch[0].shape[0]))]
             c_thetas = self.bank[_evenly(S, self.curvature_draws)]
             k_thetas = self.bank[_evenly(S, self.check_draws)]
-        grads = self._per_draw_grads(h_f, g_thetas, batch)
+        grads = self._per_draw_grads(h_f, g_thetas, batch, rowwise=True)
         G = grads.mean(0)
         half = grads.shape[0] // 2
         dev = 0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G)
@@ -990,7 +997,7 @@ class MCMCUnlearner:
             return live + x, (None if self.bank is None else self.bank + x)
         if self.bank_shift is BankShift.SAMPLE:
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
-            g_all = self._per_draw_grads(h_f, pts, batch)
+            g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
             moved = pts + self.curvature.solve(g_all.T, damping).x.T
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import all_finite
+from ..memory import format_bytes
 from ..solvers import SolveResult
 from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
@@ -51,10 +52,18 @@ class KFACBackend(CurvatureBackend):
         if reused:
             kfac, age = self.kfac, self.age + 1
         else:
+            batches = problem.draw_batches()
+            need = KroneckerCurvature.memory_estimate(problem.model, batches[0][0].shape[0], batches[0])
+            if need > problem.budget:
+                raise MemoryError(
+                    f"K-FAC needs about {format_bytes(need)} for minibatches of {batches[0][0].shape[0]} rows, over "
+                    f"the memory budget of {format_bytes(problem.budget)}: raise memory_budget, feed smaller "
+                    "minibatches, or use solver='cg'"
+                )
             kfac = KroneckerCurvature.build(
                 problem.model,
                 problem.thetas,
-                problem.draw_batches(),
+                batches,
                 problem.n,
                 nll=problem.nll,
                 log_prior=problem.log_prior,
