@@ -980,13 +980,10 @@ class MCMCUnlearner:
         return op
 
     def _error_bar(self, dev: torch.Tensor, damping: float) -> torch.Tensor:
-        """``(H + λ)⁻¹·dev`` for the Monte-Carlo error bar: a preconditioner's answer when the backend's solves are
-        costly and it has one, else a solve; ``nan`` if that solve fails (the error bar is advisory)."""
-        pending = getattr(self.curvature, "_pending", None)
-        if not self.curvature.cheap_damping and pending is not None and pending[0] is not None:
-            return pending[0].solve(dev, damping)
+        """``(H + λ)⁻¹·dev`` for the Monte-Carlo error bar (the backend's cheapest answer, e.g. CG's
+        preconditioner); ``nan`` if that solve fails (the error bar is advisory)."""
         try:
-            return self.curvature.solve(dev, damping).x
+            return self.curvature.approximate_solve(dev, damping)
         except SolverDivergedError:
             return torch.full_like(dev, float("nan"))
 

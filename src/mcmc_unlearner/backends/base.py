@@ -120,6 +120,10 @@ class CurvatureBackend:
         """
         raise NotImplementedError
 
+    def approximate_solve(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+        """A cheap ``(H + damping·I)⁻¹ rhs`` for error bars (default: :meth:`solve`)."""
+        return self.solve(rhs, damping).x
+
     def quad(self, x: torch.Tensor) -> float:
         """``xᵀHx`` of the (undamped) curvature model."""
         raise NotImplementedError
