@@ -14,6 +14,13 @@ from mcmc_unlearner.models.linreg import MultiChainLinearRegression, exact_poste
 from mcmc_unlearner.samplers import run_chain
 from mcmc_unlearner.store import gmm_data_spec, gmm_model_spec, save_model
 
+
+@pytest.fixture(autouse=True)
+def _no_ambient_integrity_key(monkeypatch):
+    """Tests choose their integrity keys explicitly: an operator's $MCMC_UNLEARNER_KEY must not leak in."""
+    monkeypatch.delenv("MCMC_UNLEARNER_KEY", raising=False)
+
+
 # The test models are tiny: one thread avoids OpenMP start-up and contention costs that dominate at this size.
 torch.set_num_threads(1)
 

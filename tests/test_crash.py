@@ -115,7 +115,6 @@ def test_sigkill_anywhere_applies_exactly_once(tmp_path):
         assert lm.model_sha256 == ref_digest
         assert (m / lm.manifest["state_file"]).read_bytes() == ref_state
         assert sorted(p.name for p in m.iterdir()) == [
-            ".lock",
             "ledger.jsonl",
             "manifest.json",
             "state-000001.safetensors",
