@@ -22,7 +22,6 @@ limits the sleep to that one phase. Never set them in production.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -134,18 +133,37 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def _refuse_special(path: Path) -> None:
+    """Refuse an existing entry that is a link or not a regular file, without opening it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(
+            f"{path} is a symbolic link; a model folder holds regular files only: replace the link by the file "
+            "(or restore the folder from a backup)"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(
+            f"{path} is not a regular file (a FIFO, device or folder); a model folder holds regular files only: "
+            "restore the folder from a backup"
+        )
+
+
 def _regular_fd(path: Path, flags: int, what: str) -> int:
-    """Open ``path`` without following a final link and check that it is a regular file (returns the fd)."""
+    """Open ``path`` without following a final link and check that it is a regular file (returns the fd).
+
+    The entry is checked with ``lstat`` first (a FIFO or device is never opened), then opened with
+    ``O_NOFOLLOW | O_NONBLOCK`` and checked again with ``fstat`` (it cannot have been swapped in between).
+    """
+    _refuse_special(path)
     try:
         fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o644)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
-            raise StoreError(
-                f"{path} is a symbolic link; a model folder holds regular files only: replace the link by the file "
-                "(or restore the folder from a backup)"
-            ) from None
         if isinstance(exc, FileNotFoundError):
             raise
+        _refuse_special(path)  # swapped for a link or FIFO since the check
         raise StoreError(f"cannot open {what} {path}: {_os_reason(exc)}") from None
     try:
         st = os.fstat(fd)
@@ -168,23 +186,11 @@ def read_regular(root: Path, name: str, *, what: str = "file", max_bytes: int | 
         StoreError: Bad name, a link, not a regular file, larger than ``max_bytes``, or unreadable.
     """
     path = Path(root) / check_name(name, what)
-    with contextlib.suppress(FileNotFoundError):  # lstat first: never even open a FIFO or device
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            raise StoreError(
-                f"{path} is a symbolic link; a model folder holds regular files only: replace the link by the file "
-                "(or restore the folder from a backup)"
-            )
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(
-                f"{path} is not a regular file (a FIFO, device or folder); a model folder holds regular files only: "
-                "restore the folder from a backup"
-            )
     fd = _regular_fd(path, os.O_RDONLY, what)
     try:
         size = os.fstat(fd).st_size
         if max_bytes is not None and size > max_bytes:
-            raise StoreError(f"{path} is {size} bytes, more than the {max_bytes} a {what} may have: refused unread")
+            raise StoreError(f"{path} is {size} bytes, more than the {max_bytes} bytes a {what} may have: refused")
         chunks: list[bytes] = []
         total = 0
         while True:
