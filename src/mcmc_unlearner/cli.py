@@ -73,7 +73,15 @@ def one_line(message: object) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (exit code 2), like every other refusal."""
+    """An argument parser whose errors are one line on stderr (exit code 2), like every other refusal.
+
+    Negative numbers in any notation (``-1e6``, ``-.5``, ``-inf``) are read as option values, so that the
+    option's own validation can name the fix (plain argparse reads ``--damping -1e6`` as a missing value).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.I)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(ExitCode.REFUSED, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
@@ -185,7 +193,10 @@ def _code_for(exc: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error (already printed)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else ExitCode.REFUSED
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
