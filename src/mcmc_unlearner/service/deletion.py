@@ -126,8 +126,13 @@ def _check_ids(ids: Sequence[int] | torch.Tensor) -> list[int]:
 def _check_writable(root: Path) -> None:
     """Refuse a folder this process cannot write (before any work, so nothing is left half-written)."""
     eff = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
-    targets = [root, root / ledger_mod.LEDGER_NAME]
-    for p in targets:
+    ledger = root / ledger_mod.LEDGER_NAME
+    if os.lstat(ledger).st_nlink > 1:
+        raise StoreError(
+            f"{str(ledger)!a} has other hard links (a hard-linked backup?); appending would change them too: "
+            "copy the folder (cp -r) instead of hard-linking it (nothing was changed)"
+        )
+    for p in (root, ledger):
         if not os.access(p, os.W_OK, **eff):
             what = "folder" if p == root else "ledger"
             raise StoreError(
@@ -412,11 +417,13 @@ def verify(
 
     Raises:
         FileNotFoundError: The folder does not exist.
+        StoreError: The folder holds no saved model (no manifest).
         InvalidRequestError: ``expect_head`` is not 64 hex digits.
         BusyError: No consistent snapshot within ``wait`` seconds.
     """
     expected = None if expect_head is None else check_head(expect_head)
     res = VerifyResult()
+    checkpoint.check_folder(model_dir)  # not a model folder at all: refused (exit 2), not "FAILED"
     try:
         snap = checkpoint.read_snapshot(model_dir, key=key, wait=wait, strict=False)
     except fsio.BusyError:
