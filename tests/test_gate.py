@@ -197,3 +197,19 @@ def test_default_policy_never_records_a_failed_removal(template, tmp_path_factor
     theta = ParamSpec.flatten_module(load_model(m).model)
     assert e["shift_norm"] == 0 or e["shift_norm"] >= torch.finfo(theta.dtype).eps * max(1.0, float(theta.norm()))
     assert json.loads((m / "ledger.jsonl").read_text().splitlines()[-1])["quality"]["passed"]
+
+
+def test_requests_from_before_the_gate_with_unconverged_solves_are_flagged(model):
+    """Folders written by earlier versions recorded e.g. K-FAC residual 1.48, converged false, as applied: status
+    reports them as degraded instead of healthy."""
+    from mcmc_unlearner.service.checkpoint import commit_update
+
+    lm = load_model(model)
+    lm.unlearner.forget([30], lm.data)
+    entry = {"event": "forget", "request_id": "legacy", "ids": [30], "time": "t", "n_removed": 1,
+             "n_remaining": 199, "solver": "kfac", "iterations": 0, "residual": 1.48, "converged": False}  # fmt: skip
+    commit_update(lm, entry)
+    st_ = status(model)
+    assert st_["degraded"] and st_["degraded_requests"][0]["request_id"] == "legacy"
+    assert "before the quality gate" in st_["degraded_requests"][0]["problems"][0]
+    assert verify(model).ok
