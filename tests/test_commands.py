@@ -74,7 +74,7 @@ PROBES = [
     ("curvature-draws 0", "5", ["--curvature-draws", "0"], "--curvature-draws must be between 1"),
     ("curvature-draws -3", "5", ["--curvature-draws", "-3"], "--curvature-draws must be between 1"),
     ("tol nan", "5", ["--tol", "nan"], "--tol must be finite"),
-    ("damping -1e6", "5", ["--damping", "-1e6"], "--damping must be >= 0"),
+    ("damping -1e6", "5", ["--damping", "-1e6"], "--damping must be 'auto' or >= 0"),
     ("damping inf", "5", ["--damping", "inf"], "--damping must be finite"),
     ("iter-T -1", "5", ["--iter-T", "-1"], "--iter-T must be between 0"),
     ("scaling 0", "5", ["--scaling", "0"], "--scaling must be 'auto' or a positive number"),

@@ -57,24 +57,24 @@ def test_quality_checks_unit():
     theta = torch.full((8,), 10.0)  # ‖θ‖ ≈ 28: float32 resolution 28 · 1.19e-7 ≈ 3.4e-6
     assert quality_problems(_report(), un, theta) == []
     assert quality_problems(_report(shift_norm=0.0, shift_stderr=0.0), un, theta) == []  # G = 0: nothing to move
-    assert "residual 0.002 above tolerance 0.0001" in quality_problems(_report(residual=2e-3), un, theta)[0]
+    assert "relative residual 0.002 > tol 0.0001" in quality_problems(_report(residual=2e-3), un, theta)[0]
     assert "residual" in quality_problems(_report(converged=False), un, theta)[0]
-    assert "non-finite residual" in quality_problems(_report(residual=float("nan")), un, theta)[0]
+    assert "residual nan" in quality_problems(_report(residual=float("nan")), un, theta)[0]
     assert "not finite" in quality_problems(_report(shift_norm=float("inf")), un, theta)[0]
     (p,) = quality_problems(_report(shift_norm=3e-6), un, theta)
     assert "floating-point resolution" in p and "--damping" in p
     assert quality_problems(_report(shift_norm=4e-6), un, theta) == []
     # the library's own verdict is passed through first
     rep = _report(residual=1.0)
-    rep.problems = ["safety check failed: the remaining-data energy rose"]  # type: ignore[attr-defined]
+    rep.problems = ["safety check failed: the remaining-data energy rose"]
     got = quality_problems(rep, un, theta)
     assert got[0] == "safety check failed: the remaining-data energy rose" and "residual" in got[1]
 
 
 FAILING = [
-    (["--solver", "cg", "--bank-shift", "mean", "--iter-T", "0"], "solver cg residual 1 above tolerance"),
+    (["--solver", "cg", "--bank-shift", "mean", "--iter-T", "0"], "the cg solve stopped at relative residual 1 > tol"),
     (["--damping", "1e12"], "floating-point resolution"),
-    (["--solver", "lissa", "--iter-T", "3", "--tol", "1e-6"], "solver lissa residual"),
+    (["--solver", "lissa", "--iter-T", "3", "--tol", "1e-6"], "the lissa solve stopped at relative residual"),
 ]
 
 
@@ -98,7 +98,7 @@ def test_python_api_raises_quality_gate_error(model):
     before = folder_state(model)
     with pytest.raises(QualityGateError) as info:
         forget(model, [3, 4], overrides={"damping": 1e12})
-    assert info.value.problems and "floating-point resolution" in info.value.problems[0]
+    assert any("floating-point resolution" in p for p in info.value.problems)
     assert info.value.report is not None and info.value.report.shift_norm < 1e-9
     assert folder_state(model) == before
 
@@ -109,7 +109,7 @@ def test_accept_commits_and_status_reports_degraded(model, tmp_path, capsys):
     assert rc == 0 and "quality checks FAILED, accepted: model DEGRADED" in out
     (e,) = load_model(model).requests
     assert e["quality"]["passed"] is False and e["quality"]["policy"] == "accept"
-    assert "floating-point resolution" in e["quality"]["problems"][0]
+    assert any("floating-point resolution" in p for p in e["quality"]["problems"])
     st_ = status(model)
     assert st_["degraded"] and [d["request_id"] for d in st_["degraded_requests"]] == [e["request_id"]]
     assert main(["status", "--model", str(model)]) == 0
@@ -138,7 +138,8 @@ def test_repair_runs_sgmcmc_and_refreshes_the_bank_exactly(model, tmp_path, caps
     assert torch.equal(ParamSpec.flatten_module(lm.model), ParamSpec.flatten_module(ref.model))
     (e,) = lm.requests
     q = e["quality"]
-    assert q["passed"] and q["repaired"] and q["policy"] == "repair" and "floating-point resolution" in q["problems"][0]
+    assert q["passed"] and q["repaired"] and q["policy"] == "repair"
+    assert any("floating-point resolution" in p for p in q["problems"])
     assert q["repair"]["steps"] == steps and q["repair"]["bank_refreshed"] == size and q["repair"]["ok"]
     assert q["repair"]["nll_before"] > 0 and q["repair"]["nll_after"] > 0
     assert not status(model)["degraded"] and verify(model).ok

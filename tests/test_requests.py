@@ -157,7 +157,7 @@ def test_bad_request_ids(rid):
 @pytest.mark.parametrize(
     ("settings_", "match"),
     [
-        ({"damping": -1e6}, "--damping must be >= 0"),
+        ({"damping": -1e6}, "--damping must be 'auto' or >= 0"),
         ({"damping": "nan"}, "--damping must be finite"),
         ({"damping": "inf"}, "finite"),
         ({"damping": "abc"}, "must be a number"),

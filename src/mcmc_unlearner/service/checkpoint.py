@@ -250,7 +250,10 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
     except (TypeError, ValueError) as exc:
         raise ValueError(f"configuration override {dict(overrides)} is invalid: {exc}") from None
     un.generator.set_state(base.generator.get_state())
-    un.load_curvature_state(*base.curvature_state())
+    try:
+        un.load_curvature_state(*base.curvature_state())
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+        un.reset_curvature()  # another solver: the cache of the saved one does not apply
     return un
 
 

@@ -262,7 +262,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lissa (the paper's), lowrank (Lanczos), kfac (Kronecker-factored; BNN models)",
     )
     g.add_argument("--scaling", default=None, metavar="S|auto", help="LiSSA scaling s (positive) or 'auto'")
-    g.add_argument("--damping", default=None, metavar="D", help="added to the Hessian's diagonal (a number >= 0)")
+    g.add_argument(
+        "--damping",
+        default=None,
+        metavar="D|auto",
+        help="added to the Hessian's diagonal: auto (chosen per request by the step control) or a number >= 0",
+    )
     g.add_argument(
         "--iter-T", dest="iter_T", default=None, metavar="T", help="LiSSA rounds / CG iteration cap (whole number >= 0)"
     )

@@ -2,12 +2,12 @@
 
 Checks (:func:`quality_problems`), all on the removal computed in memory before anything is written:
 
-1. the library's own verdict when it gives one (``RemovalReport.problems``: residual, safety check of the
-   step on the remaining-data energy, ...);
-2. the solve met its tolerance: finite relative residual ``‖H x − G‖/‖G‖ <= tol`` and ``converged``;
-3. the shift is finite, and not trivial when the removed points carry information: a non-zero shift ``x``
-   (``x = H⁻¹G ≠ 0`` exactly when ``G ≠ 0``) smaller than the parameters' floating-point resolution
-   (``‖x‖ < ε_dtype · max(‖θ‖, 1)``) changes nothing — e.g. ``--damping 1e12`` shrinks ``x`` to ``G/10¹²``.
+1. the library's verdict, ``RemovalReport.problems`` (:func:`mcmc_unlearner.unlearner.quality_problems`): the
+   solve of ``(H + λI)x = G`` met its tolerance (``converged``), the step passed the safety check on the
+   remaining-data energy, and the shift is finite and not made by the damping alone;
+2. the shift is not below the parameters' floating-point resolution when the removed points carry
+   information: a non-zero shift ``x`` with ``‖x‖ < ε_dtype · max(‖θ‖, 1)`` changes nothing (e.g. a fixed
+   ``--damping 1e12`` shrinks ``x`` to about ``G/10¹²``).
 
 The policy for a removal that fails (:class:`OnFailure`, ``--on-failure``):
 
@@ -75,55 +75,41 @@ class QualityGateError(UnlearningError):
 def apply_removal(un: MCMCUnlearner, ids: Sequence[int], data: Any) -> RemovalReport:
     """Apply a removal to the live objects in memory and return its report, whether it passed or not.
 
-    With the propose/apply API (``MCMCUnlearner.propose`` + ``apply``) the proposal is applied without the
-    library's gate (the service applies its own policy); otherwise ``un.forget``. On an error the data set's
-    mask and shuffling state are restored.
+    ``un.forget(ids, data, strict=False)``: the library computes the removal and its checks
+    (``report.problems``) and applies it even when a check failed; the service's policy decides what is
+    committed. Works for :class:`~mcmc_unlearner.distributed.DistributedUnlearner` alike.
     """
-    if hasattr(un, "propose") and hasattr(un, "apply") and type(data) is RemovableDataset:
-        ids_t = data.validate(ids)
-        batch = data.get(ids_t)
-        state = data.state_dict()
-        data.remove(ids_t)
-        try:
-            return un.apply(un.propose(batch, data, len(data)))
-        except BaseException:
-            data.load_state_dict(state)
-            raise
-    return un.forget(ids, data)
+    return un.forget(ids, data, strict=False)
 
 
 def quality_problems(report: RemovalReport, un: MCMCUnlearner, theta: torch.Tensor) -> list[str]:
     """The failed quality checks of a removal (empty: passed); see the module docstring.
 
     Args:
-        report: The removal's report.
+        report: The removal's report (its ``problems`` are the library's verdict).
         un: The unlearner that computed it (its ``tol``).
         theta: The live parameters before the removal (for the resolution check).
     """
-    problems = [str(p) for p in (getattr(report, "problems", None) or [])]
-    fix = "use another --solver, more --iter-T, less --damping, or --on-failure repair"
+    problems = [str(p) for p in report.problems]
     res = float(report.residual)
-    if not math.isfinite(res):
-        problems.append(f"solver {report.solver} returned a non-finite residual ({fix})")
-    elif res > un.tol or not report.converged:
+    unmet = not report.converged or not math.isfinite(res) or res > un.tol  # the target: never above tol
+    if unmet and not any("solve" in p and "residual" in p for p in problems):
         problems.append(
-            f"solver {report.solver} residual {res:.3g} above tolerance {un.tol:g} after {report.iterations} "
-            f"iteration(s) ({fix})"
+            f"the {report.solver} solve stopped at relative residual {res:.3g} > tol {un.tol:g} after "
+            f"{report.iterations} iterations: raise --iter-T or use --solver auto"
         )
     shift = float(report.shift_norm)
-    if not math.isfinite(shift):
-        problems.append("the shift is not finite")
-    else:
+    if math.isfinite(shift):
         eps = torch.finfo(theta.dtype).eps if theta.is_floating_point() else 0.0
         scale = max(float(theta.double().norm()), 1.0)
         if 0.0 < shift < eps * scale:
-            damping = getattr(report, "damping", un.damping)
             problems.append(
                 f"the shift {shift:.2g} is below the parameters' floating-point resolution ({eps * scale:.2g}): the "
-                f"removal changes nothing (damping {float(damping):g} too large?); lower --damping"
+                f"removal changes nothing (damping {float(report.damping):g}); lower the damping or use --damping auto"
             )
-    seen: set[str] = set()
-    return [p for p in problems if not (p in seen or seen.add(p))]
+    elif not any("not finite" in p for p in problems):
+        problems.append("the shift is not finite")
+    return problems
 
 
 def _mean_nll(un: MCMCUnlearner, thetas: torch.Tensor, data: RemovableDataset, rows: int = 2000) -> float:

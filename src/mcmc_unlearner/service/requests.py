@@ -9,9 +9,10 @@ Everything here is checked **before** the model folder is touched, and every ref
   most two levels. The size is checked before anything is parsed (``max_bytes``).
 * **Request ids** are 1–128 printable ASCII characters without leading or trailing spaces (so echoing them
   cannot move the cursor or fake output).
-* **Settings** (:func:`check_settings`) are validated with messages naming the fix: ``damping`` finite and
-  ``>= 0``; ``tol`` finite in ``(0, 1)``; ``iter_T`` a whole number in ``[0, 10^6]``; ``curvature_draws``
-  in ``[1, 10^5]``; ``scaling`` ``"auto"`` or finite ``> 0``; solver, Hessian and bank shift from their enums.
+* **Settings** (:func:`check_settings`) are validated with messages naming the fix: ``damping`` ``"auto"``
+  or finite and ``>= 0``; ``tol`` finite in ``(0, 1)``; ``iter_T`` a whole number in ``[0, 10^6]``;
+  ``curvature_draws`` in ``[1, 10^5]``; ``scaling`` ``"auto"`` or finite ``> 0``; solver, Hessian and bank
+  shift from their enums.
 """
 
 from __future__ import annotations
@@ -272,11 +273,14 @@ def check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         if value is None:
             continue
         if key == "damping":
-            d = _number("--damping", value, "use 0 (no damping) or a small positive value such as 1e-3")
+            if value == "auto":
+                out[key] = "auto"
+                continue
+            d = _number("--damping", value, "use 'auto' (chosen per request), 0, or a small positive value")
             if d < 0:
                 raise InvalidRequestError(
-                    f"--damping must be >= 0, got {d:g}; negative damping makes the curvature indefinite: use 0 or a "
-                    "small positive value"
+                    f"--damping must be 'auto' or >= 0, got {d:g}; negative damping makes the curvature indefinite: "
+                    "use auto (chosen per request) or a small positive value"
                 )
             out[key] = d
         elif key == "tol":

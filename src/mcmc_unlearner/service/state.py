@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -119,28 +120,23 @@ def read_tensors(root: Path, name: str) -> tuple[bytes, dict[str, torch.Tensor]]
 # ---------------------------------------------------------------------------------------------- configs
 def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
     """The JSON configuration that rebuilds ``un`` (callables must be the defaults)."""
-    return {
-        "solver": un.solver.value,
-        "expectation": None if un.expectation is None else un.expectation.value,
-        "hessian": un.hessian.value,
-        "bank_shift": un.bank_shift.value,
-        "damping": float(un.damping),
-        "scaling": un.scaling if isinstance(un.scaling, str) else float(un.scaling),
-        "iter_T": int(un.iter_T),
-        "tol": float(un.tol),
-        "samp_T": int(un.samp_T),
-        "grad_draws": None if un.grad_draws is None else int(un.grad_draws),
-        "curvature_draws": int(un.curvature_draws),
-        "refresh_every": int(un.refresh_every),
-        "precondition_rank": int(un.precondition_rank),
-        "drift_tol": float(un.drift_tol),
-        "check_draws": un.check_draws,
-        "negative_curvature": un.negative_curvature,
-        "newton_steps": int(un.newton_steps),
-        "curvature_data": un.curvature_data,
-        "rescale_lr": bool(un.rescale_lr),
-        "backend": un.backend,
-    }
+    return specs.json_ok(un.config(), "unlearner configuration")
+
+
+def _constructor_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored unlearner configuration as constructor arguments, including ones written by earlier versions:
+    options the constructor no longer takes are dropped, and so are ``None`` values of options whose default
+    is not ``None`` (e.g. ``check_draws``, whose meaning changed), which then take their current default."""
+    params = inspect.signature(MCMCUnlearner.__init__).parameters
+    out = {}
+    for k, v in config.items():
+        p = params.get(k)
+        if p is None or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or k in ("model", "sampler", "bank"):
+            continue
+        if v is None and p.default is not None:
+            continue
+        out[k] = v
+    return out
 
 
 def sampler_config(sampler: torch.optim.Optimizer | None) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
@@ -242,12 +238,20 @@ def rebuild_unlearner(
     tensors: Mapping[str, torch.Tensor],
     ustate: Mapping[str, Any],
 ) -> MCMCUnlearner:
+    """The unlearner of a saved model: configuration, bank, generator and cached curvature.
+
+    Cached curvature written by an earlier version that the current backends cannot read is dropped (it is a
+    cache: the next request rebuilds it).
+    """
     try:
-        un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **config)
+        un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **_constructor_config(config))
     except (TypeError, ValueError) as exc:
         raise StoreError(f"unlearner configuration is invalid: {exc}") from None
     un.generator.set_state(tensors["unlearner/generator"])
     prefix = "unlearner/"
     curv = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k != "unlearner/generator"}
-    un.load_curvature_state(curv, ustate)
+    try:
+        un.load_curvature_state(curv, dict(ustate))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+        un.reset_curvature()
     return un
