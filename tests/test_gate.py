@@ -214,3 +214,16 @@ def test_requests_from_before_the_gate_with_unconverged_solves_are_flagged(model
     assert st_["degraded"] and st_["degraded_requests"][0]["request_id"] == "legacy"
     assert "before the quality gate" in st_["degraded_requests"][0]["problems"][0]
     assert verify(model).ok
+
+
+def test_an_accepted_non_finite_report_is_recorded_as_null(model, capsys):
+    """A failed step kept by --on-failure accept may carry NaN numbers; the ledger (JSON) records them as null."""
+    from mcmc_unlearner.service.deletion import _entry
+    from mcmc_unlearner.service.specs import json_ok
+
+    lm = load_model(model)
+    rep = _report(residual=float("nan"), shift_stderr=float("inf"), converged=False)
+    rep.predicted_change = float("nan")
+    e = json_ok(_entry("r", [1], rep, lm.unlearner, {}, {"passed": False}), "entry")
+    assert e["residual"] is None and e["shift_stderr"] is None and e["predicted_change"] is None
+    assert e["shift_norm"] == 0.1

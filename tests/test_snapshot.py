@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -134,25 +133,21 @@ def test_planted_lock_link_is_never_touched(rooms, tmp_path, capsys):
     assert os.path.islink(m / ".lock")
 
 
-def test_fifo_in_the_folder_cannot_hang_readers(rooms, tmp_path):
-    """Was: a FIFO as state_file hung status and verify."""
-    m, _ = rooms
+def test_fifo_in_the_folder_cannot_hang_readers(rooms, tmp_path, capsys):
+    """Was: a FIFO as state_file hung status and verify (no writer ever opens it: a plain open blocks forever)."""
+    m, out = rooms
     os.unlink(m / "state-000000.safetensors")
     os.mkfifo(m / "state-000000.safetensors")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    for cmd in ("status", "verify", "forget"):
-        extra = ["--ids", _ids(tmp_path)] if cmd == "forget" else []
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "mcmc_unlearner.cli", cmd, "--model", str(m), *extra],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
-        assert time.monotonic() - t0 < 120
-        assert proc.returncode == (1 if cmd == "verify" else 2), proc.stderr
-        assert "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(  # in a subprocess, so that a hang is a timeout here, not a stuck test run
+        [sys.executable, "-m", "mcmc_unlearner.cli", "status", "--model", str(m)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+    _all_refuse(m, out, tmp_path, capsys, "not a regular file")
 
 
 def test_hard_linked_ledger_is_not_written_through(rooms, tmp_path, capsys):

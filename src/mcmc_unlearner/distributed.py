@@ -650,6 +650,7 @@ def _follow_forget(model_dir: str, ids: Sequence[int], request_id: str | None, k
     and join the computation."""
     from .service import checkpoint, requests
     from .service import ledger as ledger_mod
+    from .service.deletion import threads_for, torch_threads
 
     id_list = [int(i) for i in as_id_tensor(ids).tolist()]
     rid = request_id or ledger_mod.request_id_for(id_list)
@@ -658,7 +659,8 @@ def _follow_forget(model_dir: str, ids: Sequence[int], request_id: str | None, k
     if any(e.get("request_id") == rid for e in loaded.requests):
         return  # already applied: rank 0 reports it (and refuses reused ids)
     un = checkpoint.with_config(loaded, overrides)
-    apply_request(un, id_list, loaded.data)
+    with torch_threads(threads_for(kwargs.get("threads"), un.spec.dim)):
+        apply_request(un, id_list, loaded.data)
 
 
 def run_forget(

@@ -26,6 +26,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return requests.check_settings({k: getattr(args, k, None) for k in keys})
 
 
+def _num(v: Any, fmt: str) -> str:
+    """A ledger number for display (``n/a`` for a missing or non-finite one, stored as null)."""
+    return "n/a" if not isinstance(v, (int, float)) else format(v, fmt)
+
+
 def _key(args: argparse.Namespace) -> integrity.Key | None:
     return integrity.resolve_key(getattr(args, "key_file", None))
 
@@ -84,8 +89,8 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         verdict = f"quality checks FAILED, accepted: model DEGRADED ({'; '.join(q.get('problems', []))})"
     emit(
         f"applied request {one_line(out.request_id)}: removed {e['n_removed']} ids, {e['n_remaining']} remain; "
-        f"solver {e['solver']} ({e['iterations']} iterations, residual {e['residual']:.2e}), "
-        f"shift {e['shift_norm']:.4g} ± {e['shift_stderr']:.2g}, {e['seconds']:.2f} s; {verdict}; "
+        f"solver {e['solver']} ({e['iterations']} iterations, residual {_num(e['residual'], '.2e')}), "
+        f"shift {_num(e['shift_norm'], '.4g')} ± {_num(e['shift_stderr'], '.2g')}, {e['seconds']:.2f} s; {verdict}; "
         f"ledger entry {e['seq']}\nledger head: {out.head}"
     )
     return ExitCode.OK
@@ -107,7 +112,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"requests applied: {st['requests_applied']}",
         "last request:     "
         + ("none" if last is None else f"{one_line(last['request_id'])} at {last['time']} ({last['n_removed']} ids)"),
-        "last residual:    " + ("n/a" if last is None else f"{last['residual']:.2e} ({last['solver']})"),
+        "last residual:    " + ("n/a" if last is None else f"{_num(last['residual'], '.2e')} ({last['solver']})"),
         f"bank size:        {st['bank_size']}",
         f"finite params:    {'yes' if st['params_finite'] else 'NO'}",
         f"state hash ok:    {'yes' if st['state_hash_ok'] else 'NO'}",

@@ -49,6 +49,7 @@ __all__ = [
     "auto_threads",
     "forget",
     "status",
+    "threads_for",
     "torch_threads",
     "verify",
 ]
@@ -81,12 +82,20 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _threads_for(threads: int | str | None, model_spec: Mapping[str, Any], snap: checkpoint.Snapshot) -> int | None:
-    if threads is None or isinstance(threads, int):
-        return threads
+def threads_for(threads: int | str | None, n_params: int) -> int | None:
+    """Resolve a ``threads`` argument: a count >= 1, ``"auto"`` (:func:`auto_threads`) or ``None`` (unchanged)."""
+    if threads is None:
+        return None
+    if threads == "auto":
+        return auto_threads(n_params)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidRequestError(f"threads must be 'auto' or a whole number >= 1, got {ascii(threads)[:30]}")
+    return threads
+
+
+def _threads_for(threads: int | str | None, snap: checkpoint.Snapshot) -> int | None:
     state = snap.state or {}
-    n_params = sum(t.numel() for k, t in state.items() if k.startswith("model/"))
-    return auto_threads(n_params)
+    return threads_for(threads, sum(t.numel() for k, t in state.items() if k.startswith("model/")))
 
 
 # ---------------------------------------------------------------------------------------------- forget
@@ -141,12 +150,27 @@ def _check_writable(root: Path) -> None:
             )
 
 
+def _json_number(v: Any) -> Any:
+    """``v``, or ``None`` for a non-finite float (JSON has no NaN; a failed step accepted by policy can have one)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, settings: dict, quality: dict) -> dict:
     info = report.to_dict()
+    step = (
+        "damping",
+        "damping_trials",
+        "damping_relative",
+        "predicted_change",
+        "actual_change",
+        "actual_stderr",
+        "model_ratio",
+        "remaining_nll_change",
+        "safe",
+    )
+    # the step control's numbers; a non-finite one (a refused step accepted by policy) is stored as null
     extra = {
-        k: info[k]
-        for k in ("damping", "damping_trials", "predicted_change", "actual_change", "model_ratio", "safe")
-        if k in info
+        k: (None if isinstance(info[k], float) and not math.isfinite(info[k]) else info[k]) for k in step if k in info
     }
     return {
         "event": "forget",
@@ -157,10 +181,10 @@ def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, setting
         "n_remaining": report.n_remaining,
         "solver": report.solver,
         "iterations": report.iterations,
-        "residual": report.residual,
+        "residual": _json_number(report.residual),
         "converged": report.converged,
-        "shift_norm": report.shift_norm,
-        "shift_stderr": report.shift_stderr,
+        "shift_norm": _json_number(report.shift_norm),
+        "shift_stderr": _json_number(report.shift_stderr),
         "seconds": report.seconds,
         "bank_size": report.bank_size,
         "expectation": report.expectation,
@@ -168,7 +192,7 @@ def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, setting
         "bank_shift": report.bank_shift,
         "config": checkpoint.unlearner_config(un),
         "overrides": dict(settings),
-        "info": info.get("info", {}),
+        "info": {k: _json_number(v) for k, v in info.get("info", {}).items()},
         "quality": quality,
         **extra,
     }
@@ -226,6 +250,7 @@ def forget(
         or not 1 <= repair_steps <= gate.MAX_REPAIR_STEPS
     ):
         raise InvalidRequestError(f"--repair-steps must be a whole number in [1, {gate.MAX_REPAIR_STEPS}]")
+    threads_for(threads, 0)  # validated before the folder is touched
     k = integrity.as_key(key)
     root = checkpoint.check_folder(model_dir)  # nothing is created in a folder without a model
     with fsio.folder_lock(root, wait=wait):
@@ -236,7 +261,7 @@ def forget(
                 "(nothing was changed)"
             )
         _check_writable(root)
-        with torch_threads(_threads_for(threads, snap.manifest["model_spec"], snap)):
+        with torch_threads(_threads_for(threads, snap)):
             loaded = checkpoint.build_loaded(snap)
             fsio.phase("loaded")
             for e in loaded.requests:
@@ -332,7 +357,7 @@ def status(
     Read-only and lock-free (one consistent snapshot).
     """
     snap = checkpoint.read_snapshot(model_dir, key=key, wait=wait)
-    with torch_threads(_threads_for(threads, snap.manifest["model_spec"], snap)):
+    with torch_threads(_threads_for(threads, snap)):
         loaded = checkpoint.build_loaded(snap)
     flat = ParamSpec.flatten_module(loaded.model)
     bank = loaded.unlearner.bank
@@ -498,7 +523,7 @@ def verify(
     if res.problems:
         return res
     try:
-        with torch_threads(_threads_for(threads, manifest["model_spec"], snap)):
+        with torch_threads(_threads_for(threads, snap)):
             loaded = checkpoint.build_loaded(snap)
     except (StoreError, ValueError, FileNotFoundError) as exc:
         res.problems.append(str(exc))
