@@ -45,6 +45,7 @@ def test_speedups_are_per_repetition_ratios_of_totals_then_medians(bench) -> Non
     sp = bench.speedups(paper, ours)
     assert sp["total"]["min"] == pytest.approx(3.0 / 1.2) and sp["total"]["max"] == pytest.approx(10.0)
     assert sp["median"]["min"] == pytest.approx(10.0) and sp["median"]["max"] == pytest.approx(10.0)
+    assert sp["cpu_total"] == sp["total"]  # the fake runs' CPU times equal their wall times
 
 
 def test_interleaved_alternates_methods_from_identical_states_after_a_warm_up(bench) -> None:
