@@ -408,8 +408,16 @@ def _run(
         data.batch_size = curvature_batch  # curvature minibatches only
     reports = []
     t0 = time.perf_counter()
-    for ids in tqdm(chunks, desc="unlearn: deletion requests", leave=False, mininterval=0.5, disable=not progress):
-        reports.append(un.forget(ids, data))
+    refusals: list[dict[str, Any]] = []
+    for i, ids in enumerate(
+        tqdm(chunks, desc="unlearn: deletion requests", leave=False, mininterval=0.5, disable=not progress)
+    ):
+        t_req = time.perf_counter()
+        try:
+            reports.append(un.forget(ids, data))
+        except UnlearningError as exc:  # refused (quality gate): the points are deleted, the bank is not moved
+            data.remove(ids)
+            refusals.append({"request": i, "seconds": time.perf_counter() - t_req, "error": str(exc)[:300]})
     unlearn_seconds = time.perf_counter() - t0
     data.batch_size = batch_size
     unlearn_bank = un.bank.clone()
@@ -513,11 +521,11 @@ def _run(
     methods["finetune"]["adapt_steps"] = ft_steps
     methods["finetune"]["adapt_seconds"] = unlearn_seconds
     methods["unlearn-continued"]["sampling_seconds"] = sw.seconds["unlearn-continued"]
-    per_req = [r.seconds for r in reports]
+    per_req = [r.seconds for r in reports] + [r["seconds"] for r in refusals]
     methods["unlearn"].update(
         {
             "seconds_per_request_median": float(np.median(per_req)),
-            "n_requests": len(reports),
+            "n_requests": len(chunks),
             "seconds_in_forget": float(sum(per_req)),
             "warmup_seconds": warmup_seconds,
         }
@@ -595,6 +603,12 @@ def _run(
             "shift_norm": summarize([r.shift_norm for r in reports]),
             "shift_stderr": summarize([r.shift_stderr for r in reports]),
             "converged_all": all(r.converged for r in reports),
+            "refused": len(refusals),
+            "refusals": refusals[:10],
+            "damping": summarize([getattr(r, "damping", 0.0) for r in reports]),
+            "damping_trials_total": sum(getattr(r, "damping_trials", 1) for r in reports),
+            "safe_all": all(getattr(r, "safe", True) for r in reports),
+            "model_ratio": summarize([getattr(r, "model_ratio", 1.0) for r in reports]),
             "hessian_rebuilds": sum(1 for r in reports if not r.info.get("hessian_reused", False)),
             "per_request": {
                 "seconds": per_req,
@@ -981,7 +995,10 @@ def _report(m: dict[str, Any]) -> str:
         f"({ur['hessian_rebuilds']} rebuilds). Per request: median {1000 * ur['seconds']['median']:.1f} ms "
         f"(max {1000 * ur['seconds']['max']:.1f} ms), solver residual max {fmt(ur['residual']['max'])}, "
         f"shift norm median {fmt(ur['shift_norm']['median'])}, Monte-Carlo standard error of the shift median "
-        f"{fmt(ur['shift_stderr']['median'])}; all solves converged: {fmt(ur['converged_all'])}.",
+        f"{fmt(ur['shift_stderr']['median'])}; all solves converged: {fmt(ur['converged_all'])}; damping (chosen "
+        f"per request) median {fmt(ur['damping']['median'])}, max {fmt(ur['damping']['max'])}, "
+        f"{ur['damping_trials_total']} trials for {m['n_requests']} requests; every step passed the safety check: "
+        f"{fmt(ur['safe_all'])}; refused by the quality gate (points deleted, samples not moved): {ur['refused']}.",
         "",
         "![samples](samples.png)",
         "",
