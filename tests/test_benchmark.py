@@ -71,11 +71,9 @@ def test_ratios_compare_distances_not_raw_errors(bench) -> None:
 
 
 def test_ours_switch_to_library_defaults_is_one_flag(bench, monkeypatch) -> None:
-    from mcmc_unlearner.models.linreg import BayesianLinearRegression
-
-    model = BayesianLinearRegression(3)
-    un = bench.make_ours("conjugate", model, None, torch.zeros(4, 3))
-    assert un.solver.value == "exact" and un.curvature_draws == 4
     monkeypatch.setattr(bench, "OURS_LIBRARY_DEFAULTS", True)
-    default = bench.make_ours("conjugate", model, None, torch.zeros(4, 3))
-    assert default.curvature_draws == bench.MCMCUnlearner(model, None).curvature_draws
+    assert bench.ours_settings("digits") == {}
+    assert set(bench.ours_variants("digits", extra=True)) == {"ours", "ours_tuned", "ours_cg"}
+    monkeypatch.setattr(bench, "OURS_LIBRARY_DEFAULTS", False)
+    assert bench.ours_settings("digits") == bench.OURS_TUNED["digits"]
+    assert set(bench.ours_variants("gmm", extra=True)) == {"ours"}
