@@ -434,8 +434,8 @@ class DistributedUnlearner(MCMCUnlearner):
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return _all_reduce(t.contiguous(), self.group)
 
-    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self._reduce(super()._per_draw_grads(f, thetas, batch))
+    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
+        return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))
 
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
