@@ -355,7 +355,8 @@ class MCMCUnlearner:
             a rank-20 Lanczos preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
-        bank_shift: ``"mean"``, ``"sample"`` or ``"affine"`` (see module docstring).
+        bank_shift: ``"auto"`` (``"affine"`` with the dense solver, else ``"mean"``), ``"mean"``, ``"sample"`` or
+            ``"affine"`` (see module docstring).
         damping: ``"auto"`` (chosen per request, :mod:`mcmc_unlearner.step`) or a fixed value ``>= 0``.
         scaling: LiSSA scaling ``s`` or ``"auto"``.
         iter_T: LiSSA rounds / CG iteration cap.
@@ -364,9 +365,9 @@ class MCMCUnlearner:
         grad_draws: Bank samples averaged for ``G``: ``"auto"`` (all of at most ``max(16, ⌈1024/k⌉)`` for ``k``
             removed points, evenly spaced), ``None`` (all) or a number.
         curvature_draws: Draws averaged for ``H`` (``None``: 8 for ``kfac``, 16 otherwise).
-        refresh_every: Curvature reuse across sequential requests (``None``: 1 for ``exact``, 20 for ``kfac``, 10
-            otherwise). ``exact`` downdates its dense Hessian in between; ``kfac``/``lowrank``/``cg`` reuse their
-            approximation or preconditioner.
+        refresh_every: Curvature reuse across sequential requests (``None``: 20 for ``kfac``, 10 otherwise).
+            ``exact`` downdates its dense Hessian in between (exact for the data term; the draws' drift is caught by
+            ``drift_tol``); ``kfac``/``lowrank``/``cg`` reuse their approximation or preconditioner.
         precondition_rank: Lanczos rank of CG's preconditioner / of ``lowrank``'s approximation.
         drift_tol: A reused approximation is rebuilt at once when its first step's ``|actual/predicted − 1|``
             exceeds this.
@@ -405,7 +406,7 @@ class MCMCUnlearner:
         solver: SolverName | str = "auto",
         expectation: Expectation | str | None = None,
         hessian: HessianKind | str = HessianKind.REMAINING,
-        bank_shift: BankShift | str = BankShift.MEAN,
+        bank_shift: BankShift | str = "auto",
         damping: float | str = "auto",
         scaling: float | str = "auto",
         iter_T: int = 100,
@@ -454,6 +455,9 @@ class MCMCUnlearner:
         self.solver, self.solver_reason = self._choose_solver(solver)
         self.expectation = None if expectation is None else Expectation(expectation)
         self.hessian = HessianKind(hessian)
+        self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
+        if bank_shift == "auto":
+            bank_shift = BankShift.AFFINE if self.solver is SolverName.EXACT else BankShift.MEAN
         self.bank_shift = BankShift(bank_shift)
         if self.bank_shift is BankShift.AFFINE and self.solver is not SolverName.EXACT:
             raise ValueError("bank_shift='affine' needs solver='exact' (dense Hessians)")
@@ -476,7 +480,7 @@ class MCMCUnlearner:
         self.curvature_draws = int(default_draws if curvature_draws is None else curvature_draws)
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
-        default_refresh = {SolverName.EXACT: 1, SolverName.KFAC: 20}.get(self.solver, 10)
+        default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
         self.refresh_every = max(1, int(default_refresh if refresh_every is None else refresh_every))
         if self.solver is SolverName.CG and precondition_rank <= 0 and solver == "auto":
             precondition_rank = 20
@@ -543,7 +547,7 @@ class MCMCUnlearner:
             "solver": self.solver.value,
             "expectation": None if self.expectation is None else self.expectation.value,
             "hessian": self.hessian.value,
-            "bank_shift": self.bank_shift.value,
+            "bank_shift": self._bank_shift_option,
             "damping": self.damping if isinstance(self.damping, str) else float(self.damping),
             "scaling": self.scaling if isinstance(self.scaling, str) else float(self.scaling),
             "iter_T": self.iter_T,
