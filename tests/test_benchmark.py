@@ -77,3 +77,14 @@ def test_ours_switch_to_library_defaults_is_one_flag(bench, monkeypatch) -> None
     monkeypatch.setattr(bench, "OURS_LIBRARY_DEFAULTS", False)
     assert bench.ours_settings("digits") == bench.OURS_TUNED["digits"]
     assert set(bench.ours_variants("gmm", extra=True)) == {"ours"}
+
+
+def test_ours_details_count_curvature_builds_and_failed_checks(bench) -> None:
+    from types import SimpleNamespace
+
+    def rep(reused: bool | None, problems=()):
+        info = {} if reused is None else {"hessian_reused": reused}
+        return SimpleNamespace(solver="exact", residual=1e-8, damping=0.0, problems=list(problems), info=info)
+
+    d = bench.ours_details({"reports": [rep(False), rep(True), rep(True, ["unsafe"]), rep(None)]})
+    assert d["curvature_builds"] == 2 and d["failed_checks"] == ["unsafe"] and d["solver"] == ["exact"]
