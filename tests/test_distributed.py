@@ -336,3 +336,12 @@ def test_forget_command_under_torchrun(tmp_path, capsys):
     refused = _torchrun(["forget", "--model", str(multi), "--ids", str(bad)], _free_port())
     assert refused.returncode != 0 and "already removed" in refused.stderr
     assert {p.name: p.read_bytes() for p in multi.iterdir() if p.is_file()} == before
+
+
+def test_equilibrium_newton_target_is_refused_under_distributed_with_the_fix() -> None:
+    """The equilibrium target needs every remaining row in one process: refused before any work, naming the fix."""
+    from mcmc_unlearner.distributed import DistributedUnlearner
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="newton_target='relative'"):
+        DistributedUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, newton_steps=2)

@@ -238,6 +238,48 @@ def test_newton_steps_converge_to_the_new_mode_of_a_nonlinear_posterior() -> Non
     assert errors[4] < 0.05 * errors[1]
 
 
+class _LinReg(torch.nn.Module):
+    """Bayesian linear regression, prior N(0, 1), noise 1 (the closed form is ``exact_posterior``)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+
+    def log_prior(self):
+        return -0.5 * (self.w**2).sum()
+
+    def nll(self, batch):
+        x, y = batch
+        return 0.5 * (y - x @ self.w) ** 2
+
+
+@pytest.mark.parametrize("target", ["equilibrium", "relative"])
+def test_equilibrium_newton_step_removes_the_banks_own_location_error(blr, target: str) -> None:
+    """A bank whose mean is off by δ from the old posterior mean: the influence step carries δ along, amplified by
+    ``H_r⁻¹H`` (energy quadratic, so that is exact); one equilibrium step (``E[∇F_r] = 0`` on every remaining row)
+    lands on the exact new posterior mean, the relative target keeps the error."""
+    x, y, d = blr.x.double(), blr.y.double(), blr.x.shape[1]
+    g = torch.Generator().manual_seed(3)
+    L = torch.linalg.cholesky(blr.cov_all)
+    z = torch.randn(400, d, generator=g, dtype=torch.float64)
+    z = (z - z.mean(0)) @ L.T  # exact zero-mean draws of the old posterior's shape
+    delta = 4.0 * torch.sqrt(torch.diagonal(blr.cov_all))  # a location error of 4 posterior sd
+    bank = blr.mean_all.double() + delta + z
+    new_mean = blr.mean_kept.double()
+    errors = {}
+    for steps in (1, 2):
+        data = RemovableDataset(x, y, batch_size=x.shape[0], seed=0)
+        un = MCMCUnlearner(_LinReg(d), bank=bank.clone(), solver="exact", newton_steps=steps, newton_target=target)
+        report = un.forget(blr.removed, data)
+        assert report.converged
+        errors[steps] = float((un.bank.mean(0) - new_mean).norm() / delta.norm())
+    assert errors[1] > 0.9  # the influence step alone keeps (and amplifies) the bank's offset
+    if target == "equilibrium":
+        assert errors[2] < 0.05
+    else:
+        assert errors[2] > 0.9
+
+
 def test_failure_after_curvature_update_restores_the_cache(blr, monkeypatch) -> None:
     """A request that fails late (after the dense Hessian cache was updated) leaves the cache as it was."""
     from mcmc_unlearner.backends import DenseBackend

@@ -397,6 +397,12 @@ class DistributedUnlearner(MCMCUnlearner):
                 "(energy = -log prior + n/|B|·Σ nll)"
             )
         super().__init__(model, sampler, **kwargs)
+        if self.newton_steps > 1 and self.newton_target == "equilibrium":
+            raise ValueError(
+                "DistributedUnlearner supports further Newton steps only with newton_target='relative' "
+                "(the equilibrium target lists every remaining row, which a shard cannot); pass "
+                "newton_target='relative' or newton_steps=1"
+            )
         self.group = group
         self.group_rank, self.group_size = _group_info(group)
         self._local_nll = self.nll

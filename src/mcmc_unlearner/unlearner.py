@@ -376,11 +376,15 @@ class MCMCUnlearner:
         negative_curvature: With ``solver="cg"`` and a fixed damping: ``"raise"`` refuses an indefinite Hessian;
             ``"truncate"`` stops CG at the first negative-curvature direction (truncated Newton-CG). With
             ``damping="auto"`` negative curvature raises the damping instead.
-        newton_steps: At most this many damped Newton steps per request on the control-variate energy (see
-            :meth:`_newton_iterations`; 1: the influence step alone). Further steps continue while the remaining-data
-            energy gradient of the shifted bank is not balanced (``‖∇φ‖ > 10⁻³‖G‖``) and each passes its check; they
-            help when a removal's influence is not local (gross outliers, a nonlinear posterior), but converge to
-            the check rows' estimate, so they are not the default.
+        newton_steps: At most this many damped Newton steps per request (1: the influence step alone; see
+            :meth:`_newton_iterations`). Further steps continue while their target gradient is not met
+            (``> 10⁻³‖G‖``) and each step passes its check.
+        newton_target: What further Newton steps zero: ``"equilibrium"`` — the bank-averaged gradient of the
+            remaining-data energy, ``E[∇F(θ', S∖S')] = 0``, the first-moment identity of the new posterior, on every
+            remaining row when the data can list them (also corrects the bank's own Monte-Carlo location error,
+            which the influence step otherwise carries along and amplifies); ``"relative"`` — the control-variate
+            energy's gradient, ``E[∇F(θ', S∖S')] = E[∇F(θ, S)]`` (only the removal, continued where its influence
+            is not local: gross outliers, a nonlinear posterior).
         curvature_data: ``"minibatch"`` (one fresh minibatch per draw), ``"full"`` (every remaining point per draw;
             needs a data source with ``remaining()``, else it falls back to minibatches and says so in
             ``report.info``) or ``"auto"`` (full for the dense solver while remaining points × draws <= 32,768 and
@@ -424,6 +428,7 @@ class MCMCUnlearner:
         check_rows: int = 256,
         negative_curvature: str = "raise",
         newton_steps: int = 1,
+        newton_target: str = "equilibrium",
         curvature_data: str = "auto",
         exact_max_dim: int = 1000,
         memory_budget: int | float | str | None = None,
@@ -498,6 +503,9 @@ class MCMCUnlearner:
         if newton_steps < 1:
             raise ValueError(f"newton_steps must be >= 1, got {newton_steps}")
         self.newton_steps = int(newton_steps)
+        if newton_target not in ("equilibrium", "relative"):
+            raise ValueError(f"newton_target must be 'equilibrium' or 'relative', got {newton_target!r}")
+        self.newton_target = newton_target
         if curvature_data not in ("auto", "minibatch", "full"):
             raise ValueError(f"curvature_data must be 'auto', 'minibatch' or 'full', got {curvature_data!r}")
         self.curvature_data = curvature_data
@@ -565,6 +573,7 @@ class MCMCUnlearner:
             "check_rows": self.check_rows,
             "negative_curvature": self.negative_curvature,
             "newton_steps": self.newton_steps,
+            "newton_target": self.newton_target,
             "curvature_data": self.curvature_data,
             "exact_max_dim": self.exact_max_dim,
             "likelihood": self.likelihood,
@@ -918,7 +927,7 @@ class MCMCUnlearner:
                 outcome = self.control.step(self.curvature, G, check)
         x, lam, carry = outcome.x, outcome.damping, None
         if outcome.safe and self.newton_steps > 1:
-            x, carry = self._newton_iterations(check, G, outcome, info)
+            x, carry = self._newton_iterations(check, G, outcome, info, stream, e_f, n, k_thetas)
         elif self.carry_deficit and lam > 0 and outcome.safe:
             carry = lam * x
         x_dev = self._error_bar(dev, lam)
@@ -1014,42 +1023,72 @@ class MCMCUnlearner:
         return new_live, new_bank
 
     def _newton_iterations(
-        self, check: EnergyCheck, G: torch.Tensor, first: StepOutcome, info: dict[str, Any]
+        self,
+        check: EnergyCheck,
+        G: torch.Tensor,
+        first: StepOutcome,
+        info: dict[str, Any],
+        stream: _Stream,
+        e_f: Callable,
+        n: int,
+        k_thetas: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Damped Newton iterations on the control-variate energy ``φ`` after the first influence step.
+        """Damped Newton steps after the influence step, each checked like the first (same rule, same safety net).
 
-        The influence step is one Newton step on ``φ(x) = E_s[F(θ_s + x, S∖S')] − (linear term)``, whose gradient
-        ``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]`` vanishes where the shifted bank's mean energy
-        gradient equals the old one (the first-moment identity of the new posterior for an exact old bank). When a
-        large removal or a curved posterior leaves ``∇φ`` far from zero, further steps ``p = −(H + λ)⁻¹∇φ`` are
-        taken from the shifted bank, each checked like the first (the same draws and rows, the same damping rule
-        and safety net, measured against the original bank), until ``‖∇φ‖ <= 10⁻³‖G‖``, a step fails its check, or
-        ``newton_steps`` steps were taken. The curvature is the first step's (not rebuilt).
+        ``newton_target="equilibrium"``: steps ``p = −(H + λ)⁻¹ E_s[∇F(θ_s + x, S∖S')]`` zero the bank-averaged
+        remaining-data gradient (at the new posterior ``E_θ[∇F(θ, S∖S')] = 0``, by integration by parts); the
+        gradient is taken on every remaining row when the data can list them (and fit ``2^18`` row-draws), else
+        on the check rows. Each step is checked from the shifted bank.
+
+        ``newton_target="relative"``: steps on the control-variate energy ``φ`` of the first step,
+        ``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]`` (paired differences on the check rows), which
+        vanishes where the shifted bank's mean gradient equals the old one, checked against the original bank.
+
+        The curvature is the first step's (not rebuilt). Steps stop when the target gradient is below
+        ``10⁻³‖G‖``, a step fails its check, or ``newton_steps`` steps were taken.
 
         Returns:
-            The total shift and the gradient left unmet, ``−∇φ`` (carried to the next request).
+            The total shift, and the influence to carry to the next request (``relative`` only).
         """
         x, phi = first.x, first.actual
         carry: torch.Tensor | None = first.damping * first.x if first.damping > 0 else None
-        norms = []
+        norms: list[float] = []
+        equilibrium = self.newton_target == "equilibrium"
+        if equilibrium:
+            carry = None
+            pts = k_thetas if self.bank is None else self.bank[_evenly(self.bank.shape[0], self._grad_draw_count(1))]
+            full = stream.full()
+            use_full = full is not None and n * pts.shape[0] <= 2**18
+            data = full if use_full else check.rows
+            info["newton_data"] = "all remaining rows" if use_full else f"{check.m} check rows"
+            energy = e_f if use_full else self._energy_f(n)  # e_f scales its batch to n either way
         for _ in range(self.newton_steps - 1):
-            r = check.gradient(x)
+            if equilibrium:
+                r = self._per_draw_grads(energy, pts + x, data).mean(0)
+            else:
+                r = check.gradient(x)
             if not all_finite(r):
                 break
-            carry = -r
+            if not equilibrium:
+                carry = -r
             if float(r.norm()) <= 1e-3 * float(G.norm()):
                 break
+            if equilibrium:  # the energy change from the shifted bank, with its measured gradient as control variate
+                here = EnergyCheck(check.f, check.lp, check.thetas + x, check.rows, n, -r, check.reduce)
+                step = self.control.step(self.curvature, -r, here)
+            else:
 
-            def shifted(p: torch.Tensor, x: torch.Tensor = x, phi: float = phi) -> Any:
-                m = check(x + p)  # the change of φ from here, and the NLL change from the original bank
-                m.actual -= phi
-                return m
+                def shifted(p: torch.Tensor, x: torch.Tensor = x, phi: float = phi) -> Any:
+                    m = check(x + p)  # the change of φ from here; the NLL change from the original bank
+                    m.actual -= phi
+                    return m
 
-            step = self.control.step(self.curvature, -r, shifted)
+                step = self.control.step(self.curvature, -r, shifted)
             if not step.safe:
                 break
             x, phi = x + step.x, phi + step.actual
-            carry = step.damping * step.x if step.damping > 0 else None
+            if not equilibrium:
+                carry = step.damping * step.x if step.damping > 0 else None
             norms.append(float(step.x.norm()))
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
         return x, (carry if self.carry_deficit else None)
