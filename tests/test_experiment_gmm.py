@@ -108,12 +108,13 @@ def test_report_and_figures_are_written(small_run):
 def test_cli_demo_runs_sghmc_and_refuses_bad_arguments(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["demo", "--sampler", "sghmc", "--out", str(out), "--seed", "1", "--request-size", "40", "--quiet",
-            "--retrain-chains", "3"]  # fmt: skip
+            "--retrain-chains", "3", "--newton-steps", "2"]  # fmt: skip
     saved = tmp_path / "model"
     assert main([*argv, "--burnin", "400", "--samples", "400", "--thin", "4", "--save-model", str(saved)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sampler"] == "sghmc" and metrics["seed"] == 1 and metrics["n_requests"] == 20
     assert len(metrics["retrain_chains"]["vs_exact"]["kl_reverse"]["values"]) == 3
+    assert metrics["unlearn_config"]["newton_steps"] == 2
     store = pytest.importorskip("mcmc_unlearner.store")
     if hasattr(store, "load_model"):  # the saved origin model reloads with its 400-sample bank and all data
         loaded = store.load_model(saved)
@@ -125,6 +126,8 @@ def test_cli_demo_runs_sghmc_and_refuses_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()  # refused before anything was written
     assert main(["demo", "--retrain-chains", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "--retrain-chains must be >= 2" in capsys.readouterr().err
+    assert main(["demo", "--newton-steps", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--newton-steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
