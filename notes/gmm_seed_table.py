@@ -57,6 +57,13 @@ def main(paths: list[str]) -> None:
     secs.append(_ms([float(np.median(r["retrain_chains"]["seconds"])) for r in runs]))
     secs.append("")
     print("| " + " | ".join(secs) + " |")
+    if all("cpu_seconds" in r["methods"]["unlearn"] for r in runs):
+        cpu = ["CPU seconds (all requests; retraining: one chain)"]
+        for m in methods:
+            cpu.append(_ms([r["methods"][m]["cpu_seconds"] for r in runs]) if m in ("unlearn", "paper") else "")
+        cpu.append(_ms([float(np.median(r["retrain_chains"]["cpu_seconds"])) for r in runs]))
+        cpu.append("")
+        print("| " + " | ".join(cpu) + " |")
     print()
     med_req = [r["methods"]["unlearn"]["seconds_per_request_median"] * 1000 for r in runs]
     print(f"unlearn per-request median (ms): {_ms(med_req)}; warm-up (s): "

@@ -40,6 +40,8 @@ def test_metrics_file_has_the_documented_keys(small_run):
     assert on_disk["noise_floor_kl"] == on_disk["methods"]["retrain-b"]["kl_to_retrain"]
     un = on_disk["methods"]["unlearn"]
     assert 0 < un["seconds_per_request_median"] < un["seconds"]
+    assert 0 < un["cpu_seconds"] and 0 < on_disk["methods"]["retrain"]["cpu_seconds"]
+    assert len(on_disk["retrain_chains"]["cpu_seconds"]) == 4 and on_disk["total_cpu_seconds"] > 0
     reqs = on_disk["unlearn_requests"]
     assert len(reqs["per_request"]["seconds"]) == 40
     assert reqs["converged_all"] and reqs["residual"]["max"] < 1e-3
