@@ -313,6 +313,8 @@ def run_demo(
         raise ValueError(f"unknown sampler {sampler!r}; choose 'sgld' or 'sghmc'")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 (or None), got {threads}")
+    if grad_draws is not None and grad_draws < 2:
+        raise ValueError(f"--grad-draws must be >= 2, got {grad_draws}")
     if newton_steps < 1:
         raise ValueError(f"--newton-steps must be >= 1, got {newton_steps}")
     if retrain_chains < 2:
@@ -1048,6 +1050,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         retrain_chains=args.retrain_chains,
         with_paper=args.with_paper,
         newton_steps=args.newton_steps,
+        grad_draws=args.grad_draws,
         progress=not args.quiet,
     )
     meth = metrics["methods"]
@@ -1090,6 +1093,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--newton-steps", type=int, default=1, metavar="K",
         help="unlearner newton_steps (default 1; 2 adds a Newton correction on the remaining data per request)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grad-draws", type=int, default=256, metavar="N",
+        help="stored samples averaged for the removed points' gradient and the Newton correction (default 256)",
     )  # fmt: skip
     p.add_argument(
         "--with-paper", action="store_true",
