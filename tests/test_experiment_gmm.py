@@ -130,6 +130,9 @@ def test_cli_demo_runs_sghmc_and_refuses_bad_arguments(tmp_path, capsys):
     assert "--retrain-chains must be >= 2" in capsys.readouterr().err
     assert main(["demo", "--newton-steps", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--newton-steps must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--grad-draws", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--grad-draws must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     assert not (tmp_path / "bad").exists()
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
