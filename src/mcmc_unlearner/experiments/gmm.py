@@ -54,7 +54,7 @@ from ..metrics import align_mixture_samples, effective_sample_size, knn_kl, samp
 from ..models.gmm import GaussianMixture
 from ..samplers import SGHMC, SGLD
 from ..unlearner import MCMCUnlearner
-from .references import gmm_gibbs
+from .references import GibbsPosterior, gmm_gibbs
 from .report import Stopwatch, fmt, markdown_table, prepare_out_dir, save_figure, summarize, write_json, write_text
 
 __all__ = ["DISTANCES", "METHODS", "gmm_energy", "paper_available", "register", "run_demo"]
@@ -689,7 +689,7 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def _exact_evaluation(
-    exact: Any, raw: dict[str, torch.Tensor], retrain_sets: list[torch.Tensor], every: int
+    exact: GibbsPosterior, raw: dict[str, torch.Tensor], retrain_sets: list[torch.Tensor], every: int
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Distances of every sample set to the exact posterior, and the retrain chains' median and range.
 
