@@ -72,6 +72,9 @@ def test_metrics_report_distances_to_the_exact_posterior(small_run):
     ex = m["exact_reference"]
     assert ex["n_draws"] == 4000 and ex["ess_min"] > 0.5 * ex["n_draws"] and ex["switch_fraction"] == 0.0
     assert max(rc["vs_exact"]["mean_shift_sd"]["values"]) < 3.0
+    # components carry the data's cluster labels: the thinned-out clusters 0 and 2 have the wider posteriors
+    sd = np.asarray(ex["draws_sd"]).mean(1)
+    assert min(sd[0], sd[2]) > 1.5 * max(sd[1], sd[3])
     # the origin chain (all 2,000 points) is far from the remaining-data posterior on every distance, and
     # unlearning closes most of that gap on the distances that measure location
     origin, unlearn = m["methods"]["origin"]["vs_exact"], m["methods"]["unlearn"]["vs_exact"]
