@@ -1,6 +1,6 @@
 """Side-by-side benchmark: the paper's unlearning procedure vs ours, timed honestly, scored as distance to retraining.
 
-    python benchmarks/run.py [--quick] [--cases conjugate,gmm,digits] [--reps 3] [--json OUT.json] [--memory]
+    python benchmarks/run.py [--quick] [--cases conjugate,gmm,digits] [--reps 3] [--extra] [--json OUT.json] [--memory]
 
 Methods (both start every repetition from the same chain state, sampler state, data state and stored samples,
 and receive the same request sequence):
@@ -10,8 +10,9 @@ and receive the same request sequence):
   energy from the count before removal, the points kept in the sampler during the solve and removed after,
   separate minibatches for sampler steps and Hessian-vector products, step-size rescaling only in the BNN case)
   with Algorithm 1's common shift of the stored samples. The reference code itself is not run here.
-* ``ours``: :class:`mcmc_unlearner.MCMCUnlearner` with the settings of :data:`OURS_SETTINGS` (or the library's
-  defaults when :data:`OURS_LIBRARY_DEFAULTS` is true).
+* ``ours``: :class:`mcmc_unlearner.MCMCUnlearner` with the library's defaults (no options besides the bank;
+  :data:`OURS_LIBRARY_DEFAULTS`); ``--extra`` adds ``ours_tuned`` (the former hand-tuned settings,
+  :data:`OURS_TUNED`) and, for digits, ``ours_cg``.
 
 Timing: a process warm-up (each method handles the first request once on a throwaway copy; its time is reported
 as ``cold_first_request``), then ``--reps`` repetitions interleaved paper, ours, paper, ours, ... For every method
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import platform
@@ -47,43 +49,90 @@ import mcmc_unlearner
 from mcmc_unlearner import SGLD, MCMCUnlearner, RemovableDataset, UnlearningError
 from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.experiments.paper import FMNIST_REFERENCE, GMM_REFERENCE, PaperUnlearner, ReferenceSettings
-from mcmc_unlearner.metrics import align_mixture_samples, gaussian_kl, knn_kl, thin
+from mcmc_unlearner.metrics import align_mixture_samples, gaussian_kl, knn_kl, sample_set_distances, thin
 from mcmc_unlearner.samplers import run_chain
 
-#: The one-line switch: ``True`` runs ``MCMCUnlearner(model, sampler, bank=bank)`` with the library's defaults in
-#: every case (for when the self-tuning defaults are on main); ``False`` uses :data:`OURS_SETTINGS`.
-OURS_LIBRARY_DEFAULTS = False
+#: The one-line switch: ``True`` (now that the self-tuning defaults are on main) runs
+#: ``MCMCUnlearner(model, sampler, bank=bank)`` with the library's defaults in every case; ``False`` uses
+#: :data:`OURS_TUNED` as "ours".
+OURS_LIBRARY_DEFAULTS = True
 
-#: Per-case settings of "ours" while :data:`OURS_LIBRARY_DEFAULTS` is false (the experiments' current defaults).
-OURS_SETTINGS: dict[str, dict[str, Any]] = {
+#: The hand-tuned per-case settings used before the self-tuning defaults (reported as ``ours_tuned`` with
+#: ``--extra``; used as ``ours`` when :data:`OURS_LIBRARY_DEFAULTS` is false).
+OURS_TUNED: dict[str, dict[str, Any]] = {
     # a linear-Gaussian model's Hessian does not depend on θ: 4 draws (each with all remaining points) suffice;
     # built at the first request and downdated by the removed points' Hessian afterwards
-    "conjugate": dict(solver="exact", refresh_every=10**6, curvature_draws=4),
-    # the demo's default (mcmc-unlearner demo): dense Hessian on all remaining points at 4 bank draws, rebuilt every
-    # 10 requests; G from 256 evenly spaced bank samples; exact Gaussian transport of the bank
+    "conjugate": dict(solver="exact", refresh_every=10**6, curvature_draws=4, damping=0.0),
+    # the demo's former default: dense Hessian on all remaining points at 4 bank draws, rebuilt every 10 requests;
+    # G from 256 evenly spaced bank samples; exact Gaussian transport of the bank
     "gmm": dict(
-        solver="exact", bank_shift="affine", refresh_every=10, curvature_draws=4, grad_draws=256, curvature_data="full"
+        solver="exact",
+        bank_shift="affine",
+        refresh_every=10,
+        curvature_draws=4,
+        grad_draws=256,
+        curvature_data="full",
+        damping=0.0,
     ),
-    # the BNN experiment's default: K-FAC of the remaining-data energy at 8 bank draws (damping 300), built at the
-    # first request and reused; G from 24 bank samples; residual check on 2 draws
+    # the BNN experiment's former default: K-FAC of the remaining-data energy at 8 bank draws (damping 300), built
+    # at the first request and reused; G from 24 bank samples; residual check on 2 draws
     "digits": dict(solver="kfac", damping=300.0, refresh_every=10**6, curvature_draws=8, grad_draws=24, check_draws=2),
-    # the damped-CG alternative reported beside it (full runs only)
-    "digits_cg": dict(
-        solver="cg",
-        damping=300.0,
-        tol=1e-2,
-        precondition_rank=20,
-        refresh_every=10**6,
-        curvature_draws=8,
-        negative_curvature="truncate",
-    ),
+}
+
+#: Further variants reported with ``--extra`` (name -> settings), per case.
+EXTRA_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "digits": {
+        # damped Newton-CG to 1e-2, Lanczos-preconditioned, truncated at negative curvature
+        "ours_cg": dict(
+            solver="cg",
+            damping=300.0,
+            tol=1e-2,
+            precondition_rank=20,
+            refresh_every=10**6,
+            curvature_draws=8,
+            negative_curvature="truncate",
+        ),
+    },
 }
 
 
-def make_ours(case: str, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:
-    """Our unlearner for ``case``: library defaults or :data:`OURS_SETTINGS` (see :data:`OURS_LIBRARY_DEFAULTS`)."""
-    kwargs = {} if OURS_LIBRARY_DEFAULTS else OURS_SETTINGS[case]
-    return MCMCUnlearner(model, sampler, bank=bank, **kwargs)
+def ours_settings(case: str) -> dict[str, Any]:
+    """The settings of "ours" for ``case``: none (library defaults) or :data:`OURS_TUNED` (the one-line switch)."""
+    return {} if OURS_LIBRARY_DEFAULTS else dict(OURS_TUNED[case])
+
+
+def ours_variants(case: str, extra: bool) -> dict[str, dict[str, Any]]:
+    """``{"ours": settings}`` plus, with ``extra``, the tuned settings and :data:`EXTRA_VARIANTS`."""
+    out = {"ours": ours_settings(case)}
+    if extra:
+        if OURS_LIBRARY_DEFAULTS:
+            out["ours_tuned"] = dict(OURS_TUNED[case])
+        out.update(EXTRA_VARIANTS.get(case, {}))
+    return out
+
+
+def make_ours(
+    model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor, settings: dict[str, Any]
+) -> MCMCUnlearner:
+    """``MCMCUnlearner(model, sampler, bank=bank, **settings)``."""
+    return MCMCUnlearner(model, sampler, bank=bank, **settings)
+
+
+def ours_details(run: dict[str, Any]) -> dict[str, Any]:
+    """Per-request solver facts of one run of ours: backend, damping, residual, failed checks."""
+    reps = run["reports"]
+
+    def built(r: Any) -> bool:
+        info = r.info
+        return not info.get("hessian_reused", info.get("preconditioner_reused", False))
+
+    return {
+        "solver": sorted({r.solver for r in reps}),
+        "curvature_builds": sum(built(r) for r in reps),
+        "residuals": [float(r.residual) for r in reps],
+        "dampings": [float(getattr(r, "damping", 0.0)) for r in reps],
+        "failed_checks": [p for r in reps for p in getattr(r, "problems", [])],
+    }
 
 
 def energy(model: nn.Module, batch: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
@@ -193,12 +242,14 @@ def timing_summary(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def speedups(paper: dict[str, Any], ours: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per-repetition ratios paper ÷ ours (repetition ``r`` of each method ran back to back)."""
+    """Per-repetition ratios paper ÷ ours (repetition ``r`` of each method ran back to back): wall-clock totals,
+    per-request medians, and CPU-time totals (less sensitive to other jobs on a shared machine)."""
     tot = [sum(p["seconds"]) / sum(o["seconds"]) for p, o in zip(paper["runs"], ours["runs"])]
+    cpu = [sum(p["cpu"]) / max(sum(o["cpu"]), 1e-9) for p, o in zip(paper["runs"], ours["runs"])]
     med = [
         statistics.median(p["seconds"]) / statistics.median(o["seconds"]) for p, o in zip(paper["runs"], ours["runs"])
     ]
-    return {"total": _spread(tot), "median": _spread(med)}
+    return {"total": _spread(tot), "median": _spread(med), "cpu_total": _spread(cpu)}
 
 
 def _pairs(items: Sequence[Any]) -> list[tuple[Any, Any]]:
@@ -206,7 +257,7 @@ def _pairs(items: Sequence[Any]) -> list[tuple[Any, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- cases
-def case_conjugate(quick: bool, reps: int) -> dict[str, Any]:
+def case_conjugate(quick: bool, reps: int, extra: bool = False) -> dict[str, Any]:
     """Bayesian linear regression, 5% of the points removed; exact posterior known in closed form."""
     from mcmc_unlearner.models.linreg import MultiChainLinearRegression, exact_posterior
 
@@ -215,12 +266,15 @@ def case_conjugate(quick: bool, reps: int) -> dict[str, Any]:
     x = torch.randn(n, d, generator=g)
     y = x @ torch.randn(d, generator=g) + torch.randn(n, generator=g)
     removed = torch.argsort(y, descending=True)[: n // 20]  # 5%: the largest targets (a biased removal)
+    requests = list(removed.split(10))
+    if quick:  # the first 4 requests (2% of the points); the exact target follows
+        requests = requests[:4]
+        removed = torch.cat(requests)
     keep = torch.ones(n, dtype=torch.bool)
     keep[removed] = False
     m0, c0 = exact_posterior(x, y)
     m1, _ = exact_posterior(x[keep], y[keep])
     delta = m1 - m0
-    requests = list(removed.split(10))
 
     def setup():
         model = MultiChainLinearRegression(chains, d, n=n)
@@ -238,35 +292,31 @@ def case_conjugate(quick: bool, reps: int) -> dict[str, Any]:
         model, sampler, data, bank = setup()
         return run_paper(model, sampler, data, bank, reqs, GMM_REFERENCE)
 
-    def ours_run(reqs):
+    def ours_run(reqs, settings):
         model, sampler, data, bank = setup()
-        return run_ours(make_ours("conjugate", model, sampler, bank), data, reqs)
+        return run_ours(make_ours(model, sampler, bank, settings), data, reqs)
 
     bank = setup()[3]
-    res = interleaved({"paper": paper_run, "ours": ours_run}, requests, reps)
+    variants = ours_variants("conjugate", extra)
+    runners = {"paper": paper_run, **{k: functools.partial(ours_run, settings=v) for k, v in variants.items()}}
+    res = interleaved(runners, requests, reps)
     return {
-        "setup": f"n={n}, d={d}, {chains} chains x 100 stored samples, remove {len(removed)} (5%) in "
-        f"{len(requests)} requests of 10",
+        "setup": f"n={n}, d={d}, {chains} chains x 100 stored samples, remove {len(removed)} "
+        f"({100 * len(removed) / n:.0f}%) in {len(requests)} requests of 10",
         "accuracy_measure": "undone: |exact mean shift - achieved| / |exact mean shift| (target 0; exact, no floor)",
-        "note": "ours' first request builds the dense Hessian of the remaining-data energy (160 x 160: 160 "
-        "Hessian-vector products over all 1,990 remaining points at 4 draws); later requests downdate it with the "
-        "removed points' Hessian",
-        "methods": {
-            "paper": {**timing_summary(res["paper"]), "undone": undone(bank, res["paper"]["runs"][-1]["bank"])},
-            "ours": {**timing_summary(res["ours"]), "undone": undone(bank, res["ours"]["runs"][-1]["bank"])},
-        },
-        "settings": {"paper": GMM_REFERENCE.kwargs(), "ours": _ours_desc("conjugate")},
+        "methods": {k: {**timing_summary(r), "undone": undone(bank, r["runs"][-1]["bank"])} for k, r in res.items()},
+        "note": "a dense build of the remaining-data Hessian (160 x 160) costs 160 Hessian-vector products over all "
+        "1,990 remaining rows per draw (ours_tuned: 4 draws, built once); a request that reuses it only subtracts "
+        "the removed rows' Hessian. 'curvature builds' counts the requests that built it",
+        "settings": {"paper": GMM_REFERENCE.kwargs(), **variants},
         "_raw": res,
     }
 
 
-def _ours_desc(case: str) -> dict[str, Any] | str:
-    return "library defaults" if OURS_LIBRARY_DEFAULTS else OURS_SETTINGS[case]
-
-
-def case_gmm(quick: bool, reps: int) -> dict[str, Any]:
+def case_gmm(quick: bool, reps: int, extra: bool = False) -> dict[str, Any]:
     """The paper's Gaussian mixture: 800 of 2,000 points removed in requests of 4 (``--quick``: the first 20)."""
     from mcmc_unlearner.datasets import gmm_removal_indices, make_gmm_2d
+    from mcmc_unlearner.experiments.references import gmm_gibbs
     from mcmc_unlearner.models.gmm import GaussianMixture
 
     xs, ys = make_gmm_2d()
@@ -309,8 +359,17 @@ def case_gmm(quick: bool, reps: int) -> dict[str, Any]:
         s, r = s.reshape(len(s), -1).astype(np.float64), ref.numpy().astype(np.float64)
         return gaussian_kl(s.mean(0), np.cov(s.T), r.mean(0), np.cov(r.T))
 
+    exact = gmm_gibbs(x[kept].numpy(), k=4, prior_std=1.0, n_draws=2000 if quick else 4000, seed=7)
+    centre = exact.samples.mean(0)
+
+    def vs_exact(bank: torch.Tensor) -> dict[str, float]:
+        a = align_mixture_samples(bank.reshape(-1, 4, 2).numpy().astype(np.float64), centre)
+        d = sample_set_distances(a.reshape(len(a), -1), exact.flat, every=10, mixture=(4, 2))
+        return {f"exact_{k}": float(d[k]) for k in ("kl_forward", "kl_reverse", "gauss_kl", "mean_err_sd")}
+
     def distances(bank: torch.Tensor) -> dict[str, float]:
         return {
+            **vs_exact(bank),
             "kl_to_retrain": float(np.median([kl(bank, r) for r in retrains])),
             "gauss_kl_to_retrain": float(np.median([gkl(bank, r) for r in retrains])),
         }
@@ -322,33 +381,43 @@ def case_gmm(quick: bool, reps: int) -> dict[str, Any]:
         m_p, s_p = _clone_chain(model, sampler, make)
         return run_paper(m_p, s_p, RemovableDataset(x, y, batch_size=64, seed=0), bank, reqs, GMM_REFERENCE)
 
-    def ours_run(reqs):
+    def ours_run(reqs, settings):
         m_o, s_o = _clone_chain(model, sampler, make)
-        return run_ours(make_ours("gmm", m_o, s_o, bank), RemovableDataset(x, y, batch_size=64, seed=0), reqs)
+        return run_ours(make_ours(m_o, s_o, bank, settings), RemovableDataset(x, y, batch_size=64, seed=0), reqs)
 
-    res = interleaved({"paper": paper_run, "ours": ours_run}, requests, reps)
+    variants = ours_variants("gmm", extra)
+    runners = {"paper": paper_run, **{k: functools.partial(ours_run, settings=v) for k, v in variants.items()}}
+    res = interleaved(runners, requests, reps)
     floor_kl = [kl(a, b) for a, b in _pairs(retrains)]
     floor_gkl = [gkl(a, b) for a, b in _pairs(retrains)]
+    retrain_exact = [vs_exact(r) for r in retrains]
+    origin = distances(bank)
+    retrain_row = {k: float(np.median([r[k] for r in retrain_exact])) for k in retrain_exact[0]}
     return {
         "setup": f"2,000 points, remove {removed.numel()} in {len(requests)} requests of 4; chains {steps}+{steps} "
         f"SGLD steps; {n_retrain} retrain chains",
-        "accuracy_measure": "1-NN KL and Gaussian-fit KL to each retrain chain (median over chains); floor: the same "
-        "between retrain chains (median over ordered pairs). The exact Gibbs-posterior distances (branch "
-        "gmm-evidence) are not wired in yet",
+        "accuracy_measure": "exact_*: distances to the exact posterior of the remaining data (Gibbs draws): forward "
+        "and reverse 1-NN KL (thinned by 10), Gaussian-fit KL, mean error in posterior sd; the 'retrain' row is the "
+        "median over independent retrain chains. *_to_retrain: 1-NN KL and Gaussian-fit KL to each retrain chain "
+        "(median); 'floor' row: the same between retrain chains (median over ordered pairs)",
+        "exact_reference": exact.summary(),
+        "retrain_vs_exact": {k: _spread([r[k] for r in retrain_exact]) for k in retrain_exact[0]},
         "retrain_seconds": float(np.median(retrain_seconds)),
         "kl_noise_floor": float(np.median(floor_kl)),
         "kl_noise_floor_range": [float(min(floor_kl)), float(max(floor_kl))],
         "gauss_kl_noise_floor": float(np.median(floor_gkl)),
         "gauss_kl_noise_floor_range": [float(min(floor_gkl)), float(max(floor_gkl))],
-        "kl_origin": distances(bank)["kl_to_retrain"],
-        "gauss_kl_origin": distances(bank)["gauss_kl_to_retrain"],
+        "kl_origin": origin["kl_to_retrain"],
+        "gauss_kl_origin": origin["gauss_kl_to_retrain"],
+        "reference_rows": {
+            "origin": origin,
+            f"retrain (median of {n_retrain})": retrain_row,
+            "floor": {"kl_to_retrain": float(np.median(floor_kl)), "gauss_kl_to_retrain": float(np.median(floor_gkl))},
+        },
         "quoted_reference": "quoted from paper-facts.md, not measured here: the reference GMM/forget.py (loader "
         "workers off) took a median 0.41 s per request (0.36-0.56 s) on a 2-core CPU, 68 s for all 200 requests",
-        "methods": {
-            "paper": {**timing_summary(res["paper"]), **distances(res["paper"]["runs"][-1]["bank"])},
-            "ours": {**timing_summary(res["ours"]), **distances(res["ours"]["runs"][-1]["bank"])},
-        },
-        "settings": {"paper": GMM_REFERENCE.kwargs(), "ours": _ours_desc("gmm")},
+        "methods": {k: {**timing_summary(r), **distances(r["runs"][-1]["bank"])} for k, r in res.items()},
+        "settings": {"paper": GMM_REFERENCE.kwargs(), **variants},
         "_raw": res,
     }
 
@@ -378,7 +447,7 @@ def _digits_chain(setup: dict[str, Any], data: RemovableDataset, seed: int):
     return model, sampler, bank
 
 
-def case_digits(quick: bool, reps: int) -> dict[str, Any]:
+def case_digits(quick: bool, reps: int, extra: bool = False) -> dict[str, Any]:
     """A Bayesian CNN on scikit-learn's digits; forget all of class 0 in requests of 64."""
     from mcmc_unlearner.models.bnn import build_model
 
@@ -444,18 +513,14 @@ def case_digits(quick: bool, reps: int) -> dict[str, Any]:
         data = RemovableDataset(x, y, batch_size=128, seed=0)
         return run_paper(m_p, s_p, data, bank, reqs, FMNIST_REFERENCE)
 
-    def ours_run(reqs, case="digits"):
+    def ours_run(reqs, settings):
         m_o, s_o = _clone_chain(model, sampler, make)
-        return run_ours(make_ours(case, m_o, s_o, bank), RemovableDataset(x, y, batch_size=128, seed=0), reqs)
+        return run_ours(make_ours(m_o, s_o, bank, settings), RemovableDataset(x, y, batch_size=128, seed=0), reqs)
 
-    runners = {"paper": paper_run, "ours": ours_run}
-    if not quick and not OURS_LIBRARY_DEFAULTS:
-        runners["ours_cg"] = lambda reqs: ours_run(reqs, "digits_cg")
+    variants = ours_variants("digits", extra)
+    runners = {"paper": paper_run, **{k: functools.partial(ours_run, settings=v) for k, v in variants.items()}}
     res = interleaved(runners, requests, reps)
     methods = {name: {**timing_summary(r), **scores(r["runs"][-1]["bank"])} for name, r in res.items()}
-    for name in methods:
-        if name.startswith("ours"):
-            methods[name]["residuals"] = [rep.residual for rep in res[name]["runs"][-1]["reports"]]
     origin = scores(bank)
     return {
         "setup": f"digits_net ({bank.shape[1]} params), n={n}, remove class 0 ({len(removed)}) in {len(requests)} "
@@ -471,10 +536,11 @@ def case_digits(quick: bool, reps: int) -> dict[str, Any]:
         **{f"{k}_error_retrain": float(np.median([error(q, k) for q in p_retrain])) for k in sets},
         **{f"{k}_error_origin": origin[f"{k}_error"] for k in sets},
         "origin": {k: v for k, v in origin.items() if k in DISTANCE_KEYS},
+        "reference_rows": {"origin": {k: v for k, v in origin.items() if k in DISTANCE_KEYS}, "floor": floor},
         "quoted_reference": "quoted from paper-facts.md, not measured here: the reference BNN code, LeNet-5 on "
         "Fashion-MNIST-sized data: 3.5 s per request of 64 (loader workers off) on a 2-core CPU",
         "methods": methods,
-        "settings": {"paper": FMNIST_REFERENCE.kwargs(), "ours": _ours_desc("digits")},
+        "settings": {"paper": FMNIST_REFERENCE.kwargs(), **variants},
         "_raw": res,
     }
 
@@ -486,7 +552,8 @@ def _digits_memory_phase(phase: str, quick: bool) -> None:
     model, sampler, bank = _digits_chain(setup, RemovableDataset(x, y, batch_size=128, seed=0), seed=10)
     if phase == "unlearn":
         data = RemovableDataset(x, y, batch_size=128, seed=0)
-        run_ours(make_ours("digits", model, sampler, bank), data, list(torch.nonzero(y == 0).flatten().split(64)))
+        requests = list(torch.nonzero(y == 0).flatten().split(64))
+        run_ours(make_ours(model, sampler, bank, ours_settings("digits")), data, requests)
 
 
 def measure_memory(quick: bool, threads: int) -> dict[str, Any]:
@@ -514,6 +581,10 @@ CASES = {"conjugate": case_conjugate, "gmm": case_gmm, "digits": case_digits}
 #: Accuracy keys compared as ours ÷ paper (all distances to the target: lower is closer).
 DISTANCE_KEYS = (
     "undone",
+    "exact_kl_forward",
+    "exact_kl_reverse",
+    "exact_gauss_kl",
+    "exact_mean_err_sd",
     "kl_to_retrain",
     "gauss_kl_to_retrain",
     "removed_error_distance",
@@ -551,26 +622,25 @@ def report(name: str, res: dict[str, Any]) -> None:
             print(f"           refused {len(r['refused'])} request(s): {r['refused'][0]['error'][:100]}")
         if not r["reproducible"]:
             print("           (repetitions did not end with identical banks)")
+        if "solver" in r:
+            d = r["dampings"]
+            print(
+                f"           backend {','.join(r['solver'])}, damping {min(d, default=0):.3g}-{max(d, default=0):.3g}, "
+                f"residual max {max(r['residuals'], default=0):.3g}, failed checks {len(r['failed_checks'])}, "
+                f"curvature builds {r['curvature_builds']}"
+            )
     for key, sp in res["speedups"].items():
         print(
             f"  speedup paper/{key}: total {_fmt_spread(sp['total'], fmt='.1f')}x, "
-            f"median per request {_fmt_spread(sp['median'], fmt='.1f')}x"
+            f"median per request {_fmt_spread(sp['median'], fmt='.1f')}x, CPU-time total "
+            f"{_fmt_spread(sp['cpu_total'], fmt='.1f')}x"
         )
     print(f"  accuracy ({res['accuracy_measure']}):")
-    rows = {k: dict(v) for k, v in res["methods"].items()}
-    if "origin" in res:
-        rows = {"origin": dict(res["origin"]), **rows}
-    floor = dict(res.get("floor", {}))
-    for k, v in res.items():
-        if k.endswith("noise_floor"):
-            floor[k.replace("_noise_floor", "_to_retrain")] = v
-        if k.endswith("_origin") and not k.endswith("error_origin"):
-            rows.setdefault("origin", {})[k.replace("_origin", "_to_retrain")] = v
+    rows = {**res["methods"], **res.get("reference_rows", {})}
     keys = [k for k in DISTANCE_KEYS if any(k in r for r in rows.values())]
+    width = max(len(k) for k in rows)
     for key, r in rows.items():
-        print(f"    {key:8s} " + ", ".join(f"{k} {r[k]:.4g}" for k in keys if k in r))
-    if floor:
-        print("    floor    " + ", ".join(f"{k} {floor[k]:.4g}" for k in keys if k in floor))
+        print(f"    {key:{width}s} " + ", ".join(f"{k} {r[k]:.4g}" for k in keys if k in r))
     raw = {k: v for k, v in res.items() if k.endswith(("_error_retrain", "_error_origin")) or k == "retrain_seconds"}
     if raw:
         print("  " + ", ".join(f"{k} {v:.3f}" for k, v in raw.items()))
@@ -582,9 +652,12 @@ def report(name: str, res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="shorter chains, fewer GMM requests, 2 retrain chains")
+    p.add_argument(
+        "--quick", action="store_true", help="shorter chains, fewer conjugate/GMM requests, 2 retrain chains"
+    )
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     p.add_argument("--reps", type=int, default=3, help="interleaved timed repetitions per method (>= 1)")
+    p.add_argument("--extra", action="store_true", help="also run ours_tuned (former hand-tuned settings), ours_cg")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory of the digits case (2 processes)")
@@ -614,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         print(f"[{name}] running ...", file=sys.stderr, flush=True)
-        res = CASES[name](args.quick, args.reps)
+        res = CASES[name](args.quick, args.reps, args.extra)
         raw = res.pop("_raw")
         res["speedups"] = {k: speedups(raw["paper"], raw[k]) for k in raw if k != "paper"}
         paper = res["methods"]["paper"]
@@ -626,6 +699,9 @@ def main(argv: list[str] | None = None) -> int:
             res[f"speedup_median{sfx}"] = res["speedups"][key]["median"]["median"]
             res[f"speedup{sfx}"] = res[f"speedup_median{sfx}"]  # legacy key: median per request, as before
             res[f"ratios_{key}_over_paper"] = ratios(paper, res["methods"][key])
+        for key in raw:
+            if key != "paper":
+                res["methods"][key].update(ours_details(raw[key]["runs"][-1]))
         for key, r in res["methods"].items():  # legacy layout: cases.<case>.<method>
             res[key] = r
         res["wall_seconds"] = time.perf_counter() - t0

@@ -45,6 +45,7 @@ def test_speedups_are_per_repetition_ratios_of_totals_then_medians(bench) -> Non
     sp = bench.speedups(paper, ours)
     assert sp["total"]["min"] == pytest.approx(3.0 / 1.2) and sp["total"]["max"] == pytest.approx(10.0)
     assert sp["median"]["min"] == pytest.approx(10.0) and sp["median"]["max"] == pytest.approx(10.0)
+    assert sp["cpu_total"] == sp["total"]  # the fake runs' CPU times equal their wall times
 
 
 def test_interleaved_alternates_methods_from_identical_states_after_a_warm_up(bench) -> None:
@@ -70,11 +71,20 @@ def test_ratios_compare_distances_not_raw_errors(bench) -> None:
 
 
 def test_ours_switch_to_library_defaults_is_one_flag(bench, monkeypatch) -> None:
-    from mcmc_unlearner.models.linreg import BayesianLinearRegression
-
-    model = BayesianLinearRegression(3)
-    un = bench.make_ours("conjugate", model, None, torch.zeros(4, 3))
-    assert un.solver.value == "exact" and un.curvature_draws == 4
     monkeypatch.setattr(bench, "OURS_LIBRARY_DEFAULTS", True)
-    default = bench.make_ours("conjugate", model, None, torch.zeros(4, 3))
-    assert default.curvature_draws == bench.MCMCUnlearner(model, None).curvature_draws
+    assert bench.ours_settings("digits") == {}
+    assert set(bench.ours_variants("digits", extra=True)) == {"ours", "ours_tuned", "ours_cg"}
+    monkeypatch.setattr(bench, "OURS_LIBRARY_DEFAULTS", False)
+    assert bench.ours_settings("digits") == bench.OURS_TUNED["digits"]
+    assert set(bench.ours_variants("gmm", extra=True)) == {"ours"}
+
+
+def test_ours_details_count_curvature_builds_and_failed_checks(bench) -> None:
+    from types import SimpleNamespace
+
+    def rep(reused: bool | None, problems=()):
+        info = {} if reused is None else {"hessian_reused": reused}
+        return SimpleNamespace(solver="exact", residual=1e-8, damping=0.0, problems=list(problems), info=info)
+
+    d = bench.ours_details({"reports": [rep(False), rep(True), rep(True, ["unsafe"]), rep(None)]})
+    assert d["curvature_builds"] == 2 and d["failed_checks"] == ["unsafe"] and d["solver"] == ["exact"]

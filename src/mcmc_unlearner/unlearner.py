@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jacrev, vmap
 
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .bank import BankLayout, to_flat
@@ -222,16 +222,6 @@ def _evenly(n: int, k: int | None) -> torch.Tensor:
     return torch.linspace(0, n - 1, k).round().long()
 
 
-def _hvp_columns(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``(θ, V[D, c], *args) -> ∇²f(θ)·V``, forward-over-reverse vmapped over the columns of ``V``."""
-    gf = grad(f)
-
-    def hvp(theta: torch.Tensor, V: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        return vmap(lambda v: jvp(lambda t: gf(t, *args), (theta,), (v,))[1], in_dims=1, out_dims=1)(V)
-
-    return hvp
-
-
 def _own_parameters(model: nn.Module) -> None:
     """Give parameters that are views of a larger tensor (e.g. loaded with ``vector_to_parameters(bank[-1], ...)``)
     their own storage, so writing the live chain's new state never writes into the caller's tensors."""
@@ -333,6 +323,7 @@ class Proposal:
     _sampler_state: dict | None = None
     _backend_state: dict | None = None
     _control_relative: float = 0.0
+    _carry: torch.Tensor | None = None
     _generator_state: torch.Tensor | None = None
     _data: Any = None
     _data_state: Any = None
@@ -364,7 +355,8 @@ class MCMCUnlearner:
             a rank-20 Lanczos preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
-        bank_shift: ``"mean"``, ``"sample"`` or ``"affine"`` (see module docstring).
+        bank_shift: ``"auto"`` (``"affine"`` with the dense solver, else ``"mean"``), ``"mean"``, ``"sample"`` or
+            ``"affine"`` (see module docstring).
         damping: ``"auto"`` (chosen per request, :mod:`mcmc_unlearner.step`) or a fixed value ``>= 0``.
         scaling: LiSSA scaling ``s`` or ``"auto"``.
         iter_T: LiSSA rounds / CG iteration cap.
@@ -372,10 +364,10 @@ class MCMCUnlearner:
         samp_T: Sampler steps for ``expectation="chain"``.
         grad_draws: Bank samples averaged for ``G``: ``"auto"`` (all of at most ``max(16, ⌈1024/k⌉)`` for ``k``
             removed points, evenly spaced), ``None`` (all) or a number.
-        curvature_draws: Draws averaged for ``H`` (``None``: 4 for ``kfac``, 16 otherwise).
-        refresh_every: Curvature reuse across sequential requests (``None``: 1 for ``exact``, 20 for ``kfac``, 10
-            otherwise). ``exact`` downdates its dense Hessian in between; ``kfac``/``lowrank``/``cg`` reuse their
-            approximation or preconditioner.
+        curvature_draws: Draws averaged for ``H`` (``None``: 8 for ``kfac``, 16 otherwise).
+        refresh_every: Curvature reuse across sequential requests (``None``: 20 for ``kfac``, 10 otherwise).
+            ``exact`` downdates its dense Hessian in between (exact for the data term; the draws' drift is caught by
+            ``drift_tol``); ``kfac``/``lowrank``/``cg`` reuse their approximation or preconditioner.
         precondition_rank: Lanczos rank of CG's preconditioner / of ``lowrank``'s approximation.
         drift_tol: A reused approximation is rebuilt at once when its first step's ``|actual/predicted − 1|``
             exceeds this.
@@ -384,8 +376,11 @@ class MCMCUnlearner:
         negative_curvature: With ``solver="cg"`` and a fixed damping: ``"raise"`` refuses an indefinite Hessian;
             ``"truncate"`` stops CG at the first negative-curvature direction (truncated Newton-CG). With
             ``damping="auto"`` negative curvature raises the damping instead.
-        newton_steps: ``k > 1``: ``k − 1`` further Newton corrections ``x ← x − (H+λ)⁻¹ E_bank[∇F(θ + x, S∖S')]`` on
-            all remaining points (zeroing the sample-averaged remaining-data gradient), for large removals.
+        newton_steps: At most this many damped Newton steps per request on the control-variate energy (see
+            :meth:`_newton_iterations`; 1: the influence step alone). Further steps continue while the remaining-data
+            energy gradient of the shifted bank is not balanced (``‖∇φ‖ > 10⁻³‖G‖``) and each passes its check; they
+            help when a removal's influence is not local (gross outliers, a nonlinear posterior), but converge to
+            the check rows' estimate, so they are not the default.
         curvature_data: ``"minibatch"`` (one fresh minibatch per draw), ``"full"`` (every remaining point per draw;
             needs a data source with ``remaining()``, else it falls back to minibatches and says so in
             ``report.info``) or ``"auto"`` (full for the dense solver while remaining points × draws <= 32,768 and
@@ -414,7 +409,7 @@ class MCMCUnlearner:
         solver: SolverName | str = "auto",
         expectation: Expectation | str | None = None,
         hessian: HessianKind | str = HessianKind.REMAINING,
-        bank_shift: BankShift | str = BankShift.MEAN,
+        bank_shift: BankShift | str = "auto",
         damping: float | str = "auto",
         scaling: float | str = "auto",
         iter_T: int = 100,
@@ -425,7 +420,7 @@ class MCMCUnlearner:
         refresh_every: int | None = None,
         precondition_rank: int = 0,
         drift_tol: float = 2.0,
-        check_draws: int = 2,
+        check_draws: int = 8,
         check_rows: int = 256,
         negative_curvature: str = "raise",
         newton_steps: int = 1,
@@ -438,6 +433,7 @@ class MCMCUnlearner:
         rescale_lr: bool = True,
         backend: str = "auto",
         seed: int = 0,
+        carry_deficit: bool = True,
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -462,6 +458,9 @@ class MCMCUnlearner:
         self.solver, self.solver_reason = self._choose_solver(solver)
         self.expectation = None if expectation is None else Expectation(expectation)
         self.hessian = HessianKind(hessian)
+        self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
+        if bank_shift == "auto":
+            bank_shift = BankShift.AFFINE if self.solver is SolverName.EXACT else BankShift.MEAN
         self.bank_shift = BankShift(bank_shift)
         if self.bank_shift is BankShift.AFFINE and self.solver is not SolverName.EXACT:
             raise ValueError("bank_shift='affine' needs solver='exact' (dense Hessians)")
@@ -480,11 +479,11 @@ class MCMCUnlearner:
         if grad_draws not in (None, "auto") and int(grad_draws) < 1:
             raise ValueError(f"grad_draws must be 'auto', None (all) or >= 1, got {grad_draws!r}")
         self.grad_draws = grad_draws
-        default_draws = 4 if self.solver is SolverName.KFAC else 16
+        default_draws = 8 if self.solver is SolverName.KFAC else 16
         self.curvature_draws = int(default_draws if curvature_draws is None else curvature_draws)
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
-        default_refresh = {SolverName.EXACT: 1, SolverName.KFAC: 20}.get(self.solver, 10)
+        default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
         self.refresh_every = max(1, int(default_refresh if refresh_every is None else refresh_every))
         if self.solver is SolverName.CG and precondition_rank <= 0 and solver == "auto":
             precondition_rank = 20
@@ -518,6 +517,8 @@ class MCMCUnlearner:
             mc_samples=self.mc_samples,
         )
         self.history: list[RemovalReport] = []
+        self.carry_deficit = bool(carry_deficit)
+        self._carry: torch.Tensor | None = None  # λx of the last damped step: influence not yet applied
         self._version = 0
         self._row_bytes: int | None = None
 
@@ -549,7 +550,7 @@ class MCMCUnlearner:
             "solver": self.solver.value,
             "expectation": None if self.expectation is None else self.expectation.value,
             "hessian": self.hessian.value,
-            "bank_shift": self.bank_shift.value,
+            "bank_shift": self._bank_shift_option,
             "damping": self.damping if isinstance(self.damping, str) else float(self.damping),
             "scaling": self.scaling if isinstance(self.scaling, str) else float(self.scaling),
             "iter_T": self.iter_T,
@@ -596,9 +597,8 @@ class MCMCUnlearner:
         return self.bank.clone() if self._layout is None else self._layout.restore(self.bank)
 
     # ------------------------------------------------------------------ hooks of the data-parallel version
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum across ranks (identity in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`)."""
-        return t
+    #: Sum across ranks (``None`` in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`).
+    _reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def _row_nll(self) -> Callable[[nn.Module, Batch], torch.Tensor]:
@@ -622,9 +622,16 @@ class MCMCUnlearner:
                 self._row_bytes = sum(t[:1].numel() * t.element_size() for t in batch) * 64
         return self._row_bytes
 
-    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
+        """``∇f(θ_s, batch)`` for every draw, in chunks of draws that fit the budget; ``rowwise`` (``f`` is a sum
+        over rows) also splits the rows when one draw over all of them would not fit."""
         rows = batch[0].shape[0]
-        chunk = chunk_for(self.memory_budget, 2 * rows * (self._row_bytes or 1), thetas.shape[0])
+        per_row = 2 * (self._row_bytes or 1)
+        if rowwise and rows * per_row > self.memory_budget and rows > 1:
+            step = max(1, self.memory_budget // per_row)
+            parts = [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
+            return sum(MCMCUnlearner._per_draw_grads(self, f, thetas, part) for part in parts)  # local sums
+        chunk = chunk_for(self.memory_budget, rows * per_row, thetas.shape[0])
         if self.backend != "autograd":
             try:
                 return vmap(grad(f), in_dims=(0, *([None] * len(batch))), chunk_size=chunk)(thetas, *batch)
@@ -653,16 +660,17 @@ class MCMCUnlearner:
                 "curvature_data='minibatch', or solver='kfac'/'cg'"
             )
         cols = chunk_for(self.memory_budget, per_col, d, reserve)
+        S = thetas.shape[0]
+        draws = chunk_for(self.memory_budget, per_col * d, S, reserve) if cols == d else 1
         if self.backend != "autograd":
-            try:
-                hvp = _hvp_columns(f)
+            try:  # reverse-over-reverse, ``cols`` Hessian columns and ``draws`` draws at a time
+                hess = jacrev(grad(f), chunk_size=None if cols >= d else cols)
+                dims = (0, *([None if shared else 0] * len(batch)))
                 H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
-                eye = torch.eye(d, dtype=thetas.dtype, device=thetas.device)
-                for s in range(thetas.shape[0]):
-                    args = batch if shared else tuple(t[s] for t in batch)
-                    for j0 in range(0, d, cols):
-                        H[:, j0 : j0 + cols] += hvp(thetas[s], eye[:, j0 : j0 + cols], *args)
-                return H / thetas.shape[0]
+                for s0 in range(0, S, draws):
+                    args = batch if shared else tuple(t[s0 : s0 + draws] for t in batch)
+                    H += vmap(hess, in_dims=dims)(thetas[s0 : s0 + draws], *args).sum(0)
+                return H / S
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":
                     raise
@@ -791,6 +799,7 @@ class MCMCUnlearner:
         self.curvature.restore(proposal._backend_state)
         self.curvature.commit()
         self.control.relative = proposal._control_relative
+        self._carry = proposal._carry
         self.generator.set_state(proposal._generator_state)
         if proposal._data is not None:
             proposal._data.set_state(proposal._data_state)
@@ -859,7 +868,7 @@ class MCMCUnlearner:
             g_thetas = self.bank[_evenly(S, self._grad_draw_count(batch[0].shape[0]))]
             c_thetas = self.bank[_evenly(S, self.curvature_draws)]
             k_thetas = self.bank[_evenly(S, self.check_draws)]
-        grads = self._per_draw_grads(h_f, g_thetas, batch)
+        grads = self._per_draw_grads(h_f, g_thetas, batch, rowwise=True)
         G = grads.mean(0)
         half = grads.shape[0] // 2
         dev = 0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G)
@@ -869,6 +878,10 @@ class MCMCUnlearner:
                 "samples; nothing was changed. Check the model and data for overflow"
             )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        if self.carry_deficit and self._carry is not None:
+            # the last request's damped step left E[∇F] = −λx: its unapplied influence joins this request's
+            info["carried_norm"] = float(self._carry.norm())
+            G = G + self._carry
         curv_batch, shared = self._curvature_data(stream, n, c_thetas.shape[0], info)
         problem = Problem(
             model=self.model,
@@ -903,14 +916,17 @@ class MCMCUnlearner:
                 info.update(self.curvature.prepare(problem))
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check)
-        x, lam = outcome.x, outcome.damping
+        x, lam, carry = outcome.x, outcome.damping, None
+        if outcome.safe and self.newton_steps > 1:
+            x, carry = self._newton_iterations(check, G, outcome, info)
+        elif self.carry_deficit and lam > 0 and outcome.safe:
+            carry = lam * x
         x_dev = self._error_bar(dev, lam)
         new_live, new_bank = self._shift(live, x, lam, h_f, batch)
-        if self.newton_steps > 1:
-            new_live, new_bank = self._newton_corrections(e_f, lam, stream, new_live, new_bank, info)
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         info.update(outcome.solve.info)
+        info["trials"] = outcome.history
         info["damping_history"] = ";".join(
             f"{h['damping']:.3g}:{h['ratio']:.3g}" for h in outcome.history
         )  # damping:ratio of every trial
@@ -918,6 +934,7 @@ class MCMCUnlearner:
         report.problems = quality_problems(report, self.tol, outcome.note)
         prop = Proposal(report, new_live, new_bank)
         prop._sampler_state = sampler_state
+        prop._carry = carry
         return prop
 
     def _report(
@@ -971,13 +988,10 @@ class MCMCUnlearner:
         return op
 
     def _error_bar(self, dev: torch.Tensor, damping: float) -> torch.Tensor:
-        """``(H + λ)⁻¹·dev`` for the Monte-Carlo error bar: a preconditioner's answer when the backend's solves are
-        costly and it has one, else a solve; ``nan`` if that solve fails (the error bar is advisory)."""
-        pending = getattr(self.curvature, "_pending", None)
-        if not self.curvature.cheap_damping and pending is not None and pending[0] is not None:
-            return pending[0].solve(dev, damping)
+        """``(H + λ)⁻¹·dev`` for the Monte-Carlo error bar (the backend's cheapest answer, e.g. CG's
+        preconditioner); ``nan`` if that solve fails (the error bar is advisory)."""
         try:
-            return self.curvature.solve(dev, damping).x
+            return self.curvature.approximate_solve(dev, damping)
         except SolverDivergedError:
             return torch.full_like(dev, float("nan"))
 
@@ -988,7 +1002,7 @@ class MCMCUnlearner:
             return live + x, (None if self.bank is None else self.bank + x)
         if self.bank_shift is BankShift.SAMPLE:
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
-            g_all = self._per_draw_grads(h_f, pts, batch)
+            g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
             moved = pts + self.curvature.solve(g_all.T, damping).x.T
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)
@@ -999,40 +1013,55 @@ class MCMCUnlearner:
         new_bank = mu + x + (self.bank - mu) @ T.T if self.bank is not None else None
         return new_live, new_bank
 
-    def _newton_corrections(
-        self,
-        e_f: Callable,
-        damping: float,
-        stream: _Stream,
-        live: torch.Tensor,
-        bank: torch.Tensor | None,
-        info: dict[str, Any],
+    def _newton_iterations(
+        self, check: EnergyCheck, G: torch.Tensor, first: StepOutcome, info: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Further Newton steps ``x ← x − (H+λ)⁻¹ E[∇F(θ + x, S∖S')]`` on the whole remaining data.
+        """Damped Newton iterations on the control-variate energy ``φ`` after the first influence step.
 
-        At the new posterior ``E_θ[∇F(θ, S∖S')] = 0`` (integration by parts), so each step moves every sample by
-        the same vector to zero the sample-averaged gradient of the remaining-data energy; the curvature is the
-        first step's (reused, not rebuilt).
+        The influence step is one Newton step on ``φ(x) = E_s[F(θ_s + x, S∖S')] − (linear term)``, whose gradient
+        ``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]`` vanishes where the shifted bank's mean energy
+        gradient equals the old one (the first-moment identity of the new posterior for an exact old bank). When a
+        large removal or a curved posterior leaves ``∇φ`` far from zero, further steps ``p = −(H + λ)⁻¹∇φ`` are
+        taken from the shifted bank, each checked like the first (the same draws and rows, the same damping rule
+        and safety net, measured against the original bank), until ``‖∇φ‖ <= 10⁻³‖G‖``, a step fails its check, or
+        ``newton_steps`` steps were taken. The curvature is the first step's (not rebuilt).
+
+        Returns:
+            The total shift and the gradient left unmet, ``−∇φ`` (carried to the next request).
         """
-        full = stream.full()
-        if full is None:
-            raise ValueError("newton_steps > 1 needs the remaining data as a RemovableDataset (remaining())")
+        x, phi = first.x, first.actual
+        carry: torch.Tensor | None = first.damping * first.x if first.damping > 0 else None
         norms = []
         for _ in range(self.newton_steps - 1):
-            pts = bank if bank is not None else live[None]
-            g = self._per_draw_grads(e_f, pts[_evenly(pts.shape[0], self._grad_draw_count(1))], full).mean(0)
-            dx = self.curvature.solve(-g, damping).x
-            live = live + dx
-            bank = None if bank is None else bank + dx
-            norms.append(float(dx.norm()))
+            r = check.gradient(x)
+            if not all_finite(r):
+                break
+            carry = -r
+            if float(r.norm()) <= 1e-3 * float(G.norm()):
+                break
+
+            def shifted(p: torch.Tensor, x: torch.Tensor = x, phi: float = phi) -> Any:
+                m = check(x + p)  # the change of φ from here, and the NLL change from the original bank
+                m.actual -= phi
+                return m
+
+            step = self.control.step(self.curvature, -r, shifted)
+            if not step.safe:
+                break
+            x, phi = x + step.x, phi + step.actual
+            carry = step.damping * step.x if step.damping > 0 else None
+            norms.append(float(step.x.norm()))
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
-        return live, bank
+        return x, (carry if self.carry_deficit else None)
 
     # ------------------------------------------------------------------ checkpoints
     def curvature_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Cached curvature and the damping state as tensors plus JSON metadata (see :meth:`load_curvature_state`)."""
+        """Cached curvature, the damping state and the carried influence as tensors plus JSON metadata (for
+        checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
         meta = {**meta, "damping_relative": float(self.control.relative)}
+        if self._carry is not None:
+            tensors = {**tensors, "carry": self._carry}
         return tensors, meta
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -1042,8 +1071,11 @@ class MCMCUnlearner:
         else:
             self.curvature.load_state_dict(tensors, meta)
         self.control.relative = float(meta.get("damping_relative", 0.0))
+        carry = tensors.get("carry")
+        self._carry = None if carry is None else carry.clone()
 
     def reset_curvature(self) -> None:
-        """Forget cached curvature and the carried damping; call after the chain moved a lot."""
+        """Forget cached curvature, the carried damping and carried influence; call after the chain moved a lot."""
         self.curvature.reset()
         self.control.relative = 0.0
+        self._carry = None

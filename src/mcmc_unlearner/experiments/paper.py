@@ -42,8 +42,8 @@ live chain's total displacement, which also contains the ``samp_T·(1 + iter_T)`
 
 **What we add.** The reference writes NaN into the model when LiSSA diverges; here a diverging or non-finite
 recursion (the seed API's :class:`~mcmc_unlearner.errors.SolverDivergedError`) refuses the request and leaves
-parameters, sampler state (momentum, step size, noise generator or global RNG), data set (mask and shuffling
-state), gradients, ``model.n`` and the bank bit-identical. Requests are validated
+parameters, sampler state (momentum, step size, noise generator or global CPU/CUDA RNG), data set (mask and
+shuffling state), gradients, ``model.n`` and the bank bit-identical. Requests are validated
 (:meth:`~mcmc_unlearner.data.RemovableDataset.validate`) before anything runs.
 
 Minibatches: the reference's ``DataSampler`` reshuffles every pass and drops the last partial batch
@@ -242,6 +242,8 @@ def _forget(pu: PaperUnlearner, ids: Sequence[int] | torch.Tensor, data: Removab
     gen = _generators(sampler)
     gen_state = gen.get_state() if gen is not None else None
     global_rng = torch.get_rng_state()
+    on_cuda = any(p.is_cuda for p in un.params)
+    cuda_rng = torch.cuda.get_rng_state_all() if on_cuda else None
     grads = [None if p.grad is None else p.grad.detach().clone() for p in un.params]
     was_training = model.training
     un.n = n_before  # step 1-2: energy and scaling from the count before removal
@@ -254,6 +256,8 @@ def _forget(pu: PaperUnlearner, ids: Sequence[int] | torch.Tensor, data: Removab
         if gen is not None:
             gen.set_state(gen_state)
         torch.set_rng_state(global_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         with torch.no_grad():
             for p, g in zip(un.params, grads):
                 p.grad = None if g is None else g.clone()
@@ -269,7 +273,8 @@ def _forget(pu: PaperUnlearner, ids: Sequence[int] | torch.Tensor, data: Removab
         scale_lr(sampler, n_before / n_after)
     shift = result.x.detach()
     if pu.bank is not None:
-        pu.bank += shift.to(pu.bank.dtype)  # Algorithm 1: every stored sample by the same vector
+        # Algorithm 1: every stored sample moves by the same vector
+        pu.bank += shift.to(device=pu.bank.device, dtype=pu.bank.dtype)
     return {
         "n_removed": int(ids.numel()),
         "n_before": n_before,
@@ -334,5 +339,5 @@ def paper_forget(
     )  # fmt: skip
     out = _forget(pu, ids, data)
     if bank is not None:
-        bank += out["shift"].to(bank.dtype)
+        bank += out["shift"].to(device=bank.device, dtype=bank.dtype)
     return out
