@@ -282,9 +282,8 @@ def run_demo(
         curvature_draws: Bank samples averaged for the Hessian.
         grad_draws: Bank samples averaged for the removed points' gradient (``None``: all).
         curvature_batch: Minibatch size for Hessian rebuilds (``None``: all remaining points).
-        newton_steps: The unlearner's ``newton_steps``: ``2`` adds one Newton correction per request that zeroes the
-            bank-averaged gradient of the remaining-data energy (removes the origin chain's Monte-Carlo error in the
-            bank mean, which the influence step otherwise amplifies in the thinned-out clusters).
+        newton_steps: The unlearner's ``newton_steps`` (at most this many damped Newton steps per request; see
+            :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`).
         save_model: Folder to save the origin model through ``mcmc_unlearner.store.save_model`` (if present).
         retrain_chains: Independent retrain chains (>= 2; the first two are ``retrain`` and ``retrain-b``); their
             distances to the exact posterior give the median and range one retraining achieves.
@@ -1107,11 +1106,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--newton-steps", type=int, default=1, metavar="K",
-        help="unlearner newton_steps (default 1; 2 adds a Newton correction on the remaining data per request)",
+        help="the unlearner's newton_steps: at most K damped Newton steps per request (default 1)",
     )  # fmt: skip
     p.add_argument(
         "--grad-draws", type=int, default=256, metavar="N",
-        help="stored samples averaged for the removed points' gradient and the Newton correction (default 256)",
+        help="stored samples averaged for the removed points' gradient (default 256)",
     )  # fmt: skip
     p.add_argument(
         "--with-paper", action="store_true",
