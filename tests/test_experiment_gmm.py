@@ -40,6 +40,8 @@ def test_metrics_file_has_the_documented_keys(small_run):
     assert on_disk["noise_floor_kl"] == on_disk["methods"]["retrain-b"]["kl_to_retrain"]
     un = on_disk["methods"]["unlearn"]
     assert 0 < un["seconds_per_request_median"] < un["seconds"]
+    assert 0 < un["cpu_seconds"] and 0 < on_disk["methods"]["retrain"]["cpu_seconds"]
+    assert len(on_disk["retrain_chains"]["cpu_seconds"]) == 4 and on_disk["total_cpu_seconds"] > 0
     reqs = on_disk["unlearn_requests"]
     assert len(reqs["per_request"]["seconds"]) == 40
     assert reqs["converged_all"] and reqs["residual"]["max"] < 1e-3
@@ -70,6 +72,9 @@ def test_metrics_report_distances_to_the_exact_posterior(small_run):
     ex = m["exact_reference"]
     assert ex["n_draws"] == 4000 and ex["ess_min"] > 0.5 * ex["n_draws"] and ex["switch_fraction"] == 0.0
     assert max(rc["vs_exact"]["mean_shift_sd"]["values"]) < 3.0
+    # components carry the data's cluster labels: the thinned-out clusters 0 and 2 have the wider posteriors
+    sd = np.asarray(ex["draws_sd"]).mean(1)
+    assert min(sd[0], sd[2]) > 1.5 * max(sd[1], sd[3])
     # the origin chain (all 2,000 points) is far from the remaining-data posterior on every distance, and
     # unlearning closes most of that gap on the distances that measure location
     origin, unlearn = m["methods"]["origin"]["vs_exact"], m["methods"]["unlearn"]["vs_exact"]
@@ -108,12 +113,13 @@ def test_report_and_figures_are_written(small_run):
 def test_cli_demo_runs_sghmc_and_refuses_bad_arguments(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["demo", "--sampler", "sghmc", "--out", str(out), "--seed", "1", "--request-size", "40", "--quiet",
-            "--retrain-chains", "3"]  # fmt: skip
+            "--retrain-chains", "3", "--newton-steps", "2"]  # fmt: skip
     saved = tmp_path / "model"
     assert main([*argv, "--burnin", "400", "--samples", "400", "--thin", "4", "--save-model", str(saved)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sampler"] == "sghmc" and metrics["seed"] == 1 and metrics["n_requests"] == 20
     assert len(metrics["retrain_chains"]["vs_exact"]["kl_reverse"]["values"]) == 3
+    assert metrics["unlearn_config"]["newton_steps"] == 2
     store = pytest.importorskip("mcmc_unlearner.store")
     if hasattr(store, "load_model"):  # the saved origin model reloads with its 400-sample bank and all data
         loaded = store.load_model(saved)
@@ -125,6 +131,11 @@ def test_cli_demo_runs_sghmc_and_refuses_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()  # refused before anything was written
     assert main(["demo", "--retrain-chains", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "--retrain-chains must be >= 2" in capsys.readouterr().err
+    assert main(["demo", "--newton-steps", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--newton-steps must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--grad-draws", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--grad-draws must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     assert not (tmp_path / "bad").exists()
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

@@ -54,7 +54,7 @@ from ..metrics import align_mixture_samples, effective_sample_size, knn_kl, samp
 from ..models.gmm import GaussianMixture
 from ..samplers import SGHMC, SGLD
 from ..unlearner import MCMCUnlearner
-from .references import gmm_gibbs
+from .references import GibbsPosterior, gmm_gibbs
 from .report import Stopwatch, fmt, markdown_table, prepare_out_dir, save_figure, summarize, write_json, write_text
 
 __all__ = ["DISTANCES", "METHODS", "gmm_energy", "paper_available", "register", "run_demo"]
@@ -126,6 +126,7 @@ class _Chain:
     samples: torch.Tensor  # [S, 8]
     seconds: float
     steps: int
+    cpu_seconds: float = 0.0
 
 
 def _make_sampler(kind: str, model: nn.Module, lr: float, alpha: float, gen: torch.Generator) -> torch.optim.Optimizer:
@@ -196,12 +197,12 @@ def _chain(
     n = len(data)
     model.n = n
     sampler = _make_sampler(kind, model, lr0 / n, alpha, gen)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _run_steps(model, sampler, data, burnin, _lr_schedule(n, lr0, decay, 0), keep=False,
                desc=f"{label}: burn-in", progress=progress)  # fmt: skip
     kept, _ = _run_steps(model, sampler, data, samples, _lr_schedule(n, lr0, decay, burnin), keep=True,
                          desc=f"{label}: sampling", progress=progress)  # fmt: skip
-    return _Chain(model, sampler, data, kept, time.perf_counter() - t0, burnin + samples)
+    return _Chain(model, sampler, data, kept, time.perf_counter() - t0, burnin + samples, time.process_time() - c0)
 
 
 def _store_hook(path: str | Path, un: MCMCUnlearner, data: RemovableDataset, extra: dict[str, Any]) -> str:
@@ -250,6 +251,7 @@ def run_demo(
     curvature_draws: int = 4,
     grad_draws: int | None = 256,
     curvature_batch: int | None = None,
+    newton_steps: int = 1,
     save_model: str | Path | None = None,
     retrain_chains: int = 4,
     exact_draws: int = 4000,
@@ -280,6 +282,8 @@ def run_demo(
         curvature_draws: Bank samples averaged for the Hessian.
         grad_draws: Bank samples averaged for the removed points' gradient (``None``: all).
         curvature_batch: Minibatch size for Hessian rebuilds (``None``: all remaining points).
+        newton_steps: The unlearner's ``newton_steps`` (at most this many damped Newton steps per request; see
+            :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`).
         save_model: Folder to save the origin model through ``mcmc_unlearner.store.save_model`` (if present).
         retrain_chains: Independent retrain chains (>= 2; the first two are ``retrain`` and ``retrain-b``); their
             distances to the exact posterior give the median and range one retraining achieves.
@@ -308,6 +312,10 @@ def run_demo(
         raise ValueError(f"unknown sampler {sampler!r}; choose 'sgld' or 'sghmc'")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 (or None), got {threads}")
+    if grad_draws is not None and grad_draws < 2:
+        raise ValueError(f"--grad-draws must be >= 2, got {grad_draws}")
+    if newton_steps < 1:
+        raise ValueError(f"--newton-steps must be >= 1, got {newton_steps}")
     if retrain_chains < 2:
         raise ValueError(f"--retrain-chains must be >= 2 (a median needs several chains), got {retrain_chains}")
     if exact_draws < 100:
@@ -326,7 +334,8 @@ def run_demo(
             kind, seed, request_size, burnin, samples, thin, n=n, per_cluster=per_cluster, batch_size=batch_size,
             lr0=lr0, decay=decay, alpha=alpha, bank_shift=bank_shift, refresh_every=refresh_every,
             curvature_draws=curvature_draws, grad_draws=grad_draws, curvature_batch=curvature_batch,
-            save_model=save_model, retrain_chains=retrain_chains, exact_draws=exact_draws, with_paper=with_paper,
+            newton_steps=newton_steps, save_model=save_model, retrain_chains=retrain_chains,
+            exact_draws=exact_draws, with_paper=with_paper,
             warmup=warmup, progress=progress, out_dir=out_dir,
         )  # fmt: skip
     finally:
@@ -352,6 +361,7 @@ def _run(
     curvature_draws: int,
     grad_draws: int | None,
     curvature_batch: int | None,
+    newton_steps: int,
     save_model: str | Path | None,
     retrain_chains: int,
     exact_draws: int,
@@ -362,6 +372,7 @@ def _run(
 ) -> dict[str, Any]:
     """The body of :func:`run_demo` (arguments validated, thread count set)."""
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     sw = Stopwatch()
 
     x_np, y_np = make_gmm_2d(n)
@@ -386,7 +397,7 @@ def _run(
     unlearn_cfg = dict(solver="exact", expectation="bank", hessian="remaining", bank_shift=bank_shift,
                        refresh_every=refresh_every, curvature_draws=curvature_draws, grad_draws=grad_draws,
                        curvature_batch=curvature_batch if curvature_batch is not None else "all remaining",
-                       rescale_lr=True)  # fmt: skip
+                       rescale_lr=True, newton_steps=newton_steps)  # fmt: skip
 
     # ---------------------------------------------------------------- unlearning (Algorithm 1 on the bank)
     from tqdm.auto import tqdm
@@ -407,7 +418,7 @@ def _run(
     if curvature_batch is not None:
         data.batch_size = curvature_batch  # curvature minibatches only
     reports = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     refusals: list[dict[str, Any]] = []
     for i, ids in enumerate(
         tqdm(chunks, desc="unlearn: deletion requests", leave=False, mininterval=0.5, disable=not progress)
@@ -419,6 +430,7 @@ def _run(
             data.remove(ids)
             refusals.append({"request": i, "seconds": time.perf_counter() - t_req, "error": str(exc)[:300]})
     unlearn_seconds = time.perf_counter() - t0
+    unlearn_cpu = time.process_time() - c0
     data.batch_size = batch_size
     unlearn_bank = un.bank.clone()
 
@@ -450,7 +462,13 @@ def _run(
     # ---------------------------------------------------------------- exact reference posterior (Gibbs)
     keep_mask = np.ones(n, dtype=bool)
     keep_mask[rem_np] = False
-    exact = gmm_gibbs(x_np[keep_mask], k=4, prior_std=1.0, n_draws=exact_draws, seed=1000 * seed + 7)
+    # labels of the reference = the data's cluster labels (component k sits on data cluster k)
+    x_keep, y_keep = x_np[keep_mask].astype(np.float64), y_np[keep_mask]
+    label_means = (
+        np.stack([x_keep[y_keep == k].mean(0) for k in range(4)]) if np.all(np.bincount(y_keep, minlength=4)) else None
+    )
+    exact = gmm_gibbs(x_keep, k=4, prior_std=1.0, n_draws=exact_draws, reference_means=label_means,
+                      seed=1000 * seed + 7)  # fmt: skip
 
     # ---------------------------------------------------------------- evaluation
     ref_means = retrain.samples.view(-1, 4, 2).mean(0).numpy()
@@ -515,6 +533,7 @@ def _run(
         {
             "seeds": [1000 * seed + 2, 1000 * seed + 3, *extra_seeds],
             "seconds": [retrain.seconds, retrain_b.seconds] + [c.seconds for c in extra_retrains],
+            "cpu_seconds": [retrain.cpu_seconds, retrain_b.cpu_seconds] + [c.cpu_seconds for c in extra_retrains],
             "names": ["retrain", "retrain-b"] + [f"retrain-{i + 3}" for i in range(len(extra_retrains))],
         }
     )
@@ -528,8 +547,11 @@ def _run(
             "n_requests": len(chunks),
             "seconds_in_forget": float(sum(per_req)),
             "warmup_seconds": warmup_seconds,
+            "cpu_seconds": unlearn_cpu,
         }
     )
+    for name, chain in (("origin", origin), ("retrain", retrain), ("retrain-b", retrain_b)):
+        methods[name]["cpu_seconds"] = chain.cpu_seconds
     floor = methods["retrain-b"]["kl_to_retrain"]
     kl_un = methods["unlearn"]["kl_to_retrain"]
     kl_ft = methods["finetune"]["kl_to_retrain"]
@@ -628,10 +650,12 @@ def _run(
         },
     }
     metrics["total_seconds"] = time.perf_counter() - t_start
+    metrics["total_cpu_seconds"] = time.process_time() - cpu_start  # wall time inflates on a busy machine
     if out_dir is not None:
         figs = _figures(out_dir, x_np, rem_np, sets, methods, floor, thin, retrain_summary)
         metrics["figures"] = [p.name for p in figs]
         metrics["total_seconds"] = time.perf_counter() - t_start
+        metrics["total_cpu_seconds"] = time.process_time() - cpu_start
         metrics["out_dir"] = str(out_dir)
         write_json(out_dir / "metrics.json", metrics)
         write_text(out_dir / "report.md", _report(metrics))
@@ -670,7 +694,7 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def _exact_evaluation(
-    exact: Any, raw: dict[str, torch.Tensor], retrain_sets: list[torch.Tensor], every: int
+    exact: GibbsPosterior, raw: dict[str, torch.Tensor], retrain_sets: list[torch.Tensor], every: int
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Distances of every sample set to the exact posterior, and the retrain chains' median and range.
 
@@ -741,7 +765,7 @@ def _run_paper(ctx: _PaperContext, chunks: list[torch.Tensor], progress: bool) -
     pu = PaperUnlearner(ctx.model, ctx.sampler, **GMM_REFERENCE.kwargs(), bank=ctx.bank)
     per_req: list[float] = []
     refusals: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, ids in enumerate(tqdm(chunks, desc="paper: deletion requests", leave=False, disable=not progress)):
         t_req = time.perf_counter()
         try:
@@ -756,6 +780,7 @@ def _run_paper(ctx: _PaperContext, chunks: list[torch.Tensor], progress: bool) -
     return {
         "bank": pu.bank,
         "seconds": seconds,
+        "cpu_seconds": time.process_time() - c0,
         "seconds_per_request_median": float(np.median(per_req)),
         "n_requests": len(chunks),
         "refused": len(refusals),
@@ -900,7 +925,8 @@ def _exact_section(m: dict[str, Any]) -> list[str]:
     ratio = meth["unlearn"]["vs_exact"]["spread_ratio"]
     lines += [
         "",
-        f"Spread per cluster relative to the exact posterior (1 is right; clusters 0 and 2 lost points): "
+        f"Spread per cluster (0–3, the data's labels) relative to the exact posterior (1 is right; clusters 0 and 2 "
+        f"lost points): "
         f"unlearn {', '.join(fmt(r) for r in ratio)}; retrain chains "
         + "; ".join("[" + ", ".join(fmt(r) for r in c) + "]" for c in rc["spread_ratio"])
         + ".",
@@ -953,7 +979,10 @@ def _report(m: dict[str, Any]) -> str:
         f"All {m['n_requests']} requests together: **{fmt(un['seconds'])} s** (median "
         f"{1000 * un['seconds_per_request_median']:.1f} ms per request; plus a one-off warm-up of "
         f"{fmt(un['warmup_seconds'])} s before the first request), against {fmt(meth['retrain']['seconds'])} s to "
-        f"retrain one chain. Whole run: {fmt(m['total_seconds'])} s.",
+        f"retrain one chain; CPU time {fmt(un.get('cpu_seconds'))} s for all requests vs "
+        f"{fmt(meth['retrain'].get('cpu_seconds'))} s for one retrain chain. Whole run: "
+        f"{fmt(m['total_seconds'])} s wall, {fmt(m['total_cpu_seconds'])} s CPU (wall times grow on a busy "
+        "machine; the CPU time of this single-threaded run much less).",
         "",
         "## Targets",
         "",
@@ -991,7 +1020,8 @@ def _report(m: dict[str, Any]) -> str:
         "",
         f"`MCMCUnlearner(solver='exact', expectation='bank', hessian='remaining', bank_shift='{cfg['bank_shift']}', "
         f"curvature_draws={cfg['curvature_draws']}, grad_draws={cfg['grad_draws']}, "
-        f"refresh_every={cfg['refresh_every']})`, Hessian rebuilt on {cfg['curvature_batch']} points "
+        f"refresh_every={cfg['refresh_every']}, newton_steps={cfg['newton_steps']})`, Hessian rebuilt on "
+        f"{cfg['curvature_batch']} points "
         f"({ur['hessian_rebuilds']} rebuilds). Per request: median {1000 * ur['seconds']['median']:.1f} ms "
         f"(max {1000 * ur['seconds']['max']:.1f} ms), solver residual max {fmt(ur['residual']['max'])}, "
         f"shift norm median {fmt(ur['shift_norm']['median'])}, Monte-Carlo standard error of the shift median "
@@ -1025,6 +1055,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         save_model=args.save_model,
         retrain_chains=args.retrain_chains,
         with_paper=args.with_paper,
+        newton_steps=args.newton_steps,
+        grad_draws=args.grad_draws,
         progress=not args.quiet,
     )
     meth = metrics["methods"]
@@ -1071,6 +1103,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--retrain-chains", type=int, default=4, metavar="N",
         help="independent retrain chains whose median/range is the yardstick (default 4, at least 2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--newton-steps", type=int, default=1, metavar="K",
+        help="the unlearner's newton_steps: at most K damped Newton steps per request (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grad-draws", type=int, default=256, metavar="N",
+        help="stored samples averaged for the removed points' gradient (default 256)",
     )  # fmt: skip
     p.add_argument(
         "--with-paper", action="store_true",
