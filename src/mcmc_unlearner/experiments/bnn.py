@@ -9,8 +9,10 @@ of one class in requests of ``--request-size`` and compares, side by side:
   procedure on the remaining data (the target; the spread between them is the noise floor);
 * ``unlearn``: :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` with the library's settings (shifting the
   live chain and the stored sample bank at every request);
-* ``paper``: the paper's algorithm (LiSSA on the full-data Hessian, expectations over sampler steps of the
-  live chain, ``iter_T`` 64, ``samp_T`` 1, scaling ``init_scaling / n``);
+* ``paper``: the paper's algorithm as its reference code runs it
+  (:class:`~mcmc_unlearner.experiments.paper.PaperUnlearner`: LiSSA on the full-data Hessian with the request's
+  points still in, sampler-step expectations, ``iter_T`` 64, ``samp_T`` 1, scaling ``0.05 / n``, step size
+  rescaled by ``n_old / n_new``); the stored samples move by the live chain's shift (Algorithm 1);
 * ``finetune``: SG-MCMC on the remaining data, given ``unlearn``'s wall time per request;
 * ``langevin``: noisy-gradient unlearning in the style of Langevin unlearning (Chien, Wang & Li, NeurIPS
   2024): after every request the chain takes ``--langevin-steps`` SGLD steps on the remaining data (default
@@ -711,27 +713,6 @@ def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer,
     )
 
 
-def _paper_unlearner(
-    cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor
-) -> MCMCUnlearner:
-    """``paper``: LiSSA on the full-data Hessian with expectations over ``samp_T`` sampler steps per product,
-    ``iter_T`` rounds without early stopping (the bank is shifted by the live chain's step)."""
-    return MCMCUnlearner(
-        model,
-        sampler,
-        bank=bank,
-        solver="lissa",
-        expectation="chain",
-        hessian="full",
-        bank_shift="mean",
-        damping=0.0,
-        iter_T=cfg.paper_iter_T,
-        tol=0.0,
-        samp_T=cfg.paper_samp_T,
-        seed=cfg.seed,
-    )
-
-
 def _sequence(
     ex: _Experiment,
     name: str,
@@ -782,23 +763,43 @@ def _sequence(
     }
 
 
-def _run_unlearner(
-    ex: _Experiment, origin: dict[str, Any], progress: _Progress, seed: int, paper: bool
-) -> tuple[_Result, _Chain]:
+def _run_unlearner(ex: _Experiment, origin: dict[str, Any], progress: _Progress, seed: int) -> tuple[_Result, _Chain]:
+    """``unlearn``: the library's :class:`MCMCUnlearner` on a live chain and the stored bank."""
     cfg = ex.cfg
     chain = _Chain(ex, origin, seed)
-    un = (_paper_unlearner if paper else _unlearner)(cfg, chain.model, chain.sampler, origin["bank"])
+    un = _unlearner(cfg, chain.model, chain.sampler, origin["bank"])
 
     def request(i: int, ids: torch.Tensor) -> dict[str, Any]:
-        n = len(chain.data)
-        if paper:
-            un.scaling = cfg.paper_init_scaling / n  # the reference code: n before the removal
-        elif cfg.solver == "lissa":
-            un.scaling = cfg.init_scaling / (n - ids.numel())
+        if cfg.solver == "lissa":
+            un.scaling = cfg.init_scaling / (len(chain.data) - ids.numel())
         return un.forget(ids, chain.data).to_dict()
 
-    info = _sequence(ex, "paper" if paper else "unlearn", chain, request, lambda: un.bank, progress)
+    info = _sequence(ex, "unlearn", chain, request, lambda: un.bank, progress)
     return _Result(bank=un.bank, last=_flat(chain.model), info=info), chain
+
+
+def _run_paper(ex: _Experiment, origin: dict[str, Any], progress: _Progress, seed: int) -> _Result:
+    """``paper``: the reference procedure (:class:`~mcmc_unlearner.experiments.paper.PaperUnlearner`) with the
+    BNN scripts' settings; every stored sample moves by the live chain's influence shift (Algorithm 1)."""
+    from .paper import PaperUnlearner
+
+    cfg = ex.cfg
+    chain = _Chain(ex, origin, seed)
+    pu = PaperUnlearner(
+        chain.model,
+        chain.sampler,
+        iter_T=cfg.paper_iter_T,
+        samp_T=cfg.paper_samp_T,
+        init_scaling=cfg.paper_init_scaling,
+        rescale_lr=True,
+        bank=origin["bank"],
+    )
+
+    def request(i: int, ids: torch.Tensor) -> dict[str, Any]:
+        return {k: v for k, v in pu.forget(ids, chain.data).items() if k != "shift"}
+
+    info = _sequence(ex, "paper", chain, request, lambda: pu.bank, progress)
+    return _Result(bank=pu.bank, last=_flat(chain.model), info=info)
 
 
 def _run_noisy(
@@ -925,7 +926,7 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
     failures: dict[str, str] = {}
 
     if "unlearn" in cfg.methods:
-        got = _guarded("unlearn", cfg, failures, lambda: _run_unlearner(ex, origin, progress, s + 4, paper=False))
+        got = _guarded("unlearn", cfg, failures, lambda: _run_unlearner(ex, origin, progress, s + 4))
         if got is not None:
             results["unlearn"], chain_u = got
             if cfg.extra_finetune_steps > 0:
@@ -948,9 +949,7 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
             lambda: _run_noisy(ex, origin, progress, s + 5, "finetune", lambda i: (2, per[i])),
         )
     if "paper" in cfg.methods:
-        got = _guarded("paper", cfg, failures, lambda: _run_unlearner(ex, origin, progress, s + 6, paper=True))
-        if got is not None:
-            results["paper"] = got[0]
+        results["paper"] = _guarded("paper", cfg, failures, lambda: _run_paper(ex, origin, progress, s + 6))
     if "langevin" in cfg.methods:
         k = cfg.langevin_steps
         results["langevin"] = _guarded(
