@@ -273,6 +273,28 @@ def test_a_crashing_method_does_not_cost_the_report(tmp_path, monkeypatch):
     assert "FAILED" in (out / "report.md").read_text()
 
 
+def test_self_pretraining_never_shows_a_retrain_chain_the_removed_points(tmp_path, monkeypatch):
+    import mcmc_unlearner.experiments.bnn as bnn
+
+    seen: dict[str, tuple[int, torch.Tensor]] = {}
+    original = bnn._sgd
+
+    def spy(model, data, steps, lr, momentum, label, bar):
+        seen[label.split(":")[0]] = (len(data), data.tensors[1].clone())
+        return original(model, data, steps, lr, momentum, label, bar)
+
+    monkeypatch.setattr(bnn, "_sgd", spy)
+    out = tmp_path / "r"
+    assert main(["bnn", "--out", str(out), "--pretrain", "self", "--pretrain-steps", "3", *SMALL]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(seen) == {"origin", "retrain", "retrain-b"}
+    assert seen["origin"][0] == m["dataset"]["n_train"] and bool((seen["origin"][1] == 0).any())
+    for chain in ("retrain", "retrain-b"):
+        n, labels = seen[chain]
+        assert n == m["dataset"]["n_remaining"] and not bool((labels == 0).any())  # class 0 was removed
+    assert any("own data" in note for note in m["notes"])
+
+
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
@@ -319,17 +341,19 @@ def test_paper_fmnist_preset_runs_on_debian_layout_files_without_mnist(tmp_path)
     out = tmp_path / "o"
     args = ["bnn", "--preset", "paper-fmnist", "--quick", "--data-dir", str(folder), "--out", str(out)]
     args += ["--explore-steps", "20", "--sample-steps", "40", "--bank-size", "4", "--batch-size", "16"]
-    args += ["--request-size", "6", "--paper-iter-T", "4", "--langevin-steps", "3", "--no-progress"]
+    args += ["--request-size", "6", "--paper-iter-T", "4", "--langevin-steps", "3", "--pretrain-steps", "5"]
+    args += ["--no-progress"]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"]["name"] == "fashion-mnist" and m["model"]["arch"] == "lenet5"
     assert m["dataset"]["input"].startswith("32x32") and m["dataset"]["n_requests"] == 2
-    assert any("pre-training on mnist skipped" in n for n in m["notes"])  # MNIST is absent: said so
+    # MNIST is absent: said so, and each chain pre-trains on its own data instead
+    assert any("pre-training on mnist" in n and "skipped" in n and "its own training data" in n for n in m["notes"])
     assert m["config"]["retrain_chains"] == 2 and m["config"]["paper_init_scaling"] == 0.05
     for name in ("retrain", "unlearn", "paper", "finetune", "langevin", "importance"):
         assert m["methods"][name]["status"] == "ok", name
     report = (out / "report.md").read_text()
-    assert "pre-training on mnist skipped" in report and "fashion-mnist, lenet5" in report
+    assert "skipped: dataset 'mnist' not found" in report and "fashion-mnist, lenet5" in report
 
 
 def test_paper_fmnist_preset_names_the_missing_files(tmp_path, capsys):

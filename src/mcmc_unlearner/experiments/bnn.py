@@ -21,8 +21,10 @@ of one class in requests of ``--request-size`` and compares, side by side:
 
 Every method after ``origin`` starts from the same trained chain (the retrains from the same initial
 weights). Training follows the paper: optional pre-training on another data set (SGD with momentum; with
-``--preset paper-fmnist`` MNIST is used when its files are found and skipped, with a note, when not), plain SGD
-on :math:`F/n` for ``explore_steps``, then the sampler with step size :math:`(\mathrm{lr}/n)·t^{-0.5005}`.
+``--preset paper-fmnist`` MNIST when its files are found; when they are not, each chain instead runs the same
+pre-training optimiser on its own training data, so no retrain chain sees a removed point, and the report says
+so), plain SGD on :math:`F/n` for ``explore_steps``, then the sampler with step size
+:math:`(\mathrm{lr}/n)·t^{-0.5005}`.
 
 A request that the unlearner refuses (any :class:`~mcmc_unlearner.errors.UnlearningError`) is recorded and
 handled by ``--on-refusal``: ``skip`` removes the points from the data anyway and leaves the posterior
@@ -131,8 +133,12 @@ class BNNConfig:
         seed: Seed of everything random (initial weights, chains, subsets).
         device: Torch device.
         data_dir, download: Where image files live / fetch them with torchvision.
-        pretrain: Data set to pre-train the initial weights on (``None``: random initial weights).
-        pretrain_optional: Skip pre-training with a note (instead of failing) when its files are missing.
+        pretrain: Data set to pre-train the shared initial weights on (``None``: random initial weights), or
+            ``"self"``: every chain first runs the pre-training optimiser on its *own* training data (origin: all
+            data; retrain: the remaining data) from the shared random initial weights, so no retrain chain ever
+            sees a removed point.
+        pretrain_fallback: What to do when the ``pretrain`` data set's files are missing: ``None`` fails,
+            ``"self"`` pre-trains each chain on its own data instead, ``"none"`` keeps random weights (with a note).
         pretrain_steps, pretrain_lr, pretrain_momentum: SGD pre-training (paper: 2,000, 0.1, 0.9).
         explore_steps, explore_lr: Plain SGD on the mean loss ``F/n`` before sampling.
         sample_steps, sample_lr: Sampler steps and ``lr`` of the step size ``(lr/n)·t^-0.5005``.
@@ -173,7 +179,7 @@ class BNNConfig:
     data_dir: str | None = None
     download: bool = False
     pretrain: str | None = None
-    pretrain_optional: bool = False
+    pretrain_fallback: str | None = None
     pretrain_steps: int = 2000
     pretrain_lr: float = 0.1
     pretrain_momentum: float = 0.9
@@ -241,7 +247,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "fashion-mnist",
         "arch": "lenet5",
         "pretrain": "mnist",
-        "pretrain_optional": True,
+        "pretrain_fallback": "self",
         "pretrain_steps": 2000,
         "explore_steps": 1000,
         "sample_steps": 9000,
@@ -252,7 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "cifar10",
         "arch": "small_cnn",
         "pretrain": "cifar100",
-        "pretrain_optional": True,
+        "pretrain_fallback": "self",
         "pretrain_steps": 10000,
         "explore_steps": 5000,
         "sample_steps": 15000,
@@ -315,6 +321,17 @@ def _make_sampler(cfg: BNNConfig, model: nn.Module, lr: float, seed: int) -> tor
     if cfg.sampler == "sghmc":
         return SGHMC(model.parameters(), lr=lr, alpha=0.9, generator=gen)
     raise ValueError(f"unknown sampler {cfg.sampler!r}; choose 'sgld' or 'sghmc'")
+
+
+def _sgd(
+    model: BayesianNet, data: RemovableDataset, steps: int, lr: float, momentum: float, label: str, bar: bool
+) -> None:
+    """Pre-training: ``steps`` SGD steps with momentum on the mean cross-entropy (no prior), as the paper's code."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    for _ in _bar(range(steps), label, bar):
+        opt.zero_grad()
+        model.nll(next(data)).mean().backward()
+        opt.step()
 
 
 def _thin_to(samples: torch.Tensor, k: int) -> torch.Tensor:
@@ -498,18 +515,26 @@ class _Experiment:
         return m.to(self.device)
 
     def _pretraining_set(self) -> Any:
-        """The pre-training data set, or ``None`` (with a note) when it is optional and absent."""
+        """The pre-training data set, or ``None`` when it is absent and a fallback applies (said in the notes)."""
         cfg = self.cfg
         try:
             pre = load_dataset(cfg.pretrain, cfg.data_dir, cfg.download, seed=cfg.seed)
         except (FileNotFoundError, ImportError) as exc:
-            if not cfg.pretrain_optional:
+            if cfg.pretrain_fallback is None:
                 raise
-            first = str(exc).splitlines()[0]
+            first = str(exc).splitlines()[0].rstrip(".:")
+            self.self_pretrain = cfg.pretrain_fallback == "self"
+            instead = (
+                f"every chain first runs the same optimiser ({cfg.pretrain_steps} SGD steps, lr {cfg.pretrain_lr:g}, "
+                f"momentum {cfg.pretrain_momentum:g}) on its own training data (origin: all data; retrain: the "
+                "remaining data), from shared random (seeded) initial weights, then the SGD exploration and sampling "
+                "phases; these steps count in each chain's training time"
+                if self.self_pretrain
+                else "the initial weights are random (seeded)"
+            )
             cfg.notes.append(
-                f"pre-training on {cfg.pretrain} skipped: {first}. The initial weights are random (seeded) and the "
-                f"{cfg.explore_steps} SGD exploration steps start from them; the paper starts from "
-                f"{cfg.pretrain_steps} SGD steps on {cfg.pretrain} instead"
+                f"pre-training on {cfg.pretrain} (the paper's initial weights: {cfg.pretrain_steps} SGD steps on it) "
+                f"skipped: {first}. Instead {instead}"
             )
             return None
         same = pre.n_train == self.data.n_train and torch.equal(pre.y_train, self.data.y_train)
@@ -528,17 +553,27 @@ class _Experiment:
     def _initial_weights(self) -> torch.Tensor:
         cfg = self.cfg
         model = self.new_model()
-        pre = self._pretraining_set() if cfg.pretrain else None
+        self.self_pretrain = cfg.pretrain == "self"
+        if self.self_pretrain:
+            cfg.notes.append(
+                f"pre-training on each chain's own data: {cfg.pretrain_steps} SGD steps (lr {cfg.pretrain_lr:g}, "
+                f"momentum {cfg.pretrain_momentum:g}) from shared random initial weights, counted in training time"
+            )
+        pre = self._pretraining_set() if cfg.pretrain and not self.self_pretrain else None
         if pre is not None:
             src = self.new_model(pre.n_classes)
             ds = RemovableDataset(
                 pre.x_train.to(self.device), pre.y_train.to(self.device), batch_size=cfg.batch_size, seed=cfg.seed
             )
-            opt = torch.optim.SGD(src.parameters(), lr=cfg.pretrain_lr, momentum=cfg.pretrain_momentum)
-            for _ in _bar(range(cfg.pretrain_steps), f"pretrain {pre.name}", cfg.progress):
-                opt.zero_grad()
-                src.nll(next(ds)).mean().backward()
-                opt.step()
+            _sgd(
+                src,
+                ds,
+                cfg.pretrain_steps,
+                cfg.pretrain_lr,
+                cfg.pretrain_momentum,
+                f"pretrain {pre.name}",
+                cfg.progress,
+            )
             # copy every tensor whose shape matches (all but the output layer when the class counts differ)
             own = model.state_dict()
             copied = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
@@ -556,6 +591,16 @@ class _Experiment:
         dev_ids = ids.to(self.device)
         ds = RemovableDataset(self.x_train[dev_ids], self.y_train[dev_ids], batch_size=cfg.batch_size, seed=chain_seed)
         n = len(ds)
+        if self.self_pretrain:
+            _sgd(
+                model,
+                ds,
+                cfg.pretrain_steps,
+                cfg.pretrain_lr,
+                cfg.pretrain_momentum,
+                f"{label}: pretrain",
+                cfg.progress,
+            )
         opt = torch.optim.SGD(model.parameters(), lr=cfg.explore_lr)
         for _ in _bar(range(cfg.explore_steps), f"{label}: explore", cfg.progress):
             opt.zero_grad()
@@ -829,7 +874,7 @@ def _run_noisy(
 
 def _run_importance(ex: _Experiment, origin: dict[str, Any]) -> _Result:
     """Reweight the stored samples by ``1/p(S'|θ)`` over all removed points."""
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     x, y = ex.x_train[ex.removed_ids.to(ex.device)], ex.y_train[ex.removed_ids.to(ex.device)]
     bank = origin["bank"]
     log_w = torch.empty(bank.shape[0], dtype=torch.float64)
@@ -840,7 +885,13 @@ def _run_importance(ex: _Experiment, origin: dict[str, Any]) -> _Result:
                 ex.scratch.nll((x[i : i + 500], y[i : i + 500])).double().sum() for i in range(0, len(y), 500)
             )
     w, ess = importance_weights(log_w)
-    info = {"seconds": time.perf_counter() - t0, "ess": ess, "max_weight": float(w.max()), "n_samples": int(w.numel())}
+    info = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "ess": ess,
+        "max_weight": float(w.max()),
+        "n_samples": int(w.numel()),
+    }
     if ess < 10:
         ex.cfg.notes.append(
             f"importance: ESS {ess:.2f} of {w.numel()} samples, so its weighted KL rests on about one sample "
@@ -865,6 +916,8 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     if "finetune" in cfg.methods and "unlearn" not in cfg.methods:
         raise ValueError("--methods: finetune gets unlearn's wall time per request, so it needs unlearn too")
     RefusalPolicy(cfg.on_refusal)
+    if cfg.pretrain_fallback not in (None, "self", "none"):
+        raise ValueError(f"pretrain_fallback must be None, 'self' or 'none', got {cfg.pretrain_fallback!r}")
     if cfg.eval_every < 1 or cfg.progress_samples < 1 or cfg.progress_max < 0 or cfg.eval_samples < 0:
         raise ValueError("need --eval-every >= 1, --progress-samples >= 1, --progress-max >= 0, --eval-samples >= 0")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -1388,7 +1441,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--remove-count", type=_count, default=None, help="'all' (default) or a number of points")
     p.add_argument("--sampler", choices=("sgld", "sghmc"), default=None, help="SG-MCMC sampler (default sgld)")
     p.add_argument("--request-size", type=int, default=None, help=f"points per request (default {d.request_size})")
-    p.add_argument("--pretrain", default=None, help="pre-train the initial weights on this data set")
+    p.add_argument(
+        "--pretrain",
+        default=None,
+        help="pre-train the initial weights on this data set, or 'self': each chain on its own training data",
+    )
     p.add_argument("--no-pretrain", action="store_true", help="random initial weights (no pre-training)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
