@@ -347,13 +347,36 @@ def test_paper_fmnist_preset_runs_on_debian_layout_files_without_mnist(tmp_path)
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"]["name"] == "fashion-mnist" and m["model"]["arch"] == "lenet5"
     assert m["dataset"]["input"].startswith("32x32") and m["dataset"]["n_requests"] == 2
-    # MNIST is absent: said so, and each chain pre-trains on its own data instead
-    assert any("pre-training on mnist" in n and "skipped" in n and "its own training data" in n for n in m["notes"])
+    # MNIST is absent: said so; the shared initial weights pre-train on half of the test set, which leaves evaluation
+    assert any("pre-training on mnist" in n and "skipped" in n and "half of the" in n for n in m["notes"])
+    assert m["dataset"]["n_test_evaluated_from"] == 15 == m["dataset"]["eval_sizes"]["test"]  # 30 test images
+    assert m["dataset"]["eval_sizes"]["test_removed_class"] == int(m["dataset"]["eval_sizes"]["test"]) - int(
+        m["dataset"]["eval_sizes"]["test_kept"]
+    )
     assert m["config"]["retrain_chains"] == 2 and m["config"]["paper_init_scaling"] == 0.05
     for name in ("retrain", "unlearn", "paper", "finetune", "langevin", "importance"):
         assert m["methods"][name]["status"] == "ok", name
     report = (out / "report.md").read_text()
     assert "skipped: dataset 'mnist' not found" in report and "fashion-mnist, lenet5" in report
+
+
+def test_heldout_pretraining_half_never_enters_the_evaluation(tmp_path):
+    from mcmc_unlearner.experiments.bnn import PRESETS, BNNConfig, _Experiment
+
+    folder = tmp_path / "fashion-mnist"
+    _write_fake_fmnist(folder, np.random.default_rng(1), per_class_test=4)
+    cfg = BNNConfig(**{**PRESETS["paper-fmnist"], "data_dir": str(folder), "pretrain_steps": 2, "progress": False})
+    ex = _Experiment(cfg)
+    held = set(ex.heldout_ids.tolist())
+    assert len(held) == 20  # half of the 40 test images
+    for split in ("test", "test_removed_class"):
+        src, ids = ex.eval_ids[split]
+        assert src == "test" and held.isdisjoint(ids.tolist())
+    assert set(ex.eval_ids["test"][1].tolist()) | held == set(range(40))
+    # the evaluation half's images of the removed class are all in the attack's non-member set
+    test_ids = ex.eval_ids["test"][1]
+    class0 = test_ids[ex.data.y_test[test_ids] == 0]
+    assert torch.equal(class0, ex.eval_ids["test_removed_class"][1])
 
 
 def test_paper_fmnist_preset_names_the_missing_files(tmp_path, capsys):

@@ -21,8 +21,8 @@ of one class in requests of ``--request-size`` and compares, side by side:
 
 Every method after ``origin`` starts from the same trained chain (the retrains from the same initial
 weights). Training follows the paper: optional pre-training on another data set (SGD with momentum; with
-``--preset paper-fmnist`` MNIST when its files are found; when they are not, each chain instead runs the same
-pre-training optimiser on its own training data, so no retrain chain sees a removed point, and the report says
+``--preset paper-fmnist`` MNIST when its files are found; when they are not, the shared initial weights are
+pre-trained the same way on a seeded half of the test set, which then leaves the evaluation, and the report says
 so), plain SGD on :math:`F/n` for ``explore_steps``, then the sampler with step size
 :math:`(\mathrm{lr}/n)·t^{-0.5005}`.
 
@@ -137,8 +137,10 @@ class BNNConfig:
             ``"self"``: every chain first runs the pre-training optimiser on its *own* training data (origin: all
             data; retrain: the remaining data) from the shared random initial weights, so no retrain chain ever
             sees a removed point.
-        pretrain_fallback: What to do when the ``pretrain`` data set's files are missing: ``None`` fails,
-            ``"self"`` pre-trains each chain on its own data instead, ``"none"`` keeps random weights (with a note).
+        pretrain_fallback: What to do when the ``pretrain`` data set's files are missing: ``None`` fails;
+            ``"heldout"`` pre-trains the shared initial weights on a seeded half of the test set, which then leaves
+            the evaluation; ``"self"`` pre-trains each chain on its own data; ``"none"`` keeps random weights (each
+            with a note).
         pretrain_steps, pretrain_lr, pretrain_momentum: SGD pre-training (paper: 2,000, 0.1, 0.9).
         explore_steps, explore_lr: Plain SGD on the mean loss ``F/n`` before sampling.
         sample_steps, sample_lr: Sampler steps and ``lr`` of the step size ``(lr/n)·t^-0.5005``.
@@ -247,7 +249,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "fashion-mnist",
         "arch": "lenet5",
         "pretrain": "mnist",
-        "pretrain_fallback": "self",
+        "pretrain_fallback": "heldout",
         "pretrain_steps": 2000,
         "explore_steps": 1000,
         "sample_steps": 9000,
@@ -258,7 +260,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "cifar10",
         "arch": "small_cnn",
         "pretrain": "cifar100",
-        "pretrain_fallback": "self",
+        "pretrain_fallback": "heldout",
         "pretrain_steps": 10000,
         "explore_steps": 5000,
         "sample_steps": 15000,
@@ -468,16 +470,26 @@ class _Experiment:
         keep[cls_ids] = False
         self.kept_ids = torch.nonzero(keep).flatten()
         self.n_full, self.n_kept = data.n_train, int(keep.sum())
+        # pre-training source (may hold out half of the test set, which then leaves the evaluation)
+        self.self_pretrain = cfg.pretrain == "self"
+        self.heldout_ids: torch.Tensor | None = None
+        self.pre = self._pretraining_set() if cfg.pretrain and not self.self_pretrain else None
+        test_pool = torch.arange(data.n_test)
+        if self.heldout_ids is not None:
+            perm = torch.randperm(data.n_test, generator=torch.Generator().manual_seed(cfg.seed))
+            self.heldout_ids, test_pool = perm[: data.n_test // 2].sort().values, perm[data.n_test // 2 :].sort().values
+        self.n_test_eval = int(test_pool.numel())
         # final evaluation sets: seeded subsets of at most eval_max points; the attack's held-out points (all
-        # test points of the removed class) are kept whole
-        test_ids = self._cap(torch.arange(data.n_test), cfg.eval_max, gen)
+        # evaluation test points of the removed class) are kept whole
+        test_ids = self._cap(test_pool, cfg.eval_max, gen)
         self.test_kept_mask = (data.y_test[test_ids] != cfg.remove_class).to(self.device)
         ids = {
             "remaining": ("train", self._cap(self.kept_ids, cfg.eval_max, gen)),
             "removed": ("train", self._cap(cls_ids, cfg.eval_max, gen)),
             "test": ("test", test_ids),
-            "test_removed_class": ("test", class_indices(data.y_test, cfg.remove_class)),
+            "test_removed_class": ("test", test_pool[data.y_test[test_pool] == cfg.remove_class]),
         }
+        self.eval_ids = ids
         self.sets = {k: self._take(src, i) for k, (src, i) in ids.items()}
         self.labels = {k: y for k, (_, y) in self.sets.items()}
         self.labels["test_kept"] = self.labels["test"][self.test_kept_mask]
@@ -524,14 +536,23 @@ class _Experiment:
                 raise
             first = str(exc).splitlines()[0].rstrip(".:")
             self.self_pretrain = cfg.pretrain_fallback == "self"
-            instead = (
-                f"every chain first runs the same optimiser ({cfg.pretrain_steps} SGD steps, lr {cfg.pretrain_lr:g}, "
-                f"momentum {cfg.pretrain_momentum:g}) on its own training data (origin: all data; retrain: the "
-                "remaining data), from shared random (seeded) initial weights, then the SGD exploration and sampling "
-                "phases; these steps count in each chain's training time"
-                if self.self_pretrain
-                else "the initial weights are random (seeded)"
-            )
+            opt = f"{cfg.pretrain_steps} SGD steps, lr {cfg.pretrain_lr:g}, momentum {cfg.pretrain_momentum:g}"
+            if cfg.pretrain_fallback == "heldout":
+                self.heldout_ids = torch.empty(0, dtype=torch.long)  # drawn by the caller
+                instead = (
+                    f"the shared initial weights are pre-trained the same way ({opt}) on a seeded half of the "
+                    f"{self.data.name} test set ({self.data.n_test // 2} images), which is then left out of every "
+                    "evaluation: like MNIST in the paper it is data no chain trains on, the same for origin and "
+                    "the retrains; it includes images of the removed class, but never the removed training points"
+                )
+            elif self.self_pretrain:
+                instead = (
+                    f"every chain first runs the same optimiser ({opt}) on its own training data (origin: all "
+                    "data; retrain: the remaining data), from shared random (seeded) initial weights, then the SGD "
+                    "exploration and sampling phases; these steps count in each chain's training time"
+                )
+            else:
+                instead = "the initial weights are random (seeded)"
             cfg.notes.append(
                 f"pre-training on {cfg.pretrain} (the paper's initial weights: {cfg.pretrain_steps} SGD steps on it) "
                 f"skipped: {first}. Instead {instead}"
@@ -551,34 +572,31 @@ class _Experiment:
         return pre
 
     def _initial_weights(self) -> torch.Tensor:
+        """The shared initial weights: random (seeded), then pre-trained on ``self.pre`` or the held-out test half."""
         cfg = self.cfg
         model = self.new_model()
-        self.self_pretrain = cfg.pretrain == "self"
-        if self.self_pretrain:
+        if self.self_pretrain and cfg.pretrain == "self":
             cfg.notes.append(
                 f"pre-training on each chain's own data: {cfg.pretrain_steps} SGD steps (lr {cfg.pretrain_lr:g}, "
                 f"momentum {cfg.pretrain_momentum:g}) from shared random initial weights, counted in training time"
             )
-        pre = self._pretraining_set() if cfg.pretrain and not self.self_pretrain else None
-        if pre is not None:
-            src = self.new_model(pre.n_classes)
-            ds = RemovableDataset(
-                pre.x_train.to(self.device), pre.y_train.to(self.device), batch_size=cfg.batch_size, seed=cfg.seed
-            )
-            _sgd(
-                src,
-                ds,
-                cfg.pretrain_steps,
-                cfg.pretrain_lr,
-                cfg.pretrain_momentum,
-                f"pretrain {pre.name}",
-                cfg.progress,
-            )
-            # copy every tensor whose shape matches (all but the output layer when the class counts differ)
-            own = model.state_dict()
-            copied = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
-            model.load_state_dict({**own, **copied})
-            cfg.notes.append(f"initial weights pre-trained on {pre.name} ({len(copied)}/{len(own)} tensors copied)")
+        if self.pre is not None:
+            name, n_classes = self.pre.name, self.pre.n_classes
+            x, y = self.pre.x_train.to(self.device), self.pre.y_train.to(self.device)
+        elif self.heldout_ids is not None:
+            name, n_classes = f"{self.data.name} (held-out test half)", self.data.n_classes
+            i = self.heldout_ids.to(self.device)
+            x, y = self.x_test[i], self.y_test[i]
+        else:
+            return _flat(model)
+        src = self.new_model(n_classes)
+        ds = RemovableDataset(x, y, batch_size=cfg.batch_size, seed=cfg.seed)
+        _sgd(src, ds, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_momentum, f"pretrain {name}", cfg.progress)
+        # copy every tensor whose shape matches (all but the output layer when the class counts differ)
+        own = model.state_dict()
+        copied = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict({**own, **copied})
+        cfg.notes.append(f"initial weights pre-trained on {name} ({len(copied)}/{len(own)} tensors copied)")
         return _flat(model)
 
     # ------------------------------------------------------------------ training
@@ -916,8 +934,8 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     if "finetune" in cfg.methods and "unlearn" not in cfg.methods:
         raise ValueError("--methods: finetune gets unlearn's wall time per request, so it needs unlearn too")
     RefusalPolicy(cfg.on_refusal)
-    if cfg.pretrain_fallback not in (None, "self", "none"):
-        raise ValueError(f"pretrain_fallback must be None, 'self' or 'none', got {cfg.pretrain_fallback!r}")
+    if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
+        raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")
     if cfg.eval_every < 1 or cfg.progress_samples < 1 or cfg.progress_max < 0 or cfg.eval_samples < 0:
         raise ValueError("need --eval-every >= 1, --progress-samples >= 1, --progress-max >= 0, --eval-samples >= 0")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -1024,6 +1042,7 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
             "name": ex.data.name,
             "n_train": ex.n_full,
             "n_test": ex.data.n_test,
+            "n_test_evaluated_from": ex.n_test_eval,
             "n_removed": int(ex.removed_ids.numel()),
             "n_remaining": ex.n_kept,
             "n_requests": len(ex.requests),
