@@ -730,8 +730,13 @@ class _Progress:
         self.count = 0
         t0 = time.perf_counter()
         self.reference = ex.predict(_thin_to(reference, ex.cfg.progress_samples), snapshot=True)
+        labels = {k: y for k, (_, y) in ex.progress_sets.items()}
         self.seconds += time.perf_counter() - t0
-        self.points: dict[str, list[dict[str, Any]]] = {}
+        # retrain on the same subsets and samples count: the level the curves should reach
+        n_removed = int(ex.removed_ids.numel())
+        self.points: dict[str, list[dict[str, Any]]] = {
+            "retrain": [{"removed": n_removed, "error": ev.error_rates(self.reference, labels)}]
+        }
 
     def take(self, name: str, thetas: torch.Tensor, removed: int) -> None:
         t0 = time.perf_counter()
@@ -1403,8 +1408,8 @@ def _figure(m: dict[str, Any], path: Path) -> None:
             pts = prog.get("origin", []) + prog.get(name, [])
             if prog.get(name) and all(get(p) is not None for p in pts):
                 ax.plot([p["removed"] for p in pts], [get(p) for p in pts], style, label=name, ms=3)
-        if key is not None:
-            ax.axhline(100 * m["methods"]["retrain"]["error"][key], color="k", ls=":", label="retrain")
+        if key is not None and prog.get("retrain"):
+            ax.axhline(100 * prog["retrain"][0]["error"][key], color="k", ls=":", label="retrain")
         ax.set_xlabel("points removed")
         ax.set_title(title)
         ax.legend(fontsize=8)
