@@ -1,0 +1,369 @@
+r"""Step control: the damping of each request chosen by a Levenberg–Marquardt rule, and the safety check.
+
+**What is checked.** The influence step moves the bank by the common vector ``x = (H + λI)^{-1} G``; it is meant
+to minimise the bank-averaged energy of the *remaining* data, :math:`φ(x) = E_s[F(θ_s + x, S∖S')]`. Its
+curvature model predicts
+
+.. math::  \mathrm{pred}(x) = -G·x + ½\,xᵀHx \quad(<0),
+
+because :math:`E_s[∇F(θ_s, S∖S')] = -G` at the current posterior (integration by parts,
+:math:`E_p[∇F(θ,S)] = 0`, minus the removed points' term). The measured change uses the same identity as a
+control variate, so only the *curvature and higher-order* part is estimated from data:
+
+.. math::  \mathrm{actual}(x) = -G·x + E_s\Big[R_{\mathrm{prior}}(θ_s, x) + n · \mathrm{mean}_{i∈M} R_i(θ_s, x)\Big],
+           \qquad R_i(θ, x) = h_i(θ + x) - h_i(θ) - ∇h_i(θ)·x,
+
+on ``check_draws`` posterior draws and ``check_rows`` held remaining rows ``M`` (one forward pass at
+:math:`θ_s + x` and one forward-mode derivative at :math:`θ_s` per draw; the linear term's large minibatch noise
+never enters). ``actual/pred`` near 1 means the quadratic model holds over the step; a step that runs into
+curvature the model missed (an indefinite or noisy Hessian, an overshooting approximation) makes ``actual``
+larger than ``pred`` — the fit of the remaining data got worse than promised.
+
+**The rule** (Levenberg 1944, Marquardt 1963; as adapted for K-FAC by Martens & Grosse 2015): a step is accepted
+when ``pred < 0`` and ``actual/pred ≥ η`` (default 0.25) — the curvature model predicts what the step does — and
+the held rows' mean negative log-likelihood, measured directly, rises by at most ``max_nll_increase`` (5%) of its
+size beyond two standard errors — the safety net. The control variate above removes the bank's Monte-Carlo
+noise from the energy test, but it also hides a bank that is not at equilibrium along ``x`` (finite SG-MCMC banks
+in thousands of dimensions are not); the direct measurement does not hide it. A rejected step's damping grows
+(×10, from ``1e-2 ×`` the mean curvature) until a step is accepted, then is refined once geometrically; the next
+request starts from the accepted damping, and a first step with ratio above 0.75 is followed by one at a tenth of
+its damping. A request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
+
+**Carried influence.** An accepted step with damping ``λ`` leaves the first-moment condition of the new posterior
+unmet by ``λx`` (``E[∇F(θ + x, S∖S')] ≈ Hx − G = −λx``); the unlearner adds it to the next request's gradient,
+so influence held back while the curvature model was not trusted is applied once it is (a class removed in many
+requests is forgotten by the end; see ``MCMCUnlearner(carry_deficit=...)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import jvp, vmap
+
+from .backends.base import CurvatureBackend, NegativeCurvatureError
+from .solvers import SolveResult
+
+__all__ = ["DampingControl", "EnergyCheck", "Measurement", "StepOutcome"]
+
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Measurement:
+    """Measured effect of a common shift ``x`` on the remaining data (see the module docstring).
+
+    Attributes:
+        actual: Change of the bank-averaged remaining-data energy (negative = better fit).
+        stderr: Its Monte-Carlo standard error over the check rows.
+        nll_change: Mean change of the per-row negative log-likelihood of the check rows.
+        direct, direct_stderr: The same energy change measured without the control variate (prior change plus
+            ``n·mean Δh`` over the check rows), and its standard error.
+        nll_scale: Mean ``|h|`` of the check rows before the step (the unit of the damage tolerance).
+        nll_stderr: Standard error of ``nll_change``.
+    """
+
+    actual: float
+    stderr: float
+    nll_change: float
+    direct: float = math.nan
+    direct_stderr: float = math.nan
+    nll_scale: float = math.nan
+    nll_stderr: float = math.nan
+
+
+def _directional(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``∇f(θ)·x`` for a vector-valued ``f`` (forward mode; double backward when ``torch.func`` is unsupported)."""
+    try:
+        return jvp(f, (theta,), (x,))[1].detach()
+    except (RuntimeError, NotImplementedError, TypeError):
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            out = f(t)
+            u = torch.zeros_like(out, requires_grad=True)
+            (g,) = torch.autograd.grad(out, t, grad_outputs=u, create_graph=True)
+            (d,) = torch.autograd.grad(g, u, grad_outputs=x)
+        return d.detach()
+
+
+class EnergyCheck:
+    """Measures ``actual(x)`` of the module docstring on fixed draws and held rows.
+
+    Args:
+        nll_rows: ``f(θ_flat, *batch) -> [B]`` per-row negative log-likelihood.
+        log_prior: ``f(θ_flat) -> scalar`` (``None``: flat prior).
+        thetas: Check draws ``[K, D]``.
+        rows: Held remaining rows.
+        n: Remaining data points (the energy's scale).
+        G: The request's gradient ``E[∇Σ_{S'}h]``.
+        reduce: Sums tensors across ranks (``torch.distributed``); ``None`` in one process.
+    """
+
+    def __init__(
+        self,
+        nll_rows: Callable[..., torch.Tensor],
+        log_prior: Callable[[torch.Tensor], torch.Tensor] | None,
+        thetas: torch.Tensor,
+        rows: Batch,
+        n: int,
+        G: torch.Tensor,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.f, self.lp, self.thetas, self.rows, self.n, self.G = nll_rows, log_prior, thetas, rows, n, G
+        self.reduce = reduce or (lambda t: t)
+        with torch.no_grad():
+            self.h0 = torch.stack([self.f(t, *rows).detach() for t in thetas])  # [K, m]
+            self.lp0 = None if log_prior is None else torch.stack([log_prior(t).detach() for t in thetas])
+        sums = self.reduce(torch.stack([torch.tensor(float(rows[0].shape[0])), self.h0.double().abs().mean(0).sum()]))
+        self.m = int(sums[0])
+        self.scale = float(sums[1]) / max(self.m, 1)
+
+    def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (vmapped over draws)."""
+
+        def one(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            h1 = self.f(t + x, *self.rows)
+            lin = jvp(lambda u: self.f(u, *self.rows), (t,), (x,))[1]
+            if self.lp is None:
+                return h1, lin, torch.zeros((), dtype=h1.dtype)
+            lp1 = self.lp(t + x)
+            lp0, dlp = jvp(self.lp, (t,), (x,))
+            return h1, lin, -lp1 + lp0 + dlp  # R of the energy's prior term −log p
+
+        with torch.no_grad():
+            h1, lin, rp = vmap(one)(self.thetas)
+        return h1 - self.h0 - lin, h1 - self.h0, float(rp.sum())
+
+    def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The same one draw at a time, with double-backward directional derivatives (no ``torch.func``)."""
+        R, dh, prior = torch.zeros_like(self.h0), torch.zeros_like(self.h0), 0.0
+        for s, t in enumerate(self.thetas):
+            with torch.no_grad():
+                h1 = self.f(t + x, *self.rows).detach()
+            R[s] = h1 - self.h0[s] - _directional(lambda u: self.f(u, *self.rows), t, x)
+            dh[s] = h1 - self.h0[s]
+            if self.lp is not None:
+                with torch.no_grad():
+                    lp1 = float(self.lp(t + x))
+                prior += -lp1 + float(self.lp0[s]) + float(_directional(lambda u: self.lp(u).reshape(1), t, x)[0])
+        return R, dh, prior
+
+    def __call__(self, x: torch.Tensor) -> Measurement:
+        try:
+            R, dh, prior = self._remainders(x)
+        except (RuntimeError, NotImplementedError, TypeError):
+            R, dh, prior = self._remainders_loop(x)
+        K = self.thetas.shape[0]
+        per_row = R.double().mean(0)  # [m]: each held row's remainder averaged over the draws
+        dh_row = dh.double().mean(0)
+        sums = self.reduce(torch.stack([per_row.sum(), (per_row**2).sum(), dh_row.sum(), (dh_row**2).sum()]))
+        mean, dmean = float(sums[0]) / self.m, float(sums[2]) / self.m
+        denom = max(self.m - 1, 1)
+        stderr = self.n * math.sqrt(max(float(sums[1]) / self.m - mean**2, 0.0) / denom)
+        dstderr = self.n * math.sqrt(max(float(sums[3]) / self.m - dmean**2, 0.0) / denom)
+        actual = -float(self.G @ x) + prior / K + self.n * mean
+        direct = float(self._prior_change(x)) + self.n * dmean
+        return Measurement(actual, stderr, dmean, direct, dstderr, self.scale, dstderr / self.n)
+
+    def _prior_change(self, x: torch.Tensor) -> float:
+        """``E_s[−log p(θ_s + x) + log p(θ_s)]``."""
+        if self.lp is None:
+            return 0.0
+        with torch.no_grad():
+            return float(torch.stack([-self.lp(t + x) for t in self.thetas]).mean() + self.lp0.mean())
+
+
+@dataclass
+class StepOutcome:
+    """The accepted (or last tried) step of one request.
+
+    Attributes:
+        x: The common shift ``(H + λI)⁻¹G``.
+        solve: The solver result of that step.
+        damping: ``λ`` of that step.
+        trials: Steps tried (each one checked).
+        predicted, actual, ratio, stderr, nll_change: The check of that step (module docstring).
+        safe: Whether the step passed the check.
+        history: ``(damping, predicted, actual, ratio)`` of every trial.
+        note: Why the last trial failed, if it did.
+        scale: The backend's mean curvature ``tr H / D`` (the unit of the damping), when it was needed.
+    """
+
+    x: torch.Tensor
+    solve: SolveResult
+    damping: float
+    trials: int
+    predicted: float
+    actual: float
+    ratio: float
+    stderr: float
+    nll_change: float
+    safe: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    note: str = ""
+    scale: float = 1.0
+
+
+class DampingControl:
+    """The Levenberg–Marquardt damping of the module docstring, carried from request to request.
+
+    Args:
+        damping: ``"auto"`` (adapted) or a fixed value ``>= 0`` (checked, not adapted).
+        eta: Smallest accepted ``actual/pred``.
+        grow: Factor by which a rejected step's damping grows.
+        max_trials: Steps tried per request before it is refused.
+        max_nll_increase: Largest accepted rise of the held remaining rows' mean NLL, relative to its size.
+    """
+
+    def __init__(
+        self,
+        damping: float | str = "auto",
+        eta: float = 0.25,
+        grow: float = 10.0,
+        max_trials: int = 8,
+        max_nll_increase: float = 0.05,
+    ):
+        if isinstance(damping, str):
+            if damping != "auto":
+                raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
+            self.fixed: float | None = None
+        else:
+            if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+                raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}")
+            self.fixed = float(damping)
+        if not 0 < eta < 1:
+            raise ValueError(f"eta must be in (0, 1), got {eta}")
+        if not grow > 1:
+            raise ValueError(f"the damping growth factor must be > 1, got {grow}")
+        if max_trials < 1:
+            raise ValueError(f"max_trials must be >= 1, got {max_trials}")
+        self.eta, self.grow, self.max_trials = float(eta), float(grow), int(max_trials)
+        self.max_nll_increase = float(max_nll_increase)
+        self.relative = 0.0  # damping carried to the next request, in units of the curvature scale
+
+    @property
+    def adaptive(self) -> bool:
+        return self.fixed is None
+
+    def _try(
+        self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any], lam: float
+    ) -> StepOutcome | None:
+        """One checked step at damping ``lam`` (``None`` when ``H + λI`` is not positive definite)."""
+        try:
+            res = backend.solve(G, lam)
+        except NegativeCurvatureError:
+            if self.fixed is not None:
+                raise
+            return None
+        x = res.x
+        gx = float(G @ x)
+        pred = -gx + 0.5 * backend.quad(x)
+        meas = check(x)
+        if gx == 0.0 and pred == 0.0:  # nothing to remove: the removed points carry no gradient
+            ratio, ok = 1.0, True
+        else:
+            ratio = meas.actual / pred if pred < 0 else -math.inf
+            ok = pred < 0 and ratio >= self.eta
+        # the safety net: the held rows' mean NLL, measured directly, may not rise by more than `max_nll_increase`
+        # of its size (beyond two standard errors)
+        limit = self.max_nll_increase * meas.nll_scale + 2 * meas.nll_stderr
+        ok = ok and not meas.nll_change > limit  # (no direct measurement: nan limit, no verdict)
+        out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok)
+        out.history = [
+            {"damping": lam, "predicted": pred, "actual": meas.actual, "ratio": ratio, "gx": gx,
+             "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale}
+        ]  # fmt: skip
+        return out
+
+    def step(self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any]) -> StepOutcome:
+        """Find the least-damped accepted step for gradient ``G``; the outcome says if none was found.
+
+        The search starts from the damping the last request accepted. A rejected step's damping grows ×``grow``
+        (from ``1e-2`` of the mean curvature, or just above the most negative eigenvalue when the backend knows
+        it) until a step is accepted, and is then refined once halfway (geometrically) back towards the last
+        rejected value. An accepted first step whose ratio exceeds 0.75 (a trustworthy model) is followed by
+        step with ``1/grow`` of its damping, kept if it is accepted too. Every tried step counts towards
+        ``max_trials``.
+        """
+        scales: list[float] = []
+
+        def scale() -> float:  # the curvature scale costs products on matrix-free backends: only when needed
+            if not scales:
+                scales.append(abs(backend.scale()) or 1.0)
+            return scales[0]
+
+        floor = backend.min_damping()
+        low = max(floor * 1.5, 1e-30) if floor > 0 else 0.0
+        history: list[dict[str, float]] = []
+        tried: list[StepOutcome] = []
+        note = ""
+
+        def attempt(lam: float) -> StepOutcome | None:
+            nonlocal note
+            out = self._try(backend, G, check, lam)
+            if out is None:
+                note = f"the curvature plus damping {lam:.3g} is not positive definite"
+                history.append({"damping": lam, "predicted": math.nan, "actual": math.nan, "ratio": math.nan})
+                return None
+            history.extend(out.history)
+            tried.append(out)
+            if not out.safe:
+                note = (
+                    f"damping {lam:.3g}: the model predicted an energy change of {out.predicted:.4g}, the check "
+                    f"measured {out.actual:.4g} ± {out.stderr:.2g} (ratio {out.ratio:.3g}, needs >= {self.eta}); the "
+                    f"held remaining rows' mean NLL changed by {out.nll_change:+.4g} (limit "
+                    f"{100 * self.max_nll_increase:g}% of {out.history[0]['nll_scale']:.3g})"
+                )
+            return out
+
+        def start() -> float:
+            return max(1e-2 * scale(), low)
+
+        if self.fixed is not None:
+            attempt(self.fixed)
+        else:
+            lam = max(self.relative * scale(), low) if self.relative > 0 else low
+            best: StepOutcome | None = None
+            failed: float | None = None
+            out = attempt(lam)
+            if out is not None and out.safe:
+                best = out
+                if len(history) < self.max_trials and best.ratio > 0.75 and best.damping > 0:
+                    lower = best.damping / self.grow
+                    lower = 0.0 if lower < start() else max(lower, low)
+                    nxt = attempt(lower) if lower < best.damping else None
+                    if nxt is not None and nxt.safe:
+                        best = nxt
+            else:
+                while len(history) < self.max_trials:
+                    failed = lam
+                    lam = start() if lam < start() else lam * self.grow
+                    out = attempt(lam)
+                    if out is not None and out.safe:
+                        best = out
+                        break
+                if best is not None and failed is not None and failed > 0 and len(history) < self.max_trials:
+                    mid = math.sqrt(failed * best.damping)  # refine once between the rejected and accepted
+                    out = attempt(mid)
+                    if out is not None and out.safe:
+                        best = out
+            if best is not None:
+                best.history, best.trials = history, len(history)
+                if best.damping > 0:
+                    best.scale = scale()
+                self.relative = best.damping / scale() if best.damping > 0 else 0.0
+                return best
+        if not tried:
+            raise NegativeCurvatureError(
+                f"no damping up to {history[-1]['damping']:.3g} made the curvature positive definite; nothing was "
+                "changed. Use a positive-definite curvature (solver='kfac') or negative_curvature='truncate'"
+            )
+        last = tried[-1]
+        last.history, last.trials, last.note = history, len(history), note
+        if last.damping > 0:
+            last.scale = scale()
+        return last
