@@ -25,10 +25,6 @@ TINY = [
     "300",
     "--bank-size",
     "12",
-    "--curvature-draws",
-    "4",
-    "--damping",
-    "1000",
     "--no-progress",
 ]
 
@@ -203,20 +199,19 @@ def test_save_model_writes_a_loadable_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ refusals
 def _refusing_forget(monkeypatch, refuse: set[int]):
-    """Make the ``unlearn`` method's (K-FAC) unlearner refuse the listed requests (0-based), like a failed solve."""
+    """Make the ``unlearn`` method's unlearner (the only MCMCUnlearner of a run) refuse the listed requests (0-based),
+    like a failed solve."""
     from mcmc_unlearner.errors import SolverDivergedError
-    from mcmc_unlearner.solvers import SolverName
     from mcmc_unlearner.unlearner import MCMCUnlearner
 
     original = MCMCUnlearner.forget
     calls = {"n": 0}
 
-    def forget(self, ids, data):
-        if self.solver is SolverName.KFAC:
-            calls["n"] += 1
-            if calls["n"] - 1 in refuse:
-                raise SolverDivergedError("injected: the solve diverged")
-        return original(self, ids, data)
+    def forget(self, ids, data, **kw):
+        calls["n"] += 1
+        if calls["n"] - 1 in refuse:
+            raise SolverDivergedError("injected: the solve diverged")
+        return original(self, ids, data, **kw)
 
     monkeypatch.setattr(MCMCUnlearner, "forget", forget)
 

@@ -150,8 +150,10 @@ class BNNConfig:
         retrain_chains: Independent retrain chains (at least 2: their pairwise spread is the noise floor).
         methods: Methods to run besides ``origin`` and the retrains (see :data:`OPTIONAL_METHODS`).
         solver, damping, iter_T, tol, curvature_draws, grad_draws, precondition_rank, drift_tol, check_draws,
-        expectation, hessian, bank_shift, samp_T, init_scaling: ``unlearn``'s
-            :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` settings (LiSSA scaling ``init_scaling / n``).
+        expectation, hessian, bank_shift, samp_T: ``unlearn``'s :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`
+            settings; ``None`` (the default for all) keeps the library's default, so ``unlearn`` measures what a
+            user gets with ``MCMCUnlearner(model, sampler, bank=bank)``.
+        init_scaling: With ``solver="lissa"``: the LiSSA scaling is ``init_scaling / n``.
         paper_iter_T, paper_samp_T, paper_init_scaling: ``paper``'s LiSSA rounds, sampler steps per expectation
             and scaling ``paper_init_scaling / n`` (``n`` counted before the request's removal, as in its code).
         langevin_steps: ``langevin``'s SGLD steps per request (``0``: ``paper_samp_T + 2·paper_iter_T``).
@@ -194,19 +196,19 @@ class BNNConfig:
     prior_std: float = 0.1
     retrain_chains: int = 3
     methods: tuple[str, ...] = OPTIONAL_METHODS
-    solver: str = "kfac"
-    damping: float = 300.0
-    iter_T: int = 100
-    tol: float = 1e-2
-    curvature_draws: int = 8
-    grad_draws: int | None = 24
-    precondition_rank: int = 20
-    drift_tol: float = 3.0
-    check_draws: int | None = 2
-    expectation: str = "bank"
-    hessian: str = "remaining"
-    bank_shift: str = "mean"
-    samp_T: int = 1
+    solver: str | None = None
+    damping: float | None = None
+    iter_T: int | None = None
+    tol: float | None = None
+    curvature_draws: int | None = None
+    grad_draws: int | None = None
+    precondition_rank: int | None = None
+    drift_tol: float | None = None
+    check_draws: int | None = None
+    expectation: str | None = None
+    hessian: str | None = None
+    bank_shift: str | None = None
+    samp_T: int | None = None
     init_scaling: float = 0.05
     paper_iter_T: int = 64
     paper_samp_T: int = 1
@@ -755,30 +757,35 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------- methods
+#: ``unlearn``'s settings that a run may override (``None``: the library's default).
+_UNLEARNER_OPTIONS = (
+    "solver",
+    "expectation",
+    "hessian",
+    "bank_shift",
+    "damping",
+    "iter_T",
+    "tol",
+    "samp_T",
+    "curvature_draws",
+    "precondition_rank",
+    "grad_draws",
+    "drift_tol",
+    "check_draws",
+)
+
+
+def _unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:
+    """The ``MCMCUnlearner`` keyword arguments set explicitly (everything else stays at the library default)."""
+    kw = {k: getattr(cfg, k) for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None}
+    if kw.get("solver") == "cg":
+        kw["negative_curvature"] = "truncate"
+    return kw
+
+
 def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:
-    """``unlearn``: the library's unlearner with the configured settings."""
-    return MCMCUnlearner(
-        model,
-        sampler,
-        bank=bank,
-        solver=cfg.solver,
-        expectation=cfg.expectation,
-        hessian=cfg.hessian,
-        bank_shift=cfg.bank_shift,
-        damping=cfg.damping,
-        iter_T=cfg.iter_T,
-        tol=cfg.tol,
-        samp_T=cfg.samp_T,
-        curvature_draws=cfg.curvature_draws,
-        precondition_rank=cfg.precondition_rank,
-        grad_draws=cfg.grad_draws,
-        drift_tol=cfg.drift_tol,
-        check_draws=cfg.check_draws,
-        negative_curvature="truncate" if cfg.solver == "cg" else "raise",
-        # rebuilt only when the drift check fails (lowrank); a stale preconditioner stays correct for cg
-        refresh_every=10**6 if cfg.precondition_rank > 0 else 1,
-        seed=cfg.seed,
-    )
+    """``unlearn``: the library's unlearner, its defaults unless settings were given."""
+    return MCMCUnlearner(model, sampler, bank=bank, seed=cfg.seed, **_unlearner_overrides(cfg))
 
 
 def _sequence(
@@ -804,7 +811,11 @@ def _sequence(
         try:
             rep = request(i, ids)
         except UnlearningError as exc:
-            refusals.append({"request": i, "error": type(exc).__name__, "message": str(exc)})
+            refusal = {"request": i, "error": type(exc).__name__, "message": str(exc)}
+            report = getattr(exc, "report", None)  # QualityError: what the refused proposal would have done
+            if report is not None and hasattr(report, "to_dict"):
+                refusal["report"] = report.to_dict()
+            refusals.append(refusal)
             chain.remove(ids)
             if policy is RefusalPolicy.SGLD and cfg.repair_steps > 0:
                 repaired += len(chain.run(cfg.repair_steps))
@@ -1056,6 +1067,8 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
             + (" (28x28 zero-padded by 2 pixels)" if ex.data.name in ("mnist", "fashion-mnist") else ""),
         },
         "model": {"arch": ex.arch, "n_params": ex.dim, "prior_std": cfg.prior_std},
+        "unlearner_settings": ", ".join(f"{k}={v}" for k, v in _unlearner_overrides(cfg).items())
+        or "with the library's defaults",
         "kl": {
             "n_samples_retrain": int(results["retrain"].bank.shape[0]),
             "dim": ex.dim,
@@ -1288,9 +1301,8 @@ def _report(m: dict[str, Any]) -> str:
         f"Removed {d['n_removed']} training points (class {c['remove_class']}) of {d['n_train']} in "
         f"{d['n_requests']} requests of {c['request_size']}; {d['n_remaining']} remain. Input {d['input']}. "
         f"Sampler {c['sampler']}, {c['explore_steps']} SGD exploration + {c['sample_steps']} sampling steps, bank of "
-        f"{c['bank_size']}, {fl['chains']} retrain chains, seed {c['seed']}. unlearn: solver {c['solver']}, "
-        f"expectation {c['expectation']}, hessian {c['hessian']}, bank shift {c['bank_shift']}, damping "
-        f"{c['damping']:g}. paper: LiSSA, iter_T {c['paper_iter_T']}, samp_T {c['paper_samp_T']}, scaling "
+        f"{c['bank_size']}, {fl['chains']} retrain chains, seed {c['seed']}. unlearn: MCMCUnlearner "
+        f"{m['unlearner_settings']}. paper: LiSSA, iter_T {c['paper_iter_T']}, samp_T {c['paper_samp_T']}, scaling "
         f"{c['paper_init_scaling']:g}/n. langevin: {c['langevin_steps']} SGLD steps per request. Refused requests: "
         f"policy `{c['on_refusal']}`.",
         "",
