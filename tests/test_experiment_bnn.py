@@ -380,3 +380,45 @@ def test_paper_fmnist_preset_names_the_missing_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and "train-images-idx3-ubyte" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_targets_measure_distance_to_retraining_and_cpu_time_ratios():
+    from mcmc_unlearner.experiments.bnn import _targets
+
+    def method(gap, pd, auc, wall, cpu):
+        return {
+            "status": "ok",
+            "error_gap": {"removed": gap},
+            "pred_diff": {"test_kept": pd},
+            "mia": {"auc_removed": auc},
+            "seconds": wall,
+            "cpu_seconds": cpu,
+        }
+
+    m = {
+        "methods": {
+            "retrain": method(0.01, 0.10, 0.50, 1000.0, 100.0),
+            "unlearn": method(0.04, 0.14, 0.54, 50.0, 1.5),
+            "paper": method(0.02, 0.15, 0.51, 100.0, 20.0),
+        },
+        "floor": {"pred_diff": {"test_kept": 0.10}},
+    }
+    t = _targets(m)
+    assert t["removed_error_within_5pts"]["met"]
+    assert t["pred_diff_test_kept_within_1.5x_floor"]["ratio"] == pytest.approx(1.4)
+    assert t["pred_diff_test_kept_within_1.5x_floor"]["met"]
+    assert t["attack_auc_within_0.05_of_retrain"]["gap"] == pytest.approx(0.04)
+    assert t["attack_auc_within_0.05_of_retrain"]["met"]
+    # CPU seconds decide (1.5%), the wall-clock ratio (5%) is shown beside
+    assert t["time_at_most_2pct_of_retrain"]["ratio"] == pytest.approx(0.015)
+    assert t["time_at_most_2pct_of_retrain"]["ratio_wall"] == pytest.approx(0.05)
+    assert t["time_at_most_2pct_of_retrain"]["met"]
+    paper = t["10x_faster_than_paper_at_equal_or_better_distance"]
+    assert paper["speedup"] == pytest.approx(20.0 / 1.5) and paper["met"]
+    # 6 points from the retrain chains' removed error (either side) misses
+    m["methods"]["unlearn"]["error_gap"]["removed"] = 0.06
+    m["methods"]["unlearn"]["pred_diff"]["test_kept"] = 0.16  # now farther than the paper's 0.15
+    t = _targets(m)
+    assert not t["removed_error_within_5pts"]["met"]
+    assert not t["pred_diff_test_kept_within_1.5x_floor"]["met"]
+    assert not t["10x_faster_than_paper_at_equal_or_better_distance"]["met"]

@@ -1269,13 +1269,22 @@ def _targets(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     a, b = un["mia"]["auc_removed"], re["mia"]["auc_removed"]
     g = None if a is None or b is None else abs(a - b)
     out["attack_auc_within_0.05_of_retrain"] = {"auc": a, "retrain": b, "gap": g, "met": g is not None and g <= 0.05}
-    ratio = un["seconds"] / re["seconds"]
-    out["time_at_most_2pct_of_retrain"] = {"ratio": ratio, "met": ratio <= 0.02}
+
+    # times: CPU seconds of the one-thread process (about the wall time on an idle core; wall time on a busy
+    # machine mostly measures the other processes), wall-clock ratios beside them
+    def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+        return a[key] / b[key] if a.get(key) is not None and b.get(key) else None
+
+    r_cpu, r_wall = ratio(un, re, "cpu_seconds"), ratio(un, re, "seconds")
+    r = r_cpu if r_cpu is not None else r_wall
+    out["time_at_most_2pct_of_retrain"] = {"ratio": r, "ratio_wall": r_wall, "met": r is not None and r <= 0.02}
     if pa is not None and pa["status"] == "ok":
-        speedup = pa["seconds"] / un["seconds"] if un["seconds"] > 0 else None
+        s_cpu, s_wall = ratio(pa, un, "cpu_seconds"), ratio(pa, un, "seconds")
+        speedup = s_cpu if s_cpu is not None else s_wall
         dp = pa["pred_diff"]["test_kept"]
         out["10x_faster_than_paper_at_equal_or_better_distance"] = {
             "speedup": speedup,
+            "speedup_wall": s_wall,
             "pred_diff": d,
             "pred_diff_paper": dp,
             "met": speedup is not None and speedup >= 10 and d is not None and dp is not None and d <= dp,
