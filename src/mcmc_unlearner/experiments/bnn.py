@@ -1268,7 +1268,14 @@ def _targets(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
     a, b = un["mia"]["auc_removed"], re["mia"]["auc_removed"]
     g = None if a is None or b is None else abs(a - b)
-    out["attack_auc_within_0.05_of_retrain"] = {"auc": a, "retrain": b, "gap": g, "met": g is not None and g <= 0.05}
+    sd = m.get("retrain_chains", {}).get("auc_removed", {}).get("sd")  # the attack's own noise across retrain chains
+    out["attack_auc_within_0.05_of_retrain"] = {
+        "auc": a,
+        "retrain": b,
+        "gap": g,
+        "retrain_chains_sd": sd,
+        "met": g is not None and g <= 0.05,
+    }
 
     # times: CPU seconds of the one-thread process (about the wall time on an idle core; wall time on a busy
     # machine mostly measures the other processes), wall-clock ratios beside them
