@@ -296,6 +296,8 @@ def test_self_pretraining_never_shows_a_retrain_chain_the_removed_points(tmp_pat
         (["--retrain-chains", "1"], "--retrain-chains"),
         (["--methods", "finetune"], "needs unlearn"),
         (["--methods", "bogus"], None),
+        (["--unlearner-kw", "bogus=1"], "no keyword argument"),
+        (["--unlearner-kw", "nokey"], None),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, flags, needle):
@@ -422,3 +424,25 @@ def test_targets_measure_distance_to_retraining_and_cpu_time_ratios():
     assert not t["removed_error_within_5pts"]["met"]
     assert not t["pred_diff_test_kept_within_1.5x_floor"]["met"]
     assert not t["10x_faster_than_paper_at_equal_or_better_distance"]["met"]
+
+
+def test_unlearner_keywords_reach_the_unlearner(tmp_path, monkeypatch):
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    import functools
+
+    seen = {}
+    original = MCMCUnlearner.__init__
+
+    @functools.wraps(original)  # keeps the signature the option check reads
+    def init(self, *a, **kw):
+        seen.update(kw)
+        original(self, *a, **kw)
+
+    monkeypatch.setattr(MCMCUnlearner, "__init__", init)
+    out = tmp_path / "r"
+    flags = ["--unlearner-kw", "carry_deficit=false", "--unlearner-kw", "check_draws=3", "--damping", "50"]
+    assert main(["bnn", "--out", str(out), *SMALL, *flags]) == 0
+    assert seen["carry_deficit"] is False and seen["check_draws"] == 3 and seen["damping"] == 50.0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "carry_deficit=False" in m["unlearner_settings"] and "damping=50.0" in m["unlearner_settings"]

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import math
 import statistics
@@ -153,6 +154,7 @@ class BNNConfig:
         expectation, hessian, bank_shift, samp_T: ``unlearn``'s :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`
             settings; ``None`` (the default for all) keeps the library's default, so ``unlearn`` measures what a
             user gets with ``MCMCUnlearner(model, sampler, bank=bank)``.
+        unlearner_kwargs: Any other ``MCMCUnlearner`` keyword arguments (CLI: ``--unlearner-kw KEY=VALUE``).
         init_scaling: With ``solver="lissa"``: the LiSSA scaling is ``init_scaling / n``.
         paper_iter_T, paper_samp_T, paper_init_scaling: ``paper``'s LiSSA rounds, sampler steps per expectation
             and scaling ``paper_init_scaling / n`` (``n`` counted before the request's removal, as in its code).
@@ -209,6 +211,7 @@ class BNNConfig:
     hessian: str | None = None
     bank_shift: str | None = None
     samp_T: int | None = None
+    unlearner_kwargs: dict[str, Any] = field(default_factory=dict)
     init_scaling: float = 0.05
     paper_iter_T: int = 64
     paper_samp_T: int = 1
@@ -778,7 +781,8 @@ _UNLEARNER_OPTIONS = (
 def _unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:
     """The ``MCMCUnlearner`` keyword arguments set explicitly (everything else stays at the library default)."""
     kw = {k: getattr(cfg, k) for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None}
-    if kw.get("solver") == "cg":
+    kw.update(cfg.unlearner_kwargs)
+    if kw.get("solver") == "cg" and "negative_curvature" not in kw:
         kw["negative_curvature"] = "truncate"
     return kw
 
@@ -950,6 +954,10 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     if "finetune" in cfg.methods and "unlearn" not in cfg.methods:
         raise ValueError("--methods: finetune gets unlearn's wall time per request, so it needs unlearn too")
     RefusalPolicy(cfg.on_refusal)
+    accepted = set(inspect.signature(MCMCUnlearner.__init__).parameters) - {"self", "model", "sampler", "bank"}
+    bad = sorted(set(cfg.unlearner_kwargs) - accepted)
+    if bad:
+        raise ValueError(f"--unlearner-kw: MCMCUnlearner has no keyword argument(s) {bad}; see help(MCMCUnlearner)")
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
         raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")
     if cfg.eval_every < 1 or cfg.progress_samples < 1 or cfg.progress_max < 0 or cfg.eval_samples < 0:
@@ -1469,6 +1477,16 @@ def _count(v: str) -> str | int:
     return k
 
 
+def _keyword(v: str) -> tuple[str, Any]:
+    key, sep, raw = v.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword argument name, got {v!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 def _method_list(v: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in v.split(",") if x.strip())
     bad = [x for x in names if x not in OPTIONAL_METHODS]
@@ -1530,6 +1548,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-max", type=int, default=None, help="points per evaluation split (0: all)")
     p.add_argument("--eval-every", type=int, default=None, help="progress snapshot every this many requests")
     p.add_argument("--max-requests", type=int, default=None, help="at most this many requests (0: all)")
+    p.add_argument(
+        "--unlearner-kw",
+        type=_keyword,
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="an MCMCUnlearner keyword argument for unlearn (VALUE parsed as JSON, else a string); repeatable",
+    )
     adv = p.add_argument_group("advanced (shrink or tune the run)")
     for flag, typ in (
         ("explore-steps", int),
@@ -1572,6 +1598,9 @@ def config_from_args(args: argparse.Namespace) -> BNNConfig:
         v = getattr(args, f, None)
         if v is not None and f != "notes":
             values[f] = v
+    if getattr(args, "unlearner_kw", None):
+        values["unlearner_kwargs"] = dict(args.unlearner_kw)
+        values.pop("unlearner_kw", None)
     if getattr(args, "no_pretrain", False):
         values["pretrain"] = None
     values["progress"] = not args.no_progress
