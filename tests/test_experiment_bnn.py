@@ -25,10 +25,6 @@ TINY = [
     "300",
     "--bank-size",
     "12",
-    "--curvature-draws",
-    "4",
-    "--damping",
-    "1000",
     "--no-progress",
 ]
 
@@ -110,6 +106,50 @@ def test_cli_writes_outputs(tiny_run):
     assert m["dataset"]["n_requests"] == math.ceil(m["dataset"]["n_removed"] / 64)
 
 
+def test_contract_keys_for_scripts(tiny_run):
+    # the keys issue 12's scripts read, for every method of the contract, and the retrain-pair floor
+    _, m = tiny_run
+    for name in ("retrain", "unlearn", "paper", "finetune"):
+        r = m["methods"][name]
+        assert r["status"] == "ok"
+        for value in (
+            r["error"]["removed"],
+            r["error"]["test_kept"],
+            r["pred_diff"]["test_kept"],
+            r["mia"]["auc_removed"],
+            r["seconds"],
+        ):
+            assert isinstance(value, float) and math.isfinite(value), name
+        assert 0.0 <= r["mia"]["auc_removed"] <= 1.0
+    assert m["floor"]["pred_diff"]["test_kept"] > 0
+    assert m["floor"]["pairs"] == 3 and m["retrain_chains"]["names"] == ["retrain", "retrain-b", "retrain-c"]
+
+
+def test_distances_are_medians_over_the_other_retrain_chains(tiny_run):
+    _, m = tiny_run
+    me = m["methods"]
+    # retrain's own distance is measured to the OTHER chains, so it is not 0 and sits at the floor's scale
+    assert me["retrain"]["pred_diff"]["test_kept"] > 0
+    chain_d = [me[c]["pred_diff"]["test_kept"] for c in ("retrain", "retrain-b", "retrain-c")]
+    assert min(chain_d) <= m["floor"]["pred_diff"]["test_kept"] <= max(chain_d)
+    # origin never saw the removal: far from retraining on the removed points, at least as far as any retrain chain
+    assert me["origin"]["error_gap"]["removed"] > 0.5
+    assert me["origin"]["pred_diff"]["removed"] > max(me[c]["pred_diff"]["removed"] for c in ("retrain", "retrain-b"))
+    # digits: no subsampling, so the held-out points of the class are exactly the test set's
+    sizes = m["dataset"]["eval_sizes"]
+    assert sizes["test_kept"] + sizes["test_removed_class"] == sizes["test"]
+
+
+def test_per_request_times_add_up(tiny_run):
+    _, m = tiny_run
+    for name in ("unlearn", "paper", "finetune", "langevin"):
+        r = m["methods"][name]
+        assert len(r["request_seconds"]) == m["dataset"]["n_requests"]
+        assert r["seconds"] == pytest.approx(sum(r["request_seconds"]))
+        assert r["n_remaining_after"] == m["dataset"]["n_remaining"]
+    assert m["methods"]["langevin"]["sampler_steps"] == 129 * m["dataset"]["n_requests"]
+
+
 def test_metrics_keys(tiny_run):
     _, m = tiny_run
     for name in METHODS:
@@ -119,7 +159,7 @@ def test_metrics_keys(tiny_run):
             assert key in r, (name, key)
         assert all(0.0 <= r["error"][k] <= 1.0 for k in ("remaining", "removed", "test", "test_kept"))
         assert math.isfinite(r["kl_to_retrain"])
-    assert m["methods"]["retrain"]["pred_diff"]["test"] == 0.0
+    assert m["methods"]["retrain"]["kl_to_retrain"] == 0.0
     un = m["methods"]["unlearn"]
     assert len(un["requests"]) == m["dataset"]["n_requests"]
     assert un["seconds_per_request"] > 0
@@ -155,3 +195,254 @@ def test_save_model_writes_a_loadable_folder(tmp_path):
     assert main(args) == 0
     loaded = store.load_model(folder)
     assert loaded.unlearner.bank.shape[0] == 4
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def _refusing_forget(monkeypatch, refuse: set[int]):
+    """Make the ``unlearn`` method's unlearner (the only MCMCUnlearner of a run) refuse the listed requests (0-based),
+    like a failed solve."""
+    from mcmc_unlearner.errors import SolverDivergedError
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    original = MCMCUnlearner.forget
+    calls = {"n": 0}
+
+    def forget(self, ids, data, **kw):
+        calls["n"] += 1
+        if calls["n"] - 1 in refuse:
+            raise SolverDivergedError("injected: the solve diverged")
+        return original(self, ids, data, **kw)
+
+    monkeypatch.setattr(MCMCUnlearner, "forget", forget)
+
+
+SMALL = [*TINY, "--methods", "unlearn,importance", "--retrain-chains", "2"]
+SMALL[SMALL.index("--explore-steps") + 1] = "20"
+SMALL[SMALL.index("--sample-steps") + 1] = "40"
+SMALL[SMALL.index("--bank-size") + 1] = "6"
+
+
+def test_every_refused_request_is_recorded_and_skip_leaves_the_posterior_unshifted(tmp_path, monkeypatch):
+    _refusing_forget(monkeypatch, {0, 1, 2})
+    out = tmp_path / "r"
+    assert main(["bnn", "--out", str(out), "--seed", "1", *SMALL]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (out / "report.md").exists()
+    un, origin = m["methods"]["unlearn"], m["methods"]["origin"]
+    assert un["refused"] == 3 == m["refused"]["unlearn"]
+    assert [r["request"] for r in un["refusals"]] == [0, 1, 2]
+    assert un["refusals"][0]["error"] == "SolverDivergedError" and "injected" in un["refusals"][0]["message"]
+    assert un["requests"] == [{"refused": True}] * 3
+    # the points left the data anyway, and the posterior is exactly the origin's
+    assert un["n_remaining_after"] == m["dataset"]["n_remaining"]
+    assert un["error"] == origin["error"] and un["error_last"] == origin["error_last"]
+    assert un["pred_diff"] == origin["pred_diff"]
+    assert "refused 3" in (out / "report.md").read_text()
+
+
+def test_refusal_policy_sgld_repairs_the_live_chain(tmp_path, monkeypatch):
+    _refusing_forget(monkeypatch, {1})
+    out = tmp_path / "r"
+    args = ["bnn", "--out", str(out), "--seed", "1", "--on-refusal", "sgld", "--repair-steps", "7", *SMALL]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    un = m["methods"]["unlearn"]
+    assert un["refused"] == 1 and un["refusals"][0]["request"] == 1 and un["repair_steps"] == 7
+    assert un["requests"][0] != {"refused": True} and un["requests"][1] == {"refused": True}
+    assert un["on_refusal"] == "sgld" and un["n_remaining_after"] == m["dataset"]["n_remaining"]
+
+
+def test_a_crashing_method_does_not_cost_the_report(tmp_path, monkeypatch):
+    import mcmc_unlearner.experiments.bnn as bnn
+
+    def boom(*a, **k):
+        raise RuntimeError("injected crash")
+
+    monkeypatch.setattr(bnn, "_run_importance", boom)
+    out = tmp_path / "r"
+    assert main(["bnn", "--out", str(out), *SMALL]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["methods"]["importance"]["status"] == "failed" and "injected crash" in m["methods"]["importance"]["failed"]
+    assert m["methods"]["importance"]["error"]["removed"] is None
+    assert m["methods"]["unlearn"]["status"] == "ok"
+    assert "FAILED" in (out / "report.md").read_text()
+
+
+def test_self_pretraining_never_shows_a_retrain_chain_the_removed_points(tmp_path, monkeypatch):
+    import mcmc_unlearner.experiments.bnn as bnn
+
+    seen: dict[str, tuple[int, torch.Tensor]] = {}
+    original = bnn._sgd
+
+    def spy(model, data, steps, lr, momentum, label, bar):
+        seen[label.split(":")[0]] = (len(data), data.tensors[1].clone())
+        return original(model, data, steps, lr, momentum, label, bar)
+
+    monkeypatch.setattr(bnn, "_sgd", spy)
+    out = tmp_path / "r"
+    assert main(["bnn", "--out", str(out), "--pretrain", "self", "--pretrain-steps", "3", *SMALL]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(seen) == {"origin", "retrain", "retrain-b"}
+    assert seen["origin"][0] == m["dataset"]["n_train"] and bool((seen["origin"][1] == 0).any())
+    for chain in ("retrain", "retrain-b"):
+        n, labels = seen[chain]
+        assert n == m["dataset"]["n_remaining"] and not bool((labels == 0).any())  # class 0 was removed
+    assert any("own data" in note for note in m["notes"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--retrain-chains", "1"], "--retrain-chains"),
+        (["--methods", "finetune"], "needs unlearn"),
+        (["--methods", "bogus"], None),
+        (["--unlearner-kw", "bogus=1"], "no keyword argument"),
+        (["--unlearner-kw", "nokey"], None),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, flags, needle):
+    if needle is None:
+        with pytest.raises(SystemExit):
+            main(["bnn", "--out", str(tmp_path / "x"), *TINY, *flags])
+    else:
+        assert main(["bnn", "--out", str(tmp_path / "x"), *TINY, *flags]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ Fashion-MNIST preset
+def _write_fake_fmnist(folder, rng, per_class_train: int = 12, per_class_test: int = 3) -> None:
+    """Small IDX files in the Debian layout: each class a noisy copy of its own random prototype."""
+    import gzip
+    import struct
+
+    folder.mkdir(parents=True)
+    protos = rng.integers(0, 256, (10, 28, 28))
+
+    def images(n):
+        y = np.repeat(np.arange(10), n)
+        x = np.clip(protos[y] + rng.normal(0, 40, (len(y), 28, 28)), 0, 255).astype(np.uint8)
+        return x, y.astype(np.uint8)
+
+    for prefix, n in (("train", per_class_train), ("t10k", per_class_test)):
+        x, y = images(n)
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.tobytes())
+
+
+def test_paper_fmnist_preset_runs_on_debian_layout_files_without_mnist(tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    _write_fake_fmnist(folder, np.random.default_rng(0))
+    out = tmp_path / "o"
+    args = ["bnn", "--preset", "paper-fmnist", "--quick", "--data-dir", str(folder), "--out", str(out)]
+    args += ["--explore-steps", "20", "--sample-steps", "40", "--bank-size", "4", "--batch-size", "16"]
+    args += ["--request-size", "6", "--paper-iter-T", "4", "--langevin-steps", "3", "--pretrain-steps", "5"]
+    args += ["--no-progress"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"]["name"] == "fashion-mnist" and m["model"]["arch"] == "lenet5"
+    assert m["dataset"]["input"].startswith("32x32") and m["dataset"]["n_requests"] == 2
+    # MNIST is absent: said so; the shared initial weights pre-train on half of the test set, which leaves evaluation
+    assert any("pre-training on mnist" in n and "skipped" in n and "half of the" in n for n in m["notes"])
+    assert m["dataset"]["n_test_evaluated_from"] == 15 == m["dataset"]["eval_sizes"]["test"]  # 30 test images
+    assert m["dataset"]["eval_sizes"]["test_removed_class"] == int(m["dataset"]["eval_sizes"]["test"]) - int(
+        m["dataset"]["eval_sizes"]["test_kept"]
+    )
+    assert m["config"]["retrain_chains"] == 2 and m["config"]["paper_init_scaling"] == 0.05
+    for name in ("retrain", "unlearn", "paper", "finetune", "langevin", "importance"):
+        assert m["methods"][name]["status"] == "ok", name
+    report = (out / "report.md").read_text()
+    assert "skipped: dataset 'mnist' not found" in report and "fashion-mnist, lenet5" in report
+
+
+def test_heldout_pretraining_half_never_enters_the_evaluation(tmp_path):
+    from mcmc_unlearner.experiments.bnn import PRESETS, BNNConfig, _Experiment
+
+    folder = tmp_path / "fashion-mnist"
+    _write_fake_fmnist(folder, np.random.default_rng(1), per_class_test=4)
+    cfg = BNNConfig(**{**PRESETS["paper-fmnist"], "data_dir": str(folder), "pretrain_steps": 2, "progress": False})
+    ex = _Experiment(cfg)
+    held = set(ex.heldout_ids.tolist())
+    assert len(held) == 20  # half of the 40 test images
+    for split in ("test", "test_removed_class"):
+        src, ids = ex.eval_ids[split]
+        assert src == "test" and held.isdisjoint(ids.tolist())
+    assert set(ex.eval_ids["test"][1].tolist()) | held == set(range(40))
+    # the evaluation half's images of the removed class are all in the attack's non-member set
+    test_ids = ex.eval_ids["test"][1]
+    class0 = test_ids[ex.data.y_test[test_ids] == 0]
+    assert torch.equal(class0, ex.eval_ids["test_removed_class"][1])
+
+
+def test_paper_fmnist_preset_names_the_missing_files(tmp_path, capsys):
+    code = main(["bnn", "--preset", "paper-fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "train-images-idx3-ubyte" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_targets_measure_distance_to_retraining_and_cpu_time_ratios():
+    from mcmc_unlearner.experiments.bnn import _targets
+
+    def method(gap, pd, auc, wall, cpu):
+        return {
+            "status": "ok",
+            "error_gap": {"removed": gap},
+            "pred_diff": {"test_kept": pd},
+            "mia": {"auc_removed": auc},
+            "seconds": wall,
+            "cpu_seconds": cpu,
+        }
+
+    m = {
+        "methods": {
+            "retrain": method(0.01, 0.10, 0.50, 1000.0, 100.0),
+            "unlearn": method(0.04, 0.14, 0.54, 50.0, 1.5),
+            "paper": method(0.02, 0.15, 0.51, 100.0, 20.0),
+        },
+        "floor": {"pred_diff": {"test_kept": 0.10}},
+    }
+    t = _targets(m)
+    assert t["removed_error_within_5pts"]["met"]
+    assert t["pred_diff_test_kept_within_1.5x_floor"]["ratio"] == pytest.approx(1.4)
+    assert t["pred_diff_test_kept_within_1.5x_floor"]["met"]
+    assert t["attack_auc_within_0.05_of_retrain"]["gap"] == pytest.approx(0.04)
+    assert t["attack_auc_within_0.05_of_retrain"]["met"]
+    # CPU seconds decide (1.5%), the wall-clock ratio (5%) is shown beside
+    assert t["time_at_most_2pct_of_retrain"]["ratio"] == pytest.approx(0.015)
+    assert t["time_at_most_2pct_of_retrain"]["ratio_wall"] == pytest.approx(0.05)
+    assert t["time_at_most_2pct_of_retrain"]["met"]
+    paper = t["10x_faster_than_paper_at_equal_or_better_distance"]
+    assert paper["speedup"] == pytest.approx(20.0 / 1.5) and paper["met"]
+    # 6 points from the retrain chains' removed error (either side) misses
+    m["methods"]["unlearn"]["error_gap"]["removed"] = 0.06
+    m["methods"]["unlearn"]["pred_diff"]["test_kept"] = 0.16  # now farther than the paper's 0.15
+    t = _targets(m)
+    assert not t["removed_error_within_5pts"]["met"]
+    assert not t["pred_diff_test_kept_within_1.5x_floor"]["met"]
+    assert not t["10x_faster_than_paper_at_equal_or_better_distance"]["met"]
+
+
+def test_unlearner_keywords_reach_the_unlearner(tmp_path, monkeypatch):
+    import functools
+
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    seen = {}
+    original = MCMCUnlearner.__init__
+
+    @functools.wraps(original)  # keeps the signature the option check reads
+    def init(self, *a, **kw):
+        seen.update(kw)
+        original(self, *a, **kw)
+
+    monkeypatch.setattr(MCMCUnlearner, "__init__", init)
+    out = tmp_path / "r"
+    flags = ["--unlearner-kw", "carry_deficit=false", "--unlearner-kw", "check_draws=3", "--damping", "50"]
+    assert main(["bnn", "--out", str(out), *SMALL, *flags]) == 0
+    assert seen["carry_deficit"] is False and seen["check_draws"] == 3 and seen["damping"] == 50.0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "carry_deficit=False" in m["unlearner_settings"] and "damping=50.0" in m["unlearner_settings"]

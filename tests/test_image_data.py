@@ -15,7 +15,9 @@ import torch
 from mcmc_unlearner.image_data import (
     ImageData,
     class_indices,
+    find_mnist_files,
     load_dataset,
+    mnist_search_dirs,
     read_cifar_batch,
     read_idx,
     subset_by_class,
@@ -29,9 +31,11 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
     return header + arr.astype(np.uint8).tobytes()
 
 
-def _write_mnist(root, folder: str, gz: bool, rng) -> dict[str, np.ndarray]:
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
+def _write_mnist(root, folder: str | None, gz: bool, rng, skip: str | None = None) -> dict[str, np.ndarray]:
+    """Write four small IDX files under ``root/folder/raw`` (torchvision) or directly in ``root`` (``folder=None``,
+    the Debian layout); ``skip`` leaves out one file."""
+    raw = root / folder / "raw" if folder else root
+    raw.mkdir(parents=True, exist_ok=True)
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (7, 28, 28), dtype=np.uint8),
         "train-labels-idx1-ubyte": rng.integers(0, 10, 7, dtype=np.uint8),
@@ -39,6 +43,8 @@ def _write_mnist(root, folder: str, gz: bool, rng) -> dict[str, np.ndarray]:
         "t10k-labels-idx1-ubyte": rng.integers(0, 10, 3, dtype=np.uint8),
     }
     for stem, arr in arrays.items():
+        if stem == skip:
+            continue
         if gz:
             with gzip.open(raw / f"{stem}.gz", "wb") as f:
                 f.write(_idx_bytes(arr))
@@ -130,6 +136,73 @@ def test_idx_files_roundtrip(tmp_path, name, folder, gz):
         (d.x_test[:, 0, 2:30, 2:30] * 255).round().to(torch.uint8).numpy(), arrays["t10k-images-idx3-ubyte"]
     )
     np.testing.assert_array_equal(d.y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+
+
+def _assert_matches(d: ImageData, arrays: dict[str, np.ndarray]) -> None:
+    expected = np.pad(arrays["train-images-idx3-ubyte"], ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 255
+    np.testing.assert_array_equal(d.x_train[:, 0].numpy(), expected)
+    np.testing.assert_array_equal(d.y_train.numpy(), arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(d.y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_debian_layout_files_directly_in_the_folder(tmp_path, gz):
+    folder = tmp_path / "fashion-mnist"
+    arrays = _write_mnist(folder, None, gz, np.random.default_rng(5))
+    _assert_matches(load_dataset("fashion-mnist", data_dir=folder), arrays)
+    # the parent folder works too (data_dir=/usr/share/datasets)
+    _assert_matches(load_dataset("fmnist", data_dir=tmp_path), arrays)
+    assert find_mnist_files("fashion-mnist", folder)["train-images-idx3-ubyte"].parent == folder
+
+
+def test_torchvision_layout_wins_over_flat_files(tmp_path):
+    flat = _write_mnist(tmp_path, None, True, np.random.default_rng(6))
+    tv = _write_mnist(tmp_path, "FashionMNIST", False, np.random.default_rng(7))
+    assert not np.array_equal(flat["train-labels-idx1-ubyte"], tv["train-labels-idx1-ubyte"])
+    _assert_matches(load_dataset("fashion-mnist", data_dir=tmp_path), tv)
+
+
+def test_files_are_never_mixed_across_folders(tmp_path):
+    # three files in the torchvision folder, all four directly in the folder: the complete folder is used
+    _write_mnist(tmp_path, "FashionMNIST", False, np.random.default_rng(8), skip="t10k-labels-idx1-ubyte")
+    flat = _write_mnist(tmp_path, None, False, np.random.default_rng(9))
+    _assert_matches(load_dataset("fashion-mnist", data_dir=tmp_path), flat)
+
+
+def test_mnist_is_not_read_from_a_fashion_mnist_folder(tmp_path):
+    # the two data sets share file names: a folder named after Fashion-MNIST never counts as MNIST
+    folder = tmp_path / "fashion-mnist"
+    _write_mnist(folder, None, True, np.random.default_rng(10))
+    assert folder not in mnist_search_dirs("mnist", folder)
+    with pytest.raises(FileNotFoundError, match="'mnist' not found"):
+        load_dataset("mnist", data_dir=folder)
+
+
+def test_missing_file_message_names_file_folders_and_fix(tmp_path):
+    folder = tmp_path / "fm"
+    _write_mnist(folder, None, True, np.random.default_rng(11), skip="t10k-images-idx3-ubyte")
+    with pytest.raises(FileNotFoundError) as exc:
+        load_dataset("fashion-mnist", data_dir=folder)
+    msg = str(exc.value)
+    assert f"{folder}: missing t10k-images-idx3-ubyte\n" in msg  # the one absent file, in the folder searched
+    assert f"{folder / 'FashionMNIST' / 'raw'}: no such folder" in msg
+    assert f"{folder / 'fashion-mnist'}: no such folder" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "--download" in msg
+
+
+_REAL_FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(
+    find_mnist_files("fashion-mnist", _REAL_FMNIST) is None, reason="Fashion-MNIST (dataset-fashion-mnist) absent"
+)
+def test_real_fashion_mnist_from_the_debian_package():
+    d = load_dataset("fashion-mnist", data_dir=_REAL_FMNIST)
+    assert d.x_train.shape == (60000, 1, 32, 32) and d.x_test.shape == (10000, 1, 32, 32)
+    assert torch.bincount(d.y_train, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(d.y_test, minlength=10).tolist() == [1000] * 10
+    assert float(d.x_train[:, :, :2].abs().max()) == 0.0  # the 2-pixel zero padding
+    assert 0.0 <= float(d.x_train.min()) and float(d.x_train.max()) == 1.0
 
 
 def test_read_idx_other_dtype(tmp_path):
@@ -251,7 +324,8 @@ def test_missing_files_name_paths_and_download_flag(tmp_path):
     with pytest.raises(FileNotFoundError) as exc:
         load_dataset("mnist", data_dir=tmp_path)
     msg = str(exc.value)
-    assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in msg and "--download" in msg
+    assert f"{tmp_path / 'MNIST' / 'raw'}: no such folder" in msg and "--download" in msg
+    assert f"{tmp_path}: missing train-images-idx3-ubyte, train-labels-idx1-ubyte" in msg
     with pytest.raises(FileNotFoundError) as exc:
         load_dataset("cifar10", data_dir=tmp_path)
     assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in str(exc.value)

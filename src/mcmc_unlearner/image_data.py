@@ -5,8 +5,11 @@
 
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 images, values 0..16 divided by 16), split
   25 % test with a stratified, seeded ``train_test_split``. Never downloads anything.
-* ``mnist`` / ``fashion-mnist``: IDX files (plain or ``.gz``) under ``<data_dir>/MNIST/raw/`` or
-  ``<data_dir>/FashionMNIST/raw/`` (torchvision's layout), zero-padded by 2 pixels to 32x32 for LeNet-5.
+* ``mnist`` / ``fashion-mnist``: the four IDX files (plain or ``.gz``) in one folder, searched in this order:
+  ``<data_dir>/MNIST/raw/`` or ``<data_dir>/FashionMNIST/raw/`` (torchvision's layout), ``<data_dir>/`` itself
+  (the Debian layout: ``apt-get install dataset-fashion-mnist`` puts them in ``/usr/share/datasets/fashion-mnist/``)
+  and ``<data_dir>/mnist/`` or ``<data_dir>/fashion-mnist/`` (``data_dir=/usr/share/datasets``). The 28x28 images
+  are zero-padded by 2 pixels to 32x32 for LeNet-5 (the paper's code resizes them to 32x32 instead).
 * ``cifar10`` / ``cifar100``: the "python version" pickled batches under
   ``<data_dir>/cifar-10-batches-py/`` or ``<data_dir>/cifar-100-python/`` (fine labels for CIFAR-100),
   read with a restricted unpickler that can only rebuild numpy arrays.
@@ -35,7 +38,9 @@ __all__ = [
     "ImageData",
     "RestrictedUnpickler",
     "class_indices",
+    "find_mnist_files",
     "load_dataset",
+    "mnist_search_dirs",
     "read_cifar_batch",
     "read_idx",
     "subset_by_class",
@@ -60,6 +65,14 @@ _ALIASES = {
 }
 
 _MNIST_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+#: Sub-folders of ``data_dir`` holding the files directly (the Debian package's folder names).
+_MNIST_FLAT_DIRS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist"}
+#: What to do when the files are missing, besides ``--download``.
+_MNIST_INSTALL = {
+    "fashion-mnist": "install the Debian package (apt-get install dataset-fashion-mnist) and pass "
+    "--data-dir /usr/share/datasets/fashion-mnist",
+    "mnist": "place the four MNIST IDX files in one of those folders",
+}
 _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -180,11 +193,42 @@ def _find_idx(raw_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_mnist_split(raw_dir: Path, split: str) -> tuple[Tensor, Tensor]:
+def mnist_search_dirs(name: str, root: str | os.PathLike) -> list[Path]:
+    """Folders searched, in order, for the IDX files of ``name`` (``"mnist"`` or ``"fashion-mnist"``).
+
+    ``<root>/<MNIST|FashionMNIST>/raw`` (torchvision), ``<root>`` itself (Debian: the files directly in the
+    folder) and ``<root>/<mnist|fashion-mnist>`` (``root=/usr/share/datasets``). Both data sets use the same
+    file names, so ``<root>`` itself is skipped for MNIST when its folder name says Fashion-MNIST.
+    """
+    key = _ALIASES.get(name.strip().lower())
+    if key not in _MNIST_DIRS:
+        raise ValueError(f"{name!r} is not an IDX data set; choose 'mnist' or 'fashion-mnist'")
+    root = Path(root).expanduser()
+    dirs = [root / _MNIST_DIRS[key] / "raw"]
+    if not (key == "mnist" and "fashion" in root.resolve().name.lower()):
+        dirs.append(root)
+    dirs.append(root / _MNIST_FLAT_DIRS[key])
+    return dirs
+
+
+def find_mnist_files(name: str, root: str | os.PathLike) -> dict[str, Path] | None:
+    """The four IDX files of ``name`` from the first folder of :func:`mnist_search_dirs` that holds all four.
+
+    Returns:
+        ``{stem: path}`` (plain file preferred over ``.gz``), or ``None`` when no folder has all four.
+    """
+    stems = [s for pair in _MNIST_FILES.values() for s in pair]
+    for d in mnist_search_dirs(name, root):
+        found = {s: _find_idx(d, s) for s in stems}
+        if all(p is not None for p in found.values()):
+            return {s: p for s, p in found.items() if p is not None}
+    return None
+
+
+def _load_mnist_split(files: dict[str, Path], split: str) -> tuple[Tensor, Tensor]:
     """Read one MNIST-format split and return padded 32x32 images in [0, 1] and labels."""
     img_stem, lbl_stem = _MNIST_FILES[split]
-    img_path, lbl_path = _find_idx(raw_dir, img_stem), _find_idx(raw_dir, lbl_stem)
-    assert img_path is not None and lbl_path is not None  # checked by the caller
+    img_path, lbl_path = files[img_stem], files[lbl_stem]
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"{img_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
@@ -197,9 +241,13 @@ def _load_mnist_split(raw_dir: Path, split: str) -> tuple[Tensor, Tensor]:
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def _mnist_missing(raw_dir: Path) -> list[Path]:
+def _mnist_missing(name: str, root: Path) -> list[Path]:
+    """Nothing when some searched folder holds all four files; else the files missing from the first folder."""
+    if find_mnist_files(name, root) is not None:
+        return []
     stems = [s for pair in _MNIST_FILES.values() for s in pair]
-    return [raw_dir / s for s in stems if _find_idx(raw_dir, s) is None]
+    first = mnist_search_dirs(name, root)[0]
+    return [first / s for s in stems if _find_idx(first, s) is None]
 
 
 # --- CIFAR pickles ----------------------------------------------------------------------------------
@@ -323,9 +371,27 @@ def _default_root(data_dir: str | os.PathLike | None) -> Path:
 
 def _missing_files(name: str, root: Path) -> list[Path]:
     if name in _MNIST_DIRS:
-        return _mnist_missing(root / _MNIST_DIRS[name] / "raw")
+        return _mnist_missing(name, root)
     train, test, _ = _cifar_files(name, root)
     return [p for p in (*train, *test) if not p.is_file()]
+
+
+def _missing_message(key: str, root: Path, missing: list[Path]) -> str:
+    """What is missing, where it was looked for and what to do about it."""
+    download = f"or pass download=True (CLI: --download) to fetch them with torchvision ({_INSTALL_HINT})"
+    if key not in _MNIST_DIRS:
+        paths = "\n  ".join(str(p) for p in missing)
+        return f"dataset {key!r} not found; expected files:\n  {paths}\nPlace them there, {download}."
+    stems = [s for pair in _MNIST_FILES.values() for s in pair]
+    lines = []
+    for d in mnist_search_dirs(key, root):
+        absent = [s for s in stems if _find_idx(d, s) is None]
+        state = "no such folder" if not d.is_dir() else ("missing " + ", ".join(absent))
+        lines.append(f"  {d}: {state}")
+    return (
+        f"dataset {key!r} not found: no folder holds all four IDX files ({', '.join(stems)}; plain or .gz).\n"
+        f"Searched:\n" + "\n".join(lines) + f"\nTo fix: {_MNIST_INSTALL[key]}, {download}."
+    )
 
 
 def _load_digits(seed: int) -> ImageData:
@@ -354,8 +420,9 @@ def load_dataset(
 
     Args:
         name: One of :data:`DATASETS` (aliases such as ``fashion_mnist`` or ``cifar-10`` accepted).
-        data_dir: Root folder holding the files in torchvision's layout; defaults to
-            ``$MCMC_UNLEARNER_DATA`` or ``./data``. Ignored for ``digits``.
+        data_dir: Folder holding the files (torchvision's layout; for (Fashion-)MNIST also the files directly
+            in it, see :func:`mnist_search_dirs`); defaults to ``$MCMC_UNLEARNER_DATA`` or ``./data``. Ignored
+            for ``digits``.
         download: Fetch missing files with torchvision (optional dependency) into ``data_dir``.
         seed: Random state of the stratified train/test split (``digits`` only; the others have
             fixed official splits).
@@ -378,21 +445,17 @@ def load_dataset(
     missing = _missing_files(key, root)
     if missing:
         if not download:
-            paths = "\n  ".join(str(p) for p in missing)
-            gz = " (or the same names with .gz)" if key in _MNIST_DIRS else ""
-            raise FileNotFoundError(
-                f"dataset {key!r} not found; expected files{gz}:\n  {paths}\n"
-                f"Pass download=True (CLI: --download) to fetch them with torchvision ({_INSTALL_HINT})."
-            )
+            raise FileNotFoundError(_missing_message(key, root, missing))
         _download(key, root, missing)
         still = _missing_files(key, root)
         if still:
             raise FileNotFoundError(f"download of {key!r} did not produce: {', '.join(map(str, still))}")
 
     if key in _MNIST_DIRS:
-        raw_dir = root / _MNIST_DIRS[key] / "raw"
-        x_tr, y_tr = _load_mnist_split(raw_dir, "train")
-        x_te, y_te = _load_mnist_split(raw_dir, "test")
+        files = find_mnist_files(key, root)
+        assert files is not None  # checked above
+        x_tr, y_tr = _load_mnist_split(files, "train")
+        x_te, y_te = _load_mnist_split(files, "test")
         n_classes = 10
     else:
         train, test, label_key = _cifar_files(key, root)

@@ -1,0 +1,130 @@
+"""Tests of the distance-to-retraining metrics (:mod:`mcmc_unlearner.experiments.evaluation`) against hand-computed
+values and brute-force definitions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.experiments import evaluation as ev
+
+
+def _probs(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------ predictive
+def test_predictive_is_the_weighted_mean_softmax_and_chunking_does_not_matter():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    thetas = torch.randn(5, 16)
+    x = {"a": torch.randn(7, 3), "b": torch.randn(2, 3), "empty": torch.zeros(0, 3)}
+    w = torch.tensor([0.1, 0.0, 0.4, 0.3, 0.2], dtype=torch.float64)
+    expected = {}
+    for k, xs in x.items():
+        acc = torch.zeros(xs.shape[0], 4, dtype=torch.float64)
+        for theta, wi in zip(thetas, w):
+            W, b = theta[:12].reshape(4, 3), theta[12:]
+            acc += wi * torch.softmax(xs @ W.T + b, 1).double()
+        expected[k] = acc
+    for bs in (1, 3, 500):
+        got = ev.predictive(model, ParamSpec.assign, thetas, x, w, batch_size=bs)
+        for k in x:
+            assert got[k].shape == expected[k].shape
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
+    uniform = ev.predictive(model, ParamSpec.assign, thetas, {"a": x["a"]})
+    torch.testing.assert_close(uniform["a"].sum(1), torch.ones(7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sum to 1"):
+        ev.predictive(model, ParamSpec.assign, thetas, x, torch.ones(5))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_error_rates_and_gaps_are_distances_not_scores():
+    p = {"s": _probs([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8]]), "e": torch.zeros(0, 2)}
+    y = {"s": torch.tensor([0, 0, 1, 1]), "e": torch.zeros(0, dtype=torch.long)}
+    errs = ev.error_rates(p, y)
+    assert errs == {"s": 0.5, "e": None}
+    # a method with LOWER error than every retrain chain is still at a positive distance from them
+    gaps = ev.error_gaps({"s": 0.1}, [{"s": 0.3}, {"s": 0.2}, {"s": 0.6}])
+    assert gaps["s"] == pytest.approx(0.2)  # median of 0.2, 0.1, 0.5
+    assert ev.error_gaps({"s": None}, [{"s": 0.3}]) == {"s": None}
+
+
+# ------------------------------------------------------------------------------------------------ distances
+def test_l1_and_kl_by_hand():
+    p = _probs([[0.5, 0.5], [1.0, 0.0]])
+    q = _probs([[0.25, 0.75], [0.5, 0.5]])
+    assert ev.pred_l1(p, q) == pytest.approx((0.5 + 1.0) / 2)
+    kl = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75) + 1.0 * math.log(1.0 / 0.5)) / 2
+    assert ev.pred_kl(p, q) == pytest.approx(kl)
+    assert ev.pred_kl(p, p) == pytest.approx(0.0, abs=1e-12) and ev.pred_l1(q, q) == 0.0
+    # a zero in q where p has mass: finite (clipped at 1e-12), and large
+    big = ev.pred_kl(_probs([[1.0, 0.0]]), _probs([[0.0, 1.0]]))
+    assert big == pytest.approx(math.log(1e12), rel=1e-9)
+    with pytest.raises(ValueError, match="same shape"):
+        ev.pred_l1(p, q[:1])
+
+
+def _rand_probs(gen: torch.Generator, n: int, c: int) -> torch.Tensor:
+    return torch.softmax(torch.randn(n, c, generator=gen, dtype=torch.float64) * 2, 1)
+
+
+def test_distance_to_chains_and_pair_floor_are_medians_of_the_brute_force_values():
+    gen = torch.Generator().manual_seed(1)
+    chains = [{"t": _rand_probs(gen, 30, 5), "z": torch.zeros(0, 5, dtype=torch.float64)} for _ in range(4)]
+    method = {"t": _rand_probs(gen, 30, 5), "z": torch.zeros(0, 5, dtype=torch.float64)}
+    d = ev.distance_to_chains(method, chains, ["t", "z"])
+    assert d["l1"]["t"] == pytest.approx(statistics.median(ev.pred_l1(c["t"], method["t"]) for c in chains))
+    assert d["kl"]["t"] == pytest.approx(statistics.median(ev.pred_kl(c["t"], method["t"]) for c in chains))
+    assert d["l1"]["z"] is None
+    f = ev.pair_floor(chains, ["t", "z"])
+    assert f["pairs"] == 6
+    pairs = list(itertools.combinations(chains, 2))
+    assert f["l1"]["t"] == pytest.approx(statistics.median(ev.pred_l1(a["t"], b["t"]) for a, b in pairs))
+    kls = [ev.pred_kl(a["t"], b["t"]) for a, b in itertools.permutations(chains, 2)]
+    assert len(kls) == 12 and f["kl"]["t"] == pytest.approx(statistics.median(kls))
+    assert f["l1"]["z"] is None
+    with pytest.raises(ValueError, match="two independent"):
+        ev.pair_floor(chains[:1], ["t"])
+    pooled = ev.pooled(chains)
+    torch.testing.assert_close(pooled["t"], sum(c["t"] for c in chains) / 4)
+
+
+# ------------------------------------------------------------------------------------------------ attacks
+def test_auc_equals_the_pair_count_with_half_ties():
+    rng = np.random.default_rng(2)
+    pos, neg = rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 55).astype(float)
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    assert ev.auc(pos, neg) == pytest.approx(brute, abs=1e-12)
+    assert ev.auc(np.array([3.0]), np.array([1.0, 2.0])) == 1.0
+    assert ev.auc(np.array([]), np.array([1.0])) is None
+
+
+def test_likelihood_ratio_attack_sees_memorisation_that_the_loss_attack_misses():
+    # members are intrinsically HARD examples (low reference likelihood), non-members easy; the target model
+    # memorised the members (+1 nat over the reference). A loss/confidence threshold ranks members BELOW
+    # non-members; the per-example likelihood ratio separates them perfectly.
+    rng = np.random.default_rng(3)
+    ref_m = rng.uniform(-5.0, -3.0, 200)
+    ref_n = rng.uniform(-1.5, -0.1, 300)
+    tgt_m, tgt_n = ref_m + 1.0, ref_n + rng.normal(0, 0.05, 300)
+    assert ev.loss_auc(tgt_m, tgt_n) == 0.0
+    assert ev.likelihood_ratio_auc(tgt_m, tgt_n, ref_m, ref_n) == 1.0
+    # a target equal to the reference (a retrained model) scores exactly 0.5: every score is 0
+    assert ev.likelihood_ratio_auc(ref_m, ref_n, ref_m, ref_n) == 0.5
+
+
+def test_log_true_prob_and_spread():
+    p = _probs([[0.25, 0.75], [1.0, 0.0]])
+    lp = ev.log_true_prob(p, torch.tensor([1, 1]))
+    assert lp[0] == pytest.approx(math.log(0.75)) and lp[1] == pytest.approx(math.log(1e-12))
+    s = ev.spread([1.0, None, 3.0])
+    assert s == {"mean": 2.0, "sd": pytest.approx(math.sqrt(2.0)), "min": 1.0, "max": 3.0, "n": 2}
+    assert ev.spread([None])["n"] == 0
