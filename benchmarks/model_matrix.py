@@ -887,6 +887,7 @@ def unlearn_request(
     mem_cap_gb: float = 4.0,
     epoch_steps: int | None = 0,
     remaining_seed: int = 99,
+    return_bank: bool = False,
 ) -> dict[str, Any]:
     """One deletion request with the library's defaults, in *this* process (call it in a child, see
     :func:`run_isolated`). Returns status, error, report fields, seconds, peak memory, the unlearned bank's
@@ -939,6 +940,8 @@ def unlearn_request(
         out["returned_layout"] = type(returned).__name__
         out["layout_preserved"] = type(returned) is type(user_bank)
         new_bank = as_matrix(returned, model)
+        if return_bank:
+            out["bank"] = new_bank.clone()
         if not torch.isfinite(new_bank).all():
             out["stats"] = {"nll_forgot": math.inf, "test_error": 100.0, "test_rmse": math.inf}
         else:
@@ -985,6 +988,28 @@ def run_isolated(fn: Callable[[], dict[str, Any]], timeout: float) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ one model
+def train_chains(
+    problem: Problem,
+    *,
+    seed: int = 0,
+    retrains: int = 2,
+    cache: Path | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[Chain, list[Chain]]:
+    """The origin chain (all training rows, chain seed ``100·seed``) and the retrain chains (remaining rows,
+    seeds ``100·seed + 1, 2, …``; at most ``problem.max_retrains``)."""
+    rows = torch.arange(len(problem.x_train))
+    keep = rows[problem.keep_mask]
+    origin = train_chain(problem, rows, 100 * seed, cache)
+    log(f"  origin chain: {origin.seconds:.1f} s ({origin.cpu_seconds:.1f} s CPU)  {origin.stats}")
+    rchains = []
+    for r in range(min(retrains, problem.max_retrains or retrains)):
+        c = train_chain(problem, keep, 100 * seed + r + 1, cache)
+        log(f"  retrain chain {r}: {c.seconds:.1f} s ({c.cpu_seconds:.1f} s CPU)  {c.stats}")
+        rchains.append(c)
+    return origin, rchains
+
+
 def evaluate(
     problem: Problem,
     *,
@@ -997,6 +1022,7 @@ def evaluate(
     epoch_steps: int | None = None,
     floor: int = 0,
     cache: Path | None = None,
+    return_bank: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Origin chain, ``retrains`` retrain chains and one unlearning request for ``problem``; targets checked.
@@ -1005,18 +1031,17 @@ def evaluate(
     (fraction and accuracy distance against the mean of the ``retrains`` reference chains): what a perfect
     method, an independent retrain, scores on these metrics.
     """
-    rows = torch.arange(len(problem.x_train))
-    keep = rows[problem.keep_mask]
-    origin = train_chain(problem, rows, 100 * seed, cache)
-    log(f"  origin chain: {origin.seconds:.1f} s ({origin.cpu_seconds:.1f} s CPU)  {origin.stats}")
-    rchains = []
-    for r in range(min(retrains, problem.max_retrains or retrains)):
-        c = train_chain(problem, keep, 100 * seed + r + 1, cache)
-        log(f"  retrain chain {r}: {c.seconds:.1f} s ({c.cpu_seconds:.1f} s CPU)  {c.stats}")
-        rchains.append(c)
+    origin, rchains = train_chains(problem, seed=seed, retrains=retrains, cache=cache, log=log)
+    keep = torch.arange(len(problem.x_train))[problem.keep_mask]
     req = run_isolated(
         lambda: unlearn_request(
-            problem, origin, layout=layout, alias=alias, mem_cap_gb=mem_cap_gb, epoch_steps=epoch_steps
+            problem,
+            origin,
+            layout=layout,
+            alias=alias,
+            mem_cap_gb=mem_cap_gb,
+            epoch_steps=epoch_steps,
+            return_bank=return_bank,
         ),
         timeout,
     )

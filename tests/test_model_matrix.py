@@ -48,17 +48,24 @@ RETRAINS = {"mlp": 2, "regression": 2, "bncnn": 2, "transformer": 2}
 MEM_CAP_GB = 3.0  # address-space cap of the request's child: above the 2 GB target, far below the machine
 TIMEOUT_S = 120.0  # a request that takes longer than this fails (the chains of a model take ~5-20 s)
 
-_results: dict[str, dict[str, Any]] = {}
+_runs: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
+
+
+def run(name: str) -> tuple[Any, Any, dict[str, Any]]:
+    """``(problem, origin chain, result)`` for one model at its quick size (computed once per test session)."""
+    if name not in _runs:
+        problem = mm.BUILDERS[name](True, 0, "class")
+        origin, retrains = mm.train_chains(problem, seed=0, retrains=RETRAINS[name])
+        req = mm.run_isolated(
+            lambda: mm.unlearn_request(problem, origin, mem_cap_gb=MEM_CAP_GB, epoch_steps=0, return_bank=True),
+            TIMEOUT_S,
+        )
+        _runs[name] = (problem, origin, mm.summarize(problem, origin, retrains, req, 0))
+    return _runs[name]
 
 
 def result(name: str) -> dict[str, Any]:
-    """Chains and request for one model at its quick size (computed once per test session)."""
-    if name not in _results:
-        problem = mm.BUILDERS[name](True, 0, "class")
-        _results[name] = mm.evaluate(
-            problem, seed=0, retrains=RETRAINS[name], mem_cap_gb=MEM_CAP_GB, timeout=TIMEOUT_S, epoch_steps=0
-        )
-    return _results[name]
+    return run(name)[2]
 
 
 def _explain(r: dict[str, Any]) -> str:
@@ -120,6 +127,29 @@ def test_user_bank_is_not_modified(name: str) -> None:
     """The live model's parameters view the user's bank row (``vector_to_parameters(bank[-1], ...)``)."""
     r = result(name)
     assert r["request"]["user_bank_intact"], f"{name}: the request wrote into the user's bank; " + _explain(r)
+
+
+LAYOUT_MODEL = "regression"
+
+
+@pytest.mark.parametrize("layout", [case("list", "layout"), case("dict", "layout")])
+def test_bank_layouts_give_the_same_removal(layout: str) -> None:
+    """A bank given as a list of state_dicts or a dict of stacked tensors (the ``posteriors`` layout) is moved
+    exactly like the same samples given as an ``[S, D]`` tensor, comes back in its own layout, and the user's
+    objects are left untouched."""
+    problem, origin, r = run(LAYOUT_MODEL)
+    base = r["request"]
+    assert base["status"] == "ok", _explain(r)
+    other = mm.run_isolated(
+        lambda: mm.unlearn_request(
+            problem, origin, layout=layout, mem_cap_gb=MEM_CAP_GB, epoch_steps=0, return_bank=True
+        ),
+        TIMEOUT_S,
+    )
+    assert other["status"] == "ok", f"{layout}: {other.get('error')}"
+    assert other["layout_preserved"], f"{layout} came back as {other['returned_layout']}"
+    assert other["user_bank_intact"]
+    torch.testing.assert_close(other["bank"], base["bank"], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ harness
