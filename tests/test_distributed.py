@@ -52,6 +52,8 @@ CONFIGS = {
     "exact": dict(
         solver="exact", expectation="chain", samp_T=4, hessian="full", bank_shift="affine", curvature_draws=4
     ),
+    # a reused saddle-free approximation; its safety check's sums are all-reduced, so every rank decides alike
+    "lowrank": dict(solver="lowrank", precondition_rank=4, refresh_every=3, curvature_draws=4),
 }
 
 
@@ -238,8 +240,6 @@ def test_custom_energy_refused():
     model = GaussianMixture(k=2, dim=2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="custom energy"):
         DistributedUnlearner(model, energy=lambda m, b, n: m.nll(b).sum())
-    with pytest.raises(ValueError, match="lowrank"):
-        DistributedUnlearner(model, solver="lowrank", precondition_rank=2, refresh_every=3)
 
 
 # ---------------------------------------------------------------------------------------------- CLI under torchrun

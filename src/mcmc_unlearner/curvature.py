@@ -393,11 +393,17 @@ class LowRankPreconditioner:
         floor = 1e-6 * float(evals.max()) if evals.numel() else 1e-6
         return cls(vecs, evals, max(c, floor))
 
-    def solve(self, b: torch.Tensor) -> torch.Tensor:
-        """``P⁻¹ b`` for ``b`` of shape ``[D]`` or ``[D, k]``."""
+    def solve(self, b: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+        """``(P + damping·I)⁻¹ b`` for ``b`` of shape ``[D]`` or ``[D, k]``."""
         coef = self.U.T @ b
-        inv = (1.0 / self.lam)[:, None] if b.ndim == 2 else 1.0 / self.lam
-        return self.U @ (coef * inv) + (b - self.U @ coef) / self.c
+        lam = self.lam + damping
+        inv = (1.0 / lam)[:, None] if b.ndim == 2 else 1.0 / lam
+        return self.U @ (coef * inv) + (b - self.U @ coef) / (self.c + damping)
+
+    def mean_eigenvalue(self) -> float:
+        """``tr P / D``."""
+        d, k = self.U.shape
+        return (float(self.lam.sum()) + self.c * (d - k)) / d
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         coef = self.U.T @ v

@@ -15,8 +15,9 @@ single-process math on the union of the shards, up to floating-point summation o
 * **Unlearning.** :class:`DistributedUnlearner` is :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` with its
   data-touching building blocks all-reduced: per-draw gradients of the removed points, dense Hessians, and
   Hessian-vector products (an :class:`AllReducedOperator` around the local
-  :class:`~mcmc_unlearner.curvature.SampleAveragedHessian`). The algorithm itself (``_influence``: which
-  draws, which solver, how samples move) is inherited unchanged, so it lives in one place. Collectives cannot
+  :class:`~mcmc_unlearner.curvature.SampleAveragedHessian`), K-FAC statistics and the safety check's sums. The
+  algorithm itself (which draws, which backend, the damping control, how samples move) is inherited unchanged,
+  so it lives in one place. Collectives cannot
   run inside ``torch.func`` transforms, so the reduction happens after each local vmapped product.
 * **Requests** name global ids. Every rank validates the whole request against the global alive mask (all
   ranks hold the same one, because requests reach every rank), so all ranks accept or refuse together; the
@@ -43,9 +44,7 @@ from torch import nn
 
 from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor
-from .errors import InvalidRequestError, UnlearningError
-from .samplers import scale_lr
-from .solvers import SolverName
+from .errors import InvalidRequestError, QualityError, UnlearningError
 from .unlearner import MCMCUnlearner, RemovalReport, _as_batch
 
 __all__ = [
@@ -377,17 +376,17 @@ class DistributedUnlearner(MCMCUnlearner):
     """:class:`~mcmc_unlearner.unlearner.MCMCUnlearner` over a data-parallel group.
 
     Every rank constructs it with the same arguments and seeds (parameters, bank and generators identical) and
-    calls :meth:`forget` with the same request and its :class:`ShardedDataset`. Gradients, dense Hessians and
-    Hessian-vector products are all-reduced over ``group``; everything else (draw selection, solver, shift
-    rule) is the inherited single-process algorithm, so every rank computes identical updates.
+    calls :meth:`forget` with the same request and its :class:`ShardedDataset`. Gradients, dense Hessians,
+    Hessian-vector products, K-FAC statistics and the sums of the safety check are all-reduced over ``group``;
+    everything else (draw selection, curvature backend, damping control, shift rule) is the inherited
+    single-process algorithm, so every rank computes identical updates.
 
     Args:
         model: The model (``nll(batch) -> [B]`` and ``log_prior()``; or pass ``nll=``/``log_prior=``).
         sampler: The SG-MCMC optimizer (its noise generator must be seeded identically on all ranks).
         group: Process group of the data-parallel replicas (``None``: the default group).
         **kwargs: :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` options. A custom ``energy`` is refused
-            (only the ``−log prior + n/|B|·Σ nll`` form can be split across shards), and so is
-            ``solver="lowrank"`` with ``refresh_every > 1`` (its reuse check is not reduced across ranks).
+            (only the ``−log prior + n/|B|·Σ nll`` form can be split across shards).
     """
 
     def __init__(
@@ -399,13 +398,6 @@ class DistributedUnlearner(MCMCUnlearner):
                 "(energy = -log prior + n/|B|·Σ nll)"
             )
         super().__init__(model, sampler, **kwargs)
-        if self.solver is SolverName.LOWRANK and self.refresh_every > 1:
-            raise ValueError(
-                "DistributedUnlearner: solver='lowrank' with refresh_every > 1 is not supported (its drift check "
-                "runs on one shard); use refresh_every=1 or solver='cg' with precondition_rank"
-            )
-        if self.solver is SolverName.KFAC:
-            raise ValueError("DistributedUnlearner: solver='kfac' is not supported (its factors are not sharded)")
         if self.newton_steps > 1:
             raise ValueError(
                 "DistributedUnlearner: newton_steps > 1 is not supported (its full-data gradient is not sharded); "
@@ -429,6 +421,15 @@ class DistributedUnlearner(MCMCUnlearner):
             return data - self.log_prior(model)
         return data
 
+    @property
+    def _row_nll(self) -> Callable[[nn.Module, Batch], torch.Tensor]:
+        return self._local_nll
+
+    def _raw(self, batch: Batch) -> Batch:
+        """The rank's real rows of a ``(*fields, w)`` batch, without the weight column."""
+        keep = batch[-1] != 0
+        return tuple(t[keep] for t in batch[:-1])
+
     # ------------------------------------------------------------------ reduced building blocks
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return _all_reduce(t.contiguous(), self.group)
@@ -439,19 +440,10 @@ class DistributedUnlearner(MCMCUnlearner):
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
 
-    def _global(self, op: Any) -> Any:
-        if op is None or isinstance(op, (AllReducedOperator, torch.Tensor)):
-            return op
-        return AllReducedOperator(op, self.group)
+    def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
+        return AllReducedOperator(super()._operator(f, thetas, batch, shared), self.group)
 
-    def _iterative(self, op: Any, rhs: torch.Tensor, precond: Any = None):
-        return super()._iterative(self._global(op), rhs, precond)
-
-    def _preconditioner(self, op: Any, info: dict[str, Any]):
-        return super()._preconditioner(self._global(op), info)
-
-    @staticmethod
-    def _curvature_batches(remaining: Iterator[Batch], count: int) -> Batch:
+    def _stacked(self, remaining: Iterator[Batch], count: int) -> Batch:
         """``count`` local minibatch shares, padded with weight-0 rows to a common size and stacked."""
         batches = [_as_batch(next(remaining)) for _ in range(count)]
         size = max(b[0].shape[0] for b in batches)
@@ -475,7 +467,13 @@ class DistributedUnlearner(MCMCUnlearner):
         distributed_step(self.model, self.sampler, next(data), self.energy, len(data) if n is None else n, self.group)
 
     def remove(
-        self, batch: Batch, remaining: Iterator[Batch], n_remaining: int | None = None, n_removed: int | None = None
+        self,
+        batch: Batch,
+        remaining: Iterator[Batch],
+        n_remaining: int | None = None,
+        n_removed: int | None = None,
+        *,
+        strict: bool = True,
     ) -> RemovalReport:
         """Forget the rank's share ``(*fields, w)`` of the removed points (``w = 1`` for real rows).
 
@@ -484,17 +482,16 @@ class DistributedUnlearner(MCMCUnlearner):
         """
         if n_removed is None:
             n_removed = round(float(self._reduce((batch[-1] != 0).sum().to(torch.float64))))
-        rescale, self.rescale_lr = self.rescale_lr, False
-        try:
-            report = super().remove(batch, remaining, n_remaining)
-        finally:
-            self.rescale_lr = rescale
-        report.n_removed = n_removed
-        if rescale and self.sampler is not None:
-            scale_lr(self.sampler, (report.n_remaining + n_removed) / report.n_remaining)
-        return report
+        prop = self.propose(batch, remaining, n_remaining)
+        prop.report.n_removed = n_removed
+        prop._lr_scale = (prop.report.n_remaining + n_removed) / prop.report.n_remaining
+        if strict and prop.report.problems:
+            raise QualityError(
+                "the removal was refused, nothing was changed: " + "; ".join(prop.report.problems), prop.report
+            )
+        return self.apply(prop)
 
-    def forget(self, ids: Sequence[int] | torch.Tensor, data: ShardedDataset) -> RemovalReport:
+    def forget(self, ids: Sequence[int] | torch.Tensor, data: ShardedDataset, *, strict: bool = True) -> RemovalReport:
         """Validate global ids (identically on every rank), unlearn them over the group, then remove them.
 
         On any error (on every rank alike) model, bank, sampler and data are unchanged.
@@ -519,7 +516,7 @@ class DistributedUnlearner(MCMCUnlearner):
         state = data.state_dict()
         data.remove(ids)
         try:
-            return self.remove(batch, data, len(data), n_removed=ids.numel())
+            return self.remove(batch, data, len(data), n_removed=ids.numel(), strict=strict)
         except BaseException:
             data.load_state_dict(state)
             raise

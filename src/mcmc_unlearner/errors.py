@@ -17,6 +17,16 @@ class SolverDivergedError(UnlearningError):
     """An inverse-Hessian-vector solve diverged or produced non-finite values; nothing was changed."""
 
 
+class QualityError(UnlearningError):
+    """A removal was computed but failed the library's checks (solver residual, safety check, trivial shift);
+    nothing was changed. ``report`` is the :class:`~mcmc_unlearner.unlearner.RemovalReport` of the refused step
+    (its ``problems`` say what failed)."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite, in one reduction pass.
 

@@ -354,28 +354,7 @@ def build_from_spec(
 # ---------------------------------------------------------------------------------------------- state
 def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
     """The JSON configuration that rebuilds ``un`` (callables must be the defaults)."""
-    return {
-        "solver": un.solver.value,
-        "expectation": None if un.expectation is None else un.expectation.value,
-        "hessian": un.hessian.value,
-        "bank_shift": un.bank_shift.value,
-        "damping": float(un.damping),
-        "scaling": un.scaling if isinstance(un.scaling, str) else float(un.scaling),
-        "iter_T": int(un.iter_T),
-        "tol": float(un.tol),
-        "samp_T": int(un.samp_T),
-        "grad_draws": None if un.grad_draws is None else int(un.grad_draws),
-        "curvature_draws": int(un.curvature_draws),
-        "refresh_every": int(un.refresh_every),
-        "precondition_rank": int(un.precondition_rank),
-        "drift_tol": float(un.drift_tol),
-        "check_draws": un.check_draws,
-        "negative_curvature": un.negative_curvature,
-        "newton_steps": int(un.newton_steps),
-        "curvature_data": un.curvature_data,
-        "rescale_lr": bool(un.rescale_lr),
-        "backend": un.backend,
-    }
+    return un.config()
 
 
 def _sampler_config(sampler: torch.optim.Optimizer | None) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:

@@ -1,28 +1,30 @@
 r"""MCMC unlearning: the MCMC influence function of Fu, He & Tao (ICLR 2022), and its refinements.
 
-This is the one place the algorithm lives; the seed API (:mod:`mcmc_unlearner.compat`), the CLI and the
-experiments call it.
+This is the one place the algorithm lives; the seed API (:mod:`mcmc_unlearner.compat`), the CLI, the deletion
+service and the experiments call it. One request reads as the math:
 
-**The step.** The posterior is :math:`p(θ|S) ∝ \exp(-F(θ,S))` with
-:math:`F(θ,S) = -\log p(θ) + \sum_{z∈S} h(θ,z)` and :math:`h(θ,z) = -\log p(z|θ)`. To forget :math:`S'⊂S`,
-every posterior sample is moved by the MCMC influence function (paper, Thm. 1 and Alg. 1)
+1. **Validate** the removed points (non-empty, finite) and the remaining data (an endless stream, its size ``n``).
+2. **Gradient** :math:`G = E_θ[∇_θ \sum_{z∈S'} h(θ,z)]`, averaged over posterior draws.
+3. **Curvature** :math:`H = E_θ[∇²_θ F(θ, S∖S')]` from a backend (:mod:`mcmc_unlearner.backends`: dense,
+   K-FAC, CG, LiSSA, low-rank), built or reused.
+4. **Step control** (:mod:`mcmc_unlearner.step`): :math:`x = (H + λI)^{-1}G` with the damping :math:`λ` chosen
+   by a Levenberg–Marquardt rule and every step checked against the measured change of the remaining-data
+   energy; a step that would make the fit worse is never applied.
+5. **Shift** the live chain and the stored samples, then **commit** (or report what failed).
 
-.. math::  θ ← θ + H^{-1} G,\qquad G = E_θ[∇_θ \textstyle\sum_{z∈S'} h(θ,z)],\qquad H = E_θ[∇²_θ F(θ,·)].
+**The step.** The posterior is :math:`p(θ|S) ∝ \exp(-F(θ,S))` with :math:`F(θ,S) = -\log p(θ) + \sum_{z∈S} h(θ,z)`
+and :math:`h(θ,z) = -\log p(z|θ)`. To forget :math:`S'⊂S`, every posterior sample is moved by the MCMC influence
+function (paper, Thm. 1 and Alg. 1), :math:`θ ← θ + H^{-1} G`. The paper takes :math:`H` on the full data
+(``hessian="full"``); ``hessian="remaining"`` (default) uses :math:`F(θ, S∖S')` — a Newton step on the new energy,
+exact for a Gaussian posterior where the paper's undershoots by the removed fraction of the curvature.
 
-The paper takes :math:`H` on the full data :math:`S` (``hessian="full"``). Its Newton-type refinement
-``hessian="remaining"`` (default) uses :math:`F(θ, S∖S')`, whose Hessian is :math:`H - E[∇²\sum_{S'} h]`:
-for a Gaussian posterior this step lands exactly on the new mean, where the paper's undershoots by the
-removed fraction of the curvature.
+**Expectations** are Monte-Carlo averages over posterior draws: ``expectation="bank"`` uses the stored sample
+bank (no new sampling), ``expectation="chain"`` takes ``samp_T`` sampler steps on the remaining data first (the
+paper's protocol).
 
-**Expectations** are Monte-Carlo averages over posterior draws: ``expectation="bank"`` uses the stored
-sample bank (no new sampling: the influence step alone does the removal), ``expectation="chain"`` takes
-``samp_T`` sampler steps on the remaining data first and uses those states (the paper's protocol).
-
-**Spread.** Removing data also widens the posterior. ``bank_shift="mean"`` moves every stored sample by
-the same vector (the paper's shift); ``"sample"`` moves each sample by :math:`H^{-1}∇h(θ_s)` (paper's
-Alg. 1 read per sample; over-widens); ``"affine"`` applies the exact Gaussian transport
-:math:`θ' = μ' + A'^{-1/2}A^{1/2}(θ - μ)` from the old precision :math:`A` to the new one :math:`A'`
-(dense solver only), which maps old samples to new ones exactly when the posteriors are Gaussian.
+**Spread.** ``bank_shift="mean"`` moves every stored sample by the same vector (the paper's shift); ``"sample"``
+moves each by :math:`(H+λ)^{-1}∇h(θ_s)` (over-widens); ``"affine"`` applies the exact Gaussian transport
+:math:`θ' = μ' + A'^{-1/2}A^{1/2}(θ - μ)` from the old precision :math:`A` to the new :math:`A'` (dense solver only).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -39,17 +41,34 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, vmap
 
-from .curvature import LowRankPreconditioner, ParamSpec, SampleAveragedHessian, functionalize, stack_batches
-from .errors import InvalidRequestError, SolverDivergedError, all_finite
-from .kfac import KFAC
+from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
+from .bank import BankLayout, to_flat
+from .curvature import ParamSpec, SampleAveragedHessian, functionalize, stack_batches
+from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
+from .memory import bytes_per_row, chunk_for, format_bytes, resolve_budget
 from .samplers import scale_lr
-from .solvers import SolveResult, SolverName, solve
+from .solvers import SolverName
+from .step import DampingControl, EnergyCheck, StepOutcome
 
-__all__ = ["BankShift", "Expectation", "HessianKind", "MCMCUnlearner", "RemovalReport", "check_finite_batch"]
+__all__ = [
+    "BankShift",
+    "Expectation",
+    "HessianKind",
+    "MCMCUnlearner",
+    "Proposal",
+    "RemovalReport",
+    "check_finite_batch",
+    "quality_problems",
+]
 
 Batch = tuple[torch.Tensor, ...]
 
-_LOOP_DRAWS = 4  # residual checks at up to this many draws use double-backward loops (see _check_operator)
+#: A step is "made by the damping" when ``λ`` exceeds this many times the mean curvature ``tr H / D``: it is then
+#: (nearly) a plain gradient step of length ``‖G‖/λ``, whatever the curvature. The adaptive control never goes
+#: beyond ``1e3`` (its last trial); only a fixed damping can.
+MAX_RELATIVE_DAMPING = 1e4
+#: Forward-over-reverse products keep about this many times the activations a backward pass saves.
+_HVP_MEMORY_FACTOR = 3
 
 
 class Expectation(str, Enum):
@@ -76,23 +95,32 @@ class BankShift(str, Enum):
 
 @dataclass
 class RemovalReport:
-    """What one deletion request did.
+    """What one deletion request did (or, when ``problems`` is not empty, would have done).
 
     Attributes:
         n_removed: Points removed by this request.
         n_remaining: Points left afterwards.
-        solver: Inverse-HVP solver used.
-        iterations: Solver iterations.
-        residual: Final relative residual of the solve.
-        converged: Whether the solve met its tolerance.
-        shift_norm: Norm of the (mean) parameter shift ``H⁻¹G``.
-        shift_stderr: Monte-Carlo standard error of the shift (norm): ``‖H⁻¹(Ḡ_A − Ḡ_B)/2‖`` for the two
-            halves A, B of the gradient draws (for cg/lowrank, ``H⁻¹`` is the preconditioner's).
+        solver: Curvature backend used.
+        iterations: Solver iterations of the accepted step.
+        residual: Relative residual of the accepted step's solve of ``(H + λI)x = G``.
+        converged: Whether that solve met its tolerance.
+        shift_norm: Norm of the (mean) parameter shift ``x``.
+        shift_stderr: Monte-Carlo standard error of the shift (norm): ``‖(H+λ)⁻¹(Ḡ_A − Ḡ_B)/2‖`` for the two halves
+            A, B of the gradient draws.
         seconds: Wall time of the request.
         n_draws: Posterior draws averaged for ``G``; ``n_curvature_draws`` for ``H``.
         bank_size: Stored samples shifted (0 without a bank).
         hessian_products: Single-draw Hessian-vector products spent (dense builds included).
-        info: Solver extras (LiSSA scaling, top eigenvalue, Hessian cache use).
+        damping: The damping ``λ`` of the accepted step (chosen by the step control unless fixed).
+        damping_trials: Steps tried (each one checked).
+        damping_relative: ``λ / (tr H / D)``: the damping in units of the mean curvature.
+        predicted_change, actual_change: Model-predicted and measured change of the bank-averaged remaining-data
+            energy (negative = the fit of the remaining data improved); ``actual_stderr`` is the measurement's
+            Monte-Carlo error and ``model_ratio`` = actual/predicted (see :mod:`mcmc_unlearner.step`).
+        remaining_nll_change: Mean change of the per-row negative log-likelihood of the held remaining rows.
+        safe: Whether the step passed the safety check.
+        problems: What failed (empty when the removal passed every check; see :func:`quality_problems`).
+        info: Backend extras (reuse of cached curvature, eigenvalues, K-FAC likelihood, damping history).
     """
 
     n_removed: int
@@ -111,13 +139,60 @@ class RemovalReport:
     hessian: str
     bank_shift: str
     hessian_products: int = 0
+    damping: float = 0.0
+    damping_trials: int = 1
+    damping_relative: float = 0.0
+    predicted_change: float = 0.0
+    actual_change: float = 0.0
+    actual_stderr: float = 0.0
+    model_ratio: float = 1.0
+    remaining_nll_change: float = 0.0
+    safe: bool = True
+    problems: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def passed(self) -> bool:
+        """Whether the removal passed every check."""
+        return not self.problems
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
+        """JSON-ready dict (non-finite floats kept as Python floats; ``info`` reduced to scalars)."""
         d = asdict(self)
         d["info"] = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))}
         return d
+
+
+def quality_problems(report: RemovalReport, tol: float, note: str = "") -> list[str]:
+    """The checks a removal must pass before it is applied, as one message per failure (empty: passed).
+
+    * the solve of ``(H + λI)x = G`` met its tolerance;
+    * the step passed the safety check (its measured effect on the remaining-data energy matched the model);
+    * the shift is finite and not trivial: not zero while the removed points have a gradient, and not made by
+      the damping alone (``damping_relative <= MAX_RELATIVE_DAMPING``).
+    """
+    out = []
+    if not math.isfinite(report.shift_norm):
+        out.append("the shift is not finite")
+    if not report.converged:
+        out.append(
+            f"the {report.solver} solve stopped at relative residual {report.residual:.3g} > tol {tol:g} after "
+            f"{report.iterations} iterations: raise iter_T, or use solver='auto'"
+        )
+    if not report.safe:
+        out.append(
+            f"the step failed the safety check after {report.damping_trials} damping trial(s): "
+            f"{note or 'the measured change of the remaining-data energy did not match the model'}; more "
+            "curvature draws (curvature_draws), more check rows, or another solver may help"
+        )
+    if report.shift_norm == 0.0 and report.info.get("gradient_norm", 0.0) > 0.0:
+        out.append("the shift is zero although the removed points have a non-zero gradient")
+    elif report.damping_relative > MAX_RELATIVE_DAMPING:
+        out.append(
+            f"the step is made by the damping, not the curvature (damping {report.damping:.3g} is "
+            f"{report.damping_relative:.3g}× the mean curvature): lower the damping or use damping='auto'"
+        )
+    return out
 
 
 def check_finite_batch(batch: Batch, what: str = "removed data") -> None:
@@ -147,67 +222,174 @@ def _evenly(n: int, k: int | None) -> torch.Tensor:
     return torch.linspace(0, n - 1, k).round().long()
 
 
-def _sym_pow(M: torch.Tensor, p: float) -> torch.Tensor:
-    evals, evecs = torch.linalg.eigh(M)
-    if (evals <= 0).any():
-        raise SolverDivergedError(
-            "bank_shift='affine' needs a positive-definite Hessian (smallest eigenvalue "
-            f"{float(evals.min()):.3g}); add damping or use bank_shift='mean'"
-        )
-    return (evecs * evals**p) @ evecs.T
+def _own_parameters(model: nn.Module) -> None:
+    """Give parameters that are views of a larger tensor (e.g. loaded with ``vector_to_parameters(bank[-1], ...)``)
+    their own storage, so writing the live chain's new state never writes into the caller's tensors."""
+    with torch.no_grad():
+        for p in ParamSpec.params(model):
+            whole = p.untyped_storage().nbytes()
+            if p.data._base is not None or whole != p.numel() * p.element_size():
+                p.data = p.data.clone()
+
+
+class _Stream:
+    """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
+    iterator, or a re-iterable such as a ``DataLoader`` (restarted when it runs out)."""
+
+    def __init__(self, source: Any, n: int | None) -> None:
+        self.source = source
+        if hasattr(source, "__next__"):
+            self._it, self._again = source, None
+        elif isinstance(source, Iterable):
+            self._it, self._again = iter(source), source
+        else:
+            raise TypeError(
+                f"remaining must be an iterator or iterable of minibatches of the remaining data, "
+                f"got {type(source).__name__}"
+            )
+        if n is None:
+            if hasattr(source, "remaining_ids") or hasattr(source, "remaining"):
+                n = len(source)
+            elif hasattr(source, "dataset") and hasattr(source.dataset, "__len__"):
+                n = len(source.dataset)  # a DataLoader: len() counts batches, its dataset counts rows
+            else:
+                raise ValueError(
+                    "pass n_remaining= (the number of remaining data points): it cannot be read from a "
+                    f"{type(source).__name__}"
+                )
+        self.n = int(n)
+
+    def __next__(self) -> Batch:
+        try:
+            return _as_batch(next(self._it))
+        except StopIteration:
+            if self._again is None:
+                raise ValueError(
+                    "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
+                ) from None
+            self._it = iter(self._again)
+            return _as_batch(next(self._it))
+
+    def full(self) -> Batch | None:
+        """Every remaining row when the source can list them (``remaining()``), else ``None``."""
+        fn = getattr(self.source, "remaining", None)
+        return _as_batch(fn()) if callable(fn) else None
+
+    def rows(self, m: int) -> Batch:
+        """Whole minibatches holding at least ``m`` rows (``⌈m / batch_size⌉`` of them when the source has a
+        ``batch_size``, so a sharded source advances exactly as a single-process one)."""
+        bs = getattr(self.source, "batch_size", None)
+        parts, have = [], 0
+        if isinstance(bs, int) and bs > 0:
+            parts = [next(self) for _ in range(math.ceil(m / bs))]
+        else:
+            while have < m:
+                b = next(self)
+                if b[0].shape[0] == 0:
+                    break
+                parts.append(b)
+                have += b[0].shape[0]
+        return tuple(torch.cat(f) for f in zip(*parts))
+
+    def stacked(self, count: int) -> Batch:
+        """``count`` fresh minibatches cut to a common size and stacked on a leading dimension."""
+        batches = [next(self) for _ in range(count)]
+        bsz = min(b[0].shape[0] for b in batches)
+        return stack_batches([tuple(t[:bsz] for t in b) for b in batches])
+
+    def state(self) -> Any:
+        return self.source.state_dict() if hasattr(self.source, "load_state_dict") else None
+
+    def set_state(self, state: Any) -> None:
+        if state is not None:
+            self.source.load_state_dict(state)
+
+
+@dataclass
+class Proposal:
+    """A computed removal, not yet applied (:meth:`MCMCUnlearner.propose`, :meth:`MCMCUnlearner.apply`).
+
+    Attributes:
+        report: What the removal does; ``report.problems`` lists failed checks (empty: passed).
+        live: The live chain's new flat parameters.
+        bank: The new sample bank (``None`` without a bank).
+    """
+
+    report: RemovalReport
+    live: torch.Tensor
+    bank: torch.Tensor | None
+    _owner: Any = None
+    _version: int = 0
+    _sampler_state: dict | None = None
+    _backend_state: dict | None = None
+    _control_relative: float = 0.0
+    _generator_state: torch.Tensor | None = None
+    _data: Any = None
+    _data_state: Any = None
+    _lr_scale: float = 1.0
 
 
 class MCMCUnlearner:
     """Remove training points from an SG-MCMC posterior (chain state and stored samples) without retraining.
 
+    With no options besides the model's likelihood and the stored samples it picks a curvature backend that fits
+    the memory budget, measures the prior, chooses the damping of every request and checks every step::
+
+        un = MCMCUnlearner(model, nll=lambda m, batch: ..., log_prior=lambda m: ..., bank=samples)
+        report = un.remove(removed_batch, remaining_minibatches, n_remaining=n)
+
     Args:
         model: The model; by default it provides ``nll(batch) -> [B]`` and ``log_prior()``.
-        sampler: The SG-MCMC optimizer driving the live chain (needed for ``expectation="chain"`` and to
-            rescale its step size after a removal).
+        sampler: The SG-MCMC optimizer driving the live chain (needed for ``expectation="chain"`` and to rescale
+            its step size after a removal); ``None`` when only stored samples are shifted.
         nll: ``nll(model, batch) -> Tensor[B]``, per-datum negative log-likelihood ``h``.
-        log_prior: ``log_prior(model) -> scalar``; default ``model.log_prior()`` (0 if absent).
+        log_prior: ``log_prior(model) -> scalar``; default ``model.log_prior()`` (a flat prior if absent).
         energy: ``energy(model, batch, n) -> scalar`` minibatch estimate of ``F``; default
             ``-log_prior + n/|B|·Σ nll``.
-        bank: Stored posterior samples ``[S, D]`` (flat parameters, see :meth:`collect`).
-        solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"lowrank"`` (saddle-free step on a reused Lanczos
-            approximation; needs ``precondition_rank``), ``"kfac"`` (Kronecker-factored curvature of a
-            classifier with a Gaussian prior ``model.prior_std``, built once and reused) or ``"auto"``
-            (exact up to ``exact_max_dim`` parameters, else cg with a rank-20 Lanczos preconditioner).
+        bank: Stored posterior samples: a tensor ``[S, D]``, a list of state_dicts or a dict of stacked tensors
+            (copied; :meth:`samples` returns them in the same layout).
+        solver: ``"auto"`` (default): ``"exact"`` (dense Hessian) when the model has at most ``exact_max_dim``
+            parameters and its matrices fit ``memory_budget``; else ``"kfac"`` (Kronecker-factored curvature,
+            :mod:`mcmc_unlearner.kronecker`) when the model has ``nn.Linear``/``nn.Conv`` layers; else ``"cg"`` with
+            a rank-20 Lanczos preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"mean"``, ``"sample"`` or ``"affine"`` (see module docstring).
-        damping: Added to the Hessian's diagonal.
+        damping: ``"auto"`` (chosen per request, :mod:`mcmc_unlearner.step`) or a fixed value ``>= 0``.
         scaling: LiSSA scaling ``s`` or ``"auto"``.
         iter_T: LiSSA rounds / CG iteration cap.
-        tol: Solver tolerance (relative residual).
+        tol: Solver tolerance (relative residual); a solve that misses it is refused by :meth:`remove`.
         samp_T: Sampler steps for ``expectation="chain"``.
-        grad_draws: Bank samples averaged for ``G`` (``None``: all).
-        curvature_draws: Draws averaged for ``H``.
-        refresh_every: Curvature reuse across sequential requests. With ``solver="exact"`` the dense
-            remaining-data Hessian is rebuilt every ``refresh_every`` requests and in between updated by
-            subtracting the removed points' Hessian; with ``solver="cg"`` and ``precondition_rank > 0`` the
-            low-rank preconditioner is rebuilt every ``refresh_every`` requests. ``1`` rebuilds every time.
-        precondition_rank: For ``solver="cg"``: Lanczos rank of a low-rank-plus-scalar preconditioner
-            (:class:`~mcmc_unlearner.curvature.LowRankPreconditioner`); CG starts from its answer, so with
-            ``iter_T=0`` a request costs one gradient over the bank and one residual check.
-        drift_tol: With ``solver="lowrank"``, a reused approximation is rebuilt at once when the request's
-            relative residual against the current Hessian exceeds this (the cheap drift check).
-        check_draws: With ``solver="lowrank"``/``"kfac"``: measure that residual on only the first this-many
-            curvature draws (``None``: all); the approximation itself is built from all of them.
-        negative_curvature: With ``solver="cg"``: ``"raise"`` refuses an indefinite Hessian; ``"truncate"``
-            stops CG at the first negative-curvature direction and keeps the iterate (truncated Newton-CG).
-        newton_steps: ``1``: the influence step alone. ``k > 1``: ``k − 1`` further Newton corrections
-            ``x ← x − H⁻¹ E_bank[∇F(θ + x, S∖S')]`` on all remaining points, zeroing the sample-averaged
-            remaining-data gradient (the first-moment identity of the new posterior); for large removals.
-        curvature_data: ``"minibatch"``: each curvature draw gets one fresh minibatch of the remaining data;
-            ``"full"``: each draw uses every remaining point (needs ``remaining.remaining()``, e.g. a
-            :class:`~mcmc_unlearner.data.RemovableDataset`), so only the draws are Monte Carlo;
-            ``"auto"``: full for the dense solver while (remaining points × curvature draws) <= 32,768,
-            minibatch otherwise.
-        rescale_lr: Multiply the sampler's step size by ``n_old / n_new`` after each removal (the energy
-            grows with ``n``, so the stable step size shrinks with it).
+        grad_draws: Bank samples averaged for ``G``: ``"auto"`` (all of at most ``max(16, ⌈1024/k⌉)`` for ``k``
+            removed points, evenly spaced), ``None`` (all) or a number.
+        curvature_draws: Draws averaged for ``H`` (``None``: 4 for ``kfac``, 16 otherwise).
+        refresh_every: Curvature reuse across sequential requests (``None``: 1 for ``exact``, 20 for ``kfac``, 10
+            otherwise). ``exact`` downdates its dense Hessian in between; ``kfac``/``lowrank``/``cg`` reuse their
+            approximation or preconditioner.
+        precondition_rank: Lanczos rank of CG's preconditioner / of ``lowrank``'s approximation.
+        drift_tol: A reused approximation is rebuilt at once when its first step's ``|actual/predicted − 1|``
+            exceeds this.
+        check_draws: Posterior draws of the safety check.
+        check_rows: Held remaining rows of the safety check.
+        negative_curvature: With ``solver="cg"`` and a fixed damping: ``"raise"`` refuses an indefinite Hessian;
+            ``"truncate"`` stops CG at the first negative-curvature direction (truncated Newton-CG). With
+            ``damping="auto"`` negative curvature raises the damping instead.
+        newton_steps: ``k > 1``: ``k − 1`` further Newton corrections ``x ← x − (H+λ)⁻¹ E_bank[∇F(θ + x, S∖S')]`` on
+            all remaining points (zeroing the sample-averaged remaining-data gradient), for large removals.
+        curvature_data: ``"minibatch"`` (one fresh minibatch per draw), ``"full"`` (every remaining point per draw;
+            needs a data source with ``remaining()``, else it falls back to minibatches and says so in
+            ``report.info``) or ``"auto"`` (full for the dense solver while remaining points × draws <= 32,768 and
+            it fits the memory budget).
+        exact_max_dim: Largest parameter count for which ``"auto"`` picks the dense solver.
+        memory_budget: Bytes (or ``"2GB"``, ``"25%"``) any curvature computation may hold; ``None``: a quarter of
+            the memory available when the unlearner is built. Chunks of draws, rows and Hessian columns are sized
+            from it before any work; a path that cannot fit is refused before it starts.
+        likelihood: For ``kfac``: ``"auto"`` (detected by probing ``nll``), ``"categorical"``, ``"gaussian"`` or
+            ``"empirical"``; ``mc_samples``: Monte-Carlo labels per example.
+        max_damping_trials: Steps tried per request before it is refused.
+        rescale_lr: Multiply the sampler's step size by ``n_old / n_new`` after each removal.
         backend: ``"auto"``, ``"func"`` or ``"autograd"`` for derivatives.
-        seed: Seed of the unlearner's own generator (power iteration).
+        seed: Seed of the unlearner's own generator (probes, Lanczos starts, Monte-Carlo labels).
     """
 
     def __init__(
@@ -218,26 +400,31 @@ class MCMCUnlearner:
         nll: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
         log_prior: Callable[[nn.Module], torch.Tensor] | None = None,
         energy: Callable[[nn.Module, Batch, int], torch.Tensor] | None = None,
-        bank: torch.Tensor | None = None,
+        bank: Any = None,
         solver: SolverName | str = "auto",
         expectation: Expectation | str | None = None,
         hessian: HessianKind | str = HessianKind.REMAINING,
         bank_shift: BankShift | str = BankShift.MEAN,
-        damping: float = 0.0,
+        damping: float | str = "auto",
         scaling: float | str = "auto",
         iter_T: int = 100,
         tol: float = 1e-4,
         samp_T: int = 5,
-        grad_draws: int | None = None,
-        curvature_draws: int = 16,
-        refresh_every: int = 1,
+        grad_draws: int | str | None = "auto",
+        curvature_draws: int | None = None,
+        refresh_every: int | None = None,
         precondition_rank: int = 0,
         drift_tol: float = 2.0,
-        check_draws: int | None = None,
+        check_draws: int = 2,
+        check_rows: int = 256,
         negative_curvature: str = "raise",
         newton_steps: int = 1,
         curvature_data: str = "auto",
-        exact_max_dim: int = 2000,
+        exact_max_dim: int = 1000,
+        memory_budget: int | float | str | None = None,
+        likelihood: str = "auto",
+        mc_samples: int = 1,
+        max_damping_trials: int = 8,
         rescale_lr: bool = True,
         backend: str = "auto",
         seed: int = 0,
@@ -245,35 +432,57 @@ class MCMCUnlearner:
         self.model = model
         self.sampler = sampler
         self.spec = ParamSpec.of(model)
+        if self.spec.dim == 0:
+            raise ValueError("the model has no trainable parameters (requires_grad) to unlearn")
         if nll is None and not hasattr(model, "nll"):
             raise TypeError("pass nll=callable(model, batch) or give the model an nll(batch) method")
         self.nll = nll or _default_nll
         if log_prior is None:
             log_prior = (lambda m: m.log_prior()) if hasattr(model, "log_prior") else None
         self.log_prior = log_prior
+        self.custom_energy = energy is not None
         self.energy = energy or self._default_energy
-        self.bank = None if bank is None else bank.detach().clone()
-        if solver == "auto":
-            solver = SolverName.EXACT if self.spec.dim <= exact_max_dim else SolverName.CG
-            if solver is SolverName.CG and precondition_rank <= 0:
-                precondition_rank = 20
-        self.solver = SolverName(solver)
+        _own_parameters(model)
+        self._layout: BankLayout | None = None
+        self.bank = None
+        if bank is not None:
+            self.bank, self._layout = to_flat(bank, self.spec, dtype=ParamSpec.params(model)[0].dtype)
+        self.memory_budget = resolve_budget(memory_budget)
+        self.exact_max_dim = int(exact_max_dim)
+        self.solver, self.solver_reason = self._choose_solver(solver)
         self.expectation = None if expectation is None else Expectation(expectation)
         self.hessian = HessianKind(hessian)
         self.bank_shift = BankShift(bank_shift)
         if self.bank_shift is BankShift.AFFINE and self.solver is not SolverName.EXACT:
             raise ValueError("bank_shift='affine' needs solver='exact' (dense Hessians)")
-        self.damping = float(damping)
+        if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
+            raise ValueError("solver='kfac' supports hessian='remaining' only")
+        self.control = DampingControl(damping, max_trials=max_damping_trials)
+        self.damping = damping if isinstance(damping, str) else float(damping)
         self.scaling = scaling
         self.iter_T = int(iter_T)
         self.tol = float(tol)
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+        if self.iter_T < 0:
+            raise ValueError(f"iter_T must be >= 0, got {iter_T}")
         self.samp_T = int(samp_T)
+        if grad_draws not in (None, "auto") and int(grad_draws) < 1:
+            raise ValueError(f"grad_draws must be 'auto', None (all) or >= 1, got {grad_draws!r}")
         self.grad_draws = grad_draws
-        self.curvature_draws = int(curvature_draws)
-        self.refresh_every = max(1, int(refresh_every))
+        default_draws = 4 if self.solver is SolverName.KFAC else 16
+        self.curvature_draws = int(default_draws if curvature_draws is None else curvature_draws)
+        if self.curvature_draws < 1:
+            raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
+        default_refresh = {SolverName.EXACT: 1, SolverName.KFAC: 20}.get(self.solver, 10)
+        self.refresh_every = max(1, int(default_refresh if refresh_every is None else refresh_every))
+        if self.solver is SolverName.CG and precondition_rank <= 0 and solver == "auto":
+            precondition_rank = 20
         self.precondition_rank = int(precondition_rank)
         self.drift_tol = float(drift_tol)
-        self.check_draws = None if check_draws is None else max(1, int(check_draws))
+        if check_draws < 1 or check_rows < 1:
+            raise ValueError(f"check_draws and check_rows must be >= 1, got {check_draws}, {check_rows}")
+        self.check_draws, self.check_rows = int(check_draws), int(check_rows)
         if negative_curvature not in ("raise", "truncate"):
             raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
         self.negative_curvature = negative_curvature
@@ -283,17 +492,77 @@ class MCMCUnlearner:
         if curvature_data not in ("auto", "minibatch", "full"):
             raise ValueError(f"curvature_data must be 'auto', 'minibatch' or 'full', got {curvature_data!r}")
         self.curvature_data = curvature_data
+        self.likelihood, self.mc_samples = likelihood, int(mc_samples)
         self.rescale_lr = rescale_lr
         self.backend = backend
         self.generator = torch.Generator().manual_seed(seed)
+        self.curvature: CurvatureBackend = make_backend(
+            self.solver,
+            refresh_every=self.refresh_every,
+            iter_T=self.iter_T,
+            tol=self.tol,
+            precondition_rank=self.precondition_rank,
+            negative_curvature=self.negative_curvature,
+            scaling=scaling,
+            likelihood=likelihood,
+            mc_samples=self.mc_samples,
+        )
         self.history: list[RemovalReport] = []
-        self._cache: torch.Tensor | None = None  # dense remaining-data Hessian after the last request
-        self._cache_age = 0
-        self._precond: LowRankPreconditioner | KFAC | None = None
-        self._request_n = 0  # remaining points of the request being processed (scales cached K-FAC factors)
-        self._precond_age = 0
+        self._version = 0
+        self._row_bytes: int | None = None
 
-    # ------------------------------------------------------------------ energies
+    # ------------------------------------------------------------------ configuration
+    def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
+        if solver != "auto":
+            return SolverName(solver), "chosen by the caller"
+        d = self.spec.dim
+        need = dense_memory(d)
+        if d <= self.exact_max_dim and need <= self.memory_budget // 2:
+            return SolverName.EXACT, f"{d} parameters <= exact_max_dim {self.exact_max_dim}"
+        layers = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad
+        ]
+        why = (
+            f"{d} parameters > exact_max_dim {self.exact_max_dim}"
+            if d > self.exact_max_dim
+            else f"dense matrices need {format_bytes(need)}, over half the memory budget"
+        )
+        if layers and not self.custom_energy:
+            return SolverName.KFAC, f"{why}; {len(layers)} Linear/Conv layers for Kronecker factors"
+        return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
+
+    def config(self) -> dict[str, Any]:
+        """The JSON configuration that rebuilds this unlearner (with the same model, sampler and bank)."""
+        return {
+            "solver": self.solver.value,
+            "expectation": None if self.expectation is None else self.expectation.value,
+            "hessian": self.hessian.value,
+            "bank_shift": self.bank_shift.value,
+            "damping": self.damping if isinstance(self.damping, str) else float(self.damping),
+            "scaling": self.scaling if isinstance(self.scaling, str) else float(self.scaling),
+            "iter_T": self.iter_T,
+            "tol": self.tol,
+            "samp_T": self.samp_T,
+            "grad_draws": self.grad_draws if self.grad_draws in (None, "auto") else int(self.grad_draws),
+            "curvature_draws": self.curvature_draws,
+            "refresh_every": self.refresh_every,
+            "precondition_rank": self.precondition_rank,
+            "drift_tol": self.drift_tol,
+            "check_draws": self.check_draws,
+            "check_rows": self.check_rows,
+            "negative_curvature": self.negative_curvature,
+            "newton_steps": self.newton_steps,
+            "curvature_data": self.curvature_data,
+            "exact_max_dim": self.exact_max_dim,
+            "likelihood": self.likelihood,
+            "mc_samples": self.mc_samples,
+            "max_damping_trials": self.control.max_trials,
+            "rescale_lr": bool(self.rescale_lr),
+            "backend": self.backend,
+        }
+
     def _default_energy(self, model: nn.Module, batch: Batch, n: int) -> torch.Tensor:
         data = self.nll(model, batch).sum() * (n / batch[0].shape[0])
         return data - self.log_prior(model) if self.log_prior is not None else data
@@ -310,10 +579,45 @@ class MCMCUnlearner:
         theta = ParamSpec.flatten_module(self.model)[None]
         self.bank = theta if self.bank is None else torch.cat([self.bank, theta])
 
+    def samples(self) -> Any:
+        """The stored samples in the layout they were given in (new tensors; a ``[S, D]`` tensor by default)."""
+        if self.bank is None:
+            return None
+        return self.bank.clone() if self._layout is None else self._layout.restore(self.bank)
+
+    # ------------------------------------------------------------------ hooks of the data-parallel version
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum across ranks (identity in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`)."""
+        return t
+
+    @property
+    def _row_nll(self) -> Callable[[nn.Module, Batch], torch.Tensor]:
+        """The per-row negative log-likelihood of plain batches (the safety check, K-FAC)."""
+        return self.nll
+
+    def _raw(self, batch: Batch) -> Batch:
+        """A data batch as the user's ``nll`` takes it (the data-parallel version drops its weight column)."""
+        return batch
+
+    def _stacked(self, stream: Any, count: int) -> Batch:
+        """``count`` fresh minibatches of the remaining data, stacked on a leading dimension."""
+        return stream.stacked(count)
+
+    # ------------------------------------------------------------------ memory-bounded derivatives
+    def _bytes_per_row(self, f: Callable, theta: torch.Tensor, batch: Batch) -> int:
+        if self._row_bytes is None:
+            try:
+                self._row_bytes = bytes_per_row(f, theta, batch)
+            except (RuntimeError, NotImplementedError, TypeError):
+                self._row_bytes = sum(t[:1].numel() * t.element_size() for t in batch) * 64
+        return self._row_bytes
+
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
+        rows = batch[0].shape[0]
+        chunk = chunk_for(self.memory_budget, 2 * rows * (self._row_bytes or 1), thetas.shape[0])
         if self.backend != "autograd":
             try:
-                return vmap(grad(f), in_dims=(0, *([None] * len(batch))), chunk_size=1024)(thetas, *batch)
+                return vmap(grad(f), in_dims=(0, *([None] * len(batch))), chunk_size=chunk)(thetas, *batch)
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":
                     raise
@@ -327,12 +631,29 @@ class MCMCUnlearner:
         return torch.stack(out)
 
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
-        """Mean over draws of the dense Hessian of ``f`` (small models)."""
+        """Mean over draws of the dense Hessian of ``f``, built in column chunks that fit the memory budget."""
+        d = thetas.shape[1]
+        rows = batch[0].shape[1 if not shared else 0] if batch else 1
+        per_col = _HVP_MEMORY_FACTOR * rows * (self._row_bytes or 1)
+        reserve = dense_memory(d, thetas.element_size())
+        if per_col > self.memory_budget - reserve:
+            raise MemoryError(
+                f"the dense Hessian needs {format_bytes(reserve + per_col)} for one column over {rows} rows, over "
+                f"the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget, use "
+                "curvature_data='minibatch', or solver='kfac'/'cg'"
+            )
+        cols = chunk_for(self.memory_budget, per_col, d, reserve)
+        S = thetas.shape[0]
+        draws = chunk_for(self.memory_budget, per_col * d, S, reserve) if cols == d else 1
         if self.backend != "autograd":
-            try:
+            try:  # reverse-over-reverse, ``cols`` Hessian columns and ``draws`` draws at a time
+                hess = jacrev(grad(f), chunk_size=None if cols >= d else cols)
                 dims = (0, *([None if shared else 0] * len(batch)))
-                hs = vmap(jacrev(grad(f)), in_dims=dims, chunk_size=256)(thetas, *batch)
-                return hs.mean(0)
+                H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
+                for s0 in range(0, S, draws):
+                    args = batch if shared else tuple(t[s0 : s0 + draws] for t in batch)
+                    H += vmap(hess, in_dims=dims)(thetas[s0 : s0 + draws], *args).sum(0)
+                return H / S
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":
                     raise
@@ -340,14 +661,19 @@ class MCMCUnlearner:
         op = SampleAveragedHessian(f, thetas, batch, shared_args=shared, backend="autograd")
         return op.dense()
 
+    def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
+        rows = batch[0].shape[0 if shared else 1]
+        chunk = chunk_for(self.memory_budget, _HVP_MEMORY_FACTOR * rows * (self._row_bytes or 1), thetas.shape[0])
+        return SampleAveragedHessian(f, thetas, batch, shared_args=shared, backend=self.backend, chunk_size=chunk)
+
     # ------------------------------------------------------------------ draws
-    def _chain_draws(self, remaining: Iterator[Batch], n: int) -> torch.Tensor:
+    def _chain_draws(self, remaining: _Stream, n: int) -> torch.Tensor:
         if self.sampler is None:
             raise ValueError("expectation='chain' needs the sampler (pass sampler=...)")
         params = ParamSpec.params(self.model)
         draws = []
         for _ in range(self.samp_T):
-            z = _as_batch(next(remaining))
+            z = next(remaining)
             self.sampler.zero_grad()
             self.energy(self.model, z, n).backward()
             self.sampler.step()
@@ -355,6 +681,29 @@ class MCMCUnlearner:
         self.sampler.zero_grad()
         return torch.stack(draws)
 
+    def _grad_draw_count(self, k: int) -> int | None:
+        if self.grad_draws == "auto":
+            return max(16, math.ceil(1024 / max(k, 1)))
+        return None if self.grad_draws is None else int(self.grad_draws)
+
+    def _curvature_data(self, stream: _Stream, n: int, draws: int, info: dict[str, Any]) -> tuple[Batch, bool]:
+        """Every remaining row shared by all draws, or one fresh minibatch per draw (see ``curvature_data``)."""
+        want = self.curvature_data
+        if want == "auto":
+            small = n * draws <= 32_768 and self.solver is SolverName.EXACT
+            want = "full" if small else "minibatch"
+        if want == "full":
+            full = stream.full()
+            fits = _HVP_MEMORY_FACTOR * n * (self._row_bytes or 1) <= self.memory_budget - dense_memory(
+                self.spec.dim if self.solver is SolverName.EXACT else 0
+            )
+            if full is not None and fits:
+                return full, True
+            why = "its data source has no remaining()" if full is None else "all rows do not fit the memory budget"
+            info["curvature_data"] = f"minibatch (full requested, but {why})"
+        return self._stacked(stream, draws), False
+
+    # ------------------------------------------------------------------ snapshots
     def _snapshot(self) -> tuple[torch.Tensor, dict | None]:
         theta = ParamSpec.flatten_module(self.model)
         opt = copy.deepcopy(self.sampler.state_dict()) if self.sampler is not None else None
@@ -366,81 +715,141 @@ class MCMCUnlearner:
             self.sampler.load_state_dict(snap[1])
 
     # ------------------------------------------------------------------ the request
-    def remove(
-        self, batch: Batch | torch.Tensor, remaining: Iterator[Batch], n_remaining: int | None = None
-    ) -> RemovalReport:
-        """Forget ``batch`` (the removed points) given an endless iterator over the *remaining* data.
+    def propose(self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None) -> Proposal:
+        """Compute the removal of ``batch`` without changing anything; :meth:`apply` commits it.
+
+        Model, sampler state, bank, cached curvature, damping state, the unlearner's generator and the state of
+        ``remaining`` (if it has ``state_dict``) are all as they were when this returns or raises.
 
         Args:
             batch: The removed points, a tuple of tensors like the minibatches.
-            remaining: Iterator of minibatches of the remaining data (after removal), e.g. a
-                :class:`~mcmc_unlearner.data.RemovableDataset` from which the points were removed.
-            n_remaining: Size of the remaining set (default ``len(remaining)``).
+            remaining: The remaining data (after removal): a :class:`~mcmc_unlearner.data.RemovableDataset`, any
+                iterator of minibatches, or a re-iterable such as a ``DataLoader``.
+            n_remaining: Size of the remaining set (read from ``remaining`` when it can be).
 
-        Returns:
-            A :class:`RemovalReport`. On any error the model, optimizer state and bank are unchanged.
+        Raises:
+            InvalidRequestError: empty request, non-finite data, nothing would remain.
+            SolverDivergedError, MemoryError: the computation could not be done (nothing changed).
         """
         t0 = time.perf_counter()
         batch = _as_batch(batch)
         if batch[0].shape[0] == 0:
             raise InvalidRequestError("deletion request is empty: pass at least one removed point")
         check_finite_batch(batch)
-        n = int(n_remaining if n_remaining is not None else len(remaining))
+        stream = _Stream(remaining, n_remaining)
+        n = stream.n
         if n <= 0:
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
-        k = batch[0].shape[0]
         expectation = self.expectation or (Expectation.BANK if self.bank is not None else Expectation.CHAIN)
         if expectation is Expectation.BANK and self.bank is None:
             raise ValueError("expectation='bank' needs a sample bank: call collect() while sampling or pass bank=")
-        snap = self._snapshot() if expectation is Expectation.CHAIN else None
-        cached = (self._cache, self._cache_age, self._precond, self._precond_age, self.generator.get_state())
+        snap = self._snapshot()
+        backend_snap = self.curvature.snapshot()
+        relative = self.control.relative
+        gen = self.generator.get_state()
+        data_state = stream.state()
         try:
-            report, new_live, new_bank = self._influence(batch, remaining, n, expectation)
-        except BaseException:
-            if snap is not None:
-                self._restore(snap)
-            self._cache, self._cache_age, self._precond, self._precond_age = cached[:4]
-            self.generator.set_state(cached[4])
-            raise
-        # commit: nothing above touched the model except chain draws (kept on success)
-        ParamSpec.assign(self.model, new_live)
-        if new_bank is not None:
-            self.bank = new_bank
-        if self.rescale_lr and self.sampler is not None:
-            scale_lr(self.sampler, (n + k) / n)
-        report.seconds = time.perf_counter() - t0
-        self.history.append(report)
-        return report
+            prop = self._propose(batch, stream, n, expectation)
+            prop._backend_state = self.curvature.snapshot()
+            prop._control_relative = self.control.relative
+            prop._generator_state = self.generator.get_state()
+            prop._data, prop._data_state = stream, stream.state()
+        finally:
+            self._restore(snap)
+            self.curvature.restore(backend_snap)
+            self.control.relative = relative
+            self.generator.set_state(gen)
+            stream.set_state(data_state)
+        prop._owner, prop._version = self, self._version
+        prop._lr_scale = (n + batch[0].shape[0]) / n
+        prop.report.seconds = time.perf_counter() - t0
+        return prop
 
-    def forget(self, ids: Sequence[int] | torch.Tensor, data: Any) -> RemovalReport:
+    def apply(self, proposal: Proposal) -> RemovalReport:
+        """Commit a :meth:`propose`-d removal (even one whose report lists problems: the caller decided).
+
+        Raises:
+            ValueError: the proposal belongs to another unlearner or the unlearner changed since it was made.
+        """
+        if proposal._owner is not self or proposal._version != self._version:
+            raise ValueError("stale proposal: it was made by another unlearner or before a later change; propose again")
+        t0 = time.perf_counter()
+        ParamSpec.assign(self.model, proposal.live)
+        if proposal._sampler_state is not None and self.sampler is not None:
+            self.sampler.load_state_dict(proposal._sampler_state)
+        if proposal.bank is not None:
+            self.bank = proposal.bank
+        self.curvature.restore(proposal._backend_state)
+        self.curvature.commit()
+        self.control.relative = proposal._control_relative
+        self.generator.set_state(proposal._generator_state)
+        if proposal._data is not None:
+            proposal._data.set_state(proposal._data_state)
+        if self.rescale_lr and self.sampler is not None:
+            scale_lr(self.sampler, proposal._lr_scale)
+        proposal.report.seconds += time.perf_counter() - t0
+        self.history.append(proposal.report)
+        self._version += 1
+        return proposal.report
+
+    def remove(
+        self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None, *, strict: bool = True
+    ) -> RemovalReport:
+        """Forget ``batch`` given the *remaining* data: :meth:`propose`, check, :meth:`apply`.
+
+        Args:
+            batch: The removed points, a tuple of tensors like the minibatches.
+            remaining: The remaining data (see :meth:`propose`).
+            n_remaining: Size of the remaining set (read from ``remaining`` when it can be).
+            strict: Refuse a removal that fails a check (:func:`quality_problems`); ``False`` applies it anyway
+                (its report still lists the problems).
+
+        Returns:
+            A :class:`RemovalReport`.
+
+        Raises:
+            QualityError: the removal failed a check (``strict``); nothing was changed.
+            InvalidRequestError, SolverDivergedError: see :meth:`propose`; nothing was changed.
+        """
+        prop = self.propose(batch, remaining, n_remaining)
+        if strict and prop.report.problems:
+            raise QualityError(
+                "the removal was refused, nothing was changed: " + "; ".join(prop.report.problems), prop.report
+            )
+        return self.apply(prop)
+
+    def forget(self, ids: Sequence[int] | torch.Tensor, data: Any, *, strict: bool = True) -> RemovalReport:
         """Validate ids against a :class:`~mcmc_unlearner.data.RemovableDataset`, unlearn them, then remove.
 
-        The data set's state (mask and shuffling) is restored if unlearning fails, so a refused request
-        leaves model, bank and data exactly as they were.
+        The data set's state (mask and shuffling) is restored if unlearning fails, so a refused request leaves
+        model, bank and data exactly as they were.
         """
         ids = data.validate(ids)
         batch = data.get(ids)  # remove() refuses non-finite rows; the data state is restored below
         state = data.state_dict()
         data.remove(ids)
         try:
-            return self.remove(batch, data, len(data))
+            return self.remove(batch, data, len(data), strict=strict)
         except BaseException:
             data.load_state_dict(state)
             raise
 
-    def _influence(
-        self, batch: Batch, remaining: Iterator[Batch], n: int, expectation: Expectation
-    ) -> tuple[RemovalReport, torch.Tensor, torch.Tensor | None]:
+    def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation) -> Proposal:
         h_f = self._h_f()
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
+        self._bytes_per_row(e_f, live, batch)
+        sampler_state = None
         if expectation is Expectation.CHAIN:
-            draws = self._chain_draws(remaining, n)
+            draws = self._chain_draws(stream, n)
             live = draws[-1]
-            g_thetas, c_thetas = draws, draws
+            g_thetas = c_thetas = k_thetas = draws
+            sampler_state = copy.deepcopy(self.sampler.state_dict())
         else:
-            g_thetas = self.bank[_evenly(self.bank.shape[0], self.grad_draws)]
-            c_thetas = self.bank[_evenly(self.bank.shape[0], self.curvature_draws)]
+            S = self.bank.shape[0]
+            g_thetas = self.bank[_evenly(S, self._grad_draw_count(batch[0].shape[0]))]
+            c_thetas = self.bank[_evenly(S, self.curvature_draws)]
+            k_thetas = self.bank[_evenly(S, self.check_draws)]
         grads = self._per_draw_grads(h_f, g_thetas, batch)
         G = grads.mean(0)
         half = grads.shape[0] // 2
@@ -450,291 +859,182 @@ class MCMCUnlearner:
                 "the gradient of the removed points' negative log-likelihood is not finite at the current "
                 "samples; nothing was changed. Check the model and data for overflow"
             )
-        info: dict[str, Any] = {}
-        products = 0
-        n_curv = c_thetas.shape[0]
-        precond_or_none: Any = None
-        if self.solver is SolverName.EXACT:
-            A_new, A_old, products, info = self._dense_system(h_f, e_f, c_thetas, batch, remaining)
-            M = A_new if self.hessian is HessianKind.REMAINING else A_old
-            res = solve(SolverName.EXACT, M, torch.stack([G, dev], 1), damping=self.damping)
-        else:
-            if self.curvature_data == "full":
-                op: Any = SampleAveragedHessian(
-                    e_f, c_thetas, _as_batch(remaining.remaining()), shared_args=True, backend=self.backend
-                )
-            else:
-                stacked = self._curvature_batches(remaining, n_curv)
-                op = SampleAveragedHessian(e_f, c_thetas, stacked, backend=self.backend)
-            if self.hessian is HessianKind.FULL:
-                op = op + SampleAveragedHessian(h_f, c_thetas, batch, shared_args=True, backend=self.backend)
-            approximate = self.solver in (SolverName.LOWRANK, SolverName.KFAC)
-            self._request_n = n
-            precond = self._preconditioner(op, info) if approximate or self.solver is SolverName.CG else None
-            check = self._check_operator(op) if approximate else op  # residual / drift check of an approximation
-            if approximate and info["preconditioner_reused"]:
-                # drift check: a reused approximation whose residual grew past drift_tol is rebuilt here
-                res = solve(self.solver, check, G, preconditioner=precond, tol=self.tol, divergence_tol=math.inf)
-                if res.residual > self.drift_tol:
-                    self._precond = None
-                    precond = self._preconditioner(op, info)
-                    info["preconditioner_refreshed_for_drift"] = True
-                    res = self._iterative(check, G, precond)
-            else:
-                res = self._iterative(check, G, precond)
-            res.x = torch.stack([res.x, self._stderr_solve(op, dev, precond)], 1)
-            products = op.n_products + (check.n_products if check is not op else 0)
-            precond_or_none = precond
-        x, x_dev = res.x[:, 0], res.x[:, 1]
-        info.update(res.info)
-        new_bank = None
-        if self.bank_shift is BankShift.MEAN:
-            new_live = live + x
-            if self.bank is not None:
-                new_bank = self.bank + x
-        elif self.bank_shift is BankShift.SAMPLE:
-            pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
-            g_all = self._per_draw_grads(h_f, pts, batch)
-            shifts = self._solve_many(M if self.solver is SolverName.EXACT else op, g_all)
-            moved = pts + shifts
-            new_live, new_bank = moved[0], (moved[1:] if self.bank is not None else None)
-        else:  # AFFINE: exact Gaussian transport A^{-1/2}... from old to new precision
-            T = _sym_pow(A_new, -0.5) @ _sym_pow(A_old, 0.5)
-            ref = self.bank if self.bank is not None else live[None]
-            mu = ref.mean(0)
-            new_live = mu + x + (live - mu) @ T.T
-            new_bank = mu + x + (self.bank - mu) @ T.T if self.bank is not None else None
+        info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        curv_batch, shared = self._curvature_data(stream, n, c_thetas.shape[0], info)
+        problem = Problem(
+            model=self.model,
+            energy_f=e_f,
+            nll_f=h_f,
+            nll=self._row_nll,
+            log_prior=self.log_prior,
+            n=n,
+            removed=batch,
+            thetas=c_thetas,
+            batch=curv_batch,
+            shared=shared,
+            hessian=self.hessian.value,
+            generator=self.generator,
+            budget=self.memory_budget,
+            dense_hessian=self._dense_hessian,
+            operator=lambda: self._full_or_remaining_operator(e_f, h_f, c_thetas, curv_batch, shared, batch),
+            reduce=self._reduce,
+            raw=self._raw,
+        )
+        info.update(self.curvature.prepare(problem))
+        row_nll = self._row_nll
+        rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
+        lp_f = None if self.log_prior is None else functionalize(self.model, lambda m: self.log_prior(m))
+        check = EnergyCheck(rows_f, lp_f, k_thetas, self._raw(stream.rows(self.check_rows)), n, G, self._reduce)
+        outcome = self.control.step(self.curvature, G, check)
+        if info.get("preconditioner_reused") or info.get("hessian_reused"):
+            first = outcome.history[0]
+            if not outcome.safe or not abs(first["ratio"] - 1.0) <= self.drift_tol:
+                # the reused curvature drifted from the current posterior: rebuild once and redo the step
+                self.curvature.reset()
+                info.update(self.curvature.prepare(problem))
+                info["curvature_rebuilt_for_drift"] = True
+                outcome = self.control.step(self.curvature, G, check)
+        x, lam = outcome.x, outcome.damping
+        x_dev = self._error_bar(dev, lam)
+        new_live, new_bank = self._shift(live, x, lam, h_f, batch)
         if self.newton_steps > 1:
-            system = M if self.solver is SolverName.EXACT else op
-            new_live, new_bank = self._newton_corrections(
-                e_f, system, precond_or_none, remaining, new_live, new_bank, info
-            )
+            new_live, new_bank = self._newton_corrections(e_f, lam, stream, new_live, new_bank, info)
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
-        report = RemovalReport(
+        info.update(outcome.solve.info)
+        info["damping_history"] = ";".join(
+            f"{h['damping']:.3g}:{h['ratio']:.3g}" for h in outcome.history
+        )  # damping:ratio of every trial
+        report = self._report(batch, n, outcome, x, x_dev, g_thetas, c_thetas, expectation, info)
+        report.problems = quality_problems(report, self.tol, outcome.note)
+        prop = Proposal(report, new_live, new_bank)
+        prop._sampler_state = sampler_state
+        return prop
+
+    def _report(
+        self,
+        batch: Batch,
+        n: int,
+        outcome: StepOutcome,
+        x: torch.Tensor,
+        x_dev: torch.Tensor,
+        g_thetas: torch.Tensor,
+        c_thetas: torch.Tensor,
+        expectation: Expectation,
+        info: dict[str, Any],
+    ) -> RemovalReport:
+        res = outcome.solve
+        return RemovalReport(
             n_removed=batch[0].shape[0],
             n_remaining=n,
-            solver=res.solver,
+            solver=self.solver.value,
             iterations=res.iterations,
             residual=res.residual,
-            converged=res.converged,
+            converged=bool(res.converged and res.residual <= self.tol),
             shift_norm=float(x.norm()),
             shift_stderr=float(x_dev.norm()),
             seconds=0.0,
             n_draws=g_thetas.shape[0],
-            n_curvature_draws=n_curv,
+            n_curvature_draws=c_thetas.shape[0],
             bank_size=0 if self.bank is None else self.bank.shape[0],
             expectation=expectation.value,
             hessian=self.hessian.value,
             bank_shift=self.bank_shift.value,
-            hessian_products=products,
+            hessian_products=self.curvature.products,
+            damping=outcome.damping,
+            damping_trials=len(outcome.history),
+            damping_relative=outcome.damping / outcome.scale if outcome.damping > 0 else 0.0,
+            predicted_change=outcome.predicted,
+            actual_change=outcome.actual,
+            actual_stderr=outcome.stderr,
+            model_ratio=outcome.ratio,
+            remaining_nll_change=outcome.nll_change,
+            safe=outcome.safe,
             info=info,
         )
-        return report, new_live, new_bank
 
-    @staticmethod
-    def _curvature_batches(remaining: Iterator[Batch], count: int) -> Batch:
-        """``count`` fresh minibatches, cut to a common size and stacked on a leading dimension."""
-        batches = [_as_batch(next(remaining)) for _ in range(count)]
-        bsz = min(b[0].shape[0] for b in batches)
-        return stack_batches([tuple(t[:bsz] for t in b) for b in batches])
+    def _full_or_remaining_operator(
+        self, e_f: Callable, h_f: Callable, thetas: torch.Tensor, data: Batch, shared: bool, removed: Batch
+    ) -> Any:
+        op = self._operator(e_f, thetas, data, shared)
+        if self.hessian is HessianKind.FULL:
+            op = op + self._operator(h_f, thetas, removed, True)
+        return op
 
-    def _preconditioner(self, op: Any, info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if self.solver is SolverName.KFAC:
-            return self._kfac(op, info)
-        lowrank = self.solver is SolverName.LOWRANK
-        if self.precondition_rank <= 0:
-            if lowrank:
-                raise ValueError("solver='lowrank' needs precondition_rank > 0 (the Lanczos rank)")
-            return None
-        reused = self._precond is not None and self._precond_age < self.refresh_every
-        if reused:
-            self._precond_age += 1
-        else:
-            damped = (lambda v: op @ v + self.damping * v) if self.damping else (lambda v: op @ v)
-            self._precond = LowRankPreconditioner.build(
-                damped,
-                op.dim,
-                self.precondition_rank,
-                generator=self.generator,
-                dtype=op.thetas.dtype if hasattr(op, "thetas") else torch.float32,
-                absolute=lowrank,
-                device=op.thetas.device if hasattr(op, "thetas") else None,
-            )
-            self._precond_age = 1
-        info["preconditioner_reused"] = reused
-        return self._precond if lowrank else self._precond.solve
+    def _error_bar(self, dev: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(H + λ)⁻¹·dev`` for the Monte-Carlo error bar: a preconditioner's answer when the backend's solves are
+        costly and it has one, else a solve; ``nan`` if that solve fails (the error bar is advisory)."""
+        pending = getattr(self.curvature, "_pending", None)
+        if not self.curvature.cheap_damping and pending is not None and pending[0] is not None:
+            return pending[0].solve(dev, damping)
+        try:
+            return self.curvature.solve(dev, damping).x
+        except SolverDivergedError:
+            return torch.full_like(dev, float("nan"))
 
-    def _check_operator(self, op: Any) -> Any:
-        """The operator a low-rank or K-FAC step is checked against: the first ``check_draws`` draws of ``op``.
-
-        With ``backend="auto"`` and at most :data:`_LOOP_DRAWS` check draws the products prefer a loop of
-        double-backward passes: for one vector at a few draws that is cheaper than vmapped forward-over-reverse
-        (digits CNN, 2 draws × 128 points: 6 ms vs 12 ms); both agree to float rounding (tested).
-        """
-        k = self.check_draws
-        if k is None or not isinstance(op, SampleAveragedHessian) or k >= op.n_draws:
-            return op
-        args = op.args if op.shared_args else tuple(a[:k] for a in op.args)
-        backend = "auto" if self.backend == "auto" else op.backend
-        prefer = "autograd" if k <= _LOOP_DRAWS else "func"
-        return SampleAveragedHessian(
-            op.f, op.thetas[:k], args, shared_args=op.shared_args, backend=backend, prefer=prefer
-        )
-
-    def _kfac(self, op: Any, info: dict[str, Any]) -> KFAC:
-        reused = self._precond is not None and self._precond_age < self.refresh_every
-        if reused:
-            self._precond_age += 1
-            self._precond.n = self._request_n
-        else:
-            if not isinstance(op, SampleAveragedHessian):
-                raise ValueError("solver='kfac' supports hessian='remaining' only")
-            std = getattr(self.model, "prior_std", None)
-            if std is None:
-                raise ValueError("solver='kfac' needs a Gaussian prior N(0, σ²): give the model a prior_std attribute")
-            # factors at the curvature draws, each with its curvature minibatch (or all remaining points)
-            S = op.thetas.shape[0]
-            batches = [tuple(op.args)] * S if op.shared_args else [tuple(a[s] for a in op.args) for s in range(S)]
-            self._precond = KFAC.build(self.model, op.thetas, batches, self._request_n, 1.0 / std**2, self.damping)
-            self._precond_age = 1
-        info["preconditioner_reused"] = reused
-        return self._precond
-
-    def _iterative(self, op: Any, rhs: torch.Tensor, precond: Any = None) -> SolveResult:
-        if self.solver in (SolverName.LOWRANK, SolverName.KFAC):
-            return solve(self.solver, op, rhs, preconditioner=precond, tol=self.tol)
-        if self.solver is SolverName.CG:
-            return solve(
-                SolverName.CG,
-                op,
-                rhs,
-                damping=self.damping,
-                max_iter=self.iter_T,
-                tol=self.tol,
-                preconditioner=precond,
-                negative_curvature=self.negative_curvature,
-            )
-        return solve(
-            SolverName.LISSA,
-            op,
-            rhs,
-            damping=self.damping,
-            scaling=self.scaling,
-            iters=self.iter_T,
-            tol=self.tol,
-            generator=self.generator,
-        )
+    def _shift(
+        self, live: torch.Tensor, x: torch.Tensor, damping: float, h_f: Callable, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.bank_shift is BankShift.MEAN:
+            return live + x, (None if self.bank is None else self.bank + x)
+        if self.bank_shift is BankShift.SAMPLE:
+            pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
+            g_all = self._per_draw_grads(h_f, pts, batch)
+            moved = pts + self.curvature.solve(g_all.T, damping).x.T
+            return moved[0], (moved[1:] if self.bank is not None else None)
+        assert isinstance(self.curvature, DenseBackend)
+        T = self.curvature.transport(damping)  # exact Gaussian transport from the old to the new precision
+        ref = self.bank if self.bank is not None else live[None]
+        mu = ref.mean(0)
+        new_live = mu + x + (live - mu) @ T.T
+        new_bank = mu + x + (self.bank - mu) @ T.T if self.bank is not None else None
+        return new_live, new_bank
 
     def _newton_corrections(
         self,
         e_f: Callable,
-        system: Any,
-        precond: Any,
-        remaining: Any,
+        damping: float,
+        stream: _Stream,
         live: torch.Tensor,
         bank: torch.Tensor | None,
         info: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Further Newton steps ``x ← x − H⁻¹ E[∇F(θ + x, S∖S')]`` on the whole remaining data.
+        """Further Newton steps ``x ← x − (H+λ)⁻¹ E[∇F(θ + x, S∖S')]`` on the whole remaining data.
 
-        At the new posterior ``E_θ[∇F(θ, S∖S')] = 0`` (integration by parts), so each step moves every
-        sample by the same vector to zero the sample-averaged gradient of the remaining-data energy; the
-        Hessian is the one of the first step (reused, not rebuilt).
+        At the new posterior ``E_θ[∇F(θ, S∖S')] = 0`` (integration by parts), so each step moves every sample by
+        the same vector to zero the sample-averaged gradient of the remaining-data energy; the curvature is the
+        first step's (reused, not rebuilt).
         """
-        if not hasattr(remaining, "remaining"):
+        full = stream.full()
+        if full is None:
             raise ValueError("newton_steps > 1 needs the remaining data as a RemovableDataset (remaining())")
-        full = _as_batch(remaining.remaining())
         norms = []
         for _ in range(self.newton_steps - 1):
             pts = bank if bank is not None else live[None]
-            g = self._per_draw_grads(e_f, pts[_evenly(pts.shape[0], self.grad_draws)], full).mean(0)
-            if isinstance(system, torch.Tensor):
-                dx = solve(SolverName.EXACT, system, -g, damping=self.damping).x
-            else:
-                dx = self._iterative(system, -g, precond).x
+            g = self._per_draw_grads(e_f, pts[_evenly(pts.shape[0], self._grad_draw_count(1))], full).mean(0)
+            dx = self.curvature.solve(-g, damping).x
             live = live + dx
             bank = None if bank is None else bank + dx
             norms.append(float(dx.norm()))
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
         return live, bank
 
-    def _stderr_solve(self, op: Any, dev: torch.Tensor, precond: Any) -> torch.Tensor:
-        """``H⁻¹·dev`` for the Monte-Carlo error bar: the preconditioner's answer when there is one (no extra
-        products), else a solve with the same solver; ``nan`` if that solve fails (the error bar is advisory)."""
-        if precond is not None:
-            return precond.solve(dev) if hasattr(precond, "solve") else precond(dev)
-        try:
-            return self._iterative(op, dev).x
-        except SolverDivergedError:
-            return torch.full_like(dev, float("nan"))
-
-    def _solve_many(self, M: Any, g_all: torch.Tensor) -> torch.Tensor:
-        if isinstance(M, torch.Tensor):
-            return solve(SolverName.EXACT, M, g_all.T, damping=self.damping).x.T
-        return self._iterative(M, g_all.T).x.T
-
-    def _dense_system(
-        self, h_f: Callable, e_f: Callable, thetas: torch.Tensor, batch: Batch, remaining: Iterator[Batch]
-    ) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
-        """Dense remaining-data Hessian ``A'`` and full-data Hessian ``A = A' + E[∇²Σh]`` at the draws.
-
-        ``A'`` is rebuilt from fresh minibatches every ``refresh_every`` requests; in between it is the
-        previous request's ``A'`` minus this request's removed-points Hessian (exact bookkeeping of
-        ``F(θ, S∖S') = F(θ, S) − Σ_{S'} h``, ignoring the drift of the draws).
-        """
-        d = thetas.shape[1]
-        H_r = self._dense_hessian(h_f, thetas, batch, shared=True)
-        products = thetas.shape[0] * d
-        reused = self._cache is not None and self._cache_age < self.refresh_every
-        if reused:
-            A_new = self._cache - H_r
-            self._cache_age += 1
-        else:
-            full = self.curvature_data == "full" or (
-                self.curvature_data == "auto"
-                and hasattr(remaining, "remaining")
-                and len(remaining) * thetas.shape[0] <= 32_768
-            )
-            if full:
-                A_new = self._dense_hessian(e_f, thetas, _as_batch(remaining.remaining()), shared=True)
-            else:
-                A_new = self._dense_hessian(
-                    e_f, thetas, self._curvature_batches(remaining, thetas.shape[0]), shared=False
-                )
-            products += thetas.shape[0] * d
-            self._cache_age = 1
-        A_new = 0.5 * (A_new + A_new.T)
-        self._cache = A_new
-        return A_new, A_new + H_r, products, {"hessian_reused": reused}
-
+    # ------------------------------------------------------------------ checkpoints
     def curvature_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Cached curvature as tensors plus JSON metadata (for checkpoints; see :meth:`load_curvature_state`)."""
-        tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"cache_age": int(self._cache_age), "precond_age": int(self._precond_age)}
-        if self._cache is not None:
-            tensors["cache"] = self._cache
-        if isinstance(self._precond, LowRankPreconditioner):  # a K-FAC factorisation is rebuilt after loading
-            tensors["precond_U"], tensors["precond_lam"] = self._precond.U, self._precond.lam
-            meta["precond_c"] = self._precond.c
+        """Cached curvature and the damping state as tensors plus JSON metadata (see :meth:`load_curvature_state`)."""
+        tensors, meta = self.curvature.state_dict()
+        meta = {**meta, "damping_relative": float(self.control.relative)}
         return tensors, meta
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`curvature_state` returned (tensors are cloned)."""
-        cache = tensors.get("cache")
-        self._cache = None if cache is None else cache.clone()
-        self._cache_age = int(meta.get("cache_age", 0))
-        if "precond_U" in tensors and "precond_c" in meta:
-            self._precond = LowRankPreconditioner(
-                tensors["precond_U"].clone(), tensors["precond_lam"].clone(), float(meta["precond_c"])
-            )
+        if self.solver is SolverName.KFAC:
+            self.curvature.load_state_dict(tensors, meta, model=self.model)
         else:
-            self._precond = None
-        self._precond_age = int(meta.get("precond_age", 0))
+            self.curvature.load_state_dict(tensors, meta)
+        self.control.relative = float(meta.get("damping_relative", 0.0))
 
     def reset_curvature(self) -> None:
-        """Forget cached curvature (dense Hessian, preconditioner); call after the chain moved a lot."""
-        self._cache = None
-        self._cache_age = 0
-        self._precond = None
-        self._precond_age = 0
+        """Forget cached curvature and the carried damping; call after the chain moved a lot."""
+        self.curvature.reset()
+        self.control.relative = 0.0

@@ -1,0 +1,154 @@
+"""Dense curvature: the exact remaining-data Hessian, for models of up to a few thousand parameters.
+
+``H = (1/S) Σ_s ∇²F(θ_s, S∖S')`` is built column by column in memory-bounded chunks, symmetrised and
+eigendecomposed once per request (``H = Q diag(w) Qᵀ``, in float64), so every damped solve the step control asks
+for costs two ``D × D`` products: ``(H + λI)⁻¹b = Q diag(1/(w + λ)) Qᵀ b``. Across requests the Hessian is reused
+for ``refresh_every`` requests and *downdated* in between: the next request's remaining-data Hessian is this one's
+minus the Hessian of the points it removes (exact bookkeeping of ``F(θ, S∖S') = F(θ, S) − Σ_{S'} h``; only the
+drift of the draws is ignored). The old (full-data) Hessian ``A = H + E[∇²Σ_{S'}h]`` is kept for the exact
+Gaussian transport of the bank (``bank_shift="affine"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import SolverDivergedError, all_finite
+from ..solvers import SolveResult
+from .base import CurvatureBackend, NegativeCurvatureError, Problem
+
+__all__ = ["DenseBackend", "dense_memory"]
+
+
+def dense_memory(dim: int, itemsize: int = 4) -> int:
+    """Bytes of the dense path's matrices: the Hessian, the old Hessian, the cache and a float64 eigendecomposition
+    (the per-row working memory of the build is bounded separately by the column chunks)."""
+    return dim * dim * (3 * itemsize + 3 * 8)
+
+
+class DenseBackend(CurvatureBackend):
+    """Exact dense Hessian with downdates across requests (see the module docstring).
+
+    Args:
+        refresh_every: Rebuild from data every this many requests; downdate in between (1: always rebuild).
+    """
+
+    name = "exact"
+    cheap_damping = True
+
+    def __init__(self, refresh_every: int = 1) -> None:
+        super().__init__()
+        self.refresh_every = max(1, int(refresh_every))
+        self.cache: torch.Tensor | None = None  # remaining-data Hessian after the last applied request
+        self.age = 0
+        self._pending: tuple[torch.Tensor, int] | None = None
+        self.M: torch.Tensor | None = None  # the system matrix of this request (remaining or full)
+        self.A_new: torch.Tensor | None = None
+        self._H_r: torch.Tensor | None = None
+        self._problem: Problem | None = None
+        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def prepare(self, problem: Problem) -> dict[str, Any]:
+        thetas, d = problem.thetas, problem.dim
+        self._problem = problem
+        self._H_r = None
+        self.products = 0
+        reused = self.cache is not None and self.age < self.refresh_every
+        if reused:
+            A_new, age = self.cache - self._removed_hessian(), self.age + 1
+        else:
+            A_new = problem.dense_hessian(problem.energy_f, thetas, problem.batch, problem.shared)
+            self.products += thetas.shape[0] * d
+            age = 1
+        A_new = 0.5 * (A_new + A_new.T)
+        if not all_finite(A_new):
+            raise SolverDivergedError(
+                "exact: the Hessian has non-finite entries; nothing was changed. Check the model and data for overflow"
+            )
+        self.A_new = A_new
+        self.M = A_new if problem.hessian == "remaining" else self.old_hessian()
+        w, Q = torch.linalg.eigh(self.M.double())
+        self._eig = (w, Q)
+        self._pending = (A_new, age)
+        return {"hessian_reused": reused, "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
+
+    def _removed_hessian(self) -> torch.Tensor:
+        """``E[∇²Σ_{S'} h]`` at the draws (computed once per request, when first needed)."""
+        if self._H_r is None:
+            p = self._problem
+            self._H_r = p.dense_hessian(p.nll_f, p.thetas, p.removed, True)
+            self.products += p.thetas.shape[0] * p.dim
+        return self._H_r
+
+    def old_hessian(self) -> torch.Tensor:
+        """The Hessian before the removal, ``A = H + E[∇²Σ_{S'} h]`` (symmetrised)."""
+        A = self.A_new + self._removed_hessian()
+        return 0.5 * (A + A.T)
+
+    def solve(self, rhs: torch.Tensor, damping: float) -> SolveResult:
+        w, Q = self._eig
+        shifted = w + damping
+        if not bool((shifted > 1e-12 * max(float(w.abs().max()), 1e-30)).all()):
+            raise NegativeCurvatureError(
+                f"the Hessian plus damping {damping:.3g} has eigenvalue {float(shifted.min()):.3g} <= 0"
+            )
+        b = rhs.double()
+        coef = Q.T @ b
+        coef = coef / (shifted[:, None] if b.ndim == 2 else shifted)
+        x = (Q @ coef).to(rhs.dtype)
+        if not all_finite(x):
+            raise SolverDivergedError("exact produced non-finite values; nothing was changed. Add damping")
+        M = self.M.double()
+        r = b - (M @ x.double() + damping * x.double())
+        bn = b.norm(dim=0) if b.ndim == 2 else b.norm().reshape(1)
+        rn = r.norm(dim=0) if r.ndim == 2 else r.norm().reshape(1)
+        res = float((rn / bn.clamp_min(1e-300)).max())
+        return SolveResult(x, "exact", 0, res, True, 0.0, {"method": "eigh", "damping": damping})
+
+    def quad(self, x: torch.Tensor) -> float:
+        return float(x.double() @ (self.M.double() @ x.double()))
+
+    def scale(self) -> float:
+        w = self._eig[0]
+        mean = float(w.mean())
+        return mean if mean > 0 else float(w.abs().mean())
+
+    def min_damping(self) -> float:
+        w = self._eig[0]
+        lo = float(w[0])
+        return 0.0 if lo > 0 else -lo + 1e-6 * float(w.abs().max())
+
+    def transport(self, damping: float) -> torch.Tensor:
+        """``T = (A' + λ)^{-1/2} (A + λ)^{1/2}``: the exact Gaussian transport from the old precision ``A`` to the
+        new ``A'`` (``bank_shift="affine"``), with the request's damping on both."""
+
+        def sym_pow(M: torch.Tensor, p: float) -> torch.Tensor:
+            w, V = torch.linalg.eigh(M.double())
+            w = w + damping
+            if not bool((w > 0).all()):
+                raise SolverDivergedError(
+                    "bank_shift='affine' needs a positive-definite Hessian (smallest eigenvalue "
+                    f"{float(w.min()):.3g}); add damping or use bank_shift='mean'"
+                )
+            return (V * w**p) @ V.T
+
+        return (sym_pow(self.A_new, -0.5) @ sym_pow(self.old_hessian(), 0.5)).to(self.A_new.dtype)
+
+    def commit(self) -> None:
+        if self._pending is not None:
+            self.cache, self.age = self._pending
+        self._pending = self._problem = self._H_r = None
+
+    def reset(self) -> None:
+        self.cache, self.age, self._pending = None, 0, None
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {} if self.cache is None else {"cache": self.cache}
+        return tensors, {"cache_age": int(self.age)}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        cache = tensors.get("cache")
+        self.cache = None if cache is None else cache.clone()
+        self.age = int(meta.get("cache_age", 0))

@@ -1,0 +1,110 @@
+"""Memory budgets: how much a curvature computation may take, and how much one data row costs.
+
+Every path that could grow with parameters × rows × draws is planned before it runs: the unlearner measures
+the bytes autograd saves per data row of the model's energy (:func:`bytes_per_row`, one probe on one and on
+two rows), and sizes its chunks of draws, rows and Hessian columns so that the estimate stays under a budget
+(:func:`resolve_budget`, by default a quarter of the memory available when the unlearner is built).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["available_memory", "bytes_per_row", "chunk_for", "format_bytes", "resolve_budget"]
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+DEFAULT_FRACTION = 0.25
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (``MemAvailable`` on Linux; 8 GiB if unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def resolve_budget(budget: int | float | str | None) -> int:
+    """Bytes from ``budget``: ``None`` (a quarter of the available memory), a number of bytes, a string such as
+    ``"2GB"``/``"512MiB"``, or a fraction of the available memory such as ``"40%"``.
+
+    Raises:
+        ValueError: a budget that is not positive or cannot be read.
+    """
+    if budget is None:
+        return int(DEFAULT_FRACTION * available_memory())
+    if isinstance(budget, str):
+        s = budget.strip().lower().replace(" ", "")
+        if s.endswith("%"):
+            try:
+                frac = float(s[:-1]) / 100
+            except ValueError:
+                frac = float("nan")
+            if not 0 < frac <= 1:
+                raise ValueError(f"memory_budget {budget!r}: a percentage must be in (0, 100]")
+            return int(frac * available_memory())
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", s)
+        if m is None or m.group(2) not in _UNITS:
+            raise ValueError(f"memory_budget {budget!r}: write bytes as e.g. 2GB, 512MiB or 25%")
+        budget = float(m.group(1)) * _UNITS[m.group(2)]
+    if not budget > 0:
+        raise ValueError(f"memory_budget must be positive, got {budget!r}")
+    return int(budget)
+
+
+def format_bytes(n: float) -> str:
+    """``1536 → '1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _saved_bytes(f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Sequence[torch.Tensor]) -> int:
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functorch wrappers)
+            pass
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        t = theta.detach().requires_grad_(True)
+        f(t, *batch)
+    return sum(seen.values())
+
+
+def bytes_per_row(f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Sequence[torch.Tensor]) -> int:
+    """Bytes autograd saves for the backward pass of ``f(θ, *rows)`` per data row (activations).
+
+    Measured on the first one and the first two rows of ``batch`` (the difference is the per-row cost, which
+    excludes the parameters themselves); at least the size of one row's inputs.
+    """
+    floor = sum(t[:1].numel() * t.element_size() for t in batch if isinstance(t, torch.Tensor))
+    if batch[0].shape[0] < 2:
+        return max(_saved_bytes(f, theta, batch), floor, 1)
+    one = _saved_bytes(f, theta, tuple(t[:1] for t in batch))
+    two = _saved_bytes(f, theta, tuple(t[:2] for t in batch))
+    return max(two - one, floor, 1)
+
+
+def chunk_for(budget: int, per_item: int, total: int, reserve: int = 0) -> int:
+    """How many items of ``per_item`` bytes fit in ``budget − reserve`` (at least 1, at most ``total``)."""
+    room = max(budget - reserve, 0)
+    return int(max(1, min(total, room // max(per_item, 1))))

@@ -1,0 +1,75 @@
+"""Memory budgets: parsing, the per-row estimate, chunked dense Hessians, and the auto backend choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.backends import dense_memory
+from mcmc_unlearner.curvature import ParamSpec, functionalize
+from mcmc_unlearner.memory import available_memory, bytes_per_row, chunk_for, resolve_budget
+from mcmc_unlearner.models.gmm import GaussianMixture
+
+
+def test_budget_strings() -> None:
+    assert resolve_budget("2GB") == 2_000_000_000
+    assert resolve_budget("512MiB") == 512 * 2**20
+    assert resolve_budget(1e6) == 1_000_000
+    assert abs(resolve_budget("50%") - 0.5 * available_memory()) <= 0.05 * available_memory()
+    assert 0 < resolve_budget(None) <= available_memory()
+    for bad in ("-1GB", "lots", "0%", "150%", 0, -5):
+        with pytest.raises(ValueError, match="memory_budget"):
+            resolve_budget(bad)
+
+
+def test_bytes_per_row_counts_the_activations_of_one_row() -> None:
+    """An MLP 100→512→tanh→512→tanh→1 saves per row: its input (100 floats, for the first weight's gradient), the
+    two tanh outputs (512 each; tanh's backward and the next layer's weight gradient share them) and the output."""
+    model = nn.Sequential(nn.Linear(100, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 1))
+    f = functionalize(model, lambda m, x: m(x).pow(2).sum())
+    per_row = bytes_per_row(f, ParamSpec.flatten_module(model), (torch.randn(8, 100),))
+    assert per_row == 4 * (100 + 512 + 512 + 1), per_row
+    assert chunk_for(10_000, 3_000, 100) == 3 and chunk_for(10, 3_000, 100) == 1 and chunk_for(10**9, 1, 7) == 7
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _nll(m, batch):
+    return nn.functional.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+
+def test_dense_hessian_in_column_chunks_equals_one_pass_and_refuses_what_cannot_fit() -> None:
+    model = _tiny_net()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta + 0.1 * torch.randn(3, theta.numel(), dtype=torch.float64)
+    big = MCMCUnlearner(model, nll=_nll, memory_budget="1GB")
+    f = big._energy_f(100)
+    big._bytes_per_row(f, theta, (x, y))
+    H_big = big._dense_hessian(f, thetas, (x, y), True)
+    ref = torch.stack([torch.autograd.functional.hessian(lambda t, s=s: f(t, x, y), s) for s in thetas]).mean(0)
+    assert torch.allclose(H_big, ref, atol=1e-10)
+    per_col = 3 * 30 * big._row_bytes
+    small = MCMCUnlearner(model, nll=_nll, memory_budget=big.memory_budget)
+    small.memory_budget = dense_memory(51, 8) + 2 * per_col  # the dense matrices plus two columns at a time
+    small._row_bytes = big._row_bytes
+    assert torch.allclose(small._dense_hessian(f, thetas, (x, y), True), H_big, atol=1e-12)
+    small.memory_budget = dense_memory(51, 8) + per_col // 2
+    with pytest.raises(MemoryError, match="memory budget"):
+        small._dense_hessian(f, thetas, (x, y), True)
+
+
+def test_auto_backend_choice_follows_size_layers_and_memory() -> None:
+    small = MCMCUnlearner(_tiny_net(), nll=_nll)
+    assert small.solver.value == "exact" and "exact_max_dim" in small.solver_reason
+    wide = nn.Sequential(nn.Linear(50, 40), nn.Tanh(), nn.Linear(40, 3))
+    assert MCMCUnlearner(wide, nll=_nll).solver.value == "kfac"
+    assert MCMCUnlearner(_tiny_net(), nll=_nll, memory_budget=1000).solver.value == "kfac"  # does not fit
+    gmm = GaussianMixture(k=4, dim=2)
+    assert MCMCUnlearner(gmm, exact_max_dim=4).solver.value == "cg"  # no Linear layers: matrix-free
+    assert MCMCUnlearner(gmm, exact_max_dim=4).precondition_rank == 20

@@ -1,0 +1,209 @@
+"""The step control: the safety check against closed forms, the damping rule, and the quality gate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_blr
+from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+from mcmc_unlearner.backends.base import CurvatureBackend, NegativeCurvatureError
+from mcmc_unlearner.curvature import functionalize
+from mcmc_unlearner.errors import QualityError
+from mcmc_unlearner.models.linreg import BayesianLinearRegression
+from mcmc_unlearner.solvers import SolveResult
+from mcmc_unlearner.step import DampingControl, EnergyCheck, Measurement
+
+
+def _blr_draws(prob, S: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    L = torch.linalg.cholesky(prob.cov_all)
+    return (prob.mean_all + torch.randn(S, prob.mean_all.numel(), generator=g, dtype=torch.float64) @ L.T).float()
+
+
+def test_energy_check_equals_the_closed_form_on_a_linear_gaussian_model() -> None:
+    """For a quadratic energy the remainder is exactly ½xᵀ(XᵀX + I)x on all rows: actual = −G·x + ½xᵀH_r x."""
+    prob = make_blr(n=200, dim=3, removed=20, seed=1)
+    model = BayesianLinearRegression(3).double()
+    rows = (prob.x[prob.keep].double(), prob.y[prob.keep].double())
+    n = rows[0].shape[0]
+    f = functionalize(model, lambda m, *b: m.nll(b))
+    lp = functionalize(model, lambda m: m.log_prior())
+    thetas = _blr_draws(prob, 4).double()
+    G = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    check = EnergyCheck(f, lp, thetas, rows, n, G)
+    H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
+    for x in (torch.tensor([0.01, 0.02, -0.03]), torch.tensor([1.0, -2.0, 0.5])):
+        x = x.double()
+        m = check(x)
+        exact = -float(G @ x) + 0.5 * float(x @ H_r @ x)
+        assert m.actual == pytest.approx(exact, rel=1e-9, abs=1e-9)
+        # the per-row NLL change is the plain mean of h(θ+x) − h(θ) over rows and draws
+        nll0 = torch.stack([f(t, *rows) for t in thetas])
+        nll1 = torch.stack([f(t + x, *rows) for t in thetas])
+        assert m.nll_change == pytest.approx(float((nll1 - nll0).mean()), rel=1e-9, abs=1e-12)
+
+
+def test_energy_check_stderr_matches_the_spread_over_row_subsets() -> None:
+    """The reported standard error of n·mean(R) is the Monte-Carlo spread of that estimate over row subsets."""
+    prob = make_blr(n=4000, dim=3, removed=20, seed=2)
+    model = BayesianLinearRegression(3).double()
+    f = functionalize(model, lambda m, *b: m.nll(b))
+    thetas = _blr_draws(prob, 2).double()
+    G = torch.zeros(3, dtype=torch.float64)
+    x = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    X, Y = prob.x.double(), prob.y.double()
+    estimates, stderrs = [], []
+    for k in range(40):
+        idx = torch.arange(k * 100, (k + 1) * 100)
+        m = EnergyCheck(f, None, thetas, (X[idx], Y[idx]), 4000, G)(x)
+        estimates.append(m.actual)
+        stderrs.append(m.stderr)
+    spread = float(torch.tensor(estimates).std())
+    mean_se = sum(stderrs) / len(stderrs)
+    # 40 subsets: the sample sd is within ~±25% of the truth (sd of an sd estimate ≈ 1/sqrt(2·39) ≈ 11%)
+    assert 0.7 < spread / mean_se < 1.4, (spread, mean_se)
+
+
+class _QuadraticBackend(CurvatureBackend):
+    """A backend whose curvature model is ``B`` while the true energy has Hessian ``H``."""
+
+    name = "test"
+
+    def __init__(self, B: torch.Tensor) -> None:
+        super().__init__()
+        self.B = B
+        self.solves = 0
+
+    def prepare(self, problem):  # pragma: no cover - not used here
+        return {}
+
+    def solve(self, rhs, damping):
+        self.solves += 1
+        w = torch.linalg.eigvalsh(self.B)
+        if float(w.min()) + damping <= 0:
+            raise NegativeCurvatureError("indefinite")
+        x = torch.linalg.solve(self.B + damping * torch.eye(self.B.shape[0], dtype=self.B.dtype), rhs)
+        return SolveResult(x, "test", 0, 0.0, True)
+
+    def quad(self, x):
+        return float(x @ self.B @ x)
+
+    def scale(self):
+        return float(torch.diagonal(self.B).mean())
+
+
+def _true_check(H: torch.Tensor, G: torch.Tensor):
+    return lambda x: Measurement(-float(G @ x) + 0.5 * float(x @ H @ x), 0.0, 0.0)
+
+
+def test_damping_control_rejects_an_overshooting_model_and_finds_a_decreasing_step() -> None:
+    """A curvature model 10× too flat proposes a step 10× too long: the energy goes up, the rule raises the
+    damping until the predicted decrease is (mostly) realised, and the accepted step improves the energy."""
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    H = Q @ torch.diag(torch.tensor([1.0, 2.0, 5.0, 10.0, 50.0], dtype=torch.float64)) @ Q.T
+    G = torch.randn(5, dtype=torch.float64)
+    control = DampingControl()
+    out = control.step(_QuadraticBackend(0.1 * H), G, _true_check(H, G))
+    assert out.safe and out.trials > 1 and out.damping > 0
+    assert out.actual < 0 and out.ratio >= control.eta
+    assert out.history[0]["ratio"] < control.eta  # the undamped step was refused
+    newton = -0.5 * float(G @ torch.linalg.solve(H, G))  # best possible decrease
+    assert out.actual <= 0.25 * newton  # a real fraction of the Newton decrease, not a token step
+    assert control.relative > 0  # the damping is carried to the next request
+    # an exact model is accepted at once without damping
+    exact = DampingControl()
+    ok = exact.step(_QuadraticBackend(H), G, _true_check(H, G))
+    assert ok.safe and ok.trials == 1 and ok.damping == 0 and ok.ratio == pytest.approx(1.0)
+
+
+def test_damping_control_handles_an_indefinite_model() -> None:
+    H = torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64))
+    B = torch.diag(torch.tensor([-3.0, 4.0, 9.0], dtype=torch.float64))  # one wrong, negative eigenvalue
+    G = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    out = DampingControl().step(_QuadraticBackend(B), G, _true_check(H, G))
+    assert out.safe and out.damping > 3.0 and out.actual < 0
+
+
+def test_fixed_damping_is_checked_but_not_adapted() -> None:
+    H = torch.eye(2, dtype=torch.float64)
+    G = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    control = DampingControl(damping=0.0)
+    out = control.step(_QuadraticBackend(0.05 * H), G, _true_check(H, G))
+    assert out.trials == 1 and not out.safe and out.actual > 0 and "ratio" in out.note
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, "large"])
+def test_bad_damping_settings_are_refused(bad) -> None:
+    with pytest.raises(ValueError, match="damping"):
+        DampingControl(damping=bad)
+
+
+# ---------------------------------------------------------------------------------------------- the unlearner
+def _blr_unlearner(prob, **kw):
+    model = BayesianLinearRegression(prob.x.shape[1])
+    data = RemovableDataset(prob.x, prob.y, batch_size=50, seed=0)
+    un = MCMCUnlearner(model, bank=_blr_draws(prob, 32), curvature_draws=4, **kw)
+    return model, data, un
+
+
+def test_auto_damping_on_a_gaussian_posterior_is_an_undamped_newton_step() -> None:
+    prob = make_blr()
+    _, data, un = _blr_unlearner(prob)
+    report = un.forget(prob.removed, data)
+    assert un.solver.value == "exact" and report.safe and report.passed
+    assert report.damping == 0.0 and report.damping_trials == 1
+    assert report.model_ratio == pytest.approx(1.0, abs=0.15)  # minibatch curvature vs the check's rows
+    assert report.actual_change < 0 and report.predicted_change < 0
+
+
+def test_quality_gate_refuses_a_step_made_by_the_damping_and_changes_nothing() -> None:
+    prob = make_blr()
+    model, data, un = _blr_unlearner(prob, damping=1e12)
+    bank, w, state = un.bank.clone(), model.w.detach().clone(), data.state_dict()
+    with pytest.raises(QualityError, match="made by the damping") as err:
+        un.forget(prob.removed, data)
+    assert not err.value.report.passed
+    assert (
+        torch.equal(un.bank, bank)
+        and torch.equal(model.w, w)
+        and torch.equal(data.state_dict()["alive"], state["alive"])
+    )
+    assert un.history == []
+
+
+def test_quality_gate_refuses_an_unconverged_solve() -> None:
+    prob = make_blr()
+    _, data, un = _blr_unlearner(prob, solver="cg", iter_T=0)
+    with pytest.raises(QualityError, match="solve stopped"):
+        un.forget(prob.removed, data)
+    report = un.forget(prob.removed, data, strict=False)  # applied on request, its problems recorded
+    assert report.problems and not report.converged
+
+
+def test_propose_changes_nothing_and_apply_equals_remove() -> None:
+    prob = make_blr()
+    results = []
+    for how in ("remove", "propose"):
+        model, data, un = _blr_unlearner(prob, bank_shift="affine", refresh_every=3)
+        data.remove(prob.removed)
+        batch = data.get(prob.removed)
+        if how == "propose":
+            before = (model.w.detach().clone(), un.bank.clone(), data.state_dict(), un.generator.get_state())
+            prop = un.propose(batch, data)
+            assert torch.equal(model.w, before[0]) and torch.equal(un.bank, before[1])
+            assert all(torch.equal(v, before[2][k]) for k, v in data.state_dict().items())
+            assert torch.equal(un.generator.get_state(), before[3])
+            assert un.curvature.cache is None and un.history == []
+            un.apply(prop)
+            with pytest.raises(ValueError, match="stale"):
+                un.apply(prop)
+        else:
+            un.remove(batch, data)
+        results.append((un.bank.clone(), model.w.detach().clone(), un.curvature.cache.clone(), data.state_dict()))
+    (b0, w0, c0, d0), (b1, w1, c1, d1) = results
+    assert torch.equal(b0, b1) and torch.equal(w0, w1) and torch.equal(c0, c1)
+    assert all(torch.equal(v, d1[k]) for k, v in d0.items())
