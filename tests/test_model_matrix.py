@@ -73,7 +73,15 @@ def _explain(r: dict[str, Any]) -> str:
     return f"{r['model']}: status {req.get('status')}, {mm.report_fields(req)}; {req.get('error', '')[:400]}"
 
 
-XFAIL: dict[tuple[str, str], str] = {}
+#: Measured failures of the library these marks were set against (main f748118, merged into this branch): the
+#: default solver picks K-FAC for every model here (exact_max_dim 1000) and refuses a model without a
+#: ``prior_std`` attribute. Remove a mark once its test passes (strict mode reports it as XPASS).
+_KFAC_PRIOR = "f748118: ValueError: solver='kfac' needs a Gaussian prior N(0, σ²): give the model a prior_std attribute"
+XFAIL: dict[tuple[str, str], str] = {
+    **{(m, t): _KFAC_PRIOR for m in MODELS for t in ("no_failure", "fraction", "accuracy")},
+    ("list", "layout"): _KFAC_PRIOR,
+    ("dict", "layout"): _KFAC_PRIOR,
+}
 
 
 def case(name: str, target: str) -> Any:
@@ -191,40 +199,36 @@ def test_harness_layouts_round_trip() -> None:
 
 
 def test_harness_sgld_samples_a_gaussian() -> None:
-    """The hand-written SGLD loop samples N(m, s²) for F(θ) = Σ_i (θ − y_i)²/2 + θ²/2 (closed form) within
-    Monte-Carlo error: posterior mean Σy/(n+1), variance 1/(n+1)."""
+    """The hand-written SGLD loop samples the closed-form posterior of ``θ`` (a bias) under
+    ``F(θ) = θ²/2 + Σ_i (θ − y_i)²/2``: ``N(Σy/(n+1), 1/(n+1))``, within Monte-Carlo error."""
     g = torch.Generator().manual_seed(0)
-    y = torch.randn(50, generator=g) + 2.0
-    x = torch.zeros(50, 1)
-    model = torch.nn.Linear(1, 1, bias=True)
+    n = 50
+    y = torch.randn(n, generator=g) + 2.0
+    model = torch.nn.Linear(1, 1)
     torch.nn.init.zeros_(model.weight)
-    model.weight.requires_grad_(False)
+    model.weight.requires_grad_(False)  # input is 0 anyway; only the bias is sampled
 
     def nll(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         xb, yb = batch
         return 0.5 * (m(xb).squeeze(-1) - yb) ** 2
 
+    lr, thin, keep = 2e-3, 5, 1000
+    x = torch.zeros(n, 1)
     bank = mm.sgld_chain(
-        model,
-        nll,
-        mm.gaussian_log_prior(1.0),
-        x,
-        y,
-        lr=2e-3,
-        burn_lr=2e-3,
-        burn=500,
-        keep=2000,
-        thin=5,
-        batch=50,
-        seed=0,
+        model, nll, mm.gaussian_log_prior(1.0), x, y, lr=lr, burn_lr=lr, burn=300, keep=keep, thin=thin, batch=n, seed=0
     )
-    mean, var = float(y.sum() / 51), 1 / 51
-    samples = bank[:, 0]
-    # 2,000 draws thinned by 5 at step 2e-3 (autocorrelation time ~1/(ε·n/2) = 20 steps): ESS >= 400
-    se = math.sqrt(var / 400)
-    assert abs(float(samples.mean()) - mean) < 4 * se
-    # SGLD's discretisation inflates the variance by ~1/(1 − ε·(n+1)/4) = 1.026 here
-    assert float(samples.var()) == pytest.approx(var * 1.026, rel=0.2)
+    samples = bank[:, 1]  # [weight, bias]
+    prec = n + 1
+    mean = float(y.sum()) / prec
+    # full-batch SGLD on a quadratic is the AR(1) chain θ' = ρθ + … with ρ = 1 − ε·prec/2: stationary variance
+    # 1/(prec·(1 − ε·prec/4)) (the discretisation's inflation, 2.6% here), integrated autocorrelation time
+    # (1+ρ)/(1−ρ) steps for θ and (1+ρ²)/(1−ρ²) for θ²
+    rho = 1 - lr * prec / 2
+    var = 1 / (prec * (1 - lr * prec / 4))
+    ess_mean = keep * thin * (1 - rho) / (1 + rho)
+    ess_var = keep * thin * (1 - rho**2) / (1 + rho**2)
+    assert abs(float(samples.mean()) - mean) < 4 * math.sqrt(var / ess_mean)
+    assert abs(float(samples.var()) / var - 1) < 4 * math.sqrt(2 / ess_var)
 
 
 def test_harness_memory_measurement_sees_an_allocation() -> None:
