@@ -1,66 +1,1290 @@
-"""Interim adapter: the new Kronecker-curvature interface over the existing :class:`~mcmc_unlearner.kfac.KFAC`
-(exact label expectation, Gaussian prior from ``model.prior_std``). Replaced by the sampled-label implementation."""
+r"""Kronecker-factored curvature of a Bayesian network's energy, Monte-Carlo over labels, for any PyTorch model.
+
+Approximates the sample-averaged curvature of the MCMC influence function (Fu, He & Tao, ICLR 2022, eq. 7)
+
+    K ≈ E_θ[∇²F(θ, S)],   F(θ, S) = −log p(θ) + Σ_{i∈S} h_i(θ),
+
+by ``K = P + n·E_{θ, i}[C_i(θ)]``: ``P`` is the prior precision (a diagonal measured from ``log_prior``, see
+:func:`prior_precision`), ``n`` the number of data points the data term is scaled to, and ``C_i`` the generalised
+Gauss-Newton (GGN) matrix of one row, which for the likelihoods handled here (softmax cross-entropy, Gaussian)
+equals its Fisher ``E_{ŷ~p(y|x_i,θ)}[∇ log p(ŷ|x_i,θ) ∇ log p(ŷ|x_i,θ)ᵀ]`` (Martens, 2020). The expectation over
+draws uses the posterior draws ``θ_s`` with their minibatches (pooled over all their rows).
+
+**Kronecker blocks** (K-FAC; Martens & Grosse, 2015; convolutions: Grosse & Martens, 2016). For ``nn.Linear``,
+``nn.Conv1d`` and ``nn.Conv2d`` layers the row Fisher of the weight (and bias, via an input column of ones) is
+``Σ_{l,l'} (a_l a_{l'}ᵀ) ⊗ E[g_l g_{l'}ᵀ]`` over the layer's locations ``l`` (positions of a sequence, pixels of
+a feature map, every leading index of a linear layer's input), with ``a_l`` the (unfolded) layer input and
+``g_l`` the gradient of the row's loss w.r.t. the layer output. Treating locations as independent and
+factorising the expectation (the "expand" setting of Eschenhagen et al., NeurIPS 2023) gives
+
+    n·E[C_i] ≈ n·L·A ⊗ G,   A = mean_{i,l} a_{il} a_{il}ᵀ,   G = mean_{i,l} E_ŷ[g_{il} g_{il}ᵀ],
+
+``L`` the number of locations per row. It is exact for one row at one location. With eigenbases
+``A = Q_A Λ_A Q_Aᵀ``, ``G = Q_G Λ_G Q_Gᵀ`` and the block's prior precision ``p`` on the diagonal, any damping
+``λ`` inverts in closed form::
+
+    (n·L·A⊗G + (p + λ)·I)⁻¹ vec(V) = vec(Q_G [(Q_Gᵀ V Q_A) / (n·L·λ_G λ_Aᵀ + p + λ)] Q_Aᵀ).
+
+``p`` is exact when the prior precision is constant on the block; otherwise its mean is used (recorded in
+``info``). A factor larger than ``max_factor_dim`` keeps only its diagonal (``Q = I``, recorded). A factor seen on
+fewer rows than its dimension (wide MLP layers, few draws) is decomposed through the Gram matrix of its rows; its
+eigenbasis is then incomplete and ``K`` is ``p + λ`` on the missing directions. ``A`` is a mean over locations, so
+by default (``max_locations="auto"``) each convolution's ``A`` is estimated from a random subset of rows with
+``max(1024, 2·dim A)`` locations per draw: the full sum costs ``C_in·k²/C_out`` forward passes of the layer.
+
+**Sampling.** The expectation over labels is Monte-Carlo estimated with ONE backward pass per sample:
+with ``s_i`` a random vector in output space whose covariance is the loss's output Hessian ``H_i``
+(``E[s_i s_iᵀ] = H_i``), the backward pass of ``Σ_i ⟨out_i, s_i⟩`` gives every layer the per-row output gradients
+``g_i = J_iᵀ s_i`` (rows do not interact), and ``E[g_i g_iᵀ] = J_iᵀ H_i J_i`` is the row's GGN. The cost is
+O(draws × mc_samples) backward passes whatever the number of classes. Two samplers:
+
+* ``sampling="gaussian"`` (default): ``s = (I − p1ᵀ)(√p ⊙ ε)``, ``ε ~ N(0, I)`` for the softmax, since
+  ``(I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ = H``; ``s = ε/σ`` for the Gaussian likelihood.
+* ``sampling="labels"``: K-FAC practice (Martens & Grosse, 2015), ``ŷ ~ softmax(model(x))`` and
+  ``s = p − e_ŷ`` (the gradient of ``−log p_ŷ``), also with ``E[s sᵀ] = H``. For a confident model this is far
+  noisier: a class of probability ``p_a`` contributes only when it is drawn, so ``s_a²`` has relative standard
+  deviation ``≈ 1/√p_a``, against ``√2`` for the Gaussian sketch. On trained digits classifiers (4 draws × 128
+  rows, one sample, ``benchmarks/kronecker.py --compare-sampling``) the error of ``K⁻¹v`` against the exact
+  expectation has median 89% (CNN) / 49% (MLP) with labels and 36% / 17% with the Gaussian sketch.
+
+When the model has at most ``mc_samples`` outputs per row (e.g. scalar regression) the exact expectation costs no
+more and is used instead (one backward per output, ``√p_c``-weighted for the softmax). With
+``Likelihood.EMPIRICAL`` (any other ``nll``) the gradients of the user's ``nll`` at the TRUE labels are used: the
+*empirical* Fisher, a weaker approximation of the curvature (Kunstner et al., 2019) - ``info["fisher"]`` says so.
+
+**Diagonal fallback.** Every other parameter (BatchNorm/LayerNorm affine terms, embeddings, raw parameters such
+as ``MultiheadAttention.in_proj_weight``, and Linear/Conv layers whose forward hook does not fire because their
+weight is used through ``F.linear`` directly, like ``MultiheadAttention.out_proj``) gets the diagonal
+``P + n·diag(E[C_i])``, estimated WITHOUT per-example gradients: the samples have mean zero (``E[s_i] = 0``; for
+labels, the score ``E_ŷ[∇ log p(ŷ|x_i)] = 0``) and are independent across rows, so ``E[g_i] = 0`` and
+
+    E[(Σ_i g_i)²] = Σ_i E[g_i²] + Σ_{i≠j} E[g_i]·E[g_j] = Σ_i E[g_i²]   (elementwise),
+
+i.e. the square of the ONE minibatch gradient of the sampled loss, divided by the number of rows, is an
+unbiased estimate of the mean row diagonal. For the exact expectation and the empirical Fisher (where the
+gradients do not have mean zero) each row's loss is multiplied by an independent random sign ``r_i = ±1``,
+which gives the same identity through ``E[r_i r_j] = δ_ij``.
+
+**Distributed building.** Every statistic is a sum (second-moment sums, location, row and squared-gradient
+sums) until it is finalised, and ``reduce`` is applied to each, so ranks holding different rows can all-reduce
+them (``reduce=lambda t: (dist.all_reduce(t), t)[1]``). The Kronecker factors then equal the single-process ones
+(in expectation when ``A`` is subsampled); the diagonal estimate differs by zero-mean cross terms (its square is
+taken per rank). With a ``reduce`` the rows of wide layers are summed rather than kept (no Gram-matrix shortcut).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import itertools
+import math
+import time
+import warnings
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from .kfac import KFAC
+from .curvature import ParamSpec, functionalize
 
-Batch = tuple[torch.Tensor, ...]
+__all__ = ["KroneckerCurvature", "Likelihood", "detect_likelihood", "prior_precision"]
+
+Batch = tuple[Tensor, ...]
+NLL = Callable[[nn.Module, Batch], Tensor]
+
+_KINDS: tuple[tuple[type[nn.Module], str], ...] = ((nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"))
+_PROBE_ROWS = 8
+_AUTO_MIN_LOCATIONS = 1024  # max_locations="auto": at least this many locations per layer and draw for A ...
+_AUTO_LOCATIONS_PER_DIM = 2  # ... and at least this many per dimension of A
 
 
+class Likelihood(str, Enum):
+    """Which per-row loss the curvature's label expectation is taken for."""
+
+    AUTO = "auto"
+    CATEGORICAL = "categorical"
+    GAUSSIAN = "gaussian"
+    EMPIRICAL = "empirical"
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit."""
+    params = list(model.parameters())
+    saved_p = [p.detach().clone() for p in params]
+    saved_g = [p.grad for p in params]
+    buffers = list(model.buffers())
+    saved_b = [b.detach().clone() for b in buffers]
+    cuda = sorted({t.device.index or 0 for t in itertools.chain(params, buffers) if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(params, saved_p):
+                    p.copy_(v)
+                for b, v in zip(buffers, saved_b):
+                    b.copy_(v)
+            for p, g in zip(params, saved_g):
+                p.grad = g
+
+
+def _slices(model: nn.Module) -> tuple[ParamSpec, dict[str, slice], dict[int, str]]:
+    """The flat layout: spec, ``{name: slice}`` and ``{id(param): name}`` of trainable parameters."""
+    spec = ParamSpec.of(model)
+    offsets, pos = {}, 0
+    for name, numel in zip(spec.names, spec.numels):
+        offsets[name] = slice(pos, pos + numel)
+        pos += numel
+    by_id = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    return spec, offsets, by_id
+
+
+def _field_rows(batch: Batch) -> int:
+    return int(batch[0].shape[0])
+
+
+def _head(batch: Batch, rows: int) -> Batch:
+    """The first ``rows`` rows of every field that has the batch's leading dimension."""
+    b = _field_rows(batch)
+    return tuple(t[:rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+
+
+# ------------------------------------------------------------------------------------------- likelihood
+def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
+    """Identify the user's per-row NLL from a few probe rows.
+
+    * ``CATEGORICAL`` if ``y = batch[1]`` holds integer class labels, ``model(x)`` is ``[B, C]`` and
+      ``nll(model, batch) == cross_entropy(model(x), y)`` row by row (also checked with shifted labels);
+    * ``GAUSSIAN`` with ``{"sigma": σ}`` if ``nll_i = a·Σ_out (model(x)_i − y_i)² + c`` for the true labels and two
+      perturbed label sets: ``a`` and ``c`` are fitted by least squares on all probe rows, the fit must be exact to
+      float tolerance and ``a > 0``; then ``σ² = 1/(2a)``;
+    * ``EMPIRICAL`` otherwise (``{"reason": ...}`` says why).
+
+    Runs without gradients on at most 8 rows; the model (parameters, buffers, ``.grad``) and the global RNG
+    states are left exactly as they were.
+
+    Raises:
+        ValueError: if ``nll`` does not return one value per row.
+    """
+    batch = tuple(batch)
+    probe = _head(batch, _PROBE_ROWS)
+    rows = _field_rows(probe)
+    x, y = probe[0], probe[1] if len(probe) > 1 else None
+    with _preserved(model), torch.no_grad():
+        base = nll(model, probe)
+        if not isinstance(base, Tensor) or base.shape != (rows,):
+            shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
+            raise ValueError(f"nll(model, batch) must return one value per row, shape [{rows}], got {shape}")
+        out = model(x)
+        if not isinstance(out, Tensor) or y is None or not isinstance(y, Tensor) or out.shape[:1] != (rows,):
+            return Likelihood.EMPIRICAL, {"reason": "model(x) is not a [B, ...] tensor or the batch has no labels"}
+        tol = 1e3 * _eps(out.dtype)
+        base64 = base.double()
+
+        def close(a: Tensor, b: Tensor) -> bool:
+            return bool(((a.double() - b.double()).abs() <= tol * (1 + b.double().abs())).all())
+
+        integer = not (y.is_floating_point() or y.is_complex())
+        if integer and out.dim() == 2 and y.shape == (rows,) and 0 <= int(y.min()) and int(y.max()) < out.shape[1]:
+            shifted = (y + 1) % out.shape[1]
+            try:
+                other = nll(model, (x, shifted, *probe[2:]))
+            except Exception as err:  # a probe: any failure means "not the plain CE"
+                return Likelihood.EMPIRICAL, {"reason": f"nll failed on shifted labels: {err}"}
+            if close(base, F.cross_entropy(out, y, reduction="none")) and close(
+                other, F.cross_entropy(out, shifted, reduction="none")
+            ):
+                return Likelihood.CATEGORICAL, {}
+            hint = " (the model is in training mode: dropout makes forwards differ)" if model.training else ""
+            return Likelihood.EMPIRICAL, {"reason": f"integer labels, but nll is not cross_entropy(model(x), y){hint}"}
+        if y.is_floating_point() and y.numel() == out.numel():
+            gen = torch.Generator().manual_seed(0)
+            scale = float(y.double().std()) if y.numel() > 1 else 1.0
+            u = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y) * (scale if scale > 0 else 1.0)
+            rs, vs = [], []
+            for t in (0.0, 1.0, -0.5):
+                yt = y + t * u
+                try:
+                    v = base64 if t == 0.0 else nll(model, (x, yt, *probe[2:])).double()
+                except Exception as err:  # a probe
+                    return Likelihood.EMPIRICAL, {"reason": f"nll failed on perturbed targets: {err}"}
+                rs.append((out.double() - yt.double().reshape(out.shape)).pow(2).reshape(rows, -1).sum(1))
+                vs.append(v.reshape(-1))
+            r, v = torch.cat(rs), torch.cat(vs)
+            design = torch.stack([r, torch.ones_like(r)], 1)
+            coef = torch.linalg.lstsq(design, v[:, None]).solution[:, 0]
+            a, c = float(coef[0]), float(coef[1])
+            resid = float((design @ coef - v).abs().max())
+            if a > 0 and math.isfinite(a) and resid <= tol * max(1.0, float(v.abs().max())):
+                return Likelihood.GAUSSIAN, {"sigma": math.sqrt(0.5 / a), "constant": c}
+            return Likelihood.EMPIRICAL, {"reason": f"nll is not a·Σ(model(x) − y)² + c (fit residual {resid:.3g})"}
+        return Likelihood.EMPIRICAL, {"reason": "labels fit neither the categorical nor the Gaussian check"}
+
+
+# ------------------------------------------------------------------------------------------------ prior
+def _measure_prior(
+    model: nn.Module, log_prior: Callable[[nn.Module], Tensor] | None, theta: Tensor
+) -> tuple[Tensor, dict[str, Any]]:
+    spec, offsets, _ = _slices(model)
+    notes: dict[str, Any] = {"clamped": {}, "independent": False}
+    P = torch.zeros(spec.dim, dtype=theta.dtype, device=theta.device)
+    if log_prior is None:
+        notes["source"] = "no log_prior: zero precision"
+        return P, notes
+    f = functionalize(model, lambda m: log_prior(m))
+    gen = torch.Generator().manual_seed(0)
+    with _preserved(model), torch.enable_grad():
+        t = theta.detach().clone().requires_grad_(True)
+        value = f(t)
+        if not isinstance(value, Tensor) or not value.requires_grad:
+            notes["independent"] = True
+            notes["source"] = "log_prior does not depend on the parameters: zero precision"
+            return P, notes
+        (g,) = torch.autograd.grad(value, t, create_graph=True)
+        if not g.requires_grad:  # linear in θ: zero curvature
+            notes["source"] = "log_prior is linear in the parameters: zero precision"
+            return P, notes
+
+        def quotients(v: Tensor, names: Sequence[str]) -> Tensor:
+            (hv,) = torch.autograd.grad(g, t, grad_outputs=v, retain_graph=True, allow_unused=True)
+            if hv is None:
+                return torch.zeros(len(names), dtype=torch.float64)
+            f64 = torch.float64
+            return torch.stack(
+                [
+                    -(v[offsets[k]] * hv[offsets[k]]).sum(dtype=f64) / v[offsets[k]].square().sum(dtype=f64)
+                    for k in names
+                ]
+            ).cpu()
+
+        def probe(names: Sequence[str]) -> Tensor:
+            v = torch.zeros_like(t)
+            for k in names:
+                sl = offsets[k]
+                v[sl] = torch.randn(sl.stop - sl.start, generator=gen, dtype=v.dtype).to(v.device)
+            return v
+
+        # fast path: two probes over all tensors at once. For a prior that is separable across tensors and
+        # isotropic on each, every tensor's Rayleigh quotient is its precision whatever the probe, so the two
+        # agree; otherwise (cross-tensor terms, anisotropy) fall back to one probe per tensor.
+        q1, q2 = (quotients(probe(spec.names), spec.names) for _ in range(2))
+        if torch.allclose(q1, q2, rtol=1e-5, atol=1e-12):
+            precisions, notes["probes"] = q1, "joint (separable, isotropic per tensor)"
+        else:
+            precisions = torch.cat([quotients(probe([k]), [k]) for k in spec.names])
+            notes["probes"] = "one per tensor"
+        for name, prec in zip(spec.names, precisions.tolist()):
+            if prec < 0:
+                notes["clamped"][name] = prec
+                prec = 0.0
+            P[offsets[name]] = prec
+    notes["source"] = "−vᵀ∇²log p(θ)v/‖v‖² per parameter tensor (random probe, double backward)"
+    return P, notes
+
+
+def prior_precision(model: nn.Module, log_prior: Callable[[nn.Module], Tensor] | None, theta: Tensor) -> Tensor:
+    """Precision of the prior along each parameter, measured from ``log_prior`` at the flat parameters ``theta``.
+
+    For each parameter tensor ``k``: ``−vᵀ∇²log p(θ)v / ‖v‖²`` for a random Gaussian probe ``v`` supported on that
+    tensor (double backward through ``log_prior(model)`` evaluated at ``theta`` by ``functional_call``). This is
+    exact for Gaussian priors that are isotropic on each tensor (``N(μ_k, σ_k² I)``, any ``σ_k`` and mean) and a
+    local (probe-direction) curvature at ``theta`` otherwise. Two probes spread over all tensors at once are tried
+    first: for a prior separable across tensors and isotropic on each, every tensor's quotient is its precision
+    whatever the probe, so they agree and two double-backward passes suffice; otherwise one probe per tensor is
+    used. Returns zeros when ``log_prior`` is ``None`` or does not depend on the parameters. Negative values (a
+    locally non-convex prior) are clamped to 0 and a :class:`RuntimeWarning` names the tensors. The model is not
+    changed.
+
+    Returns:
+        ``[D]`` tensor in ``theta``'s dtype/device.
+    """
+    P, notes = _measure_prior(model, log_prior, theta)
+    if notes["clamped"]:
+        warnings.warn(
+            f"prior curvature is negative along {sorted(notes['clamped'])}: precision clamped to 0 there",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return P
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+class _Moment:
+    """``Σ x xᵀ`` over rows ``x`` (or its diagonal), kept as the raw rows while there are fewer rows than dimensions.
+
+    With ``N < d`` rows the factor has rank ``≤ N``: its eigenpairs come from the ``N×N`` Gram matrix (cheaper than a
+    ``d×d`` eigendecomposition, and products then cost ``O(d·N)`` per side instead of ``O(d²)``; e.g. the 1024-wide
+    layers of an MLP seen on 4 draws × 128 rows). Rows are folded into the sum as soon as they reach ``d``, or when
+    the sums must be reduced across processes.
+    """
+
+    def __init__(self, dim: int, full: bool, keep_rows: bool) -> None:
+        self.dim, self.full, self.keep_rows = dim, full, keep_rows and full
+        self.rows: list[Tensor] = []
+        self.n_rows = 0
+        self.sum: Tensor | None = None
+
+    def can_keep(self, n: int) -> bool:
+        return self.keep_rows and self.n_rows + n < self.dim
+
+    def add_rows(self, x: Tensor) -> None:
+        if self.can_keep(x.shape[0]):
+            self.rows.append(x.clone())
+            self.n_rows += x.shape[0]
+        else:
+            self.add_sum(_second_moment(x, self.full))
+
+    def add_sum(self, stat: Tensor) -> None:
+        self.fold()
+        self.sum = stat if self.sum is None else self.sum + stat
+
+    def fold(self) -> None:
+        """Turn kept rows into the sum (from now on only sums are kept)."""
+        self.keep_rows = False
+        if self.rows:
+            X = torch.cat(self.rows)
+            self.rows = []
+            self.add_sum(_second_moment(X, self.full))
+
+    def eig(self, scale: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Eigenvalues and eigenvectors of ``scale·Σ x xᵀ``: ``Q`` is ``[d, r]`` (``r < d`` from kept rows), or
+        ``None`` for a diagonal factor (the eigenvalues are then its diagonal)."""
+        if self.rows and self.sum is None:
+            X = torch.cat(self.rows).to(dtype)
+            self.rows = []
+            gram = scale * (X @ X.T)
+            mu, W = torch.linalg.eigh(0.5 * (gram + gram.T))
+            keep = mu > float(mu.max()) * X.shape[0] * torch.finfo(dtype).eps if mu.numel() else mu > 0
+            mu, W = mu[keep], W[:, keep]
+            U = (X.T @ W) * (scale / mu).sqrt()
+            U, R = torch.linalg.qr(U)  # orthonormal to float precision (R ≈ I up to signs)
+            U = U * torch.sign(torch.diagonal(R))
+            return mu.to(dtype), U.to(dtype).contiguous()
+        self.fold()
+        if self.sum is None:
+            shape = (self.dim, self.dim) if self.full else (self.dim,)
+            self.sum = torch.zeros(shape, dtype=dtype, device=device)
+        M, self.sum = self.sum * scale, None
+        if not self.full:
+            return M.clamp_min(0), None
+        lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
+        return lam.clamp_min(0), Q.contiguous()
+
+
+@dataclass
+class _Block:
+    """One Kronecker-factored layer: ``n·L·A⊗G + p`` on its weight (and bias) entries."""
+
+    name: str
+    kind: str
+    weight: str
+    bias: str | None
+    w_slice: slice
+    b_slice: slice | None
+    out_dim: int
+    in_dim: int  # including the bias column
+    eig_A: bool
+    eig_G: bool
+    module: nn.Module | None = None
+    # sums while building
+    A_mom: _Moment | None = None
+    G_mom: _Moment | None = None
+    loc: float = 0.0  # locations seen (rows × locations per row)
+    loc_A: float = 0.0  # locations whose inputs entered A (fewer when subsampled)
+    # finalised
+    lA: Tensor | None = None
+    QA: Tensor | None = None
+    lG: Tensor | None = None
+    QG: Tensor | None = None
+    locations: float = 1.0
+    prior: float = 0.0
+
+    def to_matrix(self, v: Tensor) -> Tensor:
+        """Entries of ``v [D, k]`` as ``[k, out, in(+1)]``."""
+        k = v.shape[1]
+        W = v[self.w_slice].reshape(self.out_dim, -1, k)
+        if self.b_slice is not None:
+            W = torch.cat([W, v[self.b_slice][:, None, :]], dim=1)
+        return W.permute(2, 0, 1)
+
+    def from_matrix(self, M: Tensor, out: Tensor) -> None:
+        M = M.permute(1, 2, 0)  # [out, in, k]
+        k = M.shape[2]
+        if self.b_slice is None:
+            out[self.w_slice] = M.reshape(-1, k)
+        else:
+            out[self.w_slice] = M[:, :-1].reshape(-1, k)
+            out[self.b_slice] = M[:, -1]
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "weight": self.weight,
+            "bias": self.bias,
+            "out_dim": self.out_dim,
+            "in_dim": self.in_dim,
+            "eig_A": self.eig_A,
+            "eig_G": self.eig_G,
+            "locations": self.locations,
+            "prior": self.prior,
+        }
+
+
+def _kind(module: nn.Module) -> str | None:
+    for cls, kind in _KINDS:
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return kind
+    return None
+
+
+def _candidates(
+    model: nn.Module, offsets: dict[str, slice], by_id: dict[int, str], max_factor_dim: int
+) -> tuple[list[_Block], dict[str, str]]:
+    """Layers that can be Kronecker-factored, and the reason for each trainable parameter they exclude."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    blocks, reasons = [], {}
+    for mname, m in model.named_modules():
+        kind = _kind(m)
+        if kind is None:
+            continue
+        w, b = m._parameters.get("weight"), m._parameters.get("bias")
+        wname = by_id.get(id(w)) if w is not None else None
+        bname = by_id.get(id(b)) if b is not None else None
+        why = None
+        if wname is None:
+            why = "its weight is frozen or parametrised"
+        elif uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1):
+            why = "a parameter shared with another module (tied weights)"
+        elif kind != "linear" and m.groups != 1:
+            why = f"grouped convolution (groups={m.groups})"
+        if why is not None:
+            for pname in (wname, bname):
+                if pname is not None:
+                    reasons[pname] = f"{type(m).__name__} '{mname}': {why}"
+            continue
+        out_dim = w.shape[0]
+        in_dim = w[0].numel() + (1 if bname is not None else 0)
+        blocks.append(
+            _Block(
+                name=mname,
+                kind=kind,
+                weight=wname,
+                bias=bname,
+                w_slice=offsets[wname],
+                b_slice=offsets[bname] if bname is not None else None,
+                out_dim=out_dim,
+                in_dim=in_dim,
+                eig_A=in_dim <= max_factor_dim,
+                eig_G=out_dim <= max_factor_dim,
+                module=m,
+            )
+        )
+    return blocks, reasons
+
+
+_CHUNK_BYTES = 32 * 2**20  # unfolded convolution inputs are processed in chunks of rows of about this size
+
+
+def _patches(block: _Block, x: Tensor) -> Tensor:
+    """Layer inputs as rows ``[rows·locations, in]`` (unfolded for convolutions), without the bias column."""
+    m = block.module
+    if block.kind == "linear":
+        return x.reshape(-1, x.shape[-1])
+    spatial = 1 if block.kind == "conv1d" else 2
+    if x.dim() == spatial + 1:  # unbatched input
+        x = x[None]
+    padding = m.padding
+    if isinstance(padding, str) or m.padding_mode != "zeros":
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * spatial
+    kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
+    if spatial == 1:
+        x = x.unsqueeze(-1)
+        kernel, dilation, stride, padding = (kernel[0], 1), (dilation[0], 1), (stride[0], 1), (padding[0], 0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C·k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _chunks(block: _Block, x: Tensor) -> Iterator[Tensor]:
+    """Row chunks of the layer input whose unfolded patches take about ``_CHUNK_BYTES`` each."""
+    if block.kind == "linear" or x.dim() <= (2 if block.kind == "conv1d" else 3):  # linear, or unbatched
+        yield x
+        return
+    per_row = x[0].numel() * math.prod(block.module.kernel_size) * x.element_size()
+    yield from x.split(max(1, _CHUNK_BYTES // max(per_row, 1)))
+
+
+def _input_moment(block: _Block, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """``Σ_{i,l} a_{il} a_{il}ᵀ`` of the bias-augmented inputs (or its diagonal) and the number of locations.
+
+    Unfolds convolution inputs chunk by chunk and appends the bias column algebraically (``Σa``, count), so the
+    transient memory stays about ``2·_CHUNK_BYTES`` whatever the batch.
+    """
+    w_dim = block.in_dim - (1 if block.bias is not None else 0)
+    full = block.eig_A
+    M = torch.zeros((w_dim, w_dim) if full else (w_dim,), dtype=dtype, device=x.device)
+    total = torch.zeros(w_dim, dtype=dtype, device=x.device)
+    count = 0
+    for part in _chunks(block, x):
+        a = _patches(block, part).to(dtype)
+        M += a.T @ a if full else a.square().sum(0)
+        if block.bias is not None:
+            total += a.sum(0)
+        count += a.shape[0]
+        del a
+    if block.bias is None:
+        return M, count
+    if not full:
+        return torch.cat([M, M.new_full((1,), float(count))]), count
+    A = M.new_empty(w_dim + 1, w_dim + 1)
+    A[:w_dim, :w_dim], A[:w_dim, w_dim], A[w_dim, :w_dim], A[w_dim, w_dim] = M, total, total, float(count)
+    return A, count
+
+
+def _out_rows(block: _Block, g: Tensor) -> Tensor:
+    """Gradients w.r.t. the layer output as rows ``[rows·locations, out]``."""
+    if block.kind == "linear":
+        return g.reshape(-1, g.shape[-1])
+    if g.dim() == (2 if block.kind == "conv1d" else 3):
+        g = g[None]
+    return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
+
+
+def _second_moment(x: Tensor, full: bool) -> Tensor:
+    return x.T @ x if full else x.square().sum(0)
+
+
+def _factor_form(Q: Tensor | None, dim: int) -> str:
+    if Q is None:
+        return "diagonal (dim > max_factor_dim)"
+    if Q.shape[1] < dim:
+        return f"eigenbasis of rank {Q.shape[1]} (fewer rows than dimensions; the rest is prior only)"
+    return "full eigenbasis"
+
+
+def _owner_reason(model: nn.Module, name: str) -> str:
+    owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if _kind(owner) is not None:
+        return (
+            f"{type(owner).__name__} '{owner_name}': its forward hook did not fire (the weight is used directly, "
+            "e.g. through F.linear inside MultiheadAttention)"
+        )
+    return f"{type(owner).__name__} parameter: no Kronecker factorisation for this layer type"
+
+
+# ----------------------------------------------------------------------------------------------- main class
 class KroneckerCurvature:
-    def __init__(self, k: KFAC) -> None:
-        self.k, self.dim, self.info = k, k.dim, {"likelihood": "categorical"}
+    r"""``K = P + n·E[C_i]``: Kronecker blocks for Linear/Conv layers, a diagonal for every other parameter.
 
+    Build with :meth:`build` (see the module docstring for the method). ``K @ v``, ``solve(v, damping)`` (the
+    inverse of ``K + damping·I``, closed form for any damping) and ``quad(x)`` cost a few small matrix products per
+    layer; ``n`` can be reset to a new number of remaining points without rebuilding. ``info`` records what was
+    approximated how.
+    """
+
+    def __init__(
+        self,
+        blocks: list[_Block],
+        dim: int,
+        prior: Tensor,
+        diag_index: Tensor,
+        diag_fisher: Tensor,
+        n: int,
+        info: dict[str, Any],
+    ) -> None:
+        self.blocks = blocks
+        self.dim = int(dim)
+        self.prior = prior  # [D]
+        self.diag_index = diag_index  # [Dd] long
+        self.diag_fisher = diag_fisher  # [Dd]: mean per-row Fisher diagonal
+        self.n = n
+        self.info = info
+        self._cache: list[tuple[weakref.ref, int, list[Tensor]]] = []
+
+    # -------------------------------------------------------------------------------------------- n
     @property
     def n(self) -> int:
-        return self.k.n
+        """Number of data points the data term is scaled to (settable)."""
+        return self._n
 
     @n.setter
     def n(self, value: int) -> None:
-        self.k.n = int(value)
+        if int(value) != value or value < 0:
+            raise ValueError(f"n must be a non-negative integer, got {value}")
+        self._n = int(value)
 
+    # ----------------------------------------------------------------------------------------- build
     @classmethod
     def build(
         cls,
         model: nn.Module,
-        thetas: torch.Tensor,
+        thetas: Tensor,
         batches: Sequence[Batch],
         n: int,
         *,
-        nll: Callable | None = None,
-        log_prior: Callable | None = None,
-        likelihood: str = "auto",
+        nll: NLL | None = None,
+        log_prior: Callable[[nn.Module], Tensor] | None = None,
+        likelihood: Likelihood | str = "auto",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
-        reduce: Callable | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
         max_factor_dim: int = 4096,
+        max_locations: int | str | None = "auto",
+        sigma: float | None = None,
+        exact_expectation: bool | None = None,
+        sampling: str = "gaussian",
     ) -> KroneckerCurvature:
-        std = getattr(model, "prior_std", None)
-        if std is None:
-            raise ValueError("solver='kfac' needs a Gaussian prior N(0, σ²): give the model a prior_std attribute")
-        return cls(KFAC.build(model, thetas, batches, n, 1.0 / std**2, 0.0))
+        """Accumulate the factors over posterior draws ``thetas[s]`` with minibatches ``batches[s]``.
 
-    def solve(self, v: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
-        self.k.damping = float(damping)
-        return self.k.solve(v)
+        Args:
+            model: Any ``nn.Module``; unchanged on return (parameters, buffers, ``.grad``, global RNG).
+            thetas: Posterior draws ``[S, D]`` (flat trainable parameters, :class:`~.curvature.ParamSpec` order).
+            batches: ``S`` minibatches ``(x, y, ...)`` (or one, used for every draw); ``x = batch[0]`` has the
+                rows on its first dimension.
+            n: Number of data points the data term is scaled to.
+            nll: ``nll(model, batch) -> [B]``; probed by :func:`detect_likelihood` when ``likelihood="auto"``,
+                and used directly for ``"empirical"``.
+            log_prior: ``log_prior(model) -> scalar``; its curvature at the draws' mean gives ``P``
+                (:func:`prior_precision`); ``None``: no prior term.
+            likelihood: ``"auto"`` (detect from ``nll``; without ``nll``: categorical for integer labels and
+                ``[B, C]`` outputs), ``"categorical"``, ``"gaussian"`` or ``"empirical"``.
+            mc_samples: Sampled labels (one backward pass each) per draw.
+            generator: Generator for the labels and random signs (default: a fresh one seeded 0); the global RNG
+                is never used.
+            reduce: Applied to every accumulated sum (factor sums, location/row counts, squared gradients) before
+                finalising, e.g. an all-reduce over ``torch.distributed`` ranks.
+            max_factor_dim: Factors larger than this keep only their diagonal.
+            max_locations: Estimate each layer's input factor ``A`` (per draw) from a uniformly drawn subset of
+                rows with about this many locations; ``"auto"``: ``max(1024, 2·dim A)`` per layer and draw;
+                ``None``: every location. ``A`` is a plain mean over locations, so the subset is unbiased; for a
+                convolution (``B·H·W`` locations of dimension ``C·k²``) the full sum costs ``C·k²/C_out`` times its
+                forward pass (9× for a 3×3 conv with equal channels). ``G`` always uses every location.
+            sigma: Noise standard deviation for ``likelihood="gaussian"`` when it cannot be read off ``nll``.
+            exact_expectation: Take the label expectation exactly (one backward per output dimension) instead of
+                sampling; default: exactly when the model has at most ``mc_samples`` outputs per row.
+            sampling: ``"gaussian"`` (output-Hessian square root times Gaussian noise) or ``"labels"`` (sampled
+                labels, as in K-FAC practice; much noisier for confident classifiers): see the module docstring.
 
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        self.k.damping = 0.0
-        return self.k @ v
+        Raises:
+            ValueError: on inconsistent shapes, an unknown likelihood, or a likelihood that cannot be used.
+        """
+        t_start = time.perf_counter()
+        try:
+            lik = Likelihood(likelihood)
+        except ValueError:
+            options = ", ".join(repr(k.value) for k in Likelihood)
+            raise ValueError(f"unknown likelihood {likelihood!r}: use one of {options}") from None
+        spec, offsets, by_id = _slices(model)
+        if thetas.dim() == 1:
+            thetas = thetas[None]
+        if thetas.dim() != 2 or thetas.shape[1] != spec.dim:
+            raise ValueError(
+                f"thetas must be [S, {spec.dim}] (the model's trainable parameters), got {tuple(thetas.shape)}"
+            )
+        S = thetas.shape[0]
+        batches = [tuple(b) for b in batches]
+        if len(batches) not in (1, S):
+            raise ValueError(f"give one minibatch per draw ({S}) or one for all draws, got {len(batches)}")
+        if int(mc_samples) < 1:
+            raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        if (
+            max_locations is not None
+            and max_locations != "auto"
+            and not (isinstance(max_locations, int) and max_locations > 0)
+        ):
+            raise ValueError(f"max_locations must be a positive int, 'auto' or None, got {max_locations!r}")
+        if max_factor_dim < 1:
+            raise ValueError(f"max_factor_dim must be positive, got {max_factor_dim}")
+        if sampling not in ("gaussian", "labels"):
+            raise ValueError(f"sampling must be 'gaussian' or 'labels', got {sampling!r}")
+        mc_samples = int(mc_samples)
+        info: dict[str, Any] = {"draws": S, "mc_samples": mc_samples, "model_training": bool(model.training)}
+        if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            info["warning"] = (
+                "model in training mode: BatchNorm batch statistics couple the rows, so the per-row curvature is "
+                "approximate; call model.eval() first"
+            )
 
-    def quad(self, x: torch.Tensor) -> float:
-        return float(x @ (self @ x))
+        # ---- likelihood
+        detected: dict[str, Any] = {}
+        if lik is Likelihood.AUTO:
+            if nll is not None:
+                lik, detected = detect_likelihood(model, nll, batches[0])
+            else:
+                lik = cls._guess_without_nll(model, batches[0])
+        if lik is Likelihood.GAUSSIAN and sigma is None:
+            if nll is not None and not detected:
+                kind, detected = detect_likelihood(model, nll, batches[0])
+                if kind is not Likelihood.GAUSSIAN:
+                    raise ValueError(
+                        "likelihood='gaussian' but nll is not a Gaussian NLL in model(x): pass sigma=... or "
+                        "likelihood='empirical'"
+                    )
+            sigma = detected.get("sigma")
+            if sigma is None:
+                raise ValueError("likelihood='gaussian' needs the noise scale: pass sigma=... or a Gaussian nll")
+        if lik is Likelihood.EMPIRICAL and nll is None:
+            raise ValueError("likelihood='empirical' needs nll(model, batch) -> [B]")
+        if lik is Likelihood.GAUSSIAN and not (sigma > 0):
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        info["likelihood"] = lik.value
+        info["sigma"] = float(sigma) if lik is Likelihood.GAUSSIAN else None
+        if detected.get("reason"):
+            info["likelihood_reason"] = detected["reason"]
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {}, {}
+        # ---- prior
+        clock = dict.fromkeys(("likelihood", "prior", "forward", "backward", "input_factors", "output_factors"), 0.0)
+        clock["likelihood"] = time.perf_counter() - t_start
+        P, prior_notes = _measure_prior(model, log_prior, thetas.mean(0))
+        info["prior"] = prior_notes
+        clock["prior"] = time.perf_counter() - t_start - clock["likelihood"]
+
+        # ---- statistics
+        blocks, reasons = _candidates(model, offsets, by_id, max_factor_dim)
+        gen = generator if generator is not None else torch.Generator(device=thetas.device).manual_seed(0)
+        dtype, device = thetas.dtype, thetas.device
+        by_module = {b.module: b for b in blocks}
+        calls: list[tuple[_Block, Tensor]] = []
+        fired: set[str] = set()
+
+        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+            blk = by_module[module]
+            if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+                return None
+            fired.add(blk.name)
+            x = args[0].detach()
+            seen = out.numel() // blk.out_dim
+            batched = x.dim() >= (2 if blk.kind == "linear" else 3 if blk.kind == "conv1d" else 4)
+            cap = (
+                max(_AUTO_MIN_LOCATIONS, _AUTO_LOCATIONS_PER_DIM * blk.in_dim)
+                if max_locations == "auto"
+                else max_locations
+            )
+            if cap is not None and seen > cap and batched and x.shape[0] > 1:
+                # A is a mean over locations: a uniform subset of rows (all of their locations) is unbiased for it
+                keep = math.ceil(cap * x.shape[0] / seen)
+                x = x[torch.randperm(x.shape[0], generator=gen, device=gen.device)[:keep].to(x.device)]
+            t0 = time.perf_counter()
+            if blk.kind == "linear" and blk.A_mom.can_keep(x.numel() // x.shape[-1]):
+                a = x.reshape(-1, x.shape[-1]).to(dtype)
+                if blk.bias is not None:
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+                blk.A_mom.add_rows(a)
+                count = a.shape[0]
+            else:
+                stat, count = _input_moment(blk, x, dtype)
+                blk.A_mom.add_sum(stat)
+            clock["input_factors"] += time.perf_counter() - t0
+            blk.loc += seen
+            blk.loc_A += count
+            if not out.requires_grad:
+                return None
+            calls.append((blk, out))
+            return out.clone()  # in-place ops downstream change the clone, not the tensor we differentiate
+
+        for b in blocks:
+            b.A_mom = _Moment(b.in_dim, b.eig_A, keep_rows=reduce is None)
+            b.G_mom = _Moment(b.out_dim, b.eig_G, keep_rows=reduce is None)
+        handles = [b.module.register_forward_hook(hook) for b in blocks]
+        diag_params: list[nn.Parameter] = []
+        diag_names: list[str] = []
+        diag_sum: Tensor | None = None
+        rows = 0.0
+        passes = forwards = 0
+        record = {"mode": "empirical"}
+        named = dict(model.named_parameters())
+        try:
+            with _preserved(model), torch.enable_grad():
+                for s in range(S):
+                    ParamSpec.assign(model, thetas[s])
+                    batch = batches[s if len(batches) > 1 else 0]
+                    B = _field_rows(batch)
+                    calls.clear()
+                    fired.clear()
+                    losses = cls._losses(
+                        model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record, sampling
+                    )
+                    t0 = time.perf_counter()
+                    first = next(losses)  # runs the forward pass (hooks fire)
+                    clock["forward"] += time.perf_counter() - t0
+                    forwards += 1
+                    if s == 0:
+                        for b in blocks:
+                            if b.name not in fired:
+                                for pname in (b.weight, b.bias):
+                                    if pname is not None:
+                                        reasons[pname] = _owner_reason(model, pname)
+                        blocks = [b for b in blocks if b.name in fired]
+                        covered = {p for b in blocks for p in (b.weight, b.bias) if p is not None}
+                        diag_names = [name for name in spec.names if name not in covered]
+                        for name in diag_names:
+                            reasons.setdefault(name, _owner_reason(model, name))
+                        diag_params = [named[name] for name in diag_names]
+                        diag_sum = torch.zeros(sum(named[k].numel() for k in diag_names), dtype=dtype, device=device)
+                    missing = {b.name for b in blocks} - fired
+                    if missing:
+                        raise RuntimeError(
+                            f"layers {sorted(missing)} ran at the first draw but not at draw {s}: the model's control "
+                            "flow must not depend on the parameters"
+                        )
+                    rows += B
+                    loss: Tensor | None = first
+                    while loss is not None:
+                        nxt = next(losses, None)
+                        inputs = [o for _, o in calls] + diag_params
+                        t0 = time.perf_counter()
+                        grads = torch.autograd.grad(loss, inputs, retain_graph=nxt is not None, allow_unused=True)
+                        t1 = time.perf_counter()
+                        clock["backward"] += t1 - t0
+                        passes += 1
+                        for (blk, _), g in zip(calls, grads):
+                            if g is None:
+                                continue
+                            blk.G_mom.add_rows(_out_rows(blk, g.detach()).to(dtype))
+                        pos = 0
+                        for p, g in zip(diag_params, grads[len(calls) :]):
+                            k = p.numel()
+                            if g is not None:
+                                diag_sum[pos : pos + k] += g.detach().reshape(-1).to(dtype).square()
+                            pos += k
+                        clock["output_factors"] += time.perf_counter() - t1
+                        del grads
+                        loss = nxt
+                    calls.clear()
+        finally:
+            for h in handles:
+                h.remove()
+            calls.clear()
+        for b in blocks:
+            b.module = None
+        mode = record["mode"]
+        passes_per_label = mc_samples if mode == "mc" else 1
+
+        # ---- reduce and finalise
+        red = reduce if reduce is not None else (lambda t: t)
+        for b in blocks:
+            for mom, dim in ((b.A_mom, b.in_dim), (b.G_mom, b.out_dim)):
+                if reduce is not None:
+                    mom.fold()
+                    if mom.sum is None:  # e.g. no gradient reached the layer's output: zero curvature
+                        shape = (dim, dim) if mom.full else (dim,)
+                        mom.sum = torch.zeros(shape, dtype=dtype, device=device)
+                    mom.sum = red(mom.sum)
+            b.loc = float(red(torch.tensor(b.loc, dtype=torch.float64, device=device)))
+            b.loc_A = float(red(torch.tensor(b.loc_A, dtype=torch.float64, device=device)))
+        diag_sum = red(diag_sum)
+        rows = float(red(torch.tensor(rows, dtype=torch.float64, device=device)))
+        t_eig = time.perf_counter()
+        notes_nonconst = []
+        for b in blocks:
+            b.lA, b.QA = b.A_mom.eig(1.0 / max(b.loc_A, 1.0), dtype, device)
+            b.lG, b.QG = b.G_mom.eig(1.0 / (max(b.loc, 1.0) * passes_per_label), dtype, device)
+            b.A_mom = b.G_mom = None
+            b.locations = b.loc / max(rows, 1.0)
+            pb = P[b.w_slice] if b.b_slice is None else torch.cat([P[b.w_slice], P[b.b_slice]])
+            b.prior = float(pb.mean()) if pb.numel() else 0.0
+            if pb.numel() and float(pb.max() - pb.min()) > 1e-6 * max(abs(b.prior), 1e-30):
+                notes_nonconst.append(b.name)
+        eig_seconds = time.perf_counter() - t_eig
+        diag_index = torch.cat(
+            [torch.arange(offsets[k].start, offsets[k].stop, device=device) for k in diag_names]
+            or [torch.zeros(0, dtype=torch.long, device=device)]
+        )
+        diag_fisher = diag_sum / (max(rows, 1.0) * passes_per_label)
+        prior_notes["mean_used_on_blocks"] = notes_nonconst
+
+        fisher = {
+            "mc": f"GGN/Fisher, Monte Carlo: {mc_samples} {sampling} sample(s) per row and draw",
+            "exact": "GGN/Fisher with the exact expectation over labels (one backward per output dimension)",
+            "empirical": "EMPIRICAL Fisher: gradients of nll at the true labels (a weaker curvature approximation)",
+        }[mode]
+        info.update(
+            fisher=fisher,
+            label_expectation=mode,
+            sampling=sampling if mode == "mc" else None,
+            rows=rows,
+            forward_passes=forwards,
+            backward_passes=passes,
+            kronecker={
+                b.name: {
+                    "params": [p for p in (b.weight, b.bias) if p is not None],
+                    "A_dim": b.in_dim,
+                    "G_dim": b.out_dim,
+                    "A": _factor_form(b.QA, b.in_dim),
+                    "G": _factor_form(b.QG, b.out_dim),
+                    "locations": b.locations,
+                    "A_locations_used": b.loc_A,
+                }
+                for b in blocks
+            },
+            diagonal=dict(sorted((k, reasons[k]) for k in diag_names)),
+            kronecker_params=sum(b.out_dim * b.in_dim for b in blocks),
+            diagonal_params=int(diag_index.numel()),
+            eigh_seconds=eig_seconds,
+            build_seconds=time.perf_counter() - t_start,
+            seconds={**clock, "forward": clock["forward"] - clock["input_factors"], "eigh": eig_seconds},
+        )
+        return cls(blocks, spec.dim, P, diag_index, diag_fisher, n, info)
+
+    @staticmethod
+    def _guess_without_nll(model: nn.Module, batch: Batch) -> Likelihood:
+        probe = _head(batch, _PROBE_ROWS)
+        y = probe[1] if len(probe) > 1 else None
+        with _preserved(model), torch.no_grad():
+            out = model(probe[0])
+        if isinstance(out, Tensor) and out.dim() == 2 and isinstance(y, Tensor) and not y.is_floating_point():
+            return Likelihood.CATEGORICAL
+        raise ValueError(
+            "cannot tell the likelihood without nll: pass nll=..., or likelihood='categorical' / 'gaussian' (sigma=...)"
+        )
+
+    @staticmethod
+    def _losses(
+        model: nn.Module,
+        batch: Batch,
+        lik: Likelihood,
+        nll: NLL | None,
+        mc_samples: int,
+        exact: bool | None,
+        sigma: float | None,
+        gen: torch.Generator,
+        record: dict[str, str],
+        sampling: str = "gaussian",
+    ) -> Iterator[Tensor]:
+        """Scalar losses whose backward passes give the statistics; the first item runs the forward pass.
+
+        ``record["mode"]`` is set to ``"mc"``, ``"exact"`` or ``"empirical"`` once the forward has run.
+        """
+        B = _field_rows(batch)
+
+        def signs(ref: Tensor) -> Tensor:
+            r = torch.randint(0, 2, (B,), generator=gen, device=gen.device).to(ref.device, ref.dtype)
+            return 2 * r - 1
+
+        if lik is Likelihood.EMPIRICAL:
+            values = nll(model, batch)
+            if not isinstance(values, Tensor) or values.shape != (B,):
+                raise ValueError(f"nll(model, batch) must return shape [{B}]")
+            record["mode"] = "empirical"
+            yield (signs(values) * values).sum()
+            return
+        out = model(batch[0])
+        if not isinstance(out, Tensor) or out.shape[:1] != (B,):
+            raise ValueError(f"model(x) must return a tensor with {B} rows for likelihood={lik.value!r}")
+        if lik is Likelihood.CATEGORICAL and out.dim() != 2:
+            raise ValueError(f"likelihood='categorical' needs model(x) of shape [B, C], got {tuple(out.shape)}")
+        width = out[0].numel()
+        use_exact = exact if exact is not None else width <= mc_samples
+        record["mode"] = "exact" if use_exact else "mc"
+        if lik is Likelihood.CATEGORICAL:
+            logp = torch.log_softmax(out, -1)
+            probs = logp.detach().exp()
+            if use_exact:  # Σ_c p_c (p − e_c)(p − e_c)ᵀ = diag(p) − ppᵀ, the softmax's output Hessian
+                r = signs(out)
+                for c in range(width):
+                    yield -(r * probs[:, c].sqrt() * logp[:, c]).sum()
+            elif sampling == "labels":  # ŷ ~ p: gradient p − e_ŷ, E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ
+                for _ in range(mc_samples):
+                    yhat = torch.multinomial(probs.to(gen.device, torch.float64), 1, generator=gen)[:, 0]
+                    yield -logp.gather(1, yhat.to(out.device)[:, None]).sum()
+            else:  # s = (I − p1ᵀ)(√p ⊙ ε), ε ~ N(0, I): E[s sᵀ] = (I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ
+                for _ in range(mc_samples):
+                    eps = torch.randn(probs.shape, generator=gen, device=gen.device, dtype=probs.dtype)
+                    root = probs.sqrt() * eps.to(out.device)
+                    yield (out * (root - probs * root.sum(-1, keepdim=True))).sum()
+        else:
+            if use_exact:  # Σ_k e_k e_kᵀ / σ² = I/σ², the Gaussian's output Hessian
+                r = signs(out)
+                flat = out.reshape(B, -1)
+                for k in range(width):
+                    yield (r * flat[:, k]).sum() / sigma
+            else:
+                mu = out.detach()
+                for _ in range(mc_samples):
+                    eps = torch.randn(mu.shape, generator=gen, device=gen.device, dtype=torch.float64)
+                    yhat = mu + sigma * eps.to(mu.device, mu.dtype)
+                    yield (out - yhat).square().sum() / (2 * sigma**2)
+
+    # ------------------------------------------------------------------------------------- products
+    # Every product works in the eigenbasis: rotate v (Q_Gᵀ V Q_A per block), scale elementwise, rotate back. The
+    # rotations are the only costly part (≈ 2·out·in·(out + in) flops per layer and direction), so the eigenbasis
+    # coordinates of the last few inputs and outputs are cached (keyed by tensor identity and version counter,
+    # through weak references): solve(g, λ) for several λ rotates g once, and quad(x) of a solve or matmul result
+    # costs no rotation at all - the pattern of a damping search.
+    _CACHE = 6
+
+    def _data_eigvals(self, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """Eigenvalues of the data term per block (``n·L·λ_G λ_Aᵀ``, ``[r_G, r_A]``) and on the diagonal
+        parameters (``n·d``, ``[Dd]``); the prior precision is added by the callers."""
+        out = [
+            self.n * b.locations * b.lG.to(device, dtype)[:, None] * b.lA.to(device, dtype)[None, :]
+            for b in self.blocks
+        ]
+        out.append(self.n * self.diag_fisher.to(device, dtype))
+        return out
+
+    @staticmethod
+    def _low_rank(b: _Block) -> bool:
+        """Whether the block's eigenbasis misses directions (kept-rows factors): there ``K`` is the prior alone."""
+        return any(Q is not None and Q.shape[1] < Q.shape[0] for Q in (b.QA, b.QG))
+
+    def _lookup(self, v: Tensor) -> list[Tensor] | None:
+        for ref, version, coords in self._cache:
+            if ref() is v and v._version == version:
+                return coords
+        return None
+
+    def _remember(self, v: Tensor, coords: list[Tensor]) -> None:
+        self._cache = [e for e in self._cache if e[0]() is not None and e[0]() is not v][-(self._CACHE - 1) :]
+        self._cache.append((weakref.ref(v), v._version, coords))
+
+    def _coords(self, v: Tensor) -> list[Tensor]:
+        """Eigenbasis coordinates of ``v`` (``[D]`` or ``[D, k]``): ``[k, out, in]`` per block, then ``[Dd, k]``."""
+        coords = self._lookup(v)
+        if coords is not None:
+            return coords
+        V = self._as_matrix(v)
+        coords = []
+        for b in self.blocks:
+            M = b.to_matrix(V)
+            if b.QG is not None:
+                M = b.QG.to(V.device, V.dtype).T @ M
+            if b.QA is not None:
+                M = M @ b.QA.to(V.device, V.dtype)
+            coords.append(M)
+        coords.append(V[self.diag_index.to(V.device)])
+        self._remember(v, coords)
+        return coords
+
+    def _as_matrix(self, v: Tensor) -> Tensor:
+        if v.dim() not in (1, 2) or v.shape[0] != self.dim:
+            raise ValueError(f"expected a vector [{self.dim}] or matrix [{self.dim}, k], got {tuple(v.shape)}")
+        v = v.detach()
+        return v[:, None] if v.dim() == 1 else v
+
+    def _apply(self, v: Tensor, inverse: bool, damping: float) -> Tensor:
+        """``K v`` or ``(K + damping·I)⁻¹ v``. Per block with data eigenvalues ``Λ`` in the eigenbasis ``U`` and the
+        prior ``p`` on the rest: ``f(K) v = f(p)·v + U (f(Λ + p) − f(p)) Uᵀ v`` (``= U f(Λ + p) Uᵀ v`` when ``U`` is
+        a complete basis)."""
+        V = self._as_matrix(v)
+        coords = self._coords(v)
+        lams = self._data_eigvals(V.dtype, V.device)
+        scaled, rest = [], []
+        for i, b in enumerate(self.blocks):
+            low = self._low_rank(b)
+            base = b.prior + (damping if inverse else 0.0)
+            full = lams[i] + base
+            if inverse:
+                if (full.numel() and float(full.min()) <= 0) or (low and base <= 0):
+                    raise ValueError(
+                        f"K + {damping}·I is singular on layer '{b.name}': pass damping > 0 (or a log_prior)"
+                    )
+                f, f0 = 1.0 / full, 1.0 / base if low else 0.0
+            else:
+                f, f0 = full, base
+            scaled.append(coords[i] * f)
+            rest.append((coords[i] * (f - f0), f0) if low else None)
+        diag = lams[-1][:, None] + self.prior[self.diag_index].to(V.device, V.dtype)[:, None]
+        if inverse:
+            diag = diag + damping
+            if diag.numel() and float(diag.min()) <= 0:
+                raise ValueError(f"K + {damping}·I is singular on the diagonal parameters: pass damping > 0")
+            scaled.append(coords[-1] / diag)
+        else:
+            scaled.append(coords[-1] * diag)
+        out = torch.empty_like(V)
+        for b, C, extra in zip(self.blocks, scaled, rest):
+            if extra is None:
+                b.from_matrix(self._back(b, C, V), out)
+            else:
+                delta, f0 = extra
+                b.from_matrix(f0 * b.to_matrix(V) + self._back(b, delta, V), out)
+        out[self.diag_index.to(V.device)] = scaled[-1]
+        result = out[:, 0] if v.dim() == 1 else out
+        self._remember(result, scaled)  # Uᵀ f(K) v = f(Λ + p)·Uᵀ v also for an incomplete basis
+        return result
+
+    @staticmethod
+    def _back(b: _Block, C: Tensor, like: Tensor) -> Tensor:
+        if b.QG is not None:
+            C = b.QG.to(like.device, like.dtype) @ C
+        if b.QA is not None:
+            C = C @ b.QA.to(like.device, like.dtype).T
+        return C
+
+    def solve(self, v: Tensor, damping: float = 0.0) -> Tensor:
+        """``(K + damping·I)⁻¹ v`` for ``v`` of shape ``[D]`` or ``[D, k]`` (closed form for any damping).
+
+        Raises:
+            ValueError: if ``K + damping·I`` is singular (no prior precision and ``damping = 0``).
+        """
+        return self._apply(v, True, float(damping))
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        """``K v`` for ``v`` of shape ``[D]`` or ``[D, k]``."""
+        return self._apply(v, False, 0.0)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Same as ``self @ v``."""
+        return self @ v
+
+    def quad(self, x: Tensor) -> float:
+        """``xᵀ K x`` for ``x`` of shape ``[D]`` (free for a result of :meth:`solve` or ``@``; else one rotation):
+        ``Σ_blocks (p‖x_b‖² + Σ Λ·(Uᵀx_b)²) + Σ_diag (n·d + P)·x²``."""
+        if x.dim() != 1:
+            raise ValueError(f"quad takes a vector [{self.dim}], got {tuple(x.shape)}")
+        coords = self._coords(x)
+        X = x.detach()[:, None]
+        lams = self._data_eigvals(X.dtype, X.device)
+        total = 0.0
+        for b, C, lam in zip(self.blocks, coords, lams):
+            total += b.prior * float(b.to_matrix(X).square().sum()) + float((C.square() * lam).sum())
+        diag = lams[-1] + self.prior[self.diag_index].to(X.device, X.dtype)
+        return total + float((coords[-1][:, 0].square() * diag).sum())
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors (eigenbases, eigenvalues, prior, diagonal) and JSON-able metadata, for safetensors + JSON."""
+        tensors = {"prior": self.prior, "diag_index": self.diag_index, "diag_fisher": self.diag_fisher}
+        for i, b in enumerate(self.blocks):
+            tensors[f"block{i}.lA"], tensors[f"block{i}.lG"] = b.lA, b.lG
+            if b.QA is not None:
+                tensors[f"block{i}.QA"] = b.QA
+            if b.QG is not None:
+                tensors[f"block{i}.QG"] = b.QG
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        meta = {
+            "format": "kronecker-curvature/1",
+            "n": self.n,
+            "dim": self.dim,
+            "blocks": [b.meta() for b in self.blocks],
+        }
+        meta["info"] = self.info
+        return tensors, meta
 
     @classmethod
-    def from_state_dict(cls, model: nn.Module, tensors: dict, meta: dict) -> KroneckerCurvature:
-        raise ValueError("interim K-FAC is rebuilt after loading")
+    def from_state_dict(cls, model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any]) -> KroneckerCurvature:
+        """Rebuild from :meth:`state_dict` output; ``model`` must have the same trainable parameters.
+
+        Raises:
+            ValueError: if the saved curvature does not match the model's parameters.
+        """
+        if meta.get("format") != "kronecker-curvature/1":
+            raise ValueError(f"not a saved KroneckerCurvature (format {meta.get('format')!r})")
+        spec, offsets, _ = _slices(model)
+        if int(meta["dim"]) != spec.dim:
+            raise ValueError(f"saved curvature has {meta['dim']} parameters, the model {spec.dim}: wrong model")
+        blocks = []
+        for i, bm in enumerate(meta["blocks"]):
+            for pname in (bm["weight"], bm["bias"]):
+                if pname is not None and pname not in offsets:
+                    raise ValueError(f"saved curvature refers to parameter '{pname}', which the model lacks")
+            w, bias = offsets[bm["weight"]], offsets[bm["bias"]] if bm["bias"] is not None else None
+            size = (w.stop - w.start) + (bias.stop - bias.start if bias is not None else 0)
+            if size != bm["out_dim"] * bm["in_dim"]:
+                raise ValueError(f"layer '{bm['name']}' has a different shape in the model than in the saved curvature")
+            blk = _Block(
+                name=bm["name"],
+                kind=bm["kind"],
+                weight=bm["weight"],
+                bias=bm["bias"],
+                w_slice=w,
+                b_slice=bias,
+                out_dim=int(bm["out_dim"]),
+                in_dim=int(bm["in_dim"]),
+                eig_A=bool(bm["eig_A"]),
+                eig_G=bool(bm["eig_G"]),
+                lA=tensors[f"block{i}.lA"],
+                QA=tensors.get(f"block{i}.QA"),
+                lG=tensors[f"block{i}.lG"],
+                QG=tensors.get(f"block{i}.QG"),
+                locations=float(bm["locations"]),
+                prior=float(bm["prior"]),
+            )
+            blocks.append(blk)
+        prior = tensors["prior"]
+        if prior.shape != (spec.dim,):
+            raise ValueError(f"saved prior has shape {tuple(prior.shape)}, expected [{spec.dim}]")
+        return cls(
+            blocks, spec.dim, prior, tensors["diag_index"].long(), tensors["diag_fisher"], int(meta["n"]), meta["info"]
+        )
+
+    # ---------------------------------------------------------------------------------------- memory
+    @staticmethod
+    def memory_estimate(model: nn.Module, batch_rows: int, example_batch: Batch, max_factor_dim: int = 4096) -> int:
+        """Peak bytes :meth:`build` will allocate for minibatches of ``batch_rows`` rows, estimated before building.
+
+        Two tiny probe forward passes (with gradients, on 1-4 rows of ``example_batch``) measure the bytes autograd
+        saves per row and in total (``saved_tensors_hooks``), the layer outputs that the build clones and
+        differentiates, and the largest unfolded layer input; the factors add ``Σ (in² + out²)`` elements twice
+        (sums and eigenbases) plus the eigen-solver's workspace, the parameters a few copies of ``D``. Activation
+        memory is linear in rows, so the estimate is too; allocator overhead and fragmentation are not included.
+        """
+        batch = tuple(example_batch)
+        have = _field_rows(batch)
+        sizes = (2, 4) if have >= 4 else (1, max(have, 1)) if have >= 2 else (1, 1)
+        spec, offsets, by_id = _slices(model)
+        blocks, _ = _candidates(model, offsets, by_id, max_factor_dim)
+        by_module = {b.module: b for b in blocks}
+        measured = []
+        for rows in sizes:
+            stats = {"saved": 0, "block_out": 0, "patch": 0, "largest": 0}
+            seen: set[int] = set()
+
+            def pack(t: Tensor, stats: dict = stats, seen: set = seen) -> Tensor:
+                key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+                if key not in seen and not isinstance(t, nn.Parameter):
+                    seen.add(key)
+                    stats["saved"] += t.untyped_storage().nbytes()
+                    stats["largest"] = max(stats["largest"], t.untyped_storage().nbytes())
+                return t
+
+            def hook(module: nn.Module, args: tuple, out: Any, stats: dict = stats) -> None:
+                blk = by_module[module]
+                if isinstance(out, Tensor) and args and isinstance(args[0], Tensor):
+                    stats["block_out"] += out.numel() * out.element_size()
+                    a = _patches(blk, args[0].detach())
+                    stats["patch"] = max(stats["patch"], a.numel() * a.element_size())
+
+            handles = [b.module.register_forward_hook(hook) for b in blocks]
+            try:
+                with (
+                    _preserved(model),
+                    torch.enable_grad(),
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                ):
+                    model(_head(batch, rows)[0])
+            finally:
+                for h in handles:
+                    h.remove()
+            measured.append((rows, stats))
+        (r1, s1), (r2, s2) = measured
+        per_row = {k: (s2[k] - s1[k]) / (r2 - r1) if r2 > r1 else s2[k] / r2 for k in s1}
+        fixed = {k: max(s1[k] - per_row[k] * r1, 0.0) for k in s1}
+        est = {k: fixed[k] + per_row[k] * batch_rows for k in s1}
+        itemsize = next(model.parameters()).element_size()
+        factors = sum((b.in_dim**2 if b.eig_A else b.in_dim) + (b.out_dim**2 if b.eig_G else b.out_dim) for b in blocks)
+        largest_factor = max(
+            [b.in_dim if b.eig_A else 0 for b in blocks] + [b.out_dim if b.eig_G else 0 for b in blocks] + [0]
+        )
+        patch = min(est["patch"], _CHUNK_BYTES + per_row["patch"])  # unfolded in chunks of rows
+        passes = est["saved"] + 2 * est["block_out"] + 2 * max(patch, est["largest"])
+        eig = 3 * largest_factor**2 * itemsize
+        params = 4 * spec.dim * itemsize
+        return int(passes + 2 * factors * itemsize + eig + params)

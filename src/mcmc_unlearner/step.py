@@ -20,11 +20,19 @@ curvature the model missed (an indefinite or noisy Hessian, an overshooting appr
 larger than ``pred`` — the fit of the remaining data got worse than promised.
 
 **The rule** (Levenberg 1944, Marquardt 1963; as adapted for K-FAC by Martens & Grosse 2015): a step is accepted
-when ``pred < 0`` and ``actual/pred ≥ η`` (default 0.25); otherwise the damping grows (×10, starting from
-``1e-4 ×`` the mean curvature) and the step is recomputed, at most ``max_trials`` times; a request whose steps all
-fail is refused. After an accepted step with ratio above 0.75 the next request starts from a third of the damping
-(the model was trustworthy), otherwise from the same damping. A fixed ``damping`` disables the adaptation but not
-the check.
+when ``pred < 0`` and ``actual/pred ≥ η`` (default 0.25) — the curvature model predicts what the step does — and
+the held rows' mean negative log-likelihood, measured directly, rises by at most ``max_nll_increase`` (5%) of its
+size beyond two standard errors — the safety net. The control variate above removes the bank's Monte-Carlo
+noise from the energy test, but it also hides a bank that is not at equilibrium along ``x`` (finite SG-MCMC banks
+in thousands of dimensions are not); the direct measurement does not hide it. A rejected step's damping grows
+(×10, from ``1e-2 ×`` the mean curvature) until a step is accepted, then is refined once geometrically; the next
+request starts from the accepted damping, and a first step with ratio above 0.75 is followed by one at a tenth of
+its damping. A request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
+
+**Carried influence.** An accepted step with damping ``λ`` leaves the first-moment condition of the new posterior
+unmet by ``λx`` (``E[∇F(θ + x, S∖S')] ≈ Hx − G = −λx``); the unlearner adds it to the next request's gradient,
+so influence held back while the curvature model was not trusted is applied once it is (a class removed in many
+requests is forgotten by the end; see ``MCMCUnlearner(carry_deficit=...)``).
 """
 
 from __future__ import annotations
@@ -53,11 +61,19 @@ class Measurement:
         actual: Change of the bank-averaged remaining-data energy (negative = better fit).
         stderr: Its Monte-Carlo standard error over the check rows.
         nll_change: Mean change of the per-row negative log-likelihood of the check rows.
+        direct, direct_stderr: The same energy change measured without the control variate (prior change plus
+            ``n·mean Δh`` over the check rows), and its standard error.
+        nll_scale: Mean ``|h|`` of the check rows before the step (the unit of the damage tolerance).
+        nll_stderr: Standard error of ``nll_change``.
     """
 
     actual: float
     stderr: float
     nll_change: float
+    direct: float = math.nan
+    direct_stderr: float = math.nan
+    nll_scale: float = math.nan
+    nll_stderr: float = math.nan
 
 
 def _directional(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +118,9 @@ class EnergyCheck:
         with torch.no_grad():
             self.h0 = torch.stack([self.f(t, *rows).detach() for t in thetas])  # [K, m]
             self.lp0 = None if log_prior is None else torch.stack([log_prior(t).detach() for t in thetas])
-        self.m = int(self.reduce(torch.tensor(float(rows[0].shape[0]), dtype=torch.float64)))
+        sums = self.reduce(torch.stack([torch.tensor(float(rows[0].shape[0])), self.h0.double().abs().mean(0).sum()]))
+        self.m = int(sums[0])
+        self.scale = float(sums[1]) / max(self.m, 1)
 
     def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (vmapped over draws)."""
@@ -141,12 +159,22 @@ class EnergyCheck:
             R, dh, prior = self._remainders_loop(x)
         K = self.thetas.shape[0]
         per_row = R.double().mean(0)  # [m]: each held row's remainder averaged over the draws
-        sums = self.reduce(torch.stack([per_row.sum(), (per_row**2).sum(), dh.double().mean(0).sum()]))
-        mean = float(sums[0]) / self.m
-        var = max(float(sums[1]) / self.m - mean**2, 0.0)
-        stderr = self.n * math.sqrt(var / max(self.m - 1, 1))
+        dh_row = dh.double().mean(0)
+        sums = self.reduce(torch.stack([per_row.sum(), (per_row**2).sum(), dh_row.sum(), (dh_row**2).sum()]))
+        mean, dmean = float(sums[0]) / self.m, float(sums[2]) / self.m
+        denom = max(self.m - 1, 1)
+        stderr = self.n * math.sqrt(max(float(sums[1]) / self.m - mean**2, 0.0) / denom)
+        dstderr = self.n * math.sqrt(max(float(sums[3]) / self.m - dmean**2, 0.0) / denom)
         actual = -float(self.G @ x) + prior / K + self.n * mean
-        return Measurement(actual, stderr, float(sums[2]) / self.m)
+        direct = float(self._prior_change(x)) + self.n * dmean
+        return Measurement(actual, stderr, dmean, direct, dstderr, self.scale, dstderr / self.n)
+
+    def _prior_change(self, x: torch.Tensor) -> float:
+        """``E_s[−log p(θ_s + x) + log p(θ_s)]``."""
+        if self.lp is None:
+            return 0.0
+        with torch.no_grad():
+            return float(torch.stack([-self.lp(t + x) for t in self.thetas]).mean() + self.lp0.mean())
 
 
 @dataclass
@@ -188,9 +216,17 @@ class DampingControl:
         eta: Smallest accepted ``actual/pred``.
         grow: Factor by which a rejected step's damping grows.
         max_trials: Steps tried per request before it is refused.
+        max_nll_increase: Largest accepted rise of the held remaining rows' mean NLL, relative to its size.
     """
 
-    def __init__(self, damping: float | str = "auto", eta: float = 0.25, grow: float = 10.0, max_trials: int = 8):
+    def __init__(
+        self,
+        damping: float | str = "auto",
+        eta: float = 0.25,
+        grow: float = 10.0,
+        max_trials: int = 8,
+        max_nll_increase: float = 0.05,
+    ):
         if isinstance(damping, str):
             if damping != "auto":
                 raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
@@ -206,18 +242,53 @@ class DampingControl:
         if max_trials < 1:
             raise ValueError(f"max_trials must be >= 1, got {max_trials}")
         self.eta, self.grow, self.max_trials = float(eta), float(grow), int(max_trials)
+        self.max_nll_increase = float(max_nll_increase)
         self.relative = 0.0  # damping carried to the next request, in units of the curvature scale
 
     @property
     def adaptive(self) -> bool:
         return self.fixed is None
 
-    def _next(self, lam: float, scale: float, floor: float) -> float:
-        start = max(1e-4 * scale, floor * 1.5, 1e-30)
-        return start if lam < start else lam * self.grow
+    def _try(
+        self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any], lam: float
+    ) -> StepOutcome | None:
+        """One checked step at damping ``lam`` (``None`` when ``H + λI`` is not positive definite)."""
+        try:
+            res = backend.solve(G, lam)
+        except NegativeCurvatureError:
+            if self.fixed is not None:
+                raise
+            return None
+        x = res.x
+        gx = float(G @ x)
+        pred = -gx + 0.5 * backend.quad(x)
+        meas = check(x)
+        if gx == 0.0 and pred == 0.0:  # nothing to remove: the removed points carry no gradient
+            ratio, ok = 1.0, True
+        else:
+            ratio = meas.actual / pred if pred < 0 else -math.inf
+            ok = pred < 0 and ratio >= self.eta
+        # the safety net: the held rows' mean NLL, measured directly, may not rise by more than `max_nll_increase`
+        # of its size (beyond two standard errors)
+        limit = self.max_nll_increase * meas.nll_scale + 2 * meas.nll_stderr
+        ok = ok and not meas.nll_change > limit  # (no direct measurement: nan limit, no verdict)
+        out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok)
+        out.history = [
+            {"damping": lam, "predicted": pred, "actual": meas.actual, "ratio": ratio, "gx": gx,
+             "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale}
+        ]  # fmt: skip
+        return out
 
     def step(self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any]) -> StepOutcome:
-        """Find an accepted step for gradient ``G`` (see the module docstring); the outcome says if none was."""
+        """Find the least-damped accepted step for gradient ``G``; the outcome says if none was found.
+
+        The search starts from the damping the last request accepted. A rejected step's damping grows ×``grow``
+        (from ``1e-2`` of the mean curvature, or just above the most negative eigenvalue when the backend knows
+        it) until a step is accepted, and is then refined once halfway (geometrically) back towards the last
+        rejected value. An accepted first step whose ratio exceeds 0.75 (a trustworthy model) is followed by
+        step with ``1/grow`` of its damping, kept if it is accepted too. Every tried step counts towards
+        ``max_trials``.
+        """
         scales: list[float] = []
 
         def scale() -> float:  # the curvature scale costs products on matrix-free backends: only when needed
@@ -226,56 +297,73 @@ class DampingControl:
             return scales[0]
 
         floor = backend.min_damping()
-        if self.fixed is not None:
-            lam = self.fixed
-        else:
-            lam = max(self.relative * scale() if self.relative > 0 else 0.0, floor * 1.5 if floor > 0 else 0.0)
+        low = max(floor * 1.5, 1e-30) if floor > 0 else 0.0
         history: list[dict[str, float]] = []
-        last: StepOutcome | None = None
+        tried: list[StepOutcome] = []
         note = ""
-        for trial in range(1, self.max_trials + 1):
-            try:
-                res = backend.solve(G, lam)
-            except NegativeCurvatureError as exc:
-                note = str(exc)
+
+        def attempt(lam: float) -> StepOutcome | None:
+            nonlocal note
+            out = self._try(backend, G, check, lam)
+            if out is None:
+                note = f"the curvature plus damping {lam:.3g} is not positive definite"
                 history.append({"damping": lam, "predicted": math.nan, "actual": math.nan, "ratio": math.nan})
-                if self.fixed is not None:
-                    raise
-                lam = self._next(lam, scale(), floor)
-                continue
-            x = res.x
-            gx = float(G @ x)
-            pred = -gx + 0.5 * backend.quad(x)
-            if gx == 0.0 and pred == 0.0:  # nothing to remove: the removed points carry no gradient
-                meas, ratio = check(x), 1.0
+                return None
+            history.extend(out.history)
+            tried.append(out)
+            if not out.safe:
+                note = (
+                    f"damping {lam:.3g}: the model predicted an energy change of {out.predicted:.4g}, the check "
+                    f"measured {out.actual:.4g} ± {out.stderr:.2g} (ratio {out.ratio:.3g}, needs >= {self.eta}); the "
+                    f"held remaining rows' mean NLL changed by {out.nll_change:+.4g} (limit "
+                    f"{100 * self.max_nll_increase:g}% of {out.history[0]['nll_scale']:.3g})"
+                )
+            return out
+
+        def start() -> float:
+            return max(1e-2 * scale(), low)
+
+        if self.fixed is not None:
+            attempt(self.fixed)
+        else:
+            lam = max(self.relative * scale(), low) if self.relative > 0 else low
+            best: StepOutcome | None = None
+            failed: float | None = None
+            out = attempt(lam)
+            if out is not None and out.safe:
+                best = out
+                if len(history) < self.max_trials and best.ratio > 0.75 and best.damping > 0:
+                    lower = best.damping / self.grow
+                    lower = 0.0 if lower < start() else max(lower, low)
+                    nxt = attempt(lower) if lower < best.damping else None
+                    if nxt is not None and nxt.safe:
+                        best = nxt
             else:
-                meas = check(x)
-                ratio = meas.actual / pred if pred < 0 else -math.inf
-            history.append({"damping": lam, "predicted": pred, "actual": meas.actual, "ratio": ratio})
-            ok = (pred < 0 and ratio >= self.eta) or (gx == 0.0 and pred == 0.0)
-            last = StepOutcome(
-                x, res, lam, trial, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, history, ""
-            )
-            if lam > 0:
-                last.scale = scale()
-            if ok:
-                if self.fixed is None:
-                    rel = lam / scale() if lam > 0 else 0.0
-                    self.relative = rel / 3 if ratio > 0.75 else rel
-                    if self.relative < 1e-4:
-                        self.relative = 0.0
-                return last
-            note = (
-                f"damping {lam:.3g}: the model predicted an energy change of {pred:.4g}, the check measured "
-                f"{meas.actual:.4g} ± {meas.stderr:.2g} (ratio {ratio:.3g} < {self.eta})"
-            )
-            if self.fixed is not None:
-                break
-            lam = self._next(lam, scale(), floor)
-        if last is None:
+                while len(history) < self.max_trials:
+                    failed = lam
+                    lam = start() if lam < start() else lam * self.grow
+                    out = attempt(lam)
+                    if out is not None and out.safe:
+                        best = out
+                        break
+                if best is not None and failed is not None and failed > 0 and len(history) < self.max_trials:
+                    mid = math.sqrt(failed * best.damping)  # refine once between the rejected and accepted
+                    out = attempt(mid)
+                    if out is not None and out.safe:
+                        best = out
+            if best is not None:
+                best.history, best.trials = history, len(history)
+                if best.damping > 0:
+                    best.scale = scale()
+                self.relative = best.damping / scale() if best.damping > 0 else 0.0
+                return best
+        if not tried:
             raise NegativeCurvatureError(
-                f"no damping up to {lam:.3g} made the curvature positive definite ({note}); nothing was changed. "
-                "Use a positive-definite curvature (solver='kfac') or negative_curvature='truncate'"
+                f"no damping up to {history[-1]['damping']:.3g} made the curvature positive definite; nothing was "
+                "changed. Use a positive-definite curvature (solver='kfac') or negative_curvature='truncate'"
             )
-        last.note = note
+        last = tried[-1]
+        last.history, last.trials, last.note = history, len(history), note
+        if last.damping > 0:
+            last.scale = scale()
         return last

@@ -323,6 +323,7 @@ class Proposal:
     _sampler_state: dict | None = None
     _backend_state: dict | None = None
     _control_relative: float = 0.0
+    _carry: torch.Tensor | None = None
     _generator_state: torch.Tensor | None = None
     _data: Any = None
     _data_state: Any = None
@@ -362,7 +363,7 @@ class MCMCUnlearner:
         samp_T: Sampler steps for ``expectation="chain"``.
         grad_draws: Bank samples averaged for ``G``: ``"auto"`` (all of at most ``max(16, ⌈1024/k⌉)`` for ``k``
             removed points, evenly spaced), ``None`` (all) or a number.
-        curvature_draws: Draws averaged for ``H`` (``None``: 4 for ``kfac``, 16 otherwise).
+        curvature_draws: Draws averaged for ``H`` (``None``: 8 for ``kfac``, 16 otherwise).
         refresh_every: Curvature reuse across sequential requests (``None``: 1 for ``exact``, 20 for ``kfac``, 10
             otherwise). ``exact`` downdates its dense Hessian in between; ``kfac``/``lowrank``/``cg`` reuse their
             approximation or preconditioner.
@@ -415,7 +416,7 @@ class MCMCUnlearner:
         refresh_every: int | None = None,
         precondition_rank: int = 0,
         drift_tol: float = 2.0,
-        check_draws: int = 2,
+        check_draws: int = 8,
         check_rows: int = 256,
         negative_curvature: str = "raise",
         newton_steps: int = 1,
@@ -428,6 +429,7 @@ class MCMCUnlearner:
         rescale_lr: bool = True,
         backend: str = "auto",
         seed: int = 0,
+        carry_deficit: bool = True,
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -470,7 +472,7 @@ class MCMCUnlearner:
         if grad_draws not in (None, "auto") and int(grad_draws) < 1:
             raise ValueError(f"grad_draws must be 'auto', None (all) or >= 1, got {grad_draws!r}")
         self.grad_draws = grad_draws
-        default_draws = 4 if self.solver is SolverName.KFAC else 16
+        default_draws = 8 if self.solver is SolverName.KFAC else 16
         self.curvature_draws = int(default_draws if curvature_draws is None else curvature_draws)
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
@@ -508,6 +510,8 @@ class MCMCUnlearner:
             mc_samples=self.mc_samples,
         )
         self.history: list[RemovalReport] = []
+        self.carry_deficit = bool(carry_deficit)
+        self._carry: torch.Tensor | None = None  # λx of the last damped step: influence not yet applied
         self._version = 0
         self._row_bytes: int | None = None
 
@@ -782,6 +786,7 @@ class MCMCUnlearner:
         self.curvature.restore(proposal._backend_state)
         self.curvature.commit()
         self.control.relative = proposal._control_relative
+        self._carry = proposal._carry
         self.generator.set_state(proposal._generator_state)
         if proposal._data is not None:
             proposal._data.set_state(proposal._data_state)
@@ -860,6 +865,10 @@ class MCMCUnlearner:
                 "samples; nothing was changed. Check the model and data for overflow"
             )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        if self.carry_deficit and self._carry is not None:
+            # the last request's damped step left E[∇F] = −λx: its unapplied influence joins this request's
+            info["carried_norm"] = float(self._carry.norm())
+            G = G + self._carry
         curv_batch, shared = self._curvature_data(stream, n, c_thetas.shape[0], info)
         problem = Problem(
             model=self.model,
@@ -895,6 +904,7 @@ class MCMCUnlearner:
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check)
         x, lam = outcome.x, outcome.damping
+        carry = lam * x if (self.carry_deficit and lam > 0 and outcome.safe) else None
         x_dev = self._error_bar(dev, lam)
         new_live, new_bank = self._shift(live, x, lam, h_f, batch)
         if self.newton_steps > 1:
@@ -902,6 +912,7 @@ class MCMCUnlearner:
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         info.update(outcome.solve.info)
+        info["trials"] = outcome.history
         info["damping_history"] = ";".join(
             f"{h['damping']:.3g}:{h['ratio']:.3g}" for h in outcome.history
         )  # damping:ratio of every trial
@@ -909,6 +920,7 @@ class MCMCUnlearner:
         report.problems = quality_problems(report, self.tol, outcome.note)
         prop = Proposal(report, new_live, new_bank)
         prop._sampler_state = sampler_state
+        prop._carry = carry
         return prop
 
     def _report(
@@ -1021,9 +1033,12 @@ class MCMCUnlearner:
 
     # ------------------------------------------------------------------ checkpoints
     def curvature_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Cached curvature and the damping state as tensors plus JSON metadata (see :meth:`load_curvature_state`)."""
+        """Cached curvature, the damping state and the carried influence as tensors plus JSON metadata (for
+        checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
         meta = {**meta, "damping_relative": float(self.control.relative)}
+        if self._carry is not None:
+            tensors = {**tensors, "carry": self._carry}
         return tensors, meta
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -1033,8 +1048,11 @@ class MCMCUnlearner:
         else:
             self.curvature.load_state_dict(tensors, meta)
         self.control.relative = float(meta.get("damping_relative", 0.0))
+        carry = tensors.get("carry")
+        self._carry = None if carry is None else carry.clone()
 
     def reset_curvature(self) -> None:
-        """Forget cached curvature and the carried damping; call after the chain moved a lot."""
+        """Forget cached curvature, the carried damping and carried influence; call after the chain moved a lot."""
         self.curvature.reset()
         self.control.relative = 0.0
+        self._carry = None

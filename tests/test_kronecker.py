@@ -1,0 +1,594 @@
+"""Kronecker-factored curvature (MC-label K-FAC + diagonal fallback) against dense float64 references."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcmc_unlearner.curvature import ParamSpec, functionalize
+from mcmc_unlearner.kronecker import KroneckerCurvature, Likelihood, detect_likelihood, prior_precision
+
+torch.set_num_threads(1)
+D64 = torch.float64
+
+
+def ce_nll(m, b):
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def gauss_nll(sigma):
+    def nll(m, b):
+        out = m(b[0])
+        return (out - b[1].reshape(out.shape)).pow(2).reshape(out.shape[0], -1).sum(1) / (2 * sigma**2) + 0.3
+
+    return nll
+
+
+def iso_prior(std):
+    return lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()) / std**2
+
+
+def dense(K: KroneckerCurvature) -> torch.Tensor:
+    return K @ torch.eye(K.dim, dtype=D64)
+
+
+def energy_hessian(model, nll, log_prior, batch, n):
+    """Dense Hessian of −log p(θ) + (n/B)·Σ_i nll_i at the model's parameters, in float64."""
+    B = batch[0].shape[0]
+    f = functionalize(model, lambda m, *b: (n / B) * nll(m, b).sum() - (log_prior(m) if log_prior else 0.0))
+    theta = ParamSpec.flatten_module(model)
+    return torch.autograd.functional.hessian(lambda t: f(t, *batch), theta)
+
+
+def factor(lam, Q):
+    return torch.diag(lam) if Q is None else Q @ torch.diag(lam) @ Q.T
+
+
+# ------------------------------------------------------------------------------------------ exactness
+def test_one_example_linear_layer_equals_the_exact_ggn_hessian() -> None:
+    """Softmax regression on one row: A⊗G with the exact label expectation is the Hessian of the energy."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    batch = (torch.randn(1, 4, dtype=D64), torch.tensor([1]))
+    theta = ParamSpec.flatten_module(model)
+    K = KroneckerCurvature.build(
+        model, theta[None], [batch], n=50, nll=ce_nll, log_prior=iso_prior(0.5), exact_expectation=True
+    )
+    assert K.info["likelihood"] == "categorical" and K.info["label_expectation"] == "exact"
+    H = energy_hessian(model, ce_nll, iso_prior(0.5), batch, 50)
+    torch.testing.assert_close(dense(K), H, atol=1e-10, rtol=1e-10)
+    v = torch.randn(theta.numel(), dtype=D64)
+    for lam in (0.0, 0.1, 10.0):
+        torch.testing.assert_close(K.solve(v, lam), torch.linalg.solve(H + lam * torch.eye(len(v), dtype=D64), v))
+
+
+def test_linear_gaussian_regression_is_exact_and_equals_the_hessian() -> None:
+    """Linear model + Gaussian likelihood: GGN = Hessian, and K-FAC is exact for any number of rows."""
+    torch.manual_seed(1)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(7, 3, dtype=D64)
+    batch = (x, model(x).detach() + torch.randn(7, 2, dtype=D64))
+    theta = ParamSpec.flatten_module(model)
+    nll = gauss_nll(0.7)
+    # two outputs ≤ mc_samples=2: the exact expectation is used (it costs no more passes than sampling)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=30, nll=nll, log_prior=iso_prior(2.0), mc_samples=2)
+    assert K.info["likelihood"] == "gaussian" and math.isclose(K.info["sigma"], 0.7, rel_tol=1e-9)
+    assert K.info["label_expectation"] == "exact" and K.info["backward_passes"] == 2
+    H = energy_hessian(model, nll, iso_prior(2.0), batch, 30)
+    torch.testing.assert_close(dense(K), H, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv2d(2, 3, 3, padding=1, stride=2, dilation=1), (2, 5, 5)),
+        (nn.Conv2d(2, 3, 2, padding=1, padding_mode="reflect", dilation=2), (2, 4, 4)),
+        (nn.Conv2d(2, 2, 3, padding="same", bias=False), (2, 4, 4)),
+        (nn.Conv1d(2, 3, 3, padding=2, stride=2), (2, 7)),
+        (nn.Linear(3, 2), (4, 3)),  # leading sequence dimension: 4 locations per row
+    ],
+)
+def test_weight_shared_linear_layers_are_exact_for_gaussian_outputs(layer, shape) -> None:
+    """A linear conv (or a linear layer over a sequence) with a Gaussian loss on every output location has the
+    Hessian Σ_l a_l a_lᵀ ⊗ I/σ²: exactly the "expand" K-FAC n·L·A⊗G (checks unfolding, padding, stride)."""
+    torch.manual_seed(2)
+    model = layer.double()
+    x = torch.randn(3, *shape, dtype=D64)
+    batch = (x, model(x).detach() + torch.randn_like(model(x)))
+    theta = ParamSpec.flatten_module(model)
+    nll = gauss_nll(1.3)
+    K = KroneckerCurvature.build(
+        model, theta[None], [batch], n=9, nll=nll, log_prior=iso_prior(1.0), exact_expectation=True
+    )
+    assert list(K.info["kronecker"]) == [""] and K.info["diagonal_params"] == 0
+    H = energy_hessian(model, nll, iso_prior(1.0), batch, 9)
+    torch.testing.assert_close(dense(K), H, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("sampling", ["labels", "gaussian"])
+def test_monte_carlo_samples_converge_to_the_exact_expectation(sampling) -> None:
+    """G from M samples per row is within 4.5 standard errors (closed form per sampler) of the exact G."""
+    torch.manual_seed(3)
+    model = nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=D64)
+    batch = (x, torch.zeros(5, dtype=torch.long))
+    theta = ParamSpec.flatten_module(model)
+    M = 400
+    common = {"likelihood": "categorical", "log_prior": iso_prior(1.0)}
+    exact = KroneckerCurvature.build(model, theta[None], [batch], n=10, exact_expectation=True, **common)
+    mc = KroneckerCurvature.build(
+        model, theta[None], [batch], n=10, mc_samples=M, exact_expectation=False, sampling=sampling,
+        generator=torch.Generator().manual_seed(0), **common,
+    )  # fmt: skip
+    assert mc.info["label_expectation"] == "mc" and mc.info["backward_passes"] == M
+    assert mc.info["sampling"] == sampling
+    (be,), (bm,) = exact.blocks, mc.blocks
+    torch.testing.assert_close(factor(bm.lA, bm.QA), factor(be.lA, be.QA))  # inputs do not depend on labels
+    p = torch.softmax(model(x), -1).detach()
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # output Hessian per row
+    if sampling == "labels":  # s = p − e_ŷ, ŷ ~ p: moments of s_a s_b in closed form
+        s = p[:, None, :] - torch.eye(3, dtype=D64)[None]  # [row, ŷ, out]
+        prod = s[:, :, :, None] * s[:, :, None, :]
+        var = (p[:, :, None, None] * prod**2).sum(1) - H**2
+    else:  # Gaussian with covariance H (Isserlis): Var(s_a s_b) = H_aa H_bb + H_ab²
+        d = torch.diagonal(H, dim1=1, dim2=2)
+        var = d[:, :, None] * d[:, None, :] + H**2
+    G_exact, se = H.mean(0), (var.sum(0) / (M * 25)).sqrt()
+    torch.testing.assert_close(factor(be.lG, be.QG), G_exact)
+    z = (factor(bm.lG, bm.QG) - G_exact).abs() / se
+    assert float(z.max()) < 4.5, z
+    assert float(z.max()) > 0.0  # it is a sampled estimate, not the exact value
+
+
+# ------------------------------------------------------------------------------------------- algebra
+class ConvBN(nn.Module):
+    """Conv2d → BatchNorm (eval) → ReLU → Linear, with a raw scale parameter: blocks and diagonal fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(12, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.flatten(1)) * self.scale
+
+
+def conv_bn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = ConvBN().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_solve_inverts_matmul_and_the_curvature_is_positive_definite() -> None:
+    model = conv_bn()
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + 0.05 * torch.randn(3, theta.numel(), dtype=D64)
+    batches = [(torch.randn(6, 1, 4, 4, dtype=D64), torch.randint(0, 4, (6,))) for _ in range(3)]
+    K = KroneckerCurvature.build(model, thetas, batches, n=100, nll=ce_nll, log_prior=iso_prior(0.5))
+    Kd = dense(K)
+    torch.testing.assert_close(Kd, Kd.T, atol=1e-10, rtol=0)
+    assert float(torch.linalg.eigvalsh(Kd).min()) >= 4.0 - 1e-8  # at least the prior precision 1/0.5²
+    V = torch.randn(theta.numel(), 3, dtype=D64)
+    for lam in (0.0, 1e-3, 1.0, 1e3):
+        torch.testing.assert_close(K.solve(K @ V + lam * V, lam), V, atol=1e-9, rtol=1e-9)
+        ref = torch.linalg.solve(Kd + lam * torch.eye(theta.numel(), dtype=D64), V)
+        torch.testing.assert_close(K.solve(V, lam), ref, atol=1e-9, rtol=1e-9)
+    x = V[:, 0]
+    assert math.isclose(K.quad(x), float(x @ (K @ x)), rel_tol=1e-12)
+    assert K.quad(x) > 0
+
+
+def test_n_rescales_the_data_term_without_rebuilding() -> None:
+    model = conv_bn()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(5, 1, 4, 4, dtype=D64), torch.randint(0, 4, (5,)))
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=100, nll=ce_nll, log_prior=iso_prior(0.5))
+    v = torch.randn(theta.numel(), dtype=D64)
+    before = K @ v
+    K.n = 40
+    torch.testing.assert_close(K @ v, 4.0 * v + 0.4 * (before - 4.0 * v))
+    assert K.solve(K @ v, 0.0).sub(v).abs().max() < 1e-9
+
+
+def test_singular_curvature_asks_for_damping() -> None:
+    model = nn.Linear(3, 2).double()
+    batch = (torch.randn(1, 3, dtype=D64), torch.tensor([0]))
+    K = KroneckerCurvature.build(model, ParamSpec.flatten_module(model)[None], [batch], n=1, likelihood="categorical")
+    with pytest.raises(ValueError, match="damping > 0"):
+        K.solve(torch.ones(K.dim, dtype=D64))
+    assert torch.isfinite(K.solve(torch.ones(K.dim, dtype=D64), 0.1)).all()
+
+
+def test_state_dict_round_trip_and_wrong_model() -> None:
+    import json
+
+    model = conv_bn()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(5, 1, 4, 4, dtype=D64), torch.randint(0, 4, (5,)))
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=100, nll=ce_nll, log_prior=iso_prior(0.5))
+    tensors, meta = K.state_dict()
+    meta = json.loads(json.dumps(meta))
+    K2 = KroneckerCurvature.from_state_dict(conv_bn(1), tensors, meta)
+    v = torch.randn(theta.numel(), dtype=D64)
+    torch.testing.assert_close(K2.solve(v, 0.3), K.solve(v, 0.3), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="parameters"):
+        KroneckerCurvature.from_state_dict(nn.Linear(3, 2), tensors, meta)
+
+
+# ----------------------------------------------------------------------------------- likelihood, prior
+class Tiny(nn.Module):
+    def __init__(self, out: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, out)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_detect_likelihood(dtype) -> None:
+    torch.manual_seed(4)
+    model = Tiny(out=3).to(dtype)
+    x = torch.randn(10, 4, dtype=dtype)
+    labels = (x, torch.randint(0, 3, (10,)))
+    targets = (x, torch.randn(10, 3, dtype=dtype))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert detect_likelihood(model, ce_nll, labels) == (Likelihood.CATEGORICAL, {})
+    for sigma in (0.05, 1.0, 3.0):
+        kind, extra = detect_likelihood(model, gauss_nll(sigma), targets)
+        assert kind is Likelihood.GAUSSIAN and math.isclose(
+            extra["sigma"], sigma, rel_tol=1e-3 if dtype != D64 else 1e-9
+        )
+    w = torch.linspace(0.5, 2.0, 10, dtype=dtype)
+    others = [
+        (lambda m, b: 2.0 * ce_nll(m, b), labels),  # tempered
+        (lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none", label_smoothing=0.1), labels),
+        (lambda m, b: w[: b[0].shape[0]] * gauss_nll(1.0)(m, b), targets),  # per-row weights
+        (lambda m, b: (m(b[0]) - b[1]).abs().sum(1), targets),  # Laplace
+    ]
+    for nll, batch in others:
+        kind, extra = detect_likelihood(model, nll, batch)
+        assert kind is Likelihood.EMPIRICAL and extra["reason"]
+    with pytest.raises(ValueError, match="one value per row"):
+        detect_likelihood(model, lambda m, b: ce_nll(m, b).sum(), labels)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_prior_precision_measured_from_log_prior() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    theta = ParamSpec.flatten_module(model) + 0.3
+    torch.testing.assert_close(prior_precision(model, iso_prior(0.2), theta), torch.full_like(theta, 25.0))
+    stds = [0.1, 1.0, 0.5, 2.0]  # one σ per tensor, and a non-zero mean
+
+    def per_layer(m):
+        return sum(-0.5 * ((p - 0.7) ** 2).sum() / s**2 for p, s in zip(m.parameters(), stds))
+
+    expected = torch.cat([torch.full((p.numel(),), 1 / s**2, dtype=D64) for p, s in zip(model.parameters(), stds)])
+    torch.testing.assert_close(prior_precision(model, per_layer, theta), expected)
+    assert torch.equal(prior_precision(model, None, theta), torch.zeros_like(theta))
+    # anisotropic on a tensor (one σ per output row of the first weight): a local curvature inside its range
+    rows = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=D64)
+
+    def rowwise(m):
+        return -0.5 * (rows[:, None] * m[0].weight ** 2).sum() - 0.5 * sum(
+            (p**2).sum() for p in list(m.parameters())[1:]
+        )
+
+    P = prior_precision(model, rowwise, theta)
+    assert 1.0 < float(P[0]) < 8.0 and torch.all(P[:12] == P[0])
+    torch.testing.assert_close(P[12:], torch.ones_like(P[12:]))
+    with pytest.warns(RuntimeWarning, match="clamped"):
+        P = prior_precision(model, lambda m: 0.5 * (m[0].weight ** 2).sum(), theta)
+    assert torch.equal(P, torch.zeros_like(theta))
+
+
+def test_non_constant_prior_on_a_block_is_recorded() -> None:
+    model = nn.Linear(3, 2).double()
+    batch = (torch.randn(4, 3, dtype=D64), torch.randint(0, 2, (4,)))
+
+    def prior(m):
+        return -0.5 * (m.weight**2).sum() - 0.5 * 9.0 * (m.bias**2).sum()
+
+    theta = ParamSpec.flatten_module(model)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=10, nll=ce_nll, log_prior=prior)
+    assert K.info["prior"]["mean_used_on_blocks"] == [""]
+    assert math.isclose(K.blocks[0].prior, (6 * 1.0 + 2 * 9.0) / 8)
+
+
+# ------------------------------------------------------------------------------------------- coverage
+class TinyEncoder(nn.Module):
+    """Embedding → TransformerEncoderLayer (eager attention, eval) → mean pool → Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.head(self.layer(self.emb(tokens)).mean(1))
+
+
+def exact_diag_fisher(model, x) -> torch.Tensor:
+    """Mean over rows of Σ_c p_c (∇ log p_c)², per example and class, float64."""
+    params = ParamSpec.params(model)
+    total = torch.zeros(sum(p.numel() for p in params), dtype=D64)
+    for i in range(x.shape[0]):
+        logp = torch.log_softmax(model(x[i : i + 1]), -1)[0]
+        for c in range(logp.shape[0]):
+            grads = torch.autograd.grad(logp[c], params, retain_graph=True)
+            total += logp[c].exp().detach() * torch.cat([g.reshape(-1) for g in grads]) ** 2
+    return total / x.shape[0]
+
+
+@pytest.mark.parametrize("which, sampling", [("conv_bn", "labels"), ("encoder", "gaussian")])
+def test_fallback_diagonal_matches_the_exact_diagonal_fisher(which, sampling) -> None:
+    """Diagonal fallback (BN, Embedding, MHA, raw params) vs the per-example float64 diagonal Fisher, within
+    5 standard errors estimated from 12 independent builds."""
+    if which == "conv_bn":
+        model, x = conv_bn(), torch.randn(6, 1, 4, 4, dtype=D64)
+    else:
+        torch.manual_seed(6)
+        model, x = TinyEncoder().double().eval(), torch.randint(0, 7, (6, 5))
+    batch = (x, torch.zeros(6, dtype=torch.long))
+    theta = ParamSpec.flatten_module(model)
+    builds = [
+        KroneckerCurvature.build(
+            model, theta[None], [batch], n=1, likelihood="categorical", mc_samples=40, exact_expectation=False,
+            sampling=sampling, generator=torch.Generator().manual_seed(r),
+        )
+        for r in range(12)
+    ]  # fmt: skip
+    info = builds[0].info
+    if which == "conv_bn":
+        assert set(info["kronecker"]) == {"conv", "fc"}
+        assert set(info["diagonal"]) == {"bn.weight", "bn.bias", "scale"}
+        assert "BatchNorm2d" in info["diagonal"]["bn.weight"]
+    else:
+        assert set(info["kronecker"]) == {"layer.linear1", "layer.linear2", "head"}
+        assert info["kronecker"]["layer.linear1"]["locations"] == 5  # every token is a location
+        assert {"layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight", "emb.weight"} <= set(
+            info["diagonal"]
+        )
+        assert "did not fire" in info["diagonal"]["layer.self_attn.out_proj.weight"]
+        assert "MultiheadAttention" in info["diagonal"]["layer.self_attn.in_proj_weight"]
+    idx = builds[0].diag_index
+    est = torch.stack([b.diag_fisher for b in builds])
+    mean, se = est.mean(0), est.std(0) / math.sqrt(len(builds))
+    exact = exact_diag_fisher(model, x)[idx]
+    live = exact > 1e-12  # e.g. embedding rows of unused tokens have zero Fisher (and a zero estimate)
+    assert torch.all(est[:, ~live].abs() < 1e-12)
+    z = (mean - exact)[live].abs() / (se[live] + 1e-3 * exact[live])
+    assert float(z.max()) < 5.0, float(z.max())
+
+
+# ------------------------------------------------------------------------------------ side effects
+def test_build_leaves_model_grads_and_rng_untouched() -> None:
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3)).double()
+    model.append(nn.Linear(8, 3).double())
+    model.train()  # BatchNorm updates its running statistics and Dropout draws from the global RNG in training
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad for p in model.parameters()]
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + torch.randn(2, theta.numel(), dtype=D64)
+    batches = [(torch.randn(4, 1, 4, 4, dtype=D64), torch.randint(0, 3, (4,))) for _ in range(2)]
+    rng = torch.get_rng_state()
+    K = KroneckerCurvature.build(model, thetas, batches, n=5, nll=ce_nll, log_prior=iso_prior(1))
+    assert K.info["model_training"] is True
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p.grad is g and torch.all(g == 0.5) for p, g in zip(model.parameters(), grads))
+    KroneckerCurvature.memory_estimate(model, 64, batches[0])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_bad_input_is_refused_clearly() -> None:
+    model = nn.Linear(3, 2).double()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(4, 3, dtype=D64), torch.randint(0, 2, (4,)))
+    with pytest.raises(ValueError, match="thetas must be"):
+        KroneckerCurvature.build(model, torch.zeros(2, 5, dtype=D64), [batch], n=4, nll=ce_nll)
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        KroneckerCurvature.build(model, theta[None], [batch], n=4, likelihood="poisson")
+    with pytest.raises(ValueError, match="needs nll"):
+        KroneckerCurvature.build(model, theta[None], [batch], n=4, likelihood="empirical")
+    with pytest.raises(ValueError, match="one minibatch per draw"):
+        KroneckerCurvature.build(model, theta[None].repeat(3, 1), [batch, batch], n=4, nll=ce_nll)
+    with pytest.raises(ValueError, match="sigma"):
+        KroneckerCurvature.build(model, theta[None], [batch], n=4, likelihood="gaussian")
+
+
+def test_empirical_likelihood_is_labelled_and_uses_the_true_labels() -> None:
+    """For a weighted nll the empirical Fisher of one row at one layer is exactly (∇h)(∇h)ᵀ = a aᵀ ⊗ g gᵀ."""
+    torch.manual_seed(8)
+    model = nn.Linear(3, 2).double()
+    batch = (torch.randn(1, 3, dtype=D64), torch.tensor([1]))
+
+    def nll(m, b):
+        return 3.0 * ce_nll(m, b)
+
+    theta = ParamSpec.flatten_module(model)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=1, nll=nll)
+    assert K.info["likelihood"] == "empirical" and "EMPIRICAL" in K.info["fisher"]
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(nll(model, batch).sum(), list(model.parameters()))])
+    torch.testing.assert_close(dense(K), torch.outer(g, g), atol=1e-12, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------- reduce
+def test_reduce_over_two_halves_equals_one_build() -> None:
+    """Two "ranks" holding half the rows each, summing every statistic, build the single-process curvature."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4)).double()
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + 0.1 * torch.randn(2, theta.numel(), dtype=D64)
+    batches = [(torch.randn(8, 1, 4, 4, dtype=D64), torch.randint(0, 4, (8,))) for _ in range(2)]
+    kw = {"n": 50, "nll": ce_nll, "log_prior": iso_prior(1.0), "exact_expectation": True}
+    full = KroneckerCurvature.build(model, thetas, batches, **kw)
+    sent: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:  # rank 0's contribution, handed to rank 1's all-reduce
+        sent.append(t.clone())
+        return t
+
+    KroneckerCurvature.build(model, thetas, [tuple(t[:4] for t in b) for b in batches], **kw, reduce=record)
+    other = iter(sent)
+    halves = KroneckerCurvature.build(
+        model, thetas, [tuple(t[4:] for t in b) for b in batches], **kw, reduce=lambda t: t + next(other)
+    )
+    assert len(sent) == 4 * 2 + 2  # A, G and two location sums per layer; squared gradients and rows
+    assert next(other, None) is None
+    torch.testing.assert_close(dense(halves), dense(full), atol=1e-9, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------- memory
+def _vm(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS accounting")
+def test_memory_estimate_is_within_a_factor_two_of_the_measured_peak() -> None:
+    """Peak RSS growth during build (VmHWM after resetting it through /proc/self/clear_refs) vs the estimate."""
+    torch.manual_seed(10)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 10),
+    ).eval()  # fmt: skip
+    rows = 128
+    batch = (torch.randn(rows, 3, 32, 32), torch.randint(0, 10, (rows,)))
+    theta = ParamSpec.flatten_module(model)
+    estimate = KroneckerCurvature.memory_estimate(model, rows, batch)
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS counter")
+    base = _vm("VmRSS")
+    KroneckerCurvature.build(model, theta[None], [batch], n=1000, nll=ce_nll, log_prior=iso_prior(1.0))
+    peak = _vm("VmHWM") - base
+    print(f"estimate {estimate / 2**20:.1f} MiB, measured peak RSS growth {peak / 2**20:.1f} MiB")
+    assert estimate / 2 <= peak <= 2 * estimate, (estimate / 2**20, peak / 2**20)
+
+
+def test_subsampled_input_factor_is_unbiased() -> None:
+    """max_locations draws whole rows uniformly: the average of the subsampled A over builds is the full A."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(72, 3)).double()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(16, 1, 6, 6, dtype=D64), torch.randint(0, 3, (16,)))
+    kw = {"n": 10, "likelihood": "categorical", "exact_expectation": True}
+    full = KroneckerCurvature.build(model, theta[None], [batch], max_locations=None, **kw)
+    A_full = factor(full.blocks[0].lA, full.blocks[0].QA)
+    samples = []
+    for r in range(100):
+        K = KroneckerCurvature.build(
+            model, theta[None], [batch], max_locations=72, generator=torch.Generator().manual_seed(r), **kw
+        )
+        samples.append(factor(K.blocks[0].lA, K.blocks[0].QA))
+    assert K.info["kronecker"]["0"]["A_locations_used"] == 72  # 2 of the 16 rows, 36 locations each
+    assert K.info["kronecker"]["0"]["locations"] == 36  # the data term still counts every location
+    torch.testing.assert_close(factor(K.blocks[1].lA, K.blocks[1].QA), factor(full.blocks[1].lA, full.blocks[1].QA))
+    A = torch.stack(samples)
+    z = (A.mean(0) - A_full).abs() / (A.std(0) / math.sqrt(len(samples)) + 1e-12)
+    assert float(z.max()) < 5.0, float(z.max())
+    assert float((A[0] - A_full).abs().max()) > 1e-3  # a subsample, not the full sum
+
+
+def test_cached_eigenbasis_coordinates_follow_in_place_changes() -> None:
+    """solve/quad reuse the eigenbasis coordinates of recent tensors; an in-place change must invalidate them."""
+    model = conv_bn()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(5, 1, 4, 4, dtype=D64), torch.randint(0, 4, (5,)))
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=100, nll=ce_nll, log_prior=iso_prior(0.5))
+    Kd = dense(K)
+    eye = torch.eye(K.dim, dtype=D64)
+    v = torch.randn(K.dim, dtype=D64)
+    for lam in (0.5, 2.0):
+        x = K.solve(v, lam)
+        torch.testing.assert_close(x, torch.linalg.solve(Kd + lam * eye, v))
+        assert math.isclose(K.quad(x), float(x @ Kd @ x), rel_tol=1e-12)  # from the cached coordinates
+    v.mul_(3.0).add_(1.0)  # in place: the cached coordinates of v are stale now
+    torch.testing.assert_close(K.solve(v, 0.5), torch.linalg.solve(Kd + 0.5 * eye, v))
+    x.add_(1.0)
+    assert math.isclose(K.quad(x), float(x @ Kd @ x), rel_tol=1e-12)
+    y = K @ v
+    torch.testing.assert_close(K.solve(y, 0.0), v)
+
+
+def test_low_rank_factors_from_few_rows_equal_the_full_eigendecomposition() -> None:
+    """A layer seen on fewer rows than its width keeps the rows and decomposes their Gram matrix instead; the
+    operator equals the one built from summed factors (forced by a reduce, which must sum)."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + 0.1 * torch.randn(2, theta.numel(), dtype=D64)
+    batches = [(torch.randn(6, 30, dtype=D64), torch.randint(0, 3, (6,))) for _ in range(2)]
+    kw = {"n": 200, "nll": ce_nll, "log_prior": iso_prior(0.7)}
+    low = KroneckerCurvature.build(model, thetas, batches, **kw)
+    full = KroneckerCurvature.build(model, thetas, batches, **kw, reduce=lambda t: t)
+    assert "rank 12" in low.info["kronecker"]["0"]["A"] and "rank 12" in low.info["kronecker"]["0"]["G"]
+    assert full.info["kronecker"]["0"]["A"] == "full eigenbasis"
+    Kd = dense(full)
+    torch.testing.assert_close(dense(low), Kd, atol=1e-9, rtol=1e-9)
+    V = torch.randn(theta.numel(), 2, dtype=D64)
+    for lam in (0.0, 0.5):
+        ref = torch.linalg.solve(Kd + lam * torch.eye(theta.numel(), dtype=D64), V)
+        torch.testing.assert_close(low.solve(V, lam), ref, atol=1e-9, rtol=1e-9)
+    x = V[:, 0].clone()
+    assert math.isclose(low.quad(x), float(x @ Kd @ x), rel_tol=1e-10)
+    assert math.isclose(low.quad(low.solve(x, 0.5)), float(low.solve(x, 0.5) @ Kd @ low.solve(x, 0.5)), rel_tol=1e-10)
+
+
+def test_cost_is_one_backward_per_draw_and_label_sample_whatever_the_class_count() -> None:
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 100)).double()
+    theta = ParamSpec.flatten_module(model)
+    batches = [(torch.randn(4, 5, dtype=D64), torch.randint(0, 100, (4,))) for _ in range(3)]
+    K = KroneckerCurvature.build(model, theta[None].repeat(3, 1), batches, n=10, nll=ce_nll, mc_samples=2)
+    assert K.info["backward_passes"] == 3 * 2 and K.info["forward_passes"] == 3
+    assert K.info["label_expectation"] == "mc"
+
+
+def test_tied_weights_fall_back_to_the_diagonal() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.mid = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 6, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.mid(self.emb(tokens))))
+
+    torch.manual_seed(14)
+    model = Tied().double()
+    batch = (torch.randint(0, 6, (5,)), torch.randint(0, 6, (5,)))
+    theta = ParamSpec.flatten_module(model)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=10, nll=ce_nll, log_prior=iso_prior(1.0))
+    assert list(K.info["kronecker"]) == ["mid"]
+    assert "tied" in K.info["diagonal"]["emb.weight"]
+    V = torch.randn(theta.numel(), 2, dtype=D64)
+    torch.testing.assert_close(K.solve(K @ V, 0.1), V - 0.1 * K.solve(V, 0.1), atol=1e-10, rtol=1e-10)
