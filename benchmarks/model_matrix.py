@@ -626,8 +626,8 @@ def _bncnn(quick: bool, seed: int, forget: str = "class") -> Problem:
         forget_rule=rule,
         test_keep=test_keep,
         prior_std=1.0,
-        lr=1e-4,
-        burn_lr=1e-4,
+        lr=1e-4 if quick else 5e-5,  # 1e-4 diverges (NaN) on the 16-32 widths
+        burn_lr=1e-4 if quick else 5e-5,
         burn=1000 if quick else 4000,
         keep=50 if quick else 100,
         thin=10 if quick else 20,
@@ -946,8 +946,8 @@ def unlearn_request(
         out["returned_layout"] = type(returned).__name__
         out["layout_preserved"] = type(returned) is type(user_bank)
         new_bank = as_matrix(returned, model)
-        if return_bank:
-            out["bank"] = new_bank.clone()
+        if return_bank:  # as numpy: a tensor sent through a Pipe travels as a shared-memory handle that dies with
+            out["bank"] = new_bank.numpy().copy()  # the child process
         if not torch.isfinite(new_bank).all():
             out["stats"] = {"nll_forgot": math.inf, "test_error": 100.0, "test_rmse": math.inf}
         else:

@@ -14,14 +14,16 @@ model; nothing is cached on disk.
 The targets are the issue's: no refusal or exception; the forgotten rows' posterior-predictive NLL moves
 ``0.5 ≤ (unlearn − origin)/(retrain − origin) ≤ 2`` of the way to retraining; kept-data test error within
 1.5 points (RMSE within 10%) of retraining; peak memory of the request under 2 GB; the user's bank untouched.
-Why these tolerances hold for a retrain-quality answer (measured on the same chains, see
-``notes/README-model-matrix.md``): with ``retrain`` = the mean of two retrain chains, a *third* retrain chain
-scores fraction 0.6–1.6 on every model here, test error within 1.3 points (digits models) / 0.3 points
-(transformer) and RMSE within 4% (regression) of that mean.
+Why these tolerances hold for a retrain-quality answer (measured with ``--floor 3``, see
+``notes/README-model-matrix.md``): with ``retrain`` = the mean of the two reference retrain chains, three
+further independent retrain chains per model score fractions mlp 0.52-1.61, regression 0.98-1.00, bncnn
+0.74-1.47, transformer 0.42-0.95 (hence its wider lower bound, ``FRACTION_BOUNDS``), test error within
+1.48 points (mlp, bncnn) / 0.25 points (transformer) and RMSE within 4.8% (regression) of that mean.
 
-Tests marked ``xfail(strict=True)`` fail on the library as of commit 937c34d (the measured failure is in the
-reason); they are expected to pass once the self-tuning defaults of issue 11 land, and strict mode then
-reports them so the marks can be removed.
+Tests marked ``xfail(strict=True)`` fail on the library as of main 1ed5362 (the measured failure is in the
+reason); they are expected to pass once the self-tuning defaults of issue 11 are tuned, and strict mode then
+reports them so the marks can be removed. (On 937c34d, before the new defaults, every request here was refused
+or timed out, except the regression's, which ran the dense solver and wrecked the fit.)
 """
 
 from __future__ import annotations
@@ -73,15 +75,26 @@ def _explain(r: dict[str, Any]) -> str:
     return f"{r['model']}: status {req.get('status')}, {mm.report_fields(req)}; {req.get('error', '')[:400]}"
 
 
-#: Measured failures of the library these marks were set against (main f748118, merged into this branch): the
-#: default solver picks K-FAC for every model here (exact_max_dim 1000) and refuses a model without a
-#: ``prior_std`` attribute. Remove a mark once its test passes (strict mode reports it as XPASS).
-_KFAC_PRIOR = "f748118: ValueError: solver='kfac' needs a Gaussian prior N(0, σ²): give the model a prior_std attribute"
+#: Measured failures of the library these marks were set against (main 1ed5362, merged into this branch; numbers
+#: from this file's own chains). Remove a mark once its test passes (strict mode reports it as XPASS).
+_MAIN = "main 1ed5362"
 XFAIL: dict[tuple[str, str], str] = {
-    **{(m, t): _KFAC_PRIOR for m in MODELS for t in ("no_failure", "fraction", "accuracy")},
-    ("list", "layout"): _KFAC_PRIOR,
-    ("dict", "layout"): _KFAC_PRIOR,
+    (
+        "mlp",
+        "fraction",
+    ): f"{_MAIN}: kfac damping=0, shift 8.02: forgotten NLL 0.033 -> 37.9 vs retrain 12.5 (fraction 3.04)",
+    ("regression", "fraction"): f"{_MAIN}: kfac damping 8.6e3 (10x mean curvature): fraction 0.45",
+    ("bncnn", "fraction"): f"{_MAIN}: kfac damping 174 (3.2x), shift 0.31: forgotten NLL 0.018 -> 0.79 vs 13.4 (0.06)",
+    ("transformer", "fraction"): f"{_MAIN}: kfac damping 5.6e3 (1e3x, the last trial), shift 0.019: fraction 0.005",
+    ("regression", "accuracy"): f"{_MAIN}: clean-test RMSE origin 0.229, retrain 0.136, unlearn 0.207 (52.6% off)",
 }
+
+#: The forgotten rows' NLL target, per model. The issue's [0.5, 2] everywhere except the transformer, whose
+#: independent retrain chains themselves score 0.42-0.95 against the mean of the two reference chains (the
+#: backdoor rows' NLL after retraining hangs on the never-trained trigger embedding, a prior draw that SGLD
+#: barely moves within one chain); the other models' retrain chains score inside [0.5, 2] (mlp 0.52-1.61,
+#: regression 0.98-1.00, bncnn 0.74-1.47).
+FRACTION_BOUNDS = {"transformer": (0.4, mm.FRACTION_RANGE[1])}
 
 
 def case(name: str, target: str) -> Any:
@@ -100,7 +113,7 @@ def test_request_is_not_refused(name: str) -> None:
 def test_forgotten_rows_move_toward_retraining(name: str) -> None:
     r = result(name)
     assert r["request"]["status"] == "ok", _explain(r)
-    lo, hi = mm.FRACTION_RANGE
+    lo, hi = FRACTION_BOUNDS.get(name, mm.FRACTION_RANGE)
     frac = r["fraction"]
     assert lo <= frac <= hi, (
         f"{name}: forgotten-row NLL origin {r['origin']['nll_forgot']:.3g}, retrain "
@@ -157,7 +170,7 @@ def test_bank_layouts_give_the_same_removal(layout: str) -> None:
     assert other["status"] == "ok", f"{layout}: {other.get('error')}"
     assert other["layout_preserved"], f"{layout} came back as {other['returned_layout']}"
     assert other["user_bank_intact"]
-    torch.testing.assert_close(other["bank"], base["bank"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(other["bank"]), torch.from_numpy(base["bank"]), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ harness
