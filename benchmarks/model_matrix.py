@@ -1210,8 +1210,8 @@ def print_table(results: list[dict[str, Any]], out: Any = sys.stdout) -> None:
         else:
             metric = "err%"
             dist_s, pair_s = _fmt(dist, ".1f"), _fmt(pair, ".1f")
-            rf = statistics.fmean(x["error_forgot"] for x in r["retrain"])
-            forgot = f"{r['origin']['error_forgot']:.0f}/{rf:.0f}/{_fmt(un.get('error_forgot'), '.0f')}"
+            rf = statistics.fmean(x.get("error_forgot", math.nan) for x in r["retrain"])
+            forgot = f"{r['origin'].get('error_forgot', math.nan):.0f}/{rf:.0f}/{_fmt(un.get('error_forgot'), '.0f')}"
         missed = [k for k, v in r["targets"].items() if v is False]
         print(
             f"{r['model']:<12}{r['params']:>10,} {req.get('status', '?'):<11}{_fmt(r.get('fraction')):>9}"
@@ -1241,6 +1241,49 @@ def print_table(results: list[dict[str, Any]], out: Any = sys.stdout) -> None:
         for f in r.get("floor", []):
             line += f"\n    floor (an independent retrain chain scored the same way): {f}"
         print(line, file=out)
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table (for the README notes)."""
+    rows = [
+        "| model | params | status | fraction (pair) | kept-data metric: origin / retrain / unlearn (distance; pair) "
+        "| forgotten-row error o / r / u | peak GB | request s (CPU) | epoch CPU s | request / epoch | report |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        req = r["request"]
+        acc = r["metric"]
+        rmean = statistics.fmean(x[acc] for x in r["retrain"])
+        un = r.get("unlearn", {})
+        dist, pair = r.get("accuracy_distance"), r.get("retrain_pair_distance")
+        if acc == "test_rmse":
+            metric = (
+                f"RMSE {_fmt(r['origin'][acc], '.3f')} / {_fmt(rmean, '.3f')} / {_fmt(un.get(acc), '.3f')} "
+                f"({'—' if dist is None else f'{100 * dist:.1f}%'}; {'—' if pair is None else f'{100 * pair:.1f}%'})"
+            )
+            forgot = "—"
+        else:
+            metric = (
+                f"err {_fmt(r['origin'][acc], '.1f')} / {_fmt(rmean, '.1f')} / {_fmt(un.get(acc), '.1f')} "
+                f"({_fmt(dist, '.1f')}; {_fmt(pair, '.1f')})"
+            )
+            rf = statistics.fmean(x.get("error_forgot", math.nan) for x in r["retrain"])
+            forgot = (
+                f"{r['origin'].get('error_forgot', math.nan):.0f} / {rf:.0f} / {_fmt(un.get('error_forgot'), '.0f')}"
+            )
+        status = req.get("status", "?")
+        if r.get("invalid"):
+            status += " (INVALID: chain diverged)"
+        elif req.get("error"):
+            status += ": " + req["error"].split("\n")[0][:160].replace("|", "/")
+        rep = report_fields(req).replace("|", "/")
+        rows.append(
+            f"| {r['model']} | {r['params']:,} | {status} | {_fmt(r.get('fraction'))} "
+            f"({_fmt(r.get('retrain_pair_fraction'))}) | {metric} | {forgot} | {_fmt(req.get('peak_gb'))} | "
+            f"{_fmt(req.get('seconds'), '.1f')} ({_fmt(req.get('cpu_seconds'), '.1f')}) | "
+            f"{_fmt(req.get('epoch_cpu_seconds'), '.2f')} | {_fmt(r.get('epochs_per_request'))} | {rep} |"
+        )
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1278,7 +1321,16 @@ def main(argv: list[str] | None = None) -> int:
         "repeat the requests",
     )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--render", type=Path, default=None, help="print the tables of a saved --json file and exit")
+    ap.add_argument("--markdown", action="store_true", help="with --render: a Markdown table")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())["results"]
+        if args.markdown:
+            print(markdown_table(saved))
+        else:
+            print_table(saved)
+        return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     names = [m.strip() for m in args.models.split(",") if m.strip()]
