@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -13,6 +14,13 @@ from mcmc_unlearner.models.gmm import GaussianMixture
 from mcmc_unlearner.models.linreg import MultiChainLinearRegression, exact_posterior
 from mcmc_unlearner.samplers import run_chain
 from mcmc_unlearner.store import gmm_data_spec, gmm_model_spec, save_model
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_integrity_key(monkeypatch):
+    """Tests choose their integrity keys explicitly: an operator's $MCMC_UNLEARNER_KEY must not leak in."""
+    monkeypatch.delenv("MCMC_UNLEARNER_KEY", raising=False)
+
 
 # The test models are tiny: one thread avoids OpenMP start-up and contention costs that dominate at this size.
 torch.set_num_threads(1)
@@ -102,3 +110,95 @@ def save_gmm(path, objs, data_spec=None, **kwargs):
         **kwargs,
     )  # fmt: skip
     return path
+
+
+# ------------------------------------------------------------------------------ refusal-contract helpers
+def folder_state(folder) -> tuple:
+    """Everything observable about a folder: its mtime and, per entry, type, size, mtime, links and content hash.
+
+    Equal before and after an operation means the folder was not changed (no file written, created, deleted or
+    renamed; the folder's own mtime changes with any entry created or removed).
+    """
+    import hashlib
+    import os
+    import stat
+    from pathlib import Path
+
+    folder = Path(folder)
+    entries = {}
+    for name in sorted(os.listdir(folder)):
+        p = folder / name
+        st = os.lstat(p)
+        if stat.S_ISREG(st.st_mode):
+            content = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.readlink(p)
+        else:
+            content = None
+        entries[name] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_nlink, content)
+    return os.lstat(folder).st_mtime_ns, entries
+
+
+class FileAudit:
+    """Records file-system events of this process (``sys.addaudithook``) while active.
+
+    ``events`` holds ``(event, path, flags)`` for opens, removals, renames, truncations, listings and folder
+    creation. Audit hooks cannot be removed, so one hook is installed once and switched on and off.
+    """
+
+    _installed = False
+    _active: ClassVar[list] = []
+    EVENTS = ("open", "os.remove", "os.rename", "os.truncate", "os.listdir", "os.scandir", "os.mkdir", "os.chmod")
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int]] = []
+
+    @classmethod
+    def _hook(cls, event: str, args: tuple) -> None:
+        if not cls._active or event not in cls.EVENTS:
+            return
+        import os
+
+        path = args[0] if args else None
+        if isinstance(path, (str, bytes, os.PathLike)):
+            flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else 0
+            for audit in cls._active:
+                audit.events.append((event, os.fsdecode(path), flags))
+            if event == "os.rename" and len(args) > 1 and isinstance(args[1], (str, bytes, os.PathLike)):
+                for audit in cls._active:
+                    audit.events.append((event, os.fsdecode(args[1]), 0))
+
+    def __enter__(self) -> FileAudit:
+        import sys
+
+        if not FileAudit._installed:
+            sys.addaudithook(FileAudit._hook)
+            FileAudit._installed = True
+        FileAudit._active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        FileAudit._active.remove(self)
+
+    def touching(self, outside) -> list[tuple[str, str, int]]:
+        """Events whose path lies in ``outside`` (a folder), resolved without following the final link."""
+        import os
+
+        out_real = os.path.realpath(outside)
+        hits = []
+        for ev in self.events:
+            p = ev[1]
+            parent = os.path.realpath(os.path.dirname(os.path.abspath(p)))
+            if parent == out_real or parent.startswith(out_real + os.sep):
+                hits.append(ev)
+        return hits
+
+    def followed_links(self) -> list[tuple[str, str, int]]:
+        """Opens of a path that is a symbolic link without ``O_NOFOLLOW`` (reads through a link)."""
+        import os
+
+        return [
+            ev
+            for ev in self.events
+            if ev[0] == "open" and os.path.islink(ev[1]) and not (ev[2] & getattr(os, "O_NOFOLLOW", 0))
+        ]

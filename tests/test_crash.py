@@ -115,7 +115,6 @@ def test_sigkill_anywhere_applies_exactly_once(tmp_path):
         assert lm.model_sha256 == ref_digest
         assert (m / lm.manifest["state_file"]).read_bytes() == ref_state
         assert sorted(p.name for p in m.iterdir()) == [
-            ".lock",
             "ledger.jsonl",
             "manifest.json",
             "state-000001.safetensors",
@@ -123,3 +122,57 @@ def test_sigkill_anywhere_applies_exactly_once(tmp_path):
         assert verify(m).ok and not verify(m).notes
         assert not forget(m, IDS).applied  # a second rerun is a no-op
     assert kills == len(targets) >= 8
+
+
+GATED = """
+import os, sys, time
+from mcmc_unlearner.cli import main  # imports done before the gate opens
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _start(model: Path, ids_file: Path, *extra: str, slow: str | None = None, gate: Path | None = None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if slow:  # pause at this phase, while holding the folder's lock
+        env.update(MCMC_UNLEARNER_SLOW_COMMIT="4", MCMC_UNLEARNER_SLOW_PHASE=slow)
+    args = ["forget", "--model", str(model), "--ids", str(ids_file), *extra]
+    cmd = (
+        [sys.executable, "-c", GATED, str(gate), *args] if gate else [sys.executable, "-m", "mcmc_unlearner.cli", *args]
+    )
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def test_concurrent_writers_busy_or_queued_nothing_lost(tmp_path):
+    """Two writers on one folder: without --wait the second exits 3 (busy) and changes nothing; with --wait it
+    queues behind the first; every trial ends with the requests applied exactly once, nothing lost."""
+    pristine = tmp_path / "pristine"
+    _make(pristine)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("4 17")
+    b.write_text("18 150")
+    for trial, wait in enumerate(["0", "120"]):
+        m = tmp_path / f"m{trial}"
+        shutil.copytree(pristine, m)
+        gate = tmp_path / f"gate{trial}"
+        second = _start(m, b, "--wait", wait, gate=gate)
+        first = _start(m, a, slow="loaded")
+        for raw in first.stderr:  # the first writer holds the lock from here on, for 4 s
+            if raw.decode().strip() == "[commit] loaded":
+                break
+        gate.touch()
+        _, err2 = second.communicate(timeout=300)
+        first.wait(timeout=300)
+        first.stderr.close()
+        first.stdout.close()
+        got = [e["ids"] for e in load_model(m).requests]
+        assert first.returncode == 0
+        if wait == "0":
+            assert second.returncode == 3, err2
+            assert b"another mcmc-unlearner process is writing" in err2 and err2.count(b"\n") == 1
+            assert got == [[4, 17]]
+        else:
+            assert second.returncode == 0, err2
+            assert got == [[4, 17], [18, 150]]
+        assert verify(m).ok and not verify(m).notes

@@ -101,6 +101,41 @@ def _run(
     }
 
 
+def _mlp_nll(m, batch):
+    return torch.nn.functional.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+
+def _mlp_log_prior(m):
+    return -0.5 * sum((p**2).sum() for p in m.parameters()) / 0.5**2
+
+
+def _run_kfac(rank: int = 0, world: int = 1, sharded: bool = False) -> dict[str, torch.Tensor]:
+    """A small MLP classifier with K-FAC curvature (3 classes ≤ mc_samples: the exact expectation, so the
+    all-reduced factor sums must reproduce the single-process factors)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, 5, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    sampler = SGLD(model.parameters(), lr=2e-4, generator=torch.Generator().manual_seed(11))
+    kw = dict(nll=_mlp_nll, log_prior=_mlp_log_prior, solver="kfac", mc_samples=3, check_rows=64)
+    if sharded:
+        data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=21)
+        un = DistributedUnlearner(model, sampler, **kw)
+        steps = lambda k: [un.step(data) for _ in range(k)]  # noqa: E731
+    else:
+        data = RemovableDataset(x, y, batch_size=32, seed=21)
+        un = MCMCUnlearner(model, sampler, **kw)
+        steps = lambda k: run_chain(model, sampler, data, un.energy, k, len(data))  # noqa: E731
+    steps(60)
+    for _ in range(8):
+        steps(5)
+        un.collect()
+    before = un.bank.clone()
+    report = un.forget(REMOVED, data)
+    return {"before": before, "bank": un.bank.clone(), "damping": torch.tensor([report.damping])}
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -108,6 +143,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for cfg in CONFIGS:
             res = _run(cfg, seed=0, rank=rank, world=world, sharded=True)
             save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/{cfg}-rank{rank}.safetensors")
+        res = _run_kfac(rank, world, sharded=True)
+        save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/kfac-rank{rank}.safetensors")
 
         # a refused request: every rank refuses it, nothing changes, nobody hangs
         x, y = _data()
@@ -187,6 +224,18 @@ def test_two_gloo_ranks_match_single_process(two_ranks, cfg):
     assert r0["n"].tolist() == ref["n"].tolist() == [len(REMOVED), N - len(REMOVED), N - len(REMOVED)]
     # the request did something measurable, so agreement is not trivial
     assert _rel(ref["forget"], ref["before"]) > 1e-3
+
+
+def test_two_gloo_ranks_match_single_process_with_kfac(two_ranks):
+    """K-FAC under torch.distributed: factor statistics and the safety check's sums all-reduced."""
+    ref = _run_kfac()
+    r0 = load_file(str(two_ranks / "kfac-rank0.safetensors"))
+    r1 = load_file(str(two_ranks / "kfac-rank1.safetensors"))
+    for key in ("bank", "damping"):
+        assert torch.equal(r0[key], r1[key]), key
+    assert float(r0["damping"]) == pytest.approx(float(ref["damping"]), rel=1e-5)
+    assert _rel(r0["bank"] - r0["before"], ref["bank"] - ref["before"]) < 1e-4  # the shift itself agrees
+    assert _rel(ref["bank"], ref["before"]) > 1e-3
 
 
 def test_refused_requests_and_agreement(two_ranks):

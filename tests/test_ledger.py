@@ -61,8 +61,10 @@ def test_request_id_and_canonical_json():
 
 def test_append_read_and_chain(tmp_path):
     p = tmp_path / "l.jsonl"
-    h1, l1 = append_entry(p, {"event": "save", "prev_sha256": GENESIS, "after_sha256": "s0"})
-    h2, l2 = append_entry(p, {"event": "forget", "prev_sha256": h1, "before_sha256": "s0", "after_sha256": "s1"})
+    h1, l1 = append_entry(p, {"event": "save", "seq": 0, "prev_sha256": GENESIS, "after_sha256": "s0"})
+    h2, l2 = append_entry(
+        p, {"event": "forget", "seq": 1, "prev_sha256": h1, "before_sha256": "s0", "after_sha256": "s1"}
+    )
     with open(p, "ab") as f:
         f.write(b'{"event":"forg')  # a line cut by a crash
     r = read_ledger(p)

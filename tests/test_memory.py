@@ -73,3 +73,18 @@ def test_auto_backend_choice_follows_size_layers_and_memory() -> None:
     gmm = GaussianMixture(k=4, dim=2)
     assert MCMCUnlearner(gmm, exact_max_dim=4).solver.value == "cg"  # no Linear layers: matrix-free
     assert MCMCUnlearner(gmm, exact_max_dim=4).precondition_rank == 20
+
+
+def test_removed_points_gradient_in_row_chunks_equals_one_pass() -> None:
+    """A request larger than the budget holds at once: its gradient is summed over row chunks, exactly."""
+    model = _tiny_net()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta + 0.1 * torch.randn(5, theta.numel(), dtype=torch.float64)
+    un = MCMCUnlearner(model, nll=_nll, memory_budget="1GB")
+    h = un._h_f()
+    un._bytes_per_row(h, theta, (x, y))
+    ref = un._per_draw_grads(h, thetas, (x, y), rowwise=True)
+    un.memory_budget = 2 * un._row_bytes * 7  # seven rows at a time
+    chunked = un._per_draw_grads(h, thetas, (x, y), rowwise=True)
+    assert torch.allclose(chunked, ref, atol=1e-12)

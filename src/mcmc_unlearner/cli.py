@@ -5,39 +5,198 @@ Thin by design: each subcommand lives next to the code it drives and registers i
 
 * ``demo`` — the paper's Gaussian-mixture experiment (:mod:`mcmc_unlearner.experiments.gmm`);
 * ``bnn`` — Bayesian neural networks (:mod:`mcmc_unlearner.experiments.bnn`);
-* ``forget``, ``status``, ``verify`` — deletion requests against saved models (:mod:`mcmc_unlearner.deletion`).
+* ``forget``, ``status``, ``verify`` — deletion requests against saved models
+  (:mod:`mcmc_unlearner.service.commands`).
+
+Shared here: the one-line error contract (:class:`Parser`, :func:`main`: every refusal is one line on
+stderr and a documented exit code, :class:`ExitCode`; never a traceback), the flags every subcommand spells
+the same way (:func:`add_quiet_flag`, :func:`add_threads_flag`, :func:`new_folder` for ``--save-model``), and
+:func:`emit`, which survives a closed pipe (``... | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from enum import IntEnum
+from pathlib import Path
 
 from . import __version__
 from .errors import UnlearningError
 
+__all__ = [
+    "EXIT_CODES_HELP",
+    "ExitCode",
+    "Parser",
+    "add_quiet_flag",
+    "add_threads_flag",
+    "build_parser",
+    "emit",
+    "main",
+    "new_folder",
+    "one_line",
+    "threads_arg",
+]
+
+DEBUG_ENV = "MCMC_UNLEARNER_DEBUG"
+
+
+class ExitCode(IntEnum):
+    """Exit codes of every subcommand."""
+
+    OK = 0  # done (for forget: applied, or already applied before)
+    VERIFY_FAILED = 1  # verify found problems (listed on stderr)
+    REFUSED = 2  # bad input, damaged/tampered/read-only folder, diverging solver: nothing changed
+    BUSY = 3  # another process is writing to the model folder: retry, or pass --wait SECONDS
+    QUALITY = 4  # the removal failed the quality checks (policy refuse): nothing changed
+    INTERNAL = 70  # a bug: please report it
+    INTERRUPTED = 130  # Ctrl-C: nothing half-written
+
+
+EXIT_CODES_HELP = """exit codes:
+  0  done (forget: applied now, or already applied before; nothing changed then)
+  1  verify found problems (each listed on stderr)
+  2  refused: bad request, option or folder (one line on stderr; nothing changed)
+  3  busy: another process is writing to the model folder (retry, or pass --wait SECONDS)
+  4  quality gate: the removal failed its checks and --on-failure is refuse (nothing changed)
+  70 internal error (a bug; set MCMC_UNLEARNER_DEBUG=1 for the traceback)
+  130 interrupted (nothing half-written)"""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(message: object) -> str:
+    """``message`` as one printable line: control characters (newlines, escapes, bidi overrides) escaped."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(message))
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit code 2), like every other refusal.
+
+    Negative numbers in any notation (``-1e6``, ``-.5``, ``-inf``) are read as option values, so that the
+    option's own validation can name the fix (plain argparse reads ``--damping -1e6`` as a missing value).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.I)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(ExitCode.REFUSED, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null (after EPIPE), so that the interpreter's final flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor
+        pass
+
+
+def emit(text: str) -> bool:
+    """Print ``text`` on stdout; a closed pipe (``| head``) is not an error. Returns False if it was lost."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        _silence_stdout()
+        return False
+
+
+def add_quiet_flag(p: argparse.ArgumentParser, dest: str = "quiet", help: str | None = None) -> None:
+    """``--quiet``, spelled the same in every subcommand: no progress bars or reports on stdout."""
+    p.add_argument(
+        "--quiet",
+        dest=dest,
+        action="store_true",
+        help=help or "print nothing on stdout (no progress bars or reports); errors still go to stderr",
+    )
+
+
+def threads_arg(value: str) -> int | str:
+    """``--threads`` value: ``auto`` or a whole number of threads >= 1."""
+    if value == "auto":
+        return value
+    if re.fullmatch(r"[0-9]{1,4}", value) and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"--threads must be 'auto' or a whole number >= 1, got {ascii(value)[:30]}")
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """``--threads N|auto`` (default ``auto``: one thread for models under a million parameters)."""
+    p.add_argument(
+        "--threads",
+        type=threads_arg,
+        default="auto",
+        metavar="N|auto",
+        help="torch threads (default auto: 1 for models under a million parameters, where a thread pool only "
+        "adds overhead; torch's default above, or when OMP_NUM_THREADS is set)",
+    )
+
+
+def new_folder(value: str) -> str:
+    """``--save-model`` value, checked before any work: a new path or an empty folder (never partial work)."""
+    p = Path(value)
+    if os.path.lexists(p):
+        if p.is_symlink() or not p.is_dir():
+            raise argparse.ArgumentTypeError(f"{value!a} exists and is not a folder; choose a new folder")
+        if any(os.scandir(p)):
+            raise argparse.ArgumentTypeError(
+                f"{value!a} is not empty; choose a new folder (or delete it first: rm -r {value!a})"
+            )
+        if not os.access(p, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{value!a} is not writable; choose another folder")
+        return value
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {value!a}: {str(parent)!a} is not a writable folder")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every subcommand."""
-    from . import deletion
     from .experiments import bnn, gmm
+    from .service import commands
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mcmc-unlearner",
         description="Remove deleted training data from SG-MCMC Bayesian models without retraining.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"mcmc-unlearner {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (gmm, bnn, deletion):
+    for module in (gmm, bnn, commands):
         module.register(sub)
     return p
+
+
+def _code_for(exc: BaseException) -> int:
+    from . import errors
+    from .service.fsio import BusyError
+    from .service.gate import QualityGateError
+
+    quality = (QualityGateError, *((errors.QualityError,) if hasattr(errors, "QualityError") else ()))
+    if isinstance(exc, BusyError):
+        return ExitCode.BUSY
+    if isinstance(exc, quality):
+        return ExitCode.QUALITY
+    return ExitCode.REFUSED
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error (already printed)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else ExitCode.REFUSED
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
@@ -52,12 +211,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcmc-unlearner {args.command}: single-process experiment; running on rank 0 only", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
-    except (UnlearningError, FileNotFoundError, ValueError) as exc:
-        print(f"mcmc-unlearner {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (UnlearningError, FileNotFoundError, ValueError, OSError, MemoryError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            _silence_stdout()
+            return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
+        what = "out of memory; nothing was changed" if isinstance(exc, MemoryError) else exc
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
+            what = f"{exc.strerror}: {ascii(exc.filename) if exc.filename else ''}".rstrip(": ")
+        print(f"mcmc-unlearner {args.command}: error: {one_line(what)}", file=sys.stderr)
+        return _code_for(exc)
     except KeyboardInterrupt:
         print(f"mcmc-unlearner {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(
+            f"mcmc-unlearner {args.command}: internal error ({type(exc).__name__}: {one_line(exc)[:300]}); this is a "
+            f"bug, please report it (set {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERNAL
 
 
 def _exit(code: int) -> None:

@@ -31,7 +31,6 @@ Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MA
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -434,8 +433,8 @@ class DistributedUnlearner(MCMCUnlearner):
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return _all_reduce(t.contiguous(), self.group)
 
-    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self._reduce(super()._per_draw_grads(f, thetas, batch))
+    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
+        return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))
 
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
@@ -614,16 +613,20 @@ def agree(code: int, group: Group = None) -> int:
 
 
 def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset) -> RemovalReport:
-    """``un.forget(ids, data)``, or its data-parallel version when launched by torchrun.
+    """``un.forget(ids, data, strict=False)``, or its data-parallel version when launched by torchrun.
 
-    Under torchrun every rank holds the full loaded model (same folder); the request is computed by a
-    :class:`DistributedUnlearner` on the rank's shard, and the results (parameters, bank, sampler step size,
+    The removal is applied in memory even when it fails a check (its report lists the problems): the deletion
+    service's quality gate (:mod:`mcmc_unlearner.service.gate`) decides what is committed. Under torchrun every
+    rank holds the full loaded model (same folder); the request is computed by a :class:`DistributedUnlearner`
+    on the rank's shard, and the results (parameters, bank, sampler step size,
     shuffle state, unlearner generator and curvature cache) are written back into ``un`` and ``data``, so the
     caller commits exactly what a single process would have.
     """
     if not launched():
-        return un.forget(ids, data)
-    from .store import unlearner_config
+        from .service.gate import apply_removal
+
+        return apply_removal(un, ids, data)
+    from .service.checkpoint import unlearner_config
 
     ctx = init_from_env(backend="gloo")  # the store loads on CPU: the CLI computes there
     _STAGE.value = "computing"
@@ -632,7 +635,7 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     dun = DistributedUnlearner(un.model, un.sampler, bank=un.bank, **unlearner_config(un))
     dun.generator.set_state(un.generator.get_state())
     dun.load_curvature_state(*un.curvature_state())
-    report = dun.forget(ids, shard)
+    report = dun.forget(ids, shard, strict=False)
     data.load_state_dict(shard.state_dict())
     un.bank = dun.bank
     un.generator.set_state(dun.generator.get_state())
@@ -642,18 +645,22 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     return report
 
 
-def _follow_forget(model_dir: str, ids: Sequence[int], request_id: str | None, overrides: dict[str, Any]) -> None:
-    """What ranks other than 0 do for ``forget``: load the folder read-only and join the computation."""
-    from . import ledger as ledger_mod
-    from . import store
+def _follow_forget(model_dir: str, ids: Sequence[int], request_id: str | None, kwargs: dict[str, Any]) -> None:
+    """What ranks other than 0 do for ``forget``: read one snapshot of the folder (no lock, nothing written)
+    and join the computation."""
+    from .service import checkpoint, requests
+    from .service import ledger as ledger_mod
+    from .service.deletion import threads_for, torch_threads
 
     id_list = [int(i) for i in as_id_tensor(ids).tolist()]
     rid = request_id or ledger_mod.request_id_for(id_list)
-    loaded = store.load_model(model_dir)
+    overrides = requests.check_settings(kwargs.get("overrides"))
+    loaded = checkpoint.load_model(model_dir, key=kwargs.get("key"))
     if any(e.get("request_id") == rid for e in loaded.requests):
         return  # already applied: rank 0 reports it (and refuses reused ids)
-    un = store.with_config(loaded, dict(overrides))
-    apply_request(un, id_list, loaded.data)
+    un = checkpoint.with_config(loaded, overrides)
+    with torch_threads(threads_for(kwargs.get("threads"), un.spec.dim)):
+        apply_request(un, id_list, loaded.data)
 
 
 def run_forget(
@@ -662,13 +669,19 @@ def run_forget(
     ids: Sequence[int],
     *,
     request_id: str | None = None,
-    overrides: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Any:
-    """``mcmc-unlearner forget`` under torchrun: rank 0 runs ``forget_fn`` (lock, recover, load, commit,
-    ledger); the other ranks load the folder read-only and join the collective computation.
+    """``mcmc-unlearner forget`` under torchrun: rank 0 runs ``forget_fn`` (lock, integrity check, load, gate,
+    recovery, commit, ledger); the other ranks read one snapshot of the folder and join the collective
+    computation.
 
     Ranks agree before computing and after rank 0's commit (:func:`agree`), so a failure on any rank makes all
     ranks fail with nothing written instead of hanging.
+
+    Args:
+        forget_fn: :func:`mcmc_unlearner.service.deletion.forget`.
+        model_dir, ids, request_id: The request.
+        kwargs: Further ``forget_fn`` arguments (``overrides``, ``on_failure``, ``key``, ``wait``, ...).
 
     Returns:
         ``forget_fn``'s result on rank 0, ``None`` on the other ranks.
@@ -676,7 +689,7 @@ def run_forget(
     owner = not dist.is_initialized()
     ctx = init_from_env(backend="gloo")  # the store loads on CPU: the CLI computes there
     try:
-        out = _run_forget(ctx, forget_fn, model_dir, ids, request_id, dict(overrides or {}))
+        out = _run_forget(ctx, forget_fn, model_dir, ids, request_id, kwargs)
         if owner:
             dist.barrier()  # tear down together: gloo aborts a process whose peer exits mid-teardown
         return out
@@ -691,26 +704,23 @@ def _run_forget(
     model_dir: str,
     ids: Sequence[int],
     request_id: str | None,
-    overrides: dict[str, Any],
+    kwargs: dict[str, Any],
 ) -> Any:
-    if ctx.rank == 0:  # roll back a torn request before the followers read the folder
-        from . import store
-
-        with contextlib.suppress(FileNotFoundError, store.StoreError), store.store_lock(model_dir):
-            store.recover(model_dir)
+    # no recovery before the barrier: snapshots ignore crash debris, and rank 0 rolls it back only after the
+    # folder's integrity was checked and the request computed
     dist.barrier()
     _STAGE.value = "loading"
     try:
         if ctx.rank == 0:
-            out = forget_fn(model_dir, ids, request_id=request_id, overrides=overrides)
+            out = forget_fn(model_dir, ids, request_id=request_id, **kwargs)
         else:
             out = None
-            _follow_forget(model_dir, ids, request_id, overrides)
+            _follow_forget(model_dir, ids, request_id, kwargs)
     except BaseException:
         if _STAGE.value == "loading":
             agree(FAIL)
         elif _STAGE.value == "computed":
-            agree(FAIL)  # rank 0's commit failed after the computation
+            agree(FAIL)  # rank 0's gate or commit failed after the computation
         _STAGE.value = "idle"
         raise
     stage, _STAGE.value = _STAGE.value, "idle"

@@ -100,7 +100,7 @@ class EnergyCheck:
         rows: Held remaining rows.
         n: Remaining data points (the energy's scale).
         G: The request's gradient ``E[∇Σ_{S'}h]``.
-        reduce: Sums tensors across ranks (``torch.distributed``); identity in one process.
+        reduce: Sums tensors across ranks (``torch.distributed``); ``None`` in one process.
     """
 
     def __init__(
@@ -111,10 +111,10 @@ class EnergyCheck:
         rows: Batch,
         n: int,
         G: torch.Tensor,
-        reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.f, self.lp, self.thetas, self.rows, self.n, self.G = nll_rows, log_prior, thetas, rows, n, G
-        self.reduce = reduce
+        self.reduce = reduce or (lambda t: t)
         with torch.no_grad():
             self.h0 = torch.stack([self.f(t, *rows).detach() for t in thetas])  # [K, m]
             self.lp0 = None if log_prior is None else torch.stack([log_prior(t).detach() for t in thetas])

@@ -355,7 +355,8 @@ class MCMCUnlearner:
             a rank-20 Lanczos preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
-        bank_shift: ``"mean"``, ``"sample"`` or ``"affine"`` (see module docstring).
+        bank_shift: ``"auto"`` (``"affine"`` with the dense solver, else ``"mean"``), ``"mean"``, ``"sample"`` or
+            ``"affine"`` (see module docstring).
         damping: ``"auto"`` (chosen per request, :mod:`mcmc_unlearner.step`) or a fixed value ``>= 0``.
         scaling: LiSSA scaling ``s`` or ``"auto"``.
         iter_T: LiSSA rounds / CG iteration cap.
@@ -364,9 +365,9 @@ class MCMCUnlearner:
         grad_draws: Bank samples averaged for ``G``: ``"auto"`` (all of at most ``max(16, ⌈1024/k⌉)`` for ``k``
             removed points, evenly spaced), ``None`` (all) or a number.
         curvature_draws: Draws averaged for ``H`` (``None``: 8 for ``kfac``, 16 otherwise).
-        refresh_every: Curvature reuse across sequential requests (``None``: 1 for ``exact``, 20 for ``kfac``, 10
-            otherwise). ``exact`` downdates its dense Hessian in between; ``kfac``/``lowrank``/``cg`` reuse their
-            approximation or preconditioner.
+        refresh_every: Curvature reuse across sequential requests (``None``: 20 for ``kfac``, 10 otherwise).
+            ``exact`` downdates its dense Hessian in between (exact for the data term; the draws' drift is caught by
+            ``drift_tol``); ``kfac``/``lowrank``/``cg`` reuse their approximation or preconditioner.
         precondition_rank: Lanczos rank of CG's preconditioner / of ``lowrank``'s approximation.
         drift_tol: A reused approximation is rebuilt at once when its first step's ``|actual/predicted − 1|``
             exceeds this.
@@ -405,7 +406,7 @@ class MCMCUnlearner:
         solver: SolverName | str = "auto",
         expectation: Expectation | str | None = None,
         hessian: HessianKind | str = HessianKind.REMAINING,
-        bank_shift: BankShift | str = BankShift.MEAN,
+        bank_shift: BankShift | str = "auto",
         damping: float | str = "auto",
         scaling: float | str = "auto",
         iter_T: int = 100,
@@ -454,6 +455,9 @@ class MCMCUnlearner:
         self.solver, self.solver_reason = self._choose_solver(solver)
         self.expectation = None if expectation is None else Expectation(expectation)
         self.hessian = HessianKind(hessian)
+        self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
+        if bank_shift == "auto":
+            bank_shift = BankShift.AFFINE if self.solver is SolverName.EXACT else BankShift.MEAN
         self.bank_shift = BankShift(bank_shift)
         if self.bank_shift is BankShift.AFFINE and self.solver is not SolverName.EXACT:
             raise ValueError("bank_shift='affine' needs solver='exact' (dense Hessians)")
@@ -476,7 +480,7 @@ class MCMCUnlearner:
         self.curvature_draws = int(default_draws if curvature_draws is None else curvature_draws)
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
-        default_refresh = {SolverName.EXACT: 1, SolverName.KFAC: 20}.get(self.solver, 10)
+        default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
         self.refresh_every = max(1, int(default_refresh if refresh_every is None else refresh_every))
         if self.solver is SolverName.CG and precondition_rank <= 0 and solver == "auto":
             precondition_rank = 20
@@ -543,7 +547,7 @@ class MCMCUnlearner:
             "solver": self.solver.value,
             "expectation": None if self.expectation is None else self.expectation.value,
             "hessian": self.hessian.value,
-            "bank_shift": self.bank_shift.value,
+            "bank_shift": self._bank_shift_option,
             "damping": self.damping if isinstance(self.damping, str) else float(self.damping),
             "scaling": self.scaling if isinstance(self.scaling, str) else float(self.scaling),
             "iter_T": self.iter_T,
@@ -590,9 +594,8 @@ class MCMCUnlearner:
         return self.bank.clone() if self._layout is None else self._layout.restore(self.bank)
 
     # ------------------------------------------------------------------ hooks of the data-parallel version
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum across ranks (identity in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`)."""
-        return t
+    #: Sum across ranks (``None`` in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`).
+    _reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def _row_nll(self) -> Callable[[nn.Module, Batch], torch.Tensor]:
@@ -616,9 +619,16 @@ class MCMCUnlearner:
                 self._row_bytes = sum(t[:1].numel() * t.element_size() for t in batch) * 64
         return self._row_bytes
 
-    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
+        """``∇f(θ_s, batch)`` for every draw, in chunks of draws that fit the budget; ``rowwise`` (``f`` is a sum
+        over rows) also splits the rows when one draw over all of them would not fit."""
         rows = batch[0].shape[0]
-        chunk = chunk_for(self.memory_budget, 2 * rows * (self._row_bytes or 1), thetas.shape[0])
+        per_row = 2 * (self._row_bytes or 1)
+        if rowwise and rows * per_row > self.memory_budget and rows > 1:
+            step = max(1, self.memory_budget // per_row)
+            parts = [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
+            return sum(MCMCUnlearner._per_draw_grads(self, f, thetas, part) for part in parts)  # local sums
+        chunk = chunk_for(self.memory_budget, rows * per_row, thetas.shape[0])
         if self.backend != "autograd":
             try:
                 return vmap(grad(f), in_dims=(0, *([None] * len(batch))), chunk_size=chunk)(thetas, *batch)
@@ -855,7 +865,7 @@ class MCMCUnlearner:
             g_thetas = self.bank[_evenly(S, self._grad_draw_count(batch[0].shape[0]))]
             c_thetas = self.bank[_evenly(S, self.curvature_draws)]
             k_thetas = self.bank[_evenly(S, self.check_draws)]
-        grads = self._per_draw_grads(h_f, g_thetas, batch)
+        grads = self._per_draw_grads(h_f, g_thetas, batch, rowwise=True)
         G = grads.mean(0)
         half = grads.shape[0] // 2
         dev = 0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G)
@@ -974,13 +984,10 @@ class MCMCUnlearner:
         return op
 
     def _error_bar(self, dev: torch.Tensor, damping: float) -> torch.Tensor:
-        """``(H + λ)⁻¹·dev`` for the Monte-Carlo error bar: a preconditioner's answer when the backend's solves are
-        costly and it has one, else a solve; ``nan`` if that solve fails (the error bar is advisory)."""
-        pending = getattr(self.curvature, "_pending", None)
-        if not self.curvature.cheap_damping and pending is not None and pending[0] is not None:
-            return pending[0].solve(dev, damping)
+        """``(H + λ)⁻¹·dev`` for the Monte-Carlo error bar (the backend's cheapest answer, e.g. CG's
+        preconditioner); ``nan`` if that solve fails (the error bar is advisory)."""
         try:
-            return self.curvature.solve(dev, damping).x
+            return self.curvature.approximate_solve(dev, damping)
         except SolverDivergedError:
             return torch.full_like(dev, float("nan"))
 
@@ -991,7 +998,7 @@ class MCMCUnlearner:
             return live + x, (None if self.bank is None else self.bank + x)
         if self.bank_shift is BankShift.SAMPLE:
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
-            g_all = self._per_draw_grads(h_f, pts, batch)
+            g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
             moved = pts + self.curvature.solve(g_all.T, damping).x.T
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)

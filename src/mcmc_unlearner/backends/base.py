@@ -57,7 +57,7 @@ class Problem:
         dense_hessian: ``(f, thetas, batch, shared) -> [D, D]``: the mean over draws of ``∇²f`` (memory-bounded,
             all-reduced across ranks under ``torch.distributed``).
         operator: Builds the matrix-free Hessian operator at the draws (``op @ v``), summed across ranks.
-        reduce: Sums a tensor across ranks (identity in one process).
+        reduce: Sums a tensor across ranks (``None`` in one process).
         raw: A data batch as ``nll`` takes it (the data-parallel version drops its weight column and padding).
         info: Notes the unlearner wants in the report (e.g. a curvature-data fallback).
     """
@@ -77,7 +77,7 @@ class Problem:
     budget: int
     dense_hessian: Callable[..., torch.Tensor]
     operator: Callable[[], Any]
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     raw: Callable[[Batch], Batch] = lambda b: b
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +119,10 @@ class CurvatureBackend:
             SolverDivergedError: the solve failed for another reason.
         """
         raise NotImplementedError
+
+    def approximate_solve(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+        """A cheap ``(H + damping·I)⁻¹ rhs`` for error bars (default: :meth:`solve`)."""
+        return self.solve(rhs, damping).x
 
     def quad(self, x: torch.Tensor) -> float:
         """``xᵀHx`` of the (undamped) curvature model."""

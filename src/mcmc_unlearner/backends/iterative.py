@@ -133,6 +133,12 @@ class CGBackend(_OperatorBackend):
         self._count()
         return res
 
+    def approximate_solve(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+        """The preconditioner's answer when there is one (no products), else a CG solve."""
+        if self._pending is not None and self._pending[0] is not None:
+            return self._pending[0].solve(rhs, damping)
+        return self.solve(rhs, damping).x
+
     def scale(self) -> float:
         if self._pending is not None and self._pending[0] is not None and self._scale is None:
             self._scale = self._pending[0].mean_eigenvalue()

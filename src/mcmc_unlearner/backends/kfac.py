@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from ..errors import all_finite
+from ..memory import format_bytes
 from ..solvers import SolveResult
-from .base import CurvatureBackend, Problem
+from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
 __all__ = ["KFACBackend"]
 
@@ -51,24 +52,32 @@ class KFACBackend(CurvatureBackend):
         if reused:
             kfac, age = self.kfac, self.age + 1
         else:
+            batches = problem.draw_batches()
+            need = KroneckerCurvature.memory_estimate(problem.model, batches[0][0].shape[0], batches[0])
+            if need > problem.budget:
+                raise MemoryError(
+                    f"K-FAC needs about {format_bytes(need)} for minibatches of {batches[0][0].shape[0]} rows, over "
+                    f"the memory budget of {format_bytes(problem.budget)}: raise memory_budget, feed smaller "
+                    "minibatches, or use solver='cg'"
+                )
             kfac = KroneckerCurvature.build(
                 problem.model,
                 problem.thetas,
-                problem.draw_batches(),
+                batches,
                 problem.n,
                 nll=problem.nll,
                 log_prior=problem.log_prior,
                 likelihood=self.likelihood,
                 mc_samples=self.mc_samples,
                 generator=problem.generator,
-                reduce=problem.reduce,
+                reduce=problem.reduce,  # None in one process (keeps the Gram-matrix path for wide layers)
             )
             age = 1
         self._n = problem.n
         self._scale = None
         self._dtype = problem.thetas.dtype
         self._pending = (kfac, age)
-        info = {"preconditioner_reused": reused}
+        info: dict[str, Any] = {"preconditioner_reused": reused, "kfac": kfac.info}
         info.update({f"kfac_{k}": v for k, v in kfac.info.items() if isinstance(v, (int, float, str, bool))})
         return info
 
@@ -79,7 +88,10 @@ class KFACBackend(CurvatureBackend):
         return k
 
     def solve(self, rhs: torch.Tensor, damping: float) -> SolveResult:
-        x = self._k.solve(rhs, damping)
+        try:
+            x = self._k.solve(rhs, damping)
+        except ValueError as exc:  # singular: no prior precision and no damping on some directions
+            raise NegativeCurvatureError(str(exc)) from None
         ok = all_finite(x)
         return SolveResult(x, "kfac", 0, 0.0 if ok else float("nan"), ok, 0.0, {"damping": damping})
 

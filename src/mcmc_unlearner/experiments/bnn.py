@@ -875,6 +875,8 @@ def _count(v: str) -> str | int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bnn`` subcommand."""
+    from ..cli import add_quiet_flag, new_folder
+
     p = subparsers.add_parser(
         "bnn",
         help="Bayesian neural networks: remove a class, compare unlearning with retraining and baselines",
@@ -894,8 +896,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the image files (torchvision layout)")
     p.add_argument("--download", action="store_true", default=None, help="fetch missing files with torchvision")
     p.add_argument("--out", default="runs/bnn", help="output folder (default runs/bnn)")
-    p.add_argument("--save-model", default=None, help="save the chain trained on all data to this folder")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--save-model",
+        type=new_folder,
+        default=None,
+        metavar="DIR",
+        help="save the all-data chain to DIR (new/empty)",
+    )
+    add_quiet_flag(p, dest="no_progress", help="no progress bars")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)  # old spelling
     adv = p.add_argument_group("advanced (shrink or tune the run)")
     for flag, typ in (
         ("explore-steps", int),

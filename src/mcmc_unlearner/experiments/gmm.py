@@ -685,6 +685,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand (the paper's Gaussian-mixture experiment)."""
+    from ..cli import add_quiet_flag, new_folder
+
     p = subparsers.add_parser(
         "demo",
         help="the paper's Gaussian-mixture experiment: unlearn 800 of 2,000 points, compare with retraining",
@@ -698,9 +700,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: a fresh runs/demo-<sampler>-<time>)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     p.add_argument("--request-size", type=int, default=4, help="points per deletion request (default 4)")
-    p.add_argument("--save-model", default=None, metavar="DIR", help="also save the origin model to DIR")
+    p.add_argument(
+        "--save-model",
+        type=new_folder,
+        default=None,
+        metavar="DIR",
+        help="also save the origin model to DIR (new/empty)",
+    )
     p.add_argument("--burnin", type=int, default=4000, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, default=4000, help=argparse.SUPPRESS)
     p.add_argument("--thin", type=int, default=10, help="thinning for the KL estimates (default 10)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_flag(p, help="no progress bars")
     p.set_defaults(func=_cmd_demo)

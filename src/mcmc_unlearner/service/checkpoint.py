@@ -1,0 +1,560 @@
+"""Saved models on disk: crash-safe checkpoints of chain, sampler, sample bank and remaining data.
+
+**Format** (``FORMAT_VERSION`` 1). A model folder holds
+
+* ``state-<k>.safetensors`` — every tensor: the model's ``state_dict`` (``model/<name>``), the sample bank
+  (``bank``), the remaining-data mask and shuffling state (``data/alive``, ``data/order``, ``data/pos``,
+  ``data/generator``), the sampler's tensors (``sampler/state/<i>/<key>``, e.g. SGHMC momentum, and
+  ``sampler/generator``), the unlearner's generator (``unlearner/generator``) and cached curvature
+  (``unlearner/...``);
+* ``manifest.json`` — the commit point: format version, the current state file (always
+  ``state-<sequence>.safetensors``) and its SHA-256, the model's digest (:func:`model_digest`), model spec,
+  data spec and data fingerprint, sampler config, unlearner config, the ledger's committed length and head
+  hash, the last applied request id, ``extra`` (free JSON), ``manifest_sha256`` over all of that and, with an
+  integrity key, ``manifest_hmac`` (:mod:`mcmc_unlearner.service.integrity`);
+* ``ledger.jsonl`` — the audit trail (:mod:`mcmc_unlearner.service.ledger`);
+* ``data.safetensors`` — only for data spec kind ``"tensors"``.
+
+No pickle anywhere: tensors go through safetensors and everything else through JSON (a legacy ``torch.save``
+file can be read with :func:`read_torch_checkpoint`, which uses ``weights_only=True``). Every manifest field
+is type-checked and every file name confined to the folder before use (:mod:`mcmc_unlearner.service.fsio`).
+
+**Commit protocol.** An update writes the new state file (atomically), appends its ledger line (fsync), then
+replaces the manifest — the single commit point — and finally deletes the old state file. A crash leaves the
+old manifest naming the old, intact state, possibly with an orphan state file and an uncommitted ledger tail;
+an error before the commit point undoes both at once. :func:`recover` removes crash debris; it runs only
+under the writer's lock and only after the folder's integrity has been checked.
+
+**Snapshots.** Readers take no lock: they read one consistent snapshot
+(:func:`mcmc_unlearner.service.snapshot.read_snapshot`); :func:`build_loaded` rebuilds the live objects from it.
+
+**Replays are deterministic:** all generator states travel with the state, so the same model, request and
+configuration give bit-identical state files on the same machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ..curvature import ParamSpec
+from ..data import RemovableDataset
+from ..unlearner import MCMCUnlearner
+from . import fsio, integrity, specs
+from . import ledger as ledger_mod
+from .fsio import BusyError, StoreError, phase, sha256_hex, utc_now
+from .integrity import Key
+from .snapshot import MANIFEST_NAME, Snapshot, check_folder, read_snapshot, write_manifest
+from .state import (
+    DATA_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    check_saveable,
+    data_fingerprint,
+    is_state_file,
+    model_digest,
+    read_tensors,
+    read_torch_checkpoint,
+    rebuild_sampler,
+    rebuild_unlearner,
+    sampler_config,
+    state_bytes,
+    state_name,
+    state_tensors,
+    tensors_digest,
+    unlearner_config,
+)
+
+__all__ = [
+    "DATA_FILE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "BusyError",
+    "LoadedModel",
+    "Snapshot",
+    "StoreError",
+    "build_loaded",
+    "check_folder",
+    "commit_update",
+    "load_model",
+    "model_digest",
+    "read_snapshot",
+    "read_tensors",
+    "read_torch_checkpoint",
+    "recover",
+    "save_model",
+    "store_lock",
+    "tensors_digest",
+    "unlearner_config",
+    "with_config",
+]
+
+LEGACY_LOCK_NAME = ".lock"  # written by earlier versions; ignored (the lock is on the folder itself)
+TMP_RE = re.compile(
+    r"\.(manifest\.json|ledger\.jsonl|data\.safetensors|state-[0-9]{6,}\.safetensors)\.tmp-[0-9]+-[0-9a-f]+"
+)
+
+store_lock = fsio.folder_lock
+
+
+# ---------------------------------------------------------------------------------------------- loaded models
+@dataclass
+class LoadedModel:
+    """A saved model rebuilt from its folder.
+
+    Attributes:
+        path: The model folder.
+        manifest: The committed manifest.
+        model, sampler, data, unlearner: Live objects, ready to take the next request.
+        model_spec, data_spec, extra: As saved.
+        entries: Committed ledger entries (line 1 = save event).
+        ledger_lines: Their raw bytes.
+        pending: Uncommitted ledger lines after them (a torn request; :func:`recover` rolls them back).
+        model_sha256: :func:`model_digest` of the state.
+        snapshot: The snapshot it was built from.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    model: nn.Module
+    sampler: torch.optim.Optimizer | None
+    data: RemovableDataset
+    unlearner: MCMCUnlearner
+    model_spec: dict[str, Any]
+    data_spec: dict[str, Any]
+    extra: dict[str, Any]
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    ledger_lines: list[bytes] = field(default_factory=list)
+    pending: int = 0
+    model_sha256: str = ""
+    snapshot: Snapshot | None = None
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Applied deletion requests (forget entries), oldest first."""
+        return [e for e in self.entries if e.get("event") == "forget"]
+
+    @property
+    def head(self) -> str:
+        """The ledger head hash (SHA-256 of the last committed line)."""
+        return str(self.manifest["ledger_head"])
+
+    def digest(self) -> str:
+        """Current :func:`model_digest` of the live objects."""
+        return model_digest(self.model, self.unlearner.bank, self.data.state_dict()["alive"])
+
+
+def build_loaded(snap: Snapshot, *, check_data: bool = True) -> LoadedModel:
+    """Rebuild model, sampler, remaining data and unlearner from an intact snapshot.
+
+    Raises:
+        StoreError: The snapshot has integrity problems, or its pieces do not fit together.
+    """
+    snap.raise_problems()
+    manifest, tensors, root = snap.manifest, snap.state, snap.root
+    assert tensors is not None
+    model_spec, data_spec = manifest["model_spec"], manifest["data_spec"]
+    model, data_tensors = specs.build_from_spec(model_spec, data_spec, stored=snap.stored_data)
+    if check_data and data_fingerprint(data_tensors) != manifest["data_sha256"]:
+        raise StoreError(
+            f"the data spec {ascii(data_spec)[:200]} no longer reproduces the training data this model was saved "
+            "with (fingerprint mismatch); point it at the original data"
+        )
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+        dcfg = manifest["data_config"]
+        data = RemovableDataset(*data_tensors, batch_size=int(dcfg["batch_size"]), seed=0)
+        data.load_state_dict(
+            {
+                "alive": tensors["data/alive"],
+                "order": tensors["data/order"],
+                "pos": tensors["data/pos"][0],
+                "generator": tensors["data/generator"],
+            }
+        )
+        sampler = rebuild_sampler(model, manifest.get("sampler"), tensors)
+        ustate = manifest.get("unlearner_state", {})
+        un = rebuild_unlearner(
+            model, sampler if ustate.get("with_sampler", True) else None, manifest["unlearner"], tensors, ustate
+        )
+    except StoreError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StoreError(
+            f"{root / manifest['state_file']} and manifest.json do not fit together ({ascii(first)[:200]}); "
+            "restore the folder from a backup"
+        ) from None
+    if hasattr(model, "n"):
+        model.n = len(data)
+    loaded = LoadedModel(
+        path=root,
+        manifest=manifest,
+        model=model,
+        sampler=sampler,
+        data=data,
+        unlearner=un,
+        model_spec=model_spec,
+        data_spec=data_spec,
+        extra=manifest.get("extra") or {},
+        entries=snap.entries,
+        ledger_lines=snap.ledger.lines[: snap.count],
+        pending=snap.pending,
+        snapshot=snap,
+    )
+    loaded.model_sha256 = loaded.digest()
+    if loaded.model_sha256 != manifest["model_sha256"]:
+        raise StoreError(
+            f"{root / manifest['state_file']}: model digest differs from manifest.json; "
+            "restore the folder from a backup"
+        )
+    return loaded
+
+
+def load_model(
+    path: str | os.PathLike, *, check_data: bool = True, key: Key | bytes | str | None = None, wait: float = 10.0
+) -> LoadedModel:
+    """Load a saved model and rebuild model, sampler, remaining data and unlearner.
+
+    Verifies the manifest (types, names, checksum, HMAC), the SHA-256 of the state file and of
+    ``data.safetensors``, the ledger's committed lines, and (``check_data``) that the data spec reproduces the
+    training data the model was saved with. Read-only: an uncommitted ledger tail is ignored (counted in
+    ``pending``), not removed.
+
+    Raises:
+        FileNotFoundError: The folder does not exist.
+        StoreError: Missing, truncated, tampered or unreadable pieces.
+    """
+    return build_loaded(read_snapshot(path, key=key, wait=wait), check_data=check_data)
+
+
+def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlearner:
+    """An unlearner on ``loaded``'s objects with config ``overrides`` (same bank, generator and cache)."""
+    if not overrides:
+        return loaded.unlearner
+    base = loaded.unlearner
+    cfg = {**unlearner_config(base), **overrides}
+    try:
+        un = MCMCUnlearner(loaded.model, loaded.sampler, bank=base.bank, **cfg)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"configuration override {dict(overrides)} is invalid: {exc}") from None
+    un.generator.set_state(base.generator.get_state())
+    try:
+        un.load_curvature_state(*base.curvature_state())
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+        un.reset_curvature()  # another solver: the cache of the saved one does not apply
+    return un
+
+
+# ---------------------------------------------------------------------------------------------- save / commit
+_OWN_FILES = {MANIFEST_NAME, ledger_mod.LEDGER_NAME, DATA_FILE, LEGACY_LOCK_NAME}
+
+
+def _own(name: str) -> bool:
+    return name in _OWN_FILES or is_state_file(name) or TMP_RE.fullmatch(name) is not None
+
+
+def save_model(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    sampler: torch.optim.Optimizer | None = None,
+    data: RemovableDataset,
+    unlearner: MCMCUnlearner,
+    model_spec: Mapping[str, Any],
+    data_spec: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    check_data: bool = True,
+    key: Key | bytes | str | None = None,
+) -> Path:
+    """Save a model (chain, sampler, bank, remaining data, unlearner config) into a new model folder.
+
+    Args:
+        path: Folder to create (or an empty folder).
+        model: The live model (its parameters are the chain state).
+        sampler: Its SG-MCMC sampler (default: ``unlearner.sampler``); SGLD and SGHMC are supported.
+        data: The :class:`RemovableDataset` of the training data (removals so far are kept).
+        unlearner: The :class:`MCMCUnlearner` holding the sample bank and configuration.
+        model_spec: JSON spec rebuilding the model (:func:`~mcmc_unlearner.service.specs.gmm_model_spec`, ...).
+        data_spec: JSON spec rebuilding the full training tensors, or ``{"kind": "tensors"}`` to store the data
+            in the folder.
+        extra: Free JSON stored in the manifest (e.g. experiment settings).
+        overwrite: Replace a model already saved in ``path`` (its ledger is discarded).
+        check_data: Rebuild the data from ``data_spec`` and check it equals ``data``'s tensors.
+        key: Integrity key to sign the folder with (``None``: ``$MCMC_UNLEARNER_KEY`` if set, else unsigned).
+
+    Returns:
+        The folder path.
+
+    Raises:
+        StoreError: The folder holds other files or already a model, the specs do not reproduce the objects,
+            or an object cannot be saved (custom callables or sampler class).
+    """
+    root = Path(path)
+    k = integrity.as_key(key)
+    sampler = sampler if sampler is not None else unlearner.sampler
+    check_saveable(model, sampler, unlearner)
+    model_spec = specs.json_ok(dict(model_spec), "model_spec")
+    data_spec = specs.json_ok(dict(data_spec), "data_spec")
+    extra = specs.json_ok(dict(extra or {}), "extra")
+    if model_spec.get("kind") not in specs.MODEL_KINDS:
+        raise StoreError(
+            f"unknown model spec kind {model_spec.get('kind')!r}; known kinds: {', '.join(specs.MODEL_KINDS)}"
+        )
+    if data_spec.get("kind") not in specs.DATA_KINDS:
+        raise StoreError(
+            f"unknown data spec kind {data_spec.get('kind')!r}; known kinds: {', '.join(specs.DATA_KINDS)}"
+        )
+    if data_spec["kind"] != "tensors" and "fields" not in data_spec:
+        data_spec["fields"] = ["x", "y"][: len(data.tensors)]
+    fresh = specs.build_model(model_spec)
+    if ParamSpec.of(fresh) != ParamSpec.of(model):
+        raise StoreError("model_spec builds a model whose parameters differ in names or shapes from `model`")
+    fingerprint = data_fingerprint(data.tensors)
+    if check_data and data_spec["kind"] != "tensors":
+        _, rebuilt = specs.build_from_spec(model_spec, data_spec)
+        if data_fingerprint(rebuilt) != fingerprint:
+            raise StoreError(
+                f"data_spec {data_spec} does not reproduce the training tensors of `data` (dtype, shape or values "
+                "differ); fix the spec, or use {'kind': 'tensors'} to store the data in the model folder"
+            )
+    sampler_cfg, _ = sampler_config(sampler)
+
+    if os.path.lexists(root) and not root.is_dir():
+        raise StoreError(f"{root} exists and is not a folder; choose another --save-model path")
+    root.mkdir(parents=True, exist_ok=True)
+    with fsio.folder_lock(root):
+        names = fsio.list_names(root)
+        foreign = [n for n in names if not _own(n)]
+        if foreign:
+            raise StoreError(
+                f"{root} is not empty (it holds {ascii(foreign[:3])[:120]}); save into a new or empty folder"
+            )
+        if MANIFEST_NAME in names:
+            if not overwrite:
+                raise StoreError(f"{root} already holds a saved model; choose another folder (or overwrite=True)")
+            fsio.unlink_name(root, MANIFEST_NAME)  # first: a crash from here on leaves "no saved model"
+            fsio.fsync_dir(root)
+        for n in names:
+            if n != MANIFEST_NAME and n != LEGACY_LOCK_NAME:
+                fsio.unlink_name(root, n)
+        data_file_sha = None
+        if data_spec["kind"] == "tensors":
+            blob = st_save({str(i): t.detach().cpu().contiguous().clone() for i, t in enumerate(data.tensors)})
+            fsio.atomic_write(root, DATA_FILE, blob)
+            data_file_sha = sha256_hex(blob)
+        new_state = state_name(0)
+        blob = state_bytes(state_tensors(model, sampler, data, unlearner))
+        fsio.atomic_write(root, new_state, blob)
+        digest = model_digest(model, unlearner.bank, data.state_dict()["alive"])
+        now = utc_now()
+        from .. import __version__
+
+        entry = {
+            "event": "save",
+            "seq": 0,
+            "time": now,
+            "n_total": data.n_total,
+            "n_remaining": len(data),
+            "removed_before_save": data.removed_ids.tolist(),
+            "bank_size": 0 if unlearner.bank is None else int(unlearner.bank.shape[0]),
+            "before_sha256": None,
+            "after_sha256": digest,
+            "prev_sha256": ledger_mod.GENESIS,
+            "software_version": __version__,
+            "format_version": FORMAT_VERSION,
+        }
+        head, _ = ledger_mod.append_entry(root / ledger_mod.LEDGER_NAME, entry)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "software_version": __version__,
+            "created": now,
+            "updated": now,
+            "sequence": 0,
+            "state_file": new_state,
+            "state_sha256": sha256_hex(blob),
+            "model_sha256": digest,
+            "model_spec": model_spec,
+            "data_spec": data_spec,
+            "data_sha256": fingerprint,
+            "data_file_sha256": data_file_sha,
+            "data_config": {"batch_size": data.batch_size, "n_total": data.n_total},
+            "sampler": sampler_cfg,
+            "unlearner": unlearner_config(unlearner),
+            "unlearner_state": {**unlearner.curvature_state()[1], "with_sampler": unlearner.sampler is not None},
+            "ledger_entries": 1,
+            "ledger_head": head,
+            "last_request_id": None,
+            "extra": extra,
+        }
+        write_manifest(root, manifest, key=k)
+    return root
+
+
+def _writer_key(loaded: LoadedModel) -> Key | None:
+    snap = loaded.snapshot
+    if snap is None:
+        return integrity.resolve_key()
+    if snap.signature == "unchecked":
+        raise StoreError(
+            f"{loaded.path} is signed: set {integrity.KEY_ENV} or pass --key-file to write to it (nothing was changed)"
+        )
+    return snap.key
+
+
+def commit_update(
+    loaded: LoadedModel, entry: Mapping[str, Any], *, unlearner: MCMCUnlearner | None = None
+) -> dict[str, Any]:
+    """Durably commit the live state of ``loaded`` together with one ledger entry.
+
+    Order: new state file (atomic) → ledger line (appended, fsynced) → manifest (atomic; the commit point) →
+    delete the old state file. Call it under :func:`store_lock` after :func:`recover`. An error before the
+    commit point removes the new state file and the appended line again, so the folder is as it was.
+
+    Args:
+        loaded: The loaded model whose live objects were changed (e.g. by ``unlearner.forget``).
+        entry: Ledger fields of the event (``event``, ``request_id``, ...); hashes, sequence number and
+            versions are added here.
+        unlearner: The unlearner that did the work if it is not ``loaded.unlearner`` (config overrides); its
+            generator state and curvature cache are saved, the stored configuration is kept.
+
+    Returns:
+        The ledger entry as written.
+
+    Raises:
+        StoreError: A write failed (nothing changed).
+    """
+    from .. import __version__
+
+    key = _writer_key(loaded)
+    un = unlearner or loaded.unlearner
+    root = loaded.path
+    old = loaded.manifest
+    seq = int(old["sequence"]) + 1
+    new_state = state_name(seq)
+    blob = state_bytes(state_tensors(loaded.model, loaded.sampler, loaded.data, un))
+    after = model_digest(loaded.model, un.bank, loaded.data.state_dict()["alive"])
+    full = {
+        **dict(entry),
+        "seq": seq,
+        "before_sha256": old["model_sha256"],
+        "after_sha256": after,
+        "prev_sha256": old["ledger_head"],
+        "software_version": __version__,
+        "format_version": FORMAT_VERSION,
+    }
+    full = specs.json_ok(full, "ledger entry")
+    lpath = root / ledger_mod.LEDGER_NAME
+    size_before = os.lstat(lpath).st_size
+    manifest = {k: v for k, v in old.items() if k not in ("manifest_sha256", "manifest_hmac", "integrity")}
+    wrote_state = appended = False
+    try:
+        fsio.atomic_write(root, new_state, blob, hook="state-temp-written")
+        wrote_state = True
+        phase("state-written")
+        slow = fsio.pause_for("ledger-half")
+        head, line = ledger_mod.append_entry(
+            lpath,
+            full,
+            pause=slow,
+            on_half=(lambda: print("[commit] ledger-half", file=sys.stderr, flush=True)) if slow else None,
+        )
+        appended = True
+        phase("ledger-appended")
+        manifest.update(
+            {
+                "updated": full.get("time", utc_now()),
+                "software_version": __version__,
+                "sequence": seq,
+                "state_file": new_state,
+                "state_sha256": sha256_hex(blob),
+                "model_sha256": after,
+                "sampler": sampler_config(loaded.sampler)[0],
+                "unlearner_state": {**old.get("unlearner_state", {}), **un.curvature_state()[1]},
+                "ledger_entries": int(old["ledger_entries"]) + 1,
+                "ledger_head": head,
+                "last_request_id": full.get("request_id", old.get("last_request_id")),
+            }
+        )
+        write_manifest(root, manifest, hook="manifest-temp-written", key=key)
+    except BaseException as exc:
+        with contextlib.suppress(OSError, StoreError):
+            if appended:
+                ledger_mod.truncate_ledger(lpath, size_before)
+            if wrote_state:
+                fsio.unlink_name(root, new_state)
+                fsio.fsync_dir(root)
+        if isinstance(exc, OSError):
+            raise StoreError(
+                f"could not write the update into {root} ({exc.strerror or exc}); nothing was changed: check free "
+                "space and write permission"
+            ) from None
+        raise
+    phase("committed")
+    with contextlib.suppress(OSError, StoreError):
+        if old["state_file"] != new_state:
+            fsio.unlink_name(root, old["state_file"])
+    loaded.manifest = manifest
+    loaded.entries.append(full)
+    loaded.ledger_lines.append(line)
+    loaded.model_sha256 = after
+    if un is not loaded.unlearner:
+        loaded.unlearner.bank = un.bank
+        loaded.unlearner.generator.set_state(un.generator.get_state())
+        loaded.unlearner.load_curvature_state(*un.curvature_state())
+    return full
+
+
+def recover(
+    path: str | os.PathLike, snapshot: Snapshot | None = None, *, key: Key | bytes | str | None = None
+) -> dict[str, Any]:
+    """Roll back what an interrupted update left behind (call under :func:`store_lock`).
+
+    Runs only on an intact folder: the snapshot (read now when not given) must pass every integrity check, so a
+    damaged or tampered folder is refused before anything changes. Then it truncates uncommitted ledger lines
+    (a request whose manifest was never written: it was not applied and will be re-applied when resubmitted)
+    and deletes orphan state files and temp files. Only entries of the folder with those exact name patterns
+    are removed (a link is removed, never followed).
+
+    Returns:
+        ``{"rolled_back": [request ids or "partial line"], "removed_files": [...]}``.
+
+    Raises:
+        StoreError: The folder is damaged (nothing is changed then).
+    """
+    snap = snapshot if snapshot is not None else read_snapshot(path, key=key)
+    snap.raise_problems()
+    root = snap.root
+    read, count = snap.ledger, snap.count
+    rolled: list[str] = []
+    if len(read.lines) > count or read.partial:
+        for line in read.lines[count:]:
+            try:
+                rolled.append(str(ledger_mod.strict_loads(line).get("request_id")))
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                rolled.append("unreadable line")
+        if read.partial:
+            rolled.append("partial line")
+        ledger_mod.truncate_ledger(root / ledger_mod.LEDGER_NAME, read.end_of(count))
+    removed = []
+    for name in fsio.list_names(root):
+        if (is_state_file(name) and name != snap.manifest["state_file"]) or TMP_RE.fullmatch(name):
+            with contextlib.suppress(OSError, StoreError):
+                if fsio.unlink_name(root, name):
+                    removed.append(name)
+    if removed:
+        fsio.fsync_dir(root)
+    return {"rolled_back": rolled, "removed_files": removed}

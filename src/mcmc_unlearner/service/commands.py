@@ -1,0 +1,325 @@
+"""The CLI of the deletion service: ``mcmc-unlearner forget``, ``status`` and ``verify``.
+
+Every subcommand prints one line on stderr and exits with a documented code when it refuses
+(:class:`mcmc_unlearner.cli.ExitCode`); stdout carries only results, and a closed pipe after a commit is not
+an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .. import distributed
+from ..cli import EXIT_CODES_HELP, ExitCode, add_quiet_flag, add_threads_flag, emit, one_line
+from ..solvers import SolverName
+from ..unlearner import BankShift, HessianKind
+from . import deletion, gate, integrity, requests
+
+__all__ = ["register"]
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("solver", "scaling", "damping", "iter_T", "tol", "curvature_draws", "bank_shift", "hessian")
+    return requests.check_settings({k: getattr(args, k, None) for k in keys})
+
+
+def _num(v: Any, fmt: str) -> str:
+    """A ledger number for display (``n/a`` for a missing or non-finite one, stored as null)."""
+    return "n/a" if not isinstance(v, (int, float)) else format(v, fmt)
+
+
+def _key(args: argparse.Namespace) -> integrity.Key | None:
+    return integrity.resolve_key(getattr(args, "key_file", None))
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    # everything about the request is checked before the folder is touched
+    ids = requests.read_ids(args.ids, max_bytes=args.max_request_bytes)
+    rid = None if args.request_id is None else requests.check_request_id(args.request_id)
+    overrides = _overrides(args)
+    key = _key(args)
+    kwargs = dict(
+        request_id=rid,
+        overrides=overrides,
+        on_failure=args.on_failure,
+        repair_steps=args.repair_steps,
+        key=key,
+        wait=args.wait,
+        threads=args.threads,
+    )
+    if distributed.launched():  # torchrun: all ranks compute, rank 0 commits and prints
+        out = distributed.run_forget(deletion.forget, args.model, ids, **kwargs)
+        if out is None:
+            return ExitCode.OK
+    else:
+        out = deletion.forget(args.model, ids, **kwargs)
+    if args.quiet:
+        return ExitCode.OK
+    rolled = out.recovered.get("rolled_back") or []
+    if rolled:
+        print(
+            f"recovered: rolled back {len(rolled)} uncommitted ledger line(s) from an interrupted request",
+            file=sys.stderr,
+        )
+    e = out.entry
+    if args.json:
+        emit(
+            json.dumps(
+                {"applied": out.applied, "request_id": out.request_id, "ledger_head": out.head, "entry": e}, indent=2
+            )
+        )
+        return ExitCode.OK
+    if not out.applied:
+        emit(
+            f"already applied: request {one_line(out.request_id)} ({len(e.get('ids', []))} ids) is ledger entry "
+            f"{e.get('seq')} from {e.get('time')}; nothing changed\nledger head: {out.head}"
+        )
+        return ExitCode.OK
+    q = out.quality
+    verdict = "quality checks passed"
+    if q.get("repaired"):
+        rep = q.get("repair", {})
+        verdict = (
+            f"quality checks FAILED ({'; '.join(q.get('problems', []))}); repaired by {rep.get('steps')} SG-MCMC steps"
+        )
+    elif not q.get("passed", True):
+        verdict = f"quality checks FAILED, accepted: model DEGRADED ({'; '.join(q.get('problems', []))})"
+    emit(
+        f"applied request {one_line(out.request_id)}: removed {e['n_removed']} ids, {e['n_remaining']} remain; "
+        f"solver {e['solver']} ({e['iterations']} iterations, residual {_num(e['residual'], '.2e')}), "
+        f"shift {_num(e['shift_norm'], '.4g')} ± {_num(e['shift_stderr'], '.2g')}, {e['seconds']:.2f} s; {verdict}; "
+        f"ledger entry {e['seq']}\nledger head: {out.head}"
+    )
+    return ExitCode.OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    st = deletion.status(args.model, key=_key(args), wait=args.wait, threads=args.threads)
+    if args.quiet:
+        return ExitCode.OK
+    if args.json:
+        emit(json.dumps(st, indent=2))
+        return ExitCode.OK
+    last = st["last_request"]
+    signature = {"verified": "verified (HMAC)", "unsigned": "unsigned", "unchecked": "signed, NOT checked (no key)"}
+    lines = [
+        f"model:            {one_line(st['model'])} ({st['model_kind']}, data {st['data_kind']}, "
+        f"format {st['format_version']})",
+        f"examples:         {st['n_remaining']} remaining, {st['n_removed']} removed of {st['n_total']}",
+        f"requests applied: {st['requests_applied']}",
+        "last request:     "
+        + ("none" if last is None else f"{one_line(last['request_id'])} at {last['time']} ({last['n_removed']} ids)"),
+        "last residual:    " + ("n/a" if last is None else f"{_num(last['residual'], '.2e')} ({last['solver']})"),
+        f"bank size:        {st['bank_size']}",
+        f"finite params:    {'yes' if st['params_finite'] else 'NO'}",
+        f"state hash ok:    {'yes' if st['state_hash_ok'] else 'NO'}",
+        f"signature:        {signature.get(st['signature'], st['signature'])}",
+    ]
+    if st["degraded"]:
+        names = ", ".join(f"{one_line(d['request_id'])} (entry {d['seq']})" for d in st["degraded_requests"][:10])
+        lines.append(f"quality:          DEGRADED: committed with failed quality checks: {names}")
+    else:
+        lines.append("quality:          ok (every request passed the quality checks or was repaired)")
+    removed = st["removed_ids"]
+    shown = ", ".join(map(str, removed[:20])) + (f", ... ({len(removed)} in all)" if len(removed) > 20 else "")
+    lines.append(f"removed ids:      {shown or 'none'}")
+    if st["pending_uncommitted_lines"]:
+        lines.append(f"note:             {st['pending_uncommitted_lines']} uncommitted ledger line(s) (interrupted)")
+    lines.append(f"ledger head:      {st['ledger_head']}")
+    emit("\n".join(lines))
+    return ExitCode.OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    res = deletion.verify(
+        args.model, key=_key(args), expect_head=args.expect_head, wait=args.wait, threads=args.threads
+    )
+    if args.json:
+        if not args.quiet:
+            emit(
+                json.dumps(
+                    {
+                        "ok": res.ok,
+                        "problems": res.problems,
+                        "notes": res.notes,
+                        "requests": res.requests,
+                        "ledger_head": res.head,
+                        "signature": res.signature,
+                    }
+                )
+            )
+        return ExitCode.OK if res.ok else ExitCode.VERIFY_FAILED
+    if res.ok:
+        if not args.quiet:
+            sig = {"verified": "; HMAC verified", "unchecked": "; signature NOT checked (no key)"}.get(
+                res.signature, ""
+            )
+            notes = "".join(f"note: {one_line(n)}\n" for n in res.notes)
+            emit(
+                f"{notes}OK: {res.requests} request(s); ledger hash chain intact; state matches the ledger{sig}\n"
+                f"ledger head: {res.head}"
+            )
+        return ExitCode.OK
+    print(f"mcmc-unlearner verify: FAILED: {len(res.problems)} problem(s)", file=sys.stderr)
+    for p in res.problems:
+        print(f"  - {one_line(p)}", file=sys.stderr)
+    return ExitCode.VERIFY_FAILED
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        s = float("nan")
+    if not 0 <= s <= 86400:
+        raise argparse.ArgumentTypeError(f"--wait must be a number of seconds in [0, 86400], got {ascii(value)[:30]}")
+    return s
+
+
+def _positive_int(name: str, hi: int):
+    def parse(value: str) -> int:
+        v = value.strip()
+        if not v.isascii() or not v.isdigit() or len(v) > 12 or not 1 <= int(v) <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number in [1, {hi}], got {ascii(value)[:30]}")
+        return int(v)
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser, wait_default: float, wait_help: str) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder (from demo/bnn --save-model)")
+    p.add_argument(
+        "--key-file",
+        default=None,
+        metavar="FILE",
+        help=f"integrity key (HMAC-SHA256) of a signed folder; default: ${integrity.KEY_ENV} if set",
+    )
+    p.add_argument("--wait", type=_seconds, default=wait_default, metavar="SECONDS", help=wait_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_quiet_flag(p, help="print nothing on stdout; the exit code tells the outcome (errors still go to stderr)")
+    add_threads_flag(p)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``forget``, ``status`` and ``verify``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    f = subparsers.add_parser(
+        "forget",
+        help="apply a deletion request to a saved model (exactly once, only if the removal passes its checks)",
+        description=(
+            "Remove training examples from a saved model. The request is applied exactly once (a rerun is a\n"
+            "no-op) and committed only if the removal passes the quality checks (solver residual within\n"
+            "tolerance, the library's safety check, a finite, non-trivial shift); see --on-failure.\n"
+            "Prints the ledger head hash: record it and check it later with verify --expect-head."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=fmt,
+    )
+    _add_common(
+        f,
+        0.0,
+        "wait up to SECONDS for another process writing to the folder (default 0: exit 3 at once when busy)",
+    )
+    f.add_argument(
+        "--ids",
+        required=True,
+        metavar="FILE|-",
+        help="0-based training-row ids (ASCII digits): text separated by spaces, commas or new lines ('#' comments), "
+        'or JSON [3, 14] / {"ids": [3, 14]}; "-" reads standard input',
+    )
+    f.add_argument(
+        "--request-id",
+        default=None,
+        metavar="ID",
+        help="idempotency key, 1-128 printable ASCII characters (default: SHA-256 of the sorted ids)",
+    )
+    f.add_argument(
+        "--max-request-bytes",
+        type=_positive_int("--max-request-bytes", 1 << 34),
+        default=requests.DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help=f"refuse larger requests before parsing them (default {requests.DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    f.add_argument(
+        "--on-failure",
+        choices=[p.value for p in gate.OnFailure],
+        default=gate.OnFailure.REFUSE.value,
+        help="when the removal fails its quality checks: refuse (default: nothing written, exit 4), accept (commit, "
+        "record the failure, status reports the model as degraded), or repair (commit, then run --repair-steps "
+        "SG-MCMC steps on the remaining data and refresh the sample bank from that chain)",
+    )
+    f.add_argument(
+        "--repair-steps",
+        type=_positive_int("--repair-steps", gate.MAX_REPAIR_STEPS),
+        default=gate.DEFAULT_REPAIR_STEPS,
+        metavar="N",
+        help=f"SG-MCMC steps of --on-failure repair (default {gate.DEFAULT_REPAIR_STEPS}; at least the bank size)",
+    )
+    g = f.add_argument_group("solver settings for this request (validated first; recorded in the ledger)")
+    g.add_argument(
+        "--solver",
+        choices=["auto", *(s.value for s in SolverName)],
+        default=None,
+        help="inverse-Hessian solver (default: the saved one): auto, exact (dense), cg (conjugate gradients), "
+        "lissa (the paper's), lowrank (Lanczos), kfac (Kronecker-factored; BNN models)",
+    )
+    g.add_argument("--scaling", default=None, metavar="S|auto", help="LiSSA scaling s (positive) or 'auto'")
+    g.add_argument(
+        "--damping",
+        default=None,
+        metavar="D|auto",
+        help="added to the Hessian's diagonal: auto (chosen per request by the step control) or a number >= 0",
+    )
+    g.add_argument(
+        "--iter-T", dest="iter_T", default=None, metavar="T", help="LiSSA rounds / CG iteration cap (whole number >= 0)"
+    )
+    g.add_argument("--tol", default=None, metavar="TOL", help="relative residual the solve must reach, in (0, 1)")
+    g.add_argument(
+        "--curvature-draws", default=None, metavar="K", help="posterior draws averaged for the Hessian (>= 1)"
+    )
+    g.add_argument(
+        "--bank-shift",
+        choices=[b.value for b in BankShift],
+        default=None,
+        help="how stored samples move: mean (one common shift), sample (per-sample), affine (exact solver only)",
+    )
+    g.add_argument(
+        "--hessian",
+        choices=[h.value for h in HessianKind],
+        default=None,
+        help="Newton step on the remaining-data energy (remaining, default) or the full-data one (full, the paper's)",
+    )
+    f.set_defaults(func=_cmd_forget)
+
+    s = subparsers.add_parser(
+        "status",
+        help="what a saved model has forgotten, whether it is healthy or degraded, and its ledger head",
+        description="Summarise a saved model (read-only, no lock: one consistent snapshot).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=fmt,
+    )
+    _add_common(s, 10.0, "keep retrying up to SECONDS while writers commit (default 10; then exit 3)")
+    s.set_defaults(func=_cmd_status)
+
+    v = subparsers.add_parser(
+        "verify",
+        help="re-check a saved model's ledger against its stored state (and an expected head)",
+        description=(
+            "Re-check the folder on one consistent snapshot: manifest checksum and HMAC, state file hash,\n"
+            "ledger hash chain and head, the state against the ledger's removals. Exit 0 if intact, 1 if not."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=fmt,
+    )
+    _add_common(v, 10.0, "keep retrying up to SECONDS while writers commit (default 10; then exit 3)")
+    v.add_argument(
+        "--expect-head",
+        default=None,
+        metavar="HASH",
+        help="a ledger head recorded earlier (64 hex digits from forget/status): fail unless it is the current head "
+        "or an earlier committed line (detects a rollback of the whole folder)",
+    )
+    v.set_defaults(func=_cmd_verify)

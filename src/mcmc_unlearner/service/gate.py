@@ -1,0 +1,172 @@
+"""The quality gate of the deletion service: a request is committed as applied only if the removal worked.
+
+Checks (:func:`quality_problems`), all on the removal computed in memory before anything is written:
+
+1. the library's verdict, ``RemovalReport.problems`` (:func:`mcmc_unlearner.unlearner.quality_problems`): the
+   solve of ``(H + λI)x = G`` met its tolerance (``converged``), the step passed the safety check on the
+   remaining-data energy, and the shift is finite and not made by the damping alone;
+2. the shift is not below the parameters' floating-point resolution when the removed points carry
+   information: a non-zero shift ``x`` with ``‖x‖ < ε_dtype · max(‖θ‖, 1)`` changes nothing (e.g. a fixed
+   ``--damping 1e12`` shrinks ``x`` to about ``G/10¹²``).
+
+The policy for a removal that fails (:class:`OnFailure`, ``--on-failure``):
+
+* ``refuse`` (default): nothing is written; :class:`QualityGateError` (CLI exit code 4) names what failed.
+* ``accept``: commit anyway and record the failed checks in the ledger entry (``quality.passed = false``);
+  ``status`` then reports the model as degraded, naming the requests.
+* ``repair``: commit the removal followed by a bounded SG-MCMC run on the remaining data with the saved
+  sampler (:func:`repair_chain`): the chain continues from the unlearned state for ``--repair-steps`` steps
+  and the sample bank is replaced by the last ``S`` thinned samples of the run's second half, so the
+  posterior samples come from the chain on the remaining data. What can be re-checked is re-checked
+  (finite chain and bank; the remaining-data NLL of the bank before and after) and recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+
+from ..curvature import ParamSpec
+from ..data import RemovableDataset
+from ..errors import UnlearningError, all_finite
+from ..samplers import run_chain
+from ..unlearner import MCMCUnlearner, RemovalReport, _evenly
+
+__all__ = [
+    "DEFAULT_REPAIR_STEPS",
+    "OnFailure",
+    "QualityGateError",
+    "apply_removal",
+    "quality_problems",
+    "repair_chain",
+]
+
+DEFAULT_REPAIR_STEPS = 1000
+MAX_REPAIR_STEPS = 10**7
+
+
+class OnFailure(str, Enum):
+    """What to do with a removal that fails the quality checks (shared by the API and ``--on-failure``)."""
+
+    REFUSE = "refuse"
+    REPAIR = "repair"
+    ACCEPT = "accept"
+
+
+class QualityGateError(UnlearningError):
+    """The removal failed the quality checks and the policy is ``refuse``: nothing was written.
+
+    Attributes:
+        problems: The failed checks.
+        report: The removal's :class:`~mcmc_unlearner.unlearner.RemovalReport`.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = (), report: RemovalReport | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+        self.report = report
+
+
+def apply_removal(un: MCMCUnlearner, ids: Sequence[int], data: Any) -> RemovalReport:
+    """Apply a removal to the live objects in memory and return its report, whether it passed or not.
+
+    ``un.forget(ids, data, strict=False)``: the library computes the removal and its checks
+    (``report.problems``) and applies it even when a check failed; the service's policy decides what is
+    committed. Works for :class:`~mcmc_unlearner.distributed.DistributedUnlearner` alike.
+    """
+    return un.forget(ids, data, strict=False)
+
+
+def quality_problems(report: RemovalReport, un: MCMCUnlearner, theta: torch.Tensor) -> list[str]:
+    """The failed quality checks of a removal (empty: passed); see the module docstring.
+
+    Args:
+        report: The removal's report (its ``problems`` are the library's verdict).
+        un: The unlearner that computed it (its ``tol``).
+        theta: The live parameters before the removal (for the resolution check).
+    """
+    problems = [str(p) for p in report.problems]
+    res = float(report.residual)
+    unmet = not report.converged or not math.isfinite(res) or res > un.tol  # the target: never above tol
+    if unmet and not any("solve" in p and "residual" in p for p in problems):
+        problems.append(
+            f"the {report.solver} solve stopped at relative residual {res:.3g} > tol {un.tol:g} after "
+            f"{report.iterations} iterations: raise --iter-T or use --solver auto"
+        )
+    shift = float(report.shift_norm)
+    if math.isfinite(shift):
+        eps = torch.finfo(theta.dtype).eps if theta.is_floating_point() else 0.0
+        scale = max(float(theta.double().norm()), 1.0)
+        if 0.0 < shift < eps * scale:
+            problems.append(
+                f"the shift {shift:.2g} is below the parameters' floating-point resolution ({eps * scale:.2g}): the "
+                f"removal changes nothing (damping {float(report.damping):g}); lower the damping or use --damping auto"
+            )
+    elif not any("not finite" in p for p in problems):
+        problems.append("the shift is not finite")
+    return problems
+
+
+def _mean_nll(un: MCMCUnlearner, thetas: torch.Tensor, data: RemovableDataset, rows: int = 2000) -> float:
+    """Mean per-row NLL of the first ``rows`` remaining rows, averaged over ``thetas`` (no state changes)."""
+    ids = data.remaining_ids[:rows]
+    batch = data.get(ids)
+    saved = ParamSpec.flatten_module(un.model)
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for th in thetas:
+                ParamSpec.assign(un.model, th)
+                total += float(un.nll(un.model, batch).double().mean())
+    finally:
+        ParamSpec.assign(un.model, saved)
+    return total / max(1, thetas.shape[0])
+
+
+def repair_chain(
+    un: MCMCUnlearner, sampler: torch.optim.Optimizer | None, data: RemovableDataset, steps: int
+) -> dict[str, Any]:
+    """Bounded SG-MCMC on the remaining data after a removal; refreshes the sample bank from the chain.
+
+    The chain continues from the unlearned live state with the saved sampler for ``steps`` steps on the
+    energy of the remaining ``n`` points. With a bank of ``S`` samples, every ``k = max(1, ⌊steps/2⌋ // S)``-th
+    state is kept and the last ``S`` kept states (the run's second half) replace the bank.
+
+    Returns:
+        The record stored in the ledger: steps, seconds, kept samples, remaining-data NLL of the bank before
+        and after (first 2,000 remaining rows, up to 16 bank samples), and ``ok`` (chain and bank finite).
+
+    Raises:
+        UnlearningError: No sampler was saved, or ``steps`` is smaller than the bank.
+    """
+    if sampler is None:
+        raise UnlearningError(
+            "--on-failure repair needs the model's SG-MCMC sampler, and this model was saved without one; "
+            "use --on-failure refuse or accept"
+        )
+    bank = un.bank
+    size = 0 if bank is None else int(bank.shape[0])
+    if steps < max(1, size):
+        raise UnlearningError(f"--repair-steps {steps} is below the bank size {size}; use at least {size}")
+    t0 = time.perf_counter()
+    n = len(data)
+    probe = None if bank is None else bank[_evenly(size, 16)]
+    nll_before = None if probe is None else _mean_nll(un, probe, data)
+    keep = max(1, (steps // 2) // max(1, size))
+    kept = run_chain(un.model, sampler, data, un.energy, steps, n, keep_every=keep if size else 0)
+    record: dict[str, Any] = {"steps": int(steps), "keep_every": keep if size else 0}
+    if size:
+        assert kept is not None
+        un.bank = kept[-size:].detach().clone().to(bank.dtype)
+        record["bank_refreshed"] = size
+        record["nll_before"] = nll_before
+        record["nll_after"] = _mean_nll(un, un.bank[_evenly(size, 16)], data)
+    live = ParamSpec.flatten_module(un.model)
+    record["ok"] = bool(all_finite(live) and (un.bank is None or all_finite(un.bank)))
+    record["seconds"] = time.perf_counter() - t0
+    return record

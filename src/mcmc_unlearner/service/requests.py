@@ -1,0 +1,314 @@
+"""Deletion requests as they arrive: ids (file, stdin or JSON), request ids and per-request solver settings.
+
+Everything here is checked **before** the model folder is touched, and every refusal is an
+:class:`~mcmc_unlearner.errors.InvalidRequestError` whose message names the problem and the fix.
+
+* **Ids** are 0-based training-row numbers written in ASCII digits (``0``–``9``; no signs, no Unicode digits,
+  no underscores), below 2^63. Text requests separate them by ASCII whitespace or commas (``#`` starts a
+  comment); JSON requests are a list or ``{"ids": [...]}`` — no other keys, no duplicate keys, nesting at
+  most two levels. The size is checked before anything is parsed (``max_bytes``).
+* **Request ids** are 1–128 printable ASCII characters without leading or trailing spaces (so echoing them
+  cannot move the cursor or fake output).
+* **Settings** (:func:`check_settings`) are validated with messages naming the fix: ``damping`` ``"auto"``
+  or finite and ``>= 0``; ``tol`` finite in ``(0, 1)``; ``iter_T`` a whole number in ``[0, 10^6]``;
+  ``curvature_draws`` in ``[1, 10^5]``; ``scaling`` ``"auto"`` or finite ``> 0``; solver, Hessian and bank
+  shift from their enums.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from ..solvers import SolverName
+from ..unlearner import BankShift, HessianKind
+from .ledger import strict_loads
+
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "MAX_ID",
+    "MAX_REQUEST_ID_LENGTH",
+    "check_request_id",
+    "check_settings",
+    "parse_ids",
+    "parse_ids_file",
+    "read_ids",
+]
+
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20  # 16 MiB: about two million ids
+MAX_ID = 2**63 - 1
+MAX_REQUEST_ID_LENGTH = 128
+_SEP = re.compile(r"[ \t\n\r\f\v,]+")
+_DIGITS = re.compile(r"[0-9]+")
+_REQUEST_ID = re.compile(r"[!-~](?:[ -~]*[!-~])?")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def _show(text: str, n: int = 40) -> str:
+    """A short, ASCII-only, quoted rendering of untrusted text (control characters escaped)."""
+    return ascii(text[:n]) + ("..." if len(text) > n else "")
+
+
+def _to_id(tok: str, where: str) -> int:
+    if not _DIGITS.fullmatch(tok):
+        raise InvalidRequestError(
+            f"{where}: {_show(tok)} is not an id; ids are 0-based row numbers written with the ASCII digits 0-9"
+        )
+    if len(tok.lstrip("0")) > 19 or int(tok) > MAX_ID:
+        raise InvalidRequestError(f"{where}: id {_show(tok, 24)} is too large; ids are row numbers below 2^63")
+    return int(tok)
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of JSON text, strings skipped (vectorised: no recursion, linear time)."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = (np.isin(bare, (ord("["), ord("{")))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _parse_json(raw: bytes, source: str) -> list[int]:
+    if _json_depth(raw) > 2:
+        raise InvalidRequestError(f'{source}: JSON nested too deeply; write a list [1, 2] or {{"ids": [1, 2]}}')
+    try:
+        obj = strict_loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"{source} is not UTF-8 text; write the ids as text or JSON") from None
+    except ValueError as exc:
+        msg = getattr(exc, "msg", None) or str(exc)
+        line = getattr(exc, "lineno", None)
+        at = f" at line {line}" if line else ""
+        if "Exceeds the limit" in msg or "integer string conversion" in msg:
+            raise InvalidRequestError(f"{source}: an id is too large; ids are row numbers below 2^63") from None
+        raise InvalidRequestError(f"{source} is not valid JSON ({ascii(msg)[1:-1][:80]}{at}); fix it") from None
+    if isinstance(obj, dict):
+        extra = sorted(k for k in obj if k != "ids")
+        if extra:
+            raise InvalidRequestError(
+                f'{source}: unknown key(s) {_show(", ".join(extra), 60)}; a JSON request holds only "ids"'
+            )
+        if "ids" not in obj:
+            raise InvalidRequestError(f'{source}: a JSON object must hold the ids under "ids"')
+        obj = obj["ids"]
+    if not isinstance(obj, list):
+        raise InvalidRequestError(f"{source}: ids must be a JSON list of integers")
+    out = []
+    for v in obj:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidRequestError(f"{source}: id {_show(repr(v))} is not an integer; ids are 0-based row numbers")
+        if v < 0:
+            raise InvalidRequestError(f"{source}: id {v} is negative; ids are 0-based row numbers")
+        if v > MAX_ID:
+            raise InvalidRequestError(f"{source}: id {_show(str(v), 24)} is too large; ids are row numbers below 2^63")
+        out.append(v)
+    return out
+
+
+def parse_ids(text: str | bytes, source: str = "request") -> list[int]:
+    """Parse a deletion request: a JSON list / ``{"ids": [...]}``, or ids separated by whitespace/commas/lines.
+
+    Raises:
+        InvalidRequestError: Empty, not UTF-8, malformed or too deeply nested JSON, duplicate or extra JSON keys,
+            or any id that is not ASCII digits below 2^63.
+    """
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    body = raw.strip(b" \t\n\r\f\v")
+    if not body:
+        raise InvalidRequestError(f"{source} is empty: list at least one training-example id")
+    if body[:1] in (b"[", b"{"):
+        ids = _parse_json(body, source)
+    else:
+        try:
+            decoded = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError(f"{source} is not UTF-8 text; write the ids as text or JSON") from None
+        ids = []
+        for lineno, line in enumerate(decoded.split("\n"), start=1):
+            for tok in _SEP.split(line.split("#", 1)[0]):
+                if tok:
+                    ids.append(_to_id(tok, f"{source} line {lineno}"))
+    if not ids:
+        raise InvalidRequestError(f"{source} is empty: list at least one training-example id")
+    return ids
+
+
+def _read_limited(stream: BinaryIO, max_bytes: int, source: str) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = stream.read(min(1 << 20, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise InvalidRequestError(
+                f"{source} is larger than {max_bytes} bytes; split the request or raise --max-request-bytes"
+            )
+
+
+def read_ids(
+    path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES, stdin: BinaryIO | None = None
+) -> list[int]:
+    """Read and parse the ids of a request from a file, or from standard input when ``path`` is ``"-"``.
+
+    The size is checked before parsing (a regular file by its size, stdin while reading). Only regular files
+    are read (a FIFO would block; use ``-`` for pipes).
+
+    Raises:
+        InvalidRequestError: Missing, not a regular file, too large, or malformed (see :func:`parse_ids`).
+    """
+    if str(path) == "-":
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        return parse_ids(_read_limited(stream, max_bytes, "standard input"), "standard input")
+    p = Path(path)
+    shown = _show(str(p), 120)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise InvalidRequestError(
+            f"ids file {shown} not found; pass --ids FILE with one id per line or a JSON list (or --ids - for stdin)"
+        ) from None
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read ids file {shown}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidRequestError(f"ids file {shown} is not a regular file; to pipe ids in, use --ids -")
+    if st.st_size > max_bytes:
+        raise InvalidRequestError(
+            f"ids file {shown} has {st.st_size} bytes, more than --max-request-bytes {max_bytes}; split the request "
+            "or raise the limit"
+        )
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read ids file {shown}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InvalidRequestError(f"ids file {shown} is not a regular file; to pipe ids in, use --ids -")
+        raw = _read_limited(f, max_bytes, f"ids file {shown}")
+    return parse_ids(raw, f"ids file {shown}")
+
+
+def parse_ids_file(path: str | os.PathLike) -> list[int]:
+    """Read and parse a request file (:func:`read_ids` with the default size limit)."""
+    return read_ids(path)
+
+
+def check_request_id(rid: object) -> str:
+    """Return ``rid`` if it is a valid request id (1–128 printable ASCII, no outer spaces), else refuse it."""
+    if not isinstance(rid, str) or not rid:
+        raise InvalidRequestError("--request-id is empty; give a non-empty id such as ticket-0001")
+    if len(rid) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidRequestError(
+            f"--request-id has {len(rid)} characters; use at most {MAX_REQUEST_ID_LENGTH} (e.g. a ticket number)"
+        )
+    if not _REQUEST_ID.fullmatch(rid):
+        raise InvalidRequestError(
+            f"--request-id {_show(rid)} must be printable ASCII without control characters or outer spaces "
+            "(e.g. ticket-0001)"
+        )
+    return rid
+
+
+# ---------------------------------------------------------------------------------------------- settings
+MAX_ITER_T = 10**6
+MAX_DRAWS = 10**5
+
+
+def _number(name: str, value: Any, fix: str) -> float:
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be a number, got {_show(repr(value))}; {fix}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequestError(f"{name} must be a number, got {_show(str(value))}; {fix}") from None
+    if not math.isfinite(x):
+        raise InvalidRequestError(f"{name} must be finite, got {_show(str(value))}; {fix}")
+    return x
+
+
+def _whole(name: str, value: Any, lo: int, hi: int, fix: str) -> int:
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be a whole number, got {_show(repr(value))}; {fix}")
+    if isinstance(value, int):
+        k = value
+    elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,12}", value.strip()):
+        k = int(value)
+    elif isinstance(value, float) and value.is_integer() and abs(value) < 1e12:
+        k = int(value)
+    else:
+        raise InvalidRequestError(f"{name} must be a whole number, got {_show(str(value))}; {fix}")
+    if not lo <= k <= hi:
+        raise InvalidRequestError(f"{name} must be between {lo} and {hi}, got {k}; {fix}")
+    return k
+
+
+def _choice(name: str, value: Any, enum: Any, extra: tuple[str, ...] = ()) -> str:
+    allowed = [*extra, *(e.value for e in enum)]
+    v = value.value if hasattr(value, "value") else value
+    if v not in allowed:
+        raise InvalidRequestError(f"{name} must be one of {', '.join(allowed)}, got {_show(str(v))}")
+    return str(v)
+
+
+def check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate per-request solver settings before any work; returns them normalised (numbers as numbers).
+
+    Known keys are checked here with messages naming the fix; other unlearner options are passed on and
+    checked by :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` itself.
+
+    Raises:
+        InvalidRequestError: A setting is out of range or of the wrong type.
+    """
+    out: dict[str, Any] = {}
+    for key, value in dict(overrides or {}).items():
+        if value is None:
+            continue
+        if key == "damping":
+            if value == "auto":
+                out[key] = "auto"
+                continue
+            d = _number("--damping", value, "use 'auto' (chosen per request), 0, or a small positive value")
+            if d < 0:
+                raise InvalidRequestError(
+                    f"--damping must be 'auto' or >= 0, got {d:g}; negative damping makes the curvature indefinite: "
+                    "use auto (chosen per request) or a small positive value"
+                )
+            out[key] = d
+        elif key == "tol":
+            t = _number("--tol", value, "use a relative residual tolerance such as 1e-4")
+            if not 0 < t < 1:
+                raise InvalidRequestError(
+                    f"--tol must be in (0, 1), got {t:g}: it is the relative residual the solve must reach; "
+                    "use e.g. 1e-4"
+                )
+            out[key] = t
+        elif key == "iter_T":
+            out[key] = _whole("--iter-T", value, 0, MAX_ITER_T, "use e.g. 100 (LiSSA rounds / CG iterations)")
+        elif key == "curvature_draws":
+            out[key] = _whole("--curvature-draws", value, 1, MAX_DRAWS, "use e.g. 16 (posterior draws averaged for H)")
+        elif key == "scaling":
+            if value == "auto":
+                out[key] = "auto"
+            else:
+                s = _number("--scaling", value, "use 'auto' or a positive number")
+                if s <= 0:
+                    raise InvalidRequestError(f"--scaling must be 'auto' or a positive number, got {s:g}")
+                out[key] = s
+        elif key == "solver":
+            out[key] = _choice("--solver", value, SolverName, ("auto",))
+        elif key == "bank_shift":
+            out[key] = _choice("--bank-shift", value, BankShift)
+        elif key == "hessian":
+            out[key] = _choice("--hessian", value, HessianKind)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,257 @@
+"""What a state file holds and how it is read back: tensors of chain, sampler, bank, data state, unlearner.
+
+A state file ``state-<k>.safetensors`` holds every tensor of a saved model: the model's ``state_dict``
+(``model/<name>``), the sample bank (``bank``), the remaining-data mask and shuffling state (``data/alive``,
+``data/order``, ``data/pos``, ``data/generator``), the sampler's tensors (``sampler/state/<i>/<key>``, e.g.
+SGHMC momentum, and ``sampler/generator``), the unlearner's generator (``unlearner/generator``) and cached
+curvature (``unlearner/...``). Non-tensor configuration (sampler hyper-parameters, unlearner settings) goes
+into the manifest as JSON (:func:`unlearner_config`, :func:`sampler_config`). No pickle anywhere.
+
+:func:`model_digest` is the model's identity in the ledger: SHA-256 over the flat parameters, the bank and the
+remaining-data mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ..curvature import ParamSpec
+from ..data import RemovableDataset
+from ..samplers import SGHMC, SGLD
+from ..unlearner import MCMCUnlearner, _default_nll
+from . import fsio, specs
+from .fsio import StoreError
+
+__all__ = [
+    "DATA_FILE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "STATE_RE",
+    "model_digest",
+    "read_tensors",
+    "read_torch_checkpoint",
+    "tensors_digest",
+    "unlearner_config",
+]
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "mcmc-unlearner-model"
+DATA_FILE = "data.safetensors"
+STATE_RE = re.compile(r"state-[0-9]{6,}\.safetensors")
+_SAMPLERS: dict[str, type[torch.optim.Optimizer]] = {"SGLD": SGLD, "SGHMC": SGHMC}
+
+
+# ---------------------------------------------------------------------------------------------- digests
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().numpy().tobytes()
+
+
+def tensors_digest(named: Sequence[tuple[str, torch.Tensor | None]]) -> str:
+    """SHA-256 over named tensors: for each, ``name|dtype|shape|`` followed by the raw little-endian bytes.
+
+    ``None`` entries are hashed as ``name|none|``.
+    """
+    h = hashlib.sha256()
+    for name, t in named:
+        if t is None:
+            h.update(f"{name}|none|".encode())
+            continue
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def model_digest(model: nn.Module, bank: torch.Tensor | None, alive: torch.Tensor) -> str:
+    """The model's identity in the ledger: SHA-256 of flat parameters, sample bank and remaining-data mask."""
+    return tensors_digest([("params", ParamSpec.flatten_module(model)), ("bank", bank), ("alive", alive)])
+
+
+def data_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+    return tensors_digest([(str(i), t) for i, t in enumerate(tensors)])
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a legacy ``torch.save`` file safely (``weights_only=True``: tensors and plain containers only)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise StoreError(
+            f"{path}: not a weights-only torch checkpoint ({type(exc).__name__}); arbitrary pickles are refused: "
+            "re-export the tensors with safetensors"
+        ) from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def parse_tensors(raw: bytes, where: Path) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise StoreError(f"{where} is not a readable safetensors file ({exc}); restore it from a backup") from None
+
+
+def read_tensors(root: Path, name: str) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """Read and parse the safetensors file ``root/name`` (confined, regular file)."""
+    try:
+        raw = fsio.read_regular(root, name, what="tensor file")
+    except FileNotFoundError:
+        raise StoreError(
+            f"{root / name} is missing: the model folder is incomplete; restore it from a backup"
+        ) from None
+    return raw, parse_tensors(raw, root / name)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
+    """The JSON configuration that rebuilds ``un`` (callables must be the defaults)."""
+    return specs.json_ok(un.config(), "unlearner configuration")
+
+
+def _constructor_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored unlearner configuration as constructor arguments, including ones written by earlier versions:
+    options the constructor no longer takes are dropped, and so are ``None`` values of options whose default
+    is not ``None`` (e.g. ``check_draws``, whose meaning changed), which then take their current default."""
+    params = inspect.signature(MCMCUnlearner.__init__).parameters
+    out = {}
+    for k, v in config.items():
+        p = params.get(k)
+        if p is None or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or k in ("model", "sampler", "bank"):
+            continue
+        if v is None and p.default is not None:
+            continue
+        out[k] = v
+    return out
+
+
+def sampler_config(sampler: torch.optim.Optimizer | None) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    if sampler is None:
+        return None, {}
+    name = type(sampler).__name__
+    if name not in _SAMPLERS or type(sampler) is not _SAMPLERS[name]:
+        raise StoreError(f"cannot save sampler {name}: only {', '.join(_SAMPLERS)} are supported")
+    sd = sampler.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"sampler/state/{idx}/{key}"] = val
+            else:
+                plain.setdefault(str(idx), {})[key] = val
+    gen = getattr(sampler, "generator", None)
+    if gen is not None:
+        tensors["sampler/generator"] = gen.get_state()
+    cfg = {"name": name, "param_groups": sd["param_groups"], "state": plain, "generator": gen is not None}
+    return specs.json_ok(cfg, "sampler configuration"), tensors
+
+
+def state_tensors(
+    model: nn.Module, sampler: torch.optim.Optimizer | None, data: RemovableDataset, un: MCMCUnlearner
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.state_dict().items()}
+    if un.bank is not None:
+        out["bank"] = un.bank
+    ds = data.state_dict()
+    out["data/alive"] = ds["alive"]
+    out["data/order"] = ds["order"]
+    out["data/pos"] = ds["pos"].reshape(1).to(torch.int64)
+    out["data/generator"] = ds["generator"]
+    out.update(sampler_config(sampler)[1])
+    out["unlearner/generator"] = un.generator.get_state()
+    out.update({f"unlearner/{k}": v for k, v in un.curvature_state()[0].items()})
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def state_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    # one metadata key only: safetensors writes a multi-key metadata map in hash order (not reproducible)
+    return st_save(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
+
+
+def check_saveable(model: nn.Module, sampler: torch.optim.Optimizer | None, un: MCMCUnlearner) -> None:
+    if un.model is not model:
+        raise StoreError("the unlearner drives a different model object than `model`; pass the same model")
+    if sampler is not None and un.sampler is not None and un.sampler is not sampler:
+        raise StoreError("the unlearner drives a different sampler than `sampler`; pass the same sampler")
+    if un.nll is not _default_nll:
+        raise StoreError("cannot save an unlearner with a custom nll callable; give the model an nll() method")
+    if getattr(un.energy, "__func__", None) is not MCMCUnlearner._default_energy:
+        raise StoreError("cannot save an unlearner with a custom energy callable; use the default energy")
+
+
+def state_name(seq: int) -> str:
+    return f"state-{seq:06d}.safetensors"
+
+
+def is_state_file(name: str) -> bool:
+    return STATE_RE.fullmatch(name) is not None
+
+
+# ---------------------------------------------------------------------------------------------- rebuild
+def rebuild_sampler(
+    model: nn.Module, cfg: Mapping[str, Any] | None, tensors: Mapping[str, torch.Tensor]
+) -> torch.optim.Optimizer | None:
+    if cfg is None:
+        return None
+    cls = _SAMPLERS.get(cfg.get("name"))
+    if cls is None:
+        raise StoreError(f"unknown sampler {ascii(cfg.get('name'))[:40]} in manifest; known: {', '.join(_SAMPLERS)}")
+    group = cfg["param_groups"][0]
+    hyper = {k: group[k] for k in ("lr", "alpha") if k in group}
+    gen = torch.Generator()
+    if "sampler/generator" in tensors:
+        gen.set_state(tensors["sampler/generator"])
+    sampler = cls(list(model.parameters()), generator=gen, **hyper)
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if key.startswith("sampler/state/"):
+            _, _, idx, name = key.split("/", 3)
+            state.setdefault(int(idx), {})[name] = val
+    for idx, extra in (cfg.get("state") or {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    try:
+        sampler.load_state_dict({"state": state, "param_groups": copy.deepcopy(cfg["param_groups"])})
+    except (ValueError, KeyError) as exc:
+        raise StoreError(f"sampler state does not fit the model: {exc}") from None
+    return sampler
+
+
+def rebuild_unlearner(
+    model: nn.Module,
+    sampler: torch.optim.Optimizer | None,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    ustate: Mapping[str, Any],
+) -> MCMCUnlearner:
+    """The unlearner of a saved model: configuration, bank, generator and cached curvature.
+
+    Cached curvature written by an earlier version that the current backends cannot read is dropped (it is a
+    cache: the next request rebuilds it).
+    """
+    try:
+        un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **_constructor_config(config))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"unlearner configuration is invalid: {exc}") from None
+    un.generator.set_state(tensors["unlearner/generator"])
+    prefix = "unlearner/"
+    curv = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k != "unlearner/generator"}
+    try:
+        un.load_curvature_state(curv, dict(ustate))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+        un.reset_curvature()
+    return un

@@ -1,0 +1,229 @@
+"""The quality gate: no request is recorded as applied unless the removal worked; refuse / accept / repair."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import folder_state, save_gmm, tiny_gmm
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.cli import main
+from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.errors import InvalidRequestError, SolverDivergedError, UnlearningError
+from mcmc_unlearner.samplers import run_chain
+from mcmc_unlearner.service.checkpoint import load_model
+from mcmc_unlearner.service.deletion import forget, status, verify
+from mcmc_unlearner.service.gate import QualityGateError, apply_removal, quality_problems
+from mcmc_unlearner.unlearner import RemovalReport
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return save_gmm(tmp_path_factory.mktemp("gate") / "m", tiny_gmm())
+
+
+@pytest.fixture
+def model(template, tmp_path) -> Path:
+    dst = tmp_path / "m"
+    shutil.copytree(template, dst)
+    return dst
+
+
+def _ids(tmp_path: Path, text: str = "3 14 15") -> str:
+    p = tmp_path / "ids.txt"
+    p.write_text(text)
+    return str(p)
+
+
+def _report(**kw) -> RemovalReport:
+    base = dict(
+        n_removed=1, n_remaining=9, solver="cg", iterations=5, residual=1e-6, converged=True, shift_norm=0.1,
+        shift_stderr=0.01, seconds=0.0, n_draws=4, n_curvature_draws=4, bank_size=4, expectation="bank",
+        hessian="remaining", bank_shift="mean",
+    )  # fmt: skip
+    base.update(kw)
+    return RemovalReport(**base)
+
+
+def test_quality_checks_unit():
+    model, sampler, _, _ = tiny_gmm(bank=2, burn=1)
+    un = MCMCUnlearner(model, sampler, tol=1e-4)
+    theta = torch.full((8,), 10.0)  # ‖θ‖ ≈ 28: float32 resolution 28 · 1.19e-7 ≈ 3.4e-6
+    assert quality_problems(_report(), un, theta) == []
+    assert quality_problems(_report(shift_norm=0.0, shift_stderr=0.0), un, theta) == []  # G = 0: nothing to move
+    assert "relative residual 0.002 > tol 0.0001" in quality_problems(_report(residual=2e-3), un, theta)[0]
+    assert "residual" in quality_problems(_report(converged=False), un, theta)[0]
+    assert "residual nan" in quality_problems(_report(residual=float("nan")), un, theta)[0]
+    assert "not finite" in quality_problems(_report(shift_norm=float("inf")), un, theta)[0]
+    (p,) = quality_problems(_report(shift_norm=3e-6), un, theta)
+    assert "floating-point resolution" in p and "--damping" in p
+    assert quality_problems(_report(shift_norm=4e-6), un, theta) == []
+    # the library's own verdict is passed through first
+    rep = _report(residual=1.0)
+    rep.problems = ["safety check failed: the remaining-data energy rose"]
+    got = quality_problems(rep, un, theta)
+    assert got[0] == "safety check failed: the remaining-data energy rose" and "residual" in got[1]
+
+
+FAILING = [
+    (["--solver", "cg", "--bank-shift", "mean", "--iter-T", "0"], "the cg solve stopped at relative residual 1 > tol"),
+    (["--damping", "1e12"], "floating-point resolution"),
+    (["--solver", "lissa", "--iter-T", "3", "--tol", "1e-6"], "the lissa solve stopped at relative residual"),
+]
+
+
+@pytest.mark.parametrize(("opts", "match"), FAILING, ids=["cg-iter-T-0", "damping-1e12", "lissa-3-rounds"])
+def test_failed_removal_refused_unchanged_and_can_be_redone(model, tmp_path, capsys, opts, match):
+    before = folder_state(model)
+    rc = main(["forget", "--model", str(model), "--ids", _ids(tmp_path), *opts])
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert err.count("\n") == 1 and match in err and "nothing was written" in err and "--on-failure" in err
+    assert folder_state(model) == before
+    # the request was not recorded: resubmitted with working settings it is applied, not "already applied"
+    assert main(["forget", "--model", str(model), "--ids", _ids(tmp_path)]) == 0
+    assert "applied request" in capsys.readouterr().out
+    (e,) = load_model(model).requests
+    assert e["quality"] == {"passed": True, "problems": [], "policy": "refuse"}
+    assert e["residual"] <= e["config"]["tol"] and e["converged"]
+
+
+def test_python_api_raises_quality_gate_error(model):
+    before = folder_state(model)
+    with pytest.raises(QualityGateError) as info:
+        forget(model, [3, 4], overrides={"damping": 1e12})
+    assert any("floating-point resolution" in p for p in info.value.problems)
+    assert info.value.report is not None and info.value.report.shift_norm < 1e-9
+    assert folder_state(model) == before
+
+
+def test_accept_commits_and_status_reports_degraded(model, tmp_path, capsys):
+    rc = main(["forget", "--model", str(model), "--ids", _ids(tmp_path), "--damping", "1e12", "--on-failure", "accept"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "quality checks FAILED, accepted: model DEGRADED" in out
+    (e,) = load_model(model).requests
+    assert e["quality"]["passed"] is False and e["quality"]["policy"] == "accept"
+    assert any("floating-point resolution" in p for p in e["quality"]["problems"])
+    st_ = status(model)
+    assert st_["degraded"] and [d["request_id"] for d in st_["degraded_requests"]] == [e["request_id"]]
+    assert main(["status", "--model", str(model)]) == 0
+    assert f"DEGRADED: committed with failed quality checks: {e['request_id']} (entry 1)" in capsys.readouterr().out
+    res = verify(model)
+    assert res.ok and any("degraded" in n for n in res.notes)
+    # a later request that passes does not hide the degraded one
+    forget(model, [20])
+    assert status(model)["degraded"]
+
+
+def test_repair_runs_sgmcmc_and_refreshes_the_bank_exactly(model, tmp_path, capsys):
+    """The repaired state equals: the (failed) removal applied in memory, then `steps` steps of the saved sampler on
+    the remaining data, keeping every k-th state; the bank is the last S kept states."""
+    ref = load_model(model)
+    un = ref.unlearner.__class__(ref.model, ref.sampler, bank=ref.unlearner.bank, **{**_cfg(ref), "damping": 1e12})
+    un.generator.set_state(ref.unlearner.generator.get_state())
+    apply_removal(un, [3, 14, 15], ref.data)
+    steps, size = 200, ref.unlearner.bank.shape[0]
+    kept = run_chain(ref.model, ref.sampler, ref.data, un.energy, steps, len(ref.data), keep_every=(steps // 2) // size)
+    opts = ["--damping", "1e12", "--on-failure", "repair", "--repair-steps", str(steps)]
+    rc = main(["forget", "--model", str(model), "--ids", _ids(tmp_path), *opts])
+    assert rc == 0 and "repaired by 200 SG-MCMC steps" in capsys.readouterr().out
+    lm = load_model(model)
+    assert torch.equal(lm.unlearner.bank, kept[-size:])
+    assert torch.equal(ParamSpec.flatten_module(lm.model), ParamSpec.flatten_module(ref.model))
+    (e,) = lm.requests
+    q = e["quality"]
+    assert q["passed"] and q["repaired"] and q["policy"] == "repair"
+    assert any("floating-point resolution" in p for p in q["problems"])
+    assert q["repair"]["steps"] == steps and q["repair"]["bank_refreshed"] == size and q["repair"]["ok"]
+    assert q["repair"]["nll_before"] > 0 and q["repair"]["nll_after"] > 0
+    assert not status(model)["degraded"] and verify(model).ok
+
+
+def _cfg(loaded):
+    from mcmc_unlearner.service.state import unlearner_config
+
+    return unlearner_config(loaded.unlearner)
+
+
+def test_repair_refusals(model, tmp_path, capsys):
+    before = folder_state(model)
+    args = ["forget", "--model", str(model), "--ids", _ids(tmp_path), "--damping", "1e12", "--on-failure", "repair"]
+    assert main([*args, "--repair-steps", "5"]) == 2
+    assert "below the bank size 20" in capsys.readouterr().err
+    assert main([*args, "--repair-steps", "0"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert folder_state(model) == before
+    # a model saved without a sampler cannot be repaired
+    m, _, data, un = tiny_gmm(bank=4, burn=20)
+    bare = MCMCUnlearner(m, None, bank=un.bank, solver="exact", curvature_draws=4)
+    path = tmp_path / "bare"
+    from mcmc_unlearner.store import gmm_data_spec, gmm_model_spec, save_model
+
+    save_model(path, model=m, data=data, unlearner=bare, model_spec=gmm_model_spec(m), data_spec=gmm_data_spec(200, 1))
+    before = folder_state(path)
+    assert (
+        main(["forget", "--model", str(path), "--ids", _ids(tmp_path), "--damping", "1e12", "--on-failure", "repair"])
+        == 2
+    )
+    assert "saved without one" in capsys.readouterr().err
+    assert folder_state(path) == before
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    solver=st.sampled_from(["exact", "cg", "lissa"]),
+    iter_T=st.integers(0, 40),
+    tol=st.sampled_from([1e-8, 1e-5, 1e-3, 1e-1, 0.5]),
+    damping=st.sampled_from([0.0, 1e-3, 1.0, 1e3, 1e8, 1e12]),
+)
+def test_default_policy_never_records_a_failed_removal(template, tmp_path_factory, solver, iter_T, tol, damping):
+    """Target: 0 requests recorded as applied with a residual above tolerance (or a trivial shift)."""
+    m = tmp_path_factory.mktemp("prop") / "m"
+    shutil.copytree(template, m)
+    before = folder_state(m)
+    opts = {"solver": solver, "iter_T": iter_T, "tol": tol, "damping": damping}
+    try:
+        out = forget(m, [7, 8], overrides=opts)
+    except (QualityGateError, SolverDivergedError, InvalidRequestError, UnlearningError):
+        assert folder_state(m) == before
+        return
+    e = out.entry
+    assert e["residual"] <= tol and e["converged"] and e["quality"]["passed"]
+    theta = ParamSpec.flatten_module(load_model(m).model)
+    assert e["shift_norm"] == 0 or e["shift_norm"] >= torch.finfo(theta.dtype).eps * max(1.0, float(theta.norm()))
+    assert json.loads((m / "ledger.jsonl").read_text().splitlines()[-1])["quality"]["passed"]
+
+
+def test_requests_from_before_the_gate_with_unconverged_solves_are_flagged(model):
+    """Folders written by earlier versions recorded e.g. K-FAC residual 1.48, converged false, as applied: status
+    reports them as degraded instead of healthy."""
+    from mcmc_unlearner.service.checkpoint import commit_update
+
+    lm = load_model(model)
+    lm.unlearner.forget([30], lm.data)
+    entry = {"event": "forget", "request_id": "legacy", "ids": [30], "time": "t", "n_removed": 1,
+             "n_remaining": 199, "solver": "kfac", "iterations": 0, "residual": 1.48, "converged": False}  # fmt: skip
+    commit_update(lm, entry)
+    st_ = status(model)
+    assert st_["degraded"] and st_["degraded_requests"][0]["request_id"] == "legacy"
+    assert "before the quality gate" in st_["degraded_requests"][0]["problems"][0]
+    assert verify(model).ok
+
+
+def test_an_accepted_non_finite_report_is_recorded_as_null(model, capsys):
+    """A failed step kept by --on-failure accept may carry NaN numbers; the ledger (JSON) records them as null."""
+    from mcmc_unlearner.service.deletion import _entry
+    from mcmc_unlearner.service.specs import json_ok
+
+    lm = load_model(model)
+    rep = _report(residual=float("nan"), shift_stderr=float("inf"), converged=False)
+    rep.predicted_change = float("nan")
+    e = json_ok(_entry("r", [1], rep, lm.unlearner, {}, {"passed": False}), "entry")
+    assert e["residual"] is None and e["shift_stderr"] is None and e["predicted_change"] is None
+    assert e["shift_norm"] == 0.1

@@ -1,0 +1,189 @@
+"""Request parsing and validation: ids, request ids and solver settings, refused before any work.
+
+Property-based (Hypothesis): every input is either parsed to exactly the ids written in it or refused with an
+:class:`InvalidRequestError` — never another exception, never a silently different id list.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mcmc_unlearner import InvalidRequestError
+from mcmc_unlearner.service.requests import (
+    MAX_ID,
+    check_request_id,
+    check_settings,
+    parse_ids,
+    read_ids,
+)
+
+ids_lists = st.lists(st.integers(0, MAX_ID), min_size=1, max_size=30)
+SEPS = st.sampled_from([" ", ",", "\n", "\t", " , ", "\r\n", ",\n"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=ids_lists, seps=st.lists(SEPS, min_size=30, max_size=30), comment=st.booleans())
+def test_text_requests_round_trip(ids, seps, comment):
+    text = "".join(f"{i}{s}" for i, s in zip(ids, seps)) + ("# a comment 12 é\n" if comment else "")
+    assert parse_ids(text) == ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=ids_lists, wrap=st.booleans())
+def test_json_requests_round_trip(ids, wrap):
+    text = json.dumps({"ids": ids} if wrap else ids)
+    assert parse_ids(text) == ids
+    assert parse_ids(text.encode()) == ids
+
+
+def _reference(text: str) -> list[int]:
+    """An independent reading of the request format (the documented grammar), for comparison."""
+    body = text.strip(" \t\n\r\f\v")
+    if body.startswith(("[", "{")):
+        obj = json.loads(body)
+        if isinstance(obj, dict):
+            assert set(obj) == {"ids"}
+            obj = obj["ids"]
+        return list(obj)
+    tokens = [t for line in body.split("\n") for t in re.split(r"[ \t\r\f\v,]+", line.split("#", 1)[0]) if t]
+    assert all(re.fullmatch(r"[0-9]+", t) for t in tokens)
+    return [int(t) for t in tokens]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.one_of(st.binary(max_size=200), st.text(max_size=200), st.text('0123456789 ,#\n[]{}"ids:-', max_size=60)))
+def test_any_input_is_parsed_faithfully_or_refused(raw):
+    """Arbitrary input: refused with a one-line ASCII message, or parsed to exactly the ids the grammar reads."""
+    try:
+        ids = parse_ids(raw)
+    except InvalidRequestError as exc:
+        assert "\n" not in str(exc) and str(exc).isascii()
+        return
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    assert ids and all(isinstance(i, int) and 0 <= i <= MAX_ID for i in ids)
+    assert ids == _reference(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("٥٠", "ASCII digits"),  # Arabic-Indic digits: int() would read 50
+        ("५", "ASCII digits"),
+        ("1_000", "ASCII digits"),
+        ("+5", "ASCII digits"),
+        ("0x10", "ASCII digits"),
+        ("5\u00a06", "ASCII digits"),  # no-break space is not a separator
+        (str(2**63), "too large"),
+        (str(2**64 - 1), "too large"),
+        ("9" * 5000, "too large"),
+        (f"[{2**63}]", "too large"),
+        ("[" + "9" * 5000 + "]", "too large"),
+        ('{"ids":[32],"ids":[33]}', "duplicate key"),
+        ('{"ids":[1],"extra":true}', "unknown key"),
+        ("[[1]]", "not an integer"),
+        ('{"ids":[[1]]}', "nested too deeply"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("[1, NaN]", "not valid JSON"),
+        ("[1.0]", "not an integer"),
+        ("[-1]", "negative"),
+        ("[true]", "not an integer"),
+        (b"\xff\xfe1", "UTF-8"),
+        ("[]", "empty"),
+        ("# nothing\n", "empty"),
+    ],
+)
+def test_bad_ids_refused(text, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        parse_ids(text)
+
+
+def test_size_limit_checked_before_parsing(tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(50 << 20)  # 50 MB (sparse): the limit refuses it by its size, unread
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidRequestError, match="max-request-bytes"):
+        read_ids(big)
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(InvalidRequestError, match="larger than 10 bytes"):
+        read_ids("-", max_bytes=10, stdin=io.BytesIO(b"1 2 3 4 5 6 7 8"))
+    assert read_ids("-", stdin=io.BytesIO(b"4\n5\n")) == [4, 5]
+    small = tmp_path / "ids.txt"
+    small.write_text("7 8")
+    with pytest.raises(InvalidRequestError, match="more than --max-request-bytes 2"):
+        read_ids(small, max_bytes=2)
+    assert read_ids(small) == [7, 8]
+
+
+def test_id_sources_must_be_regular_files(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(InvalidRequestError, match="not a regular file; to pipe ids in, use --ids -"):
+        read_ids(tmp_path / "fifo")  # would block on open without a writer
+    with pytest.raises(InvalidRequestError, match="not a regular file"):
+        read_ids(tmp_path)
+    with pytest.raises(InvalidRequestError, match="not found"):
+        read_ids(tmp_path / "missing")
+
+
+@settings(max_examples=300, deadline=None)
+@given(rid=st.text(max_size=200))
+def test_request_ids_printable_bounded(rid):
+    ok = 1 <= len(rid) <= 128 and all(" " <= c <= "~" for c in rid) and rid == rid.strip(" ")
+    if ok:
+        assert check_request_id(rid) == rid
+    else:
+        with pytest.raises(InvalidRequestError) as info:
+            check_request_id(rid)
+        assert "\n" not in str(info.value) and "\r" not in str(info.value) and str(info.value).isascii()
+
+
+@pytest.mark.parametrize(
+    "rid", ["", " ", "a" * 129, "x" * 130_000, "t\r\x1b[2Kapplied request ticket-FAKE", "a\nb", " x"]
+)
+def test_bad_request_ids(rid):
+    with pytest.raises(InvalidRequestError, match="request-id"):
+        check_request_id(rid)
+
+
+@pytest.mark.parametrize(
+    ("settings_", "match"),
+    [
+        ({"damping": -1e6}, "--damping must be 'auto' or >= 0"),
+        ({"damping": "nan"}, "--damping must be finite"),
+        ({"damping": "inf"}, "finite"),
+        ({"damping": "abc"}, "must be a number"),
+        ({"tol": "nan"}, "--tol must be finite"),
+        ({"tol": 0}, r"--tol must be in \(0, 1\)"),
+        ({"tol": 1.5}, r"\(0, 1\)"),
+        ({"iter_T": -1}, "--iter-T must be between 0"),
+        ({"iter_T": "2.5"}, "whole number"),
+        ({"iter_T": str(2**63)}, "whole number"),
+        ({"curvature_draws": 0}, "--curvature-draws must be between 1"),
+        ({"curvature_draws": -3}, "between 1"),
+        ({"scaling": "-1"}, "--scaling must be 'auto' or a positive number"),
+        ({"scaling": "abc"}, "--scaling must be a number"),
+        ({"solver": "newton"}, "--solver must be one of"),
+        ({"bank_shift": "x"}, "--bank-shift"),
+        ({"hessian": "x"}, "--hessian"),
+    ],
+)
+def test_settings_validated_with_the_fix_named(settings_, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        check_settings(settings_)
+
+
+def test_good_settings_normalised():
+    got = check_settings(
+        {"damping": "0", "tol": "1e-4", "iter_T": "50", "curvature_draws": 8, "scaling": "auto", "solver": "kfac"}
+    )
+    assert got == {"damping": 0.0, "tol": 1e-4, "iter_T": 50, "curvature_draws": 8, "scaling": "auto", "solver": "kfac"}
+    assert check_settings({"damping": None}) == {}
