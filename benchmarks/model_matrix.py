@@ -626,8 +626,8 @@ def _bncnn(quick: bool, seed: int, forget: str = "class") -> Problem:
         forget_rule=rule,
         test_keep=test_keep,
         prior_std=1.0,
-        lr=1e-4 if quick else 5e-5,  # 1e-4 diverges (NaN) on the 16-32 widths
-        burn_lr=1e-4 if quick else 5e-5,
+        lr=1e-4 if quick else 2e-5,  # 16-32 widths: 1e-4 and 5e-5 diverge (NaN) within 6,000 steps
+        burn_lr=1e-4 if quick else 2e-5,
         burn=1000 if quick else 4000,
         keep=50 if quick else 100,
         thin=10 if quick else 20,
@@ -897,12 +897,16 @@ def unlearn_request(
     epoch_steps: int | None = 0,
     remaining_seed: int = 99,
     return_bank: bool = False,
+    options: dict[str, Any] | None = None,
+    strict: bool = True,
 ) -> dict[str, Any]:
     """One deletion request with the library's defaults, in *this* process (call it in a child, see
     :func:`run_isolated`). Returns status, error, report fields, seconds, peak memory, the unlearned bank's
     predictive statistics and whether the user's bank survived unmodified.
 
     ``epoch_steps``: ``0`` skips the SGLD-epoch timing, ``None`` times a full 10k-row epoch, ``k`` times k steps.
+    ``options`` (diagnostics only, *not* the defaults under test): extra ``MCMCUnlearner`` keyword arguments;
+    ``strict=False`` applies a removal that fails the library's checks (to score it anyway).
     """
     from mcmc_unlearner import MCMCUnlearner
     from mcmc_unlearner.errors import UnlearningError
@@ -927,8 +931,8 @@ def unlearn_request(
     report = None
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        un = MCMCUnlearner(model, None, nll=problem.nll, log_prior=problem.log_prior, bank=user_bank)
-        report = un.remove(removed, remaining, n_remaining=len(xr))
+        un = MCMCUnlearner(model, None, nll=problem.nll, log_prior=problem.log_prior, bank=user_bank, **(options or {}))
+        report = un.remove(removed, remaining, n_remaining=len(xr), **({} if strict else {"strict": False}))
         out["status"] = "ok"
     except UnlearningError as e:
         out["status"] = "refused"
@@ -1032,6 +1036,8 @@ def evaluate(
     floor: int = 0,
     cache: Path | None = None,
     return_bank: bool = False,
+    options: dict[str, Any] | None = None,
+    strict: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Origin chain, ``retrains`` retrain chains and one unlearning request for ``problem``; targets checked.
@@ -1051,6 +1057,8 @@ def evaluate(
             mem_cap_gb=mem_cap_gb,
             epoch_steps=epoch_steps,
             return_bank=return_bank,
+            options=options,
+            strict=strict,
         ),
         timeout,
     )
@@ -1320,6 +1328,15 @@ def main(argv: list[str] | None = None) -> int:
         help="folder to keep trained chains in and reuse them (same schedule, data and seed): re-runs then only "
         "repeat the requests",
     )
+    ap.add_argument(
+        "--options",
+        type=json.loads,
+        default=None,
+        help="DIAGNOSTICS ONLY (not the defaults under test): JSON dict of extra MCMCUnlearner options",
+    )
+    ap.add_argument(
+        "--no-strict", action="store_true", help="DIAGNOSTICS ONLY: apply removals that fail the library's checks"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--render", type=Path, default=None, help="print the tables of a saved --json file and exit")
     ap.add_argument("--markdown", action="store_true", help="with --render: a Markdown table")
@@ -1344,6 +1361,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) (set by --threads), "
         f"mcmc_unlearner from {Path(mcmc_unlearner.__file__).parent}, {platform.node()}"
     )
+    if args.options or args.no_strict:
+        print(f"DIAGNOSTIC RUN, not the defaults: options={args.options}, strict={not args.no_strict}")
     results = []
     t_all = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -1365,6 +1384,8 @@ def main(argv: list[str] | None = None) -> int:
                 epoch_steps=args.epoch_steps,
                 floor=args.floor,
                 cache=args.chain_cache,
+                options=args.options,
+                strict=not args.no_strict,
                 log=lambda s: print(s, flush=True),
             )
             results.append(r)
@@ -1381,6 +1402,8 @@ def main(argv: list[str] | None = None) -> int:
             "layout": args.layout,
             "alias": not args.no_alias,
             "mem_cap_gb": args.mem_cap_gb,
+            "options": args.options,
+            "strict": not args.no_strict,
             "targets": {
                 "fraction": FRACTION_RANGE,
                 "error_points": ERROR_POINTS,
