@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from mcmc_unlearner.cli import main
-from mcmc_unlearner.experiments.gmm import METHODS, run_demo
+from mcmc_unlearner.experiments.gmm import DISTANCES, METHODS, paper_available, run_demo
 from mcmc_unlearner.experiments.report import fmt, jsonable, markdown_table, summarize
 
 SMALL = dict(burnin=600, samples=600, thin=5, request_size=20, progress=False)
@@ -47,6 +48,39 @@ def test_metrics_file_has_the_documented_keys(small_run):
     assert on_disk["methods"] == json.loads(json.dumps(jsonable(metrics["methods"])))
 
 
+def test_metrics_report_distances_to_the_exact_posterior(small_run):
+    out, _ = small_run
+    m = json.loads((out / "metrics.json").read_text())
+    rc = m["retrain_chains"]
+    assert rc["n"] == 4 and len(rc["seeds"]) == len(set(rc["seeds"])) == 4  # independent chains
+    for key in DISTANCES:
+        spread = rc["vs_exact"][key]
+        assert len(spread["values"]) == 4
+        assert spread["median"] == pytest.approx(float(np.median(spread["values"])))
+        assert spread["min"] == min(spread["values"]) and spread["max"] == max(spread["values"])
+        # the first two retrain chains are the methods `retrain` and `retrain-b`, scored identically
+        assert spread["values"][:2] == [m["methods"][n]["vs_exact"][key] for n in ("retrain", "retrain-b")]
+    for name in METHODS:
+        vs = m["methods"][name]["vs_exact"]
+        assert {"kl_forward", "kl_reverse", "gauss_kl", "mean_err_sd"} <= set(vs)
+        assert all(math.isfinite(vs[k]) for k in DISTANCES) and len(vs["spread_ratio"]) == 4
+        ess = m["methods"][name]["ess"]
+        assert 0 < ess["min"] <= ess["median"] <= m["methods"][name]["n_samples"] * 1.5
+    # the Gibbs reference: effectively independent draws of the same mode the retrain chains sample
+    ex = m["exact_reference"]
+    assert ex["n_draws"] == 4000 and ex["ess_min"] > 0.5 * ex["n_draws"] and ex["switch_fraction"] == 0.0
+    assert max(rc["vs_exact"]["mean_shift_sd"]["values"]) < 3.0
+    # the origin chain (all 2,000 points) is far from the remaining-data posterior on every distance, and
+    # unlearning closes most of that gap on the distances that measure location
+    origin, unlearn = m["methods"]["origin"]["vs_exact"], m["methods"]["unlearn"]["vs_exact"]
+    for key in ("kl_forward", "kl_reverse", "gauss_kl", "mean_shift_sd"):
+        assert origin[key] > 2 * rc["vs_exact"][key]["max"], key
+        assert unlearn[key] < 0.5 * origin[key], key
+    tg = m["targets"]["unlearn_vs_exact_at_or_below_median_retrain_chain"]
+    assert tg["limit"] == len(DISTANCES) and tg["met"] == (tg["value"] == len(DISTANCES))
+    assert tg["per_distance"]["gauss_kl"]["limit"] == rc["vs_exact"]["gauss_kl"]["median"]
+
+
 def test_unlearning_moves_the_samples_to_the_retrained_posterior(small_run):
     _, metrics = small_run
     meth = metrics["methods"]
@@ -62,20 +96,24 @@ def test_report_and_figures_are_written(small_run):
     out, metrics = small_run
     report = (out / "report.md").read_text()
     assert "| unlearn |" in report and "noise floor" in report
+    assert "| **unlearn** |" in report and "retrain chains: median (min–max), 4 chains" in report
+    assert ("Where ours is not better" in report) != ("at or below the median retrain chain on all" in report)
     assert ("**met**" in report) or ("**missed**" in report)
     for name in metrics["figures"]:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-    assert {"samples.png", "kl.png"} <= set(metrics["figures"])
+    assert {"samples.png", "kl.png", "vs_exact.png"} <= set(metrics["figures"])
 
 
 def test_cli_demo_runs_sghmc_and_refuses_bad_arguments(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["demo", "--sampler", "sghmc", "--out", str(out), "--seed", "1", "--request-size", "40", "--quiet"]
+    argv = ["demo", "--sampler", "sghmc", "--out", str(out), "--seed", "1", "--request-size", "40", "--quiet",
+            "--retrain-chains", "3"]  # fmt: skip
     saved = tmp_path / "model"
     assert main([*argv, "--burnin", "400", "--samples", "400", "--thin", "4", "--save-model", str(saved)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sampler"] == "sghmc" and metrics["seed"] == 1 and metrics["n_requests"] == 20
+    assert len(metrics["retrain_chains"]["vs_exact"]["kl_reverse"]["values"]) == 3
     store = pytest.importorskip("mcmc_unlearner.store")
     if hasattr(store, "load_model"):  # the saved origin model reloads with its 400-sample bank and all data
         loaded = store.load_model(saved)
@@ -85,6 +123,9 @@ def test_cli_demo_runs_sghmc_and_refuses_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--request-size", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--request-size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+    assert main(["demo", "--retrain-chains", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--retrain-chains must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     assert main(["demo", "--out", str(a_file), "--quiet"]) == 2
@@ -100,3 +141,18 @@ def test_report_helpers():
     assert s == {"median": 2.0, "mean": 2.0, "min": 1.0, "max": 3.0, "total": 6.0}
     assert summarize([])["median"] is None
     assert jsonable({"x": float("inf"), "t": torch.tensor([1.5]), 3: (1, 2)}) == {"x": None, "t": [1.5], "3": [1, 2]}
+
+
+@pytest.mark.skipif(not paper_available(), reason="the paper baseline (experiments/paper.py) is not in this version")
+def test_demo_with_the_paper_baseline(tmp_path):
+    m = run_demo(sampler="sgld", seed=2, out=tmp_path, burnin=300, samples=300, thin=3, request_size=100,
+                 retrain_chains=2, with_paper=True, progress=False)  # fmt: skip
+    pa = m["methods"]["paper"]
+    assert pa["n_requests"] == 8 and pa["settings"]["iter_T"] == 32 and pa["settings"]["samp_T"] == 5
+    assert pa["seconds"] > 0 and 0 <= pa["refused"] <= 8
+    assert all(math.isfinite(pa["vs_exact"][k]) for k in DISTANCES)
+    # the paper's bank moves every stored sample by one vector: the spread of the origin bank is kept exactly
+    np.testing.assert_allclose(
+        pa["vs_exact"]["spread_ratio"], m["methods"]["origin"]["vs_exact"]["spread_ratio"], rtol=1e-5
+    )  # float32 bank
+    assert "The paper's procedure (measured in this run" in (tmp_path / "report.md").read_text()

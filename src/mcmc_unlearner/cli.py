@@ -5,6 +5,7 @@ Thin by design: each subcommand lives next to the code it drives and registers i
 
 * ``demo`` — the paper's Gaussian-mixture experiment (:mod:`mcmc_unlearner.experiments.gmm`);
 * ``bnn`` — Bayesian neural networks (:mod:`mcmc_unlearner.experiments.bnn`);
+* ``summary`` — mean ± sd over runs of any experiment's ``metrics.json`` (:mod:`mcmc_unlearner.experiments.summary`);
 * ``forget``, ``status``, ``verify`` — deletion requests against saved models
   (:mod:`mcmc_unlearner.service.commands`).
 
@@ -161,7 +162,7 @@ def new_folder(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every subcommand."""
-    from .experiments import bnn, gmm
+    from .experiments import bnn, gmm, summary
     from .service import commands
 
     p = Parser(
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"mcmc-unlearner {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (gmm, bnn, commands):
+    for module in (gmm, bnn, summary, commands):
         module.register(sub)
     return p
 

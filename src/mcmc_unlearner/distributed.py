@@ -397,11 +397,6 @@ class DistributedUnlearner(MCMCUnlearner):
                 "(energy = -log prior + n/|B|·Σ nll)"
             )
         super().__init__(model, sampler, **kwargs)
-        if self.newton_steps > 1:
-            raise ValueError(
-                "DistributedUnlearner: newton_steps > 1 is not supported (its full-data gradient is not sharded); "
-                "use newton_steps=1"
-            )
         self.group = group
         self.group_rank, self.group_size = _group_info(group)
         self._local_nll = self.nll

@@ -1,13 +1,18 @@
-"""Evaluation metrics for sample sets: k-NN KL divergence, thinning, mixture label alignment.
+"""Evaluation metrics for sample sets: k-NN KL divergences, Gaussian-fit KL, moment errors, effective sample
+size, thinning, mixture label alignment.
 
 The k-NN KL estimator is the one used in the paper's evaluation (1-NN KL between flattened parameter samples
-of the unlearned and the retrained chains).
+of the unlearned and the retrained chains). It ranks finite MCMC chains partly by how well they mix (the
+forward estimate ``KL(chain ‖ reference)`` grows when consecutive draws sit close together), so compare
+sample sets on several distances (:func:`sample_set_distances`) and report the effective sample size
+(:func:`effective_sample_size`) next to them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, TypeVar
+from enum import Enum
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -15,11 +20,20 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 __all__ = [
+    "EssMethod",
     "align_mixture_samples",
     "align_permutation",
+    "autocorrelation",
+    "cluster_spread_ratio",
+    "effective_sample_size",
+    "gauss_fit_kl",
     "gaussian_kl",
     "knn_distances",
     "knn_kl",
+    "knn_kl_reverse",
+    "mean_abs_sd_error",
+    "mean_shift_in_sd",
+    "sample_set_distances",
     "thin",
 ]
 
@@ -283,3 +297,278 @@ def gaussian_kl(mu0: np.ndarray, cov0: np.ndarray, mu1: np.ndarray, cov1: np.nda
     _, logdet0 = np.linalg.slogdet(c0)
     logdet1 = 2.0 * np.log(np.diag(l1)).sum()
     return float(0.5 * (trace + sol @ sol - d + logdet1 - logdet0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distances between a sample set and a reference sample set
+# ---------------------------------------------------------------------------------------------------------------
+def knn_kl_reverse(
+    p: np.ndarray,
+    q: np.ndarray,
+    k: int = 1,
+    method: KnnMethod = "auto",
+    eps: float = 1e-12,
+    chunk_size: int | None = None,
+) -> float:
+    """k-NN estimate of the *reverse* divergence ``KL(Q ‖ P)`` from samples (Wang, Kulkarni & Verdú, 2009).
+
+    The estimator of :func:`knn_kl` with the roles swapped:
+    ``D ≈ (d / m) Σ_j log(ν_k(j) / ρ_k(j)) + log(n / (m − 1))`` where ``ρ_k(j)`` is the distance from
+    ``q_j`` to its ``k``-th nearest neighbour among the other points of ``q`` and ``ν_k(j)`` the distance to its
+    ``k``-th nearest neighbour in ``p``. With ``p`` a method's chain and ``q`` a reference of independent draws,
+    this one asks "does the chain cover every region of the reference?" (mass the chain misses makes ``ν``
+    large), while the forward ``KL(P ‖ Q)`` asks "does the chain stay where the reference has mass?" and is
+    also inflated by autocorrelation within ``p`` (small ``ρ``).
+
+    Args:
+        p: Samples of ``P`` (e.g. a method's chain), ``[n, d]``; higher-rank arrays are flattened per sample.
+        q: Samples of ``Q`` (e.g. the reference), ``[m, d]``.
+        k: Neighbour order.
+        method: Nearest-neighbour search, see :func:`knn_distances`.
+        eps: Lower clamp of distances before the logarithm (see :func:`knn_kl`).
+        chunk_size: Rows per block in the brute-force path.
+
+    Returns:
+        The estimate of ``KL(Q ‖ P)`` in nats.
+    """
+    return knn_kl(q, p, k=k, method=method, eps=eps, chunk_size=chunk_size)
+
+
+def _moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if a.shape[0] < a.shape[1] + 1:
+        raise ValueError(
+            f"need more samples than dimensions to fit a covariance ({a.shape[0]} samples, d={a.shape[1]})"
+        )
+    return a.mean(axis=0), np.atleast_2d(np.cov(a, rowvar=False, ddof=1))
+
+
+def gauss_fit_kl(p: np.ndarray, q: np.ndarray) -> float:
+    """``KL(N(m_p, C_p) ‖ N(m_q, C_q))`` between Gaussians fitted to two sample sets (nats).
+
+    ``m`` is the sample mean and ``C`` the unbiased sample covariance (``ddof = 1``) of each set; the divergence
+    is the closed form of :func:`gaussian_kl`:
+    ``½ [tr(C_q⁻¹ C_p) + (m_q − m_p)ᵀ C_q⁻¹ (m_q − m_p) − d + log det C_q − log det C_p]``.
+    Autocorrelation does not bias the moments (only adds variance), so no thinning is needed; the value is exact
+    for Gaussian targets and a second-moment summary otherwise.
+
+    Args:
+        p: Samples ``[n, d]`` of the first distribution (trailing dimensions are flattened).
+        q: Samples ``[m, d]`` of the second distribution.
+    """
+    p2, q2 = _as_2d(p, "p"), _as_2d(q, "q")
+    if p2.shape[1] != q2.shape[1]:
+        raise ValueError(f"dimension mismatch: p has {p2.shape[1]}, q has {q2.shape[1]}")
+    mp, cp = _moments(p2.astype(np.float64))
+    mq, cq = _moments(q2.astype(np.float64))
+    return gaussian_kl(mp, cp, mq, cq)
+
+
+def mean_abs_sd_error(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean absolute error in the posterior standard deviation: ``(1/d) Σ_j |sd_p,j − sd_q,j|``.
+
+    ``sd`` is the sample standard deviation (``ddof = 1``) of each flattened coordinate ``j``; same units as the
+    samples (for the GMM: the cluster-mean coordinates).
+    """
+    p2, q2 = _as_2d(p, "p"), _as_2d(q, "q")
+    if p2.shape[1] != q2.shape[1]:
+        raise ValueError(f"dimension mismatch: p has {p2.shape[1]}, q has {q2.shape[1]}")
+    return float(np.mean(np.abs(p2.std(axis=0, ddof=1) - q2.std(axis=0, ddof=1))))
+
+
+def mean_shift_in_sd(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean absolute error of the posterior mean in units of the reference's sd.
+
+    ``(1/d) Σ_j |m_p,j − m_q,j| / sd_q,j`` over the flattened coordinates ``j`` (sample means and ``ddof = 1``
+    standard deviations).
+    """
+    p2, q2 = _as_2d(p, "p"), _as_2d(q, "q")
+    if p2.shape[1] != q2.shape[1]:
+        raise ValueError(f"dimension mismatch: p has {p2.shape[1]}, q has {q2.shape[1]}")
+    sd = q2.std(axis=0, ddof=1)
+    if np.any(sd <= 0):
+        raise ValueError("the reference has a coordinate with zero spread; mean_shift_in_sd is undefined")
+    return float(np.mean(np.abs(p2.mean(axis=0) - q2.mean(axis=0)) / sd))
+
+
+def cluster_spread_ratio(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per-cluster spread of a mixture-mean sample set relative to a reference.
+
+    For each component ``k`` of samples ``[S, K, d]``: ``r_k = (det C_p,k / det C_q,k)^{1/(2d)}``, the ratio of
+    the geometric-mean standard deviations of the ``d`` coordinates of ``μ_k`` (``C`` the unbiased sample
+    covariance of ``μ_k``). ``r_k = c`` when ``p`` is ``q`` scaled by ``c`` about its mean, independent of
+    rotations; ``r_k < 1``: the set is too narrow for cluster ``k``. Align labels first
+    (:func:`align_mixture_samples`).
+
+    Args:
+        p: Samples ``[S, K, d]``.
+        q: Reference samples ``[S', K, d]``.
+
+    Returns:
+        float64 array ``[K]``.
+    """
+    p3 = np.asarray(p, dtype=np.float64)
+    q3 = np.asarray(q, dtype=np.float64)
+    if p3.ndim != 3 or q3.ndim != 3 or p3.shape[1:] != q3.shape[1:]:
+        raise ValueError(f"expected samples [S, K, d] with the same K and d, got {p3.shape} and {q3.shape}")
+    d = p3.shape[2]
+    out = np.empty(p3.shape[1])
+    for k in range(p3.shape[1]):
+        _, ld_p = np.linalg.slogdet(_moments(p3[:, k])[1])
+        _, ld_q = np.linalg.slogdet(_moments(q3[:, k])[1])
+        out[k] = math.exp((ld_p - ld_q) / (2 * d))
+    return out
+
+
+def sample_set_distances(
+    samples: np.ndarray,
+    reference: np.ndarray,
+    *,
+    every: int = 1,
+    k: int = 1,
+    mixture: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """All distances of a sample set to a reference sample set, in one dict (lower is better for each).
+
+    * ``kl_forward``: :func:`knn_kl` ``KL(samples ‖ reference)`` on ``samples`` thinned by ``every``;
+    * ``kl_reverse``: :func:`knn_kl_reverse` ``KL(reference ‖ samples)``, same thinning;
+    * ``gauss_kl``: :func:`gauss_fit_kl` ``KL(N_fit(samples) ‖ N_fit(reference))`` on all samples;
+    * ``mean_err_sd``: :func:`mean_abs_sd_error`, mean absolute error in the per-coordinate posterior sd;
+    * ``mean_shift_sd``: :func:`mean_shift_in_sd`, mean absolute error of the posterior mean in reference sds;
+    * ``spread_ratio`` (only with ``mixture=(K, d)``): :func:`cluster_spread_ratio` per component (1 is best),
+      and ``spread_log_err``: the mean of ``|log r_k|``.
+
+    The reference should hold (nearly) independent draws; ``every`` thins the (autocorrelated) sample set for the
+    k-NN estimators only: moments need no thinning.
+    """
+    s2 = _as_2d(samples, "samples").astype(np.float64)
+    r2 = _as_2d(reference, "reference").astype(np.float64)
+    ts = thin(s2, every)
+    out: dict[str, Any] = {
+        "kl_forward": knn_kl(ts, r2, k=k),
+        "kl_reverse": knn_kl_reverse(ts, r2, k=k),
+        "gauss_kl": gauss_fit_kl(s2, r2),
+        "mean_err_sd": mean_abs_sd_error(s2, r2),
+        "mean_shift_sd": mean_shift_in_sd(s2, r2),
+    }
+    if mixture is not None:
+        ratio = cluster_spread_ratio(s2.reshape(-1, *mixture), r2.reshape(-1, *mixture))
+        out["spread_ratio"] = [float(v) for v in ratio]
+        out["spread_log_err"] = float(np.mean(np.abs(np.log(ratio))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Effective sample size
+# ---------------------------------------------------------------------------------------------------------------
+class EssMethod(str, Enum):
+    """Estimator of the effective sample size (see :func:`effective_sample_size`)."""
+
+    IPS = "ips"
+    BATCH = "batch"
+
+
+def _as_chains(samples: np.ndarray | torch.Tensor, multichain: bool) -> np.ndarray:
+    """``[C, n, p]`` float64 view: one chain unless ``multichain`` (then the first axis indexes chains)."""
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    a = np.asarray(samples, dtype=np.float64)
+    if not multichain:
+        a = a[None]
+    if a.ndim < 2:
+        raise ValueError(f"expected samples [n, ...] (or [chains, n, ...] with multichain=True), got {a.shape}")
+    a = a.reshape(a.shape[0], a.shape[1], -1)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("samples contain non-finite values")
+    return a
+
+
+def autocorrelation(x: np.ndarray, max_lag: int | None = None) -> np.ndarray:
+    """Normalised autocorrelation ``ρ_t = γ_t / γ_0`` of each column of ``x`` ``[n]`` or ``[n, p]`` (FFT).
+
+    ``γ_t = (1/n) Σ_{i<n−t} (x_i − x̄)(x_{i+t} − x̄)`` (the biased, positive-definite estimator). A constant
+    column gets ``ρ = 1`` at lag 0 and 0 elsewhere.
+
+    Returns:
+        ``[max_lag + 1]`` or ``[max_lag + 1, p]`` (default ``max_lag = n − 1``).
+    """
+    a = np.asarray(x, dtype=np.float64)
+    squeeze = a.ndim == 1
+    a = a.reshape(a.shape[0], -1)
+    n = a.shape[0]
+    acov = _autocovariance(a[None])[0]
+    lag = n - 1 if max_lag is None else min(max_lag, n - 1)
+    g0 = acov[0]
+    rho = np.where(g0 > 0, acov[: lag + 1] / np.where(g0 > 0, g0, 1.0), 0.0)
+    rho[0] = 1.0
+    return rho[:, 0] if squeeze else rho
+
+
+def _autocovariance(a: np.ndarray) -> np.ndarray:
+    """Biased autocovariance of ``a`` ``[C, n, p]`` along axis 1, ``[C, n, p]`` (zero-padded FFT)."""
+    n = a.shape[1]
+    c = a - a.mean(axis=1, keepdims=True)
+    size = 1 << (2 * n - 1).bit_length()
+    f = np.fft.rfft(c, n=size, axis=1)
+    return np.fft.irfft(f * np.conj(f), n=size, axis=1)[:, :n] / n
+
+
+def effective_sample_size(
+    samples: np.ndarray | torch.Tensor,
+    method: EssMethod | str = EssMethod.IPS,
+    *,
+    multichain: bool = False,
+) -> np.ndarray:
+    """Effective sample size of every coordinate of one or several Markov chains.
+
+    ``ESS = C·n / τ`` with ``τ = 1 + 2 Σ_{t≥1} ρ_t`` the integrated autocorrelation time.
+
+    * ``"ips"`` (Geyer 1992, initial monotone sequence; multi-chain form of Gelman et al., *BDA3* §11.5 as in
+      Stan): ``ρ_t = 1 − (W − γ̄_t) / V⁺`` with ``W`` the mean within-chain variance, ``γ̄_t`` the mean
+      within-chain autocovariance at lag ``t`` and ``V⁺ = (n−1)/n·W + B/n`` (``B/n`` the variance of the chain
+      means); the sums ``Γ_m = ρ_{2m} + ρ_{2m+1}`` are accumulated while positive and forced to be
+      non-increasing, and ``τ = −1 + 2 Σ_m Γ_m``.
+    * ``"batch"`` (batch means): each chain is cut into ``⌊√n⌋``-long batches; ``τ = b·Var(batch means) / Var(x)``.
+      Biased low when ``τ`` is not small against the batch length ``b``.
+
+    For an AR(1) process ``x_t = φ x_{t−1} + ε_t``, ``τ = (1 + φ)/(1 − φ)``.
+
+    Args:
+        samples: ``[n, ...]`` (one chain; trailing dimensions flattened), or ``[C, n, ...]`` with
+            ``multichain=True``.
+        method: ``"ips"`` or ``"batch"``.
+        multichain: The first axis indexes independent chains of equal length.
+
+    Returns:
+        float64 array ``[p]`` of effective sample sizes (``C·n`` for a coordinate that does not move at all).
+    """
+    method = EssMethod(method)
+    a = _as_chains(samples, multichain)
+    c, n, p = a.shape
+    if n < 4:
+        raise ValueError(f"need at least 4 draws per chain for an ESS estimate, got {n}")
+    total = c * n
+    var_w = a.var(axis=1, ddof=1).mean(axis=0)  # W, [p]
+    if method is EssMethod.BATCH:
+        b = max(1, math.isqrt(n))
+        nb = n // b
+        bm = a[:, : nb * b].reshape(c, nb, b, p).mean(axis=2).reshape(c * nb, p)
+        var_all = a.reshape(total, p).var(axis=0, ddof=1)
+        tau = np.where(var_all > 0, b * bm.var(axis=0, ddof=1) / np.where(var_all > 0, var_all, 1.0), 1.0)
+        return total / np.maximum(tau, 1e-12)
+    acov = _autocovariance(a).mean(axis=0)  # [n, p]
+    b_over_n = a.mean(axis=1).var(axis=0, ddof=1) if c > 1 else np.zeros(p)
+    var_plus = (n - 1) / n * var_w + b_over_n
+    out = np.full(p, float(total))
+    for j in range(p):
+        if var_plus[j] <= 0:
+            continue
+        rho = 1.0 - (var_w[j] - acov[:, j]) / var_plus[j]
+        rho[0] = 1.0
+        m = n // 2
+        pairs = rho[: 2 * m].reshape(m, 2).sum(axis=1)
+        positive = pairs > 0
+        stop = int(np.argmin(positive)) if not positive.all() else m
+        pairs = np.minimum.accumulate(pairs[:stop]) if stop > 0 else pairs[:1]
+        tau = -1.0 + 2.0 * pairs.sum()
+        out[j] = total / max(tau, 1.0 / math.log10(max(total, 10)))
+    return out

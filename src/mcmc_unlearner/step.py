@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.func import jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from .backends.base import CurvatureBackend, NegativeCurvatureError
 from .solvers import SolveResult
@@ -121,6 +121,37 @@ class EnergyCheck:
         sums = self.reduce(torch.stack([torch.tensor(float(rows[0].shape[0])), self.h0.double().abs().mean(0).sum()]))
         self.m = int(sums[0])
         self.scale = float(sums[1]) / max(self.m, 1)
+        self._g0: torch.Tensor | None = None
+
+    def _energy_grads(self, x: torch.Tensor) -> torch.Tensor:
+        """``E_s[∇(−log p + n·mean_rows h)(θ_s + x)]`` on the check rows (the data part summed across ranks)."""
+        f, rows, lp = self.f, self.rows, self.lp
+
+        def data(t: torch.Tensor) -> torch.Tensor:
+            return f(t, *rows).sum()
+
+        try:
+            g_data = vmap(grad(data))(self.thetas + x).mean(0)
+            g_prior = vmap(grad(lambda t: -lp(t)))(self.thetas + x).mean(0) if lp is not None else 0.0
+        except (RuntimeError, NotImplementedError, TypeError):
+            g_data, g_prior = torch.zeros_like(x), torch.zeros_like(x)
+            for t in self.thetas + x:
+                with torch.enable_grad():
+                    tt = t.detach().requires_grad_(True)
+                    g_data = g_data + torch.autograd.grad(data(tt), tt)[0]
+                    if lp is not None:
+                        g_prior = g_prior + torch.autograd.grad(-lp(tt), tt)[0]
+            g_data, g_prior = g_data / len(self.thetas), g_prior / len(self.thetas)
+        return self.reduce(g_data.detach()) * (self.n / self.m) + g_prior
+
+    def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]``: the gradient of the control-variate energy
+        whose change ``__call__`` measures (paired differences on the check rows, so the rows' noise mostly
+        cancels). It vanishes where the new bank's mean energy gradient equals the old bank's
+        (``E[∇F(θ', S∖S')] = E[∇F(θ, S)]``, which is 0 at an exact posterior)."""
+        if self._g0 is None:
+            self._g0 = self._energy_grads(torch.zeros_like(x))
+        return -self.G + (self._energy_grads(x) - self._g0)
 
     def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (vmapped over draws)."""

@@ -376,8 +376,11 @@ class MCMCUnlearner:
         negative_curvature: With ``solver="cg"`` and a fixed damping: ``"raise"`` refuses an indefinite Hessian;
             ``"truncate"`` stops CG at the first negative-curvature direction (truncated Newton-CG). With
             ``damping="auto"`` negative curvature raises the damping instead.
-        newton_steps: ``k > 1``: ``k − 1`` further Newton corrections ``x ← x − (H+λ)⁻¹ E_bank[∇F(θ + x, S∖S')]`` on
-            all remaining points (zeroing the sample-averaged remaining-data gradient), for large removals.
+        newton_steps: At most this many damped Newton steps per request on the control-variate energy (see
+            :meth:`_newton_iterations`; 1: the influence step alone). Further steps continue while the remaining-data
+            energy gradient of the shifted bank is not balanced (``‖∇φ‖ > 10⁻³‖G‖``) and each passes its check; they
+            help when a removal's influence is not local (gross outliers, a nonlinear posterior), but converge to
+            the check rows' estimate, so they are not the default.
         curvature_data: ``"minibatch"`` (one fresh minibatch per draw), ``"full"`` (every remaining point per draw;
             needs a data source with ``remaining()``, else it falls back to minibatches and says so in
             ``report.info``) or ``"auto"`` (full for the dense solver while remaining points × draws <= 32,768 and
@@ -913,12 +916,13 @@ class MCMCUnlearner:
                 info.update(self.curvature.prepare(problem))
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check)
-        x, lam = outcome.x, outcome.damping
-        carry = lam * x if (self.carry_deficit and lam > 0 and outcome.safe) else None
+        x, lam, carry = outcome.x, outcome.damping, None
+        if outcome.safe and self.newton_steps > 1:
+            x, carry = self._newton_iterations(check, G, outcome, info)
+        elif self.carry_deficit and lam > 0 and outcome.safe:
+            carry = lam * x
         x_dev = self._error_bar(dev, lam)
         new_live, new_bank = self._shift(live, x, lam, h_f, batch)
-        if self.newton_steps > 1:
-            new_live, new_bank = self._newton_corrections(e_f, lam, stream, new_live, new_bank, info)
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         info.update(outcome.solve.info)
@@ -1009,34 +1013,46 @@ class MCMCUnlearner:
         new_bank = mu + x + (self.bank - mu) @ T.T if self.bank is not None else None
         return new_live, new_bank
 
-    def _newton_corrections(
-        self,
-        e_f: Callable,
-        damping: float,
-        stream: _Stream,
-        live: torch.Tensor,
-        bank: torch.Tensor | None,
-        info: dict[str, Any],
+    def _newton_iterations(
+        self, check: EnergyCheck, G: torch.Tensor, first: StepOutcome, info: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Further Newton steps ``x ← x − (H+λ)⁻¹ E[∇F(θ + x, S∖S')]`` on the whole remaining data.
+        """Damped Newton iterations on the control-variate energy ``φ`` after the first influence step.
 
-        At the new posterior ``E_θ[∇F(θ, S∖S')] = 0`` (integration by parts), so each step moves every sample by
-        the same vector to zero the sample-averaged gradient of the remaining-data energy; the curvature is the
-        first step's (reused, not rebuilt).
+        The influence step is one Newton step on ``φ(x) = E_s[F(θ_s + x, S∖S')] − (linear term)``, whose gradient
+        ``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]`` vanishes where the shifted bank's mean energy
+        gradient equals the old one (the first-moment identity of the new posterior for an exact old bank). When a
+        large removal or a curved posterior leaves ``∇φ`` far from zero, further steps ``p = −(H + λ)⁻¹∇φ`` are
+        taken from the shifted bank, each checked like the first (the same draws and rows, the same damping rule
+        and safety net, measured against the original bank), until ``‖∇φ‖ <= 10⁻³‖G‖``, a step fails its check, or
+        ``newton_steps`` steps were taken. The curvature is the first step's (not rebuilt).
+
+        Returns:
+            The total shift and the gradient left unmet, ``−∇φ`` (carried to the next request).
         """
-        full = stream.full()
-        if full is None:
-            raise ValueError("newton_steps > 1 needs the remaining data as a RemovableDataset (remaining())")
+        x, phi = first.x, first.actual
+        carry: torch.Tensor | None = first.damping * first.x if first.damping > 0 else None
         norms = []
         for _ in range(self.newton_steps - 1):
-            pts = bank if bank is not None else live[None]
-            g = self._per_draw_grads(e_f, pts[_evenly(pts.shape[0], self._grad_draw_count(1))], full).mean(0)
-            dx = self.curvature.solve(-g, damping).x
-            live = live + dx
-            bank = None if bank is None else bank + dx
-            norms.append(float(dx.norm()))
+            r = check.gradient(x)
+            if not all_finite(r):
+                break
+            carry = -r
+            if float(r.norm()) <= 1e-3 * float(G.norm()):
+                break
+
+            def shifted(p: torch.Tensor, x: torch.Tensor = x, phi: float = phi) -> Any:
+                m = check(x + p)  # the change of φ from here, and the NLL change from the original bank
+                m.actual -= phi
+                return m
+
+            step = self.control.step(self.curvature, -r, shifted)
+            if not step.safe:
+                break
+            x, phi = x + step.x, phi + step.actual
+            carry = step.damping * step.x if step.damping > 0 else None
+            norms.append(float(step.x.norm()))
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
-        return live, bank
+        return x, (carry if self.carry_deficit else None)
 
     # ------------------------------------------------------------------ checkpoints
     def curvature_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
