@@ -234,7 +234,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--request-id",
         default=None,
         metavar="ID",
-        help="idempotency key, 1-128 printable ASCII characters (default: SHA-256 of the sorted ids)",
+        help="idempotency key, 1-128 printable ASCII characters (default: SHA-256 of the sorted ids); an ID that "
+        "begins with '-' is written --request-id=ID",
     )
     f.add_argument(
         "--max-request-bytes",
