@@ -207,3 +207,35 @@ def test_propose_changes_nothing_and_apply_equals_remove() -> None:
     (b0, w0, c0, d0), (b1, w1, c1, d1) = results
     assert torch.equal(b0, b1) and torch.equal(w0, w1) and torch.equal(c0, c1)
     assert all(torch.equal(v, d1[k]) for k, v in d0.items())
+
+
+def test_measured_deficit_is_the_first_moment_deficit_along_the_step() -> None:
+    """For a quadratic energy with true curvature ``H_t`` the check's ``actual = −G·x + ½xᵀH_t x`` exactly; the
+    carried deficit is then the remaining-data gradient's component along ``x``, ``xᵀ(G − H_t x)/‖x‖² · x``:
+    ``λx`` when the model ``H`` is right, none when the energy curves as much as the damped model."""
+    from mcmc_unlearner.step import StepOutcome, measured_deficit
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    H = A @ A.T + torch.eye(5, dtype=torch.float64)
+    G = torch.randn(5, generator=g, dtype=torch.float64)
+    lam = 3.0
+    x = torch.linalg.solve(H + lam * torch.eye(5, dtype=torch.float64), G)
+
+    def outcome(H_true: torch.Tensor) -> StepOutcome:
+        actual = float(-G @ x + 0.5 * x @ H_true @ x)
+        return StepOutcome(x, None, lam, 1, math.nan, actual, math.nan, 0.0, 0.0, True)
+
+    # the model was right: the whole λx is still owed
+    assert torch.allclose(measured_deficit(G, outcome(H)), lam * x, rtol=1e-10)
+    # the energy curves more than H along x, less than H + λ: the measured share of λx
+    H_t = H + 1.0 * torch.eye(5, dtype=torch.float64)
+    want = float(x @ (G - H_t @ x)) / float(x @ x) * x
+    assert torch.allclose(measured_deficit(G, outcome(H_t)), want, rtol=1e-10)
+    assert torch.allclose(want, (lam - 1.0) * x, rtol=1e-10)
+    # as curved as the damped model (or more): nothing is carried
+    assert measured_deficit(G, outcome(H + 2 * lam * torch.eye(5, dtype=torch.float64))) is None
+    # an undamped or unsafe step carries nothing
+    out = outcome(H)
+    out.damping = 0.0
+    assert measured_deficit(G, out) is None

@@ -239,6 +239,32 @@ class StepOutcome:
     scale: float = 1.0
 
 
+def measured_deficit(G: torch.Tensor, out: StepOutcome) -> torch.Tensor | None:
+    """The first-moment deficit a damped step leaves, as far as the energy check measured it.
+
+    A step ``x = (H + λI)⁻¹G`` leaves ``E[∇F(θ + x, S∖S')] = −G + H_true x``. Under the model ``H_true = H``
+    that is ``−λx`` (the influence not yet applied); but the damping was needed because the model over-predicted
+    the decrease, i.e. the energy curves more than ``H`` along ``x``. The check measures that curvature:
+    ``actual = −G·x + ½ c‖x‖²`` gives ``c``, and the deficit along ``x`` is ``(G·x − c‖x‖²)/‖x‖² · x
+    = −(G·x + 2·actual)/‖x‖² · x``, clipped to ``[0, λx]`` (``λx`` exactly when the model was right; 0 when the
+    energy curves as much as the damped model ``H + λ``). Carrying ``λx`` unmeasured compounds across requests
+    when the damping is large (measured on Fashion-MNIST: 94 requests at ``λ ≈ 300×`` the mean curvature carried
+    almost all of every request's ``G`` forward, the shift grew each request and the kept classes degraded).
+
+    Returns:
+        The deficit to carry to the next request, or ``None`` when there is none (undamped or unsafe step).
+    """
+    if out.damping <= 0 or not out.safe or not math.isfinite(out.actual):
+        return None
+    x = out.x
+    xx = float(x @ x)
+    if xx == 0.0:
+        return None
+    coef = -(float(G @ x) + 2.0 * out.actual) / xx
+    coef = min(max(coef, 0.0), out.damping)
+    return coef * x if coef > 0 else None
+
+
 class DampingControl:
     """The Levenberg–Marquardt damping of the module docstring, carried from request to request.
 

@@ -48,7 +48,7 @@ from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_
 from .memory import bytes_per_row, chunk_for, format_bytes, resolve_budget
 from .samplers import scale_lr
 from .solvers import SolverName
-from .step import DampingControl, EnergyCheck, StepOutcome
+from .step import DampingControl, EnergyCheck, StepOutcome, measured_deficit
 
 __all__ = [
     "BankShift",
@@ -399,6 +399,9 @@ class MCMCUnlearner:
         rescale_lr: Multiply the sampler's step size by ``n_old / n_new`` after each removal.
         backend: ``"auto"``, ``"func"`` or ``"autograd"`` for derivatives.
         seed: Seed of the unlearner's own generator (probes, Lanczos starts, Monte-Carlo labels).
+        carry_deficit: Add the first-moment deficit a damped step leaves (the part of ``λx`` the energy check did
+            not measure as curvature; :func:`~mcmc_unlearner.step.measured_deficit`) to the next request's ``G``,
+            so damped sequential requests still add up to the whole removal. Saved with the curvature state.
     """
 
     def __init__(
@@ -928,8 +931,8 @@ class MCMCUnlearner:
         x, lam, carry = outcome.x, outcome.damping, None
         if outcome.safe and self.newton_steps > 1:
             x, carry = self._newton_iterations(check, G, outcome, info, stream, e_f, n, k_thetas)
-        elif self.carry_deficit and lam > 0 and outcome.safe:
-            carry = lam * x
+        elif self.carry_deficit:
+            carry = measured_deficit(G, outcome)
         x_dev = self._error_bar(dev, lam)
         new_live, new_bank = self._shift(live, x, lam, h_f, batch)
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
@@ -1051,7 +1054,7 @@ class MCMCUnlearner:
             The total shift, and the influence to carry to the next request (``relative`` only).
         """
         x, phi = first.x, first.actual
-        carry: torch.Tensor | None = first.damping * first.x if first.damping > 0 else None
+        carry = measured_deficit(G, first)
         norms: list[float] = []
         equilibrium = self.newton_target == "equilibrium"
         if equilibrium:
@@ -1088,7 +1091,7 @@ class MCMCUnlearner:
                 break
             x, phi = x + step.x, phi + step.actual
             if not equilibrium:
-                carry = step.damping * step.x if step.damping > 0 else None
+                carry = measured_deficit(-r, step)
             norms.append(float(step.x.norm()))
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
         return x, (carry if self.carry_deficit else None)
