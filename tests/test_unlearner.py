@@ -326,3 +326,36 @@ def test_dense_hessian_downdates_equal_a_fresh_rebuild(blr) -> None:
         ref = torch.autograd.functional.hessian(lambda t, f=f, xd=xd, yd=yd: f(t, xd, yd), theta)
         # without the downdate the cache would be off by the removed points' Hessian (~3% of its scale)
         assert torch.allclose(un.curvature.cache.double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), k
+
+
+class _SignedQuadratic(torch.nn.Module):
+    """``h(w, (y, s)) = s·‖w − y‖²/2``: rows with ``s < 0`` have negative curvature (a mixture-like energy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def log_prior(self):
+        return -0.5 * (self.w**2).sum()
+
+    def nll(self, batch):
+        y, s = batch
+        return 0.5 * s * ((self.w - y) ** 2).sum(-1)
+
+
+def test_affine_transport_falls_back_to_the_mean_shift_when_the_old_precision_is_indefinite() -> None:
+    """Removing a negative-curvature row: the old precision ``1 + 10 − 20`` is indefinite, the new one ``11`` is
+    not. There is no Gaussian to transport from, so the bank moves by the mean shift (the exact Newton step on the
+    quadratic remaining energy, ``H_r⁻¹G``), and the report says so instead of refusing the request."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(11, 2, generator=g, dtype=torch.float64)
+    s = torch.ones(11, dtype=torch.float64)
+    s[10] = -20.0
+    bank = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    data = RemovableDataset(y, s, batch_size=11, seed=0)
+    un = MCMCUnlearner(_SignedQuadratic(), bank=bank.clone(), solver="exact", bank_shift="affine", damping=0.0)
+    report = un.forget([10], data)
+    assert "mean shift" in report.info["bank_shift_fallback"]
+    G = (-20.0 * (bank - y[10])).mean(0)
+    x = G / 11.0  # H_r = prior 1 + ten rows of curvature 1
+    assert torch.allclose(un.bank, bank + x, atol=1e-10)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import grad, jacrev, vmap
 
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
+from .backends.base import NegativeCurvatureError
 from .bank import BankLayout, to_flat
 from .curvature import ParamSpec, SampleAveragedHessian, functionalize, stack_batches
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
@@ -577,6 +578,7 @@ class MCMCUnlearner:
             "negative_curvature": self.negative_curvature,
             "newton_steps": self.newton_steps,
             "newton_target": self.newton_target,
+            "carry_deficit": self.carry_deficit,
             "curvature_data": self.curvature_data,
             "exact_max_dim": self.exact_max_dim,
             "likelihood": self.likelihood,
@@ -934,7 +936,7 @@ class MCMCUnlearner:
         elif self.carry_deficit:
             carry = measured_deficit(G, outcome)
         x_dev = self._error_bar(dev, lam)
-        new_live, new_bank = self._shift(live, x, lam, h_f, batch)
+        new_live, new_bank = self._shift(live, x, lam, h_f, batch, info)
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         info.update(outcome.solve.info)
@@ -1008,7 +1010,7 @@ class MCMCUnlearner:
             return torch.full_like(dev, float("nan"))
 
     def _shift(
-        self, live: torch.Tensor, x: torch.Tensor, damping: float, h_f: Callable, batch: Batch
+        self, live: torch.Tensor, x: torch.Tensor, damping: float, h_f: Callable, batch: Batch, info: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.bank_shift is BankShift.MEAN:
             return live + x, (None if self.bank is None else self.bank + x)
@@ -1018,7 +1020,12 @@ class MCMCUnlearner:
             moved = pts + self.curvature.solve(g_all.T, damping).x.T
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)
-        T = self.curvature.transport(damping)  # exact Gaussian transport from the old to the new precision
+        try:
+            T = self.curvature.transport(damping)  # exact Gaussian transport from the old to the new precision
+        except NegativeCurvatureError as exc:
+            # no Gaussian to transport between (an indefinite precision, e.g. a mixture's): move by the mean shift
+            info["bank_shift_fallback"] = f"mean shift: {exc}"
+            return live + x, (None if self.bank is None else self.bank + x)
         ref = self.bank if self.bank is not None else live[None]
         mu = ref.mean(0)
         new_live = mu + x + (live - mu) @ T.T

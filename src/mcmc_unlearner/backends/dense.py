@@ -122,15 +122,20 @@ class DenseBackend(CurvatureBackend):
 
     def transport(self, damping: float) -> torch.Tensor:
         """``T = (A' + λ)^{-1/2} (A + λ)^{1/2}``: the exact Gaussian transport from the old precision ``A`` to the
-        new ``A'`` (``bank_shift="affine"``), with the request's damping on both."""
+        new ``A'`` (``bank_shift="affine"``), with the request's damping on both.
+
+        Raises:
+            NegativeCurvatureError: ``A + λ`` or ``A' + λ`` is not positive definite (no Gaussian to transport;
+                the unlearner then moves the bank by the mean shift and says so in ``report.info``).
+        """
 
         def sym_pow(M: torch.Tensor, p: float) -> torch.Tensor:
             w, V = torch.linalg.eigh(M.double())
             w = w + damping
             if not bool((w > 0).all()):
-                raise SolverDivergedError(
-                    "bank_shift='affine' needs a positive-definite Hessian (smallest eigenvalue "
-                    f"{float(w.min()):.3g}); add damping or use bank_shift='mean'"
+                raise NegativeCurvatureError(
+                    "the affine transport needs positive-definite precisions "
+                    f"(smallest eigenvalue {float(w.min()):.3g})"
                 )
             return (V * w**p) @ V.T
 
