@@ -280,6 +280,28 @@ def test_equilibrium_newton_step_removes_the_banks_own_location_error(blr, targe
         assert errors[2] > 0.9
 
 
+def test_equilibrium_step_keeps_every_row_and_thins_the_draws_on_large_data(blr, monkeypatch) -> None:
+    """Above the row-draw cap the equilibrium gradient keeps every remaining row and uses fewer, evenly spaced
+    bank draws; it never falls back to a handful of rows scaled up to ``n``. The energy is quadratic, so the step
+    zeroes the gradient at those draws exactly: the bank's new mean is ``μ_r + (bank mean − the draws' mean)``."""
+    import mcmc_unlearner.unlearner as U
+
+    x, y, d = blr.x.double(), blr.y.double(), blr.x.shape[1]
+    g = torch.Generator().manual_seed(3)
+    L = torch.linalg.cholesky(blr.cov_all)
+    z = torch.randn(400, d, generator=g, dtype=torch.float64)
+    delta = 4.0 * torch.sqrt(torch.diagonal(blr.cov_all))
+    bank = blr.mean_all.double() + delta + (z - z.mean(0)) @ L.T
+    monkeypatch.setattr(U, "NEWTON_ROW_DRAWS", 3 * x.shape[0])  # room for 3 draws on every row
+    data = RemovableDataset(x, y, batch_size=x.shape[0], seed=0)
+    un = MCMCUnlearner(_LinReg(d), bank=bank.clone(), solver="exact", newton_steps=2)
+    report = un.forget(blr.removed, data)
+    assert report.info["newton_data"] == f"all {x.shape[0] - len(blr.removed)} remaining rows at 3 draws"
+    draws = bank[U._evenly(bank.shape[0], 3)]
+    want = blr.mean_kept.double() + bank.mean(0) - draws.mean(0)
+    assert torch.allclose(un.bank.mean(0), want, atol=1e-6 * float(delta.norm()))
+
+
 def test_failure_after_curvature_update_restores_the_cache(blr, monkeypatch) -> None:
     """A request that fails late (after the dense Hessian cache was updated) leaves the cache as it was."""
     from mcmc_unlearner.backends import DenseBackend

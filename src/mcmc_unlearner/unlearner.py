@@ -217,6 +217,11 @@ def _default_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model.nll(batch)
 
 
+#: Row-draw gradients one equilibrium Newton step may take on every remaining row (fewer bank draws, not fewer rows,
+#: when the data set is large: a gradient on a subset of rows scaled to ``n`` is far noisier than one on fewer draws).
+NEWTON_ROW_DRAWS = 2**18
+
+
 def _evenly(n: int, k: int | None) -> torch.Tensor:
     if k is None or k >= n:
         return torch.arange(n)
@@ -1020,8 +1025,16 @@ class MCMCUnlearner:
             moved = pts + self.curvature.solve(g_all.T, damping).x.T
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)
+        # the exact Gaussian transport from the old to the new precision: undamped when both are positive definite
+        # (the damping regularises the step, it is not part of the posterior), else with the step's damping
         try:
-            T = self.curvature.transport(damping)  # exact Gaussian transport from the old to the new precision
+            try:
+                T = self.curvature.transport(0.0)
+            except NegativeCurvatureError:
+                if damping <= 0:
+                    raise
+                T = self.curvature.transport(damping)
+                info["bank_shift_damped"] = damping
         except NegativeCurvatureError as exc:
             # no Gaussian to transport between (an indefinite precision, e.g. a mixture's): move by the mean shift
             info["bank_shift_fallback"] = f"mean shift: {exc}"
@@ -1047,8 +1060,9 @@ class MCMCUnlearner:
 
         ``newton_target="equilibrium"``: steps ``p = −(H + λ)⁻¹ E_s[∇F(θ_s + x, S∖S')]`` zero the bank-averaged
         remaining-data gradient (at the new posterior ``E_θ[∇F(θ, S∖S')] = 0``, by integration by parts); the
-        gradient is taken on every remaining row when the data can list them (and fit ``2^18`` row-draws), else
-        on the check rows. Each step is checked from the shifted bank.
+        gradient is taken on every remaining row when the data can list them, at as many evenly spaced draws as
+        fit ``NEWTON_ROW_DRAWS`` row-draws (at least 2), else on the check rows. Each step is checked from the
+        shifted bank.
 
         ``newton_target="relative"``: steps on the control-variate energy ``φ`` of the first step,
         ``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]`` (paired differences on the check rows), which
@@ -1068,9 +1082,14 @@ class MCMCUnlearner:
             carry = None
             pts = k_thetas if self.bank is None else self.bank[_evenly(self.bank.shape[0], self._grad_draw_count(1))]
             full = stream.full()
-            use_full = full is not None and n * pts.shape[0] <= 2**18
+            fit = min(pts.shape[0], NEWTON_ROW_DRAWS // max(n, 1))  # draws whose gradients on every row fit the cap
+            use_full = full is not None and fit >= 2
+            if use_full and fit < pts.shape[0]:
+                pts = pts[_evenly(pts.shape[0], fit)]
             data = full if use_full else check.rows
-            info["newton_data"] = "all remaining rows" if use_full else f"{check.m} check rows"
+            info["newton_data"] = (
+                f"all {n} remaining rows at {pts.shape[0]} draws" if use_full else f"{check.m} check rows"
+            )
             energy = e_f if use_full else self._energy_f(n)  # e_f scales its batch to n either way
         for _ in range(self.newton_steps - 1):
             if equilibrium:

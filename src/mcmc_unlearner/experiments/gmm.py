@@ -251,7 +251,7 @@ def run_demo(
     curvature_draws: int = 4,
     grad_draws: int | None = 256,
     curvature_batch: int | None = None,
-    newton_steps: int = 1,
+    newton_steps: int = 2,
     save_model: str | Path | None = None,
     retrain_chains: int = 4,
     exact_draws: int = 4000,
@@ -1105,8 +1105,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="independent retrain chains whose median/range is the yardstick (default 4, at least 2)",
     )  # fmt: skip
     p.add_argument(
-        "--newton-steps", type=int, default=1, metavar="K",
-        help="the unlearner's newton_steps: at most K damped Newton steps per request (default 1)",
+        "--newton-steps", type=int, default=2, metavar="K",
+        help="the unlearner's newton_steps: at most K damped Newton steps per request (default 2: the influence "
+        "step, then one equilibrium step that zeroes the bank-averaged remaining-data gradient; 1: the library's "
+        "default, the influence step alone)",
     )  # fmt: skip
     p.add_argument(
         "--grad-draws", type=int, default=256, metavar="N",
