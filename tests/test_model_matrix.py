@@ -15,12 +15,12 @@ The targets are the issue's: no refusal or exception; the forgotten rows' poster
 ``0.5 ≤ (unlearn − origin)/(retrain − origin) ≤ 2`` of the way to retraining; kept-data test error within
 1.5 points (RMSE within 10%) of retraining; peak memory of the request under 2 GB; the user's bank untouched.
 Why these tolerances hold for a retrain-quality answer (measured with ``--floor 3``, see
-``notes/README-model-matrix.md``): with ``retrain`` = the mean of the two reference retrain chains, three
+``docs/model-matrix.md``): with ``retrain`` = the mean of the two reference retrain chains, three
 further independent retrain chains per model score fractions mlp 0.52-1.61, regression 0.98-1.00, bncnn
 0.74-1.47, transformer 0.42-0.95 (hence its wider lower bound, ``FRACTION_BOUNDS``), test error within
 1.48 points (mlp, bncnn) / 0.25 points (transformer) and RMSE within 4.8% (regression) of that mean.
 
-Tests marked ``xfail(strict=True)`` fail on the library as of main 1ed5362 (the measured failure is in the
+Tests marked ``xfail(strict=True)`` fail on the library as of main 93b4d6a (the measured failure is in the
 reason); they are expected to pass once the self-tuning defaults of issue 11 are tuned, and strict mode then
 reports them so the marks can be removed. (On 937c34d, before the new defaults, every request here was refused
 or timed out, except the regression's, which ran the dense solver and wrecked the fit.)
@@ -75,9 +75,9 @@ def _explain(r: dict[str, Any]) -> str:
     return f"{r['model']}: status {req.get('status')}, {mm.report_fields(req)}; {req.get('error', '')[:400]}"
 
 
-#: Measured failures of the library these marks were set against (main 1ed5362, merged into this branch; numbers
-#: from this file's own chains). Remove a mark once its test passes (strict mode reports it as XPASS).
-_MAIN = "main 1ed5362"
+#: Measured failures of the library these marks were set against (main 93b4d6a, re-measured: the same numbers as on
+#: 1ed5362; from this file's own chains). Remove a mark once its test passes (strict mode reports it as XPASS).
+_MAIN = "main 93b4d6a"
 XFAIL: dict[tuple[str, str], str] = {
     (
         "mlp",

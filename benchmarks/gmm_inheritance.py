@@ -23,7 +23,7 @@ the 800 points with the demo's settings and with other ``bank_shift`` choices, a
 
 Usage (from the repository root, ``PYTHONPATH=src``)::
 
-    OMP_NUM_THREADS=1 python notes/gmm_inheritance.py --seeds 0 1 2 3 4 [--sampler sgld] [--out FILE.json]
+    OMP_NUM_THREADS=1 python benchmarks/gmm_inheritance.py --seeds 0 1 2 3 4 [--sampler sgld] [--out FILE.json]
 """
 
 from __future__ import annotations

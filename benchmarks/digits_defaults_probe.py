@@ -1,6 +1,6 @@
 """Per-request step control of the library defaults vs the former tuned settings on the digits benchmark case.
 
-    PYTHONPATH=src python notes/digits_defaults_probe.py [--quick]
+    PYTHONPATH=src python benchmarks/digits_defaults_probe.py [--quick]
 
 Prints, after each of the 3 requests, the bank's removed-point and kept-class test errors and the step-control
 record (damping, predicted/actual change of the bank-averaged remaining-data energy, mean NLL change of held

@@ -1,6 +1,6 @@
-"""Effect of each deviation of the old benchmark's paper re-implementation (notes/README-paper-bench.md).
+"""Effect of each deviation of the old benchmark's paper re-implementation (docs/performance.md).
 
-    PYTHONPATH=src python notes/paper_deviations.py [--quick]
+    PYTHONPATH=src python benchmarks/paper_deviations.py [--quick]
 
 Conjugate case (3 seeds): fraction of the exact mean shift left undone. Digits case (2 seeds): removed-point and
 kept-class test error of the shifted bank. Variants: faithful (experiments/paper.py), the old benchmark (ids removed

@@ -2,7 +2,7 @@
 
 Usage (``PYTHONPATH=src``)::
 
-    python notes/gmm_seed_table.py runs/sgld-0 runs/sgld-1 ...
+    python benchmarks/gmm_seed_table.py runs/sgld-0 runs/sgld-1 ...
 
 Prints, per distance to the exact posterior: each method's mean ± sd over seeds (min–max), the retrain chains'
 per-seed median (mean ± sd over seeds) and in how many seeds ``unlearn`` is at or below that seed's median;
