@@ -26,3 +26,21 @@ def test_quick_start_commands_are_the_ci_commands() -> None:
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install "torch==2.13.0" -e . && mcmc-unlearner demo' in text
     assert "python -m pytest -q" in text and "python -m pytest -q" in ci
+
+
+def test_your_own_network_example_runs_and_returns_the_users_layout() -> None:
+    """The first example: a plain nn.Sequential, the user's own SGLD loop, a list of state_dicts, a DataLoader."""
+    import torch
+
+    block = next(b for b in _python_blocks() if "MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)" in b)
+    ns: dict = {}
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(block, "README.md", "exec"), ns)
+    finally:
+        torch.set_num_threads(threads)
+    report, samples, new = ns["report"], ns["samples"], ns["new_samples"]
+    assert report.problems == [] and report.n_removed == 50 and report.n_remaining == 950
+    assert isinstance(new, list) and len(new) == len(samples) and new[0].keys() == samples[0].keys()
+    moved = [float((new[i][k] - samples[i][k]).norm()) for i in range(len(new)) for k in new[i]]
+    assert max(moved) > 0  # the samples moved; the user's own state_dicts are separate objects

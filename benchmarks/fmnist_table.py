@@ -1,0 +1,76 @@
+"""The README's Fashion-MNIST table from several ``mcmc-unlearner bnn --preset paper-fmnist`` runs (one per seed).
+
+Usage::
+
+    python benchmarks/fmnist_table.py runs/fmnist-s0 runs/fmnist-s1 runs/fmnist-s2 [--markdown]
+
+Per method, mean ± sd over the seeds (min–max for the distances): error on the removed points and on kept-class
+test points (%), their distance to the retrain chains (points), the mean per-example L1 distance between
+predictive distributions on kept-class test points as a multiple of the retrain-pair floor, the
+likelihood-ratio attack's AUC on the removed points, CPU seconds (all requests; training for the retrains) and
+refused requests; then issue 12's targets per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+METHODS = ("origin", "retrain", "unlearn", "paper", "finetune", "langevin", "importance")
+
+
+def _ms(values: list[float], fmt: str = "{:.1f}") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    args = ap.parse_args()
+    runs = [json.loads((p / "metrics.json").read_text()) for p in args.runs]
+    print(f"{len(runs)} seed(s): {[r['config'].get('seed') for r in runs]}")
+    head = (
+        "| method | removed err % | test-kept err % | \\|Δ\\| removed (pts) | \\|Δ\\| test-kept (pts) "
+        "| L1 test-kept × floor | LR-attack AUC | CPU s | refused |"
+    )
+    print(head)
+    print("|" + "---|" * 9)
+    for m in METHODS:
+        rows = [r["methods"].get(m) for r in runs]
+        rows = [x for x in rows if isinstance(x, dict) and "error" in x]
+        if not rows:
+            continue
+        ratio = [
+            x["pred_diff"]["test_kept"] / r["floor"]["pred_diff"]["test_kept"]
+            for x, r in zip(rows, runs, strict=False)
+            if x.get("pred_diff")
+        ]
+        cells = [
+            _ms([100 * x["error"]["removed"] for x in rows]),
+            _ms([100 * x["error"]["test_kept"] for x in rows]),
+            _ms([100 * x["error_gap"]["removed"] for x in rows if x.get("error_gap")]),
+            _ms([100 * x["error_gap"]["test_kept"] for x in rows if x.get("error_gap")]),
+            _ms(ratio, "{:.2f}") + (f" ({min(ratio):.2f}–{max(ratio):.2f})" if len(ratio) > 1 else ""),
+            _ms([x["mia"]["auc_removed"] for x in rows if x.get("mia")], "{:.3f}"),
+            _ms([x.get("cpu_seconds") for x in rows], "{:.0f}"),
+            _ms([x.get("refused") for x in rows if x.get("refused") is not None], "{:.0f}"),
+        ]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    floor = [r["floor"]["pred_diff"]["test_kept"] for r in runs]
+    print(f"\nretrain-pair floor, L1 test-kept: {_ms(floor, '{:.4f}')}")
+    print("\nissue 12's targets for unlearn, per seed:")
+    for r in runs:
+        t = r.get("targets", {})
+        verdicts = "; ".join(f"{k} {'met' if v.get('met') else 'MISSED'}" for k, v in t.items())
+        print(f"  seed {r['config'].get('seed')}: {verdicts}")
+
+
+if __name__ == "__main__":
+    main()
