@@ -613,3 +613,28 @@ def test_tied_weights_fall_back_to_the_diagonal() -> None:
     assert "tied" in K.info["diagonal"]["emb.weight"]
     V = torch.randn(theta.numel(), 2, dtype=D64)
     torch.testing.assert_close(K.solve(K @ V, 0.1), V - 0.1 * K.solve(V, 0.1), atol=1e-10, rtol=1e-10)
+
+
+def test_factor_eigendecomposition_survives_a_lapack_failure_and_refuses_nan(monkeypatch) -> None:
+    """``eigh`` failing to converge (seen on float32 LeNet-5 factors of Fashion-MNIST) falls back to the SVD, which
+    decomposes a PSD factor exactly the same way; a factor with NaN entries is refused with a clear error."""
+    import mcmc_unlearner.kronecker as K
+    from mcmc_unlearner.errors import SolverDivergedError
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=g)
+    X[:, 5] = X[:, 4]  # a repeated direction: rank-deficient, repeated (zero) eigenvalues
+    M = X.T @ X
+    lam, Q = K._psd_eigh(M)
+    assert torch.allclose((Q * lam) @ Q.T, M, atol=1e-4)
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    lam2, Q2 = K._psd_eigh(M)
+    assert torch.allclose((Q2 * lam2) @ Q2.T, M, atol=1e-4)
+    assert torch.allclose(lam2, lam, atol=1e-4) and bool((lam2[1:] >= lam2[:-1]).all())  # ascending, as eigh
+    M[2, 3] = float("nan")
+    with pytest.raises(SolverDivergedError, match="Kronecker factor has NaN"):
+        K._psd_eigh(M)
