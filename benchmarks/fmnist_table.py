@@ -43,14 +43,15 @@ def main() -> None:
     print(head)
     print("|" + "---|" * 9)
     for m in METHODS:
-        rows = [r["methods"].get(m) for r in runs]
-        rows = [x for x in rows if isinstance(x, dict) and "error" in x]
+        pairs = [(x, r) for r in runs if isinstance(x := r["methods"].get(m), dict) and x.get("status") != "failed"]
+        pairs = [(x, r) for x, r in pairs if x.get("error") and x["error"].get("removed") is not None]
+        rows = [x for x, _ in pairs]
         if not rows:
             continue
         ratio = [
             x["pred_diff"]["test_kept"] / r["floor"]["pred_diff"]["test_kept"]
-            for x, r in zip(rows, runs, strict=False)
-            if x.get("pred_diff")
+            for x, r in pairs
+            if (x.get("pred_diff") or {}).get("test_kept") is not None
         ]
         cells = [
             _ms([100 * x["error"]["removed"] for x in rows]),
@@ -62,11 +63,14 @@ def main() -> None:
             _ms([x.get("cpu_seconds") for x in rows], "{:.0f}"),
             _ms([x.get("refused") for x in rows if x.get("refused") is not None], "{:.0f}"),
         ]
-        print(f"| {m} | " + " | ".join(cells) + " |")
+        print(f"| {m} ({len(rows)} seed{'s' if len(rows) != 1 else ''}) | " + " | ".join(cells) + " |")
     floor = [r["floor"]["pred_diff"]["test_kept"] for r in runs]
     print(f"\nretrain-pair floor, L1 test-kept: {_ms(floor, '{:.4f}')}")
     print("\nissue 12's targets for unlearn, per seed:")
     for r in runs:
+        failed = [k for k, v in r["methods"].items() if isinstance(v, dict) and v.get("status") == "failed"]
+        if failed:
+            print(f"  seed {r['config'].get('seed')}: failed methods {failed}")
         t = r.get("targets", {})
         verdicts = "; ".join(f"{k} {'met' if v.get('met') else 'MISSED'}" for k, v in t.items())
         print(f"  seed {r['config'].get('seed')}: {verdicts}")
