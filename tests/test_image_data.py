@@ -342,6 +342,26 @@ def test_download_without_torchvision_gives_install_hint(tmp_path, monkeypatch):
     assert str(tmp_path / "cifar-100-python" / "train") in str(exc.value)
 
 
+def test_download_with_a_broken_torchvision_names_the_mismatch(tmp_path, monkeypatch):
+    """PyPI's torchvision beside a CPU-only torch fails on import with a RuntimeError (an operator it expects is
+    missing): the loader says so and how to fix it, instead of a traceback from inside torchvision."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    monkeypatch.delitem(sys.modules, "torchvision.datasets", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match="does not import beside torch") as exc:
+        load_dataset("cifar100", data_dir=tmp_path, download=True)
+    assert "torchvision::nms" in str(exc.value) and str(tmp_path / "cifar-100-python" / "train") in str(exc.value)
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         load_dataset("svhn")

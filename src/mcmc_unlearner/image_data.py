@@ -345,12 +345,18 @@ def _load_cifar_files(paths: list[Path], label_key: str) -> tuple[Tensor, Tensor
 # --- download ---------------------------------------------------------------------------------------
 def _download(name: str, root: Path, missing: list[Path]) -> None:
     """Download ``name`` into ``root`` with torchvision (imported lazily)."""
+    paths = "\n  ".join(str(p) for p in missing)
     try:
         import torchvision.datasets as tvd
     except ImportError as e:
-        paths = "\n  ".join(str(p) for p in missing)
         raise ImportError(
             f"downloading {name!r} needs torchvision: {_INSTALL_HINT}, or place the files at:\n  {paths}"
+        ) from e
+    except (RuntimeError, AttributeError, OSError) as e:  # a torchvision built for another torch fails on import
+        raise ImportError(
+            f"downloading {name!r} needs torchvision, but the installed one does not import beside torch "
+            f"{torch.__version__} ({type(e).__name__}: {str(e)[:120]}); install the torchvision release matching "
+            f"this torch, or place the files at:\n  {paths}"
         ) from e
     cls = {
         "mnist": tvd.MNIST,
