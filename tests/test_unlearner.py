@@ -238,15 +238,8 @@ def test_newton_steps_converge_to_the_new_mode_of_a_nonlinear_posterior() -> Non
     assert errors[4] < 0.05 * errors[1]
 
 
-class _LinReg(torch.nn.Module):
+class _LinReg(_LogReg):
     """Bayesian linear regression, prior N(0, 1), noise 1 (the closed form is ``exact_posterior``)."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
-
-    def log_prior(self):
-        return -0.5 * (self.w**2).sum()
 
     def nll(self, batch):
         x, y = batch
