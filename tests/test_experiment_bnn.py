@@ -444,3 +444,26 @@ def test_unlearner_keywords_reach_the_unlearner(tmp_path, monkeypatch):
     assert seen["carry_deficit"] is False and seen["check_draws"] == 3 and seen["damping"] == 50.0
     m = json.loads((out / "metrics.json").read_text())
     assert "carry_deficit=False" in m["unlearner_settings"] and "damping=50.0" in m["unlearner_settings"]
+
+
+def test_collapsed_pretraining_is_refused_before_any_chain(tmp_path, monkeypatch):
+    """Shared initial weights that predict one class (measured: the paper preset's seed 1) void every comparison:
+    refused at once with the fix, instead of 40 minutes of chains that all sit at chance."""
+    import mcmc_unlearner.experiments.bnn as B
+
+    folder = tmp_path / "fashion-mnist"
+    _write_fake_fmnist(folder, np.random.default_rng(1), per_class_test=4)
+    settings = {**B.PRESETS["paper-fmnist"], "data_dir": str(folder), "pretrain_steps": 100, "progress": False}
+    cfg = B.BNNConfig(**settings)
+    B._Experiment(cfg)  # a working pre-training passes and is reported
+    assert any("accuracy" in note and "chance 10.0%" in note for note in cfg.notes)
+
+    def collapse(model, *args, **kwargs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()  # every image gets the same logits: one class everywhere
+
+    monkeypatch.setattr(B, "_sgd", collapse)
+    cfg = B.BNNConfig(**settings)
+    with pytest.raises(ValueError, match=r"pre-training on .* collapsed: accuracy 10\.0% .*--seed"):
+        B._Experiment(cfg)
