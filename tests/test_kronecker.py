@@ -638,3 +638,30 @@ def test_factor_eigendecomposition_survives_a_lapack_failure_and_refuses_nan(mon
     M[2, 3] = float("nan")
     with pytest.raises(SolverDivergedError, match="Kronecker factor has NaN"):
         K._psd_eigh(M)
+
+
+def test_backend_scale_reuses_its_probes_across_n() -> None:
+    """``tr K / D`` of a reused K-FAC at another ``n`` equals a fresh Rademacher probe, without a product."""
+    from mcmc_unlearner.backends.kfac import KFACBackend
+
+    model = conv_bn()
+    theta = ParamSpec.flatten_module(model)
+    batch = (torch.randn(5, 1, 4, 4, dtype=D64), torch.randint(0, 4, (5,)))
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=100, nll=ce_nll, log_prior=iso_prior(0.5))
+
+    def fresh(n: float) -> float:  # the estimate as one probe at this n
+        K.n = n
+        g = torch.Generator().manual_seed(0)
+        z = (torch.randint(0, 2, (K.dim, 4), generator=g) * 2 - 1).to(D64)
+        return float((z * (K @ z)).sum() / (z * z).sum())
+
+    want = {n: fresh(n) for n in (100, 40)}
+    backend = KFACBackend()
+    backend._dtype, backend._pending, backend._n = D64, (K, 1), 100
+    assert math.isclose(backend.scale(), want[100], rel_tol=1e-12)
+    calls = []
+    K._apply = lambda *a, **k: calls.append(1)  # any further product would be recorded (and break the result)
+    backend._scale, backend._n = None, 40  # what prepare() does when it reuses the factors for a smaller n
+    assert math.isclose(backend.scale(), want[40], rel_tol=1e-12) and not calls
+    # the prior alone, 1/0.5² = 4 per coordinate, is the n = 0 limit; the data term adds a positive trace
+    assert want[40] > 4.0 and math.isclose((want[100] - 4.0) / (want[40] - 4.0), 2.5, rel_tol=1e-9)

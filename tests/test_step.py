@@ -14,7 +14,8 @@ from mcmc_unlearner.curvature import functionalize
 from mcmc_unlearner.errors import QualityError
 from mcmc_unlearner.models.linreg import BayesianLinearRegression
 from mcmc_unlearner.solvers import SolveResult
-from mcmc_unlearner.step import DampingControl, EnergyCheck, Measurement
+from mcmc_unlearner.step import DampingControl, EnergyCheck, Measurement, StepOutcome
+from mcmc_unlearner.unlearner import MAX_STEP_SHORTFALL, RemovalReport, quality_problems
 
 
 def _blr_draws(prob, S: int = 64, seed: int = 0) -> torch.Tensor:
@@ -239,3 +240,49 @@ def test_measured_deficit_is_the_first_moment_deficit_along_the_step() -> None:
     out = outcome(H)
     out.damping = 0.0
     assert measured_deficit(G, out) is None
+
+
+# ------------------------------------------------------------------------------------- "made by the damping"
+def _outcome(gx: float, curv: float, stderr: float = 0.0, damping: float = 1.0) -> StepOutcome:
+    """A step whose measured energy along it is exactly ``−α·gx + ½α²·curv`` (``curv = c‖x‖²``) at α = 1."""
+    actual = -gx + 0.5 * curv
+    solve = SolveResult(torch.zeros(1), "kfac", 0, 0.0, True)
+    return StepOutcome(torch.zeros(1), solve, damping, 1, -gx, actual, 1.0, stderr, 0.0, True, gx=gx)
+
+
+@pytest.mark.parametrize("gx, curv", [(2.0, 0.02), (2.0, 4.0), (1e-3, 1e-5), (5.0, 10.0)])
+def test_step_shortfall_is_the_minimiser_of_the_measured_quadratic(gx: float, curv: float) -> None:
+    # φ(α) = −α·gx + ½α²·curv is smallest at α* = gx / curv
+    assert _outcome(gx, curv).shortfall() == pytest.approx(gx / curv, rel=1e-9)
+    # with Monte-Carlo error the curvature is taken at its upper bound (actual + 2 stderr): a shorter α*
+    se = 0.1 * curv
+    assert _outcome(gx, curv, stderr=se).shortfall() == pytest.approx(gx / (curv + 4 * se), rel=1e-9)
+    # a measured energy that is linear (or concave) along the step: no finite optimum
+    assert _outcome(gx, 0.0).shortfall() == math.inf
+
+
+def _report(damping: float, relative: float, shortfall: float) -> RemovalReport:
+    return RemovalReport(
+        n_removed=1, n_remaining=10, solver="kfac", iterations=0, residual=0.0, converged=True, shift_norm=1.0,
+        shift_stderr=0.0, seconds=0.0, n_draws=1, n_curvature_draws=1, bank_size=1, expectation="bank",
+        hessian="remaining", bank_shift="mean", damping=damping, damping_relative=relative,
+        step_shortfall=shortfall,
+    )  # fmt: skip
+
+
+def test_made_by_the_damping_is_judged_by_the_measured_energy_not_the_mean_curvature() -> None:
+    big = 3e4  # 3e4 x the mean curvature: what the adaptive control accepted on a 1.2M-parameter ResNet
+    # adaptive damping whose step the measured energy says is about right: passes, however large λ/(tr H/D)
+    assert quality_problems(_report(1.0, big, 1.8), tol=1e-3) == []
+    # a step the measured energy says is far too short is refused, adaptive or fixed, naming the fix
+    (msg,) = quality_problems(_report(1.0, 10.0, 10 * MAX_STEP_SHORTFALL), tol=1e-3)
+    assert "made by the damping" in msg and "curvature_draws" in msg and "keeps falling" in msg
+    (msg,) = quality_problems(_report(1.0, 10.0, 10 * MAX_STEP_SHORTFALL), tol=1e-3, fixed_damping=True)
+    assert "lower the damping" in msg
+    # a fixed damping far above the curvature is refused even when its tiny step's check is noise
+    (msg,) = quality_problems(_report(1.0, 1e12, 0.3), tol=1e-3, fixed_damping=True)
+    assert "made by the damping" in msg and "keeps falling" not in msg  # the noise's shortfall is no reason
+    # a measured energy that is not convex along the step gives no verdict (no finite optimum to compare with)
+    assert quality_problems(_report(1.0, 10.0, math.inf), tol=1e-3) == []
+    # an undamped step is never "made by the damping"
+    assert quality_problems(_report(0.0, 0.0, math.inf), tol=1e-3) == []

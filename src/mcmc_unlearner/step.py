@@ -237,6 +237,23 @@ class StepOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     note: str = ""
     scale: float = 1.0
+    gx: float = math.nan
+
+    def shortfall(self) -> float:
+        """How many times longer the step could be before the *measured* energy stops falling along it.
+
+        Along ``x`` the check measures ``φ(αx) ≈ −α G·x + ½α² c‖x‖²`` with ``c‖x‖² = 2(actual + G·x)``, whose
+        minimum is at ``α* = G·x / (c‖x‖²)``. This returns ``α*`` with the curvature at its upper confidence bound
+        (``actual + 2·stderr``), so a noisy check does not inflate it; ``inf`` when even that bound is not
+        positive (the measured energy is not convex along the step: no finite optimum there, no verdict). About 1
+        (or below) when the curvature model set the step's length; ``≫ 1`` when the damping did: the step is then
+        a short gradient step that leaves most of the influence unapplied.
+        """
+        if not (math.isfinite(self.gx) and math.isfinite(self.actual)) or self.gx <= 0:
+            return math.nan
+        stderr = self.stderr if math.isfinite(self.stderr) else 0.0
+        q_hi = 2.0 * (self.actual + 2.0 * stderr + self.gx)
+        return self.gx / q_hi if q_hi > 0 else math.inf
 
 
 def measured_deficit(G: torch.Tensor, out: StepOutcome) -> torch.Tensor | None:
@@ -329,7 +346,7 @@ class DampingControl:
         # of its size (beyond two standard errors)
         limit = self.max_nll_increase * meas.nll_scale + 2 * meas.nll_stderr
         ok = ok and not meas.nll_change > limit  # (no direct measurement: nan limit, no verdict)
-        out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok)
+        out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
         out.history = [
             {"damping": lam, "predicted": pred, "actual": meas.actual, "ratio": ratio, "gx": gx,
              "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale}

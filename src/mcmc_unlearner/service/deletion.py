@@ -161,6 +161,7 @@ def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, setting
         "damping",
         "damping_trials",
         "damping_relative",
+        "step_shortfall",
         "predicted_change",
         "actual_change",
         "actual_stderr",

@@ -1,0 +1,117 @@
+"""Cost of a *sequence* of deletion requests with the defaults, in SGLD epochs of the same model (issue 11's cost
+target: one request of 64 rows on a >= 1M-parameter residual network at most 0.25 epochs over 10k rows).
+
+``model_matrix.py`` times one request, which pays the one-off costs (the K-FAC build and eigendecompositions, the
+first damping search from zero). A user serving deletions pays those once; later requests reuse the curvature
+(``refresh_every``) and start from the accepted damping. This script runs ``--requests`` sequential requests of 64
+rows on a model-matrix chain — the forgotten set of the matrix first, then random kept rows — with the library's
+defaults, one process, one torch thread (``--threads``), and prints each request's CPU seconds next to a timed
+SGLD epoch over 10k rows measured in the same process.
+
+    OMP_NUM_THREADS=1 python benchmarks/request_sequence.py --model resnet --requests 5 --chain-cache /tmp/mm/cache \
+        --json docs/runs/request-sequence-resnet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import model_matrix as mm
+from mcmc_unlearner import MCMCUnlearner
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="resnet", help="a model_matrix.py model name")
+    ap.add_argument("--full", action="store_true", help="the full sizes (default: model_matrix.py --quick sizes)")
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=64, help="rows per request after the first (the forgotten set)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see README, 'Threads')")
+    ap.add_argument("--chain-cache", type=Path, default=None, help="model_matrix.py's chain cache folder")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    p = mm.build_problems([args.model], not args.full, args.seed)[0]
+    origin = mm.train_chain(p, torch.arange(len(p.x_train)), 100 * args.seed, args.chain_cache)
+    model = origin.model
+    ep_wall, ep_cpu = mm.time_sgld_epoch(p, model, max_steps=None)
+    torch.nn.utils.vector_to_parameters(origin.bank[-1], model.parameters())
+    print(
+        f"{p.description}: {p.n_params():,} params; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"SGLD epoch over 10k rows: {ep_cpu:.2f} s CPU",
+        flush=True,
+    )
+    kept = p.keep_mask.nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(args.seed)
+    others = [kept[torch.randperm(len(kept), generator=g)[: args.rows]] for _ in range(args.requests - 1)]
+    requests = [p.forget, *others]
+    gone = torch.zeros(len(p.x_train), dtype=torch.bool)
+    un = MCMCUnlearner(model, None, nll=p.nll, log_prior=p.log_prior, bank=origin.bank.clone())
+    rows_out = []
+    for k, rows in enumerate(requests):
+        gone[rows] = True
+        xr, yr = p.x_train[~gone], p.y_train[~gone]
+        remaining = mm.forever(mm.loader(xr, yr, p.batch, k))
+        c0, t0 = time.process_time(), time.perf_counter()
+        status, report = "ok", None
+        try:
+            report = un.remove((p.x_train[rows], p.y_train[rows]), remaining, n_remaining=len(xr))
+        except Exception as e:  # recorded, the sequence goes on (the user would retrain or repair)
+            status = f"{type(e).__name__}: {e}"
+            report = getattr(e, "report", None)
+        cpu = time.process_time() - c0
+        row = {
+            "request": k,
+            "rows": len(rows),
+            "status": status,
+            "cpu_seconds": cpu,
+            "wall_seconds": time.perf_counter() - t0,
+            "epochs": cpu / ep_cpu,
+        }
+        if report is not None:
+            info = report.info
+            row.update(
+                damping_trials=report.damping_trials,
+                damping_relative=report.damping_relative,
+                step_shortfall=report.step_shortfall,
+                model_ratio=report.model_ratio,
+                curvature_reused=bool(info.get("preconditioner_reused") or info.get("hessian_reused")),
+                kfac_build_seconds=info.get("kfac_build_seconds"),
+            )
+        rows_out.append(row)
+        print(
+            f"  request {k}: {status:<4} {cpu:6.2f} s CPU = {row['epochs']:.2f} epochs; trials "
+            f"{row.get('damping_trials')}, damping {row.get('damping_relative', math.nan):.3g}x mean curvature, "
+            f"shortfall {row.get('step_shortfall', math.nan):.3g}, curvature reused {row.get('curvature_reused')}",
+            flush=True,
+        )
+    later = [r["epochs"] for r in rows_out[1:]]
+    total = sum(r["cpu_seconds"] for r in rows_out)
+    print(
+        f"first request {rows_out[0]['epochs']:.2f} epochs (one-off costs included); later requests "
+        f"{min(later):.2f}-{max(later):.2f} epochs; total {total:.1f} s CPU = {total / ep_cpu:.2f} epochs for "
+        f"{len(rows_out)} requests"
+        if later
+        else f"one request: {rows_out[0]['epochs']:.2f} epochs"
+    )
+    if args.json:
+        meta = {"model": p.name, "description": p.description, "params": p.n_params(), "quick": not args.full,
+                "seed": args.seed, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "epoch_cpu_seconds": ep_cpu, "epoch_wall_seconds": ep_wall}  # fmt: skip
+        args.json.write_text(json.dumps({"meta": meta, "requests": rows_out}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
