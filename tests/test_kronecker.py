@@ -91,6 +91,7 @@ def test_linear_gaussian_regression_is_exact_and_equals_the_hessian() -> None:
         (nn.Conv2d(2, 2, 3, padding="same", bias=False), (2, 4, 4)),
         (nn.Conv1d(2, 3, 3, padding=2, stride=2), (2, 7)),
         (nn.Linear(3, 2), (4, 3)),  # leading sequence dimension: 4 locations per row
+        (nn.Conv2d(4, 2, 3, padding=0), (4, 4, 4)),  # 12 patches < 37 dimensions: the kept-rows (low-rank) path
     ],
 )
 def test_weight_shared_linear_layers_are_exact_for_gaussian_outputs(layer, shape) -> None:
@@ -558,18 +559,24 @@ def test_cached_eigenbasis_coordinates_follow_in_place_changes() -> None:
     torch.testing.assert_close(K.solve(y, 0.0), v)
 
 
-def test_low_rank_factors_from_few_rows_equal_the_full_eigendecomposition() -> None:
-    """A layer seen on fewer rows than its width keeps the rows and decomposes their Gram matrix instead; the
-    operator equals the one built from summed factors (forced by a reduce, which must sum)."""
+@pytest.mark.parametrize("conv", [False, True])
+def test_low_rank_factors_from_few_rows_equal_the_full_eigendecomposition(conv: bool) -> None:
+    """A layer seen on fewer rows (or convolution patches) than its width keeps them and decomposes their Gram
+    matrix instead; the operator equals the one built from summed factors (forced by a reduce, which must sum)."""
     torch.manual_seed(12)
-    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+    if conv:  # 8 channels × 3×3 patches + bias = 73 dimensions, 2×2 output locations × 12 rows = 48 patches
+        model = nn.Sequential(nn.Conv2d(8, 40, 3), nn.Tanh(), nn.Flatten(), nn.Linear(160, 3)).double()
+        shape, ranks = (8, 4, 4), ("rank 48", "full eigenbasis")
+    else:
+        model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+        shape, ranks = (30,), ("rank 12", "rank 12")
     theta = ParamSpec.flatten_module(model)
     thetas = theta[None] + 0.1 * torch.randn(2, theta.numel(), dtype=D64)
-    batches = [(torch.randn(6, 30, dtype=D64), torch.randint(0, 3, (6,))) for _ in range(2)]
+    batches = [(torch.randn(6, *shape, dtype=D64), torch.randint(0, 3, (6,))) for _ in range(2)]
     kw = {"n": 200, "nll": ce_nll, "log_prior": iso_prior(0.7)}
     low = KroneckerCurvature.build(model, thetas, batches, **kw)
     full = KroneckerCurvature.build(model, thetas, batches, **kw, reduce=lambda t: t)
-    assert "rank 12" in low.info["kronecker"]["0"]["A"] and "rank 12" in low.info["kronecker"]["0"]["G"]
+    assert ranks[0] in low.info["kronecker"]["0"]["A"] and ranks[1] in low.info["kronecker"]["0"]["G"]
     assert full.info["kronecker"]["0"]["A"] == "full eigenbasis"
     Kd = dense(full)
     torch.testing.assert_close(dense(low), Kd, atol=1e-9, rtol=1e-9)

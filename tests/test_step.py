@@ -68,6 +68,81 @@ def test_energy_check_stderr_matches_the_spread_over_row_subsets() -> None:
     assert 0.7 < spread / mean_se < 1.4, (spread, mean_se)
 
 
+def test_screen_is_the_same_measurement_on_a_subset_and_equals_its_closed_form() -> None:
+    """``screen(x)`` measures on evenly spaced draws and the first rows; on a linear-Gaussian model its remainder is
+    exactly ½xᵀ(I + (n/m)X_mᵀX_m)x for those ``m`` rows, and it equals a full check built on that subset."""
+    prob = make_blr(n=200, dim=3, removed=20, seed=1)
+    model = BayesianLinearRegression(3).double()
+    rows = (prob.x[prob.keep].double(), prob.y[prob.keep].double())
+    n = rows[0].shape[0]
+    f = functionalize(model, lambda m, *b: m.nll(b))
+    lp = functionalize(model, lambda m: m.log_prior())
+    thetas = _blr_draws(prob, 8).double()
+    G = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    check = EnergyCheck(f, lp, thetas, rows, n, G, screen=(4, 45))
+    assert check.screening
+    x = torch.tensor([0.2, -0.4, 0.1], dtype=torch.float64)
+    s_meas = check.screen(x)
+    Xm = rows[0][:45]
+    H_m = torch.eye(3, dtype=torch.float64) + (n / 45) * Xm.T @ Xm
+    assert s_meas.actual == pytest.approx(-float(G @ x) + 0.5 * float(x @ H_m @ x), rel=1e-9, abs=1e-9)
+    assert (s_meas.draws, s_meas.rows) == (4, 45)
+    sub = EnergyCheck(f, lp, thetas[torch.tensor([0, 2, 5, 7])], tuple(t[:45] for t in rows), n, G)(x)
+    assert (sub.actual, sub.stderr, sub.nll_change, sub.direct) == pytest.approx(
+        (s_meas.actual, s_meas.stderr, s_meas.nll_change, s_meas.direct), rel=1e-12, abs=1e-12
+    )
+    full = check(x)
+    assert (full.draws, full.rows) == (8, n) and full.actual != pytest.approx(s_meas.actual, rel=1e-6)
+    assert not EnergyCheck(f, lp, thetas, rows, n, G, screen=(8, n)).screening  # the whole check: no screen
+
+
+class _ScriptedCheck:
+    """A check whose screening and full measurements are given, counting the full checks made."""
+
+    screening = True
+
+    def __init__(self, screen: Measurement, full: Measurement) -> None:
+        self.s, self.f, self.full_calls = screen, full, 0
+
+    def screen(self, x: torch.Tensor) -> Measurement:
+        return self.s
+
+    def __call__(self, x: torch.Tensor) -> Measurement:
+        self.full_calls += 1
+        return self.f
+
+
+@pytest.mark.parametrize(
+    "actual, stderr, nll, nll_se, expect",
+    [
+        (-1.0, 0.05, 0.0, 0.001, True),  # clearly meets the ratio and the NLL limit: accepted on the screen
+        (+2.0, 0.05, 0.0, 0.001, False),  # the energy clearly rose: rejected on the screen
+        (-1.0, 0.05, 0.2, 0.01, False),  # the held rows' NLL clearly rose beyond its limit
+        (-0.3, 0.1, 0.0, 0.001, None),  # ratio 0.3 ± 0.1 against η = 0.25: the full check decides
+        (-1.0, 0.05, 0.04, 0.01, None),  # NLL 0.04 ± 0.01 against a 0.05 limit: the full check decides
+        (math.nan, math.nan, 0.0, 0.001, None),  # nothing measured: the full check decides
+    ],
+)
+def test_a_screen_decides_only_when_clear_by_three_standard_errors(actual, stderr, nll, nll_se, expect) -> None:
+    """With an exact model (pred = −½G·x = −1 here) the screen alone accepts or rejects only when its whole
+    3-standard-error interval is on one side of both criteria; otherwise the full check's verdict is used."""
+    H = torch.eye(2, dtype=torch.float64)
+    G = torch.tensor([1.0, 1.0], dtype=torch.float64)  # x = G, G·x = 2, pred = −1
+    screen = Measurement(actual, stderr, nll, nll_scale=1.0, nll_stderr=nll_se, draws=4, rows=64)
+    for full_ok in (True, False):  # the full check's own verdict, to see which one was used
+        full = Measurement(-1.0 if full_ok else 1.0, 0.01, 0.0, nll_scale=1.0, nll_stderr=0.001, draws=8, rows=256)
+        check = _ScriptedCheck(screen, full)
+        out = DampingControl(damping=0.0).step(_QuadraticBackend(H), G, check)
+        assert out.predicted == pytest.approx(-1.0)
+        if expect is None:
+            assert check.full_calls == 1 and out.safe is full_ok and out.history[0]["check_rows"] == 256
+        else:
+            assert check.full_calls == 0 and out.safe is expect and out.history[0]["check_rows"] == 64
+    check = _ScriptedCheck(screen, Measurement(-1.0, 0.01, 0.0, nll_scale=1.0, nll_stderr=0.001))
+    DampingControl(damping=0.0, screen_z=None).step(_QuadraticBackend(H), G, check)
+    assert check.full_calls == 1  # screening off: always the full check
+
+
 class _QuadraticBackend(CurvatureBackend):
     """A backend whose curvature model is ``B`` while the true energy has Hessian ``H``."""
 
@@ -159,6 +234,22 @@ def test_auto_damping_on_a_gaussian_posterior_is_an_undamped_newton_step() -> No
     assert report.damping == 0.0 and report.damping_trials == 1
     assert report.model_ratio == pytest.approx(1.0, abs=0.15)  # minibatch curvature vs the check's rows
     assert report.actual_change < 0 and report.predicted_change < 0
+
+
+def test_screened_and_full_checks_choose_the_same_steps_on_a_gaussian_posterior() -> None:
+    """A sequence of requests with and without screening: the same dampings and decisions, and the screened run
+    decided its clear steps on a quarter of the rows."""
+    prob = make_blr(n=2000, removed=40)
+    runs = []
+    for screen in (True, False):
+        _, data, un = _blr_unlearner(prob, check_screen=screen)
+        reports = [un.forget(prob.removed[i : i + 10], data) for i in range(0, 40, 10)]
+        runs.append(reports)
+    for a, b in zip(*runs):
+        assert a.damping == b.damping and a.damping_trials == b.damping_trials and a.safe and b.safe
+        full_rows = b.info["trials"][-1]["check_rows"]  # whole minibatches holding >= 256 rows
+        assert full_rows >= 256 and a.info["trials"][-1]["check_rows"] in (64, full_rows)
+    assert any(r.info["trials"][-1]["check_rows"] == 64 for r in runs[0])
 
 
 def test_quality_gate_refuses_a_step_made_by_the_damping_and_changes_nothing() -> None:
@@ -286,3 +377,25 @@ def test_made_by_the_damping_is_judged_by_the_measured_energy_not_the_mean_curva
     assert quality_problems(_report(1.0, 10.0, math.inf), tol=1e-3) == []
     # an undamped step is never "made by the damping"
     assert quality_problems(_report(0.0, 0.0, math.inf), tol=1e-3) == []
+
+
+def test_a_shift_damped_below_the_float_resolution_is_refused_a_negligible_removal_is_not() -> None:
+    """``‖x‖ < ε·max(‖θ‖, 1)`` adds nothing to ``θ``: refused when the damping shrank it there (a fixed damping,
+    or a search whose less damped trial was longer), kept when even the least damped step tried is that small
+    (rows whose removal legitimately changes nothing)."""
+    theta = torch.full((8,), 10.0)  # ‖θ‖ ≈ 28.3: float32 resolution ≈ 3.4e-6
+    tiny, fine = _report(1.0, 5.0, 1.0), _report(1.0, 5.0, 1.0)
+    tiny.shift_norm, fine.shift_norm = 3e-6, 4e-6
+    tiny.info["trials"] = [{"xx": 1e-8}, {"xx": 9e-12}]  # the undamped trial moved 1e-4, the accepted 3e-6
+    (msg,) = quality_problems(tiny, tol=1e-3, theta=theta)
+    assert "floating-point resolution" in msg and "3.4e-06" in msg
+    assert quality_problems(fine, tol=1e-3, theta=theta) == []
+    negligible = _report(1.0, 5.0, 1.0)
+    negligible.shift_norm, negligible.info["trials"] = 3e-6, [{"xx": 9e-12}]
+    assert quality_problems(negligible, tol=1e-3, theta=theta) == []
+    (msg,) = quality_problems(negligible, tol=1e-3, theta=theta, fixed_damping=True)  # the user's damping did it
+    assert "lower the damping" in msg
+    undamped = _report(0.0, 0.0, math.inf)
+    undamped.shift_norm = 3e-6
+    assert quality_problems(undamped, tol=1e-3, theta=theta) == []
+    assert quality_problems(tiny, tol=1e-3) == []  # no parameters given: no resolution check

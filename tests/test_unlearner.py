@@ -374,3 +374,24 @@ def test_affine_transport_falls_back_to_the_mean_shift_when_the_old_precision_is
     G = (-20.0 * (bank - y[10])).mean(0)
     x = G / 11.0  # H_r = prior 1 + ten rows of curvature 1
     assert torch.allclose(un.bank, bank + x, atol=1e-10)
+
+
+def test_looped_per_draw_gradients_equal_the_vectorised_ones(blr, monkeypatch) -> None:
+    """Large models take the removed rows' gradients one draw at a time (``LOOP_DRAWS_FROM_DIM``): the same values
+    as the ``vmap`` path, forced here on a small model by lowering the threshold."""
+    import mcmc_unlearner.unlearner as um
+
+    model, _, data = _setup(blr, "sgld")
+    g = torch.Generator().manual_seed(3)
+    bank = model.w.detach().reshape(1, -1) + 0.1 * torch.randn(6, model.w.numel(), generator=g)
+    batch = data.get(blr.removed[:7])
+    results = []
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(um, "LOOP_DRAWS_FROM_DIM", threshold)
+        if threshold == 1:  # the looped path must not vectorise over draws
+            monkeypatch.setattr(um, "vmap", lambda *a, **k: pytest.fail("vmap used above the threshold"))
+        un = MCMCUnlearner(model, None, bank=bank.clone())
+        results.append(un._per_draw_grads(un._h_f(), bank, batch, rowwise=True))
+    vmapped, looped = results
+    assert vmapped.shape == (6, model.w.numel()) and float(vmapped.abs().max()) > 0
+    torch.testing.assert_close(looped, vmapped, rtol=1e-5, atol=1e-6)

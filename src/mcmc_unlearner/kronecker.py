@@ -326,8 +326,9 @@ class _Moment:
 
     With ``N < d`` rows the factor has rank ``≤ N``: its eigenpairs come from the ``N×N`` Gram matrix (cheaper than a
     ``d×d`` eigendecomposition, and products then cost ``O(d·N)`` per side instead of ``O(d²)``; e.g. the 1024-wide
-    layers of an MLP seen on 4 draws × 128 rows). Rows are folded into the sum as soon as they reach ``d``, or when
-    the sums must be reduced across processes.
+    layers of an MLP seen on 4 draws × 128 rows, or a late 3×3 convolution over 256 channels, 2,305 patch dimensions,
+    seen at 1,024 locations: its eigendecomposition took 3.5 s of a 5.5 s build as a full factor). Rows are folded
+    into the sum as soon as they reach ``d``, or when the sums must be reduced across processes.
     """
 
     def __init__(self, dim: int, full: bool, keep_rows: bool) -> None:
@@ -807,8 +808,12 @@ class KroneckerCurvature:
                 keep = math.ceil(cap * x.shape[0] / seen)
                 x = x[torch.randperm(x.shape[0], generator=gen, device=gen.device)[:keep].to(x.device)]
             t0 = time.perf_counter()
-            if blk.kind == "linear" and blk.A_mom.can_keep(x.numel() // x.shape[-1]):
-                a = x.reshape(-1, x.shape[-1]).to(dtype)
+            if blk.kind == "linear":
+                rows = x.numel() // x.shape[-1]
+            else:  # locations of the (possibly subsampled) convolution input: output locations per input row
+                rows = seen if not batched else (seen // args[0].shape[0]) * x.shape[0]
+            if blk.A_mom.can_keep(rows):  # fewer patches than dimensions so far: keep them (a low-rank factor)
+                a = _patches(blk, x).to(dtype)
                 if blk.bias is not None:
                     a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
                 blk.A_mom.add_rows(a)

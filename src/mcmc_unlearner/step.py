@@ -29,6 +29,13 @@ in thousands of dimensions are not); the direct measurement does not hide it. A 
 request starts from the accepted damping, and a first step with ratio above 0.75 is followed by one at a tenth of
 its damping. A request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
 
+**Screening** (optional, a sequential test: ``EnergyCheck(screen=...)``, ``MCMCUnlearner(check_screen=True)``).
+Each step is measured first on half the check draws and a quarter of its rows, an eighth of the full check's
+cost. When both criteria are met, or one is failed, by more than three standard errors of that measurement, it
+decides; only a step near a threshold pays for the full check, whose point estimates decide as above. A damping
+search from zero rejects its first, grossly overshooting steps this way (the energy *rises* by many standard
+errors). A step accepted on the screen carries the screen's noisier measurement into ``measured_deficit``.
+
 **Carried influence.** An accepted step with damping ``λ`` leaves the first-moment condition of the new posterior
 unmet by ``λx`` (``E[∇F(θ + x, S∖S')] ≈ Hx − G = −λx``); the unlearner adds it to the next request's gradient,
 so influence held back while the curvature model was not trusted is applied once it is (a class removed in many
@@ -65,6 +72,7 @@ class Measurement:
             ``n·mean Δh`` over the check rows), and its standard error.
         nll_scale: Mean ``|h|`` of the check rows before the step (the unit of the damage tolerance).
         nll_stderr: Standard error of ``nll_change``.
+        draws, rows: Posterior draws and held rows (summed over ranks) it was measured on.
     """
 
     actual: float
@@ -74,6 +82,8 @@ class Measurement:
     direct_stderr: float = math.nan
     nll_scale: float = math.nan
     nll_stderr: float = math.nan
+    draws: int = 0
+    rows: int = 0
 
 
 def _directional(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +111,9 @@ class EnergyCheck:
         n: Remaining data points (the energy's scale).
         G: The request's gradient ``E[∇Σ_{S'}h]``.
         reduce: Sums tensors across ranks (``torch.distributed``); ``None`` in one process.
+        screen: ``(draws, rows)`` of a first, cheaper measurement (:meth:`screen`: evenly spaced draws among
+            ``thetas``, the first rows); ``None``: no screening. The full check's forward passes are then only
+            made when a step needs them.
     """
 
     def __init__(
@@ -112,20 +125,53 @@ class EnergyCheck:
         n: int,
         G: torch.Tensor,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        screen: tuple[int, int] | None = None,
     ) -> None:
         self.f, self.lp, self.thetas, self.rows, self.n, self.G = nll_rows, log_prior, thetas, rows, n, G
         self.reduce = reduce or (lambda t: t)
-        with torch.no_grad():
-            self.h0 = torch.stack([self.f(t, *rows).detach() for t in thetas])  # [K, m]
-            self.lp0 = None if log_prior is None else torch.stack([log_prior(t).detach() for t in thetas])
-        sums = self.reduce(torch.stack([torch.tensor(float(rows[0].shape[0])), self.h0.double().abs().mean(0).sum()]))
-        self.m = int(sums[0])
-        self.scale = float(sums[1]) / max(self.m, 1)
+        self._parts: dict[str, _Part] = {}
+        self._screen_size: tuple[int, int] | None = None
+        if screen is not None:
+            k, m = min(int(screen[0]), thetas.shape[0]), min(int(screen[1]), rows[0].shape[0])
+            if k < 1 or m < 1:
+                raise ValueError(f"screen needs at least one draw and one row, got {screen}")
+            if (k, m) != (thetas.shape[0], rows[0].shape[0]):
+                self._screen_size = (k, m)
         self._g0: torch.Tensor | None = None
+
+    def _part(self, which: str) -> _Part:
+        if which not in self._parts:
+            if which == "full":
+                thetas, rows = self.thetas, self.rows
+            else:
+                k, m = self._screen_size  # type: ignore[misc]
+                K = self.thetas.shape[0]
+                idx = torch.linspace(0, K - 1, k).round().long().unique() if k > 1 else torch.tensor([K - 1])
+                thetas, rows = self.thetas[idx.to(self.thetas.device)], tuple(t[:m] for t in self.rows)
+            self._parts[which] = _Part(self, thetas, rows)
+        return self._parts[which]
+
+    @property
+    def h0(self) -> torch.Tensor:
+        return self._part("full").h0
+
+    @property
+    def m(self) -> int:
+        return self._part("full").m
+
+    @property
+    def scale(self) -> float:
+        return self._part("full").scale
+
+    @property
+    def screening(self) -> bool:
+        """Whether :meth:`screen` measures on fewer draws or rows than the full check."""
+        return self._screen_size is not None
 
     def _energy_grads(self, x: torch.Tensor) -> torch.Tensor:
         """``E_s[∇(−log p + n·mean_rows h)(θ_s + x)]`` on the check rows (the data part summed across ranks)."""
         f, rows, lp = self.f, self.rows, self.lp
+        m = self.m
 
         def data(t: torch.Tensor) -> torch.Tensor:
             return f(t, *rows).sum()
@@ -142,7 +188,7 @@ class EnergyCheck:
                     if lp is not None:
                         g_prior = g_prior + torch.autograd.grad(-lp(tt), tt)[0]
             g_data, g_prior = g_data / len(self.thetas), g_prior / len(self.thetas)
-        return self.reduce(g_data.detach()) * (self.n / self.m) + g_prior
+        return self.reduce(g_data.detach()) * (self.n / m) + g_prior
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]``: the gradient of the control-variate energy
@@ -153,16 +199,42 @@ class EnergyCheck:
             self._g0 = self._energy_grads(torch.zeros_like(x))
         return -self.G + (self._energy_grads(x) - self._g0)
 
+    def __call__(self, x: torch.Tensor) -> Measurement:
+        """The full check: every draw, every held row."""
+        return self._part("full").measure(x)
+
+    def screen(self, x: torch.Tensor) -> Measurement:
+        """The same measurement on the screening subset (the full check when there is none)."""
+        return self._part("screen" if self._screen_size is not None else "full").measure(x)
+
+    def _prior_change(self, x: torch.Tensor) -> float:
+        return self._part("full")._prior_change(x)
+
+
+class _Part:
+    """One measurement set of an :class:`EnergyCheck`: draws, rows and their values before the step."""
+
+    def __init__(self, check: EnergyCheck, thetas: torch.Tensor, rows: Batch) -> None:
+        self.c, self.thetas, self.rows = check, thetas, rows
+        f, lp = check.f, check.lp
+        with torch.no_grad():
+            self.h0 = torch.stack([f(t, *rows).detach() for t in thetas])  # [K, m]
+            self.lp0 = None if lp is None else torch.stack([lp(t).detach() for t in thetas])
+        sums = check.reduce(torch.stack([torch.tensor(float(rows[0].shape[0])), self.h0.double().abs().mean(0).sum()]))
+        self.m = int(sums[0])
+        self.scale = float(sums[1]) / max(self.m, 1)
+
     def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (vmapped over draws)."""
+        f, lp, rows = self.c.f, self.c.lp, self.rows
 
         def one(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            h1 = self.f(t + x, *self.rows)
-            lin = jvp(lambda u: self.f(u, *self.rows), (t,), (x,))[1]
-            if self.lp is None:
+            h1 = f(t + x, *rows)
+            lin = jvp(lambda u: f(u, *rows), (t,), (x,))[1]
+            if lp is None:
                 return h1, lin, torch.zeros((), dtype=h1.dtype)
-            lp1 = self.lp(t + x)
-            lp0, dlp = jvp(self.lp, (t,), (x,))
+            lp1 = lp(t + x)
+            lp0, dlp = jvp(lp, (t,), (x,))
             return h1, lin, -lp1 + lp0 + dlp  # R of the energy's prior term −log p
 
         with torch.no_grad():
@@ -171,41 +243,42 @@ class EnergyCheck:
 
     def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The same one draw at a time, with double-backward directional derivatives (no ``torch.func``)."""
+        f, lp, rows = self.c.f, self.c.lp, self.rows
         R, dh, prior = torch.zeros_like(self.h0), torch.zeros_like(self.h0), 0.0
         for s, t in enumerate(self.thetas):
             with torch.no_grad():
-                h1 = self.f(t + x, *self.rows).detach()
-            R[s] = h1 - self.h0[s] - _directional(lambda u: self.f(u, *self.rows), t, x)
+                h1 = f(t + x, *rows).detach()
+            R[s] = h1 - self.h0[s] - _directional(lambda u: f(u, *rows), t, x)
             dh[s] = h1 - self.h0[s]
-            if self.lp is not None:
+            if lp is not None:
                 with torch.no_grad():
-                    lp1 = float(self.lp(t + x))
-                prior += -lp1 + float(self.lp0[s]) + float(_directional(lambda u: self.lp(u).reshape(1), t, x)[0])
+                    lp1 = float(lp(t + x))
+                prior += -lp1 + float(self.lp0[s]) + float(_directional(lambda u: lp(u).reshape(1), t, x)[0])
         return R, dh, prior
 
-    def __call__(self, x: torch.Tensor) -> Measurement:
+    def measure(self, x: torch.Tensor) -> Measurement:
         try:
             R, dh, prior = self._remainders(x)
         except (RuntimeError, NotImplementedError, TypeError):
             R, dh, prior = self._remainders_loop(x)
-        K = self.thetas.shape[0]
+        K, n = self.thetas.shape[0], self.c.n
         per_row = R.double().mean(0)  # [m]: each held row's remainder averaged over the draws
         dh_row = dh.double().mean(0)
-        sums = self.reduce(torch.stack([per_row.sum(), (per_row**2).sum(), dh_row.sum(), (dh_row**2).sum()]))
+        sums = self.c.reduce(torch.stack([per_row.sum(), (per_row**2).sum(), dh_row.sum(), (dh_row**2).sum()]))
         mean, dmean = float(sums[0]) / self.m, float(sums[2]) / self.m
         denom = max(self.m - 1, 1)
-        stderr = self.n * math.sqrt(max(float(sums[1]) / self.m - mean**2, 0.0) / denom)
-        dstderr = self.n * math.sqrt(max(float(sums[3]) / self.m - dmean**2, 0.0) / denom)
-        actual = -float(self.G @ x) + prior / K + self.n * mean
-        direct = float(self._prior_change(x)) + self.n * dmean
-        return Measurement(actual, stderr, dmean, direct, dstderr, self.scale, dstderr / self.n)
+        stderr = n * math.sqrt(max(float(sums[1]) / self.m - mean**2, 0.0) / denom)
+        dstderr = n * math.sqrt(max(float(sums[3]) / self.m - dmean**2, 0.0) / denom)
+        actual = -float(self.c.G @ x) + prior / K + n * mean
+        direct = float(self._prior_change(x)) + n * dmean
+        return Measurement(actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m)
 
     def _prior_change(self, x: torch.Tensor) -> float:
         """``E_s[−log p(θ_s + x) + log p(θ_s)]``."""
-        if self.lp is None:
+        if self.c.lp is None:
             return 0.0
         with torch.no_grad():
-            return float(torch.stack([-self.lp(t + x) for t in self.thetas]).mean() + self.lp0.mean())
+            return float(torch.stack([-self.c.lp(t + x) for t in self.thetas]).mean() + self.lp0.mean())
 
 
 @dataclass
@@ -291,6 +364,8 @@ class DampingControl:
         grow: Factor by which a rejected step's damping grows.
         max_trials: Steps tried per request before it is refused.
         max_nll_increase: Largest accepted rise of the held remaining rows' mean NLL, relative to its size.
+        screen_z: Standard errors by which a step's screening measurement (``EnergyCheck.screen``) must clear
+            both criteria to decide without the full check; ``None``: every step gets the full check.
     """
 
     def __init__(
@@ -298,8 +373,9 @@ class DampingControl:
         damping: float | str = "auto",
         eta: float = 0.25,
         grow: float = 10.0,
-        max_trials: int = 8,
+        max_trials: int = 12,
         max_nll_increase: float = 0.05,
+        screen_z: float | None = 3.0,
     ):
         if isinstance(damping, str):
             if damping != "auto":
@@ -317,11 +393,55 @@ class DampingControl:
             raise ValueError(f"max_trials must be >= 1, got {max_trials}")
         self.eta, self.grow, self.max_trials = float(eta), float(grow), int(max_trials)
         self.max_nll_increase = float(max_nll_increase)
+        if screen_z is not None and not screen_z > 0:
+            raise ValueError(f"screen_z must be > 0 or None, got {screen_z}")
+        self.screen_z = None if screen_z is None else float(screen_z)
         self.relative = 0.0  # damping carried to the next request, in units of the curvature scale
 
     @property
     def adaptive(self) -> bool:
         return self.fixed is None
+
+    def _verdict(self, pred: float, gx: float, meas: Measurement, z: float | None) -> bool | None:
+        """Accept (``True``) or reject (``False``) a step from its measurement, or ``None`` when undecided.
+
+        ``z=None`` is the full check's rule: ``pred < 0``, ``actual/pred ≥ η`` and the held rows' mean NLL rising by
+        at most ``max_nll_increase`` of its size beyond two standard errors. A screening measurement (``z``
+        standard errors) decides only when the whole confidence interval is on one side: accepted when even
+        ``actual + z·stderr`` meets the ratio and ``nll_change + z·nll_stderr`` stays under the limit without its
+        allowance; rejected when even ``actual − z·stderr`` fails the ratio, or ``nll_change − z·nll_stderr``
+        exceeds the full rule's limit.
+        """
+        if gx == 0.0 and pred == 0.0:  # nothing to remove: the removed points carry no gradient
+            energy_ok: bool | None = True
+        elif not pred < 0:
+            energy_ok = False
+        elif z is None:
+            energy_ok = meas.actual >= -math.inf and meas.actual / pred >= self.eta
+        elif not (math.isfinite(meas.actual) and math.isfinite(meas.stderr)):
+            energy_ok = None
+        elif meas.actual + z * meas.stderr <= self.eta * pred:
+            energy_ok = True
+        elif meas.actual - z * meas.stderr > self.eta * pred:
+            energy_ok = False
+        else:
+            energy_ok = None
+        # the safety net: the held rows' mean NLL, measured directly (no measurement: nan, no verdict)
+        allowance = self.max_nll_increase * meas.nll_scale
+        limit = allowance + 2 * meas.nll_stderr
+        if z is None:
+            nll_ok: bool | None = not meas.nll_change > limit
+        elif meas.nll_change - z * meas.nll_stderr > limit:
+            nll_ok = False
+        elif not meas.nll_change + z * meas.nll_stderr > allowance:
+            nll_ok = True
+        else:
+            nll_ok = None
+        if energy_ok is False or nll_ok is False:
+            return False
+        if energy_ok and nll_ok:
+            return True
+        return None
 
     def _try(
         self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any], lam: float
@@ -335,21 +455,22 @@ class DampingControl:
             return None
         x = res.x
         gx = float(G @ x)
-        pred = -gx + 0.5 * backend.quad(x)
-        meas = check(x)
-        if gx == 0.0 and pred == 0.0:  # nothing to remove: the removed points carry no gradient
-            ratio, ok = 1.0, True
-        else:
-            ratio = meas.actual / pred if pred < 0 else -math.inf
-            ok = pred < 0 and ratio >= self.eta
-        # the safety net: the held rows' mean NLL, measured directly, may not rise by more than `max_nll_increase`
-        # of its size (beyond two standard errors)
-        limit = self.max_nll_increase * meas.nll_scale + 2 * meas.nll_stderr
-        ok = ok and not meas.nll_change > limit  # (no direct measurement: nan limit, no verdict)
+        quad = backend.quad(x)
+        pred = -gx + 0.5 * quad
+        meas, ok = None, None
+        screen = getattr(check, "screen", None)
+        if self.screen_z is not None and screen is not None and getattr(check, "screening", False):
+            meas = screen(x)
+            ok = self._verdict(pred, gx, meas, self.screen_z)
+        if ok is None:
+            meas = check(x)
+            ok = self._verdict(pred, gx, meas, None)
+        ratio = 1.0 if gx == 0.0 and pred == 0.0 else (meas.actual / pred if pred < 0 else -math.inf)
         out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
         out.history = [
             {"damping": lam, "predicted": pred, "actual": meas.actual, "ratio": ratio, "gx": gx,
-             "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale}
+             "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale,
+             "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows}
         ]  # fmt: skip
         return out
 

@@ -35,7 +35,7 @@ from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..errors import UnlearningError, all_finite
 from ..samplers import run_chain
-from ..unlearner import MCMCUnlearner, RemovalReport, _evenly
+from ..unlearner import MCMCUnlearner, RemovalReport, _evenly, resolution_floor
 
 __all__ = [
     "DEFAULT_REPAIR_STEPS",
@@ -100,11 +100,11 @@ def quality_problems(report: RemovalReport, un: MCMCUnlearner, theta: torch.Tens
         )
     shift = float(report.shift_norm)
     if math.isfinite(shift):
-        eps = torch.finfo(theta.dtype).eps if theta.is_floating_point() else 0.0
-        scale = max(float(theta.double().norm()), 1.0)
-        if 0.0 < shift < eps * scale:
+        floor = resolution_floor(shift, theta)
+        if floor is not None:
+            problems = [p for p in problems if "floating-point resolution" not in p]  # the CLI's wording below
             problems.append(
-                f"the shift {shift:.2g} is below the parameters' floating-point resolution ({eps * scale:.2g}): the "
+                f"the shift {shift:.2g} is below the parameters' floating-point resolution ({floor:.2g}): the "
                 f"removal changes nothing (damping {float(report.damping):g}); lower the damping or use --damping auto"
             )
     elif not any("not finite" in p for p in problems):
