@@ -24,16 +24,20 @@ def _blr_draws(prob, S: int = 64, seed: int = 0) -> torch.Tensor:
     return (prob.mean_all + torch.randn(S, prob.mean_all.numel(), generator=g, dtype=torch.float64) @ L.T).float()
 
 
-def test_energy_check_equals_the_closed_form_on_a_linear_gaussian_model() -> None:
-    """For a quadratic energy the remainder is exactly ½xᵀ(XᵀX + I)x on all rows: actual = −G·x + ½xᵀH_r x."""
+def _blr_check_parts(draws: int):
+    """A linear-Gaussian check problem: per-row NLL, log prior, remaining rows, n, ``draws`` draws and a fixed G."""
     prob = make_blr(n=200, dim=3, removed=20, seed=1)
     model = BayesianLinearRegression(3).double()
     rows = (prob.x[prob.keep].double(), prob.y[prob.keep].double())
-    n = rows[0].shape[0]
     f = functionalize(model, lambda m, *b: m.nll(b))
     lp = functionalize(model, lambda m: m.log_prior())
-    thetas = _blr_draws(prob, 4).double()
     G = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    return f, lp, rows, rows[0].shape[0], _blr_draws(prob, draws).double(), G
+
+
+def test_energy_check_equals_the_closed_form_on_a_linear_gaussian_model() -> None:
+    """For a quadratic energy the remainder is exactly ½xᵀ(XᵀX + I)x on all rows: actual = −G·x + ½xᵀH_r x."""
+    f, lp, rows, n, thetas, G = _blr_check_parts(4)
     check = EnergyCheck(f, lp, thetas, rows, n, G)
     H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
     for x in (torch.tensor([0.01, 0.02, -0.03]), torch.tensor([1.0, -2.0, 0.5])):
@@ -71,14 +75,7 @@ def test_energy_check_stderr_matches_the_spread_over_row_subsets() -> None:
 def test_screen_is_the_same_measurement_on_a_subset_and_equals_its_closed_form() -> None:
     """``screen(x)`` measures on evenly spaced draws and the first rows; on a linear-Gaussian model its remainder is
     exactly ½xᵀ(I + (n/m)X_mᵀX_m)x for those ``m`` rows, and it equals a full check built on that subset."""
-    prob = make_blr(n=200, dim=3, removed=20, seed=1)
-    model = BayesianLinearRegression(3).double()
-    rows = (prob.x[prob.keep].double(), prob.y[prob.keep].double())
-    n = rows[0].shape[0]
-    f = functionalize(model, lambda m, *b: m.nll(b))
-    lp = functionalize(model, lambda m: m.log_prior())
-    thetas = _blr_draws(prob, 8).double()
-    G = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    f, lp, rows, n, thetas, G = _blr_check_parts(8)
     check = EnergyCheck(f, lp, thetas, rows, n, G, screen=(4, 45))
     assert check.screening
     x = torch.tensor([0.2, -0.4, 0.1], dtype=torch.float64)
