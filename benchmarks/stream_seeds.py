@@ -23,28 +23,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_matrix as mm
-from mcmc_unlearner import MCMCUnlearner
-from mcmc_unlearner.errors import UnlearningError
 
 
 def one_request(problem: mm.Problem, origin: mm.Chain, stream_seed: int, options: dict) -> dict:
-    """The model matrix's request with the remaining rows streamed under ``stream_seed``; the user's bank is a copy."""
-    model = origin.model
-    torch.nn.utils.vector_to_parameters(origin.bank[-1], model.parameters())
-    un = MCMCUnlearner(model, None, nll=problem.nll, log_prior=problem.log_prior, bank=origin.bank.clone(), **options)
-    xr, yr = problem.x_train[problem.keep_mask], problem.y_train[problem.keep_mask]
-    removed = (problem.x_train[problem.forget], problem.y_train[problem.forget])
-    try:
-        rep = un.remove(removed, mm.forever(mm.loader(xr, yr, problem.batch, stream_seed)), n_remaining=len(xr))
-    except UnlearningError as e:
-        return {"stream_seed": stream_seed, "status": f"{type(e).__name__}: {e}"[:300]}
-    return {
-        "stream_seed": stream_seed,
-        "status": "ok",
-        "stats": mm.predictive_stats(problem, model, un.bank),
-        "damping_relative": rep.damping_relative,
-        "damping_trials": rep.damping_trials,
-    }
+    """``model_matrix.py``'s request (:func:`model_matrix.unlearn_request`) with the remaining rows streamed under
+    ``stream_seed``, in this process."""
+    req = mm.unlearn_request(problem, origin, epoch_steps=0, remaining_seed=stream_seed, options=options)
+    row = {"stream_seed": stream_seed, "status": req["status"] if req["status"] == "ok" else req.get("error", "")}
+    if req["status"] == "ok":
+        rep = req["report"]
+        row.update(stats=req["stats"], damping_relative=rep["damping_relative"], damping_trials=rep["damping_trials"])
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,16 +152,8 @@ class EnergyCheck:
         return self._parts[which]
 
     @property
-    def h0(self) -> torch.Tensor:
-        return self._part("full").h0
-
-    @property
     def m(self) -> int:
         return self._part("full").m
-
-    @property
-    def scale(self) -> float:
-        return self._part("full").scale
 
     @property
     def screening(self) -> bool:
@@ -206,9 +198,6 @@ class EnergyCheck:
     def screen(self, x: torch.Tensor) -> Measurement:
         """The same measurement on the screening subset (the full check when there is none)."""
         return self._part("screen" if self._screen_size is not None else "full").measure(x)
-
-    def _prior_change(self, x: torch.Tensor) -> float:
-        return self._part("full")._prior_change(x)
 
 
 class _Part:
