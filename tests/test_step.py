@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -191,6 +192,98 @@ def test_damping_control_rejects_an_overshooting_model_and_finds_a_decreasing_st
     exact = DampingControl()
     ok = exact.step(_QuadraticBackend(H), G, _true_check(H, G))
     assert ok.safe and ok.trials == 1 and ok.damping == 0 and ok.ratio == pytest.approx(1.0)
+
+
+def test_a_shortened_step_is_the_exact_minimiser_of_the_true_energy_along_it() -> None:
+    """A model too flat along some directions overshoots: the accepted step's ``shortened()`` is the exact line
+    minimiser of the true quadratic energy along it, ``α̂ = G·x / xᵀHx``, and its energy is lower than the step's."""
+    torch.manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    H = Q @ torch.diag(torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], dtype=torch.float64)) @ Q.T
+    B = Q @ torch.diag(torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 12.0], dtype=torch.float64)) @ Q.T  # too flat along one
+    G = Q @ torch.ones(6, dtype=torch.float64)
+    phi = _true_check(H, G)
+    out = DampingControl(damping=0.0).step(_QuadraticBackend(B), G, phi)
+    assert out.safe and out.length == 1.0
+    short = out.shortened()
+    x = out.x
+    alpha = float(G @ x) / float(x @ H @ x)
+    assert 4 / 7 <= alpha < 1  # overshooting, and accepted (ratio >= 0.25 bounds α̂ below)
+    assert short.length == pytest.approx(alpha, rel=1e-12)
+    torch.testing.assert_close(short.x, alpha * x, rtol=1e-12, atol=0)
+    # its reported changes are the true energy's and the model's at that length
+    assert short.actual == pytest.approx(phi(short.x).actual, rel=1e-10)
+    assert short.predicted == pytest.approx(-float(G @ short.x) + 0.5 * float(short.x @ B @ short.x), rel=1e-10)
+    assert short.actual < out.actual
+    # the shortened step sits at the measured minimum: its shortfall is 1
+    assert short.shortfall() == pytest.approx(1.0, rel=1e-10)
+    # an exact model's step is not overshooting and stays whole; so do rejected and non-convex steps
+    exact = DampingControl(damping=0.0).step(_QuadraticBackend(H), G, phi)
+    assert exact.shortened().length == pytest.approx(1.0, rel=1e-12)
+    assert _outcome(2.0, 0.0).shortened().length == 1.0
+    # with Monte-Carlo error the curvature is taken at its lower bound (actual − 2 stderr): shortened only as far
+    # as the measurement allows, and not at all when the overshoot is within the error
+    c2 = out.actual + out.gx
+    c2_low = 0.5 * (c2 + 0.5 * out.gx)  # halfway between the point estimate's α̂ and no shortening
+    noisy = replace(out, stderr=0.5 * (c2 - c2_low))
+    assert noisy.shortened().length == pytest.approx(out.gx / (2 * c2_low), rel=1e-12)
+    assert short.length < noisy.shortened().length
+    assert replace(out, stderr=out.actual + out.gx).shortened().length == 1.0
+    bad = StepOutcome(x, out.solve, 0.0, 1, -1.0, 5.0, -5.0, 0.0, 0.0, False, gx=1.0)
+    assert bad.shortened() is bad
+
+
+def test_shorten_steps_moves_the_bank_by_the_shortened_step() -> None:
+    """Through the unlearner: ``shorten_steps=True`` moves the bank by ``report.step_length`` × the step taken
+    without it, that length is the minimiser of the quadratic the unshortened step's check measured (the exact,
+    undamped step: ``G·x = −2·pred``), and on this Gaussian posterior it is about 1 (Monte-Carlo error only)."""
+    prob = make_blr()
+    outs = {}
+    for shorten in (False, True):
+        _, data, un = _blr_unlearner(prob, shorten_steps=shorten)
+        bank = un.bank.clone()
+        rep = un.forget(prob.removed, data)
+        outs[shorten] = (rep, un.bank - bank)
+    (r0, d0), (r1, d1) = outs[False], outs[True]
+    assert r0.step_length == 1.0 and r0.damping == 0.0
+    gx = -2.0 * r0.predicted_change
+    alpha = min(1.0, gx / (2.0 * (r0.actual_change + gx - 2.0 * r0.actual_stderr)))
+    assert r1.step_length == pytest.approx(alpha, rel=1e-6)
+    assert 0.9 < r1.step_length <= 1.0
+    torch.testing.assert_close(d1, r1.step_length * d0, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_below_the_checks_float_resolution_is_accepted_on_the_nll_net_alone() -> None:
+    """Removed points with next to no gradient: the predicted change (≈ −5e-19) and the measured one (rounding noise,
+    here +3e-7 — a ratio of about −6e11) are both below the measurement's resolution, so the ratio is no evidence;
+    the step is accepted undamped, ratio reported as 1, unless the held rows' NLL rose. The same measurement
+    without a resolution fails every trial, and a real (resolvable) step is still judged by its ratio."""
+    H = torch.eye(2, dtype=torch.float64)
+    G = torch.tensor([1e-9, 1e-9], dtype=torch.float64)  # x = G: pred = −½G·x = −1e-18
+    noise = dict(nll_scale=1.0, nll_stderr=1e-8, draws=8, rows=256)
+    tiny = Measurement(3e-7, 1e-7, 0.0, resolution=1e-6, **noise)
+    out = DampingControl().step(_QuadraticBackend(H), G, lambda x: tiny)
+    assert out.safe and out.trials == 1 and out.damping == 0.0 and out.ratio == 1.0
+    unresolved = Measurement(3e-7, 1e-7, 0.0, **noise)  # resolution 0: the old behaviour
+    refused = DampingControl().step(_QuadraticBackend(H), G, lambda x: unresolved)
+    assert not refused.safe and refused.trials == 12
+    hurt = Measurement(3e-7, 1e-7, 0.2, resolution=1e-6, **noise)  # the held rows' NLL rose by 20%
+    assert not DampingControl().step(_QuadraticBackend(H), G, lambda x: hurt).safe
+    G_big = torch.tensor([1.0, 1.0], dtype=torch.float64)  # pred = −1, far above the resolution
+    rose = Measurement(0.5, 0.01, 0.0, resolution=1e-6, **noise)
+    assert not DampingControl(damping=0.0).step(_QuadraticBackend(H), G_big, lambda x: rose).safe
+
+
+def test_the_checks_resolution_is_eps_n_scale_over_root_rows_draws() -> None:
+    f, lp, rows, n, thetas, G = _blr_check_parts(4)
+    for dtype in (torch.float64, torch.float32):
+        cast = tuple(r.to(dtype) for r in rows)
+        check = EnergyCheck(f, lp, thetas.to(dtype), cast, n, G.to(dtype))
+        m = check(torch.tensor([0.01, 0.02, -0.03], dtype=dtype))
+        h0 = torch.stack([f(t, *cast) for t in thetas.to(dtype)]).double()
+        scale = float(h0.abs().mean())
+        expect = torch.finfo(dtype).eps * n * scale / math.sqrt(cast[0].shape[0] * thetas.shape[0])
+        assert m.resolution == pytest.approx(expect, rel=1e-6)
 
 
 def test_damping_control_handles_an_indefinite_model() -> None:

@@ -36,6 +36,13 @@ decides; only a step near a threshold pays for the full check, whose point estim
 search from zero rejects its first, grossly overshooting steps this way (the energy *rises* by many standard
 errors). A step accepted on the screen carries the screen's noisier measurement into ``measured_deficit``.
 
+**Step length** (``MCMCUnlearner(shorten_steps=True)``, the default). The check gives the measured energy along
+the accepted step as a quadratic in its length, ``φ(αx) ≈ −α G·x + α²(actual + G·x)``; when its minimum, taken
+with the curvature at its lower confidence bound (``actual − 2·stderr``), lies short of the step (``α̂ < 1``: the
+step overshoots by more than the measurement's error; ``α̂ ≥ 4/7`` for an accepted step), the bank moves by
+``α̂x`` instead (:meth:`StepOutcome.shortened`; no extra passes). A step that stops short of the minimum is not
+lengthened: its deficit is carried (below).
+
 **Carried influence.** An accepted step with damping ``λ`` leaves the first-moment condition of the new posterior
 unmet by ``λx`` (``E[∇F(θ + x, S∖S')] ≈ Hx − G = −λx``); the unlearner adds it to the next request's gradient,
 so influence held back while the curvature model was not trusted is applied once it is (a class removed in many
@@ -46,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -73,6 +80,8 @@ class Measurement:
         nll_scale: Mean ``|h|`` of the check rows before the step (the unit of the damage tolerance).
         nll_stderr: Standard error of ``nll_change``.
         draws, rows: Posterior draws and held rows (summed over ranks) it was measured on.
+        resolution: The smallest energy change the measurement can resolve in its floating-point type,
+            ``ε·n·nll_scale/√(rows·draws)`` (the rounding of each ``h(θ+x) − h(θ)``, averaged).
     """
 
     actual: float
@@ -84,6 +93,7 @@ class Measurement:
     nll_stderr: float = math.nan
     draws: int = 0
     rows: int = 0
+    resolution: float = 0.0
 
 
 def _directional(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +270,8 @@ class _Part:
         dstderr = n * math.sqrt(max(float(sums[3]) / self.m - dmean**2, 0.0) / denom)
         actual = -float(self.c.G @ x) + prior / K + n * mean
         direct = float(self._prior_change(x)) + n * dmean
-        return Measurement(actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m)
+        resolution = torch.finfo(self.h0.dtype).eps * n * self.scale / math.sqrt(max(self.m * K, 1))
+        return Measurement(actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m, resolution)
 
     def _prior_change(self, x: torch.Tensor) -> float:
         """``E_s[−log p(θ_s + x) + log p(θ_s)]``."""
@@ -284,6 +295,8 @@ class StepOutcome:
         history: ``(damping, predicted, actual, ratio)`` of every trial.
         note: Why the last trial failed, if it did.
         scale: The backend's mean curvature ``tr H / D`` (the unit of the damping), when it was needed.
+        gx: ``G·x``.
+        length: Fraction of the solver's step taken (:meth:`shortened`; 1 = the whole step).
     """
 
     x: torch.Tensor
@@ -300,6 +313,44 @@ class StepOutcome:
     note: str = ""
     scale: float = 1.0
     gx: float = math.nan
+    length: float = 1.0
+
+    def shortened(self) -> StepOutcome:
+        """The step cut back towards the measured minimum of the energy along it, when it clearly overshoots it.
+
+        Along ``x`` the check's quadratic ``φ(αx) ≈ −α G·x + α²(actual + G·x)`` (slope ``−G·x`` at 0 from the
+        identity of the module docstring, value ``actual`` measured at ``α = 1``) is smallest at
+        ``G·x / (2(actual + G·x))``. The curvature is taken at its *lower* confidence bound (``actual − 2·stderr``),
+        so the returned length ``α̂`` is the longest the measurement allows: a step is shortened only when the
+        overshoot is larger than the check's Monte-Carlo error (an exact Newton step on a Gaussian, whose ratio
+        is 1 up to that error, stays whole). With ``α̂ < 1`` the returned outcome moves by ``α̂x`` (``length`` =
+        α̂), with ``predicted``, ``actual`` and ``stderr`` those of the quadratics at ``α̂`` (``nll_change`` stays
+        the one measured at the full step, an upper bound for a convex fit). Unchanged when ``α̂ ≥ 1``, the step
+        was rejected, or the energy is not clearly convex along it. With ``η = 0.25`` an accepted step has
+        ``α̂ ≥ 4/7``.
+        """
+        gx = self.gx
+        stderr = self.stderr if math.isfinite(self.stderr) else 0.0
+        c2 = self.actual + self.gx  # ½·(curvature along x)·‖x‖², point estimate
+        c2_low = c2 - 2.0 * stderr
+        if not (self.safe and math.isfinite(gx) and math.isfinite(c2)) or gx <= 0 or c2_low <= 0:
+            return self
+        a = gx / (2.0 * c2_low)
+        if a >= 1.0:
+            return self
+        half_quad = self.predicted + gx
+        predicted = -a * gx + a * a * half_quad
+        actual = -a * gx + a * a * c2
+        return replace(
+            self,
+            x=a * self.x,
+            predicted=predicted,
+            actual=actual,
+            ratio=actual / predicted if predicted < 0 else self.ratio,
+            stderr=a * a * self.stderr,
+            gx=a * gx,
+            length=a,
+        )
 
     def shortfall(self) -> float:
         """How many times longer the step could be before the *measured* energy stops falling along it.
@@ -401,7 +452,7 @@ class DampingControl:
         allowance; rejected when even ``actual − z·stderr`` fails the ratio, or ``nll_change − z·nll_stderr``
         exceeds the full rule's limit.
         """
-        if gx == 0.0 and pred == 0.0:  # nothing to remove: the removed points carry no gradient
+        if (gx == 0.0 and pred == 0.0) or self._negligible(pred, meas):  # nothing (measurable) to remove
             energy_ok: bool | None = True
         elif not pred < 0:
             energy_ok = False
@@ -432,6 +483,17 @@ class DampingControl:
             return True
         return None
 
+    @staticmethod
+    def _negligible(pred: float, meas: Measurement) -> bool:
+        """Whether a step's predicted and measured energy changes are both below the measurement's floating-point
+        resolution (removed points that carry next to no gradient): its ratio is rounding noise, not evidence, and
+        only the safety net on the held rows' NLL decides."""
+        res = meas.resolution
+        if not (res > 0 and math.isfinite(meas.actual)):
+            return False
+        stderr = meas.stderr if math.isfinite(meas.stderr) else 0.0
+        return abs(pred) <= res and abs(meas.actual) <= res + 2.0 * stderr
+
     def _try(
         self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any], lam: float
     ) -> StepOutcome | None:
@@ -454,7 +516,8 @@ class DampingControl:
         if ok is None:
             meas = check(x)
             ok = self._verdict(pred, gx, meas, None)
-        ratio = 1.0 if gx == 0.0 and pred == 0.0 else (meas.actual / pred if pred < 0 else -math.inf)
+        nothing = (gx == 0.0 and pred == 0.0) or self._negligible(pred, meas)
+        ratio = 1.0 if nothing else (meas.actual / pred if pred < 0 else -math.inf)
         out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
         out.history = [
             {"damping": lam, "predicted": pred, "actual": meas.actual, "ratio": ratio, "gx": gx,

@@ -124,6 +124,9 @@ class RemovalReport:
             energy stops falling along it (lower confidence bound; :meth:`StepOutcome.shortfall`): ``≈ 1`` or
             below when the curvature set the step's length, ``≫ 1`` when the damping did; ``inf`` when the
             measured energy is not convex along the step (no verdict).
+        step_length: Fraction of the solver's step applied (< 1 when ``shorten_steps`` cut an overshooting step
+            back to the measured minimum along it; the step's predicted/actual changes are then those at that
+            length).
         predicted_change, actual_change: Model-predicted and measured change of the bank-averaged remaining-data
             energy (negative = the fit of the remaining data improved); ``actual_stderr`` is the measurement's
             Monte-Carlo error and ``model_ratio`` = actual/predicted (see :mod:`mcmc_unlearner.step`).
@@ -153,6 +156,7 @@ class RemovalReport:
     damping_trials: int = 1
     damping_relative: float = 0.0
     step_shortfall: float = math.nan
+    step_length: float = 1.0
     predicted_change: float = 0.0
     actual_change: float = 0.0
     actual_stderr: float = 0.0
@@ -473,6 +477,9 @@ class MCMCUnlearner:
         carry_deficit: Add the first-moment deficit a damped step leaves (the part of ``λx`` the energy check did
             not measure as curvature; :func:`~mcmc_unlearner.step.measured_deficit`) to the next request's ``G``,
             so damped sequential requests still add up to the whole removal. Saved with the curvature state.
+        shorten_steps: Cut an accepted step that overshoots the measured minimum of the remaining data's energy
+            along it back to that minimum (:meth:`StepOutcome.shortened <mcmc_unlearner.step.StepOutcome.shortened>`:
+            a line search on the check's own measurement, no extra passes); ``report.step_length`` says how much.
     """
 
     def __init__(
@@ -514,6 +521,7 @@ class MCMCUnlearner:
         backend: str = "auto",
         seed: int = 0,
         carry_deficit: bool = True,
+        shorten_steps: bool = True,
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -602,6 +610,7 @@ class MCMCUnlearner:
         )
         self.history: list[RemovalReport] = []
         self.carry_deficit = bool(carry_deficit)
+        self.shorten_steps = bool(shorten_steps)
         self._carry: torch.Tensor | None = None  # λx of the last damped step: influence not yet applied
         self._version = 0
         self._row_bytes: int | None = None
@@ -652,6 +661,7 @@ class MCMCUnlearner:
             "newton_steps": self.newton_steps,
             "newton_target": self.newton_target,
             "carry_deficit": self.carry_deficit,
+            "shorten_steps": self.shorten_steps,
             "curvature_data": self.curvature_data,
             "exact_max_dim": self.exact_max_dim,
             "likelihood": self.likelihood,
@@ -1006,13 +1016,15 @@ class MCMCUnlearner:
                 info.update(self.curvature.prepare(problem))
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check)
+        if self.shorten_steps:
+            outcome = outcome.shortened()
         x, lam, carry = outcome.x, outcome.damping, None
         if outcome.safe and self.newton_steps > 1:
             x, carry = self._newton_iterations(check, G, outcome, info, stream, e_f, n, k_thetas)
         elif self.carry_deficit:
             carry = measured_deficit(G, outcome)
         x_dev = self._error_bar(dev, lam)
-        new_live, new_bank = self._shift(live, x, lam, h_f, batch, info)
+        new_live, new_bank = self._shift(live, x, lam, h_f, batch, info, outcome.length)
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         info.update(outcome.solve.info)
@@ -1063,6 +1075,7 @@ class MCMCUnlearner:
             damping_trials=len(outcome.history),
             damping_relative=outcome.damping / outcome.scale if outcome.damping > 0 else 0.0,
             step_shortfall=outcome.shortfall(),
+            step_length=outcome.length,
             predicted_change=outcome.predicted,
             actual_change=outcome.actual,
             actual_stderr=outcome.stderr,
@@ -1089,14 +1102,21 @@ class MCMCUnlearner:
             return torch.full_like(dev, float("nan"))
 
     def _shift(
-        self, live: torch.Tensor, x: torch.Tensor, damping: float, h_f: Callable, batch: Batch, info: dict[str, Any]
+        self,
+        live: torch.Tensor,
+        x: torch.Tensor,
+        damping: float,
+        h_f: Callable,
+        batch: Batch,
+        info: dict[str, Any],
+        length: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.bank_shift is BankShift.MEAN:
             return live + x, (None if self.bank is None else self.bank + x)
         if self.bank_shift is BankShift.SAMPLE:
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
             g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
-            moved = pts + self.curvature.solve(g_all.T, damping).x.T
+            moved = pts + length * self.curvature.solve(g_all.T, damping).x.T
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)
         # the exact Gaussian transport from the old to the new precision: undamped when both are positive definite
@@ -1189,6 +1209,8 @@ class MCMCUnlearner:
                 step = self.control.step(self.curvature, -r, shifted)
             if not step.safe:
                 break
+            if self.shorten_steps:
+                step = step.shortened()
             x, phi = x + step.x, phi + step.actual
             if not equilibrium:
                 carry = measured_deficit(-r, step)

@@ -1,0 +1,167 @@
+"""Fashion-MNIST unlearner variants on cached chains, and each bank's first-moment residual.
+
+``mcmc-unlearner bnn --preset paper-fmnist`` trains four chains per seed (origin and three retrains, ~10 CPU-min)
+before any method runs. This script trains them once per seed (same seeds, same code, so the same chains as the
+command), caches them, and then runs ``unlearn`` alone with extra ``MCMCUnlearner`` options, scored exactly as the
+command scores it (kept-class predictive L1 to the retrain chains as a multiple of the retrain-pair floor, etc.):
+
+    python benchmarks/fmnist_variants.py train --seed 0 --cache /tmp/fm
+    python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name default
+    python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name shorten --options '{"shorten_steps": true}'
+    python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm default shorten
+
+``residual`` measures the first-moment identity of each bank's posterior, ``E_θ[∇F(θ)] = 0`` (integration by
+parts; ``F`` = the bank's own data: all training points for origin, the remaining ones otherwise), on every
+training row, along the output layer's biases, where it reads as calibration: ``∂F/∂b_c = Σ_i (p_c(x_i) − y_ic)
++ b_c/σ²``, i.e. how many more training points the network assigns to class ``c`` than carry that label (plus the
+prior's pull). A bank at equilibrium has every entry within its Monte-Carlo error of 0. Also the norm of the full
+mean gradient. One torch thread. Results append to ``CACHE/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mcmc_unlearner.bank import ParamSpec
+from mcmc_unlearner.cli import build_parser
+from mcmc_unlearner.experiments import bnn as B
+
+
+def _experiment(seed: int, data_dir: str, init: torch.Tensor | None, options: dict) -> B._Experiment:
+    argv = ["bnn", "--preset", "paper-fmnist", "--data-dir", data_dir, "--seed", str(seed), "--quiet"]
+    cfg = B._resolve(B.config_from_args(build_parser().parse_args(argv)))
+    cfg.unlearner_kwargs = dict(options)
+    if init is not None:  # the cached pre-trained initial weights (the same the command computes)
+        B._Experiment._initial_weights = lambda self: init
+    return B._Experiment(cfg)
+
+
+def _train(args: argparse.Namespace) -> None:
+    ex = _experiment(args.seed, args.data_dir, None, {})
+    s = ex.cfg.seed * 1000
+    names = B._retrain_names(ex.cfg.retrain_chains)
+    origin = ex.train(torch.arange(ex.n_full), s + 1, "origin")
+    seeds = [s + 2, s + 3, *(s + 10 + i for i in range(ex.cfg.retrain_chains - 2))]  # as the command's _run
+    banks = {nm: ex.train(ex.kept_ids, sd, nm)["bank"] for nm, sd in zip(names, seeds)}
+    path = args.cache / f"chains-s{args.seed}.pt"
+    torch.save(
+        {
+            "init": ex.init,
+            "origin_model": origin["model"].state_dict(),
+            "origin_sampler": origin["sampler"].state_dict(),
+            "origin_bank": origin["bank"],
+            "banks": banks,
+        },
+        path,
+    )
+    print(f"saved {path}")
+
+
+def _load(args: argparse.Namespace, options: dict) -> tuple[B._Experiment, dict, dict]:
+    saved = torch.load(args.cache / f"chains-s{args.seed}.pt", weights_only=True)
+    ex = _experiment(args.seed, args.data_dir, saved["init"], options)
+    model = ex.new_model()
+    model.load_state_dict(saved["origin_model"])
+    sampler = B._make_sampler(ex.cfg, model, 1.0, ex.cfg.seed * 1000 + 1)
+    sampler.load_state_dict(saved["origin_sampler"])
+    return ex, {"model": model, "sampler": sampler, "bank": saved["origin_bank"]}, saved
+
+
+def _run(args: argparse.Namespace) -> None:
+    options = json.loads(args.options)
+    ex, origin, saved = _load(args, options)
+    names = B._retrain_names(ex.cfg.retrain_chains)
+    progress = B._Progress(ex, saved["banks"]["retrain"])
+    c0 = time.process_time()
+    res, _ = B._run_unlearner(ex, origin, progress, ex.cfg.seed * 1000 + 4)
+    cpu = time.process_time() - c0
+    results = {
+        nm: B._Result(bank=b, last=b[-1], info={"seconds": 0.0, "cpu_seconds": 0.0}) for nm, b in saved["banks"].items()
+    }
+    results["unlearn"] = res
+    methods, floor, _ = B._evaluate(ex, results, names)
+    u = methods["unlearn"]
+    row = {
+        "name": args.name,
+        "seed": args.seed,
+        "options": options,
+        "l1_x_floor": u["pred_diff"]["test_kept"] / floor["pred_diff"]["test_kept"],
+        "error_removed": u["error"]["removed"],
+        "error_test_kept": u["error"]["test_kept"],
+        "gap_removed": u["error_gap"]["removed"],
+        "gap_test_kept": u["error_gap"]["test_kept"],
+        "auc_removed": u["mia"]["auc_removed"],
+        "cpu_seconds_requests": res.info["cpu_seconds"],
+        "cpu_seconds_with_progress": cpu,
+        "refused": res.info["refused"],
+        "progress_l1": [(p["removed"], round(p["pred_diff_test_kept"], 4)) for p in progress.points["unlearn"]],
+    }
+    print(json.dumps(row), flush=True)
+    with open(args.cache / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    torch.save(res.bank, args.cache / f"bank-s{args.seed}-{args.name}.pt")
+
+
+def _residual(args: argparse.Namespace) -> None:
+    ex, origin, saved = _load(args, {})
+    banks = {"origin": (origin["bank"], torch.arange(ex.n_full))}
+    banks.update({k: (v, ex.kept_ids) for k, v in saved["banks"].items()})
+    for nm in args.names:
+        banks[nm] = (torch.load(args.cache / f"bank-s{args.seed}-{nm}.pt", weights_only=True), ex.kept_ids)
+    model = ex.new_model()
+    n_bias = ex.data.n_classes
+    for nm, (bank, ids) in banks.items():
+        x, y = ex.x_train[ids], ex.y_train[ids]
+        grads = []
+        for theta in B._thin_to(bank, args.samples):
+            ParamSpec.assign(model, theta)
+            model.zero_grad()
+            energy = -model.log_prior()
+            for i in range(0, len(ids), 4000):
+                energy = energy + model.nll((x[i : i + 4000], y[i : i + 4000])).sum()
+            energy.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        g = torch.stack(grads).double()
+        bias = g[:, -n_bias:]  # the output layer's bias is the last parameter
+        mean, se = bias.mean(0), bias.std(0) / g.shape[0] ** 0.5
+        row = {
+            "seed": args.seed,
+            "bank": nm,
+            "bias_residual": [round(float(v), 1) for v in mean],
+            "bias_residual_stderr": [round(float(v), 1) for v in se],
+            "bias_residual_l1": float(mean.abs().sum()),
+            "mean_gradient_norm": float(g.mean(0).norm()),
+            "mean_gradient_norm_stderr": float((g.var(0).sum() / g.shape[0]).sqrt()),
+            "samples": g.shape[0],
+        }
+        print(json.dumps(row), flush=True)
+        with open(args.cache / "residuals.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=["train", "run", "residual"])
+    ap.add_argument("names", nargs="*", help="residual: saved unlearned banks (run --name) to measure")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=Path("runs/fmnist-variants"))
+    ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--name", default="default", help="run: the variant's name")
+    ap.add_argument("--options", default="{}", help="run: JSON dict of MCMCUnlearner options")
+    ap.add_argument("--samples", type=int, default=20, help="residual: evenly thinned samples per bank")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_intermixed_args(argv)
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    {"train": _train, "run": _run, "residual": _residual}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
