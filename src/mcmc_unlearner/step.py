@@ -27,7 +27,9 @@ noise from the energy test, but it also hides a bank that is not at equilibrium 
 in thousands of dimensions are not); the direct measurement does not hide it. A rejected step's damping grows
 (×10, from ``1e-2 ×`` the mean curvature) until a step is accepted, then is refined once geometrically; the next
 request starts from the accepted damping, and a first step with ratio above 0.75 is followed by one at a tenth of
-its damping. A request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
+its damping. A step whose predicted and measured changes are both below the measurement's floating-point
+resolution (``Measurement.resolution``) is judged by the NLL safety net alone: its ratio is rounding noise. A
+request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
 
 **Screening** (optional, a sequential test: ``EnergyCheck(screen=...)``, ``MCMCUnlearner(check_screen=True)``).
 Each step is measured first on half the check draws and a quarter of its rows, an eighth of the full check's

@@ -1023,7 +1023,7 @@ class MCMCUnlearner:
             x, carry = self._newton_iterations(check, G, outcome, info, stream, e_f, n, k_thetas)
         elif self.carry_deficit:
             carry = measured_deficit(G, outcome)
-        x_dev = self._error_bar(dev, lam)
+        x_dev = outcome.length * self._error_bar(dev, lam)  # the Monte-Carlo error of the step taken
         new_live, new_bank = self._shift(live, x, lam, h_f, batch, info, outcome.length)
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
