@@ -15,7 +15,7 @@ from mcmc_unlearner.curvature import functionalize
 from mcmc_unlearner.errors import QualityError
 from mcmc_unlearner.models.linreg import BayesianLinearRegression
 from mcmc_unlearner.solvers import SolveResult
-from mcmc_unlearner.step import DampingControl, EnergyCheck, Measurement, StepOutcome
+from mcmc_unlearner.step import DampingControl, EnergyCheck, Measurement, StepOutcome, _Part
 from mcmc_unlearner.unlearner import MAX_STEP_SHORTFALL, RemovalReport, quality_problems
 
 
@@ -233,29 +233,47 @@ def test_a_shortened_step_is_the_exact_minimiser_of_the_true_energy_along_it() -
     assert bad.shortened() is bad
 
 
-def test_shorten_steps_moves_the_bank_by_the_shortened_step() -> None:
-    """Through the unlearner: ``shorten_steps=True`` moves the bank by ``report.step_length`` × the step taken
-    without it, that length is the minimiser of the quadratic the unshortened step's check measured (the exact,
-    undamped step: ``G·x = −2·pred``), and on this Gaussian posterior it is about 1 (Monte-Carlo error only)."""
+def test_shorten_steps_moves_the_bank_by_the_shortened_step(monkeypatch) -> None:
+    """Through the unlearner, on a Gaussian posterior (the exact, undamped Newton step, ``G·x = −2·pred``): the
+    check measures ratio ≈ 1 there, so nothing is shortened; with the check made to see curvature 1.5× the model's
+    along the step (its remainder raised by ¼G·x: ratio ≈ 0.5, accepted), ``shorten_steps=True`` moves the bank's
+    mean by ``report.step_length`` × the step taken without it, that length being the minimiser of the quadratic the
+    unshortened step's check measured (at the curvature's lower confidence bound)."""
     prob = make_blr()
-    outs = {}
-    for shorten in (False, True):
+
+    def run(shorten: bool) -> tuple[RemovalReport, torch.Tensor]:
         _, data, un = _blr_unlearner(prob, shorten_steps=shorten)
         bank = un.bank.clone()
         rep = un.forget(prob.removed, data)
-        outs[shorten] = (rep, un.bank - bank)
-    (r0, d0), (r1, d1) = outs[False], outs[True]
-    assert r0.step_length == 1.0 and r0.damping == 0.0
+        return rep, un.bank - bank
+
+    r_plain, _ = run(True)
+    assert r_plain.damping == 0.0 and r_plain.step_length == 1.0  # ratio 1 up to its error: stays whole
+    measure = _Part.measure
+
+    def steeper(self: _Part, x: torch.Tensor) -> Measurement:
+        m = measure(self, x)
+        m.actual += 0.25 * float(self.c.G @ x)
+        return m
+
+    monkeypatch.setattr(_Part, "measure", steeper)
+    (r0, d0), (r1, d1) = run(False), run(True)
+    assert r0.step_length == 1.0 and r0.damping == 0.0 and r1.damping == 0.0
+    assert 0.4 < r0.model_ratio < 0.6
     gx = -2.0 * r0.predicted_change
-    alpha = min(1.0, gx / (2.0 * (r0.actual_change + gx - 2.0 * r0.actual_stderr)))
+    alpha = gx / (2.0 * (r0.actual_change + gx - 2.0 * r0.actual_stderr))
+    assert 4 / 7 <= r1.step_length < 0.9
     assert r1.step_length == pytest.approx(alpha, rel=1e-6)
-    assert 0.9 < r1.step_length <= 1.0
-    torch.testing.assert_close(d1, r1.step_length * d0, rtol=1e-5, atol=1e-7)
+    # the bank's mean moves by the shortened step; the exact transport of its spread (bank_shift="affine") does not
+    # depend on the step's length and is the same
+    torch.testing.assert_close(d1.mean(0), r1.step_length * d0.mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(d1 - d1.mean(0), d0 - d0.mean(0), rtol=1e-5, atol=1e-6)
+    assert r1.shift_norm == pytest.approx(r1.step_length * r0.shift_norm, rel=1e-5)
 
 
 def test_a_step_below_the_checks_float_resolution_is_accepted_on_the_nll_net_alone() -> None:
-    """Removed points with next to no gradient: the predicted change (≈ −5e-19) and the measured one (rounding noise,
-    here +3e-7 — a ratio of about −6e11) are both below the measurement's resolution, so the ratio is no evidence;
+    """Removed points with next to no gradient: the predicted change (−1e-18) and the measured one (rounding noise,
+    here +3e-7 — a ratio of about −3e11) are both below the measurement's resolution, so the ratio is no evidence;
     the step is accepted undamped, ratio reported as 1, unless the held rows' NLL rose. The same measurement
     without a resolution fails every trial, and a real (resolvable) step is still judged by its ratio."""
     H = torch.eye(2, dtype=torch.float64)
