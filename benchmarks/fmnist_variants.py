@@ -79,8 +79,10 @@ def _load(args: argparse.Namespace, options: dict) -> tuple[B._Experiment, dict,
     return ex, {"model": model, "sampler": sampler, "bank": saved["origin_bank"]}, saved
 
 
-def _bank_gradient(ex: B._Experiment, model: torch.nn.Module, thetas: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean over ``thetas`` of ``∇F(θ)`` on the training rows ``ids`` (all of them, in chunks)."""
+def _energy_gradients(
+    ex: B._Experiment, model: torch.nn.Module, thetas: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """``∇F(θ)`` on the training rows ``ids`` (all of them, in chunks) at each of ``thetas``: ``[len(thetas), D]``."""
     x, y = ex.x_train[ids], ex.y_train[ids]
     grads = []
     for theta in thetas:
@@ -91,7 +93,7 @@ def _bank_gradient(ex: B._Experiment, model: torch.nn.Module, thetas: torch.Tens
             energy = energy + model.nll((x[i : i + 4000], y[i : i + 4000])).sum()
         energy.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    return torch.stack(grads).mean(0)
+    return torch.stack(grads)
 
 
 def _corrected_sequence(
@@ -113,14 +115,14 @@ def _corrected_sequence(
     pick = torch.linspace(0, un.bank.shape[0] - 1, draws).round().long()
     rows_f = functionalize(chain.model, lambda m, *b: un.nll(m, b))
     lp_f = functionalize(chain.model, lambda m: un.log_prior(m))
-    target = _bank_gradient(ex, scratch, origin["bank"][pick], torch.arange(ex.n_full))
+    target = _energy_gradients(ex, scratch, origin["bank"][pick], torch.arange(ex.n_full)).mean(0)
     log, removed = [], 0
     for i, ids in enumerate(ex.requests):
         un.forget(ids, chain.data)
         removed += ids.numel()
         if (i + 1) % every == 0 or i == len(ex.requests) - 1:
             rem = chain.data.remaining_ids
-            d = (_bank_gradient(ex, scratch, un.bank[pick], rem) - target).to(un.bank.dtype)
+            d = (_energy_gradients(ex, scratch, un.bank[pick], rem).mean(0) - target).to(un.bank.dtype)
             gen = torch.Generator().manual_seed(1000 + i)
             rows = rem[torch.randperm(len(rem), generator=gen)[: un.check_rows]]
             thetas = un.bank[torch.linspace(0, un.bank.shape[0] - 1, un.check_draws).round().long()]
@@ -195,17 +197,7 @@ def _residual(args: argparse.Namespace) -> None:
     model = ex.new_model()
     n_bias = ex.data.n_classes
     for nm, (bank, ids) in banks.items():
-        x, y = ex.x_train[ids], ex.y_train[ids]
-        grads = []
-        for theta in B._thin_to(bank, args.samples):
-            ParamSpec.assign(model, theta)
-            model.zero_grad()
-            energy = -model.log_prior()
-            for i in range(0, len(ids), 4000):
-                energy = energy + model.nll((x[i : i + 4000], y[i : i + 4000])).sum()
-            energy.backward()
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        g = torch.stack(grads).double()
+        g = _energy_gradients(ex, model, B._thin_to(bank, args.samples), ids).double()
         bias = g[:, -n_bias:]  # the output layer's bias is the last parameter
         mean, se = bias.mean(0), bias.std(0) / g.shape[0] ** 0.5
         row = {
