@@ -9,6 +9,8 @@ command scores it (kept-class predictive L1 to the retrain chains as a multiple 
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name default
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name shorten --options '{"shorten_steps": true}'
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm default shorten
+    python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name rc10 --options '{"recenter_every": 10}'
+    python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm --named-only rc10
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name corrected --correct-every 10
 
 ``residual`` measures the first-moment identity of each bank's posterior, ``E_θ[∇F(θ)] = 0`` (integration by
@@ -16,8 +18,9 @@ parts; ``F`` = the bank's own data: all training points for origin, the remainin
 training row, along the output layer's biases, where it reads as calibration: ``∂F/∂b_c = Σ_i (p_c(x_i) − y_ic)
 + b_c/σ²``, i.e. how many more training points the network assigns to class ``c`` than carry that label (plus the
 prior's pull). A bank at equilibrium has every entry within its Monte-Carlo error of 0. Also the norm of the full
-mean gradient. ``run --correct-every K`` (DIAGNOSTIC, not a library feature) adds a checked first-moment
-correction every ``K`` requests (:func:`_corrected_sequence`). One torch thread. Results append to
+mean gradient. ``run --correct-every K`` (DIAGNOSTIC; the library's ``recenter_every`` option grew out of it and
+supersedes it) adds a checked first-moment correction every ``K`` requests (:func:`_corrected_sequence`); ``run``
+records the library's corrections from the requests' reports. One torch thread. Results append to
 ``CACHE/results.jsonl``.
 """
 
@@ -181,6 +184,15 @@ def _run(args: argparse.Namespace) -> None:
         "refused": res.info["refused"],
         "progress_l1": [(p["removed"], round(p["pred_diff_test_kept"], 4)) for p in progress.points["unlearn"]],
         "corrections": corrections,
+        "recenter": [  # the library's first-moment corrections (recenter_every), from the requests' reports
+            {
+                "request": i,
+                "status": r["info"]["recenter"],
+                **{k[9:]: v for k, v in r["info"].items() if k[:9] == "recenter_"},
+            }
+            for i, r in enumerate(res.info.get("requests", []))
+            if "recenter_deviation" in r.get("info", {})
+        ],
     }
     print(json.dumps(row), flush=True)
     with open(args.cache / "results.jsonl", "a") as f:
@@ -190,8 +202,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def _residual(args: argparse.Namespace) -> None:
     ex, origin, saved = _load(args, {})
-    banks = {"origin": (origin["bank"], torch.arange(ex.n_full))}
-    banks.update({k: (v, ex.kept_ids) for k, v in saved["banks"].items()})
+    banks = {}
+    if not args.named_only:
+        banks["origin"] = (origin["bank"], torch.arange(ex.n_full))
+        banks.update({k: (v, ex.kept_ids) for k, v in saved["banks"].items()})
     for nm in args.names:
         banks[nm] = (torch.load(args.cache / f"bank-s{args.seed}-{nm}.pt", weights_only=True), ex.kept_ids)
     model = ex.new_model()
@@ -225,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="default", help="run: the variant's name")
     ap.add_argument("--options", default="{}", help="run: JSON dict of MCMCUnlearner options")
     ap.add_argument("--samples", type=int, default=20, help="residual: evenly thinned samples per bank")
+    ap.add_argument("--named-only", action="store_true", help="residual: only the named banks (not origin, retrains)")
     ap.add_argument(
         "--correct-every", type=int, default=0, help="run, DIAGNOSTIC: a first-moment correction every K requests"
     )

@@ -226,8 +226,8 @@ def test_legacy_torch_checkpoints_weights_only(tmp_path):
         read_torch_checkpoint(tmp_path / "bad.pt")
 
 
-def test_lowrank_curvature_survives_save_and_load(tmp_path):
-    """A reused Lanczos approximation is checkpointed: the loaded model's next request equals the in-memory one."""
+def _digits_mlp(**options):
+    """A small digits MLP sampled by SGHMC into a 4-sample bank, its data and an unlearner with ``options``."""
     from mcmc_unlearner.image_data import load_dataset
     from mcmc_unlearner.models.bnn import build_model
 
@@ -237,23 +237,27 @@ def test_lowrank_curvature_survives_save_and_load(tmp_path):
     model = build_model("mlp", ds.in_shape, ds.n_classes, prior_std=0.5, hidden=(8,))
     data = RemovableDataset(ds.x_train[:n], ds.y_train[:n], batch_size=50, seed=0)
     sampler = SGHMC(model.parameters(), lr=1e-4, generator=torch.Generator().manual_seed(1))
-    un = MCMCUnlearner(model, sampler, solver="lowrank", precondition_rank=30, refresh_every=100, curvature_draws=2)
+    un = MCMCUnlearner(model, sampler, **options)
     for _ in range(4):
         run_chain(model, sampler, data, un.energy, 5, n)
         un.collect()
+
+    def save(path):
+        spec = bnn_model_spec("mlp", ds.in_shape, ds.n_classes, prior_std=0.5, hidden=[8])
+        data_spec = image_data_spec("digits", seed=0, n=n)
+        save_model(path, model=model, sampler=sampler, data=data, unlearner=un, model_spec=spec, data_spec=data_spec)
+        return load_model(path)
+
+    return un, data, save
+
+
+def test_lowrank_curvature_survives_save_and_load(tmp_path):
+    """A reused Lanczos approximation is checkpointed: the loaded model's next request equals the in-memory one."""
+    un, data, save = _digits_mlp(solver="lowrank", precondition_rank=30, refresh_every=100, curvature_draws=2)
     un.forget([0, 1], data)  # builds the approximation
     # a carried deficit (set explicitly: whether a step leaves one depends on the curvature its check measured)
     un._carry = torch.linspace(-1.0, 1.0, un.spec.dim)
-    save_model(
-        tmp_path / "b",
-        model=model,
-        sampler=sampler,
-        data=data,
-        unlearner=un,
-        model_spec=bnn_model_spec("mlp", ds.in_shape, ds.n_classes, prior_std=0.5, hidden=[8]),
-        data_spec=image_data_spec("digits", seed=0, n=n),
-    )
-    lm = load_model(tmp_path / "b")
+    lm = save(tmp_path / "b")
     saved_t, saved_m = un.curvature_state()
     loaded_t, loaded_m = lm.unlearner.curvature_state()
     # the reused approximation and the influence carried to the next request both survive
@@ -263,4 +267,25 @@ def test_lowrank_curvature_survives_save_and_load(tmp_path):
     r2 = lm.unlearner.forget([2, 3], lm.data)
     assert r1.info["preconditioner_reused"] == r2.info["preconditioner_reused"]
     assert r1.info.get("curvature_rebuilt_for_drift") == r2.info.get("curvature_rebuilt_for_drift")
+    assert torch.equal(un.bank, lm.unlearner.bank)
+
+
+def test_the_recenter_anchor_survives_save_and_load(tmp_path):
+    """``recenter_every``'s anchor (samples, accumulated gradients, measured moment, request count) is saved with
+    the model: a service that loads the model for each request corrects on the same request as one that kept it in
+    memory, and moves the bank the same way."""
+    un, data, save = _digits_mlp(solver="kfac", recenter_every=2, curvature_draws=2)
+    reports = [un.forget(ids, data) for ids in ([0, 1], [2, 3], [4, 5])]
+    assert [r.info.get("recenter") for r in reports] == ["anchored", "applied", None]
+    lm = save(tmp_path / "r")
+    saved_t, _ = un.curvature_state()
+    loaded_t, _ = lm.unlearner.curvature_state()
+    anchor = {k for k in saved_t if k.startswith("recenter_")}
+    parts = ("index", "thetas", "pair", "removed", "moment", "removed_pair", "count")
+    assert anchor == {f"recenter_{k}" for k in parts}
+    assert anchor <= loaded_t.keys() and all(torch.equal(saved_t[k], loaded_t[k]) for k in anchor)
+    r1 = un.forget([6, 7], data)
+    r2 = lm.unlearner.forget([6, 7], lm.data)
+    assert r1.info["recenter"] == r2.info["recenter"] == "applied"
+    assert r2.info["recenter_deviation"] == r1.info["recenter_deviation"]
     assert torch.equal(un.bank, lm.unlearner.bank)

@@ -403,6 +403,11 @@ class DistributedUnlearner(MCMCUnlearner):
                 "(the equilibrium target lists every remaining row, which a shard cannot); pass "
                 "newton_target='relative' or newton_steps=1"
             )
+        if self.recenter_every:
+            raise ValueError(
+                "DistributedUnlearner does not support recenter_every (it lists every remaining row, which a shard "
+                "cannot); pass recenter_every=0"
+            )
         self.group = group
         self.group_rank, self.group_size = _group_info(group)
         self._local_nll = self.nll

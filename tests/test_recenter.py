@@ -1,0 +1,161 @@
+"""``recenter_every``: the first-moment correction across requests, against the closed forms of a Gaussian posterior.
+
+Bayesian linear regression in float64 (precision ``A_S = I + X_Sᵀ X_S``, gradient ``∇F(θ, S) = A_S θ − b_S``): the
+influence step is exact there, so an exact removal must be a fixed point of the correction, and an approximate one
+(the paper's full-data Hessian, which undershoots) must be moved by exactly one Newton step of the closed form.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_blr
+from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+from mcmc_unlearner.distributed import DistributedUnlearner
+from mcmc_unlearner.models.linreg import BayesianLinearRegression
+
+REQUESTS = 4  # of 10 rows each; the correction runs after the last one
+M = 16  # anchored draws of the removed points' gradient (RECENTER_REMOVED_DRAWS), = the requests' grad_draws
+
+
+def _draws(prob, S: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    L = torch.linalg.cholesky(prob.cov_all)
+    return prob.mean_all + torch.randn(S, prob.mean_all.numel(), generator=g, dtype=torch.float64) @ L.T
+
+
+def _run(prob, bank: torch.Tensor, data=None, **kw) -> tuple[MCMCUnlearner, list]:
+    model = BayesianLinearRegression(prob.x.shape[1]).double()
+    data = data or RemovableDataset(prob.x.double(), prob.y.double(), batch_size=50, seed=0)
+    options = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
+    un = MCMCUnlearner(model, bank=bank, **{**options, **kw})
+    reports = [un.forget(prob.removed[i : i + 10], data) for i in range(0, 10 * REQUESTS, 10)]
+    return un, reports
+
+
+def _precision(x: torch.Tensor) -> torch.Tensor:
+    return torch.eye(x.shape[1], dtype=torch.float64) + x.T @ x
+
+
+@pytest.fixture(scope="module")
+def prob():
+    p = make_blr(n=400, dim=3, removed=40, seed=2)
+    p.x, p.y = p.x.double(), p.y.double()
+    return p
+
+
+def test_an_exact_removal_is_a_fixed_point(prob) -> None:
+    """Exact Newton steps (dense remaining-data Hessian, undamped): the measured deviation is rounding error and
+    the bank ends where it ends without the correction."""
+    bank = _draws(prob)
+    plain, _ = _run(prob, bank)
+    un, reports = _run(prob, bank, recenter_every=REQUESTS)
+    first, last = reports[0].info, reports[-1].info
+    assert first["recenter"] == "anchored" and "recenter_deviation" not in first
+    assert last["recenter_deviation"] <= 1e-9 * reports[-1].info["gradient_norm"]
+    torch.testing.assert_close(un.bank, plain.bank, rtol=0, atol=1e-10)
+
+
+def test_an_undershooting_removal_gets_one_newton_step_of_the_closed_form(prob) -> None:
+    """``hessian="full"`` (the paper's) undershoots each request. The correction's target is the bank mean
+    ``μ⁰ + X*`` with ``A_R X* = E_M[∇Σ_{S'}h(θ⁰)] = A_{S'} μ⁰_M − b_{S'}``; its step uses the last request's curvature
+    ``H = A_{R ∪ batch}``, so the error to the target contracts exactly by ``I − H⁻¹A_R``."""
+    bank = _draws(prob)
+    plain, _ = _run(prob, bank, hessian="full")
+    un, reports = _run(prob, bank, hessian="full", recenter_every=REQUESTS)
+    assert reports[-1].info["recenter"] == "applied"
+    x, y, keep = prob.x, prob.y, prob.keep
+    gone = prob.removed[: 10 * REQUESTS]
+    kept = torch.ones(len(y), dtype=torch.bool)
+    kept[gone] = False
+    A_R = _precision(x[kept])
+    mu_M = bank[torch.linspace(0, bank.shape[0] - 1, M).round().long()].mean(0)
+    g_removed = x[gone].T @ (x[gone] @ mu_M - y[gone])  # Σ_{S'} ∇h at the anchored draws' mean (linear in θ)
+    target = bank.mean(0) + torch.linalg.solve(A_R, g_removed)
+    last = prob.removed[10 * (REQUESTS - 1) : 10 * REQUESTS]
+    H = _precision(torch.cat([x[kept], x[last]]))
+    e_plain = plain.bank.mean(0) - target
+    expected = target + e_plain - torch.linalg.solve(H, A_R @ e_plain)
+    assert float(e_plain.norm()) > 1e-2  # the undershoot is real
+    torch.testing.assert_close(un.bank.mean(0), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(un.bank - un.bank.mean(0), bank - bank.mean(0), rtol=0, atol=1e-10)  # spread kept
+    assert float((un.bank.mean(0) - target).norm()) < 0.2 * float(e_plain.norm())
+    assert not keep[gone].any()
+
+
+def test_the_anchor_survives_a_checkpoint(prob) -> None:
+    """The anchor and its request count travel with ``curvature_state``: with a correction every 2 requests, an
+    unlearner rebuilt from a checkpoint taken one request after the first correction ends exactly where the
+    uninterrupted one does (its next request is a correction: the count was saved)."""
+    bank = _draws(prob)
+    ref, ref_reports = _run(prob, bank, hessian="full", recenter_every=2)
+    assert [r.info.get("recenter") for r in ref_reports] == ["anchored", "applied", None, "applied"]
+    data = RemovableDataset(prob.x, prob.y, batch_size=50, seed=0)
+    model = BayesianLinearRegression(prob.x.shape[1]).double()
+    options = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
+    options.update(hessian="full", recenter_every=2)
+    first = MCMCUnlearner(model, bank=bank, **options)
+    for i in (0, 10, 20):
+        first.forget(prob.removed[i : i + 10], data)
+    tensors, meta = first.curvature_state()
+    state = data.state_dict()
+    assert {"recenter_moment", "recenter_removed", "recenter_removed_pair", "recenter_thetas"} <= set(tensors)
+    second = MCMCUnlearner(model, bank=first.bank, **options)
+    second.load_curvature_state(tensors, meta)
+    report = second.forget(prob.removed[30:40], data)
+    assert report.info["recenter"] == "applied"
+    torch.testing.assert_close(second.bank, ref.bank, rtol=0, atol=1e-10)
+    data.load_state_dict(state)
+    fresh = MCMCUnlearner(model, bank=first.bank, **options)  # without the state: anchored anew, no correction
+    fresh.forget(prob.removed[30:40], data)
+    assert float((fresh.bank - ref.bank).abs().max()) > 1e-6
+
+
+def test_without_a_listable_data_source_it_is_off_and_says_so(prob) -> None:
+    bank = _draws(prob)
+    rows = [(prob.x[i : i + 50], prob.y[i : i + 50]) for i in range(0, 360, 50)]
+
+    def stream():
+        while True:
+            yield from rows
+
+    model = BayesianLinearRegression(prob.x.shape[1]).double()
+    un = MCMCUnlearner(model, bank=bank, damping=0.0, bank_shift="mean", recenter_every=1)
+    report = un.remove((prob.x[prob.removed], prob.y[prob.removed]), stream(), n_remaining=360)
+    assert report.info["recenter"].startswith("off: the remaining data cannot list its rows")
+
+
+def test_bad_options_are_refused() -> None:
+    model = BayesianLinearRegression(3)
+    with pytest.raises(ValueError, match="recenter_every must be >= 0"):
+        MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_every=-1)
+    with pytest.raises(ValueError, match="recenter_draws >= 1"):
+        MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_draws=0)
+    with pytest.raises(ValueError, match="cannot use a custom energy"):
+        MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_every=2, energy=lambda m, b, n: m.nll(b).sum())
+    with pytest.raises(ValueError, match="DistributedUnlearner does not support recenter_every"):
+        DistributedUnlearner(model, bank=torch.zeros(4, 3), recenter_every=2)
+
+
+def test_a_correction_that_fails_its_check_is_skipped_and_the_request_stands(prob, monkeypatch) -> None:
+    """Every damping of the correction failing its check (scripted) skips it: the report says so, and the bank is
+    where the same request leaves it without the correction."""
+    import dataclasses
+
+    import mcmc_unlearner.unlearner as U
+
+    class Failing(U.DampingControl):
+        def step(self, *args, **kwargs):
+            return dataclasses.replace(super().step(*args, **kwargs), safe=False, note="scripted failure")
+
+    bank = _draws(prob)
+    plain, _ = _run(prob, bank, hessian="full")
+    model = BayesianLinearRegression(prob.x.shape[1]).double()
+    data = RemovableDataset(prob.x, prob.y, batch_size=50, seed=0)
+    options = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
+    un = MCMCUnlearner(model, bank=bank, hessian="full", recenter_every=REQUESTS, **options)
+    monkeypatch.setattr(U, "DampingControl", Failing)  # built after the unlearner: only the corrections use it
+    reports = [un.forget(prob.removed[i : i + 10], data) for i in range(0, 10 * REQUESTS, 10)]
+    assert reports[-1].info["recenter"] == "skipped: scripted failure" and reports[-1].passed
+    torch.testing.assert_close(un.bank, plain.bank, rtol=0, atol=1e-12)
