@@ -545,7 +545,7 @@ class MCMCUnlearner:
         recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is
             measured on every remaining row. The measured part is a paired difference, smooth in the sample, so
             one draw suffices: on Fashion-MNIST 1 and 2 draws ended equally near retraining within the seeds'
-            spread (2.19 ± 0.49 and 2.08 ± 0.36× the floor), at 218–248 s and (seed 3) 321 s of CPU for 94 requests.
+            spread (2.20 ± 0.49 and 2.08 ± 0.36× the floor), at 218–248 s and (seed 3) 321 s of CPU for 94 requests.
     """
 
     def __init__(
