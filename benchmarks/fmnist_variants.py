@@ -11,16 +11,15 @@ command scores it (kept-class predictive L1 to the retrain chains as a multiple 
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm default shorten
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name rc10 --options '{"recenter_every": 10}'
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm --named-only rc10
-    python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name corrected --correct-every 10
 
 ``residual`` measures the first-moment identity of each bank's posterior, ``E_θ[∇F(θ)] = 0`` (integration by
 parts; ``F`` = the bank's own data: all training points for origin, the remaining ones otherwise), on every
 training row, along the output layer's biases, where it reads as calibration: ``∂F/∂b_c = Σ_i (p_c(x_i) − y_ic)
 + b_c/σ²``, i.e. how many more training points the network assigns to class ``c`` than carry that label (plus the
 prior's pull). A bank at equilibrium has every entry within its Monte-Carlo error of 0. Also the norm of the full
-mean gradient. ``run --correct-every K`` (DIAGNOSTIC; the library's ``recenter_every`` option grew out of it and
-supersedes it) adds a checked first-moment correction every ``K`` requests (:func:`_corrected_sequence`); ``run``
-records the library's corrections from the requests' reports. One torch thread. Results append to
+mean gradient. ``run`` records the library's first-moment corrections (``recenter_every``) from the requests'
+reports (a diagnostic ``--correct-every K`` that reached into the K-FAC backend, which that option replaced, is
+at commit 3734e5b). One torch thread. Results append to
 ``CACHE/results.jsonl``.
 """
 
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,9 +35,7 @@ import torch
 
 from mcmc_unlearner.bank import ParamSpec
 from mcmc_unlearner.cli import build_parser
-from mcmc_unlearner.curvature import functionalize
 from mcmc_unlearner.experiments import bnn as B
-from mcmc_unlearner.step import DampingControl, EnergyCheck
 
 
 def _experiment(seed: int, data_dir: str, init: torch.Tensor | None, options: dict) -> B._Experiment:
@@ -99,68 +95,13 @@ def _energy_gradients(
     return torch.stack(grads)
 
 
-def _corrected_sequence(
-    ex: B._Experiment, origin: dict, progress: B._Progress, every: int, draws: int
-) -> tuple[B._Result, list]:
-    """DIAGNOSTIC, not a library feature: ``unlearn`` with a first-moment correction every ``every`` requests.
-
-    The influence step keeps ``E[∇F(θ', S∖S')] = E[∇F(θ, S)]`` only to first order, per request. Every ``every``
-    requests this measures the deviation ``d = E_bank[∇F(θ', S∖S')] − E_origin[∇F(θ, S)]`` on every remaining row
-    (at ``draws`` evenly spaced stored samples) and moves the bank and the live chain by ``−(H + λ)⁻¹d`` with the
-    unlearner's current K-FAC curvature, through the library's damping control and safety check (a fresh
-    ``DampingControl`` starting from the unlearner's damping; shortened like any step). It reaches into the K-FAC
-    backend's committed factors, which the library does not expose after a request.
-    """
-    cfg = ex.cfg
-    chain = B._Chain(ex, origin, cfg.seed * 1000 + 4)
-    un = B._unlearner(cfg, chain.model, chain.sampler, origin["bank"])
-    scratch = ex.new_model()
-    pick = torch.linspace(0, un.bank.shape[0] - 1, draws).round().long()
-    rows_f = functionalize(chain.model, lambda m, *b: un.nll(m, b))
-    lp_f = functionalize(chain.model, lambda m: un.log_prior(m))
-    target = _energy_gradients(ex, scratch, origin["bank"][pick], torch.arange(ex.n_full)).mean(0)
-    log, removed = [], 0
-    for i, ids in enumerate(ex.requests):
-        un.forget(ids, chain.data)
-        removed += ids.numel()
-        if (i + 1) % every == 0 or i == len(ex.requests) - 1:
-            rem = chain.data.remaining_ids
-            d = (_energy_gradients(ex, scratch, un.bank[pick], rem).mean(0) - target).to(un.bank.dtype)
-            gen = torch.Generator().manual_seed(1000 + i)
-            rows = rem[torch.randperm(len(rem), generator=gen)[: un.check_rows]]
-            thetas = un.bank[torch.linspace(0, un.bank.shape[0] - 1, un.check_draws).round().long()]
-            check = EnergyCheck(rows_f, lp_f, thetas, (ex.x_train[rows], ex.y_train[rows]), len(rem), -d, None)
-            backend = un.curvature
-            backend._pending, backend._n = (backend.kfac, backend.age), len(rem)
-            control = DampingControl()
-            control.relative = un.control.relative
-            step = control.step(backend, -d, check)
-            backend._pending = None
-            step = step.shortened() if step.safe else step
-            if step.safe:
-                un.bank = un.bank + step.x
-                ParamSpec.assign(chain.model, ParamSpec.flatten_module(chain.model) + step.x)
-            log.append(
-                {"request": i, "deviation": float(d.norm()), "shift": float(step.x.norm()) if step.safe else 0.0,
-                 "damping": step.damping, "safe": bool(step.safe), "ratio": step.ratio}
-            )  # fmt: skip
-        if i in ex.progress_points:
-            progress.take("unlearn", un.bank, removed)
-    last = ParamSpec.flatten_module(chain.model)
-    return B._Result(bank=un.bank, last=last, info={"cpu_seconds": math.nan, "refused": 0}), log
-
-
 def _run(args: argparse.Namespace) -> None:
     options = json.loads(args.options)
     ex, origin, saved = _load(args, options)
     names = B._retrain_names(ex.cfg.retrain_chains)
     progress = B._Progress(ex, saved["banks"]["retrain"])
     c0 = time.process_time()
-    corrections: list = []
-    if args.correct_every > 0:
-        res, corrections = _corrected_sequence(ex, origin, progress, args.correct_every, args.correct_draws)
-    else:
-        res, _ = B._run_unlearner(ex, origin, progress, ex.cfg.seed * 1000 + 4)
+    res, _ = B._run_unlearner(ex, origin, progress, ex.cfg.seed * 1000 + 4)
     cpu = time.process_time() - c0
     results = {
         nm: B._Result(bank=b, last=b[-1], info={"seconds": 0.0, "cpu_seconds": 0.0}) for nm, b in saved["banks"].items()
@@ -172,7 +113,6 @@ def _run(args: argparse.Namespace) -> None:
         "name": args.name,
         "seed": args.seed,
         "options": options,
-        "correct_every": args.correct_every,
         "l1_x_floor": u["pred_diff"]["test_kept"] / floor["pred_diff"]["test_kept"],
         "error_removed": u["error"]["removed"],
         "error_test_kept": u["error"]["test_kept"],
@@ -183,7 +123,6 @@ def _run(args: argparse.Namespace) -> None:
         "cpu_seconds_with_progress": cpu,
         "refused": res.info["refused"],
         "progress_l1": [(p["removed"], round(p["pred_diff_test_kept"], 4)) for p in progress.points["unlearn"]],
-        "corrections": corrections,
         "recenter": [  # the library's first-moment corrections (recenter_every), from the requests' reports
             {
                 "request": i,
@@ -240,10 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default="{}", help="run: JSON dict of MCMCUnlearner options")
     ap.add_argument("--samples", type=int, default=20, help="residual: evenly thinned samples per bank")
     ap.add_argument("--named-only", action="store_true", help="residual: only the named banks (not origin, retrains)")
-    ap.add_argument(
-        "--correct-every", type=int, default=0, help="run, DIAGNOSTIC: a first-moment correction every K requests"
-    )
-    ap.add_argument("--correct-draws", type=int, default=2, help="run: stored samples the correction measures")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)

@@ -17,6 +17,8 @@ from mcmc_unlearner.models.linreg import BayesianLinearRegression
 
 REQUESTS = 4  # of 10 rows each; the correction runs after the last one
 M = 16  # anchored draws of the removed points' gradient (RECENTER_REMOVED_DRAWS), = the requests' grad_draws
+#: Exact, undamped, unshortened Newton steps and a common shift: the closed forms below hold to rounding.
+EXACT = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
 
 
 def _draws(prob, S: int = 64, seed: int = 0) -> torch.Tensor:
@@ -28,8 +30,7 @@ def _draws(prob, S: int = 64, seed: int = 0) -> torch.Tensor:
 def _run(prob, bank: torch.Tensor, data=None, **kw) -> tuple[MCMCUnlearner, list]:
     model = BayesianLinearRegression(prob.x.shape[1]).double()
     data = data or RemovableDataset(prob.x.double(), prob.y.double(), batch_size=50, seed=0)
-    options = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
-    un = MCMCUnlearner(model, bank=bank, **{**options, **kw})
+    un = MCMCUnlearner(model, bank=bank, **{**EXACT, **kw})
     reports = [un.forget(prob.removed[i : i + 10], data) for i in range(0, 10 * REQUESTS, 10)]
     return un, reports
 
@@ -93,8 +94,7 @@ def test_the_anchor_survives_a_checkpoint(prob) -> None:
     assert [r.info.get("recenter") for r in ref_reports] == ["anchored", "applied", None, "applied"]
     data = RemovableDataset(prob.x, prob.y, batch_size=50, seed=0)
     model = BayesianLinearRegression(prob.x.shape[1]).double()
-    options = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
-    options.update(hessian="full", recenter_every=2)
+    options = dict(EXACT, hessian="full", recenter_every=2)
     first = MCMCUnlearner(model, bank=bank, **options)
     for i in (0, 10, 20):
         first.forget(prob.removed[i : i + 10], data)
@@ -153,8 +153,7 @@ def test_a_correction_that_fails_its_check_is_skipped_and_the_request_stands(pro
     plain, _ = _run(prob, bank, hessian="full")
     model = BayesianLinearRegression(prob.x.shape[1]).double()
     data = RemovableDataset(prob.x, prob.y, batch_size=50, seed=0)
-    options = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
-    un = MCMCUnlearner(model, bank=bank, hessian="full", recenter_every=REQUESTS, **options)
+    un = MCMCUnlearner(model, bank=bank, hessian="full", recenter_every=REQUESTS, **EXACT)
     monkeypatch.setattr(U, "DampingControl", Failing)  # built after the unlearner: only the corrections use it
     reports = [un.forget(prob.removed[i : i + 10], data) for i in range(0, 10 * REQUESTS, 10)]
     assert reports[-1].info["recenter"] == "skipped: scripted failure" and reports[-1].passed
