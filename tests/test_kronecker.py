@@ -190,6 +190,39 @@ def test_solve_inverts_matmul_and_the_curvature_is_positive_definite() -> None:
     assert K.quad(x) > 0
 
 
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_data_damping_scales_the_data_term_and_leaves_the_prior(low_rank: bool) -> None:
+    """``solve(v, λ, data_damping=μ)`` is ``(P + (1 + μ)·K_data + λI)⁻¹ v`` of the dense float64 operator (``P`` =
+    the operator at ``n = 0``), also where the eigenbasis is incomplete (there ``K`` is the prior alone), and
+    ``quad(x, prior=False)`` is ``xᵀK_data x``."""
+    torch.manual_seed(14)
+    if low_rank:  # 30 inputs seen on 12 rows: kept-rows factors
+        model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+        batches = [(torch.randn(6, 30, dtype=D64), torch.randint(0, 3, (6,))) for _ in range(2)]
+    else:  # convolution, linear layer and a BatchNorm on the diagonal fallback
+        model = conv_bn()
+        batches = [(torch.randn(6, 1, 4, 4, dtype=D64), torch.randint(0, 4, (6,))) for _ in range(3)]
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta[None] + 0.05 * torch.randn(len(batches), theta.numel(), dtype=D64)
+    K = KroneckerCurvature.build(model, thetas, batches, n=150, nll=ce_nll, log_prior=iso_prior(0.6))
+    Kd = dense(K)
+    K.n = 0.0
+    P = dense(K)
+    K.n = 150
+    torch.testing.assert_close(P, torch.eye(theta.numel(), dtype=D64) / 0.36, atol=1e-10, rtol=1e-10)
+    data = Kd - P
+    V = torch.randn(theta.numel(), 2, dtype=D64)
+    eye = torch.eye(theta.numel(), dtype=D64)
+    for lam, mu in ((0.0, 0.0), (0.0, 0.3), (0.0, 50.0), (2.0, 4.0)):
+        ref = torch.linalg.solve(P + (1.0 + mu) * data + lam * eye, V)
+        torch.testing.assert_close(K.solve(V, lam, data_damping=mu), ref, atol=1e-9, rtol=1e-9)
+    x = V[:, 0].clone()
+    assert math.isclose(K.quad(x, prior=False), float(x @ data @ x), rel_tol=1e-10)
+    assert math.isclose(K.quad(x), float(x @ Kd @ x), rel_tol=1e-10)
+    with pytest.raises(ValueError, match="data_damping"):
+        K.solve(x, 0.0, data_damping=-1.0)
+
+
 def test_n_rescales_the_data_term_without_rebuilding() -> None:
     model = conv_bn()
     theta = ParamSpec.flatten_module(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -192,6 +193,146 @@ def test_damping_control_rejects_an_overshooting_model_and_finds_a_decreasing_st
     exact = DampingControl()
     ok = exact.step(_QuadraticBackend(H), G, _true_check(H, G))
     assert ok.safe and ok.trials == 1 and ok.damping == 0 and ok.ratio == pytest.approx(1.0)
+
+
+class _ShapedBackend(_QuadraticBackend):
+    """Curvature model ``P + B_data`` with both damping shapes: ``(P + B_data + λI)⁻¹`` and
+    ``(P + (1 + λ/s)·B_data)⁻¹`` (``s`` = the mean curvature), as the K-FAC backend offers them."""
+
+    damping_shapes = ("identity", "data")
+
+    def __init__(self, P: torch.Tensor, B_data: torch.Tensor) -> None:
+        super().__init__(P + B_data)
+        self.P, self.B_data = P, B_data
+
+    def solve(self, rhs, damping):
+        if self.damping_shape == "identity":
+            return super().solve(rhs, damping)
+        self.solves += 1
+        x = torch.linalg.solve(self.P + (1.0 + damping / self.scale()) * self.B_data, rhs)
+        return SolveResult(x, "test", 0, 0.0, True)
+
+    def damping_quad(self, x, damping):
+        if self.damping_shape == "identity":
+            return super().damping_quad(x, damping)
+        return damping / self.scale() * float(x @ self.B_data @ x)
+
+
+def _two_directions(true_data: float, true_flat: float):
+    """Model: prior 1 on both directions, data curvature 100 along the first, none along the second; the true
+    energy curves ``true_data`` and ``true_flat`` along them; ``G = (10, 1)``."""
+    P = torch.eye(2, dtype=torch.float64)
+    B_data = torch.diag(torch.tensor([100.0, 0.0], dtype=torch.float64))
+    H = torch.diag(torch.tensor([true_data, true_flat], dtype=torch.float64))
+    return _ShapedBackend(P, B_data), H, torch.tensor([10.0, 1.0], dtype=torch.float64)
+
+
+def test_the_damping_shape_with_the_lower_measured_energy_is_taken() -> None:
+    """The identity shape is searched; the data shape is tried once at the damping it accepted and taken when its
+    measured energy is lower. (a) The model is 10× too flat along the data direction only: the identity damping
+    that direction needs drowns the flat (prior-only) one too; damping the data term alone keeps the flat
+    direction's full Newton step — the data shape wins. (b) The model is 10× too flat along the prior-only
+    direction: no data damping helps there, the identity step stands."""
+    backend, H, G = _two_directions(1010.0, 1.0)
+    control = DampingControl()
+    out = control.step(backend, G, _true_check(H, G), shapes=("identity", "data"))
+    assert out.safe and out.shape == "data" and backend.damping_shape == "data" and control.shape == "data"
+    identity = DampingControl().step(backend, G, _true_check(H, G), shapes=("identity",))
+    tried = [h for h in out.history if h["shape"] == "data"]
+    assert out.history[: identity.trials] == identity.history and len(tried) == 1
+    assert out.trials == identity.trials + 1 and tried[0]["damping"] == identity.damping == out.damping
+    # the closed form of that step and of its true energy
+    mu = identity.damping / backend.scale()
+    x = torch.linalg.solve(backend.P + (1.0 + mu) * backend.B_data, G)
+    torch.testing.assert_close(out.x, x, rtol=1e-12, atol=1e-12)
+    assert out.actual == pytest.approx(-float(G @ x) + 0.5 * float(x @ H @ x), rel=1e-12)
+    assert out.damping_quad == pytest.approx(mu * float(x @ backend.B_data @ x), rel=1e-12)
+    # it keeps the flat direction's undamped Newton step G₂/1 and reaches most of the Newton decrease; the
+    # identity step, damped for the data direction, reaches a tenth of it
+    newton = -0.5 * float(G @ torch.linalg.solve(H, G))
+    assert float(out.x[1]) == pytest.approx(1.0, rel=1e-12)
+    assert out.actual <= 0.75 * newton and identity.actual >= 0.1 * newton
+    assert control.state()["relatives"] == {"identity": pytest.approx(mu), "data": pytest.approx(mu)}
+    # a later request with the same curvature searches only the shape accepted last, from its carried damping
+    again = control.step(backend, G, _true_check(H, G))
+    assert {h["shape"] for h in again.history} == {"data"}
+    assert again.history[0]["damping"] == pytest.approx(identity.damping)
+
+    backend, H, G = _two_directions(101.0, 10.0)
+    control = DampingControl()
+    out = control.step(backend, G, _true_check(H, G), shapes=("identity", "data"))
+    assert out.safe and out.shape == "identity" and control.shape == "identity"
+    assert out.history[-1]["shape"] == "data" and out.history[-1]["ratio"] < control.eta
+    assert out.actual < 0 and "data" not in control.state()["relatives"]
+
+
+def test_another_damping_shape_must_win_by_more_than_the_checks_noise() -> None:
+    """The data shape's step of the test above lowers the energy by 0.48 more than the identity shape's: with a
+    check whose standard error is 0.1 it is taken, with 0.2 (2·√2·0.2 = 0.57 > 0.48) the identity step stands."""
+    backend, H, G = _two_directions(1010.0, 1.0)
+
+    def noisy(se: float):
+        return lambda x: Measurement(-float(G @ x) + 0.5 * float(x @ H @ x), se, 0.0)
+
+    for se, expect in ((0.1, "data"), (0.2, "identity")):
+        out = DampingControl().step(backend, G, noisy(se), shapes=("identity", "data"))
+        assert out.safe and out.shape == expect, se
+        last = {h["shape"]: h["actual"] for h in out.history}  # each shape's last (= accepted) trial
+        gain = last["identity"] - last["data"]
+        assert 0.45 < gain < 0.5 and (gain > 2 * math.sqrt(2) * se) == (expect == "data"), (se, gain)
+
+
+def test_the_credit_for_following_gs_monte_carlo_error_is_taken_off_before_shapes_are_compared() -> None:
+    """``G = g + ε`` with the Monte-Carlo error ``ε = (0, 1)`` all along the flat direction, where the true gradient
+    is 0. The control-variate measurement credits a step for following ε (its linear term is ``−G·x``): the data
+    shape, undamped there, looks 0.48 better. Given ``noise=ε``, each shape's score is its measured change less the
+    predicted change of the step ε alone takes, ``−ε·x_ε + ½x_εᵀBx_ε``: the data shape's gain disappears and the
+    identity step stands."""
+    backend, H, G = _two_directions(1010.0, 1.0)
+    noise = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    check = _true_check(H, G)  # what the check measures with the noisy G
+    assert DampingControl().step(backend, G, check, shapes=("identity", "data")).shape == "data"
+    out = DampingControl().step(backend, G, check, shapes=("identity", "data"), noise=noise)
+    assert out.safe and out.shape == "identity" and set(out.shape_scores) == {"identity", "data"}
+    B = backend.P + backend.B_data
+    mu = out.damping / backend.scale()
+    for shape, damped in (
+        ("identity", B + out.damping * torch.eye(2, dtype=torch.float64)),
+        ("data", B + mu * backend.B_data),
+    ):
+        x = torch.linalg.solve(damped, G)
+        x_e = torch.linalg.solve(damped, noise)
+        score = check(x).actual - (-float(noise @ x_e) + 0.5 * float(x_e @ B @ x_e))
+        assert out.shape_scores[shape] == pytest.approx(score, rel=1e-10)
+    # the scores are the true changes −g·x + ½xᵀHx up to the credit's own cross term; the identity step's is lower
+    g = G - noise
+    true = -float(g @ out.x) + 0.5 * float(out.x @ H @ out.x)
+    assert out.shape_scores["identity"] == pytest.approx(true, abs=1e-3)
+    assert out.shape_scores["identity"] < out.shape_scores["data"]
+
+
+def test_an_accepted_undamped_step_is_not_searched_again_in_another_shape() -> None:
+    """At zero damping every shape is the same step: when it is accepted the other shapes are not tried."""
+    backend, H, G = _two_directions(100.0, 0.0)
+    H = H + torch.eye(2, dtype=torch.float64)  # the model is exact
+    control = DampingControl()
+    out = control.step(backend, G, _true_check(H, G), shapes=("identity", "data"))
+    assert out.safe and out.trials == 1 and out.damping == 0 and out.shape == "identity"
+
+
+def test_fixed_damping_and_single_shape_backends_use_the_identity_shape() -> None:
+    backend, H, G = _two_directions(1010.0, 1.0)
+    out = DampingControl(damping=5.0).step(backend, G, _true_check(H, G), shapes=("identity", "data"))
+    assert out.shape == "identity" and {h["shape"] for h in out.history} == {"identity"}
+    plain = _QuadraticBackend(backend.P + backend.B_data)
+    control = DampingControl()
+    control.set_state({"shape": "data", "relatives": {"data": 3.0}})
+    out = control.step(plain, G, _true_check(H, G), shapes=("identity", "data"))
+    assert out.shape == "identity" and {h["shape"] for h in out.history} == {"identity"}
+    # the state survives a JSON round trip
+    restored = DampingControl()
+    restored.set_state(json.loads(json.dumps(control.state())))
+    assert restored.state() == control.state()
 
 
 def test_a_shortened_step_is_the_exact_minimiser_of_the_true_energy_along_it() -> None:

@@ -289,3 +289,41 @@ def test_the_recenter_anchor_survives_save_and_load(tmp_path):
     assert r1.info["recenter"] == r2.info["recenter"] == "applied"
     assert r2.info["recenter_deviation"] == r1.info["recenter_deviation"]
     assert torch.equal(un.bank, lm.unlearner.bank)
+
+
+def test_the_damping_shape_and_its_carried_dampings_survive_save_and_load(tmp_path):
+    """The step control's state (the damping shape accepted last and each shape's carried damping) is saved with
+    the model: the reloaded unlearner makes the next request exactly as the one kept in memory. A checkpoint
+    written before damping shapes existed (only ``damping_relative``) loads as the identity shape."""
+    un, data, save = _digits_mlp(solver="kfac", curvature_draws=2)
+    first = un.forget([0, 1], data)
+    assert first.info["damping_shape"] in ("identity", "data")
+    # a state a longer sequence could reach (set explicitly: which shape wins depends on what the check measured)
+    un.control.set_state({"shape": "data", "relatives": {"identity": 0.5, "data": 2.0}})
+    lm = save(tmp_path / "d")
+    assert lm.unlearner.control.state() == un.control.state()
+    r1 = un.forget([2, 3], data)
+    r2 = lm.unlearner.forget([2, 3], lm.data)
+    assert r1.info["damping_shape"] == r2.info["damping_shape"] == "data"  # the reused curvature keeps the shape
+    assert r1.damping == r2.damping and torch.equal(un.bank, lm.unlearner.bank)
+    tensors, meta = un.curvature_state()
+    old = {k: v for k, v in meta.items() if k != "damping_state"}
+    lm.unlearner.load_curvature_state(tensors, old)
+    assert lm.unlearner.control.state() == {"shape": "identity", "relatives": {"identity": old["damping_relative"]}}
+
+
+@pytest.mark.parametrize("shape", ["identity", "data"])
+def test_a_fixed_damping_shape_is_the_only_one_searched(shape):
+    un, data, _ = _digits_mlp(solver="kfac", curvature_draws=2, damping_shape=shape)
+    for ids in ([0, 1], [2, 3]):
+        report = un.forget(ids, data)
+        assert report.info["damping_shape"] == shape and {t["shape"] for t in report.info["trials"]} == {shape}
+    assert un.config()["damping_shape"] == shape
+
+
+def test_bad_damping_shapes_are_refused_naming_the_choices():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="'auto', 'identity' or 'data'"):
+        MCMCUnlearner(model, None, nll=lambda m, b: m(b[0]).sum(1), damping_shape="lm")
+    with pytest.raises(ValueError, match="needs solver='kfac'"):
+        MCMCUnlearner(model, None, nll=lambda m, b: m(b[0]).sum(1), damping_shape="data", solver="cg")

@@ -1109,13 +1109,15 @@ class KroneckerCurvature:
         v = v.detach()
         return v[:, None] if v.dim() == 1 else v
 
-    def _apply(self, v: Tensor, inverse: bool, damping: float) -> Tensor:
-        """``K v`` or ``(K + damping·I)⁻¹ v``. Per block with data eigenvalues ``Λ`` in the eigenbasis ``U`` and the
-        prior ``p`` on the rest: ``f(K) v = f(p)·v + U (f(Λ + p) − f(p)) Uᵀ v`` (``= U f(Λ + p) Uᵀ v`` when ``U`` is
-        a complete basis)."""
+    def _apply(self, v: Tensor, inverse: bool, damping: float, data_damping: float = 0.0) -> Tensor:
+        """``K v`` or ``(K + damping·I + data_damping·K_data)⁻¹ v``. Per block with data eigenvalues ``Λ`` in the
+        eigenbasis ``U`` and the prior ``p`` on the rest: ``f(K) v = f(p)·v + U (f(Λ + p) − f(p)) Uᵀ v``
+        (``= U f(Λ + p) Uᵀ v`` when ``U`` is a complete basis)."""
         V = self._as_matrix(v)
         coords = self._coords(v)
         lams = self._data_eigvals(V.dtype, V.device)
+        if inverse and data_damping:
+            lams = [lam * (1.0 + data_damping) for lam in lams]
         scaled, rest = [], []
         for i, b in enumerate(self.blocks):
             low = self._low_rank(b)
@@ -1159,13 +1161,17 @@ class KroneckerCurvature:
             C = C @ b.QA.to(like.device, like.dtype).T
         return C
 
-    def solve(self, v: Tensor, damping: float = 0.0) -> Tensor:
-        """``(K + damping·I)⁻¹ v`` for ``v`` of shape ``[D]`` or ``[D, k]`` (closed form for any damping).
+    def solve(self, v: Tensor, damping: float = 0.0, data_damping: float = 0.0) -> Tensor:
+        """``(K + damping·I + data_damping·K_data)⁻¹ v`` for ``v`` of shape ``[D]`` or ``[D, k]`` (closed form for
+        any damping; ``K_data = K − P`` is the data term: ``data_damping`` scales it and leaves the prior alone).
 
         Raises:
-            ValueError: if ``K + damping·I`` is singular (no prior precision and ``damping = 0``).
+            ValueError: if ``K + damping·I`` is singular (no prior precision and ``damping = 0``), or
+                ``data_damping < 0``.
         """
-        return self._apply(v, True, float(damping))
+        if not data_damping >= 0:
+            raise ValueError(f"data_damping must be >= 0, got {data_damping}")
+        return self._apply(v, True, float(damping), float(data_damping))
 
     def __matmul__(self, v: Tensor) -> Tensor:
         """``K v`` for ``v`` of shape ``[D]`` or ``[D, k]``."""
@@ -1175,9 +1181,10 @@ class KroneckerCurvature:
         """Same as ``self @ v``."""
         return self @ v
 
-    def quad(self, x: Tensor) -> float:
+    def quad(self, x: Tensor, prior: bool = True) -> float:
         """``xᵀ K x`` for ``x`` of shape ``[D]`` (free for a result of :meth:`solve` or ``@``; else one rotation):
-        ``Σ_blocks (p‖x_b‖² + Σ Λ·(Uᵀx_b)²) + Σ_diag (n·d + P)·x²``."""
+        ``Σ_blocks (p‖x_b‖² + Σ Λ·(Uᵀx_b)²) + Σ_diag (n·d + P)·x²``; ``prior=False``: the data term ``xᵀK_data x``
+        alone."""
         if x.dim() != 1:
             raise ValueError(f"quad takes a vector [{self.dim}], got {tuple(x.shape)}")
         coords = self._coords(x)
@@ -1185,8 +1192,9 @@ class KroneckerCurvature:
         lams = self._data_eigvals(X.dtype, X.device)
         total = 0.0
         for b, C, lam in zip(self.blocks, coords, lams):
-            total += b.prior * float(b.to_matrix(X).square().sum()) + float((C.square() * lam).sum())
-        diag = lams[-1] + self.prior[self.diag_index].to(X.device, X.dtype)
+            p = b.prior * float(b.to_matrix(X).square().sum()) if prior else 0.0
+            total += p + float((C.square() * lam).sum())
+        diag = lams[-1] + (self.prior[self.diag_index].to(X.device, X.dtype) if prior else 0.0)
         return total + float((coords[-1][:, 0].square() * diag).sum())
 
     # ----------------------------------------------------------------------------------- checkpoints

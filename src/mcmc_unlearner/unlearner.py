@@ -54,7 +54,7 @@ from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_
 from .memory import bytes_per_row, chunk_for, format_bytes, resolve_budget
 from .samplers import scale_lr
 from .solvers import SolverName
-from .step import DampingControl, EnergyCheck, StepOutcome, measured_deficit
+from .step import DampingControl, DampingShape, EnergyCheck, StepOutcome, measured_deficit
 
 __all__ = [
     "BankShift",
@@ -546,6 +546,10 @@ class MCMCUnlearner:
             measured on every remaining row. The measured part is a paired difference, smooth in the sample, so
             one draw suffices: on Fashion-MNIST 1 and 2 draws ended equally near retraining within the seeds'
             spread (2.20 ± 0.49 and 2.08 ± 0.36× the floor), at 218–248 s and (seed 3) 321 s of CPU for 94 requests.
+        damping_shape: ``"auto"`` (default): on a freshly built curvature the damping is searched as ``H + λI`` and
+            the backend's other shapes (K-FAC: the data term damped alone, ``H_prior + (1 + λ/s)·H_data``) are tried
+            once at the damping accepted, the other shape's step taken only when its measured energy is lower by
+            more than two standard errors (:mod:`mcmc_unlearner.step`); ``"identity"`` or ``"data"`` (K-FAC) fix it.
     """
 
     def __init__(
@@ -590,6 +594,7 @@ class MCMCUnlearner:
         shorten_steps: bool = True,
         recenter_every: int = 0,
         recenter_draws: int = 1,
+        damping_shape: DampingShape | str = "auto",
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -623,6 +628,16 @@ class MCMCUnlearner:
         if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
             raise ValueError("solver='kfac' supports hessian='remaining' only")
         self.control = DampingControl(damping, max_trials=max_damping_trials)
+        if damping_shape not in {d.value for d in DampingShape}:
+            raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {damping_shape!r}")
+        self.damping_shape = DampingShape(damping_shape)
+        if self.damping_shape is DampingShape.DATA and self.solver is not SolverName.KFAC:
+            raise ValueError(
+                f"damping_shape='data' needs solver='kfac' (the {self.solver.value} backend damps with λI only); use "
+                "damping_shape='auto' or 'identity'"
+            )
+        if self.damping_shape is not DampingShape.AUTO:
+            self.control.shape = self.damping_shape.value
         self.damping = damping if isinstance(damping, str) else float(damping)
         self.scaling = scaling
         self.iter_T = int(iter_T)
@@ -743,6 +758,7 @@ class MCMCUnlearner:
             "shorten_steps": self.shorten_steps,
             "recenter_every": self.recenter_every,
             "recenter_draws": self.recenter_draws,
+            "damping_shape": self.damping_shape.value,
             "curvature_data": self.curvature_data,
             "exact_max_dim": self.exact_max_dim,
             "likelihood": self.likelihood,
@@ -941,19 +957,19 @@ class MCMCUnlearner:
             raise ValueError("expectation='bank' needs a sample bank: call collect() while sampling or pass bank=")
         snap = self._snapshot()
         backend_snap = self.curvature.snapshot()
-        relative = self.control.relative
+        control_state = self.control.state()
         gen = self.generator.get_state()
         data_state = stream.state()
         try:
             prop = self._propose(batch, stream, n, expectation)
             prop._backend_state = self.curvature.snapshot()
-            prop._control_relative = self.control.relative
+            prop._control_state = self.control.state()
             prop._generator_state = self.generator.get_state()
             prop._data, prop._data_state = stream, stream.state()
         finally:
             self._restore(snap)
             self.curvature.restore(backend_snap)
-            self.control.relative = relative
+            self.control.set_state(control_state)
             self.generator.set_state(gen)
             stream.set_state(data_state)
         prop._owner, prop._version = self, self._version
@@ -977,7 +993,7 @@ class MCMCUnlearner:
             self.bank = proposal.bank
         self.curvature.restore(proposal._backend_state)
         self.curvature.commit()
-        self.control.relative = proposal._control_relative
+        self.control.set_state(proposal._control_state)
         self._carry = proposal._carry
         self._anchor = proposal._anchor
         self.generator.set_state(proposal._generator_state)
@@ -1089,15 +1105,19 @@ class MCMCUnlearner:
         screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if self.check_screen else None
         check_rows = self._raw(stream.rows(self.check_rows))
         check = EnergyCheck(rows_f, lp_f, k_thetas, check_rows, n, G, self._reduce, screen=screen)
-        outcome = self.control.step(self.curvature, G, check)
-        if info.get("preconditioner_reused") or info.get("hessian_reused"):
+        # every damping shape is searched on a freshly built curvature; a reused one keeps the shape last accepted
+        reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
+        auto = self.damping_shape is DampingShape.AUTO
+        all_shapes = self.curvature.damping_shapes if auto else (self.damping_shape.value,)
+        outcome = self.control.step(self.curvature, G, check, shapes=None if reused and auto else all_shapes, noise=dev)
+        if reused:
             first = outcome.history[0]
             if not outcome.safe or not abs(first["ratio"] - 1.0) <= self.drift_tol:
                 # the reused curvature drifted from the current posterior: rebuild once and redo the step
                 self.curvature.reset()
                 info.update(self.curvature.prepare(problem))
                 info["curvature_rebuilt_for_drift"] = True
-                outcome = self.control.step(self.curvature, G, check)
+                outcome = self.control.step(self.curvature, G, check, shapes=all_shapes, noise=dev)
         if self.shorten_steps:
             outcome = outcome.shortened()
         x, lam, carry = outcome.x, outcome.damping, None
@@ -1120,6 +1140,9 @@ class MCMCUnlearner:
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         info.update(outcome.solve.info)
+        info["damping_shape"] = outcome.shape
+        if outcome.shape_scores:
+            info["damping_shape_scores"] = outcome.shape_scores
         info["trials"] = outcome.history
         info["damping_history"] = ";".join(
             f"{h['damping']:.3g}:{h['ratio']:.3g}" for h in outcome.history
@@ -1385,7 +1408,7 @@ class MCMCUnlearner:
         thetas = bank[_evenly(bank.shape[0], self.check_draws)]
         here = EnergyCheck(check.f, check.lp, thetas, check.rows, check.n, -d, check.reduce)
         control = DampingControl(self.damping, eta=self.control.eta, max_trials=self.control.max_trials)
-        control.relative = self.control.relative
+        control.set_state(self.control.state())
         step = control.step(self.curvature, -d, here)
         info.update(recenter_damping=step.damping, recenter_ratio=step.ratio, recenter_trials=len(step.history))
         if not step.safe:
@@ -1404,7 +1427,7 @@ class MCMCUnlearner:
         (``recenter_every``) as tensors plus JSON metadata (for
         checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
-        meta = {**meta, "damping_relative": float(self.control.relative)}
+        meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
         if self._carry is not None:
             tensors = {**tensors, "carry": self._carry}
         if self._anchor is not None:
@@ -1418,7 +1441,10 @@ class MCMCUnlearner:
             self.curvature.load_state_dict(tensors, meta, model=self.model)
         else:
             self.curvature.load_state_dict(tensors, meta)
-        self.control.relative = float(meta.get("damping_relative", 0.0))
+        if "damping_state" in meta:
+            self.control.set_state(meta["damping_state"])
+        else:  # saved before damping shapes existed
+            self.control.set_state({"relatives": {"identity": float(meta.get("damping_relative", 0.0))}})
         carry = tensors.get("carry")
         self._carry = None if carry is None else carry.clone()
         saved = {f.name: tensors.get(f"recenter_{f.name}") for f in fields(_Anchor)}
@@ -1430,6 +1456,6 @@ class MCMCUnlearner:
         """Forget cached curvature, the carried damping, carried influence and the first moment ``recenter_every``
         restores; call after the chain moved a lot."""
         self.curvature.reset()
-        self.control.relative = 0.0
+        self.control.set_state({})
         self._carry = None
         self._anchor = None

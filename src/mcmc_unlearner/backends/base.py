@@ -102,6 +102,10 @@ class CurvatureBackend:
 
     name: ClassVar[str] = "base"
     cheap_damping: ClassVar[bool] = True
+    #: Forms of the damping term ``D`` in ``(H + D)⁻¹`` the backend can solve with; ``"identity"``: ``D = λI``.
+    damping_shapes: ClassVar[tuple[str, ...]] = ("identity",)
+    #: The shape :meth:`solve` uses now (set by the step control).
+    damping_shape: str = "identity"
 
     def __init__(self) -> None:
         self.products = 0  # Hessian-vector products spent by the current request
@@ -127,6 +131,10 @@ class CurvatureBackend:
     def quad(self, x: torch.Tensor) -> float:
         """``xᵀHx`` of the (undamped) curvature model."""
         raise NotImplementedError
+
+    def damping_quad(self, x: torch.Tensor, damping: float) -> float:
+        """``xᵀDx`` of the damping term at ``damping`` in the current :attr:`damping_shape` (identity: ``λ‖x‖²``)."""
+        return float(damping) * float(x @ x)
 
     def scale(self) -> float:
         """A typical curvature (mean eigenvalue ``tr H / D``): the unit in which dampings are tried."""

@@ -20,7 +20,8 @@ __all__ = ["KFACBackend"]
 
 class KFACBackend(CurvatureBackend):
     """K-FAC of the remaining-data energy (see :mod:`mcmc_unlearner.kronecker`), rebuilt every
-    ``refresh_every`` requests.
+    ``refresh_every`` requests. Solves with either damping shape (:mod:`mcmc_unlearner.step`): ``K + λI`` or
+    ``P + (1 + λ/s)·K_data`` (the data term damped alone; closed form in the eigenbasis either way).
 
     Args:
         refresh_every: Requests between rebuilds (the factors are reused in between, rescaled to ``n``).
@@ -30,6 +31,7 @@ class KFACBackend(CurvatureBackend):
 
     name = "kfac"
     cheap_damping = True
+    damping_shapes = ("identity", "data")
 
     def __init__(self, refresh_every: int = 20, likelihood: str = "auto", mc_samples: int = 1) -> None:
         super().__init__()
@@ -90,15 +92,26 @@ class KFACBackend(CurvatureBackend):
         return k
 
     def solve(self, rhs: torch.Tensor, damping: float) -> SolveResult:
+        """``(K + λI)⁻¹ rhs``, or with ``damping_shape = "data"`` ``(K + (λ/s)·K_data)⁻¹ rhs`` (``s`` = :meth:`scale`:
+        the data term scaled up by the relative damping, the prior precision left as it is)."""
         try:
-            x = self._k.solve(rhs, damping)
+            if self.damping_shape == "data":
+                x = self._k.solve(rhs, 0.0, data_damping=damping / self.scale() if damping > 0 else 0.0)
+            else:
+                x = self._k.solve(rhs, damping)
         except ValueError as exc:  # singular: no prior precision and no damping on some directions
             raise NegativeCurvatureError(str(exc)) from None
         ok = all_finite(x)
-        return SolveResult(x, "kfac", 0, 0.0 if ok else float("nan"), ok, 0.0, {"damping": damping})
+        info = {"damping": damping, "damping_shape": self.damping_shape}
+        return SolveResult(x, "kfac", 0, 0.0 if ok else float("nan"), ok, 0.0, info)
 
     def quad(self, x: torch.Tensor) -> float:
         return float(self._k.quad(x))
+
+    def damping_quad(self, x: torch.Tensor, damping: float) -> float:
+        if self.damping_shape == "data":
+            return (damping / self.scale() if damping > 0 else 0.0) * float(self._k.quad(x, prior=False))
+        return super().damping_quad(x, damping)
 
     def scale(self) -> float:
         """``tr K / D`` from Rademacher probes (a few cheap products with the factored matrix).
