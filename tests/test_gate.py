@@ -21,6 +21,7 @@ from mcmc_unlearner.service.checkpoint import load_model
 from mcmc_unlearner.service.deletion import forget, status, verify
 from mcmc_unlearner.service.gate import QualityGateError, apply_removal, quality_problems
 from mcmc_unlearner.unlearner import RemovalReport
+from mcmc_unlearner.unlearner import quality_problems as library_quality_problems
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +55,39 @@ def _report(**kw) -> RemovalReport:
 def test_quality_checks_unit():
     model, sampler, _, _ = tiny_gmm(bank=2, burn=1)
     un = MCMCUnlearner(model, sampler, tol=1e-4)
-    theta = torch.full((8,), 10.0)  # ‖θ‖ ≈ 28: float32 resolution 28 · 1.19e-7 ≈ 3.4e-6
-    assert quality_problems(_report(), un, theta) == []
-    assert quality_problems(_report(shift_norm=0.0, shift_stderr=0.0), un, theta) == []  # G = 0: nothing to move
-    assert "relative residual 0.002 > tol 0.0001" in quality_problems(_report(residual=2e-3), un, theta)[0]
-    assert "residual" in quality_problems(_report(converged=False), un, theta)[0]
-    assert "residual nan" in quality_problems(_report(residual=float("nan")), un, theta)[0]
-    assert "not finite" in quality_problems(_report(shift_norm=float("inf")), un, theta)[0]
-    (p,) = quality_problems(_report(shift_norm=3e-6), un, theta)
-    assert "floating-point resolution" in p and "--damping" in p
-    assert quality_problems(_report(shift_norm=4e-6), un, theta) == []
-    # the library's own verdict is passed through first
+    assert quality_problems(_report(), un) == []
+    assert quality_problems(_report(shift_norm=0.0, shift_stderr=0.0), un) == []  # G = 0: nothing to move
+    assert "relative residual 0.002 > tol 0.0001" in quality_problems(_report(residual=2e-3), un)[0]
+    assert "residual" in quality_problems(_report(converged=False), un)[0]
+    assert "residual nan" in quality_problems(_report(residual=float("nan")), un)[0]
+    assert "not finite" in quality_problems(_report(shift_norm=float("inf")), un)[0]
+    # the library's verdict is passed through first
     rep = _report(residual=1.0)
     rep.problems = ["safety check failed: the remaining-data energy rose"]
-    got = quality_problems(rep, un, theta)
+    got = quality_problems(rep, un)
     assert got[0] == "safety check failed: the remaining-data energy rose" and "residual" in got[1]
+
+
+def test_the_gate_and_the_library_agree_on_shifts_below_the_float_resolution():
+    """A shift below the parameters' float resolution is refused when the damping shrank it there — the library's
+    verdict, passed on with the CLI's flag — and passes when every step tried was that small (the removed points
+    carry next to no gradient: the removal legitimately changes nothing, and a gate that refused it would refuse
+    the request for ever, advising a damping that is not the cause)."""
+    model, sampler, _, _ = tiny_gmm(bank=2, burn=1)
+    un = MCMCUnlearner(model, sampler, tol=1e-4)
+    theta = torch.full((8,), 10.0)  # ‖θ‖ ≈ 28: float32 resolution 28 · 1.19e-7 ≈ 3.4e-6
+
+    def verdict(trial_norms, fixed):
+        rep = _report(shift_norm=3e-6, damping=5.0, damping_relative=1.0, step_shortfall=1.0)
+        rep.info["trials"] = [{"xx": t * t} for t in trial_norms]
+        rep.problems = library_quality_problems(rep, un.tol, fixed_damping=fixed, theta=theta)
+        return quality_problems(rep, un)
+
+    assert verdict([3e-6], fixed=False) == []  # negligible: the least damped step tried was that small
+    (p,) = verdict([1e-4, 3e-6], fixed=False)  # the search damped a longer step below the resolution
+    assert "floating-point resolution" in p and "3.4e-06" in p
+    (p,) = verdict([3e-6], fixed=True)  # the user's fixed damping did it
+    assert "floating-point resolution" in p and "lower the damping or use --damping auto" in p
 
 
 FAILING = [

@@ -291,12 +291,11 @@ def forget(
                     )
                 if distributed.launched():
                     raise InvalidRequestError("--on-failure repair runs in one process; run it without torchrun")
-            theta = ParamSpec.flatten_module(loaded.model)
             report = distributed.apply_request(un, id_list, loaded.data)  # in memory only
             flat = ParamSpec.flatten_module(loaded.model)
             if not all_finite(flat) or (un.bank is not None and not all_finite(un.bank)):
                 raise SolverDivergedError("the updated parameters are not finite; nothing was written")
-            problems = gate.quality_problems(report, un, theta)
+            problems = gate.quality_problems(report, un)
             quality: dict[str, Any] = {"passed": not problems, "problems": problems, "policy": policy.value}
             if problems and policy is OnFailure.REFUSE:
                 raise QualityGateError(
