@@ -323,7 +323,11 @@ def test_an_accepted_undamped_step_is_not_searched_again_in_another_shape() -> N
 def test_fixed_damping_and_single_shape_backends_use_the_identity_shape() -> None:
     backend, H, G = _two_directions(1010.0, 1.0)
     out = DampingControl(damping=5.0).step(backend, G, _true_check(H, G), shapes=("identity", "data"))
-    assert out.shape == "identity" and {h["shape"] for h in out.history} == {"identity"}
+    assert out.shape == "identity" and {h["shape"] for h in out.history} == {"identity"} and out.trials == 1
+    # a fixed damping in the data shape (damping_shape="data"): one step, (P + (1 + 5/s)·B_data)⁻¹G
+    out = DampingControl(damping=5.0).step(backend, G, _true_check(H, G), shapes=("data",))
+    x = torch.linalg.solve(backend.P + (1.0 + 5.0 / backend.scale()) * backend.B_data, G)
+    assert out.shape == "data" and out.trials == 1 and torch.allclose(out.x, x, rtol=1e-12, atol=0)
     plain = _QuadraticBackend(backend.P + backend.B_data)
     control = DampingControl()
     control.set_state({"shape": "data", "relatives": {"data": 3.0}})

@@ -605,18 +605,17 @@ class DampingControl:
         searched in turn when it accepted none). The first shape's accepted step stands unless another's lowers
         the *measured* remaining-data energy (the objective the step minimises, measured on the same draws and
         rows) by more than two standard errors of the two measurements combined: the check's noise does not pick
-        the longer step. ``noise``: a draw of ``G``'s Monte-Carlo error (e.g. half the difference of the means
-        over two halves of the draws). The measured change credits a step for following that error (its linear
-        term is ``−G·x``); before shapes are compared, each one's expected credit, the predicted change of the
-        step the noise alone would take (``−ε·x_ε + ½x_εᵀHx_ε``, ``x_ε`` its damped solve), is taken off.
-        A fixed damping uses the identity shape.
+        the longer step; a fixed damping takes the first shape asked. ``noise``: a draw of ``G``'s Monte-Carlo
+        error (e.g. half the difference of the means over two halves of the draws). The measured change credits a
+        step for following that error (its linear term is ``−G·x``); before shapes are compared, each one's
+        expected credit, the predicted change of the step the noise alone would take (``−ε·x_ε + ½x_εᵀHx_ε``,
+        ``x_ε`` its damped solve), is taken off.
         """
         offered = tuple(getattr(backend, "damping_shapes", ("identity",)))
-        if self.fixed is not None:
-            wanted: list[str] = ["identity"]
-        else:
-            asked = (self.shape,) if shapes is None else tuple(shapes)
-            wanted = [sh for sh in asked if sh in offered] or ["identity"]
+        asked = (self.shape,) if shapes is None else tuple(shapes)
+        wanted = [sh for sh in asked if sh in offered] or ["identity"]
+        if self.fixed is not None:  # a fixed damping is one step, in the first shape asked
+            wanted = wanted[:1]
         results: list[StepOutcome] = []
         error: NegativeCurvatureError | None = None
         for shape in wanted:
