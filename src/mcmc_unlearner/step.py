@@ -423,7 +423,7 @@ def measured_deficit(G: torch.Tensor, out: StepOutcome) -> torch.Tensor | None:
     if xx == 0.0:
         return None
     coef = -(float(G @ x) + 2.0 * out.actual) / xx
-    cap = out.damping if out.shape == "identity" else out.damping_quad / xx
+    cap = out.damping if out.shape == "identity" else out.damping_quad / xx  # λ exactly, not λ‖x‖²/‖x‖²
     coef = min(max(coef, 0.0), cap)
     return coef * x if coef > 0 else None
 
@@ -572,7 +572,7 @@ class DampingControl:
             ok = self._verdict(pred, gx, meas, None)
         nothing = (gx == 0.0 and pred == 0.0) or self._negligible(pred, meas)
         ratio = 1.0 if nothing else (meas.actual / pred if pred < 0 else -math.inf)
-        dq = lam * float(x @ x) if shape == "identity" else backend.damping_quad(x, lam)
+        dq = backend.damping_quad(x, lam)
         out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
         out.shape, out.damping_quad = shape, dq
         out.history = [

@@ -548,8 +548,9 @@ class MCMCUnlearner:
             spread (2.20 ± 0.49 and 2.08 ± 0.36× the floor), at 218–248 s and (seed 3) 321 s of CPU for 94 requests.
         damping_shape: ``"auto"`` (default): on a freshly built curvature the damping is searched as ``H + λI`` and
             the backend's other shapes (K-FAC: the data term damped alone, ``H_prior + (1 + λ/s)·H_data``) are tried
-            once at the damping accepted, the other shape's step taken only when its measured energy is lower by
-            more than two standard errors (:mod:`mcmc_unlearner.step`); ``"identity"`` or ``"data"`` (K-FAC) fix it.
+            once at the damping accepted, the other shape's step taken only when its measured energy change, less
+            the credit for following ``G``'s Monte-Carlo error, is lower by more than two standard errors
+            (:mod:`mcmc_unlearner.step`); ``"identity"`` or ``"data"`` (K-FAC) fix it.
     """
 
     def __init__(
@@ -1105,7 +1106,7 @@ class MCMCUnlearner:
         screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if self.check_screen else None
         check_rows = self._raw(stream.rows(self.check_rows))
         check = EnergyCheck(rows_f, lp_f, k_thetas, check_rows, n, G, self._reduce, screen=screen)
-        # every damping shape is searched on a freshly built curvature; a reused one keeps the shape last accepted
+        # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
         auto = self.damping_shape is DampingShape.AUTO
         all_shapes = self.curvature.damping_shapes if auto else (self.damping_shape.value,)
