@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,120 @@ def test_full_curvature_data_falls_back_cleanly_for_plain_iterators() -> None:
     un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank, curvature_data="full")
     report = un.remove((x[:10], y[:10]), loader)
     assert "has no remaining()" in report.info["curvature_data"] and report.passed
+
+
+def _frozen_problem():
+    model, x, y, bank = _problem(4)
+    model[0].requires_grad_(False)  # a frozen feature layer: only the head is sampled
+    head = [n for n, p in model.named_parameters() if p.requires_grad]
+    theta = parameters_to_vector(model.parameters()).detach()
+    n_frozen = sum(p.numel() for p in model[0].parameters())
+    full = theta.repeat(len(bank), 1)
+    full[:, n_frozen:] = bank[:, n_frozen:]  # the user's rows: parameters_to_vector(model.parameters())
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for n, p in m.named_parameters() if n in head)
+
+    return model, x, y, full, n_frozen, log_prior
+
+
+def test_a_bank_of_every_parameter_on_a_model_with_frozen_layers_is_accepted_and_returned_in_its_width() -> None:
+    model, x, y, full, n_frozen, log_prior = _frozen_problem()
+    frozen_before = [p.detach().clone() for p in model[0].parameters()]
+    outs = {}
+    for kind, given in {"all": full.clone(), "trainable": full[:, n_frozen:].clone()}.items():
+        un = MCMCUnlearner(model, nll=_nll, log_prior=log_prior, bank=given)
+        report = un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
+        assert report.passed and report.shift_norm > 0
+        outs[kind] = un.samples()
+    assert outs["all"].shape == full.shape and outs["trainable"].shape == (len(full), full.shape[1] - n_frozen)
+    assert torch.equal(outs["all"][:, n_frozen:], outs["trainable"])  # the same removal either way
+    assert torch.equal(outs["all"][:, :n_frozen], full[:, :n_frozen])  # frozen columns returned unchanged
+    assert not torch.equal(outs["all"][:, n_frozen:], full[:, n_frozen:])
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, model[0].parameters()))
+
+
+def test_a_bank_whose_frozen_columns_differ_from_the_model_is_refused() -> None:
+    model, _, _, full, _, log_prior = _frozen_problem()
+    full[3, 0] += 0.1  # this sample had another value of a frozen weight: it was sampled, not frozen
+    with pytest.raises(ValueError, match=r"in 1 of 12 samples the 16 frozen ones .* make the sampled parameters"):
+        MCMCUnlearner(model, nll=_nll, log_prior=log_prior, bank=full)
+    with pytest.raises(ValueError, match=r"\[S, 10\] .* or \[S, 26\] \(every parameter"):
+        MCMCUnlearner(model, nll=_nll, log_prior=log_prior, bank=full[:, 1:])
+
+
+def test_a_log_prior_that_cannot_see_the_parameters_passed_in_is_refused_before_any_work() -> None:
+    model, x, y, bank = _problem(5)
+    before = parameters_to_vector(model.parameters()).detach().clone()
+    captured = list(model.parameters())
+    bad = {
+        # plain tensors report requires_grad=False inside functional_call: this prior would be 0 there
+        "requires_grad filter": (lambda m: -0.5 * sum((p**2).sum() for p in m.parameters() if p.requires_grad)),
+        # parameter objects captured beforehand keep the model's values whatever sample is passed in
+        "captured parameters": (lambda m: -0.5 * sum((p**2).sum() for p in captured)),
+    }
+    for why, prior in bad.items():
+        with pytest.raises(ValueError, match=r"log_prior gives .* select by name"):
+            MCMCUnlearner(model, nll=_nll, log_prior=prior, bank=bank)
+        assert torch.equal(parameters_to_vector(model.parameters()), before), why  # restored exactly
+    with pytest.raises(TypeError, match=r"scalar tensor .* log_prior=None"):
+        MCMCUnlearner(model, nll=_nll, log_prior=lambda m: 0.0, bank=bank)
+    with pytest.raises(ValueError, match="is nan"):
+        MCMCUnlearner(model, nll=_nll, log_prior=lambda m: _log_prior(m) * float("nan"), bank=bank)
+    diverged, _, _, _ = _problem(5)
+    with torch.no_grad():
+        diverged[0].weight[0, 0] = float("nan")  # a sample of a chain that diverged, loaded into the model
+    with pytest.raises(ValueError, match=r"1 non-finite values .* load a finite sample"):
+        MCMCUnlearner(diverged, nll=_nll, log_prior=_log_prior, bank=bank)
+    # the fix the message names: select by name; here every parameter is trainable, so it is _log_prior itself
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def by_name_prior(m):
+        return -0.5 * sum((p**2).sum() for n, p in m.named_parameters() if n in names)
+
+    by_name = MCMCUnlearner(model, nll=_nll, bank=bank, log_prior=by_name_prior)
+    plain = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    for un in (by_name, plain):
+        un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0))
+    assert torch.equal(by_name.bank, plain.bank)
+
+
+def test_an_nll_that_reduces_over_the_batch_or_fails_on_the_request_is_refused_with_the_fix() -> None:
+    model, x, y, bank = _problem(6)
+    keep = torch.ones(240, dtype=torch.bool)
+    keep[:6] = False
+    loader = DataLoader(TensorDataset(x[keep], y[keep]), batch_size=40, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    state = copy.deepcopy(model.state_dict())
+
+    def mean_nll(m, b):  # reduction="mean": every energy and gradient would be off by the batch size
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    un = MCMCUnlearner(model, nll=mean_nll, log_prior=_log_prior, bank=bank)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"one value per row \(shape \[6\].* got \[\]: .*reduction='none'"):
+        un.remove((x[:6], y[:6]), loader)
+    assert torch.equal(un.bank, bank) and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    with pytest.raises(RuntimeError, match=r"nll\(model, removed data\) failed: .*not their indices.*forget\(ids"):
+        un.remove(torch.arange(6), loader)  # indices where the rows' data belong
+    assert torch.equal(un.bank, bank)
+    report = un.remove((x[:6], y[:6]), loader)  # the same unlearner then serves a proper request
+    assert report.passed and report.shift_norm > 0
+
+
+def test_batches_that_are_dicts_or_hold_non_tensors_are_refused_with_the_fix() -> None:
+    model, x, y, bank = _problem(7)
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    good = [(x[6:46], y[6:46])] * 10
+    with pytest.raises(TypeError, match=r"the removed data is a dict \(keys 'x', 'y'\).*tuples of tensors"):
+        un.remove({"x": x[:6], "y": y[:6]}, good, n_remaining=234)
+    dicts = [{"x": x[6:46], "y": y[6:46]}] * 10
+    with pytest.raises(TypeError, match=r"a remaining-data minibatch is a dict .*\(b\['x'\], b\['y'\]\) for b in"):
+        un.remove((x[:6], y[:6]), dicts, n_remaining=234)
+    with pytest.raises(TypeError, match="field 1 is a list"):
+        un.remove((x[:6], y[:6].tolist()), good, n_remaining=234)
+    with pytest.raises(ValueError, match=r"share their first \(row\) dimension, got rows \[6, 5\]"):
+        un.remove((x[:6], y[:5]), good, n_remaining=234)
+    assert torch.equal(un.bank, bank)

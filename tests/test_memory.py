@@ -18,7 +18,7 @@ def test_budget_strings() -> None:
     assert resolve_budget("512MiB") == 512 * 2**20
     assert resolve_budget(1e6) == 1_000_000
     assert abs(resolve_budget("50%") - 0.5 * available_memory()) <= 0.05 * available_memory()
-    assert 0 < resolve_budget(None) <= available_memory()
+    assert 0 < resolve_budget(None) <= min(available_memory(), 2**30)  # the default is capped at 1 GiB
     for bad in ("-1GB", "lots", "0%", "150%", 0, -5):
         with pytest.raises(ValueError, match="memory_budget"):
             resolve_budget(bad)
@@ -73,6 +73,26 @@ def test_auto_backend_choice_follows_size_layers_and_memory() -> None:
     gmm = GaussianMixture(k=4, dim=2)
     assert MCMCUnlearner(gmm, exact_max_dim=4).solver.value == "cg"  # no Linear layers: matrix-free
     assert MCMCUnlearner(gmm, exact_max_dim=4).precondition_rank == 20
+    # few parameters, but shared across positions / time steps: each dense Hessian column costs a whole network's
+    # worth of convolutions, so auto takes K-FAC; solver="exact" still gives the dense path
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    assert sum(p.numel() for p in conv.parameters()) <= 1000
+    un = MCMCUnlearner(conv, nll=_nll)
+    assert un.solver.value == "kfac" and "Conv2d layers share their weights" in un.solver_reason
+    assert MCMCUnlearner(conv, nll=_nll, solver="exact").solver.value == "exact"
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.out = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    assert "GRU layers share" in MCMCUnlearner(Recurrent(), nll=_nll).solver_reason
+    frozen_conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    frozen_conv[0].requires_grad_(False)  # a frozen convolution is no cost: only the head is differentiated
+    assert MCMCUnlearner(frozen_conv, nll=_nll).solver.value == "exact"
 
 
 def test_removed_points_gradient_in_row_chunks_equals_one_pass() -> None:

@@ -3,7 +3,9 @@
 Accepted layouts (``D`` = the model's trainable parameters in ``named_parameters`` order, see
 :class:`~mcmc_unlearner.curvature.ParamSpec`):
 
-* a tensor ``[S, D]`` of flat parameter vectors (e.g. rows of ``parameters_to_vector``);
+* a tensor ``[S, D]`` of flat parameter vectors (e.g. rows of ``parameters_to_vector``); on a model with frozen
+  parameters also ``[S, D_all]``, rows of ``parameters_to_vector(model.parameters())`` with the frozen ones
+  included (they must hold the model's frozen values; returned in that width, those columns unchanged);
 * a list of ``state_dict``-like mappings ``{name: tensor}`` (buffers and other entries are carried along);
 * a dict of stacked tensors ``{name: [S, *shape]}`` (the layout of the ``posteriors`` library).
 
@@ -31,11 +33,18 @@ class BankLayout:
     kind: str
     spec: ParamSpec
     template: Any = None  # state_dicts: the original list (non-parameter entries are copied from it)
+    trainable: torch.Tensor | None = None  # flat banks of every parameter: which columns are trainable
+    frozen: torch.Tensor | None = None  # ... and the frozen columns' values
 
     def restore(self, flat: torch.Tensor) -> Any:
         """The flat bank ``[S, D]`` in this layout (new tensors)."""
         if self.kind == "flat":
-            return flat.clone()
+            if self.trainable is None:
+                return flat.clone()
+            out = torch.empty(flat.shape[0], self.trainable.numel(), dtype=flat.dtype, device=flat.device)
+            out[:, ~self.trainable] = self.frozen.to(flat)
+            out[:, self.trainable] = flat
+            return out
         rows = [self.spec.unflatten(r) for r in flat]
         if self.kind == "stacked":
             return {name: torch.stack([r[name] for r in rows]) for name in self.spec.names}
@@ -58,17 +67,30 @@ def _missing(names: Sequence[str], have: Mapping[str, Any], what: str) -> None:
         )
 
 
-def to_flat(bank: Any, spec: ParamSpec, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, BankLayout]:
+def to_flat(
+    bank: Any, spec: ParamSpec, dtype: torch.dtype | None = None, model: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, BankLayout]:
     """Convert ``bank`` (any layout of the module docstring) to a new ``[S, D]`` tensor and its layout.
+
+    Args:
+        bank: The samples.
+        spec: The trainable parameters.
+        dtype: The flat bank's dtype (default: the bank's).
+        model: The model; with it a tensor bank may also hold every parameter, frozen ones included.
 
     Raises:
         ValueError: an unknown layout, a width other than ``D``, missing parameters or mismatched shapes.
     """
     if isinstance(bank, torch.Tensor):
+        everything = [] if model is None else list(model.parameters())
+        width = sum(p.numel() for p in everything)
+        if bank.ndim == 2 and bank.shape[1] == width != spec.dim:
+            return _flat_with_frozen(bank, spec, everything, dtype)
         if bank.ndim != 2 or bank.shape[1] != spec.dim:
+            also = f" or [S, {width}] (every parameter, frozen ones included)" if width != spec.dim and width else ""
             raise ValueError(
                 f"bank: a tensor bank must have shape [S, {spec.dim}] (S samples of the {spec.dim} trainable "
-                f"parameters), got {tuple(bank.shape)}"
+                f"parameters){also}, got {tuple(bank.shape)}"
             )
         flat, layout = bank.detach().clone(), BankLayout("flat", spec)
     elif isinstance(bank, Mapping):
@@ -102,4 +124,28 @@ def to_flat(bank: Any, spec: ParamSpec, dtype: torch.dtype | None = None) -> tup
         )
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
+    return (flat if dtype is None else flat.to(dtype)), layout
+
+
+def _flat_with_frozen(
+    bank: torch.Tensor, spec: ParamSpec, params: list[torch.nn.Parameter], dtype: torch.dtype | None
+) -> tuple[torch.Tensor, BankLayout]:
+    """A ``[S, D_all]`` bank of every parameter (``parameters_to_vector(model.parameters())``): its trainable
+    columns, and a layout that puts the frozen ones back. The frozen columns must hold the model's values in every
+    sample (the unlearner computes with those; a bank that sampled them needs them trainable)."""
+    trainable = torch.cat([torch.full((p.numel(),), p.requires_grad, dtype=torch.bool) for p in params])
+    frozen = torch.cat([p.detach().reshape(-1) for p in params if not p.requires_grad]).to(bank.device)
+    got = bank.detach()[:, ~trainable.to(bank.device)]
+    if not torch.equal(got, frozen.to(got.dtype).expand_as(got)):
+        bad = int((got != frozen.to(got.dtype)).any(1).sum())
+        raise ValueError(
+            f"bank: its rows hold all {trainable.numel():,} parameters, but in {bad} of {len(got)} samples the "
+            f"{int((~trainable).sum()):,} frozen ones (requires_grad=False) differ from the model's. The unlearner "
+            "moves only trainable parameters and computes with the model's frozen values: make the sampled "
+            "parameters trainable, or pass only the trainable columns"
+        )
+    flat = bank.detach()[:, trainable.to(bank.device)].clone()
+    if flat.shape[0] == 0:
+        raise ValueError("bank: it holds no samples")
+    layout = BankLayout("flat", spec, trainable=trainable.to(bank.device), frozen=frozen)
     return (flat if dtype is None else flat.to(dtype)), layout

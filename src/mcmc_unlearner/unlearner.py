@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
@@ -80,6 +80,10 @@ MAX_STEP_SHORTFALL = 100.0
 MAX_RELATIVE_DAMPING = 1e4
 #: Forward-over-reverse products keep about this many times the activations a backward pass saves.
 _HVP_MEMORY_FACTOR = 3
+#: Layers whose weights act at many positions or time steps: ``auto`` does not take the dense path for a model
+#: with one (one request on 574-954-parameter CNNs took 22-280 s CPU with it, 2-3 s with K-FAC; the chains
+#: trained in 4-10 s).
+_WEIGHT_SHARING = (nn.modules.conv._ConvNd, nn.RNNBase)
 
 
 class Expectation(str, Enum):
@@ -267,10 +271,33 @@ def check_finite_batch(batch: Batch, what: str = "removed data") -> None:
             )
 
 
-def _as_batch(batch: Any) -> Batch:
+def _as_batch(batch: Any, what: str = "a batch") -> Batch:
+    """``batch`` as a tuple of tensors with one row per data point (a bare tensor is one field).
+
+    Raises:
+        TypeError: a mapping (e.g. ``{"x": ..., "y": ...}``) or a field that is not a tensor.
+        ValueError: fields with different numbers of rows.
+    """
     if isinstance(batch, torch.Tensor):
         return (batch,)
-    return tuple(batch)
+    if isinstance(batch, Mapping):
+        keys = ", ".join(repr(k) for k in list(batch)[:4])
+        raise TypeError(
+            f"{what} is a dict (keys {keys}); the unlearner takes batches as tuples of tensors, one row per data "
+            "point, in the order your nll reads them: e.g. remaining = ((b['x'], b['y']) for b in loader) with "
+            "nll = lambda m, b: ...(m(b[0]), b[1]), and the removed rows as (x, y)"
+        )
+    try:
+        out = tuple(batch)
+    except TypeError:
+        raise TypeError(f"{what} must be a tensor or a tuple of tensors, got {type(batch).__name__}") from None
+    bad = [f"field {i} is a {type(t).__name__}" for i, t in enumerate(out) if not isinstance(t, torch.Tensor)]
+    if bad or not out:
+        raise TypeError(f"{what} must be a tuple of tensors (one row per data point): {', '.join(bad) or 'empty'}")
+    rows = [t.shape[0] if t.ndim else None for t in out]
+    if len(set(rows)) != 1 or rows[0] is None:
+        raise ValueError(f"{what}: its fields must share their first (row) dimension, got rows {rows}")
+    return out
 
 
 def _default_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -336,6 +363,60 @@ def _evenly(n: int, k: int | None) -> torch.Tensor:
     return torch.linspace(0, n - 1, k).round().long()
 
 
+def _check_log_prior(model: nn.Module, log_prior: Callable[[nn.Module], torch.Tensor] | None) -> None:
+    """Refuse a ``log_prior`` the unlearner cannot evaluate at other parameter values.
+
+    The unlearner evaluates ``log_prior(model)`` with the trainable parameters passed in through
+    ``torch.func.functional_call``: inside the call they are plain tensors (``requires_grad=False`` outside
+    autograd) and not the ``nn.Parameter`` objects. A prior that selects parameters by ``p.requires_grad`` then
+    sees none of them, and one that captured the parameter objects (``params = list(model.parameters())``) sees
+    the old values: both silently give the energy a wrong prior term. Compared here at the model's parameters
+    and at ``0.9·θ`` (the model is restored exactly).
+    """
+    if log_prior is None:
+        return
+    spec = ParamSpec.of(model)
+    theta = ParamSpec.flatten_module(model)
+    if not bool(torch.isfinite(theta).all()):
+        bad = int((~torch.isfinite(theta)).sum())
+        raise ValueError(
+            f"the model's parameters hold {bad:,} non-finite values (NaN/inf): load a finite sample into the model "
+            "(a chain that diverged cannot be unlearned)"
+        )
+    swapped = functionalize(model, lambda m: torch.as_tensor(log_prior(m)))
+    points = (theta, 0.9 * theta)
+    values = []
+    try:
+        with torch.no_grad():
+            direct = log_prior(model)
+            if not isinstance(direct, torch.Tensor) or direct.numel() != 1:
+                raise TypeError(
+                    f"log_prior(model) must return a scalar tensor computed from the model's parameters, got "
+                    f"{type(direct).__name__}{'' if not isinstance(direct, torch.Tensor) else list(direct.shape)}; "
+                    "for a flat prior pass log_prior=None"
+                )
+            passed = [float(swapped(t)) for t in points]  # the model still holds θ
+            ParamSpec.assign(model, points[1])
+            values = list(zip((float(direct), float(log_prior(model))), passed))
+    finally:
+        with torch.no_grad():
+            ParamSpec.assign(model, theta)
+    first = values[0][0]
+    if not math.isfinite(first):
+        raise ValueError(f"log_prior(model) is {first} at the model's parameters; it must be finite there")
+    for direct, passed in values:
+        if not math.isclose(direct, passed, rel_tol=1e-4, abs_tol=1e-6 * (1.0 + abs(first))):
+            raise ValueError(
+                f"log_prior gives {direct:.6g} on the model but {passed:.6g} when the unlearner passes the "
+                f"{spec.dim:,} trainable parameters in as tensors (torch.func.functional_call, as it does for every "
+                "sample). Does it select parameters with `p.requires_grad` (plain tensors report False there), or "
+                "use parameter objects captured beforehand (`params = list(model.parameters())`)? Compute it from "
+                "the module it is given and select by name: `names = {n for n, p in model.named_parameters() if "
+                "p.requires_grad}`, then `log_prior = lambda m: sum(-0.5 * (p**2).sum() for n, p in "
+                "m.named_parameters() if n in names) / s**2`"
+            )
+
+
 def _own_parameters(model: nn.Module) -> None:
     """Give parameters that are views of a larger tensor (e.g. loaded with ``vector_to_parameters(bank[-1], ...)``)
     their own storage, so writing the live chain's new state never writes into the caller's tensors."""
@@ -375,14 +456,14 @@ class _Stream:
 
     def __next__(self) -> Batch:
         try:
-            return _as_batch(next(self._it))
+            return _as_batch(next(self._it), "a remaining-data minibatch")
         except StopIteration:
             if self._again is None:
                 raise ValueError(
                     "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
                 ) from None
             self._it = iter(self._again)
-            return _as_batch(next(self._it))
+            return _as_batch(next(self._it), "a remaining-data minibatch")
 
     @property
     def listable(self) -> bool:
@@ -392,7 +473,7 @@ class _Stream:
     def full(self) -> Batch | None:
         """Every remaining row when the source can list them (``remaining()``), else ``None``."""
         fn = getattr(self.source, "remaining", None)
-        return _as_batch(fn()) if callable(fn) else None
+        return _as_batch(fn(), "the remaining data") if callable(fn) else None
 
     def rows(self, m: int) -> Batch:
         """Whole minibatches holding at least ``m`` rows (``⌈m / batch_size⌉`` of them when the source has a
@@ -607,6 +688,7 @@ class MCMCUnlearner:
         self.nll = nll or _default_nll
         if log_prior is None:
             log_prior = (lambda m: m.log_prior()) if hasattr(model, "log_prior") else None
+        _check_log_prior(model, log_prior)
         self.log_prior = log_prior
         self.custom_energy = energy is not None
         self.energy = energy or self._default_energy
@@ -614,7 +696,7 @@ class MCMCUnlearner:
         self._layout: BankLayout | None = None
         self.bank = None
         if bank is not None:
-            self.bank, self._layout = to_flat(bank, self.spec, dtype=ParamSpec.params(model)[0].dtype)
+            self.bank, self._layout = to_flat(bank, self.spec, dtype=ParamSpec.params(model)[0].dtype, model=model)
         self.memory_budget = resolve_budget(memory_budget)
         self.exact_max_dim = int(exact_max_dim)
         self.solver, self.solver_reason = self._choose_solver(solver)
@@ -709,6 +791,7 @@ class MCMCUnlearner:
         self._carry: torch.Tensor | None = None  # λx of the last damped step: influence not yet applied
         self._version = 0
         self._row_bytes: int | None = None
+        self._nll_checked = False
 
     # ------------------------------------------------------------------ configuration
     def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
@@ -716,18 +799,30 @@ class MCMCUnlearner:
             return SolverName(solver), "chosen by the caller"
         d = self.spec.dim
         need = dense_memory(d)
-        if d <= self.exact_max_dim and need <= self.memory_budget // 2:
+        shared = sorted(
+            {
+                type(m).__name__
+                for m in self.model.modules()
+                if isinstance(m, _WEIGHT_SHARING) and any(p.requires_grad for p in m.parameters(recurse=False))
+            }
+        )
+        if d <= self.exact_max_dim and need <= self.memory_budget // 2 and not shared:
             return SolverName.EXACT, f"{d} parameters <= exact_max_dim {self.exact_max_dim}"
         layers = [
             m
             for m in self.model.modules()
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad
         ]
-        why = (
-            f"{d} parameters > exact_max_dim {self.exact_max_dim}"
-            if d > self.exact_max_dim
-            else f"dense matrices need {format_bytes(need)}, over half the memory budget"
-        )
+        if d > self.exact_max_dim:
+            why = f"{d} parameters > exact_max_dim {self.exact_max_dim}"
+        elif need > self.memory_budget // 2:
+            why = f"dense matrices need {format_bytes(need)}, over half the memory budget"
+        else:
+            why = (
+                f"{d} parameters, but {'/'.join(shared)} layers share their weights across positions or steps, "
+                "which makes each dense Hessian column cost hundreds of times a dense layer's (pass solver='exact' "
+                "to take it anyway)"
+            )
         if layers and not self.custom_energy:
             return SolverName.KFAC, f"{why}; {len(layers)} Linear/Conv layers for Kronecker factors"
         return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
@@ -784,6 +879,36 @@ class MCMCUnlearner:
         """Append the live chain's current parameters to the sample bank."""
         theta = ParamSpec.flatten_module(self.model)[None]
         self.bank = theta if self.bank is None else torch.cat([self.bank, theta])
+
+    def _check_nll(self, batch: Batch) -> None:
+        """On the first request: ``nll(model, removed rows)`` gives one value per row.
+
+        An ``nll`` that returns the batch mean (``reduction="mean"``) would make every gradient and energy wrong by
+        the batch size, silently; one that fails on the removed rows (e.g. indices passed instead of data) is
+        reported with what ``remove`` expects. Skipped for a model in training mode with buffers (a forward would
+        update e.g. BatchNorm statistics); the global RNG is left as it was.
+        """
+        if self._nll_checked:
+            return
+        if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
+            return
+        k = batch[0].shape[0]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                out = self.nll(self.model, batch)
+        except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as e:
+            raise type(e)(
+                f"nll(model, removed data) failed: {e}. remove() takes the removed rows' data as a batch shaped "
+                "like the minibatches (e.g. (x, y)), not their indices; to remove by index use "
+                "forget(ids, RemovableDataset)"
+            ) from e
+        if not isinstance(out, torch.Tensor) or out.numel() != k or (out.ndim > 1 and out.shape[0] != k):
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"nll(model, batch) must return one value per row (shape [{k}] for these {k} removed rows), got "
+                f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
+            )
+        self._nll_checked = True
 
     def samples(self) -> Any:
         """The stored samples in the layout they were given in (new tensors; a ``[S, D]`` tensor by default)."""
@@ -945,10 +1070,11 @@ class MCMCUnlearner:
             SolverDivergedError, MemoryError: the computation could not be done (nothing changed).
         """
         t0 = time.perf_counter()
-        batch = _as_batch(batch)
+        batch = _as_batch(batch, "the removed data")
         if batch[0].shape[0] == 0:
             raise InvalidRequestError("deletion request is empty: pass at least one removed point")
         check_finite_batch(batch)
+        self._check_nll(batch)
         stream = _Stream(remaining, n_remaining)
         n = stream.n
         if n <= 0:
