@@ -74,12 +74,17 @@ def test_auto_backend_choice_follows_size_layers_and_memory() -> None:
     assert MCMCUnlearner(gmm, exact_max_dim=4).solver.value == "cg"  # no Linear layers: matrix-free
     assert MCMCUnlearner(gmm, exact_max_dim=4).precondition_rank == 20
     # few parameters, but shared across positions / time steps: each dense Hessian column costs a whole network's
-    # worth of convolutions, so auto takes K-FAC; solver="exact" still gives the dense path
+    # worth of convolutions, so auto takes the dense Gauss-Newton matrix; solver="exact" still gives the Hessian
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
     assert sum(p.numel() for p in conv.parameters()) <= 1000
     un = MCMCUnlearner(conv, nll=_nll)
-    assert un.solver.value == "kfac" and "Conv2d layers share their weights" in un.solver_reason
+    assert un.solver.value == "ggn" and "Conv2d layers share their weights" in un.solver_reason
+    assert un.bank_shift.value == "affine"  # a dense matrix: the Gaussian transport, as with the exact Hessian
     assert MCMCUnlearner(conv, nll=_nll, solver="exact").solver.value == "exact"
+    custom = MCMCUnlearner(conv, nll=_nll, energy=lambda m, b, n: n * _nll(m, b).mean())
+    assert custom.solver.value == "cg"  # the Gauss-Newton matrix is built from nll: not for a custom energy
+    with pytest.raises(ValueError, match="cannot use a custom energy"):
+        MCMCUnlearner(conv, nll=_nll, energy=lambda m, b, n: n * _nll(m, b).mean(), solver="ggn")
 
     class Recurrent(nn.Module):
         def __init__(self) -> None:
@@ -90,6 +95,7 @@ def test_auto_backend_choice_follows_size_layers_and_memory() -> None:
             return self.out(self.rnn(x)[0][:, -1])
 
     assert "GRU layers share" in MCMCUnlearner(Recurrent(), nll=_nll).solver_reason
+    assert MCMCUnlearner(Recurrent(), nll=_nll).solver.value == "ggn"
     frozen_conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
     frozen_conv[0].requires_grad_(False)  # a frozen convolution is no cost: only the head is differentiated
     assert MCMCUnlearner(frozen_conv, nll=_nll).solver.value == "exact"

@@ -41,6 +41,7 @@ class SolverName(str, Enum):
     LISSA = "lissa"
     CG = "cg"
     EXACT = "exact"
+    GGN = "ggn"
     LOWRANK = "lowrank"
     KFAC = "kfac"
 
@@ -306,12 +307,14 @@ def lowrank(
 
 
 def solve(name: SolverName | str, H: Any, b: torch.Tensor, **options: Any) -> SolveResult:
-    """Solve ``H x = b`` with the solver called ``name`` (``lissa``, ``cg``, ``exact`` or ``lowrank``)."""
+    """Solve ``H x = b`` with the solver called ``name`` (``lissa``, ``cg``, ``exact`` or ``lowrank``; ``kfac`` and
+    ``ggn``, curvature models of the unlearner, solve a given ``H`` like ``lowrank`` and ``exact``)."""
     try:
         key = SolverName(name)
     except ValueError:
         raise ValueError(f"unknown solver {name!r}; choose one of {[s.value for s in SolverName]}") from None
     if key is SolverName.KFAC:
         return lowrank(H, b, name="kfac", **options)
-    fn = {SolverName.LISSA: lissa, SolverName.CG: cg, SolverName.EXACT: exact, SolverName.LOWRANK: lowrank}[key]
+    solvers = {SolverName.LISSA: lissa, SolverName.CG: cg, SolverName.EXACT: exact, SolverName.LOWRANK: lowrank}
+    fn = solvers.get(key, exact)  # ggn: a dense matrix, solved like the exact one
     return fn(H, b, **options)

@@ -80,10 +80,12 @@ MAX_STEP_SHORTFALL = 100.0
 MAX_RELATIVE_DAMPING = 1e4
 #: Forward-over-reverse products keep about this many times the activations a backward pass saves.
 _HVP_MEMORY_FACTOR = 3
-#: Layers whose weights act at many positions or time steps: ``auto`` does not take the dense path for a model
-#: with one (one request on 574-954-parameter CNNs took 22-280 s CPU with it, 2-3 s with K-FAC; the chains
-#: trained in 4-10 s).
+#: Layers whose weights act at many positions or time steps: for a small model with one ``auto`` takes the dense
+#: Gauss-Newton matrix instead of the dense Hessian (one request on 574-954-parameter CNNs took 22-280 s CPU with
+#: the Hessian, 3-4 s with the Gauss-Newton matrix; the chains trained in 4-10 s).
 _WEIGHT_SHARING = (nn.modules.conv._ConvNd, nn.RNNBase)
+#: The backends that hold the curvature as a dense matrix (affine bank transport, full-data curvature).
+_DENSE = (SolverName.EXACT, SolverName.GGN)
 
 
 class Expectation(str, Enum):
@@ -551,9 +553,11 @@ class MCMCUnlearner:
         bank: Stored posterior samples: a tensor ``[S, D]``, a list of state_dicts or a dict of stacked tensors
             (copied; :meth:`samples` returns them in the same layout).
         solver: ``"auto"`` (default): ``"exact"`` (dense Hessian) when the model has at most ``exact_max_dim``
-            parameters and its matrices fit ``memory_budget``; else ``"kfac"`` (Kronecker-factored curvature,
-            :mod:`mcmc_unlearner.kronecker`) when the model has ``nn.Linear``/``nn.Conv`` layers; else ``"cg"`` with
-            a rank-20 Lanczos preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
+            parameters and its matrices fit ``memory_budget`` — ``"ggn"`` (the dense generalized Gauss-Newton
+            matrix, :mod:`mcmc_unlearner.backends.ggn`) instead when such a model has convolution or recurrent
+            layers; else ``"kfac"`` (Kronecker-factored curvature, :mod:`mcmc_unlearner.kronecker`) when the model
+            has ``nn.Linear``/``nn.Conv`` layers; else ``"cg"`` with a rank-20 Lanczos preconditioner. Also
+            ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"auto"`` (``"affine"`` with the dense solver, else ``"mean"``), ``"mean"``, ``"sample"`` or
@@ -704,10 +708,17 @@ class MCMCUnlearner:
         self.hessian = HessianKind(hessian)
         self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
         if bank_shift == "auto":
-            bank_shift = BankShift.AFFINE if self.solver is SolverName.EXACT else BankShift.MEAN
+            bank_shift = BankShift.AFFINE if self.solver in _DENSE else BankShift.MEAN
         self.bank_shift = BankShift(bank_shift)
-        if self.bank_shift is BankShift.AFFINE and self.solver is not SolverName.EXACT:
-            raise ValueError("bank_shift='affine' needs solver='exact' (dense Hessians)")
+        if self.bank_shift is BankShift.AFFINE and self.solver not in _DENSE:
+            raise ValueError("bank_shift='affine' needs solver='exact' or 'ggn' (dense curvature matrices)")
+        if self.solver is SolverName.GGN and self._reduce is not None:
+            raise ValueError("solver='ggn' runs in one process; under torch.distributed use solver='kfac' or 'exact'")
+        if self.solver is SolverName.GGN and self.custom_energy:
+            raise ValueError(
+                "solver='ggn' builds the curvature from nll and log_prior and cannot use a custom energy=; pass "
+                "nll= and log_prior= instead, or solver='exact'"
+            )
         if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
             raise ValueError("solver='kfac' supports hessian='remaining' only")
         self.control = DampingControl(damping, max_trials=max_damping_trials)
@@ -806,8 +817,16 @@ class MCMCUnlearner:
                 if isinstance(m, _WEIGHT_SHARING) and any(p.requires_grad for p in m.parameters(recurse=False))
             }
         )
-        if d <= self.exact_max_dim and need <= self.memory_budget // 2 and not shared:
+        small = d <= self.exact_max_dim and need <= self.memory_budget // 2
+        if small and not shared:
             return SolverName.EXACT, f"{d} parameters <= exact_max_dim {self.exact_max_dim}"
+        if small and not self.custom_energy and self._reduce is None:
+            return SolverName.GGN, (
+                f"{d} parameters <= exact_max_dim {self.exact_max_dim}, but {'/'.join(shared)} layers share their "
+                "weights across positions or steps, which makes each dense Hessian column cost hundreds of times a "
+                "dense layer's: the dense Gauss-Newton matrix instead (C backward passes per row; pass "
+                "solver='exact' for the Hessian)"
+            )
         layers = [
             m
             for m in self.model.modules()
@@ -1028,12 +1047,12 @@ class MCMCUnlearner:
         """Every remaining row shared by all draws, or one fresh minibatch per draw (see ``curvature_data``)."""
         want = self.curvature_data
         if want == "auto":
-            small = n * draws <= 32_768 and self.solver is SolverName.EXACT
+            small = n * draws <= 32_768 and self.solver in _DENSE
             want = "full" if small else "minibatch"
         if want == "full":
             full = stream.full()
             fits = _HVP_MEMORY_FACTOR * n * (self._row_bytes or 1) <= self.memory_budget - dense_memory(
-                self.spec.dim if self.solver is SolverName.EXACT else 0
+                self.spec.dim if self.solver in _DENSE else 0
             )
             if full is not None and fits:
                 return full, True

@@ -51,7 +51,6 @@ class DenseBackend(CurvatureBackend):
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
-        thetas, d = problem.thetas, problem.dim
         self._problem = problem
         self._H_r = None
         self.products = 0
@@ -59,8 +58,7 @@ class DenseBackend(CurvatureBackend):
         if reused:
             A_new, age = self.cache - self._removed_hessian(), self.age + 1
         else:
-            A_new = problem.dense_hessian(problem.energy_f, thetas, problem.batch, problem.shared)
-            self.products += thetas.shape[0] * d
+            A_new = self._energy_curvature(problem)
             age = 1
         A_new = 0.5 * (A_new + A_new.T)
         if not all_finite(A_new):
@@ -74,12 +72,20 @@ class DenseBackend(CurvatureBackend):
         self._pending = (A_new, age)
         return {"hessian_reused": reused, "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
 
+    def _energy_curvature(self, problem: Problem) -> torch.Tensor:
+        """``E_s[∇²F(θ_s, S∖S')]`` on the curvature data (a subclass may use another curvature matrix)."""
+        self.products += problem.thetas.shape[0] * problem.dim
+        return problem.dense_hessian(problem.energy_f, problem.thetas, problem.batch, problem.shared)
+
+    def _removed_curvature(self, problem: Problem) -> torch.Tensor:
+        """``E_s[∇²Σ_{S'} h(θ_s)]``, the removed points' term."""
+        self.products += problem.thetas.shape[0] * problem.dim
+        return problem.dense_hessian(problem.nll_f, problem.thetas, problem.removed, True)
+
     def _removed_hessian(self) -> torch.Tensor:
-        """``E[∇²Σ_{S'} h]`` at the draws (computed once per request, when first needed)."""
+        """The removed points' term at the draws (computed once per request, when first needed)."""
         if self._H_r is None:
-            p = self._problem
-            self._H_r = p.dense_hessian(p.nll_f, p.thetas, p.removed, True)
-            self.products += p.thetas.shape[0] * p.dim
+            self._H_r = self._removed_curvature(self._problem)
         return self._H_r
 
     def old_hessian(self) -> torch.Tensor:

@@ -264,8 +264,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--solver",
         choices=["auto", *(s.value for s in SolverName)],
         default=None,
-        help="inverse-Hessian solver (default: the saved one): auto, exact (dense), cg (conjugate gradients), "
-        "lissa (the paper's), lowrank (Lanczos), kfac (Kronecker-factored; BNN models)",
+        help="inverse-Hessian solver (default: the saved one): auto, exact (dense), ggn (dense Gauss-Newton), cg "
+        "(conjugate gradients), lissa (the paper's), lowrank (Lanczos), kfac (Kronecker-factored; BNN models)",
     )
     g.add_argument("--scaling", default=None, metavar="S|auto", help="LiSSA scaling s (positive) or 'auto'")
     g.add_argument(

@@ -1,0 +1,128 @@
+"""The dense generalized Gauss-Newton backend (``solver="ggn"``) against float64 references."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.functional import hessian, jacobian
+
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.backends.ggn import output_ggn
+from mcmc_unlearner.curvature import ParamSpec, functionalize
+from mcmc_unlearner.kronecker import Likelihood
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5, 4)).double()
+
+
+def _ce(m, b):
+    return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def test_output_ggn_equals_the_jacobian_sum_with_the_softmax_covariance() -> None:
+    model = _conv_net()
+    x = torch.randn(7, 2, 5, dtype=torch.float64)
+    theta = ParamSpec.flatten_module(model)
+    out = functionalize(model, lambda m, xi: m(xi))
+    ref = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for r in range(x.shape[0]):
+        J = jacobian(lambda t, r=r: out(t, x[r : r + 1])[0], theta)  # [C, D], one row
+        p = torch.softmax(out(theta, x[r : r + 1])[0], -1)
+        ref += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    got = output_ggn(model, theta, x, Likelihood.CATEGORICAL, budget=4096)  # rows in chunks of a few
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+    # for one row the GGN of cross-entropy is the Hessian of the loss linearised in the output: check that too
+    y = torch.tensor([2])
+    J0 = jacobian(lambda u: out(u, x[:1]), theta)
+
+    def lin(t):
+        return nn.functional.cross_entropy(out(theta, x[:1]) + J0 @ (t - theta), y, reduction="sum")
+
+    assert torch.allclose(output_ggn(model, theta, x[:1], Likelihood.CATEGORICAL), hessian(lin, theta), atol=1e-10)
+
+
+def test_for_a_linear_gaussian_model_the_ggn_is_the_hessian_and_the_removal_the_exact_one() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 1, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(8, dtype=torch.float64, generator=g)
+    y = x[:, 0] @ w + 0.3 * torch.randn(60, dtype=torch.float64, generator=g)
+    model = nn.Sequential(nn.Conv1d(1, 1, 8), nn.Flatten()).double()  # a linear model written as a convolution
+    sigma = 0.3
+
+    def nll(m, b):
+        return 0.5 * ((m(b[0]).squeeze(-1) - b[1]) / sigma) ** 2
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    theta = ParamSpec.flatten_module(model)
+    f = functionalize(model, lambda m, a, b: nll(m, (a, b)).sum())
+    log_prior_of = functionalize(model, log_prior)
+    H = hessian(lambda t: f(t, x, y), theta)
+    assert torch.allclose(output_ggn(model, theta, x, Likelihood.GAUSSIAN, sigma), H, atol=1e-9)
+    F = lambda t: f(t, x, y) - log_prior_of(t)  # noqa: E731
+    A = hessian(F, theta)  # quadratic energy: the posterior is N(θ − A⁻¹∇F(θ), A⁻¹)
+    mean = theta - torch.linalg.solve(A, torch.autograd.functional.jacobian(F, theta))
+    L = torch.linalg.cholesky(torch.linalg.inv(A))
+    bank = mean + torch.randn(200, theta.numel(), dtype=torch.float64, generator=g) @ L.T
+    banks = {}
+    for solver in ("ggn", "exact"):
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, solver=solver, damping=0.0)
+        report = un.remove((x[:5], y[:5]), [(x[5:], y[5:])], n_remaining=55)
+        assert report.passed
+        banks[solver] = un.bank
+        if solver == "ggn":
+            assert report.info["ggn_likelihood"] == "gaussian"
+    assert un.solver.value == "exact"
+    assert torch.allclose(banks["ggn"], banks["exact"], rtol=0, atol=1e-10)
+
+
+def test_an_unrecognised_likelihood_falls_back_to_the_dense_hessian_and_says_so() -> None:
+    model = _conv_net()
+    x = torch.randn(40, 2, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,))
+
+    def poisson_like(m, b):  # not cross-entropy, not a Gaussian: no output Hessian the backend knows
+        z = m(b[0]).gather(1, b[1][:, None]).squeeze(1)
+        return z.exp() - z
+
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.02 * torch.randn(6, theta.numel(), dtype=torch.float64)
+    out = {}
+    for solver in ("ggn", "exact"):
+        un = MCMCUnlearner(model, nll=poisson_like, bank=bank, solver=solver)
+        report = un.remove((x[:4], y[:4]), [(x[4:], y[4:])], n_remaining=36)
+        out[solver] = un.bank
+        if solver == "ggn":
+            assert report.info["ggn_likelihood"] == "empirical" and "dense Hessian" in report.info["ggn_fallback"]
+    assert torch.equal(out["ggn"], out["exact"])
+
+
+def test_recurrent_layers_without_a_batching_rule_take_the_row_loop_and_the_default_request_passes() -> None:
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.out = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(3)
+    model = Recurrent().double()
+    x = torch.randn(30, 5, 3, dtype=torch.float64)
+    y = (x[:, :, 0].sum(1) > 0).long()
+    theta = ParamSpec.flatten_module(model)
+    out = functionalize(model, lambda m, xi: m(xi))
+    ref = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for r in range(4):
+        J = jacobian(lambda t, r=r: out(t, x[r : r + 1])[0], theta)
+        p = torch.softmax(out(theta, x[r : r + 1])[0], -1)
+        ref += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    assert torch.allclose(output_ggn(model, theta, x[:4], Likelihood.CATEGORICAL), ref, atol=1e-12)
+    bank = theta + 0.01 * torch.randn(8, theta.numel(), dtype=torch.float64)
+    un = MCMCUnlearner(model, nll=_ce, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank)
+    assert un.solver.value == "ggn"  # 170 parameters, but recurrent: the Gauss-Newton matrix
+    report = un.remove((x[:3], y[:3]), [(x[3:], y[3:])], n_remaining=27)
+    assert report.passed and report.info["ggn_likelihood"] == "categorical"
