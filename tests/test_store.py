@@ -327,3 +327,21 @@ def test_bad_damping_shapes_are_refused_naming_the_choices():
         MCMCUnlearner(model, None, nll=lambda m, b: m(b[0]).sum(1), damping_shape="lm")
     with pytest.raises(ValueError, match="needs solver='kfac'"):
         MCMCUnlearner(model, None, nll=lambda m, b: m(b[0]).sum(1), damping_shape="data", solver="cg")
+
+
+def test_the_ggn_curvature_survives_save_and_load(tmp_path):
+    """The dense Gauss-Newton matrix is reused (downdated) across requests after a checkpoint as before it."""
+    un, data, save = _digits_mlp(solver="ggn", refresh_every=5, curvature_draws=2)
+    r0 = un.forget([0, 1], data)
+    assert r0.info["ggn_likelihood"] == "categorical" and "ggn_fallback" not in r0.info
+    lm = save(tmp_path / "g")
+    assert lm.unlearner.solver.value == "ggn"
+    saved_t, saved_m = un.curvature_state()
+    loaded_t, loaded_m = lm.unlearner.curvature_state()
+    assert saved_m == loaded_m and "cache" in saved_t and torch.equal(saved_t["cache"], loaded_t["cache"])
+    r1 = un.forget([2, 3], data)
+    r2 = lm.unlearner.forget([2, 3], lm.data)
+    # the first trial of each runs on the downdated matrix (here the drift test then rebuilds it, in both alike)
+    assert r1.info["trials"][0] == r2.info["trials"][0]
+    assert r1.info.get("curvature_rebuilt_for_drift") == r2.info.get("curvature_rebuilt_for_drift")
+    assert torch.equal(un.bank, lm.unlearner.bank)
