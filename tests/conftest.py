@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from torch import nn
 
 from mcmc_unlearner import SGHMC, SGLD, MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.datasets import make_gmm_2d
@@ -202,3 +203,14 @@ class FileAudit:
             for ev in self.events
             if ev[0] == "open" and os.path.islink(ev[1]) and not (ev[2] & getattr(os, "O_NOFOLLOW", 0))
         ]
+
+
+class TinyRecurrent(nn.Module):
+    """``kind`` (``"LSTM"``/``"GRU"``) over ``[B, T, inputs]`` sequences, a linear head on the last step."""
+
+    def __init__(self, kind: str, inputs: int, hidden: int, classes: int = 2) -> None:
+        super().__init__()
+        self.rnn, self.out = getattr(nn, kind)(inputs, hidden, batch_first=True), nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0][:, -1])

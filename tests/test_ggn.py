@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
+from conftest import TinyRecurrent
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.backends.ggn import output_ggn
 from mcmc_unlearner.curvature import ParamSpec, functionalize
@@ -101,16 +102,8 @@ def test_an_unrecognised_likelihood_falls_back_to_the_dense_hessian_and_says_so(
 
 
 def test_recurrent_layers_without_a_batching_rule_take_the_row_loop_and_the_default_request_passes() -> None:
-    class Recurrent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.out = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.out(self.rnn(x)[0][:, -1])
-
     torch.manual_seed(3)
-    model = Recurrent().double()
+    model = TinyRecurrent("LSTM", 3, 4).double()
     x = torch.randn(30, 5, 3, dtype=torch.float64)
     y = (x[:, :, 0].sum(1) > 0).long()
     theta = ParamSpec.flatten_module(model)

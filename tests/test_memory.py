@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TinyRecurrent
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.backends import dense_memory
 from mcmc_unlearner.curvature import ParamSpec, functionalize
@@ -86,16 +87,9 @@ def test_auto_backend_choice_follows_size_layers_and_memory() -> None:
     with pytest.raises(ValueError, match="cannot use a custom energy"):
         MCMCUnlearner(conv, nll=_nll, energy=lambda m, b, n: n * _nll(m, b).mean(), solver="ggn")
 
-    class Recurrent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.out = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 2)
-
-        def forward(self, x):
-            return self.out(self.rnn(x)[0][:, -1])
-
-    assert "GRU layers share" in MCMCUnlearner(Recurrent(), nll=_nll).solver_reason
-    assert MCMCUnlearner(Recurrent(), nll=_nll).solver.value == "ggn"
+    gru = TinyRecurrent("GRU", 3, 5)
+    assert "GRU layers share" in MCMCUnlearner(gru, nll=_nll).solver_reason
+    assert MCMCUnlearner(gru, nll=_nll).solver.value == "ggn"
     frozen_conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
     frozen_conv[0].requires_grad_(False)  # a frozen convolution is no cost: only the head is differentiated
     assert MCMCUnlearner(frozen_conv, nll=_nll).solver.value == "exact"

@@ -692,11 +692,11 @@ class MCMCUnlearner:
         self.nll = nll or _default_nll
         if log_prior is None:
             log_prior = (lambda m: m.log_prior()) if hasattr(model, "log_prior") else None
-        _check_log_prior(model, log_prior)
         self.log_prior = log_prior
         self.custom_energy = energy is not None
         self.energy = energy or self._default_energy
         _own_parameters(model)
+        _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
         self._layout: BankLayout | None = None
         self.bank = None
         if bank is not None:
