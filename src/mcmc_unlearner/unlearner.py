@@ -598,7 +598,7 @@ class MCMCUnlearner:
             is not local: gross outliers, a nonlinear posterior).
         curvature_data: ``"minibatch"`` (one fresh minibatch per draw), ``"full"`` (every remaining point per draw;
             needs a data source with ``remaining()``, else it falls back to minibatches and says so in
-            ``report.info``) or ``"auto"`` (full for the dense solver while remaining points × draws <= 32,768 and
+            ``report.info``) or ``"auto"`` (full for ``solver="exact"`` while remaining points × draws <= 32,768 and
             it fits the memory budget).
         exact_max_dim: Largest parameter count for which ``"auto"`` picks the dense solver.
         memory_budget: Bytes (or ``"2GB"``, ``"25%"``) any curvature computation may hold; ``None``: a quarter of
@@ -1047,7 +1047,9 @@ class MCMCUnlearner:
         """Every remaining row shared by all draws, or one fresh minibatch per draw (see ``curvature_data``)."""
         want = self.curvature_data
         if want == "auto":
-            small = n * draws <= 32_768 and self.solver in _DENSE
+            # every row only for the dense Hessian of a small problem: the Gauss-Newton matrix's cost grows as
+            # rows · outputs · D² (a minibatch per draw is what benchmarks/layer_zoo.py measured)
+            small = n * draws <= 32_768 and self.solver is SolverName.EXACT
             want = "full" if small else "minibatch"
         if want == "full":
             full = stream.full()
