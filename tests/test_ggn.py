@@ -78,6 +78,12 @@ def test_for_a_linear_gaussian_model_the_ggn_is_the_hessian_and_the_removal_the_
             assert report.info["ggn_likelihood"] == "gaussian"
     assert un.solver.value == "exact"
     assert torch.allclose(banks["ggn"], banks["exact"], rtol=0, atol=1e-10)
+    # and both are the conjugate answer: the bank mean moves by A'⁻¹G, A' = the remaining rows' Hessian + prior,
+    # G = the removed rows' gradient at the bank mean (exact for this quadratic energy)
+    A_rem = hessian(lambda t: f(t, x[5:], y[5:]) - log_prior_of(t), theta)
+    mbar = bank.mean(0)
+    G = torch.autograd.functional.jacobian(lambda t: f(t, x[:5], y[:5]), mbar)
+    assert torch.allclose(banks["ggn"].mean(0), mbar + torch.linalg.solve(A_rem, G), rtol=0, atol=1e-9)
 
 
 def test_an_unrecognised_likelihood_falls_back_to_the_dense_hessian_and_says_so() -> None:
