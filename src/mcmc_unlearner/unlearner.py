@@ -560,8 +560,8 @@ class MCMCUnlearner:
             ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
-        bank_shift: ``"auto"`` (``"affine"`` with the dense solver, else ``"mean"``), ``"mean"``, ``"sample"`` or
-            ``"affine"`` (see module docstring).
+        bank_shift: ``"auto"`` (``"affine"`` with the dense solvers ``exact``/``ggn``, else ``"mean"``), ``"mean"``,
+            ``"sample"`` or ``"affine"`` (see module docstring).
         damping: ``"auto"`` (chosen per request, :mod:`mcmc_unlearner.step`) or a fixed value ``>= 0``.
         scaling: LiSSA scaling ``s`` or ``"auto"``.
         iter_T: LiSSA rounds / CG iteration cap.
