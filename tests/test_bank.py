@@ -226,3 +226,34 @@ def test_batches_that_are_dicts_or_hold_non_tensors_are_refused_with_the_fix() -
     with pytest.raises(ValueError, match=r"share their first \(row\) dimension, got rows \[6, 5\]"):
         un.remove((x[:6], y[:5]), good, n_remaining=234)
     assert torch.equal(un.bank, bank)
+
+
+def test_a_submodule_registered_under_two_names_keeps_its_own_parameters() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.b_again = self.b  # the same layer applied twice, registered under a second name
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b_again(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+    _, x, y, _ = _problem(8)
+    torch.manual_seed(8)
+    model = Twice()
+    own = list(model.parameters())
+    theta = parameters_to_vector(own).detach()
+    bank = theta + 0.05 * torch.randn(12, theta.numel())
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)  # the log_prior check passes
+    report = un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
+    assert report.passed and report.shift_norm > 0
+    # torch's functional_call leaves the tensors passed in registered on such a submodule; the model must still
+    # compute with the parameters it owns (those a user's optimizer or sampler holds), now the live chain's state
+    assert all(a is b for a, b in zip(own, model.parameters()))
+    assert model.b.weight is own[2] and model.b_again.weight is own[2]
+    with torch.no_grad():
+        own[2].add_(1.0)  # moving an owned parameter moves the output
+        moved = model(x[:5])
+        own[2].sub_(1.0)
+    assert not torch.allclose(moved, model(x[:5]))
+    assert not torch.equal(parameters_to_vector(model.parameters()).detach(), theta)  # the live chain moved

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,9 @@ __all__ = [
     "LowRankPreconditioner",
     "ParamSpec",
     "SampleAveragedHessian",
+    "aliased_parameters",
     "autograd_hvp",
+    "call_with",
     "functionalize",
     "lanczos",
     "stack_batches",
@@ -96,6 +99,39 @@ class _Call(nn.Module):
         return self.fn(self.m, *args)
 
 
+def aliased_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """The parameters of submodules registered under more than one name (``self.b2 = self.b``)."""
+    seen: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen[id(m)] = seen.get(id(m), 0) + 1
+    return [
+        (m, name, p) for m in model.modules() if seen[id(m)] > 1 for name, p in m._parameters.items() if p is not None
+    ]
+
+
+def call_with(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    args: tuple,
+    aliased: list[tuple[nn.Module, str, nn.Parameter]] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``torch.func.functional_call(module, params, args)`` that leaves ``module``'s parameters as they were.
+
+    In torch 2.13 ``functional_call`` does not restore the parameters of a submodule registered under two names
+    (``self.b2 = self.b``): the tensors passed in stay registered afterwards, so the model would silently stop
+    using its own parameters. They are put back here (``aliased``: :func:`aliased_parameters` of ``module``,
+    computed once by callers that call often).
+    """
+    aliased = aliased_parameters(module) if aliased is None else aliased
+    try:
+        return functional_call(module, params, args, **kwargs)
+    finally:
+        for m, name, p in aliased:
+            if m._parameters.get(name) is not p:
+                m._parameters[name] = p
+
+
 def functionalize(model: nn.Module, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Turn ``fn(model, *args)`` into a pure function ``f(θ_flat, *args)`` of the flat parameters.
 
@@ -103,10 +139,11 @@ def functionalize(model: nn.Module, fn: Callable[..., torch.Tensor]) -> Callable
     """
     spec = ParamSpec.of(model)
     wrapper = _Call(model, fn)
+    aliased = aliased_parameters(model)
 
     def f(theta: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         params = {"m." + k: v for k, v in spec.unflatten(theta).items()}
-        return functional_call(wrapper, params, args, strict=False)
+        return call_with(wrapper, params, args, aliased, strict=False)
 
     return f
 

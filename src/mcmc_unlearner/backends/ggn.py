@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 from torch.autograd.functional import jacobian
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
-from ..curvature import ParamSpec
+from ..curvature import ParamSpec, aliased_parameters, call_with
 from ..kronecker import Likelihood, detect_likelihood, prior_precision
 from ..memory import chunk_for
 from .base import Problem
@@ -57,9 +57,10 @@ def output_ggn(
         budget: Bytes the per-row Jacobians of one chunk of rows may take.
     """
     spec = ParamSpec.of(model)
+    aliased = aliased_parameters(model)
 
     def out(t: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, spec.unflatten(t), (row.unsqueeze(0),)).reshape(-1)
+        return call_with(model, spec.unflatten(t), (row.unsqueeze(0),), aliased).reshape(-1)
 
     with torch.no_grad():
         C = out(theta, x[0]).numel()
