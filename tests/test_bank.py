@@ -257,3 +257,21 @@ def test_a_submodule_registered_under_two_names_keeps_its_own_parameters() -> No
         own[2].sub_(1.0)
     assert not torch.allclose(moved, model(x[:5]))
     assert not torch.equal(parameters_to_vector(model.parameters()).detach(), theta)  # the live chain moved
+
+
+def test_a_model_in_training_mode_with_batchnorm_is_refused_before_anything_changes() -> None:
+    _, x, y, _ = _problem(9)
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(6, theta.numel())
+    with pytest.raises(ValueError, match=r"training mode with BatchNorm1d layers.*model\.eval\(\)"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    # nothing ran: not even BatchNorm's batch counter moved (a forward in training mode would have)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model.eval()
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    assert all(torch.equal(state[k], model.state_dict()[k]) for k in state if "running" in k or "num_batches" in k)

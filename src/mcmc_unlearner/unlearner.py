@@ -419,6 +419,28 @@ def _check_log_prior(model: nn.Module, log_prior: Callable[[nn.Module], torch.Te
             )
 
 
+def _check_mode(model: nn.Module) -> None:
+    """Refuse a model whose forward pass in its current (training) mode uses and updates batch statistics."""
+    norms = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if m.training
+            and (
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)
+            )
+        }
+    )
+    if norms:
+        raise ValueError(
+            f"the model is in training mode with {'/'.join(norms)} layers: their forward pass normalises by the "
+            "batch's statistics and updates the running ones, so a row's likelihood depends on its batch and every "
+            "evaluation the unlearner makes would change the model. Call model.eval() first (freeze the running "
+            "statistics before sampling: the bank's posterior is the eval-mode network's)"
+        )
+
+
 def _own_parameters(model: nn.Module) -> None:
     """Give parameters that are views of a larger tensor (e.g. loaded with ``vector_to_parameters(bank[-1], ...)``)
     their own storage, so writing the live chain's new state never writes into the caller's tensors."""
@@ -682,6 +704,7 @@ class MCMCUnlearner:
         recenter_draws: int = 1,
         damping_shape: DampingShape | str = "auto",
     ) -> None:
+        _check_mode(model)
         self.model = model
         self.sampler = sampler
         self.spec = ParamSpec.of(model)
