@@ -345,3 +345,18 @@ def test_equilibrium_newton_target_is_refused_under_distributed_with_the_fix() -
     model = torch.nn.Linear(2, 1)
     with pytest.raises(ValueError, match="newton_target='relative'"):
         DistributedUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, newton_steps=2)
+
+
+def test_the_dense_gauss_newton_backend_is_refused_under_distributed_and_auto_avoids_it() -> None:
+    """``ggn`` sums per-row Gram matrices in one process: asking for it is refused at construction, and ``auto``
+    gives a small convolutional model K-FAC here (one process would get ``ggn``)."""
+    from mcmc_unlearner.distributed import DistributedUnlearner
+
+    def ce(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    conv = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 4, 2))
+    with pytest.raises(ValueError, match=r"solver='ggn' runs in one process.*'kfac'"):
+        DistributedUnlearner(conv, nll=ce, solver="ggn")
+    assert DistributedUnlearner(conv, nll=ce).solver.value == "kfac"
+    assert MCMCUnlearner(conv, nll=ce).solver.value == "ggn"

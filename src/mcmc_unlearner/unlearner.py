@@ -81,8 +81,8 @@ MAX_RELATIVE_DAMPING = 1e4
 #: Forward-over-reverse products keep about this many times the activations a backward pass saves.
 _HVP_MEMORY_FACTOR = 3
 #: Layers whose weights act at many positions or time steps: for a small model with one ``auto`` takes the dense
-#: Gauss-Newton matrix instead of the dense Hessian (one request on 574-954-parameter CNNs took 22-280 s CPU with
-#: the Hessian, 3-4 s with the Gauss-Newton matrix; the chains trained in 4-10 s).
+#: Gauss-Newton matrix instead of the dense Hessian (one request on 574-954-parameter CNNs took 33-278 s CPU with
+#: the Hessian, 2.8-6.0 s with the Gauss-Newton matrix; the chains trained in 4-10 s).
 _WEIGHT_SHARING = (nn.modules.conv._ConvNd, nn.RNNBase)
 #: The backends that hold the curvature as a dense matrix (affine bank transport, full-data curvature).
 _DENSE = (SolverName.EXACT, SolverName.GGN)

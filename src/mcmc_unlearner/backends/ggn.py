@@ -103,8 +103,6 @@ class GGNBackend(DenseBackend):
         self._prior: torch.Tensor | None = None
 
     def _detect(self, problem: Problem) -> tuple[Likelihood, dict[str, Any]]:
-        if problem.reduce is not None:
-            raise ValueError("solver='ggn' runs in one process; under torch.distributed use solver='kfac' or 'exact'")
         if self._likelihood is None:
             self._likelihood = detect_likelihood(problem.model, problem.nll, problem.raw(problem.removed))
             self._prior = prior_precision(problem.model, problem.log_prior, problem.thetas[0])
