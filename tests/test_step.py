@@ -339,6 +339,66 @@ def test_fixed_damping_and_single_shape_backends_use_the_identity_shape() -> Non
     assert restored.state() == control.state()
 
 
+def _one_dim(b: float, h: float, g: float, se: float):
+    """A 1-D problem: model curvature ``b``, true curvature ``h``, gradient ``g``; a check with standard error
+    ``se`` measuring the true energy change exactly."""
+    B, G = torch.tensor([[b]], dtype=torch.float64), torch.tensor([g], dtype=torch.float64)
+    check = lambda x: Measurement(-float(G @ x) + 0.5 * h * float(x @ x), se, 0.0)  # noqa: E731
+    return _QuadraticBackend(B), G, check
+
+
+def _true_actual(b: float, h: float, g: float, lam: float) -> float:
+    x = g / (b + lam)
+    return -g * x + 0.5 * h * x * x
+
+
+@pytest.mark.parametrize(
+    "h, se, taken",
+    [
+        (1.5, 0.0, False),  # the tenth passes the ratio test (0.58) but lowers the energy less: not taken
+        (1.1, 0.01, True),  # it lowers the energy by 0.092, more than 2·√2·0.01: taken
+        (1.1, 0.04, False),  # the same gain within 2·√2·0.04 = 0.113 of the check's noise: not taken
+    ],
+)
+def test_a_less_damped_step_replaces_an_accepted_one_only_when_clearly_lower(h: float, se: float, taken: bool) -> None:
+    """A first step with ratio > 0.75 is followed by one at a tenth of its damping; that step replaces it only
+    when it passes the check too *and* lowers the measured energy by more than two combined standard errors (on
+    Fashion-MNIST, less-damped steps accepted within the check's noise made most of the late-request damage)."""
+    b, g, lam = 1.0, 1.0, 1.0
+    backend, G, check = _one_dim(b, h, g, se)
+    control = DampingControl()
+    control.set_state({"shape": "identity", "relatives": {"identity": lam / backend.scale()}})
+    out = control.step(backend, G, check)
+    first, tenth = out.history
+    assert first["damping"] == pytest.approx(lam) and tenth["damping"] == pytest.approx(lam / 10)
+    assert first["ratio"] > 0.75 and tenth["ratio"] >= control.eta  # both pass the ratio test
+    assert first["actual"] == pytest.approx(_true_actual(b, h, g, lam), rel=1e-12)
+    assert tenth["actual"] == pytest.approx(_true_actual(b, h, g, lam / 10), rel=1e-12)
+    assert out.safe and out.damping == pytest.approx(lam / 10 if taken else lam)
+    assert out.actual == pytest.approx(tenth["actual"] if taken else first["actual"], rel=1e-12)
+    assert control.relative == pytest.approx(out.damping / backend.scale())  # the damping carried on
+
+
+def test_the_refinement_after_a_rejected_step_follows_the_same_rule() -> None:
+    """Rejected at the carried damping, accepted at ×10, refined once at the geometric mean: the refined step
+    (less damped) is kept only when it is clearly lower than the accepted one."""
+    b, g = 0.1, 1.0  # a model 10× too flat
+    for se, h in ((0.0, 1.0), (1.0, 1.0)):
+        backend, G, check = _one_dim(b, h, g, se)
+        control = DampingControl()
+        control.set_state({"shape": "identity", "relatives": {"identity": 0.05 / backend.scale()}})
+        out = control.step(backend, G, check)
+        ratios = [t["ratio"] for t in out.history]
+        lams = [t["damping"] for t in out.history]
+        failed, accepted, mid = lams[-3], lams[-2], lams[-1]  # the last rejected, the accepted, the refinement
+        assert all(r < control.eta for r in ratios[:-2]) and ratios[-2] >= control.eta and ratios[-1] >= control.eta
+        assert accepted == pytest.approx(10 * failed) and mid == pytest.approx((failed * accepted) ** 0.5)
+        refined, first = _true_actual(b, h, g, mid), _true_actual(b, h, g, accepted)
+        clearly = refined + 2 * math.sqrt(2) * se < first
+        assert clearly is (se == 0.0)  # the closed forms: lower without noise, within 2·√2 of se = 1 otherwise
+        assert out.damping == pytest.approx(mid if clearly else accepted)
+
+
 def test_a_shortened_step_is_the_exact_minimiser_of_the_true_energy_along_it() -> None:
     """A model too flat along some directions overshoots: the accepted step's ``shortened()`` is the exact line
     minimiser of the true quadratic energy along it, ``α̂ = G·x / xᵀHx``, and its energy is lower than the step's."""
