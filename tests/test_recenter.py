@@ -182,3 +182,26 @@ def test_a_correction_is_damped_as_h_plus_lambda_i_unless_the_shape_is_fixed(sha
     assert report.info["preconditioner_reused"] and report.info["damping_shape"] == "data"  # the request kept it
     assert report.info["recenter"] in ("applied", "skipped: every damping failed its check")
     assert report.info["recenter_shape"] == expect
+
+
+def test_auto_corrects_every_ten_requests_with_kfac_only() -> None:
+    """``recenter_every="auto"`` (the default): 10 with K-FAC (approximate curvature whose error accumulates over
+    requests), 0 with the dense and matrix-free solvers, with a custom energy and under torch.distributed."""
+    from mcmc_unlearner.models.bnn import mlp
+    from mcmc_unlearner.unlearner import RECENTER_AUTO_EVERY
+
+    model = mlp(4, (8,), n_classes=3)
+    bank = torch.nn.utils.parameters_to_vector(model.parameters()).detach().expand(4, -1).clone()
+    assert RECENTER_AUTO_EVERY == 10
+    assert MCMCUnlearner(model, bank=bank, solver="kfac").recenter_every == RECENTER_AUTO_EVERY
+    assert MCMCUnlearner(model, bank=bank, solver="kfac").config()["recenter_every"] == RECENTER_AUTO_EVERY
+    for solver in ("exact", "cg", "lissa"):
+        assert MCMCUnlearner(model, bank=bank, solver=solver).recenter_every == 0, solver
+    assert MCMCUnlearner(model, bank=bank).solver.value == "exact"  # 67 parameters: auto picks the dense solver
+    assert MCMCUnlearner(model, bank=bank).recenter_every == 0
+    custom = MCMCUnlearner(model, bank=bank, solver="kfac", energy=lambda m, b, n: m.nll(b).sum())
+    assert custom.recenter_every == 0
+    assert DistributedUnlearner(model, bank=bank, solver="kfac").recenter_every == 0
+    assert MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=0).recenter_every == 0
+    with pytest.raises(ValueError, match="recenter_every must be 'auto' or an integer"):
+        MCMCUnlearner(model, bank=bank, recenter_every="sometimes")
