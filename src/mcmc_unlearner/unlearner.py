@@ -26,8 +26,9 @@ paper's protocol).
 moves each by :math:`(H+λ)^{-1}∇h(θ_s)` (over-widens); ``"affine"`` applies the exact Gaussian transport
 :math:`θ' = μ' + A'^{-1/2}A^{1/2}(θ - μ)` from the old precision :math:`A` to the new :math:`A'` (dense solver only).
 
-**Across requests** (``recenter_every=K``, off by default). Each step keeps the bank's first moment,
-:math:`E_θ[∇F(θ, S∖S')] = E_θ[∇F(θ, S)]`, only to first order and with approximate curvature; every ``K`` requests
+**Across requests** (``recenter_every``: every 10 requests with K-FAC by default, else off). Each step keeps the
+bank's first moment, :math:`E_θ[∇F(θ, S∖S')] = E_θ[∇F(θ, S)]`, only to first order and with approximate curvature;
+every ``K`` requests
 :meth:`MCMCUnlearner._recenter` measures what has accumulated on every remaining row and takes one checked
 Newton step back (a pass over the remaining data per ``recenter_draws``).
 """
