@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,9 +247,19 @@ def test_verify_during_concurrent_writes_never_fails(template, tmp_path):
         "import sys\nfrom mcmc_unlearner.service.deletion import forget\n"
         "for i in range(20, 60):\n    forget(sys.argv[1], [i], wait=30)\n"
     )
+    start = verify(m).head
     writer = subprocess.Popen([sys.executable, "-c", script, str(m)], env=env, stderr=subprocess.PIPE)
     verdicts, heads = [], set()
     try:
+        # the writer's interpreter and torch take seconds to start on a loaded machine, longer than 300 verifies:
+        # begin counting at its first commit, so the verdicts overlap its writes
+        deadline = time.monotonic() + 120
+        while writer.poll() is None and time.monotonic() < deadline:
+            res = verify(m, wait=30)
+            assert res.ok, res.problems
+            if res.head != start:
+                break
+            time.sleep(0.01)
         while writer.poll() is None and len(verdicts) < 300:
             res = verify(m, wait=30)
             verdicts.append(res.ok)
