@@ -164,7 +164,7 @@ def test_a_correction_that_fails_its_check_is_skipped_and_the_request_stands(pro
 def test_a_correction_is_damped_as_h_plus_lambda_i_unless_the_shape_is_fixed(shape: str, expect: str) -> None:
     """The requests may accept K-FAC's data-term shape, which leaves prior-only directions undamped; the
     deviation a correction removes is largest there (Fashion-MNIST: corrections of norm 4-9 in that shape, 5.1x
-    the retrain-pair distance against 1.9x), so with ``damping_shape="auto"`` the correction is searched as
+    the retrain-pair distance against 2.0x), so with ``damping_shape="auto"`` the correction is searched as
     ``H + λI``; a shape the user fixed is kept."""
     from mcmc_unlearner.models.bnn import mlp
 

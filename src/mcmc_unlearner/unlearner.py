@@ -1596,7 +1596,7 @@ class MCMCUnlearner:
         if self.damping_shape is DampingShape.AUTO:
             # λI: the deviation is largest where the data barely curve (the forgotten class's directions), which
             # the data-term shape leaves undamped (Fashion-MNIST seed 3: corrections of norm 4-9, 5.1x the
-            # retrain-pair distance; 1.9x with the identity shape)
+            # retrain-pair distance; 2.0x with the identity shape)
             control.shape = DampingShape.IDENTITY.value
         step = control.step(self.curvature, -d, here)
         info.update(
