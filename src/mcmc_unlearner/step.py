@@ -32,10 +32,11 @@ also lowers the measured energy by more than two standard errors of the two meas
 that passes the ratio test within the check's noise is not taken. (On Fashion-MNIST, accepting it whenever it
 passed — e.g. seed 3's request 90: ratio 0.56 on a measured change of −101 ± 65, a step five times the length of
 its neighbours' — made much of the damage that accumulated over the last requests; with the rule and the
-correction across requests ``MCMCUnlearner(recenter_every=...)`` the seeds end at 1.55–2.02× the retrain-pair
-distance instead of 2.16–2.75×, docs/fashion-mnist.md.) The refinement after a rejected step is the search's own
-bracketing and is taken when it passes (requiring it to win too left single requests on small networks short of
-retraining: a BatchNorm CNN's class removal 0.06 → 0.01 of the way, docs/model-matrix.md). A step whose
+correction across requests ``MCMCUnlearner(recenter_every=...)`` seeds 0, 2, 3 end at 1.89, 1.55 and 2.02× the
+retrain-pair distance, with the correction alone at 2.22, 2.80 and 1.97×, docs/fashion-mnist.md.) The
+refinement after a rejected step is the search's own bracketing and is taken when it passes (requiring it to win
+too left single requests on small networks short of retraining: a BatchNorm CNN's class removal 0.06 → 0.01 of
+the way, docs/fashion-mnist.md). A step whose
 predicted and measured changes are both below the measurement's floating-point resolution
 (``Measurement.resolution``) is judged by the NLL safety net alone: its ratio is rounding noise. A request whose
 steps all fail is refused. A fixed ``damping`` disables the search, not the checks.

@@ -652,8 +652,8 @@ class MCMCUnlearner:
             passes over the remaining data (twice that the first time: the original samples' side), and every
             request one more gradient of its removed points at 16 samples. ``"auto"`` (default): every
             ``RECENTER_AUTO_EVERY`` = 10 requests with ``solver="kfac"`` in one process without a custom energy,
-            never otherwise. Measured on Fashion-MNIST's 94 requests (seeds 0, 2, 3): 2.96 ± 0.42 → 2.10 ± 0.17×
-            the retrain-pair distance at 1.7× the CPU time (82–94 → 138–155 s); correcting after every one of the
+            never otherwise. Measured on Fashion-MNIST's 94 requests (seeds 0, 2, 3): 3.49 ± 1.08 → 1.82 ± 0.24×
+            the retrain-pair distance at 1.8× the CPU time (78–98 → 136–172 s); correcting after every one of the
             digits BNN's 3 requests made that result worse (docs/fashion-mnist.md).
         recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is
             measured on every remaining row. The measured part is a paired difference, smooth in the sample, so
