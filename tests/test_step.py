@@ -363,7 +363,7 @@ def _true_actual(b: float, h: float, g: float, lam: float) -> float:
 def test_a_less_damped_step_replaces_an_accepted_one_only_when_clearly_lower(h: float, se: float, taken: bool) -> None:
     """A first step with ratio > 0.75 is followed by one at a tenth of its damping; that step replaces it only
     when it passes the check too *and* lowers the measured energy by more than two combined standard errors (on
-    Fashion-MNIST, less-damped steps accepted within the check's noise made most of the late-request damage)."""
+    Fashion-MNIST, less-damped steps accepted within the check's noise did much of the late-request damage)."""
     b, g, lam = 1.0, 1.0, 1.0
     backend, G, check = _one_dim(b, h, g, se)
     control = DampingControl()
