@@ -438,11 +438,11 @@ def measured_deficit(G: torch.Tensor, out: StepOutcome) -> torch.Tensor | None:
     return coef * x if coef > 0 else None
 
 
-def _clearly_lower(challenger: StepOutcome, accepted: StepOutcome) -> bool:
-    """Whether a less-damped step lowers the measured remaining-data energy below an accepted step's by more than
-    two standard errors of the two measurements combined (the rule the damping shapes compete by); the tenth of a
-    trusted step's damping must pass it to replace that step."""
-    return challenger.actual + 2.0 * math.hypot(challenger.stderr, accepted.stderr) < accepted.actual
+def _clearly_lower(value: float, stderr: float, than: float, than_stderr: float) -> bool:
+    """Whether a measured energy change ``value`` is below ``than`` by more than two standard errors of the two
+    measurements combined: what another damping shape, or the tenth of a trusted step's damping, must show to
+    replace an accepted step."""
+    return value + 2.0 * math.hypot(stderr, than_stderr) < than
 
 
 class DampingControl:
@@ -668,7 +668,7 @@ class DampingControl:
                 scores[r.shape] = r.actual - (-float(noise @ x_n) + 0.5 * backend.quad(x_n))
         best = accepted[0] if accepted else results[0]
         for other in accepted[1:]:  # another shape must be better by more than the measurements' noise
-            if scores[other.shape] + 2.0 * math.hypot(best.stderr, other.stderr) < scores[best.shape]:
+            if _clearly_lower(scores[other.shape], other.stderr, scores[best.shape], best.stderr):
                 best = other
         if len(results) > 1:
             history = [h for r in results for h in r.history]
@@ -732,8 +732,9 @@ class DampingControl:
                     lower = best.damping / self.grow
                     lower = 0.0 if lower < start() else max(lower, low)
                     nxt = attempt(lower) if lower < best.damping else None
-                    if nxt is not None and nxt.safe and _clearly_lower(nxt, best):
-                        best = nxt
+                    if nxt is not None and nxt.safe:
+                        if _clearly_lower(nxt.actual, nxt.stderr, best.actual, best.stderr):
+                            best = nxt
             else:
                 while len(history) < self.max_trials:
                     failed = lam
