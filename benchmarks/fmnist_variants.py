@@ -3,13 +3,15 @@
 ``mcmc-unlearner bnn --preset paper-fmnist`` trains four chains per seed (origin and three retrains, ~10 CPU-min)
 before any method runs. This script trains them once per seed (same seeds, same code, so the same chains as the
 command), caches them, and then runs ``unlearn`` alone with extra ``MCMCUnlearner`` options, scored exactly as the
-command scores it (kept-class predictive L1 to the retrain chains as a multiple of the retrain-pair floor, etc.):
+command scores it (kept-class predictive L1 to the retrain chains as a multiple of the retrain-pair floor, etc.);
+``--method paper`` runs the command's ``paper`` method (the faithful reference procedure) instead, with its seed:
 
     python benchmarks/fmnist_variants.py train --seed 0 --cache /tmp/fm
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name default
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name shorten --options '{"shorten_steps": true}'
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm default shorten
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name rc10 --options '{"recenter_every": 10}'
+    python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --method paper --name paper
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm --named-only rc10
 
 ``residual`` measures the first-moment identity of each bank's posterior, ``E_θ[∇F(θ)] = 0`` (integration by
@@ -101,7 +103,10 @@ def _run(args: argparse.Namespace) -> None:
     names = B._retrain_names(ex.cfg.retrain_chains)
     progress = B._Progress(ex, saved["banks"]["retrain"])
     c0 = time.process_time()
-    res, _ = B._run_unlearner(ex, origin, progress, ex.cfg.seed * 1000 + 4)
+    if args.method == "paper":  # the faithful reference procedure, the command's seed for it
+        res = B._run_paper(ex, origin, progress, ex.cfg.seed * 1000 + 6)
+    else:
+        res, _ = B._run_unlearner(ex, origin, progress, ex.cfg.seed * 1000 + 4)
     cpu = time.process_time() - c0
     results = {
         nm: B._Result(bank=b, last=b[-1], info={"seconds": 0.0, "cpu_seconds": 0.0}) for nm, b in saved["banks"].items()
@@ -111,6 +116,7 @@ def _run(args: argparse.Namespace) -> None:
     u = methods["unlearn"]
     row = {
         "name": args.name,
+        "method": args.method,
         "seed": args.seed,
         "options": options,
         "l1_x_floor": u["pred_diff"]["test_kept"] / floor["pred_diff"]["test_kept"],
@@ -122,7 +128,7 @@ def _run(args: argparse.Namespace) -> None:
         "cpu_seconds_requests": res.info["cpu_seconds"],
         "cpu_seconds_with_progress": cpu,
         "refused": res.info["refused"],
-        "progress_l1": [(p["removed"], round(p["pred_diff_test_kept"], 4)) for p in progress.points["unlearn"]],
+        "progress_l1": [(p["removed"], round(p["pred_diff_test_kept"], 4)) for p in progress.points[args.method]],
         "recenter": [  # the library's first-moment corrections (recenter_every), from the requests' reports
             {
                 "request": i,
@@ -177,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--name", default="default", help="run: the variant's name")
     ap.add_argument("--options", default="{}", help="run: JSON dict of MCMCUnlearner options")
+    ap.add_argument(
+        "--method",
+        choices=["unlearn", "paper"],
+        default="unlearn",
+        help="run: the library's unlearner (with --options) or the paper's procedure (the command's `paper`)",
+    )
     ap.add_argument("--samples", type=int, default=20, help="residual: evenly thinned samples per bank")
     ap.add_argument("--named-only", action="store_true", help="residual: only the named banks (not origin, retrains)")
     ap.add_argument("--threads", type=int, default=1)

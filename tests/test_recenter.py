@@ -205,3 +205,64 @@ def test_auto_corrects_every_ten_requests_with_kfac_only() -> None:
     assert MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=0).recenter_every == 0
     with pytest.raises(ValueError, match="recenter_every must be 'auto' or an integer"):
         MCMCUnlearner(model, bank=bank, recenter_every="sometimes")
+
+
+def _mlp_problem(seed: int = 0):
+    from mcmc_unlearner.models.bnn import mlp
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = mlp(4, (8,), n_classes=3)
+    bank = torch.nn.utils.parameters_to_vector(model.parameters()).detach() + 0.05 * torch.randn(32, 67, generator=g)
+    return model, bank, RemovableDataset(x, y, batch_size=50, seed=0)
+
+
+def test_after_the_first_correction_requests_are_damped_as_h_plus_lambda_i() -> None:
+    """``damping_shape="auto"``: a freshly built K-FAC curvature offers both shapes until the first correction;
+    after it, a rebuilt curvature is searched as ``H + λI`` only (the shapes each search was offered, recorded)."""
+    model, bank, data = _mlp_problem()
+    un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=2)
+    offered: list[tuple[str, ...] | None] = []
+    step = un.control.step
+
+    def spy(backend, G, check, shapes=None, noise=None):
+        offered.append(None if shapes is None else tuple(shapes))
+        return step(backend, G, check, shapes=shapes, noise=noise)
+
+    un.control.step = spy
+    first = un.forget(torch.arange(10), data)
+    assert first.info["preconditioner_reused"] is False and offered == [("identity", "data")]
+    un.curvature.reset()  # force a fresh build before the first correction: both shapes again
+    second = un.forget(torch.arange(10, 20), data)
+    assert offered[1] == ("identity", "data") and second.info["recenter"] == "applied"
+    un.control.shape = "data"  # as if that request had taken the data-term shape
+    un.curvature.reset()
+    third = un.forget(torch.arange(20, 30), data)
+    assert third.info["preconditioner_reused"] is False
+    assert offered[2:] == [("identity",)] and third.info["damping_shape"] == "identity"
+    model2, bank2, data2 = _mlp_problem()
+    fixed = MCMCUnlearner(model2, bank=bank2, solver="kfac", recenter_every=2, damping_shape="data")
+    fixed.control.step = spy
+    for i in range(3):
+        fixed.forget(torch.arange(10 * i, 10 * i + 10), data2)
+    assert offered[3:] == [("data",)] * 3  # a fixed shape is kept
+
+
+def test_an_applied_correction_clears_the_carried_influence() -> None:
+    """A damped request leaves a deficit carried to the next request; the correction's deviation ``d`` contains
+    it, so once a correction is applied nothing is carried (the next correction measures what is left)."""
+    model, bank, data = _mlp_problem(1)
+    model_plain, _, data_plain = _mlp_problem(1)  # the same network, data and bank, a separate live chain
+    plain = MCMCUnlearner(model_plain, bank=bank, solver="kfac", damping=100.0, recenter_every=0)
+    un = MCMCUnlearner(model, bank=bank, solver="kfac", damping=100.0, recenter_every=2)
+    for i in range(2):
+        plain.forget(torch.arange(10 * i, 10 * i + 10), data_plain)
+        report = un.forget(torch.arange(10 * i, 10 * i + 10), data)
+    assert plain._carry is not None and float(plain._carry.norm()) > 0  # the damped steps leave a deficit
+    assert report.info["carried_norm"] > 0  # the first request's deficit reached the second
+    assert report.info["recenter"] == "applied" and un._carry is None
+    nxt = un.forget(torch.arange(20, 30), data)
+    assert nxt.info.get("carried_norm", 0.0) == 0.0

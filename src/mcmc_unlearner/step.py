@@ -29,17 +29,16 @@ in thousands of dimensions are not); the direct measurement does not hide it. A 
 request starts from the accepted damping, and a first step with ratio above 0.75 is followed by one at a tenth of
 its damping. That tenth is speculative — the step it follows was already accepted — and replaces it only when it
 also lowers the measured energy by more than two standard errors of the two measurements combined: a longer step
-that passes the ratio test within the check's noise is not taken. (On Fashion-MNIST, accepting it whenever it
-passed — e.g. seed 3's request 90: ratio 0.56 on a measured change of −101 ± 65, a step five times the length of
-its neighbours' — made much of the damage that accumulated over the last requests; with the rule and the
-correction across requests ``MCMCUnlearner(recenter_every=...)`` seeds 0, 2, 3 end at 1.89, 1.55 and 2.02× the
-retrain-pair distance, with the correction alone at 2.22, 2.80 and 1.97×, docs/fashion-mnist.md.) The
-refinement after a rejected step is the search's own bracketing and is taken when it passes (requiring it to win
-too left single requests on small networks short of retraining: a BatchNorm CNN's class removal 0.06 → 0.01 of
-the way, docs/fashion-mnist.md). A step whose
-predicted and measured changes are both below the measurement's floating-point resolution
-(``Measurement.resolution``) is judged by the NLL safety net alone: its ratio is rounding noise. A request whose
-steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
+that passes the ratio test within the check's noise is not taken. (On Fashion-MNIST, accepting it whenever it passed
+— e.g. seed 3's request 90: ratio 0.56 on a measured change of −101 ± 65, a step five times the length of its
+neighbours' — made much of the damage that accumulated over the last requests; with the rule and the correction
+across requests ``MCMCUnlearner(recenter_every=...)`` seeds 0, 2, 3 ended at 1.89, 1.55 and 2.02× the retrain-pair
+distance on one machine, with the correction alone at 2.22, 2.80 and 1.97×, docs/fashion-mnist.md.) The refinement
+after a rejected step is the search's own bracketing and is taken when it passes (requiring it to win too left
+single requests on small networks short of retraining: a BatchNorm CNN's class removal 0.06 → 0.01 of the way,
+docs/fashion-mnist.md). A step whose predicted and measured changes are both below the measurement's floating-point
+resolution (``Measurement.resolution``) is judged by the NLL safety net alone: its ratio is rounding noise. A
+request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
 
 **Damping shapes** (``CurvatureBackend.damping_shapes``; K-FAC offers two). ``H + λI`` shrinks every direction by
 ``λ``, also those the remaining data barely constrain, where the curvature is the prior's alone (a forgotten
@@ -50,7 +49,9 @@ searched and the data shape tried once at the damping it accepted; that step rep
 its measured energy change, less the credit the check gives a step for following ``G``'s Monte-Carlo error, is
 lower by more than two standard errors (:meth:`DampingControl.step`); requests that reuse the curvature keep the
 shape accepted last. Without that credit taken off, the longer step won on noise alone (the digits BNN's first
-request: 97% of the identity step's measured gain and 82% of the data step's were the credit).
+request: 97% of the identity step's measured gain and 82% of the data step's were the credit). The unlearner
+offers the data shape only until its first correction across requests (``MCMCUnlearner(recenter_every=...)``);
+after it, requests are searched as ``H + λI``, the corrections' shape.
 
 **Screening** (optional, a sequential test: ``EnergyCheck(screen=...)``, ``MCMCUnlearner(check_screen=True)``).
 Each step is measured first on half the check draws and a quarter of its rows, an eighth of the full check's

@@ -30,7 +30,8 @@ moves each by :math:`(H+λ)^{-1}∇h(θ_s)` (over-widens); ``"affine"`` applies 
 bank's first moment, :math:`E_θ[∇F(θ, S∖S')] = E_θ[∇F(θ, S)]`, only to first order and with approximate curvature;
 every ``K`` requests
 :meth:`MCMCUnlearner._recenter` measures what has accumulated on every remaining row and takes one checked
-Newton step back (a pass over the remaining data per ``recenter_draws``).
+Newton step back (a pass over the remaining data per ``recenter_draws``). Once one has run, the requests are damped
+as ``H + λI`` like the corrections, and an applied correction clears the influence carried between requests.
 """
 
 from __future__ import annotations
@@ -652,9 +653,11 @@ class MCMCUnlearner:
             passes over the remaining data (twice that the first time: the original samples' side), and every
             request one more gradient of its removed points at 16 samples. ``"auto"`` (default): every
             ``RECENTER_AUTO_EVERY`` = 10 requests with ``solver="kfac"`` in one process without a custom energy,
-            never otherwise. Measured on Fashion-MNIST's 94 requests (seeds 0, 2, 3): 3.49 ± 1.08 → 1.82 ± 0.24×
-            the retrain-pair distance at 1.8× the CPU time (78–98 → 136–172 s); correcting after every one of the
-            digits BNN's 3 requests made that result worse (docs/fashion-mnist.md).
+            never otherwise. Measured on Fashion-MNIST's 94 requests (seeds 0, 2, 3, one machine): 3.49 ± 1.08 →
+            1.82 ± 0.24× the retrain-pair distance at 1.8× the CPU time (78–98 → 136–172 s); correcting after
+            every one of the digits BNN's 3 requests made that result worse (docs/fashion-mnist.md). Once a
+            correction has run, the requests are damped as ``H + λI`` (``damping_shape``), and an applied
+            correction clears the carried influence (:meth:`_recenter`).
         recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is
             measured on every remaining row. The measured part is a paired difference, smooth in the sample, so
             one draw suffices: on Fashion-MNIST 1 and 2 draws ended equally near retraining within the seeds'
@@ -663,7 +666,8 @@ class MCMCUnlearner:
             the backend's other shapes (K-FAC: the data term damped alone, ``H_prior + (1 + λ/s)·H_data``) are tried
             once at the damping accepted, the other shape's step taken only when its measured energy change, less
             the credit for following ``G``'s Monte-Carlo error, is lower by more than two standard errors
-            (:mod:`mcmc_unlearner.step`); ``"identity"`` or ``"data"`` (K-FAC) fix it.
+            (:mod:`mcmc_unlearner.step`); once a correction across requests has run (``recenter_every``), only
+            ``H + λI``, the corrections' own shape. ``"identity"`` or ``"data"`` (K-FAC) fix it.
     """
 
     def __init__(
@@ -1291,7 +1295,14 @@ class MCMCUnlearner:
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
         auto = self.damping_shape is DampingShape.AUTO
-        all_shapes = self.curvature.damping_shapes if auto else (self.damping_shape.value,)
+        if auto and self._anchor is not None and self._anchor.moment is not None:
+            # after the first correction across requests the requests are damped as H + λI, like the corrections:
+            # the data-term shape's full Newton steps along directions the remaining data barely constrain are
+            # what the corrections had to take back (Fashion-MNIST: steps 30-70x longer, 3.70x the retrain-pair
+            # distance on a seed where that shape kept winning, 1.8x without)
+            auto, all_shapes = False, (DampingShape.IDENTITY.value,)
+        else:
+            all_shapes = self.curvature.damping_shapes if auto else (self.damping_shape.value,)
         outcome = self.control.step(self.curvature, G, check, shapes=None if reused and auto else all_shapes, noise=dev)
         if reused:
             first = outcome.history[0]
@@ -1574,10 +1585,15 @@ class MCMCUnlearner:
         chain then move by ``p = −(H + λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s, S)]``,
         through the same damping control and safety check as a request (measured from the moved bank, on the
         request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape``
-        fixes one. Its damping deficit replaces the request's carried one (``d`` contains it). On a
-        Gaussian posterior an exact removal is a fixed point (``d = 0``); an approximate one is moved to it.
-        A correction whose every damping fails its check is skipped (the request stands); ``report.info`` says
-        what happened.
+        fixes one. An applied correction clears the carried influence (:func:`~mcmc_unlearner.step.measured_deficit`):
+        ``d`` contains the request's deficit, and what the damped correction leaves undone is measured again by the
+        next correction; carried into the next request, it was applied a second time there, in the requests'
+        damping shape and without the correction's damping (Fashion-MNIST seed 2, the requests in the data-term
+        shape: carried norms of 1,100–2,000, the next requests' shifts 1.3–2.2 against 0.1–0.3 for their
+        neighbours; one of them took the kept-class distance to retraining from 0.088 to 0.097). On a Gaussian
+        posterior an exact removal is a fixed point (``d = 0``); an
+        approximate one is moved to it. A correction whose every damping fails its check is skipped (the request
+        stands); ``report.info`` says what happened.
         """
         t0 = time.perf_counter()
         anchor = replace(anchor, count=torch.zeros_like(anchor.count))
@@ -1611,7 +1627,7 @@ class MCMCUnlearner:
             step = step.shortened() if self.shorten_steps else step
             info.update(recenter="applied", recenter_shift=float(step.x.norm()), recenter_step_length=step.length)
             live, bank = live + step.x, bank + step.x
-            carry = measured_deficit(-d, step) if self.carry_deficit else None
+            carry = None
         info["recenter_seconds"] = time.perf_counter() - t0
         return live, bank, carry, anchor
 
