@@ -1298,8 +1298,9 @@ class MCMCUnlearner:
         if auto and self._anchor is not None and self._anchor.moment is not None:
             # after the first correction across requests the requests are damped as H + λI, like the corrections:
             # the data-term shape's full Newton steps along directions the remaining data barely constrain are
-            # what the corrections had to take back (Fashion-MNIST: steps 30-70x longer, 3.70x the retrain-pair
-            # distance on a seed where that shape kept winning, 1.8x without)
+            # what the corrections had to take back (Fashion-MNIST: steps 30-250x longer; with the carry cleared
+            # after corrections, a seed where that shape kept winning went from 3.70x to 1.94x the retrain-pair
+            # distance; docs/fashion-mnist.md)
             auto, all_shapes = False, (DampingShape.IDENTITY.value,)
         else:
             all_shapes = self.curvature.damping_shapes if auto else (self.damping_shape.value,)
@@ -1586,14 +1587,13 @@ class MCMCUnlearner:
         through the same damping control and safety check as a request (measured from the moved bank, on the
         request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape``
         fixes one. An applied correction clears the carried influence (:func:`~mcmc_unlearner.step.measured_deficit`):
-        ``d`` contains the request's deficit, and what the damped correction leaves undone is measured again by the
-        next correction; carried into the next request, it was applied a second time there, in the requests'
-        damping shape and without the correction's damping (Fashion-MNIST seed 2, the requests in the data-term
-        shape: carried norms of 1,100–2,000, the next requests' shifts 1.3–2.2 against 0.1–0.3 for their
-        neighbours; one of them took the kept-class distance to retraining from 0.088 to 0.097). On a Gaussian
-        posterior an exact removal is a fixed point (``d = 0``); an
-        approximate one is moved to it. A correction whose every damping fails its check is skipped (the request
-        stands); ``report.info`` says what happened.
+        ``d`` contains the request's deficit, and what the damped correction leaves undone is measured again by the next
+        correction; carried into the next request, it was applied a second time there, in the requests' damping shape
+        and without the correction's damping (Fashion-MNIST seed 2, the requests in the data-term shape: carried norms
+        of 1,100–2,000, the next requests' shifts 1.3–2.2 against 0.1–0.3 for their neighbours; one of them took the
+        kept-class distance to retraining from 0.088 to 0.097). On a Gaussian posterior an exact removal is a fixed
+        point (``d = 0``); an approximate one is moved to it. A correction whose every damping fails its check is
+        skipped (the request stands); ``report.info`` says what happened.
         """
         t0 = time.perf_counter()
         anchor = replace(anchor, count=torch.zeros_like(anchor.count))
