@@ -160,20 +160,27 @@ def test_a_correction_that_fails_its_check_is_skipped_and_the_request_stands(pro
     torch.testing.assert_close(un.bank, plain.bank, rtol=0, atol=1e-12)
 
 
+def _mlp_problem(seed: int = 0):
+    """A 3-class MLP (67 parameters, initialised from ``seed``), a 32-sample bank around it, its 300 data rows."""
+    from mcmc_unlearner.models.bnn import mlp
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = mlp(4, (8,), n_classes=3)
+    bank = torch.nn.utils.parameters_to_vector(model.parameters()).detach() + 0.05 * torch.randn(32, 67, generator=g)
+    return model, bank, RemovableDataset(x, y, batch_size=50, seed=0)
+
+
 @pytest.mark.parametrize("shape, expect", [("auto", "identity"), ("data", "data")])
 def test_a_correction_is_damped_as_h_plus_lambda_i_unless_the_shape_is_fixed(shape: str, expect: str) -> None:
     """The requests may accept K-FAC's data-term shape, which leaves prior-only directions undamped; the
     deviation a correction removes is largest there (Fashion-MNIST: corrections of norm 4-9 in that shape, 5.1x
     the retrain-pair distance against 2.0x), so with ``damping_shape="auto"`` the correction is searched as
     ``H + λI``; a shape the user fixed is kept."""
-    from mcmc_unlearner.models.bnn import mlp
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 4, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    model = mlp(4, (8,), n_classes=3)
-    bank = torch.nn.utils.parameters_to_vector(model.parameters()).detach() + 0.05 * torch.randn(32, 67, generator=g)
-    data = RemovableDataset(x, y, batch_size=50, seed=0)
+    model, bank, data = _mlp_problem()
     un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=2, damping_shape=shape)
     first = un.forget(torch.arange(10), data)
     assert "recenter_shape" not in first.info
@@ -205,19 +212,6 @@ def test_auto_corrects_every_ten_requests_with_kfac_only() -> None:
     assert MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=0).recenter_every == 0
     with pytest.raises(ValueError, match="recenter_every must be 'auto' or an integer"):
         MCMCUnlearner(model, bank=bank, recenter_every="sometimes")
-
-
-def _mlp_problem(seed: int = 0):
-    from mcmc_unlearner.models.bnn import mlp
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(300, 4, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = mlp(4, (8,), n_classes=3)
-    bank = torch.nn.utils.parameters_to_vector(model.parameters()).detach() + 0.05 * torch.randn(32, 67, generator=g)
-    return model, bank, RemovableDataset(x, y, batch_size=50, seed=0)
 
 
 def test_after_the_first_correction_requests_are_damped_as_h_plus_lambda_i() -> None:
