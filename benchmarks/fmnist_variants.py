@@ -13,6 +13,7 @@ command scores it (kept-class predictive L1 to the retrain chains as a multiple 
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name rc10 --options '{"recenter_every": 10}'
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --method paper --name paper
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm --named-only rc10
+    python benchmarks/fmnist_variants.py rownoise --seed 3 --cache /tmp/fm default
 
 ``residual`` measures the first-moment identity of each bank's posterior, ``E_θ[∇F(θ)] = 0`` (integration by
 parts; ``F`` = the bank's own data: all training points for origin, the remaining ones otherwise), on every
@@ -21,7 +22,8 @@ training row, along the output layer's biases, where it reads as calibration: ``
 prior's pull). A bank at equilibrium has every entry within its Monte-Carlo error of 0. Also the norm of the full
 mean gradient. ``run`` records the library's first-moment corrections (``recenter_every``) from the requests'
 reports (a diagnostic ``--correct-every K`` that reached into the K-FAC backend, which that option replaced, is
-at commit 3734e5b). One torch thread. Results append to
+at commit 3734e5b). ``rownoise`` measures how noisy that correction's moment would be on a sample of the rows
+(docs/fashion-mnist.md, "Six seeds"). One torch thread. Results append to
 ``CACHE/results.jsonl``.
 """
 
@@ -174,10 +176,45 @@ def _residual(args: argparse.Namespace) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def _rownoise(args: argparse.Namespace) -> None:
+    """How noisy the correction's paired moment difference would be on a sample of the remaining rows.
+
+    ``Σ_rows [∇h(θ'_s, z) − ∇h(θ⁰_s, z)]`` for the named bank ``θ'`` and the origin bank ``θ⁰`` at stored sample
+    ``s = 0`` (the correction's paired sample), in chunks of 1,000 shuffled remaining rows; the standard deviation of
+    the estimate scaled up from ``k`` chunks follows from the chunks' spread (sampling without replacement).
+    """
+    ex, _, saved = _load(args, {})
+    (name,) = args.names
+    moved = torch.load(args.cache / f"bank-s{args.seed}-{name}.pt", weights_only=True)[0]
+    orig = saved["origin_bank"][0]
+    model = ex.new_model()
+    ids = ex.kept_ids[torch.randperm(len(ex.kept_ids), generator=torch.Generator().manual_seed(args.seed))]
+    chunk = 1000
+
+    def grad_sum(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ParamSpec.assign(model, theta)
+        model.zero_grad()
+        model.nll((ex.x_train[idx], ex.y_train[idx])).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+    sums = torch.stack(
+        [
+            grad_sum(moved, ids[i : i + chunk]) - grad_sum(orig, ids[i : i + chunk])
+            for i in range(0, len(ids) - chunk + 1, chunk)
+        ]
+    )
+    N = sums.shape[0]
+    var = float(((sums - sums.mean(0)) ** 2).sum() / (N - 1))  # trace of one chunk sum's covariance
+    row = {"seed": args.seed, "bank": name, "rows": N * chunk, "paired_difference_norm": float(sums.sum(0).norm())}
+    for k in (4, 8, 16):
+        row[f"sd_from_{k * chunk}_rows"] = (N**2 / k * var * (1 - k / N)) ** 0.5
+    print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["train", "run", "residual"])
-    ap.add_argument("names", nargs="*", help="residual: saved unlearned banks (run --name) to measure")
+    ap.add_argument("command", choices=["train", "run", "residual", "rownoise"])
+    ap.add_argument("names", nargs="*", help="residual, rownoise (one): saved unlearned banks (run --name) to measure")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("runs/fmnist-variants"))
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
@@ -195,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    {"train": _train, "run": _run, "residual": _residual}[args.command](args)
+    {"train": _train, "run": _run, "residual": _residual, "rownoise": _rownoise}[args.command](args)
     return 0
 
 

@@ -37,10 +37,16 @@ def _blr_check_parts(draws: int):
     return f, lp, rows, rows[0].shape[0], _blr_draws(prob, draws).double(), G
 
 
-def test_energy_check_equals_the_closed_form_on_a_linear_gaussian_model() -> None:
-    """For a quadratic energy the remainder is exactly ½xᵀ(XᵀX + I)x on all rows: actual = −G·x + ½xᵀH_r x."""
+@pytest.mark.parametrize("vectorise", [True, False])
+def test_energy_check_equals_the_closed_form_on_a_linear_gaussian_model(vectorise, monkeypatch) -> None:
+    """For a quadratic energy the remainder is exactly ½xᵀ(XᵀX + I)x on all rows: actual = −G·x + ½xᵀH_r x; the
+    same with the draws batched through ``vmap`` or taken one at a time (which must not batch them)."""
+    import mcmc_unlearner.step as st
+
+    if not vectorise:
+        monkeypatch.setattr(st, "vmap", lambda *a, **k: pytest.fail("vmap used by a check that does not vectorise"))
     f, lp, rows, n, thetas, G = _blr_check_parts(4)
-    check = EnergyCheck(f, lp, thetas, rows, n, G)
+    check = EnergyCheck(f, lp, thetas, rows, n, G, vectorise=vectorise)
     H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
     for x in (torch.tensor([0.01, 0.02, -0.03]), torch.tensor([1.0, -2.0, 0.5])):
         x = x.double()
@@ -51,6 +57,28 @@ def test_energy_check_equals_the_closed_form_on_a_linear_gaussian_model() -> Non
         nll0 = torch.stack([f(t, *rows) for t in thetas])
         nll1 = torch.stack([f(t + x, *rows) for t in thetas])
         assert m.nll_change == pytest.approx(float((nll1 - nll0).mean()), rel=1e-9, abs=1e-12)
+
+
+def test_a_looped_check_measures_a_convolutional_network_as_the_vectorised_one() -> None:
+    """On a small CNN (nonlinear, with a Gaussian prior) the check's every output and its energy gradient are the
+    same whether the draws go through ``vmap`` or one at a time (float64: equal to rounding)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4)
+    ).double()
+    f = functionalize(net, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y, reduction="none"))
+    lp = functionalize(net, lambda m: -50.0 * sum((p**2).sum() for p in m.parameters()))
+    dim = sum(p.numel() for p in net.parameters())
+    theta = torch.cat([p.detach().flatten() for p in net.parameters()])
+    thetas = theta + 0.05 * torch.randn(5, dim, dtype=torch.float64)
+    rows = (torch.randn(40, 1, 6, 6, dtype=torch.float64), torch.randint(0, 4, (40,)))
+    G, x = torch.randn(dim, dtype=torch.float64), 0.1 * torch.randn(dim, dtype=torch.float64)
+    a, b = (EnergyCheck(f, lp, thetas, rows, 1000, G, vectorise=v) for v in (True, False))
+    ma, mb = a(x), b(x)
+    assert ma.actual != pytest.approx(-float(G @ x), rel=1e-3)  # the remainder is not negligible here
+    for field in ("actual", "stderr", "nll_change", "direct", "direct_stderr", "nll_scale", "resolution"):
+        assert getattr(mb, field) == pytest.approx(getattr(ma, field), rel=1e-10, abs=1e-12), field
+    torch.testing.assert_close(b.gradient(x), a.gradient(x), rtol=1e-10, atol=1e-10)
 
 
 def test_energy_check_stderr_matches_the_spread_over_row_subsets() -> None:

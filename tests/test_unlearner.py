@@ -376,6 +376,40 @@ def test_affine_transport_falls_back_to_the_mean_shift_when_the_old_precision_is
     assert torch.allclose(un.bank, bank + x, atol=1e-10)
 
 
+def test_draws_are_looped_where_measured_faster() -> None:
+    """``backend="auto"``'s rule (:func:`loop_over_draws`, measured by ``benchmarks/draw_batching.py``): the removed
+    rows' gradients loop from ``LOOP_DRAWS_FROM_DIM`` parameters, or ``LOOP_CONV_DRAWS_FROM_DIM`` with a
+    convolution; the safety check loops only for a convolutional network between the two."""
+    from mcmc_unlearner.unlearner import LOOP_CONV_DRAWS_FROM_DIM, LOOP_DRAWS_FROM_DIM, loop_over_draws
+
+    def dim(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    def cnn(side: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * side**2, 8))
+
+    small_cnn, mid_cnn, big_cnn = cnn(6), cnn(26), cnn(100)
+    mid_mlp = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    big_mlp = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    assert dim(small_cnn) < LOOP_CONV_DRAWS_FROM_DIM <= dim(mid_cnn) < LOOP_DRAWS_FROM_DIM <= dim(big_cnn)
+    assert LOOP_CONV_DRAWS_FROM_DIM <= dim(mid_mlp) < LOOP_DRAWS_FROM_DIM <= dim(big_mlp)
+    expect = {  # model: (gradients looped, check looped)
+        "small_cnn": (False, False),
+        "mid_cnn": (True, True),
+        "big_cnn": (True, False),
+        "mid_mlp": (False, False),
+        "big_mlp": (True, False),
+    }
+    models = {"small_cnn": small_cnn, "mid_cnn": mid_cnn, "big_cnn": big_cnn, "mid_mlp": mid_mlp, "big_mlp": big_mlp}
+    for name, m in models.items():
+        got = (loop_over_draws(m, dim(m)), loop_over_draws(m, dim(m), check=True))
+        assert got == expect[name], name
+    un = MCMCUnlearner(mid_cnn.eval(), None, bank=torch.zeros(2, dim(mid_cnn)), nll=lambda m, b: m(b[0]).sum(1))
+    assert not un._vectorise(dim(mid_cnn)) and not un._vectorise(dim(mid_cnn), check=True)
+    un.backend = "func"  # an explicit backend is obeyed
+    assert un._vectorise(dim(mid_cnn)) and un._vectorise(dim(mid_cnn), check=True)
+
+
 def test_looped_per_draw_gradients_equal_the_vectorised_ones(blr, monkeypatch) -> None:
     """Large models take the removed rows' gradients one draw at a time (``LOOP_DRAWS_FROM_DIM``): the same values
     as the ``vmap`` path, forced here on a small model by lowering the threshold."""

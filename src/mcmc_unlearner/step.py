@@ -157,6 +157,9 @@ class EnergyCheck:
         screen: ``(draws, rows)`` of a first, cheaper measurement (:meth:`screen`: evenly spaced draws among
             ``thetas``, the first rows); ``None``: no screening. The full check's forward passes are then only
             made when a step needs them.
+        vectorise: Batch the draws through ``torch.func.vmap`` (``True``) or take them one at a time (the same
+            values; faster for convolutional networks with few channels, whose batched weights ``vmap`` runs as
+            grouped convolutions: :func:`~mcmc_unlearner.unlearner.loop_over_draws`).
     """
 
     def __init__(
@@ -169,8 +172,10 @@ class EnergyCheck:
         G: torch.Tensor,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         screen: tuple[int, int] | None = None,
+        vectorise: bool = True,
     ) -> None:
         self.f, self.lp, self.thetas, self.rows, self.n, self.G = nll_rows, log_prior, thetas, rows, n, G
+        self.vectorise = bool(vectorise)
         self.reduce = reduce or (lambda t: t)
         self._parts: dict[str, _Part] = {}
         self._screen_size: tuple[int, int] | None = None
@@ -211,10 +216,14 @@ class EnergyCheck:
         def data(t: torch.Tensor) -> torch.Tensor:
             return f(t, *rows).sum()
 
-        try:
-            g_data = vmap(grad(data))(self.thetas + x).mean(0)
-            g_prior = vmap(grad(lambda t: -lp(t)))(self.thetas + x).mean(0) if lp is not None else 0.0
-        except (RuntimeError, NotImplementedError, TypeError):
+        g_data: torch.Tensor | None = None
+        if self.vectorise:
+            try:
+                g_data = vmap(grad(data))(self.thetas + x).mean(0)
+                g_prior = vmap(grad(lambda t: -lp(t)))(self.thetas + x).mean(0) if lp is not None else 0.0
+            except (RuntimeError, NotImplementedError, TypeError):
+                g_data = None
+        if g_data is None:  # one draw at a time
             g_data, g_prior = torch.zeros_like(x), torch.zeros_like(x)
             for t in self.thetas + x:
                 with torch.enable_grad():
@@ -257,7 +266,8 @@ class _Part:
         self.scale = float(sums[1]) / max(self.m, 1)
 
     def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (vmapped over draws)."""
+        """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (``torch.func``: vmapped
+        over draws, or one draw at a time when the check does not vectorise)."""
         f, lp, rows = self.c.f, self.c.lp, self.rows
 
         def one(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -270,7 +280,10 @@ class _Part:
             return h1, lin, -lp1 + lp0 + dlp  # R of the energy's prior term −log p
 
         with torch.no_grad():
-            h1, lin, rp = vmap(one)(self.thetas)
+            if self.c.vectorise:
+                h1, lin, rp = vmap(one)(self.thetas)
+            else:
+                h1, lin, rp = (torch.stack(v) for v in zip(*(one(t) for t in self.thetas)))
         return h1 - self.h0 - lin, h1 - self.h0, float(rp.sum())
 
     def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -308,10 +308,29 @@ def _default_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model.nll(batch)
 
 
-#: From this many parameters ``backend="auto"`` takes the removed rows' gradients one draw at a time: the work per
-#: draw then dominates, and batching draws through ``vmap`` only adds overhead (measured, 16 draws × 64 rows, one
-#: thread: a 1.2M-parameter ResNet 0.38 s looped vs 0.56 s vmapped; a 2,410-parameter MLP 4.6 ms vs 2.4 ms).
+#: ``backend="auto"`` takes per-draw derivatives one draw at a time rather than batched through ``vmap`` where the
+#: loop is faster (``benchmarks/draw_batching.py``, one thread, best of 5; :func:`loop_over_draws`). The removed
+#: rows' gradients (16 draws × 64 rows): from this many parameters, where the work per draw dominates (a
+#: 1.2M-parameter ResNet 1.4× faster looped; MLPs of 8,970-85,002 parameters 1.5-2.3× faster vmapped) ...
 LOOP_DRAWS_FROM_DIM = 2**17
+#: ... and from this many with a convolution, which ``vmap`` runs with batched weights as one grouped convolution,
+#: slow when the channels are few (LeNet-5, 61,706 parameters: 1.4× faster looped; at 21,386 about even, 0.9×). The
+#: safety check (a forward pass and a forward-mode derivative at 8 draws × 256 rows per trial) loops only for a
+#: convolutional network between the two thresholds: LeNet-5 1.5× faster looped (at 21,386 parameters 1.1-1.2×),
+#: while the wide ResNet's trials are 1.4× faster vmapped, MLPs up to 301,066 parameters 1.45-1.9× and a
+#: 994-parameter CNN 1.3×. On Fashion-MNIST's 94 requests (LeNet-5) both loops took 12% less CPU time in all.
+LOOP_CONV_DRAWS_FROM_DIM = 2**14
+
+
+def loop_over_draws(model: nn.Module, dim: int, check: bool = False) -> bool:
+    """Whether ``backend="auto"`` takes per-draw derivatives of ``model`` (``dim`` parameters) one draw at a time:
+    for the removed rows' gradients from ``LOOP_DRAWS_FROM_DIM`` parameters, or ``LOOP_CONV_DRAWS_FROM_DIM`` with a
+    convolution; for the safety check (``check``) with a convolution between the two."""
+    conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if check:
+        return conv and LOOP_CONV_DRAWS_FROM_DIM <= dim < LOOP_DRAWS_FROM_DIM
+    return dim >= LOOP_DRAWS_FROM_DIM or (conv and dim >= LOOP_CONV_DRAWS_FROM_DIM)
+
 
 #: Row-draw gradients one equilibrium Newton step may take on every remaining row (fewer bank draws, not fewer rows,
 #: when the data set is large: a gradient on a subset of rows scaled to ``n`` is far noisier than one on fewer draws).
@@ -637,7 +656,8 @@ class MCMCUnlearner:
             10⁴×, the eighth trial, on its first request).
         rescale_lr: Multiply the sampler's step size by ``n_old / n_new`` after each removal.
         backend: ``"auto"``, ``"func"`` or ``"autograd"`` for derivatives (``"auto"``: ``torch.func`` transforms,
-            autograd where they fail; per-draw gradients of models from ``LOOP_DRAWS_FROM_DIM`` parameters looped).
+            autograd where they fail; per-draw derivatives taken one draw at a time where that is faster:
+            :func:`loop_over_draws`).
         seed: Seed of the unlearner's own generator (probes, Lanczos starts, Monte-Carlo labels).
         carry_deficit: Add the first-moment deficit a damped step leaves (the part of ``λx`` the energy check did
             not measure as curvature; :func:`~mcmc_unlearner.step.measured_deficit`) to the next request's ``G``,
@@ -1000,6 +1020,11 @@ class MCMCUnlearner:
                 self._row_bytes = sum(t[:1].numel() * t.element_size() for t in batch) * 64
         return self._row_bytes
 
+    def _vectorise(self, dim: int, check: bool = False) -> bool:
+        """Whether per-draw derivatives (of the safety ``check``) go through ``vmap`` (``backend``;
+        :func:`loop_over_draws` for ``"auto"``)."""
+        return self.backend == "func" or (self.backend == "auto" and not loop_over_draws(self.model, dim, check))
+
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         """``∇f(θ_s, batch)`` for every draw, in chunks of draws that fit the budget; ``rowwise`` (``f`` is a sum
         over rows) also splits the rows when one draw over all of them would not fit."""
@@ -1010,7 +1035,7 @@ class MCMCUnlearner:
             parts = [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
             return sum(MCMCUnlearner._per_draw_grads(self, f, thetas, part) for part in parts)  # local sums
         chunk = chunk_for(self.memory_budget, rows * per_row, thetas.shape[0])
-        vectorise = self.backend == "func" or (self.backend == "auto" and thetas.shape[1] < LOOP_DRAWS_FROM_DIM)
+        vectorise = self._vectorise(thetas.shape[1])
         if vectorise:
             try:
                 return vmap(grad(f), in_dims=(0, *([None] * len(batch))), chunk_size=chunk)(thetas, *batch)
@@ -1291,7 +1316,17 @@ class MCMCUnlearner:
         lp_f = None if self.log_prior is None else functionalize(self.model, lambda m: self.log_prior(m))
         screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if self.check_screen else None
         check_rows = self._raw(stream.rows(self.check_rows))
-        check = EnergyCheck(rows_f, lp_f, k_thetas, check_rows, n, G, self._reduce, screen=screen)
+        check = EnergyCheck(
+            rows_f,
+            lp_f,
+            k_thetas,
+            check_rows,
+            n,
+            G,
+            self._reduce,
+            screen=screen,
+            vectorise=self._vectorise(G.numel(), check=True),
+        )
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
         auto = self.damping_shape is DampingShape.AUTO
@@ -1508,7 +1543,9 @@ class MCMCUnlearner:
             if float(r.norm()) <= 1e-3 * float(G.norm()):
                 break
             if equilibrium:  # the energy change from the shifted bank, with its measured gradient as control variate
-                here = EnergyCheck(check.f, check.lp, check.thetas + x, check.rows, n, -r, check.reduce)
+                here = EnergyCheck(
+                    check.f, check.lp, check.thetas + x, check.rows, n, -r, check.reduce, vectorise=check.vectorise
+                )
                 step = self.control.step(self.curvature, -r, here)
             else:
 
@@ -1606,7 +1643,7 @@ class MCMCUnlearner:
             info["recenter"] = "skipped: the measured first moment is not finite"
             return live, bank, carry, anchor
         thetas = bank[_evenly(bank.shape[0], self.check_draws)]
-        here = EnergyCheck(check.f, check.lp, thetas, check.rows, check.n, -d, check.reduce)
+        here = EnergyCheck(check.f, check.lp, thetas, check.rows, check.n, -d, check.reduce, vectorise=check.vectorise)
         control = DampingControl(self.damping, eta=self.control.eta, max_trials=self.control.max_trials)
         control.set_state(self.control.state())
         if self.damping_shape is DampingShape.AUTO:
