@@ -187,6 +187,11 @@ class EnergyCheck:
                 self._screen_size = (k, m)
         self._g0: torch.Tensor | None = None
 
+    def at(self, thetas: torch.Tensor, G: torch.Tensor) -> EnergyCheck:
+        """The same check (rows, ``n``, likelihood, prior, reduction, batching) at other draws and gradient, without
+        screening: what the unlearner's further Newton steps and corrections measure from the moved bank."""
+        return EnergyCheck(self.f, self.lp, thetas, self.rows, self.n, G, self.reduce, vectorise=self.vectorise)
+
     def _part(self, which: str) -> _Part:
         if which not in self._parts:
             if which == "full":

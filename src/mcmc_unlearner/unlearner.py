@@ -1543,9 +1543,7 @@ class MCMCUnlearner:
             if float(r.norm()) <= 1e-3 * float(G.norm()):
                 break
             if equilibrium:  # the energy change from the shifted bank, with its measured gradient as control variate
-                here = EnergyCheck(
-                    check.f, check.lp, check.thetas + x, check.rows, n, -r, check.reduce, vectorise=check.vectorise
-                )
+                here = check.at(check.thetas + x, -r)
                 step = self.control.step(self.curvature, -r, here)
             else:
 
@@ -1643,7 +1641,7 @@ class MCMCUnlearner:
             info["recenter"] = "skipped: the measured first moment is not finite"
             return live, bank, carry, anchor
         thetas = bank[_evenly(bank.shape[0], self.check_draws)]
-        here = EnergyCheck(check.f, check.lp, thetas, check.rows, check.n, -d, check.reduce, vectorise=check.vectorise)
+        here = check.at(thetas, -d)
         control = DampingControl(self.damping, eta=self.control.eta, max_trials=self.control.max_trials)
         control.set_state(self.control.state())
         if self.damping_shape is DampingShape.AUTO:
