@@ -675,7 +675,8 @@ class MCMCUnlearner:
             ``RECENTER_AUTO_EVERY`` = 10 requests with ``solver="kfac"`` in one process without a custom energy,
             never otherwise. Measured on Fashion-MNIST's 94 requests (seeds 0, 2, 3, one machine): 3.49 ± 1.08 →
             1.82 ± 0.24× the retrain-pair distance at 1.8× the CPU time (78–98 → 136–172 s); correcting after
-            every one of the digits BNN's 3 requests made that result worse (docs/fashion-mnist.md). Once a
+            every one of the digits BNN's 3 requests made that result worse, and so did this default's one
+            correction when the class was removed in 17 requests (docs/fashion-mnist.md). Once a
             correction has run, the requests are damped as ``H + λI`` (``damping_shape``), and an applied
             correction clears the carried influence (:meth:`_recenter`).
         recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is
