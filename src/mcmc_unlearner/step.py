@@ -33,11 +33,11 @@ measured energy by more than two standard errors of the two measurements combine
 ratio test within the check's noise is not taken, nor one the model predicts worse, as it sets the damping the
 next requests start from (the digits BNN's class removed in 17 requests of 8, seeds 0 and 2: late tenths with
 ratios 0.55–0.67 took steps 3–6× their neighbours' and ended 1.82 and 2.12× the retrain-pair distance; 1.21 and
-1.43× with the rule; docs/fashion-mnist.md, "The speculative tenth"). (On Fashion-MNIST, accepting it whenever it passed
+1.43× with the rule; docs/fashion-mnist.md, "The speculative tenth"). On Fashion-MNIST, accepting it whenever it passed
 — e.g. seed 3's request 90: ratio 0.56 on a measured change of −101 ± 65, a step five times the length of its
 neighbours' — made much of the damage that accumulated over the last requests; with the rule and the correction
 across requests ``MCMCUnlearner(recenter_every=...)`` seeds 0, 2, 3 ended at 1.89, 1.55 and 2.02× the retrain-pair
-distance on one machine, with the correction alone at 2.22, 2.80 and 1.97×, docs/fashion-mnist.md.) The refinement
+distance on one machine, with the correction alone at 2.22, 2.80 and 1.97×, docs/fashion-mnist.md. The refinement
 after a rejected step is the search's own bracketing and is taken when it passes (requiring it to win too left
 single requests on small networks short of retraining: a BatchNorm CNN's class removal 0.06 → 0.01 of the way,
 docs/fashion-mnist.md). A step whose predicted and measured changes are both below the measurement's floating-point
