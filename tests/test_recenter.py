@@ -85,6 +85,74 @@ def test_an_undershooting_removal_gets_one_newton_step_of_the_closed_form(prob) 
     assert not keep[gone].any()
 
 
+def _expected_draws(a_r: torch.Tensor, moved: torch.Tensor, start: torch.Tensor, removed: torch.Tensor):
+    """``recenter_draws="auto"``'s stopping rule on the closed form: the paired differences ``A_R(θ'_s − θ⁰_s)``
+    (linear gradient, each draw's ``θ⁰`` side measured at this correction) at the anchored draws in their measuring
+    order, the deviation and its standard error after ``k`` of them, stopping at the first ``k ≥ 2`` whose error is
+    at most ``RECENTER_REL_SE`` of ``‖d‖`` (else all ``RECENTER_MAX_DRAWS``, and the correction is skipped)."""
+    from mcmc_unlearner.unlearner import RECENTER_MAX_DRAWS, RECENTER_REL_SE, _spread_order
+
+    index = torch.linspace(0, moved.shape[0] - 1, M).round().long()
+    pair = torch.linspace(0, M - 1, RECENTER_MAX_DRAWS).round().long()[_spread_order(RECENTER_MAX_DRAWS)]
+    q = (moved[index[pair]] - start[index[pair]]) @ a_r.T
+    for k in range(2, RECENTER_MAX_DRAWS + 1):
+        d = q[:k].mean(0) - removed
+        se = float((q[:k].var(0).sum() / k).sqrt())
+        if se <= RECENTER_REL_SE * float(d.norm()):
+            return k, d, se, True
+    return k, d, se, False
+
+
+def test_auto_draws_measure_until_the_deviation_is_clear_of_its_monte_carlo_error(prob) -> None:
+    """Per-sample shifts (``bank_shift="sample"``) move each draw differently, so the paired differences vary
+    from draw to draw: the reported number of draws, deviation and standard error are the closed form's under the
+    stopping rule; with a common shift every draw agrees (error 0) and two draws suffice."""
+    bank = _draws(prob)
+    gone = prob.removed[: 10 * REQUESTS]
+    kept = torch.ones(len(prob.y), dtype=torch.bool)
+    kept[gone] = False
+    a_r = _precision(prob.x[kept])
+    index = torch.linspace(0, bank.shape[0] - 1, M).round().long()
+    g_removed = ((prob.x[gone] @ bank[index].T - prob.y[gone, None]) * 1.0).T @ prob.x[gone]  # [M, D] at θ⁰
+    for shift, expect_noise in (("sample", True), ("mean", False)):
+        kw = dict(hessian="full", bank_shift=shift)
+        plain, _ = _run(prob, bank, **kw)  # the bank just before the correction
+        _, reports = _run(prob, bank, recenter_every=REQUESTS, **kw)
+        info = reports[-1].info
+        k, d, se, clear = _expected_draws(a_r, plain.bank, bank, g_removed.mean(0))
+        assert clear and info["recenter"] == "applied" and info["recenter_draws"] == k
+        assert info["recenter_deviation"] == pytest.approx(float(d.norm()), rel=1e-9)
+        if expect_noise:
+            assert info["recenter_stderr"] == pytest.approx(se, rel=1e-6) and se > 1e-6 * float(d.norm())
+        else:
+            assert k == 2 and info["recenter_stderr"] <= 1e-9 * info["recenter_deviation"]
+
+
+def test_auto_draws_skip_a_deviation_that_is_only_monte_carlo_noise(prob) -> None:
+    """Exact per-sample removals (each sample moved by its own exact Newton step): the deviation left is the
+    difference between the paired draws' and the anchored draws' averages of the removed points' gradient, pure
+    Monte-Carlo noise. It stays within twice its standard error at 8 draws, so the correction is skipped and the
+    bank is where the requests alone leave it; a fixed ``recenter_draws`` corrects it anyway."""
+    bank = _draws(prob)
+    plain, _ = _run(prob, bank, bank_shift="sample")
+    un, reports = _run(prob, bank, bank_shift="sample", recenter_every=REQUESTS)
+    gone = prob.removed[: 10 * REQUESTS]
+    kept = torch.ones(len(prob.y), dtype=torch.bool)
+    kept[gone] = False
+    index = torch.linspace(0, bank.shape[0] - 1, M).round().long()
+    g_removed = (prob.x[gone] @ bank[index].T - prob.y[gone, None]).T @ prob.x[gone]
+    k, d, se, clear = _expected_draws(_precision(prob.x[kept]), plain.bank, bank, g_removed.mean(0))
+    info = reports[-1].info
+    assert not clear and k == 8 and info["recenter_draws"] == 8
+    assert info["recenter"].startswith("skipped: the deviation") and "Monte-Carlo standard error" in info["recenter"]
+    assert info["recenter_deviation"] == pytest.approx(float(d.norm()), rel=1e-9)
+    assert info["recenter_stderr"] == pytest.approx(se, rel=1e-6)
+    torch.testing.assert_close(un.bank, plain.bank, rtol=0, atol=1e-12)
+    fixed, fixed_reports = _run(prob, bank, bank_shift="sample", recenter_every=REQUESTS, recenter_draws=8)
+    assert fixed_reports[-1].info["recenter"] == "applied"
+    assert float((fixed.bank - plain.bank).abs().max()) > 1e-6
+
+
 def test_the_anchor_survives_a_checkpoint(prob) -> None:
     """The anchor and its request count travel with ``curvature_state``: with a correction every 2 requests, an
     unlearner rebuilt from a checkpoint taken one request after the first correction ends exactly where the
@@ -110,6 +178,18 @@ def test_the_anchor_survives_a_checkpoint(prob) -> None:
     fresh = MCMCUnlearner(model, bank=first.bank, **options)  # without the state: anchored anew, no correction
     fresh.forget(prob.removed[30:40], data)
     assert float((fresh.bank - ref.bank).abs().max()) > 1e-6
+    # a state saved before the moment was kept per draw (one [D] mean, no measured_draws): the next correction
+    # measures the original samples' side again on the rows remaining then, which on this linear gradient is the
+    # saved moment less the removed points' gradients since: the same end point
+    done = tensors["recenter_measured_draws"]
+    old = {k: v for k, v in tensors.items() if k != "recenter_measured_draws"}
+    old["recenter_moment"] = tensors["recenter_moment"][done].mean(0)
+    old["recenter_removed_pair"] = tensors["recenter_removed_pair"][done].mean(0)
+    data.load_state_dict(state)
+    legacy = MCMCUnlearner(model, bank=first.bank, **options)
+    legacy.load_curvature_state(old, meta)
+    assert legacy.forget(prob.removed[30:40], data).info["recenter"] == "applied"
+    torch.testing.assert_close(legacy.bank, ref.bank, rtol=0, atol=1e-9)
 
 
 def test_without_a_listable_data_source_it_is_off_and_says_so(prob) -> None:
@@ -130,8 +210,9 @@ def test_bad_options_are_refused() -> None:
     model = BayesianLinearRegression(3)
     with pytest.raises(ValueError, match="recenter_every must be >= 0"):
         MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_every=-1)
-    with pytest.raises(ValueError, match="recenter_draws >= 1"):
-        MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_draws=0)
+    for bad in (0, "many"):
+        with pytest.raises(ValueError, match="recenter_draws must be 'auto' or an integer >= 1"):
+            MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_draws=bad)
     with pytest.raises(ValueError, match="cannot use a custom energy"):
         MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_every=2, energy=lambda m, b, n: m.nll(b).sum())
     with pytest.raises(ValueError, match="DistributedUnlearner does not support recenter_every"):
@@ -214,9 +295,10 @@ def test_auto_corrects_every_ten_requests_with_kfac_only() -> None:
         MCMCUnlearner(model, bank=bank, recenter_every="sometimes")
 
 
-def test_after_the_first_correction_requests_are_damped_as_h_plus_lambda_i() -> None:
-    """``damping_shape="auto"``: a freshly built K-FAC curvature offers both shapes until the first correction;
-    after it, a rebuilt curvature is searched as ``H + λI`` only (the shapes each search was offered, recorded)."""
+def test_after_the_first_correction_requests_are_damped_as_h_plus_lambda_i(monkeypatch) -> None:
+    """``damping_shape="auto"``: a freshly built K-FAC curvature offers both shapes until the first applied
+    correction; after it, a rebuilt curvature is searched as ``H + λI`` only (the shapes each search was offered,
+    recorded). A skipped correction changes nothing: the requests after it are offered both shapes still."""
     model, bank, data = _mlp_problem()
     un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=2)
     offered: list[tuple[str, ...] | None] = []
@@ -243,6 +325,18 @@ def test_after_the_first_correction_requests_are_damped_as_h_plus_lambda_i() -> 
     for i in range(3):
         fixed.forget(torch.arange(10 * i, 10 * i + 10), data2)
     assert offered[3:] == [("data",)] * 3  # a fixed shape is kept
+    import mcmc_unlearner.unlearner as U
+
+    monkeypatch.setattr(U, "RECENTER_REL_SE", 0.0)  # no deviation is ever clear of its noise: every correction skipped
+    model3, bank3, data3 = _mlp_problem()
+    skipping = MCMCUnlearner(model3, bank=bank3, solver="kfac", recenter_every=2)
+    skipping.control.step = spy
+    reports = []
+    for i in range(3):
+        skipping.curvature.reset()
+        reports.append(skipping.forget(torch.arange(10 * i, 10 * i + 10), data3))
+    assert reports[1].info["recenter"].startswith("skipped: the deviation")
+    assert offered[6:] == [("identity", "data")] * 3
 
 
 def test_an_applied_correction_clears_the_carried_influence() -> None:

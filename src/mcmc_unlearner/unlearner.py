@@ -339,6 +339,11 @@ NEWTON_ROW_DRAWS = 2**18
 RECENTER_AUTO_EVERY = 10
 #: Fewest anchored samples at which ``recenter_every`` accumulates the removed points' gradient (as a request's ``G``).
 RECENTER_REMOVED_DRAWS = 16
+#: ``recenter_draws="auto"``: the paired first moment is measured draw by draw, from 2 up to this many stored samples,
+#: until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of the deviation's norm (the deviation is then
+#: clear of its noise); a deviation that never gets there is not corrected.
+RECENTER_MAX_DRAWS = 8
+RECENTER_REL_SE = 0.5
 #: Rows per pass of its first-moment measurement (bounds its memory; on LeNet-5, 512–2,048-row chunks were no
 #: slower than 4,096).
 RECENTER_ROW_CHUNK = 1024
@@ -351,11 +356,15 @@ class _Anchor:
     Attributes:
         index: Bank rows ``M`` at which the removed points' gradient is accumulated.
         thetas: Those samples as they were before the first request, ``θ⁰`` ``[M, D]``.
-        pair: Positions in ``index`` of the paired samples ``P`` measured on every remaining row.
+        pair: Positions in ``index`` of the paired samples ``P``, in the order they are measured (spread over the
+            chain first: consecutive samples are correlated).
         removed: ``Σ_requests E_{s∈M}[Σ_{z∈batch} ∇h(θ⁰_s, z)]``.
-        moment: ``E_{s∈P}[∇F(θ⁰_s, ·)]`` on the rows that remained at the first correction (``None`` before it:
-            a sequence that never reaches a correction never pays for the pass over the data).
-        removed_pair: ``Σ E_{s∈P}[Σ_{z∈batch} ∇h(θ⁰_s, z)]`` over the requests since ``moment`` was measured.
+        moment: ``∇F(θ⁰_s, ·)`` for each paired sample ``s`` ``[P, D]``, on the rows that remained when it was
+            measured (``None`` before the first correction: a sequence that never reaches one never pays for the pass
+            over the data; a row is zero until its draw is first used).
+        removed_pair: ``Σ_{z∈batch} ∇h(θ⁰_s, z)`` summed over the requests since that draw's ``moment`` ``[P, D]``.
+        measured_draws: Which rows of ``moment`` hold a measurement ``[P]``.
+        applied: Corrections applied so far (skipped ones not counted).
         count: Requests since the last correction (a tensor, so it is saved with the state: a service that loads
             the unlearner for each request keeps counting).
     """
@@ -366,20 +375,34 @@ class _Anchor:
     removed: torch.Tensor
     moment: torch.Tensor | None = None
     removed_pair: torch.Tensor | None = None
+    measured_draws: torch.Tensor | None = None
+    applied: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     def removing(self, grads: torch.Tensor) -> _Anchor:
         """With one more request's per-sample removed gradients ``[M, D]`` at ``thetas`` accumulated."""
-        pair = None if self.moment is None else self.removed_pair + grads[self.pair].mean(0)
+        pair = None if self.moment is None else self.removed_pair + grads[self.pair]
         return replace(self, removed=self.removed + grads.mean(0), removed_pair=pair, count=self.count + 1)
 
-    def measured(self, moment: torch.Tensor) -> _Anchor:
-        """With ``moment`` measured on the rows that remain now."""
-        return replace(self, moment=moment, removed_pair=torch.zeros_like(moment))
+    def measured(self, j: int, moment: torch.Tensor) -> _Anchor:
+        """With paired draw ``j``'s ``∇F(θ⁰_s, ·)`` measured on the rows that remain now."""
+        if self.moment is None:
+            m = moment.new_zeros(self.pair.numel(), moment.numel())
+            rp, done = torch.zeros_like(m), torch.zeros(self.pair.numel(), dtype=torch.bool)
+        else:
+            m, rp, done = self.moment.clone(), self.removed_pair.clone(), self.measured_draws.clone()
+        m[j], rp[j], done[j] = moment, 0.0, True
+        return replace(self, moment=m, removed_pair=rp, measured_draws=done)
 
-    def deviation_offset(self) -> torch.Tensor:
-        """``E_P[∇F(θ⁰, S∖S')] + E_M[Σ_{S'}∇h(θ⁰)]``: what ``E_P[∇F(θ', S∖S')]`` should equal."""
-        return self.moment - self.removed_pair + self.removed
+    def target(self, j: int) -> torch.Tensor:
+        """``∇F(θ⁰_s, S∖S')`` of paired draw ``j``: what ``∇F(θ'_s, S∖S')`` is compared with."""
+        return self.moment[j] - self.removed_pair[j]
+
+
+def _spread_order(k: int) -> torch.Tensor:
+    """``0..k-1`` in an order that halves the gaps first (0, k/2, k/4, 3k/4, …)."""
+    keys = [int(f"{i:016b}"[::-1], 2) for i in range(k)]
+    return torch.tensor(sorted(range(k), key=lambda i: (keys[i], i)), dtype=torch.long)
 
 
 def _evenly(n: int, k: int | None) -> torch.Tensor:
@@ -680,14 +703,20 @@ class MCMCUnlearner:
             correction has run, the requests are damped as ``H + λI`` (``damping_shape``), and an applied
             correction clears the carried influence (:meth:`_recenter`).
         recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is
-            measured on every remaining row. The measured part is a paired difference, smooth in the sample, so
-            one draw suffices: on Fashion-MNIST 1 and 2 draws ended equally near retraining within the seeds'
-            spread (2.20 ± 0.49 and 2.08 ± 0.36× the floor), at 218–248 s and (seed 3) 321 s of CPU for 94 requests.
+            measured on every remaining row, each a pass over it. ``"auto"`` (default): draw by draw, from 2 up to
+            ``RECENTER_MAX_DRAWS`` = 8, until the Monte-Carlo standard error of the measured deviation is at most
+            ``RECENTER_REL_SE`` = 0.5 of its norm (``report.info["recenter_draws"]``, ``["recenter_stderr"]``);
+            a deviation that is not clear of its noise after 8 draws is not corrected (``info["recenter"]`` says so).
+            The measured part is a paired difference, which one draw estimated well enough on Fashion-MNIST (1 and 2
+            draws ended equally near retraining) but not on the digits BNN, whose samples differ more from each
+            other: there the deviation from one draw was 1.4–1.8× the four-draw value, and the correction taken on
+            it ended the 17-request class removal farther from retraining than no correction (docs/fashion-mnist.md,
+            stop 26). An integer fixes the number of draws (1: the default before stop 26).
         damping_shape: ``"auto"`` (default): on a freshly built curvature the damping is searched as ``H + λI`` and
             the backend's other shapes (K-FAC: the data term damped alone, ``H_prior + (1 + λ/s)·H_data``) are tried
             once at the damping accepted, the other shape's step taken only when its measured energy change, less
             the credit for following ``G``'s Monte-Carlo error, is lower by more than two standard errors
-            (:mod:`mcmc_unlearner.step`); once a correction across requests has run (``recenter_every``), only
+            (:mod:`mcmc_unlearner.step`); once a correction across requests has been applied (``recenter_every``), only
             ``H + λI``, the corrections' own shape. ``"identity"`` or ``"data"`` (K-FAC) fix it.
     """
 
@@ -732,7 +761,7 @@ class MCMCUnlearner:
         carry_deficit: bool = True,
         shorten_steps: bool = True,
         recenter_every: int | str = "auto",
-        recenter_draws: int = 1,
+        recenter_draws: int | str = "auto",
         damping_shape: DampingShape | str = "auto",
     ) -> None:
         _check_mode(model)
@@ -848,11 +877,12 @@ class MCMCUnlearner:
             recenter_every = RECENTER_AUTO_EVERY if on else 0
         elif isinstance(recenter_every, str):
             raise ValueError(f"recenter_every must be 'auto' or an integer >= 0, got {recenter_every!r}")
-        if recenter_every < 0 or recenter_draws < 1:
-            raise ValueError(
-                f"recenter_every must be >= 0 (0: off) and recenter_draws >= 1, got {recenter_every}, {recenter_draws}"
-            )
-        self.recenter_every, self.recenter_draws = int(recenter_every), int(recenter_draws)
+        if recenter_draws != "auto" and (isinstance(recenter_draws, str) or recenter_draws < 1):
+            raise ValueError(f"recenter_draws must be 'auto' or an integer >= 1, got {recenter_draws!r}")
+        if recenter_every < 0:
+            raise ValueError(f"recenter_every must be >= 0 (0: off), got {recenter_every}")
+        self.recenter_every = int(recenter_every)
+        self.recenter_draws: int | str = "auto" if recenter_draws == "auto" else int(recenter_draws)
         if self.recenter_every and self.custom_energy:
             raise ValueError(
                 "recenter_every measures F = -log prior + Σ nll on every row and cannot use a custom energy=; pass "
@@ -1331,12 +1361,12 @@ class MCMCUnlearner:
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
         auto = self.damping_shape is DampingShape.AUTO
-        if auto and self._anchor is not None and self._anchor.moment is not None:
-            # after the first correction across requests the requests are damped as H + λI, like the corrections:
-            # the data-term shape's full Newton steps along directions the remaining data barely constrain are
-            # what the corrections had to take back (Fashion-MNIST: steps 30-250x longer; with the carry cleared
-            # after corrections, a seed where that shape kept winning went from 3.70x to 1.94x the retrain-pair
-            # distance; docs/fashion-mnist.md)
+        if auto and self._anchor is not None and int(self._anchor.applied) > 0:
+            # after the first applied correction across requests the requests are damped as H + λI, like the
+            # corrections: the data-term shape's full Newton steps along directions the remaining data barely
+            # constrain are what the corrections had to take back (Fashion-MNIST: steps 30-250x longer; with the
+            # carry cleared after corrections, a seed where that shape kept winning went from 3.70x to 1.94x the
+            # retrain-pair distance; docs/fashion-mnist.md). A skipped correction changes nothing.
             auto, all_shapes = False, (DampingShape.IDENTITY.value,)
         else:
             all_shapes = self.curvature.damping_shapes if auto else (self.damping_shape.value,)
@@ -1588,10 +1618,24 @@ class MCMCUnlearner:
             why = "it needs a sample bank" if self.bank is None else "the remaining data cannot list its rows"
             info["recenter"] = f"off: {why} (pass bank= and a data source with remaining())"
             return None
-        index = _evenly(self.bank.shape[0], max(RECENTER_REMOVED_DRAWS, self.recenter_draws))
+        most = RECENTER_MAX_DRAWS if self.recenter_draws == "auto" else self.recenter_draws
+        index = _evenly(self.bank.shape[0], max(RECENTER_REMOVED_DRAWS, most))
         thetas = self.bank[index].clone()
         info["recenter"] = "anchored"
-        return _Anchor(index, thetas, _evenly(index.numel(), self.recenter_draws), torch.zeros_like(thetas[0]))
+        return _Anchor(index, thetas, self._pair_positions(index.numel()), torch.zeros_like(thetas[0]))
+
+    def _pair_positions(self, m: int) -> torch.Tensor:
+        """Positions among ``m`` anchored samples of the paired draws, in the order they are measured."""
+        pair = _evenly(m, RECENTER_MAX_DRAWS if self.recenter_draws == "auto" else self.recenter_draws)
+        return pair[_spread_order(pair.numel())]
+
+    @staticmethod
+    def _deviation(paired: list[torch.Tensor], removed: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The deviation ``d`` from the paired draws' differences and its Monte-Carlo standard error (norm; NaN
+        from one draw)."""
+        q = torch.stack(paired)
+        se = float((q.var(0).sum() / q.shape[0]).sqrt()) if q.shape[0] > 1 else math.nan
+        return q.mean(0) - removed, se
 
     def _recenter(
         self,
@@ -1614,11 +1658,16 @@ class MCMCUnlearner:
 
         .. math::  d = E_{s∈P}[∇F(θ'_s, S∖S') − ∇F(θ⁰_s, S∖S')] − E_{s∈M}[Σ_{z∈S'} ∇h(θ⁰_s, z)],
 
-        the first term on every remaining row at ``recenter_draws`` paired samples ``P`` (it is smooth in ``s``:
-        few draws suffice; its ``θ⁰`` part is measured at the first correction and then kept up to date by the
-        removed points' gradients), the removed points' term accumulated request by request at ``M`` ⊇ ``P``
-        (16 or more) samples of ``θ⁰``, as many as a request's ``G`` uses. The target is the original bank's moment, not
-        0: an SG-MCMC bank is not at equilibrium, and neither is a chain retrained the same way. Bank and live
+        the first term on every remaining row at paired samples ``P`` (each draw's ``θ⁰`` side measured the first
+        time the draw is used and then kept up to date by the removed points' gradients), the removed points' term
+        accumulated request by request at ``M`` ⊇ ``P`` (16 or more) samples of ``θ⁰``, as many as a request's ``G``
+        uses. ``recenter_draws="auto"`` measures the paired term draw by draw, from 2 up to ``RECENTER_MAX_DRAWS``,
+        until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of ``‖d‖``, and skips the correction
+        when that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``): from a single draw the
+        digits BNN's deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise made the
+        requests after it remove the class further than retraining does (docs/fashion-mnist.md, stop 26). The
+        target is the original bank's moment, not 0: an SG-MCMC bank is not at equilibrium, and neither is a chain
+        retrained the same way. Bank and live
         chain then move by ``p = −(H + λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s, S)]``,
         through the same damping control and safety check as a request (measured from the moved bank, on the
         request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape``
@@ -1634,12 +1683,27 @@ class MCMCUnlearner:
         t0 = time.perf_counter()
         anchor = replace(anchor, count=torch.zeros_like(anchor.count))
         rows = self._raw(stream.full())
-        if anchor.moment is None:
-            anchor = anchor.measured(self._moment(h_f, anchor.thetas[anchor.pair], rows))
-        d = self._moment(h_f, bank[anchor.index[anchor.pair]], rows) - anchor.deviation_offset()
-        info["recenter_deviation"] = float(d.norm())
+        auto = self.recenter_draws == "auto"
+        paired: list[torch.Tensor] = []
+        for j, k in enumerate(anchor.pair.tolist()):
+            if anchor.moment is None or not bool(anchor.measured_draws[j]):
+                anchor = anchor.measured(j, self._moment(h_f, anchor.thetas[k : k + 1], rows))
+            paired.append(self._moment(h_f, bank[anchor.index[k : k + 1]], rows) - anchor.target(j))
+            d, se = self._deviation(paired, anchor.removed)
+            if auto and len(paired) >= 2 and se <= RECENTER_REL_SE * float(d.norm()):
+                break
+        info.update(recenter_deviation=float(d.norm()), recenter_draws=len(paired), recenter_stderr=se)
         if not all_finite(d):
             info["recenter"] = "skipped: the measured first moment is not finite"
+            return live, bank, carry, anchor
+        if auto and not se <= RECENTER_REL_SE * float(d.norm()):
+            # no more than Monte-Carlo noise: a step on it moves the bank at random (digits BNN: the requests after
+            # such a correction removed the class further than retraining does)
+            info["recenter"] = (
+                f"skipped: the deviation ({float(d.norm()):.4g}) is within twice its Monte-Carlo standard error "
+                f"({se:.4g}) after {len(paired)} draws"
+            )
+            info["recenter_seconds"] = time.perf_counter() - t0
             return live, bank, carry, anchor
         thetas = bank[_evenly(bank.shape[0], self.check_draws)]
         here = check.at(thetas, -d)
@@ -1664,6 +1728,7 @@ class MCMCUnlearner:
             info.update(recenter="applied", recenter_shift=float(step.x.norm()), recenter_step_length=step.length)
             live, bank = live + step.x, bank + step.x
             carry = None
+            anchor = replace(anchor, applied=anchor.applied + 1)
         info["recenter_seconds"] = time.perf_counter() - t0
         return live, bank, carry, anchor
 
@@ -1696,6 +1761,14 @@ class MCMCUnlearner:
         saved = {f.name: tensors.get(f"recenter_{f.name}") for f in fields(_Anchor)}
         parts = {k: v.clone() for k, v in saved.items() if v is not None}
         whole = {"index", "thetas", "pair", "removed"} <= parts.keys()
+        if whole and parts.get("moment") is not None and "applied" not in parts:
+            parts["applied"] = torch.ones((), dtype=torch.int64)  # saved when a measured moment meant a correction ran
+        if whole and parts.get("moment") is not None and "measured_draws" not in parts:
+            # saved before the moment was kept per draw (its mean over the paired draws): measured again at the next
+            # correction, on the rows remaining then (the target stays the original bank's moment)
+            for k in ("moment", "removed_pair"):
+                parts.pop(k, None)
+            parts["pair"] = self._pair_positions(parts["index"].numel())
         self._anchor = _Anchor(**parts) if whole else None
 
     def reset_curvature(self) -> None:
