@@ -29,9 +29,10 @@ moves each by :math:`(H+λ)^{-1}∇h(θ_s)` (over-widens); ``"affine"`` applies 
 **Across requests** (``recenter_every``: every 10 requests with K-FAC by default, else off). Each step keeps the
 bank's first moment, :math:`E_θ[∇F(θ, S∖S')] = E_θ[∇F(θ, S)]`, only to first order and with approximate curvature;
 every ``K`` requests
-:meth:`MCMCUnlearner._recenter` measures what has accumulated on every remaining row and takes one checked
-Newton step back (a pass over the remaining data per ``recenter_draws``). Once one has run, the requests are damped
-as ``H + λI`` like the corrections, and an applied correction clears the influence carried between requests.
+:meth:`MCMCUnlearner._recenter` measures what has accumulated on every remaining row (a pass over the remaining data
+per stored sample, at as many samples as make it clear of its Monte-Carlo error, else no step) and takes one checked
+Newton step back. Once one has been applied, the requests are damped as ``H + λI`` like the corrections, and it
+clears the influence carried between requests.
 """
 
 from __future__ import annotations
