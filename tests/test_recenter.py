@@ -113,7 +113,7 @@ def test_auto_draws_measure_until_the_deviation_is_clear_of_its_monte_carlo_erro
     kept[gone] = False
     a_r = _precision(prob.x[kept])
     index = torch.linspace(0, bank.shape[0] - 1, M).round().long()
-    g_removed = ((prob.x[gone] @ bank[index].T - prob.y[gone, None]) * 1.0).T @ prob.x[gone]  # [M, D] at θ⁰
+    g_removed = (prob.x[gone] @ bank[index].T - prob.y[gone, None]).T @ prob.x[gone]  # [M, D] at θ⁰
     for shift, expect_noise in (("sample", True), ("mean", False)):
         kw = dict(hessian="full", bank_shift=shift)
         plain, _ = _run(prob, bank, **kw)  # the bank just before the correction
@@ -151,6 +151,8 @@ def test_auto_draws_skip_a_deviation_that_is_only_monte_carlo_noise(prob) -> Non
     fixed, fixed_reports = _run(prob, bank, bank_shift="sample", recenter_every=REQUESTS, recenter_draws=8)
     assert fixed_reports[-1].info["recenter"] == "applied"
     assert float((fixed.bank - plain.bank).abs().max()) > 1e-6
+    _, single = _run(prob, bank[:1], recenter_every=REQUESTS)  # one stored sample: no error to measure
+    assert single[-1].info["recenter"].startswith("skipped: one stored sample cannot measure")
 
 
 def test_the_anchor_survives_a_checkpoint(prob) -> None:

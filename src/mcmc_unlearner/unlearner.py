@@ -700,9 +700,10 @@ class MCMCUnlearner:
             never otherwise. Measured on Fashion-MNIST's 94 requests (seeds 0, 2, 3, one machine): 3.49 ± 1.08 →
             1.82 ± 0.24× the retrain-pair distance at 1.8× the CPU time (78–98 → 136–172 s); correcting after
             every one of the digits BNN's 3 requests made that result worse, and so did this default's one
-            correction when the class was removed in 17 requests (docs/fashion-mnist.md). Once a
-            correction has run, the requests are damped as ``H + λI`` (``damping_shape``), and an applied
-            correction clears the carried influence (:meth:`_recenter`).
+            correction when the class was removed in 17 requests until it was measured at enough draws to tell it
+            from noise (``recenter_draws``; docs/fashion-mnist.md). Once a correction has been applied, the
+            requests are damped as ``H + λI`` (``damping_shape``), and it clears the carried influence
+            (:meth:`_recenter`).
         recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is
             measured on every remaining row, each a pass over it. ``"auto"`` (default): draw by draw, from 2 up to
             ``RECENTER_MAX_DRAWS`` = 8, until the Monte-Carlo standard error of the measured deviation is at most
@@ -1659,21 +1660,20 @@ class MCMCUnlearner:
 
         .. math::  d = E_{s∈P}[∇F(θ'_s, S∖S') − ∇F(θ⁰_s, S∖S')] − E_{s∈M}[Σ_{z∈S'} ∇h(θ⁰_s, z)],
 
-        the first term on every remaining row at paired samples ``P`` (each draw's ``θ⁰`` side measured the first
-        time the draw is used and then kept up to date by the removed points' gradients), the removed points' term
+        the first term on every remaining row at paired samples ``P`` (each draw's ``θ⁰`` side measured the first time
+        the draw is used and then kept up to date by the removed points' gradients), the removed points' term
         accumulated request by request at ``M`` ⊇ ``P`` (16 or more) samples of ``θ⁰``, as many as a request's ``G``
         uses. ``recenter_draws="auto"`` measures the paired term draw by draw, from 2 up to ``RECENTER_MAX_DRAWS``,
-        until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of ``‖d‖``, and skips the correction
-        when that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``): from a single draw the
-        digits BNN's deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise made the
-        requests after it remove the class further than retraining does (docs/fashion-mnist.md, stop 26). The
-        target is the original bank's moment, not 0: an SG-MCMC bank is not at equilibrium, and neither is a chain
-        retrained the same way. Bank and live
-        chain then move by ``p = −(H + λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s, S)]``,
-        through the same damping control and safety check as a request (measured from the moved bank, on the
-        request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape``
-        fixes one. An applied correction clears the carried influence (:func:`~mcmc_unlearner.step.measured_deficit`):
-        ``d`` contains the request's deficit, and what the damped correction leaves undone is measured again by the next
+        until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of ``‖d‖``, and skips the correction when
+        that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``): from a single draw the digits BNN's
+        deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise made the requests after it
+        remove the class further than retraining does (docs/fashion-mnist.md, stop 26). The target is the original
+        bank's moment, not 0: an SG-MCMC bank is not at equilibrium, and neither is a chain retrained the same way. Bank
+        and live chain then move by ``p = −(H + λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s,
+        S)]``, through the same damping control and safety check as a request (measured from the moved bank, on the
+        request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape`` fixes
+        one. An applied correction clears the carried influence (:func:`~mcmc_unlearner.step.measured_deficit`): ``d``
+        contains the request's deficit, and what the damped correction leaves undone is measured again by the next
         correction; carried into the next request, it was applied a second time there, in the requests' damping shape
         and without the correction's damping (Fashion-MNIST seed 2, the requests in the data-term shape: carried norms
         of 1,100–2,000, the next requests' shifts 1.3–2.2 against 0.1–0.3 for their neighbours; one of them took the
@@ -1703,6 +1703,9 @@ class MCMCUnlearner:
             info["recenter"] = (
                 f"skipped: the deviation ({float(d.norm()):.4g}) is within twice its Monte-Carlo standard error "
                 f"({se:.4g}) after {len(paired)} draws"
+                if len(paired) > 1
+                else "skipped: one stored sample cannot measure the deviation's Monte-Carlo error (store more "
+                "samples, or pass recenter_draws=1 to correct without it)"
             )
             info["recenter_seconds"] = time.perf_counter() - t0
             return live, bank, carry, anchor
