@@ -356,3 +356,52 @@ def test_an_applied_correction_clears_the_carried_influence() -> None:
     assert report.info["recenter"] == "applied" and un._carry is None
     nxt = un.forget(torch.arange(20, 30), data)
     assert nxt.info.get("carried_norm", 0.0) == 0.0
+
+
+def test_later_corrections_carry_the_measured_spread(prob) -> None:
+    """After a correction that measured its paired draws' spread, the next starts from one draw and takes that
+    draw's error from the spread, scaled up by the growth of the anchored samples' mean displacement ``‖θ'_s − θ⁰_s‖``.
+
+    A common shift (``bank_shift="mean"``) moves every draw alike, so the paired differences agree (spread 0): the
+    later corrections stop at one draw and end the bank where two draws each time do, one pass over the data fewer
+    each. Per-sample shifts spread the draws: the carried error is the closed form's, too large here to stop at one
+    draw, so that correction measures again (and stores its own spread)."""
+    from mcmc_unlearner.unlearner import RECENTER_MAX_DRAWS
+
+    bank = _draws(prob)
+    index = torch.linspace(0, bank.shape[0] - 1, M).round().long()
+    one, _ = _run(prob, bank, hessian="full", bank_shift="mean")
+
+    def moved_by_one_request(shift: str) -> float:  # the displacement the first correction sees (recenter_every=1)
+        opts = {**EXACT, "hessian": "full", "bank_shift": shift}
+        one_request = MCMCUnlearner(BayesianLinearRegression(3).double(), bank=bank, **opts)
+        one_request.forget(prob.removed[:10], RemovableDataset(prob.x, prob.y, batch_size=50, seed=0))
+        return float((one_request.bank[index] - bank[index]).norm(dim=1).mean())
+
+    moved = moved_by_one_request("mean")
+
+    un, reports = _run(prob, bank, hessian="full", bank_shift="mean", recenter_every=1)
+    fixed, fixed_reports = _run(prob, bank, hessian="full", bank_shift="mean", recenter_every=1, recenter_draws=2)
+    info = [r.info for r in reports]
+    assert info[0]["recenter_noise"] == "measured" and info[0]["recenter_draws"] == 2
+    assert info[0]["recenter_anchor_shift"] == pytest.approx(moved, rel=1e-12) and moved > 1e-3
+    for i in info[1:]:
+        assert i["recenter"] == "applied" and i["recenter_noise"] == "carried" and i["recenter_draws"] == 1
+    assert [r.info["recenter_draws"] for r in fixed_reports] == [2] * REQUESTS
+    torch.testing.assert_close(un.bank, fixed.bank, rtol=0, atol=1e-10)
+    assert float((un.bank - one.bank).abs().max()) > 1e-3  # the corrections did move it
+
+    spread_un, spread_reports = _run(prob, bank, hessian="full", bank_shift="sample", recenter_every=1)
+    first, second = spread_reports[0].info, spread_reports[1].info
+    k = first["recenter_draws"]
+    assert first["recenter_noise"] == "measured" and 2 <= k < RECENTER_MAX_DRAWS and first["recenter"] == "applied"
+    assert first["recenter_anchor_shift"] == pytest.approx(moved_by_one_request("sample"), rel=1e-12)
+    assert second["recenter_anchor_shift"] > first["recenter_anchor_shift"]  # moved further: the carried error grows
+    grown = second["recenter_anchor_shift"] / first["recenter_anchor_shift"]
+    carried = first["recenter_stderr"] * k**0.5 * grown
+    assert second["recenter_noise"] == "measured" and second["recenter_draws"] >= 2
+    assert carried > 2 * first["recenter_stderr"]  # a one-draw error this large is not clear: measured again
+    last = spread_reports[-1].info  # the anchor keeps the spread of the last correction that measured it
+    assert last["recenter_noise"] == "measured"
+    assert float(spread_un._anchor.spread) == pytest.approx(last["recenter_stderr"] * last["recenter_draws"] ** 0.5)
+    assert float(spread_un._anchor.spread_shift) == pytest.approx(last["recenter_anchor_shift"])

@@ -342,7 +342,8 @@ RECENTER_AUTO_EVERY = 10
 RECENTER_REMOVED_DRAWS = 16
 #: ``recenter_draws="auto"``: the paired first moment is measured draw by draw, from 2 up to this many stored samples,
 #: until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of the deviation's norm (the deviation is then
-#: clear of its noise); a deviation that never gets there is not corrected.
+#: clear of its noise); a deviation that never gets there is not corrected. Later corrections start from one draw and
+#: take its error from the spread the last measurement found (``_carried_spread``).
 RECENTER_MAX_DRAWS = 8
 RECENTER_REL_SE = 0.5
 #: Rows per pass of its first-moment measurement (bounds its memory; on LeNet-5, 512–2,048-row chunks were no
@@ -366,6 +367,9 @@ class _Anchor:
         removed_pair: ``Σ_{z∈batch} ∇h(θ⁰_s, z)`` summed over the requests since that draw's ``moment`` ``[P, D]``.
         measured_draws: Which rows of ``moment`` hold a measurement ``[P]``.
         applied: Corrections applied so far (skipped ones not counted).
+        spread: Monte-Carlo standard deviation of one paired draw's difference (the trace's square root), as the
+            last correction that measured two or more draws found it (``None`` before).
+        spread_shift: The anchored samples' mean displacement ``‖θ'_s − θ⁰_s‖`` when ``spread`` was measured.
         count: Requests since the last correction (a tensor, so it is saved with the state: a service that loads
             the unlearner for each request keeps counting).
     """
@@ -378,6 +382,8 @@ class _Anchor:
     removed_pair: torch.Tensor | None = None
     measured_draws: torch.Tensor | None = None
     applied: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    spread: torch.Tensor | None = None
+    spread_shift: torch.Tensor | None = None
     count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     def removing(self, grads: torch.Tensor) -> _Anchor:
@@ -404,6 +410,19 @@ def _spread_order(k: int) -> torch.Tensor:
     """``0..k-1`` in an order that halves the gaps first (0, k/2, k/4, 3k/4, …)."""
     keys = [int(f"{i:016b}"[::-1], 2) for i in range(k)]
     return torch.tensor(sorted(range(k), key=lambda i: (keys[i], i)), dtype=torch.long)
+
+
+def _carried_spread(anchor: _Anchor, shift: float) -> float | None:
+    """One paired draw's Monte-Carlo standard error as the last correction measured it, scaled to the anchored
+    samples' displacement since (never down), or ``None`` where there is none to carry.
+
+    To first order the paired difference of one draw is ``∇F(θ⁰_s + Δ) − ∇F(θ⁰_s) ≈ H_s Δ`` for the displacement
+    ``Δ`` the bank has taken since the first request, so its spread over draws, ``(H_s − E H) Δ``, grows in
+    proportion to ``‖Δ‖``.
+    """
+    if anchor.spread is None or anchor.spread_shift is None or not float(anchor.spread_shift) > 0:
+        return None
+    return float(anchor.spread) * max(1.0, shift / float(anchor.spread_shift))
 
 
 def _evenly(n: int, k: int | None) -> torch.Tensor:
@@ -704,16 +723,19 @@ class MCMCUnlearner:
             from noise (``recenter_draws``; docs/fashion-mnist.md). Once a correction has been applied, the
             requests are damped as ``H + λI`` (``damping_shape``), and it clears the carried influence
             (:meth:`_recenter`).
-        recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is
-            measured on every remaining row, each a pass over it. ``"auto"`` (default): draw by draw, from 2 up to
+        recenter_draws: Stored samples (evenly spaced, the same ones every time) at which the first moment is measured
+            on every remaining row, each a pass over it. ``"auto"`` (default): draw by draw, from 2 up to
             ``RECENTER_MAX_DRAWS`` = 8, until the Monte-Carlo standard error of the measured deviation is at most
-            ``RECENTER_REL_SE`` = 0.5 of its norm (``report.info["recenter_draws"]``, ``["recenter_stderr"]``);
-            a deviation that is not clear of its noise after 8 draws is not corrected (``info["recenter"]`` says so).
-            The measured part is a paired difference, which one draw estimated well enough on Fashion-MNIST (1 and 2
-            draws ended equally near retraining) but not on the digits BNN, whose samples differ more from each
-            other: there the deviation from one draw was 1.4–1.8× the four-draw value, and the correction taken on
-            it ended the 17-request class removal farther from retraining than no correction (docs/fashion-mnist.md,
-            stop 26). An integer fixes the number of draws (1: the default before stop 26).
+            ``RECENTER_REL_SE`` = 0.5 of its norm (``report.info["recenter_draws"]``, ``["recenter_stderr"]``); a
+            deviation that is not clear of its noise after 8 draws is not corrected (``info["recenter"]`` says so). Once
+            a correction has measured the spread (two or more draws), the next ones start from one draw and stop there
+            when that spread, scaled to how far the bank has moved since, is within the same bound
+            (``info["recenter_noise"] = "carried"``; else they measure again). The measured part is a paired difference,
+            which one draw estimated well enough on Fashion-MNIST (1 and 2 draws ended equally near retraining) but not
+            on the digits BNN, whose samples differ more from each other: there the deviation from one draw was 1.4–1.8×
+            the four-draw value, and the correction taken on it ended the 17-request class removal farther from
+            retraining than no correction (docs/fashion-mnist.md, stop 26). An integer fixes the number of draws (1: the
+            default before stop 26).
         damping_shape: ``"auto"`` (default): on a freshly built curvature the damping is searched as ``H + λI`` and
             the backend's other shapes (K-FAC: the data term damped alone, ``H_prior + (1 + λ/s)·H_data``) are tried
             once at the damping accepted, the other shape's step taken only when its measured energy change, less
@@ -1665,15 +1687,18 @@ class MCMCUnlearner:
         accumulated request by request at ``M`` ⊇ ``P`` (16 or more) samples of ``θ⁰``, as many as a request's ``G``
         uses. ``recenter_draws="auto"`` measures the paired term draw by draw, from 2 up to ``RECENTER_MAX_DRAWS``,
         until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of ``‖d‖``, and skips the correction when
-        that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``): from a single draw the digits BNN's
-        deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise made the requests after it
-        remove the class further than retraining does (docs/fashion-mnist.md, stop 26). The target is the original
-        bank's moment, not 0: an SG-MCMC bank is not at equilibrium, and neither is a chain retrained the same way. Bank
-        and live chain then move by ``p = −(H + λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s,
-        S)]``, through the same damping control and safety check as a request (measured from the moved bank, on the
-        request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape`` fixes
-        one. An applied correction clears the carried influence (:func:`~mcmc_unlearner.step.measured_deficit`): ``d``
-        contains the request's deficit, and what the damped correction leaves undone is measured again by the next
+        that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``). After a correction that measured the
+        spread of one draw's difference, the next takes one draw's error from it, scaled up by the growth of the bank's
+        displacement from ``θ⁰`` (:func:`_carried_spread`), and stops at one draw when that is clear; else it measures
+        as above (a second pass is what the measurement costs: +60% CPU on Fashion-MNIST). From a single draw the digits
+        BNN's deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise made the requests
+        after it remove the class further than retraining does (docs/fashion-mnist.md, stop 26). The target is the
+        original bank's moment, not 0: an SG-MCMC bank is not at equilibrium, and neither is a chain retrained the same
+        way. Bank and live chain then move by ``p = −(H + λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') −
+        X·∇F(θ⁰_s, S)]``, through the same damping control and safety check as a request (measured from the moved bank,
+        on the request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape``
+        fixes one. An applied correction clears the carried influence (:func:`~mcmc_unlearner.step.measured_deficit`):
+        ``d`` contains the request's deficit, and what the damped correction leaves undone is measured again by the next
         correction; carried into the next request, it was applied a second time there, in the requests' damping shape
         and without the correction's damping (Fashion-MNIST seed 2, the requests in the data-term shape: carried norms
         of 1,100–2,000, the next requests' shifts 1.3–2.2 against 0.1–0.3 for their neighbours; one of them took the
@@ -1685,15 +1710,27 @@ class MCMCUnlearner:
         anchor = replace(anchor, count=torch.zeros_like(anchor.count))
         rows = self._raw(stream.full())
         auto = self.recenter_draws == "auto"
+        shift = float((bank[anchor.index] - anchor.thetas).norm(dim=1).mean())
+        carried = _carried_spread(anchor, shift) if auto else None
         paired: list[torch.Tensor] = []
+        noise = "measured"
         for j, k in enumerate(anchor.pair.tolist()):
             if anchor.moment is None or not bool(anchor.measured_draws[j]):
                 anchor = anchor.measured(j, self._moment(h_f, anchor.thetas[k : k + 1], rows))
             paired.append(self._moment(h_f, bank[anchor.index[k : k + 1]], rows) - anchor.target(j))
             d, se = self._deviation(paired, anchor.removed)
+            if len(paired) == 1 and carried is not None:
+                se = carried  # one draw's error, as the last measured spread scaled to the displacement since
+                if se <= RECENTER_REL_SE * float(d.norm()):
+                    noise = "carried"
+                    break
             if auto and len(paired) >= 2 and se <= RECENTER_REL_SE * float(d.norm()):
                 break
+        if auto and len(paired) >= 2:
+            spread = torch.tensor(se * math.sqrt(len(paired)), dtype=torch.float64)
+            anchor = replace(anchor, spread=spread, spread_shift=torch.tensor(shift, dtype=torch.float64))
         info.update(recenter_deviation=float(d.norm()), recenter_draws=len(paired), recenter_stderr=se)
+        info.update(recenter_noise=noise, recenter_anchor_shift=shift)
         if not all_finite(d):
             info["recenter"] = "skipped: the measured first moment is not finite"
             return live, bank, carry, anchor
