@@ -1690,21 +1690,22 @@ class MCMCUnlearner:
         that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``). After a correction that measured the
         spread of one draw's difference, the next takes one draw's error from it, scaled up by the growth of the bank's
         displacement from ``θ⁰`` (:func:`_carried_spread`), and stops at one draw when that is clear; else it measures
-        as above (a second pass is what the measurement costs: +60% CPU on Fashion-MNIST). From a single draw the digits
-        BNN's deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise made the requests
-        after it remove the class further than retraining does (docs/fashion-mnist.md, stop 26). The target is the
-        original bank's moment, not 0: an SG-MCMC bank is not at equilibrium, and neither is a chain retrained the same
-        way. Bank and live chain then move by ``p = −(H + λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') −
-        X·∇F(θ⁰_s, S)]``, through the same damping control and safety check as a request (measured from the moved bank,
-        on the request's check rows), damped as ``H + λI`` whatever shape the requests accepted unless ``damping_shape``
-        fixes one. An applied correction clears the carried influence (:func:`~mcmc_unlearner.step.measured_deficit`):
-        ``d`` contains the request's deficit, and what the damped correction leaves undone is measured again by the next
-        correction; carried into the next request, it was applied a second time there, in the requests' damping shape
-        and without the correction's damping (Fashion-MNIST seed 2, the requests in the data-term shape: carried norms
-        of 1,100–2,000, the next requests' shifts 1.3–2.2 against 0.1–0.3 for their neighbours; one of them took the
-        kept-class distance to retraining from 0.088 to 0.097). On a Gaussian posterior an exact removal is a fixed
-        point (``d = 0``); an approximate one is moved to it. A correction whose every damping fails its check is
-        skipped (the request stands); ``report.info`` says what happened.
+        as above (on Fashion-MNIST a second pass per correction had cost +60% CPU; carried: −19%,
+        docs/fashion-mnist.md). From a single draw the digits BNN's deviation measured 1.4–1.8× its four-draw value, and
+        the step it took on that noise made the requests after it remove the class further than retraining does
+        (docs/fashion-mnist.md, stop 26). The target is the original bank's moment, not 0: an SG-MCMC bank is not at
+        equilibrium, and neither is a chain retrained the same way. Bank and live chain then move by ``p = −(H +
+        λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s, S)]``, through the same damping control
+        and safety check as a request (measured from the moved bank, on the request's check rows), damped as ``H + λI``
+        whatever shape the requests accepted unless ``damping_shape`` fixes one. An applied correction clears the
+        carried influence (:func:`~mcmc_unlearner.step.measured_deficit`): ``d`` contains the request's deficit, and
+        what the damped correction leaves undone is measured again by the next correction; carried into the next
+        request, it was applied a second time there, in the requests' damping shape and without the correction's damping
+        (Fashion-MNIST seed 2, the requests in the data-term shape: carried norms of 1,100–2,000, the next requests'
+        shifts 1.3–2.2 against 0.1–0.3 for their neighbours; one of them took the kept-class distance to retraining from
+        0.088 to 0.097). On a Gaussian posterior an exact removal is a fixed point (``d = 0``); an approximate one is
+        moved to it. A correction whose every damping fails its check is skipped (the request stands); ``report.info``
+        says what happened.
         """
         t0 = time.perf_counter()
         anchor = replace(anchor, count=torch.zeros_like(anchor.count))
