@@ -364,13 +364,14 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
 
     A common shift (``bank_shift="mean"``) moves every draw alike, so the paired differences agree (spread 0): the
     later corrections stop at one draw and end the bank where two draws each time do, one pass over the data fewer
-    each. Per-sample shifts spread the draws: the carried error is the closed form's, too large here to stop at one
-    draw, so that correction measures again (and stores its own spread)."""
+    each. Per-sample shifts spread the draws: the first correction's displacement is a plain request's, the carried
+    error (its spread × the displacement's growth) is too large here to stop at one draw, so the next correction
+    measures again (and the anchor keeps the spread of the last measurement)."""
     from mcmc_unlearner.unlearner import RECENTER_MAX_DRAWS
 
     bank = _draws(prob)
     index = torch.linspace(0, bank.shape[0] - 1, M).round().long()
-    one, _ = _run(prob, bank, hessian="full", bank_shift="mean")
+    plain, _ = _run(prob, bank, hessian="full", bank_shift="mean")  # the same requests, no correction
 
     def moved_by_one_request(shift: str) -> float:  # the displacement the first correction sees (recenter_every=1)
         opts = {**EXACT, "hessian": "full", "bank_shift": shift}
@@ -389,7 +390,7 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
         assert i["recenter"] == "applied" and i["recenter_noise"] == "carried" and i["recenter_draws"] == 1
     assert [r.info["recenter_draws"] for r in fixed_reports] == [2] * REQUESTS
     torch.testing.assert_close(un.bank, fixed.bank, rtol=0, atol=1e-10)
-    assert float((un.bank - one.bank).abs().max()) > 1e-3  # the corrections did move it
+    assert float((un.bank - plain.bank).abs().max()) > 1e-3  # the corrections did move it
 
     spread_un, spread_reports = _run(prob, bank, hessian="full", bank_shift="sample", recenter_every=1)
     first, second = spread_reports[0].info, spread_reports[1].info
