@@ -401,7 +401,7 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
     grown = second["recenter_anchor_shift"] / first["recenter_anchor_shift"]
     carried = first["recenter_stderr"] * k**0.5 * grown
     assert second["recenter_noise"] == "measured" and second["recenter_draws"] >= 2
-    assert carried > 2 * first["recenter_stderr"]  # a one-draw error this large is not clear: measured again
+    assert carried > 2 * first["recenter_stderr"]  # the one-draw error the rule weighed: grown with the displacement
     last = spread_reports[-1].info  # the anchor keeps the spread of the last correction that measured it
     assert last["recenter_noise"] == "measured"
     assert float(spread_un._anchor.spread) == pytest.approx(last["recenter_stderr"] * last["recenter_draws"] ** 0.5)
