@@ -364,10 +364,11 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
 
     A common shift (``bank_shift="mean"``) moves every draw alike, so the paired differences agree (spread 0): the
     later corrections stop at one draw and end the bank where two draws each time do, one pass over the data fewer
-    each. Per-sample shifts spread the draws: the first correction's displacement is a plain request's, the carried
-    error (its spread × the displacement's growth) is too large here to stop at one draw, so the next correction
-    measures again (and the anchor keeps the spread of the last measurement)."""
-    from mcmc_unlearner.unlearner import RECENTER_MAX_DRAWS
+    each, until they have carried it ``RECENTER_CARRY_MAX`` times in a row: the next one measures it again (two
+    draws) and counts afresh. Per-sample shifts spread the draws: the first correction's displacement is a plain
+    request's, the carried error (its spread × the displacement's growth) is too large here to stop at one draw, so
+    the next correction measures again (and the anchor keeps the spread of the last measurement)."""
+    from mcmc_unlearner.unlearner import RECENTER_CARRY_MAX, RECENTER_MAX_DRAWS
 
     bank = _draws(prob)
     index = torch.linspace(0, bank.shape[0] - 1, M).round().long()
@@ -386,8 +387,15 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
     info = [r.info for r in reports]
     assert info[0]["recenter_noise"] == "measured" and info[0]["recenter_draws"] == 2
     assert info[0]["recenter_anchor_shift"] == pytest.approx(moved, rel=1e-12) and moved > 1e-3
-    for i in info[1:]:
+    carried, remeasured = info[1 : 1 + RECENTER_CARRY_MAX], info[1 + RECENTER_CARRY_MAX :]
+    assert REQUESTS > 1 + RECENTER_CARRY_MAX and len(remeasured) == 1  # the sequence reaches a measurement again
+    for i in carried:
         assert i["recenter"] == "applied" and i["recenter_noise"] == "carried" and i["recenter_draws"] == 1
+        assert not i["recenter_spread_stale"]
+    # carried twice in a row: the next correction measures the spread again (two draws: they agree here)
+    assert remeasured[0]["recenter_spread_stale"] and remeasured[0]["recenter_noise"] == "measured"
+    assert remeasured[0]["recenter"] == "applied" and remeasured[0]["recenter_draws"] == 2
+    assert int(un._anchor.carried) == 0  # counted afresh from that measurement
     assert [r.info["recenter_draws"] for r in fixed_reports] == [2] * REQUESTS
     torch.testing.assert_close(un.bank, fixed.bank, rtol=0, atol=1e-10)
     assert float((un.bank - plain.bank).abs().max()) > 1e-3  # the corrections did move it

@@ -343,9 +343,13 @@ RECENTER_REMOVED_DRAWS = 16
 #: ``recenter_draws="auto"``: the paired first moment is measured draw by draw, from 2 up to this many stored samples,
 #: until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of the deviation's norm (the deviation is then
 #: clear of its noise); a deviation that never gets there is not corrected. Later corrections start from one draw and
-#: take its error from the spread the last measurement found (``_carried_spread``).
+#: take its error from the spread the last measurement found (``_carried_spread``), for at most
+#: ``RECENTER_CARRY_MAX`` corrections in a row: the one after measures again (on Fashion-MNIST the measured one-draw
+#: error grew 1.6–2.6× over a sequence's eight later corrections, the carried one 1.1–1.4×: the carried model's
+#: shortfall compounds, so it is refreshed every third correction).
 RECENTER_MAX_DRAWS = 8
 RECENTER_REL_SE = 0.5
+RECENTER_CARRY_MAX = 2
 #: Rows per pass of its first-moment measurement (bounds its memory; on LeNet-5, 512–2,048-row chunks were no
 #: slower than 4,096).
 RECENTER_ROW_CHUNK = 1024
@@ -370,6 +374,8 @@ class _Anchor:
         spread: Monte-Carlo standard deviation of one paired draw's difference (the trace's square root), as the
             last correction that measured two or more draws found it (``None`` before).
         spread_shift: The anchored samples' mean displacement ``‖θ'_s − θ⁰_s‖`` when ``spread`` was measured.
+        carried: Corrections since ``spread`` was measured that stopped at one draw on it (at most
+            ``RECENTER_CARRY_MAX``; the next one measures again).
         count: Requests since the last correction (a tensor, so it is saved with the state: a service that loads
             the unlearner for each request keeps counting).
     """
@@ -384,6 +390,7 @@ class _Anchor:
     applied: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     spread: torch.Tensor | None = None
     spread_shift: torch.Tensor | None = None
+    carried: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     def removing(self, grads: torch.Tensor) -> _Anchor:
@@ -730,12 +737,13 @@ class MCMCUnlearner:
             deviation that is not clear of its noise after 8 draws is not corrected (``info["recenter"]`` says so). Once
             a correction has measured the spread (two or more draws), the next ones start from one draw and stop there
             when that spread, scaled to how far the bank has moved since, is within the same bound
-            (``info["recenter_noise"] = "carried"``; else they measure again). The measured part is a paired difference,
-            which one draw estimated well enough on Fashion-MNIST (1 and 2 draws ended equally near retraining) but not
-            on the digits BNN, whose samples differ more from each other: there the deviation from one draw was 1.4–1.8×
-            the four-draw value, and the correction taken on it ended the 17-request class removal farther from
-            retraining than no correction (docs/fashion-mnist.md, stop 26). An integer fixes the number of draws (1: the
-            default before stop 26).
+            (``info["recenter_noise"] = "carried"``; else they measure again), two corrections in a row at most
+            (``RECENTER_CARRY_MAX``): the third measures again (``info["recenter_spread_stale"]``). The measured part
+            is a paired difference, which one draw estimated well enough on Fashion-MNIST (1 and 2 draws ended
+            equally near retraining) but not on the digits BNN, whose samples differ more from each other: there the
+            deviation from one draw was 1.4–1.8× the four-draw value, and the correction taken on it ended the
+            17-request class removal farther from retraining than no correction (docs/fashion-mnist.md, stop 26). An
+            integer fixes the number of draws (1: the default before stop 26).
         damping_shape: ``"auto"`` (default): on a freshly built curvature the damping is searched as ``H + λI`` and
             the backend's other shapes (K-FAC: the data term damped alone, ``H_prior + (1 + λ/s)·H_data``) are tried
             once at the damping accepted, the other shape's step taken only when its measured energy change, less
@@ -1691,9 +1699,11 @@ class MCMCUnlearner:
         spread of one draw's difference, the next takes one draw's error from it, scaled up by the growth of the bank's
         displacement from ``θ⁰`` (:func:`_carried_spread`), and stops at one draw when that is clear; else it measures
         as above (on Fashion-MNIST a second pass per correction had cost +60% CPU; carried: −19%,
-        docs/fashion-mnist.md). From a single draw the digits BNN's deviation measured 1.4–1.8× its four-draw value, and
-        the step it took on that noise made the requests after it remove the class further than retraining does
-        (docs/fashion-mnist.md, stop 26). The target is the original bank's moment, not 0: an SG-MCMC bank is not at
+        docs/fashion-mnist.md). The carried spread is an extrapolation that fell behind the measured one over a long
+        sequence, so after ``RECENTER_CARRY_MAX`` corrections in a row on it the next measures again. From a single
+        draw the digits BNN's deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise
+        made the requests after it remove the class further than retraining does (docs/fashion-mnist.md, stop 26).
+        The target is the original bank's moment, not 0: an SG-MCMC bank is not at
         equilibrium, and neither is a chain retrained the same way. Bank and live chain then move by ``p = −(H +
         λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s, S)]``, through the same damping control
         and safety check as a request (measured from the moved bank, on the request's check rows), damped as ``H + λI``
@@ -1712,7 +1722,8 @@ class MCMCUnlearner:
         rows = self._raw(stream.full())
         auto = self.recenter_draws == "auto"
         shift = float((bank[anchor.index] - anchor.thetas).norm(dim=1).mean())
-        carried = _carried_spread(anchor, shift) if auto else None
+        stale = int(anchor.carried) >= RECENTER_CARRY_MAX  # carried too often since it was measured: measure again
+        carried = _carried_spread(anchor, shift) if auto and not stale else None
         paired: list[torch.Tensor] = []
         noise = "measured"
         for j, k in enumerate(anchor.pair.tolist()):
@@ -1724,14 +1735,16 @@ class MCMCUnlearner:
                 se = carried  # one draw's error, as the last measured spread scaled to the displacement since
                 if se <= RECENTER_REL_SE * float(d.norm()):
                     noise = "carried"
+                    anchor = replace(anchor, carried=anchor.carried + 1)
                     break
             if auto and len(paired) >= 2 and se <= RECENTER_REL_SE * float(d.norm()):
                 break
         if auto and len(paired) >= 2:
             spread = torch.tensor(se * math.sqrt(len(paired)), dtype=torch.float64)
             anchor = replace(anchor, spread=spread, spread_shift=torch.tensor(shift, dtype=torch.float64))
+            anchor = replace(anchor, carried=torch.zeros_like(anchor.carried))
         info.update(recenter_deviation=float(d.norm()), recenter_draws=len(paired), recenter_stderr=se)
-        info.update(recenter_noise=noise, recenter_anchor_shift=shift)
+        info.update(recenter_noise=noise, recenter_anchor_shift=shift, recenter_spread_stale=stale)
         if not all_finite(d):
             info["recenter"] = "skipped: the measured first moment is not finite"
             return live, bank, carry, anchor
