@@ -12,6 +12,7 @@ command scores it (kept-class predictive L1 to the retrain chains as a multiple 
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm default shorten
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name rc10 --options '{"recenter_every": 10}'
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --method paper --name paper
+    python benchmarks/fmnist_variants.py retrain --seed 0 --cache /tmp/fm --name retrain-timing
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm --named-only rc10
     python benchmarks/fmnist_variants.py rownoise --seed 3 --cache /tmp/fm default
 
@@ -22,8 +23,9 @@ training row, along the output layer's biases, where it reads as calibration: ``
 prior's pull). A bank at equilibrium has every entry within its Monte-Carlo error of 0. Also the norm of the full
 mean gradient. ``run`` records the library's first-moment corrections (``recenter_every``) from the requests'
 reports (a diagnostic ``--correct-every K`` that reached into the K-FAC backend, which that option replaced, is
-at commit 3734e5b). ``rownoise`` measures how noisy that correction's moment would be on a sample of the rows
-(docs/fashion-mnist.md, "Six seeds"). One torch thread. Results append to
+at commit 3734e5b). ``retrain`` re-trains the seed's first retrain chain and times it (the cost the methods are
+compared with), checking that it equals the cached one. ``rownoise`` measures how noisy the correction's moment
+would be on a sample of the rows (docs/fashion-mnist.md, "Six seeds"). One torch thread. Results append to
 ``CACHE/results.jsonl``.
 """
 
@@ -80,6 +82,24 @@ def _load(args: argparse.Namespace, options: dict) -> tuple[B._Experiment, dict,
     sampler = B._make_sampler(ex.cfg, model, 1.0, ex.cfg.seed * 1000 + 1)
     sampler.load_state_dict(saved["origin_sampler"])
     return ex, {"model": model, "sampler": sampler, "bank": saved["origin_bank"]}, saved
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    """One retrain chain of the seed (the command's ``retrain``: same initial weights, data and chain seed),
+    re-trained and timed in this process: the cost every unlearning method is compared with. The bank must equal
+    the cached one (same code, same machine type), which the row records."""
+    ex, _, saved = _load(args, {})
+    out = ex.train(ex.kept_ids, ex.cfg.seed * 1000 + 2, "retrain")
+    row = {
+        "name": args.name,
+        "seed": args.seed,
+        "retrain_cpu_seconds": out["cpu_seconds"],
+        "retrain_wall_seconds": out["seconds"],
+        "bit_identical_to_cache": bool(torch.equal(out["bank"], saved["banks"]["retrain"])),
+    }
+    print(json.dumps(row), flush=True)
+    with open(args.cache / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _energy_gradients(
@@ -213,12 +233,12 @@ def _rownoise(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["train", "run", "residual", "rownoise"])
+    ap.add_argument("command", choices=["train", "retrain", "run", "residual", "rownoise"])
     ap.add_argument("names", nargs="*", help="residual, rownoise (one): saved unlearned banks (run --name) to measure")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("runs/fmnist-variants"))
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument("--name", default="default", help="run: the variant's name")
+    ap.add_argument("--name", default="default", help="run, retrain: the row's name")
     ap.add_argument("--options", default="{}", help="run: JSON dict of MCMCUnlearner options")
     ap.add_argument(
         "--method",
@@ -232,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    {"train": _train, "run": _run, "residual": _residual, "rownoise": _rownoise}[args.command](args)
+    commands = {"train": _train, "retrain": _retrain, "run": _run, "residual": _residual, "rownoise": _rownoise}
+    commands[args.command](args)
     return 0
 
 
