@@ -192,6 +192,14 @@ def test_the_anchor_survives_a_checkpoint(prob) -> None:
     legacy.load_curvature_state(old, meta)
     assert legacy.forget(prob.removed[30:40], data).info["recenter"] == "applied"
     torch.testing.assert_close(legacy.bank, ref.bank, rtol=0, atol=1e-9)
+    # a state saved before the carried-spread counter existed loads with the count at 0 (it was 0 here)
+    assert int(tensors["recenter_carried"]) == 0
+    data.load_state_dict(state)
+    uncounted = MCMCUnlearner(model, bank=first.bank, **options)
+    uncounted.load_curvature_state({k: v for k, v in tensors.items() if k != "recenter_carried"}, meta)
+    assert int(uncounted._anchor.carried) == 0
+    assert uncounted.forget(prob.removed[30:40], data).info["recenter"] == "applied"
+    torch.testing.assert_close(uncounted.bank, ref.bank, rtol=0, atol=1e-10)
 
 
 def test_without_a_listable_data_source_it_is_off_and_says_so(prob) -> None:
