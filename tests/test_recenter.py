@@ -422,3 +422,35 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
     assert last["recenter_noise"] == "measured"
     assert float(spread_un._anchor.spread) == pytest.approx(last["recenter_stderr"] * last["recenter_draws"] ** 0.5)
     assert float(spread_un._anchor.spread_shift) == pytest.approx(last["recenter_anchor_shift"])
+
+
+def test_a_correction_is_taken_only_when_its_benefit_is_clear_of_the_checks_noise(prob, monkeypatch) -> None:
+    """Corrections search their damping with ``accept_z = RECENTER_ACCEPT_Z`` (the measured energy change's upper
+    bound must meet the ratio test: ``tests/test_step.py``); the requests keep the point estimate (``accept_z = 0``).
+    On this exact Gaussian problem the strict test changes nothing: the corrections still end where the closed form
+    does (``test_an_undershooting_removal_gets_one_newton_step_of_the_closed_form``)."""
+    import mcmc_unlearner.step as st
+    from mcmc_unlearner.unlearner import RECENTER_ACCEPT_Z
+
+    seen: list[tuple[bool, float]] = []
+    inside = {"correction": False}
+    step, recenter = st.DampingControl.step, MCMCUnlearner._recenter
+
+    def recording_step(self, *args, **kwargs):
+        seen.append((inside["correction"], self.accept_z))
+        return step(self, *args, **kwargs)
+
+    def flagged_recenter(self, *args, **kwargs):
+        inside["correction"] = True
+        try:
+            return recenter(self, *args, **kwargs)
+        finally:
+            inside["correction"] = False
+
+    monkeypatch.setattr(st.DampingControl, "step", recording_step)
+    monkeypatch.setattr(MCMCUnlearner, "_recenter", flagged_recenter)
+    _, reports = _run(prob, _draws(prob), hessian="full", recenter_every=1)
+    assert [r.info["recenter"] for r in reports] == ["applied"] * REQUESTS
+    assert RECENTER_ACCEPT_Z == 2.0
+    assert {z for c, z in seen if c} == {RECENTER_ACCEPT_Z} and {z for c, z in seen if not c} == {0.0}
+    assert sum(c for c, _ in seen) == REQUESTS

@@ -409,6 +409,35 @@ def test_a_less_damped_step_replaces_an_accepted_one_only_when_clearly_lower(h: 
     assert control.relative == pytest.approx(out.damping / backend.scale())  # the damping carried on
 
 
+def test_accept_z_takes_a_step_only_when_its_ratio_is_clear_of_the_checks_noise() -> None:
+    """``accept_z=2`` (the corrections across requests): the ratio test is met by the measured change's upper
+    2-standard-error bound. An undamped step whose point ratio passes (0.5) but whose bound does not is rejected, and
+    the damping grows until the bound passes; the default (``accept_z=0``) takes the undamped step. The check's error
+    here is half the energy's remainder (``se = ½·½hx²``), so shorter steps are measured more precisely."""
+    b, h, g = 1.0, 1.5, 1.0
+    B, G = torch.tensor([[b]], dtype=torch.float64), torch.tensor([g], dtype=torch.float64)
+
+    def check(x: torch.Tensor) -> Measurement:
+        rem = 0.5 * h * float(x @ x)
+        return Measurement(-float(G @ x) + rem, 0.5 * rem, 0.0)
+
+    def bound_ratio(lam: float) -> float:  # closed form: (actual + 2·se) / pred at damping lam
+        x = g / (b + lam)
+        return (-g * x + h * x * x) / (-g * x + 0.5 * b * x * x)
+
+    plain = DampingControl().step(_QuadraticBackend(B), G, check)
+    assert plain.safe and plain.damping == 0 and plain.ratio == pytest.approx(0.5)
+    strict = DampingControl(accept_z=2.0)
+    out = strict.step(_QuadraticBackend(B), G, check)
+    assert bound_ratio(0.0) < strict.eta and out.history[0]["damping"] == 0  # the undamped step: rejected
+    assert out.safe and out.damping > 0 and bound_ratio(out.damping) >= strict.eta
+    passing = [t["damping"] for t in out.history if bound_ratio(t["damping"]) >= strict.eta]
+    assert out.damping == pytest.approx(min(passing))  # the least-damped step whose bound passes
+    assert out.ratio == pytest.approx(check(out.x).actual / out.predicted)  # the point ratio is still reported
+    with pytest.raises(ValueError, match="accept_z"):
+        DampingControl(accept_z=-1.0)
+
+
 def test_the_refinement_after_a_rejected_step_is_taken_when_it_passes() -> None:
     """Rejected at the carried damping, accepted at ×10, refined once at the geometric mean: the refinement is the
     search's own bracketing and is kept when it passes, even when its gain is within the check's noise (unlike the

@@ -484,6 +484,10 @@ class DampingControl:
         max_nll_increase: Largest accepted rise of the held remaining rows' mean NLL, relative to its size.
         screen_z: Standard errors by which a step's screening measurement (``EnergyCheck.screen``) must clear
             both criteria to decide without the full check; ``None``: every step gets the full check.
+        accept_z: Standard errors by which the full check's measured energy change must meet the ratio test
+            (``actual + accept_z·stderr ≤ η·pred``). ``0`` (default): the point estimate, the requests' rule (a
+            request must move; its damping finds a step). The unlearner's corrections across requests, which are
+            optional, use 2: a correction is taken only when its benefit is clear of the check's noise.
     """
 
     def __init__(
@@ -494,6 +498,7 @@ class DampingControl:
         max_trials: int = 12,
         max_nll_increase: float = 0.05,
         screen_z: float | None = 3.0,
+        accept_z: float = 0.0,
     ):
         if isinstance(damping, str):
             if damping != "auto":
@@ -514,6 +519,9 @@ class DampingControl:
         if screen_z is not None and not screen_z > 0:
             raise ValueError(f"screen_z must be > 0 or None, got {screen_z}")
         self.screen_z = None if screen_z is None else float(screen_z)
+        if not (math.isfinite(accept_z) and accept_z >= 0):
+            raise ValueError(f"accept_z must be a finite number >= 0, got {accept_z}")
+        self.accept_z = float(accept_z)
         self.shape = "identity"  # the damping shape the last request accepted
         self._relatives: dict[str, float] = {}  # per shape: the damping carried to the next request (× scale)
 
@@ -542,8 +550,9 @@ class DampingControl:
     def _verdict(self, pred: float, gx: float, meas: Measurement, z: float | None) -> bool | None:
         """Accept (``True``) or reject (``False``) a step from its measurement, or ``None`` when undecided.
 
-        ``z=None`` is the full check's rule: ``pred < 0``, ``actual/pred ≥ η`` and the held rows' mean NLL rising by
-        at most ``max_nll_increase`` of its size beyond two standard errors. A screening measurement (``z``
+        ``z=None`` is the full check's rule: ``pred < 0``, ``actual/pred ≥ η`` (with ``accept_z``: ``(actual +
+        accept_z·stderr)/pred ≥ η``) and the held rows' mean NLL rising by at most ``max_nll_increase`` of its size
+        beyond two standard errors. A screening measurement (``z``
         standard errors) decides only when the whole confidence interval is on one side: accepted when even
         ``actual + z·stderr`` meets the ratio and ``nll_change + z·nll_stderr`` stays under the limit without its
         allowance; rejected when even ``actual − z·stderr`` fails the ratio, or ``nll_change − z·nll_stderr``
@@ -553,8 +562,11 @@ class DampingControl:
             energy_ok: bool | None = True
         elif not pred < 0:
             energy_ok = False
-        elif z is None:
+        elif z is None and self.accept_z == 0.0:
             energy_ok = meas.actual >= -math.inf and meas.actual / pred >= self.eta
+        elif z is None:  # clear of the check's noise: even the upper confidence bound meets the ratio
+            bound = meas.actual + self.accept_z * meas.stderr if math.isfinite(meas.stderr) else math.inf
+            energy_ok = bound >= -math.inf and bound / pred >= self.eta
         elif not (math.isfinite(meas.actual) and math.isfinite(meas.stderr)):
             energy_ok = None
         elif meas.actual + z * meas.stderr <= self.eta * pred:
