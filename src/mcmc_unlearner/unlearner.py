@@ -1713,7 +1713,9 @@ class MCMCUnlearner:
         equilibrium, and neither is a chain retrained the same way. Bank and live chain then move by ``p = −(H +
         λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s, S)]``, through the same damping control
         and safety check as a request (measured from the moved bank, on the request's check rows), damped as ``H + λI``
-        whatever shape the requests accepted unless ``damping_shape`` fixes one. An applied correction clears the
+        whatever shape the requests accepted unless ``damping_shape`` fixes one, and taken only when its measured energy
+        change meets the ratio test at its upper ``RECENTER_ACCEPT_Z``-standard-error bound (a request must move, a
+        correction need not). An applied correction clears the
         carried influence (:func:`~mcmc_unlearner.step.measured_deficit`): ``d`` contains the request's deficit, and
         what the damped correction leaves undone is measured again by the next correction; carried into the next
         request, it was applied a second time there, in the requests' damping shape and without the correction's damping
