@@ -346,7 +346,8 @@ RECENTER_REMOVED_DRAWS = 16
 #: take its error from the spread the last measurement found (``_carried_spread``), for at most
 #: ``RECENTER_CARRY_MAX`` corrections in a row: the one after measures again (on Fashion-MNIST the measured one-draw
 #: error grew 1.6–2.6× over a sequence's eight later corrections, the carried one 1.1–1.4×: the carried model's
-#: shortfall compounds, so it is refreshed every third correction).
+#: shortfall compounds, so it is refreshed every third correction; re-measured there after two carried corrections it
+#: had fallen behind by a median 1.27×, 11 times of 12).
 RECENTER_MAX_DRAWS = 8
 RECENTER_REL_SE = 0.5
 RECENTER_CARRY_MAX = 2
