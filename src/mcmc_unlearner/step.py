@@ -562,10 +562,10 @@ class DampingControl:
             energy_ok: bool | None = True
         elif not pred < 0:
             energy_ok = False
-        elif z is None and self.accept_z == 0.0:
-            energy_ok = meas.actual >= -math.inf and meas.actual / pred >= self.eta
-        elif z is None:  # clear of the check's noise: even the upper confidence bound meets the ratio
-            bound = meas.actual + self.accept_z * meas.stderr if math.isfinite(meas.stderr) else math.inf
+        elif z is None:  # with accept_z: even the upper confidence bound meets the ratio (no error: never)
+            bound = meas.actual
+            if self.accept_z > 0:
+                bound = bound + self.accept_z * meas.stderr if math.isfinite(meas.stderr) else math.inf
             energy_ok = bound >= -math.inf and bound / pred >= self.eta
         elif not (math.isfinite(meas.actual) and math.isfinite(meas.stderr)):
             energy_ok = None

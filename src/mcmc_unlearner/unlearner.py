@@ -1750,8 +1750,8 @@ class MCMCUnlearner:
                 break
         if auto and len(paired) >= 2:
             spread = torch.tensor(se * math.sqrt(len(paired)), dtype=torch.float64)
-            anchor = replace(anchor, spread=spread, spread_shift=torch.tensor(shift, dtype=torch.float64))
-            anchor = replace(anchor, carried=torch.zeros_like(anchor.carried))
+            shifted = torch.tensor(shift, dtype=torch.float64)
+            anchor = replace(anchor, spread=spread, spread_shift=shifted, carried=torch.zeros_like(anchor.carried))
         info.update(recenter_deviation=float(d.norm()), recenter_draws=len(paired), recenter_stderr=se)
         info.update(recenter_noise=noise, recenter_anchor_shift=shift, recenter_spread_stale=stale)
         if not all_finite(d):
