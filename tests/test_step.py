@@ -59,6 +59,38 @@ def test_energy_check_equals_the_closed_form_on_a_linear_gaussian_model(vectoris
         assert m.nll_change == pytest.approx(float((nll1 - nll0).mean()), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("vectorise", [True, False])
+def test_the_unmoved_draws_values_come_from_the_first_measurements_forward_mode_pass(vectorise) -> None:
+    """``h(θ_s)`` costs no forward pass of its own: building a check evaluates no row, and each measurement
+    evaluates the rows twice per draw (at ``θ_s + x``, and the forward-mode derivative at ``θ_s``, whose primal
+    output the first measurement keeps); the kept values are the plain forward passes' (one draw at a time bit for
+    bit) and set the NLL scale, mean ``|h|``."""
+    f, lp, rows, n, thetas, G = _blr_check_parts(4)
+    calls: list[int] = []
+
+    def counted(t: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return f(t, *b)
+
+    check = EnergyCheck(counted, lp, thetas, rows, n, G, vectorise=vectorise)
+    assert not calls
+    x = torch.tensor([0.01, 0.02, -0.03], dtype=torch.float64)
+    first = check(x)
+    per_pass = 1 if vectorise else thetas.shape[0]  # vmap calls the function once for all draws
+    assert len(calls) == 2 * per_pass
+    second = check(2 * x)
+    assert len(calls) == 4 * per_pass
+    h0 = torch.stack([f(t, *rows) for t in thetas])
+    kept = check._part("full").h0
+    if vectorise:
+        torch.testing.assert_close(kept, h0, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.equal(kept, h0)
+    assert first.nll_scale == second.nll_scale == pytest.approx(float(h0.abs().mean()), rel=1e-12)
+    H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
+    assert second.actual == pytest.approx(-float(G @ (2 * x)) + 2.0 * float(x @ H_r @ x), rel=1e-9)
+
+
 def test_a_looped_check_measures_a_convolutional_network_as_the_vectorised_one() -> None:
     """On a small CNN (nonlinear, with a Gaussian prior) the check's every output and its energy gradient are the
     same whether the draws go through ``vmap`` or one at a time (float64: equal to rounding)."""

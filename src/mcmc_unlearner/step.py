@@ -262,17 +262,28 @@ class EnergyCheck:
 
 
 class _Part:
-    """One measurement set of an :class:`EnergyCheck`: draws, rows and their values before the step."""
+    """One measurement set of an :class:`EnergyCheck`: draws, rows and their values before the step.
+
+    The rows' negative log-likelihood at the unmoved draws, ``h(θ_s)``, is the primal output of the first
+    measurement's forward-mode derivative (``jvp`` returns it with the tangent), not a forward pass of its own: one
+    forward pass fewer per check (on a 1.2M-parameter ResNet about a tenth of a request that reuses its curvature).
+    One draw at a time it is bit-identical to a plain forward pass; batched through ``vmap`` it is the same
+    batched computation that gives ``h(θ_s + x)``, so their difference carries no rounding of two different kernels.
+    """
 
     def __init__(self, check: EnergyCheck, thetas: torch.Tensor, rows: Batch) -> None:
         self.c, self.thetas, self.rows = check, thetas, rows
-        f, lp = check.f, check.lp
+        lp = check.lp
         with torch.no_grad():
-            self.h0 = torch.stack([f(t, *rows).detach() for t in thetas])  # [K, m]
             self.lp0 = None if lp is None else torch.stack([lp(t).detach() for t in thetas])
-        sums = check.reduce(torch.stack([torch.tensor(float(rows[0].shape[0])), self.h0.double().abs().mean(0).sum()]))
-        self.m = int(sums[0])
-        self.scale = float(sums[1]) / max(self.m, 1)
+        self.m = int(check.reduce(torch.tensor(float(rows[0].shape[0]), dtype=torch.float64)))
+        self.h0: torch.Tensor | None = None  # [K, m], set by the first measurement (:meth:`_start`)
+        self.scale = math.nan
+
+    def _start(self, h0: torch.Tensor) -> None:
+        """Keep the unmoved draws' values and their mean size (summed across ranks)."""
+        self.h0 = h0.detach()
+        self.scale = float(self.c.reduce(self.h0.double().abs().mean(0).sum())) / max(self.m, 1)
 
     def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (``torch.func``: vmapped
@@ -281,23 +292,28 @@ class _Part:
 
         def one(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
             h1 = f(t + x, *rows)
-            lin = jvp(lambda u: f(u, *rows), (t,), (x,))[1]
+            h0, lin = jvp(lambda u: f(u, *rows), (t,), (x,))
             if lp is None:
-                return h1, lin, torch.zeros((), dtype=h1.dtype)
+                return h1, h0, lin, torch.zeros((), dtype=h1.dtype)
             lp1 = lp(t + x)
             lp0, dlp = jvp(lp, (t,), (x,))
-            return h1, lin, -lp1 + lp0 + dlp  # R of the energy's prior term −log p
+            return h1, h0, lin, -lp1 + lp0 + dlp  # R of the energy's prior term −log p
 
         with torch.no_grad():
             if self.c.vectorise:
-                h1, lin, rp = vmap(one)(self.thetas)
+                h1, h0, lin, rp = vmap(one)(self.thetas)
             else:
-                h1, lin, rp = (torch.stack(v) for v in zip(*(one(t) for t in self.thetas)))
+                h1, h0, lin, rp = (torch.stack(v) for v in zip(*(one(t) for t in self.thetas)))
+        if self.h0 is None:
+            self._start(h0)
         return h1 - self.h0 - lin, h1 - self.h0, float(rp.sum())
 
     def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The same one draw at a time, with double-backward directional derivatives (no ``torch.func``)."""
         f, lp, rows = self.c.f, self.c.lp, self.rows
+        if self.h0 is None:
+            with torch.no_grad():
+                self._start(torch.stack([f(t, *rows).detach() for t in self.thetas]))
         R, dh, prior = torch.zeros_like(self.h0), torch.zeros_like(self.h0), 0.0
         for s, t in enumerate(self.thetas):
             with torch.no_grad():
