@@ -16,7 +16,7 @@ from mcmc_unlearner.curvature import functionalize
 from mcmc_unlearner.errors import QualityError
 from mcmc_unlearner.models.linreg import BayesianLinearRegression
 from mcmc_unlearner.solvers import SolveResult
-from mcmc_unlearner.step import DampingControl, EnergyCheck, Measurement, StepOutcome, _Part
+from mcmc_unlearner.step import DampingControl, EnergyCheck, Measurement, ScreenMode, StepOutcome, _Part
 from mcmc_unlearner.unlearner import MAX_STEP_SHORTFALL, RemovalReport, quality_problems
 
 
@@ -253,6 +253,75 @@ def test_damping_control_rejects_an_overshooting_model_and_finds_a_decreasing_st
     exact = DampingControl()
     ok = exact.step(_QuadraticBackend(H), G, _true_check(H, G))
     assert ok.safe and ok.trials == 1 and ok.damping == 0 and ok.ratio == pytest.approx(1.0)
+
+
+class _TrueScreenedCheck:
+    """The true energy change of a quadratic, as a full check and as a screen (with a small standard error each),
+    counting both."""
+
+    screening = True
+
+    def __init__(self, H: torch.Tensor, G: torch.Tensor) -> None:
+        self.H, self.G, self.screens, self.fulls = H, G, 0, 0
+
+    def _measure(self, x: torch.Tensor, rows: int) -> Measurement:
+        actual = -float(self.G @ x) + 0.5 * float(x @ self.H @ x)
+        return Measurement(actual, 1e-3 * abs(actual), 0.0, nll_scale=1.0, nll_stderr=1e-4, draws=8, rows=rows)
+
+    def screen(self, x: torch.Tensor) -> Measurement:
+        self.screens += 1
+        return self._measure(x, 64)
+
+    def __call__(self, x: torch.Tensor) -> Measurement:
+        self.fulls += 1
+        return self._measure(x, 256)
+
+
+def test_a_reject_only_screen_rejects_the_expected_failures_and_takes_the_full_checks_steps() -> None:
+    """``screen_accepts=False``: the search from scratch over a model 10× too flat rejects its grossly overshooting
+    steps on the screen, and every step it takes (accepted, refined) was measured by the full check — the same
+    steps and dampings as with the full check alone, with fewer full checks. A request starting from a carried
+    damping makes no screening pass at all."""
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    H = Q @ torch.diag(torch.tensor([1.0, 2.0, 5.0, 10.0, 50.0], dtype=torch.float64)) @ Q.T
+    G = torch.randn(5, dtype=torch.float64)
+    runs = {}
+    for accepts in (None, False):  # None: no screening
+        control = DampingControl(screen_z=None) if accepts is None else DampingControl(screen_accepts=False)
+        check = _TrueScreenedCheck(H, G)
+        runs[accepts] = (control.step(_QuadraticBackend(0.1 * H), G, check), check, control)
+    (full, full_check, _), (rej, rej_check, control) = runs[None], runs[False]
+    assert rej.safe and full.safe and rej.trials == full.trials > 2
+    assert rej.damping == full.damping and torch.equal(rej.x, full.x) and rej.actual == full.actual
+    screened = [h for h in rej.history if h["check_rows"] == 64]
+    assert screened and all(h["ratio"] < 0 for h in screened)  # only steps that made the energy rise
+    assert all(h["check_rows"] == 256 for h in rej.history if h["damping"] == rej.damping)  # taken on the full
+    assert rej_check.fulls == full_check.fulls - len(screened)
+    # the next request starts from the accepted damping: no screening pass
+    check = _TrueScreenedCheck(H, G)
+    nxt = control.step(_QuadraticBackend(0.1 * H), G, check)
+    assert nxt.safe and check.screens == 0 and check.fulls == nxt.trials
+
+
+def test_a_reject_only_screen_never_accepts_on_the_screen() -> None:
+    """A screen that clearly passes a step hands it to the full check, whose verdict stands (both ways); one that
+    clearly fails it rejects it without a full check."""
+    H = torch.eye(2, dtype=torch.float64)
+    G = torch.tensor([1.0, 1.0], dtype=torch.float64)  # x = G, pred = −1
+    passes = Measurement(-1.0, 0.01, 0.0, nll_scale=1.0, nll_stderr=0.001, draws=4, rows=64)
+    fails = Measurement(2.0, 0.01, 0.0, nll_scale=1.0, nll_stderr=0.001, draws=4, rows=64)
+    for full_ok in (True, False):
+        full = Measurement(-1.0 if full_ok else 1.0, 0.01, 0.0, nll_scale=1.0, nll_stderr=0.001, draws=8, rows=256)
+        check = _ScriptedCheck(passes, full)
+        out = DampingControl(damping=0.0, screen_accepts=False)._try(_QuadraticBackend(H), G, check, 0.0, True)
+        assert check.full_calls == 1 and out.safe is full_ok and out.history[0]["check_rows"] == 256
+        check = _ScriptedCheck(fails, full)
+        out = DampingControl(damping=0.0, screen_accepts=False)._try(_QuadraticBackend(H), G, check, 0.0, True)
+        assert check.full_calls == 0 and out.safe is False and out.history[0]["check_rows"] == 64
+        check = _ScriptedCheck(fails, full)  # a trial not expected to fail: the full check only
+        out = DampingControl(damping=0.0, screen_accepts=False)._try(_QuadraticBackend(H), G, check, 0.0, False)
+        assert check.full_calls == 1 and out.safe is full_ok
 
 
 class _ShapedBackend(_QuadraticBackend):
@@ -644,16 +713,32 @@ def test_screened_and_full_checks_choose_the_same_steps_on_a_gaussian_posterior(
     """A sequence of requests with and without screening: the same dampings and decisions, and the screened run
     decided its clear steps on a quarter of the rows."""
     prob = make_blr(n=2000, removed=40)
-    runs = []
-    for screen in (True, False):
+    runs, banks = [], []
+    for screen in (True, False, "reject"):
         _, data, un = _blr_unlearner(prob, check_screen=screen)
         reports = [un.forget(prob.removed[i : i + 10], data) for i in range(0, 40, 10)]
         runs.append(reports)
-    for a, b in zip(*runs):
+        banks.append(un.bank.clone())
+    for a, b, c in zip(*runs):
         assert a.damping == b.damping and a.damping_trials == b.damping_trials and a.safe and b.safe
         full_rows = b.info["trials"][-1]["check_rows"]  # whole minibatches holding >= 256 rows
         assert full_rows >= 256 and a.info["trials"][-1]["check_rows"] in (64, full_rows)
+        # the reject-only screen (the default) takes the full check's steps, measured by the full check
+        assert c.damping == b.damping and c.damping_trials == b.damping_trials and c.actual_change == b.actual_change
+        assert c.info["trials"][-1]["check_rows"] == full_rows
     assert any(r.info["trials"][-1]["check_rows"] == 64 for r in runs[0])
+    assert torch.equal(banks[2], banks[1])
+
+
+def test_check_screen_modes_and_a_bad_one_refused() -> None:
+    prob = make_blr()
+    assert _blr_unlearner(prob)[2].check_screen is ScreenMode.REJECT  # the default
+    for value, mode, accepts in ((True, "both", True), (False, "off", False), ("reject", "reject", False)):
+        un = _blr_unlearner(prob, check_screen=value)[2]
+        assert un.check_screen.value == mode and un.control.screen_accepts is accepts
+        assert un.config()["check_screen"] == mode
+    with pytest.raises(ValueError, match=r"check_screen must be one of \['off', 'reject', 'both'\]"):
+        _blr_unlearner(prob, check_screen="sometimes")
 
 
 def test_quality_gate_refuses_a_step_made_by_the_damping_and_changes_nothing() -> None:

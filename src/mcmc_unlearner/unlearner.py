@@ -57,7 +57,7 @@ from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_
 from .memory import bytes_per_row, chunk_for, format_bytes, resolve_budget
 from .samplers import scale_lr
 from .solvers import SolverName
-from .step import DampingControl, DampingShape, EnergyCheck, StepOutcome, measured_deficit
+from .step import DampingControl, DampingShape, EnergyCheck, ScreenMode, StepOutcome, measured_deficit
 
 __all__ = [
     "BankShift",
@@ -680,12 +680,14 @@ class MCMCUnlearner:
             exceeds this.
         check_draws: Posterior draws of the safety check.
         check_rows: Held remaining rows of the safety check.
-        check_screen: Measure each step first on half the check draws and a quarter of its rows (an eighth of the
-            cost) and decide there when the verdict is clear by three standard errors either way (see
-            :meth:`DampingControl._verdict <mcmc_unlearner.step.DampingControl._verdict>`); only steps near a
-            threshold get the full check. Off by default: it cut the first request on a 1.2M-parameter ResNet
-            by a third, but on Fashion-MNIST the steps it accepts early carry a noisier measured deficit to the
-            next request, and two seeds ended farther from retraining (docs/model-matrix.md).
+        check_screen: ``"reject"`` (default): a trial the damping search expects to fail (the first step of a
+            search with no carried damping, every step after a rejected one) is measured first on half the check
+            draws and a quarter of its rows (an eighth of the cost) and rejected there when it fails by three
+            standard errors (:meth:`DampingControl._verdict <mcmc_unlearner.step.DampingControl._verdict>`);
+            every step taken is measured by the full check, so the steps are the full check's. ``"both"`` (or
+            ``True``) screens every trial and also accepts on the screen: on Fashion-MNIST the steps it accepts
+            early carry a noisier measured deficit to the next request, and two seeds ended farther from
+            retraining (docs/model-matrix.md). ``"off"`` (or ``False``): the full check only.
         negative_curvature: With ``solver="cg"`` and a fixed damping: ``"raise"`` refuses an indefinite Hessian;
             ``"truncate"`` stops CG at the first negative-curvature direction (truncated Newton-CG). With
             ``damping="auto"`` negative curvature raises the damping instead.
@@ -784,7 +786,7 @@ class MCMCUnlearner:
         drift_tol: float = 2.0,
         check_draws: int = 8,
         check_rows: int = 256,
-        check_screen: bool = False,
+        check_screen: ScreenMode | str | bool = "reject",
         negative_curvature: str = "raise",
         newton_steps: int = 1,
         newton_target: str = "equilibrium",
@@ -879,7 +881,8 @@ class MCMCUnlearner:
         if check_draws < 1 or check_rows < 1:
             raise ValueError(f"check_draws and check_rows must be >= 1, got {check_draws}, {check_rows}")
         self.check_draws, self.check_rows = int(check_draws), int(check_rows)
-        self.check_screen = bool(check_screen)
+        self.check_screen = ScreenMode.parse(check_screen)
+        self.control.screen_accepts = self.check_screen is ScreenMode.BOTH
         if negative_curvature not in ("raise", "truncate"):
             raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
         self.negative_curvature = negative_curvature
@@ -994,7 +997,7 @@ class MCMCUnlearner:
             "drift_tol": self.drift_tol,
             "check_draws": self.check_draws,
             "check_rows": self.check_rows,
-            "check_screen": self.check_screen,
+            "check_screen": self.check_screen.value,
             "negative_curvature": self.negative_curvature,
             "newton_steps": self.newton_steps,
             "newton_target": self.newton_target,
@@ -1384,7 +1387,8 @@ class MCMCUnlearner:
         row_nll = self._row_nll
         rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
         lp_f = None if self.log_prior is None else functionalize(self.model, lambda m: self.log_prior(m))
-        screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if self.check_screen else None
+        screened = self.check_screen is not ScreenMode.OFF
+        screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if screened else None
         check_rows = self._raw(stream.rows(self.check_rows))
         check = EnergyCheck(
             rows_f,
