@@ -281,7 +281,7 @@ def test_a_reject_only_screen_rejects_the_expected_failures_and_takes_the_full_c
     """``screen_accepts=False``: the search from scratch over a model 10× too flat rejects its grossly overshooting
     steps on the screen, and every step it takes (accepted, refined) was measured by the full check — the same
     steps and dampings as with the full check alone, with fewer full checks. A request starting from a carried
-    damping makes no screening pass at all."""
+    damping makes no screening pass at all, even when that damping proves too small."""
     torch.manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
     H = Q @ torch.diag(torch.tensor([1.0, 2.0, 5.0, 10.0, 50.0], dtype=torch.float64)) @ Q.T
@@ -302,6 +302,11 @@ def test_a_reject_only_screen_rejects_the_expected_failures_and_takes_the_full_c
     check = _TrueScreenedCheck(H, G)
     nxt = control.step(_QuadraticBackend(0.1 * H), G, check)
     assert nxt.safe and check.screens == 0 and check.fulls == nxt.trials
+    # nor when a carried damping turns out too small: its search is not from scratch
+    control.set_state({"relatives": {"identity": 1e-6}})
+    check = _TrueScreenedCheck(H, G)
+    nxt = control.step(_QuadraticBackend(0.1 * H), G, check)
+    assert nxt.safe and nxt.trials > 2 and check.screens == 0 and check.fulls == nxt.trials
 
 
 def test_a_reject_only_screen_never_accepts_on_the_screen() -> None:

@@ -63,10 +63,11 @@ criteria are met, or one is failed, by more than three standard errors of that m
 step near a threshold pays for the full check, whose point estimates decide as above. A damping search from zero
 rejects its first, grossly overshooting steps this way (the energy *rises* by many standard errors). The default
 (``check_screen="reject"``, ``DampingControl(screen_accepts=False)``) lets the screen only *reject*, and screens
-only the trials a search expects to fail — the first step of a search with no carried damping and every step after
-a rejected one — so a taken step is always measured by the full check and a steady-state request pays nothing for
-screening. ``check_screen=True`` also accepts on the screen; such a step carries the screen's noisier measurement
-into ``measured_deficit`` (on Fashion-MNIST two seeds ended farther from retraining that way).
+only the trials a search expects to fail — those of a search from scratch (no carried damping), up to its first
+accepted step — so a taken step is always measured by the full check and a request that starts from a carried
+damping pays nothing for screening. ``check_screen=True`` also accepts on the screen; such a step carries the
+screen's noisier measurement into ``measured_deficit`` (on Fashion-MNIST two seeds ended farther from retraining
+that way).
 
 **Step length** (``MCMCUnlearner(shorten_steps=True)``, the default). The check gives the measured energy along
 the accepted step as a quadratic in its length, ``φ(αx) ≈ −α G·x + α²(actual + G·x)``; when its minimum, taken
@@ -526,10 +527,11 @@ class DampingControl:
         screen_z: Standard errors by which a step's screening measurement (``EnergyCheck.screen``) must clear
             both criteria to decide without the full check; ``None``: every step gets the full check.
         screen_accepts: Whether the screen may also *accept* a step (``True``; then every trial is screened). With
-            ``False`` it only rejects, and only the trials of a search that is expected to reject: the first step
-            of a search with no damping carried from an earlier request, and the steps after a rejected one. A
-            taken step is then always measured by the full check, and a steady-state request (one trial, carried
-            damping) makes no screening pass.
+            ``False`` it only rejects, and only the trials of a search from scratch (no damping carried from an
+            earlier request) up to its first accepted step, whose least damped steps mostly overshoot by far. A
+            taken step is then always measured by the full check, and a request that starts from a carried
+            damping makes no screening pass (after a rejection there the next, ten times more damped step is
+            mostly accepted: screening it would only add its cost).
         accept_z: Standard errors by which the full check's measured energy change must meet the ratio test
             (``actual + accept_z·stderr ≤ η·pred``). ``0`` (default): the point estimate, the requests' rule (a
             request must move; its damping finds a step). The unlearner's corrections across requests, which are
@@ -823,7 +825,8 @@ class DampingControl:
             lam = max(carried * scale(), low) if carried > 0 else low
             best: StepOutcome | None = None
             failed: float | None = None
-            out = attempt(lam, expect_reject=not carried > 0)  # from scratch: most first steps overshoot
+            fresh = not carried > 0  # a search from scratch: its first, least damped steps mostly overshoot
+            out = attempt(lam, expect_reject=fresh)
             if out is not None and out.safe:
                 best = out
                 if len(history) < self.max_trials and best.ratio > TRUSTED_RATIO and best.damping > 0:
@@ -839,7 +842,7 @@ class DampingControl:
                 while len(history) < self.max_trials:
                     failed = lam
                     lam = start() if lam < start() else lam * self.grow
-                    out = attempt(lam, expect_reject=True)
+                    out = attempt(lam, expect_reject=fresh)
                     if out is not None and out.safe:
                         best = out
                         break

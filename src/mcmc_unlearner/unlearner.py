@@ -680,11 +680,12 @@ class MCMCUnlearner:
             exceeds this.
         check_draws: Posterior draws of the safety check.
         check_rows: Held remaining rows of the safety check.
-        check_screen: ``"reject"`` (default): a trial the damping search expects to fail (the first step of a
-            search with no carried damping, every step after a rejected one) is measured first on half the check
-            draws and a quarter of its rows (an eighth of the cost) and rejected there when it fails by three
-            standard errors (:meth:`DampingControl._verdict <mcmc_unlearner.step.DampingControl._verdict>`);
-            every step taken is measured by the full check, so the steps are the full check's. ``"both"`` (or
+        check_screen: ``"reject"`` (default): a trial the damping search expects to fail (those of a search from
+            scratch, with no damping carried from an earlier request, up to its first accepted step) is measured
+            first on half the check draws and a quarter of its rows (an eighth of the cost) and rejected there
+            when it fails by three standard errors
+            (:meth:`DampingControl._verdict <mcmc_unlearner.step.DampingControl._verdict>`); every step taken is
+            measured by the full check, so the steps are the full check's. ``"both"`` (or
             ``True``) screens every trial and also accepts on the screen: on Fashion-MNIST the steps it accepts
             early carry a noisier measured deficit to the next request, and two seeds ended farther from
             retraining (docs/model-matrix.md). ``"off"`` (or ``False``): the full check only.
