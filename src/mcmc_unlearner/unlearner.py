@@ -685,7 +685,8 @@ class MCMCUnlearner:
             first on half the check draws and a quarter of its rows (an eighth of the cost) and rejected there
             when it fails by three standard errors
             (:meth:`DampingControl._verdict <mcmc_unlearner.step.DampingControl._verdict>`); every step taken is
-            measured by the full check, so the steps are the full check's. ``"both"`` (or
+            measured by the full check, so the steps are the full check's unless the screen rejects one the full
+            check would have taken. ``"both"`` (or
             ``True``) screens every trial and also accepts on the screen: on Fashion-MNIST the steps it accepts
             early carry a noisier measured deficit to the next request, and two seeds ended farther from
             retraining (docs/model-matrix.md). ``"off"`` (or ``False``): the full check only.
