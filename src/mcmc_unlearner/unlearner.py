@@ -847,7 +847,9 @@ class MCMCUnlearner:
             )
         if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
             raise ValueError("solver='kfac' supports hessian='remaining' only")
-        self.control = DampingControl(damping, max_trials=max_damping_trials)
+        self.check_screen = ScreenMode.parse(check_screen)
+        screen_accepts = self.check_screen is ScreenMode.BOTH
+        self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
         if damping_shape not in {d.value for d in DampingShape}:
             raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {damping_shape!r}")
         self.damping_shape = DampingShape(damping_shape)
@@ -883,8 +885,6 @@ class MCMCUnlearner:
         if check_draws < 1 or check_rows < 1:
             raise ValueError(f"check_draws and check_rows must be >= 1, got {check_draws}, {check_rows}")
         self.check_draws, self.check_rows = int(check_draws), int(check_rows)
-        self.check_screen = ScreenMode.parse(check_screen)
-        self.control.screen_accepts = self.check_screen is ScreenMode.BOTH
         if negative_curvature not in ("raise", "truncate"):
             raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
         self.negative_curvature = negative_curvature
