@@ -31,7 +31,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
 MODELS = ("layernorm", "tied", "frozen", "depthwise", "groupnorm", "convtranspose", "conv1d", "lstm", "gru",
-          "binary", "hetero", "poisson")  # fmt: skip
+          "binary", "hetero", "poisson", "tiedlm", "mha")  # fmt: skip
 
 
 class _Img(nn.Module):
@@ -69,11 +69,43 @@ class _Seq(nn.Module):
         return self.out(self.body(e)[0][:, -1])
 
 
+class _TiedLM(nn.Module):
+    """Next-token prediction with the output layer's weight tied to the input embedding (as language models do)."""
+
+    def __init__(self, vocab: int = 20, d: int = 16) -> None:
+        super().__init__()
+        self.emb, self.mix = nn.Embedding(vocab, d), nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab)
+        self.out.weight = self.emb.weight  # state_dict() lists the shared tensor under both names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.emb(x[:, -2:]).sum(1))))
+
+
+class _Attention(nn.Module):
+    """``nn.MultiheadAttention`` on torch's default (fused) kernel, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.att = nn.Embedding(20, 12), nn.MultiheadAttention(12, 2, batch_first=True)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.out(self.att(h, h, h, need_weights=False)[0].mean(1))
+
+
 def _problem(name: str, g: torch.Generator):
     """(model, x, y, likelihood kind)."""
-    if name in ("lstm", "gru", "conv1d"):
+    if name in ("lstm", "gru", "conv1d", "mha"):
         x = torch.randint(1, 20, (1200, 12), generator=g)
-        return _Seq(name), x, (x == 3).any(1).long(), "cls"
+        return (_Attention() if name == "mha" else _Seq(name)), x, (x == 3).any(1).long(), "cls"
+    if name == "tiedlm":  # the next token is the sum of the last two mod 20, one in ten replaced at random
+        x = torch.randint(0, 20, (1200, 12), generator=g)
+        y = (x[:, -1] + x[:, -2]) % 20
+        noise = torch.rand(1200, generator=g) < 0.1
+        y[noise] = torch.randint(0, 20, (int(noise.sum()),), generator=g)
+        return _TiedLM(), x, y, "cls"
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -141,8 +173,8 @@ def run_one(name: str, seed: int, options: dict) -> dict:
     n_test = len(x) // 5
     xt, yt, xtr, ytr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
     N = len(xtr)
-    if kind == "cls" and name not in ("lstm", "gru", "conv1d"):
-        forget = (ytr == 3).nonzero().squeeze(1)[:64]  # most of one class
+    if kind == "cls" and name not in ("lstm", "gru", "conv1d", "mha"):
+        forget = (ytr == 3).nonzero().squeeze(1)[:64]  # most of one class (tiedlm: one next token)
     else:
         forget = torch.randperm(N, generator=g)[:48]
     keep = torch.ones(N, dtype=torch.bool)
@@ -184,6 +216,14 @@ def run_one(name: str, seed: int, options: dict) -> dict:
            "trainable": sum(p.numel() for p in params), "chain_cpu_seconds": train_cpu, "options": options}  # fmt: skip
     vector_to_parameters(bank[-1], model.parameters())  # the live model aliases the user's bank, as users do
     user_bank = bank.clone()
+    as_states = name == "tiedlm"  # kept as state_dicts (both names of the tied weight), read back by load_state_dict
+    if as_states:
+        user_bank = []
+        for th in bank:
+            vector_to_parameters(th.clone(), model.parameters())
+            user_bank.append({k: v.clone() for k, v in model.state_dict().items()})
+        vector_to_parameters(bank[-1].clone(), model.parameters())
+        given = [{k: v.clone() for k, v in sd.items()} for sd in user_bank]
     from mcmc_unlearner import MCMCUnlearner
 
     try:
@@ -196,8 +236,15 @@ def run_one(name: str, seed: int, options: dict) -> dict:
         res.update(status="ok", solver=un.solver.value, solver_reason=un.solver_reason,
                    damping_relative=report.damping_relative, model_ratio=report.model_ratio,
                    damping_trials=report.damping_trials, damping_shape=report.info.get("damping_shape"),
-                   bank_untouched=bool(torch.equal(user_bank, bank)))  # fmt: skip
+                   bank_untouched=bool(torch.equal(user_bank, bank)) if not as_states else all(
+                       torch.equal(sd[k], old[k]) for sd, old in zip(user_bank, given) for k in sd))  # fmt: skip
         stats["unlearn"] = un.samples()
+        if as_states:  # what the user gets back, loaded as the user loads it
+            rows = []
+            for sd in stats["unlearn"]:
+                model.load_state_dict(sd)
+                rows.append(parameters_to_vector(model.parameters()).detach().clone())
+            stats["unlearn"] = torch.stack(rows)
     except Exception as e:  # recorded: the point is to see what fails
         res["status"] = f"{type(e).__name__}: {e}"
     for k, b in stats.items():

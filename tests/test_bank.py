@@ -275,3 +275,126 @@ def test_a_model_in_training_mode_with_batchnorm_is_refused_before_anything_chan
     un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
     assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
     assert all(torch.equal(state[k], model.state_dict()[k]) for k in state if "running" in k or "num_batches" in k)
+
+
+@pytest.mark.parametrize("kind", ["dropout", "attention"])
+def test_a_model_in_training_mode_with_dropout_is_refused_before_anything_changes(kind: str) -> None:
+    _, x, y, _ = _problem(10)
+    torch.manual_seed(10)
+    if kind == "dropout":
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2))
+        match = r"training mode with Dropout layers.*model\.eval\(\)"
+    else:  # attention's own dropout (no Dropout module)
+        model = _Attend(dropout=0.1)
+        match = r"training mode with MultiheadAttention layers.*model\.eval\(\)"
+    model.train()
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(6, theta.numel())
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=match):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    assert torch.equal(torch.get_rng_state(), rng)  # refused before any forward pass drew a mask
+    assert torch.equal(parameters_to_vector(model.parameters()), theta) and model.training
+    model.eval()
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    # in eval mode it is accepted and unlearns (the attention model through torch's default fused kernel, which
+    # has no double backward: the unlearner evaluates attention on the math kernel)
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    if kind == "dropout":  # a probability of 0 drops nothing: accepted in training mode
+        model[2].p = 0.0
+        MCMCUnlearner(model.train(), nll=_nll, log_prior=_log_prior, bank=bank)
+
+
+class _Attend(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(1, 4), nn.MultiheadAttention(4, 1, dropout=dropout), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.inp(x.unsqueeze(-1)).transpose(0, 1)  # [3 tokens, batch, 4]
+        return self.out(self.att(h, h, h, need_weights=False)[0].mean(0))
+
+
+def test_tied_weights_come_back_moved_under_every_name_the_state_dict_lists() -> None:
+    class Tied(nn.Module):  # a decoder sharing its weight with the encoder, as in tied-embedding language models
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.mid = nn.Linear(4, 3, bias=False), nn.Linear(4, 4)
+            self.dec = nn.Linear(4, 3)
+            self.dec.weight = self.enc.weight  # one parameter, two names in state_dict()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            return self.dec(torch.tanh(self.mid(torch.tanh(x @ self.enc.weight))))
+
+    _, x, _, _ = _problem(9)
+    y = x.argmax(1)
+    torch.manual_seed(9)
+    model = Tied()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):  # near a mode of the posterior, as a sampler's states are
+        opt.zero_grad()
+        (_nll(model, (x, y)).sum() - _log_prior(model)).backward()
+        opt.step()
+    states = []
+    for s in range(12):  # samples kept as a user keeps them: state_dict copies (both names of the shared weight)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.calls.fill_(s)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert {"enc.weight", "dec.weight", "calls"} <= set(states[0])
+    stacked = {k: torch.stack([sd[k] for sd in states]) for k in states[0]}
+    banks = {}
+    for kind, given in (("state_dicts", states), ("stacked", stacked)):
+        un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=given)
+        un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
+        out = un.samples()
+        rows = out if kind == "state_dicts" else [{k: v[i] for k, v in out.items()} for i in range(12)]
+        assert list(rows[0]) == list(states[0])  # every entry, in the caller's order
+        for i, sd in enumerate(rows):
+            assert torch.equal(sd["dec.weight"], sd["enc.weight"])  # the second name holds the moved value too
+            assert float(sd["calls"]) == i  # the buffer carried along, sample by sample
+            probe = copy.deepcopy(model)
+            probe.load_state_dict(sd)  # loading a returned sample gives the moved parameters (not the old tie)
+            assert torch.equal(parameters_to_vector(probe.parameters()), un.bank[i])
+        assert not torch.equal(rows[0]["enc.weight"], states[0]["enc.weight"])  # the shared weight moved
+        banks[kind] = un.bank
+    assert torch.equal(banks["state_dicts"], banks["stacked"])
+    bad = [dict(sd) for sd in states]
+    bad[3]["dec.weight"] = bad[3]["dec.weight"] + 1.0
+    with pytest.raises(ValueError, match=r"state_dict 3 holds different values under 'enc.weight' and 'dec.weight'"):
+        MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bad)
+
+
+class _MathAttend(_Attend):
+    def forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return super().forward(x)
+
+
+@pytest.mark.parametrize("solver", ["exact", "kfac", "cg"])
+def test_attention_on_torchs_default_fused_kernel_unlearns_as_on_the_math_kernel(solver: str) -> None:
+    # nn.MultiheadAttention's default CPU kernel has no double backward and no forward-mode derivative: the
+    # removal crashed in the curvature or the safety check; the unlearner now evaluates attention on the math kernel
+    _, x, y, _ = _problem(11)
+    torch.manual_seed(11)
+    fused = _Attend(dropout=0.0).eval()
+    opt = torch.optim.Adam(fused.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        (_nll(fused, (x, y)).sum() - _log_prior(fused)).backward()
+        opt.step()
+    theta = parameters_to_vector(fused.parameters()).detach()
+    bank = theta + 0.02 * torch.randn(8, theta.numel(), generator=torch.Generator().manual_seed(11))
+    math_model = _MathAttend(dropout=0.0).eval()
+    math_model.load_state_dict(fused.state_dict())
+    banks = []
+    for model in (fused, math_model):
+        un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank, solver=solver)
+        report = un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
+        assert report.passed and report.shift_norm > 0
+        banks.append(un.bank)
+    torch.testing.assert_close(banks[0], banks[1], rtol=1e-4, atol=1e-6)  # the same function, the same removal

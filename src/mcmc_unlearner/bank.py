@@ -7,7 +7,14 @@ Accepted layouts (``D`` = the model's trainable parameters in ``named_parameters
   parameters also ``[S, D_all]``, rows of ``parameters_to_vector(model.parameters())`` with the frozen ones
   included (they must hold the model's frozen values; returned in that width, those columns unchanged);
 * a list of ``state_dict``-like mappings ``{name: tensor}`` (buffers and other entries are carried along);
-* a dict of stacked tensors ``{name: [S, *shape]}`` (the layout of the ``posteriors`` library).
+* a dict of stacked tensors ``{name: [S, *shape]}`` (the layout of the ``posteriors`` library; other entries, such
+  as buffers, are carried along too).
+
+A parameter shared by several modules (tied weights: ``decoder.weight = encoder.weight``) is one column block of
+the flat bank; ``state_dict`` lists it under every name. Such entries must agree in every sample, and every name
+present is returned holding the moved value (one tensor, as ``state_dict`` gives it): a returned sample whose
+second name kept the old value would, loaded with ``load_state_dict``, put the old value back into the shared
+parameter.
 
 :func:`to_flat` always copies, so the unlearner never writes into the caller's tensors; :class:`BankLayout`
 turns a shifted flat bank back into the caller's layout (new tensors, same dtypes and devices).
@@ -32,9 +39,10 @@ class BankLayout:
 
     kind: str
     spec: ParamSpec
-    template: Any = None  # state_dicts: the original list (non-parameter entries are copied from it)
+    template: Any = None  # state_dicts / stacked: the original list / dict (non-parameter entries are copied from it)
     trainable: torch.Tensor | None = None  # flat banks of every parameter: which columns are trainable
     frozen: torch.Tensor | None = None  # ... and the frozen columns' values
+    tied: tuple[tuple[str, str], ...] = ()  # (second name, the name the flat bank uses) of shared parameters
 
     def restore(self, flat: torch.Tensor) -> Any:
         """The flat bank ``[S, D]`` in this layout (new tensors)."""
@@ -47,15 +55,61 @@ class BankLayout:
             return out
         rows = [self.spec.unflatten(r) for r in flat]
         if self.kind == "stacked":
-            return {name: torch.stack([r[name] for r in rows]) for name in self.spec.names}
+            moved = {name: torch.stack([r[name] for r in rows]) for name in self.spec.names}
+            if self.template is None:
+                return moved
+            # every entry in the caller's order: parameters moved, tied names sharing them, the rest copied
+            # (samples beyond the given ones reuse the last one's extras)
+            given = int(self.template[self.spec.names[0]].shape[0])
+            pick = torch.arange(flat.shape[0]).clamp(max=given - 1)
+            out = {}
+            for k, v in self.template.items():
+                if k in moved:
+                    out[k] = moved[k].to(dtype=v.dtype, device=v.device)
+                elif isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == given:
+                    out[k] = v.detach()[pick.to(v.device)].clone()
+                else:
+                    out[k] = v.clone() if isinstance(v, torch.Tensor) else v
+            for alias, name in self.tied:
+                if alias in out:
+                    out[alias] = out[name]
+            return out
         out = []
         for i, r in enumerate(rows):
             orig = self.template[min(i, len(self.template) - 1)]  # samples collected later reuse the last one's extras
             d = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in orig.items()}
             for name in self.spec.names:
                 d[name] = r[name].to(dtype=orig[name].dtype, device=orig[name].device).clone()
+            for alias, name in self.tied:
+                if alias in d:
+                    d[alias] = d[name]
             out.append(type(orig)(d) if isinstance(orig, dict) else d)
         return out
+
+
+def tied_names(model: torch.nn.Module | None, spec: ParamSpec) -> tuple[tuple[str, str], ...]:
+    """``(second name, first name)`` of every trainable parameter registered under more than one name."""
+    if model is None:
+        return ()
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            if first[id(p)] in spec.names:
+                out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return tuple(out)
+
+
+def _check_tied(tied: tuple[tuple[str, str], ...], sample: Mapping[str, Any], what: str) -> None:
+    for alias, name in tied:
+        if alias in sample and not torch.equal(sample[alias].detach(), sample[name].detach()):
+            raise ValueError(
+                f"bank: {what} holds different values under {name!r} and {alias!r}, but the model shares one "
+                f"parameter between them (tied weights), so a sample has one value there. Save the samples with "
+                f"model.state_dict() (it lists the shared tensor under both names), or drop {alias!r}"
+            )
 
 
 def _missing(names: Sequence[str], have: Mapping[str, Any], what: str) -> None:
@@ -104,19 +158,23 @@ def to_flat(
             if tuple(t.shape[1:]) != tuple(shape):
                 raise ValueError(f"bank: {n} has sample shape {tuple(t.shape[1:])}, the model's is {tuple(shape)}")
             parts.append(t.reshape(t.shape[0], -1))
-        flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec)
+        tied = tied_names(model, spec)
+        _check_tied(tied, bank, "the dict of stacked tensors")
+        flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, dict(bank), tied=tied)
     elif isinstance(bank, Sequence) and not isinstance(bank, (str, bytes)) and len(bank) > 0:
         rows = []
+        tied = tied_names(model, spec)
         for i, sd in enumerate(bank):
             if not isinstance(sd, Mapping):
                 raise ValueError(f"bank: item {i} is a {type(sd).__name__}, expected a state_dict (a mapping)")
             _missing(spec.names, sd, f"state_dict {i}")
+            _check_tied(tied, sd, f"state_dict {i}")
             for n, shape in zip(spec.names, spec.shapes):
                 if tuple(sd[n].shape) != tuple(shape):
                     got = tuple(sd[n].shape)
                     raise ValueError(f"bank: state_dict {i}: {n} has shape {got}, expected {tuple(shape)}")
             rows.append(torch.cat([sd[n].detach().reshape(-1) for n in spec.names]))
-        flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, list(bank))
+        flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, list(bank), tied=tied)
     else:
         raise ValueError(
             "bank: give a tensor [S, D], a list of state_dicts, or a dict of stacked tensors {name: [S, ...]}; "

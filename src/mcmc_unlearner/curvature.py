@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "LowRankPreconditioner",
@@ -122,10 +123,16 @@ def call_with(
     (``self.b2 = self.b``): the tensors passed in stay registered afterwards, so the model would silently stop
     using its own parameters. They are put back here (``aliased``: :func:`aliased_parameters` of ``module``,
     computed once by callers that call often).
+
+    Attention runs on torch's math kernel here (``sdpa_kernel(SDPBackend.MATH)``): the fused CPU kernel that
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` pick by default has neither a double backward nor a
+    forward-mode derivative, so curvature products and the safety check would fail on a plain transformer. The math
+    kernel computes the same function (up to rounding) with both; models without attention are unaffected.
     """
     aliased = aliased_parameters(module) if aliased is None else aliased
     try:
-        return functional_call(module, params, args, **kwargs)
+        with sdpa_kernel(SDPBackend.MATH):
+            return functional_call(module, params, args, **kwargs)
     finally:
         for m, name, p in aliased:
             if m._parameters.get(name) is not p:

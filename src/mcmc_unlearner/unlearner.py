@@ -500,7 +500,8 @@ def _check_log_prior(model: nn.Module, log_prior: Callable[[nn.Module], torch.Te
 
 
 def _check_mode(model: nn.Module) -> None:
-    """Refuse a model whose forward pass in its current (training) mode uses and updates batch statistics."""
+    """Refuse a model whose forward pass in its current (training) mode uses and updates batch statistics, or
+    drops units at random."""
     norms = sorted(
         {
             type(m).__name__
@@ -518,6 +519,24 @@ def _check_mode(model: nn.Module) -> None:
             "batch's statistics and updates the running ones, so a row's likelihood depends on its batch and every "
             "evaluation the unlearner makes would change the model. Call model.eval() first (freeze the running "
             "statistics before sampling: the bank's posterior is the eval-mode network's)"
+        )
+    drops = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if m.training
+            and (
+                (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+                or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+            )
+        }
+    )
+    if drops:
+        raise ValueError(
+            f"the model is in training mode with {'/'.join(drops)} layers (dropout probability > 0): every forward "
+            "pass drops a fresh random set of units, so the removed points' gradient, the curvature and the safety "
+            "check's energy differences (two passes, two different masks) would measure dropout noise. Call "
+            "model.eval() first: the unlearner works on the eval-mode network's likelihood"
         )
 
 
