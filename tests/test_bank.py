@@ -398,3 +398,46 @@ def test_attention_on_torchs_default_fused_kernel_unlearns_as_on_the_math_kernel
         assert report.passed and report.shift_norm > 0
         banks.append(un.bank)
     torch.testing.assert_close(banks[0], banks[1], rtol=1e-4, atol=1e-6)  # the same function, the same removal
+
+
+@pytest.mark.parametrize("style", ["parametrization", "hook"])
+def test_spectral_normalisation_in_training_mode_is_refused_before_its_buffers_move(style: str) -> None:
+    from torch.nn.utils import spectral_norm
+    from torch.nn.utils.parametrizations import spectral_norm as spectral_norm_parametrization
+
+    _, x, y, _ = _problem(12)
+    torch.manual_seed(12)
+    wrap = spectral_norm_parametrization if style == "parametrization" else spectral_norm
+    model = nn.Sequential(wrap(nn.Linear(3, 8)), nn.Tanh(), nn.Linear(8, 2)).train()
+    state = copy.deepcopy(model.state_dict())  # the power iteration's vectors are buffers
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(6, theta.numel())
+    with pytest.raises(ValueError, match=r"training mode with spectral normalisation.*model\.eval\(\)"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # no forward pass ran
+    model.eval()
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    assert buffers and all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())  # eval: fixed
+
+
+def test_an_embedding_that_renormalises_its_weight_in_place_is_refused_with_the_fix() -> None:
+    class Bag(nn.Module):
+        def __init__(self, max_norm: float | None) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(10, 4, max_norm=max_norm), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.emb((x.abs() * 3).long().clamp(max=9)).mean(1))
+
+    _, x, y, _ = _problem(13)
+    model = Bag(max_norm=1.0)
+    weight = model.emb.weight.detach().clone()
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(6, theta.numel())
+    with pytest.raises(ValueError, match=r"emb \(Embedding, max_norm=1.0\) rescales its weight in place.*max_norm=None"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    assert torch.equal(model.emb.weight, weight)  # not renormalised by a forward pass
+    model.emb.weight.requires_grad_(False)  # frozen: nothing of it is sampled or moved, accepted
+    MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank[:, weight.numel() :])

@@ -15,7 +15,8 @@ Every operator is checked against a dense float64 reference in ``tests/test_curv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,26 @@ def aliased_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parame
     ]
 
 
+@contextmanager
+def plain_attention() -> Iterator[None]:
+    """Evaluate attention on torch's math kernel, without the inference fast path.
+
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` pick a fused CPU kernel by default, which has neither a
+    double backward nor a forward-mode derivative (curvature products and the safety check failed on a plain
+    transformer), and in eval mode without gradients a fused inference path that ``vmap`` runs one row at a time
+    (one request on an 890-parameter attention classifier: 42 s against the chain's 5 s of training). The math
+    kernel computes the same function (up to rounding) with both derivatives; models without attention are
+    unaffected.
+    """
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def call_with(
     module: nn.Module,
     params: dict[str, torch.Tensor],
@@ -124,14 +145,11 @@ def call_with(
     using its own parameters. They are put back here (``aliased``: :func:`aliased_parameters` of ``module``,
     computed once by callers that call often).
 
-    Attention runs on torch's math kernel here (``sdpa_kernel(SDPBackend.MATH)``): the fused CPU kernel that
-    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` pick by default has neither a double backward nor a
-    forward-mode derivative, so curvature products and the safety check would fail on a plain transformer. The math
-    kernel computes the same function (up to rounding) with both; models without attention are unaffected.
+    Attention runs as plain differentiable operations here (:func:`plain_attention`).
     """
     aliased = aliased_parameters(module) if aliased is None else aliased
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with plain_attention():
             return functional_call(module, params, args, **kwargs)
     finally:
         for m, name, p in aliased:

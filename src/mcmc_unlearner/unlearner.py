@@ -38,6 +38,7 @@ clears the influence carried between requests.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -537,6 +538,30 @@ def _check_mode(model: nn.Module) -> None:
             "pass drops a fresh random set of units, so the removed points' gradient, the curvature and the safety "
             "check's energy differences (two passes, two different masks) would measure dropout noise. Call "
             "model.eval() first: the unlearner works on the eval-mode network's likelihood"
+        )
+    spectral = getattr(torch.nn.utils.parametrizations, "_SpectralNorm", ())
+    hooked = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # the attribute is the function
+    if any(
+        m.training
+        and (isinstance(m, spectral) or any(isinstance(h, hooked) for h in m._forward_pre_hooks.values()))
+        for m in model.modules()
+    ):
+        raise ValueError(
+            "the model is in training mode with spectral normalisation: every forward pass takes a power-iteration "
+            "step and writes its vectors into the module's buffers, so each evaluation the unlearner makes would "
+            "change the model and the function it evaluates. Call model.eval() first"
+        )
+    renorm = sorted(
+        f"{name} ({type(m).__name__}, max_norm={m.max_norm})"
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None and m.weight.requires_grad
+    )
+    if renorm:
+        raise ValueError(
+            f"{', '.join(renorm)} rescales its weight in place during every forward pass, so the likelihood is not "
+            "a function of the parameters a sample holds, and derivatives cannot pass through the rescaling. Build "
+            "the embedding with max_norm=None (renormalise rows out of place in forward if the model needs it, e.g. "
+            "torch.renorm(weight, 2, 0, max_norm) before F.embedding), or freeze its weight"
         )
 
 
