@@ -542,8 +542,7 @@ def _check_mode(model: nn.Module) -> None:
     spectral = getattr(torch.nn.utils.parametrizations, "_SpectralNorm", ())
     hooked = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # the attribute is the function
     if any(
-        m.training
-        and (isinstance(m, spectral) or any(isinstance(h, hooked) for h in m._forward_pre_hooks.values()))
+        m.training and (isinstance(m, spectral) or any(isinstance(h, hooked) for h in m._forward_pre_hooks.values()))
         for m in model.modules()
     ):
         raise ValueError(
