@@ -2,12 +2,13 @@
 ``MCMCUnlearner(model, None, nll=..., log_prior=..., bank=...).remove(...)``.
 
 Each network runs in its own process (its peak memory is that process's), on scikit-learn's digits (8×8 images)
-or on synthetic token sequences (label: does token 3 occur). Per network: an origin chain on all training rows and
-a retrain chain on the remaining ones (the same SGLD loop and seed), 50 samples each; one request with the
-defaults; the forgotten rows' posterior-predictive NLL as a fraction of the way from origin to retraining (one
-retrain chain: a noisy reference, the model matrix measures that noise) and the test NLL of all three.
+or on synthetic token sequences (label: does token 3 occur; the tied-embedding model: the next token). Per
+network: an origin chain on all training rows and a retrain chain on the remaining ones (the same SGLD loop and
+seed), 50 samples each; one request with the defaults; the forgotten rows' posterior-predictive NLL as a fraction
+of the way from origin to retraining (one retrain chain: a noisy reference, the model matrix measures that noise)
+and the test NLL of all three.
 
-    OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --json zoo.json          # all networks, ~6 CPU-min
+    OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --json zoo.json          # all 21 networks, ~8 CPU-min
     OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --models depthwise --options '{"solver": "exact"}'
 
 One torch thread per process (README, "Threads").
@@ -31,7 +32,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
 MODELS = ("layernorm", "tied", "frozen", "depthwise", "groupnorm", "convtranspose", "conv1d", "lstm", "gru",
-          "binary", "hetero", "poisson", "tiedlm", "mha")  # fmt: skip
+          "binary", "hetero", "poisson", "tiedlm", "mha", "temperature", "bilinear", "dictout", "float64",
+          "weightnorm", "orthogonal", "spectral")  # fmt: skip
 
 
 class _Img(nn.Module):
@@ -95,6 +97,54 @@ class _Attention(nn.Module):
         return self.out(self.att(h, h, h, need_weights=False)[0].mean(1))
 
 
+class _Temperature(nn.Module):
+    """An MLP whose logits are scaled by a learned temperature (a bare scalar ``nn.Parameter``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.log_t = (
+            nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+            nn.Parameter(torch.zeros(())),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.log_t.exp()
+
+
+class _Bilinear(nn.Module):
+    """A PReLU hidden layer (learned slopes) read out by ``nn.Bilinear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(64, 16), nn.PReLU(16), nn.Bilinear(16, 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        return self.b(h, h)
+
+
+class _DictOut(nn.Module):
+    """Returns a dict, as many library models do; the user's ``nll`` reads its ``"logits"``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.body(x), "features": None}
+
+
+def _parametrized(name: str) -> nn.Module:
+    from torch.nn.utils import parametrizations as P
+
+    if name == "orthogonal":
+        return nn.Sequential(
+            nn.Linear(64, 32), nn.Tanh(), P.orthogonal(nn.Linear(32, 32)), nn.Tanh(), nn.Linear(32, 10)
+        )
+    wrap = P.weight_norm if name == "weightnorm" else P.spectral_norm
+    return nn.Sequential(wrap(nn.Linear(64, 32)), nn.ReLU(), nn.Linear(32, 10))
+
+
 def _problem(name: str, g: torch.Generator):
     """(model, x, y, likelihood kind)."""
     if name in ("lstm", "gru", "conv1d", "mha"):
@@ -124,6 +174,12 @@ def _problem(name: str, g: torch.Generator):
         body = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(),
                              nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(3))  # fmt: skip
         return _Img(body, 36), x, y, "cls"
+    if name in ("temperature", "bilinear", "dictout"):
+        return {"temperature": _Temperature, "bilinear": _Bilinear, "dictout": _DictOut}[name](), x, y, "cls"
+    if name == "float64":
+        return mlp(10, nn.Tanh).double(), x.double(), y, "cls"
+    if name in ("weightnorm", "orthogonal", "spectral"):
+        return _parametrized(name), x, y, "cls"
     if name == "layernorm":
         m = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 10))
         return m, x, y, "cls"
@@ -146,6 +202,7 @@ def _nll(kind: str):
     def nll(m: nn.Module, b) -> torch.Tensor:
         xb, yb = b
         out = m(xb)
+        out = out["logits"] if isinstance(out, dict) else out
         if kind == "cls":
             return F.cross_entropy(out, yb, reduction="none")
         if kind == "binary":
@@ -184,8 +241,9 @@ def run_one(name: str, seed: int, options: dict) -> dict:
 
     def sgld(rows: torch.Tensor) -> torch.Tensor:  # the user's loop: θ ← θ − ε/2 ∇F + N(0, ε)
         vector_to_parameters(init.clone(), model.parameters())
+        model.train(name == "spectral")  # spectral norm's power iteration runs while sampling; eval mode after
         gen = torch.Generator().manual_seed(seed + 7)
-        n, lr0, bank = len(rows), (0.05 if kind in ("hetero", "poisson") else 0.5) / len(rows), []
+        n, lr0, bank = len(rows), (0.05 if kind in ("hetero", "poisson") or name == "bilinear" else 0.5) / len(rows), []
         for t in range(3000):
             b = rows[torch.randint(0, n, (64,), generator=gen)]
             energy = n * nll(model, (xtr[b], ytr[b])).mean() - log_prior(model)
@@ -196,6 +254,7 @@ def run_one(name: str, seed: int, options: dict) -> dict:
                     p.add_(-0.5 * lr * gr + math.sqrt(lr) * torch.randn(p.shape, generator=gen))
             if t >= 1500 and (t - 1500) % 30 == 0:
                 bank.append(parameters_to_vector(model.parameters()).detach().clone())
+        model.eval()
         return torch.stack(bank)
 
     def predictive_nll(bank: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> float:
