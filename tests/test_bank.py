@@ -441,3 +441,49 @@ def test_an_embedding_that_renormalises_its_weight_in_place_is_refused_with_the_
     assert torch.equal(model.emb.weight, weight)  # not renormalised by a forward pass
     model.emb.weight.requires_grad_(False)  # frozen: nothing of it is sampled or moved, accepted
     MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank[:, weight.numel() :])
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(2, 6), nn.Linear(1, 6), nn.Linear(12, 2)
+
+    def forward(self, x1, x2):
+        return self.out(torch.cat([torch.tanh(self.a(x1)), torch.tanh(self.b(x2))], 1))
+
+
+class _OneInput(_TwoInputs):
+    def forward(self, x):
+        return super().forward(x[:, :2], x[:, 2:])
+
+
+def test_a_model_of_several_inputs_gets_kfac_through_its_nll() -> None:
+    # K-FAC called model(batch[0]) to detect the likelihood and to plan its memory: a forward(x1, x2) model crashed
+    # with a TypeError; it now falls back to the empirical Fisher and plans through the user's nll
+    _, x, y, _ = _problem(14)
+    torch.manual_seed(14)
+    two = _TwoInputs()
+    one = _OneInput()
+    one.load_state_dict(two.state_dict())
+    theta = parameters_to_vector(two.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(8, theta.numel(), generator=torch.Generator().manual_seed(14))
+    nll_two = lambda m, b: nn.functional.cross_entropy(m(b[0][:, :2], b[0][:, 2:]), b[1], reduction="none")  # noqa: E731
+    banks = []
+    for model, nll, lik in ((two, nll_two, "auto"), (one, _nll, "empirical")):
+        un = MCMCUnlearner(model, nll=nll, log_prior=_log_prior, bank=bank, solver="kfac", likelihood=lik)
+        report = un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
+        assert report.passed and report.shift_norm > 0
+        assert report.info["kfac_likelihood"] == "empirical"
+        banks.append(un.bank)
+        if model is two:
+            assert "cannot be called on its own (TypeError" in report.info["kfac_likelihood_reason"]
+    torch.testing.assert_close(banks[0], banks[1])  # the same network and curvature: the same removal
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_refused_naming_float32(dtype: torch.dtype) -> None:
+    model, _, _, bank = _problem(15)
+    model = model.to(dtype)
+    with pytest.raises(ValueError, match=r"parameters are torch\.(b?float16).*Unlearn in float32: model\.float\(\)"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank.to(dtype))
+    assert all(p.dtype == dtype for p in model.parameters())

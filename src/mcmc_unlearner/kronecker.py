@@ -187,7 +187,12 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
         if not isinstance(base, Tensor) or base.shape != (rows,):
             shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
             raise ValueError(f"nll(model, batch) must return one value per row, shape [{rows}], got {shape}")
-        out = model(x)
+        try:
+            out = model(x)
+        except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            # e.g. a model of several inputs, forward(x1, x2): only nll knows how to call it
+            why = f"model(batch[0]) cannot be called on its own ({type(e).__name__}: {str(e)[:80]}); nll calls it"
+            return Likelihood.EMPIRICAL, {"reason": why}
         if not isinstance(out, Tensor) or y is None or not isinstance(y, Tensor) or out.shape[:1] != (rows,):
             return Likelihood.EMPIRICAL, {"reason": "model(x) is not a [B, ...] tensor or the batch has no labels"}
         tol = 1e3 * _eps(out.dtype)
@@ -1266,10 +1271,17 @@ class KroneckerCurvature:
 
     # ---------------------------------------------------------------------------------------- memory
     @staticmethod
-    def memory_estimate(model: nn.Module, batch_rows: int, example_batch: Batch, max_factor_dim: int = 4096) -> int:
+    def memory_estimate(
+        model: nn.Module,
+        batch_rows: int,
+        example_batch: Batch,
+        max_factor_dim: int = 4096,
+        nll: Callable[[nn.Module, Batch], Tensor] | None = None,
+    ) -> int:
         """Peak bytes :meth:`build` will allocate for minibatches of ``batch_rows`` rows, estimated before building.
 
-        Two tiny probe forward passes (with gradients, on 1-4 rows of ``example_batch``) measure the bytes autograd
+        Two tiny probe forward passes (with gradients, on 1-4 rows of ``example_batch``; through ``nll`` when given,
+        which calls the model as the user does, else ``model(batch[0])``) measure the bytes autograd
         saves per row and in total (``saved_tensors_hooks``), the layer outputs that the build clones and
         differentiates, and the largest unfolded layer input; the factors add ``Σ (in² + out²)`` elements twice
         (sums and eigenbases) plus the eigen-solver's workspace, the parameters a few copies of ``D``. Activation
@@ -1308,7 +1320,8 @@ class KroneckerCurvature:
                     torch.enable_grad(),
                     torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
                 ):
-                    model(_head(batch, rows)[0])
+                    head = _head(batch, rows)
+                    nll(model, head) if nll is not None else model(head[0])
             finally:
                 for h in handles:
                     h.remove()

@@ -856,6 +856,13 @@ class MCMCUnlearner:
         self.spec = ParamSpec.of(model)
         if self.spec.dim == 0:
             raise ValueError("the model has no trainable parameters (requires_grad) to unlearn")
+        low = sorted({str(p.dtype) for p in ParamSpec.params(model) if p.dtype in (torch.float16, torch.bfloat16)})
+        if low:
+            raise ValueError(
+                f"the model's parameters are {'/'.join(low)}: 8-11 significant bits cannot hold a removal's shift "
+                "(typically far below a weight's rounding step) and make the solves and the safety check inexact. "
+                "Unlearn in float32: model.float() and a float32 bank (cast back afterwards if you must)"
+            )
         if nll is None and not hasattr(model, "nll"):
             raise TypeError("pass nll=callable(model, batch) or give the model an nll(batch) method")
         self.nll = nll or _default_nll

@@ -56,7 +56,9 @@ class KFACBackend(CurvatureBackend):
             kfac, age = self.kfac, self.age + 1
         else:
             batches = problem.draw_batches()
-            need = KroneckerCurvature.memory_estimate(problem.model, batches[0][0].shape[0], batches[0])
+            need = KroneckerCurvature.memory_estimate(
+                problem.model, batches[0][0].shape[0], batches[0], nll=problem.nll
+            )
             if need > problem.budget:
                 raise MemoryError(
                     f"K-FAC needs about {format_bytes(need)} for minibatches of {batches[0][0].shape[0]} rows, over "
