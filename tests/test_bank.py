@@ -103,6 +103,30 @@ def test_plain_iterators_and_dataloaders_work_and_size_errors_are_clear() -> Non
         un2.remove(removed, batches, n_remaining=234)
 
 
+def test_the_remaining_rows_as_a_tuple_are_read_as_a_removable_dataset_and_common_mistakes_get_the_fix() -> None:
+    model, x, y, bank = _problem(3)
+    keep = torch.ones(240, dtype=torch.bool)
+    keep[:6] = False
+    removed = (x[:6], y[:6])
+    banks = []
+    for remaining in ((x[keep], y[keep]), RemovableDataset(x[keep], y[keep], batch_size=128, seed=0)):
+        un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
+        report = un.remove(removed, remaining)  # the rows themselves: n read from them, every row listable
+        assert report.passed and report.n_remaining == 234
+        banks.append(un.bank)
+    assert torch.equal(banks[0], banks[1])
+    un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
+    with pytest.raises(TypeError, match=r"TensorDataset \(a dataset, not minibatches\): pass DataLoader\(dataset"):
+        un.remove(removed, TensorDataset(x[keep], y[keep]))
+    with pytest.raises(TypeError, match=r"got DataLoader: pass its rows as one batch, e\.g\. \(x\[ids\], y\[ids\]\)"):
+        un.remove(DataLoader(TensorDataset(*removed), batch_size=6), (x[keep], y[keep]))
+    with pytest.raises(ValueError, match=r"got rows \[3, None\] \(a single row keeps its row dimension: x\[i:i\+1\]"):
+        un.remove((x[0], y[0]), (x[keep], y[keep]))
+    assert torch.equal(un.bank, bank)  # every refusal left the bank as it was
+    with pytest.raises(ValueError, match=r"no stored samples to average over \(bank=None\) and no sampler"):
+        MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior).remove(removed, (x[keep], y[keep]))
+
+
 def test_full_curvature_data_falls_back_cleanly_for_plain_iterators() -> None:
     model, x, y, bank = _problem(3)
     loader = DataLoader(TensorDataset(x[10:], y[10:]), batch_size=30)

@@ -94,6 +94,21 @@ def test_auto_backend_choice_follows_size_layers_and_memory() -> None:
     frozen_conv[0].requires_grad_(False)  # a frozen convolution is no cost: only the head is differentiated
     assert MCMCUnlearner(frozen_conv, nll=_nll).solver.value == "exact"
 
+    class Attend(nn.Module):  # attention applies its projections at every position: K-FAC, not a dense matrix
+        def __init__(self) -> None:
+            super().__init__()
+            self.att, self.out = nn.MultiheadAttention(4, 1, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = x.view(x.shape[0], -1, 4)
+            return self.out(self.att(h, h, h, need_weights=False)[0].mean(1))
+
+    att = Attend().eval()
+    assert sum(p.numel() for p in att.parameters()) <= 1000
+    un = MCMCUnlearner(att, nll=_nll)
+    assert un.solver.value == "kfac" and "attention applies its projections at every position" in un.solver_reason
+    assert MCMCUnlearner(att, nll=_nll, solver="exact").solver.value == "exact"
+
 
 def test_removed_points_gradient_in_row_chunks_equals_one_pass() -> None:
     """A request larger than the budget holds at once: its gradient is summed over row chunks, exactly."""

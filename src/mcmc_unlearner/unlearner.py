@@ -293,16 +293,21 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
             "point, in the order your nll reads them: e.g. remaining = ((b['x'], b['y']) for b in loader) with "
             "nll = lambda m, b: ...(m(b[0]), b[1]), and the removed rows as (x, y)"
         )
-    try:
-        out = tuple(batch)
-    except TypeError:
-        raise TypeError(f"{what} must be a tensor or a tuple of tensors, got {type(batch).__name__}") from None
+    if not isinstance(batch, (tuple, list)):
+        hint = (
+            ": pass its rows as one batch, e.g. (x[ids], y[ids]) or next(iter(loader))"
+            if isinstance(batch, Iterable)
+            else ""
+        )
+        raise TypeError(f"{what} must be a tensor or a tuple of tensors, got {type(batch).__name__}{hint}")
+    out = tuple(batch)
     bad = [f"field {i} is a {type(t).__name__}" for i, t in enumerate(out) if not isinstance(t, torch.Tensor)]
     if bad or not out:
         raise TypeError(f"{what} must be a tuple of tensors (one row per data point): {', '.join(bad) or 'empty'}")
     rows = [t.shape[0] if t.ndim else None for t in out]
     if len(set(rows)) != 1 or rows[0] is None:
-        raise ValueError(f"{what}: its fields must share their first (row) dimension, got rows {rows}")
+        one = " (a single row keeps its row dimension: x[i:i+1], not x[i])" if None in rows else ""
+        raise ValueError(f"{what}: its fields must share their first (row) dimension, got rows {rows}{one}")
     return out
 
 
@@ -574,12 +579,33 @@ def _own_parameters(model: nn.Module) -> None:
                 p.data = p.data.clone()
 
 
+def _is_fields(source: Any) -> bool:
+    """Whether ``source`` is a tuple of two or more tensors with one row per data point (the data, not batches)."""
+    return (
+        isinstance(source, tuple)
+        and len(source) >= 2
+        and all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in source)
+        and len({t.shape[0] for t in source}) == 1
+        and source[0].shape[0] > 0
+    )
+
+
 class _Stream:
     """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
-    iterator, or a re-iterable such as a ``DataLoader`` (restarted when it runs out)."""
+    iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out), or the remaining rows themselves
+    as a tuple of tensors ``(x, y)`` (shuffled minibatches of 128; every row listable, as a ``RemovableDataset``)."""
 
     def __init__(self, source: Any, n: int | None) -> None:
+        if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
+            from .data import RemovableDataset
+
+            source = RemovableDataset(*source, batch_size=min(128, int(source[0].shape[0])), seed=0)
         self.source = source
+        if not isinstance(source, Iterable) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+            raise TypeError(
+                f"remaining is a {type(source).__name__} (a dataset, not minibatches): pass "
+                "DataLoader(dataset, batch_size=128, shuffle=True), or the remaining rows as a tuple (x, y)"
+            )
         if hasattr(source, "__next__"):
             self._it, self._again = source, None
         elif isinstance(source, Iterable):
@@ -700,7 +726,7 @@ class MCMCUnlearner:
         solver: ``"auto"`` (default): ``"exact"`` (dense Hessian) when the model has at most ``exact_max_dim``
             parameters and its matrices fit ``memory_budget`` — ``"ggn"`` (the dense generalized Gauss-Newton
             matrix, :mod:`mcmc_unlearner.backends.ggn`) instead when such a model has convolution or recurrent
-            layers; else ``"kfac"`` (Kronecker-factored curvature, :mod:`mcmc_unlearner.kronecker`) when the model
+            layers, ``"kfac"`` when it has ``nn.MultiheadAttention``; else ``"kfac"`` (Kronecker-factored curvature, :mod:`mcmc_unlearner.kronecker`) when the model
             has ``nn.Linear``/``nn.Conv`` layers; else ``"cg"`` with a rank-20 Lanczos preconditioner. Also
             ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
@@ -1002,6 +1028,14 @@ class MCMCUnlearner:
             }
         )
         small = d <= self.exact_max_dim and need <= self.memory_budget // 2
+        attention = any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules())
+        if small and attention and not self.custom_energy and not shared:
+            return SolverName.KFAC, (
+                f"{d} parameters <= exact_max_dim {self.exact_max_dim}, but attention applies its projections at "
+                "every position, so each dense Hessian column is a pass through attention over every row and draw "
+                "(an 890-parameter attention classifier: 34 s per request against 1.4-1.8 s with K-FAC; the dense "
+                "Gauss-Newton matrix raised its held-out NLL 20-30x): K-FAC (pass solver='exact' for the Hessian)"
+            )
         if small and not shared:
             return SolverName.EXACT, f"{d} parameters <= exact_max_dim {self.exact_max_dim}"
         if small and not self.custom_energy and self._reduce is None:
@@ -1215,6 +1249,12 @@ class MCMCUnlearner:
     # ------------------------------------------------------------------ draws
     def _chain_draws(self, remaining: _Stream, n: int) -> torch.Tensor:
         if self.sampler is None:
+            if self.bank is None:
+                raise ValueError(
+                    "there are no stored samples to average over (bank=None) and no sampler to draw them: pass "
+                    "bank= (your stored samples: a [S, D] tensor, a list of state_dicts or a dict of stacked "
+                    "tensors), or sampler= for the paper's chain expectation"
+                )
             raise ValueError("expectation='chain' needs the sampler (pass sampler=...)")
         params = ParamSpec.params(self.model)
         draws = []
@@ -1272,7 +1312,8 @@ class MCMCUnlearner:
         Args:
             batch: The removed points, a tuple of tensors like the minibatches.
             remaining: The remaining data (after removal): a :class:`~mcmc_unlearner.data.RemovableDataset`, any
-                iterator of minibatches, or a re-iterable such as a ``DataLoader``.
+                iterator of minibatches, a re-iterable such as a ``DataLoader``, or the rows themselves as a tuple of
+                tensors ``(x, y)`` (read in shuffled minibatches of 128, seed 0).
             n_remaining: Size of the remaining set (read from ``remaining`` when it can be).
 
         Raises:
