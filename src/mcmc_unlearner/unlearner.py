@@ -726,9 +726,9 @@ class MCMCUnlearner:
         solver: ``"auto"`` (default): ``"exact"`` (dense Hessian) when the model has at most ``exact_max_dim``
             parameters and its matrices fit ``memory_budget`` — ``"ggn"`` (the dense generalized Gauss-Newton
             matrix, :mod:`mcmc_unlearner.backends.ggn`) instead when such a model has convolution or recurrent
-            layers, ``"kfac"`` when it has ``nn.MultiheadAttention``; else ``"kfac"`` (Kronecker-factored curvature, :mod:`mcmc_unlearner.kronecker`) when the model
-            has ``nn.Linear``/``nn.Conv`` layers; else ``"cg"`` with a rank-20 Lanczos preconditioner. Also
-            ``"lissa"`` (the paper's) and ``"lowrank"``.
+            layers, ``"kfac"`` when it has ``nn.MultiheadAttention``; else ``"kfac"`` (Kronecker-factored
+            curvature, :mod:`mcmc_unlearner.kronecker`) when the model has ``nn.Linear``/``nn.Conv`` layers; else
+            ``"cg"`` with a rank-20 Lanczos preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"auto"`` (``"affine"`` with the dense solvers ``exact``/``ggn``, else ``"mean"``), ``"mean"``,
