@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.bank import to_flat
 from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.errors import InvalidRequestError
 
 
 def _problem(seed: int = 0):
@@ -511,3 +512,38 @@ def test_a_half_precision_model_is_refused_naming_float32(dtype: torch.dtype) ->
     with pytest.raises(ValueError, match=r"parameters are torch\.(b?float16).*Unlearn in float32: model\.float\(\)"):
         MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank.to(dtype))
     assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_samples_that_are_references_to_the_live_parameters_are_refused_with_the_fix() -> None:
+    model, _, _, bank = _problem(16)
+    references = []
+    for row in bank[:5]:  # the classic sampler-loop mistake: in-place steps, state_dict() stored without copying
+        ParamSpec.assign(model, row)
+        references.append(model.state_dict())
+    with pytest.raises(ValueError, match=r"state_dicts 0 and 1 hold the same tensor for '0\.weight'.*v\.clone\(\)"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=references)
+    same = bank[-1].repeat(5, 1)  # copies, but all of one state: no posterior to average over
+    with pytest.raises(ValueError, match=r"all 5 samples are identical.*parameters_to_vector"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=same)
+    copies = [{k: v.clone() for k, v in sd.items()} for sd in references]  # distinct memory, identical values
+    with pytest.raises(ValueError, match="all 5 samples are identical"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=copies)
+    one = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank[-1:])  # one sample: a bank of one
+    assert one.bank.shape == (1, bank.shape[1])
+
+
+def test_non_finite_remaining_data_is_refused_naming_the_rows_and_nothing_changes() -> None:
+    model, x, y, bank = _problem(17)
+    keep = torch.ones(240, dtype=torch.bool)
+    keep[:6] = False
+    xr = x[keep].clone()
+    xr[100, 1] = float("nan")  # one bad row among the remaining ones
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    live = parameters_to_vector(model.parameters()).detach().clone()
+    with pytest.raises(InvalidRequestError, match=r"field 0 has NaN.*row\(s\) \[100\] of the rows given"):
+        un.remove((x[:6], y[:6]), (xr, y[keep]))
+    # through a loader: found in the first minibatch that holds it (the loader yields the rows in order here)
+    loader = DataLoader(TensorDataset(xr, y[keep]), batch_size=117)
+    with pytest.raises(InvalidRequestError, match=r"remaining data: field 0 has NaN.*row\(s\) \[100\] of a minibatch"):
+        un.remove((x[:6], y[:6]), loader)
+    assert torch.equal(un.bank, bank) and torch.equal(parameters_to_vector(model.parameters()), live)

@@ -218,15 +218,16 @@ def test_without_a_listable_data_source_it_is_off_and_says_so(prob) -> None:
 
 def test_bad_options_are_refused() -> None:
     model = BayesianLinearRegression(3)
+    bank = torch.arange(12.0).view(4, 3)  # four distinct samples (a bank of identical ones is refused itself)
     with pytest.raises(ValueError, match="recenter_every must be >= 0"):
-        MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_every=-1)
+        MCMCUnlearner(model, bank=bank, recenter_every=-1)
     for bad in (0, "many"):
         with pytest.raises(ValueError, match="recenter_draws must be 'auto' or an integer >= 1"):
-            MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_draws=bad)
+            MCMCUnlearner(model, bank=bank, recenter_draws=bad)
     with pytest.raises(ValueError, match="cannot use a custom energy"):
-        MCMCUnlearner(model, bank=torch.zeros(4, 3), recenter_every=2, energy=lambda m, b, n: m.nll(b).sum())
+        MCMCUnlearner(model, bank=bank, recenter_every=2, energy=lambda m, b, n: m.nll(b).sum())
     with pytest.raises(ValueError, match="DistributedUnlearner does not support recenter_every"):
-        DistributedUnlearner(model, bank=torch.zeros(4, 3), recenter_every=2)
+        DistributedUnlearner(model, bank=bank, recenter_every=2)
 
 
 def test_a_correction_that_fails_its_check_is_skipped_and_the_request_stands(prob, monkeypatch) -> None:
@@ -289,7 +290,8 @@ def test_auto_corrects_every_ten_requests_with_kfac_only() -> None:
     from mcmc_unlearner.unlearner import RECENTER_AUTO_EVERY
 
     model = mlp(4, (8,), n_classes=3)
-    bank = torch.nn.utils.parameters_to_vector(model.parameters()).detach().expand(4, -1).clone()
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.01 * torch.arange(4.0)[:, None]  # four distinct samples (identical ones are refused)
     assert RECENTER_AUTO_EVERY == 10
     assert MCMCUnlearner(model, bank=bank, solver="kfac").recenter_every == RECENTER_AUTO_EVERY
     assert MCMCUnlearner(model, bank=bank, solver="kfac").config()["recenter_every"] == RECENTER_AUTO_EVERY

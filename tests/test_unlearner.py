@@ -404,7 +404,8 @@ def test_draws_are_looped_where_measured_faster() -> None:
     for name, m in models.items():
         got = (loop_over_draws(m, dim(m)), loop_over_draws(m, dim(m), check=True))
         assert got == expect[name], name
-    un = MCMCUnlearner(mid_cnn.eval(), None, bank=torch.zeros(2, dim(mid_cnn)), nll=lambda m, b: m(b[0]).sum(1))
+    two = torch.stack([torch.zeros(dim(mid_cnn)), torch.ones(dim(mid_cnn))])  # two distinct samples
+    un = MCMCUnlearner(mid_cnn.eval(), None, bank=two, nll=lambda m, b: m(b[0]).sum(1))
     assert not un._vectorise(dim(mid_cnn)) and not un._vectorise(dim(mid_cnn), check=True)
     un.backend = "func"  # an explicit backend is obeyed
     assert un._vectorise(dim(mid_cnn)) and un._vectorise(dim(mid_cnn), check=True)

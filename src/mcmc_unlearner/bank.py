@@ -174,6 +174,7 @@ def to_flat(
                     got = tuple(sd[n].shape)
                     raise ValueError(f"bank: state_dict {i}: {n} has shape {got}, expected {tuple(shape)}")
             rows.append(torch.cat([sd[n].detach().reshape(-1) for n in spec.names]))
+        _check_not_aliased(bank, spec)
         flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, list(bank), tied=tied)
     else:
         raise ValueError(
@@ -182,7 +183,31 @@ def to_flat(
         )
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
+    if flat.shape[0] > 1 and bool((flat == flat[0]).all()):
+        raise ValueError(
+            f"bank: all {flat.shape[0]} samples are identical, so there is no posterior to average over. A sampler "
+            "loop that stores model.state_dict() or model.parameters() without copying keeps references to the live "
+            "parameters, and every stored sample is then the chain's last state: store copies, e.g. "
+            "{k: v.clone() for k, v in model.state_dict().items()} or parameters_to_vector(model.parameters()).clone()"
+        )
     return (flat if dtype is None else flat.to(dtype)), layout
+
+
+def _check_not_aliased(bank: Sequence[Mapping[str, Any]], spec: ParamSpec) -> None:
+    """Refuse state_dicts whose parameter tensors share memory across samples (references, not copies)."""
+    seen: dict[int, int] = {}
+    for i, sd in enumerate(bank):
+        for name in spec.names:
+            t = sd[name]
+            if t.numel() == 0:
+                continue
+            key = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+            if seen.setdefault(key, i) != i:
+                raise ValueError(
+                    f"bank: state_dicts {seen[key]} and {i} hold the same tensor for {name!r} (the same memory), so "
+                    "they are not two samples. model.state_dict() returns references to the live parameters: store "
+                    "copies, e.g. samples.append({k: v.clone() for k, v in model.state_dict().items()})"
+                )
 
 
 def _flat_with_frozen(

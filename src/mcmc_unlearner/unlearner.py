@@ -266,13 +266,13 @@ def quality_problems(
     return out
 
 
-def check_finite_batch(batch: Batch, what: str = "removed data") -> None:
+def check_finite_batch(batch: Batch, what: str = "removed data", where: str = "of the request") -> None:
     """Refuse NaN or infinite values in a batch, naming the offending rows."""
     for i, t in enumerate(batch):
         if t.is_floating_point() and not all_finite(t):
             rows = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)).flatten()[:5].tolist()
             raise InvalidRequestError(
-                f"{what}: field {i} has NaN or infinite values in row(s) {rows} of the request; "
+                f"{what}: field {i} has NaN or infinite values in row(s) {rows} {where}; "
                 "the data must be finite to compute its influence: fix or drop those rows"
             )
 
@@ -599,6 +599,7 @@ class _Stream:
         if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
             from .data import RemovableDataset
 
+            check_finite_batch(source, "the remaining data", "of the rows given")
             source = RemovableDataset(*source, batch_size=min(128, int(source[0].shape[0])), seed=0)
         self.source = source
         if not isinstance(source, Iterable) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
@@ -629,14 +630,16 @@ class _Stream:
 
     def __next__(self) -> Batch:
         try:
-            return _as_batch(next(self._it), "a remaining-data minibatch")
+            batch = _as_batch(next(self._it), "a remaining-data minibatch")
         except StopIteration:
             if self._again is None:
                 raise ValueError(
                     "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
                 ) from None
             self._it = iter(self._again)
-            return _as_batch(next(self._it), "a remaining-data minibatch")
+            batch = _as_batch(next(self._it), "a remaining-data minibatch")
+        check_finite_batch(batch, "the remaining data", "of a minibatch it gave (numbered within that minibatch)")
+        return batch
 
     @property
     def listable(self) -> bool:
@@ -646,7 +649,11 @@ class _Stream:
     def full(self) -> Batch | None:
         """Every remaining row when the source can list them (``remaining()``), else ``None``."""
         fn = getattr(self.source, "remaining", None)
-        return _as_batch(fn(), "the remaining data") if callable(fn) else None
+        if not callable(fn):
+            return None
+        batch = _as_batch(fn(), "the remaining data")
+        check_finite_batch(batch, "the remaining data", "of its remaining rows (in their order)")
+        return batch
 
     def rows(self, m: int) -> Batch:
         """Whole minibatches holding at least ``m`` rows (``⌈m / batch_size⌉`` of them when the source has a
