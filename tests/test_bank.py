@@ -547,3 +547,29 @@ def test_non_finite_remaining_data_is_refused_naming_the_rows_and_nothing_change
     with pytest.raises(InvalidRequestError, match=r"remaining data: field 0 has NaN.*row\(s\) \[100\] of a minibatch"):
         un.remove((x[:6], y[:6]), loader)
     assert torch.equal(un.bank, bank) and torch.equal(parameters_to_vector(model.parameters()), live)
+
+
+def test_a_compiled_model_is_unlearned_through_the_module_it_wraps_with_its_state_dict_names() -> None:
+    import torch._dynamo
+
+    model, x, y, bank = _problem(18)
+    plain = []
+    for row in bank:
+        ParamSpec.assign(model, row)
+        plain.append({k: v.clone() for k, v in model.state_dict().items()})
+    compiled = torch.compile(copy.deepcopy(model))
+    given = [{"_orig_mod." + k: v.clone() for k, v in sd.items()} for sd in plain]  # compiled.state_dict() names
+    assert set(given[0]) == set(compiled.state_dict())
+    torch._dynamo.utils.counters.clear()
+    out = {}
+    for name, m, b in (("plain", copy.deepcopy(model), plain), ("compiled", compiled, given)):
+        un = MCMCUnlearner(m, nll=_nll, log_prior=_log_prior, bank=b)
+        assert un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+        out[name] = (un.bank, un.samples())
+    # every evaluation ran on the wrapped module: nothing was compiled (each parameter swap had recompiled the graph)
+    assert not torch._dynamo.utils.counters["frames"]
+    assert torch.equal(out["plain"][0], out["compiled"][0])  # the same removal
+    returned = out["compiled"][1]
+    assert list(returned[0]) == list(given[0])  # the compiled model's names, as given
+    compiled.load_state_dict(returned[-1])
+    assert torch.equal(parameters_to_vector(compiled.parameters()), out["compiled"][0][-1])

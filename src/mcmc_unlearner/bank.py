@@ -43,6 +43,7 @@ class BankLayout:
     trainable: torch.Tensor | None = None  # flat banks of every parameter: which columns are trainable
     frozen: torch.Tensor | None = None  # ... and the frozen columns' values
     tied: tuple[tuple[str, str], ...] = ()  # (second name, the name the flat bank uses) of shared parameters
+    prefix: str = ""  # "_orig_mod." when the samples were taken from a torch.compile'd model's state_dict
 
     def restore(self, flat: torch.Tensor) -> Any:
         """The flat bank ``[S, D]`` in this layout (new tensors)."""
@@ -55,12 +56,12 @@ class BankLayout:
             return out
         rows = [self.spec.unflatten(r) for r in flat]
         if self.kind == "stacked":
-            moved = {name: torch.stack([r[name] for r in rows]) for name in self.spec.names}
+            moved = {self.prefix + name: torch.stack([r[name] for r in rows]) for name in self.spec.names}
             if self.template is None:
                 return moved
             # every entry in the caller's order: parameters moved, tied names sharing them, the rest copied
             # (samples beyond the given ones reuse the last one's extras)
-            given = int(self.template[self.spec.names[0]].shape[0])
+            given = int(self.template[self.prefix + self.spec.names[0]].shape[0])
             pick = torch.arange(flat.shape[0]).clamp(max=given - 1)
             out = {}
             for k, v in self.template.items():
@@ -71,18 +72,19 @@ class BankLayout:
                 else:
                     out[k] = v.clone() if isinstance(v, torch.Tensor) else v
             for alias, name in self.tied:
-                if alias in out:
-                    out[alias] = out[name]
+                if self.prefix + alias in out:
+                    out[self.prefix + alias] = out[self.prefix + name]
             return out
         out = []
         for i, r in enumerate(rows):
             orig = self.template[min(i, len(self.template) - 1)]  # samples collected later reuse the last one's extras
             d = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in orig.items()}
             for name in self.spec.names:
-                d[name] = r[name].to(dtype=orig[name].dtype, device=orig[name].device).clone()
+                key = self.prefix + name
+                d[key] = r[name].to(dtype=orig[key].dtype, device=orig[key].device).clone()
             for alias, name in self.tied:
-                if alias in d:
-                    d[alias] = d[name]
+                if self.prefix + alias in d:
+                    d[self.prefix + alias] = d[self.prefix + name]
             out.append(type(orig)(d) if isinstance(orig, dict) else d)
         return out
 
@@ -110,6 +112,13 @@ def _check_tied(tied: tuple[tuple[str, str], ...], sample: Mapping[str, Any], wh
                 f"parameter between them (tied weights), so a sample has one value there. Save the samples with "
                 f"model.state_dict() (it lists the shared tensor under both names), or drop {alias!r}"
             )
+
+
+def _compiled_prefix(spec: ParamSpec, sample: Mapping[str, Any]) -> str:
+    """``"_orig_mod."`` when ``sample`` names the parameters as a ``torch.compile``d model's ``state_dict`` does."""
+    prefix = "_orig_mod."
+    plain = all(n in sample for n in spec.names)
+    return prefix if not plain and all(prefix + n in sample for n in spec.names) else ""
 
 
 def _missing(names: Sequence[str], have: Mapping[str, Any], what: str) -> None:
@@ -148,6 +157,9 @@ def to_flat(
             )
         flat, layout = bank.detach().clone(), BankLayout("flat", spec)
     elif isinstance(bank, Mapping):
+        prefix = _compiled_prefix(spec, bank)
+        if prefix:
+            bank = {k.removeprefix(prefix): v for k, v in bank.items()}
         _missing(spec.names, bank, "the dict of stacked tensors")
         sizes = {int(bank[n].shape[0]) for n in spec.names}
         if len(sizes) != 1:
@@ -160,10 +172,17 @@ def to_flat(
             parts.append(t.reshape(t.shape[0], -1))
         tied = tied_names(model, spec)
         _check_tied(tied, bank, "the dict of stacked tensors")
-        flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, dict(bank), tied=tied)
+        template = {prefix + k: v for k, v in bank.items()}
+        flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
     elif isinstance(bank, Sequence) and not isinstance(bank, (str, bytes)) and len(bank) > 0:
         rows = []
         tied = tied_names(model, spec)
+        prefix = _compiled_prefix(spec, bank[0]) if isinstance(bank[0], Mapping) else ""
+        given = list(bank)
+        if prefix:
+            bank = [
+                {k.removeprefix(prefix): v for k, v in sd.items()} if isinstance(sd, Mapping) else sd for sd in given
+            ]
         for i, sd in enumerate(bank):
             if not isinstance(sd, Mapping):
                 raise ValueError(f"bank: item {i} is a {type(sd).__name__}, expected a state_dict (a mapping)")
@@ -175,7 +194,7 @@ def to_flat(
                     raise ValueError(f"bank: state_dict {i}: {n} has shape {got}, expected {tuple(shape)}")
             rows.append(torch.cat([sd[n].detach().reshape(-1) for n in spec.names]))
         _check_not_aliased(bank, spec)
-        flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, list(bank), tied=tied)
+        flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, given, tied=tied, prefix=prefix)
     else:
         raise ValueError(
             "bank: give a tensor [S, D], a list of state_dicts, or a dict of stacked tensors {name: [S, ...]}; "

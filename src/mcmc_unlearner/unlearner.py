@@ -53,7 +53,7 @@ from torch.func import grad, jacrev, vmap
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .backends.base import NegativeCurvatureError
 from .bank import BankLayout, to_flat
-from .curvature import ParamSpec, SampleAveragedHessian, functionalize, stack_batches
+from .curvature import ParamSpec, SampleAveragedHessian, eager, functionalize, stack_batches
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
 from .memory import bytes_per_row, chunk_for, format_bytes, resolve_budget
 from .samplers import scale_lr
@@ -883,6 +883,7 @@ class MCMCUnlearner:
         recenter_draws: int | str = "auto",
         damping_shape: DampingShape | str = "auto",
     ) -> None:
+        model = eager(model)  # a torch.compile'd model: the module it wraps (swapping parameters recompiled it)
         _check_mode(model)
         self.model = model
         self.sampler = sampler
