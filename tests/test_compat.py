@@ -118,3 +118,52 @@ def test_nan_in_removed_batch_is_refused(blr) -> None:
     with pytest.raises(ValueError, match="NaN or infinite"):
         un.remove([x, blr.y[:3]], iter([]))
     assert torch.equal(model.w.detach(), w)
+
+
+def test_the_seed_api_works_on_attention_with_torchs_default_kernel() -> None:
+    """A user's nn.MultiheadAttention on torch's default fused kernel (no double backward): the seed API's
+    Hessian-vector products crashed; they now run on the math kernel and give what the math kernel gives."""
+    from torch import nn
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Attend(nn.Module):
+        def __init__(self, math: bool) -> None:
+            super().__init__()
+            self.math = math
+            self.inp, self.att, self.out = nn.Linear(1, 4), nn.MultiheadAttention(4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.inp(x.unsqueeze(-1)).transpose(0, 1)
+            if self.math:
+                with sdpa_kernel(SDPBackend.MATH):
+                    return self.out(self.att(h, h, h, need_weights=False)[0].mean(0))
+            return self.out(self.att(h, h, h, need_weights=False)[0].mean(0))
+
+    class Seed(sgmcmcUnlearner):
+        def _apply_sample(self, z):
+            self.optimizer.zero_grad()
+            self._fun(z).backward()
+            self.optimizer.step()
+
+        def _fun(self, z):
+            return 100 * torch.nn.functional.cross_entropy(self.model(z[0]), z[1]) + sum(
+                0.5 * (p**2).sum() for p in self.model.parameters()
+            )
+
+        def _z_fun(self, z):
+            return torch.nn.functional.cross_entropy(self.model(z[0]), z[1], reduction="sum")
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 3, generator=g)
+    y = (x.sum(1) > 0).long()
+    shifts = []
+    for math in (False, True):
+        torch.manual_seed(0)
+        model = Attend(math)
+        before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        opt = SGLD(model.parameters(), lr=1e-5, generator=torch.Generator().manual_seed(1))
+        un = Seed(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=8, scaling=1e-3, samp_T=1)
+        un.remove([x[:4], y[:4]], RemovableDataset(x[4:], y[4:], batch_size=32, seed=0))
+        shifts.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach() - before)
+    assert shifts[0].norm() > 0
+    torch.testing.assert_close(shifts[0], shifts[1], rtol=1e-4, atol=1e-7)

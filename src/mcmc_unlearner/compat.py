@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .curvature import plain_attention
 from .solvers import SolveResult, lissa
 from .unlearner import check_finite_batch
 
@@ -122,14 +123,15 @@ class sgmcmcUnlearner:
         saved = [p.detach().clone() for p in self.params]
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         try:
-            G = self._sampled_grad(target, sampler)
-            result = lissa(
-                lambda v: self._sampled_hvp(v, sampler),
-                G,
-                scaling=float(self.param_dict["scaling"]),
-                iters=int(self.param_dict["iter_T"]),
-                tol=0.0,
-            )
+            with plain_attention():  # double backward through attention needs torch's math kernel
+                G = self._sampled_grad(target, sampler)
+                result = lissa(
+                    lambda v: self._sampled_hvp(v, sampler),
+                    G,
+                    scaling=float(self.param_dict["scaling"]),
+                    iters=int(self.param_dict["iter_T"]),
+                    tol=0.0,
+                )
         except BaseException:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
