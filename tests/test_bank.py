@@ -573,3 +573,30 @@ def test_a_compiled_model_is_unlearned_through_the_module_it_wraps_with_its_stat
     assert list(returned[0]) == list(given[0])  # the compiled model's names, as given
     compiled.load_state_dict(returned[-1])
     assert torch.equal(parameters_to_vector(compiled.parameters()), out["compiled"][0][-1])
+
+
+def test_samples_with_different_batchnorm_statistics_get_a_warning_saying_which_buffers_are_used() -> None:
+    import warnings
+
+    _, x, y, _ = _problem(19)
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+    states = []
+    for s in range(6):  # a chain sampled in training mode: each sample carries its own running statistics
+        model.train()
+        model(x[40 * s : 40 * s + 40])
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    model.eval()
+    with pytest.warns(UserWarning, match=r"different values of 2 non-parameter entries.*running_mean"):
+        un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=states)
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    out = un.samples()
+    assert all(torch.equal(o["1.running_mean"], s["1.running_mean"]) for o, s in zip(out, states))  # their own
+    frozen = [{**sd, "1.running_mean": states[-1]["1.running_mean"], "1.running_var": states[-1]["1.running_var"]}
+              for sd in states]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=frozen)  # the same statistics: no warning

@@ -360,3 +360,19 @@ def test_the_dense_gauss_newton_backend_is_refused_under_distributed_and_auto_av
         DistributedUnlearner(conv, nll=ce, solver="ggn")
     assert DistributedUnlearner(conv, nll=ce).solver.value == "kfac"
     assert MCMCUnlearner(conv, nll=ce).solver.value == "ggn"
+
+
+def test_a_tuple_of_remaining_rows_is_refused_under_distributed_naming_the_shard() -> None:
+    """One process reads a tuple (x, y) as the remaining rows themselves; under torch.distributed that would give
+    every rank every row without the shard weights, so it is refused before any work, naming ShardedDataset."""
+    from mcmc_unlearner.distributed import DistributedUnlearner
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 2, generator=g), torch.randn(40, generator=g)
+    model = torch.nn.Linear(2, 1)
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.1 * torch.randn(4, 3, generator=g)
+    un = DistributedUnlearner(model, nll=lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2, bank=bank)
+    with pytest.raises(TypeError, match=r"under torch\.distributed.*ShardedDataset\.from_global"):
+        un.remove((x[:2], y[:2], torch.ones(2)), (x[2:], y[2:]))
+    assert torch.equal(un.bank, bank)

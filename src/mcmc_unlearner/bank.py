@@ -22,6 +22,7 @@ turns a shifted flat bank back into the caller's layout (new tensors, same dtype
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -194,6 +195,7 @@ def to_flat(
                     raise ValueError(f"bank: state_dict {i}: {n} has shape {got}, expected {tuple(shape)}")
             rows.append(torch.cat([sd[n].detach().reshape(-1) for n in spec.names]))
         _check_not_aliased(bank, spec)
+        _warn_varying_buffers(bank, spec, tied)
         flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, given, tied=tied, prefix=prefix)
     else:
         raise ValueError(
@@ -210,6 +212,32 @@ def to_flat(
             "{k: v.clone() for k, v in model.state_dict().items()} or parameters_to_vector(model.parameters()).clone()"
         )
     return (flat if dtype is None else flat.to(dtype)), layout
+
+
+def _warn_varying_buffers(
+    bank: Sequence[Mapping[str, Any]], spec: ParamSpec, tied: tuple[tuple[str, str], ...]
+) -> None:
+    """Warn when the samples carry different buffers (BatchNorm statistics collected while sampling in training
+    mode): every sample is evaluated with the model's current buffers, and each gets its own back unchanged."""
+    skip = set(spec.names) | {alias for alias, _ in tied}
+    first = bank[0]
+    varying = [
+        k
+        for k, v in first.items()
+        if k not in skip
+        and isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and any(isinstance(sd.get(k), torch.Tensor) and not torch.equal(sd[k], v) for sd in bank[1:])
+    ]
+    if varying:
+        warnings.warn(
+            f"bank: the samples hold different values of {len(varying)} non-parameter entries (e.g. {varying[:3]}; "
+            "buffers such as BatchNorm running statistics, collected while sampling in training mode). The unlearner "
+            "evaluates every sample with the model's current buffers and returns each sample's own unchanged, so the "
+            "posterior it moves is the network with those buffers; freeze the statistics before sampling for an exact "
+            "match",
+            stacklevel=3,
+        )
 
 
 def _check_not_aliased(bank: Sequence[Mapping[str, Any]], spec: ParamSpec) -> None:

@@ -595,7 +595,12 @@ class _Stream:
     iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out), or the remaining rows themselves
     as a tuple of tensors ``(x, y)`` (shuffled minibatches of 128; every row listable, as a ``RemovableDataset``)."""
 
-    def __init__(self, source: Any, n: int | None) -> None:
+    def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
+        if _is_fields(source) and not rows_as_data:
+            raise TypeError(
+                "remaining is a tuple of tensors; under torch.distributed each rank passes its own shard with "
+                "weights: ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=..., seed=...)"
+            )
         if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
             from .data import RemovableDataset
 
@@ -1334,7 +1339,7 @@ class MCMCUnlearner:
             raise InvalidRequestError("deletion request is empty: pass at least one removed point")
         check_finite_batch(batch)
         self._check_nll(batch)
-        stream = _Stream(remaining, n_remaining)
+        stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
         n = stream.n
         if n <= 0:
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
