@@ -372,7 +372,11 @@ def test_tied_weights_come_back_moved_under_every_name_the_state_dict_lists() ->
     stacked = {k: torch.stack([sd[k] for sd in states]) for k in states[0]}
     banks = {}
     for kind, given in (("state_dicts", states), ("stacked", stacked)):
-        un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=given)
+        if kind == "state_dicts":  # the buffer differs between samples: said in a warning
+            with pytest.warns(UserWarning, match=r"\['calls'\]"):
+                un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=given)
+        else:
+            un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=given)
         un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
         out = un.samples()
         rows = out if kind == "state_dicts" else [{k: v[i] for k, v in out.items()} for i in range(12)]
@@ -549,6 +553,7 @@ def test_non_finite_remaining_data_is_refused_naming_the_rows_and_nothing_change
     assert torch.equal(un.bank, bank) and torch.equal(parameters_to_vector(model.parameters()), live)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # importing torch._dynamo: torch.jit deprecations
 def test_a_compiled_model_is_unlearned_through_the_module_it_wraps_with_its_state_dict_names() -> None:
     import torch._dynamo
 

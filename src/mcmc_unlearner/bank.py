@@ -236,7 +236,7 @@ def _warn_varying_buffers(
             "evaluates every sample with the model's current buffers and returns each sample's own unchanged, so the "
             "posterior it moves is the network with those buffers; freeze the statistics before sampling for an exact "
             "match",
-            stacklevel=3,
+            stacklevel=4,  # the caller of MCMCUnlearner(...)
         )
 
 
