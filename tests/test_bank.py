@@ -42,7 +42,7 @@ def _layouts(model, bank):
     rows = [spec.unflatten(r) for r in bank]
     state_dicts = [{k: v.clone() for k, v in r.items()} for r in rows]
     stacked = {name: torch.stack([r[name] for r in rows]).clone() for name in spec.names}
-    return {"flat": bank.clone(), "state_dicts": state_dicts, "stacked": stacked}
+    return {"flat": bank.clone(), "state_dicts": state_dicts, "stacked": stacked, "vectors": list(bank.clone())}
 
 
 def test_every_bank_layout_gives_the_same_shift_returned_in_its_own_layout() -> None:
@@ -62,6 +62,7 @@ def test_every_bank_layout_gives_the_same_shift_returned_in_its_own_layout() -> 
     assert not torch.equal(ref, bank)  # something moved
     assert torch.equal(to_flat(out["state_dicts"], ParamSpec.of(model))[0], ref)
     assert torch.equal(to_flat(out["stacked"], ParamSpec.of(model))[0], ref)
+    assert torch.equal(torch.stack(out["vectors"]), ref)  # a list of [D] vectors comes back as one
 
 
 def test_a_model_loaded_from_a_bank_row_does_not_write_into_the_callers_bank() -> None:

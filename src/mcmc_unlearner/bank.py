@@ -3,9 +3,10 @@
 Accepted layouts (``D`` = the model's trainable parameters in ``named_parameters`` order, see
 :class:`~mcmc_unlearner.curvature.ParamSpec`):
 
-* a tensor ``[S, D]`` of flat parameter vectors (e.g. rows of ``parameters_to_vector``); on a model with frozen
-  parameters also ``[S, D_all]``, rows of ``parameters_to_vector(model.parameters())`` with the frozen ones
-  included (they must hold the model's frozen values; returned in that width, those columns unchanged);
+* a tensor ``[S, D]`` of flat parameter vectors (e.g. rows of ``parameters_to_vector``), or a list of such
+  ``[D]`` vectors (returned as a list); on a model with frozen parameters also ``[S, D_all]``, rows of
+  ``parameters_to_vector(model.parameters())`` with the frozen ones included (they must hold the model's frozen
+  values; returned in that width, those columns unchanged);
 * a list of ``state_dict``-like mappings ``{name: tensor}`` (buffers and other entries are carried along);
 * a dict of stacked tensors ``{name: [S, *shape]}`` (the layout of the ``posteriors`` library; other entries, such
   as buffers, are carried along too).
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ __all__ = ["BankLayout", "to_flat"]
 
 @dataclass(frozen=True)
 class BankLayout:
-    """How a bank was given: ``kind`` is ``"flat"``, ``"state_dicts"`` or ``"stacked"``."""
+    """How a bank was given: ``kind`` is ``"flat"``, ``"flat_list"``, ``"state_dicts"`` or ``"stacked"``."""
 
     kind: str
     spec: ParamSpec
@@ -48,6 +49,8 @@ class BankLayout:
 
     def restore(self, flat: torch.Tensor) -> Any:
         """The flat bank ``[S, D]`` in this layout (new tensors)."""
+        if self.kind == "flat_list":
+            return list(replace(self, kind="flat").restore(flat).unbind(0))
         if self.kind == "flat":
             if self.trainable is None:
                 return flat.clone()
@@ -175,6 +178,14 @@ def to_flat(
         _check_tied(tied, bank, "the dict of stacked tensors")
         template = {prefix + k: v for k, v in bank.items()}
         flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
+    elif (
+        isinstance(bank, Sequence)
+        and not isinstance(bank, (str, bytes))
+        and len(bank) > 0
+        and all(isinstance(r, torch.Tensor) and r.ndim == 1 for r in bank)
+    ):  # a list of flat vectors (rows of parameters_to_vector): stacked, returned as a list again
+        flat, layout = to_flat(torch.stack([r.detach() for r in bank]), spec, dtype, model)
+        return flat, replace(layout, kind="flat_list")
     elif isinstance(bank, Sequence) and not isinstance(bank, (str, bytes)) and len(bank) > 0:
         rows = []
         tied = tied_names(model, spec)

@@ -733,8 +733,8 @@ class MCMCUnlearner:
         log_prior: ``log_prior(model) -> scalar``; default ``model.log_prior()`` (a flat prior if absent).
         energy: ``energy(model, batch, n) -> scalar`` minibatch estimate of ``F``; default
             ``-log_prior + n/|B|·Σ nll``.
-        bank: Stored posterior samples: a tensor ``[S, D]``, a list of state_dicts or a dict of stacked tensors
-            (copied; :meth:`samples` returns them in the same layout).
+        bank: Stored posterior samples: a tensor ``[S, D]`` (or a list of ``[D]`` vectors), a list of state_dicts
+            or a dict of stacked tensors (copied; :meth:`samples` returns them in the same layout).
         solver: ``"auto"`` (default): ``"exact"`` (dense Hessian) when the model has at most ``exact_max_dim``
             parameters and its matrices fit ``memory_budget`` — ``"ggn"`` (the dense generalized Gauss-Newton
             matrix, :mod:`mcmc_unlearner.backends.ggn`) instead when such a model has convolution or recurrent
