@@ -606,3 +606,18 @@ def test_samples_with_different_batchnorm_statistics_get_a_warning_saying_which_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=frozen)  # the same statistics: no warning
+
+
+def test_curvature_minibatches_of_unequal_size_are_pooled_not_cut_to_the_smallest() -> None:
+    from mcmc_unlearner.unlearner import _Stream
+
+    x = torch.arange(150.0).view(-1, 1)
+    y = torch.arange(150)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)  # 64, 64 and a partial 22 per epoch
+    stacked = _Stream(loader, None).stacked(4)  # draws 64, 64, 22, 64 rows
+    assert stacked[0].shape == (4, 53, 1)  # 214 rows split evenly (cut to the smallest: 4 x 22)
+    used = stacked[1].flatten()
+    assert torch.equal(used, torch.cat([torch.arange(150), torch.arange(64)])[:212])  # the rows drawn, in order
+    assert torch.equal(stacked[0].flatten().long(), used)  # the fields stay paired
+    full = _Stream(DataLoader(TensorDataset(x[:128], y[:128]), batch_size=64), None).stacked(2)
+    assert torch.equal(full[1], torch.arange(128).view(2, 64))  # equal sizes: the minibatches as they came
