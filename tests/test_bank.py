@@ -103,6 +103,9 @@ def test_plain_iterators_and_dataloaders_work_and_size_errors_are_clear() -> Non
     batches = iter([(x[keep][:40], y[keep][:40])])
     with pytest.raises(ValueError, match="ran out"):
         un2.remove(removed, batches, n_remaining=234)
+    for empty in ([], DataLoader(TensorDataset(x[keep], y[keep]), batch_size=512, drop_last=True)):
+        with pytest.raises(ValueError, match="yields no minibatches"):  # was a bare StopIteration
+            un2.remove(removed, empty, n_remaining=234)
 
 
 def test_the_remaining_rows_as_a_tuple_are_read_as_a_removable_dataset_and_common_mistakes_get_the_fix() -> None:

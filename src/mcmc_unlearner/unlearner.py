@@ -642,7 +642,13 @@ class _Stream:
                     "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
                 ) from None
             self._it = iter(self._again)
-            batch = _as_batch(next(self._it), "a remaining-data minibatch")
+            try:
+                batch = _as_batch(next(self._it), "a remaining-data minibatch")
+            except StopIteration:
+                raise ValueError(
+                    "the remaining data yields no minibatches (e.g. an empty list, or a DataLoader with "
+                    "drop_last=True over fewer rows than its batch_size): pass a source that yields at least one"
+                ) from None
         check_finite_batch(batch, "the remaining data", "of a minibatch it gave (numbered within that minibatch)")
         return batch
 
