@@ -93,8 +93,8 @@ class _Call(nn.Module):
     """Wraps ``fn(model, *args)`` as a module so ``functional_call`` can swap the parameters.
 
     A ``torch.compile``d model is evaluated through the module it wraps (``_orig_mod``, the same parameters): every
-    call here swaps the parameters, which fails the compiled graph's guards and recompiled it each time (a
-    2,410-parameter MLP: 9.3 s per request against 1.1 s uncompiled, and torch's recompilation-limit warnings).
+    call here swaps the parameters, which fails the compiled graph's guards and would recompile it.
+    :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` unwraps such a model when it is built (docs/model-matrix.md).
     """
 
     def __init__(self, model: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
@@ -128,10 +128,9 @@ def plain_attention() -> Iterator[None]:
 
     ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` pick a fused CPU kernel by default, which has neither a
     double backward nor a forward-mode derivative (curvature products and the safety check failed on a plain
-    transformer), and in eval mode without gradients a fused inference path that ``vmap`` runs one row at a time
-    (one request on an 890-parameter attention classifier: 42 s against the chain's 5 s of training). The math
-    kernel computes the same function (up to rounding) with both derivatives; models without attention are
-    unaffected.
+    transformer), and in eval mode without gradients a fused inference path that ``vmap`` has no batching rule for
+    (torch warns of a performance drop). The math kernel computes the same function (up to rounding) with both
+    derivatives; models without attention are unaffected.
     """
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
