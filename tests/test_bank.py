@@ -120,6 +120,11 @@ def test_the_remaining_rows_as_a_tuple_are_read_as_a_removable_dataset_and_commo
         assert report.passed and report.n_remaining == 234
         banks.append(un.bank)
     assert torch.equal(banks[0], banks[1])
+    # tensors of one shape stay what they always were: one-field minibatches (a density model's data), not fields
+    from mcmc_unlearner.unlearner import _Stream
+
+    batches = _Stream((x[:40], x[40:80]), 80)
+    assert torch.equal(next(batches)[0], x[:40]) and torch.equal(next(batches)[0], x[40:80])
     un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
     with pytest.raises(TypeError, match=r"TensorDataset \(a dataset, not minibatches\): pass DataLoader\(dataset"):
         un.remove(removed, TensorDataset(x[keep], y[keep]))

@@ -580,12 +580,17 @@ def _own_parameters(model: nn.Module) -> None:
 
 
 def _is_fields(source: Any) -> bool:
-    """Whether ``source`` is a tuple of two or more tensors with one row per data point (the data, not batches)."""
+    """Whether ``source`` is a tuple of two or more tensors with one row per data point (the data, not batches).
+
+    Tensors of identical shapes are not taken as fields: a tuple of one-field minibatches (``(b1, b2)``, each
+    ``[B, d]``) was always read as minibatches, and reading it as the rows ``(x, y)`` would silently drop ``b2``.
+    """
     return (
         isinstance(source, tuple)
         and len(source) >= 2
         and all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in source)
         and len({t.shape[0] for t in source}) == 1
+        and len({tuple(t.shape) for t in source}) > 1
         and source[0].shape[0] > 0
     )
 
@@ -1337,7 +1342,8 @@ class MCMCUnlearner:
             batch: The removed points, a tuple of tensors like the minibatches.
             remaining: The remaining data (after removal): a :class:`~mcmc_unlearner.data.RemovableDataset`, any
                 iterator of minibatches, a re-iterable such as a ``DataLoader``, or the rows themselves as a tuple of
-                tensors ``(x, y)`` (read in shuffled minibatches of 128, seed 0).
+                tensors ``(x, y)`` of different shapes (read in shuffled minibatches of 128, seed 0; tensors of one
+                shape are read as one-field minibatches).
             n_remaining: Size of the remaining set (read from ``remaining`` when it can be).
 
         Raises:
