@@ -300,6 +300,10 @@ def test_detect_likelihood(dtype) -> None:
         detect_likelihood(model, lambda m, b: ce_nll(m, b).sum(), labels)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # the reason blames dropout only where there is active dropout (every module is in training mode by default)
+    assert model.training and "dropout" not in detect_likelihood(model, others[1][0], labels)[1]["reason"]
+    noisy = Tiny(out=3, dropout=0.5).to(dtype)
+    assert "dropout makes forwards differ" in detect_likelihood(noisy, ce_nll, labels)[1]["reason"]
 
 
 def test_prior_precision_measured_from_log_prior() -> None:

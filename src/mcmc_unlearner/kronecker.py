@@ -212,7 +212,9 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
                 other, F.cross_entropy(out, shifted, reduction="none")
             ):
                 return Likelihood.CATEGORICAL, {}
-            hint = " (the model is in training mode: dropout makes forwards differ)" if model.training else ""
+            drops = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
+            dropout = any(m.training and m.p > 0 for m in drops)
+            hint = " (the model is in training mode: dropout makes forwards differ)" if dropout else ""
             return Likelihood.EMPIRICAL, {"reason": f"integer labels, but nll is not cross_entropy(model(x), y){hint}"}
         if y.is_floating_point() and y.numel() == out.numel():
             gen = torch.Generator().manual_seed(0)
