@@ -601,12 +601,12 @@ class _Stream:
     as a tuple of tensors ``(x, y)`` (shuffled minibatches of 128; every row listable, as a ``RemovableDataset``)."""
 
     def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
-        if _is_fields(source) and not rows_as_data:
-            raise TypeError(
-                "remaining is a tuple of tensors; under torch.distributed each rank passes its own shard with "
-                "weights: ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=..., seed=...)"
-            )
         if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
+            if not rows_as_data:
+                raise TypeError(
+                    "remaining is a tuple of tensors; under torch.distributed each rank passes its own shard with "
+                    "weights: ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=..., seed=...)"
+                )
             from .data import RemovableDataset
 
             check_finite_batch(source, "the remaining data", "of the rows given")
