@@ -381,10 +381,7 @@ def test_tied_weights_come_back_moved_under_every_name_the_state_dict_lists() ->
     stacked = {k: torch.stack([sd[k] for sd in states]) for k in states[0]}
     banks = {}
     for kind, given in (("state_dicts", states), ("stacked", stacked)):
-        if kind == "state_dicts":  # the buffer differs between samples: said in a warning
-            with pytest.warns(UserWarning, match=r"\['calls'\]"):
-                un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=given)
-        else:
+        with pytest.warns(UserWarning, match=r"\['calls'\]"):  # the buffer differs between samples: said
             un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=given)
         un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
         out = un.samples()
@@ -614,6 +611,14 @@ def test_samples_with_different_batchnorm_statistics_get_a_warning_saying_which_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=frozen)  # the same statistics: no warning
+    stacked = {k: torch.stack([sd[k] for sd in states]) for k in states[0]}  # the layout `posteriors` uses
+    with pytest.warns(UserWarning, match=r"different values of 2 non-parameter entries.*running_mean"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=stacked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MCMCUnlearner(
+            model, nll=_nll, log_prior=_log_prior, bank={k: torch.stack([sd[k] for sd in frozen]) for k in states[0]}
+        )
 
 
 def test_curvature_minibatches_of_unequal_size_are_pooled_not_cut_to_the_smallest() -> None:

@@ -176,6 +176,7 @@ def to_flat(
             parts.append(t.reshape(t.shape[0], -1))
         tied = tied_names(model, spec)
         _check_tied(tied, bank, "the dict of stacked tensors")
+        _warn_varying_buffers(_stacked_rows(bank, spec, tied, sizes.pop(), model), spec, tied)
         template = {prefix + k: v for k, v in bank.items()}
         flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
     elif (
@@ -225,11 +226,32 @@ def to_flat(
     return (flat if dtype is None else flat.to(dtype)), layout
 
 
+def _stacked_rows(
+    bank: Mapping[str, Any], spec: ParamSpec, tied: tuple[tuple[str, str], ...], S: int, model: torch.nn.Module | None
+) -> list[dict[str, torch.Tensor]]:
+    """The non-parameter entries of a dict of stacked tensors that carry one value per sample (leading dimension
+    ``S``; with ``model``, the rest of the shape its buffer's), as ``S`` per-sample dicts."""
+    skip = set(spec.names) | {alias for alias, _ in tied}
+    own = {} if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    keys = [
+        k
+        for k, v in bank.items()
+        if k not in skip
+        and isinstance(v, torch.Tensor)
+        and v.ndim >= 1
+        and v.shape[0] == S
+        and (model is None or own.get(k) == tuple(v.shape[1:]))
+    ]
+    return [{k: bank[k][s] for k in keys} for s in range(S)] if keys else []
+
+
 def _warn_varying_buffers(
     bank: Sequence[Mapping[str, Any]], spec: ParamSpec, tied: tuple[tuple[str, str], ...]
 ) -> None:
     """Warn when the samples carry different buffers (BatchNorm statistics collected while sampling in training
     mode): every sample is evaluated with the model's current buffers, and each gets its own back unchanged."""
+    if len(bank) < 2:
+        return
     skip = set(spec.names) | {alias for alias, _ in tied}
     first = bank[0]
     varying = [
