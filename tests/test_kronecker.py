@@ -709,3 +709,23 @@ def test_backend_scale_reuses_its_probes_across_n() -> None:
     assert math.isclose(backend.scale(), want[40], rel_tol=1e-12) and not calls
     # the prior alone, 1/0.5² = 4 per coordinate, is the n = 0 limit; the data term adds a positive trace
     assert want[40] > 4.0 and math.isclose((want[100] - 4.0) / (want[40] - 4.0), 2.5, rel_tol=1e-9)
+
+
+def test_a_users_forward_hook_on_a_layer_does_not_change_its_factors() -> None:
+    """K-FAC reads each layer's own output: a forward hook of the user's that transforms it (here tanh, as a hook)
+    must give the factors of the same function written without the hook (the library's hook runs first)."""
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    hooked = nn.Sequential(nn.Linear(5, 7), nn.Identity(), nn.Linear(7, 3)).double()
+    hooked.load_state_dict(plain.state_dict())
+    hooked[0].register_forward_hook(lambda m, args, out: torch.tanh(out))
+    batches = [(torch.randn(9, 5, dtype=D64), torch.randint(0, 3, (9,))) for _ in range(2)]
+    theta = ParamSpec.flatten_module(plain)
+    thetas = theta[None] + 0.05 * torch.randn(2, theta.numel(), dtype=D64)
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(batches[0][0]), plain(batches[0][0]))  # the same function
+    Ks = [
+        KroneckerCurvature.build(m, thetas, batches, n=50, nll=ce_nll, log_prior=iso_prior(0.5), exact_expectation=True)
+        for m in (plain, hooked)
+    ]
+    torch.testing.assert_close(dense(Ks[1]), dense(Ks[0]), atol=1e-10, rtol=1e-10)

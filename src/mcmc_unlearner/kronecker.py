@@ -839,7 +839,7 @@ class KroneckerCurvature:
         for b in blocks:
             b.A_mom = _Moment(b.in_dim, b.eig_A, keep_rows=reduce is None)
             b.G_mom = _Moment(b.out_dim, b.eig_G, keep_rows=reduce is None)
-        handles = [b.module.register_forward_hook(hook) for b in blocks]
+        handles = [b.module.register_forward_hook(hook, prepend=True) for b in blocks]
         diag_params: list[nn.Parameter] = []
         diag_names: list[str] = []
         diag_sum: Tensor | None = None
@@ -1315,7 +1315,7 @@ class KroneckerCurvature:
                     a = _patches(blk, args[0].detach())
                     stats["patch"] = max(stats["patch"], a.numel() * a.element_size())
 
-            handles = [b.module.register_forward_hook(hook) for b in blocks]
+            handles = [b.module.register_forward_hook(hook, prepend=True) for b in blocks]
             try:
                 with (
                     _preserved(model),
