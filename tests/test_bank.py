@@ -65,6 +65,20 @@ def test_every_bank_layout_gives_the_same_shift_returned_in_its_own_layout() -> 
     assert torch.equal(torch.stack(out["vectors"]), ref)  # a list of [D] vectors comes back as one
 
 
+def test_a_tensor_bank_comes_back_in_its_own_dtype_not_the_models() -> None:
+    model, x, y, bank = _problem(4)
+    for given_dtype, model_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        m = copy.deepcopy(model).to(model_dtype)
+        for given in (bank.to(given_dtype), list(bank.to(given_dtype))):
+            un = MCMCUnlearner(m, nll=_nll, log_prior=_log_prior, bank=given)
+            assert un.bank.dtype == model_dtype  # computed in the model's dtype
+            un.forget([0, 1, 2], RemovableDataset(x.to(model_dtype), y, batch_size=40, seed=0))
+            out = un.samples()
+            rows = out if isinstance(out, list) else list(out)
+            assert all(r.dtype == given_dtype for r in rows)  # returned in the caller's
+            torch.testing.assert_close(torch.stack(rows), un.bank.to(given_dtype), rtol=0, atol=0)
+
+
 def test_a_model_loaded_from_a_bank_row_does_not_write_into_the_callers_bank() -> None:
     model, x, y, bank = _problem(1)
     vector_to_parameters(bank[-1], model.parameters())  # the parameters now alias bank[-1]

@@ -46,17 +46,19 @@ class BankLayout:
     frozen: torch.Tensor | None = None  # ... and the frozen columns' values
     tied: tuple[tuple[str, str], ...] = ()  # (second name, the name the flat bank uses) of shared parameters
     prefix: str = ""  # "_orig_mod." when the samples were taken from a torch.compile'd model's state_dict
+    dtype: torch.dtype | None = None  # flat banks: the dtype they were given in (returned in it)
 
     def restore(self, flat: torch.Tensor) -> Any:
         """The flat bank ``[S, D]`` in this layout (new tensors)."""
         if self.kind == "flat_list":
             return list(replace(self, kind="flat").restore(flat).unbind(0))
         if self.kind == "flat":
+            dtype = self.dtype or flat.dtype
             if self.trainable is None:
-                return flat.clone()
-            out = torch.empty(flat.shape[0], self.trainable.numel(), dtype=flat.dtype, device=flat.device)
-            out[:, ~self.trainable] = self.frozen.to(flat)
-            out[:, self.trainable] = flat
+                return flat.to(dtype).clone()
+            out = torch.empty(flat.shape[0], self.trainable.numel(), dtype=dtype, device=flat.device)
+            out[:, ~self.trainable] = self.frozen.to(out)
+            out[:, self.trainable] = flat.to(dtype)
             return out
         rows = [self.spec.unflatten(r) for r in flat]
         if self.kind == "stacked":
@@ -159,7 +161,7 @@ def to_flat(
                 f"bank: a tensor bank must have shape [S, {spec.dim}] (S samples of the {spec.dim} trainable "
                 f"parameters){also}, got {tuple(bank.shape)}"
             )
-        flat, layout = bank.detach().clone(), BankLayout("flat", spec)
+        flat, layout = bank.detach().clone(), BankLayout("flat", spec, dtype=bank.dtype)
     elif isinstance(bank, Mapping):
         prefix = _compiled_prefix(spec, bank)
         if prefix:
@@ -310,5 +312,5 @@ def _flat_with_frozen(
     flat = bank.detach()[:, trainable.to(bank.device)].clone()
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
-    layout = BankLayout("flat", spec, trainable=trainable.to(bank.device), frozen=frozen)
+    layout = BankLayout("flat", spec, trainable=trainable.to(bank.device), frozen=frozen, dtype=bank.dtype)
     return (flat if dtype is None else flat.to(dtype)), layout
