@@ -167,3 +167,31 @@ def test_the_seed_api_works_on_attention_with_torchs_default_kernel() -> None:
         shifts.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach() - before)
     assert shifts[0].norm() > 0
     torch.testing.assert_close(shifts[0], shifts[1], rtol=1e-4, atol=1e-7)
+
+
+def test_a_dataloader_is_restarted_and_a_finite_iterator_that_runs_out_is_refused(blr) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mcmc_unlearner import InvalidRequestError
+
+    n = blr.x.shape[0]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[blr.removed] = False
+    loader = DataLoader(TensorDataset(blr.x[keep], blr.y[keep]), batch_size=100, shuffle=True)
+    model = MultiChainBLR(CHAINS, 3, n)
+    start_at_posterior(model, blr, seed=3)
+    opt = SGLD(model.parameters(), lr=0.0001 / n, generator=torch.Generator().manual_seed(0))
+    un = myUnlearner(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=64, scaling=0.1, samp_T=5)
+    model.n = int(keep.sum())
+    un.param_dict["scaling"] = 1.0 / model.n
+    before = model.w.detach().double().mean(0).clone()
+    torch.manual_seed(0)
+    un.remove([blr.x[blr.removed], blr.y[blr.removed]], loader)  # 325 minibatches from a loader of 4 per epoch
+    moved = model.w.detach().double().mean(0) - before
+    assert float((blr.exact_shift - moved).norm() / blr.exact_shift.norm()) < 0.25  # as with the endless sampler
+    w, state = model.w.detach().clone(), copy.deepcopy(opt.state_dict())
+    per_epoch = len(loader)
+    with pytest.raises(InvalidRequestError, match=rf"ran out after {per_epoch} minibatches.*iter_T\) = 325"):
+        un.remove([blr.x[blr.removed], blr.y[blr.removed]], iter(loader))  # one epoch only
+    assert torch.equal(model.w.detach(), w)
+    assert opt.state_dict()["state"].keys() == state["state"].keys()

@@ -31,10 +31,50 @@ import torch
 from torch import nn
 
 from .curvature import plain_attention
+from .errors import InvalidRequestError
 from .solvers import SolveResult, lissa
 from .unlearner import check_finite_batch
 
 __all__ = ["sgmcmcUnlearner"]
+
+
+class _Minibatches:
+    """The remaining-data ``sampler`` as an endless iterator: an iterator is drawn from as given, an iterable (a
+    ``DataLoader``, a list of batches) is restarted at its end; an iterator that ends raises
+    :class:`InvalidRequestError` saying how many minibatches a request draws."""
+
+    def __init__(self, source: Any, need: int) -> None:
+        self.need, self.drawn = need, 0
+        if isinstance(source, Iterator):
+            self.again, self.it = None, source
+        elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
+            self.again, self.it = source, iter(source)
+        else:
+            raise InvalidRequestError(
+                "the remaining-data sampler must be an iterator or iterable of minibatches, got "
+                f"{type(source).__name__}"
+            )
+
+    def __iter__(self) -> _Minibatches:
+        return self
+
+    def __next__(self) -> Any:
+        for _ in range(2):
+            try:
+                z = next(self.it)
+                self.drawn += 1
+                return z
+            except StopIteration:
+                if self.again is None:
+                    break
+                self.it = iter(self.again)  # an epoch of a DataLoader ended: the next one
+        what = "iterator" if self.again is None else f"{type(self.again).__name__} (it yields no minibatch)"
+        raise InvalidRequestError(
+            f"the remaining-data sampler ran out after {self.drawn} minibatches: its {what} ended, and remove() draws "
+            f"samp_T·(1 + iter_T) = {self.need} (one per sampler step); pass the DataLoader itself (restarted at "
+            "every epoch's end) or an endless iterator, e.g. a generator that loops over the loader; the parameters "
+            "and sampler state were restored"
+        )
 
 
 class sgmcmcUnlearner:
@@ -109,27 +149,31 @@ class sgmcmcUnlearner:
         return total / self.param_dict["samp_T"]
 
     def remove(self, target: Any, sampler: Iterator) -> SolveResult:
-        """Forget the batch ``target`` using ``sampler`` (an iterator over batches of the remaining data).
+        """Forget the batch ``target`` using ``sampler`` (an iterator over batches of the remaining data; an
+        iterable such as a ``DataLoader`` is restarted at every epoch's end).
 
         Returns:
             The LiSSA :class:`~mcmc_unlearner.solvers.SolveResult` (``x`` is the applied shift).
 
         Raises:
             SolverDivergedError: the recursion diverged; parameters and sampler state are restored.
-            InvalidRequestError: the removed batch is empty or not finite.
+            InvalidRequestError: the removed batch is empty or not finite, or the sampler ran out (parameters and
+                sampler state restored).
         """
         batch = tuple(target) if isinstance(target, (list, tuple)) else (target,)
         check_finite_batch(tuple(t for t in batch if isinstance(t, torch.Tensor)))
         saved = [p.detach().clone() for p in self.params]
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         try:
+            T, iters = int(self.param_dict["samp_T"]), int(self.param_dict["iter_T"])
+            sampler = _Minibatches(sampler, T * (1 + iters))
             with plain_attention():  # double backward through attention needs torch's math kernel
                 G = self._sampled_grad(target, sampler)
                 result = lissa(
                     lambda v: self._sampled_hvp(v, sampler),
                     G,
                     scaling=float(self.param_dict["scaling"]),
-                    iters=int(self.param_dict["iter_T"]),
+                    iters=iters,
                     tol=0.0,
                 )
         except BaseException:
