@@ -492,6 +492,43 @@ def test_an_embedding_that_renormalises_its_weight_in_place_is_refused_with_the_
     MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank[:, weight.numel() :])
 
 
+def test_a_trainable_embedding_bag_is_refused_with_an_equivalent_that_unlearns() -> None:
+    # EmbeddingBag has neither a double backward nor a forward-mode derivative: the safety check crashed inside the
+    # request (NotImplementedError from torch); now refused when the unlearner is built, naming the equivalent
+    class Bagged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag, self.out = nn.EmbeddingBag(10, 4, mode="mean"), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.bag((x.abs() * 3).long().clamp(max=9))))
+
+    class Embedded(Bagged):  # the fix the message names: Embedding, then the mean over each bag
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = nn.Embedding(10, 4)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.bag((x.abs() * 3).long().clamp(max=9)).mean(1)))
+
+    _, x, y, _ = _problem(14)
+    torch.manual_seed(14)
+    bagged = Bagged()
+    theta = parameters_to_vector(bagged.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(6, theta.numel())
+    with pytest.raises(ValueError, match=r"bag \(EmbeddingBag\) has no second derivative.*emb\(tokens\)\.mean\(1\)"):
+        MCMCUnlearner(bagged, nll=_nll, log_prior=_log_prior, bank=bank)
+    embedded = Embedded()
+    embedded.load_state_dict(bagged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(embedded(x), bagged(x))  # the same function, the same parameters
+    un = MCMCUnlearner(embedded, nll=_nll, log_prior=_log_prior, bank=bank)
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    bagged.bag.weight.requires_grad_(False)  # frozen: only the linear layer is sampled, accepted and unlearned
+    un = MCMCUnlearner(bagged, nll=_nll, log_prior=_log_prior, bank=bank[:, 40:])
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

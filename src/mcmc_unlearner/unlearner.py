@@ -567,6 +567,16 @@ def _check_mode(model: nn.Module) -> None:
             "the embedding with max_norm=None (renormalise rows out of place in forward if the model needs it, e.g. "
             "torch.renorm(weight, 2, 0, max_norm) before F.embedding), or freeze its weight"
         )
+    bags = sorted(
+        name for name, m in model.named_modules() if isinstance(m, nn.EmbeddingBag) and m.weight.requires_grad
+    )
+    if bags:
+        raise ValueError(
+            f"{', '.join(bags)} (EmbeddingBag) has no second derivative or forward-mode derivative in torch, which "
+            "the curvature and the safety check need (they failed inside the request). Use nn.Embedding and reduce "
+            "each bag in forward, e.g. emb(tokens).mean(1) for bags of equal length (the same function as "
+            "EmbeddingBag(mode='mean') and the same parameters: load its weight), or freeze the bag's weight"
+        )
 
 
 def _own_parameters(model: nn.Module) -> None:
