@@ -529,6 +529,34 @@ def test_a_trainable_embedding_bag_is_refused_with_an_equivalent_that_unlearns()
     assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
 
 
+def test_an_nll_of_shape_b_by_1_is_read_as_one_value_per_row_by_every_backend() -> None:
+    # mse_loss(out, y, reduction="none") on [B, 1] outputs: K-FAC's likelihood probe refused it ("shape [8], got
+    # (8, 1)", the probe's rows, not the user's) after the request had started; now read as [B] everywhere
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(200, 3, generator=g)
+    y = torch.sin(x @ torch.tensor([[1.0], [-0.5], [0.3]]))  # [B, 1]
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(8, theta.numel(), generator=g)
+
+    def column(m, b):
+        return 0.5 * nn.functional.mse_loss(m(b[0]), b[1], reduction="none") / 0.1**2  # [B, 1]
+
+    def rows(m, b):
+        return column(m, b).sum(1)  # [B]
+
+    for solver in ("kfac", "exact"):
+        banks = []
+        for nll in (column, rows):
+            un = MCMCUnlearner(copy.deepcopy(model), nll=nll, log_prior=_log_prior, bank=bank, solver=solver)
+            report = un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=50, seed=0))
+            assert report.passed
+            banks.append(un.bank)
+        if solver == "kfac":
+            assert report.info["kfac"]["likelihood"] == "gaussian"
+        torch.testing.assert_close(banks[0], banks[1], rtol=0, atol=0)
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

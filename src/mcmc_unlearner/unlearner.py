@@ -38,6 +38,7 @@ clears the influence carried between requests.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 import time
@@ -313,6 +314,20 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
 
 def _default_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model.nll(batch)
+
+
+def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """``nll`` with a ``[B, 1]`` output (``mse_loss(out, y, reduction="none")`` on ``[B, 1]`` outputs) read as
+    ``[B]``; any other shape is passed on (a wrong one is refused by the first request's check)."""
+
+    @functools.wraps(nll)
+    def rows(model: nn.Module, batch: Batch) -> torch.Tensor:
+        out = nll(model, batch)
+        if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] == 1:
+            return out.reshape(out.shape[0])
+        return out
+
+    return rows
 
 
 #: ``backend="auto"`` takes per-draw derivatives one draw at a time rather than batched through ``vmap`` where the
@@ -930,7 +945,7 @@ class MCMCUnlearner:
             )
         if nll is None and not hasattr(model, "nll"):
             raise TypeError("pass nll=callable(model, batch) or give the model an nll(batch) method")
-        self.nll = nll or _default_nll
+        self.nll = _one_per_row(nll or _default_nll)
         if log_prior is None:
             log_prior = (lambda m: m.log_prior()) if hasattr(model, "log_prior") else None
         self.log_prior = log_prior

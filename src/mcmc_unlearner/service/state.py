@@ -188,7 +188,7 @@ def check_saveable(model: nn.Module, sampler: torch.optim.Optimizer | None, un: 
         raise StoreError("the unlearner drives a different model object than `model`; pass the same model")
     if sampler is not None and un.sampler is not None and un.sampler is not sampler:
         raise StoreError("the unlearner drives a different sampler than `sampler`; pass the same sampler")
-    if un.nll is not _default_nll:
+    if getattr(un.nll, "__wrapped__", un.nll) is not _default_nll:  # the unlearner reads it through _one_per_row
         raise StoreError("cannot save an unlearner with a custom nll callable; give the model an nll() method")
     if getattr(un.energy, "__func__", None) is not MCMCUnlearner._default_energy:
         raise StoreError("cannot save an unlearner with a custom energy callable; use the default energy")
