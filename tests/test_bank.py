@@ -557,6 +557,23 @@ def test_an_nll_of_shape_b_by_1_is_read_as_one_value_per_row_by_every_backend() 
         torch.testing.assert_close(banks[0], banks[1], rtol=0, atol=0)
 
 
+def test_a_request_removing_a_large_share_of_the_data_is_warned_about() -> None:
+    import warnings
+
+    model, x, y, bank = _problem(16)
+    for ids, warned in ((list(range(40)), False), (list(range(60)), True)):  # 40 / 240 = 17%, 60 / 240 = 25%
+        un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = un.forget(ids, RemovableDataset(x, y, batch_size=40, seed=0))
+        said = [str(w.message) for w in caught if "of the data" in str(w.message)]
+        assert bool(said) == warned, said
+        assert report.info["removed_share"] == pytest.approx(len(ids) / 240)
+        if warned:
+            assert "removes 25% of the data (60 of 240 rows)" in said[0] and "Retrain" in said[0]
+            assert caught[0].filename == __file__  # attributed to the caller's line
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
