@@ -574,6 +574,33 @@ def test_a_request_removing_a_large_share_of_the_data_is_warned_about() -> None:
             assert caught[0].filename == __file__  # attributed to the caller's line
 
 
+def test_a_request_leaves_buffers_a_training_mode_forward_updates_as_they_were() -> None:
+    class Counting(nn.Module):  # counts its forward passes in training mode, as some models count steps
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            if self.training:
+                self.calls += 1
+            return self.body(x)
+
+    _, x, y, _ = _problem(17)
+    torch.manual_seed(17)
+    model = Counting()
+    model.calls.fill_(793)
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(6, theta.numel())
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    proposal = un.propose(tuple(t[:3] for t in (x, y)), RemovableDataset(x[3:], y[3:], batch_size=40, seed=0))
+    assert int(model.calls) == 793  # propose changes nothing, buffers included
+    before = parameters_to_vector(model.parameters()).detach().clone()
+    un.apply(proposal)
+    assert int(model.calls) == 793  # the request's own evaluations are not the model's forward passes
+    assert not torch.equal(parameters_to_vector(model.parameters()), before)  # the live chain moved
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

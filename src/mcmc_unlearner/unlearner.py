@@ -1365,15 +1365,22 @@ class MCMCUnlearner:
         return self._stacked(stream, draws), False
 
     # ------------------------------------------------------------------ snapshots
-    def _snapshot(self) -> tuple[torch.Tensor, dict | None]:
+    def _snapshot(self) -> tuple[torch.Tensor, dict | None, dict[str, torch.Tensor]]:
+        """Parameters, sampler state and buffers (a forward pass in training mode may update buffers, e.g. a step
+        counter the model keeps: the request's own evaluations must not)."""
         theta = ParamSpec.flatten_module(self.model)
         opt = copy.deepcopy(self.sampler.state_dict()) if self.sampler is not None else None
-        return theta, opt
+        buffers = {k: b.detach().clone() for k, b in self.model.named_buffers(remove_duplicate=False)}
+        return theta, opt, buffers
 
-    def _restore(self, snap: tuple[torch.Tensor, dict | None]) -> None:
+    def _restore(self, snap: tuple[torch.Tensor, dict | None, dict[str, torch.Tensor]]) -> None:
         ParamSpec.assign(self.model, snap[0])
         if snap[1] is not None:
             self.sampler.load_state_dict(snap[1])
+        with torch.no_grad():
+            for k, b in self.model.named_buffers(remove_duplicate=False):
+                if k in snap[2] and b.shape == snap[2][k].shape and not torch.equal(b, snap[2][k]):
+                    b.copy_(snap[2][k])
 
     # ------------------------------------------------------------------ the request
     def propose(self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None) -> Proposal:
