@@ -601,6 +601,27 @@ def test_a_request_leaves_buffers_a_training_mode_forward_updates_as_they_were()
     assert not torch.equal(parameters_to_vector(model.parameters()), before)  # the live chain moved
 
 
+def test_samples_of_a_data_parallel_wrappers_state_dict_are_read_and_returned_under_its_names() -> None:
+    model, x, y, bank = _problem(18)
+    wrapped = nn.DataParallel(copy.deepcopy(model))  # on the CPU it calls the module; its state_dict says "module."
+    plain = _layouts(model, bank)["state_dicts"]
+    prefixed = [{"module." + k: v.clone() for k, v in sd.items()} for sd in plain]
+    assert set(prefixed[0]) == set(wrapped.state_dict())
+    banks = {}
+    for name, given in (("plain", plain), ("prefixed", prefixed)):
+        un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=given)
+        un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0))
+        banks[name] = un.bank
+        if name == "prefixed":
+            out = un.samples()
+            assert list(out[0]) == list(prefixed[0])  # the wrapper's names back
+            wrapped.load_state_dict(out[-1])
+            assert torch.equal(parameters_to_vector(wrapped.parameters()), un.bank[-1])
+    assert torch.equal(banks["plain"], banks["prefixed"])
+    with pytest.raises(ValueError, match=r"without the model's 'module\.' prefix.*model\.module"):
+        MCMCUnlearner(nn.DataParallel(copy.deepcopy(model)), nll=_nll, log_prior=_log_prior, bank=plain)
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -45,7 +45,7 @@ class BankLayout:
     trainable: torch.Tensor | None = None  # flat banks of every parameter: which columns are trainable
     frozen: torch.Tensor | None = None  # ... and the frozen columns' values
     tied: tuple[tuple[str, str], ...] = ()  # (second name, the name the flat bank uses) of shared parameters
-    prefix: str = ""  # "_orig_mod." when the samples were taken from a torch.compile'd model's state_dict
+    prefix: str = ""  # a wrapper's key prefix ("_orig_mod.", "module.") when the samples came from its state_dict
     dtype: torch.dtype | None = None  # flat banks: the dtype they were given in (returned in it)
 
     def restore(self, flat: torch.Tensor) -> Any:
@@ -120,19 +120,36 @@ def _check_tied(tied: tuple[tuple[str, str], ...], sample: Mapping[str, Any], wh
             )
 
 
-def _compiled_prefix(spec: ParamSpec, sample: Mapping[str, Any]) -> str:
-    """``"_orig_mod."`` when ``sample`` names the parameters as a ``torch.compile``d model's ``state_dict`` does."""
-    prefix = "_orig_mod."
-    plain = all(n in sample for n in spec.names)
-    return prefix if not plain and all(prefix + n in sample for n in spec.names) else ""
+#: Prefixes a wrapper adds to the parameter names of its ``state_dict``: ``torch.compile`` (``_orig_mod.``),
+#: ``nn.DataParallel`` / ``DistributedDataParallel`` (``module.``), and both.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module.")
+
+
+def _key_prefix(spec: ParamSpec, sample: Mapping[str, Any]) -> str:
+    """The wrapper prefix (:data:`_WRAPPER_PREFIXES`) with which ``sample`` names the model's parameters, when it
+    does not name them as the model does (samples from a compiled or data-parallel model's ``state_dict``)."""
+    if all(n in sample for n in spec.names):
+        return ""
+    return next((p for p in _WRAPPER_PREFIXES if all(p + n in sample for n in spec.names)), "")
 
 
 def _missing(names: Sequence[str], have: Mapping[str, Any], what: str) -> None:
     lost = [n for n in names if n not in have]
     if lost:
+        more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        unwrapped = next(
+            (p for p in _WRAPPER_PREFIXES if all(n.startswith(p) and n[len(p) :] in have for n in names)), None
+        )
+        hint = (
+            f"; it names them without the model's {unwrapped!r} prefix: the samples come from the wrapped module, so "
+            "pass that module as the model (e.g. model.module of a DataParallel), or samples of the wrapper's "
+            "state_dict"
+            if unwrapped
+            else ""
+        )
         raise ValueError(
-            f"bank: {what} lacks the model's parameter(s) {lost[:3]}; its keys must be the names of "
-            "model.named_parameters() (as in model.state_dict())"
+            f"bank: {what} lacks the model's parameter(s) {lost[:3]}{more}; its keys must be the names of "
+            f"model.named_parameters() (as in model.state_dict()){hint}"
         )
 
 
@@ -163,7 +180,7 @@ def to_flat(
             )
         flat, layout = bank.detach().clone(), BankLayout("flat", spec, dtype=bank.dtype)
     elif isinstance(bank, Mapping):
-        prefix = _compiled_prefix(spec, bank)
+        prefix = _key_prefix(spec, bank)
         if prefix:
             bank = {k.removeprefix(prefix): v for k, v in bank.items()}
         _missing(spec.names, bank, "the dict of stacked tensors")
@@ -192,7 +209,7 @@ def to_flat(
     elif isinstance(bank, Sequence) and not isinstance(bank, (str, bytes)) and len(bank) > 0:
         rows = []
         tied = tied_names(model, spec)
-        prefix = _compiled_prefix(spec, bank[0]) if isinstance(bank[0], Mapping) else ""
+        prefix = _key_prefix(spec, bank[0]) if isinstance(bank[0], Mapping) else ""
         given = list(bank)
         if prefix:
             bank = [
