@@ -179,3 +179,26 @@ def test_low_rank_preconditioner_is_exact_for_spiked_spectrum_and_speeds_up_cg()
     # zero iterations return the preconditioner's answer, with its residual measured
     zero = cg(M, b, max_iter=0, tol=1e-12, preconditioner=P.solve)
     assert zero.iterations == 0 and torch.allclose(zero.x, P.solve(b)) and zero.residual < 0.1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in torch 2.13
+def test_products_through_a_torchscript_module_stay_right_after_its_graph_is_optimised() -> None:
+    # TorchScript optimises a module's graph from its second call on; forward-over-reverse products through that
+    # graph came back as zeros (the first product right, every later one 0), and so did the dense Hessian
+    torch.manual_seed(21)
+    eager = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    scripted = torch.jit.script(eager)
+    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 2, (30,))
+    theta = ParamSpec.flatten_module(eager)
+    thetas = theta[None] + 0.1 * torch.randn(3, theta.numel(), dtype=torch.float64)
+
+    def nll(m, a, b):
+        return nn.functional.cross_entropy(m(a), b, reduction="sum")
+
+    fe = functionalize(eager, nll)
+    ref = sum(torch.autograd.functional.hessian(lambda t: fe(t, x, y), t) for t in thetas) / 3
+    op = SampleAveragedHessian(functionalize(scripted, nll), thetas, (x, y), shared_args=True)
+    v = torch.randn(theta.numel(), dtype=torch.float64)
+    for _ in range(3):
+        torch.testing.assert_close(op @ v, ref @ v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(op.dense(), ref, rtol=1e-10, atol=1e-10)

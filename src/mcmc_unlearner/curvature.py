@@ -155,11 +155,14 @@ def call_with(
     using its own parameters. They are put back here (``aliased``: :func:`aliased_parameters` of ``module``,
     computed once by callers that call often).
 
-    Attention runs as plain differentiable operations here (:func:`plain_attention`).
+    Attention runs as plain differentiable operations here (:func:`plain_attention`), and TorchScript modules on
+    the interpreter: their optimised graph (from a module's second call on) gave forward-mode and
+    reverse-over-reverse derivatives of its gradient as zeros, silently (Hessian-vector products of a scripted MLP
+    were 0 from the second product on).
     """
     aliased = aliased_parameters(module) if aliased is None else aliased
     try:
-        with plain_attention():
+        with plain_attention(), torch.jit.optimized_execution(False):
             return functional_call(module, params, args, **kwargs)
     finally:
         for m, name, p in aliased:
