@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -620,6 +621,16 @@ def test_samples_of_a_data_parallel_wrappers_state_dict_are_read_and_returned_un
     assert torch.equal(banks["plain"], banks["prefixed"])
     with pytest.raises(ValueError, match=r"without the model's 'module\.' prefix.*model\.module"):
         MCMCUnlearner(nn.DataParallel(copy.deepcopy(model)), nll=_nll, log_prior=_log_prior, bank=plain)
+
+
+def test_a_bank_of_one_sample_reports_its_monte_carlo_error_as_not_estimable() -> None:
+    model, x, y, bank = _problem(20)
+    errors = []
+    for S in (1, 2):
+        un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank[:S])
+        errors.append(un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).shift_stderr)
+    assert math.isnan(errors[0])  # was 0.0: "no Monte-Carlo error" from one sample
+    assert math.isfinite(errors[1]) and errors[1] > 0
 
 
 class _TwoInputs(nn.Module):

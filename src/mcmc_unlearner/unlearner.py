@@ -131,7 +131,7 @@ class RemovalReport:
         converged: Whether that solve met its tolerance.
         shift_norm: Norm of the (mean) parameter shift ``x``.
         shift_stderr: Monte-Carlo standard error of the shift (norm): ``‖(H+λ)⁻¹(Ḡ_A − Ḡ_B)/2‖`` for the two halves
-            A, B of the gradient draws.
+            A, B of the gradient draws; NaN when every draw is the same sample (a bank of one: not estimable).
         seconds: Wall time of the request.
         n_draws: Posterior draws averaged for ``G``; ``n_curvature_draws`` for ``H``.
         bank_size: Stored samples shifted (0 without a bank).
@@ -1668,7 +1668,8 @@ class MCMCUnlearner:
             residual=res.residual,
             converged=bool(res.converged and res.residual <= self.tol),
             shift_norm=float(x.norm()),
-            shift_stderr=float(x_dev.norm()),
+            # one distinct draw (a bank of one sample): no second draw to estimate the Monte-Carlo error from
+            shift_stderr=float(x_dev.norm()) if bool((g_thetas != g_thetas[0]).any()) else math.nan,
             seconds=0.0,
             n_draws=g_thetas.shape[0],
             n_curvature_draws=c_thetas.shape[0],
