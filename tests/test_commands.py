@@ -341,3 +341,123 @@ def test_json_output_carries_the_head(model, tmp_path, capsys):
     assert main(["verify", "--model", str(model), "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["ok"] and v["ledger_head"] == doc["ledger_head"]
+
+
+# ------------------------------------------------------------------ bnn: options checked before any work
+def _bnn_refused(flags: list[str], tmp_path: Path, capsys, monkeypatch) -> str:
+    """``bnn`` with ``flags``: exit 2 with one stderr line, in well under a second, before any training."""
+    from mcmc_unlearner.experiments import bnn
+
+    def no_run(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(bnn, "run_bnn", no_run)
+    build_parser()  # imports done outside the timed call
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    rc = main(["bnn", "--quick", "--quiet", "--out", str(out), *flags])
+    seconds = time.perf_counter() - t0
+    o, err = capsys.readouterr()
+    assert rc == ExitCode.REFUSED and not o, (rc, o, err)
+    assert err.count("\n") == 1 and err.endswith("\n") and err.startswith("mcmc-unlearner bnn: error: "), err
+    assert seconds < 0.5 and not out.exists()
+    return err
+
+
+def _values(enum) -> list[str]:
+    return [m.value for m in enum]
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--solver", "foo"], ["'foo'", "auto", *_values(SolverName)]),
+        (["--unlearner-kw", "solver=foo"], ["'foo'", "auto", *_values(SolverName)]),
+        (["--bank-shift", "x"], ["bank_shift", "auto", "mean", "sample", "affine"]),
+        (["--unlearner-kw", "bank_shift=x"], ["bank_shift", "auto", "mean", "sample", "affine"]),
+        (["--expectation", "x"], ["expectation", "bank", "chain"]),
+        (["--hessian", "x"], ["hessian", "remaining", "full"]),
+        (["--unlearner-kw", "damping_shape=x"], ["damping_shape", "auto", "identity", "data"]),
+        (["--unlearner-kw", "check_screen=x"], ["check_screen", "off", "reject", "both"]),
+        (["--unlearner-kw", "likelihood=x"], ["likelihood", "categorical", "gaussian", "empirical"]),
+        (["--unlearner-kw", "negative_curvature=x"], ["raise", "truncate"]),
+        (["--damping", "-1"], ["damping", "'auto'", ">= 0"]),
+        (["--damping", "nan"], ["damping", "'auto'", ">= 0"]),
+        (["--unlearner-kw", "damping=abc"], ["damping", "'auto'", ">= 0"]),
+        (["--iter-T", "-3"], ["iter_T", ">= 0"]),
+        (["--iter-T", "x"], ["iter_T", "whole number"]),
+        (["--curvature-draws", "0"], ["curvature_draws", ">= 1"]),
+        (["--grad-draws", "0"], ["grad_draws", "'auto'", ">= 1"]),
+        (["--check-draws", "0"], ["check_draws", ">= 1"]),
+        (["--unlearner-kw", "tol=0"], ["tol", "> 0"]),
+        (["--unlearner-kw", "iter_T=1.5"], ["iter_T", "whole number"]),
+        (["--unlearner-kw", "memory_budget=lots"], ["memory_budget", "2GB"]),
+        (["--unlearner-kw", "seed=3"], ["--seed"]),
+        (["--unlearner-kw", "bogus=1"], ["no keyword argument 'bogus'", "solver", "damping"]),
+        (["--threads", "-1"], ["--threads", ">= 0"]),
+    ],
+)
+def test_bnn_bad_unlearner_value_refused_at_parse_time(tmp_path, capsys, monkeypatch, flags, needles):
+    """Was: ``bnn --solver foo`` trained every chain, printed a traceback and exited 0 with "unlearn FAILED"."""
+    err = _bnn_refused(flags, tmp_path, capsys, monkeypatch)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert "Traceback" not in err and "is not a valid" not in err
+
+
+def test_bnn_unlearner_values_read_at_parse_time():
+    flags = ["--solver", "kfac", "--damping", "auto", "--grad-draws", "auto", "--iter-T", "1e2", "--drift-tol", "2"]
+    kw = ["--unlearner-kw", "expectation=null", "--unlearner-kw", "check_screen=true"]
+    ns = build_parser().parse_args(["bnn", *flags, *kw, "--threads", "2"])
+    assert (ns.solver, ns.damping, ns.grad_draws, ns.iter_T, ns.drift_tol) == ("kfac", "auto", "auto", 100, 2.0)
+    assert ns.unlearner_kw == [("expectation", None), ("check_screen", True)] and ns.threads == 2
+    damping = build_parser().parse_args(["bnn", "--damping", "50"]).damping
+    assert damping == 50.0 and isinstance(damping, float)  # the report prints damping=50.0, as before
+
+
+def test_bnn_config_values_checked_before_any_work():
+    """The Python API (``run_bnn``) refuses the same values at once; every preset passes."""
+    from mcmc_unlearner.experiments import bnn
+
+    with pytest.raises(ValueError, match="solver must be one of auto, lissa"):
+        bnn.run_bnn(bnn.BNNConfig(solver="foo"))
+    with pytest.raises(ValueError, match="hessian must be one of remaining, full"):
+        bnn.run_bnn(bnn.BNNConfig(unlearner_kwargs={"hessian": "x"}))
+    for preset in (*bnn.PRESETS.values(), bnn.QUICK):
+        bnn._resolve(bnn.BNNConfig(**preset))
+
+
+def test_bnn_threads_is_a_visible_flag():
+    (threads,) = [a for a in _subparser("bnn")._actions if "--threads" in a.option_strings]
+    assert threads.help != argparse.SUPPRESS and "0" in threads.help
+
+
+# ------------------------------------------------------------------ multi-line library errors
+def test_missing_dataset_reads_as_one_line(tmp_path, capsys):
+    """Was: the missing-folder message came out with literal \\n sequences between its parts."""
+    missing = tmp_path / "nonexistent"
+    rc = main(
+        ["bnn", "--dataset", "fashion-mnist", "--data-dir", str(missing), "--quick", "--out", str(tmp_path / "r")]
+    )
+    out, err = capsys.readouterr()
+    assert rc == ExitCode.REFUSED and not out
+    assert err.count("\n") == 1 and err.endswith("\n") and "\\n" not in err, err
+    assert "apt-get install dataset-fashion-mnist" in err and "--download" in err
+    assert "t10k-images-idx3-ubyte" in err and f"Searched: {missing / 'FashionMNIST' / 'raw'}: no such folder; " in err
+
+
+def test_flat_joins_lines_and_escapes_the_rest():
+    from mcmc_unlearner.cli import flat
+
+    assert (
+        flat("not found.\nSearched:\n  /a: no\n  /b: no\nTo fix: x") == "not found. Searched: /a: no; /b: no; To fix: x"
+    )
+    assert flat("id t\r\x1b[2K") == "id t\\r\\x1b[2K"  # other control characters are still escaped
+
+
+def test_demo_takes_threads():
+    """Was: the README promised `demo --threads`, which answered "unrecognized arguments"."""
+    assert build_parser().parse_args(["demo", "--threads", "1"]).threads == 1
+    assert build_parser().parse_args(["demo"]).threads == "auto"
+    (threads,) = [a for a in _subparser("demo")._actions if "--threads" in a.option_strings]
+    assert threads.help != argparse.SUPPRESS

@@ -161,6 +161,17 @@ def test_save_refuses_custom_callables(tmp_path):
         )
 
 
+def test_a_model_kind_the_service_cannot_rebuild_is_refused_first_saying_so(tmp_path):
+    # a user's own network with a custom nll was told "give the model an nll() method", and after doing so
+    # "unknown model spec kind": the kind is now checked first, and the message says what the service serves
+    model, sampler, data, _ = tiny_gmm()
+    un = MCMCUnlearner(model, sampler, nll=lambda m, b: m.nll(b))
+    with pytest.raises(StoreError, match=r"unknown model spec kind 'user'.*library's own model kinds only"):
+        save_model(tmp_path / "m", model=model, data=data, unlearner=un, model_spec={"kind": "user"},
+                   data_spec={"kind": "tensors"})  # fmt: skip
+    assert not (tmp_path / "m").exists()
+
+
 def test_tensors_data_spec_stores_the_data(tmp_path):
     model, sampler, data, un = tiny_gmm()
     save_model(

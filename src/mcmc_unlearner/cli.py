@@ -9,7 +9,7 @@ Thin by design: each subcommand lives next to the code it drives and registers i
 * ``forget``, ``status``, ``verify`` — deletion requests against saved models
   (:mod:`mcmc_unlearner.service.commands`).
 
-Shared here: the one-line error contract (:class:`Parser`, :func:`main`: every refusal is one line on
+Shared here: the one-line error contract (:class:`Parser`, :func:`main`, :func:`flat`: every refusal is one line on
 stderr and a documented exit code, :class:`ExitCode`; never a traceback), the flags every subcommand spells
 the same way (:func:`add_quiet_flag`, :func:`add_threads_flag`, :func:`new_folder` for ``--save-model``), and
 :func:`emit`, which survives a closed pipe (``... | head``).
@@ -35,6 +35,7 @@ __all__ = [
     "add_threads_flag",
     "build_parser",
     "emit",
+    "flat",
     "main",
     "new_folder",
     "one_line",
@@ -71,6 +72,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u206
 def one_line(message: object) -> str:
     """``message`` as one printable line: control characters (newlines, escapes, bidi overrides) escaped."""
     return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(message))
+
+
+def flat(message: object) -> str:
+    """A multi-line message (a library error listing the folders it searched, say) as one readable line: its
+    lines, stripped, joined by ``"; "`` (by a space after a line that ends in ``:`` or ``.``); then
+    :func:`one_line` for any other control character."""
+    lines = [line.strip() for line in str(message).split("\n")]
+    out = ""
+    for line in filter(None, lines):
+        out += ("" if not out else " " if out.endswith((":", ".")) else "; ") + line
+    return one_line(out)
 
 
 class Parser(argparse.ArgumentParser):
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "out of memory; nothing was changed" if isinstance(exc, MemoryError) else exc
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
             what = f"{exc.strerror}: {ascii(exc.filename) if exc.filename else ''}".rstrip(": ")
-        print(f"mcmc-unlearner {args.command}: error: {one_line(what)}", file=sys.stderr)
+        print(f"mcmc-unlearner {args.command}: error: {flat(what)}", file=sys.stderr)
         return _code_for(exc)
     except KeyboardInterrupt:
         print(f"mcmc-unlearner {args.command}: interrupted", file=sys.stderr)

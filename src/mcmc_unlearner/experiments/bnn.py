@@ -67,10 +67,14 @@ from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..errors import UnlearningError
 from ..image_data import class_indices, load_dataset
+from ..kronecker import Likelihood
+from ..memory import resolve_budget
 from ..metrics import knn_distances, knn_kl
 from ..models.bnn import ARCHITECTURES, BayesianNet, build_model
 from ..samplers import SGHMC, SGLD, run_chain
-from ..unlearner import MCMCUnlearner
+from ..solvers import SolverName
+from ..step import DampingControl, DampingShape, ScreenMode
+from ..unlearner import BankShift, Expectation, HessianKind, MCMCUnlearner
 from . import evaluation as ev
 
 __all__ = [
@@ -806,6 +810,141 @@ _UNLEARNER_OPTIONS = (
 )
 
 
+_Check = Callable[[str, Any], Any]
+
+
+def _shown(v: Any) -> str:
+    return ascii(v)[:40]
+
+
+def _members(enum: type[Enum], *extra: Any) -> _Check:
+    """A member of the ``str`` Enum ``enum`` (or one of ``extra``), checked by the Enum's own constructor."""
+
+    def check(key: str, v: Any) -> Any:
+        if any(v is e or (isinstance(e, str) and v == e) for e in extra):
+            return v
+        try:
+            return enum(v).value
+        except (ValueError, TypeError):
+            allowed = [*("null" if e is None else str(e) for e in extra), *(m.value for m in enum)]
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {_shown(v)}") from None
+
+    return check
+
+
+def _strings(*allowed: str) -> _Check:
+    """One of ``allowed`` (options the unlearner checks against a fixed list rather than an Enum)."""
+
+    def check(key: str, v: Any) -> Any:
+        if not (isinstance(v, str) and v in allowed):
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {_shown(v)}")
+        return v
+
+    return check
+
+
+def _number(lo: float | None = None, *, above: bool = False, whole: bool = False, special: tuple = ()) -> _Check:
+    """A finite number (``whole``: an integer), ``>= lo`` (``above``: ``> lo``), or one of ``special``."""
+    what = "a whole number" if whole else "a finite number"
+    if lo is not None:
+        what += f" {'>' if above else '>='} {lo:g}"
+    names = [("null" if e is None else repr(e)) for e in special]
+    desc = f"{', '.join(names)} or {what}" if names else what
+
+    def check(key: str, v: Any) -> Any:
+        if any(v is e or (isinstance(e, str) and v == e) for e in special):
+            return v
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if ok and isinstance(v, float):
+            ok = math.isfinite(v) and (not whole or v.is_integer())
+        if ok and lo is not None:
+            ok = v > lo if above else v >= lo
+        if not ok:
+            raise ValueError(f"{key} must be {desc}; got {_shown(v)}")
+        return int(v) if whole else v
+
+    return check
+
+
+def _flag(key: str, v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false; got {_shown(v)}")
+    return v
+
+
+def _library(fn: Callable[[Any], Any]) -> _Check:
+    """The library's own check ``fn(value)`` (its message names the option and the valid values)."""
+
+    def check(key: str, v: Any) -> Any:
+        fn(v)
+        return v
+
+    return check
+
+
+def _not_here(why: str) -> _Check:
+    def check(key: str, v: Any) -> Any:
+        raise ValueError(f"{key} {why}")
+
+    return check
+
+
+#: The value check of every ``MCMCUnlearner`` keyword argument a run may set (the same Enums and ranges that
+#: ``MCMCUnlearner.__init__`` refuses, so that a bad value is refused before training instead of after it).
+_UNLEARNER_CHECKS: dict[str, _Check] = {
+    "solver": _members(SolverName, "auto"),
+    "expectation": _members(Expectation, None),
+    "hessian": _members(HessianKind),
+    "bank_shift": _members(BankShift, "auto"),
+    "damping_shape": _members(DampingShape),
+    "likelihood": _members(Likelihood),
+    "check_screen": _library(ScreenMode.parse),
+    "damping": _library(DampingControl),
+    "max_damping_trials": _number(1, whole=True),
+    "memory_budget": _library(lambda v: v is None or resolve_budget(v)),
+    "scaling": _number(0, above=True, special=("auto",)),
+    "tol": _number(0, above=True),
+    "iter_T": _number(0, whole=True),
+    "samp_T": _number(0, whole=True),
+    "grad_draws": _number(1, whole=True, special=("auto", None)),
+    "curvature_draws": _number(1, whole=True, special=(None,)),
+    "refresh_every": _number(whole=True, special=(None,)),
+    "precondition_rank": _number(whole=True),
+    "drift_tol": _number(),
+    "check_draws": _number(1, whole=True),
+    "check_rows": _number(1, whole=True),
+    "newton_steps": _number(1, whole=True),
+    "exact_max_dim": _number(whole=True),
+    "mc_samples": _number(1, whole=True),
+    "recenter_every": _number(0, whole=True, special=("auto",)),
+    "recenter_draws": _number(1, whole=True, special=("auto",)),
+    "negative_curvature": _strings("raise", "truncate"),
+    "newton_target": _strings("equilibrium", "relative"),
+    "curvature_data": _strings("auto", "minibatch", "full"),
+    "rescale_lr": _flag,
+    "carry_deficit": _flag,
+    "shorten_steps": _flag,
+    "seed": _not_here("is the run's --seed"),
+    **{k: _not_here("is a Python callable and cannot be set here") for k in ("nll", "log_prior", "energy")},
+}
+_NOT_SETTABLE = ("seed", "nll", "log_prior", "energy")
+
+
+def check_unlearner_kwarg(key: str, value: Any) -> Any:
+    """Check one ``MCMCUnlearner`` keyword argument before any work; returns it normalised.
+
+    Raises:
+        ValueError: An unknown keyword, or a value ``MCMCUnlearner`` would refuse (one line naming the valid
+            values).
+    """
+    accepted = set(inspect.signature(MCMCUnlearner.__init__).parameters) - {"self", "model", "sampler", "bank"}
+    if key not in accepted:
+        settable = sorted(k for k in accepted if k not in _NOT_SETTABLE)
+        raise ValueError(f"MCMCUnlearner has no keyword argument {key!r}; choose from {', '.join(settable)}")
+    check = _UNLEARNER_CHECKS.get(key)
+    return value if check is None else check(key, value)
+
+
 def _unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:
     """The ``MCMCUnlearner`` keyword arguments set explicitly (everything else stays at the library default)."""
     kw = {k: getattr(cfg, k) for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None}
@@ -982,10 +1121,8 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     if "finetune" in cfg.methods and "unlearn" not in cfg.methods:
         raise ValueError("--methods: finetune gets unlearn's wall time per request, so it needs unlearn too")
     RefusalPolicy(cfg.on_refusal)
-    accepted = set(inspect.signature(MCMCUnlearner.__init__).parameters) - {"self", "model", "sampler", "bank"}
-    bad = sorted(set(cfg.unlearner_kwargs) - accepted)
-    if bad:
-        raise ValueError(f"--unlearner-kw: MCMCUnlearner has no keyword argument(s) {bad}; see help(MCMCUnlearner)")
+    for key, value in _unlearner_overrides(cfg).items():
+        check_unlearner_kwarg(key, value)  # a bad value is refused now, not after training
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
         raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")
     if cfg.eval_every < 1 or cfg.progress_samples < 1 or cfg.progress_max < 0 or cfg.eval_samples < 0:
@@ -1505,14 +1642,47 @@ def _count(v: str) -> str | int:
     return k
 
 
+def _json_or_str(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def _keyword(v: str) -> tuple[str, Any]:
     key, sep, raw = v.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword argument name, got {v!r}")
     try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
+        return key, check_unlearner_kwarg(key, _json_or_str(raw))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _unlearner_flag(key: str, typ: type) -> Callable[[str], Any]:
+    """``type=`` of the flag for the unlearner option ``key``: read as ``typ`` (else as JSON, e.g. ``auto``) and
+    checked at parse time."""
+
+    def parse(v: str) -> Any:
+        value: Any = v
+        if typ is not str:
+            try:
+                value = typ(v)
+            except ValueError:
+                value = _json_or_str(v)
+        try:
+            return check_unlearner_kwarg(key, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = key
+    return parse
+
+
+def _threads(v: str) -> int:
+    if v.isascii() and v.isdigit() and len(v) <= 4:
+        return int(v)
+    raise argparse.ArgumentTypeError(f"--threads must be a whole number >= 0 (0: leave torch's setting), got {v!r}")
 
 
 def _method_list(v: str) -> tuple[str, ...]:
@@ -1620,9 +1790,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("progress-max", int),
         ("progress-samples", int),
         ("extra-finetune-steps", int),
-        ("threads", int),
     ):
+        key = flag.replace("-", "_")
+        typ = _unlearner_flag(key, typ) if key in _UNLEARNER_OPTIONS else typ
         adv.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        metavar="N",
+        help=f"torch threads during the run (default {d.threads}: the networks here are small, where a thread pool "
+        "only adds overhead; 0: leave torch's setting, e.g. from OMP_NUM_THREADS)",
+    )
     p.set_defaults(func=_main)
 
 

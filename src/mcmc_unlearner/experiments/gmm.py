@@ -1044,6 +1044,8 @@ def _report(m: dict[str, Any]) -> str:
 
 # -------------------------------------------------------------------- CLI
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..service.deletion import threads_for
+
     metrics = run_demo(
         sampler=args.sampler,
         seed=args.seed,
@@ -1058,6 +1060,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         newton_steps=args.newton_steps,
         grad_draws=args.grad_draws,
         progress=not args.quiet,
+        threads=threads_for(args.threads, 8),  # forget's rule: 8 parameters, so "auto" is one thread
     )
     meth = metrics["methods"]
     rc = metrics["retrain_chains"]["vs_exact"]
@@ -1078,7 +1081,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand (the paper's Gaussian-mixture experiment)."""
-    from ..cli import add_quiet_flag, new_folder
+    from ..cli import add_quiet_flag, add_threads_flag, new_folder
 
     p = subparsers.add_parser(
         "demo",
@@ -1122,4 +1125,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=4000, help=argparse.SUPPRESS)
     p.add_argument("--thin", type=int, default=10, help="thinning for the KL estimates (default 10)")
     add_quiet_flag(p, help="no progress bars")
+    add_threads_flag(p)
     p.set_defaults(func=_cmd_demo)

@@ -305,14 +305,17 @@ def save_model(
     root = Path(path)
     k = integrity.as_key(key)
     sampler = sampler if sampler is not None else unlearner.sampler
+    if not isinstance(model_spec, Mapping) or model_spec.get("kind") not in specs.MODEL_KINDS:
+        kind = model_spec.get("kind") if isinstance(model_spec, Mapping) else type(model_spec).__name__
+        raise StoreError(
+            f"unknown model spec kind {kind!r}; known kinds: {', '.join(specs.MODEL_KINDS)}. The saved-model service "
+            "rebuilds the model from its spec, so it serves the library's own model kinds only; for a network of "
+            "your own, use MCMCUnlearner directly and store its samples yourself (unlearner.samples())"
+        )
     check_saveable(model, sampler, unlearner)
     model_spec = specs.json_ok(dict(model_spec), "model_spec")
     data_spec = specs.json_ok(dict(data_spec), "data_spec")
     extra = specs.json_ok(dict(extra or {}), "extra")
-    if model_spec.get("kind") not in specs.MODEL_KINDS:
-        raise StoreError(
-            f"unknown model spec kind {model_spec.get('kind')!r}; known kinds: {', '.join(specs.MODEL_KINDS)}"
-        )
     if data_spec.get("kind") not in specs.DATA_KINDS:
         raise StoreError(
             f"unknown data spec kind {data_spec.get('kind')!r}; known kinds: {', '.join(specs.DATA_KINDS)}"
