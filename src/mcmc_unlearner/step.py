@@ -692,7 +692,7 @@ class DampingControl:
         out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
         out.shape, out.damping_quad = shape, dq
         out.history = [
-            {"damping": lam, "predicted": pred, "actual": meas.actual, "ratio": ratio, "gx": gx,
+            {"damping": lam, "predicted": pred, "actual": meas.actual, "stderr": meas.stderr, "ratio": ratio, "gx": gx,
              "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale,
              "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows,
              "shape": shape}

@@ -261,7 +261,9 @@ def quality_problems(
         )
     floor = resolution_floor(report.shift_norm, theta) if report.damping > 0 and theta is not None else None
     tried = [math.sqrt(t["xx"]) for t in report.info.get("trials", []) if math.isfinite(t.get("xx", math.nan))]
-    if floor is not None and (fixed_damping or max(tried, default=0.0) >= floor):
+    damped_away = floor is not None and (fixed_damping or max(tried, default=0.0) >= floor)
+    # a removal whose effect is below what the check resolves ("unresolved"): changing nothing is what it measured
+    if damped_away and (fixed_damping or "unresolved" not in report.info):
         out.append(
             f"the shift {report.shift_norm:.2g} is below the parameters' floating-point resolution ({floor:.2g}): "
             f"the removal changes nothing (damping {report.damping:.3g}); "
@@ -1434,7 +1436,8 @@ class MCMCUnlearner:
             prop = self._propose(batch, stream, n, expectation)
             prop.report.info["removed_share"] = share
             prop._backend_state = self.curvature.snapshot()
-            prop._control_state = self.control.state()
+            # a damping searched on the check's noise alone (see unresolved_removal) is not carried to the next request
+            prop._control_state = control_state if "unresolved" in prop.report.info else self.control.state()
             prop._generator_state = self.generator.get_state()
             prop._data, prop._data_state = stream, stream.state()
         finally:
@@ -1610,6 +1613,10 @@ class MCMCUnlearner:
                 outcome = self.control.step(self.curvature, G, check, shapes=all_shapes, noise=dev)
         if self.shorten_steps:
             outcome = outcome.shortened()
+        if self.control.adaptive and outcome.safe and resolution_floor(float(outcome.x.norm()), live) is not None:
+            unresolved = self._unresolved(check, G)  # damped away: was there anything the check could measure?
+            if unresolved is not None:
+                info["unresolved"] = unresolved
         x, lam, carry = outcome.x, outcome.damping, None
         if outcome.safe and self.newton_steps > 1:
             x, carry = self._newton_iterations(check, G, outcome, info, stream, e_f, n, k_thetas)
@@ -1646,6 +1653,29 @@ class MCMCUnlearner:
         prop._carry = carry
         prop._anchor = anchor
         return prop
+
+    def _unresolved(self, check: EnergyCheck, G: torch.Tensor) -> str | None:
+        """Why a request whose search damped its step below the parameters' resolution has no effect the safety
+        check can resolve, or ``None``: the least damped step's predicted change of the remaining-data energy is
+        within two standard errors of the check's measurement of that very step (a few rows removed from many:
+        the check cannot tell the influence step from no step, so the search damps it on noise). Such a request
+        changes nothing measurable and is not refused for it (``quality_problems``); one more check measurement."""
+        floor = self.curvature.min_damping()
+        lam = floor * 1.5 if floor > 0 else 0.0
+        try:
+            x0 = self.curvature.solve(G, lam).x
+        except NegativeCurvatureError:
+            return None
+        pred = -float(G @ x0) + 0.5 * self.curvature.quad(x0)
+        meas = check(x0)
+        if not (math.isfinite(meas.stderr) and abs(pred) <= 2.0 * meas.stderr):
+            return None
+        return (
+            f"the removal's effect is below what the safety check resolves: the least damped step (damping "
+            f"{lam:.3g}) predicts a change of the remaining-data energy of {pred:.3g}, within two standard errors of "
+            f"the check's measurement of it ({meas.stderr:.3g}); the step taken changes nothing measurable (more "
+            "check rows, check_rows, would resolve it)"
+        )
 
     def _report(
         self,
