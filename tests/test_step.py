@@ -893,3 +893,17 @@ def test_a_shift_damped_below_the_float_resolution_is_refused_a_negligible_remov
     undamped.shift_norm = 3e-6
     assert quality_problems(undamped, tol=1e-3, theta=theta) == []
     assert quality_problems(tiny, tol=1e-3) == []  # no parameters given: no resolution check
+
+
+def test_the_search_does_not_try_a_damping_below_what_the_curvature_is_known_to_need() -> None:
+    # after an accepted, trusted step the search tried a tenth of its damping, rounded to 0 below the start: on the
+    # dense Hessian (indefinite: its floor is known) that trial could not be solved and showed as "0:nan"
+    from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+    from test_bank import _log_prior, _nll, _problem
+
+    model, x, y, bank = _problem(3)
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    report = un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0))
+    assert report.solver == "exact" and report.passed
+    assert all(math.isfinite(t["ratio"]) for t in report.info["trials"]), report.info["damping_history"]
+    assert all(t["damping"] >= un.curvature.min_damping() for t in report.info["trials"])

@@ -832,7 +832,8 @@ class DampingControl:
                 if len(history) < self.max_trials and best.ratio > TRUSTED_RATIO and best.damping > 0:
                     lower = best.damping / self.grow
                     lower = 0.0 if lower < start() else max(lower, low)
-                    nxt = attempt(lower) if lower < best.damping else None
+                    # (not below the damping the backend knows the curvature needs: that trial cannot be solved)
+                    nxt = attempt(lower) if low <= lower < best.damping else None
                     # the lower damping is taken only where the model is still trusted at it, and only for a
                     # clear gain: it is what the next request starts from
                     if nxt is not None and nxt.safe and nxt.ratio > TRUSTED_RATIO:
