@@ -795,6 +795,26 @@ def test_propose_changes_nothing_and_apply_equals_remove() -> None:
     assert all(torch.equal(v, d1[k]) for k, v in d0.items())
 
 
+def test_a_proposal_is_stale_after_the_bank_or_the_curvature_changed() -> None:
+    # collect(), a new bank or reset_curvature() between propose and apply were silently undone by apply
+    prob = make_blr()
+    for change in ("collect", "assign", "reset"):
+        _, data, un = _blr_unlearner(prob)
+        data.remove(prob.removed)
+        prop = un.propose(data.get(prob.removed), data)
+        if change == "collect":
+            un.collect()
+        elif change == "assign":
+            un.bank = un.bank[:-1].clone()
+        else:
+            un.reset_curvature()
+        kept = un.bank.clone()
+        with pytest.raises(ValueError, match="stale"):
+            un.apply(prop)
+        assert torch.equal(un.bank, kept)  # the new bank stands
+        un.apply(un.propose(data.get(prob.removed), data))  # a fresh proposal applies
+
+
 def test_measured_deficit_is_the_first_moment_deficit_along_the_step() -> None:
     """For a quadratic energy with true curvature ``H_t`` the check's ``actual = −G·x + ½xᵀH_t x`` exactly; the
     carried deficit is then the remaining-data gradient's component along ``x``, ``xᵀ(G − H_t x)/‖x‖² · x``:

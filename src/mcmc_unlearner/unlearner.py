@@ -1187,6 +1187,17 @@ class MCMCUnlearner:
         return functionalize(self.model, lambda m, *b: self.nll(m, b).sum())
 
     # ------------------------------------------------------------------ bank
+    @property
+    def bank(self) -> torch.Tensor | None:
+        """The sample bank ``[S, D]`` (flat, the model's dtype; :meth:`samples` gives it in the layout it came in).
+        Setting it (or :meth:`collect`) makes earlier proposals stale: applying one would overwrite it."""
+        return self._bank
+
+    @bank.setter
+    def bank(self, value: torch.Tensor | None) -> None:
+        self._bank = value
+        self._version = getattr(self, "_version", 0) + 1
+
     def collect(self) -> None:
         """Append the live chain's current parameters to the sample bank."""
         theta = ParamSpec.flatten_module(self.model)[None]
@@ -2065,3 +2076,4 @@ class MCMCUnlearner:
         self.control.set_state({})
         self._carry = None
         self._anchor = None
+        self._version += 1  # an earlier proposal would restore what was just forgotten
