@@ -44,6 +44,7 @@ from mcmc_unlearner.unlearner import MCMCUnlearner
 
 N = 300
 REMOVED = [*range(0, 40, 3), *range(101, 117)]  # 14 + 16 ids, mixed parity
+UNEVEN = [*range(0, 100, 2), *range(1, 20, 2)]  # 50 ids on rank 0, 10 on rank 1
 
 CONFIGS = {
     # minibatch curvature, CG on the all-reduced HVP operator, one shift for all samples
@@ -63,7 +64,14 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run(
-    cfg: str, seed: int, rank: int = 0, world: int = 1, group=None, sharded: bool = False
+    cfg: str,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    group=None,
+    sharded: bool = False,
+    removed=REMOVED,
+    samples: int = 8,
 ) -> dict[str, torch.Tensor]:
     """SGLD (100 steps, bank of 8), one deletion request, 20 more steps; single-process or data-parallel."""
     x, y = _data()
@@ -84,11 +92,11 @@ def _run(
             run_chain(model, sampler, data, un.energy, k, len(data))
 
     steps(60)
-    for _ in range(8):
+    for _ in range(samples):
         steps(5)
         un.collect()
     before = model.means.detach().clone()
-    report = un.forget(REMOVED, data)
+    report = un.forget(removed, data)
     after_forget = model.means.detach().clone()
     steps(20)
     return {
@@ -145,6 +153,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/{cfg}-rank{rank}.safetensors")
         res = _run_kfac(rank, world, sharded=True)
         save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/kfac-rank{rank}.safetensors")
+        # a request split unevenly across the ranks (each rank drew G's posterior samples for its own row count,
+        # and the all-reduce of the per-draw gradients aborted gloo with a size mismatch)
+        res = _run("cg", seed=0, rank=rank, world=world, sharded=True, removed=UNEVEN, samples=40)
+        save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/uneven-rank{rank}.safetensors")
 
         # a refused request: every rank refuses it, nothing changes, nobody hangs
         x, y = _data()
@@ -175,8 +187,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 1:
             agreed = 1
         sync = params_in_sync(model)
+        try:  # banks that differ across the ranks: refused on every rank (were silently used)
+            DistributedUnlearner(model, bank=torch.randn(3, 8, generator=torch.Generator().manual_seed(rank)))
+            mismatch = 0
+        except InvalidRequestError:
+            mismatch = 1
         save_file(
-            {"checks": torch.tensor([len(refused), int(unchanged), agreed, int(sync == 0.0)])},
+            {"checks": torch.tensor([len(refused), int(unchanged), agreed, int(sync == 0.0), mismatch])},
             f"{out}/checks-rank{rank}.safetensors",
         )
 
@@ -226,6 +243,16 @@ def test_two_gloo_ranks_match_single_process(two_ranks, cfg):
     assert _rel(ref["forget"], ref["before"]) > 1e-3
 
 
+def test_a_request_split_unevenly_across_the_ranks_matches_single_process(two_ranks):
+    ref = _run("cg", seed=0, removed=UNEVEN, samples=40)  # 18 draws of G for 60 rows (were 21 and 40 per rank)
+    r0 = load_file(str(two_ranks / "uneven-rank0.safetensors"))
+    r1 = load_file(str(two_ranks / "uneven-rank1.safetensors"))
+    for key in ("forget", "bank"):
+        assert torch.equal(r0[key], r1[key]), key
+        assert _rel(r0[key], ref[key]) < 1e-5, (key, _rel(r0[key], ref[key]))
+    assert _rel(ref["forget"], ref["before"]) > 1e-4
+
+
 def test_two_gloo_ranks_match_single_process_with_kfac(two_ranks):
     """K-FAC under torch.distributed: factor statistics and the safety check's sums all-reduced."""
     ref = _run_kfac()
@@ -241,7 +268,7 @@ def test_two_gloo_ranks_match_single_process_with_kfac(two_ranks):
 def test_refused_requests_and_agreement(two_ranks):
     for rank in (0, 1):
         checks = load_file(str(two_ranks / f"checks-rank{rank}.safetensors"))["checks"].tolist()
-        assert checks == [4, 1, 1, 1], (rank, checks)
+        assert checks == [4, 1, 1, 1, 1], (rank, checks)
 
 
 def test_ensemble_banks_gathered(two_ranks):

@@ -44,7 +44,7 @@ from torch import nn
 from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor
 from .errors import InvalidRequestError, QualityError, UnlearningError
-from .unlearner import MCMCUnlearner, RemovalReport, _as_batch
+from .unlearner import MCMCUnlearner, Proposal, RemovalReport, _as_batch
 
 __all__ = [
     "AllReducedOperator",
@@ -413,6 +413,8 @@ class DistributedUnlearner(MCMCUnlearner):
         self._local_nll = self.nll
         self.nll = self._weighted_nll
         self.energy = self._shard_energy
+        if self.bank is not None:
+            self._check_banks_agree()
 
     # ------------------------------------------------------------------ the rank's share of the energy
     def _weighted_nll(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -434,6 +436,37 @@ class DistributedUnlearner(MCMCUnlearner):
         """The rank's real rows of a ``(*fields, w)`` batch, without the weight column."""
         keep = batch[-1] != 0
         return tuple(t[keep] for t in batch[:-1])
+
+    def _removed_rows(self, batch: Batch) -> int:
+        """The request's removed rows over all ranks (weight-1 rows): every rank must draw as many posterior samples
+        for ``G``, whose per-draw gradients are all-reduced (a request split unevenly across the ranks aborted gloo
+        with a size mismatch)."""
+        return round(float(self._reduce((batch[-1] != 0).sum().to(torch.float64))))
+
+    def _check_banks_agree(self) -> None:
+        """Refuse, on every rank alike, sample banks that differ across the ranks (the ranks would silently compute
+        different removals, or abort in a collective of mismatched sizes)."""
+        bank = self.bank
+        if bank is None:
+            local = torch.zeros(4, dtype=torch.float64)
+        else:
+            b = bank.detach().to(torch.float64)
+            w = torch.linspace(1.0, 2.0, b.shape[1], dtype=torch.float64, device=b.device)
+            local = torch.tensor([1.0 + b.shape[0], float(b.shape[1]), float(b.sum()), float((b * w).sum())])
+        high, low = local.clone(), local.clone()
+        _all_reduce(high, self.group, dist.ReduceOp.MAX)
+        _all_reduce(low, self.group, dist.ReduceOp.MIN)
+        if not torch.equal(high, low):
+            raise InvalidRequestError(
+                "the ranks hold different sample banks (their sizes or values differ): every rank must hold the same "
+                "bank, e.g. collected with un.collect() after identically seeded sampler steps, or the same samples "
+                "passed as bank=; nothing was changed"
+            )
+
+    def propose(self, batch: Batch, remaining: Any, n_remaining: int | None = None) -> Proposal:
+        """:meth:`MCMCUnlearner.propose` on every rank together, after checking that the ranks' banks agree."""
+        self._check_banks_agree()
+        return super().propose(batch, remaining, n_remaining)
 
     # ------------------------------------------------------------------ reduced building blocks
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:

@@ -1252,6 +1252,10 @@ class MCMCUnlearner:
         """A data batch as the user's ``nll`` takes it (the data-parallel version drops its weight column)."""
         return batch
 
+    def _removed_rows(self, batch: Batch) -> int:
+        """The request's number of removed rows (the data-parallel version: over all ranks)."""
+        return int(batch[0].shape[0])
+
     def _stacked(self, stream: Any, count: int) -> Batch:
         """``count`` fresh minibatches of the remaining data, stacked on a leading dimension."""
         return stream.stacked(count)
@@ -1424,10 +1428,11 @@ class MCMCUnlearner:
         n = stream.n
         if n <= 0:
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
-        share = batch[0].shape[0] / (n + batch[0].shape[0])
+        k = self._removed_rows(batch)
+        share = k / (n + k)
         if share > LARGE_REMOVAL:
             warnings.warn(
-                f"this request removes {share:.0%} of the data ({batch[0].shape[0]:,} of {n + batch[0].shape[0]:,} "
+                f"this request removes {share:.0%} of the data ({k:,} of {n + k:,} "
                 "rows). The influence step is a local approximation around the old posterior: for removals this "
                 "large it moves the samples only part of the way to retraining (a digits MLP, random rows: a tenth of "
                 "the way with half the data removed, a fiftieth with nine tenths) while passing every check, since "
@@ -1546,7 +1551,7 @@ class MCMCUnlearner:
             sampler_state = copy.deepcopy(self.sampler.state_dict())
         else:
             S = self.bank.shape[0]
-            g_thetas = self.bank[_evenly(S, self._grad_draw_count(batch[0].shape[0]))]
+            g_thetas = self.bank[_evenly(S, self._grad_draw_count(self._removed_rows(batch)))]
             c_thetas = self.bank[_evenly(S, self.curvature_draws)]
             k_thetas = self.bank[_evenly(S, self.check_draws)]
         grads = self._per_draw_grads(h_f, g_thetas, batch, rowwise=True)
