@@ -633,6 +633,44 @@ def test_a_bank_of_one_sample_reports_its_monte_carlo_error_as_not_estimable() -
     assert math.isfinite(errors[1]) and errors[1] > 0
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_sparse_buffer_such_as_a_graphs_adjacency_is_carried_not_compared(persistent: bool) -> None:
+    # torch.equal has no sparse kernel: building the unlearner (the buffer-variation warning) and every request
+    # (restoring the buffers) crashed with NotImplementedError on a graph network's sparse adjacency
+    g = torch.Generator().manual_seed(22)
+    nodes = 60
+    edges = torch.randint(nodes, (2, 240), generator=g)
+    adjacency = torch.sparse_coo_tensor(edges, torch.ones(240), (nodes, nodes)).coalesce()
+
+    class Graph(nn.Module):
+        def __init__(self, adj: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("adj", adj, persistent=persistent)
+            self.register_buffer("features", torch.randn(nodes, 3, generator=g))
+            self.lin, self.out = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, idx):
+            h = torch.tanh(self.lin(self.features))
+            h = self.adj @ h if self.adj.is_sparse else self.adj.mm(h)
+            return self.out(h)[idx]
+
+    sparse, dense = Graph(adjacency), Graph(adjacency.to_dense())
+    dense.load_state_dict(sparse.state_dict() if not persistent else {**sparse.state_dict(), "adj": dense.adj})
+    idx = torch.arange(nodes)
+    y = (sparse.features[:, 0] > 0).long()
+    theta = parameters_to_vector(sparse.parameters()).detach()
+    rows = theta + 0.05 * torch.randn(6, theta.numel(), generator=g)
+    banks = {}
+    for name, model in (("sparse", sparse), ("dense", dense)):
+        spec = ParamSpec.of(model)
+        bank = [{**{k: v.clone() for k, v in model.state_dict().items()}, **spec.unflatten(r)} for r in rows]
+        un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+        assert un.forget([0, 1, 2], RemovableDataset(idx, y, batch_size=20, seed=0)).passed
+        banks[name] = un.bank
+        assert model.adj.is_sparse == (name == "sparse")  # the buffer is left as it was
+    torch.testing.assert_close(banks["sparse"], banks["dense"], rtol=1e-4, atol=1e-6)
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -279,7 +279,11 @@ def _warn_varying_buffers(
         if k not in skip
         and isinstance(v, torch.Tensor)
         and v.is_floating_point()
-        and any(isinstance(sd.get(k), torch.Tensor) and not torch.equal(sd[k], v) for sd in bank[1:])
+        and v.layout == torch.strided  # a sparse buffer (e.g. a graph's adjacency) has no torch.equal
+        and any(
+            isinstance(sd.get(k), torch.Tensor) and sd[k].layout == torch.strided and not torch.equal(sd[k], v)
+            for sd in bank[1:]
+        )
     ]
     if varying:
         warnings.warn(

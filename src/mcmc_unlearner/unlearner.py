@@ -1387,7 +1387,11 @@ class MCMCUnlearner:
         counter the model keeps: the request's own evaluations must not)."""
         theta = ParamSpec.flatten_module(self.model)
         opt = copy.deepcopy(self.sampler.state_dict()) if self.sampler is not None else None
-        buffers = {k: b.detach().clone() for k, b in self.model.named_buffers(remove_duplicate=False)}
+        buffers = {
+            k: b.detach().clone()
+            for k, b in self.model.named_buffers(remove_duplicate=False)
+            if b.layout == torch.strided
+        }
         return theta, opt, buffers
 
     def _restore(self, snap: tuple[torch.Tensor, dict | None, dict[str, torch.Tensor]]) -> None:
@@ -1396,8 +1400,11 @@ class MCMCUnlearner:
             self.sampler.load_state_dict(snap[1])
         with torch.no_grad():
             for k, b in self.model.named_buffers(remove_duplicate=False):
-                if k in snap[2] and b.shape == snap[2][k].shape and not torch.equal(b, snap[2][k]):
-                    b.copy_(snap[2][k])
+                old = snap[2].get(k)
+                if old is None or b.layout != torch.strided or old.layout != torch.strided or b.shape != old.shape:
+                    continue  # sparse buffers (a graph's adjacency) are not updated in place by a forward pass
+                if not torch.equal(b, old):
+                    b.copy_(old)
 
     # ------------------------------------------------------------------ the request
     def propose(self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None) -> Proposal:
