@@ -640,7 +640,7 @@ def test_a_sparse_buffer_such_as_a_graphs_adjacency_is_carried_not_compared(pers
     g = torch.Generator().manual_seed(22)
     nodes = 60
     edges = torch.randint(nodes, (2, 240), generator=g)
-    adjacency = torch.sparse_coo_tensor(edges, torch.ones(240), (nodes, nodes)).coalesce()
+    adjacency = torch.sparse_coo_tensor(edges, torch.ones(240), (nodes, nodes), check_invariants=True).coalesce()
 
     class Graph(nn.Module):
         def __init__(self, adj: torch.Tensor) -> None:
