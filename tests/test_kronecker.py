@@ -281,6 +281,9 @@ def test_detect_likelihood(dtype) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     assert detect_likelihood(model, ce_nll, labels) == (Likelihood.CATEGORICAL, {})
+    # int32 labels (the user's nll converts them): the probe crashed in cross_entropy, which takes int64 only
+    as_int32 = (x, labels[1].to(torch.int32))
+    assert detect_likelihood(model, lambda m, b: ce_nll(m, (b[0], b[1].long())), as_int32)[0] is Likelihood.CATEGORICAL
     for sigma in (0.05, 1.0, 3.0):
         kind, extra = detect_likelihood(model, gauss_nll(sigma), targets)
         assert kind is Likelihood.GAUSSIAN and math.isclose(

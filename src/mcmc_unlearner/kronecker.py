@@ -208,8 +208,9 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
                 other = nll(model, (x, shifted, *probe[2:]))
             except Exception as err:  # a probe: any failure means "not the plain CE"
                 return Likelihood.EMPIRICAL, {"reason": f"nll failed on shifted labels: {err}"}
-            if close(base, F.cross_entropy(out, y, reduction="none")) and close(
-                other, F.cross_entropy(out, shifted, reduction="none")
+            # labels of any integer dtype (int32 too: cross_entropy takes int64 only; the user's nll may convert)
+            if close(base, F.cross_entropy(out, y.long(), reduction="none")) and close(
+                other, F.cross_entropy(out, shifted.long(), reduction="none")
             ):
                 return Likelihood.CATEGORICAL, {}
             drops = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
