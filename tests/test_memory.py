@@ -35,6 +35,41 @@ def test_bytes_per_row_counts_the_activations_of_one_row() -> None:
     assert chunk_for(10_000, 3_000, 100) == 3 and chunk_for(10, 3_000, 100) == 1 and chunk_for(10**9, 1, 7) == 7
 
 
+class _Graph(nn.Module):
+    """Node classification where every call propagates over the whole graph: the rows are node indices."""
+
+    def __init__(self, nodes: int = 400) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("features", torch.randn(nodes, 32, generator=g))
+        self.register_buffer("edges", torch.randint(nodes, (2, 3000), generator=g))
+        self.a, self.b = nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, idx):
+        h = torch.tanh(self.a(self.features))
+        h = torch.zeros_like(h).index_add_(0, self.edges[1], h[self.edges[0]])
+        return self.b(h)[idx]
+
+
+@pytest.mark.parametrize("which", ["graph", "mlp"])
+def test_the_memory_estimate_of_a_call_bounds_what_it_saves_including_what_does_not_grow_with_rows(which) -> None:
+    # sizing by rows alone missed a graph network's whole-graph activations (a request took 4.6 GB against a
+    # budget of 1 GiB): each call's cost is now rows · per row + per call
+    from mcmc_unlearner.memory import _saved_bytes
+
+    model = _Graph() if which == "graph" else nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+    rows = torch.arange(64) if which == "graph" else torch.randn(64, 32)
+    batch = (rows, torch.randint(0, 3, (64,)))
+    un = MCMCUnlearner(model, nll=_nll, memory_budget="1GB")
+    f = un._energy_f(400)
+    theta = ParamSpec.flatten_module(model)
+    un._bytes_per_row(f, theta, batch)
+    actual = _saved_bytes(f, theta, batch)
+    assert actual <= un._call_cost(64) <= 2 * actual + 4096, (actual, un._call_cost(64))
+    if which == "graph":
+        assert un._call_bytes > 50 * 64 * un._row_bytes  # the whole graph, whatever the rows
+
+
 def _tiny_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()

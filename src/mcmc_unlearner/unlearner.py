@@ -59,7 +59,7 @@ from .backends.base import NegativeCurvatureError
 from .bank import BankLayout, to_flat
 from .curvature import ParamSpec, SampleAveragedHessian, eager, functionalize, stack_batches
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
-from .memory import bytes_per_row, chunk_for, format_bytes, resolve_budget
+from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import DampingControl, DampingShape, EnergyCheck, ScreenMode, StepOutcome, measured_deficit
@@ -1087,6 +1087,7 @@ class MCMCUnlearner:
         self._carry: torch.Tensor | None = None  # λx of the last damped step: influence not yet applied
         self._version = 0
         self._row_bytes: int | None = None
+        self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
         self._nll_checked = False
 
     # ------------------------------------------------------------------ configuration
@@ -1264,10 +1265,14 @@ class MCMCUnlearner:
     def _bytes_per_row(self, f: Callable, theta: torch.Tensor, batch: Batch) -> int:
         if self._row_bytes is None:
             try:
-                self._row_bytes = bytes_per_row(f, theta, batch)
+                self._row_bytes, self._call_bytes = row_and_call_bytes(f, theta, batch)
             except (RuntimeError, NotImplementedError, TypeError):
                 self._row_bytes = sum(t[:1].numel() * t.element_size() for t in batch) * 64
         return self._row_bytes
+
+    def _call_cost(self, rows: int) -> int:
+        """Bytes one call over ``rows`` rows saves for its backward pass (``rows · per row + per call``)."""
+        return rows * (self._row_bytes or 1) + self._call_bytes
 
     def _vectorise(self, dim: int, check: bool = False) -> bool:
         """Whether per-draw derivatives (of the safety ``check``) go through ``vmap`` (``backend``;
@@ -1279,11 +1284,11 @@ class MCMCUnlearner:
         over rows) also splits the rows when one draw over all of them would not fit."""
         rows = batch[0].shape[0]
         per_row = 2 * (self._row_bytes or 1)
-        if rowwise and rows * per_row > self.memory_budget and rows > 1:
-            step = max(1, self.memory_budget // per_row)
+        if rowwise and 2 * self._call_cost(rows) > self.memory_budget and rows > 1:
+            step = max(1, (self.memory_budget - 2 * self._call_bytes) // per_row)
             parts = [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
             return sum(MCMCUnlearner._per_draw_grads(self, f, thetas, part) for part in parts)  # local sums
-        chunk = chunk_for(self.memory_budget, rows * per_row, thetas.shape[0])
+        chunk = chunk_for(self.memory_budget, 2 * self._call_cost(rows), thetas.shape[0])
         vectorise = self._vectorise(thetas.shape[1])
         if vectorise:
             try:
@@ -1304,7 +1309,7 @@ class MCMCUnlearner:
         """Mean over draws of the dense Hessian of ``f``, built in column chunks that fit the memory budget."""
         d = thetas.shape[1]
         rows = batch[0].shape[1 if not shared else 0] if batch else 1
-        per_col = _HVP_MEMORY_FACTOR * rows * (self._row_bytes or 1)
+        per_col = _HVP_MEMORY_FACTOR * self._call_cost(rows)
         reserve = dense_memory(d, thetas.element_size())
         if per_col > self.memory_budget - reserve:
             raise MemoryError(
@@ -1333,7 +1338,7 @@ class MCMCUnlearner:
 
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         rows = batch[0].shape[0 if shared else 1]
-        chunk = chunk_for(self.memory_budget, _HVP_MEMORY_FACTOR * rows * (self._row_bytes or 1), thetas.shape[0])
+        chunk = chunk_for(self.memory_budget, _HVP_MEMORY_FACTOR * self._call_cost(rows), thetas.shape[0])
         return SampleAveragedHessian(f, thetas, batch, shared_args=shared, backend=self.backend, chunk_size=chunk)
 
     # ------------------------------------------------------------------ draws
@@ -1372,7 +1377,7 @@ class MCMCUnlearner:
             want = "full" if small else "minibatch"
         if want == "full":
             full = stream.full()
-            fits = _HVP_MEMORY_FACTOR * n * (self._row_bytes or 1) <= self.memory_budget - dense_memory(
+            fits = _HVP_MEMORY_FACTOR * self._call_cost(n) <= self.memory_budget - dense_memory(
                 self.spec.dim if self.solver in _DENSE else 0
             )
             if full is not None and fits:
