@@ -269,10 +269,11 @@ def test_batches_that_are_dicts_or_hold_non_tensors_are_refused_with_the_fix() -
         un.remove({"x": x[:6], "y": y[:6]}, good, n_remaining=234)
     dicts = [{"x": x[6:46], "y": y[6:46]}] * 10
     with pytest.raises(
-        TypeError, match=r"a remaining-data minibatch is a dict .*\(b\['x'\], b\['y'\]\) for b in.*n_remaining"
+        TypeError,
+        match=r"a remaining-data minibatch is a dict .*\[\(b\['x'\], b\['y'\]\) for b in loader\].*n_remaining",
     ):
         un.remove((x[:6], y[:6]), dicts, n_remaining=234)
-    advised = ((b["x"], b["y"]) for b in dicts)  # what the message says to pass, as it says to pass it
+    advised = [(b["x"], b["y"]) for b in dicts]  # what the message says to pass, as it says to pass it
     assert un.propose((x[:6], y[:6]), advised, n_remaining=234).report.passed
     with pytest.raises(TypeError, match="field 1 is a list"):
         un.remove((x[:6], y[:6].tolist()), good, n_remaining=234)

@@ -296,8 +296,9 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
         keys = ", ".join(repr(k) for k in list(batch)[:4])
         raise TypeError(
             f"{what} is a dict (keys {keys}); the unlearner takes batches as tuples of tensors, one row per data "
-            "point, in the order your nll reads them: e.g. remaining = ((b['x'], b['y']) for b in loader), passed "
-            "with n_remaining=len(loader.dataset) (a generator has no length), with nll = lambda m, b: "
+            "point, in the order your nll reads them: e.g. remaining = [(b['x'], b['y']) for b in loader] (a list "
+            "is read again as often as a request needs) with n_remaining=len(loader.dataset) (a list of minibatches "
+            "has no row count), or a DataLoader whose collate_fn returns a tuple; nll = lambda m, b: "
             "...(m(b[0]), b[1]), and the removed rows as (x, y)"
         )
     if not isinstance(batch, (tuple, list)):
