@@ -8,7 +8,7 @@ seed), 50 samples each; one request with the defaults; the forgotten rows' poste
 of the way from origin to retraining (one retrain chain: a noisy reference, the model matrix measures that noise)
 and the test NLL of all three.
 
-    OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --json zoo.json          # all 21 networks, ~8 CPU-min
+    OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --json zoo.json          # all 23 networks, ~8 CPU-min
     OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --models depthwise --options '{"solver": "exact"}'
 
 One torch thread per process (README, "Threads").
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 MODELS = ("layernorm", "tied", "frozen", "depthwise", "groupnorm", "convtranspose", "conv1d", "lstm", "gru",
           "binary", "hetero", "poisson", "tiedlm", "mha", "temperature", "bilinear", "dictout", "float64",
-          "weightnorm", "orthogonal", "spectral")  # fmt: skip
+          "weightnorm", "orthogonal", "spectral", "scripted", "hooked")  # fmt: skip
 
 
 class _Img(nn.Module):
@@ -180,6 +180,12 @@ def _problem(name: str, g: torch.Generator):
         return mlp(10, nn.Tanh).double(), x.double(), y, "cls"
     if name in ("weightnorm", "orthogonal", "spectral"):
         return _parametrized(name), x, y, "cls"
+    if name == "scripted":  # TorchScript (its optimised graph gave second derivatives of 0 before stop 31)
+        return torch.jit.script(mlp(10, nn.Tanh)), x, y, "cls"
+    if name == "hooked":  # the hidden tanh applied by a forward hook of the user's on the first layer
+        m = nn.Sequential(nn.Linear(64, 32), nn.Identity(), nn.Linear(32, 10))
+        m[0].register_forward_hook(lambda module, args, out: torch.tanh(out))
+        return m, x, y, "cls"
     if name == "layernorm":
         m = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 10))
         return m, x, y, "cls"
