@@ -853,8 +853,8 @@ class MCMCUnlearner:
             it fits the memory budget).
         exact_max_dim: Largest parameter count for which ``"auto"`` picks the dense solver.
         memory_budget: Bytes (or ``"2GB"``, ``"25%"``) any curvature computation may hold; ``None``: a quarter of
-            the memory available when the unlearner is built, at most 1 GiB. Chunks of draws, rows and Hessian columns are sized
-            from it before any work; a path that cannot fit is refused before it starts.
+            the memory available when the unlearner is built, at most 1 GiB. Chunks of draws, rows and Hessian
+            columns are sized from it before any work; a path that cannot fit is refused before it starts.
         likelihood: For ``kfac``: ``"auto"`` (detected by probing ``nll``), ``"categorical"``, ``"gaussian"`` or
             ``"empirical"``; ``mc_samples``: Monte-Carlo labels per example.
         max_damping_trials: Steps tried per request before it is refused. The damping grows ×10 per rejected
