@@ -298,3 +298,17 @@ def test_a_few_rows_whose_effect_the_check_cannot_resolve_are_applied_not_refuse
         assert "within two standard errors" in small.info["unresolved"]
         assert un.control.relative == 0.0  # the damping searched on noise is not carried
     assert un.forget(order[20:28], data).passed
+
+
+def test_a_warning_during_forget_is_one_line_on_stderr(model, tmp_path, capsys) -> None:
+    # the large-removal warning came out as Python's two-line UserWarning with a source path and line
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i) for i in range(60)))  # 60 of the 200 rows
+    rc = main(["forget", "--model", str(model), "--ids", str(ids), "--on-failure", "accept"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(lines) == 1 and lines[0].startswith(
+        "mcmc-unlearner forget: warning: this request removes 30% of the data"
+    )
+    assert "UserWarning" not in err and ".py:" not in err

@@ -214,7 +214,7 @@ def _map(x, y, iters: int = 50) -> torch.Tensor:
     return w
 
 
-@pytest.mark.filterwarnings("ignore:this request removes 24% of the data")  # said on purpose: a large removal
+@pytest.mark.filterwarnings("ignore:this request removes 24.3% of the data")  # said on purpose: a large removal
 def test_newton_steps_converge_to_the_new_mode_of_a_nonlinear_posterior() -> None:
     """With a point-mass bank at the old mode, extra Newton steps reach the exact new mode."""
     g = torch.Generator().manual_seed(0)

@@ -21,8 +21,10 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import UnlearningError
@@ -222,8 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.env_rank() != 0:
             return 0
         print(f"mcmc-unlearner {args.command}: single-process experiment; running on rank 0 only", file=sys.stderr)
+
+    def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None):
+        print(f"mcmc-unlearner {args.command}: warning: {flat(str(message))}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning  # one line on stderr, as every message of the CLI
+            return int(args.func(args) or 0)
     except (UnlearningError, FileNotFoundError, ValueError, OSError, MemoryError) as exc:
         if isinstance(exc, BrokenPipeError):
             _silence_stdout()

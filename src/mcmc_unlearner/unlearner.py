@@ -1446,7 +1446,7 @@ class MCMCUnlearner:
         share = k / (n + k)
         if share > LARGE_REMOVAL:
             warnings.warn(
-                f"this request removes {share:.0%} of the data ({k:,} of {n + k:,} "
+                f"this request removes {100 * share:.3g}% of the data ({k:,} of {n + k:,} "
                 "rows). The influence step is a local approximation around the old posterior: for removals this "
                 "large it moves the samples only part of the way to retraining (a digits MLP, random rows: a tenth of "
                 "the way with half the data removed, a fiftieth with nine tenths) while passing every check, since "

@@ -73,8 +73,9 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         )
         return ExitCode.OK
     if not out.applied:
+        k = len(e.get("ids", []))
         emit(
-            f"already applied: request {one_line(out.request_id)} ({len(e.get('ids', []))} ids) is ledger entry "
+            f"already applied: request {one_line(out.request_id)} ({k} id{'' if k == 1 else 's'}) is ledger entry "
             f"{e.get('seq')} from {e.get('time')}; nothing changed\nledger head: {out.head}"
         )
         return ExitCode.OK
@@ -88,7 +89,8 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     elif not q.get("passed", True):
         verdict = f"quality checks FAILED, accepted: model DEGRADED ({'; '.join(q.get('problems', []))})"
     emit(
-        f"applied request {one_line(out.request_id)}: removed {e['n_removed']} ids, {e['n_remaining']} remain; "
+        f"applied request {one_line(out.request_id)}: removed {e['n_removed']} id{'' if e['n_removed'] == 1 else 's'}, "
+        f"{e['n_remaining']} remain; "
         f"solver {e['solver']} ({e['iterations']} iterations, residual {_num(e['residual'], '.2e')}), "
         f"shift {_num(e['shift_norm'], '.4g')} ± {_num(e['shift_stderr'], '.2g')}, {e['seconds']:.2f} s; {verdict}; "
         f"ledger entry {e['seq']}\nledger head: {out.head}"
