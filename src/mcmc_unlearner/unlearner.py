@@ -1466,7 +1466,7 @@ class MCMCUnlearner:
             prop = self._propose(batch, stream, n, expectation)
             prop.report.info["removed_share"] = share
             prop._backend_state = self.curvature.snapshot()
-            # a damping searched on the check's noise alone (see unresolved_removal) is not carried to the next request
+            # a damping searched on the check's noise alone (see _unresolved) is not carried to the next request
             prop._control_state = control_state if "unresolved" in prop.report.info else self.control.state()
             prop._generator_state = self.generator.get_state()
             prop._data, prop._data_state = stream, stream.state()
@@ -1687,7 +1687,7 @@ class MCMCUnlearner:
     def _unresolved(self, check: EnergyCheck, G: torch.Tensor) -> str | None:
         """Why a request whose search damped its step below the parameters' resolution has no effect the safety
         check can resolve, or ``None``: the least damped step's predicted change of the remaining-data energy is
-        within two standard errors of the check's measurement of that very step (a few rows removed from many:
+        within two of the standard errors with which the check measures that very step (a few rows from many:
         the check cannot tell the influence step from no step, so the search damps it on noise). Such a request
         changes nothing measurable and is not refused for it (``quality_problems``); one more check measurement."""
         floor = self.curvature.min_damping()
@@ -1702,9 +1702,9 @@ class MCMCUnlearner:
             return None
         return (
             f"the removal's effect is below what the safety check resolves: the least damped step (damping "
-            f"{lam:.3g}) predicts a change of the remaining-data energy of {pred:.3g}, within two standard errors of "
-            f"the check's measurement of it ({meas.stderr:.3g}); the step taken changes nothing measurable (more "
-            "check rows, check_rows, would resolve it)"
+            f"{lam:.3g}) predicts a change of the remaining-data energy of {pred:.3g}, within two of the standard "
+            f"errors ({meas.stderr:.3g}) with which the check measures that step; the step taken changes nothing "
+            "measurable (more check rows, check_rows, would resolve it)"
         )
 
     def _report(
