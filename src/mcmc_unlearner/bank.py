@@ -229,9 +229,10 @@ def to_flat(
         _warn_varying_buffers(bank, spec, tied)
         flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, given, tied=tied, prefix=prefix)
     else:
+        params = " (it has a .params attribute: pass that, e.g. bank=state.params)" if hasattr(bank, "params") else ""
         raise ValueError(
             "bank: give a tensor [S, D], a list of state_dicts, or a dict of stacked tensors {name: [S, ...]}; "
-            f"got {type(bank).__name__}"
+            f"got {type(bank).__name__}{params}"
         )
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
