@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+from typing import Any
 
 METHODS = ("origin", "retrain", "unlearn", "paper", "finetune", "langevin", "importance")
 
@@ -30,11 +32,61 @@ def _ms(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def main() -> None:
+class RunError(Exception):
+    """A run folder this script cannot read (the message names the file)."""
+
+
+def load_run(folder: Path) -> dict[str, Any]:
+    """``folder/metrics.json`` of a finished ``mcmc-unlearner bnn`` run (or the file itself).
+
+    Raises:
+        RunError: no such file, not valid JSON (a truncated file), or not a ``bnn`` run's metrics.
+    """
+    if not folder.exists():
+        raise RunError(f"{str(folder)!a} does not exist; pass folders written by mcmc-unlearner bnn --out")
+    file = folder / "metrics.json" if folder.is_dir() else folder
+    if not file.is_file():
+        raise RunError(f"no metrics file at {str(file)!a} (an unfinished run?); pass finished mcmc-unlearner bnn runs")
+    try:
+        run = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{str(file)!a} is not valid JSON ({exc}); a truncated file? rerun that seed") from None
+    except OSError as exc:
+        raise RunError(f"cannot read {str(file)!a}: {exc.strerror}") from None
+    if not isinstance(run, dict):
+        raise RunError(f"{str(file)!a} holds a JSON {type(run).__name__}, not a run's metrics")
+    lacking = [
+        k for k, kind in (("config", dict), ("methods", dict), ("floor", dict)) if not isinstance(run.get(k), kind)
+    ]
+    if lacking:
+        what = f"a {run['experiment']} run" if isinstance(run.get("experiment"), str) else "not a bnn run"
+        raise RunError(f"{str(file)!a} is {what} (no {', '.join(lacking)}); pass folders written by mcmc-unlearner bnn")
+    return run
+
+
+def duplicate_seeds(runs: list[dict[str, Any]], folders: list[Path]) -> dict[Any, list[str]]:
+    """Seed -> the folders sharing it, for every seed given more than once."""
+    by_seed: dict[Any, list[str]] = {}
+    for r, folder in zip(runs, folders):
+        by_seed.setdefault(r["config"].get("seed"), []).append(str(folder))
+    return {seed: names for seed, names in by_seed.items() if len(names) > 1}
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    args = ap.parse_args()
-    runs = [json.loads((p / "metrics.json").read_text()) for p in args.runs]
+    args = ap.parse_args(argv)
+    try:
+        runs = [load_run(p) for p in args.runs]
+    except RunError as exc:
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    for seed, names in duplicate_seeds(runs, args.runs).items():
+        print(
+            f"{ap.prog}: warning: seed {seed} given {len(names)} times ({', '.join(map(ascii, names))}): the mean ± sd "
+            "counts the same draw more than once",
+            file=sys.stderr,
+        )
     print(f"{len(runs)} seed(s): {[r['config'].get('seed') for r in runs]}")
     head = (
         "| method | removed err % | test-kept err % | \\|Δ\\| removed (pts) | \\|Δ\\| test-kept (pts) "
@@ -74,7 +126,8 @@ def main() -> None:
         t = r.get("targets", {})
         verdicts = "; ".join(f"{k} {'met' if v.get('met') else 'MISSED'}" for k, v in t.items())
         print(f"  seed {r['config'].get('seed')}: {verdicts}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -461,3 +461,266 @@ def test_demo_takes_threads():
     assert build_parser().parse_args(["demo"]).threads == "auto"
     (threads,) = [a for a in _subparser("demo")._actions if "--threads" in a.option_strings]
     assert threads.help != argparse.SUPPRESS
+
+
+# ------------------------------------------------------------------ experiments: --out, --seed, threads, writes
+def _no_run(monkeypatch) -> None:
+    """Any start of the demo's or bnn's actual work fails the test."""
+    from mcmc_unlearner.experiments import bnn, gmm
+
+    def no_run(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(bnn, "run_bnn", no_run)
+    monkeypatch.setattr(gmm, "run_demo", no_run)
+    build_parser()  # imports done outside any timed call
+
+
+def _refused_at_parse(cmd: str, flags: list[str], capsys) -> str:
+    t0 = time.perf_counter()
+    rc = main([cmd, *(["--quick"] if cmd == "bnn" else []), "--quiet", *flags])
+    seconds = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    assert rc == ExitCode.REFUSED and not out, (rc, out, err)
+    assert err.count("\n") == 1 and err.startswith(f"mcmc-unlearner {cmd}: error: ") and "Traceback" not in err, err
+    assert seconds < 0.5
+    return err
+
+
+@pytest.mark.parametrize("cmd", ["demo", "bnn"])
+def test_out_holding_results_is_refused_before_any_work(cmd, tmp_path, capsys, monkeypatch):
+    """Was: a second run into a folder silently replaced the first run's results (exit 0)."""
+    _no_run(monkeypatch)
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "metrics.json").write_text('{"old": 1}')
+    (done / "report.md").write_text("old")
+    err = _refused_at_parse(cmd, ["--out", str(done)], capsys)
+    assert "--out" in err and str(done) in err and "already holds a run's results (metrics.json)" in err
+    assert "choose a new folder" in err and f"rm -r '{done}'" in err
+    assert (done / "metrics.json").read_text() == '{"old": 1}' and sorted(os.listdir(done)) == [
+        "metrics.json",
+        "report.md",
+    ]
+    other = tmp_path / "other"  # anything else in the folder would mix with the run's files
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    assert "is not empty (holds notes.txt)" in _refused_at_parse(cmd, ["--out", str(other)], capsys)
+    empty = tmp_path / "empty"  # an empty folder (mktemp, say) is fine
+    empty.mkdir()
+    assert build_parser().parse_args([cmd, "--out", str(empty)]).out == str(empty)
+    assert build_parser().parse_args([cmd, "--out", str(tmp_path / "new" / "run")]).out == str(tmp_path / "new" / "run")
+
+
+@pytest.mark.parametrize("cmd", ["demo", "bnn"])
+def test_unusable_out_is_refused_at_parse_time(cmd, tmp_path, capsys, monkeypatch):
+    """Was: ``bnn --out FILE`` (or under a file) trained every chain, then failed writing."""
+    _no_run(monkeypatch)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    assert "exists and is not a folder" in _refused_at_parse(cmd, ["--out", str(a_file)], capsys)
+    err = _refused_at_parse(cmd, ["--out", str(a_file / "sub")], capsys)
+    assert f"cannot create '{a_file / 'sub'}'" in err and "not a writable folder" in err
+    assert a_file.read_text() == "x"
+
+
+def test_concurrent_runs_cannot_share_an_out_folder(tmp_path, capsys, monkeypatch):
+    """Was: two runs started at once into one folder both exited 0 (the last writer won)."""
+    from mcmc_unlearner.experiments import gmm
+    from mcmc_unlearner.experiments.report import RUN_MARKER, claimed_out_dir
+
+    out = tmp_path / "run"
+    with claimed_out_dir(out, "x") as held:  # the first run holds the folder ...
+        assert held == out and (out / RUN_MARKER).exists()
+        with pytest.raises(ValueError, match="another run is writing to it"):  # ... a second that passed the
+            with claimed_out_dir(out, "x"):  # parse-time check at the same moment is refused at its start
+                raise AssertionError("two runs share a folder")
+        monkeypatch.setattr(gmm, "_run", lambda *a, **k: pytest.fail("the second run started"))
+        with pytest.raises(ValueError, match="another run is writing to it"):
+            gmm.run_demo(out=out, progress=False)
+        _no_run(monkeypatch)
+        assert "is in use: another run is writing to it" in _refused_at_parse("demo", ["--out", str(out)], capsys)
+        (out / "metrics.json").write_text("{}")
+    assert os.listdir(out) == ["metrics.json"]  # the marker is gone after the run
+    with pytest.raises(ValueError, match="already holds a run's results"):
+        with claimed_out_dir(out, "x"):
+            pass
+    with pytest.raises(KeyboardInterrupt):  # a run that ends before writing anything leaves no empty folder
+        with claimed_out_dir(tmp_path / "new", "x"):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "new").exists()
+
+
+def test_save_model_and_out_must_differ(tmp_path, monkeypatch):
+    from mcmc_unlearner.experiments import bnn, gmm
+
+    monkeypatch.setattr(gmm, "_run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match="--save-model and --out name the same folder"):
+        gmm.run_demo(out=tmp_path / "same", save_model=str(tmp_path / "same"), progress=False)
+    with pytest.raises(ValueError, match="--save-model and --out name the same folder"):
+        bnn.run_bnn(bnn.BNNConfig(save_model=str(tmp_path / "same")), tmp_path / "same")
+    assert not (tmp_path / "same").exists()
+
+
+def test_bnn_default_out_is_a_fresh_folder(tmp_path, monkeypatch):
+    """Was: the default --out runs/bnn took every run, each replacing the last one's results."""
+    from mcmc_unlearner.experiments import bnn
+
+    seen: list[str] = []
+
+    def run(cfg, out):
+        seen.append(out)
+        if len(seen) == 3:
+            raise ValueError("stopped by the test")
+        (Path(out) / "metrics.json").write_text("{}")
+        return {"fake": True}
+
+    monkeypatch.setattr(bnn, "run_bnn", run)
+    monkeypatch.chdir(tmp_path)
+    assert build_parser().parse_args(["bnn"]).out is None
+    for _ in range(2):  # (the summary line after the run fails on the fake metrics)
+        main(["bnn", "--quick", "--quiet"])
+    assert len(set(seen)) == 2 and all(s.startswith(os.path.join("runs", "bnn-")) for s in seen), seen
+    assert all((tmp_path / s / "metrics.json").exists() for s in seen)  # two runs, two folders
+    assert main(["bnn", "--quick", "--quiet"]) == 2
+    assert not (tmp_path / seen[2]).exists()  # a run that wrote nothing leaves no empty folder
+    assert main(["bnn", "--quick", "--quiet", "--retrain-chains", "1"]) == 2  # refused before a folder is made
+    assert len(os.listdir(tmp_path / "runs")) == 2
+
+
+@pytest.mark.parametrize("cmd", ["demo", "bnn"])
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999", "1.5", "x"])
+def test_seed_out_of_range_is_refused_naming_seed(cmd, seed, tmp_path, capsys, monkeypatch):
+    """Was: scikit-learn's random_state message (bnn) or "Overflow when unpacking long long" (demo) after the
+    output folder was made."""
+    _no_run(monkeypatch)
+    out = tmp_path / "run"
+    err = _refused_at_parse(cmd, ["--seed", seed, "--out", str(out)], capsys)
+    assert "--seed" in err and "from 0 to 4294967295" in err and not out.exists()
+
+
+def test_seed_range_accepted_and_checked_by_the_api():
+    from mcmc_unlearner.experiments import bnn, gmm
+
+    for cmd in ("demo", "bnn"):
+        assert build_parser().parse_args([cmd, "--seed", "4294967295"]).seed == 2**32 - 1
+        assert build_parser().parse_args([cmd, "--seed", "0"]).seed == 0
+    with pytest.raises(ValueError, match="--seed must be a whole number from 0 to 4294967295"):
+        bnn.run_bnn(bnn.BNNConfig(seed=-1))
+    with pytest.raises(ValueError, match="--seed must be a whole number from 0 to 4294967295"):
+        gmm.run_demo(seed=2**64, write=False, progress=False)
+
+
+@pytest.mark.parametrize("cmd", ["demo", "bnn"])
+def test_thread_count_printed_once_on_stderr(cmd, tmp_path, capsys, monkeypatch):
+    """Was: the README said the commands print their thread count; bnn and demo did not."""
+    from mcmc_unlearner.experiments import bnn, gmm
+
+    seen: list[int] = []
+
+    def stop(*a, **k):
+        seen.append(torch.get_num_threads())
+        raise ValueError("stopped by the test")
+
+    if cmd == "bnn":  # printed once the data and requests are checked (a refusal stays one line)
+        monkeypatch.setattr(bnn._Experiment, "_initial_weights", stop)
+    else:
+        monkeypatch.setattr(gmm, "_run", stop)
+    quick = ["--quick"] if cmd == "bnn" else []
+    old = torch.get_num_threads()
+    assert main([cmd, *quick, "--threads", "2", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"mcmc-unlearner {cmd}: 2 torch threads (--threads)" and seen == [2], err
+    assert err.count("torch thread") == 1 and "stopped by the test" in err
+    assert main([cmd, *quick, "--threads", "1", "--quiet", "--out", str(tmp_path / "b")]) == 2
+    assert "torch thread" not in capsys.readouterr().err  # --quiet: only the error
+    assert torch.get_num_threads() == old
+
+
+def test_reports_state_the_actual_thread_count():
+    """Was: "one torch thread" / "single-threaded" in every report, whatever --threads said."""
+    from mcmc_unlearner.experiments import bnn, gmm
+
+    assert "(one torch thread)" in bnn._cpu_note(1)
+    assert "(2 torch threads)" in bnn._cpu_note(2) and "one torch thread" not in bnn._cpu_note(2)
+    assert "single-threaded" in gmm._cpu_note({"platform": {"threads": 1}})
+    note = gmm._cpu_note({"platform": {"threads": 2}})
+    assert "2 torch threads" in note and "single-threaded" not in note
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    """Was: an interrupted write left a truncated file under its final name."""
+    from matplotlib.figure import Figure
+
+    from mcmc_unlearner.experiments import report
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    for write in (lambda: report.write_json(target, {"a": 1}), lambda: report.write_text(target, "new")):
+        with pytest.raises(KeyboardInterrupt):
+            write()
+        assert target.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]  # no temporary file left
+    monkeypatch.undo()
+
+    class HalfFigure:  # savefig writes part of the PNG, then Ctrl-C
+        def savefig(self, f, **kw):
+            (open(f, "wb") if isinstance(f, (str, Path)) else f).write(b"\x89PNG half")
+            raise KeyboardInterrupt
+
+    png = tmp_path / "samples.png"
+    png.write_bytes(b"old png")
+    with pytest.raises(KeyboardInterrupt):
+        report.save_figure(HalfFigure(), png)
+    assert png.read_bytes() == b"old png" and sorted(os.listdir(tmp_path)) == ["metrics.json", "samples.png"]
+    fig = Figure(figsize=(1, 1))
+    fig.subplots().plot([0, 1])
+    report.save_figure(fig, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report.write_json(target, {"a": float("nan")})
+    assert json.loads(target.read_text()) == {"a": None}
+
+
+def test_bnn_writes_metrics_last(tmp_path, monkeypatch):
+    """Was: metrics.json came first, so an interrupted run left a 'finished' folder beside a stale report."""
+    from mcmc_unlearner.experiments import bnn, report
+
+    order: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: order.append(Path(b).name) or real_replace(a, b))
+    monkeypatch.setattr(bnn, "_report", lambda m: "# report")
+    monkeypatch.setattr(bnn, "_figure", lambda m, path: report.write_text(path, "png"))
+    bnn._write_outputs({"a": 1.0}, tmp_path / "o")
+    assert order == ["progress.png", "report.md", "metrics.json"]
+
+    def interrupted(m):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bnn, "_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bnn._write_outputs({"a": 1.0}, tmp_path / "p")
+    assert not (tmp_path / "p" / "metrics.json").exists()  # no metrics.json: summary does not take it as a run
+
+
+def test_demo_end_to_end_out_folder(tmp_path, capsys, monkeypatch):
+    """A short demo: the thread count on stderr, metrics.json written last, no marker left behind, and a
+    second run into the same folder refused before any work."""
+    from mcmc_unlearner.experiments.report import RUN_MARKER
+
+    order: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: order.append(Path(b).name) or real_replace(a, b))
+    out = tmp_path / "run"
+    argv = ["demo", "--burnin", "200", "--samples", "200", "--retrain-chains", "2", "--request-size", "40"]
+    assert main([*argv, "--out", str(out), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("mcmc-unlearner demo: 1 torch thread (--threads)\n")
+    assert order[-1] == "metrics.json" and "report.md" in order and "samples.png" in order
+    assert RUN_MARKER not in os.listdir(out) and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert "single-threaded" in (out / "report.md").read_text()
+    _no_run(monkeypatch)
+    assert "already holds a run's results" in _refused_at_parse("demo", ["--out", str(out)], capsys)

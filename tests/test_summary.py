@@ -102,3 +102,146 @@ def test_cli_summary_refuses_bad_input(tmp_path, capsys):
     good = _run(tmp_path, "good", _metrics(0, 1.0, True))
     assert main(["summary", good, "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ parsing and refusals (probe of the summary CLI)
+def _bnn_metrics(seed: int) -> dict:
+    """An older bnn run's metrics (no "experiment" key): config and dataset sections."""
+    return {"config": {"seed": seed, "dataset": "digits"}, "dataset": {"name": "digits"},
+            "methods": {"unlearn": {"seconds": 1.0 + seed}}, "floor": {"pred_diff": {"test_kept": 0.1}}}  # fmt: skip
+
+
+def _one_line_error(args: list[str], capsys) -> str:
+    rc = main(["summary", *args])
+    out, err = capsys.readouterr()
+    assert rc == 2 and not out, (rc, out, err)
+    assert err.count("\n") == 1 and err.startswith("mcmc-unlearner summary: error: ") and "Traceback" not in err
+    return err
+
+
+def test_keys_before_or_between_the_run_folders(tmp_path, capsys):
+    """Was: ``summary --keys K RUN_DIR ...`` (the usage line's own order) failed "required: RUN_DIR"."""
+    dirs = [_run(tmp_path, f"s{i}", _metrics(i, kl, True)) for i, kl in enumerate([1.0, 3.0])]
+    row = "| methods.unlearn.vs_exact.kl_forward | 2 ± 1.41 | 1–3 | 2 |"
+    for args in (["--keys", "methods.*", *dirs], [dirs[0], "--keys", "methods.*", dirs[1]], [*dirs, "--keys", "m*"]):
+        assert main(["summary", *args]) == 0, args
+        out = capsys.readouterr().out
+        assert out.startswith("2 runs: ") and row in out and "| seed |" not in out, args
+    assert main(["summary", *dirs, "--keys", "seed,targets.*"]) == 0  # several patterns in one value
+    out = capsys.readouterr().out
+    assert "| seed |" in out and "| targets.t.met |" in out and "methods." not in out
+    assert "summary RUN_DIR [RUN_DIR ...] [--keys GLOB" in _summary_parser().format_usage()
+    err = _one_line_error(["--keys", "methods.*", str(tmp_path / "missing")], capsys)
+    assert f"no run folders given (--keys took 'methods.*', '{tmp_path / 'missing'}')" in err
+
+
+def _summary_parser():
+    import argparse
+
+    from mcmc_unlearner.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices["summary"]
+
+
+def test_same_run_twice_is_refused(tmp_path, capsys):
+    """Was: the same folder given twice counted as n=2."""
+    d = _run(tmp_path, "s0", _metrics(0, 1.0, True))
+    for twin in (d + "/", str(tmp_path / "s0" / "metrics.json"), str(tmp_path / "s0" / ".." / "s0")):
+        err = _one_line_error([d, twin], capsys)
+        assert "is the same run as" in err and "give each run once" in err, err
+
+
+def test_runs_of_different_experiments_are_refused(tmp_path, capsys):
+    """Was: a bnn run and a demo run summarised together: exit 0, n=1 everywhere, a huge "Runs differ" line."""
+    demo = _run(tmp_path, "demo", {**_metrics(0, 1.0, True), "experiment": "gmm"})
+    old_bnn = _run(tmp_path, "bnn", _bnn_metrics(1))
+    err = _one_line_error([demo, old_bnn], capsys)
+    assert "runs of different experiments" in err and "is a gmm run" in err and "is a bnn run" in err
+    assert len(err) < 300
+    new_bnn = _run(tmp_path, "bnn2", {**_bnn_metrics(2), "experiment": "bnn"})
+    assert main(["summary", old_bnn, new_bnn]) == 0  # old and new bnn runs are one experiment
+    capsys.readouterr()
+
+
+def test_runs_sharing_a_seed_are_flagged(tmp_path, capsys):
+    """Was: two runs of one seed were averaged silently."""
+    a = _run(tmp_path, "a", _metrics(0, 1.0, True))
+    b = _run(tmp_path, "b", _metrics(0, 2.0, True))
+    c = _run(tmp_path, "c", _metrics(1, 2.0, True))
+    assert main(["summary", a, b, c]) == 0
+    out, err = capsys.readouterr()
+    assert "3 runs" in out
+    assert err.count("\n") == 1 and "warning: runs share a seed (seed 0: " in err and "'c'" not in err, err
+    x, y = _run(tmp_path, "x", _bnn_metrics(4)), _run(tmp_path, "y", _bnn_metrics(4))  # bnn: config.seed
+    assert main(["summary", x, y]) == 0 and "seed 4" in capsys.readouterr().err
+    assert main(["summary", a, c]) == 0 and capsys.readouterr().err == ""
+
+
+def test_keys_matching_nothing_are_refused(tmp_path, capsys):
+    """Was: an empty table and exit 0."""
+    d = _run(tmp_path, "s0", _metrics(0, 1.0, True))
+    err = _one_line_error([d, "--keys", "method.*", "nope"], capsys)
+    assert "--keys 'method.*' 'nope' match no metric" in err and "methods.*" in err and "seed" in err
+    assert main(["summary", d, "--keys", "seed", "nope"]) == 0  # one pattern matched: a warning for the other
+    out, err = capsys.readouterr()
+    assert "| seed |" in out and "warning: --keys 'nope' matched no metric" in err
+
+
+def test_out_checked_before_anything_is_printed(tmp_path, capsys):
+    """Was: an unwritable --out printed the whole table, then failed."""
+    d = _run(tmp_path, "s0", _metrics(0, 1.0, True))
+    err = _one_line_error([d, "--out", str(tmp_path / "missing" / "s.md")], capsys)
+    assert "cannot write" in err and "does not exist" in err
+    metrics = tmp_path / "s0" / "metrics.json"
+    before = metrics.read_text()
+    assert "is one of the runs' metrics files" in _one_line_error([d, "--out", str(metrics)], capsys)
+    assert metrics.read_text() == before
+
+
+def test_long_differing_values_are_cut(tmp_path, capsys):
+    a = _run(tmp_path, "a", {**_metrics(0, 1.0, True), "note": "x" * 5000})
+    b = _run(tmp_path, "b", {**_metrics(1, 1.0, True), "note": "y" * 5000})
+    assert main(["summary", a, b]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Runs differ in"))
+    assert len(line) < 300 and "note = " in line
+
+
+# ------------------------------------------------------------------ benchmarks/fmnist_table.py
+def _fmnist_table():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fmnist_table.py"
+    spec = importlib.util.spec_from_file_location("fmnist_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fmnist_table_refuses_bad_folders_in_one_line(tmp_path, capsys):
+    """Was: tracebacks (FileNotFoundError, JSONDecodeError without the file's name, KeyError: 'config')."""
+    table = _fmnist_table()
+    good = _run(tmp_path, "good", _bnn_metrics(0))
+    truncated = tmp_path / "cut"
+    truncated.mkdir()
+    (truncated / "metrics.json").write_text(json.dumps(_bnn_metrics(1))[:40])
+    demo = _run(tmp_path, "demo", {**_metrics(0, 1.0, True), "experiment": "gmm"})
+    cases = [
+        (str(tmp_path / "missing"), "does not exist"),
+        (str(truncated), f"'{truncated / 'metrics.json'}' is not valid JSON"),
+        (demo, f"'{tmp_path / 'demo' / 'metrics.json'}' is a gmm run"),
+    ]
+    for folder, needle in cases:
+        assert table.main([good, folder]) == 2
+        out, err = capsys.readouterr()
+        assert not out and err.count("\n") == 1 and needle in err and "error:" in err, err
+
+
+def test_fmnist_table_warns_about_duplicate_seeds(tmp_path, capsys):
+    table = _fmnist_table()
+    a, b = _run(tmp_path, "a", _bnn_metrics(3)), _run(tmp_path, "b", _bnn_metrics(3))
+    assert table.main([a, b]) == 0
+    out, err = capsys.readouterr()
+    assert "2 seed(s): [3, 3]" in out and "warning: seed 3 given 2 times" in err
+    assert table.main([a]) == 0 and capsys.readouterr().err == ""

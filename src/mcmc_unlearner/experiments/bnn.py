@@ -76,6 +76,7 @@ from ..solvers import SolverName
 from ..step import DampingControl, DampingShape, ScreenMode
 from ..unlearner import BankShift, Expectation, HessianKind, MCMCUnlearner
 from . import evaluation as ev
+from .report import SEED_LIMIT, claimed_out_dir, out_folder_arg, seed_arg, write_json, write_text
 
 __all__ = [
     "METHODS",
@@ -305,6 +306,15 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def _announce_threads(cfg: BNNConfig) -> None:
+    """The torch thread count, once on stderr before the first progress bar (nothing with ``--quiet``); after the
+    checks of the data and the requests, so that a refusal stays one line."""
+    if cfg.progress:
+        k = torch.get_num_threads()
+        how = "torch's setting, --threads 0" if cfg.threads <= 0 else "--threads"
+        print(f"mcmc-unlearner bnn: {k} torch thread{'s' if k != 1 else ''} ({how})", file=sys.stderr)
 
 
 def _bar(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
@@ -539,6 +549,7 @@ class _Experiment:
         }
         src = {"remaining": "remaining", "removed": "removed", "test_kept": "test"}
         self.progress_sets = {k: tuple(t[i.to(self.device)] for t in self.sets[src[k]]) for k, i in sub.items()}
+        _announce_threads(cfg)  # the data and the requests are checked: the work (pre-training, chains) starts
         self.init = self._initial_weights()
         self.dim = self.init.numel()
         self.scratch = self.new_model()
@@ -1109,6 +1120,8 @@ def _run_importance(ex: _Experiment, origin: dict[str, Any]) -> _Result:
 def _resolve(cfg: BNNConfig) -> BNNConfig:
     if cfg.sampler not in ("sgld", "sghmc"):
         raise ValueError(f"unknown sampler {cfg.sampler!r}; choose 'sgld' or 'sghmc'")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {cfg.seed!r}")
     if cfg.request_size < 1:
         raise ValueError("--request-size must be at least 1")
     if cfg.explore_steps < 0 or cfg.sample_steps < 2 or cfg.bank_size < 2:
@@ -1139,13 +1152,18 @@ def run_bnn(cfg: BNNConfig, out: str | Path | None = None) -> dict[str, Any]:
 
     Args:
         cfg: Settings.
-        out: Output folder (created); ``None`` writes nothing.
+        out: Output folder: new or empty (created; checked and held before any work, so that another run's
+            results are never replaced or mixed with these); ``None`` writes nothing.
     """
     cfg = _resolve(replace(cfg, notes=list(cfg.notes)))
-    with _torch_threads(cfg.threads):
-        metrics = _run(cfg)
-    if out is not None:
-        _write_outputs(metrics, Path(out))
+    if out is not None and cfg.save_model is not None and Path(out).resolve() == Path(cfg.save_model).resolve():
+        raise ValueError("--save-model and --out name the same folder; choose two different folders")
+    # the output folder is checked and held (a marker file) before any work: a second run into it is refused
+    with claimed_out_dir(out, "bnn") if out is not None else contextlib.nullcontext() as out_dir:
+        with _torch_threads(cfg.threads):
+            metrics = _run(cfg)
+        if out_dir is not None:
+            _write_outputs(metrics, out_dir)
     return metrics
 
 
@@ -1225,6 +1243,7 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
     methods, floor, chains = _evaluate(ex, results, names)
     t_eval, c_eval = time.perf_counter() - t0, time.process_time() - c0
     metrics: dict[str, Any] = {
+        "experiment": "bnn",
         "config": {k: v for k, v in asdict(cfg).items() if k != "notes"},
         "notes": cfg.notes,
         "dataset": {
@@ -1267,12 +1286,23 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
             "training_seconds": t_train,
             "total_seconds": time.perf_counter() - t_start,
             "total_cpu_seconds": time.process_time() - c_start,
-            "note": "cpu_seconds = CPU time of this process (one torch thread): about the wall time on an idle core",
+            "threads": torch.get_num_threads(),
+            "note": _cpu_note(torch.get_num_threads()),
         },
         "progress": progress.points,
     }
     metrics["targets"] = _targets(metrics)
     return metrics
+
+
+def _cpu_note(threads: int) -> str:
+    """How to read ``cpu_seconds`` for a run on ``threads`` torch threads."""
+    if threads == 1:
+        return "cpu_seconds = CPU time of this process (one torch thread): about the wall time on an idle core"
+    return (
+        f"cpu_seconds = CPU time of this process ({threads} torch threads): the threads' CPU times add up, so up to "
+        f"{threads}x the wall time on idle cores"
+    )
 
 
 _ATTACK = (
@@ -1618,15 +1648,15 @@ def _figure(m: dict[str, Any], path: Path) -> None:
 
 
 def _write_outputs(metrics: dict[str, Any], out: Path) -> None:
-    from .report import jsonable
-
+    """Write the figure, report.md and, last, metrics.json (each atomically): a folder holding metrics.json is
+    a finished run, and no file is ever left half-written under its final name."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
-    (out / "report.md").write_text(_report(metrics))
     try:
         _figure(metrics, out / "progress.png")
     except Exception as exc:
         print(f"mcmc-unlearner bnn: progress figure not written ({exc})", file=sys.stderr)
+    write_text(out / "report.md", _report(metrics))
+    write_json(out / "metrics.json", metrics)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -1717,13 +1747,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pre-train the initial weights on this data set, or 'self': each chain on its own training data",
     )
     p.add_argument("--no-pretrain", action="store_true", help="random initial weights (no pre-training)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=None, help=f"random seed, 0 to {SEED_LIMIT - 1} (default 0)")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument(
         "--data-dir", default=None, help="folder with the image files (the files themselves or torchvision's layout)"
     )
     p.add_argument("--download", action="store_true", default=None, help="fetch missing files with torchvision")
-    p.add_argument("--out", default="runs/bnn", help="output folder (default runs/bnn)")
+    p.add_argument(
+        "--out", type=out_folder_arg, default=None, metavar="DIR",
+        help="output folder, new or empty (default: a fresh runs/bnn-<time>); a folder holding files (another "
+        "run's results, say) is refused before any work",
+    )  # fmt: skip
     p.add_argument(
         "--save-model",
         type=new_folder,
@@ -1824,8 +1858,20 @@ def config_from_args(args: argparse.Namespace) -> BNNConfig:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .report import new_run_dir
+
     cfg = config_from_args(args)
-    metrics = run_bnn(cfg, args.out)
+    fresh = args.out is None
+    if fresh:
+        _resolve(replace(cfg, notes=list(cfg.notes)))  # a bad setting is refused before the folder is made
+        args.out = str(new_run_dir("bnn"))
+    try:
+        metrics = run_bnn(cfg, args.out)
+    except BaseException:
+        if fresh:
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()  # only if the run left it empty
+        raise
     me = metrics["methods"]
     un, re = me.get("unlearn"), me["retrain"]
     parts = [f"bnn: removed {metrics['dataset']['n_removed']} points in {metrics['dataset']['n_requests']} requests"]

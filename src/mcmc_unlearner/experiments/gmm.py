@@ -31,6 +31,7 @@ are the first two) scored the same way; their median and range is what one retra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
@@ -55,7 +56,19 @@ from ..models.gmm import GaussianMixture
 from ..samplers import SGHMC, SGLD
 from ..unlearner import MCMCUnlearner
 from .references import GibbsPosterior, gmm_gibbs
-from .report import Stopwatch, fmt, markdown_table, prepare_out_dir, save_figure, summarize, write_json, write_text
+from .report import (
+    SEED_LIMIT,
+    Stopwatch,
+    claimed_out_dir,
+    fmt,
+    markdown_table,
+    out_folder_arg,
+    save_figure,
+    seed_arg,
+    summarize,
+    write_json,
+    write_text,
+)
 
 __all__ = ["DISTANCES", "METHODS", "gmm_energy", "paper_available", "register", "run_demo"]
 
@@ -301,6 +314,8 @@ def run_demo(
     Returns:
         The metrics dict (as written to ``metrics.json``).
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed!r}")
     if request_size < 1:
         raise ValueError(f"--request-size must be >= 1, got {request_size}")
     if thin < 1 or samples // thin < 10:
@@ -325,21 +340,27 @@ def run_demo(
             "--with-paper needs mcmc_unlearner.experiments.paper (the faithful paper baseline), which this version "
             "does not include; run without --with-paper or install a version that has it"
         )
-    out_dir = prepare_out_dir(out, f"demo-{kind}") if write else None
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _run(
-            kind, seed, request_size, burnin, samples, thin, n=n, per_cluster=per_cluster, batch_size=batch_size,
-            lr0=lr0, decay=decay, alpha=alpha, bank_shift=bank_shift, refresh_every=refresh_every,
-            curvature_draws=curvature_draws, grad_draws=grad_draws, curvature_batch=curvature_batch,
-            newton_steps=newton_steps, save_model=save_model, retrain_chains=retrain_chains,
-            exact_draws=exact_draws, with_paper=with_paper,
-            warmup=warmup, progress=progress, out_dir=out_dir,
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(old_threads)
+    if save_model is not None and out is not None and Path(save_model).resolve() == Path(out).resolve():
+        raise ValueError("--save-model and --out name the same folder; choose two different folders")
+    # the output folder is held (a marker file) for the whole run: a second run into it is refused at once
+    with claimed_out_dir(out, f"demo-{kind}") if write else contextlib.nullcontext() as out_dir:
+        old_threads = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            if progress:
+                k = torch.get_num_threads()
+                print(f"mcmc-unlearner demo: {k} torch thread{'s' if k != 1 else ''} (--threads)", file=sys.stderr)
+            return _run(
+                kind, seed, request_size, burnin, samples, thin, n=n, per_cluster=per_cluster, batch_size=batch_size,
+                lr0=lr0, decay=decay, alpha=alpha, bank_shift=bank_shift, refresh_every=refresh_every,
+                curvature_draws=curvature_draws, grad_draws=grad_draws, curvature_batch=curvature_batch,
+                newton_steps=newton_steps, save_model=save_model, retrain_chains=retrain_chains,
+                exact_draws=exact_draws, with_paper=with_paper,
+                warmup=warmup, progress=progress, out_dir=out_dir,
+            )  # fmt: skip
+        finally:
+            torch.set_num_threads(old_threads)
 
 
 def _run(
@@ -657,8 +678,8 @@ def _run(
         metrics["total_seconds"] = time.perf_counter() - t_start
         metrics["total_cpu_seconds"] = time.process_time() - cpu_start
         metrics["out_dir"] = str(out_dir)
-        write_json(out_dir / "metrics.json", metrics)
         write_text(out_dir / "report.md", _report(metrics))
+        write_json(out_dir / "metrics.json", metrics)  # last: a folder with metrics.json is a finished run
     return metrics
 
 
@@ -981,8 +1002,7 @@ def _report(m: dict[str, Any]) -> str:
         f"{fmt(un['warmup_seconds'])} s before the first request), against {fmt(meth['retrain']['seconds'])} s to "
         f"retrain one chain; CPU time {fmt(un.get('cpu_seconds'))} s for all requests vs "
         f"{fmt(meth['retrain'].get('cpu_seconds'))} s for one retrain chain. Whole run: "
-        f"{fmt(m['total_seconds'])} s wall, {fmt(m['total_cpu_seconds'])} s CPU (wall times grow on a busy "
-        "machine; the CPU time of this single-threaded run much less).",
+        f"{fmt(m['total_seconds'])} s wall, {fmt(m['total_cpu_seconds'])} s CPU ({_cpu_note(m)}).",
         "",
         "## Targets",
         "",
@@ -1042,6 +1062,19 @@ def _report(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_note(m: dict[str, Any]) -> str:
+    """The report's reading of wall vs CPU time, for the run's actual torch thread count."""
+    k = (m.get("platform") or {}).get("threads")
+    if k == 1:
+        return "wall times grow on a busy machine; the CPU time of this single-threaded run much less"
+    if not k:
+        return "wall times grow on a busy machine; the CPU time much less"
+    return (
+        f"wall times grow on a busy machine, the CPU time much less; this run used {k} torch threads, "
+        "whose CPU times add up, so its CPU time can exceed its wall time"
+    )
+
+
 # -------------------------------------------------------------------- CLI
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..service.deletion import threads_for
@@ -1093,8 +1126,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--sampler", choices=("sgld", "sghmc"), default="sgld", help="SG-MCMC sampler (default sgld)")
-    p.add_argument("--out", default=None, help="output folder (default: a fresh runs/demo-<sampler>-<time>)")
-    p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    p.add_argument(
+        "--out", type=out_folder_arg, default=None, metavar="DIR",
+        help="output folder, new or empty (default: a fresh runs/demo-<sampler>-<time>); a folder holding files "
+        "(another run's results, say) is refused before any work",
+    )  # fmt: skip
+    p.add_argument("--seed", type=seed_arg, default=0, help=f"master seed, 0 to {SEED_LIMIT - 1} (default 0)")
     p.add_argument("--request-size", type=int, default=4, help="points per deletion request (default 4)")
     p.add_argument(
         "--save-model",

@@ -6,8 +6,11 @@ readable), ``report.md`` (a person reads it in seconds) and PNG figures.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,45 +21,163 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "RUN_MARKER",
+    "SEED_LIMIT",
     "Stopwatch",
+    "claimed_out_dir",
     "fmt",
     "jsonable",
     "markdown_table",
     "new_run_dir",
+    "out_dir_problem",
+    "out_folder_arg",
     "prepare_out_dir",
     "save_figure",
+    "seed_arg",
     "summarize",
     "write_json",
     "write_text",
 ]
+
+#: Present in an output folder while a run writes to it (created exclusively: two runs never share a folder).
+RUN_MARKER = ".mcmc-unlearner-run"
+#: Seeds are in ``[0, SEED_LIMIT)``: scikit-learn's ``random_state`` (the digits split) takes nothing else, and
+#: ``1000 * seed + k`` (the chains' torch generators) then stays far inside torch's 64-bit range.
+SEED_LIMIT = 2**32
 
 
 def new_run_dir(prefix: str, root: str | Path = "runs") -> Path:
     """A fresh, not yet existing folder ``root/<prefix>-<YYYYmmdd-HHMMSS>[-k]`` (created)."""
     root = Path(root)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = root / f"{prefix}-{stamp}"
-    k = 1
-    while path.exists():
-        path = root / f"{prefix}-{stamp}-{k}"
-        k += 1
-    path.mkdir(parents=True)
-    return path
+    root.mkdir(parents=True, exist_ok=True)
+    k = 0
+    while True:
+        path = root / (f"{prefix}-{stamp}" + (f"-{k}" if k else ""))
+        try:
+            path.mkdir()  # atomic: a run started in the same second gets the next suffix
+            return path
+        except FileExistsError:
+            k += 1
+
+
+def out_dir_problem(out: str | Path) -> str | None:
+    """Why ``out`` cannot take a new run's results (``None``: it can), without touching anything.
+
+    Accepted: a path that does not exist yet under a writable folder, or an existing empty, writable folder.
+    Refused: a file, a folder holding another run's results (or anything else: they would mix), a folder
+    another run is writing to, a path that cannot be created. The message starts with the path.
+    """
+    p = Path(out)
+    fix = f"choose a new folder (or remove it first: rm -r {str(p)!a})"
+    if os.path.lexists(p):
+        if not p.is_dir():
+            return f"{str(p)!a} exists and is not a folder; choose a new folder"
+        names = sorted(e.name for e in os.scandir(p))
+        if RUN_MARKER in names:
+            return f"{str(p)!a} is in use: another run is writing to it (or one was killed there); {fix}"
+        if "metrics.json" in names:
+            return f"{str(p)!a} already holds a run's results (metrics.json); {fix}"
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            return f"{str(p)!a} is not empty (holds {shown}); {fix}"
+        if not os.access(p, os.W_OK | os.X_OK):
+            return f"{str(p)!a} is not writable; choose another folder"
+        return None
+    parent = p.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {str(p)!a}: {str(parent)!a} is not a writable folder"
+    return None
+
+
+def out_folder_arg(value: str) -> str:
+    """``--out`` of the experiments, checked at parse time (before any work): see :func:`out_dir_problem`."""
+    problem = out_dir_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def seed_arg(value: str) -> int:
+    """``--seed`` value: a whole number in ``[0, 2**32)`` (every consumer of the seed takes that range)."""
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {SEED_LIMIT - 1} (2**32 - 1), got {ascii(value)[:40]}"
+        )
+    return seed
+
+
+def _claim(path: Path) -> None:
+    """Create ``path/RUN_MARKER`` exclusively, then make sure nothing else is there (else undo and refuse)."""
+    marker = path / RUN_MARKER
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise ValueError(f"--out {out_dir_problem(path) or f'{str(path)!a} is in use by another run'}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    others = [e.name for e in os.scandir(path) if e.name != RUN_MARKER]
+    if others:
+        marker.unlink()
+        raise ValueError(f"--out {out_dir_problem(path) or f'{str(path)!a} is not empty; choose a new folder'}")
 
 
 def prepare_out_dir(out: str | Path | None, prefix: str, root: str | Path = "runs") -> Path:
     """Return the output folder, creating it; ``None`` gives a fresh one under ``root``.
 
     Raises:
-        ValueError: if ``out`` exists and is not a folder.
+        ValueError: if ``out`` is a file, already holds files (another run's results would mix with this
+            one's), or cannot be created.
     """
     if out is None:
         return new_run_dir(prefix, root)
+    problem = out_dir_problem(out)
+    if problem is not None:
+        raise ValueError(f"--out {problem}")
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output path {str(path)!r} exists and is not a folder; pass a folder path to --out")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def claimed_out_dir(out: str | Path | None, prefix: str, root: str | Path = "runs") -> Iterator[Path]:
+    """:func:`prepare_out_dir`, held for the block: a marker file keeps a second run out of the folder.
+
+    On leaving the block the marker is removed; a folder this call created that is still empty (the run
+    failed before writing anything) is removed too. A run writes ``metrics.json`` last, so a folder holding
+    ``metrics.json`` is a finished run.
+    """
+    path = Path(out) if out is not None else None
+    created = path is None or not os.path.lexists(path)
+    path = prepare_out_dir(out, prefix, root)
+    try:
+        _claim(path)
+    except BaseException:
+        if created:
+            _remove_if_empty(path)
+        raise
+    try:
+        yield path
+    finally:
+        try:
+            (path / RUN_MARKER).unlink()
+        except FileNotFoundError:
+            pass
+        if created:
+            _remove_if_empty(path)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # not empty (or gone): leave it
+        pass
 
 
 def jsonable(obj: Any) -> Any:
@@ -78,17 +199,40 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+@contextmanager
+def _atomic(path: Path, mode: str = "w") -> Iterator[Any]:
+    """An open temporary file in ``path``'s folder that replaces ``path`` (``os.replace``) when the block ends
+    without an error; on an error (or Ctrl-C) the temporary file is removed and ``path`` is untouched."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (strict: no NaN tokens) and return the path."""
+    """Write ``obj`` as indented JSON (strict: no NaN tokens) atomically and return the path."""
     path = Path(path)
-    path.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
+    with _atomic(path) as f:
+        f.write(text)
     return path
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text and return the path."""
+    """Write UTF-8 text atomically (a temporary file in the same folder, then ``os.replace``); return the path."""
     path = Path(path)
-    path.write_text(text, encoding="utf-8")
+    with _atomic(path) as f:
+        f.write(text)
     return path
 
 
@@ -136,10 +280,11 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG.
 
     Build figures with ``matplotlib.figure.Figure`` (not ``pyplot``): no GUI backend and no global figure
-    registry are involved, so this works headless and leaks nothing.
+    registry are involved, so this works headless and leaks nothing. Written atomically, like :func:`write_text`.
     """
     path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    with _atomic(path, "wb") as f:  # never a truncated PNG under the final name
+        fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight")
     return path
 
 

@@ -7,6 +7,11 @@ Booleans count as 0/1 (``mean`` is then the fraction of runs where it is true, a
 and strings are not aggregated (per-request lists have their own summaries in the files), but string leaves
 whose value differs between runs (e.g. runs with different samplers) are reported, since averaging such runs is
 rarely intended.
+
+Refused (exit 2, one line): the same run given twice, runs of different experiments (a ``bnn`` run with a
+``demo`` run), ``--keys`` that match no metric, an ``--out`` that cannot be written (checked before anything is
+printed). Runs that share a seed are summarised with a warning on stderr (the same draw twice, unless their
+settings differ).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import argparse
 import fnmatch
 import json
 import math
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,15 @@ import numpy as np
 
 from .report import fmt, markdown_table, write_json, write_text
 
-__all__ = ["load_metrics", "numeric_leaves", "register", "summarize_runs", "summary_table"]
+__all__ = [
+    "experiment_kind",
+    "load_metrics",
+    "numeric_leaves",
+    "register",
+    "run_seed",
+    "summarize_runs",
+    "summary_table",
+]
 
 
 def load_metrics(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -46,6 +61,27 @@ def load_metrics(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(data, dict):
         raise ValueError(f"{str(file)!r} holds a JSON {type(data).__name__}, expected an object of metrics")
     return file, data
+
+
+def experiment_kind(metrics: dict[str, Any]) -> str | None:
+    """The experiment that wrote ``metrics`` (``"gmm"`` for demo, ``"bnn"``), ``None`` when unknown.
+
+    Older ``bnn`` runs carry no ``experiment`` key; their ``config`` and ``dataset`` sections identify them.
+    """
+    kind = metrics.get("experiment")
+    if isinstance(kind, str) and kind:
+        return kind
+    if isinstance(metrics.get("config"), dict) and isinstance(metrics.get("dataset"), dict):
+        return "bnn"
+    return None
+
+
+def run_seed(metrics: dict[str, Any]) -> int | None:
+    """The run's seed (``seed`` at the top, or ``config.seed``), ``None`` when it has none."""
+    seed = metrics.get("seed")
+    if seed is None and isinstance(metrics.get("config"), dict):
+        seed = metrics["config"].get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float | bool]:
@@ -126,25 +162,120 @@ def summary_table(summary: dict[str, Any], digits: int = 3) -> str:
     return markdown_table(["metric", "mean ± sd", "min–max", "n"], rows)
 
 
+def _shown(values: list[Any], width: int = 60) -> str:
+    """Differing string values, each cut to ``width`` characters (a description can run to thousands)."""
+    cut = [v if not isinstance(v, str) or len(v) <= width else v[: width - 1] + "…" for v in values]
+    return str(cut)
+
+
+def _split_runs_and_keys(runs: list[str], keys: list[str] | None) -> tuple[list[str], list[str] | None]:
+    """``--keys`` takes several values, so it swallows run folders given after it (``--keys K RUN_DIR``):
+    a ``--keys`` value naming an existing file or folder is a run (metric paths are dotted names, not files).
+    A value may also hold several patterns separated by commas."""
+    runs, patterns = list(runs), []
+    for value in keys or []:
+        if os.path.exists(value):
+            runs.append(value)
+        else:
+            patterns += [k.strip() for k in value.split(",") if k.strip()]
+    if not runs:
+        took = f" (--keys took {', '.join(map(ascii, keys))})" if keys else ""
+        raise ValueError(
+            f"no run folders given{took}; pass RUN_DIR ... (folders holding metrics.json), e.g. mcmc-unlearner "
+            "summary RUN_DIR RUN_DIR --keys GLOB"
+        )
+    if keys is None:
+        return runs, None
+    if not patterns:
+        raise ValueError("--keys needs at least one pattern, e.g. --keys 'methods.*.seconds'")
+    return runs, patterns
+
+
+def _check_runs(loaded: list[tuple[Path, dict[str, Any]]], given: list[str]) -> None:
+    """Refuse a run given twice and runs of different experiments; warn about runs sharing a seed."""
+    seen: dict[Path, str] = {}
+    for (file, _), arg in zip(loaded, given):
+        real = file.resolve()
+        if real in seen:
+            raise ValueError(f"{arg!a} is the same run as {seen[real]!a} ({str(file)!a}); give each run once")
+        seen[real] = arg
+    kinds: dict[str, str] = {}
+    for (_, m), arg in zip(loaded, given):
+        kind = experiment_kind(m)
+        if kind is not None:
+            kinds.setdefault(kind, arg)
+    if len(kinds) > 1:
+        which = ", ".join(f"{arg!a} is a {kind} run" for kind, arg in kinds.items())
+        raise ValueError(f"runs of different experiments cannot be summarised together ({which}); pass runs of one")
+    by_seed: dict[int, list[str]] = {}
+    for (_, m), arg in zip(loaded, given):
+        seed = run_seed(m)
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(arg)
+    shared = {seed: args for seed, args in by_seed.items() if len(args) > 1}
+    if shared:
+        which = "; ".join(f"seed {seed}: {', '.join(map(ascii, args))}" for seed, args in shared.items())
+        print(
+            f"mcmc-unlearner summary: warning: runs share a seed ({which}): the same draw counted more than once "
+            "unless their settings differ; the sd assumes independent runs",
+            file=sys.stderr,
+        )
+
+
+def _unmatched(patterns: list[str], stats: dict[str, Any]) -> list[str]:
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in stats)]
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
-    loaded = [load_metrics(p) for p in args.runs]
-    summary = summarize_runs([m for _, m in loaded], keys=args.keys)
+    runs, keys = _split_runs_and_keys(args.runs, args.keys)
+    loaded = [load_metrics(p) for p in runs]
+    _check_runs(loaded, runs)
+    if args.out is not None and any(Path(args.out).resolve() == f.resolve() for f, _ in loaded):
+        raise ValueError(f"--out {args.out!a} is one of the runs' metrics files; pass a new file name")
+    metrics = [m for _, m in loaded]
+    summary = summarize_runs(metrics, keys=keys)
+    if keys is not None:
+        missing = _unmatched(keys, summary["stats"])
+        if not summary["stats"]:
+            available = list(summarize_runs(metrics)["stats"])
+            tops = list(dict.fromkeys(k.split(".")[0] + (".*" if "." in k else "") for k in available))
+            raise ValueError(
+                f"--keys {' '.join(map(ascii, keys))} match no metric of these runs; available: "
+                f"{', '.join(tops[:12])}{', ...' if len(tops) > 12 else ''} ({len(available)} metrics, e.g. "
+                f"{', '.join(available[:3])})"
+            )
+        if missing:
+            print(
+                f"mcmc-unlearner summary: warning: --keys {' '.join(map(ascii, missing))} matched no metric",
+                file=sys.stderr,
+            )
     summary["runs"] = [str(f) for f, _ in loaded]
     text = summary_table(summary)
     lines = [f"{summary['n_runs']} runs: " + ", ".join(summary["runs"]), "", text]
     if summary["differing"]:
-        lines += ["", "Runs differ in: " + "; ".join(f"{k} = {v}" for k, v in summary["differing"].items())]
+        lines += ["", "Runs differ in: " + "; ".join(f"{k} = {_shown(v)}" for k, v in summary["differing"].items())]
     out = "\n".join(lines) + "\n"
-    print(out, end="")
-    if args.out is not None:
+    if args.out is not None:  # written first (atomically): a failure prints nothing
         dest = Path(args.out)
-        if dest.is_dir():
-            raise ValueError(f"--out {str(dest)!r} is a folder; pass a file name (.json for JSON, else Markdown)")
         if dest.suffix.lower() == ".json":
             write_json(dest, summary)
         else:
             write_text(dest, out)
+    print(out, end="")
     return 0
+
+
+def _out_file(value: str) -> str:
+    """``--out`` of summary, checked at parse time: a file name in an existing, writable folder."""
+    dest = Path(value)
+    if dest.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!a} is a folder; pass a file name (.json for JSON, else Markdown)")
+    parent = dest.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {value!a}: folder {str(parent)!a} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (dest.exists() and not os.access(dest, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {value!a}: not writable")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -152,15 +283,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "summary",
         help="aggregate metrics.json over several runs (e.g. seeds): mean ± sd, min–max and n per metric",
+        usage="%(prog)s RUN_DIR [RUN_DIR ...] [--keys GLOB [GLOB ...]] [--out FILE]",
         description=(
             "Read RUN_DIR/metrics.json of every run and print, for every numeric leaf of the nested metrics, the "
-            "mean ± sample sd, min–max and the number of runs. Works on the output of any experiment."
+            "mean ± sample sd, min–max and the number of runs. Works on the output of any experiment, one "
+            "experiment at a time; each run counts once, and runs that share a seed are flagged."
         ),
     )
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or metrics.json files)")
-    p.add_argument("--out", default=None, metavar="FILE", help="also write the summary (.json: JSON, else Markdown)")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (or metrics.json files)")
+    p.add_argument(
+        "--out", type=_out_file, default=None, metavar="FILE",
+        help="also write the summary (.json: JSON, else Markdown); checked before anything is read",
+    )  # fmt: skip
     p.add_argument(
         "--keys", nargs="+", default=None, metavar="GLOB",
-        help="only metrics whose dotted path matches one of these patterns, e.g. 'methods.*.vs_exact.*'",
+        help="only metrics whose dotted path matches one of these patterns (several per value with commas), "
+        "e.g. 'methods.*.vs_exact.*'; put it after the run folders",
     )  # fmt: skip
     p.set_defaults(func=_cmd_summary)
