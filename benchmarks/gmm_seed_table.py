@@ -11,8 +11,6 @@ then times (total of all requests vs. per-request median, retraining one chain).
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from mcmc_unlearner.experiments.gmm import DISTANCES
@@ -83,4 +81,8 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="folders of `mcmc-unlearner demo` runs (one per seed)")
+    main(ap.parse_args().runs)

@@ -122,6 +122,11 @@ def digits(quick: bool, seeds: tuple[int, ...] = (5, 6)) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter chains in the digits case")
+    quick = ap.parse_args().quick
     torch.set_num_threads(1)
     conjugate()
-    digits("--quick" in sys.argv)
+    digits(quick)
