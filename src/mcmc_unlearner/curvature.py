@@ -200,6 +200,29 @@ def autograd_hvp(f: Callable[..., torch.Tensor], theta: torch.Tensor, v: torch.T
     return hv.detach()
 
 
+def second_derivative_gap(
+    f: Callable[..., torch.Tensor], theta: torch.Tensor, args: Sequence[torch.Tensor], v: torch.Tensor
+) -> float | None:
+    """Relative gap between ``∇²f(θ)·v`` by double backward and central differences of ``∇f`` along ``v``, or
+    ``None`` when the differences are themselves unstable (two step sizes disagree by over 10%: kinks such as ReLU
+    or max-pooling, or rounding). A large gap means the model's derivatives are not differentiable twice through
+    autograd, e.g. a custom ``autograd.Function`` whose ``backward`` runs under ``no_grad``: every Hessian product
+    then silently misses those terms."""
+
+    def gradient(t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            tt = t.detach().requires_grad_(True)
+            return torch.autograd.grad(f(tt, *args), tt)[0].detach().double()
+
+    hv = autograd_hvp(f, theta, v, *args).double()
+    step = torch.finfo(theta.dtype).eps ** (1 / 3) * max(float(theta.norm()), 1.0) / max(float(v.norm()), 1e-30)
+    fd = [(gradient(theta + e * v) - gradient(theta - e * v)) / (2 * e) for e in (step, step / 2)]
+    size = max(float(fd[0].norm()), float(fd[1].norm()), 1e-30)
+    if float((fd[0] - fd[1]).norm()) > 0.1 * size:
+        return None
+    return float((hv - fd[1]).norm()) / max(size, float(hv.norm()))
+
+
 def _func_hvp(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def hvp(theta: torch.Tensor, v: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         return jvp(lambda t: grad(f)(t, *args), (theta,), (v,))[1]

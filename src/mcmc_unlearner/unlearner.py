@@ -57,7 +57,7 @@ from torch.func import grad, jacrev, vmap
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .backends.base import NegativeCurvatureError
 from .bank import BankLayout, to_flat
-from .curvature import ParamSpec, SampleAveragedHessian, eager, functionalize, stack_batches
+from .curvature import ParamSpec, SampleAveragedHessian, eager, functionalize, second_derivative_gap, stack_batches
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
 from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
@@ -94,6 +94,8 @@ _HVP_MEMORY_FACTOR = 3
 _WEIGHT_SHARING = (nn.modules.conv._ConvNd, nn.RNNBase)
 #: The backends that hold the curvature as a dense matrix (affine bank transport, full-data curvature).
 _DENSE = (SolverName.EXACT, SolverName.GGN)
+#: The backends built on Hessian-vector products (second derivatives through the model).
+_HESSIAN_PRODUCTS = (SolverName.EXACT, SolverName.CG, SolverName.LISSA, SolverName.LOWRANK)
 
 
 class Expectation(str, Enum):
@@ -1113,6 +1115,7 @@ class MCMCUnlearner:
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
         self._nll_checked = False
         self._order_checked = False  # a flat bank's column order, checked against the data on the first request
+        self._hvp_checked = False  # Hessian products against finite differences, on the first request
 
     # ------------------------------------------------------------------ configuration
     def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
@@ -1600,6 +1603,9 @@ class MCMCUnlearner:
                 "samples; nothing was changed. Check the model and data for overflow"
             )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        if not self._hvp_checked and self.solver in _HESSIAN_PRODUCTS:
+            self._hvp_checked = True
+            self._check_second_derivatives(h_f, live, batch, info)
         if self.carry_deficit and self._carry is not None:
             # the last request's damped step left E[∇F] = −λx: its unapplied influence joins this request's
             info["carried_norm"] = float(self._carry.norm())
@@ -1708,6 +1714,26 @@ class MCMCUnlearner:
         prop._carry = carry
         prop._anchor = anchor
         return prop
+
+    def _check_second_derivatives(self, h_f: Callable, theta: torch.Tensor, batch: Batch, info: dict) -> None:
+        """Warn when the removed rows' Hessian product by autograd disagrees with finite differences of their
+        gradient (:func:`~mcmc_unlearner.curvature.second_derivative_gap`; one random direction from a private
+        generator, three gradients and one product)."""
+        v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(theta)
+        try:
+            gap = second_derivative_gap(h_f, theta, batch, v / v.norm())
+        except (RuntimeError, NotImplementedError, TypeError):
+            return
+        if gap is not None and gap > 0.25:
+            info["second_derivatives"] = f"autograd's Hessian products differ from finite differences by {gap:.2g}"
+            warnings.warn(
+                f"the model's second derivatives by autograd differ from finite differences of its gradient (relative "
+                f"gap {gap:.2g} along a random direction): something in the model is not differentiable twice "
+                "through autograd, e.g. a custom torch.autograd.Function whose backward runs under no_grad, so the "
+                f"{self.solver.value} backend's Hessian products miss those terms. Make the backward differentiable "
+                "(or give the Function a jvp), or use solver='kfac' or 'ggn', which need first derivatives only",
+                stacklevel=_outside_stacklevel(),
+            )
 
     def _unresolved(self, check: EnergyCheck, G: torch.Tensor) -> str | None:
         """Why a request whose search damped its step below the parameters' resolution has no effect the safety
