@@ -450,9 +450,10 @@ class DistributedUnlearner(MCMCUnlearner):
         if bank is None:
             local = torch.zeros(4, dtype=torch.float64)
         else:
-            b = bank.detach().to(torch.float64)
-            w = torch.linspace(1.0, 2.0, b.shape[1], dtype=torch.float64, device=b.device)
-            local = torch.tensor([1.0 + b.shape[0], float(b.shape[1]), float(b.sum()), float((b * w).sum())])
+            b = bank.detach()  # no float64 copy of the bank: sums accumulated in float64
+            w = torch.linspace(1.0, 2.0, b.shape[1], dtype=b.dtype, device=b.device)
+            total, weighted = float(b.sum(dtype=torch.float64)), float((b @ w).sum(dtype=torch.float64))
+            local = torch.tensor([1.0 + b.shape[0], float(b.shape[1]), total, weighted])
         high, low = local.clone(), local.clone()
         _all_reduce(high, self.group, dist.ReduceOp.MAX)
         _all_reduce(low, self.group, dist.ReduceOp.MIN)
