@@ -169,6 +169,21 @@ def test_repair_runs_sgmcmc_and_refreshes_the_bank_exactly(model, tmp_path, caps
     assert not status(model)["degraded"] and verify(model).ok
 
 
+def test_repair_clears_what_the_failed_step_carried() -> None:
+    # a failed K-FAC step's undone influence (the removed rows' gradient) stayed carried after the repair chain had
+    # resampled without those rows, and the next request applied it a second time (a saved digits BNN: carried
+    # norm 9.3 against 0.80 in the same sequence without the failure); the damping found for it stayed too
+    from mcmc_unlearner.service.gate import repair_chain
+
+    model, sampler, data, un = tiny_gmm(bank=4, burn=50)
+    un._carry = torch.ones(ParamSpec.of(model).dim)
+    un.control.relative = 100.0
+    data.remove([3, 14, 15])
+    record = repair_chain(un, sampler, data, 40)
+    assert record["ok"] and record["bank_refreshed"] == 4
+    assert un._carry is None and un.control.relative == 0.0
+
+
 def _cfg(loaded):
     from mcmc_unlearner.service.state import unlearner_config
 
@@ -312,3 +327,19 @@ def test_a_warning_during_forget_is_one_line_on_stderr(model, tmp_path, capsys) 
         "mcmc-unlearner forget: warning: this request removes 30% of the data"
     )
     assert "UserWarning" not in err and ".py:" not in err
+
+
+def test_a_memory_budget_refusal_keeps_its_message_on_the_command_line(model, tmp_path, capsys, monkeypatch) -> None:
+    # the library's budget refusals name what was needed and the fix; the CLI printed "out of memory" instead
+    from mcmc_unlearner.service import deletion
+
+    def refuse(*args, **kwargs):
+        raise MemoryError("the dense Hessian needs 5.2 GB for one column over 900 rows: use solver='kfac'/'cg'")
+
+    monkeypatch.setattr(deletion, "forget", refuse)
+    before = folder_state(model)
+    rc = main(["forget", "--model", str(model), "--ids", _ids(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1
+    assert "the dense Hessian needs 5.2 GB" in err and "solver='kfac'/'cg'" in err and "nothing was changed" in err
+    assert folder_state(model) == before

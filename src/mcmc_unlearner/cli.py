@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, BrokenPipeError):
             _silence_stdout()
             return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
-        what = "out of memory; nothing was changed" if isinstance(exc, MemoryError) else exc
+        what = exc
+        if isinstance(exc, MemoryError):  # the library's budget refusals say what was needed and the fix
+            what = f"{exc}; nothing was changed" if str(exc) else "out of memory; nothing was changed"
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
             what = f"{exc.strerror}: {ascii(exc.filename) if exc.filename else ''}".rstrip(": ")
         print(f"mcmc-unlearner {args.command}: error: {flat(what)}", file=sys.stderr)

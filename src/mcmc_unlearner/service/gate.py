@@ -153,6 +153,10 @@ def repair_chain(
     nll_before = None if probe is None else _mean_nll(un, probe, data)
     keep = max(1, (steps // 2) // max(1, size))
     kept = run_chain(un.model, sampler, data, un.energy, steps, n, keep_every=keep if size else 0)
+    # the chain resampled the remaining data's posterior: what the failed removal carried (its undone influence,
+    # the first moment to restore, the damping and curvature it found) belongs to the old bank; kept, the next
+    # request applied the repaired rows' gradient a second time
+    un.reset_curvature()
     record: dict[str, Any] = {"steps": int(steps), "keep_every": keep if size else 0}
     if size:
         assert kept is not None
