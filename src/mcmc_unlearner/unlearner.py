@@ -1637,6 +1637,7 @@ class MCMCUnlearner:
         screened = self.check_screen is not ScreenMode.OFF
         screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if screened else None
         check_rows = self._raw(stream.rows(self.check_rows))
+        m_rows = int(check_rows[0].shape[0])
         if not self._order_checked and self._layout is not None and self._layout.kind in ("flat", "flat_list"):
             self._order_checked = True
             _warn_if_bank_fits_worse(rows_f, live, k_thetas, check_rows)
@@ -1650,6 +1651,8 @@ class MCMCUnlearner:
             self._reduce,
             screen=screen,
             vectorise=self._vectorise(G.numel(), check=True),
+            # draws batched per forward pass and forward-mode derivative: within the memory budget
+            chunk=chunk_for(self.memory_budget, _HVP_MEMORY_FACTOR * self._call_cost(m_rows), k_thetas.shape[0]),
         )
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
