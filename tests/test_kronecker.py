@@ -281,6 +281,15 @@ def test_detect_likelihood(dtype) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     assert detect_likelihood(model, ce_nll, labels) == (Likelihood.CATEGORICAL, {})
+    # class probabilities as targets (one-hot or soft, cross_entropy's probability form): categorical, whose Fisher
+    # does not depend on the targets (they got the empirical Fisher)
+    one_hot = F.one_hot(labels[1], 3).to(dtype)
+    soft = torch.softmax(torch.randn(10, 3, dtype=dtype, generator=torch.Generator().manual_seed(1)), 1)
+    for probabilities in (one_hot, soft):
+        kind, extra = detect_likelihood(model, ce_nll, (x, probabilities))
+        assert kind is Likelihood.CATEGORICAL and extra == {"targets": "class probabilities"}
+    smoothed = (lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none", label_smoothing=0.1), (x, one_hot))
+    assert detect_likelihood(model, *smoothed)[0] is Likelihood.EMPIRICAL  # not a likelihood of these targets
     # int32 labels (the user's nll converts them): the probe crashed in cross_entropy, which takes int64 only
     as_int32 = (x, labels[1].to(torch.int32))
     assert detect_likelihood(model, lambda m, b: ce_nll(m, (b[0], b[1].long())), as_int32)[0] is Likelihood.CATEGORICAL

@@ -217,6 +217,24 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
             dropout = any(m.training and m.p > 0 for m in drops)
             hint = " (the model is in training mode: dropout makes forwards differ)" if dropout else ""
             return Likelihood.EMPIRICAL, {"reason": f"integer labels, but nll is not cross_entropy(model(x), y){hint}"}
+        if (
+            y.is_floating_point()
+            and out.dim() == 2
+            and y.shape == out.shape
+            and bool((y >= 0).all())
+            and bool(((y.double().sum(1) - 1.0).abs() <= 1e-4).all())
+        ):  # class probabilities as targets (one-hot or soft): the categorical Fisher does not depend on them
+            rolled = y.roll(1, dims=1)
+            try:
+                other = nll(model, (x, rolled, *probe[2:]))
+            except Exception:  # a probe
+                other = None
+            if (
+                other is not None
+                and close(base, F.cross_entropy(out, y, reduction="none"))
+                and close(other, F.cross_entropy(out, rolled, reduction="none"))
+            ):
+                return Likelihood.CATEGORICAL, {"targets": "class probabilities"}
         if y.is_floating_point() and y.numel() == out.numel():
             gen = torch.Generator().manual_seed(0)
             scale = float(y.double().std()) if y.numel() > 1 else 1.0
