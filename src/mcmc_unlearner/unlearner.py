@@ -1748,7 +1748,9 @@ class MCMCUnlearner:
         lam = floor * 1.5 if floor > 0 else 0.0
         try:
             x0 = self.curvature.solve(G, lam).x
-        except NegativeCurvatureError:
+        except (NegativeCurvatureError, SolverDivergedError):  # no least damped step to measure: the gate decides
+            return None
+        if not all_finite(x0):
             return None
         pred = -float(G @ x0) + 0.5 * self.curvature.quad(x0)
         meas = check(x0)
