@@ -1488,7 +1488,7 @@ class MCMCUnlearner:
         gen = self.generator.get_state()
         data_state = stream.state()
         try:
-            prop = self._propose(batch, stream, n, expectation)
+            prop = self._propose(batch, stream, n, expectation, k)
             prop.report.info["removed_share"] = share
             prop._backend_state = self.curvature.snapshot()
             # a damping searched on the check's noise alone (see _unresolved) is not carried to the next request
@@ -1577,7 +1577,7 @@ class MCMCUnlearner:
             data.load_state_dict(state)
             raise
 
-    def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation) -> Proposal:
+    def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation, k: int) -> Proposal:
         h_f = self._h_f()
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
@@ -1590,7 +1590,7 @@ class MCMCUnlearner:
             sampler_state = copy.deepcopy(self.sampler.state_dict())
         else:
             S = self.bank.shape[0]
-            g_thetas = self.bank[_evenly(S, self._grad_draw_count(self._removed_rows(batch)))]
+            g_thetas = self.bank[_evenly(S, self._grad_draw_count(k))]  # k: removed rows, over all ranks
             c_thetas = self.bank[_evenly(S, self.curvature_draws)]
             k_thetas = self.bank[_evenly(S, self.check_draws)]
         grads = self._per_draw_grads(h_f, g_thetas, batch, rowwise=True)
