@@ -12,6 +12,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from conftest import MultiChainBLR, make_blr, start_at_posterior
 from mcmc_unlearner import SGHMC, SGLD, InvalidRequestError, MCMCUnlearner, RemovableDataset, SolverDivergedError
@@ -431,3 +433,77 @@ def test_looped_per_draw_gradients_equal_the_vectorised_ones(blr, monkeypatch) -
     vmapped, looped = results
     assert vmapped.shape == (6, model.w.numel()) and float(vmapped.abs().max()) > 0
     torch.testing.assert_close(looped, vmapped, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode_too():
+    model = nn.Sequential(
+        nn.Linear(20, 16), nn.BatchNorm1d(16, track_running_stats=False), nn.Tanh(), nn.Linear(16, 2)
+    ).eval()
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    bank = [{k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(5)]
+    with pytest.raises(ValueError, match="track_running_stats"):
+        MCMCUnlearner(model, None, nll=nll, bank=bank)
+
+
+class Bare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W1 = nn.Parameter(0.3 * torch.randn(20, 48))
+        self.W2 = nn.Parameter(0.3 * torch.randn(48, 2))
+        self.log_sigma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.W1) @ self.W2
+
+
+def log_prior(m):  # hierarchical: w ~ N(0, e^{2s}), s ~ N(0, 1)
+    ps = dict(m.named_parameters())
+    s = ps.pop("log_sigma")
+    w2 = sum((p**2).sum() for p in ps.values())
+    D = sum(p.numel() for p in ps.values())
+    return -0.5 * w2 * torch.exp(-2 * s) - D * s - 0.5 * s**2
+
+
+@pytest.mark.parametrize("solver", ["auto", "cg", "lowrank"])
+def test_a_hierarchical_prior_on_the_hessian_product_backends(solver):
+    torch.manual_seed(0)
+    x = torch.randn(600, 20)
+    y = (x[:, 0] > 0).long()
+    model = Bare()
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(20)]
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    extra = {"precondition_rank": 10} if solver == "lowrank" else {}
+    un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver=solver, **extra)
+    report = un.remove((x[:40], y[:40]), (x[40:], y[40:]))  # crashed: "m1 and m2 ... float != double"
+    assert report.passed
+    assert all(v.dtype == torch.float32 for s in un.samples() for v in s.values())
+
+
+def test_lissa_divergence_at_auto_scaling_is_negative_curvature_and_lowrank_needs_no_rank() -> None:
+    """LiSSA at ``s = 0.9/λ_max`` contracts on positive curvature, so its divergence there is negative curvature:
+    the error says so (it advised lowering a scaling that was already 'auto'); ``solver="lowrank"`` alone was
+    refused ("needs precondition_rank > 0") although the README offers it with a default rank."""
+    from mcmc_unlearner.backends.base import NegativeCurvatureError
+
+    torch.manual_seed(0)
+    x = torch.randn(600, 20)
+    y = (x[:, 0] > 0).long()
+    model = Bare()
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(20)]
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver="lissa", damping=0.0)
+    with pytest.raises(NegativeCurvatureError, match="negative curvature") as info:
+        un.remove((x[:40], y[:40]), (x[40:], y[40:]))
+    assert "lower the scaling" not in str(info.value)
+    un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver="lowrank")
+    assert un.config()["precondition_rank"] == 20
+    assert un.remove((x[:40], y[:40]), (x[40:], y[40:])).passed

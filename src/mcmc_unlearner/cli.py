@@ -66,7 +66,7 @@ EXIT_CODES_HELP = """exit codes:
   3  busy: another process is writing to the model folder (retry, or pass --wait SECONDS)
   4  quality gate: the removal failed its checks and --on-failure is refuse (nothing changed)
   70 internal error (a bug; set MCMC_UNLEARNER_DEBUG=1 for the traceback)
-  130 interrupted (nothing half-written)"""
+  130 interrupted (nothing half-written; applied only if the message says so)"""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
@@ -243,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             what = f"{exc.strerror}: {ascii(exc.filename) if exc.filename else ''}".rstrip(": ")
         print(f"mcmc-unlearner {args.command}: error: {flat(what)}", file=sys.stderr)
         return _code_for(exc)
-    except KeyboardInterrupt:
-        print(f"mcmc-unlearner {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C after a commit point says that the update is in place; anywhere else nothing was changed
+        print(f"mcmc-unlearner {args.command}: {exc if str(exc) else 'interrupted'}", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):

@@ -33,7 +33,7 @@ from torch import nn
 from .curvature import plain_attention
 from .errors import InvalidRequestError
 from .solvers import SolveResult, lissa
-from .unlearner import check_finite_batch
+from .unlearner import _sampler_generator_state, _set_sampler_generator_state, check_finite_batch
 
 __all__ = ["sgmcmcUnlearner"]
 
@@ -103,6 +103,12 @@ class sgmcmcUnlearner:
         self.model = model
         self.optimizer = optimizer
         self.params = [p for p in params]
+        frozen = sum(1 for p in self.params if not p.requires_grad)
+        if frozen:
+            raise ValueError(
+                f"params holds {frozen} tensor(s) with requires_grad=False (frozen layers), which cannot be "
+                "differentiated or shifted: pass params=[p for p in model.parameters() if p.requires_grad]"
+            )
         self.cpu = cpu
         self.param_dict: dict[str, Any] = {"iter_T": iter_T, "scaling": scaling, "samp_T": samp_T}
         self.last_result: SolveResult | None = None
@@ -161,18 +167,26 @@ class sgmcmcUnlearner:
                 sampler state restored).
         """
         batch = tuple(target) if isinstance(target, (list, tuple)) else (target,)
-        check_finite_batch(tuple(t for t in batch if isinstance(t, torch.Tensor)))
+        tensors = tuple(t for t in batch if isinstance(t, torch.Tensor))
+        check_finite_batch(tensors)
+        if tensors and tensors[0].dim() > 0 and tensors[0].shape[0] == 0:
+            raise InvalidRequestError("the removed batch is empty: pass at least one data point to forget")
+        T, iters = int(self.param_dict["samp_T"]), int(self.param_dict["iter_T"])
+        if T < 1 or iters < 1:
+            raise ValueError(f"param_dict['samp_T'] and param_dict['iter_T'] must be >= 1, got {T} and {iters}")
+        scaling = self.param_dict["scaling"]
+        scaling = scaling if scaling == "auto" else float(scaling)
         saved = [p.detach().clone() for p in self.params]
         opt_state = copy.deepcopy(self.optimizer.state_dict())
+        gen_state = _sampler_generator_state(self.optimizer)
         try:
-            T, iters = int(self.param_dict["samp_T"]), int(self.param_dict["iter_T"])
-            sampler = _Minibatches(sampler, T * (1 + iters))
+            sampler = _Minibatches(sampler, T * (1 + iters + (30 if scaling == "auto" else 0)))
             with plain_attention():  # double backward through attention needs torch's math kernel
                 G = self._sampled_grad(target, sampler)
                 result = lissa(
                     lambda v: self._sampled_hvp(v, sampler),
                     G,
-                    scaling=float(self.param_dict["scaling"]),
+                    scaling=scaling,
                     iters=iters,
                     tol=0.0,
                 )
@@ -181,6 +195,7 @@ class sgmcmcUnlearner:
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
             self.optimizer.load_state_dict(opt_state)
+            _set_sampler_generator_state(self.optimizer, gen_state)
             raise
         with torch.no_grad():
             offset = 0

@@ -225,7 +225,9 @@ def second_derivative_gap(
 
 def _func_hvp(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def hvp(theta: torch.Tensor, v: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        return jvp(lambda t: grad(f)(t, *args), (theta,), (v,))[1]
+        # torch.func can promote a float32 product to float64 (e.g. `0.5 * w.sum() * s` of two 0-dim tensors in a
+        # hierarchical prior): keep the parameters' dtype
+        return jvp(lambda t: grad(f)(t, *args), (theta,), (v,))[1].to(theta.dtype)
 
     return hvp
 
@@ -482,6 +484,9 @@ class LowRankPreconditioner:
             evals, vecs = evals[keep], vecs[:, keep]
         # Hutchinson on the deflated operator (I − UUᵀ)H(I − UUᵀ), as a ratio Σ zᵀHz / Σ zᵀz: only the bulk
         num = den = 0.0
+        if vecs.shape[1] >= dim:  # U spans the whole space: there is no bulk (the probes would be rounding noise)
+            floor = 1e-6 * float(evals.max()) if evals.numel() else 1e-6
+            return cls(vecs, evals, max(float(evals.min()), floor))
         for _ in range(probes):
             z = (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype=dtype, device=vecs.device)
             z = z - vecs @ (vecs.T @ z)

@@ -815,11 +815,25 @@ class KroneckerCurvature:
         by_module = {b.module: b for b in blocks}
         calls: list[tuple[_Block, Tensor]] = []
         fired: set[str] = set()
+        same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
 
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             blk = by_module[module]
             if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
                 return None
+            # the same layer called again on the same input in one evaluation (an nll that calls the model twice,
+            # k*(y*exp(-m(x)) + m(x))): one use, not two locations — route it through the first call's output so
+            # that the output gradients of both calls are summed before they are squared
+            # (a layer applied to many different inputs, a recurrent cell, compares sums first: O(1) per earlier call)
+            total = float(args[0].detach().sum())
+            for prev_in, prev_total, prev_out in same_input.get(blk.name, ()):
+                if (
+                    prev_in.shape == args[0].shape
+                    and prev_out.shape == out.shape
+                    and (prev_in is args[0] or (prev_total == total and torch.equal(prev_in, args[0].detach())))
+                ):
+                    return prev_out.clone()
+            same_input.setdefault(blk.name, []).append((args[0].detach(), total, out))
             fired.add(blk.name)
             x = args[0].detach()
             seen = out.numel() // blk.out_dim
@@ -874,6 +888,7 @@ class KroneckerCurvature:
                     B = _field_rows(batch)
                     calls.clear()
                     fired.clear()
+                    same_input.clear()
                     losses = cls._losses(
                         model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record, sampling
                     )

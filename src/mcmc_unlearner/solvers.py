@@ -121,6 +121,8 @@ def lissa(
         SolverDivergedError: non-finite values or residual above ``divergence_tol``.
     """
     t0 = time.perf_counter()
+    if int(iters) < 1:
+        raise ValueError(f"lissa needs at least one round of its recursion: iter_T must be >= 1, got {iters}")
     Hd = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
     info: dict[str, Any] = {}
     if scaling == "auto":
@@ -289,8 +291,10 @@ def lowrank(
     """``x = P⁻¹ b`` with ``P`` an approximation of ``H`` that has ``.solve`` (used for ``lowrank``: a
     :class:`~mcmc_unlearner.curvature.LowRankPreconditioner`, and ``kfac``: a :class:`~mcmc_unlearner.kfac.KFAC`).
 
-    The reported residual is measured against ``H`` itself (one product), so it shows how far the saddle-free
-    step is from a Newton step; it is large when ``b`` has weight on negative-curvature directions.
+    The reported residual is measured against the ``H`` given (one product): against the true Hessian it shows how
+    far the saddle-free step is from a Newton step (large when ``b`` has weight on negative-curvature directions).
+    The unlearner's ``lowrank`` and ``kfac`` backends pass their approximation itself, so their residual only checks
+    the solve (0 up to rounding); the safety check judges the approximation.
 
     Raises:
         SolverDivergedError: non-finite values, or a residual above ``divergence_tol``.

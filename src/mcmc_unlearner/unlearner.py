@@ -129,7 +129,9 @@ class RemovalReport:
         n_remaining: Points left afterwards.
         solver: Curvature backend used.
         iterations: Solver iterations of the accepted step.
-        residual: Relative residual of the accepted step's solve of ``(H + λI)x = G``.
+        residual: Relative residual of the accepted step's solve of ``(H + λI)x = G``. ``kfac`` and ``lowrank``
+            solve their own approximation of ``H`` exactly (residual 0 up to rounding): how well the approximation
+            models the energy is what the safety check measures (``damping_history``, ``step_shortfall``).
         converged: Whether that solve met its tolerance.
         shift_norm: Norm of the (mean) parameter shift ``x``.
         shift_stderr: Monte-Carlo standard error of the shift (norm): ``‖(H+λ)⁻¹(Ḡ_A − Ḡ_B)/2‖`` for the two halves
@@ -272,6 +274,18 @@ def quality_problems(
             + ("lower the damping or use damping='auto'" if fixed_damping else "more check rows or another solver")
         )
     return out
+
+
+def _sampler_generator_state(sampler: Any) -> torch.Tensor | None:
+    """The state of a sampler's own noise generator (``SGLD(..., generator=g)``), which ``state_dict`` omits."""
+    gen = getattr(sampler, "generator", None)
+    return gen.get_state() if isinstance(gen, torch.Generator) else None
+
+
+def _set_sampler_generator_state(sampler: Any, state: torch.Tensor | None) -> None:
+    gen = getattr(sampler, "generator", None)
+    if state is not None and isinstance(gen, torch.Generator):
+        gen.set_state(state)
 
 
 def check_finite_batch(batch: Batch, what: str = "removed data", where: str = "of the request") -> None:
@@ -580,6 +594,18 @@ def _check_mode(model: nn.Module) -> None:
             )
         }
     )
+    batch_stats = sorted(
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if not m.training and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    )
+    if batch_stats:
+        raise ValueError(
+            f"{', '.join(batch_stats)} has no running statistics (track_running_stats=False), so even in eval mode "
+            "it normalises by the statistics of the batch it is given: a row's likelihood depends on the other rows "
+            "of its batch (a single removed row cannot even be evaluated). Build it with track_running_stats=True "
+            "and sample in eval mode, or use a per-row normalisation (LayerNorm, GroupNorm)"
+        )
     if norms:
         raise ValueError(
             f"the model is in training mode with {'/'.join(norms)} layers: their forward pass normalises by the "
@@ -1054,8 +1080,10 @@ class MCMCUnlearner:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
         default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
         self.refresh_every = max(1, int(default_refresh if refresh_every is None else refresh_every))
-        if self.solver is SolverName.CG and precondition_rank <= 0 and solver == "auto":
-            precondition_rank = 20
+        if precondition_rank <= 0 and (
+            self.solver is SolverName.LOWRANK or (self.solver is SolverName.CG and solver == "auto")
+        ):
+            precondition_rank = 20  # lowrank's approximation needs a rank; CG chosen by auto gets its preconditioner
         self.precondition_rank = int(precondition_rank)
         self.drift_tol = float(drift_tol)
         if check_draws < 1 or check_rows < 1:
@@ -1419,6 +1447,9 @@ class MCMCUnlearner:
         counter the model keeps: the request's own evaluations must not)."""
         theta = ParamSpec.flatten_module(self.model)
         opt = copy.deepcopy(self.sampler.state_dict()) if self.sampler is not None else None
+        if opt is not None:
+            # a sampler's own noise generator (SGLD/SGHMC(generator=...)) is not in its state_dict
+            opt = {"state_dict": opt, "generator": _sampler_generator_state(self.sampler)}
         buffers = {
             k: b.detach().clone()
             for k, b in self.model.named_buffers(remove_duplicate=False)
@@ -1429,7 +1460,8 @@ class MCMCUnlearner:
     def _restore(self, snap: tuple[torch.Tensor, dict | None, dict[str, torch.Tensor]]) -> None:
         ParamSpec.assign(self.model, snap[0])
         if snap[1] is not None:
-            self.sampler.load_state_dict(snap[1])
+            self.sampler.load_state_dict(snap[1]["state_dict"])
+            _set_sampler_generator_state(self.sampler, snap[1]["generator"])
         with torch.no_grad():
             for k, b in self.model.named_buffers(remove_duplicate=False):
                 old = snap[2].get(k)
@@ -1517,7 +1549,8 @@ class MCMCUnlearner:
         t0 = time.perf_counter()
         ParamSpec.assign(self.model, proposal.live)
         if proposal._sampler_state is not None and self.sampler is not None:
-            self.sampler.load_state_dict(proposal._sampler_state)
+            self.sampler.load_state_dict(proposal._sampler_state["state_dict"])
+            _set_sampler_generator_state(self.sampler, proposal._sampler_state["generator"])
         if proposal.bank is not None:
             self.bank = proposal.bank
         self.curvature.restore(proposal._backend_state)
@@ -1587,7 +1620,10 @@ class MCMCUnlearner:
             draws = self._chain_draws(stream, n)
             live = draws[-1]
             g_thetas = c_thetas = k_thetas = draws
-            sampler_state = copy.deepcopy(self.sampler.state_dict())
+            sampler_state = {
+                "state_dict": copy.deepcopy(self.sampler.state_dict()),
+                "generator": _sampler_generator_state(self.sampler),
+            }
         else:
             S = self.bank.shape[0]
             g_thetas = self.bank[_evenly(S, self._grad_draw_count(k))]  # k: removed rows, over all ranks
@@ -2107,11 +2143,14 @@ class MCMCUnlearner:
 
     # ------------------------------------------------------------------ checkpoints
     def curvature_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Cached curvature, the damping state, the carried influence and the anchored first moment
-        (``recenter_every``) as tensors plus JSON metadata (for
+        """Cached curvature, the damping state, the carried influence, the unlearner's generator and the anchored
+        first moment (``recenter_every``) as tensors plus JSON metadata (for
         checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
         meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
+        # the unlearner's own generator (K-FAC's Monte-Carlo labels, probes, Lanczos starts): without it a run
+        # continued from a checkpoint draws other curvature than the uninterrupted run from the next rebuild on
+        tensors = {**tensors, "generator": self.generator.get_state()}
         if self._carry is not None:
             tensors = {**tensors, "carry": self._carry}
         if self._anchor is not None:
@@ -2129,6 +2168,8 @@ class MCMCUnlearner:
             self.control.set_state(meta["damping_state"])
         else:  # saved before damping shapes existed
             self.control.set_state({"relatives": {"identity": float(meta.get("damping_relative", 0.0))}})
+        if tensors.get("generator") is not None:
+            self.generator.set_state(tensors["generator"].clone())
         carry = tensors.get("carry")
         self._carry = None if carry is None else carry.clone()
         saved = {f.name: tensors.get(f"recenter_{f.name}") for f in fields(_Anchor)}

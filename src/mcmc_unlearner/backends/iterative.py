@@ -262,7 +262,19 @@ class LissaBackend(_OperatorBackend):
                 raise NegativeCurvatureError(f"lissa: the top eigenvalue of H + {damping:.3g} is {lam:.3g}")
             scaling = 0.9 / lam
             info["lambda_max"] = self._lam_max
-        res = lissa(self.op, rhs, scaling=scaling, iters=self.iter_T, damping=damping, tol=self.tol)
+        try:
+            res = lissa(self.op, rhs, scaling=scaling, iters=self.iter_T, damping=damping, tol=self.tol)
+        except SolverDivergedError as exc:
+            if self.scaling != "auto":
+                raise
+            # s = 0.9/λ_max contracts on every direction of positive curvature: a divergence at that scaling is a
+            # direction of negative curvature of H + λI (or a λ_max underestimated), which more damping cures —
+            # the damping search raises it; a fixed damping gets this message
+            raise NegativeCurvatureError(
+                f"lissa diverged at scaling 0.9/λ_max (auto): H + {damping:.3g}·I has negative curvature along the "
+                f"request's direction ({str(exc).split(';')[0]}); nothing was changed. Raise the damping (or "
+                "damping='auto'), or use a positive-definite curvature (solver='kfac' or 'ggn')"
+            ) from None
         res.info.update(info)
         self._count()
         return res

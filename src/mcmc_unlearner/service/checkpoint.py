@@ -54,7 +54,7 @@ from . import fsio, integrity, specs
 from . import ledger as ledger_mod
 from .fsio import BusyError, StoreError, phase, sha256_hex, utc_now
 from .integrity import Key
-from .snapshot import MANIFEST_NAME, Snapshot, check_folder, read_snapshot, write_manifest
+from .snapshot import MANIFEST_NAME, Snapshot, check_folder, manifest_bytes, read_snapshot, write_manifest
 from .state import (
     DATA_FILE,
     FORMAT_NAME,
@@ -245,6 +245,14 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
         return loaded.unlearner
     base = loaded.unlearner
     cfg = {**unlearner_config(base), **overrides}
+    if (
+        "solver" in overrides
+        and "bank_shift" not in overrides
+        and cfg.get("bank_shift") == "affine"
+        and str(overrides["solver"]) not in ("exact", "ggn", "auto")
+    ):
+        # the saved affine transport goes with its dense solver: another solver takes its own default (mean)
+        cfg["bank_shift"] = "auto"
     try:
         un = MCMCUnlearner(loaded.model, loaded.sampler, bank=base.bank, **cfg)
     except (TypeError, ValueError) as exc:
@@ -463,7 +471,8 @@ def commit_update(
     lpath = root / ledger_mod.LEDGER_NAME
     size_before = os.lstat(lpath).st_size
     manifest = {k: v for k, v in old.items() if k not in ("manifest_sha256", "manifest_hmac", "integrity")}
-    wrote_state = appended = False
+    wrote_state = False
+    mbytes: bytes | None = None
     try:
         fsio.atomic_write(root, new_state, blob, hook="state-temp-written")
         wrote_state = True
@@ -475,7 +484,6 @@ def commit_update(
             pause=slow,
             on_half=(lambda: print("[commit] ledger-half", file=sys.stderr, flush=True)) if slow else None,
         )
-        appended = True
         phase("ledger-appended")
         manifest.update(
             {
@@ -492,10 +500,18 @@ def commit_update(
                 "last_request_id": full.get("request_id", old.get("last_request_id")),
             }
         )
-        write_manifest(root, manifest, hook="manifest-temp-written", key=key)
+        mbytes = manifest_bytes(manifest, key)
+        fsio.atomic_write(root, MANIFEST_NAME, mbytes, hook="manifest-temp-written")
     except BaseException as exc:
+        if mbytes is not None and _manifest_on_disk(root) == mbytes:
+            # interrupted (Ctrl-C) after the manifest was renamed into place: the update IS committed; rolling
+            # it back now would delete the state file and the ledger line the committed manifest names
+            if isinstance(exc, KeyboardInterrupt):
+                raise _committed(full) from None
+            raise
         with contextlib.suppress(OSError, StoreError):
-            if appended:
+            # also a line cut halfway by an interrupt during the append (``appended`` is still False then)
+            if os.lstat(lpath).st_size > size_before:
                 ledger_mod.truncate_ledger(lpath, size_before)
             if wrote_state:
                 fsio.unlink_name(root, new_state)
@@ -506,10 +522,14 @@ def commit_update(
                 "space and write permission"
             ) from None
         raise
-    phase("committed")
-    with contextlib.suppress(OSError, StoreError):
-        if old["state_file"] != new_state:
-            fsio.unlink_name(root, old["state_file"])
+    interrupted = False
+    try:
+        phase("committed")
+        with contextlib.suppress(OSError, StoreError):
+            if old["state_file"] != new_state:
+                fsio.unlink_name(root, old["state_file"])  # left there, the next update's recovery removes it
+    except KeyboardInterrupt:
+        interrupted = True
     loaded.manifest = manifest
     loaded.entries.append(full)
     loaded.ledger_lines.append(line)
@@ -518,7 +538,24 @@ def commit_update(
         loaded.unlearner.bank = un.bank
         loaded.unlearner.generator.set_state(un.generator.get_state())
         loaded.unlearner.load_curvature_state(*un.curvature_state())
+    if interrupted:
+        raise _committed(full)
     return full
+
+
+def _committed(entry: dict[str, Any]) -> fsio.CommittedInterrupt:
+    what = f"request {entry.get('request_id')!r}" if entry.get("request_id") else "the update"
+    return fsio.CommittedInterrupt(
+        f"interrupted after the commit: {what} IS applied and recorded in the ledger (nothing half-written; "
+        "`mcmc-unlearner status` shows it)"
+    )
+
+
+def _manifest_on_disk(root: Path) -> bytes | None:
+    try:
+        return fsio.read_regular(root, MANIFEST_NAME, what="manifest")
+    except (OSError, StoreError):
+        return None
 
 
 def recover(

@@ -39,6 +39,7 @@ __all__ = [
     "SLOW_COMMIT_ENV",
     "SLOW_PHASE_ENV",
     "BusyError",
+    "CommittedInterrupt",
     "StoreError",
     "append_bytes",
     "atomic_write",
@@ -71,6 +72,10 @@ class StoreError(UnlearningError):
 
 class BusyError(StoreError):
     """Another process holds the model folder's lock (retry later, or pass ``--wait SECONDS``)."""
+
+
+class CommittedInterrupt(KeyboardInterrupt):
+    """Ctrl-C after an update's commit point: the update is complete and in place (only tidying was cut short)."""
 
 
 # ---------------------------------------------------------------------------------------------- small helpers

@@ -265,6 +265,7 @@ def _read_rest(snap: Snapshot) -> None:
                 f"{lpath} was modified ({p}); run `mcmc-unlearner verify` and restore the folder from a backup"
                 for p in chain
             ]
+        snap.problems += _restored_lines(root, manifest, read.lines[count:])
     if manifest["data_spec"].get("kind") == "tensors":
         try:
             draw = fsio.read_regular(root, DATA_FILE, what="data file")
@@ -278,6 +279,32 @@ def _read_rest(snap: Snapshot) -> None:
                     snap.stored_data = parse_tensors(draw, root / DATA_FILE)
                 except StoreError as exc:
                     snap.problems.append(str(exc))
+
+
+def _restored_lines(root: Path, manifest: dict[str, Any], pending: list[bytes]) -> list[str]:
+    """Complete ledger lines after the committed ones that no crash can leave (else ``[]``: crash debris).
+
+    An interrupted update leaves at most one complete uncommitted line, numbered ``sequence + 1``, whose state file
+    it wrote before the line (a rollback truncates the line before deleting the file). Several such lines, another
+    number or a missing state file mean committed history under an older manifest: a partly restored folder, which
+    recovery must not roll back (it would erase applied requests from the ledger)."""
+    entries = []
+    for line in pending:
+        try:
+            entry = ledger_mod.strict_loads(line)
+            entries.append((int(entry["seq"]), str(entry.get("request_id"))))
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+            continue  # not an entry (appended garbage): rolled back as before
+    want = int(manifest["sequence"]) + 1
+    if not entries or (len(entries) == 1 and entries[0][0] == want and (root / state_name(want)).exists()):
+        return []
+    ids = ", ".join(f"{rid!r} (seq {seq})" for seq, rid in entries)
+    return [
+        f"{root / ledger_mod.LEDGER_NAME} holds {len(entries)} uncommitted entr{'y' if len(entries) == 1 else 'ies'} "
+        f"({ids}) that no interrupted update leaves (at most one, seq {want}, with its state file): the manifest or "
+        "state files look restored from an older copy than the ledger. Restore the whole folder (manifest.json, "
+        "state files and ledger.jsonl) from one backup; nothing was changed"
+    ]
 
 
 def read_snapshot(

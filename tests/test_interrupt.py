@@ -1,0 +1,103 @@
+"""Ctrl-C (KeyboardInterrupt) inside forget's commit never breaks the folder nor leaves a torn ledger line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import save_gmm, tiny_gmm
+from mcmc_unlearner.service import deletion, fsio
+
+IDS = [4, 17, 18]
+
+
+def test_interrupt_right_after_manifest_rename_keeps_the_commit(tmp_path, monkeypatch):
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    real = fsio.fsync_dir
+
+    def fsync_dir(folder):  # Ctrl-C lands while the folder is fsynced after os.replace(manifest)
+        if json.loads((m / "manifest.json").read_text())["sequence"] == 1:
+            monkeypatch.setattr(fsio, "fsync_dir", real)
+            raise KeyboardInterrupt
+        real(folder)
+
+    monkeypatch.setattr(fsio, "fsync_dir", fsync_dir)
+    with pytest.raises(KeyboardInterrupt):
+        deletion.forget(m, IDS, request_id="T1")
+    monkeypatch.setattr(fsio, "fsync_dir", real)
+    res = deletion.verify(m)
+    assert res.ok, res.problems  # was: state-000001 missing, ledger has 1 line but 2 committed
+    out = deletion.forget(m, IDS, request_id="T1")
+    assert not out.applied  # committed before the interrupt: exactly once
+    assert deletion.status(m)["n_removed"] == len(IDS)
+
+
+def test_interrupt_inside_ledger_append_leaves_no_torn_line(tmp_path, monkeypatch):
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    before = (m / "ledger.jsonl").read_bytes()
+    monkeypatch.setenv(fsio.SLOW_COMMIT_ENV, "0.01")
+    monkeypatch.setenv(fsio.SLOW_PHASE_ENV, "ledger-half")
+
+    def sleep(s):  # Ctrl-C while the second half of the line is still to be written
+        if s > 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fsio.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        deletion.forget(m, IDS, request_id="T1")
+    assert (m / "ledger.jsonl").read_bytes() == before  # "130: nothing half-written"
+
+
+def test_interrupt_after_the_commit_point_says_the_request_is_applied(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the old state file is being tidied away: exit 130 said "interrupted" as if nothing had been
+    done, although the request was applied and recorded; now the message says it is applied."""
+    from mcmc_unlearner.cli import main
+    from mcmc_unlearner.service import checkpoint
+
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    real = checkpoint.phase
+
+    def phase(name):
+        if name == "committed":
+            raise KeyboardInterrupt
+        return real(name)
+
+    monkeypatch.setattr(checkpoint, "phase", phase)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(map(str, IDS)) + "\n")
+    assert main(["forget", "--model", str(m), "--ids", str(ids), "--request-id", "T1"]) == 130
+    err = capsys.readouterr().err
+    assert "IS applied" in err and "'T1'" in err
+    monkeypatch.setattr(checkpoint, "phase", real)
+    assert deletion.verify(m).ok
+    assert deletion.status(m)["n_removed"] == len(IDS)
+    assert not deletion.forget(m, IDS, request_id="T1").applied  # exactly once
+
+
+def test_a_partly_restored_folder_is_refused_not_rolled_back(tmp_path):
+    """An older manifest and state file restored over a folder that applied a request (the newer ledger kept):
+    the applied request's committed line looked like crash debris, `verify` said OK and the next request erased it
+    from the ledger (and the request could be applied twice). No crash leaves a complete line without its state
+    file, so this is now a problem that `verify` reports and `forget` refuses, changing nothing."""
+    import shutil
+
+    from mcmc_unlearner.service.fsio import StoreError
+
+    m, old = tmp_path / "m", tmp_path / "old"
+    save_gmm(m, tiny_gmm(bank=10))
+    shutil.copytree(m, old)
+    assert deletion.forget(m, IDS, request_id="T1").applied
+    for f in m.glob("state-*.safetensors"):
+        f.unlink()
+    shutil.copy(old / "manifest.json", m)
+    shutil.copy(old / "state-000000.safetensors", m)
+    ledger = (m / "ledger.jsonl").read_bytes()
+    res = deletion.verify(m)
+    assert not res.ok and any("restored from an older copy" in p and "'T1'" in p for p in res.problems)
+    with pytest.raises(StoreError, match="restored from an older copy"):
+        deletion.forget(m, [20, 21], request_id="T2")
+    assert (m / "ledger.jsonl").read_bytes() == ledger  # T1's line kept

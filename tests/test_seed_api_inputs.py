@@ -1,0 +1,79 @@
+"""The seed API's documented refusals and the fix its own error message recommends."""
+
+import pytest
+import torch
+from torch import nn
+
+from mcmc_unlearner import SGLD, InvalidRequestError, MCMCUnlearner, RemovableDataset, sgmcmcUnlearner
+
+
+class S(sgmcmcUnlearner):
+    def _apply_sample(self, z):
+        self.optimizer.zero_grad()
+        self._fun(z).backward()
+        self.optimizer.step()
+
+    def _fun(self, z):
+        return 190 * nn.functional.cross_entropy(self.model(z[0]), z[1]) + sum(
+            0.5 * (p**2).sum() for p in self.model.parameters() if p.requires_grad
+        )
+
+    def _z_fun(self, z):
+        return nn.functional.cross_entropy(self.model(z[0]), z[1], reduction="sum")
+
+
+def _setup(freeze=False, **kw):
+    torch.manual_seed(0)
+    x = torch.randn(200, 3)
+    y = (x.sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    if freeze:
+        model[0].weight.requires_grad_(False)
+    opt = SGLD([p for p in model.parameters() if p.requires_grad], lr=1e-6, generator=torch.Generator().manual_seed(1))
+    cfg = dict(iter_T=8, scaling=1e-3, samp_T=1) | kw
+    return x, y, model, S(model=model, optimizer=opt, params=model.parameters(), cpu=True, **cfg)
+
+
+def _data(x, y):
+    return RemovableDataset(x[10:], y[10:], batch_size=32, seed=0)
+
+
+def test_empty_removed_batch_is_refused_as_documented() -> None:
+    x, y, _model, un = _setup()
+    with pytest.raises(InvalidRequestError, match="empty"):
+        un.remove([x[:0], y[:0]], _data(x, y))
+
+
+@pytest.mark.parametrize("key", ["iter_T", "samp_T"])
+def test_zero_rounds_or_steps_get_a_message_naming_the_setting(key) -> None:
+    x, y, _model, un = _setup()
+    un.param_dict[key] = 0
+    with pytest.raises(ValueError, match=key):
+        un.remove([x[:10], y[:10]], _data(x, y))
+
+
+def test_frozen_parameters_are_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="requires_grad"):
+        _setup(freeze=True)
+
+
+def test_scaling_auto_recommended_by_the_divergence_message_works() -> None:
+    x, y, _model, un = _setup()
+    un.param_dict["scaling"] = "auto"
+    r = un.remove([x[:10], y[:10]], _data(x, y))
+    assert torch.isfinite(r.x).all() and r.info["scaling"] > 0
+
+
+def test_lissa_with_zero_rounds_is_not_reported_as_diverged() -> None:
+    x, y, model, _ = _setup()
+
+    def nll(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def lp(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    bank = [{k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(8)]
+    un = MCMCUnlearner(model, nll=nll, log_prior=lp, bank=bank, solver="lissa", iter_T=0)
+    with pytest.raises(ValueError, match="iter_T must be >= 1"):
+        un.remove((x[:10], y[:10]), (x[10:], y[10:]))

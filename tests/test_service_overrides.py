@@ -1,0 +1,36 @@
+"""A saved model whose unlearner transports the bank affinely (the GMM demo's, solver exact) accepts a per-request
+--solver cg/kfac/lissa/lowrank override as docs/deletion-service.md documents (it refused it with
+"bank_shift='affine' needs solver='exact' or 'ggn'")."""
+
+import torch
+
+from mcmc_unlearner import SGLD, MCMCUnlearner, RemovableDataset
+from mcmc_unlearner.datasets import make_gmm_2d
+from mcmc_unlearner.models.gmm import GaussianMixture
+from mcmc_unlearner.samplers import run_chain
+from mcmc_unlearner.service.checkpoint import save_model
+from mcmc_unlearner.service.deletion import forget, status
+from mcmc_unlearner.service.specs import gmm_data_spec, gmm_model_spec
+
+
+def test_solver_override_on_an_affine_bank_model(tmp_path) -> None:
+    torch.set_num_threads(1)
+    x, y = make_gmm_2d()
+    data = RemovableDataset(torch.from_numpy(x), torch.from_numpy(y), batch_size=64, seed=0)
+    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(0))
+    sampler = SGLD(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(1))
+    un = MCMCUnlearner(model, sampler, solver="exact", bank_shift="affine")
+    run_chain(model, sampler, data, un.energy, 500, len(data))
+    un.bank = run_chain(model, sampler, data, un.energy, 200, len(data), keep_every=1)
+    save_model(
+        tmp_path / "m",
+        model=model,
+        sampler=sampler,
+        data=data,
+        unlearner=un,
+        model_spec=gmm_model_spec(model),
+        data_spec=gmm_data_spec(n=2000, seed=23498353),
+    )
+    out = forget(tmp_path / "m", [40, 41], overrides={"solver": "cg"})
+    assert out is not None
+    assert status(tmp_path / "m")["n_remaining"] == 1998
