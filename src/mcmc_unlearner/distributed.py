@@ -44,7 +44,7 @@ from torch import nn
 from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor
 from .errors import InvalidRequestError, QualityError, UnlearningError
-from .unlearner import MCMCUnlearner, Proposal, RemovalReport, _as_batch
+from .unlearner import MCMCUnlearner, Proposal, RemovalReport, _as_batch, _is_fields, check_finite_batch
 
 __all__ = [
     "AllReducedOperator",
@@ -413,8 +413,7 @@ class DistributedUnlearner(MCMCUnlearner):
         self._local_nll = self.nll
         self.nll = self._weighted_nll
         self.energy = self._shard_energy
-        if self.bank is not None:
-            self._check_banks_agree()
+        self._check_banks_agree()  # on every rank, with or without a bank: a collective every rank must join
 
     # ------------------------------------------------------------------ the rank's share of the energy
     def _weighted_nll(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -453,7 +452,7 @@ class DistributedUnlearner(MCMCUnlearner):
             b = bank.detach()  # no float64 copy of the bank: sums accumulated in float64
             w = torch.linspace(1.0, 2.0, b.shape[1], dtype=b.dtype, device=b.device)
             total, weighted = float(b.sum(dtype=torch.float64)), float((b @ w).sum(dtype=torch.float64))
-            local = torch.tensor([1.0 + b.shape[0], float(b.shape[1]), total, weighted])
+            local = torch.tensor([1.0 + b.shape[0], float(b.shape[1]), total, weighted], dtype=torch.float64)
         high, low = local.clone(), local.clone()
         _all_reduce(high, self.group, dist.ReduceOp.MAX)
         _all_reduce(low, self.group, dist.ReduceOp.MIN)
@@ -464,10 +463,67 @@ class DistributedUnlearner(MCMCUnlearner):
                 "passed as bank=; nothing was changed"
             )
 
+    def _local_share(self, batch: Any) -> Batch:
+        """The rank's share ``(*fields, w)``; an empty share (the request's rows all live on other ranks) becomes
+        one weight-0 row of zeros."""
+        batch = _as_batch(batch, "the removed data")
+        w = batch[-1]
+        if len(batch) < 2 or w.ndim != 1 or not w.is_floating_point():
+            raise TypeError(
+                "DistributedUnlearner.remove takes the rank's share of the removed rows with a weight column, "
+                "(*fields, w) with w = 1 for each real row (e.g. (x, y, torch.ones(len(x)))), got fields of dtypes "
+                f"{[str(t.dtype) for t in batch]}; or call forget(ids, ShardedDataset)"
+            )
+        if batch[0].shape[0] == 0:
+            batch = tuple(t.new_zeros((1, *t.shape[1:])) for t in batch)
+        return batch
+
     def propose(self, batch: Batch, remaining: Any, n_remaining: int | None = None) -> Proposal:
-        """:meth:`MCMCUnlearner.propose` on every rank together, after checking that the ranks' banks agree."""
+        """:meth:`MCMCUnlearner.propose` on every rank together, after checking that the ranks' banks agree.
+
+        What one rank alone could refuse (a malformed or non-finite share, an ``nll`` failing on it, a remaining-data
+        size it cannot read) is agreed on first, so that all ranks refuse together instead of one rank leaving the
+        others blocked in a collective."""
         self._check_banks_agree()
-        return super().propose(batch, remaining, n_remaining)
+        err: BaseException | None = None
+        n = n_remaining
+        try:
+            batch = self._local_share(batch)
+            check_finite_batch(batch)
+            self._check_nll(batch)
+            if n is None and not _is_fields(remaining):  # (a tuple of rows is refused below, naming the shard)
+                if not isinstance(remaining, ShardedDataset):
+                    raise ValueError(
+                        "pass n_remaining= (the global number of remaining rows, the same on every rank): under "
+                        f"torch.distributed it cannot be read from a {type(remaining).__name__}, whose length is "
+                        "this rank's own"
+                    )
+                n = len(remaining)
+        except (InvalidRequestError, TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+            err = e
+        flags = torch.tensor(
+            [
+                0.0 if err is None else 1.0,
+                float(batch[-1].ne(0).sum()) if err is None else 0.0,
+                float(n or 0),
+                -float(n or 0),
+            ],
+            dtype=torch.float64,
+        )
+        flags[:2] = self._reduce(flags[:2].clone())
+        flags[2:] = _all_reduce(flags[2:].clone(), self.group, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        if err is not None:
+            raise err
+        if flags[0] > 0:
+            raise InvalidRequestError("another rank refused this request (see its error); nothing was changed")
+        if flags[1] == 0:
+            raise InvalidRequestError("deletion request is empty on every rank: pass at least one removed point")
+        if flags[2] != -flags[3]:
+            raise InvalidRequestError(
+                f"the ranks give different numbers of remaining rows ({int(-flags[3])} to {int(flags[2])}): "
+                "n_remaining must be the global count, the same on every rank; nothing was changed"
+            )
+        return super().propose(batch, remaining, n)
 
     # ------------------------------------------------------------------ reduced building blocks
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:

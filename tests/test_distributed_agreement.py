@@ -1,0 +1,109 @@
+"""DistributedUnlearner: what one rank alone could refuse must be agreed on by all ranks (2 gloo processes).
+
+Before (stop 32's probes): an empty share on one rank was refused there while the other rank entered a collective
+(gloo 'Connection reset' / hang); a bank on one rank and none on the other aborted the process (SIGABRT, gloo
+EnforceNotMet) instead of the documented refusal; a DataLoader's local length was used as n on each rank (each rank
+a different n, a 3x shift, every check passed); a bank differing by 1e-6 was not detected (float32 sums).
+"""
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+N = 200
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 5, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(20, theta.numel(), generator=g)
+    return x, y, model, bank
+
+
+def _nll(m, b):
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def _lp(m):
+    return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+
+def _worker(rank, world, port, out):
+    from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
+    from mcmc_unlearner.errors import InvalidRequestError
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    res = []
+    x, y, model, bank = _setup()
+    kw = dict(nll=_nll, log_prior=_lp, solver="exact")
+    # 1. rows on rank 0 only: rank 1's share is empty; the same removal as forget(ids, ShardedDataset)
+    ids = torch.arange(0, 20, 2)
+    ds = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=1)
+    un = DistributedUnlearner(model, bank=bank, **kw)
+    un.forget(ids, ds)
+    ref_bank = un.bank.clone()
+    x, y, model, bank = _setup()
+    ds = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=1)
+    un = DistributedUnlearner(model, bank=bank, **kw)
+    mine = ids[ids % world == rank]
+    xs, ys = ds.get_global(mine)
+    ds.remove(ids)
+    un.remove((xs, ys, torch.ones(len(mine))), ds)
+    res.append(float((un.bank - ref_bank).norm() / (ref_bank - bank).norm()) < 1e-4)
+    # 2. a bank on rank 1 only: refused on both ranks
+    x, y, model, bank = _setup()
+    try:
+        DistributedUnlearner(model, bank=bank if rank == 1 else None, **kw)
+        res.append(False)
+    except InvalidRequestError:
+        res.append(True)
+    # 3. banks differing by 1e-6 in one value: refused on both ranks
+    b2 = bank.clone()
+    if rank == 1:
+        b2[3, 0] += 1e-6
+    try:
+        DistributedUnlearner(model, bank=b2, **kw)
+        res.append(False)
+    except InvalidRequestError:
+        res.append(True)
+    # 4. a DataLoader of the rank's rows: its length is the rank's own, not the global count -> refused
+    un = DistributedUnlearner(model, bank=bank, **kw)
+    loc = torch.arange(rank, N, world)[10 // world :]
+    loader = DataLoader(TensorDataset(x[loc], y[loc], torch.full((len(loc),), 1 / 64)), batch_size=32)
+    try:
+        un.remove((xs, ys, torch.ones(len(mine))), loader)
+        res.append(False)
+    except ValueError:
+        res.append(torch.equal(un.bank, bank))
+    torch.save(res, f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_ranks_agree_on_what_one_rank_could_refuse(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f"rank{r}.pt") == [True, True, True, True]
