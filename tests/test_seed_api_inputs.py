@@ -77,3 +77,24 @@ def test_lissa_with_zero_rounds_is_not_reported_as_diverged() -> None:
     un = MCMCUnlearner(model, nll=nll, log_prior=lp, bank=bank, solver="lissa", iter_T=0)
     with pytest.raises(ValueError, match="iter_T must be >= 1"):
         un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+
+
+def test_converged_says_whether_the_recursion_settled() -> None:
+    """Every seed-API solve reported converged=False (LiSSA ran with tol=0 so that every round runs), even at a
+    relative residual of 1e-16; it now compares the last round's change with ``SEED_API_TOL``."""
+    from mcmc_unlearner.compat import SEED_API_TOL
+
+    def convex(iter_T):  # softmax regression + Gaussian prior: a positive-definite Hessian
+        torch.manual_seed(0)
+        x = torch.randn(200, 3)
+        y = (x.sum(1) > 0).long()
+        model = nn.Sequential(nn.Linear(3, 2))
+        opt = SGLD(model.parameters(), lr=1e-14, generator=torch.Generator().manual_seed(1))  # chain ~ standing
+        return x, y, S(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=iter_T,
+                       scaling="auto", samp_T=1)  # fmt: skip
+
+    for iter_T, settled in ((400, True), (2, False)):
+        x, y, un = convex(iter_T)
+        full = RemovableDataset(x[10:], y[10:], batch_size=190, seed=0)  # one full batch: a deterministic operator
+        r = un.remove([x[:10], y[:10]], full)
+        assert r.converged is settled and (r.residual <= SEED_API_TOL) is settled

@@ -507,3 +507,93 @@ def test_lissa_divergence_at_auto_scaling_is_negative_curvature_and_lowrank_need
     un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver="lowrank")
     assert un.config()["precondition_rank"] == 20
     assert un.remove((x[:40], y[:40]), (x[40:], y[40:])).passed
+
+
+def test_a_refusal_made_by_the_damping_names_a_large_carried_influence() -> None:
+    """After one request removed rows the model never fitted, its undone part is carried into every later request
+    and sound requests were refused as "made by the damping" without a word about it (a user's digits MLP: 15 of
+    29 requests); the message now names the carried part and `reset_curvature()`."""
+    from mcmc_unlearner.unlearner import RemovalReport, quality_problems
+
+    def report(carried: float) -> RemovalReport:
+        info = {"gradient_norm": 12.0, "carried_norm": carried}
+        return RemovalReport(
+            8, 1000, "kfac", 0, 0.0, True, 0.1, 0.01, 0.1, 16, 8, 50, "bank", "remaining", "mean",
+            damping=1e4, damping_relative=1e4, step_shortfall=400.0, info=info,
+        )  # fmt: skip
+
+    (msg,) = quality_problems(report(3981.0), tol=1e-4)
+    assert "made by the damping" in msg and "3.98e+03" in msg and "reset_curvature()" in msg
+    (msg,) = quality_problems(report(5.0), tol=1e-4)  # a carried part smaller than the request's own: not named
+    assert "made by the damping" in msg and "reset_curvature" not in msg
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"backend": "bogus"},
+        {"likelihood": "bogus"},
+        {"drift_tol": -1.0},
+        {"drift_tol": float("nan")},
+        {"mc_samples": 0},
+        {"scaling": "bogus"},
+        {"scaling": -1.0},
+        {"carry_deficit": "no"},
+        {"shorten_steps": "yes"},
+        {"grad_draws": "bogus"},
+        {"grad_draws": 2.5},
+    ],
+)
+def test_options_are_checked_when_the_unlearner_is_built(option) -> None:
+    """Each was accepted and failed (or silently meant something else: bool("no") is True) at request time."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    bank = [{k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=name):
+        MCMCUnlearner(model, None, nll=nll, bank=bank, **option)
+
+
+def test_full_curvature_data_asked_for_by_name_warns_when_a_dataloader_cannot_list_the_rows() -> None:
+    """`curvature_data="full"` with a DataLoader silently used one minibatch per draw (only `report.info` said so)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 2))
+    bank = [{k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(8)]
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    loader = DataLoader(TensorDataset(x[20:], y[20:]), batch_size=64, shuffle=True)
+    un = MCMCUnlearner(model, None, nll=nll, bank=bank, solver="exact", curvature_data="full")
+    with pytest.warns(UserWarning, match="curvature_data='full'.*DataLoader cannot"):
+        report = un.remove((x[:20], y[:20]), loader)
+    assert report.info["curvature_data"].startswith("minibatch")
+    un = MCMCUnlearner(model, None, nll=nll, bank=bank, solver="exact", curvature_data="full")
+    report = un.remove((x[:20], y[:20]), (x[20:], y[20:]))  # tensors: every row, no warning
+    assert "curvature_data" not in report.info
+
+
+def test_large_removal_warning_neither_rounds_to_100_percent_nor_advises_a_repair_that_does_not_run() -> None:
+    """1,999 of 2,000 rows was "100%"; the advice named `--on-failure repair`, which runs only for a request that
+    fails its checks (a large removal passes them)."""
+    torch.manual_seed(0)
+    x = torch.randn(2000, 3)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(3, 2))
+    bank = [{k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    un = MCMCUnlearner(model, None, nll=nll, bank=bank, solver="exact")
+    with pytest.warns(UserWarning, match=r"removes over 99\.9% of the data \(1,999 of 2,000") as seen:
+        un.propose((x[:1999], y[:1999]), (x[1999:], y[1999:]))
+    text = " ".join(str(w.message) for w in seen)
+    assert "only for a request that fails its checks" in text

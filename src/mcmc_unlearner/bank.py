@@ -120,6 +120,35 @@ def _check_tied(tied: tuple[tuple[str, str], ...], sample: Mapping[str, Any], wh
             )
 
 
+def _check_frozen(model: torch.nn.Module | None, spec: ParamSpec, rows: Sequence[Mapping[str, Any]], what: str) -> None:
+    """Refuse samples that hold a frozen parameter (``requires_grad=False``) at values other than the model's, as a
+    flat bank of every parameter is refused (:func:`_flat_with_frozen`): the unlearner computes every sample with
+    the model's frozen values and would return each sample's own, moved for another network than it describes."""
+    if model is None:
+        return
+    trainable = set(spec.names)
+    for name, p in model.named_parameters():
+        if name in trainable:
+            continue
+        bad = [
+            i
+            for i, sd in enumerate(rows)
+            if isinstance(sd.get(name), torch.Tensor)
+            and (
+                tuple(sd[name].shape) != tuple(p.shape)
+                or not torch.equal(sd[name].detach(), p.detach().to(device=sd[name].device, dtype=sd[name].dtype))
+            )
+        ]
+        if bad:
+            raise ValueError(
+                f"bank: {what}: in {len(bad)} of {len(rows)} samples the frozen parameter {name!r} "
+                "(requires_grad=False) differs from the model's. The unlearner moves only trainable parameters and "
+                "computes every sample with the model's frozen values: make the sampled parameters trainable, load "
+                f"the samples' value into the model (model.load_state_dict(samples[0])) if it is one constant, or "
+                f"drop {name!r} from the samples"
+            )
+
+
 #: Prefixes a wrapper adds to the parameter names of its ``state_dict``: ``torch.compile`` (``_orig_mod.``),
 #: ``nn.DataParallel`` / ``DistributedDataParallel`` (``module.``), and both.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module.")
@@ -195,6 +224,16 @@ def to_flat(
             parts.append(t.reshape(t.shape[0], -1))
         tied = tied_names(model, spec)
         _check_tied(tied, bank, "the dict of stacked tensors")
+        S = sizes.copy().pop()
+        _check_frozen(
+            model,
+            spec,
+            [
+                {k: v[s] for k, v in bank.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == S}
+                for s in range(S)
+            ],
+            "the dict of stacked tensors",
+        )
         _warn_varying_buffers(_stacked_rows(bank, spec, tied, sizes.pop(), model), spec, tied)
         template = {prefix + k: v for k, v in bank.items()}
         flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
@@ -226,6 +265,7 @@ def to_flat(
                     raise ValueError(f"bank: state_dict {i}: {n} has shape {got}, expected {tuple(shape)}")
             rows.append(torch.cat([sd[n].detach().reshape(-1) for n in spec.names]))
         _check_not_aliased(bank, spec)
+        _check_frozen(model, spec, bank, "the state_dicts")
         _warn_varying_buffers(bank, spec, tied)
         flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, given, tied=tied, prefix=prefix)
     else:

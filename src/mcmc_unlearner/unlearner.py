@@ -41,6 +41,7 @@ import copy
 import functools
 import importlib
 import math
+import numbers
 import os
 import sys
 import time
@@ -259,6 +260,15 @@ def quality_problems(
             else "the curvature model does not predict the remaining-data energy at a lower damping: more "
             "curvature draws (curvature_draws), another solver, or retraining"
         )
+        carried, own = report.info.get("carried_norm", 0.0), report.info.get("gradient_norm", 0.0)
+        if not fixed_damping and carried > own:
+            # one request whose rows the model never fitted (outliers, rows outside its training data) leaves a
+            # large undone part that every later request carries: a user serving a sequence sees refusals only
+            fix += (
+                f"; this request carries the undone part of earlier requests (norm {carried:.3g} against its own "
+                f"gradient's {own:.3g}): if an earlier request removed rows the model never fitted, "
+                "reset_curvature() clears what is carried"
+            )
         out.append(
             f"the step is made by the damping, not the curvature (damping {report.damping:.3g}, "
             f"{report.damping_relative:.3g}× the mean curvature{measured}); {fix}"
@@ -286,6 +296,14 @@ def _set_sampler_generator_state(sampler: Any, state: torch.Tensor | None) -> No
     gen = getattr(sampler, "generator", None)
     if state is not None and isinstance(gen, torch.Generator):
         gen.set_state(state)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _is_integer(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def check_finite_batch(batch: Batch, what: str = "removed data", where: str = "of the request") -> None:
@@ -335,9 +353,41 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
     return out
 
 
+def _row_ids(batch: Batch) -> torch.Tensor:
+    """One integer per row, equal for rows identical in every field (for finding repeated rows)."""
+    k = batch[0].shape[0]
+    keys = torch.zeros(k, 0, dtype=torch.int64)
+    for t in batch:
+        _, inv = torch.unique(t.detach().reshape(k, -1), dim=0, return_inverse=True)
+        keys = torch.cat([keys, inv.reshape(k, 1)], 1)
+    return torch.unique(keys, dim=0, return_inverse=True)[1]
+
+
+def _repeated_rows(removed: Batch, held: Batch | None = None) -> int:
+    """How many removed rows repeat an earlier one (``held`` None), or how many of ``held`` equal a removed row."""
+    k = removed[0].shape[0]
+    if held is None:
+        return k - int(torch.unique(_row_ids(removed)).numel())
+    if len(held) != len(removed) or any(
+        a.shape[1:] != b.shape[1:] or a.dtype != b.dtype for a, b in zip(removed, held)
+    ):
+        return 0  # not comparable (e.g. padded to other lengths)
+    ids = _row_ids(tuple(torch.cat([a, b]) for a, b in zip(removed, held)))
+    return int(torch.isin(ids[k:], ids[:k]).sum())
+
+
 #: A request removing more than this share of the data gets a warning: one influence step moves the samples only
 #: part of the way to retraining there (a digits MLP: 0.12 of the way at half the data, 0.02 at nine tenths).
 LARGE_REMOVAL = 0.2
+
+
+def _percent(share: float) -> str:
+    """``share`` as a percentage that never rounds up to 100% (or down to 0%) when it is not."""
+    pct = 100 * share
+    text = f"{pct:.3g}%"
+    if float(text[:-1]) >= 100 > pct:
+        return "over 99.9%"
+    return text
 
 
 def _outside_stacklevel() -> int:
@@ -692,12 +742,69 @@ def _is_fields(source: Any) -> bool:
     )
 
 
+def _loader_rows(loader: Any) -> int:
+    """The number of distinct rows a ``DataLoader`` reads: its dataset's length, unless its sampler draws from a
+    subset of it (``SubsetRandomSampler(keep)``, a ``WeightedRandomSampler`` with zero weights on the removed
+    rows), the common ways of leaving deleted rows out of a loader over the full dataset.
+
+    Raises:
+        ValueError: a sampler of another kind that draws a different number of rows than the dataset holds
+            (which of them remain cannot be read: pass ``n_remaining``).
+    """
+    rows = len(loader.dataset)
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    inner = getattr(batch_sampler, "sampler", None) or sampler
+    if isinstance(inner, torch.utils.data.SubsetRandomSampler):
+        return len({int(i) for i in inner.indices})
+    if isinstance(inner, torch.utils.data.WeightedRandomSampler):
+        return int((torch.as_tensor(inner.weights) > 0).sum())
+    if isinstance(inner, (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)) or inner is None:
+        return rows
+    try:
+        drawn = len(inner)
+    except TypeError:
+        drawn = rows
+    if drawn != rows:
+        raise ValueError(
+            f"pass n_remaining= (the number of remaining data points): the DataLoader's sampler "
+            f"({type(inner).__name__}) draws {drawn:,} rows per epoch of a dataset of {rows:,}, so which of them "
+            "remain cannot be read from it"
+        )
+    return rows
+
+
+#: Rows each curvature draw gets at least from a data source of small minibatches (pooled; see ``_Stream.stacked``).
+MIN_CURVATURE_ROWS = 32
+
+
+def _same_shapes(parts: Sequence[Batch]) -> None:
+    """Refuse minibatches whose fields differ beyond the row dimension (sequences padded to each minibatch's own
+    longest), which cannot be joined or stacked: torch's bare "Sizes of tensors must match" otherwise."""
+    for i, field_parts in enumerate(zip(*parts)):
+        shapes = {tuple(t.shape[1:]) for t in field_parts}
+        if len(shapes) > 1:
+            raise InvalidRequestError(
+                f"the remaining data's minibatches differ in shape beyond the row dimension (field {i}: "
+                f"{sorted(shapes)[:3]}), e.g. sequences padded to each minibatch's longest; the unlearner joins and "
+                "stacks minibatches, so pad every minibatch to one fixed length in your collate_fn (with the mask "
+                "marking the padding, as your nll reads it)"
+            )
+
+
+def _concat(parts: Sequence[Batch]) -> Batch:
+    """Minibatches joined along their rows (checked by :func:`_same_shapes`)."""
+    _same_shapes(parts)
+    return tuple(torch.cat(f) for f in zip(*parts))
+
+
 class _Stream:
     """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
     iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out), or the remaining rows themselves
     as a tuple of tensors ``(x, y)`` (shuffled minibatches of 128; every row listable, as a ``RemovableDataset``)."""
 
     def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
+        self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
             if not rows_as_data:
                 raise TypeError(
@@ -727,7 +834,7 @@ class _Stream:
             if hasattr(source, "remaining_ids") or hasattr(source, "remaining"):
                 n = len(source)
             elif hasattr(source, "dataset") and hasattr(source.dataset, "__len__"):
-                n = len(source.dataset)  # a DataLoader: len() counts batches, its dataset counts rows
+                n = _loader_rows(source)  # a DataLoader: len() counts batches, its dataset (or sampler) counts rows
             else:
                 raise ValueError(
                     "pass n_remaining= (the number of remaining data points): it cannot be read from a "
@@ -782,16 +889,25 @@ class _Stream:
                     break
                 parts.append(b)
                 have += b[0].shape[0]
-        return tuple(torch.cat(f) for f in zip(*parts))
+        return _concat(parts)
 
     def stacked(self, count: int) -> Batch:
         """``count`` fresh minibatches stacked on a leading dimension. Minibatches of different sizes (a
         ``DataLoader``'s last, partial one) are pooled and split evenly: cut to the smallest, the 19-row tail of an
         epoch made every draw's curvature batch 19 rows instead of 64."""
         batches = [next(self) for _ in range(count)]
-        if len({b[0].shape[0] for b in batches}) == 1:
+        # minibatches of a few rows (a DataLoader with batch_size=1) would give each draw's curvature those few
+        # rows: pool further minibatches until every draw has MIN_CURVATURE_ROWS (the rows an epoch holds at most);
+        # sources whose minibatches reach that size are read as before
+        have, limit = sum(b[0].shape[0] for b in batches), count * MIN_CURVATURE_ROWS
+        small = max(b[0].shape[0] for b in batches) < MIN_CURVATURE_ROWS
+        while small and have < limit and len(batches) < count * MIN_CURVATURE_ROWS and have < count * self.n:
+            batches.append(next(self))
+            have += batches[-1][0].shape[0]
+        if len(batches) == count and len({b[0].shape[0] for b in batches}) == 1:
+            _same_shapes(batches)  # the same shape beyond the row dimension, or refused with the fix
             return stack_batches(batches)
-        rows = tuple(torch.cat(f) for f in zip(*batches))
+        rows = _concat(batches)
         bsz = rows[0].shape[0] // count
         return stack_batches([tuple(t[i * bsz : (i + 1) * bsz] for t in rows) for i in range(count)])
 
@@ -1063,6 +1179,8 @@ class MCMCUnlearner:
         if self.damping_shape is not DampingShape.AUTO:
             self.control.shape = self.damping_shape.value
         self.damping = damping if isinstance(damping, str) else float(damping)
+        if not (scaling == "auto" or (_is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
+            raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {scaling!r}")
         self.scaling = scaling
         self.iter_T = int(iter_T)
         self.tol = float(tol)
@@ -1071,8 +1189,8 @@ class MCMCUnlearner:
         if self.iter_T < 0:
             raise ValueError(f"iter_T must be >= 0, got {iter_T}")
         self.samp_T = int(samp_T)
-        if grad_draws not in (None, "auto") and int(grad_draws) < 1:
-            raise ValueError(f"grad_draws must be 'auto', None (all) or >= 1, got {grad_draws!r}")
+        if grad_draws not in (None, "auto") and not (_is_integer(grad_draws) and int(grad_draws) >= 1):
+            raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {grad_draws!r}")
         self.grad_draws = grad_draws
         default_draws = 8 if self.solver is SolverName.KFAC else 16
         self.curvature_draws = int(default_draws if curvature_draws is None else curvature_draws)
@@ -1085,6 +1203,8 @@ class MCMCUnlearner:
         ):
             precondition_rank = 20  # lowrank's approximation needs a rank; CG chosen by auto gets its preconditioner
         self.precondition_rank = int(precondition_rank)
+        if not (_is_number(drift_tol) and float(drift_tol) > 0):  # inf: never rebuild on drift
+            raise ValueError(f"drift_tol must be a number > 0, got {drift_tol!r}")
         self.drift_tol = float(drift_tol)
         if check_draws < 1 or check_rows < 1:
             raise ValueError(f"check_draws and check_rows must be >= 1, got {check_draws}, {check_rows}")
@@ -1101,8 +1221,17 @@ class MCMCUnlearner:
         if curvature_data not in ("auto", "minibatch", "full"):
             raise ValueError(f"curvature_data must be 'auto', 'minibatch' or 'full', got {curvature_data!r}")
         self.curvature_data = curvature_data
+        from .kronecker import Likelihood
+
+        choices = [m.value for m in Likelihood]
+        if likelihood not in choices:
+            raise ValueError(f"likelihood must be one of {choices}, got {likelihood!r}")
+        if not (_is_integer(mc_samples) and int(mc_samples) >= 1):
+            raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {mc_samples!r}")
         self.likelihood, self.mc_samples = likelihood, int(mc_samples)
         self.rescale_lr = rescale_lr
+        if backend not in ("auto", "func", "autograd"):
+            raise ValueError(f"backend must be 'auto', 'func' or 'autograd', got {backend!r}")
         self.backend = backend
         self.generator = torch.Generator().manual_seed(seed)
         self.curvature: CurvatureBackend = make_backend(
@@ -1117,6 +1246,9 @@ class MCMCUnlearner:
             mc_samples=self.mc_samples,
         )
         self.history: list[RemovalReport] = []
+        for name, flag in (("carry_deficit", carry_deficit), ("shorten_steps", shorten_steps)):
+            if not (isinstance(flag, bool) or type(flag).__name__ == "bool_"):  # bool("no") is True
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.carry_deficit = bool(carry_deficit)
         self.shorten_steps = bool(shorten_steps)
         if recenter_every == "auto":
@@ -1275,11 +1407,23 @@ class MCMCUnlearner:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 out = self.nll(self.model, batch)
+        except AttributeError as e:
+            raise AttributeError(
+                f"nll(model, removed data) failed: {e}. The unlearner passes every batch to nll as a plain tuple of "
+                "tensors (a namedtuple's or an object's fields in order: give the removed rows and the minibatches as "
+                "tuples, e.g. (b.x, b.y)): read the fields by position in nll, b[0], b[1], ..."
+            ) from e
         except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as e:
+            indices = len(batch) == 1 and not batch[0].is_floating_point() and batch[0].ndim == 1
             raise type(e)(
-                f"nll(model, removed data) failed: {e}. remove() takes the removed rows' data as a batch shaped "
-                "like the minibatches (e.g. (x, y)), not their indices; to remove by index use "
-                "forget(ids, RemovableDataset)"
+                f"nll(model, removed data) failed: {e}. "
+                + (
+                    "remove() takes the removed rows' data as a batch shaped like the minibatches (e.g. (x, y)), not "
+                    "their indices; to remove by index use forget(ids, RemovableDataset)"
+                    if indices
+                    else "remove() passes the removed rows to nll as they were given: they must be data that nll can "
+                    "read as it reads a minibatch (the same fields, dtypes and label range)"
+                )
             ) from e
         if not isinstance(out, torch.Tensor) or out.numel() != k or (out.ndim > 1 and out.shape[0] != k):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -1439,6 +1583,18 @@ class MCMCUnlearner:
                 return full, True
             why = "its data source has no remaining()" if full is None else "all rows do not fit the memory budget"
             info["curvature_data"] = f"minibatch (full requested, but {why})"
+            if self.curvature_data == "full" and not getattr(self, "_warned_full", False):
+                self._warned_full = True  # asked for by name: say once that it was not done
+                fix = (
+                    "pass the remaining rows as tensors, (x, y), or a RemovableDataset, which can list every row "
+                    "(a DataLoader cannot)"
+                    if full is None
+                    else "raise memory_budget"
+                )
+                warnings.warn(
+                    f"curvature_data='full': the curvature uses one minibatch per draw instead, since {why}; {fix}",
+                    stacklevel=_outside_stacklevel(),
+                )
         return self._stacked(stream, draws), False
 
     # ------------------------------------------------------------------ snapshots
@@ -1496,6 +1652,17 @@ class MCMCUnlearner:
         check_finite_batch(batch)
         self._check_nll(batch)
         stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+        managed = not stream.from_rows and (
+            hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")
+        )
+        repeated = 0 if managed else _repeated_rows(batch)  # forget(ids, ...): distinct ids, true duplicates
+        if repeated:
+            warnings.warn(
+                f"the removed data holds {repeated} row(s) identical in every field to another removed row: each row "
+                "is removed as often as it is given (its influence counted that many times). If the data set holds "
+                "such a row once, pass it once",
+                stacklevel=_outside_stacklevel(),
+            )
         n = stream.n
         if n <= 0:
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
@@ -1503,12 +1670,14 @@ class MCMCUnlearner:
         share = k / (n + k)
         if share > LARGE_REMOVAL:
             warnings.warn(
-                f"this request removes {100 * share:.3g}% of the data ({k:,} of {n + k:,} "
+                f"this request removes {_percent(share)} of the data ({k:,} of {n + k:,} "
                 "rows). The influence step is a local approximation around the old posterior: for removals this "
                 "large it moves the samples only part of the way to retraining (a digits MLP, random rows: a tenth of "
                 "the way with half the data removed, a fiftieth with nine tenths) while passing every check, since "
                 "the step does not harm the remaining data. Retrain on the remaining data, or continue the chain on "
-                "it (the deletion service's --on-failure repair) after this request",
+                "it after this request (your own sampler, or the library's SGLD/SGHMC with run_chain, for at least "
+                "a burn-in's worth of steps; the deletion service's --on-failure repair does this only for a "
+                "request that fails its checks)",
                 stacklevel=_outside_stacklevel(),
             )
         expectation = self.expectation or (Expectation.BANK if self.bank is not None else Expectation.CHAIN)
@@ -1674,6 +1843,19 @@ class MCMCUnlearner:
         screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if screened else None
         check_rows = self._raw(stream.rows(self.check_rows))
         m_rows = int(check_rows[0].shape[0])
+        # (a data set the library removes from, forget(ids, ...), may hold true duplicates of a removed row: not this)
+        managed = not stream.from_rows and (
+            hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")
+        )
+        present = 0 if managed else _repeated_rows(self._raw(batch), check_rows)
+        if present:
+            warnings.warn(
+                f"{present} of the {m_rows} remaining rows the safety check drew are identical to removed rows: "
+                "remove(rows, remaining) takes the data after the removal, so the remaining data seems still to hold "
+                "the removed rows (their influence is then only partly removed). Leave them out of the remaining "
+                "data, or use forget(ids, RemovableDataset), which removes them",
+                stacklevel=_outside_stacklevel(),
+            )
         if not self._order_checked and self._layout is not None and self._layout.kind in ("flat", "flat_list"):
             self._order_checked = True
             _warn_if_bank_fits_worse(rows_f, live, k_thetas, check_rows)

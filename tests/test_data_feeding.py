@@ -1,0 +1,136 @@
+"""Data and banks fed to MCMCUnlearner.remove the way users feed them (stop 32's probe; each test failed on c809a09)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.errors import InvalidRequestError
+
+torch.set_num_threads(1)
+nll = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+log_prior = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())  # noqa: E731
+
+
+def _setup(hidden=8, n=300, S=12):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+    samples = []
+    for t in range(600):
+        i = torch.randint(n, (50,))
+        F = n * nll(model, (x[i], y[i])).mean() - log_prior(model)
+        model.zero_grad()
+        F.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-0.5 * 1e-3 * p.grad + 1e-3**0.5 * torch.randn_like(p))
+        if t >= 600 - 10 * S and t % 10 == 0:
+            samples.append({k: v.clone() for k, v in model.state_dict().items()})
+    return model, samples, x, y
+
+
+def test_a_subset_random_sampler_over_the_full_dataset_counts_the_rows_it_draws():
+    """DataLoader(full, sampler=SubsetRandomSampler(keep)): n was len(full) (here twice the remaining rows)."""
+    model, samples, x, y = _setup()
+    keep = list(range(150, 300))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = []
+    for n in (None, len(keep)):
+        loader = DataLoader(
+            TensorDataset(x, y), batch_size=64, sampler=SubsetRandomSampler(keep, torch.Generator().manual_seed(0))
+        )
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples, solver="exact", damping=50.0)
+        un.remove((x[140:150], y[140:150]), loader, n)
+        out.append(un.bank)
+        model.load_state_dict(state)
+    assert torch.allclose(out[0], out[1], atol=1e-6)
+
+
+def test_minibatches_padded_to_their_own_length_are_refused_with_the_fix_and_nothing_changes():
+    torch.manual_seed(0)
+    seqs = [torch.randint(1, 9, (int(L),)) for L in torch.randint(2, 12, (200,))]
+    labels = torch.tensor([int((s == 1).any()) for s in seqs])
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(9, 4), nn.Linear(4, 2)
+
+        def forward(self, tok, mask):
+            return self.out((self.emb(tok) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+
+    def collate(items):
+        toks = pad_sequence([t for t, _ in items], batch_first=True)
+        return toks, (toks != 0).float(), torch.stack([lab for _, lab in items])
+
+    nllv = lambda m, b: nn.functional.cross_entropy(m(b[0], b[1]), b[2], reduction="none")  # noqa: E731
+    model = Bag()
+    bank = torch.randn(6, sum(p.numel() for p in model.parameters())) * 0.1
+    data = [(seqs[i], labels[i]) for i in range(10, 200)]
+    loader = DataLoader(data, batch_size=8, shuffle=True, collate_fn=collate)  # lengths vary between minibatches
+    before = bank.clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    un = MCMCUnlearner(model, nll=nllv, log_prior=log_prior, bank=bank, solver="kfac")
+    with pytest.raises(InvalidRequestError, match="pad every minibatch to one fixed length"):
+        un.remove(collate([(seqs[i], labels[i]) for i in range(10)]), loader)
+    assert torch.equal(bank, before) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_minibatches_of_one_row_give_the_curvature_as_many_rows_as_full_minibatches():
+    """A batch_size=1 DataLoader gave each curvature draw one row (16 rows in all for the dense Hessian)."""
+    model, samples, x, y = _setup()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    for bs in (1, 32):
+        loader = DataLoader(
+            TensorDataset(x[12:], y[12:]), batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples, solver="exact", damping=20.0)
+        un.remove((x[:12], y[:12]), loader)  # 288 rows: 9 minibatches of 32
+        out[bs] = un.bank.clone()
+        model.load_state_dict(state)
+    # the same rows in the same order: pooled into draws of at least 32 rows, the two curvature estimates coincide
+    assert torch.allclose(out[1], out[32], atol=1e-5)
+
+
+def test_a_frozen_parameter_in_state_dicts_at_other_values_than_the_models_is_refused():
+    model, samples, _x, _y = _setup()
+    model[0].bias.requires_grad_(False)  # frozen at the last sample's value; the samples' values differ
+    with pytest.raises(ValueError, match=r"frozen parameter '0\.bias'"):
+        MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
+    same = [{**sd, "0.bias": model[0].bias.detach().clone()} for sd in samples]
+    MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=same)  # the model's frozen value: accepted
+
+
+def test_namedtuple_batches_get_a_message_saying_batches_reach_nll_as_plain_tuples():
+    from collections import namedtuple
+
+    NT = namedtuple("NT", "x y")
+    model, samples, x, y = _setup()
+    un = MCMCUnlearner(model, nll=lambda m, b: nll(m, (b.x, b.y)), log_prior=log_prior, bank=samples)
+    with pytest.raises(AttributeError, match="plain tuple of tensors"):
+        un.remove(NT(x[:5], y[:5]), (x[5:], y[5:]))
+
+
+def test_removed_rows_given_twice_or_still_in_the_remaining_data_are_warned_about():
+    model, samples, x, y = _setup()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
+    with pytest.warns(UserWarning, match="identical in every field to another removed row"):
+        un.remove((torch.cat([x[:10]] * 2), torch.cat([y[:10]] * 2)), (x[10:], y[10:]))
+    model.load_state_dict(state)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
+    with pytest.warns(UserWarning, match="identical to removed rows"):
+        un.remove((x[:60], y[:60]), (x, y), n_remaining=240)
+    model.load_state_dict(state)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        un.remove((x[:10], y[:10]), (x[10:], y[10:]))  # a correct request: no warning
