@@ -597,3 +597,69 @@ def test_large_removal_warning_neither_rounds_to_100_percent_nor_advises_a_repai
         un.propose((x[:1999], y[:1999]), (x[1999:], y[1999:]))
     text = " ".join(str(w.message) for w in seen)
     assert "only for a request that fails its checks" in text
+
+
+def _digits_class_sequence(seed: int, **opts):
+    """A user's digits MLP (64-32-10 ReLU) sampled by a plain SGLD loop (bank of 75); class 0 (131 rows) removed in
+    17 requests of 8 with the defaults; returns the removed class's test error and mean p(0) on its test digits."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from torch.func import functional_call
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    xtr, ytr, xte, yte = x[perm[:1300]], y[perm[:1300]], x[perm[1300:]], y[perm[1300:]]
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    g, n, lr, samples = torch.Generator().manual_seed(1), len(xtr), 5e-5, []
+    for t in range(6000):
+        i = torch.randint(n, (100,), generator=g)
+        energy = n * nll(model, (xtr[i], ytr[i])).mean() - log_prior(model)
+        model.zero_grad()
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-lr * p.grad + (2 * lr) ** 0.5 * torch.randn(p.shape, generator=g))
+        if t >= 3000 and (t - 3000) % 40 == 0:
+            samples.append({k: v.clone() for k, v in model.state_dict().items()})
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples, seed=seed, **opts)
+    rows = np.random.default_rng(5).permutation(np.where(ytr.numpy() == 0)[0])
+    keep = torch.ones(len(xtr), dtype=torch.bool)
+    for i in range(0, len(rows), 8):
+        ids = torch.tensor(rows[i : i + 8])
+        keep[ids] = False
+        assert un.remove((xtr[ids], ytr[ids]), (xtr[keep], ytr[keep])).passed
+    with torch.no_grad():
+        p = sum(torch.softmax(functional_call(model, s, (xte,)), -1) for s in un.samples()) / len(samples)
+    c0 = yte == 0
+    return float((p.argmax(-1)[c0] != 0).float().mean()), float(p[c0, 0].mean())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known (stop 32, README 'Where we are not better'): the default correction across requests, applied "
+    "after the 10th request at ~2 standard errors, clears the carried influence and leaves the class predicted",
+)
+def test_correction_mid_class_removal_is_documented() -> None:
+    """A class removed in 17 requests of 8 from a user's digits MLP should end forgotten as retraining forgets it
+    (removed-class test error 1.0; with ``recenter_every=0``: 1.000 on this seed). With the defaults it ends at
+    error 0.023, p(0) = 0.96 (unlearner seed 3), every request passing: a known miss, kept as a strict xfail so that a
+    fix shows."""
+    err, p0 = _digits_class_sequence(3)
+    assert err >= 0.9 and p0 <= 0.1, (err, p0)
+
+
+def test_class_removal_in_17_requests_forgets_the_class_without_the_correction() -> None:
+    """The same sequence with ``recenter_every=0`` forgets the class as retraining does (error 1.0 at retraining):
+    the xfail above fails for the correction, not for the harness."""
+    err, p0 = _digits_class_sequence(3, recenter_every=0)
+    assert err >= 0.9 and p0 <= 0.1, (err, p0)
