@@ -84,7 +84,7 @@ PROBES = [
     ("unknown solver", "5", ["--solver", "newton"], "invalid choice"),
     ("on-failure typo", "5", ["--on-failure", "ignore"], "invalid choice"),
     ("wait negative", "5", ["--wait", "-1"], "--wait must be"),
-    ("threads 0", "5", ["--threads", "0"], "--threads must be"),
+    ("threads -1", "5", ["--threads", "-1"], "--threads must be 'auto' (by model size), 0 (leave torch's"),
     ("max-request-bytes 0", "5", ["--max-request-bytes", "0"], "--max-request-bytes must be"),
     ("request above the size limit", "1 2 3 4 5", ["--max-request-bytes", "4"], "max-request-bytes"),
 ]
@@ -394,7 +394,7 @@ def _values(enum) -> list[str]:
         (["--unlearner-kw", "memory_budget=lots"], ["memory_budget", "2GB"]),
         (["--unlearner-kw", "seed=3"], ["--seed"]),
         (["--unlearner-kw", "bogus=1"], ["no keyword argument 'bogus'", "solver", "damping"]),
-        (["--threads", "-1"], ["--threads", ">= 0"]),
+        (["--threads", "-1"], ["--threads", "'auto'", "0 (leave torch's setting)", ">= 1"]),
     ],
 )
 def test_bnn_bad_unlearner_value_refused_at_parse_time(tmp_path, capsys, monkeypatch, flags, needles):

@@ -245,3 +245,47 @@ def test_fmnist_table_warns_about_duplicate_seeds(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "2 seed(s): [3, 3]" in out and "warning: seed 3 given 2 times" in err
     assert table.main([a]) == 0 and capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ NaN (and null) metrics are shown, not dropped
+def test_nan_in_one_run_is_counted_and_listed_as_a_difference(tmp_path, capsys):
+    """Was: a NaN metric in one run was silently dropped: the table said n=1 and nothing said why."""
+    a, b = _metrics(0, 1.0, True), _metrics(1, 3.0, True)
+    b["methods"]["unlearn"]["seconds"] = float("nan")
+    b["methods"]["unlearn"]["vs_exact"]["gauss_kl"] = None  # how write_json spells a NaN
+    s = summarize_runs([a, b])
+    assert s["stats"]["methods.unlearn.seconds"] == {"mean": 1.0, "sd": None, "min": 1.0, "max": 1.0, "n": 1, "nan": 1}
+    assert s["stats"]["methods.unlearn.vs_exact.gauss_kl"]["nan"] == 1
+    assert s["differing"] == {
+        "methods.unlearn.seconds": [1.0, "nan"],
+        "methods.unlearn.vs_exact.gauss_kl": [2.0, "null"],
+    }
+    assert "nan" not in s["stats"]["methods.unlearn.vs_exact.kl_forward"]  # finite everywhere: as before
+    assert "methods.retrain.kl_to_retrain" not in s["stats"]  # null in every run: not a number anywhere
+    dirs = [_run(tmp_path, "a", a), _run(tmp_path, "b", b)]
+    (tmp_path / "b" / "metrics.json").write_text(json.dumps(b))  # a literal NaN token, as json.dump writes it
+    assert main(["summary", *dirs]) == 0
+    out = capsys.readouterr().out
+    assert "| methods.unlearn.seconds | 1 | 1–1 | 1 (+1 NaN) |" in out, out
+    assert (
+        "Runs differ in: methods.unlearn.vs_exact.gauss_kl = [2.0, 'null']; methods.unlearn.seconds = [1.0, 'nan']"
+        in out
+    )
+    out_json = tmp_path / "s.json"
+    assert main(["summary", *dirs, "--out", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())  # strict JSON: the NaN is counted, not written as a token
+    assert data["stats"]["methods.unlearn.seconds"]["nan"] == 1
+    assert data["differing"]["methods.unlearn.seconds"] == [1.0, "nan"]
+    capsys.readouterr()
+
+
+def test_nan_in_every_run_is_a_row(tmp_path, capsys):
+    a, b = _metrics(0, 1.0, True), _metrics(1, 3.0, True)
+    a["methods"]["unlearn"]["seconds"] = float("nan")
+    b["methods"]["unlearn"]["seconds"] = float("inf")
+    s = summarize_runs([a, b])
+    assert s["stats"]["methods.unlearn.seconds"] == {"mean": None, "sd": None, "min": None, "max": None, "n": 0,
+                                                      "nan": 2}  # fmt: skip
+    assert "methods.unlearn.seconds" not in s["differing"]  # no run has a number there: nothing differs
+    assert "| methods.unlearn.seconds | NaN |  | 0 (+2 NaN) |" in summary_table(s)
+    assert summarize_runs([a, b], keys=["methods.unlearn.seconds"])["stats"]["methods.unlearn.seconds"]["nan"] == 2

@@ -11,7 +11,8 @@ Thin by design: each subcommand lives next to the code it drives and registers i
 
 Shared here: the one-line error contract (:class:`Parser`, :func:`main`, :func:`flat`: every refusal is one line on
 stderr and a documented exit code, :class:`ExitCode`; never a traceback), the flags every subcommand spells
-the same way (:func:`add_quiet_flag`, :func:`add_threads_flag`, :func:`new_folder` for ``--save-model``), and
+the same way (:func:`add_quiet_flag`, :func:`add_threads_flag`, :func:`new_folder` for ``--save-model``), the
+checked number types (:func:`whole_number`, :func:`positive_number`), and
 :func:`emit`, which survives a closed pipe (``... | head``).
 """
 
@@ -22,6 +23,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from .errors import UnlearningError
 
 __all__ = [
     "EXIT_CODES_HELP",
+    "THREADS_VALUES",
     "ExitCode",
     "Parser",
     "add_quiet_flag",
@@ -41,7 +44,9 @@ __all__ = [
     "main",
     "new_folder",
     "one_line",
+    "positive_number",
     "threads_arg",
+    "whole_number",
 ]
 
 DEBUG_ENV = "MCMC_UNLEARNER_DEBUG"
@@ -99,6 +104,13 @@ class Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.I)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        # "argument --eval-max: must be >= 0 ..." reads "--eval-max must be >= 0 ..." (and "argument --wait: --wait
+        # must be ..." loses its first "--wait"): a value's refusal starts with the flag, as the library's do
+        m = re.fullmatch(r"argument (--[A-Za-z0-9_-]+)(?:/-[^:]*)?: (.*)", message, re.S)
+        if m is not None and m.group(2).startswith(f"{m.group(1)} "):
+            message = m.group(2)
+        elif m is not None and m.group(2).startswith(("must be ", "is empty")):
+            message = f"{m.group(1)} {m.group(2)}"
         self.exit(ExitCode.REFUSED, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
@@ -132,25 +144,79 @@ def add_quiet_flag(p: argparse.ArgumentParser, dest: str = "quiet", help: str | 
     )
 
 
+#: What ``--threads`` takes, in every subcommand (help texts and refusals quote it).
+THREADS_VALUES = (
+    "'auto' (1 thread for models under a million parameters, where a thread pool only adds overhead; torch's "
+    "setting above that or when OMP_NUM_THREADS is set), 0 (leave torch's setting, e.g. from OMP_NUM_THREADS) or "
+    "a whole number of threads >= 1"
+)
+
+
 def threads_arg(value: str) -> int | str:
-    """``--threads`` value: ``auto`` or a whole number of threads >= 1."""
+    """``--threads`` value: ``auto``, ``0`` (leave torch's setting) or a whole number of threads >= 1."""
     if value == "auto":
         return value
-    if re.fullmatch(r"[0-9]{1,4}", value) and int(value) >= 1:
+    if re.fullmatch(r"[0-9]{1,4}", value):
         return int(value)
-    raise argparse.ArgumentTypeError(f"--threads must be 'auto' or a whole number >= 1, got {ascii(value)[:30]}")
+    raise argparse.ArgumentTypeError(
+        f"must be 'auto' (by model size), 0 (leave torch's setting) or a whole number >= 1, got {ascii(value)[:30]}"
+    )
 
 
-def add_threads_flag(p: argparse.ArgumentParser) -> None:
-    """``--threads N|auto`` (default ``auto``: one thread for models under a million parameters)."""
+def add_threads_flag(
+    p: argparse.ArgumentParser, default: Any = "auto", zero: Any = None, default_help: str | None = None
+) -> None:
+    """``--threads N|auto|0``, the same values with the same meaning in every subcommand (default ``auto``).
+
+    ``0`` (leave torch's setting) is stored as ``zero``: ``None`` (the default) for the library calls that take
+    ``threads=None`` as "unchanged"."""
+
+    def parse(value: str) -> Any:
+        n = threads_arg(value)
+        return zero if n == 0 else n
+
+    parse.__name__ = "threads"
     p.add_argument(
         "--threads",
-        type=threads_arg,
-        default="auto",
+        type=parse,
+        default=default,
         metavar="N|auto",
-        help="torch threads (default auto: 1 for models under a million parameters, where a thread pool only "
-        "adds overhead; torch's default above, or when OMP_NUM_THREADS is set)",
+        help=f"torch threads: {THREADS_VALUES} (default {default_help or default})",
     )
+
+
+def whole_number(minimum: int, note: str | None = None) -> Callable[[str], int]:
+    """``type=`` of an integer option: a whole number >= ``minimum``; ``note`` (shown in parentheses) says what
+    0 means when it is allowed (``"0: all"``), or why the minimum.
+
+    A refusal names the allowed values: ``--flag must be >= 0 (0: all), got '-1'`` (see :meth:`Parser.error`)."""
+
+    what = f" ({note})" if note else ""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number >= {minimum}{what}, got {ascii(value)[:30]}"
+            ) from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{what}, got {ascii(value)[:30]}")
+        return n
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def positive_number(value: str) -> float:
+    """``type=`` of a float option that must be a positive finite number (a step size, a scaling)."""
+    try:
+        x: float | None = float(value)
+    except ValueError:
+        x = None
+    if x is None or not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {ascii(value)[:30]}")
+    return x
 
 
 def new_folder(value: str) -> str:

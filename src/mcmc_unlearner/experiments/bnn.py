@@ -49,6 +49,7 @@ import copy
 import inspect
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -172,7 +173,9 @@ class BNNConfig:
         progress_max, progress_samples: Points per split and samples in a progress snapshot.
         extra_finetune_steps: If positive, also report ``unlearn+finetune``: the unlearned chain followed by
             this many sampler steps on the remaining data (samples of those steps form its bank).
-        threads: Torch intra-op threads during the run (``0``: leave as is; restored afterwards).
+        threads: Torch intra-op threads during the run (restored afterwards): a count >= 1, ``"auto"`` (one
+            thread for networks under a million parameters, torch's setting above that or when ``OMP_NUM_THREADS``
+            is set: :func:`mcmc_unlearner.service.deletion.auto_threads`) or ``0`` (leave torch's setting).
         save_model: Folder to save the chain trained on all data (with its bank and unlearner settings) with
             :func:`mcmc_unlearner.store.save_model`, ready for ``mcmc-unlearner forget``.
         progress: Show tqdm progress bars.
@@ -230,7 +233,7 @@ class BNNConfig:
     progress_max: int = 500
     progress_samples: int = 10
     extra_finetune_steps: int = 0
-    threads: int = 1
+    threads: int | str = 1
     progress: bool = True
     save_model: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -297,10 +300,11 @@ QUICK: dict[str, Any] = {
 
 # ---------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Set torch's intra-op thread count for the block and restore it afterwards (``n <= 0``: no change)."""
+def _torch_threads(n: int | str) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block and restore it afterwards (``0``: no change; ``"auto"``:
+    set once the network's size is known, by :func:`_apply_threads`)."""
     old = torch.get_num_threads()
-    if n > 0:
+    if isinstance(n, int) and n > 0:
         torch.set_num_threads(n)
     try:
         yield
@@ -308,12 +312,22 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _announce_threads(cfg: BNNConfig) -> None:
-    """The torch thread count, once on stderr before the first progress bar (nothing with ``--quiet``); after the
-    checks of the data and the requests, so that a refusal stays one line."""
+def _apply_threads(cfg: BNNConfig, n_params: int) -> None:
+    """Resolve ``threads="auto"`` for a network of ``n_params`` parameters (run inside :func:`_torch_threads`,
+    which restores the count), then announce the torch thread count once on stderr before the first progress bar
+    (nothing with ``--quiet``); after the checks of the data and the requests, so that a refusal stays one line."""
+    how = "--threads"
+    if cfg.threads == "auto":
+        from ..service.deletion import auto_threads
+
+        n = auto_threads(n_params)
+        if n is not None:
+            torch.set_num_threads(n)
+        how = f"--threads auto: {n_params:,} parameters" if n is not None else "--threads auto: torch's setting"
+    elif cfg.threads == 0:
+        how = "torch's setting, --threads 0"
     if cfg.progress:
         k = torch.get_num_threads()
-        how = "torch's setting, --threads 0" if cfg.threads <= 0 else "--threads"
         print(f"mcmc-unlearner bnn: {k} torch thread{'s' if k != 1 else ''} ({how})", file=sys.stderr)
 
 
@@ -549,10 +563,11 @@ class _Experiment:
         }
         src = {"remaining": "remaining", "removed": "removed", "test_kept": "test"}
         self.progress_sets = {k: tuple(t[i.to(self.device)] for t in self.sets[src[k]]) for k, i in sub.items()}
-        _announce_threads(cfg)  # the data and the requests are checked: the work (pre-training, chains) starts
+        self.scratch = self.new_model()  # (a forked random state: the draws below are unchanged)
+        # the data and the requests are checked: the work (pre-training, chains) starts
+        _apply_threads(cfg, sum(t.numel() for t in self.scratch.parameters()))
         self.init = self._initial_weights()
         self.dim = self.init.numel()
-        self.scratch = self.new_model()
 
     @staticmethod
     def _cap(ids: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -1117,6 +1132,47 @@ def _run_importance(ex: _Experiment, origin: dict[str, Any]) -> _Result:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+#: ``(flag, least value, what the least value means)`` of whole-number settings, checked by :func:`_resolve` and
+#: at parse time (the CLI flag is ``--<flag>``; the setting is ``<flag>`` with ``_`` for ``-``).
+_COUNT_LIMITS: tuple[tuple[str, int, str | None], ...] = (
+    ("max-requests", 0, "0: all requests"),
+    ("pretrain-steps", 0, "0: no pre-training steps"),
+    ("batch-size", 1, None),
+    ("repair-steps", 0, "0: no repair steps, as --on-refusal skip"),
+    ("langevin-steps", 0, "0: the default, paper's samp_T + 2 x iter_T"),
+    ("paper-iter-T", 1, None),
+    ("paper-samp-T", 1, None),
+    ("eval-samples", 0, "0: all samples"),
+    ("eval-max", 0, "0: all points"),
+    ("eval-every", 1, None),
+    ("progress-max", 0, "0: all points"),
+    ("progress-samples", 1, None),
+    ("extra-finetune-steps", 0, "0: no unlearn+finetune"),
+)
+#: Settings that must be positive finite numbers (step sizes, scalings).
+_POSITIVE = ("explore-lr", "sample-lr", "init-scaling", "paper-init-scaling")
+#: ``--device`` values: torch devices this experiment runs on.
+DEVICES = "cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
+
+
+def _check_device(device: str) -> None:
+    """Refuse a ``--device`` that is not one of :data:`DEVICES`, or that this machine does not have."""
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::([0-9]{1,3}))?", device) if isinstance(device, str) else None
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise ValueError(f"--device must be {DEVICES}, got {ascii(device)[:40]}")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} requested but torch sees no CUDA device; use --device cpu")
+        if index is not None and int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps requested but torch sees no MPS device; use --device cpu")
+
+
 def _resolve(cfg: BNNConfig) -> BNNConfig:
     if cfg.sampler not in ("sgld", "sghmc"):
         raise ValueError(f"unknown sampler {cfg.sampler!r}; choose 'sgld' or 'sghmc'")
@@ -1128,6 +1184,8 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
         raise ValueError("need --explore-steps >= 0, --sample-steps >= 2 and --bank-size >= 2")
     if cfg.retrain_chains < 2:
         raise ValueError("--retrain-chains must be at least 2: the noise floor is the spread between retrain chains")
+    if isinstance(cfg.remove_class, bool) or not isinstance(cfg.remove_class, int) or cfg.remove_class < 0:
+        raise ValueError(f"--remove-class must be a class number >= 0, got {cfg.remove_class!r}")
     unknown = [m for m in cfg.methods if m not in OPTIONAL_METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(OPTIONAL_METHODS)}")
@@ -1138,10 +1196,24 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
         check_unlearner_kwarg(key, value)  # a bad value is refused now, not after training
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
         raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")
-    if cfg.eval_every < 1 or cfg.progress_samples < 1 or cfg.progress_max < 0 or cfg.eval_samples < 0:
-        raise ValueError("need --eval-every >= 1, --progress-samples >= 1, --progress-max >= 0, --eval-samples >= 0")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device; use --device cpu")
+    for flag, least, note in _COUNT_LIMITS:
+        v = getattr(cfg, flag.replace("-", "_"))
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            what = f" ({note})" if note else ""
+            raise ValueError(f"--{flag} must be a whole number >= {least}{what}, got {v!r}")
+    for flag in _POSITIVE:
+        v = getattr(cfg, flag.replace("-", "_"))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"--{flag} must be a positive finite number, got {v!r}")
+    if isinstance(cfg.pretrain_lr, bool) or not isinstance(cfg.pretrain_lr, (int, float)) or not cfg.pretrain_lr > 0:
+        raise ValueError(f"pretrain_lr must be a positive number, got {cfg.pretrain_lr!r}")
+    if not cfg.methods:
+        raise ValueError(f"--methods is empty; name at least one of {','.join(OPTIONAL_METHODS)}")
+    if cfg.threads != "auto" and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0):
+        from ..cli import THREADS_VALUES
+
+        raise ValueError(f"--threads must be {THREADS_VALUES}; got {cfg.threads!r}")
+    _check_device(cfg.device)
     if cfg.langevin_steps <= 0:
         cfg = replace(cfg, langevin_steps=cfg.paper_samp_T + 2 * cfg.paper_iter_T)
     return replace(cfg, methods=tuple(m for m in OPTIONAL_METHODS if m in cfg.methods))
@@ -1709,10 +1781,13 @@ def _unlearner_flag(key: str, typ: type) -> Callable[[str], Any]:
     return parse
 
 
-def _threads(v: str) -> int:
-    if v.isascii() and v.isdigit() and len(v) <= 4:
-        return int(v)
-    raise argparse.ArgumentTypeError(f"--threads must be a whole number >= 0 (0: leave torch's setting), got {v!r}")
+def _device(v: str) -> str:
+    """``--device``, checked at parse time: one of :data:`DEVICES` that this machine has."""
+    try:
+        _check_device(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
 
 
 def _method_list(v: str) -> tuple[str, ...]:
@@ -1720,12 +1795,28 @@ def _method_list(v: str) -> tuple[str, ...]:
     bad = [x for x in names if x not in OPTIONAL_METHODS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {','.join(OPTIONAL_METHODS)}")
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"is empty; name at least one of {','.join(OPTIONAL_METHODS)} (origin and the retrain chains always run)"
+        )
     return names
+
+
+def _quick_help() -> str:
+    """``--quick``'s help, from :data:`QUICK` itself (so that it cannot go stale)."""
+    q = QUICK
+    return (
+        f"a reduced run to check the setup in minutes: {q['pretrain_steps']} pre-training, {q['explore_steps']} "
+        f"exploration and {q['sample_steps']} sampling steps (about a tenth), a bank of {q['bank_size']} samples, "
+        f"{q['retrain_chains']} retrain chains, at most {q['max_requests']} requests, and smaller evaluations "
+        f"(at most {q['eval_max']} points per split, {q['eval_samples']} samples per method); applied after "
+        "--preset, explicit flags override it"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bnn`` subcommand."""
-    from ..cli import add_quiet_flag, new_folder
+    from ..cli import add_quiet_flag, add_threads_flag, new_folder, positive_number, whole_number
 
     p = subparsers.add_parser(
         "bnn",
@@ -1734,13 +1825,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d = BNNConfig()
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's settings")
-    p.add_argument("--quick", action="store_true", help="a reduced run to validate the pipeline (see QUICK)")
+    p.add_argument("--quick", action="store_true", help=_quick_help())
     p.add_argument("--dataset", default=None, help=f"data set (default {d.dataset})")
     p.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="architecture (default: per data set)")
-    p.add_argument("--remove-class", type=int, default=None, help=f"class to remove (default {d.remove_class})")
+    p.add_argument(
+        "--remove-class", type=whole_number(0), default=None, help=f"class to remove (default {d.remove_class})"
+    )
     p.add_argument("--remove-count", type=_count, default=None, help="'all' (default) or a number of points")
     p.add_argument("--sampler", choices=("sgld", "sghmc"), default=None, help="SG-MCMC sampler (default sgld)")
-    p.add_argument("--request-size", type=int, default=None, help=f"points per request (default {d.request_size})")
+    p.add_argument(
+        "--request-size", type=whole_number(1), default=None, help=f"points per request (default {d.request_size})"
+    )
     p.add_argument(
         "--pretrain",
         default=None,
@@ -1748,7 +1843,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-pretrain", action="store_true", help="random initial weights (no pre-training)")
     p.add_argument("--seed", type=seed_arg, default=None, help=f"random seed, 0 to {SEED_LIMIT - 1} (default 0)")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--device", type=_device, default=None, help=f"torch device: {DEVICES} (default cpu)")
     p.add_argument(
         "--data-dir", default=None, help="folder with the image files (the files themselves or torchvision's layout)"
     )
@@ -1773,7 +1868,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"comma-separated methods besides origin and the retrains (default {','.join(OPTIONAL_METHODS)})",
     )
-    p.add_argument("--retrain-chains", type=int, default=None, help="independent retrain chains (default 3, >= 2)")
+    p.add_argument(
+        "--retrain-chains",
+        type=whole_number(2, "the noise floor is the spread between retrain chains"),
+        default=None,
+        help="independent retrain chains (default 3, >= 2)",
+    )
     p.add_argument(
         "--on-refusal",
         choices=[x.value for x in RefusalPolicy],
@@ -1781,14 +1881,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a refused request: skip = remove the points, leave the posterior unshifted (default); sgld = also "
         "--repair-steps sampler steps of the live chain",
     )
-    p.add_argument("--repair-steps", type=int, default=None, help="sampler steps for --on-refusal sgld (default 64)")
+    limit = {flag: whole_number(least, note) for flag, least, note in _COUNT_LIMITS}
     p.add_argument(
-        "--langevin-steps", type=int, default=None, help="langevin's SGLD steps per request (default samp_T + 2 iter_T)"
+        "--repair-steps",
+        type=limit["repair-steps"],
+        default=None,
+        help="sampler steps for --on-refusal sgld (default 64; 0: none)",
     )
-    p.add_argument("--eval-samples", type=int, default=None, help="samples per method in the final evaluation (0: all)")
-    p.add_argument("--eval-max", type=int, default=None, help="points per evaluation split (0: all)")
-    p.add_argument("--eval-every", type=int, default=None, help="progress snapshot every this many requests")
-    p.add_argument("--max-requests", type=int, default=None, help="at most this many requests (0: all)")
+    p.add_argument(
+        "--langevin-steps",
+        type=limit["langevin-steps"],
+        default=None,
+        help="langevin's SGLD steps per request (0, the default: paper's samp_T + 2 x iter_T, 129 unless changed)",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=limit["eval-samples"],
+        default=None,
+        help="samples per method in the final evaluation (0: all)",
+    )
+    p.add_argument("--eval-max", type=limit["eval-max"], default=None, help="points per evaluation split (0: all)")
+    p.add_argument(
+        "--eval-every", type=limit["eval-every"], default=None, help="progress snapshot every this many requests"
+    )
+    p.add_argument(
+        "--max-requests", type=limit["max-requests"], default=None, help="at most this many requests (0: all)"
+    )
     p.add_argument(
         "--unlearner-kw",
         type=_keyword,
@@ -1799,13 +1917,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     adv = p.add_argument_group("advanced (shrink or tune the run)")
     for flag, typ in (
-        ("explore-steps", int),
-        ("explore-lr", float),
-        ("sample-steps", int),
-        ("sample-lr", float),
-        ("bank-size", int),
-        ("batch-size", int),
-        ("pretrain-steps", int),
+        ("explore-steps", whole_number(0, "0: no exploration steps")),
+        ("explore-lr", positive_number),
+        ("sample-steps", whole_number(2)),
+        ("sample-lr", positive_number),
+        ("bank-size", whole_number(2)),
+        ("batch-size", limit["batch-size"]),
+        ("pretrain-steps", limit["pretrain-steps"]),
         ("solver", str),
         ("damping", float),
         ("iter-T", int),
@@ -1817,24 +1935,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("expectation", str),
         ("hessian", str),
         ("bank-shift", str),
-        ("init-scaling", float),
-        ("paper-iter-T", int),
-        ("paper-samp-T", int),
-        ("paper-init-scaling", float),
-        ("progress-max", int),
-        ("progress-samples", int),
-        ("extra-finetune-steps", int),
+        ("init-scaling", positive_number),
+        ("paper-iter-T", limit["paper-iter-T"]),
+        ("paper-samp-T", limit["paper-samp-T"]),
+        ("paper-init-scaling", positive_number),
+        ("progress-max", limit["progress-max"]),
+        ("progress-samples", limit["progress-samples"]),
+        ("extra-finetune-steps", limit["extra-finetune-steps"]),
     ):
         key = flag.replace("-", "_")
         typ = _unlearner_flag(key, typ) if key in _UNLEARNER_OPTIONS else typ
         adv.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--threads",
-        type=_threads,
-        default=None,
-        metavar="N",
-        help=f"torch threads during the run (default {d.threads}: the networks here are small, where a thread pool "
-        "only adds overhead; 0: leave torch's setting, e.g. from OMP_NUM_THREADS)",
+    add_threads_flag(  # default None: BNNConfig's (1: the networks here are small); 0 stays 0 (leave torch's)
+        p, default=None, zero=0, default_help=f"{d.threads}: the networks here are small"
     )
     p.set_defaults(func=_main)
 

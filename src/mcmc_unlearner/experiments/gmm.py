@@ -318,10 +318,15 @@ def run_demo(
         raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed!r}")
     if request_size < 1:
         raise ValueError(f"--request-size must be >= 1, got {request_size}")
-    if thin < 1 or samples // thin < 10:
-        raise ValueError(f"thin={thin} leaves {samples // max(thin, 1)} samples; need >= 10 for the KL estimate")
     if burnin < 0 or samples < 1:
         raise ValueError(f"burn-in must be >= 0 and samples >= 1, got {burnin} and {samples}")
+    if thin < 1:
+        raise ValueError(f"--thin must be a whole number >= 1 (1: keep every sample), got {thin}")
+    if samples // thin < 10:
+        raise ValueError(
+            f"--thin {thin} keeps {samples // thin} of the {samples} samples; the KL estimate needs >= 10 "
+            f"(--thin at most {max(samples // 10, 1)})"
+        )
     kind = sampler.lower()
     if kind not in ("sgld", "sghmc"):
         raise ValueError(f"unknown sampler {sampler!r}; choose 'sgld' or 'sghmc'")
@@ -350,7 +355,8 @@ def run_demo(
         try:
             if progress:
                 k = torch.get_num_threads()
-                print(f"mcmc-unlearner demo: {k} torch thread{'s' if k != 1 else ''} (--threads)", file=sys.stderr)
+                how = "--threads" if threads is not None else "torch's setting"
+                print(f"mcmc-unlearner demo: {k} torch thread{'s' if k != 1 else ''} ({how})", file=sys.stderr)
             return _run(
                 kind, seed, request_size, burnin, samples, thin, n=n, per_cluster=per_cluster, batch_size=batch_size,
                 lr0=lr0, decay=decay, alpha=alpha, bank_shift=bank_shift, refresh_every=refresh_every,
@@ -1093,7 +1099,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         newton_steps=args.newton_steps,
         grad_draws=args.grad_draws,
         progress=not args.quiet,
-        threads=threads_for(args.threads, 8),  # forget's rule: 8 parameters, so "auto" is one thread
+        threads=threads_for(args.threads, 8),  # forget's rule: 8 parameters, so "auto" is one thread; 0 is None
     )
     meth = metrics["methods"]
     rc = metrics["retrain_chains"]["vs_exact"]
@@ -1114,7 +1120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand (the paper's Gaussian-mixture experiment)."""
-    from ..cli import add_quiet_flag, add_threads_flag, new_folder
+    from ..cli import add_quiet_flag, add_threads_flag, new_folder, whole_number
 
     p = subparsers.add_parser(
         "demo",
@@ -1132,7 +1138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(another run's results, say) is refused before any work",
     )  # fmt: skip
     p.add_argument("--seed", type=seed_arg, default=0, help=f"master seed, 0 to {SEED_LIMIT - 1} (default 0)")
-    p.add_argument("--request-size", type=int, default=4, help="points per deletion request (default 4)")
+    p.add_argument("--request-size", type=whole_number(1), default=4, help="points per deletion request (default 4)")
     p.add_argument(
         "--save-model",
         type=new_folder,
@@ -1141,26 +1147,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also save the origin model to DIR (new/empty)",
     )
     p.add_argument(
-        "--retrain-chains", type=int, default=4, metavar="N",
+        "--retrain-chains", type=whole_number(2, "a median needs several chains"), default=4, metavar="N",
         help="independent retrain chains whose median/range is the yardstick (default 4, at least 2)",
     )  # fmt: skip
     p.add_argument(
-        "--newton-steps", type=int, default=2, metavar="K",
+        "--newton-steps", type=whole_number(1), default=2, metavar="K",
         help="the unlearner's newton_steps: at most K damped Newton steps per request (default 2: the influence "
         "step, then one equilibrium step that zeroes the bank-averaged remaining-data gradient; 1: the library's "
         "default, the influence step alone)",
     )  # fmt: skip
     p.add_argument(
-        "--grad-draws", type=int, default=256, metavar="N",
+        "--grad-draws", type=whole_number(2), default=256, metavar="N",
         help="stored samples averaged for the removed points' gradient (default 256)",
     )  # fmt: skip
     p.add_argument(
         "--with-paper", action="store_true",
         help="also run the paper's procedure as its reference code does (method 'paper'; about 1 min more)",
     )  # fmt: skip
-    p.add_argument("--burnin", type=int, default=4000, help=argparse.SUPPRESS)
-    p.add_argument("--samples", type=int, default=4000, help=argparse.SUPPRESS)
-    p.add_argument("--thin", type=int, default=10, help="thinning for the KL estimates (default 10)")
+    p.add_argument("--burnin", type=whole_number(0), default=4000, help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=whole_number(1), default=4000, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--thin",
+        type=whole_number(1, "1: keep every sample"),
+        default=10,
+        metavar="K",
+        help="keep every K-th sample for the KL estimates (default 10; at least 10 samples must remain)",
+    )
     add_quiet_flag(p, help="no progress bars")
     add_threads_flag(p)
     p.set_defaults(func=_cmd_demo)

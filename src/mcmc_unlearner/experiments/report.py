@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -75,7 +76,7 @@ def out_dir_problem(out: str | Path) -> str | None:
             return f"{str(p)!a} exists and is not a folder; choose a new folder"
         names = sorted(e.name for e in os.scandir(p))
         if RUN_MARKER in names:
-            return f"{str(p)!a} is in use: another run is writing to it (or one was killed there); {fix}"
+            return _marker_problem(p, fix)
         if "metrics.json" in names:
             return f"{str(p)!a} already holds a run's results (metrics.json); {fix}"
         if names:
@@ -90,6 +91,45 @@ def out_dir_problem(out: str | Path) -> str | None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot create {str(p)!a}: {str(parent)!a} is not a writable folder"
     return None
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` exists on this host (``None``: cannot tell)."""
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    except (OSError, OverflowError, ValueError):
+        return None
+    return True
+
+
+def _marker_problem(p: Path, fix: str) -> str:
+    """Why a folder holding :data:`RUN_MARKER` is refused: the run holding it is alive, or was killed there (its
+    process is gone from this host: the folder holds a partial run), or, when the marker cannot be read or names
+    another host, that one of those is the case."""
+    try:
+        fields = (p / RUN_MARKER).read_text(encoding="utf-8", errors="replace")[:300].split()
+    except OSError:
+        fields = []
+    pid = int(fields[0]) if fields and fields[0].isascii() and fields[0].isdigit() and len(fields[0]) < 10 else None
+    host = fields[1] if len(fields) > 1 else None
+    here = socket.gethostname()
+    alive = _pid_alive(pid) if pid is not None and (host is None or host == here) else None
+    if alive is False:
+        return (
+            f"{str(p)!a} holds an unfinished run: the process that was writing to it ({pid}) is no longer running on "
+            f"this host (killed or crashed), so its files are partial; remove the folder (rm -r {str(p)!a}) or "
+            "choose a new folder"
+        )
+    if alive is True:
+        return f"{str(p)!a} is in use: another run is writing to it (process {pid}); {fix}"
+    where = f" (process {pid} on {host!a})" if pid is not None and host not in (None, here) else ""
+    return f"{str(p)!a} is in use: another run is writing to it{where} (or one was killed there); {fix}"
 
 
 def out_folder_arg(value: str) -> str:
@@ -121,7 +161,7 @@ def _claim(path: Path) -> None:
     except FileExistsError:
         raise ValueError(f"--out {out_dir_problem(path) or f'{str(path)!a} is in use by another run'}") from None
     with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")  # read by _marker_problem
     others = [e.name for e in os.scandir(path) if e.name != RUN_MARKER]
     if others:
         marker.unlink()

@@ -2,7 +2,10 @@
 
 Generic: every numeric leaf of the (nested) ``metrics.json`` dicts is aggregated under its dotted path (``a.b.c``
 for ``{"a": {"b": {"c": 1.0}}}``), whatever experiment wrote it. Per leaf: mean, sample standard deviation
-(``ddof = 1``; ``None`` for a single run), min, max and ``n`` (the runs that have a finite value there).
+(``ddof = 1``; ``None`` for a single run), min, max and ``n`` (the runs that have a finite value there). A run
+whose value there is NaN or ±inf (or ``null``, the spelling of NaN in files this package writes) is not averaged
+but counted (``nan``; the table's ``n`` column reads ``1 (+1 NaN)``), and a leaf that is finite in some runs and
+not in others is listed under the runs that differ, as a differing string is.
 Booleans count as 0/1 (``mean`` is then the fraction of runs where it is true, and ``true`` the count); lists
 and strings are not aggregated (per-request lists have their own summaries in the files), but string leaves
 whose value differs between runs (e.g. runs with different samplers) are reported, since averaging such runs is
@@ -97,6 +100,19 @@ def numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float | bool]:
     return out
 
 
+def _nonfinite_leaves(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted path → ``"nan"``, ``"inf"``, ``"-inf"`` or ``"null"`` for every leaf that holds no finite number."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_nonfinite_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif obj is None:
+        out[prefix] = "null"
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        out[prefix] = str(obj)
+    return out
+
+
 def _string_leaves(obj: Any, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     if isinstance(obj, dict):
@@ -115,34 +131,43 @@ def summarize_runs(runs: Sequence[dict[str, Any]], keys: Iterable[str] | None = 
         keys: Optional glob patterns (``fnmatch``, e.g. ``"methods.*.vs_exact.*"``); only matching leaves are kept.
 
     Returns:
-        ``{"n_runs", "stats": {path: {"mean", "sd", "min", "max", "n"[, "true"]}}, "differing": {path: [values]}}``
-        with ``stats`` in first-seen order.
+        ``{"n_runs", "stats": {path: {"mean", "sd", "min", "max", "n"[, "true"][, "nan"]}}, "differing": {path:
+        [values]}}`` with ``stats`` in first-seen order. ``nan``: the runs whose value there is NaN, ±inf or
+        ``null`` (not averaged; a leaf with no finite value has ``n`` 0 and ``None`` statistics). A leaf finite in
+        some runs and not in others is also in ``differing`` (per run: the number, ``"nan"``, ``"inf"``,
+        ``"null"``, or ``None`` where the run lacks it).
     """
     if not runs:
         raise ValueError("no runs to summarise; pass at least one run folder")
     patterns = list(keys) if keys is not None else None
     leaves = [numeric_leaves(r) for r in runs]
+    bad = [_nonfinite_leaves(r) for r in runs]
     order: dict[str, None] = {}
-    for lv in leaves:
-        order.update(dict.fromkeys(lv))
+    for lv, bd in zip(leaves, bad):
+        order.update(dict.fromkeys(p for p in (*lv, *bd) if p in lv or bd[p] != "null"))
     stats: dict[str, dict[str, Any]] = {}
+    differing: dict[str, list[Any]] = {}
     for path in order:
         if patterns is not None and not any(fnmatch.fnmatchcase(path, p) for p in patterns):
             continue
         values = [lv[path] for lv in leaves if path in lv]
         arr = np.asarray([float(v) for v in values], dtype=np.float64)
         entry: dict[str, Any] = {
-            "mean": float(arr.mean()),
+            "mean": float(arr.mean()) if arr.size else None,
             "sd": float(arr.std(ddof=1)) if arr.size > 1 else None,
-            "min": float(arr.min()),
-            "max": float(arr.max()),
+            "min": float(arr.min()) if arr.size else None,
+            "max": float(arr.max()) if arr.size else None,
             "n": int(arr.size),
         }
-        if all(isinstance(v, bool) for v in values):
+        if values and all(isinstance(v, bool) for v in values):
             entry["true"] = int(sum(values))
+        nan = sum(path in bd for bd in bad)
+        if nan:
+            entry["nan"] = nan
+            if values:  # finite in some runs, not in others: the runs differ there
+                differing[path] = [lv[path] if path in lv else bd.get(path) for lv, bd in zip(leaves, bad)]
         stats[path] = entry
     strings = [_string_leaves(r) for r in runs]
-    differing: dict[str, list[str | None]] = {}
     for path in dict.fromkeys(p for s in strings for p in s):
         vals = [s.get(path) for s in strings]
         if len(set(vals)) > 1 and not path.endswith(("out_dir", "description")):
@@ -151,14 +176,19 @@ def summarize_runs(runs: Sequence[dict[str, Any]], keys: Iterable[str] | None = 
 
 
 def summary_table(summary: dict[str, Any], digits: int = 3) -> str:
-    """Markdown table ``leaf | mean ± sd | min–max | n`` (booleans as ``k/n true``)."""
+    """Markdown table ``leaf | mean ± sd | min–max | n`` (booleans as ``k/n true``; runs with a NaN there as
+    ``n (+k NaN)``)."""
     rows = []
     for path, s in summary["stats"].items():
+        n = f"{s['n']} (+{s['nan']} NaN)" if s.get("nan") else s["n"]
         if "true" in s:
-            rows.append([path, f"{s['true']}/{s['n']} true", "", s["n"]])
+            rows.append([path, f"{s['true']}/{s['n']} true", "", n])
+            continue
+        if s["mean"] is None:
+            rows.append([path, "NaN", "", n])
             continue
         mean = fmt(s["mean"], digits) + ("" if s["sd"] is None else f" ± {fmt(s['sd'], digits)}")
-        rows.append([path, mean, f"{fmt(s['min'], digits)}–{fmt(s['max'], digits)}", s["n"]])
+        rows.append([path, mean, f"{fmt(s['min'], digits)}–{fmt(s['max'], digits)}", n])
     return markdown_table(["metric", "mean ± sd", "min–max", "n"], rows)
 
 
