@@ -194,7 +194,10 @@ def test_repair_refusals(model, tmp_path, capsys):
     before = folder_state(model)
     args = ["forget", "--model", str(model), "--ids", _ids(tmp_path), "--damping", "1e12", "--on-failure", "repair"]
     assert main([*args, "--repair-steps", "5"]) == 2
-    assert "below the bank size 20" in capsys.readouterr().err
+    assert "--repair-steps 5 is too few for the bank of 20 samples" in capsys.readouterr().err
+    # the bank comes from the run's second half: 39 steps (once accepted, banking steps 20-39) are too few
+    assert main([*args, "--repair-steps", "39"]) == 2
+    assert capsys.readouterr().err.endswith("so use at least 40 (twice the bank size)\n")
     assert main([*args, "--repair-steps", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert folder_state(model) == before

@@ -15,6 +15,7 @@ from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.samplers import run_chain
 from mcmc_unlearner.store import (
     MANIFEST_NAME,
+    DamagedFolderError,
     StoreError,
     atomic_write_bytes,
     bnn_model_spec,
@@ -123,7 +124,12 @@ def test_missing_pieces_are_refused(template, tmp_path):
         load_model(tmp_path / "nowhere")
     m = _copy(template, tmp_path)
     (m / MANIFEST_NAME).unlink()
-    with pytest.raises(StoreError, match=r"manifest\.json missing"):
+    # the ledger and state are still there: a damaged folder (restore it), not "no saved model" (save again)
+    with pytest.raises(
+        DamagedFolderError,
+        match=r"is damaged: manifest\.json is missing but the folder holds ledger\.jsonl \(1 line\), "
+        r"state-000000\.safetensors, .*Restore the folder from a backup",
+    ):
         load_model(m)
     m2 = tmp_path / "m2"
     shutil.copytree(template, m2)

@@ -38,6 +38,7 @@ from .service.fsio import (
     utc_now,
 )
 from .service.integrity import KEY_ENV, Key, resolve_key
+from .service.snapshot import DamagedFolderError
 from .service.snapshot import write_manifest as _write_manifest
 from .service.specs import (
     bnn_model_spec,
@@ -63,6 +64,7 @@ __all__ = [
     "SLOW_COMMIT_ENV",
     "SLOW_PHASE_ENV",
     "BusyError",
+    "DamagedFolderError",
     "Key",
     "LoadedModel",
     "Snapshot",

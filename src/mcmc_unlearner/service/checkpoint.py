@@ -54,7 +54,16 @@ from . import fsio, integrity, specs
 from . import ledger as ledger_mod
 from .fsio import BusyError, StoreError, phase, sha256_hex, utc_now
 from .integrity import Key
-from .snapshot import MANIFEST_NAME, Snapshot, check_folder, manifest_bytes, read_snapshot, write_manifest
+from .snapshot import (
+    MANIFEST_NAME,
+    Snapshot,
+    _no_manifest_message,
+    check_folder,
+    history_files,
+    manifest_bytes,
+    read_snapshot,
+    write_manifest,
+)
 from .state import (
     DATA_FILE,
     FORMAT_NAME,
@@ -299,7 +308,9 @@ def save_model(
         data_spec: JSON spec rebuilding the full training tensors, or ``{"kind": "tensors"}`` to store the data
             in the folder.
         extra: Free JSON stored in the manifest (e.g. experiment settings).
-        overwrite: Replace a model already saved in ``path`` (its ledger is discarded).
+        overwrite: Replace a model already saved in ``path``, or the ledger and state files left in it without a
+            manifest (its ledger of applied requests is discarded). Without it such a folder is refused and
+            nothing in it is changed: a ledger or state file is never treated as debris of this save.
         check_data: Rebuild the data from ``data_spec`` and check it equals ``data``'s tensors.
         key: Integrity key to sign the folder with (``None``: ``$MCMC_UNLEARNER_KEY`` if set, else unsigned).
 
@@ -307,8 +318,9 @@ def save_model(
         The folder path.
 
     Raises:
-        StoreError: The folder holds other files or already a model, the specs do not reproduce the objects,
-            or an object cannot be saved (custom callables or sampler class).
+        StoreError: The folder holds other files, already a model, or the ledger or state files of a model
+            whose manifest is missing (a damaged folder: restore it from a backup); the specs do not reproduce
+            the objects, or an object cannot be saved (custom callables or sampler class).
     """
     root = Path(path)
     k = integrity.as_key(key)
@@ -353,6 +365,15 @@ def save_model(
             raise StoreError(
                 f"{root} is not empty (it holds {ascii(foreign[:3])[:120]}); save into a new or empty folder"
             )
+        if MANIFEST_NAME not in names and not overwrite:
+            history = history_files(root)
+            if history:
+                # a saved model whose manifest is gone: its ledger is the record of applied deletion requests,
+                # never debris of this save (that was: the ledger and state deleted without a word)
+                raise StoreError(
+                    f"{_no_manifest_message(root, history)} (save_model refused: choose a new folder, or "
+                    "overwrite=True to discard that ledger deliberately)"
+                )
         if MANIFEST_NAME in names:
             if not overwrite:
                 raise StoreError(f"{root} already holds a saved model; choose another folder (or overwrite=True)")

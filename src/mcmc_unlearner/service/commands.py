@@ -37,7 +37,7 @@ def _key(args: argparse.Namespace) -> integrity.Key | None:
 
 def _cmd_forget(args: argparse.Namespace) -> int:
     # everything about the request is checked before the folder is touched
-    ids = requests.read_ids(args.ids, max_bytes=args.max_request_bytes)
+    ids = requests.read_ids(args.ids, max_bytes=args.max_request_bytes, unique=True)
     rid = None if args.request_id is None else requests.check_request_id(args.request_id)
     overrides = _overrides(args)
     key = _key(args)
@@ -259,7 +259,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_positive_int("--repair-steps", gate.MAX_REPAIR_STEPS),
         default=gate.DEFAULT_REPAIR_STEPS,
         metavar="N",
-        help=f"SG-MCMC steps of --on-failure repair (default {gate.DEFAULT_REPAIR_STEPS}; at least the bank size)",
+        help=f"SG-MCMC steps of --on-failure repair (default {gate.DEFAULT_REPAIR_STEPS}; at least twice the bank "
+        "size: the bank is refreshed from the run's second half)",
     )
     g = f.add_argument_group("solver settings for this request (validated first; recorded in the ledger)")
     g.add_argument(

@@ -36,12 +36,14 @@ from .. import distributed
 from ..curvature import ParamSpec
 from ..data import as_id_tensor
 from ..errors import InvalidRequestError, SolverDivergedError, all_finite
+from ..solvers import SolverName
 from ..unlearner import RemovalReport
 from . import checkpoint, fsio, gate, integrity, requests
 from . import ledger as ledger_mod
 from .fsio import StoreError
 from .gate import OnFailure, QualityGateError
 from .integrity import Key
+from .snapshot import DamagedFolderError
 
 __all__ = [
     "ForgetOutcome",
@@ -123,12 +125,20 @@ class ForgetOutcome:
 
 
 def _check_ids(ids: Sequence[int] | torch.Tensor) -> list[int]:
-    id_list = [int(i) for i in as_id_tensor(ids).tolist()]
+    """The request's ids, checked before the folder is touched: not empty, no negative id, no id twice (so a
+    repeated id is named as such, not as a request id "already used for different ids")."""
+    t = as_id_tensor(ids)
+    id_list = [int(i) for i in t.tolist()]
     if not id_list:
         raise InvalidRequestError("deletion request is empty: pass at least one training-example id")
     bad = [i for i in id_list if not 0 <= i <= requests.MAX_ID]
     if bad:
         raise InvalidRequestError(f"deletion request: unknown id(s) {bad[:5]}; ids are non-negative row numbers")
+    uniq, counts = torch.unique(t, return_counts=True)
+    if (counts > 1).any():
+        raise InvalidRequestError(
+            f"deletion request: id(s) {uniq[counts > 1][:5].tolist()} appear more than once; list each id once"
+        )
     return id_list
 
 
@@ -278,6 +288,11 @@ def forget(
                 un = checkpoint.with_config(loaded, settings)
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from None
+            if un.solver is SolverName.LISSA and un.iter_T < 1:  # the solver refuses it mid-request (a ValueError)
+                raise InvalidRequestError(
+                    f"--iter-T {un.iter_T} leaves the lissa solver no round of its recursion; use --iter-T 1 or more "
+                    "(e.g. 100)"
+                )
             if policy is OnFailure.REPAIR:
                 if loaded.sampler is None:
                     raise InvalidRequestError(
@@ -285,10 +300,9 @@ def forget(
                         "use --on-failure refuse or accept"
                     )
                 size = 0 if un.bank is None else int(un.bank.shape[0])
-                if repair_steps < size:
-                    raise InvalidRequestError(
-                        f"--repair-steps {repair_steps} is below the bank size {size}; use at least {size}"
-                    )
+                problem = gate.repair_steps_problem(repair_steps, size)
+                if problem:
+                    raise InvalidRequestError(problem)
                 if distributed.launched():
                     raise InvalidRequestError("--on-failure repair runs in one process; run it without torchrun")
             report = distributed.apply_request(un, id_list, loaded.data)  # in memory only
@@ -442,13 +456,18 @@ def verify(
 
     Raises:
         FileNotFoundError: The folder does not exist.
-        StoreError: The folder holds no saved model (no manifest).
+        StoreError: The folder holds no saved model (no manifest, and no ledger or state file; without a
+            manifest but with them, the folder is damaged: that is a problem in the result, not an exception).
         InvalidRequestError: ``expect_head`` is not 64 hex digits.
         BusyError: No consistent snapshot within ``wait`` seconds.
     """
     expected = None if expect_head is None else check_head(expect_head)
     res = VerifyResult()
-    checkpoint.check_folder(model_dir)  # not a model folder at all: refused (exit 2), not "FAILED"
+    try:
+        checkpoint.check_folder(model_dir)  # not a model folder at all: refused (exit 2), not "FAILED"
+    except DamagedFolderError as exc:  # the ledger and state are there, the manifest is not: a damaged folder
+        res.problems.append(str(exc))
+        return res
     try:
         snap = checkpoint.read_snapshot(model_dir, key=key, wait=wait, strict=False)
     except fsio.BusyError:
@@ -477,8 +496,10 @@ def verify(
             res.notes.append("ledger head matches the expected head")
         elif expected in hashes and not snap.problems:
             later = len(hashes) - 1 - hashes.index(expected)
+            at = hashes.index(expected)
             res.notes.append(
-                f"the expected head is ledger line {hashes.index(expected) + 1}; {later} entries came after"
+                f"the expected head is ledger entry {at} (line {at + 1} of {ledger_mod.LEDGER_NAME}; entry 0 is the "
+                f"save); {later} entr{'y' if later == 1 else 'ies'} came after"
             )
         else:
             res.problems.append(

@@ -18,8 +18,9 @@ The policy for a removal that fails (:class:`OnFailure`, ``--on-failure``):
   ``status`` then reports the model as degraded, naming the requests.
 * ``repair``: commit the removal followed by a bounded SG-MCMC run on the remaining data with the saved
   sampler (:func:`repair_chain`): the chain continues from the unlearned state for ``--repair-steps`` steps
-  and the sample bank is replaced by the last ``S`` thinned samples of the run's second half, so the
-  posterior samples come from the chain on the remaining data. What can be re-checked is re-checked
+  (at least twice the bank size ``S``) and the sample bank is replaced by the last ``S`` thinned samples of
+  the run's second half (the first half is burn-in from the failed step), so the posterior samples come from
+  the chain on the remaining data. What can be re-checked is re-checked
   (finite chain and bank; the remaining-data NLL of the bank before and after) and recorded.
 """
 
@@ -44,8 +45,10 @@ __all__ = [
     "OnFailure",
     "QualityGateError",
     "apply_removal",
+    "min_repair_steps",
     "quality_problems",
     "repair_chain",
+    "repair_steps_problem",
 ]
 
 DEFAULT_REPAIR_STEPS = 1000
@@ -122,21 +125,48 @@ def _mean_nll(un: MCMCUnlearner, thetas: torch.Tensor, data: RemovableDataset, r
     return total / max(1, thetas.shape[0])
 
 
+def min_repair_steps(size: int) -> int:
+    """The fewest ``--repair-steps`` for a bank of ``size`` samples: ``2 * size`` (at least 1).
+
+    The bank is taken from the run's second half only, thinned to ``size`` states: the first half lets the chain
+    move away from the failed step's state and mix on the remaining data (states right after it are not yet
+    posterior samples of the remaining data), so the second half must hold ``size`` states at least.
+    """
+    return max(1, 2 * int(size))
+
+
+def repair_steps_problem(steps: int, size: int) -> str | None:
+    """Why ``steps`` repair steps cannot refresh a bank of ``size`` samples (``None``: they can)."""
+    need = min_repair_steps(size)
+    if steps >= need:
+        return None
+    if not size:
+        return f"--repair-steps must be at least 1, got {steps}"
+    return (
+        f"--repair-steps {steps} is too few for the bank of {size} samples: the bank is refreshed from the run's "
+        f"second half only (the first half lets the chain mix on the remaining data), so use at least {need} "
+        f"(twice the bank size)"
+    )
+
+
 def repair_chain(
     un: MCMCUnlearner, sampler: torch.optim.Optimizer | None, data: RemovableDataset, steps: int
 ) -> dict[str, Any]:
     """Bounded SG-MCMC on the remaining data after a removal; refreshes the sample bank from the chain.
 
     The chain continues from the unlearned live state with the saved sampler for ``steps`` steps on the
-    energy of the remaining ``n`` points. With a bank of ``S`` samples, every ``k = max(1, ⌊steps/2⌋ // S)``-th
-    state is kept and the last ``S`` kept states (the run's second half) replace the bank.
+    energy of the remaining ``n`` points. With a bank of ``S`` samples, ``steps`` must be at least ``2S``
+    (:func:`min_repair_steps`); every ``k = ⌊steps/2⌋ // S``-th state (``k >= 1``) is kept and the last ``S``
+    kept states replace the bank. They span ``(S - 1)·k + 1 <= ⌊steps/2⌋`` steps ending at the last kept
+    step, so they all lie in the run's second half: the first half is burn-in from the failed step's state.
 
     Returns:
-        The record stored in the ledger: steps, seconds, kept samples, remaining-data NLL of the bank before
-        and after (first 2,000 remaining rows, up to 16 bank samples), and ``ok`` (chain and bank finite).
+        The record stored in the ledger: steps, ``keep_every`` (``k``), ``bank_steps`` (1-based steps of the
+        first and last banked state), seconds, remaining-data NLL of the bank before and after (first 2,000
+        remaining rows, up to 16 bank samples), and ``ok`` (chain and bank finite).
 
     Raises:
-        UnlearningError: No sampler was saved, or ``steps`` is smaller than the bank.
+        UnlearningError: No sampler was saved, or ``steps`` is below :func:`min_repair_steps` of the bank.
     """
     if sampler is None:
         raise UnlearningError(
@@ -145,23 +175,27 @@ def repair_chain(
         )
     bank = un.bank
     size = 0 if bank is None else int(bank.shape[0])
-    if steps < max(1, size):
-        raise UnlearningError(f"--repair-steps {steps} is below the bank size {size}; use at least {size}")
+    problem = repair_steps_problem(steps, size)
+    if problem:
+        raise UnlearningError(problem)
     t0 = time.perf_counter()
     n = len(data)
     probe = None if bank is None else bank[_evenly(size, 16)]
     nll_before = None if probe is None else _mean_nll(un, probe, data)
-    keep = max(1, (steps // 2) // max(1, size))
-    kept = run_chain(un.model, sampler, data, un.energy, steps, n, keep_every=keep if size else 0)
+    keep = (steps // 2) // size if size else 0  # >= 1: steps >= 2 * size (checked above)
+    kept = run_chain(un.model, sampler, data, un.energy, steps, n, keep_every=keep)
     # the chain resampled the remaining data's posterior: what the failed removal carried (its undone influence,
     # the first moment to restore, the damping and curvature it found) belongs to the old bank; kept, the next
     # request applied the repaired rows' gradient a second time
     un.reset_curvature()
-    record: dict[str, Any] = {"steps": int(steps), "keep_every": keep if size else 0}
+    record: dict[str, Any] = {"steps": int(steps), "keep_every": keep}
     if size:
         assert kept is not None
         un.bank = kept[-size:].detach().clone().to(bank.dtype)
         record["bank_refreshed"] = size
+        # 1-based steps of the first and last banked state: both in the run's second half
+        last = (steps // keep) * keep
+        record["bank_steps"] = [last - (size - 1) * keep, last]
         record["nll_before"] = nll_before
         record["nll_after"] = _mean_nll(un, un.bank[_evenly(size, 16)], data)
     live = ParamSpec.flatten_module(un.model)

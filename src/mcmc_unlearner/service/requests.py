@@ -6,7 +6,9 @@ Everything here is checked **before** the model folder is touched, and every ref
 * **Ids** are 0-based training-row numbers written in ASCII digits (``0``–``9``; no signs, no Unicode digits,
   no underscores), below 2^63. Text requests separate them by ASCII whitespace or commas (``#`` starts a
   comment); JSON requests are a list or ``{"ids": [...]}`` — no other keys, no duplicate keys, nesting at
-  most two levels. The size is checked before anything is parsed (``max_bytes``).
+  most two levels. The size is checked before anything is parsed (``max_bytes``); a file or standard input
+  may start with a UTF-8 byte-order mark (dropped). Text requests are read vectorised (:func:`parse_ids`), and
+  the CLI refuses a repeated id while parsing, before any per-id Python object exists.
 * **Request ids** are 1–128 printable ASCII characters without leading or trailing spaces (so echoing them
   cannot move the cursor or fake output).
 * **Settings** (:func:`check_settings`) are validated with messages naming the fix: ``damping`` ``"auto"``
@@ -51,6 +53,13 @@ _SEP = re.compile(r"[ \t\n\r\f\v,]+")
 _DIGITS = re.compile(r"[0-9]+")
 _REQUEST_ID = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_COMMENT = re.compile(rb"#[^\n]*")
+_SEP_TO_SPACE = bytes.maketrans(b"\t\n\r\f\v,", b"      ")
+_FAST_CHUNK = 1 << 18  # bytes per vectorised piece: its temporaries stay below about 8 MB
+_NOT_SPACE = re.compile(rb"[^ \t\n\r\f\v]")
+_TWENTY_DIGITS = re.compile(rb"[0-9]{20}")
+_NINETEEN_DIGITS = re.compile(rb"[0-9]{19}")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _show(text: str, n: int = 40) -> str:
@@ -112,20 +121,100 @@ def _parse_json(raw: bytes, source: str) -> list[int]:
     return out
 
 
-def parse_ids(text: str | bytes, source: str = "request") -> list[int]:
+def _fast_text_ids(body: bytes, unique: bool = False) -> np.ndarray | None:
+    """The ids of a text request whose tokens are all ASCII-digit ids below 2^63 written with at most 19 digits,
+    read vectorised in pieces of about 256 KiB (a 16 MiB request in well under a second, without a Python object
+    per id); ``None`` for anything else (a bad token, an id written with 20 or more digits, not UTF-8), which the
+    line-by-line reader then reads or refuses with its message. Both read the same grammar: ``#`` to the end of
+    the line is a comment, tokens are separated by ASCII whitespace and commas.
+
+    With ``unique`` a piece holding an id twice is refused at once (every token was checked first, so a
+    malformed id is still refused before a repeated one); repeats across pieces are the caller's check.
+    """
+    if b"#" in body:
+        try:
+            body.decode("utf-8")  # the comments too must be UTF-8, as the line reader requires
+        except UnicodeDecodeError:
+            return None
+        body = _COMMENT.sub(b"", body)
+    flat = body.translate(_SEP_TO_SPACE)
+    whole = np.frombuffer(flat, dtype=np.uint8)
+    for i in range(0, whole.size, _FAST_CHUNK):  # in pieces: no full-size temporaries
+        c = whole[i : i + _FAST_CHUNK]
+        if (((c - np.uint8(48)) > 9) & (c != 32)).any():
+            return None  # anything but digits and separators: the line reader's case
+    if _TWENTY_DIGITS.search(flat):
+        return None  # an id written with 20 or more digits (leading zeros): the line reader's case
+    if any(int(m.group()) > MAX_ID for m in _NINETEEN_DIGITS.finditer(flat)):
+        return None  # too large: the line reader words the refusal
+    parts: list[np.ndarray] = []
+    pos, n = 0, len(flat)
+    while pos < n:
+        end = flat.find(b" ", min(pos + _FAST_CHUNK, n))
+        end = n if end < 0 else end  # pieces end at a separator: no token is cut
+        a = np.frombuffer(flat, dtype=np.uint8, count=end - pos, offset=pos)
+        edge = np.diff((a != 32).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+        starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+        lengths = ends - starts
+        if lengths.size:
+            vals = np.zeros(lengths.size, dtype=np.uint64)  # < 10^19 < 2^64: no overflow
+            for k in range(int(lengths.max())):
+                m = lengths > k
+                vals[m] = vals[m] * np.uint64(10) + (a[starts[m] + k] - np.uint8(48))
+            part = vals.astype(np.int64)
+            if unique:
+                _refuse_duplicates(part)
+            parts.append(part)
+        pos = end + 1
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _refuse_duplicates(ids: np.ndarray) -> None:
+    """Refuse ids that appear more than once, naming the smallest five (as :meth:`RemovableDataset.validate`)."""
+    if ids.size < 2:
+        return
+    s = np.sort(ids)
+    found: list[int] = []
+    for i in range(0, s.size - 1, _FAST_CHUNK):  # in pieces: no array of every repeat
+        piece = s[i : i + _FAST_CHUNK + 1]
+        for v in np.unique(piece[1:][piece[1:] == piece[:-1]])[:5].tolist():
+            if not found or found[-1] != v:
+                found.append(v)
+        if len(found) >= 5:
+            break
+    if found:
+        raise InvalidRequestError(f"deletion request: id(s) {found[:5]} appear more than once; list each id once")
+
+
+def parse_ids(text: str | bytes, source: str = "request", *, unique: bool = False) -> list[int]:
     """Parse a deletion request: a JSON list / ``{"ids": [...]}``, or ids separated by whitespace/commas/lines.
+
+    Args:
+        text: The request.
+        source: How messages name it (e.g. ``"ids file 'req.txt'"``).
+        unique: Also refuse ids that appear more than once (as :func:`~.deletion.forget` does), checked on the
+            parsed ids before the Python list is built: a 16 MiB request of one repeated id is refused in
+            about a second. A malformed id is refused first, as without ``unique``.
 
     Raises:
         InvalidRequestError: Empty, not UTF-8, malformed or too deeply nested JSON, duplicate or extra JSON keys,
-            or any id that is not ASCII digits below 2^63.
+            or any id that is not ASCII digits below 2^63; with ``unique``, a repeated id.
     """
     raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
-    body = raw.strip(b" \t\n\r\f\v")
-    if not body:
+    first = _NOT_SPACE.search(raw)
+    if first is None:
         raise InvalidRequestError(f"{source} is empty: list at least one training-example id")
-    if body[:1] in (b"[", b"{"):
-        ids = _parse_json(body, source)
+    if raw[first.start() : first.start() + 1] in (b"[", b"{"):
+        ids = _parse_json(raw.strip(b" \t\n\r\f\v"), source)
     else:
+        fast = _fast_text_ids(raw, unique)  # outer whitespace separates nothing: no stripped copy needed
+        if fast is not None:
+            if not fast.size:
+                raise InvalidRequestError(f"{source} is empty: list at least one training-example id")
+            if unique:
+                _refuse_duplicates(fast)
+            return fast.tolist()
+        body = raw.strip(b" \t\n\r\f\v")  # line numbers count from the first non-blank line, as before
         try:
             decoded = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -137,16 +226,20 @@ def parse_ids(text: str | bytes, source: str = "request") -> list[int]:
                     ids.append(_to_id(tok, f"{source} line {lineno}"))
     if not ids:
         raise InvalidRequestError(f"{source} is empty: list at least one training-example id")
+    if unique:
+        _refuse_duplicates(np.asarray(ids, dtype=np.int64))
     return ids
 
 
-def _read_limited(stream: BinaryIO, max_bytes: int, source: str) -> bytes:
+def _read_limited(stream: BinaryIO, max_bytes: int, source: str, size: int = 0) -> bytes:
+    """At most ``max_bytes`` of ``stream`` (else refused); ``size``: the file's size, read in one piece then."""
     chunks: list[bytes] = []
     total = 0
     while True:
-        chunk = stream.read(min(1 << 20, max_bytes + 1 - total))
+        want = min(size + 1, max_bytes + 1) if size and not chunks else min(1 << 20, max_bytes + 1 - total)
+        chunk = stream.read(want)
         if not chunk:
-            return b"".join(chunks)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one piece: no copy
         chunks.append(chunk)
         total += len(chunk)
         if total > max_bytes:
@@ -155,20 +248,36 @@ def _read_limited(stream: BinaryIO, max_bytes: int, source: str) -> bytes:
             )
 
 
+def _strip_bom(raw: bytes) -> bytes:
+    """``raw`` without a leading UTF-8 byte-order mark (Windows editors write one at the start of text files)."""
+    return raw[len(UTF8_BOM) :] if raw.startswith(UTF8_BOM) else raw
+
+
 def read_ids(
-    path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES, stdin: BinaryIO | None = None
+    path: str | os.PathLike,
+    *,
+    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    stdin: BinaryIO | None = None,
+    unique: bool = False,
 ) -> list[int]:
     """Read and parse the ids of a request from a file, or from standard input when ``path`` is ``"-"``.
 
     The size is checked before parsing (a regular file by its size, stdin while reading). Only regular files
-    are read (a FIFO would block; use ``-`` for pipes).
+    are read (a FIFO would block; use ``-`` for pipes). A leading UTF-8 byte-order mark is dropped.
+
+    Args:
+        path: The ids file, or ``"-"``.
+        max_bytes: Largest request accepted.
+        stdin: Stream read for ``"-"`` (default: standard input).
+        unique: Refuse ids that appear more than once (see :func:`parse_ids`).
 
     Raises:
         InvalidRequestError: Missing, not a regular file, too large, or malformed (see :func:`parse_ids`).
     """
     if str(path) == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
-        return parse_ids(_read_limited(stream, max_bytes, "standard input"), "standard input")
+        raw = _strip_bom(_read_limited(stream, max_bytes, "standard input"))
+        return parse_ids(raw, "standard input", unique=unique)
     p = Path(path)
     shown = _show(str(p), 120)
     try:
@@ -193,8 +302,8 @@ def read_ids(
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise InvalidRequestError(f"ids file {shown} is not a regular file; to pipe ids in, use --ids -")
-        raw = _read_limited(f, max_bytes, f"ids file {shown}")
-    return parse_ids(raw, f"ids file {shown}")
+        raw = _strip_bom(_read_limited(f, max_bytes, f"ids file {shown}", size=st.st_size))
+    return parse_ids(raw, f"ids file {shown}", unique=unique)
 
 
 def parse_ids_file(path: str | os.PathLike) -> list[int]:

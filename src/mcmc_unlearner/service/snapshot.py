@@ -14,9 +14,11 @@ committed ledger prefix never changes, so equal manifests before and after mean 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import stat as stat_mod
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,17 @@ from . import fsio, integrity, specs
 from . import ledger as ledger_mod
 from .fsio import BusyError, StoreError, sha256_hex
 from .integrity import Key
-from .state import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, parse_tensors, state_name
+from .state import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, is_state_file, parse_tensors, state_name
 
-__all__ = ["MANIFEST_NAME", "Snapshot", "check_folder", "manifest_bytes", "read_snapshot"]
+__all__ = [
+    "MANIFEST_NAME",
+    "DamagedFolderError",
+    "Snapshot",
+    "check_folder",
+    "history_files",
+    "manifest_bytes",
+    "read_snapshot",
+]
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -164,11 +174,17 @@ class Snapshot:
             raise StoreError(self.problems[0])
 
 
+class DamagedFolderError(StoreError):
+    """A model folder without ``manifest.json`` that still holds a ledger or state files (:func:`history_files`):
+    a saved model whose commit point was deleted or lost, not an empty folder."""
+
+
 def check_folder(path: str | os.PathLike) -> Path:
     """The folder as a :class:`Path` once it exists, is a folder and holds a manifest (nothing is created).
 
     Raises:
         FileNotFoundError: The folder does not exist.
+        DamagedFolderError: No manifest, but the ledger or state files of a saved model are there.
         StoreError: Not a folder, or no saved model in it.
     """
     root = Path(path)
@@ -180,16 +196,63 @@ def check_folder(path: str | os.PathLike) -> Path:
         ) from None
     except OSError as exc:
         raise StoreError(f"cannot open model folder {str(root)!a}: {exc.strerror}") from None
-    import stat as stat_mod
-
     if not stat_mod.S_ISDIR(st.st_mode):
         raise StoreError(f"{str(root)!a} is not a folder; --model takes the folder a model was saved into")
     if not os.path.lexists(root / MANIFEST_NAME):
+        history = history_files(root)
+        if history:
+            raise DamagedFolderError(_no_manifest_message(root, history))
         raise StoreError(
-            f"{str(root)!a} holds no saved model (manifest.json missing: never saved, or the save was "
-            "interrupted); save the model again"
+            f"{str(root)!a} holds no saved model (manifest.json missing, and no ledger or state file: never saved, "
+            "or a save into it was interrupted early); save a model into it (--save-model DIR)"
         )
     return root
+
+
+def history_files(root: Path) -> list[str]:
+    """The entries of ``root`` that hold a saved model's history: a non-empty ``ledger.jsonl`` and every
+    ``state-<k>.safetensors`` (links and other non-regular entries of those names count too: nothing is
+    followed). Without ``manifest.json`` they mean a damaged folder, never "no saved model"."""
+    out: list[str] = []
+    try:
+        names = fsio.list_names(root)
+    except OSError:  # an unlistable folder: nothing seen, nothing claimed
+        return out
+    for name in names:
+        if name == ledger_mod.LEDGER_NAME:
+            try:
+                st = os.lstat(root / name)
+            except FileNotFoundError:
+                continue
+            if st.st_size > 0 or not stat_mod.S_ISREG(st.st_mode):
+                out.append(name)
+        elif is_state_file(name):
+            out.append(name)
+    return out
+
+
+def _no_manifest_message(root: Path, history: list[str]) -> str:
+    n = None
+    if ledger_mod.LEDGER_NAME in history:
+        with contextlib.suppress(OSError, StoreError):
+            n = fsio.read_regular(root, ledger_mod.LEDGER_NAME, what="ledger").count(b"\n")
+    names = [
+        f"{h} ({n} line{'' if n == 1 else 's'})" if h == ledger_mod.LEDGER_NAME and n is not None else h
+        for h in history
+    ]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    # what an interrupted save leaves: its state file and at most the save line, no request applied yet
+    early = set(history) <= {ledger_mod.LEDGER_NAME, state_name(0)} and (
+        ledger_mod.LEDGER_NAME not in history or (n is not None and n <= 1)
+    )
+    hint = (
+        "; if a save into it was interrupted, no request was applied: delete the folder and save again" if early else ""
+    )
+    return (
+        f"{str(root)!a} is damaged: manifest.json is missing but the folder holds {shown}, the ledger and state of a "
+        "saved model: the manifest was deleted or lost. Restore the folder from a backup (do not save a new model "
+        f"into it: that would discard the ledger of applied requests){hint}; nothing was changed"
+    )
 
 
 def _read_once(root: Path, key: Key | None) -> Snapshot:
