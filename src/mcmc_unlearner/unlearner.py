@@ -919,6 +919,26 @@ class _Stream:
             self.source.load_state_dict(state)
 
 
+def _same_state(a: Any, b: Any) -> bool:
+    """Whether two ``state_dict()`` values (tensors, numbers, nested containers) are equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a usable ==: cannot tell, assume unchanged
+        return True
+
+
 @dataclass
 class Proposal:
     """A computed removal, not yet applied (:meth:`MCMCUnlearner.propose`, :meth:`MCMCUnlearner.apply`).
@@ -1130,6 +1150,14 @@ class MCMCUnlearner:
                 f"the model's parameters are {'/'.join(low)}: 8-11 significant bits cannot hold a removal's shift "
                 "(typically far below a weight's rounding step) and make the solves and the safety check inexact. "
                 "Unlearn in float32: model.float() and a float32 bank (cast back afterwards if you must)"
+            )
+        mixed = {p.dtype: n for n, p in reversed(list(model.named_parameters())) if p.requires_grad}
+        if len(mixed) > 1:
+            kinds = ", ".join(f"{str(t).removeprefix('torch.')} ({n!r}, ...)" for t, n in reversed(mixed.items()))
+            raise ValueError(
+                f"the model's trainable parameters have different dtypes: {kinds}. The unlearner keeps every sample as "
+                "one flat vector and evaluates the model from it, so all trainable parameters need one dtype: cast "
+                "the model (model.double() or model.float()) and the samples alike"
             )
         if nll is None and not hasattr(model, "nll"):
             raise TypeError("pass nll=callable(model, batch) or give the model an nll(batch) method")
@@ -1703,6 +1731,9 @@ class MCMCUnlearner:
             self.generator.set_state(gen)
             stream.set_state(data_state)
         prop._owner, prop._version = self, self._version
+        # what apply() overwrites beyond the unlearner's own state: the live parameters (a sampler step or a
+        # load_state_dict in between would be undone) and the data set's state (rows removed in between revived)
+        prop._live_before, prop._data_before = snap[0], data_state
         prop._lr_scale = (n + batch[0].shape[0]) / n
         prop.report.seconds = time.perf_counter() - t0
         return prop
@@ -1715,6 +1746,19 @@ class MCMCUnlearner:
         """
         if proposal._owner is not self or proposal._version != self._version:
             raise ValueError("stale proposal: it was made by another unlearner or before a later change; propose again")
+        before = getattr(proposal, "_live_before", None)
+        if before is not None and not torch.equal(ParamSpec.flatten_module(self.model), before):
+            raise ValueError(
+                "stale proposal: the model's parameters changed since propose() (sampler steps or a load_state_dict), "
+                "and applying it would put them back; propose again"
+            )
+        if proposal._data is not None and not _same_state(
+            proposal._data.state(), getattr(proposal, "_data_before", None)
+        ):
+            raise ValueError(
+                "stale proposal: the remaining data changed since propose() (rows removed, or minibatches drawn), and "
+                "applying it would restore its earlier state; propose again"
+            )
         t0 = time.perf_counter()
         ParamSpec.assign(self.model, proposal.live)
         if proposal._sampler_state is not None and self.sampler is not None:
@@ -2055,9 +2099,14 @@ class MCMCUnlearner:
         if self.bank_shift is BankShift.MEAN:
             return live + x, (None if self.bank is None else self.bank + x)
         if self.bank_shift is BankShift.SAMPLE:
+            # each sample's own influence about the common shift x: x is what the check measured and carries the
+            # further Newton steps and the carried influence of earlier requests, which per-sample gradients of the
+            # removed rows alone would drop
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
             g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
-            moved = pts + length * self.curvature.solve(g_all.T, damping).x.T
+            own = self.curvature.solve(g_all.T, damping).x.T
+            mean = own[1:].mean(0) if self.bank is not None else own[0]
+            moved = pts + x + length * (own - mean)
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)
         # the exact Gaussian transport from the old to the new precision: undamped when both are positive definite
@@ -2346,6 +2395,7 @@ class MCMCUnlearner:
             self.curvature.load_state_dict(tensors, meta, model=self.model)
         else:
             self.curvature.load_state_dict(tensors, meta)
+        self._version += 1  # an earlier proposal would overwrite what was just loaded
         if "damping_state" in meta:
             self.control.set_state(meta["damping_state"])
         else:  # saved before damping shapes existed
