@@ -60,3 +60,23 @@ def test_seed_api_restores_the_sampler_generator_after_a_diverged_request(kind) 
     with pytest.raises(SolverDivergedError):
         un.remove([x[:10], y[:10]], RemovableDataset(x[10:], y[10:], batch_size=32, seed=0))
     assert torch.equal(opt.generator.get_state(), g0)
+
+
+def test_discarded_chain_proposal_leaves_the_global_rng_alone() -> None:
+    """A sampler without a generator of its own draws from torch's global generator: a discarded chain-mode
+    propose() left it advanced (the next steps differed from an untouched copy's); applying sets the post-draw state,
+    so remove() is unchanged."""
+    x, y = make_gmm_2d()
+    data = RemovableDataset(torch.from_numpy(x), torch.from_numpy(y), batch_size=64, seed=0)
+    torch.manual_seed(3)
+    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(0))
+    sampler = SGLD(model.parameters(), lr=1e-3)  # no generator: global RNG
+    un = MCMCUnlearner(model, sampler, expectation="chain")
+    run_chain(model, sampler, data, un.energy, 100, len(data))
+    ids = gmm_removal_indices(x, y)[:4]
+    before = torch.get_rng_state()
+    un.propose(data.get(ids), data)
+    assert torch.equal(torch.get_rng_state(), before)
+    prop = un.propose(data.get(ids), data)
+    un.apply(prop)
+    assert not torch.equal(torch.get_rng_state(), before)  # the draws' noise was consumed once, by the applied one

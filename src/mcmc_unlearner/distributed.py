@@ -544,12 +544,18 @@ class DistributedUnlearner(MCMCUnlearner):
         size = max(b[0].shape[0] for b in batches)
         return stack_batches([_pad(b, size) for b in batches])
 
-    def _chain_draws(self, remaining: Iterator[Batch], n: int) -> torch.Tensor:
+    def _chain_draws(self, remaining: Iterator[Batch], n: int, removed: Batch | None = None) -> torch.Tensor:
         if self.sampler is None:
             raise ValueError("expectation='chain' needs the sampler (pass sampler=...)")
+        energy = self.energy
+        if removed is not None:  # the posterior before the removal: the rank's share of the removed rows' Σ w·h
+
+            def energy(m: nn.Module, b: Batch, n_: int) -> torch.Tensor:
+                return self.energy(m, b, n_) + self.nll(m, removed).sum()
+
         draws = []
         for _ in range(self.samp_T):
-            distributed_step(self.model, self.sampler, _as_batch(next(remaining)), self.energy, n, self.group)
+            distributed_step(self.model, self.sampler, _as_batch(next(remaining)), energy, n, self.group)
             draws.append(ParamSpec.flatten_module(self.model))
         self.sampler.zero_grad()
         return torch.stack(draws)

@@ -19,8 +19,8 @@ function (paper, Thm. 1 and Alg. 1), :math:`θ ← θ + H^{-1} G`. The paper tak
 exact for a Gaussian posterior where the paper's undershoots by the removed fraction of the curvature.
 
 **Expectations** are Monte-Carlo averages over posterior draws: ``expectation="bank"`` uses the stored sample
-bank (no new sampling), ``expectation="chain"`` takes ``samp_T`` sampler steps on the remaining data first (the
-paper's protocol).
+bank (no new sampling), ``expectation="chain"`` takes ``samp_T`` sampler steps first, on the data before the
+removal (the paper's protocol: the removed points stay in the sampler until the shift).
 
 **Spread.** ``bank_shift="mean"`` moves every stored sample by the same vector (the paper's shift); ``"sample"``
 moves each by :math:`(H+λ)^{-1}∇h(θ_s)` (over-widens); ``"affine"`` applies the exact Gaussian transport
@@ -290,6 +290,11 @@ def _sampler_generator_state(sampler: Any) -> torch.Tensor | None:
     """The state of a sampler's own noise generator (``SGLD(..., generator=g)``), which ``state_dict`` omits."""
     gen = getattr(sampler, "generator", None)
     return gen.get_state() if isinstance(gen, torch.Generator) else None
+
+
+def _uses_global_rng(sampler: Any) -> bool:
+    """Whether a sampler draws its noise from torch's global generator (it has no ``generator`` of its own)."""
+    return sampler is not None and not isinstance(getattr(sampler, "generator", None), torch.Generator)
 
 
 def _set_sampler_generator_state(sampler: Any, state: torch.Tensor | None) -> None:
@@ -1569,7 +1574,14 @@ class MCMCUnlearner:
         return SampleAveragedHessian(f, thetas, batch, shared_args=shared, backend=self.backend, chunk_size=chunk)
 
     # ------------------------------------------------------------------ draws
-    def _chain_draws(self, remaining: _Stream, n: int) -> torch.Tensor:
+    def _chain_draws(self, remaining: _Stream, n: int, removed: Batch | None = None) -> torch.Tensor:
+        """``samp_T`` sampler steps whose states are the request's posterior draws.
+
+        The steps sample the posterior the chain is in, which still holds the removed rows (the paper keeps them in
+        the sampler during the solve): the remaining data's minibatch energy plus the removed rows' exact ``Σ h``.
+        On the remaining data alone the chain would already drift part of the way to the new posterior during the
+        draws, and the influence shift added to the last draw would overshoot by that drift.
+        """
         if self.sampler is None:
             if self.bank is None:
                 raise ValueError(
@@ -1583,7 +1595,10 @@ class MCMCUnlearner:
         for _ in range(self.samp_T):
             z = next(remaining)
             self.sampler.zero_grad()
-            self.energy(self.model, z, n).backward()
+            energy = self.energy(self.model, z, n)
+            if removed is not None:
+                energy = energy + self.nll(self.model, removed).sum()
+            energy.backward()
             self.sampler.step()
             draws.append(torch.cat([p.detach().reshape(-1) for p in params]))
         self.sampler.zero_grad()
@@ -1716,6 +1731,11 @@ class MCMCUnlearner:
         control_state = self.control.state()
         gen = self.generator.get_state()
         data_state = stream.state()
+        # chain mode with a sampler drawing its noise from torch's global generator (no generator= of its own): the
+        # draws advance it, so a discarded proposal must put it back (apply() sets the post-draw state)
+        global_rng = (
+            torch.get_rng_state() if expectation is Expectation.CHAIN and _uses_global_rng(self.sampler) else None
+        )
         try:
             prop = self._propose(batch, stream, n, expectation, k)
             prop.report.info["removed_share"] = share
@@ -1730,6 +1750,8 @@ class MCMCUnlearner:
             self.control.set_state(control_state)
             self.generator.set_state(gen)
             stream.set_state(data_state)
+            if global_rng is not None:
+                torch.set_rng_state(global_rng)
         prop._owner, prop._version = self, self._version
         # what apply() overwrites beyond the unlearner's own state: the live parameters (a sampler step or a
         # load_state_dict in between would be undone) and the data set's state (rows removed in between revived)
@@ -1764,6 +1786,8 @@ class MCMCUnlearner:
         if proposal._sampler_state is not None and self.sampler is not None:
             self.sampler.load_state_dict(proposal._sampler_state["state_dict"])
             _set_sampler_generator_state(self.sampler, proposal._sampler_state["generator"])
+            if proposal._sampler_state.get("global_rng") is not None:
+                torch.set_rng_state(proposal._sampler_state["global_rng"])
         if proposal.bank is not None:
             self.bank = proposal.bank
         self.curvature.restore(proposal._backend_state)
@@ -1830,12 +1854,13 @@ class MCMCUnlearner:
         self._bytes_per_row(e_f, live, batch)
         sampler_state = None
         if expectation is Expectation.CHAIN:
-            draws = self._chain_draws(stream, n)
+            draws = self._chain_draws(stream, n, batch)
             live = draws[-1]
             g_thetas = c_thetas = k_thetas = draws
             sampler_state = {
                 "state_dict": copy.deepcopy(self.sampler.state_dict()),
                 "generator": _sampler_generator_state(self.sampler),
+                "global_rng": torch.get_rng_state() if _uses_global_rng(self.sampler) else None,
             }
         else:
             S = self.bank.shape[0]
