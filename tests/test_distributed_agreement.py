@@ -107,3 +107,20 @@ def test_ranks_agree_on_what_one_rank_could_refuse(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         assert torch.load(tmp_path / f"rank{r}.pt") == [True, True, True, True]
+
+
+def test_init_from_env_without_torchrun_is_one_process(monkeypatch) -> None:
+    """The README's distributed snippet says the same code runs on one process without a process group, but
+    `init_from_env()` refused outside torchrun; a partial torchrun environment is still refused."""
+    import pytest
+
+    from mcmc_unlearner.distributed import init_from_env
+    from mcmc_unlearner.errors import UnlearningError
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    ctx = init_from_env()
+    assert (ctx.rank, ctx.world) == (0, 1) and not dist.is_initialized()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UnlearningError, match="WORLD_SIZE"):
+        init_from_env()

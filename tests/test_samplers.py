@@ -124,3 +124,29 @@ def test_bad_lr_refused(bad: float) -> None:
         SGLD([torch.nn.Parameter(torch.zeros(1))], lr=bad)
     with pytest.raises(ValueError, match="lr must be positive"):
         SGHMC([torch.nn.Parameter(torch.zeros(1))], lr=bad)
+
+
+def test_run_chain_restarts_a_dataloader_and_samplers_refuse_odd_step_sizes() -> None:
+    """run_chain over a DataLoader ended in a bare StopIteration once an epoch was used up (the unlearner itself
+    restarts DataLoaders); SGLD(lr=inf) and SGLD(lr=True) were accepted."""
+    import pytest
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mcmc_unlearner import SGLD
+    from mcmc_unlearner.samplers import run_chain
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 2), torch.randn(40)
+    model = torch.nn.Linear(2, 1)
+    sampler = SGLD(model.parameters(), lr=1e-4, generator=torch.Generator().manual_seed(0))
+
+    def energy(m, b, n):
+        return n * ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean() / 2
+
+    bank = run_chain(model, sampler, DataLoader(TensorDataset(x, y), batch_size=16), energy, 10, 40, keep_every=1)
+    assert bank.shape[0] == 10  # 3 minibatches per epoch: restarted twice
+    with pytest.raises(ValueError, match="ran out after 3 of 10 steps"):
+        run_chain(model, sampler, iter(DataLoader(TensorDataset(x, y), batch_size=16)), energy, 10, 40)
+    for lr in (float("inf"), True, 0.0):
+        with pytest.raises(ValueError, match="positive and finite"):
+            SGLD(model.parameters(), lr=lr)

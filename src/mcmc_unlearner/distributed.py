@@ -103,12 +103,18 @@ def init_from_env(backend: str = "auto", timeout_s: float = 600.0) -> DistContex
         timeout_s: Collective timeout; a rank that dies mid-request makes the others fail after this long
             instead of hanging forever.
 
+    Without any of ``torchrun``'s variables (a plain ``python script.py``) it starts nothing and returns rank 0 of
+    1, so the same script runs as one process without a process group.
+
     Raises:
-        UnlearningError: ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` are missing.
+        UnlearningError: some but not all of ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` are set.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        missing = [k for k in names if k not in os.environ]
+        if len(missing) == len(names):  # not launched by torchrun: one process, no process group
+            return DistContext(0, 1, 0, torch.device("cpu"))
         if missing:
             raise UnlearningError(
                 f"distributed launch: environment variable(s) {missing} are not set; start the command with "

@@ -27,8 +27,10 @@ class _SGMCMC(Optimizer):
     applies the integrator's :meth:`_update` to every parameter that has a gradient."""
 
     def __init__(self, params: Iterable, defaults: dict, generator: torch.Generator | None) -> None:
-        if not defaults["lr"] > 0:
-            raise ValueError(f"{type(self).__name__}: lr must be positive, got {defaults['lr']!r}")
+        lr = defaults["lr"]
+        value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+        if isinstance(lr, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{type(self).__name__}: lr must be positive and finite, got {lr!r}")
         super().__init__(params, defaults)
         self.generator = generator
 
@@ -124,7 +126,8 @@ def run_chain(
     Args:
         model: Model whose parameters ``sampler`` updates.
         sampler: An SG-MCMC optimizer (:class:`SGLD`, :class:`SGHMC`).
-        batches: Endless iterator of minibatches (e.g. a :class:`~mcmc_unlearner.data.RemovableDataset`).
+        batches: Endless iterator of minibatches (e.g. a :class:`~mcmc_unlearner.data.RemovableDataset`), or a
+            re-iterable such as a ``DataLoader`` (restarted at each epoch's end).
         energy: Minibatch energy ``F``.
         steps: Number of steps.
         n: Data-set size the energy is scaled to.
@@ -149,7 +152,20 @@ def run_chain(
             for group in sampler.param_groups:
                 group["lr"] = lr
         sampler.zero_grad(set_to_none=False)
-        energy(model, next(it), n).backward()
+        try:
+            batch = next(it)
+        except StopIteration:
+            if it is batches:  # a one-shot iterator: it cannot be restarted
+                raise ValueError(
+                    f"run_chain: the minibatch iterator ran out after {t} of {steps} steps; pass an endless source "
+                    "(a RemovableDataset) or a re-iterable such as a DataLoader (restarted at each epoch's end)"
+                ) from None
+            it = iter(batches)  # a DataLoader: the next epoch
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise ValueError("run_chain: the minibatch source yields no minibatches") from None
+        energy(model, batch, n).backward()
         sampler.step()
         if keep_every and (t + 1) % keep_every == 0:
             kept.append(torch.cat([p.detach().reshape(-1) for p in params]))
