@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -39,13 +40,20 @@ from torch.nn.utils import parameters_to_vector
 from mcmc_unlearner.kronecker import KroneckerCurvature
 from mcmc_unlearner.models.bnn import build_model, log_gaussian_prior
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+from _benchargs import one_of, positive_int
+
 try:
     from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
-except ImportError:  # pragma: no cover - optional
-    sys.exit("curvlinops is not installed; see this script's docstring for how to install it beside the CPU torch")
+except ImportError:  # pragma: no cover - optional; main() says so after parsing the arguments (--help works)
+    HAVE_CURVLINOPS = False
+    EKFACLinearOperator = KFACInverseLinearOperator = KFACLinearOperator = None  # type: ignore[assignment,misc]
+else:
+    HAVE_CURVLINOPS = True
 
 warnings.filterwarnings("ignore")
 rows = 256
+CASES = ("mlp", "cnn", "reg")
 
 
 def digits(rows: int, image: bool, dtype: torch.dtype, seed: int = 0):
@@ -192,14 +200,22 @@ def run(case: str) -> None:
             report("(K+1I)^-1 v vs heuristic dmp", model, ours.solve(V, DAMP), Kh @ V)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     global rows
-    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 256
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rows", nargs="?", type=positive_int, default=256, help="rows of the batch (default 256)")
+    ap.add_argument("cases", nargs="*", type=one_of(CASES), help=f"models (default: {' '.join(CASES)})")
+    args = ap.parse_args(argv)
+    if not HAVE_CURVLINOPS:
+        sys.exit("curvlinops is not installed; see this script's docstring for how to install it beside the CPU torch")
+    rows = args.rows
     torch.set_num_threads(1)  # small models: one thread (also set OMP_NUM_THREADS=1)
     from importlib.metadata import version
 
     print(f"torch {torch.__version__}, 1 thread, curvlinops {version('curvlinops-for-pytorch')}")
-    for c in sys.argv[2:] or ["mlp", "cnn", "reg"]:
+    for c in args.cases or CASES:
         run(c)
     return 0
 

@@ -34,6 +34,9 @@ from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
 from mcmc_unlearner.models.bnn import build_model
 from mcmc_unlearner.samplers import SGLD
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
+
 
 def _data(n: int, features: int = 64, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -86,7 +89,13 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
                     "bank": un.bank,
                     "times": torch.tensor([t_steps / cfg["steps"], t_req], dtype=torch.float64),
                     "report": torch.tensor(
-                        [report.hessian_products, report.iterations, report.residual, un.spec.dim, len(report.problems)],
+                        [
+                            report.hessian_products,
+                            report.iterations,
+                            report.residual,
+                            un.spec.dim,
+                            len(report.problems),
+                        ],
                         dtype=torch.float64,
                     ),
                 },
@@ -112,7 +121,7 @@ def comm_floats(dim: int, bank: int, rank: int, probes: int = 4) -> dict[str, in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--procs", default="1,2", help="comma-separated process counts")
+    ap.add_argument("--procs", type=A.int_list(1), default="1,2", help="comma-separated process counts")
     ap.add_argument("--n", type=int, default=8000)
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--batch", type=int, default=500)
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=10, help="Lanczos rank of the low-rank solver")
     ap.add_argument("--removed", type=int, default=80)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=A.output_file, default=None)
     args = ap.parse_args(argv)
     cfg = {k: getattr(args, k) for k in ("n", "hidden", "batch", "steps", "bank", "draws", "rank", "removed", "lr")}
     procs = [int(p) for p in args.procs.split(",")]
@@ -161,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(
             f"{world:>5} {step:>12.4f} {row['step_speedup']:>8.2f} {req:>10.3f} {row['request_speedup']:>8.2f} "
-            f"{diff:>10.1e}" + ("  (the request failed its quality checks; timed anyway)" if row["request_failed_checks"] else "")
+            f"{diff:>10.1e}"
+            + ("  (the request failed its quality checks; timed anyway)" if row["request_failed_checks"] else "")
         )
     comm = comm_floats(dim, cfg["bank"], cfg["rank"])
     print(

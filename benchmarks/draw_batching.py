@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+import _benchargs as A  # this folder, as model_matrix
 import model_matrix as mm  # the model matrix's networks (this folder)
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec, functionalize
@@ -93,8 +94,8 @@ def _time(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--reps", type=A.positive_int, default=4)
+    ap.add_argument("--threads", type=A.positive_int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -43,6 +43,9 @@ from mcmc_unlearner.bank import ParamSpec
 from mcmc_unlearner.cli import build_parser
 from mcmc_unlearner.experiments import bnn as B
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
+
 
 def _experiment(seed: int, data_dir: str, init: torch.Tensor | None, options: dict) -> B._Experiment:
     argv = ["bnn", "--preset", "paper-fmnist", "--data-dir", data_dir, "--seed", str(seed), "--quiet"]
@@ -231,6 +234,32 @@ def _rownoise(args: argparse.Namespace) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, what would fail later: a command other than ``train`` without the seed's cached
+    chains, ``residual``/``rownoise`` banks that were never saved, ``rownoise`` without exactly one name, a cache
+    that is no folder."""
+    if args.cache.exists() and not args.cache.is_dir():
+        ap.error(f"argument --cache: {str(args.cache)!r} is not a folder")
+    if args.command == "train":
+        return
+    chains = args.cache / f"chains-s{args.seed}.pt"
+    if not chains.is_file():
+        ap.error(
+            f"argument --cache: no cached chains for --seed {args.seed} ({chains} is missing); "
+            f"run `train --seed {args.seed} --cache {args.cache}` first"
+        )
+    if args.command == "rownoise" and len(args.names) != 1:
+        ap.error(f"rownoise takes exactly one saved bank name, got {len(args.names)}")
+    if args.command not in ("residual", "rownoise"):
+        return
+    missing = [nm for nm in args.names if not (args.cache / f"bank-s{args.seed}-{nm}.pt").is_file()]
+    if missing:
+        ap.error(
+            f"names: no saved bank(s) {', '.join(missing)} for --seed {args.seed} in {args.cache} "
+            "(`run --name NAME` saves one)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["train", "retrain", "run", "residual", "rownoise"])
@@ -239,17 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("runs/fmnist-variants"))
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--name", default="default", help="run, retrain: the row's name")
-    ap.add_argument("--options", default="{}", help="run: JSON dict of MCMCUnlearner options")
+    ap.add_argument("--options", type=A.json_object_text, default="{}", help="run: JSON dict of MCMCUnlearner options")
     ap.add_argument(
         "--method",
         choices=["unlearn", "paper"],
         default="unlearn",
         help="run: the library's unlearner (with --options) or the paper's procedure (the command's `paper`)",
     )
-    ap.add_argument("--samples", type=int, default=20, help="residual: evenly thinned samples per bank")
+    ap.add_argument("--samples", type=A.positive_int, default=20, help="residual: evenly thinned samples per bank")
     ap.add_argument("--named-only", action="store_true", help="residual: only the named banks (not origin, retrains)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=A.positive_int, default=1)
     args = ap.parse_intermixed_args(argv)
+    _check(ap, args)
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
     commands = {"train": _train, "retrain": _retrain, "run": _run, "residual": _residual, "rownoise": _rownoise}

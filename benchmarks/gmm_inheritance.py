@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ from mcmc_unlearner.experiments.gmm import DISTANCES, _chain
 from mcmc_unlearner.experiments.references import gmm_gibbs
 from mcmc_unlearner.metrics import align_mixture_samples, effective_sample_size, sample_set_distances
 from mcmc_unlearner.unlearner import MCMCUnlearner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
 
 
 def _aligned(s: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -139,7 +144,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--sampler", default="sgld")
     p.add_argument("--shifts", nargs="+", default=["affine", "affine:newton2"])
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", type=A.output_file, default=None, help="write the results here (its folder is created)")
     a = p.parse_args()
     results = []
     for seed in a.seeds:

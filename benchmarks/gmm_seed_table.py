@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mcmc_unlearner.experiments.gmm import DISTANCES
-from mcmc_unlearner.experiments.summary import load_metrics
+from mcmc_unlearner.experiments.summary import experiment_kind, load_metrics
 
 
 def _ms(values: list[float], digits: int = 3) -> str:
@@ -80,9 +80,30 @@ def main(paths: list[str]) -> None:
           f"retrain-b {_ms([r['methods']['retrain-b']['kl_to_retrain'] for r in runs])}")  # fmt: skip
 
 
+#: what every ``mcmc-unlearner demo`` run's metrics hold (and this table reads)
+_GMM_KEYS = ("seed", "sampler", "methods", "retrain_chains")
+
+
+def _gmm_run(text: str) -> str:
+    """``runs``: a ``mcmc-unlearner demo`` run folder (or its metrics.json); refused at parse time otherwise."""
+    import argparse
+
+    try:
+        _, metrics = load_metrics(text)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).splitlines()[0]) from None
+    missing = [k for k in _GMM_KEYS if k not in metrics]
+    if missing:
+        kind = experiment_kind(metrics) or "unknown"
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a `mcmc-unlearner demo` (GMM) run (experiment {kind}; no {', '.join(missing)})"
+        )
+    return text
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="folders of `mcmc-unlearner demo` runs (one per seed)")
+    ap.add_argument("runs", nargs="+", type=_gmm_run, help="folders of `mcmc-unlearner demo` runs (one per seed)")
     main(ap.parse_args().runs)

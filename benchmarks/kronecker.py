@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ from torch import nn
 from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.kronecker import KroneckerCurvature
 from mcmc_unlearner.models.bnn import MLP, DigitsNet, LeNet5
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
 
 
 class BasicBlock(nn.Module):
@@ -231,14 +236,27 @@ def compare_sampling(arch: str, rows: int, g: torch.Generator) -> None:
         )
 
 
+def max_locations_arg(text: str) -> str:
+    """``--max-locations``: ``auto``, ``none`` or an integer >= 1 (returned as given; :func:`main` converts it)."""
+    if text.lower() in ("auto", "none"):
+        return text
+    try:
+        ok = int(text) >= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or an integer >= 1, got {text!r}")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="digits,lenet5,mlp,resnet")
-    parser.add_argument("--draws", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=128)
-    parser.add_argument("--max-locations", default="auto", help="an int, 'auto' or 'none'")
-    parser.add_argument("--max-factor-dim", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", type=A.name_list(MODELS), default="digits,lenet5,mlp,resnet")
+    parser.add_argument("--draws", type=A.positive_int, default=4)
+    parser.add_argument("--rows", type=A.positive_int, default=128)
+    parser.add_argument("--max-locations", type=max_locations_arg, default="auto", help="an int, 'auto' or 'none'")
+    parser.add_argument("--max-factor-dim", type=A.positive_int, default=4096)
+    parser.add_argument("--repeats", type=A.positive_int, default=3)
     parser.add_argument("--compare-subsampling", action="store_true", help="accuracy of max_locations='auto'")
     parser.add_argument(
         "--compare-sampling", action="store_true", help="labels vs Gaussian sketch on trained digits_net and mlp"

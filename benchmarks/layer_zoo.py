@@ -31,6 +31,9 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
+
 MODELS = ("layernorm", "tied", "frozen", "depthwise", "groupnorm", "convtranspose", "conv1d", "lstm", "gru",
           "binary", "hetero", "poisson", "tiedlm", "mha", "temperature", "bilinear", "dictout", "float64",
           "weightnorm", "orthogonal", "spectral", "scripted", "hooked")  # fmt: skip
@@ -323,11 +326,15 @@ def run_one(name: str, seed: int, options: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", type=A.name_list(MODELS), default=",".join(MODELS), help="comma-separated subset")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--options", default="{}", help="MCMCUnlearner options as JSON (default: none)")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one network in this process
+    ap.add_argument(
+        "--options", type=A.json_object_text, default="{}", help="MCMCUnlearner options as JSON (default: none)"
+    )
+    ap.add_argument("--json", type=A.output_file, default=None)
+    ap.add_argument(
+        "--one", type=A.one_of(MODELS), default=None, help=argparse.SUPPRESS
+    )  # internal: run one network in this process
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     options = json.loads(args.options)

@@ -71,6 +71,9 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 GB = 2**30
 
@@ -1304,17 +1307,21 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(BUILDERS)} (also: {','.join(EXTRA_BUILDERS)})",
     )
     ap.add_argument("--quick", action="store_true", help="the reduced sizes the tests use (minutes, not hours)")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (chains and the forgotten rows)")
+    ap.add_argument(
+        "--seeds", type=A.int_list(0), default="0", help="comma-separated seeds (chains and the forgotten rows)"
+    )
     ap.add_argument(
         "--forget",
         choices=("class", "random"),
         default="class",
         help="class-structured tasks: forget all rows of one (thinned) class, or random rows",
     )
-    ap.add_argument("--retrains", type=int, default=2, help="retrain chains per model (>= 2 gives the pair spread)")
+    ap.add_argument(
+        "--retrains", type=A.positive_int, default=2, help="retrain chains per model (>= 2 gives the pair spread)"
+    )
     ap.add_argument("--layout", choices=("tensor", "list", "dict"), default="tensor", help="the user's bank layout")
     ap.add_argument("--no-alias", action="store_true", help="do not load the live model from the bank's last row")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--threads", type=A.positive_int, default=1, help="torch threads (default 1)")
     ap.add_argument("--mem-cap-gb", type=float, default=4.0, help="address-space cap of the request's child")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before the request's child is killed")
     ap.add_argument(
@@ -1332,14 +1339,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--options",
-        type=json.loads,
+        type=A.json_object,
         default=None,
         help="DIAGNOSTICS ONLY (not the defaults under test): JSON dict of extra MCMCUnlearner options",
     )
     ap.add_argument(
         "--no-strict", action="store_true", help="DIAGNOSTICS ONLY: apply removals that fail the library's checks"
     )
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--json", type=A.output_file, default=None, help="write the results here (its folder is created)")
     ap.add_argument("--render", type=Path, default=None, help="print the tables of a saved --json file and exit")
     ap.add_argument("--markdown", action="store_true", help="with --render: a Markdown table")
     args = ap.parse_args(argv)

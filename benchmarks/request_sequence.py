@@ -25,21 +25,36 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchargs as A
 import model_matrix as mm
 from mcmc_unlearner import MCMCUnlearner
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="resnet", help="a model_matrix.py model name")
+    ap.add_argument(
+        "--model",
+        type=A.one_of({**mm.BUILDERS, **mm.EXTRA_BUILDERS}),
+        default="resnet",
+        help="a model_matrix.py model name",
+    )
     ap.add_argument("--full", action="store_true", help="the full sizes (default: model_matrix.py --quick sizes)")
-    ap.add_argument("--requests", type=int, default=5)
-    ap.add_argument("--rows", type=int, default=64, help="rows per request after the first (the forgotten set)")
+    ap.add_argument("--requests", type=A.positive_int, default=5)
+    ap.add_argument(
+        "--rows", type=A.positive_int, default=64, help="rows per request after the first (the forgotten set)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see README, 'Threads')")
+    ap.add_argument(
+        "--threads", type=A.positive_int, default=1, help="torch threads (default 1: see README, 'Threads')"
+    )
     ap.add_argument("--chain-cache", type=Path, default=None, help="model_matrix.py's chain cache folder")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--options", default="{}", help="extra MCMCUnlearner options as JSON (default: the defaults)")
+    ap.add_argument("--json", type=A.output_file, default=None)
+    ap.add_argument(
+        "--options",
+        type=A.json_object_text,
+        default="{}",
+        help="extra MCMCUnlearner options as JSON (default: the defaults)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

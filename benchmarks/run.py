@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,9 @@ from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.experiments.paper import FMNIST_REFERENCE, GMM_REFERENCE, PaperUnlearner, ReferenceSettings
 from mcmc_unlearner.metrics import align_mixture_samples, gaussian_kl, knn_kl, sample_set_distances, thin
 from mcmc_unlearner.samplers import run_chain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
 
 #: The one-line switch: ``True`` (now that the self-tuning defaults are on main) runs
 #: ``MCMCUnlearner(model, sampler, bank=bank)`` with the library's defaults in every case; ``False`` uses
@@ -658,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     p.add_argument("--reps", type=int, default=3, help="interleaved timed repetitions per method (>= 1)")
     p.add_argument("--extra", action="store_true", help="also run ours_tuned (former hand-tuned settings), ours_cg")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
+    p.add_argument("--json", type=A.output_file, default=None, help="write the results here (its folder is created)")
+    p.add_argument("--threads", type=A.positive_int, default=1, help="torch threads (tiny models run fastest on 1)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory of the digits case (2 processes)")
     p.add_argument("--memory-phase", choices=("train", "unlearn"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

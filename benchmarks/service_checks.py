@@ -32,6 +32,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
+import _benchargs as A
+
 WRITER = """
 import sys
 from mcmc_unlearner.service.deletion import forget
@@ -135,14 +138,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     r = sub.add_parser("verify-race")
-    r.add_argument("--runs", type=int, default=500)
-    r.add_argument("--json", default=None)
+    r.add_argument("--runs", type=A.positive_int, default=500)
+    r.add_argument("--json", type=A.output_file, default=None)
     t = sub.add_parser("threads")
-    t.add_argument("--model", required=True)
-    t.add_argument("--repeats", type=int, default=5)
-    t.add_argument("--threads", type=int, default=None, help="the multi-thread count (default: torch's default)")
-    t.add_argument("--ids", default="5,6,7")
-    t.add_argument("--json", default=None)
+    t.add_argument("--model", type=A.existing_dir, required=True, help="a saved model's folder")
+    t.add_argument("--repeats", type=A.positive_int, default=5)
+    t.add_argument(
+        "--threads", type=A.positive_int, default=None, help="the multi-thread count (default: torch's default)"
+    )
+    t.add_argument("--ids", type=A.int_list(0), default="5,6,7")
+    t.add_argument("--json", type=A.output_file, default=None)
     args = p.parse_args()
     if args.what == "verify-race":
         torch.set_num_threads(1)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchargs as A
 import model_matrix as mm
 
 
@@ -38,14 +39,21 @@ def one_request(problem: mm.Problem, origin: mm.Chain, stream_seed: int, options
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="mlp,regression,bncnn,transformer")
-    ap.add_argument("--stream-seeds", default="99,0,1,2,3,4,5,6", help="99 is model_matrix.py's")
+    ap.add_argument(
+        "--models", type=A.name_list({**mm.BUILDERS, **mm.EXTRA_BUILDERS}), default="mlp,regression,bncnn,transformer"
+    )
+    ap.add_argument("--stream-seeds", type=A.int_list(), default="99,0,1,2,3,4,5,6", help="99 is model_matrix.py's")
     ap.add_argument("--seed", type=int, default=0, help="chains and forgotten rows (model_matrix.py --seeds)")
     ap.add_argument("--full", action="store_true", help="the full sizes (default: --quick sizes)")
-    ap.add_argument("--options", default="{}", help="extra MCMCUnlearner options as JSON (diagnostics only)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--options",
+        type=A.json_object_text,
+        default="{}",
+        help="extra MCMCUnlearner options as JSON (diagnostics only)",
+    )
+    ap.add_argument("--threads", type=A.positive_int, default=1)
     ap.add_argument("--chain-cache", type=Path, default=None)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=A.output_file, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     options = json.loads(args.options)
