@@ -467,8 +467,8 @@ def log_prior(m):  # hierarchical: w ~ N(0, e^{2s}), s ~ N(0, 1)
     return -0.5 * w2 * torch.exp(-2 * s) - D * s - 0.5 * s**2
 
 
-@pytest.mark.parametrize("solver", ["auto", "cg", "lowrank"])
-def test_a_hierarchical_prior_on_the_hessian_product_backends(solver):
+def _hierarchical_problem():
+    """Rows, the bare-parameter model, a bank of 20 and the nll of the hierarchical-prior tests."""
     torch.manual_seed(0)
     x = torch.randn(600, 20)
     y = (x[:, 0] > 0).long()
@@ -477,6 +477,13 @@ def test_a_hierarchical_prior_on_the_hessian_product_backends(solver):
 
     def nll(m, b):
         return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    return x, y, model, bank, nll
+
+
+@pytest.mark.parametrize("solver", ["auto", "cg", "lowrank"])
+def test_a_hierarchical_prior_on_the_hessian_product_backends(solver):
+    x, y, model, bank, nll = _hierarchical_problem()
 
     extra = {"precondition_rank": 10} if solver == "lowrank" else {}
     un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver=solver, **extra)
@@ -491,14 +498,7 @@ def test_lissa_divergence_at_auto_scaling_is_negative_curvature_and_lowrank_need
     refused ("needs precondition_rank > 0") although the README offers it with a default rank."""
     from mcmc_unlearner.backends.base import NegativeCurvatureError
 
-    torch.manual_seed(0)
-    x = torch.randn(600, 20)
-    y = (x[:, 0] > 0).long()
-    model = Bare()
-    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(20)]
-
-    def nll(m, b):
-        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+    x, y, model, bank, nll = _hierarchical_problem()
 
     un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver="lissa", damping=0.0)
     with pytest.raises(NegativeCurvatureError, match="negative curvature") as info:
