@@ -23,6 +23,34 @@ def test_budget_strings() -> None:
     for bad in ("-1GB", "lots", "0%", "150%", 0, -5):
         with pytest.raises(ValueError, match="memory_budget"):
             resolve_budget(bad)
+    # 0.25 was read as 0 bytes (every request then refused); True as 1 byte; inf passed int() with an OverflowError
+    for bad, words in ((0.25, "under one byte"), (True, "must be bytes"), (float("inf"), "finite"), ([1], "bytes")):
+        with pytest.raises(ValueError, match=words):
+            resolve_budget(bad)
+    assert resolve_budget(__import__("numpy").int64(1000)) == 1000
+
+
+@pytest.mark.parametrize("solver", ["ggn", "exact"])
+def test_dense_solvers_are_planned_against_the_budget_before_anything_is_built(solver) -> None:
+    """ggn built its D x D matrices unchecked: a 19,210-parameter MLP under the default 1 GiB budget grew to 9 GB
+    over 97 s and ended in the allocator's RuntimeError. An explicit dense solver is now refused at construction when
+    its matrices cannot fit, and again at the request if the budget was lowered since, leaving the bank as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 10))  # 3,010 parameters: ~326 MB dense
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.01 * torch.randn(8, theta.numel())
+    x, y = torch.randn(200, 64), torch.randint(10, (200,))
+    kw = dict(nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), bank=bank)
+    kw["log_prior"] = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())
+    need = dense_memory(theta.numel(), 4)
+    with pytest.raises(MemoryError, match=rf"solver='{solver}'.*3,010 parameters.*raise memory_budget"):
+        MCMCUnlearner(model, solver=solver, memory_budget=need // 2, **kw)
+    un = MCMCUnlearner(model, solver=solver, memory_budget=need + 2**26, **kw)
+    un.memory_budget = need // 2
+    before = un.bank.clone()
+    with pytest.raises(MemoryError, match=rf"solver='{solver}'.*over the memory budget"):
+        un.remove((x[:8], y[:8]), (x[8:], y[8:]))
+    assert torch.equal(un.bank, before)
 
 
 def test_bytes_per_row_counts_the_activations_of_one_row() -> None:

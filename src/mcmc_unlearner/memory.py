@@ -8,6 +8,7 @@ two rows), and sizes its chunks of draws, rows and Hessian columns so that the e
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -64,8 +65,16 @@ def resolve_budget(budget: int | float | str | None) -> int:
         if m is None or m.group(2) not in _UNITS:
             raise ValueError(f"memory_budget {budget!r}: write bytes as e.g. 2GB, 512MiB or 25%")
         budget = float(m.group(1)) * _UNITS[m.group(2)]
-    if not budget > 0:
-        raise ValueError(f"memory_budget must be positive, got {budget!r}")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(f"memory_budget must be bytes, a string such as '2GB' or '25%', or None; got {budget!r}")
+    if not 0 < budget < float("inf"):
+        raise ValueError(f"memory_budget must be a positive, finite number of bytes, got {budget!r}")
+    if budget < 1:
+        # 0.25 read as bytes is 0: every computation would be refused at request time; a fraction was meant
+        raise ValueError(
+            f"memory_budget {budget!r} is under one byte (a number is read as bytes): write a fraction of the "
+            "available memory as '25%', or bytes as e.g. 2GB or 512MiB"
+        )
     return int(budget)
 
 

@@ -1181,6 +1181,14 @@ class MCMCUnlearner:
         self.memory_budget = resolve_budget(memory_budget)
         self.exact_max_dim = int(exact_max_dim)
         self.solver, self.solver_reason = self._choose_solver(solver)
+        if self.solver in _DENSE:
+            need = dense_memory(self.spec.dim, ParamSpec.params(model)[0].element_size())
+            if need > self.memory_budget:
+                raise MemoryError(
+                    f"solver={self.solver.value!r}: the dense matrices of {self.spec.dim:,} parameters need "
+                    f"{format_bytes(need)}, over the memory budget of {format_bytes(self.memory_budget)}: raise "
+                    "memory_budget, or use solver='kfac' or 'cg' (or 'auto', which plans this)"
+                )
         self.expectation = None if expectation is None else Expectation(expectation)
         self.hessian = HessianKind(hessian)
         self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value

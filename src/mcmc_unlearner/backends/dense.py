@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import SolverDivergedError, all_finite
+from ..memory import format_bytes
 from ..solvers import SolveResult
 from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
@@ -51,6 +52,13 @@ class DenseBackend(CurvatureBackend):
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
+        need = dense_memory(problem.dim, problem.thetas.element_size())
+        if need > problem.budget:  # the unlearner checks at construction; a budget or bank changed since is caught here
+            raise MemoryError(
+                f"solver={self.name!r}: the dense matrices of {problem.dim:,} parameters need {format_bytes(need)}, "
+                f"over the memory budget of {format_bytes(problem.budget)}: raise memory_budget, or use "
+                "solver='kfac' or 'cg'"
+            )
         self._problem = problem
         self._H_r = None
         self.products = 0
