@@ -298,6 +298,47 @@ def test_equilibrium_step_keeps_every_row_and_thins_the_draws_on_large_data(blr,
     assert torch.allclose(un.bank.mean(0), want, atol=1e-6 * float(delta.norm()))
 
 
+def test_equilibrium_step_is_skipped_with_a_warning_where_the_rows_cannot_be_listed() -> None:
+    """Through a ``DataLoader`` the equilibrium target was measured on the safety check's 256 rows and checked on
+    them: the step fitted their noise (a conjugate regression, n = 1,900: the bank's mean 6-10 posterior sd from the
+    exact answer, every check passed, against 0.2-0.3 for the influence step alone). The further step is now
+    skipped, with a warning naming the fix, and the request is the influence step's; on the same rows as tensors
+    the further step is taken and lands closer than one step."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    d, n, k = 10, 2000, 100
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+
+    def posterior(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A = torch.eye(d, dtype=torch.float64) + x.T @ x
+        return torch.linalg.solve(A, x.T @ y), A
+
+    m0, A0 = posterior(x, y)
+    bank = m0 + torch.randn(200, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(torch.linalg.inv(A0)).T
+    m1, A1 = posterior(x[k:], y[k:])
+    L1 = torch.linalg.cholesky(A1)
+
+    def sd_error(un: MCMCUnlearner) -> float:  # the bank mean's error in posterior sd of the new posterior
+        return float((L1.T @ (un.bank.mean(0) - m1)).norm())
+
+    def run(steps: int, remaining) -> tuple[MCMCUnlearner, object]:
+        torch.manual_seed(1)  # the loader's shuffle: the same minibatches in every run
+        un = MCMCUnlearner(_LinReg(d), bank=bank.clone(), solver="exact", newton_steps=steps)
+        return un, un.remove((x[:k], y[:k]), remaining)
+
+    loader = DataLoader(TensorDataset(x[k:], y[k:]), batch_size=128, shuffle=True)
+    one, _ = run(1, loader)
+    with pytest.warns(UserWarning, match="newton_steps=2 .*cannot list its rows.*as tensors or a RemovableDataset"):
+        two, r2 = run(2, loader)
+    assert r2.info["newton_data"].startswith("skipped") and r2.problems == []
+    assert torch.equal(two.bank, one.bank), "the request is the influence step's alone"
+    assert sd_error(two) < 1.0, sd_error(two)  # was 6-10
+    tensors, _ = run(2, (x[k:], y[k:]))
+    assert sd_error(tensors) < sd_error(one), (sd_error(tensors), sd_error(one))
+
+
 def test_failure_after_curvature_update_restores_the_cache(blr, monkeypatch) -> None:
     """A request that fails late (after the dense Hessian cache was updated) leaves the cache as it was."""
     from mcmc_unlearner.backends import DenseBackend
