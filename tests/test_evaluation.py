@@ -128,3 +128,20 @@ def test_log_true_prob_and_spread():
     s = ev.spread([1.0, None, 3.0])
     assert s == {"mean": 2.0, "sd": pytest.approx(math.sqrt(2.0)), "min": 1.0, "max": 3.0, "n": 2}
     assert ev.spread([None])["n"] == 0
+
+
+def test_a_nan_predictive_makes_every_distance_nan_whatever_the_order() -> None:
+    """A diverged method's NaN predictive read as finite numbers: ``argmax`` takes every NaN row as class 0 (error
+    0.5 here; 0 on a removed class 0), ``statistics.median`` with a NaN returns an order-dependent element (the same
+    chains gave 0.0 or 0.0599), and ``spread`` crashed in ``statistics.stdev``."""
+    g = torch.Generator().manual_seed(0)
+    good = torch.softmax(torch.randn(6, 3, generator=g, dtype=torch.float64), 1)
+    other, bad = good * 0.9 + 0.1 / 3, torch.full((6, 3), float("nan"), dtype=torch.float64)
+    for chains in ([bad, good, other], [good, other, bad]):
+        assert math.isnan(ev.distance_to_chains({"s": good}, [{"s": c} for c in chains], ["s"])["l1"]["s"])
+    assert math.isnan(ev.pair_floor([{"s": c} for c in (good, other, bad)], ["s"])["l1"]["s"])
+    assert math.isnan(ev.error_rates({"s": bad}, {"s": torch.tensor([0, 0, 1, 2, 1, 0])})["s"])
+    for refs in ([float("nan"), 0.3, 0.2], [0.3, float("nan"), 0.2]):
+        assert math.isnan(ev.error_gaps({"s": 0.1}, [{"s": r} for r in refs])["s"])
+    s = ev.spread([float("nan"), 1.0, 2.0])
+    assert s["n"] == 3 and math.isnan(s["mean"]) and math.isnan(s["sd"])

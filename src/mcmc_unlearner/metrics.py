@@ -348,8 +348,11 @@ def gauss_fit_kl(p: np.ndarray, q: np.ndarray) -> float:
     ``m`` is the sample mean and ``C`` the unbiased sample covariance (``ddof = 1``) of each set; the divergence
     is the closed form of :func:`gaussian_kl`:
     ``½ [tr(C_q⁻¹ C_p) + (m_q − m_p)ᵀ C_q⁻¹ (m_q − m_p) − d + log det C_q − log det C_p]``.
-    Autocorrelation does not bias the moments (only adds variance), so no thinning is needed; the value is exact
-    for Gaussian targets and a second-moment summary otherwise.
+    Autocorrelation does not bias the moments, but their Monte-Carlo variance biases the divergence upwards (it is
+    ≥ 0 and grows with the moments' error): an 8-D AR(1) chain of 4,000 draws whose stationary law is exactly the
+    reference scores 0.011 at an effective sample size of 3,950, 0.07 at 211, 0.65 at 25 and 2.0 at 11; so on
+    poorly mixed chains (the GMM demo's retrain chains: ESS about 27) this measures mixing as much as distance.
+    Exact for Gaussian targets in the limit, a second-moment summary otherwise.
 
     Args:
         p: Samples ``[n, d]`` of the first distribution (trailing dimensions are flattened).

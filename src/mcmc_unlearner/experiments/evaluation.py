@@ -45,6 +45,14 @@ Probs = dict[str, torch.Tensor]
 _EPS = 1e-12
 
 
+def _median(vals: Sequence[float]) -> float:
+    """``statistics.median`` that returns NaN when any value is NaN (it silently returns an order-dependent
+    element otherwise: ``median([nan, 0.3, 0.1])`` is 0.1, ``median([0.3, nan, 0.1])`` NaN)."""
+    if any(v != v for v in vals):
+        return float("nan")
+    return statistics.median(vals)
+
+
 @torch.no_grad()
 def predictive(
     model: nn.Module,
@@ -97,7 +105,13 @@ def error_rates(probs: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Te
     """Argmax classification error per split (``None`` for an empty split)."""
     res: dict[str, float | None] = {}
     for k, y in labels.items():
-        res[k] = float((probs[k].argmax(1) != y).double().mean()) if y.numel() else None
+        p = probs[k]
+        if not y.numel():
+            res[k] = None
+        elif not bool(torch.isfinite(p).all()):  # argmax would read a NaN row as class 0
+            res[k] = float("nan")
+        else:
+            res[k] = float((p.argmax(1) != y).double().mean())
     return res
 
 
@@ -108,7 +122,7 @@ def error_gaps(
     out: dict[str, float | None] = {}
     for split, e in errors.items():
         vals = [abs(e - r[split]) for r in references if e is not None and r.get(split) is not None]
-        out[split] = statistics.median(vals) if vals else None
+        out[split] = _median(vals) if vals else None
     return out
 
 
@@ -150,7 +164,7 @@ def distance_to_chains(
         out[key] = {}
         for split in splits:
             vals = [fn(c[split], probs[split]) for c in chains if c[split].shape[0]]
-            out[key][split] = statistics.median(vals) if vals else None
+            out[key][split] = _median(vals) if vals else None
     return out
 
 
@@ -177,7 +191,7 @@ def pair_floor(
                 vals = [fn(a[split], b[split]) for a, b in itertools.combinations(chains, 2)]
             else:
                 vals = [fn(a[split], b[split]) for a, b in itertools.permutations(chains, 2)]
-            per[split] = statistics.median(vals)
+            per[split] = _median(vals)
         out[key] = per
     return out
 
@@ -232,10 +246,13 @@ def likelihood_ratio_auc(
 
 
 def spread(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    """Mean, sample standard deviation, min, max and count of the non-``None`` values."""
+    """Mean, sample standard deviation, min, max and count of the non-``None`` values (a NaN makes them NaN)."""
     v = [float(x) for x in values if x is not None]
     if not v:
         return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    if any(x != x for x in v):
+        nan = float("nan")
+        return {"mean": nan, "sd": nan if len(v) > 1 else None, "min": nan, "max": nan, "n": len(v)}
     return {
         "mean": statistics.fmean(v),
         "sd": statistics.stdev(v) if len(v) > 1 else None,
