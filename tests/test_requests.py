@@ -11,11 +11,14 @@ import json
 import re
 import time
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mcmc_unlearner import InvalidRequestError
+from mcmc_unlearner.data import as_id_tensor
 from mcmc_unlearner.service.requests import (
     MAX_ID,
     check_request_id,
@@ -187,3 +190,25 @@ def test_good_settings_normalised():
     )
     assert got == {"damping": 0.0, "tol": 1e-4, "iter_T": 50, "curvature_draws": 8, "scaling": "auto", "solver": "kfac"}
     assert check_settings({"damping": None}) == {}
+
+
+@pytest.mark.parametrize(
+    "ids, shown",
+    [
+        (np.array([2**64 - 1], dtype=np.uint64), "18446744073709551615"),  # was: "unknown id(s) [-1]"
+        (np.array([3, 2**63], dtype=np.uint64), "9223372036854775808"),
+        (torch.tensor([2**63], dtype=torch.uint64), "9223372036854775808"),  # was: [-9223372036854775808]
+        ([2**70], str(2**70)),  # was: "ids must be integers, got values of type object"
+    ],
+)
+def test_ids_above_int64_are_named_as_too_large_not_wrapped(ids, shown) -> None:
+    """uint64 ids over 2^63 wrapped to negative int64 ("unknown id(s) [-1]"); Python ints over 2^63 were "not
+    integers"."""
+    with pytest.raises(InvalidRequestError, match=f"id {shown} is too large"):
+        as_id_tensor(ids)
+
+
+def test_ordinary_unsigned_ids_still_read() -> None:
+    assert as_id_tensor(np.array([3, 5], dtype=np.uint64)).tolist() == [3, 5]
+    assert as_id_tensor(torch.tensor([7], dtype=torch.uint64)).tolist() == [7]
+    assert as_id_tensor(np.array([1], dtype=np.uint8)).tolist() == [1]

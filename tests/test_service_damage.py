@@ -29,6 +29,7 @@ from conftest import folder_state, save_gmm, tiny_gmm
 from mcmc_unlearner.cli import main
 from mcmc_unlearner.errors import InvalidRequestError, UnlearningError
 from mcmc_unlearner.samplers import run_chain
+from mcmc_unlearner.service import fsio
 from mcmc_unlearner.service.checkpoint import load_model
 from mcmc_unlearner.service.deletion import forget, status, verify
 from mcmc_unlearner.service.fsio import StoreError
@@ -289,3 +290,34 @@ def test_lissa_without_a_round_is_refused_before_any_work(applied, tmp_path):
         "--iter-T 0 leaves the lissa solver no round of its recursion; use --iter-T 1 or more (e.g. 100)"
     )
     assert folder_state(m) == before
+
+
+@pytest.mark.parametrize("how", ["replaced", "moved"])
+def test_a_folder_moved_or_replaced_during_a_request_gets_none_of_its_writes(tmp_path, monkeypatch, how) -> None:
+    """The lock holds the folder, the writes go by path: a backup restored in place while a forget ran received
+    its writes (state-000000 deleted, a manifest of 5 entries over a 2-line ledger: verify failed) and the request
+    exited 0 as applied in no consistent folder; a plain rename ended in a bare FileNotFoundError. Both are now
+    refused before anything is written."""
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    bak = tmp_path / "bak"
+    shutil.copytree(m, bak)  # a backup of the saved model (ledger entry 0)
+    forget(m, [4, 17], request_id="T1")
+    restored = folder_state(bak)
+
+    real_phase = fsio.phase
+
+    def swap(name):
+        real_phase(name)
+        if name == "loaded":  # the request is under way: the operator restores the backup in place
+            os.rename(m, tmp_path / "m.old")
+            if how == "replaced":
+                shutil.copytree(bak, m)
+
+    monkeypatch.setattr(fsio, "phase", swap)
+    with pytest.raises(StoreError, match="moved or replaced while the request ran"):
+        forget(m, [5], request_id="T2")
+    monkeypatch.setattr(fsio, "phase", real_phase)
+    if how == "replaced":
+        assert verify(m).ok  # was: "has 1 complete lines but 3 are committed", state-000000 deleted
+        assert folder_state(m)[1:] == restored[1:]  # every file of the restored copy as it was
+    assert verify(tmp_path / "m.old").ok

@@ -19,6 +19,10 @@ __all__ = ["RemovableDataset", "as_id_tensor"]
 Batch = tuple[torch.Tensor, ...]
 
 
+_MAX_ID = 2**63 - 1
+_UNSIGNED_WIDE = tuple(getattr(torch, n) for n in ("uint32", "uint64") if hasattr(torch, n))
+
+
 def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
     """Convert ids to a 1-D int64 tensor, refusing floats, booleans and nested shapes.
 
@@ -27,10 +31,22 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
     """
     if isinstance(ids, torch.Tensor):
         t = ids.detach().cpu()
+        if t.dtype in _UNSIGNED_WIDE and t.numel():  # torch has no max() for uint64: through numpy
+            top = int(t.numpy().max())
+            if top > _MAX_ID:  # would wrap to a negative int64
+                raise InvalidRequestError(f"deletion request: id {top} is too large; ids are row numbers below 2^63")
     else:
         arr = np.asarray(ids)
+        if arr.dtype == object and arr.size and all(type(v) is int for v in arr.ravel().tolist()):
+            raise InvalidRequestError(  # Python ints numpy cannot hold as int64: too large, not "not integers"
+                f"deletion request: id {max(arr.ravel().tolist())} is too large; ids are row numbers below 2^63"
+            )
         if arr.dtype.kind not in "iub" and arr.size:
             raise InvalidRequestError(f"deletion request: ids must be integers, got values of type {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _MAX_ID:  # uint64 would wrap to negative
+            raise InvalidRequestError(
+                f"deletion request: id {int(arr.max())} is too large; ids are row numbers below 2^63"
+            )
         t = torch.from_numpy(arr.copy()) if arr.size else torch.empty(0, dtype=torch.int64)
         if arr.dtype.kind == "b":
             t = t.to(torch.bool)

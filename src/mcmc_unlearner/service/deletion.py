@@ -264,8 +264,9 @@ def forget(
     threads_for(threads, 0)  # validated before the folder is touched
     k = integrity.as_key(key)
     root = checkpoint.check_folder(model_dir)  # nothing is created in a folder without a model
-    with fsio.folder_lock(root, wait=wait):
+    with fsio.folder_lock(root, wait=wait) as locked:
         snap = checkpoint.read_snapshot(root, key=k, wait=0.0)  # integrity first: nothing has changed yet
+        fsio.check_same_folder(root, locked)  # the snapshot is of the folder this process holds
         if snap.signature == "unchecked":
             raise StoreError(
                 f"{str(root)!a} is signed: set {integrity.KEY_ENV} or pass --key-file to write to it "
@@ -282,6 +283,7 @@ def forget(
                             f"request id {rid!a} was already used (ledger entry {e.get('seq')}) for different "
                             "ids; choose a new --request-id"
                         )
+                    fsio.check_same_folder(root, locked)
                     recovered = checkpoint.recover(root, snap)  # crash debris only; the folder was checked above
                     return ForgetOutcome(False, rid, e, None, recovered, loaded.head, e.get("quality") or {})
             try:
@@ -330,6 +332,7 @@ def forget(
                 quality.update(passed=True, repaired=True, repair=rec)
             fsio.phase("solved")
             entry = _entry(rid, id_list, report, un, settings, quality)
+            fsio.check_same_folder(root, locked)  # writes go by path: still the locked folder (not moved/replaced)?
             recovered = checkpoint.recover(root, snap)  # roll back crash debris, now that the request is good
             written = checkpoint.commit_update(loaded, entry, unlearner=un)
     return ForgetOutcome(True, rid, written, report, recovered, loaded.head, quality)

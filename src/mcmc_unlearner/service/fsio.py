@@ -45,6 +45,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "check_name",
+    "check_same_folder",
     "folder_lock",
     "fsync_dir",
     "list_names",
@@ -342,11 +343,30 @@ def unlink_name(root: Path, name: str) -> bool:
     return True
 
 
+def check_same_folder(path: str | os.PathLike, ident: tuple[int, int] | None) -> None:
+    """Refuse to go on when ``path`` no longer names the folder that was locked (``ident``: its device and inode,
+    as :func:`folder_lock` yields them): the folder was moved, or replaced by another (a restored backup), while
+    the request ran. Writing by path would then change a folder this process neither locked nor checked."""
+    if ident is None:
+        return
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None or (st.st_dev, st.st_ino) != ident:
+        raise StoreError(
+            f"the model folder {str(path)!a} was moved or replaced while the request ran; nothing was changed: "
+            "send the request again to the folder as it is now"
+        )
+
+
 @contextlib.contextmanager
-def folder_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]:
+def folder_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[tuple[int, int] | None]:
     """Exclusive lock on a model folder for one writer (``flock`` on the folder's own file descriptor).
 
-    Nothing is created in the folder. The OS releases the lock when the holder exits or is killed.
+    Nothing is created in the folder. The OS releases the lock when the holder exits or is killed. Yields the
+    locked folder's ``(st_dev, st_ino)`` (``None`` where there are no locks), for :func:`check_same_folder`: the
+    lock holds the folder, not its path.
 
     Args:
         path: The model folder.
@@ -359,7 +379,7 @@ def folder_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no advisory locks
-        yield
+        yield None
         return
     root = Path(path)
     try:
@@ -385,6 +405,7 @@ def folder_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]
                 delay = min(delay * 2, 0.25)
             except OSError as exc:  # e.g. a file system without flock on folders
                 raise StoreError(f"cannot lock {root}: {_os_reason(exc)}; use a local file system") from None
-        yield
+        st = os.fstat(fd)
+        yield (st.st_dev, st.st_ino)
     finally:
         os.close(fd)
