@@ -712,6 +712,37 @@ def test_a_flat_bank_flattened_in_another_order_than_the_models_parameters_is_wa
             assert "named_parameters" in said[0] and "dict of stacked tensors" in said[0]
 
 
+def test_a_tree_ravel_bank_is_warned_about_when_the_model_keeps_its_initialisation() -> None:
+    """``posteriors`` is functional: the model keeps its initial parameters, which fit no better than a mis-ordered
+    bank (a conjugate regression: NLL 31.6 per row for the bank, about 10 at the initialisation, under the 10x
+    threshold), so the request went through with damping 6,896 and the bias moved -0.57 posterior sd against the
+    exact -9.0. The bank is now also read in sorted-name order, and a far better fit there is named."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    n, sig = 400, 0.5
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    w, b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), 0.3
+    y = x @ w + b + sig * torch.randn(n, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 1).double()
+    near = torch.cat([torch.full((40, 1), b, dtype=torch.float64), w.expand(40, 3)], 1)
+    near = near + 0.02 * torch.randn(40, 4, generator=g, dtype=torch.float64)  # bias first: tree_ravel's order
+    for bank, warned in ((near, True), (near[:, [1, 2, 3, 0]], False)):
+        un = MCMCUnlearner(
+            model,
+            nll=lambda m, bt: 0.5 * (m(bt[0]).squeeze(-1) - bt[1]) ** 2 / sig**2,
+            log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()) / 9.0,
+            bank=bank,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            un.propose((x[:10], y[:10]), (x[10:], y[10:]))
+        said = [str(m.message) for m in caught if "sorted-name order" in str(m.message)]
+        assert bool(said) == warned, said
+        if warned:
+            assert "tree_ravel" in said[0] and "dict of stacked tensors" in said[0]
+
+
 class _TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

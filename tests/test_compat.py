@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,91 @@ def test_a_dataloader_is_restarted_and_a_finite_iterator_that_runs_out_is_refuse
         un.remove([blr.x[blr.removed], blr.y[blr.removed]], iter(loader))  # one epoch only
     assert torch.equal(model.w.detach(), w)
     assert opt.state_dict()["state"].keys() == state["state"].keys()
+
+
+# ------------------------------------------------ the seed repository's own samplers (stop 33 probe)
+
+
+class _Mean(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        self.n = n
+
+    def F(self, z):
+        return 0.5 * (self.theta**2).sum() / 100 + self.n * 0.5 * ((z[0] - self.theta) ** 2).sum(1).mean()
+
+    def h(self, z):
+        return 0.5 * ((z[0] - self.theta) ** 2).sum()
+
+
+class _Unlearner(sgmcmcUnlearner):
+    def _apply_sample(self, z):
+        lo = self.model.F(z)
+        self.optimizer.zero_grad()
+        lo.backward()
+        self.optimizer.step()
+
+    def _fun(self, z):
+        return self.model.F(z)
+
+    def _z_fun(self, z):
+        return self.model.h(z)
+
+
+class _SeedDataSampler:
+    """fshp971/mcmc-unlearning BNN/utils/data.py DataSampler, reduced: __next__ and __len__, no __iter__."""
+
+    def __init__(self, x, bs):
+        self.x, self.bs, self.rng, self.it = x, bs, np.random.RandomState(0), None
+
+    def _epoch(self):
+        p = self.rng.permutation(len(self.x))
+        for i in range(0, len(p) - self.bs + 1, self.bs):
+            yield self.x[p[i : i + self.bs]], torch.zeros(self.bs)
+
+    def __next__(self):
+        if self.it is None:
+            self.it = self._epoch()
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = self._epoch()
+            return next(self.it)
+
+    def __len__(self):
+        return len(self.x)
+
+
+def _setup(n=400):
+    torch.manual_seed(0)
+    x = torch.randn(n, 2, dtype=torch.float64)
+    model = _Mean(n)
+    opt = SGHMC(model.parameters(), lr=0.05 / n, alpha=0.9)  # no generator: torch's global RNG, as the seed's
+    return x, model, opt
+
+
+def test_seed_api_takes_the_papers_own_data_sampler() -> None:
+    """The seed repository's utils.DataSampler defines __next__ but no __iter__: it was refused."""
+    x, model, opt = _setup()
+    un = _Unlearner(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=8, scaling=0.1, samp_T=2)
+    un.param_dict["scaling"] = 0.5 / len(x)
+    res = un.remove([x[:5], torch.zeros(5)], _SeedDataSampler(x, 64))
+    assert torch.isfinite(res.x).all() and res.x.abs().sum() > 0
+
+
+def test_seed_api_refused_request_restores_the_global_rng_its_sampler_draws_from() -> None:
+    """A sampler without a generator of its own (the seed's, or ours built without one) draws from torch's global
+    RNG: a refused request left it advanced, so a retry differed from the same request on an untouched copy."""
+    x, model, opt = _setup()
+    s = iter([(x[i : i + 64], torch.zeros(64)) for i in range(0, 320, 64)] * 100)
+    for _ in range(3):
+        _Unlearner._apply_sample(type("U", (), {"model": model, "optimizer": opt})(), next(s))
+    un = _Unlearner(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=16, scaling=1.0, samp_T=2)
+    un.param_dict["scaling"] = 40.0 / len(x)  # diverges
+    rng = torch.get_rng_state().clone()
+    theta = model.theta.detach().clone()
+    with pytest.raises(SolverDivergedError):
+        un.remove([x[:5], torch.zeros(5)], s)
+    assert torch.equal(model.theta.detach(), theta)
+    assert torch.equal(torch.get_rng_state(), rng)

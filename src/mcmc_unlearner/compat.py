@@ -48,7 +48,10 @@ class _Minibatches:
 
     def __init__(self, source: Any, need: int) -> None:
         self.need, self.drawn = need, 0
-        if isinstance(source, Iterator):
+        if isinstance(source, Iterator) or (
+            callable(getattr(source, "__next__", None)) and not hasattr(source, "__iter__")
+        ):
+            # the seed repository's own utils.DataSampler defines __next__ (endless) but no __iter__
             self.again, self.it = None, source
         elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
             self.again, self.it = source, iter(source)
@@ -182,6 +185,8 @@ class sgmcmcUnlearner:
         saved = [p.detach().clone() for p in self.params]
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         gen_state = _sampler_generator_state(self.optimizer)
+        # the seed's SGLD/SGHMC (and any sampler without a generator of its own) draw from torch's global RNG
+        rng_state = torch.get_rng_state() if gen_state is None else None
         try:
             sampler = _Minibatches(sampler, T * (1 + iters + (30 if scaling == "auto" else 0)))
             with plain_attention():  # double backward through attention needs torch's math kernel
@@ -199,6 +204,8 @@ class sgmcmcUnlearner:
                     p.copy_(s)
             self.optimizer.load_state_dict(opt_state)
             _set_sampler_generator_state(self.optimizer, gen_state)
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
             raise
         with torch.no_grad():
             offset = 0

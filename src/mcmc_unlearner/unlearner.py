@@ -406,8 +406,24 @@ def _outside_stacklevel() -> int:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def _sorted_name_order(spec: ParamSpec) -> torch.Tensor | None:
+    """Index that reads a flat vector laid out in sorted-name order (optree's ``tree_ravel`` of a
+    ``{name: tensor}`` dict, as ``posteriors`` gives it) in ``named_parameters`` order; ``None`` when the two agree."""
+    if list(spec.names) == sorted(spec.names):
+        return None
+    offsets, at = {}, 0
+    for name in sorted(spec.names):
+        offsets[name] = at
+        at += spec.numels[spec.names.index(name)]
+    return torch.cat([torch.arange(offsets[nm], offsets[nm] + k) for nm, k in zip(spec.names, spec.numels)])
+
+
 def _warn_if_bank_fits_worse(
-    rows_f: Callable[..., torch.Tensor], live: torch.Tensor, thetas: torch.Tensor, rows: Batch
+    rows_f: Callable[..., torch.Tensor],
+    live: torch.Tensor,
+    thetas: torch.Tensor,
+    rows: Batch,
+    spec: ParamSpec | None = None,
 ) -> None:
     """Warn when the stored samples fit held remaining rows far worse than the model's own parameters: a flat
     ``[S, D]`` bank carries no names, and one flattened in another order than ``model.named_parameters()`` (optree's
@@ -416,6 +432,26 @@ def _warn_if_bank_fits_worse(
     with torch.no_grad():
         at_model = float(rows_f(live, *rows).double().mean())
         at_bank = float(torch.stack([rows_f(t, *rows).double().mean() for t in (thetas[0], thetas[-1])]).mean())
+    order = None if spec is None else _sorted_name_order(spec)
+    if order is not None:
+        # the model's own parameters are no reference where they were never set from the samples (posteriors is
+        # functional: the model keeps its initialisation); the bank read in sorted-name order is
+        with torch.no_grad():
+            at_sorted = float(
+                torch.stack(
+                    [rows_f(t[order.to(t.device)], *rows).double().mean() for t in (thetas[0], thetas[-1])]
+                ).mean()
+            )
+        if math.isfinite(at_sorted) and at_bank > 10.0 * abs(at_sorted) + 0.5:
+            warnings.warn(
+                f"the stored samples fit the remaining data far worse as given (mean NLL {at_bank:.3g} per row) than "
+                f"with their columns read in sorted-name order ({at_sorted:.3g}), the order of optree's tree_ravel "
+                "(used by posteriors). A [S, D] bank's columns must follow model.named_parameters(), as "
+                "parameters_to_vector gives them. Pass the samples as a dict of stacked tensors {name: [S, ...]} or "
+                "a list of state_dicts, which carry their names",
+                stacklevel=_outside_stacklevel(),
+            )
+            return
     if math.isfinite(at_model) and at_bank > 10.0 * abs(at_model) + 0.5:
         warnings.warn(
             f"the stored samples fit the remaining data far worse than the model's current parameters (mean NLL "
@@ -1935,7 +1971,7 @@ class MCMCUnlearner:
             )
         if not self._order_checked and self._layout is not None and self._layout.kind in ("flat", "flat_list"):
             self._order_checked = True
-            _warn_if_bank_fits_worse(rows_f, live, k_thetas, check_rows)
+            _warn_if_bank_fits_worse(rows_f, live, k_thetas, check_rows, self.spec)
         check = EnergyCheck(
             rows_f,
             lp_f,
