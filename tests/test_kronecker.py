@@ -741,3 +741,19 @@ def test_a_users_forward_hook_on_a_layer_does_not_change_its_factors() -> None:
         for m in (plain, hooked)
     ]
     torch.testing.assert_close(dense(Ks[1]), dense(Ks[0]), atol=1e-10, rtol=1e-10)
+
+
+def test_a_hook_computed_weight_is_named_as_such_in_the_diagonal_reasons() -> None:
+    """``torch.nn.utils.weight_norm``/``spectral_norm`` compute the layer's weight from other parameters in a
+    pre-hook: the reason said "its forward hook did not fire (the weight is used directly, e.g. through F.linear
+    inside MultiheadAttention)", which sent the user looking for the wrong cause."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.utils.spectral_norm(nn.Linear(6, 3)))
+    x = torch.randn(10, 4)
+    theta = ParamSpec.flatten_module(model)
+    info = KroneckerCurvature.build(
+        model, theta[None], [(x, torch.zeros(10, dtype=torch.long))], n=10, likelihood="categorical", mc_samples=2
+    ).info
+    for name in ("0.weight_g", "0.weight_v", "2.weight_orig"):
+        assert "computed from other parameters by a hook" in info["diagonal"][name], info["diagonal"][name]
+        assert "did not fire" not in info["diagonal"][name]

@@ -631,6 +631,11 @@ def _factor_form(Q: Tensor | None, dim: int) -> str:
 def _owner_reason(model: nn.Module, name: str) -> str:
     owner_name = name.rsplit(".", 1)[0] if "." in name else ""
     owner = model.get_submodule(owner_name) if owner_name else model
+    if _kind(owner) is not None and owner._parameters.get("weight") is None:
+        return (  # torch.nn.utils.weight_norm / spectral_norm: weight_g, weight_v, weight_orig
+            f"{type(owner).__name__} '{owner_name}': its weight is computed from other parameters by a hook (e.g. "
+            "torch.nn.utils.weight_norm or spectral_norm)"
+        )
     if _kind(owner) is not None:
         return (
             f"{type(owner).__name__} '{owner_name}': its forward hook did not fire (the weight is used directly, "
