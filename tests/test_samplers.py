@@ -126,6 +126,29 @@ def test_bad_lr_refused(bad: float) -> None:
         SGHMC([torch.nn.Parameter(torch.zeros(1))], lr=bad)
 
 
+def test_parameter_groups_are_checked_like_the_defaults() -> None:
+    """A group's ``weight_decay``/``momentum`` were accepted and silently ignored (a zero-gradient step left p at 1
+    where decay 1e6 would send it to about -999), a group's ``alpha=5`` and ``lr=-1`` were accepted although the
+    constructor refuses them."""
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['momentum', 'weight_decay'\].*log prior"):
+        SGLD([{"params": [p], "weight_decay": 1e6, "momentum": 0.9}], lr=1e-3)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        SGHMC([{"params": [p], "alpha": 5.0}], lr=1e-3)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        SGLD([{"params": [p], "lr": -1.0}], lr=1e-3)
+    q = torch.nn.Parameter(torch.ones(2))
+    opt = SGHMC([{"params": [p], "lr": 2e-3, "alpha": 0.5}], lr=1e-3)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        opt.add_param_group({"params": [q], "alpha": 0.0})
+    assert len(opt.param_groups) == 1  # nothing added by the refused call
+    opt.add_param_group({"params": [q]})
+    assert [(g["lr"], g["alpha"]) for g in opt.param_groups] == [(2e-3, 0.5), (1e-3, 0.9)]
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)  # a scheduler's initial_lr is its own key
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(5e-4)
+
+
 def test_run_chain_restarts_a_dataloader_and_samplers_refuse_odd_step_sizes() -> None:
     """run_chain over a DataLoader ended in a bare StopIteration once an epoch was used up (the unlearner itself
     restarts DataLoaders); SGLD(lr=inf) and SGLD(lr=True) were accepted."""

@@ -27,12 +27,32 @@ class _SGMCMC(Optimizer):
     applies the integrator's :meth:`_update` to every parameter that has a gradient."""
 
     def __init__(self, params: Iterable, defaults: dict, generator: torch.Generator | None) -> None:
-        lr = defaults["lr"]
-        value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-        if isinstance(lr, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{type(self).__name__}: lr must be positive and finite, got {lr!r}")
+        self._check_options(defaults)
         super().__init__(params, defaults)
         self.generator = generator
+
+    def _check_options(self, group: dict) -> None:
+        """``lr`` positive and finite (``alpha`` in (0, 1] for SGHMC), in the defaults and in every group."""
+        name, lr = type(self).__name__, group["lr"]
+        value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+        if isinstance(lr, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: lr must be positive and finite, got {lr!r}")
+        alpha = group.get("alpha", 1.0)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ValueError(f"{name}: alpha must lie in (0, 1], got {alpha!r}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, refusing options the sampler does not have (``weight_decay``, ``momentum``
+        in a group were silently ignored) and checking the group's own ``lr``/``alpha``."""
+        name = type(self).__name__
+        extra = set(param_group) - set(self.defaults) - {"params", "param_names", "initial_lr"}
+        if extra:
+            raise ValueError(
+                f"{name}: unknown option(s) {sorted(extra)} in a parameter group; {name} takes "
+                f"{sorted(self.defaults)} (weight decay is a Gaussian prior: put it in the energy's log prior)"
+            )
+        self._check_options({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
@@ -87,8 +107,6 @@ class SGHMC(_SGMCMC):
     def __init__(
         self, params: Iterable, lr: float, alpha: float = 0.9, generator: torch.Generator | None = None
     ) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError(f"SGHMC: alpha must lie in (0, 1], got {alpha!r}")
         super().__init__(params, {"lr": lr, "alpha": alpha}, generator)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
