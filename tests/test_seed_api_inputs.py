@@ -52,9 +52,23 @@ def test_zero_rounds_or_steps_get_a_message_naming_the_setting(key) -> None:
         un.remove([x[:10], y[:10]], _data(x, y))
 
 
-def test_frozen_parameters_are_refused_with_the_fix() -> None:
-    with pytest.raises(ValueError, match="requires_grad"):
-        _setup(freeze=True)
+def test_frozen_parameters_are_skipped_as_the_seed_skips_them() -> None:
+    """The seed keeps ``[p for p in params if p.requires_grad]``; its own call ``params=model.parameters()`` on a
+    model with a frozen layer was refused (stop 32). The frozen weight stays as it was, the request equals the one
+    given the trainable parameters alone, and a model with nothing to train is refused."""
+    x, y, model, un = _setup(freeze=True)
+    frozen = model[0].weight.detach().clone()
+    r = un.remove([x[:10], y[:10]], _data(x, y))
+    assert torch.equal(model[0].weight, frozen) and torch.isfinite(r.x).all() and r.x.abs().sum() > 0
+    x2, y2, model2, _ = _setup(freeze=True)
+    trainable = [p for p in model2.parameters() if p.requires_grad]
+    opt2 = SGLD(trainable, lr=1e-6, generator=torch.Generator().manual_seed(1))
+    un2 = S(model=model2, optimizer=opt2, params=trainable, cpu=True, iter_T=8, scaling=1e-3, samp_T=1)
+    assert torch.equal(un2.remove([x2[:10], y2[:10]], _data(x2, y2)).x, r.x)
+    for p in model2.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to unlearn"):
+        S(model=model2, optimizer=opt2, params=model2.parameters(), cpu=True)
 
 
 def test_scaling_auto_recommended_by_the_divergence_message_works() -> None:

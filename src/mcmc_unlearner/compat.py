@@ -108,13 +108,11 @@ class sgmcmcUnlearner:
     ) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.params = [p for p in params]
-        frozen = sum(1 for p in self.params if not p.requires_grad)
-        if frozen:
-            raise ValueError(
-                f"params holds {frozen} tensor(s) with requires_grad=False (frozen layers), which cannot be "
-                "differentiated or shifted: pass params=[p for p in model.parameters() if p.requires_grad]"
-            )
+        # as the seed does: parameters with requires_grad=False (frozen layers) are neither differentiated nor
+        # shifted (stop 32 refused them, which broke the seed's own call params=model.parameters())
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("params holds no tensor with requires_grad=True: there is nothing to unlearn")
         self.cpu = cpu
         self.param_dict: dict[str, Any] = {"iter_T": iter_T, "scaling": scaling, "samp_T": samp_T}
         self.last_result: SolveResult | None = None
