@@ -104,9 +104,12 @@ class DenseBackend(CurvatureBackend):
     def solve(self, rhs: torch.Tensor, damping: float) -> SolveResult:
         w, Q = self._eig
         shifted = w + damping
-        if not bool((shifted > 1e-12 * max(float(w.abs().max()), 1e-30)).all()):
+        floor = self._eig_floor()
+        if not bool((shifted > floor).all()):
             raise NegativeCurvatureError(
-                f"the Hessian plus damping {damping:.3g} has eigenvalue {float(shifted.min()):.3g} <= 0"
+                f"the Hessian plus damping {damping:.3g} has eigenvalue {float(shifted.min()):.3g}, not above its "
+                f"rounding level {floor:.3g} (float64 eigendecomposition of a matrix whose largest eigenvalue is "
+                f"{float(w.abs().max()):.3g})"
             )
         b = rhs.double()
         coef = Q.T @ b
@@ -129,10 +132,16 @@ class DenseBackend(CurvatureBackend):
         mean = float(w.mean())
         return mean if mean > 0 else float(w.abs().mean())
 
+    def _eig_floor(self) -> float:
+        """The eigendecomposition's rounding level: eigenvalues at or below it are not resolved (float64 ``eigh``
+        has a backward error of about ``D·ε·‖M‖``)."""
+        w = self._eig[0]
+        return w.numel() * torch.finfo(torch.float64).eps * max(float(w.abs().max()), 1e-300)
+
     def min_damping(self) -> float:
         w = self._eig[0]
         lo = float(w[0])
-        return 0.0 if lo > 0 else -lo + 1e-6 * float(w.abs().max())
+        return 0.0 if lo > self._eig_floor() else -lo + 1e-6 * float(w.abs().max())
 
     def transport(self, damping: float) -> torch.Tensor:
         """``T = (A' + λ)^{-1/2} (A + λ)^{1/2}``: the exact Gaussian transport from the old precision ``A`` to the
