@@ -142,6 +142,29 @@ def plain_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fast)
 
 
+@contextmanager
+def dense_embedding_grads(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=False`` and ``scale_grad_by_freq=False``.
+
+    Neither flag changes the function the layer computes, only the gradient autograd returns for its weight:
+    ``sparse=True`` gives a sparse COO gradient (which cannot be flattened, batched by ``vmap`` or squared into a
+    diagonal: every request crashed with "reshape is not implemented for sparse tensors"), and
+    ``scale_grad_by_freq=True`` divides each row's gradient by the token's count in the batch, which is not the
+    gradient of ``nll`` (the removal then used other derivatives than those of the energy, silently). The flags are
+    restored on exit.
+    """
+    mods = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    saved = [(m.sparse, m.scale_grad_by_freq) for m in mods]
+    for m in mods:
+        m.sparse = False
+        m.scale_grad_by_freq = False
+    try:
+        yield
+    finally:
+        for m, (sp, sc) in zip(mods, saved):
+            m.sparse, m.scale_grad_by_freq = sp, sc
+
+
 def _composite_weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``torch._weight_norm`` as plain differentiable operations (its own non-fused formula)."""
     return v * (g / torch.norm_except_dim(v, 2, dim))

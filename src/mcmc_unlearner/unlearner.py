@@ -58,7 +58,15 @@ from torch.func import grad, jacrev, vmap
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .backends.base import NegativeCurvatureError
 from .bank import BankLayout, to_flat
-from .curvature import ParamSpec, SampleAveragedHessian, eager, functionalize, second_derivative_gap, stack_batches
+from .curvature import (
+    ParamSpec,
+    SampleAveragedHessian,
+    dense_embedding_grads,
+    eager,
+    functionalize,
+    second_derivative_gap,
+    stack_batches,
+)
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
 from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
@@ -712,6 +720,7 @@ def _check_mode(model: nn.Module) -> None:
             and (
                 (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
                 or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+                or (isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1)
             )
         }
     )
@@ -876,6 +885,19 @@ class _Stream:
                 n = len(source)
             elif hasattr(source, "dataset") and hasattr(source.dataset, "__len__"):
                 n = _loader_rows(source)  # a DataLoader: len() counts batches, its dataset (or sampler) counts rows
+            elif (
+                isinstance(source, tuple)
+                and len(source) >= 2
+                and all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in source)
+                and len({tuple(t.shape) for t in source}) == 1
+            ):
+                raise ValueError(
+                    f"remaining is a tuple of {len(source)} tensors of one shape {tuple(source[0].shape)}: such a "
+                    "tuple is read as one-field minibatches, not as the rows (x, y) (token ids [n] or [n, L] with "
+                    "labels of the same shape look alike). Pass the rows as RemovableDataset(x, y, batch_size=128) "
+                    "or a DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True); if they really are "
+                    "minibatches, pass n_remaining="
+                )
             else:
                 raise ValueError(
                     "pass n_remaining= (the number of remaining data points): it cannot be read from a "
@@ -1781,7 +1803,8 @@ class MCMCUnlearner:
             torch.get_rng_state() if expectation is Expectation.CHAIN and _uses_global_rng(self.sampler) else None
         )
         try:
-            prop = self._propose(batch, stream, n, expectation, k)
+            with dense_embedding_grads(self.model):
+                prop = self._propose(batch, stream, n, expectation, k)
             prop.report.info["removed_share"] = share
             prop._backend_state = self.curvature.snapshot()
             # a damping searched on the check's noise alone (see _unresolved) is not carried to the next request
