@@ -2066,6 +2066,18 @@ class MCMCUnlearner:
         report.problems = quality_problems(
             report, self.tol, outcome.note, fixed_damping=not self.control.adaptive, theta=live
         )
+        stored = new_bank if new_bank is not None else new_live
+        before = self.bank if new_bank is not None else live
+        if report.shift_norm > 0 and bool(torch.equal(stored, before)):
+            # the shift rounds to nothing where it is stored (weights near 1e4 in float32: one rounding step 1.2e-3):
+            # say so, and why, instead of reporting a step the bank does not hold
+            info["stored_shift"] = 0.0
+            warnings.warn(
+                f"the shift (norm {report.shift_norm:.3g}) rounds to nothing in the {str(stored.dtype)[6:]} "
+                "parameters: the samples are unchanged. Their floating-point resolution is coarser than this "
+                "removal; unlearn in float64 (model.double() and a float64 bank) to apply it",
+                stacklevel=_outside_stacklevel(),
+            )
         prop = Proposal(report, new_live, new_bank)
         prop._sampler_state = sampler_state
         prop._carry = carry
