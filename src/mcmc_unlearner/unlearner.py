@@ -2070,8 +2070,9 @@ class MCMCUnlearner:
         before = self.bank if new_bank is not None else live
         if report.shift_norm > 0 and bool(torch.equal(stored, before)):
             # the shift rounds to nothing where it is stored (weights near 1e4 in float32: one rounding step 1.2e-3):
-            # say so, and why, instead of reporting a step the bank does not hold
+            # say so, and why, instead of reporting a step the bank does not hold (a refused request says why)
             info["stored_shift"] = 0.0
+        if info.get("stored_shift") == 0.0 and not report.problems:
             warnings.warn(
                 f"the shift (norm {report.shift_norm:.3g}) rounds to nothing in the {str(stored.dtype)[6:]} "
                 "parameters: the samples are unchanged. Their floating-point resolution is coarser than this "

@@ -130,6 +130,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     lines.append(f"removed ids:      {shown or 'none'}")
     if st["pending_uncommitted_lines"]:
         lines.append(f"note:             {st['pending_uncommitted_lines']} uncommitted ledger line(s) (interrupted)")
+    if st["defaulted_options"]:
+        names = ", ".join(f"{k}={v!r}" for k, v in st["defaulted_options"].items())
+        lines.append(
+            f"defaults:         not in the saved configuration (saved by an earlier version), so this version's "
+            f"defaults apply: {names}"
+        )
     lines.append(f"ledger head:      {st['ledger_head']}")
     emit("\n".join(lines))
     return ExitCode.OK

@@ -38,7 +38,7 @@ from ..data import as_id_tensor
 from ..errors import InvalidRequestError, SolverDivergedError, all_finite
 from ..solvers import SolverName
 from ..unlearner import RemovalReport
-from . import checkpoint, fsio, gate, integrity, requests
+from . import checkpoint, fsio, gate, integrity, requests, state
 from . import ledger as ledger_mod
 from .fsio import StoreError
 from .gate import OnFailure, QualityGateError
@@ -409,6 +409,9 @@ def status(
         "ledger_head": loaded.head,
         "model_sha256": loaded.model_sha256,
         "pending_uncommitted_lines": loaded.pending,
+        # the configuration requests run with: as saved, options added since at this version's defaults
+        "unlearner_config": loaded.unlearner.config(),
+        "defaulted_options": state.defaulted_options(loaded.manifest["unlearner"], loaded.unlearner),
     }
 
 

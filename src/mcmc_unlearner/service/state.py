@@ -139,6 +139,13 @@ def _constructor_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def defaulted_options(config: Mapping[str, Any], un: MCMCUnlearner) -> dict[str, Any]:
+    """The options a stored configuration does not hold (saved by an earlier version, before they existed, or
+    ``None`` where the current default is not), with the current defaults they take when the folder is loaded."""
+    kept = _constructor_config(config)
+    return {k: v for k, v in un.config().items() if k not in kept}
+
+
 def sampler_config(sampler: torch.optim.Optimizer | None) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
     if sampler is None:
         return None, {}
