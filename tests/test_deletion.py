@@ -273,3 +273,19 @@ def test_status_names_the_options_an_older_folder_takes_at_this_versions_default
     out = capsys.readouterr().out
     line = next(t for t in out.splitlines() if t.startswith("defaults:"))
     assert "this version's defaults apply:" in line and "shorten_steps=True" in line and "check_draws=8" in line
+
+
+def test_an_already_applied_request_says_what_debris_it_removed(store, tmp_path, capsys) -> None:
+    """Resending a request whose first run was killed after its commit point deleted the old state file it left
+    behind and said "nothing changed": the message now names the files removed (the model itself is unchanged)."""
+    ids = write_ids(tmp_path, "3\n14")
+    assert main(["forget", "--model", str(store), "--ids", ids]) == 0
+    capsys.readouterr()
+    debris = Path(store) / "state-000099.safetensors"  # an old state file a killed request left
+    debris.write_bytes(b"left by an interrupted request")
+    assert main(["forget", "--model", str(store), "--ids", ids]) == 0
+    out = capsys.readouterr().out
+    assert "already applied" in out and "nothing changed" not in out
+    assert "removed 1 file(s) an interrupted request left: state-000099.safetensors" in out and not debris.exists()
+    assert main(["forget", "--model", str(store), "--ids", ids]) == 0
+    assert "nothing changed" in capsys.readouterr().out

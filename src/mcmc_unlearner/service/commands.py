@@ -74,9 +74,17 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         return ExitCode.OK
     if not out.applied:
         k = len(e.get("ids", []))
+        debris = out.recovered.get("removed_files") or []
+        # the model is unchanged; files an interrupted request left behind were deleted on the way (said so)
+        cleaned = (
+            f"; the model is unchanged (removed {len(debris)} file(s) an interrupted request left: "
+            f"{', '.join(map(one_line, debris[:5]))})"
+            if debris
+            else "; nothing changed"
+        )
         emit(
             f"already applied: request {one_line(out.request_id)} ({k} id{'' if k == 1 else 's'}) is ledger entry "
-            f"{e.get('seq')} from {e.get('time')}; nothing changed\nledger head: {out.head}"
+            f"{e.get('seq')} from {e.get('time')}{cleaned}\nledger head: {out.head}"
         )
         return ExitCode.OK
     q = out.quality
