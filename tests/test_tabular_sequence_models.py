@@ -74,3 +74,31 @@ def test_token_id_rows_of_one_shape_get_a_message_that_works() -> None:
     with pytest.raises(ValueError, match=r"one-field minibatches.*RemovableDataset"):
         un.remove((x[:5], y[:5]), (x[5:], y[5:]))
     assert un.remove((x[:5], y[:5]), RemovableDataset(x[5:], y[5:], batch_size=95, seed=0)).passed
+
+
+class _FunctionalBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.fc = nn.Parameter(0.3 * torch.randn(12, 4)), nn.Linear(4, 2)
+
+    def forward(self, i: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(nn.functional.embedding_bag(i, self.table, mode="sum")))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback for embedding_bag
+@pytest.mark.parametrize("solver", ["auto", "kfac"])
+def test_an_operation_torch_cannot_differentiate_twice_is_named_with_the_way_out(solver: str) -> None:
+    """``F.embedding_bag`` on a trainable weight (construction cannot see it: the nn.EmbeddingBag module is refused
+    there) failed inside the request with torch's "the derivative for '_embedding_bag_backward' is not implemented";
+    the request now says what it is and how to get round it, and leaves the bank as it was."""
+    torch.manual_seed(0)
+    model = _FunctionalBag()
+    x, y = torch.randint(12, (60, 3)), torch.randint(2, (60,))
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(8)]
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver=solver)
+    before = un.bank.clone()
+    with pytest.raises(
+        ValueError, match=r"cannot differentiate a second time \(_embedding_bag_backward\).*F\.embedding"
+    ):
+        un.remove((x[:4], y[:4]), (x[4:], y[4:]))
+    assert torch.equal(un.bank, before)

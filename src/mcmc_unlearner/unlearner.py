@@ -43,6 +43,7 @@ import importlib
 import math
 import numbers
 import os
+import re
 import sys
 import time
 import warnings
@@ -1803,8 +1804,22 @@ class MCMCUnlearner:
             torch.get_rng_state() if expectation is Expectation.CHAIN and _uses_global_rng(self.sampler) else None
         )
         try:
-            with dense_embedding_grads(self.model):
-                prop = self._propose(batch, stream, n, expectation, k)
+            try:
+                with dense_embedding_grads(self.model):
+                    prop = self._propose(batch, stream, n, expectation, k)
+            except NotImplementedError as exc:
+                what = re.search(r"derivative for '?([\w.]+)'? is not implemented", str(exc))
+                if what is None:
+                    raise
+                # an operation torch differentiates once but not twice (or not in forward mode), used functionally
+                # where construction cannot see it (F.embedding_bag on a trainable weight): torch's own words named
+                # neither the cause nor a way out
+                raise ValueError(
+                    f"the model uses an operation torch cannot differentiate a second time ({what.group(1)}), which "
+                    "every curvature backend and the safety check need; nothing was changed. Freeze the parameters "
+                    "that flow through it (requires_grad=False) or write it with differentiable operations (e.g. "
+                    "F.embedding followed by a sum or mean for F.embedding_bag)"
+                ) from exc
             prop.report.info["removed_share"] = share
             prop._backend_state = self.curvature.snapshot()
             # a damping searched on the check's noise alone (see _unresolved) is not carried to the next request
