@@ -1738,6 +1738,21 @@ class MCMCUnlearner:
 
     # ------------------------------------------------------------------ the request
     def propose(self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None) -> Proposal:
+        """Compute the removal of ``batch`` without changing anything; :meth:`apply` commits it (see
+        :meth:`_propose_unguarded` for the arguments). torch's global generator, too, is as it was when this returns
+        or raises: a ``DataLoader`` draws its iterator's seed from it, and chain-mode draws of a sampler without a
+        generator of its own draw their noise from it; :meth:`apply` sets the state the computation left."""
+        rng = torch.get_rng_state()
+        try:
+            prop = self._propose_unguarded(batch, remaining, n_remaining)
+            prop._global_rng_after = torch.get_rng_state()
+        finally:
+            torch.set_rng_state(rng)
+        return prop
+
+    def _propose_unguarded(
+        self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None
+    ) -> Proposal:
         """Compute the removal of ``batch`` without changing anything; :meth:`apply` commits it.
 
         Model, sampler state, bank, cached curvature, damping state, the unlearner's generator and the state of
@@ -1865,6 +1880,9 @@ class MCMCUnlearner:
             )
         t0 = time.perf_counter()
         ParamSpec.assign(self.model, proposal.live)
+        after = getattr(proposal, "_global_rng_after", None)
+        if after is not None:
+            torch.set_rng_state(after)
         if proposal._sampler_state is not None and self.sampler is not None:
             self.sampler.load_state_dict(proposal._sampler_state["state_dict"])
             _set_sampler_generator_state(self.sampler, proposal._sampler_state["generator"])
