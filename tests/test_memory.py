@@ -186,3 +186,40 @@ def test_removed_points_gradient_in_row_chunks_equals_one_pass() -> None:
     un.memory_budget = 2 * un._row_bytes * 7  # seven rows at a time
     chunked = un._per_draw_grads(h, thetas, (x, y), rowwise=True)
     assert torch.allclose(chunked, ref, atol=1e-12)
+
+
+def test_newton_equilibrium_gradient_is_planned_within_the_budget(monkeypatch) -> None:
+    """The equilibrium gradient (newton_steps=2) was one call over every remaining row, never split: its own plan
+    exceeded the budget and it ran anyway (a small CNN: 616 MB under a 400 MB budget). It now goes through the
+    correction's row chunks."""
+    from mcmc_unlearner import RemovableDataset
+    from mcmc_unlearner import unlearner as U
+
+    torch.manual_seed(0)
+    n = 3000
+    x = torch.randn(n, 32)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 2))
+    theta = nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = torch.stack([theta + 0.01 * torch.randn_like(theta) for _ in range(8)])
+    nll = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    log_prior = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())  # noqa: E731
+    budget = 5_000_000  # bytes: every remaining row in one call does not fit, 1024-row chunks split further
+    un = MCMCUnlearner(
+        model, nll=nll, log_prior=log_prior, bank=bank, memory_budget=budget, newton_steps=2, recenter_every=0
+    )
+    data = RemovableDataset(x, y, batch_size=128, seed=0)
+
+    over = []
+    inner = U.MCMCUnlearner._per_draw_grads
+
+    def spy(self, f, thetas, batch, rowwise=False):
+        rows = batch[0].shape[0]
+        if not rowwise and 2 * self._call_cost(rows) > self.memory_budget:
+            over.append((rows, 2 * self._call_cost(rows)))
+        return inner(self, f, thetas, batch, rowwise)
+
+    monkeypatch.setattr(U.MCMCUnlearner, "_per_draw_grads", spy)
+    rep = un.forget(torch.arange(20), data, strict=False)
+    assert rep.info.get("newton_data", "").startswith("all"), rep.info.get("newton_data")
+    assert not over, f"calls planned over the {budget}-byte budget (rows, planned bytes): {over}"
