@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mcmc_unlearner.cli import main
+from mcmc_unlearner.experiments import gmm
 from mcmc_unlearner.experiments.gmm import DISTANCES, METHODS, paper_available, run_demo
 from mcmc_unlearner.experiments.report import fmt, jsonable, markdown_table, summarize
 
@@ -167,3 +168,16 @@ def test_demo_with_the_paper_baseline(tmp_path):
         pa["vs_exact"]["spread_ratio"], m["methods"]["origin"]["vs_exact"]["spread_ratio"], rtol=1e-5
     )  # float32 bank
     assert "The paper's procedure (measured in this run" in (tmp_path / "report.md").read_text()
+
+
+def test_the_quoted_paper_numbers_in_the_report_come_from_the_metrics() -> None:
+    """The report printed the quoted (not measured) paper figures from a literal string beside
+    ``metrics['paper_reference']``, free to drift apart from it: now built from that dict."""
+    import copy
+    from pathlib import Path
+
+    m = json.loads((Path(__file__).parents[1] / "docs" / "runs" / "gmm-0" / "metrics.json").read_text())
+    m = copy.deepcopy(m)
+    m["paper_reference"].update(unlearn_seconds=99.0, seconds_per_request=0.77)
+    line = next(t for t in gmm._report(m).splitlines() if t.startswith("- Quoted"))
+    assert "99 s to unlearn" in line and "0.77 s per request" in line, line

@@ -1039,8 +1039,12 @@ def _report(m: dict[str, Any]) -> str:
             else " (same mode)."
         ),
         "- Quoted, not measured by this run (the paper's code, `GMM/forget.py`, once on a 2-core CPU of this "
-        "project): 68 s to unlearn (0.31 s per request) vs 11 s to retrain; unthinned KL 16.3 after unlearning "
-        "(+ continued sampling) vs noise floor 15.1. Run with `--with-paper` to measure the paper's procedure here.",
+        f"project): {fmt(m['paper_reference']['unlearn_seconds'])} s to unlearn "
+        f"({fmt(m['paper_reference']['seconds_per_request'])} s per request) vs "
+        f"{fmt(m['paper_reference']['retrain_seconds'])} s to retrain; unthinned KL "
+        f"{fmt(m['paper_reference']['kl_unlearn_continued_unthinned'])} after unlearning (+ continued sampling) vs "
+        f"noise floor {fmt(m['paper_reference']['kl_floor_unthinned'])}. Run with `--with-paper` to measure the "
+        "paper's procedure here.",
         "",
         "## Unlearning",
         "",
