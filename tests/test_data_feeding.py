@@ -134,3 +134,37 @@ def test_removed_rows_given_twice_or_still_in_the_remaining_data_are_warned_abou
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         un.remove((x[:10], y[:10]), (x[10:], y[10:]))  # a correct request: no warning
+
+
+def _column_label_setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + torch.randn(200, generator=g)
+    model = torch.nn.Linear(3, 1)
+    bank = torch.randn(32, 4, generator=g) * 0.05 + torch.cat([model.weight.detach()[0], model.bias.detach()])
+    un = MCMCUnlearner(
+        model,
+        nll=lambda m, b: 0.5 * (m(b[0]).squeeze(-1) - b[1]) ** 2,
+        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+        bank=bank,
+        solver="exact",
+        damping=1.0,
+    )
+    return x, y, un
+
+
+@pytest.mark.parametrize("where", ["a later request's removed rows", "the remaining rows"])
+def test_an_nll_that_broadcasts_is_refused_on_every_call(where) -> None:
+    """The check that ``nll`` gives one value per row ran once, on the first request's removed rows: labels given as a
+    column later broadcast ``nll`` to [B, B] and the request was applied (bank mean 0.36 off, posterior sd 0.07), and
+    in the remaining rows it was never checked (0.010 off, no problem listed)."""
+    x, y, un = _column_label_setup()
+    if where.startswith("a later"):
+        un.remove((x[195:], y[195:]), (x[:195], y[:195]), strict=False)
+        removed, remaining = (x[:5], y[:5, None]), (x[5:195], y[5:195])
+    else:
+        removed, remaining = (x[:5], y[:5]), (x[5:], y[5:, None])
+    before = un.bank.clone()
+    with pytest.raises(ValueError, match="one value per row"):
+        un.remove(removed, remaining, strict=False)
+    assert torch.equal(un.bank, before)

@@ -485,6 +485,20 @@ def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[n
         out = nll(model, batch)
         if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] == 1:
             return out.reshape(out.shape[0])
+        rows_in = batch[0].shape[0] if len(batch) and isinstance(batch[0], torch.Tensor) and batch[0].ndim else None
+        if (
+            rows_in is not None
+            and isinstance(out, torch.Tensor)
+            and (out.numel() != rows_in or (out.ndim > 1 and out.shape[0] != rows_in))
+        ):
+            # checked on every call, not only on the first request's removed rows: a label given as a column [B, 1]
+            # later (or in the remaining data) broadcasts to [B, B] and silently changed every energy and gradient
+            raise ValueError(
+                f"nll(model, batch) must return one value per row (shape [{rows_in}] for a batch of {rows_in} rows), "
+                f"got {list(out.shape)}: compute it without reducing over the batch (e.g. reduction='none'), and give "
+                "every batch (removed rows and remaining minibatches) the fields in the same shapes (a label "
+                "column y[:, None] against outputs [B] broadcasts to [B, B])"
+            )
         return out
 
     return rows
