@@ -899,3 +899,32 @@ def test_curvature_minibatches_of_unequal_size_are_pooled_not_cut_to_the_smalles
     assert torch.equal(stacked[0].flatten().long(), used)  # the fields stay paired
     full = _Stream(DataLoader(TensorDataset(x[:128], y[:128]), batch_size=64), None).stacked(2)
     assert torch.equal(full[1], torch.arange(128).view(2, 64))  # equal sizes: the minibatches as they came
+
+
+def test_assigning_the_bank_takes_what_bank_takes_and_refuses_non_finite_samples() -> None:
+    """``unlearner.bank = ...`` (the README's ``unlearner.bank = run_chain(...)``) stored the value as given: a list of
+    state_dicts or a float64 bank crashed inside the next request, a wrongly sized one in ``split_with_sizes``. It
+    now goes through the same conversion as ``bank=``. A sample with NaN was accepted and every request then blamed
+    "the model and data" for a non-finite gradient: refused, naming the sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(60, 3), torch.randint(2, (60,))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dicts = [{k: v + 0.05 * torch.randn_like(v) for k, v in base.items()} for _ in range(6)]
+    reference = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=dicts)
+    flat = reference.bank.clone()
+    for value in (dicts, flat.double()):
+        un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior)
+        un.bank = value
+        assert un.bank.dtype == torch.float32 and torch.allclose(un.bank, flat)
+        assert un.remove((x[:4], y[:4]), (x[4:], y[4:])).passed
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior)
+    with pytest.raises(ValueError):
+        un.bank = flat[:, :-1]
+    bad = flat.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values .* 1 of its 6 samples, the first at index 3"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bad)
+    with pytest.raises(ValueError, match="the first at index 3"):
+        un.bank = bad
+    assert un.bank is None

@@ -1250,7 +1250,8 @@ class MCMCUnlearner:
         self._layout: BankLayout | None = None
         self.bank = None
         if bank is not None:
-            self.bank, self._layout = to_flat(bank, self.spec, dtype=ParamSpec.params(model)[0].dtype, model=model)
+            flat, layout = to_flat(bank, self.spec, dtype=ParamSpec.params(model)[0].dtype, model=model)
+            self.bank, self._layout = flat, layout  # the setter refuses non-finite samples
         self.memory_budget = resolve_budget(memory_budget)
         self.exact_max_dim = int(exact_max_dim)
         self.solver, self.solver_reason = self._choose_solver(solver)
@@ -1496,7 +1497,23 @@ class MCMCUnlearner:
         return self._bank
 
     @bank.setter
-    def bank(self, value: torch.Tensor | None) -> None:
+    def bank(self, value: Any) -> None:
+        # what bank= takes, the same way (unlearner.bank = run_chain(...) is the README's; a list of state_dicts,
+        # a float64 or wrongly sized bank set here crashed inside the next request)
+        if value is not None:
+            dtype = ParamSpec.params(self.model)[0].dtype
+            plain = (isinstance(value, torch.Tensor) and value.ndim == 2 and value.dtype == dtype) and value.shape[
+                1
+            ] == self.spec.dim
+            if not plain:
+                value, self._layout = to_flat(value, self.spec, dtype=dtype, model=self.model)
+            bad = ~torch.isfinite(value).all(dim=1)
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"the bank has non-finite values (NaN or inf) in {int(bad.sum())} of its {value.shape[0]} samples, "
+                    f"the first at index {first}: drop those samples (a diverged chain's) before unlearning"
+                )
         self._bank = value
         self._version = getattr(self, "_version", 0) + 1
 
