@@ -705,3 +705,28 @@ def test_class_removal_in_17_requests_forgets_the_class_without_the_correction()
     the xfail above fails for the correction, not for the harness."""
     err, p0 = _digits_class_sequence(3, recenter_every=0)
     assert err >= 0.9 and p0 <= 0.1, (err, p0)
+
+
+@pytest.mark.parametrize(
+    "option, bad",
+    [
+        ("newton_steps", 2.5),
+        ("check_draws", True),
+        ("check_rows", float("nan")),
+        ("iter_T", "5"),
+        ("curvature_draws", float("inf")),
+        ("refresh_every", 0),
+        ("samp_T", -1),
+        ("precondition_rank", -1),
+        ("exact_max_dim", None),
+        ("recenter_every", 1.5),
+    ],
+)
+def test_integer_options_are_refused_by_name_when_they_are_not_whole_numbers(blr, option, bad) -> None:
+    """``newton_steps=2.5`` was read as 2, ``check_draws=True`` as 1, ``iter_T="5"`` as 5, ``refresh_every=0`` as 1,
+    ``samp_T=-1`` kept; NaN or inf failed inside ``int()`` without the option's name."""
+    with pytest.raises(ValueError, match=rf"^{option} "):
+        MCMCUnlearner(_LinReg(blr.x.shape[1]), **{option: bad})
+    import numpy as np
+
+    assert MCMCUnlearner(_LinReg(blr.x.shape[1]), newton_steps=np.int64(2)).newton_steps == 2

@@ -320,6 +320,15 @@ def _is_integer(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _whole(name: str, v: Any, minimum: int, what: str = "") -> int:
+    """An integer option, refused with its name when it is not one (``newton_steps=2.5`` was read as 2,
+    ``check_draws=True`` as 1, ``iter_T="5"`` as 5, ``NaN`` failed inside ``int()``) or is below ``minimum``
+    (``what``: the message's wording after the name)."""
+    if not _is_integer(v) or int(v) < minimum:
+        raise ValueError(f"{name} {what or f'must be an integer >= {minimum}'}, got {v!r}")
+    return int(v)
+
+
 def check_finite_batch(batch: Batch, what: str = "removed data", where: str = "of the request") -> None:
     """Refuse NaN or infinite values in a batch, naming the offending rows."""
     for i, t in enumerate(batch):
@@ -1253,7 +1262,7 @@ class MCMCUnlearner:
             flat, layout = to_flat(bank, self.spec, dtype=ParamSpec.params(model)[0].dtype, model=model)
             self.bank, self._layout = flat, layout  # the setter refuses non-finite samples
         self.memory_budget = resolve_budget(memory_budget)
-        self.exact_max_dim = int(exact_max_dim)
+        self.exact_max_dim = _whole("exact_max_dim", exact_max_dim, 0)
         self.solver, self.solver_reason = self._choose_solver(solver)
         if self.solver in _DENSE:
             need = dense_memory(self.spec.dim, ParamSpec.params(model)[0].element_size())
@@ -1297,22 +1306,23 @@ class MCMCUnlearner:
         if not (scaling == "auto" or (_is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
             raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {scaling!r}")
         self.scaling = scaling
-        self.iter_T = int(iter_T)
+        self.iter_T = _whole("iter_T", iter_T, 0)
         self.tol = float(tol)
         if not (math.isfinite(self.tol) and self.tol > 0):
             raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-        if self.iter_T < 0:
-            raise ValueError(f"iter_T must be >= 0, got {iter_T}")
-        self.samp_T = int(samp_T)
+        self.samp_T = _whole("samp_T", samp_T, 1)
         if grad_draws not in (None, "auto") and not (_is_integer(grad_draws) and int(grad_draws) >= 1):
             raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {grad_draws!r}")
         self.grad_draws = grad_draws
         default_draws = 8 if self.solver is SolverName.KFAC else 16
-        self.curvature_draws = int(default_draws if curvature_draws is None else curvature_draws)
+        self.curvature_draws = _whole(
+            "curvature_draws", default_draws if curvature_draws is None else curvature_draws, 1
+        )
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
         default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
-        self.refresh_every = max(1, int(default_refresh if refresh_every is None else refresh_every))
+        self.refresh_every = _whole("refresh_every", default_refresh if refresh_every is None else refresh_every, 1)
+        precondition_rank = _whole("precondition_rank", precondition_rank, 0)
         if precondition_rank <= 0 and (
             self.solver is SolverName.LOWRANK or (self.solver is SolverName.CG and solver == "auto")
         ):
@@ -1321,15 +1331,11 @@ class MCMCUnlearner:
         if not (_is_number(drift_tol) and float(drift_tol) > 0):  # inf: never rebuild on drift
             raise ValueError(f"drift_tol must be a number > 0, got {drift_tol!r}")
         self.drift_tol = float(drift_tol)
-        if check_draws < 1 or check_rows < 1:
-            raise ValueError(f"check_draws and check_rows must be >= 1, got {check_draws}, {check_rows}")
-        self.check_draws, self.check_rows = int(check_draws), int(check_rows)
+        self.check_draws, self.check_rows = _whole("check_draws", check_draws, 1), _whole("check_rows", check_rows, 1)
         if negative_curvature not in ("raise", "truncate"):
             raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
         self.negative_curvature = negative_curvature
-        if newton_steps < 1:
-            raise ValueError(f"newton_steps must be >= 1, got {newton_steps}")
-        self.newton_steps = int(newton_steps)
+        self.newton_steps = _whole("newton_steps", newton_steps, 1)
         if newton_target not in ("equilibrium", "relative"):
             raise ValueError(f"newton_target must be 'equilibrium' or 'relative', got {newton_target!r}")
         self.newton_target = newton_target
@@ -1372,12 +1378,12 @@ class MCMCUnlearner:
             recenter_every = RECENTER_AUTO_EVERY if on else 0
         elif isinstance(recenter_every, str):
             raise ValueError(f"recenter_every must be 'auto' or an integer >= 0, got {recenter_every!r}")
-        if recenter_draws != "auto" and (isinstance(recenter_draws, str) or recenter_draws < 1):
-            raise ValueError(f"recenter_draws must be 'auto' or an integer >= 1, got {recenter_draws!r}")
-        if recenter_every < 0:
-            raise ValueError(f"recenter_every must be >= 0 (0: off), got {recenter_every}")
-        self.recenter_every = int(recenter_every)
-        self.recenter_draws: int | str = "auto" if recenter_draws == "auto" else int(recenter_draws)
+        self.recenter_every = _whole("recenter_every", recenter_every, 0, "must be >= 0 (0: off), an integer")
+        self.recenter_draws: int | str = (
+            "auto"
+            if recenter_draws == "auto"
+            else _whole("recenter_draws", recenter_draws, 1, "must be 'auto' or an integer >= 1")
+        )
         if self.recenter_every and self.custom_energy:
             raise ValueError(
                 "recenter_every measures F = -log prior + Σ nll on every row and cannot use a custom energy=; pass "
