@@ -97,16 +97,69 @@ def _worker(rank, world, port, out):
         res.append(False)
     except ValueError:
         res.append(torch.equal(un.bank, bank))
+    # 5. memory budgets resolved from each rank's own free memory ("25%"): one rank refused the dense solver at
+    # construction while the other waited in a collective; both now take the smallest budget (and refuse together)
+    import mcmc_unlearner.memory as mem
+
+    real = mem.available_memory
+    mem.available_memory = lambda: [4 * 30_000, 4 * 200_000][rank]  # the dense matrices need 54,756 bytes
+    try:
+        DistributedUnlearner(model, bank=bank, memory_budget="25%", **kw)
+        res.append(False)
+    except MemoryError:
+        res.append(True)
+    finally:
+        mem.available_memory = real
+    # 6. nn.Embedding(sparse=True): the rank without the prior's dense term failed to flatten its sparse gradient in
+    # allreduce_grads while the other waited in the all-reduce; sampling now matches one process
+    res.append(_sparse_embedding_chain(rank, world) is not None)
     torch.save(res, f"{out}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
 
 
+class _SparseEmbedding(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.o = torch.nn.Embedding(12, 3, sparse=True), torch.nn.Linear(3, 2)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.o(self.e(t).mean(1))
+
+
+def _sparse_embedding_chain(rank: int, world: int) -> torch.Tensor | None:
+    """20 sampler steps of a sparse-embedding model: in one process, and (``world`` 2) through
+    ``DistributedUnlearner.step``; ``None`` when the two-rank chain differs from the one-process chain."""
+    from mcmc_unlearner import SGLD, MCMCUnlearner
+    from mcmc_unlearner.data import RemovableDataset
+    from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
+    from mcmc_unlearner.samplers import run_chain
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 12, (120, 5), generator=g)
+    y = ((t < 4).sum(1) > 1).long()
+    out = []
+    for w in (1, world):
+        torch.manual_seed(0)
+        model = _SparseEmbedding()
+        sampler = SGLD(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(5))
+        if w == 1:
+            d = RemovableDataset(t, y, batch_size=16, seed=2)
+            run_chain(model, sampler, d, MCMCUnlearner(model, sampler, nll=_nll, log_prior=_lp).energy, 20, len(d))
+        else:
+            d = ShardedDataset.from_global(t, y, rank=rank, world=w, batch_size=16, seed=2)
+            un = DistributedUnlearner(model, sampler, nll=_nll, log_prior=_lp)
+            for _ in range(20):
+                un.step(d)
+        out.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+    return out[1] if torch.allclose(out[0], out[1], rtol=1e-4, atol=1e-6) else None
+
+
 def test_ranks_agree_on_what_one_rank_could_refuse(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
-        assert torch.load(tmp_path / f"rank{r}.pt") == [True, True, True, True]
+        assert torch.load(tmp_path / f"rank{r}.pt") == [True] * 6
 
 
 def test_init_from_env_without_torchrun_is_one_process(monkeypatch) -> None:

@@ -303,13 +303,17 @@ def allreduce_grads(params: Sequence[torch.Tensor], group: Group = None) -> None
     """Sum ``p.grad`` over the group with one all-reduce of a flat ``D``-float buffer."""
     if _group_info(group)[1] == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    # a sparse gradient (nn.Embedding(sparse=True)) is summed densely: it cannot be flattened, and a rank holding the
+    # prior's dense term would otherwise wait in the all-reduce for a rank that failed to flatten it
+    grads = [
+        torch.zeros_like(p) if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params
+    ]
     flat = torch.cat([g.reshape(-1) for g in grads])
     _all_reduce(flat, group)
     off = 0
     for p, g in zip(params, grads):
         k = g.numel()
-        if p.grad is None:
+        if p.grad is None or p.grad.is_sparse:
             p.grad = g
         p.grad.copy_(flat[off : off + k].view_as(g))
         off += k
@@ -402,6 +406,14 @@ class DistributedUnlearner(MCMCUnlearner):
                 "DistributedUnlearner cannot split a custom energy across data shards; pass nll= and log_prior= "
                 "(energy = -log prior + n/|B|·Σ nll)"
             )
+        # the budget plans paths and refusals (solver choice, dense-matrix refusals, every-row curvature): resolved
+        # from each rank's own free memory (None, "25%"), ranks would take different paths; all take the smallest
+        if _group_info(group)[1] > 1:
+            from .memory import resolve_budget
+
+            budget = torch.tensor([float(resolve_budget(kwargs.get("memory_budget")))], dtype=torch.float64)
+            _all_reduce(budget, group, dist.ReduceOp.MIN)
+            kwargs["memory_budget"] = int(budget)
         super().__init__(model, sampler, **kwargs)
         if self.newton_steps > 1 and self.newton_target == "equilibrium":
             raise ValueError(
