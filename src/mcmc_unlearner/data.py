@@ -7,6 +7,7 @@ sampler step costs an index-select, not a DataLoader start-up.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -29,6 +30,10 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
     Raises:
         InvalidRequestError: if ``ids`` are not integers or not one-dimensional.
     """
+    if isinstance(ids, torch.Tensor) and ids.is_meta:
+        raise InvalidRequestError("deletion request: the ids are a meta tensor (shapes only, no values): pass real ids")
+    if isinstance(ids, (set, frozenset)) or isinstance(ids, Iterator):  # np.asarray made them one object
+        ids = sorted(ids) if isinstance(ids, (set, frozenset)) else list(ids)  # a set has no order: ascending
     if isinstance(ids, torch.Tensor):
         t = ids.detach().cpu()
         if t.dtype in _UNSIGNED_WIDE and t.numel():  # torch has no max() for uint64: through numpy
@@ -37,10 +42,13 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
                 raise InvalidRequestError(f"deletion request: id {top} is too large; ids are row numbers below 2^63")
     else:
         arr = np.asarray(ids)
-        if arr.dtype == object and arr.size and all(type(v) is int for v in arr.ravel().tolist()):
-            raise InvalidRequestError(  # Python ints numpy cannot hold as int64: too large, not "not integers"
-                f"deletion request: id {max(arr.ravel().tolist())} is too large; ids are row numbers below 2^63"
-            )
+        if arr.dtype == object and arr.size and all(isinstance(v, numbers.Integral) for v in arr.ravel().tolist()):
+            vals = [int(v) for v in arr.ravel().tolist()]
+            if max(vals) > _MAX_ID:  # Python ints numpy cannot hold as int64: too large, not "not integers"
+                raise InvalidRequestError(
+                    f"deletion request: id {max(vals)} is too large; ids are row numbers below 2^63"
+                )
+            arr = np.asarray(vals, dtype=np.int64).reshape(arr.shape)  # an object array of small ints: read as such
         if arr.dtype.kind not in "iub" and arr.size:
             raise InvalidRequestError(f"deletion request: ids must be integers, got values of type {arr.dtype}")
         if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _MAX_ID:  # uint64 would wrap to negative

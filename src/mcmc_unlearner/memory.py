@@ -61,7 +61,7 @@ def resolve_budget(budget: int | float | str | None) -> int:
             if not 0 < frac <= 1:
                 raise ValueError(f"memory_budget {budget!r}: a percentage must be in (0, 100]")
             return int(frac * available_memory())
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", s)
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)([a-z]*)", s)
         if m is None or m.group(2) not in _UNITS:
             raise ValueError(f"memory_budget {budget!r}: write bytes as e.g. 2GB, 512MiB or 25%")
         budget = float(m.group(1)) * _UNITS[m.group(2)]

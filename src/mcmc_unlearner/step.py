@@ -85,6 +85,7 @@ requests is forgotten by the end; see ``MCMCUnlearner(carry_deficit=...)``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -120,7 +121,7 @@ class ScreenMode(str, Enum):
     @classmethod
     def parse(cls, value: ScreenMode | str | bool) -> ScreenMode:
         """A mode from its name, or ``True``/``False`` (the former switch: screening both ways, or none)."""
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (type(value).__name__ in ("bool_", "bool") and type(value).__module__ == "numpy"):
             return cls.BOTH if value else cls.OFF
         try:
             return cls(value)
@@ -564,7 +565,8 @@ class DampingControl:
                 raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
             self.fixed: float | None = None
         else:
-            if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+            real = isinstance(damping, numbers.Real) and not isinstance(damping, bool)  # numpy numbers too
+            if not (real and math.isfinite(damping) and damping >= 0):
                 raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}")
             self.fixed = float(damping)
         if not 0 < eta < 1:

@@ -320,6 +320,23 @@ def _is_integer(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _choice(enum: type[Enum], name: str, value: Any, extra: Sequence[str] = ()) -> Any:
+    """``enum(value)``, refused with the option's name and its choices (``'EXACT' is not a valid SolverName``
+    named neither)."""
+    try:
+        return enum(value)
+    except ValueError:
+        choices = [*extra, *(m.value for m in enum)]
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
+def _flag(name: str, v: Any) -> bool:
+    """A True/False option; numpy's booleans count (``bool("no")`` is True, so strings and None are refused)."""
+    if not (isinstance(v, bool) or (type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy")):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return bool(v)
+
+
 def _whole(name: str, v: Any, minimum: int, what: str = "") -> int:
     """An integer option, refused with its name when it is not one (``newton_steps=2.5`` was read as 2,
     ``check_draws=True`` as 1, ``iter_T="5"`` as 5, ``NaN`` failed inside ``int()``) or is below ``minimum``
@@ -927,6 +944,8 @@ class _Stream:
                     "pass n_remaining= (the number of remaining data points): it cannot be read from a "
                     f"{type(source).__name__}"
                 )
+        elif not (_is_integer(n) and int(n) >= 1):  # True was 1 row, 2.7 was 2: the prior's weight silently off
+            raise ValueError(f"n_remaining must be the number of remaining data points, an integer >= 1; got {n!r}")
         self.n = int(n)
 
     def __next__(self) -> Batch:
@@ -1272,8 +1291,10 @@ class MCMCUnlearner:
                     f"{format_bytes(need)}, over the memory budget of {format_bytes(self.memory_budget)}: raise "
                     "memory_budget, or use solver='kfac' or 'cg' (or 'auto', which plans this)"
                 )
-        self.expectation = None if expectation is None else Expectation(expectation)
-        self.hessian = HessianKind(hessian)
+        self.expectation = None if expectation is None else _choice(Expectation, "expectation", expectation)
+        self.hessian = _choice(HessianKind, "hessian", hessian)
+        if bank_shift != "auto":
+            _choice(BankShift, "bank_shift", bank_shift, extra=("auto",))
         self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
         if bank_shift == "auto":
             bank_shift = BankShift.AFFINE if self.solver in _DENSE else BankShift.MEAN
@@ -1292,9 +1313,7 @@ class MCMCUnlearner:
         self.check_screen = ScreenMode.parse(check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
         self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
-        if damping_shape not in {d.value for d in DampingShape}:
-            raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {damping_shape!r}")
-        self.damping_shape = DampingShape(damping_shape)
+        self.damping_shape = _choice(DampingShape, "damping_shape", damping_shape)
         if self.damping_shape is DampingShape.DATA and self.solver is not SolverName.KFAC:
             raise ValueError(
                 f"damping_shape='data' needs solver='kfac' (the {self.solver.value} backend damps with λI only); use "
@@ -1350,11 +1369,13 @@ class MCMCUnlearner:
         if not (_is_integer(mc_samples) and int(mc_samples) >= 1):
             raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {mc_samples!r}")
         self.likelihood, self.mc_samples = likelihood, int(mc_samples)
-        self.rescale_lr = rescale_lr
+        self.rescale_lr = _flag("rescale_lr", rescale_lr)  # "no" was read as True, None as False
         if backend not in ("auto", "func", "autograd"):
             raise ValueError(f"backend must be 'auto', 'func' or 'autograd', got {backend!r}")
         self.backend = backend
-        self.generator = torch.Generator().manual_seed(seed)
+        if not (_is_integer(seed) and -(2**63) <= int(seed) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
+            raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {seed!r}")
+        self.generator = torch.Generator().manual_seed(int(seed))
         self.curvature: CurvatureBackend = make_backend(
             self.solver,
             refresh_every=self.refresh_every,
@@ -1367,11 +1388,8 @@ class MCMCUnlearner:
             mc_samples=self.mc_samples,
         )
         self.history: list[RemovalReport] = []
-        for name, flag in (("carry_deficit", carry_deficit), ("shorten_steps", shorten_steps)):
-            if not (isinstance(flag, bool) or type(flag).__name__ == "bool_"):  # bool("no") is True
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
-        self.carry_deficit = bool(carry_deficit)
-        self.shorten_steps = bool(shorten_steps)
+        self.carry_deficit = _flag("carry_deficit", carry_deficit)
+        self.shorten_steps = _flag("shorten_steps", shorten_steps)
         if recenter_every == "auto":
             # Kronecker-factored curvature: its approximation error accumulates over a sequence of requests
             on = self.solver is SolverName.KFAC and not self.custom_energy and self._reduce is None
@@ -1401,7 +1419,7 @@ class MCMCUnlearner:
     # ------------------------------------------------------------------ configuration
     def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
         if solver != "auto":
-            return SolverName(solver), "chosen by the caller"
+            return _choice(SolverName, "solver", solver, extra=("auto",)), "chosen by the caller"
         d = self.spec.dim
         need = dense_memory(d)
         shared = sorted(
@@ -1900,6 +1918,8 @@ class MCMCUnlearner:
         Raises:
             ValueError: the proposal belongs to another unlearner or the unlearner changed since it was made.
         """
+        if not isinstance(proposal, Proposal):
+            raise TypeError(f"apply() takes the Proposal that propose() returned, got {type(proposal).__name__}")
         if proposal._owner is not self or proposal._version != self._version:
             raise ValueError("stale proposal: it was made by another unlearner or before a later change; propose again")
         before = getattr(proposal, "_live_before", None)
@@ -1961,6 +1981,7 @@ class MCMCUnlearner:
             QualityError: the removal failed a check (``strict``); nothing was changed.
             InvalidRequestError, SolverDivergedError: see :meth:`propose`; nothing was changed.
         """
+        strict = _flag("strict", strict)  # strict="no" was truthy
         prop = self.propose(batch, remaining, n_remaining)
         if strict and prop.report.problems:
             raise QualityError(

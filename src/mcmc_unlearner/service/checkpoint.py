@@ -579,6 +579,15 @@ def _manifest_on_disk(root: Path) -> bytes | None:
         return None
 
 
+def has_debris(snapshot: Snapshot) -> bool:
+    """Whether :func:`recover` would change anything in the snapshot's folder (it writes only then)."""
+    read, root = snapshot.ledger, snapshot.root
+    if len(read.lines) > snapshot.count or read.partial:
+        return True
+    state = snapshot.manifest["state_file"]
+    return any((is_state_file(n) and n != state) or TMP_RE.fullmatch(n) for n in fsio.list_names(root))
+
+
 def recover(
     path: str | os.PathLike, snapshot: Snapshot | None = None, *, key: Key | bytes | str | None = None
 ) -> dict[str, Any]:

@@ -272,7 +272,6 @@ def forget(
                 f"{str(root)!a} is signed: set {integrity.KEY_ENV} or pass --key-file to write to it "
                 "(nothing was changed)"
             )
-        _check_writable(root)
         with torch_threads(_threads_for(threads, snap)):
             loaded = checkpoint.build_loaded(snap)
             fsio.phase("loaded")
@@ -284,8 +283,11 @@ def forget(
                             "ids; choose a new --request-id"
                         )
                     fsio.check_same_folder(root, locked)
+                    if checkpoint.has_debris(snap):  # otherwise nothing to write: a read-only replica answers too
+                        _check_writable(root)
                     recovered = checkpoint.recover(root, snap)  # crash debris only; the folder was checked above
                     return ForgetOutcome(False, rid, e, None, recovered, loaded.head, e.get("quality") or {})
+            _check_writable(root)  # before any work, so nothing is left half-written
             try:
                 un = checkpoint.with_config(loaded, settings)
             except ValueError as exc:

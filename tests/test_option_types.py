@@ -1,0 +1,169 @@
+"""Options and inputs in the types users pass them (numpy scalars, sets, strings where a flag belongs): read as
+meant, or refused naming the option and what it takes. Each case was a raw error, a misleading message or a silent
+misreading before (stop 34)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import folder_state, save_gmm, tiny_gmm
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.cli import main
+from mcmc_unlearner.data import as_id_tensor
+from mcmc_unlearner.errors import InvalidRequestError
+from mcmc_unlearner.memory import resolve_budget
+
+
+def _nll(model, batch):
+    x, y = batch
+    return 0.5 * (model(x).squeeze(-1) - y) ** 2
+
+
+def _log_prior(model):
+    return -0.5 * sum((p**2).sum() for p in model.parameters())
+
+
+def _setup(**opts):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, generator=g)
+    y = x @ torch.tensor([1.0, -0.5, 0.3]) + 0.1 * torch.randn(60, generator=g)
+    model = nn.Linear(3, 1)
+    bank = torch.randn(16, 4, generator=g) * 0.05 + torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    kw = dict(nll=_nll, log_prior=_log_prior, bank=bank, solver="exact", seed=0)
+    kw.update(opts)
+    return x, y, model, kw
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "listed"),
+    [
+        ("solver", "EXACT", "'auto', 'lissa', 'cg', 'exact'"),
+        ("bank_shift", "MEAN", "'auto', 'mean', 'sample', 'affine'"),
+        ("expectation", "BANK", "'bank', 'chain'"),
+        ("hessian", None, "'remaining', 'full'"),
+        ("damping_shape", "Data", "'auto', 'identity', 'data'"),
+    ],
+)
+def test_enum_options_name_themselves_and_their_choices(option, value, listed):
+    """Was ``'EXACT' is not a valid SolverName``: neither the option nor what it takes."""
+    _, _, model, kw = _setup(**{option: value})
+    with pytest.raises(ValueError, match=rf"^{option} must be one of \[{listed}.*got {value!r}"):
+        MCMCUnlearner(model, **kw)
+
+
+def test_numpy_scalars_are_read_as_the_numbers_they_hold():
+    """``damping=np.float32(0.1)``, ``carry_deficit=np.False_`` (numpy 2's ``np.bool``), ``check_screen=np.True_``
+    and ``seed=np.int64(1)`` were refused (the seed with a bare ``TypeError: an integer is required``)."""
+    _, _, model, kw = _setup()
+    ref = MCMCUnlearner(model, **{**kw, "damping": 0.25, "carry_deficit": False, "check_screen": True, "seed": 1})
+    un = MCMCUnlearner(
+        model,
+        **{
+            **kw,
+            "damping": np.float32(0.25),
+            "carry_deficit": np.False_,
+            "check_screen": np.True_,
+            "seed": np.int64(1),
+        },
+    )
+    assert un.config() == ref.config()
+    assert torch.equal(un.generator.get_state(), ref.generator.get_state())
+    assert MCMCUnlearner(model, **{**kw, "damping": np.int64(2)}).config()["damping"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("damping", True, "damping must be 'auto' or a finite number >= 0, got True"),  # was read as 1.0
+        ("rescale_lr", "no", "rescale_lr must be True or False, got 'no'"),  # was read as True
+        ("rescale_lr", None, "rescale_lr must be True or False, got None"),  # was read as False
+        ("seed", "1", "seed must be an integer"),  # was torch's "manual_seed expected a long"
+        ("seed", 2**70, "seed must be an integer"),  # was "Overflow when unpacking long long"
+        ("seed", 1.5, "seed must be an integer"),
+    ],
+)
+def test_values_of_the_wrong_kind_are_refused_by_name(option, value, match):
+    _, _, model, kw = _setup(**{option: value})
+    with pytest.raises(ValueError, match=match):
+        MCMCUnlearner(model, **kw)
+
+
+def test_request_arguments_of_the_wrong_kind_change_nothing():
+    """``strict="no"`` was truthy, ``n_remaining=True`` one row and ``2.7`` two (the prior's weight silently off),
+    ``apply(None)`` an AttributeError."""
+    x, y, model, kw = _setup()
+    un = MCMCUnlearner(model, **kw)
+    bank = un.bank.clone()
+    live = torch.cat([p.detach().flatten() for p in model.parameters()])
+    with pytest.raises(ValueError, match="strict must be True or False, got 'no'"):
+        un.remove((x[:4], y[:4]), (x[4:], y[4:]), strict="no")
+    for n in (True, 2.7, 0, -3):
+        with pytest.raises(ValueError, match="n_remaining must be the number of remaining data points"):
+            un.remove((x[:4], y[:4]), [(x[4:], y[4:])], n_remaining=n)
+    with pytest.raises(TypeError, match="apply\\(\\) takes the Proposal that propose\\(\\) returned, got NoneType"):
+        un.apply(None)
+    assert torch.equal(un.bank, bank)
+    assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), live)
+    assert not un.history
+    # the plain spellings still work, and a numpy count is a count
+    report = un.remove((x[:4], y[:4]), [(x[4:], y[4:])], n_remaining=np.int64(56))
+    assert report.n_remaining == 56
+
+
+def test_ids_in_the_containers_users_hold():
+    """An object array of small ints was "id 2 is too large", a set or a generator "ids must be integers", a meta
+    tensor a raw ``NotImplementedError``."""
+    assert as_id_tensor(np.array([4, 1, 2], dtype=object)).tolist() == [4, 1, 2]
+    assert as_id_tensor({9, 3, 5}).tolist() == [3, 5, 9]  # a set has no order: ascending
+    assert as_id_tensor(frozenset({2})).tolist() == [2]
+    assert as_id_tensor(i for i in (7, 6)).tolist() == [7, 6]
+    with pytest.raises(InvalidRequestError, match="too large"):
+        as_id_tensor(np.array([1, 2**64], dtype=object))
+    with pytest.raises(InvalidRequestError, match="meta tensor"):
+        as_id_tensor(torch.arange(3, device="meta"))
+    with pytest.raises(InvalidRequestError, match="must be integers"):
+        as_id_tensor({1.5, 2.5})
+
+
+def test_memory_budget_in_scientific_notation():
+    """``'1e-3GB'`` was refused as unreadable (only positive exponents parsed)."""
+    assert resolve_budget("1e-3GB") == 10**6
+    assert resolve_budget("1.5e+3MB") == 1_500_000_000
+    assert resolve_budget("2E3KiB") == 2000 * 1024
+
+
+def test_resent_request_on_a_read_only_replica_answers_already_applied(tmp_path, capsys, monkeypatch):
+    """A retry of an applied request on a folder this user cannot write was refused as read-only (exit 2): nothing
+    needs writing, so it is answered "already applied" (exit 0); a new request there is still refused."""
+    model = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5 6")
+    assert main(["forget", "--model", str(model), "--ids", str(ids), "--request-id", "t-1", "--quiet"]) == 0
+    capsys.readouterr()
+    before = folder_state(model)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == model else real(p, mode, **kw))
+    assert main(["forget", "--model", str(model), "--ids", str(ids), "--request-id", "t-1"]) == 0
+    out, err = capsys.readouterr()
+    assert "already applied" in out and not err
+    assert folder_state(model) == before
+    other = tmp_path / "other.txt"
+    other.write_text("7")
+    assert main(["forget", "--model", str(model), "--ids", str(other), "--request-id", "t-2"]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert folder_state(model) == before
+    # with crash debris to roll back, the retry must write: refused as read-only, nothing changed
+    shutil.copy(model / "ledger.jsonl", tmp_path / "ledger.bak")
+    with open(model / "ledger.jsonl", "ab") as f:
+        f.write(b'{"partial": ')
+    debris = folder_state(model)
+    assert main(["forget", "--model", str(model), "--ids", str(ids), "--request-id", "t-1"]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert folder_state(model) == debris
