@@ -36,6 +36,8 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
         ids = sorted(ids) if isinstance(ids, (set, frozenset)) else list(ids)  # a set has no order: ascending
     if isinstance(ids, torch.Tensor):
         t = ids.detach().cpu()
+        if t.layout != torch.strided:  # a sparse tensor of ids: its values, as a plain tensor
+            t = t.to_dense()
         if t.dtype in _UNSIGNED_WIDE and t.numel():  # torch has no max() for uint64: through numpy
             top = int(t.numpy().max())
             if top > _MAX_ID:  # would wrap to a negative int64
@@ -55,11 +57,22 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
             raise InvalidRequestError(
                 f"deletion request: id {int(arr.max())} is too large; ids are row numbers below 2^63"
             )
+        if arr.dtype.byteorder not in "=|":  # big-endian ids (read from a file): torch.from_numpy refuses them
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         t = torch.from_numpy(arr.copy()) if arr.size else torch.empty(0, dtype=torch.int64)
         if arr.dtype.kind == "b":
             t = t.to(torch.bool)
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+    if t.dtype == torch.bool:  # a mask is not a list of ids; bools are not row numbers either
+        raise InvalidRequestError(
+            f"deletion request: ids must be integers (row numbers), got booleans of shape {tuple(t.shape)}; for a "
+            "boolean mask over the rows pass its positions: mask.nonzero().flatten() (torch) or np.flatnonzero(mask)"
+        )
+    if t.is_floating_point() or t.is_complex():
         raise InvalidRequestError(f"deletion request: ids must be integers, got dtype {t.dtype}")
+    if t.ndim == 0:
+        raise InvalidRequestError(
+            f"deletion request: ids must be a flat list, got the single number {t.item()}: pass [{t.item()}]"
+        )
     if t.ndim != 1:
         raise InvalidRequestError(f"deletion request: ids must be a flat list, got shape {tuple(t.shape)}")
     return t.to(torch.int64)
