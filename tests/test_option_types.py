@@ -48,7 +48,6 @@ def _setup(**opts):
         ("bank_shift", "MEAN", "'auto', 'mean', 'sample', 'affine'"),
         ("expectation", "BANK", "'bank', 'chain'"),
         ("hessian", None, "'remaining', 'full'"),
-        ("damping_shape", "Data", "'auto', 'identity', 'data'"),
     ],
 )
 def test_enum_options_name_themselves_and_their_choices(option, value, listed):

@@ -1365,7 +1365,9 @@ class MCMCUnlearner:
         self.check_screen = ScreenMode.parse(check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
         self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
-        self.damping_shape = _choice(DampingShape, "damping_shape", damping_shape)
+        if damping_shape not in {d.value for d in DampingShape}:
+            raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {damping_shape!r}")
+        self.damping_shape = DampingShape(damping_shape)
         if self.damping_shape is DampingShape.DATA and self.solver is not SolverName.KFAC:
             raise ValueError(
                 f"damping_shape='data' needs solver='kfac' (the {self.solver.value} backend damps with λI only); use "

@@ -287,6 +287,7 @@ def forget(
                         _check_writable(root)
                     recovered = checkpoint.recover(root, snap)  # crash debris only; the folder was checked above
                     return ForgetOutcome(False, rid, e, None, recovered, loaded.head, e.get("quality") or {})
+            fsio.check_same_folder(root, locked)  # still the locked folder (not moved/replaced while loading)?
             _check_writable(root)  # before any work, so nothing is left half-written
             try:
                 un = checkpoint.with_config(loaded, settings)
