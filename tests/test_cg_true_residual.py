@@ -1,4 +1,5 @@
 import torch
+
 from mcmc_unlearner import solvers
 
 

@@ -748,6 +748,19 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
         return apply_removal(un, ids, data)
     from .service.checkpoint import unlearner_config
 
+    cfg = unlearner_config(un)
+    unsupported = []
+    if int(cfg.get("newton_steps", 1)) > 1 and cfg.get("newton_target") == "equilibrium":
+        unsupported.append(f"newton_steps={cfg['newton_steps']} with newton_target='equilibrium'")
+    if cfg.get("recenter_every"):
+        unsupported.append(f"recenter_every={cfg['recenter_every']}")
+    if unsupported:
+        raise ValueError(
+            f"this model folder was saved with {' and '.join(unsupported)}, which a data-parallel request cannot "
+            "run (each rank holds a shard, and these list every remaining row); run `mcmc-unlearner forget` in one "
+            "process (without torchrun), or save the model with newton_steps=1 and recenter_every=0 for "
+            "data-parallel requests; nothing was changed"
+        )
     ctx = init_from_env(backend="gloo")  # the store loads on CPU: the CLI computes there
     _STAGE.value = "computing"
     agree(COMPUTE)

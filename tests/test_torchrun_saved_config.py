@@ -1,0 +1,80 @@
+"""README "Beyond one machine": `torchrun --nproc-per-node 2 -m mcmc_unlearner.cli forget --model DIR --ids FILE`
+on a folder saved as `mcmc-unlearner demo --save-model` saves it (newton_steps=2, equilibrium target) or with the
+library's defaults on a K-FAC model (recenter_every resolved to 10 and stored) is refused with a fix the CLI
+cannot apply ("pass newton_target='relative' or newton_steps=1" / "pass recenter_every=0": forget has no such
+option). The refusal must say what the command-line user can do, and the folder must stay unchanged."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcmc_unlearner import SGLD, MCMCUnlearner, RemovableDataset
+from mcmc_unlearner.datasets import make_gmm_2d
+from mcmc_unlearner.models.gmm import GaussianMixture
+from mcmc_unlearner.samplers import run_chain
+from mcmc_unlearner.service.checkpoint import save_model
+from mcmc_unlearner.service.specs import gmm_data_spec, gmm_model_spec
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _save(path: Path, **options) -> Path:
+    x, y = make_gmm_2d()
+    data = RemovableDataset(torch.from_numpy(x), torch.from_numpy(y), batch_size=64, seed=0)
+    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(0))
+    sampler = SGLD(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(1))
+    un = MCMCUnlearner(model, sampler, **options)
+    run_chain(model, sampler, data, un.energy, 200, len(data))
+    un.bank = run_chain(model, sampler, data, un.energy, 40, len(data), keep_every=2)
+    save_model(
+        path,
+        model=model,
+        sampler=sampler,
+        data=data,
+        unlearner=un,
+        model_spec=gmm_model_spec(model),
+        data_spec=gmm_data_spec(),
+    )
+    return path
+
+
+@pytest.mark.parametrize("options", [{"newton_steps": 2}, {"recenter_every": 3}])
+def test_torchrun_forget_refusal_names_a_command_line_fix(tmp_path, options):
+    folder = _save(tmp_path / "m", **options)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    ids = tmp_path / "ids.txt"
+    ids.write_text("3 14 15")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_port()),
+        "-m",
+        "mcmc_unlearner.cli",
+        "forget",
+        "--model",
+        str(folder),
+        "--ids",
+        str(ids),
+    ]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode != 0
+    assert "without torchrun" in run.stderr, run.stderr[-1500:]  # a fix a command-line user can apply
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
