@@ -6,12 +6,13 @@ Public API:
 * the unlearner: :class:`MCMCUnlearner` (ours) and :class:`sgmcmcUnlearner` (the seed's subclass API);
 * data: :class:`RemovableDataset`;
 * solvers: :func:`solve`, :class:`SolverName`;
-* errors: :class:`InvalidRequestError`, :class:`SolverDivergedError`.
+* errors: :class:`UnlearningError` and its subclasses :class:`InvalidRequestError`, :class:`QualityError`,
+  :class:`SolverDivergedError`.
 """
 
 from .compat import sgmcmcUnlearner
 from .data import RemovableDataset
-from .errors import InvalidRequestError, SolverDivergedError, UnlearningError
+from .errors import InvalidRequestError, QualityError, SolverDivergedError, UnlearningError
 from .samplers import SGHMC, SGLD
 from .solvers import SolveResult, SolverName, solve
 from .unlearner import BankShift, Expectation, HessianKind, MCMCUnlearner, RemovalReport
@@ -26,6 +27,7 @@ __all__ = [
     "HessianKind",
     "InvalidRequestError",
     "MCMCUnlearner",
+    "QualityError",
     "RemovableDataset",
     "RemovalReport",
     "SolveResult",

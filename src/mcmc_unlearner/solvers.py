@@ -9,7 +9,7 @@ matrix, or a stochastic operator); ``b`` is ``[D]`` or ``[D, k]`` (several right
   iteration. Works with stochastic operators (each product may use fresh samples).
 * ``cg`` — conjugate gradient (Hestenes & Stiefel) on a fixed symmetric positive-definite operator.
 * ``exact`` — dense ``torch.linalg.solve`` (Cholesky when possible), for up to a few thousand parameters.
-* ``kfac`` — ``K⁻¹ b`` for the Kronecker-factored curvature of a classifier (:class:`~mcmc_unlearner.kfac.KFAC`),
+* ``kfac`` — ``K⁻¹ b`` for the Kronecker-factored curvature of a classifier (:class:`~mcmc_unlearner.kronecker.KroneckerCurvature`),
   built once and reused; the residual is measured against ``H``.
 * ``lowrank`` — ``P⁻¹ b`` for a low-rank-plus-scalar approximation ``P = U|Λ|Uᵀ + c(I − UUᵀ)`` of ``H`` built
   by Lanczos (:class:`~mcmc_unlearner.curvature.LowRankPreconditioner`): a saddle-free Newton step that stays
@@ -55,7 +55,8 @@ class SolveResult:
         solver: Solver name.
         iterations: Iterations (operator applications for cg/lissa; 0 for exact).
         residual: Final relative residual ``‖b − Hx‖ / ‖b‖`` (max over columns).
-        converged: Whether ``residual <= tol``.
+        converged: Whether ``residual <= tol`` (iterative solvers); the direct solvers (``exact``, the dense
+            backends) report ``True``, their residual being the rounding of the result's dtype.
         seconds: Wall time of the solve.
         info: Solver-specific extras (e.g. LiSSA's scaling, the estimated top eigenvalue).
     """
@@ -298,7 +299,7 @@ def lowrank(
     name: str = "lowrank",
 ) -> SolveResult:
     """``x = P⁻¹ b`` with ``P`` an approximation of ``H`` that has ``.solve`` (used for ``lowrank``: a
-    :class:`~mcmc_unlearner.curvature.LowRankPreconditioner`, and ``kfac``: a :class:`~mcmc_unlearner.kfac.KFAC`).
+    :class:`~mcmc_unlearner.curvature.LowRankPreconditioner`, and ``kfac``: a :class:`~mcmc_unlearner.kronecker.KroneckerCurvature`).
 
     The reported residual is measured against the ``H`` given (one product): against the true Hessian it shows how
     far the saddle-free step is from a Newton step (large when ``b`` has weight on negative-curvature directions).

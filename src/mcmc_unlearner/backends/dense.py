@@ -109,7 +109,8 @@ class DenseBackend(CurvatureBackend):
             raise NegativeCurvatureError(
                 f"the Hessian plus damping {damping:.3g} has eigenvalue {float(shifted.min()):.3g}, not above its "
                 f"rounding level {floor:.3g} (float64 eigendecomposition of a matrix whose largest eigenvalue is "
-                f"{float(w.abs().max()):.3g})"
+                f"{float(w.abs().max()):.3g}); nothing was changed: pass damping='auto' (chosen per request) or a "
+                f"fixed damping above {float(floor - w.min()):.3g}"
             )
         b = rhs.double()
         coef = Q.T @ b
