@@ -9,8 +9,9 @@ matrix, or a stochastic operator); ``b`` is ``[D]`` or ``[D, k]`` (several right
   iteration. Works with stochastic operators (each product may use fresh samples).
 * ``cg`` — conjugate gradient (Hestenes & Stiefel) on a fixed symmetric positive-definite operator.
 * ``exact`` — dense ``torch.linalg.solve`` (Cholesky when possible), for up to a few thousand parameters.
-* ``kfac`` — ``K⁻¹ b`` for the Kronecker-factored curvature of a classifier (:class:`~mcmc_unlearner.kronecker.KroneckerCurvature`),
-  built once and reused; the residual is measured against ``H``.
+* ``kfac`` — ``K⁻¹ b`` for the Kronecker-factored curvature of a classifier
+  (:class:`~mcmc_unlearner.kronecker.KroneckerCurvature`), built once and reused; the residual is measured
+  against ``H``.
 * ``lowrank`` — ``P⁻¹ b`` for a low-rank-plus-scalar approximation ``P = U|Λ|Uᵀ + c(I − UUᵀ)`` of ``H`` built
   by Lanczos (:class:`~mcmc_unlearner.curvature.LowRankPreconditioner`): a saddle-free Newton step that stays
   well defined when ``H`` is indefinite, and costs ``O(Dk)`` once ``P`` exists (reused across requests).
@@ -299,7 +300,8 @@ def lowrank(
     name: str = "lowrank",
 ) -> SolveResult:
     """``x = P⁻¹ b`` with ``P`` an approximation of ``H`` that has ``.solve`` (used for ``lowrank``: a
-    :class:`~mcmc_unlearner.curvature.LowRankPreconditioner`, and ``kfac``: a :class:`~mcmc_unlearner.kronecker.KroneckerCurvature`).
+    :class:`~mcmc_unlearner.curvature.LowRankPreconditioner`, and ``kfac``: a
+    :class:`~mcmc_unlearner.kronecker.KroneckerCurvature`).
 
     The reported residual is measured against the ``H`` given (one product): against the true Hessian it shows how
     far the saddle-free step is from a Newton step (large when ``b`` has weight on negative-curvature directions).

@@ -606,6 +606,10 @@ class _Anchor:
             ``RECENTER_CARRY_MAX``; the next one measures again).
         count: Requests since the last correction (a tensor, so it is saved with the state: a service that loads
             the unlearner for each request keeps counting).
+        removed_noise: ``Σ_requests √f·Σ_{z∈batch} ∇h(θ⁰_s, z)`` per anchored sample ``[M, D]``, ``f`` the factor by
+            which the variance of ``removed`` (a mean over the ``M`` anchored samples) differs from that of the
+            request's ``G`` (a mean over its own draws): its spread is the Monte-Carlo error the deviation carries
+            from comparing the two (``None`` while every request's ``G`` used the anchored samples themselves).
     """
 
     index: torch.Tensor
@@ -620,11 +624,35 @@ class _Anchor:
     spread_shift: torch.Tensor | None = None
     carried: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    removed_noise: torch.Tensor | None = None
 
-    def removing(self, grads: torch.Tensor) -> _Anchor:
-        """With one more request's per-sample removed gradients ``[M, D]`` at ``thetas`` accumulated."""
+    def removing(self, grads: torch.Tensor, g_index: torch.Tensor | None) -> _Anchor:
+        """With one more request's per-sample removed gradients ``[M, D]`` at ``thetas`` accumulated.
+
+        ``g_index``: the bank samples the request's ``G`` averaged (``None``: draws of the live chain, none of them
+        anchored). The two means differ by Monte-Carlo error of variance ``f·σ²/M`` with
+        ``f = 1 + M/g − 2·o/g`` (``g`` draws, ``o`` of them anchored): 0 when they are the same samples.
+        """
         pair = None if self.moment is None else self.removed_pair + grads[self.pair]
-        return replace(self, removed=self.removed + grads.mean(0), removed_pair=pair, count=self.count + 1)
+        m = self.index.numel()
+        if g_index is None:
+            g, o = math.inf, 0
+        else:
+            g, o = g_index.numel(), int(torch.isin(g_index, self.index).sum())
+        f = max(0.0, 1.0 + m / g - 2.0 * o / g)
+        noise = self.removed_noise
+        if f > 1e-12:
+            noise = math.sqrt(f) * grads if noise is None else noise + math.sqrt(f) * grads
+        return replace(
+            self, removed=self.removed + grads.mean(0), removed_pair=pair, count=self.count + 1, removed_noise=noise
+        )
+
+    def removed_stderr(self) -> float:
+        """Monte-Carlo standard error (norm) of ``removed`` against the requests' own ``G`` (see ``removed_noise``)."""
+        q = self.removed_noise
+        if q is None or q.shape[0] < 2:
+            return 0.0
+        return float((q.var(0).sum() / q.shape[0]).sqrt())
 
     def measured(self, j: int, moment: torch.Tensor) -> _Anchor:
         """With paired draw ``j``'s ``∇F(θ⁰_s, ·)`` measured on the rows that remain now."""
@@ -2194,7 +2222,8 @@ class MCMCUnlearner:
             if anchor is None or anchor.index.max() >= (0 if self.bank is None else self.bank.shape[0]):
                 anchor = self._new_anchor(stream, info)
             if anchor is not None:
-                anchor = anchor.removing(self._per_draw_grads(h_f, anchor.thetas, batch, rowwise=True))
+                g_index = None if expectation is Expectation.CHAIN else _evenly(self.bank.shape[0], g_thetas.shape[0])
+                anchor = anchor.removing(self._per_draw_grads(h_f, anchor.thetas, batch, rowwise=True), g_index)
                 if outcome.safe and int(anchor.count) >= self.recenter_every:
                     new_live, new_bank, carry, anchor = self._recenter(
                         anchor, new_live, new_bank, h_f, check, stream, info, carry
@@ -2555,17 +2584,22 @@ class MCMCUnlearner:
 
         the first term on every remaining row at paired samples ``P`` (each draw's ``θ⁰`` side measured the first time
         the draw is used and then kept up to date by the removed points' gradients), the removed points' term
-        accumulated request by request at ``M`` ⊇ ``P`` (16 or more) samples of ``θ⁰``, as many as a request's ``G``
-        uses. ``recenter_draws="auto"`` measures the paired term draw by draw, from 2 up to ``RECENTER_MAX_DRAWS``,
-        until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of ``‖d‖``, and skips the correction when
-        that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``). After a correction that measured the
-        spread of one draw's difference, the next takes one draw's error from it, scaled up by the growth of the bank's
-        displacement from ``θ⁰`` (:func:`_carried_spread`), and stops at one draw when that is clear; else it measures
-        as above (on Fashion-MNIST a second pass per correction had cost +60% CPU; carried: −19%,
-        docs/fashion-mnist.md). The carried spread is an extrapolation that fell behind the measured one over a long
-        sequence, so after ``RECENTER_CARRY_MAX`` corrections in a row on it the next measures again. From a single
-        draw the digits BNN's deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise
-        made the requests after it remove the class further than retraining does (docs/fashion-mnist.md, stop 26).
+        accumulated request by request at ``M`` ⊇ ``P`` (16 or more) samples of ``θ⁰``. Where a request's ``G`` averaged
+        other or more samples than those ``M`` (``grad_draws="auto"`` takes up to ``⌈1024/k⌉`` for ``k`` removed rows),
+        the two means differ by Monte-Carlo error that ``d`` carries whatever the paired draws show (with a common shift
+        they do not spread at all); it joins ``d``'s standard error (``_Anchor.removed_noise``;
+        ``info["recenter_removed_stderr"]``): uncounted, a correction on that noise alone moved an exact Gaussian
+        removal off its fixed point (0.055 posterior sd; over 150 small requests 0.62 against 0.28 sd without the
+        corrections). ``recenter_draws="auto"`` measures the paired term draw by draw, from 2 up to
+        ``RECENTER_MAX_DRAWS``, until its Monte-Carlo standard error is at most ``RECENTER_REL_SE`` of ``‖d‖``, and
+        skips the correction when that never happens (``‖d‖`` is then mostly noise: ``E‖d̂‖² = ‖d‖² + se²``). After a
+        correction that measured the spread of one draw's difference, the next takes one draw's error from it, scaled up
+        by the growth of the bank's displacement from ``θ⁰`` (:func:`_carried_spread`), and stops at one draw when that
+        is clear; else it measures as above (on Fashion-MNIST a second pass per correction had cost +60% CPU; carried:
+        −19%, docs/fashion-mnist.md). The carried spread is an extrapolation that fell behind the measured one over a
+        long sequence, so after ``RECENTER_CARRY_MAX`` corrections in a row on it the next measures again. From a single
+        draw the digits BNN's deviation measured 1.4–1.8× its four-draw value, and the step it took on that noise made
+        the requests after it remove the class further than retraining does (docs/fashion-mnist.md, stop 26).
         The target is the original bank's moment, not 0: an SG-MCMC bank is not at
         equilibrium, and neither is a chain retrained the same way. Bank and live chain then move by ``p = −(H +
         λ)⁻¹d``, a Newton step on ``φ(X) = E_s[F(θ⁰_s + X, S∖S') − X·∇F(θ⁰_s, S)]``, through the same damping control
@@ -2591,24 +2625,30 @@ class MCMCUnlearner:
         carried = _carried_spread(anchor, shift) if auto and not stale else None
         paired: list[torch.Tensor] = []
         noise = "measured"
+        se_removed = anchor.removed_stderr()  # 0 when every request's G averaged the anchored samples themselves
         for j, k in enumerate(anchor.pair.tolist()):
             if anchor.moment is None or not bool(anchor.measured_draws[j]):
                 anchor = anchor.measured(j, self._moment(h_f, anchor.thetas[k : k + 1], rows))
             paired.append(self._moment(h_f, bank[anchor.index[k : k + 1]], rows) - anchor.target(j))
-            d, se = self._deviation(paired, anchor.removed)
+            d, se_pair = self._deviation(paired, anchor.removed)
+            se = math.hypot(se_pair, se_removed) if se_removed else se_pair
             if len(paired) == 1 and carried is not None:
-                se = carried  # one draw's error, as the last measured spread scaled to the displacement since
+                # one draw's error, as the last measured spread scaled to the displacement since
+                se = math.hypot(carried, se_removed) if se_removed else carried
                 if se <= RECENTER_REL_SE * float(d.norm()):
                     noise = "carried"
                     anchor = replace(anchor, carried=anchor.carried + 1)
                     break
             if auto and len(paired) >= 2 and se <= RECENTER_REL_SE * float(d.norm()):
                 break
+            if auto and len(paired) >= 2 and se_removed > RECENTER_REL_SE * float(d.norm()):
+                break  # the removed points' term alone is too noisy: more paired draws cannot make d clear
         if auto and len(paired) >= 2:
-            spread = torch.tensor(se * math.sqrt(len(paired)), dtype=torch.float64)
+            spread = torch.tensor(se_pair * math.sqrt(len(paired)), dtype=torch.float64)
             shifted = torch.tensor(shift, dtype=torch.float64)
             anchor = replace(anchor, spread=spread, spread_shift=shifted, carried=torch.zeros_like(anchor.carried))
         info.update(recenter_deviation=float(d.norm()), recenter_draws=len(paired), recenter_stderr=se)
+        info["recenter_removed_stderr"] = se_removed
         info.update(recenter_noise=noise, recenter_anchor_shift=shift, recenter_spread_stale=stale)
         if not all_finite(d):
             info["recenter"] = "skipped: the measured first moment is not finite"
