@@ -48,6 +48,26 @@ class BankLayout:
     prefix: str = ""  # a wrapper's key prefix ("_orig_mod.", "module.") when the samples came from its state_dict
     dtype: torch.dtype | None = None  # flat banks: the dtype they were given in (returned in it)
 
+    def returned_dtypes(self, default: torch.dtype) -> list[torch.dtype]:
+        """The dtype each trainable parameter (``spec`` order) is given back in by :meth:`restore`."""
+        if self.kind in ("flat", "flat_list"):
+            return [self.dtype or default] * len(self.spec.names)
+        if self.template is None:
+            return [default] * len(self.spec.names)
+        first = self.template if self.kind == "stacked" else self.template[0]
+        return [
+            first[self.prefix + n].dtype if isinstance(first.get(self.prefix + n), torch.Tensor) else default
+            for n in self.spec.names
+        ]
+
+    def as_returned(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` rounded to the dtypes :meth:`restore` gives it back in (and back to ``flat``'s dtype)."""
+        dts = self.returned_dtypes(flat.dtype)
+        if all(d == flat.dtype for d in dts):
+            return flat
+        parts = torch.split(flat, self.spec.numels, dim=-1)
+        return torch.cat([p.to(d).to(flat.dtype) for p, d in zip(parts, dts)], dim=-1)
+
     def restore(self, flat: torch.Tensor) -> Any:
         """The flat bank ``[S, D]`` in this layout (new tensors)."""
         if self.kind == "flat_list":

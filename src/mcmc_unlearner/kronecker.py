@@ -522,6 +522,8 @@ def _candidates(
             why = "a parameter shared with another module (tied weights)"
         elif kind != "linear" and m.groups != 1:
             why = f"grouped convolution (groups={m.groups})"
+        elif w.numel() == 0:
+            why = "a layer without weights (a zero-size dimension)"
         if why is not None:
             for pname in (wname, bname):
                 if pname is not None:
@@ -820,11 +822,22 @@ class KroneckerCurvature:
         by_module = {b.module: b for b in blocks}
         calls: list[tuple[_Block, Tensor]] = []
         fired: set[str] = set()
+        swapped: set[str] = set()
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
 
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             blk = by_module[module]
             if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+                return None
+            if any(
+                pname is not None and by_id.get(id(module._parameters.get(slot))) != pname
+                for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
+            ):
+                # the layer ran with other tensors than its registered parameters (torch.func.functional_call inside
+                # the model's forward, e.g. with 2·weight): its inputs and output gradients are not those of the
+                # parameters' Kronecker block, so the block is left to the diagonal (autograd differentiates the
+                # parameters through whatever the forward made of them)
+                swapped.add(blk.name)
                 return None
             # the same layer called again on the same input in one evaluation (an nll that calls the model twice,
             # k*(y*exp(-m(x)) + m(x))): one use, not two locations — route it through the first call's output so
@@ -906,7 +919,12 @@ class KroneckerCurvature:
                             if b.name not in fired:
                                 for pname in (b.weight, b.bias):
                                     if pname is not None:
-                                        reasons[pname] = _owner_reason(model, pname)
+                                        reasons[pname] = (
+                                            f"{type(b.module).__name__} '{b.name}': the forward ran it with other "
+                                            "tensors than its parameters (torch.func.functional_call in the model)"
+                                            if b.name in swapped
+                                            else _owner_reason(model, pname)
+                                        )
                         blocks = [b for b in blocks if b.name in fired]
                         covered = {p for b in blocks for p in (b.weight, b.bias) if p is not None}
                         diag_names = [name for name in spec.names if name not in covered]

@@ -1639,6 +1639,7 @@ class MCMCUnlearner:
         if self._nll_checked:
             return
         if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
+            self._check_buffers_stable(batch)
             return
         k = batch[0].shape[0]
         try:
@@ -1669,6 +1670,45 @@ class MCMCUnlearner:
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
         self._nll_checked = True
+
+    def _check_buffers_stable(self, batch: Batch) -> None:
+        """A model in training mode whose forward pass updates buffers that its output depends on (a running mean
+        of its own, like BatchNorm's, which :func:`_check_mode` refuses by type): every evaluation the request makes
+        would see another network. Two forward passes on the removed rows tell: refused when a buffer changed and
+        the second pass's output differs from the first's (a step counter that the output ignores passes). The
+        buffers and the global RNG are left as they were."""
+        before = {
+            k: b.detach().clone()
+            for k, b in self.model.named_buffers(remove_duplicate=False)
+            if b.layout == torch.strided
+        }
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                rng = torch.get_rng_state()  # the second pass draws the same dropout masks as the first
+                first = self.nll(self.model, batch)
+                changed = [
+                    k
+                    for k, b in self.model.named_buffers(remove_duplicate=False)
+                    if k in before and not torch.equal(b, before[k])
+                ]
+                if changed:
+                    torch.set_rng_state(rng)
+                second = self.nll(self.model, batch) if changed else first
+        except Exception:  # the request itself reports a failing nll, with its own message
+            return
+        finally:
+            with torch.no_grad():
+                for k, b in self.model.named_buffers(remove_duplicate=False):
+                    if k in before and b.shape == before[k].shape and not torch.equal(b, before[k]):
+                        b.copy_(before[k])
+        if changed and isinstance(first, torch.Tensor) and not torch.equal(first, second):
+            raise ValueError(
+                f"the model is in training mode and its forward pass updates buffers that its output depends on "
+                f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}): two passes on the same rows gave "
+                "different likelihoods, so every evaluation the unlearner makes would see another network. Call "
+                "model.eval() first (or keep those statistics fixed while sampling): the bank's posterior is that of "
+                "the network with its statistics frozen"
+            )
 
     def samples(self) -> Any:
         """The stored samples in the layout they were given in (new tensors; a ``[S, D]`` tensor by default)."""
@@ -2244,15 +2284,38 @@ class MCMCUnlearner:
         )
         stored = new_bank if new_bank is not None else new_live
         before = self.bank if new_bank is not None else live
+        stored_dtype = str(stored.dtype)[6:]
+        if new_bank is not None and self._layout is not None:
+            # the samples are given back in the dtypes they came in (a bfloat16 bank of a float32 model): judge the
+            # shift there, where the caller gets it (rounded there it was returned unchanged, silently)
+            low = sorted({str(d)[6:] for d in self._layout.returned_dtypes(stored.dtype)} - {stored_dtype})
+            if low:
+                moved = new_bank - self.bank
+                r_moved = self._layout.as_returned(new_bank) - self._layout.as_returned(self.bank)
+                kept = float((r_moved.mean(0) - moved.mean(0)).norm()) / max(float(moved.mean(0).norm()), 1e-300)
+                info["returned_shift_error"] = kept
+                stored, before, stored_dtype = r_moved, torch.zeros_like(r_moved), "/".join(low) + " bank's"
+                if kept > 0.1 and not bool(torch.equal(stored, before)) and not report.problems:
+                    warnings.warn(
+                        f"the samples are given back in {'/'.join(low)}, the bank's dtype: rounded there, their mean "
+                        f"shift is {100 * kept:.0f}% off the computed one (norm {report.shift_norm:.3g}). Keep the "
+                        "bank in the model's dtype (float32 or float64) to get the removal as computed",
+                        stacklevel=_outside_stacklevel(),
+                    )
         if report.shift_norm > 0 and bool(torch.equal(stored, before)):
             # the shift rounds to nothing where it is stored (weights near 1e4 in float32: one rounding step 1.2e-3):
             # say so, and why, instead of reporting a step the bank does not hold (a refused request says why)
             info["stored_shift"] = 0.0
         if info.get("stored_shift") == 0.0 and not report.problems:
             warnings.warn(
-                f"the shift (norm {report.shift_norm:.3g}) rounds to nothing in the {str(stored.dtype)[6:]} "
+                f"the shift (norm {report.shift_norm:.3g}) rounds to nothing in the {stored_dtype} "
                 "parameters: the samples are unchanged. Their floating-point resolution is coarser than this "
-                "removal; unlearn in float64 (model.double() and a float64 bank) to apply it",
+                "removal; "
+                + (
+                    "keep the bank in the model's dtype to apply it"
+                    if stored_dtype.endswith("bank's")
+                    else "unlearn in float64 (model.double() and a float64 bank) to apply it"
+                ),
                 stacklevel=_outside_stacklevel(),
             )
         prop = Proposal(report, new_live, new_bank)
