@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 import zlib
@@ -177,7 +178,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: truncated IDX header (need {header} bytes, file has {len(raw)})")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[code]
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(dims) * dtype.itemsize  # Python ints: np.prod in int64 wraps for huge dims
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "has trailing bytes"
         raise ValueError(f"{path}: IDX file {kind}: dims {dims} need {expected} bytes in total, file has {len(raw)}")
@@ -468,6 +469,11 @@ def load_dataset(
         x_tr, y_tr = _load_cifar_files(train, label_key)
         x_te, y_te = _load_cifar_files(test, label_key)
         n_classes = 10 if key == "cifar10" else 100
+    if tuple(x_tr.shape[1:]) != tuple(x_te.shape[1:]):
+        raise ValueError(
+            f"{key}: training images are {'x'.join(map(str, x_tr.shape[1:]))} but test images "
+            f"{'x'.join(map(str, x_te.shape[1:]))}; both splits must come from the same data set"
+        )
     for split, y in (("train", y_tr), ("test", y_te)):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
             raise ValueError(f"{key} {split} labels outside [0, {n_classes}): {int(y.min())}..{int(y.max())}")

@@ -506,6 +506,13 @@ class _Experiment:
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
         gen = torch.Generator().manual_seed(cfg.seed)
         cls_ids = class_indices(data.y_train, cfg.remove_class)
+        if cls_ids.numel() == 0:
+            raise ValueError(
+                f"--remove-class {cfg.remove_class}: {data.name}'s training data holds no point of that class, "
+                "so there is nothing to remove; choose a class present in the training data"
+            )
+        if data.n_test == 0:
+            raise ValueError(f"{data.name}'s test split is empty: the evaluation needs test points")
         count: str | int = cfg.remove_count
         if count != "all":
             k = int(count)
@@ -1219,6 +1226,19 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     return replace(cfg, methods=tuple(m for m in OPTIONAL_METHODS if m in cfg.methods))
 
 
+def _check_save_model_vs_out(save_model: str | Path, out: str | Path) -> None:
+    """Refuse ``--save-model`` naming ``--out`` or a folder above it (the run's own folder would make it
+    non-empty, found only after training)."""
+    sm, o = Path(save_model).resolve(), Path(out).resolve()
+    if sm == o:
+        raise ValueError("--save-model and --out name the same folder; choose two different folders")
+    if sm in o.parents:
+        raise ValueError(
+            f"--save-model {str(save_model)!a} holds --out {str(out)!a}; a model is saved into a new or empty "
+            "folder, so choose two folders that do not contain each other"
+        )
+
+
 def run_bnn(cfg: BNNConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Run the experiment; returns the metrics dict (and writes metrics.json, report.md, figures to ``out``).
 
@@ -1228,8 +1248,8 @@ def run_bnn(cfg: BNNConfig, out: str | Path | None = None) -> dict[str, Any]:
             results are never replaced or mixed with these); ``None`` writes nothing.
     """
     cfg = _resolve(replace(cfg, notes=list(cfg.notes)))
-    if out is not None and cfg.save_model is not None and Path(out).resolve() == Path(cfg.save_model).resolve():
-        raise ValueError("--save-model and --out name the same folder; choose two different folders")
+    if out is not None and cfg.save_model is not None:
+        _check_save_model_vs_out(cfg.save_model, out)
     # the output folder is checked and held (a marker file) before any work: a second run into it is refused
     with claimed_out_dir(out, "bnn") if out is not None else contextlib.nullcontext() as out_dir:
         with _torch_threads(cfg.threads):

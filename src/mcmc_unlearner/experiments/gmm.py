@@ -345,8 +345,10 @@ def run_demo(
             "--with-paper needs mcmc_unlearner.experiments.paper (the faithful paper baseline), which this version "
             "does not include; run without --with-paper or install a version that has it"
         )
-    if save_model is not None and out is not None and Path(save_model).resolve() == Path(out).resolve():
-        raise ValueError("--save-model and --out name the same folder; choose two different folders")
+    if save_model is not None and out is not None:
+        from .bnn import _check_save_model_vs_out
+
+        _check_save_model_vs_out(save_model, out)
     # the output folder is held (a marker file) for the whole run: a second run into it is refused at once
     with claimed_out_dir(out, f"demo-{kind}") if write else contextlib.nullcontext() as out_dir:
         old_threads = torch.get_num_threads()

@@ -61,6 +61,10 @@ def load_metrics(path: str | Path) -> tuple[Path, dict[str, Any]]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{str(file)!r} is not valid JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(file)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (RecursionError, ValueError) as exc:  # nesting too deep; an integer of more than 4300 digits
+        raise ValueError(f"{str(file)!r} cannot be read as metrics ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{str(file)!r} holds a JSON {type(data).__name__}, expected an object of metrics")
     return file, data
@@ -95,9 +99,17 @@ def numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float | bool]:
             out.update(numeric_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(obj, bool):
         out[prefix] = obj
-    elif isinstance(obj, (int, float)) and math.isfinite(float(obj)):
+    elif isinstance(obj, (int, float)) and _finite(obj):
         out[prefix] = float(obj)
     return out
+
+
+def _finite(x: int | float) -> bool:
+    """Whether ``x`` is a finite number that a float holds (an integer beyond float range is not)."""
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _nonfinite_leaves(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -110,6 +122,8 @@ def _nonfinite_leaves(obj: Any, prefix: str = "") -> dict[str, str]:
         out[prefix] = "null"
     elif isinstance(obj, float) and not math.isfinite(obj):
         out[prefix] = str(obj)
+    elif isinstance(obj, int) and not isinstance(obj, bool) and not _finite(obj):
+        out[prefix] = "inf" if obj > 0 else "-inf"  # beyond float range
     return out
 
 
