@@ -353,6 +353,13 @@ def test_paper_fmnist_preset_runs_on_debian_layout_files_without_mnist(tmp_path)
         assert m["methods"][name]["status"] == "ok", name
     report = (out / "report.md").read_text()
     assert "skipped: dataset 'mnist' not found" in report and "fashion-mnist, lenet5" in report
+    # two retrain chains attack each other: AUCs summing to 1 are no spread (it was reported as the attack's noise)
+    aucs = [m["methods"][c]["mia"]["auc_removed"] for c in m["retrain_chains"]["names"]]
+    assert len(aucs) == 2 and aucs[0] + aucs[1] == pytest.approx(1.0, abs=1e-12)
+    assert (
+        m["retrain_chains"]["auc_removed"]["sd"] is None and "3 or more" in m["retrain_chains"]["auc_removed"]["note"]
+    )
+    assert m["targets"]["attack_auc_within_0.05_of_retrain"]["retrain_chains_sd"] is None
 
 
 def test_heldout_pretraining_half_never_enters_the_evaluation(tmp_path):

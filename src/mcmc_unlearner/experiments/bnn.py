@@ -1516,6 +1516,12 @@ def _evaluate(
         "error": {k: ev.spread([errors[c][k] for c in chain_names]) for k in _SPLITS},
         "auc_removed": ev.spread([out[c]["mia"]["auc_removed"] for c in chain_names]),
     }
+    if len(chain_names) < 3:
+        # each retrain chain's attack reference is the other chain: two chains' likelihood ratios are exact
+        # negatives, their AUCs sum to 1 (mean 0.5 always, sd √2·|AUC − 0.5|), which is no measure of the noise
+        spread["auc_removed"].update(
+            sd=None, note="two retrain chains attack each other (AUCs sum to 1): run 3 or more for a spread"
+        )
     return out, floor, spread
 
 
@@ -1563,7 +1569,8 @@ def _targets(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
     a, b = un["mia"]["auc_removed"], re["mia"]["auc_removed"]
     g = None if a is None or b is None else abs(a - b)
-    sd = m.get("retrain_chains", {}).get("auc_removed", {}).get("sd")  # the attack's own noise across retrain chains
+    # the attack's own noise across retrain chains (None with two chains: see _evaluate)
+    sd = m.get("retrain_chains", {}).get("auc_removed", {}).get("sd")
     out["attack_auc_within_0.05_of_retrain"] = {
         "auc": a,
         "retrain": b,

@@ -69,6 +69,8 @@ def out_dir_problem(out: str | Path) -> str | None:
     Refused: a file, a folder holding another run's results (or anything else: they would mix), a folder
     another run is writing to, a path that cannot be created. The message starts with the path.
     """
+    if not str(out).strip():
+        return "--out is empty: name a new folder for the run's results (e.g. --out runs/demo)"
     p = Path(out)
     fix = f"choose a new folder (or remove it first: rm -r {str(p)!a})"
     if os.path.lexists(p):
