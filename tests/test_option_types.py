@@ -166,3 +166,16 @@ def test_resent_request_on_a_read_only_replica_answers_already_applied(tmp_path,
     assert main(["forget", "--model", str(model), "--ids", str(ids), "--request-id", "t-1"]) == 2
     assert "read-only" in capsys.readouterr().err
     assert folder_state(model) == debris
+
+
+def test_a_request_inside_inference_mode_is_refused_naming_the_way_out():
+    """Was torch's "`inputs` argument to `grad()` cannot be empty" from inside the K-FAC build; under
+    ``torch.no_grad()`` the unlearner works (it enables gradients itself)."""
+    x, y, model, kw = _setup()
+    un = MCMCUnlearner(model, **kw)
+    bank = un.bank.clone()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside that block"):
+        un.remove((x[:4], y[:4]), (x[4:], y[4:]))
+    assert torch.equal(un.bank, bank) and not un.history
+    with torch.no_grad():
+        assert un.remove((x[:4], y[:4]), (x[4:], y[4:])).passed

@@ -1105,6 +1105,21 @@ class _Stream:
             self.source.load_state_dict(state)
 
 
+def _source_generators(source: Any) -> list[torch.Generator]:
+    """The ``torch.Generator``s a remaining-data source draws from itself (a ``DataLoader``'s ``generator=``, its
+    sampler's or batch sampler's), each once."""
+    found: list[torch.Generator] = []
+    for obj in (
+        source,
+        getattr(source, "sampler", None),
+        getattr(getattr(source, "batch_sampler", None), "sampler", None),
+    ):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found
+
+
 def _same_state(a: Any, b: Any) -> bool:
     """Whether two ``state_dict()`` values (tensors, numbers, nested containers) are equal."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -1919,12 +1934,24 @@ class MCMCUnlearner:
         :meth:`_propose_unguarded` for the arguments). torch's global generator, too, is as it was when this returns
         or raises: a ``DataLoader`` draws its iterator's seed from it, and chain-mode draws of a sampler without a
         generator of its own draw their noise from it; :meth:`apply` sets the state the computation left."""
+        if torch.is_inference_mode_enabled():  # was torch's "`inputs` argument to `grad()` cannot be empty"
+            raise RuntimeError(
+                "the unlearner differentiates the model (gradients and Hessian products) and cannot run inside "
+                "torch.inference_mode(): call it outside that block (torch.no_grad() around it is fine)"
+            )
         rng = torch.get_rng_state()
+        # a DataLoader (or its sampler) with a generator of its own draws its shuffling and iterator seed from that
+        # generator instead: a discarded or failed proposal must put it back too
+        gens = _source_generators(remaining)
+        gen_states = [g.get_state() for g in gens]
         try:
             prop = self._propose_unguarded(batch, remaining, n_remaining)
             prop._global_rng_after = torch.get_rng_state()
+            prop._source_generators_after = [(g, g.get_state()) for g in gens]
         finally:
             torch.set_rng_state(rng)
+            for g, state in zip(gens, gen_states):
+                g.set_state(state)
         return prop
 
     def _propose_unguarded(
@@ -2062,6 +2089,8 @@ class MCMCUnlearner:
         after = getattr(proposal, "_global_rng_after", None)
         if after is not None:
             torch.set_rng_state(after)
+        for g, state in getattr(proposal, "_source_generators_after", ()):
+            g.set_state(state)
         if proposal._sampler_state is not None and self.sampler is not None:
             self.sampler.load_state_dict(proposal._sampler_state["state_dict"])
             _set_sampler_generator_state(self.sampler, proposal._sampler_state["generator"])
@@ -2775,7 +2804,12 @@ class MCMCUnlearner:
         return tensors, meta
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Restore what :meth:`curvature_state` returned (tensors are cloned)."""
+        """Restore what :meth:`curvature_state` returned (tensors are cloned).
+
+        Raises:
+            ValueError: the state was saved for a model of another parameter count or dtype (nothing is loaded).
+        """
+        self._check_curvature_state(tensors)
         if self.solver is SolverName.KFAC:
             self.curvature.load_state_dict(tensors, meta, model=self.model)
         else:
@@ -2801,6 +2835,40 @@ class MCMCUnlearner:
                 parts.pop(k, None)
             parts["pair"] = self._pair_positions(parts["index"].numel())
         self._anchor = _Anchor(**parts) if whole else None
+
+    def _check_curvature_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse, before anything is loaded, a state whose per-parameter tensors do not fit this model: loaded
+        anyway, a carried influence, anchored samples or a dense Hessian of another size failed inside the next
+        request with torch's size-mismatch error, and float32 anchored samples in a float64 model with a dtype error."""
+        dim = self.spec.dim
+        dtype = ParamSpec.flatten_module(self.model).dtype
+        # name -> which dimensions must equal the parameter count
+        expected = {
+            "carry": (0,),
+            "cache": (0, 1),
+            "precond_U": (0,),
+            "recenter_thetas": (-1,),
+            "recenter_removed": (-1,),
+            "recenter_moment": (-1,),
+            "recenter_removed_pair": (-1,),
+            "recenter_removed_noise": (-1,),
+        }
+        for name, dims in expected.items():
+            t = tensors.get(name)
+            if t is None:
+                continue
+            if t.ndim < max(len(dims), 1) or any(t.shape[d] != dim for d in dims):
+                raise ValueError(
+                    f"load_curvature_state: the saved {name!r} has shape {tuple(t.shape)}, but this model has {dim} "
+                    "parameters: the state was saved for another model; nothing was loaded (build the unlearner "
+                    "for the model it was saved with, or start without it: reset_curvature())"
+                )
+            if t.is_floating_point() and t.dtype != dtype:
+                raise ValueError(
+                    f"load_curvature_state: the saved {name!r} is {str(t.dtype)[6:]}, the model's parameters "
+                    f"{str(dtype)[6:]}: the state was saved under another dtype; nothing was loaded (convert the "
+                    "state's tensors, or start without it)"
+                )
 
     def reset_curvature(self) -> None:
         """Forget cached curvature, the carried damping, carried influence and the first moment ``recenter_every``
