@@ -298,6 +298,7 @@ def test_self_pretraining_never_shows_a_retrain_chain_the_removed_points(tmp_pat
         (["--methods", "bogus"], "unknown method(s) ['bogus']"),
         (["--unlearner-kw", "bogus=1"], "no keyword argument"),
         (["--unlearner-kw", "nokey"], "expected KEY=VALUE"),
+        (["--data-dir", "/nonexistent"], "the data set is digits"),  # was ignored, written into metrics.json
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, flags, needle):

@@ -1193,6 +1193,12 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
         raise ValueError("--retrain-chains must be at least 2: the noise floor is the spread between retrain chains")
     if isinstance(cfg.remove_class, bool) or not isinstance(cfg.remove_class, int) or cfg.remove_class < 0:
         raise ValueError(f"--remove-class must be a class number >= 0, got {cfg.remove_class!r}")
+    if cfg.dataset == "digits" and cfg.pretrain is None and (cfg.data_dir is not None or cfg.download):
+        # scikit-learn's bundled digits need no files: --data-dir was ignored and written into metrics.json
+        raise ValueError(
+            "--data-dir/--download name image files, but the data set is digits (scikit-learn's bundled copy, no "
+            "files): add --dataset fashion-mnist (or mnist, cifar10) to use them, or drop them"
+        )
     unknown = [m for m in cfg.methods if m not in OPTIONAL_METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(OPTIONAL_METHODS)}")
