@@ -295,21 +295,81 @@ def quality_problems(
     return out
 
 
-def _sampler_generator_state(sampler: Any) -> torch.Tensor | None:
-    """The state of a sampler's own noise generator (``SGLD(..., generator=g)``), which ``state_dict`` omits."""
-    gen = getattr(sampler, "generator", None)
-    return gen.get_state() if isinstance(gen, torch.Generator) else None
+def _sampler_generators(sampler: Any) -> dict[str, torch.Generator]:
+    """The ``torch.Generator`` s a sampler holds as attributes: ``SGLD(..., generator=g)``'s ``generator``, and a
+    sampler of the user's own that keeps its noise generator under another name (``self.rng``, ``self._gen``)."""
+    found = getattr(sampler, "__dict__", None) or {}
+    return {k: v for k, v in found.items() if isinstance(v, torch.Generator)}
+
+
+def _sampler_generator_state(sampler: Any) -> dict[str, torch.Tensor] | None:
+    """The states of a sampler's own noise generators, which ``state_dict`` omits (``None``: it has none)."""
+    gens = _sampler_generators(sampler)
+    return {k: g.get_state() for k, g in gens.items()} or None
 
 
 def _uses_global_rng(sampler: Any) -> bool:
-    """Whether a sampler draws its noise from torch's global generator (it has no ``generator`` of its own)."""
-    return sampler is not None and not isinstance(getattr(sampler, "generator", None), torch.Generator)
+    """Whether a sampler draws its noise from torch's global generator (it has no generator of its own)."""
+    return sampler is not None and not _sampler_generators(sampler)
 
 
-def _set_sampler_generator_state(sampler: Any, state: torch.Tensor | None) -> None:
-    gen = getattr(sampler, "generator", None)
-    if state is not None and isinstance(gen, torch.Generator):
-        gen.set_state(state)
+def _set_sampler_generator_state(sampler: Any, state: dict[str, torch.Tensor] | torch.Tensor | None) -> None:
+    if state is None:
+        return
+    if isinstance(state, torch.Tensor):  # a single state: the ``generator`` attribute's
+        state = {"generator": state}
+    gens = _sampler_generators(sampler)
+    for k, st in state.items():
+        if k in gens:
+            gens[k].set_state(st)
+
+
+def _check_sampler(sampler: Any, rescale_lr: bool, model: nn.Module | None = None) -> None:
+    """What the unlearner needs of a sampler, checked when it is built: every request snapshots and restores it
+    (``state_dict``/``load_state_dict``), and ``rescale_lr`` multiplies its groups' ``lr`` after a removal. Checked
+    here, not in :meth:`MCMCUnlearner.apply`, where a failure came after the model and bank had been changed."""
+    if sampler is None:
+        return
+    name = type(sampler).__name__
+    missing = [
+        a for a in ("step", "zero_grad", "state_dict", "load_state_dict") if not callable(getattr(sampler, a, None))
+    ]
+    if missing:
+        raise TypeError(
+            f"sampler {name} has no {', '.join(missing)}: the unlearner needs a torch.optim.Optimizer-like sampler "
+            "(a request snapshots its state with state_dict() and restores it with load_state_dict()); subclass "
+            "torch.optim.Optimizer, or pass sampler=None (stored samples only) and rescale your sampler's step size "
+            "yourself"
+        )
+    groups = getattr(sampler, "param_groups", None)
+    if model is not None and isinstance(groups, (list, tuple)):
+        own = {id(p) for p in model.parameters()}
+        foreign = sum(
+            1
+            for g in groups
+            if isinstance(g, dict)
+            for p in g.get("params", ())
+            if isinstance(p, torch.Tensor) and p.requires_grad and id(p) not in own
+        )
+        if foreign:
+            raise ValueError(
+                f"sampler {name} drives {foreign} parameter(s) that are not the model's (built on another copy of "
+                "the model, e.g. before copy.deepcopy(model)): its steps would not move the model the unlearner "
+                "evaluates (expectation='chain' drew one point samp_T times, nothing flagged). Build the sampler on "
+                "the parameters of the model you pass to the unlearner"
+            )
+    if rescale_lr:
+        ok = isinstance(groups, (list, tuple)) and all(
+            isinstance(g, dict)
+            and (_is_number(g.get("lr")) or (isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1))
+            for g in groups
+        )
+        if not ok:
+            raise TypeError(
+                f"rescale_lr=True multiplies the step size in sampler.param_groups[i]['lr'] after every removal, and "
+                f"sampler {name} has no such groups: pass rescale_lr=False (and rescale it yourself by n_old/n_new), "
+                "or keep the step size in param_groups as torch.optim does"
+            )
 
 
 def _is_number(v: Any) -> bool:
@@ -1467,6 +1527,7 @@ class MCMCUnlearner:
             raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {mc_samples!r}")
         self.likelihood, self.mc_samples = likelihood, int(mc_samples)
         self.rescale_lr = _flag("rescale_lr", rescale_lr)  # "no" was read as True, None as False
+        _check_sampler(sampler, self.rescale_lr, model)
         if backend not in ("auto", "func", "autograd"):
             raise ValueError(f"backend must be 'auto', 'func' or 'autograd', got {backend!r}")
         self.backend = backend
@@ -2084,6 +2145,9 @@ class MCMCUnlearner:
                 "stale proposal: the remaining data changed since propose() (rows removed, or minibatches drawn), and "
                 "applying it would restore its earlier state; propose again"
             )
+        _check_sampler(
+            self.sampler, self.rescale_lr, self.model
+        )  # before anything changes: scale_lr below must not fail
         t0 = time.perf_counter()
         ParamSpec.assign(self.model, proposal.live)
         after = getattr(proposal, "_global_rng_after", None)

@@ -195,6 +195,17 @@ def check_saveable(model: nn.Module, sampler: torch.optim.Optimizer | None, un: 
         raise StoreError("the unlearner drives a different model object than `model`; pass the same model")
     if sampler is not None and un.sampler is not None and un.sampler is not sampler:
         raise StoreError("the unlearner drives a different sampler than `sampler`; pass the same sampler")
+    if sampler is not None:
+        listed = [p for g in sampler.param_groups for p in g["params"]]
+        if [id(p) for p in listed] != [id(p) for p in model.parameters()]:
+            # the state file numbers the sampler's parameters as torch does (0, 1, ... over its groups) and the load
+            # gives number i to the i-th of model.parameters(): another order moved one parameter's SGHMC velocity
+            # onto another of the same shape, silently
+            raise StoreError(
+                "the sampler must hold every parameter of the model, in model.parameters() order (in one or more "
+                "groups): its saved state is matched to the rebuilt model by that order; build it as "
+                "SGHMC(model.parameters(), ...) or with groups that split that list in order"
+            )
     if getattr(un.nll, "__wrapped__", un.nll) is not _default_nll:  # the unlearner reads it through _one_per_row
         raise StoreError("cannot save an unlearner with a custom nll callable; give the model an nll() method")
     if getattr(un.energy, "__func__", None) is not MCMCUnlearner._default_energy:
@@ -223,7 +234,22 @@ def rebuild_sampler(
     gen = torch.Generator()
     if "sampler/generator" in tensors:
         gen.set_state(tensors["sampler/generator"])
-    sampler = cls(list(model.parameters()), generator=gen, **hyper)
+    # the saved groups, in order: torch numbers a sampler's parameters 0, 1, ... across its groups, which
+    # check_saveable made model.parameters()' order (one group of all parameters was rebuilt before, and a sampler
+    # saved with several groups, e.g. a step size per layer, could not be loaded)
+    params = list(model.parameters())
+    groups = []
+    for g in cfg["param_groups"]:
+        idx = g.get("params") if isinstance(g, Mapping) else None
+        if not isinstance(idx, list) or not all(isinstance(i, int) and 0 <= i < len(params) for i in idx):
+            raise StoreError(
+                "sampler state does not fit the model: a parameter group names parameters it does not have"
+            )
+        groups.append({"params": [params[i] for i in idx], **{k: g[k] for k in ("lr", "alpha") if k in g}})
+    try:
+        sampler = cls(groups, generator=gen, **hyper)
+    except ValueError as exc:
+        raise StoreError(f"sampler state does not fit the model: {exc}") from None
     state: dict[int, dict[str, Any]] = {}
     for key, val in tensors.items():
         if key.startswith("sampler/state/"):
