@@ -72,12 +72,13 @@ class ParamSpec:
     @staticmethod
     def flatten_module(model: nn.Module) -> torch.Tensor:
         """The module's trainable parameters as one detached flat vector (a copy)."""
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+        return torch.cat([p.detach().reshape(-1) for p in ParamSpec.params(model)])
 
     @staticmethod
     def params(model: nn.Module) -> list[nn.Parameter]:
-        """The module's trainable parameters, in the order of the flat vector."""
-        return [p for p in model.parameters() if p.requires_grad]
+        """The module's trainable parameters, in the order of the flat vector (``named_parameters`` order, as
+        :meth:`of`: a module that overrides ``parameters()`` with another order must not scramble the vector)."""
+        return [p for _, p in model.named_parameters() if p.requires_grad]
 
     @staticmethod
     @torch.no_grad()

@@ -114,6 +114,24 @@ class Likelihood(str, Enum):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _first_forward_hook(by_module: dict, hook: Callable) -> Any:
+    """Register ``hook`` for the modules in ``by_module`` so that it runs before every other forward hook.
+
+    torch runs global forward hooks (``register_module_forward_hook``) before a module's own ones, so a module
+    hook registered with ``prepend=True`` still sees an output that a user's global hook has already transformed
+    (a temperature ``out / T`` made the output-gradient factor T² too large, silently). A global hook moved to the
+    front runs first of all.
+    """
+    from torch.nn.modules import module as _mod
+
+    def first(module: nn.Module, args: tuple, out: Any) -> Any:
+        return hook(module, args, out) if module in by_module else None
+
+    handle = _mod.register_module_forward_hook(first)
+    _mod._global_forward_hooks.move_to_end(handle.id, last=False)
+    return handle
+
+
 @contextlib.contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit."""
@@ -890,7 +908,7 @@ class KroneckerCurvature:
         for b in blocks:
             b.A_mom = _Moment(b.in_dim, b.eig_A, keep_rows=reduce is None)
             b.G_mom = _Moment(b.out_dim, b.eig_G, keep_rows=reduce is None)
-        handles = [b.module.register_forward_hook(hook, prepend=True) for b in blocks]
+        handles = [_first_forward_hook(by_module, hook)]
         diag_params: list[nn.Parameter] = []
         diag_names: list[str] = []
         diag_sum: Tensor | None = None

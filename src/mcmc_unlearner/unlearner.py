@@ -1398,6 +1398,16 @@ class MCMCUnlearner:
         recenter_draws: int | str = "auto",
         damping_shape: DampingShape | str = "auto",
     ) -> None:
+        if eager(model) is not model and any(
+            getattr(model, k, None)
+            for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        ):
+            raise ValueError(
+                "the torch.compile'd model has hooks registered on the compiled wrapper itself; the unlearner "
+                "evaluates the module it wraps (model._orig_mod, the same parameters), where those hooks do not run, "
+                "so it would unlearn another function. Register them on model._orig_mod instead (they run under "
+                "torch.compile too)"
+            )
         model = eager(model)  # a torch.compile'd model: the module it wraps (swapping parameters recompiled it)
         _check_mode(model)
         self.model = model

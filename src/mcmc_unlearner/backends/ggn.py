@@ -29,7 +29,7 @@ import torch
 from torch.autograd.functional import jacobian
 from torch.func import jacrev, vmap
 
-from ..curvature import ParamSpec, aliased_parameters, call_with
+from ..curvature import functionalize
 from ..kronecker import Likelihood, detect_likelihood, prior_precision
 from ..memory import chunk_for
 from .base import Problem
@@ -56,11 +56,11 @@ def output_ggn(
         sigma: The Gaussian likelihood's noise standard deviation.
         budget: Bytes the per-row Jacobians of one chunk of rows may take.
     """
-    spec = ParamSpec.of(model)
-    aliased = aliased_parameters(model)
+    # through functionalize's wrapper module: torch's functional_call refuses an nn.DataParallel at the top level
+    f = functionalize(model, lambda m, r: m(r))
 
     def out(t: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        return call_with(model, spec.unflatten(t), (row.unsqueeze(0),), aliased).reshape(-1)
+        return f(t, row.unsqueeze(0)).reshape(-1)
 
     with torch.no_grad():
         C = out(theta, x[0]).numel()
