@@ -100,6 +100,31 @@ def _threads_for(threads: int | str | None, snap: checkpoint.Snapshot) -> int | 
     return threads_for(threads, sum(t.numel() for k, t in state.items() if k.startswith("model/")))
 
 
+def state_vs_ledger(entries: Sequence[Mapping[str, Any]], loaded: checkpoint.LoadedModel) -> list[str]:
+    """Problems between the committed ledger and the stored state (empty: they agree): the last entry's
+    ``after_sha256`` is the state's digest, the removed rows are exactly the ledger's, the last entry's
+    ``n_remaining`` is the remaining count. Unkeyed hashes alone do not tie the ledger to the state this way."""
+    problems: list[str] = []
+    if entries and entries[-1].get("after_sha256") != loaded.model_sha256:
+        problems.append("the last ledger entry's after_sha256 differs from the stored state's digest")
+    forgets = [e for e in entries[1:] if e.get("event") == "forget"]
+    seen: set[int] = set()
+    for ids in [entries[0].get("removed_before_save", []) if entries else []] + [e.get("ids", []) for e in forgets]:
+        if isinstance(ids, list):
+            seen.update(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+    removed = set(loaded.data.removed_ids.tolist())
+    if removed != seen:
+        extra = sorted(removed - seen)[:5]
+        missing = sorted(seen - removed)[:5]
+        problems.append(
+            f"remaining set differs from all ids minus the ledger's removals (removed but not in ledger: {extra}; "
+            f"in ledger but still present: {missing})"
+        )
+    if forgets and forgets[-1].get("n_remaining") != len(loaded.data):
+        problems.append("the last entry's n_remaining differs from the stored remaining count")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------- forget
 @dataclass
 class ForgetOutcome:
@@ -274,6 +299,13 @@ def forget(
             )
         with torch_threads(_threads_for(threads, snap)):
             loaded = checkpoint.build_loaded(snap)
+            mismatch = state_vs_ledger(loaded.entries, loaded)
+            if mismatch:  # what verify reports: never commit a request on top of it
+                raise StoreError(
+                    f"{str(root)!a}: the ledger does not match the stored state ({mismatch[0]}): the folder was "
+                    "tampered with; run `mcmc-unlearner verify` and restore the folder from a backup (nothing was "
+                    "changed)"
+                )
             fsio.phase("loaded")
             for e in loaded.requests:
                 if e.get("request_id") == rid:
@@ -503,7 +535,7 @@ def verify(
         hashes = [ledger_mod.line_sha256(line) for line in snap.ledger.lines[: snap.count]]
         if expected == snap.head:
             res.notes.append("ledger head matches the expected head")
-        elif expected in hashes and not snap.problems:
+        elif expected in hashes:  # found: no rollback past it (other problems, if any, are listed on their own)
             later = len(hashes) - 1 - hashes.index(expected)
             at = hashes.index(expected)
             res.notes.append(
@@ -558,21 +590,9 @@ def verify(
     except (StoreError, ValueError, FileNotFoundError) as exc:
         res.problems.append(str(exc))
         return res
-    digest = loaded.model_sha256
-    if entries and entries[-1].get("after_sha256") != digest:
-        res.problems.append("the last ledger entry's after_sha256 differs from the stored state's digest")
-    removed = set(loaded.data.removed_ids.tolist())
-    if removed != set(seen):
-        extra = sorted(removed - set(seen))[:5]
-        missing = sorted(set(seen) - removed)[:5]
-        res.problems.append(
-            f"remaining set differs from all ids minus the ledger's removals (removed but not in ledger: {extra}; "
-            f"in ledger but still present: {missing})"
-        )
+    res.problems += state_vs_ledger(entries, loaded)
     if isinstance(n_total, int) and loaded.data.n_total != n_total:
         res.problems.append(f"data has {loaded.data.n_total} rows, the ledger's save entry says {n_total}")
-    if forgets and forgets[-1].get("n_remaining") != len(loaded.data):
-        res.problems.append("the last entry's n_remaining differs from the stored remaining count")
     flat = ParamSpec.flatten_module(loaded.model)
     bank = loaded.unlearner.bank
     if not all_finite(flat) or (bank is not None and not all_finite(bank)):

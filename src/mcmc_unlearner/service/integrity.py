@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,34 @@ def _checked(secret: bytes, source: str) -> Key:
     return Key(secret, source)
 
 
+def _read_key_file(p: Path) -> bytes:
+    """The bytes of a key file. It is the operator's own path, not a file of a model folder: links are followed
+    (secret mounts such as Kubernetes' are links into a hidden folder), but it must end at a regular file."""
+    where = f"key file {str(p)!a}"
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(p, flags)
+    except FileNotFoundError:
+        raise StoreError(f"{where} not found; pass --key-file FILE holding the key") from None
+    except OSError as exc:
+        raise StoreError(f"cannot open {where}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{where} is not a regular file (a folder, FIFO or device); pass a file holding the key")
+        if st.st_size > MAX_KEY_FILE_BYTES:
+            raise StoreError(f"{where} has {st.st_size} bytes, more than the {MAX_KEY_FILE_BYTES} a key file may have")
+        try:
+            raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise StoreError(f"cannot read {where}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_KEY_FILE_BYTES:
+            raise StoreError(f"{where} has more than the {MAX_KEY_FILE_BYTES} bytes a key file may have")
+        return raw
+    finally:
+        os.close(fd)
+
+
 def resolve_key(key_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Key | None:
     """The integrity key: from ``key_file`` if given, else from ``$MCMC_UNLEARNER_KEY``, else ``None``.
 
@@ -82,22 +111,23 @@ def resolve_key(key_file: str | os.PathLike | None = None, environ: Mapping[str,
     """
     env = os.environ if environ is None else environ
     if key_file is not None:
-        p = Path(key_file)
-        from .fsio import read_regular
-
-        try:
-            raw = read_regular(p.parent, p.name, what="key file", max_bytes=MAX_KEY_FILE_BYTES)
-        except FileNotFoundError:
-            raise StoreError(f"key file {str(p)!a} not found; pass --key-file FILE holding the key") from None
+        raw = _read_key_file(Path(key_file))
         if raw.endswith(b"\r\n"):
             raw = raw[:-2]
         elif raw.endswith(b"\n"):
             raw = raw[:-1]
-        return _checked(raw, f"key file {str(p)!a}")
+        return _checked(raw, f"key file {str(Path(key_file))!a}")
     value = env.get(KEY_ENV)
-    if value:
-        return _checked(value.encode("utf-8", "surrogateescape"), f"${KEY_ENV}")
-    return None
+    if value is None:
+        return None
+    if not value:
+        # set but empty (e.g. `export MCMC_UNLEARNER_KEY=$(cat missing-file)`): refused, not read as "no key" --
+        # that silently saved unsigned folders and read signed ones unchecked
+        raise StoreError(
+            f"${KEY_ENV} is set but empty; set it to a key of at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand "
+            f"-hex 32`), or unset it to work without a key"
+        )
+    return _checked(value.encode("utf-8", "surrogateescape"), f"${KEY_ENV}")
 
 
 def as_key(key: Key | bytes | str | None) -> Key | None:
