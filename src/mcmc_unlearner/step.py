@@ -661,23 +661,16 @@ class DampingControl:
             return True
         return None
 
-    def _negligible(self, pred: float, meas: Measurement) -> bool:
-        """Whether a step's energy change is below what the measurement resolves, so that its ratio is noise, not
-        evidence, and only the safety net on the held rows' NLL decides: the predicted and measured changes both
-        below its floating-point resolution (removed points that carry next to no gradient), or — for a request
-        (``accept_z = 0``; a correction across requests must show its benefit) — the predicted change under half
-        the measurement's standard error (the ratio's own error then exceeds 2) with the measured one within two.
-
-        Judged by its ratio, such a step was rejected on noise and the damping grown until the step vanished: one
-        row of 3,000 (predicted −3.7e-6, measured 4.4e-5 ± 5.0e-5) took a conjugate regression's damping from 0 to
-        1.2e4, carried into the next requests (stop 34)."""
-        if not math.isfinite(meas.actual):
+    @staticmethod
+    def _negligible(pred: float, meas: Measurement) -> bool:
+        """Whether a step's predicted and measured energy changes are both below the measurement's floating-point
+        resolution (removed points that carry next to no gradient): its ratio is rounding noise, not evidence, and
+        only the safety net on the held rows' NLL decides."""
+        res = meas.resolution
+        if not (res > 0 and math.isfinite(meas.actual)):
             return False
         stderr = meas.stderr if math.isfinite(meas.stderr) else 0.0
-        if self.accept_z == 0 and stderr > 0 and abs(pred) <= 0.5 * stderr and abs(meas.actual) <= 2.0 * stderr:
-            return True
-        res = meas.resolution
-        return res > 0 and abs(pred) <= res and abs(meas.actual) <= res + 2.0 * stderr
+        return abs(pred) <= res and abs(meas.actual) <= res + 2.0 * stderr
 
     def _try(
         self,
