@@ -89,7 +89,7 @@ def test_forget_status_verify_flow(store, tmp_path, capsys):
     assert "applied request sha256:" in out and "197 remain" in out
     st = status(store)
     assert st["n_remaining"] == N - 3 and st["removed_ids"] == [3, 14, 15] and st["requests_applied"] == 1
-    assert st["bank_size"] == 20 and st["params_finite"] and st["state_hash_ok"]
+    assert st["bank_size"] == 20 and st["params_finite"] and st["state_hash_ok"] and st["ledger_matches_state"]
     assert st["last_residual"] < 1e-4
     assert main(["status", "--model", str(store)]) == 0
     assert "197 remaining, 3 removed of 200" in capsys.readouterr().out

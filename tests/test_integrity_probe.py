@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner.service import integrity
 from mcmc_unlearner.service import ledger as L
-from mcmc_unlearner.service.deletion import forget, verify
+from mcmc_unlearner.service.deletion import forget, status, verify
 from mcmc_unlearner.service.fsio import StoreError, sha256_hex
 from mcmc_unlearner.service.integrity import KEY_ENV, resolve_key
 from mcmc_unlearner.service.state import state_bytes, tensors_digest
@@ -84,6 +84,8 @@ def test_forget_refuses_what_verify_fails(tmp_path, case):
         t["data/alive"] = alive
         _rewrite(folder, t, fix_ledger=True)
     assert not verify(folder).ok
+    st = status(folder)  # it said "state hash ok: yes" and nothing else
+    assert not st["ledger_matches_state"] and st["ledger_state_problems"]
     before = (folder / "ledger.jsonl").read_bytes()
     with pytest.raises(StoreError, match="does not match the stored state"):
         forget(folder, [3] if case == "mask" else [40], request_id="r2")

@@ -126,6 +126,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"bank size:        {st['bank_size']}",
         f"finite params:    {'yes' if st['params_finite'] else 'NO'}",
         f"state hash ok:    {'yes' if st['state_hash_ok'] else 'NO'}",
+        "ledger vs state:  "
+        + ("ok" if st["ledger_matches_state"] else f"MISMATCH: {one_line('; '.join(st['ledger_state_problems']))}"),
         f"signature:        {signature.get(st['signature'], st['signature'])}",
     ]
     if st["degraded"]:

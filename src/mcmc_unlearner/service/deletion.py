@@ -418,6 +418,7 @@ def status(
     save = loaded.entries[0] if loaded.entries else {}
     removed = loaded.data.removed_ids.tolist()
     degraded = _degraded(loaded.entries)
+    mismatch = state_vs_ledger(loaded.entries, loaded)
     return {
         "model": str(loaded.path),
         "format_version": loaded.manifest["format_version"],
@@ -438,6 +439,9 @@ def status(
         "bank_size": 0 if bank is None else int(bank.shape[0]),
         "params_finite": all_finite(flat) and (bank is None or all_finite(bank)),
         "state_hash_ok": True,  # the snapshot verified state file, manifest checksum and ledger head
+        # verify's ledger-against-state checks (a state put back under its ledger showed "state hash ok: yes")
+        "ledger_matches_state": not mismatch,
+        "ledger_state_problems": mismatch,
         "signature": snap.signature,
         "degraded": bool(degraded),
         "degraded_requests": degraded,
