@@ -44,7 +44,15 @@ from torch import nn
 from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor
 from .errors import InvalidRequestError, QualityError, UnlearningError
-from .unlearner import MCMCUnlearner, Proposal, RemovalReport, _as_batch, _is_fields, check_finite_batch
+from .unlearner import (
+    MCMCUnlearner,
+    Proposal,
+    RemovalReport,
+    _as_batch,
+    _check_loader_order,
+    _is_fields,
+    check_finite_batch,
+)
 
 __all__ = [
     "AllReducedOperator",
@@ -414,7 +422,18 @@ class DistributedUnlearner(MCMCUnlearner):
             budget = torch.tensor([float(resolve_budget(kwargs.get("memory_budget")))], dtype=torch.float64)
             _all_reduce(budget, group, dist.ReduceOp.MIN)
             kwargs["memory_budget"] = int(budget)
-        super().__init__(model, sampler, **kwargs)
+        err: BaseException | None = None
+        try:
+            super().__init__(model, sampler, **kwargs)
+        except (ValueError, TypeError, MemoryError, RuntimeError) as e:  # e.g. one rank's sampler on another copy
+            err = e
+        if _group_info(group)[1] > 1:  # agreed before the next collective: one rank's refusal left the others waiting
+            flag = torch.tensor([0.0 if err is None else 1.0], dtype=torch.float64)
+            _all_reduce(flag, group, dist.ReduceOp.MAX)
+            if err is None and float(flag) > 0:
+                raise ValueError("another rank refused to build the unlearner (see its error); nothing was changed")
+        if err is not None:
+            raise err
         if self.newton_steps > 1 and self.newton_target == "equilibrium":
             raise ValueError(
                 "DistributedUnlearner supports further Newton steps only with newton_target='relative' "
@@ -509,6 +528,7 @@ class DistributedUnlearner(MCMCUnlearner):
             batch = self._local_share(batch)
             check_finite_batch(batch)
             self._check_nll(batch)
+            _check_loader_order(remaining, warn=False)  # a refusal on one rank: agreed below, not a hang
             if n is None and not _is_fields(remaining):  # (a tuple of rows is refused below, naming the shard)
                 if not isinstance(remaining, ShardedDataset):
                     raise ValueError(

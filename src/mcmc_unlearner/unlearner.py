@@ -953,7 +953,7 @@ def _loader_rows(loader: Any) -> int:
     return rows
 
 
-def _check_loader_order(loader: Any) -> None:
+def _check_loader_order(loader: Any, warn: bool = True) -> None:
     """Refuse or warn about a ``DataLoader`` whose minibatches are not a uniform sample of the remaining rows.
 
     Each request draws a fixed number of minibatches from a fresh iterator over the loader, and treats them as a
@@ -963,13 +963,19 @@ def _check_loader_order(loader: Any) -> None:
     the ``DataLoader`` default) makes every request read the same first minibatches (1,000 of 3,600 rows: 0.37 of
     the exact shift), and with ``drop_last=True`` never reads the tail.
 
+    A ``DistributedSampler(shuffle=False)`` is warned about as a sequential one. A ``batch_sampler`` of the user's
+    own is not judged (``DataLoader`` then reports a ``SequentialSampler`` it never uses).
+
     Raises:
         ValueError: a ``WeightedRandomSampler`` with replacement and unequal positive weights.
     """
     if not (hasattr(loader, "dataset") and hasattr(loader, "batch_sampler")):
         return
-    sampler = getattr(loader, "sampler", None)
-    inner = getattr(loader.batch_sampler, "sampler", None) or sampler
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    if not isinstance(loader.batch_sampler, BatchSampler):  # the user's own batches: their sampler is unknown
+        return
+    inner = loader.batch_sampler.sampler
     if isinstance(inner, torch.utils.data.WeightedRandomSampler) and inner.replacement:
         w = torch.as_tensor(inner.weights, dtype=torch.float64)
         w = w[w > 0]
@@ -981,7 +987,10 @@ def _check_loader_order(loader: Any) -> None:
                 "Pass a loader that draws every remaining row equally, e.g. DataLoader(dataset, batch_size=..., "
                 "shuffle=True) or SubsetRandomSampler(remaining_ids) (a likelihood weighted per row belongs in nll)"
             )
-    if isinstance(inner, torch.utils.data.SequentialSampler):
+    fixed = isinstance(inner, torch.utils.data.SequentialSampler) or (
+        isinstance(inner, DistributedSampler) and not inner.shuffle
+    )
+    if warn and fixed:
         try:
             batches = len(loader)
         except TypeError:
