@@ -110,6 +110,11 @@ class DampingShape(str, Enum):
     DATA = "data"
 
 
+def is_bool(v: Any) -> bool:
+    """``True``/``False``, numpy's booleans included (``np.bool_``; ``np.bool`` under numpy 2)."""
+    return isinstance(v, bool) or (type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy")
+
+
 class ScreenMode(str, Enum):
     """How the safety check is screened (module docstring, "Screening"): never, to reject only (the default), or to
     reject and accept."""
@@ -121,7 +126,7 @@ class ScreenMode(str, Enum):
     @classmethod
     def parse(cls, value: ScreenMode | str | bool) -> ScreenMode:
         """A mode from its name, or ``True``/``False`` (the former switch: screening both ways, or none)."""
-        if isinstance(value, bool) or (type(value).__name__ in ("bool_", "bool") and type(value).__module__ == "numpy"):
+        if is_bool(value):
             return cls.BOTH if value else cls.OFF
         try:
             return cls(value)

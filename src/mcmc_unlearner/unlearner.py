@@ -72,7 +72,7 @@ from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_
 from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
 from .solvers import SolverName
-from .step import DampingControl, DampingShape, EnergyCheck, ScreenMode, StepOutcome, measured_deficit
+from .step import DampingControl, DampingShape, EnergyCheck, ScreenMode, StepOutcome, is_bool, measured_deficit
 
 __all__ = [
     "BankShift",
@@ -392,7 +392,7 @@ def _choice(enum: type[Enum], name: str, value: Any, extra: Sequence[str] = ()) 
 
 def _flag(name: str, v: Any) -> bool:
     """A True/False option; numpy's booleans count (``bool("no")`` is True, so strings and None are refused)."""
-    if not (isinstance(v, bool) or (type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy")):
+    if not is_bool(v):
         raise ValueError(f"{name} must be True or False, got {v!r}")
     return bool(v)
 
@@ -1590,6 +1590,7 @@ class MCMCUnlearner:
         self._row_bytes: int | None = None
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
         self._nll_checked = False
+        self._buffers_checked = False  # a training-mode model's buffers, checked once (_check_buffers_stable)
         self._order_checked = False  # a flat bank's column order, checked against the data on the first request
         self._hvp_checked = False  # Hessian products against finite differences, on the first request
 
@@ -1734,7 +1735,9 @@ class MCMCUnlearner:
         if self._nll_checked:
             return
         if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
-            self._check_buffers_stable(batch)
+            if not self._buffers_checked:  # two forward passes: once, not on every request
+                self._check_buffers_stable(batch)
+                self._buffers_checked = True
             return
         k = batch[0].shape[0]
         try:
