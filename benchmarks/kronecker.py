@@ -1,13 +1,16 @@
 """Cost of building and applying the Kronecker-factored curvature, in SGLD steps of the same model.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kronecker.py [--models digits,lenet5,mlp,resnet]
-        [--draws 4] [--rows 128] [--max-locations auto|none|N] [--repeats 3]
+        [--draws 4] [--rows 128] [--max-locations auto|none|N] [--repeats 3] [--threads 1]
         [--compare-subsampling] [--compare-sampling]
 
 For each model: the median time of one SGLD step (energy forward + backward on ``--rows`` rows + update), of
 ``KroneckerCurvature.build`` over ``--draws`` draws × ``--rows`` rows (one sampled label per row), split into the
 label passes and the eigendecompositions, of one ``solve(v, damping)`` and one ``K @ v``, and the build's memory
-estimate. Inputs are random (the cost does not depend on the values). One thread.
+estimate. The build is run ``--repeats`` times: its median (for an even count the lower one, a build that ran, so
+that its parts add up), min-max, the first build's time (the process's one-off costs land there) and the total of
+all builds are printed. Inputs are random (the cost does not depend on the values). ``--threads`` torch threads
+(default 1), printed in the header.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +102,19 @@ def reset_peak() -> None:
         pass
 
 
+def timings(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """Call ``fn`` ``repeats`` times; its ``times`` (s), the ``first`` (one-off costs included), ``total``,
+    ``min``/``max``, the lower ``median`` (a call that ran) at ``index``, and the last call's ``result``."""
+    times, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    index = sorted(range(repeats), key=times.__getitem__)[(repeats - 1) // 2]
+    return {"times": times, "first": times[0], "total": sum(times), "min": min(times), "max": max(times),
+            "median": times[index], "index": index, "result": result}  # fmt: skip
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -130,28 +148,33 @@ def bench(name: str, args: argparse.Namespace, max_locations: int | str | None, 
     ParamSpec.assign(model, theta)
     model.zero_grad(set_to_none=True)
     estimate = KroneckerCurvature.memory_estimate(model, args.rows, batches[0])
-    builds = []
-    reset_peak()
-    base = rss("VmRSS")
-    for _ in range(args.repeats):
-        t = time.perf_counter()
+    parts: list[dict[str, float]] = []
+
+    def build_once() -> KroneckerCurvature:
         K = KroneckerCurvature.build(
             model, thetas, batches, 10_000, nll=nll, log_prior=log_prior, max_locations=max_locations,
             max_factor_dim=args.max_factor_dim,
         )  # fmt: skip
-        builds.append((time.perf_counter() - t, K.info["seconds"]))
+        parts.append(K.info["seconds"])
+        return K
+
+    reset_peak()
+    base = rss("VmRSS")
+    builds = timings(build_once, args.repeats)
     peak = rss("VmHWM") - base
-    build, parts = sorted(builds, key=lambda b: b[0])[(len(builds) - 1) // 2]
+    K, build = builds["result"], builds["median"]
     solve = median_time(lambda: K.solve(torch.randn(K.dim, generator=g), 1.0), 5)  # fresh vectors: no cache
     matvec = median_time(lambda: K @ torch.randn(K.dim, generator=g), 5)
     v = torch.randn(K.dim, generator=g)
     K.solve(v, 1.0)
     resolve = median_time(lambda: K.quad(K.solve(v, 2.0)), 5)  # another damping for the same v, then quad
     dims = [max(b["A_dim"], b["G_dim"]) for b in K.info["kronecker"].values()]
-    split = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+    split = ", ".join(f"{k} {v:.2f}" for k, v in parts[builds["index"]].items())
     print(
-        f"{name:7s} D={K.dim:>9,d}  SGLD step {step * 1e3:8.1f} ms | build {build:7.2f} s = {build / step:5.1f} steps "
-        f"[{split}] | solve {solve * 1e3:7.1f} ms, K@v {matvec * 1e3:7.1f} ms, re-solve+quad {resolve * 1e3:7.1f} ms"
+        f"{name:7s} D={K.dim:>9,d}  SGLD step {step * 1e3:8.1f} ms | build median {build:7.2f} s = {build / step:5.1f} "
+        f"steps [{split}], range {builds['min']:.2f}-{builds['max']:.2f} s, first {builds['first']:.2f} s, total "
+        f"{builds['total']:.2f} s for {args.repeats} | solve {solve * 1e3:7.1f} ms, K@v {matvec * 1e3:7.1f} ms, "
+        f"re-solve+quad {resolve * 1e3:7.1f} ms"
         f" | backward passes {K.info['backward_passes']} | diag params {K.info['diagonal_params']:,d} | "
         f"memory estimate {estimate / 2**20:7.1f} MiB, peak RSS growth {peak / 2**20:7.1f} MiB | "
         f"largest factor {max(dims)}",
@@ -249,20 +272,22 @@ def max_locations_arg(text: str) -> str:
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=A.name_list(MODELS), default="digits,lenet5,mlp,resnet")
     parser.add_argument("--draws", type=A.positive_int, default=4)
     parser.add_argument("--rows", type=A.positive_int, default=128)
     parser.add_argument("--max-locations", type=max_locations_arg, default="auto", help="an int, 'auto' or 'none'")
     parser.add_argument("--max-factor-dim", type=A.positive_int, default=4096)
-    parser.add_argument("--repeats", type=A.positive_int, default=3)
+    parser.add_argument("--repeats", type=A.positive_int, default=3, help="builds per model")
+    parser.add_argument("--threads", type=A.positive_int, default=1, help="torch threads (default 1)")
     parser.add_argument("--compare-subsampling", action="store_true", help="accuracy of max_locations='auto'")
     parser.add_argument(
         "--compare-sampling", action="store_true", help="labels vs Gaussian sketch on trained digits_net and mlp"
     )
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) (set by --threads)", flush=True)
     choice = args.max_locations.lower()
     max_locations = "auto" if choice == "auto" else None if choice == "none" else int(choice)
     g = torch.Generator().manual_seed(0)

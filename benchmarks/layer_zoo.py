@@ -11,7 +11,9 @@ and the test NLL of all three.
     OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --json zoo.json          # all 23 networks, ~8 CPU-min
     OMP_NUM_THREADS=1 python benchmarks/layer_zoo.py --models depthwise --options '{"solver": "exact"}'
 
-One torch thread per process (README, "Threads").
+``--threads`` torch threads per process (default 1; README, "Threads"), set with ``torch.set_num_threads`` before
+any work in the parent and in every network's process, printed in the header and saved in the JSON (top level and
+each row, as the network's process read it back).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -332,20 +335,24 @@ def main(argv: list[str] | None = None) -> int:
         "--options", type=A.json_object_text, default="{}", help="MCMCUnlearner options as JSON (default: none)"
     )
     ap.add_argument("--json", type=A.output_file, default=None)
+    ap.add_argument("--threads", type=A.positive_int, default=1, help="torch threads per process (default 1)")
     ap.add_argument(
         "--one", type=A.one_of(MODELS), default=None, help=argparse.SUPPRESS
     )  # internal: run one network in this process
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the networks' processes inherit it
     options = json.loads(args.options)
     if args.one:
-        print(json.dumps(run_one(args.one, args.seed, options)))
+        print(json.dumps({**run_one(args.one, args.seed, options), "threads": torch.get_num_threads()}))
         return 0
     rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) per network's process (set by --threads)")
     print(f"{'model':<14}{'params':>7}  {'status':<8}{'solver':<7}{'fraction':>9}  test NLL o / r / u"
           f"{'':>9}{'request s':>10}{'chain s':>8}{'peak GB':>8}")  # fmt: skip
     for name in args.models.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--seed", str(args.seed), "--options", args.options]
+        cmd = [sys.executable, __file__, "--one", name, "--seed", str(args.seed), "--options", args.options,
+               "--threads", str(args.threads)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             r = {"model": name, "status": f"crashed (exit {out.returncode}): {out.stderr.strip()[-300:]}"}
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if not r["status"].startswith("ok"):
             print(f"    {r['status'][:400]}")
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"torch": torch.__version__, "threads": args.threads, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
     return 0
 

@@ -1,0 +1,115 @@
+"""The timing bookkeeping of benchmarks/draw_batching.py and benchmarks/kronecker.py: first calls (one-off costs)
+reported beside the medians, totals that include them, interleaved repetitions with the order alternating, and
+per-repetition ratios with their ranges. A fake clock makes every duration known."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))  # the scripts import their neighbours (_benchargs, model_matrix)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+class FakeClock:
+    """``perf_counter`` that advances only when a timed function 'runs' for a chosen duration."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _timed(clock: FakeClock, calls: list[str], name: str, durations: list[float]):
+    it = iter(durations)
+
+    def fn() -> None:
+        calls.append(name)
+        clock.now += next(it)
+
+    return fn
+
+
+def test_draw_batching_interleaves_and_reports_first_total_and_ratio_ranges(monkeypatch) -> None:
+    db = _load("draw_batching")
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(db, "time", clock)
+    fns = {
+        "vmap": _timed(clock, calls, "vmap", [5.0, 1.0, 2.0, 4.0, 3.0]),  # first call 5 s: the one-off costs
+        "loop": _timed(clock, calls, "loop", [0.5, 2.0, 2.0, 2.0, 1.0]),
+    }
+    res = db.interleaved(fns, reps=4)
+    assert calls == ["vmap", "loop"] + ["vmap", "loop", "loop", "vmap"] * 2
+    v, lp, r = res["vmap"], res["loop"], res["ratio"]
+    assert v["first"] == 5.0 and v["times"] == [1.0, 2.0, 4.0, 3.0]
+    assert (v["median"], v["min"], v["max"], v["total"]) == (2.5, 1.0, 4.0, 15.0)
+    assert lp["first"] == 0.5 and (lp["median"], lp["total"]) == (2.0, 7.5)
+    assert r["times"] == [0.5, 1.0, 2.0, 3.0]  # per repetition, not a ratio of best times
+    assert (r["median"], r["min"], r["max"]) == (1.5, 0.5, 3.0) and r["total"] == pytest.approx(2.0)
+
+
+def test_kronecker_timings_keep_the_first_build_and_the_total(monkeypatch) -> None:
+    kr = _load("kronecker")
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(kr, "time", clock)
+    res = kr.timings(_timed(clock, calls, "build", [9.0, 1.0, 3.0, 2.0]), repeats=4)
+    assert res["times"] == [9.0, 1.0, 3.0, 2.0] and res["first"] == 9.0 and res["total"] == 15.0
+    # the median is a build that ran (the lower one of an even count), so that its printed parts add up to it
+    assert (res["median"], res["min"], res["max"], res["index"]) == (2.0, 1.0, 9.0, 3)
+    assert res["result"] is None and calls == ["build"] * 4
+
+
+def test_layer_zoo_threads_are_set_before_any_work_passed_on_printed_and_saved(
+    monkeypatch, tmp_path: Path, capsys
+) -> None:
+    import json
+    import subprocess
+
+    import torch
+
+    zoo = _load("layer_zoo")
+    seen: dict[str, object] = {}
+
+    def fake_run_one(name: str, seed: int, options: dict) -> dict:
+        seen["run_one"] = torch.get_num_threads()
+        return {"model": name, "status": "ok"}
+
+    def fake_subprocess_run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        seen["parent"], seen["cmd"] = torch.get_num_threads(), cmd
+        row = {"model": cmd[cmd.index("--one") + 1], "status": "ok", "threads": int(cmd[cmd.index("--threads") + 1])}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(zoo, "run_one", fake_run_one)
+    monkeypatch.setattr(zoo.subprocess, "run", fake_subprocess_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        assert zoo.main(["--one", "tied", "--threads", "2"]) == 0
+        assert seen["run_one"] == 2 and json.loads(capsys.readouterr().out)["threads"] == 2
+        torch.set_num_threads(1)
+        out = tmp_path / "zoo.json"
+        assert zoo.main(["--models", "tied", "--threads", "3", "--json", str(out)]) == 0
+        assert seen["parent"] == 3  # set before the first network's process starts
+        assert seen["cmd"][seen["cmd"].index("--threads") + 1] == "3"  # and passed on to it
+        assert "3 thread(s)" in capsys.readouterr().out.splitlines()[0]
+        saved = json.loads(out.read_text())
+        assert saved["threads"] == 3 and saved["rows"][0]["threads"] == 3
+        torch.set_num_threads(1)
+        zoo.main(["--one", "tied"])
+        assert seen["run_one"] == 1  # the default
+    finally:
+        torch.set_num_threads(before)
