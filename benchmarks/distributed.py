@@ -182,8 +182,8 @@ def _free_port() -> int:
 
 def comm_floats(dim: int, bank: int, rank: int, removed: int, probes: int = 4) -> dict[str, int]:
     """The README table's floats all-reduced per request for the lowrank solver on full-data curvature (bank mode),
-    without the safety check's few sums; kept for comparison: the benchmark reports what it counts
-    (:class:`CollectiveCounter`)."""
+    without the ranks' agreement flags and the safety check's sums (a few floats); kept for comparison: the
+    benchmark reports what it counts (:class:`CollectiveCounter`)."""
     grads = bank * dim  # per-draw gradients of the removed points: [S, D]
     hvps = (rank + probes) * dim  # Lanczos steps + Hutchinson probes, D each; the residual is against the approximation
     finite = removed  # the removed rows' finiteness flags
@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             f"calls, {c['all_reduce']['floats']:,d} floats ({c['all_reduce']['floats'] * 4 / 1e6:.2f} MB float32) + "
             f"{c['all_reduce']['other']:,d} other elements; all_gather {c['all_gather']['calls']} calls, "
             f"{c['all_gather']['floats'] + c['all_gather']['other']:,d} elements; broadcast {c['broadcast']['calls']} "
-            f"calls (the README's table: {comm['total']:,d} floats and the safety check's few sums); one process "
-            "communicates nothing"
+            f"calls (the README's table: {comm['total']:,d} floats, plus a few agreement flags and safety-check sums); "
+            "one process communicates nothing"
         )
     print(f"total wall time {wall_all:.1f} s for {args.reps * len(procs)} runs (process start-up included)")
     if args.json:

@@ -102,7 +102,7 @@ def test_distributed_benchmark_runs_to_its_table(tmp_path: Path) -> None:
     # an SGLD step all-reduces its gradient once: D floats (README, "Beyond one machine")
     assert two["step_floats_all_reduced"] == dim and two["steps_comm"]["all_reduce"]["calls"] == 20
     # the request: G (bank x D), one D-vector per Lanczos step and Hutchinson probe, the 80 ids' finiteness flags
-    # (README, "Beyond one machine"; comm_floats), and a few sums of the safety check: under one more D-vector
+    # (README, "Beyond one machine"; comm_floats), and a few agreement flags and check sums: under one more D-vector
     formula = res["comm_floats"]
     assert formula["total"] == 10 * dim + (10 + 4) * dim + 80
     assert 0 <= two["request_floats_all_reduced"] - formula["total"] < dim
