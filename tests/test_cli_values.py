@@ -183,6 +183,31 @@ def test_demo_thin_too_large_names_the_limit():
         gmm.run_demo(thin=0, write=False, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--solver", "exact", "--unlearner-kw", "solver=cg"], "--solver exact and --unlearner-kw solver=cg"),
+        (["--damping", "0.5", "--unlearner-kw", "damping=2"], "--damping 0.5 and --unlearner-kw damping=2"),
+        (
+            ["--unlearner-kw", "solver=cg", "--unlearner-kw", "solver=exact"],
+            "solver=cg and --unlearner-kw solver=exact",
+        ),
+    ],
+)
+def test_an_unlearner_option_given_two_ways_is_refused_naming_both(flags, named, tmp_path, capsys, monkeypatch):
+    """Was: ``--solver exact --unlearner-kw solver=cg`` ran CG without a word (the last of two --unlearner-kw too)."""
+
+    def started(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(bnn, "_Experiment", started)
+    err = _refused("bnn", flags, tmp_path, capsys)
+    assert named in err and "give it once" in err, err
+    # the same value both ways is one setting, not a conflict
+    cfg = bnn.config_from_args(build_parser().parse_args(["bnn", "--solver", "cg", "--unlearner-kw", "solver=cg"]))
+    assert bnn._unlearner_overrides(bnn._resolve(cfg))["solver"] == "cg"
+
+
 # ------------------------------------------------------------------ C4: --threads alike; --quick described
 @pytest.mark.parametrize("cmd", ["demo", "bnn", "forget", "status", "verify"])
 def test_threads_takes_the_same_values_everywhere(cmd):
@@ -209,6 +234,18 @@ def test_threads_refusal_is_the_same_everywhere(cmd, value, tmp_path, capsys, no
         "error: --threads must be 'auto' (by model size), 0 (leave torch's setting) or a whole number >= 1, "
         f"got '{value}'" in err
     ), err
+
+
+@pytest.mark.parametrize("cmd", ["demo", "bnn"])
+def test_threads_over_four_per_cpu_is_refused_naming_the_bound(cmd, tmp_path, capsys, no_run, monkeypatch):
+    """Was: ``--threads 9999`` was taken (torch was asked for that many threads); now 1 to 4x the CPUs."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    err = _refused(cmd, ["--threads", "9999"], tmp_path, capsys)
+    assert "error: --threads must be at most 8 (4x this machine's 2 CPUs" in err and "got '9999'" in err, err
+    err = _refused(cmd, ["--threads", "9"], tmp_path, capsys)
+    assert "--threads must be at most 8" in err, err
+    base = [cmd, *(["--quick"] if cmd == "bnn" else [])]
+    assert build_parser().parse_args([*base, "--threads", "8"]).threads == 8  # the bound itself is taken
 
 
 def test_threads_zero_and_auto_reach_the_runs(tmp_path, capsys, monkeypatch):

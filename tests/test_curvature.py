@@ -266,6 +266,44 @@ def test_a_model_without_second_derivatives_is_warned_about_on_hessian_backends(
         assert "custom torch.autograd.Function" in said[0] and "solver='kfac' or 'ggn'" in said[0]
 
 
+def test_a_gradient_rescaling_backward_hook_is_named_as_the_cause() -> None:
+    """A user's backward hook that halves the gradient reaching the first layer was blamed on "a custom
+    torch.autograd.Function"; the warning now names the hook and its module, and removing it (the fix it names)
+    removes the gap."""
+    import warnings
+
+    from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    handle = model[2].register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 0.5,))
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.01 * torch.randn(8, theta.numel(), generator=g)
+
+    def said() -> list[str]:
+        un = MCMCUnlearner(
+            model,
+            nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+            log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+            bank=bank.clone(),
+            solver="exact",
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            un.forget([1, 2], RemovableDataset(x, y, batch_size=20, seed=0), strict=False)
+        return [str(w.message) for w in caught if "second derivatives" in str(w.message)]
+
+    with_hook = said()
+    assert len(with_hook) == 1, with_hook
+    assert "backward hooks ('2': a backward hook)" in with_hook[0] and "handle.remove()" in with_hook[0]
+    assert "autograd.Function" not in with_hook[0]  # old: "e.g. a custom torch.autograd.Function ..."
+    handle.remove()
+    assert said() == []
+
+
 def test_lowrank_with_rank_at_least_dim_reproduces_the_matrix():
     torch.manual_seed(0)
     D = 6

@@ -173,3 +173,50 @@ def test_run_chain_restarts_a_dataloader_and_samplers_refuse_odd_step_sizes() ->
     for lr in (float("inf"), True, 0.0):
         with pytest.raises(ValueError, match="positive and finite"):
             SGLD(model.parameters(), lr=lr)
+
+
+class _MySGLD:
+    """A user's Langevin sampler (no torch Optimizer): ``zero_grad()`` without torch's ``set_to_none``."""
+
+    def __init__(self, params, lr: float, generator: torch.Generator) -> None:
+        self.params, self.gen = list(params), generator
+        self.param_groups = [{"params": self.params, "lr": lr}]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr = self.param_groups[0]["lr"]
+        for p in self.params:
+            p.add_(p.grad, alpha=-lr).add_(torch.randn(p.shape, generator=self.gen, dtype=p.dtype) * math.sqrt(2 * lr))
+
+
+class _MySGLDKwargs(_MySGLD):
+    def zero_grad(self, **kw) -> None:  # takes set_to_none through **kw
+        super().zero_grad()
+
+
+@pytest.mark.parametrize("cls", [_MySGLD, _MySGLDKwargs])
+def test_run_chain_drives_a_users_sampler_whose_zero_grad_has_no_set_to_none(cls) -> None:
+    """run_chain called ``zero_grad(set_to_none=False)``: a user's sampler with a plain ``zero_grad()`` failed
+    with a TypeError. The same Langevin step written by a user draws the library SGLD's chain to the bit."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mcmc_unlearner.samplers import run_chain
+
+    def energy(m, b, n):
+        return n * ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean() / 2
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 2), torch.randn(40)
+    chains = []
+    for make in (SGLD, cls):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(2, 1)
+        sampler = make(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(5))
+        chains.append(run_chain(model, sampler, DataLoader(TensorDataset(x, y), batch_size=16), energy, 12, 40,
+                                keep_every=3))  # fmt: skip
+    assert chains[1].shape == (4, 3) and torch.equal(chains[0], chains[1])

@@ -289,3 +289,21 @@ def test_nan_in_every_run_is_a_row(tmp_path, capsys):
     assert "methods.unlearn.seconds" not in s["differing"]  # no run has a number there: nothing differs
     assert "| methods.unlearn.seconds | NaN |  | 0 (+2 NaN) |" in summary_table(s)
     assert summarize_runs([a, b], keys=["methods.unlearn.seconds"])["stats"]["methods.unlearn.seconds"]["nan"] == 2
+
+
+def test_runs_on_different_data_sets_are_refused_unless_asked_for(tmp_path, capsys):
+    """Was: a digits run and a fashion-mnist run averaged (exit 0), with only a "Runs differ in" note."""
+    digits = _run(tmp_path, "d", {**_bnn_metrics(0), "experiment": "bnn"})
+    fm = {**_bnn_metrics(1), "experiment": "bnn", "dataset": {"name": "fashion-mnist"}}
+    fm["config"] = {**fm["config"], "dataset": "fashion-mnist"}
+    fmnist = _run(tmp_path, "f", fm)
+    err = _one_line_error([digits, fmnist], capsys)
+    assert "different data sets" in err and f"digits: '{digits}'" in err and f"fashion-mnist: '{fmnist}'" in err
+    assert "--mixed-datasets" in err
+    assert main(["summary", digits, fmnist, "--mixed-datasets"]) == 0  # asked for by name: averaged as before
+    out = capsys.readouterr().out
+    assert "| methods.unlearn.seconds | 1.5 ± 0.707 | 1–2 | 2 |" in out and "dataset.name" in out
+    # one data set (the demo's runs name none): summarised without the option
+    assert main(["summary", digits, _run(tmp_path, "d2", {**_bnn_metrics(2), "experiment": "bnn"})]) == 0
+    capsys.readouterr()
+    assert "--mixed-datasets" in _summary_parser().format_help()

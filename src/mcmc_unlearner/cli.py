@@ -42,6 +42,7 @@ __all__ = [
     "emit",
     "flat",
     "main",
+    "max_threads",
     "new_folder",
     "one_line",
     "positive_number",
@@ -148,16 +149,28 @@ def add_quiet_flag(p: argparse.ArgumentParser, dest: str = "quiet", help: str | 
 THREADS_VALUES = (
     "'auto' (1 thread for models under a million parameters, where a thread pool only adds overhead; torch's "
     "setting above that or when OMP_NUM_THREADS is set), 0 (leave torch's setting, e.g. from OMP_NUM_THREADS) or "
-    "a whole number of threads >= 1"
+    "a whole number of threads >= 1 (at most 4x the machine's CPUs)"
 )
 
 
+def max_threads() -> int:
+    """The most ``--threads`` takes: 4× this machine's CPUs (more threads than that only contend for the cores)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def threads_arg(value: str) -> int | str:
-    """``--threads`` value: ``auto``, ``0`` (leave torch's setting) or a whole number of threads >= 1."""
+    """``--threads`` value: ``auto``, ``0`` (leave torch's setting) or a whole number of threads from 1 to
+    :func:`max_threads` (``--threads 9999`` was taken, and torch asked for that many threads)."""
     if value == "auto":
         return value
-    if re.fullmatch(r"[0-9]{1,4}", value):
-        return int(value)
+    if re.fullmatch(r"[0-9]{1,9}", value):
+        n, cap = int(value), max_threads()
+        if n > cap:
+            raise argparse.ArgumentTypeError(
+                f"must be at most {cap} (4x this machine's {cap // 4} CPUs; more threads only contend for the "
+                f"cores), 'auto' or 0, got {ascii(value)[:30]}"
+            )
+        return n
     raise argparse.ArgumentTypeError(
         f"must be 'auto' (by model size), 0 (leave torch's setting) or a whole number >= 1, got {ascii(value)[:30]}"
     )

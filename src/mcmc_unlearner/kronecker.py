@@ -525,6 +525,18 @@ def _candidates(
 ) -> tuple[list[_Block], dict[str, str]]:
     """Layers that can be Kronecker-factored, and the reason for each trainable parameter they exclude."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    users: dict[int, list[str]] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(full)
+
+    def used_as(p: Tensor) -> str:
+        """Every name a shared tensor is used under, with the module holding it."""
+        named = []
+        for full in users[id(p)]:
+            owner = full.rpartition(".")[0]
+            named.append(f"'{full}' ({type(model.get_submodule(owner)).__name__} '{owner}')")
+        return ", ".join(named[:-1]) + " and " + named[-1]
+
     blocks, reasons = [], {}
     for mname, m in model.named_modules():
         kind = _kind(m)
@@ -537,7 +549,20 @@ def _candidates(
         if wname is None:
             why = "its weight is frozen or parametrised"
         elif uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1):
-            why = "a parameter shared with another module (tied weights)"
+            # tied weights: the tied tensor's reason names every module using it (the last module's name alone was
+            # given, and an untied bias was called tied too); the layer's other parameter is left out with it
+            both = [(attr, n, p) for attr, n, p in (("weight", wname, w), ("bias", bname, b)) if n is not None]
+            tied = [(attr, n) for attr, n, p in both if uses[id(p)] > 1]
+            for attr, n, p in both:
+                if (attr, n) in tied:
+                    reasons[n] = (
+                        f"tied weights: one tensor used as {used_as(p)}; a Kronecker block cannot hold a tensor "
+                        "several layers use"
+                    )
+                else:
+                    other = ", ".join(f"{a} (tied, see '{t}')" for a, t in tied)
+                    reasons[n] = f"{type(m).__name__} '{mname}': not tied itself, left out with the layer's {other}"
+            continue
         elif kind != "linear" and m.groups != 1:
             why = f"grouped convolution (groups={m.groups})"
         elif w.numel() == 0:

@@ -7,6 +7,7 @@ The integrators are kept apart from gradient estimation: a sampler only sees ``p
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 
@@ -127,6 +128,19 @@ def scale_lr(optimizer: Optimizer, factor: float) -> None:
         group["lr"] *= factor
 
 
+def _zero_grad(sampler: Optimizer) -> Callable[[], None]:
+    """``sampler.zero_grad(set_to_none=False)`` (every parameter keeps a zero gradient, so a parameter a minibatch
+    does not reach still gets its noise), or plain ``zero_grad()`` for a sampler whose ``zero_grad`` has no such
+    keyword (a user's own class: ``run_chain`` failed with a ``TypeError``)."""
+    try:
+        params = inspect.signature(sampler.zero_grad).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as torch's optimizers are called
+        return lambda: sampler.zero_grad(set_to_none=False)
+    if any(p.name == "set_to_none" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return lambda: sampler.zero_grad(set_to_none=False)
+    return sampler.zero_grad
+
+
 def run_chain(
     model: torch.nn.Module,
     sampler: Optimizer,
@@ -143,7 +157,8 @@ def run_chain(
 
     Args:
         model: Model whose parameters ``sampler`` updates.
-        sampler: An SG-MCMC optimizer (:class:`SGLD`, :class:`SGHMC`).
+        sampler: An SG-MCMC optimizer (:class:`SGLD`, :class:`SGHMC`, or one of the user's own with ``step()``
+            and ``zero_grad()``, with or without torch's ``set_to_none`` keyword).
         batches: Endless iterator of minibatches (e.g. a :class:`~mcmc_unlearner.data.RemovableDataset`), or a
             re-iterable such as a ``DataLoader`` (restarted at each epoch's end).
         energy: Minibatch energy ``F``.
@@ -157,6 +172,7 @@ def run_chain(
         The kept samples ``[k, D]`` (or ``None`` when ``keep_every`` is 0).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    zero_grad = _zero_grad(sampler)
     it = iter(batches)
     kept: list[torch.Tensor] = []
     rng = range(steps)
@@ -169,7 +185,7 @@ def run_chain(
             lr = lr_schedule(t)
             for group in sampler.param_groups:
                 group["lr"] = lr
-        sampler.zero_grad(set_to_none=False)
+        zero_grad()
         try:
             batch = next(it)
         except StopIteration:

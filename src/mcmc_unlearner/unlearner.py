@@ -219,6 +219,20 @@ def resolution_floor(shift_norm: float, theta: torch.Tensor) -> float | None:
     return floor if shift_norm < floor else None
 
 
+def autocast_in_effect(device: torch.device) -> str | None:
+    """``"<device type> <dtype>"`` when ``torch.autocast`` is on for ``device`` (``None``: it is not)."""
+    kind = device.type
+    try:
+        on = torch.is_autocast_enabled(kind)
+        dtype = torch.get_autocast_dtype(kind) if on else None
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4: per-device functions
+        if kind == "cpu":
+            on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        else:
+            on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return f"{kind} {str(dtype)[6:]}" if on else None
+
+
 def quality_problems(
     report: RemovalReport,
     tol: float,
@@ -241,9 +255,19 @@ def quality_problems(
     if not math.isfinite(report.shift_norm):
         out.append("the shift is not finite")
     if not report.converged:
+        autocast = report.info.get("autocast")
+        fix = (
+            # the products ran in the autocast dtype (bfloat16: about 3 significant digits): no number of
+            # iterations reaches tol, and "raise iter_T" sent the user the wrong way
+            f"the request ran under torch.autocast ({autocast}), which computes the model's products in lower "
+            "precision than the solve's tolerance needs; run the request outside autocast (inside it: with "
+            f"torch.autocast('{autocast.split()[0]}', enabled=False): unlearner.forget(...))"
+            if autocast
+            else "raise iter_T, or use solver='auto'"
+        )
         out.append(
             f"the {report.solver} solve stopped at relative residual {report.residual:.3g} > tol {tol:g} after "
-            f"{report.iterations} iterations: raise iter_T, or use solver='auto'"
+            f"{report.iterations} iterations: {fix}"
         )
     if not report.safe:
         out.append(
@@ -293,6 +317,25 @@ def quality_problems(
             + ("lower the damping or use damping='auto'" if fixed_damping else "more check rows or another solver")
         )
     return out
+
+
+def _backward_hooks(model: nn.Module) -> list[str]:
+    """The backward hooks that run on ``model``'s modules, named by module and registering call (global ones
+    too): each can change the gradients the unlearner differentiates."""
+    from torch.nn.modules import module as torch_module
+
+    found = []
+    for name, m in model.named_modules():
+        where = f"'{name}'" if name else "the model"
+        if getattr(m, "_backward_hooks", None):
+            found.append(f"{where}: a backward hook")
+        if getattr(m, "_backward_pre_hooks", None):
+            found.append(f"{where}: a backward pre-hook")
+    if getattr(torch_module, "_global_backward_hooks", None):
+        found.append("a global backward hook (register_module_full_backward_hook)")
+    if getattr(torch_module, "_global_backward_pre_hooks", None):
+        found.append("a global backward pre-hook (register_module_full_backward_pre_hook)")
+    return found
 
 
 def _sampler_generators(sampler: Any) -> dict[str, torch.Generator]:
@@ -1515,6 +1558,8 @@ class MCMCUnlearner:
         )
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
+        # asked for by name: a bank smaller than that is said once (the default is capped without a word)
+        self._curvature_draws_given = curvature_draws is not None
         default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
         self.refresh_every = _whole("refresh_every", default_refresh if refresh_every is None else refresh_every, 1)
         precondition_rank = _whole("precondition_rank", precondition_rank, 0)
@@ -1946,6 +1991,19 @@ class MCMCUnlearner:
         self.sampler.zero_grad()
         return torch.stack(draws)
 
+    def _note_curvature_cap(self, used: int, info: dict[str, Any]) -> None:
+        """Record that ``curvature_draws`` was capped at the bank's size (``info["curvature_draws_capped"]``) and,
+        when the user asked for that many draws by name, warn once per unlearner naming the cap."""
+        info["curvature_draws_capped"] = used
+        if self._curvature_draws_given and not getattr(self, "_warned_curvature_cap", False):
+            self._warned_curvature_cap = True
+            warnings.warn(
+                f"curvature_draws={self.curvature_draws} is more than the bank's {used} samples: the curvature is "
+                f"averaged over all {used} (capped at the bank's size; the report's n_curvature_draws says so). "
+                f"Collect a larger bank for more draws, or pass curvature_draws<={used} to silence this",
+                stacklevel=_outside_stacklevel(),
+            )
+
     def _grad_draw_count(self, k: int) -> int | None:
         if self.grad_draws == "auto":
             return max(16, math.ceil(1024 / max(k, 1)))
@@ -2272,6 +2330,11 @@ class MCMCUnlearner:
                 "samples; nothing was changed. Check the model and data for overflow"
             )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        autocast = autocast_in_effect(live.device)
+        if autocast is not None:
+            info["autocast"] = autocast
+        if expectation is not Expectation.CHAIN and c_thetas.shape[0] < self.curvature_draws:
+            self._note_curvature_cap(int(c_thetas.shape[0]), info)
         if not self._hvp_checked and self.solver in _HESSIAN_PRODUCTS:
             self._hvp_checked = True
             self._check_second_derivatives(h_f, live, batch, info)
@@ -2450,14 +2513,29 @@ class MCMCUnlearner:
             return
         if gap is not None and gap > 0.25:
             info["second_derivatives"] = f"autograd's Hessian products differ from finite differences by {gap:.2g}"
-            warnings.warn(
+            gap_said = (
                 f"the model's second derivatives by autograd differ from finite differences of its gradient (relative "
-                f"gap {gap:.2g} along a random direction): something in the model is not differentiable twice "
-                "through autograd, e.g. a custom torch.autograd.Function whose backward runs under no_grad, so the "
-                f"{self.solver.value} backend's Hessian products miss those terms. Make the backward differentiable "
-                "(or give the Function a jvp), or use solver='kfac' or 'ggn', which need first derivatives only",
-                stacklevel=_outside_stacklevel(),
+                f"gap {gap:.2g} along a random direction)"
             )
+            hooks = _backward_hooks(self.model)
+            if hooks:
+                # a backward hook that rescales gradients was blamed on "a custom torch.autograd.Function"
+                why = (
+                    f"{gap_said}, and the model has backward hooks ({', '.join(hooks)}): a hook that changes "
+                    "gradients makes them differ from the derivatives of the model's energy, and double backward does "
+                    f"not follow the change, so the removed points' gradient and the {self.solver.value} backend's "
+                    "Hessian products are not those of the model. Remove the hooks while unlearning (handle.remove()) "
+                    "or make them leave the gradients unchanged"
+                )
+            else:
+                why = (
+                    f"{gap_said}: something in the model is not differentiable twice through autograd, e.g. a custom "
+                    "torch.autograd.Function whose backward runs under no_grad or detaches, so the "
+                    f"{self.solver.value} backend's Hessian products miss those terms. Make the backward "
+                    "differentiable (or give the Function a jvp), or use solver='kfac' or 'ggn', which need first "
+                    "derivatives only"
+                )
+            warnings.warn(why, stacklevel=_outside_stacklevel())
 
     def _unresolved(self, check: EnergyCheck, G: torch.Tensor) -> str | None:
         """Why a request whose search damped its step below the parameters' resolution has no effect the safety

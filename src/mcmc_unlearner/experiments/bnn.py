@@ -160,7 +160,8 @@ class BNNConfig:
         expectation, hessian, bank_shift, samp_T: ``unlearn``'s :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`
             settings; ``None`` (the default for all) keeps the library's default, so ``unlearn`` measures what a
             user gets with ``MCMCUnlearner(model, sampler, bank=bank)``.
-        unlearner_kwargs: Any other ``MCMCUnlearner`` keyword arguments (CLI: ``--unlearner-kw KEY=VALUE``).
+        unlearner_kwargs: Any other ``MCMCUnlearner`` keyword arguments (CLI: ``--unlearner-kw KEY=VALUE``); one
+            of the settings above given here as well must have the same value (refused otherwise).
         init_scaling: With ``solver="lissa"``: the LiSSA scaling is ``init_scaling / n``.
         paper_iter_T, paper_samp_T, paper_init_scaling: ``paper``'s LiSSA rounds, sampler steps per expectation
             and scaling ``paper_init_scaling / n`` (``n`` counted before the request's removal, as in its code).
@@ -1205,6 +1206,15 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     if "finetune" in cfg.methods and "unlearn" not in cfg.methods:
         raise ValueError("--methods: finetune gets unlearn's wall time per request, so it needs unlearn too")
     RefusalPolicy(cfg.on_refusal)
+    both = [k for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None and k in cfg.unlearner_kwargs]
+    clash = [k for k in both if cfg.unlearner_kwargs[k] != getattr(cfg, k)]
+    if clash:
+        # the --unlearner-kw value silently won (--solver exact --unlearner-kw solver=cg ran CG)
+        k = clash[0]
+        raise ValueError(
+            f"--{k.replace('_', '-')} {getattr(cfg, k)!s} and --unlearner-kw {k}={cfg.unlearner_kwargs[k]!s} set "
+            f"the same option ({k}) to different values; give it once"
+        )
     for key, value in _unlearner_overrides(cfg).items():
         check_unlearner_kwarg(key, value)  # a bad value is refused now, not after training
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
@@ -1946,7 +1956,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="KEY=VALUE",
-        help="an MCMCUnlearner keyword argument for unlearn (VALUE parsed as JSON, else a string); repeatable",
+        help="an MCMCUnlearner keyword argument for unlearn (VALUE parsed as JSON, else a string); repeatable; "
+        "a key also given by its own flag (--solver, --damping, ...) or twice must have one value",
     )
     adv = p.add_argument_group("advanced (shrink or tune the run)")
     for flag, typ in (
@@ -1995,7 +2006,15 @@ def config_from_args(args: argparse.Namespace) -> BNNConfig:
         if v is not None and f != "notes":
             values[f] = v
     if getattr(args, "unlearner_kw", None):
-        values["unlearner_kwargs"] = dict(args.unlearner_kw)
+        given: dict[str, Any] = {}
+        for key, value in args.unlearner_kw:
+            if key in given and given[key] != value:  # the last one silently won
+                raise ValueError(
+                    f"--unlearner-kw {key}={given[key]!s} and --unlearner-kw {key}={value!s} set {key} to different "
+                    "values; give it once"
+                )
+            given[key] = value
+        values["unlearner_kwargs"] = given
         values.pop("unlearner_kw", None)
     if getattr(args, "no_pretrain", False):
         values["pretrain"] = None

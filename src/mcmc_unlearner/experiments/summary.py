@@ -12,7 +12,9 @@ whose value differs between runs (e.g. runs with different samplers) are reporte
 rarely intended.
 
 Refused (exit 2, one line): the same run given twice, runs of different experiments (a ``bnn`` run with a
-``demo`` run), ``--keys`` that match no metric, an ``--out`` that cannot be written (checked before anything is
+``demo`` run), runs on different data sets (``dataset.name``, e.g. digits with fashion-mnist) unless
+``--mixed-datasets`` is given (averaging them was only noted under "Runs differ in"), ``--keys`` that match no
+metric, an ``--out`` that cannot be written (checked before anything is
 printed). Runs that share a seed are summarised with a warning on stderr (the same draw twice, unless their
 settings differ).
 """
@@ -38,6 +40,7 @@ __all__ = [
     "load_metrics",
     "numeric_leaves",
     "register",
+    "run_dataset",
     "run_seed",
     "summarize_runs",
     "summary_table",
@@ -81,6 +84,15 @@ def experiment_kind(metrics: dict[str, Any]) -> str | None:
     if isinstance(metrics.get("config"), dict) and isinstance(metrics.get("dataset"), dict):
         return "bnn"
     return None
+
+
+def run_dataset(metrics: dict[str, Any]) -> str | None:
+    """The data set the run used (``dataset.name``, or ``config.dataset``), ``None`` when it names none."""
+    data = metrics.get("dataset")
+    name = data.get("name") if isinstance(data, dict) else data
+    if not isinstance(name, str) and isinstance(metrics.get("config"), dict):
+        name = metrics["config"].get("dataset")
+    return name if isinstance(name, str) and name else None
 
 
 def run_seed(metrics: dict[str, Any]) -> int | None:
@@ -235,8 +247,9 @@ def _split_runs_and_keys(runs: list[str], keys: list[str] | None) -> tuple[list[
     return runs, patterns
 
 
-def _check_runs(loaded: list[tuple[Path, dict[str, Any]]], given: list[str]) -> None:
-    """Refuse a run given twice and runs of different experiments; warn about runs sharing a seed."""
+def _check_runs(loaded: list[tuple[Path, dict[str, Any]]], given: list[str], mixed_datasets: bool = False) -> None:
+    """Refuse a run given twice, runs of different experiments and (unless ``mixed_datasets``) runs on different
+    data sets; warn about runs sharing a seed."""
     seen: dict[Path, str] = {}
     for (file, _), arg in zip(loaded, given):
         real = file.resolve()
@@ -251,6 +264,18 @@ def _check_runs(loaded: list[tuple[Path, dict[str, Any]]], given: list[str]) -> 
     if len(kinds) > 1:
         which = ", ".join(f"{arg!a} is a {kind} run" for kind, arg in kinds.items())
         raise ValueError(f"runs of different experiments cannot be summarised together ({which}); pass runs of one")
+    datasets: dict[str, list[str]] = {}
+    for (_, m), arg in zip(loaded, given):
+        name = run_dataset(m)
+        if name is not None:
+            datasets.setdefault(name, []).append(arg)
+    if len(datasets) > 1 and not mixed_datasets:
+        # their mean and sd mix two populations (was: averaged, with only a "Runs differ in" note)
+        which = "; ".join(f"{name}: {', '.join(map(ascii, args))}" for name, args in datasets.items())
+        raise ValueError(
+            f"the runs use different data sets ({which}); summarise each data set's runs separately, or pass "
+            "--mixed-datasets to average them together"
+        )
     by_seed: dict[int, list[str]] = {}
     for (_, m), arg in zip(loaded, given):
         seed = run_seed(m)
@@ -273,7 +298,7 @@ def _unmatched(patterns: list[str], stats: dict[str, Any]) -> list[str]:
 def _cmd_summary(args: argparse.Namespace) -> int:
     runs, keys = _split_runs_and_keys(args.runs, args.keys)
     loaded = [load_metrics(p) for p in runs]
-    _check_runs(loaded, runs)
+    _check_runs(loaded, runs, mixed_datasets=args.mixed_datasets)
     if args.out is not None and any(Path(args.out).resolve() == f.resolve() for f, _ in loaded):
         raise ValueError(f"--out {args.out!a} is one of the runs' metrics files; pass a new file name")
     metrics = [m for _, m in loaded]
@@ -331,7 +356,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Read RUN_DIR/metrics.json of every run and print, for every numeric leaf of the nested metrics, the "
             "mean ± sample sd, min–max and the number of runs. Works on the output of any experiment, one "
-            "experiment at a time; each run counts once, and runs that share a seed are flagged."
+            "experiment and one data set at a time (runs on different data sets are refused unless "
+            "--mixed-datasets is given); each run counts once, and runs that share a seed are flagged."
         ),
     )
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (or metrics.json files)")
@@ -343,5 +369,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--keys", nargs="+", default=None, metavar="GLOB",
         help="only metrics whose dotted path matches one of these patterns (several per value with commas), "
         "e.g. 'methods.*.vs_exact.*'; put it after the run folders",
+    )  # fmt: skip
+    p.add_argument(
+        "--mixed-datasets", action="store_true",
+        help="average runs on different data sets together (refused without it: their mean mixes two populations)",
     )  # fmt: skip
     p.set_defaults(func=_cmd_summary)

@@ -3,7 +3,8 @@
 A state file ``state-<k>.safetensors`` holds every tensor of a saved model: the model's ``state_dict``
 (``model/<name>``), the sample bank (``bank``), the remaining-data mask and shuffling state (``data/alive``,
 ``data/order``, ``data/pos``, ``data/generator``), the sampler's tensors (``sampler/state/<i>/<key>``, e.g.
-SGHMC momentum, and ``sampler/generator``), the unlearner's generator (``unlearner/generator``) and cached
+SGHMC momentum, and ``sampler/generator``: the noise generator's state, torch's global one for a sampler without its
+own), the unlearner's generator (``unlearner/generator``) and cached
 curvature (``unlearner/...``). Non-tensor configuration (sampler hyper-parameters, unlearner settings) goes
 into the manifest as JSON (:func:`unlearner_config`, :func:`sampler_config`). No pickle anywhere.
 
@@ -162,9 +163,16 @@ def sampler_config(sampler: torch.optim.Optimizer | None) -> tuple[dict[str, Any
             else:
                 plain.setdefault(str(idx), {})[key] = val
     gen = getattr(sampler, "generator", None)
-    if gen is not None:
-        tensors["sampler/generator"] = gen.get_state()
-    cfg = {"name": name, "param_groups": sd["param_groups"], "state": plain, "generator": gen is not None}
+    # a sampler without a generator of its own (generator=None) draws its noise from torch's global generator: its
+    # state is saved, so the rebuilt sampler's private generator continues the noise the uninterrupted chain would
+    # have drawn next (nothing was saved before, and every such folder came back at torch's default seed)
+    tensors["sampler/generator"] = gen.get_state() if gen is not None else torch.get_rng_state()
+    cfg = {
+        "name": name,
+        "param_groups": sd["param_groups"],
+        "state": plain,
+        "generator": True if gen is not None else "global",
+    }
     return specs.json_ok(cfg, "sampler configuration"), tensors
 
 
