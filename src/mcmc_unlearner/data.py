@@ -8,16 +8,44 @@ sampler step costs an index-select, not a DataLoader start-up.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import InvalidRequestError
 
-__all__ = ["RemovableDataset", "as_id_tensor"]
+__all__ = ["RemovableDataset", "as_id_tensor", "epoch_samplers", "new_pass"]
 
 Batch = tuple[torch.Tensor, ...]
+
+
+def epoch_samplers(source: Any) -> list[Any]:
+    """The shuffling ``DistributedSampler``s a ``DataLoader`` draws its rows from (its sampler, or its batch
+    sampler's), each once: they shuffle by ``seed + epoch`` and give the same order on every pass until
+    ``set_epoch`` is called."""
+    from torch.utils.data import DistributedSampler
+
+    found: list[Any] = []
+    for obj in (getattr(source, "sampler", None), getattr(getattr(source, "batch_sampler", None), "sampler", None)):
+        if isinstance(obj, DistributedSampler) and obj.shuffle and all(obj is not s for s in found):
+            found.append(obj)
+    return found
+
+
+def new_pass(source: Iterable) -> Iterator:
+    """``iter(source)``, first advancing the epoch of each shuffling ``DistributedSampler`` it draws from.
+
+    A ``DataLoader(shuffle=True)`` draws a new order on every pass; over a ``DistributedSampler(shuffle=True)`` the
+    order changes only with ``set_epoch``, so without it every pass (every request, and every restart within one)
+    read the same minibatches. The epoch is advanced by one before each pass, identically on every rank (the ranks
+    keep reading disjoint parts of one shared order); ``set_epoch`` by the caller still applies (the next pass reads
+    the epoch after it).
+    """
+    for s in epoch_samplers(source):
+        s.set_epoch(int(s.epoch) + 1)
+    return iter(source)
 
 
 _MAX_ID = 2**63 - 1

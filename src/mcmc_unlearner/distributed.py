@@ -582,6 +582,16 @@ class DistributedUnlearner(MCMCUnlearner):
         size = max(b[0].shape[0] for b in batches)
         return stack_batches([_pad(b, size) for b in batches])
 
+    def _local_rows(self, m: int, stream: Any) -> int:
+        """The rank's share of the safety check's ``m`` rows. A :class:`ShardedDataset`'s minibatches are global
+        (its ``batch_size`` too: every rank reads the ``⌈m/|B|⌉`` minibatches one process would); any other source
+        (a ``DataLoader`` over a ``DistributedSampler``) gives each rank its own minibatches, and each reads
+        ``⌈m/W⌉`` rows of them: the union is what one process reads from the union of the ranks' minibatches (the
+        whole ``m`` on each rank made the check ``W`` times larger, and so ``W``-dependent: a digits MLP on two ranks
+        checked 600 rows against one process's 360, and the next request's carried deficit, 1.44 against 1.09, put
+        its shift 16% apart)."""
+        return m if isinstance(stream.source, ShardedDataset) else -(-m // self.group_size)
+
     def _chain_draws(self, remaining: Iterator[Batch], n: int, removed: Batch | None = None) -> torch.Tensor:
         if self.sampler is None:
             raise ValueError("expectation='chain' needs the sampler (pass sampler=...)")

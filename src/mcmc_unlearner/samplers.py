@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from .data import new_pass
+
 __all__ = ["SGHMC", "SGLD", "run_chain", "scale_lr"]
 
 
@@ -160,7 +162,8 @@ def run_chain(
         sampler: An SG-MCMC optimizer (:class:`SGLD`, :class:`SGHMC`, or one of the user's own with ``step()``
             and ``zero_grad()``, with or without torch's ``set_to_none`` keyword).
         batches: Endless iterator of minibatches (e.g. a :class:`~mcmc_unlearner.data.RemovableDataset`), or a
-            re-iterable such as a ``DataLoader`` (restarted at each epoch's end).
+            re-iterable such as a ``DataLoader`` (restarted at each epoch's end; a ``DistributedSampler``'s epoch is
+            advanced before each pass, so that it reshuffles as ``shuffle=True`` does).
         energy: Minibatch energy ``F``.
         steps: Number of steps.
         n: Data-set size the energy is scaled to.
@@ -173,7 +176,7 @@ def run_chain(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     zero_grad = _zero_grad(sampler)
-    it = iter(batches)
+    it = new_pass(batches)  # a DataLoader over a DistributedSampler: a new order per pass, as with shuffle=True
     kept: list[torch.Tensor] = []
     rng = range(steps)
     if progress is not None:
@@ -194,7 +197,7 @@ def run_chain(
                     f"run_chain: the minibatch iterator ran out after {t} of {steps} steps; pass an endless source "
                     "(a RemovableDataset) or a re-iterable such as a DataLoader (restarted at each epoch's end)"
                 ) from None
-            it = iter(batches)  # a DataLoader: the next epoch
+            it = new_pass(batches)  # a DataLoader: the next epoch
             try:
                 batch = next(it)
             except StopIteration:

@@ -68,6 +68,7 @@ from .curvature import (
     second_derivative_gap,
     stack_batches,
 )
+from .data import epoch_samplers, new_pass
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
 from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
@@ -1075,7 +1076,8 @@ def _concat(parts: Sequence[Batch]) -> Batch:
 
 class _Stream:
     """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
-    iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out), or the remaining rows themselves
+    iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out, a ``DistributedSampler``'s epoch
+    advanced before each pass: :func:`~mcmc_unlearner.data.new_pass`), or the remaining rows themselves
     as a tuple of tensors ``(x, y)`` (shuffled minibatches of 128; every row listable, as a ``RemovableDataset``)."""
 
     def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
@@ -1107,7 +1109,7 @@ class _Stream:
         if hasattr(source, "__next__"):
             self._it, self._again = source, None
         elif isinstance(source, Iterable):
-            self._it, self._again = iter(source), source
+            self._it, self._again = new_pass(source), source
         else:
             raise TypeError(
                 f"remaining must be an iterator or iterable of minibatches of the remaining data, "
@@ -1148,7 +1150,7 @@ class _Stream:
                 raise ValueError(
                     "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
                 ) from None
-            self._it = iter(self._again)
+            self._it = new_pass(self._again)
             try:
                 batch = _as_batch(next(self._it), "a remaining-data minibatch")
             except StopIteration:
@@ -2074,7 +2076,8 @@ class MCMCUnlearner:
         """Compute the removal of ``batch`` without changing anything; :meth:`apply` commits it (see
         :meth:`_propose_unguarded` for the arguments). torch's global generator, too, is as it was when this returns
         or raises: a ``DataLoader`` draws its iterator's seed from it, and chain-mode draws of a sampler without a
-        generator of its own draw their noise from it; :meth:`apply` sets the state the computation left."""
+        generator of its own draw their noise from it; :meth:`apply` sets the state the computation left. So are the
+        remaining data's own generators and a ``DistributedSampler``'s epoch (advanced on each pass)."""
         if torch.is_inference_mode_enabled():  # was torch's "`inputs` argument to `grad()` cannot be empty"
             raise RuntimeError(
                 "the unlearner differentiates the model (gradients and Hessian products) and cannot run inside "
@@ -2085,14 +2088,20 @@ class MCMCUnlearner:
         # generator instead: a discarded or failed proposal must put it back too
         gens = _source_generators(remaining)
         gen_states = [g.get_state() for g in gens]
+        # a DistributedSampler's order is its epoch, advanced on each pass (data.new_pass): put back the same way
+        epoch_samps = epoch_samplers(remaining)
+        epochs = [s.epoch for s in epoch_samps]
         try:
             prop = self._propose_unguarded(batch, remaining, n_remaining)
             prop._global_rng_after = torch.get_rng_state()
             prop._source_generators_after = [(g, g.get_state()) for g in gens]
+            prop._source_epochs_after = [(s, s.epoch) for s in epoch_samps]
         finally:
             torch.set_rng_state(rng)
             for g, state in zip(gens, gen_states):
                 g.set_state(state)
+            for s, epoch in zip(epoch_samps, epochs):
+                s.set_epoch(epoch)
         return prop
 
     def _propose_unguarded(
@@ -2235,6 +2244,8 @@ class MCMCUnlearner:
             torch.set_rng_state(after)
         for g, state in getattr(proposal, "_source_generators_after", ()):
             g.set_state(state)
+        for s, epoch in getattr(proposal, "_source_epochs_after", ()):
+            s.set_epoch(epoch)
         if proposal._sampler_state is not None and self.sampler is not None:
             self.sampler.load_state_dict(proposal._sampler_state["state_dict"])
             _set_sampler_generator_state(self.sampler, proposal._sampler_state["generator"])
@@ -2370,7 +2381,7 @@ class MCMCUnlearner:
         screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if screened else None
         # at most 4 passes over the remaining rows (the default 256 always): check_rows=10**7 over 195 rows read
         # 10**7 repeated rows (3.2 GB, still running after 25 s)
-        check_rows = self._raw(stream.rows(min(self.check_rows, max(4 * n, 256))))
+        check_rows = self._raw(stream.rows(self._local_rows(min(self.check_rows, max(4 * n, 256)), stream)))
         m_rows = int(check_rows[0].shape[0])
         # (a data set the library removes from, forget(ids, ...), may hold true duplicates of a removed row: not this)
         managed = not stream.from_rows and (
@@ -2501,6 +2512,10 @@ class MCMCUnlearner:
         prop._carry = carry
         prop._anchor = anchor
         return prop
+
+    def _local_rows(self, m: int, stream: _Stream) -> int:
+        """The rows of the safety check this process reads (all ``m`` in one process)."""
+        return m
 
     def _check_second_derivatives(self, h_f: Callable, theta: torch.Tensor, batch: Batch, info: dict) -> None:
         """Warn when the removed rows' Hessian product by autograd disagrees with finite differences of their
