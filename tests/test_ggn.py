@@ -75,7 +75,7 @@ def test_for_a_linear_gaussian_model_the_ggn_is_the_hessian_and_the_removal_the_
         assert report.passed
         banks[solver] = un.bank
         if solver == "ggn":
-            assert report.info["ggn_likelihood"] == "gaussian"
+            assert report.info["ggn_likelihood"] == "gaussian" and report.info["ggn_curvature"] == "ggn"
     assert un.solver.value == "exact"
     assert torch.allclose(banks["ggn"], banks["exact"], rtol=0, atol=1e-10)
     # and both are the conjugate answer: the bank mean moves by A'⁻¹G, A' = the remaining rows' Hessian + prior,
@@ -103,7 +103,10 @@ def test_an_unrecognised_likelihood_falls_back_to_the_dense_hessian_and_says_so(
         report = un.remove((x[:4], y[:4]), [(x[4:], y[4:])], n_remaining=36)
         out[solver] = un.bank
         if solver == "ggn":
-            assert report.info["ggn_likelihood"] == "empirical" and "dense Hessian" in report.info["ggn_fallback"]
+            # the exact Hessian, not an empirical Fisher: the info says which curvature was used (it said
+            # ggn_likelihood 'empirical' beside the fallback)
+            assert report.info["ggn_curvature"] == "hessian" and report.info["ggn_likelihood"] is None
+            assert "dense Hessian (exact)" in report.info["ggn_fallback"]
     assert torch.equal(out["ggn"], out["exact"])
 
 

@@ -298,11 +298,19 @@ def test_detect_likelihood(dtype) -> None:
         assert kind is Likelihood.GAUSSIAN and math.isclose(
             extra["sigma"], sigma, rel_tol=1e-3 if dtype != D64 else 1e-9
         )
+    # a tempered likelihood and label smoothing leave the softmax's output Hessian (times the factor): recognised,
+    # with the fitted value (they got the empirical Fisher)
+    rel = 1e-4 if dtype != D64 else 1e-9
+    kind, extra = detect_likelihood(model, lambda m, b: 2.0 * ce_nll(m, b), labels)
+    assert kind is Likelihood.CATEGORICAL and extra.keys() == {"scale"} and math.isclose(extra["scale"], 2, rel_tol=rel)
+    smooth = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none", label_smoothing=0.1)  # noqa: E731
+    kind, extra = detect_likelihood(model, smooth, labels)
+    assert kind is Likelihood.CATEGORICAL and extra.keys() == {"label_smoothing"}
+    assert math.isclose(extra["label_smoothing"], 0.1, rel_tol=10 * rel)
     w = torch.linspace(0.5, 2.0, 10, dtype=dtype)
     others = [
-        (lambda m, b: 2.0 * ce_nll(m, b), labels),  # tempered
-        (lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none", label_smoothing=0.1), labels),
-        (lambda m, b: w[: b[0].shape[0]] * gauss_nll(1.0)(m, b), targets),  # per-row weights
+        (lambda m, b: ce_nll(m, b).square(), labels),  # not a likelihood the curvature knows
+        (lambda m, b: w[: b[0].shape[0]] * gauss_nll(1.0)(m, b), targets),  # per-row weights not in the batch
         (lambda m, b: (m(b[0]) - b[1]).abs().sum(1), targets),  # Laplace
     ]
     for nll, batch in others:
@@ -313,7 +321,7 @@ def test_detect_likelihood(dtype) -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     # the reason blames dropout only where there is active dropout (every module is in training mode by default)
-    assert model.training and "dropout" not in detect_likelihood(model, others[1][0], labels)[1]["reason"]
+    assert model.training and "dropout" not in detect_likelihood(model, others[0][0], labels)[1]["reason"]
     noisy = Tiny(out=3, dropout=0.5).to(dtype)
     assert "dropout makes forwards differ" in detect_likelihood(noisy, ce_nll, labels)[1]["reason"]
 
@@ -477,10 +485,17 @@ def test_empirical_likelihood_is_labelled_and_uses_the_true_labels() -> None:
         return 3.0 * ce_nll(m, b)
 
     theta = ParamSpec.flatten_module(model)
-    K = KroneckerCurvature.build(model, theta[None], [batch], n=1, nll=nll)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=1, nll=nll, likelihood="empirical")
     assert K.info["likelihood"] == "empirical" and "EMPIRICAL" in K.info["fisher"]
+    assert "likelihood_fallback" not in K.info  # asked for by name: no fallback to report
     g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(nll(model, batch).sum(), list(model.parameters()))])
     torch.testing.assert_close(dense(K), torch.outer(g, g), atol=1e-12, rtol=1e-10)
+    # detected (likelihood="auto"), the factor 3 is a scaled categorical: the GGN 3·Jᵀ(diag p − ppᵀ)J, exactly
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=1, nll=nll, exact_expectation=True)
+    assert K.info["likelihood"] == "categorical" and math.isclose(K.info["likelihood_detected"]["scale"], 3.0)
+    p = torch.softmax(model(batch[0])[0].detach(), 0)
+    J = torch.autograd.functional.jacobian(lambda t: functionalize(model, lambda m, x: m(x))(t, batch[0])[0], theta)
+    torch.testing.assert_close(dense(K), 3.0 * J.T @ (torch.diag(p) - torch.outer(p, p)) @ J, atol=1e-12, rtol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------- reduce

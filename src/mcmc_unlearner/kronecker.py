@@ -48,7 +48,9 @@ O(draws × mc_samples) backward passes whatever the number of classes. Two sampl
   expectation has median 89% (CNN) / 49% (MLP) with labels and 36% / 17% with the Gaussian sketch.
 
 When the model has at most ``mc_samples`` outputs per row (e.g. scalar regression) the exact expectation costs no
-more and is used instead (one backward per output, ``√p_c``-weighted for the softmax). With
+more and is used instead (one backward per output, ``√p_c``-weighted for the softmax). What
+:func:`detect_likelihood` finds beyond the plain forms (one tensor of a tuple/dict output, a temperature ``T``,
+per-row weights ``w``) enters as ``z = out/T`` and each row's sample times ``√w``. With
 ``Likelihood.EMPIRICAL`` (any other ``nll``) the gradients of the user's ``nll`` at the TRUE labels are used: the
 *empirical* Fisher, a weaker approximation of the curvature (Kunstner et al., 2019) - ``info["fisher"]`` says so.
 
@@ -81,7 +83,7 @@ import time
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -93,7 +95,7 @@ from torch import Tensor, nn
 from .curvature import ParamSpec, functionalize
 from .errors import SolverDivergedError
 
-__all__ = ["KroneckerCurvature", "Likelihood", "detect_likelihood", "prior_precision"]
+__all__ = ["KroneckerCurvature", "Likelihood", "detect_likelihood", "prior_precision", "row_weights", "select_output"]
 
 Batch = tuple[Tensor, ...]
 NLL = Callable[[nn.Module, Batch], Tensor]
@@ -180,18 +182,160 @@ def _eps(dtype: torch.dtype) -> float:
 
 
 # ------------------------------------------------------------------------------------------- likelihood
+#: Keys of ``detect_likelihood``'s extras that change the curvature (the rest are notes): which tensor of a tuple
+#: or dict output is the likelihood's, its temperature, a constant factor on the loss and a per-row weight field.
+_LINK_KEYS = ("output", "temperature", "scale", "weights")
+
+
+def _output_candidates(out: Any, rows: int) -> list[tuple[Any, Tensor]]:
+    """``(key, tensor)`` for the model's output (key ``None``) or each ``[rows, ...]`` tensor of a tuple/list/dict."""
+    if isinstance(out, Tensor):
+        return [(None, out)] if out.dim() >= 1 and out.shape[0] == rows else []
+    if isinstance(out, Mapping):
+        items = list(out.items())
+    elif isinstance(out, (tuple, list)):
+        items = list(enumerate(out))
+    else:
+        return []
+    return [(k, v) for k, v in items if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == rows]
+
+
+def select_output(out: Any, extra: dict[str, Any]) -> Tensor:
+    """The tensor the likelihood is of: ``out[extra["output"]]`` for a tuple/dict output, divided by the detected
+    temperature (categorical), else ``out`` itself (``extra`` as :func:`detect_likelihood` returns it)."""
+    if extra.get("output") is not None:
+        out = out[extra["output"]]
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"the model's output is a {type(out).__name__}, not a tensor: pass likelihood='empirical', or return "
+            "the logits / means (or a tuple or dict holding them, which likelihood='auto' detects)"
+        )
+    t = extra.get("temperature")
+    return out / t if t is not None else out
+
+
+def row_weights(batch: Batch, extra: dict[str, Any]) -> Tensor | None:
+    """Per-row factors ``scale·batch[weights]`` on the loss (``None`` when there are none)."""
+    w = batch[extra["weights"]] if extra.get("weights") is not None else None
+    scale = extra.get("scale")
+    if scale is not None:
+        w = scale if w is None else scale * w
+    return None if w is None else torch.as_tensor(w).expand(_field_rows(batch))
+
+
+def _weight_fields(
+    probe: Batch, rows: int, base: Tensor, call: Callable[[Batch], Tensor], close: Callable[[Tensor, Tensor], bool]
+) -> tuple[list[tuple[int | None, Tensor | None]], str]:
+    """Which floating ``[rows]`` field after the labels multiplies ``nll`` row by row, found by probing ``nll``
+    with the field scaled by random factors ``r_i ∈ [0.5, 1.5]``: a weight field gives ``r·nll``, an unused one
+    ``nll``. Returns ``[(index, field)]`` for the one weight field, ``[(None, None)]`` for none, and ``[]`` (with
+    the reason) when several fields scale ``nll`` or one enters it otherwise (its likelihood is then not one of
+    ``model(x)`` and ``y`` alone).
+    """
+    found: list[tuple[int | None, Tensor | None]] = []
+    gen = torch.Generator().manual_seed(1)
+    for j, t in enumerate(probe[2:], start=2):
+        if not (isinstance(t, Tensor) and t.is_floating_point() and t.shape == (rows,)):
+            continue
+        r = (0.5 + torch.rand(rows, generator=gen, dtype=torch.float64)).to(t.device, t.dtype)
+        try:
+            other = call((*probe[:j], t * r, *probe[j + 1 :]))
+        except Exception:  # a probe
+            continue
+        if isinstance(other, Tensor) and other.shape == base.shape and not close(other, base):
+            if not close(other, r.to(base.dtype) * base):
+                return [], f"nll depends on batch field {j} other than as a per-row weight"
+            found.append((j, t))
+    if len(found) > 1:
+        return [], f"several batch fields scale nll row by row ({[j for j, _ in found]})"
+    return (found or [(None, None)]), ""
+
+
+def _categorical_fit(
+    out: Tensor,
+    labels: list[Tensor],
+    values: list[Tensor],
+    weight: Tensor | None,
+    close: Callable[[Tensor, Tensor], bool],
+    tol: float,
+) -> tuple[dict[str, Any] | None, str]:
+    """``{temperature, scale, label_smoothing}`` (each only when it is not the neutral value) such that every probed
+    ``nll = scale·weight·cross_entropy(out/temperature, labels, label_smoothing)`` to float tolerance, else ``None``
+    (with a reason when several fit).
+
+    The slope of ``nll`` in the logit of the label, ``k = scale·weight·(1 − ε)/T`` per row, is read off the
+    differences between label sets; then three one-parameter hypotheses are tried and each verified on every
+    probed label set: a temperature (``T = 1/k``), a constant factor (``scale = k``, a tempered likelihood) and
+    label smoothing (``ε = 1 − k``). Each leaves the output Hessian ``(scale·weight/T²)(diag p − ppᵀ)``,
+    ``p = softmax(out/T)``: the GGN, and so the Fisher, is exact for it (the targets do not enter).
+    """
+    o = out.double()
+    w = torch.ones(o.shape[0], dtype=torch.float64) if weight is None else weight.double().to("cpu")
+    o = o.to("cpu")
+    picked = [o.gather(1, lab.long().to("cpu")[:, None])[:, 0] for lab in labels]
+    num = torch.zeros_like(w)
+    den = torch.zeros_like(w)
+    for v, z in zip(values[1:], picked[1:]):
+        d_nll, d_z = values[0].double().cpu() - v.double().cpu(), z - picked[0]
+        num, den = num + d_nll * d_z, den + d_z * d_z
+    use = (den > 0) & (w > 0)
+    if not bool(use.any()):
+        return None, ""
+    kappa = float(((num[use] / den[use]) / w[use]).mean())
+    if not (kappa > 0 and math.isfinite(kappa)):
+        return None, ""
+    if abs(kappa - 1.0) <= tol:  # plain cross-entropy (with per-row weights): nothing to report
+        kappa = 1.0
+    fits = []
+    for T, scale, eps in dict.fromkeys(((1.0 / kappa, 1.0, 0.0), (1.0, kappa, 0.0), (1.0, 1.0, 1.0 - kappa))):
+        if not 0.0 <= eps < 1.0:
+            continue
+        ok = all(
+            close(v.cpu(), scale * w * F.cross_entropy(o / T, lab.long().cpu(), reduction="none", label_smoothing=eps))
+            for v, lab in zip(values, labels)
+        )
+        if ok:
+            fit = {"temperature": T, "scale": scale, "label_smoothing": eps}
+            fits.append({k: val for k, val in fit.items() if val != (0.0 if k == "label_smoothing" else 1.0)})
+    if len(fits) > 1:  # e.g. confident probe rows, where lse(2z) ≈ 2·lse(z): the probe cannot tell T from scale
+        return None, f"nll fits several of {fits} on the probe rows (confident predictions?)"
+    return (fits[0], "") if fits else (None, "")
+
+
+def empirical_fallback_message(reason: str) -> str:
+    """What K-FAC says when ``likelihood="auto"`` did not recognise ``nll`` and it uses the empirical Fisher."""
+    return (
+        "K-FAC uses the EMPIRICAL Fisher (gradients of nll at the true labels), which can be far from the "
+        "curvature (0.09-0.63 relative off the dense GGN on probed models), because likelihood='auto' did not "
+        f"recognise nll as a categorical or Gaussian likelihood of the model's output ({reason}). Recognised: "
+        "cross-entropy or a Gaussian NLL of model(x) or of one tensor of a tuple/dict output, with a temperature, "
+        "label smoothing, a constant factor or per-row weights from a batch field (batch[2:]). Fix: if model(x) "
+        "returns the logits of nll's softmax cross-entropy, pass likelihood='categorical'; for the exact "
+        "curvature use solver='ggn' (dense Gauss-Newton, or the dense Hessian for an unrecognised likelihood; small "
+        "models) or solver='cg' (Hessian-vector products); likelihood='empirical' keeps this choice without the "
+        "warning"
+    )
+
+
 def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
     """Identify the user's per-row NLL from a few probe rows.
 
     * ``CATEGORICAL`` if ``y = batch[1]`` holds integer class labels, ``model(x)`` is ``[B, C]`` and
-      ``nll(model, batch) == cross_entropy(model(x), y)`` row by row (also checked with shifted labels);
-    * ``GAUSSIAN`` with ``{"sigma": σ}`` if ``nll_i = a·Σ_out (model(x)_i − y_i)² + c`` for the true labels and two
-      perturbed label sets: ``a`` and ``c`` are fitted by least squares on all probe rows, the fit must be exact to
-      float tolerance and ``a > 0``; then ``σ² = 1/(2a)``;
+      ``nll(model, batch) == cross_entropy(model(x), y)`` row by row (also checked with shifted labels); also,
+      with the fitted value in the extras, ``scale·w·cross_entropy(model(x)/temperature, y, label_smoothing=ε)``
+      for one of a temperature, a constant factor ``scale`` or label smoothing ``ε``, and per-row weights ``w``
+      taken from a floating ``[B]`` batch field (``{"weights": index}``); and for class-probability targets;
+    * ``GAUSSIAN`` with ``{"sigma": σ}`` if ``nll_i = w_i·(a·Σ_out (model(x)_i − y_i)² + c)`` for the true labels
+      and two perturbed label sets (``w_i = 1`` or a batch field as above): ``a`` and ``c`` are fitted by least
+      squares on all probe rows, the fit must be exact to float tolerance and ``a > 0``; then ``σ² = 1/(2a)``;
+    * when ``model(x)`` is a tuple, list or dict, each of its ``[B, ...]`` tensors is tried in turn
+      (``{"output": key}`` names the one found);
     * ``EMPIRICAL`` otherwise (``{"reason": ...}`` says why).
 
-    Runs without gradients on at most 8 rows; the model (parameters, buffers, ``.grad``) and the global RNG
-    states are left exactly as they were.
+    Every fit is verified against ``nll`` on every probed label set, so what is found is the loss (up to float
+    tolerance) and its output Hessian, hence the GGN/Fisher, is exact. :func:`select_output` and
+    :func:`row_weights` apply the extras. Runs without gradients on at most 8 rows; the model (parameters,
+    buffers, ``.grad``) and the global RNG states are left exactly as they were.
 
     Raises:
         ValueError: if ``nll`` does not return one value per row.
@@ -206,75 +350,149 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
             shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
             raise ValueError(f"nll(model, batch) must return one value per row, shape [{rows}], got {shape}")
         try:
-            out = model(x)
+            raw = model(x)
         except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:
             # e.g. a model of several inputs, forward(x1, x2): only nll knows how to call it
             why = f"model(batch[0]) cannot be called on its own ({type(e).__name__}: {str(e)[:80]}); nll calls it"
             return Likelihood.EMPIRICAL, {"reason": why}
-        if not isinstance(out, Tensor) or y is None or not isinstance(y, Tensor) or out.shape[:1] != (rows,):
-            return Likelihood.EMPIRICAL, {"reason": "model(x) is not a [B, ...] tensor or the batch has no labels"}
-        tol = 1e3 * _eps(out.dtype)
-        base64 = base.double()
+        candidates = _output_candidates(raw, rows)
+        if not candidates or y is None or not isinstance(y, Tensor):
+            return Likelihood.EMPIRICAL, {
+                "reason": "model(x) is not a [B, ...] tensor (nor a tuple or dict holding one) or the batch has no "
+                "labels"
+            }
+        cache: dict[tuple[int, ...], Tensor | Exception] = {}
 
-        def close(a: Tensor, b: Tensor) -> bool:
-            return bool(((a.double() - b.double()).abs() <= tol * (1 + b.double().abs())).all())
-
-        integer = not (y.is_floating_point() or y.is_complex())
-        if integer and out.dim() == 2 and y.shape == (rows,) and 0 <= int(y.min()) and int(y.max()) < out.shape[1]:
-            shifted = (y + 1) % out.shape[1]
-            try:
-                other = nll(model, (x, shifted, *probe[2:]))
-            except Exception as err:  # a probe: any failure means "not the plain CE"
-                return Likelihood.EMPIRICAL, {"reason": f"nll failed on shifted labels: {err}"}
-            # labels of any integer dtype (int32 too: cross_entropy takes int64 only; the user's nll may convert)
-            if close(base, F.cross_entropy(out, y.long(), reduction="none")) and close(
-                other, F.cross_entropy(out, shifted.long(), reduction="none")
-            ):
-                return Likelihood.CATEGORICAL, {}
-            drops = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
-            dropout = any(m.training and m.p > 0 for m in drops)
-            hint = " (the model is in training mode: dropout makes forwards differ)" if dropout else ""
-            return Likelihood.EMPIRICAL, {"reason": f"integer labels, but nll is not cross_entropy(model(x), y){hint}"}
-        if (
-            y.is_floating_point()
-            and out.dim() == 2
-            and y.shape == out.shape
-            and bool((y >= 0).all())
-            and bool(((y.double().sum(1) - 1.0).abs() <= 1e-4).all())
-        ):  # class probabilities as targets (one-hot or soft): the categorical Fisher does not depend on them
-            rolled = y.roll(1, dims=1)
-            try:
-                other = nll(model, (x, rolled, *probe[2:]))
-            except Exception:  # a probe
-                other = None
-            if (
-                other is not None
-                and close(base, F.cross_entropy(out, y, reduction="none"))
-                and close(other, F.cross_entropy(out, rolled, reduction="none"))
-            ):
-                return Likelihood.CATEGORICAL, {"targets": "class probabilities"}
-        if y.is_floating_point() and y.numel() == out.numel():
-            gen = torch.Generator().manual_seed(0)
-            scale = float(y.double().std()) if y.numel() > 1 else 1.0
-            u = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y) * (scale if scale > 0 else 1.0)
-            rs, vs = [], []
-            for t in (0.0, 1.0, -0.5):
-                yt = y + t * u
+        def nll_at(labels: Tensor, key: tuple[int, ...]) -> Tensor:
+            """``nll`` with ``labels`` in place of ``y``, cached by ``key`` (the label set; shifted labels depend on the
+            class count of the output tried); re-raises its failure."""
+            if key not in cache:
                 try:
-                    v = base64 if t == 0.0 else nll(model, (x, yt, *probe[2:])).double()
-                except Exception as err:  # a probe
-                    return Likelihood.EMPIRICAL, {"reason": f"nll failed on perturbed targets: {err}"}
-                rs.append((out.double() - yt.double().reshape(out.shape)).pow(2).reshape(rows, -1).sum(1))
-                vs.append(v.reshape(-1))
-            r, v = torch.cat(rs), torch.cat(vs)
-            design = torch.stack([r, torch.ones_like(r)], 1)
+                    cache[key] = nll(model, (x, labels, *probe[2:]))
+                except Exception as err:  # a probe: any failure means "not this likelihood"
+                    cache[key] = err
+            if isinstance(cache[key], Exception):
+                raise cache[key]
+            return cache[key]
+
+        tol = 1e3 * _eps(base.dtype if base.is_floating_point() else torch.float32)
+        weights, why = _weight_fields(
+            probe,
+            rows,
+            base,
+            lambda b: nll(model, b),
+            lambda a, b: bool(((a.double() - b.double()).abs() <= tol * (1 + b.double().abs())).all()),
+        )
+        if not weights:
+            return Likelihood.EMPIRICAL, {"reason": why}
+        reasons = []
+        for key, out in candidates:
+            kind, extra = _detect_in(model, out, y, base, nll_at, weights)
+            if kind is not Likelihood.EMPIRICAL:
+                return kind, ({"output": key, **extra} if key is not None else extra)
+            reasons.append(extra["reason"] if key is None else f"output {key!r}: {extra['reason']}")
+        return Likelihood.EMPIRICAL, {"reason": "; ".join(reasons)}
+
+
+def _detect_in(
+    model: nn.Module,
+    out: Tensor,
+    y: Tensor,
+    base: Tensor,
+    nll_at: Callable[[Tensor, tuple[int, ...]], Tensor],
+    weights: list[tuple[int | None, Tensor | None]],
+) -> tuple[Likelihood, dict[str, Any]]:
+    """:func:`detect_likelihood`'s checks for one output tensor ``out`` (``base = nll`` at the true labels)."""
+    rows = out.shape[0]
+    tol = 1e3 * _eps(out.dtype)
+    base64 = base.double()
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        return bool(((a.double() - b.double()).abs() <= tol * (1 + b.double().abs())).all())
+
+    integer = not (y.is_floating_point() or y.is_complex())
+    if integer and out.dim() == 2 and y.shape == (rows,) and 0 <= int(y.min()) and int(y.max()) < out.shape[1]:
+        C = out.shape[1]
+        shifted = (y + 1) % C
+        try:
+            other = nll_at(shifted, (1, C))
+        except Exception as err:  # a probe: any failure means "not the plain CE"
+            return Likelihood.EMPIRICAL, {"reason": f"nll failed on shifted labels: {err}"}
+        # labels of any integer dtype (int32 too: cross_entropy takes int64 only; the user's nll may convert)
+        if (
+            weights[0][0] is None  # with a weight field the fit below says so, even where it is 1 on the probe rows
+            and close(base, F.cross_entropy(out, y.long(), reduction="none"))
+            and close(other, F.cross_entropy(out, shifted.long(), reduction="none"))
+        ):
+            return Likelihood.CATEGORICAL, {}
+        labels, values = [y, shifted], [base, other]
+        if C >= 3:
+            with contextlib.suppress(Exception):
+                values.append(nll_at((y + 2) % C, (2, C)))
+                labels.append((y + 2) % C)
+        ambiguous = ""
+        if all(isinstance(v, Tensor) and v.shape == (rows,) for v in values):
+            for j, w in weights:
+                fit, ambiguous = _categorical_fit(out, labels, values, w, close, tol)
+                if fit is not None:
+                    return Likelihood.CATEGORICAL, (fit if j is None else {**fit, "weights": j})
+        if ambiguous:
+            return Likelihood.EMPIRICAL, {"reason": ambiguous}
+        drops = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
+        dropout = any(m.training and m.p > 0 for m in drops)
+        hint = " (the model is in training mode: dropout makes forwards differ)" if dropout else ""
+        return Likelihood.EMPIRICAL, {
+            "reason": "integer labels, but nll is not cross_entropy(model(x), y) (nor with a temperature, label "
+            f"smoothing, a constant factor or weights from a batch field){hint}"
+        }
+    if (
+        y.is_floating_point()
+        and out.dim() == 2
+        and y.shape == out.shape
+        and bool((y >= 0).all())
+        and bool(((y.double().sum(1) - 1.0).abs() <= 1e-4).all())
+    ):  # class probabilities as targets (one-hot or soft): the categorical Fisher does not depend on them
+        rolled = y.roll(1, dims=1)
+        try:
+            other = nll_at(rolled, (3,))
+        except Exception:  # a probe
+            other = None
+        if (
+            other is not None
+            and close(base, F.cross_entropy(out, y, reduction="none"))
+            and close(other, F.cross_entropy(out, rolled, reduction="none"))
+        ):
+            return Likelihood.CATEGORICAL, {"targets": "class probabilities"}
+    if y.is_floating_point() and y.numel() == out.numel():
+        gen = torch.Generator().manual_seed(0)
+        scale = float(y.double().std()) if y.numel() > 1 else 1.0
+        u = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y) * (scale if scale > 0 else 1.0)
+        rs, vs = [], []
+        for i, t in enumerate((0.0, 1.0, -0.5)):
+            yt = y + t * u
+            try:
+                v = base64 if t == 0.0 else nll_at(yt, (4, i)).double()
+            except Exception as err:  # a probe
+                return Likelihood.EMPIRICAL, {"reason": f"nll failed on perturbed targets: {err}"}
+            rs.append((out.double() - yt.double().reshape(out.shape)).pow(2).reshape(rows, -1).sum(1))
+            vs.append(v.reshape(-1))
+        r, v = torch.cat(rs).cpu(), torch.cat(vs).cpu()
+        resid = math.inf
+        for j, w in weights:  # nll_i = w_i·(a·r_i + c): least squares in (a, c)
+            wr = torch.ones_like(r) if w is None else w.double().cpu().repeat(3)
+            design = torch.stack([wr * r, wr], 1)
             coef = torch.linalg.lstsq(design, v[:, None]).solution[:, 0]
             a, c = float(coef[0]), float(coef[1])
-            resid = float((design @ coef - v).abs().max())
-            if a > 0 and math.isfinite(a) and resid <= tol * max(1.0, float(v.abs().max())):
-                return Likelihood.GAUSSIAN, {"sigma": math.sqrt(0.5 / a), "constant": c}
-            return Likelihood.EMPIRICAL, {"reason": f"nll is not a·Σ(model(x) − y)² + c (fit residual {resid:.3g})"}
-        return Likelihood.EMPIRICAL, {"reason": "labels fit neither the categorical nor the Gaussian check"}
+            resid = min(resid, float((design @ coef - v).abs().max()))
+            if (
+                a > 0
+                and math.isfinite(a)
+                and float((design @ coef - v).abs().max()) <= tol * max(1.0, float(v.abs().max()))
+            ):
+                found = {"sigma": math.sqrt(0.5 / a), "constant": c}
+                return Likelihood.GAUSSIAN, (found if j is None else {**found, "weights": j})
+        return Likelihood.EMPIRICAL, {"reason": f"nll is not a·Σ(model(x) − y)² + c (fit residual {resid:.3g})"}
+    return Likelihood.EMPIRICAL, {"reason": "labels fit neither the categorical nor the Gaussian check"}
 
 
 # ------------------------------------------------------------------------------------------------ prior
@@ -763,8 +981,10 @@ class KroneckerCurvature:
                 and used directly for ``"empirical"``.
             log_prior: ``log_prior(model) -> scalar``; its curvature at the draws' mean gives ``P``
                 (:func:`prior_precision`); ``None``: no prior term.
-            likelihood: ``"auto"`` (detect from ``nll``; without ``nll``: categorical for integer labels and
-                ``[B, C]`` outputs), ``"categorical"``, ``"gaussian"`` or ``"empirical"``.
+            likelihood: ``"auto"`` (detect from ``nll``, :func:`detect_likelihood`, what it found beyond the
+                plain forms in ``info["likelihood_detected"]``, and where it falls back to the empirical Fisher the
+                reason and what to do in ``info["likelihood_fallback"]``; without ``nll``: categorical for integer
+                labels and ``[B, C]`` outputs), ``"categorical"``, ``"gaussian"`` or ``"empirical"``.
             mc_samples: Sampled labels (one backward pass each) per draw.
             generator: Generator for the labels and random signs (default: a fresh one seeded 0); the global RNG
                 is never used.
@@ -826,7 +1046,8 @@ class KroneckerCurvature:
 
         # ---- likelihood
         detected: dict[str, Any] = {}
-        if lik is Likelihood.AUTO:
+        auto = lik is Likelihood.AUTO
+        if auto:
             if nll is not None:
                 lik, detected = detect_likelihood(model, nll, batches[0])
             else:
@@ -850,6 +1071,12 @@ class KroneckerCurvature:
         info["sigma"] = float(sigma) if lik is Likelihood.GAUSSIAN else None
         if detected.get("reason"):
             info["likelihood_reason"] = detected["reason"]
+        if auto and lik is Likelihood.EMPIRICAL:
+            info["likelihood_fallback"] = empirical_fallback_message(detected.get("reason", ""))
+        link = {k: detected[k] for k in _LINK_KEYS if k in detected} if lik is not Likelihood.EMPIRICAL else {}
+        notes = {k: v for k, v in detected.items() if k not in ("reason", "sigma", "constant")}
+        if notes:
+            info["likelihood_detected"] = notes
 
         # ---- prior
         clock = dict.fromkeys(("likelihood", "prior", "forward", "backward", "input_factors", "output_factors"), 0.0)
@@ -951,7 +1178,7 @@ class KroneckerCurvature:
                     fired.clear()
                     same_input.clear()
                     losses = cls._losses(
-                        model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record, sampling
+                        model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record, sampling, link
                     )
                     t0 = time.perf_counter()
                     first = next(losses)  # runs the forward pass (hooks fire)
@@ -1104,11 +1331,15 @@ class KroneckerCurvature:
         gen: torch.Generator,
         record: dict[str, str],
         sampling: str = "gaussian",
+        link: dict[str, Any] | None = None,
     ) -> Iterator[Tensor]:
         """Scalar losses whose backward passes give the statistics; the first item runs the forward pass.
 
-        ``record["mode"]`` is set to ``"mc"``, ``"exact"`` or ``"empirical"`` once the forward has run.
+        ``record["mode"]`` is set to ``"mc"``, ``"exact"`` or ``"empirical"`` once the forward has run. ``link``
+        (:func:`detect_likelihood`'s extras) picks the output tensor, its temperature and per-row weights ``w``:
+        each row's sample is multiplied by ``√w``, so its outer product has the expectation ``w·H``.
         """
+        link = link or {}
         B = _field_rows(batch)
 
         def signs(ref: Tensor) -> Tensor:
@@ -1122,7 +1353,9 @@ class KroneckerCurvature:
             record["mode"] = "empirical"
             yield (signs(values) * values).sum()
             return
-        out = model(batch[0])
+        out = select_output(model(batch[0]), link)
+        w = row_weights(batch, link)
+        rw = None if w is None else w.to(out.device, out.dtype).sqrt()
         if not isinstance(out, Tensor) or out.shape[:1] != (B,):
             raise ValueError(f"model(x) must return a tensor with {B} rows for likelihood={lik.value!r}")
         if lik is Likelihood.CATEGORICAL and out.dim() != 2:
@@ -1134,21 +1367,24 @@ class KroneckerCurvature:
             logp = torch.log_softmax(out, -1)
             probs = logp.detach().exp()
             if use_exact:  # Σ_c p_c (p − e_c)(p − e_c)ᵀ = diag(p) − ppᵀ, the softmax's output Hessian
-                r = signs(out)
+                r = signs(out) if rw is None else signs(out) * rw
                 for c in range(width):
                     yield -(r * probs[:, c].sqrt() * logp[:, c]).sum()
             elif sampling == "labels":  # ŷ ~ p: gradient p − e_ŷ, E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ
                 for _ in range(mc_samples):
                     yhat = torch.multinomial(probs.to(gen.device, torch.float64), 1, generator=gen)[:, 0]
-                    yield -logp.gather(1, yhat.to(out.device)[:, None]).sum()
+                    picked = logp.gather(1, yhat.to(out.device)[:, None])[:, 0]
+                    yield -(picked if rw is None else rw * picked).sum()
             else:  # s = (I − p1ᵀ)(√p ⊙ ε), ε ~ N(0, I): E[s sᵀ] = (I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ
                 for _ in range(mc_samples):
                     eps = torch.randn(probs.shape, generator=gen, device=gen.device, dtype=probs.dtype)
                     root = probs.sqrt() * eps.to(out.device)
+                    if rw is not None:
+                        root = rw[:, None] * root
                     yield (out * (root - probs * root.sum(-1, keepdim=True))).sum()
         else:
             if use_exact:  # Σ_k e_k e_kᵀ / σ² = I/σ², the Gaussian's output Hessian
-                r = signs(out)
+                r = signs(out) if rw is None else signs(out) * rw
                 flat = out.reshape(B, -1)
                 for k in range(width):
                     yield (r * flat[:, k]).sum() / sigma
@@ -1157,7 +1393,8 @@ class KroneckerCurvature:
                 for _ in range(mc_samples):
                     eps = torch.randn(mu.shape, generator=gen, device=gen.device, dtype=torch.float64)
                     yhat = mu + sigma * eps.to(mu.device, mu.dtype)
-                    yield (out - yhat).square().sum() / (2 * sigma**2)
+                    sq = (out - yhat).square().reshape(B, -1).sum(1)
+                    yield (sq if rw is None else rw * sq).sum() / (2 * sigma**2)
 
     # ------------------------------------------------------------------------------------- products
     # Every product works in the eigenbasis: rotate v (Q_Gᵀ V Q_A per block), scale elementwise, rotate back. The

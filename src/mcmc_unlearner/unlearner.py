@@ -1355,8 +1355,9 @@ class MCMCUnlearner:
         memory_budget: Bytes (or ``"2GB"``, ``"25%"``) any curvature computation may hold; ``None``: a quarter of
             the memory available when the unlearner is built, at most 1 GiB. Chunks of draws, rows and Hessian
             columns are sized from it before any work; a path that cannot fit is refused before it starts.
-        likelihood: For ``kfac``: ``"auto"`` (detected by probing ``nll``), ``"categorical"``, ``"gaussian"`` or
-            ``"empirical"``; ``mc_samples``: Monte-Carlo labels per example.
+        likelihood: For ``kfac``: ``"auto"`` (detected by probing ``nll``; a fallback to the empirical Fisher is
+            warned about once and reported in ``report.info["kfac_likelihood_fallback"]``), ``"categorical"``,
+            ``"gaussian"`` or ``"empirical"``; ``mc_samples``: Monte-Carlo labels per example.
         max_damping_trials: Steps tried per request before it is refused. The damping grows ×10 per rejected
             step from 1/100 of the mean curvature, so 12 trials reach 10⁸× it (a 1.2M-parameter ResNet needed
             10⁴×, the eighth trial, on its first request).

@@ -18,7 +18,8 @@ Its cost is ``C`` backward passes per row (``C`` outputs, vmapped over rows) and
 where the dense Hessian takes ``D`` Hessian-vector products over every row. Where each parameter acts at many
 positions (convolutions, recurrences) one Hessian column costs a whole network's worth of them: one request on a
 954-parameter CNN took 278 s CPU with the dense Hessian, 4.4 s with this (``benchmarks/layer_zoo.py``). For other
-likelihoods (``detect_likelihood`` says ``empirical``) it falls back to the dense Hessian and says so.
+likelihoods (``detect_likelihood`` says ``empirical``) it falls back to the exact dense Hessian and says so
+(``ggn_curvature: "hessian"``, ``ggn_likelihood: None``, ``ggn_fallback``): no empirical Fisher is involved.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.autograd.functional import jacobian
 from torch.func import jacrev, vmap
 
 from ..curvature import functionalize
-from ..kronecker import Likelihood, detect_likelihood, prior_precision
+from ..kronecker import Likelihood, detect_likelihood, prior_precision, row_weights, select_output
 from ..memory import chunk_for
 from .base import Problem
 from .dense import DenseBackend
@@ -45,8 +46,10 @@ def output_ggn(
     likelihood: Likelihood,
     sigma: float = 1.0,
     budget: int = 2**28,
+    link: dict[str, Any] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Σ_r J_rᵀ Λ_r J_r`` over the rows of ``x`` at the flat trainable parameters ``theta`` (float64 ``[D, D]``).
+    """``Σ_r w_r J_rᵀ Λ_r J_r`` over the rows of ``x`` at the flat trainable parameters ``theta`` (float64 ``[D, D]``).
 
     Args:
         model: The network; ``model(x)`` gives ``[R, C]`` logits (categorical) or ``[R, ...]`` means (Gaussian).
@@ -55,9 +58,14 @@ def output_ggn(
         likelihood: ``CATEGORICAL`` or ``GAUSSIAN``.
         sigma: The Gaussian likelihood's noise standard deviation.
         budget: Bytes the per-row Jacobians of one chunk of rows may take.
+        link: :func:`~mcmc_unlearner.kronecker.detect_likelihood`'s extras: ``z_r`` is the tensor
+            :func:`~mcmc_unlearner.kronecker.select_output` takes from the output (one of a tuple/dict, over a
+            temperature).
+        weights: Per-row factors ``w_r`` on the loss (``[R]``; default 1).
     """
+    link = link or {}
     # through functionalize's wrapper module: torch's functional_call refuses an nn.DataParallel at the top level
-    f = functionalize(model, lambda m, r: m(r))
+    f = functionalize(model, lambda m, r: select_output(m(r), link))
 
     def out(t: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return f(t, row.unsqueeze(0)).reshape(-1)
@@ -84,6 +92,8 @@ def output_ggn(
             LJ = p[:, :, None] * (J - torch.einsum("rc,rcd->rd", p, J)[:, None, :])
         else:
             LJ = J / sigma**2
+        if weights is not None:
+            LJ = weights[i : i + rows].to(LJ.device, LJ.dtype)[:, None, None] * LJ
         G += J.reshape(-1, d).T @ LJ.reshape(-1, d)
     return 0.5 * (G + G.T)
 
@@ -113,7 +123,8 @@ class GGNBackend(DenseBackend):
         budget = max(problem.budget // 4, 2**20)
         G = None
         for theta, b, w in zip(problem.thetas, batches, weights):
-            g = w * output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget)
+            rw = row_weights(b, info)
+            g = w * output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw)
             G = g if G is None else G + g
         self.products += len(batches)  # one curvature build per draw (C backward passes per row each)
         return (G / len(batches)).to(problem.thetas.dtype)
@@ -121,9 +132,19 @@ class GGNBackend(DenseBackend):
     def prepare(self, problem: Problem) -> dict[str, Any]:
         lik, info = self._detect(problem)
         out = super().prepare(problem)
-        out["ggn_likelihood"] = lik.value
-        if lik is Likelihood.EMPIRICAL:
-            out["ggn_fallback"] = f"the dense Hessian: {info.get('reason', 'likelihood not recognised')}"
+        if lik is Likelihood.EMPIRICAL:  # no likelihood is used: the exact Hessian of the user's nll
+            out["ggn_likelihood"] = None
+            out["ggn_curvature"] = "hessian"
+            out["ggn_fallback"] = (
+                f"the dense Hessian (exact), since nll is not a likelihood the GGN knows: "
+                f"{info.get('reason', 'likelihood not recognised')}"
+            )
+        else:
+            out["ggn_likelihood"] = lik.value
+            out["ggn_curvature"] = "ggn"
+            notes = {k: v for k, v in info.items() if k not in ("sigma", "constant")}
+            if notes:
+                out["ggn_likelihood_detected"] = notes
         return out
 
     def _energy_curvature(self, problem: Problem) -> torch.Tensor:

@@ -6,6 +6,7 @@ The factors themselves live in :mod:`mcmc_unlearner.kronecker`; this file only d
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class KFACBackend(CurvatureBackend):
         self._scale: float | None = None
         self._probes: tuple[Any, float, float, float] | None = None  # (factors, zᵀK₁z, zᵀPz, zᵀz): see scale()
         self._dtype = torch.float32
+        self._warned = False  # the empirical-Fisher fallback is warned about once per backend
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         from ..kronecker import KroneckerCurvature
@@ -85,6 +87,12 @@ class KFACBackend(CurvatureBackend):
         self._pending = (kfac, age)
         info: dict[str, Any] = {"preconditioner_reused": reused, "kfac": kfac.info}
         info.update({f"kfac_{k}": v for k, v in kfac.info.items() if isinstance(v, (int, float, str, bool))})
+        fallback = kfac.info.get("likelihood_fallback")
+        if fallback and not self._warned:  # report.info["kfac_likelihood_fallback"] says it on every request
+            from ..unlearner import _outside_stacklevel
+
+            self._warned = True
+            warnings.warn(fallback, RuntimeWarning, stacklevel=_outside_stacklevel())
         return info
 
     @property
