@@ -570,6 +570,14 @@ class DistributedUnlearner(MCMCUnlearner):
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))
 
+    def _grad_means(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # every draw's gradient, reduced over the ranks, then averaged (the single-process streaming path would
+        # reduce per-rank means: other rounding, and a collective per chunk)
+        grads = self._per_draw_grads(f, thetas, batch, rowwise=True)
+        half = grads.shape[0] // 2
+        G = grads.mean(0)
+        return G, (0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G))
+
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
 
