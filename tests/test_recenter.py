@@ -456,3 +456,35 @@ def test_a_correction_is_taken_only_when_its_benefit_is_clear_of_the_checks_nois
     assert RECENTER_ACCEPT_Z == 2.0
     assert {z for c, z in seen if c} == {RECENTER_ACCEPT_Z} and {z for c, z in seen if not c} == {0.0}
     assert sum(c for c, _ in seen) == REQUESTS
+
+
+def test_a_correction_is_not_taken_where_its_direct_measurement_shows_the_energy_rising(prob, monkeypatch) -> None:
+    """Corrections also search with ``direct_z = RECENTER_DIRECT_Z``: a step whose energy change, measured without the
+    control variate, rises beyond that many standard errors is rejected (``tests/test_step.py``); requests have no
+    such test. On this exact Gaussian problem every correction still applies (the closed-form end point is
+    ``test_an_undershooting_removal_gets_one_newton_step_of_the_closed_form``)."""
+    import mcmc_unlearner.step as st
+    from mcmc_unlearner.unlearner import RECENTER_DIRECT_Z
+
+    seen: list[tuple[bool, float | None]] = []
+    inside = {"correction": False}
+    step, recenter = st.DampingControl.step, MCMCUnlearner._recenter
+
+    def recording_step(self, *args, **kwargs):
+        seen.append((inside["correction"], self.direct_z))
+        return step(self, *args, **kwargs)
+
+    def flagged_recenter(self, *args, **kwargs):
+        inside["correction"] = True
+        try:
+            return recenter(self, *args, **kwargs)
+        finally:
+            inside["correction"] = False
+
+    monkeypatch.setattr(st.DampingControl, "step", recording_step)
+    monkeypatch.setattr(MCMCUnlearner, "_recenter", flagged_recenter)
+    _, reports = _run(prob, _draws(prob), hessian="full", recenter_every=1)
+    assert [r.info["recenter"] for r in reports] == ["applied"] * REQUESTS
+    assert RECENTER_DIRECT_Z == 2.0
+    assert {z for c, z in seen if c} == {RECENTER_DIRECT_Z} and {z for c, z in seen if not c} == {None}
+    assert sum(c for c, _ in seen) == REQUESTS

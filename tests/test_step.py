@@ -971,3 +971,75 @@ def test_the_search_does_not_try_a_damping_below_what_the_curvature_is_known_to_
     assert report.solver == "exact" and report.passed
     assert all(math.isfinite(t["ratio"]) for t in report.info["trials"]), report.info["damping_history"]
     assert all(t["damping"] >= un.curvature.min_damping() for t in report.info["trials"])
+
+
+def _kept_posterior_check(draws: int, seed: int = 0):
+    """The check of :func:`_blr_check_parts` with draws from the *remaining* rows' exact posterior: the bank is at
+    the equilibrium a correction across requests aims at, so any ``G`` it is handed is Monte-Carlo error."""
+    prob = make_blr(n=200, dim=3, removed=20, seed=1)
+    f, lp, rows, n, _, _ = _blr_check_parts(1)
+    g = torch.Generator().manual_seed(seed)
+    L = torch.linalg.cholesky(prob.cov_kept.double())
+    thetas = prob.mean_kept.double() + torch.randn(draws, 3, generator=g, dtype=torch.float64) @ L.T
+    H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
+    return f, lp, rows, n, thetas, H_r
+
+
+def test_a_step_whose_directly_measured_energy_rises_is_rejected_under_direct_z() -> None:
+    """``direct_z``: the control variate credits a step with ``−G·x``, which is the energy's slope only when ``G`` is
+    the bank's own mean remaining-data gradient. Here the bank samples the remaining rows' exact posterior (slope
+    ≈ 0) and ``G`` is pure noise (a correction's deviation measured at one draw): the control-variate measurement
+    reads ``−G·x + ½xᵀH_r x < 0`` (ratio 1, accepted at ``accept_z=2`` once damped past its row noise), while the
+    true change of the
+    draws' mean energy, in closed form ``ḡ·x + ½xᵀH_r x`` (``ḡ`` their mean gradient), is a clear rise. With
+    ``direct_z=2`` the step is rejected while the direct measurement shows a rise beyond 2 standard errors, and the
+    accepted step's true change is within 2 of its standard errors of zero."""
+    f, lp, rows, n, thetas, H_r = _kept_posterior_check(8)
+    G = torch.tensor([120.0, -75.0, 90.0], dtype=torch.float64)  # noise: 0.57 along x = H_r⁻¹G, ~ 10 posterior sd
+    gbar = torch.stack([H_r @ (t - torch.linalg.solve(H_r, rows[0].T @ rows[1])) for t in thetas]).mean(0)
+
+    def true_change(x: torch.Tensor) -> float:  # exact for a quadratic energy, on the check's draws
+        return float(gbar @ x) + 0.5 * float(x @ H_r @ x)
+
+    def run(direct_z):
+        check = EnergyCheck(f, lp, thetas, rows, n, G)
+        return DampingControl(accept_z=2.0, direct_z=direct_z).step(_QuadraticBackend(H_r), G, check), check
+
+    plain, _ = run(None)
+    assert plain.safe and plain.ratio == pytest.approx(1.0, abs=1e-6)
+    taken = plain.history[-1] if plain.history[-1]["damping"] == plain.damping else plain.history[-2]
+    assert taken["direct"] == pytest.approx(true_change(plain.x), rel=1e-6)  # the direct reading is exact here
+    assert true_change(plain.x) > 2.5 * taken["direct_stderr"]  # taken without the test: a clear rise of the energy
+    vetoed, check = run(2.0)
+    assert vetoed.safe and vetoed.damping > plain.damping
+    rejected = [h for h in vetoed.history if h["damping"] < vetoed.damping]
+    assert rejected and all(h["direct"] - 2 * h["direct_stderr"] > 0 for h in rejected)
+    m = check(vetoed.x)
+    assert true_change(vetoed.x) <= 2 * m.direct_stderr
+    assert float(vetoed.x.norm()) < 0.5 * float(plain.x.norm())
+
+
+def test_direct_z_leaves_a_real_removal_step_alone() -> None:
+    """A removal's own ``G`` (the removed rows' mean gradient at draws of the full-data posterior, so ``−G`` is the
+    bank's remaining-data slope): the direct measurement agrees with the control variate that the energy falls, and
+    ``direct_z=2`` takes the same undamped step as no test."""
+    f, lp, rows, n, thetas, G = _blr_check_parts(8)
+    prob = make_blr(n=200, dim=3, removed=20, seed=1)
+    model = BayesianLinearRegression(3).double()
+    f_all = functionalize(model, lambda m, *b: m.nll(b))
+    gone = (prob.x[~prob.keep].double(), prob.y[~prob.keep].double())
+    G = torch.stack([torch.func.grad(lambda t: f_all(t, *gone).sum())(t) for t in thetas]).mean(0)
+    H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
+    outs = [
+        DampingControl(direct_z=z).step(_QuadraticBackend(H_r), G, EnergyCheck(f, lp, thetas, rows, n, G))
+        for z in (None, 2.0)
+    ]
+    assert all(o.safe and o.damping == 0 for o in outs)
+    assert torch.equal(outs[0].x, outs[1].x)
+    assert outs[1].history[0]["direct"] < 0
+
+
+def test_direct_z_must_be_a_finite_non_negative_number() -> None:
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="direct_z"):
+            DampingControl(direct_z=bad)

@@ -552,6 +552,12 @@ class DampingControl:
             (``actual + accept_z·stderr ≤ η·pred``). ``0`` (default): the point estimate, the requests' rule (a
             request must move; its damping finds a step). The unlearner's corrections across requests, which are
             optional, use 2: a correction is taken only when its benefit is clear of the check's noise.
+        direct_z: Reject a step whose *direct* measurement of the energy change (``Measurement.direct``: the
+            plain difference of the held rows' energies, without the control variate) shows a rise by more than
+            ``direct_z`` standard errors (``None``: no such test). The control variate replaces the first-order
+            term by ``−G·x``, exact only when ``G`` is the bank's own mean remaining-data gradient; a ``G`` with
+            Monte-Carlo error credits the step for following that error, which the direct measurement does not.
+            The unlearner's corrections across requests, whose ``G`` is measured at as few as one draw, use 2.
     """
 
     def __init__(
@@ -564,6 +570,7 @@ class DampingControl:
         screen_z: float | None = 3.0,
         accept_z: float = 0.0,
         screen_accepts: bool = True,
+        direct_z: float | None = None,
     ):
         if isinstance(damping, str):
             if damping != "auto":
@@ -589,6 +596,9 @@ class DampingControl:
         if not (math.isfinite(accept_z) and accept_z >= 0):
             raise ValueError(f"accept_z must be a finite number >= 0, got {accept_z}")
         self.accept_z = float(accept_z)
+        if direct_z is not None and not (math.isfinite(direct_z) and direct_z >= 0):
+            raise ValueError(f"direct_z must be a finite number >= 0 or None, got {direct_z}")
+        self.direct_z = None if direct_z is None else float(direct_z)
         self.shape = "identity"  # the damping shape the last request accepted
         self._relatives: dict[str, float] = {}  # per shape: the damping carried to the next request (× scale)
 
@@ -660,11 +670,19 @@ class DampingControl:
             nll_ok = True
         else:
             nll_ok = None
+        if z is None and self._direct_rise(meas):
+            return False
         if energy_ok is False or nll_ok is False:
             return False
         if energy_ok and nll_ok:
             return True
         return None
+
+    def _direct_rise(self, meas: Measurement) -> bool:
+        """Whether the direct measurement shows the energy rising by more than ``direct_z`` standard errors."""
+        if self.direct_z is None or not (math.isfinite(meas.direct) and math.isfinite(meas.direct_stderr)):
+            return False
+        return meas.direct - self.direct_z * meas.direct_stderr > 0
 
     @staticmethod
     def _negligible(pred: float, meas: Measurement) -> bool:
@@ -837,6 +855,12 @@ class DampingControl:
                     f"held remaining rows' mean NLL changed by {out.nll_change:+.4g} (limit "
                     f"{100 * self.max_nll_increase:g}% of {out.history[0]['nll_scale']:.3g})"
                 )
+                h = out.history[0]
+                if self._direct_rise(Measurement(0.0, 0.0, 0.0, h["direct"], h["direct_stderr"])):
+                    note += (
+                        f"; measured directly, without the control variate, the energy rose by {h['direct']:.4g} ± "
+                        f"{h['direct_stderr']:.2g} (more than {self.direct_z:g} standard errors)"
+                    )
             return out
 
         def start() -> float:
