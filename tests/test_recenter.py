@@ -7,6 +7,8 @@ influence step is exact there, so an exact removal must be a fixed point of the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -426,20 +428,16 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
     assert float(spread_un._anchor.spread_shift) == pytest.approx(last["recenter_anchor_shift"])
 
 
-def test_a_correction_is_taken_only_when_its_benefit_is_clear_of_the_checks_noise(prob, monkeypatch) -> None:
-    """Corrections search their damping with ``accept_z = RECENTER_ACCEPT_Z`` (the measured energy change's upper
-    bound must meet the ratio test: ``tests/test_step.py``); the requests keep the point estimate (``accept_z = 0``).
-    On this exact Gaussian problem the strict test changes nothing: the corrections still end where the closed form
-    does (``test_an_undershooting_removal_gets_one_newton_step_of_the_closed_form``)."""
+def _record_step_option(monkeypatch, option: str) -> list[tuple[bool, Any]]:
+    """Record, for every damping search, whether it ran inside a correction and its ``DampingControl.<option>``."""
     import mcmc_unlearner.step as st
-    from mcmc_unlearner.unlearner import RECENTER_ACCEPT_Z
 
-    seen: list[tuple[bool, float]] = []
+    seen: list[tuple[bool, Any]] = []
     inside = {"correction": False}
     step, recenter = st.DampingControl.step, MCMCUnlearner._recenter
 
     def recording_step(self, *args, **kwargs):
-        seen.append((inside["correction"], self.accept_z))
+        seen.append((inside["correction"], getattr(self, option)))
         return step(self, *args, **kwargs)
 
     def flagged_recenter(self, *args, **kwargs):
@@ -451,6 +449,17 @@ def test_a_correction_is_taken_only_when_its_benefit_is_clear_of_the_checks_nois
 
     monkeypatch.setattr(st.DampingControl, "step", recording_step)
     monkeypatch.setattr(MCMCUnlearner, "_recenter", flagged_recenter)
+    return seen
+
+
+def test_a_correction_is_taken_only_when_its_benefit_is_clear_of_the_checks_noise(prob, monkeypatch) -> None:
+    """Corrections search their damping with ``accept_z = RECENTER_ACCEPT_Z`` (the measured energy change's upper
+    bound must meet the ratio test: ``tests/test_step.py``); the requests keep the point estimate (``accept_z = 0``).
+    On this exact Gaussian problem the strict test changes nothing: the corrections still end where the closed form
+    does (``test_an_undershooting_removal_gets_one_newton_step_of_the_closed_form``)."""
+    from mcmc_unlearner.unlearner import RECENTER_ACCEPT_Z
+
+    seen = _record_step_option(monkeypatch, "accept_z")
     _, reports = _run(prob, _draws(prob), hessian="full", recenter_every=1)
     assert [r.info["recenter"] for r in reports] == ["applied"] * REQUESTS
     assert RECENTER_ACCEPT_Z == 2.0
@@ -463,26 +472,9 @@ def test_a_correction_is_not_taken_where_its_direct_measurement_shows_the_energy
     control variate, rises beyond that many standard errors is rejected (``tests/test_step.py``); requests have no
     such test. On this exact Gaussian problem every correction still applies (the closed-form end point is
     ``test_an_undershooting_removal_gets_one_newton_step_of_the_closed_form``)."""
-    import mcmc_unlearner.step as st
     from mcmc_unlearner.unlearner import RECENTER_DIRECT_Z
 
-    seen: list[tuple[bool, float | None]] = []
-    inside = {"correction": False}
-    step, recenter = st.DampingControl.step, MCMCUnlearner._recenter
-
-    def recording_step(self, *args, **kwargs):
-        seen.append((inside["correction"], self.direct_z))
-        return step(self, *args, **kwargs)
-
-    def flagged_recenter(self, *args, **kwargs):
-        inside["correction"] = True
-        try:
-            return recenter(self, *args, **kwargs)
-        finally:
-            inside["correction"] = False
-
-    monkeypatch.setattr(st.DampingControl, "step", recording_step)
-    monkeypatch.setattr(MCMCUnlearner, "_recenter", flagged_recenter)
+    seen = _record_step_option(monkeypatch, "direct_z")
     _, reports = _run(prob, _draws(prob), hessian="full", recenter_every=1)
     assert [r.info["recenter"] for r in reports] == ["applied"] * REQUESTS
     assert RECENTER_DIRECT_Z == 2.0
