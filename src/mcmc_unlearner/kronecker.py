@@ -77,7 +77,6 @@ taken per rank). With a ``reduce`` the rows of wide layers are summed rather tha
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
 import time
@@ -672,36 +671,6 @@ def _psd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     return lam.to(M.dtype), Q.to(M.dtype)
 
 
-def _downdate_factor(
-    lam: Tensor, Q: Tensor | None, lam_r: Tensor, Q_r: Tensor | None, w: float, w_r: float, w_new: float
-) -> tuple[Tensor, Tensor | None]:
-    """Eigenpairs of ``(w·M − w_r·M_r) / w_new`` for ``M = Q diag(λ) Qᵀ`` and ``M_r = Q_r diag(λ_r) Q_rᵀ``.
-
-    ``Q = None``: a diagonal factor (``λ`` is the diagonal). An incomplete ``Q`` (``[d, r]``, kept rows) stays
-    incomplete: the difference is decomposed on an orthonormal basis of both spans (projecting ``M_r`` onto ``Q``'s
-    span alone left its cross terms with the directions the kept-rows decomposition rounded away: 4e-4 relative in
-    float32), and eigenvalues at rounding level are dropped as there. Computed in float64; clamped at zero."""
-    dtype = lam.dtype
-    lam64, lam_r64 = w * lam.double(), w_r * lam_r.double().to(lam.device)
-    if Q is None:
-        diag_r = lam_r64 if Q_r is None else (Q_r.double().to(lam.device).square() * lam_r64).sum(1)
-        return ((lam64 - diag_r) / w_new).clamp_min(0).to(dtype), None
-    Q64 = Q.double()
-    d = Q64.shape[0]
-    R64 = torch.eye(d, dtype=torch.float64, device=Q.device) if Q_r is None else Q_r.double().to(Q.device)
-    full = Q64.shape[1] + R64.shape[1] >= d
-    B = None if full else torch.linalg.qr(torch.cat([Q64, R64], 1))[0]
-    C, C_r = (Q64, R64) if full else (B.T @ Q64, B.T @ R64)
-    M = (C * lam64) @ C.T - (C_r * lam_r64) @ C_r.T
-    mu, W = _psd_eigh(0.5 * (M + M.T))
-    mu = (mu / w_new).clamp_min(0)
-    if full and Q64.shape[1] == d:
-        return mu.to(dtype), W.to(Q.dtype).contiguous()
-    U = W if B is None else B @ W
-    keep = mu > float(mu.max()) * U.shape[1] * _eps(dtype) if mu.numel() else mu > 0
-    return mu[keep].to(dtype), U[:, keep].to(Q.dtype).contiguous()
-
-
 @dataclass
 class _Block:
     """One Kronecker-factored layer: ``n·L·A⊗G + p`` on its weight (and bias) entries."""
@@ -944,8 +913,8 @@ class KroneckerCurvature:
 
     Build with :meth:`build` (see the module docstring for the method). ``K @ v``, ``solve(v, damping)`` (the
     inverse of ``K + damping·I``, closed form for any damping) and ``quad(x)`` cost a few small matrix products per
-    layer; ``n`` can be reset to a new number of remaining points without rebuilding, and :meth:`downdate` takes
-    removed rows out of the factors. ``info`` records what was approximated how.
+    layer; ``n`` can be reset to a new number of remaining points without rebuilding. ``info`` records what was
+    approximated how.
     """
 
     def __init__(
@@ -1571,45 +1540,6 @@ class KroneckerCurvature:
             total += p + float((C.square() * lam).sum())
         diag = lams[-1] + (self.prior[self.diag_index].to(X.device, X.dtype) if prior else 0.0)
         return total + float((coords[-1][:, 0].square() * diag).sum())
-
-    # -------------------------------------------------------------------------------------- downdate
-    def downdate(self, removed: KroneckerCurvature, rows: float, k: float) -> KroneckerCurvature:
-        """The curvature with ``k`` rows taken out of the data its factors average over.
-
-        ``self`` holds means over ``rows`` rows, ``removed`` the same model's statistics on the ``k`` removed rows
-        (:meth:`build` on them, same likelihood). Every factor is a mean over locations (``A``, ``G``) or rows (the
-        diagonal), i.e. a sum divided by a count, so the remaining rows' mean is
-        ``(rows·L·A − k·L_r·A_r) / (rows·L − k·L_r)`` (``L``, ``L_r``: locations per row), and likewise for ``G``
-        and the diagonal: what :meth:`build` on the remaining rows gives, at ``removed``'s draws for the removed
-        rows' part (exact for a linear Gaussian model, whose factors do not depend on the draws). A factor with an
-        incomplete eigenbasis (kept rows) stays incomplete (decomposed on the span of both factors). Eigenvalues
-        that rounding (or a Monte-Carlo estimate larger than the factor's own) leaves below zero are clamped to zero.
-        Returns a new object; ``self`` is unchanged.
-
-        Raises:
-            ValueError: if the two curvatures cover different layers or parameters, or ``k >= rows``.
-        """
-        if not 0 <= k < rows:
-            raise ValueError(f"cannot take {k} rows out of factors averaged over {rows} rows")
-        if [b.name for b in removed.blocks] != [b.name for b in self.blocks] or not torch.equal(
-            removed.diag_index.cpu(), self.diag_index.cpu()
-        ):
-            raise ValueError("the removed rows' curvature covers other layers than the factors to downdate")
-        blocks = []
-        for b, r in zip(self.blocks, removed.blocks):
-            w_old, w_r = rows * b.locations, k * r.locations
-            w_new = w_old - w_r
-            if not w_new > 0:
-                raise ValueError(f"layer '{b.name}': the removed rows hold all of its {w_old:g} locations")
-            lA, QA = _downdate_factor(b.lA, b.QA, r.lA, r.QA, w_old, w_r, w_new)
-            lG, QG = _downdate_factor(b.lG, b.QG, r.lG, r.QG, w_old, w_r, w_new)
-            blocks.append(dataclasses.replace(b, module=None, lA=lA, QA=QA, lG=lG, QG=QG, locations=w_new / (rows - k)))
-        d = self.diag_fisher.double()
-        diag = ((rows * d - k * removed.diag_fisher.to(d.device, d.dtype)) / (rows - k)).clamp_min(0)
-        info = {**self.info, "downdated_rows": self.info.get("downdated_rows", 0) + int(k)}
-        return KroneckerCurvature(
-            blocks, self.dim, self.prior, self.diag_index, diag.to(self.diag_fisher.dtype), self.n, info
-        )
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

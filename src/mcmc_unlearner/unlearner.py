@@ -1334,8 +1334,7 @@ class MCMCUnlearner:
         curvature_draws: Draws averaged for ``H`` (``None``: 8 for ``kfac``, 16 otherwise).
         refresh_every: Curvature reuse across sequential requests (``None``: 20 for ``kfac``, 10 otherwise).
             ``exact`` downdates its dense Hessian in between (exact for the data term; the draws' drift is caught by
-            ``drift_tol``), ``kfac`` its Kronecker factors (in one process; under ``torch.distributed`` they are
-            rescaled to the remaining count only); ``lowrank``/``cg`` reuse their approximation or preconditioner.
+            ``drift_tol``); ``kfac``/``lowrank``/``cg`` reuse their approximation or preconditioner.
         precondition_rank: Lanczos rank of CG's preconditioner / of ``lowrank``'s approximation.
         drift_tol: A reused approximation is rebuilt at once when its first step's ``|actual/predicted − 1|``
             exceeds this.

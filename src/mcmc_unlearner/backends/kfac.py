@@ -1,13 +1,11 @@
 """Kronecker-factored curvature (K-FAC) as a backend: built once at the request's draws, reused across
-requests (each request's removed rows taken out of its factors, its data term rescaled to the remaining count),
-and inverted in closed form for any damping.
+requests (its data term rescaled to the remaining count), and inverted in closed form for any damping.
 
 The factors themselves live in :mod:`mcmc_unlearner.kronecker`; this file only decides when to (re)build them.
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any
 
@@ -27,8 +25,7 @@ class KFACBackend(CurvatureBackend):
     ``P + (1 + λ/s)·K_data`` (the data term damped alone; closed form in the eigenbasis either way).
 
     Args:
-        refresh_every: Requests between rebuilds (in between, the factors are reused with each request's removed
-            rows taken out, :meth:`KroneckerCurvature.downdate`, and rescaled to ``n``).
+        refresh_every: Requests between rebuilds (the factors are reused in between, rescaled to ``n``).
         likelihood: ``"auto"`` (detected by probing ``nll``), ``"categorical"``, ``"gaussian"`` or ``"empirical"``.
         mc_samples: Monte-Carlo labels per example and draw.
     """
@@ -43,8 +40,7 @@ class KFACBackend(CurvatureBackend):
         self.likelihood, self.mc_samples = likelihood, int(mc_samples)
         self.kfac: Any = None
         self.age = 0
-        self._pending: tuple[Any, int, int] | None = None
-        self._rows: int | None = None  # rows the committed factors average over (the remaining count then)
+        self._pending: tuple[Any, int] | None = None
         self._n = 0
         self._scale: float | None = None
         self._probes: tuple[Any, float, float, float] | None = None  # (factors, zᵀK₁z, zᵀPz, zᵀz): see scale()
@@ -58,12 +54,8 @@ class KFACBackend(CurvatureBackend):
             raise ValueError("solver='kfac' supports hessian='remaining' only")
         self.products = 0
         reused = self.kfac is not None and self.age < self.refresh_every
-        downdated: dict[str, Any] = {}
         if reused:
-            kfac, downdated = self._downdated(problem)
-            reused = kfac is not None
-        if reused:
-            age = self.age + 1
+            kfac, age = self.kfac, self.age + 1
         else:
             batches = problem.draw_batches()
             need = KroneckerCurvature.memory_estimate(
@@ -92,8 +84,8 @@ class KFACBackend(CurvatureBackend):
         self._n = problem.n
         self._scale = None
         self._dtype = problem.thetas.dtype
-        self._pending = (kfac, age, problem.n)
-        info: dict[str, Any] = {"preconditioner_reused": reused, "kfac": kfac.info, **downdated}
+        self._pending = (kfac, age)
+        info: dict[str, Any] = {"preconditioner_reused": reused, "kfac": kfac.info}
         info.update({f"kfac_{k}": v for k, v in kfac.info.items() if isinstance(v, (int, float, str, bool))})
         fallback = kfac.info.get("likelihood_fallback")
         if fallback and not self._warned:  # report.info["kfac_likelihood_fallback"] says it on every request
@@ -102,54 +94,6 @@ class KFACBackend(CurvatureBackend):
             self._warned = True
             warnings.warn(fallback, RuntimeWarning, stacklevel=_outside_stacklevel())
         return info
-
-    def _downdated(self, problem: Problem) -> tuple[Any, dict[str, Any]]:
-        """The reused factors with the request's removed rows taken out (:meth:`KroneckerCurvature.downdate`), or
-        ``None`` when they must be rebuilt instead; and report info.
-
-        Rescaling the factors to the remaining count alone treats the removed rows as average ones: removing the
-        rows that carry much of the curvature (high leverage) left it many times too large, every step short, and
-        the drift test blind to it (30 of 1,000 rows at 20× leverage: 3.4 posterior sd off after 20 requests).
-        The removed rows' statistics cost one forward and backward pass over them per curvature draw. Under
-        ``torch.distributed`` the factors are rescaled only (each rank holds a share of the removed rows).
-        """
-        from ..kronecker import KroneckerCurvature
-
-        old, rows = self.kfac, self._rows
-        if problem.reduce is not None:
-            return old, {"kfac_downdate": "rescaled only (torch.distributed)"}
-        removed = problem.raw(problem.removed)
-        k = int(removed[0].shape[0])
-        if rows is None or rows - k != problem.n or k <= 0:
-            # the remaining data is not the factors' data less the removed rows (or the count is unknown): rebuild
-            return None, {"kfac_downdate": f"rebuilt: {rows} rows less {k} removed is not {problem.n} remaining"}
-        per_draw = int(problem.draw_batches()[0][0].shape[0])  # rows the build's memory check admitted
-        if k > per_draw and KroneckerCurvature.memory_estimate(problem.model, k, removed, nll=problem.nll) > (
-            problem.budget
-        ):
-            return None, {"kfac_downdate": "rebuilt: the removed rows at once would exceed the memory budget"}
-        t0 = time.perf_counter()
-        part = KroneckerCurvature.build(
-            problem.model,
-            problem.thetas,
-            [removed],
-            k,
-            nll=problem.nll,
-            # a likelihood detected with a link (a temperature, an output key, row weights): detected again on
-            # the removed rows, and rebuilt below unless it reads the same
-            likelihood=self.likelihood if old.info.get("likelihood_detected") else old.info["likelihood"],
-            sigma=old.info.get("sigma"),
-            mc_samples=self.mc_samples,
-            generator=problem.generator,
-        )
-        for key in ("likelihood", "sigma", "likelihood_detected"):
-            if part.info.get(key) != old.info.get(key):
-                return None, {"kfac_downdate": f"rebuilt: the removed rows' {key} reads {part.info.get(key)!r}"}
-        try:
-            kfac = old.downdate(part, rows, k)
-        except ValueError as exc:  # e.g. a layer that ran at the build but not on these rows: rebuild
-            return None, {"kfac_downdate": f"rebuilt: {exc}"}
-        return kfac, {"kfac_downdate": "downdated", "kfac_downdate_seconds": time.perf_counter() - t0}
 
     @property
     def _k(self) -> Any:
@@ -205,14 +149,14 @@ class KFACBackend(CurvatureBackend):
 
     def commit(self) -> None:
         if self._pending is not None:
-            self.kfac, self.age, self._rows = self._pending
+            self.kfac, self.age = self._pending
         self._pending = None
 
     def reset(self) -> None:
-        self.kfac, self.age, self._pending, self._probes, self._rows = None, 0, None, None, None
+        self.kfac, self.age, self._pending, self._probes = None, 0, None, None
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        meta: dict[str, Any] = {"precond_age": int(self.age), "kfac_rows": self._rows}
+        meta: dict[str, Any] = {"precond_age": int(self.age)}
         if self.kfac is None:
             return {}, meta
         tensors, kmeta = self.kfac.state_dict()
@@ -226,8 +170,5 @@ class KFACBackend(CurvatureBackend):
         sub = {k[len("kfac/") :]: v for k, v in tensors.items() if k.startswith("kfac/")}
         if sub and "kfac" in meta and model is not None:
             self.kfac = KroneckerCurvature.from_state_dict(model, sub, meta["kfac"])
-            # the rows the factors average over (older states: the count they were last scaled to, the same)
-            rows = meta.get("kfac_rows", meta["kfac"].get("n"))
-            self._rows = None if rows is None else int(rows)
         else:
-            self.kfac, self.age, self._rows = None, 0, None
+            self.kfac, self.age = None, 0
