@@ -670,7 +670,7 @@ class DampingControl:
             nll_ok = True
         else:
             nll_ok = None
-        if z is None and self._direct_rise(meas):
+        if z is None and self._direct_rise(meas.direct, meas.direct_stderr):
             return False
         if energy_ok is False or nll_ok is False:
             return False
@@ -678,11 +678,12 @@ class DampingControl:
             return True
         return None
 
-    def _direct_rise(self, meas: Measurement) -> bool:
-        """Whether the direct measurement shows the energy rising by more than ``direct_z`` standard errors."""
-        if self.direct_z is None or not (math.isfinite(meas.direct) and math.isfinite(meas.direct_stderr)):
+    def _direct_rise(self, direct: float, stderr: float) -> bool:
+        """Whether a direct measurement ``direct ± stderr`` shows the energy rising by more than ``direct_z``
+        standard errors."""
+        if self.direct_z is None or not (math.isfinite(direct) and math.isfinite(stderr)):
             return False
-        return meas.direct - self.direct_z * meas.direct_stderr > 0
+        return direct - self.direct_z * stderr > 0
 
     @staticmethod
     def _negligible(pred: float, meas: Measurement) -> bool:
@@ -856,7 +857,7 @@ class DampingControl:
                     f"{100 * self.max_nll_increase:g}% of {out.history[0]['nll_scale']:.3g})"
                 )
                 h = out.history[0]
-                if self._direct_rise(Measurement(0.0, 0.0, 0.0, h["direct"], h["direct_stderr"])):
+                if self._direct_rise(h["direct"], h["direct_stderr"]):
                     note += (
                         f"; measured directly, without the control variate, the energy rose by {h['direct']:.4g} ± "
                         f"{h['direct_stderr']:.2g} (more than {self.direct_z:g} standard errors)"
