@@ -52,6 +52,7 @@ from .unlearner import (
     _check_loader_order,
     _is_fields,
     check_finite_batch,
+    mean_and_half_difference,
 )
 
 __all__ = [
@@ -573,10 +574,7 @@ class DistributedUnlearner(MCMCUnlearner):
     def _grad_means(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # every draw's gradient, reduced over the ranks, then averaged (the single-process streaming path would
         # reduce per-rank means: other rounding, and a collective per chunk)
-        grads = self._per_draw_grads(f, thetas, batch, rowwise=True)
-        half = grads.shape[0] // 2
-        G = grads.mean(0)
-        return G, (0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G))
+        return mean_and_half_difference(self._per_draw_grads(f, thetas, batch, rowwise=True))
 
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared))

@@ -648,6 +648,14 @@ LOOP_DRAWS_FROM_DIM = 2**17
 LOOP_CONV_DRAWS_FROM_DIM = 2**14
 
 
+def mean_and_half_difference(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of per-draw gradients ``[S, D]`` and half the difference of the means of their first and second
+    halves (a draw of the mean's Monte-Carlo error; zero for one draw)."""
+    G = grads.mean(0)
+    half = grads.shape[0] // 2
+    return G, (0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G))
+
+
 #: Copies of one draw's gradient (``D`` numbers) a per-draw gradient holds besides what autograd saves: the
 #: parameters' gradients, their flat concatenation and the chunk's result (see ``MCMCUnlearner._grad_plan``).
 GRAD_COPIES = 3
@@ -1987,10 +1995,7 @@ class MCMCUnlearner:
         half = S // 2
         out = S * D * thetas.element_size()
         if 2 * out <= self.memory_budget:  # every draw's gradient fits easily: the same numbers as one pass
-            grads = self._per_draw_grads(f, thetas, batch, rowwise=True)
-            G = grads.mean(0)
-            dev = 0.5 * (grads[:half].mean(0) - grads[half:].mean(0)) if half >= 1 else torch.zeros_like(G)
-            return G, dev
+            return mean_and_half_difference(self._per_draw_grads(f, thetas, batch, rowwise=True))
         sums = torch.zeros(2, D, dtype=thetas.dtype, device=thetas.device)
         for s0, s1, g in self._grad_chunks(f, thetas, batch, True, sums.numel() * sums.element_size()):
             cut = min(max(half - s0, 0), s1 - s0)
