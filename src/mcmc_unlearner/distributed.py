@@ -45,14 +45,16 @@ from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor
 from .errors import InvalidRequestError, QualityError, UnlearningError
 from .unlearner import (
+    MIN_CURVATURE_ROWS,
     MCMCUnlearner,
     Proposal,
     RemovalReport,
     _as_batch,
     _check_loader_order,
+    _concat,
     _is_fields,
+    _same_shapes,
     check_finite_batch,
-    mean_and_half_difference,
 )
 
 __all__ = [
@@ -206,6 +208,9 @@ class ShardedDataset:
         self.rank, self.world, self.n_total = int(rank), int(world), int(n_total)
         self.index = RemovableDataset(torch.arange(n_total), batch_size=batch_size, seed=seed)
         self.weight_dtype = weight_dtype or torch.get_default_dtype()
+        #: The global ids of the last global minibatch ``next`` gave, in their order: where one process reads this
+        #: rank's rows (the safety check's screen and pooled curvature minibatches follow it).
+        self.last_ids: torch.Tensor | None = None
 
     @classmethod
     def from_global(
@@ -292,6 +297,7 @@ class ShardedDataset:
 
     def __next__(self) -> Batch:
         (gids,) = next(self.index)
+        self.last_ids = gids
         return self._rows(gids, 1.0 / gids.numel())
 
     def remaining(self) -> Batch:
@@ -571,32 +577,106 @@ class DistributedUnlearner(MCMCUnlearner):
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))
 
-    def _grad_means(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        # every draw's gradient, reduced over the ranks, then averaged (the single-process streaming path would
-        # reduce per-rank means: other rounding, and a collective per chunk)
-        return mean_and_half_difference(self._per_draw_grads(f, thetas, batch, rowwise=True))
-
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
 
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         return AllReducedOperator(super()._operator(f, thetas, batch, shared), self.group)
 
-    def _stacked(self, remaining: Iterator[Batch], count: int) -> Batch:
-        """``count`` local minibatch shares, padded with weight-0 rows to a common size and stacked."""
-        batches = [_as_batch(next(remaining)) for _ in range(count)]
-        size = max(b[0].shape[0] for b in batches)
-        return stack_batches([_pad(b, size) for b in batches])
+    # ------------------------------------------------------------------ minibatches as one process reads them
+    def _read(self, stream: Any, count: int) -> tuple[list[Batch], list[torch.Tensor], list[int]]:
+        """``count`` local minibatches; for each, where this rank's real rows (weight ≠ 0) sit in the minibatch one
+        process reads, and that minibatch's size (the real rows of all ranks).
 
-    def _local_rows(self, m: int, stream: Any) -> int:
-        """The rank's share of the safety check's ``m`` rows. A :class:`ShardedDataset`'s minibatches are global
-        (its ``batch_size`` too: every rank reads the ``⌈m/|B|⌉`` minibatches one process would); any other source
-        (a ``DataLoader`` over a ``DistributedSampler``) gives each rank its own minibatches, and each reads
-        ``⌈m/W⌉`` rows of them: the union is what one process reads from the union of the ranks' minibatches (the
-        whole ``m`` on each rank made the check ``W`` times larger, and so ``W``-dependent: a digits MLP on two ranks
-        checked 600 rows against one process's 360, and the next request's carried deficit, 1.44 against 1.09, put
-        its shift 16% apart)."""
-        return m if isinstance(stream.source, ShardedDataset) else -(-m // self.group_size)
+        A :class:`ShardedDataset`'s minibatches are global: a rank's rows sit where their global ids do. Any other
+        source (a ``DataLoader`` over a ``DistributedSampler``) gives each rank its own minibatches: one process
+        reads the union of the ranks' ``i``-th minibatches, rank 0's rows first (their sizes: one all-reduce of
+        ``count·W`` numbers)."""
+        batches, where, sizes = [], [], []
+        source = getattr(stream, "source", None)
+        for _ in range(count):
+            batches.append(_as_batch(next(stream)))
+            if isinstance(source, ShardedDataset):
+                gids = source.last_ids
+                where.append((gids % self.group_size == self.group_rank).nonzero().flatten())
+                sizes.append(int(gids.numel()))
+        if not isinstance(source, ShardedDataset) and count:
+            mine = [int((b[-1] != 0).sum()) for b in batches]
+            counts = torch.zeros(count, self.group_size, dtype=torch.float64)
+            counts[:, self.group_rank] = torch.tensor(mine, dtype=torch.float64)
+            self._reduce(counts)
+            before = counts[:, : self.group_rank].sum(1)
+            where = [int(b0) + torch.arange(k) for b0, k in zip(before.tolist(), mine)]
+            sizes = [round(float(c)) for c in counts.sum(1)]
+        return batches, where, sizes
+
+    @staticmethod
+    def _positions(where: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+        """The rank's real rows' places in the concatenation of the minibatches one process reads."""
+        starts = [0, *torch.tensor(sizes, dtype=torch.int64).cumsum(0).tolist()]
+        return torch.cat([s + w for s, w in zip(starts, where)]) if where else torch.zeros(0, dtype=torch.int64)
+
+    @staticmethod
+    def _weighted(parts: list[Batch], weights: list[float], template: Batch) -> Batch:
+        """Real rows ``parts[i]`` (fields without weights) with weight ``weights[i]``, padded with weight-0 copies
+        of ``template``'s first row to a common size and stacked."""
+        size = max(1, *(p[0].shape[0] for p in parts))
+        dtype, device = template[-1].dtype, template[-1].device
+        out = []
+        for p, w in zip(parts, weights):
+            k = p[0].shape[0]
+            fields = tuple(torch.cat([t, r[:1].expand(size - k, *r.shape[1:])]) for t, r in zip(p, template[:-1]))
+            wt = torch.zeros(size, dtype=dtype, device=device)
+            wt[:k] = w
+            out.append((*fields, wt))
+        return stack_batches(out)
+
+    def _stacked(self, remaining: Any, count: int) -> Batch:
+        """``count`` curvature minibatches, one per draw, as one process reads them (:meth:`_Stream.stacked`): the
+        next ``count`` minibatches, more while they are small, pooled and split evenly when their sizes differ
+        (a ``DataLoader``'s last, partial minibatch); each rank holds its real rows of each, with weight
+        ``1/|minibatch|`` of the whole, padded with weight-0 rows. A ``DataLoader``'s last minibatch kept the
+        weight column of a full one: 2 ranks were 0.22 off one process on the union (both 15 rows in 60)."""
+        batches, where, sizes = self._read(remaining, count)
+        have, limit = sum(sizes), count * MIN_CURVATURE_ROWS
+        small = max(sizes) < MIN_CURVATURE_ROWS
+        while small and have < limit and len(batches) < limit and have < count * remaining.n:
+            b, w, s = self._read(remaining, 1)
+            batches, where, sizes, have = batches + b, where + w, sizes + s, have + s[0]
+        _same_shapes(batches)
+        real = [tuple(t[b[-1] != 0] for t in b[:-1]) for b in batches]
+        if len(batches) == count and len(set(sizes)) == 1:
+            return self._weighted(real, [1.0 / s for s in sizes], batches[0])
+        bsz = have // count
+        rows = tuple(torch.cat(f) for f in zip(*real))
+        part = self._positions(where, sizes) // max(bsz, 1)
+        parts = [tuple(t[part == i] for t in rows) for i in range(count)]
+        return self._weighted(parts, [1.0 / max(bsz, 1)] * count, batches[0])
+
+    def _check_rows(self, stream: Any, m: int, screen: int) -> tuple[Batch, int]:
+        """The rank's share of the safety check's ``m`` rows and of its screen's first ``screen``, so that the union
+        over the ranks is what one process reads. A :class:`ShardedDataset`'s minibatches are global (its
+        ``batch_size`` too: every rank reads the ``⌈m/|B|⌉`` minibatches one process would); any other source with a
+        ``batch_size`` (a ``DataLoader`` over a ``DistributedSampler``) gives each rank its own minibatches, and each
+        reads ``⌈⌈m/W⌉/|B|⌉`` of them, one process's ``⌈m/(W·|B|)⌉`` of their union (the whole ``m`` on each rank
+        made the check ``W`` times larger, and so ``W``-dependent: a digits MLP on two ranks checked 600 rows against
+        one process's 360, and the next request's carried deficit, 1.44 against 1.09, put its shift 16% apart);
+        without a ``batch_size``, minibatches until the ranks hold ``m`` rows together. The screen measures the rows
+        among the first ``screen`` of the union (each rank read its own first ``screen``: 2 ranks screened on 120
+        rows where one process did on 64)."""
+        bs = getattr(stream.source, "batch_size", None)
+        if isinstance(bs, int) and bs > 0:
+            local = m if isinstance(stream.source, ShardedDataset) else -(-m // self.group_size)
+            batches, where, sizes = self._read(stream, -(-local // bs))
+        else:
+            batches, where, sizes = [], [], []
+            while sum(sizes) < m:
+                b, w, s = self._read(stream, 1)
+                if s[0] == 0:
+                    break
+                batches, where, sizes = batches + b, where + w, sizes + s
+        rows = self._raw(_concat(batches))
+        return rows, int((self._positions(where, sizes) < screen).sum())
 
     def _chain_draws(self, remaining: Iterator[Batch], n: int, removed: Batch | None = None) -> torch.Tensor:
         if self.sampler is None:
@@ -609,7 +689,13 @@ class DistributedUnlearner(MCMCUnlearner):
 
         draws = []
         for _ in range(self.samp_T):
-            distributed_step(self.model, self.sampler, _as_batch(next(remaining)), energy, n, self.group)
+            if isinstance(remaining.source, ShardedDataset):  # global minibatches: their weights are exact
+                batch = _as_batch(next(remaining))
+            else:  # the rank's own minibatches: weight 1/|union| (a partial last one kept a full one's weights)
+                (b,), _, (size,) = self._read(remaining, 1)
+                batch = self._weighted([tuple(t[b[-1] != 0] for t in b[:-1])], [1.0 / max(size, 1)], b)
+                batch = tuple(t[0] for t in batch)
+            distributed_step(self.model, self.sampler, batch, energy, n, self.group)
             draws.append(ParamSpec.flatten_module(self.model))
         self.sampler.zero_grad()
         return torch.stack(draws)
@@ -675,15 +761,6 @@ class DistributedUnlearner(MCMCUnlearner):
         except BaseException:
             data.load_state_dict(state)
             raise
-
-
-def _pad(batch: Batch, size: int) -> Batch:
-    """Pad a ``(*fields, w)`` batch to ``size`` rows by repeating its first row with weight 0."""
-    extra = size - batch[0].shape[0]
-    if extra <= 0:
-        return batch
-    fields = tuple(torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in batch[:-1])
-    return (*fields, torch.cat([batch[-1], batch[-1].new_zeros(extra)]))
 
 
 # ---------------------------------------------------------------------------------------------- ensembles

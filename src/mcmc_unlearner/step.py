@@ -192,7 +192,8 @@ class EnergyCheck:
         G: The request's gradient ``E[∇Σ_{S'}h]``.
         reduce: Sums tensors across ranks (``torch.distributed``); ``None`` in one process.
         screen: ``(draws, rows)`` of a first, cheaper measurement (:meth:`screen`: evenly spaced draws among
-            ``thetas``, the first rows); ``None``: no screening. The full check's forward passes are then only
+            ``thetas``, the first rows; with ``reduce``, this rank's first rows, which may be none); ``None``: no
+            screening. The full check's forward passes are then only
             made when a step needs them.
         vectorise: Batch the draws through ``torch.func.vmap`` (``True``) or take them one at a time (the same
             values; faster for convolutional networks with few channels, whose batched weights ``vmap`` runs as
@@ -222,9 +223,13 @@ class EnergyCheck:
         self._screen_size: tuple[int, int] | None = None
         if screen is not None:
             k, m = min(int(screen[0]), thetas.shape[0]), min(int(screen[1]), rows[0].shape[0])
-            if k < 1 or m < 1:
+            if reduce is not None:  # the screen's rows and the check's, over the ranks (a rank may hold none)
+                total, held = self.reduce(torch.tensor([m, rows[0].shape[0]], dtype=torch.float64)).tolist()
+            else:
+                total, held = m, rows[0].shape[0]
+            if k < 1 or total < 1:
                 raise ValueError(f"screen needs at least one draw and one row, got {screen}")
-            if (k, m) != (thetas.shape[0], rows[0].shape[0]):
+            if (k, total) != (thetas.shape[0], held):
                 self._screen_size = (k, m)
         self._g0: torch.Tensor | None = None
 

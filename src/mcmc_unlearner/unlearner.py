@@ -2004,6 +2004,8 @@ class MCMCUnlearner:
             if cut < s1 - s0:
                 sums[1] += g[cut:].sum(0)
             del g
+        if self._reduce is not None:  # data-parallel: the ranks' sums, one all-reduce of 2·D numbers
+            sums = self._reduce(sums)
         G = sums.sum(0) / S
         dev = 0.5 * (sums[0] / half - sums[1] / (S - half)) if half >= 1 else torch.zeros_like(G)
         return G, dev
@@ -2457,10 +2459,12 @@ class MCMCUnlearner:
         rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
         lp_f = None if self.log_prior is None else functionalize(self.model, lambda m: self.log_prior(m))
         screened = self.check_screen is not ScreenMode.OFF
-        screen = (math.ceil(k_thetas.shape[0] / 2), math.ceil(self.check_rows / 4)) if screened else None
         # at most 4 passes over the remaining rows (the default 256 always): check_rows=10**7 over 195 rows read
         # 10**7 repeated rows (3.2 GB, still running after 25 s)
-        check_rows = self._raw(stream.rows(self._local_rows(min(self.check_rows, max(4 * n, 256)), stream)))
+        check_rows, screen_rows = self._check_rows(
+            stream, min(self.check_rows, max(4 * n, 256)), math.ceil(self.check_rows / 4)
+        )
+        screen = (math.ceil(k_thetas.shape[0] / 2), screen_rows) if screened else None
         m_rows = int(check_rows[0].shape[0])
         # (a data set the library removes from, forget(ids, ...), may hold true duplicates of a removed row: not this)
         managed = not stream.from_rows and (
@@ -2592,9 +2596,10 @@ class MCMCUnlearner:
         prop._anchor = anchor
         return prop
 
-    def _local_rows(self, m: int, stream: _Stream) -> int:
-        """The rows of the safety check this process reads (all ``m`` in one process)."""
-        return m
+    def _check_rows(self, stream: _Stream, m: int, screen: int) -> tuple[Batch, int]:
+        """The safety check's rows (whole minibatches holding at least ``m`` rows) and how many of them, the first,
+        its screen measures (``screen``; the data-parallel version: this rank's share of both)."""
+        return self._raw(stream.rows(m)), screen
 
     def _check_second_derivatives(self, h_f: Callable, theta: torch.Tensor, batch: Batch, info: dict) -> None:
         """Warn when the removed rows' Hessian product by autograd disagrees with finite differences of their
