@@ -42,6 +42,8 @@ CASES = {
     "screen": (600, "sampler", dict(check_screen="both", check_rows=240)),
     # the chain's sampler steps read the partial minibatches too
     "chain": (401, "sampler", dict(expectation="chain", samp_T=5)),
+    # a ShardedDataset against a RemovableDataset: its global minibatches' first 60 rows, wherever their ids live
+    "sharded screen": (600, "sharded", dict(check_screen="both", check_rows=240)),
 }
 
 
@@ -83,6 +85,10 @@ def _unlearner(cls, model, bank, case):
 
 
 def _rank_loader(x, y, keep, rank, weights, split="sampler"):
+    if split == "sharded":
+        from mcmc_unlearner.distributed import ShardedDataset
+
+        return ShardedDataset.from_global(x[keep], y[keep], rank=rank, world=WORLD, batch_size=BS * WORLD, seed=1)
     if split == "own":
         keep = keep[rank::WORLD]
     cols = (x[keep], y[keep]) + ((torch.full((len(keep),), 1.0 / (BS * WORLD)),) if weights else ())
@@ -166,7 +172,12 @@ def test_two_ranks_over_distributed_samplers_equal_one_process_over_their_union(
     for i, ids in enumerate(map(torch.tensor, REQUESTS)):
         alive[ids] = False
         keep = alive.nonzero().flatten()
-        union = _Union([_rank_loader(x, y, keep, r, False, split) for r in range(WORLD)])
+        if split == "sharded":
+            from mcmc_unlearner.data import RemovableDataset
+
+            union = RemovableDataset(x[keep], y[keep], batch_size=BS * WORLD, seed=1)
+        else:
+            union = _Union([_rank_loader(x, y, keep, r, False, split) for r in range(WORLD)])
         report = un.remove((x[ids], y[ids]), union, len(keep))
         assert report.damping > 0  # damped: a deficit is measured on the check rows and carried
         one = un.bank if un.bank is not None else torch.nn.utils.parameters_to_vector(model.parameters()).detach()
