@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from _distributed_helpers import free_port, spawn
 from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner import cli
 from mcmc_unlearner.data import RemovableDataset
@@ -144,84 +142,67 @@ def _run_kfac(rank: int = 0, world: int = 1, sharded: bool = False) -> dict[str,
     return {"before": before, "bank": un.bank.clone(), "damping": torch.tensor([report.damping])}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        for cfg in CONFIGS:
-            res = _run(cfg, seed=0, rank=rank, world=world, sharded=True)
-            save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/{cfg}-rank{rank}.safetensors")
-        res = _run_kfac(rank, world, sharded=True)
-        save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/kfac-rank{rank}.safetensors")
-        # a request split unevenly across the ranks (each rank drew G's posterior samples for its own row count,
-        # and the all-reduce of the per-draw gradients aborted gloo with a size mismatch)
-        res = _run("cg", seed=0, rank=rank, world=world, sharded=True, removed=UNEVEN, samples=40)
-        save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/uneven-rank{rank}.safetensors")
+def _worker(rank: int, world: int, out: str) -> None:
+    for cfg in CONFIGS:
+        res = _run(cfg, seed=0, rank=rank, world=world, sharded=True)
+        save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/{cfg}-rank{rank}.safetensors")
+    res = _run_kfac(rank, world, sharded=True)
+    save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/kfac-rank{rank}.safetensors")
+    # a request split unevenly across the ranks (each rank drew G's posterior samples for its own row count,
+    # and the all-reduce of the per-draw gradients aborted gloo with a size mismatch)
+    res = _run("cg", seed=0, rank=rank, world=world, sharded=True, removed=UNEVEN, samples=40)
+    save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/uneven-rank{rank}.safetensors")
 
-        # a refused request: every rank refuses it, nothing changes, nobody hangs
-        x, y = _data()
-        model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(5), n=N)
-        data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=1)
-        un = DistributedUnlearner(model, bank=torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
-        un.forget([1, 2], data)
-        state, bank = data.state_dict(), un.bank.clone()
-        refused = []
-        for bad in ([2, 3], [7, 7], [N + 1]):
-            try:
-                un.forget(bad, data)
-            except InvalidRequestError:
-                refused.append(1)
-        x_nan = x.clone()
-        x_nan[9, 0] = float("nan")
-        data_nan = ShardedDataset.from_global(x_nan, y, rank=rank, world=world, batch_size=32, seed=1)
+    # a refused request: every rank refuses it, nothing changes, nobody hangs
+    x, y = _data()
+    model = GaussianMixture(k=4, dim=2, generator=torch.Generator().manual_seed(5), n=N)
+    data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=1)
+    un = DistributedUnlearner(model, bank=torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+    un.forget([1, 2], data)
+    state, bank = data.state_dict(), un.bank.clone()
+    refused = []
+    for bad in ([2, 3], [7, 7], [N + 1]):
         try:
-            un.forget([8, 9], data_nan)  # row 9 lives on rank 1 only: rank 0 must refuse as well
+            un.forget(bad, data)
         except InvalidRequestError:
             refused.append(1)
-        unchanged = torch.equal(data.state_dict()["alive"], state["alive"]) and torch.equal(un.bank, bank)
-        try:
-            agree(FAIL if rank == 1 else 1)
-            agreed = 0
-        except UnlearningError:
-            agreed = 1
-        if rank == 1:
-            agreed = 1
-        sync = params_in_sync(model)
-        try:  # banks that differ across the ranks: refused on every rank (were silently used)
-            DistributedUnlearner(model, bank=torch.randn(3, 8, generator=torch.Generator().manual_seed(rank)))
-            mismatch = 0
-        except InvalidRequestError:
-            mismatch = 1
-        save_file(
-            {"checks": torch.tensor([len(refused), int(unchanged), agreed, int(sync == 0.0), mismatch])},
-            f"{out}/checks-rank{rank}.safetensors",
-        )
+    x_nan = x.clone()
+    x_nan[9, 0] = float("nan")
+    data_nan = ShardedDataset.from_global(x_nan, y, rank=rank, world=world, batch_size=32, seed=1)
+    try:
+        un.forget([8, 9], data_nan)  # row 9 lives on rank 1 only: rank 0 must refuse as well
+    except InvalidRequestError:
+        refused.append(1)
+    unchanged = torch.equal(data.state_dict()["alive"], state["alive"]) and torch.equal(un.bank, bank)
+    try:
+        agree(FAIL if rank == 1 else 1)
+        agreed = 0
+    except UnlearningError:
+        agreed = 1
+    if rank == 1:
+        agreed = 1
+    sync = params_in_sync(model)
+    try:  # banks that differ across the ranks: refused on every rank (were silently used)
+        DistributedUnlearner(model, bank=torch.randn(3, 8, generator=torch.Generator().manual_seed(rank)))
+        mismatch = 0
+    except InvalidRequestError:
+        mismatch = 1
+    save_file(
+        {"checks": torch.tensor([len(refused), int(unchanged), agreed, int(sync == 0.0), mismatch])},
+        f"{out}/checks-rank{rank}.safetensors",
+    )
 
-        # ensemble: 2 independent chains (one rank each), banks gathered on every rank
-        chain, group, _, _ = ensemble_groups(2)
-        res = _run("cg", seed=chain, group=group, sharded=True)  # a one-rank group: rank 0 of 1
-        banks = gather_banks(res["bank"], chains=2, dim=res["bank"].shape[1])
-        save_file({f"bank{c}": b.contiguous() for c, b in enumerate(banks)}, f"{out}/ensemble-rank{rank}.safetensors")
-        dist.barrier()  # tear down together: gloo aborts a process whose peer exits mid-teardown
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter finalisation: gloo's worker threads can abort the process (SIGABRT, "terminate called
-    # without an active exception") while Python tears down; every result is already on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # ensemble: 2 independent chains (one rank each), banks gathered on every rank
+    chain, group, _, _ = ensemble_groups(2)
+    res = _run("cg", seed=chain, group=group, sharded=True)  # a one-rank group: rank 0 of 1
+    banks = gather_banks(res["bank"], chains=2, dim=res["bank"].shape[1])
+    save_file({f"bank{c}": b.contiguous() for c, b in enumerate(banks)}, f"{out}/ensemble-rank{rank}.safetensors")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(_worker, str(out), timeout_s=1800)
     return out
 
 
@@ -342,7 +323,7 @@ def test_forget_command_under_torchrun(tmp_path, capsys):
     ids.write_text(" ".join(map(str, [3, 4, 17, 40, 41, 99, 150])))
     assert cli.main(["forget", "--model", str(single), "--ids", str(ids)]) == 0
     capsys.readouterr()
-    run = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], _free_port())
+    run = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], free_port())
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("applied request") == 1  # rank 0 prints, rank 1 is silent
     a, b = load_model(single), load_model(multi)
@@ -355,12 +336,12 @@ def test_forget_command_under_torchrun(tmp_path, capsys):
     for key in ("request_id", "ids", "n_removed", "n_remaining", "solver", "iterations", "config"):
         assert ea[key] == eb[key], key
     assert verify(multi).ok
-    again = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], _free_port())
+    again = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], free_port())
     assert again.returncode == 0 and again.stdout.count("already applied") == 1, again.stderr[-2000:]
     bad = tmp_path / "bad.txt"
     bad.write_text("3 5")  # 3 was removed: every rank refuses, nothing is written
     before = {p.name: p.read_bytes() for p in multi.iterdir() if p.is_file()}
-    refused = _torchrun(["forget", "--model", str(multi), "--ids", str(bad)], _free_port())
+    refused = _torchrun(["forget", "--model", str(multi), "--ids", str(bad)], free_port())
     assert refused.returncode != 0 and "already removed" in refused.stderr
     assert {p.name: p.read_bytes() for p in multi.iterdir() if p.is_file()} == before
 

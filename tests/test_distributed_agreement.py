@@ -6,22 +6,13 @@ EnforceNotMet) instead of the documented refusal; a DataLoader's local length wa
 a different n, a 3x shift, every check passed); a bank differing by 1e-6 was not detected (float32 sums).
 """
 
-import datetime
-import os
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
+from _distributed_helpers import spawn
+
 N = 200
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup():
@@ -43,18 +34,10 @@ def _lp(m):
     return -0.5 * sum((p**2).sum() for p in m.parameters())
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, out):
     from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
     from mcmc_unlearner.errors import InvalidRequestError
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
     res = []
     x, y, model, bank = _setup()
     kw = dict(nll=_nll, log_prior=_lp, solver="exact")
@@ -114,9 +97,6 @@ def _worker(rank, world, port, out):
     # allreduce_grads while the other waited in the all-reduce; sampling now matches one process
     res.append(_sparse_embedding_chain(rank, world) is not None)
     torch.save(res, f"{out}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
 
 
 class _SparseEmbedding(torch.nn.Module):
@@ -157,7 +137,7 @@ def _sparse_embedding_chain(rank: int, world: int) -> torch.Tensor | None:
 
 
 def test_ranks_agree_on_what_one_rank_could_refuse(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, str(tmp_path))
     for r in range(2):
         assert torch.load(tmp_path / f"rank{r}.pt") == [True] * 6
 

@@ -6,15 +6,15 @@ repetitions whose spread it reports."""
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+
+from _distributed_helpers import spawn
 
 ROOT = Path(os.environ.get("REPO_ROOT", Path(__file__).resolve().parents[1]))
 
@@ -26,53 +26,38 @@ def _bench_module():
     return mod
 
 
-def _counter_worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
+def _counter_worker(rank: int, world: int, out: str) -> None:
     bench = _bench_module()
     from mcmc_unlearner.distributed import _all_reduce
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        original = dist.all_reduce
-        sums = []
-        with bench.CollectiveCounter() as c:
-            for t in (torch.ones(3), torch.ones(5, dtype=torch.float64)):
-                dist.all_reduce(t)
-                sums.append(t)
-            dist.all_reduce(torch.ones(2, dtype=torch.int64), op=dist.ReduceOp.MAX)
-            dist.all_reduce(tensor=torch.ones(2, 2))
-            sums.append(_all_reduce(torch.ones(4, 3).t(), None))  # the library's path: a non-contiguous tensor
-            b = torch.full((6,), float(rank))
-            dist.broadcast(b, src=0)
-            gathered = [torch.zeros(2) for _ in range(world)]
-            dist.all_gather(gathered, torch.full((2,), float(rank)))
-        dist.all_reduce(torch.ones(100))  # after the block: not counted
-        save_file(
-            {
-                "counts": c.as_tensor(),
-                "restored": torch.tensor([float(dist.all_reduce is original)]),
-                "sums": torch.cat([s.reshape(-1).double() for s in sums]),
-                "broadcast": b,
-                "gathered": torch.cat(gathered),
-            },
-            f"{out}/rank{rank}.safetensors",
-        )
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo's threads can abort interpreter finalisation; the results are on disk
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    original = dist.all_reduce
+    sums = []
+    with bench.CollectiveCounter() as c:
+        for t in (torch.ones(3), torch.ones(5, dtype=torch.float64)):
+            dist.all_reduce(t)
+            sums.append(t)
+        dist.all_reduce(torch.ones(2, dtype=torch.int64), op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor=torch.ones(2, 2))
+        sums.append(_all_reduce(torch.ones(4, 3).t(), None))  # the library's path: a non-contiguous tensor
+        b = torch.full((6,), float(rank))
+        dist.broadcast(b, src=0)
+        gathered = [torch.zeros(2) for _ in range(world)]
+        dist.all_gather(gathered, torch.full((2,), float(rank)))
+    dist.all_reduce(torch.ones(100))  # after the block: not counted
+    save_file(
+        {
+            "counts": c.as_tensor(),
+            "restored": torch.tensor([float(dist.all_reduce is original)]),
+            "sums": torch.cat([s.reshape(-1).double() for s in sums]),
+            "broadcast": b,
+            "gathered": torch.cat(gathered),
+        },
+        f"{out}/rank{rank}.safetensors",
+    )
 
 
 def test_collective_counter_counts_the_tensors_passed_in_a_two_process_gloo_run(tmp_path: Path) -> None:
-    mp.spawn(_counter_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_counter_worker, str(tmp_path), timeout_s=1800)
     bench = _bench_module()
     for rank in range(2):
         r = load_file(str(tmp_path / f"rank{rank}.safetensors"))

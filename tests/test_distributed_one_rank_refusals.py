@@ -7,20 +7,15 @@ fixed-order warning judges."""
 from __future__ import annotations
 
 import copy
-import datetime
 import json
-import os
-import socket
-import sys
 import time
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
 
+from _distributed_helpers import spawn
 from mcmc_unlearner import SGLD, MCMCUnlearner
 from mcmc_unlearner.distributed import DistributedUnlearner
 
@@ -44,52 +39,37 @@ def _setup():
     return x, y, model, bank
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+def _worker(rank: int, world: int, out: str) -> None:
     x, y, model, bank = _setup()
     found = {}
-    try:
-        for case in ("foreign", "weights"):
-            t0 = time.perf_counter()
-            try:
-                if case == "foreign":
-                    other = copy.deepcopy(model) if rank == 1 else model
-                    sampler = SGLD(other.parameters(), lr=1e-4)
-                    DistributedUnlearner(model, sampler, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact")
+    for case in ("foreign", "weights"):
+        t0 = time.perf_counter()
+        try:
+            if case == "foreign":
+                other = copy.deepcopy(model) if rank == 1 else model
+                sampler = SGLD(other.parameters(), lr=1e-4)
+                DistributedUnlearner(model, sampler, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact")
+            else:
+                un = DistributedUnlearner(model, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact")
+                keep = torch.arange(10, 200)
+                ds = TensorDataset(x[keep], y[keep], torch.full((len(keep),), 1 / (32 * world)))
+                if rank == 1:  # this rank's shard balanced by class weights
+                    w = torch.where(y[keep] == 1, 1.0, 2.0)
+                    s = WeightedRandomSampler(w, len(keep) // world, generator=torch.Generator().manual_seed(1))
                 else:
-                    un = DistributedUnlearner(model, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact")
-                    keep = torch.arange(10, 200)
-                    ds = TensorDataset(x[keep], y[keep], torch.full((len(keep),), 1 / (32 * world)))
-                    if rank == 1:  # this rank's shard balanced by class weights
-                        w = torch.where(y[keep] == 1, 1.0, 2.0)
-                        s = WeightedRandomSampler(w, len(keep) // world, generator=torch.Generator().manual_seed(1))
-                    else:
-                        s = DistributedSampler(ds, num_replicas=world, rank=rank, seed=0)
-                    mine = torch.arange(rank, 10, world)
-                    batch = (x[mine], y[mine], torch.ones(len(mine)))
-                    un.remove(batch, DataLoader(ds, batch_size=32, sampler=s), n_remaining=190)
-                found[case] = ["accepted", time.perf_counter() - t0]
-            except Exception as e:
-                found[case] = [f"{type(e).__name__}: {e}", time.perf_counter() - t0]
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump(found, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                    s = DistributedSampler(ds, num_replicas=world, rank=rank, seed=0)
+                mine = torch.arange(rank, 10, world)
+                batch = (x[mine], y[mine], torch.ones(len(mine)))
+                un.remove(batch, DataLoader(ds, batch_size=32, sampler=s), n_remaining=190)
+            found[case] = ["accepted", time.perf_counter() - t0]
+        except Exception as e:
+            found[case] = [f"{type(e).__name__}: {e}", time.perf_counter() - t0]
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(found, f)
 
 
 def test_a_refusal_on_one_rank_is_every_ranks_refusal_at_once(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, str(tmp_path))
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert "not the model's" in r1["foreign"][0]

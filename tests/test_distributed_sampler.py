@@ -17,16 +17,13 @@
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from _distributed_helpers import spawn
 
 N, BS, WORLD = 600, 60, 2  # the rank's minibatch; the union's is BS * WORLD
 REQUESTS = [[3, 4, 5, 17, 40, 41, 99, 150, 151, 152], list(range(200, 260, 3))]
@@ -119,17 +116,9 @@ def _trials(report):
     return [[h["check_rows"], h["damping"], h["actual"]] for h in report.info["trials"]]
 
 
-def _worker(rank: int, port: int, out: str, case: str) -> None:
+def _worker(rank: int, world: int, out: str, case: str) -> None:
     from mcmc_unlearner.distributed import DistributedUnlearner
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
     n, split, _ = CASES[case]
     x, y, model, bank = _setup(n)
     un = _unlearner(DistributedUnlearner, model, bank, case)
@@ -147,20 +136,11 @@ def _worker(rank: int, port: int, out: str, case: str) -> None:
         )
         trials.append(_trials(report))
     torch.save({"banks": banks, "trials": trials}, f"{out}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_over_distributed_samplers_equal_one_process_over_their_union(tmp_path, case):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), case), nprocs=WORLD, join=True)
+    spawn(_worker, str(tmp_path), case, world=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     from mcmc_unlearner import MCMCUnlearner
 
