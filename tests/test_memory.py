@@ -412,3 +412,124 @@ def test_removed_rows_gradient_mean_on_two_ranks_is_streamed_within_the_budget(t
         one = res["one"]
         assert float((res["G"] - one.mean(0)).norm()) <= 1e-5 * scale
         assert float((res["dev"] - 0.5 * (one[:32].mean(0) - one[32:].mean(0))).norm()) <= 1e-5 * scale
+
+
+_WHOLE = r"""
+import json, sys
+import torch
+from torch import nn
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.curvature import ParamSpec
+
+torch.set_num_threads(1)
+
+
+def status(field):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
+
+
+class Att(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 64)
+        self.layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.out(self.layer(self.inp(x.view(x.shape[0], 16, 8))).mean(1))
+
+
+which, budget = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+if which == "mlp":
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    x = torch.randn(2000, 64)
+else:
+    model, x = Att().eval(), torch.randn(2000, 128)
+y = torch.randint(10, (2000,))
+theta = ParamSpec.flatten_module(model)
+bank = theta + 0.01 * torch.randn(64, theta.numel())
+kw = dict(nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), memory_budget=budget)
+kw["log_prior"] = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())
+MCMCUnlearner(model, bank=bank.clone(), **kw).propose((x[:8], y[:8]), (x[8:], y[8:]))  # pages in the code
+un = MCMCUnlearner(model, bank=bank.clone(), **kw)
+rss = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+prop = un.propose((x[:8], y[:8]), (x[8:], y[8:]))
+peak = status("VmHWM")
+print(json.dumps({"transient": peak - status("VmRSS"), "kept": status("VmRSS") - rss}))
+"""
+
+
+@pytest.mark.parametrize(("which", "budget"), [("mlp", 16_000_000), ("mlp", 32_000_000), ("att", 16_000_000)])
+def test_a_whole_default_request_stays_within_the_budget(which, budget) -> None:
+    """A whole request (propose: G, K-FAC, the safety check, the bank shift, the recentring anchor) measured as the
+    high-water mark of a fresh process above what the request keeps (the shifted bank and the anchor's samples, its
+    results): the request's gradient, curvature and check draws were copies of the bank (``bank[arange(S)]``, 22 MB
+    each for 64 draws of an 85k-parameter MLP; the anchor's draws were copied twice), and the safety check formed
+    every check draw's gradient at once beside every row's derivatives: 36 MB over 16 and 32 MB budgets, and an
+    attention layer's 18 MB over 16 MB; now 14 MB and 10 MB."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mcmc_unlearner
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
+    src = os.path.dirname(os.path.dirname(mcmc_unlearner.__file__))
+    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(
+        [sys.executable, "-c", _WHOLE, which, str(budget)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["transient"] <= budget, f"{which}: {out['transient'] / 1e6:.1f} MB over the {budget / 1e6:.0f} MB budget"
+
+
+def test_check_in_row_parts_with_summed_gradients_equals_one_pass() -> None:
+    """A tight budget splits the safety check's rows and sums its draws' gradients chunk by chunk: the same
+    measurements and gradient as every row and draw at once (float64, to rounding), vectorised or draw by draw."""
+    from mcmc_unlearner.curvature import functionalize
+    from mcmc_unlearner.step import EnergyCheck
+
+    model = _tiny_net()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(37, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (37,), generator=g)
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta + 0.1 * torch.randn(6, theta.numel(), generator=g, dtype=torch.float64)
+    G = torch.randn(theta.numel(), generator=g, dtype=torch.float64)
+    step = 0.05 * torch.randn(theta.numel(), generator=g, dtype=torch.float64)
+    rows_f = functionalize(model, lambda m, *b: _nll(m, b))
+    lp_f = functionalize(model, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
+    for vectorise in (True, False):
+        one = EnergyCheck(rows_f, lp_f, thetas, (x, y), 500, G, vectorise=vectorise)
+        parts = EnergyCheck(rows_f, lp_f, thetas, (x, y), 500, G, vectorise=vectorise, chunk=4, row_chunk=5)
+        assert len(parts.row_parts((x, y))) == 8
+        a, b = one(step), parts(step)
+        for field in ("actual", "stderr", "nll_change", "direct", "direct_stderr", "nll_scale", "nll_stderr"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-10, abs=1e-12), field
+        assert (b.rows, b.draws) == (a.rows, a.draws) == (37, 6)
+        assert torch.allclose(parts.gradient(step), one.gradient(step), rtol=1e-10, atol=1e-10)
+        assert torch.allclose(parts.at(thetas[:3], G).gradient(step), one.at(thetas[:3], G).gradient(step))
+
+
+def test_a_budget_below_one_rows_derivatives_is_refused_before_anything_runs() -> None:
+    """Under a budget that no chunking can meet (the parameters' copies and one row's derivatives) the request is
+    refused at once, naming the budget and the budget that would do, with nothing changed."""
+    import time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.01 * torch.randn(16, theta.numel())
+    x, y = torch.randn(500, 64), torch.randint(10, (500,))
+    un = MCMCUnlearner(model, nll=_nll, bank=bank, memory_budget="1MB")
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryError, match=r"over the memory budget of 976.6 KiB: raise memory_budget to at least"):
+        un.remove((x[:8], y[:8]), (x[8:], y[8:]))
+    assert time.perf_counter() - t0 < 1.0
+    assert torch.equal(un.bank, bank)

@@ -200,6 +200,9 @@ class EnergyCheck:
             grouped convolutions: :func:`~mcmc_unlearner.unlearner.loop_over_draws`).
         chunk: Draws batched together when vectorised (``None``: all): the unlearner sizes it to its memory budget
             (all draws × all rows at once took 2.4 GB on a 1M-parameter CNN under a 400 MB budget).
+        row_chunk: Held rows per pass (``None``: every row at once, and the draws' gradients ``[K, D]`` formed at
+            once). Given, the check also sums the draws' gradients chunk by chunk instead of forming them all: what
+            a tight memory budget needs (the same values to rounding; the unlearner sets it only then).
     """
 
     def __init__(
@@ -214,10 +217,12 @@ class EnergyCheck:
         screen: tuple[int, int] | None = None,
         vectorise: bool = True,
         chunk: int | None = None,
+        row_chunk: int | None = None,
     ) -> None:
         self.f, self.lp, self.thetas, self.rows, self.n, self.G = nll_rows, log_prior, thetas, rows, n, G
         self.vectorise = bool(vectorise)
         self.chunk = None if chunk is None or chunk >= thetas.shape[0] else max(1, int(chunk))
+        self.row_chunk = None if row_chunk is None else max(1, int(row_chunk))
         self.reduce = reduce or (lambda t: t)
         self._parts: dict[str, _Part] = {}
         self._screen_size: tuple[int, int] | None = None
@@ -237,8 +242,24 @@ class EnergyCheck:
         """The same check (rows, ``n``, likelihood, prior, reduction, batching) at other draws and gradient, without
         screening: what the unlearner's further Newton steps and corrections measure from the moved bank."""
         return EnergyCheck(
-            self.f, self.lp, thetas, self.rows, self.n, G, self.reduce, vectorise=self.vectorise, chunk=self.chunk
+            self.f,
+            self.lp,
+            thetas,
+            self.rows,
+            self.n,
+            G,
+            self.reduce,
+            vectorise=self.vectorise,
+            chunk=self.chunk,
+            row_chunk=self.row_chunk,
         )
+
+    def row_parts(self, rows: Batch) -> list[Batch]:
+        """``rows`` in parts of ``row_chunk`` rows (one part when it is ``None``)."""
+        m, step = rows[0].shape[0], self.row_chunk
+        if step is None or step >= m:
+            return [rows]
+        return [tuple(t[i : i + step] for t in rows) for i in range(0, m, step)]
 
     def _part(self, which: str) -> _Part:
         if which not in self._parts:
@@ -265,6 +286,8 @@ class EnergyCheck:
         """``E_s[∇(−log p + n·mean_rows h)(θ_s + x)]`` on the check rows (the data part summed across ranks)."""
         f, rows, lp = self.f, self.rows, self.lp
         m = self.m
+        if self.row_chunk is not None:
+            return self._energy_grads_summed(x)
 
         def data(t: torch.Tensor) -> torch.Tensor:
             return f(t, *rows).sum()
@@ -286,6 +309,38 @@ class EnergyCheck:
                         g_prior = g_prior + torch.autograd.grad(-lp(tt), tt)[0]
             g_data, g_prior = g_data / len(self.thetas), g_prior / len(self.thetas)
         return self.reduce(g_data.detach()) * (self.n / m) + g_prior
+
+    def _energy_grads_summed(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_energy_grads` summed over chunks of draws and parts of rows: never the ``[K, D]`` gradients."""
+        f, lp, K = self.f, self.lp, self.thetas.shape[0]
+        step = self.chunk or K
+        g_data, g_prior = torch.zeros_like(x), torch.zeros_like(x)
+        for s0 in range(0, K, step):
+            th = self.thetas[s0 : s0 + step] + x
+            for part in self.row_parts(self.rows):
+
+                def data(t: torch.Tensor, part: Batch = part) -> torch.Tensor:
+                    return f(t, *part).sum()
+
+                done = False
+                if self.vectorise:
+                    try:
+                        g_data += vmap(grad(data))(th).sum(0)
+                        done = True
+                    except (RuntimeError, NotImplementedError, TypeError):
+                        pass
+                if not done:
+                    for t in th:
+                        with torch.enable_grad():
+                            tt = t.detach().requires_grad_(True)
+                            g_data += torch.autograd.grad(data(tt), tt)[0]
+            if lp is not None:
+                for t in th:
+                    with torch.enable_grad():
+                        tt = t.detach().requires_grad_(True)
+                        g_prior += torch.autograd.grad(-lp(tt), tt)[0]
+            del th
+        return self.reduce(g_data / K) * (self.n / self.m) + g_prior / K
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``∇φ(x) = −G + E_s[∇F(θ_s + x, S∖S') − ∇F(θ_s, S∖S')]``: the gradient of the control-variate energy
@@ -331,23 +386,32 @@ class _Part:
 
     def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (``torch.func``: vmapped
-        over draws, or one draw at a time when the check does not vectorise)."""
-        f, lp, rows = self.c.f, self.c.lp, self.rows
+        over draws, or one draw at a time when the check does not vectorise; the rows in parts of ``row_chunk``,
+        joined along the rows, when it is set)."""
+        f, lp = self.c.f, self.c.lp
+        parts = self.c.row_parts(self.rows)
+        outs = []
+        for i, rows in enumerate(parts):
 
-        def one(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            h1 = f(t + x, *rows)
-            h0, lin = jvp(lambda u: f(u, *rows), (t,), (x,))
-            if lp is None:
-                return h1, h0, lin, torch.zeros((), dtype=h1.dtype)
-            lp1 = lp(t + x)
-            lp0, dlp = jvp(lp, (t,), (x,))
-            return h1, h0, lin, -lp1 + lp0 + dlp  # R of the energy's prior term −log p
+            def one(t: torch.Tensor, rows: Batch = rows, prior: bool = i == 0) -> tuple[torch.Tensor, ...]:
+                h1 = f(t + x, *rows)
+                h0, lin = jvp(lambda u: f(u, *rows), (t,), (x,))
+                if lp is None or not prior:  # the prior's remainder does not depend on the rows: the first part's
+                    return h1, h0, lin, torch.zeros((), dtype=h1.dtype)
+                lp1 = lp(t + x)
+                lp0, dlp = jvp(lp, (t,), (x,))
+                return h1, h0, lin, -lp1 + lp0 + dlp  # R of the energy's prior term −log p
 
-        with torch.no_grad():
-            if self.c.vectorise:
-                h1, h0, lin, rp = vmap(one, chunk_size=self.c.chunk)(self.thetas)
-            else:
-                h1, h0, lin, rp = (torch.stack(v) for v in zip(*(one(t) for t in self.thetas)))
+            with torch.no_grad():
+                if self.c.vectorise:
+                    outs.append(vmap(one, chunk_size=self.c.chunk)(self.thetas))
+                else:
+                    outs.append(tuple(torch.stack(v) for v in zip(*(one(t) for t in self.thetas))))
+        if len(outs) == 1:
+            h1, h0, lin, rp = outs[0]
+        else:
+            h1, h0, lin = (torch.cat([o[k] for o in outs], dim=1) for k in range(3))
+            rp = outs[0][3]
         if self.h0 is None:
             self._start(h0)
         return h1 - self.h0 - lin, h1 - self.h0, float(rp.sum())
@@ -355,14 +419,24 @@ class _Part:
     def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The same one draw at a time, with double-backward directional derivatives (no ``torch.func``)."""
         f, lp, rows = self.c.f, self.c.lp, self.rows
+        parts = self.c.row_parts(rows)
+
+        def at(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([f(t, *p).detach() for p in parts]) if len(parts) > 1 else f(t, *rows).detach()
+
+        def lin(t: torch.Tensor) -> torch.Tensor:
+            if len(parts) == 1:
+                return _directional(lambda u: f(u, *rows), t, x)
+            return torch.cat([_directional(lambda u, p=p: f(u, *p), t, x) for p in parts])
+
         if self.h0 is None:
             with torch.no_grad():
-                self._start(torch.stack([f(t, *rows).detach() for t in self.thetas]))
+                self._start(torch.stack([at(t) for t in self.thetas]))
         R, dh, prior = torch.zeros_like(self.h0), torch.zeros_like(self.h0), 0.0
         for s, t in enumerate(self.thetas):
             with torch.no_grad():
-                h1 = f(t + x, *rows).detach()
-            R[s] = h1 - self.h0[s] - _directional(lambda u: f(u, *rows), t, x)
+                h1 = at(t + x)
+            R[s] = h1 - self.h0[s] - lin(t)
             dh[s] = h1 - self.h0[s]
             if lp is not None:
                 with torch.no_grad():

@@ -563,23 +563,30 @@ def _warn_if_bank_fits_worse(
     thetas: torch.Tensor,
     rows: Batch,
     spec: ParamSpec | None = None,
+    row_chunk: int | None = None,
 ) -> None:
     """Warn when the stored samples fit held remaining rows far worse than the model's own parameters: a flat
     ``[S, D]`` bank carries no names, and one flattened in another order than ``model.named_parameters()`` (optree's
     ``tree_ravel``, which ``posteriors`` uses, sorts the names: ``0.bias`` before ``0.weight``) is read as other
     parameters entirely (a fitted MLP's sample read so: NLL 2.48 per row against 0.002). Two forward passes."""
+    m = rows[0].shape[0]
+    step = m if row_chunk is None else max(1, int(row_chunk))
+
+    def nll_at(t: torch.Tensor) -> torch.Tensor:  # under a tight budget the rows in parts (``row_chunk``)
+        if step >= m:
+            return rows_f(t, *rows)
+        return torch.cat([rows_f(t, *(f[i : i + step] for f in rows)) for i in range(0, m, step)])
+
     with torch.no_grad():
-        at_model = float(rows_f(live, *rows).double().mean())
-        at_bank = float(torch.stack([rows_f(t, *rows).double().mean() for t in (thetas[0], thetas[-1])]).mean())
+        at_model = float(nll_at(live).double().mean())
+        at_bank = float(torch.stack([nll_at(t).double().mean() for t in (thetas[0], thetas[-1])]).mean())
     order = None if spec is None else _sorted_name_order(spec)
     if order is not None:
         # the model's own parameters are no reference where they were never set from the samples (posteriors is
         # functional: the model keeps its initialisation); the bank read in sorted-name order is
         with torch.no_grad():
             at_sorted = float(
-                torch.stack(
-                    [rows_f(t[order.to(t.device)], *rows).double().mean() for t in (thetas[0], thetas[-1])]
-                ).mean()
+                torch.stack([nll_at(t[order.to(t.device)]).double().mean() for t in (thetas[0], thetas[-1])]).mean()
             )
         if math.isfinite(at_sorted) and at_bank > 10.0 * abs(at_sorted) + 0.5:
             warnings.warn(
@@ -705,6 +712,13 @@ RECENTER_ACCEPT_Z = 2.0
 #: the ratio test at −1409 ± 282 while the direct measurement read +1412 ± 618, and took the kept classes from 1.79
 #: to 2.82× the retrain-pair distance.
 RECENTER_DIRECT_Z = 2.0
+#: Copies of every check draw's gradient the safety check forms when it takes every row at once (the moved draws,
+#: their gradients, the prior's: ``MCMCUnlearner._check_plan``).
+CHECK_D_COPIES = 3
+#: Copies of the parameters the smallest request holds (live draw, ``G``, its error, the step, a summed gradient,
+#: the per-draw gradient, the draw moved, a solve's workspace): with one row's derivatives, the floor below which a
+#: request is refused before anything runs (``MCMCUnlearner._request_floor``).
+REQUEST_D_COPIES = 8
 #: Rows per pass of its first-moment measurement (bounds its memory; on LeNet-5, 512–2,048-row chunks were no
 #: slower than 4,096).
 RECENTER_ROW_CHUNK = 1024
@@ -819,6 +833,11 @@ def _evenly(n: int, k: int | None) -> torch.Tensor:
     if k is None or k >= n:
         return torch.arange(n)
     return torch.linspace(0, n - 1, k).round().long()
+
+
+def _draws(bank: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``bank[_evenly(S, k)]``: the same numbers, without a copy when that is every draw."""
+    return bank if k is None or k >= bank.shape[0] else bank[_evenly(bank.shape[0], k)]
 
 
 def _check_log_prior(model: nn.Module, log_prior: Callable[[nn.Module], torch.Tensor] | None) -> None:
@@ -1924,6 +1943,35 @@ class MCMCUnlearner:
         :func:`loop_over_draws` for ``"auto"``)."""
         return self.backend == "func" or (self.backend == "auto" and not loop_over_draws(self.model, dim, check))
 
+    def _check_plan(self, thetas: torch.Tensor, rows: int) -> dict[str, int | None]:
+        """``chunk`` (draws per pass) and ``row_chunk`` (rows per pass; ``None``: all, and the draws' gradients
+        formed at once) of the safety check within the budget.
+
+        Every draw over all its rows at once is planned at ``_HVP_MEMORY_FACTOR`` times what one call saves; the
+        check's gradient also holds ``CHECK_D_COPIES`` copies of every draw's gradient (the moved draws, their
+        gradients, the prior's). When that does not fit, the gradients are summed chunk by chunk and the rows are
+        split until one draw fits beside its ``D`` numbers (an 85k-parameter MLP's 8 check draws took 8.7 MB
+        under an 8 MB budget, a 10k-parameter CNN's 256 rows 18 MB)."""
+        K, D = thetas.shape
+        d_bytes = D * thetas.element_size()
+        per_draw = _HVP_MEMORY_FACTOR * self._call_cost(rows)
+        chunk = chunk_for(self.memory_budget, per_draw, K)
+        if CHECK_D_COPIES * K * d_bytes + chunk * per_draw <= self.memory_budget:
+            return {"chunk": chunk, "row_chunk": None}  # as always: every row at once
+        reserve = CHECK_D_COPIES * d_bytes  # x, the summed data and prior gradients, G
+        room = self.memory_budget - reserve - CHECK_D_COPIES * d_bytes
+        step = rows
+        if per_draw > room:
+            step = int(max(1, (room - _HVP_MEMORY_FACTOR * self._call_bytes) // (_HVP_MEMORY_FACTOR * self._row_bytes)))
+        per = _HVP_MEMORY_FACTOR * self._call_cost(step) + CHECK_D_COPIES * d_bytes
+        return {"chunk": chunk_for(self.memory_budget, per, K, reserve), "row_chunk": min(step, rows)}
+
+    def _request_floor(self, rows: int = 1) -> int:
+        """Bytes the smallest request needs: ``REQUEST_D_COPIES`` copies of the parameters (the live draw, ``G``
+        and its error, the step, the gradients being summed) and one draw's derivatives over ``rows`` rows."""
+        item = ParamSpec.params(self.model)[0].element_size()
+        return REQUEST_D_COPIES * self.spec.dim * item + _HVP_MEMORY_FACTOR * self._call_cost(rows)
+
     def _grad_plan(self, thetas: torch.Tensor, rows: int, rowwise: bool, reserve: int) -> tuple[int, int, int]:
         """``(draws per chunk, rows per part, planned bytes)`` for per-draw gradients over ``rows`` rows within the
         budget less ``reserve`` (what the caller holds meanwhile, e.g. the output).
@@ -2400,6 +2448,14 @@ class MCMCUnlearner:
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
         self._bytes_per_row(e_f, live, batch)
+        floor = self._request_floor()
+        if floor > self.memory_budget:  # before anything runs: no chunking fits one draw's derivatives on one row
+            raise MemoryError(
+                f"the request needs at least {format_bytes(floor)} ({REQUEST_D_COPIES} copies of the "
+                f"{self.spec.dim:,} parameters and one row's derivatives, {format_bytes(self._call_cost(1))} saved "
+                f"per call), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at "
+                f"least {format_bytes(floor)}; nothing was changed"
+            )
         sampler_state = None
         if expectation is Expectation.CHAIN:
             draws = self._chain_draws(stream, n, batch)
@@ -2411,10 +2467,10 @@ class MCMCUnlearner:
                 "global_rng": torch.get_rng_state() if _uses_global_rng(self.sampler) else None,
             }
         else:
-            S = self.bank.shape[0]
-            g_thetas = self.bank[_evenly(S, self._grad_draw_count(k))]  # k: removed rows, over all ranks
-            c_thetas = self.bank[_evenly(S, self.curvature_draws)]
-            k_thetas = self.bank[_evenly(S, self.check_draws)]
+            # every draw: the bank itself, not a copy (each copy of a 64-draw bank of an 85k-parameter MLP is 22 MB)
+            g_thetas = _draws(self.bank, self._grad_draw_count(k))  # k: removed rows, over all ranks
+            c_thetas = _draws(self.bank, self.curvature_draws)
+            k_thetas = _draws(self.bank, self.check_draws)
         G, dev = self._grad_means(h_f, g_thetas, batch)
         if not all_finite(G):
             raise SolverDivergedError(
@@ -2481,7 +2537,9 @@ class MCMCUnlearner:
             )
         if not self._order_checked and self._layout is not None and self._layout.kind in ("flat", "flat_list"):
             self._order_checked = True
-            _warn_if_bank_fits_worse(rows_f, live, k_thetas, check_rows, self.spec)
+            _warn_if_bank_fits_worse(
+                rows_f, live, k_thetas, check_rows, self.spec, self._check_plan(k_thetas, m_rows)["row_chunk"]
+            )
         check = EnergyCheck(
             rows_f,
             lp_f,
@@ -2492,8 +2550,9 @@ class MCMCUnlearner:
             self._reduce,
             screen=screen,
             vectorise=self._vectorise(G.numel(), check=True),
-            # draws batched per forward pass and forward-mode derivative: within the memory budget
-            chunk=chunk_for(self.memory_budget, _HVP_MEMORY_FACTOR * self._call_cost(m_rows), k_thetas.shape[0]),
+            # draws batched per forward pass and forward-mode derivative (and the rows split, and the draws'
+            # gradients summed, when a tight budget needs it): within the memory budget
+            **self._check_plan(k_thetas, m_rows),
         )
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
@@ -2899,7 +2958,7 @@ class MCMCUnlearner:
             return None
         most = RECENTER_MAX_DRAWS if self.recenter_draws == "auto" else self.recenter_draws
         index = _evenly(self.bank.shape[0], max(RECENTER_REMOVED_DRAWS, most))
-        thetas = self.bank[index].clone()
+        thetas = self.bank[index]  # indexing by a tensor copies (a clone after it held the draws twice)
         info["recenter"] = "anchored"
         return _Anchor(index, thetas, self._pair_positions(index.numel()), torch.zeros_like(thetas[0]))
 
