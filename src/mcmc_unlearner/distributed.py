@@ -52,6 +52,7 @@ from .unlearner import (
     _check_loader_order,
     _is_fields,
     check_finite_batch,
+    lag_sums,
     mean_and_half_difference,
 )
 
@@ -571,10 +572,15 @@ class DistributedUnlearner(MCMCUnlearner):
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))
 
-    def _grad_means(self, f: Callable, thetas: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grad_means(
+        self, f: Callable, thetas: torch.Tensor, batch: Batch, lags: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # every draw's gradient, reduced over the ranks, then averaged (the single-process streaming path would
         # reduce per-rank means: other rounding, and a collective per chunk)
-        return mean_and_half_difference(self._per_draw_grads(f, thetas, batch, rowwise=True))
+        grads = self._per_draw_grads(f, thetas, batch, rowwise=True)
+        if lags is not None:
+            lags.copy_(lag_sums(grads))
+        return mean_and_half_difference(grads)
 
     def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
