@@ -648,11 +648,18 @@ def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[n
 LOOP_DRAWS_FROM_DIM = 2**17
 #: ... and from this many with a convolution, which ``vmap`` runs with batched weights as one grouped convolution,
 #: slow when the channels are few (LeNet-5, 61,706 parameters: 1.4× faster looped; at 21,386 about even, 0.9×). The
-#: safety check (a forward pass and a forward-mode derivative at 8 draws × 256 rows per trial) loops only for a
+#: safety check (a forward pass and a forward-mode derivative at 8 draws × 256 rows per trial) loops for a
 #: convolutional network between the two thresholds: LeNet-5 1.5× faster looped (at 21,386 parameters 1.1-1.2×),
-#: while the wide ResNet's trials are 1.4× faster vmapped, MLPs up to 301,066 parameters 1.45-1.9× and a
-#: 994-parameter CNN 1.3×. On Fashion-MNIST's 94 requests (LeNet-5) both loops took 12% less CPU time in all.
+#: while MLPs below ``LOOP_DRAWS_FROM_DIM`` are 1.45-1.9× faster vmapped and a 994-parameter CNN 1.3×. On
+#: Fashion-MNIST's 94 requests (LeNet-5) both loops took 12% less CPU time in all.
 LOOP_CONV_DRAWS_FROM_DIM = 2**14
+#: From this many parameters the safety check takes its rows' linear term by central differences
+#: (``EnergyCheck(linear="difference")``: two forward passes, where torch's forward mode cost 5.3 on a 1.2M-parameter
+#: ResNet, and its prior term's forward mode 20 ms a draw there in making the dual tensor) and loops over draws like
+#: the removed rows' gradients: one trial of 8 draws × 256 rows 0.27 s against 0.50 s (forward mode, vmapped) on
+#: that ResNet, and 35 / 66 / 247 ms against 46 / 91 / 405 ms on MLPs of 0.20M / 0.30M / 1.3M parameters
+#: (one thread; the measured energy change within 0.16 of its standard error of forward mode's).
+CHECK_DIFFERENCE_FROM_DIM = LOOP_DRAWS_FROM_DIM
 
 
 def mean_and_half_difference(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -739,11 +746,11 @@ GRAD_SAVED_FACTOR = 3
 
 def loop_over_draws(model: nn.Module, dim: int, check: bool = False) -> bool:
     """Whether ``backend="auto"`` takes per-draw derivatives of ``model`` (``dim`` parameters) one draw at a time:
-    for the removed rows' gradients from ``LOOP_DRAWS_FROM_DIM`` parameters, or ``LOOP_CONV_DRAWS_FROM_DIM`` with a
-    convolution; for the safety check (``check``) with a convolution between the two."""
+    from ``LOOP_DRAWS_FROM_DIM`` parameters, or ``LOOP_CONV_DRAWS_FROM_DIM`` with a convolution (the safety
+    ``check`` alike: from ``CHECK_DIFFERENCE_FROM_DIM`` its linear term is two forward passes, looped faster)."""
     conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     if check:
-        return conv and LOOP_CONV_DRAWS_FROM_DIM <= dim < LOOP_DRAWS_FROM_DIM
+        return (conv and LOOP_CONV_DRAWS_FROM_DIM <= dim) or dim >= CHECK_DIFFERENCE_FROM_DIM
     return dim >= LOOP_DRAWS_FROM_DIM or (conv and dim >= LOOP_CONV_DRAWS_FROM_DIM)
 
 
@@ -2636,8 +2643,10 @@ class MCMCUnlearner:
             vectorise=self._vectorise(G.numel(), check=True),
             # draws batched per forward pass and forward-mode derivative (and the rows split, and the draws'
             # gradients summed, when a tight budget needs it): within the memory budget
+            linear="difference" if G.numel() >= CHECK_DIFFERENCE_FROM_DIM else "jvp",
             **self._check_plan(k_thetas, m_rows),
         )
+        info["check_linear"] = check.linear
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused"))
         auto = self.damping_shape is DampingShape.AUTO
