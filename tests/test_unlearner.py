@@ -423,7 +423,8 @@ def test_affine_transport_falls_back_to_the_mean_shift_when_the_old_precision_is
 def test_draws_are_looped_where_measured_faster() -> None:
     """``backend="auto"``'s rule (:func:`loop_over_draws`, measured by ``benchmarks/draw_batching.py``): the removed
     rows' gradients loop from ``LOOP_DRAWS_FROM_DIM`` parameters, or ``LOOP_CONV_DRAWS_FROM_DIM`` with a
-    convolution; the safety check loops only for a convolutional network between the two."""
+    convolution; the safety check alike (from ``CHECK_DIFFERENCE_FROM_DIM`` = ``LOOP_DRAWS_FROM_DIM`` its linear term
+    is a central difference of forward passes, looped faster: ``tests/test_check_difference.py``)."""
     from mcmc_unlearner.unlearner import LOOP_CONV_DRAWS_FROM_DIM, LOOP_DRAWS_FROM_DIM, loop_over_draws
 
     def dim(m: torch.nn.Module) -> int:
@@ -440,9 +441,9 @@ def test_draws_are_looped_where_measured_faster() -> None:
     expect = {  # model: (gradients looped, check looped)
         "small_cnn": (False, False),
         "mid_cnn": (True, True),
-        "big_cnn": (True, False),
+        "big_cnn": (True, True),
         "mid_mlp": (False, False),
-        "big_mlp": (True, False),
+        "big_mlp": (True, True),
     }
     models = {"small_cnn": small_cnn, "mid_cnn": mid_cnn, "big_cnn": big_cnn, "mid_mlp": mid_mlp, "big_mlp": big_mlp}
     for name, m in models.items():
