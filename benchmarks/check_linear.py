@@ -1,0 +1,125 @@
+"""The safety check's linear term: forward mode (stop 35's rule: batched through ``vmap`` from ``LOOP_DRAWS_FROM_DIM``
+parameters) against central differences looped over draws (``CHECK_DIFFERENCE_FROM_DIM``), on the same request
+sequence in one process.
+
+Two unlearners on copies of one model-matrix chain take the same requests (the forgotten set first, then random
+kept rows of ``--rows``), alternating which goes first; each request's CPU time, the check's (``_Part.measure``)
+and the removed rows' gradient's (``_grad_means``) are summed per rule from ``--from`` on (the first requests pay
+the one-off K-FAC build and the damping search from scratch). One torch thread (``--threads``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/check_linear.py --model resnet --requests 10 --chain-cache /tmp/mm/cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchargs as A
+import mcmc_unlearner.step as st
+import mcmc_unlearner.unlearner as U
+import model_matrix as mm
+from mcmc_unlearner import MCMCUnlearner
+
+NEW_LOOP = U.loop_over_draws
+
+
+def old_loop(model: torch.nn.Module, dim: int, check: bool = False) -> bool:
+    """Stop 35's rule: the check looped only for a convolutional network between the two thresholds (forward mode
+    batched through ``vmap`` above ``LOOP_DRAWS_FROM_DIM``)."""
+    if not check:
+        return NEW_LOOP(model, dim)
+    conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    return conv and U.LOOP_CONV_DRAWS_FROM_DIM <= dim < U.LOOP_DRAWS_FROM_DIM
+
+
+#: per rule: (the threshold the check's linear term reads, the draw-looping rule)
+RULES = {"forward": (2**62, old_loop), "difference": (U.CHECK_DIFFERENCE_FROM_DIM, NEW_LOOP)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=A.one_of(mm.BUILDERS), default="resnet", help="a model_matrix.py model name")
+    ap.add_argument("--requests", type=A.int_at_least(2), default=10)
+    ap.add_argument("--from", dest="start", type=A.int_at_least(0), default=2, help="first request summed")
+    ap.add_argument("--rows", type=A.int_at_least(1), default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=A.int_at_least(1), default=1)
+    ap.add_argument("--chain-cache", type=Path, default=None, help="model_matrix.py's chain cache folder")
+    args = ap.parse_args(argv)
+    if args.start >= args.requests:
+        ap.error(f"--from {args.start} leaves no request of {args.requests} to sum")
+    torch.set_num_threads(args.threads)
+
+    cpu: Counter = Counter()
+    rule, counting = ["forward"], [False]
+
+    def timed(owner: object, name: str, key: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            c0 = time.process_time()
+            try:
+                return inner(*a, **k)
+            finally:
+                if counting[0]:
+                    cpu[(rule[0], key)] += time.process_time() - c0
+
+        setattr(owner, name, wrapper)
+
+    timed(st._Part, "measure", "check")
+    timed(U.MCMCUnlearner, "_grad_means", "G")
+
+    p = mm.build_problems([args.model], True, args.seed)[0]
+    origin = mm.train_chain(p, torch.arange(len(p.x_train)), 100 * args.seed, args.chain_cache)
+    _, epoch = mm.time_sgld_epoch(p, origin.model, max_steps=None)
+    kept = p.keep_mask.nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(args.seed)
+    requests = [p.forget] + [
+        kept[torch.randperm(len(kept), generator=g)[: args.rows]] for _ in range(args.requests - 1)
+    ]
+    uns = {}
+    for name in RULES:
+        model = copy.deepcopy(origin.model)
+        torch.nn.utils.vector_to_parameters(origin.bank[-1], model.parameters())
+        uns[name] = MCMCUnlearner(model, None, nll=p.nll, log_prior=p.log_prior, bank=origin.bank.clone())
+    print(f"{p.description}: {p.n_params():,} params, {torch.get_num_threads()} thread(s), SGLD epoch over 10k rows "
+          f"{epoch:.2f} s CPU")  # fmt: skip
+    gone = torch.zeros(len(p.x_train), dtype=torch.bool)
+    for k, rows in enumerate(requests):
+        gone[rows] = True
+        xr, yr = p.x_train[~gone], p.y_train[~gone]
+        line = []
+        for name in list(RULES) if k % 2 == 0 else list(RULES)[::-1]:
+            rule[0], counting[0] = name, k >= args.start
+            U.CHECK_DIFFERENCE_FROM_DIM, U.loop_over_draws = RULES[name]
+            c0 = time.process_time()
+            rep = uns[name].remove((p.x_train[rows], p.y_train[rows]), mm.forever(mm.loader(xr, yr, p.batch, k)),
+                                   n_remaining=len(xr))  # fmt: skip
+            spent = time.process_time() - c0
+            if k >= args.start:
+                cpu[(name, "request")] += spent
+            line.append(f"{name} {spent:.2f} s ({rep.damping_trials} trials, damping {rep.damping_relative:.3g}x, "
+                        f"shortfall {rep.step_shortfall:.3g}, {rep.info['check_linear']})")  # fmt: skip
+        print(f"  request {k}: " + "; ".join(line), flush=True)
+    U.CHECK_DIFFERENCE_FROM_DIM, U.loop_over_draws = RULES["difference"]
+    n = args.requests - args.start
+    print(f"requests {args.start}-{args.requests - 1}, per request (CPU s; SGLD epochs over 10k rows):")
+    for name in RULES:
+        r, c, gm = (cpu[(name, key)] / n for key in ("request", "check", "G"))
+        print(f"  {name:10s} request {r:.3f} ({r / epoch:.3f} epochs), check {c:.3f}, removed rows' gradient {gm:.3f}")
+    f, d = (cpu[(name, "request")] for name in RULES)
+    cf, cd = (cpu[(name, "check")] for name in RULES)
+    print(f"difference / forward: request {d / f:.3f}, check {cd / cf:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
