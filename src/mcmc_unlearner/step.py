@@ -213,7 +213,7 @@ class EnergyCheck:
             ``"difference"``, the central difference ``(h_i(θ_s + εx) − h_i(θ_s − εx))/2ε`` with ``ε =
             DIFFERENCE_STEP`` (two forward passes; for a smooth ``h`` it is off by ``ε²/6`` of the third derivative
             along ``x``, so ``R_i`` is measured to ``ε² = 1/64`` of its cubic part). On a 1.2M-parameter ResNet torch's
-            forward mode costs 5.3 forward passes, so the difference halves the check (:data:`DIFFERENCE_STEP`).
+            forward mode costs 5.3 forward passes (the unlearner's rule: ``CHECK_DIFFERENCE_FROM_DIM``).
     """
 
     def __init__(
