@@ -293,6 +293,32 @@ print(json.dumps({"peak": status("VmHWM") - rss, "result": out.numel() if torch.
 """
 
 
+def _measure_env() -> dict[str, str]:
+    """The environment of a measured child: this source tree, one thread, large buffers returned to the system at
+    once (``MALLOC_MMAP_THRESHOLD_``) so the resident set follows what is held; skips where the peak cannot be reset."""
+    import os
+
+    import mcmc_unlearner
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
+    src = os.path.dirname(os.path.dirname(mcmc_unlearner.__file__))
+    return dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+
+
+def _measured(script: str, *args: str, timeout: float) -> dict:
+    """Run ``script`` (``python -c``) in a fresh process and return the JSON of its last line of output."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], env=_measure_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize(("which", "budget"), [("means", 12_000_000), ("per_draw", 32_000_000)])
 def test_removed_rows_gradients_measured_under_vmap_stay_within_the_budget(which, budget) -> None:
     """The per-draw gradients were sized by what one call saves for its backward pass: the gradients themselves
@@ -301,22 +327,7 @@ def test_removed_rows_gradients_measured_under_vmap_stay_within_the_budget(which
     12 MB budget for the request's gradient mean and 45 MB against 32 MB for every draw's gradient. Measured here
     as the growth of the resident set (``VmHWM − VmRSS``, the high-water mark reset just before) of a fresh process,
     the computation run once before so that the growth is its buffers, not the code it pages in."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import mcmc_unlearner
-
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
-    src = os.path.dirname(os.path.dirname(mcmc_unlearner.__file__))
-    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, which, str(budget)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+    peak = _measured(_MEASURE, which, str(budget), timeout=120)["peak"]
     assert peak <= budget, f"{which}: peak {peak / 1e6:.1f} MB over the {budget / 1e6:.0f} MB budget"
 
 
@@ -374,17 +385,11 @@ def test_removed_rows_gradient_mean_on_two_ranks_is_streamed_within_the_budget(t
     of 2 gloo ranks is measured as in the test above, and its
     ``G`` and half-difference equal the unstreamed ones and one process's over the union of the ranks' rows."""
     import json
-    import os
     import socket
     import subprocess
     import sys
 
-    import mcmc_unlearner
-
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
-    src = os.path.dirname(os.path.dirname(mcmc_unlearner.__file__))
-    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    env = _measure_env()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -471,22 +476,7 @@ def test_a_whole_default_request_stays_within_the_budget(which, budget) -> None:
     each for 64 draws of an 85k-parameter MLP; the anchor's draws were copied twice), and the safety check formed
     every check draw's gradient at once beside every row's derivatives: 36 MB over 16 and 32 MB budgets, and an
     attention layer's 18 MB over 16 MB; now 14 MB and 10 MB."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import mcmc_unlearner
-
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
-    src = os.path.dirname(os.path.dirname(mcmc_unlearner.__file__))
-    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(
-        [sys.executable, "-c", _WHOLE, which, str(budget)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _measured(_WHOLE, which, str(budget), timeout=300)
     assert out["transient"] <= budget, f"{which}: {out['transient'] / 1e6:.1f} MB over the {budget / 1e6:.0f} MB budget"
 
 
