@@ -177,6 +177,34 @@ def _head(batch: Batch, rows: int) -> Batch:
     return tuple(t[:rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
+def _span(batch: Batch, r0: int, r1: int) -> Batch:
+    """Rows ``r0:r1`` of every field that has the batch's leading dimension."""
+    b = _field_rows(batch)
+    return tuple(t[r0:r1] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
+
+
+class _Draws:
+    """The random numbers of one minibatch drawn once, whole, and replayed for each of its row chunks.
+
+    A chunked build (``build(row_chunk=)``) must consume the generator exactly as the one-pass build does: each
+    draw (a layer's location subset, the Monte-Carlo noise or signs) is made for the whole minibatch when the first
+    chunk reaches it, in the same order, and every later chunk reads the same values (its rows of them)."""
+
+    def __init__(self) -> None:
+        self.values: list[Tensor] = []
+        self.at = 0
+
+    def restart(self) -> None:
+        self.at = 0
+
+    def get(self, make: Callable[[], Tensor]) -> Tensor:
+        if self.at == len(self.values):
+            self.values.append(make())
+        out = self.values[self.at]
+        self.at += 1
+        return out
+
+
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
 
@@ -843,6 +871,23 @@ def _chunks(block: _Block, x: Tensor) -> Iterator[Tensor]:
     yield from x.split(max(1, _CHUNK_BYTES // max(per_row, 1)))
 
 
+def _chunk_subset(x: Tensor, seen: int, cap: int, span: tuple[int, int, int, _Draws], gen: torch.Generator) -> Tensor:
+    """The rows of a chunk's layer input ``x`` (``seen`` locations) that the one-pass build's subset of the whole
+    minibatch keeps: the permutation is drawn once for the whole minibatch, as in one pass. A leading dimension equal
+    to the chunk's rows is the minibatch's rows; any other (a sequence-first layout) is the same in every chunk."""
+    r0, r1, B, draws = span
+    by_row = x.shape[0] == r1 - r0
+    whole = B if by_row else x.shape[0]
+    seen = seen // (r1 - r0) * B  # the whole minibatch's locations (the rows do not interact)
+    if not (seen > cap and whole > 1):
+        return x
+    keep = math.ceil(cap * whole / seen)
+    pick = draws.get(lambda: torch.randperm(whole, generator=gen, device=gen.device))[:keep]
+    if by_row:
+        pick = pick[(pick >= r0) & (pick < r1)] - r0
+    return x[pick.to(x.device)]
+
+
 def _input_moment(block: _Block, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
     """``Σ_{i,l} a_{il} a_{il}ᵀ`` of the bias-augmented inputs (or its diagonal) and the number of locations.
 
@@ -968,6 +1013,7 @@ class KroneckerCurvature:
         sigma: float | None = None,
         exact_expectation: bool | None = None,
         sampling: str = "gaussian",
+        row_chunk: int | None = None,
     ) -> KroneckerCurvature:
         """Accumulate the factors over posterior draws ``thetas[s]`` with minibatches ``batches[s]``.
 
@@ -1001,6 +1047,11 @@ class KroneckerCurvature:
                 sampling; default: exactly when the model has at most ``mc_samples`` outputs per row.
             sampling: ``"gaussian"`` (output-Hessian square root times Gaussian noise) or ``"labels"`` (sampled
                 labels, as in K-FAC practice; much noisier for confident classifiers): see the module docstring.
+            row_chunk: Run each minibatch through the model this many rows at a time (``None``: all at once), so
+                that its activations fit a memory budget. Every random draw (location subsets, noise, signs) is
+                made for the whole minibatch first, as in one pass, and the diagonal's minibatch gradients are
+                squared after the chunks are summed: the factors equal the one-pass ones to rounding (the rows must
+                not interact: BatchNorm in training mode does; ``sampling="gaussian"`` only).
 
         Raises:
             ValueError: on inconsistent shapes, an unknown likelihood, or a likelihood that cannot be used.
@@ -1036,8 +1087,12 @@ class KroneckerCurvature:
             raise ValueError(f"max_factor_dim must be positive, got {max_factor_dim}")
         if sampling not in ("gaussian", "labels"):
             raise ValueError(f"sampling must be 'gaussian' or 'labels', got {sampling!r}")
+        if row_chunk is not None and not (isinstance(row_chunk, int) and row_chunk > 0):
+            raise ValueError(f"row_chunk must be a positive int or None, got {row_chunk!r}")
         mc_samples = int(mc_samples)
         info: dict[str, Any] = {"draws": S, "mc_samples": mc_samples, "model_training": bool(model.training)}
+        if row_chunk is not None:
+            info["row_chunk"] = row_chunk
         if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             info["warning"] = (
                 "model in training mode: BatchNorm batch statistics couple the rows, so the per-row curvature is "
@@ -1094,6 +1149,7 @@ class KroneckerCurvature:
         fired: set[str] = set()
         swapped: set[str] = set()
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
+        part: dict[str, Any] = {"span": None}  # (r0, r1, B, draws) while a minibatch runs in row chunks
 
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             blk = by_module[module]
@@ -1131,7 +1187,10 @@ class KroneckerCurvature:
                 if max_locations == "auto"
                 else max_locations
             )
-            if cap is not None and seen > cap and batched and x.shape[0] > 1:
+            if part["span"] is not None:
+                if cap is not None and batched:
+                    x = _chunk_subset(x, seen, cap, part["span"], gen)
+            elif cap is not None and seen > cap and batched and x.shape[0] > 1:
                 # A is a mean over locations: a uniform subset of rows (all of their locations) is unbiased for it
                 keep = math.ceil(cap * x.shape[0] / seen)
                 x = x[torch.randperm(x.shape[0], generator=gen, device=gen.device)[:keep].to(x.device)]
@@ -1140,7 +1199,9 @@ class KroneckerCurvature:
                 rows = x.numel() // x.shape[-1]
             else:  # locations of the (possibly subsampled) convolution input: output locations per input row
                 rows = seen if not batched else (seen // args[0].shape[0]) * x.shape[0]
-            if blk.A_mom.can_keep(rows):  # fewer patches than dimensions so far: keep them (a low-rank factor)
+            if rows == 0:  # a row chunk none of whose rows is in the location subset
+                count = 0
+            elif blk.A_mom.can_keep(rows):  # fewer patches than dimensions so far: keep them (a low-rank factor)
                 a = _patches(blk, x).to(dtype)
                 if blk.bias is not None:
                     a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
@@ -1174,64 +1235,94 @@ class KroneckerCurvature:
                     ParamSpec.assign(model, thetas[s])
                     batch = batches[s if len(batches) > 1 else 0]
                     B = _field_rows(batch)
-                    calls.clear()
-                    fired.clear()
-                    same_input.clear()
-                    losses = cls._losses(
-                        model, batch, lik, nll, mc_samples, exact_expectation, sigma, gen, record, sampling, link
-                    )
-                    t0 = time.perf_counter()
-                    first = next(losses)  # runs the forward pass (hooks fire)
-                    clock["forward"] += time.perf_counter() - t0
-                    forwards += 1
-                    if s == 0:
-                        for b in blocks:
-                            if b.name not in fired:
-                                for pname in (b.weight, b.bias):
-                                    if pname is not None:
-                                        reasons[pname] = (
-                                            f"{type(b.module).__name__} '{b.name}': the forward ran it with other "
-                                            "tensors than its parameters (torch.func.functional_call in the model)"
-                                            if b.name in swapped
-                                            else _owner_reason(model, pname)
-                                        )
-                        blocks = [b for b in blocks if b.name in fired]
-                        covered = {p for b in blocks for p in (b.weight, b.bias) if p is not None}
-                        diag_names = [name for name in spec.names if name not in covered]
-                        for name in diag_names:
-                            reasons.setdefault(name, _owner_reason(model, name))
-                        diag_params = [named[name] for name in diag_names]
-                        diag_sum = torch.zeros(sum(named[k].numel() for k in diag_names), dtype=dtype, device=device)
-                    missing = {b.name for b in blocks} - fired
-                    if missing:
-                        raise RuntimeError(
-                            f"layers {sorted(missing)} ran at the first draw but not at draw {s}: the model's control "
-                            "flow must not depend on the parameters"
-                        )
+                    chunked = row_chunk is not None and row_chunk < B
+                    parts = [(r0, min(r0 + row_chunk, B)) for r0 in range(0, B, row_chunk)] if chunked else [(0, B)]
+                    draws = _Draws()
+                    sums: list[Tensor] = []  # chunked: each loss's gradient of the diagonal parameters, summed
                     rows += B
-                    loss: Tensor | None = first
-                    while loss is not None:
-                        nxt = next(losses, None)
-                        inputs = [o for _, o in calls] + diag_params
+                    for r0, r1 in parts:
+                        span = (r0, r1, B, draws) if chunked else None
+                        part["span"] = span
+                        draws.restart()
+                        calls.clear()
+                        fired.clear()
+                        same_input.clear()
+                        losses = cls._losses(
+                            model,
+                            _span(batch, r0, r1) if chunked else batch,
+                            lik,
+                            nll,
+                            mc_samples,
+                            exact_expectation,
+                            sigma,
+                            gen,
+                            record,
+                            sampling,
+                            link,
+                            span,
+                        )
                         t0 = time.perf_counter()
-                        grads = torch.autograd.grad(loss, inputs, retain_graph=nxt is not None, allow_unused=True)
-                        t1 = time.perf_counter()
-                        clock["backward"] += t1 - t0
-                        passes += 1
-                        for (blk, _), g in zip(calls, grads):
-                            if g is None:
-                                continue
-                            blk.G_mom.add_rows(_out_rows(blk, g.detach()).to(dtype))
-                        pos = 0
-                        for p, g in zip(diag_params, grads[len(calls) :]):
-                            k = p.numel()
-                            if g is not None:
-                                diag_sum[pos : pos + k] += g.detach().reshape(-1).to(dtype).square()
-                            pos += k
-                        clock["output_factors"] += time.perf_counter() - t1
-                        del grads
-                        loss = nxt
-                    calls.clear()
+                        first = next(losses)  # runs the forward pass (hooks fire)
+                        clock["forward"] += time.perf_counter() - t0
+                        forwards += 1
+                        if s == 0 and r0 == 0:
+                            for b in blocks:
+                                if b.name not in fired:
+                                    for pname in (b.weight, b.bias):
+                                        if pname is not None:
+                                            reasons[pname] = (
+                                                f"{type(b.module).__name__} '{b.name}': the forward ran it with other "
+                                                "tensors than its parameters (torch.func.functional_call in the model)"
+                                                if b.name in swapped
+                                                else _owner_reason(model, pname)
+                                            )
+                            blocks = [b for b in blocks if b.name in fired]
+                            covered = {p for b in blocks for p in (b.weight, b.bias) if p is not None}
+                            diag_names = [name for name in spec.names if name not in covered]
+                            for name in diag_names:
+                                reasons.setdefault(name, _owner_reason(model, name))
+                            diag_params = [named[name] for name in diag_names]
+                            diag_sum = torch.zeros(
+                                sum(named[k].numel() for k in diag_names), dtype=dtype, device=device
+                            )
+                        missing = {b.name for b in blocks} - fired
+                        if missing:
+                            raise RuntimeError(
+                                f"layers {sorted(missing)} ran at the first draw but not at draw {s}: the model's "
+                                "control flow must not depend on the parameters"
+                            )
+                        loss: Tensor | None = first
+                        index = 0
+                        while loss is not None:
+                            nxt = next(losses, None)
+                            inputs = [o for _, o in calls] + diag_params
+                            t0 = time.perf_counter()
+                            grads = torch.autograd.grad(loss, inputs, retain_graph=nxt is not None, allow_unused=True)
+                            t1 = time.perf_counter()
+                            clock["backward"] += t1 - t0
+                            passes += 1
+                            for (blk, _), g in zip(calls, grads):
+                                if g is None:
+                                    continue
+                                blk.G_mom.add_rows(_out_rows(blk, g.detach()).to(dtype))
+                            if chunked and index == len(sums):
+                                sums.append(torch.zeros_like(diag_sum))
+                            pos = 0
+                            for p, g in zip(diag_params, grads[len(calls) :]):
+                                k = p.numel()
+                                if g is not None and chunked:  # squared once the chunks are summed
+                                    sums[index][pos : pos + k] += g.detach().reshape(-1).to(dtype)
+                                elif g is not None:
+                                    diag_sum[pos : pos + k] += g.detach().reshape(-1).to(dtype).square()
+                                pos += k
+                            clock["output_factors"] += time.perf_counter() - t1
+                            del grads
+                            loss = nxt
+                            index += 1
+                        calls.clear()
+                    part["span"] = None
+                    for total in sums:
+                        diag_sum += total.square()
         finally:
             for h in handles:
                 h.remove()
@@ -1332,8 +1423,12 @@ class KroneckerCurvature:
         record: dict[str, str],
         sampling: str = "gaussian",
         link: dict[str, Any] | None = None,
+        span: tuple[int, int, int, _Draws] | None = None,
     ) -> Iterator[Tensor]:
         """Scalar losses whose backward passes give the statistics; the first item runs the forward pass.
+
+        ``span = (r0, r1, B, draws)``: ``batch`` is rows ``r0:r1`` of a minibatch of ``B`` rows, and every random
+        draw is made for all ``B`` rows (once, through ``draws``) and cut to these rows.
 
         ``record["mode"]`` is set to ``"mc"``, ``"exact"`` or ``"empirical"`` once the forward has run. ``link``
         (:func:`detect_likelihood`'s extras) picks the output tensor, its temperature and per-row weights ``w``:
@@ -1342,8 +1437,15 @@ class KroneckerCurvature:
         link = link or {}
         B = _field_rows(batch)
 
+        def whole(make: Callable[[int], Tensor]) -> Tensor:
+            """``make(rows)`` for this batch's rows, or for the whole minibatch (cut to this chunk's rows)."""
+            if span is None:
+                return make(B)
+            r0, r1, full, draws = span
+            return draws.get(lambda: make(full))[r0:r1]
+
         def signs(ref: Tensor) -> Tensor:
-            r = torch.randint(0, 2, (B,), generator=gen, device=gen.device).to(ref.device, ref.dtype)
+            r = whole(lambda k: torch.randint(0, 2, (k,), generator=gen, device=gen.device)).to(ref.device, ref.dtype)
             return 2 * r - 1
 
         if lik is Likelihood.EMPIRICAL:
@@ -1371,13 +1473,19 @@ class KroneckerCurvature:
                 for c in range(width):
                     yield -(r * probs[:, c].sqrt() * logp[:, c]).sum()
             elif sampling == "labels":  # ŷ ~ p: gradient p − e_ŷ, E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ
+                if span is not None:  # the labels drawn depend on every row's probabilities at once
+                    raise ValueError("a K-FAC build in row chunks needs sampling='gaussian', not 'labels'")
                 for _ in range(mc_samples):
                     yhat = torch.multinomial(probs.to(gen.device, torch.float64), 1, generator=gen)[:, 0]
                     picked = logp.gather(1, yhat.to(out.device)[:, None])[:, 0]
                     yield -(picked if rw is None else rw * picked).sum()
             else:  # s = (I − p1ᵀ)(√p ⊙ ε), ε ~ N(0, I): E[s sᵀ] = (I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ
                 for _ in range(mc_samples):
-                    eps = torch.randn(probs.shape, generator=gen, device=gen.device, dtype=probs.dtype)
+                    eps = whole(
+                        lambda k: torch.randn(
+                            (k, *probs.shape[1:]), generator=gen, device=gen.device, dtype=probs.dtype
+                        )
+                    )
                     root = probs.sqrt() * eps.to(out.device)
                     if rw is not None:
                         root = rw[:, None] * root
@@ -1391,7 +1499,9 @@ class KroneckerCurvature:
             else:
                 mu = out.detach()
                 for _ in range(mc_samples):
-                    eps = torch.randn(mu.shape, generator=gen, device=gen.device, dtype=torch.float64)
+                    eps = whole(
+                        lambda k: torch.randn((k, *mu.shape[1:]), generator=gen, device=gen.device, dtype=torch.float64)
+                    )
                     yhat = mu + sigma * eps.to(mu.device, mu.dtype)
                     sq = (out - yhat).square().reshape(B, -1).sum(1)
                     yield (sq if rw is None else rw * sq).sum() / (2 * sigma**2)
@@ -1612,12 +1722,13 @@ class KroneckerCurvature:
     @staticmethod
     def memory_estimate(
         model: nn.Module,
-        batch_rows: int,
+        batch_rows: int | None,
         example_batch: Batch,
         max_factor_dim: int = 4096,
         nll: Callable[[nn.Module, Batch], Tensor] | None = None,
-    ) -> int:
-        """Peak bytes :meth:`build` will allocate for minibatches of ``batch_rows`` rows, estimated before building.
+    ) -> Any:
+        """Peak bytes :meth:`build` will allocate for minibatches of ``batch_rows`` rows, estimated before building
+        (``batch_rows=None``: the estimate as a function of the rows, e.g. to choose ``build(row_chunk=)``).
 
         Two tiny probe forward passes (with gradients, on 1-4 rows of ``example_batch``; through ``nll`` when given,
         which calls the model as the user does, else ``model(batch[0])``) measure the bytes autograd
@@ -1668,14 +1779,18 @@ class KroneckerCurvature:
         (r1, s1), (r2, s2) = measured
         per_row = {k: (s2[k] - s1[k]) / (r2 - r1) if r2 > r1 else s2[k] / r2 for k in s1}
         fixed = {k: max(s1[k] - per_row[k] * r1, 0.0) for k in s1}
-        est = {k: fixed[k] + per_row[k] * batch_rows for k in s1}
         itemsize = next(model.parameters()).element_size()
         factors = sum((b.in_dim**2 if b.eig_A else b.in_dim) + (b.out_dim**2 if b.eig_G else b.out_dim) for b in blocks)
         largest_factor = max(
             [b.in_dim if b.eig_A else 0 for b in blocks] + [b.out_dim if b.eig_G else 0 for b in blocks] + [0]
         )
-        patch = min(est["patch"], _CHUNK_BYTES + per_row["patch"])  # unfolded in chunks of rows
-        passes = est["saved"] + 2 * est["block_out"] + 2 * max(patch, est["largest"])
         eig = 3 * largest_factor**2 * itemsize
         params = 4 * spec.dim * itemsize
-        return int(passes + 2 * factors * itemsize + eig + params)
+
+        def estimate(rows: int) -> int:
+            est = {k: fixed[k] + per_row[k] * rows for k in s1}
+            patch = min(est["patch"], _CHUNK_BYTES + per_row["patch"])  # unfolded in chunks of rows
+            passes = est["saved"] + 2 * est["block_out"] + 2 * max(patch, est["largest"])
+            return int(passes + 2 * factors * itemsize + eig + params)
+
+        return estimate if batch_rows is None else estimate(batch_rows)

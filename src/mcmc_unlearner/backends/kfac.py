@@ -58,15 +58,23 @@ class KFACBackend(CurvatureBackend):
             kfac, age = self.kfac, self.age + 1
         else:
             batches = problem.draw_batches()
-            need = KroneckerCurvature.memory_estimate(
-                problem.model, batches[0][0].shape[0], batches[0], nll=problem.nll
-            )
-            if need > problem.budget:
-                raise MemoryError(
-                    f"K-FAC needs about {format_bytes(need)} for minibatches of {batches[0][0].shape[0]} rows, over "
-                    f"the memory budget of {format_bytes(problem.budget)}: raise memory_budget, feed smaller "
-                    "minibatches, or use solver='cg'"
-                )
+            rows = batches[0][0].shape[0]
+            estimate = KroneckerCurvature.memory_estimate(problem.model, None, batches[0], nll=problem.nll)
+            row_chunk = None  # every minibatch in one pass when it fits (as always)
+            if estimate(rows) > problem.budget:
+                # the minibatch in row chunks (the same factors to rounding): the most rows that fit beside what
+                # the chunks add, each loss's gradient of the diagonal parameters kept until the chunks are summed
+                extra = self.mc_samples * problem.dim * problem.thetas.element_size()
+                lo, hi = 0, rows
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if estimate(mid) + extra <= problem.budget else (lo, mid - 1)
+                if lo < 1:
+                    raise MemoryError(
+                        f"K-FAC needs about {format_bytes(estimate(1) + extra)} for one row at a time, over the "
+                        f"memory budget of {format_bytes(problem.budget)}: raise memory_budget, or use solver='cg'"
+                    )
+                row_chunk = lo
             kfac = KroneckerCurvature.build(
                 problem.model,
                 problem.thetas,
@@ -78,6 +86,7 @@ class KFACBackend(CurvatureBackend):
                 mc_samples=self.mc_samples,
                 generator=problem.generator,
                 reduce=problem.reduce,  # None in one process (keeps the Gram-matrix path for wide layers)
+                **({} if row_chunk is None else {"row_chunk": row_chunk}),
             )
             age = 1
             self._probes = None
