@@ -641,6 +641,11 @@ def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[n
     return rows
 
 
+#: Posterior draws of the safety check by default (``MCMCUnlearner(check_draws=...)``; fewer where the bank is smaller,
+#: recorded as ``report.info["check_draws_capped"]``).
+CHECK_DRAWS = 8
+
+
 #: ``backend="auto"`` takes per-draw derivatives one draw at a time rather than batched through ``vmap`` where the
 #: loop is faster (``benchmarks/draw_batching.py``, one thread, best of 5; :func:`loop_over_draws`). The removed
 #: rows' gradients (16 draws × 64 rows): from this many parameters, where the work per draw dominates (a
@@ -1548,7 +1553,7 @@ class MCMCUnlearner:
         refresh_every: int | None = None,
         precondition_rank: int = 0,
         drift_tol: float = 2.0,
-        check_draws: int = 8,
+        check_draws: int = CHECK_DRAWS,
         check_rows: int = 256,
         check_screen: ScreenMode | str | bool = "reject",
         negative_curvature: str = "raise",
@@ -2215,13 +2220,23 @@ class MCMCUnlearner:
     def _note_curvature_cap(self, used: int, info: dict[str, Any]) -> None:
         """Record that ``curvature_draws`` was capped at the bank's size (``info["curvature_draws_capped"]``) and,
         when the user asked for that many draws by name, warn once per unlearner naming the cap."""
-        info["curvature_draws_capped"] = used
-        if self._curvature_draws_given and not getattr(self, "_warned_curvature_cap", False):
-            self._warned_curvature_cap = True
+        self._note_cap(
+            "curvature_draws", self.curvature_draws, used, self._curvature_draws_given, info,
+            "the curvature is averaged over all {used} (capped at the bank's size; the report's n_curvature_draws "
+            "says so)",
+        )  # fmt: skip
+
+    def _note_cap(self, name: str, asked: int, used: int, given: bool, info: dict[str, Any], what: str) -> None:
+        """Record that the option ``name`` (``asked`` draws) was capped at the bank's ``used`` samples
+        (``info[name + "_capped"]``) and, when the user asked for that many by name (``given``), warn once per
+        unlearner and option, saying ``what`` the capped draws measure."""
+        info[f"{name}_capped"] = used
+        warned = self.__dict__.setdefault("_warned_caps", set())
+        if given and name not in warned:
+            warned.add(name)
             warnings.warn(
-                f"curvature_draws={self.curvature_draws} is more than the bank's {used} samples: the curvature is "
-                f"averaged over all {used} (capped at the bank's size; the report's n_curvature_draws says so). "
-                f"Collect a larger bank for more draws, or pass curvature_draws<={used} to silence this",
+                f"{name}={asked} is more than the bank's {used} samples: {what.format(used=used)}. Collect a larger "
+                f"bank for more draws, or pass {name}<={used} to silence this",
                 stacklevel=_outside_stacklevel(),
             )
 
@@ -2576,6 +2591,21 @@ class MCMCUnlearner:
             info["autocast"] = autocast
         if expectation is not Expectation.CHAIN and c_thetas.shape[0] < self.curvature_draws:
             self._note_curvature_cap(int(c_thetas.shape[0]), info)
+        if expectation is not Expectation.CHAIN and k_thetas.shape[0] < self.check_draws:
+            # the default 8 capped silently at a smaller bank (recorded); a number asked for by name warned
+            self._note_cap(
+                "check_draws", self.check_draws, int(k_thetas.shape[0]), self.check_draws != CHECK_DRAWS, info,
+                "the safety check measures every step at all {used}",
+            )  # fmt: skip
+        if (
+            expectation is not Expectation.CHAIN
+            and isinstance(self.grad_draws, int)
+            and (g_thetas.shape[0] < self.grad_draws)
+        ):
+            self._note_cap(
+                "grad_draws", self.grad_draws, int(g_thetas.shape[0]), True, info,
+                "the removed points' gradient G is averaged over all {used}",
+            )  # fmt: skip
         if not self._hvp_checked and self.solver in _HESSIAN_PRODUCTS:
             self._hvp_checked = True
             self._check_second_derivatives(h_f, live, batch, info)
