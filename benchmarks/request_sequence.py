@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchargs as A
 import model_matrix as mm
-from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=A.positive_int, default=1, help="torch threads (default 1: see README, 'Threads')"
     )
     ap.add_argument("--chain-cache", type=Path, default=None, help="model_matrix.py's chain cache folder")
+    ap.add_argument(
+        "--source",
+        type=A.one_of(["iterator", "removable"]),
+        default="iterator",
+        help="the remaining data: a plain iterator over a DataLoader (the model matrix's; no correction across "
+        "requests can run) or a RemovableDataset (the deletion service's; corrections every recenter_every requests)",
+    )
     ap.add_argument("--json", type=A.output_file, default=None)
     ap.add_argument(
         "--options",
@@ -85,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, rows in enumerate(requests):
         gone[rows] = True
         xr, yr = p.x_train[~gone], p.y_train[~gone]
-        remaining = mm.forever(mm.loader(xr, yr, p.batch, k))
+        if args.source == "removable":
+            remaining = RemovableDataset(xr, yr, batch_size=p.batch, seed=k)
+        else:
+            remaining = mm.forever(mm.loader(xr, yr, p.batch, k))
         c0, t0 = time.process_time(), time.perf_counter()
         status, report = "ok", None
         try:
@@ -113,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
                 rebuilt_for_drift=bool(info.get("curvature_rebuilt_for_drift")),
                 screened_trials=sum(1 for t in info.get("trials", []) if 0 < t.get("check_rows", 0) < un.check_rows),
                 kfac_build_seconds=info.get("kfac_build_seconds"),
+                recenter=str(info.get("recenter", ""))[:60],  # "applied", "skipped: ...", "off: ...", ...
+                recenter_seconds=info.get("recenter_seconds"),
             )
         rows_out.append(row)
         print(
             f"  request {k}: {status:<4} {cpu:6.2f} s CPU = {row['epochs']:.2f} epochs; trials "
             f"{row.get('damping_trials')}, damping {row.get('damping_relative', math.nan):.3g}x mean curvature, "
             f"shortfall {row.get('step_shortfall', math.nan):.3g}, curvature reused {row.get('curvature_reused')}"
-            f"{' (rebuilt: drift)' if row.get('rebuilt_for_drift') else ''}, screened {row.get('screened_trials')}",
+            f"{' (rebuilt: drift)' if row.get('rebuilt_for_drift') else ''}, screened {row.get('screened_trials')}"
+            f"{'; correction ' + row['recenter'] if row.get('recenter_seconds') is not None else ''}",
             flush=True,
         )
     later = [r["epochs"] for r in rows_out[1:]]
@@ -135,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {"model": p.name, "description": p.description, "params": p.n_params(), "quick": not args.full,
                 "seed": args.seed, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "epoch_cpu_seconds": ep_cpu, "epoch_wall_seconds": ep_wall, "warmup_cpu_seconds": warmup,
-                "options": options}  # fmt: skip
+                "source": args.source, "epoch_cpu_seconds": ep_cpu, "epoch_wall_seconds": ep_wall,
+                "warmup_cpu_seconds": warmup, "options": options}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "requests": rows_out}, indent=1))
         print(f"wrote {args.json}")
     return 0

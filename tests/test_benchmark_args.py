@@ -26,6 +26,7 @@ CASES = [
     ("check_linear.py", ["--model", "bogus"], "--model"),
     ("check_linear.py", ["--requests", "3", "--from", "3"], "--from"),
     ("request_sequence.py", ["--requests", "0"], "--requests"),
+    ("request_sequence.py", ["--source", "loader"], "--source"),
     ("request_sequence.py", ["--rows", "0"], "--rows"),
     ("request_sequence.py", ["--model", "bogus"], "--model"),
     ("request_sequence.py", ["--json", UNWRITABLE], "--json"),
