@@ -104,7 +104,7 @@ Batch = tuple[torch.Tensor, ...]
 
 #: ``ε`` of :class:`EnergyCheck`'s ``linear="difference"``: the central difference misses ``ε²/6`` of the third
 #: derivative along the step (``ε² = 1/64`` of the cubic part of ``R_i``) and amplifies the forward passes' rounding by
-#: ``1/2ε`` (4; the measurement's ``resolution`` counts it).
+#: ``1/2ε`` (4): the measurement's ``resolution`` is ``1 + 1/2ε`` (5) times forward mode's.
 DIFFERENCE_STEP = 0.125
 
 
