@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import platform
 
 # One set of CPU kernels on every x86 machine (before torch is imported; subprocesses inherit it): the model
 # matrix's one-seed targets sit on knife edges that rounding moves. The BatchNorm CNN's kept-data error is 0.99 points
 # from retraining's with AVX2 kernels and 2.10 points (over the 1.5 target) with AVX-512's (AMD EPYC, stop 36): the
 # same code and seeds, different roundings of the same chains. An explicit $ATEN_CPU_CAPABILITY wins.
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 from dataclasses import dataclass
 from typing import ClassVar
