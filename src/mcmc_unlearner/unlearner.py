@@ -663,9 +663,9 @@ LOOP_CONV_DRAWS_FROM_DIM = 2**14
 #: 1.2M-parameter ResNet, and its prior term's forward mode 20 ms a draw there in making the dual tensor) and loops
 #: over draws like the removed rows' gradients. In a request sequence on that ResNet, interleaved with the previous
 #: rule in one process (``benchmarks/check_linear.py``): the first request 4.07 against 5.87 s CPU, steady-state
-#: requests 0.94 against 1.00 s (the check 0.34 against 0.39 s), the same trials, dampings and shortfalls; one trial
+#: requests 0.94 against 1.00 s (the check 0.34 against 0.39 s), the same trials and dampings; one trial
 #: timed apart on MLPs of 0.20M / 0.30M / 1.3M parameters 35 / 66 / 247 ms against 46 / 91 / 405 ms (one thread; the
-#: measured energy change within 0.16 of its standard error of forward mode's).
+#: measured energy change within 0.29 of its standard error of forward mode's, untrained ResNet, random steps).
 CHECK_DIFFERENCE_FROM_DIM = LOOP_DRAWS_FROM_DIM
 
 
