@@ -798,9 +798,16 @@ CHECK_D_COPIES = 3
 #: the per-draw gradient, the draw moved, a solve's workspace): with one row's derivatives, the floor below which a
 #: request is refused before anything runs (``MCMCUnlearner._request_floor``).
 REQUEST_D_COPIES = 8
-#: Rows per pass of its first-moment measurement (bounds its memory; on LeNet-5, 512–2,048-row chunks were no
-#: slower than 4,096).
+#: Rows per pass of its first-moment measurement, at most (bounds its memory; on LeNet-5, 512–2,048-row chunks were no
+#: slower than 4,096 on an earlier machine) ...
 RECENTER_ROW_CHUNK = 1024
+#: ... and fewer where one pass would save more than this for its backward pass (``MCMCUnlearner._moment_rows``): a
+#: pass whose activations outgrow the CPU's last-level cache is slower per row (LeNet-5 saves 49 kB a row; on a 32 MiB
+#: L3, one thread, 1,024-row passes took 97–112 µs a row against 59–64 µs at 128–512 rows; the ResNet of the model
+#: matrix, 20 kB a row, was fastest at 256–512). ``benchmarks/moment_chunk.py`` times both.
+MOMENT_CHUNK_BYTES = 16 * 2**20
+#: The fewest rows per pass of the first-moment measurement that the cache rule may leave (per-call costs).
+MOMENT_MIN_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -3050,7 +3057,7 @@ class MCMCUnlearner:
 
     def _equilibrium_gradient(self, energy: Callable, thetas: torch.Tensor, data: Batch, n: int) -> torch.Tensor:
         """``E_s[∇F(θ_s, S∖S')]`` on every row of ``data`` (scaled to ``n``): with the default energy the rows' sum
-        ``Σ ∇h`` is taken ``RECENTER_ROW_CHUNK`` rows at a time (fewer when the memory budget asks), as
+        ``Σ ∇h`` is taken :meth:`_moment_rows` rows at a time (fewer when the memory budget asks), as
         :meth:`_moment` does; one draw over every remaining row at once peaked at 616 MB under a 400 MB budget (a
         small CNN, 3,936 rows). A custom ``energy`` is not a sum over rows and is taken whole."""
         if self.custom_energy:
@@ -3059,13 +3066,21 @@ class MCMCUnlearner:
         return self._moment(self._h_f(), thetas, data, scale=n / max(rows, 1))
 
     # ------------------------------------------------------------------ first-moment correction
+    def _moment_rows(self) -> int:
+        """Rows per pass of :meth:`_moment`: ``RECENTER_ROW_CHUNK``, fewer (not below ``MOMENT_MIN_ROWS``) where a
+        pass would save more than ``MOMENT_CHUNK_BYTES`` for its backward pass (the rows' bytes as measured for the
+        request; ``RECENTER_ROW_CHUNK`` before any measurement)."""
+        if not self._row_bytes:
+            return RECENTER_ROW_CHUNK
+        return int(min(RECENTER_ROW_CHUNK, max(MOMENT_MIN_ROWS, MOMENT_CHUNK_BYTES // self._row_bytes)))
+
     def _moment(self, h_f: Callable, thetas: torch.Tensor, rows: Batch, scale: float = 1.0) -> torch.Tensor:
-        """``E_s[∇F(θ_s)] = E_s[Σ_rows ∇h(θ_s) − ∇log p(θ_s)]`` over ``rows``, ``RECENTER_ROW_CHUNK`` rows at a
+        """``E_s[∇F(θ_s)] = E_s[Σ_rows ∇h(θ_s) − ∇log p(θ_s)]`` over ``rows``, :meth:`_moment_rows` rows at a
         time (fewer when the memory budget asks); ``scale`` multiplies the rows' sum."""
-        n = rows[0].shape[0]
+        n, step = rows[0].shape[0], self._moment_rows()
         g = sum(
-            self._per_draw_grads(h_f, thetas, tuple(t[i : i + RECENTER_ROW_CHUNK] for t in rows), rowwise=True)
-            for i in range(0, n, RECENTER_ROW_CHUNK)
+            self._per_draw_grads(h_f, thetas, tuple(t[i : i + step] for t in rows), rowwise=True)
+            for i in range(0, n, step)
         ).mean(0)
         if scale != 1.0:
             g = g * scale
