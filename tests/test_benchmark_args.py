@@ -30,6 +30,8 @@ CASES = [
     ("request_sequence.py", ["--rows", "0"], "--rows"),
     ("request_sequence.py", ["--model", "bogus"], "--model"),
     ("request_sequence.py", ["--json", UNWRITABLE], "--json"),
+    ("request_ab.py", ["--base", "/nonexistent"], "--base"),
+    ("request_ab.py", ["--base", "src", "--requests", "3", "--from", "3"], "--from"),
     ("stream_seeds.py", ["--models", "bogus"], "--models"),
     ("stream_seeds.py", ["--stream-seeds", ""], "--stream-seeds"),
     ("layer_zoo.py", ["--models", "bogus"], "--models"),

@@ -926,6 +926,57 @@ def _draws(bank: torch.Tensor, k: int | None) -> torch.Tensor:
     return bank if k is None or k >= bank.shape[0] else bank[_evenly(bank.shape[0], k)]
 
 
+class _BankRows:
+    """``bank[index]`` read in place, for code that takes per-draw derivatives one draw at a time: iterating gives
+    the rows of ``bank`` (views holding the copy's numbers; derivatives there equal the copy's to rounding, which
+    BLAS kernels may do differently at another alignment), :meth:`tensor` the copy where a batched transform needs
+    one. On a 1.2M-parameter ResNet the copy of 16 of 20 draws cost 40 ms of a 0.9 s request, mostly
+    in first touches of its 78 MB."""
+
+    def __init__(self, bank: torch.Tensor, index: torch.Tensor) -> None:
+        self.bank, self.index = bank, index
+        self.shape = torch.Size((index.numel(), bank.shape[1]))
+        self.dtype, self.device = bank.dtype, bank.device
+
+    def element_size(self) -> int:
+        return self.bank.element_size()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, s: slice) -> _BankRows:
+        if not isinstance(s, slice):
+            raise TypeError(f"_BankRows takes a slice of draws, got {type(s).__name__}")
+        return _BankRows(self.bank, self.index[s])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self.bank[i] for i in self.index.tolist())
+
+    def tensor(self) -> torch.Tensor:
+        """The copy ``bank[index]``."""
+        return self.bank[self.index]
+
+
+def _one_grad(f: Callable, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``∇f(θ, batch)`` at one draw ``t`` by autograd."""
+    with torch.enable_grad():
+        tt = t.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(tt, *batch), tt)
+    return g
+
+
+def _as_tensor(thetas: torch.Tensor | _BankRows) -> torch.Tensor:
+    return thetas.tensor() if isinstance(thetas, _BankRows) else thetas
+
+
+def _distinct_draws(thetas: torch.Tensor | _BankRows) -> bool:
+    """Whether any draw differs from the first (``(thetas != thetas[0]).any()``, row by row: draws of a bank differ
+    from the second on, and one row's comparison is 1/S of the ``[S, D]`` boolean temporary's cost)."""
+    rows = iter(thetas)
+    first = next(rows, None)
+    return first is not None and any(bool((t != first).any()) for t in rows)
+
+
 def _check_log_prior(model: nn.Module, log_prior: Callable[[nn.Module], torch.Tensor] | None) -> None:
     """Refuse a ``log_prior`` the unlearner cannot evaluate at other parameter values.
 
@@ -2100,38 +2151,64 @@ class MCMCUnlearner:
         """``∇f(θ_s, batch)`` for the draws ``thetas``, at once through ``vmap`` or one draw at a time."""
         if self._vectorise(thetas.shape[1]):
             try:
-                return vmap(grad(f), in_dims=(0, *([None] * len(batch))))(thetas, *batch)
+                return vmap(grad(f), in_dims=(0, *([None] * len(batch))))(_as_tensor(thetas), *batch)
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":
                     raise
                 self.backend = "autograd"
-        out = torch.empty_like(thetas)
+        out = torch.empty(thetas.shape, dtype=thetas.dtype, device=thetas.device)
         for i, t in enumerate(thetas):
-            with torch.enable_grad():
-                tt = t.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(f(tt, *batch), tt)
-            out[i] = g
+            out[i] = _one_grad(f, t, batch)
         return out
+
+    def _looped_grads(self, f: Callable, thetas: torch.Tensor | _BankRows, batch: Batch, reserve: int) -> Iterator:
+        """``(s, ∇f(θ_s, batch))`` one draw at a time (``f`` a sum over rows, in the parts :meth:`_grad_chunks`
+        plans within the budget less ``reserve``, summed in their order as there)."""
+        rows = batch[0].shape[0]
+        _, step, _ = self._grad_plan(thetas, rows, True, reserve)
+        parts = [batch] if step >= rows else [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
+        for s, t in enumerate(thetas):
+            g = None
+            for part in parts:
+                gp = _one_grad(f, t, part)
+                g = gp if g is None else g.add_(gp)
+                del gp
+            yield s, g
 
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         """``∇f(θ_s, batch)`` for every draw, in chunks of draws that fit the budget beside the ``[S, D]`` result;
         ``rowwise`` (``f`` is a sum over rows) also splits the rows when one draw over all of them would not fit."""
-        out = torch.empty_like(thetas)
-        for s0, s1, g in self._grad_chunks(f, thetas, batch, rowwise, out.numel() * out.element_size()):
+        S, D = thetas.shape
+        out = None
+        for s0, s1, g in self._grad_chunks(f, thetas, batch, rowwise, S * D * thetas.element_size()):
+            if s0 == 0 and s1 == S:  # one chunk of every draw: its own fresh result, not copied once more
+                return g
+            if out is None:
+                out = torch.empty((S, D), dtype=thetas.dtype, device=thetas.device)
             out[s0:s1] = g
             del g
-        return out
+        return torch.empty((S, D), dtype=thetas.dtype, device=thetas.device) if out is None else out
 
     def _grad_means(
-        self, f: Callable, thetas: torch.Tensor, batch: Batch, lags: torch.Tensor | None = None
+        self, f: Callable, thetas: torch.Tensor | _BankRows, batch: Batch, lags: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean over draws of ``∇f(θ_s, batch)`` (``f`` a sum over rows) and half the difference of the means
         of the first and the second half of the draws (its Monte-Carlo error), summed chunk by chunk when every
         draw's gradient would take over half the budget (64 draws of an 85k-parameter MLP: 22 MB, held twice, took
-        43 MB under an 8 MB budget). ``lags`` (4 numbers, zeroed here) receives the draws' :func:`lag_sums`."""
+        43 MB under an 8 MB budget), or draw by draw when the draws are looped over. ``lags`` (4 numbers, zeroed
+        here) receives the draws' :func:`lag_sums`."""
         S, D = thetas.shape
         half = S // 2
         out = S * D * thetas.element_size()
+        if lags is None and not self._vectorise(D):
+            # one draw at a time: each gradient added to its half's sum as it comes, never the [S, D] gradients
+            # (on a 1.2M-parameter ResNet their 78 MB, written once and averaged three times, were 40 ms of a 0.7 s
+            # request); the same sums as the chunks below, to rounding of the means (float32: ~1e-7 relative)
+            sums = torch.zeros(2, D, dtype=thetas.dtype, device=thetas.device)
+            for s, g in self._looped_grads(f, thetas, batch, sums.numel() * sums.element_size()):
+                sums[0 if s < half else 1] += g
+                del g
+            return self._half_sums_mean(sums, S)
         if 2 * out <= self.memory_budget:  # every draw's gradient fits easily: the same numbers as one pass
             grads = self._per_draw_grads(f, thetas, batch, rowwise=True)
             if lags is not None:
@@ -2153,7 +2230,13 @@ class MCMCUnlearner:
                 before = whole[-1:].clone()
                 del whole
             del g
-        if self._reduce is not None:  # data-parallel: the ranks' sums, one all-reduce of 2·D numbers
+        return self._half_sums_mean(sums, S)
+
+    def _half_sums_mean(self, sums: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G`` and half the difference of the halves' means from the sums ``[2, D]`` of the first ``S // 2`` and
+        the other draws' gradients (data-parallel: the ranks' sums, one all-reduce of 2·D numbers)."""
+        half = S // 2
+        if self._reduce is not None:
             sums = self._reduce(sums)
         G = sums.sum(0) / S
         dev = 0.5 * (sums[0] / half - sums[1] / (S - half)) if half >= 1 else torch.zeros_like(G)
@@ -2578,10 +2661,17 @@ class MCMCUnlearner:
                 "global_rng": torch.get_rng_state() if _uses_global_rng(self.sampler) else None,
             }
         else:
-            # every draw: the bank itself, not a copy (each copy of a 64-draw bank of an 85k-parameter MLP is 22 MB)
-            g_thetas = _draws(self.bank, self._grad_draw_count(k))  # k: removed rows, over all ranks
+            # every draw: the bank itself, not a copy (each copy of a 64-draw bank of an 85k-parameter MLP is 22 MB);
+            # G's draws looped over are read in place, and the check shares the curvature's draws when they are the
+            # same (8 and 8 with K-FAC: one copy fewer)
+            S, g_count = self.bank.shape[0], self._grad_draw_count(k)  # k: removed rows, over all ranks
+            if g_count is not None and g_count < S and not self._vectorise(self.spec.dim):
+                g_thetas = _BankRows(self.bank, _evenly(S, g_count))
+            else:
+                g_thetas = _draws(self.bank, g_count)
             c_thetas = _draws(self.bank, self.curvature_draws)
-            k_thetas = _draws(self.bank, self.check_draws)
+            same = min(self.check_draws, S) == min(self.curvature_draws, S)
+            k_thetas = c_thetas if same else _draws(self.bank, self.check_draws)
         # chain mode: consecutive states, whose half-difference understates G's error (chain_error_factor)
         lags = torch.zeros(4, dtype=torch.float64) if expectation is Expectation.CHAIN else None
         G, dev = self._grad_means(h_f, g_thetas, batch, lags)
@@ -2861,7 +2951,7 @@ class MCMCUnlearner:
         outcome: StepOutcome,
         x: torch.Tensor,
         x_dev: torch.Tensor,
-        g_thetas: torch.Tensor,
+        g_thetas: torch.Tensor | _BankRows,
         c_thetas: torch.Tensor,
         expectation: Expectation,
         info: dict[str, Any],
@@ -2876,7 +2966,7 @@ class MCMCUnlearner:
             converged=bool(res.converged and res.residual <= self.tol),
             shift_norm=float(x.norm()),
             # one distinct draw (a bank of one sample): no second draw to estimate the Monte-Carlo error from
-            shift_stderr=float(x_dev.norm()) if bool((g_thetas != g_thetas[0]).any()) else math.nan,
+            shift_stderr=float(x_dev.norm()) if _distinct_draws(g_thetas) else math.nan,
             seconds=0.0,
             n_draws=g_thetas.shape[0],
             n_curvature_draws=c_thetas.shape[0],

@@ -1,0 +1,144 @@
+"""What a request reusing its curvature spends besides the model's own passes (issue 11, the 1.2M-parameter ResNet):
+the removed rows' gradient looped over draws read from the bank in place and summed as it comes, the check's prior
+evaluated once per moved draw. Each against a float64 reference (the same numbers) and the work or memory saved."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.step import EnergyCheck
+from mcmc_unlearner.unlearner import GRAD_COPIES, GRAD_SAVED_FACTOR, _BankRows, _evenly
+from test_memory import _measured
+from test_step import _blr_check_parts
+
+
+def _nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def _mlp_and_bank(draws: int, spread: float = 0.05) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    theta = ParamSpec.flatten_module(model)
+    return model, theta + spread * torch.randn(draws, theta.numel(), dtype=torch.float64)
+
+
+def test_looped_removed_rows_gradient_reads_the_bank_in_place_and_equals_the_mean_of_every_draw() -> None:
+    """One draw at a time (``backend="autograd"``), ``G`` and its half difference over the bank's evenly spaced
+    draws read in place equal those over their copy (to rounding: a row of the bank sits at another alignment than
+    the copy's, which BLAS kernels may round differently), and the float64 mean of every draw's gradient and half
+    the difference of the halves' means; rows split by a tight budget give the same numbers."""
+    model, bank = _mlp_and_bank(20)
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 3, (30,))
+    un = MCMCUnlearner(model, nll=_nll, bank=bank, backend="autograd", memory_budget="1GB")
+    h = un._h_f()
+    un._bytes_per_row(h, bank[0], (x, y))
+    index = _evenly(20, 16)
+    rows = _BankRows(bank, index)
+    assert [torch.equal(a, b) for a, b in zip(rows, bank[index])] == [True] * 16
+    G, dev = un._grad_means(h, rows, (x, y))
+    Gc, devc = un._grad_means(h, bank[index], (x, y))
+    grads = torch.stack([torch.func.grad(lambda t: h(t, x, y))(t) for t in bank[index]])
+    scale = float(grads.norm(dim=1).mean())
+    assert float((G - Gc).norm()) <= 1e-13 * scale and float((dev - devc).norm()) <= 1e-13 * scale
+    assert float((G - grads.mean(0)).norm()) <= 1e-13 * scale
+    assert float((dev - 0.5 * (grads[:8].mean(0) - grads[8:].mean(0))).norm()) <= 1e-13 * scale
+    reserve = 2 * bank.shape[1] * 8  # the two half sums
+    un.memory_budget = reserve + GRAD_COPIES * bank.shape[1] * 8 + GRAD_SAVED_FACTOR * un._call_cost(7)
+    assert un._grad_plan(rows, 30, True, reserve)[1] == 7  # seven rows at a time
+    Gs, devs = un._grad_means(h, rows, (x, y))
+    assert float((Gs - G).norm()) <= 1e-13 * scale and float((devs - dev).norm()) <= 1e-13 * scale
+
+
+def test_a_request_over_identical_draws_read_in_place_has_no_error_bar() -> None:
+    """``G``'s draws all one sample (16 evenly spaced of 20, the other four differing) leave no second draw to
+    estimate its Monte-Carlo error from: the report's ``shift_stderr`` is NaN, also when they are read from the bank
+    in place (looped, fewer than the bank); distinct draws give a finite one."""
+    x, y = torch.randn(60, 6, dtype=torch.float64), torch.randint(0, 3, (60,))
+    errs = {}
+    for spread in (0.0, 0.05):
+        model, bank = _mlp_and_bank(20, spread)
+        others = torch.ones(20, dtype=torch.bool)
+        others[_evenly(20, 16)] = False
+        assert int(others.sum()) == 4
+        bank[others] += 0.05 * torch.randn(4, bank.shape[1], dtype=torch.float64)
+        un = MCMCUnlearner(
+            model, None, nll=_nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+            bank=bank, backend="autograd", grad_draws=16, recenter_every=0,
+        )  # fmt: skip
+        rep = un.remove((x[:6], y[:6]), (x[6:], y[6:]))
+        assert rep.n_draws == 16
+        errs[spread] = rep.shift_stderr
+    assert math.isnan(errs[0.0])
+    assert math.isfinite(errs[0.05]) and errs[0.05] > 0
+
+
+def test_a_difference_check_evaluates_the_prior_three_times_per_moved_draw() -> None:
+    """One draw at a time the prior's remainder reads ``log p(θ_s)`` kept at the start and the prior change reads
+    the remainder's ``log p(θ_s + x)``: per measurement three evaluations per draw (``θ + x``, ``θ ± εx``), not
+    five, and the measurement is the closed form's (linear-Gaussian regression, float64)."""
+    f, lp, rows, n, thetas, G = _blr_check_parts(4)
+    calls: list[int] = []
+
+    def counted(t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return lp(t)
+
+    K = thetas.shape[0]
+    check = EnergyCheck(f, counted, thetas, rows, n, G, vectorise=False, linear="difference")
+    H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
+    for i, x in enumerate((torch.tensor([0.01, 0.02, -0.03]), torch.tensor([1.0, -2.0, 0.5]))):
+        x = x.double()
+        m = check(x)
+        assert len(calls) == K + 3 * K * (i + 1)
+        assert m.actual == pytest.approx(-float(G @ x) + 0.5 * float(x @ H_r @ x), rel=1e-9, abs=1e-9)
+        prior_change = float(torch.stack([-lp(t + x) + lp(t) for t in thetas]).mean())
+        assert m.prior_per_row * n == pytest.approx(prior_change, rel=1e-12, abs=1e-15)
+
+
+_MEASURE_LOOPED = r"""
+import json
+import torch
+from torch import nn
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.curvature import ParamSpec
+
+torch.set_num_threads(1)
+
+
+def status(field):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
+
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+theta = ParamSpec.flatten_module(model)
+bank = theta + 0.01 * torch.randn(64, theta.numel())
+batch = (torch.randn(8, 64), torch.randint(10, (8,)))
+nll = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+un = MCMCUnlearner(model, nll=nll, bank=bank, memory_budget="1GB", solver="cg", backend="autograd")
+h = un._h_f()
+un._bytes_per_row(un._energy_f(1000), theta, batch)
+ref = un._grad_means(h, bank, batch)  # pages in the code; its buffers go back to the system (MALLOC_MMAP_THRESHOLD_)
+del ref
+rss = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # the high-water mark starts again from the current size
+G, dev = un._grad_means(h, bank, batch)
+print(json.dumps({"peak": status("VmHWM") - rss, "draws_bytes": bank.numel() * bank.element_size()}))
+"""
+
+
+def test_looped_removed_rows_gradient_never_holds_every_draws_gradient() -> None:
+    """One draw at a time, ``G`` and its error are summed draw by draw: a request's peak stays far below the
+    ``[S, D]`` gradients (64 draws of an 85k-parameter MLP, 22 MB) that were formed, copied and averaged whatever
+    the budget (here 1 GB)."""
+    out = _measured(_MEASURE_LOOPED, timeout=120)
+    assert out["peak"] <= 0.25 * out["draws_bytes"], f"peak {out['peak'] / 1e6:.1f} MB"
