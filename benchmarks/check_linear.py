@@ -1,6 +1,7 @@
 """The safety check's linear term: forward mode (stop 35's rule: batched through ``vmap`` from ``LOOP_DRAWS_FROM_DIM``
-parameters) against central differences looped over draws (``CHECK_DIFFERENCE_FROM_DIM``), on the same request
-sequence in one process.
+parameters) against the difference the unlearner takes from ``CHECK_DIFFERENCE_FROM_DIM`` parameters, looped over
+draws (central differences in stop 36, the one-sided difference since stop 37), on the same request sequence in one
+process.
 
 Two unlearners on copies of one model-matrix chain take the same requests (the forgotten set first, then random
 kept rows of ``--rows``), alternating which goes first; each request's CPU time, the check's (``_Part.measure``)

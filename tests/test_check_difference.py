@@ -93,7 +93,7 @@ def test_a_difference_check_evaluates_three_forward_passes_per_draw_and_keeps_th
 
 def test_the_unlearner_takes_the_difference_and_loops_from_the_threshold() -> None:
     """Below ``CHECK_DIFFERENCE_FROM_DIM`` parameters the check takes forward mode (the recorded runs' numbers
-    unchanged), from it central differences one draw at a time; the report says which."""
+    unchanged), from it the one-sided difference one draw at a time; the report says which."""
     assert CHECK_DIFFERENCE_FROM_DIM == LOOP_DRAWS_FROM_DIM
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 3))
     assert not loop_over_draws(mlp, CHECK_DIFFERENCE_FROM_DIM - 1, check=True)
@@ -116,4 +116,4 @@ def test_the_unlearner_takes_the_difference_and_loops_from_the_threshold() -> No
         un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver="kfac")
         reports[dim >= CHECK_DIFFERENCE_FROM_DIM] = un.remove((x[:8], y[:8]), (x[8:], y[8:]))
     assert reports[False].info["check_linear"] == "jvp"
-    assert reports[True].info["check_linear"] == "difference"
+    assert reports[True].info["check_linear"] == "onesided"

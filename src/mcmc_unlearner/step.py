@@ -14,8 +14,8 @@ control variate, so only the *curvature and higher-order* part is estimated from
            \qquad R_i(θ, x) = h_i(θ + x) - h_i(θ) - ∇h_i(θ)·x,
 
 on ``check_draws`` posterior draws and ``check_rows`` held remaining rows ``M`` (one forward pass at
-:math:`θ_s + x` and one forward-mode derivative at :math:`θ_s` per draw, or on large networks a central difference
-of two forward passes, ``EnergyCheck(linear="difference")``; the linear term's large minibatch noise never
+:math:`θ_s + x` and one forward-mode derivative at :math:`θ_s` per draw, or on large networks a one-sided
+difference from one more forward pass, ``EnergyCheck(linear="onesided")``; the linear term's large minibatch noise never
 enters). ``actual/pred`` near 1 means the quadratic model holds over the step; a step that runs into
 curvature the model missed (an indefinite or noisy Hessian, an overshooting approximation) makes ``actual``
 larger than ``pred`` — the fit of the remaining data got worse than promised.
@@ -213,7 +213,11 @@ class EnergyCheck:
             ``"difference"``, the central difference ``(h_i(θ_s + εx) − h_i(θ_s − εx))/2ε`` with ``ε =
             DIFFERENCE_STEP`` (two forward passes; for a smooth ``h`` it is off by ``ε²/6`` of the third derivative
             along ``x``, so ``R_i`` is measured to ``ε² = 1/64`` of its cubic part). On a 1.2M-parameter ResNet torch's
-            forward mode costs 5.3 forward passes (the unlearner's rule: ``CHECK_DIFFERENCE_FROM_DIM``).
+            forward mode costs 5.3 forward passes. ``"onesided"``: from ``h_i(θ_s)``, ``h_i(θ_s + x)`` (both measured
+            anyway) and one forward pass at ``θ_s + εx``, the linear term of the quadratic through the three,
+            ``(E_ε − ε²E_1)/(ε(1 − ε))`` with ``E_t = h_i(θ_s + tx) − h_i(θ_s)``: exact on quadratics, one forward
+            pass per draw fewer than the central difference, and it measures ``R_i`` to ``ε = 1/8`` of its cubic
+            part (the unlearner's rule from ``CHECK_DIFFERENCE_FROM_DIM`` parameters).
     """
 
     def __init__(
@@ -231,8 +235,8 @@ class EnergyCheck:
         row_chunk: int | None = None,
         linear: str = "jvp",
     ) -> None:
-        if linear not in ("jvp", "difference"):
-            raise ValueError(f"linear must be 'jvp' or 'difference', got {linear!r}")
+        if linear not in ("jvp", "difference", "onesided"):
+            raise ValueError(f"linear must be 'jvp', 'difference' or 'onesided', got {linear!r}")
         self.linear = linear
         self.f, self.lp, self.thetas, self.rows, self.n, self.G = nll_rows, log_prior, thetas, rows, n, G
         self.vectorise = bool(vectorise)
@@ -408,7 +412,8 @@ class _Part:
         joined along the rows, when it is set)."""
         f, lp = self.c.f, self.c.lp
         parts = self.c.row_parts(self.rows)
-        difference, first, e = self.c.linear == "difference", self.h0 is None, DIFFERENCE_STEP
+        difference, first, e = self.c.linear in ("difference", "onesided"), self.h0 is None, DIFFERENCE_STEP
+        onesided = self.c.linear == "onesided"
         ex = e * x if difference else None  # the moved draws, formed once per draw for the rows and the prior
         outs = []
         lp1s, self._lp1 = None, None
@@ -419,7 +424,11 @@ class _Part:
             ) -> tuple[torch.Tensor, ...]:
                 tx = t + x
                 h1 = f(tx, *rows)
-                if difference:  # h(θ) only at the first measurement: later ones read the kept values
+                if onesided:  # h(θ + εx) here; the linear term below, from the kept h(θ)
+                    tp = t + ex
+                    lin = f(tp, *rows)
+                    h0 = f(t, *rows) if first else h1
+                elif difference:  # h(θ) only at the first measurement: later ones read the kept values
                     tp, tm = t + ex, t - ex
                     lin = (f(tp, *rows) - f(tm, *rows)) / (2 * e)
                     h0 = f(t, *rows) if first else h1
@@ -431,7 +440,10 @@ class _Part:
                 if difference:  # the prior's too (forward mode on D numbers cost 20 ms a draw on a 1.2M ResNet)
                     # one draw at a time log p(θ_s) is the value kept at the start (the same call on the same θ_s)
                     lp0 = lp(t) if lp0 is None else lp0
-                    dlp = (lp(tp) - lp(tm)) / (2 * e)
+                    if onesided:
+                        dlp = (lp(tp) - lp0 - e * e * (lp1 - lp0)) / (e * (1 - e))
+                    else:
+                        dlp = (lp(tp) - lp(tm)) / (2 * e)
                 else:
                     lp0, dlp = jvp(lp, (t,), (x,))
                 return h1, h0, lin, -lp1 + lp0 + dlp, lp1  # R of the energy's prior term −log p
@@ -453,6 +465,8 @@ class _Part:
             rp = outs[0][3]
         if self.h0 is None:
             self._start(h0)
+        if onesided:  # lin holds h(θ + εx): the quadratic through h(θ), h(θ + εx), h(θ + x)
+            lin = (lin - self.h0 - e * e * (h1 - self.h0)) / (e * (1 - e))
         return h1 - self.h0 - lin, h1 - self.h0, float(rp.sum())
 
     def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -502,6 +516,9 @@ class _Part:
         resolution = torch.finfo(self.h0.dtype).eps * n * self.scale / math.sqrt(max(self.m * K, 1))
         if self.c.linear == "difference":  # the difference's rounding: each h's, divided by 2ε
             resolution *= 1 + 1 / (2 * DIFFERENCE_STEP)
+        elif self.c.linear == "onesided":  # h(θ + εx)'s and h(θ + x)'s, divided by ε(1 − ε) and times ε² of it
+            e = DIFFERENCE_STEP
+            resolution *= 1 + (1 + e * e) / (e * (1 - e))
         return Measurement(
             actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m, resolution, prior_change / n
         )

@@ -658,7 +658,10 @@ LOOP_DRAWS_FROM_DIM = 2**17
 #: while MLPs below ``LOOP_DRAWS_FROM_DIM`` are 1.45-1.9× faster vmapped and a 994-parameter CNN 1.3×. On
 #: Fashion-MNIST's 94 requests (LeNet-5) both loops took 12% less CPU time in all.
 LOOP_CONV_DRAWS_FROM_DIM = 2**14
-#: From this many parameters the safety check takes its rows' linear term by central differences
+#: From this many parameters the safety check takes its rows' linear term by a one-sided difference (stop 37,
+#: ``EnergyCheck(linear="onesided")``: one forward pass at ``θ_s + εx`` beside the two the check makes anyway; on the
+#: model matrix's ResNet, eight requests interleaved with central differences took the same trials and dampings, the
+#: one-trial requests 0.59 against 0.67 s CPU, ``benchmarks/request_ab.py``). Stop 36 took central differences
 #: (``EnergyCheck(linear="difference")``: two forward passes, where torch's forward mode cost 5.3 forward passes on a
 #: 1.2M-parameter ResNet, and its prior term's forward mode 20 ms a draw there in making the dual tensor) and loops
 #: over draws like the removed rows' gradients. In a request sequence on that ResNet, interleaved with the previous
@@ -2774,7 +2777,7 @@ class MCMCUnlearner:
             vectorise=self._vectorise(G.numel(), check=True),
             # draws batched per forward pass and forward-mode derivative (and the rows split, and the draws'
             # gradients summed, when a tight budget needs it): within the memory budget
-            linear="difference" if G.numel() >= CHECK_DIFFERENCE_FROM_DIM else "jvp",
+            linear="onesided" if G.numel() >= CHECK_DIFFERENCE_FROM_DIM else "jvp",
             **self._check_plan(k_thetas, m_rows),
         )
         info["check_linear"] = check.linear
