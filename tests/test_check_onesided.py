@@ -80,3 +80,48 @@ def test_a_one_sided_check_evaluates_one_forward_pass_per_draw_fewer() -> None:
     assert len(calls) == 5 * thetas.shape[0]
     assert torch.equal(check._part("full").h0, torch.stack([f(t, *rows) for t in thetas]))
     assert check.at(thetas, G).linear == "onesided"
+
+
+def test_convolutional_networks_take_the_one_sided_difference_where_the_check_loops() -> None:
+    """From ``CHECK_ONESIDED_CONV_FROM_DIM`` parameters a convolutional network's check loops over draws, and there
+    it takes the one-sided difference (LeNet-5: a trial about half of forward mode's); below it, and for networks
+    without a convolution below ``CHECK_DIFFERENCE_FROM_DIM``, forward mode as before. The report says which."""
+    from torch import nn
+
+    from mcmc_unlearner import MCMCUnlearner
+    from mcmc_unlearner.unlearner import (
+        CHECK_DIFFERENCE_FROM_DIM,
+        CHECK_ONESIDED_CONV_FROM_DIM,
+        check_linear_rule,
+        loop_over_draws,
+    )
+
+    def conv_net(width: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, width), nn.Tanh(),
+                             nn.Linear(width, 3))  # fmt: skip
+
+    mlp = nn.Sequential(nn.Linear(4, 3))
+    assert check_linear_rule(mlp, CHECK_DIFFERENCE_FROM_DIM - 1) == "jvp"
+    assert check_linear_rule(mlp, CHECK_DIFFERENCE_FROM_DIM) == "onesided"
+    reports = {}
+    for width in (8, CHECK_ONESIDED_CONV_FROM_DIM // 140 + 1):  # about 148·width parameters
+        torch.manual_seed(0)
+        model = conv_net(width)
+        dim = sum(p.numel() for p in model.parameters())
+        above = dim >= CHECK_ONESIDED_CONV_FROM_DIM
+        assert loop_over_draws(model, dim, check=True) == above  # the premise: exactly where the check loops
+        assert check_linear_rule(model, dim) == ("onesided" if above else "jvp")
+        x, y = torch.randn(200, 1, 8, 8), torch.randint(0, 3, (200,))
+        base = torch.cat([p.detach().flatten() for p in model.parameters()])
+        bank = base + 0.01 * torch.randn(12, dim)
+
+        def nll(m, batch):
+            return nn.functional.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+        def log_prior(m):
+            return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+        un = MCMCUnlearner(model, None, nll=nll, log_prior=log_prior, bank=bank, solver="kfac")
+        reports[above] = un.remove((x[:8], y[:8]), (x[8:], y[8:]))
+    assert reports[False].info["check_linear"] == "jvp"
+    assert reports[True].info["check_linear"] == "onesided"

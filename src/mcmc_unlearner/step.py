@@ -14,10 +14,10 @@ control variate, so only the *curvature and higher-order* part is estimated from
            \qquad R_i(θ, x) = h_i(θ + x) - h_i(θ) - ∇h_i(θ)·x,
 
 on ``check_draws`` posterior draws and ``check_rows`` held remaining rows ``M`` (one forward pass at
-:math:`θ_s + x` and one forward-mode derivative at :math:`θ_s` per draw, or on large networks a one-sided
-difference from one more forward pass, ``EnergyCheck(linear="onesided")``; the linear term's large minibatch noise never
-enters). ``actual/pred`` near 1 means the quadratic model holds over the step; a step that runs into
-curvature the model missed (an indefinite or noisy Hessian, an overshooting approximation) makes ``actual``
+:math:`θ_s + x` and one forward-mode derivative at :math:`θ_s` per draw, or on large and convolutional networks a
+one-sided difference from one more forward pass, ``EnergyCheck(linear="onesided")``; the linear term's large
+minibatch noise never enters). ``actual/pred`` near 1 means the quadratic model holds over the step; a step that
+runs into curvature the model missed (an indefinite or noisy Hessian, an overshooting approximation) makes ``actual``
 larger than ``pred`` — the fit of the remaining data got worse than promised.
 
 **The rule** (Levenberg 1944, Marquardt 1963; as adapted for K-FAC by Martens & Grosse 2015): a step is accepted
@@ -217,7 +217,8 @@ class EnergyCheck:
             anyway) and one forward pass at ``θ_s + εx``, the linear term of the quadratic through the three,
             ``(E_ε − ε²E_1)/(ε(1 − ε))`` with ``E_t = h_i(θ_s + tx) − h_i(θ_s)``: exact on quadratics, one forward
             pass per draw fewer than the central difference, and it measures ``R_i`` to ``ε = 1/8`` of its cubic
-            part (the unlearner's rule from ``CHECK_DIFFERENCE_FROM_DIM`` parameters).
+            part (the unlearner's rule from ``CHECK_DIFFERENCE_FROM_DIM`` parameters, and from
+            ``CHECK_ONESIDED_CONV_FROM_DIM`` with a convolution: ``check_linear_rule``).
     """
 
     def __init__(
