@@ -128,3 +128,21 @@ def existing_dir(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is not an existing folder")
     return path
+
+
+def add_request_sequence_args(ap: argparse.ArgumentParser, models: Iterable[str], requests: int) -> None:
+    """The options of a script timing a model-matrix request sequence (``check_linear.py``, ``request_ab.py``):
+    ``--model --requests --from --rows --seed --threads --chain-cache``; check them with :func:`check_from`."""
+    ap.add_argument("--model", type=one_of(models), default="resnet", help="a model_matrix.py model name")
+    ap.add_argument("--requests", type=int_at_least(2), default=requests)
+    ap.add_argument("--from", dest="start", type=int_at_least(0), default=2, help="first request summed")
+    ap.add_argument("--rows", type=int_at_least(1), default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
+    ap.add_argument("--chain-cache", type=Path, default=None, help="model_matrix.py's chain cache folder")
+
+
+def check_from(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a ``--from`` that leaves no request of ``--requests`` to sum (argparse's error, exit 2)."""
+    if args.start >= args.requests:
+        ap.error(f"--from {args.start} leaves no request of {args.requests} to sum")

@@ -47,16 +47,9 @@ def _folder_with_package(text: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=_folder_with_package, required=True, help="a src folder of the other version")
-    ap.add_argument("--model", type=A.one_of(mm.BUILDERS), default="resnet", help="a model_matrix.py model name")
-    ap.add_argument("--requests", type=A.int_at_least(2), default=12)
-    ap.add_argument("--from", dest="start", type=A.int_at_least(0), default=2, help="first request summed")
-    ap.add_argument("--rows", type=A.int_at_least(1), default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=A.int_at_least(1), default=1)
-    ap.add_argument("--chain-cache", type=Path, default=None, help="model_matrix.py's chain cache folder")
+    A.add_request_sequence_args(ap, mm.BUILDERS, requests=12)
     args = ap.parse_args(argv)
-    if args.start >= args.requests:
-        ap.error(f"--from {args.start} leaves no request of {args.requests} to sum")
+    A.check_from(ap, args)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())
     try:

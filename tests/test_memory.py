@@ -263,13 +263,14 @@ def status(field):
 
 
 which, budget = sys.argv[1], int(sys.argv[2])
+backend = sys.argv[3] if len(sys.argv) > 3 else "auto"  # "autograd": the draws looped over, one at a time
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
 theta = ParamSpec.flatten_module(model)
 bank = theta + 0.01 * torch.randn(64, theta.numel())
 batch = (torch.randn(8, 64), torch.randint(10, (8,)))
 nll = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
-un = MCMCUnlearner(model, nll=nll, bank=bank, memory_budget=budget, solver="cg")
+un = MCMCUnlearner(model, nll=nll, bank=bank, memory_budget=budget, solver="cg", backend=backend)
 h = un._h_f()
 un._bytes_per_row(un._energy_f(1000), theta, batch)
 
@@ -289,7 +290,9 @@ rss = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # the high-water mark starts again from the current size
 out = run()
-print(json.dumps({"peak": status("VmHWM") - rss, "result": out.numel() if torch.is_tensor(out) else 0}))
+draws_bytes = bank.numel() * bank.element_size()
+print(json.dumps({"peak": status("VmHWM") - rss, "result": out.numel() if torch.is_tensor(out) else 0,
+                  "draws_bytes": draws_bytes}))
 """
 
 

@@ -14,7 +14,7 @@ from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.step import EnergyCheck
 from mcmc_unlearner.unlearner import GRAD_COPIES, GRAD_SAVED_FACTOR, _BankRows, _evenly
-from test_memory import _measured
+from test_memory import _MEASURE, _measured
 from test_step import _blr_check_parts
 
 
@@ -102,43 +102,9 @@ def test_a_difference_check_evaluates_the_prior_three_times_per_moved_draw() -> 
         assert m.prior_per_row * n == pytest.approx(prior_change, rel=1e-12, abs=1e-15)
 
 
-_MEASURE_LOOPED = r"""
-import json
-import torch
-from torch import nn
-from mcmc_unlearner import MCMCUnlearner
-from mcmc_unlearner.curvature import ParamSpec
-
-torch.set_num_threads(1)
-
-
-def status(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
-
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
-theta = ParamSpec.flatten_module(model)
-bank = theta + 0.01 * torch.randn(64, theta.numel())
-batch = (torch.randn(8, 64), torch.randint(10, (8,)))
-nll = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
-un = MCMCUnlearner(model, nll=nll, bank=bank, memory_budget="1GB", solver="cg", backend="autograd")
-h = un._h_f()
-un._bytes_per_row(un._energy_f(1000), theta, batch)
-ref = un._grad_means(h, bank, batch)  # pages in the code; its buffers go back to the system (MALLOC_MMAP_THRESHOLD_)
-del ref
-rss = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # the high-water mark starts again from the current size
-G, dev = un._grad_means(h, bank, batch)
-print(json.dumps({"peak": status("VmHWM") - rss, "draws_bytes": bank.numel() * bank.element_size()}))
-"""
-
-
 def test_looped_removed_rows_gradient_never_holds_every_draws_gradient() -> None:
     """One draw at a time, ``G`` and its error are summed draw by draw: a request's peak stays far below the
     ``[S, D]`` gradients (64 draws of an 85k-parameter MLP, 22 MB) that were formed, copied and averaged whatever
     the budget (here 1 GB)."""
-    out = _measured(_MEASURE_LOOPED, timeout=120)
+    out = _measured(_MEASURE, "means", str(10**9), "autograd", timeout=120)  # test_memory's child, a 1 GB budget
     assert out["peak"] <= 0.25 * out["draws_bytes"], f"peak {out['peak'] / 1e6:.1f} MB"
