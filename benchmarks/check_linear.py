@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p = mm.build_problems([args.model], True, args.seed)[0]
     origin = mm.train_chain(p, torch.arange(len(p.x_train)), 100 * args.seed, args.chain_cache)
     _, epoch = mm.time_sgld_epoch(p, origin.model, max_steps=None)
-    kept = p.keep_mask.nonzero().squeeze(1)
-    g = torch.Generator().manual_seed(args.seed)
-    requests = [p.forget] + [
-        kept[torch.randperm(len(kept), generator=g)[: args.rows]] for _ in range(args.requests - 1)
-    ]
+    requests = mm.sequence_requests(p, args.rows, args.requests, args.seed)
     uns = {}
     for name in RULES:
         model = copy.deepcopy(origin.model)

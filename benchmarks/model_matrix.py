@@ -868,6 +868,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def sequence_requests(problem: Problem, rows: int, count: int, seed: int) -> list[torch.Tensor]:
+    """A request sequence's row indices: the forgotten set, then ``count − 1`` sets of ``rows`` random kept rows
+    (seeded by ``seed``), as ``request_sequence.py``, ``check_linear.py`` and ``request_ab.py`` send them."""
+    kept = problem.keep_mask.nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(seed)
+    return [problem.forget] + [kept[torch.randperm(len(kept), generator=g)[:rows]] for _ in range(count - 1)]
+
+
 def time_sgld_epoch(
     problem: Problem, model: nn.Module, rows: int = 10_000, max_steps: int | None = None
 ) -> tuple[float, float]:

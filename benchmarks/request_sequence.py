@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         f"SGLD epoch over 10k rows: {ep_cpu:.2f} s CPU",
         flush=True,
     )
-    kept = p.keep_mask.nonzero().squeeze(1)
-    g = torch.Generator().manual_seed(args.seed)
-    others = [kept[torch.randperm(len(kept), generator=g)[: args.rows]] for _ in range(args.requests - 1)]
-    requests = [p.forget, *others]
+    requests = mm.sequence_requests(p, args.rows, args.requests, args.seed)
     gone = torch.zeros(len(p.x_train), dtype=torch.bool)
     # one-off per process: torch.func's first transform imports torch._dynamo (~1.7 s CPU here); timed on its own
     # so the first request's number is the request's, and added to the total below
