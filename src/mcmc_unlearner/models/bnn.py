@@ -10,7 +10,8 @@ which implements the model protocol of :mod:`mcmc_unlearner.models`:
 Both are pure functions of the parameters, so ``torch.func.functional_call`` together with
 ``grad``/``jvp``/``vmap`` can be applied. No BatchNorm or dropout is used anywhere.
 
-Architectures (all use ReLU activations and 2x2 max-pooling; convolutions are "valid" unless stated):
+Architectures (all use ReLU activations and 2x2 max-pooling, :class:`MaxPool2x2`; convolutions are "valid" unless
+stated):
 
 =============== =========================================================== ==========================
 name            layers                                                      parameters (default shape)
@@ -30,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,6 +41,7 @@ __all__ = [
     "BayesianNet",
     "DigitsNet",
     "LeNet5",
+    "MaxPool2x2",
     "SmallCNN",
     "build_model",
     "digits_net",
@@ -49,6 +52,31 @@ __all__ = [
 ]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` whose forward pass without autograd takes the maximum of four strided views.
+
+    The values are the same to every bit (a maximum is exact). Where no backward pass can follow
+    (``torch.no_grad``, ``inference_mode``: the unlearner's safety check, predictions) that is 2.7x faster for
+    LeNet-5 on 256 rows of 32x32, one thread: torch's CPU kernel spends 4.6 ns per input element there, as much as
+    the convolutions (``benchmarks/maxpool.py``). With autograd on, torch's kernel runs as before: its backward
+    pass is cheaper than the four views' (measured, no faster in total), and the parameters' gradients stay
+    exactly as they were. Under ``torch.func`` transforms without autograd (``vmap``, ``jvp``) the strided views
+    are ordinary tensor operations; a tangent at a tie of two equal inputs is their average where torch's kernel
+    takes one of them (after a ReLU tied inputs are zeros, whose tangents are 0 both ways).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :h, :w]
+        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 def log_gaussian_prior(module: nn.Module, std: float) -> Tensor:
@@ -187,10 +215,10 @@ class LeNet5(BayesianNet):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Conv2d(6, 16, 5),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
@@ -223,10 +251,10 @@ class SmallCNN(BayesianNet):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 64, 5),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Conv2d(64, 64, 5),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
@@ -259,7 +287,7 @@ class DigitsNet(BayesianNet):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(

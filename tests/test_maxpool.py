@@ -1,0 +1,89 @@
+"""``models.bnn.MaxPool2x2``: torch's ``nn.MaxPool2d(2)`` to every bit, with a faster forward pass without
+autograd (four strided views) and torch's own kernel whenever a backward pass may follow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp, vmap
+
+from mcmc_unlearner.models.bnn import MaxPool2x2, build_model, lenet5
+
+SHAPES = [(3, 2, 8, 8), (2, 3, 7, 9), (5, 1, 2, 3), (4, 6, 28, 28)]  # odd sizes: the last row/column is dropped
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_values_equal_torchs_pooling_without_autograd(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    x[..., ::3, ::2] = 0.0  # ties, as after a ReLU
+    with torch.no_grad():
+        assert torch.equal(MaxPool2x2()(x), F.max_pool2d(x, 2))
+    with torch.inference_mode():
+        assert torch.equal(MaxPool2x2()(x), F.max_pool2d(x, 2))
+    unbatched = x[0]  # [C, H, W], as nn.MaxPool2d accepts
+    with torch.no_grad():
+        assert torch.equal(MaxPool2x2()(unbatched), F.max_pool2d(unbatched, 2))
+
+
+def test_takes_the_strided_views_only_without_autograd(monkeypatch):
+    calls = []
+    real = F.max_pool2d
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "max_pool2d", counted)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        MaxPool2x2()(x)
+    assert calls == []  # torch's kernel is not called without autograd
+    MaxPool2x2()(x.requires_grad_())
+    assert calls == [True]  # with autograd on, it is
+
+
+@pytest.mark.parametrize("arch,shape", [("lenet5", (1, 32, 32)), ("small_cnn", (3, 32, 32)), ("digits_net", (1, 8, 8))])
+def test_networks_give_torchs_logits_and_gradients(arch, shape):
+    torch.manual_seed(0)
+    ours = build_model(arch, shape, 10)
+    pools = [m for m in ours.modules() if isinstance(m, nn.MaxPool2d)]
+    assert pools and all(type(m) is MaxPool2x2 for m in pools)
+    theirs = build_model(arch, shape, 10)
+    theirs.load_state_dict(ours.state_dict())
+    for module in theirs.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, MaxPool2x2):
+                setattr(module, name, nn.MaxPool2d(2))
+    x, y = torch.rand(16, *shape), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    grads = []
+    for m in (ours, theirs):
+        F.cross_entropy(m(x), y).backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_vmap_and_jvp_without_autograd_match_torchs_pooling():
+    """The unlearner's check vmaps the model over draws and, below its difference threshold, takes forward-mode
+    directional derivatives, both under ``torch.no_grad``."""
+    torch.manual_seed(1)
+    ours, theirs = lenet5(), lenet5()
+    theirs.load_state_dict(ours.state_dict())
+    theirs.features[2], theirs.features[5] = nn.MaxPool2d(2), nn.MaxPool2d(2)
+    x = torch.rand(8, 1, 32, 32)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    stacked = {k: torch.stack([v, v + 0.01 * torch.randn_like(v), v - 0.02]) for k, v in params.items()}
+    tangent = {k: torch.randn_like(v) for k, v in params.items()}
+    with torch.no_grad():
+        v_ours = vmap(lambda p: functional_call(ours, p, (x,)))(stacked)
+        v_theirs = vmap(lambda p: functional_call(theirs, p, (x,)))(stacked)
+        assert torch.equal(v_ours, v_theirs)
+        out_o, tan_o = jvp(lambda p: functional_call(ours, p, (x,)), (params,), (tangent,))
+        out_t, tan_t = jvp(lambda p: functional_call(theirs, p, (x,)), (params,), (tangent,))
+    assert torch.equal(out_o, out_t)
+    # the tangents agree to rounding (the same products summed; no two equal nonzero inputs tie here)
+    torch.testing.assert_close(tan_o, tan_t, rtol=1e-5, atol=1e-6)
