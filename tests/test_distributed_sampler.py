@@ -39,6 +39,9 @@ CASES = {
     "screen": (600, "sampler", dict(check_screen="both", check_rows=240)),
     # the chain's sampler steps read the partial minibatches too
     "chain": (401, "sampler", dict(expectation="chain", samp_T=5)),
+    # G's 10 chain states summed chunk by chunk under the budget (their gradients, 10 x 610 floats held twice, 48.8 KB,
+    # exceed 30 KB), the lag sums of chain_error_factor taken on the ranks' all-reduced chunks across chunk boundaries
+    "chain streamed": (401, "sampler", dict(expectation="chain", samp_T=10, memory_budget=30_000, solver="cg")),
     # a ShardedDataset against a RemovableDataset: its global minibatches' first 60 rows, wherever their ids live
     "sharded screen": (600, "sharded", dict(check_screen="both", check_rows=240)),
     # the screen on a convolutional network (the rows as 8x8 images): rank 1 holds none of the
@@ -126,7 +129,8 @@ class _Union:
 
 
 def _trials(report):
-    return [[h["check_rows"], h["damping"], h["actual"]] for h in report.info["trials"]]
+    # a trial whose damped curvature was not positive definite (CG) is not checked: no rows, nan
+    return [[h.get("check_rows", 0), h["damping"], h["actual"]] for h in report.info["trials"]]
 
 
 def _worker(rank: int, world: int, out: str, case: str) -> None:
@@ -135,7 +139,7 @@ def _worker(rank: int, world: int, out: str, case: str) -> None:
     n, split, _ = CASES[case]
     x, y, model, bank = _setup(n, case in CNN_CASES)
     un = _unlearner(DistributedUnlearner, model, bank, case)
-    alive, banks, trials = torch.ones(n, dtype=torch.bool), [], []
+    alive, banks, trials, factors = torch.ones(n, dtype=torch.bool), [], [], []
     for ids in map(torch.tensor, REQUESTS):
         alive[ids] = False
         keep = alive.nonzero().flatten()
@@ -148,11 +152,22 @@ def _worker(rank: int, world: int, out: str, case: str) -> None:
             else torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
         )
         trials.append(_trials(report))
-    torch.save({"banks": banks, "trials": trials}, f"{out}/rank{rank}.pt")
+        factors.append(report.info.get("chain_error_factor"))
+    torch.save({"banks": banks, "trials": trials, "factors": factors}, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_over_distributed_samplers_equal_one_process_over_their_union(tmp_path, case):
+def test_two_ranks_over_distributed_samplers_equal_one_process_over_their_union(tmp_path, monkeypatch, case):
+    import mcmc_unlearner.unlearner as U
+
+    chunked = []  # lag sums continued across a chunk boundary: G summed chunk by chunk
+
+    def lag_sums(g, before=None):
+        chunked.append(before is not None)
+        return real_lag_sums(g, before)
+
+    real_lag_sums = U.lag_sums
+    monkeypatch.setattr(U, "lag_sums", lag_sums)
     spawn(_worker, str(tmp_path), case, world=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     from mcmc_unlearner import MCMCUnlearner
@@ -184,12 +199,21 @@ def test_two_ranks_over_distributed_samplers_equal_one_process_over_their_union(
         mine, theirs = _trials(report), ranks[0]["trials"][i]
         assert [t[0] for t in theirs] == [t[0] for t in mine], (i, theirs, mine)  # rows of each trial's check
         assert torch.allclose(
-            torch.tensor(theirs, dtype=torch.float64), torch.tensor(mine, dtype=torch.float64), rtol=1e-4, atol=1e-6
+            torch.tensor(theirs, dtype=torch.float64),
+            torch.tensor(mine, dtype=torch.float64),
+            rtol=1e-4,
+            atol=1e-6,
+            equal_nan=True,
         )
         # the screen's trials measured on the union's first 60 rows (2 ranks: 120); on the CNN every trial is screened
         # too ("both"), rank 1 on none of its rows, and the full check decides each (the same trials as one process)
         if "check_screen" in kw and case not in CNN_CASES:
             assert any(t[0] == 60 for t in mine), mine
+        if kw.get("expectation") == "chain":  # G's error bar from the chain's lag sums, on the ranks as in one process
+            factor = report.info["chain_error_factor"]
+            assert factor > 1.0  # consecutive states: the half-difference understates G's error
+            assert [r["factors"][i] for r in ranks] == [pytest.approx(factor, rel=1e-4)] * WORLD, (i, factor)
+    assert any(chunked) == (case == "chain streamed"), chunked
 
 
 class _Logged(Dataset):
