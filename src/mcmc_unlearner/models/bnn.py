@@ -57,14 +57,14 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2)`` whose forward pass without autograd takes the maximum of four strided views.
 
-    The values are the same to every bit (a maximum is exact). Where no backward pass can follow
-    (``torch.no_grad``, ``inference_mode``: the unlearner's safety check, predictions) that is 2.7x faster for
-    LeNet-5 on 256 rows of 32x32, one thread: torch's CPU kernel spends 4.6 ns per input element there, as much as
-    the convolutions (``benchmarks/maxpool.py``). With autograd on, torch's kernel runs as before: its backward
-    pass is cheaper than the four views' (measured, no faster in total), and the parameters' gradients stay
-    exactly as they were. Under ``torch.func`` transforms without autograd (``vmap``, ``jvp``) the strided views
-    are ordinary tensor operations; a tangent at a tie of two equal inputs is their average where torch's kernel
-    takes one of them (after a ReLU tied inputs are zeros, whose tangents are 0 both ways).
+    The values are the same to every bit (a maximum is exact). Where no backward pass can follow (``torch.no_grad``,
+    ``inference_mode``: the unlearner's safety check, predictions), LeNet-5's whole forward pass on 256 rows of
+    32x32 is then 2.2x faster on one thread: torch's CPU kernel spends about 4.6 ns per input element there, as long
+    as the convolutions take (``benchmarks/maxpool.py``). With autograd on, torch's kernel runs as before: its
+    backward pass is cheaper than the four views' (measured: no faster in total), and the parameters' gradients
+    stay exactly as they were. Under ``torch.func`` transforms without autograd (``vmap``, ``jvp``) the strided
+    views are ordinary tensor operations; a tangent at a tie of two equal inputs is their average where torch's
+    kernel takes one of them (after a ReLU tied inputs are zeros, whose tangents are 0 both ways).
     """
 
     def __init__(self) -> None:
