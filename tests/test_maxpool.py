@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
@@ -28,8 +29,9 @@ def test_values_equal_torchs_pooling_without_autograd(shape):
         assert torch.equal(MaxPool2x2()(unbatched), F.max_pool2d(unbatched, 2))
 
 
-def test_takes_the_strided_views_only_without_autograd(monkeypatch):
-    calls = []
+def _counted(monkeypatch) -> list[bool]:
+    """Calls of torch's kernel (``F.max_pool2d``), each recorded with whether autograd was on."""
+    calls: list[bool] = []
     real = F.max_pool2d
 
     def counted(*args, **kwargs):
@@ -37,12 +39,23 @@ def test_takes_the_strided_views_only_without_autograd(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(F, "max_pool2d", counted)
+    return calls
+
+
+def test_takes_the_strided_views_only_on_plain_tensors_without_autograd(monkeypatch):
+    calls = _counted(monkeypatch)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         MaxPool2x2()(x)
     assert calls == []  # torch's kernel is not called without autograd
-    MaxPool2x2()(x.requires_grad_())
+    MaxPool2x2()(x.clone().requires_grad_())
     assert calls == [True]  # with autograd on, it is
+    with torch.no_grad():  # and under torch.func transforms and forward-mode AD
+        jvp(MaxPool2x2(), (x,), (x,))
+        vmap(MaxPool2x2())(x)
+        with fwAD.dual_level():
+            MaxPool2x2()(fwAD.make_dual(x, x))
+    assert calls == [True, False, False, False]
 
 
 @pytest.mark.parametrize("arch,shape", [("lenet5", (1, 32, 32)), ("small_cnn", (3, 32, 32)), ("digits_net", (1, 8, 8))])
@@ -69,7 +82,7 @@ def test_networks_give_torchs_logits_and_gradients(arch, shape):
 
 def test_vmap_and_jvp_without_autograd_match_torchs_pooling():
     """The unlearner's check vmaps the model over draws and, below its difference threshold, takes forward-mode
-    directional derivatives, both under ``torch.no_grad``."""
+    directional derivatives, both under ``torch.no_grad``: torch's kernel runs there, to every bit."""
     torch.manual_seed(1)
     ours, theirs = lenet5(), lenet5()
     theirs.load_state_dict(ours.state_dict())
@@ -85,5 +98,16 @@ def test_vmap_and_jvp_without_autograd_match_torchs_pooling():
         out_o, tan_o = jvp(lambda p: functional_call(ours, p, (x,)), (params,), (tangent,))
         out_t, tan_t = jvp(lambda p: functional_call(theirs, p, (x,)), (params,), (tangent,))
     assert torch.equal(out_o, out_t)
-    # the tangents agree to rounding (the same products summed; no two equal nonzero inputs tie here)
-    torch.testing.assert_close(tan_o, tan_t, rtol=1e-5, atol=1e-6)
+    assert torch.equal(tan_o, tan_t)  # torch's kernel: its tangent, to every bit
+
+
+def test_tangents_at_ties_are_torchs():
+    """Integer-valued inputs tie often; ``torch.maximum``'s forward-mode formula would round the tangents and
+    average them at ties, where torch's kernel takes the first maximum's."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 3, (4, 3, 9, 8), generator=g).float()
+    t = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        y, tan = jvp(MaxPool2x2(), (x,), (t,))
+        y_ref, tan_ref = jvp(lambda u: F.max_pool2d(u, 2), (x,), (t,))
+    assert torch.equal(y, y_ref) and torch.equal(tan, tan_ref)

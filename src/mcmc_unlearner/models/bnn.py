@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -55,28 +56,37 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 class MaxPool2x2(nn.MaxPool2d):
-    """``nn.MaxPool2d(2)`` whose forward pass without autograd takes the maximum of four strided views.
+    """``nn.MaxPool2d(2)`` whose plain forward pass without autograd takes the maximum of four strided views.
 
-    The values are the same to every bit (a maximum is exact). Where no backward pass can follow (``torch.no_grad``,
-    ``inference_mode``: the unlearner's safety check, predictions), LeNet-5's whole forward pass on 256 rows of
-    32x32 is then 2.2x faster on one thread: torch's CPU kernel spends about 4.6 ns per input element there, as long
-    as the convolutions take (``benchmarks/maxpool.py``). With autograd on, torch's kernel runs as before: its
-    backward pass is cheaper than the four views' (measured: no faster in total), and the parameters' gradients
-    stay exactly as they were. Under ``torch.func`` transforms without autograd (``vmap``, ``jvp``) the strided
-    views are ordinary tensor operations; a tangent at a tie of two equal inputs is their average where torch's
-    kernel takes one of them (after a ReLU tied inputs are zeros, whose tangents are 0 both ways).
+    The values are the same to every bit (a maximum is exact). Where no derivative can follow (``torch.no_grad``,
+    ``inference_mode``, a plain tensor: the unlearner's safety check on convolutional networks, predictions),
+    LeNet-5's whole forward pass on 256 rows of 32x32 is then 2.2x faster on one thread: torch's CPU kernel spends
+    about 4.6 ns per input element there, as long as the convolutions take (``benchmarks/maxpool.py``). Everywhere
+    else torch's kernel runs, so every derivative is exactly torch's: with autograd on (the four views' backward
+    pass was measured no faster in total), and under ``torch.func`` transforms or forward-mode AD, where
+    ``torch.maximum``'s tangent ``b' + [a > b]·(a' − b')`` differs from the selected input's tangent in the last
+    bits (the digits BNN's check, which takes ``jvp``, moved its end point by 1e-5 relative).
     """
 
     def __init__(self) -> None:
         super().__init__(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not _plain(x):
             return super().forward(x)
         h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
         x = x[..., :h, :w]
         rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
         return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def _plain(x: Tensor) -> bool:
+    """Whether ``x`` is an ordinary tensor: not inside a ``torch.func`` transform (``vmap``, ``jvp``, ``grad``) and
+    without a forward-mode tangent. ``False`` when torch cannot tell (the private check is missing)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is None or wrapped(x):
+        return False
+    return fwAD.unpack_dual(x).tangent is None
 
 
 def log_gaussian_prior(module: nn.Module, std: float) -> Tensor:
