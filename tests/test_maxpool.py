@@ -111,3 +111,21 @@ def test_tangents_at_ties_are_torchs():
         y, tan = jvp(MaxPool2x2(), (x,), (t,))
         y_ref, tan_ref = jvp(lambda u: F.max_pool2d(u, 2), (x,), (t,))
     assert torch.equal(y, y_ref) and torch.equal(tan, tan_ref)
+
+
+@pytest.mark.parametrize(
+    "attr, value", [("ceil_mode", True), ("padding", 1), ("stride", 1), ("kernel_size", 3), ("dilation", 2)]
+)
+def test_a_layer_whose_settings_were_changed_runs_torchs_kernel(monkeypatch, attr, value):
+    """The strided views pool 2x2 windows with stride 2 only; a layer changed after it was built pools as torch would
+    with its new settings."""
+    calls = _counted(monkeypatch)
+    pool = MaxPool2x2()
+    setattr(pool, attr, value)
+    ref = nn.MaxPool2d(2)
+    setattr(ref, attr, value)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        out = pool(x)
+    assert calls == [False]
+    assert torch.equal(out, ref(x))

@@ -72,12 +72,24 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or not _plain(x):
+        if torch.is_grad_enabled() or not self._as_built() or not _plain(x):
             return super().forward(x)
         h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
         x = x[..., :h, :w]
         rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
         return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+    def _as_built(self) -> bool:
+        """Whether the layer still pools 2x2 windows with stride 2 and no padding (its attributes can be changed)."""
+        pair = (2, 2)
+        return (
+            _pair(self.kernel_size) == pair
+            and _pair(self.stride) == pair
+            and _pair(self.padding) == (0, 0)
+            and _pair(self.dilation) == (1, 1)
+            and not self.ceil_mode
+            and not self.return_indices
+        )
 
 
 def _plain(x: Tensor) -> bool:
