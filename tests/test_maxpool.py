@@ -1,5 +1,6 @@
 """``models.bnn.MaxPool2x2``: torch's ``nn.MaxPool2d(2)`` to every bit, with a faster forward pass without
-autograd (four strided views) and torch's own kernel whenever a backward pass may follow."""
+autograd (four strided views) and torch's own kernel wherever a derivative may follow (autograd, ``torch.func``
+transforms, forward-mode AD) or the layer's settings were changed."""
 
 from __future__ import annotations
 
