@@ -15,13 +15,22 @@ from test_step import _blr_check_parts
 FIELDS = ("actual", "stderr", "nll_change", "direct", "direct_stderr", "nll_scale")
 
 
+E = DIFFERENCE_STEP
+#: The rounding of the ``h`` values a difference takes, amplified into its linear term, counted in the
+#: resolution: central, each ``h``'s by ``1/2ε``; one-sided, ``h(θ + εx)``'s and ``h(θ + x)``'s by ``1/ε(1 − ε)``
+#: and ``ε²/ε(1 − ε)``.
+RESOLUTION_FACTOR = {"difference": 1 + 1 / (2 * E), "onesided": 1 + (1 + E * E) / (E * (1 - E))}
+
+
+@pytest.mark.parametrize("linear", list(RESOLUTION_FACTOR))
 @pytest.mark.parametrize("vectorise", [True, False])
-def test_the_difference_is_exact_on_a_quadratic_energy(vectorise) -> None:
+def test_the_difference_is_exact_on_a_quadratic_energy(vectorise, linear) -> None:
     """Linear-Gaussian regression (float64): every ``h_i`` and the prior are quadratic, so the central difference
-    is their derivative and the measurement is the closed form ``−G·x + ½xᵀH_r x``, as forward mode's."""
+    is their derivative, and the quadratic through ``h(θ)``, ``h(θ + εx)``, ``h(θ + x)`` is ``h`` itself: the
+    measurement is the closed form ``−G·x + ½xᵀH_r x``, as forward mode's."""
     f, lp, rows, n, thetas, G = _blr_check_parts(4)
     H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
-    diff = EnergyCheck(f, lp, thetas, rows, n, G, vectorise=vectorise, linear="difference")
+    diff = EnergyCheck(f, lp, thetas, rows, n, G, vectorise=vectorise, linear=linear)
     fwd = EnergyCheck(f, lp, thetas, rows, n, G, vectorise=vectorise)
     for x in (torch.tensor([0.01, 0.02, -0.03]), torch.tensor([1.0, -2.0, 0.5])):
         x = x.double()
@@ -29,8 +38,7 @@ def test_the_difference_is_exact_on_a_quadratic_energy(vectorise) -> None:
         assert md.actual == pytest.approx(-float(G @ x) + 0.5 * float(x @ H_r @ x), rel=1e-9, abs=1e-9)
         for name in FIELDS:
             assert getattr(md, name) == pytest.approx(getattr(mf, name), rel=1e-8, abs=1e-10), name
-        # the difference's rounding is counted in the resolution: each h's, amplified by 1/2ε
-        assert md.resolution == pytest.approx(mf.resolution * (1 + 1 / (2 * DIFFERENCE_STEP)), rel=1e-12)
+        assert md.resolution == pytest.approx(mf.resolution * RESOLUTION_FACTOR[linear], rel=1e-12)
 
 
 def _cubic_model():
@@ -45,20 +53,32 @@ def _cubic_model():
     return f, lp, thetas, rows, torch.randn(theta.numel(), dtype=torch.float64)
 
 
+def _cubic_measurements(scale: float, linear: str, vectorise: bool):
+    """:func:`_cubic_model`, a step of size ``scale`` along a seeded direction, and the check's measurement of it
+    with ``linear`` and with forward mode."""
+    f, lp, thetas, rows, G = _cubic_model()
+    x = scale * torch.randn(G.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    m = EnergyCheck(f, lp, thetas, rows, 1000, G, vectorise=vectorise, linear=linear)(x)
+    mf = EnergyCheck(f, lp, thetas, rows, 1000, G, vectorise=vectorise)(x)
+    return f, lp, thetas, rows, x, m, mf
+
+
+def third_difference(fn, t: torch.Tensor, x: torch.Tensor, d: float) -> torch.Tensor:
+    """The third directional derivative of ``fn`` at ``t`` along ``x``, over 6, by a central difference (step ``d``)."""
+    return (fn(t + 2 * d * x) - 2 * fn(t + d * x) + 2 * fn(t - d * x) - fn(t - 2 * d * x)) / (2 * d**3) / 6
+
+
 @pytest.mark.parametrize("vectorise", [True, False])
 def test_the_difference_misses_only_eps_squared_of_the_cubic_part(vectorise) -> None:
     """On a smooth nonlinear model the per-row remainders of the two checks differ by ``ε²`` times the cubic
     part of ``h_i`` along ``x`` (Taylor: the central difference is ``∇h·x + ε²·h'''/6 + O(ε⁴)``), measured here
     from a finer difference: so the measured energy changes agree to that, not merely to the check's noise."""
-    f, lp, thetas, rows, G = _cubic_model()
-    x = 0.3 * torch.randn(G.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    md = EnergyCheck(f, lp, thetas, rows, 1000, G, vectorise=vectorise, linear="difference")(x)
-    mf = EnergyCheck(f, lp, thetas, rows, 1000, G, vectorise=vectorise)(x)
+    f, lp, thetas, rows, x, md, mf = _cubic_measurements(0.3, "difference", vectorise)
     # the cubic parts c_i(θ) = h_i'''(θ; x)/6 by a fine third difference, summed as the check sums the remainders
     d = 1e-2
 
     def third(fn, t):
-        return (fn(t + 2 * d * x) - 2 * fn(t + d * x) + 2 * fn(t - d * x) - fn(t - 2 * d * x)) / (2 * d**3) / 6
+        return third_difference(fn, t, x, d)
 
     cubic_rows = torch.stack([third(lambda u: f(u, *rows), t) for t in thetas]).mean(0)  # [m]
     cubic_prior = torch.stack([third(lambda u: -lp(u).reshape(1), t) for t in thetas]).mean()
@@ -69,9 +89,11 @@ def test_the_difference_misses_only_eps_squared_of_the_cubic_part(vectorise) -> 
     assert md.direct == pytest.approx(mf.direct, rel=1e-12)  # the direct measurement needs no linear term
 
 
-def test_a_difference_check_evaluates_three_forward_passes_per_draw_and_keeps_the_unmoved_values() -> None:
-    """The first measurement evaluates ``h`` at ``θ``, ``θ + x`` and ``θ ± εx`` per draw; later ones reuse
-    ``h(θ)`` (three passes each), and a bad mode name is refused."""
+@pytest.mark.parametrize("linear, first, later", [("difference", 4, 3), ("onesided", 3, 2)])
+def test_a_difference_check_counts_its_forward_passes_per_draw_and_keeps_the_unmoved_values(linear, first, later):
+    """The first measurement evaluates ``h`` at ``θ``, ``θ + x`` and ``θ ± εx`` per draw (central differences: four
+    passes; one-sided, ``θ + εx`` only: three); later ones reuse ``h(θ)`` (three passes each, one-sided two), and a
+    bad mode name is refused."""
     f, lp, rows, n, thetas, G = _blr_check_parts(4)
     calls: list[int] = []
 
@@ -79,14 +101,14 @@ def test_a_difference_check_evaluates_three_forward_passes_per_draw_and_keeps_th
         calls.append(1)
         return f(t, *b)
 
-    check = EnergyCheck(counted, lp, thetas, rows, n, G, vectorise=False, linear="difference")
+    check = EnergyCheck(counted, lp, thetas, rows, n, G, vectorise=False, linear=linear)
     x = torch.tensor([0.01, 0.02, -0.03], dtype=torch.float64)
     check(x)
-    assert len(calls) == 4 * thetas.shape[0]
+    assert len(calls) == first * thetas.shape[0]
     check(2 * x)
-    assert len(calls) == 7 * thetas.shape[0]
+    assert len(calls) == (first + later) * thetas.shape[0]
     assert torch.equal(check._part("full").h0, torch.stack([f(t, *rows) for t in thetas]))
-    assert check.at(thetas, G).linear == "difference"
+    assert check.at(thetas, G).linear == linear
     with pytest.raises(ValueError, match="linear must be"):
         EnergyCheck(f, lp, thetas, rows, n, G, linear="finite")
 

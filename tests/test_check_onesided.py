@@ -7,29 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcmc_unlearner.step import DIFFERENCE_STEP, EnergyCheck
-from test_check_difference import FIELDS, _cubic_model
-from test_step import _blr_check_parts
+from mcmc_unlearner.step import DIFFERENCE_STEP
+from test_check_difference import _cubic_measurements, third_difference
 
 E = DIFFERENCE_STEP
-
-
-@pytest.mark.parametrize("vectorise", [True, False])
-def test_the_one_sided_difference_is_exact_on_a_quadratic_energy(vectorise) -> None:
-    """Linear-Gaussian regression (float64): every ``h_i`` and the prior are quadratic, so the quadratic through
-    the three points is ``h`` itself and the measurement is the closed form ``−G·x + ½xᵀH_r x``."""
-    f, lp, rows, n, thetas, G = _blr_check_parts(4)
-    H_r = torch.eye(3, dtype=torch.float64) + rows[0].T @ rows[0]
-    one = EnergyCheck(f, lp, thetas, rows, n, G, vectorise=vectorise, linear="onesided")
-    fwd = EnergyCheck(f, lp, thetas, rows, n, G, vectorise=vectorise)
-    for x in (torch.tensor([0.01, 0.02, -0.03]), torch.tensor([1.0, -2.0, 0.5])):
-        x = x.double()
-        mo, mf = one(x), fwd(x)
-        assert mo.actual == pytest.approx(-float(G @ x) + 0.5 * float(x @ H_r @ x), rel=1e-9, abs=1e-9)
-        for name in FIELDS:
-            assert getattr(mo, name) == pytest.approx(getattr(mf, name), rel=1e-8, abs=1e-10), name
-        # the rounding of h(θ + εx) and h(θ + x), amplified by 1/ε(1 − ε) and ε²/ε(1 − ε), is in the resolution
-        assert mo.resolution == pytest.approx(mf.resolution * (1 + (1 + E * E) / (E * (1 - E))), rel=1e-12)
 
 
 @pytest.mark.parametrize("vectorise", [True, False])
@@ -38,14 +19,11 @@ def test_the_one_sided_difference_misses_eps_of_the_cubic_part(vectorise) -> Non
     is ``a − εc − ε(1 + ε)q − …``, so each remainder is over-measured by ``ε(c + (1 + ε)q)`` (central differences:
     ``−ε²c``). ``c`` and ``q`` from fine third and fourth differences, summed as the check sums the remainders; a
     short step, where the fifth-order terms are small."""
-    f, lp, thetas, rows, G = _cubic_model()
-    x = 0.03 * torch.randn(G.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    mo = EnergyCheck(f, lp, thetas, rows, 1000, G, vectorise=vectorise, linear="onesided")(x)
-    mf = EnergyCheck(f, lp, thetas, rows, 1000, G, vectorise=vectorise)(x)
+    f, lp, thetas, rows, x, mo, mf = _cubic_measurements(0.03, "onesided", vectorise)
     d = 3e-3
 
     def third(fn, t):
-        return (fn(t + 2 * d * x) - 2 * fn(t + d * x) + 2 * fn(t - d * x) - fn(t - 2 * d * x)) / (2 * d**3) / 6
+        return third_difference(fn, t, x, d)
 
     def fourth(fn, t):
         return (fn(t + 2 * d * x) - 4 * fn(t + d * x) + 6 * fn(t) - 4 * fn(t - d * x) + fn(t - 2 * d * x)) / d**4 / 24
@@ -60,26 +38,6 @@ def test_the_one_sided_difference_misses_eps_of_the_cubic_part(vectorise) -> Non
     assert abs(gap - expected) <= 0.05 * abs(expected)
     assert abs(gap) > 1e-4 * abs(mf.actual)  # the cubic part is not negligible here, so the comparison means something
     assert mo.direct == pytest.approx(mf.direct, rel=1e-12)  # the direct measurement needs no linear term
-
-
-def test_a_one_sided_check_evaluates_one_forward_pass_per_draw_fewer() -> None:
-    """The first measurement evaluates ``h`` at ``θ``, ``θ + x`` and ``θ + εx`` per draw (central differences: four
-    passes); later ones reuse ``h(θ)`` (two passes each, against three)."""
-    f, lp, rows, n, thetas, G = _blr_check_parts(4)
-    calls: list[int] = []
-
-    def counted(t: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        return f(t, *b)
-
-    check = EnergyCheck(counted, lp, thetas, rows, n, G, vectorise=False, linear="onesided")
-    x = torch.tensor([0.01, 0.02, -0.03], dtype=torch.float64)
-    check(x)
-    assert len(calls) == 3 * thetas.shape[0]
-    check(2 * x)
-    assert len(calls) == 5 * thetas.shape[0]
-    assert torch.equal(check._part("full").h0, torch.stack([f(t, *rows) for t in thetas]))
-    assert check.at(thetas, G).linear == "onesided"
 
 
 def test_convolutional_networks_take_the_one_sided_difference_where_the_check_loops() -> None:
