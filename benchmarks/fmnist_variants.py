@@ -15,6 +15,7 @@ command scores it (kept-class predictive L1 to the retrain chains as a multiple 
     python benchmarks/fmnist_variants.py retrain --seed 0 --cache /tmp/fm --name retrain-timing
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm --named-only rc10
     python benchmarks/fmnist_variants.py rownoise --seed 3 --cache /tmp/fm default
+    python benchmarks/fmnist_variants.py decompose --seed 0 --cache /tmp/fm --samples 10 default
 
 ``residual`` measures the first-moment identity of each bank's posterior, ``E_θ[∇F(θ)] = 0`` (integration by
 parts; ``F`` = the bank's own data: all training points for origin, the remaining ones otherwise), on every
@@ -25,7 +26,9 @@ mean gradient. ``run`` records the library's first-moment corrections (``recente
 reports (a diagnostic ``--correct-every K`` that reached into the K-FAC backend, which that option replaced, is
 at commit 3734e5b). ``retrain`` re-trains the seed's first retrain chain and times it (the cost the methods are
 compared with), checking that it equals the cached one. ``rownoise`` measures how noisy the correction's moment
-would be on a sample of the rows (docs/fashion-mnist.md, "Six seeds"). One torch thread. Results append to
+would be on a sample of the rows (docs/fashion-mnist.md, "Six seeds"); ``decompose`` where a bank's distance to the
+retrain chains lies (per class, spread, mean, the output biases' first moment; docs/fashion-mnist.md, stop 39).
+One torch thread. Results append to
 ``CACHE/results.jsonl``.
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +46,7 @@ import torch
 from mcmc_unlearner.bank import ParamSpec
 from mcmc_unlearner.cli import build_parser
 from mcmc_unlearner.experiments import bnn as B
+from mcmc_unlearner.experiments import evaluation as ev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
 import _benchargs as A
@@ -234,6 +239,109 @@ def _rownoise(args: argparse.Namespace) -> None:
     print(json.dumps(row), flush=True)
 
 
+def bias_moment(
+    model: torch.nn.Module,
+    thetas: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bias: slice,
+    prior_std: float,
+    chunk: int = 2000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bank averages of ``∂F/∂b = Σ_i (p(x_i) − e_{y_i}) + b/σ²`` along the output layer's biases ``b`` (the
+    entries ``bias`` of each stored sample in ``thetas``) for a softmax classifier with prior ``N(0, σ²)``, and of
+    its exact Hessian ``Σ_i (diag p_i − p_i p_iᵀ) + I/σ²``, from forward passes alone; float64."""
+    k = bias.stop - bias.start
+    r, h = torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
+    with torch.no_grad():
+        for theta in thetas:
+            ParamSpec.assign(model, theta)
+            for i in range(0, len(x), chunk):
+                p = torch.softmax(model(x[i : i + chunk]), -1).double()
+                r += p.sum(0) - torch.bincount(y[i : i + chunk], minlength=k).double()
+                h += torch.diag(p.sum(0)) - p.T @ p
+            r += theta[bias].double() / prior_std**2
+            h += torch.eye(k, dtype=torch.float64) / prior_std**2
+    return r / len(thetas), h / len(thetas)
+
+
+def _decompose(args: argparse.Namespace) -> None:
+    """Where a saved bank's kept-class predictive distance to the retrain chains lies (docs/fashion-mnist.md, stop 39).
+
+    On the kept-class test points: the distance's share per class (mean over retrain chains of the mean
+    ``|p_c − q_c|``; the per-class shares add up to the mean over chains, where the reported distance takes the
+    median) for the bank, the origin chain and the retrain pairs; the bank's signed class bias against the pooled
+    retrain chains; the distance (× the retrain-pair floor, as reported) with the bank's spread about its mean
+    scaled by 0.9 and 1.1, and with its deviations placed on another retrain chain's mean (what a perfect mean would
+    give); and with one exact Newton step along the output layer's biases that restores the origin's first moment
+    there (``E_θ'[∂F(θ', S∖S')/∂b] = E_θ⁰[∂F(θ⁰, S)/∂b]``, bank averages over ``--samples`` stored samples, forward
+    passes only), the component along the removed rows' own bias gradient left out.
+    """
+    ex, origin, saved = _load(args, {})
+    (name,) = args.names
+    bank = torch.load(args.cache / f"bank-s{args.seed}-{name}.pt", weights_only=True)
+    model = ex.new_model()
+    model.eval()
+    chains = [saved["banks"][nm] for nm in B._retrain_names(ex.cfg.retrain_chains)]
+
+    def kept(b: torch.Tensor) -> torch.Tensor:
+        return ex.predict(B._thin_to(b, ex.cfg.eval_samples))["test_kept"]
+
+    refs = [kept(c) for c in chains]
+    pairs = [(i, j) for i in range(len(refs)) for j in range(i + 1, len(refs))]
+    floor = statistics.median(ev.pred_l1(refs[i], refs[j]) for i, j in pairs)
+
+    def x_floor(p: torch.Tensor) -> float:
+        return statistics.median(ev.pred_l1(r, p) for r in refs) / floor
+
+    def share(p: torch.Tensor, qs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([(p - q).abs().mean(0) for q in qs]).mean(0)
+
+    p_bank, p_origin = kept(bank), kept(origin["bank"])
+    pair_share = torch.stack([(refs[i] - refs[j]).abs().mean(0) for i, j in pairs]).mean(0)
+    row: dict = {"seed": args.seed, "bank": name, "floor": floor, "l1_x_floor": x_floor(p_bank)}
+    row["class_share"] = {
+        "bank": [round(float(v), 4) for v in share(p_bank, refs)],
+        "origin": [round(float(v), 4) for v in share(p_origin, refs)],
+        "retrain_pairs": [round(float(v), 4) for v in pair_share],
+    }
+    row["class_bias"] = [round(float(v), 4) for v in (p_bank - torch.stack(refs).mean(0)).mean(0)]
+    mean = bank.mean(0, keepdim=True)
+    row["spread_scaled"] = {str(c): x_floor(kept(mean + c * (bank - mean))) for c in (0.9, 1.1)}
+    # the bank's deviations on another retrain chain's mean, scored against every chain but that one
+    on_mean = []
+    for k in range(len(chains)):
+        j = (k + 1) % len(chains)
+        moved = kept(chains[j].mean(0, keepdim=True) + (bank - mean))
+        on_mean.append(ev.pred_l1(refs[k], moved) / floor)
+    row["deviations_on_a_retrain_mean"] = statistics.median(on_mean)
+    n_bias = list(model.parameters())[-1].numel()  # the output layer's bias is the last parameter
+    bias = slice(ex.dim - n_bias, ex.dim)
+    draws = B._thin_to(bank, args.samples)
+    at = torch.linspace(0, bank.shape[0] - 1, draws.shape[0]).round().long()
+    sd, ob = ex.cfg.prior_std, origin["bank"][at]
+    r_bank, h_bank = bias_moment(model, draws, ex.x_train[ex.kept_ids], ex.y_train[ex.kept_ids], bias, sd)
+    r_origin, _ = bias_moment(model, ob, ex.x_train, ex.y_train, bias, sd)
+    g_removed, _ = bias_moment(model, ob, ex.x_train[ex.removed_ids], ex.y_train[ex.removed_ids], bias, sd)
+    g_removed -= ob[:, bias].double().mean(0) / sd**2  # the removed rows' part alone
+    u = g_removed / g_removed.norm()
+    d = r_bank - r_origin
+    step = -torch.linalg.solve(h_bank, d - (u @ d) * u)
+    fixed = bank.clone()
+    fixed[:, bias] += step.to(bank.dtype)
+    p_fixed = ex.predict(B._thin_to(fixed, ex.cfg.eval_samples))
+    row["bias_residual"] = {
+        "bank_remaining_rows": [round(float(v), 1) for v in r_bank],
+        "origin_all_rows": [round(float(v), 1) for v in r_origin],
+    }
+    row["bias_step"] = [round(float(v), 3) for v in step]
+    row["bias_step_l1_x_floor"] = x_floor(p_fixed["test_kept"])
+    row["bias_step_removed_error"] = ev.error_rates(p_fixed, ex.labels)["removed"]
+    print(json.dumps(row), flush=True)
+    with open(args.cache / "decompose.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, before any work, what would fail later: a command other than ``train`` without the seed's cached
     chains, ``residual``/``rownoise`` banks that were never saved, ``rownoise`` without exactly one name, a cache
@@ -248,9 +356,9 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             f"argument --cache: no cached chains for --seed {args.seed} ({chains} is missing); "
             f"run `train --seed {args.seed} --cache {args.cache}` first"
         )
-    if args.command == "rownoise" and len(args.names) != 1:
-        ap.error(f"rownoise takes exactly one saved bank name, got {len(args.names)}")
-    if args.command not in ("residual", "rownoise"):
+    if args.command in ("rownoise", "decompose") and len(args.names) != 1:
+        ap.error(f"{args.command} takes exactly one saved bank name, got {len(args.names)}")
+    if args.command not in ("residual", "rownoise", "decompose"):
         return
     missing = [nm for nm in args.names if not (args.cache / f"bank-s{args.seed}-{nm}.pt").is_file()]
     if missing:
@@ -262,8 +370,10 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["train", "retrain", "run", "residual", "rownoise"])
-    ap.add_argument("names", nargs="*", help="residual, rownoise (one): saved unlearned banks (run --name) to measure")
+    ap.add_argument("command", choices=["train", "retrain", "run", "residual", "rownoise", "decompose"])
+    ap.add_argument(
+        "names", nargs="*", help="residual, rownoise and decompose (one): saved unlearned banks (run --name) to measure"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("runs/fmnist-variants"))
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
@@ -275,14 +385,23 @@ def main(argv: list[str] | None = None) -> int:
         default="unlearn",
         help="run: the library's unlearner (with --options) or the paper's procedure (the command's `paper`)",
     )
-    ap.add_argument("--samples", type=A.positive_int, default=20, help="residual: evenly thinned samples per bank")
+    ap.add_argument(
+        "--samples", type=A.positive_int, default=20, help="residual, decompose: evenly thinned samples per bank"
+    )
     ap.add_argument("--named-only", action="store_true", help="residual: only the named banks (not origin, retrains)")
     ap.add_argument("--threads", type=A.positive_int, default=1)
     args = ap.parse_intermixed_args(argv)
     _check(ap, args)
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    commands = {"train": _train, "retrain": _retrain, "run": _run, "residual": _residual, "rownoise": _rownoise}
+    commands = {
+        "train": _train,
+        "retrain": _retrain,
+        "run": _run,
+        "residual": _residual,
+        "rownoise": _rownoise,
+        "decompose": _decompose,
+    }
     commands[args.command](args)
     return 0
 

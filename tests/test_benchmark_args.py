@@ -98,3 +98,11 @@ def test_output_file_creates_the_folder_and_leaves_no_file(tmp_path: Path) -> No
     assert mod.output_file(str(target)) == target and target.read_text() == "kept"  # an existing file untouched
     with pytest.raises(Exception, match="is a folder"):
         mod.output_file(str(tmp_path))
+
+
+def test_fmnist_variants_decompose_takes_one_saved_bank(tmp_path: Path) -> None:
+    (tmp_path / "chains-s0.pt").write_bytes(b"")  # the refusals come before the chains are read
+    out, seconds = _run("fmnist_variants.py", ["decompose", "--cache", str(tmp_path)])
+    _assert_refused(out, seconds, "decompose takes exactly one saved bank name, got 0")
+    out, seconds = _run("fmnist_variants.py", ["decompose", "--cache", str(tmp_path), "nosuch"])
+    _assert_refused(out, seconds, "no saved bank(s) nosuch")
