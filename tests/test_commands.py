@@ -343,6 +343,37 @@ def test_json_output_carries_the_head(model, tmp_path, capsys):
     assert v["ok"] and v["ledger_head"] == doc["ledger_head"]
 
 
+def test_forget_verbose_prints_the_librarys_progress_on_stderr_only(model, template, tmp_path, capsys):
+    """``forget -v``: one stderr line per phase of the request, prefixed with the command; ``-vv`` adds the damping
+    trials; stdout and the committed result are those of a run without it, and the logger is put back afterwards."""
+    import logging
+
+    quiet = tmp_path / "quiet"
+    shutil.copytree(template, quiet)
+    assert main(["forget", "--model", str(quiet), "--ids", _file(tmp_path, "5"), "--json"]) == 0
+    plain = capsys.readouterr()
+    assert plain.err == ""
+    assert main(["forget", "--model", str(model), "--ids", _file(tmp_path, "5"), "--json", "-v"]) == 0
+    loud = capsys.readouterr()
+    lines = loud.err.splitlines()
+    assert lines and all(line.startswith("mcmc-unlearner forget: ") for line in lines), lines
+    assert any(": request: 1 removed row(s)" in line for line in lines), lines
+    assert any(": request computed in " in line for line in lines), lines
+    assert not any(": damping trial (" in line for line in lines)
+    a, b = json.loads(plain.out), json.loads(loud.out)
+    assert a["entry"]["quality"] == b["entry"]["quality"]  # (the ledger heads differ: entries carry their times)
+    assert load_model(quiet).model_sha256 == load_model(model).model_sha256  # the same state, bit for bit
+    logger = logging.getLogger("mcmc_unlearner")
+    assert logger.level == logging.NOTSET and not any(
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.NullHandler) for h in logger.handlers
+    )
+    again = tmp_path / "again"
+    shutil.copytree(template, again)
+    assert main(["forget", "--model", str(again), "--ids", _file(tmp_path, "5"), "--quiet", "-vv"]) == 0
+    trials = [line for line in capsys.readouterr().err.splitlines() if ": damping trial (" in line]
+    assert trials and load_model(again).model_sha256 == load_model(model).model_sha256
+
+
 # ------------------------------------------------------------------ bnn: options checked before any work
 def _bnn_refused(flags: list[str], tmp_path: Path, capsys, monkeypatch) -> str:
     """``bnn`` with ``flags``: exit 2 with one stderr line, in well under a second, before any training."""

@@ -10,6 +10,8 @@ Public API:
   :class:`SolverDivergedError`.
 """
 
+import logging
+
 from .compat import sgmcmcUnlearner
 from .data import RemovableDataset
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, UnlearningError
@@ -18,6 +20,9 @@ from .solvers import SolveResult, SolverName, solve
 from .unlearner import BankShift, Expectation, HessianKind, MCMCUnlearner, RemovalReport
 
 __version__ = "0.1.0"
+
+# progress of long requests goes to the "mcmc_unlearner" logger: silent unless the caller configures logging
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "SGHMC",

@@ -85,6 +85,7 @@ requests is forgotten by the end; see ``MCMCUnlearner(carry_deficit=...)``).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -97,6 +98,8 @@ from torch.func import grad, jvp, vmap
 
 from .backends.base import CurvatureBackend, NegativeCurvatureError
 from .solvers import SolveResult
+
+log = logging.getLogger(__name__)  # each damping trial at DEBUG
 
 __all__ = ["DampingControl", "DampingShape", "EnergyCheck", "Measurement", "ScreenMode", "StepOutcome"]
 
@@ -881,6 +884,11 @@ class DampingControl:
              "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows,
              "shape": shape}
         ]  # fmt: skip
+        log.debug(
+            "damping trial (%s shape): damping %.3g, predicted %.4g, measured %.4g ± %.2g on %d draw(s) × %d rows, "
+            "ratio %.3g: %s",
+            shape, lam, pred, meas.actual, meas.stderr, meas.draws, meas.rows, ratio, "passed" if ok else "rejected",
+        )  # fmt: skip
         return out
 
     def step(
@@ -986,6 +994,7 @@ class DampingControl:
             out = self._try(backend, G, check, lam, expect_reject)
             if out is None:
                 note = f"the curvature plus damping {lam:.3g} is not positive definite"
+                log.debug("damping trial (%s shape): damping %.3g: %s", shape, lam, note)
                 history.append({"damping": lam, "predicted": math.nan, "actual": math.nan, "ratio": math.nan})
                 return None
             history.extend(out.history)

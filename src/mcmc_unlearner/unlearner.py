@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import logging
 import math
 import numbers
 import os
@@ -74,6 +75,10 @@ from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import DampingControl, DampingShape, EnergyCheck, ScreenMode, StepOutcome, is_bool, measured_deficit
+
+#: Progress of long requests (phases at INFO, damping trials at DEBUG in ``mcmc_unlearner.step``); silent unless the
+#: caller configures logging, e.g. ``logging.basicConfig(level=logging.INFO)``.
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BankShift",
@@ -232,6 +237,14 @@ def autocast_in_effect(device: torch.device) -> str | None:
         else:
             on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
     return f"{kind} {str(dtype)[6:]}" if on else None
+
+
+def _log_curvature(solver: str, info: Mapping[str, Any], draws: int, seconds: float) -> None:
+    """One progress line for the curvature a request prepared: reused from an earlier request, or built."""
+    if info.get("preconditioner_reused") or info.get("hessian_reused"):
+        log.info("curvature (%s): reused from an earlier request", solver)
+    else:
+        log.info("curvature (%s): built over %d draw(s) in %.2f s", solver, draws, seconds)
 
 
 def quality_problems(
@@ -2550,6 +2563,11 @@ class MCMCUnlearner:
         prop._live_before, prop._data_before = snap[0], data_state
         prop._lr_scale = (n + batch[0].shape[0]) / n
         prop.report.seconds = time.perf_counter() - t0
+        log.info(
+            "request computed in %.2f s: shift %.4g, %s",
+            prop.report.seconds, prop.report.shift_norm,
+            "every check passed" if not prop.report.problems else "problems: " + "; ".join(prop.report.problems),
+        )  # fmt: skip
         return prop
 
     def apply(self, proposal: Proposal) -> RemovalReport:
@@ -2653,6 +2671,7 @@ class MCMCUnlearner:
             raise
 
     def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation, k: int) -> Proposal:
+        t0 = time.perf_counter()
         h_f = self._h_f()
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
@@ -2696,6 +2715,10 @@ class MCMCUnlearner:
                 "samples; nothing was changed. Check the model and data for overflow"
             )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        log.info(
+            "request: %d removed row(s), %d remaining; their gradient G over %d draw(s) (%.2f s)",
+            k, n, g_thetas.shape[0], time.perf_counter() - t0,
+        )  # fmt: skip
         error_factor = 1.0
         if lags is not None:
             error_factor, rho = chain_error_factor(lags, G)
@@ -2747,7 +2770,9 @@ class MCMCUnlearner:
             reduce=self._reduce,
             raw=self._raw,
         )
+        t_c = time.perf_counter()
         info.update(self.curvature.prepare(problem))
+        _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t_c)
         row_nll = self._row_nll
         rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
         lp_f = None if self.log_prior is None else functionalize(self.model, lambda m: self.log_prior(m))
@@ -2810,12 +2835,22 @@ class MCMCUnlearner:
             first = outcome.history[0]
             if not outcome.safe or not abs(first["ratio"] - 1.0) <= self.drift_tol:
                 # the reused curvature drifted from the current posterior: rebuild once and redo the step
+                log.info("the reused curvature drifted (first trial's ratio %.3g): rebuilding it", first["ratio"])
+                t_c = time.perf_counter()
                 self.curvature.reset()
                 info.update(self.curvature.prepare(problem))
+                _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t_c)
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check, shapes=all_shapes, noise=dev)
         if self.shorten_steps:
             outcome = outcome.shortened()
+        log.info(
+            "step: %s after %d damping trial(s), damping %.3g (%.3g× the mean curvature, %s shape), ratio %.3g "
+            "(%.2f s so far)",
+            "accepted" if outcome.safe else "no step accepted", len(outcome.history), outcome.damping,
+            outcome.damping / outcome.scale if outcome.damping > 0 and outcome.scale else 0.0, outcome.shape,
+            outcome.ratio, time.perf_counter() - t0,
+        )  # fmt: skip
         if self.control.adaptive and outcome.safe and resolution_floor(float(outcome.x.norm()), live) is not None:
             unresolved = self._unresolved(check, G)  # damped away: was there anything the check could measure?
             if unresolved is not None:
@@ -3284,6 +3319,11 @@ class MCMCUnlearner:
         t0 = time.perf_counter()
         anchor = replace(anchor, count=torch.zeros_like(anchor.count))
         rows = self._raw(stream.full())
+        log.info(
+            "first-moment correction across requests: one gradient pass over %d remaining rows per stored sample "
+            "(up to %d samples; two passes the first time a sample is used)",
+            rows[0].shape[0], anchor.pair.numel(),
+        )  # fmt: skip
         auto = self.recenter_draws == "auto"
         shift = float((bank[anchor.index] - anchor.thetas).norm(dim=1).mean())
         stale = int(anchor.carried) >= RECENTER_CARRY_MAX  # carried too often since it was measured: measure again
@@ -3296,6 +3336,7 @@ class MCMCUnlearner:
                 anchor = anchor.measured(j, self._moment(h_f, anchor.thetas[k : k + 1], rows))
             paired.append(self._moment(h_f, bank[anchor.index[k : k + 1]], rows) - anchor.target(j))
             d, se_pair = self._deviation(paired, anchor.removed)
+            log.info("correction: stored sample %d measured (%.1f s)", j + 1, time.perf_counter() - t0)
             se = math.hypot(se_pair, se_removed) if se_removed else se_pair
             if len(paired) == 1 and carried is not None:
                 # one draw's error, as the last measured spread scaled to the displacement since
@@ -3329,6 +3370,7 @@ class MCMCUnlearner:
                 "samples, or pass recenter_draws=1 to correct without it)"
             )
             info["recenter_seconds"] = time.perf_counter() - t0
+            log.info("correction %s (%.1f s)", info["recenter"], info["recenter_seconds"])
             return live, bank, carry, anchor
         thetas = bank[_evenly(bank.shape[0], self.check_draws)]
         here = check.at(thetas, -d)
@@ -3361,6 +3403,7 @@ class MCMCUnlearner:
             carry = None
             anchor = replace(anchor, applied=anchor.applied + 1)
         info["recenter_seconds"] = time.perf_counter() - t0
+        log.info("correction %s (%.1f s)", info["recenter"], info["recenter_seconds"])
         return live, bank, carry, anchor
 
     # ------------------------------------------------------------------ checkpoints

@@ -8,8 +8,11 @@ an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from .. import distributed
@@ -35,7 +38,32 @@ def _key(args: argparse.Namespace) -> integrity.Key | None:
     return integrity.resolve_key(getattr(args, "key_file", None))
 
 
+@contextlib.contextmanager
+def _progress_to_stderr(verbose: int) -> Iterator[None]:
+    """``forget -v``/``-vv``: the library's progress lines (``mcmc_unlearner`` logger) on stderr while the command
+    runs, one line each; the logger is put back as it was afterwards."""
+    if verbose <= 0:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mcmc-unlearner forget: %(message)s"))
+    logger = logging.getLogger("mcmc_unlearner")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _cmd_forget(args: argparse.Namespace) -> int:
+    with _progress_to_stderr(getattr(args, "verbose", 0)):
+        return _forget(args)
+
+
+def _forget(args: argparse.Namespace) -> int:
     # everything about the request is checked before the folder is touched
     ids = requests.read_ids(args.ids, max_bytes=args.max_request_bytes, unique=True)
     rid = None if args.request_id is None else requests.check_request_id(args.request_id)
@@ -311,6 +339,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=[h.value for h in HessianKind],
         default=None,
         help="Newton step on the remaining-data energy (remaining, default) or the full-data one (full, the paper's)",
+    )
+    f.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="the library's progress on stderr: -v one line per phase of the request (gradient, curvature, step, "
+        "correction), -vv also one per damping trial",
     )
     f.set_defaults(func=_cmd_forget)
 

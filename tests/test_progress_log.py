@@ -1,0 +1,111 @@
+"""Progress of long requests on the ``mcmc_unlearner`` logger: each phase at INFO, each damping trial at DEBUG.
+
+The lines must say what the request did (the same numbers as its :class:`RemovalReport`) and must not change it: a
+sequence run with DEBUG logging gives the same samples, bit for bit, as one run without.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mcmc_unlearner
+from mcmc_unlearner import MCMCUnlearner
+
+
+def _sequence(requests: int = 4) -> tuple[list, list[torch.Tensor]]:
+    """A user's MLP classifier (2,003 parameters: K-FAC with corrections every 2 requests) on three Gaussian
+    blobs, sampled by a plain SGLD loop; class 0 removed in ``requests`` requests of 10 rows; the corrections
+    measure one stored sample (``recenter_draws=1``), so both are applied."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(300, 2, generator=g) + 2.5 * torch.stack([torch.cos(2.1 * y), torch.sin(2.1 * y)], 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3))
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    lr, bank = 1e-3, []
+    for t in range(1200):
+        i = torch.randint(300, (50,), generator=g)
+        energy = 300 * nll(model, (x[i], y[i])).mean() - log_prior(model)
+        model.zero_grad()
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-0.5 * lr * p.grad + lr**0.5 * torch.randn(p.shape, generator=g))
+        if t >= 600 and t % 20 == 0:
+            bank.append({k: v.clone() for k, v in model.state_dict().items()})
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, recenter_every=2, recenter_draws=1)
+    keep = torch.ones(300, dtype=torch.bool)
+    reports = []
+    for r in range(requests):
+        ids = torch.nonzero(y == 0).flatten()[10 * r : 10 * (r + 1)]
+        keep[ids] = False
+        reports.append(un.remove((x[ids], y[ids]), (x[keep], y[keep])))
+    return reports, [torch.cat([v.flatten() for v in s.values()]) for s in un.samples()]
+
+
+def test_the_package_logger_is_silent_unless_configured() -> None:
+    """A library must not print progress by default: the package's logger holds a NullHandler (no "No handlers
+    could be found" fallback) and no level of its own, so the caller's logging configuration decides."""
+    logger = logging.getLogger("mcmc_unlearner")
+    assert any(isinstance(h, logging.NullHandler) for h in logger.handlers)
+    assert logger.level == logging.NOTSET and mcmc_unlearner.__name__ == "mcmc_unlearner"
+
+
+def test_progress_lines_follow_the_reports_and_change_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    _, quiet = _sequence()
+    with caplog.at_level(logging.DEBUG, logger="mcmc_unlearner"):
+        reports, loud = _sequence()
+    assert all(torch.equal(a, b) for a, b in zip(quiet, loud)), "logging changed the samples"
+    assert all(r.passed for r in reports)
+
+    msgs = [(rec.name, rec.levelno, rec.getMessage()) for rec in caplog.records if rec.name.startswith("mcmc_unl")]
+    starts = [m for _, _, m in msgs if m.startswith("request: ")]
+    ends = [m for _, _, m in msgs if m.startswith("request computed in ")]
+    assert len(starts) == len(ends) == len(reports)
+    for r, start, end in zip(reports, starts, ends):
+        assert start.startswith(f"request: 10 removed row(s), {r.n_remaining} remaining")
+        shift = float(re.search(r"shift ([0-9.e+-]+),", end).group(1))
+        assert shift == pytest.approx(r.shift_norm, rel=1e-3)
+        assert end.endswith("every check passed")
+
+    curv = [m for _, _, m in msgs if m.startswith("curvature (kfac)")]
+    assert len(curv) == len(reports)
+    built = [i for i, m in enumerate(curv) if "built over" in m]
+    assert built and built[0] == 0, curv  # built by the first request, reused after unless rebuilt for drift
+    assert sum(bool(r.info.get("curvature_rebuilt_for_drift")) for r in reports) == len(built) - 1
+
+    # every damping trial a report lists is one DEBUG line of the step module, in order (then the correction's)
+    trials = [m for name, lvl, m in msgs if name == "mcmc_unlearner.step" and lvl == logging.DEBUG]
+    expected = []
+    for r in reports:
+        expected += [h["damping"] for h in r.info["trials"]] + [None] * r.info.get("recenter_trials", 0)
+    assert len(trials) == len(expected)
+    for line, lam in zip(trials, expected):
+        if lam is not None:
+            assert float(re.search(r"damping ([0-9.e+-]+)[,:]", line).group(1)) == pytest.approx(lam, rel=1e-2)
+    steps = [m for _, _, m in msgs if m.startswith("step: accepted after")]
+    assert [int(re.search(r"after (\d+) damping", m).group(1)) for m in steps] == [r.damping_trials for r in reports]
+
+    # the corrections across requests (every 2 requests here) say how many stored samples they measured
+    for r in reports:
+        if r.info.get("recenter", "").startswith(("applied", "skipped")):
+            break
+    else:
+        pytest.fail(f"no correction ran: {[r.info.get('recenter') for r in reports]}")
+    corr = [m for _, _, m in msgs if m.startswith("correction: stored sample")]
+    ran = [r for r in reports if r.info.get("recenter", "").startswith(("applied", "skipped"))]
+    assert len(corr) == sum(r.info["recenter_draws"] for r in ran)
+    done = [m for _, _, m in msgs if m.startswith(("correction applied", "correction skipped"))]
+    assert [m.split(" (")[0] for m in done] == [f"correction {r.info['recenter']}".split(" (")[0] for r in ran]
