@@ -273,7 +273,8 @@ def _decompose(args: argparse.Namespace) -> None:
     median) for the bank, the origin chain and the retrain pairs; the bank's signed class bias against the pooled
     retrain chains; the distance (× the retrain-pair floor, as reported) with the bank's spread about its mean
     scaled by 0.9 and 1.1, and with its deviations placed on another retrain chain's mean (what a perfect mean would
-    give); and with one exact Newton step along the output layer's biases that restores the origin's first moment
+    give); with the removed class's probability renormalised away or replaced by the retrain chains' mean (stop 40);
+    and with one exact Newton step along the output layer's biases that restores the origin's first moment
     there (``E_θ'[∂F(θ', S∖S')/∂b] = E_θ⁰[∂F(θ⁰, S)/∂b]``, bank averages over ``--samples`` stored samples, forward
     passes only), the component along the removed rows' own bias gradient left out.
     """
@@ -315,6 +316,31 @@ def _decompose(args: argparse.Namespace) -> None:
         moved = kept(chains[j].mean(0, keepdim=True) + (bank - mean))
         on_mean.append(ev.pred_l1(refs[k], moved) / floor)
     row["deviations_on_a_retrain_mean"] = statistics.median(on_mean)
+    # the removed class's probability taken away (renormalised) or replaced by the retrain chains' mean (the rest
+    # rescaled): how much of a bank's distance is the removed class's own probability (an oracle: the replaced
+    # probability comes from the chains it is then scored against)
+    c, ref_mean = int(ex.cfg.remove_class), torch.stack(refs).mean(0)
+
+    def renormalised(p: torch.Tensor) -> torch.Tensor:
+        q = p.clone()
+        q[:, c] = 0
+        return q / q.sum(1, keepdim=True)
+
+    def retrain_class_prob(p: torch.Tensor) -> torch.Tensor:
+        q = p * ((1 - ref_mean[:, c]) / (1 - p[:, c])).unsqueeze(1)
+        q[:, c] = ref_mean[:, c]
+        return q
+
+    def own_label(b: torch.Tensor) -> float:  # mean probability of the removed class on its training rows
+        return float(ex.predict(B._thin_to(b, ex.cfg.eval_samples))["removed"][:, c].mean())
+
+    row["own_label_probability"] = {"bank": own_label(bank), "retrain_chains": [own_label(b) for b in chains]}
+    row["removed_class_probability"] = {
+        "origin_renormalised": x_floor(renormalised(p_origin)),
+        "origin_with_retrain_mean": x_floor(retrain_class_prob(p_origin)),
+        "bank_renormalised": x_floor(renormalised(p_bank)),
+        "bank_with_retrain_mean": x_floor(retrain_class_prob(p_bank)),
+    }
     n_bias = list(model.parameters())[-1].numel()  # the output layer's bias is the last parameter
     bias = slice(ex.dim - n_bias, ex.dim)
     draws = B._thin_to(bank, args.samples)

@@ -912,6 +912,7 @@ def unlearn_request(
     return_bank: bool = False,
     options: dict[str, Any] | None = None,
     strict: bool = True,
+    remaining_as: str = "iterator",
 ) -> dict[str, Any]:
     """One deletion request with the library's defaults, in *this* process (call it in a child, see
     :func:`run_isolated`). Returns status, error, report fields, seconds, peak memory, the unlearned bank's
@@ -919,7 +920,9 @@ def unlearn_request(
 
     ``epoch_steps``: ``0`` skips the SGLD-epoch timing, ``None`` times a full 10k-row epoch, ``k`` times k steps.
     ``options`` (diagnostics only, *not* the defaults under test): extra ``MCMCUnlearner`` keyword arguments;
-    ``strict=False`` applies a removal that fails the library's checks (to score it anyway).
+    ``strict=False`` applies a removal that fails the library's checks (to score it anyway). ``remaining_as``: the
+    remaining data as the user's endless minibatch iterator (``"iterator"``, default) or as the rows themselves
+    (``"rows"``, a tuple ``(x, y)``: listable, so a class removal's emptied-label check runs).
     """
     from mcmc_unlearner import MCMCUnlearner
     from mcmc_unlearner.errors import UnlearningError
@@ -932,7 +935,7 @@ def unlearn_request(
     snapshot = clone_layout(user_bank)
     keep = problem.keep_mask
     xr, yr = problem.x_train[keep], problem.y_train[keep]
-    remaining = forever(loader(xr, yr, problem.batch, remaining_seed))
+    remaining = forever(loader(xr, yr, problem.batch, remaining_seed)) if remaining_as == "iterator" else (xr, yr)
     removed = (problem.x_train[problem.forget], problem.y_train[problem.forget])
     if epoch_steps != 0:
         out["epoch_seconds"], out["epoch_cpu_seconds"] = time_sgld_epoch(problem, model, max_steps=epoch_steps)
@@ -1051,6 +1054,7 @@ def evaluate(
     return_bank: bool = False,
     options: dict[str, Any] | None = None,
     strict: bool = True,
+    remaining_as: str = "iterator",
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Origin chain, ``retrains`` retrain chains and one unlearning request for ``problem``; targets checked.
@@ -1072,6 +1076,7 @@ def evaluate(
             return_bank=return_bank,
             options=options,
             strict=strict,
+            remaining_as=remaining_as,
         ),
         timeout,
     )
@@ -1328,6 +1333,13 @@ def main(argv: list[str] | None = None) -> int:
         "--retrains", type=A.positive_int, default=2, help="retrain chains per model (>= 2 gives the pair spread)"
     )
     ap.add_argument("--layout", choices=("tensor", "list", "dict"), default="tensor", help="the user's bank layout")
+    ap.add_argument(
+        "--remaining",
+        choices=("iterator", "rows"),
+        default="iterator",
+        help="the remaining data as the user's endless minibatch iterator (default) or as the rows (x, y), which "
+        "the library can list (then a class removal's emptied-label check runs)",
+    )
     ap.add_argument("--no-alias", action="store_true", help="do not load the live model from the bank's last row")
     ap.add_argument("--threads", type=A.positive_int, default=1, help="torch threads (default 1)")
     ap.add_argument("--mem-cap-gb", type=float, default=4.0, help="address-space cap of the request's child")
@@ -1403,6 +1415,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache=args.chain_cache,
                 options=args.options,
                 strict=not args.no_strict,
+                remaining_as=args.remaining,
                 log=lambda s: print(s, flush=True),
             )
             results.append(r)
@@ -1417,6 +1430,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "quick": args.quick,
             "layout": args.layout,
+            "remaining": args.remaining,
             "alias": not args.no_alias,
             "mem_cap_gb": args.mem_cap_gb,
             "options": args.options,

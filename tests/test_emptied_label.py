@@ -1,0 +1,157 @@
+"""A classifier request that removes the last rows of a label must not be recorded as done while the moved samples
+still predict that label for them (``unlearner.EMPTIED_LABEL_MAX_PROB``).
+
+The probability the check measures is the moved samples' posterior predictive of the removed rows' own label,
+checked here against ``softmax`` computed directly in float64; the check stays out of the way where a label remains,
+for other likelihoods, and says so where it cannot see which labels remain (an iterator).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, Subset, SubsetRandomSampler, TensorDataset
+
+from mcmc_unlearner import MCMCUnlearner, QualityError
+from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_PROB
+
+# a class of four is a quarter of the rows: the large-removal warning is expected and not what is tested here
+pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
+
+
+def _softmax_regression(seed: int = 0, classes: int = 4):
+    """A float64 softmax regression (3 inputs, ``classes`` classes, 200 rows) and 12 samples of a plain SGLD loop."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(200) % classes
+    centres = 2.0 * torch.randn(classes, 3, generator=g, dtype=torch.float64)
+    x = centres[y] + torch.randn(200, 3, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Linear(3, classes).double()
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    lr, bank = 2e-3, []
+    for t in range(800):
+        i = torch.randint(200, (50,), generator=g)
+        energy = 200 * nll(model, (x[i], y[i])).mean() - log_prior(model)
+        model.zero_grad()
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-0.5 * lr * p.grad + lr**0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        if t >= 560 and t % 20 == 0:
+            bank.append({k: v.clone() for k, v in model.state_dict().items()})
+    return model, nll, log_prior, bank, x, y
+
+
+def _predictive(model: nn.Module, flat_bank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The bank-averaged softmax, by hand: ``[rows, classes]``."""
+    w_numel = model.weight.numel()
+    out = []
+    for theta in flat_bank:
+        w, b = theta[:w_numel].view_as(model.weight), theta[w_numel:]
+        out.append(torch.softmax(functional_call(model, {"weight": w, "bias": b}, (x,)), -1))
+    return torch.stack(out).mean(0)
+
+
+def test_the_measured_probability_is_the_moved_samples_predictive_of_the_removed_rows() -> None:
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    gone = y == 3
+    prop = un.propose((x[gone], y[gone]), (x[~gone], y[~gone]))
+    measured = prop.report.info["emptied_labels"]
+    assert set(measured) == {"3"}
+    assert prop.bank.shape[0] == 12  # all of them (at most EMPTIED_LABEL_DRAWS = 16 are used)
+    expected = float(_predictive(model, prop.bank, x[gone])[:, 3].mean())
+    assert measured["3"] == pytest.approx(expected, rel=1e-10)
+    # a problem exactly when the label is still predicted at EMPTIED_LABEL_MAX_PROB or more
+    listed = any("removes the last rows of a label" in p for p in prop.report.problems)
+    assert listed == (expected >= EMPTIED_LABEL_MAX_PROB)
+
+
+@pytest.mark.parametrize("damping, still", [(10.0, ["2"]), (100.0, ["2", "3"])])
+def test_a_request_that_empties_two_labels_measures_both_and_names_those_still_predicted(damping, still) -> None:
+    """With the defaults this removal forgets both classes (p = 0.31 and 0.23); a fixed damping holds the step back
+    until one (p = 0.80 and 0.47) or both (0.84, 0.66) stay predicted, and exactly those are named."""
+    model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=damping)
+    gone = y >= 2
+    prop = un.propose((x[gone], y[gone]), (x[~gone], y[~gone]))
+    measured = prop.report.info["emptied_labels"]
+    p = _predictive(model, prop.bank, x[gone])
+    for c in (2, 3):
+        rows = y[gone] == c
+        assert measured[str(c)] == pytest.approx(float(p[rows, c].mean()), rel=1e-10)
+    assert [c for c in ("2", "3") if measured[c] >= EMPTIED_LABEL_MAX_PROB] == still
+    (problem,) = [q for q in prop.report.problems if "removes the last rows of" in q]
+    assert [c for c in ("2", "3") if f"(label {c})" in problem] == still
+    assert ("of a label" in problem) == (len(still) == 1)
+    before = [{k: v.clone() for k, v in s.items()} for s in un.samples()]
+    with pytest.raises(QualityError, match="removes the last rows"):  # remove() refuses; the samples stay
+        un.remove((x[gone], y[gone]), (x[~gone], y[~gone]))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, un.samples()) for k in a)
+
+
+def test_no_measurement_while_the_label_remains_or_for_a_gaussian_likelihood() -> None:
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    half = (y == 3) & (torch.arange(200) < 100)
+    prop = un.propose((x[half], y[half]), (x[~half], y[~half]))
+    assert "emptied_labels" not in prop.report.info
+
+    reg = nn.Linear(3, 1).double()
+    t = x[:, :1] - x[:, 1:2]
+    labels = torch.arange(200) % 4  # an integer field beside the target: still not a categorical likelihood
+
+    def gauss(m, b):
+        return 0.5 * ((m(b[0]) - b[1]) ** 2).sum(-1) + 0.0 * b[2]
+
+    samples = [{k: v + 0.01 * torch.randn_like(v) for k, v in reg.state_dict().items()} for _ in range(6)]
+    un = MCMCUnlearner(reg, nll=gauss, bank=samples, seed=0)
+    gone = labels == 3
+    prop = un.propose((x[gone], t[gone], labels[gone]), (x[~gone], t[~gone], labels[~gone]))
+    assert "emptied_labels" not in prop.report.info
+
+
+def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_iterator_is_not_checked() -> None:
+    """A ``DataLoader`` over a ``TensorDataset`` (also a ``Subset`` of one, or one whose ``SubsetRandomSampler`` keeps
+    the remaining rows) says which labels remain without reading a minibatch; an iterator cannot, and the report
+    says the request was not checked."""
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    keep = torch.nonzero(~gone).flatten().tolist()
+    sources = {
+        "tensors": DataLoader(TensorDataset(x[~gone], y[~gone]), batch_size=50, shuffle=True),
+        "subset": DataLoader(Subset(TensorDataset(x, y), keep), batch_size=50, shuffle=True),
+        "sampler": DataLoader(TensorDataset(x, y), batch_size=50, sampler=SubsetRandomSampler(keep)),
+    }
+    for name, loader in sources.items():
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+        prop = un.propose((x[gone], y[gone]), loader)
+        measured = prop.report.info["emptied_labels"]
+        assert isinstance(measured, dict) and set(measured) == {"3"}, name
+        assert measured["3"] == pytest.approx(float(_predictive(model, prop.bank, x[gone])[:, 3].mean()), rel=1e-10)
+    # one row labelled 3 left in (and not removed): that label is not emptied
+    one = int(torch.nonzero(gone)[0])
+    almost = gone.clone()
+    almost[one] = False
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=50, sampler=SubsetRandomSampler([*keep, one]))
+    assert "emptied_labels" not in un.propose((x[almost], y[almost]), loader).report.info
+
+    def stream():
+        while True:
+            yield from DataLoader(TensorDataset(x[~gone], y[~gone]), batch_size=50, shuffle=True)
+
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    prop = un.propose((x[gone], y[gone]), stream(), n_remaining=int((~gone).sum()))
+    said = prop.report.info["emptied_labels"]
+    assert isinstance(said, str) and said.startswith("not checked") and "RemovableDataset" in said
+    assert not any("removes the last rows" in p for p in prop.report.problems)
