@@ -155,3 +155,19 @@ def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_
     said = prop.report.info["emptied_labels"]
     assert isinstance(said, str) and said.startswith("not checked") and "RemovableDataset" in said
     assert not any("removes the last rows" in p for p in prop.report.problems)
+
+
+def test_rows_without_a_class_are_not_a_label_to_empty() -> None:
+    """Rows labelled -100 (``cross_entropy``'s ``ignore_index``: ``h = 0``, so ``exp(−h) = 1``) removed last are no
+    class the samples could still predict: nothing is measured for them, and the request is not refused (after a
+    first request that found the plain cross-entropy)."""
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    y = y.clone()
+    y[:10] = -100
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    first = torch.arange(200) >= 190  # ten labelled rows of every class
+    un.remove((x[first], y[first]), (x[~first], y[~first]))
+    assert un._plain_categorical
+    gone = first | (torch.arange(200) < 10)
+    prop = un.propose((x[:10], y[:10]), (x[~gone], y[~gone]))
+    assert "emptied_labels" not in prop.report.info and not prop.report.problems

@@ -3011,6 +3011,7 @@ class MCMCUnlearner:
             )
             return None
         labels = y.unique()
+        labels = labels[labels >= 0]  # a negative label is no class (cross_entropy's ignore_index=-100: h = 0)
         emptied = labels[~torch.isin(labels, left.to(labels.device))]
         if emptied.numel() == 0:
             return None
@@ -3032,8 +3033,8 @@ class MCMCUnlearner:
             f"data, but the moved samples still give those rows their own label with mean probability {said} (at "
             f"least {EMPTIED_LABEL_MAX_PROB:g}; a posterior given the remaining data, where no row carries the label, "
             "puts little mass there): one influence step from a fit that predicts the class does not forget it. "
-            "Continue the chain on the remaining data (your own sampler, or run_chain, for at least a burn-in's worth "
-            "of steps; the deletion service's --on-failure repair does this), or retrain"
+            "Continue the chain on the remaining data for at least a burn-in's worth of steps (your own sampler, "
+            "run_chain, or the deletion service's --on-failure repair with --repair-steps that long), or retrain"
         )
 
     def _check_rows(self, stream: _Stream, m: int, screen: int) -> tuple[Batch, int]:
