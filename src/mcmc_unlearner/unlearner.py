@@ -2989,7 +2989,13 @@ class MCMCUnlearner:
         """
         y = batch[1] if len(batch) > 1 else None
         integer = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
-        if not integer or y.dim() != 1 or self._reduce is not None:
+        if not integer or y.dim() != 1:
+            return None
+        if self._reduce is not None:
+            info["emptied_labels"] = (
+                "not checked under torch.distributed: each rank holds only its own shard's labels, so whether a "
+                "request removes a label's last rows is not known to any rank"
+            )
             return None
         if self._plain_categorical is None:
             from .kronecker import Likelihood, detect_likelihood
