@@ -574,6 +574,17 @@ class DistributedUnlearner(MCMCUnlearner):
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return _all_reduce(t.contiguous(), self.group)
 
+    def _reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(t.contiguous(), self.group, dist.ReduceOp.MAX if dist.is_initialized() else None)
+
+    def _remaining_labels(self, stream: Any) -> torch.Tensor | None:
+        """This rank's share of the remaining labels: the rows of a :class:`ShardedDataset` it owns (the emptied-
+        label check all-reduces which labels remain); ``None`` for other sources."""
+        src = stream.source
+        if isinstance(src, ShardedDataset) and len(src.local) > 1:
+            return src.local[1][src.owned(src.remaining_ids) // src.world]
+        return None
+
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))
 

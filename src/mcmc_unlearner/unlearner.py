@@ -2113,6 +2113,10 @@ class MCMCUnlearner:
     #: Sum across ranks (``None`` in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`).
     _reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    def _reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum across ranks (``t`` itself in one process)."""
+        return t
+
     @property
     def _row_nll(self) -> Callable[[nn.Module, Batch], torch.Tensor]:
         """The per-row negative log-likelihood of plain batches (the safety check, K-FAC)."""
@@ -2978,64 +2982,69 @@ class MCMCUnlearner:
 
         Checked for a plain categorical likelihood (``nll`` is the cross-entropy of ``model(x)`` against integer
         labels ``batch[1]``, so ``exp(−h)`` is the predictive probability of a row's own label) when the labels of
-        the remaining data can be read without a pass over it. For each label no remaining row carries any more,
-        the posterior-predictive probability of that label on the removed rows holding it is averaged over
-        ``EMPTIED_LABEL_DRAWS`` moved samples (``info["emptied_labels"]``); at ``EMPTIED_LABEL_MAX_PROB`` or more
-        the removal did not forget the class: one local influence step from a fit that predicts it cannot move
-        that far (a user's digits MLP, its class removed in 17 requests of 8: p = 0.99 at the last request, every
-        request before it passed). Not checked under ``torch.distributed``, nor where which labels remain cannot be
-        read without a pass over the data (an iterator, a ``DataLoader`` over another kind of dataset:
-        :func:`_loader_labels`; ``info["emptied_labels"]`` says so).
+        the remaining data can be read without a pass over it (:meth:`_remaining_labels`). For each label no
+        remaining row carries any more, the posterior-predictive probability of that label on the removed rows
+        holding it is averaged over ``EMPTIED_LABEL_DRAWS`` moved samples (``info["emptied_labels"]``); at
+        ``EMPTIED_LABEL_MAX_PROB`` or more the removal did not forget the class: one local influence step from a fit
+        that predicts it cannot move that far (a user's digits MLP, its class removed in 17 requests of 8: p = 0.99
+        at the last request, every request before it passed). Where the labels cannot be read (an iterator, a
+        ``DataLoader`` over another kind of dataset) ``info["emptied_labels"]`` says it was not checked. Under
+        ``torch.distributed`` every decision is taken on all-reduced counts (:meth:`_reduce_max`, ``_reduce``), so
+        the ranks agree and the result equals one process's.
         """
         y = batch[1] if len(batch) > 1 else None
         integer = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
         if not integer or y.dim() != 1:
             return None
-        if self._reduce is not None:
-            info["emptied_labels"] = (
-                "not checked under torch.distributed: each rank holds only its own shard's labels, so whether a "
-                "request removes a label's last rows is not known to any rank"
-            )
-            return None
+        summed = self._reduce or (lambda t: t)
+        raw = self._raw(batch)
+        y = raw[1]
         if self._plain_categorical is None:
-            from .kronecker import Likelihood, detect_likelihood
+            # on the first request; a rank without removed rows has nothing to probe and defers to the others
+            plain = True
+            if y.numel():
+                from .kronecker import Likelihood, detect_likelihood
 
-            kind, extra = detect_likelihood(self.model, self._row_nll, self._raw(batch))
-            self._plain_categorical = kind is Likelihood.CATEGORICAL and set(extra) <= {"output"}
+                kind, extra = detect_likelihood(self.model, self._row_nll, raw)
+                plain = kind is Likelihood.CATEGORICAL and set(extra) <= {"output"}
+            flags = self._reduce_max(torch.tensor([float(y.numel() > 0), float(y.numel() > 0 and not plain)]))
+            self._plain_categorical = bool(flags[0] > 0) and not bool(flags[1] > 0)
         if not self._plain_categorical:
             return None
-        src = stream.source
-        if isinstance(getattr(src, "tensors", None), tuple) and hasattr(src, "remaining_ids"):
-            left = src.tensors[1][src.remaining_ids]  # the labels alone: not a copy of every remaining row
-        elif stream.listable:
-            left = self._raw(stream.full())[1]
-        else:
-            left = _loader_labels(src)
-        if left is None:
+        left = self._remaining_labels(stream)
+        if bool(self._reduce_max(torch.tensor([float(left is None)]))[0] > 0):
             info["emptied_labels"] = (
                 "not checked: which labels remain cannot be read from the remaining data without a pass over it "
                 "(pass the rows as a tuple (x, y), a RemovableDataset, or a DataLoader over a TensorDataset)"
             )
             return None
-        labels = y.unique()
-        labels = labels[labels >= 0]  # a negative label is no class (cross_entropy's ignore_index=-100: h = 0)
-        emptied = labels[~torch.isin(labels, left.to(labels.device))]
+        y, left = y.long(), left.long().to(y.device)
+        top = max(int(y.max()) if y.numel() else -1, int(left.max()) if left.numel() else -1)
+        classes = int(self._reduce_max(torch.tensor([float(top)]))[0]) + 1
+        if classes <= 0:
+            return None
+        seen = torch.zeros(2, classes, dtype=torch.float64)  # removed here / still remaining, per label
+        seen[0, y[y >= 0]] = 1.0  # a negative label is no class (cross_entropy's ignore_index=-100: h = 0)
+        seen[1, left[left >= 0]] = 1.0
+        seen = self._reduce_max(seen)
+        emptied = torch.nonzero((seen[0] > 0) & (seen[1] == 0)).flatten()
         if emptied.numel() == 0:
             return None
         rows_f = functionalize(self.model, lambda m, *b: self._row_nll(m, b))
         draws = moved[_evenly(moved.shape[0], min(moved.shape[0], EMPTIED_LABEL_DRAWS))]
-        probs: dict[str, float] = {}
+        totals = torch.zeros(2, emptied.numel(), dtype=torch.float64)  # Σ exp(−h) over rows and draws; rows·draws
         with torch.no_grad():
-            for c in emptied.tolist():
-                rows = tuple(f[y == c] for f in self._raw(batch))
+            for j, c in enumerate(emptied.tolist()):
+                rows = tuple(f[y == c] for f in raw)
                 m = int(rows[0].shape[0])
                 # in parts of EMPTIED_LABEL_ROWS rows: a class of many rows is one forward pass of a few MB at a time
-                p = sum(
-                    torch.exp(-torch.cat([rows_f(t, *(f[i : i + EMPTIED_LABEL_ROWS] for f in rows))
-                                          for i in range(0, m, EMPTIED_LABEL_ROWS)]).double()).sum()
-                    for t in draws
-                )  # fmt: skip
-                probs[str(c)] = float(p) / (m * draws.shape[0])
+                for t in draws:
+                    for i in range(0, m, EMPTIED_LABEL_ROWS):
+                        h = rows_f(t, *(f[i : i + EMPTIED_LABEL_ROWS] for f in rows))
+                        totals[0, j] += torch.exp(-h.double()).sum().cpu()
+                totals[1, j] = m * draws.shape[0]
+        totals = summed(totals)
+        probs = {str(c): float(totals[0, j] / totals[1, j]) for j, c in enumerate(emptied.tolist())}
         info["emptied_labels"] = probs
         still = {c: p for c, p in probs.items() if not p < EMPTIED_LABEL_MAX_PROB}
         if not still:
@@ -3049,6 +3058,17 @@ class MCMCUnlearner:
             "Continue the chain on the remaining data for at least a burn-in's worth of steps (your own sampler, "
             "run_chain, or the deletion service's --on-failure repair with --repair-steps that long), or retrain"
         )
+
+    def _remaining_labels(self, stream: _Stream) -> torch.Tensor | None:
+        """The second field (labels) of every remaining row, read without a pass over the data: from a
+        ``RemovableDataset`` (or the rows given as a tuple), a listable source, or a ``DataLoader`` over tensors
+        (:func:`_loader_labels`); ``None`` where they cannot be read so."""
+        src = stream.source
+        if isinstance(getattr(src, "tensors", None), tuple) and hasattr(src, "remaining_ids"):
+            return src.tensors[1][src.remaining_ids]  # the labels alone: not a copy of every remaining row
+        if stream.listable:
+            return self._raw(stream.full())[1]
+        return _loader_labels(src)
 
     def _check_rows(self, stream: _Stream, m: int, screen: int) -> tuple[Batch, int]:
         """The safety check's rows (whole minibatches holding at least ``m`` rows) and how many of them, the first,
