@@ -12,18 +12,11 @@ import torch
 from _distributed_helpers import spawn
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
+from test_distributed_one_rank_refusals import _log_prior, _nll  # the same cross-entropy and N(0, I) prior
 
 # half the rows go (two classes of four): the large-removal warning is expected and not what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
 DAMPINGS = ("auto", 1e4)  # the defaults, and a damping that holds the step back until the classes stay predicted
-
-
-def _nll(m, b):
-    return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
-
-
-def _log_prior(m):
-    return -0.5 * sum((p**2).sum() for p in m.parameters())
 
 
 def _setup():
