@@ -71,6 +71,8 @@ def test_the_measured_probability_is_the_moved_samples_predictive_of_the_removed
     assert prop.bank.shape[0] == 12  # all of them (at most EMPTIED_LABEL_DRAWS = 16 are used)
     expected = float(_predictive(model, prop.bank, x[gone])[:, 3].mean())
     assert measured["3"] == pytest.approx(expected, rel=1e-10)
+    kept = prop.report.to_dict()["info"]  # the scalars a JSON report and the service's ledger keep
+    assert kept["emptied_label_max_probability"] == measured["3"] and kept["emptied_label_ids"] == "3"
     # a problem exactly when the label is still predicted at EMPTIED_LABEL_MAX_PROB or more
     listed = any("removes the last rows of a label" in p for p in prop.report.problems)
     assert listed == (expected >= EMPTIED_LABEL_MAX_PROB)

@@ -3046,6 +3046,9 @@ class MCMCUnlearner:
         totals = summed(totals)
         probs = {str(c): float(totals[0, j] / totals[1, j]) for j, c in enumerate(emptied.tolist())}
         info["emptied_labels"] = probs
+        # scalars too, which report.to_dict() and the deletion service's ledger keep
+        info["emptied_label_max_probability"] = max(probs.values())
+        info["emptied_label_ids"] = ",".join(probs)
         still = {c: p for c, p in probs.items() if not p < EMPTIED_LABEL_MAX_PROB}
         if not still:
             return None
