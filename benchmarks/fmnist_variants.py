@@ -285,10 +285,14 @@ def _decompose(args: argparse.Namespace) -> None:
     model.eval()
     chains = [saved["banks"][nm] for nm in B._retrain_names(ex.cfg.retrain_chains)]
 
-    def kept(b: torch.Tensor) -> torch.Tensor:
-        return ex.predict(B._thin_to(b, ex.cfg.eval_samples))["test_kept"]
+    def predicted(b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return ex.predict(B._thin_to(b, ex.cfg.eval_samples))
 
-    refs = [kept(c) for c in chains]
+    def kept(b: torch.Tensor) -> torch.Tensor:
+        return predicted(b)["test_kept"]
+
+    full_refs = [predicted(c) for c in chains]  # every evaluation set once (the own-label probability below)
+    refs = [p["test_kept"] for p in full_refs]
     pairs = [(i, j) for i in range(len(refs)) for j in range(i + 1, len(refs))]
     floor = statistics.median(ev.pred_l1(refs[i], refs[j]) for i, j in pairs)
 
@@ -298,7 +302,8 @@ def _decompose(args: argparse.Namespace) -> None:
     def share(p: torch.Tensor, qs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([(p - q).abs().mean(0) for q in qs]).mean(0)
 
-    p_bank, p_origin = kept(bank), kept(origin["bank"])
+    full_bank = predicted(bank)
+    p_bank, p_origin = full_bank["test_kept"], kept(origin["bank"])
     pair_share = torch.stack([(refs[i] - refs[j]).abs().mean(0) for i, j in pairs]).mean(0)
     row: dict = {"seed": args.seed, "bank": name, "floor": floor, "l1_x_floor": x_floor(p_bank)}
     row["class_share"] = {
@@ -331,10 +336,10 @@ def _decompose(args: argparse.Namespace) -> None:
         q[:, c] = ref_mean[:, c]
         return q
 
-    def own_label(b: torch.Tensor) -> float:  # mean probability of the removed class on its training rows
-        return float(ex.predict(B._thin_to(b, ex.cfg.eval_samples))["removed"][:, c].mean())
+    def own_label(p: dict[str, torch.Tensor]) -> float:  # mean probability of the removed class on its training rows
+        return float(p["removed"][:, c].mean())
 
-    row["own_label_probability"] = {"bank": own_label(bank), "retrain_chains": [own_label(b) for b in chains]}
+    row["own_label_probability"] = {"bank": own_label(full_bank), "retrain_chains": [own_label(p) for p in full_refs]}
     row["removed_class_probability"] = {
         "origin_renormalised": x_floor(renormalised(p_origin)),
         "origin_with_retrain_mean": x_floor(retrain_class_prob(p_origin)),

@@ -687,7 +687,10 @@ def _digits_class_sequence(seed: int, continue_steps: int = 0, **opts):
         prop = un.propose((xtr[ids], ytr[ids]), (xtr[keep], ytr[keep]))
         reports.append(prop.report)
         last = i + 8 >= len(rows)
-        assert prop.report.passed or last, prop.report.problems
+        # every request passes, except that the last may fail the emptied-label check alone (and nothing else)
+        assert prop.report.passed or (
+            last and all("removes the last rows of a label" in q for q in prop.report.problems)
+        ), prop.report.problems
         if not (last and continue_steps and prop.report.problems):
             un.apply(prop)
     c0 = yte == 0
