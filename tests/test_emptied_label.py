@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Subset, SubsetRandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, SubsetRandomSampler, TensorDataset
 
 from mcmc_unlearner import MCMCUnlearner, QualityError
-from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_PROB
+from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_PROB, _loader_labels
 
 # a class of four is a quarter of the rows: the large-removal warning is expected and not what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
@@ -122,17 +122,39 @@ def test_no_measurement_while_the_label_remains_or_for_a_gaussian_likelihood() -
     assert "emptied_labels" not in prop.report.info
 
 
+class _Targets(Dataset):
+    """A dataset in torchvision's convention: rows ``(x, label)`` read one by one, and every label in ``targets``
+    (a list, as ``CIFAR10`` and ``ImageFolder`` keep it). It counts the rows read."""
+
+    def __init__(self, x: torch.Tensor, targets: list, inputs_read: list | None = None) -> None:
+        self.x, self.labels, self.read = x, list(targets), inputs_read if inputs_read is not None else []
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.read.append(i)
+        return self.x[i], self.labels[i]
+
+
 def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_iterator_is_not_checked() -> None:
-    """A ``DataLoader`` over a ``TensorDataset`` (also a ``Subset`` of one, or one whose ``SubsetRandomSampler`` keeps
-    the remaining rows) says which labels remain without reading a minibatch; an iterator cannot, and the report
-    says the request was not checked."""
+    """A ``DataLoader`` over a ``TensorDataset`` or a dataset with torchvision's ``targets`` (also a ``Subset`` of
+    one, or one whose ``SubsetRandomSampler`` keeps the remaining rows, or a ``DistributedSampler``'s) says which
+    labels remain without reading a minibatch; an iterator cannot, and the report says the request was not
+    checked."""
     model, nll, log_prior, bank, x, y = _softmax_regression()
     gone = y == 3
     keep = torch.nonzero(~gone).flatten().tolist()
+    kept = TensorDataset(x[~gone], y[~gone])
     sources = {
-        "tensors": DataLoader(TensorDataset(x[~gone], y[~gone]), batch_size=50, shuffle=True),
+        "tensors": DataLoader(kept, batch_size=50, shuffle=True),
         "subset": DataLoader(Subset(TensorDataset(x, y), keep), batch_size=50, shuffle=True),
         "sampler": DataLoader(TensorDataset(x, y), batch_size=50, sampler=SubsetRandomSampler(keep)),
+        # one replica: no process group needed; on several ranks each reads all of its dataset's labels
+        "distributed": DataLoader(kept, batch_size=50, sampler=DistributedSampler(kept, num_replicas=1, rank=0)),
+        "targets": DataLoader(_Targets(x[~gone], y[~gone].tolist()), batch_size=50, shuffle=True),
+        "targets subset": DataLoader(Subset(_Targets(x, y.tolist()), keep), batch_size=50, shuffle=True),
     }
     for name, loader in sources.items():
         un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
@@ -144,9 +166,22 @@ def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_
     one = int(torch.nonzero(gone)[0])
     almost = gone.clone()
     almost[one] = False
-    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
-    loader = DataLoader(TensorDataset(x, y), batch_size=50, sampler=SubsetRandomSampler([*keep, one]))
-    assert "emptied_labels" not in un.propose((x[almost], y[almost]), loader).report.info
+    for data in (TensorDataset(x, y), _Targets(x, y.tolist())):
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+        loader = DataLoader(data, batch_size=50, sampler=SubsetRandomSampler([*keep, one]))
+        assert "emptied_labels" not in un.propose((x[almost], y[almost]), loader).report.info
+    # a ``targets`` that is not one integer label per row (one too few; float regression targets) is not read as
+    # the labels, which are not guessed from it: the report says the request was not checked
+    for targets in (y[~gone].tolist()[:-1], (y[~gone] + 0.5).tolist()):
+        read: list = []
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+        loader = DataLoader(_Targets(x[~gone], y[~gone].tolist(), read), batch_size=50, shuffle=True)
+        loader.dataset.targets = targets
+        said = un.propose((x[gone], y[gone]), loader).report.info["emptied_labels"]
+        assert isinstance(said, str) and said.startswith("not checked") and "targets" in said
+    read = []
+    loader = DataLoader(_Targets(x[~gone], y[~gone].tolist(), read), batch_size=50, shuffle=True)
+    assert torch.equal(_loader_labels(loader), y[~gone]) and not read  # the labels, without reading a row
 
     def stream():
         while True:

@@ -578,12 +578,14 @@ class DistributedUnlearner(MCMCUnlearner):
         return _all_reduce(t.contiguous(), self.group, dist.ReduceOp.MAX if dist.is_initialized() else None)
 
     def _remaining_labels(self, stream: Any) -> torch.Tensor | None:
-        """This rank's share of the remaining labels: the rows of a :class:`ShardedDataset` it owns (the emptied-
-        label check all-reduces which labels remain); ``None`` for other sources."""
+        """This rank's share of the remaining labels (the emptied-label check all-reduces which labels remain): the
+        rows of a :class:`ShardedDataset` it owns, or what one process reads from this rank's source (its rows as a
+        tuple, a ``RemovableDataset``, a ``DataLoader`` over a ``DistributedSampler``: every row of its dataset);
+        ``None`` where they cannot be read so (then no rank checks)."""
         src = stream.source
-        if isinstance(src, ShardedDataset) and len(src.local) > 1:
-            return src.local[1][src.owned(src.remaining_ids) // src.world]
-        return None
+        if isinstance(src, ShardedDataset):
+            return src.local[1][src.owned(src.remaining_ids) // src.world] if len(src.local) > 1 else None
+        return super()._remaining_labels(stream)
 
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))

@@ -1184,10 +1184,14 @@ def _is_fields(source: Any) -> bool:
 
 
 def _loader_labels(loader: Any) -> torch.Tensor | None:
-    """The second field (the labels) of every row a ``DataLoader`` reads, where that can be read without a pass: a
-    ``TensorDataset`` (or a ``Subset`` of one) batched by the default collate function, drawn by a random or
-    sequential sampler (every row), a ``SubsetRandomSampler`` (its indices) or a ``WeightedRandomSampler`` (the rows
-    of non-zero weight); else ``None``."""
+    """The labels (second field) of every row a ``DataLoader`` reads, where that can be read without a pass; else
+    ``None``.
+
+    Readable: a dataset batched by the default collate function that is a ``TensorDataset`` (its second tensor) or
+    carries torchvision's ``targets`` (one integer label per row: ``MNIST``, ``FashionMNIST``, ``CIFAR10``,
+    ``ImageFolder``), or a ``Subset`` of one; drawn by a random or sequential sampler (every row), a
+    ``DistributedSampler`` (every row: the ranks split them), a ``SubsetRandomSampler`` (its indices) or a
+    ``WeightedRandomSampler`` (the rows of non-zero weight)."""
     data = torch.utils.data
     ds = getattr(loader, "dataset", None)
     if ds is None or getattr(loader, "collate_fn", None) is not data.default_collate:
@@ -1196,17 +1200,36 @@ def _loader_labels(loader: Any) -> torch.Tensor | None:
     while isinstance(ds, data.Subset):
         sub = torch.as_tensor(list(ds.indices), dtype=torch.long)
         index, ds = (sub if index is None else sub[index]), ds.dataset
-    if not isinstance(ds, data.TensorDataset) or len(ds.tensors) < 2:
+    labels = _dataset_labels(ds)
+    if labels is None:
         return None
-    labels = ds.tensors[1] if index is None else ds.tensors[1][index]
+    labels = labels if index is None else labels[index]
     inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
     if isinstance(inner, data.SubsetRandomSampler):
         return labels[torch.as_tensor(list(inner.indices), dtype=torch.long)]
     if isinstance(inner, data.WeightedRandomSampler):
         return labels[torch.as_tensor(inner.weights) > 0]
-    if inner is None or isinstance(inner, (data.RandomSampler, data.SequentialSampler)):
+    if inner is None or isinstance(inner, (data.RandomSampler, data.SequentialSampler, data.DistributedSampler)):
         return labels
     return None
+
+
+def _dataset_labels(ds: Any) -> torch.Tensor | None:
+    """A dataset's labels, one per row, without reading a row: a ``TensorDataset``'s second tensor, or torchvision's
+    ``targets`` attribute (a tensor or a list of integers as long as the dataset); ``None`` otherwise."""
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return ds.tensors[1] if len(ds.tensors) > 1 else None
+    targets = getattr(ds, "targets", None)
+    if targets is None or isinstance(targets, (str, bytes)):
+        return None
+    try:
+        labels = torch.as_tensor(targets)
+        rows = len(ds)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if labels.dim() != 1 or labels.shape[0] != rows or labels.is_floating_point() or labels.dtype == torch.bool:
+        return None
+    return labels
 
 
 def _loader_rows(loader: Any) -> int:
@@ -3015,7 +3038,8 @@ class MCMCUnlearner:
         if bool(self._reduce_max(torch.tensor([float(left is None)]))[0] > 0):
             info["emptied_labels"] = (
                 "not checked: which labels remain cannot be read from the remaining data without a pass over it "
-                "(pass the rows as a tuple (x, y), a RemovableDataset, or a DataLoader over a TensorDataset)"
+                "(pass the rows as a tuple (x, y), a RemovableDataset, or a DataLoader over a TensorDataset or a "
+                "dataset with torchvision's targets)"
             )
             return None
         y, left = y.long(), left.long().to(y.device)
@@ -3064,8 +3088,8 @@ class MCMCUnlearner:
 
     def _remaining_labels(self, stream: _Stream) -> torch.Tensor | None:
         """The second field (labels) of every remaining row, read without a pass over the data: from a
-        ``RemovableDataset`` (or the rows given as a tuple), a listable source, or a ``DataLoader`` over tensors
-        (:func:`_loader_labels`); ``None`` where they cannot be read so."""
+        ``RemovableDataset`` (or the rows given as a tuple), a listable source, or a ``DataLoader`` over tensors or
+        a dataset with torchvision's ``targets`` (:func:`_loader_labels`); ``None`` where they cannot be read so."""
         src = stream.source
         if isinstance(getattr(src, "tensors", None), tuple) and hasattr(src, "remaining_ids"):
             return src.tensors[1][src.remaining_ids]  # the labels alone: not a copy of every remaining row
