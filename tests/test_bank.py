@@ -143,7 +143,7 @@ def test_the_remaining_rows_as_a_tuple_are_read_as_a_removable_dataset_and_commo
         banks.append(un.bank)
     assert torch.equal(banks[0], banks[1])
     # tensors of one shape stay what they always were: one-field minibatches (a density model's data), not fields
-    from mcmc_unlearner.unlearner import _Stream
+    from mcmc_unlearner.stream import _Stream
 
     batches = _Stream((x[:40], x[40:80]), 80)
     assert torch.equal(next(batches)[0], x[:40]) and torch.equal(next(batches)[0], x[40:80])
@@ -887,7 +887,7 @@ def test_samples_with_different_batchnorm_statistics_get_a_warning_saying_which_
 
 
 def test_curvature_minibatches_of_unequal_size_are_pooled_not_cut_to_the_smallest() -> None:
-    from mcmc_unlearner.unlearner import _Stream
+    from mcmc_unlearner.stream import _Stream
 
     x = torch.arange(150.0).view(-1, 1)
     y = torch.arange(150)

@@ -16,7 +16,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, SubsetRandomSampler, TensorDataset
 
 from mcmc_unlearner import MCMCUnlearner, QualityError
-from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_PROB, _loader_labels
+from mcmc_unlearner.stream import _loader_labels
+from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_PROB
 
 # a class of four is a quarter of the rows: the large-removal warning is expected and not what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore:this request removes")

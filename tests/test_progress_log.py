@@ -109,3 +109,48 @@ def test_progress_lines_follow_the_reports_and_change_nothing(caplog: pytest.Log
     assert len(corr) == sum(r.info["recenter_draws"] for r in ran)
     done = [m for _, _, m in msgs if m.startswith(("correction applied", "correction skipped"))]
     assert [m.split(" (")[0] for m in done] == [f"correction {r.info['recenter']}".split(" (")[0] for r in ran]
+
+
+def _ranked_worker(rank: int, world: int, out: str) -> None:
+    """One request under ``torch.distributed`` with the library's progress logged at DEBUG to the rank's own file."""
+    from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
+    from test_distributed_emptied_label import _setup
+    from test_distributed_one_rank_refusals import _log_prior, _nll
+
+    handler = logging.FileHandler(f"{out}/rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("mcmc_unlearner")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    x, y, model, bank, gone = _setup()
+    un = DistributedUnlearner(model, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact")
+    un.forget(gone[:20], ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=32, seed=0))
+    handler.close()
+
+
+def test_under_torch_distributed_every_line_names_its_rank(tmp_path, caplog):
+    """Two ranks report the same request to one terminal: each line starts ``[rank r/2]`` (stop 41; before, their
+    lines were indistinguishable), and a single process's lines, after a distributed run in another process, do
+    not."""
+    from _distributed_helpers import spawn
+
+    spawn(_ranked_worker, str(tmp_path))
+    for rank in range(2):
+        lines = (tmp_path / f"rank{rank}.log").read_text().splitlines()
+        assert any("damping trial" in ln for ln in lines)
+        assert any(ln.startswith(f"[rank {rank}/2] step:") for ln in lines)
+        assert all(ln.startswith(f"[rank {rank}/2] ") for ln in lines), [ln for ln in lines if "[rank" not in ln][:3]
+    import mcmc_unlearner.distributed  # the filter is on the loggers once a DistributedUnlearner was built here too
+    from test_distributed_emptied_label import _setup
+    from test_distributed_one_rank_refusals import _log_prior, _nll
+
+    mcmc_unlearner.distributed._prefix_progress_with_rank()
+    x, y, model, bank, gone = _setup()
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[gone[:20]] = False
+    with caplog.at_level(logging.INFO, logger="mcmc_unlearner"):
+        MCMCUnlearner(model, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact").remove(
+            (x[gone[:20]], y[gone[:20]]), (x[keep], y[keep])
+        )
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("mcmc_unlearner")]
+    assert any(m.startswith("step:") for m in said) and not any("[rank" in m for m in said)

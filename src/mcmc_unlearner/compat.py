@@ -33,7 +33,8 @@ from torch import nn
 from .curvature import plain_attention
 from .errors import InvalidRequestError
 from .solvers import SolveResult, lissa
-from .unlearner import _sampler_generator_state, _set_sampler_generator_state, check_finite_batch
+from .stream import check_finite_batch
+from .unlearner import _sampler_generator_state, _set_sampler_generator_state
 
 __all__ = ["sgmcmcUnlearner"]
 

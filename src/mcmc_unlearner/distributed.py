@@ -31,6 +31,7 @@ Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MA
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,11 +45,8 @@ from torch import nn
 from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor
 from .errors import InvalidRequestError, QualityError, UnlearningError
-from .unlearner import (
+from .stream import (
     MIN_CURVATURE_ROWS,
-    MCMCUnlearner,
-    Proposal,
-    RemovalReport,
     _as_batch,
     _check_loader_order,
     _concat,
@@ -56,6 +54,7 @@ from .unlearner import (
     _same_shapes,
     check_finite_batch,
 )
+from .unlearner import MCMCUnlearner, Proposal, RemovalReport
 
 __all__ = [
     "AllReducedOperator",
@@ -396,6 +395,29 @@ class AllReducedOperator:
         return _all_reduce(self.op.dense().contiguous(), self.group)
 
 
+class _RankPrefix(logging.Filter):
+    """Prefixes the library's progress lines (``mcmc_unlearner -v``, :mod:`logging`) with the process's rank while a
+    process group of more than one process is running: every rank reports its own request, to one terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if not getattr(record, "rank_prefixed", False):
+                record.msg = f"[rank {dist.get_rank()}/{dist.get_world_size()}] {record.msg}"
+                record.rank_prefixed = True
+        return True
+
+
+_RANK_PREFIX = _RankPrefix()
+
+
+def _prefix_progress_with_rank() -> None:
+    """Put :class:`_RankPrefix` on the loggers the unlearner and its damping control write to (once)."""
+    for name in ("mcmc_unlearner.unlearner", "mcmc_unlearner.step"):
+        logger = logging.getLogger(name)
+        if _RANK_PREFIX not in logger.filters:
+            logger.addFilter(_RANK_PREFIX)
+
+
 class DistributedUnlearner(MCMCUnlearner):
     """:class:`~mcmc_unlearner.unlearner.MCMCUnlearner` over a data-parallel group.
 
@@ -454,6 +476,7 @@ class DistributedUnlearner(MCMCUnlearner):
             )
         self.group = group
         self.group_rank, self.group_size = _group_info(group)
+        _prefix_progress_with_rank()
         self._local_nll = self.nll
         self.nll = self._weighted_nll
         self.energy = self._shard_energy

@@ -124,6 +124,16 @@ def is_bool(v: Any) -> bool:
     return isinstance(v, bool) or (type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy")
 
 
+def is_number(v: Any) -> bool:
+    """A real number that is not a bool or NaN (an option's value)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def is_integer(v: Any) -> bool:
+    """An integer that is not a bool (``True`` is no row count)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 class ScreenMode(str, Enum):
     """How the safety check is screened (module docstring, "Screening"): never, to reject only (the default), or to
     reject and accept."""

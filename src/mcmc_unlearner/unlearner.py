@@ -42,13 +42,10 @@ import functools
 import importlib
 import logging
 import math
-import numbers
-import os
 import re
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
@@ -67,14 +64,32 @@ from .curvature import (
     eager,
     functionalize,
     second_derivative_gap,
-    stack_batches,
 )
-from .data import epoch_samplers, new_pass
-from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite
+from .data import epoch_samplers
+from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
 from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
 from .solvers import SolverName
-from .step import DampingControl, DampingShape, EnergyCheck, ScreenMode, StepOutcome, is_bool, measured_deficit
+from .step import (
+    DampingControl,
+    DampingShape,
+    EnergyCheck,
+    ScreenMode,
+    StepOutcome,
+    is_bool,
+    is_integer,
+    is_number,
+    measured_deficit,
+)
+from .stream import (
+    _as_batch,
+    _loader_labels,
+    _repeated_rows,
+    _same_state,
+    _source_generators,
+    _Stream,
+    check_finite_batch,
+)
 
 #: Progress of long requests (phases at INFO, damping trials at DEBUG in ``mcmc_unlearner.step``); silent unless the
 #: caller configures logging, e.g. ``logging.basicConfig(level=logging.INFO)``.
@@ -418,7 +433,7 @@ def _check_sampler(sampler: Any, rescale_lr: bool, model: nn.Module | None = Non
     if rescale_lr:
         ok = isinstance(groups, (list, tuple)) and all(
             isinstance(g, dict)
-            and (_is_number(g.get("lr")) or (isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1))
+            and (is_number(g.get("lr")) or (isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1))
             for g in groups
         )
         if not ok:
@@ -427,14 +442,6 @@ def _check_sampler(sampler: Any, rescale_lr: bool, model: nn.Module | None = Non
                 f"sampler {name} has no such groups: pass rescale_lr=False (and rescale it yourself by n_old/n_new), "
                 "or keep the step size in param_groups as torch.optim does"
             )
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
-
-
-def _is_integer(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _choice(enum: type[Enum], name: str, value: Any, extra: Sequence[str] = ()) -> Any:
@@ -458,79 +465,9 @@ def _whole(name: str, v: Any, minimum: int, what: str = "") -> int:
     """An integer option, refused with its name when it is not one (``newton_steps=2.5`` was read as 2,
     ``check_draws=True`` as 1, ``iter_T="5"`` as 5, ``NaN`` failed inside ``int()``) or is below ``minimum``
     (``what``: the message's wording after the name)."""
-    if not _is_integer(v) or int(v) < minimum:
+    if not is_integer(v) or int(v) < minimum:
         raise ValueError(f"{name} {what or f'must be an integer >= {minimum}'}, got {v!r}")
     return int(v)
-
-
-def check_finite_batch(batch: Batch, what: str = "removed data", where: str = "of the request") -> None:
-    """Refuse NaN or infinite values in a batch, naming the offending rows."""
-    for i, t in enumerate(batch):
-        if t.is_floating_point() and not all_finite(t):
-            rows = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)).flatten()[:5].tolist()
-            raise InvalidRequestError(
-                f"{what}: field {i} has NaN or infinite values in row(s) {rows} {where}; "
-                "the data must be finite to compute its influence: fix or drop those rows"
-            )
-
-
-def _as_batch(batch: Any, what: str = "a batch") -> Batch:
-    """``batch`` as a tuple of tensors with one row per data point (a bare tensor is one field).
-
-    Raises:
-        TypeError: a mapping (e.g. ``{"x": ..., "y": ...}``) or a field that is not a tensor.
-        ValueError: fields with different numbers of rows.
-    """
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, Mapping):
-        keys = ", ".join(repr(k) for k in list(batch)[:4])
-        raise TypeError(
-            f"{what} is a dict (keys {keys}); the unlearner takes batches as tuples of tensors, one row per data "
-            "point, in the order your nll reads them: e.g. remaining = [(b['x'], b['y']) for b in loader] (a list "
-            "is read again as often as a request needs) with n_remaining=len(loader.dataset) (a list of minibatches "
-            "has no row count), or a DataLoader whose collate_fn returns a tuple; nll = lambda m, b: "
-            "...(m(b[0]), b[1]), and the removed rows as (x, y)"
-        )
-    if not isinstance(batch, (tuple, list)):
-        hint = (
-            ": pass its rows as one batch, e.g. (x[ids], y[ids]) or next(iter(loader))"
-            if isinstance(batch, Iterable)
-            else ""
-        )
-        raise TypeError(f"{what} must be a tensor or a tuple of tensors, got {type(batch).__name__}{hint}")
-    out = tuple(batch)
-    bad = [f"field {i} is a {type(t).__name__}" for i, t in enumerate(out) if not isinstance(t, torch.Tensor)]
-    if bad or not out:
-        raise TypeError(f"{what} must be a tuple of tensors (one row per data point): {', '.join(bad) or 'empty'}")
-    rows = [t.shape[0] if t.ndim else None for t in out]
-    if len(set(rows)) != 1 or rows[0] is None:
-        one = " (a single row keeps its row dimension: x[i:i+1], not x[i])" if None in rows else ""
-        raise ValueError(f"{what}: its fields must share their first (row) dimension, got rows {rows}{one}")
-    return out
-
-
-def _row_ids(batch: Batch) -> torch.Tensor:
-    """One integer per row, equal for rows identical in every field (for finding repeated rows)."""
-    k = batch[0].shape[0]
-    keys = torch.zeros(k, 0, dtype=torch.int64)
-    for t in batch:
-        _, inv = torch.unique(t.detach().reshape(k, -1), dim=0, return_inverse=True)
-        keys = torch.cat([keys, inv.reshape(k, 1)], 1)
-    return torch.unique(keys, dim=0, return_inverse=True)[1]
-
-
-def _repeated_rows(removed: Batch, held: Batch | None = None) -> int:
-    """How many removed rows repeat an earlier one (``held`` None), or how many of ``held`` equal a removed row."""
-    k = removed[0].shape[0]
-    if held is None:
-        return k - int(torch.unique(_row_ids(removed)).numel())
-    if len(held) != len(removed) or any(
-        a.shape[1:] != b.shape[1:] or a.dtype != b.dtype for a, b in zip(removed, held)
-    ):
-        return 0  # not comparable (e.g. padded to other lengths)
-    ids = _row_ids(tuple(torch.cat([a, b]) for a, b in zip(removed, held)))
-    return int(torch.isin(ids[k:], ids[:k]).sum())
 
 
 #: A request removing more than this share of the data gets a warning: one influence step moves the samples only
@@ -556,17 +493,6 @@ def _percent(share: float) -> str:
     if float(text[:-1]) >= 100 > pct:
         return "over 99.9%"
     return text
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` that attributes a warning issued by the caller to the first frame outside this package."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _sorted_name_order(spec: ParamSpec) -> torch.Tensor | None:
@@ -619,7 +545,7 @@ def _warn_if_bank_fits_worse(
                 "(used by posteriors). A [S, D] bank's columns must follow model.named_parameters(), as "
                 "parameters_to_vector gives them. Pass the samples as a dict of stacked tensors {name: [S, ...]} or "
                 "a list of state_dicts, which carry their names",
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
             return
     if math.isfinite(at_model) and at_bank > 10.0 * abs(at_model) + 0.5:
@@ -629,7 +555,7 @@ def _warn_if_bank_fits_worse(
             "rows). A [S, D] bank's columns must follow model.named_parameters(), as parameters_to_vector gives them; "
             "optree's tree_ravel (used by posteriors) sorts the names instead. Pass the samples as a dict of stacked "
             "tensors {name: [S, ...]} or a list of state_dicts, which carry their names",
-            stacklevel=_outside_stacklevel(),
+            stacklevel=outside_stacklevel(),
         )
 
 
@@ -1167,360 +1093,6 @@ def _own_parameters(model: nn.Module) -> None:
                 p.data = p.data.clone()
 
 
-def _is_fields(source: Any) -> bool:
-    """Whether ``source`` is a tuple of two or more tensors with one row per data point (the data, not batches).
-
-    Tensors of identical shapes are not taken as fields: a tuple of one-field minibatches (``(b1, b2)``, each
-    ``[B, d]``) was always read as minibatches, and reading it as the rows ``(x, y)`` would silently drop ``b2``.
-    """
-    return (
-        isinstance(source, tuple)
-        and len(source) >= 2
-        and all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in source)
-        and len({t.shape[0] for t in source}) == 1
-        and len({tuple(t.shape) for t in source}) > 1
-        and source[0].shape[0] > 0
-    )
-
-
-def _loader_labels(loader: Any) -> torch.Tensor | None:
-    """The labels (second field) of every row a ``DataLoader`` reads, where that can be read without a pass; else
-    ``None``.
-
-    Readable: a dataset batched by the default collate function that is a ``TensorDataset`` (its second tensor) or
-    carries torchvision's ``targets`` (one integer label per row: ``MNIST``, ``FashionMNIST``, ``CIFAR10``,
-    ``ImageFolder``), or a ``Subset`` of one; drawn by a random or sequential sampler (every row), a
-    ``DistributedSampler`` (every row: the ranks split them), a ``SubsetRandomSampler`` (its indices) or a
-    ``WeightedRandomSampler`` (the rows of non-zero weight)."""
-    data = torch.utils.data
-    ds = getattr(loader, "dataset", None)
-    if ds is None or getattr(loader, "collate_fn", None) is not data.default_collate:
-        return None
-    index = None
-    while isinstance(ds, data.Subset):
-        sub = torch.as_tensor(list(ds.indices), dtype=torch.long)
-        index, ds = (sub if index is None else sub[index]), ds.dataset
-    labels = _dataset_labels(ds)
-    if labels is None:
-        return None
-    labels = labels if index is None else labels[index]
-    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
-    if isinstance(inner, data.SubsetRandomSampler):
-        return labels[torch.as_tensor(list(inner.indices), dtype=torch.long)]
-    if isinstance(inner, data.WeightedRandomSampler):
-        return labels[torch.as_tensor(inner.weights) > 0]
-    if inner is None or isinstance(inner, (data.RandomSampler, data.SequentialSampler, data.DistributedSampler)):
-        return labels
-    return None
-
-
-def _dataset_labels(ds: Any) -> torch.Tensor | None:
-    """A dataset's labels, one per row, without reading a row: a ``TensorDataset``'s second tensor, or torchvision's
-    ``targets`` attribute (a tensor or a list of integers as long as the dataset); ``None`` otherwise."""
-    if isinstance(ds, torch.utils.data.TensorDataset):
-        return ds.tensors[1] if len(ds.tensors) > 1 else None
-    targets = getattr(ds, "targets", None)
-    if targets is None or isinstance(targets, (str, bytes)):
-        return None
-    try:
-        labels = torch.as_tensor(targets)
-        rows = len(ds)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if labels.dim() != 1 or labels.shape[0] != rows or labels.is_floating_point() or labels.dtype == torch.bool:
-        return None
-    return labels
-
-
-def _loader_rows(loader: Any) -> int:
-    """The number of distinct rows a ``DataLoader`` reads: its dataset's length, unless its sampler draws from a
-    subset of it (``SubsetRandomSampler(keep)``, a ``WeightedRandomSampler`` with zero weights on the removed
-    rows), the common ways of leaving deleted rows out of a loader over the full dataset.
-
-    Raises:
-        ValueError: a sampler of another kind that draws a different number of rows than the dataset holds
-            (which of them remain cannot be read: pass ``n_remaining``).
-    """
-    rows = len(loader.dataset)
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    inner = getattr(batch_sampler, "sampler", None) or sampler
-    if isinstance(inner, torch.utils.data.SubsetRandomSampler):
-        return len({int(i) for i in inner.indices})
-    if isinstance(inner, torch.utils.data.WeightedRandomSampler):
-        return int((torch.as_tensor(inner.weights) > 0).sum())
-    if isinstance(inner, (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)) or inner is None:
-        return rows
-    try:
-        drawn = len(inner)
-    except TypeError:
-        drawn = rows
-    if drawn != rows:
-        raise ValueError(
-            f"pass n_remaining= (the number of remaining data points): the DataLoader's sampler "
-            f"({type(inner).__name__}) draws {drawn:,} rows per epoch of a dataset of {rows:,}, so which of them "
-            "remain cannot be read from it"
-        )
-    return rows
-
-
-def _check_loader_order(loader: Any, warn: bool = True) -> None:
-    """Refuse or warn about a ``DataLoader`` whose minibatches are not a uniform sample of the remaining rows.
-
-    Each request draws a fixed number of minibatches from a fresh iterator over the loader, and treats them as a
-    uniform sample of the remaining rows (``n/|B|`` times their sum). A ``WeightedRandomSampler`` drawing with
-    replacement by unequal weights reweights the curvature and the safety check silently (a conjugate regression,
-    half its rows at weight 2: 0.81 of the exact shift; at 0.01: 4.0x); a sequential sampler (``shuffle=False``,
-    the ``DataLoader`` default) makes every request read the same first minibatches (1,000 of 3,600 rows: 0.37 of
-    the exact shift), and with ``drop_last=True`` never reads the tail.
-
-    A ``DistributedSampler(shuffle=False)`` is warned about as a sequential one. A ``batch_sampler`` of the user's
-    own is not judged (``DataLoader`` then reports a ``SequentialSampler`` it never uses).
-
-    Raises:
-        ValueError: a ``WeightedRandomSampler`` with replacement and unequal positive weights.
-    """
-    if not (hasattr(loader, "dataset") and hasattr(loader, "batch_sampler")):
-        return
-    from torch.utils.data import BatchSampler, DistributedSampler
-
-    if not isinstance(loader.batch_sampler, BatchSampler):  # the user's own batches: their sampler is unknown
-        return
-    inner = loader.batch_sampler.sampler
-    if isinstance(inner, torch.utils.data.WeightedRandomSampler) and inner.replacement:
-        w = torch.as_tensor(inner.weights, dtype=torch.float64)
-        w = w[w > 0]
-        if w.numel() and bool((w != w[0]).any()):
-            raise ValueError(
-                "the remaining data's DataLoader draws rows by a WeightedRandomSampler with unequal weights "
-                f"({float(w.min()):.3g} to {float(w.max()):.3g}): the unlearner reads its minibatches as a uniform "
-                "sample of the remaining rows, so the curvature and the safety check would be silently reweighted. "
-                "Pass a loader that draws every remaining row equally, e.g. DataLoader(dataset, batch_size=..., "
-                "shuffle=True) or SubsetRandomSampler(remaining_ids) (a likelihood weighted per row belongs in nll)"
-            )
-    fixed = isinstance(inner, torch.utils.data.SequentialSampler) or (
-        isinstance(inner, DistributedSampler) and not inner.shuffle
-    )
-    if warn and fixed:
-        try:
-            batches = len(loader)
-        except TypeError:
-            return
-        if batches > 1:
-            warnings.warn(
-                "the remaining data's DataLoader reads its rows in a fixed order (shuffle=False): every request "
-                "restarts it, so its curvature and safety check read the same first minibatches"
-                + (" and never the rows drop_last leaves out" if getattr(loader, "drop_last", False) else "")
-                + ", which are not a sample of all remaining rows when the data are ordered (e.g. by class). Pass "
-                "DataLoader(..., shuffle=True), or the rows themselves as (x, y)",
-                stacklevel=_outside_stacklevel(),
-            )
-
-
-#: Rows each curvature draw gets at least from a data source of small minibatches (pooled; see ``_Stream.stacked``).
-MIN_CURVATURE_ROWS = 32
-
-
-def _same_shapes(parts: Sequence[Batch]) -> None:
-    """Refuse minibatches whose fields differ beyond the row dimension (sequences padded to each minibatch's own
-    longest), which cannot be joined or stacked: torch's bare "Sizes of tensors must match" otherwise."""
-    for i, field_parts in enumerate(zip(*parts)):
-        shapes = {tuple(t.shape[1:]) for t in field_parts}
-        if len(shapes) > 1:
-            raise InvalidRequestError(
-                f"the remaining data's minibatches differ in shape beyond the row dimension (field {i}: "
-                f"{sorted(shapes)[:3]}), e.g. sequences padded to each minibatch's longest; the unlearner joins and "
-                "stacks minibatches, so pad every minibatch to one fixed length in your collate_fn (with the mask "
-                "marking the padding, as your nll reads it)"
-            )
-
-
-def _concat(parts: Sequence[Batch]) -> Batch:
-    """Minibatches joined along their rows (checked by :func:`_same_shapes`)."""
-    _same_shapes(parts)
-    return tuple(torch.cat(f) for f in zip(*parts))
-
-
-class _Stream:
-    """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
-    iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out, a ``DistributedSampler``'s epoch
-    advanced before each pass: :func:`~mcmc_unlearner.data.new_pass`), or the remaining rows themselves
-    as a tuple of tensors ``(x, y)`` (shuffled minibatches of 128; every row listable, as a ``RemovableDataset``)."""
-
-    def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
-        if (
-            isinstance(source, tuple)
-            and source
-            and all(isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == 0 for t in source)
-        ):  # the remaining rows given as empty tensors: the request removes everything; it was told to pass
-            # n_remaining=, which was then refused as not >= 1
-            raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
-        self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
-        if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
-            if not rows_as_data:
-                raise TypeError(
-                    "remaining is a tuple of tensors; under torch.distributed each rank passes its own shard with "
-                    "weights: ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=..., seed=...)"
-                )
-            from .data import RemovableDataset
-
-            check_finite_batch(source, "the remaining data", "of the rows given")
-            source = RemovableDataset(*source, batch_size=min(128, int(source[0].shape[0])), seed=0)
-        self.source = source
-        _check_loader_order(source)
-        if not isinstance(source, Iterable) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
-            raise TypeError(
-                f"remaining is a {type(source).__name__} (a dataset, not minibatches): pass "
-                "DataLoader(dataset, batch_size=128, shuffle=True), or the remaining rows as a tuple (x, y)"
-            )
-        if hasattr(source, "__next__"):
-            self._it, self._again = source, None
-        elif isinstance(source, Iterable):
-            self._it, self._again = new_pass(source), source
-        else:
-            raise TypeError(
-                f"remaining must be an iterator or iterable of minibatches of the remaining data, "
-                f"got {type(source).__name__}"
-            )
-        if n is None:
-            if hasattr(source, "remaining_ids") or hasattr(source, "remaining"):
-                n = len(source)
-            elif hasattr(source, "dataset") and hasattr(source.dataset, "__len__"):
-                n = _loader_rows(source)  # a DataLoader: len() counts batches, its dataset (or sampler) counts rows
-            elif (
-                isinstance(source, tuple)
-                and len(source) >= 2
-                and all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in source)
-                and len({tuple(t.shape) for t in source}) == 1
-            ):
-                raise ValueError(
-                    f"remaining is a tuple of {len(source)} tensors of one shape {tuple(source[0].shape)}: such a "
-                    "tuple is read as one-field minibatches, not as the rows (x, y) (token ids [n] or [n, L] with "
-                    "labels of the same shape look alike). Pass the rows as RemovableDataset(x, y, batch_size=128) "
-                    "or a DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True); if they really are "
-                    "minibatches, pass n_remaining="
-                )
-            else:
-                raise ValueError(
-                    "pass n_remaining= (the number of remaining data points): it cannot be read from a "
-                    f"{type(source).__name__}"
-                )
-        elif not (_is_integer(n) and int(n) >= 1):  # True was 1 row, 2.7 was 2: the prior's weight silently off
-            raise ValueError(f"n_remaining must be the number of remaining data points, an integer >= 1; got {n!r}")
-        self.n = int(n)
-
-    def __next__(self) -> Batch:
-        try:
-            batch = _as_batch(next(self._it), "a remaining-data minibatch")
-        except StopIteration:
-            if self._again is None:
-                raise ValueError(
-                    "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
-                ) from None
-            self._it = new_pass(self._again)
-            try:
-                batch = _as_batch(next(self._it), "a remaining-data minibatch")
-            except StopIteration:
-                raise ValueError(
-                    "the remaining data yields no minibatches (e.g. an empty list, or a DataLoader with "
-                    "drop_last=True over fewer rows than its batch_size): pass a source that yields at least one"
-                ) from None
-        check_finite_batch(batch, "the remaining data", "of a minibatch it gave (numbered within that minibatch)")
-        return batch
-
-    @property
-    def listable(self) -> bool:
-        """Whether :meth:`full` can list every remaining row."""
-        return callable(getattr(self.source, "remaining", None))
-
-    def full(self) -> Batch | None:
-        """Every remaining row when the source can list them (``remaining()``), else ``None``."""
-        fn = getattr(self.source, "remaining", None)
-        if not callable(fn):
-            return None
-        batch = _as_batch(fn(), "the remaining data")
-        check_finite_batch(batch, "the remaining data", "of its remaining rows (in their order)")
-        return batch
-
-    def rows(self, m: int) -> Batch:
-        """Whole minibatches holding at least ``m`` rows (``⌈m / batch_size⌉`` of them when the source has a
-        ``batch_size``, so a sharded source advances exactly as a single-process one)."""
-        bs = getattr(self.source, "batch_size", None)
-        parts, have = [], 0
-        if isinstance(bs, int) and bs > 0:
-            parts = [next(self) for _ in range(math.ceil(m / bs))]
-        else:
-            while have < m:
-                b = next(self)
-                if b[0].shape[0] == 0:
-                    break
-                parts.append(b)
-                have += b[0].shape[0]
-        return _concat(parts)
-
-    def stacked(self, count: int) -> Batch:
-        """``count`` fresh minibatches stacked on a leading dimension. Minibatches of different sizes (a
-        ``DataLoader``'s last, partial one) are pooled and split evenly: cut to the smallest, the 19-row tail of an
-        epoch made every draw's curvature batch 19 rows instead of 64."""
-        batches = [next(self) for _ in range(count)]
-        # minibatches of a few rows (a DataLoader with batch_size=1) would give each draw's curvature those few
-        # rows: pool further minibatches until every draw has MIN_CURVATURE_ROWS (the rows an epoch holds at most);
-        # sources whose minibatches reach that size are read as before
-        have, limit = sum(b[0].shape[0] for b in batches), count * MIN_CURVATURE_ROWS
-        small = max(b[0].shape[0] for b in batches) < MIN_CURVATURE_ROWS
-        while small and have < limit and len(batches) < count * MIN_CURVATURE_ROWS and have < count * self.n:
-            batches.append(next(self))
-            have += batches[-1][0].shape[0]
-        if len(batches) == count and len({b[0].shape[0] for b in batches}) == 1:
-            _same_shapes(batches)  # the same shape beyond the row dimension, or refused with the fix
-            return stack_batches(batches)
-        rows = _concat(batches)
-        bsz = rows[0].shape[0] // count
-        return stack_batches([tuple(t[i * bsz : (i + 1) * bsz] for t in rows) for i in range(count)])
-
-    def state(self) -> Any:
-        return self.source.state_dict() if hasattr(self.source, "load_state_dict") else None
-
-    def set_state(self, state: Any) -> None:
-        if state is not None:
-            self.source.load_state_dict(state)
-
-
-def _source_generators(source: Any) -> list[torch.Generator]:
-    """The ``torch.Generator``s a remaining-data source draws from itself (a ``DataLoader``'s ``generator=``, its
-    sampler's or batch sampler's), each once."""
-    found: list[torch.Generator] = []
-    for obj in (
-        source,
-        getattr(source, "sampler", None),
-        getattr(getattr(source, "batch_sampler", None), "sampler", None),
-    ):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in found):
-            found.append(g)
-    return found
-
-
-def _same_state(a: Any, b: Any) -> bool:
-    """Whether two ``state_dict()`` values (tensors, numbers, nested containers) are equal."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and torch.equal(a, b)
-        )
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # an object without a usable ==: cannot tell, assume unchanged
-        return True
-
-
 @dataclass
 class Proposal:
     """A computed removal, not yet applied (:meth:`MCMCUnlearner.propose`, :meth:`MCMCUnlearner.apply`).
@@ -1811,7 +1383,7 @@ class MCMCUnlearner:
         if self.damping_shape is not DampingShape.AUTO:
             self.control.shape = self.damping_shape.value
         self.damping = damping if isinstance(damping, str) else float(damping)
-        if not (scaling == "auto" or (_is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
+        if not (scaling == "auto" or (is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
             raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {scaling!r}")
         self.scaling = scaling
         self.iter_T = _whole("iter_T", iter_T, 0)
@@ -1819,7 +1391,7 @@ class MCMCUnlearner:
         if not (math.isfinite(self.tol) and self.tol > 0):
             raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
         self.samp_T = _whole("samp_T", samp_T, 1)
-        if grad_draws not in (None, "auto") and not (_is_integer(grad_draws) and int(grad_draws) >= 1):
+        if grad_draws not in (None, "auto") and not (is_integer(grad_draws) and int(grad_draws) >= 1):
             raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {grad_draws!r}")
         self.grad_draws = grad_draws
         default_draws = 8 if self.solver is SolverName.KFAC else 16
@@ -1838,7 +1410,7 @@ class MCMCUnlearner:
         ):
             precondition_rank = 20  # lowrank's approximation needs a rank; CG chosen by auto gets its preconditioner
         self.precondition_rank = int(precondition_rank)
-        if not (_is_number(drift_tol) and float(drift_tol) > 0):  # inf: never rebuild on drift
+        if not (is_number(drift_tol) and float(drift_tol) > 0):  # inf: never rebuild on drift
             raise ValueError(f"drift_tol must be a number > 0, got {drift_tol!r}")
         self.drift_tol = float(drift_tol)
         self.check_draws, self.check_rows = _whole("check_draws", check_draws, 1), _whole("check_rows", check_rows, 1)
@@ -1857,7 +1429,7 @@ class MCMCUnlearner:
         choices = [m.value for m in Likelihood]
         if likelihood not in choices:
             raise ValueError(f"likelihood must be one of {choices}, got {likelihood!r}")
-        if not (_is_integer(mc_samples) and int(mc_samples) >= 1):
+        if not (is_integer(mc_samples) and int(mc_samples) >= 1):
             raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {mc_samples!r}")
         self.likelihood, self.mc_samples = likelihood, int(mc_samples)
         self.rescale_lr = _flag("rescale_lr", rescale_lr)  # "no" was read as True, None as False
@@ -1865,7 +1437,7 @@ class MCMCUnlearner:
         if backend not in ("auto", "func", "autograd"):
             raise ValueError(f"backend must be 'auto', 'func' or 'autograd', got {backend!r}")
         self.backend = backend
-        if not (_is_integer(seed) and -(2**63) <= int(seed) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
+        if not (is_integer(seed) and -(2**63) <= int(seed) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
             raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {seed!r}")
         self.generator = torch.Generator().manual_seed(int(seed))
         self.curvature: CurvatureBackend = make_backend(
@@ -2422,7 +1994,7 @@ class MCMCUnlearner:
             warnings.warn(
                 f"{name}={asked} is more than the bank's {used} samples: {what.format(used=used)}. Collect a larger "
                 f"bank for more draws, or pass {name}<={used} to silence this",
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
 
     def _grad_draw_count(self, k: int) -> int | None:
@@ -2457,7 +2029,7 @@ class MCMCUnlearner:
                 )
                 warnings.warn(
                     f"curvature_data='full': the curvature uses one minibatch per draw instead, since {why}; {fix}",
-                    stacklevel=_outside_stacklevel(),
+                    stacklevel=outside_stacklevel(),
                 )
         return self._stacked(stream, draws), False
 
@@ -2559,7 +2131,7 @@ class MCMCUnlearner:
                 f"the removed data holds {repeated} row(s) identical in every field to another removed row: each row "
                 "is removed as often as it is given (its influence counted that many times). If the data set holds "
                 "such a row once, pass it once",
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
         n = stream.n
         if n <= 0:
@@ -2576,7 +2148,7 @@ class MCMCUnlearner:
                 "it after this request (your own sampler, or the library's SGLD/SGHMC with run_chain, for at least "
                 "a burn-in's worth of steps; the deletion service's --on-failure repair does this only for a "
                 "request that fails its checks)",
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
         expectation = self.expectation or (Expectation.BANK if self.bank is not None else Expectation.CHAIN)
         if expectation is Expectation.BANK and self.bank is None:
@@ -2860,7 +2432,7 @@ class MCMCUnlearner:
                 "remove(rows, remaining) takes the data after the removal, so the remaining data seems still to hold "
                 "the removed rows (their influence is then only partly removed). Leave them out of the remaining "
                 "data, or use forget(ids, RemovableDataset), which removes them",
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
         if not self._order_checked and self._layout is not None and self._layout.kind in ("flat", "flat_list"):
             self._order_checked = True
@@ -2973,7 +2545,7 @@ class MCMCUnlearner:
                         f"the samples are given back in {'/'.join(low)}, the bank's dtype: rounded there, their mean "
                         f"shift is {100 * kept:.0f}% off the computed one (norm {report.shift_norm:.3g}). Keep the "
                         "bank in the model's dtype (float32 or float64) to get the removal as computed",
-                        stacklevel=_outside_stacklevel(),
+                        stacklevel=outside_stacklevel(),
                     )
         if report.shift_norm > 0 and bool(torch.equal(stored, before)):
             # the shift rounds to nothing where it is stored (weights near 1e4 in float32: one rounding step 1.2e-3):
@@ -2989,7 +2561,7 @@ class MCMCUnlearner:
                     if stored_dtype.endswith("bank's")
                     else "unlearn in float64 (model.double() and a float64 bank) to apply it"
                 ),
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
         prop = Proposal(report, new_live, new_bank)
         prop._sampler_state = sampler_state
@@ -3135,7 +2707,7 @@ class MCMCUnlearner:
                     "differentiable (or give the Function a jvp), or use solver='kfac' or 'ggn', which need first "
                     "derivatives only"
                 )
-            warnings.warn(why, stacklevel=_outside_stacklevel())
+            warnings.warn(why, stacklevel=outside_stacklevel())
 
     def _unresolved(self, check: EnergyCheck, G: torch.Tensor) -> str | None:
         """Why a request whose search damped its step below the parameters' resolution has no effect the safety
@@ -3321,7 +2893,7 @@ class MCMCUnlearner:
                     f"newton_steps={self.newton_steps} (newton_target='equilibrium') needs the gradient on every "
                     f"remaining row, but {why}: only the influence step was taken. Pass the remaining rows as "
                     "tensors or a RemovableDataset, or newton_target='relative' (or newton_steps=1)",
-                    stacklevel=_outside_stacklevel(),
+                    stacklevel=outside_stacklevel(),
                 )
                 return x, (carry if self.carry_deficit else None)  # as newton_steps=1 would
             carry = None

@@ -98,10 +98,10 @@ class KFACBackend(CurvatureBackend):
         info.update({f"kfac_{k}": v for k, v in kfac.info.items() if isinstance(v, (int, float, str, bool))})
         fallback = kfac.info.get("likelihood_fallback")
         if fallback and not self._warned:  # report.info["kfac_likelihood_fallback"] says it on every request
-            from ..unlearner import _outside_stacklevel
+            from ..errors import outside_stacklevel
 
             self._warned = True
-            warnings.warn(fallback, RuntimeWarning, stacklevel=_outside_stacklevel())
+            warnings.warn(fallback, RuntimeWarning, stacklevel=outside_stacklevel())
         return info
 
     @property
