@@ -11,6 +11,7 @@ command scores it (kept-class predictive L1 to the retrain chains as a multiple 
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name shorten --options '{"shorten_steps": true}'
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm default shorten
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name rc10 --options '{"recenter_every": 10}'
+    python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --name rs600 --request-size 600  # 10 requests
     python benchmarks/fmnist_variants.py run --seed 0 --cache /tmp/fm --method paper --name paper
     python benchmarks/fmnist_variants.py retrain --seed 0 --cache /tmp/fm --name retrain-timing
     python benchmarks/fmnist_variants.py residual --seed 0 --cache /tmp/fm --named-only rc10
@@ -52,8 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _bencha
 import _benchargs as A
 
 
-def _experiment(seed: int, data_dir: str, init: torch.Tensor | None, options: dict) -> B._Experiment:
+def _experiment(
+    seed: int, data_dir: str, init: torch.Tensor | None, options: dict, request_size: int = 64
+) -> B._Experiment:
     argv = ["bnn", "--preset", "paper-fmnist", "--data-dir", data_dir, "--seed", str(seed), "--quiet"]
+    argv += ["--request-size", str(request_size)]
     cfg = B._resolve(B.config_from_args(build_parser().parse_args(argv)))
     cfg.unlearner_kwargs = dict(options)
     if init is not None:  # the cached pre-trained initial weights (the same the command computes)
@@ -84,7 +88,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace, options: dict) -> tuple[B._Experiment, dict, dict]:
     saved = torch.load(args.cache / f"chains-s{args.seed}.pt", weights_only=True)
-    ex = _experiment(args.seed, args.data_dir, saved["init"], options)
+    ex = _experiment(args.seed, args.data_dir, saved["init"], options, getattr(args, "request_size", 64))
     model = ex.new_model()
     model.load_state_dict(saved["origin_model"])
     sampler = B._make_sampler(ex.cfg, model, 1.0, ex.cfg.seed * 1000 + 1)
@@ -149,6 +153,8 @@ def _run(args: argparse.Namespace) -> None:
         "method": args.method,
         "seed": args.seed,
         "options": options,
+        "request_size": args.request_size,
+        "requests": len(ex.requests),
         "l1_x_floor": u["pred_diff"]["test_kept"] / floor["pred_diff"]["test_kept"],
         "error_removed": u["error"]["removed"],
         "error_test_kept": u["error"]["test_kept"],
@@ -418,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--samples", type=A.positive_int, default=20, help="residual, decompose: evenly thinned samples per bank"
+    )
+    ap.add_argument(
+        "--request-size",
+        type=A.positive_int,
+        default=64,
+        help="run: rows per deletion request (the paper's 64; 6000 removes the class in one request)",
     )
     ap.add_argument("--named-only", action="store_true", help="residual: only the named banks (not origin, retrains)")
     ap.add_argument("--threads", type=A.positive_int, default=1)
