@@ -171,13 +171,15 @@ def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_
         un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
         loader = DataLoader(data, batch_size=50, sampler=SubsetRandomSampler([*keep, one]))
         assert "emptied_labels" not in un.propose((x[almost], y[almost]), loader).report.info
-    # a ``targets`` that is not one integer label per row (one too few; float regression targets) is not read as
-    # the labels, which are not guessed from it: the report says the request was not checked
-    for targets in (y[~gone].tolist()[:-1], (y[~gone] + 0.5).tolist()):
+    # a ``targets`` that is not one integer label per row (one too few; float regression targets), or that a
+    # ``target_transform`` changes on reading (torchvision applies it in __getitem__), is not read as the labels,
+    # which are not guessed from it: the report says the request was not checked
+    odd = [(y[~gone].tolist()[:-1], None), ((y[~gone] + 0.5).tolist(), None), (y[~gone].tolist(), lambda c: c)]
+    for targets, transform in odd:
         read: list = []
         un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
         loader = DataLoader(_Targets(x[~gone], y[~gone].tolist(), read), batch_size=50, shuffle=True)
-        loader.dataset.targets = targets
+        loader.dataset.targets, loader.dataset.target_transform = targets, transform
         said = un.propose((x[gone], y[gone]), loader).report.info["emptied_labels"]
         assert isinstance(said, str) and said.startswith("not checked") and "targets" in said
     read = []

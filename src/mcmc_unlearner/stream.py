@@ -139,11 +139,12 @@ def _loader_labels(loader: Any) -> torch.Tensor | None:
 
 def _dataset_labels(ds: Any) -> torch.Tensor | None:
     """A dataset's labels, one per row, without reading a row: a ``TensorDataset``'s second tensor, or torchvision's
-    ``targets`` attribute (a tensor or a list of integers as long as the dataset); ``None`` otherwise."""
+    ``targets`` attribute (a tensor or a list of integers as long as the dataset, and no ``target_transform``
+    that would change them on reading); ``None`` otherwise."""
     if isinstance(ds, torch.utils.data.TensorDataset):
         return ds.tensors[1] if len(ds.tensors) > 1 else None
     targets = getattr(ds, "targets", None)
-    if targets is None or isinstance(targets, (str, bytes)):
+    if targets is None or isinstance(targets, (str, bytes)) or getattr(ds, "target_transform", None) is not None:
         return None
     try:
         labels = torch.as_tensor(targets)
