@@ -82,9 +82,10 @@ def test_the_measured_probability_is_the_moved_samples_predictive_of_the_removed
 @pytest.mark.parametrize("damping, still", [(10.0, ["2"]), (100.0, ["2", "3"])])
 def test_a_request_that_empties_two_labels_measures_both_and_names_those_still_predicted(damping, still) -> None:
     """With the defaults this removal forgets both classes (p = 0.31 and 0.23); a fixed damping holds the step back
-    until one (p = 0.80 and 0.47) or both (0.84, 0.66) stay predicted, and exactly those are named."""
+    until one (p = 0.80 and 0.47) or both (0.84, 0.66) stay predicted, and exactly those are named. (The check
+    itself: ``emptied_label="refuse"`` draws nothing; the default's draw is tested below.)"""
     model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
-    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=damping)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=damping, emptied_label="refuse")
     gone = y >= 2
     prop = un.propose((x[gone], y[gone]), (x[~gone], y[~gone]))
     measured = prop.report.info["emptied_labels"]

@@ -18,7 +18,7 @@ from typing import Any
 from .. import distributed
 from ..cli import EXIT_CODES_HELP, ExitCode, add_quiet_flag, add_threads_flag, emit, one_line
 from ..solvers import SolverName
-from ..unlearner import BankShift, HessianKind
+from ..unlearner import BankShift, EmptiedLabel, HessianKind
 from . import deletion, gate, integrity, requests
 
 __all__ = ["register"]
@@ -26,6 +26,7 @@ __all__ = ["register"]
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("solver", "scaling", "damping", "iter_T", "tol", "curvature_draws", "bank_shift", "hessian")
+    keys += ("emptied_label",)
     return requests.check_settings({k: getattr(args, k, None) for k in keys})
 
 
@@ -339,6 +340,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=[h.value for h in HessianKind],
         default=None,
         help="Newton step on the remaining-data energy (remaining, default) or the full-data one (full, the paper's)",
+    )
+    g.add_argument(
+        "--emptied-label",
+        choices=[e.value for e in EmptiedLabel],
+        default=None,
+        help="a request that removes a class's last rows while the samples still give them that class: draw the "
+        "class's output-layer row from its conditional given the remaining rows (resample, default), always draw it "
+        "(always), or refuse (refuse)",
     )
     f.add_argument(
         "-v",

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InvalidRequestError
 from ..solvers import SolverName
-from ..unlearner import BankShift, HessianKind
+from ..unlearner import BankShift, EmptiedLabel, HessianKind
 from .ledger import strict_loads
 
 __all__ = [
@@ -416,6 +416,8 @@ def check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
             out[key] = _choice("--solver", value, SolverName, ("auto",))
         elif key == "bank_shift":
             out[key] = _choice("--bank-shift", value, BankShift)
+        elif key == "emptied_label":
+            out[key] = _choice("--emptied-label", value, EmptiedLabel)
         elif key == "hessian":
             out[key] = _choice("--hessian", value, HessianKind)
         else:

@@ -1,0 +1,187 @@
+"""The Gibbs step for an emptied label (``mcmc_unlearner.emptied``, ``MCMCUnlearner(emptied_label=...)``).
+
+The draw of an output-layer row from its conditional given the remaining rows is checked against the conditional's
+moments computed by quadrature on a grid (a two-parameter row, a skewed conditional, a Gaussian and a Laplace
+prior); the unlearner changes exactly the emptied labels' rows, measures the check again, and says why where it
+cannot draw.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mcmc_unlearner import MCMCUnlearner, QualityError
+from mcmc_unlearner.curvature import ParamSpec, functionalize
+from mcmc_unlearner.emptied import _BlockPrior, output_rows, resample_label_rows
+from test_emptied_label import _softmax_regression
+
+pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
+
+PRIORS = {
+    "gaussian": lambda t: -0.5 * (t**2).sum(),
+    "laplace": lambda t: -t.abs().sum(),  # not quadratic: log_prior is evaluated at every step
+}
+
+
+def _grid_moments(log_density: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of a 2-D density given by its log on a ``w × b`` grid (float64 quadrature)."""
+    p = torch.exp(log_density - log_density.max())
+    p = p / p.sum()
+    W, B = torch.meshgrid(w, b, indexing="ij")
+    pts = torch.stack([W.flatten(), B.flatten()], 1)
+    mean = (p.flatten()[:, None] * pts).sum(0)
+    d = pts - mean
+    return mean, (p.flatten()[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+
+
+@pytest.mark.parametrize("prior", list(PRIORS))
+def test_the_draws_have_the_conditionals_moments_by_quadrature(prior) -> None:
+    """A three-class linear model on one input (its output layer is the model): label 2's row ``(w_2, b_2)``, with
+    the other rows fixed and 40 remaining rows of labels 0 and 1, has a skewed conditional (each row's
+    ``logsumexp`` grows linearly in ``z_2`` on one side and is flat on the other). 600 independent draws (600
+    copies of one sample) match its mean to 4 standard errors and its variances to 25%; the mode, where a sampler
+    without its Metropolis correction would sit, is over 6 standard errors from the mean, so that would fail."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 3).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.5], [1.5], [0.0]], dtype=torch.float64))
+        model.bias.copy_(torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    spec = ParamSpec.of(model)
+    theta = ParamSpec.flatten_module(model)
+    lp_f = functionalize(model, lambda m: PRIORS[prior](torch.cat([p.flatten() for p in m.parameters()])))
+    S = 600
+    out, stats = resample_label_rows(
+        model, spec, lp_f, theta.repeat(S, 1), (x, y), [2], torch.Generator().manual_seed(2)
+    )
+    rows = output_rows(model, spec, theta, x)
+    idx = rows.index(2)
+    assert idx.tolist() == [2, 5]  # weight[2, 0] and bias[2] in the flat vector (3 weights, then 3 biases)
+    keep = torch.ones(theta.numel(), dtype=torch.bool)
+    keep[idx] = False
+    assert torch.equal(out[:, keep], theta.repeat(S, 1)[:, keep])  # nothing else moves
+    draws = out[:, idx]
+
+    w = torch.linspace(-8, 8, 401, dtype=torch.float64)
+    b = torch.linspace(-10, 6, 401, dtype=torch.float64)
+    W, B = torch.meshgrid(w, b, indexing="ij")
+    fixed = x @ model.weight.detach().T + model.bias.detach()  # [n, 3]: the logits of labels 0 and 1 stay
+    data = torch.zeros_like(W)
+    for i in range(x.shape[0]):  # Σ_i logsumexp(z_i) − z_{i,y_i}, z_i2 = w·x_i + b on the grid
+        z2 = W * x[i, 0] + B
+        data += torch.logaddexp(torch.logaddexp(fixed[i, 0], fixed[i, 1]).expand_as(z2), z2) - fixed[i, y[i]]
+    prior_u = {"gaussian": 0.5 * (W**2 + B**2), "laplace": W.abs() + B.abs()}[prior]
+    mean, cov = _grid_moments(-(data + prior_u), w, b)
+    se = (torch.diagonal(cov) / S).sqrt()
+    assert ((draws.mean(0) - mean).abs() <= 4 * se).all(), (draws.mean(0), mean, se)
+    var = draws.var(0)
+    assert ((var / torch.diagonal(cov) - 1).abs() <= 0.25).all(), (var, torch.diagonal(cov))
+    flat = (-(data + prior_u)).flatten().argmax()
+    mode = torch.stack([W.flatten()[flat], B.flatten()[flat]])
+    assert ((mode - mean).abs() / se).max() > 6
+    assert 0.2 < stats["acceptance"] < 0.95
+
+
+def test_the_draw_is_refused_before_any_work_over_its_limits() -> None:
+    """More sample-row evaluations than ``RESAMPLE_MAX_ROW_EVALS``, or features over the memory budget, or a
+    remaining row that still carries the label: the reason, and the samples untouched (none are returned)."""
+    from mcmc_unlearner import emptied
+
+    model = nn.Linear(3, 4).double()
+    spec, theta = ParamSpec.of(model), ParamSpec.flatten_module(model)
+    lp_f = functionalize(model, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.arange(10) % 2
+    gen = torch.Generator().manual_seed(0)
+    many = theta.expand(emptied.RESAMPLE_MAX_ROW_EVALS // 10 + 1, -1)
+    assert "row evaluations" in resample_label_rows(model, spec, lp_f, many, (x, y), [3], gen)
+    assert "memory budget" in resample_label_rows(model, spec, lp_f, theta[None], (x, y), [3], gen, max_bytes=100)
+    assert "carries the label" in resample_label_rows(model, spec, lp_f, theta[None], (x, y), [1], gen)
+
+
+def test_a_gaussian_prior_is_used_in_closed_form_and_a_laplace_one_is_evaluated() -> None:
+    """The row's prior is read from ``log_prior``: a Gaussian one as its exact precision on the row (here σ = 0.5,
+    precision 4), checked against the prior's gradient at the sample and at a random point; a Laplace prior is not
+    quadratic and is evaluated through ``log_prior`` at every step."""
+    model = nn.Linear(3, 4).double()
+    spec, theta = ParamSpec.of(model), ParamSpec.flatten_module(model)
+    index = output_rows(model, spec, theta, torch.zeros(2, 3, dtype=torch.float64)).index(1)
+    g = torch.Generator().manual_seed(0)
+    gauss = _BlockPrior(functionalize(model, lambda m: -2.0 * sum((p**2).sum() for p in m.parameters())), index)
+    gauss.prepare(theta, g)
+    assert torch.allclose(gauss.P, 4.0 * torch.eye(4, dtype=torch.float64), atol=1e-10)
+    laplace = _BlockPrior(functionalize(model, lambda m: -sum(p.abs().sum() for p in m.parameters())), index)
+    laplace.prepare(theta, g)
+    assert laplace.P is None
+
+
+def test_the_default_draws_the_emptied_labels_rows_and_nothing_else() -> None:
+    """The softmax regression whose labels 2 and 3 go in one request, held back by a fixed damping until both stay
+    predicted (p = 0.84, 0.66: refused with ``emptied_label="refuse"``): by default both labels' output rows are
+    drawn from their conditional in every sample and the live chain, every other parameter is the refused
+    proposal's to the bit, the check measured again passes, and the request is applied."""
+    model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
+    gone = y >= 2
+    removed, remaining = (x[gone], y[gone]), (x[~gone], y[~gone])
+    kw = dict(nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=100.0)
+    refused = MCMCUnlearner(model, **kw, emptied_label="refuse")
+    before = refused.propose(removed, remaining)
+    assert before.report.problems and min(before.report.info["emptied_labels"].values()) >= 0.5
+    un = MCMCUnlearner(model, **kw)
+    prop = un.propose(removed, remaining)
+    info = prop.report.info
+    assert not prop.report.problems and info["emptied_label_resample"] == "drawn: 2,3"
+    assert info["emptied_labels_before_resample"] == pytest.approx(before.report.info["emptied_labels"], rel=1e-12)
+    # both below one half and below where the influence step left them (retraining this toy also leaves label 2
+    # some mass on its rows: its centre lies beyond both remaining classes)
+    assert all(info["emptied_labels"][c] < min(0.5, info["emptied_labels_before_resample"][c]) for c in "23")
+    rows = [6, 7, 8, 9, 10, 11, 14, 15]  # weight[2:4, :] (3 inputs each) and bias[2:4] of nn.Linear(3, 4)
+    others = [i for i in range(16) if i not in rows]
+    assert (prop.bank != before.bank).any(0).nonzero().flatten().tolist() == rows
+    assert torch.equal(prop.bank[:, others], before.bank[:, others])
+    assert torch.equal(prop.live[others], before.live[others]) and not torch.equal(prop.live, before.live)
+    un.apply(prop)
+    with torch.no_grad():
+        p = torch.stack([torch.softmax(x[gone] @ t[:12].view(4, 3).T + t[12:], -1) for t in un.bank]).mean(0)
+    for c in (2, 3):  # what the check measured, by hand on the applied bank
+        assert float(p[y[gone] == c, c].mean()) == pytest.approx(info["emptied_labels"][str(c)], rel=1e-10)
+
+
+def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> None:
+    """Remaining rows that cannot be listed (a ``DataLoader``: its labels are read, its rows are not), no
+    ``log_prior`` (a flat prior leaves the row improper), or logits that are not an ``nn.Linear``'s output: nothing
+    is drawn, the report says why, and the request, which leaves the labels predicted, is refused by ``remove``
+    with the samples unchanged."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
+    gone = y >= 2
+    removed, kept = (x[gone], y[gone]), (x[~gone], y[~gone])
+
+    class Shifted(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.inner(t) + 0.0  # the same logits, computed after the layer
+
+    shifted_bank = [{"inner." + k: v for k, v in s.items()} for s in bank]
+    cases = {
+        "cannot be listed": (model, bank, log_prior, DataLoader(TensorDataset(*kept), batch_size=50, shuffle=True)),
+        "no log_prior": (model, bank, None, kept),
+        "not the output of an nn.Linear": (Shifted(model), shifted_bank, log_prior, kept),
+    }
+    for why, (net, samples, prior, remaining) in cases.items():
+        un = MCMCUnlearner(net, nll=nll, log_prior=prior, bank=samples, seed=0, damping=1e3)
+        prop = un.propose(removed, remaining)
+        said = prop.report.info.get("emptied_label_resample", "")
+        assert said.startswith("not done") and why in said, (why, said)
+        assert any("removes the last rows of" in q for q in prop.report.problems), why
+        start = un.bank.clone()
+        with pytest.raises(QualityError, match="removes the last rows"):
+            un.remove(removed, remaining)
+        assert torch.equal(un.bank, start)
