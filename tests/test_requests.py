@@ -177,6 +177,7 @@ def test_bad_request_ids(rid):
         ({"solver": "newton"}, "--solver must be one of"),
         ({"bank_shift": "x"}, "--bank-shift"),
         ({"hessian": "x"}, "--hessian"),
+        ({"emptied_label": "drop"}, "--emptied-label must be one of resample, always, refuse"),
     ],
 )
 def test_settings_validated_with_the_fix_named(settings_, match):
@@ -190,6 +191,7 @@ def test_good_settings_normalised():
     )
     assert got == {"damping": 0.0, "tol": 1e-4, "iter_T": 50, "curvature_draws": 8, "scaling": "auto", "solver": "kfac"}
     assert check_settings({"damping": None}) == {}
+    assert check_settings({"emptied_label": "refuse"}) == {"emptied_label": "refuse"}
 
 
 @pytest.mark.parametrize(
