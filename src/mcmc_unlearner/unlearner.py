@@ -146,7 +146,8 @@ class HessianKind(str, Enum):
 class EmptiedLabel(str, Enum):
     """What a request does when it removes the last rows of a label the moved samples still predict (README step
     6): draw that label's output-layer row from its conditional given the remaining data (``resample``, a Gibbs step
-    of the retrained posterior; :mod:`mcmc_unlearner.emptied`) and check again, or refuse at once (``refuse``)."""
+    of the retrained posterior; :mod:`mcmc_unlearner.emptied`) and check again; draw it for every emptied label
+    (``always``); or refuse at once (``refuse``)."""
 
     RESAMPLE = "resample"
     ALWAYS = "always"
@@ -491,12 +492,12 @@ LARGE_REMOVAL = 0.2
 #: and a user's digits MLP whose class was removed in 17 requests of 8 still gave its last rows p = 0.99 after every
 #: request before had passed (tests/test_unlearner.py).
 EMPTIED_LABEL_MAX_PROB = 0.5
-#: Stored samples (evenly spaced) over which that probability is averaged, and removed rows per forward pass.
 #: ``emptied_label="resample"`` draws the label's output-layer row (:mod:`mcmc_unlearner.emptied`) where the moved
 #: samples still give its removed rows this much of their own label or more; below it the label is mostly forgotten
 #: (the digits BNN's class 0 in one request: 0.04; retrained digits MLPs give 0.0000–0.003) and the draw's cost is
 #: saved. The user's digits MLP whose class went in 17 requests of 8 ended at 0.15–0.99 on 7 of 8 seeds.
 EMPTIED_RESAMPLE_PROB = 0.1
+#: Stored samples (evenly spaced) over which that probability is averaged, and removed rows per forward pass.
 EMPTIED_LABEL_DRAWS = 16
 EMPTIED_LABEL_ROWS = 512
 
@@ -2717,20 +2718,27 @@ class MCMCUnlearner:
             info["emptied_label_resample"] = f"not done: {why}"
             return None
         rows = self._raw(stream.full())
-        thetas = live[None] if bank is None else torch.cat([bank, live[None]])
         lp_f = functionalize(self.model, lambda m: self.log_prior(m))
-        drawn = resample_label_rows(
-            self.model, self.spec, lp_f, thetas, rows, still, self.generator, max_bytes=self.memory_budget
-        )
-        if isinstance(drawn, str):
-            info["emptied_label_resample"] = f"not done: {drawn}"
-            return None
-        out, stats = drawn
+        parts = [live[None]] if bank is None else [bank, live[None]]  # drawn apart: no third copy of the bank
+        outs, stats = [], {"acceptance": 0.0, "remaining_nll_before": 0.0, "remaining_nll_after": 0.0, "seconds": 0.0}
+        for part in parts:
+            drawn = resample_label_rows(
+                self.model, self.spec, lp_f, part, rows, still, self.generator, max_bytes=self.memory_budget
+            )
+            if isinstance(drawn, str):
+                info["emptied_label_resample"] = f"not done: {drawn}"
+                return None
+            outs.append(drawn[0])
+            share = part.shape[0] / sum(p.shape[0] for p in parts)
+            for k, v in drawn[1].items():
+                stats[k] += v if k == "seconds" else share * v
         rise = stats["remaining_nll_after"] - stats["remaining_nll_before"]
         info.update({f"emptied_label_resample_{k}": v for k, v in stats.items()})
         info["emptied_labels_before_resample"] = dict(info["emptied_labels"])
         info["emptied_label_max_probability_before_resample"] = max(info["emptied_labels"].values())  # a ledger scalar
-        if not all_finite(out) or rise > self.control.max_nll_increase * abs(stats["remaining_nll_before"]):
+        if not all(all_finite(o) for o in outs) or rise > self.control.max_nll_increase * abs(
+            stats["remaining_nll_before"]
+        ):
             info["emptied_label_resample"] = (
                 f"not kept: the remaining rows' mean NLL went from {stats['remaining_nll_before']:.4g} to "
                 f"{stats['remaining_nll_after']:.4g}"
@@ -2740,10 +2748,10 @@ class MCMCUnlearner:
         log.info(
             "emptied label(s) %s: output-layer row(s) drawn from their conditional in %d sample(s) (acceptance %.2f, "
             "remaining NLL %.4g -> %.4g, %.2f s)",
-            ",".join(map(str, still)), thetas.shape[0], stats["acceptance"], stats["remaining_nll_before"],
-            stats["remaining_nll_after"], stats["seconds"],
+            ",".join(map(str, still)), sum(p.shape[0] for p in parts), stats["acceptance"],
+            stats["remaining_nll_before"], stats["remaining_nll_after"], stats["seconds"],
         )  # fmt: skip
-        return out[-1], (None if bank is None else out[:-1])
+        return outs[-1][0], (None if bank is None else outs[0])
 
     def _remaining_labels(self, stream: _Stream) -> torch.Tensor | None:
         """The second field (labels) of every remaining row, read without a pass over the data: from a
