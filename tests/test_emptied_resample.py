@@ -87,8 +87,9 @@ def test_the_draws_have_the_conditionals_moments_by_quadrature(prior) -> None:
 
 
 def test_the_draw_is_refused_before_any_work_over_its_limits() -> None:
-    """More sample-row evaluations than ``RESAMPLE_MAX_ROW_EVALS``, or features over the memory budget, or a
-    remaining row that still carries the label: the reason, and the samples untouched (none are returned)."""
+    """More sample-row evaluations than ``RESAMPLE_MAX_ROW_EVALS``, features over the memory budget, a remaining
+    row that still carries the label, or an output layer whose weight another layer shares: the reason, and the
+    samples untouched (none are returned)."""
     from mcmc_unlearner import emptied
 
     model = nn.Linear(3, 4).double()
@@ -100,6 +101,11 @@ def test_the_draw_is_refused_before_any_work_over_its_limits() -> None:
     assert "row evaluations" in resample_label_rows(model, spec, lp_f, many, (x, y), [3], gen)
     assert "memory budget" in resample_label_rows(model, spec, lp_f, theta[None], (x, y), [3], gen, max_bytes=100)
     assert "carries the label" in resample_label_rows(model, spec, lp_f, theta[None], (x, y), [1], gen)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    tied[2].weight = tied[0].weight  # a head sharing its weight with another layer
+    t_spec, t_theta = ParamSpec.of(tied), ParamSpec.flatten_module(tied)
+    t_lp = functionalize(tied, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
+    assert "tied" in resample_label_rows(tied, t_spec, t_lp, t_theta[None], (x, y), [2], gen)
 
 
 def test_a_gaussian_prior_is_used_in_closed_form_and_a_laplace_one_is_evaluated() -> None:

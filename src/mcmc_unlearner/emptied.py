@@ -80,6 +80,9 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
     layer = next((mod for mod, o in outputs if o is out), None)
     if layer is None:
         return "the logits are not the output of an nn.Linear (model(x) is computed after its last linear layer)"
+    owners = sum(p is layer.weight for m in model.modules() for p in m._parameters.values())
+    if owners > 1:  # a tied head (an LM's embedding): its row is also an input, not this conditional's alone
+        return "the output layer's weight is shared with another layer (tied)"
     offsets, at = {}, 0
     for name, numel in zip(spec.names, spec.numels):
         offsets[name] = at
