@@ -149,6 +149,14 @@ def test_the_default_draws_the_emptied_labels_rows_and_nothing_else() -> None:
     assert (prop.bank != before.bank).any(0).nonzero().flatten().tolist() == rows
     assert torch.equal(prop.bank[:, others], before.bank[:, others])
     assert torch.equal(prop.live[others], before.live[others]) and not torch.equal(prop.live, before.live)
+    # the same through a DataLoader over the rows' TensorDataset (a Subset of all 200 rows): its rows are listed
+    # without a pass, and the labels' rows are drawn as well
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    keep = torch.nonzero(~gone).flatten().tolist()
+    loader = DataLoader(Subset(TensorDataset(x, y), keep), batch_size=50, shuffle=True)
+    via = MCMCUnlearner(model, **kw).propose(removed, loader)
+    assert not via.report.problems and via.report.info["emptied_label_resample"] == "drawn: 2,3"
     un.apply(prop)
     with torch.no_grad():
         p = torch.stack([torch.softmax(x[gone] @ t[:12].view(4, 3).T + t[12:], -1) for t in un.bank]).mean(0)
@@ -157,11 +165,13 @@ def test_the_default_draws_the_emptied_labels_rows_and_nothing_else() -> None:
 
 
 def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> None:
-    """Remaining rows that cannot be listed (a ``DataLoader``: its labels are read, its rows are not), no
-    ``log_prior`` (a flat prior leaves the row improper), or logits that are not an ``nn.Linear``'s output: nothing
-    is drawn, the report says why, and the request, which leaves the labels predicted, is refused by ``remove``
-    with the samples unchanged."""
-    from torch.utils.data import DataLoader, TensorDataset
+    """Remaining rows that cannot be listed without a pass (a ``DataLoader`` over a torchvision-style dataset: its
+    labels are read from ``targets``, its rows only by reading them), no ``log_prior`` (a flat prior leaves the row
+    improper), or logits that are not an ``nn.Linear``'s output: nothing is drawn, the report says why, and the
+    request, which leaves the labels predicted, is refused by ``remove`` with the samples unchanged."""
+    from torch.utils.data import DataLoader
+
+    from test_emptied_label import _Targets
 
     model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
     gone = y >= 2
@@ -177,7 +187,7 @@ def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> N
 
     shifted_bank = [{"inner." + k: v for k, v in s.items()} for s in bank]
     cases = {
-        "cannot be listed": (model, bank, log_prior, DataLoader(TensorDataset(*kept), batch_size=50, shuffle=True)),
+        "cannot be listed": (model, bank, log_prior, DataLoader(_Targets(kept[0], kept[1].tolist()), 50, shuffle=True)),
         "no log_prior": (model, bank, None, kept),
         "not the output of an nn.Linear": (Shifted(model), shifted_bank, log_prior, kept),
     }

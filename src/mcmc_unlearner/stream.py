@@ -106,35 +106,54 @@ def _is_fields(source: Any) -> bool:
     )
 
 
-def _loader_labels(loader: Any) -> torch.Tensor | None:
-    """The labels (second field) of every row a ``DataLoader`` reads, where that can be read without a pass; else
-    ``None``.
-
-    Readable: a dataset batched by the default collate function that is a ``TensorDataset`` (its second tensor) or
-    carries torchvision's ``targets`` (one integer label per row: ``MNIST``, ``FashionMNIST``, ``CIFAR10``,
-    ``ImageFolder``), or a ``Subset`` of one; drawn by a random or sequential sampler (every row), a
-    ``DistributedSampler`` (every row: the ranks split them), a ``SubsetRandomSampler`` (its indices) or a
-    ``WeightedRandomSampler`` (the rows of non-zero weight)."""
+def _loader_selection(loader: Any) -> tuple[Any, torch.Tensor | None] | None:
+    """The dataset under a ``DataLoader``'s ``Subset``s and the indices into it of every row the loader reads
+    (``None``: all of them), where that can be told without a pass: the default collate function, and a random or
+    sequential sampler (every row), a ``DistributedSampler`` (every row: the ranks split them), a
+    ``SubsetRandomSampler`` (its indices) or a ``WeightedRandomSampler`` (the rows of non-zero weight); else
+    ``None``."""
     data = torch.utils.data
     ds = getattr(loader, "dataset", None)
     if ds is None or getattr(loader, "collate_fn", None) is not data.default_collate:
         return None
-    index = None
+    to_base = None  # the outermost dataset's positions in the dataset under the Subsets
     while isinstance(ds, data.Subset):
         sub = torch.as_tensor(list(ds.indices), dtype=torch.long)
-        index, ds = (sub if index is None else sub[index]), ds.dataset
-    labels = _dataset_labels(ds)
-    if labels is None:
-        return None
-    labels = labels if index is None else labels[index]
+        to_base, ds = (sub if to_base is None else sub[to_base]), ds.dataset
     inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
     if isinstance(inner, data.SubsetRandomSampler):
-        return labels[torch.as_tensor(list(inner.indices), dtype=torch.long)]
-    if isinstance(inner, data.WeightedRandomSampler):
-        return labels[torch.as_tensor(inner.weights) > 0]
-    if inner is None or isinstance(inner, (data.RandomSampler, data.SequentialSampler, data.DistributedSampler)):
-        return labels
-    return None
+        pick = torch.as_tensor(list(inner.indices), dtype=torch.long)
+    elif isinstance(inner, data.WeightedRandomSampler):
+        pick = torch.nonzero(torch.as_tensor(inner.weights) > 0).flatten()
+    elif inner is None or isinstance(inner, (data.RandomSampler, data.SequentialSampler, data.DistributedSampler)):
+        pick = None
+    else:
+        return None
+    if pick is None:
+        return ds, to_base
+    return ds, pick if to_base is None else to_base[pick]
+
+
+def _loader_labels(loader: Any) -> torch.Tensor | None:
+    """The labels (second field) of every row a ``DataLoader`` reads, where that can be read without a pass
+    (:func:`_loader_selection`) from a ``TensorDataset`` (its second tensor) or a dataset with torchvision's
+    ``targets`` (one integer label per row: ``MNIST``, ``FashionMNIST``, ``CIFAR10``, ``ImageFolder``); else
+    ``None``."""
+    selected = _loader_selection(loader)
+    labels = None if selected is None else _dataset_labels(selected[0])
+    if labels is None:
+        return None
+    return labels if selected[1] is None else labels[selected[1]]
+
+
+def _loader_tensors(loader: Any) -> Batch | None:
+    """Every row a ``DataLoader`` over a ``TensorDataset`` (or a ``Subset`` of one) reads, all its fields, without a
+    pass (:func:`_loader_selection`); ``None`` for other datasets, whose rows only a pass would read."""
+    selected = _loader_selection(loader)
+    if selected is None or not isinstance(selected[0], torch.utils.data.TensorDataset):
+        return None
+    ds, index = selected
+    return tuple(ds.tensors) if index is None else tuple(t[index] for t in ds.tensors)
 
 
 def _dataset_labels(ds: Any) -> torch.Tensor | None:

@@ -84,6 +84,7 @@ from .step import (
 from .stream import (
     _as_batch,
     _loader_labels,
+    _loader_tensors,
     _repeated_rows,
     _same_state,
     _source_generators,
@@ -1266,7 +1267,8 @@ class MCMCUnlearner:
             still give a tenth of the probability or more on those rows (``EMPTIED_RESAMPLE_PROB``; README step 6)
             draws that label's output-layer row, in every sample, from its conditional given the remaining rows (a
             Gibbs step of the retrained posterior, :mod:`mcmc_unlearner.emptied`; needs a final ``nn.Linear``
-            giving the logits, a ``log_prior`` and listable remaining rows) and checks again; ``"always"``: every
+            giving the logits, a ``log_prior`` and remaining rows it can list: a tuple, a ``RemovableDataset``, a
+            ``DataLoader`` over a ``TensorDataset``) and checks again; ``"always"``: every
             emptied label's row is drawn so; ``"refuse"``: no draw, a request leaving the label predicted (one half
             or more) is refused (stop 40's behaviour).
     """
@@ -2710,14 +2712,22 @@ class MCMCUnlearner:
             why = "not under torch.distributed (each rank holds part of the remaining rows)"
         elif self.log_prior is None:
             why = "no log_prior: with a flat prior the label's row has no proper conditional"
-        elif not stream.listable:
-            why = "the remaining rows cannot be listed (pass them as a tuple (x, y) or a RemovableDataset)"
         else:
             why = None
+        listed = None
+        if why is None:
+            listed = stream.full() if stream.listable else _loader_tensors(stream.source)
+            if listed is not None and not stream.listable:
+                check_finite_batch(listed, "the remaining data", "of the rows its DataLoader reads")
+            if listed is None:
+                why = (
+                    "the remaining rows cannot be listed without a pass over the data (pass them as a tuple (x, y), a "
+                    "RemovableDataset, or a DataLoader over a TensorDataset)"
+                )
         if why is not None:
             info["emptied_label_resample"] = f"not done: {why}"
             return None
-        rows = self._raw(stream.full())
+        rows = self._raw(listed)
         lp_f = functionalize(self.model, lambda m: self.log_prior(m))
         parts = [live[None]] if bank is None else [bank, live[None]]  # drawn apart: no third copy of the bank
         outs, stats = [], {"acceptance": 0.0, "remaining_nll_before": 0.0, "remaining_nll_after": 0.0, "seconds": 0.0}
