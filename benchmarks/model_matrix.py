@@ -913,6 +913,7 @@ def unlearn_request(
     options: dict[str, Any] | None = None,
     strict: bool = True,
     remaining_as: str = "iterator",
+    fit: bool = False,
 ) -> dict[str, Any]:
     """One deletion request with the library's defaults, in *this* process (call it in a child, see
     :func:`run_isolated`). Returns status, error, report fields, seconds, peak memory, the unlearned bank's
@@ -922,7 +923,9 @@ def unlearn_request(
     ``options`` (diagnostics only, *not* the defaults under test): extra ``MCMCUnlearner`` keyword arguments;
     ``strict=False`` applies a removal that fails the library's checks (to score it anyway). ``remaining_as``: the
     remaining data as the user's endless minibatch iterator (``"iterator"``, default) or as the rows themselves
-    (``"rows"``, a tuple ``(x, y)``: listable, so a class removal's emptied-label check runs).
+    (``"rows"``, a tuple ``(x, y)``: listable, so a class removal's emptied-label check runs). ``fit``: call
+    ``MCMCUnlearner.fit`` on all training rows (in the same form) before the request, timed apart
+    (``fit_seconds``, ``fit_cpu_seconds``; the request's own seconds exclude it, its peak memory includes it).
     """
     from mcmc_unlearner import MCMCUnlearner
     from mcmc_unlearner.errors import UnlearningError
@@ -948,6 +951,13 @@ def unlearn_request(
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         un = MCMCUnlearner(model, None, nll=problem.nll, log_prior=problem.log_prior, bank=user_bank, **(options or {}))
+        if fit:  # before the request arrives: every training row is still in the data
+            full = problem.x_train, problem.y_train
+            data = forever(loader(*full, problem.batch, remaining_seed + 1)) if remaining_as == "iterator" else full
+            fitted = un.fit(data, n_remaining=len(problem.x_train))
+            out["fit_seconds"], out["fit_cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+            out["fit"] = fitted.to_dict()
+            t0, c0 = time.perf_counter(), time.process_time()
         report = un.remove(removed, remaining, n_remaining=len(xr), **({} if strict else {"strict": False}))
         out["status"] = "ok"
     except UnlearningError as e:
@@ -1055,6 +1065,7 @@ def evaluate(
     options: dict[str, Any] | None = None,
     strict: bool = True,
     remaining_as: str = "iterator",
+    fit: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Origin chain, ``retrains`` retrain chains and one unlearning request for ``problem``; targets checked.
@@ -1077,6 +1088,7 @@ def evaluate(
             options=options,
             strict=strict,
             remaining_as=remaining_as,
+            fit=fit,
         ),
         timeout,
     )
@@ -1157,6 +1169,8 @@ def summarize(problem: Problem, origin: Chain, retrains: list[Chain], req: dict[
         # CPU time of one thread: on a loaded machine wall times inflate, CPU time much less
         res["epochs_per_request"] = req["cpu_seconds"] / epoch
         res["epochs_per_request_wall"] = req["seconds"] / req["epoch_seconds"]
+        if "fit_cpu_seconds" in req:  # the one-off fit before the request (--fit), reported beside it
+            res["fit_epochs"] = req["fit_cpu_seconds"] / epoch
         if n_params >= BIG_MODEL:
             targets["time"] = ok and res["epochs_per_request"] <= EPOCH_FRACTION
     targets["user_bank_intact"] = req.get("user_bank_intact")
@@ -1340,6 +1354,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the remaining data as the user's endless minibatch iterator (default) or as the rows (x, y), which "
         "the library can list (then a class removal's emptied-label check runs)",
     )
+    ap.add_argument(
+        "--fit",
+        action="store_true",
+        help="call MCMCUnlearner.fit on all training rows before the request (its one-off curvature, timed apart: "
+        "the request's time is then what a request after the one-off work costs)",
+    )
     ap.add_argument("--no-alias", action="store_true", help="do not load the live model from the bank's last row")
     ap.add_argument("--threads", type=A.positive_int, default=1, help="torch threads (default 1)")
     ap.add_argument("--mem-cap-gb", type=float, default=4.0, help="address-space cap of the request's child")
@@ -1416,6 +1436,7 @@ def main(argv: list[str] | None = None) -> int:
                 options=args.options,
                 strict=not args.no_strict,
                 remaining_as=args.remaining,
+                fit=args.fit,
                 log=lambda s: print(s, flush=True),
             )
             results.append(r)
@@ -1431,6 +1452,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "layout": args.layout,
             "remaining": args.remaining,
+            "fit": args.fit,
             "alias": not args.no_alias,
             "mem_cap_gb": args.mem_cap_gb,
             "options": args.options,

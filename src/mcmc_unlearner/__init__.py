@@ -17,7 +17,7 @@ from .data import RemovableDataset
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, UnlearningError
 from .samplers import SGHMC, SGLD
 from .solvers import SolveResult, SolverName, solve
-from .unlearner import BankShift, Expectation, HessianKind, MCMCUnlearner, RemovalReport
+from .unlearner import BankShift, Expectation, FitReport, HessianKind, MCMCUnlearner, RemovalReport
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "SGLD",
     "BankShift",
     "Expectation",
+    "FitReport",
     "HessianKind",
     "InvalidRequestError",
     "MCMCUnlearner",

@@ -32,6 +32,7 @@ class KFACBackend(CurvatureBackend):
 
     name = "kfac"
     cheap_damping = True
+    removed_free = True  # built from the remaining data's minibatches at the bank's draws (prepare)
     damping_shapes = ("identity", "data")
 
     def __init__(self, refresh_every: int = 20, likelihood: str = "auto", mc_samples: int = 1) -> None:
