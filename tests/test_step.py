@@ -1043,3 +1043,63 @@ def test_direct_z_must_be_a_finite_non_negative_number() -> None:
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="direct_z"):
             DampingControl(direct_z=bad)
+
+
+class _ConfirmedCheck:
+    """The full check's measurement is scripted, its second measurement on further rows too (``confirm``)."""
+
+    def __init__(self, first: Measurement, more: tuple[float, float, int] | None) -> None:
+        self.first, self.more, self.confirmed = first, more, 0
+
+    def __call__(self, x: torch.Tensor) -> Measurement:
+        return self.first
+
+    def confirm(self, x: torch.Tensor) -> tuple[float, float, int] | None:
+        self.confirmed += 1
+        return self.more
+
+
+@pytest.mark.parametrize(
+    ("nll", "nll_se", "more", "measured_again", "passed"),
+    [
+        (0.001, 0.001, (0.03, 0.003, 1024), False, True),  # clearly within 5% of 1.0: not measured again
+        (0.04, 0.01, (0.03, 0.005, 1024), True, True),  # pooled 0.032 ± 0.0045: under 0.05 + 0.009
+        (0.04, 0.01, (0.09, 0.005, 1024), True, False),  # pooled 0.080 ± 0.0045: over 0.059
+        (0.04, 0.01, None, True, True),  # no further rows: the first measurement's verdict
+    ],
+)
+def test_a_passed_step_whose_nll_rise_is_not_clearly_within_tolerance_is_measured_again(
+    nll, nll_se, more, measured_again, passed
+) -> None:
+    """The held rows' NLL change pooled over the check's 256 rows and the further rows (rows-weighted mean; its
+    standard error from both), judged by the same rule: at most 5% of the NLL plus two standard errors."""
+    H, G = torch.eye(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    first = Measurement(-0.5, 0.01, nll, nll_scale=1.0, nll_stderr=nll_se, draws=8, rows=256)
+    check = _ConfirmedCheck(first, more)
+    out = DampingControl(damping=0.0)._try(_QuadraticBackend(H), G, check, 0.0)
+    assert bool(check.confirmed) == measured_again and out.safe == passed
+    h = out.history[0]
+    if measured_again and more is not None:
+        pooled = (256 * nll + more[2] * more[0]) / (256 + more[2])
+        se = math.sqrt((256 * nll_se) ** 2 + (more[2] * more[1]) ** 2) / (256 + more[2])
+        assert h["pooled_nll_change"] == pytest.approx(pooled) and h["pooled_nll_stderr"] == pytest.approx(se)
+        assert h["confirm_rows"] == more[2] and h["confirm_passed"] == passed
+        assert ("measured again" in out.note) == (not passed)
+    else:
+        assert "confirm_rows" not in h
+
+
+def test_the_confirmation_reads_further_rows_at_the_checks_draws_and_equals_the_direct_mean() -> None:
+    """``EnergyCheck.confirm`` on a linear-Gaussian check: the mean over its rows and draws of h(θ+x) − h(θ), with
+    the standard error of the per-row means."""
+    f, lp, rows, n, thetas, G = _blr_check_parts(4)
+    check = EnergyCheck(f, lp, thetas, tuple(t[:60] for t in rows), n, G)
+    assert check.confirm(torch.zeros(3, dtype=torch.float64)) is None  # no further rows given
+    more = tuple(t[60:] for t in rows)
+    check.confirm_rows = lambda: more
+    x = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    change, se, m = check.confirm(x)
+    per_row = torch.stack([f(t + x, *more) - f(t, *more) for t in thetas]).mean(0)
+    assert m == more[0].shape[0]
+    assert change == pytest.approx(float(per_row.mean()), rel=1e-12)
+    assert se == pytest.approx(float(per_row.std() / math.sqrt(m)), rel=1e-9)

@@ -522,6 +522,9 @@ EMPTIED_LABEL_MAX_PROB = 0.5
 #: (the digits BNN's class 0 in one request: 0.04; retrained digits MLPs give 0.0000–0.003) and the draw's cost is
 #: saved. The user's digits MLP whose class went in 17 requests of 8 ended at 0.15–0.99 on 7 of 8 seeds.
 EMPTIED_RESAMPLE_PROB = 0.1
+#: Rows, as a multiple of the safety check's, on which a passed step's held-row NLL rise is measured again when
+#: it is not clearly within the tolerance (:meth:`EnergyCheck.confirm`); at most the remaining rows beyond the check's.
+CONFIRM_ROWS_FACTOR = 4
 #: Stored samples (evenly spaced) over which that probability is averaged, and removed rows per forward pass.
 EMPTIED_LABEL_DRAWS = 16
 EMPTIED_LABEL_ROWS = 512
@@ -2604,6 +2607,11 @@ class MCMCUnlearner:
             **self._check_plan(k_thetas, m_rows),
         )
         info["check_linear"] = check.linear
+        # a passed step whose held rows' NLL rise is not clearly within the tolerance is measured again on further
+        # rows (step.DampingControl._confirm): up to CONFIRM_ROWS_FACTOR times the check's, read when first needed
+        more = min(CONFIRM_ROWS_FACTOR * m_rows, n - m_rows)
+        if more >= m_rows:
+            check.confirm_rows = lambda: self._check_rows(stream, more, 0)[0]
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         # (built by fit() and not yet used by an applied request: as if this request had built it)
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused")) and not self._fitted
