@@ -214,16 +214,19 @@ def test_rows_without_a_class_are_not_a_label_to_empty() -> None:
     assert "emptied_labels" not in prop.report.info and not prop.report.problems
 
 
-def test_a_smoothed_or_tempered_cross_entropy_is_checked_on_the_logits_and_a_weighted_one_says_not_checked() -> None:
+def test_a_smoothed_tempered_or_weighted_cross_entropy_is_checked_on_the_logits_and_another_loss_says_not_checked():
     """The label's probability is the softmax of the logits whatever the loss adds to it (label smoothing, a
-    temperature): exp(−nll) is not that probability there, and the check was skipped without a word. A per-class
-    ``weight=`` is not recognised as a cross-entropy: the report says the emptied label was not checked."""
+    temperature, per-class ``weight=``): exp(−nll) is not that probability there, and the check was skipped without
+    a word. A loss not recognised as a cross-entropy (here class weights *and* smoothing): the report says the
+    emptied label was not checked."""
     model, _nll, log_prior, bank, x, y = _softmax_regression()
     gone = y == 3
     removed, remaining = (x[gone], y[gone]), (x[~gone], y[~gone])
+    weights = torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
     for loss, temperature in (
         (lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none", label_smoothing=0.1), 1.0),
         (lambda m, b: F.cross_entropy(m(b[0]) / 2.0, b[1], reduction="none"), 2.0),
+        (lambda m, b: F.cross_entropy(m(b[0]), b[1], weight=weights, reduction="none"), 1.0),
     ):
         un = MCMCUnlearner(model, nll=loss, log_prior=log_prior, bank=bank, seed=0, emptied_label="refuse")
         prop = un.propose(removed, remaining)
@@ -237,15 +240,14 @@ def test_a_smoothed_or_tempered_cross_entropy_is_checked_on_the_logits_and_a_wei
             ]
         ).mean()
         assert measured["3"] == pytest.approx(float(by_hand), rel=1e-10)
-    weights = torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
     weighted = MCMCUnlearner(
         model,
-        nll=lambda m, b: F.cross_entropy(m(b[0]), b[1], weight=weights, reduction="none"),
+        nll=lambda m, b: F.cross_entropy(m(b[0]), b[1], weight=weights, reduction="none", label_smoothing=0.1),
         log_prior=log_prior,
         bank=bank,
         seed=0,
     )
     said = weighted.propose(removed, remaining).report.info["emptied_labels"]
-    assert isinstance(said, str) and said.startswith("not checked") and "[3]" in said and "weight=" in said
+    assert isinstance(said, str) and said.startswith("not checked") and "[3]" in said and "cross_entropy" in said
     # where no label is emptied there is nothing to say
     assert "emptied_labels" not in weighted.propose((x[:5], y[:5]), (x[5:], y[5:])).report.info

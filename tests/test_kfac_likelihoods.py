@@ -1,6 +1,6 @@
 """Likelihoods inside ``nll`` that K-FAC and the GGN recognise (tuple/dict outputs, a temperature, label
-smoothing, a constant factor, per-row weights from a batch field) against the dense float64 GGN, and the
-empirical-Fisher fallback told to the user."""
+smoothing, a constant factor, per-row weights from a batch field, per-class ``weight=``) against the dense float64
+GGN, and the empirical-Fisher fallback told to the user."""
 
 from __future__ import annotations
 
@@ -52,6 +52,13 @@ CASES: dict[str, tuple[str, Callable, Likelihood, bool, bool]] = {
     "label smoothing": ("tensor", lambda z, b: _ce(z, b, eps=0.2), Likelihood.CATEGORICAL, False, False),
     "constant factor": ("tensor", lambda z, b: 0.5 * _ce(z, b), Likelihood.CATEGORICAL, False, False),
     "row weights": ("tensor", lambda z, b: b[2] * _ce(z, b), Likelihood.CATEGORICAL, True, False),
+    "class weights": (  # cross_entropy(weight=w): each row's label's weight (found by probing every label)
+        "tensor",
+        lambda z, b: F.cross_entropy(z, b[1], weight=torch.tensor([0.5, 2.0, 1.5], dtype=z.dtype), reduction="none"),
+        Likelihood.CATEGORICAL,
+        False,
+        False,
+    ),
     "dict, temperature, weights": ("dict", lambda z, b: b[2] * _ce(z, b, T=0.7), Likelihood.CATEGORICAL, True, False),
     "gaussian, weights": (
         "tensor",

@@ -211,8 +211,11 @@ def _eps(dtype: torch.dtype) -> float:
 
 # ------------------------------------------------------------------------------------------- likelihood
 #: Keys of ``detect_likelihood``'s extras that change the curvature (the rest are notes): which tensor of a tuple
-#: or dict output is the likelihood's, its temperature, a constant factor on the loss and a per-row weight field.
-_LINK_KEYS = ("output", "temperature", "scale", "weights")
+#: or dict output is the likelihood's, its temperature, a constant factor on the loss, a per-row weight field and
+#: per-class weights (``cross_entropy(..., weight=w)``).
+_LINK_KEYS = ("output", "temperature", "scale", "weights", "class_weights")
+#: Most classes for which ``nll`` is probed at every label (one call each) to find per-class weights.
+CLASS_WEIGHT_MAX_CLASSES = 128
 
 
 def _output_candidates(out: Any, rows: int) -> list[tuple[Any, Tensor]]:
@@ -243,8 +246,11 @@ def select_output(out: Any, extra: dict[str, Any]) -> Tensor:
 
 
 def row_weights(batch: Batch, extra: dict[str, Any]) -> Tensor | None:
-    """Per-row factors ``scale·batch[weights]`` on the loss (``None`` when there are none)."""
+    """Per-row factors ``scale·batch[weights]·class_weights[y]`` on the loss (``None`` when there are none)."""
     w = batch[extra["weights"]] if extra.get("weights") is not None else None
+    if extra.get("class_weights") is not None:  # cross_entropy(..., weight=w_c): the row's label's weight
+        cw = torch.as_tensor(extra["class_weights"], dtype=torch.float64, device=batch[1].device)[batch[1].long()]
+        w = cw if w is None else torch.as_tensor(w) * cw.to(torch.as_tensor(w).dtype)
     scale = extra.get("scale")
     if scale is not None:
         w = scale if w is None else scale * w
@@ -330,6 +336,48 @@ def _categorical_fit(
     return (fits[0], "") if fits else (None, "")
 
 
+def _class_weight_fit(
+    out: Tensor,
+    y: Tensor,
+    base: Tensor,
+    nll_at: Callable[[Tensor, tuple[int, ...]], Tensor],
+    close: Callable[[Tensor, Tensor], bool],
+) -> list[float] | None:
+    """Per-class weights ``w`` with ``nll = w[labels]·cross_entropy(out, labels)`` (``cross_entropy(...,
+    weight=w)``) on every label set ``(y + k) mod C``, ``k < C`` (so each probe row is tried at every class; one
+    ``nll`` call each), not all equal (a common factor is the categorical fit's ``scale``); else ``None``. Each
+    class's weight is the least-squares ratio over the rows that carry it; the fit is then verified on every set.
+    The output Hessian is ``w_y(diag p − ppᵀ)``: a per-row weight, so the GGN stays exact."""
+    C = out.shape[1]
+    o = out.double().cpu()
+    num = torch.zeros(C, dtype=torch.float64)
+    den = torch.zeros(C, dtype=torch.float64)
+    sets = []
+    for k in range(C):
+        lab = (y.long() + k) % C
+        try:
+            v = base if k == 0 else nll_at(lab.to(y.dtype), (k, C))
+        except Exception:  # a probe: any failure means "not this likelihood"
+            return None
+        if not (isinstance(v, Tensor) and v.shape == base.shape):
+            return None
+        ce = F.cross_entropy(o, lab.cpu(), reduction="none")
+        v = v.double().cpu()
+        num.index_add_(0, lab.cpu(), v * ce)
+        den.index_add_(0, lab.cpu(), ce * ce)
+        sets.append((lab.cpu(), v, ce))
+    if not bool((den > 0).all()):
+        return None
+    w = num / den
+    if not (bool(torch.isfinite(w).all()) and bool((w >= 0).all())) or float(w.max() - w.min()) <= 1e-6 * float(
+        w.abs().max()
+    ):
+        return None
+    if not all(close(v, w[lab] * ce) for lab, v, ce in sets):
+        return None
+    return [float(c) for c in w]
+
+
 def empirical_fallback_message(reason: str) -> str:
     """What K-FAC says when ``likelihood="auto"`` did not recognise ``nll`` and it uses the empirical Fisher."""
     return (
@@ -337,7 +385,8 @@ def empirical_fallback_message(reason: str) -> str:
         "curvature (0.09-0.63 relative off the dense GGN on probed models), because likelihood='auto' did not "
         f"recognise nll as a categorical or Gaussian likelihood of the model's output ({reason}). Recognised: "
         "cross-entropy or a Gaussian NLL of model(x) or of one tensor of a tuple/dict output, with a temperature, "
-        "label smoothing, a constant factor or per-row weights from a batch field (batch[2:]). Fix: if model(x) "
+        "label smoothing, a constant factor, per-class weight= or per-row weights from a batch field (batch[2:]). "
+        "Fix: if model(x) "
         "returns the logits of nll's softmax cross-entropy, pass likelihood='categorical'; for the exact "
         "curvature use solver='ggn' (dense Gauss-Newton, or the dense Hessian for an unrecognised likelihood; small "
         "models) or solver='cg' (Hessian-vector products); likelihood='empirical' keeps this choice without the "
@@ -352,7 +401,9 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
       ``nll(model, batch) == cross_entropy(model(x), y)`` row by row (also checked with shifted labels); also,
       with the fitted value in the extras, ``scale·w·cross_entropy(model(x)/temperature, y, label_smoothing=ε)``
       for one of a temperature, a constant factor ``scale`` or label smoothing ``ε``, and per-row weights ``w``
-      taken from a floating ``[B]`` batch field (``{"weights": index}``); and for class-probability targets;
+      taken from a floating ``[B]`` batch field (``{"weights": index}``); per-class weights ``cross_entropy(...,
+      weight=w)`` (``{"class_weights": w}``, up to ``CLASS_WEIGHT_MAX_CLASSES`` classes, ``nll`` probed at every
+      label); and for class-probability targets;
     * ``GAUSSIAN`` with ``{"sigma": σ}`` if ``nll_i = w_i·(a·Σ_out (model(x)_i − y_i)² + c)`` for the true labels
       and two perturbed label sets (``w_i = 1`` or a batch field as above): ``a`` and ``c`` are fitted by least
       squares on all probe rows, the fit must be exact to float tolerance and ``a > 0``; then ``σ² = 1/(2a)``;
@@ -466,12 +517,16 @@ def _detect_in(
                     return Likelihood.CATEGORICAL, (fit if j is None else {**fit, "weights": j})
         if ambiguous:
             return Likelihood.EMPIRICAL, {"reason": ambiguous}
+        if weights[0][0] is None and C <= CLASS_WEIGHT_MAX_CLASSES:
+            found = _class_weight_fit(out, y, base, nll_at, close)
+            if found is not None:
+                return Likelihood.CATEGORICAL, {"class_weights": found}
         drops = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
         dropout = any(m.training and m.p > 0 for m in drops)
         hint = " (the model is in training mode: dropout makes forwards differ)" if dropout else ""
         return Likelihood.EMPIRICAL, {
             "reason": "integer labels, but nll is not cross_entropy(model(x), y) (nor with a temperature, label "
-            f"smoothing, a constant factor or weights from a batch field){hint}"
+            f"smoothing, a constant factor, per-class weight= or weights from a batch field){hint}"
         }
     if (
         y.is_floating_point()

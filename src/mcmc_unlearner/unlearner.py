@@ -2779,7 +2779,7 @@ class MCMCUnlearner:
             self._plain_categorical = bool(flags[0] > 0) and not bool(flags[1] > 0)
             self._categorical = bool(flags[0] > 0) and not bool(flags[2] > 0)
         if not self._categorical and not self._plain_categorical:
-            # a request that empties a label says it was not checked (it said nothing: a class-weighted
+            # a request that empties a label says it was not checked (it said nothing: a class-weighted, smoothed
             # cross-entropy left a removed class the top prediction on 78-94% of its test digits, every check passed)
             left = self._remaining_labels(stream)
             if left is not None and self._reduce is None and y.numel():
@@ -2789,8 +2789,7 @@ class MCMCUnlearner:
                     info["emptied_labels"] = (
                         f"not checked: the request removes the last rows of label(s) {sorted(gone)}, but nll is not "
                         f"recognised as a cross-entropy of the model's output ({why}), so the labels' probability "
-                        "cannot be read from it (a cross-entropy with per-class weight= is not recognised: weight "
-                        "the rows through a batch field instead)"
+                        "cannot be read from it"
                     )
             return None
         left = self._remaining_labels(stream)
