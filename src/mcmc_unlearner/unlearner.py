@@ -2391,8 +2391,11 @@ class MCMCUnlearner:
         it is built at the bank's draws on minibatches of ``remaining`` exactly as a request builds it, and kept: the
         next request uses it as if it had built it itself (every damping shape tried, its damping searched from
         scratch), and later ones reuse it as they reuse a request's build (``refresh_every``, ``drift_tol``). On a
-        1.2M-parameter ResNet the first request then costs 0.5 SGLD epochs over 10k rows instead of 1.3
-        (``benchmarks/request_sequence.py --fit``). The dense and matrix-free backends build theirs in the request,
+        1.2M-parameter ResNet the first request then costs 0.97 SGLD epochs over 10k rows instead of 1.33, after a
+        fit of 0.58 (``benchmarks/request_sequence.py --fit``). Built on the data before the removal, the curvature
+        holds the removed rows' own curvature, as one reused across requests does: on a transformer's backdoor
+        removal that damped the trigger token's directions (0.005 of the way to retraining instead of 1.05;
+        ``docs/model-matrix.md``, stop 42). The dense and matrix-free backends build theirs in the request,
         from its removed rows (the report says ``curvature_kept=False``; nothing is done). The damping is not
         carried: a damping found on rows of another kind (a probe of random rows) was too large for a whole class
         or a backdoor, and left those removals a hundredth of their way (``docs/model-matrix.md``, stop 42).
