@@ -216,6 +216,8 @@ def test_without_a_listable_data_source_it_is_off_and_says_so(prob) -> None:
     un = MCMCUnlearner(model, bank=bank, damping=0.0, bank_shift="mean", recenter_every=1)
     report = un.remove((prob.x[prob.removed], prob.y[prob.removed]), stream(), n_remaining=360)
     assert report.info["recenter"].startswith("off: the remaining data cannot list its rows")
+    # the fix for this caller, who passed a bank (it was told "pass bank= and a data source with remaining()")
+    assert "a tuple (x, y) or a RemovableDataset" in report.info["recenter"] and "bank=" not in report.info["recenter"]
 
 
 def test_bad_options_are_refused() -> None:

@@ -3249,8 +3249,13 @@ class MCMCUnlearner:
     def _new_anchor(self, stream: _Stream, info: dict[str, Any]) -> _Anchor | None:
         """The samples :meth:`_recenter` pairs with, kept as they are before the first request."""
         if self.bank is None or not stream.listable:
-            why = "it needs a sample bank" if self.bank is None else "the remaining data cannot list its rows"
-            info["recenter"] = f"off: {why} (pass bank= and a data source with remaining())"
+            why = (
+                "it needs a sample bank (pass bank=, or collect() samples)"
+                if self.bank is None
+                else "the remaining data cannot list its rows (pass them as a tuple (x, y) or a RemovableDataset; a "
+                "DataLoader or an iterator of minibatches cannot)"
+            )  # "pass bank= and ..." was said to callers who had passed a bank, with a DataLoader
+            info["recenter"] = f"off: {why}"
             return None
         most = RECENTER_MAX_DRAWS if self.recenter_draws == "auto" else self.recenter_draws
         index = _evenly(self.bank.shape[0], max(RECENTER_REMOVED_DRAWS, most))
