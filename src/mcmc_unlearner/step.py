@@ -954,7 +954,7 @@ class DampingControl:
             {"damping": lam, "predicted": pred, "actual": meas.actual, "stderr": meas.stderr, "ratio": ratio, "gx": gx,
              "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale,
              "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows,
-             "shape": shape}
+             "nll_change": meas.nll_change, "nll_stderr": meas.nll_stderr, "shape": shape}
         ]  # fmt: skip
         if confirmed is not None:
             out.history[0].update(confirmed)
