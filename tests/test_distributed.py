@@ -115,9 +115,10 @@ def _mlp_log_prior(m):
     return -0.5 * sum((p**2).sum() for p in m.parameters()) / 0.5**2
 
 
-def _run_kfac(rank: int = 0, world: int = 1, sharded: bool = False) -> dict[str, torch.Tensor]:
+def _run_kfac(rank: int = 0, world: int = 1, sharded: bool = False, fit: bool = False) -> dict[str, torch.Tensor]:
     """A small MLP classifier with K-FAC curvature (3 classes ≤ mc_samples: the exact expectation, so the
-    all-reduced factor sums must reproduce the single-process factors)."""
+    all-reduced factor sums must reproduce the single-process factors); ``fit``: the curvature built by
+    ``fit(data)`` before the request."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(N, 5, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
@@ -138,8 +139,12 @@ def _run_kfac(rank: int = 0, world: int = 1, sharded: bool = False) -> dict[str,
         steps(5)
         un.collect()
     before = un.bank.clone()
+    if fit:
+        assert un.fit(data).curvature_kept
     report = un.forget(REMOVED, data)
-    return {"before": before, "bank": un.bank.clone(), "damping": torch.tensor([report.damping])}
+    out = {"before": before, "bank": un.bank.clone(), "damping": torch.tensor([report.damping])}
+    out["from_fit"] = torch.tensor([int(bool(report.info.get("curvature_built_by_fit")))])
+    return out
 
 
 def _worker(rank: int, world: int, out: str) -> None:
@@ -148,6 +153,8 @@ def _worker(rank: int, world: int, out: str) -> None:
         save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/{cfg}-rank{rank}.safetensors")
     res = _run_kfac(rank, world, sharded=True)
     save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/kfac-rank{rank}.safetensors")
+    res = _run_kfac(rank, world, sharded=True, fit=True)
+    save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/kfac-fit-rank{rank}.safetensors")
     # a request split unevenly across the ranks (each rank drew G's posterior samples for its own row count,
     # and the all-reduce of the per-draw gradients aborted gloo with a size mismatch)
     res = _run("cg", seed=0, rank=rank, world=world, sharded=True, removed=UNEVEN, samples=40)
@@ -243,6 +250,19 @@ def test_two_gloo_ranks_match_single_process_with_kfac(two_ranks):
         assert torch.equal(r0[key], r1[key]), key
     assert float(r0["damping"]) == pytest.approx(float(ref["damping"]), rel=1e-5)
     assert _rel(r0["bank"] - r0["before"], ref["bank"] - ref["before"]) < 1e-4  # the shift itself agrees
+    assert _rel(ref["bank"], ref["before"]) > 1e-3
+
+
+def test_fit_under_two_gloo_ranks_matches_fit_in_one_process(two_ranks):
+    """``fit`` on every rank builds the all-reduced K-FAC of one process's fit: the request after it agrees."""
+    ref = _run_kfac(fit=True)
+    r0 = load_file(str(two_ranks / "kfac-fit-rank0.safetensors"))
+    r1 = load_file(str(two_ranks / "kfac-fit-rank1.safetensors"))
+    for key in ("bank", "damping"):
+        assert torch.equal(r0[key], r1[key]), key
+    assert int(r0["from_fit"]) == int(ref["from_fit"]) == 1
+    assert float(r0["damping"]) == pytest.approx(float(ref["damping"]), rel=1e-5)
+    assert _rel(r0["bank"] - r0["before"], ref["bank"] - ref["before"]) < 1e-4
     assert _rel(ref["bank"], ref["before"]) > 1e-3
 
 
