@@ -113,3 +113,19 @@ def test_a_proposal_made_before_fit_is_stale_after_it(chain) -> None:
     un.fit((x[10:], y[10:]))
     with pytest.raises(ValueError, match="stale proposal"):
         un.apply(prop)
+
+
+def test_a_failed_fit_leaves_the_curvature_an_earlier_request_cached(chain, monkeypatch) -> None:
+    model, bank, x, y = chain
+    un = MCMCUnlearner(model, bank=bank, solver="kfac")
+    un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    cached, relative = un.curvature.kfac, un.control.relative
+    assert cached is not None
+
+    def broken(problem):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(un.curvature, "prepare", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        un.fit((x[10:], y[10:]))
+    assert un.curvature.kfac is cached and un.control.relative == relative and not un._fitted

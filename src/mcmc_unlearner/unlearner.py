@@ -2427,6 +2427,7 @@ class MCMCUnlearner:
             epoch_samps = epoch_samplers(remaining)
             epochs = [s.epoch for s in epoch_samps]
             gen = self.generator.get_state()
+            backend = self.curvature.snapshot()  # a curvature cached by earlier requests, put back on failure
             stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
             data_state = stream.state()
             try:
@@ -2442,7 +2443,7 @@ class MCMCUnlearner:
                     self.curvature.reset()
                     info.update(self.curvature.prepare(problem))
             except BaseException:
-                self.curvature.reset()
+                self.curvature.restore(backend)
                 raise
             finally:  # the remaining data and every generator as they were
                 stream.set_state(data_state)

@@ -107,8 +107,8 @@ class CurvatureBackend:
     #: The shape :meth:`solve` uses now (set by the step control).
     damping_shape: str = "identity"
     #: Whether what :meth:`prepare` builds is a function of the samples and the remaining data alone, not of the
-    #: request's removed rows, so that :meth:`MCMCUnlearner.fit` can build it ahead of the first request with a probe
-    #: request's rows (K-FAC: yes; the dense backend keeps the old Hessian, which holds the removed rows: no).
+    #: request's removed rows, so that :meth:`MCMCUnlearner.fit` can build it before any request arrives (K-FAC:
+    #: yes; the dense backend keeps the old Hessian, which holds the removed rows: no).
     removed_free: ClassVar[bool] = False
 
     def __init__(self) -> None:
