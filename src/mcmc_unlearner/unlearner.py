@@ -37,6 +37,7 @@ clears the influence carried between requests.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -266,6 +267,28 @@ class FitReport:
         d = asdict(self)
         d["info"] = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))}
         return d
+
+
+@contextlib.contextmanager
+def _source_states_kept(remaining: Any) -> Iterator[tuple[list[torch.Generator], list[Any]]]:
+    """On exit (normal or not) torch's global generator, the remaining data's own generators and its
+    ``DistributedSampler`` epochs are as they were on entry; yields the generators and the samplers.
+
+    A ``DataLoader`` (or its sampler) with a generator of its own draws its shuffling and iterator seed from it, not
+    from torch's; a ``DistributedSampler``'s order is its epoch, advanced on each pass (``data.new_pass``)."""
+    rng = torch.get_rng_state()
+    gens = _source_generators(remaining)
+    gen_states = [g.get_state() for g in gens]
+    samplers = epoch_samplers(remaining)
+    epochs = [s.epoch for s in samplers]
+    try:
+        yield gens, samplers
+    finally:
+        torch.set_rng_state(rng)
+        for g, state in zip(gens, gen_states):
+            g.set_state(state)
+        for s, epoch in zip(samplers, epochs):
+            s.set_epoch(epoch)
 
 
 def resolution_floor(shift_norm: float, theta: torch.Tensor) -> float | None:
@@ -2165,25 +2188,11 @@ class MCMCUnlearner:
                 "the unlearner differentiates the model (gradients and Hessian products) and cannot run inside "
                 "torch.inference_mode(): call it outside that block (torch.no_grad() around it is fine)"
             )
-        rng = torch.get_rng_state()
-        # a DataLoader (or its sampler) with a generator of its own draws its shuffling and iterator seed from that
-        # generator instead: a discarded or failed proposal must put it back too
-        gens = _source_generators(remaining)
-        gen_states = [g.get_state() for g in gens]
-        # a DistributedSampler's order is its epoch, advanced on each pass (data.new_pass): put back the same way
-        epoch_samps = epoch_samplers(remaining)
-        epochs = [s.epoch for s in epoch_samps]
-        try:
+        with _source_states_kept(remaining) as (gens, epoch_samps):
             prop = self._propose_unguarded(batch, remaining, n_remaining)
             prop._global_rng_after = torch.get_rng_state()
             prop._source_generators_after = [(g, g.get_state()) for g in gens]
             prop._source_epochs_after = [(s, s.epoch) for s in epoch_samps]
-        finally:
-            torch.set_rng_state(rng)
-            for g, state in zip(gens, gen_states):
-                g.set_state(state)
-            for s, epoch in zip(epoch_samps, epochs):
-                s.set_epoch(epoch)
         return prop
 
     def _propose_unguarded(
@@ -2421,38 +2430,29 @@ class MCMCUnlearner:
         info: dict[str, Any] = {}
         kept = bool(self.curvature.removed_free) and self.expectation is not Expectation.CHAIN
         if kept:
-            rng = torch.get_rng_state()
-            gens = _source_generators(remaining)
-            gen_states = [g.get_state() for g in gens]
-            epoch_samps = epoch_samplers(remaining)
-            epochs = [s.epoch for s in epoch_samps]
             gen = self.generator.get_state()
             backend = self.curvature.snapshot()  # a curvature cached by earlier requests, put back on failure
-            stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
-            data_state = stream.state()
-            try:
-                n = stream.n
-                e_f = self._energy_f(n)
-                first = next(stream)  # for the checks and the memory plan; read again below where it can be
-                stream.set_state(data_state)
-                self._check_nll(first)
-                self._bytes_per_row(e_f, ParamSpec.flatten_module(self.model), first)
-                c_thetas = _draws(self.bank, self.curvature_draws)
-                with dense_embedding_grads(self.model):
-                    problem = self._problem(stream, n, first, c_thetas, e_f, self._h_f(), info)
-                    self.curvature.reset()
-                    info.update(self.curvature.prepare(problem))
-            except BaseException:
-                self.curvature.restore(backend)
-                raise
-            finally:  # the remaining data and every generator as they were
-                stream.set_state(data_state)
-                self.generator.set_state(gen)
-                torch.set_rng_state(rng)
-                for g, state in zip(gens, gen_states):
-                    g.set_state(state)
-                for s, epoch in zip(epoch_samps, epochs):
-                    s.set_epoch(epoch)
+            with _source_states_kept(remaining):
+                stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+                data_state = stream.state()
+                try:
+                    n = stream.n
+                    e_f = self._energy_f(n)
+                    first = next(stream)  # for the checks and the memory plan; read again below where it can be
+                    stream.set_state(data_state)
+                    self._check_nll(first)
+                    self._bytes_per_row(e_f, ParamSpec.flatten_module(self.model), first)
+                    c_thetas = _draws(self.bank, self.curvature_draws)
+                    with dense_embedding_grads(self.model):
+                        problem = self._problem(stream, n, first, c_thetas, e_f, self._h_f(), info)
+                        self.curvature.reset()
+                        info.update(self.curvature.prepare(problem))
+                except BaseException:
+                    self.curvature.restore(backend)
+                    raise
+                finally:  # the remaining data and the unlearner's generator as they were (the rest: the with)
+                    stream.set_state(data_state)
+                    self.generator.set_state(gen)
             self.curvature.commit()
             self._fitted = True  # the next request takes it as its own build (every shape, a fresh search)
             self._version += 1  # an earlier proposal would put back the curvature it saw
@@ -2787,11 +2787,12 @@ class MCMCUnlearner:
             # cross-entropy left a removed class the top prediction on 78-94% of its test digits, every check passed)
             left = self._remaining_labels(stream)
             if left is not None and self._reduce is None and y.numel():
-                gone = set(y[y >= 0].long().tolist()) - set(left.long().tolist())
+                labels = torch.unique(y[y >= 0].long())
+                gone = labels[~torch.isin(labels, left.long().to(labels.device))].tolist()
                 if gone:
                     why = self._label_link[1] or "another loss"
                     info["emptied_labels"] = (
-                        f"not checked: the request removes the last rows of label(s) {sorted(gone)}, but nll is not "
+                        f"not checked: the request removes the last rows of label(s) {gone}, but nll is not "
                         f"recognised as a cross-entropy of the model's output ({why}), so the labels' probability "
                         "cannot be read from it"
                     )
