@@ -129,3 +129,29 @@ def test_a_failed_fit_leaves_the_curvature_an_earlier_request_cached(chain, monk
     with pytest.raises(RuntimeError, match="injected"):
         un.fit((x[10:], y[10:]))
     assert un.curvature.kfac is cached and un.control.relative == relative and not un._fitted
+
+
+def test_a_fitted_curvature_saved_and_loaded_is_still_the_request_s_own_build(chain) -> None:
+    """A service fits, checkpoints, and serves the request in another process: the loaded curvature is searched as
+    fit's build (every damping shape from scratch), the same step as without the checkpoint; once a request used it,
+    a saved state is a reused one."""
+    model, bank, x, y = chain
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[torch.nonzero(y == 3).flatten()[:20]] = False
+    removed, remaining = (x[~keep], y[~keep]), (x[keep], y[keep])
+    fitted = MCMCUnlearner(model, bank=bank, solver="kfac")
+    fitted.fit(remaining)
+    tensors, meta = fitted.curvature_state()
+    assert meta["built_by_fit"] is True
+    loaded = MCMCUnlearner(model, bank=bank, solver="kfac")
+    loaded.load_curvature_state(tensors, meta)
+    after_load = loaded.remove(removed, remaining)
+    plain = MCMCUnlearner(model, bank=bank, solver="kfac")
+    alone = plain.remove(removed, remaining)
+    assert after_load.info["curvature_built_by_fit"] is True
+    assert after_load.info["damping_history"] == alone.info["damping_history"]
+    assert torch.equal(loaded.bank, plain.bank)
+    assert "built_by_fit" not in loaded.curvature_state()[1]  # used by a request: reused from now on
+    again = MCMCUnlearner(model, bank=bank, solver="kfac")
+    again.load_curvature_state(*loaded.curvature_state())
+    assert not again._fitted

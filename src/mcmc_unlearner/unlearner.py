@@ -3430,6 +3430,8 @@ class MCMCUnlearner:
         checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
         meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
+        if self._fitted:  # built by fit() and not yet used: the request after loading takes it as its own build
+            meta["built_by_fit"] = True
         # the unlearner's own generator (K-FAC's Monte-Carlo labels, probes, Lanczos starts): without it a run
         # continued from a checkpoint draws other curvature than the uninterrupted run from the next rebuild on
         tensors = {**tensors, "generator": self.generator.get_state()}
@@ -3452,7 +3454,9 @@ class MCMCUnlearner:
         else:
             self.curvature.load_state_dict(tensors, meta)
         self._version += 1  # an earlier proposal would overwrite what was just loaded
-        self._fitted = False
+        # a curvature fit() built and no request has used yet is searched as the request's own build after loading
+        # too (every damping shape from scratch, no drift test); without the flag it was taken as reused
+        self._fitted = bool(meta.get("built_by_fit", False)) and self.curvature.removed_free
         if "damping_state" in meta:
             self.control.set_state(meta["damping_state"])
         else:  # saved before damping shapes existed
