@@ -128,6 +128,9 @@ def test_removed_rows_given_twice_or_still_in_the_remaining_data_are_warned_abou
     model.load_state_dict(state)
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
     with pytest.warns(UserWarning, match="identical to removed rows"):
+        un.remove((x[:60], y[:60]), (x, y))
+    # the count after the removal beside the rows before it: refused, naming both (stop 43; was the warning alone)
+    with pytest.raises(ValueError, match=r"n_remaining=240 but the remaining rows given as a tuple are 300.*still"):
         un.remove((x[:60], y[:60]), (x, y), n_remaining=240)
     model.load_state_dict(state)
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)

@@ -81,7 +81,7 @@ def test_fit_builds_nothing_for_the_dense_backend(chain) -> None:
     model, bank, x, y = chain
     un = MCMCUnlearner(model, bank=bank, solver="exact")
     fitted = un.fit((x, y))
-    assert not fitted.curvature_kept and "built from each request's removed rows" in fitted.info["fit"]
+    assert not fitted.curvature_kept and "fit() builds K-FAC's curvature only" in fitted.info["fit"]
     assert un.curvature.cache is None
 
 
@@ -155,3 +155,114 @@ def test_a_fitted_curvature_saved_and_loaded_is_still_the_request_s_own_build(ch
     again = MCMCUnlearner(model, bank=bank, solver="kfac")
     again.load_curvature_state(*loaded.curvature_state())
     assert not again._fitted
+
+
+def _class_removal(x, y):
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[torch.nonzero(y == 3).flatten()[:20]] = False
+    return (x[~keep], y[~keep]), (x[keep], y[keep])
+
+
+def test_fit_on_other_data_or_at_a_replaced_bank_is_rebuilt_by_the_request(chain) -> None:
+    """fit() given the data preprocessed otherwise (pixels not divided by 255), or followed by a new bank, used to be
+    taken as the request's own build: the request then moved the samples a twelfth of its way, every check passed.
+    Now the request builds its own curvature and gives the samples of a request without fit, to the bit; fit on all
+    the data (the removed rows included, as a service fits before any request) is still used."""
+    model, bank, x, y = chain
+    removed, remaining = _class_removal(x, y)
+    plain = MCMCUnlearner(model, bank=bank, solver="kfac")
+    plain.remove(removed, remaining)
+    other = MCMCUnlearner(model, bank=bank, solver="kfac")
+    other.fit((remaining[0] * 255, remaining[1]))
+    report = other.remove(removed, remaining)
+    assert "other data" in report.info["curvature_rebuilt_after_fit"] and "curvature_built_by_fit" not in report.info
+    assert torch.equal(other.bank, plain.bank)
+    # a bank replaced after fit (here: its first half) drops fit's curvature
+    half = bank[: bank.shape[0] // 2]
+    swapped = MCMCUnlearner(model, bank=bank, solver="kfac")
+    swapped.fit(remaining)
+    swapped.bank = half
+    assert swapped.curvature.kfac is None and not swapped._fitted
+    fresh = MCMCUnlearner(model, bank=half, solver="kfac")
+    assert (
+        swapped.remove(removed, remaining).info["damping_history"]
+        == fresh.remove(removed, remaining).info["damping_history"]
+    )
+    assert torch.equal(swapped.bank, fresh.bank)
+    # fit on every row, the removed ones included: the same data, used
+    whole = MCMCUnlearner(model, bank=bank, solver="kfac")
+    whole.fit((x, y))
+    used = whole.remove(removed, remaining)
+    assert used.info["curvature_built_by_fit"] is True and "curvature_rebuilt_after_fit" not in used.info
+
+
+def test_fit_counts_as_the_first_request_s_build_for_refresh_every(chain) -> None:
+    """With refresh_every=2 the requests that rebuild are the same with fit as without it (fit replaces the first
+    request's build); fit's build used to count as one use, so every rebuild came one request early and with
+    refresh_every=1 the first request threw fit's curvature away."""
+    model, bank, x, y = chain
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))
+
+    def pattern(fit: bool, every: int) -> list[bool]:
+        un = MCMCUnlearner(model, bank=bank, solver="kfac", refresh_every=every)
+        if fit:
+            un.fit((x, y))
+        built = []
+        for r in range(4):
+            gone = order[: 10 * (r + 1)]
+            keep = torch.ones(len(x), dtype=torch.bool)
+            keep[gone] = False
+            rep = un.remove((x[order[10 * r : 10 * (r + 1)]], y[order[10 * r : 10 * (r + 1)]]), (x[keep], y[keep]))
+            built.append(not rep.info["preconditioner_reused"] or bool(rep.info.get("curvature_built_by_fit")))
+        return built
+
+    assert pattern(False, 2) == [True, False, True, False] == pattern(True, 2)
+    assert pattern(True, 1) == [True, True, True, True]
+
+
+def test_fit_keeps_the_first_request_s_check_of_its_removed_rows_and_names_its_own_data(chain) -> None:
+    model, bank, x, y = chain
+    remaining = _class_removal(x, y)[1]
+    un = MCMCUnlearner(model, bank=bank, solver="kfac")
+    with pytest.raises(RuntimeError, match=r"nll\(model, remaining data\) failed.*fit\(\) passes minibatches"):
+        un.fit((remaining[0].double(), remaining[1]))
+    assert un.curvature.kfac is None and not un._fitted
+    un.fit(remaining)
+    with pytest.raises(IndexError, match="not their indices"):  # was torch's own error alone after fit
+        un.remove(torch.arange(5), remaining)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        un.fit(remaining)
+
+
+def test_rows_given_as_a_tuple_with_another_n_remaining_are_refused(chain) -> None:
+    """A tuple is every remaining row: an n_remaining that contradicts it scaled the energy as n rows (10**6 for
+    570: the samples moved 200x less, every check passed)."""
+    model, bank, x, y = chain
+    removed, remaining = _class_removal(x, y)
+    un = MCMCUnlearner(model, bank=bank, solver="kfac")
+    before = _state(un)
+    for call in (lambda: un.fit(remaining, n_remaining=10**6), lambda: un.remove(removed, remaining, n_remaining=7)):
+        with pytest.raises(ValueError, match=r"n_remaining=\d+ but the remaining rows given as a tuple are 380"):
+            call()
+    for u, v in zip(before, _state(un)):
+        assert torch.equal(u, v)
+    assert un.remove(removed, remaining, n_remaining=len(remaining[0])).passed  # the right count is fine
+
+
+def test_each_request_adds_its_nll_rise_to_the_sum_the_safety_net_holds(chain) -> None:
+    model, bank, x, y = chain
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(4))
+    un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=0)
+    keep = torch.ones(len(x), dtype=torch.bool)
+    total, var = 0.0, 0.0
+    for r in range(3):
+        gone = order[15 * r : 15 * (r + 1)]
+        keep[gone] = False
+        rep = un.remove((x[gone], y[gone]), (x[keep], y[keep]))
+        total += rep.info["remaining_nll_rise"]
+        var += rep.info["remaining_nll_rise_stderr"] ** 2
+        assert rep.info["remaining_nll_drift"] == pytest.approx(total, abs=1e-12)
+        assert rep.info["remaining_nll_drift_stderr"] == pytest.approx(var**0.5)
+    assert un.curvature_state()[1]["damping_state"]["drift"][0] == pytest.approx(total, abs=1e-12)
+    un.reset_curvature()
+    assert un.control.drift is None

@@ -308,7 +308,18 @@ class _Stream:
             from .data import RemovableDataset
 
             check_finite_batch(source, "the remaining data", "of the rows given")
-            source = RemovableDataset(*source, batch_size=min(128, int(source[0].shape[0])), seed=0)
+            rows = int(source[0].shape[0])
+            if n is not None and is_integer(n) and int(n) != rows:
+                # taken as given, the energy's scale and the prior's weight were those of n rows while every row
+                # listed was these (n_remaining=10**6 for 570 rows: the samples moved 200x less, every check passed)
+                raise ValueError(
+                    f"n_remaining={int(n)} but the remaining rows given as a tuple are {rows}: a tuple is read as "
+                    "every remaining row. Leave n_remaining out (it is read from the rows); if the rows still hold "
+                    "the removed ones, leave those out (remaining is the data after the removal); if they are a "
+                    "sample of a larger remaining set, pass them as minibatches (a DataLoader or an iterator) with "
+                    "n_remaining="
+                )
+            source = RemovableDataset(*source, batch_size=min(128, rows), seed=0)
         self.source = source
         _check_loader_order(source)
         if not isinstance(source, Iterable) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):

@@ -796,6 +796,14 @@ def loop_over_draws(model: nn.Module, dim: int, check: bool = False) -> bool:
 #: Row-draw gradients one equilibrium Newton step may take on every remaining row (fewer bank draws, not fewer rows,
 #: when the data set is large: a gradient on a subset of rows scaled to ``n`` is far noisier than one on fewer draws).
 NEWTON_ROW_DRAWS = 2**18
+#: :meth:`MCMCUnlearner.fit` records its data's mean NLL at this many evenly spaced stored samples, on at most
+#: ``FIT_DATA_ROWS`` rows; the request after it rebuilds the curvature when its remaining rows' clearly differs (by
+#: more than ``FIT_DATA_REL`` of the larger and ``FIT_DATA_Z`` standard errors): fit was given other data.
+FIT_DATA_DRAWS = 4
+FIT_DATA_ROWS = 256
+FIT_DATA_REL = 1 / 3  # the larger 1.5x the smaller
+FIT_DATA_Z = 3.0
+
 #: ``recenter_every="auto"``: a correction every this many requests with ``solver="kfac"`` (else none).
 RECENTER_AUTO_EVERY = 10
 #: Fewest anchored samples at which ``recenter_every`` accumulates the removed points' gradient (as a request's ``G``).
@@ -945,6 +953,16 @@ def _carried_spread(anchor: _Anchor, shift: float) -> float | None:
     if anchor.spread is None or anchor.spread_shift is None or not float(anchor.spread_shift) > 0:
         return None
     return float(anchor.spread) * max(1.0, shift / float(anchor.spread_shift))
+
+
+def _refuse_inference_mode() -> None:
+    """Refuse a request or a fit inside ``torch.inference_mode()`` (torch said only "`inputs` argument to `grad()`
+    cannot be empty")."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "the unlearner differentiates the model (gradients and Hessian products) and cannot run inside "
+            "torch.inference_mode(): call it outside that block (torch.no_grad() around it is fine)"
+        )
 
 
 def _evenly(n: int, k: int | None) -> torch.Tensor:
@@ -1264,7 +1282,9 @@ class MCMCUnlearner:
         likelihood: For ``kfac``: ``"auto"`` (detected by probing ``nll``; a fallback to the empirical Fisher is
             warned about once and reported in ``report.info["kfac_likelihood_fallback"]``), ``"categorical"``,
             ``"gaussian"`` or ``"empirical"``; ``mc_samples``: Monte-Carlo labels per example.
-        max_damping_trials: Steps tried per request before it is refused. The damping grows ×10 per rejected
+        max_damping_trials: Steps tried per damping shape before a request is refused (a request that tries both
+            shapes, step 3 of the README, makes up to one more trial, or a second search when the first shape
+            accepted none). The damping grows ×10 per rejected
             step from 1/100 of the mean curvature, so 12 trials reach 10⁸× it (a 1.2M-parameter ResNet needed
             10⁴×, the eighth trial, on its first request).
         rescale_lr: Multiply the sampler's step size by ``n_old / n_new`` after each removal.
@@ -1561,6 +1581,7 @@ class MCMCUnlearner:
         self._order_checked = False  # a flat bank's column order, checked against the data on the first request
         self._hvp_checked = False  # Hessian products against finite differences, on the first request
         self._fitted = False  # the cached curvature was built by fit(): the next request takes it as its own build
+        self._fit_data: tuple[float, float] | None = None  # fit's data: mean NLL and its standard error (_data_nll)
 
     # ------------------------------------------------------------------ configuration
     def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
@@ -1689,21 +1710,30 @@ class MCMCUnlearner:
                 )
         self._bank = value
         self._version = getattr(self, "_version", 0) + 1
+        if getattr(self, "_fitted", False):
+            # fit() built its curvature at draws of the bank just replaced: the next request builds its own (kept,
+            # it was taken as the request's own build at other samples: a 12th of the shift, every check passed)
+            self.curvature.reset()
+            self._fitted, self._fit_data = False, None
 
     def collect(self) -> None:
         """Append the live chain's current parameters to the sample bank."""
         theta = ParamSpec.flatten_module(self.model)[None]
         self.bank = theta if self.bank is None else torch.cat([self.bank, theta])
 
-    def _check_nll(self, batch: Batch) -> None:
+    def _check_nll(self, batch: Batch, role: str = "removed") -> None:
         """On the first request: ``nll(model, removed rows)`` gives one value per row.
 
         An ``nll`` that returns the batch mean (``reduction="mean"``) would make every gradient and energy wrong by
         the batch size, silently; one that fails on the removed rows (e.g. indices passed instead of data) is
         reported with what ``remove`` expects. Skipped for a model in training mode with buffers (a forward would
-        update e.g. BatchNorm statistics); the global RNG is left as it was.
+        update e.g. BatchNorm statistics); the global RNG is left as it was. ``role="remaining"``: :meth:`fit`'s
+        check of a remaining-data minibatch, with messages about that data; the first request still checks its
+        removed rows (:meth:`fit` had made it skip them, and rows given as indices then failed with torch's dtype
+        error).
         """
-        if self._nll_checked:
+        removed = role == "removed"
+        if self._nll_checked and removed:
             return
         if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
             if not self._buffers_checked:  # two forward passes: once, not on every request
@@ -1716,29 +1746,81 @@ class MCMCUnlearner:
                 out = self.nll(self.model, batch)
         except AttributeError as e:
             raise AttributeError(
-                f"nll(model, removed data) failed: {e}. The unlearner passes every batch to nll as a plain tuple of "
+                f"nll(model, {role} data) failed: {e}. The unlearner passes every batch to nll as a plain tuple of "
                 "tensors (a namedtuple's or an object's fields in order: give the removed rows and the minibatches as "
                 "tuples, e.g. (b.x, b.y)): read the fields by position in nll, b[0], b[1], ..."
             ) from e
         except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as e:
-            indices = len(batch) == 1 and not batch[0].is_floating_point() and batch[0].ndim == 1
+            indices = removed and len(batch) == 1 and not batch[0].is_floating_point() and batch[0].ndim == 1
             raise type(e)(
-                f"nll(model, removed data) failed: {e}. "
+                f"nll(model, {role} data) failed: {e}. "
                 + (
                     "remove() takes the removed rows' data as a batch shaped like the minibatches (e.g. (x, y)), not "
                     "their indices; to remove by index use forget(ids, RemovableDataset)"
                     if indices
                     else "remove() passes the removed rows to nll as they were given: they must be data that nll can "
                     "read as it reads a minibatch (the same fields, dtypes and label range)"
+                    if removed
+                    else "fit() passes minibatches of the remaining data to nll as the data gives them: they must be "
+                    "the data the model was trained on, as nll reads a minibatch (the same fields, dtypes and label "
+                    "range)"
                 )
             ) from e
         if not isinstance(out, torch.Tensor) or out.numel() != k or (out.ndim > 1 and out.shape[0] != k):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                f"nll(model, batch) must return one value per row (shape [{k}] for these {k} removed rows), got "
+                f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
-        self._nll_checked = True
+        self._nll_checked = self._nll_checked or removed
+
+    def _data_nll(self, batches: Sequence[Batch]) -> tuple[float, float] | None:
+        """The mean per-row NLL of (at most ``FIT_DATA_ROWS`` rows of) ``batches`` at ``FIT_DATA_DRAWS`` evenly
+        spaced stored samples and its standard error over rows, summed over ranks: what :meth:`fit` records of its
+        data and the request after it compares with its own (``None`` below 16 rows, or for a model in training mode
+        with buffers, whose forward pass would update them)."""
+        if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
+            return None
+        row_nll = self._row_nll
+        rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
+        thetas = _draws(self.bank, FIT_DATA_DRAWS)
+        parts, left = [], FIT_DATA_ROWS
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for batch in batches:
+                for i in range(0, min(int(batch[0].shape[0]), left), 64):
+                    rows = tuple(f[i : min(i + 64, left)] for f in batch)
+                    parts.append(torch.stack([rows_f(t, *rows).detach() for t in thetas]).double().mean(0))
+                left -= min(int(batch[0].shape[0]), left)
+        if not parts:
+            return None
+        h = torch.cat(parts)
+        sums = torch.stack([h.sum(), (h**2).sum(), torch.tensor(float(h.numel()), dtype=torch.float64)])
+        if self._reduce is not None:
+            sums = self._reduce(sums)
+        m = float(sums[2])
+        if m < 16:
+            return None
+        mean = float(sums[0]) / m
+        return mean, math.sqrt(max(float(sums[1]) / m - mean**2, 0.0) / (m - 1))
+
+    def _fit_data_differs(self, rows: Batch) -> str | None:
+        """Why fit()'s curvature was built on other data than this request's remaining ``rows`` (their mean NLL
+        clearly differs from that of the rows fit read: by more than ``FIT_DATA_REL`` of the larger and
+        ``FIT_DATA_Z`` standard errors), or ``None``."""
+        if self._fit_data is None:
+            return None
+        here = self._data_nll([rows])
+        if here is None:
+            return None
+        (a, se_a), (b, se_b) = self._fit_data, here
+        gap = abs(b - a)
+        if gap > FIT_DATA_Z * math.hypot(se_a, se_b) and gap > FIT_DATA_REL * max(abs(a), abs(b)):
+            return (
+                f"the remaining rows' mean NLL is {b:.4g} ± {se_b:.2g}, the rows fit() read gave {a:.4g} ± {se_a:.2g}: "
+                "fit() was given other data than this request (pass it the same data, preprocessed the same way); "
+                "the curvature was rebuilt on this request's"
+            )
+        return None
 
     def _check_buffers_stable(self, batch: Batch) -> None:
         """A model in training mode whose forward pass updates buffers that its output depends on (a running mean
@@ -2183,11 +2265,7 @@ class MCMCUnlearner:
         or raises: a ``DataLoader`` draws its iterator's seed from it, and chain-mode draws of a sampler without a
         generator of its own draw their noise from it; :meth:`apply` sets the state the computation left. So are the
         remaining data's own generators and a ``DistributedSampler``'s epoch (advanced on each pass)."""
-        if torch.is_inference_mode_enabled():  # was torch's "`inputs` argument to `grad()` cannot be empty"
-            raise RuntimeError(
-                "the unlearner differentiates the model (gradients and Hessian products) and cannot run inside "
-                "torch.inference_mode(): call it outside that block (torch.no_grad() around it is fine)"
-            )
+        _refuse_inference_mode()
         with _source_states_kept(remaining) as (gens, epoch_samps):
             prop = self._propose_unguarded(batch, remaining, n_remaining)
             prop._global_rng_after = torch.get_rng_state()
@@ -2283,7 +2361,9 @@ class MCMCUnlearner:
             prop.report.info["removed_share"] = share
             prop._backend_state = self.curvature.snapshot()
             # a damping searched on the check's noise alone (see _unresolved) is not carried to the next request
-            prop._control_state = control_state if "unresolved" in prop.report.info else self.control.state()
+            prop._control_state = self.control.state()
+            if "unresolved" in prop.report.info:  # the damping is not carried; the step's NLL rise is summed
+                prop._control_state = {**control_state, "drift": prop._control_state.get("drift")}
             prop._generator_state = self.generator.get_state()
             prop._data, prop._data_state = stream, stream.state()
         finally:
@@ -2347,11 +2427,11 @@ class MCMCUnlearner:
             _set_sampler_generator_state(self.sampler, proposal._sampler_state["generator"])
             if proposal._sampler_state.get("global_rng") is not None:
                 torch.set_rng_state(proposal._sampler_state["global_rng"])
+        self._fitted, self._fit_data = False, None
         if proposal.bank is not None:
             self.bank = proposal.bank
         self.curvature.restore(proposal._backend_state)
         self.curvature.commit()
-        self._fitted = False
         self.control.set_state(proposal._control_state)
         self._carry = proposal._carry
         self._anchor = proposal._anchor
@@ -2398,14 +2478,22 @@ class MCMCUnlearner:
 
         Where the curvature depends on the samples and the remaining data alone (K-FAC, the default on networks),
         it is built at the bank's draws on minibatches of ``remaining`` exactly as a request builds it, and kept: the
-        next request uses it as if it had built it itself (every damping shape tried, its damping searched from
-        scratch), and later ones reuse it as they reuse a request's build (``refresh_every``, ``drift_tol``). On a
+        next request uses it as if it had built it itself (every damping shape tried, its damping searched as after
+        its own build: from scratch before any request, from the damping carried from earlier requests after them),
+        and it counts as that request's build for ``refresh_every``; later ones reuse it as they reuse a request's
+        build (``refresh_every``, ``drift_tol``). Two things undo the fit, so that the request builds its own
+        curvature: a bank replaced after it (``bank=``, :meth:`collect`), and a request whose remaining rows'
+        mean NLL at ``FIT_DATA_DRAWS`` stored samples is clearly not that of the rows fit read (by more than
+        ``FIT_DATA_REL`` of it and ``FIT_DATA_Z`` standard errors: other data, e.g. other preprocessing;
+        ``report.info["curvature_rebuilt_after_fit"]`` says so). Either, kept, moved the samples a twelfth of the
+        way of the request's own build, every check passed. On a
         1.2M-parameter ResNet the first request then costs 0.97 SGLD epochs over 10k rows instead of 1.33, after a
         fit of 0.58 (``benchmarks/request_sequence.py --fit``). Built on the data before the removal, the curvature
         holds the removed rows' own curvature, as one reused across requests does: on a transformer's backdoor
         removal that damped the trigger token's directions (0.005 of the way to retraining instead of 1.05;
-        ``docs/model-matrix.md``, stop 42). The dense and matrix-free backends build theirs in the request,
-        from its removed rows (the report says ``curvature_kept=False``; nothing is done). The damping is not
+        ``docs/model-matrix.md``, stop 42). The dense and matrix-free backends build theirs inside the first
+        request and keep it (the dense Hessian downdated by later requests' removed rows): ``fit`` builds nothing
+        for them (the report says ``curvature_kept=False``). The damping is not
         carried: a damping found on rows of another kind (a probe of random rows) was too large for a whole class
         or a backdoor, and left those removals a hundredth of their way (``docs/model-matrix.md``, stop 42).
 
@@ -2421,10 +2509,12 @@ class MCMCUnlearner:
             A :class:`FitReport`.
 
         Raises:
-            ValueError: no bank.
+            ValueError: no bank; data that ``nll`` cannot read (nothing was changed).
             MemoryError: the curvature does not fit the memory budget (nothing was changed).
+            RuntimeError: called inside ``torch.inference_mode()``.
         """
         t0 = time.perf_counter()
+        _refuse_inference_mode()
         if self.bank is None:
             raise ValueError("fit() builds the curvature at the bank's samples: pass bank= or collect() samples first")
         info: dict[str, Any] = {}
@@ -2439,29 +2529,35 @@ class MCMCUnlearner:
                     n = stream.n
                     e_f = self._energy_f(n)
                     first = next(stream)  # for the checks and the memory plan; read again below where it can be
+                    read = [first]  # and FIT_DATA_ROWS rows for what the request after fit compares (_data_nll)
+                    while sum(int(b[0].shape[0]) for b in read) < FIT_DATA_ROWS and len(read) < 8:
+                        read.append(next(stream))
                     stream.set_state(data_state)
-                    self._check_nll(first)
+                    self._check_nll(first, role="remaining")
                     self._bytes_per_row(e_f, ParamSpec.flatten_module(self.model), first)
                     c_thetas = _draws(self.bank, self.curvature_draws)
                     with dense_embedding_grads(self.model):
                         problem = self._problem(stream, n, first, c_thetas, e_f, self._h_f(), info)
                         self.curvature.reset()
                         info.update(self.curvature.prepare(problem))
+                    fit_data = self._data_nll(read)
                 except BaseException:
                     self.curvature.restore(backend)
                     raise
                 finally:  # the remaining data and the unlearner's generator as they were (the rest: the with)
                     stream.set_state(data_state)
                     self.generator.set_state(gen)
-            self.curvature.commit()
+            self.curvature.commit_ahead()  # the next request is its first use, as of a request's own build
             self._fitted = True  # the next request takes it as its own build (every shape, a fresh search)
+            self._fit_data = fit_data
             self._version += 1  # an earlier proposal would put back the curvature it saw
             _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t0)
         else:
             why = (
                 "its curvature is drawn at the chain's own states during each request"
                 if self.expectation is Expectation.CHAIN
-                else "it is built from each request's removed rows"
+                else "fit() builds K-FAC's curvature only (solver='kfac', the default on networks); this backend "
+                "builds its own inside the first request and keeps it for the next"
             )
             info["fit"] = f"nothing to build ahead for solver={self.solver.value}: {why}"
         return FitReport(seconds=time.perf_counter() - t0, solver=self.solver.value, curvature_kept=kept, info=info)
@@ -2577,6 +2673,15 @@ class MCMCUnlearner:
         )
         screen = (math.ceil(k_thetas.shape[0] / 2), screen_rows) if screened else None
         m_rows = int(check_rows[0].shape[0])
+        if self._fitted and info.get("preconditioner_reused"):
+            other = self._fit_data_differs(check_rows)
+            if other is not None:  # fit() read other data: the request builds its own curvature, as without fit
+                log.info("fit()'s curvature was built on other data: rebuilding it (%s)", other)
+                t_c = time.perf_counter()
+                self.curvature.reset()
+                info.update(self.curvature.prepare(problem))
+                _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t_c)
+                info["curvature_rebuilt_after_fit"] = other
         # (a data set the library removes from, forget(ids, ...), may hold true duplicates of a removed row: not this)
         managed = not stream.from_rows and (
             hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")
@@ -2643,6 +2748,10 @@ class MCMCUnlearner:
                 _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t_c)
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check, shapes=all_shapes, noise=dev)
+        if outcome.safe and not (self.newton_steps > 1 and self.newton_target == "relative"):
+            self.control.record(outcome)  # the safety net's sum across requests (a relative Newton run: its last)
+        # as the net judged it: less the prior's credit, pooled with a second measurement where there was one
+        info.update(remaining_nll_rise=outcome.nll_rise, remaining_nll_rise_stderr=outcome.nll_stderr)
         if self.shorten_steps:
             outcome = outcome.shortened()
         log.info(
@@ -2695,6 +2804,10 @@ class MCMCUnlearner:
                 emptied = self._emptied_label_problem(
                     batch, stream, new_bank if new_bank is not None else new_live[None], info
                 )
+        if self.control.drift is not None:  # the safety net's sum across requests, this request's steps included
+            total, var, first = self.control.drift
+            info.update(remaining_nll_drift=total, remaining_nll_drift_stderr=math.sqrt(var))
+            info["remaining_nll_drift_allowance"] = self.control.max_nll_increase * first
         report = self._report(batch, n, outcome, x, x_dev, g_thetas, c_thetas, expectation, info)
         report.problems = quality_problems(
             report, self.tol, outcome.note, fixed_damping=not self.control.adaptive, theta=live
@@ -2922,6 +3035,8 @@ class MCMCUnlearner:
             )
             return None
         info["emptied_label_resample"] = "drawn: " + ",".join(map(str, still))
+        # measured on every remaining row at every sample: no row sampling error in the safety net's sum
+        self.control.record_rise(rise, 0.0, abs(stats["remaining_nll_before"]))
         log.info(
             "emptied label(s) %s: output-layer row(s) drawn from their conditional in %d sample(s) (acceptance %.2f, "
             "remaining NLL %.4g -> %.4g, %.2f s)",
@@ -3144,6 +3259,7 @@ class MCMCUnlearner:
         carry = measured_deficit(G, first)
         norms: list[float] = []
         equilibrium = self.newton_target == "equilibrium"
+        last = first  # a relative run's last accepted step (its NLL rise is the request's whole)
         if equilibrium:
             pts = k_thetas if self.bank is None else self.bank[_evenly(self.bank.shape[0], self._grad_draw_count(1))]
             full = stream.full()
@@ -3198,6 +3314,12 @@ class MCMCUnlearner:
                 step = self.control.step(self.curvature, -r, shifted)
             if not step.safe:
                 break
+            # the safety net's sum across requests: a step from the shifted bank adds its own rise; a relative step
+            # measured the rise from the original bank, the request's whole, recorded once after the last
+            if equilibrium:
+                self.control.record(step)
+            else:
+                last = step
             if self.shorten_steps:
                 step = step.shortened()
             x, phi = x + step.x, phi + step.actual
@@ -3205,6 +3327,8 @@ class MCMCUnlearner:
                 carry = measured_deficit(-r, step)
             norms.append(float(step.x.norm()))
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
+        if not equilibrium:
+            self.control.record(last)
         return x, (carry if self.carry_deficit else None)
 
     def _equilibrium_gradient(self, energy: Callable, thetas: torch.Tensor, data: Batch, n: int) -> torch.Tensor:
@@ -3416,6 +3540,7 @@ class MCMCUnlearner:
         else:
             step = step.shortened() if self.shorten_steps else step
             info.update(recenter="applied", recenter_shift=float(step.x.norm()), recenter_step_length=step.length)
+            self.control.record(step)  # the safety net's sum across requests
             live, bank = live + step.x, bank + step.x
             carry = None
             anchor = replace(anchor, applied=anchor.applied + 1)
@@ -3432,6 +3557,8 @@ class MCMCUnlearner:
         meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
         if self._fitted:  # built by fit() and not yet used: the request after loading takes it as its own build
             meta["built_by_fit"] = True
+            if self._fit_data is not None:
+                meta["fit_data_nll"] = list(self._fit_data)
         # the unlearner's own generator (K-FAC's Monte-Carlo labels, probes, Lanczos starts): without it a run
         # continued from a checkpoint draws other curvature than the uninterrupted run from the next rebuild on
         tensors = {**tensors, "generator": self.generator.get_state()}
@@ -3455,8 +3582,10 @@ class MCMCUnlearner:
             self.curvature.load_state_dict(tensors, meta)
         self._version += 1  # an earlier proposal would overwrite what was just loaded
         # a curvature fit() built and no request has used yet is searched as the request's own build after loading
-        # too (every damping shape from scratch, no drift test); without the flag it was taken as reused
+        # too (every damping shape, no drift test); without the flag it was taken as reused
         self._fitted = bool(meta.get("built_by_fit", False)) and self.curvature.removed_free
+        data = meta.get("fit_data_nll")
+        self._fit_data = (float(data[0]), float(data[1])) if self._fitted and data is not None else None
         if "damping_state" in meta:
             self.control.set_state(meta["damping_state"])
         else:  # saved before damping shapes existed
@@ -3516,7 +3645,7 @@ class MCMCUnlearner:
         """Forget cached curvature, the carried damping, carried influence and the first moment ``recenter_every``
         restores; call after the chain moved a lot."""
         self.curvature.reset()
-        self._fitted = False
+        self._fitted, self._fit_data = False, None
         self.control.set_state({})
         self._carry = None
         self._anchor = None

@@ -151,6 +151,11 @@ class CurvatureBackend:
     def commit(self) -> None:
         """The request was applied: keep what :meth:`prepare` built for the next request (default: nothing)."""
 
+    def commit_ahead(self) -> None:
+        """Keep what :meth:`prepare` built ahead of any request (``MCMCUnlearner.fit``): the next request uses it
+        as its own build, and it counts as that request's build towards a rebuild (default: :meth:`commit`)."""
+        self.commit()
+
     def reset(self) -> None:
         """Forget all cached curvature."""
 

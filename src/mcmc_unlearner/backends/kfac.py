@@ -162,6 +162,10 @@ class KFACBackend(CurvatureBackend):
             self.kfac, self.age = self._pending
         self._pending = None
 
+    def commit_ahead(self) -> None:
+        self.commit()
+        self.age = 0  # unused: the next request reuses it as the build's first use (refresh_every counts from there)
+
     def reset(self) -> None:
         self.kfac, self.age, self._pending, self._probes = None, 0, None, None
 
