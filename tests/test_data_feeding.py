@@ -171,3 +171,24 @@ def test_an_nll_that_broadcasts_is_refused_on_every_call(where) -> None:
     with pytest.raises(ValueError, match="one value per row"):
         un.remove(removed, remaining, strict=False)
     assert torch.equal(un.bank, before)
+
+
+def test_non_finite_rows_of_a_data_set_are_named_by_their_ids():
+    """A data set with a NaN in row id 150, after ids 0-1 were removed: the remaining data's check named position
+    148 among the remaining rows, which a user then dropped by id (the wrong row); removing id 150 itself said
+    "row 0 of the request" (stop 43's probe of the deletion service)."""
+    from mcmc_unlearner import RemovableDataset
+    from mcmc_unlearner.stream import _Stream
+
+    model, samples, x, y = _setup()
+    x = x.clone()
+    x[150, 2] = float("nan")
+    data = RemovableDataset(x, y, batch_size=50, seed=0)
+    data.remove([0, 1])
+    with pytest.raises(InvalidRequestError, match=r"the remaining data: field 0 .* the rows with id\(s\) \[150\]"):
+        _Stream(data, None).full()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
+    state = data.state_dict()
+    with pytest.raises(InvalidRequestError, match=r"removed data: field 0 .* the rows with id\(s\) \[150\]"):
+        un.forget([7, 150], data)
+    assert data.state_dict().keys() == state.keys() and len(data) == 298  # nothing removed

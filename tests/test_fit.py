@@ -136,9 +136,7 @@ def test_a_fitted_curvature_saved_and_loaded_is_still_the_request_s_own_build(ch
     fit's build (every damping shape from scratch), the same step as without the checkpoint; once a request used it,
     a saved state is a reused one."""
     model, bank, x, y = chain
-    keep = torch.ones(len(x), dtype=torch.bool)
-    keep[torch.nonzero(y == 3).flatten()[:20]] = False
-    removed, remaining = (x[~keep], y[~keep]), (x[keep], y[keep])
+    removed, remaining = _class_removal(x, y)
     fitted = MCMCUnlearner(model, bank=bank, solver="kfac")
     fitted.fit(remaining)
     tensors, meta = fitted.curvature_state()

@@ -346,3 +346,70 @@ def test_a_memory_budget_refusal_keeps_its_message_on_the_command_line(model, tm
     assert rc != 0 and len(err.splitlines()) == 1
     assert "the dense Hessian needs 5.2 GB" in err and "solver='kfac'/'cg'" in err and "nothing was changed" in err
     assert folder_state(model) == before
+
+
+def _class_folder(path: Path) -> Path:
+    """A saved MLP (8-16-3) on 300 rows whose class 0 has 6 rows (ids 1 22 23 32 34 36), bank of 30 SGHMC samples."""
+    from mcmc_unlearner import SGHMC, RemovableDataset
+    from mcmc_unlearner.models.bnn import build_model
+    from mcmc_unlearner.store import bnn_model_spec, save_model
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 2.0
+    y = torch.randint(0, 3, (300,), generator=g)
+    rare = (y == 0).nonzero().flatten()
+    y[rare[6:]] = 1
+    x = centers[y] + torch.randn(300, 8, generator=g)
+    model = build_model("mlp", (8,), 3, 0.5, hidden=[16])
+    data = RemovableDataset(x, y, batch_size=50, seed=1)
+    opt = SGHMC(model.parameters(), lr=2e-4, alpha=0.1, generator=torch.Generator().manual_seed(2))
+    un = MCMCUnlearner(model, opt, seed=0)
+    run_chain(model, opt, data, un.energy, 400, 300)
+    for _ in range(30):
+        run_chain(model, opt, data, un.energy, 5, 300)
+        un.collect()
+    spec = bnn_model_spec("mlp", (8,), 3, 0.5, hidden=[16])
+    save_model(path, model=model, sampler=opt, data=data, unlearner=un, model_spec=spec, data_spec={"kind": "tensors"})
+    assert (y == 0).nonzero().flatten().tolist() == [1, 22, 23, 32, 34, 36]
+    return path
+
+
+def test_a_repair_that_does_not_fix_the_removal_is_refused_and_writes_nothing(tmp_path, capsys):
+    """Stop 43: a repair was recorded as passed without checking again. Its 60 steps left the emptied class predicted
+    with p = 0.98-0.999 on its rows while the ledger said passed and status "quality: ok". The checks now run again
+    on the repaired samples: 60 steps are refused (nothing written), 2,000 pass and record what they measured."""
+    model = _class_folder(tmp_path / "m")
+    before = folder_state(model)
+    ids = _ids(tmp_path, "1 22 23 32 34 36")
+    args = ["forget", "--model", str(model), "--ids", ids, "--damping", "100", "--emptied-label", "refuse"]
+    assert main([*args, "--on-failure", "repair", "--repair-steps", "60"]) == 4
+    err = capsys.readouterr().err
+    assert "the repair run of 60 SG-MCMC steps did not fix it: after the repair run:" in err and "label 0" in err
+    assert "nothing was written (raise --repair-steps" in err
+    assert folder_state(model) == before
+    assert main([*args, "--on-failure", "repair", "--repair-steps", "2000"]) == 0
+    (e,) = load_model(model).requests
+    rec = e["quality"]["repair"]
+    assert e["quality"]["passed"] and e["quality"]["repaired"]
+    assert rec["emptied_labels"]["0"] < 0.5  # measured on the repaired samples (the removal's own: 0.86)
+    assert e["info"]["emptied_label_max_probability"] >= 0.5
+    limit = 0.05 * rec["nll_request_before"] + 2 * rec["nll_rise_stderr"]
+    assert rec["nll_rise_from_request_before"] <= limit
+
+
+def test_a_resent_degraded_request_says_it_failed_and_a_seed_override_is_refused(model, tmp_path, capsys):
+    assert main(["forget", "--model", str(model), "--ids", _ids(tmp_path), "--damping", "1e12"]) == 4
+    capsys.readouterr()
+    assert (
+        main(["forget", "--model", str(model), "--ids", _ids(tmp_path), "--damping", "1e12", "--on-failure", "accept"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["forget", "--model", str(model), "--ids", _ids(tmp_path)]) == 0  # already applied: exit 0, as before
+    out = capsys.readouterr().out
+    assert "already applied" in out and "it FAILED its quality checks" in out and "model DEGRADED" in out
+    before = folder_state(model)
+    with pytest.raises(InvalidRequestError, match=r"seed=5 cannot be set per request"):
+        forget(model, [20], overrides={"seed": 5})  # it was recorded in the ledger and changed nothing
+    assert folder_state(model) == before

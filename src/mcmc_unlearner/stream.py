@@ -20,13 +20,17 @@ from .step import is_integer
 Batch = tuple[torch.Tensor, ...]
 
 
-def check_finite_batch(batch: Batch, what: str = "removed data", where: str = "of the request") -> None:
-    """Refuse NaN or infinite values in a batch, naming the offending rows."""
+def check_finite_batch(
+    batch: Batch, what: str = "removed data", where: str = "of the request", ids: torch.Tensor | None = None
+) -> None:
+    """Refuse NaN or infinite values in a batch, naming the offending rows (by their ``ids`` when given: a data
+    set's row ids, which a position among its remaining rows was mistaken for)."""
     for i, t in enumerate(batch):
         if t.is_floating_point() and not all_finite(t):
-            rows = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)).flatten()[:5].tolist()
+            rows = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)).flatten()[:5]
+            named = f"row(s) {rows.tolist()} {where}" if ids is None else f"the rows with id(s) {ids[rows].tolist()}"
             raise InvalidRequestError(
-                f"{what}: field {i} has NaN or infinite values in row(s) {rows} {where}; "
+                f"{what}: field {i} has NaN or infinite values in {named}; "
                 "the data must be finite to compute its influence: fix or drop those rows"
             )
 
@@ -393,7 +397,9 @@ class _Stream:
         if not callable(fn):
             return None
         batch = _as_batch(fn(), "the remaining data")
-        check_finite_batch(batch, "the remaining data", "of its remaining rows (in their order)")
+        ids = None if self.from_rows else getattr(self.source, "remaining_ids", None)
+        ids = ids if isinstance(ids, torch.Tensor) and ids.numel() == batch[0].shape[0] else None
+        check_finite_batch(batch, "the remaining data", "of its remaining rows (in their order)", ids=ids)
         return batch
 
     def rows(self, m: int) -> Batch:

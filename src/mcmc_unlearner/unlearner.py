@@ -2569,7 +2569,8 @@ class MCMCUnlearner:
         model, bank and data exactly as they were.
         """
         ids = data.validate(ids)
-        batch = data.get(ids)  # remove() refuses non-finite rows; the data state is restored below
+        batch = data.get(ids)
+        check_finite_batch(_as_batch(batch, "the removed data"), "removed data", ids=ids)  # named by id, not position
         state = data.state_dict()
         data.remove(ids)
         try:
@@ -2972,6 +2973,20 @@ class MCMCUnlearner:
             "Continue the chain on the remaining data for at least a burn-in's worth of steps (your own sampler, "
             "run_chain, or the deletion service's --on-failure repair with --repair-steps that long), or retrain"
         )
+
+    def emptied_label_problem(self, removed: Batch | torch.Tensor, remaining: Any) -> tuple[str | None, dict[str, Any]]:
+        """The emptied-label check of a request (README step 6) on the samples as they are now: whether the rows
+        ``removed`` carry a label no row of ``remaining`` carries and the stored samples (the live chain without a
+        bank) still give them that label. What the deletion service's repair checks again after its chain run.
+
+        Returns:
+            The problem (``None``: none, or not checkable) and what was measured (``"emptied_labels"``, ...).
+        """
+        batch = _as_batch(removed, "the removed data")
+        stream = _Stream(remaining, None, rows_as_data=self._reduce is None)
+        moved = self.bank if self.bank is not None else ParamSpec.flatten_module(self.model)[None]
+        info: dict[str, Any] = {}
+        return self._emptied_label_problem(batch, stream, moved, info), info
 
     def _resample_emptied(
         self, stream: _Stream, live: torch.Tensor, bank: torch.Tensor | None, info: dict[str, Any], every: bool = False

@@ -111,9 +111,17 @@ def _forget(args: argparse.Namespace) -> int:
             if debris
             else "; nothing changed"
         )
+        q = e.get("quality") if isinstance(e.get("quality"), dict) else {}
+        # a resent request committed with failed checks says so (it said "already applied" alone, exit 0)
+        degraded = (
+            f"; it FAILED its quality checks and was committed under --on-failure {q.get('policy', 'accept')}: model "
+            f"DEGRADED ({'; '.join(map(one_line, q.get('problems', [])))}; see status)"
+            if not q.get("passed", True)
+            else ""
+        )
         emit(
             f"already applied: request {one_line(out.request_id)} ({k} id{'' if k == 1 else 's'}) is ledger entry "
-            f"{e.get('seq')} from {e.get('time')}{cleaned}\nledger head: {out.head}"
+            f"{e.get('seq')} from {e.get('time')}{degraded}{cleaned}\nledger head: {out.head}"
         )
         return ExitCode.OK
     q = out.quality

@@ -37,7 +37,7 @@ from ..curvature import ParamSpec
 from ..data import as_id_tensor
 from ..errors import InvalidRequestError, SolverDivergedError, all_finite
 from ..solvers import SolverName
-from ..unlearner import RemovalReport
+from ..unlearner import RemovalReport, _evenly
 from . import checkpoint, fsio, gate, integrity, requests, state
 from . import ledger as ledger_mod
 from .fsio import StoreError
@@ -342,6 +342,10 @@ def forget(
                     raise InvalidRequestError(problem)
                 if distributed.launched():
                     raise InvalidRequestError("--on-failure repair runs in one process; run it without torchrun")
+            # the samples before the request, which a repair's result is compared with (gate.repaired_problems)
+            before = None
+            if policy is OnFailure.REPAIR and un.bank is not None:
+                before = un.bank[_evenly(int(un.bank.shape[0]), 16)].clone()
             report = distributed.apply_request(un, id_list, loaded.data)  # in memory only
             flat = ParamSpec.flatten_module(loaded.model)
             if not all_finite(flat) or (un.bank is not None and not all_finite(un.bank)):
@@ -362,6 +366,16 @@ def forget(
                         "the repair run produced non-finite parameters; nothing was written: lower the sampler step "
                         "size or use --on-failure refuse",
                         problems,
+                        report,
+                    )
+                still, measured = gate.repaired_problems(un, id_list, loaded.data, before)
+                rec.update(measured)
+                if still:  # the repair did not fix it: refused as under refuse (it was recorded as passed)
+                    raise QualityGateError(
+                        f"removal failed the quality checks ({'; '.join(problems)}) and the repair run of "
+                        f"{repair_steps} SG-MCMC steps did not fix it: {'; '.join(still)}; nothing was written "
+                        "(raise --repair-steps, e.g. tenfold, or commit it recorded as degraded: --on-failure accept)",
+                        problems + still,
                         report,
                     )
                 quality.update(passed=True, repaired=True, repair=rec)

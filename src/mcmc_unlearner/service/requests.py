@@ -381,6 +381,14 @@ def check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     for key, value in dict(overrides or {}).items():
         if value is None:
             continue
+        if key == "seed":
+            # a saved model's requests draw from its saved generator state, which replaces what a seed would set:
+            # taken, the ledger recorded a seed that changed nothing (stop 43)
+            raise InvalidRequestError(
+                f"seed={value!r} cannot be set per request: a saved model's requests draw from its saved generator "
+                "state (what makes a request reproducible from the folder), so it would change nothing; leave it out "
+                "(the seed is set when the model is saved)"
+            )
         if key == "damping":
             if value == "auto":
                 out[key] = "auto"
