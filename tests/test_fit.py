@@ -264,3 +264,21 @@ def test_each_request_adds_its_nll_rise_to_the_sum_the_safety_net_holds(chain) -
     assert un.curvature_state()[1]["damping_state"]["drift"][0] == pytest.approx(total, abs=1e-12)
     un.reset_curvature()
     assert un.control.drift is None
+
+
+def test_a_refused_request_leaves_the_saved_curvature_state_as_it_was(chain) -> None:
+    """The cached K-FAC's n was set to the refused request's remaining count and kept: a checkpoint taken after a
+    refusal differed from one taken before it (stop 43's probe)."""
+    from mcmc_unlearner import QualityError
+
+    model, bank, x, y = chain
+    un = MCMCUnlearner(model, bank=bank, solver="kfac")
+    un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    tensors, meta = un.curvature_state()
+    un.control.max_trials, un.control.eta = 1, 0.999  # every step fails the ratio test
+    with pytest.raises(QualityError):
+        un.remove((x[10:30], y[10:30]), (x[30:], y[30:]))
+    after, meta_after = un.curvature_state()
+    assert meta_after == meta and after.keys() == tensors.keys()
+    for k in tensors:
+        assert torch.equal(after[k], tensors[k]), k

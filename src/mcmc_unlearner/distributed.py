@@ -768,6 +768,37 @@ class DistributedUnlearner(MCMCUnlearner):
             )
         return self.apply(prop)
 
+    def _agreed_ids(self, ids: Sequence[int] | torch.Tensor, data: ShardedDataset) -> torch.Tensor:
+        """``data.validate(ids)`` on every rank, agreed on before anything else: a rank that refuses makes every rank
+        refuse, and ranks given different ids (a fingerprint of the validated set: count, sums of the ids, of their
+        squares and of a multiplicative hash) are refused on every rank. Before, a rank that refused an unknown id
+        left the others waiting in the next all-reduce (gloo aborted both), and ranks given different ids of one
+        count each removed their own and went on sharding different data sets (stop 43's probe)."""
+        error: Exception | None = None
+        try:
+            ids = data.validate(ids)
+            v = ids.to(torch.float64)
+            hashed = ((ids.to(torch.int64) * 2654435761) % 2147483647).to(torch.float64)
+            count = torch.tensor(float(ids.numel()), dtype=torch.float64)
+            mark = torch.stack([count, v.sum(), (v * v).sum(), hashed.sum()])
+        except (InvalidRequestError, ValueError, TypeError, IndexError, OverflowError) as exc:
+            error, mark = exc, torch.zeros(4, dtype=torch.float64)
+        refused = torch.tensor([float(error is not None)], dtype=torch.float64)
+        flags = self._reduce_max(torch.cat([refused, mark, -mark]))
+        if bool(flags[0] > 0):
+            if error is not None:
+                raise error
+            raise InvalidRequestError(
+                "another rank refused this deletion request (its message says why); nothing was changed: give every "
+                "rank the same, valid ids"
+            )
+        if not torch.equal(flags[1:5], -flags[5:9]):
+            raise InvalidRequestError(
+                "the ranks were given different deletion requests (their ids differ); nothing was changed: every "
+                "rank must be given the same global ids"
+            )
+        return ids
+
     def forget(self, ids: Sequence[int] | torch.Tensor, data: ShardedDataset, *, strict: bool = True) -> RemovalReport:
         """Validate global ids (identically on every rank), unlearn them over the group, then remove them.
 
@@ -775,7 +806,7 @@ class DistributedUnlearner(MCMCUnlearner):
         """
         if not isinstance(data, ShardedDataset):
             raise TypeError("DistributedUnlearner.forget needs a ShardedDataset (see ShardedDataset.from_global)")
-        ids = data.validate(ids)
+        ids = self._agreed_ids(ids, data)
         batch = data.get(ids)
         # finiteness is checked per owner and agreed on, so that every rank refuses together
         bad = torch.zeros(ids.numel(), dtype=torch.float64)

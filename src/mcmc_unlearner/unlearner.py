@@ -2719,8 +2719,10 @@ class MCMCUnlearner:
         info["check_linear"] = check.linear
         # a passed step whose held rows' NLL rise is not clearly within the tolerance is measured again on further
         # rows (step.DampingControl._confirm): up to CONFIRM_ROWS_FACTOR times the check's, read when first needed
-        more = min(CONFIRM_ROWS_FACTOR * m_rows, n - m_rows)
-        if more >= m_rows:
+        # counted over the ranks, as _check_rows reads them (this rank's count read W times fewer on W ranks)
+        m_all = m_rows if self._reduce is None else int(self._reduce(torch.tensor(float(m_rows), dtype=torch.float64)))
+        more = min(CONFIRM_ROWS_FACTOR * m_all, n - m_all)
+        if more >= m_all:
             check.confirm_rows = lambda: self._check_rows(stream, more, 0)[0]
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         # (built by fit() and not yet used by an applied request: as if this request had built it)

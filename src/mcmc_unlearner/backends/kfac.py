@@ -162,6 +162,19 @@ class KFACBackend(CurvatureBackend):
             self.kfac, self.age = self._pending
         self._pending = None
 
+    def snapshot(self) -> dict[str, Any]:
+        # the cached factors' n is set to each request's (_k): a refused request left its own n in a checkpoint
+        snap = super().snapshot()
+        snap["_saved_kfac_n"] = None if self.kfac is None else self.kfac.n
+        return snap
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        snap = dict(snap)
+        n = snap.pop("_saved_kfac_n", None)
+        super().restore(snap)
+        if n is not None and self.kfac is not None:
+            self.kfac.n = n
+
     def commit_ahead(self) -> None:
         self.commit()
         self.age = 0  # unused: the next request reuses it as the build's first use (refresh_every counts from there)

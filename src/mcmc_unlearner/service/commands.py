@@ -267,7 +267,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Remove training examples from a saved model. The request is applied exactly once (a rerun is a\n"
             "no-op) and committed only if the removal passes the quality checks (solver residual within\n"
-            "tolerance, the library's safety check, a finite, non-trivial shift); see --on-failure.\n"
+            "tolerance, the library's safety check, a finite, non-trivial shift, and a removed class no longer\n"
+            "predicted for its rows: --emptied-label); see --on-failure.\n"
             "Prints the ledger head hash: record it and check it later with verify --expect-head."
         ),
         epilog=EXIT_CODES_HELP,
@@ -341,7 +342,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--bank-shift",
         choices=[b.value for b in BankShift],
         default=None,
-        help="how stored samples move: mean (one common shift), sample (per-sample), affine (exact solver only)",
+        help="how stored samples move: mean (one common shift), sample (per-sample), affine (exact or ggn solver only)",
     )
     g.add_argument(
         "--hessian",
