@@ -1791,9 +1791,8 @@ class MCMCUnlearner:
                     rows = tuple(f[i : min(i + 64, left)] for f in batch)
                     parts.append(torch.stack([rows_f(t, *rows).detach() for t in thetas]).double().mean(0))
                 left -= min(int(batch[0].shape[0]), left)
-        if not parts:
-            return None
-        h = torch.cat(parts)
+        # (a rank holding no rows sums nothing, but still takes part in the reduction)
+        h = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         sums = torch.stack([h.sum(), (h**2).sum(), torch.tensor(float(h.numel()), dtype=torch.float64)])
         if self._reduce is not None:
             sums = self._reduce(sums)
