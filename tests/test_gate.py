@@ -413,3 +413,14 @@ def test_a_resent_degraded_request_says_it_failed_and_a_seed_override_is_refused
     with pytest.raises(InvalidRequestError, match=r"seed=5 cannot be set per request"):
         forget(model, [20], overrides={"seed": 5})  # it was recorded in the ledger and changed nothing
     assert folder_state(model) == before
+
+
+def test_a_removal_that_changes_nothing_measurable_says_so_when_applied(tmp_path, capsys):
+    """A row with next to no influence (step 2.6e-16): applied, and forget's line now says it changed nothing
+    measurable (the ledger's info.unresolved alone said so)."""
+    model = _class_folder(tmp_path / "m")
+    assert main(["forget", "--model", str(model), "--ids", _ids(tmp_path, "50")]) == 0
+    out = capsys.readouterr().out
+    (e,) = load_model(model).requests
+    assert e["info"]["unresolved"] and e["quality"]["passed"]
+    assert "quality checks passed; the removal changes nothing measurable" in out

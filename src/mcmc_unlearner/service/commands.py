@@ -133,6 +133,9 @@ def _forget(args: argparse.Namespace) -> int:
         )
     elif not q.get("passed", True):
         verdict = f"quality checks FAILED, accepted: model DEGRADED ({'; '.join(q.get('problems', []))})"
+    info = e.get("info") if isinstance(e.get("info"), dict) else {}
+    if info.get("unresolved"):  # said in the ledger only, before (stop 43's probe)
+        verdict += "; the removal changes nothing measurable (info.unresolved in the ledger)"
     emit(
         f"applied request {one_line(out.request_id)}: removed {e['n_removed']} id{'' if e['n_removed'] == 1 else 's'}, "
         f"{e['n_remaining']} remain; "
