@@ -102,11 +102,16 @@ def test_diverging_lissa_raises_and_restores_bit_identical(blr) -> None:
     un.param_dict["scaling"] = 20.0 / n  # scaling·λ_max ≫ 2
     w_before = model.w.detach().clone()
     state_before = copy.deepcopy(opt.state_dict())
+    data_before = copy.deepcopy(data.state_dict())
     with pytest.raises(SolverDivergedError, match="scaling"):
         un.remove(list(data.get(blr.removed)), data)
     assert torch.equal(model.w.detach(), w_before)
     assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], state_before["state"][0]["momentum_buffer"])
     assert torch.isfinite(model.w).all()
+    # the remaining data's order, position and generator too (stop 43: left advanced by the failed recursion)
+    after = data.state_dict()
+    for k, v in data_before.items():
+        assert torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v, k
 
 
 def test_nan_in_removed_batch_is_refused(blr) -> None:

@@ -247,7 +247,7 @@ def test_rows_given_as_a_tuple_with_another_n_remaining_are_refused(chain) -> No
     assert un.remove(removed, remaining, n_remaining=len(remaining[0])).passed  # the right count is fine
 
 
-def test_each_request_adds_its_nll_rise_to_the_sum_the_safety_net_holds(chain) -> None:
+def test_each_request_adds_its_nll_rise_to_the_reported_sum(chain) -> None:
     model, bank, x, y = chain
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(4))
     un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=0)
@@ -282,3 +282,36 @@ def test_a_refused_request_leaves_the_saved_curvature_state_as_it_was(chain) -> 
     assert meta_after == meta and after.keys() == tensors.keys()
     for k in tensors:
         assert torch.equal(after[k], tensors[k]), k
+
+
+def test_a_bank_set_by_the_caller_is_copied_in_its_own_layout_and_starts_afresh(chain) -> None:
+    """Stop 43's probe of a user's live chain: ``un.bank = buf`` kept ``buf`` by reference (a NaN written into it
+    later reached the next request) and kept the layout of an earlier assignment (a float32 tensor came back as a
+    list of state_dicts, or float64); and the old samples' state (the safety net's sum, carried influence and
+    damping, the corrections' anchor) was kept for the new ones: requests after a continued chain's bank moved the
+    samples about a third of the way they moved after ``reset_curvature()``."""
+    model, bank, x, y = chain
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    sizes = [p.numel() for p in model.parameters()]
+    dicts = [{n: t.reshape(shapes[n]) for n, t in zip(names, row.split(sizes))} for row in bank]
+    un = MCMCUnlearner(model, bank=dicts, solver="kfac")
+    assert isinstance(un.samples(), list)
+    for r in range(2):
+        un.remove((x[10 * r : 10 * (r + 1)], y[10 * r : 10 * (r + 1)]), (x[20:], y[20:]))
+    assert un.control.drift is not None and un.control.state()["relatives"] and un.curvature.kfac is not None
+    buf = bank.clone()
+    un.bank = buf
+    assert un.bank is not buf and torch.equal(un.bank, buf)
+    assert un.control.drift is None and not un.control.state()["relatives"] and un.curvature.kfac is None
+    assert un._carry is None and un._anchor is None
+    buf[0, 0] = float("nan")  # the caller's buffer, not the unlearner's
+    assert torch.isfinite(un.bank).all()
+    out = un.samples()
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32  # the layout of the value given now
+    un.bank = bank.double()
+    assert un.samples().dtype == torch.float64
+    un.bank = bank
+    assert un.samples().dtype == torch.float32
+    un.collect()  # appends and keeps the layout
+    assert un.samples().shape == (bank.shape[0] + 1, bank.shape[1])

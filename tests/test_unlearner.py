@@ -748,19 +748,13 @@ def test_a_class_removal_that_leaves_the_class_predicted_is_refused_and_the_advi
 
 
 def test_class_removal_in_17_requests_forgets_the_class_without_the_correction() -> None:
-    """The same sequence with ``recenter_every=0`` forgets the class as retraining does (error 1.0 at retraining).
-    Until stop 42 the influence steps alone got there on this seed; their summed rise of the remaining rows' NLL
-    reached 12% of it, and since stop 43 the safety net holds that sum (README step 3): the last requests are damped
-    to keep it within 5% plus two standard errors of the sum, the class keeps p(0) ≈ 0.27 on its rows, and the last
-    request, which empties label 0, draws its output row from the conditional (p(0) then far below a tenth)."""
+    """The same sequence with ``recenter_every=0`` forgets the class as retraining does (error 1.0 at retraining):
+    the influence steps alone can get there on this seed; its last request, which empties label 0, passes the
+    emptied-label check (p(0) on those rows far below one half) with nothing drawn (below a tenth)."""
     err, p0, reports = _digits_class_sequence(3, recenter_every=0)
     assert err >= 0.9 and p0 <= 0.1, (err, p0)
     assert all(r.passed for r in reports) and reports[-1].info["emptied_labels"]["0"] < 0.01
-    for r in reports:  # every request within the sum's bound
-        limit = r.info["remaining_nll_drift_allowance"] + 2 * r.info["remaining_nll_drift_stderr"]
-        assert r.info["remaining_nll_drift"] <= limit + 1e-12
-    assert reports[-1].info["emptied_label_resample"] == "drawn: 0"
-    assert reports[-1].info["emptied_labels_before_resample"]["0"] >= 0.1
+    assert "emptied_label_resample" not in reports[-1].info
 
 
 @pytest.mark.parametrize(

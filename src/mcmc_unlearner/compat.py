@@ -186,6 +186,11 @@ class sgmcmcUnlearner:
         gen_state = _sampler_generator_state(self.optimizer)
         # the seed's SGLD/SGHMC (and any sampler without a generator of its own) draw from torch's global RNG
         rng_state = torch.get_rng_state() if gen_state is None else None
+        # the remaining data's own state (a RemovableDataset's order and position), put back on failure too: it was
+        # left advanced by the minibatches the failed recursion drew (stop 43's probe)
+        source = sampler
+        keeps = callable(getattr(source, "state_dict", None)) and callable(getattr(source, "load_state_dict", None))
+        data_state = copy.deepcopy(source.state_dict()) if keeps else None
         try:
             sampler = _Minibatches(sampler, T * (1 + iters + (30 if scaling == "auto" else 0)))
             with plain_attention():  # double backward through attention needs torch's math kernel
@@ -205,6 +210,8 @@ class sgmcmcUnlearner:
             _set_sampler_generator_state(self.optimizer, gen_state)
             if rng_state is not None:
                 torch.set_rng_state(rng_state)
+            if data_state is not None:
+                source.load_state_dict(data_state)
             raise
         with torch.no_grad():
             offset = 0

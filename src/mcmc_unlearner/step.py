@@ -45,13 +45,15 @@ docs/fashion-mnist.md). A step whose predicted and measured changes are both bel
 resolution (``Measurement.resolution``) is judged by the NLL safety net alone: its ratio is rounding noise. A
 request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
 
-**Across requests** the same net holds the sum (:meth:`DampingControl.record`): each applied step's measured rise of
-the held rows' NLL (less the prior's credit) is added up, and a step is accepted only while the sum with its own rise
-stays within ``max_nll_increase`` of the NLL the first request measured, beyond two standard errors of the sum (the
-requests' errors in quadrature; each request measures other rows, so the sum telescopes to the rise since the
-first request). Without it every request of a sequence passed its own check while the fit crept up: eight requests
-of 25 random rows on a regression MLP raised the remaining rows' NLL by 9–15% and left its test RMSE above
-retraining's (0.906 against 0.779); digits MLPs, 25–41% (stop 43's probe).
+**Across requests** each applied step's measured rise of the held rows' NLL (less the prior's credit) is added up
+(:meth:`DampingControl.record`; the requests' errors in quadrature; each request measures other rows, so the sum
+telescopes to the rise since the first request) and reported, not judged: every request of a sequence can pass its
+own check while the fit creeps up (eight requests of 25 random rows on a regression MLP: +9–15%, its test RMSE
+0.906 against retraining's 0.779; digits MLPs +13–41%, stop 43's probe). Holding the sum to 5% of the first
+request's NLL was tried (stop 43) and not kept: retraining itself raises the remaining rows' NLL where a large share
+of small data goes (+25% and +81% on two seeds of a digits MLP losing 37% of its rows), and the bound then held the
+removal back (0.46 of the way to retraining instead of 1.09 on the second seed, the remaining NLL further from
+retraining's) and cost a ResNet's later requests two or three trials each.
 
 **Damping shapes** (``CurvatureBackend.damping_shapes``; K-FAC offers two). ``H + λI`` shrinks every direction by
 ``λ``, also those the remaining data barely constrain, where the curvature is the prior's alone (a forgotten
@@ -801,7 +803,8 @@ class DampingControl:
         self.direct_z = None if direct_z is None else float(direct_z)
         self.shape = "identity"  # the damping shape the last request accepted
         self._relatives: dict[str, float] = {}  # per shape: the damping carried to the next request (× scale)
-        #: the applied steps' summed NLL rise, its variance and the first request's NLL scale (:meth:`record`)
+        #: the applied steps' summed NLL rise, its variance and the first request's NLL scale (:meth:`record`;
+        #: reported, not judged)
         self.drift: tuple[float, float, float] | None = None
 
     @property
@@ -833,27 +836,19 @@ class DampingControl:
 
     def record(self, out: StepOutcome) -> None:
         """Add an applied step's measured rise of the held rows' NLL (less the prior's credit, as the net judges
-        it; pooled with its second measurement where it had one) to the sum the net holds across requests."""
+        it; pooled with its second measurement where it had one) to the sum reported across requests."""
         if out.safe:
             self.record_rise(out.nll_rise, out.nll_stderr, out.nll_scale)
 
     def record_rise(self, rise: float, stderr: float, scale: float) -> None:
         """Add a rise of the remaining rows' mean NLL (``stderr`` its standard error; ``scale`` the NLL it rose
-        from) to the sum :meth:`record` keeps; the first one sets the allowance's unit."""
+        from) to the sum :meth:`record` keeps; the first one's NLL is kept as the sum's unit."""
         if not (math.isfinite(rise) and math.isfinite(stderr)):
             return
         total, var, first = self.drift if self.drift is not None else (0.0, 0.0, scale)
         if not math.isfinite(first):
             return
         self.drift = (total + rise, var + stderr**2, first)
-
-    def _drift_limit(self, stderr: float) -> tuple[float, float, float] | None:
-        """The summed rise so far, its allowance (``max_nll_increase`` of the first request's NLL) and the standard
-        error of the sum with a step's own rise (``stderr`` its error); ``None`` before any step was recorded."""
-        if self.drift is None:
-            return None
-        total, var, first = self.drift
-        return total, self.max_nll_increase * first, math.sqrt(var + stderr**2)
 
     def _verdict(self, pred: float, gx: float, meas: Measurement, z: float | None) -> bool | None:
         """Accept (``True``) or reject (``False``) a step from its measurement, or ``None`` when undecided.
@@ -901,15 +896,6 @@ class DampingControl:
             nll_ok = True
         else:
             nll_ok = None
-        summed = self._drift_limit(meas.nll_stderr) if math.isfinite(meas.nll_stderr) else None
-        if summed is not None and nll_ok is not False:  # the sum across requests, judged the same way
-            total, allowance0, err = summed
-            if z is None:
-                nll_ok = nll_ok and not total + rise > allowance0 + 2 * err
-            elif total + rise - z * meas.nll_stderr > allowance0 + 2 * err:
-                nll_ok = False
-            elif nll_ok and total + rise + z * meas.nll_stderr > allowance0:
-                nll_ok = None
         if z is None and self._direct_rise(meas.direct, meas.direct_stderr):
             return False
         if energy_ok is False or nll_ok is False:
@@ -937,17 +923,12 @@ class DampingControl:
         m1, m2 = max(meas.rows, 1), rows
         pooled = (m1 * meas.nll_change + m2 * change) / (m1 + m2)
         pooled_se = math.sqrt((m1 * meas.nll_stderr) ** 2 + (m2 * stderr) ** 2) / (m1 + m2)
-        passed = not pooled + credit > allowance + 2 * pooled_se
-        summed = self._drift_limit(pooled_se)
-        if summed is not None:  # and the sum across requests with the pooled rise
-            total, allowance0, err = summed
-            passed = passed and not total + pooled + credit > allowance0 + 2 * err
         return {
             "confirm_rows": rows,
             "confirm_nll_change": change,
             "pooled_nll_change": pooled,
             "pooled_nll_stderr": pooled_se,
-            "confirm_passed": passed,
+            "confirm_passed": not pooled + credit > allowance + 2 * pooled_se,
         }
 
     def _direct_rise(self, direct: float, stderr: float) -> bool:
@@ -1154,14 +1135,6 @@ class DampingControl:
                     f"held remaining rows' mean NLL changed by {out.nll_change:+.4g} (limit "
                     f"{100 * self.max_nll_increase:g}% of {out.history[0]['nll_scale']:.3g})"
                 )
-                summed = self._drift_limit(out.nll_stderr) if math.isfinite(out.nll_stderr) else None
-                if summed is not None:
-                    total, allowance0, err = summed
-                    note += (
-                        f"; summed with the earlier requests' {total:+.4g}: {total + out.nll_rise:+.4g} (limit "
-                        f"{allowance0:.3g}, {100 * self.max_nll_increase:g}% of the first request's NLL, plus two "
-                        f"standard errors of the sum, {err:.2g})"
-                    )
                 h = out.history[0]
                 if self._direct_rise(h["direct"], h["direct_stderr"]):
                     note += (

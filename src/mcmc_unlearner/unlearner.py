@@ -1431,10 +1431,7 @@ class MCMCUnlearner:
         _own_parameters(model)
         _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
         self._layout: BankLayout | None = None
-        self.bank = None
-        if bank is not None:
-            flat, layout = to_flat(bank, self.spec, dtype=ParamSpec.params(model)[0].dtype, model=model)
-            self.bank, self._layout = flat, layout  # the setter refuses non-finite samples
+        self._set_bank(bank, fresh=True)  # copied, in the layout it came in; non-finite samples refused
         self.memory_budget = resolve_budget(memory_budget)
         self.exact_max_dim = _whole("exact_max_dim", exact_max_dim, 0)
         self.solver, self.solver_reason = self._choose_solver(solver)
@@ -1685,19 +1682,29 @@ class MCMCUnlearner:
     @property
     def bank(self) -> torch.Tensor | None:
         """The sample bank ``[S, D]`` (flat, the model's dtype; :meth:`samples` gives it in the layout it came in).
-        Setting it (or :meth:`collect`) makes earlier proposals stale: applying one would overwrite it."""
+
+        Setting it replaces the samples, as ``bank=`` gives them: copied (the caller's tensor is never the
+        unlearner's), :meth:`samples` then in the new value's layout, and what the unlearner carried for the old
+        samples forgotten (:meth:`reset_curvature`: cached curvature, damping and the NLL rises summed across
+        requests, carried influence, the first moment the corrections restore). Before stop 43 a ``[S, D]`` tensor
+        was kept by reference and in the old layout, and the old samples' state was kept: after a continued chain's
+        bank, 4 requests moved the removed rows 0.35 and 0.04 of the way to retraining (two seeds), 0.54 and 0.12 with
+        that state reset. :meth:`collect` appends
+        and keeps that state. Either makes earlier proposals stale: applying one would overwrite the bank."""
         return self._bank
 
     @bank.setter
     def bank(self, value: Any) -> None:
+        self._set_bank(value, fresh=True)
+
+    def _set_bank(self, value: Any, fresh: bool) -> None:
+        """Set the bank: ``fresh``, the caller's samples (:attr:`bank`); else the library's own ``[S, D]`` tensor in
+        the current layout (an applied proposal's bank, :meth:`collect`'s), kept as it is."""
         # what bank= takes, the same way (unlearner.bank = run_chain(...) is the README's; a list of state_dicts,
         # a float64 or wrongly sized bank set here crashed inside the next request)
         if value is not None:
             dtype = ParamSpec.params(self.model)[0].dtype
-            plain = (isinstance(value, torch.Tensor) and value.ndim == 2 and value.dtype == dtype) and value.shape[
-                1
-            ] == self.spec.dim
-            if not plain:
+            if fresh:
                 value, self._layout = to_flat(value, self.spec, dtype=dtype, model=self.model)
             # one reduction pass when every value is finite (a boolean [S, D] temporary per request cost 7% of a
             # request reusing its curvature on a 1.2M-parameter ResNet); the rows only to name them
@@ -1710,8 +1717,10 @@ class MCMCUnlearner:
                 )
         self._bank = value
         self._version = getattr(self, "_version", 0) + 1
-        if getattr(self, "_fitted", False):
-            # fit() built its curvature at draws of the bank just replaced: the next request builds its own (kept,
+        if fresh and hasattr(self, "curvature"):
+            self.reset_curvature()  # the old samples' state (fit's curvature too)
+        elif getattr(self, "_fitted", False):
+            # fit() built its curvature at draws of the bank just extended: the next request builds its own (kept,
             # it was taken as the request's own build at other samples: a 12th of the shift, every check passed)
             self.curvature.reset()
             self._fitted, self._fit_data = False, None
@@ -1719,7 +1728,7 @@ class MCMCUnlearner:
     def collect(self) -> None:
         """Append the live chain's current parameters to the sample bank."""
         theta = ParamSpec.flatten_module(self.model)[None]
-        self.bank = theta if self.bank is None else torch.cat([self.bank, theta])
+        self._set_bank(theta if self.bank is None else torch.cat([self.bank, theta]), fresh=False)
 
     def _check_nll(self, batch: Batch, role: str = "removed") -> None:
         """On the first request: ``nll(model, removed rows)`` gives one value per row.
@@ -2428,7 +2437,7 @@ class MCMCUnlearner:
                 torch.set_rng_state(proposal._sampler_state["global_rng"])
         self._fitted, self._fit_data = False, None
         if proposal.bank is not None:
-            self.bank = proposal.bank
+            self._set_bank(proposal.bank, fresh=False)
         self.curvature.restore(proposal._backend_state)
         self.curvature.commit()
         self.control.set_state(proposal._control_state)
@@ -2751,7 +2760,7 @@ class MCMCUnlearner:
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check, shapes=all_shapes, noise=dev)
         if outcome.safe and not (self.newton_steps > 1 and self.newton_target == "relative"):
-            self.control.record(outcome)  # the safety net's sum across requests (a relative Newton run: its last)
+            self.control.record(outcome)  # the NLL rises summed across requests (a relative Newton run: its last)
         # as the net judged it: less the prior's credit, pooled with a second measurement where there was one
         info.update(remaining_nll_rise=outcome.nll_rise, remaining_nll_rise_stderr=outcome.nll_stderr)
         if self.shorten_steps:
@@ -2806,10 +2815,10 @@ class MCMCUnlearner:
                 emptied = self._emptied_label_problem(
                     batch, stream, new_bank if new_bank is not None else new_live[None], info
                 )
-        if self.control.drift is not None:  # the safety net's sum across requests, this request's steps included
+        if self.control.drift is not None:  # the measured NLL rises summed across requests (reported, not judged)
             total, var, first = self.control.drift
             info.update(remaining_nll_drift=total, remaining_nll_drift_stderr=math.sqrt(var))
-            info["remaining_nll_drift_allowance"] = self.control.max_nll_increase * first
+            info["remaining_nll_drift_scale"] = first  # the first request's NLL: the sum's unit
         report = self._report(batch, n, outcome, x, x_dev, g_thetas, c_thetas, expectation, info)
         report.problems = quality_problems(
             report, self.tol, outcome.note, fixed_damping=not self.control.adaptive, theta=live
@@ -3051,7 +3060,7 @@ class MCMCUnlearner:
             )
             return None
         info["emptied_label_resample"] = "drawn: " + ",".join(map(str, still))
-        # measured on every remaining row at every sample: no row sampling error in the safety net's sum
+        # measured on every remaining row at every sample: no row sampling error in the summed NLL rises
         self.control.record_rise(rise, 0.0, abs(stats["remaining_nll_before"]))
         log.info(
             "emptied label(s) %s: output-layer row(s) drawn from their conditional in %d sample(s) (acceptance %.2f, "
@@ -3330,7 +3339,7 @@ class MCMCUnlearner:
                 step = self.control.step(self.curvature, -r, shifted)
             if not step.safe:
                 break
-            # the safety net's sum across requests: a step from the shifted bank adds its own rise; a relative step
+            # the NLL rises summed across requests: a step from the shifted bank adds its own rise; a relative step
             # measured the rise from the original bank, the request's whole, recorded once after the last
             if equilibrium:
                 self.control.record(step)
@@ -3556,7 +3565,7 @@ class MCMCUnlearner:
         else:
             step = step.shortened() if self.shorten_steps else step
             info.update(recenter="applied", recenter_shift=float(step.x.norm()), recenter_step_length=step.length)
-            self.control.record(step)  # the safety net's sum across requests
+            self.control.record(step)  # the NLL rises summed across requests
             live, bank = live + step.x, bank + step.x
             carry = None
             anchor = replace(anchor, applied=anchor.applied + 1)
