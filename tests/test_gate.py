@@ -424,3 +424,6 @@ def test_a_removal_that_changes_nothing_measurable_says_so_when_applied(tmp_path
     (e,) = load_model(model).requests
     assert e["info"]["unresolved"] and e["quality"]["passed"]
     assert "quality checks passed; the removal changes nothing measurable" in out
+    assert [d["seq"] for d in status(model)["unresolved_requests"]] == [1]
+    assert main(["status", "--model", str(model)]) == 0
+    assert "no effect:        applied, changing nothing measurable" in capsys.readouterr().out

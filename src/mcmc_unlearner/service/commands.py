@@ -175,6 +175,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"quality:          DEGRADED: committed with failed quality checks: {names}")
     else:
         lines.append("quality:          ok (every request passed the quality checks or was repaired)")
+    if st.get("unresolved_requests"):
+        names = ", ".join(f"{one_line(d['request_id'])} (entry {d['seq']})" for d in st["unresolved_requests"][:10])
+        lines.append(f"no effect:        applied, changing nothing measurable (info.unresolved in the ledger): {names}")
     removed = st["removed_ids"]
     shown = ", ".join(map(str, removed[:20])) + (f", ... ({len(removed)} in all)" if len(removed) > 20 else "")
     lines.append(f"removed ids:      {shown or 'none'}")

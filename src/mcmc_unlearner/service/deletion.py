@@ -432,6 +432,13 @@ def status(
     save = loaded.entries[0] if loaded.entries else {}
     removed = loaded.data.removed_ids.tolist()
     degraded = _degraded(loaded.entries)
+    # applied requests whose removal changed nothing measurable (info.unresolved; said in the ledger only until
+    # stop 43): listed, as a reader of status could take them for removals that moved the samples
+    unresolved = [
+        {"request_id": e.get("request_id"), "seq": e.get("seq")}
+        for e in reqs
+        if isinstance(e.get("info"), dict) and e["info"].get("unresolved")
+    ]
     mismatch = state_vs_ledger(loaded.entries, loaded)
     return {
         "model": str(loaded.path),
@@ -459,6 +466,7 @@ def status(
         "signature": snap.signature,
         "degraded": bool(degraded),
         "degraded_requests": degraded,
+        "unresolved_requests": unresolved,
         "ledger_head": loaded.head,
         "model_sha256": loaded.model_sha256,
         "pending_uncommitted_lines": loaded.pending,
