@@ -394,8 +394,8 @@ def test_a_repair_that_does_not_fix_the_removal_is_refused_and_writes_nothing(tm
     assert e["quality"]["passed"] and e["quality"]["repaired"]
     assert rec["emptied_labels"]["0"] < 0.5  # measured on the repaired samples (the removal's own: 0.86)
     assert e["info"]["emptied_label_max_probability"] >= 0.5
-    limit = 0.05 * rec["nll_request_before"] + 2 * rec["nll_rise_stderr"]
-    assert rec["nll_rise_from_request_before"] <= limit
+    assert abs(rec["nll_trend"]) <= rec["nll_trend_limit"]  # the repair chain settled
+    assert "nll_rise_from_request_before" in rec  # recorded, not judged
 
 
 def test_a_resent_degraded_request_says_it_failed_and_a_seed_override_is_refused(model, tmp_path, capsys):

@@ -141,9 +141,13 @@ def repaired_problems(
 
     * the emptied-label check (``MCMCUnlearner.emptied_label_problem``): the removed rows' labels that no remaining
       row carries are not still predicted for them;
-    * the fit: the remaining rows' mean NLL (the first 2,000, at up to 16 samples) under the repaired samples is at
-      most ``max_nll_increase`` (5%) of it above the same rows' under ``before`` (the samples before the request),
-      beyond two standard errors of the paired per-row difference — the safety check's rule.
+    * the chain settled: the remaining rows' mean NLL (the first 2,000) under the repaired bank's later half (up to 8
+      samples) is within ``max_nll_increase`` (5%) of it under its earlier half, beyond two standard errors of the
+      paired per-row difference (the safety check's rule, as a stationarity test: states still moving away from the
+      failed step's are not yet samples of the remaining data's posterior). Not against the samples before the
+      request: retraining itself raises that NLL where a large share of small data goes (+25% and +81% on a digits
+      MLP losing 37% of its rows), and a repair that got there would have been refused. That difference is recorded
+      (``nll_rise_from_request_before``), not judged.
 
     Args:
         un: The unlearner, its bank the repaired one.
@@ -156,21 +160,24 @@ def repaired_problems(
     record: dict[str, Any] = {k: v for k, v in info.items() if k.startswith("emptied_label")}
     if found:
         problems.append(f"after the repair run: {found}")
-    if before is not None and un.bank is not None:
-        size = int(un.bank.shape[0])
-        old = _row_nll(un, before, data)
-        new = _row_nll(un, un.bank[_evenly(size, 16)], data)
-        d = new - old
-        rise, se = float(d.mean()), float(d.std() / math.sqrt(max(d.numel(), 1))) if d.numel() > 1 else 0.0
-        scale = float(old.abs().mean())
-        limit = un.control.max_nll_increase * scale + 2.0 * se
-        record.update(nll_request_before=float(old.mean()), nll_rise_from_request_before=rise, nll_rise_stderr=se)
-        if rise > limit:
+    size = 0 if un.bank is None else int(un.bank.shape[0])
+    if size >= 4:
+        half = size // 2
+        early = _row_nll(un, un.bank[:half][_evenly(half, 8)], data)
+        late = _row_nll(un, un.bank[size - half :][_evenly(half, 8)], data)
+        d = late - early
+        trend, se = float(d.mean()), float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
+        limit = un.control.max_nll_increase * float(early.abs().mean()) + 2.0 * se
+        record.update(nll_trend=trend, nll_trend_stderr=se, nll_trend_limit=limit)
+        if abs(trend) > limit:
             problems.append(
-                f"after the repair run the remaining rows' mean NLL is {float(new.mean()):.4g}, {rise:+.4g} ± {se:.2g} "
-                f"from the samples' before the request ({float(old.mean()):.4g}; limit "
+                f"the repair chain has not settled: the remaining rows' mean NLL moved {trend:+.4g} ± {se:.2g} from "
+                f"the earlier to the later half of its banked samples (from {float(early.mean()):.4g}; limit "
                 f"{100 * un.control.max_nll_increase:g}% of it plus two standard errors)"
             )
+    if before is not None and size:
+        rise = float((_row_nll(un, un.bank[_evenly(size, 16)], data) - _row_nll(un, before, data)).mean())
+        record.update(nll_rise_from_request_before=rise)  # recorded, not judged (see above)
     return problems, record
 
 
