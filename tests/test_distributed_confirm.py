@@ -89,7 +89,12 @@ def _worker(rank: int, world: int, out: str) -> None:
     un, data = _setup(rank, world, sharded=True)
     bank, alive = un.bank.clone(), data.state_dict()["alive"].clone()
     said = []
-    for ids in ([0, 1, 2, 3] if rank == 0 else [10, 11, 12, 13], [0, 1, 2] if rank == 0 else [0, 1, 2, 3]):
+    # different ids, a different count, and ids of equal count, sum and sum of squares (0+4+5 = 1+2+6, 41 = 41)
+    for ids in (
+        [0, 1, 2, 3] if rank == 0 else [10, 11, 12, 13],
+        [0, 1, 2] if rank == 0 else [0, 1, 2, 3],
+        [0, 4, 5] if rank == 0 else [1, 2, 6],
+    ):
         try:
             un.forget(ids, data)
         except InvalidRequestError as exc:
@@ -113,4 +118,4 @@ def test_two_ranks_measure_again_on_the_rows_one_process_reads_and_refuse_reques
         assert torch.allclose(r0[key].double(), ref[key].double(), rtol=1e-4, atol=1e-6), (key, r0[key], ref[key])
     for rank in (0, 1):
         said = load_file(str(tmp_path / f"refuse-rank{rank}.safetensors"))["said"].tolist()
-        assert said == [1.0, 1.0, 1.0, 1.0], (rank, said)
+        assert said == [1.0, 1.0, 1.0, 1.0, 1.0], (rank, said)

@@ -315,3 +315,29 @@ def test_a_bank_set_by_the_caller_is_copied_in_its_own_layout_and_starts_afresh(
     assert un.samples().dtype == torch.float32
     un.collect()  # appends and keeps the layout
     assert un.samples().shape == (bank.shape[0] + 1, bank.shape[1])
+
+
+def test_a_bank_set_to_none_forgets_its_layout_and_fit_reads_a_small_data_set_once(chain) -> None:
+    """``bank = None`` then ``collect()`` revived the replaced bank's layout (a dict with its buffers); fit read a
+    data set of fewer than 256 rows over and over, counting its rows up to eight times in the check's error."""
+    model, bank, x, y = chain
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    sizes = [p.numel() for p in model.parameters()]
+    dicts = [{n: t.reshape(shapes[n]) for n, t in zip(names, row.split(sizes))} for row in bank]
+    un = MCMCUnlearner(model, bank=dicts, solver="kfac")
+    un.bank = None
+    un.collect()
+    assert isinstance(un.samples(), torch.Tensor) and un.samples().shape == (1, bank.shape[1])
+    small = MCMCUnlearner(model, bank=bank, solver="kfac")
+    small.fit((x[:10], y[:10]))
+    assert small._fit_data is None  # 10 distinct rows: below the check's 16 (was 80 rows, 10 read eight times)
+    more = MCMCUnlearner(model, bank=bank, solver="kfac")
+    more.fit((x[:40], y[:40]))
+    mean, se = more._fit_data
+    from mcmc_unlearner.curvature import functionalize
+
+    rows_f = functionalize(model, lambda m, *b: more._row_nll(m, b))
+    with torch.no_grad():
+        h = torch.stack([rows_f(t, x[:40], y[:40]) for t in more.bank[[0, 6, 13, 19]]]).double().mean(0)
+    assert mean == pytest.approx(float(h.mean()), rel=1e-6) and se == pytest.approx(float(h.std() / 40**0.5), rel=1e-4)

@@ -31,6 +31,7 @@ Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MA
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -770,19 +771,19 @@ class DistributedUnlearner(MCMCUnlearner):
 
     def _agreed_ids(self, ids: Sequence[int] | torch.Tensor, data: ShardedDataset) -> torch.Tensor:
         """``data.validate(ids)`` on every rank, agreed on before anything else: a rank that refuses makes every rank
-        refuse, and ranks given different ids (a fingerprint of the validated set: count, sums of the ids, of their
-        squares and of a multiplicative hash) are refused on every rank. Before, a rank that refused an unknown id
-        left the others waiting in the next all-reduce (gloo aborted both), and ranks given different ids of one
-        count each removed their own and went on sharding different data sets (stop 43's probe)."""
+        refuse, and ranks given different ids (the count and a SHA-256 of the sorted validated ids; sums of the ids,
+        their squares and a multiplicative hash let {0, 4, 5} and {1, 2, 6} through) are refused on every rank.
+        Before, a rank that refused an unknown id left the others waiting in the next all-reduce (gloo aborted both),
+        and ranks given different ids of one count each removed their own and went on sharding different data sets
+        (stop 43's probe)."""
         error: Exception | None = None
         try:
             ids = data.validate(ids)
-            v = ids.to(torch.float64)
-            hashed = ((ids.to(torch.int64) * 2654435761) % 2147483647).to(torch.float64)
-            count = torch.tensor(float(ids.numel()), dtype=torch.float64)
-            mark = torch.stack([count, v.sum(), (v * v).sum(), hashed.sum()])
+            digest = hashlib.sha256(torch.sort(ids.detach().cpu().to(torch.int64))[0].numpy().tobytes()).digest()
+            words = [float(ids.numel())] + [float(int.from_bytes(digest[i : i + 6], "big")) for i in (0, 6, 12, 18)]
+            mark = torch.tensor(words, dtype=torch.float64)  # 48-bit words: exact in float64
         except (InvalidRequestError, ValueError, TypeError, IndexError, OverflowError) as exc:
-            error, mark = exc, torch.zeros(4, dtype=torch.float64)
+            error, mark = exc, torch.zeros(5, dtype=torch.float64)
         refused = torch.tensor([float(error is not None)], dtype=torch.float64)
         flags = self._reduce_max(torch.cat([refused, mark, -mark]))
         if bool(flags[0] > 0):
@@ -792,7 +793,7 @@ class DistributedUnlearner(MCMCUnlearner):
                 "another rank refused this deletion request (its message says why); nothing was changed: give every "
                 "rank the same, valid ids"
             )
-        if not torch.equal(flags[1:5], -flags[5:9]):
+        if not torch.equal(flags[1:6], -flags[6:11]):
             raise InvalidRequestError(
                 "the ranks were given different deletion requests (their ids differ); nothing was changed: every "
                 "rank must be given the same global ids"

@@ -1702,6 +1702,8 @@ class MCMCUnlearner:
         the current layout (an applied proposal's bank, :meth:`collect`'s), kept as it is."""
         # what bank= takes, the same way (unlearner.bank = run_chain(...) is the README's; a list of state_dicts,
         # a float64 or wrongly sized bank set here crashed inside the next request)
+        if value is None and fresh:
+            self._layout = None  # no samples: collect() starts a flat bank (it revived the replaced one's layout)
         if value is not None:
             dtype = ParamSpec.params(self.model)[0].dtype
             if fresh:
@@ -2538,7 +2540,8 @@ class MCMCUnlearner:
                     e_f = self._energy_f(n)
                     first = next(stream)  # for the checks and the memory plan; read again below where it can be
                     read = [first]  # and FIT_DATA_ROWS rows for what the request after fit compares (_data_nll)
-                    while sum(int(b[0].shape[0]) for b in read) < FIT_DATA_ROWS and len(read) < 8:
+                    # (at most the data's n rows: a small data set was read over and over, its rows counted 8 times)
+                    while sum(int(b[0].shape[0]) for b in read) < min(FIT_DATA_ROWS, n) and len(read) < 8:
                         read.append(next(stream))
                     stream.set_state(data_state)
                     self._check_nll(first, role="remaining")
