@@ -350,9 +350,15 @@ def test_prior_precision_measured_from_log_prior() -> None:
     P = prior_precision(model, rowwise, theta)
     assert 1.0 < float(P[0]) < 8.0 and torch.all(P[:12] == P[0])
     torch.testing.assert_close(P[12:], torch.ones_like(P[12:]))
-    with pytest.warns(RuntimeWarning, match="clamped"):
+    with pytest.warns(RuntimeWarning, match="clamped") as caught:
         P = prior_precision(model, lambda m: 0.5 * (m[0].weight ** 2).sum(), theta)
     assert torch.equal(P, torch.zeros_like(theta))
+    # upwards along every tensor it depends on (here one): the sign is the likely mistake, and the warning says so
+    assert "sign flipped" in str(caught[0].message)
+    # upwards along one tensor, a proper Gaussian on another: a locally non-convex prior, no sign hint
+    with pytest.warns(RuntimeWarning, match="clamped") as caught:
+        P = prior_precision(model, lambda m: 0.5 * (m[0].weight ** 2).sum() - 0.5 * (m[0].bias ** 2).sum(), theta)
+    assert "sign flipped" not in str(caught[0].message) and float(P[12]) == 1.0
 
 
 def test_non_constant_prior_on_a_block_is_recorded() -> None:

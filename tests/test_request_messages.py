@@ -63,3 +63,89 @@ def test_ids_in_a_sparse_tensor_or_a_big_endian_array_are_read(ids):
     data = RemovableDataset(x, y, batch_size=16)
     assert un.forget(ids, data).passed
     assert data.removed_ids.tolist() == [3, 7]
+
+
+@pytest.mark.parametrize("kind", ["loader", "tuple", "tensordataset"])
+def test_forget_given_other_data_than_a_removable_dataset_names_it(kind):
+    """forget(ids, DataLoader) failed with "'DataLoader' object has no attribute 'validate'" (stop 44's probe)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, un = _setup()
+    data = {
+        "loader": DataLoader(TensorDataset(x, y), batch_size=16),
+        "tuple": (x, y),
+        "tensordataset": TensorDataset(x, y),
+    }[kind]
+    bank = un.bank.clone()
+    with pytest.raises(TypeError, match=r"forget\(ids, data\) needs a RemovableDataset.*RemovableDataset\(x, y"):
+        un.forget([3, 7], data)
+    assert torch.equal(un.bank, bank)
+    assert un.forget([3, 7], RemovableDataset(x, y, batch_size=16)).passed  # the fix the message names works
+
+
+def test_remaining_rows_nll_cannot_read_are_named_as_the_remaining_data():
+    """Float labels among the remaining rows gave torch's "expected target dtype to be Long" from inside the
+    curvature's memory plan, naming no data (stop 44's probe); the removed rows' own were already named."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 2))
+    bank = torch.randn(8, 10, generator=g) * 0.1
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    un = MCMCUnlearner(model, None, nll=nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+                       bank=bank, solver="kfac")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"nll\(model, remaining data\) failed: .*Long.*same fields, dtypes"):
+        un.remove((x[:10], y[:10]), (x[10:], y[10:].float()))
+    assert torch.equal(un.bank, bank)
+    assert un.remove((x[:10], y[:10]), (x[10:], y[10:])).passed
+
+
+def test_a_fixed_damping_refused_by_the_check_names_damping_auto():
+    """A fixed damping whose one step fails the check was told "more curvature draws, more check rows, or another
+    solver"; the search the default makes is the fix (stop 44's probe)."""
+    from mcmc_unlearner.unlearner import RemovalReport, quality_problems
+
+    report = RemovalReport(
+        n_removed=5, n_remaining=45, solver="kfac", iterations=1, residual=0.0, converged=True, shift_norm=0.3,
+        shift_stderr=0.01, seconds=0.1, n_draws=16, n_curvature_draws=4, bank_size=40, expectation="bank",
+        hessian="remaining", bank_shift="mean", damping=0.0, safe=False,
+    )  # fmt: skip
+    fixed = " ".join(quality_problems(report, 1e-3, "damping 0: ratio -0.4", fixed_damping=True))
+    assert "damping='auto'" in fixed and "curvature_draws" not in fixed
+    adaptive = " ".join(quality_problems(report, 1e-3, "ratio -0.4", fixed_damping=False))
+    assert "curvature_draws" in adaptive and "damping='auto'" not in adaptive
+
+
+def test_a_flipped_log_prior_is_said_by_the_kfac_request():
+    """K-FAC measured a log_prior of the wrong sign, clamped its precision to 0 (a flat prior) and said nothing a user
+    could see (stop 44's probe: only a note inside report.info); prior_precision() warned, the K-FAC build did not."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    bank = torch.randn(8, 23, generator=g) * 0.1
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def flipped(m):
+        return 0.5 * sum((p**2).sum() for p in m.parameters())
+
+    un = MCMCUnlearner(model, None, nll=nll, log_prior=flipped, bank=bank, solver="kfac")
+    with pytest.warns(RuntimeWarning, match="sign flipped"):
+        un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    un = MCMCUnlearner(model, None, nll=nll, log_prior=lambda m: -flipped(m), bank=bank, solver="kfac")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the right sign: no warning
+        un.remove((x[:10], y[:10]), (x[10:], y[10:]))

@@ -9,6 +9,7 @@ is ``‖Δ − (mean after − mean before)‖ / ‖Δ‖``: doing nothing leave
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -619,7 +620,15 @@ def test_full_curvature_data_asked_for_by_name_warns_when_a_dataloader_cannot_li
     assert report.info["curvature_data"].startswith("minibatch")
     un = MCMCUnlearner(model, None, nll=nll, bank=bank, solver="exact", curvature_data="full")
     report = un.remove((x[:20], y[:20]), (x[20:], y[20:]))  # tensors: every row, no warning
-    assert "curvature_data" not in report.info
+    assert report.info["curvature_data"] == "full"  # said when used too (stop 44: the key was absent then)
+    # 'auto' that would take every row but cannot is said as its own choice, not as "full requested"
+    un = MCMCUnlearner(model, None, nll=nll, bank=bank, solver="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing was asked for by name: no warning
+        report = un.remove((x[:20], y[:20]), loader)
+    assert report.info["curvature_data"] == "minibatch ('auto' chose every row, but its data source has no remaining())"
+    un = MCMCUnlearner(model, None, nll=nll, bank=bank, solver="exact", curvature_data="minibatch")
+    assert un.remove((x[:20], y[:20]), (x[20:], y[20:])).info["curvature_data"] == "minibatch"
 
 
 def test_large_removal_warning_neither_rounds_to_100_percent_nor_advises_a_repair_that_does_not_run() -> None:

@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .curvature import ParamSpec, functionalize
-from .errors import SolverDivergedError
+from .errors import SolverDivergedError, outside_stacklevel
 
 __all__ = ["KroneckerCurvature", "Likelihood", "detect_likelihood", "prior_precision", "row_weights", "select_output"]
 
@@ -630,6 +630,7 @@ def _measure_prior(
         else:
             precisions = torch.cat([quotients(probe([k]), [k]) for k in spec.names])
             notes["probes"] = "one per tensor"
+        notes["curved"] = sum(1 for prec in precisions.tolist() if prec != 0)
         for name, prec in zip(spec.names, precisions.tolist()):
             if prec < 0:
                 notes["clamped"][name] = prec
@@ -656,13 +657,29 @@ def prior_precision(model: nn.Module, log_prior: Callable[[nn.Module], Tensor] |
         ``[D]`` tensor in ``theta``'s dtype/device.
     """
     P, notes = _measure_prior(model, log_prior, theta)
-    if notes["clamped"]:
-        warnings.warn(
-            f"prior curvature is negative along {sorted(notes['clamped'])}: precision clamped to 0 there",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _warn_clamped(notes)
     return P
+
+
+def _warn_clamped(notes: dict[str, Any]) -> None:
+    """Warn about the tensors along which ``log_prior`` curves upwards (their precision clamped to 0); when it does
+    along every tensor it curves along, most likely its sign is flipped, and the warning says so (stop 44's probe:
+    a flipped Gaussian log-density was taken by K-FAC as a flat prior without a word)."""
+    if not notes.get("clamped"):
+        return
+    flipped = len(notes["clamped"]) == notes.get("curved", -1)
+    warnings.warn(
+        f"prior curvature is negative along {sorted(notes['clamped'])}: precision clamped to 0 there"
+        + (
+            "; log_prior curves upwards along every parameter tensor it depends on: is its sign flipped? "
+            "log_prior(model) is the log-density, e.g. -0.5 * sum((p ** 2).sum() for p in model.parameters()) "
+            "/ sigma ** 2 for a Gaussian N(0, sigma^2), not its negative"
+            if flipped
+            else ""
+        ),
+        RuntimeWarning,
+        stacklevel=outside_stacklevel(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -1192,6 +1209,7 @@ class KroneckerCurvature:
         clock = dict.fromkeys(("likelihood", "prior", "forward", "backward", "input_factors", "output_factors"), 0.0)
         clock["likelihood"] = time.perf_counter() - t_start
         P, prior_notes = _measure_prior(model, log_prior, thetas.mean(0))
+        _warn_clamped(prior_notes)
         info["prior"] = prior_notes
         clock["prior"] = time.perf_counter() - t_start - clock["likelihood"]
 

@@ -203,8 +203,9 @@ def cg(
     A = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
     M = preconditioner or (lambda v: v)
     hint = (
-        "increase damping (the Hessian must be positive definite for cg), pass negative_curvature='truncate' "
-        "(truncated Newton-CG), or use solver='exact'"
+        "increase damping (the Hessian must be positive definite for cg; damping='auto', the default, searches for "
+        "one and checks the step), pass negative_curvature='truncate' (truncated Newton-CG), or use solver='kfac' "
+        "(positive definite by construction; solver='exact' needs a damping above the most negative eigenvalue too)"
     )
     bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
     if x0 is None and preconditioner is not None:

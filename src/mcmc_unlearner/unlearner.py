@@ -358,10 +358,17 @@ def quality_problems(
             f"{report.iterations} iterations: {fix}"
         )
     if not report.safe:
+        fix = (
+            # a fixed damping is one trial: the search the default makes is the fix (stop 44's probe: damping=0 was
+            # told to draw more curvature)
+            f"the fixed damping={report.damping:g} is the only step tried: pass damping='auto' (the default), which "
+            "searches for a damping the check accepts, or a larger fixed damping"
+            if fixed_damping
+            else "more curvature draws (curvature_draws), more check rows, or another solver may help"
+        )
         out.append(
             f"the step failed the safety check after {report.damping_trials} damping trial(s): "
-            f"{note or 'the measured change of the remaining-data energy did not match the model'}; more "
-            "curvature draws (curvature_draws), more check rows, or another solver may help"
+            f"{note or 'the measured change of the remaining-data energy did not match the model'}; {fix}"
         )
     if report.shift_norm == 0.0 and report.info.get("gradient_norm", 0.0) > 0.0:
         out.append("the shift is zero although the removed points have a non-zero gradient")
@@ -1574,6 +1581,7 @@ class MCMCUnlearner:
         self._row_bytes: int | None = None
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
         self._nll_checked = False
+        self._remaining_nll_checked = False  # nll read a remaining minibatch (fit's or a request's), once
         self._buffers_checked = False  # a training-mode model's buffers, checked once (_check_buffers_stable)
         self._order_checked = False  # a flat bank's column order, checked against the data on the first request
         self._hvp_checked = False  # Hessian products against finite differences, on the first request
@@ -1744,7 +1752,7 @@ class MCMCUnlearner:
         error).
         """
         removed = role == "removed"
-        if self._nll_checked and removed:
+        if (self._nll_checked and removed) or (self._remaining_nll_checked and not removed):
             return
         if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
             if not self._buffers_checked:  # two forward passes: once, not on every request
@@ -1772,9 +1780,9 @@ class MCMCUnlearner:
                     else "remove() passes the removed rows to nll as they were given: they must be data that nll can "
                     "read as it reads a minibatch (the same fields, dtypes and label range)"
                     if removed
-                    else "fit() passes minibatches of the remaining data to nll as the data gives them: they must be "
-                    "the data the model was trained on, as nll reads a minibatch (the same fields, dtypes and label "
-                    "range)"
+                    else "the remaining data's minibatches go to nll as the data gives them (in fit() and in every "
+                    "request): they must be the data the model was trained on, as nll reads a minibatch (the same "
+                    "fields, dtypes and label range)"
                 )
             ) from e
         if not isinstance(out, torch.Tensor) or out.numel() != k or (out.ndim > 1 and out.shape[0] != k):
@@ -1784,6 +1792,7 @@ class MCMCUnlearner:
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
         self._nll_checked = self._nll_checked or removed
+        self._remaining_nll_checked = self._remaining_nll_checked or not removed
 
     def _data_nll(self, batches: Sequence[Batch]) -> tuple[float, float] | None:
         """The mean per-row NLL of (at most ``FIT_DATA_ROWS`` rows of) ``batches`` at ``FIT_DATA_DRAWS`` evenly
@@ -2222,9 +2231,12 @@ class MCMCUnlearner:
                 self.spec.dim if self.solver in _DENSE else 0
             )
             if full is not None and fits:
+                info["curvature_data"] = "full"
                 return full, True
             why = "its data source has no remaining()" if full is None else "all rows do not fit the memory budget"
-            info["curvature_data"] = f"minibatch (full requested, but {why})"
+            # (said for 'auto' as what it chose, not as the user's request: stop 44's probe)
+            asked = "full requested" if self.curvature_data == "full" else "'auto' chose every row"
+            info["curvature_data"] = f"minibatch ({asked}, but {why})"
             if self.curvature_data == "full" and not getattr(self, "_warned_full", False):
                 self._warned_full = True  # asked for by name: say once that it was not done
                 fix = (
@@ -2237,6 +2249,7 @@ class MCMCUnlearner:
                     f"curvature_data='full': the curvature uses one minibatch per draw instead, since {why}; {fix}",
                     stacklevel=outside_stacklevel(),
                 )
+        info.setdefault("curvature_data", "minibatch")
         return self._stacked(stream, draws), False
 
     # ------------------------------------------------------------------ snapshots
@@ -2578,7 +2591,19 @@ class MCMCUnlearner:
 
         The data set's state (mask and shuffling) is restored if unlearning fails, so a refused request leaves
         model, bank and data exactly as they were.
+
+        Raises:
+            TypeError: ``data`` is not a data set that removes rows by id (a ``DataLoader``, a tuple of tensors, a
+                ``TensorDataset``): wrap the tensors in a ``RemovableDataset``, or pass the rows to :meth:`remove`.
         """
+        missing = [m for m in ("validate", "get", "remove", "state_dict", "load_state_dict") if not hasattr(data, m)]
+        if missing:
+            raise TypeError(
+                f"forget(ids, data) needs a RemovableDataset, which removes rows by id and restores itself when a "
+                f"request is refused; got a {type(data).__name__} (it has no {', '.join(missing)}): wrap your tensors, "
+                "data = RemovableDataset(x, y, batch_size=64), or pass the rows themselves, "
+                "unlearner.remove((x[ids], y[ids]), remaining)"
+            )
         ids = data.validate(ids)
         batch = data.get(ids)
         check_finite_batch(_as_batch(batch, "the removed data"), "removed data", ids=ids)  # named by id, not position
@@ -2671,6 +2696,12 @@ class MCMCUnlearner:
             info["carried_norm"] = float(self._carry.norm())
             G = G + self._carry
         problem = self._problem(stream, n, batch, c_thetas, e_f, h_f, info)
+        if not self._remaining_nll_checked:
+            # a remaining minibatch nll cannot read (float labels, other fields) is said as such, once: torch's own
+            # error came from inside the curvature's memory plan, naming no data (stop 44's probe). Rows already
+            # read: the data stream is not advanced
+            first = problem.batch if problem.shared else tuple(t[0] for t in problem.batch)
+            self._check_nll(self._raw(tuple(t[:FIT_DATA_ROWS] for t in first)), role="remaining")
         t_c = time.perf_counter()
         info.update(self.curvature.prepare(problem))
         _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t_c)
