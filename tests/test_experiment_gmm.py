@@ -188,3 +188,8 @@ def test_the_quoted_paper_numbers_in_the_report_come_from_the_metrics() -> None:
     m["paper_reference"].update(unlearn_seconds=99.0, seconds_per_request=0.77)
     line = next(t for t in gmm._report(m).splitlines() if t.startswith("- Quoted"))
     assert "99 s to unlearn" in line and "0.77 s per request" in line, line
+    # a run that measured the paper's procedure says so, not "run with --with-paper" (stop 44's probe)
+    assert "paper" in m["methods"] and "This run measured the paper's procedure" in line and "--with-paper" not in line
+    del m["methods"]["paper"]
+    line = next(t for t in gmm._report(m).splitlines() if t.startswith("- Quoted"))
+    assert "Run with `--with-paper`" in line, line

@@ -2696,6 +2696,16 @@ class MCMCUnlearner:
             info["carried_norm"] = float(self._carry.norm())
             G = G + self._carry
         problem = self._problem(stream, n, batch, c_thetas, e_f, h_f, info)
+        held = getattr(self.curvature, "cache_n", None)
+        if held is not None and held != n + k:
+            # a dense curvature is downdated by each request's removed rows: rows removed outside requests (an
+            # experiment's refusal policy, a data set edited by hand) stayed in it (stop 44's probe: one cluster's
+            # diagonal 477 against 184 after 300 rows went that way)
+            self.curvature.reset()
+            info["curvature_rebuilt"] = (
+                f"the remaining data changed outside requests: the cached curvature holds {held:,} rows, this request "
+                f"starts from {n + k:,}"
+            )
         if not self._remaining_nll_checked:
             # a remaining minibatch nll cannot read (float labels, other fields) is said as such, once: torch's own
             # error came from inside the curvature's memory plan, naming no data (stop 44's probe). Rows already

@@ -44,7 +44,10 @@ class DenseBackend(CurvatureBackend):
         self.refresh_every = max(1, int(refresh_every))
         self.cache: torch.Tensor | None = None  # remaining-data Hessian after the last applied request
         self.age = 0
-        self._pending: tuple[torch.Tensor, int] | None = None
+        #: the remaining rows the cache holds (``None``: not known, e.g. an older checkpoint): the unlearner rebuilds
+        #: when a request's remaining count plus its removed rows is not that (rows removed outside requests)
+        self.cache_n: int | None = None
+        self._pending: tuple[torch.Tensor, int, int] | None = None
         self.M: torch.Tensor | None = None  # the system matrix of this request (remaining or full)
         self.A_new: torch.Tensor | None = None
         self._H_r: torch.Tensor | None = None
@@ -77,7 +80,7 @@ class DenseBackend(CurvatureBackend):
         self.M = A_new if problem.hessian == "remaining" else self.old_hessian()
         w, Q = torch.linalg.eigh(self.M.double())
         self._eig = (w, Q)
-        self._pending = (A_new, age)
+        self._pending = (A_new, age, int(problem.n))
         return {"hessian_reused": reused, "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
 
     def _energy_curvature(self, problem: Problem) -> torch.Tensor:
@@ -167,17 +170,22 @@ class DenseBackend(CurvatureBackend):
 
     def commit(self) -> None:
         if self._pending is not None:
-            self.cache, self.age = self._pending
+            self.cache, self.age, self.cache_n = self._pending
         self._pending = self._problem = self._H_r = None
 
     def reset(self) -> None:
-        self.cache, self.age, self._pending = None, 0, None
+        self.cache, self.age, self._pending, self.cache_n = None, 0, None, None
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {} if self.cache is None else {"cache": self.cache}
-        return tensors, {"cache_age": int(self.age)}
+        meta: dict[str, Any] = {"cache_age": int(self.age)}
+        if self.cache is not None and self.cache_n is not None:
+            meta["cache_n"] = int(self.cache_n)
+        return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         cache = tensors.get("cache")
         self.cache = None if cache is None else cache.clone()
         self.age = int(meta.get("cache_age", 0))
+        n = meta.get("cache_n")
+        self.cache_n = None if n is None or self.cache is None else int(n)

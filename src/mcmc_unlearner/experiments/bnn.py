@@ -1922,7 +1922,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=[x.value for x in RefusalPolicy],
         default=None,
         help="a refused request: skip = remove the points, leave the posterior unshifted (default); sgld = also "
-        "--repair-steps sampler steps of the live chain",
+        "--repair-steps sampler steps of the live chain (the stored samples, which the evaluation reads, stay as "
+        "they were: the steps show only in the live chain's later requests)",
     )
     limit = {flag: whole_number(least, note) for flag, least, note in _COUNT_LIMITS}
     p.add_argument(
@@ -1959,7 +1960,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an MCMCUnlearner keyword argument for unlearn (VALUE parsed as JSON, else a string); repeatable; "
         "a key also given by its own flag (--solver, --damping, ...) or twice must have one value",
     )
-    adv = p.add_argument_group("advanced (shrink or tune the run)")
+    adv = p.add_argument_group(
+        "advanced (shrink or tune the run)",
+        # listed here, not one by one (stop 44's probe found them parsed and working but nowhere in --help)
+        "--explore-steps, --explore-lr, --sample-steps, --sample-lr, --bank-size, --batch-size, --pretrain-steps "
+        "(the chains); --solver, --damping, --iter-T, --curvature-draws, --precondition-rank, --grad-draws, "
+        "--drift-tol, --check-draws, --expectation, --hessian, --bank-shift, --init-scaling (unlearn's "
+        "MCMCUnlearner options, as --unlearner-kw); --paper-iter-T, --paper-samp-T, --paper-init-scaling (the "
+        "paper's procedure: LiSSA iterations, sampler steps per estimate, LiSSA scaling); --progress-max, "
+        "--progress-samples (progress snapshots), --extra-finetune-steps. Each takes one value; a preset's value is "
+        "overridden by the flag",
+    )
     for flag, typ in (
         ("explore-steps", whole_number(0, "0: no exploration steps")),
         ("explore-lr", positive_number),

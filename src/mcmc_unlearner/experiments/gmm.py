@@ -114,6 +114,7 @@ _PAPER = {
     "unlearn_seconds": 68.0,
     "retrain_seconds": 11.0,
     "seconds_per_request": 0.31,
+    "seconds_per_request_later_median": 0.41,  # paper-facts.md, 2026-12: 20 requests, 0.36-0.56 s
     "kl_unlearn_continued_unthinned": 16.3,
     "kl_floor_unthinned": 15.1,
     "kl_origin_unthinned": 34.9,
@@ -1052,8 +1053,17 @@ def _report(m: dict[str, Any]) -> str:
         f"({fmt(m['paper_reference']['seconds_per_request'])} s per request) vs "
         f"{fmt(m['paper_reference']['retrain_seconds'])} s to retrain; unthinned KL "
         f"{fmt(m['paper_reference']['kl_unlearn_continued_unthinned'])} after unlearning (+ continued sampling) vs "
-        f"noise floor {fmt(m['paper_reference']['kl_floor_unthinned'])}. Run with `--with-paper` to measure the "
-        "paper's procedure here.",
+        f"noise floor {fmt(m['paper_reference']['kl_floor_unthinned'])}"
+        + (
+            f"; a later measurement of 20 of its requests: median {fmt(later)} s per request. "
+            if (later := m["paper_reference"].get("seconds_per_request_later_median")) is not None
+            else ". "  # a run stored before it was quoted
+        )
+        + (
+            "This run measured the paper's procedure itself: method `paper` above."
+            if "paper" in m["methods"]
+            else "Run with `--with-paper` to measure the paper's procedure here."
+        ),
         "",
         "## Unlearning",
         "",
