@@ -1821,13 +1821,16 @@ class KroneckerCurvature:
             stats = {"saved": 0, "block_out": 0, "patch": 0, "largest": 0}
             seen: set[int] = set()
 
-            def pack(t: Tensor, stats: dict = stats, seen: set = seen) -> Tensor:
+            def pack(t: Tensor, stats: dict = stats, seen: set = seen) -> None:
                 key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
                 if key not in seen and not isinstance(t, nn.Parameter):
                     seen.add(key)
                     stats["saved"] += t.untyped_storage().nbytes()
                     stats["largest"] = max(stats["largest"], t.untyped_storage().nbytes())
-                return t
+                # nothing kept: the probe is never differentiated, and an output saved by its own node (a ReLU's, a
+                # log-softmax's) returned here made a cycle through autograd's C++ graph that Python's collector
+                # cannot see: every build leaked the probe's activations (stop 44's probe of 1,400 requests)
+                return None
 
             def hook(module: nn.Module, args: tuple, out: Any, stats: dict = stats) -> None:
                 blk = by_module[module]
@@ -1841,7 +1844,7 @@ class KroneckerCurvature:
                 with (
                     _preserved(model),
                     torch.enable_grad(),
-                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None),
                 ):
                     head = _head(batch, rows)
                     nll(model, head) if nll is not None else model(head[0])
