@@ -1348,6 +1348,11 @@ class MCMCUnlearner:
             ``DataLoader`` over a ``TensorDataset``) and checks again; ``"always"``: every
             emptied label's row is drawn so; ``"refuse"``: no draw, a request leaving the label predicted (one half
             or more) is refused (stop 40's behaviour).
+
+    Attributes:
+        history: Every applied request's :class:`RemovalReport`, in order. It is never trimmed (about a kilobyte per
+            request, its damping trials included): a process serving requests for weeks may ``history.clear()``
+            after recording them (the deletion service writes each to its ledger).
     """
 
     def __init__(
