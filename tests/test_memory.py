@@ -647,3 +647,29 @@ def test_the_memory_probes_leave_no_tensor_behind() -> None:
         un.remove((x[i : i + 1], y[i : i + 1]), (x[i + 1 :], y[i + 1 :]))
     del un
     assert _live_tensors() == before
+
+
+def test_the_saved_bytes_probe_counts_every_saved_storage_once() -> None:
+    """What the probes count equals a count made while autograd keeps every saved tensor, as a real backward pass
+    would: a first fix of the leak above let saved storages be freed during the probe, a later tensor then reused a
+    freed address and was not counted (the estimate read low, K-FAC's row chunks changed, and Fashion-MNIST's end
+    point with them)."""
+    from mcmc_unlearner.memory import _saved_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    f = functionalize(model, lambda m, xb: m(xb).logsumexp(-1).sum())
+    theta, x = ParamSpec.flatten_module(model), torch.randn(16, 6)
+
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+        return t  # kept by the graph, as autograd keeps it for a backward pass
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = f(theta.detach().requires_grad_(True), x)
+    reference = sum(seen.values())
+    del out
+    assert _saved_bytes(f, theta, (x,)) == reference > 16 * 32 * 4

@@ -1821,15 +1821,19 @@ class KroneckerCurvature:
             stats = {"saved": 0, "block_out": 0, "patch": 0, "largest": 0}
             seen: set[int] = set()
 
-            def pack(t: Tensor, stats: dict = stats, seen: set = seen) -> None:
+            kept: list[Tensor] = []
+
+            def pack(t: Tensor, stats: dict = stats, seen: set = seen, kept: list = kept) -> None:
                 key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
                 if key not in seen and not isinstance(t, nn.Parameter):
                     seen.add(key)
                     stats["saved"] += t.untyped_storage().nbytes()
                     stats["largest"] = max(stats["largest"], t.untyped_storage().nbytes())
-                # nothing kept: the probe is never differentiated, and an output saved by its own node (a ReLU's, a
-                # log-softmax's) returned here made a cycle through autograd's C++ graph that Python's collector
-                # cannot see: every build leaked the probe's activations (stop 44's probe of 1,400 requests)
+                # held here until the probe ends, as autograd would hold it (a freed storage's address reused by a
+                # later tensor would be counted once: the estimate read low), and not by the graph: an output saved by
+                # its own node (a ReLU's, a log-softmax's) returned to autograd made a cycle through its C++ graph that
+                # Python's collector cannot see, and every build leaked the probe's activations (stop 44's probe)
+                kept.append(t)
                 return None
 
             def hook(module: nn.Module, args: tuple, out: Any, stats: dict = stats) -> None:
@@ -1851,6 +1855,7 @@ class KroneckerCurvature:
             finally:
                 for h in handles:
                     h.remove()
+                kept.clear()
             measured.append((rows, stats))
         (r1, s1), (r2, s2) = measured
         per_row = {k: (s2[k] - s1[k]) / (r2 - r1) if r2 > r1 else s2[k] / r2 for k in s1}
