@@ -1151,3 +1151,29 @@ def test_the_sum_records_a_pooled_second_measurement_and_the_first_unit() -> Non
     assert h["confirm_rows"] == 1024 and out.safe and h["confirm_passed"]
     assert out.nll_rise == pytest.approx(h["pooled_nll_change"])
     assert out.nll_stderr == pytest.approx(h["pooled_nll_stderr"]) == pytest.approx(0.00256, rel=1e-3)
+
+
+def test_labels_spread_tells_a_class_removal_from_random_rows() -> None:
+    """A request of one label's rows is not spread (Fashion-MNIST's 64 rows of one class of ten, the digits BNN's 8);
+    one row, two rows of one label, and random draws are. Random draws are judged concentrated at most at the test's
+    level: 1% Bonferroni over the labels, so at most ~1% of 400 draws (a binomial tail beyond 12 of 400 is < 1e-3)."""
+    from mcmc_unlearner.step import LABEL_SPREAD_ALPHA, labels_spread
+
+    remaining = torch.full((10,), 300.0)
+    one_class = torch.zeros(10)
+    for k, spread in ((64, False), (8, False), (2, True), (1, True)):
+        one_class[0] = k
+        assert labels_spread(one_class, remaining) is spread, k
+    # the tail by hand: 3 of 3 rows in a label of share 1/2 among two labels: 2 × (1/2)^3 = 0.25 > 1%
+    assert labels_spread(torch.tensor([3.0, 0.0]), torch.tensor([500.0, 500.0]))
+    # a label the remaining sample lacks entirely is smoothed, not a division by zero: 5 such rows are concentrated
+    assert not labels_spread(torch.tensor([5.0, 0.0, 0.0]), torch.tensor([0.0, 400.0, 400.0]))
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.1, 0.05, 0.03, 0.02])
+    for k in (8, 64):
+        judged = [
+            labels_spread(torch.bincount(torch.multinomial(p, k, True, generator=g), minlength=8), 1000 * p)
+            for _ in range(400)
+        ]
+        assert sum(not j for j in judged) <= 12, k
+    assert LABEL_SPREAD_ALPHA == 0.01

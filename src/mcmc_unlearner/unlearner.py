@@ -80,6 +80,7 @@ from .step import (
     is_bool,
     is_integer,
     is_number,
+    labels_spread,
     measured_deficit,
 )
 from .stream import (
@@ -1339,7 +1340,10 @@ class MCMCUnlearner:
             once at the damping accepted, the other shape's step taken only when its measured energy change, less
             the credit for following ``G``'s Monte-Carlo error, is lower by more than two standard errors
             (:mod:`mcmc_unlearner.step`); once a correction across requests has been applied (``recenter_every``), only
-            ``H + λI``, the corrections' own shape. ``"identity"`` or ``"data"`` (K-FAC) fix it.
+            ``H + λI``, the corrections' own shape. A request whose removed rows' integer labels are spread like the
+            remaining rows' (:func:`~mcmc_unlearner.step.labels_spread`: random rows, not a class removed in pieces)
+            searches the data shape first and takes ``H + λI`` only where it is clearly better, also after
+            corrections (``report.info["removed_labels_spread"]``). ``"identity"`` or ``"data"`` (K-FAC) fix it.
         emptied_label: ``"resample"`` (default): a request that removes the last rows of a label the moved samples
             still give a tenth of the probability or more on those rows (``EMPTIED_RESAMPLE_PROB``; README step 6)
             draws that label's output-layer row, in every sample, from its conditional given the remaining rows (a
@@ -2715,8 +2719,9 @@ class MCMCUnlearner:
             # a remaining minibatch nll cannot read (float labels, other fields) is said as such, once: torch's own
             # error came from inside the curvature's memory plan, naming no data (stop 44's probe). Rows already
             # read: the data stream is not advanced
+            # (as the data give them: the data-parallel nll reads its weight column itself, as fit()'s check does)
             first = problem.batch if problem.shared else tuple(t[0] for t in problem.batch)
-            self._check_nll(self._raw(tuple(t[:FIT_DATA_ROWS] for t in first)), role="remaining")
+            self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in first), role="remaining")
         t_c = time.perf_counter()
         info.update(self.curvature.prepare(problem))
         _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t_c)
@@ -2787,7 +2792,20 @@ class MCMCUnlearner:
         if self._fitted and info.get("preconditioner_reused"):
             info["curvature_built_by_fit"] = True
         auto = self.damping_shape is DampingShape.AUTO
-        if auto and self._anchor is not None and int(self._anchor.applied) > 0:
+        spread = None
+        if auto and "data" in self.curvature.damping_shapes:
+            counts = self._label_counts(batch, check_rows)
+            spread = None if counts is None else labels_spread(*counts)
+            if spread is not None:
+                info["removed_labels_spread"] = spread
+        if spread:
+            # rows drawn across the labels like the remaining data's (random rows, one row): the data-term shape is
+            # searched first, also after a correction. The rules below are a class removal's: the data shape's long
+            # steps along the emptied class's prior-only directions are what Fashion-MNIST's corrections took back,
+            # but a user's digits MLP losing random rows in 100 requests of 1-8 went 0.07 of the way to retraining
+            # with them (its damping shape locked on the identity), 0.58 with the data shape (stop 44)
+            all_shapes = (DampingShape.DATA.value, DampingShape.IDENTITY.value)
+        elif auto and self._anchor is not None and int(self._anchor.applied) > 0:
             # after the first applied correction across requests the requests are damped as H + λI, like the
             # corrections: the data-term shape's full Newton steps along directions the remaining data barely
             # constrain are what the corrections had to take back (Fashion-MNIST: steps 30-250x longer; with the
@@ -3129,6 +3147,26 @@ class MCMCUnlearner:
         if stream.listable:
             return self._raw(stream.full())[1]
         return _loader_labels(src)
+
+    def _label_counts(self, removed: Batch, rows: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The removed rows' and the check's remaining rows' integer labels (field 1, one non-negative integer per
+        row) counted per label, summed over ranks; ``None`` when either has no such labels (on any rank)."""
+        r = self._raw(removed)
+        ys = [b[1] if len(b) > 1 else None for b in (r, rows)]
+        fits = all(
+            isinstance(y, torch.Tensor) and y.ndim == 1 and not y.is_floating_point() and not y.is_complex()
+            and y.dtype != torch.bool and (y.numel() == 0 or int(y.min()) >= 0)
+            for y in ys
+        )  # fmt: skip
+        top = max((int(y.max()) for y in ys if fits and y.numel()), default=-1)
+        agreed = self._reduce_max(torch.tensor([0.0 if fits else 1.0, float(top)], dtype=torch.float64))
+        labels = int(agreed[1]) + 1
+        if bool(agreed[0] > 0) or not 1 < labels <= 100_000:
+            return None
+        counts = torch.stack([torch.bincount(y.cpu(), minlength=labels) for y in ys]).double()
+        if self._reduce is not None:
+            counts = self._reduce(counts)
+        return counts[0], counts[1]
 
     def _check_rows(self, stream: _Stream, m: int, screen: int) -> tuple[Batch, int]:
         """The safety check's rows (whole minibatches holding at least ``m`` rows) and how many of them, the first,
