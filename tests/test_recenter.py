@@ -7,6 +7,7 @@ influence step is exact there, so an exact removal must be a fixed point of the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -311,6 +312,19 @@ def test_auto_corrects_every_ten_requests_with_kfac_only() -> None:
         MCMCUnlearner(model, bank=bank, recenter_every="sometimes")
 
 
+def _record_offers(un: MCMCUnlearner, offered: list) -> Callable:
+    """Make ``un``'s damping control record the shapes each search is offered in ``offered``; returns the spy (to put
+    on other unlearners too)."""
+    step = un.control.step
+
+    def spy(backend, G, check, shapes=None, noise=None):
+        offered.append(None if shapes is None else tuple(shapes))
+        return step(backend, G, check, shapes=shapes, noise=noise)
+
+    un.control.step = spy
+    return spy
+
+
 def _one_label(data, label: int, parts: int) -> list[torch.Tensor]:
     """``parts`` requests of 10 rows, every row of ``label`` (a class removed in pieces)."""
     ids = torch.nonzero(data.get(torch.arange(len(data)))[1] == label).flatten()
@@ -326,13 +340,7 @@ def test_after_the_first_correction_requests_are_damped_as_h_plus_lambda_i(monke
     requests = _one_label(data, 0, 3)
     un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=2)
     offered: list[tuple[str, ...] | None] = []
-    step = un.control.step
-
-    def spy(backend, G, check, shapes=None, noise=None):
-        offered.append(None if shapes is None else tuple(shapes))
-        return step(backend, G, check, shapes=shapes, noise=noise)
-
-    un.control.step = spy
+    spy = _record_offers(un, offered)
     first = un.forget(requests[0], data)
     assert first.info["preconditioner_reused"] is False and offered == [("identity", "data")]
     assert first.info["removed_labels_spread"] is False
@@ -372,13 +380,7 @@ def test_rows_spread_across_the_labels_search_the_data_shape_first_also_after_a_
     model, bank, data = _mlp_problem()
     un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=2)
     offered: list[tuple[str, ...] | None] = []
-    step = un.control.step
-
-    def spy(backend, G, check, shapes=None, noise=None):
-        offered.append(None if shapes is None else tuple(shapes))
-        return step(backend, G, check, shapes=shapes, noise=noise)
-
-    un.control.step = spy
+    _record_offers(un, offered)
     reports = []
     for i in range(3):
         un.curvature.reset()  # a fresh build every time: the shapes offered are the rule's, not the reuse's
