@@ -375,7 +375,7 @@ def test_after_the_first_correction_requests_are_damped_as_h_plus_lambda_i(monke
 def test_rows_spread_across_the_labels_search_the_data_shape_first_also_after_a_correction() -> None:
     """Random rows (labels spread like the remaining rows') are searched in the data-term shape first, the identity
     tried once at its damping, before and after an applied correction: a user's digits MLP losing random rows in 100
-    requests of 1-8 went 0.07 of the way to retraining with the class-removal rules (the identity shape), 0.67 with
+    requests of 1-8 went 0.07 of the way to retraining with the class-removal rules (the identity shape), 0.80 with
     this (stop 44). A class removal's requests keep those rules (previous test)."""
     model, bank, data = _mlp_problem()
     un = MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=2)
