@@ -587,6 +587,48 @@ def test_a_request_removing_a_large_share_of_the_data_is_warned_about() -> None:
             assert caught[0].filename == __file__  # attributed to the caller's line
 
 
+def test_a_sequence_that_removes_most_of_the_rows_the_samples_were_drawn_on_is_warned_about_once() -> None:
+    """Stop 44's endurance probe: 300 small requests removed 90% of a digits MLP's rows, every one passing, and the
+    samples ended 1.4 times retraining's move away; no single request was large enough to be warned about."""
+    import warnings
+
+    model, x, y, bank = _problem(16)
+
+    def run(un: MCMCUnlearner, requests: range) -> list[tuple[int, list[str], float]]:
+        out = []
+        for r in requests:  # requests of 20 of the 240 rows
+            keep = torch.arange(20 * (r + 1), 240)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = un.remove(
+                    (x[20 * r : 20 * (r + 1)], y[20 * r : 20 * (r + 1)]), (x[keep], y[keep]), strict=False
+                )
+            said = [str(w.message) for w in caught if "the samples were drawn on" in str(w.message)]
+            # no request up to the 8th is large (20/120 of what is left at most); the 9th is (20/80)
+            assert bool([w for w in caught if "of the data (" in str(w.message)]) == (r == 8)
+            out.append((r, said, report.info["removed_since_samples"]))
+        return out
+
+    un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
+    first = run(un, range(5))
+    assert [s for _, s, _ in first] == [[]] * 5
+    assert [g for _, _, g in first] == pytest.approx([20 * (r + 1) / 240 for r in range(5)])
+    # the count is part of the checkpointed state: a new process continues it
+    tensors, meta = un.curvature_state()
+    assert meta["rows_at_samples"] == 240
+    again = MCMCUnlearner(copy.deepcopy(un.model), nll=_nll, log_prior=_log_prior, bank=un.bank)
+    again.load_curvature_state(tensors, meta)
+    later = run(again, range(5, 8))
+    assert [bool(s) for _, s, _ in later] == [False, True, False]  # 6/12 = 50% is not over; 7/12 is, said once
+    said = later[1][1][0]
+    assert "58.3% of the rows the samples were drawn on" in said and "(140 of 240" in said and "new bank" in said
+    assert later[2][2] == pytest.approx(160 / 240)
+    # new samples restart the count (setting the bank is what the message advises): 20 of 80, no longer 180 of 240
+    again.bank = again.bank.clone()
+    _, said, gone = run(again, range(8, 9))[0]
+    assert not said and gone == pytest.approx(20 / 80)
+
+
 def test_a_request_leaves_buffers_a_training_mode_forward_updates_as_they_were() -> None:
     class Counting(nn.Module):  # counts its forward passes in training mode, as some models count steps
         def __init__(self) -> None:
