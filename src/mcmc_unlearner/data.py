@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, all_finite
 
 __all__ = ["RemovableDataset", "as_id_tensor", "epoch_samplers", "new_pass"]
 
@@ -204,6 +204,21 @@ class RemovableDataset:
         self._order = torch.empty(0, dtype=torch.int64)
         self._pos = 0
         return t
+
+    def nonfinite_ids(self) -> torch.Tensor:
+        """Sorted ids of the remaining rows holding a NaN or an infinite value in a floating-point field.
+
+        The tensors are scanned once and again only after one of them was changed in place: a request reads only
+        some minibatches, and a NaN row in none of them was used silently (or named by its place in a minibatch)."""
+        key = tuple((id(t), t._version) for t in self.tensors)
+        if getattr(self, "_nonfinite_key", None) != key:
+            bad = torch.zeros(self.n_total, dtype=torch.bool)
+            for t in self.tensors:
+                if t.is_floating_point() and not all_finite(t):
+                    bad |= ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+            self._nonfinite_key, self._nonfinite = key, bad.nonzero().flatten()
+        ids = self._nonfinite
+        return ids[self._alive[ids]]
 
     # ----------------------------------------------------------------- sampling
     def _reshuffle(self) -> None:

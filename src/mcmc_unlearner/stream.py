@@ -325,6 +325,16 @@ class _Stream:
                 )
             source = RemovableDataset(*source, batch_size=min(128, rows), seed=0)
         self.source = source
+        scan = getattr(source, "nonfinite_ids", None)
+        if callable(scan) and not self.from_rows:  # (rows given as a tuple were checked whole above)
+            bad = scan()
+            if bad.numel():
+                raise InvalidRequestError(
+                    f"the remaining data has NaN or infinite values in the rows with id(s) {bad[:5].tolist()}"
+                    f"{f' and {bad.numel() - 5} more' if bad.numel() > 5 else ''}: the data must be finite to "
+                    "compute the influence; fix those rows in the data set's tensors (or build it without them) "
+                    "before the request; nothing was changed"
+                )
         _check_loader_order(source)
         if not isinstance(source, Iterable) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             raise TypeError(

@@ -568,6 +568,17 @@ EMPTIED_LABEL_DRAWS = 16
 EMPTIED_LABEL_ROWS = 512
 
 
+def _same_kind(exc: BaseException, message: str) -> Exception:
+    """An exception of ``exc``'s class carrying ``message``, or a ``ValueError`` where that class cannot be built
+    from a message alone (torch raised a ``UnicodeDecodeError``, whose constructor takes five arguments, for a uint8
+    label of 255 in ``cross_entropy``: re-raising it failed with "function takes exactly 5 arguments")."""
+    try:
+        out = type(exc)(message)
+    except Exception:
+        return ValueError(message)
+    return out if isinstance(out, Exception) else ValueError(message)
+
+
 def _percent(share: float) -> str:
     """``share`` as a percentage that never rounds up to 100% (or down to 0%) when it is not."""
     pct = 100 * share
@@ -1789,7 +1800,8 @@ class MCMCUnlearner:
             ) from e
         except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as e:
             indices = removed and len(batch) == 1 and not batch[0].is_floating_point() and batch[0].ndim == 1
-            raise type(e)(
+            raise _same_kind(
+                e,
                 f"nll(model, {role} data) failed: {e}. "
                 + (
                     "remove() takes the removed rows' data as a batch shaped like the minibatches (e.g. (x, y)), not "
@@ -1801,7 +1813,7 @@ class MCMCUnlearner:
                     else "the remaining data's minibatches go to nll as the data gives them (in fit() and in every "
                     "request): they must be the data the model was trained on, as nll reads a minibatch (the same "
                     "fields, dtypes and label range)"
-                )
+                ),
             ) from e
         if not isinstance(out, torch.Tensor) or out.numel() != k or (out.ndim > 1 and out.shape[0] != k):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
