@@ -53,6 +53,37 @@ def test_a_subset_random_sampler_over_the_full_dataset_counts_the_rows_it_draws(
     assert torch.allclose(out[0], out[1], atol=1e-6)
 
 
+def test_a_batch_sampler_of_the_users_own_is_not_read_as_drawing_every_row():
+    """DataLoader(full, batch_sampler=own batches of the remaining ids): DataLoader reports a SequentialSampler over
+    the full dataset that it never uses, which was read as the sampler: n was len(full) and the emptied-label check
+    read the full dataset's labels, so emptying class 0 was not seen (stop 45's probe)."""
+    model, samples, x, y = _setup()
+    keep = (y == 1).nonzero().flatten()  # every row of class 0 is removed
+
+    class OwnBatches:
+        def __init__(self) -> None:
+            self.g = torch.Generator().manual_seed(0)
+
+        def __iter__(self):
+            order = keep[torch.randperm(len(keep), generator=self.g)]
+            return iter([order[i : i + 64].tolist() for i in range(0, len(order), 64)])
+
+        def __len__(self) -> int:
+            return -(-len(keep) // 64)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
+    bank = un.bank.clone()
+    with pytest.raises(ValueError, match=r"pass n_remaining=.*batch_sampler of its own \(OwnBatches\)"):
+        un.remove((x[y == 0], y[y == 0]), DataLoader(TensorDataset(x, y), batch_sampler=OwnBatches()))
+    assert torch.equal(un.bank, bank) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    report = un.remove(
+        (x[y == 0], y[y == 0]), DataLoader(TensorDataset(x, y), batch_sampler=OwnBatches()), len(keep), strict=False
+    )
+    assert report.n_remaining == len(keep)
+    assert str(report.info["emptied_labels"]).startswith("not checked")  # was None: "no label emptied"
+
+
 def test_minibatches_padded_to_their_own_length_are_refused_with_the_fix_and_nothing_changes():
     torch.manual_seed(0)
     seqs = [torch.randint(1, 9, (int(L),)) for L in torch.randint(2, 12, (200,))]

@@ -110,6 +110,20 @@ def _is_fields(source: Any) -> bool:
     )
 
 
+_UNKNOWN = object()
+
+
+def _drawing_sampler(loader: Any) -> Any:
+    """The sampler whose indices a ``DataLoader`` batches (``None`` without one), or ``_UNKNOWN`` for a
+    ``batch_sampler`` of the user's own: the loader then reports a ``SequentialSampler`` over its whole dataset that
+    it never uses (read as such, a loader whose own batches drew only the remaining ids counted every row of the
+    full dataset as remaining and had its labels read from it, stop 45's probe)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is not None and not isinstance(batch_sampler, torch.utils.data.BatchSampler):
+        return _UNKNOWN
+    return getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+
+
 def _loader_selection(loader: Any) -> tuple[Any, torch.Tensor | None] | None:
     """The dataset under a ``DataLoader``'s ``Subset``s and the indices into it of every row the loader reads
     (``None``: all of them), where that can be told without a pass: the default collate function, and a random or
@@ -124,7 +138,7 @@ def _loader_selection(loader: Any) -> tuple[Any, torch.Tensor | None] | None:
     while isinstance(ds, data.Subset):
         sub = torch.as_tensor(list(ds.indices), dtype=torch.long)
         to_base, ds = (sub if to_base is None else sub[to_base]), ds.dataset
-    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+    inner = _drawing_sampler(loader)
     if isinstance(inner, data.SubsetRandomSampler):
         pick = torch.as_tensor(list(inner.indices), dtype=torch.long)
     elif isinstance(inner, data.WeightedRandomSampler):
@@ -185,13 +199,17 @@ def _loader_rows(loader: Any) -> int:
     rows), the common ways of leaving deleted rows out of a loader over the full dataset.
 
     Raises:
-        ValueError: a sampler of another kind that draws a different number of rows than the dataset holds
-            (which of them remain cannot be read: pass ``n_remaining``).
+        ValueError: a sampler of another kind that draws a different number of rows than the dataset holds, or a
+            ``batch_sampler`` of the user's own (which of them remain cannot be read: pass ``n_remaining``).
     """
     rows = len(loader.dataset)
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    inner = getattr(batch_sampler, "sampler", None) or sampler
+    inner = _drawing_sampler(loader)
+    if inner is _UNKNOWN:
+        raise ValueError(
+            f"pass n_remaining= (the number of remaining data points): the DataLoader draws its minibatches with a "
+            f"batch_sampler of its own ({type(loader.batch_sampler).__name__}), so how many of the dataset's "
+            f"{rows:,} rows remain cannot be read from it"
+        )
     if isinstance(inner, torch.utils.data.SubsetRandomSampler):
         return len({int(i) for i in inner.indices})
     if isinstance(inner, torch.utils.data.WeightedRandomSampler):
