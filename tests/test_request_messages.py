@@ -162,7 +162,8 @@ def test_a_nan_row_left_in_a_removable_dataset_is_refused_by_its_id_whatever_the
     data = RemovableDataset(x, y, batch_size=16, seed=seed)
     bank, state = un.bank.clone(), data.state_dict()
     with pytest.raises(
-        InvalidRequestError, match=r"remaining data has NaN or infinite values in the rows with id\(s\) \[700\]"
+        InvalidRequestError,
+        match=r"the remaining data: field 0 has NaN or infinite values in the rows with id\(s\) \[700\]",
     ):
         un.forget([3, 4], data)
     assert torch.equal(un.bank, bank) and len(data) == 1000

@@ -306,6 +306,26 @@ def _concat(parts: Sequence[Batch]) -> Batch:
     return tuple(torch.cat(f) for f in zip(*parts))
 
 
+def _refuse_misshapen_fields(source: Any) -> None:
+    """Refuse remaining data that looks like the rows' fields but cannot be read as them: a tuple or a list whose
+    tensors differ in row shape and in row count (it was told to pass ``n_remaining=``, then that its minibatches
+    differ in shape; stop 45's probe)."""
+    if not (
+        isinstance(source, (list, tuple))
+        and len(source) >= 2
+        and all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in source)
+        and len({tuple(t.shape[1:]) for t in source}) > 1  # one-field minibatches share their row shape
+    ):
+        return
+    rows = [int(t.shape[0]) for t in source]
+    if len(set(rows)) > 1:
+        raise ValueError(
+            f"the remaining data is a {type(source).__name__} of {len(source)} tensors of different shapes and row "
+            f"counts ({', '.join(f'{r:,}' for r in rows)}): if they are the remaining rows' fields (x, y), every "
+            "field needs one row per remaining data point; nothing was changed"
+        )
+
+
 class _Stream:
     """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
     iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out, a ``DistributedSampler``'s epoch
@@ -320,6 +340,9 @@ class _Stream:
         ):  # the remaining rows given as empty tensors: the request removes everything; it was told to pass
             # n_remaining=, which was then refused as not >= 1
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
+        _refuse_misshapen_fields(source)
+        if isinstance(source, list) and _is_fields(tuple(source)):
+            source = tuple(source)  # [x, y]: the rows' fields, as the removed rows are taken (was read as minibatches)
         self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
             if not rows_as_data:
@@ -347,11 +370,13 @@ class _Stream:
         if callable(scan) and not self.from_rows:  # (rows given as a tuple were checked whole above)
             bad = scan()
             if bad.numel():
+                fields = [i for i, t in enumerate(source.get(bad[:5])) if t.is_floating_point() and not all_finite(t)]
+                more = f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""
                 raise InvalidRequestError(
-                    f"the remaining data has NaN or infinite values in the rows with id(s) {bad[:5].tolist()}"
-                    f"{f' and {bad.numel() - 5} more' if bad.numel() > 5 else ''}: the data must be finite to "
-                    "compute the influence; fix those rows in the data set's tensors (or build it without them) "
-                    "before the request; nothing was changed"
+                    f"the remaining data: field {fields[0] if fields else 0} has NaN or infinite values in the rows "
+                    f"with id(s) {bad[:5].tolist()}{more}; the data must be finite to compute the influence: fix "
+                    "those rows in the data set's tensors (or build it without them) before the request; nothing "
+                    "was changed"
                 )
         _check_loader_order(source)
         if not isinstance(source, Iterable) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
