@@ -970,3 +970,17 @@ def test_assigning_the_bank_takes_what_bank_takes_and_refuses_non_finite_samples
     with pytest.raises(ValueError, match="the first at index 3"):
         un.bank = bad
     assert un.bank is None
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_a_bank_of_integers_is_refused_with_what_to_pass(dtype) -> None:
+    """An int64 [S, D] bank was cast to the model's dtype and used, warned about only by the checks it then failed
+    (stop 45's probe)."""
+    model, _, _, bank = _problem(3)
+    ints = (bank * 10).round().to(dtype)
+    with pytest.raises(ValueError, match=r"bank: the samples are (int64|int32|bool), not floating-point"):
+        MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=ints)
+    un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
+    with pytest.raises(ValueError, match=r"not floating-point"):
+        un.bank = ints
+    assert torch.equal(un.bank, bank)  # the setter refused before anything changed

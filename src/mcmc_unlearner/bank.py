@@ -296,6 +296,13 @@ def to_flat(
         )
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
+    if not (flat.is_floating_point() or flat.is_complex()):
+        # an integer bank was cast to the model's dtype and used, warned about only by the checks it then failed
+        # (stop 45's probe: "1272% off the computed one")
+        raise ValueError(
+            f"bank: the samples are {str(flat.dtype).removeprefix('torch.')}, not floating-point parameter values: "
+            "pass the sampler's parameters as they were stored (e.g. parameters_to_vector(model.parameters()))"
+        )
     if flat.shape[0] > 1 and bool((flat == flat[0]).all()):
         raise ValueError(
             f"bank: all {flat.shape[0]} samples are identical, so there is no posterior to average over. A sampler "
