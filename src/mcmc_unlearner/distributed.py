@@ -951,6 +951,7 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     dun.load_curvature_state(*un.curvature_state())
     report = dun.forget(ids, shard, strict=False)
     data.load_state_dict(shard.state_dict())
+    un.reset_curvature()  # the state loaded with it is replaced by the request's below
     un.bank = dun.bank
     un.generator.set_state(dun.generator.get_state())
     un.load_curvature_state(*dun.curvature_state())

@@ -556,6 +556,7 @@ def commit_update(
     loaded.ledger_lines.append(line)
     loaded.model_sha256 = after
     if un is not loaded.unlearner:
+        loaded.unlearner.reset_curvature()  # the state loaded with it is replaced by the request's below
         loaded.unlearner.bank = un.bank
         loaded.unlearner.generator.set_state(un.generator.get_state())
         loaded.unlearner.load_curvature_state(*un.curvature_state())
