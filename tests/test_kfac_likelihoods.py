@@ -209,3 +209,34 @@ def test_the_empirical_fisher_fallback_is_warned_once_and_reported_on_every_requ
     # stated by name, the choice is the user's: nothing to tell
     _, reports, caught = _requests(model, multitask, "kfac", (x, y), bank, likelihood="empirical")
     assert not _fallback_warnings(caught) and "kfac_likelihood_fallback" not in reports[0].info
+
+
+def test_a_model_of_two_inputs_is_not_told_to_pass_the_likelihood_that_needs_one() -> None:
+    """forward(x, mask): the fallback's fix was likelihood='categorical', which then failed with the forward's bare
+    TypeError (stop 45's probes of a text model and of a dict-input model). The fix named is now one that works, and
+    the categorical likelihood asked for says what it needs; nothing changes on the refusal."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, mask):
+            return self.fc(x * mask)
+
+    torch.manual_seed(5)
+    model = TwoInputs().double()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 4, dtype=D64, generator=g), torch.randint(0, 3, (40,), generator=g)
+    mask = (torch.rand(40, 4, generator=g) > 0.2).to(D64)
+    nll = lambda m, b: F.cross_entropy(m(b[0], b[1]), b[2], reduction="none")  # noqa: E731
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.05 * torch.randn(6, theta.numel(), dtype=D64, generator=g)
+    caught = _requests(model, nll, "kfac", (x, mask, y), bank, requests=1)[2]
+    told = str(_fallback_warnings(caught)[0].message)
+    assert "cannot be called on its own" in told and "let forward take the first field alone" in told
+    assert "pass likelihood='categorical'" not in told
+    un = MCMCUnlearner(model, nll=nll, log_prior=_prior, bank=bank, solver="kfac", likelihood="categorical")
+    with pytest.raises(ValueError, match=r"likelihood='categorical' takes the model's output from model\(batch\[0\]\)"):
+        un.remove((x[:3], mask[:3], y[:3]), (x[3:], mask[3:], y[3:]))
+    assert torch.equal(un.bank, bank)

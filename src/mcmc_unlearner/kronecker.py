@@ -380,18 +380,29 @@ def _class_weight_fit(
 
 def empirical_fallback_message(reason: str) -> str:
     """What K-FAC says when ``likelihood="auto"`` did not recognise ``nll`` and it uses the empirical Fisher."""
+    if reason.startswith(_UNCALLABLE):
+        # likelihood='categorical' calls model(batch[0]) too: offered here, it failed with the forward's own TypeError
+        # (stop 45's probes: forward(ids, mask), forward(dict))
+        fix = (
+            "Fix: K-FAC's categorical and Gaussian likelihoods take the output from model(batch[0]), so let forward "
+            "take the first field alone (e.g. compute a padding mask from the token ids inside forward, ids != pad) "
+            "and nll call model(b[0]); "
+        )
+    else:
+        fix = "Fix: if model(x) returns the logits of nll's softmax cross-entropy, pass likelihood='categorical'; "
     return (
         "K-FAC uses the EMPIRICAL Fisher (gradients of nll at the true labels), which can be far from the "
         "curvature (0.09-0.63 relative off the dense GGN on probed models), because likelihood='auto' did not "
         f"recognise nll as a categorical or Gaussian likelihood of the model's output ({reason}). Recognised: "
         "cross-entropy or a Gaussian NLL of model(x) or of one tensor of a tuple/dict output, with a temperature, "
         "label smoothing, a constant factor, per-class weight= or per-row weights from a batch field (batch[2:]). "
-        "Fix: if model(x) "
-        "returns the logits of nll's softmax cross-entropy, pass likelihood='categorical'; for the exact "
-        "curvature use solver='ggn' (dense Gauss-Newton, or the dense Hessian for an unrecognised likelihood; small "
-        "models) or solver='cg' (Hessian-vector products); likelihood='empirical' keeps this choice without the "
-        "warning"
+        f"{fix}for the exact curvature use solver='ggn' (dense Gauss-Newton, or the dense Hessian for an "
+        "unrecognised likelihood; small models) or solver='cg' (Hessian-vector products); likelihood='empirical' "
+        "keeps this choice without the warning"
     )
+
+
+_UNCALLABLE = "model(batch[0]) cannot be called on its own"
 
 
 def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
@@ -432,7 +443,7 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
             raw = model(x)
         except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:
             # e.g. a model of several inputs, forward(x1, x2): only nll knows how to call it
-            why = f"model(batch[0]) cannot be called on its own ({type(e).__name__}: {str(e)[:80]}); nll calls it"
+            why = f"{_UNCALLABLE} ({type(e).__name__}: {str(e)[:80]}); nll calls it"
             return Likelihood.EMPIRICAL, {"reason": why}
         candidates = _output_candidates(raw, rows)
         if not candidates or y is None or not isinstance(y, Tensor):
@@ -1528,7 +1539,16 @@ class KroneckerCurvature:
             record["mode"] = "empirical"
             yield (signs(values) * values).sum()
             return
-        out = select_output(model(batch[0]), link)
+        try:
+            raw = model(batch[0])
+        except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            raise ValueError(
+                f"likelihood={lik.value!r} takes the model's output from model(batch[0]), which failed "
+                f"({type(e).__name__}: {str(e)[:120]}): let forward take the first field of a minibatch alone (e.g. "
+                "compute a padding mask from the token ids inside forward), or leave likelihood='auto' (the "
+                "empirical Fisher where the output cannot be read); nothing was changed"
+            ) from e
+        out = select_output(raw, link)
         w = row_weights(batch, link)
         rw = None if w is None else w.to(out.device, out.dtype).sqrt()
         if not isinstance(out, Tensor) or out.shape[:1] != (B,):
