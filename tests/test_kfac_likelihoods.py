@@ -236,6 +236,7 @@ def test_a_model_of_two_inputs_is_not_told_to_pass_the_likelihood_that_needs_one
     told = str(_fallback_warnings(caught)[0].message)
     assert "cannot be called on its own" in told and "let forward take the first field alone" in told
     assert "pass likelihood='categorical'" not in told
+    assert "batch[2] does: put the labels second" in told  # the labels are read from batch[1] (the mask here)
     un = MCMCUnlearner(model, nll=nll, log_prior=_prior, bank=bank, solver="kfac", likelihood="categorical")
     with pytest.raises(ValueError, match=r"likelihood='categorical' takes the model's output from model\(batch\[0\]\)"):
         un.remove((x[:3], mask[:3], y[:3]), (x[3:], mask[3:], y[3:]))

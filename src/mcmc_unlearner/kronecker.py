@@ -443,7 +443,7 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
             raw = model(x)
         except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:
             # e.g. a model of several inputs, forward(x1, x2): only nll knows how to call it
-            why = f"{_UNCALLABLE} ({type(e).__name__}: {str(e)[:80]}); nll calls it"
+            why = f"{_UNCALLABLE} ({type(e).__name__}: {str(e)[:80]}); nll calls it{_label_hint(probe)}"
             return Likelihood.EMPIRICAL, {"reason": why}
         candidates = _output_candidates(raw, rows)
         if not candidates or y is None or not isinstance(y, Tensor):
@@ -481,7 +481,25 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
             if kind is not Likelihood.EMPIRICAL:
                 return kind, ({"output": key, **extra} if key is not None else extra)
             reasons.append(extra["reason"] if key is None else f"output {key!r}: {extra['reason']}")
-        return Likelihood.EMPIRICAL, {"reason": "; ".join(reasons)}
+        return Likelihood.EMPIRICAL, {"reason": "; ".join(reasons) + _label_hint(probe)}
+
+
+def _label_hint(batch: Batch) -> str:
+    """Where ``batch[1]`` holds no integer labels but a later field does (``(ids, mask, y)``): that the labels are read
+    from the second field (stop 45's text probe: the mask was taken as the labels, silently)."""
+
+    def labels(t: Any) -> bool:
+        return isinstance(t, Tensor) and t.dim() == 1 and not (t.is_floating_point() or t.is_complex())
+
+    if len(batch) < 3 or labels(batch[1]):
+        return ""
+    later = [i for i in range(2, len(batch)) if labels(batch[i]) and batch[i].dtype != torch.bool]
+    if not later:
+        return ""
+    return (
+        f" (the labels are read from a minibatch's second field, batch[1], which holds no integer labels here; "
+        f"batch[{later[0]}] does: put the labels second, e.g. (ids, y, mask) with nll reading b[1])"
+    )
 
 
 def _detect_in(
