@@ -41,3 +41,23 @@ def test_a_tied_weights_reason_names_every_module_using_it_and_its_bias_is_not_c
     for bias, layer in (("a.bias", "a"), ("b.bias", "b")):
         assert f"Linear '{layer}'" in diag[bias] and "not tied itself" in diag[bias], diag[bias]
         assert "a.weight" in diag[bias]  # names the tied tensor it is left out with
+
+
+def test_the_solver_reason_counts_the_tied_layers_k_fac_holds_in_its_diagonal():
+    """The automatic choice said "4 Linear/Conv layers for Kronecker factors" for a model whose tied layers K-FAC
+    holds in its diagonal block (stop 45's probe: every factored layer of its model was tied)."""
+    from mcmc_unlearner import MCMCUnlearner
+
+    model = Tied()
+    un = MCMCUnlearner(
+        model,
+        nll=lambda m, b: 0.5 * (b[1] - m(b[0]).squeeze(-1)) ** 2,
+        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+        bank=torch.randn(4, sum(p.numel() for p in model.parameters())),
+        exact_max_dim=10,
+    )
+    assert un.solver.value == "kfac"
+    assert un.solver_reason.endswith(
+        "4 Linear/Conv layers for Kronecker factors (2 of them with tied weights, which "
+        "K-FAC holds in its diagonal block)"
+    ), un.solver_reason

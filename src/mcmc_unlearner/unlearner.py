@@ -46,6 +46,7 @@ import math
 import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
@@ -1664,7 +1665,12 @@ class MCMCUnlearner:
                 "to take it anyway)"
             )
         if layers and not self.custom_energy:
-            return SolverName.KFAC, f"{why}; {len(layers)} Linear/Conv layers for Kronecker factors"
+            uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+            tied = sum(uses[id(m.weight)] > 1 for m in layers)
+            # a tied weight is held in K-FAC's diagonal block (kronecker.py): the reason counted it as a factored
+            # layer (stop 45's probe: "3 layers for Kronecker factors" where none was factored)
+            also = f" ({tied} of them with tied weights, which K-FAC holds in its diagonal block)" if tied else ""
+            return SolverName.KFAC, f"{why}; {len(layers)} Linear/Conv layers for Kronecker factors{also}"
         return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
 
     def config(self) -> dict[str, Any]:
