@@ -254,7 +254,7 @@ def to_flat(
             ],
             "the dict of stacked tensors",
         )
-        _warn_varying_buffers(_stacked_rows(bank, spec, tied, sizes.pop(), model), spec, tied)
+        _warn_varying_buffers(_stacked_rows(bank, spec, tied, sizes.pop(), model), spec, tied, model)
         template = {prefix + k: v for k, v in bank.items()}
         flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
     elif (
@@ -286,7 +286,7 @@ def to_flat(
             rows.append(torch.cat([sd[n].detach().reshape(-1) for n in spec.names]))
         _check_not_aliased(bank, spec)
         _check_frozen(model, spec, bank, "the state_dicts")
-        _warn_varying_buffers(bank, spec, tied)
+        _warn_varying_buffers(bank, spec, tied, model)
         flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, given, tied=tied, prefix=prefix)
     else:
         params = " (it has a .params attribute: pass that, e.g. bank=state.params)" if hasattr(bank, "params") else ""
@@ -333,14 +333,49 @@ def _stacked_rows(
 
 
 def _warn_varying_buffers(
-    bank: Sequence[Mapping[str, Any]], spec: ParamSpec, tied: tuple[tuple[str, str], ...]
+    bank: Sequence[Mapping[str, Any]],
+    spec: ParamSpec,
+    tied: tuple[tuple[str, str], ...],
+    model: torch.nn.Module | None = None,
 ) -> None:
     """Warn when the samples carry different buffers (BatchNorm statistics collected while sampling in training
-    mode): every sample is evaluated with the model's current buffers, and each gets its own back unchanged."""
-    if len(bank) < 2:
+    mode), or the same ones in every sample but other than the model's (statistics re-estimated after sampling):
+    every sample is evaluated with the model's current buffers, and each gets its own back unchanged."""
+    if not bank:
         return
     skip = set(spec.names) | {alias for alias, _ in tied}
     first = bank[0]
+    if model is not None:
+        own = dict(model.named_buffers())
+        stale = [
+            k
+            for k, v in first.items()
+            if k not in skip
+            and isinstance(v, torch.Tensor)
+            and v.is_floating_point()
+            and v.layout == torch.strided
+            and isinstance(own.get(k), torch.Tensor)
+            and own[k].shape == v.shape
+            and own[k].layout == torch.strided
+            and not torch.allclose(own[k].to(v.dtype), v, rtol=1e-5, atol=1e-8)
+            and all(
+                isinstance(sd.get(k), torch.Tensor) and sd[k].layout == torch.strided and torch.equal(sd[k], v)
+                for sd in bank[1:]
+            )
+        ]
+        if stale:
+            # stop 45's probe: BatchNorm statistics re-estimated after sampling moved the removed rows 0.14 of the
+            # way to retraining instead of 0.64, every check passing, the samples returned with their old statistics
+            warnings.warn(
+                f"bank: every sample holds the same {len(stale)} non-parameter entries (e.g. {stale[:3]}), but not "
+                "the model's values of them: the unlearner evaluates every sample with the model's current buffers "
+                "and returns each sample's own unchanged, so it moves the posterior of a network the samples were not "
+                "drawn from. If the samples' values are the right ones, copy them into the model first (for name, b "
+                "in model.named_buffers(): b.copy_(samples[0][name])); if the model's are, store them in the samples",
+                stacklevel=4,  # the caller of MCMCUnlearner(...)
+            )
+    if len(bank) < 2:
+        return
     varying = [
         k
         for k, v in first.items()
