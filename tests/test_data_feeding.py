@@ -84,24 +84,20 @@ def test_a_batch_sampler_of_the_users_own_is_not_read_as_drawing_every_row():
     assert str(report.info["emptied_labels"]).startswith("not checked")  # was None: "no label emptied"
 
 
-def test_remaining_rows_as_a_list_are_the_tuples_rows_and_fields_of_unequal_length_are_named():
+def test_remaining_rows_as_a_list_or_fields_of_unequal_length_are_named():
     """[x, y] was read as one-field minibatches: "pass n_remaining=", and with it "minibatches differ in shape"; a
-    tuple whose y is a row short got the same two messages (stop 45's probe)."""
+    tuple whose y is a row short got the same two messages (stop 45's probe). The list is not taken as the tuple:
+    one-field minibatches padded to their own lengths look the same."""
     model, samples, x, y = _setup()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    banks = []
-    for rows in ((x[10:], y[10:]), [x[10:], y[10:]]):
-        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
-        un.remove((x[:10], y[:10]), rows)
-        banks.append(un.bank)
-        model.load_state_dict(state)
-    assert torch.equal(banks[0], banks[1])
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
     bank = un.bank.clone()
     for n in (None, 290):
+        with pytest.raises(TypeError, match=r"list of 2 tensors of 290 rows each .* as a tuple, \(x, y\)"):
+            un.remove((x[:10], y[:10]), [x[10:], y[10:]], n)
         with pytest.raises(ValueError, match=r"tuple of 2 tensors of different shapes and row counts \(290, 289\)"):
             un.remove((x[:10], y[:10]), (x[10:], y[11:]), n)
     assert torch.equal(un.bank, bank)
+    assert un.remove((x[:10], y[:10]), (x[10:], y[10:])).passed  # the fix named
 
 
 def test_minibatches_padded_to_their_own_length_are_refused_with_the_fix_and_nothing_changes():

@@ -308,8 +308,8 @@ def _concat(parts: Sequence[Batch]) -> Batch:
 
 def _refuse_misshapen_fields(source: Any) -> None:
     """Refuse remaining data that looks like the rows' fields but cannot be read as them: a tuple or a list whose
-    tensors differ in row shape and in row count (it was told to pass ``n_remaining=``, then that its minibatches
-    differ in shape; stop 45's probe)."""
+    tensors differ in row shape and in row count, or a list ``[x, y]`` (it was told to pass ``n_remaining=``, then
+    that its minibatches differ in shape; stop 45's probe)."""
     if not (
         isinstance(source, (list, tuple))
         and len(source) >= 2
@@ -323,6 +323,13 @@ def _refuse_misshapen_fields(source: Any) -> None:
             f"the remaining data is a {type(source).__name__} of {len(source)} tensors of different shapes and row "
             f"counts ({', '.join(f'{r:,}' for r in rows)}): if they are the remaining rows' fields (x, y), every "
             "field needs one row per remaining data point; nothing was changed"
+        )
+    if isinstance(source, list):
+        # not taken as the tuple: a list of one-field minibatches padded to their own lengths looks the same
+        raise TypeError(
+            f"the remaining data is a list of {len(source)} tensors of {rows[0]:,} rows each and different row "
+            "shapes: pass the remaining rows' fields as a tuple, (x, y); a list is read as a list of minibatches "
+            "(each a tuple of fields); nothing was changed"
         )
 
 
@@ -341,8 +348,6 @@ class _Stream:
             # n_remaining=, which was then refused as not >= 1
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
         _refuse_misshapen_fields(source)
-        if isinstance(source, list) and _is_fields(tuple(source)):
-            source = tuple(source)  # [x, y]: the rows' fields, as the removed rows are taken (was read as minibatches)
         self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
             if not rows_as_data:
