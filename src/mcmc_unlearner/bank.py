@@ -357,7 +357,7 @@ def _warn_varying_buffers(
             and isinstance(own.get(k), torch.Tensor)
             and own[k].shape == v.shape
             and own[k].layout == torch.strided
-            and not torch.allclose(own[k].to(v.dtype), v, rtol=1e-5, atol=1e-8)
+            and not torch.allclose(own[k].to(v.device, v.dtype), v, rtol=1e-5, atol=1e-8)
             and all(
                 isinstance(sd.get(k), torch.Tensor) and sd[k].layout == torch.strided and torch.equal(sd[k], v)
                 for sd in bank[1:]

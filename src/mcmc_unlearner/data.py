@@ -106,6 +106,14 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
     return t.to(torch.int64)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's in-place version counter (``None`` for an inference-mode tensor, which keeps none)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
 class RemovableDataset:
     """In-memory data set whose rows can be removed, with an endless shuffled minibatch iterator.
 
@@ -210,8 +218,8 @@ class RemovableDataset:
 
         The tensors are scanned once and again only after one of them was changed in place: a request reads only
         some minibatches, and a NaN row in none of them was used silently (or named by its place in a minibatch)."""
-        key = tuple((id(t), t._version) for t in self.tensors)
-        if getattr(self, "_nonfinite_key", None) != key:
+        key = tuple((id(t), _version(t)) for t in self.tensors)
+        if getattr(self, "_nonfinite_key", None) != key or any(v is None for _, v in key):
             bad = torch.zeros(self.n_total, dtype=torch.bool)
             for t in self.tensors:
                 if t.is_floating_point() and not all_finite(t):
