@@ -812,3 +812,28 @@ def test_integer_options_are_refused_by_name_when_they_are_not_whole_numbers(blr
     import numpy as np
 
     assert MCMCUnlearner(_LinReg(blr.x.shape[1]), newton_steps=np.int64(2)).newton_steps == 2
+
+
+def test_the_papers_full_hessian_on_a_network_runs_on_the_solver_auto_picks() -> None:
+    """hessian="full" (the paper's) on a 2,410-parameter MLP: auto picked K-FAC, which refused it without naming a
+    solver that takes it; cg and lissa then failed with "'SumOperator' object has no attribute 'thetas'" inside the
+    damping search (stop 45's probe)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    x, y = torch.randn(300, 64), torch.randint(0, 10, (300,))
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.01 * torch.randn(8, theta.numel())
+    kw = dict(
+        nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+        bank=bank,
+        hessian="full",
+    )
+    with pytest.raises(ValueError, match=r"hessian='remaining' only: for hessian='full' use solver='cg'"):
+        MCMCUnlearner(model, solver="kfac", **kw)
+    un = MCMCUnlearner(model, **kw)
+    assert un.solver.value == "cg" and "hessian='full', which K-FAC does not build" in un.solver_reason
+    for solver in ("auto", "lissa"):
+        un = MCMCUnlearner(model, solver=solver, **kw) if solver != "auto" else un
+        report = un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
+        assert torch.isfinite(un.bank).all() and report.info["solver_reason"] == un.solver_reason

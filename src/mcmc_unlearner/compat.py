@@ -201,6 +201,8 @@ class sgmcmcUnlearner:
                     scaling=scaling,
                     iters=iters,
                     tol=0.0,
+                    # sgmcmcUnlearner has no solver option: the message offered solver='cg' (stop 45's probe)
+                    alternative=" (param_dict['scaling'] = 'auto'); MCMCUnlearner solves without a scaling",
                 )
         except BaseException:
             with torch.no_grad():

@@ -411,6 +411,12 @@ class SumOperator:
         return self.ops[0].dim
 
     @property
+    def thetas(self) -> torch.Tensor:
+        """The first operator's draws (their dtype and device are the sum's): the iterative backends read them, and
+        ``hessian="full"`` (remaining plus removed rows) failed there with an AttributeError (stop 45's probe)."""
+        return self.ops[0].thetas
+
+    @property
     def n_products(self) -> int:
         return sum(op.n_products for op in self.ops)
 

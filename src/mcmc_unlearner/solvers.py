@@ -101,6 +101,7 @@ def lissa(
     power_iters: int = 30,
     generator: torch.Generator | None = None,
     callback: Callable[[int, float], None] | None = None,
+    alternative: str = ", or use solver='cg'",
 ) -> SolveResult:
     """LiSSA: ``h ← b + h − s·(H + damping)·h``, returning ``x = s·h ≈ (H + damping)⁻¹ b``.
 
@@ -118,6 +119,7 @@ def lissa(
         power_iters: Power-iteration steps for ``scaling="auto"``.
         generator: Randomness of the power iteration.
         callback: Called with ``(iteration, residual)`` after every round.
+        alternative: What a divergence's message offers besides the scaling (the seed API has no ``solver``).
 
     Raises:
         SolverDivergedError: non-finite values or residual above ``divergence_tol``.
@@ -143,9 +145,7 @@ def lissa(
         if not s > 0:
             raise ValueError(f"lissa: scaling must be positive or 'auto', got {scaling!r}")
     info["scaling"] = s
-    hint = (
-        f"LiSSA needs scaling·λ_max(H) < 2; lower the scaling (now {s:.3g}) or pass scaling='auto', or use solver='cg'"
-    )
+    hint = f"LiSSA needs scaling·λ_max(H) < 2; lower the scaling (now {s:.3g}) or pass scaling='auto'{alternative}"
     bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
     h = b.clone()
     res = float("inf")

@@ -1470,6 +1470,7 @@ class MCMCUnlearner:
         self._set_bank(bank, fresh=True)  # copied, in the layout it came in; non-finite samples refused
         self.memory_budget = resolve_budget(memory_budget)
         self.exact_max_dim = _whole("exact_max_dim", exact_max_dim, 0)
+        self.hessian = _choice(HessianKind, "hessian", hessian)  # before the choice: K-FAC builds "remaining" only
         self.solver, self.solver_reason = self._choose_solver(solver)
         if self.solver in _DENSE:
             need = dense_memory(self.spec.dim, ParamSpec.params(model)[0].element_size())
@@ -1480,7 +1481,6 @@ class MCMCUnlearner:
                     "memory_budget, or use solver='kfac' or 'cg' (or 'auto', which plans this)"
                 )
         self.expectation = None if expectation is None else _choice(Expectation, "expectation", expectation)
-        self.hessian = _choice(HessianKind, "hessian", hessian)
         if bank_shift != "auto":
             _choice(BankShift, "bank_shift", bank_shift, extra=("auto",))
         self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
@@ -1497,7 +1497,10 @@ class MCMCUnlearner:
                 "nll= and log_prior= instead, or solver='exact'"
             )
         if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
-            raise ValueError("solver='kfac' supports hessian='remaining' only")
+            raise ValueError(
+                "solver='kfac' supports hessian='remaining' only: for hessian='full' use solver='cg' or 'lissa' "
+                "(or 'auto', which picks one), or 'exact' on a small model"
+            )
         self.check_screen = ScreenMode.parse(check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
         self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
@@ -1633,7 +1636,8 @@ class MCMCUnlearner:
         )
         small = d <= self.exact_max_dim and need <= self.memory_budget // 2
         attention = any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules())
-        if small and attention and not self.custom_energy and not shared:
+        kfac_ok = not self.custom_energy and self.hessian is HessianKind.REMAINING
+        if small and attention and kfac_ok and not shared:
             return SolverName.KFAC, (
                 f"{d} parameters <= exact_max_dim {self.exact_max_dim}, but attention applies its projections at "
                 "every position, so each dense Hessian column is a pass through attention over every row and draw "
@@ -1664,13 +1668,16 @@ class MCMCUnlearner:
                 "which makes each dense Hessian column cost hundreds of times a dense layer's (pass solver='exact' "
                 "to take it anyway)"
             )
-        if layers and not self.custom_energy:
+        if layers and kfac_ok:
             uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
             tied = sum(uses[id(m.weight)] > 1 for m in layers)
             # a tied weight is held in K-FAC's diagonal block (kronecker.py): the reason counted it as a factored
             # layer (stop 45's probe: "3 layers for Kronecker factors" where none was factored)
             also = f" ({tied} of them with tied weights, which K-FAC holds in its diagonal block)" if tied else ""
             return SolverName.KFAC, f"{why}; {len(layers)} Linear/Conv layers for Kronecker factors{also}"
+        if layers and not self.custom_energy:  # hessian="full": the removed rows' curvature too, which K-FAC lacks
+            # (auto picked K-FAC, which then refused hessian='full' without naming a solver that takes it; stop 45)
+            return SolverName.CG, f"{why}; hessian='full', which K-FAC does not build: matrix-free CG"
         return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
 
     def config(self) -> dict[str, Any]:
