@@ -1191,7 +1191,9 @@ def _check_mode(model: nn.Module) -> None:
             f"{', '.join(bags)} (EmbeddingBag) has no second derivative or forward-mode derivative in torch, which "
             "the curvature and the safety check need (they failed inside the request). Use nn.Embedding and reduce "
             "each bag in forward, e.g. emb(tokens).mean(1) for bags of equal length (the same function as "
-            "EmbeddingBag(mode='mean') and the same parameters: load its weight), or freeze the bag's weight"
+            "EmbeddingBag(mode='mean') and the same parameters: load its weight; with a padding_idx, which the bag "
+            "leaves out of its mean, divide the sum by the count of other tokens: (emb(t) * (t != pad)[..., None])"
+            ".sum(1) / (t != pad).sum(1, keepdim=True)), or freeze the bag's weight"
         )
 
 
