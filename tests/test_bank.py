@@ -540,6 +540,16 @@ def test_a_trainable_embedding_bag_is_refused_with_an_equivalent_that_unlearns()
     bagged.bag.weight.requires_grad_(False)  # frozen: only the linear layer is sampled, accepted and unlearned
     un = MCMCUnlearner(bagged, nll=_nll, log_prior=_log_prior, bank=bank[:, 40:])
     assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    # with a padding_idx the bag leaves the padding out of its mean, and emb(t).mean(1) is another function: the
+    # message's equivalent for that case is (stop 45's probe)
+    padded = nn.EmbeddingBag(10, 4, mode="mean", padding_idx=0)
+    with pytest.raises(ValueError, match=r"with a padding_idx.*\(t != pad\)\.sum\(1, keepdim=True\)") as said:
+        MCMCUnlearner(padded, nll=_nll, log_prior=_log_prior, bank=torch.randn(3, 40))
+    assert "(emb(t) * (t != pad)[..., None]).sum(1) / (t != pad).sum(1, keepdim=True)" in str(said.value)
+    emb, t = nn.Embedding(10, 4, padding_idx=0), torch.tensor([[1, 2, 0, 0], [3, 0, 4, 5]])
+    emb.load_state_dict(padded.state_dict())
+    pad = 0
+    torch.testing.assert_close((emb(t) * (t != pad)[..., None]).sum(1) / (t != pad).sum(1, keepdim=True), padded(t))
 
 
 def test_an_nll_of_shape_b_by_1_is_read_as_one_value_per_row_by_every_backend() -> None:
