@@ -1177,3 +1177,32 @@ def test_labels_spread_tells_a_class_removal_from_random_rows() -> None:
         ]
         assert sum(not j for j in judged) <= 12, k
     assert LABEL_SPREAD_ALPHA == 0.01
+
+
+def test_a_trial_the_curvature_could_not_solve_is_said_so_in_the_damping_history() -> None:
+    """cg on an indefinite Hessian: trials whose curvature plus damping is not positive definite read "nan" in
+    ``damping_history``, with no reason given (stop 45's probe); they say "not solvable" now, the others their ratio."""
+    from torch import nn
+
+    from mcmc_unlearner import MCMCUnlearner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(200, 5), torch.randint(0, 3, (200,))
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    un = MCMCUnlearner(
+        model,
+        nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+        log_prior=lambda m: -0.5e-4 * sum((p**2).sum() for p in m.parameters()),
+        bank=theta + 0.3 * torch.randn(8, theta.numel()),
+        solver="cg",
+    )
+    report = un.remove((x[:20], y[:20]), (x[20:], y[20:]), strict=False)
+    parts = [p.split(":") for p in report.info["damping_history"].split(";")]
+    assert len(parts) == len(report.info["trials"])
+    for (_, said), trial in zip(parts, report.info["trials"]):
+        if math.isnan(trial["predicted"]):
+            assert said == "not solvable"
+        else:
+            assert float(said) == pytest.approx(trial["ratio"], rel=1e-2)
+    assert any(s == "not solvable" for _, s in parts) and any(s != "not solvable" for _, s in parts)

@@ -2933,9 +2933,12 @@ class MCMCUnlearner:
         if outcome.shape_scores:
             info["damping_shape_scores"] = outcome.shape_scores
         info["trials"] = outcome.history
+        # damping:ratio of every trial; a trial whose curvature plus damping could not be solved (not positive
+        # definite) read "nan" with no reason given (stop 45's probe, cg)
         info["damping_history"] = ";".join(
-            f"{h['damping']:.3g}:{h['ratio']:.3g}" for h in outcome.history
-        )  # damping:ratio of every trial
+            f"{h['damping']:.3g}:" + ("not solvable" if math.isnan(h["predicted"]) else f"{h['ratio']:.3g}")
+            for h in outcome.history
+        )
         emptied = self._emptied_label_problem(batch, stream, new_bank if new_bank is not None else new_live[None], info)
         measured = info.get("emptied_labels") if isinstance(info.get("emptied_labels"), dict) else {}
         always = self.emptied_label is EmptiedLabel.ALWAYS and bool(measured)
