@@ -639,6 +639,34 @@ def test_a_sequence_that_removes_most_of_the_rows_the_samples_were_drawn_on_is_w
     assert not said and gone == pytest.approx(20 / 80)
 
 
+def test_rows_removed_outside_requests_count_toward_the_sequence_warning() -> None:
+    """Rows removed between requests (a data set edited by hand, an experiment's refusal policy) count: the next
+    request after which more than half is gone warns, also when none of the requests alone crossed the line, and it
+    warns again until such a request is applied (stop 45's review: 90% gone and no warning)."""
+    import warnings
+
+    model, x, y, bank = _problem(16)
+    un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
+    data = RemovableDataset(x, y, batch_size=40, seed=0)
+
+    def request(ids: list[int], apply: bool = True) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if apply:
+                report = un.forget(ids, data, strict=False)
+                assert report.info["removed_since_samples"] == pytest.approx(1 - len(data) / 240)
+            else:
+                un.propose((x[ids], y[ids]), data, len(data) - len(ids))
+        return [str(w.message) for w in caught if "the samples were drawn on" in str(w.message)]
+
+    assert request([0, 1, 2, 3]) == []  # 4 of 240
+    data.remove(list(range(10, 130)))  # outside any request: 124 of 240 gone now
+    assert len(request([4, 5], apply=False)) == 1  # 126 of 240: warned, not applied
+    said = request([4, 5])  # warned again, and applied
+    assert len(said) == 1 and "(126 of 240, counted from the first request since the bank was set" in said[0]
+    assert request([6, 7]) == []  # once one was applied: no more
+
+
 def test_a_request_leaves_buffers_a_training_mode_forward_updates_as_they_were() -> None:
     class Counting(nn.Module):  # counts its forward passes in training mode, as some models count steps
         def __init__(self) -> None:
@@ -1052,10 +1080,16 @@ def test_samples_whose_buffers_all_differ_from_the_models_are_warned_about(layou
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
-        return [str(w.message) for w in caught if "not the model's values" in str(w.message)]
+        said = [w for w in caught if "not the model's values" in str(w.message)]
+        assert all(w.filename == __file__ for w in said)  # attributed to the caller's line
+        return [str(w.message) for w in said]
 
     assert built() == []
     with torch.no_grad():
         model[1].running_mean.add_(0.3)  # re-estimated after sampling
     said = built()
-    assert len(said) == 1 and "['1.running_mean']" in said[0] and "b.copy_(samples[0][name])" in said[0]
+    fix = "samples[0][name]" if layout == "state_dicts" else "samples[name][0]"  # each layout's own indexing
+    assert len(said) == 1 and "['1.running_mean']" in said[0] and f"b.copy_({fix})" in said[0]
+    for name, b in model.named_buffers():  # the fix, followed: the warning goes
+        b.copy_(rows[0][name])
+    assert built() == []

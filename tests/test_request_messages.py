@@ -168,7 +168,10 @@ def test_a_nan_row_left_in_a_removable_dataset_is_refused_by_its_id_whatever_the
         un.forget([3, 4], data)
     assert torch.equal(un.bank, bank) and len(data) == 1000
     assert all(torch.equal(a, b) for a, b in zip(data.state_dict().values(), state.values()))
-    x[700, 1] = 0.0  # fixed in place: the data set scans its tensors again
+    if seed % 2:
+        x[700, 1] = 0.0  # fixed in place: the data set scans its tensors again
+    else:  # fixed behind torch's version counter (through numpy): a row found bad is looked at again anyway
+        data.tensors[0].numpy()[700, 1] = 0.0
     assert un.forget([3, 4], data).passed
 
 

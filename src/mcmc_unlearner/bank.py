@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .curvature import ParamSpec
+from .errors import outside_stacklevel
 
 __all__ = ["BankLayout", "to_flat"]
 
@@ -254,7 +255,7 @@ def to_flat(
             ],
             "the dict of stacked tensors",
         )
-        _warn_varying_buffers(_stacked_rows(bank, spec, tied, sizes.pop(), model), spec, tied, model)
+        _warn_varying_buffers(_stacked_rows(bank, spec, tied, sizes.pop(), model), spec, tied, model, stacked=True)
         template = {prefix + k: v for k, v in bank.items()}
         flat, layout = torch.cat(parts, 1).clone(), BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
     elif (
@@ -337,6 +338,7 @@ def _warn_varying_buffers(
     spec: ParamSpec,
     tied: tuple[tuple[str, str], ...],
     model: torch.nn.Module | None = None,
+    stacked: bool = False,
 ) -> None:
     """Warn when the samples carry different buffers (BatchNorm statistics collected while sampling in training
     mode), or the same ones in every sample but other than the model's (statistics re-estimated after sampling):
@@ -371,8 +373,9 @@ def _warn_varying_buffers(
                 "the model's values of them: the unlearner evaluates every sample with the model's current buffers "
                 "and returns each sample's own unchanged, so it moves the posterior of a network the samples were not "
                 "drawn from. If the samples' values are the right ones, copy them into the model first (for name, b "
-                "in model.named_buffers(): b.copy_(samples[0][name])); if the model's are, store them in the samples",
-                stacklevel=4,  # the caller of MCMCUnlearner(...)
+                f"in model.named_buffers(): b.copy_({'samples[name][0]' if stacked else 'samples[0][name]'})); if "
+                "the model's are, store them in the samples",
+                stacklevel=outside_stacklevel(),
             )
     if len(bank) < 2:
         return
@@ -395,7 +398,7 @@ def _warn_varying_buffers(
             "evaluates every sample with the model's current buffers and returns each sample's own unchanged, so the "
             "posterior it moves is the network with those buffers; freeze the statistics before sampling for an exact "
             "match",
-            stacklevel=4,  # the caller of MCMCUnlearner(...)
+            stacklevel=outside_stacklevel(),
         )
 
 

@@ -216,10 +216,14 @@ class RemovableDataset:
     def nonfinite_ids(self) -> torch.Tensor:
         """Sorted ids of the remaining rows holding a NaN or an infinite value in a floating-point field.
 
-        The tensors are scanned once and again only after one of them was changed in place: a request reads only
-        some minibatches, and a NaN row in none of them was used silently (or named by its place in a minibatch)."""
+        The tensors are scanned once, again after one of them was changed in place, and on every call while a
+        remaining row was found bad: a request reads only some minibatches, and a NaN row in none of them was used
+        silently (or named by its place in a minibatch)."""
         key = tuple((id(t), _version(t)) for t in self.tensors)
-        if getattr(self, "_nonfinite_key", None) != key or any(v is None for _, v in key):
+        stale = getattr(self, "_nonfinite_key", None) != key or any(v is None for _, v in key)
+        # a row found bad is looked at again on every call: fixed through .data or .numpy(), which leave the version
+        # counter alone, it was refused on as still bad (stop 45's review)
+        if stale or bool(self._alive[getattr(self, "_nonfinite", torch.empty(0, dtype=torch.long))].any()):
             bad = torch.zeros(self.n_total, dtype=torch.bool)
             for t in self.tensors:
                 if t.is_floating_point() and not all_finite(t):

@@ -119,7 +119,11 @@ def _drawing_sampler(loader: Any) -> Any:
     it never uses (read as such, a loader whose own batches drew only the remaining ids counted every row of the
     full dataset as remaining and had its labels read from it, stop 45's probe)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
-    if batch_sampler is not None and not isinstance(batch_sampler, torch.utils.data.BatchSampler):
+    own = torch.utils.data.BatchSampler
+    # a subclass with its own __iter__ may not draw from its .sampler at all (stop 45's review)
+    if batch_sampler is not None and not (
+        isinstance(batch_sampler, own) and type(batch_sampler).__iter__ is own.__iter__
+    ):
         return _UNKNOWN
     return getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
 
@@ -247,10 +251,10 @@ def _check_loader_order(loader: Any, warn: bool = True) -> None:
     """
     if not (hasattr(loader, "dataset") and hasattr(loader, "batch_sampler")):
         return
-    from torch.utils.data import BatchSampler, DistributedSampler
+    from torch.utils.data import DistributedSampler
 
-    if not isinstance(loader.batch_sampler, BatchSampler):  # the user's own batches: their sampler is unknown
-        return
+    if loader.batch_sampler is None or _drawing_sampler(loader) is _UNKNOWN:
+        return  # no batches (batch_size=None), or the user's own (or own __iter__): their sampler is unknown
     inner = loader.batch_sampler.sampler
     if isinstance(inner, torch.utils.data.WeightedRandomSampler) and inner.replacement:
         w = torch.as_tensor(inner.weights, dtype=torch.float64)
@@ -328,8 +332,9 @@ def _refuse_misshapen_fields(source: Any) -> None:
         # not taken as the tuple: a list of one-field minibatches padded to their own lengths looks the same
         raise TypeError(
             f"the remaining data is a list of {len(source)} tensors of {rows[0]:,} rows each and different row "
-            "shapes: pass the remaining rows' fields as a tuple, (x, y); a list is read as a list of minibatches "
-            "(each a tuple of fields); nothing was changed"
+            "shapes: if they are the remaining rows' fields, pass them as a tuple, (x, y); if they are one-field "
+            "minibatches padded to their own lengths, pad every minibatch to one fixed length (the unlearner joins "
+            "and stacks minibatches); nothing was changed"
         )
 
 

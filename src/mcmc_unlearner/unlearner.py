@@ -543,7 +543,8 @@ def _whole(name: str, v: Any, minimum: int, what: str = "") -> int:
 LARGE_REMOVAL = 0.2
 #: A request after which more than this share of the rows the samples were drawn on is gone (counted from the
 #: remaining rows at the first request since the bank was set: requests and rows removed outside them) gets a
-#: warning, once, at the request that crosses it. Each request linearises around samples of a posterior ever
+#: warning, each such request until one is applied (then no more until the count restarts: a new bank,
+#: ``reset_curvature()``). Each request linearises around samples of a posterior ever
 #: further from the current one: a digits MLP's 300 requests of 1-8 random rows (90% of its rows) ended 1.40 of the
 #: way to retraining, its remaining rows' NLL 0.23 against retraining's 0.16-0.17, every request passing; at 30%
 #: (100 requests) 0.80 of the way, and 37% in 8 requests 0.54 and 1.09 on two seeds (stops 43-44).
@@ -1232,6 +1233,7 @@ class Proposal:
     _lr_scale: float = 1.0
     _anchor: _Anchor | None = None
     _rows_at_samples: int | None = None
+    _cumulative_warned: bool = False
 
 
 class MCMCUnlearner:
@@ -1500,8 +1502,8 @@ class MCMCUnlearner:
             )
         if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
             raise ValueError(
-                "solver='kfac' supports hessian='remaining' only: for hessian='full' use solver='cg' or 'lissa' "
-                "(or 'auto', which picks one), or 'exact' on a small model"
+                "solver='kfac' supports hessian='remaining' only: for hessian='full' use solver='cg' (or 'auto', "
+                "which picks it above exact_max_dim), or 'exact' on a small model"
             )
         self.check_screen = ScreenMode.parse(check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
@@ -1608,6 +1610,7 @@ class MCMCUnlearner:
             )
         self._anchor: _Anchor | None = None  # the first moment recenter_every restores
         self._rows_at_samples: int | None = None  # rows at the first request since the bank was set
+        self._cumulative_warned = False  # a request beyond CUMULATIVE_REMOVAL was applied (warned until then)
         self._carry: torch.Tensor | None = None  # λx of the last damped step: influence not yet applied
         self._plain_categorical: bool | None = None  # nll is a plain cross-entropy (found on the first request)
         self._categorical = False  # a cross-entropy with a temperature, scale, label smoothing or row weights
@@ -2408,10 +2411,11 @@ class MCMCUnlearner:
             )
         start = self._rows_at_samples or n + k
         gone = 1.0 - n / start  # of the rows the samples were drawn on, once this request is applied
-        if gone > CUMULATIVE_REMOVAL >= 1.0 - (n + k) / start and share <= LARGE_REMOVAL:
+        if gone > CUMULATIVE_REMOVAL and not self._cumulative_warned and share <= LARGE_REMOVAL:
             warnings.warn(
                 f"after this request {_percent(gone)} of the rows the samples were drawn on will have been "
-                f"removed ({start - n:,} of {start:,}, counted since the bank was set). Every request moves the "
+                f"removed ({start - n:,} of {start:,}, counted from the first request since the bank was set, rows "
+                "removed outside requests included). Every request moves the "
                 "samples by a step linearised around them, and these samples were drawn for data that is now mostly "
                 "gone: over a long sequence the moves add up to less or more than retraining would do (a digits MLP, "
                 "300 requests removing 90% of its rows: 1.4 times retraining's move, the remaining rows fitted worse "
@@ -2453,6 +2457,7 @@ class MCMCUnlearner:
             prop.report.info["removed_share"] = share
             prop.report.info["removed_since_samples"] = gone
             prop._rows_at_samples = start
+            prop._cumulative_warned = self._cumulative_warned or gone > CUMULATIVE_REMOVAL
             prop._backend_state = self.curvature.snapshot()
             # a damping searched on the check's noise alone (see _unresolved) is not carried to the next request
             prop._control_state = self.control.state()
@@ -2530,6 +2535,7 @@ class MCMCUnlearner:
         self._carry = proposal._carry
         self._anchor = proposal._anchor
         self._rows_at_samples = proposal._rows_at_samples
+        self._cumulative_warned = proposal._cumulative_warned
         self._state_loaded = False
         self.generator.set_state(proposal._generator_state)
         if proposal._data is not None:
@@ -3061,7 +3067,8 @@ class MCMCUnlearner:
             info["emptied_labels"] = (
                 "not checked: which labels remain cannot be read from the remaining data without a pass over it "
                 "(pass the rows as a tuple (x, y), a RemovableDataset, or a DataLoader over a TensorDataset or a "
-                "dataset with torchvision's targets)"
+                "dataset with torchvision's targets, drawing with torch's own samplers: a batch_sampler of your own "
+                "may leave any rows out)"
             )
             return None
         y, left = y.long(), left.long().to(y.device)
@@ -3737,6 +3744,7 @@ class MCMCUnlearner:
         meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
         if self._rows_at_samples is not None:
             meta["rows_at_samples"] = self._rows_at_samples
+            meta["cumulative_warned"] = self._cumulative_warned
         if self._fitted:  # built by fit() and not yet used: the request after loading takes it as its own build
             meta["built_by_fit"] = True
             if self._fit_data is not None:
@@ -3775,6 +3783,7 @@ class MCMCUnlearner:
             self.control.set_state({"relatives": {"identity": float(meta.get("damping_relative", 0.0))}})
         rows = meta.get("rows_at_samples")
         self._rows_at_samples = None if rows is None else int(rows)
+        self._cumulative_warned = bool(meta.get("cumulative_warned", False))
         if tensors.get("generator") is not None:
             self.generator.set_state(tensors["generator"].clone())
         carry = tensors.get("carry")
@@ -3835,6 +3844,6 @@ class MCMCUnlearner:
         self.control.set_state({})
         self._carry = None
         self._anchor = None
-        self._rows_at_samples = None
+        self._rows_at_samples, self._cumulative_warned = None, False
         self._state_loaded = False  # discarded on purpose: a bank set next does not warn
         self._version += 1  # an earlier proposal would restore what was just forgotten
