@@ -11,6 +11,8 @@ then times (total of all requests vs. per-request median, retraining one chain).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from mcmc_unlearner.experiments.gmm import DISTANCES
@@ -26,6 +28,13 @@ def _ms(values: list[float], digits: int = 3) -> str:
 def main(paths: list[str]) -> None:
     runs = [load_metrics(p)[1] for p in paths]
     seeds = [r["seed"] for r in runs]
+    for seed in sorted({s for s in seeds if seeds.count(s) > 1}, key=str):  # fmnist_table.py and `summary` say it
+        names = [p for p, s in zip(paths, seeds) if s == seed]
+        print(
+            f"gmm_seed_table.py: warning: seed {seed} given {len(names)} times ({', '.join(map(ascii, names))}): the "
+            "mean ± sd counts the same draw more than once",
+            file=sys.stderr,
+        )
     samplers = sorted({r["sampler"] for r in runs})
     methods = [m for m in ("unlearn", "paper", "finetune", "unlearn-continued") if all(m in r["methods"] for r in runs)]
     print(f"{len(runs)} runs, sampler {'/'.join(samplers)}, seeds {seeds}; mean ± sd over seeds (min–max)\n")

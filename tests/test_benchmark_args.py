@@ -106,3 +106,14 @@ def test_fmnist_variants_decompose_takes_one_saved_bank(tmp_path: Path) -> None:
     _assert_refused(out, seconds, "decompose takes exactly one saved bank name, got 0")
     out, seconds = _run("fmnist_variants.py", ["decompose", "--cache", str(tmp_path), "nosuch"])
     _assert_refused(out, seconds, "no saved bank(s) nosuch")
+
+
+def test_gmm_seed_table_warns_about_a_seed_given_twice() -> None:
+    """fmnist_table.py and `summary` warn when a seed is given twice; gmm_seed_table.py printed "seeds [0, 1, 1]" and
+    a mean ± sd over them without a word (stop 45's probe)."""
+    runs = ["docs/runs/gmm-0", "docs/runs/gmm-1", "docs/runs/gmm-1"]
+    out, _ = _run("gmm_seed_table.py", runs)
+    assert out.returncode == 0, out.stderr
+    assert "warning: seed 1 given 2 times" in out.stderr and "seed 0 given" not in out.stderr
+    out, _ = _run("gmm_seed_table.py", runs[:2])
+    assert out.returncode == 0 and "warning" not in out.stderr

@@ -427,3 +427,36 @@ def test_a_removal_that_changes_nothing_measurable_says_so_when_applied(tmp_path
     assert [d["seq"] for d in status(model)["unresolved_requests"]] == [1]
     assert main(["status", "--model", str(model)]) == 0
     assert "no effect:        applied, changing nothing measurable" in capsys.readouterr().out
+
+
+def test_a_refused_request_prints_its_error_alone_even_when_the_request_warned(model, tmp_path, capsys) -> None:
+    """A quality-gate refusal of a request that also warned (here: 30% of the data in one request) printed the warning
+    line and the error line, where the guide promises one line for every refusal (stop 45's probe, with the
+    sequence warning). The warnings are said when a request is applied."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i) for i in range(60)))  # 60 of the 200 rows: warned about
+    before = folder_state(model)
+    rc = main(["forget", "--model", str(model), "--ids", str(ids), "--damping", "1e12"])
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert len(err.strip().splitlines()) == 1 and "error: removal failed the quality checks" in err, err
+    assert folder_state(model) == before
+    rc = main(["forget", "--model", str(model), "--ids", str(ids), "--on-failure", "accept"])  # applied: warned
+    err = capsys.readouterr().err
+    assert rc == 0 and "warning: this request removes 30% of the data" in err, err
+
+
+def test_status_says_how_much_of_the_samples_data_is_gone(model, tmp_path, capsys) -> None:
+    """The sequence warning went to stderr once and was then never said again: `status` said "quality: ok" with most
+    of the rows the samples were drawn on gone (stop 45's probe). It shows the share now, and says when it is past
+    half."""
+    assert main(["status", "--model", str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed_since_samples"] is None  # no request yet
+    for k, ids in enumerate((range(0, 30), range(30, 60), range(60, 90), range(90, 110))):
+        path = tmp_path / f"ids{k}.txt"
+        path.write_text(" ".join(map(str, ids)))
+        assert main(["forget", "--model", str(model), "--ids", str(path), "--on-failure", "accept"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "sample bank:      55.0% of the rows its samples were drawn on removed since (over half" in out, out

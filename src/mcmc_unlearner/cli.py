@@ -304,13 +304,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"mcmc-unlearner {args.command}: single-process experiment; running on rank 0 only", file=sys.stderr)
 
+    # a request's warnings are said once it is applied: a refused one prints its error alone, the one line the
+    # deletion guide promises (stop 45's probe: a quality-gate refusal printed the sequence warning too)
+    held: list[str] | None = [] if args.command == "forget" else None
+
     def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None):
-        print(f"mcmc-unlearner {args.command}: warning: {flat(str(message))}", file=sys.stderr)
+        text = f"mcmc-unlearner {args.command}: warning: {flat(str(message))}"
+        if held is None:
+            print(text, file=sys.stderr)
+        else:
+            held.append(text)
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning  # one line on stderr, as every message of the CLI
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        for text in held or ():
+            print(text, file=sys.stderr)
+        return code
     except (UnlearningError, FileNotFoundError, ValueError, OSError, MemoryError) as exc:
         if isinstance(exc, BrokenPipeError):
             _silence_stdout()

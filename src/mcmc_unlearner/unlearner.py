@@ -3742,9 +3742,10 @@ class MCMCUnlearner:
         checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
         meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
-        if self._rows_at_samples is not None:
-            meta["rows_at_samples"] = self._rows_at_samples
-            meta["cumulative_warned"] = self._cumulative_warned
+        # always written (null when unset): the deletion service merges a commit's state into the last one's, and a
+        # count restarted by a repair's new bank kept the old one's start (stop 45's probe)
+        meta["rows_at_samples"] = self._rows_at_samples
+        meta["cumulative_warned"] = self._cumulative_warned
         if self._fitted:  # built by fit() and not yet used: the request after loading takes it as its own build
             meta["built_by_fit"] = True
             if self._fit_data is not None:

@@ -18,7 +18,7 @@ from typing import Any
 from .. import distributed
 from ..cli import EXIT_CODES_HELP, ExitCode, add_quiet_flag, add_threads_flag, emit, one_line
 from ..solvers import SolverName
-from ..unlearner import BankShift, EmptiedLabel, HessianKind
+from ..unlearner import CUMULATIVE_REMOVAL, BankShift, EmptiedLabel, HessianKind
 from . import deletion, gate, integrity, requests
 
 __all__ = ["register"]
@@ -178,6 +178,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if st.get("unresolved_requests"):
         names = ", ".join(f"{one_line(d['request_id'])} (entry {d['seq']})" for d in st["unresolved_requests"][:10])
         lines.append(f"no effect:        applied, changing nothing measurable (info.unresolved in the ledger): {names}")
+    gone = st.get("removed_since_samples")
+    if gone is not None:
+        past = gone > CUMULATIVE_REMOVAL
+        lines.append(
+            f"sample bank:      {100 * gone:.1f}% of the rows its samples were drawn on removed since"
+            + (
+                " (over half: each step is linearised around samples of data now mostly gone; retrain, or continue "
+                "the chain and save a new model)"
+                if past
+                else ""
+            )
+        )
     removed = st["removed_ids"]
     shown = ", ".join(map(str, removed[:20])) + (f", ... ({len(removed)} in all)" if len(removed) > 20 else "")
     lines.append(f"removed ids:      {shown or 'none'}")

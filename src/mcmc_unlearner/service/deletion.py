@@ -467,6 +467,9 @@ def status(
         "degraded": bool(degraded),
         "degraded_requests": degraded,
         "unresolved_requests": unresolved,
+        # of the rows the bank's samples were drawn on (counted from the first request since they were set), the
+        # share removed: past CUMULATIVE_REMOVAL every request was warned about on stderr only (stop 45's probe)
+        "removed_since_samples": _removed_since_samples(loaded),
         "ledger_head": loaded.head,
         "model_sha256": loaded.model_sha256,
         "pending_uncommitted_lines": loaded.pending,
@@ -474,6 +477,12 @@ def status(
         "unlearner_config": loaded.unlearner.config(),
         "defaulted_options": state.defaulted_options(loaded.manifest["unlearner"], loaded.unlearner),
     }
+
+
+def _removed_since_samples(loaded: Any) -> float | None:
+    """The share of the rows the bank's samples were drawn on that is removed now (``None`` before any request)."""
+    start = getattr(loaded.unlearner, "_rows_at_samples", None)
+    return None if not start else max(0.0, 1.0 - len(loaded.data) / start)
 
 
 # ---------------------------------------------------------------------------------------------- verify
