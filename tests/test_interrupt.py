@@ -101,3 +101,27 @@ def test_a_partly_restored_folder_is_refused_not_rolled_back(tmp_path):
     with pytest.raises(StoreError, match="restored from an older copy"):
         deletion.forget(m, [20, 21], request_id="T2")
     assert (m / "ledger.jsonl").read_bytes() == ledger  # T1's line kept
+
+
+def test_sigterm_during_an_experiment_cleans_its_output_folder_as_ctrl_c_does(tmp_path):
+    """A scheduler's or ``timeout``'s SIGTERM killed `bnn` without a word and left its run marker in the output
+    folder (stop 45's probe); it is now handled as Ctrl-C: one line, nothing left, exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mcmc_unlearner.cli", "bnn", "--quick", "--quiet", "--seed", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:  # the run has claimed its folder: it is computing
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "mcmc-unlearner bnn: terminated (SIGTERM); nothing half-written", err
+    assert not out.exists() or not any(out.iterdir())  # no marker, no half-written metrics

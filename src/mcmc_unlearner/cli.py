@@ -63,6 +63,12 @@ class ExitCode(IntEnum):
     QUALITY = 4  # the removal failed the quality checks (policy refuse): nothing changed
     INTERNAL = 70  # a bug: please report it
     INTERRUPTED = 130  # Ctrl-C: nothing half-written
+    TERMINATED = 143  # SIGTERM during an experiment (demo, bnn): cleaned up as after Ctrl-C
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during an experiment, raised where the process is, so that its output folder is cleaned up as after
+    Ctrl-C (a scheduler's or ``timeout``'s SIGTERM left a run marker and said nothing; stop 45's probe)."""
 
 
 EXIT_CODES_HELP = """exit codes:
@@ -72,7 +78,8 @@ EXIT_CODES_HELP = """exit codes:
   3  busy: another process is writing to the model folder (retry, or pass --wait SECONDS)
   4  quality gate: the removal failed its checks and --on-failure is refuse (nothing changed)
   70 internal error (a bug; set MCMC_UNLEARNER_DEBUG=1 for the traceback)
-  130 interrupted (nothing half-written; applied only if the message says so)"""
+  130 interrupted (nothing half-written; applied only if the message says so)
+  143 terminated (SIGTERM during demo or bnn: its output folder cleaned up as after Ctrl-C)"""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
@@ -315,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             held.append(text)
 
+    if args.command in ("demo", "bnn"):
+        import signal
+
+        def terminated(signum: int, frame: Any) -> None:
+            raise Terminated("terminated (SIGTERM); nothing half-written")
+
+        signal.signal(signal.SIGTERM, terminated)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning  # one line on stderr, as every message of the CLI
@@ -336,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # Ctrl-C after a commit point says that the update is in place; anywhere else nothing was changed
         print(f"mcmc-unlearner {args.command}: {exc if str(exc) else 'interrupted'}", file=sys.stderr)
-        return ExitCode.INTERRUPTED
+        return ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
             raise
