@@ -483,3 +483,15 @@ def test_collapsed_pretraining_is_refused_before_any_chain(tmp_path, monkeypatch
     cfg = B.BNNConfig(**settings)
     with pytest.raises(ValueError, match=r"pre-training on .* collapsed: accuracy 10\.0% .*--seed"):
         B._Experiment(cfg)
+
+
+def test_the_report_describes_only_the_methods_that_ran(tmp_path) -> None:
+    """`--methods unlearn,paper` described langevin's steps and importance sampling's sample, and the summary line
+    printed a Python dict of refusals (stop 45's probe)."""
+    from mcmc_unlearner.cli import main
+
+    out = tmp_path / "run"
+    assert main(["bnn", "--quick", "--quiet", "--seed", "1", "--methods", "unlearn,paper", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "paper: LiSSA" in text and "unlearn: MCMCUnlearner" in text
+    assert "langevin" not in text and "importance" not in text

@@ -1635,10 +1635,17 @@ def _report(m: dict[str, Any]) -> str:
         f"Removed {d['n_removed']} training points (class {c['remove_class']}) of {d['n_train']} in "
         f"{d['n_requests']} requests of {c['request_size']}; {d['n_remaining']} remain. Input {d['input']}. "
         f"Sampler {c['sampler']}, {c['explore_steps']} SGD exploration + {c['sample_steps']} sampling steps, bank of "
-        f"{c['bank_size']}, {fl['chains']} retrain chains, seed {c['seed']}. unlearn: MCMCUnlearner "
-        f"{m['unlearner_settings']}. paper: LiSSA, iter_T {c['paper_iter_T']}, samp_T {c['paper_samp_T']}, scaling "
-        f"{c['paper_init_scaling']:g}/n. langevin: {c['langevin_steps']} SGLD steps per request. Refused requests: "
-        f"policy `{c['on_refusal']}`.",
+        f"{c['bank_size']}, {fl['chains']} retrain chains, seed {c['seed']}."
+        # only the methods that ran are described (stop 45's probe: `--methods unlearn,paper` described langevin)
+        + (f" unlearn: MCMCUnlearner {m['unlearner_settings']}." if "unlearn" in m["methods"] else "")
+        + (
+            f" paper: LiSSA, iter_T {c['paper_iter_T']}, samp_T {c['paper_samp_T']}, scaling "
+            f"{c['paper_init_scaling']:g}/n."
+            if "paper" in m["methods"]
+            else ""
+        )
+        + (f" langevin: {c['langevin_steps']} SGLD steps per request." if "langevin" in m["methods"] else "")
+        + f" Refused requests: policy `{c['on_refusal']}`.",
         "",
         "## Distance to retraining (posterior predictive)",
         "",
@@ -1672,8 +1679,9 @@ def _report(m: dict[str, Any]) -> str:
         "",
         "## Single chain state",
         "",
-        "The last chain state (importance: its highest-weight sample). "
-        f"Floor: L1 {_fmt(fl['pred_diff_last']['test_kept'])}"
+        "The last chain state"
+        + (" (importance: its highest-weight sample). " if "importance" in m["methods"] else ". ")
+        + f"Floor: L1 {_fmt(fl['pred_diff_last']['test_kept'])}"
         f", |Δ removed| {_fmt(fl['error_gap_last']['removed'], True)}.",
         "",
         "| method | removed err | test-kept err | \\|Δ\\| removed | L1 test-kept | LR AUC |",
@@ -2060,7 +2068,7 @@ def _main(args: argparse.Namespace) -> int:
         )
     refused = {k: v for k, v in metrics["refused"].items() if v}
     if refused:
-        parts.append(f"refused requests {refused}")
+        parts.append("refused requests: " + ", ".join(f"{k} {v}" for k, v in refused.items()))
     ev_ = metrics["evaluation"]
     parts.append(
         f"evaluation {ev_['seconds']:.1f} s + {ev_['progress_snapshots']} progress snapshots "
