@@ -203,3 +203,76 @@ def test_a_label_torch_fails_to_read_with_an_odd_exception_is_named_as_the_reque
     with pytest.raises(raised, match=r"nll\(model, removed data\) failed: .*label range"):
         un.remove((x[:2], bad), (x[2:], y[2:]))
     assert torch.equal(un.bank, bank)
+
+
+def _mlp_problem():
+    import torch.nn.functional as F
+    from torch import nn
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 5, generator=g)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    base = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = base + 0.05 * torch.randn(12, base.numel(), generator=g)
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    return x, y, model, bank, nll, log_prior
+
+
+def test_a_remaining_source_nll_cannot_read_is_refused_before_the_removed_rows_gradient(monkeypatch):
+    """Stop 45's "left": a bare tensor of rows (with n_remaining=) was refused only after the removed rows' gradient,
+    whose first torch.func transform imports torch's compiler stack (1-3 s in a fresh process): the check of a
+    remaining minibatch now runs first, on the first request."""
+    x, y, model, bank, nll, log_prior = _mlp_problem()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank)
+
+    def no_gradient(*args, **kwargs):
+        raise AssertionError("the removed rows' gradient was computed before the remaining data were checked")
+
+    monkeypatch.setattr(MCMCUnlearner, "_grad_means", no_gradient)
+    with pytest.raises(IndexError, match=r"nll\(model, remaining data\) failed"):
+        un.remove((x[:5], y[:5]), x[5:], n_remaining=295)
+    assert torch.equal(un.bank, bank)
+
+
+@pytest.mark.parametrize("kind", ["generator", "loader", "removable", "rows"])
+def test_the_early_check_leaves_the_first_request_s_minibatches_as_they_were(kind):
+    """The check reads the first minibatch before the request does: a source with a state is put back, any other's
+    minibatch is held for the request, so the first request's samples are those of a request that skips the check."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, model, bank, nll, log_prior = _mlp_problem()
+
+    def source():
+        if kind == "generator":
+            def gen():
+                g = torch.Generator().manual_seed(3)
+                while True:
+                    i = torch.randint(5, 300, (64,), generator=g)
+                    yield x[i], y[i]
+            return gen()
+        if kind == "loader":
+            return DataLoader(TensorDataset(x[5:], y[5:]), batch_size=64, shuffle=True)
+        if kind == "removable":
+            ds = RemovableDataset(x, y, batch_size=64, seed=4)
+            ds.remove(torch.arange(5))
+            return ds
+        return (x[5:], y[5:])
+
+    banks = []
+    for skip in (False, True):
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank)
+        un._remaining_nll_checked = skip  # True: the request reads its data as it did before the early check
+        torch.manual_seed(7)
+        n = 295 if kind == "generator" else None
+        un.remove((x[:5], y[:5]), source(), n_remaining=n)
+        banks.append(un.bank.clone())
+    assert not torch.equal(banks[0], bank)
+    assert torch.equal(banks[0], banks[1])

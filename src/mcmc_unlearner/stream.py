@@ -429,8 +429,25 @@ class _Stream:
         elif not (is_integer(n) and int(n) >= 1):  # True was 1 row, 2.7 was 2: the prior's weight silently off
             raise ValueError(f"n_remaining must be the number of remaining data points, an integer >= 1; got {n!r}")
         self.n = int(n)
+        self._peeked: Batch | None = None
+
+    def peek(self) -> Batch:
+        """The next minibatch, left to be read again: a source with a state (a ``RemovableDataset``) is put back
+        to where it was, any other's minibatch is held and given by the next ``next()``."""
+        if self._peeked is not None:
+            return self._peeked
+        state = self.state()
+        batch = next(self)
+        if state is not None:
+            self.set_state(state)
+        else:
+            self._peeked = batch
+        return batch
 
     def __next__(self) -> Batch:
+        if self._peeked is not None:
+            batch, self._peeked = self._peeked, None
+            return batch
         try:
             batch = _as_batch(next(self._it), "a remaining-data minibatch")
         except StopIteration:
@@ -507,6 +524,7 @@ class _Stream:
     def set_state(self, state: Any) -> None:
         if state is not None:
             self.source.load_state_dict(state)
+            self._peeked = None
 
 
 def _source_generators(source: Any) -> list[torch.Generator]:

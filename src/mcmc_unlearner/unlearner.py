@@ -2438,6 +2438,11 @@ class MCMCUnlearner:
             torch.get_rng_state() if expectation is Expectation.CHAIN and _uses_global_rng(self.sampler) else None
         )
         try:
+            if not self._remaining_nll_checked:
+                # before the removed rows' gradient: a process's first torch.func transform imports torch's compiler
+                # stack (1-3 s), and a remaining-data source nll cannot read was refused only after it (stop 45).
+                # The minibatch is read again by the request (peek leaves it to be read)
+                self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
             try:
                 with dense_embedding_grads(self.model):
                     prop = self._propose(batch, stream, n, expectation, k)
