@@ -252,11 +252,13 @@ def test_the_early_check_leaves_the_first_request_s_minibatches_as_they_were(kin
 
     def source():
         if kind == "generator":
+
             def gen():
                 g = torch.Generator().manual_seed(3)
                 while True:
                     i = torch.randint(5, 300, (64,), generator=g)
                     yield x[i], y[i]
+
             return gen()
         if kind == "loader":
             return DataLoader(TensorDataset(x[5:], y[5:]), batch_size=64, shuffle=True)
