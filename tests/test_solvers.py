@@ -126,3 +126,24 @@ def test_all_finite_agrees_with_isfinite() -> None:
             t[pos] = bad
             assert not all_finite(t), (bad, pos)
             assert all_finite(t) == bool(torch.isfinite(t).all())
+
+
+def test_cg_stopped_by_max_iter_reports_the_true_residual():
+    """CG confirmed its recursive residual against ``b − (H + λ)x`` only when it fell below tol: a solve stopped by
+    max_iter reported the drifted value (float32, condition 5e3: 1.4e-5 against a true 9.7e-5, stop 46's probe)."""
+    from mcmc_unlearner import solvers
+
+    g = torch.Generator().manual_seed(1)
+    worst, stopped = 0.0, 0
+    for _ in range(25):
+        D = int(torch.randint(10, 60, (1,), generator=g))
+        Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+        H = (Q * torch.logspace(0, 3.7, D, dtype=torch.float64)) @ Q.T
+        H = (0.5 * (H + H.T)).float()
+        b = torch.randn(D, generator=g)
+        r = solvers.cg(H, b, damping=0.1, max_iter=10 * D, tol=1e-5)
+        if r.converged:
+            continue
+        true = float((b - (H @ r.x + 0.1 * r.x)).norm() / b.norm())
+        worst, stopped = max(worst, abs(true / r.residual - 1)), stopped + 1
+    assert stopped >= 5 and worst < 1e-3, (stopped, worst)

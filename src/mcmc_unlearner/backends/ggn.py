@@ -7,7 +7,7 @@ The remaining-data curvature is taken as
 ``J_r = ∂z_r/∂θ`` the Jacobian of row ``r``'s network output ``z_r = model(x_r)`` at draw ``θ_s``, ``Λ_r`` the
 Hessian of the per-row NLL in ``z`` (softmax covariance ``diag(p) − ppᵀ`` for the categorical likelihood,
 ``I/σ²`` for a Gaussian one, as :func:`~mcmc_unlearner.kronecker.detect_likelihood` finds them) and ``P`` the
-prior precision measured from ``log_prior`` (:func:`~mcmc_unlearner.kronecker.prior_precision`): the
+prior's Hessian ``−(1/S) Σ_s ∇²log p(θ_s)``, dense, its negative eigenvalues clamped to 0: the
 generalized Gauss-Newton matrix (Schraudolph 2002; Martens, "New insights and perspectives on the natural
 gradient method", JMLR 2020), the Hessian with the network linearised at each draw. It is positive
 semi-definite, and it is what K-FAC approximates by Kronecker factors (``kfac``), here without that
@@ -111,6 +111,7 @@ class GGNBackend(DenseBackend):
         super().__init__(refresh_every)
         self._likelihood: tuple[Likelihood, dict[str, Any]] | None = None
         self._prior: torch.Tensor | None = None
+        self.prior_clamped = 0  # eigenvalues of the prior's Hessian clamped to 0 by the last build
 
     def _detect(self, problem: Problem) -> tuple[Likelihood, dict[str, Any]]:
         if self._likelihood is None:
@@ -142,6 +143,8 @@ class GGNBackend(DenseBackend):
         else:
             out["ggn_likelihood"] = lik.value
             out["ggn_curvature"] = "ggn"
+            if self.prior_clamped:
+                out["ggn_prior_clamped"] = self.prior_clamped
             notes = {k: v for k, v in info.items() if k not in ("sigma", "constant")}
             if notes:
                 out["ggn_likelihood_detected"] = notes
@@ -153,7 +156,30 @@ class GGNBackend(DenseBackend):
             return super()._energy_curvature(problem)
         batches = problem.draw_batches()
         weights = [problem.n / b[0].shape[0] for b in batches]
-        return self._ggn(problem, batches, weights) + torch.diag(self._prior.to(problem.thetas.dtype))
+        return self._ggn(problem, batches, weights) + self._prior_hessian(problem).to(problem.thetas.dtype)
+
+    def _prior_hessian(self, problem: Problem) -> torch.Tensor:
+        """``−E_s ∇² log p(θ_s)`` over the draws, dense, its negative eigenvalues clamped to 0 (the GGN stays positive
+        semi-definite). Until stop 46 the prior was :func:`~mcmc_unlearner.kronecker.prior_precision`'s one number
+        per tensor at the first draw: exact for a Gaussian isotropic on each tensor, 0.56 off the matrix for a
+        per-element Gaussian prior and 0.08 for a Student-t one (stop 46's probe), where the dense Hessian backend
+        was exact."""
+        d = problem.dim
+        if problem.log_prior is None or not bool(self._prior.any()):  # flat, or not a function of the parameters
+            return torch.zeros(d, d, dtype=torch.float64, device=problem.thetas.device)
+        log_prior = problem.log_prior
+        f = functionalize(problem.model, lambda m: -log_prior(m))
+        P = torch.zeros(d, d, dtype=torch.float64, device=problem.thetas.device)
+        for theta in problem.thetas:
+            P += torch.func.hessian(f)(theta.detach()).double()
+        P = 0.5 * (P + P.T) / problem.thetas.shape[0]
+        diag = torch.diagonal(P)
+        if torch.count_nonzero(P - torch.diag(diag)) == 0:  # separable: clamp the diagonal
+            self.prior_clamped = int((diag < 0).sum())
+            return torch.diag(diag.clamp_min(0))
+        w, Q = torch.linalg.eigh(P)
+        self.prior_clamped = int((w < 0).sum())
+        return (Q * w.clamp_min(0)) @ Q.T
 
     def _removed_curvature(self, problem: Problem) -> torch.Tensor:
         lik, _ = self._likelihood
