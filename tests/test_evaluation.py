@@ -124,7 +124,8 @@ def test_likelihood_ratio_attack_sees_memorisation_that_the_loss_attack_misses()
 def test_log_true_prob_and_spread():
     p = _probs([[0.25, 0.75], [1.0, 0.0]])
     lp = ev.log_true_prob(p, torch.tensor([1, 1]))
-    assert lp[0] == pytest.approx(math.log(0.75)) and lp[1] == pytest.approx(math.log(1e-12))
+    # a probability of 0 is clipped at float64's smallest normal number (at 1e-12 until stop 46: see below)
+    assert lp[0] == pytest.approx(math.log(0.75)) and lp[1] == pytest.approx(math.log(torch.finfo(torch.float64).tiny))
     s = ev.spread([1.0, None, 3.0])
     assert s == {"mean": 2.0, "sd": pytest.approx(math.sqrt(2.0)), "min": 1.0, "max": 3.0, "n": 2}
     assert ev.spread([None])["n"] == 0
@@ -145,3 +146,36 @@ def test_a_nan_predictive_makes_every_distance_nan_whatever_the_order() -> None:
         assert math.isnan(ev.error_gaps({"s": 0.1}, [{"s": r} for r in refs])["s"])
     s = ev.spread([float("nan"), 1.0, 2.0])
     assert s["n"] == 3 and math.isnan(s["mean"]) and math.isnan(s["sd"])
+
+
+def test_probabilities_far_below_1e_12_keep_their_order_for_the_attacks():
+    """A float32 softmax is 0 past a logit gap of about 104 and log p(y|x) was clipped at 1e-12: members and
+    non-members of a class that both models predict below that tied, and the attack's AUC read 0.50 where the
+    likelihood ratio separates them (0.72 in stop 46's probe)."""
+    model = nn.Linear(1, 2, bias=False)
+    theta = torch.tensor([[0.0, -1.0]])  # logits (0, -x): p(class 1 | x) = sigmoid(-x)
+    x = torch.tensor([[40.0], [44.0], [120.0], [130.0]])
+    p = ev.predictive(model, ParamSpec.assign, theta, {"x": x})["x"]
+    lp = ev.log_true_prob(p, torch.ones(4, dtype=torch.long))
+    assert np.all(np.isfinite(lp)) and np.all(np.diff(lp) < 0)  # distinct and ordered, down to about e^-130
+    np.testing.assert_allclose(lp, -x[:, 0].double().numpy(), rtol=1e-9)
+    members, non_members = lp[[0, 2]], lp[[1, 3]]  # each member 4 nats above a non-member
+    assert ev.loss_auc(members, non_members) == 0.75
+
+
+def test_a_weighted_method_is_thinned_by_systematic_resampling():
+    """``_weighted_thin`` kept the k highest weights, renormalised (a biased predictive): each sample's kept weight
+    is now within 1/k of its own, and the weights sum to 1."""
+    from mcmc_unlearner.experiments.bnn import _weighted_thin
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(100, generator=g) ** 4
+    w = w / w.sum()
+    for k in (8, 32, 64):
+        keep, kw = _weighted_thin(w, k)
+        full = torch.zeros(100, dtype=torch.float64)
+        full[keep] = kw
+        assert float(kw.sum()) == pytest.approx(1.0) and keep.numel() <= k
+        assert float((full - w.double()).abs().max()) <= 1.0 / k + 1e-12
+    keep, kw = _weighted_thin(w, 0)
+    assert keep.numel() == 100 and torch.allclose(kw, w.double())

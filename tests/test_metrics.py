@@ -103,11 +103,13 @@ def test_knn_kl_flattens_and_handles_duplicates() -> None:
     for method in ("kdtree", "brute"):
         rho = knn_distances(dup, method=method)
         assert np.all(rho == 0.0)  # every point has an exact copy
-        val = knn_kl(dup, q.reshape(150, 8), method=method)
+        with pytest.warns(RuntimeWarning, match="repeat another point of p"):  # stop 46: said, not silent
+            val = knn_kl(dup, q.reshape(150, 8), method=method)
         assert np.isfinite(val) and val > 50  # clamped at eps: huge but finite
-    assert knn_kl(dup, q.reshape(150, 8), method="kdtree") == pytest.approx(
-        knn_kl(dup, q.reshape(150, 8), method="brute")
-    )
+    with pytest.warns(RuntimeWarning):
+        assert knn_kl(dup, q.reshape(150, 8), method="kdtree") == pytest.approx(
+            knn_kl(dup, q.reshape(150, 8), method="brute")
+        )
 
 
 def test_knn_kl_input_validation() -> None:
@@ -321,3 +323,28 @@ def test_ess_sees_chains_that_disagree() -> None:
         effective_sample_size(np.zeros(100), method="nope")
     with pytest.raises(ValueError, match="non-finite"):
         effective_sample_size(np.array([0.0, 1.0, np.inf, 2.0, 3.0]))
+
+
+def test_knn_kl_of_a_set_against_itself_is_said_to_be_undefined() -> None:
+    """KL(P ‖ P) from one set scored -49 in 2-D (every ν is 0, clamped at eps) without a word (stop 46's probe)."""
+    p = np.random.default_rng(3).normal(size=(300, 2))
+    with pytest.warns(RuntimeWarning, match="300 point\\(s\\) of p are also points of q"):
+        assert knn_kl(p, p) < -40
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # independent sets: no warning
+        assert abs(knn_kl(p, np.random.default_rng(4).normal(size=(300, 2)))) < 0.2
+
+
+def test_degenerate_inputs_to_the_moment_metrics_are_refused_by_name() -> None:
+    rng = np.random.default_rng(5)
+    p = rng.normal(size=(50, 2))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        mean_abs_sd_error(p[:1], p)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gauss_fit_kl(p, np.c_[p[:, 0], np.zeros(50)])  # a reference that never moves along one coordinate
+    with pytest.raises(ValueError, match="at least one draw"):
+        autocorrelation(np.zeros(0))
+    with pytest.raises(ValueError, match="scalar"):
+        knn_kl(np.float64(1.0), p)

@@ -11,6 +11,7 @@ sample sets on several distances (:func:`sample_set_distances`) and report the e
 from __future__ import annotations
 
 import math
+import warnings
 from enum import Enum
 from typing import Any, Literal, TypeVar
 
@@ -52,6 +53,8 @@ def _as_2d(a: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
     a = np.asarray(a)
+    if a.ndim == 0:
+        raise ValueError(f"{name} must hold samples along its first axis ([n] or [n, d]), got a scalar")
     if a.ndim == 1:
         a = a[:, None]
     elif a.ndim > 2:
@@ -211,6 +214,20 @@ def knn_kl(
         raise ValueError(f"need n >= k + 1 and m >= k samples (n={n}, m={m}, k={k})")
     rho = knn_distances(p2, None, k=k, method=method, chunk_size=chunk_size)
     nu = knn_distances(p2, q2, k=k, method=method, chunk_size=chunk_size)
+    shared, repeated = int((nu < eps).sum()), int((rho < eps).sum())
+    if shared or repeated:  # the estimator is undefined there: the value is set by eps, of either sign
+        what = []
+        if shared:
+            what.append(f"{shared} point(s) of p are also points of q")
+        if repeated:
+            what.append(f"{repeated} point(s) of p repeat another point of p")
+        warnings.warn(
+            f"knn_kl: {' and '.join(what)} (distance below eps={eps:g}): the estimate is not defined there and its "
+            f"value is set by eps (KL(P ‖ P) of one set scores -49 in 2-D, a set against its own duplicates +49); "
+            "compare independent sample sets, without repeats",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     log_ratio = np.log(np.maximum(nu, eps)) - np.log(np.maximum(rho, eps))
     return float(d * log_ratio.mean() + math.log(m / (n - 1)))
 
@@ -290,7 +307,14 @@ def gaussian_kl(mu0: np.ndarray, cov0: np.ndarray, mu1: np.ndarray, cov1: np.nda
 
     c0 = as_matrix(cov0)
     c1 = as_matrix(cov1)
-    l1 = np.linalg.cholesky(c1)
+    try:
+        l1 = np.linalg.cholesky(c1)
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            "gaussian_kl: the second covariance is not positive definite (a reference whose samples do not move "
+            "along some direction, or fewer distinct samples than dimensions): the divergence to it is infinite or "
+            "undefined; use a reference that varies in every coordinate"
+        ) from None
     diff = mu1 - mu0
     sol = np.linalg.solve(l1, diff)
     trace = np.trace(np.linalg.solve(c1, c0))
@@ -375,6 +399,10 @@ def mean_abs_sd_error(p: np.ndarray, q: np.ndarray) -> float:
     p2, q2 = _as_2d(p, "p"), _as_2d(q, "q")
     if p2.shape[1] != q2.shape[1]:
         raise ValueError(f"dimension mismatch: p has {p2.shape[1]}, q has {q2.shape[1]}")
+    if min(p2.shape[0], q2.shape[0]) < 2:
+        raise ValueError(
+            f"need at least 2 samples in each set for a standard deviation (p: {p2.shape[0]}, q: {q2.shape[0]})"
+        )
     return float(np.mean(np.abs(p2.std(axis=0, ddof=1) - q2.std(axis=0, ddof=1))))
 
 
@@ -495,6 +523,8 @@ def autocorrelation(x: np.ndarray, max_lag: int | None = None) -> np.ndarray:
         ``[max_lag + 1]`` or ``[max_lag + 1, p]`` (default ``max_lag = n − 1``).
     """
     a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 0 or a.shape[0] == 0:
+        raise ValueError(f"autocorrelation needs at least one draw along the first axis, got shape {a.shape}")
     squeeze = a.ndim == 1
     a = a.reshape(a.shape[0], -1)
     n = a.shape[0]
@@ -531,7 +561,8 @@ def effective_sample_size(
       means); the sums ``Γ_m = ρ_{2m} + ρ_{2m+1}`` are accumulated while positive and forced to be
       non-increasing, and ``τ = −1 + 2 Σ_m Γ_m``.
     * ``"batch"`` (batch means): each chain is cut into ``⌊√n⌋``-long batches; ``τ = b·Var(batch means) / Var(x)``.
-      Biased low when ``τ`` is not small against the batch length ``b``.
+      ``τ`` is biased low (so the ESS high) when ``τ`` is not small against the batch length ``b``: an AR(1)
+      chain with ``φ = 0.99`` and ``n = 20,000`` gets 206 against a true 101.
 
     For an AR(1) process ``x_t = φ x_{t−1} + ε_t``, ``τ = (1 + φ)/(1 − φ)``.
 

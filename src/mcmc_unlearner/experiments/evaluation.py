@@ -92,7 +92,9 @@ def predictive(
         for name, x in inputs.items():
             if x.shape[0] == 0:
                 continue
-            p = torch.cat([model(x[i : i + batch_size]).softmax(1).double() for i in range(0, x.shape[0], batch_size)])
+            # in float64: a float32 softmax is exactly 0 past a logit gap of about 104, and the attacks' log p(y|x)
+            # of a confidently wrong prediction then tied with every other such (stop 46's probe)
+            p = torch.cat([model(x[i : i + batch_size]).double().softmax(1) for i in range(0, x.shape[0], batch_size)])
             out[name] = p * ws if out[name] is None else out[name] + p * ws
     n_classes = next((v.shape[1] for v in out.values() if v is not None), 0)
     return {
@@ -204,8 +206,11 @@ def pooled(chains: Sequence[Mapping[str, torch.Tensor]]) -> Probs:
 
 
 def log_true_prob(probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """``log p(y_i | x_i)`` per example (clipped at 1e-12), as a float64 numpy array."""
-    return probs.gather(1, labels[:, None]).squeeze(1).clamp_min(_EPS).log().double().cpu().numpy()
+    """``log p(y_i | x_i)`` per example, as a float64 numpy array (clipped at float64's smallest normal number only:
+    until stop 46 at 1e-12, which tied every example below it, e.g. a removed class that a method and the retrain
+    chains both predict below 1e-12, and pulled the attacks' AUC to 0.5 whatever the order)."""
+    tiny = torch.finfo(torch.float64).tiny
+    return probs.double().gather(1, labels[:, None]).squeeze(1).clamp_min(tiny).log().cpu().numpy()
 
 
 def auc(positives: np.ndarray, negatives: np.ndarray) -> float | None:
