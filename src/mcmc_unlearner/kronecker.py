@@ -629,6 +629,7 @@ def _measure_prior(
         (g,) = torch.autograd.grad(value, t, create_graph=True)
         if not g.requires_grad:  # linear in θ: zero curvature
             notes["source"] = "log_prior is linear in the parameters: zero precision"
+            notes["flat"] = bool(g.detach().any())
             return P, notes
 
         def quotients(v: Tensor, names: Sequence[str]) -> Tensor:
@@ -660,6 +661,7 @@ def _measure_prior(
             precisions = torch.cat([quotients(probe([k]), [k]) for k in spec.names])
             notes["probes"] = "one per tensor"
         notes["curved"] = sum(1 for prec in precisions.tolist() if prec != 0)
+        notes["flat"] = notes["curved"] == 0 and bool(g.detach().any())  # e.g. a Laplace prior: |θ| has no curvature
         for name, prec in zip(spec.names, precisions.tolist()):
             if prec < 0:
                 notes["clamped"][name] = prec
@@ -694,6 +696,15 @@ def _warn_clamped(notes: dict[str, Any]) -> None:
     """Warn about the tensors along which ``log_prior`` curves upwards (their precision clamped to 0); when it does
     along every tensor it curves along, most likely its sign is flipped, and the warning says so (stop 44's probe:
     a flipped Gaussian log-density was taken by K-FAC as a flat prior without a word)."""
+    if notes.get("flat"):
+        warnings.warn(
+            "log_prior depends on the parameters but has no curvature at the samples (a Laplace prior, -|θ|/b, or "
+            "another piecewise-linear or linear one): the Kronecker-factored and GGN curvatures take no prior term "
+            "from it, and in directions the data do not curve only the damping stands in for it (stop 46). A "
+            "smooth prior, e.g. a Gaussian, gives them its precision",
+            RuntimeWarning,
+            stacklevel=outside_stacklevel(),
+        )
     if not notes.get("clamped"):
         return
     flipped = len(notes["clamped"]) == notes.get("curved", -1)
