@@ -194,12 +194,12 @@ def test_a_dataloader_is_restarted_and_a_finite_iterator_that_runs_out_is_refuse
     un.param_dict["scaling"] = 1.0 / model.n
     before = model.w.detach().double().mean(0).clone()
     torch.manual_seed(0)
-    un.remove([blr.x[blr.removed], blr.y[blr.removed]], loader)  # 325 minibatches from a loader of 4 per epoch
+    un.remove([blr.x[blr.removed], blr.y[blr.removed]], loader)  # 645 minibatches from a loader of 4 per epoch
     moved = model.w.detach().double().mean(0) - before
     assert float((blr.exact_shift - moved).norm() / blr.exact_shift.norm()) < 0.25  # as with the endless sampler
     w, state = model.w.detach().clone(), copy.deepcopy(opt.state_dict())
     per_epoch = len(loader)
-    with pytest.raises(InvalidRequestError, match=rf"ran out after {per_epoch} minibatches.*iter_T\) = 325"):
+    with pytest.raises(InvalidRequestError, match=rf"ran out after {per_epoch} minibatches.*iter_T\) = 645"):
         un.remove([blr.x[blr.removed], blr.y[blr.removed]], iter(loader))  # one epoch only
     assert torch.equal(model.w.detach(), w)
     assert opt.state_dict()["state"].keys() == state["state"].keys()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mcmc_unlearner import SGLD, InvalidRequestError, MCMCUnlearner, RemovableDataset, sgmcmcUnlearner
+from mcmc_unlearner.errors import SolverDivergedError
 
 
 class S(sgmcmcUnlearner):
@@ -72,10 +73,26 @@ def test_frozen_parameters_are_skipped_as_the_seed_skips_them() -> None:
 
 
 def test_scaling_auto_recommended_by_the_divergence_message_works() -> None:
-    x, y, _model, un = _setup()
+    """On a positive-definite Hessian (softmax regression with a Gaussian prior) the scaling the divergence message
+    recommends solves the request a too large scaling refused. On ``_setup``'s network, a tanh MLP at its random
+    start (its Hessian's eigenvalues -87 to 135), LiSSA grows along the negative curvature whatever the scaling:
+    it passed there until stop 46 (one product's minibatch per sampler step, residual below divergence_tol by
+    the draws' luck) and is refused now, the message saying why."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 3)
+    y = (x.sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = SGLD(model.parameters(), lr=1e-6, generator=torch.Generator().manual_seed(1))
+    un = S(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=8, scaling=1.0, samp_T=1)
+    with pytest.raises(SolverDivergedError, match="scaling"):
+        un.remove([x[:10], y[:10]], _data(x, y))
     un.param_dict["scaling"] = "auto"
     r = un.remove([x[:10], y[:10]], _data(x, y))
     assert torch.isfinite(r.x).all() and r.info["scaling"] > 0
+    x, y, _model, un = _setup()
+    un.param_dict["scaling"] = "auto"
+    with pytest.raises(SolverDivergedError, match="negative curvature: the Hessian is not positive definite"):
+        un.remove([x[:10], y[:10]], _data(x, y))
 
 
 def test_lissa_with_zero_rounds_is_not_reported_as_diverged() -> None:
@@ -112,3 +129,56 @@ def test_converged_says_whether_the_recursion_settled() -> None:
         full = RemovableDataset(x[10:], y[10:], batch_size=190, seed=0)  # one full batch: a deterministic operator
         r = un.remove([x[:10], y[:10]], full)
         assert r.converged is settled and (r.residual <= SEED_API_TOL) is settled
+
+
+class _Counting:
+    """An endless source of minibatches that counts what it gives."""
+
+    def __init__(self, x, y, bad_at=None):
+        self.x, self.y, self.bad_at, self.given = x, y, bad_at, 0
+        self.g = torch.Generator().manual_seed(5)
+
+    def __next__(self):
+        self.given += 1
+        i = torch.randint(10, self.x.shape[0], (32,), generator=self.g)
+        xb = self.x[i].clone()
+        if self.given == self.bad_at:
+            xb[3, 1] = float("nan")
+        return [xb, self.y[i]]
+
+
+def test_the_seed_api_draws_a_fresh_minibatch_for_each_hessian_product() -> None:
+    """The seed's remove() draws one minibatch for each sampler step and another for the product that follows
+    (``_apply_sample(next(sampler)); zz = next(sampler)``): samp_T·(1 + 2·iter_T) per request. This class used the
+    sampler step's minibatch for the product until stop 46 (325 draws of 645 with the seed's settings)."""
+    x, y, _model, un = _setup(iter_T=8, samp_T=2)
+    src = _Counting(x, y)
+    un.remove([x[:10], y[:10]], src)
+    assert src.given == 2 * (1 + 2 * 8)
+
+
+def test_a_nan_minibatch_is_named_as_the_remaining_data_not_the_scaling() -> None:
+    """A NaN row in a remaining minibatch drove the sampler step to NaN parameters, and the refusal blamed the
+    scaling (stop 46's probe); nothing changes either way."""
+    x, y, model, un = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"remaining data.*NaN|NaN.*remaining data") as refused:
+        un.remove([x[:10], y[:10]], _Counting(x, y, bad_at=4))
+    assert "scaling" not in str(refused.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_removed_rows_in_another_dtype_are_named_with_the_cast() -> None:
+    x, y, model, un = _setup()
+    model.double()
+    un.optimizer = SGLD(model.parameters(), lr=1e-6, generator=torch.Generator().manual_seed(1))
+    un.params = list(model.parameters())
+    data = RemovableDataset(x[10:].double(), y[10:], batch_size=32, seed=0)
+    with pytest.raises(InvalidRequestError, match=r"torch.float32 values and the parameters are torch.float64.*\.to"):
+        un.remove([x[:10], y[:10]], data)
+
+
+def test_a_row_given_twice_to_the_seed_api_is_warned_about() -> None:
+    x, y, _model, un = _setup()
+    with pytest.warns(UserWarning, match="1 row\\(s\\) identical"):
+        un.remove([torch.cat([x[:10], x[:1]]), torch.cat([y[:10], y[:1]])], _data(x, y))

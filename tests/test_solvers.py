@@ -147,3 +147,20 @@ def test_cg_stopped_by_max_iter_reports_the_true_residual():
         true = float((b - (H @ r.x + 0.1 * r.x)).norm() / b.norm())
         worst, stopped = max(worst, abs(true / r.residual - 1)), stopped + 1
     assert stopped >= 5 and worst < 1e-3, (stopped, worst)
+
+
+def test_lissa_growing_slowly_below_the_divergence_limit_is_refused():
+    """With s·λ_max a little above 2 the recursion grows by |1 − s·λ_max| per round, too slowly to pass
+    divergence_tol within its rounds, and its answer was returned (s·λ_max 2.1, 32 rounds: 67% off the exact
+    solve; stop 46's probe). At s·λ_max 1.9 it converges and is returned."""
+    from mcmc_unlearner import solvers
+    from mcmc_unlearner.errors import SolverDivergedError
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    H = (Q * torch.tensor([0.5, 1.0, 2.0, 3.0, 5.0, 8.0], dtype=torch.float64)) @ Q.T
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    ok = solvers.lissa(H, b, scaling=1.9 / 8.0, iters=200, tol=0.0)
+    torch.testing.assert_close(ok.x, torch.linalg.solve(H, b), rtol=1e-6, atol=1e-8)
+    with pytest.raises(SolverDivergedError, match="rose in each of its last 8 rounds"):
+        solvers.lissa(H, b, scaling=2.1 / 8.0, iters=32, tol=0.0)

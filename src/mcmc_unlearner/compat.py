@@ -14,8 +14,10 @@ Usage (from the seed README; ``cpu=True`` on a machine without CUDA)::
 
 The algorithm is the paper's (Fu, He & Tao, ICLR 2022, Alg. 1 with the LiSSA recursion): ``G`` is the mean of
 ``∇Σh`` over ``samp_T`` sampler steps; ``H⁻¹G`` comes from ``iter_T`` rounds of ``h ← G + h − s·H·h`` in which
-every ``H·h`` is averaged over ``samp_T`` fresh sampler steps and minibatches (double-backward products on
-the live model); then ``θ ← θ + s·h``. The recursion itself is :func:`mcmc_unlearner.solvers.lissa`, shared
+every ``H·h`` is averaged over ``samp_T`` repetitions of one sampler step on a minibatch and a double-backward
+product on the live model on another, freshly drawn one (as the seed code does: two ``next(sampler)`` calls;
+until stop 46 this class used the sampler step's minibatch for the product); then ``θ ← θ + s·h``. The
+recursion itself is :func:`mcmc_unlearner.solvers.lissa`, shared
 with :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`. A diverging recursion raises
 :class:`~mcmc_unlearner.errors.SolverDivergedError` and restores the parameters and sampler state
 bit for bit (the seed code silently wrote NaN).
@@ -24,6 +26,7 @@ bit for bit (the seed code silently wrote NaN).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -33,7 +36,7 @@ from torch import nn
 from .curvature import plain_attention
 from .errors import InvalidRequestError
 from .solvers import SolveResult, lissa
-from .stream import check_finite_batch
+from .stream import _repeated_rows, check_finite_batch
 from .unlearner import _sampler_generator_state, _set_sampler_generator_state
 
 __all__ = ["sgmcmcUnlearner"]
@@ -70,6 +73,14 @@ class _Minibatches:
             try:
                 z = next(self.it)
                 self.drawn += 1
+                fields = z if isinstance(z, (list, tuple)) else (z,)
+                # a NaN row drove the sampler step to NaN parameters, and the recursion's refusal then blamed the
+                # scaling (stop 46's probe)
+                check_finite_batch(
+                    tuple(t for t in fields if isinstance(t, torch.Tensor)),
+                    "the remaining data",
+                    f"of the sampler's minibatch {self.drawn} (numbered within it)",
+                )
                 return z
             except StopIteration:
                 if self.again is None:
@@ -78,9 +89,9 @@ class _Minibatches:
         what = "iterator" if self.again is None else f"{type(self.again).__name__} (it yields no minibatch)"
         raise InvalidRequestError(
             f"the remaining-data sampler ran out after {self.drawn} minibatches: its {what} ended, and remove() draws "
-            f"samp_T·(1 + iter_T) = {self.need} (one per sampler step); pass the DataLoader itself (restarted at "
-            "every epoch's end) or an endless iterator, e.g. a generator that loops over the loader; the parameters "
-            "and sampler state were restored"
+            f"samp_T·(1 + 2·iter_T) = {self.need} (one per sampler step, one per Hessian product); pass the "
+            "DataLoader itself (restarted at every epoch's end) or an endless iterator, e.g. a generator that loops "
+            "over the loader; the parameters and sampler state were restored"
         )
 
 
@@ -151,11 +162,10 @@ class sgmcmcUnlearner:
     def _sampled_hvp(self, v: torch.Tensor, sampler: Iterator) -> torch.Tensor:
         total = None
         for _ in range(self.param_dict["samp_T"]):
-            z = next(sampler)
-            self._apply_sample(z)
-            grads = self._grad(self._fun(z), create_graph=True)
-            flat = self._flat(grads)
-            (hv,) = (self._flat(list(torch.autograd.grad(flat, self.params, grad_outputs=v, allow_unused=True))),)
+            self._apply_sample(next(sampler))
+            zz = next(sampler)  # a second, independent minibatch for the product (the seed's mcmc_unlearner.py)
+            flat = self._flat(self._grad(self._fun(zz), create_graph=True))
+            hv = self._flat(list(torch.autograd.grad(flat, self.params, grad_outputs=v, allow_unused=True)))
             total = hv.detach() if total is None else total + hv.detach()
         return total / self.param_dict["samp_T"]
 
@@ -176,6 +186,14 @@ class sgmcmcUnlearner:
         check_finite_batch(tensors)
         if tensors and tensors[0].dim() > 0 and tensors[0].shape[0] == 0:
             raise InvalidRequestError("the removed batch is empty: pass at least one data point to forget")
+        repeated = _repeated_rows(tensors) if tensors and all(t.dim() > 0 for t in tensors) else 0
+        if repeated:
+            warnings.warn(
+                f"the removed batch holds {repeated} row(s) identical in every field to another of its rows: each row "
+                "is removed as often as it is given (its influence counted that many times). If the data set holds "
+                "such a row once, pass it once",
+                stacklevel=2,
+            )
         T, iters = int(self.param_dict["samp_T"]), int(self.param_dict["iter_T"])
         if T < 1 or iters < 1:
             raise ValueError(f"param_dict['samp_T'] and param_dict['iter_T'] must be >= 1, got {T} and {iters}")
@@ -192,7 +210,7 @@ class sgmcmcUnlearner:
         keeps = callable(getattr(source, "state_dict", None)) and callable(getattr(source, "load_state_dict", None))
         data_state = copy.deepcopy(source.state_dict()) if keeps else None
         try:
-            sampler = _Minibatches(sampler, T * (1 + iters + (30 if scaling == "auto" else 0)))
+            sampler = _Minibatches(sampler, T * (1 + 2 * iters + (60 if scaling == "auto" else 0)))
             with plain_attention():  # double backward through attention needs torch's math kernel
                 G = self._sampled_grad(target, sampler)
                 result = lissa(
@@ -204,7 +222,7 @@ class sgmcmcUnlearner:
                     # sgmcmcUnlearner has no solver option: the message offered solver='cg' (stop 45's probe)
                     alternative=" (param_dict['scaling'] = 'auto'); MCMCUnlearner solves without a scaling",
                 )
-        except BaseException:
+        except BaseException as exc:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
@@ -214,6 +232,16 @@ class sgmcmcUnlearner:
                 torch.set_rng_state(rng_state)
             if data_state is not None:
                 source.load_state_dict(data_state)
+            dtypes = {t.dtype for t in tensors if t.is_floating_point()} - {self.params[0].dtype}
+            if isinstance(exc, RuntimeError) and dtypes and "dtype" in str(exc).lower():
+                # torch's own words named neither the data nor the fix (stop 46's probe: "addmv input tensors
+                # must have the same dtype")
+                raise InvalidRequestError(
+                    f"{exc}: the removed batch holds {sorted(map(str, dtypes))[0]} values and the parameters are "
+                    f"{self.params[0].dtype}; pass the data in the dtype the model was trained on (e.g. "
+                    f"[t.to({self.params[0].dtype}) for t in target]), or cast it in _fun/_z_fun; the parameters "
+                    "and sampler state were restored"
+                ) from exc
             raise
         with torch.no_grad():
             offset = 0

@@ -128,9 +128,9 @@ class _ReferenceUnlearner(sgmcmcUnlearner):
     """The seed API's subclass as the reference ``forget.py`` writes it, with the energy scaled to ``self.n``.
 
     ``_apply_sample``/``_fun``/``_z_fun`` follow ``BNN/forget.py`` lines 15–34 (``GMM/forget.py`` lines 15–34):
-    the model in training mode, ``F = -log p(θ) + n/|B|·Σ_B h``, ``Σ_{S'} h``. ``_sampled_hvp`` follows the
-    reference ``mcmc_unlearner.py`` lines 150–160: the sampler step and the Hessian-vector product use two
-    separate minibatches (our seed class uses one for both).
+    the model in training mode, ``F = -log p(θ) + n/|B|·Σ_B h``, ``Σ_{S'} h``. The seed class's ``_sampled_hvp``
+    follows the reference ``mcmc_unlearner.py`` lines 150–160 (since stop 46 in the seed class itself): the sampler
+    step and the Hessian-vector product use two separate minibatches.
     """
 
     n: int = 1
@@ -151,16 +151,6 @@ class _ReferenceUnlearner(sgmcmcUnlearner):
     def _z_fun(self, z: Any) -> torch.Tensor:
         self.model.train()
         return self.nll(self.model, tuple(z)).sum()
-
-    def _sampled_hvp(self, v: torch.Tensor, sampler: Any) -> torch.Tensor:
-        total = None
-        for _ in range(self.param_dict["samp_T"]):
-            self._apply_sample(next(sampler))
-            zz = next(sampler)  # a second, independent minibatch for the product (reference line 153)
-            flat = self._flat(self._grad(self._fun(zz), create_graph=True))
-            hv = self._flat(list(torch.autograd.grad(flat, self.params, grad_outputs=v, allow_unused=True)))
-            total = hv.detach() if total is None else total + hv.detach()
-        return total / self.param_dict["samp_T"]
 
 
 def _generators(sampler: torch.optim.Optimizer) -> torch.Generator | None:
