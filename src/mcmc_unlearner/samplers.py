@@ -57,6 +57,42 @@ class _SGMCMC(Optimizer):
         self._check_options({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
+    def set_learning_rate(self, lr: float) -> None:
+        """Set every parameter group's ``lr`` (the seed repository's optimizers have this method)."""
+        self._check_options({**self.defaults, "lr": lr})
+        for group in self.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict`` plus the noise generator's state (``"generator"``, when the sampler has one of its
+        own): a chain resumed from it continues bit for bit. Until stop 46 the generator was left out, and a chain
+        resumed with a generator seeded afresh replayed the noise it had already drawn."""
+        sd = super().state_dict()
+        if self.generator is not None:
+            sd["generator"] = self.generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``; a ``"generator"`` entry sets the noise generator (when the sampler has one;
+        copying one chain's state into another sampler keeps the other's noise: drop the entry first), and a seed
+        checkpoint's SGHMC ``"velocity"`` is read as ``"momentum_buffer"`` (it was ignored, the resumed chain's
+        first step drawing a fresh velocity)."""
+        state_dict = dict(state_dict)
+        gen = state_dict.pop("generator", None)
+        state = state_dict.get("state")
+        if isinstance(state, dict) and any(isinstance(v, dict) and "velocity" in v for v in state.values()):
+            state_dict["state"] = {
+                k: (
+                    {("momentum_buffer" if key == "velocity" else key): val for key, val in v.items()}
+                    if isinstance(v, dict) and "velocity" in v and "momentum_buffer" not in v
+                    else v
+                )
+                for k, v in state.items()
+            }
+        super().load_state_dict(state_dict)
+        if gen is not None and self.generator is not None:
+            self.generator.set_state(gen)
+
     def _update(self, p: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
 

@@ -748,7 +748,7 @@ class _Chain:
         self.t = cfg.sample_steps + 1
         self.data = RemovableDataset(ex.x_train, ex.y_train, batch_size=cfg.batch_size, seed=seed)
         self.sampler = _make_sampler(cfg, self.model, self._lr(), seed)
-        self.sampler.load_state_dict(origin["sampler"].state_dict())
+        self.sampler.load_state_dict(_without_generator(origin["sampler"].state_dict()))
         self.steps = 0
 
     def _lr(self) -> float:
@@ -1426,6 +1426,12 @@ _DISTANCE = (
 )
 
 
+def _without_generator(state: dict[str, Any]) -> dict[str, Any]:
+    """A sampler's state without its noise generator's: a method's chain continues the origin's step size and
+    velocity with noise of its own."""
+    return {k: v for k, v in state.items() if k != "generator"}
+
+
 def _weighted_thin(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``k`` samples of a weighted set and their weights (summing to 1), by systematic resampling: sample
     ``i`` is kept with weight ``c_i / k``, ``c_i`` the number of the ``k`` evenly spaced points of the weights'
@@ -1563,7 +1569,7 @@ def _save_origin(cfg: BNNConfig, ex: _Experiment, origin: dict[str, Any]) -> Non
 
     model = copy.deepcopy(origin["model"])
     sampler = _make_sampler(cfg, model, origin["sampler"].param_groups[0]["lr"], 0)
-    sampler.load_state_dict(origin["sampler"].state_dict())
+    sampler.load_state_dict(_without_generator(origin["sampler"].state_dict()))
     sampler.generator.set_state(origin["sampler"].generator.get_state())
     data = RemovableDataset(ex.data.x_train, ex.data.y_train, batch_size=cfg.batch_size, seed=cfg.seed)
     un = _unlearner(cfg, model, sampler, origin["bank"])
