@@ -91,6 +91,11 @@ def apply_removal(un: MCMCUnlearner, ids: Sequence[int], data: Any) -> RemovalRe
     return un.forget(ids, data, strict=False)
 
 
+#: A repaired bank whose samples spread less than this fraction as far about their mean as the samples before the
+#: request is not accepted (:func:`repaired_problems`).
+REPAIR_MIN_SPREAD = 0.5
+
+
 def quality_problems(report: RemovalReport, un: MCMCUnlearner) -> list[str]:
     """The failed quality checks of a removal (empty: passed); see the module docstring.
 
@@ -141,6 +146,8 @@ def repaired_problems(
 
     * the emptied-label check (``MCMCUnlearner.emptied_label_problem``): the removed rows' labels that no remaining
       row carries are not still predicted for them;
+    * the samples spread about their mean at least ``REPAIR_MIN_SPREAD`` (half) as far as the samples before the
+      request (stop 46);
     * the chain settled: the remaining rows' mean NLL (the first 2,000) under the repaired bank's later half (up to 8
       samples) is within ``max_nll_increase`` (5%) of it under its earlier half, beyond two standard errors of the
       paired per-row difference (the safety check's rule, as a stationarity test: states still moving away from the
@@ -178,7 +185,24 @@ def repaired_problems(
     if before is not None and size:
         rise = float((_row_nll(un, un.bank[_evenly(size, 16)], data) - _row_nll(un, before, data)).mean())
         record.update(nll_rise_from_request_before=rise)  # recorded, not judged (see above)
+        if size >= 2 and before.shape[0] >= 2:
+            # stop 46's probe: the fewest repair steps keep consecutive states (keep_every 1), a bank 0.20x as
+            # spread as before, its test error 0.050 -> 0.088 (retraining 0.040), recorded as passed: removing
+            # data widens a posterior, it does not shrink it to a fraction
+            ratio = _spread(un.bank) / max(_spread(before), torch.finfo(torch.float64).tiny)
+            record.update(spread_ratio_to_request_before=ratio)
+            if ratio < REPAIR_MIN_SPREAD:
+                problems.append(
+                    f"the repaired samples spread {ratio:.2f}x as far about their mean as the samples before the "
+                    "request: states of the repair chain too close together to be samples of its posterior"
+                )
     return problems, record
+
+
+def _spread(bank: torch.Tensor) -> float:
+    """Root-mean-square distance of the samples to their mean."""
+    b = bank.double()
+    return float((b - b.mean(0)).square().sum(1).mean().sqrt())
 
 
 def min_repair_steps(size: int) -> int:
