@@ -460,3 +460,20 @@ def test_status_says_how_much_of_the_samples_data_is_gone(model, tmp_path, capsy
     assert main(["status", "--model", str(model)]) == 0
     out = capsys.readouterr().out
     assert "sample bank:      55.0% of the rows its samples were drawn on removed since (over half" in out, out
+
+
+def test_a_repair_whose_samples_collapsed_together_is_refused(tmp_path, capsys):
+    """Stop 46's probe: the fewest repair steps (twice the bank) keep consecutive states of the repair chain, a bank
+    0.20x as spread about its mean as the samples before the request, recorded as passed (its test error 0.050 ->
+    0.088, retraining 0.040). Refused now, nothing written; enough steps pass and record the ratio."""
+    model = _class_folder(tmp_path / "m")
+    before = folder_state(model)
+    ids = _ids(tmp_path, " ".join(str(i) for i in range(100, 160)))
+    args = ["forget", "--model", str(model), "--ids", ids, "--damping", "1e-3", "--on-failure", "repair"]
+    assert main([*args, "--repair-steps", "60"]) == 4
+    err = capsys.readouterr().err
+    assert "did not fix it: the repaired samples spread" in err and "as far about their mean" in err
+    assert folder_state(model) == before
+    assert main([*args, "--repair-steps", "3000"]) == 0
+    (e,) = load_model(model).requests
+    assert e["quality"]["repaired"] and e["quality"]["repair"]["spread_ratio_to_request_before"] >= 0.5
