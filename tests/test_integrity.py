@@ -184,3 +184,50 @@ def test_rollback_detected_by_expect_head(unsigned, tmp_path, capsys):
     for bad in ("abc", "g" * 64, h1[:-1]):
         assert main(["verify", "--model", str(unsigned), "--expect-head", bad]) == 2
         assert "--expect-head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["extra_unlearner", "extra_sampler_state", "alive_float", "means_double", "n_total", "drop_alive"],
+)
+def test_a_state_file_edited_with_its_checksums_recomputed_is_refused_not_converted(unsigned, edit):
+    """Stop 46's probe: an extra tensor (an unknown unlearner entry, a sampler state for a parameter index the model
+    does not have) or a tensor in another dtype, its checksums recomputed: verify said the folder was intact, and
+    the next forget dropped the tensor or converted it. Refused now: nothing this library writes looks like it."""
+    import torch
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    man_path = unsigned / "manifest.json"
+    man = json.loads(man_path.read_text())
+    state = unsigned / man["state_file"]
+    t = st_load(state.read_bytes())
+    if edit == "extra_unlearner":
+        t["unlearner/evil"] = torch.zeros(3)
+    elif edit == "extra_sampler_state":
+        t["sampler/state/7/momentum_buffer"] = torch.zeros(3)
+    elif edit == "alive_float":
+        t["data/alive"] = t["data/alive"].to(torch.float32)
+    elif edit == "means_double":
+        t["model/means"] = t["model/means"].to(torch.float64)
+    elif edit == "drop_alive":  # was named as "'data/alive'" alone
+        del t["data/alive"]
+    else:
+        man["data_config"]["n_total"] += 1000
+    raw = st_save(t, metadata={"format": "mcmc-unlearner-model/1"})
+    state.write_bytes(raw)
+    man["state_sha256"] = hashlib.sha256(raw).hexdigest()
+    man = {k: v for k, v in man.items() if k not in ("manifest_sha256", "manifest_hmac", "integrity")}
+    integrity.sign(man, None)
+    man_path.write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+    before = folder_state(unsigned)
+    with pytest.raises(StoreError, match="restore the folder from a backup") as refused:
+        load_model(unsigned)
+    said = {"extra_unlearner": "do not hold", "extra_sampler_state": "no parameter group names"}.get(edit, "dtype")
+    said = "rows, the data have" if edit == "n_total" else said
+    said = "tensor data/alive is missing" if edit == "drop_alive" else said
+    assert said in str(refused.value)
+    assert not verify(unsigned).ok
+    with pytest.raises(StoreError):
+        forget(unsigned, [1, 2])
+    assert folder_state(unsigned) == before

@@ -78,6 +78,7 @@ from .state import (
     rebuild_unlearner,
     sampler_config,
     state_bytes,
+    state_layout,
     state_name,
     state_tensors,
     tensors_digest,
@@ -192,6 +193,11 @@ def build_loaded(snap: Snapshot, *, check_data: bool = True) -> LoadedModel:
                 "generator": tensors["data/generator"],
             }
         )
+        if "n_total" in dcfg and dcfg["n_total"] != data.n_total:  # a stale field verify called intact (stop 46)
+            raise StoreError(
+                f"manifest.json says the data hold {ascii(dcfg['n_total'])[:40]} rows, the data have "
+                f"{data.n_total}; restore the folder from a backup"
+            )
         sampler = rebuild_sampler(model, manifest.get("sampler"), tensors)
         ustate = manifest.get("unlearner_state", {})
         un = rebuild_unlearner(
@@ -200,11 +206,37 @@ def build_loaded(snap: Snapshot, *, check_data: bool = True) -> LoadedModel:
     except StoreError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if isinstance(exc, KeyError) and exc.args:  # the bare name read as "'data/alive'" (stop 46's probe)
+            first = f"tensor {exc.args[0]} is missing"
+        elif lines and lines[0].startswith("Error(s) in loading state_dict"):  # the keys are on the next line
+            first = " ".join(lines[:2])
+        else:
+            first = lines[0] if lines else type(exc).__name__
         raise StoreError(
             f"{root / manifest['state_file']} and manifest.json do not fit together ({ascii(first)[:200]}); "
             "restore the folder from a backup"
         ) from None
+    # every tensor of the state file is one the rebuilt model, sampler, data and unlearner hold, in its dtype: an
+    # extra tensor (a sampler state for a parameter the model does not have, an unknown unlearner entry) was dropped
+    # at the next save and a wrong dtype converted, and verify said the folder was intact (stop 46's probe, with
+    # the unkeyed checksums recomputed)
+    layout = state_layout(model, sampler, data, un)
+    extra = sorted(set(tensors) - set(layout))
+    wrong = sorted(k for k in set(tensors) & set(layout) if tensors[k].dtype != layout[k])
+    if extra or wrong:
+        said = []
+        if extra:
+            said.append(f"tensors the model, sampler, data and unlearner do not hold: {ascii(extra[:5])[:200]}")
+        if wrong:
+            said.append(
+                "tensors in another dtype than they are used in: "
+                + ", ".join(f"{k} ({tensors[k].dtype}, not {layout[k]})" for k in wrong[:5])
+            )
+        raise StoreError(
+            f"{root / manifest['state_file']} holds {'; and '.join(said)}; it was not written by this library as the "
+            "manifest describes it: restore the folder from a backup"
+        )
     if hasattr(model, "n"):
         model.n = len(data)
     loaded = LoadedModel(

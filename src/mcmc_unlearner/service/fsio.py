@@ -388,6 +388,11 @@ def folder_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[tuple
         raise FileNotFoundError(f"model folder {root} not found; save a model there first") from None
     except NotADirectoryError:
         raise StoreError(f"{root} is not a folder; --model takes the folder a model was saved into") from None
+    except PermissionError:  # said "Permission denied: 'ro2'" alone (stop 46's probe)
+        raise StoreError(
+            f"cannot open the model folder {root}: permission denied; give this user read and execute permission "
+            "on it (chmod u+rx); nothing was changed"
+        ) from None
     try:
         deadline = time.monotonic() + max(0.0, wait)
         delay = 0.01

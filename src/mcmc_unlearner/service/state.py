@@ -179,6 +179,20 @@ def sampler_config(sampler: torch.optim.Optimizer | None) -> tuple[dict[str, Any
 def state_tensors(
     model: nn.Module, sampler: torch.optim.Optimizer | None, data: RemovableDataset, un: MCMCUnlearner
 ) -> dict[str, torch.Tensor]:
+    """The state file's tensors (copies)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in _state_views(model, sampler, data, un).items()}
+
+
+def state_layout(
+    model: nn.Module, sampler: torch.optim.Optimizer | None, data: RemovableDataset, un: MCMCUnlearner
+) -> dict[str, torch.dtype]:
+    """The names and dtypes of the state file's tensors, as :func:`state_tensors` writes them (no copies)."""
+    return {k: v.dtype for k, v in _state_views(model, sampler, data, un).items()}
+
+
+def _state_views(
+    model: nn.Module, sampler: torch.optim.Optimizer | None, data: RemovableDataset, un: MCMCUnlearner
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.state_dict().items()}
     if un.bank is not None:
         out["bank"] = un.bank
@@ -190,7 +204,7 @@ def state_tensors(
     out.update(sampler_config(sampler)[1])
     out["unlearner/generator"] = un.generator.get_state()
     out.update({f"unlearner/{k}": v for k, v in un.curvature_state()[0].items()})
-    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+    return out
 
 
 def state_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -265,6 +279,13 @@ def rebuild_sampler(
             state.setdefault(int(idx), {})[name] = val
     for idx, extra in (cfg.get("state") or {}).items():
         state.setdefault(int(idx), {}).update(extra)
+    named = {i for g in cfg["param_groups"] for i in g["params"]}
+    stray = sorted(set(state) - named)
+    if stray:  # torch keeps a state for an index no group names, and it was written back at the next save
+        raise StoreError(
+            f"sampler state does not fit the model: it holds state for parameter(s) {stray[:5]} that no parameter "
+            "group names; restore the folder from a backup"
+        )
     try:
         sampler.load_state_dict({"state": state, "param_groups": copy.deepcopy(cfg["param_groups"])})
     except (ValueError, KeyError) as exc:
