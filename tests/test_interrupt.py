@@ -125,3 +125,43 @@ def test_sigterm_during_an_experiment_cleans_its_output_folder_as_ctrl_c_does(tm
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "mcmc-unlearner bnn: terminated (SIGTERM); nothing half-written", err
     assert not out.exists() or not any(out.iterdir())  # no marker, no half-written metrics
+
+
+@pytest.mark.parametrize("at", ["committed", "before"])
+def test_sigterm_during_forget_says_what_was_applied(tmp_path, monkeypatch, capsys, at):
+    """SIGTERM during forget exited 143 without a word (stop 46's probe); it is handled as Ctrl-C now: before the
+    commit nothing is written, after it the message says the request is applied."""
+    import os
+    import signal
+
+    from mcmc_unlearner.cli import main
+    from mcmc_unlearner.service import checkpoint
+
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    ledger = (m / "ledger.jsonl").read_bytes()
+    real = checkpoint.phase
+    seen = []
+
+    def phase(name):
+        seen.append(name)
+        if (at == "committed" and name == "committed") or (at == "before" and len(seen) == 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(name)
+
+    monkeypatch.setattr(checkpoint, "phase", phase)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(map(str, IDS)) + "\n")
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["forget", "--model", str(m), "--ids", str(ids), "--request-id", "T1"]) == 143
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
+    err = capsys.readouterr().err
+    monkeypatch.setattr(checkpoint, "phase", real)
+    assert deletion.verify(m).ok
+    if at == "committed":
+        assert "IS applied" in err and deletion.status(m)["n_removed"] == len(IDS)
+    else:
+        # nothing applied: the ledger as it was, no id removed (a temporary file of the unfinished commit is
+        # rolled back by the next command, as after Ctrl-C)
+        assert "terminated (SIGTERM)" in err and deletion.status(m)["n_removed"] == 0
+        assert (m / "ledger.jsonl").read_bytes() == ledger

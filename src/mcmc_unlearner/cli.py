@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from enum import IntEnum
@@ -63,7 +65,7 @@ class ExitCode(IntEnum):
     QUALITY = 4  # the removal failed the quality checks (policy refuse): nothing changed
     INTERNAL = 70  # a bug: please report it
     INTERRUPTED = 130  # Ctrl-C: nothing half-written
-    TERMINATED = 143  # SIGTERM during an experiment (demo, bnn): cleaned up as after Ctrl-C
+    TERMINATED = 143  # SIGTERM during demo, bnn or forget: handled as Ctrl-C
 
 
 class Terminated(KeyboardInterrupt):
@@ -79,7 +81,7 @@ EXIT_CODES_HELP = """exit codes:
   4  quality gate: the removal failed its checks and --on-failure is refuse (nothing changed)
   70 internal error (a bug; set MCMC_UNLEARNER_DEBUG=1 for the traceback)
   130 interrupted (nothing half-written; applied only if the message says so)
-  143 terminated (SIGTERM during demo or bnn: its output folder cleaned up as after Ctrl-C)"""
+  143 terminated (SIGTERM during demo, bnn or forget: handled as Ctrl-C, the message says what was applied)"""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
@@ -322,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             held.append(text)
 
-    if args.command in ("demo", "bnn"):
-        import signal
-
+    previous_sigterm, sigterm = None, []
+    if args.command in ("demo", "bnn", "forget") and threading.current_thread() is threading.main_thread():
+        # a scheduler's or timeout's SIGTERM is handled as Ctrl-C: an experiment cleans its folder, a forget says
+        # whether its request is applied (it exited 143 without a word; stop 46's probe)
         def terminated(signum: int, frame: Any) -> None:
+            sigterm.append(signum)
             raise Terminated("terminated (SIGTERM); nothing half-written")
 
-        signal.signal(signal.SIGTERM, terminated)
+        previous_sigterm = signal.signal(signal.SIGTERM, terminated)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning  # one line on stderr, as every message of the CLI
@@ -350,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # Ctrl-C after a commit point says that the update is in place; anywhere else nothing was changed
         print(f"mcmc-unlearner {args.command}: {exc if str(exc) else 'interrupted'}", file=sys.stderr)
-        return ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+        # (after a forget's commit point the interrupt is re-raised saying the request is applied)
+        return ExitCode.TERMINATED if isinstance(exc, Terminated) or sigterm else ExitCode.INTERRUPTED
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
             raise
@@ -360,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return ExitCode.INTERNAL
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _exit(code: int) -> None:
