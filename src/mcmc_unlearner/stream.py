@@ -432,11 +432,15 @@ class _Stream:
         self._peeked: Batch | None = None
 
     def peek(self) -> Batch:
-        """The next minibatch, left to be read again: a source with a state (a ``RemovableDataset``) is put back
-        to where it was, any other's minibatch is held and given by the next ``next()``."""
+        """The next minibatch, left to be read again: a source that is its own iterator with a state (a
+        ``RemovableDataset``) is put back to where it was, any other's minibatch is held and given by the next
+        ``next()``."""
         if self._peeked is not None:
             return self._peeked
-        state = self.state()
+        # rewound only where the source is its own iterator (a RemovableDataset): a re-iterable loader with a state
+        # (torchdata's StatefulDataLoader) applies a loaded state at its next iter(), not to the live iterator, and
+        # the request then started one minibatch late (stop 46's review)
+        state = self.state() if self._it is self.source else None
         batch = next(self)
         if state is not None:
             self.set_state(state)

@@ -2326,7 +2326,8 @@ class MCMCUnlearner:
         theta = ParamSpec.flatten_module(self.model)
         opt = copy.deepcopy(self.sampler.state_dict()) if self.sampler is not None else None
         if opt is not None:
-            # a sampler's own noise generator (SGLD/SGHMC(generator=...)) is not in its state_dict
+            # a sampler's own noise generator: in the library's SGLD/SGHMC state_dict since stop 46, not in other
+            # samplers' (a user's optimizer with a generator attribute)
             opt = {"state_dict": opt, "generator": _sampler_generator_state(self.sampler)}
         buffers = {
             k: b.detach().clone()

@@ -368,7 +368,7 @@ def forget(
                         problems,
                         report,
                     )
-                still, measured = gate.repaired_problems(un, id_list, loaded.data, before)
+                still, measured = gate.repaired_problems(un, id_list, loaded.data, before, repair_steps)
                 rec.update(measured)
                 if still:  # the repair did not fix it: refused as under refuse (it was recorded as passed)
                     raise QualityGateError(

@@ -140,7 +140,11 @@ def _mean_nll(un: MCMCUnlearner, thetas: torch.Tensor, data: RemovableDataset, r
 
 
 def repaired_problems(
-    un: MCMCUnlearner, removed: Sequence[int], data: RemovableDataset, before: torch.Tensor | None
+    un: MCMCUnlearner,
+    removed: Sequence[int],
+    data: RemovableDataset,
+    before: torch.Tensor | None,
+    steps: int | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The checks a repaired removal must still pass, on the repaired samples (empty: passed), and what was measured.
 
@@ -192,9 +196,18 @@ def repaired_problems(
             ratio = _spread(un.bank) / max(_spread(before), torch.finfo(torch.float64).tiny)
             record.update(spread_ratio_to_request_before=ratio)
             if ratio < REPAIR_MIN_SPREAD:
+                # a chain's spread over a window of t steps grows about as sqrt(t) until it mixes: the steps that
+                # would take it to 0.75 of the samples' before, as a guide (the saved digits BNN's 200 samples:
+                # 0.33x at the default 1,000 steps, 0.50x at 2,000, passed at 8,000; stop 46's review)
+                more = (
+                    ""
+                    if steps is None
+                    else f" (--repair-steps {steps}; about {100 * math.ceil(steps * (0.75 / ratio) ** 2 / 100)} "
+                    "would spread them enough if the chain's spread grows as the square root of its steps)"
+                )
                 problems.append(
                     f"the repaired samples spread {ratio:.2f}x as far about their mean as the samples before the "
-                    "request: states of the repair chain too close together to be samples of its posterior"
+                    f"request: states of the repair chain too close together to be samples of its posterior{more}"
                 )
     return problems, record
 
