@@ -188,7 +188,7 @@ def test_rollback_detected_by_expect_head(unsigned, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "edit",
-    ["extra_unlearner", "extra_sampler_state", "alive_float", "means_double", "n_total", "drop_alive"],
+    ["extra_unlearner", "extra_sampler_state", "alive_float", "means_double", "n_total", "drop_alive", "tol_str"],
 )
 def test_a_state_file_edited_with_its_checksums_recomputed_is_refused_not_converted(unsigned, edit):
     """Stop 46's probe: an extra tensor (an unknown unlearner entry, a sampler state for a parameter index the model
@@ -212,6 +212,8 @@ def test_a_state_file_edited_with_its_checksums_recomputed_is_refused_not_conver
         t["model/means"] = t["model/means"].to(torch.float64)
     elif edit == "drop_alive":  # was named as "'data/alive'" alone
         del t["data/alive"]
+    elif edit == "tol_str":  # converted to 0.001 and called intact
+        man["unlearner"]["tol"] = str(man["unlearner"]["tol"])
     else:
         man["data_config"]["n_total"] += 1000
     raw = st_save(t, metadata={"format": "mcmc-unlearner-model/1"})
@@ -226,6 +228,7 @@ def test_a_state_file_edited_with_its_checksums_recomputed_is_refused_not_conver
     said = {"extra_unlearner": "do not hold", "extra_sampler_state": "no parameter group names"}.get(edit, "dtype")
     said = "rows, the data have" if edit == "n_total" else said
     said = "tensor data/alive is missing" if edit == "drop_alive" else said
+    said = "unlearner configuration in manifest.json holds tol=" if edit == "tol_str" else said
     assert said in str(refused.value)
     assert not verify(unsigned).ok
     with pytest.raises(StoreError):

@@ -140,6 +140,15 @@ def _constructor_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _json_kind(v: Any) -> str:
+    """``"number"`` for int and float (not bool), else the JSON type's name."""
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    return type(v).__name__
+
+
 def defaulted_options(config: Mapping[str, Any], un: MCMCUnlearner) -> dict[str, Any]:
     """The options a stored configuration does not hold (saved by an earlier version, before they existed, or
     ``None`` where the current default is not), with the current defaults they take when the folder is loaded."""
@@ -305,10 +314,25 @@ def rebuild_unlearner(
     Cached curvature written by an earlier version that the current backends cannot read is dropped (it is a
     cache: the next request rebuilds it).
     """
+    given = _constructor_config(config)
     try:
-        un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **_constructor_config(config))
+        un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **given)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"unlearner configuration is invalid: {exc}") from None
+    # a value of another JSON kind than the unlearner keeps (tol "0.001" for 0.001) was converted and the folder called
+    # intact (stop 46's probe): nothing this library writes looks like that
+    now = un.config()
+    odd = [
+        k
+        for k, v in given.items()
+        if k in now and v is not None and now[k] is not None and _json_kind(v) != _json_kind(now[k])
+    ]
+    if odd:
+        raise StoreError(
+            "unlearner configuration in manifest.json holds "
+            + ", ".join(f"{k}={ascii(given[k])[:40]} (the unlearner keeps {ascii(now[k])[:40]})" for k in odd[:3])
+            + "; it was not written by this library: restore the folder from a backup"
+        )
     un.generator.set_state(tensors["unlearner/generator"])
     prefix = "unlearner/"
     curv = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k != "unlearner/generator"}
