@@ -477,3 +477,20 @@ def test_a_repair_whose_samples_collapsed_together_is_refused(tmp_path, capsys):
     assert main([*args, "--repair-steps", "3000"]) == 0
     (e,) = load_model(model).requests
     assert e["quality"]["repaired"] and e["quality"]["repair"]["spread_ratio_to_request_before"] >= 0.5
+
+
+def test_a_request_removing_most_of_the_data_fails_the_gate(tmp_path, capsys):
+    """A request of all remaining rows but one was recorded as "quality checks passed" (stop 46's probe), where one
+    influence step moves the samples a fraction of the way (a digits MLP: 0.12 at half the data). More than half
+    fails the gate: refused by default, nothing written; committed by --on-failure accept, recorded as failed."""
+    model, sampler, _, _ = tiny_gmm(bank=2, burn=1)
+    un = MCMCUnlearner(model, sampler, tol=1e-4)
+    assert quality_problems(_report(info={"removed_share": 0.5}), un) == []
+    (said,) = quality_problems(_report(info={"removed_share": 0.51}), un)
+    assert "removes 51.0% of the data" in said and "--on-failure repair" in said
+    folder = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    before = folder_state(folder)
+    ids = _ids(tmp_path, " ".join(str(i) for i in range(150)))  # 150 of 200 rows
+    assert main(["forget", "--model", str(folder), "--ids", ids]) == 4
+    assert "removes 75.0% of the data" in capsys.readouterr().err
+    assert folder_state(folder) == before
