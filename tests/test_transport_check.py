@@ -17,6 +17,23 @@ from mcmc_unlearner import MCMCUnlearner
 torch.set_num_threads(1)
 
 
+def _user_sgld(model, nll, log_prior, x, y, lr, burn, every, g, steps=3000):
+    """The user's own SGLD loop, θ ← θ − ε/2 ∇F + N(0, ε) on minibatches of 100, keeping every ``every``-th state
+    after ``burn`` steps as a flat-parameter bank."""
+    n, bank = x.shape[0], []
+    for t in range(steps):
+        i = torch.randint(n, (100,), generator=g)
+        energy = n * nll(model, (x[i], y[i])).mean() - log_prior(model)
+        model.zero_grad()
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-0.5 * lr * p.grad + lr**0.5 * torch.randn(p.shape, generator=g))
+        if t >= burn and (t - burn) % every == 0:
+            bank.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+    return torch.stack(bank)
+
+
 def _poisson_chain():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1200, 5, generator=g)
@@ -32,18 +49,8 @@ def _poisson_chain():
     def log_prior(m):
         return -0.5 * sum((p**2).sum() for p in m.parameters())
 
-    bank, lr, gs = [], 1e-4, torch.Generator().manual_seed(0)
-    for t in range(3000):  # the user's SGLD loop: θ ← θ − ε/2 ∇F + N(0, ε)
-        i = torch.randint(1000, (100,), generator=gs)
-        energy = 1000 * nll(model, (x[i], y[i])).mean() - log_prior(model)
-        model.zero_grad()
-        energy.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(-0.5 * lr * p.grad + lr**0.5 * torch.randn(p.shape, generator=gs))
-        if t >= 1000 and (t - 1000) % 40 == 0:
-            bank.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
-    return x, y, model, nll, log_prior, torch.stack(bank)
+    bank = _user_sgld(model, nll, log_prior, x, y, 1e-4, 1000, 40, torch.Generator().manual_seed(0))
+    return x, y, model, nll, log_prior, bank
 
 
 def test_a_transport_the_curvature_does_not_predict_is_left_out_and_the_fit_kept():
@@ -91,18 +98,7 @@ def test_bank_shift_sample_s_own_terms_are_measured_and_left_out_where_they_dama
     def log_prior(m):
         return -0.5 * sum((q**2).sum() for q in m.parameters())
 
-    bank, lr = [], 2e-4
-    for t in range(3000):
-        i = torch.randint(1400, (100,), generator=g)
-        energy = 1400 * nll(model, (x[i], y[i])).mean() - log_prior(model)
-        model.zero_grad()
-        energy.backward()
-        with torch.no_grad():
-            for q in model.parameters():
-                q.add_(-0.5 * lr * q.grad + lr**0.5 * torch.randn(q.shape, generator=g))
-        if t >= 1500 and (t - 1500) % 30 == 0:
-            bank.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
-    bank = torch.stack(bank)
+    bank = _user_sgld(model, nll, log_prior, x, y, 2e-4, 1500, 30, g)
     forget = torch.randperm(1400, generator=torch.Generator().manual_seed(100))[:150]
     keep = torch.ones(1400, dtype=torch.bool)
     keep[forget] = False
