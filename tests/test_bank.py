@@ -91,6 +91,47 @@ def test_a_model_loaded_from_a_bank_row_does_not_write_into_the_callers_bank() -
     assert not torch.equal(parameters_to_vector(model.parameters()), original[-1])  # the live chain moved
 
 
+def test_a_model_sharing_a_samples_storage_or_pointed_at_a_row_later_does_not_write_into_it() -> None:
+    # stop 47's probe: only parameters that were views of a larger tensor when the unlearner was built got their own
+    # storage; a state_dict loaded with assign=True (the parameters ARE the caller's tensors) and a model pointed at
+    # a bank row after building had that sample overwritten by each request
+    model, x, y, bank = _problem(4)
+    samples = []
+    for row in bank:
+        vector_to_parameters(row, model.parameters())
+        samples.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(samples[-1], assign=True)
+    before = copy.deepcopy(samples)
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=samples)
+    data = RemovableDataset(x, y, batch_size=40, seed=0)
+    assert un.forget([5, 6, 7], data).passed
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(samples, before) for k in a)
+
+    model2, _, _, bank2 = _problem(4)
+    original = bank2.clone()
+    un2 = MCMCUnlearner(model2, nll=_nll, log_prior=_log_prior, bank=bank2)
+    vector_to_parameters(bank2[-1], model2.parameters())  # after building
+    assert un2.forget([5, 6, 7], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    assert torch.equal(bank2, original)
+    assert not torch.equal(parameters_to_vector(model2.parameters()), original[-1])  # the live chain moved
+
+
+def test_a_refused_bank_leaves_the_kept_samples_layout() -> None:
+    # stop 47's probe: the refused value's layout was set before the non-finite check, so the kept samples came
+    # back as a tensor (or with the refused state_dicts' buffers)
+    model, _, _, bank = _problem(5)
+    samples = [{"0.weight": r[:12].view(4, 3), "0.bias": r[12:16], "2.weight": r[16:24].view(2, 4),
+                "2.bias": r[24:]} for r in bank]  # fmt: skip
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=samples)
+    bad = bank.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        un.bank = bad
+    out = un.samples()
+    assert isinstance(out, list) and isinstance(out[0], dict)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(out, samples) for k in a)
+
+
 def test_bank_layout_errors_name_the_problem() -> None:
     model, *_ = _problem()
     spec = ParamSpec.of(model)
@@ -208,7 +249,7 @@ def test_a_bank_whose_frozen_columns_differ_from_the_model_is_refused() -> None:
 
 
 def test_a_log_prior_that_cannot_see_the_parameters_passed_in_is_refused_before_any_work() -> None:
-    model, x, y, bank = _problem(5)
+    model, _, _, bank = _problem(5)
     before = parameters_to_vector(model.parameters()).detach().clone()
     captured = list(model.parameters())
     bad = {
@@ -1035,7 +1076,7 @@ def test_a_bank_set_after_loading_a_checkpoint_warns_that_the_loaded_state_is_go
     on purpose, says nothing."""
     import warnings
 
-    model, x, y, bank = _problem(5)
+    model, _, _, bank = _problem(5)
     un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
     un.remove((x[:10], y[:10]), (x[10:], y[10:]))
     saved = un.curvature_state()
