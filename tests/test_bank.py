@@ -249,7 +249,7 @@ def test_a_bank_whose_frozen_columns_differ_from_the_model_is_refused() -> None:
 
 
 def test_a_log_prior_that_cannot_see_the_parameters_passed_in_is_refused_before_any_work() -> None:
-    model, _, _, bank = _problem(5)
+    model, x, y, bank = _problem(5)
     before = parameters_to_vector(model.parameters()).detach().clone()
     captured = list(model.parameters())
     bad = {
@@ -1076,7 +1076,7 @@ def test_a_bank_set_after_loading_a_checkpoint_warns_that_the_loaded_state_is_go
     on purpose, says nothing."""
     import warnings
 
-    model, _, _, bank = _problem(5)
+    model, x, y, bank = _problem(5)
     un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
     un.remove((x[:10], y[:10]), (x[10:], y[10:]))
     saved = un.curvature_state()
