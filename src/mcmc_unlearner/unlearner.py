@@ -1231,7 +1231,8 @@ def _storages(value: Any) -> frozenset[int]:
     while stack:
         v = stack.pop()
         if isinstance(v, torch.Tensor):
-            found.add(v.untyped_storage().data_ptr())
+            if v.layout == torch.strided:  # a sparse buffer has no storage to share (and parameters are dense)
+                found.add(v.untyped_storage().data_ptr())
         elif isinstance(v, Mapping):
             stack.extend(v.values())
         elif isinstance(v, (list, tuple)):
