@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import warnings
 from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import make_blr
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
@@ -1206,3 +1209,64 @@ def test_a_trial_the_curvature_could_not_solve_is_said_so_in_the_damping_history
         else:
             assert float(said) == pytest.approx(trial["ratio"], rel=1e-2)
     assert any(s == "not solvable" for _, s in parts) and any(s != "not solvable" for _, s in parts)
+
+
+def test_a_constant_in_nll_does_not_loosen_the_safety_nets_unit() -> None:
+    # stop 47's probe: the tolerance was 5% of the held rows' mean |h|; nll + 30 (or - 3, a Gaussian's log σ√2π at
+    # σ = 0.02) made it 45x looser and let a regression network's step raise the remaining rows' NLL by 14-51%
+    from mcmc_unlearner.step import nll_unit
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.empty(8, 4000, dtype=torch.float64).exponential_(1.0, generator=g)  # a cross-entropy's, roughly
+    same = lambda t: t  # noqa: E731  (one process: the sum over ranks is the value)
+    mean, unit = nll_unit(h, same)
+    assert abs(mean - 1.0) < 0.05 and unit == mean  # its mean difference equals its mean (here 1 ± 0.02): unchanged
+    for c in (30.0, -3.0, 1e4):
+        _, shifted = nll_unit(h + c, same)
+        assert abs(shifted - unit) < 0.05 * unit  # the rows' mean difference, not |c|
+    sq = 0.5 * torch.randn(8, 4000, dtype=torch.float64, generator=g) ** 2  # a squared error without constants
+    mean_sq, unit_sq = nll_unit(sq, same)
+    assert unit_sq == mean_sq
+    assert nll_unit(sq + 30.0, same)[1] < 1.35 * mean_sq  # 4/π = 1.27 times the mean, not 60 times
+    assert nll_unit(torch.full((2, 5), 3.0, dtype=torch.float64), same)[1] == 3.0  # no spread: the mean |h|
+
+
+def test_a_regression_with_a_constant_in_nll_takes_the_step_it_takes_without() -> None:
+    # the probe's network (1-32-32-1 tanh, every row with x > 1.5 removed): with the old unit nll + 30 and nll - 3
+    # took a 860x longer step on this seed, raising the remaining rows' NLL 10x more
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def nll_plus(c):
+        return lambda m, b: (0.5 * ((m(b[0]) - b[1]) / 0.2) ** 2).squeeze(-1) + c
+
+    def lp(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    g = torch.Generator().manual_seed(100)
+    x = torch.rand(1000, 1, generator=g) * 6 - 3
+    y = torch.sin(2 * x) + 0.3 * x + 0.2 * torch.randn(1000, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    samples, h0 = [], nll_plus(0.0)
+    for t in range(3000):  # the user's own SGLD loop
+        i = torch.randint(1000, (64,))
+        energy = 1000 * h0(model, (x[i], y[i])).mean() - lp(model)
+        model.zero_grad()
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-0.5 * 5e-6 * p.grad + 5e-6**0.5 * torch.randn_like(p))
+        if t >= 1500 and (t - 1500) % 30 == 0:
+            samples.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    gone = x[:, 0] > 1.5
+    banks = []
+    for c in (0.0, 30.0, -3.0):
+        un = MCMCUnlearner(copy.deepcopy(model), nll=nll_plus(c), log_prior=lp, bank=samples)
+        torch.manual_seed(0)
+        rows = DataLoader(TensorDataset(x[~gone], y[~gone]), batch_size=128, shuffle=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert un.remove((x[gone], y[gone]), rows).passed
+        banks.append(un.bank)
+    for b in banks[1:]:
+        torch.testing.assert_close(b, banks[0], rtol=0, atol=1e-5)

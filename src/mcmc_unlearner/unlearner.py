@@ -83,6 +83,7 @@ from .step import (
     is_number,
     labels_spread,
     measured_deficit,
+    nll_unit,
 )
 from .stream import (
     _as_batch,
@@ -3554,18 +3555,15 @@ class MCMCUnlearner:
                 hb = torch.stack([h(b) for b in base])  # [K, m]
                 D = torch.stack([h(a) for a in moved]) - hb  # each held row's NLL change, moved against base
             per_row = D.mean(0)
-            sums = check.reduce(
-                torch.stack(
-                    [per_row.new_tensor(float(D.shape[1])), per_row.sum(), (per_row**2).sum(), hb.mean(0).abs().sum()]
-                )
-            )
+            sums = check.reduce(torch.stack([per_row.new_tensor(float(D.shape[1])), per_row.sum(), (per_row**2).sum()]))
             m = max(float(sums[0]), 1.0)
             draws = n * check.reduce(D.sum(1)) / m + prior  # [K]: each draw's energy change
             row_mean = float(sums[1]) / m
             row_var = max(float(sums[2]) / m - row_mean**2, 0.0) / max(m - 1, 1)
             draw_var = float(draws.var()) / K if K > 1 else 0.0
             nll_se = math.sqrt(row_var + float((draws - prior).var()) / (K * n * n) if K > 1 else row_var)
-            return float(draws.mean()), math.sqrt(draw_var + n * n * row_var), row_mean, nll_se, float(sums[3]) / m
+            unit = nll_unit(hb, check.reduce)[1]  # the safety net's unit: a constant in nll does not loosen it
+            return float(draws.mean()), math.sqrt(draw_var + n * n * row_var), row_mean, nll_se, unit
 
         def verdict(meas: tuple[float, float, float, float, float]) -> tuple[bool, bool]:
             energy, stderr, rise, rise_se, scale = meas

@@ -16,7 +16,8 @@ of one class in requests of ``--request-size`` and compares, side by side:
 * ``finetune``: SG-MCMC on the remaining data, given ``unlearn``'s wall time per request;
 * ``langevin``: noisy-gradient unlearning in the style of Langevin unlearning (Chien, Wang & Li, NeurIPS
   2024): after every request the chain takes ``--langevin-steps`` SGLD steps on the remaining data (default
-  ``samp_T + 2·iter_T`` of the paper = 129, the paper's per-request gradient evaluations, an HVP counted as two);
+  ``samp_T + 2·iter_T`` = 129: at the paper's ``samp_T`` 1 its 65 sampler steps and 64 Hessian-vector products
+  per request, each counted as one gradient evaluation; an HVP costs about two, which would make it 193);
 * ``importance``: the stored samples reweighted by :math:`1/p(S'|θ)` (self-normalised).
 
 Every method after ``origin`` starts from the same trained chain (the retrains from the same initial
@@ -1966,7 +1967,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--langevin-steps",
         type=limit["langevin-steps"],
         default=None,
-        help="langevin's SGLD steps per request (0, the default: paper's samp_T + 2 x iter_T, 129 unless changed)",
+        help="langevin's SGLD steps per request (0, the default: samp_T + 2 x iter_T = 129, at samp_T 1 the paper's "
+        "sampler steps plus Hessian-vector products per request, each counted once)",
     )
     p.add_argument(
         "--eval-samples",
