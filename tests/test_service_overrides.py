@@ -2,14 +2,18 @@
 --solver cg/kfac/lissa/lowrank override as docs/deletion-service.md documents (it refused it with
 "bank_shift='affine' needs solver='exact' or 'ggn'")."""
 
+import warnings
+
+import pytest
 import torch
 
+from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner import SGLD, MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.datasets import make_gmm_2d
 from mcmc_unlearner.models.gmm import GaussianMixture
 from mcmc_unlearner.samplers import run_chain
-from mcmc_unlearner.service.checkpoint import save_model
-from mcmc_unlearner.service.deletion import forget, status
+from mcmc_unlearner.service.checkpoint import load_model, save_model
+from mcmc_unlearner.service.deletion import forget, status, verify
 from mcmc_unlearner.service.specs import gmm_data_spec, gmm_model_spec
 
 
@@ -34,3 +38,22 @@ def test_solver_override_on_an_affine_bank_model(tmp_path) -> None:
     out = forget(tmp_path / "m", [40, 41], overrides={"solver": "cg"})
     assert out is not None
     assert status(tmp_path / "m")["n_remaining"] == 1998
+
+
+@pytest.mark.parametrize(("saved", "override"), [("exact", "kfac"), ("kfac", "exact"), ("lowrank", "auto")])
+def test_a_solver_override_leaves_a_folder_every_later_command_loads(tmp_path, saved, override) -> None:
+    # stop 47's probe: the override's curvature cache was written into the state file under the saved configuration,
+    # whose layout check then refused the folder in every later status, verify and forget (10 of 21 pairs), the
+    # state before it already deleted
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver=saved))
+    before = load_model(folder).unlearner.bank.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert forget(folder, [1, 2], request_id="r1", overrides={"solver": override}).applied
+        assert verify(folder).ok
+        after = load_model(folder)
+        assert after.unlearner.solver.value == saved  # the saved configuration, with the override's result
+        assert not torch.equal(after.unlearner.bank, before)
+        assert status(folder)["n_remaining"] == len(after.data)
+        assert forget(folder, [3], request_id="r2").applied
+    assert verify(folder).ok

@@ -170,29 +170,21 @@ class ScreenMode(str, Enum):
 
 def nll_unit(h: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
     """The held rows' NLL size and the safety net's unit for it, from ``h`` (``[draws, rows]``; ``reduce`` sums
-    over ranks): ``(mean |h|, unit)``, the unit the mean ``|h|`` or, where smaller, the rows' Gini mean difference
-    ``E|h_i − h_j|`` (averaged over the draws; across ranks each rank's, weighted by its rows).
+    over ranks): ``(mean |h|, unit)``, the unit the mean ``|h|`` or, where smaller, the rows' standard deviation
+    of ``h`` (each draw's, averaged over the draws; from sums, so across ranks it is the one process's).
 
     A constant added to ``nll`` (a Gaussian's ``log σ√2π``, ``gaussian_nll_loss(full=True)``, the units of ``y``)
     changes neither the posterior nor the right step, but it changed the mean ``|h|``: a regression network's
-    nll + 30 (or − 3) let through a step that raised the remaining rows' NLL by 14-51% (stop 47's probe). The mean
-    difference does not move with a constant; for exponentially distributed NLLs (a cross-entropy's, roughly) it
-    equals their mean and for a squared error without constants it is 1.27 times it, so there the mean stays the
-    unit, as before."""
+    nll + 30 (or − 3) let through a step that raised the remaining rows' NLL by 14-51% (stop 47's probe). The
+    spread does not move with a constant; for exponentially distributed NLLs (a cross-entropy's, roughly) it equals
+    their mean and for a squared error without constants it is √2 times it, so there the mean stays the unit, as
+    before."""
     h = h.double()
-    m = h.shape[1]
-    magnitude_sum = reduce(h.abs().mean(0).sum())
-    if m > 1:
-        ordered = h.sort(dim=1).values
-        weights = torch.arange(1 - m, m, 2, dtype=h.dtype, device=h.device)  # 2i − m − 1, i = 1..m
-        gmd = float((ordered @ weights).mean()) * 2.0 / (m * (m - 1))
-    else:
-        gmd = math.nan
-    sums = reduce(torch.tensor([m, m * gmd if math.isfinite(gmd) else 0.0, float(math.isfinite(gmd)) * m],
-                               dtype=torch.float64, device=h.device))  # fmt: skip
-    total = max(float(sums[0]), 1.0)
-    magnitude = float(magnitude_sum) / total
-    spread = float(sums[1]) / float(sums[2]) if float(sums[2]) > 0 else math.nan
+    sums = reduce(torch.stack([h.new_tensor(float(h.shape[1])), h.abs().mean(0).sum()]))
+    m = max(float(sums[0]), 1.0)
+    magnitude = float(sums[1]) / m
+    per_draw = reduce(torch.stack([h.sum(1), h.square().sum(1)]))  # [2, K]: each draw's rows, over every rank
+    spread = float((per_draw[1] / m - (per_draw[0] / m) ** 2).clamp_min(0.0).sqrt().mean()) if m > 1 else math.nan
     unit = min(magnitude, spread) if math.isfinite(spread) and spread > 0 else magnitude
     return magnitude, unit
 

@@ -479,6 +479,25 @@ def _writer_key(loaded: LoadedModel) -> Key | None:
     return snap.key
 
 
+def _adopt(base: MCMCUnlearner, done: MCMCUnlearner) -> None:
+    """The saved configuration's unlearner takes over what a per-request override's unlearner ``done`` did: its
+    bank, generator and request count, and its curvature state where ``base`` uses the same solver (another
+    solver's cache is not one ``base`` can load: the next request builds its own). The state file is written from
+    ``base``, as the folder is loaded: an override's curvature cache written instead (``--solver kfac`` on a folder
+    saved with ``exact``) was refused as foreign tensors by every later ``status``, ``verify`` and ``forget``, and
+    the state before it had been deleted (stop 47's probe)."""
+    tensors, meta = done.curvature_state()
+    base._set_bank(done.bank, fresh=False)
+    if base.solver is done.solver:
+        base.load_curvature_state(tensors, meta)
+        base._state_loaded = False
+    else:
+        base.reset_curvature()
+        base._rows_at_samples, base._cumulative_warned = done._rows_at_samples, done._cumulative_warned
+        base._g_round = done._g_round
+    base.generator.set_state(done.generator.get_state())
+
+
 def commit_update(
     loaded: LoadedModel, entry: Mapping[str, Any], *, unlearner: MCMCUnlearner | None = None
 ) -> dict[str, Any]:
@@ -504,7 +523,9 @@ def commit_update(
     from .. import __version__
 
     key = _writer_key(loaded)
-    un = unlearner or loaded.unlearner
+    if unlearner is not None and unlearner is not loaded.unlearner:
+        _adopt(loaded.unlearner, unlearner)
+    un = loaded.unlearner
     root = loaded.path
     old = loaded.manifest
     seq = int(old["sequence"]) + 1
