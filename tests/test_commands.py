@@ -755,3 +755,19 @@ def test_demo_end_to_end_out_folder(tmp_path, capsys, monkeypatch):
     assert "single-threaded" in (out / "report.md").read_text()
     _no_run(monkeypatch)
     assert "already holds a run's results" in _refused_at_parse("demo", ["--out", str(out)], capsys)
+
+
+def test_bnn_with_a_failed_method_exits_non_zero_in_one_line(tmp_path, capsys, monkeypatch):
+    """Was (stop 47's probe): the only method refused its work (the memory budget), and bnn printed a traceback,
+    exited 0 and wrote a metrics.json whose contract keys were null: a script could not tell it from a good run."""
+    monkeypatch.delenv("MCMC_UNLEARNER_DEBUG", raising=False)
+    argv = ["bnn", "--quick", "--methods", "unlearn", "--max-requests", "1", "--pretrain-steps", "20",
+            "--explore-steps", "20", "--sample-steps", "100", "--bank-size", "10", "--eval-max", "200", "--quiet",
+            "--threads", "1", "--unlearner-kw", "memory_budget=1000"]  # fmt: skip
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "unlearn failed: MemoryError: the request needs at least" in err
+    assert "1 method(s) failed (unlearn)" in err
+    assert json.loads((out / "metrics.json").read_text())["methods"]["unlearn"]["status"] == "failed"

@@ -50,6 +50,7 @@ import copy
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -1285,7 +1286,12 @@ def _guarded(name: str, cfg: BNNConfig, failures: dict[str, str], fn: Callable[[
     except Exception as exc:
         failures[name] = f"{type(exc).__name__}: {exc}"
         cfg.notes.append(f"{name} FAILED ({failures[name]}); its metrics are empty")
-        print(f"mcmc-unlearner bnn: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        from ..cli import DEBUG_ENV, flat
+
+        if os.environ.get(DEBUG_ENV):
+            print(f"mcmc-unlearner bnn: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        else:  # one line, as every refusal (the run goes on; the exit code says a method failed)
+            print(f"mcmc-unlearner bnn: {name} failed: {flat(failures[name])}", file=sys.stderr)
         return None
 
 
@@ -2098,5 +2104,19 @@ def _main(args: argparse.Namespace) -> int:
         f"evaluation {ev_['seconds']:.1f} s + {ev_['progress_snapshots']} progress snapshots "
         f"{ev_['progress_seconds']:.1f} s"
     )
+    failed = {k: v.get("failed", "") for k, v in me.items() if isinstance(v, dict) and v.get("status") == "failed"}
+    if failed:  # a run whose method failed exited 0 with its metrics null (stop 47's probe): scripts must see it
+        parts.append("FAILED: " + ", ".join(failed))
     print("; ".join(parts) + f"; wrote {args.out}/metrics.json, report.md")
+    if failed:
+        from ..cli import ExitCode
+
+        refusals = ("MemoryError", "InvalidRequestError", "SolverDivergedError", "QualityError", "ValueError")
+        refused = all(str(v).startswith(refusals) for v in failed.values())
+        print(
+            f"mcmc-unlearner bnn: {len(failed)} method(s) failed ({', '.join(failed)}): their metrics are null in "
+            f"{args.out}/metrics.json" + ("" if refused else " (an internal error: please report it)"),
+            file=sys.stderr,
+        )
+        return ExitCode.REFUSED if refused else ExitCode.INTERNAL
     return 0
