@@ -45,7 +45,7 @@ from torch import nn
 
 from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor
-from .errors import InvalidRequestError, QualityError, UnlearningError
+from .errors import InvalidRequestError, QualityError, UnlearningError, all_finite
 from .stream import (
     MIN_CURVATURE_ROWS,
     _as_batch,
@@ -54,6 +54,7 @@ from .stream import (
     _is_fields,
     _same_shapes,
     check_finite_batch,
+    check_finite_source,
 )
 from .unlearner import MCMCUnlearner, Proposal, RemovalReport
 
@@ -183,7 +184,8 @@ class ShardedDataset:
         world: Size of that group.
         batch_size: Global minibatch size.
         seed: Seed of the global shuffling generator (the same on all ranks).
-        weight_dtype: dtype of the weight column (default: the default float dtype).
+        weight_dtype: dtype of the weight column (default: the first floating-point field's, else torch's default
+            float dtype).
     """
 
     def __init__(
@@ -207,7 +209,10 @@ class ShardedDataset:
         self.local: Batch = tuple(local)
         self.rank, self.world, self.n_total = int(rank), int(world), int(n_total)
         self.index = RemovableDataset(torch.arange(n_total), batch_size=batch_size, seed=seed)
-        self.weight_dtype = weight_dtype or torch.get_default_dtype()
+        # the data's own floating dtype: float64 rows with float32 weights (1/|B| rounded) gave float64 removals only
+        # float32-accurate (2.4e-8 off one process, 1.4e-14 with float64 weights; stop 47's probe)
+        floating = [t.dtype for t in local if t.is_floating_point()]
+        self.weight_dtype = weight_dtype or (floating[0] if floating else torch.get_default_dtype())
         #: The global ids of the last global minibatch ``next`` gave, in their order: where one process reads this
         #: rank's rows (the safety check's screen and pooled curvature minibatches follow it).
         self.last_ids: torch.Tensor | None = None
@@ -261,6 +266,19 @@ class ShardedDataset:
     def remove(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Remove global ids (every rank calls it with the same request; each drops the rows it owns)."""
         return self.index.remove(ids)
+
+    def nonfinite_ids(self) -> torch.Tensor:
+        """Sorted global ids of this rank's remaining rows holding a NaN or an infinite value (its own rows only:
+        :meth:`DistributedUnlearner.propose` agrees on the refusal across the ranks, before any collective)."""
+        key = tuple((id(t), getattr(t, "_version", None)) for t in self.local)
+        if getattr(self, "_nonfinite_key", None) != key or any(v is None for _, v in key):
+            bad = torch.zeros(self.local[0].shape[0], dtype=torch.bool)
+            for t in self.local:
+                if t.is_floating_point() and not all_finite(t):
+                    bad |= ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+            self._nonfinite_key, self._nonfinite = key, bad.nonzero().flatten() * self.world + self.rank
+        ids = self._nonfinite
+        return ids[self.index._alive[ids]] if ids.numel() else ids
 
     def owned(self, ids: torch.Tensor) -> torch.Tensor:
         """The subset of global ``ids`` this rank holds (order kept)."""
@@ -515,25 +533,33 @@ class DistributedUnlearner(MCMCUnlearner):
         different removals, or abort in a collective of mismatched sizes)."""
         bank = self.bank
         if bank is None:
-            local = torch.zeros(4, dtype=torch.float64)
+            local = torch.zeros(5, dtype=torch.float64)
         else:
             b = bank.detach()  # no float64 copy of the bank: sums accumulated in float64
             w = torch.linspace(1.0, 2.0, b.shape[1], dtype=b.dtype, device=b.device)
-            total, weighted = float(b.sum(dtype=torch.float64)), float((b @ w).sum(dtype=torch.float64))
-            local = torch.tensor([1.0 + b.shape[0], float(b.shape[1]), total, weighted], dtype=torch.float64)
+            bw = b @ w
+            # the rows weighted too: the same samples in another order passed the sums (stop 47's probe: a K-FAC
+            # shift 20% off one process, every check passed)
+            r = torch.linspace(1.0, 2.0, b.shape[0], dtype=torch.float64, device=b.device)
+            total, weighted = float(b.sum(dtype=torch.float64)), float(bw.sum(dtype=torch.float64))
+            ordered = float(r @ bw.double())
+            local = torch.tensor([1.0 + b.shape[0], float(b.shape[1]), total, weighted, ordered], dtype=torch.float64)
         high, low = local.clone(), local.clone()
         _all_reduce(high, self.group, dist.ReduceOp.MAX)
         _all_reduce(low, self.group, dist.ReduceOp.MIN)
         if not torch.equal(high, low):
             raise InvalidRequestError(
-                "the ranks hold different sample banks (their sizes or values differ): every rank must hold the same "
+                "the ranks hold different sample banks (their sizes, values or order differ): every rank must hold "
+                "the same "
                 "bank, e.g. collected with un.collect() after identically seeded sampler steps, or the same samples "
                 "passed as bank=; nothing was changed"
             )
 
-    def _local_share(self, batch: Any) -> Batch:
+    def _local_share(self, batch: Any, remaining: Any = None) -> Batch:
         """The rank's share ``(*fields, w)``; an empty share (the request's rows all live on other ranks) becomes
-        one weight-0 row of zeros."""
+        one weight-0 row: a stored row of ``remaining`` when it is a :class:`ShardedDataset` (an ``nll`` that is not
+        finite at zeros, e.g. inputs normalised by their norm, made the weight-0 row's 0·NaN refuse a request one
+        process accepts: stop 47's probe), else a row of zeros."""
         batch = _as_batch(batch, "the removed data")
         w = batch[-1]
         if len(batch) < 2 or w.ndim != 1 or not w.is_floating_point():
@@ -543,7 +569,11 @@ class DistributedUnlearner(MCMCUnlearner):
                 f"{[str(t.dtype) for t in batch]}; or call forget(ids, ShardedDataset)"
             )
         if batch[0].shape[0] == 0:
-            batch = tuple(t.new_zeros((1, *t.shape[1:])) for t in batch)
+            if isinstance(remaining, ShardedDataset) and len(batch) == len(remaining.local) + 1:
+                pad = remaining._rows(torch.zeros(0, dtype=torch.long), 0.0)
+                batch = tuple(p.to(t.dtype) for p, t in zip(pad, batch))
+            else:
+                batch = tuple(t.new_zeros((1, *t.shape[1:])) for t in batch)
         return batch
 
     def propose(self, batch: Batch, remaining: Any, n_remaining: int | None = None) -> Proposal:
@@ -556,10 +586,21 @@ class DistributedUnlearner(MCMCUnlearner):
         err: BaseException | None = None
         n = n_remaining
         try:
-            batch = self._local_share(batch)
+            batch = self._local_share(batch, remaining)
             check_finite_batch(batch)
             self._check_nll(batch)
             _check_loader_order(remaining, warn=False)  # a refusal on one rank: agreed below, not a hang
+            if isinstance(remaining, ShardedDataset):
+                rank, world = _group_info(self.group)
+                if (remaining.rank, remaining.world) != (rank, world):  # rows on no rank, or on two (stop 47)
+                    raise ValueError(
+                        f"the ShardedDataset is rank {remaining.rank} of {remaining.world}, but this process is rank "
+                        f"{rank} of {world} in the unlearner's group: build it with rank= and world= of that group "
+                        "(ShardedDataset.from_global(..., rank=dist.get_rank(group), world=dist.get_world_size(group)))"
+                    )
+                # a NaN row on one rank was found inside the collectives there, and the other ranks waited until
+                # the timeout (stop 47's probe): refused here, agreed on below
+                check_finite_source(remaining)
             if n is None and not _is_fields(remaining):  # (a tuple of rows is refused below, naming the shard)
                 if not isinstance(remaining, ShardedDataset):
                     raise ValueError(
@@ -592,7 +633,9 @@ class DistributedUnlearner(MCMCUnlearner):
                 f"the ranks give different numbers of remaining rows ({int(-flags[3])} to {int(flags[2])}): "
                 "n_remaining must be the global count, the same on every rank; nothing was changed"
             )
-        return super().propose(batch, remaining, n)
+        prop = super().propose(batch, remaining, n)
+        prop._removed_total = round(float(flags[1]))  # the weight-1 rows over every rank
+        return prop
 
     # ------------------------------------------------------------------ reduced building blocks
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -758,9 +801,10 @@ class DistributedUnlearner(MCMCUnlearner):
         Every rank of the group must call it together. ``n_removed`` (global count) defaults to the
         all-reduced number of weight-1 rows.
         """
+        prop = self.propose(batch, remaining, n_remaining)  # a malformed share is agreed on there (counting its
+        # rows here first, a collective, left the other ranks waiting on a rank that failed: stop 47's probe)
         if n_removed is None:
-            n_removed = round(float(self._reduce((batch[-1] != 0).sum().to(torch.float64))))
-        prop = self.propose(batch, remaining, n_remaining)
+            n_removed = prop._removed_total
         prop.report.n_removed = n_removed
         prop._lr_scale = (prop.report.n_remaining + n_removed) / prop.report.n_remaining
         if strict and prop.report.problems:
@@ -809,17 +853,19 @@ class DistributedUnlearner(MCMCUnlearner):
             raise TypeError("DistributedUnlearner.forget needs a ShardedDataset (see ShardedDataset.from_global)")
         ids = self._agreed_ids(ids, data)
         batch = data.get(ids)
-        # finiteness is checked per owner and agreed on, so that every rank refuses together
-        bad = torch.zeros(ids.numel(), dtype=torch.float64)
-        mine = (ids % data.world == data.rank).nonzero().flatten()
-        for t in batch[:-1]:
+        # finiteness is checked per owner and agreed on, so that every rank refuses together; by the sorted ids,
+        # the order the ranks agreed on (ranks given one request in two orders named the wrong id: stop 47's probe)
+        agreed = torch.sort(ids).values
+        bad = torch.zeros(agreed.numel(), dtype=torch.float64)
+        mine = (agreed % data.world == data.rank).nonzero().flatten()
+        for t in data.get(agreed)[:-1]:
             if t.is_floating_point() and mine.numel():
                 rows = t[: mine.numel()].reshape(mine.numel(), -1)
                 bad[mine[~torch.isfinite(rows).all(1).cpu()]] = 1.0
         self._reduce(bad)
         if bad.any():
             raise InvalidRequestError(
-                f"removed data: id(s) {ids[bad > 0][:5].tolist()} have NaN or infinite values; the data must be "
+                f"removed data: id(s) {agreed[bad > 0][:5].tolist()} have NaN or infinite values; the data must be "
                 "finite to compute its influence: fix or drop those rows"
             )
         state = data.state_dict()

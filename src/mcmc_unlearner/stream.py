@@ -338,6 +338,24 @@ def _refuse_misshapen_fields(source: Any) -> None:
         )
 
 
+def check_finite_source(source: Any) -> None:
+    """Refuse a data source whose remaining rows hold a NaN or an infinite value, where it can list them
+    (``source.nonfinite_ids()``: a :class:`~mcmc_unlearner.data.RemovableDataset`, a ``ShardedDataset``'s own rows)."""
+    scan = getattr(source, "nonfinite_ids", None)
+    if not callable(scan):
+        return
+    bad = scan()
+    if bad.numel():
+        fields = [i for i, t in enumerate(source.get(bad[:5])) if t.is_floating_point() and not all_finite(t)]
+        more = f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""
+        raise InvalidRequestError(
+            f"the remaining data: field {fields[0] if fields else 0} has NaN or infinite values in the rows "
+            f"with id(s) {bad[:5].tolist()}{more}; the data must be finite to compute the influence: fix "
+            "those rows in the data set's tensors (or build it without them) before the request; nothing "
+            "was changed"
+        )
+
+
 class _Stream:
     """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
     iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out, a ``DistributedSampler``'s epoch
@@ -376,18 +394,8 @@ class _Stream:
                 )
             source = RemovableDataset(*source, batch_size=min(128, rows), seed=0)
         self.source = source
-        scan = getattr(source, "nonfinite_ids", None)
-        if callable(scan) and not self.from_rows:  # (rows given as a tuple were checked whole above)
-            bad = scan()
-            if bad.numel():
-                fields = [i for i, t in enumerate(source.get(bad[:5])) if t.is_floating_point() and not all_finite(t)]
-                more = f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""
-                raise InvalidRequestError(
-                    f"the remaining data: field {fields[0] if fields else 0} has NaN or infinite values in the rows "
-                    f"with id(s) {bad[:5].tolist()}{more}; the data must be finite to compute the influence: fix "
-                    "those rows in the data set's tensors (or build it without them) before the request; nothing "
-                    "was changed"
-                )
+        if not self.from_rows:  # (rows given as a tuple were checked whole above)
+            check_finite_source(source)
         _check_loader_order(source)
         if not isinstance(source, Iterable) and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             raise TypeError(

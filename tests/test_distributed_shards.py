@@ -1,0 +1,91 @@
+"""What one rank alone sees, under torch.distributed (stop 47's probe): a non-finite remaining row of a rank's shard,
+a share that is not a tuple of tensors, a shard built for another world size, a bank in another row order, and one
+request given in two orders. Each was found on one rank inside the collectives (the other ranks waited until the
+timeout), passed the checks silently (a shift 20% off one process's), or named the wrong id; now every rank refuses
+at once, naming the cause."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from _distributed_helpers import spawn
+from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
+
+
+def _nll(m, b):
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def _log_prior(m):
+    return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(8, theta.numel(), generator=g)
+    return x, y, model, bank
+
+
+def _worker(rank: int, world: int, out: str) -> None:
+    found = {}
+    for case in ("nan_remaining", "world", "share", "permuted", "order"):
+        x, y, model, bank = _setup()
+        if case == "nan_remaining":
+            x[9, 2] = float("nan")  # row 9 lives on rank 1
+        if case == "order":
+            x[9, 0] = float("nan")
+        if case == "permuted" and rank == 1:
+            bank = bank[[1, 0, *range(2, bank.shape[0])]]  # the same samples, two swapped
+        data = ShardedDataset.from_global(x, y, rank=rank, world=3 if case == "world" else world, batch_size=16)
+        un, before = None, bank.clone()
+        t0 = time.perf_counter()
+        try:
+            un = DistributedUnlearner(model, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact")  # checks banks
+            if case == "share":
+                share = None if rank == 1 else (x[:2], y[:2], torch.ones(2))
+                un.remove(share, data, n_remaining=78)
+            else:
+                un.forget([8, 9] if case == "order" and rank == 0 else [9, 8] if case == "order" else [0, 2], data)
+            found[case] = ["accepted", 0.0, True]
+        except Exception as e:
+            kept = un is None or bool(torch.equal(un.bank, before))
+            found[case] = [f"{type(e).__name__}: {e}", time.perf_counter() - t0, kept]
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(found, f)
+
+
+def test_what_one_rank_sees_is_refused_by_every_rank_at_once(tmp_path):
+    spawn(_worker, str(tmp_path))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    agreed = "InvalidRequestError: another rank refused this request"
+    assert "NaN or infinite values in the rows with id(s) [9]" in r1["nan_remaining"][0]
+    assert r0["nan_remaining"][0].startswith(agreed)
+    for r in (r0, r1):
+        assert "the ShardedDataset is rank" in r["world"][0] and "of 3, but this process is rank" in r["world"][0]
+        assert "different sample banks" in r["permuted"][0]
+        assert r["order"][0].startswith("InvalidRequestError: removed data: id(s) [9] have NaN")
+    assert r1["share"][0].startswith("TypeError: the removed data must be") and r0["share"][0].startswith(agreed)
+    for r in (r0, r1):
+        for case, (_, seconds, unchanged) in r.items():
+            assert unchanged, case
+            assert seconds < 30, case  # not gloo's timeout (60 s here, 10 min by default)
+
+
+def test_a_float64_shard_weights_in_float64_and_an_empty_share_is_padded_with_a_stored_row():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 3, dtype=torch.float64, generator=g) + 5.0  # no row is zero
+    y = torch.zeros(10, dtype=torch.long)
+    data = ShardedDataset.from_global(x, y, rank=0, world=1, batch_size=4)
+    assert data.weight_dtype == torch.float64 and next(data)[-1].dtype == torch.float64
+    model = torch.nn.Linear(3, 2).double()
+    un = DistributedUnlearner(model, nll=_nll, log_prior=_log_prior, solver="exact")
+    pad = un._local_share((x[:0], y[:0], torch.ones(0, dtype=torch.float64)), data)
+    assert pad[0].shape == (1, 3) and bool((pad[0] != 0).all()) and float(pad[-1][0]) == 0.0
