@@ -456,6 +456,9 @@ def test_bnn_config_values_checked_before_any_work():
         bnn.run_bnn(bnn.BNNConfig(unlearner_kwargs={"hessian": "x"}))
     for preset in (*bnn.PRESETS.values(), bnn.QUICK):
         bnn._resolve(bnn.BNNConfig(**preset))
+    # stop 47's probe: 5 sampling steps and a bank of 20 ran with banks of 5 and 20 side by side, the report saying 20
+    with pytest.raises(ValueError, match="--bank-size 20 is more than --sample-steps 5"):
+        bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "sample_steps": 5, "bank_size": 20}))
 
 
 def test_bnn_threads_is_a_visible_flag():

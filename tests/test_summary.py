@@ -307,3 +307,25 @@ def test_runs_on_different_data_sets_are_refused_unless_asked_for(tmp_path, caps
     assert main(["summary", digits, _run(tmp_path, "d2", {**_bnn_metrics(2), "experiment": "bnn"})]) == 0
     capsys.readouterr()
     assert "--mixed-datasets" in _summary_parser().format_help()
+
+
+def test_runs_of_other_settings_are_refused_and_out_stays_outside_the_runs(tmp_path, capsys):
+    """Was (stop 47's probe): newton_steps 2 averaged with 1, a --quick bnn run with a full one, exit 0 and no word;
+    and --out inside a run's folder overwrote its report (or its metrics.json, which a later summary read as a run)."""
+    a = {**_metrics(0, 1.0, True), "experiment": "gmm", "unlearn_config": {"newton_steps": 2}, "thin": 10}
+    b = {**_metrics(1, 3.0, True), "experiment": "gmm", "unlearn_config": {"newton_steps": 1}, "thin": 10}
+    dirs = [_run(tmp_path, "a", a), _run(tmp_path, "b", b)]
+    err = _one_line_error(dirs, capsys)
+    assert "settings differ in 1 place(s) (unlearn_config.newton_steps:" in err and "--mixed-settings" in err
+    assert main(["summary", *dirs, "--mixed-settings"]) == 0
+    capsys.readouterr()
+    c = {**b, "seed": 2, "unlearn_config": {"newton_steps": 2}, "out_dir": "/elsewhere"}  # only where it ran differs
+    assert main(["summary", dirs[0], _run(tmp_path, "c", c)]) == 0
+    capsys.readouterr()
+    bnn = [{**_bnn_metrics(s), "config": {**_bnn_metrics(s)["config"], "sample_steps": k, "threads": s + 1}}
+           for s, k in ((0, 900), (1, 9000))]  # fmt: skip
+    err = _one_line_error([_run(tmp_path, "q", bnn[0]), _run(tmp_path, "f", bnn[1])], capsys)
+    assert "config.sample_steps" in err and "threads" not in err
+    for inside in (tmp_path / "a" / "report.md", tmp_path / "a" / "summary.json"):
+        assert "inside a run's folder" in _one_line_error([dirs[0], str(tmp_path / "c"), "--out", str(inside)], capsys)
+    assert not (tmp_path / "a" / "report.md").exists()

@@ -1192,6 +1192,12 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
         raise ValueError("--request-size must be at least 1")
     if cfg.explore_steps < 0 or cfg.sample_steps < 2 or cfg.bank_size < 2:
         raise ValueError("need --explore-steps >= 0, --sample-steps >= 2 and --bank-size >= 2")
+    if cfg.bank_size > cfg.sample_steps:  # the chains kept one sample per step, fewer than the bank the report named
+        raise ValueError(
+            f"--bank-size {cfg.bank_size} is more than --sample-steps {cfg.sample_steps} (one sample per step at "
+            "most): "
+            f"pass --bank-size {cfg.sample_steps} or fewer, or more --sample-steps"
+        )
     if cfg.retrain_chains < 2:
         raise ValueError("--retrain-chains must be at least 2: the noise floor is the spread between retrain chains")
     if isinstance(cfg.remove_class, bool) or not isinstance(cfg.remove_class, int) or cfg.remove_class < 0:

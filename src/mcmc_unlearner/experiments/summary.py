@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .report import fmt, markdown_table, write_json, write_text
+from .report import RUN_MARKER, fmt, markdown_table, write_json, write_text
 
 __all__ = [
     "experiment_kind",
@@ -291,6 +291,50 @@ def _check_runs(loaded: list[tuple[Path, dict[str, Any]]], given: list[str], mix
         )
 
 
+#: Where each experiment's metrics.json records its settings; every leaf there must agree across the runs (but the
+#: seed, what only says where or how it ran, and the data set, which _check_runs judges with --mixed-datasets).
+_SETTINGS = {
+    "bnn": ("config",),
+    "gmm": ("sampler", "request_size", "thin", "n_train", "n_removed", "chain_config", "unlearn_config"),
+}
+_RUN_ONLY = {
+    "seed", "threads", "progress", "data_dir", "download", "save_model", "device", "out", "out_dir", "quiet", "dataset",
+}  # fmt: skip
+
+
+def _settings(metrics: dict[str, Any], kind: str | None) -> dict[str, str]:
+    """The run's settings as ``{dotted path: JSON of the value}`` (empty for an experiment without a list)."""
+    out: dict[str, str] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k not in _RUN_ONLY:
+                    walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = json.dumps(obj, sort_keys=True)
+
+    for section in _SETTINGS.get(kind or "", ()):
+        if section in metrics and section not in _RUN_ONLY:
+            walk(metrics[section], section)
+    return out
+
+
+def _check_settings(loaded: list[tuple[Path, dict[str, Any]]], given: list[str]) -> None:
+    """Refuse runs whose settings differ (their mean and sd would mix two experiments: a --quick run was averaged
+    with a full one, newton_steps 1 with 2, another class with the first; stop 47's probe)."""
+    settings = [_settings(m, experiment_kind(m)) for _, m in loaded]
+    paths = dict.fromkeys(p for s in settings for p in s)
+    values = {p: [s.get(p, "absent") for s in settings] for p in paths}
+    differ = {p: vals for p, vals in values.items() if len(set(vals)) > 1}
+    if differ:
+        shown = "; ".join(f"{p}: {', '.join(f'{a!a}={v}' for a, v in zip(given, vals))}" for p, vals in differ.items())
+        raise ValueError(
+            f"the runs' settings differ in {len(differ)} place(s) ({shown[:600]}): summarise runs of one setting "
+            "(seeds of one command), or pass --mixed-settings to average them together"
+        )
+
+
 def _unmatched(patterns: list[str], stats: dict[str, Any]) -> list[str]:
     return [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in stats)]
 
@@ -299,8 +343,18 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     runs, keys = _split_runs_and_keys(args.runs, args.keys)
     loaded = [load_metrics(p) for p in runs]
     _check_runs(loaded, runs, mixed_datasets=args.mixed_datasets)
-    if args.out is not None and any(Path(args.out).resolve() == f.resolve() for f, _ in loaded):
-        raise ValueError(f"--out {args.out!a} is one of the runs' metrics files; pass a new file name")
+    if not args.mixed_settings:
+        _check_settings(loaded, runs)
+    if args.out is not None:
+        dest = Path(args.out).resolve()
+        if any(dest == f.resolve() for f, _ in loaded):
+            raise ValueError(f"--out {args.out!a} is one of the runs' metrics files; pass a new file name")
+        # a run's own folder (its report.md, or another run's metrics.json) was overwritten (stop 47's probe)
+        if (dest.parent / "metrics.json").exists() or (dest.parent / RUN_MARKER).exists():
+            raise ValueError(
+                f"--out {args.out!a} is inside a run's folder ({str(dest.parent)!a} holds a run's results): write the "
+                "summary outside every run folder"
+            )
     metrics = [m for _, m in loaded]
     summary = summarize_runs(metrics, keys=keys)
     if keys is not None:
@@ -373,5 +427,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mixed-datasets", action="store_true",
         help="average runs on different data sets together (refused without it: their mean mixes two populations)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mixed-settings", action="store_true",
+        help="average runs whose settings differ (refused without it: e.g. a --quick run beside a full one)",
     )  # fmt: skip
     p.set_defaults(func=_cmd_summary)
