@@ -165,3 +165,37 @@ def test_sigterm_during_forget_says_what_was_applied(tmp_path, monkeypatch, caps
         # rolled back by the next command, as after Ctrl-C)
         assert "terminated (SIGTERM)" in err and deletion.status(m)["n_removed"] == 0
         assert (m / "ledger.jsonl").read_bytes() == ledger
+
+
+def test_ctrl_c_after_the_new_state_file_is_renamed_leaves_no_stray_file(tmp_path, monkeypatch):
+    """Was (stop 47's probe): Ctrl-C while the folder was fsynced after the new state file's rename, before the
+    ledger line: the request was reported as not applied, but state-000001 stayed beside state-000000 and verify
+    said nothing."""
+    import os
+
+    from mcmc_unlearner.service import checkpoint
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60))
+    before = sorted(os.listdir(folder))
+    real_fsync_dir, real_commit = fsio.fsync_dir, checkpoint.commit_update
+    calls = [0]
+
+    def fsync_dir(root):
+        calls[0] += 1
+        if calls[0] == 1:  # the first folder fsync of the commit: right after the state file's rename
+            raise KeyboardInterrupt
+        return real_fsync_dir(root)
+
+    def commit(*args, **kwargs):
+        monkeypatch.setattr(fsio, "fsync_dir", fsync_dir)
+        try:
+            return real_commit(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(fsio, "fsync_dir", real_fsync_dir)
+
+    monkeypatch.setattr(checkpoint, "commit_update", commit)
+    with pytest.raises(KeyboardInterrupt):
+        deletion.forget(folder, [5], request_id="r1")
+    assert sorted(os.listdir(folder)) == before
+    monkeypatch.setattr(checkpoint, "commit_update", real_commit)
+    assert deletion.verify(folder).ok and deletion.forget(folder, [5], request_id="r1").applied

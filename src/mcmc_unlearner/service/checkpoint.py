@@ -587,7 +587,9 @@ def commit_update(
             # also a line cut halfway by an interrupt during the append (``appended`` is still False then)
             if os.lstat(lpath).st_size > size_before:
                 ledger_mod.truncate_ledger(lpath, size_before)
-            if wrote_state:
+            # also a state file renamed into place whose folder fsync was interrupted (``wrote_state`` still False:
+            # it was left beside the manifest's, and verify said nothing; stop 47's probe)
+            if wrote_state or os.path.lexists(root / new_state):
                 fsio.unlink_name(root, new_state)
                 fsio.fsync_dir(root)
         if isinstance(exc, OSError):
@@ -608,11 +610,6 @@ def commit_update(
     loaded.entries.append(full)
     loaded.ledger_lines.append(line)
     loaded.model_sha256 = after
-    if un is not loaded.unlearner:
-        loaded.unlearner.reset_curvature()  # the state loaded with it is replaced by the request's below
-        loaded.unlearner.bank = un.bank
-        loaded.unlearner.generator.set_state(un.generator.get_state())
-        loaded.unlearner.load_curvature_state(*un.curvature_state())
     if interrupted:
         raise _committed(full)
     return full
