@@ -21,7 +21,8 @@ from mcmc_unlearner.models.linreg import BayesianLinearRegression
 REQUESTS = 4  # of 10 rows each; the correction runs after the last one
 M = 16  # anchored draws of the removed points' gradient (RECENTER_REMOVED_DRAWS), = the requests' grad_draws
 #: Exact, undamped, unshortened Newton steps and a common shift: the closed forms below hold to rounding.
-EXACT = dict(damping=0.0, bank_shift="mean", grad_draws=M, curvature_data="full", shorten_steps=False)
+#: The same draws for G in every request (turn_draws=False): the run without corrections must read the anchored ones.
+EXACT = dict(damping=0.0, bank_shift="mean", grad_draws=M, turn_draws=False, curvature_data="full", shorten_steps=False)
 
 
 def _draws(prob, S: int = 64, seed: int = 0) -> torch.Tensor:
