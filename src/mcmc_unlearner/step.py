@@ -199,11 +199,12 @@ class Measurement:
         nll_change: Mean change of the per-row negative log-likelihood of the check rows.
         direct, direct_stderr: The same energy change measured without the control variate (prior change plus
             ``n·mean Δh`` over the check rows), and its standard error.
-        nll_scale: Mean ``|h|`` of the check rows before the step (the unit of the damage tolerance).
+        nll_scale: The damage tolerance's unit (:func:`nll_unit`): the check rows' mean ``|h|`` before the step, or
+            their standard deviation of ``h`` where smaller.
         nll_stderr: Standard error of ``nll_change``.
         draws, rows: Posterior draws and held rows (summed over ranks) it was measured on.
         resolution: The smallest energy change the measurement can resolve in its floating-point type,
-            ``ε·n·nll_scale/√(rows·draws)`` (the rounding of each ``h(θ+x) − h(θ)``, averaged).
+            ``ε·n·mean|h|/√(rows·draws)`` (the rounding of each ``h(θ+x) − h(θ)``, averaged).
     """
 
     actual: float
