@@ -86,6 +86,15 @@ def test_numpy_scalars_are_read_as_the_numbers_they_hold():
         ("seed", "1", "seed must be an integer"),  # was torch's "manual_seed expected a long"
         ("seed", 2**70, "seed must be an integer"),  # was "Overflow when unpacking long long"
         ("seed", 1.5, "seed must be an integer"),
+        # stop 47's probe: read as 2, as 1, or failed inside a comparison or float()
+        ("max_damping_trials", 2.5, "max_damping_trials must be an integer >= 1, got 2.5"),
+        ("max_damping_trials", "5", "max_damping_trials must be an integer >= 1, got '5'"),
+        ("max_damping_trials", float("nan"), "max_damping_trials must be an integer >= 1"),
+        ("tol", "5", r"tol must be a number in \(0, 1\)"),
+        ("tol", True, r"tol must be a number in \(0, 1\)"),
+        ("tol", None, r"tol must be a number in \(0, 1\)"),
+        ("tol", 1.0, r"tol must be a number in \(0, 1\)"),  # met by the zero step
+        ("damping_shape", ["data"], "damping_shape must be 'auto', 'identity' or 'data'"),  # was "unhashable"
     ],
 )
 def test_values_of_the_wrong_kind_are_refused_by_name(option, value, match):
@@ -179,3 +188,22 @@ def test_a_request_inside_inference_mode_is_refused_naming_the_way_out():
     assert torch.equal(un.bank, bank) and not un.history
     with torch.no_grad():
         assert un.remove((x[:4], y[:4]), (x[4:], y[4:])).passed
+
+
+def test_configurations_that_cannot_work_are_refused_when_built():
+    """Stop 47's probe: K-FAC with a custom energy= left the energy out (a prior 200x log_prior's) and took a step 15x
+    too long, every check passed; chain mode without a sampler and cg/lissa with iter_T=0 were refused only at the
+    first request."""
+    _, _, model, kw = _setup()
+
+    def energy(m, batch, n):
+        return n * _nll(m, batch).mean() - 200 * _log_prior(m)
+
+    with pytest.raises(ValueError, match="solver='kfac' builds its curvature from nll and log_prior"):
+        MCMCUnlearner(model, **{**kw, "solver": "kfac", "energy": energy})
+    with pytest.raises(ValueError, match="expectation='chain' draws from the live chain and needs the sampler"):
+        MCMCUnlearner(model, **{**kw, "expectation": "chain"})
+    for solver in ("cg", "lissa"):
+        with pytest.raises(ValueError, match="iter_T must be an integer >= 1, got 0"):
+            MCMCUnlearner(model, **{**kw, "solver": solver, "iter_T": 0})
+    assert MCMCUnlearner(model, **{**kw, "iter_T": 0}).iter_T == 0  # the dense solver has no iterations

@@ -1539,6 +1539,11 @@ class MCMCUnlearner:
                     "memory_budget, or use solver='kfac' or 'cg' (or 'auto', which plans this)"
                 )
         self.expectation = None if expectation is None else _choice(Expectation, "expectation", expectation)
+        if self.expectation is Expectation.CHAIN and sampler is None:  # was refused at the first request
+            raise ValueError(
+                "expectation='chain' draws from the live chain and needs the sampler: pass sampler=, or "
+                "expectation='bank' with your stored samples as bank="
+            )
         if bank_shift != "auto":
             _choice(BankShift, "bank_shift", bank_shift, extra=("auto",))
         self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
@@ -1554,6 +1559,13 @@ class MCMCUnlearner:
                 "solver='ggn' builds the curvature from nll and log_prior and cannot use a custom energy=; pass "
                 "nll= and log_prior= instead, or solver='exact'"
             )
+        if self.solver is SolverName.KFAC and self.custom_energy:
+            # K-FAC's factors come from nll and log_prior: a custom energy (a prior 200x log_prior's) was left out
+            # and the step taken 15x too long, every check passed (stop 47's probe)
+            raise ValueError(
+                "solver='kfac' builds its curvature from nll and log_prior and cannot use a custom energy=; pass "
+                "nll= and log_prior= instead, or solver='exact' or 'cg' (Hessian products of the energy)"
+            )
         if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
             raise ValueError(
                 "solver='kfac' supports hessian='remaining' only: for hessian='full' use solver='cg' (or 'auto', "
@@ -1561,8 +1573,9 @@ class MCMCUnlearner:
             )
         self.check_screen = ScreenMode.parse(check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
+        max_damping_trials = _whole("max_damping_trials", max_damping_trials, 1)  # 2.5 was read as 2, "5" failed in <
         self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
-        if damping_shape not in {d.value for d in DampingShape}:
+        if not isinstance(damping_shape, str) or damping_shape not in {d.value for d in DampingShape}:
             raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {damping_shape!r}")
         self.damping_shape = DampingShape(damping_shape)
         if self.damping_shape is DampingShape.DATA and self.solver is not SolverName.KFAC:
@@ -1577,10 +1590,13 @@ class MCMCUnlearner:
         if not (scaling == "auto" or (is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
             raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {scaling!r}")
         self.scaling = scaling
-        self.iter_T = _whole("iter_T", iter_T, 0)
+        iterative = self.solver in (SolverName.CG, SolverName.LISSA)  # iter_T 0 was refused at the first request
+        self.iter_T = _whole("iter_T", iter_T, 1 if iterative else 0)
+        # a string, True or a tensor was taken by float(); tol >= 1 is met by the zero step (cg refused it later,
+        # naming only the zero shift; stop 47's probe)
+        if not (is_number(tol) and math.isfinite(float(tol)) and 0 < float(tol) < 1):
+            raise ValueError(f"tol must be a number in (0, 1), the relative residual a solve must reach, got {tol!r}")
         self.tol = float(tol)
-        if not (math.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
         self.samp_T = _whole("samp_T", samp_T, 1)
         if grad_draws not in (None, "auto") and not (is_integer(grad_draws) and int(grad_draws) >= 1):
             raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {grad_draws!r}")
