@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re as _re
 import shutil
 import subprocess
 import sys
@@ -459,6 +460,15 @@ def test_bnn_config_values_checked_before_any_work():
     # stop 47's probe: 5 sampling steps and a bank of 20 ran with banks of 5 and 20 side by side, the report saying 20
     with pytest.raises(ValueError, match="--bank-size 20 is more than --sample-steps 5"):
         bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "sample_steps": 5, "bank_size": 20}))
+    # stop 47's probe: values and combinations the library refuses were refused only after the chains were trained
+    cases = (
+        ({"samp_T": 0}, "samp_T must be an integer >= 1"),
+        ({"emptied_label": "bogus"}, "emptied_label must be one of"),
+        ({"solver": "cg", "bank_shift": "affine"}, "bank_shift='affine' needs solver='exact' or 'ggn'"),
+    )
+    for kw, said in cases:
+        with pytest.raises(ValueError, match=f"the unlearner's settings .*{_re.escape(said)}"):
+            bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "unlearner_kwargs": kw}))
 
 
 def test_bnn_threads_is_a_visible_flag():

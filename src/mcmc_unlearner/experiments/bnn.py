@@ -990,6 +990,33 @@ def _unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:
     return kw
 
 
+def _check_unlearner_build(cfg: BNNConfig) -> None:
+    """Build the library's unlearner with the run's settings on a stand-in classifier, so that a value or a
+    combination the library refuses is refused before any training (stop 47's probe: ``samp_T=0``,
+    ``emptied_label=bogus`` and ``--solver cg --bank-shift affine`` failed after the chains were trained). Settings
+    whose verdict depends on the run's own network (what ``solver='auto'`` picks for it) are judged when it is
+    built."""
+    if "unlearn" not in cfg.methods:
+        return
+    stand_in = nn.Sequential(nn.Linear(4, 3))
+    kw = _unlearner_overrides(cfg)
+    try:
+        with torch.no_grad():
+            theta = torch.nn.utils.parameters_to_vector(stand_in.parameters()).detach()
+        MCMCUnlearner(
+            stand_in,
+            SGLD(stand_in.parameters(), lr=1e-4),
+            bank=theta + 0.01 * torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(0)),
+            seed=cfg.seed,
+            nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+            log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+            **{k: v for k, v in kw.items() if k not in ("nll", "log_prior", "energy")},
+        )
+    except (ValueError, TypeError) as exc:
+        given = ", ".join(f"{k}={v!s}" for k, v in kw.items())
+        raise ValueError(f"the unlearner's settings ({given}): {exc}") from None
+
+
 def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:
     """``unlearn``: the library's unlearner, its defaults unless settings were given."""
     return MCMCUnlearner(model, sampler, bank=bank, seed=cfg.seed, **_unlearner_overrides(cfg))
@@ -1225,6 +1252,7 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
         )
     for key, value in _unlearner_overrides(cfg).items():
         check_unlearner_kwarg(key, value)  # a bad value is refused now, not after training
+    _check_unlearner_build(cfg)
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
         raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")
     for flag, least, note in _COUNT_LIMITS:
