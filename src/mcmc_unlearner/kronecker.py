@@ -177,6 +177,20 @@ def _head(batch: Batch, rows: int) -> Batch:
     return tuple(t[:rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
+def _labelled(batch: Batch) -> Batch:
+    """The rows whose integer label ``batch[1]`` is not negative, when some are (``cross_entropy``'s
+    ``ignore_index=-100`` rows: among the probe rows they made a plain cross-entropy read as another loss, and K-FAC
+    fall back to the empirical Fisher; stop 47's probe); else ``batch``."""
+    y = batch[1] if len(batch) > 1 else None
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return batch
+    keep = y >= 0
+    if bool(keep.all()) or not bool(keep.any()):
+        return batch
+    b = _field_rows(batch)
+    return tuple(t[keep] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
+
+
 def _span(batch: Batch, r0: int, r1: int) -> Batch:
     """Rows ``r0:r1`` of every field that has the batch's leading dimension."""
     b = _field_rows(batch)
@@ -431,7 +445,7 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
         ValueError: if ``nll`` does not return one value per row.
     """
     batch = tuple(batch)
-    probe = _head(batch, _PROBE_ROWS)
+    probe = _head(_labelled(batch), _PROBE_ROWS)
     rows = _field_rows(probe)
     x, y = probe[0], probe[1] if len(probe) > 1 else None
     with _preserved(model), torch.no_grad():
