@@ -305,7 +305,9 @@ def test_auto_corrects_every_ten_requests_with_kfac_only() -> None:
         assert MCMCUnlearner(model, bank=bank, solver=solver).recenter_every == 0, solver
     assert MCMCUnlearner(model, bank=bank).solver.value == "exact"  # 67 parameters: auto picks the dense solver
     assert MCMCUnlearner(model, bank=bank).recenter_every == 0
-    custom = MCMCUnlearner(model, bank=bank, solver="kfac", energy=lambda m, b, n: m.nll(b).sum())
+    with pytest.raises(ValueError, match="solver='kfac' builds its curvature from nll and log_prior"):
+        MCMCUnlearner(model, bank=bank, solver="kfac", energy=lambda m, b, n: m.nll(b).sum())  # refused (stop 47)
+    custom = MCMCUnlearner(model, bank=bank, solver="cg", energy=lambda m, b, n: m.nll(b).sum())
     assert custom.recenter_every == 0
     assert DistributedUnlearner(model, bank=bank, solver="kfac").recenter_every == 0
     assert MCMCUnlearner(model, bank=bank, solver="kfac", recenter_every=0).recenter_every == 0

@@ -1590,8 +1590,7 @@ class MCMCUnlearner:
         if not (scaling == "auto" or (is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
             raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {scaling!r}")
         self.scaling = scaling
-        iterative = self.solver in (SolverName.CG, SolverName.LISSA)  # iter_T 0 was refused at the first request
-        self.iter_T = _whole("iter_T", iter_T, 1 if iterative else 0)
+        self.iter_T = _whole("iter_T", iter_T, 0)
         # a string, True or a tensor was taken by float(); tol >= 1 is met by the zero step (cg refused it later,
         # naming only the zero shift; stop 47's probe)
         if not (is_number(tol) and math.isfinite(float(tol)) and 0 < float(tol) < 1):
@@ -3136,15 +3135,19 @@ class MCMCUnlearner:
             # one-hot or probability targets, class labels stored as floats, labels in another field: said, not
             # silent (stop 47's probe: a removed class still the top prediction on 58% of its test digits, every
             # check passed and nothing in the report)
-            floats = isinstance(y, torch.Tensor) and y.is_floating_point()
-            onehot = floats and y.dim() == 2
-            whole = floats and y.dim() == 1 and bool((y == y.round()).all())
-            if onehot or whole:
-                kind = "one-hot or probability targets" if onehot else "whole numbers stored as floats"
+            # (whole numbers stored as floats are a regression's targets as often as labels: not said)
+            probabilities = (
+                isinstance(y, torch.Tensor)
+                and y.is_floating_point()
+                and y.dim() == 2
+                and bool((y >= 0).all())
+                and bool(torch.allclose(y.sum(1), torch.ones((), dtype=y.dtype)))
+            )
+            if probabilities:
                 info["emptied_labels"] = (
-                    f"not checked: batch[1] holds {kind}, not a [B] tensor of integer class labels; whether the "
-                    "request removes a class's last rows is checked with integer labels there (pass y.long(), or "
-                    "the targets' argmax, in batch[1])"
+                    "not checked: batch[1] holds one-hot or probability targets, not a [B] tensor of integer class "
+                    "labels; whether the request removes a class's last rows is checked with integer labels there "
+                    "(pass the targets' argmax in batch[1])"
                 )
             return None
         summed = self._reduce or (lambda t: t)

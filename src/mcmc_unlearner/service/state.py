@@ -318,7 +318,23 @@ def rebuild_unlearner(
     try:
         un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **given)
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"unlearner configuration is invalid: {exc}") from None
+        params = inspect.signature(MCMCUnlearner.__init__).parameters
+        odd = [
+            k
+            for k, v in given.items()
+            if v is not None and params[k].default not in (None, inspect.Parameter.empty)
+            and isinstance(params[k].default, (bool, int, float)) and _json_kind(v) != _json_kind(params[k].default)
+        ]  # fmt: skip
+        if odd:  # a value of another JSON kind (tol "0.0001"), which the unlearner now refuses when built
+            raise StoreError(
+                "unlearner configuration in manifest.json holds "
+                + ", ".join(f"{k}={ascii(given[k])[:40]}" for k in odd[:3])
+                + "; it was not written by this library: restore the folder from a backup"
+            ) from None
+        raise StoreError(
+            f"unlearner configuration is invalid: {exc}; the manifest was edited or written otherwise: restore the "
+            "folder from a backup"
+        ) from None
     # a value of another JSON kind than the unlearner keeps (tol "0.001" for 0.001) was converted and the folder called
     # intact (stop 46's probe): nothing this library writes looks like that
     now = un.config()
