@@ -469,6 +469,8 @@ def test_bnn_config_values_checked_before_any_work():
     for kw, said in cases:
         with pytest.raises(ValueError, match=f"the unlearner's settings .*{_re.escape(said)}"):
             bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "unlearner_kwargs": kw}))
+    # valid where 'auto' picks kfac for the run's network, though not for the stand-in's (the review of stop 47)
+    bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "unlearner_kwargs": {"damping_shape": "data"}}))
 
 
 def test_bnn_threads_is_a_visible_flag():

@@ -89,3 +89,18 @@ def test_a_float64_shard_weights_in_float64_and_an_empty_share_is_padded_with_a_
     un = DistributedUnlearner(model, nll=_nll, log_prior=_log_prior, solver="exact")
     pad = un._local_share((x[:0], y[:0], torch.ones(0, dtype=torch.float64)), data)
     assert pad[0].shape == (1, 3) and bool((pad[0] != 0).all()) and float(pad[-1][0]) == 0.0
+
+
+def test_a_shards_non_finite_rows_are_read_from_inference_tensors_and_again_after_a_fix():
+    """The review of stop 47: inference-mode tensors keep no version counter (every request was refused with torch's
+    RuntimeError), and a row fixed through ``.numpy()`` (no version bump) was refused on as still bad."""
+    with torch.inference_mode():
+        x = torch.randn(20, 3)
+    y = torch.zeros(20, dtype=torch.long)
+    assert ShardedDataset.from_global(x, y, rank=0, world=1, batch_size=4).nonfinite_ids().numel() == 0
+    x = torch.randn(20, 3)
+    x[9, 1] = float("nan")
+    data = ShardedDataset.from_global(x, y, rank=0, world=1, batch_size=4)
+    assert data.nonfinite_ids().tolist() == [9]
+    x.numpy()[9, 1] = 0.0
+    assert data.nonfinite_ids().numel() == 0

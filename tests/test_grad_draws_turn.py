@@ -106,3 +106,12 @@ def test_a_resumed_sequence_turns_its_draws_as_the_uninterrupted_one() -> None:
         request(resumed, r)
     assert torch.equal(resumed.bank, whole.bank)
     assert not math.isnan(float(resumed.bank.sum()))
+
+
+def test_turned_draws_stay_spread_round_the_bank():
+    # the review of stop 47: _evenly's ends 0 and n - 1 wrapped next to each other after the shift
+    for n, k in ((400, 16), (400, 3), (100, 4), (1000, 16)):
+        for r in range(1, 6):
+            index = _turned(n, k, r)
+            gaps = torch.diff(torch.cat([index, index[:1] + n]))
+            assert int(gaps.min()) >= n // k - 1, (n, k, r)

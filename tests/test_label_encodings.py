@@ -77,3 +77,11 @@ def test_labels_that_are_not_integer_class_labels_say_the_emptied_class_was_not_
         warnings.simplefilter("ignore")
         report = un.remove((x[gone], onehot[gone]), (x[~gone], onehot[~gone]))
     assert str(report.info["emptied_labels"]).startswith("not checked: batch[1] holds one-hot or probability targets")
+    # one column is a binary target, not a one-hot row: nothing said (the review of stop 47)
+    binary = MCMCUnlearner(nn.Linear(2, 1), nll=lambda m, b: F.binary_cross_entropy_with_logits(
+        m(b[0]), b[1], reduction="none").squeeze(-1), log_prior=_log_prior, bank=torch.randn(4, 3))  # fmt: skip
+    t = (y == 0).float()[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = binary.propose((x[gone], t[gone]), (x[~gone], t[~gone]))
+    assert "emptied_labels" not in out.report.info

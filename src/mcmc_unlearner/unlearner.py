@@ -1019,10 +1019,12 @@ def _turned(n: int, k: int | None, r: int) -> torch.Tensor:
     where every draw takes it, every check passed); turned, successive requests use other draws and the errors
     average out (0.05-0.10; request 0's draws are :func:`_evenly`'s). Not under ``recenter_every``
     (:meth:`MCMCUnlearner._g_turn`)."""
-    index = _evenly(n, k)
     if k is None or k >= n or r == 0:
-        return index
+        return _evenly(n, k)
+    # spaced round the circle (floor(i·n/k)), then shifted: _evenly's both ends, 0 and n - 1, wrapped next to each
+    # other (two neighbouring samples of the chain in every request; the review of stop 47)
     shift = int((r * _GOLDEN % 1.0) * n / k)
+    index = (torch.arange(k, dtype=torch.float64) * (n / k)).floor().long()
     return ((index + shift) % n).sort().values
 
 
@@ -3140,6 +3142,7 @@ class MCMCUnlearner:
                 isinstance(y, torch.Tensor)
                 and y.is_floating_point()
                 and y.dim() == 2
+                and y.shape[1] >= 2  # one column is a binary target, not a one-hot row
                 and bool((y >= 0).all())
                 and bool(torch.allclose(y.sum(1), torch.ones((), dtype=y.dtype)))
             )

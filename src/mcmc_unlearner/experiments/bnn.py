@@ -998,23 +998,30 @@ def _check_unlearner_build(cfg: BNNConfig) -> None:
     built."""
     if "unlearn" not in cfg.methods:
         return
-    stand_in = nn.Sequential(nn.Linear(4, 3))
     kw = _unlearner_overrides(cfg)
-    try:
-        with torch.no_grad():
-            theta = torch.nn.utils.parameters_to_vector(stand_in.parameters()).detach()
-        MCMCUnlearner(
-            stand_in,
-            SGLD(stand_in.parameters(), lr=1e-4),
-            bank=theta + 0.01 * torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(0)),
-            seed=cfg.seed,
-            nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
-            log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
-            **{k: v for k, v in kw.items() if k not in ("nll", "log_prior", "energy")},
-        )
-    except (ValueError, TypeError) as exc:
-        given = ", ".join(f"{k}={v!s}" for k, v in kw.items())
-        raise ValueError(f"the unlearner's settings ({given}): {exc}") from None
+    # without a solver, what 'auto' picks depends on the network (the stand-in's 15 parameters: exact; LeNet-5's:
+    # kfac, where damping_shape='data' is valid): refused only when no solver 'auto' can pick takes the settings
+    solvers = [{}] if "solver" in kw else [{"solver": s} for s in ("kfac", "exact", "cg")]
+    first: Exception | None = None
+    with torch.random.fork_rng():  # the stand-in's initialisation leaves the run's global generator alone
+        stand_in = nn.Sequential(nn.Linear(4, 3))
+        theta = torch.nn.utils.parameters_to_vector(stand_in.parameters()).detach()
+        for solver in solvers:
+            try:
+                MCMCUnlearner(
+                    stand_in,
+                    SGLD(stand_in.parameters(), lr=1e-4),
+                    bank=theta + 0.01 * torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(0)),
+                    seed=cfg.seed,
+                    nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+                    log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+                    **{k: v for k, v in {**kw, **solver}.items() if k not in ("nll", "log_prior", "energy")},
+                )
+                return
+            except (ValueError, TypeError) as exc:
+                first = first or exc
+    given = ", ".join(f"{k}={v!s}" for k, v in kw.items())
+    raise ValueError(f"the unlearner's settings ({given}): {first}") from None
 
 
 def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:

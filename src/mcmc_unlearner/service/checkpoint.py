@@ -511,8 +511,9 @@ def commit_update(
         loaded: The loaded model whose live objects were changed (e.g. by ``unlearner.forget``).
         entry: Ledger fields of the event (``event``, ``request_id``, ...); hashes, sequence number and
             versions are added here.
-        unlearner: The unlearner that did the work if it is not ``loaded.unlearner`` (config overrides); its
-            generator state and curvature cache are saved, the stored configuration is kept.
+        unlearner: The unlearner that did the work if it is not ``loaded.unlearner`` (config overrides):
+            ``loaded.unlearner`` takes over its bank, generator and request count, and its curvature cache where the
+            solver is the same (:func:`_adopt`); the stored configuration is kept.
 
     Returns:
         The ledger entry as written.
