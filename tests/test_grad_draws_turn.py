@@ -69,7 +69,7 @@ def test_request_zero_reads_the_evenly_spaced_draws_and_later_requests_cover_the
 def test_a_sequence_of_requests_does_not_drift_from_where_every_draw_takes_the_bank() -> None:
     # the distance (posterior sd, whitened) between the default's bank mean (16 of 400 draws for G) and the one
     # every draw gives, after 12 requests, over 4 seeds. One subset: its error adds up linearly (0.15-0.54, mean 0.32);
-    # turned, like a random walk, about sqrt(12) = 3.5x less (0.045-0.10, mean 0.07)
+    # turned, like a random walk, about sqrt(12) = 3.5x less (0.05-0.12 on 8 seeds, mean 0.07)
     gaps = []
     for seed in range(4):
         x, y, bank = _problem(seed)

@@ -1017,7 +1017,7 @@ def _turned(n: int, k: int | None, r: int) -> torch.Tensor:
     request ``r``'s draws for ``G``. The same subset in every request made its Monte-Carlo error add up in one
     direction (a conjugate regression, 16 of 400 draws, 12 requests: the bank's mean 0.15-0.54 posterior sd from
     where every draw takes it, every check passed); turned, successive requests use other draws and the errors
-    average out (0.05-0.10; request 0's draws are :func:`_evenly`'s). Not under ``recenter_every``
+    average out (0.05-0.12; request 0's draws are :func:`_evenly`'s). Not under ``recenter_every``
     (:meth:`MCMCUnlearner._g_turn`)."""
     if k is None or k >= n or r == 0:
         return _evenly(n, k)
