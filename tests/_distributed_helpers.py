@@ -48,3 +48,26 @@ def _rank(rank: int, worker: Callable[..., Any], world: int, port: int, timeout_
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def ce_nll(m: torch.nn.Module, b: tuple) -> torch.Tensor:
+    """Per-row cross-entropy of ``m(x)`` against ``y``."""
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def gaussian_log_prior(m: torch.nn.Module) -> torch.Tensor:
+    """A standard normal prior on every parameter."""
+    return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+
+def small_classifier(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, torch.Tensor]:
+    """``rows`` 5-feature rows labelled by their first feature's sign, a 5-4-2 tanh network and a bank of 8 samples
+    around its initial weights (every rank builds the same)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(8, theta.numel(), generator=g)
+    return x, y, model, bank

@@ -11,27 +11,14 @@ import time
 
 import torch
 
-from _distributed_helpers import spawn
+from _distributed_helpers import ce_nll, gaussian_log_prior, small_classifier, spawn
 from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
 
-
-def _nll(m, b):
-    return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
-
-
-def _log_prior(m):
-    return -0.5 * sum((p**2).sum() for p in m.parameters())
+_nll, _log_prior = ce_nll, gaussian_log_prior
 
 
 def _setup():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(80, 5, generator=g)
-    y = (x[:, 0] > 0).long()
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-    bank = theta + 0.05 * torch.randn(8, theta.numel(), generator=g)
-    return x, y, model, bank
+    return small_classifier(80)
 
 
 def _worker(rank: int, world: int, out: str) -> None:
