@@ -8,7 +8,7 @@ sampler step costs an index-select, not a DataLoader start-up.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -112,6 +112,26 @@ def _version(t: torch.Tensor) -> int | None:
         return int(t._version)
     except RuntimeError:
         return None
+
+
+def cached_nonfinite(
+    owner: Any, tensors: Sequence[torch.Tensor], alive: torch.Tensor, to_ids: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Sorted ids (``to_ids`` of the row positions) of the rows of ``tensors`` holding a NaN or an infinite value in
+    a floating-point field, those ``alive`` (a mask over the ids) only; cached on ``owner``. The tensors are scanned
+    once, again after one of them was changed in place, and on every call while a row found bad is alive: fixed
+    through ``.data`` or ``.numpy()``, which leave the version counter alone, it was refused on as still bad (stop 45's
+    review; an inference-mode tensor keeps no counter and is scanned every time)."""
+    key = tuple((id(t), _version(t)) for t in tensors)
+    stale = getattr(owner, "_nonfinite_key", None) != key or any(v is None for _, v in key)
+    if stale or bool(alive[getattr(owner, "_nonfinite", torch.empty(0, dtype=torch.long))].any()):
+        bad = torch.zeros(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+        for t in tensors:
+            if t.is_floating_point() and not all_finite(t):
+                bad |= ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        owner._nonfinite_key, owner._nonfinite = key, to_ids(bad.nonzero().flatten().cpu())
+    ids = owner._nonfinite
+    return ids[alive[ids]]
 
 
 class RemovableDataset:
@@ -219,18 +239,7 @@ class RemovableDataset:
         The tensors are scanned once, again after one of them was changed in place, and on every call while a
         remaining row was found bad: a request reads only some minibatches, and a NaN row in none of them was used
         silently (or named by its place in a minibatch)."""
-        key = tuple((id(t), _version(t)) for t in self.tensors)
-        stale = getattr(self, "_nonfinite_key", None) != key or any(v is None for _, v in key)
-        # a row found bad is looked at again on every call: fixed through .data or .numpy(), which leave the version
-        # counter alone, it was refused on as still bad (stop 45's review)
-        if stale or bool(self._alive[getattr(self, "_nonfinite", torch.empty(0, dtype=torch.long))].any()):
-            bad = torch.zeros(self.n_total, dtype=torch.bool)
-            for t in self.tensors:
-                if t.is_floating_point() and not all_finite(t):
-                    bad |= ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-            self._nonfinite_key, self._nonfinite = key, bad.nonzero().flatten()
-        ids = self._nonfinite
-        return ids[self._alive[ids]]
+        return cached_nonfinite(self, self.tensors, self._alive, lambda rows: rows)
 
     # ----------------------------------------------------------------- sampling
     def _reshuffle(self) -> None:

@@ -44,8 +44,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .curvature import ParamSpec, stack_batches
-from .data import RemovableDataset, _version, as_id_tensor
-from .errors import InvalidRequestError, QualityError, UnlearningError, all_finite
+from .data import RemovableDataset, as_id_tensor, cached_nonfinite
+from .errors import InvalidRequestError, QualityError, UnlearningError
 from .stream import (
     MIN_CURVATURE_ROWS,
     _as_batch,
@@ -270,19 +270,7 @@ class ShardedDataset:
     def nonfinite_ids(self) -> torch.Tensor:
         """Sorted global ids of this rank's remaining rows holding a NaN or an infinite value (its own rows only:
         :meth:`DistributedUnlearner.propose` agrees on the refusal across the ranks, before any collective)."""
-        key = tuple((id(t), _version(t)) for t in self.local)
-        stale = getattr(self, "_nonfinite_key", None) != key or any(v is None for _, v in key)
-        found = getattr(self, "_nonfinite", torch.empty(0, dtype=torch.long))
-        # scanned again while a row found bad remains: fixed through .data or .numpy() (no version bump), it was
-        # refused on as still bad (RemovableDataset's rule, stop 45; the review of stop 47)
-        if stale or bool(self.index._alive[found].any()):
-            bad = torch.zeros(self.local[0].shape[0], dtype=torch.bool, device=self.local[0].device)
-            for t in self.local:
-                if t.is_floating_point() and not all_finite(t):
-                    bad |= ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-            self._nonfinite_key, self._nonfinite = key, bad.nonzero().flatten().cpu() * self.world + self.rank
-        ids = self._nonfinite
-        return ids[self.index._alive[ids]] if ids.numel() else ids
+        return cached_nonfinite(self, self.local, self.index._alive, lambda rows: rows * self.world + self.rank)
 
     def owned(self, ids: torch.Tensor) -> torch.Tensor:
         """The subset of global ``ids`` this rank holds (order kept)."""

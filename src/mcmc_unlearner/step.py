@@ -180,10 +180,12 @@ def nll_unit(h: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) ->
     their mean and for a squared error without constants it is √2 times it, so there the mean stays the unit, as
     before."""
     h = h.double()
-    sums = reduce(torch.stack([h.new_tensor(float(h.shape[1])), h.abs().mean(0).sum()]))
+    # one reduction: the rows, their summed mean |h|, and each draw's sums of h and h² (over every rank)
+    sums = reduce(torch.cat([torch.stack([h.new_tensor(float(h.shape[1])), h.abs().mean(0).sum()]), h.sum(1),
+                             h.square().sum(1)]))  # fmt: skip
     m = max(float(sums[0]), 1.0)
     magnitude = float(sums[1]) / m
-    per_draw = reduce(torch.stack([h.sum(1), h.square().sum(1)]))  # [2, K]: each draw's rows, over every rank
+    per_draw = sums[2:].reshape(2, -1)  # [2, K]
     spread = float((per_draw[1] / m - (per_draw[0] / m) ** 2).clamp_min(0.0).sqrt().mean()) if m > 1 else math.nan
     unit = min(magnitude, spread) if math.isfinite(spread) and spread > 0 else magnitude
     return magnitude, unit
