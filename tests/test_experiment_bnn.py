@@ -267,6 +267,27 @@ def test_a_crashing_method_does_not_cost_the_report(tmp_path, monkeypatch):
     assert m["methods"]["importance"]["error"]["removed"] is None
     assert m["methods"]["unlearn"]["status"] == "ok"
     assert "FAILED" in (out / "report.md").read_text()
+    assert m["methods"]["importance"]["failed_refusal"] is False
+
+
+def test_a_refusal_is_told_from_a_crash_by_its_type_not_its_name(tmp_path, monkeypatch):
+    """Was: a failed method counted as a refusal when its recorded error started with one of five class names, so a
+    refusal raised as another ``UnlearningError`` (or a subclass a user's ``nll`` raises) read as an internal error
+    (exit 70, "please report it")."""
+    import mcmc_unlearner.experiments.bnn as bnn
+    from mcmc_unlearner.errors import UnlearningError
+
+    class NotApplied(UnlearningError):
+        pass
+
+    def refuse(*a, **k):
+        raise NotApplied("the request was not applied")
+
+    monkeypatch.setattr(bnn, "_run_importance", refuse)
+    out = tmp_path / "r"
+    assert main(["bnn", "--out", str(out), *SMALL]) == 2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["methods"]["importance"]["status"] == "failed" and m["methods"]["importance"]["failed_refusal"] is True
 
 
 def test_self_pretraining_never_shows_a_retrain_chain_the_removed_points(tmp_path, monkeypatch):

@@ -1318,21 +1318,28 @@ def run_bnn(cfg: BNNConfig, out: str | Path | None = None) -> dict[str, Any]:
     return metrics
 
 
-def _guarded(name: str, cfg: BNNConfig, failures: dict[str, str], fn: Callable[[], Any]) -> Any:
-    """Run one method; an unexpected error is recorded (and printed) instead of ending the whole run."""
+#: What a failed method raised when the library refused to go on (a request it would not apply, a budget, an
+#: invalid setting), as opposed to an internal error: ``bnn`` exits ``REFUSED`` or ``INTERNAL`` accordingly.
+REFUSALS = (UnlearningError, MemoryError, ValueError)
+
+
+def _guarded(name: str, cfg: BNNConfig, failures: dict[str, tuple[str, bool]], fn: Callable[[], Any]) -> Any:
+    """Run one method; an unexpected error is recorded (and printed) instead of ending the whole run:
+    ``failures[name]`` = (the error as one line, whether it is a refusal, :data:`REFUSALS`)."""
     try:
         return fn()
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:
-        failures[name] = f"{type(exc).__name__}: {exc}"
-        cfg.notes.append(f"{name} FAILED ({failures[name]}); its metrics are empty")
+        error = f"{type(exc).__name__}: {exc}"
+        failures[name] = (error, isinstance(exc, REFUSALS))
+        cfg.notes.append(f"{name} FAILED ({error}); its metrics are empty")
         from ..cli import DEBUG_ENV, flat
 
         if os.environ.get(DEBUG_ENV):
             print(f"mcmc-unlearner bnn: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
         else:  # one line, as every refusal (the run goes on; the exit code says a method failed)
-            print(f"mcmc-unlearner bnn: {name} failed: {flat(failures[name])}", file=sys.stderr)
+            print(f"mcmc-unlearner bnn: {name} failed: {flat(error)}", file=sys.stderr)
         return None
 
 
@@ -1357,7 +1364,7 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
         _save_origin(cfg, ex, origin)
     progress = _Progress(ex, retrains["retrain"]["bank"])
     progress.take("origin", origin["bank"], 0)
-    failures: dict[str, str] = {}
+    failures: dict[str, tuple[str, bool]] = {}
 
     if "unlearn" in cfg.methods:
         got = _guarded("unlearn", cfg, failures, lambda: _run_unlearner(ex, origin, progress, s + 4))
@@ -1392,7 +1399,8 @@ def _run(cfg: BNNConfig) -> dict[str, Any]:
     if "importance" in cfg.methods:
         results["importance"] = _guarded("importance", cfg, failures, lambda: _run_importance(ex, origin))
     for name in failures:
-        results[name] = _Result(info={"failed": failures[name]})
+        error, refusal = failures[name]
+        results[name] = _Result(info={"failed": error, "failed_refusal": refusal})
     results = {k: v for k, v in results.items() if v is not None}
 
     c0, t0 = time.process_time(), time.perf_counter()
@@ -2152,8 +2160,7 @@ def _main(args: argparse.Namespace) -> int:
     if failed:
         from ..cli import ExitCode
 
-        refusals = ("MemoryError", "InvalidRequestError", "SolverDivergedError", "QualityError", "ValueError")
-        refused = all(str(v).startswith(refusals) for v in failed.values())
+        refused = all(me[k].get("failed_refusal", False) for k in failed)
         print(
             f"mcmc-unlearner bnn: {len(failed)} method(s) failed ({', '.join(failed)}): their metrics are null in "
             f"{args.out}/metrics.json" + ("" if refused else " (an internal error: please report it)"),
