@@ -172,10 +172,163 @@ def test_a_weighted_method_is_thinned_by_systematic_resampling():
     w = torch.rand(100, generator=g) ** 4
     w = w / w.sum()
     for k in (8, 32, 64):
-        keep, kw = _weighted_thin(w, k)
+        keep, kw = _weighted_thin(w, k, g)
         full = torch.zeros(100, dtype=torch.float64)
         full[keep] = kw
         assert float(kw.sum()) == pytest.approx(1.0) and keep.numel() <= k
         assert float((full - w.double()).abs().max()) <= 1.0 / k + 1e-12
-    keep, kw = _weighted_thin(w, 0)
+    keep, kw = _weighted_thin(w, 0, g)
     assert keep.numel() == 100 and torch.allclose(kw, w.double())
+
+
+def _mean_thinned(w: torch.Tensor, k: int, calls: int) -> torch.Tensor:
+    from mcmc_unlearner.experiments.bnn import _weighted_thin
+
+    total = torch.zeros(w.numel(), dtype=torch.float64)
+    for seed in range(calls):
+        keep, kw = _weighted_thin(w, k, torch.Generator().manual_seed(seed))
+        total[keep] += kw
+    return total / calls
+
+
+@pytest.mark.parametrize(
+    "w, k",
+    [
+        (torch.tensor([0.2, 0.2, 0.6]), 2),  # the fixed offset 0.5 kept [0, 0.5, 0.5] on every call
+        (torch.tensor([0.0, 0.3, 0.0, 0.05, 0.65]), 3),  # zero weights are never drawn
+        (torch.rand(40, generator=torch.Generator().manual_seed(3)) ** 4, 8),
+    ],
+)
+def test_weighted_thinning_is_unbiased_over_seeds(w, k):
+    """``_weighted_thin`` thinned with the fixed offset 0.5: deterministic, so the kept weights were off by up to
+    1/k on every call ([0.2, 0.2, 0.6] to 2 gave the third 0.5). With a seeded uniform offset each kept weight
+    ``c_i / k`` takes the two values around ``w_i`` (variance ``f(1 - f) / k^2 <= 1 / (4k^2)``, ``f`` the fraction of
+    ``k w_i``), so the mean of ``n`` calls is within 5 standard errors ``5 / (2k sqrt(n))`` of ``w_i``."""
+    w = (w / w.sum()).double()
+    calls = 2000
+    mean = _mean_thinned(w, k, calls)
+    tol = 5.0 / (2 * k * math.sqrt(calls))
+    assert float((mean - w).abs().max()) <= tol, (mean, w, tol)
+    assert bool((mean[w == 0] == 0).all())
+
+
+def test_weighted_thinning_is_reproducible_per_seed():
+    """The same seed gives the same thinning (the experiment's numbers are reproducible); another seed may not."""
+    from mcmc_unlearner.experiments.bnn import _weighted_thin
+
+    w = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)
+    a = _weighted_thin(w, 2, torch.Generator().manual_seed(8))
+    b = _weighted_thin(w, 2, torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    outs = {tuple(_weighted_thin(w, 2, torch.Generator().manual_seed(s))[0].tolist()) for s in range(20)}
+    assert len(outs) > 1
+
+
+# ------------------------------------------------------------------------------------------ the experiment's wiring
+def _brute_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    return float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
+
+
+def test_the_experiment_reports_each_metric_as_the_docs_define_it():
+    """``bnn._evaluate`` against the docs' definitions, computed by brute force from tiny predictive tables: error_gap
+    = median over the retrain chains other than the method of |error - the chain's|, pred_diff / pred_kl = median of
+    the mean per-example L1 / KL(retrain || method), floor = the same over pairs of retrain chains (KL both ways),
+    mia.auc_removed = AUC of log p_method(y|x) - log p_ref(y|x), p_ref the pooled chains other than ``retrain``
+    (other than the chain itself for a retrain chain), removed points against test points of the removed class."""
+    from types import SimpleNamespace
+
+    from mcmc_unlearner.experiments import bnn
+
+    gen = torch.Generator().manual_seed(5)
+    n, c = 5, 3
+    labels = {
+        "remaining": torch.tensor([0, 2, 0, 2, 0]),
+        "removed": torch.ones(n, dtype=torch.long),
+        "test": torch.tensor([1, 0, 2, 1, 0]),
+        "test_removed_class": torch.ones(n, dtype=torch.long),
+    }
+    kept_mask = labels["test"] != 1
+    labels["test_kept"] = labels["test"][kept_mask]
+    chains = ["retrain", "retrain-b", "retrain-c"]
+    names = [*chains, "unlearn"]
+    # one predictive table per (method, split); ids 0-3 for the banks, 10-13 for the last states
+    ids = [*range(4), *range(10, 14)]
+    own = ("remaining", "removed", "test", "test_removed_class")
+    table = {i: {s: _rand_probs(gen, n, c) for s in own} for i in ids}
+    for t in table.values():
+        t["test_kept"] = t["test"][kept_mask]
+
+    def predict(thetas: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        w = torch.full((thetas.shape[0],), 1.0 / thetas.shape[0], dtype=torch.float64) if weights is None else weights
+        return {s: sum(wi * table[int(th[0])][s] for th, wi in zip(thetas, w)) for s in labels}
+
+    ex = SimpleNamespace(cfg=SimpleNamespace(eval_samples=0, progress=False, seed=0), labels=labels, predict=predict)
+    results = {
+        nm: bnn._Result(
+            bank=torch.stack([torch.full((3,), float(i)), torch.randn(3, generator=gen)], 1),
+            last=torch.tensor([10.0 + i, 0.0]),
+            info={"seconds": 1.0, "cpu_seconds": 1.0},
+        )
+        for i, nm in enumerate(names)
+    }
+    out, floor, _ = bnn._evaluate(ex, results, chains)
+
+    P = {nm: table[i] for i, nm in enumerate(names)}
+    L = {nm: table[10 + i] for i, nm in enumerate(names)}
+
+    def err(p, s):
+        return float(np.mean(p[s].argmax(1).numpy() != labels[s].numpy()))
+
+    def l1(a, b, s):
+        return float(np.mean(np.abs(a[s].numpy() - b[s].numpy()).sum(1)))
+
+    def kl(a, b, s):  # KL(a || b)
+        a, b = a[s].numpy(), b[s].numpy()
+        return float(np.mean((a * np.log(a / b)).sum(1)))
+
+    def logp(p, s):
+        return np.log(p[s].numpy()[np.arange(n), labels[s].numpy()])
+
+    splits = ("remaining", "removed", "test", "test_kept")
+    for nm in names:
+        others = [ch for ch in chains if ch != nm]
+        for s in splits:
+            assert out[nm]["error"][s] == pytest.approx(err(P[nm], s))
+            assert out[nm]["error_gap"][s] == pytest.approx(
+                statistics.median(abs(err(P[nm], s) - err(P[ch], s)) for ch in others)
+            )
+            assert out[nm]["pred_diff"][s] == pytest.approx(statistics.median(l1(P[ch], P[nm], s) for ch in others))
+            assert out[nm]["pred_kl"][s] == pytest.approx(statistics.median(kl(P[ch], P[nm], s) for ch in others))
+            assert out[nm]["pred_diff_last"][s] == pytest.approx(
+                statistics.median(l1(L[ch], L[nm], s) for ch in others)
+            )
+        refs = others if nm in chains else chains[1:]
+        assert out[nm]["mia"]["reference_chains"] == refs
+        ref = {s: sum(P[r][s] for r in refs) / len(refs) for s in ("removed", "test_removed_class")}
+        members = logp(P[nm], "removed") - logp(ref, "removed")
+        non_members = logp(P[nm], "test_removed_class") - logp(ref, "test_removed_class")
+        assert out[nm]["mia"]["auc_removed"] == pytest.approx(_brute_auc(members, non_members))
+        assert out[nm]["mia"]["auc_removed_vs_test_same_class"] == pytest.approx(
+            _brute_auc(logp(P[nm], "removed"), logp(P[nm], "test_removed_class"))
+        )
+    pairs = list(itertools.combinations(chains, 2))
+    for s in splits:
+        assert floor["pred_diff"][s] == pytest.approx(statistics.median(l1(P[a], P[b], s) for a, b in pairs))
+        assert floor["pred_kl"][s] == pytest.approx(
+            statistics.median(kl(P[a], P[b], s) for a, b in itertools.permutations(chains, 2))
+        )
+        assert floor["error_gap"][s] == pytest.approx(
+            statistics.median(abs(err(P[a], s) - err(P[b], s)) for a, b in pairs)
+        )
+    # the direction of pred_kl matters here: KL(method || retrain) would give another number
+    s = "test"
+    rev = statistics.median(kl(P["unlearn"], P[ch], s) for ch in chains)
+    assert abs(out["unlearn"]["pred_kl"][s] - rev) > 1e-3
+
+
+def test_likelihood_ratio_auc_by_hand():
+    """Scores log p - log p_ref: members [0.5, -0.2], non-members [0.1, -0.5, 0.5]; pairs won 2 + 1 and one tie of
+    six: AUC (3 + 0.5) / 6."""
+    m, n = np.log([0.5, 0.2]), np.log([0.3, 0.1, 0.4])
+    m_ref, n_ref = m - np.array([0.5, -0.2]), n - np.array([0.1, -0.5, 0.5])
+    assert ev.likelihood_ratio_auc(m, n, m_ref, n_ref) == pytest.approx(3.5 / 6)

@@ -193,3 +193,49 @@ def test_the_quoted_paper_numbers_in_the_report_come_from_the_metrics() -> None:
     del m["methods"]["paper"]
     line = next(t for t in gmm._report(m).splitlines() if t.startswith("- Quoted"))
     assert "Run with `--with-paper`" in line, line
+
+
+def test_exact_evaluation_scores_known_gaussians_by_their_closed_forms():
+    """``_exact_evaluation`` on draws of known 8-D Gaussians at the demo's scales (cluster means about (±5, ±5), sds
+    0.3 and 0.1), the method's set with its component labels permuted: the labels are undone, each moment metric is
+    its closed form within 5 Monte-Carlo sds, ``gauss_kl`` is KL(method ‖ exact) (KL(exact ‖ method) is 1.0 nats
+    away), the 1-NN estimates are the closed form within their 8-D bias (measured over 10 seeds: forward -0.18,
+    reverse -0.98 here, sd 0.06; a pure mean shift -0.39 / -0.29 at half the samples, sd 0.06), and i.i.d. draws
+    have ESS about n."""
+    from types import SimpleNamespace
+
+    from mcmc_unlearner.metrics import gaussian_kl, knn_kl
+
+    rng = np.random.default_rng(0)
+    centres = np.array([5.0, 5.0, -5.0, 5.0, -5.0, -5.0, 5.0, -5.0])
+    sd_e = np.array([0.3, 0.3, 0.1, 0.1, 0.3, 0.3, 0.1, 0.1])
+    shift = 0.5 * sd_e * np.array([1, -1, 1, 0, 0, 1, -1, 1])
+    sd_m = sd_e * np.array([0.5, 1, 1, 1, 0.6, 1, 1, 1.2])
+    n = 2000
+    e = centres + sd_e * rng.normal(size=(2 * n, 8))
+    m = centres + shift + sd_m * rng.normal(size=(n, 8))
+    moved = centres + 0.7 * sd_e * np.array([1, -1, 1, 0, 0, 1, -1, 1]) + sd_e * rng.normal(size=(n, 8))
+    perm = [2, 0, 3, 1]
+
+    def permuted(a):
+        return torch.from_numpy(a.reshape(-1, 4, 2)[:, perm].reshape(-1, 8))
+
+    exact = SimpleNamespace(samples=e.reshape(-1, 4, 2), flat=e)
+    out, summary = gmm._exact_evaluation(exact, {"m": permuted(m), "moved": permuted(moved)}, [permuted(m)], 1)
+    v = out["m"]["vs_exact"]
+    fw = gaussian_kl(centres + shift, sd_m**2, centres, sd_e**2)
+    rv = gaussian_kl(centres, sd_e**2, centres + shift, sd_m**2)
+    assert rv - fw > 0.9
+    assert v["mean_shift_sd"] == pytest.approx(np.mean(np.abs(shift) / sd_e), abs=5 * 0.0055)
+    assert v["mean_err_sd"] == pytest.approx(np.mean(np.abs(sd_m - sd_e)), abs=5 * 0.0011)
+    assert v["gauss_kl"] == pytest.approx(fw, abs=0.015 + 5 * 0.036)
+    ratio = np.sqrt((sd_m / sd_e).reshape(4, 2).prod(1))  # (det C_m / det C_e)^(1/4) per cluster
+    np.testing.assert_allclose(v["spread_ratio"], ratio, rtol=0.1)
+    assert fw - 0.18 - 5 * 0.06 <= v["kl_forward"] <= fw + 5 * 0.06
+    assert rv - 0.98 - 5 * 0.06 <= v["kl_reverse"] <= rv + 5 * 0.06
+    assert v["kl_reverse"] == knn_kl(e, m)  # the method's set relabelled back, exactly
+    assert out["m"]["ess"]["median"] == pytest.approx(n, rel=0.15)
+    kl = gaussian_kl(centres + 0.7 * sd_e * np.array([1, -1, 1, 0, 0, 1, -1, 1]), sd_e**2, centres, sd_e**2)
+    for key, bias in (("kl_forward", 0.39), ("kl_reverse", 0.29)):
+        assert kl - bias - 5 * 0.06 <= out["moved"]["vs_exact"][key] <= kl + 5 * 0.06, key
+    assert summary["n"] == 1 and summary["vs_exact"]["gauss_kl"]["median"] == v["gauss_kl"]

@@ -169,7 +169,7 @@ class BNNConfig:
         langevin_steps: ``langevin``'s SGLD steps per request (``0``: ``paper_samp_T + 2·paper_iter_T``).
         on_refusal, repair_steps: :class:`RefusalPolicy` and its sampler steps.
         eval_samples: Samples per method in the final evaluation (evenly thinned; a weighted method's by
-            systematic resampling of its weights; ``0``: all).
+            systematic resampling of its weights, the offset seeded by ``seed``; ``0``: all).
         eval_max: At most this many points per evaluation split (seeded subset; ``0``: all). The membership
             attack's held-out points (all test points of the removed class) are never subsampled.
         eval_every: Progress snapshot every this many requests (and after the last).
@@ -1488,18 +1488,22 @@ def _without_generator(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k != "generator"}
 
 
-def _weighted_thin(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _weighted_thin(w: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``k`` samples of a weighted set and their weights (summing to 1), by systematic resampling: sample
-    ``i`` is kept with weight ``c_i / k``, ``c_i`` the number of the ``k`` evenly spaced points of the weights'
-    cumulative sum that fall on it (``k <= 0``, or no more samples than ``k``: all, as weighted). Until stop 46 the
-    ``k`` highest weights, renormalised: biased (a weighted predictive 0.114 off in L1 against 0.041, stop 46's
-    probe), where the docs said evenly thinned."""
+    ``i`` is kept with weight ``c_i / k``, ``c_i`` the number of the points ``(j + u) / k``, ``j < k``, of the
+    weights' cumulative sum that fall on it, ``u`` uniform on [0, 1) from ``generator``: ``E[c_i / k] = w_i``
+    (``k <= 0``, or no more samples than ``k``: all, as weighted). Until stop 46 the ``k`` highest weights,
+    renormalised (a weighted predictive 0.114 off in L1 against 0.041, stop 46's probe); at stops 46-47 ``u = 0.5``,
+    not random: biased per call (weights [0.2, 0.2, 0.6] to 2 samples gave [0, 0.5, 0.5])."""
     w = w.detach().double().cpu()
     if k <= 0 or w.numel() <= k:
         return torch.arange(w.numel()), w / w.sum()
     cum = torch.cumsum(w / w.sum(), 0)
-    points = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-    idx = torch.searchsorted(cum, points).clamp_max(w.numel() - 1)
+    u = torch.rand((), dtype=torch.float64, generator=generator)
+    points = (torch.arange(k, dtype=torch.float64) + u) / k
+    # sample i owns [cum_{i-1}, cum_i): a zero weight owns nothing; rounding past the end goes to the last positive
+    last = int(torch.nonzero(w > 0)[-1])
+    idx = torch.searchsorted(cum, points, side="right").clamp_max(last)
     keep, counts = torch.unique(idx, return_counts=True)
     return keep, counts.double() / k
 
@@ -1518,7 +1522,8 @@ def _evaluate(
         if r.weights is None:
             probs[name] = ex.predict(_thin_to(r.bank, cfg.eval_samples))
         else:
-            keep, w = _weighted_thin(r.weights, cfg.eval_samples)
+            # the offset's own seed (s + 8, beside the methods' s + 1 ... s + 7): reproducible, one per method
+            keep, w = _weighted_thin(r.weights, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed * 1000 + 8))
             probs[name] = ex.predict(r.bank[keep], w)
             evaluated[name] = int(keep.numel())
         last[name] = ex.predict(r.last[None])
