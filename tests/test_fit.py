@@ -343,3 +343,40 @@ def test_a_bank_set_to_none_forgets_its_layout_and_fit_reads_a_small_data_set_on
     with torch.no_grad():
         h = torch.stack([rows_f(t, x[:40], y[:40]) for t in more.bank[[0, 6, 13, 19]]]).double().mean(0)
     assert mean == pytest.approx(float(h.mean()), rel=1e-6) and se == pytest.approx(float(h.std() / 40**0.5), rel=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_fit_checks_its_arguments_whatever_the_solver(chain, solver) -> None:
+    """fit() built nothing for the dense and matrix-free backends and returned without reading its arguments: a
+    negative or fractional n_remaining, a number or a bare tensor as the data, rows nll cannot read all passed. They
+    are refused as with K-FAC, with its words, changing nothing; a plain iterator keeps its first minibatch."""
+    model, bank, x, y = chain
+    bad = [
+        ((x, y), -5),
+        ((x[:3], y[:3]), None),  # fine (and checked below to pass); later calls are checked all the same
+        (iter([(x, y)]), 2.5),
+        (42, None),
+        (x, None),
+        ((x.double(), y), None),
+        ((x, y[:, None]), None),
+    ]
+    kfac = MCMCUnlearner(model, bank=bank, solver="kfac")
+    un = MCMCUnlearner(model, bank=bank, solver=solver)
+    before = _state(un)
+    for remaining, n in bad:
+        try:
+            kfac.fit(remaining, n)
+            want = None
+        except Exception as exc:
+            want = (type(exc), str(exc))
+        if want is None:
+            assert un.fit(remaining, n).curvature_kept is False
+            continue
+        with pytest.raises(want[0]) as got:
+            un.fit(remaining, n)
+        assert str(got.value) == want[1]
+    for u, v in zip(before, _state(un)):
+        assert torch.equal(u, v)
+    stream = iter([(x[:50], y[:50]), (x[50:], y[50:])])
+    assert un.fit(stream, n_remaining=400).curvature_kept is False
+    assert torch.equal(next(stream)[0], x[:50])  # not read: the request checks the minibatch it reads

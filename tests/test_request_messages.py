@@ -307,3 +307,28 @@ def test_the_early_check_leaves_the_first_request_s_minibatches_as_they_were(kin
         banks.append(un.bank.clone())
     assert not torch.equal(banks[0], bank)
     assert torch.equal(banks[0], banks[1])
+
+
+@pytest.mark.parametrize("bad", ["label column", "float64 rows", "wide rows", "label out of range"])
+def test_a_later_request_s_removed_rows_nll_cannot_read_are_named_as_the_first_request_s(bad):
+    """The removed rows' check ran on the first request only: a later request's malformed rows failed with torch's
+    own words (a label column [B, 1], float64 features, rows of another width, a label out of range). Every request
+    now says what the first one says, and changes nothing."""
+    x, y, model, bank, nll, log_prior = _mlp_problem()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank)
+    assert un.remove((x[:3], y[:3]), (x[6:], y[6:])).passed
+    xr, yr = x[3:6], y[3:6]
+    if bad == "label column":
+        yr = yr[:, None]
+    elif bad == "float64 rows":
+        xr = xr.double()
+    elif bad == "wide rows":
+        xr = torch.cat([xr, xr], 1)
+    else:
+        yr = yr + 2
+    moved = un.bank.clone()
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    with pytest.raises(Exception, match=r"nll\(model, removed data\) failed: .*label range"):
+        un.remove((xr, yr), (x[6:], y[6:]))
+    assert torch.equal(un.bank, moved) and len(un.history) == 1
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), theta)

@@ -1693,7 +1693,6 @@ class MCMCUnlearner:
         self._g_round = 0  # requests applied: which draws the next request's G reads (_turned)
         self._row_bytes: int | None = None
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
-        self._nll_checked = False
         self._remaining_nll_checked = False  # nll read a remaining minibatch (fit's or a request's), once
         self._buffers_checked = False  # a training-mode model's buffers, checked once (_check_buffers_stable)
         self._order_checked = False  # a flat bank's column order, checked against the data on the first request
@@ -1877,19 +1876,21 @@ class MCMCUnlearner:
         theta = ParamSpec.flatten_module(self.model)[None]
         self._set_bank(theta if self.bank is None else torch.cat([self.bank, theta]), fresh=False)
 
-    def _check_nll(self, batch: Batch, role: str = "removed") -> None:
-        """On the first request: ``nll(model, removed rows)`` gives one value per row.
+    def _check_nll(self, batch: Batch, role: str = "removed", again: bool = False) -> None:
+        """On every request: ``nll(model, removed rows)`` gives one value per row.
 
         An ``nll`` that returns the batch mean (``reduction="mean"``) would make every gradient and energy wrong by
         the batch size, silently; one that fails on the removed rows (e.g. indices passed instead of data) is
-        reported with what ``remove`` expects. Skipped for a model in training mode with buffers (a forward would
-        update e.g. BatchNorm statistics); the global RNG is left as it was. ``role="remaining"``: :meth:`fit`'s
-        check of a remaining-data minibatch, with messages about that data; the first request still checks its
-        removed rows (:meth:`fit` had made it skip them, and rows given as indices then failed with torch's dtype
-        error).
+        reported with what ``remove`` expects. One forward pass without gradients, on every request: a later
+        request's malformed rows (a label column, another dtype) failed with torch's own words, or not at all (stop
+        48's probe). Skipped for a model in training mode with buffers (a forward would update e.g. BatchNorm
+        statistics; their two-pass probe runs once); the global RNG is left as it was. ``role="remaining"``:
+        a remaining-data minibatch, with messages about that data, once (``again``: also after that, as each
+        :meth:`fit` does); the first request still checks its removed rows (:meth:`fit` had made it skip them, and rows
+        given as indices then failed with torch's dtype error).
         """
         removed = role == "removed"
-        if (self._nll_checked and removed) or (self._remaining_nll_checked and not removed):
+        if self._remaining_nll_checked and not removed and not again:
             return
         if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
             if not self._buffers_checked:  # two forward passes: once, not on every request
@@ -1929,7 +1930,6 @@ class MCMCUnlearner:
                 f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
-        self._nll_checked = self._nll_checked or removed
         self._remaining_nll_checked = self._remaining_nll_checked or not removed
 
     def _data_nll(self, batches: Sequence[Batch]) -> tuple[float, float] | None:
@@ -2694,7 +2694,8 @@ class MCMCUnlearner:
         removal that damped the trigger token's directions (0.005 of the way to retraining instead of 1.05;
         ``docs/model-matrix.md``, stop 42). The dense and matrix-free backends build theirs inside the first
         request and keep it (the dense Hessian downdated by later requests' removed rows): ``fit`` builds nothing
-        for them (the report says ``curvature_kept=False``). The damping is not
+        for them (the report says ``curvature_kept=False``), but checks ``remaining`` and ``n_remaining`` as it does for
+        K-FAC. The damping is not
         carried: a damping found on rows of another kind (a probe of random rows) was too large for a whole class
         or a backdoor, and left those removals a hundredth of their way (``docs/model-matrix.md``, stop 42).
 
@@ -2736,7 +2737,7 @@ class MCMCUnlearner:
                     while sum(int(b[0].shape[0]) for b in read) < min(FIT_DATA_ROWS, n) and len(read) < 8:
                         read.append(next(stream))
                     stream.set_state(data_state)
-                    self._check_nll(first, role="remaining")
+                    self._check_nll(first, role="remaining", again=True)
                     self._bytes_per_row(e_f, ParamSpec.flatten_module(self.model), first)
                     c_thetas = _draws(self.bank, self.curvature_draws)
                     with dense_embedding_grads(self.model):
@@ -2756,6 +2757,7 @@ class MCMCUnlearner:
             self._version += 1  # an earlier proposal would put back the curvature it saw
             _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t0)
         else:
+            self._check_fit_data(remaining, n_remaining)
             why = (
                 "its curvature is drawn at the chain's own states during each request"
                 if self.expectation is Expectation.CHAIN
@@ -2764,6 +2766,20 @@ class MCMCUnlearner:
             )
             info["fit"] = f"nothing to build ahead for solver={self.solver.value}: {why}"
         return FitReport(seconds=time.perf_counter() - t0, solver=self.solver.value, curvature_kept=kept, info=info)
+
+    def _check_fit_data(self, remaining: Any, n_remaining: int | None) -> None:
+        """:meth:`fit`'s checks of its arguments where it builds nothing: the remaining data and its size as a
+        request reads them, and ``nll`` on a first minibatch where it can be read and put back (not from a plain
+        iterator, whose minibatch would be lost to the next request). Every state is left as it was."""
+        with _source_states_kept(remaining):
+            stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+            if stream._again is None and stream.state() is None:
+                return  # a plain iterator: its first minibatch is checked by the request that reads it
+            data_state = stream.state()
+            try:
+                self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining", again=True)
+            finally:
+                stream.set_state(data_state)
 
     def forget(self, ids: Sequence[int] | torch.Tensor, data: Any, *, strict: bool = True) -> RemovalReport:
         """Validate ids against a :class:`~mcmc_unlearner.data.RemovableDataset`, unlearn them, then remove.
