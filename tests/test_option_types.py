@@ -202,3 +202,23 @@ def test_configurations_that_cannot_work_are_refused_when_built():
         MCMCUnlearner(model, **{**kw, "solver": "kfac", "energy": energy})
     with pytest.raises(ValueError, match="expectation='chain' draws from the live chain and needs the sampler"):
         MCMCUnlearner(model, **{**kw, "expectation": "chain"})
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("damping", 1e300, "not finite"),
+        ("damping", 1e39, "not finite"),
+        ("scaling", 1e39, "not finite"),
+        ("scaling", 1e-50, "zero or subnormal"),
+    ],
+)
+def test_a_value_finite_in_float64_but_not_in_the_parameters_dtype_is_refused_when_built(option, value, said):
+    """``damping=1e300`` is a float64 number but infinite in float32 parameters: it was refused at the request as a
+    solve that "stopped after 0 iterations: raise iter_T" (and ``scaling=1e-50``, zero there, after ``iter_T``). It
+    is refused when built, naming the dtype; float64 parameters take it, and a damping that rounds to zero is 0."""
+    x, y, model, kw = _setup(solver="lissa")
+    with pytest.raises(ValueError, match=rf"{option}=.* is {said} in the parameters' dtype float32 .*{option}='auto'"):
+        MCMCUnlearner(model, **{**kw, option: value})
+    assert MCMCUnlearner(model.double(), **{**kw, option: value, "bank": kw["bank"].double()}).config()[option] == value
+    MCMCUnlearner(model.float(), **{**kw, "damping": 1e-50})

@@ -571,6 +571,18 @@ EMPTIED_LABEL_DRAWS = 16
 EMPTIED_LABEL_ROWS = 512
 
 
+def _representable(name: str, value: float, dtype: torch.dtype, fix: str, zero_ok: bool = False) -> None:
+    """Refuse an option ``value`` that is infinite (or, unless ``zero_ok``, nonzero but rounded to zero) in the
+    parameters' ``dtype``, in which the solves apply it; ``fix`` says what to pass instead."""
+    info = torch.finfo(dtype)
+    if value > info.max or (not zero_ok and 0 < value < info.smallest_normal):
+        raise ValueError(
+            f"{name}={value:g} is {'not finite' if value > info.max else 'zero or subnormal'} in the parameters' "
+            f"dtype {str(dtype).removeprefix('torch.')} (normal numbers from {info.smallest_normal:.3g} to "
+            f"{info.max:.3g}), in which the solves apply it: {fix}"
+        )
+
+
 def _same_kind(exc: BaseException, message: str) -> Exception:
     """An exception of ``exc``'s class carrying ``message``, or a ``ValueError`` where that class cannot be built
     from a message alone (torch raised a ``UnicodeDecodeError``, whose constructor takes five arguments, for a uint8
@@ -1315,8 +1327,9 @@ class MCMCUnlearner:
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"auto"`` (``"affine"`` with the dense solvers ``exact``/``ggn``, else ``"mean"``), ``"mean"``,
             ``"sample"`` or ``"affine"`` (see module docstring).
-        damping: ``"auto"`` (chosen per request, :mod:`mcmc_unlearner.step`) or a fixed value ``>= 0``.
-        scaling: LiSSA scaling ``s`` or ``"auto"``.
+        damping: ``"auto"`` (chosen per request, :mod:`mcmc_unlearner.step`) or a fixed value ``>= 0``, finite in
+            the parameters' dtype (float32: at most 3.4e38).
+        scaling: LiSSA scaling ``s`` or ``"auto"`` (a number normal in the parameters' dtype).
         iter_T: LiSSA rounds / CG iteration cap.
         tol: Solver tolerance (relative residual); a solve that misses it is refused by :meth:`remove`.
         samp_T: Sampler steps for ``expectation="chain"``.
@@ -1591,6 +1604,19 @@ class MCMCUnlearner:
         self.damping = damping if isinstance(damping, str) else float(damping)
         if not (scaling == "auto" or (is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
             raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {scaling!r}")
+        # finite in float64 but not in the parameters' dtype: damping=1e300 in float32 was refused as a solve that
+        # stopped after 0 iterations ("raise iter_T"), scaling=1e-50 as one that stopped after iter_T
+        dtype = ParamSpec.params(model)[0].dtype
+        if not isinstance(damping, str):  # (one that rounds to zero is damping=0, allowed)
+            _representable(
+                "damping", self.damping, dtype,
+                "pass damping='auto' (searched per request) or a fixed value of the order of the curvature, far "
+                "below that", zero_ok=True,
+            )  # fmt: skip
+        if not isinstance(scaling, str):
+            _representable(
+                "scaling", float(scaling), dtype, "pass scaling='auto' (0.9/λ_max) or a value below 2/λ_max(H)"
+            )
         self.scaling = scaling
         self.iter_T = _whole("iter_T", iter_T, 0)
         # a string, True or a tensor was taken by float(); tol >= 1 is met by the zero step (cg refused it later,
