@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +218,50 @@ def test_a_value_finite_in_float64_but_not_in_the_parameters_dtype_is_refused_wh
     """``damping=1e300`` is a float64 number but infinite in float32 parameters: it was refused at the request as a
     solve that "stopped after 0 iterations: raise iter_T" (and ``scaling=1e-50``, zero there, after ``iter_T``). It
     is refused when built, naming the dtype; float64 parameters take it, and a damping that rounds to zero is 0."""
-    x, y, model, kw = _setup(solver="lissa")
+    _, _, model, kw = _setup(solver="lissa")
     with pytest.raises(ValueError, match=rf"{option}=.* is {said} in the parameters' dtype float32 .*{option}='auto'"):
         MCMCUnlearner(model, **{**kw, option: value})
     assert MCMCUnlearner(model.double(), **{**kw, option: value, "bank": kw["bank"].double()}).config()[option] == value
     MCMCUnlearner(model.float(), **{**kw, "damping": 1e-50})
+
+
+@pytest.mark.parametrize(
+    ("solver", "option", "value"),
+    [
+        ("exact", "scaling", 0.1),
+        ("kfac", "iter_T", 50),
+        ("kfac", "precondition_rank", 5),
+        ("cg", "likelihood", "categorical"),
+        ("lissa", "mc_samples", 3),
+        ("exact", "negative_curvature", "truncate"),
+        ("auto", "iter_T", 7),  # auto picks exact for this model
+    ],
+)
+def test_an_option_the_solver_never_reads_is_warned_about_when_built(solver, option, value):
+    """Options of another solver were ignored without a word (``scaling`` with ``exact``, ``iter_T`` with ``kfac``):
+    one UserWarning names the option and the solver; the solvers that read it, and every default, say nothing."""
+    _, _, model, kw = _setup(solver=solver)
+    with pytest.warns(UserWarning, match=rf"^{option}=.* has no effect with solver='(exact|kfac|cg|lissa)'") as got:
+        MCMCUnlearner(model, **{**kw, option: value})
+    assert len([w for w in got if "has no effect" in str(w.message)]) == 1
+    reader = {"scaling": "lissa", "iter_T": "cg", "precondition_rank": "lowrank", "negative_curvature": "cg"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MCMCUnlearner(model, **{**kw, option: value, "solver": reader.get(option, "kfac")})
+
+
+def test_defaults_and_their_saved_configurations_warn_of_nothing():
+    """Every solver (``auto`` too, whose CG gets a preconditioner rank of its own) and chain mode at their defaults,
+    and an unlearner rebuilt from its ``config()``, warn of nothing; ``turn_draws`` given in chain mode is said."""
+    from mcmc_unlearner import SGLD
+
+    _, _, model, kw = _setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for solver in ("auto", "exact", "ggn", "kfac", "cg", "lissa", "lowrank"):
+            un = MCMCUnlearner(model, **{**kw, "solver": solver, "exact_max_dim": 0})
+            MCMCUnlearner(model, bank=kw["bank"], nll=_nll, log_prior=_log_prior, **un.config())
+        MCMCUnlearner(model, SGLD(model.parameters(), lr=1e-4), **{**kw, "expectation": "chain"})
+        MCMCUnlearner(model, **{**kw, "turn_draws": False})
+    with pytest.warns(UserWarning, match=r"turn_draws=False has no effect with expectation='chain'"):
+        MCMCUnlearner(model, SGLD(model.parameters(), lr=1e-4), **{**kw, "expectation": "chain", "turn_draws": False})

@@ -57,3 +57,21 @@ def test_a_solver_override_leaves_a_folder_every_later_command_loads(tmp_path, s
         assert status(folder)["n_remaining"] == len(after.data)
         assert forget(folder, [3], request_id="r2").applied
     assert verify(folder).ok
+
+
+def test_a_solver_override_says_only_what_the_override_sets_to_no_effect(tmp_path) -> None:
+    """A saved lowrank unlearner's configuration holds its Lanczos rank (20), which an override to ``exact`` does
+    not read: said neither there nor when the folder is loaded, since the request did not set it; an override that
+    sets an option its solver ignores is said."""
+    torch.set_num_threads(1)
+    from mcmc_unlearner.service.checkpoint import with_config
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="lowrank"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_model(folder)
+        assert loaded.unlearner.config()["precondition_rank"] == 20
+        assert with_config(loaded, {"solver": "exact"}).solver.value == "exact"
+    with pytest.warns(UserWarning, match=r"^iter_T=5 has no effect with solver='exact'") as got:
+        with_config(loaded, {"solver": "exact", "iter_T": 5})
+    assert [str(w.message).split("=")[0] for w in got if "has no effect" in str(w.message)] == ["iter_T"]

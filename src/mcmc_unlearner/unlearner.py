@@ -1642,6 +1642,7 @@ class MCMCUnlearner:
         default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
         self.refresh_every = _whole("refresh_every", default_refresh if refresh_every is None else refresh_every, 1)
         precondition_rank = _whole("precondition_rank", precondition_rank, 0)
+        given_rank = precondition_rank  # (before auto's CG gets its default rank)
         if precondition_rank <= 0 and (
             self.solver is SolverName.LOWRANK or (self.solver is SolverName.CG and solver == "auto")
         ):
@@ -1677,6 +1678,17 @@ class MCMCUnlearner:
         if not (is_integer(seed) and -(2**63) <= int(seed) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
             raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {seed!r}")
         self.generator = torch.Generator().manual_seed(int(seed))
+        self._warn_ineffective(
+            {
+                "scaling": scaling != "auto",
+                "iter_T": self.iter_T != 100,
+                "precondition_rank": given_rank != 0,
+                "negative_curvature": negative_curvature != "raise",
+                "likelihood": likelihood != "auto",
+                "mc_samples": self.mc_samples != 1,
+                "turn_draws": turn_draws != "auto",
+            }
+        )
         self.curvature: CurvatureBackend = make_backend(
             self.solver,
             refresh_every=self.refresh_every,
@@ -1727,6 +1739,35 @@ class MCMCUnlearner:
         self._fit_data: tuple[float, float] | None = None  # fit's data: mean NLL and its standard error (_data_nll)
 
     # ------------------------------------------------------------------ configuration
+    def _warn_ineffective(self, given: Mapping[str, bool]) -> None:
+        """Warn (once each) of options set away from their default that the chosen solver or expectation never
+        reads (they were ignored without a word). ``given``: per option, whether it was set."""
+        for name, (used, by) in {
+            "scaling": (self.solver is SolverName.LISSA, "LiSSA's"),
+            "iter_T": (self.solver in (SolverName.LISSA, SolverName.CG), "LiSSA's and CG's"),
+            "precondition_rank": (self.solver in (SolverName.CG, SolverName.LOWRANK), "CG's and lowrank's"),
+            "negative_curvature": (self.solver is SolverName.CG, "CG's"),
+            "likelihood": (self.solver is SolverName.KFAC, "K-FAC's"),
+            "mc_samples": (self.solver is SolverName.KFAC, "K-FAC's"),
+        }.items():
+            if given[name] and not used:
+                auto = self.solver_reason != "chosen by the caller"
+                how = " (what solver='auto' chose for this model)" if auto else ""
+                warnings.warn(
+                    f"{name}={getattr(self, name)!r} has no effect with solver={self.solver.value!r}{how}: it is {by} "
+                    "option; leave it out, or pass a solver that reads it",
+                    UserWarning,
+                    stacklevel=outside_stacklevel(),
+                )
+        if given["turn_draws"] and self.expectation is Expectation.CHAIN:
+            warnings.warn(
+                f"turn_draws={self.turn_draws!r} has no effect with expectation='chain': it picks which stored "
+                "samples G reads, and chain mode reads fresh chain draws instead; leave it out, or use "
+                "expectation='bank'",
+                UserWarning,
+                stacklevel=outside_stacklevel(),
+            )
+
     def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
         if solver != "auto":
             return _choice(SolverName, "solver", solver, extra=("auto",)), "chosen by the caller"

@@ -55,6 +55,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -1003,7 +1004,10 @@ def _check_unlearner_build(cfg: BNNConfig) -> None:
     # kfac, where damping_shape='data' is valid): refused only when no solver 'auto' can pick takes the settings
     solvers = [{}] if "solver" in kw else [{"solver": s} for s in ("kfac", "exact", "cg")]
     first: Exception | None = None
-    with torch.random.fork_rng():  # the stand-in's initialisation leaves the run's global generator alone
+    # the stand-in's initialisation leaves the run's global generator alone; its solvers are not the run's, whose
+    # unlearner says itself which options it ignores
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"\w+=.* has no effect with ", UserWarning)
         stand_in = nn.Sequential(nn.Linear(4, 3))
         theta = torch.nn.utils.parameters_to_vector(stand_in.parameters()).detach()
         for solver in solvers:

@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -316,7 +317,9 @@ def rebuild_unlearner(
     """
     given = _constructor_config(config)
     try:
-        un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **given)
+        with warnings.catch_warnings():  # the saved options: an ignored one was said when the unlearner was built
+            warnings.filterwarnings("ignore", r"\w+=.* has no effect with ", UserWarning)
+            un = MCMCUnlearner(model, sampler, bank=tensors.get("bank"), **given)
     except (TypeError, ValueError) as exc:
         params = inspect.signature(MCMCUnlearner.__init__).parameters
         odd = [
