@@ -91,3 +91,51 @@ def test_summary_corrupt_metrics_is_one_line_exit_2_naming_the_file(tmp_path, ca
     assert rc in (0, 2), err
     if rc == 2:
         assert "bad" in err and "internal error" not in err
+
+
+def _mkdir_fails_at(monkeypatch, target):
+    """``Path.mkdir`` refuses ``target`` as a read-only file system would (``/proc/x`` as root: ENOENT)."""
+    import errno
+    import pathlib
+
+    real = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == target:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("command", ["demo", "bnn"])
+def test_out_folder_that_cannot_be_created_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, command):
+    """Was: the raw OS message (`[Errno 2] No such file or directory: '/proc/x'`), and parents left behind."""
+    out = tmp_path / "a" / "b" / "run"
+    _mkdir_fails_at(monkeypatch, out)
+    rc = main([command, "--out", str(out), "--quiet", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"error: --out cannot create folder '{out}': Read-only file system" in err, err
+    assert "Errno" not in err
+    assert not (tmp_path / "a").exists()  # the parents it made are removed again
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_out_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mcmc_unlearner.experiments import report
+
+    run = _run(tmp_path, "r0", json.dumps({"experiment": "gmm", "seed": 0, "x": 1.0}))
+    dest = tmp_path / "s.json"
+
+    def mkstemp(*args, **kwargs):
+        raise OSError(errno.ENOENT, "No such file or directory", str(tmp_path / ".s.json.x.tmp"))
+
+    monkeypatch.setattr(report.tempfile, "mkstemp", mkstemp)
+    rc = main(["summary", run, "--out", str(dest)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and not out and err.count("\n") == 1, err
+    assert f"--out cannot write '{dest}': No such file or directory" in err and ".tmp" not in err, err
+    assert not dest.exists()

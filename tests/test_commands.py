@@ -683,6 +683,22 @@ def test_thread_count_printed_once_on_stderr(cmd, tmp_path, capsys, monkeypatch)
     assert torch.get_num_threads() == old
 
 
+@pytest.mark.parametrize("cmd", ["demo", "bnn"])
+def test_quiet_and_the_thread_line_are_documented_as_they_behave(cmd, capsys):
+    """Was: the README said demo and bnn always print their thread count, and --quiet's help ("no progress bars")
+    did not say that it hides that line too (it does: the test above)."""
+    import re
+    from pathlib import Path
+
+    readme = re.sub(r"\s+", " ", (Path(__file__).resolve().parents[1] / "README.md").read_text())
+    said = readme[readme.index("`demo` and `bnn` record it in `metrics.json`") :][:200]
+    assert "not with `--quiet`" in said, said
+    assert main([cmd, "--help"]) == 0
+    help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    quiet = help_text[help_text.index("--quiet ") :][:200]
+    assert "thread-count line" in quiet and "metrics.json" in quiet, quiet
+
+
 def test_reports_state_the_actual_thread_count():
     """Was: "one torch thread" / "single-threaded" in every report, whatever --threads said."""
     from mcmc_unlearner.experiments import bnn, gmm

@@ -103,7 +103,7 @@ def _rewrite_ledger_and_resign(m: Path, edit) -> None:
     man = json.loads((m / "manifest.json").read_text())
     man["ledger_head"] = prev
     _rechecksum(man)  # an HMAC, if there is one, cannot be recomputed without the key: it stays stale
-    (m / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True))
+    (m / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")  # as the library writes it
 
 
 def _rechecksum(man: dict) -> None:

@@ -75,3 +75,27 @@ def test_a_solver_override_says_only_what_the_override_sets_to_no_effect(tmp_pat
     with pytest.warns(UserWarning, match=r"^iter_T=5 has no effect with solver='exact'") as got:
         with_config(loaded, {"solver": "exact", "iter_T": 5})
     assert [str(w.message).split("=")[0] for w in got if "has no effect" in str(w.message)] == ["iter_T"]
+
+
+def test_a_curvature_override_builds_its_own_curvature_and_the_ledger_says_so(tmp_path) -> None:
+    """Was: under refresh_every > 1 a request with --curvature-draws reused the Hessian saved with the folder's
+    curvature_draws, while its ledger entry recorded the override (and the config) as what was used."""
+    import json
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="exact", refresh_every=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        forget(folder, [1, 2], request_id="build")  # builds the Hessian with the saved curvature_draws=4
+        forget(folder, [3, 4], request_id="override", overrides={"curvature_draws": 2})
+        forget(folder, [5, 6], request_id="after")
+        forget(folder, [7, 8], request_id="reuse", overrides={"tol": 1e-5})  # no curvature setting: reused
+    entries = [json.loads(line) for line in (folder / "ledger.jsonl").read_text().splitlines()[1:]]
+    build, override, after, reuse = (e["info"] for e in entries)
+    assert build["hessian_reused"] is False
+    assert entries[1]["overrides"] == {"curvature_draws": 2} and entries[1]["config"]["curvature_draws"] == 2
+    assert override["hessian_reused"] is False  # built with the draws the entry records
+    assert "curvature_draws=2" in override["curvature_rebuilt"] and "curvature_draws=4" in override["curvature_rebuilt"]
+    assert after["hessian_reused"] is False and "curvature_rebuilt" not in after  # not the override's curvature
+    assert reuse["hessian_reused"] is True and "curvature_rebuilt" not in reuse  # refresh_every holds as before
+    assert load_model(folder).unlearner.curvature_draws == 4  # the saved configuration is kept
+    assert verify(folder).ok

@@ -94,6 +94,25 @@ def test_manifest_naming_another_state_file_is_refused(rooms, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda text: json.dumps(json.loads(text), indent=4, sort_keys=True) + "\n",  # re-indented
+        lambda text: json.dumps(json.loads(text)),  # one line, keys in the file's own order
+        lambda text: text.replace("\n", "\r\n"),  # CRLF line ends (a Windows checkout)
+        lambda text: text + "\n",  # a blank line appended
+    ],
+)
+def test_manifest_reformatted_without_changing_a_value_is_refused(rooms, tmp_path, capsys, rewrite):
+    """Was: the checksum covers the parsed values only, so `verify` said OK for a manifest whose bytes were edited."""
+    m, out = rooms
+    text = (m / "manifest.json").read_text()
+    edited = rewrite(text)
+    assert edited != text and json.loads(edited) == json.loads(text)  # same values, other bytes
+    (m / "manifest.json").write_bytes(edited.encode())
+    _all_refuse(m, out, tmp_path, capsys, "manifest.json was reformatted or edited")
+
+
+@pytest.mark.parametrize(
     ("mutate", "match"),
     [
         (lambda man: man.update(sequence="1"), "wrong type"),

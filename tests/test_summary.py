@@ -19,7 +19,9 @@ def _run(tmp_path, name: str, metrics: dict) -> str:
 
 
 def _metrics(seed: int, kl: float, met: bool, sampler: str = "sgld") -> dict:
+    """A demo run's metrics, in miniature (``experiment`` marks a run of this tool)."""
     return {
+        "experiment": "gmm",
         "seed": seed,
         "sampler": sampler,
         "methods": {
@@ -329,3 +331,24 @@ def test_runs_of_other_settings_are_refused_and_out_stays_outside_the_runs(tmp_p
     for inside in (tmp_path / "a" / "report.md", tmp_path / "a" / "summary.json"):
         assert "inside a run's folder" in _one_line_error([dirs[0], str(tmp_path / "c"), "--out", str(inside)], capsys)
     assert not (tmp_path / "a" / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("foreign", "said"),
+    [
+        ({"seed": 1, "accuracy": 0.9, "loss": 0.2}, 'it has no "experiment" key'),  # any tool's metrics.json
+        ({"experiment": "resnet-train", "seed": 1, "accuracy": 0.9}, "its \"experiment\" is 'resnet-train'"),
+        ({"experiment": 7, "seed": 1}, 'it has no "experiment" key'),
+    ],
+)
+def test_a_json_object_no_run_of_this_tool_wrote_is_refused_naming_it(tmp_path, capsys, foreign, said):
+    """Was: any JSON object beside a run was averaged in (its seed, its accuracy: 2 runs, exit 0)."""
+    run = _run(tmp_path, "s0", _metrics(0, 1.0, True))
+    other = _run(tmp_path, "other", foreign)
+    out = tmp_path / "s.json"
+    err = _one_line_error([run, other, "--out", str(out)], capsys)
+    assert f"'{tmp_path / 'other' / 'metrics.json'}' is not the metrics of an mcmc-unlearner run" in err, err
+    assert said in err and "mcmc-unlearner demo" in err, err
+    assert not out.exists()
+    assert main(["summary", run, _run(tmp_path, "bnn", _bnn_metrics(0))]) == 2  # a run of another experiment:
+    assert "runs of different experiments" in capsys.readouterr().err  # accepted as a run, refused as before

@@ -5,7 +5,7 @@ Thin by design: each subcommand lives next to the code it drives and registers i
 
 * ``demo`` — the paper's Gaussian-mixture experiment (:mod:`mcmc_unlearner.experiments.gmm`);
 * ``bnn`` — Bayesian neural networks (:mod:`mcmc_unlearner.experiments.bnn`);
-* ``summary`` — mean ± sd over runs of any experiment's ``metrics.json`` (:mod:`mcmc_unlearner.experiments.summary`);
+* ``summary`` — mean ± sd over runs of an experiment's ``metrics.json`` (:mod:`mcmc_unlearner.experiments.summary`);
 * ``forget``, ``status``, ``verify`` — deletion requests against saved models
   (:mod:`mcmc_unlearner.service.commands`).
 
@@ -35,6 +35,7 @@ from .errors import UnlearningError
 
 __all__ = [
     "EXIT_CODES_HELP",
+    "QUIET_HELP",
     "THREADS_VALUES",
     "ExitCode",
     "Parser",
@@ -143,6 +144,13 @@ def emit(text: str) -> bool:
     except BrokenPipeError:
         _silence_stdout()
         return False
+
+
+#: ``--quiet`` of ``demo`` and ``bnn``: their report still goes to stdout, the thread count to ``metrics.json``.
+QUIET_HELP = (
+    "no progress bars and no thread-count line on stderr (only errors and warnings; the thread count is still "
+    "recorded in metrics.json)"
+)
 
 
 def add_quiet_flag(p: argparse.ArgumentParser, dest: str = "quiet", help: str | None = None) -> None:

@@ -1954,7 +1954,7 @@ def _quick_help() -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bnn`` subcommand."""
-    from ..cli import add_quiet_flag, add_threads_flag, new_folder, positive_number, whole_number
+    from ..cli import QUIET_HELP, add_quiet_flag, add_threads_flag, new_folder, positive_number, whole_number
 
     p = subparsers.add_parser(
         "bnn",
@@ -1998,7 +1998,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="save the all-data chain to DIR (new/empty)",
     )
-    add_quiet_flag(p, dest="no_progress", help="no progress bars")
+    add_quiet_flag(p, dest="no_progress", help=QUIET_HELP)
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)  # old spelling
     p.add_argument(
         "--methods",
@@ -2130,13 +2130,16 @@ def config_from_args(args: argparse.Namespace) -> BNNConfig:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .report import new_run_dir
+    from .report import cannot_create, new_run_dir
 
     cfg = config_from_args(args)
     fresh = args.out is None
     if fresh:
         _resolve(replace(cfg, notes=list(cfg.notes)))  # a bad setting is refused before the folder is made
-        args.out = str(new_run_dir("bnn"))
+        try:
+            args.out = str(new_run_dir("bnn"))
+        except OSError as exc:
+            raise ValueError(f"--out not given and {cannot_create('runs', exc)}; pass --out DIR") from None
     try:
         metrics = run_bnn(cfg, args.out)
     except BaseException:

@@ -1147,7 +1147,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand (the paper's Gaussian-mixture experiment)."""
-    from ..cli import add_quiet_flag, add_threads_flag, new_folder, whole_number
+    from ..cli import QUIET_HELP, add_quiet_flag, add_threads_flag, new_folder, whole_number
 
     p = subparsers.add_parser(
         "demo",
@@ -1200,6 +1200,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="K",
         help="keep every K-th sample for the KL estimates (default 10; at least 10 samples must remain)",
     )
-    add_quiet_flag(p, help="no progress bars")
+    add_quiet_flag(p, help=QUIET_HELP)
     add_threads_flag(p)
     p.set_defaults(func=_cmd_demo)

@@ -25,9 +25,11 @@ __all__ = [
     "RUN_MARKER",
     "SEED_LIMIT",
     "Stopwatch",
+    "cannot_create",
     "claimed_out_dir",
     "fmt",
     "jsonable",
+    "make_folders",
     "markdown_table",
     "new_run_dir",
     "out_dir_problem",
@@ -162,6 +164,10 @@ def _claim(path: Path) -> None:
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         raise ValueError(f"--out {out_dir_problem(path) or f'{str(path)!a} is in use by another run'}") from None
+    except OSError as exc:
+        raise ValueError(
+            f"--out cannot write into {str(path)!a}: {exc.strerror or exc}; choose another folder"
+        ) from None
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")  # read by _marker_problem
     others = [e.name for e in os.scandir(path) if e.name != RUN_MARKER]
@@ -178,13 +184,46 @@ def prepare_out_dir(out: str | Path | None, prefix: str, root: str | Path = "run
             one's), or cannot be created.
     """
     if out is None:
-        return new_run_dir(prefix, root)
+        try:
+            return new_run_dir(prefix, root)
+        except OSError as exc:
+            raise ValueError(f"--out not given and {cannot_create(root, exc)}; pass --out DIR") from None
     problem = out_dir_problem(out)
     if problem is not None:
         raise ValueError(f"--out {problem}")
     path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
+    make_folders(path)
     return path
+
+
+def cannot_create(path: str | Path, exc: OSError, what: str = "folder") -> str:
+    """``cannot create folder '<path>': <the system's reason>`` for an ``OSError`` (one line, no errno)."""
+    return f"cannot create {what} {str(path)!a}: {exc.strerror or type(exc).__name__}"
+
+
+def make_folders(path: Path) -> None:
+    """``path.mkdir(parents=True, exist_ok=True)``, undone on failure: the folders it created are removed again.
+
+    Raises:
+        ValueError: A folder cannot be created (``/proc/x``, a read-only file system): the message names
+            ``path`` and the system's reason.
+    """
+    missing = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made: list[Path] = []
+    try:
+        for p in reversed(missing):
+            p.mkdir()
+            made.append(p)
+        if not path.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(path))
+    except OSError as exc:
+        for p in reversed(made):
+            _remove_if_empty(p)
+        raise ValueError(f"--out {cannot_create(path, exc)}; choose a folder you can write to") from None
 
 
 @contextmanager

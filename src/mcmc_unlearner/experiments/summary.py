@@ -1,8 +1,8 @@
 """``mcmc-unlearner summary RUN_DIR [RUN_DIR ...]``: aggregate the ``metrics.json`` of several runs (e.g. seeds).
 
 Generic: every numeric leaf of the (nested) ``metrics.json`` dicts is aggregated under its dotted path (``a.b.c``
-for ``{"a": {"b": {"c": 1.0}}}``), whatever experiment wrote it. Per leaf: mean, sample standard deviation
-(``ddof = 1``; ``None`` for a single run), min, max and ``n`` (the runs that have a finite value there). A run
+for ``{"a": {"b": {"c": 1.0}}}``), whichever of this tool's experiments wrote it. Per leaf: mean, sample standard
+deviation (``ddof = 1``; ``None`` for a single run), min, max and ``n`` (the runs that have a finite value there). A run
 whose value there is NaN or ±inf (or ``null``, the spelling of NaN in files this package writes) is not averaged
 but counted (``nan``; the table's ``n`` column reads ``1 (+1 NaN)``), and a leaf that is finite in some runs and
 not in others is listed under the runs that differ, as a differing string is.
@@ -11,7 +11,8 @@ and strings are not aggregated (per-request lists have their own summaries in th
 whose value differs between runs (e.g. runs with different samplers) are reported, since averaging such runs is
 rarely intended.
 
-Refused (exit 2, one line): the same run given twice, runs of different experiments (a ``bnn`` run with a
+Refused (exit 2, one line): a file that is not the ``metrics.json`` of one of this tool's runs (``demo`` or
+``bnn``: :func:`check_run`), the same run given twice, runs of different experiments (a ``bnn`` run with a
 ``demo`` run), runs on different data sets (``dataset.name``, e.g. digits with fashion-mnist) unless
 ``--mixed-datasets`` is given (averaging them was only noted under "Runs differ in"), ``--keys`` that match no
 metric, an ``--out`` that cannot be written (checked before anything is
@@ -36,6 +37,8 @@ import numpy as np
 from .report import RUN_MARKER, fmt, markdown_table, write_json, write_text
 
 __all__ = [
+    "RUN_KINDS",
+    "check_run",
     "experiment_kind",
     "load_metrics",
     "numeric_leaves",
@@ -84,6 +87,34 @@ def experiment_kind(metrics: dict[str, Any]) -> str | None:
     if isinstance(metrics.get("config"), dict) and isinstance(metrics.get("dataset"), dict):
         return "bnn"
     return None
+
+
+#: The experiments whose ``metrics.json`` summary reads: ``experiment`` key → the command that writes it.
+RUN_KINDS = {"gmm": "demo", "bnn": "bnn"}
+
+
+def check_run(file: Path, metrics: dict[str, Any]) -> str:
+    """The kind of run (a key of :data:`RUN_KINDS`) that wrote ``metrics``, read from ``file``.
+
+    Runs mark themselves with ``experiment`` (older ``bnn`` runs with their ``config`` and ``dataset`` sections:
+    :func:`experiment_kind`).
+
+    Raises:
+        ValueError: ``metrics`` is not the output of one of this tool's runs (the message names ``file``).
+    """
+    kind = experiment_kind(metrics)
+    if kind in RUN_KINDS:
+        return kind
+    known = ", ".join(f"{k!a} (mcmc-unlearner {cmd})" for k, cmd in RUN_KINDS.items())
+    what = (
+        f'its "experiment" is {ascii(kind)[:40]}, not one of {known}'
+        if kind is not None
+        else f'it has no "experiment" key naming one of {known}'
+    )
+    raise ValueError(
+        f"{str(file)!a} is not the metrics of an mcmc-unlearner run ({what}); pass the folders that "
+        "`mcmc-unlearner demo` or `mcmc-unlearner bnn` wrote"
+    )
 
 
 def run_dataset(metrics: dict[str, Any]) -> str | None:
@@ -342,6 +373,8 @@ def _unmatched(patterns: list[str], stats: dict[str, Any]) -> list[str]:
 def _cmd_summary(args: argparse.Namespace) -> int:
     runs, keys = _split_runs_and_keys(args.runs, args.keys)
     loaded = [load_metrics(p) for p in runs]
+    for file, metrics in loaded:  # a JSON object that no run of this tool wrote is not averaged in
+        check_run(file, metrics)
     _check_runs(loaded, runs, mixed_datasets=args.mixed_datasets)
     if not args.mixed_settings:
         _check_settings(loaded, runs)
@@ -380,10 +413,16 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     out = "\n".join(lines) + "\n"
     if args.out is not None:  # written first (atomically): a failure prints nothing
         dest = Path(args.out)
-        if dest.suffix.lower() == ".json":
-            write_json(dest, summary)
-        else:
-            write_text(dest, out)
+        try:
+            if dest.suffix.lower() == ".json":
+                write_json(dest, summary)
+            else:
+                write_text(dest, out)
+        except OSError as exc:  # /proc/x.json passes the parse-time check; the write's own temporary file is gone
+            raise ValueError(
+                f"--out cannot write {args.out!a}: {exc.strerror or type(exc).__name__}; choose a file in a folder "
+                "you can write to"
+            ) from None
     print(out, end="")
     return 0
 
@@ -409,7 +448,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         usage="%(prog)s RUN_DIR [RUN_DIR ...] [--keys GLOB [GLOB ...]] [--out FILE]",
         description=(
             "Read RUN_DIR/metrics.json of every run and print, for every numeric leaf of the nested metrics, the "
-            "mean ± sample sd, min–max and the number of runs. Works on the output of any experiment, one "
+            "mean ± sample sd, min–max and the number of runs. Works on the output of demo and bnn (a JSON file "
+            "no run of this tool wrote is refused), one "
             "experiment and one data set at a time (runs on different data sets are refused unless "
             "--mixed-datasets is given); each run counts once, and runs that share a seed are flagged."
         ),

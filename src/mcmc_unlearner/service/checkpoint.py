@@ -87,6 +87,7 @@ from .state import (
 )
 
 __all__ = [
+    "CURVATURE_SETTINGS",
     "DATA_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -98,6 +99,7 @@ __all__ = [
     "build_loaded",
     "check_folder",
     "commit_update",
+    "curvature_settings_changed",
     "load_model",
     "model_digest",
     "read_snapshot",
@@ -281,8 +283,22 @@ def load_model(
     return build_loaded(read_snapshot(path, key=key, wait=wait), check_data=check_data)
 
 
+#: Unlearner settings a cached curvature (dense Hessian, K-FAC factors, Lanczos preconditioner) is built with.
+CURVATURE_SETTINGS = ("curvature_draws", "curvature_data", "precondition_rank", "likelihood", "mc_samples")
+
+
+def curvature_settings_changed(base: MCMCUnlearner, other: MCMCUnlearner) -> dict[str, tuple[Any, Any]]:
+    """The :data:`CURVATURE_SETTINGS` in which ``other`` differs from ``base``: name -> (base's, other's)."""
+    a, b = unlearner_config(base), unlearner_config(other)
+    return {k: (a.get(k), b.get(k)) for k in CURVATURE_SETTINGS if a.get(k) != b.get(k)}
+
+
 def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlearner:
-    """An unlearner on ``loaded``'s objects with config ``overrides`` (same bank, generator and cache)."""
+    """An unlearner on ``loaded``'s objects with config ``overrides`` (same bank, generator and cache).
+
+    An override of a setting the cached curvature was built with (:data:`CURVATURE_SETTINGS`) drops that cache, so
+    that the request builds its curvature with the settings its ledger entry records (under ``refresh_every > 1``
+    the saved one was reused, built with the saved settings)."""
     if not overrides:
         return loaded.unlearner
     base = loaded.unlearner
@@ -308,7 +324,16 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
         un.load_curvature_state(*base.curvature_state())
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
         un.reset_curvature()  # another solver: the cache of the saved one does not apply
+    else:
+        if curvature_settings_changed(base, un):
+            _drop_curvature(un)
     return un
+
+
+def _drop_curvature(un: MCMCUnlearner) -> None:
+    """Drop ``un``'s cached curvature only (damping state, carried influence and counts stay)."""
+    un.curvature.reset()
+    un._fitted, un._fit_data = False, None
 
 
 # ---------------------------------------------------------------------------------------------- save / commit
@@ -487,7 +512,8 @@ def _writer_key(loaded: LoadedModel) -> Key | None:
 def _adopt(base: MCMCUnlearner, done: MCMCUnlearner) -> None:
     """The saved configuration's unlearner takes over what a per-request override's unlearner ``done`` did: its
     bank, generator and request count, and its curvature state where ``base`` uses the same solver (another
-    solver's cache is not one ``base`` can load: the next request builds its own). The state file is written from
+    solver's cache is not one ``base`` can load, nor is a cache built with other :data:`CURVATURE_SETTINGS`: the next
+    request builds its own). The state file is written from
     ``base``, as the folder is loaded: an override's curvature cache written instead (``--solver kfac`` on a folder
     saved with ``exact``) was refused as foreign tensors by every later ``status``, ``verify`` and ``forget``, and
     the state before it had been deleted (stop 47's probe)."""
@@ -496,6 +522,8 @@ def _adopt(base: MCMCUnlearner, done: MCMCUnlearner) -> None:
     if base.solver is done.solver:
         base.load_curvature_state(tensors, meta)
         base._state_loaded = False
+        if curvature_settings_changed(base, done):  # built with the override's settings: not the saved ones'
+            _drop_curvature(base)
     else:
         base.reset_curvature()
         base._rows_at_samples, base._cumulative_warned = done._rows_at_samples, done._cumulative_warned

@@ -381,6 +381,15 @@ def forget(
                 quality.update(passed=True, repaired=True, repair=rec)
             fsio.phase("solved")
             entry = _entry(rid, id_list, report, un, settings, quality)
+            rebuilt = checkpoint.curvature_settings_changed(loaded.unlearner, un)
+            if rebuilt:  # the ledger says which curvature was used (was: the saved one, reused, under the override)
+                entry["info"]["curvature_rebuilt"] = (
+                    "built for this request's "
+                    + ", ".join(f"{k}={new!a}" for k, (_, new) in rebuilt.items())
+                    + " (the saved curvature was built with "
+                    + ", ".join(f"{k}={old!a}" for k, (old, _) in rebuilt.items())
+                    + "); not kept for later requests"
+                )
             fsio.check_same_folder(root, locked)  # writes go by path: still the locked folder (not moved/replaced)?
             recovered = checkpoint.recover(root, snap)  # roll back crash debris, now that the request is good
             written = checkpoint.commit_update(loaded, entry, unlearner=un)

@@ -5,7 +5,9 @@
 fingerprint, sampler config, unlearner config, the ledger's committed length and head hash, the last applied
 request id, ``extra`` (free JSON), ``manifest_sha256`` over all of that and, with an integrity key,
 ``manifest_hmac`` (:mod:`mcmc_unlearner.service.integrity`). Every field is type-checked and every name
-confined to the folder before it is used; unknown fields are refused.
+confined to the folder before it is used; unknown fields are refused. The checksum and HMAC cover the values; the
+file's bytes must also be the one layout every version of this library wrote (:func:`manifest_bytes`), so a
+reformatted manifest is refused as an edited one.
 
 **Snapshots.** Readers take no lock: :func:`read_snapshot` reads manifest, state, ledger (and data file),
 then re-reads the manifest and retries if it changed. The committed state file is never rewritten and the
@@ -96,6 +98,14 @@ def _parse_manifest(raw: bytes, where: Path, key: Key | None) -> tuple[dict[str,
             "upgrade it"
         )
     signature = integrity.check_signature(manifest, key, str(where))
+    if raw != _render(manifest):
+        # the checksum and HMAC cover the values; this covers the bytes (the ledger's lines are checked the same
+        # way): every folder this library wrote holds exactly _render(manifest), so an edit that keeps every value
+        # (re-indented, keys reordered, CRLF line ends) is found too, and `verify` means "exactly as written"
+        raise StoreError(
+            f"{where} was reformatted or edited (its values match the checksum, but its bytes are not the ones this "
+            "library wrote); restore the folder from a backup"
+        )
     unknown = sorted(set(manifest) - set(_MANIFEST_FIELDS) - _OPTIONAL_FIELDS)
     bad = [k for k, ok in _MANIFEST_FIELDS.items() if k not in manifest or not ok(manifest[k])]
     if unknown or bad:
@@ -112,10 +122,15 @@ def _parse_manifest(raw: bytes, where: Path, key: Key | None) -> tuple[dict[str,
     return manifest, signature
 
 
-def manifest_bytes(manifest: dict[str, Any], key: Key | None) -> bytes:
-
-    integrity.sign(manifest, key)
+def _render(manifest: dict[str, Any]) -> bytes:
+    """The bytes of ``manifest.json`` for a signed manifest: the one layout every version of this library wrote."""
     return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def manifest_bytes(manifest: dict[str, Any], key: Key | None) -> bytes:
+    """Sign ``manifest`` in place (:func:`~mcmc_unlearner.service.integrity.sign`) and return its file bytes."""
+    integrity.sign(manifest, key)
+    return _render(manifest)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any], hook: str | None = None, key: Key | None = None) -> None:
