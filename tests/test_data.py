@@ -52,6 +52,9 @@ def test_remove_and_lengths() -> None:
         (["a"], "integers"),
         ([i for i in range(20) if i not in (2, 4)], "remove all"),
         ([2], "already removed"),
+        ([True, 5], "boolean True among them"),
+        ([np.True_, 5], "boolean np.True_ among them"),
+        ([-(2**70)], "is negative"),
     ],
 )
 def test_bad_requests_are_refused_and_change_nothing(ids, message) -> None:
@@ -83,3 +86,53 @@ def test_constructor_checks() -> None:
         RemovableDataset(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="batch_size"):
         RemovableDataset(torch.zeros(3), batch_size=0)
+
+
+def test_mixed_python_and_numpy_integer_ids_are_read_exactly() -> None:
+    ds = _ds()
+    assert ds.remove([1, np.uint64(7), np.int32(3)]).tolist() == [1, 7, 3]  # numpy alone made them float64
+    assert ds.removed_ids.tolist() == [1, 3, 7]
+
+
+def _bad_states(good: dict) -> list[tuple[dict, str]]:
+    none_alive = {**good, "alive": torch.zeros(20, dtype=torch.bool)}
+    removed_in_order = good["order"][~good["alive"][good["order"]]]
+    assert removed_in_order.numel() == 0
+    stale = {**good, "alive": good["alive"].clone()}
+    stale["alive"][int(good["order"][-1])] = False  # a row removed after the order was drawn
+    return [
+        ({k: v for k, v in good.items() if k != "pos"}, r"lacks \['pos'\]"),
+        ({**good, "alive": good["alive"][:19]}, "bool mask of this data set's 20 rows"),
+        ({**good, "alive": good["alive"].to(torch.uint8)}, "bool mask"),
+        (none_alive, "marks every row removed"),
+        (stale, "'order' holds removed row"),
+        ({**good, "order": good["order"].float()}, "1-D integer tensor"),
+        ({**good, "order": torch.tensor([0, 20])}, r"outside \[0, 20\)"),
+        ({**good, "order": torch.tensor([5, 5])}, "more than once"),
+        ({**good, "pos": torch.tensor(good["order"].numel() + 1)}, "'pos' .* is outside"),
+        ({**good, "pos": torch.tensor(-1)}, "'pos' .* is outside"),
+        ({**good, "pos": 1.5}, "'pos' must be one integer"),
+        ({**good, "generator": torch.zeros(3, dtype=torch.uint8)}, "'generator' is not a CPU generator state"),
+        ({**none_alive, "generator": torch.zeros(3, dtype=torch.uint8)}, "marks every row removed"),
+    ]
+
+
+def test_load_state_dict_checks_everything_and_changes_nothing_on_a_bad_state() -> None:
+    ds = _ds()
+    next(ds)
+    ds.remove([2, 4])
+    next(ds)
+    good = _snapshot(ds)
+    for bad, message in _bad_states(good):
+        target = _ds()
+        target.load_state_dict(good)
+        before = _snapshot(target)
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(bad)
+        after = _snapshot(target)
+        for k, v in before.items():
+            assert torch.equal(v, after[k]), (message, k)
+    # and a good state still loads: the same batches follow
+    target = _ds()
+    target.load_state_dict(good)
+    assert all(torch.equal(next(ds)[1], next(target)[1]) for _ in range(5))

@@ -74,3 +74,11 @@ def test_make_gmm_2d_matches_reference_npz() -> None:
     x, y = make_gmm_2d()
     np.testing.assert_array_equal(x, ref["x"])
     np.testing.assert_array_equal(y, ref["y"])
+
+
+@pytest.mark.parametrize("bad", [-1, -100, 2.5, 3.0, True, "4"])
+def test_gmm_removal_indices_refuses_a_bad_per_cluster(bad) -> None:
+    x, y = make_gmm_2d(n=400)
+    with pytest.raises(ValueError, match="per_cluster must be a whole number >= 0"):
+        gmm_removal_indices(x, y, per_cluster=bad)
+    assert gmm_removal_indices(x, y, per_cluster=np.int64(3)).shape == (6,)

@@ -404,6 +404,22 @@ def test_heldout_pretraining_half_never_enters_the_evaluation(tmp_path):
     assert torch.equal(class0, ex.eval_ids["test_removed_class"][1])
 
 
+def test_fmnist_files_in_a_plain_folder_are_not_taken_for_mnist_pretraining(tmp_path):
+    # MNIST and Fashion-MNIST share file names: found again under ./data, the Fashion files are the pre-training set
+    # only by name; MNIST counts as absent and the documented fallback (the held-out test half) applies, with a note
+    from mcmc_unlearner.experiments.bnn import PRESETS, BNNConfig, _Experiment
+
+    folder = tmp_path / "data"
+    _write_fake_fmnist(folder, np.random.default_rng(2), per_class_test=4)
+    cfg = BNNConfig(**{**PRESETS["paper-fmnist"], "data_dir": str(folder), "pretrain_steps": 2, "progress": False})
+    ex = _Experiment(cfg)
+    assert ex.pre is None and len(ex.heldout_ids) == 20
+    assert any("hold the fashion-mnist training images" in n for n in cfg.notes)
+    no_fallback = {**PRESETS["paper-fmnist"], "data_dir": str(folder), "pretrain_fallback": None, "progress": False}
+    with pytest.raises(ValueError, match="counts as absent; put the pre-training set in its own folder"):
+        _Experiment(BNNConfig(**no_fallback))
+
+
 def test_paper_fmnist_preset_names_the_missing_files(tmp_path, capsys):
     code = main(["bnn", "--preset", "paper-fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 2

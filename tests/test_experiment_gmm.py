@@ -239,3 +239,13 @@ def test_exact_evaluation_scores_known_gaussians_by_their_closed_forms():
     for key, bias in (("kl_forward", 0.39), ("kl_reverse", 0.29)):
         assert kl - bias - 5 * 0.06 <= out["moved"]["vs_exact"][key] <= kl + 5 * 0.06, key
     assert summary["n"] == 1 and summary["vs_exact"]["gauss_kl"]["median"] == v["gauss_kl"]
+
+
+TINY_RUN = dict(thin=10, exact_draws=100, retrain_chains=2, warmup=False, progress=False, request_size=50)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.5, True])
+def test_run_demo_refuses_a_bad_per_cluster_before_any_work(tmp_path, bad):
+    with pytest.raises(ValueError, match="per_cluster must be a whole number >= 1"):
+        run_demo(sampler="sgld", out=tmp_path / "o", per_cluster=bad, n=200, burnin=0, samples=100, **TINY_RUN)
+    assert not (tmp_path / "o").exists()

@@ -381,3 +381,116 @@ def test_module_imports_without_torchvision():
     import mcmc_unlearner.image_data as mod
 
     assert "torchvision" not in vars(mod)
+
+
+# --- telling MNIST and Fashion-MNIST apart, loader messages, CIFAR folder and pickle errors ---------------------
+_FMNIST_FIRST = [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]  # the official training files' first labels
+_MNIST_FIRST = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def _write_idx_set(folder, first_labels, seed: int) -> np.ndarray:
+    """Four small plain IDX files whose training labels start with ``first_labels``; returns the training labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    y = np.concatenate([np.array(first_labels, np.uint8), rng.integers(0, 10, 4, dtype=np.uint8)])
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (y.size, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": y,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, 3, dtype=np.uint8),
+    }
+    for stem, arr in arrays.items():
+        (folder / stem).write_bytes(_idx_bytes(arr))
+    return y
+
+
+def test_mnist_and_fashion_mnist_told_apart_by_the_official_first_labels(tmp_path):
+    data = tmp_path / "data"  # a plain folder name (the default ./data) holding Fashion-MNIST's files
+    _write_idx_set(data, _FMNIST_FIRST, 0)
+    assert load_dataset("fashion-mnist", data).y_train[:10].tolist() == _FMNIST_FIRST
+    with pytest.raises(FileNotFoundError, match="holds the fashion-mnist files") as exc:
+        load_dataset("mnist", data)
+    assert f"{data}: holds fashion-mnist's files" in str(exc.value) and str(_FMNIST_FIRST) in str(exc.value)
+    # the search goes on past the passed-over folder: MNIST files in data/mnist are found
+    y = _write_idx_set(data / "mnist", _MNIST_FIRST, 1)
+    np.testing.assert_array_equal(load_dataset("mnist", data).y_train.numpy(), y)
+    # and the other way: MNIST's files in a folder named after nothing are not Fashion-MNIST
+    with pytest.raises(FileNotFoundError, match="holds the mnist files"):
+        load_dataset("fashion-mnist", data / "mnist")
+    # files that are neither official set (a synthetic set) are not refused, whatever the folder's name
+    y = _write_idx_set(tmp_path / "mnist", [1, 2, 3], 2)
+    np.testing.assert_array_equal(load_dataset("fashion-mnist", tmp_path / "mnist").y_train.numpy(), y)
+
+
+@pytest.mark.skipif(
+    find_mnist_files("fashion-mnist", _REAL_FMNIST) is None, reason="Fashion-MNIST (dataset-fashion-mnist) absent"
+)
+def test_real_fashion_mnist_files_in_a_plain_folder_are_not_mnist(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in find_mnist_files("fashion-mnist", _REAL_FMNIST).values():
+        (data / p.name).symlink_to(p)
+    with pytest.raises(FileNotFoundError, match="holds the fashion-mnist files"):
+        load_dataset("mnist", data)
+
+
+def test_idx_loader_messages_name_the_file_and_the_fix(tmp_path):
+    folder = tmp_path / "fm"
+    _write_mnist(folder, None, False, np.random.default_rng(12))
+    labels = folder / "train-labels-idx1-ubyte"
+    labels.write_bytes(_idx_bytes(np.full(7, 12, np.uint8)))
+    with pytest.raises(ValueError, match=rf"{labels}: labels outside \[0, 10\): 12\.\.12"):
+        load_dataset("fashion-mnist", folder)
+    labels.unlink()
+    labels.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte is a dangling symlink"):
+        load_dataset("fashion-mnist", folder)
+    labels.unlink()
+    labels.mkdir()
+    with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte is a directory, not a file"):
+        load_dataset("fashion-mnist", folder)
+    labels.rmdir()
+    labels.write_bytes(gzip.compress(_idx_bytes(np.zeros(7, np.uint8))))
+    with pytest.raises(ValueError, match=r"gzip-compressed .*rename it to train-labels-idx1-ubyte\.gz"):
+        load_dataset("fashion-mnist", folder)
+
+
+def _write_cifar10(d, rng) -> np.ndarray:
+    d.mkdir(parents=True)
+    xs = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch, x, _ = _cifar_batch(rng, 3, b"labels", 10)
+        _py2_pickle(batch, d / name)
+        xs.append(x)
+    return np.concatenate(xs[:5])
+
+
+def test_cifar_batch_folder_itself_is_accepted(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"
+    x = _write_cifar10(d, np.random.default_rng(13))
+    data = load_dataset("cifar10", data_dir=d)  # the folder of the batches, not its parent
+    np.testing.assert_array_equal(data.x_train.numpy(), x.reshape(-1, 3, 32, 32).astype(np.float32) / 255)
+    with pytest.raises(FileNotFoundError, match=f"or all of them in {tmp_path / 'elsewhere'} itself"):
+        load_dataset("cifar10", data_dir=tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda b: b[:3000], "truncated pickle"),
+        (gzip.compress, "gzip-compressed data, not a pickle"),
+        (lambda b: b"", "empty file"),
+        (
+            lambda b: pickle.dumps({"data": np.zeros((3, 3072), np.uint8), "labels": [0] * 3}, protocol=5),
+            r"refusing to load global numpy\._?core\.numeric\._frombuffer",
+        ),
+    ],
+)
+def test_corrupt_cifar_batch_is_a_value_error_naming_the_file(tmp_path, damage, problem):
+    d = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(d, np.random.default_rng(14))
+    bad = d / "data_batch_4"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{bad}: {problem}") as exc:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert isinstance(exc.value, pickle.UnpicklingError)  # still what callers caught before

@@ -52,8 +52,21 @@ _MAX_ID = 2**63 - 1
 _UNSIGNED_WIDE = tuple(getattr(torch, n) for n in ("uint32", "uint64") if hasattr(torch, n))
 
 
+def _python_int_ids(values: list, shape: tuple[int, ...]) -> np.ndarray:
+    """Integer ids given as Python/numpy integer objects, as an int64 array (refusing what int64 cannot hold)."""
+    vals = [int(v) for v in values]
+    if max(vals) > _MAX_ID:  # Python ints numpy cannot hold as int64: too large, not "not integers"
+        raise InvalidRequestError(f"deletion request: id {max(vals)} is too large; ids are row numbers below 2^63")
+    if min(vals) < -_MAX_ID - 1:
+        raise InvalidRequestError(f"deletion request: id {min(vals)} is negative; ids are row numbers from 0")
+    return np.asarray(vals, dtype=np.int64).reshape(shape)
+
+
 def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Convert ids to a 1-D int64 tensor, refusing floats, booleans and nested shapes.
+    """Convert ids to a 1-D int64 tensor, refusing floats, booleans (also one among integers) and nested shapes.
+
+    Python and numpy integers may be mixed (``[1, np.uint64(2)]``), read exactly (numpy alone would promote them to
+    float64).
 
     Raises:
         InvalidRequestError: if ``ids`` are not integers or not one-dimensional.
@@ -72,13 +85,19 @@ def as_id_tensor(ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor
                 raise InvalidRequestError(f"deletion request: id {top} is too large; ids are row numbers below 2^63")
     else:
         arr = np.asarray(ids)
-        if arr.dtype == object and arr.size and all(isinstance(v, numbers.Integral) for v in arr.ravel().tolist()):
-            vals = [int(v) for v in arr.ravel().tolist()]
-            if max(vals) > _MAX_ID:  # Python ints numpy cannot hold as int64: too large, not "not integers"
+        if arr.size and arr.dtype.kind != "b" and (not isinstance(ids, np.ndarray) or arr.dtype == object):
+            try:  # the elements as given: numpy reads a bool among integers as 0/1, and int + uint64 as float64
+                elems = np.asarray(ids, dtype=object).ravel().tolist() if arr.dtype != object else arr.ravel().tolist()
+            except ValueError:  # a ragged nesting: refused below by its shape
+                elems = []
+            flag = next((v for v in elems if isinstance(v, (bool, np.bool_))), None)
+            if flag is not None:
                 raise InvalidRequestError(
-                    f"deletion request: id {max(vals)} is too large; ids are row numbers below 2^63"
+                    f"deletion request: ids must be integers (row numbers), got the boolean {flag!r} among them; "
+                    "pass row numbers only"
                 )
-            arr = np.asarray(vals, dtype=np.int64).reshape(arr.shape)  # an object array of small ints: read as such
+            if arr.dtype.kind in "fO" and elems and all(isinstance(v, numbers.Integral) for v in elems):
+                arr = _python_int_ids(elems, arr.shape)  # integer objects (mixed kinds, or beyond int64): exactly
         if arr.dtype.kind not in "iub" and arr.size:
             raise InvalidRequestError(f"deletion request: ids must be integers, got values of type {arr.dtype}")
         if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _MAX_ID:  # uint64 would wrap to negative
@@ -278,11 +297,56 @@ class RemovableDataset:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        alive = state["alive"].to(torch.bool)
-        if alive.shape != self._alive.shape:
-            raise ValueError(f"state has {alive.numel()} rows, data set has {self.n_total}")
+        """Restore what :meth:`state_dict` returned. Every entry is checked first; on any error nothing changes.
+
+        Raises:
+            ValueError: naming the entry that is missing or does not fit this data set.
+        """
+        where = "data set state"
+        absent = [k for k in ("alive", "order", "pos", "generator") if k not in state]
+        if absent:
+            raise ValueError(f"{where} lacks {absent}: pass what state_dict() returned")
+        alive, order, pos, gen = (state[k] for k in ("alive", "order", "pos", "generator"))
+        if not isinstance(alive, torch.Tensor) or alive.dtype != torch.bool or tuple(alive.shape) != (self.n_total,):
+            got = f"{alive.dtype} {tuple(alive.shape)}" if isinstance(alive, torch.Tensor) else type(alive).__name__
+            raise ValueError(f"{where}: 'alive' must be a bool mask of this data set's {self.n_total} rows, got {got}")
+        alive = alive.detach().cpu()
+        if not bool(alive.any()):
+            raise ValueError(f"{where}: 'alive' marks every row removed; a data set keeps at least one row")
+        if (
+            not isinstance(order, torch.Tensor)
+            or order.ndim != 1
+            or order.is_floating_point()
+            or order.is_complex()
+            or order.dtype == torch.bool
+        ):
+            got = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else type(order).__name__
+            raise ValueError(f"{where}: 'order' must be a 1-D integer tensor of row ids, got {got}")
+        order = order.detach().cpu().to(torch.int64)
+        if order.numel() and (int(order.min()) < 0 or int(order.max()) >= self.n_total):
+            raise ValueError(f"{where}: 'order' holds ids outside [0, {self.n_total})")
+        if order.numel() and not bool(alive[order].all()):
+            raise ValueError(
+                f"{where}: 'order' holds removed row(s) {order[~alive[order]][:5].tolist()}: it must come from the "
+                "same state_dict() as 'alive'"
+            )
+        if torch.unique(order).numel() != order.numel():
+            raise ValueError(f"{where}: 'order' lists a row more than once")
+        if isinstance(pos, torch.Tensor):
+            if pos.numel() != 1 or pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+                raise ValueError(f"{where}: 'pos' must be one integer, got {pos.dtype} {tuple(pos.shape)}")
+            pos = int(pos.reshape(()).item())
+        elif isinstance(pos, numbers.Integral) and not isinstance(pos, (bool, np.bool_)):
+            pos = int(pos)
+        else:
+            raise ValueError(f"{where}: 'pos' must be one integer, got {type(pos).__name__}")
+        if not 0 <= pos <= order.numel():
+            raise ValueError(f"{where}: 'pos' {pos} is outside [0, {order.numel()}] (the length of 'order')")
+        try:  # torch checks the generator state's size and content; on a scratch generator first
+            torch.Generator().set_state(gen)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"{where}: 'generator' is not a CPU generator state ({e})") from e
+        self.generator.set_state(gen)
         self._alive = alive.clone()
-        self._order = state["order"].to(torch.int64).clone()
-        self._pos = int(state["pos"])
-        self.generator.set_state(state["generator"])
+        self._order = order.clone()
+        self._pos = pos

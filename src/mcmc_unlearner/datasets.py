@@ -8,6 +8,8 @@ A private :class:`numpy.random.RandomState` is used, so the global NumPy random 
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 __all__ = ["GMM_CLUSTER_COVS", "gmm_removal_indices", "make_gmm_2d"]
@@ -63,7 +65,13 @@ def gmm_removal_indices(x: np.ndarray, y: np.ndarray, per_cluster: int = 400) ->
 
     Returns:
         Sorted int64 array of ``2 * per_cluster`` indices into ``x``.
+
+    Raises:
+        ValueError: ``per_cluster`` is not a whole number >= 0, or exceeds a cluster's size.
     """
+    if isinstance(per_cluster, (bool, np.bool_)) or not isinstance(per_cluster, numbers.Integral) or per_cluster < 0:
+        raise ValueError(f"per_cluster must be a whole number >= 0 (points per cluster), got {per_cluster!r}")
+    per_cluster = int(per_cluster)
     x = np.asarray(x)
     y = np.asarray(y)
     idx0 = np.flatnonzero(y == 0)

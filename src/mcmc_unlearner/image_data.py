@@ -9,10 +9,12 @@
   ``<data_dir>/MNIST/raw/`` or ``<data_dir>/FashionMNIST/raw/`` (torchvision's layout), ``<data_dir>/`` itself
   (the Debian layout: ``apt-get install dataset-fashion-mnist`` puts them in ``/usr/share/datasets/fashion-mnist/``)
   and ``<data_dir>/mnist/`` or ``<data_dir>/fashion-mnist/`` (``data_dir=/usr/share/datasets``). The 28x28 images
-  are zero-padded by 2 pixels to 32x32 for LeNet-5 (the paper's code resizes them to 32x32 instead).
+  are zero-padded by 2 pixels to 32x32 for LeNet-5 (the paper's code resizes them to 32x32 instead). The two
+  data sets share file names: a folder whose training labels start exactly as the *other* data set's official
+  training file does is passed over.
 * ``cifar10`` / ``cifar100``: the "python version" pickled batches under
-  ``<data_dir>/cifar-10-batches-py/`` or ``<data_dir>/cifar-100-python/`` (fine labels for CIFAR-100),
-  read with a restricted unpickler that can only rebuild numpy arrays.
+  ``<data_dir>/cifar-10-batches-py/`` or ``<data_dir>/cifar-100-python/`` (or directly in ``<data_dir>``; fine
+  labels for CIFAR-100), read with a restricted unpickler that can only rebuild numpy arrays.
 
 Files are parsed by this module. torchvision is used only to *download* missing files when
 ``download=True`` and is imported lazily (``pip install "mcmc-unlearner[vision]"``).
@@ -36,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "DatasetPickleError",
     "ImageData",
     "RestrictedUnpickler",
     "class_indices",
@@ -78,6 +81,13 @@ _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: The first 10 labels of each data set's official training file (``train-labels-idx1-ubyte``): the two data sets
+#: share file names, so a folder of files is told apart by its content, not its name.
+_OFFICIAL_FIRST_LABELS = {
+    "mnist": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
+    "fashion-mnist": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5),
+}
+_OTHER_IDX_SET = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 _CIFAR10_DIR = "cifar-10-batches-py"
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR100_DIR = "cifar-100-python"
@@ -153,7 +163,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         Array with the file's dims, in native byte order.
 
     Raises:
-        ValueError: If the file is truncated, has trailing bytes, or has a corrupt header/gzip stream.
+        ValueError: If the file is truncated, has trailing bytes, has a corrupt header/gzip stream, or is
+            gzip-compressed under a name without ``.gz``.
     """
     path = Path(path)
     try:
@@ -166,6 +177,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: corrupt gzip stream ({e})") from e
     if len(raw) < 4:
         raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, header needs at least 4)")
+    if raw[:2] == b"\x1f\x8b":
+        raise ValueError(
+            f"{path}: gzip-compressed (magic number {raw[:4].hex()}), but its name does not end in .gz; rename it "
+            f"to {path.name}.gz or decompress it (gunzip)"
+        )
     if raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
     code, ndim = raw[2], raw[3]
@@ -194,12 +210,43 @@ def _find_idx(raw_dir: Path, stem: str) -> Path | None:
     return None
 
 
+def _first_labels(path: Path) -> tuple[int, ...] | None:
+    """The first (up to 10) labels of a uint8 IDX label file, reading only its first bytes; ``None`` when
+    unreadable (the full read then reports the problem)."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            head = f.read(18)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(head) < 8 or head[:4] != b"\x00\x00\x08\x01":
+        return None
+    return tuple(head[8:])
+
+
+def _holds_other_set(key: str, files: dict[str, Path]) -> str | None:
+    """The other IDX data set's name when the training labels of ``files`` start exactly as that data set's
+    official training file does (then the files are evidently not ``key``'s); else ``None``."""
+    other = _OTHER_IDX_SET[key]
+    if _first_labels(files["train-labels-idx1-ubyte"]) == _OFFICIAL_FIRST_LABELS[other]:
+        return other
+    return None
+
+
+def _folder_files(d: Path) -> dict[str, Path] | None:
+    """The four IDX files in folder ``d`` (plain preferred over ``.gz``), or ``None`` when one is absent."""
+    found = {s: _find_idx(d, s) for pair in _MNIST_FILES.values() for s in pair}
+    if all(p is not None for p in found.values()):
+        return {s: p for s, p in found.items() if p is not None}
+    return None
+
+
 def mnist_search_dirs(name: str, root: str | os.PathLike) -> list[Path]:
     """Folders searched, in order, for the IDX files of ``name`` (``"mnist"`` or ``"fashion-mnist"``).
 
     ``<root>/<MNIST|FashionMNIST>/raw`` (torchvision), ``<root>`` itself (Debian: the files directly in the
     folder) and ``<root>/<mnist|fashion-mnist>`` (``root=/usr/share/datasets``). Both data sets use the same
-    file names, so ``<root>`` itself is skipped for MNIST when its folder name says Fashion-MNIST.
+    file names, so ``<root>`` itself is skipped for MNIST when its folder name says Fashion-MNIST; and
+    :func:`find_mnist_files` passes over a folder whose files are evidently the other data set's.
     """
     key = _ALIASES.get(name.strip().lower())
     if key not in _MNIST_DIRS:
@@ -215,14 +262,17 @@ def mnist_search_dirs(name: str, root: str | os.PathLike) -> list[Path]:
 def find_mnist_files(name: str, root: str | os.PathLike) -> dict[str, Path] | None:
     """The four IDX files of ``name`` from the first folder of :func:`mnist_search_dirs` that holds all four.
 
+    A folder whose training labels start exactly as the *other* data set's official training file does (MNIST:
+    5, 0, 4, 1, 9, ...; Fashion-MNIST: 9, 0, 0, 3, 0, ...) holds that data set and is passed over.
+
     Returns:
         ``{stem: path}`` (plain file preferred over ``.gz``), or ``None`` when no folder has all four.
     """
-    stems = [s for pair in _MNIST_FILES.values() for s in pair]
+    key = _ALIASES.get(name.strip().lower(), name)
     for d in mnist_search_dirs(name, root):
-        found = {s: _find_idx(d, s) for s in stems}
-        if all(p is not None for p in found.values()):
-            return {s: p for s, p in found.items() if p is not None}
+        files = _folder_files(d)
+        if files is not None and _holds_other_set(key, files) is None:
+            return files
     return None
 
 
@@ -237,6 +287,11 @@ def _load_mnist_split(files: dict[str, Path], split: str) -> tuple[Tensor, Tenso
         raise ValueError(f"{lbl_path}: expected uint8 labels [N], got {labels.dtype} {labels.shape}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{img_path}: {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels")
+    if labels.size and int(labels.max()) >= 10:
+        raise ValueError(
+            f"{lbl_path}: labels outside [0, 10): {int(labels.min())}..{int(labels.max())}; (Fashion-)MNIST has "
+            "10 classes: the file is corrupt or from another data set"
+        )
     x = torch.from_numpy(images).to(torch.float32).div_(255.0).unsqueeze(1)
     x = torch.nn.functional.pad(x, (2, 2, 2, 2))
     return x, torch.from_numpy(labels.astype(np.int64))
@@ -248,7 +303,7 @@ def _mnist_missing(name: str, root: Path) -> list[Path]:
         return []
     stems = [s for pair in _MNIST_FILES.values() for s in pair]
     first = mnist_search_dirs(name, root)[0]
-    return [first / s for s in stems if _find_idx(first, s) is None]
+    return [first / s for s in stems if _find_idx(first, s) is None] or [first / s for s in stems]
 
 
 # --- CIFAR pickles ----------------------------------------------------------------------------------
@@ -286,15 +341,39 @@ class RestrictedUnpickler(pickle.Unpickler):
         return np.ndarray if name == "ndarray" else np.dtype
 
 
+class DatasetPickleError(pickle.UnpicklingError, ValueError):
+    """A data-set pickle that cannot be read: corrupt, truncated, not a pickle, or referring to a global the
+    :class:`RestrictedUnpickler` refuses. Both a :class:`ValueError` and a :class:`pickle.UnpicklingError`."""
+
+
 def _restricted_load(path: Path) -> object:
-    """Unpickle ``path`` with :class:`RestrictedUnpickler` (latin1 for Python-2 numpy strings)."""
+    """Unpickle ``path`` with :class:`RestrictedUnpickler` (latin1 for Python-2 numpy strings).
+
+    Raises:
+        DatasetPickleError: naming ``path`` and the problem.
+    """
     data = path.read_bytes()
+    fix = "replace it with the file from the official CIFAR 'python version' archive"
+    if data[:2] == b"\x1f\x8b":
+        raise DatasetPickleError(
+            f"{path}: gzip-compressed data, not a pickle (a .tar.gz archive not extracted?); extract the archive "
+            f"(tar xzf cifar-*-python.tar.gz) or {fix}"
+        )
+    if not data:
+        raise DatasetPickleError(f"{path}: empty file; {fix}")
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError:
-        raise
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refusing to load global"):
+            raise DatasetPickleError(
+                f"{path}: {e} (only numpy arrays are rebuilt, as the official Python-2 batch files need); {fix}"
+            ) from e
+        kind = "truncated pickle" if "truncated" in str(e) else "corrupt pickle, or not a pickle"
+        raise DatasetPickleError(f"{path}: {kind} ({e}); {fix}") from e
+    except EOFError as e:
+        raise DatasetPickleError(f"{path}: truncated pickle (ran out of input); {fix}") from e
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, MemoryError) as e:
+        raise DatasetPickleError(f"{path}: corrupt pickle ({type(e).__name__}: {e}); {fix}") from e
 
 
 def read_cifar_batch(path: str | os.PathLike, label_key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +387,8 @@ def read_cifar_batch(path: str | os.PathLike, label_key: str = "labels") -> tupl
         ``(images, labels)``: uint8 ``[N, 3, 32, 32]`` and int64 ``[N]``.
 
     Raises:
-        pickle.UnpicklingError: If the file references anything but numpy array globals.
+        DatasetPickleError: (a ``ValueError`` and a ``pickle.UnpicklingError``) naming the file, if it is not a
+            readable pickle (truncated, corrupt, gzip-compressed) or references anything but numpy array globals.
         ValueError: If the content is not a well-formed batch.
     """
     path = Path(path)
@@ -329,11 +409,17 @@ def read_cifar_batch(path: str | os.PathLike, label_key: str = "labels") -> tupl
 
 
 def _cifar_files(name: str, root: Path) -> tuple[list[Path], list[Path], str]:
-    if name == "cifar10":
-        d = root / _CIFAR10_DIR
-        return [d / f for f in _CIFAR10_TRAIN], [d / "test_batch"], "labels"
-    d = root / _CIFAR100_DIR
-    return [d / "train"], [d / "test"], "fine_labels"
+    """Train and test batch files and the label key: in ``root/<cifar-10-batches-py|cifar-100-python>`` (torchvision's
+    layout), or in ``root`` itself when only it holds them all (``root`` is the batch folder)."""
+    sub, train, test, key = (
+        (_CIFAR10_DIR, _CIFAR10_TRAIN, ("test_batch",), "labels")
+        if name == "cifar10"
+        else (_CIFAR100_DIR, ("train",), ("test",), "fine_labels")
+    )
+    d = root / sub
+    if not all((d / f).is_file() for f in (*train, *test)) and all((root / f).is_file() for f in (*train, *test)):
+        d = root
+    return [d / f for f in train], [d / f for f in test], key
 
 
 def _load_cifar_files(paths: list[Path], label_key: str) -> tuple[Tensor, Tensor]:
@@ -383,21 +469,52 @@ def _missing_files(name: str, root: Path) -> list[Path]:
     return [p for p in (*train, *test) if not p.is_file()]
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why something at ``path`` is not a readable file (a dangling symlink, a directory), or ``None``."""
+    if path.is_symlink() and not path.exists():
+        return f"{path.name} is a dangling symlink (to {os.readlink(path)})"
+    if path.is_dir():
+        return f"{path.name} is a directory, not a file"
+    return None
+
+
+def _absent_idx(d: Path, stems: list[str]) -> str:
+    """Which IDX files of ``stems`` folder ``d`` lacks, and what is in their place (a dangling symlink, a folder)."""
+    absent = [s for s in stems if _find_idx(d, s) is None]
+    odd = {s: next((w for w in (_not_a_file(d / s), _not_a_file(d / f"{s}.gz")) if w), None) for s in absent}
+    plain = [s for s in absent if odd[s] is None]
+    return "; ".join(([f"missing {', '.join(plain)}"] if plain else []) + [w for w in odd.values() if w])
+
+
 def _missing_message(key: str, root: Path, missing: list[Path]) -> str:
     """What is missing, where it was looked for and what to do about it."""
     download = f"or pass download=True (CLI: --download) to fetch them with torchvision ({_INSTALL_HINT})"
     if key not in _MNIST_DIRS:
-        paths = "\n  ".join(str(p) for p in missing)
-        return f"dataset {key!r} not found; expected files:\n  {paths}\nPlace them there, {download}."
+        folder = _cifar_files(key, root)[0][0].parent
+        paths = "\n  ".join(f"{p} ({_not_a_file(p)})" if _not_a_file(p) else str(p) for p in missing)
+        return (
+            f"dataset {key!r} not found; expected files (in {folder}, or all of them in {root} itself):\n  {paths}\n"
+            f"Place them there, {download}."
+        )
     stems = [s for pair in _MNIST_FILES.values() for s in pair]
-    lines = []
+    lines, held = [], ""
     for d in mnist_search_dirs(key, root):
-        absent = [s for s in stems if _find_idx(d, s) is None]
-        state = "no such folder" if not d.is_dir() else ("missing " + ", ".join(absent))
+        files = _folder_files(d)
+        other = _holds_other_set(key, files) if files is not None else None
+        if not d.is_dir():
+            state = "no such folder"
+        elif other is not None:
+            held = f" ({d} holds the {other} files)"
+            state = (
+                f"holds {other}'s files, not {key}'s (its first 10 training labels "
+                f"{list(_OFFICIAL_FIRST_LABELS[other])} are {other}'s official ones): passed over"
+            )
+        else:
+            state = _absent_idx(d, stems)
         lines.append(f"  {d}: {state}")
     return (
-        f"dataset {key!r} not found: no folder holds all four IDX files ({', '.join(stems)}; plain or .gz).\n"
-        f"Searched:\n" + "\n".join(lines) + f"\nTo fix: {_MNIST_INSTALL[key]}, {download}."
+        f"dataset {key!r} not found{held}: no folder holds all four {key} IDX files ({', '.join(stems)}; plain "
+        f"or .gz).\nSearched:\n" + "\n".join(lines) + f"\nTo fix: {_MNIST_INSTALL[key]}, {download}."
     )
 
 
@@ -427,8 +544,8 @@ def load_dataset(
 
     Args:
         name: One of :data:`DATASETS` (aliases such as ``fashion_mnist`` or ``cifar-10`` accepted).
-        data_dir: Folder holding the files (torchvision's layout; for (Fashion-)MNIST also the files directly
-            in it, see :func:`mnist_search_dirs`); defaults to ``$MCMC_UNLEARNER_DATA`` or ``./data``. Ignored
+        data_dir: Folder holding the files (torchvision's layout, or the files directly in it; for
+            (Fashion-)MNIST see :func:`mnist_search_dirs`); defaults to ``$MCMC_UNLEARNER_DATA`` or ``./data``. Ignored
             for ``digits``.
         download: Fetch missing files with torchvision (optional dependency) into ``data_dir``.
         seed: Random state of the stratified train/test split (``digits`` only; the others have
@@ -438,7 +555,7 @@ def load_dataset(
         An :class:`ImageData` with images in ``[0, 1]``.
 
     Raises:
-        ValueError: Unknown name, or corrupt/truncated files.
+        ValueError: Unknown name, or corrupt/truncated files (named in the message).
         FileNotFoundError: Files missing and ``download`` is false.
         ImportError: Files missing, ``download`` true, and torchvision not installed.
     """

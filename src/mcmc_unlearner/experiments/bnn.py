@@ -604,6 +604,17 @@ class _Experiment:
         cfg = self.cfg
         try:
             pre = load_dataset(cfg.pretrain, cfg.data_dir, cfg.download, seed=cfg.seed)
+            # the same files found again (MNIST and Fashion-MNIST share file names): the pre-training set is absent
+            k = min(16, pre.n_train, self.data.n_train)
+            if k and pre.in_shape == self.data.in_shape and torch.equal(pre.y_train[:k], self.data.y_train[:k]):
+                if torch.equal(pre.x_train[:k], self.data.x_train[:k]):
+                    same = (
+                        f"the files found for {cfg.pretrain} hold the {self.data.name} training images (the first "
+                        f"{k} images and labels are equal), so {cfg.pretrain} counts as absent"
+                    )
+                    if cfg.pretrain_fallback is None:
+                        raise ValueError(f"{same}; put the pre-training set in its own folder or pass --no-pretrain")
+                    raise FileNotFoundError(same)
         except (FileNotFoundError, ImportError) as exc:
             if cfg.pretrain_fallback is None:
                 raise
@@ -631,12 +642,6 @@ class _Experiment:
                 f"skipped: {first}. Instead {instead}"
             )
             return None
-        same = pre.n_train == self.data.n_train and torch.equal(pre.y_train, self.data.y_train)
-        if same and torch.equal(pre.x_train, self.data.x_train):
-            raise ValueError(
-                f"the pre-training files for {cfg.pretrain} hold the same images as the {self.data.name} training "
-                "set; put the pre-training set in its own folder or pass --no-pretrain"
-            )
         if tuple(pre.in_shape) != tuple(self.data.in_shape):
             raise ValueError(
                 f"pre-training set {pre.name} has images {pre.in_shape}, {self.data.name} has "

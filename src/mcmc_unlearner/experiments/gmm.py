@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import numbers
 import os
 import platform
 import sys
@@ -317,6 +318,8 @@ def run_demo(
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed!r}")
+    if isinstance(per_cluster, bool) or not isinstance(per_cluster, numbers.Integral) or per_cluster < 1:
+        raise ValueError(f"per_cluster must be a whole number >= 1 (removed points per cluster), got {per_cluster!r}")
     if request_size < 1:
         raise ValueError(f"--request-size must be >= 1, got {request_size}")
     if burnin < 0 or samples < 1:
