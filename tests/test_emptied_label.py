@@ -23,11 +23,12 @@ from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_PROB
 pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
 
 
-def _softmax_regression(seed: int = 0, classes: int = 4):
-    """A float64 softmax regression (3 inputs, ``classes`` classes, 200 rows) and 12 samples of a plain SGLD loop."""
+def _softmax_regression(seed: int = 0, classes: int = 4, separation: float = 2.0):
+    """A float64 softmax regression (3 inputs, ``classes`` classes, 200 rows, class centres ``separation`` times
+    standard normal apart) and 12 samples of a plain SGLD loop."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(200) % classes
-    centres = 2.0 * torch.randn(classes, 3, generator=g, dtype=torch.float64)
+    centres = separation * torch.randn(classes, 3, generator=g, dtype=torch.float64)
     x = centres[y] + torch.randn(200, 3, generator=g, dtype=torch.float64)
     torch.manual_seed(seed)
     model = nn.Linear(3, classes).double()

@@ -201,3 +201,47 @@ def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> N
         with pytest.raises(QualityError, match="removes the last rows"):
             un.remove(removed, remaining)
         assert torch.equal(un.bank, start)
+
+
+def test_the_draws_nll_limit_is_the_safety_nets_unit() -> None:
+    """The draw is kept only if the remaining rows' mean NLL rises by at most ``max_nll_increase`` of the safety
+    net's unit (``step.nll_unit``: the mean ``|NLL|`` or, where smaller, the rows' spread of it), not of the mean
+    NLL. Features that carry no class (every row's NLL near ``log 3``: spread 0.27, mean 1.13) and a label-3 row
+    pushed far down (the draw raises the NLL a little): a limit between the two units keeps the draw under the mean
+    and refuses it under the unit."""
+    from mcmc_unlearner.step import nll_unit
+
+    model, nll, log_prior, bank, x, y = _softmax_regression(separation=0.0)
+    for state in bank:
+        state["bias"][3] -= 6.0
+    gone = y == 3
+
+    def run(limit: float, emptied: str = "always") -> object:
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, emptied_label=emptied)
+        un.control.max_nll_increase = limit
+        return un.propose((x[gone], y[gone]), (x[~gone], y[~gone]))
+
+    info = run(1e9).report.info
+    assert info["emptied_label_resample"] == "drawn: 3"
+    before = info["emptied_label_resample_remaining_nll_before"]
+    rise = info["emptied_label_resample_remaining_nll_after"] - before
+    # the unit, by hand: nll_unit of the remaining rows' NLL at the samples the draw started from (those a request
+    # without the draw leaves: the stored samples and the live chain)
+    moved = run(1e9, "refuse")
+    f = functionalize(model, lambda m, *b: nll(m, b))
+    h = torch.stack([f(t, x[~gone], y[~gone]) for t in torch.cat([moved.bank, moved.live[None]])]).detach()
+    size, unit = nll_unit(h, lambda t: t)
+    assert size == pytest.approx(before, rel=1e-10) and rise > 0 and unit < 0.5 * before
+    assert info.get("emptied_label_resample_remaining_nll_unit", unit) == pytest.approx(unit, rel=1e-8)
+    info = run(rise / (unit * before) ** 0.5).report.info  # rise ≤ limit·(mean NLL), rise > limit·unit
+    assert info["emptied_label_resample"].startswith("not kept")
+    # what resample_label_rows measures is nll_unit's pair on the rows' cross-entropy at every sample
+    spec, theta = ParamSpec.of(model), ParamSpec.flatten_module(model)
+    thetas = theta + 0.1 * torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(3), dtype=theta.dtype)
+    lp_f = functionalize(model, lambda m: log_prior(m))
+    _, stats = resample_label_rows(model, spec, lp_f, thetas, (x[~gone], y[~gone]), [3], torch.Generator())
+    h = torch.stack([f(t, x[~gone], y[~gone]) for t in thetas]).detach()
+    spread = float((h.square().mean(1) - h.mean(1).square()).sqrt().mean())
+    assert stats["remaining_nll_abs"] == pytest.approx(nll_unit(h, lambda t: t)[0], rel=1e-10)
+    assert stats["remaining_nll_spread"] == pytest.approx(spread, rel=1e-8)
+    assert min(stats["remaining_nll_abs"], spread) == pytest.approx(nll_unit(h, lambda t: t)[1], rel=1e-8)

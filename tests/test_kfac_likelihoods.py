@@ -241,3 +241,35 @@ def test_a_model_of_two_inputs_is_not_told_to_pass_the_likelihood_that_needs_one
     with pytest.raises(ValueError, match=r"likelihood='categorical' takes the model's output from model\(batch\[0\]\)"):
         un.remove((x[:3], mask[:3], y[:3]), (x[3:], mask[3:], y[3:]))
     assert torch.equal(un.bank, bank)
+
+
+def test_ignore_index_rows_enter_no_kronecker_factor() -> None:
+    """Rows labelled ``-100`` (``cross_entropy``'s ``ignore_index``) have no likelihood term: the factors built with
+    them equal those of the labelled rows alone at ``n`` scaled to the labelled share (they made the curvature that
+    of every row labelled, 1.5× with a third ignored), also with the diagonal parameters of a ``LayerNorm``, in row
+    chunks and with a minibatch of ignored rows only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(39, 5, dtype=torch.float64), torch.randint(0, 3, (39,))
+    y[::3] = -100
+    keep = y >= 0
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta + 0.01 * torch.randn(2, theta.numel(), dtype=torch.float64)
+
+    def nll(m: nn.Module, b: tuple) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def dense(k: KroneckerCurvature) -> torch.Tensor:
+        return torch.stack([k.matvec(e) for e in torch.eye(theta.numel(), dtype=torch.float64)])
+
+    for kw in ({"mc_samples": 3}, {"mc_samples": 1}, {"mc_samples": 1, "sampling": "labels"}):
+        ignored = dense(KroneckerCurvature.build(model, thetas, [(x, y)], 390, nll=nll, **kw))
+        labelled = dense(KroneckerCurvature.build(model, thetas, [(x[keep], y[keep])], 260, nll=nll, **kw))
+        assert torch.allclose(ignored, labelled, rtol=1e-10, atol=1e-12), kw
+    one = KroneckerCurvature.build(model, thetas, [(x, y)], 390, nll=nll, mc_samples=3)
+    chunks = KroneckerCurvature.build(model, thetas, [(x, y)], 390, nll=nll, mc_samples=3, row_chunk=7)
+    assert torch.allclose(dense(chunks), dense(one), rtol=1e-10, atol=1e-12)
+    none = torch.full_like(y, -100)
+    half = KroneckerCurvature.build(model, thetas, [(x, y), (x, none)], 390, nll=nll, mc_samples=3)
+    first = KroneckerCurvature.build(model, thetas[:1], [(x[keep], y[keep])], 130, nll=nll, mc_samples=3)
+    assert half.info["rows"] == 78.0 and torch.allclose(dense(half), dense(first), rtol=1e-10, atol=1e-12)

@@ -263,7 +263,8 @@ def resample_label_rows(
 
     Returns:
         The new ``[S, D]`` samples, and what was measured: the acceptance rate, the remaining rows' mean NLL over the
-        samples before and after, the seconds.
+        samples before and after, the mean ``|NLL|`` and the rows' standard deviation of it before (averaged over the
+        samples: the safety net's unit, :func:`~.step.nll_unit`, is the smaller), the seconds.
     """
     x, y = remaining[0], remaining[1].long()
     if bool((y < 0).any()):  # cross_entropy's ignore_index rows carry no label: no term of the conditional (their
@@ -284,12 +285,15 @@ def resample_label_rows(
     if held > max_bytes:
         return f"its features on the {x.shape[0]:,} remaining rows ({held / 2**20:.0f} MB) exceed the memory budget"
     t0 = time.perf_counter()
-    out, acc, before, after = thetas.clone(), [], 0.0, 0.0
+    out, acc, before, after, size, spread = thetas.clone(), [], 0.0, 0.0, 0.0, 0.0
     priors: dict[int, _BlockPrior] = {}
     step_sizes: dict[int, float] = {}
     for s in range(thetas.shape[0]):
         phi, logits = _features(model, spec, rows, thetas[s], x)
         before += float(F.cross_entropy(logits, y))
+        h = F.cross_entropy(logits, y, reduction="none")
+        size += float(h.abs().mean()) if h.numel() else 0.0
+        spread += float(h.var(correction=0).sqrt()) if h.numel() > 1 else math.nan
         for c in labels:
             index = rows.index(c)
             priors.setdefault(c, _BlockPrior(lp_f, index)).prepare(out[s], gen)
@@ -304,5 +308,7 @@ def resample_label_rows(
         "acceptance": sum(acc) / len(acc),
         "remaining_nll_before": before / S,
         "remaining_nll_after": after / S,
+        "remaining_nll_abs": size / S,
+        "remaining_nll_spread": spread / S,
         "seconds": time.perf_counter() - t0,
     }

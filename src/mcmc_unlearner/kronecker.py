@@ -177,15 +177,16 @@ def _head(batch: Batch, rows: int) -> Batch:
     return tuple(t[:rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
-def _labelled(batch: Batch) -> Batch:
+def _labelled(batch: Batch, empty: bool = False) -> Batch:
     """The rows whose integer label ``batch[1]`` is not negative, when some are (``cross_entropy``'s
     ``ignore_index=-100`` rows: among the probe rows they made a plain cross-entropy read as another loss, and K-FAC
-    fall back to the empirical Fisher; stop 47's probe); else ``batch``."""
+    fall back to the empirical Fisher; stop 47's probe); else ``batch``. ``empty``: no rows (not ``batch``) when
+    every label is negative (the categorical Fisher's rows: an ignored row has no likelihood term)."""
     y = batch[1] if len(batch) > 1 else None
     if not isinstance(y, Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         return batch
     keep = y >= 0
-    if bool(keep.all()) or not bool(keep.any()):
+    if bool(keep.all()) or not (empty or bool(keep.any())):
         return batch
     b = _field_rows(batch)
     return tuple(t[keep] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
@@ -1361,12 +1362,18 @@ class KroneckerCurvature:
                 for s in range(S):
                     ParamSpec.assign(model, thetas[s])
                     batch = batches[s if len(batches) > 1 else 0]
+                    rows += _field_rows(batch)
+                    if lik is Likelihood.CATEGORICAL:
+                        # an ignore_index row (label -100) has no likelihood term: it is counted in the rows the
+                        # factors are averaged over (a zero there), but its activations and sampled-label gradients
+                        # enter no factor (they made the curvature that of every row labelled: 1.5x the GGN with a
+                        # third of the rows ignored)
+                        batch = _labelled(batch, empty=True)
                     B = _field_rows(batch)
                     chunked = row_chunk is not None and row_chunk < B
                     parts = [(r0, min(r0 + row_chunk, B)) for r0 in range(0, B, row_chunk)] if chunked else [(0, B)]
                     draws = _Draws()
                     sums: list[Tensor] = []  # chunked: each loss's gradient of the diagonal parameters, summed
-                    rows += B
                     for r0, r1 in parts:
                         span = (r0, r1, B, draws) if chunked else None
                         part["span"] = span
@@ -1598,7 +1605,7 @@ class KroneckerCurvature:
             raise ValueError(f"model(x) must return a tensor with {B} rows for likelihood={lik.value!r}")
         if lik is Likelihood.CATEGORICAL and out.dim() != 2:
             raise ValueError(f"likelihood='categorical' needs model(x) of shape [B, C], got {tuple(out.shape)}")
-        width = out[0].numel()
+        width = math.prod(out.shape[1:])  # (an empty batch: every row ignore_index)
         use_exact = exact if exact is not None else width <= mc_samples
         record["mode"] = "exact" if use_exact else "mc"
         if lik is Likelihood.CATEGORICAL:

@@ -3383,7 +3383,9 @@ class MCMCUnlearner:
         rows = self._raw(listed)
         lp_f = functionalize(self.model, lambda m: self.log_prior(m))
         parts = [live[None]] if bank is None else [bank, live[None]]  # drawn apart: no third copy of the bank
-        outs, stats = [], {"acceptance": 0.0, "remaining_nll_before": 0.0, "remaining_nll_after": 0.0, "seconds": 0.0}
+        stats = dict.fromkeys(("acceptance", "remaining_nll_before", "remaining_nll_after", "seconds"), 0.0)
+        stats.update(remaining_nll_abs=0.0, remaining_nll_spread=0.0)
+        outs = []
         for part in parts:
             drawn = resample_label_rows(
                 self.model, self.spec, lp_f, part, rows, still, self.generator, max_bytes=self.memory_budget
@@ -3396,12 +3398,14 @@ class MCMCUnlearner:
             for k, v in drawn[1].items():
                 stats[k] += v if k == "seconds" else share * v
         rise = stats["remaining_nll_after"] - stats["remaining_nll_before"]
+        # the safety net's unit (step.nll_unit): the mean |NLL|, or where smaller the rows' spread of it (it was the
+        # mean NLL alone, a looser limit than the safety net's wherever the rows' NLLs are alike)
+        size, spread = stats.pop("remaining_nll_abs"), stats.pop("remaining_nll_spread")
+        stats["remaining_nll_unit"] = min(size, spread) if math.isfinite(spread) and spread > 0 else size
         info.update({f"emptied_label_resample_{k}": v for k, v in stats.items()})
         info["emptied_labels_before_resample"] = dict(info["emptied_labels"])
         info["emptied_label_max_probability_before_resample"] = max(info["emptied_labels"].values())  # a ledger scalar
-        if not all(all_finite(o) for o in outs) or rise > self.control.max_nll_increase * abs(
-            stats["remaining_nll_before"]
-        ):
+        if not all(all_finite(o) for o in outs) or rise > self.control.max_nll_increase * stats["remaining_nll_unit"]:
             info["emptied_label_resample"] = (
                 f"not kept: the remaining rows' mean NLL went from {stats['remaining_nll_before']:.4g} to "
                 f"{stats['remaining_nll_after']:.4g}"
@@ -3409,7 +3413,7 @@ class MCMCUnlearner:
             return None
         info["emptied_label_resample"] = "drawn: " + ",".join(map(str, still))
         # measured on every remaining row at every sample: no row sampling error in the summed NLL rises
-        self.control.record_rise(rise, 0.0, abs(stats["remaining_nll_before"]))
+        self.control.record_rise(rise, 0.0, stats["remaining_nll_unit"])
         log.info(
             "emptied label(s) %s: output-layer row(s) drawn from their conditional in %d sample(s) (acceptance %.2f, "
             "remaining NLL %.4g -> %.4g, %.2f s)",
