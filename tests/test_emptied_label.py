@@ -253,3 +253,39 @@ def test_a_smoothed_tempered_or_weighted_cross_entropy_is_checked_on_the_logits_
     assert "not recognised as a cross-entropy" in said and "per-class weight=" in said  # why, and what is recognised
     # where no label is emptied there is nothing to say
     assert "emptied_labels" not in weighted.propose((x[:5], y[:5]), (x[5:], y[5:])).report.info
+
+
+def test_a_class_removed_over_several_forget_requests_is_judged_on_all_its_removed_rows() -> None:
+    """Class 3 removed through ``forget`` in two requests, its 45 best-predicted rows first and its 5 least last: the
+    last request, which empties the label, judges the label's 45 earlier-removed rows too (the moved samples'
+    predictive over all 50, by hand). On its own 5 rows alone (all that was judged) the label reads forgotten
+    (0.05, below ``EMPTIED_RESAMPLE_PROB``: no draw) while the class's rows still give it 0.17; with the default the
+    row is now drawn. A class removed in one request is judged on its own rows as before."""
+    from mcmc_unlearner.data import RemovableDataset
+    from mcmc_unlearner.unlearner import EMPTIED_RESAMPLE_PROB
+
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    flat = torch.stack([torch.cat([s["weight"].flatten(), s["bias"]]) for s in bank])
+    ids3 = torch.nonzero(y == 3).flatten()
+    order = ids3[torch.argsort(_predictive(model, flat, x[ids3])[:, 3], descending=True)]
+
+    def two_requests(mode: str) -> tuple[MCMCUnlearner, dict]:
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, emptied_label=mode)
+        data = RemovableDataset(x, y, batch_size=50, seed=0)
+        assert "emptied_labels" not in un.forget(order[:-5].tolist(), data, strict=False).info
+        return un, un.forget(order[-5:].tolist(), data, strict=False).info
+
+    un, info = two_requests("refuse")
+    assert info["emptied_label_earlier_rows"] == 45
+    every = float(_predictive(model, un.bank, x[ids3])[:, 3].mean())
+    last = float(_predictive(model, un.bank, x[order[-5:]])[:, 3].mean())
+    assert info["emptied_labels"]["3"] == pytest.approx(every, rel=1e-10)
+    assert last < EMPTIED_RESAMPLE_PROB <= every
+    _, info = two_requests("resample")
+    assert info["emptied_label_resample"] == "drawn: 3"
+    assert info["emptied_labels"]["3"] < info["emptied_labels_before_resample"]["3"] == pytest.approx(every)
+    # one request: its own rows, nothing earlier
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, emptied_label="refuse")
+    info = un.forget(ids3.tolist(), RemovableDataset(x, y, batch_size=50, seed=0), strict=False).info
+    assert "emptied_label_earlier_rows" not in info
+    assert info["emptied_labels"]["3"] == pytest.approx(float(_predictive(model, un.bank, x[ids3])[:, 3].mean()))
