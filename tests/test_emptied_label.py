@@ -269,19 +269,23 @@ def test_a_class_removed_over_several_forget_requests_is_judged_on_all_its_remov
     ids3 = torch.nonzero(y == 3).flatten()
     order = ids3[torch.argsort(_predictive(model, flat, x[ids3])[:, 3], descending=True)]
 
-    def two_requests(mode: str) -> tuple[MCMCUnlearner, dict]:
+    def two_requests(mode: str) -> tuple[MCMCUnlearner, dict, RemovableDataset]:
         un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, emptied_label=mode)
         data = RemovableDataset(x, y, batch_size=50, seed=0)
         assert "emptied_labels" not in un.forget(order[:-5].tolist(), data, strict=False).info
-        return un, un.forget(order[-5:].tolist(), data, strict=False).info
+        return un, un.forget(order[-5:].tolist(), data, strict=False).info, data
 
-    un, info = two_requests("refuse")
+    un, info, data = two_requests("refuse")
     assert info["emptied_label_earlier_rows"] == 45
     every = float(_predictive(model, un.bank, x[ids3])[:, 3].mean())
     last = float(_predictive(model, un.bank, x[order[-5:]])[:, 3].mean())
     assert info["emptied_labels"]["3"] == pytest.approx(every, rel=1e-10)
     assert last < EMPTIED_RESAMPLE_PROB <= every
-    _, info = two_requests("resample")
+    # the check the deletion service's repair runs again: the same rows with the request's ids, its own without
+    rows = (x[order[-5:]], y[order[-5:]])
+    assert un.emptied_label_problem(rows, data, ids=order[-5:])[1]["emptied_labels"]["3"] == pytest.approx(every)
+    assert un.emptied_label_problem(rows, data)[1]["emptied_labels"]["3"] == pytest.approx(last)
+    _, info, _ = two_requests("resample")
     assert info["emptied_label_resample"] == "drawn: 3"
     assert info["emptied_labels"]["3"] < info["emptied_labels_before_resample"]["3"] == pytest.approx(every)
     # one request: its own rows, nothing earlier

@@ -3375,10 +3375,18 @@ class MCMCUnlearner:
             "run_chain, or the deletion service's --on-failure repair with --repair-steps that long), or retrain"
         )
 
-    def emptied_label_problem(self, removed: Batch | torch.Tensor, remaining: Any) -> tuple[str | None, dict[str, Any]]:
+    def emptied_label_problem(
+        self, removed: Batch | torch.Tensor, remaining: Any, ids: Sequence[int] | torch.Tensor | None = None
+    ) -> tuple[str | None, dict[str, Any]]:
         """The emptied-label check of a request (README step 6) on the samples as they are now: whether the rows
         ``removed`` carry a label no row of ``remaining`` carries and the stored samples (the live chain without a
         bank) still give them that label. What the deletion service's repair checks again after its chain run.
+
+        Args:
+            removed: The request's rows.
+            remaining: The remaining data.
+            ids: The request's ids in ``remaining``, a ``RemovableDataset`` they were removed from: the label's rows
+                that earlier requests removed from it are judged too, as :meth:`forget` judges them.
 
         Returns:
             The problem (``None``: none, or not checkable) and what was measured (``"emptied_labels"``, ...).
@@ -3387,7 +3395,11 @@ class MCMCUnlearner:
         stream = _Stream(remaining, None, rows_as_data=self._reduce is None)
         moved = self.bank if self.bank is not None else ParamSpec.flatten_module(self.model)[None]
         info: dict[str, Any] = {}
-        return self._emptied_label_problem(batch, stream, moved, info), info
+        self._forget_request = None if ids is None else (remaining, torch.as_tensor(ids, dtype=torch.long))
+        try:
+            return self._emptied_label_problem(batch, stream, moved, info), info
+        finally:
+            self._forget_request = None
 
     def _resample_emptied(
         self, stream: _Stream, live: torch.Tensor, bank: torch.Tensor | None, info: dict[str, Any], every: bool = False

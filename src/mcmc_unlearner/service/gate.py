@@ -181,7 +181,7 @@ def repaired_problems(
         before: Up to 16 stored samples from before the request (``None``: the fit is not compared).
     """
     problems: list[str] = []
-    found, info = un.emptied_label_problem(data.get(torch.as_tensor(list(removed))), data)
+    found, info = un.emptied_label_problem(data.get(torch.as_tensor(list(removed))), data, ids=list(removed))
     record: dict[str, Any] = {k: v for k, v in info.items() if k.startswith("emptied_label")}
     if found:
         problems.append(f"after the repair run: {found}")
