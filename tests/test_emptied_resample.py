@@ -183,7 +183,9 @@ def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> N
             self.inner = inner
 
         def forward(self, t: torch.Tensor) -> torch.Tensor:
-            return self.inner(t) + 0.0  # the same logits, computed after the layer
+            # other logits computed after the layer (a shift by a constant per row, + 0.0 or a LogSoftmax, is the
+            # same softmax and gets the draw: test_a_log_softmax_head_gets_the_plain_heads_draw...)
+            return 2.0 * self.inner(t)
 
     shifted_bank = [{"inner." + k: v for k, v in s.items()} for s in bank]
     cases = {
@@ -245,3 +247,34 @@ def test_the_draws_nll_limit_is_the_safety_nets_unit() -> None:
     assert stats["remaining_nll_abs"] == pytest.approx(nll_unit(h, lambda t: t)[0], rel=1e-10)
     assert stats["remaining_nll_spread"] == pytest.approx(spread, rel=1e-8)
     assert min(stats["remaining_nll_abs"], spread) == pytest.approx(nll_unit(h, lambda t: t)[1], rel=1e-8)
+
+
+def test_a_log_softmax_head_gets_the_plain_heads_draw_and_hidden_class_weights_get_none() -> None:
+    """``nn.LogSoftmax`` after the output layer with ``nll_loss`` is the same likelihood as the plain head's
+    cross-entropy (a per-row shift of the logits): its draw is the plain head's, number for number (it was not done:
+    "the logits are not the output of an nn.Linear"). A class-weighted cross-entropy whose weights are 1 on the
+    removed label and the one after it read as plain on the removed rows, and the unweighted conditional was drawn:
+    checked on the remaining rows, the draw is not done and the report says why."""
+    import torch.nn.functional as F
+
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+
+    def info(m: nn.Module, f, states: list) -> dict:
+        un = MCMCUnlearner(m, nll=f, log_prior=log_prior, bank=states, seed=0, emptied_label="always")
+        return un.propose((x[gone], y[gone]), (x[~gone], y[~gone])).report.info
+
+    plain = info(model, nll, bank)
+    head = nn.Sequential(model, nn.LogSoftmax(-1))
+    logsoftmax = info(
+        head,
+        lambda m, b: F.nll_loss(m(b[0]), b[1], reduction="none"),
+        [{f"0.{k}": v for k, v in s.items()} for s in bank],
+    )
+    assert plain["emptied_label_resample"] == logsoftmax["emptied_label_resample"] == "drawn: 3"
+    for k in ("emptied_labels", "emptied_label_resample_remaining_nll_after", "emptied_label_resample_acceptance"):
+        assert logsoftmax[k] == plain[k]
+    w = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)  # label 3 and (3 + 1) % 4 = 0 weigh 1
+    weighted = info(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], weight=w, reduction="none"), bank)
+    assert weighted["emptied_label_resample"].startswith("not done: nll is not the plain cross-entropy")
+    assert "emptied_labels" in weighted  # still measured (and judged)

@@ -63,8 +63,9 @@ class OutputRows:
 
 
 def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor) -> OutputRows | str:
-    """The ``nn.Linear`` whose output *is* ``model(x)`` (the logits), located in the flat vector; or why there is
-    none (the logits come from another operation, the layer's parameters are not trainable, ...)."""
+    """The ``nn.Linear`` whose output *is* ``model(x)`` (the logits), or the last one whose output ``model(x)``
+    shifts by a constant per row (an ``nn.LogSoftmax`` head: the same softmax), located in the flat vector; or why
+    there is none (the logits come from another operation, the layer's parameters are not trainable, ...)."""
     outputs: list[tuple[nn.Linear, torch.Tensor]] = []
     handles = [
         m.register_forward_hook(lambda mod, _i, out: outputs.append((mod, out)))
@@ -78,6 +79,16 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
         for h in handles:
             h.remove()
     layer = next((mod for mod, o in outputs if o is out), None)
+    if layer is None and isinstance(out, torch.Tensor) and outputs:
+        # model(x) = log_softmax(Linear(φ)) (an nn.LogSoftmax head for nll_loss), or any other per-row shift of the
+        # last linear layer's output: the same softmax, so the same conditional, with that output as the logits
+        mod, o = outputs[-1]
+        if isinstance(o, torch.Tensor) and o.shape == out.shape and out.dim() == 2 and out.shape[1] > 1:
+            shift = (out.double() - o.double()).detach()
+            size = 1 + float(o.double().abs().max()) + float(out.double().abs().max())
+            tol = 1e3 * torch.finfo(out.dtype).eps * size
+            if bool(torch.isfinite(shift).all()) and float((shift - shift[:, :1]).abs().max()) <= tol:
+                layer = mod
     if layer is None:
         return "the logits are not the output of an nn.Linear (model(x) is computed after its last linear layer)"
     owners = sum(p is layer.weight for m in model.modules() for p in m._parameters.values())
@@ -98,16 +109,21 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
 def _features(
     model: nn.Module, spec: ParamSpec, rows: OutputRows, theta: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output layer's inputs ``φ̃`` (with a column of ones for the bias) and the logits, in float64, on every
-    row of ``x`` at ``θ``."""
+    """The output layer's inputs ``φ̃`` (with a column of ones for the bias) and its outputs, the logits, in float64,
+    on every row of ``x`` at ``θ``."""
     feats: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
-    handle = rows.module.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach()))
+
+    def keep(_m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        feats.append(inp[0].detach())
+        logits.append(out.detach())
+
+    handle = rows.module.register_forward_hook(keep)
     try:
         params = spec.unflatten(theta)
         with torch.no_grad():
             for i in range(0, x.shape[0], RESAMPLE_ROWS):
-                logits.append(functional_call(model, params, (x[i : i + RESAMPLE_ROWS],)).detach())
+                functional_call(model, params, (x[i : i + RESAMPLE_ROWS],))
     finally:
         handle.remove()
     phi = torch.cat(feats).double().flatten(1)

@@ -3436,6 +3436,10 @@ class MCMCUnlearner:
             info["emptied_label_resample"] = f"not done: {why}"
             return None
         rows = self._raw(listed)
+        why = self._not_plain_on(rows)
+        if why is not None:
+            info["emptied_label_resample"] = f"not done: {why}"
+            return None
         lp_f = functionalize(self.model, lambda m: self.log_prior(m))
         parts = [live[None]] if bank is None else [bank, live[None]]  # drawn apart: no third copy of the bank
         stats = dict.fromkeys(("acceptance", "remaining_nll_before", "remaining_nll_after", "seconds"), 0.0)
@@ -3476,6 +3480,36 @@ class MCMCUnlearner:
             stats["remaining_nll_before"], stats["remaining_nll_after"], stats["seconds"],
         )  # fmt: skip
         return outs[-1][0], (None if bank is None else outs[0])
+
+    def _not_plain_on(self, rows: Batch) -> str | None:
+        """Why ``nll`` is not the plain cross-entropy of the logits on ``rows`` (up to 4 of each label, at the live
+        parameters), or ``None``. The likelihood was read on the removed rows, often of one label: a class-weighted
+        cross-entropy whose weights are 1 on the labels probed there read as plain, and the draw took the unweighted
+        conditional."""
+        from .kronecker import _preserved, select_output
+
+        y = rows[1]
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.numel() == 0:
+            return None
+        order = torch.argsort(y, stable=True)
+        first = torch.searchsorted(y[order], y[order], right=False)
+        pick = order[(torch.arange(y.numel(), device=y.device) - first) < 4]
+        b = y.shape[0]
+        sub = tuple(f[pick] if isinstance(f, torch.Tensor) and f.dim() and f.shape[0] == b else f for f in rows)
+        try:
+            with _preserved(self.model), torch.no_grad():  # buffers (BatchNorm statistics) and RNG as they were
+                h = self._row_nll(self.model, sub).double()
+                logits = select_output(self.model(sub[0]), self._label_link[0]).flatten(1)
+                ce = torch.nn.functional.cross_entropy(logits, sub[1].long(), reduction="none").double()
+        except Exception as err:  # a probe: any failure means "not shown to be the plain cross-entropy"
+            return f"nll could not be compared with the cross-entropy on the remaining rows ({type(err).__name__})"
+        tol = 1e3 * torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).eps
+        if h.shape == ce.shape and bool(((h - ce).abs() <= tol * (1 + ce.abs())).all()):
+            return None
+        return (
+            "nll is not the plain cross-entropy of the logits on the remaining rows (e.g. per-class weights on labels "
+            "the removed rows do not carry), and the draw's conditional is a plain cross-entropy's"
+        )
 
     def _remaining_labels(self, stream: _Stream) -> torch.Tensor | None:
         """The second field (labels) of every remaining row, read without a pass over the data: from a
