@@ -494,3 +494,31 @@ def test_a_request_removing_most_of_the_data_fails_the_gate(tmp_path, capsys):
     assert main(["forget", "--model", str(folder), "--ids", ids]) == 4
     assert "removes 75.0% of the data" in capsys.readouterr().err
     assert folder_state(folder) == before
+
+
+@pytest.mark.parametrize("constant", [0.0, 30.0])
+def test_the_repair_trend_check_is_in_the_safety_net_s_unit_so_a_constant_in_nll_does_not_loosen_it(constant):
+    """The repair chain's trend limit was 5% of the remaining rows' mean |NLL|: ``nll + 30`` (a Gaussian's
+    normalising constant) made it 1.63 nats and a chain whose NLL still rose by 0.41 was taken as settled. Its
+    unit is now the safety net's (``step.nll_unit``: the rows' spread of the NLL where smaller than the mean), the
+    same with the constant as without."""
+    from mcmc_unlearner import RemovableDataset
+    from mcmc_unlearner.service.gate import repaired_problems
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 1, dtype=torch.float64, generator=g)
+    y = 2.0 * x[:, 0] + torch.randn(400, dtype=torch.float64, generator=g)
+    data = RemovableDataset(x, y, batch_size=50, seed=0)
+    model = torch.nn.Linear(1, 1, bias=False).double()
+
+    def nll(m, b):
+        return 0.5 * (m(b[0]).squeeze(-1) - b[1]) ** 2 + constant
+
+    un = MCMCUnlearner(model, nll=nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
+    w = torch.tensor([2.0] * 4 + [2.8] * 4, dtype=torch.float64)  # the later half still moved off the fit
+    un.bank = (w + 0.01 * torch.randn(8, dtype=torch.float64, generator=g))[:, None]
+    data.remove([0, 1])
+    problems, rec = repaired_problems(un, [0, 1], data, None)
+    assert rec["nll_trend"] > rec["nll_trend_limit"]  # with the constant too: 0.41 was within a limit of 1.63
+    assert any("the repair chain has not settled" in p for p in problems)
+    assert rec["nll_trend_unit"] < 1.0 and rec["nll_trend_limit"] < 0.2

@@ -193,3 +193,125 @@ def test_a_prior_that_curves_upwards_somewhere_is_clamped_in_the_ggn_and_said() 
     neg = sum(int((torch.linalg.eigvalsh(-hessian(f, t)) < 0).sum()) for t in bank[:1])
     assert neg > 0  # some parameter lies beyond the prior's inflection
     assert report.info["ggn_prior_clamped"] >= 1
+
+
+def _mlp_problem(nll, removed, batch, shared=True, n=None):
+    """A 4-5-3 MLP, two draws and ``GGNBackend``'s view of a request (float64)."""
+    from mcmc_unlearner.backends.base import Problem
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta + 0.05 * torch.randn(2, theta.numel(), dtype=torch.float64)
+    rows = batch[0].shape[0] if shared else batch[0].shape[1]
+    return Problem(
+        model=model, energy_f=None, nll_f=None, nll=nll, log_prior=None, n=n or rows, removed=removed,
+        thetas=thetas, batch=batch, shared=shared, hessian="remaining", generator=torch.Generator(),
+        budget=2**30, dense_hessian=None, operator=None,
+    )  # fmt: skip
+
+
+def _linearised_ce_hessian(problem, batches, scales, weight=None):
+    """Mean over the draws of ``scale ·`` the Hessian of ``Σ_r cross_entropy(z_r + J_r(u − θ), y_r, weight,
+    ignore_index=-100)`` at ``u = θ``: the GGN over the labelled rows, from autograd alone."""
+    out = functionalize(problem.model, lambda m, a: m(a))
+    H = 0
+    for t, (xb, yb), s in zip(problem.thetas, batches, scales):
+        J = jacobian(lambda u, xb=xb: out(u, xb), t)  # [R, C, D]
+        z0 = out(t, xb).detach()
+
+        def lin(u, J=J, z0=z0, yb=yb, t=t):
+            z = z0 + torch.einsum("rcd,d->rc", J, u - t)
+            return nn.functional.cross_entropy(z, yb, weight=weight, reduction="sum")
+
+        H = H + s * hessian(lin, t)
+    return H / problem.thetas.shape[0]
+
+
+def test_ignore_index_rows_enter_no_ggn_term_but_count_in_the_minibatch() -> None:
+    """Rows labelled ``-100`` have no likelihood term: the GGN took every row as labelled (1.54x the reference's
+    trace with a third ignored). It is now the GGN of the labelled rows at ``n/|B|`` with ``|B|`` counting every
+    row, also for the removed rows' term and a minibatch whose rows are all ignored (a zero term)."""
+    from mcmc_unlearner.backends.ggn import GGNBackend
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    y[::3] = -100
+    p = _mlp_problem(_ce, (x[:6], y[:6]), (x[6:], y[6:]), n=48)
+    be = GGNBackend()
+    assert be._detect(p) == (Likelihood.CATEGORICAL, {})
+    want = _linearised_ce_hessian(p, [(x[6:], y[6:])] * 2, [48 / 24] * 2)
+    assert torch.allclose(be._energy_curvature(p), want, rtol=1e-10, atol=1e-12)
+    want = _linearised_ce_hessian(p, [(x[:6], y[:6])] * 2, [1.0] * 2)
+    assert torch.allclose(be._removed_curvature(p), want, rtol=1e-10, atol=1e-12)
+    # one minibatch per draw, the second of ignored rows only: its draw contributes nothing
+    none = torch.full((24,), -100)
+    q = _mlp_problem(_ce, (x[:6], y[:6]), (torch.stack([x[6:], x[6:]]), torch.stack([y[6:], none])), False, 48)
+    be = GGNBackend()
+    be._detect(q)
+    want = _linearised_ce_hessian(q, [(x[6:], y[6:])] * 2, [2.0, 0.0])
+    assert torch.allclose(be._energy_curvature(q), want, rtol=1e-10, atol=1e-12)
+
+
+def test_class_weights_give_an_ignored_row_weight_zero_and_the_ggn_the_weighted_one() -> None:
+    """``cross_entropy(weight=w)`` with rows labelled ``-100``: ``row_weights`` indexed ``w`` at -100
+    (IndexError); an ignored row now weighs 0 and the GGN is the class-weighted one of the labelled rows."""
+    from mcmc_unlearner.backends.ggn import GGNBackend
+    from mcmc_unlearner.kronecker import row_weights
+
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    y = torch.tensor([2, -100, 0, 1, -100])
+    got = row_weights((torch.zeros(5, 4), y), {"class_weights": w.tolist()})
+    assert torch.equal(got, torch.tensor([0.5, 0.0, 1.0, 2.0, 0.0], dtype=torch.float64))
+
+    def weighted(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], weight=w, reduction="none")
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    y[1::3] = -100
+    p = _mlp_problem(weighted, (x[:6], y[:6]), (x[6:], y[6:]))
+    be = GGNBackend()
+    lik, info = be._detect(p)
+    assert lik is Likelihood.CATEGORICAL and torch.allclose(torch.tensor(info["class_weights"]).double(), w)
+    want = _linearised_ce_hessian(p, [(x[6:], y[6:])] * 2, [1.0] * 2, weight=w)
+    assert torch.allclose(be._energy_curvature(p), want, rtol=1e-10, atol=1e-12)
+    want = _linearised_ce_hessian(p, [(x[:6], y[:6])] * 2, [1.0] * 2, weight=w)
+    assert torch.allclose(be._removed_curvature(p), want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_likelihood_read_on_the_removed_rows_is_verified_on_the_remaining_rows() -> None:
+    """Class weights ``[1, 1, 3]`` and removed rows of label 0: on them (and the shifted labels 1) the loss is the
+    plain cross-entropy, and the GGN took class 2's weight as 1. It is read again on remaining rows of each label;
+    a loss that no detected likelihood fits there falls back to the exact dense Hessian and says why."""
+    from mcmc_unlearner.backends.ggn import GGNBackend
+
+    w = torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)
+
+    def weighted(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], weight=w, reduction="none")
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(30, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    y[:6] = 0
+    p = _mlp_problem(weighted, (x[:6], y[:6]), (x[6:], y[6:]))
+    be = GGNBackend()
+    lik, info = be._detect(p)
+    assert lik is Likelihood.CATEGORICAL and torch.allclose(torch.tensor(info["class_weights"]).double(), w)
+    want = _linearised_ce_hessian(p, [(x[6:], y[6:])] * 2, [1.0] * 2, weight=w)
+    assert torch.allclose(be._energy_curvature(p), want, rtol=1e-10, atol=1e-12)
+
+    def odd(m, b):  # the cross-entropy on labels 0 and 1, its square on label 2: no likelihood the GGN knows
+        ce = nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+        return torch.where(b[1] == 2, ce**2, ce)
+
+    q = _mlp_problem(odd, (x[:6], y[:6]), (x[6:], y[6:]))
+    be = GGNBackend()
+    lik, info = be._detect(q)
+    assert lik is Likelihood.EMPIRICAL and "does not hold on the remaining rows" in info["reason"]
+    q.dense_hessian = lambda f, thetas, batch, shared: torch.eye(thetas.shape[1], dtype=torch.float64)
+    said = be.prepare(q)
+    assert said["ggn_curvature"] == "hessian" and "does not hold on the remaining rows" in said["ggn_fallback"]

@@ -261,10 +261,14 @@ def select_output(out: Any, extra: dict[str, Any]) -> Tensor:
 
 
 def row_weights(batch: Batch, extra: dict[str, Any]) -> Tensor | None:
-    """Per-row factors ``scale·batch[weights]·class_weights[y]`` on the loss (``None`` when there are none)."""
+    """Per-row factors ``scale·batch[weights]·class_weights[y]`` on the loss (``None`` when there are none); with
+    class weights, 0 on a row labelled negative (``cross_entropy``'s ``ignore_index=-100``: no loss term)."""
     w = batch[extra["weights"]] if extra.get("weights") is not None else None
     if extra.get("class_weights") is not None:  # cross_entropy(..., weight=w_c): the row's label's weight
-        cw = torch.as_tensor(extra["class_weights"], dtype=torch.float64, device=batch[1].device)[batch[1].long()]
+        y = batch[1].long()
+        # an ignored row (label -100) has weight 0: it indexed the class weights at -100 (IndexError)
+        cw = torch.as_tensor(extra["class_weights"], dtype=torch.float64, device=y.device)[y.clamp_min(0)]
+        cw = cw.masked_fill(y < 0, 0.0)
         w = cw if w is None else torch.as_tensor(w) * cw.to(torch.as_tensor(w).dtype)
     scale = extra.get("scale")
     if scale is not None:

@@ -20,6 +20,9 @@ positions (convolutions, recurrences) one Hessian column costs a whole network's
 954-parameter CNN took 278 s CPU with the dense Hessian, 4.4 s with this (``benchmarks/layer_zoo.py``). For other
 likelihoods (``detect_likelihood`` says ``empirical``) it falls back to the exact dense Hessian and says so
 (``ggn_curvature: "hessian"``, ``ggn_likelihood: None``, ``ggn_fallback``): no empirical Fisher is involved.
+The likelihood is read on the removed rows and, when categorical, verified on a few remaining rows of each label
+(read again there, or the fallback, where it does not hold). Rows labelled ``-100`` (``cross_entropy``'s
+``ignore_index``) have no likelihood term: they enter no ``J_rᵀ Λ_r J_r`` but are counted in ``|B_s|``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,16 @@ from torch.autograd.functional import jacobian
 from torch.func import jacrev, vmap
 
 from ..curvature import functionalize
-from ..kronecker import Likelihood, detect_likelihood, prior_precision, row_weights, select_output
+from ..kronecker import (
+    Likelihood,
+    _field_rows,
+    _labelled,
+    _preserved,
+    detect_likelihood,
+    prior_precision,
+    row_weights,
+    select_output,
+)
 from ..memory import chunk_for
 from .base import Problem
 from .dense import DenseBackend
@@ -98,6 +110,87 @@ def output_ggn(
     return 0.5 * (G + G.T)
 
 
+#: Remaining rows per label on which a categorical likelihood read on the removed rows is verified.
+CHECK_ROWS_PER_LABEL = 4
+
+
+def _per_label(batch: tuple, k: int = CHECK_ROWS_PER_LABEL) -> tuple | None:
+    """Up to ``k`` rows of each non-negative integer label ``batch[1]``, in rounds (one of each label, then a second
+    ...), so that the first rows cover many labels; ``None`` when the batch has no such labels."""
+    y = batch[1] if len(batch) > 1 else None
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex():
+        return None
+    if y.dtype == torch.bool or y.numel() == 0:
+        return None
+    idx = (y >= 0).nonzero().flatten()
+    if idx.numel() == 0:
+        return None
+    lab = y[idx].long()
+    order = torch.argsort(lab, stable=True)
+    first = torch.searchsorted(lab[order], lab[order])
+    rank = torch.arange(order.numel(), device=y.device) - first  # the row's place among its label's rows
+    keep = rank < k
+    rows, rank, lab = idx[order][keep], rank[keep], lab[order][keep]
+    pick = rows[torch.argsort(rank * (int(lab.max()) + 1) + lab, stable=True)]
+    b = y.shape[0]
+    return tuple(t[pick] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
+
+
+def _misfit(model: torch.nn.Module, nll: Any, rows: tuple, info: dict[str, Any]) -> str | None:
+    """Why ``nll`` on ``rows`` is not the categorical loss ``info`` describes (``row_weights ·
+    cross_entropy(select_output(model(x)), y, label_smoothing)``), or ``None`` where it is, to float tolerance."""
+    try:
+        with _preserved(model), torch.no_grad():  # buffers (BatchNorm statistics) and RNG as they were
+            h = nll(model, rows)
+            logits = select_output(model(rows[0]), info)
+            ce = torch.nn.functional.cross_entropy(
+                logits, rows[1].long(), reduction="none", label_smoothing=info.get("label_smoothing", 0.0)
+            ).double()
+            w = row_weights(rows, info)
+            want = ce if w is None else torch.as_tensor(w).to(ce.device, torch.float64) * ce
+    except Exception as err:  # a probe: any failure means "not shown to be this loss"
+        return f"nll could not be compared with the detected loss on the remaining rows ({type(err).__name__})"
+    tol = 1e3 * torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).eps
+    if isinstance(h, torch.Tensor) and h.shape == want.shape:
+        if bool(((h.double() - want).abs() <= tol * (1 + want.abs())).all()):
+            return None
+    return "nll is not, on the remaining rows, the cross-entropy read on the removed rows"
+
+
+def _checked_on_remaining(
+    problem: Problem, removed: tuple, found: tuple[Likelihood, dict[str, Any]]
+) -> tuple[Likelihood, dict[str, Any]]:
+    """``found``, the categorical likelihood read on the removed rows, verified on up to
+    ``CHECK_ROWS_PER_LABEL`` remaining rows of each label: the removed rows often carry one label, and a
+    class-weighted cross-entropy whose weights are 1 on the labels probed there read as plain (the GGN then took
+    every class's weight as 1). Where it does not hold there, the likelihood is read again on those rows and
+    verified on both; where that fails too, ``EMPIRICAL`` with the reason (the exact dense Hessian is used)."""
+    if problem.shared:
+        remaining = problem.raw(problem.batch)
+    elif all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in problem.batch):
+        # one minibatch per draw, stacked on a leading S dimension: all of them
+        remaining = problem.raw(tuple(t.flatten(0, 1) for t in problem.batch))
+    else:
+        remaining = problem.draw_batches()[0]
+    rows = _per_label(remaining)
+    if rows is None or _misfit(problem.model, problem.nll, rows, found[1]) is None:
+        return found
+    again = detect_likelihood(problem.model, problem.nll, rows)
+    if again[0] is Likelihood.CATEGORICAL:
+        why = _misfit(problem.model, problem.nll, rows, again[1])
+        if why is None:
+            labelled = _labelled(removed, empty=True)
+            why = _misfit(problem.model, problem.nll, labelled, again[1]) if _field_rows(labelled) else None
+        if why is None:
+            return again
+    else:
+        why = again[1].get("reason", "likelihood not recognised")
+    return Likelihood.EMPIRICAL, {
+        "reason": f"the likelihood read on the removed rows ({found[0].value}, {found[1] or 'plain'}) does not "
+        f"hold on the remaining rows, and none found holds on both ({why})"
+    }
+
+
 class GGNBackend(DenseBackend):
     """Dense generalized Gauss-Newton (see the module docstring).
 
@@ -115,7 +208,11 @@ class GGNBackend(DenseBackend):
 
     def _detect(self, problem: Problem) -> tuple[Likelihood, dict[str, Any]]:
         if self._likelihood is None:
-            self._likelihood = detect_likelihood(problem.model, problem.nll, problem.raw(problem.removed))
+            removed = problem.raw(problem.removed)
+            found = detect_likelihood(problem.model, problem.nll, removed)
+            if found[0] is Likelihood.CATEGORICAL:
+                found = _checked_on_remaining(problem, removed, found)
+            self._likelihood = found
             self._prior = prior_precision(problem.model, problem.log_prior, problem.thetas[0])
         return self._likelihood
 
@@ -124,10 +221,19 @@ class GGNBackend(DenseBackend):
         budget = max(problem.budget // 4, 2**20)
         G = None
         for theta, b, w in zip(problem.thetas, batches, weights):
+            if lik is Likelihood.CATEGORICAL:
+                # an ignore_index row (label -100) has no likelihood term: it stays counted in the rows the draw's
+                # weight n/|B| divides by, but enters no Jacobian product (every row was taken as labelled: 1.54x
+                # the GGN with a third of the rows ignored)
+                b = _labelled(b, empty=True)
+                if _field_rows(b) == 0:
+                    continue
             rw = row_weights(b, info)
             g = w * output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw)
             G = g if G is None else G + g
         self.products += len(batches)  # one curvature build per draw (C backward passes per row each)
+        if G is None:  # every row ignored
+            return torch.zeros(problem.dim, problem.dim, dtype=problem.thetas.dtype, device=problem.thetas.device)
         return (G / len(batches)).to(problem.thetas.dtype)
 
     def prepare(self, problem: Problem) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..errors import UnlearningError, all_finite
 from ..samplers import run_chain
+from ..step import nll_unit
 from ..unlearner import MCMCUnlearner, RemovalReport, _evenly
 
 __all__ = [
@@ -132,8 +133,11 @@ def quality_problems(report: RemovalReport, un: MCMCUnlearner) -> list[str]:
     return problems
 
 
-def _row_nll(un: MCMCUnlearner, thetas: torch.Tensor, data: RemovableDataset, rows: int = 2000) -> torch.Tensor:
-    """Per-row NLL of the first ``rows`` remaining rows, averaged over ``thetas`` (no state changes)."""
+def _row_nll(
+    un: MCMCUnlearner, thetas: torch.Tensor, data: RemovableDataset, rows: int = 2000, draws: list | None = None
+) -> torch.Tensor:
+    """Per-row NLL of the first ``rows`` remaining rows, averaged over ``thetas`` (no state changes); each sample's
+    row NLLs are appended to ``draws`` when given."""
     ids = data.remaining_ids[:rows]
     batch = data.get(ids)
     saved = ParamSpec.flatten_module(un.model)
@@ -142,7 +146,10 @@ def _row_nll(un: MCMCUnlearner, thetas: torch.Tensor, data: RemovableDataset, ro
         with torch.no_grad():
             for th in thetas:
                 ParamSpec.assign(un.model, th)
-                total += un.nll(un.model, batch).double().reshape(-1)
+                h = un.nll(un.model, batch).double().reshape(-1)
+                total += h
+                if draws is not None:
+                    draws.append(h)
     finally:
         ParamSpec.assign(un.model, saved)
     return total / max(1, thetas.shape[0])
@@ -168,11 +175,12 @@ def repaired_problems(
       request (stop 46);
     * the chain settled: the remaining rows' mean NLL (the first 2,000) under the repaired bank's later half (up to 8
       samples) is within ``max_nll_increase`` (5%) of it under its earlier half, beyond two standard errors of the
-      paired per-row difference (the safety check's rule, as a stationarity test: states still moving away from the
-      failed step's are not yet samples of the remaining data's posterior). Not against the samples before the
-      request: retraining itself raises that NLL where a large share of small data goes (+25% and +81% on a digits
-      MLP losing 37% of its rows), and a repair that got there would have been refused. That difference is recorded
-      (``nll_rise_from_request_before``), not judged.
+      paired per-row difference (the safety check's rule and unit, ``step.nll_unit``: the mean ``|NLL|`` or, where
+      smaller, the rows' spread of it, so a constant added to ``nll`` does not loosen it; as a stationarity test:
+      states still moving away from the failed step's are not yet samples of the remaining data's posterior). Not
+      against the samples before the request: retraining itself raises that NLL where a large share of small data
+      goes (+25% and +81% on a digits MLP losing 37% of its rows), and a repair that got there would have been
+      refused. That difference is recorded (``nll_rise_from_request_before``), not judged.
 
     Args:
         un: The unlearner, its bank the repaired one.
@@ -188,17 +196,24 @@ def repaired_problems(
     size = 0 if un.bank is None else int(un.bank.shape[0])
     if size >= 4:
         half = size // 2
-        early = _row_nll(un, un.bank[:half][_evenly(half, 8)], data)
+        per_sample: list[torch.Tensor] = []
+        early = _row_nll(un, un.bank[:half][_evenly(half, 8)], data, draws=per_sample)
         late = _row_nll(un, un.bank[size - half :][_evenly(half, 8)], data)
         d = late - early
         trend, se = float(d.mean()), float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
-        limit = un.control.max_nll_increase * float(early.abs().mean()) + 2.0 * se
-        record.update(nll_trend=trend, nll_trend_stderr=se, nll_trend_limit=limit)
+        # the safety net's unit (step.nll_unit): the mean |NLL|, or where smaller the rows' spread of it; a constant
+        # added to nll (nll + 30) moved the mean alone and loosened this limit with it
+        magnitude, unit = nll_unit(torch.stack(per_sample), lambda t: t)
+        size_of = float(early.abs().mean())
+        unit = min(size_of, unit) if unit < magnitude else size_of
+        limit = un.control.max_nll_increase * unit + 2.0 * se
+        record.update(nll_trend=trend, nll_trend_stderr=se, nll_trend_limit=limit, nll_trend_unit=unit)
         if abs(trend) > limit:
             problems.append(
                 f"the repair chain has not settled: the remaining rows' mean NLL moved {trend:+.4g} ± {se:.2g} from "
                 f"the earlier to the later half of its banked samples (from {float(early.mean()):.4g}; limit "
-                f"{100 * un.control.max_nll_increase:g}% of it plus two standard errors)"
+                f"{100 * un.control.max_nll_increase:g}% of {unit:.4g}, the mean |NLL| or where smaller the rows' "
+                "spread of it, plus two standard errors)"
             )
     if before is not None and size:
         rise = float((_row_nll(un, un.bank[_evenly(size, 16)], data) - _row_nll(un, before, data)).mean())
