@@ -308,8 +308,15 @@ class RemovableDataset:
             raise ValueError(f"{where} lacks {absent}: pass what state_dict() returned")
         alive, order, pos, gen = (state[k] for k in ("alive", "order", "pos", "generator"))
         if not isinstance(alive, torch.Tensor) or alive.dtype != torch.bool or tuple(alive.shape) != (self.n_total,):
-            got = f"{alive.dtype} {tuple(alive.shape)}" if isinstance(alive, torch.Tensor) else type(alive).__name__
-            raise ValueError(f"{where}: 'alive' must be a bool mask of this data set's {self.n_total} rows, got {got}")
+            got = (
+                f"dtype {alive.dtype}, shape {tuple(alive.shape)}"
+                if isinstance(alive, torch.Tensor)
+                else type(alive).__name__
+            )
+            raise ValueError(
+                f"{where}: 'alive' must be a bool mask of this data set's {self.n_total} rows (dtype torch.bool), "
+                f"got {got}"
+            )
         alive = alive.detach().cpu()
         if not bool(alive.any()):
             raise ValueError(f"{where}: 'alive' marks every row removed; a data set keeps at least one row")
