@@ -1,7 +1,8 @@
 """The safety check's linear term: forward mode (stop 35's rule: batched through ``vmap`` from ``LOOP_DRAWS_FROM_DIM``
-parameters) against the difference the unlearner takes from ``CHECK_DIFFERENCE_FROM_DIM`` parameters, looped over
-draws (central differences in stop 36, the one-sided difference since stop 37), on the same request sequence in one
-process.
+parameters) against the difference the unlearner takes from ``CHECK_DIFFERENCE_FROM_DIM`` parameters (and, for a
+convolutional network, from ``CHECK_ONESIDED_CONV_FROM_DIM``), looped over draws (central differences in stop 36, the
+one-sided difference since stop 37), on the same request sequence in one process. Each request's line prints the
+linear term the request took (``jvp`` or ``onesided``).
 
 Two unlearners on copies of one model-matrix chain take the same requests (the forgotten set first, then random
 kept rows of ``--rows``), alternating which goes first; each request's CPU time, the check's (``_Part.measure``)
@@ -41,8 +42,17 @@ def old_loop(model: torch.nn.Module, dim: int, check: bool = False) -> bool:
     return conv and U.LOOP_CONV_DRAWS_FROM_DIM <= dim < U.LOOP_DRAWS_FROM_DIM
 
 
-#: per rule: (the threshold the check's linear term reads, the draw-looping rule)
-RULES = {"forward": (2**62, old_loop), "difference": (U.CHECK_DIFFERENCE_FROM_DIM, NEW_LOOP)}
+#: per rule: (the thresholds the check's linear term reads, ``CHECK_DIFFERENCE_FROM_DIM`` and
+#: ``CHECK_ONESIDED_CONV_FROM_DIM`` (:func:`~mcmc_unlearner.unlearner.check_linear_rule`), the draw-looping rule)
+RULES = {
+    "forward": (2**62, 2**62, old_loop),
+    "difference": (U.CHECK_DIFFERENCE_FROM_DIM, U.CHECK_ONESIDED_CONV_FROM_DIM, NEW_LOOP),
+}
+
+
+def use_rule(name: str) -> None:
+    """Set the unlearner's check rule to ``RULES[name]`` (``"difference"``: the library's own)."""
+    U.CHECK_DIFFERENCE_FROM_DIM, U.CHECK_ONESIDED_CONV_FROM_DIM, U.loop_over_draws = RULES[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         line = []
         for name in list(RULES) if k % 2 == 0 else list(RULES)[::-1]:
             rule[0], counting[0] = name, k >= args.start
-            U.CHECK_DIFFERENCE_FROM_DIM, U.loop_over_draws = RULES[name]
+            use_rule(name)
             c0 = time.process_time()
             rep = uns[name].remove((p.x_train[rows], p.y_train[rows]), mm.forever(mm.loader(xr, yr, p.batch, k)),
                                    n_remaining=len(xr))  # fmt: skip
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             line.append(f"{name} {spent:.2f} s ({rep.damping_trials} trials, damping {rep.damping_relative:.3g}x, "
                         f"shortfall {rep.step_shortfall:.3g}, {rep.info['check_linear']})")  # fmt: skip
         print(f"  request {k}: " + "; ".join(line), flush=True)
-    U.CHECK_DIFFERENCE_FROM_DIM, U.loop_over_draws = RULES["difference"]
+    use_rule("difference")
     n = args.requests - args.start
     print(f"requests {args.start}-{args.requests - 1}, per request (CPU s; SGLD epochs over 10k rows):")
     for name in RULES:

@@ -1227,12 +1227,14 @@ def print_table(results: list[dict[str, Any]], out: Any = sys.stdout) -> None:
     Columns: forgotten rows' NLL fraction (and the retrain pair's own fraction), kept-data test error (points)
     or RMSE for origin / mean retrain / unlearn, distance to retrain (and between the two retrain chains),
     forgotten rows' error for origin / retrain / unlearn (classification), the request's peak memory, wall and
-    CPU seconds, the CPU seconds of one 10k-row SGLD epoch and the request in epochs (CPU over CPU).
+    CPU seconds, the CPU seconds of one 10k-row SGLD epoch and the request in epochs (CPU over CPU); with ``--fit``
+    also the one-off fit before the request, CPU seconds and epochs (not in the request's columns).
     """
+    fits = any("fit_cpu_seconds" in r["request"] for r in results)
     head = (
         f"{'model':<12}{'params':>10} {'status':<11}{'fraction':>9}{'[pair]':>7}  {'metric':<5}{'origin':>7}"
         f"{'retrain':>8}{'unlearn':>8}{'|Δ|':>7}{'[pair]':>7}  {'forgot err o/r/u':>17}{'mem GB':>7}{'req s':>7}"
-        f"{'cpu s':>7}{'epoch':>7}{'req/ep':>7}  targets"
+        f"{'cpu s':>7}{'epoch':>7}{'req/ep':>7}" + (f"{'fit cpu s':>10}{'fit/ep':>7}" if fits else "") + "  targets"
     )
     print(head, file=out)
     print("-" * len(head), file=out)
@@ -1258,7 +1260,9 @@ def print_table(results: list[dict[str, Any]], out: Any = sys.stdout) -> None:
             f"{_fmt(r.get('retrain_pair_fraction')):>7}  {metric:<5}{_fmt(r['origin'][acc]):>7}{_fmt(rmean):>8}"
             f"{_fmt(un.get(acc)):>8}{dist_s:>7}{pair_s:>7}  {forgot:>17}{_fmt(req.get('peak_gb')):>7}"
             f"{_fmt(req.get('seconds'), '.1f'):>7}{_fmt(req.get('cpu_seconds'), '.1f'):>7}"
-            f"{_fmt(req.get('epoch_cpu_seconds'), '.1f'):>7}{_fmt(r.get('epochs_per_request')):>7}  "
+            f"{_fmt(req.get('epoch_cpu_seconds'), '.1f'):>7}{_fmt(r.get('epochs_per_request')):>7}"
+            + (f"{_fmt(req.get('fit_cpu_seconds'), '.1f'):>10}{_fmt(r.get('fit_epochs')):>7}" if fits else "")
+            + "  "
             + (
                 "INVALID: a chain diverged"
                 if r.get("invalid")
@@ -1284,11 +1288,14 @@ def print_table(results: list[dict[str, Any]], out: Any = sys.stdout) -> None:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """The results as a Markdown table (for the README notes)."""
+    """The results as a Markdown table (for the README notes); with ``--fit`` a column of the one-off fit's cost."""
+    fits = any("fit_cpu_seconds" in r["request"] for r in results)
     rows = [
         "| model | params | status | fraction (pair) | kept-data metric: origin / retrain / unlearn (distance; pair) "
-        "| forgotten-row error o / r / u | peak GB | request s (CPU) | epoch CPU s | request / epoch | report |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| forgotten-row error o / r / u | peak GB | request s (CPU) | epoch CPU s | request / epoch | "
+        + ("one-off fit s (CPU; epochs) | " if fits else "")
+        + "report |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if fits else ""),
     ]
     for r in results:
         req = r["request"]
@@ -1321,7 +1328,14 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {r['params']:,} | {status} | {_fmt(r.get('fraction'))} "
             f"({_fmt(r.get('retrain_pair_fraction'))}) | {metric} | {forgot} | {_fmt(req.get('peak_gb'))} | "
             f"{_fmt(req.get('seconds'), '.1f')} ({_fmt(req.get('cpu_seconds'), '.1f')}) | "
-            f"{_fmt(req.get('epoch_cpu_seconds'), '.2f')} | {_fmt(r.get('epochs_per_request'))} | {rep} |"
+            f"{_fmt(req.get('epoch_cpu_seconds'), '.2f')} | {_fmt(r.get('epochs_per_request'))} | "
+            + (
+                f"{_fmt(req.get('fit_seconds'), '.1f')} ({_fmt(req.get('fit_cpu_seconds'), '.1f')}; "
+                f"{_fmt(r.get('fit_epochs'))}) | "
+                if fits
+                else ""
+            )
+            + f"{rep} |"
         )
     return "\n".join(rows)
 

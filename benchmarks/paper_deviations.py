@@ -25,9 +25,18 @@ from mcmc_unlearner.samplers import run_chain, scale_lr
 
 
 class SameBatch(P._ReferenceUnlearner):
-    """The seed class's product: one minibatch for the sampler step and the Hessian-vector product."""
+    """The old benchmark's product: one minibatch ``z`` for both the sampler step and the Hessian-vector product
+    (the faithful procedure, the seed class's ``_sampled_hvp`` since stop 46, draws a second minibatch for it)."""
 
-    _sampled_hvp = P.sgmcmcUnlearner._sampled_hvp
+    def _sampled_hvp(self, v: torch.Tensor, sampler) -> torch.Tensor:
+        total = None
+        for _ in range(self.param_dict["samp_T"]):
+            z = next(sampler)
+            self._apply_sample(z)
+            flat = self._flat(self._grad(self._fun(z), create_graph=True))
+            hv = self._flat(list(torch.autograd.grad(flat, self.params, grad_outputs=v, allow_unused=True)))
+            total = hv.detach() if total is None else total + hv.detach()
+        return total / self.param_dict["samp_T"]
 
 
 def apply(pu: P.PaperUnlearner, data: RemovableDataset, requests, remove_first: bool, init: float, rescale: bool):
@@ -128,5 +137,6 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="shorter chains in the digits case")
     quick = ap.parse_args().quick
     torch.set_num_threads(1)
+    print(f"torch threads {torch.get_num_threads()}; quick={quick}")
     conjugate()
     digits(quick)

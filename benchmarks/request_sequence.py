@@ -30,6 +30,26 @@ import model_matrix as mm
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 
 
+def summary_line(rows: list[dict], warmup: float, fit_cpu: float | None, ep_cpu: float) -> str:
+    """The closing line: the first request, the later ones' range and the total with the one-offs (the
+    ``torch._dynamo`` import and, with ``--fit``, the fit), each in seconds CPU and epochs; also for one request.
+    """
+    total = sum(r["cpu_seconds"] for r in rows) + warmup + (fit_cpu or 0.0)
+    later = [r["epochs"] for r in rows[1:]]
+    cause = "after the fit" if fit_cpu is not None else "its own one-off costs"
+    first = f"first request {rows[0]['epochs']:.2f} epochs ({cause}"
+    return (
+        first
+        + "; the torch._dynamo import is timed apart, in the total)"
+        + (f"; later requests {min(later):.2f}-{max(later):.2f} epochs" if later else "")
+        + f"; one-offs: import {warmup:.2f} s CPU"
+        + (f", fit {fit_cpu:.2f} s CPU = {fit_cpu / ep_cpu:.2f} epochs" if fit_cpu is not None else "")
+        + f"; total {total:.1f} s CPU = {total / ep_cpu:.2f} epochs for {len(rows)} request"
+        + ("s" if len(rows) > 1 else "")
+        + f" and the one-off import{' and fit' if fit_cpu is not None else ''}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -152,17 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'; correction ' + row['recenter'] if row.get('recenter_seconds') is not None else ''}",
             flush=True,
         )
-    later = [r["epochs"] for r in rows_out[1:]]
-    total = sum(r["cpu_seconds"] for r in rows_out) + warmup + fit_cpu
-    print(
-        f"first request {rows_out[0]['epochs']:.2f} epochs "
-        f"({'after the fit' if args.fit else 'its own one-off costs'}; the torch._dynamo import is "
-        "timed apart, in the total); later requests "
-        f"{min(later):.2f}-{max(later):.2f} epochs; total {total:.1f} s CPU = {total / ep_cpu:.2f} epochs for "
-        f"{len(rows_out)} requests and the one-off import{' and fit' if args.fit else ''}"
-        if later
-        else f"one request: {rows_out[0]['epochs']:.2f} epochs"
-    )
+    print(summary_line(rows_out, warmup, fit_cpu if args.fit else None, ep_cpu))
     if args.json:
         meta = {"model": p.name, "description": p.description, "params": p.n_params(), "quick": not args.full,
                 "seed": args.seed, "threads": torch.get_num_threads(), "torch": torch.__version__,

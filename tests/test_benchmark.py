@@ -88,3 +88,51 @@ def test_ours_details_count_curvature_builds_and_failed_checks(bench) -> None:
 
     d = bench.ours_details({"reports": [rep(False), rep(True), rep(True, ["unsafe"]), rep(None)]})
     assert d["curvature_builds"] == 2 and d["failed_checks"] == ["unsafe"] and d["solver"] == ["exact"]
+
+
+def test_memory_child_reports_its_own_peak_not_the_parents(bench) -> None:
+    """``ru_maxrss`` of a child (``wait4``) carries the parent's peak over on Linux; the child's VmHWM does not."""
+    import inspect
+    import resource
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("VmHWM needs Linux /proc")
+    x = torch.ones(100_000_000)  # 400 MB touched: the parent's peak
+    x.add_(1)
+    del x
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert parent > 400
+    # a bare interpreter running the benchmark's own reader, nothing else (a few MiB)
+    code = inspect.getsource(bench.own_peak_kib) + f"\nprint({bench.PEAK_MARK!r}, own_peak_kib())\n"
+    child = bench.child_peak_mib([sys.executable, "-c", code])
+    assert 0 < child < 100 < parent - 300
+
+
+def test_measure_memory_returns_each_childs_own_peak(bench, monkeypatch) -> None:
+    seen = []
+
+    def fake(cmd):
+        seen.append(cmd[cmd.index("--memory-phase") + 1])
+        return {"train": 400.0, "unlearn": 450.0}[seen[-1]]
+
+    monkeypatch.setattr(bench, "child_peak_mib", fake)
+    mem = bench.measure_memory(True, 1)
+    assert seen == ["train", "unlearn"]
+    assert (mem["train_peak_mib"], mem["unlearn_peak_mib"]) == (400.0, 450.0) and mem["ratio"] == pytest.approx(1.125)
+
+
+def test_report_prints_which_total_speedup_it_is_and_the_ratio_of_the_printed_totals(bench, capsys) -> None:
+    def method(totals):
+        runs = [_run([t / 2, t / 2]) for t in totals]
+        return {"runs": runs, "cold_first_request": 0.1, "reproducible": True}
+
+    paper, ours = method([1.0, 1.2, 3.0]), method([2.0, 1.0, 1.5])
+    methods = {"paper": bench.timing_summary(paper), "ours": bench.timing_summary(ours)}
+    res = {"setup": "s", "methods": methods, "speedups": {"ours": bench.speedups(paper, ours)}, "accuracy_measure": "a"}
+    bench.report("case", res)
+    out = capsys.readouterr().out
+    # per-repetition ratios 0.5, 1.2, 2.0 (median 1.2); median totals 1.2 and 1.5 (ratio 0.8)
+    assert "(median [min-max] of per-repetition ratios): total 1.2 [0.5-2.0]x" in out
+    assert "ratio of the median totals above 0.80x" in out
+    assert "first-median(rest) ms" in out

@@ -45,6 +45,8 @@ CASES = [
     ("draw_batching.py", ["--networks", "bogus"], "--networks"),
     ("distributed.py", ["--json", UNWRITABLE], "--json"),
     ("distributed.py", ["--reps", "0"], "--reps"),
+    ("distributed.py", ["--damping", "-1"], "--damping"),
+    ("distributed.py", ["--damping", "fast"], "--damping"),
     ("service_checks.py", ["threads", "--model", "/nonexistent"], "--model"),
     ("service_checks.py", ["verify-race", "--json", UNWRITABLE], "--json"),
     ("gmm_seed_table.py", ["docs/runs/digits-s0"], "runs"),

@@ -113,3 +113,14 @@ def test_layer_zoo_threads_are_set_before_any_work_passed_on_printed_and_saved(
         assert seen["run_one"] == 1  # the default
     finally:
         torch.set_num_threads(before)
+
+
+def test_request_sequence_prints_the_one_offs_also_for_one_request() -> None:
+    rs = _load("request_sequence")
+    one = [{"cpu_seconds": 4.0, "epochs": 2.0}]
+    line = rs.summary_line(one, 1.0, 3.0, 2.0)
+    assert "import 1.00 s CPU" in line and "fit 3.00 s CPU = 1.50 epochs" in line
+    assert "total 8.0 s CPU = 4.00 epochs for 1 request and the one-off import and fit" in line
+    line = rs.summary_line([*one, {"cpu_seconds": 1.0, "epochs": 0.5}], 1.0, None, 2.0)
+    assert "fit" not in line and "later requests 0.50-0.50 epochs" in line
+    assert "total 6.0 s CPU = 3.00 epochs for 2 requests and the one-off import" in line

@@ -1,7 +1,7 @@
 """benchmarks/distributed.py must produce its table: a timing benchmark whose request fails the quality checks
-(as it does at HEAD with the script's own defaults) must not crash with a QualityError traceback. Its
-communication is counted (the tensors passed to the collectives), not computed from a formula, and it runs
-repetitions whose spread it reports."""
+(as it did with the script's former fixed damping=1.0; its defaults now pass) must not crash with a QualityError
+traceback. Its communication is counted (the tensors passed to the collectives), not computed from a formula, and it
+runs repetitions whose spread it reports."""
 
 import importlib.util
 import json
@@ -96,3 +96,17 @@ def test_distributed_benchmark_runs_to_its_table(tmp_path: Path) -> None:
     total = two["seconds_total_spread"]["median"]
     assert abs(total - (20 * two["seconds_per_step"] + two["seconds_per_request"])) < 1e-9
     assert two["speedup_spread"]["request"] == {"median": 1.0, "min": 1.0, "max": 1.0}  # against itself
+
+
+def test_distributed_benchmark_default_request_passes_its_quality_checks(tmp_path: Path) -> None:
+    """The timed request at the script's defaults (one process) is one the library accepts, not a refused one."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "d.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--procs", "1", "--reps", "1",
+           "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["config"]["damping"] == "auto"
+    assert res["rows"][0]["request_failed_checks"] == 0
+    assert "failed its quality checks" not in r.stdout

@@ -278,3 +278,33 @@ def test_harness_memory_measurement_sees_an_allocation() -> None:
     assert out["status"] == "ok", out
     assert 0.35 < out["peak"] < 0.6
     assert out["capped"]
+
+
+def test_harness_tables_show_the_one_off_fit_cost() -> None:
+    """With ``--fit`` the printed and Markdown tables carry the fit's one-off cost beside the request's."""
+    import io
+
+    problem = mm.BUILDERS["mlp"](True, 0, "class")
+    bank = torch.zeros(3, problem.n_params())
+
+    def chain(nll: float, err: float) -> Any:
+        stats = {"nll_forgot": nll, "test_error": err, "error_forgot": 0.0}
+        return mm.Chain(model=None, bank=bank, seconds=1.0, stats=stats)
+
+    req = {"status": "ok", "stats": {"nll_forgot": 4.0, "test_error": 6.0, "error_forgot": 50.0}, "peak_gb": 0.5,
+           "user_bank_intact": True, "seconds": 1.5, "cpu_seconds": 1.25, "epoch_seconds": 2.5,
+           "epoch_cpu_seconds": 2.5, "fit_seconds": 17.5, "fit_cpu_seconds": 15.0}  # fmt: skip
+    r = mm.summarize(problem, chain(1.0, 5.0), [chain(7.0, 5.0), chain(5.0, 6.0)], req, 0)
+    assert r["fit_epochs"] == pytest.approx(6.0)
+    buf = io.StringIO()
+    mm.print_table([r], out=buf)
+    head, _, row = buf.getvalue().splitlines()[:3]
+    assert "fit cpu s" in head and "15.0" in row.split() and "6.00" in row.split()
+    md = mm.markdown_table([r])
+    assert "one-off fit" in md and "17.5 (15.0; 6.00)" in md
+    plain = dict(req)
+    del plain["fit_seconds"], plain["fit_cpu_seconds"]
+    r = mm.summarize(problem, chain(1.0, 5.0), [chain(7.0, 5.0), chain(5.0, 6.0)], plain, 0)
+    buf = io.StringIO()
+    mm.print_table([r], out=buf)
+    assert "fit" not in buf.getvalue().splitlines()[0] and "fit" not in mm.markdown_table([r])
