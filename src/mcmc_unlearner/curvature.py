@@ -297,9 +297,12 @@ class SampleAveragedHessian:
         shared_args: If true, ``args`` are the same for every draw (no leading ``S`` dimension).
         backend: ``"func"`` (forward-over-reverse, vmapped), ``"autograd"`` (double backward loop) or
             ``"auto"`` (the ``prefer``-red one, falling back to the other if the model does not support it).
-        chunk_size: Draws processed together by ``vmap`` (bounds memory).
+        chunk_size: Draws processed together by ``vmap`` (bounds memory). When it is under the number of draws,
+            the mean is summed batch by batch (never every draw's ``[S, D]`` products at once).
         prefer: Which backend ``"auto"`` tries first: ``"func"`` (many draws or vectors) or ``"autograd"``
             (one vector at a few draws of a larger network, where the loop is cheaper).
+        max_products: Single-draw products that fit in memory at once (``None``: no bound beyond
+            ``chunk_size``); a product with a ``[D, k]`` block then takes its columns in groups within it.
     """
 
     def __init__(
@@ -312,6 +315,7 @@ class SampleAveragedHessian:
         backend: str = "auto",
         chunk_size: int | None = 64,
         prefer: str = "func",
+        max_products: int | None = None,
     ) -> None:
         if prefer not in ("func", "autograd"):
             raise ValueError(f"prefer must be 'func' or 'autograd', got {prefer!r}")
@@ -325,6 +329,7 @@ class SampleAveragedHessian:
         self.backend = backend
         self.chunk_size = chunk_size
         self.prefer = prefer
+        self.max_products = max_products
         self.n_products = 0  # single-draw Hessian-vector products computed so far
 
     @property
@@ -338,8 +343,25 @@ class SampleAveragedHessian:
     def _mv_func(self, v: torch.Tensor) -> torch.Tensor:
         hvp = _func_hvp(self.f)
         arg_dims = (None,) * len(self.args) if self.shared_args else (0,) * len(self.args)
-        batched = vmap(hvp, in_dims=(0, None, *arg_dims), chunk_size=self.chunk_size)
-        return batched(self.thetas, v, *self.args).mean(0)
+        S, step = self.n_draws, self.chunk_size
+        if step is None or step >= S:  # every draw in one batch: the [S, D] products and their mean, as always
+            batched = vmap(hvp, in_dims=(0, None, *arg_dims), chunk_size=step)
+            return batched(self.thetas, v, *self.args).mean(0)
+        batched = vmap(hvp, in_dims=(0, None, *arg_dims))
+        total = None
+        for s0 in range(0, S, step):  # summed batch by batch: one batch's products at a time, not [S, D]
+            args = self.args if self.shared_args else tuple(a[s0 : s0 + step] for a in self.args)
+            part = batched(self.thetas[s0 : s0 + step], v, *args).sum(0)
+            total = part if total is None else total + part
+            del part
+        return total / S
+
+    def _columns(self, k: int) -> int:
+        """Columns of a ``[D, k]`` block multiplied at once (``max_products`` single-draw products in all)."""
+        if self.max_products is None:
+            return k
+        draws = self.n_draws if self.chunk_size is None else min(self.n_draws, self.chunk_size)
+        return max(1, min(k, self.max_products // max(draws, 1)))
 
     def _mv_autograd(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(v)
@@ -368,7 +390,12 @@ class SampleAveragedHessian:
         if v.ndim == 2:
             if self.backend == "func":
                 self.n_products += self.n_draws * v.shape[1]
-                out = vmap(self._mv_func, in_dims=1, out_dims=1)(v.detach())
+                k, cols = v.shape[1], self._columns(v.shape[1])
+                mv = vmap(self._mv_func, in_dims=1, out_dims=1)
+                if cols >= k:
+                    out = mv(v.detach())
+                else:  # the columns in groups: every column at every draw at once would pass the memory budget
+                    out = torch.cat([mv(v[:, j : j + cols].detach()) for j in range(0, k, cols)], dim=1)
                 return out + self.damping * v if self.damping else out
             return torch.stack([self @ v[:, j] for j in range(v.shape[1])], dim=1)
         self.n_products += self.n_draws

@@ -124,6 +124,18 @@ MAX_STEP_SHORTFALL = 100.0
 MAX_RELATIVE_DAMPING = 1e4
 #: Forward-over-reverse products keep about this many times the activations a backward pass saves.
 _HVP_MEMORY_FACTOR = 3
+#: The dense Hessian's column chunks, when there are several, are planned at this many times their bytes: the
+#: C heap grows across the chunks' allocations beyond what one chunk holds (a 993-parameter MLP's 10 chunks of 105
+#: columns peaked at 2.2-2.4x a 200 MB budget, at 1.3x with this margin; 0.7x with glibc's
+#: MALLOC_MMAP_THRESHOLD_=65536, which returns such buffers at once).
+_DENSE_CHUNK_MARGIN = 2
+#: One vmapped forward-over-reverse product at one draw of the iterative solvers' operator holds about this many
+#: times what a backward pass saves (tangents of every activation, the batched copies; measured 5-14x through
+#: convolutions and attention, the factor 3 above ran 3-11x over the budget) ...
+_HVP_PRODUCT_FACTOR = 12
+#: ... and this many copies of the parameters (the draw's unflattened weights, their tangents, the gradient and
+#: its tangent, the product, its share of the ``[S, D]`` result): 20-30 measured on a 301k-parameter MLP.
+_HVP_D_COPIES = 24
 #: Layers whose weights act at many positions or time steps: for a small model with one ``auto`` takes the dense
 #: Gauss-Newton matrix instead of the dense Hessian (one request on 574-954-parameter CNNs took 33-278 s CPU with
 #: the Hessian, 2.8-6.0 s with the Gauss-Newton matrix; the chains trained in 4-10 s).
@@ -893,6 +905,14 @@ CHECK_D_COPIES = 3
 #: the per-draw gradient, the draw moved, a solve's workspace): with one row's derivatives, the floor below which a
 #: request is refused before anything runs (``MCMCUnlearner._request_floor``).
 REQUEST_D_COPIES = 8
+#: Copies of the bank (``[S + 1, D]``: the samples and the live draw) ``bank_shift="sample"`` holds when it solves
+#: every sample at once (their gradients, the solve's right-hand sides, solutions and workspace, the moved samples):
+#: 8.6-9.5 measured (K-FAC, 64 samples of a 301k-parameter MLP: 730 MB against a 64 MB budget). Beyond the budget
+#: the samples are solved in chunks beside ``SAMPLE_SHIFT_RESERVE`` copies (the samples with the live draw, the
+#: moved ones and the request's checks on them: 3.6 measured). The mean shift's one copy, ``bank + x``, is the
+#: request's result (0.3 copies beside it measured), as a gradient's output is.
+SAMPLE_SHIFT_COPIES = 10
+SAMPLE_SHIFT_RESERVE = 4
 #: Rows per pass of its first-moment measurement, at most (bounds its memory; on LeNet-5, 512–2,048-row chunks were no
 #: slower than 4,096 on an earlier machine) ...
 RECENTER_ROW_CHUNK = 1024
@@ -1777,7 +1797,9 @@ class MCMCUnlearner:
         if solver != "auto":
             return _choice(SolverName, "solver", solver, extra=("auto",)), "chosen by the caller"
         d = self.spec.dim
-        need = dense_memory(d)
+        # in the model's item size: float64 matrices take 4/3 of float32's (dense_memory's default), and 'auto' took
+        # the exact path for a 993-parameter float64 model whose 47 MB passed half an 80 MB budget (peak 312 MB)
+        need = dense_memory(d, ParamSpec.params(self.model)[0].element_size())
         shared = sorted(
             {
                 type(m).__name__
@@ -2312,6 +2334,8 @@ class MCMCUnlearner:
                 "curvature_data='minibatch', or solver='kfac'/'cg'"
             )
         cols = chunk_for(self.memory_budget, per_col, d, reserve)
+        if cols < d:  # chunked: the margin for the heap's growth across the chunks (one chunk has none)
+            cols = chunk_for(self.memory_budget, _DENSE_CHUNK_MARGIN * per_col, d, reserve)
         S = thetas.shape[0]
         draws = chunk_for(self.memory_budget, per_col * d, S, reserve) if cols == d else 1
         if self.backend != "autograd":
@@ -2330,10 +2354,22 @@ class MCMCUnlearner:
         op = SampleAveragedHessian(f, thetas, batch, shared_args=shared, backend="autograd")
         return op.dense()
 
+    def _operator_plan(self, thetas: torch.Tensor, rows: int) -> tuple[int, int]:
+        """``(draws per batch, products at once)`` of the iterative solvers' Hessian-vector products within the
+        budget: each single-draw product over ``rows`` rows is planned at ``_HVP_PRODUCT_FACTOR`` times what one
+        call saves plus ``_HVP_D_COPIES`` copies of the parameters (a 301k-parameter MLP's 3 draws per batch,
+        planned at 3x the saved bytes alone, peaked at 183 MB under a 16 MB budget)."""
+        S, D = thetas.shape
+        per = _HVP_PRODUCT_FACTOR * self._call_cost(rows) + _HVP_D_COPIES * D * thetas.element_size()
+        products = max(1, self.memory_budget // max(per, 1))
+        return min(S, products), products
+
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         rows = batch[0].shape[0 if shared else 1]
-        chunk = chunk_for(self.memory_budget, _HVP_MEMORY_FACTOR * self._call_cost(rows), thetas.shape[0])
-        return SampleAveragedHessian(f, thetas, batch, shared_args=shared, backend=self.backend, chunk_size=chunk)
+        chunk, products = self._operator_plan(thetas, rows)
+        return SampleAveragedHessian(
+            f, thetas, batch, shared_args=shared, backend=self.backend, chunk_size=chunk, max_products=products
+        )
 
     # ------------------------------------------------------------------ draws
     def _chain_draws(self, remaining: _Stream, n: int, removed: Batch | None = None) -> torch.Tensor:
@@ -2924,6 +2960,19 @@ class MCMCUnlearner:
                 f"per call), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at "
                 f"least {format_bytes(floor)}; nothing was changed"
             )
+        if self.bank_shift is BankShift.SAMPLE and self.bank is not None:
+            # before anything runs: the per-sample shift's copies of the bank, in chunks of samples when they do
+            # not fit at once, but at least the reserve and one sample's
+            total, row = self.bank.shape[0] + 1, self.spec.dim * self.bank.element_size()
+            need = (SAMPLE_SHIFT_RESERVE * total + SAMPLE_SHIFT_COPIES) * row
+            if self._sample_shift_chunk() <= self.bank.shape[0] and need > self.memory_budget:
+                raise MemoryError(
+                    f"bank_shift='sample' needs at least {format_bytes(need)} ({SAMPLE_SHIFT_RESERVE} copies of the "
+                    f"bank's {self.bank.shape[0]} samples of {self.spec.dim:,} parameters and one sample's solve), "
+                    f"over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
+                    f"{format_bytes(need)}, use bank_shift='mean', or keep fewer samples in the bank; nothing was "
+                    "changed"
+                )
         sampler_state = None
         if expectation is Expectation.CHAIN:
             draws = self._chain_draws(stream, n, batch)
@@ -3668,6 +3717,19 @@ class MCMCUnlearner:
         except SolverDivergedError:
             return torch.full_like(dev, float("nan"))
 
+    def _sample_shift_chunk(self) -> int:
+        """Samples ``bank_shift="sample"`` solves at once: all (with the live draw) when their
+        ``SAMPLE_SHIFT_COPIES`` copies fit the budget, else as many as fit beside ``SAMPLE_SHIFT_RESERVE`` copies
+        of the bank (at least 1; :meth:`_propose` refuses a budget that holds not even that)."""
+        if self.bank is None:
+            return 1
+        total = self.bank.shape[0] + 1
+        row = self.bank.shape[1] * self.bank.element_size()
+        if SAMPLE_SHIFT_COPIES * total * row <= self.memory_budget:
+            return total
+        reserve = SAMPLE_SHIFT_RESERVE * total * row
+        return chunk_for(self.memory_budget, SAMPLE_SHIFT_COPIES * row, total - 1, reserve)
+
     def _shift(
         self,
         live: torch.Tensor,
@@ -3685,11 +3747,25 @@ class MCMCUnlearner:
             # each sample's own influence about the common shift x: x is what the check measured and carries the
             # further Newton steps and the carried influence of earlier requests, which per-sample gradients of the
             # removed rows alone would drop
+            step = self._sample_shift_chunk()
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
-            g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
-            own = self.curvature.solve(g_all.T, damping).x.T
-            mean = own[1:].mean(0) if self.bank is not None else own[0]
-            moved = pts + x + length * (own - mean)
+            if step >= pts.shape[0]:  # every sample at once (within the budget): as always
+                g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
+                own = self.curvature.solve(g_all.T, damping).x.T
+                mean = own[1:].mean(0) if self.bank is not None else own[0]
+                moved = pts + x + length * (own - mean)
+            else:  # ``step`` samples at a time: their gradients, solve and move, beside one [S+1, D] result
+                info["bank_shift_chunks"] = math.ceil(pts.shape[0] / step)
+                moved = torch.empty_like(pts)
+                for s0 in range(0, pts.shape[0], step):
+                    g = self._per_draw_grads(h_f, pts[s0 : s0 + step], batch, rowwise=True)
+                    moved[s0 : s0 + step] = self.curvature.solve(g.T, damping).x.T
+                    del g
+                mean = moved[1:].mean(0)
+                for s0 in range(0, pts.shape[0], step):  # the same elementwise steps as above, in place
+                    own = moved[s0 : s0 + step]
+                    own.copy_(pts[s0 : s0 + step] + x + length * (own - mean))
+                del own
             if check is not None and self.bank is not None:
                 # each sample's own term was applied unmeasured until stop 46 (a digits MLP, 150 random rows: the
                 # remaining rows' NLL over every sample +22-76%, every check passed)

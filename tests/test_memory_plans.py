@@ -1,0 +1,146 @@
+"""Plans of the memory budget: the iterative solvers' Hessian-vector products, the dense path's item size and
+column chunks, and the per-sample bank shift's copies of the bank (asserted as plans and equal results, not as
+measured peaks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mcmc_unlearner.unlearner as U
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.backends import dense_memory
+from mcmc_unlearner.curvature import ParamSpec, SampleAveragedHessian
+from mcmc_unlearner.memory import chunk_for
+
+
+def _nll(m, b):
+    return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def _lp(m):
+    return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+
+def _data(n: int, d_in: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=torch.float64), torch.randint(classes, (n,), generator=g)
+
+
+def test_hessian_vector_products_are_planned_per_draw_and_summed_batch_by_batch() -> None:
+    """The operator planned each draw at 3x what one call saves: a 301k-parameter MLP's 3 draws per vmapped batch
+    peaked at 183 MB under a 16 MB budget (one product holds ~20-30 copies of the parameters), and the batches'
+    ``[S, D]`` products were all formed before their mean. The parameters' copies are planned now, the mean summed
+    batch by batch: the same products as every draw at once (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 5)).double()  # 2,437 parameters
+    x, y = _data(8 * 16, 32, 5)
+    theta = ParamSpec.flatten_module(model)
+    S, D = 8, theta.numel()
+    thetas = theta + 0.05 * torch.randn(S, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batch = (x.view(S, 16, 32), y.view(S, 16))
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, solver="cg", memory_budget="1GB")
+    f = un._energy_f(1000)
+    un._bytes_per_row(f, theta, (x[:16], y[:16]))
+    whole = un._operator(f, thetas, batch, False)
+    assert whole.chunk_size == S  # not binding: every draw in one batch, as before
+    per = U._HVP_PRODUCT_FACTOR * un._call_cost(16) + U._HVP_D_COPIES * D * 8
+    un.memory_budget = 3 * per + per // 2
+    assert 3 * U._HVP_MEMORY_FACTOR * un._call_cost(16) * S < un.memory_budget  # the old plan: all 8 at once
+    op = un._operator(f, thetas, batch, False)
+    assert op.chunk_size == 3  # draws per batch (the old plan: 8)
+    assert op.max_products == 3
+    v = torch.randn(D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = whole @ v
+    assert torch.allclose(op @ v, ref, rtol=1e-12, atol=1e-12)
+    ref_sum = torch.stack([SampleAveragedHessian(f, thetas[s : s + 1], (batch[0][s : s + 1], batch[1][s : s + 1])) @ v
+                           for s in range(S)]).mean(0)  # fmt: skip
+    assert torch.allclose(ref, ref_sum, rtol=1e-12, atol=1e-12)
+    # a [D, k] block (the per-sample shift's right-hand sides): its columns in groups within the planned products
+    V = torch.randn(D, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert op._columns(4) == 1 and whole._columns(4) == 4
+    assert torch.allclose(op @ V, whole @ V, rtol=1e-12, atol=1e-12)
+    # all in one batch: the same numbers as the vmapped mean of every draw's product, bit for bit
+    assert torch.equal(whole @ v, SampleAveragedHessian(f, thetas, batch, backend="func", chunk_size=S) @ v)
+
+
+def test_auto_counts_the_dense_matrices_in_the_models_item_size() -> None:
+    """``auto`` sized the dense matrices at 4 bytes a number: a 993-parameter float64 MLP took the exact path
+    (47 MB of matrices over half an 80 MB budget; peak 312 MB)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))  # 227 parameters
+    d = sum(p.numel() for p in model.parameters())
+    budget = dense_memory(d, 4) + dense_memory(d, 8)  # half of it: over float32's matrices, under float64's
+    assert 2 * dense_memory(d, 4) <= budget < 2 * dense_memory(d, 8)
+    assert MCMCUnlearner(model, nll=_nll, memory_budget=budget).solver.value == "exact"
+    un = MCMCUnlearner(model.double(), nll=_nll, memory_budget=budget)
+    assert un.solver.value == "kfac" and "over half the memory budget" in un.solver_reason
+
+
+def test_dense_hessian_column_chunks_keep_a_margin_only_when_chunked(monkeypatch) -> None:
+    """Several column chunks grow the heap past what one holds (2.2-2.4x a 200 MB budget): when the columns are
+    chunked they are planned at ``_DENSE_CHUNK_MARGIN`` times their bytes; one chunk of every column is as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = _data(30, 4, 3)
+    theta = ParamSpec.flatten_module(model)
+    d = theta.numel()
+    thetas = theta + 0.1 * torch.randn(3, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    un = MCMCUnlearner(model, nll=_nll, memory_budget="1GB")
+    f = un._energy_f(100)
+    un._bytes_per_row(f, theta, (x, y))
+    seen = []
+    real = U.jacrev
+
+    def spy(fn, *a, chunk_size=None, **k):
+        seen.append(chunk_size)
+        return real(fn, *a, chunk_size=chunk_size, **k)
+
+    monkeypatch.setattr(U, "jacrev", spy)
+    H = un._dense_hessian(f, thetas, (x, y), True)
+    per_col = U._HVP_MEMORY_FACTOR * un._call_cost(30)
+    reserve = dense_memory(d, 8)
+    un.memory_budget = reserve + 12 * per_col
+    assert chunk_for(un.memory_budget, per_col, d, reserve) == 12  # the plan without the margin
+    Hc = un._dense_hessian(f, thetas, (x, y), True)
+    assert seen == [None, 12 // U._DENSE_CHUNK_MARGIN]
+    assert torch.allclose(Hc, H, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_bank_shift_in_chunks_of_samples_equals_all_at_once_and_refuses_what_cannot_fit() -> None:
+    """``bank_shift="sample"`` held ~9.5 copies of the bank unplanned (K-FAC, 64 samples of a 301k-parameter MLP:
+    730 MB under a 64 MB budget, no refusal). Over the budget the samples are solved in chunks (the same shift as
+    all at once, float64), and a budget that holds not even the chunks' reserve is refused before anything runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()  # 227 parameters
+    x, y = _data(300, 10, 3)
+    theta = ParamSpec.flatten_module(model)
+    S, D = 64, theta.numel()
+    bank = theta + 0.02 * torch.randn(S, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    row = D * 8
+    budget = U.SAMPLE_SHIFT_RESERVE * (S + 1) * row + 4 * U.SAMPLE_SHIFT_COPIES * row  # 4 samples per chunk
+    assert budget < U.SAMPLE_SHIFT_COPIES * (S + 1) * row  # not all at once
+
+    def request(force_whole: bool):
+        torch.manual_seed(5)
+        un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank.clone(), solver="kfac", bank_shift="sample",
+                           memory_budget=budget)  # fmt: skip
+        if force_whole:
+            un._sample_shift_chunk = lambda: S + 1
+        return un, un.propose((x[:6], y[:6]), (x[6:], y[6:]))
+
+    un, chunked = request(False)
+    assert chunked.report.info.get("bank_shift_chunks") == 17  # 65 rows (the live draw and 64 samples) by 4
+    assert un._sample_shift_chunk() == 4
+    _, whole = request(True)
+    assert "bank_shift_chunks" not in whole.report.info
+    assert torch.allclose(chunked.bank, whole.bank, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(chunked.live, whole.live, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(chunked.bank, bank)  # it moved the samples
+    small = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank.clone(), solver="kfac", bank_shift="sample",
+                          memory_budget=U.SAMPLE_SHIFT_RESERVE * (S + 1) * row)  # fmt: skip
+    before = ParamSpec.flatten_module(model).clone()
+    with pytest.raises(MemoryError, match=r"bank_shift='sample'.*raise memory_budget.*bank_shift='mean'.*fewer"):
+        small.propose((x[:6], y[:6]), (x[6:], y[6:]))
+    assert torch.equal(small.bank, bank) and torch.equal(ParamSpec.flatten_module(model), before)
