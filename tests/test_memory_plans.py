@@ -144,3 +144,27 @@ def test_sample_bank_shift_in_chunks_of_samples_equals_all_at_once_and_refuses_w
     with pytest.raises(MemoryError, match=r"bank_shift='sample'.*raise memory_budget.*bank_shift='mean'.*fewer"):
         small.propose((x[:6], y[:6]), (x[6:], y[6:]))
     assert torch.equal(small.bank, bank) and torch.equal(ParamSpec.flatten_module(model), before)
+
+
+def test_every_row_for_the_dense_curvature_is_judged_in_the_models_item_size(monkeypatch) -> None:
+    """``curvature_data`` decided whether every remaining row fits beside the dense matrices sized at 4 bytes a
+    number: a float64 model took every row where its matrices alone left too little of the budget."""
+    from mcmc_unlearner.stream import _Stream
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = _data(30, 4, 3)
+    d = ParamSpec.flatten_module(model).numel()
+    un = MCMCUnlearner(model, nll=_nll, solver="exact", curvature_data="full", memory_budget="1GB")
+    monkeypatch.setattr(un, "_call_cost", lambda n: 1000 * n)  # a fixed cost per row: the rows' part of the plan
+    rows = U._HVP_MEMORY_FACTOR * 1000 * 30
+    # the rows fit beside float32's matrices, not beside float64's
+    un.memory_budget = rows + (dense_memory(d, 4) + dense_memory(d, 8)) // 2
+    assert rows <= un.memory_budget - dense_memory(d, 4) and rows > un.memory_budget - dense_memory(d, 8)
+    info: dict = {}
+    with pytest.warns(UserWarning, match="all rows do not fit the memory budget"):
+        _, every_row = un._curvature_data(_Stream((x, y), 30), 30, 2, info)
+    assert not every_row and "do not fit the memory budget" in info["curvature_data"]
+    un.memory_budget = rows + dense_memory(d, 8)  # with room for float64's matrices: every row
+    _, every_row = un._curvature_data(_Stream((x, y), 30), 30, 2, info)
+    assert every_row and info["curvature_data"] == "full"

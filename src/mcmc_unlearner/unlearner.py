@@ -2483,8 +2483,8 @@ class MCMCUnlearner:
         if want == "full":
             full = stream.full()
             fits = _HVP_MEMORY_FACTOR * self._call_cost(n) <= self.memory_budget - dense_memory(
-                self.spec.dim if self.solver in _DENSE else 0
-            )
+                self.spec.dim if self.solver in _DENSE else 0, ParamSpec.params(self.model)[0].element_size()
+            )  # in the parameters' item size (float64: 8 bytes; stop 48's memory probe)
             if full is not None and fits:
                 info["curvature_data"] = "full"
                 return full, True
