@@ -127,8 +127,9 @@ def test_load_state_dict_checks_everything_and_changes_nothing_on_a_bad_state() 
         target = _ds()
         target.load_state_dict(good)
         before = _snapshot(target)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as refused:
             target.load_state_dict(bad)
+        assert "state_dict() returned" in str(refused.value), message  # every message names the fix
         after = _snapshot(target)
         for k, v in before.items():
             assert torch.equal(v, after[k]), (message, k)

@@ -234,7 +234,7 @@ def test_the_draws_nll_limit_is_the_safety_nets_unit() -> None:
     h = torch.stack([f(t, x[~gone], y[~gone]) for t in torch.cat([moved.bank, moved.live[None]])]).detach()
     size, unit = nll_unit(h, lambda t: t)
     assert size == pytest.approx(before, rel=1e-10) and rise > 0 and unit < 0.5 * before
-    assert info.get("emptied_label_resample_remaining_nll_unit", unit) == pytest.approx(unit, rel=1e-8)
+    assert info["emptied_label_resample_remaining_nll_unit"] == pytest.approx(unit, rel=1e-8)
     info = run(rise / (unit * before) ** 0.5).report.info  # rise ≤ limit·(mean NLL), rise > limit·unit
     assert info["emptied_label_resample"].startswith("not kept")
     # what resample_label_rows measures is nll_unit's pair on the rows' cross-entropy at every sample

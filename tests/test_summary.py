@@ -338,7 +338,7 @@ def test_runs_of_other_settings_are_refused_and_out_stays_outside_the_runs(tmp_p
     [
         ({"seed": 1, "accuracy": 0.9, "loss": 0.2}, 'it has no "experiment" key'),  # any tool's metrics.json
         ({"experiment": "resnet-train", "seed": 1, "accuracy": 0.9}, "its \"experiment\" is 'resnet-train'"),
-        ({"experiment": 7, "seed": 1}, 'it has no "experiment" key'),
+        ({"experiment": 7, "seed": 1}, 'its "experiment" is 7, not one of'),
     ],
 )
 def test_a_json_object_no_run_of_this_tool_wrote_is_refused_naming_it(tmp_path, capsys, foreign, said):

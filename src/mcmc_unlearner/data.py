@@ -300,8 +300,21 @@ class RemovableDataset:
         """Restore what :meth:`state_dict` returned. Every entry is checked first; on any error nothing changes.
 
         Raises:
-            ValueError: naming the entry that is missing or does not fit this data set.
+            ValueError: naming the entry that is missing or does not fit this data set, and the fix.
         """
+        try:
+            alive, order, pos, gen = self._checked_state(state)
+        except ValueError as e:
+            if "state_dict() returned" in str(e):
+                raise
+            raise ValueError(f"{e}: pass what this data set's state_dict() returned, unedited") from None
+        self.generator.set_state(gen)
+        self._alive = alive.clone()
+        self._order = order.clone()
+        self._pos = pos
+
+    def _checked_state(self, state: dict) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """:meth:`load_state_dict`'s checks: the mask, order, position and generator state, as they will be set."""
         where = "data set state"
         absent = [k for k in ("alive", "order", "pos", "generator") if k not in state]
         if absent:
@@ -353,7 +366,4 @@ class RemovableDataset:
             torch.Generator().set_state(gen)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"{where}: 'generator' is not a CPU generator state ({e})") from e
-        self.generator.set_state(gen)
-        self._alive = alive.clone()
-        self._order = order.clone()
-        self._pos = pos
+        return alive, order, pos, gen

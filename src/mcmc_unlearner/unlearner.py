@@ -3444,11 +3444,14 @@ class MCMCUnlearner:
         stream = _Stream(remaining, None, rows_as_data=self._reduce is None)
         moved = self.bank if self.bank is not None else ParamSpec.flatten_module(self.model)[None]
         info: dict[str, Any] = {}
-        self._forget_request = None if ids is None else (remaining, torch.as_tensor(ids, dtype=torch.long))
+        held, self._forget_request = (
+            self._forget_request,
+            None if ids is None else (remaining, torch.as_tensor(ids, dtype=torch.long)),
+        )
         try:
             return self._emptied_label_problem(batch, stream, moved, info), info
         finally:
-            self._forget_request = None
+            self._forget_request = held
 
     def _resample_emptied(
         self, stream: _Stream, live: torch.Tensor, bank: torch.Tensor | None, info: dict[str, Any], every: bool = False

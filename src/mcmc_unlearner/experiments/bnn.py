@@ -1531,7 +1531,8 @@ def _evaluate(
         if r.weights is None:
             probs[name] = ex.predict(_thin_to(r.bank, cfg.eval_samples))
         else:
-            # the offset's own seed (s + 8, beside the methods' s + 1 ... s + 7): reproducible, one per method
+            # the offset's own seed (s + 8, beside the methods' s + 1 ... s + 7): reproducible; every weighted method
+            # gets the same offset
             keep, w = _weighted_thin(r.weights, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed * 1000 + 8))
             probs[name] = ex.predict(r.bank[keep], w)
             evaluated[name] = int(keep.numel())

@@ -106,9 +106,10 @@ def check_run(file: Path, metrics: dict[str, Any]) -> str:
     if kind in RUN_KINDS:
         return kind
     known = ", ".join(f"{k!a} (mcmc-unlearner {cmd})" for k, cmd in RUN_KINDS.items())
+    given = metrics.get("experiment") if isinstance(metrics, dict) else None
     what = (
-        f'its "experiment" is {ascii(kind)[:40]}, not one of {known}'
-        if kind is not None
+        f'its "experiment" is {ascii(kind if kind is not None else given)[:40]}, not one of {known}'
+        if kind is not None or given is not None
         else f'it has no "experiment" key naming one of {known}'
     )
     raise ValueError(

@@ -284,7 +284,7 @@ def load_model(
 
 
 #: Unlearner settings a cached curvature (dense Hessian, K-FAC factors, Lanczos preconditioner) is built with.
-CURVATURE_SETTINGS = ("curvature_draws", "curvature_data", "precondition_rank", "likelihood", "mc_samples")
+CURVATURE_SETTINGS = ("hessian", "curvature_draws", "curvature_data", "precondition_rank", "likelihood", "mc_samples")
 
 
 def curvature_settings_changed(base: MCMCUnlearner, other: MCMCUnlearner) -> dict[str, tuple[Any, Any]]:

@@ -386,7 +386,7 @@ def forget(
                 entry["info"]["curvature_rebuilt"] = (
                     "built for this request's "
                     + ", ".join(f"{k}={new!a}" for k, (_, new) in rebuilt.items())
-                    + " (the saved curvature was built with "
+                    + " (the folder's configuration, whose curvature is not used for it: "
                     + ", ".join(f"{k}={old!a}" for k, (old, _) in rebuilt.items())
                     + "); not kept for later requests"
                 )
