@@ -380,3 +380,25 @@ def test_fit_checks_its_arguments_whatever_the_solver(chain, solver) -> None:
     stream = iter([(x[:50], y[:50]), (x[50:], y[50:])])
     assert un.fit(stream, n_remaining=400).curvature_kept is False
     assert torch.equal(next(stream)[0], x[:50])  # not read: the request checks the minibatch it reads
+
+
+def test_drop_curvature_forgets_the_build_alone(chain) -> None:
+    """``drop_curvature`` (what the deletion service calls when an override changes how the curvature is built):
+    the next request builds its own, as it would without ``fit``; the damping carried from earlier requests stays
+    (``reset_curvature`` forgets it too), and a proposal made before the drop is refused at apply."""
+    model, bank, x, y = chain
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[torch.nonzero(y == 3).flatten()[:20]] = False
+    remaining = (x[keep], y[keep])
+    un = MCMCUnlearner(model, bank=bank, solver="kfac")
+    un.fit(remaining)
+    control = un.control.state()
+    stale = un.propose((x[~keep][:10], y[~keep][:10]), remaining)
+    assert stale.report.info["preconditioner_reused"] is True  # fit's build, taken as the request's own
+    un.drop_curvature()
+    assert un.control.state() == control
+    fresh = un.propose((x[~keep][:10], y[~keep][:10]), remaining)
+    assert fresh.report.info["preconditioner_reused"] is False
+    with pytest.raises(ValueError, match="stale|earlier|no longer"):
+        un.apply(stale)
+    un.apply(fresh)

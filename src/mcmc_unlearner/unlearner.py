@@ -4336,6 +4336,15 @@ class MCMCUnlearner:
                     "state's tensors, or start without it)"
                 )
 
+    def drop_curvature(self) -> None:
+        """Forget the cached curvature alone (a :meth:`fit`'s build included), so that the next request builds its
+        own; the damping, carried influence, first moment and removal count stay (:meth:`reset_curvature` forgets
+        those too). The deletion service calls it when a request's override changed what the curvature is built
+        with."""
+        self.curvature.reset()
+        self._fitted, self._fit_data = False, None
+        self._version += 1  # an earlier proposal would put back the curvature just dropped
+
     def reset_curvature(self) -> None:
         """Forget cached curvature, the carried damping, carried influence, the first moment ``recenter_every``
         restores and the count of rows removed since the samples were set (:data:`CUMULATIVE_REMOVAL`); call after

@@ -326,14 +326,8 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
         un.reset_curvature()  # another solver: the cache of the saved one does not apply
     else:
         if curvature_settings_changed(base, un):
-            _drop_curvature(un)
+            un.drop_curvature()
     return un
-
-
-def _drop_curvature(un: MCMCUnlearner) -> None:
-    """Drop ``un``'s cached curvature only (damping state, carried influence and counts stay)."""
-    un.curvature.reset()
-    un._fitted, un._fit_data = False, None
 
 
 # ---------------------------------------------------------------------------------------------- save / commit
@@ -523,7 +517,7 @@ def _adopt(base: MCMCUnlearner, done: MCMCUnlearner) -> None:
         base.load_curvature_state(tensors, meta)
         base._state_loaded = False
         if curvature_settings_changed(base, done):  # built with the override's settings: not the saved ones'
-            _drop_curvature(base)
+            base.drop_curvature()
     else:
         base.reset_curvature()
         base._rows_at_samples, base._cumulative_warned = done._rows_at_samples, done._cumulative_warned
