@@ -479,6 +479,12 @@ class _Stream:
         return batch
 
     @property
+    def plain_iterator(self) -> bool:
+        """Whether the source is read once, as given (an iterator that cannot be restarted or put back): a
+        minibatch read from it is lost to whoever reads next."""
+        return self._again is None and self.state() is None
+
+    @property
     def listable(self) -> bool:
         """Whether :meth:`full` can list every remaining row."""
         return callable(getattr(self.source, "remaining", None))

@@ -2881,7 +2881,7 @@ class MCMCUnlearner:
         iterator, whose minibatch would be lost to the next request). Every state is left as it was."""
         with _source_states_kept(remaining):
             stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
-            if stream._again is None and stream.state() is None:
+            if stream.plain_iterator:
                 return  # a plain iterator: its first minibatch is checked by the request that reads it
             data_state = stream.state()
             try:
