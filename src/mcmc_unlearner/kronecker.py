@@ -177,6 +177,32 @@ def _head(batch: Batch, rows: int) -> Batch:
     return tuple(t[:rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
+#: Remaining rows per label on which a categorical likelihood read on the removed rows is verified.
+CHECK_ROWS_PER_LABEL = 4
+
+
+def rows_per_label(batch: Batch, k: int = CHECK_ROWS_PER_LABEL) -> Batch | None:
+    """Up to ``k`` rows of each non-negative integer label ``batch[1]``, in rounds (one of each label, then a second
+    ...), so that the first rows cover many labels; ``None`` when the batch has no such labels."""
+    y = batch[1] if len(batch) > 1 else None
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex():
+        return None
+    if y.dtype == torch.bool or y.numel() == 0:
+        return None
+    idx = (y >= 0).nonzero().flatten()
+    if idx.numel() == 0:
+        return None
+    lab = y[idx].long()
+    order = torch.argsort(lab, stable=True)
+    first = torch.searchsorted(lab[order], lab[order])
+    rank = torch.arange(order.numel(), device=y.device) - first  # the row's place among its label's rows
+    keep = rank < k
+    rows, rank, lab = idx[order][keep], rank[keep], lab[order][keep]
+    pick = rows[torch.argsort(rank * (int(lab.max()) + 1) + lab, stable=True)]
+    b = y.shape[0]
+    return tuple(t[pick] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
+
+
 def _labelled(batch: Batch, empty: bool = False) -> Batch:
     """The rows whose integer label ``batch[1]`` is not negative, when some are (``cross_entropy``'s
     ``ignore_index=-100`` rows: among the probe rows they made a plain cross-entropy read as another loss, and K-FAC

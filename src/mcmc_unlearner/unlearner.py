@@ -3534,20 +3534,15 @@ class MCMCUnlearner:
         return outs[-1][0], (None if bank is None else outs[0])
 
     def _not_plain_on(self, rows: Batch) -> str | None:
-        """Why ``nll`` is not the plain cross-entropy of the logits on ``rows`` (up to 4 of each label, at the live
+        """Why ``nll`` is not the plain cross-entropy of the logits on ``rows`` (``rows_per_label``'s, at the live
         parameters), or ``None``. The likelihood was read on the removed rows, often of one label: a class-weighted
         cross-entropy whose weights are 1 on the labels probed there read as plain, and the draw took the unweighted
         conditional."""
-        from .kronecker import _preserved, select_output
+        from .kronecker import _preserved, rows_per_label, select_output
 
-        y = rows[1]
-        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.numel() == 0:
+        sub = rows_per_label(rows)
+        if sub is None:
             return None
-        order = torch.argsort(y, stable=True)
-        first = torch.searchsorted(y[order], y[order], right=False)
-        pick = order[(torch.arange(y.numel(), device=y.device) - first) < 4]
-        b = y.shape[0]
-        sub = tuple(f[pick] if isinstance(f, torch.Tensor) and f.dim() and f.shape[0] == b else f for f in rows)
         try:
             with _preserved(self.model), torch.no_grad():  # buffers (BatchNorm statistics) and RNG as they were
                 h = self._row_nll(self.model, sub).double()

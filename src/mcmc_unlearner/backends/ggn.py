@@ -42,6 +42,7 @@ from ..kronecker import (
     detect_likelihood,
     prior_precision,
     row_weights,
+    rows_per_label,
     select_output,
 )
 from ..memory import chunk_for
@@ -110,32 +111,6 @@ def output_ggn(
     return 0.5 * (G + G.T)
 
 
-#: Remaining rows per label on which a categorical likelihood read on the removed rows is verified.
-CHECK_ROWS_PER_LABEL = 4
-
-
-def _per_label(batch: tuple, k: int = CHECK_ROWS_PER_LABEL) -> tuple | None:
-    """Up to ``k`` rows of each non-negative integer label ``batch[1]``, in rounds (one of each label, then a second
-    ...), so that the first rows cover many labels; ``None`` when the batch has no such labels."""
-    y = batch[1] if len(batch) > 1 else None
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex():
-        return None
-    if y.dtype == torch.bool or y.numel() == 0:
-        return None
-    idx = (y >= 0).nonzero().flatten()
-    if idx.numel() == 0:
-        return None
-    lab = y[idx].long()
-    order = torch.argsort(lab, stable=True)
-    first = torch.searchsorted(lab[order], lab[order])
-    rank = torch.arange(order.numel(), device=y.device) - first  # the row's place among its label's rows
-    keep = rank < k
-    rows, rank, lab = idx[order][keep], rank[keep], lab[order][keep]
-    pick = rows[torch.argsort(rank * (int(lab.max()) + 1) + lab, stable=True)]
-    b = y.shape[0]
-    return tuple(t[pick] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
-
-
 def _misfit(model: torch.nn.Module, nll: Any, rows: tuple, info: dict[str, Any]) -> str | None:
     """Why ``nll`` on ``rows`` is not the categorical loss ``info`` describes (``row_weights ·
     cross_entropy(select_output(model(x)), y, label_smoothing)``), or ``None`` where it is, to float tolerance."""
@@ -161,7 +136,7 @@ def _checked_on_remaining(
     problem: Problem, removed: tuple, found: tuple[Likelihood, dict[str, Any]]
 ) -> tuple[Likelihood, dict[str, Any]]:
     """``found``, the categorical likelihood read on the removed rows, verified on up to
-    ``CHECK_ROWS_PER_LABEL`` remaining rows of each label: the removed rows often carry one label, and a
+    ``kronecker.CHECK_ROWS_PER_LABEL`` remaining rows of each label: the removed rows often carry one label, and a
     class-weighted cross-entropy whose weights are 1 on the labels probed there read as plain (the GGN then took
     every class's weight as 1). Where it does not hold there, the likelihood is read again on those rows and
     verified on both; where that fails too, ``EMPIRICAL`` with the reason (the exact dense Hessian is used)."""
@@ -172,7 +147,7 @@ def _checked_on_remaining(
         remaining = problem.raw(tuple(t.flatten(0, 1) for t in problem.batch))
     else:
         remaining = problem.draw_batches()[0]
-    rows = _per_label(remaining)
+    rows = rows_per_label(remaining)
     if rows is None or _misfit(problem.model, problem.nll, rows, found[1]) is None:
         return found
     again = detect_likelihood(problem.model, problem.nll, rows)
