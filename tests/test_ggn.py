@@ -254,10 +254,28 @@ def test_ignore_index_rows_enter_no_ggn_term_but_count_in_the_minibatch() -> Non
     assert torch.allclose(be._energy_curvature(q), want, rtol=1e-10, atol=1e-12)
 
 
+def _weighted_ce_problem(w: torch.Tensor, seed: int, label) -> tuple:
+    """A class-weighted cross-entropy MLP problem on 30 rows (the first 6 removed) whose labels ``label(y)`` edits
+    in place, the GGN backend that detected it, and its rows; the detection read the weights ``w``."""
+    from mcmc_unlearner.backends.ggn import GGNBackend
+
+    def weighted(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], weight=w, reduction="none")
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(30, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    label(y)
+    p = _mlp_problem(weighted, (x[:6], y[:6]), (x[6:], y[6:]))
+    be = GGNBackend()
+    lik, info = be._detect(p)
+    assert lik is Likelihood.CATEGORICAL and torch.allclose(torch.tensor(info["class_weights"]).double(), w)
+    return p, be, x, y
+
+
 def test_class_weights_give_an_ignored_row_weight_zero_and_the_ggn_the_weighted_one() -> None:
     """``cross_entropy(weight=w)`` with rows labelled ``-100``: ``row_weights`` indexed ``w`` at -100
     (IndexError); an ignored row now weighs 0 and the GGN is the class-weighted one of the labelled rows."""
-    from mcmc_unlearner.backends.ggn import GGNBackend
     from mcmc_unlearner.kronecker import row_weights
 
     w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
@@ -265,17 +283,7 @@ def test_class_weights_give_an_ignored_row_weight_zero_and_the_ggn_the_weighted_
     got = row_weights((torch.zeros(5, 4), y), {"class_weights": w.tolist()})
     assert torch.equal(got, torch.tensor([0.5, 0.0, 1.0, 2.0, 0.0], dtype=torch.float64))
 
-    def weighted(m, b):
-        return nn.functional.cross_entropy(m(b[0]), b[1], weight=w, reduction="none")
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(30, 4, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 3, (30,), generator=g)
-    y[1::3] = -100
-    p = _mlp_problem(weighted, (x[:6], y[:6]), (x[6:], y[6:]))
-    be = GGNBackend()
-    lik, info = be._detect(p)
-    assert lik is Likelihood.CATEGORICAL and torch.allclose(torch.tensor(info["class_weights"]).double(), w)
+    p, be, x, y = _weighted_ce_problem(w, 5, lambda y: y.__setitem__(slice(1, None, 3), -100))
     want = _linearised_ce_hessian(p, [(x[6:], y[6:])] * 2, [1.0] * 2, weight=w)
     assert torch.allclose(be._energy_curvature(p), want, rtol=1e-10, atol=1e-12)
     want = _linearised_ce_hessian(p, [(x[:6], y[:6])] * 2, [1.0] * 2, weight=w)
@@ -290,17 +298,7 @@ def test_a_likelihood_read_on_the_removed_rows_is_verified_on_the_remaining_rows
 
     w = torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)
 
-    def weighted(m, b):
-        return nn.functional.cross_entropy(m(b[0]), b[1], weight=w, reduction="none")
-
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(30, 4, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 3, (30,), generator=g)
-    y[:6] = 0
-    p = _mlp_problem(weighted, (x[:6], y[:6]), (x[6:], y[6:]))
-    be = GGNBackend()
-    lik, info = be._detect(p)
-    assert lik is Likelihood.CATEGORICAL and torch.allclose(torch.tensor(info["class_weights"]).double(), w)
+    p, be, x, y = _weighted_ce_problem(w, 6, lambda y: y.__setitem__(slice(0, 6), 0))
     want = _linearised_ce_hessian(p, [(x[6:], y[6:])] * 2, [1.0] * 2, weight=w)
     assert torch.allclose(be._energy_curvature(p), want, rtol=1e-10, atol=1e-12)
 
