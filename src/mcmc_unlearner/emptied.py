@@ -280,7 +280,7 @@ def resample_label_rows(
     Returns:
         The new ``[S, D]`` samples, and what was measured: the acceptance rate, the remaining rows' mean NLL over the
         samples before and after, the mean ``|NLL|`` and the rows' standard deviation of it before (averaged over the
-        samples: the safety net's unit, :func:`~.step.nll_unit`, is the smaller), the seconds.
+        samples: the safety net's unit is :func:`~.step.unit_of` of the two), the seconds.
     """
     x, y = remaining[0], remaining[1].long()
     if bool((y < 0).any()):  # cross_entropy's ignore_index rows carry no label: no term of the conditional (their

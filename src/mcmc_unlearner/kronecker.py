@@ -135,7 +135,7 @@ def _first_forward_hook(by_module: dict, hook: Callable) -> Any:
 
 
 @contextlib.contextmanager
-def _preserved(model: nn.Module) -> Iterator[None]:
+def preserved(model: nn.Module) -> Iterator[None]:
     """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit."""
     params = list(model.parameters())
     saved_p = [p.detach().clone() for p in params]
@@ -167,13 +167,14 @@ def _slices(model: nn.Module) -> tuple[ParamSpec, dict[str, slice], dict[int, st
     return spec, offsets, by_id
 
 
-def _field_rows(batch: Batch) -> int:
+def field_rows(batch: Batch) -> int:
+    """The batch's number of rows: the first field's leading dimension."""
     return int(batch[0].shape[0])
 
 
 def _head(batch: Batch, rows: int) -> Batch:
     """The first ``rows`` rows of every field that has the batch's leading dimension."""
-    b = _field_rows(batch)
+    b = field_rows(batch)
     return tuple(t[:rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
@@ -203,7 +204,7 @@ def rows_per_label(batch: Batch, k: int = CHECK_ROWS_PER_LABEL) -> Batch | None:
     return tuple(t[pick] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
-def _labelled(batch: Batch, empty: bool = False) -> Batch:
+def labelled(batch: Batch, empty: bool = False) -> Batch:
     """The rows whose integer label ``batch[1]`` is not negative, when some are (``cross_entropy``'s
     ``ignore_index=-100`` rows: among the probe rows they made a plain cross-entropy read as another loss, and K-FAC
     fall back to the empirical Fisher; stop 47's probe); else ``batch``. ``empty``: no rows (not ``batch``) when
@@ -214,13 +215,13 @@ def _labelled(batch: Batch, empty: bool = False) -> Batch:
     keep = y >= 0
     if bool(keep.all()) or not (empty or bool(keep.any())):
         return batch
-    b = _field_rows(batch)
+    b = field_rows(batch)
     return tuple(t[keep] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
 def _span(batch: Batch, r0: int, r1: int) -> Batch:
     """Rows ``r0:r1`` of every field that has the batch's leading dimension."""
-    b = _field_rows(batch)
+    b = field_rows(batch)
     return tuple(t[r0:r1] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else t for t in batch)
 
 
@@ -299,7 +300,53 @@ def row_weights(batch: Batch, extra: dict[str, Any]) -> Tensor | None:
     scale = extra.get("scale")
     if scale is not None:
         w = scale if w is None else scale * w
-    return None if w is None else torch.as_tensor(w).expand(_field_rows(batch))
+    return None if w is None else torch.as_tensor(w).expand(field_rows(batch))
+
+
+def cross_entropy_misfit(
+    model: nn.Module,
+    nll: NLL,
+    rows: Batch,
+    extra: dict[str, Any],
+    *,
+    failed: str,
+    differs: str,
+    plain: bool = False,
+    flatten: bool = False,
+) -> str | None:
+    """Why ``nll`` on ``rows`` is not the cross-entropy of ``select_output(model(rows[0]), extra)`` with labels
+    ``rows[1]``, or ``None`` where it is to ``1e3`` epsilons of the logits' dtype relative to ``1 + |loss|``.
+    Parameters, buffers (BatchNorm statistics) and the RNG are as they were after it (:func:`preserved`).
+
+    Args:
+        model: The model (the parameters it holds are those compared at).
+        nll: The per-row NLL; a result that is not a tensor of one value per row does not match.
+        rows: The rows compared on.
+        extra: The likelihood's details, as :func:`detect_likelihood` returns them.
+        failed: The reason where the comparison raises; ``{}`` is replaced by the error's type name.
+        differs: The reason where ``nll`` does not match.
+        plain: Compare with the plain cross-entropy (else ``extra``'s ``label_smoothing`` and :func:`row_weights`
+            enter it).
+        flatten: Flatten the logits past the first dimension before the cross-entropy.
+    """
+    try:
+        with preserved(model), torch.no_grad():
+            h = nll(model, rows)
+            logits = select_output(model(rows[0]), extra)
+            if flatten:
+                logits = logits.flatten(1)
+            smoothing = 0.0 if plain else extra.get("label_smoothing", 0.0)
+            want = F.cross_entropy(logits, rows[1].long(), reduction="none", label_smoothing=smoothing).double()
+            w = None if plain else row_weights(rows, extra)
+            if w is not None:
+                want = torch.as_tensor(w).to(want.device, torch.float64) * want
+    except Exception as err:  # a probe: any failure means "not shown to be this loss"
+        return failed.format(type(err).__name__)
+    tol = 1e3 * torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).eps
+    if isinstance(h, Tensor) and h.shape == want.shape:
+        if bool(((h.double() - want).abs() <= tol * (1 + want.abs())).all()):
+            return None
+    return differs
 
 
 def _weight_fields(
@@ -476,10 +523,10 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
         ValueError: if ``nll`` does not return one value per row.
     """
     batch = tuple(batch)
-    probe = _head(_labelled(batch), _PROBE_ROWS)
-    rows = _field_rows(probe)
+    probe = _head(labelled(batch), _PROBE_ROWS)
+    rows = field_rows(probe)
     x, y = probe[0], probe[1] if len(probe) > 1 else None
-    with _preserved(model), torch.no_grad():
+    with preserved(model), torch.no_grad():
         base = nll(model, probe)
         if not isinstance(base, Tensor) or base.shape != (rows,):
             shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
@@ -664,7 +711,7 @@ def _measure_prior(
         return P, notes
     f = functionalize(model, lambda m: log_prior(m))
     gen = torch.Generator().manual_seed(0)
-    with _preserved(model), torch.enable_grad():
+    with preserved(model), torch.enable_grad():
         t = theta.detach().clone().requires_grad_(True)
         value = f(t)
         if not isinstance(value, Tensor) or not value.requires_grad:
@@ -1388,18 +1435,18 @@ class KroneckerCurvature:
         record = {"mode": "empirical"}
         named = dict(model.named_parameters())
         try:
-            with _preserved(model), torch.enable_grad():
+            with preserved(model), torch.enable_grad():
                 for s in range(S):
                     ParamSpec.assign(model, thetas[s])
                     batch = batches[s if len(batches) > 1 else 0]
-                    rows += _field_rows(batch)
+                    rows += field_rows(batch)
                     if lik is Likelihood.CATEGORICAL:
                         # an ignore_index row (label -100) has no likelihood term: it is counted in the rows the
                         # factors are averaged over (a zero there), but its activations and sampled-label gradients
                         # enter no factor (they made the curvature that of every row labelled: 1.5x the GGN with a
                         # third of the rows ignored)
-                        batch = _labelled(batch, empty=True)
-                    B = _field_rows(batch)
+                        batch = labelled(batch, empty=True)
+                    B = field_rows(batch)
                     chunked = row_chunk is not None and row_chunk < B
                     parts = [(r0, min(r0 + row_chunk, B)) for r0 in range(0, B, row_chunk)] if chunked else [(0, B)]
                     draws = _Draws()
@@ -1566,7 +1613,7 @@ class KroneckerCurvature:
     def _guess_without_nll(model: nn.Module, batch: Batch) -> Likelihood:
         probe = _head(batch, _PROBE_ROWS)
         y = probe[1] if len(probe) > 1 else None
-        with _preserved(model), torch.no_grad():
+        with preserved(model), torch.no_grad():
             out = model(probe[0])
         if isinstance(out, Tensor) and out.dim() == 2 and isinstance(y, Tensor) and not y.is_floating_point():
             return Likelihood.CATEGORICAL
@@ -1599,7 +1646,7 @@ class KroneckerCurvature:
         each row's sample is multiplied by ``√w``, so its outer product has the expectation ``w·H``.
         """
         link = link or {}
-        B = _field_rows(batch)
+        B = field_rows(batch)
 
         def whole(make: Callable[[int], Tensor]) -> Tensor:
             """``make(rows)`` for this batch's rows, or for the whole minibatch (cut to this chunk's rows)."""
@@ -1911,7 +1958,7 @@ class KroneckerCurvature:
         memory is linear in rows, so the estimate is too; allocator overhead and fragmentation are not included.
         """
         batch = tuple(example_batch)
-        have = _field_rows(batch)
+        have = field_rows(batch)
         sizes = (2, 4) if have >= 4 else (1, max(have, 1)) if have >= 2 else (1, 1)
         spec, offsets, by_id = _slices(model)
         blocks, _ = _candidates(model, offsets, by_id, max_factor_dim)
@@ -1946,7 +1993,7 @@ class KroneckerCurvature:
             handles = [b.module.register_forward_hook(hook, prepend=True) for b in blocks]
             try:
                 with (
-                    _preserved(model),
+                    preserved(model),
                     torch.enable_grad(),
                     torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None),
                 ):

@@ -168,6 +168,12 @@ class ScreenMode(str, Enum):
             ) from None
 
 
+def unit_of(size: float, spread: float) -> float:
+    """The safety net's unit from a NLL's size (mean ``|h|``) and the rows' spread of it: the spread where it is
+    finite, positive and smaller, else the size (:func:`nll_unit`)."""
+    return min(size, spread) if math.isfinite(spread) and spread > 0 else size
+
+
 def nll_unit(h: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
     """The held rows' NLL size and the safety net's unit for it, from ``h`` (``[draws, rows]``; ``reduce`` sums
     over ranks): ``(mean |h|, unit)``, the unit the mean ``|h|`` or, where smaller, the rows' standard deviation
@@ -187,8 +193,7 @@ def nll_unit(h: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) ->
     magnitude = float(sums[1]) / m
     per_draw = sums[2:].reshape(2, -1)  # [2, K]
     spread = float((per_draw[1] / m - (per_draw[0] / m) ** 2).clamp_min(0.0).sqrt().mean()) if m > 1 else math.nan
-    unit = min(magnitude, spread) if math.isfinite(spread) and spread > 0 else magnitude
-    return magnitude, unit
+    return magnitude, unit_of(magnitude, spread)
 
 
 @dataclass

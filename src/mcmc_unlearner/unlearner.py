@@ -84,6 +84,7 @@ from .step import (
     labels_spread,
     measured_deficit,
     nll_unit,
+    unit_of,
 )
 from .stream import (
     _as_batch,
@@ -3509,10 +3510,10 @@ class MCMCUnlearner:
             for k, v in drawn[1].items():
                 stats[k] += v if k == "seconds" else share * v
         rise = stats["remaining_nll_after"] - stats["remaining_nll_before"]
-        # the safety net's unit (step.nll_unit): the mean |NLL|, or where smaller the rows' spread of it (it was the
+        # the safety net's unit (step.unit_of): the mean |NLL|, or where smaller the rows' spread of it (it was the
         # mean NLL alone, a looser limit than the safety net's wherever the rows' NLLs are alike)
         size, spread = stats.pop("remaining_nll_abs"), stats.pop("remaining_nll_spread")
-        stats["remaining_nll_unit"] = min(size, spread) if math.isfinite(spread) and spread > 0 else size
+        stats["remaining_nll_unit"] = unit_of(size, spread)
         info.update({f"emptied_label_resample_{k}": v for k, v in stats.items()})
         info["emptied_labels_before_resample"] = dict(info["emptied_labels"])
         info["emptied_label_max_probability_before_resample"] = max(info["emptied_labels"].values())  # a ledger scalar
@@ -3538,24 +3539,21 @@ class MCMCUnlearner:
         parameters), or ``None``. The likelihood was read on the removed rows, often of one label: a class-weighted
         cross-entropy whose weights are 1 on the labels probed there read as plain, and the draw took the unweighted
         conditional."""
-        from .kronecker import _preserved, rows_per_label, select_output
+        from .kronecker import cross_entropy_misfit, rows_per_label
 
         sub = rows_per_label(rows)
         if sub is None:
             return None
-        try:
-            with _preserved(self.model), torch.no_grad():  # buffers (BatchNorm statistics) and RNG as they were
-                h = self._row_nll(self.model, sub).double()
-                logits = select_output(self.model(sub[0]), self._label_link[0]).flatten(1)
-                ce = torch.nn.functional.cross_entropy(logits, sub[1].long(), reduction="none").double()
-        except Exception as err:  # a probe: any failure means "not shown to be the plain cross-entropy"
-            return f"nll could not be compared with the cross-entropy on the remaining rows ({type(err).__name__})"
-        tol = 1e3 * torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).eps
-        if h.shape == ce.shape and bool(((h - ce).abs() <= tol * (1 + ce.abs())).all()):
-            return None
-        return (
-            "nll is not the plain cross-entropy of the logits on the remaining rows (e.g. per-class weights on labels "
-            "the removed rows do not carry), and the draw's conditional is a plain cross-entropy's"
+        return cross_entropy_misfit(
+            self.model,
+            lambda m, b: self._row_nll(m, b).double(),  # a result that is not a tensor: "could not be compared"
+            sub,
+            self._label_link[0],
+            failed="nll could not be compared with the cross-entropy on the remaining rows ({})",
+            differs="nll is not the plain cross-entropy of the logits on the remaining rows (e.g. per-class weights "
+            "on labels the removed rows do not carry), and the draw's conditional is a plain cross-entropy's",
+            plain=True,
+            flatten=True,
         )
 
     def _remaining_labels(self, stream: _Stream) -> torch.Tensor | None:

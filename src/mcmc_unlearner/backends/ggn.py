@@ -36,10 +36,10 @@ from torch.func import jacrev, vmap
 from ..curvature import functionalize
 from ..kronecker import (
     Likelihood,
-    _field_rows,
-    _labelled,
-    _preserved,
+    cross_entropy_misfit,
     detect_likelihood,
+    field_rows,
+    labelled,
     prior_precision,
     row_weights,
     rows_per_label,
@@ -114,22 +114,14 @@ def output_ggn(
 def _misfit(model: torch.nn.Module, nll: Any, rows: tuple, info: dict[str, Any]) -> str | None:
     """Why ``nll`` on ``rows`` is not the categorical loss ``info`` describes (``row_weights ·
     cross_entropy(select_output(model(x)), y, label_smoothing)``), or ``None`` where it is, to float tolerance."""
-    try:
-        with _preserved(model), torch.no_grad():  # buffers (BatchNorm statistics) and RNG as they were
-            h = nll(model, rows)
-            logits = select_output(model(rows[0]), info)
-            ce = torch.nn.functional.cross_entropy(
-                logits, rows[1].long(), reduction="none", label_smoothing=info.get("label_smoothing", 0.0)
-            ).double()
-            w = row_weights(rows, info)
-            want = ce if w is None else torch.as_tensor(w).to(ce.device, torch.float64) * ce
-    except Exception as err:  # a probe: any failure means "not shown to be this loss"
-        return f"nll could not be compared with the detected loss on the remaining rows ({type(err).__name__})"
-    tol = 1e3 * torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).eps
-    if isinstance(h, torch.Tensor) and h.shape == want.shape:
-        if bool(((h.double() - want).abs() <= tol * (1 + want.abs())).all()):
-            return None
-    return "nll is not, on the remaining rows, the cross-entropy read on the removed rows"
+    return cross_entropy_misfit(
+        model,
+        nll,
+        rows,
+        info,
+        failed="nll could not be compared with the detected loss on the remaining rows ({})",
+        differs="nll is not, on the remaining rows, the cross-entropy read on the removed rows",
+    )
 
 
 def _checked_on_remaining(
@@ -154,8 +146,8 @@ def _checked_on_remaining(
     if again[0] is Likelihood.CATEGORICAL:
         why = _misfit(problem.model, problem.nll, rows, again[1])
         if why is None:
-            labelled = _labelled(removed, empty=True)
-            why = _misfit(problem.model, problem.nll, labelled, again[1]) if _field_rows(labelled) else None
+            kept = labelled(removed, empty=True)
+            why = _misfit(problem.model, problem.nll, kept, again[1]) if field_rows(kept) else None
         if why is None:
             return again
     else:
@@ -200,8 +192,8 @@ class GGNBackend(DenseBackend):
                 # an ignore_index row (label -100) has no likelihood term: it stays counted in the rows the draw's
                 # weight n/|B| divides by, but enters no Jacobian product (every row was taken as labelled: 1.54x
                 # the GGN with a third of the rows ignored)
-                b = _labelled(b, empty=True)
-                if _field_rows(b) == 0:
+                b = labelled(b, empty=True)
+                if field_rows(b) == 0:
                     continue
             rw = row_weights(b, info)
             g = w * output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw)

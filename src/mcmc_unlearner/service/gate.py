@@ -41,7 +41,7 @@ from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..errors import UnlearningError, all_finite
 from ..samplers import run_chain
-from ..step import nll_unit
+from ..step import nll_unit, unit_of
 from ..unlearner import MCMCUnlearner, RemovalReport, _evenly
 
 __all__ = [
@@ -204,8 +204,8 @@ def repaired_problems(
         # the safety net's unit (step.nll_unit): the mean |NLL|, or where smaller the rows' spread of it; a constant
         # added to nll (nll + 30) moved the mean alone and loosened this limit with it
         magnitude, unit = nll_unit(torch.stack(per_sample), lambda t: t)
-        size_of = float(early.abs().mean())
-        unit = min(size_of, unit) if unit < magnitude else size_of
+        spread = unit if unit < magnitude else math.nan  # the rows' spread, where nll_unit took it for the unit
+        unit = unit_of(float(early.abs().mean()), spread)  # its size: the sample-averaged rows' mean |NLL|
         limit = un.control.max_nll_increase * unit + 2.0 * se
         record.update(nll_trend=trend, nll_trend_stderr=se, nll_trend_limit=limit, nll_trend_unit=unit)
         if abs(trend) > limit:
