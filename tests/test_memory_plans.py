@@ -168,3 +168,78 @@ def test_every_row_for_the_dense_curvature_is_judged_in_the_models_item_size(mon
     un.memory_budget = rows + dense_memory(d, 8)  # with room for float64's matrices: every row
     _, every_row = un._curvature_data(_Stream((x, y), 30), 30, 2, info)
     assert every_row and info["curvature_data"] == "full"
+
+
+def test_dense_matrix_of_the_operator_takes_its_columns_within_max_products() -> None:
+    """``SampleAveragedHessian.dense()`` vmapped 256 columns at every draw of a batch whatever ``max_products``
+    said: a 1,221-parameter MLP's 4 draws over 2,000 rows grew the heap by 2.8 GB with ``max_products=4`` (217 MB
+    with one column at a time). Its columns are now grouped as a ``[D, k]`` product's are: the same matrix, bit for
+    bit where every column fits at once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = _data(30, 4, 3)
+    theta = ParamSpec.flatten_module(model)
+    d = theta.numel()
+    thetas = theta + 0.1 * torch.randn(3, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    un = MCMCUnlearner(model, nll=_nll, memory_budget="1GB")
+    f = un._energy_f(100)
+
+    def dense(**kw):
+        op = SampleAveragedHessian(f, thetas, (x, y), shared_args=True, backend="func", **kw)
+        calls, matvec = [], op.matvec
+        op.matvec = lambda v: calls.append(1) or matvec(v)  # one call per block of columns (vmapped over them)
+        return op.dense(), len(calls)
+
+    whole, n_whole = dense(chunk_size=3)
+    fits, n_fits = dense(chunk_size=3, max_products=3 * d)
+    assert n_whole == n_fits == 1 and torch.equal(fits, whole)
+    one, n_one = dense(chunk_size=1, max_products=1)
+    assert n_one == d  # one column (at one draw) at a time
+    assert torch.allclose(one, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_removed_rows_nll_check_runs_in_passes_that_fit_the_budget_with_the_same_verdicts() -> None:
+    """Every request checked ``nll`` on all its removed rows in one forward pass (50,000 rows of a CNN at once,
+    unplanned). The rows now go in passes of as many as fit the budget (each at its bytes per row; the last pass
+    as full as the others), and every verdict and message is the one the single pass gave (a failure in any pass
+    before a wrong shape, shapes given for all the rows)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = _data(43, 4, 3)
+    bad_label = y.clone()
+    bad_label[-1] = 7
+    seen: list[int] = []
+    model[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    nlls = {
+        "per row": _nll,
+        "mean": lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        "per output": lambda m, b: (m(b[0]) - b[1][:, None]) ** 2,
+    }
+
+    def verdict(nll, budget, batch, request=False):
+        un = MCMCUnlearner(model, nll=nll, log_prior=_lp, bank=ParamSpec.flatten_module(model)[None].clone(),
+                           memory_budget="1GB")  # fmt: skip
+        if not request:
+            un._row_bytes, un._call_bytes = 1000, 500
+        un.memory_budget = budget
+        seen.clear()
+        try:
+            un.propose(batch, (x, y)) if request else un._check_nll(batch)
+        except Exception as e:  # the verdict compared
+            return (type(e).__name__, str(e)), list(seen)
+        return None, list(seen)
+
+    small = 500 + 8 * 1000  # 8 rows a pass
+    for name, nll in nlls.items():
+        for batch in ((x, y), (x, bad_label)):
+            whole, one_pass = verdict(nll, 2**30, batch)
+            chunked, passes = verdict(nll, small, batch)
+            assert one_pass == [43] and chunked == whole, name
+            assert passes and all(p == 8 for p in passes), (name, passes)
+    assert verdict(_nll, small, (x, y))[1] == [8] * 6  # every row read: 0, 8, ..., 32 and the last 8 (35-42)
+    assert "got [43, 3]" in verdict(nlls["per output"], small, (x, y))[0][1]
+    assert verdict(_nll, small, (x, bad_label))[0][0] == "IndexError"
+    # a request: the same refusal before anything runs (the rows' bytes not yet measured: 64 times their inputs)
+    whole, _ = verdict(nlls["mean"], 2**30, (x, y), request=True)
+    chunked, passes = verdict(nlls["mean"], 8 * 64 * (4 * 8 + 8), (x, y), request=True)
+    assert chunked == whole and "one value per row" in whole[1] and passes == [8] * 6

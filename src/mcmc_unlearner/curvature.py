@@ -407,8 +407,14 @@ class SampleAveragedHessian:
         return self @ v
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
-        """The operator as a dense ``[D, D]`` matrix (symmetrised), for small models."""
+        """The operator as a dense ``[D, D]`` matrix (symmetrised), for small models.
+
+        Its columns are taken ``chunk`` at a time, fewer where ``max_products`` holds fewer single-draw products
+        (as ``self @ V`` takes a ``[D, k]`` block): every draw's product with all ``chunk`` columns at once is
+        ``chunk`` times what the plan allows.
+        """
         d = self.dim
+        chunk = max(1, self._columns(min(chunk, d)))
         eye = torch.eye(d, dtype=self.thetas.dtype, device=self.thetas.device)
         cols = []
         for j0 in range(0, d, chunk):

@@ -601,6 +601,11 @@ def _representable(name: str, value: float, dtype: torch.dtype, fix: str, zero_o
         )
 
 
+def _per_row(out: Any, rows: int) -> bool:
+    """Whether ``nll``'s ``out`` holds one value per row of ``rows`` (shape ``[rows]``, or ``[rows, 1, ...]``)."""
+    return isinstance(out, torch.Tensor) and out.numel() == rows and (out.ndim <= 1 or out.shape[0] == rows)
+
+
 def _same_kind(exc: BaseException, message: str) -> Exception:
     """An exception of ``exc``'s class carrying ``message``, or a ``ValueError`` where that class cannot be built
     from a message alone (torch raised a ``UnicodeDecodeError``, whose constructor takes five arguments, for a uint8
@@ -689,6 +694,22 @@ def _default_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model.nll(batch)
 
 
+def _not_per_row(rows: int, shape: list[int]) -> str:
+    """What :func:`_one_per_row` says of an ``nll`` that gave ``shape`` for ``rows`` rows."""
+    return (
+        f"nll(model, batch) must return one value per row (shape [{rows}] for a batch of {rows} rows), got {shape}: "
+        "compute it without reducing over the batch (e.g. reduction='none'), and give every batch (removed rows and "
+        "remaining minibatches) the fields in the same shapes (a label column y[:, None] against outputs [B] "
+        "broadcasts to [B, B])"
+    )
+
+
+def _whole_shape(shape: list[int], rows: int, k: int) -> list[int]:
+    """``shape`` that ``nll`` gave for a pass of ``rows`` rows as one pass over all ``k`` would give it (the
+    leading dimension when it is the rows')."""
+    return [k, *shape[1:]] if shape and shape[0] == rows else list(shape)
+
+
 def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[nn.Module, Batch], torch.Tensor]:
     """``nll`` with a ``[B, 1]`` output (``mse_loss(out, y, reduction="none")`` on ``[B, 1]`` outputs) read as
     ``[B]``; any other shape is passed on (a wrong one is refused by the first request's check)."""
@@ -706,12 +727,9 @@ def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[n
         ):
             # checked on every call, not only on the first request's removed rows: a label given as a column [B, 1]
             # later (or in the remaining data) broadcasts to [B, B] and silently changed every energy and gradient
-            raise ValueError(
-                f"nll(model, batch) must return one value per row (shape [{rows_in}] for a batch of {rows_in} rows), "
-                f"got {list(out.shape)}: compute it without reducing over the batch (e.g. reduction='none'), and give "
-                "every batch (removed rows and remaining minibatches) the fields in the same shapes (a label "
-                "column y[:, None] against outputs [B] broadcasts to [B, B])"
-            )
+            err = ValueError(_not_per_row(rows_in, list(out.shape)))
+            err.nll_shape = list(out.shape)  # type: ignore[attr-defined]  # (_check_nll's passes: the whole's words)
+            raise err
         return out
 
     return rows
@@ -1993,9 +2011,14 @@ class MCMCUnlearner:
                 self._buffers_checked = True
             return
         k = batch[0].shape[0]
+        step = self._check_nll_rows(batch)  # rows per pass: all of them unless the budget asks for fewer
+        rows = min(step, k)
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                out = self.nll(self.model, batch)
+                if rows == k:  # one pass, as always
+                    out = self.nll(self.model, batch)
+                else:
+                    out = self._check_nll_passes(batch, rows)
         except AttributeError as e:
             raise AttributeError(
                 f"nll(model, {role} data) failed: {e}. The unlearner passes every batch to nll as a plain tuple of "
@@ -2004,9 +2027,12 @@ class MCMCUnlearner:
             ) from e
         except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as e:
             indices = removed and len(batch) == 1 and not batch[0].is_floating_point() and batch[0].ndim == 1
+            said = str(e)
+            if rows < k and getattr(e, "nll_shape", None) is not None:  # a pass's shape: as all rows at once give it
+                said = _not_per_row(k, _whole_shape(e.nll_shape, rows, k))
             raise _same_kind(
                 e,
-                f"nll(model, {role} data) failed: {e}. "
+                f"nll(model, {role} data) failed: {said}. "
                 + (
                     "remove() takes the removed rows' data as a batch shaped like the minibatches (e.g. (x, y)), not "
                     "their indices; to remove by index use forget(ids, RemovableDataset)"
@@ -2019,13 +2045,45 @@ class MCMCUnlearner:
                     "fields, dtypes and label range)"
                 ),
             ) from e
-        if not isinstance(out, torch.Tensor) or out.numel() != k or (out.ndim > 1 and out.shape[0] != k):
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if not _per_row(out, rows):
+            shape = _whole_shape(list(out.shape), rows, k) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
         self._remaining_nll_checked = self._remaining_nll_checked or not removed
+
+    def _check_nll_passes(self, batch: Batch, rows: int) -> Any:
+        """``nll`` on ``batch`` in passes of ``rows`` rows (the last as full as the others: a mean over one row
+        would look per-row), with the verdict of one pass over all of them: a failure raised in any pass comes
+        before a wrong shape (a whole pass raises before its shape is judged); else the first pass's output that
+        is not one value per row, or the last pass's."""
+        k, shape_error, wrong = int(batch[0].shape[0]), None, None
+        for s0 in range(0, k, rows):
+            s0 = min(s0, k - rows)
+            try:
+                out = self.nll(self.model, tuple(t[s0 : s0 + rows] for t in batch))
+            except ValueError as e:
+                if getattr(e, "nll_shape", None) is None:
+                    raise
+                shape_error = shape_error or e  # (_one_per_row's: a shape) the later passes may still raise
+                continue
+            if wrong is None and not _per_row(out, rows):
+                wrong = out
+        if shape_error is not None:
+            raise shape_error
+        return out if wrong is None else wrong
+
+    def _check_nll_rows(self, batch: Batch) -> int:
+        """Rows per forward pass of :meth:`_check_nll`: as many as fit the memory budget beside what one call holds,
+        each row at what it saves for a backward pass (``_row_bytes``; before that is measured, 64 times its
+        inputs), at least 2; all rows when their fields are not row-aligned tensors. 50,000 removed rows went
+        through one forward pass on every request, unplanned."""
+        k = int(batch[0].shape[0])
+        if k <= 2 or not all(isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == k for t in batch):
+            return max(k, 1)
+        per_row = self._row_bytes or 64 * sum(t[:1].numel() * t.element_size() for t in batch)
+        return max(2, chunk_for(self.memory_budget, per_row, k, self._call_bytes))
 
     def _data_nll(self, batches: Sequence[Batch]) -> tuple[float, float] | None:
         """The mean per-row NLL of (at most ``FIT_DATA_ROWS`` rows of) ``batches`` at ``FIT_DATA_DRAWS`` evenly
