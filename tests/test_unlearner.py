@@ -299,6 +299,48 @@ def test_equilibrium_step_keeps_every_row_and_thins_the_draws_on_large_data(blr,
     assert torch.allclose(un.bank.mean(0), want, atol=1e-6 * float(delta.norm()))
 
 
+def test_newton_steps_stop_after_a_negligible_step(monkeypatch, caplog) -> None:
+    """``newton_steps`` had no bound but the target ``10⁻³‖G‖``: removing one row that carries next to no gradient
+    from a float32 conjugate regression puts that target below the rounding of the target gradient, and every step
+    after the second was rounding noise (predicted energy change ~1e-11 against the check's resolution ~1e-5), taken
+    and repeated until ``newton_steps`` ran out (300 steps: 8 s; 10⁶: hours). The loop now stops after the first
+    negligible step, says how many steps it took and why, and lands on the equilibrium step's closed-form fixed point
+    ``μ_r + (bank mean − the draws' mean)``, within the draws' Monte-Carlo error of the exact new mean."""
+    import logging
+
+    import mcmc_unlearner.unlearner as U
+
+    real, calls = U.MCMCUnlearner._equilibrium_gradient, []
+
+    def counted(self, *args, **kwargs):  # one call per further step: the old loop is stopped here, not in hours
+        calls.append(1)
+        assert len(calls) <= 50, "the Newton loop went on past 50 steps"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(U.MCMCUnlearner, "_equilibrium_gradient", counted)
+    g = torch.Generator().manual_seed(0)
+    d, n = 3, 2000
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[0] *= 1e-3  # the removed row: next to no gradient
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    A0, A1 = torch.eye(d, dtype=torch.float64) + x.T @ x, torch.eye(d, dtype=torch.float64) + x[1:].T @ x[1:]
+    m0, m1 = torch.linalg.solve(A0, x.T @ y), torch.linalg.solve(A1, x[1:].T @ y[1:])
+    bank = m0 + torch.randn(200, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(torch.linalg.inv(A0)).T
+    steps = 10**4
+    un = MCMCUnlearner(_LinReg(d).float(), bank=bank.float(), solver="exact", newton_steps=steps)
+    with caplog.at_level(logging.INFO, logger="mcmc_unlearner.unlearner"):
+        report = un.remove((x[:1].float(), y[:1].float()), (x[1:].float(), y[1:].float()))
+    taken = report.info["newton_steps_taken"]
+    assert taken == 1 + len(calls) < steps and taken == 1 + len(report.info["newton_step_norms"].split(","))
+    assert report.info["newton_stop"].startswith(f"negligible: step {taken}'s energy change"), report.info
+    assert f"newton step {taken}/{steps}: accepted" in caplog.text
+    draws = int(report.info["newton_data"].split(" at ")[1].split()[0])
+    L1 = torch.linalg.cholesky(A1)  # errors in posterior sd of the new posterior
+    fixed_point = m1 + bank.mean(0) - bank[U._evenly(bank.shape[0], draws)].mean(0)
+    assert float((L1.T @ (un.bank.double().mean(0) - fixed_point)).norm()) < 1e-3
+    assert float((L1.T @ (un.bank.double().mean(0) - m1)).norm()) < 3 * (d / draws) ** 0.5
+
+
 def test_equilibrium_step_is_skipped_with_a_warning_where_the_rows_cannot_be_listed() -> None:
     """Through a ``DataLoader`` the equilibrium target was measured on the safety check's 256 rows and checked on
     them: the step fitted their noise (a conjugate regression, n = 1,900: the bank's mean 6-10 posterior sd from the

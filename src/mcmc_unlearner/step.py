@@ -647,6 +647,8 @@ class StepOutcome:
         nll_rise, nll_stderr, nll_scale: The held rows' NLL rise as the safety net judges it (less the prior's
             credit; pooled with the second measurement where there was one), its standard error, and the rows' NLL
             before the step: what :meth:`DampingControl.record` adds up across requests.
+        negligible: Whether the step's predicted and measured energy changes were both below the check's
+            floating-point resolution (:meth:`DampingControl._negligible`), or the step was zero.
     """
 
     x: torch.Tensor
@@ -670,6 +672,7 @@ class StepOutcome:
     nll_rise: float = math.nan
     nll_stderr: float = math.nan
     nll_scale: float = math.nan
+    negligible: bool = False
 
     def shortened(self) -> StepOutcome:
         """The step cut back towards the measured minimum of the energy along it, when it clearly overshoots it.
@@ -1051,7 +1054,7 @@ class DampingControl:
         ratio = 1.0 if nothing else (meas.actual / pred if pred < 0 else -math.inf)
         dq = backend.damping_quad(x, lam)
         out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
-        out.shape, out.damping_quad = shape, dq
+        out.shape, out.damping_quad, out.negligible = shape, dq, nothing
         credit = min(meas.prior_per_row, 0.0)
         if confirmed is not None:
             out.nll_rise, out.nll_stderr = confirmed["pooled_nll_change"] + credit, confirmed["pooled_nll_stderr"]

@@ -1407,7 +1407,11 @@ class MCMCUnlearner:
             ``damping="auto"`` negative curvature raises the damping instead.
         newton_steps: At most this many damped Newton steps per request (1: the influence step alone; see
             :meth:`_newton_iterations`). Further steps continue while their target gradient is not met
-            (``> 10⁻³‖G‖``) and each step passes its check.
+            (``> 10⁻³‖G‖``), each step passes its check and none was negligible (its energy change below the
+            check's floating-point resolution); ``report.info["newton_steps_taken"]`` and ``["newton_stop"]`` say
+            how many ran and why they stopped. Each costs a gradient pass over every remaining row plus its damping
+            trials' checks, with no other bound: a small MLP took all 1,000 steps asked (56 s), each a measured
+            decrease.
         newton_target: What further Newton steps zero: ``"equilibrium"`` — the bank-averaged gradient of the
             remaining-data energy, ``E[∇F(θ', S∖S')] = 0``, the first-moment identity of the new posterior, on every
             remaining row when the data can list them (also corrects the bank's own Monte-Carlo location error,
@@ -3986,7 +3990,12 @@ class MCMCUnlearner:
         vanishes where the shifted bank's mean gradient equals the old one, checked against the original bank.
 
         The curvature is the first step's (not rebuilt). Steps stop when the target gradient is below
-        ``10⁻³‖G‖``, a step fails its check, or ``newton_steps`` steps were taken.
+        ``10⁻³‖G‖``, a step fails its check, a step taken was negligible (its predicted and measured energy changes
+        both below the check's floating-point resolution, :meth:`DampingControl._negligible
+        <mcmc_unlearner.step.DampingControl._negligible>`: the target is at its rounding floor, and further steps
+        would repeat it), or ``newton_steps`` steps were taken. ``info["newton_steps_taken"]`` counts the steps
+        taken (the influence step included), ``info["newton_stop"]`` says why they stopped; each step is logged
+        at INFO.
 
         Returns:
             The total shift, and the influence to carry to the next request (``relative`` only).
@@ -4013,6 +4022,7 @@ class MCMCUnlearner:
                 )
                 info["newton_data"] = f"skipped: {why}"
                 info["newton_step_norms"] = ""
+                info.update(newton_steps_taken=1, newton_stop=f"skipped: {why}")
                 warnings.warn(
                     f"newton_steps={self.newton_steps} (newton_target='equilibrium') needs the gradient on every "
                     f"remaining row, but {why}: only the influence step was taken. Pass the remaining rows as "
@@ -4026,16 +4036,20 @@ class MCMCUnlearner:
             data = full
             info["newton_data"] = f"all {n} remaining rows at {pts.shape[0]} draws"
             energy = self._energy_f(n) if on_check else e_f  # both scale their batch to n
-        for _ in range(self.newton_steps - 1):
+        target = 1e-3 * float(G.norm())
+        stop, t0 = f"newton_steps={self.newton_steps} reached", time.perf_counter()
+        for k in range(2, self.newton_steps + 1):
             if equilibrium:
                 r = self._equilibrium_gradient(energy, pts + x, data, n)
             else:
                 r = check.gradient(x)
             if not all_finite(r):
+                stop = "the target gradient is not finite"
                 break
             if not equilibrium:
                 carry = -r
-            if float(r.norm()) <= 1e-3 * float(G.norm()):
+            if float(r.norm()) <= target:
+                stop = f"converged: the target gradient {float(r.norm()):.3g} <= 1e-3·‖G‖ = {target:.3g}"
                 break
             if equilibrium:  # the energy change from the shifted bank, with its measured gradient as control variate
                 here = check.at(check.thetas + x, -r)
@@ -4049,6 +4063,10 @@ class MCMCUnlearner:
 
                 step = self.control.step(self.curvature, -r, shifted)
             if not step.safe:
+                stop = f"step {k} refused by its check: {step.note or 'not accepted'}"
+                log.info(
+                    "newton step %d/%d: refused by its check (%.2f s)", k, self.newton_steps, time.perf_counter() - t0
+                )
                 break
             # the NLL rises summed across requests: a step from the shifted bank adds its own rise; a relative step
             # measured the rise from the original bank, the request's whole, recorded once after the last
@@ -4062,7 +4080,21 @@ class MCMCUnlearner:
             if not equilibrium:
                 carry = measured_deficit(-r, step)
             norms.append(float(step.x.norm()))
+            log.info(
+                "newton step %d/%d: accepted after %d damping trial(s), damping %.3g, step norm %.3g, target "
+                "gradient %.3g (converged at %.3g), predicted energy change %.3g (%.2f s)",
+                k, self.newton_steps, step.trials, step.damping, norms[-1], float(r.norm()), target, step.predicted,
+                time.perf_counter() - t0,
+            )  # fmt: skip
+            if step.negligible:  # taken, as before; the next would be the same rounding noise again
+                stop = (
+                    f"negligible: step {k}'s energy change ({step.predicted:.3g} predicted, {step.actual:.3g} "
+                    "measured) is below the check's floating-point resolution"
+                )
+                break
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
+        info.update(newton_steps_taken=1 + len(norms), newton_stop=stop)
+        log.info("newton steps: %d of at most %d taken; %s", 1 + len(norms), self.newton_steps, stop)
         if not equilibrium:
             self.control.record(last)
         return x, (carry if self.carry_deficit else None)
