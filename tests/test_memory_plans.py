@@ -243,3 +243,56 @@ def test_removed_rows_nll_check_runs_in_passes_that_fit_the_budget_with_the_same
     whole, _ = verdict(nlls["mean"], 2**30, (x, y), request=True)
     chunked, passes = verdict(nlls["mean"], 8 * 64 * (4 * 8 + 8), (x, y), request=True)
     assert chunked == whole and "one value per row" in whole[1] and passes == [8] * 6
+
+
+@pytest.mark.parametrize("solver", ["cg", "lissa", "lowrank"])
+def test_matrix_free_solvers_refuse_a_budget_below_one_product_and_change_nothing(solver, monkeypatch) -> None:
+    """Below one draw's planned product the matrix-free solvers still ran, one draw at a time over the budget (a
+    301k-parameter MLP under 16 MB: a 44.4 MB product plan, 122 MB measured). Refused now, naming the plan, the
+    budget and the fixes: before any work when not even one row's product fits, else when the curvature's rows are
+    read, before any product; the bank and the model as they were. The plan itself fits and runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))  # 676 parameters
+    x, y = _data(200, 16, 4)
+    x = x.float()
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.01 * torch.randn(6, theta.numel(), generator=torch.Generator().manual_seed(1))
+    plans = []
+    real_plan = MCMCUnlearner._operator_plan
+
+    def product(un, rows):  # one draw's planned product (_operator_plan)
+        return U._HVP_PRODUCT_FACTOR * un._call_cost(rows) + U._HVP_D_COPIES * theta.numel() * 4
+
+    def spy(self, thetas, rows):
+        plans.append((rows, product(self, rows)))
+        return real_plan(self, thetas, rows)
+
+    monkeypatch.setattr(MCMCUnlearner, "_operator_plan", spy)
+
+    kw = dict(nll=_nll, log_prior=_lp, bank=bank, solver=solver, curvature_draws=2, check_draws=2)
+    kw.update({} if solver == "lowrank" else {"iter_T": 5})
+
+    def request(budget):
+        torch.manual_seed(5)
+        un = MCMCUnlearner(model, memory_budget=budget, **kw)
+        return un, un.propose((x[:3], y[:3]), (x[3:], y[3:]))
+
+    un, _ = request("1GB")
+    (rows, need), one_row = plans[-1], product(un, 1)
+    assert rows > 1 and need > one_row > un._request_floor()
+    for budget, plan, where in ((one_row - 1, one_row, "even over one row"), (need - 1, need, f"over its {rows} rows")):
+        un = MCMCUnlearner(model, memory_budget=budget, **kw)
+        before, calls = ParamSpec.flatten_module(model).clone(), len(plans)
+        with pytest.raises(MemoryError) as err:
+            un.propose((x[:3], y[:3]), (x[3:], y[3:]))
+        msg = str(err.value)
+        assert f"solver={solver!r}: one Hessian-vector product at one draw needs {U.format_bytes(plan)} {where}" in msg
+        assert (
+            f"memory budget of {U.format_bytes(budget)}: raise memory_budget to at least {U.format_bytes(plan)}" in msg
+        )
+        assert "or use solver='kfac'; nothing was changed" in msg
+        assert torch.equal(un.bank, bank) and torch.equal(ParamSpec.flatten_module(model), before)
+        # one row's product: refused before the curvature (no operator planned); the rows': at the plan
+        assert len(plans) == calls + (where != "even over one row")
+    _, prop = request(need)  # the plan itself fits: one draw per batch, one product at a time
+    assert plans[-1] == (rows, need) and torch.isfinite(prop.bank).all()

@@ -145,6 +145,8 @@ _WEIGHT_SHARING = (nn.modules.conv._ConvNd, nn.RNNBase)
 _DENSE = (SolverName.EXACT, SolverName.GGN)
 #: The backends built on Hessian-vector products (second derivatives through the model).
 _HESSIAN_PRODUCTS = (SolverName.EXACT, SolverName.CG, SolverName.LISSA, SolverName.LOWRANK)
+#: The matrix-free backends: the curvature only through Hessian-vector products (``MCMCUnlearner._operator``).
+_MATRIX_FREE = (SolverName.CG, SolverName.LISSA, SolverName.LOWRANK)
 
 
 class Expectation(str, Enum):
@@ -2423,9 +2425,38 @@ class MCMCUnlearner:
         call saves plus ``_HVP_D_COPIES`` copies of the parameters (a 301k-parameter MLP's 3 draws per batch,
         planned at 3x the saved bytes alone, peaked at 183 MB under a 16 MB budget)."""
         S, D = thetas.shape
-        per = _HVP_PRODUCT_FACTOR * self._call_cost(rows) + _HVP_D_COPIES * D * thetas.element_size()
+        per = self._product_bytes(rows, D, thetas.element_size())
+        # agreed across ranks (their minibatches can differ by a row): one rank's refusal left the others waiting
+        need = int(self._reduce_max(torch.tensor([float(per)], dtype=torch.float64))[0])
+        if need > self.memory_budget:  # before any product (propose puts everything back)
+            self._refuse_product(need, rows)
         products = max(1, self.memory_budget // max(per, 1))
         return min(S, products), products
+
+    def _product_bytes(self, rows: int, dim: int | None = None, item: int | None = None) -> int:
+        """Planned bytes of one single-draw Hessian-vector product over ``rows`` rows (:meth:`_operator_plan`), for
+        ``dim`` numbers of ``item`` bytes (default: the model's trainable parameters)."""
+        dim = self.spec.dim if dim is None else dim
+        item = item or ParamSpec.params(self.model)[0].element_size()
+        return _HVP_PRODUCT_FACTOR * self._call_cost(rows) + _HVP_D_COPIES * dim * item
+
+    def _refuse_product(self, need: int, rows: int | None) -> None:
+        """Refuse a matrix-free solver whose single-draw Hessian-vector product (``need`` bytes over ``rows`` rows;
+        ``None``: over one row, before the curvature's rows are read) does not fit the memory budget."""
+        layers = any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in self.model.modules())
+        kfac = layers and self.hessian is HessianKind.REMAINING and not self.custom_energy
+        per_row = _HVP_PRODUCT_FACTOR * (self._row_bytes or 1)
+        where, more = (
+            ("even over one row", f" plus {format_bytes(per_row)} per row of a curvature minibatch")
+            if rows is None
+            else (f"over its {rows} rows", "")
+        )
+        raise MemoryError(
+            f"solver={self.solver.value!r}: one Hessian-vector product at one draw needs {format_bytes(need)} {where} "
+            f"({_HVP_D_COPIES} copies of the {self.spec.dim:,} parameters and {_HVP_PRODUCT_FACTOR}x what one call "
+            f"saves), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
+            f"{format_bytes(need)}{more}" + (", or use solver='kfac'" if kfac else "") + "; nothing was changed"
+        )
 
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         rows = batch[0].shape[0 if shared else 1]
@@ -3023,6 +3054,9 @@ class MCMCUnlearner:
                 f"per call), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at "
                 f"least {format_bytes(floor)}; nothing was changed"
             )
+        if self.solver in _MATRIX_FREE and self._product_bytes(1) > self.memory_budget:
+            # before anything runs: not even one draw's product on one row fits (the exact rows: _operator_plan)
+            self._refuse_product(self._product_bytes(1), None)
         if self.bank_shift is BankShift.SAMPLE and self.bank is not None:
             # before anything runs: the per-sample shift's copies of the bank, in chunks of samples when they do
             # not fit at once, but at least the reserve and one sample's
