@@ -39,9 +39,15 @@ CASES = {
     "screen": (600, "sampler", dict(check_screen="both", check_rows=240)),
     # the chain's sampler steps read the partial minibatches too
     "chain": (401, "sampler", dict(expectation="chain", samp_T=5)),
-    # G's 10 chain states summed chunk by chunk under the budget (their gradients, 10 x 610 floats held twice, 48.8 KB,
-    # exceed 30 KB), the lag sums of chain_error_factor taken on the ranks' all-reduced chunks across chunk boundaries
-    "chain streamed": (401, "sampler", dict(expectation="chain", samp_T=10, memory_budget=30_000, solver="cg")),
+    # G's 10 chain states summed chunk by chunk under a 30 KB budget for G alone (their gradients, 10 x 610 floats held
+    # twice, 48.8 KB, exceed it), the lag sums of chain_error_factor taken on the ranks' all-reduced chunks across chunk
+    # boundaries. The request's own budget fits one CG product (the one process's largest plan, 463 KB over 93 rows):
+    # a whole request at 30 KB is refused, and no budget fits a product (24 copies of D) below 2 x 10 copies of D
+    "chain streamed": (
+        401,
+        "sampler",
+        dict(expectation="chain", samp_T=10, memory_budget=470_000, solver="cg", g_budget=30_000),
+    ),
     # a ShardedDataset against a RemovableDataset: its global minibatches' first 60 rows, wherever their ids live
     "sharded screen": (600, "sharded", dict(check_screen="both", check_rows=240)),
     # the screen on a convolutional network (the rows as 8x8 images): rank 1 holds none of the
@@ -91,10 +97,24 @@ def _unlearner(cls, model, bank, case):
     from mcmc_unlearner import SGLD
 
     kw = dict(KW, **CASES[case][2])
+    g_budget = kw.pop("g_budget", None)
     if kw.get("expectation") == "chain":  # the same noise on every rank and in one process
         sampler = SGLD(model.parameters(), lr=1e-5, generator=torch.Generator().manual_seed(7))
-        return cls(model, sampler, **kw)
-    return cls(model, bank=bank, **kw)
+        un = cls(model, sampler, **kw)
+    else:
+        un = cls(model, bank=bank, **kw)
+    if g_budget is not None:  # G's gradients alone under g_budget (as tests/test_chain_error_bar.py streams them)
+        means = un._grad_means
+
+        def streamed(*args, **kwargs):
+            full, un.memory_budget = un.memory_budget, g_budget
+            try:
+                return means(*args, **kwargs)
+            finally:
+                un.memory_budget = full
+
+        un._grad_means = streamed
+    return un
 
 
 def _rank_loader(x, y, keep, rank, weights, split="sampler"):
@@ -268,3 +288,39 @@ def test_a_distributed_sampler_reads_new_minibatches_on_every_request():
     chain = SGLD(model.parameters(), lr=1e-6, generator=torch.Generator().manual_seed(1))
     run_chain(model, chain, loader, un.energy, 2 * len(loader), len(keep))
     assert ds.read == _order(ds, start + 1, None) + _order(ds, start + 2, None)  # were one order twice
+
+
+def _lag_worker(rank: int, world: int, out: str) -> None:
+    from mcmc_unlearner.distributed import DistributedUnlearner
+
+    x, y, model, bank = _setup()
+    mine = torch.arange(2 + 4 * rank)  # 2 removed rows on rank 0, 6 on rank 1
+    share = (x[mine], y[mine], torch.ones(len(mine)))
+    un = DistributedUnlearner(model, bank=bank, nll=_nll, log_prior=_lp, solver="kfac")
+    h = un._h_f()
+    un._bytes_per_row(un._energy_f(N), bank[0], share)
+    un.memory_budget = 2 * bank.numel() * bank.element_size() - 1  # G's 16 draws streamed, in chunks of a few
+    chunks = [un._grad_plan(bank, len(mine), True, 2 * bank.shape[1] * 4)[0]]
+    lags = torch.zeros(4, dtype=torch.float64)
+    G, _ = un._grad_means(h, bank, share, lags)
+    torch.save({"G": G, "lags": lags, "chunks": chunks}, f"{out}/rank{rank}.pt")
+
+
+def test_chain_lag_sums_of_a_streamed_gradient_agree_when_ranks_remove_different_numbers_of_rows(tmp_path):
+    """Chain mode all-reduces each chunk of ``G``'s per-draw gradients for the lag sums: ranks removing different
+    numbers of rows planned different chunks (4 and 5 draws here) and gloo aborted on the mismatched sizes. The
+    ranks now take the smallest chunk; their sums equal one process's over all the removed rows at once."""
+    from mcmc_unlearner.unlearner import lag_sums
+
+    spawn(_lag_worker, str(tmp_path), world=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[0]["chunks"] != ranks[1]["chunks"] and max(ranks[0]["chunks"] + ranks[1]["chunks"]) < 16
+    x, y, model, bank = _setup()
+    from mcmc_unlearner import MCMCUnlearner
+
+    h = MCMCUnlearner(model, bank=bank, nll=_nll, log_prior=_lp, solver="kfac")._h_f()
+    rows = torch.cat([torch.arange(2), torch.arange(6)])  # the union of the ranks' rows
+    grads = torch.stack([torch.func.grad(h)(t, x[rows], y[rows]) for t in bank])
+    for r in ranks:
+        assert torch.allclose(r["G"], grads.mean(0), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(r["lags"], lag_sums(grads), rtol=1e-5)

@@ -248,7 +248,7 @@ def test_removed_rows_nll_check_runs_in_passes_that_fit_the_budget_with_the_same
 @pytest.mark.parametrize("solver", ["cg", "lissa", "lowrank"])
 def test_matrix_free_solvers_refuse_a_budget_below_one_product_and_change_nothing(solver, monkeypatch) -> None:
     """Below one draw's planned product the matrix-free solvers still ran, one draw at a time over the budget (a
-    301k-parameter MLP under 16 MB: a 44.4 MB product plan, 122 MB measured). Refused now, naming the plan, the
+    301k-parameter MLP under 16 MB: a 44.4 MB product plan). Refused now, naming the plan, the
     budget and the fixes: before any work when not even one row's product fits, else when the curvature's rows are
     read, before any product; the bank and the model as they were. The plan itself fits and runs."""
     torch.manual_seed(0)

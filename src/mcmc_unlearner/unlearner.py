@@ -2276,11 +2276,18 @@ class MCMCUnlearner:
         chunk = chunk_for(self.memory_budget, per_draw, thetas.shape[0], reserve)
         return chunk, step, reserve + chunk * per_draw
 
-    def _grad_chunks(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool, reserve: int) -> Iterator:
+    def _grad_chunks(
+        self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool, reserve: int, agree: bool = False
+    ) -> Iterator:
         """``(s0, s1, ∇f(θ_s, batch) for s in s0:s1)`` chunk by chunk, within the budget less ``reserve``
-        (``rowwise``: ``f`` is a sum over rows, split into parts when one draw over all of them would not fit)."""
+        (``rowwise``: ``f`` is a sum over rows, split into parts when one draw over all of them would not fit;
+        ``agree``: the same chunks on every rank, for a caller that all-reduces each chunk)."""
         rows = batch[0].shape[0]
         chunk, step, _ = self._grad_plan(thetas, rows, rowwise, reserve)
+        if agree and self._reduce is not None:
+            # the same chunks on every rank (the smallest): ranks removing different numbers of rows planned
+            # different chunks, and all-reducing each chunk (chain mode's lag sums) aborted gloo on their sizes
+            chunk = int(-self._reduce_max(torch.tensor([-float(chunk)], dtype=torch.float64))[0])
         parts = [batch] if step >= rows else [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
         for s0 in range(0, thetas.shape[0], chunk):
             th = thetas[s0 : s0 + chunk]
@@ -2362,7 +2369,8 @@ class MCMCUnlearner:
         if lags is not None:
             lags.zero_()
         before = None
-        for s0, s1, g in self._grad_chunks(f, thetas, batch, True, sums.numel() * sums.element_size()):
+        reserve = sums.numel() * sums.element_size()
+        for s0, s1, g in self._grad_chunks(f, thetas, batch, True, reserve, agree=lags is not None):
             cut = min(max(half - s0, 0), s1 - s0)
             if cut:
                 sums[0] += g[:cut].sum(0)
@@ -3054,9 +3062,12 @@ class MCMCUnlearner:
                 f"per call), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at "
                 f"least {format_bytes(floor)}; nothing was changed"
             )
-        if self.solver in _MATRIX_FREE and self._product_bytes(1) > self.memory_budget:
-            # before anything runs: not even one draw's product on one row fits (the exact rows: _operator_plan)
-            self._refuse_product(self._product_bytes(1), None)
+        if self.solver in _MATRIX_FREE:
+            # before anything runs: not even one draw's product on one row fits (the exact rows: _operator_plan);
+            # agreed across ranks, whose shares' saved bytes can differ
+            one = int(self._reduce_max(torch.tensor([float(self._product_bytes(1))], dtype=torch.float64))[0])
+            if one > self.memory_budget:
+                self._refuse_product(one, None)
         if self.bank_shift is BankShift.SAMPLE and self.bank is not None:
             # before anything runs: the per-sample shift's copies of the bank, in chunks of samples when they do
             # not fit at once, but at least the reserve and one sample's
