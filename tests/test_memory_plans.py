@@ -12,7 +12,7 @@ import mcmc_unlearner.unlearner as U
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.backends import dense_memory
 from mcmc_unlearner.curvature import ParamSpec, SampleAveragedHessian
-from mcmc_unlearner.memory import chunk_for
+from mcmc_unlearner.memory import chunk_for, format_bytes, resolve_budget
 
 
 def _nll(m, b):
@@ -288,11 +288,59 @@ def test_matrix_free_solvers_refuse_a_budget_below_one_product_and_change_nothin
         msg = str(err.value)
         assert f"solver={solver!r}: one Hessian-vector product at one draw needs {U.format_bytes(plan)} {where}" in msg
         assert (
-            f"memory budget of {U.format_bytes(budget)}: raise memory_budget to at least {U.format_bytes(plan)}" in msg
-        )
+            f"memory budget of {U.format_bytes(budget)}: raise memory_budget to at least "
+            f"{U.format_bytes(plan, up=True)}" in msg
+        )  # rounded up: a budget of the figure named covers the plan (stop 49)
+        assert resolve_budget(msg.split("to at least ")[1].split(" plus")[0].split(",")[0]) >= plan
         assert "or use solver='kfac'; nothing was changed" in msg
         assert torch.equal(un.bank, bank) and torch.equal(ParamSpec.flatten_module(model), before)
         # one row's product: refused before the curvature (no operator planned); the rows': at the plan
         assert len(plans) == calls + (where != "even over one row")
     _, prop = request(need)  # the plan itself fits: one draw per batch, one product at a time
     assert plans[-1] == (rows, need) and torch.isfinite(prop.bank).all()
+
+
+def test_an_at_least_figure_is_rounded_up_so_that_the_budget_it_names_is_enough() -> None:
+    """The refusals' "raise memory_budget to at least X" rounded X to the nearest tenth of its unit, so a budget of
+    X could be refused again ("needs 118.8 KiB ... over the memory budget of 118.8 KiB": 121,652 bytes read as
+    121,651; stop 49's probe, cg on a GRU). X is now rounded up: the budget it names always covers the need, and
+    stays within a tenth of its unit of it."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [121_652, 1023, 1024, 1025, 512 * 237, 2**20 + 1, 3 * 2**30 + 7]
+    sizes += [int(v) for v in torch.randint(1, 2**40, (500,), generator=g)]
+    for n in sizes:
+        said = format_bytes(n, up=True)
+        unit = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[said.split()[1]]
+        assert n <= resolve_budget(said) < n + max(unit // 10, 1) + 1, (n, said)
+    assert resolve_budget(format_bytes(121_652)) < 121_652  # the old rounding, for the record
+    assert format_bytes(121_652, up=True) == "118.9 KiB" and format_bytes(121_652) == "118.8 KiB"
+
+
+def test_the_shape_a_pass_reports_is_the_shape_of_all_the_rows() -> None:
+    """The check of ``nll`` in passes quoted a pass's shape where one dimension was not the leading one: a label
+    column broadcast to ``[B, B]`` read ``[3001, 355]``, ``[1, B]`` read ``[1, 325]``, two terms concatenated
+    ``[2B]`` read ``[650]`` (stop 49's probe; one pass said ``[3001, 3001]``, ``[1, 3001]``, ``[6002]``). The
+    message, which names the ``[B, B]`` broadcast as the thing to look for, is now the single pass's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x, y = _data(43, 4, 3)
+    y = y.double()
+    nlls = {
+        "[B, B]": lambda m, b: (m(b[0]).squeeze(1) - b[1][:, None]) ** 2,
+        "[1, B]": lambda m, b: ((m(b[0]).squeeze(1) - b[1]) ** 2)[None],
+        "[2B]": lambda m, b: torch.cat([(m(b[0]).squeeze(1) - b[1]) ** 2, m(b[0]).squeeze(1).abs()]),
+    }
+    want = {"[B, B]": "got [43, 43]", "[1, B]": "got [1, 43]", "[2B]": "got [86]"}
+
+    def message(nll, budget):
+        un = MCMCUnlearner(model, nll=nll, log_prior=_lp, bank=ParamSpec.flatten_module(model)[None].clone(),
+                           memory_budget="1GB")  # fmt: skip
+        un._row_bytes, un._call_bytes = 1000, 500
+        un.memory_budget = budget
+        with pytest.raises(ValueError) as err:
+            un._check_nll((x, y))
+        return str(err.value)
+
+    for name, nll in nlls.items():
+        whole, passes = message(nll, 2**30), message(nll, 500 + 8 * 1000)  # one pass; passes of 8 rows
+        assert want[name] in whole and passes == whole, (name, passes)

@@ -341,6 +341,45 @@ def test_newton_steps_stop_after_a_negligible_step(monkeypatch, caplog) -> None:
     assert float((L1.T @ (un.bank.double().mean(0) - m1)).norm()) < 3 * (d / draws) ** 0.5
 
 
+def test_a_constant_in_nll_does_not_stop_newton_steps_that_still_converge() -> None:
+    """A negligible step ends the Newton loop only where the target gradient has stopped falling. The check's
+    floating-point resolution grows with the NLL's size, which a constant in ``nll`` (a Gaussian's normaliser over
+    many outputs) raises without changing any gradient: with ``nll + 720`` a conjugate regression's steps were
+    stopped at 11 of 50 as negligible while the target still fell by 7.5% a step, the bank's mean 0.196 posterior
+    sd off the exact new mean against 0.0099 without the constant (stop 49's probe). Now the constant changes
+    nothing: the same steps, the same samples."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 3, 2000
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    order = torch.argsort(-x[:, 0])
+    rm, kp = order[:100], order[100:]
+    A0 = torch.eye(d, dtype=torch.float64) + x.T @ x
+    A1 = torch.eye(d, dtype=torch.float64) + x[kp].T @ x[kp]
+    m0, m1 = torch.linalg.solve(A0, x.T @ y), torch.linalg.solve(A1, x[kp].T @ y[kp])
+    bank = m0 + torch.randn(100, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(torch.linalg.inv(A0)).T
+    steps, L1 = 30, torch.linalg.cholesky(A1)
+
+    def run(constant: float) -> tuple[dict, torch.Tensor]:
+        torch.manual_seed(3)
+        un = MCMCUnlearner(
+            _LinReg(d).float(),
+            nll=lambda m, b: m.nll(b) + constant,
+            bank=bank.float(),
+            solver="exact",
+            newton_steps=steps,
+            damping=20000.0,
+        )
+        report = un.remove((x[rm].float(), y[rm].float()), (x[kp].float(), y[kp].float()))
+        return report.info, un.bank.double()
+
+    plain, with_constant = run(0.0), run(720.0)
+    assert plain[0]["newton_steps_taken"] == with_constant[0]["newton_steps_taken"] == steps, with_constant[0]
+    assert with_constant[0]["newton_stop"] == f"newton_steps={steps} reached"
+    off = [float((L1.T @ (b.mean(0) - m1)).norm()) for b in (plain[1], with_constant[1])]  # in posterior sd
+    assert off[1] < 0.05 and abs(off[1] - off[0]) < 1e-3, off
+
+
 def test_equilibrium_step_is_skipped_with_a_warning_where_the_rows_cannot_be_listed() -> None:
     """Through a ``DataLoader`` the equilibrium target was measured on the safety check's 256 rows and checked on
     them: the step fitted their noise (a conjugate regression, n = 1,900: the bank's mean 6-10 posterior sd from the

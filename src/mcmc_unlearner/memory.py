@@ -8,6 +8,7 @@ two rows), and sizes its chunks of draws, rows and Hessian columns so that the e
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import re
@@ -78,11 +79,14 @@ def resolve_budget(budget: int | float | str | None) -> int:
     return int(budget)
 
 
-def format_bytes(n: float) -> str:
-    """``1536 → '1.5 KiB'``."""
+def format_bytes(n: float, up: bool = False) -> str:
+    """``1536 → '1.5 KiB'``; ``up``: rounded up to the digit shown, for an "at least" (a budget of the rounded
+    figure was refused again: 121,652 bytes read "118.8 KiB", which is 121,651; stop 49's probe)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else n:.0f} {unit}"
+            return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"  # pragma: no cover
 
