@@ -8,6 +8,8 @@ two rows), and sizes its chunks of draws, rows and Hessian columns so that the e
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import numbers
 import os
@@ -16,7 +18,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["available_memory", "bytes_per_row", "chunk_for", "format_bytes", "resolve_budget", "row_and_call_bytes"]
+__all__ = [
+    "available_memory",
+    "bytes_per_row",
+    "chunk_for",
+    "format_bytes",
+    "release_free_heap",
+    "resident_bytes",
+    "resolve_budget",
+    "row_and_call_bytes",
+]
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -146,3 +157,37 @@ def chunk_for(budget: int, per_item: int, total: int, reserve: int = 0) -> int:
     """How many items of ``per_item`` bytes fit in ``budget − reserve`` (at least 1, at most ``total``)."""
     room = max(budget - reserve, 0)
     return int(max(1, min(total, room // max(per_item, 1))))
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size in bytes (``/proc/self/statm``; ``None`` where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it): nothing to hand back
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim(0)``); ``False`` where there is none.
+
+    glibc keeps memory freed inside its heap resident (the heap grows across a loop's allocations beyond what any
+    one pass holds at once): a chunked computation calls this where the resident set would otherwise pass its
+    budget. The numbers computed are not affected."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, jacrev, vjp, vmap
 
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .backends.base import NegativeCurvatureError
@@ -69,7 +69,7 @@ from .curvature import (
 )
 from .data import epoch_samplers
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
-from .memory import chunk_for, format_bytes, resolve_budget, row_and_call_bytes
+from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, resolve_budget, row_and_call_bytes
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import (
@@ -125,11 +125,12 @@ MAX_STEP_SHORTFALL = 100.0
 MAX_RELATIVE_DAMPING = 1e4
 #: Forward-over-reverse products keep about this many times the activations a backward pass saves.
 _HVP_MEMORY_FACTOR = 3
-#: The dense Hessian's column chunks, when there are several, are planned at this many times their bytes: the
-#: C heap grows across the chunks' allocations beyond what one chunk holds (a 993-parameter MLP's 10 chunks of 105
-#: columns peaked at 2.2-2.4x a 200 MB budget, at 1.3x with this margin; 0.7x with glibc's
-#: MALLOC_MMAP_THRESHOLD_=65536, which returns such buffers at once).
-_DENSE_CHUNK_MARGIN = 2
+#: The dense Hessian's column chunks, when there are several, are planned at this many times their bytes: within
+#: one chunk glibc's heap grows to 2.0-2.2x what the chunk holds at once (its freed intermediates are not reused
+#: inside the chunk; measured from a trimmed heap, a 1,012-parameter float64 MLP over 2,000 rows). The growth
+#: across chunks is handed back between them (``_dense_hessian_chunked``); with a margin of 2 the build still
+#: reached 0.99-1.05x a 200 MB budget.
+_DENSE_CHUNK_MARGIN = 3
 #: One vmapped forward-over-reverse product at one draw of the iterative solvers' operator holds about this many
 #: times what a backward pass saves (tangents of every activation, the batched copies; measured 5-14x through
 #: convolutions and attention, the factor 3 above ran 3-11x over the budget) ...
@@ -2419,19 +2420,62 @@ class MCMCUnlearner:
         draws = chunk_for(self.memory_budget, per_col * d, S, reserve) if cols == d else 1
         if self.backend != "autograd":
             try:  # reverse-over-reverse, ``cols`` Hessian columns and ``draws`` draws at a time
-                hess = jacrev(grad(f), chunk_size=None if cols >= d else cols)
-                dims = (0, *([None if shared else 0] * len(batch)))
-                H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
-                for s0 in range(0, S, draws):
-                    args = batch if shared else tuple(t[s0 : s0 + draws] for t in batch)
-                    H += vmap(hess, in_dims=dims)(thetas[s0 : s0 + draws], *args).sum(0)
-                return H / S
+                # the plan counts what is alive; glibc keeps freed heap pages resident, so what earlier steps freed
+                # is handed back first, and what the build freed after it (a no-op where there is no malloc_trim)
+                release_free_heap()
+                if cols < d:
+                    H = self._dense_hessian_chunked(f, thetas, batch, shared, cols, _DENSE_CHUNK_MARGIN * per_col)
+                else:
+                    hess = jacrev(grad(f))
+                    dims = (0, *([None if shared else 0] * len(batch)))
+                    H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
+                    for s0 in range(0, S, draws):
+                        args = batch if shared else tuple(t[s0 : s0 + draws] for t in batch)
+                        H += vmap(hess, in_dims=dims)(thetas[s0 : s0 + draws], *args).sum(0)
+                    H = H / S
+                release_free_heap()
+                return H
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":
                     raise
                 self.backend = "autograd"
         op = SampleAveragedHessian(f, thetas, batch, shared_args=shared, backend="autograd")
         return op.dense()
+
+    def _dense_hessian_chunked(
+        self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool, cols: int, chunk_bytes: int
+    ) -> torch.Tensor:
+        """The dense Hessian ``cols`` columns at a time at one draw at a time, planned at ``chunk_bytes`` a chunk.
+
+        The same numbers, bit for bit, as ``jacrev(grad(f), chunk_size=cols)`` at each draw, which kept every
+        chunk's result until it concatenated them: small buffers left between the chunks' large ones split glibc's
+        heap, which grew across the chunks (a 1,012-parameter float64 MLP over 2,000 rows peaked at 1.1-1.3x a
+        200 MB budget). Each chunk is written into the draw's ``[D, D]`` matrix, allocated before the chunks, and
+        where the resident set has grown past what leaves room for the next chunk, the heap's free pages are handed
+        back first (:func:`release_free_heap`: glibc keeps them resident; elsewhere a no-op)."""
+        d, S = thetas.shape[1], thetas.shape[0]
+        dims = (0, *([None if shared else 0] * len(batch)))
+        start = resident_bytes()
+        room = self.memory_budget - chunk_bytes  # resident growth that leaves room for one more chunk
+
+        def draw(t: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+            _, vjp_fn = vjp(lambda u: grad(f)(u, *args), t)
+            out = t.new_zeros(d, d)
+            for c0 in range(0, d, cols):
+                now = resident_bytes()
+                if start is not None and now is not None and now - start > room:
+                    release_free_heap()
+                k = min(cols, d - c0)
+                basis = t.new_zeros(k, d)  # rows c0..c0+k of the identity, as jacrev's chunk
+                basis.diagonal(c0).fill_(1)
+                out[c0 : c0 + k] = vmap(vjp_fn)(basis)[0]
+            return out
+
+        H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
+        for s in range(S):
+            args = batch if shared else tuple(t[s : s + 1] for t in batch)
+            H += vmap(draw, in_dims=dims)(thetas[s : s + 1], *args).sum(0)
+        return H / S
 
     def _operator_plan(self, thetas: torch.Tensor, rows: int) -> tuple[int, int]:
         """``(draws per batch, products at once)`` of the iterative solvers' Hessian-vector products within the
