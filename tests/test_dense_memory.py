@@ -18,11 +18,12 @@ from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
 
 _BUILDS = r"""
-import ctypes, gc, json, sys
+import gc, json, sys
 import torch
 from torch import nn
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.memory import release_free_heap
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,9 @@ f = un._energy_f(1000)
 un._bytes_per_row(f, theta, (x, y))
 un._dense_hessian(f, thetas, (x, y), True)  # pages in the code
 gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # the warm-up's freed heap pages back: the growth below is the builds'
+if not release_free_heap():  # the warm-up's freed heap pages back: the growth below is the builds'
+    print(json.dumps({"skip": "no glibc malloc_trim to hand freed heap pages back"}))
+    sys.exit(0)
 rss = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # the high-water mark starts again from the current size
@@ -77,7 +80,10 @@ def test_chunked_dense_hessian_stays_within_the_budget_under_the_default_allocat
         [sys.executable, "-c", _BUILDS, str(budget)], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    peak = out["peak"]
     assert peak <= budget, f"peak {peak / 1e6:.1f} MB over the {budget / 1e6:.0f} MB budget"
 
 
