@@ -39,10 +39,11 @@ CASES = {
     "screen": (600, "sampler", dict(check_screen="both", check_rows=240)),
     # the chain's sampler steps read the partial minibatches too
     "chain": (401, "sampler", dict(expectation="chain", samp_T=5)),
-    # G's 10 chain states summed chunk by chunk under a 30 KB budget for G alone (their gradients, 10 x 610 floats held
-    # twice, 48.8 KB, exceed it), the lag sums of chain_error_factor taken on the ranks' all-reduced chunks across chunk
-    # boundaries. The request's own budget fits one CG product (the one process's largest plan, 463 KB over 93 rows):
-    # a whole request at 30 KB is refused, and no budget fits a product (24 copies of D) below 2 x 10 copies of D
+    # G's 10 chain states summed chunk by chunk under a 30 KB budget for G and the check's plan (their gradients, 10 x
+    # 610 floats held twice, 48.8 KB, exceed it; the check's held rows in parts), the lag sums of chain_error_factor
+    # taken on the ranks' all-reduced chunks across chunk boundaries. The request's own budget fits one CG product
+    # (the one process's largest plan, 463 KB over 93 rows): a whole request at 30 KB is refused, and no budget fits
+    # a product (24 copies of D) below 2 x 10 copies of D
     "chain streamed": (
         401,
         "sampler",
@@ -103,17 +104,20 @@ def _unlearner(cls, model, bank, case):
         un = cls(model, sampler, **kw)
     else:
         un = cls(model, bank=bank, **kw)
-    if g_budget is not None:  # G's gradients alone under g_budget (as tests/test_chain_error_bar.py streams them)
-        means = un._grad_means
+    if g_budget is not None:  # G's gradients and the check's plan under g_budget (as tests/test_chain_error_bar.py
+        # streams G): the check then measures its held rows a few at a time, as the whole request at 30 KB did
 
-        def streamed(*args, **kwargs):
-            full, un.memory_budget = un.memory_budget, g_budget
-            try:
-                return means(*args, **kwargs)
-            finally:
-                un.memory_budget = full
+        def under(method):
+            def small(*args, **kwargs):
+                full, un.memory_budget = un.memory_budget, g_budget
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    un.memory_budget = full
 
-        un._grad_means = streamed
+            return small
+
+        un._grad_means, un._check_plan = under(un._grad_means), under(un._check_plan)
     return un
 
 

@@ -95,7 +95,19 @@ from torch import Tensor, nn
 from .curvature import ParamSpec, functionalize
 from .errors import SolverDivergedError, outside_stacklevel
 
-__all__ = ["KroneckerCurvature", "Likelihood", "detect_likelihood", "prior_precision", "row_weights", "select_output"]
+__all__ = [
+    "KroneckerCurvature",
+    "Likelihood",
+    "cross_entropy_misfit",
+    "detect_likelihood",
+    "field_rows",
+    "labelled",
+    "preserved",
+    "prior_precision",
+    "row_weights",
+    "rows_per_label",
+    "select_output",
+]
 
 Batch = tuple[Tensor, ...]
 NLL = Callable[[nn.Module, Batch], Tensor]

@@ -707,18 +707,6 @@ def _not_per_row(rows: int, shape: list[int]) -> str:
     )
 
 
-def _whole_shape(shape: list[int], rows: int, k: int) -> list[int]:
-    """``shape`` that ``nll`` gave for a pass of ``rows`` rows as one pass over all ``k`` would give it: every
-    dimension of the rows' size is ``k`` (a label column broadcast to ``[B, B]``, a ``[1, B]`` output), and a flat
-    output of a whole number of values per row (``[2B]``: two terms concatenated) holds as many per row of ``k``
-    (stop 49's probe: the passes quoted ``[3001, 355]`` where one pass said ``[3001, 3001]``)."""
-    if rows == k:
-        return list(shape)
-    if len(shape) == 1 and shape[0] != rows and shape[0] % rows == 0:
-        return [shape[0] // rows * k]
-    return [k if d == rows else d for d in shape]
-
-
 def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[nn.Module, Batch], torch.Tensor]:
     """``nll`` with a ``[B, 1]`` output (``mse_loss(out, y, reduction="none")`` on ``[B, 1]`` outputs) read as
     ``[B]``; any other shape is passed on (a wrong one is refused by the first request's check)."""
@@ -2042,7 +2030,7 @@ class MCMCUnlearner:
             indices = removed and len(batch) == 1 and not batch[0].is_floating_point() and batch[0].ndim == 1
             said = str(e)
             if rows < k and getattr(e, "nll_shape", None) is not None:  # a pass's shape: as all rows at once give it
-                said = _not_per_row(k, _whole_shape(e.nll_shape, rows, k))
+                said = _not_per_row(k, self._whole_shape(batch, e.nll_shape, rows, k))
             raise _same_kind(
                 e,
                 f"nll(model, {role} data) failed: {said}. "
@@ -2059,12 +2047,37 @@ class MCMCUnlearner:
                 ),
             ) from e
         if not _per_row(out, rows):
-            shape = _whole_shape(list(out.shape), rows, k) if isinstance(out, torch.Tensor) else type(out).__name__
+            shape = (
+                self._whole_shape(batch, list(out.shape), rows, k)
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
             raise ValueError(
                 f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
         self._remaining_nll_checked = self._remaining_nll_checked or not removed
+
+    def _whole_shape(self, batch: Batch, shape: list[int], rows: int, k: int) -> list[int] | str:
+        """The shape ``nll`` would give on all ``k`` rows of ``batch``, from the ``shape`` it gave a pass of ``rows``
+        and the shape it gives ``rows − 1`` of them: each dimension extrapolated along its change with the rows (a
+        label column broadcast to ``[B, B]``, ``[1, B]``, two terms concatenated ``[2B]``, a mean over the batch
+        ``[C]``, ``[B, C]``). Mapping the pass's size by value quoted ``[43, 43]`` for ``[B, 3]`` in passes of 3 and
+        two values per row for a batch mean of 16 in passes of 8 (stop 49's review). Where that second call does not
+        give a comparable shape, the pass's own, said as such."""
+        if rows >= k:
+            return list(shape)
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                out = self.nll(self.model, tuple(t[: rows - 1] for t in batch))
+            fewer = list(out.shape) if isinstance(out, torch.Tensor) else None
+        except ValueError as e:  # _one_per_row's: the shape it refused
+            fewer = getattr(e, "nll_shape", None)
+        except Exception:  # a probe for the message only: the verdict stands
+            fewer = None
+        if fewer is None or len(fewer) != len(shape):
+            return f"{list(shape)} for a pass of {rows} of them"
+        return [d + (d - e) * (k - rows) for d, e in zip(shape, fewer)]
 
     def _check_nll_passes(self, batch: Batch, rows: int) -> Any:
         """``nll`` on ``batch`` in passes of ``rows`` rows (the last as full as the others: a mean over one row
@@ -2501,11 +2514,16 @@ class MCMCUnlearner:
     def _refuse_product(self, need: int, rows: int | None) -> None:
         """Refuse a matrix-free solver whose single-draw Hessian-vector product (``need`` bytes over ``rows`` rows;
         ``None``: over one row, before the curvature's rows are read) does not fit the memory budget."""
-        layers = any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in self.model.modules())
+        layers = any(
+            isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad for m in self.model.modules()
+        )  # as _choose_solver counts K-FAC's layers
         kfac = layers and self.hessian is HessianKind.REMAINING and not self.custom_energy
         per_row = _HVP_PRODUCT_FACTOR * (self._row_bytes or 1)
         where, more = (
-            ("even over one row", f" plus {format_bytes(per_row, up=True)} per row of a curvature minibatch")
+            (
+                "even over one row",
+                f" plus {format_bytes(per_row, up=True)} for each further row of a curvature minibatch",
+            )
             if rows is None
             else (f"over its {rows} rows", "")
         )
