@@ -78,18 +78,25 @@ def test_auto_counts_the_dense_matrices_in_the_models_item_size() -> None:
     assert un.solver.value == "kfac" and "over half the memory budget" in un.solver_reason
 
 
-def test_dense_hessian_column_chunks_keep_a_margin_only_when_chunked(monkeypatch) -> None:
-    """A chunk of columns grows glibc's heap past what it holds (2.0-2.2x its bytes, measured): when the columns
-    are chunked they are planned at ``_DENSE_CHUNK_MARGIN`` times their bytes; one chunk of every column is as
-    before."""
+def _small_dense_problem():
+    """A 63-parameter float64 MLP over 30 rows, 3 draws near its parameters, an unlearner and its energy (n = 100)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = _data(30, 4, 3)
     theta = ParamSpec.flatten_module(model)
-    d = theta.numel()
-    thetas = theta + 0.1 * torch.randn(3, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    thetas = theta + 0.1 * torch.randn(
+        3, theta.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     un = MCMCUnlearner(model, nll=_nll, memory_budget="1GB")
-    f = un._energy_f(100)
+    return un, un._energy_f(100), x, y, theta, thetas
+
+
+def test_dense_hessian_column_chunks_keep_a_margin_only_when_chunked(monkeypatch) -> None:
+    """A chunk of columns grows glibc's heap past what it holds (2.0-2.2x its bytes, measured): when the columns
+    are chunked they are planned at ``_DENSE_CHUNK_MARGIN`` times their bytes; one chunk of every column is as
+    before."""
+    un, f, x, y, theta, thetas = _small_dense_problem()
+    d = theta.numel()
     un._bytes_per_row(f, theta, (x, y))
     seen = []
     real = U.MCMCUnlearner._dense_hessian_chunked
@@ -176,14 +183,8 @@ def test_dense_matrix_of_the_operator_takes_its_columns_within_max_products() ->
     said: a 1,221-parameter MLP's 4 draws over 2,000 rows grew the heap by 2.8 GB with ``max_products=4`` (217 MB
     with one column at a time). Its columns are now grouped as a ``[D, k]`` product's are: the same matrix, bit for
     bit where every column fits at once."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x, y = _data(30, 4, 3)
-    theta = ParamSpec.flatten_module(model)
+    _, f, x, y, theta, thetas = _small_dense_problem()
     d = theta.numel()
-    thetas = theta + 0.1 * torch.randn(3, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    un = MCMCUnlearner(model, nll=_nll, memory_budget="1GB")
-    f = un._energy_f(100)
 
     def dense(**kw):
         op = SampleAveragedHessian(f, thetas, (x, y), shared_args=True, backend="func", **kw)
