@@ -1846,11 +1846,7 @@ class MCMCUnlearner:
                 "dense layer's: the dense Gauss-Newton matrix instead (C backward passes per row; pass "
                 "solver='exact' for the Hessian)"
             )
-        layers = [
-            m
-            for m in self.model.modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad
-        ]
+        layers = self._kfac_layers()
         if d > self.exact_max_dim:
             why = f"{d} parameters > exact_max_dim {self.exact_max_dim}"
         elif need > self.memory_budget // 2:
@@ -1872,6 +1868,15 @@ class MCMCUnlearner:
             # (auto picked K-FAC, which then refused hessian='full' without naming a solver that takes it; stop 45)
             return SolverName.CG, f"{why}; hessian='full', which K-FAC does not build: matrix-free CG"
         return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
+
+    def _kfac_layers(self) -> list[nn.Module]:
+        """The trainable ``Linear``/``Conv1d``/``Conv2d`` layers K-FAC would factor (what ``auto`` counts, and what a
+        refusal that suggests ``solver='kfac'`` needs)."""
+        return [
+            m
+            for m in self.model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad
+        ]
 
     def config(self) -> dict[str, Any]:
         """The JSON configuration that rebuilds this unlearner (with the same model, sampler and bank)."""
@@ -2514,10 +2519,7 @@ class MCMCUnlearner:
     def _refuse_product(self, need: int, rows: int | None) -> None:
         """Refuse a matrix-free solver whose single-draw Hessian-vector product (``need`` bytes over ``rows`` rows;
         ``None``: over one row, before the curvature's rows are read) does not fit the memory budget."""
-        layers = any(
-            isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad for m in self.model.modules()
-        )  # as _choose_solver counts K-FAC's layers
-        kfac = layers and self.hessian is HessianKind.REMAINING and not self.custom_energy
+        kfac = bool(self._kfac_layers()) and self.hessian is HessianKind.REMAINING and not self.custom_energy
         per_row = _HVP_PRODUCT_FACTOR * (self._row_bytes or 1)
         where, more = (
             (
