@@ -212,6 +212,9 @@ class Measurement:
         draws, rows: Posterior draws and held rows (summed over ranks) it was measured on.
         resolution: The smallest energy change the measurement can resolve in its floating-point type,
             ``ε·n·mean|h|/√(rows·draws)`` (the rounding of each ``h(θ+x) − h(θ)``, averaged).
+        nll_draw_stderr: The part of ``nll_change``'s error that comes from measuring on ``draws`` of the bank's
+            :attr:`EnergyCheck.population` samples (the spread of the draws' own mean changes, with the finite
+            population's correction; 0 where every sample is measured or the population is not known).
     """
 
     actual: float
@@ -225,6 +228,7 @@ class Measurement:
     rows: int = 0
     resolution: float = 0.0
     prior_per_row: float = 0.0
+    nll_draw_stderr: float = 0.0
 
 
 def _directional(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -315,31 +319,39 @@ class EnergyCheck:
         #: Fresh held rows for :meth:`confirm` (a function giving them, read on first use), or ``None``: no second
         #: measurement. The unlearner sets it for a request's influence step.
         self.confirm_rows: Callable[[], Batch] | None = None
-        self._confirm: tuple[Batch, torch.Tensor] | None = None  # the rows and their h at the draws
+        #: Further stored samples at which :meth:`confirm` measures too (besides :attr:`thetas`), or ``None``.
+        self.confirm_thetas: torch.Tensor | None = None
+        #: The number of stored samples :attr:`thetas` are drawn from (``None``: unknown, the draws taken as fixed).
+        self.population: int | None = None
+        self._confirm: tuple[Batch, torch.Tensor, torch.Tensor] | None = None  # rows, draws, their h there
 
-    def confirm(self, x: torch.Tensor) -> tuple[float, float, int] | None:
+    def confirm(self, x: torch.Tensor) -> tuple[float, float, int, int] | None:
         """The held rows' mean NLL change under the shift ``x`` measured again on :attr:`confirm_rows` (other
-        rows than the check's, at the same draws): ``(change, standard error, rows)`` summed over ranks, or
-        ``None`` without such rows. A per-row NLL change can be heavy-tailed (a few rows of one class carrying
-        most of it), and 256 rows then read it low: a step on a 1,000-class head measured +5% of the NLL on the
-        check's rows where every remaining row gave +39%."""
-        if self.confirm_rows is None:
+        rows than the check's; the check's own where there are none) at the check's draws and
+        :attr:`confirm_thetas`: ``(change, standard error, rows, draws)`` summed over ranks, or ``None`` with
+        neither further rows nor further draws. A per-row NLL change can be heavy-tailed (a few rows of one class
+        carrying most of it), and 256 rows then read it low: a step on a 1,000-class head measured +5% of the NLL
+        on the check's rows where every remaining row gave +39%. So can a per-draw change: a step along directions
+        some samples barely use (a mixture-density network's components) read +0.007 at 8 of 30 samples where
+        every sample gave +0.067 (stop 50's probe)."""
+        if self.confirm_rows is None and self.confirm_thetas is None:
             return None
         if self._confirm is None:
-            rows = self.confirm_rows()
+            rows = self.rows if self.confirm_rows is None else self.confirm_rows()
+            thetas = self.thetas if self.confirm_thetas is None else torch.cat([self.thetas, self.confirm_thetas])
             with torch.no_grad():
-                h0 = torch.stack([self._rows_h(t, rows) for t in self.thetas])
-            self._confirm = (rows, h0)
-        rows, h0 = self._confirm
+                h0 = torch.stack([self._rows_h(t, rows) for t in thetas])
+            self._confirm = (rows, thetas, h0)
+        rows, thetas, h0 = self._confirm
         with torch.no_grad():
-            dh = (torch.stack([self._rows_h(t + x, rows) for t in self.thetas]) - h0).double().mean(0)
+            dh = (torch.stack([self._rows_h(t + x, rows) for t in thetas]) - h0).double().mean(0)
         sums = self.reduce(torch.stack([dh.sum(), (dh**2).sum(), torch.tensor(float(dh.numel()), dtype=torch.float64)]))
         m = float(sums[2])
         if m < 1:
             return None
         mean = float(sums[0]) / m
         stderr = math.sqrt(max(float(sums[1]) / m - mean**2, 0.0) / max(m - 1, 1))
-        return mean, stderr, int(m)
+        return mean, stderr, int(m), int(thetas.shape[0])
 
     def _rows_h(self, theta: torch.Tensor, rows: Batch) -> torch.Tensor:
         """``h_i(θ)`` on ``rows``, in parts of ``row_chunk`` rows."""
@@ -598,6 +610,11 @@ class _Part:
         mean, dmean = float(sums[0]) / self.m, float(sums[2]) / self.m
         denom = max(self.m - 1, 1)
         stderr = n * math.sqrt(max(float(sums[1]) / self.m - mean**2, 0.0) / denom)
+        pop = self.c.population
+        draw_se = 0.0
+        if pop is not None and 1 < K < pop:  # the draws' own mean changes: a sample of the bank's
+            per_draw = self.c.reduce(dh.double().sum(1)) / max(self.m, 1)
+            draw_se = math.sqrt(float(per_draw.var()) / K * (1 - K / pop))
         dstderr = n * math.sqrt(max(float(sums[3]) / self.m - dmean**2, 0.0) / denom)
         actual = -float(self.c.G @ x) + prior / K + n * mean
         prior_change = float(self._prior_change(x))
@@ -609,8 +626,9 @@ class _Part:
             e = DIFFERENCE_STEP
             resolution *= 1 + (1 + e * e) / (e * (1 - e))
         return Measurement(
-            actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m, resolution, prior_change / n
-        )
+            actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m, resolution, prior_change / n,
+            draw_se,
+        )  # fmt: skip
 
     def _prior_change(self, x: torch.Tensor) -> float:
         """``E_s[−log p(θ_s + x) + log p(θ_s)]``."""
@@ -971,25 +989,27 @@ class DampingControl:
 
     def _confirm(self, check: Any, x: torch.Tensor, meas: Measurement) -> dict[str, Any] | None:
         """A passed step whose held rows' NLL rise is not clearly within the tolerance (``rise + 2·stderr`` above
-        ``max_nll_increase`` of the NLL) measured again on the check's further rows (``check.confirm``) and judged
-        on both measurements pooled (the same rule: the rise, less the prior's credit, at most the allowance plus two
-        standard errors); ``None`` when no second measurement was made."""
+        ``max_nll_increase`` of the NLL, the standard error with the draws' part, ``nll_draw_stderr``) measured again
+        on the check's further rows and draws (``check.confirm``) and judged on both measurements pooled, weighted
+        by draws × rows (the same rule: the rise, less the prior's credit, at most the allowance plus two standard
+        errors over the rows); ``None`` when no second measurement was made."""
         confirm = getattr(check, "confirm", None)
         if not callable(confirm) or not (math.isfinite(meas.nll_change) and math.isfinite(meas.nll_stderr)):
             return None
         allowance = self.max_nll_increase * meas.nll_scale
         credit = min(meas.prior_per_row, 0.0)
-        if not meas.nll_change + credit + 2 * meas.nll_stderr > allowance:
+        if not meas.nll_change + credit + 2 * math.hypot(meas.nll_stderr, meas.nll_draw_stderr) > allowance:
             return None
         more = confirm(x)
         if more is None:
             return None
-        change, stderr, rows = more
-        m1, m2 = max(meas.rows, 1), rows
+        change, stderr, rows, draws = more
+        m1, m2 = max(meas.rows, 1) * max(meas.draws, 1), rows * draws
         pooled = (m1 * meas.nll_change + m2 * change) / (m1 + m2)
         pooled_se = math.sqrt((m1 * meas.nll_stderr) ** 2 + (m2 * stderr) ** 2) / (m1 + m2)
         return {
             "confirm_rows": rows,
+            "confirm_draws": draws,
             "confirm_nll_change": change,
             "pooled_nll_change": pooled,
             "pooled_nll_stderr": pooled_se,
@@ -1072,8 +1092,9 @@ class DampingControl:
             if not ok:
                 out.note = (
                     f"damping {lam:.3g}: the held remaining rows' mean NLL, measured again on "
-                    f"{confirmed['confirm_rows']} more rows, rose by {confirmed['confirm_nll_change']:+.4g} (with the "
-                    f"check's rows {confirmed['pooled_nll_change']:+.4g} ± {confirmed['pooled_nll_stderr']:.2g}; limit "
+                    f"{confirmed['confirm_rows']} rows at {confirmed['confirm_draws']} draws, rose by "
+                    f"{confirmed['confirm_nll_change']:+.4g} (with the check's rows "
+                    f"{confirmed['pooled_nll_change']:+.4g} ± {confirmed['pooled_nll_stderr']:.2g}; limit "
                     f"{100 * self.max_nll_increase:g}% of {meas.nll_scale:.3g} plus two standard errors)"
                 )
         log.debug(

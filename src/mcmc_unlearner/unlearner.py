@@ -1081,6 +1081,16 @@ def _turned(n: int, k: int | None, r: int) -> torch.Tensor:
     return ((index + shift) % n).sort().values
 
 
+def _spread_among(pool: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` of the sorted indices ``pool``: evenly among those not in ``taken``, and where they are fewer than ``k``
+    every one of them and the rest evenly among those in ``taken``; sorted."""
+    mine = torch.isin(pool, taken)
+    free, used = pool[~mine], pool[mine]
+    if free.numel() >= k:
+        return free[_evenly(free.numel(), k)]
+    return torch.cat([free, used[_evenly(used.numel(), k - free.numel())]]).sort().values
+
+
 def _held_out(n: int, c: int | None, k: int) -> torch.Tensor:
     """Indices of the safety check's ``k`` draws among ``n``: evenly among those that are not the curvature's
     ``_evenly(n, c)`` where the bank has that many more, else every such draw and the rest evenly among the
@@ -1090,13 +1100,15 @@ def _held_out(n: int, c: int | None, k: int) -> torch.Tensor:
     a limit of about +0.02; the 22 other samples up to +0.89)."""
     if k >= n or c is None or c >= n:
         return _evenly(n, k)
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[_evenly(n, c)] = False
-    free = torch.arange(n)[rest]
-    if free.numel() >= k:
-        return free[_evenly(free.numel(), k)]
-    taken = torch.arange(n)[~rest]
-    return torch.cat([free, taken[_evenly(taken.numel(), k - free.numel())]]).sort().values
+    return _spread_among(torch.arange(n), _evenly(n, c), k)
+
+
+def _further_draws(n: int, c: int | None, check: torch.Tensor, k: int) -> torch.Tensor:
+    """Up to ``k`` draws for the safety net's second measurement (:meth:`EnergyCheck.confirm`) that are not the
+    check's ``check``: evenly among those that are not the curvature's either, then among the curvature's."""
+    pool = torch.arange(n)[~torch.isin(torch.arange(n), check)]
+    curvature = torch.arange(n) if c is None or c >= n else _evenly(n, c)
+    return _spread_among(pool, curvature, min(k, pool.numel()))
 
 
 def _draws(bank: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -3194,6 +3206,7 @@ class MCMCUnlearner:
             c_thetas = _draws(self.bank, self.curvature_draws)
             k_index = _held_out(S, self.curvature_draws, self.check_draws)
             k_thetas = self.bank if k_index.numel() == S else self.bank[k_index]
+            more_draws = _further_draws(S, self.curvature_draws, k_index, k_index.numel())
         # chain mode: consecutive states, whose half-difference understates G's error (chain_error_factor)
         lags = torch.zeros(4, dtype=torch.float64) if expectation is Expectation.CHAIN else None
         G, dev = self._grad_means(h_f, g_thetas, batch, lags)
@@ -3320,6 +3333,12 @@ class MCMCUnlearner:
         more = min(CONFIRM_ROWS_FACTOR * m_all, n - m_all)
         if more >= m_all:
             check.confirm_rows = lambda: self._check_rows(stream, more, 0)[0]
+        if expectation is not Expectation.CHAIN:
+            # ... and at as many further stored samples (EnergyCheck.confirm): the check's draws are a sample of
+            # the bank's, whose spread the second measurement is triggered by too (EnergyCheck.population)
+            check.population = int(self.bank.shape[0])
+            if more_draws.numel():
+                check.confirm_thetas = self.bank[more_draws]
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         # (built by fit() and not yet used by an applied request: as if this request had built it)
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused")) and not self._fitted
