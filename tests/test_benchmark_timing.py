@@ -124,3 +124,29 @@ def test_request_sequence_prints_the_one_offs_also_for_one_request() -> None:
     line = rs.summary_line([*one, {"cpu_seconds": 1.0, "epochs": 0.5}], 1.0, None, 2.0)
     assert "fit" not in line and "later requests 0.50-0.50 epochs" in line
     assert "total 6.0 s CPU = 3.00 epochs for 2 requests and the one-off import" in line
+
+
+def test_request_sequence_times_the_modules_a_request_imports(tmp_path, monkeypatch) -> None:
+    """The imports made inside a request are timed as they load (CPU of the outermost module, its nested imports
+    counted once) and counted, so the benchmark takes them out of the request's number; a module already loaded
+    costs nothing."""
+    import time
+
+    rs = _load("request_sequence")
+    spin = "import time\nc0 = time.process_time()\nwhile time.process_time() - c0 < {}:\n    pass\n"
+    (tmp_path / "rs_outer_mod.py").write_text("import rs_inner_mod\n" + spin.format(0.05))
+    (tmp_path / "rs_inner_mod.py").write_text(spin.format(0.05))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        c0 = time.process_time()
+        with rs.ImportTimer() as timer:
+            __import__("rs_outer_mod")
+        spent = time.process_time() - c0
+        assert timer.modules == 2 and 0.1 <= timer.cpu <= spent
+        assert timer not in sys.meta_path and "exec_module" not in vars(sys.modules["rs_outer_mod"].__spec__.loader)
+        with rs.ImportTimer() as again:
+            __import__("rs_outer_mod")
+        assert (again.modules, again.cpu) == (0, 0.0)
+    finally:
+        sys.modules.pop("rs_outer_mod", None)
+        sys.modules.pop("rs_inner_mod", None)

@@ -14,6 +14,7 @@ from torch import nn
 
 from conftest import make_blr
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+from mcmc_unlearner import step as step_module
 from mcmc_unlearner.backends.base import CurvatureBackend, NegativeCurvatureError
 from mcmc_unlearner.curvature import functionalize
 from mcmc_unlearner.errors import QualityError
@@ -448,6 +449,52 @@ def test_the_damping_shape_with_the_lower_measured_energy_is_taken() -> None:
     assert out.safe and out.shape == "identity" and control.shape == "identity"
     assert out.history[-1]["shape"] == "data" and out.history[-1]["ratio"] < control.eta
     assert out.actual < 0 and "data" not in control.state()["relatives"]
+
+
+def _noisy_check(H: torch.Tensor, G: torch.Tensor, se: float = 0.1):
+    """The true energy change, reported with a standard error ``se`` (the held rows' NLL unchanged ± 0.01)."""
+    return lambda x: Measurement(-float(G @ x) + 0.5 * float(x @ H @ x), se, 0.0, nll_scale=1.0, nll_stderr=0.01)
+
+
+def test_a_data_shape_search_stops_when_its_step_has_saturated(monkeypatch) -> None:
+    """Too flat a model along the prior-only direction: the data shape's step tends to that direction's full
+    Newton step (1) as its damping grows and is rejected at every damping. Once two rejected steps differ by under
+    1% with the same measurements and every damping left would move it less, the search stops as a failed search
+    of that shape; the identity search that follows takes the same step as a search over all twelve trials."""
+    backend, H, G = _two_directions(101.0, 10.0)
+    control = DampingControl()
+    out = control.step(backend, G, _noisy_check(H, G), shapes=("data", "identity"))
+    monkeypatch.setattr(step_module, "SATURATION_RTOL", 0.0)  # the rule off: every damping tried
+    full = DampingControl()
+    ref = full.step(backend, G, _noisy_check(H, G), shapes=("data", "identity"))
+    data = [h for h in out.history if h["shape"] == "data"]
+    assert len([h for h in ref.history if h["shape"] == "data"]) == full.max_trials
+    assert len(data) == 6 and all(h["ratio"] < control.eta for h in data)  # dampings 0, 0.01 ... 100 × the scale
+    assert data[-1]["stopped"].startswith("the step saturated") and "stopped" not in data[-2]
+    assert "stopped" not in str(ref.history)
+    assert out.safe and out.shape == ref.shape == "identity" and out.damping == ref.damping
+    assert torch.equal(out.x, ref.x) and out.history[len(data) :] == ref.history[full.max_trials :]
+    assert control.state() == full.state() and out.trials == ref.trials - (full.max_trials - len(data))
+
+
+def test_a_data_shape_search_whose_step_will_still_change_is_not_stopped(monkeypatch) -> None:
+    """A prior-dominated direction with a little data curvature (1e-6) whose model is too flat: the data shape's
+    step barely moves from 10 to 100 × the mean curvature (under 1%), but shrinks along that direction from 10⁶ on,
+    where a step passes. The step at the most damped trial left is far from the last one: the search goes on and
+    finds the same step as with the rule off."""
+    P = torch.eye(2, dtype=torch.float64)
+    backend = _ShapedBackend(P, torch.diag(torch.tensor([100.0, 1e-6], dtype=torch.float64)))
+    H = torch.diag(torch.tensor([101.0, 10.0], dtype=torch.float64))
+    G = torch.tensor([10.0, 1.0], dtype=torch.float64)
+    backend.damping_shape = "data"
+    s = backend.scale()
+    x10, x100 = backend.solve(G, 10 * s).x, backend.solve(G, 100 * s).x
+    assert float((x100 - x10).norm()) < step_module.SATURATION_RTOL * float(x100.norm())  # looks saturated
+    out = DampingControl().step(backend, G, _noisy_check(H, G), shapes=("data", "identity"))
+    monkeypatch.setattr(step_module, "SATURATION_RTOL", 0.0)
+    ref = DampingControl().step(backend, G, _noisy_check(H, G), shapes=("data", "identity"))
+    assert out.safe and out.shape == "data" and out.damping >= 1e6 * s
+    assert "stopped" not in str(out.history) and out.history == ref.history and torch.equal(out.x, ref.x)
 
 
 def test_another_damping_shape_must_win_by_more_than_the_checks_noise() -> None:

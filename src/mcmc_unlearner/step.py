@@ -691,6 +691,9 @@ class StepOutcome:
     nll_stderr: float = math.nan
     nll_scale: float = math.nan
     negligible: bool = False
+    #: the measurement the step was judged on, and whether the screen decided it (``_saturated`` reads them)
+    measurement: Measurement | None = field(default=None, repr=False, compare=False)
+    screened: bool = field(default=False, repr=False, compare=False)
 
     def shortened(self) -> StepOutcome:
         """The step cut back towards the measured minimum of the energy along it, when it clearly overshoots it.
@@ -778,6 +781,11 @@ def measured_deficit(G: torch.Tensor, out: StepOutcome) -> torch.Tensor | None:
 #: ``actual/pred`` above which the curvature model is trusted: an accepted first step this good is followed by one at a
 #: tenth of its damping, which replaces it only when it is this good too (and clearly lower in energy).
 TRUSTED_RATIO = 0.75
+
+#: A damping search stops, as a failed search of its shape, when two consecutive rejected steps differ by less than
+#: this fraction of the step's norm and no damping it could still try moves the step farther than that
+#: (:meth:`DampingControl._saturated`): the data shape's step tends to the prior-only step as its damping grows.
+SATURATION_RTOL = 0.01
 
 
 #: A request's removed labels are "spread like the remaining data's" unless some label is over-represented among them
@@ -1023,6 +1031,61 @@ class DampingControl:
             return False
         return direct - self.direct_z * stderr > 0
 
+    def _saturated(
+        self, backend: CurvatureBackend, G: torch.Tensor, prev: StepOutcome, out: StepOutcome, reach: float
+    ) -> str | None:
+        """Why the search may stop after two consecutive rejected steps ``prev`` and ``out``, or ``None``.
+
+        It stops when (1) the two were judged on the same measurement (rows, draws; both on the screen or both on
+        the full check; no second measurement); (2) their steps differ by ``d ≤ SATURATION_RTOL·‖x‖``; (3) their
+        predicted and measured energy changes and held rows' NLL changes differ by at most the last one's standard
+        errors; (4) the last step stays rejected with every one of those moved by that difference towards passing;
+        and (5) the step at ``reach`` (the most damped the search could still try) is within ``d`` of the last one.
+        On a backend whose damping shares the curvature's eigenbasis (``λI``; K-FAC's data shape), each coordinate
+        of the step moves monotonically with the damping, so every step still to try is within ``d`` of a rejected
+        one: nearer than the previous step, whose measurements were the same within their errors. Only on backends
+        where a solve costs no Hessian products (``cheap_damping``).
+        """
+        ma, mb = prev.measurement, out.measurement
+        if not getattr(backend, "cheap_damping", False) or ma is None or mb is None or prev.shape != out.shape:
+            return None
+        if (ma.rows, ma.draws) != (mb.rows, mb.draws) or prev.screened != out.screened or prev.note or out.note:
+            return None
+        d, size = float((out.x - prev.x).norm()), float(out.x.norm())
+        if not (size > 0 and d <= SATURATION_RTOL * size):
+            return None
+        dp, da = abs(out.predicted - prev.predicted), abs(mb.actual - ma.actual)
+        dn, dq = abs(mb.nll_change - ma.nll_change), abs(mb.prior_per_row - ma.prior_per_row)
+        if not (dp <= mb.stderr and da <= mb.stderr and dn <= mb.nll_stderr and dq <= mb.nll_stderr):
+            return None
+        dd = abs(mb.direct - ma.direct)
+        worst = replace(
+            mb,
+            actual=mb.actual - da,
+            nll_change=mb.nll_change - dn,
+            prior_per_row=mb.prior_per_row - dq,
+            direct=mb.direct - dd if math.isfinite(dd) else mb.direct,
+        )
+        z = self.screen_z if out.screened else None
+        if any(self._verdict(p, out.gx, worst, z) is not False for p in (out.predicted - dp, out.predicted + dp)):
+            return None
+        try:
+            far = backend.solve(G, reach).x
+        except NegativeCurvatureError:
+            return None
+        rest = float((far - out.x).norm())
+        log.debug(
+            "damping search (%s shape): the step moved by %.3g of its norm, by at most %.3g more up to damping %.3g",
+            out.shape, d / size, rest / size, reach,
+        )  # fmt: skip
+        if not rest <= d:
+            return None
+        return (
+            f"the step saturated: at damping {out.damping:.3g} it moved by {d / size:.2g} of its norm from the last "
+            f"one's, by at most {rest / size:.2g} more up to damping {reach:.3g}, and its measurements stayed within "
+            "their standard errors"
+        )
+
     @staticmethod
     def _negligible(pred: float, meas: Measurement) -> bool:
         """Whether a step's predicted and measured energy changes are both below the measurement's floating-point
@@ -1056,7 +1119,7 @@ class DampingControl:
         quad = backend.quad(x)
         shape = backend.damping_shape
         pred = -gx + 0.5 * quad
-        meas, ok = None, None
+        meas, ok, decided = None, None, False
         screen = getattr(check, "screen", None)
         screened = self.screen_accepts or expect_reject
         if screened and self.screen_z is not None and screen is not None and getattr(check, "screening", False):
@@ -1064,6 +1127,7 @@ class DampingControl:
             ok = self._verdict(pred, gx, meas, self.screen_z)
             if ok and not self.screen_accepts:
                 ok = None  # a reject-only screen: a step is taken on the full check's measurement alone
+            decided = ok is not None
         if ok is None:
             meas = check(x)
             ok = self._verdict(pred, gx, meas, None)
@@ -1075,6 +1139,7 @@ class DampingControl:
         dq = backend.damping_quad(x, lam)
         out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
         out.shape, out.damping_quad, out.negligible = shape, dq, nothing
+        out.measurement, out.screened = meas, decided
         credit = min(meas.prior_per_row, 0.0)
         if confirmed is not None:
             out.nll_rise, out.nll_stderr = confirmed["pooled_nll_change"] + credit, confirmed["pooled_nll_stderr"]
@@ -1121,7 +1186,9 @@ class DampingControl:
         a trustworthy model) is followed by a step with ``1/grow`` of its damping, kept only if it passes, its own
         ratio exceeds ``TRUSTED_RATIO`` too, and it lowers the measured energy below the accepted step's by more
         than two standard errors of the two measurements combined (:func:`_clearly_lower`). Every tried step
-        counts towards ``max_trials``.
+        counts towards ``max_trials``. A search whose rejected step has saturated (:meth:`_saturated`: the data
+        shape's step tends to the prior-only one as its damping grows) stops there, a failed search of that shape;
+        its last trial says why (``"stopped"``).
 
         ``shapes``: the damping shapes to try (``backend.damping_shapes``; default: the one the last request
         accepted). The first is searched as above; the others are tried once, at the damping it accepted (or
@@ -1255,11 +1322,23 @@ class DampingControl:
                             best = nxt
             else:
                 while len(history) < self.max_trials:
-                    failed = lam
+                    failed, prev = lam, out
                     lam = start() if lam < start() else lam * self.grow
                     out = attempt(lam, expect_reject=fresh)
                     if out is not None and out.safe:
                         best = out
+                        break
+                    left = self.max_trials - len(history)
+                    if out is None or prev is None or left < 1:
+                        continue
+                    reach = lam  # the most damped step the search could still try
+                    for _ in range(left):
+                        reach = start() if reach < start() else reach * self.grow
+                    why = self._saturated(backend, G, prev, out, reach)
+                    if why is not None:  # a failed search of this shape, as if it had tried every damping left
+                        out.history[0]["stopped"] = why
+                        note = f"{note}; the search stopped: {why}"
+                        log.debug("damping search (%s shape) stopped: %s", shape, why)
                         break
                 if best is not None and failed is not None and failed > 0 and len(history) < self.max_trials:
                     mid = math.sqrt(failed * best.damping)  # refine once between the rejected and accepted
