@@ -1139,3 +1139,12 @@ def test_samples_whose_buffers_all_differ_from_the_models_are_warned_about(layou
     for name, b in model.named_buffers():  # the fix, followed: the warning goes
         b.copy_(rows[0][name])
     assert built() == []
+
+
+@pytest.mark.parametrize("empty", [[], {}, ()])
+def test_an_empty_bank_is_refused_as_holding_no_samples(empty) -> None:
+    # an empty list was refused as "give ... a list of state_dicts ...; got list": the layout it had
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"bank: it holds no samples \(an empty ") as info:
+        to_flat(empty, ParamSpec.of(model), model=model)
+    assert "got list" not in str(info.value) and "bank=None" in str(info.value)

@@ -522,3 +522,29 @@ def test_the_repair_trend_check_is_in_the_safety_net_s_unit_so_a_constant_in_nll
     assert rec["nll_trend"] > rec["nll_trend_limit"]  # with the constant too: 0.41 was within a limit of 1.63
     assert any("the repair chain has not settled" in p for p in problems)
     assert rec["nll_trend_unit"] < 1.0 and rec["nll_trend_limit"] < 0.2
+
+
+def test_a_quality_refusal_names_the_fix_in_the_interface_the_caller_used(tmp_path, capsys):
+    """deletion.forget's refusal told a Python caller "--on-failure repair" (twice), a flag of the command line;
+    it says on_failure='repair' there and --on-failure repair on the command line."""
+    folder = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    before = folder_state(folder)
+    with pytest.raises(QualityGateError) as info:
+        forget(folder, list(range(120)))  # 60% of the 200 rows
+    said = str(info.value)
+    assert "on_failure='repair'" in said and "on_failure='accept'" in said and "--on-failure" not in said
+    assert any("--on-failure repair" in p for p in info.value.problems)  # as the ledger records them
+    ids = _ids(tmp_path, " ".join(str(i) for i in range(120)))
+    assert main(["forget", "--model", str(folder), "--ids", ids]) == 4
+    err = capsys.readouterr().err
+    assert "--on-failure accept" in err and "on_failure" not in err
+    assert folder_state(folder) == before
+
+
+def test_the_command_line_says_the_flag_where_the_library_says_its_keyword(tmp_path, capsys):
+    """``forget --iter-T 0`` (with the exact solver) was warned "iter_T=0 has no effect with solver='exact'"."""
+    folder = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    ids = _ids(tmp_path, "3 4")
+    assert main(["forget", "--model", str(folder), "--ids", ids, "--iter-T", "0", "--solver", "exact"]) == 0
+    err = capsys.readouterr().err
+    assert "--iter-T 0 has no effect with --solver exact" in err and "iter_T" not in err

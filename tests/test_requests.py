@@ -214,3 +214,24 @@ def test_ordinary_unsigned_ids_still_read() -> None:
     assert as_id_tensor(np.array([3, 5], dtype=np.uint64)).tolist() == [3, 5]
     assert as_id_tensor(torch.tensor([7], dtype=torch.uint64)).tolist() == [7]
     assert as_id_tensor(np.array([1], dtype=np.uint8)).tolist() == [1]
+
+
+def test_option_spellings_turn_into_each_other():
+    from mcmc_unlearner.service.requests import as_flags, as_keywords
+
+    said = (
+        "retrain, or repair (--on-failure repair); nothing was written (raise --repair-steps, e.g. tenfold, or commit "
+        "it: --on-failure accept); raise --iter-T or use --solver auto; --iter-T 0 leaves no round"
+    )
+    python = as_keywords(said)
+    assert python == (
+        "retrain, or repair (on_failure='repair'); nothing was written (raise repair_steps, e.g. tenfold, or commit "
+        "it: on_failure='accept'); raise iter_T or use solver='auto'; iter_T=0 leaves no round"
+    )
+    assert as_flags(python) == said
+    assert as_flags("iter_T=0 has no effect with solver='exact'; pass damping='auto'") == (
+        "--iter-T 0 has no effect with --solver exact; pass --damping auto"
+    )
+    assert as_flags("the solver stopped; un.iter_T and the damping") == "the solver stopped; un.iter_T and the damping"
+    # a list of values stays as the library wrote it (no "--solver kfac/'cg'")
+    assert as_flags("use solver='kfac'/'cg'") == "use solver='kfac'/'cg'"

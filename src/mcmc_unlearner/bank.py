@@ -217,6 +217,13 @@ def to_flat(
     Raises:
         ValueError: an unknown layout, a width other than ``D``, missing parameters or mismatched shapes.
     """
+    if isinstance(bank, (Sequence, Mapping)) and not isinstance(bank, (str, bytes)) and len(bank) == 0:
+        # an empty list was "give ... a list of state_dicts ...; got list": what was given, not what was wrong
+        raise ValueError(
+            f"bank: it holds no samples (an empty {type(bank).__name__}); pass the stored samples, at least one (a "
+            "list of state_dicts, a tensor [S, D] or a dict of stacked tensors), or bank=None with sampler= for the "
+            "chain expectation"
+        )
     if isinstance(bank, torch.Tensor):
         everything = [] if model is None else list(model.parameters())
         width = sum(p.numel() for p in everything)

@@ -25,26 +25,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
 
 from .curvature import top_eigenvalue
 from .errors import SolverDivergedError, all_finite
+from .options import SolverName
 
 __all__ = ["SolveResult", "SolverName", "cg", "exact", "lissa", "lowrank", "solve"]
-
-
-class SolverName(str, Enum):
-    """Inverse-HVP solvers, shared by the API and the CLI."""
-
-    LISSA = "lissa"
-    CG = "cg"
-    EXACT = "exact"
-    GGN = "ggn"
-    LOWRANK = "lowrank"
-    KFAC = "kfac"
 
 
 @dataclass

@@ -70,6 +70,7 @@ from .curvature import (
 from .data import epoch_samplers
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
 from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, resolve_budget, row_and_call_bytes
+from .options import BankShift, EmptiedLabel, HessianKind
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import (
@@ -155,32 +156,6 @@ class Expectation(str, Enum):
 
     BANK = "bank"
     CHAIN = "chain"
-
-
-class HessianKind(str, Enum):
-    """Which energy's Hessian is inverted: the paper's full-data one or the remaining-data one (Newton)."""
-
-    REMAINING = "remaining"
-    FULL = "full"
-
-
-class EmptiedLabel(str, Enum):
-    """What a request does when it removes the last rows of a label the moved samples still predict (README step
-    6): draw that label's output-layer row from its conditional given the remaining data (``resample``, a Gibbs step
-    of the retrained posterior; :mod:`mcmc_unlearner.emptied`) and check again; draw it for every emptied label
-    (``always``); or refuse at once (``refuse``)."""
-
-    RESAMPLE = "resample"
-    ALWAYS = "always"
-    REFUSE = "refuse"
-
-
-class BankShift(str, Enum):
-    """How stored samples move: one common vector, per-sample influence, or exact Gaussian transport."""
-
-    MEAN = "mean"
-    SAMPLE = "sample"
-    AFFINE = "affine"
 
 
 @dataclass

@@ -1960,11 +1960,19 @@ def _quick_help() -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bnn`` subcommand."""
-    from ..cli import QUIET_HELP, add_quiet_flag, add_threads_flag, new_folder, positive_number, whole_number
+    from ..cli import (
+        COMMAND_HELP,
+        QUIET_HELP,
+        add_quiet_flag,
+        add_threads_flag,
+        new_folder,
+        positive_number,
+        whole_number,
+    )
 
     p = subparsers.add_parser(
         "bnn",
-        help="Bayesian neural networks: remove a class, compare unlearning with retraining and baselines",
+        help=COMMAND_HELP["bnn"],
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     d = BNNConfig()

@@ -1150,11 +1150,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand (the paper's Gaussian-mixture experiment)."""
-    from ..cli import QUIET_HELP, add_quiet_flag, add_threads_flag, new_folder, whole_number
+    from ..cli import COMMAND_HELP, QUIET_HELP, add_quiet_flag, add_threads_flag, new_folder, whole_number
 
     p = subparsers.add_parser(
         "demo",
-        help="the paper's Gaussian-mixture experiment: unlearn 800 of 2,000 points, compare with retraining",
+        help=COMMAND_HELP["demo"],
         description=(
             "Sample a 4-component Gaussian mixture with SG-MCMC, remove 800 points with MCMC unlearning and "
             "compare against retraining, a second retrain chain (noise floor) and fine-tuning. Writes "

@@ -443,9 +443,11 @@ def _out_file(value: str) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``summary`` subcommand."""
+    from ..cli import COMMAND_HELP
+
     p = subparsers.add_parser(
         "summary",
-        help="aggregate metrics.json over several runs (e.g. seeds): mean ± sd, min–max and n per metric",
+        help=COMMAND_HELP["summary"],
         usage="%(prog)s RUN_DIR [RUN_DIR ...] [--keys GLOB [GLOB ...]] [--out FILE]",
         description=(
             "Read RUN_DIR/metrics.json of every run and print, for every numeric leaf of the nested metrics, the "

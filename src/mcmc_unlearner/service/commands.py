@@ -15,11 +15,20 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from .. import distributed
-from ..cli import EXIT_CODES_HELP, ExitCode, add_quiet_flag, add_threads_flag, emit, one_line
-from ..solvers import SolverName
-from ..unlearner import CUMULATIVE_REMOVAL, BankShift, EmptiedLabel, HessianKind
-from . import deletion, gate, integrity, requests
+from ..cli import COMMAND_HELP, EXIT_CODES_HELP, ExitCode, add_quiet_flag, add_threads_flag, emit, one_line
+from ..options import (
+    DEFAULT_REPAIR_STEPS,
+    MAX_REPAIR_STEPS,
+    BankShift,
+    EmptiedLabel,
+    HessianKind,
+    OnFailure,
+    SolverName,
+)
+from . import integrity, requests
+
+# torch and the modules that need it (deletion, distributed) are imported by the commands themselves, after the
+# arguments and the request's settings are checked: a bad option is refused without loading them (it took 2-3 s)
 
 __all__ = ["register"]
 
@@ -70,6 +79,9 @@ def _forget(args: argparse.Namespace) -> int:
     rid = None if args.request_id is None else requests.check_request_id(args.request_id)
     overrides = _overrides(args)
     key = _key(args)
+    from .. import distributed
+    from . import deletion
+
     kwargs = dict(
         request_id=rid,
         overrides=overrides,
@@ -147,6 +159,9 @@ def _forget(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from ..unlearner import CUMULATIVE_REMOVAL
+    from . import deletion
+
     st = deletion.status(args.model, key=_key(args), wait=args.wait, threads=args.threads)
     if args.quiet:
         return ExitCode.OK
@@ -207,6 +222,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from . import deletion
+
     res = deletion.verify(
         args.model, key=_key(args), expect_head=args.expect_head, wait=args.wait, threads=args.threads
     )
@@ -281,7 +298,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     f = subparsers.add_parser(
         "forget",
-        help="apply a deletion request to a saved model (exactly once, only if the removal passes its checks)",
+        help=COMMAND_HELP["forget"],
         description=(
             "Remove training examples from a saved model. The request is applied exactly once (a rerun is a\n"
             "no-op) and committed only if the removal passes the quality checks (solver residual within\n"
@@ -320,18 +337,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     f.add_argument(
         "--on-failure",
-        choices=[p.value for p in gate.OnFailure],
-        default=gate.OnFailure.REFUSE.value,
+        choices=[p.value for p in OnFailure],
+        default=OnFailure.REFUSE.value,
         help="when the removal fails its quality checks: refuse (default: nothing written, exit 4), accept (commit, "
         "record the failure, status reports the model as degraded), or repair (commit, then run --repair-steps "
         "SG-MCMC steps on the remaining data and refresh the sample bank from that chain)",
     )
     f.add_argument(
         "--repair-steps",
-        type=_positive_int("--repair-steps", gate.MAX_REPAIR_STEPS),
-        default=gate.DEFAULT_REPAIR_STEPS,
+        type=_positive_int("--repair-steps", MAX_REPAIR_STEPS),
+        default=DEFAULT_REPAIR_STEPS,
         metavar="N",
-        help=f"SG-MCMC steps of --on-failure repair (default {gate.DEFAULT_REPAIR_STEPS}; at least twice the bank "
+        help=f"SG-MCMC steps of --on-failure repair (default {DEFAULT_REPAIR_STEPS}; at least twice the bank "
         "size: the bank is refreshed from the run's second half)",
     )
     g = f.add_argument_group("solver settings for this request (validated first; recorded in the ledger)")
@@ -388,7 +405,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = subparsers.add_parser(
         "status",
-        help="what a saved model has forgotten, whether it is healthy or degraded, and its ledger head",
+        help=COMMAND_HELP["status"],
         description="Summarise a saved model (read-only, no lock: one consistent snapshot).",
         epilog=EXIT_CODES_HELP,
         formatter_class=fmt,
@@ -398,7 +415,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     v = subparsers.add_parser(
         "verify",
-        help="re-check a saved model's ledger against its stored state (and an expected head)",
+        help=COMMAND_HELP["verify"],
         description=(
             "Re-check the folder on one consistent snapshot: manifest checksum and HMAC, state file hash,\n"
             "ledger hash chain and head, the state against the ledger's removals. Exit 0 if intact, 1 if not."

@@ -234,6 +234,13 @@ def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, setting
     }
 
 
+def _quality_error(message: str, problems: Sequence[str], report: RemovalReport) -> QualityGateError:
+    """The refusal of a removal that failed its checks, its advice spelled for Python (``on_failure='repair'``;
+    the command line spells it back as ``--on-failure repair``: :func:`~.requests.as_flags`). ``problems`` stay as
+    the ledger records them."""
+    return QualityGateError(requests.as_keywords(message), problems, report)
+
+
 def forget(
     model_dir: str | os.PathLike,
     ids: Sequence[int] | torch.Tensor,
@@ -353,7 +360,7 @@ def forget(
             problems = gate.quality_problems(report, un)
             quality: dict[str, Any] = {"passed": not problems, "problems": problems, "policy": policy.value}
             if problems and policy is OnFailure.REFUSE:
-                raise QualityGateError(
+                raise _quality_error(
                     f"removal failed the quality checks: {'; '.join(problems)}; nothing was written (to commit "
                     "anyway: --on-failure accept, or repair with SG-MCMC: --on-failure repair)",
                     problems,
@@ -362,7 +369,7 @@ def forget(
             if problems and policy is OnFailure.REPAIR:
                 rec = gate.repair_chain(un, loaded.sampler, loaded.data, repair_steps)
                 if not rec["ok"]:
-                    raise QualityGateError(
+                    raise _quality_error(
                         "the repair run produced non-finite parameters; nothing was written: lower the sampler step "
                         "size or use --on-failure refuse",
                         problems,
@@ -371,7 +378,7 @@ def forget(
                 still, measured = gate.repaired_problems(un, id_list, loaded.data, before, repair_steps)
                 rec.update(measured)
                 if still:  # the repair did not fix it: refused as under refuse (it was recorded as passed)
-                    raise QualityGateError(
+                    raise _quality_error(
                         f"removal failed the quality checks ({'; '.join(problems)}) and the repair run of "
                         f"{repair_steps} SG-MCMC steps did not fix it: {'; '.join(still)}; nothing was written "
                         "(raise --repair-steps, e.g. tenfold, or commit it recorded as degraded: --on-failure accept)",

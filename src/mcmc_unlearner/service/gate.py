@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from enum import Enum
 from typing import Any
 
 import torch
@@ -40,12 +39,14 @@ import torch
 from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..errors import UnlearningError, all_finite
+from ..options import DEFAULT_REPAIR_STEPS, MAX_REPAIR_STEPS, OnFailure
 from ..samplers import run_chain
 from ..step import nll_unit, unit_of
 from ..unlearner import MCMCUnlearner, RemovalReport, _evenly
 
 __all__ = [
     "DEFAULT_REPAIR_STEPS",
+    "MAX_REPAIR_STEPS",
     "OnFailure",
     "QualityGateError",
     "apply_removal",
@@ -55,17 +56,6 @@ __all__ = [
     "repair_steps_problem",
     "repaired_problems",
 ]
-
-DEFAULT_REPAIR_STEPS = 1000
-MAX_REPAIR_STEPS = 10**7
-
-
-class OnFailure(str, Enum):
-    """What to do with a removal that fails the quality checks (shared by the API and ``--on-failure``)."""
-
-    REFUSE = "refuse"
-    REPAIR = "repair"
-    ACCEPT = "accept"
 
 
 class QualityGateError(UnlearningError):

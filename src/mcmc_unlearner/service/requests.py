@@ -31,14 +31,16 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..solvers import SolverName
-from ..unlearner import BankShift, EmptiedLabel, HessianKind
+from ..options import BankShift, EmptiedLabel, HessianKind, SolverName
 from .ledger import strict_loads
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "FLAGS",
     "MAX_ID",
     "MAX_REQUEST_ID_LENGTH",
+    "as_flags",
+    "as_keywords",
     "check_request_id",
     "check_settings",
     "parse_ids",
@@ -47,6 +49,57 @@ __all__ = [
 ]
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20  # 16 MiB: about two million ids
+
+#: A request's options: the Python keyword (``forget(..., on_failure=)``, ``overrides=``) and the command line's flag.
+FLAGS = {
+    "on_failure": "--on-failure",
+    "repair_steps": "--repair-steps",
+    "max_request_bytes": "--max-request-bytes",
+    "solver": "--solver",
+    "scaling": "--scaling",
+    "damping": "--damping",
+    "iter_T": "--iter-T",
+    "tol": "--tol",
+    "curvature_draws": "--curvature-draws",
+    "bank_shift": "--bank-shift",
+    "hessian": "--hessian",
+    "emptied_label": "--emptied-label",
+}
+_KEYWORD = {flag: key for key, flag in FLAGS.items()}
+_KEYS = "|".join(sorted(FLAGS, key=len, reverse=True))
+# key=value (value quoted or not; a list such as solver='kfac'/'cg' is left as it is) or, for a keyword no English
+# word spells, the bare keyword ("raise iter_T")
+_KEY_VALUE = re.compile(rf"(?<![\w.-])({_KEYS})=(?:'([^'\s]*+)'|([^\s,;:()'\"/]++))(?![\w/'\"])")
+_BARE_KEY = re.compile(
+    r"(?<![\w.-])(on_failure|repair_steps|max_request_bytes|iter_T|curvature_draws|bank_shift|emptied_label)\b(?!=)"
+)
+# a flag and, when it is a word the option takes or a number, its value ("--iter-T or use" has none)
+_WORDS = "auto|refuse|accept|repair|lissa|cg|exact|ggn|lowrank|kfac|remaining|full|mean|sample|affine|resample|always"
+_FLAG = re.compile(rf"(?<![\w-])({'|'.join(map(re.escape, _KEYWORD))})(?![\w-])(?: ({_WORDS}|\d[\d.eE+-]*)(?![\w-]))?")
+
+
+def as_flags(message: str) -> str:
+    """``message`` as the command line spells a request's options: ``iter_T=0`` reads ``--iter-T 0``,
+    ``on_failure='repair'`` ``--on-failure repair`` and ``raise iter_T`` ``raise --iter-T``."""
+    message = _KEY_VALUE.sub(
+        lambda m: f"{FLAGS[m.group(1)]} {m.group(2) if m.group(2) is not None else m.group(3)}", message
+    )
+    return _BARE_KEY.sub(lambda m: FLAGS[m.group(1)], message)
+
+
+def as_keywords(message: str) -> str:
+    """``message`` as Python spells a request's options (the inverse of :func:`as_flags`): ``--on-failure repair``
+    reads ``on_failure='repair'``, ``--iter-T 1`` ``iter_T=1`` and ``raise --repair-steps`` ``raise repair_steps``."""
+
+    def keyword(m: re.Match[str]) -> str:
+        key, value = _KEYWORD[m.group(1)], m.group(2)
+        if value is None:
+            return key
+        return f"{key}={value}" if value[0].isdigit() else f"{key}={value!r}"
+
+    return _FLAG.sub(keyword, message)
+
+
 MAX_ID = 2**63 - 1
 MAX_REQUEST_ID_LENGTH = 128
 _SEP = re.compile(r"[ \t\n\r\f\v,]+")
@@ -430,4 +483,10 @@ def check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
             out[key] = _choice("--hessian", value, HessianKind)
         else:
             out[key] = value
+    if out.get("solver") == SolverName.KFAC.value and out.get("hessian") == HessianKind.FULL.value:
+        # judged here, before the folder is loaded (it was refused only after loading the saved model)
+        raise InvalidRequestError(
+            "--solver kfac supports --hessian remaining only: for --hessian full use --solver cg (or auto, which "
+            "picks it above exact_max_dim), or exact on a small model"
+        )
     return out
