@@ -252,9 +252,10 @@ def test_removed_rows_nll_check_runs_in_passes_that_fit_the_budget_with_the_same
 @pytest.mark.parametrize("solver", ["cg", "lissa", "lowrank"])
 def test_matrix_free_solvers_refuse_a_budget_below_one_product_and_change_nothing(solver, monkeypatch) -> None:
     """Below one draw's planned product the matrix-free solvers still ran, one draw at a time over the budget (a
-    301k-parameter MLP under 16 MB: a 44.4 MB product plan). Refused now, naming the plan, the
-    budget and the fixes: before any work when not even one row's product fits, else when the curvature's rows are
-    read, before any product; the bank and the model as they were. The plan itself fits and runs."""
+    301k-parameter MLP under 16 MB: a 44.4 MB product plan). Refused now, naming the plan over the rows the
+    curvature will read (rows given as a tuple: minibatches of 128), the budget and the fixes, before any work
+    (below one row's product too: it named one row's figure, and that figure was refused again; stop 50), the bank
+    and the model as they were. The plan itself fits and runs."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))  # 676 parameters
     x, y = _data(200, 16, 4)
@@ -283,23 +284,25 @@ def test_matrix_free_solvers_refuse_a_budget_below_one_product_and_change_nothin
 
     un, _ = request("1GB")
     (rows, need), one_row = plans[-1], product(un, 1)
-    assert rows > 1 and need > one_row > un._request_floor()
-    for budget, plan, where in ((one_row - 1, one_row, "even over one row"), (need - 1, need, f"over its {rows} rows")):
+    assert rows == 128 and need > one_row > un._request_floor()
+    for budget in (one_row - 1, need - 1):
         un = MCMCUnlearner(model, memory_budget=budget, **kw)
         before, calls = ParamSpec.flatten_module(model).clone(), len(plans)
         with pytest.raises(MemoryError) as err:
             un.propose((x[:3], y[:3]), (x[3:], y[3:]))
         msg = str(err.value)
-        assert f"solver={solver!r}: one Hessian-vector product at one draw needs {U.format_bytes(plan)} {where}" in msg
+        assert (
+            f"solver={solver!r}: one Hessian-vector product at one draw needs {U.format_bytes(need, up=True)} over "
+            f"its {rows} rows (the remaining rows given as a tuple are read in minibatches of 128)" in msg
+        )
         assert (
             f"memory budget of {U.format_bytes(budget)}: raise memory_budget to at least "
-            f"{U.format_bytes(plan, up=True)}" in msg
+            f"{U.format_bytes(need, up=True)}" in msg
         )  # rounded up: a budget of the figure named covers the plan (stop 49)
-        assert resolve_budget(msg.split("to at least ")[1].split(" plus")[0].split(",")[0]) >= plan
-        assert "or use solver='kfac'; nothing was changed" in msg
+        assert resolve_budget(msg.split("to at least ")[1].split(",")[0]) >= need
+        assert "solver='kfac'" in msg and msg.endswith("; nothing was changed")
         assert torch.equal(un.bank, bank) and torch.equal(ParamSpec.flatten_module(model), before)
-        # one row's product: refused before the curvature (no operator planned); the rows': at the plan
-        assert len(plans) == calls + (where != "even over one row")
+        assert len(plans) == calls  # refused before the curvature (no operator planned)
     _, prop = request(need)  # the plan itself fits: one draw per batch, one product at a time
     assert plans[-1] == (rows, need) and torch.isfinite(prop.bank).all()
 

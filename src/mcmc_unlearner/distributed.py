@@ -649,8 +649,10 @@ class DistributedUnlearner(MCMCUnlearner):
     def _per_draw_grads(self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool = False) -> torch.Tensor:
         return self._reduce(super()._per_draw_grads(f, thetas, batch, rowwise))
 
-    def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
-        return self._reduce(super()._dense_hessian(f, thetas, batch, shared))
+    def _dense_hessian(
+        self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool, every_row: bool = False
+    ) -> torch.Tensor:
+        return self._reduce(super()._dense_hessian(f, thetas, batch, shared, every_row))
 
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         return AllReducedOperator(super()._operator(f, thetas, batch, shared), self.group)

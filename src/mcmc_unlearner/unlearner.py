@@ -58,6 +58,7 @@ from torch.func import grad, jacrev, vjp, vmap
 
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .backends.base import NegativeCurvatureError
+from .backends.kfac import kfac_row_need
 from .bank import BankLayout, to_flat
 from .curvature import (
     ParamSpec,
@@ -88,6 +89,7 @@ from .step import (
     unit_of,
 )
 from .stream import (
+    MIN_CURVATURE_ROWS,
     _as_batch,
     _loader_labels,
     _loader_tensors,
@@ -1600,8 +1602,10 @@ class MCMCUnlearner:
             if need > self.memory_budget:
                 raise MemoryError(
                     f"solver={self.solver.value!r}: the dense matrices of {self.spec.dim:,} parameters need "
-                    f"{format_bytes(need)}, over the memory budget of {format_bytes(self.memory_budget)}: raise "
-                    "memory_budget, or use solver='kfac' or 'cg' (or 'auto', which plans this)"
+                    f"{format_bytes(need, up=True)}, over the memory budget of {format_bytes(self.memory_budget)}: "
+                    f"raise memory_budget to at least {format_bytes(need, up=True)}, or use solver='kfac' or 'cg', "
+                    "whose needs depend on the data (a request they do not fit is refused before any step, naming "
+                    "the budget each needs)"
                 )
         self.expectation = None if expectation is None else _choice(Expectation, "expectation", expectation)
         if self.expectation is Expectation.CHAIN and sampler is None:  # was refused at the first request
@@ -1780,6 +1784,9 @@ class MCMCUnlearner:
         self._version = 0
         self._g_round = 0  # requests applied: which draws the next request's G reads (_turned)
         self._row_bytes: int | None = None
+        #: the request being proposed (stream, remaining count, removed rows): what a memory refusal's suggested
+        #: solvers are planned for (:meth:`_alternatives`); ``None`` between requests
+        self._asked: tuple[_Stream, int, Batch] | None = None
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
         self._remaining_nll_checked = False  # nll read a remaining minibatch (fit's or a request's), once
         self._buffers_checked = False  # a training-mode model's buffers, checked once (_check_buffers_stable)
@@ -1873,6 +1880,10 @@ class MCMCUnlearner:
             # (auto picked K-FAC, which then refused hessian='full' without naming a solver that takes it; stop 45)
             return SolverName.CG, f"{why}; hessian='full', which K-FAC does not build: matrix-free CG"
         return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
+
+    def _kfac_builds(self) -> bool:
+        """Whether ``solver="kfac"`` builds this unlearner's curvature (what a refusal may suggest it for)."""
+        return bool(self._kfac_layers()) and self.hessian is HessianKind.REMAINING and not self.custom_energy
 
     def _kfac_layers(self) -> list[nn.Module]:
         """The trainable ``Linear``/``Conv1d``/``Conv2d`` layers K-FAC would factor (what ``auto`` counts, and what a
@@ -2424,17 +2435,25 @@ class MCMCUnlearner:
         dev = 0.5 * (sums[0] / half - sums[1] / (S - half)) if half >= 1 else torch.zeros_like(G)
         return G, dev
 
-    def _dense_hessian(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> torch.Tensor:
-        """Mean over draws of the dense Hessian of ``f``, built in column chunks that fit the memory budget."""
+    def _dense_hessian(
+        self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool, every_row: bool = False
+    ) -> torch.Tensor:
+        """Mean over draws of the dense Hessian of ``f``, built in column chunks that fit the memory budget
+        (``every_row``: ``batch`` is every remaining row, ``curvature_data="full"``)."""
         d = thetas.shape[1]
         rows = batch[0].shape[1 if not shared else 0] if batch else 1
         per_col = _HVP_MEMORY_FACTOR * self._call_cost(rows)
         reserve = dense_memory(d, thetas.element_size())
         if per_col > self.memory_budget - reserve:
+            # a minibatch per draw is suggested only where the rows are every remaining row (stop 50's probe: said
+            # over minibatches already, where it changed nothing)
             raise MemoryError(
-                f"the dense Hessian needs {format_bytes(reserve + per_col)} for one column over {rows} rows, over "
-                f"the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget, use "
-                "curvature_data='minibatch', or solver='kfac'/'cg'"
+                f"the dense Hessian needs {format_bytes(reserve + per_col, up=True)} for one column over {rows} rows, "
+                f"over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
+                f"{format_bytes(reserve + per_col, up=True)}"
+                + (", use curvature_data='minibatch'" if every_row else "")
+                + self._alternatives(SolverName.KFAC, SolverName.CG)
+                + "; nothing was changed"
             )
         cols = chunk_for(self.memory_budget, per_col, d, reserve)
         if cols < d:  # chunked: the margin for the heap's growth across the chunks (one chunk has none)
@@ -2521,27 +2540,144 @@ class MCMCUnlearner:
         item = item or ParamSpec.params(self.model)[0].element_size()
         return _HVP_PRODUCT_FACTOR * self._call_cost(rows) + _HVP_D_COPIES * dim * item
 
-    def _refuse_product(self, need: int, rows: int | None) -> None:
-        """Refuse a matrix-free solver whose single-draw Hessian-vector product (``need`` bytes over ``rows`` rows;
-        ``None``: over one row, before the curvature's rows are read) does not fit the memory budget."""
-        kfac = bool(self._kfac_layers()) and self.hessian is HessianKind.REMAINING and not self.custom_energy
+    def _refuse_product(self, need: int, rows: int | None, how: str = "") -> None:
+        """Refuse a matrix-free solver whose single-draw Hessian-vector product (``need`` bytes over ``rows`` rows,
+        which ``how`` explains; ``None``: rows not known before they are read, ``need`` over one) does not fit the
+        memory budget."""
         per_row = _HVP_PRODUCT_FACTOR * (self._row_bytes or 1)
-        where, more = (
-            (
-                "even over one row",
-                f" plus {format_bytes(per_row, up=True)} for each further row of a curvature minibatch",
+        if rows is None:
+            where = "even over one row"
+            more = (
+                f" plus {format_bytes(per_row, up=True)} for each further row of a curvature minibatch (as many rows "
+                f"as one minibatch of the data source, pooled to at least {MIN_CURVATURE_ROWS} per draw when smaller)"
             )
-            if rows is None
-            else (f"over its {rows} rows", "")
-        )
+        else:
+            where, more = f"over its {rows:,} rows" + (f" ({how})" if how else ""), ""
         raise MemoryError(
-            f"solver={self.solver.value!r}: one Hessian-vector product at one draw needs {format_bytes(need)} {where} "
-            f"({_HVP_D_COPIES} copies of the {self.spec.dim:,} parameters and {_HVP_PRODUCT_FACTOR}x what one call "
-            f"saves), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
-            f"{format_bytes(need, up=True)}{more}"
-            + (", or use solver='kfac'" if kfac else "")
+            f"solver={self.solver.value!r}: one Hessian-vector product at one draw needs {format_bytes(need, up=True)} "
+            f"{where}, planned at {_HVP_D_COPIES} copies of the {self.spec.dim:,} parameters and "
+            f"{_HVP_PRODUCT_FACTOR}x what one call saves, over the memory budget of {format_bytes(self.memory_budget)}"
+            f": raise memory_budget to at least {format_bytes(need, up=True)}{more}"
+            + self._alternatives(SolverName.KFAC)
             + "; nothing was changed"
         )
+
+    def _curvature_count(self, solver: SolverName) -> int:
+        """The curvature's draws with ``solver`` (its default ``curvature_draws`` unless one was given; chain mode's
+        not counted yet: 1)."""
+        if self.bank is None:
+            return 1
+        given = self.curvature_draws if self._curvature_draws_given else None
+        return _draws(self.bank, given or (8 if solver is SolverName.KFAC else 16)).shape[0]
+
+    def _minibatch_rows(self, stream: _Stream, solver: SolverName | None = None) -> tuple[int | None, str]:
+        """The most rows of one draw's curvature minibatch (:meth:`_Stream.stacked`) with ``solver`` (default: this
+        one), read from the data source's ``batch_size`` before any minibatch is, and how they follow from it
+        (``None``: no ``batch_size``, or under ``torch.distributed``, where a rank's share of a minibatch is known
+        once it is read)."""
+        bs = getattr(stream.source, "batch_size", None)
+        if self._reduce is not None or not (is_integer(bs) and int(bs) >= 1):
+            return None, ""
+        bs = int(bs)
+        try:  # a minibatch holds no more rows than a pass draws: a DataLoader's sampler, a RemovableDataset's rows
+            if isinstance(stream.source, torch.utils.data.DataLoader) and stream.source.sampler is not None:
+                bs = max(1, min(bs, len(stream.source.sampler)))
+            elif stream.listable:
+                bs = max(1, min(bs, len(stream.source)))
+        except TypeError:
+            pass
+        if stream.from_rows:
+            return bs, f"the remaining rows given as a tuple are read in minibatches of {bs}"
+        if bs >= MIN_CURVATURE_ROWS:
+            return bs, f"the data source's minibatches of {bs} rows"
+        # smaller minibatches are pooled until every draw holds MIN_CURVATURE_ROWS, then split evenly among the
+        # draws: at most one minibatch beyond that
+        count = self._curvature_count(solver or self.solver)
+        rows = (count * MIN_CURVATURE_ROWS + bs - 1) // count
+        return rows, (
+            f"the data source's minibatches of {bs} rows, pooled to at least {MIN_CURVATURE_ROWS} rows per draw: at "
+            f"most {rows}"
+        )
+
+    def _product_need(
+        self, stream: _Stream, n: int, removed: int, solver: SolverName | None = None
+    ) -> tuple[int, int | None, str]:
+        """``(bytes, rows, how)``: the least budget under which a matrix-free ``solver``'s single-draw product
+        (:meth:`_operator_plan`) fits over the most rows it will read (``rows``; ``None``: not known before they
+        are read, and ``bytes`` is one row's), and how those rows follow from the data source."""
+        least = removed if self.hessian is HessianKind.FULL else 1  # hessian="full": the removed rows' operator
+        mb, how = self._minibatch_rows(stream, solver)
+        if mb is None:
+            return self._product_bytes(least), None, how
+        rows = max(mb, least)
+        if self.curvature_data == "full" and stream.listable and n > mb:
+            # every row where they fit beside the plan (_curvature_data), else a minibatch per draw
+            if self._full_rows_fit(n, self._product_bytes(rows), dense=False):
+                rows, how = max(n, least), "every remaining row: curvature_data='full', and they fit"
+        elif least > mb:
+            how = "the removed rows: hessian='full' adds their curvature"
+        return self._product_bytes(rows), rows, how
+
+    def _solver_need(self, name: SolverName) -> int | None:
+        """The least budget this request needs with solver ``name`` (``kfac`` or a matrix-free one) by the plans
+        that solver's run checks first (``None``: not known before its rows are read, or ``kfac`` cannot build
+        this curvature)."""
+        if self._asked is None:
+            return None
+        stream, n, batch = self._asked
+        floor = self._request_floor()
+        if name is SolverName.KFAC:
+            return self._kfac_need(stream, n, batch, floor)
+        need, rows, _ = self._product_need(stream, n, int(batch[0].shape[0]), name)
+        return None if rows is None else max(floor, need)
+
+    def _kfac_need(self, stream: _Stream, n: int, batch: Batch, floor: int) -> int | None:
+        """The least budget of this request with ``solver="kfac"``: the request's ``floor`` and K-FAC's build in row
+        chunks of one row (:class:`~mcmc_unlearner.backends.kfac.KFACBackend`), estimated as it estimates it, on a
+        minibatch of the curvature data's shape and storage (the estimate counts the storage its rows are a view
+        of) whose rows are the removed ones (``None``: the rows are not known before they are read, or ``kfac``
+        cannot build this curvature)."""
+        from .kronecker import KroneckerCurvature
+
+        rows, _ = self._minibatch_rows(stream, SolverName.KFAC)
+        if rows is None or not self._kfac_builds():
+            return None
+        count = self._curvature_count(SolverName.KFAC)
+        item = ParamSpec.params(self.model)[0].element_size()
+
+        def need(count: int, rows: int) -> int:
+            probe = []
+            for t in batch:
+                buf = t.new_empty((count, rows, *t.shape[1:]))  # only the first draw's rows are read
+                buf[0] = t[torch.arange(rows) % t.shape[0]]
+                probe.append(buf[0])
+            estimate = KroneckerCurvature.memory_estimate(self.model, None, tuple(probe), nll=self._row_nll)
+            return max(floor, kfac_row_need(estimate, self.spec.dim, item, self.mc_samples))
+
+        try:
+            least = need(count, rows)
+            if self.curvature_data == "full" and stream.listable and self._full_rows_fit(n, least, dense=False):
+                least = need(1, n)  # every remaining row, shared by the draws, where they fit (_curvature_data)
+            return least
+        except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+            return None
+
+    def _alternatives(self, *names: SolverName | str) -> str:
+        """``", or use solver=X"`` for the solvers in ``names`` that this request fits the memory budget with, and
+        ``", or solver=X with memory_budget at least Y"`` for one that needs more (``kfac`` only where it builds this
+        curvature; ``""``: none)."""
+        fits, more = [], ""
+        for name in map(SolverName, names):
+            if name is self.solver or (name is SolverName.KFAC and not self._kfac_builds()):
+                continue
+            need = self._solver_need(name)
+            if need is None:
+                more += f", or solver={name.value!r} (its need is not known before its rows are read)"
+            elif need <= self.memory_budget:
+                fits.append(repr(name.value))
+            else:
+                more += f", or solver={name.value!r} with memory_budget at least {format_bytes(need, up=True)}"
+        return (f", or use solver={' or '.join(fits)}" if fits else "") + more
 
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         rows = batch[0].shape[0 if shared else 1]
@@ -2645,11 +2781,22 @@ class MCMCUnlearner:
             hessian=self.hessian.value,
             generator=self.generator,
             budget=self.memory_budget,
-            dense_hessian=self._dense_hessian,
+            dense_hessian=lambda f, thetas, b, shared: self._dense_hessian(
+                f, thetas, b, shared, every_row=shared and b is curv_batch
+            ),
             operator=lambda: self._full_or_remaining_operator(e_f, h_f, c_thetas, curv_batch, shared, batch),
             reduce=self._reduce,
             raw=self._raw,
+            alternatives=self._alternatives,
         )
+
+    def _full_rows_fit(self, n: int, budget: int, dense: bool | None = None) -> bool:
+        """Whether ``curvature_data="full"`` reads all ``n`` rows at once under ``budget`` (else a minibatch per
+        draw): their derivatives beside the dense matrices (``dense``; default: this solver's), in the parameters'
+        item size (float64: 8 bytes; stop 48's memory probe)."""
+        dense = self.solver in _DENSE if dense is None else dense
+        item = ParamSpec.params(self.model)[0].element_size()
+        return _HVP_MEMORY_FACTOR * self._call_cost(n) <= budget - dense_memory(self.spec.dim if dense else 0, item)
 
     def _curvature_data(self, stream: _Stream, n: int, draws: int, info: dict[str, Any]) -> tuple[Batch, bool]:
         """Every remaining row shared by all draws, or one fresh minibatch per draw (see ``curvature_data``)."""
@@ -2661,9 +2808,7 @@ class MCMCUnlearner:
             want = "full" if small else "minibatch"
         if want == "full":
             full = stream.full()
-            fits = _HVP_MEMORY_FACTOR * self._call_cost(n) <= self.memory_budget - dense_memory(
-                self.spec.dim if self.solver in _DENSE else 0, ParamSpec.params(self.model)[0].element_size()
-            )  # in the parameters' item size (float64: 8 bytes; stop 48's memory probe)
+            fits = self._full_rows_fit(n, self.memory_budget)
             if full is not None and fits:
                 info["curvature_data"] = "full"
                 return full, True
@@ -2850,6 +2995,7 @@ class MCMCUnlearner:
             prop._generator_state = self.generator.get_state()
             prop._data, prop._data_state = stream, stream.state()
         finally:
+            self._asked = None
             self._restore(snap)
             self.curvature.restore(backend_snap)
             self.control.set_state(control_state)
@@ -3131,33 +3277,49 @@ class MCMCUnlearner:
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
         self._bytes_per_row(e_f, live, batch)
+        self._asked = (stream, n, batch)  # what a memory refusal's suggested solvers are planned for
+        # before anything runs, the needs known now; the largest is named, and its figure covers the others
         floor = self._request_floor()
-        if floor > self.memory_budget:  # before anything runs: no chunking fits one draw's derivatives on one row
+        product, rows, how = 0, None, ""
+        if self.solver in _MATRIX_FREE:
+            # one draw's product over the rows the curvature will read (_operator_plan checks the rows read);
+            # agreed across ranks, whose shares' saved bytes can differ
+            need, rows, how = self._product_need(stream, n, int(batch[0].shape[0]))
+            product = int(self._reduce_max(torch.tensor([float(need)], dtype=torch.float64))[0])
+        shift = 0
+        if self.bank_shift is BankShift.SAMPLE and self.bank is not None:
+            # the per-sample shift's copies of the bank, in chunks of samples when they do not fit at once, but at
+            # least the reserve and one sample's (no need when they fit at once: a larger budget fits them too)
+            total, row = self.bank.shape[0] + 1, self.spec.dim * self.bank.element_size()
+            if self._sample_shift_chunk() <= self.bank.shape[0]:
+                shift = (SAMPLE_SHIFT_RESERVE * total + SAMPLE_SHIFT_COPIES) * row
+        least = max(floor, product, shift)
+        if least > self.memory_budget and self.solver is SolverName.KFAC:
+            # refused anyway: K-FAC's own build (KFACBackend.prepare checks it) named too, where it is the larger
+            kfac = self._kfac_need(stream, n, batch, floor) or 0
+            if kfac > least:
+                raise MemoryError(
+                    f"K-FAC needs about {format_bytes(kfac, up=True)} for one row at a time, over the memory budget "
+                    f"of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
+                    f"{format_bytes(kfac, up=True)}{self._alternatives(SolverName.CG)}; nothing was changed"
+                )
+        if least > self.memory_budget and product == least:
+            self._refuse_product(product, rows, how)
+        if least > self.memory_budget and floor == least:  # no chunking fits one draw's derivatives on one row
             raise MemoryError(
-                f"the request needs at least {format_bytes(floor)} ({REQUEST_D_COPIES} copies of the "
+                f"the request needs at least {format_bytes(floor, up=True)} ({REQUEST_D_COPIES} copies of the "
                 f"{self.spec.dim:,} parameters and one row's derivatives, {format_bytes(self._call_cost(1))} saved "
                 f"per call), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at "
                 f"least {format_bytes(floor, up=True)}; nothing was changed"
             )
-        if self.solver in _MATRIX_FREE:
-            # before anything runs: not even one draw's product on one row fits (the exact rows: _operator_plan);
-            # agreed across ranks, whose shares' saved bytes can differ
-            one = int(self._reduce_max(torch.tensor([float(self._product_bytes(1))], dtype=torch.float64))[0])
-            if one > self.memory_budget:
-                self._refuse_product(one, None)
-        if self.bank_shift is BankShift.SAMPLE and self.bank is not None:
-            # before anything runs: the per-sample shift's copies of the bank, in chunks of samples when they do
-            # not fit at once, but at least the reserve and one sample's
-            total, row = self.bank.shape[0] + 1, self.spec.dim * self.bank.element_size()
-            need = (SAMPLE_SHIFT_RESERVE * total + SAMPLE_SHIFT_COPIES) * row
-            if self._sample_shift_chunk() <= self.bank.shape[0] and need > self.memory_budget:
-                raise MemoryError(
-                    f"bank_shift='sample' needs at least {format_bytes(need)} ({SAMPLE_SHIFT_RESERVE} copies of the "
-                    f"bank's {self.bank.shape[0]} samples of {self.spec.dim:,} parameters and one sample's solve), "
-                    f"over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
-                    f"{format_bytes(need, up=True)}, use bank_shift='mean', or keep fewer samples in the bank; "
-                    "nothing was changed"
-                )
+        if least > self.memory_budget:
+            raise MemoryError(
+                f"bank_shift='sample' needs at least {format_bytes(shift, up=True)} ({SAMPLE_SHIFT_RESERVE} copies of "
+                f"the bank's {self.bank.shape[0]} samples of {self.spec.dim:,} parameters and one sample's solve), "
+                f"over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
+                f"{format_bytes(shift, up=True)}, use bank_shift='mean', or keep fewer samples in the bank; "
+                "nothing was changed"
+            )
         sampler_state = None
         if expectation is Expectation.CHAIN:
             draws = self._chain_draws(stream, n, batch)

@@ -60,6 +60,8 @@ class Problem:
         reduce: Sums a tensor across ranks (``None`` in one process).
         raw: A data batch as ``nll`` takes it (the data-parallel version drops its weight column and padding).
         info: Notes the unlearner wants in the report (e.g. a curvature-data fallback).
+        alternatives: ``(*solvers) -> str``: a memory refusal's suggestion of those solvers, each as fitting this
+            request's budget or with the budget it needs (``""``: none).
     """
 
     model: nn.Module
@@ -80,6 +82,7 @@ class Problem:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     raw: Callable[[Batch], Batch] = lambda b: b
     info: dict[str, Any] = field(default_factory=dict)
+    alternatives: Callable[..., str] = lambda *solvers: ""
 
     @property
     def dim(self) -> int:

@@ -58,9 +58,10 @@ class DenseBackend(CurvatureBackend):
         need = dense_memory(problem.dim, problem.thetas.element_size())
         if need > problem.budget:  # the unlearner checks at construction; a budget or bank changed since is caught here
             raise MemoryError(
-                f"solver={self.name!r}: the dense matrices of {problem.dim:,} parameters need {format_bytes(need)}, "
-                f"over the memory budget of {format_bytes(problem.budget)}: raise memory_budget, or use "
-                "solver='kfac' or 'cg'"
+                f"solver={self.name!r}: the dense matrices of {problem.dim:,} parameters need "
+                f"{format_bytes(need, up=True)}, over the memory budget of {format_bytes(problem.budget)}: raise "
+                f"memory_budget to at least {format_bytes(need, up=True)}{problem.alternatives('kfac', 'cg')}; "
+                "nothing was changed"
             )
         self._problem = problem
         self._H_r = None

@@ -7,6 +7,7 @@ The factors themselves live in :mod:`mcmc_unlearner.kronecker`; this file only d
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,14 @@ from ..memory import format_bytes
 from ..solvers import SolveResult
 from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
-__all__ = ["KFACBackend"]
+__all__ = ["KFACBackend", "kfac_row_need"]
+
+
+def kfac_row_need(estimate: Callable[[int], int], dim: int, itemsize: int, mc_samples: int) -> int:
+    """Bytes a K-FAC build needs in row chunks of one row: ``estimate(1)``
+    (:meth:`~mcmc_unlearner.kronecker.KroneckerCurvature.memory_estimate`) and what the chunks add, each Monte-Carlo
+    label's gradient of the parameters."""
+    return estimate(1) + mc_samples * dim * itemsize
 
 
 class KFACBackend(CurvatureBackend):
@@ -71,9 +79,11 @@ class KFACBackend(CurvatureBackend):
                     mid = (lo + hi + 1) // 2
                     lo, hi = (mid, hi) if estimate(mid) + extra <= problem.budget else (lo, mid - 1)
                 if lo < 1:
+                    need = kfac_row_need(estimate, problem.dim, problem.thetas.element_size(), self.mc_samples)
                     raise MemoryError(
-                        f"K-FAC needs about {format_bytes(estimate(1) + extra)} for one row at a time, over the "
-                        f"memory budget of {format_bytes(problem.budget)}: raise memory_budget, or use solver='cg'"
+                        f"K-FAC needs about {format_bytes(need, up=True)} for one row at a time, over the memory "
+                        f"budget of {format_bytes(problem.budget)}: raise memory_budget to at least "
+                        f"{format_bytes(need, up=True)}{problem.alternatives('cg')}; nothing was changed"
                     )
                 row_chunk = lo
             kfac = KroneckerCurvature.build(
