@@ -523,3 +523,27 @@ def test_a_correction_is_not_taken_where_its_direct_measurement_shows_the_energy
     assert RECENTER_DIRECT_Z == 2.0
     assert {z for c, z in seen if c} == {RECENTER_DIRECT_Z} and {z for c, z in seen if not c} == {None}
     assert sum(c for c, _ in seen) == REQUESTS
+
+
+def test_the_corrections_check_is_measured_at_other_samples_than_the_curvatures(prob, monkeypatch) -> None:
+    """The correction's step is solved with the requests' curvature; its check, like a request's, measures at stored
+    samples the curvature was not built from (stop 50's review: it still took the curvature's own, where a step
+    along directions flat at them passes unseen)."""
+    from mcmc_unlearner.step import EnergyCheck
+    from mcmc_unlearner.unlearner import _evenly
+
+    seen: list[torch.Tensor] = []
+    at = EnergyCheck.at
+
+    def spy(self, thetas, G):
+        seen.append(thetas.clone())
+        return at(self, thetas, G)
+
+    monkeypatch.setattr(EnergyCheck, "at", spy)
+    bank = _draws(prob)
+    un, reports = _run(prob, bank, recenter_every=REQUESTS, curvature_draws=8, check_draws=8, damping="auto")
+    assert "recenter_deviation" in reports[-1].info and seen
+    curvature = set(_evenly(bank.shape[0], 8).tolist())
+    for thetas in seen:  # rows of the bank as it was when the correction measured: match them by index
+        rows = {int(i) for t in thetas for i in torch.nonzero((un.bank - t).abs().sum(1) < 1e-9).flatten()}
+        assert rows and not rows & curvature, sorted(rows)

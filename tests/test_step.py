@@ -1435,3 +1435,26 @@ def test_a_step_flat_at_the_curvature_draws_is_checked_at_other_draws():
     assert report.safe and report.damping > 0
     assert mean_nll(un.bank) <= before * (1 + un.control.max_nll_increase)
     assert float((un.bank - bank)[:, 1].abs().max()) < 1.0
+
+
+def test_a_second_measurement_on_the_checks_own_rows_is_judged_alone_not_pooled_with_the_check() -> None:
+    """Without further rows the second measurement reads the check's rows at its draws and further ones: it contains
+    the check's measurement, so pooling the two as independent samples double-counted it and shrank the standard
+    error below either's (stop 50's review: 0.0022 from 0.0030 and 0.0029). It is taken alone."""
+    f, lp, rows, n, thetas, G = _blr_check_parts(10)
+    own = tuple(t[:60] for t in rows)
+    check = EnergyCheck(f, lp, thetas[:4], own, n, G)
+    check.confirm_thetas = thetas[4:]
+    assert check.confirm_covers_check
+    x = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    meas = replace(check(x), nll_scale=1e-6)  # a tolerance every rise exceeds: measured again
+    out = DampingControl(damping=0.0)._confirm(check, x, meas)
+    change, se, _, k = check.confirm(x)
+    assert k == 10 and out["pooled_nll_change"] == change and out["pooled_nll_stderr"] == se
+    check.confirm_rows = lambda: tuple(t[60:] for t in rows)  # further rows: a second sample, pooled
+    check._confirm = None
+    assert not check.confirm_covers_check
+    out = DampingControl(damping=0.0)._confirm(check, x, meas)
+    change, se, m, k = check.confirm(x)
+    w1, w2 = meas.rows * meas.draws, m * k
+    assert out["pooled_nll_change"] == pytest.approx((w1 * meas.nll_change + w2 * change) / (w1 + w2), rel=1e-12)

@@ -323,7 +323,7 @@ class EnergyCheck:
         self.confirm_thetas: torch.Tensor | None = None
         #: The number of stored samples :attr:`thetas` are drawn from (``None``: unknown, the draws taken as fixed).
         self.population: int | None = None
-        self._confirm: tuple[Batch, torch.Tensor, torch.Tensor] | None = None  # rows, draws, their h there
+        self._confirm: tuple[Batch, torch.Tensor] | None = None  # the rows and their h at the draws
 
     def confirm(self, x: torch.Tensor) -> tuple[float, float, int, int] | None:
         """The held rows' mean NLL change under the shift ``x`` measured again on :attr:`confirm_rows` (other
@@ -336,22 +336,28 @@ class EnergyCheck:
         every sample gave +0.067 (stop 50's probe)."""
         if self.confirm_rows is None and self.confirm_thetas is None:
             return None
+        thetas = [self.thetas] if self.confirm_thetas is None else [self.thetas, self.confirm_thetas]  # no copy
         if self._confirm is None:
             rows = self.rows if self.confirm_rows is None else self.confirm_rows()
-            thetas = self.thetas if self.confirm_thetas is None else torch.cat([self.thetas, self.confirm_thetas])
             with torch.no_grad():
-                h0 = torch.stack([self._rows_h(t, rows) for t in thetas])
-            self._confirm = (rows, thetas, h0)
-        rows, thetas, h0 = self._confirm
+                h0 = torch.stack([self._rows_h(t, rows) for part in thetas for t in part])
+            self._confirm = (rows, h0)
+        rows, h0 = self._confirm
         with torch.no_grad():
-            dh = (torch.stack([self._rows_h(t + x, rows) for t in thetas]) - h0).double().mean(0)
+            dh = (torch.stack([self._rows_h(t + x, rows) for part in thetas for t in part]) - h0).double().mean(0)
         sums = self.reduce(torch.stack([dh.sum(), (dh**2).sum(), torch.tensor(float(dh.numel()), dtype=torch.float64)]))
         m = float(sums[2])
         if m < 1:
             return None
         mean = float(sums[0]) / m
         stderr = math.sqrt(max(float(sums[1]) / m - mean**2, 0.0) / max(m - 1, 1))
-        return mean, stderr, int(m), int(thetas.shape[0])
+        return mean, stderr, int(m), sum(int(part.shape[0]) for part in thetas)
+
+    @property
+    def confirm_covers_check(self) -> bool:
+        """Whether :meth:`confirm` measures the check's own rows (no further rows: at the check's draws and further
+        ones), so that its measurement contains the check's and is judged alone rather than pooled with it."""
+        return self.confirm_rows is None
 
     def _rows_h(self, theta: torch.Tensor, rows: Batch) -> torch.Tensor:
         """``h_i(θ)`` on ``rows``, in parts of ``row_chunk`` rows."""
@@ -1012,9 +1018,12 @@ class DampingControl:
         if more is None:
             return None
         change, stderr, rows, draws = more
-        m1, m2 = max(meas.rows, 1) * max(meas.draws, 1), rows * draws
-        pooled = (m1 * meas.nll_change + m2 * change) / (m1 + m2)
-        pooled_se = math.sqrt((m1 * meas.nll_stderr) ** 2 + (m2 * stderr) ** 2) / (m1 + m2)
+        if getattr(check, "confirm_covers_check", False):  # the same rows at more draws: not a second sample
+            pooled, pooled_se = change, stderr
+        else:
+            m1, m2 = max(meas.rows, 1) * max(meas.draws, 1), rows * draws
+            pooled = (m1 * meas.nll_change + m2 * change) / (m1 + m2)
+            pooled_se = math.sqrt((m1 * meas.nll_stderr) ** 2 + (m2 * stderr) ** 2) / (m1 + m2)
         return {
             "confirm_rows": rows,
             "confirm_draws": draws,

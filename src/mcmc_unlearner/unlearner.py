@@ -4581,7 +4581,7 @@ class MCMCUnlearner:
             info["recenter_seconds"] = time.perf_counter() - t0
             log.info("correction %s (%.1f s)", info["recenter"], info["recenter_seconds"])
             return live, bank, carry, anchor
-        thetas = bank[_evenly(bank.shape[0], self.check_draws)]
+        thetas = bank[_held_out(bank.shape[0], self.curvature_draws, self.check_draws)]  # not the curvature's
         here = check.at(thetas, -d)
         control = DampingControl(
             self.damping,
