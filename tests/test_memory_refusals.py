@@ -159,6 +159,10 @@ def test_the_dense_refusals_name_a_budget_that_covers_the_matrices() -> None:
             said = resolve_budget(re.search(rf"need {SIZE}", msg).group(1))
             assert need <= said == _at_least(msg), (hidden, msg)
             assert "'auto'" not in msg and "solver='kfac' or 'cg'" in msg
+    # hessian='full', which K-FAC does not build: only CG is offered (the review of stop 50)
+    with pytest.raises(MemoryError) as err:
+        MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver="exact", hessian="full", memory_budget=need - 1)
+    assert "solver='cg'" in str(err.value) and "kfac" not in str(err.value), str(err.value)
 
 
 def test_the_dense_column_refusal_over_minibatches_names_no_minibatch_and_its_figure_is_accepted() -> None:

@@ -1600,10 +1600,12 @@ class MCMCUnlearner:
         if self.solver in _DENSE:
             need = dense_memory(self.spec.dim, ParamSpec.params(model)[0].element_size())
             if need > self.memory_budget:
+                # K-FAC named only where it builds this curvature (stop 50's review: offered with hessian='full')
+                alternatives = "solver='kfac' or 'cg'" if self._kfac_builds() else "solver='cg'"
                 raise MemoryError(
                     f"solver={self.solver.value!r}: the dense matrices of {self.spec.dim:,} parameters need "
                     f"{format_bytes(need, up=True)}, over the memory budget of {format_bytes(self.memory_budget)}: "
-                    f"raise memory_budget to at least {format_bytes(need, up=True)}, or use solver='kfac' or 'cg', "
+                    f"raise memory_budget to at least {format_bytes(need, up=True)}, or use {alternatives}, "
                     "whose needs depend on the data (a request they do not fit is refused before any step, naming "
                     "the budget each needs)"
                 )
