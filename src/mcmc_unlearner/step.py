@@ -319,11 +319,12 @@ class EnergyCheck:
         #: Fresh held rows for :meth:`confirm` (a function giving them, read on first use), or ``None``: no second
         #: measurement. The unlearner sets it for a request's influence step.
         self.confirm_rows: Callable[[], Batch] | None = None
-        #: Further stored samples at which :meth:`confirm` measures too (besides :attr:`thetas`), or ``None``.
-        self.confirm_thetas: torch.Tensor | None = None
+        #: Further stored samples at which :meth:`confirm` measures too (besides :attr:`thetas`; or a function giving
+        #: them, read on first use), or ``None``.
+        self.confirm_thetas: torch.Tensor | Callable[[], torch.Tensor] | None = None
         #: The number of stored samples :attr:`thetas` are drawn from (``None``: unknown, the draws taken as fixed).
         self.population: int | None = None
-        self._confirm: tuple[Batch, torch.Tensor] | None = None  # the rows and their h at the draws
+        self._confirm: tuple[Batch, torch.Tensor, torch.Tensor | None] | None = None  # rows, h at the draws, extra
 
     def confirm(self, x: torch.Tensor) -> tuple[float, float, int, int] | None:
         """The held rows' mean NLL change under the shift ``x`` measured again on :attr:`confirm_rows` (other
@@ -336,13 +337,15 @@ class EnergyCheck:
         every sample gave +0.067 (stop 50's probe)."""
         if self.confirm_rows is None and self.confirm_thetas is None:
             return None
-        thetas = [self.thetas] if self.confirm_thetas is None else [self.thetas, self.confirm_thetas]  # no copy
         if self._confirm is None:
             rows = self.rows if self.confirm_rows is None else self.confirm_rows()
+            extra = self.confirm_thetas() if callable(self.confirm_thetas) else self.confirm_thetas
+            draws = list(self.thetas) + ([] if extra is None else list(extra))
             with torch.no_grad():
-                h0 = torch.stack([self._rows_h(t, rows) for part in thetas for t in part])
-            self._confirm = (rows, h0)
-        rows, h0 = self._confirm
+                h0 = torch.stack([self._rows_h(t, rows) for t in draws])
+            self._confirm = (rows, h0, extra)
+        rows, h0, extra = self._confirm
+        thetas = [self.thetas] if extra is None else [self.thetas, extra]  # not joined: no copy
         with torch.no_grad():
             dh = (torch.stack([self._rows_h(t + x, rows) for part in thetas for t in part]) - h0).double().mean(0)
         sums = self.reduce(torch.stack([dh.sum(), (dh**2).sum(), torch.tensor(float(dh.numel()), dtype=torch.float64)]))

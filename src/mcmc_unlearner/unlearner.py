@@ -3476,8 +3476,8 @@ class MCMCUnlearner:
             # ... and at as many further stored samples (EnergyCheck.confirm): the check's draws are a sample of
             # the bank's, whose spread the second measurement is triggered by too (EnergyCheck.population)
             check.population = int(self.bank.shape[0])
-            if more_draws.numel():
-                check.confirm_thetas = self.bank[more_draws]
+            if more_draws.numel():  # copied only where a second measurement runs
+                check.confirm_thetas = lambda bank=self.bank: bank[more_draws]
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         # (built by fit() and not yet used by an applied request: as if this request had built it)
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused")) and not self._fitted
