@@ -150,3 +150,45 @@ def test_the_exact_transport_of_a_conjugate_posterior_is_kept_when_half_the_rows
     ratio = un.bank.std(0) / cov2.diagonal().sqrt()
     # 400 draws: each sd ratio within about 3.5% (one standard error), their mean within 0.6%
     assert abs(float(ratio.mean()) - 1) < 0.03 and float(ratio.min()) > 0.85 and float(ratio.max()) < 1.15
+
+
+def test_a_spread_measured_again_reads_no_row_twice() -> None:
+    """The per-sample spread's check, when unclear on the check's rows, measures again with the second
+    measurement's further rows; where there were none (the second measurement then read the check's own rows at
+    further samples) it added the check's rows to themselves, every row counted twice and its standard error
+    shrunk by up to √2 (stop 50's review). Without further rows it is not measured again."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_blr
+    from mcmc_unlearner.curvature import functionalize
+    from mcmc_unlearner.models.linreg import BayesianLinearRegression
+    from mcmc_unlearner.step import EnergyCheck
+
+    prob = make_blr(n=200, dim=3, removed=20, seed=1)
+    model = BayesianLinearRegression(3).double()
+    rows = (prob.x[prob.keep].double(), prob.y[prob.keep].double())
+    f = functionalize(model, lambda m, *b: m.nll(b))
+    lp = functionalize(model, lambda m: m.log_prior())
+    g = torch.Generator().manual_seed(0)
+    L = torch.linalg.cholesky(prob.cov_all)
+    thetas = prob.mean_all + torch.randn(10, 3, generator=g, dtype=torch.float64) @ L.T
+    G = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    un = MCMCUnlearner(model, None, nll=lambda m, b: m.nll(b), log_prior=lambda m: m.log_prior(), bank=thetas.clone())
+    shift = torch.randn(1, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64).expand(4, 3)
+    seen = 0
+    for scale in [0.005 * 1.03**i for i in range(160)]:
+        checks = []
+        for further in (False, True):
+            check = EnergyCheck(f, lp, thetas[:4], rows, rows[0].shape[0], G)
+            if further:  # a second measurement without further rows ran: the check's rows at further samples
+                check.confirm_thetas = thetas[4:]
+                check.confirm(torch.zeros(3, dtype=torch.float64))
+            checks.append(check)
+        infos = [{}, {}]
+        for check, info in zip(checks, infos):
+            un._spread_refused(check, thetas[:4] + scale * shift, thetas[:4].clone(), None, info, "per-sample")
+        assert infos[0]["spread_check"] == infos[1]["spread_check"], scale  # the same rows, the same verdict
+        seen += infos[0]["spread_check"]["nll_change"] > 0
+    assert seen  # the scan reaches rises the check judges

@@ -4238,10 +4238,10 @@ class MCMCUnlearner:
         meas = measure(check.rows)
         refused, unclear = verdict(meas)
         if unclear:  # not clear on the check's rows (a per-row change is heavy-tailed): again with further rows
-            more = (
-                check._confirm[0]
-                if check._confirm is not None
-                else (check.confirm_rows() if check.confirm_rows is not None else None)
+            more = (  # further rows only: without them the second measurement read the check's own (stop 50)
+                None
+                if check.confirm_rows is None
+                else (check._confirm[0] if check._confirm is not None else check.confirm_rows())
             )
             if more is not None:
                 meas = measure(tuple(torch.cat([a, b]) for a, b in zip(check.rows, more)))
