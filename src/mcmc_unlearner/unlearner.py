@@ -1789,6 +1789,7 @@ class MCMCUnlearner:
         #: the request being proposed (stream, remaining count, removed rows): what a memory refusal's suggested
         #: solvers are planned for (:meth:`_alternatives`); ``None`` between requests
         self._asked: tuple[_Stream, int, Batch] | None = None
+        self._asked_chain = False  # the request draws from the live chain: its curvature rows are not a minibatch's
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
         self._remaining_nll_checked = False  # nll read a remaining minibatch (fit's or a request's), once
         self._buffers_checked = False  # a training-mode model's buffers, checked once (_check_buffers_stable)
@@ -2576,9 +2577,9 @@ class MCMCUnlearner:
         """The most rows of one draw's curvature minibatch (:meth:`_Stream.stacked`) with ``solver`` (default: this
         one), read from the data source's ``batch_size`` before any minibatch is, and how they follow from it
         (``None``: no ``batch_size``, or under ``torch.distributed``, where a rank's share of a minibatch is known
-        once it is read)."""
+        once it is read, or in chain mode, whose draws read the sampler's minibatches)."""
         bs = getattr(stream.source, "batch_size", None)
-        if self._reduce is not None or not (is_integer(bs) and int(bs) >= 1):
+        if self._reduce is not None or self._asked_chain or not (is_integer(bs) and int(bs) >= 1):
             return None, ""
         bs = int(bs)
         try:  # a minibatch holds no more rows than a pass draws: a DataLoader's sampler, a RemovableDataset's rows
@@ -2997,7 +2998,7 @@ class MCMCUnlearner:
             prop._generator_state = self.generator.get_state()
             prop._data, prop._data_state = stream, stream.state()
         finally:
-            self._asked = None
+            self._asked, self._asked_chain = None, False
             self._restore(snap)
             self.curvature.restore(backend_snap)
             self.control.set_state(control_state)
@@ -3280,6 +3281,7 @@ class MCMCUnlearner:
         live = ParamSpec.flatten_module(self.model)
         self._bytes_per_row(e_f, live, batch)
         self._asked = (stream, n, batch)  # what a memory refusal's suggested solvers are planned for
+        self._asked_chain = expectation is Expectation.CHAIN
         # before anything runs, the needs known now; the largest is named, and its figure covers the others
         floor = self._request_floor()
         product, rows, how = 0, None, ""
