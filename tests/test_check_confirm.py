@@ -3,8 +3,10 @@ read its damage low is measured again on further rows (``step.DampingControl._co
 
 from __future__ import annotations
 
+import functools
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +53,10 @@ def _digits_thousand_class_head(seed: int):
     return model, nll, log_prior, bank, x, y
 
 
+@functools.cache
 def _request(seed: int):
+    """The class removal on seed ``seed``: its report and the remaining rows' NLL rise over every row and sample,
+    as a fraction of the NLL."""
     model, nll, log_prior, bank, x, y = _digits_thousand_class_head(seed)
     gone = y == 3
     remaining = (x[~gone], y[~gone])
@@ -71,13 +76,29 @@ def _request(seed: int):
 
 
 def test_a_step_whose_damage_the_checks_rows_read_low_is_measured_again_and_refused() -> None:
-    report, rise0 = _request(0)
+    report, _ = _request(0)
     confirmed = [t for t in report.info["trials"] if "confirm_rows" in t]
     assert confirmed and confirmed[0]["confirm_rows"] == 1024
     assert any(not t["confirm_passed"] for t in confirmed)  # a step its 256 rows passed, refused on more rows
-    # the step the 256 rows alone accepted raised the remaining rows' NLL by 39% (seed 0); the steps taken now by
-    # less than a third of that on average over two seeds (one seed is one draw of the check's rows and draws:
-    # seed 0 +7.9% and seed 1 +22.3% with the check on the curvature's own draws, stop 49; +14.9% and +3.5% since
-    # stop 50 checks on others and measures again at further draws where the check's draws disagree)
-    _, rise1 = _request(1)
-    assert (rise0 + rise1) / 2 < 0.13, (rise0, rise1)
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        pytest.param(
+            0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="stop 50: +14.9% (+7.9% with the check on the curvature's own samples, stop 49); the check "
+                "at held-out samples takes a step at 0.1x the mean curvature that its pooled measurement reads "
+                "within the tolerance",
+            ),
+        ),
+        1,  # +22.3% at stop 49, +3.5% since stop 50
+    ],
+)
+def test_the_step_taken_raises_the_remaining_nll_by_under_a_third_of_the_unchecked_one(seed: int) -> None:
+    """The step the 256 rows alone accepted raised the remaining rows' NLL by 39% (seed 0); the step taken after the
+    second measurement by less than a third of that."""
+    _, rise = _request(seed)
+    assert rise < 0.13, rise
