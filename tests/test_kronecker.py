@@ -798,3 +798,119 @@ def test_a_prior_without_curvature_is_said_to_give_the_curvature_no_prior_term()
         warnings.simplefilter("error")  # a Gaussian prior, and a prior that is not a function of the parameters
         prior_precision(model, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), theta)
         prior_precision(model, lambda m: torch.tensor(3.0), theta)
+
+
+# ------------------------------------------------------------------------------------------ float32 eigh
+def _eigh_calls(monkeypatch) -> list[tuple[int, torch.dtype]]:
+    """Record the width and dtype of every ``torch.linalg.eigh`` call."""
+    calls, eigh = [], torch.linalg.eigh
+
+    def spy(M, *args, **kwargs):
+        calls.append((M.shape[-1], M.dtype))
+        return eigh(M, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    return calls
+
+
+@pytest.mark.parametrize("rows", [700, 520])  # the 601-wide factor itself / its 520-wide Gram matrix
+def test_wide_float32_factor_is_decomposed_in_float32_and_solves_like_float64(monkeypatch, rows) -> None:
+    """A float32 factor (or Gram matrix) at least ``EIGH_FLOAT32_FROM_DIM`` wide is decomposed in float32; the K-FAC
+    solve then matches the dense float64 solve of the same K-FAC (built from a float64 copy of the model) as closely as
+    a float64 decomposition of the same float32 factors does, up to ``10·eps₃₂·cond(K + λI)`` relative."""
+    import mcmc_unlearner.kronecker as KR
+
+    assert KR.EIGH_FLOAT32_FROM_DIM <= 520
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(600, 3)
+    with torch.no_grad():
+        model.weight.copy_(0.05 * torch.randn(3, 600, generator=g))
+    x = torch.randn(rows, 600, generator=g) * torch.logspace(0, -3, 600)  # a spread-out spectrum
+    y = torch.randint(0, 3, (rows,), generator=g)
+
+    def build(m: nn.Module, b: tuple) -> KroneckerCurvature:
+        theta = ParamSpec.flatten_module(m)
+        return KroneckerCurvature.build(
+            m, theta[None], [b], n=1000, nll=ce_nll, log_prior=iso_prior(1.0), exact_expectation=True
+        )
+
+    calls = _eigh_calls(monkeypatch)
+    K32 = build(model, (x, y))
+    assert (rows if rows < 601 else 601, torch.float32) in calls  # the wide one in float32, the rest in float64
+    assert all(d == torch.float64 for w, d in calls if w < KR.EIGH_FLOAT32_FROM_DIM)
+    model64 = nn.Linear(600, 3).double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    K64 = build(model64, (x.double(), y))
+    monkeypatch.setattr(KR, "EIGH_FLOAT32_FROM_DIM", 10**9)
+    K32_64 = build(model, (x, y))  # the same float32 factors, decomposed in float64
+    v = torch.randn(K64.dim, generator=g, dtype=D64)
+    damping = 1e-2
+    H = dense(K64) + damping * torch.eye(K64.dim, dtype=D64)
+    ref = torch.linalg.solve(H, v)
+    err = float((K32.solve(v.float(), damping).double() - ref).norm() / ref.norm())
+    err64 = float((K32_64.solve(v.float(), damping).double() - ref).norm() / ref.norm())
+    # a backward-stable float32 eigh: eigenvalues off by ~eps·‖A‖, the solve by ~eps·cond(K + λI) more
+    eig = torch.linalg.eigvalsh(H)
+    bound = 10 * torch.finfo(torch.float32).eps * float(eig[-1] / eig[0])
+    assert err <= err64 + bound and bound < 1e-3, (err, err64, bound)
+
+
+def test_float32_eigh_falls_back_to_float64_when_it_fails_its_checks(monkeypatch) -> None:
+    """A float32 decomposition that does not converge or fails its residual check is redone in float64."""
+    import mcmc_unlearner.kronecker as KR
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(600, KR.EIGH_FLOAT32_FROM_DIM, generator=g)
+    M = X.T @ X / 600
+    lam64, Q64 = torch.linalg.eigh(M.double())
+    eigh = torch.linalg.eigh
+
+    def wrong(A, *args, **kwargs):  # float32: eigenvalues off by 1% (a residual of 1e-2 of the norm)
+        lam, Q = eigh(A, *args, **kwargs)
+        return (lam * 1.01, Q) if A.dtype == torch.float32 else (lam, Q)
+
+    def fail(A, *args, **kwargs):
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return eigh(A, *args, **kwargs)
+
+    for bad in (wrong, fail):
+        monkeypatch.setattr(torch.linalg, "eigh", bad)
+        lam, Q = KR._psd_eigh(M)
+        assert torch.equal(lam, lam64.float()) and torch.equal(Q, Q64.float())
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    lam, Q = KR._psd_eigh(M)  # the float32 decomposition passes
+    assert not torch.equal(Q, Q64.float())
+    assert float(((Q * lam) @ Q.T - M).norm() / M.norm()) < 1e-5
+
+
+def test_narrow_factor_stays_on_the_float64_path_bit_for_bit() -> None:
+    """Below ``EIGH_FLOAT32_FROM_DIM`` a float32 factor is decomposed exactly as before (float64 ``eigh``, cast back),
+    and every Kronecker factor of the default experiments' networks is that narrow."""
+    import sys
+    from pathlib import Path
+
+    import mcmc_unlearner.kronecker as KR
+    from mcmc_unlearner.models.bnn import digits_net, lenet5, mlp
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(600, KR.EIGH_FLOAT32_FROM_DIM - 1, generator=g)
+    M = X.T @ X / 600
+    lam, Q = KR._psd_eigh(M)
+    lam64, Q64 = torch.linalg.eigh(M.double())
+    assert torch.equal(lam, lam64.float()) and torch.equal(Q, Q64.float())
+    # LeNet-5 on 28×28 (Fashion-)MNIST and 16×16 digits as the library and the model matrix (padding 2) build it,
+    # the digits network and MLP, the model matrix's CNNs; a factor is a layer's (patch) inputs + 1 or its outputs
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import model_matrix as mm
+
+    nets = [lenet5(1, 10, input_size=28), lenet5(1, 10, input_size=16), digits_net(), mlp(64)]
+    nets += [mm.lenet5(28), mm.lenet5(16), mm.bn_cnn((8, 16), 8), mm.bn_cnn((16, 32), 8)]
+    widths = []
+    for net in nets:
+        for mod in net.modules():
+            if isinstance(mod, nn.Linear):
+                widths += [mod.in_features + 1, mod.out_features]
+            elif isinstance(mod, nn.Conv2d):
+                widths += [mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] + 1, mod.out_channels]
+    assert max(widths) == 401 < KR.EIGH_FLOAT32_FROM_DIM

@@ -890,13 +890,47 @@ class _Moment:
         return lam.clamp_min(0), Q.contiguous()
 
 
+#: A float32 factor (or Gram matrix) at least this wide is decomposed in float32 first (:func:`_psd_eigh`), 2.2×
+#: faster than float64 at 577-1,153 (one thread): the model matrix's ResNet's factors of 577 and 1,153 and Gram
+#: matrices of 1,024, 0.95 s of float64 ``eigh`` per build. Every factor of the default experiments is narrower
+#: (LeNet-5 on 28×28 Fashion-MNIST: 401 at most; the digits networks and the quick model matrix's others: fewer)
+#: and stays on the float64 path, bit for bit.
+EIGH_FLOAT32_FROM_DIM = 512
+#: The float32 decomposition is kept when, on :data:`EIGH_FLOAT32_PROBES` seeded Gaussian probes ``z``,
+#: ``‖(MQ − QΛ)z‖ ≤ tol·‖M‖₂‖z‖`` and ``‖(QᵀQ − I)z‖ ≤ tol·‖z‖``; otherwise (or when float32 ``eigh`` fails to
+#: converge) the factor is decomposed in float64. Measured: 1-2e-7 and 1.4e-6 at 577-1,153 dimensions.
+EIGH_FLOAT32_TOL = 1e-4
+EIGH_FLOAT32_PROBES = 8
+
+
+def _eigh_float32(M: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``eigh`` of a float32 symmetric ``M`` in float32, or ``None`` when it fails to converge or its residual or
+    orthogonality error on seeded probes exceeds :data:`EIGH_FLOAT32_TOL` (the factor is already rounded to float32,
+    so a backward-stable float32 decomposition is as accurate as its input)."""
+    try:
+        lam, Q = torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        return None
+    gen = torch.Generator(device=M.device).manual_seed(0)  # not the global stream
+    Z = torch.randn(M.shape[0], EIGH_FLOAT32_PROBES, generator=gen, dtype=M.dtype, device=M.device)
+    QZ = Q @ Z
+    norm_z, top = float(Z.norm()), float(lam.abs().max())
+    residual = float((M @ QZ - Q @ (lam[:, None] * Z)).norm())
+    orthogonality = float((Q.T @ QZ - Z).norm())
+    if not (residual <= EIGH_FLOAT32_TOL * top * norm_z and orthogonality <= EIGH_FLOAT32_TOL * norm_z):
+        return None  # also NaN
+    return lam, Q
+
+
 def _psd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric positive semi-definite factor, robust to LAPACK's convergence failures.
 
     ``eigh`` runs in float64 (float32 ``syevd`` fails to converge on ill-conditioned factors with many repeated
     eigenvalues: measured on Fashion-MNIST LeNet-5 factors); if it still fails, the singular value decomposition
     gives the same decomposition for a PSD matrix (eigenvalues = singular values, eigenvectors = left singular
-    vectors) by a different, more robust algorithm. A factor with NaN or infinite entries is refused.
+    vectors) by a different, more robust algorithm. A float32 ``M`` at least :data:`EIGH_FLOAT32_FROM_DIM` wide is
+    first decomposed in float32 (:func:`_eigh_float32`), and in float64 where that fails its checks. A factor with
+    NaN or infinite entries is refused.
 
     Returns:
         Eigenvalues (ascending) and eigenvectors, in ``M``'s dtype.
@@ -906,6 +940,10 @@ def _psd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
             "a Kronecker factor has NaN or infinite entries (the model's activations or output gradients overflowed "
             "at the stored samples); nothing was changed. Check the samples with unlearner.samples() and the data"
         )
+    if M.dtype == torch.float32 and M.shape[0] >= EIGH_FLOAT32_FROM_DIM:
+        done = _eigh_float32(M)
+        if done is not None:
+            return done
     M64 = M.double()
     try:
         lam, Q = torch.linalg.eigh(M64)
