@@ -1151,6 +1151,62 @@ def test_a_passed_step_whose_nll_rise_is_not_clearly_within_tolerance_is_measure
         assert "confirm_rows" not in h
 
 
+class _SizedConfirmCheck:
+    """The true energy of a quadratic (Hessian ``H``) with a held-rows NLL rise not clearly within 5% of 1.0, so that
+    every passed step is measured again; the second measurement passes the steps no longer than ``limit``."""
+
+    def __init__(self, H: torch.Tensor, G: torch.Tensor, limit: float) -> None:
+        self.H, self.G, self.limit, self.confirmed = H, G, limit, []
+
+    def __call__(self, x: torch.Tensor) -> Measurement:
+        actual = -float(self.G @ x) + 0.5 * float(x @ self.H @ x)
+        return Measurement(actual, 0.0, 0.04, nll_scale=1.0, nll_stderr=0.01, draws=8, rows=256)
+
+    def confirm(self, x: torch.Tensor) -> tuple[float, float, int, int]:
+        self.confirmed.append(float(x.norm()))
+        return (0.03 if float(x.norm()) <= self.limit else 0.09), 0.005, 1024, 8
+
+
+class _EagerControl(DampingControl):
+    """Every passed trial measured again at once (the search before the second measurement was deferred)."""
+
+    def _try(self, backend, G, check, lam, expect_reject=False, defer=False):
+        return super()._try(backend, G, check, lam, expect_reject, False)
+
+
+@pytest.mark.parametrize("limit", [math.inf, 0.05])
+def test_the_second_measurement_of_a_refined_search_step_is_made_only_when_needed(limit) -> None:
+    """A search from scratch accepts a step and refines it halfway back: the accepted step's second measurement is
+    made only where the refined one fails (``limit=inf``: it passes, one second measurement instead of two). Where
+    the accepted step then fails its own (``limit=0.05``), the search goes on as if it had been measured first: the
+    same trials, verdicts and step."""
+    H, B = 4 * torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)  # the model: 1/4 the curvature
+    G = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    lazy = _SizedConfirmCheck(H, G, limit)
+    out = DampingControl().step(_QuadraticBackend(B), G, lazy)
+    assert len(lazy.confirmed) == (1 if limit == math.inf else 3)
+    eager_check = _SizedConfirmCheck(H, G, limit)
+    ref = _EagerControl().step(_QuadraticBackend(B), G, eager_check)
+    assert out.safe and ref.safe and out.damping == ref.damping and torch.equal(out.x, ref.x)
+    assert (out.nll_rise, out.nll_stderr, out.note) == (ref.nll_rise, ref.nll_stderr, ref.note)
+    confirm_keys = ("confirm_rows", "confirm_draws", "confirm_nll_change", "pooled_nll_change", "pooled_nll_stderr")
+    plain = [
+        [{k: v for k, v in h.items() if k not in (*confirm_keys, "confirm_passed")} for h in r.history]
+        for r in (out, ref)
+    ]
+    assert plain[0] == plain[1] and out.trials == ref.trials
+    assert out.history[-1] == ref.history[-1]  # the step taken: measured again in both
+    if limit == math.inf:
+        assert out.damping < ref.history[-2]["damping"]  # refined below the accepted step
+        assert len(lazy.confirmed) == 1 and len(eager_check.confirmed) == 2
+        assert "confirm_rows" not in out.history[-2]
+    else:  # damping 10 passes the energy check and fails the second measurement; 100 is refined to 31.6 (the
+        # refinement of 10 tried in vain costs its second measurement: 3 in both)
+        assert [h.get("confirm_passed") for h in out.history if h["damping"] == 10] == [False]
+        assert out.damping < ref.history[-2]["damping"]
+        assert len(lazy.confirmed) == 3 and len(eager_check.confirmed) == 3
+
+
 def test_the_confirmation_reads_further_rows_at_the_checks_draws_and_equals_the_direct_mean() -> None:
     """``EnergyCheck.confirm`` on a linear-Gaussian check: the mean over its rows and draws of h(θ+x) − h(θ), with
     the standard error of the per-row means."""

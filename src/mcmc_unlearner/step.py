@@ -703,6 +703,9 @@ class StepOutcome:
     #: the measurement the step was judged on, and whether the screen decided it (``_saturated`` reads them)
     measurement: Measurement | None = field(default=None, repr=False, compare=False)
     screened: bool = field(default=False, repr=False, compare=False)
+    #: ``(check, x)`` of a step passed on its first measurement whose second one (:meth:`DampingControl._confirm`)
+    #: is deferred until the search needs its verdict (:meth:`DampingControl._settle`)
+    pending: tuple[Any, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def shortened(self) -> StepOutcome:
         """The step cut back towards the measured minimum of the energy along it, when it clearly overshoots it.
@@ -1116,10 +1119,13 @@ class DampingControl:
         check: Callable[[torch.Tensor], Any],
         lam: float,
         expect_reject: bool = False,
+        defer: bool = False,
     ) -> StepOutcome | None:
         """One checked step at damping ``lam`` of the backend's current ``damping_shape`` (``None`` when the damped
         curvature is not positive definite). ``expect_reject``: a trial the search expects to fail, which a
-        reject-only screen (``screen_accepts=False``) measures on the screen first."""
+        reject-only screen (``screen_accepts=False``) measures on the screen first. ``defer``: a step passed on its
+        first measurement is returned as passed with its second measurement pending (``out.pending``), made by
+        :meth:`_settle` when the search needs the verdict."""
         try:
             res = backend.solve(G, lam)
         except NegativeCurvatureError:
@@ -1143,20 +1149,13 @@ class DampingControl:
         if ok is None:
             meas = check(x)
             ok = self._verdict(pred, gx, meas, None)
-        confirmed = self._confirm(check, x, meas) if ok else None
-        if confirmed is not None:
-            ok = confirmed["confirm_passed"]
         nothing = (gx == 0.0 and pred == 0.0) or self._negligible(pred, meas)
         ratio = 1.0 if nothing else (meas.actual / pred if pred < 0 else -math.inf)
         dq = backend.damping_quad(x, lam)
         out = StepOutcome(x, res, lam, 0, pred, meas.actual, ratio, meas.stderr, meas.nll_change, ok, gx=gx)
         out.shape, out.damping_quad, out.negligible = shape, dq, nothing
         out.measurement, out.screened = meas, decided
-        credit = min(meas.prior_per_row, 0.0)
-        if confirmed is not None:
-            out.nll_rise, out.nll_stderr = confirmed["pooled_nll_change"] + credit, confirmed["pooled_nll_stderr"]
-        else:
-            out.nll_rise, out.nll_stderr = meas.nll_change + credit, meas.nll_stderr
+        out.nll_rise, out.nll_stderr = meas.nll_change + min(meas.prior_per_row, 0.0), meas.nll_stderr
         out.nll_scale = meas.nll_scale
         out.history = [
             {"damping": lam, "predicted": pred, "actual": meas.actual, "stderr": meas.stderr, "ratio": ratio, "gx": gx,
@@ -1164,22 +1163,40 @@ class DampingControl:
              "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows,
              "nll_change": meas.nll_change, "nll_stderr": meas.nll_stderr, "shape": shape}
         ]  # fmt: skip
-        if confirmed is not None:
-            out.history[0].update(confirmed)
-            if not ok:
-                out.note = (
-                    f"damping {lam:.3g}: the held remaining rows' mean NLL, measured again on "
-                    f"{confirmed['confirm_rows']} rows at {confirmed['confirm_draws']} draws, rose by "
-                    f"{confirmed['confirm_nll_change']:+.4g} (with the check's rows "
-                    f"{confirmed['pooled_nll_change']:+.4g} ± {confirmed['pooled_nll_stderr']:.2g}; limit "
-                    f"{100 * self.max_nll_increase:g}% of {meas.nll_scale:.3g} plus two standard errors)"
-                )
+        if ok:
+            out.pending = (check, x)
+            if not defer:
+                ok = self._settle(out)
         log.debug(
             "damping trial (%s shape): damping %.3g, predicted %.4g, measured %.4g ± %.2g on %d draw(s) × %d rows, "
             "ratio %.3g: %s",
             shape, lam, pred, meas.actual, meas.stderr, meas.draws, meas.rows, ratio, "passed" if ok else "rejected",
         )  # fmt: skip
         return out
+
+    def _settle(self, out: StepOutcome) -> bool:
+        """Make a passed step's pending second measurement (:meth:`_confirm`), if any, and apply its verdict to ``out``
+        (``safe``, the pooled NLL rise, ``history``, ``note``); returns ``out.safe``."""
+        if out.pending is None:
+            return out.safe
+        (check, x), out.pending = out.pending, None
+        meas = out.measurement
+        confirmed = self._confirm(check, x, meas)
+        if confirmed is None:
+            return out.safe
+        out.safe = confirmed["confirm_passed"]
+        out.nll_rise = confirmed["pooled_nll_change"] + min(meas.prior_per_row, 0.0)
+        out.nll_stderr = confirmed["pooled_nll_stderr"]
+        out.history[0].update(confirmed)
+        if not out.safe:
+            out.note = (
+                f"damping {out.damping:.3g}: the held remaining rows' mean NLL, measured again on "
+                f"{confirmed['confirm_rows']} rows at {confirmed['confirm_draws']} draws, rose by "
+                f"{confirmed['confirm_nll_change']:+.4g} (with the check's rows "
+                f"{confirmed['pooled_nll_change']:+.4g} ± {confirmed['pooled_nll_stderr']:.2g}; limit "
+                f"{100 * self.max_nll_increase:g}% of {meas.nll_scale:.3g} plus two standard errors)"
+            )
+        return out.safe
 
     def step(
         self,
@@ -1281,9 +1298,9 @@ class DampingControl:
         tried: list[StepOutcome] = []
         note = ""
 
-        def attempt(lam: float, expect_reject: bool = False) -> StepOutcome | None:
+        def attempt(lam: float, expect_reject: bool = False, defer: bool = False) -> StepOutcome | None:
             nonlocal note
-            out = self._try(backend, G, check, lam, expect_reject)
+            out = self._try(backend, G, check, lam, expect_reject, defer)
             if out is None:
                 note = f"the curvature plus damping {lam:.3g} is not positive definite"
                 log.debug("damping trial (%s shape): damping %.3g: %s", shape, lam, note)
@@ -1326,37 +1343,49 @@ class DampingControl:
                     lower = best.damping / self.grow
                     lower = 0.0 if lower < start() else max(lower, low)
                     # (not below the damping the backend knows the curvature needs: that trial cannot be solved)
-                    nxt = attempt(lower) if low <= lower < best.damping else None
+                    nxt = attempt(lower, defer=True) if low <= lower < best.damping else None
                     # the lower damping is taken only where the model is still trusted at it, and only for a
-                    # clear gain: it is what the next request starts from
+                    # clear gain: it is what the next request starts from (its second measurement, which can only
+                    # refuse it, is made only then)
                     if nxt is not None and nxt.safe and nxt.ratio > TRUSTED_RATIO:
-                        if _clearly_lower(nxt.actual, nxt.stderr, best.actual, best.stderr):
+                        if _clearly_lower(nxt.actual, nxt.stderr, best.actual, best.stderr) and self._settle(nxt):
                             best = nxt
             else:
-                while len(history) < self.max_trials:
-                    failed, prev = lam, out
-                    lam = start() if lam < start() else lam * self.grow
-                    out = attempt(lam, expect_reject=fresh)
-                    if out is not None and out.safe:
-                        best = out
-                        break
-                    left = self.max_trials - len(history)
-                    if out is None or prev is None or left < 1:
-                        continue
-                    reach = lam  # the most damped step the search could still try
-                    for _ in range(left):
-                        reach = start() if reach < start() else reach * self.grow
-                    why = self._saturated(backend, G, prev, out, reach)
-                    if why is not None:  # a failed search of this shape, as if it had tried every damping left
-                        out.history[0]["stopped"] = why
-                        note = f"{note}; the search stopped: {why}"
-                        log.debug("damping search (%s shape) stopped: %s", shape, why)
-                        break
-                if best is not None and failed is not None and failed > 0 and len(history) < self.max_trials:
-                    mid = math.sqrt(failed * best.damping)  # refine once between the rejected and accepted
-                    out = attempt(mid)
-                    if out is not None and out.safe:
-                        best = out
+                while True:
+                    while len(history) < self.max_trials:
+                        failed, prev = lam, out
+                        lam = start() if lam < start() else lam * self.grow
+                        # a step refined below (a rejected damping above 0 before it, a trial left) has its
+                        # second measurement deferred: it is needed only where the refined step fails
+                        out = attempt(lam, expect_reject=fresh, defer=failed > 0 and len(history) + 1 < self.max_trials)
+                        if out is not None and out.safe:
+                            best = out
+                            break
+                        left = self.max_trials - len(history)
+                        if out is None or prev is None or left < 1:
+                            continue
+                        reach = lam  # the most damped step the search could still try
+                        for _ in range(left):
+                            reach = start() if reach < start() else reach * self.grow
+                        why = self._saturated(backend, G, prev, out, reach)
+                        if why is not None:  # a failed search of this shape, as if it had tried every damping left
+                            out.history[0]["stopped"] = why
+                            note = f"{note}; the search stopped: {why}"
+                            log.debug("damping search (%s shape) stopped: %s", shape, why)
+                            break
+                    if best is not None and failed is not None and failed > 0 and len(history) < self.max_trials:
+                        mid = math.sqrt(failed * best.damping)  # refine once between the rejected and accepted
+                        kept = len(history), len(tried)
+                        out = attempt(mid)
+                        if out is not None and out.safe:
+                            best = out
+                        elif not self._settle(best):
+                            # the accepted step fails its second measurement: the search goes on from it as if the
+                            # refinement had not been tried (the same trials, steps and verdicts as measuring it first)
+                            del history[kept[0] :], tried[kept[1] :]
+                            out, lam, best, note = best, best.damping, None, best.note
+                            continue
+                    break
             if best is not None:
                 best.history, best.trials = history, len(history)
                 if best.damping > 0:
