@@ -26,6 +26,23 @@ REFUSALS = [
     (["status", "--model", "M", "--wait", "x"], 2),
     (["verify", "--model", "M", "--threads", "x"], 2),
     (["forget", "--help"], 0),
+    # demo and bnn: a bad choice, number, device name, unlearner option value or missing data files (2-5 s before)
+    (["demo", "--sampler", "foo"], 2),
+    (["demo", "--seed", "-1"], 2),
+    (["demo", "--thin", "0"], 2),
+    (["demo", "--retrain-chains", "x"], 2),
+    (["bnn", "--arch", "foo"], 2),
+    (["bnn", "--eval-max", "-1"], 2),
+    (["bnn", "--sample-lr", "0"], 2),
+    (["bnn", "--device", "cuda:x"], 2),
+    (["bnn", "--methods", "foo"], 2),
+    (["bnn", "--solver", "foo"], 2),
+    (["bnn", "--damping", "-1"], 2),
+    (["bnn", "--unlearner-kw", "iter_T=-1"], 2),
+    (["bnn", "--unlearner-kw", "bogus=1"], 2),
+    (["bnn", "--preset", "paper-fmnist", "--data-dir", "NODATA"], 2),
+    (["bnn", "--help"], 0),
+    (["demo", "--help"], 0),
 ]
 
 
@@ -50,6 +67,11 @@ def test_refusals_do_not_import_torch(tmp_path):
     got = json.loads(res.stdout)
     assert [c for c, _ in got["codes"]] == [c for _, c in REFUSALS], got["codes"]
     assert "--solver kfac supports --hessian remaining only" in got["codes"][6][1]
+    said = {" ".join(a): err for (a, _), (_, err) in zip(REFUSALS, got["codes"])}
+    assert "argument --damping: damping must be 'auto' or a finite number >= 0" in said["bnn --damping -1"]
+    assert "dataset 'fashion-mnist' not found" in said["bnn --preset paper-fmnist --data-dir NODATA"]
+    assert "MCMCUnlearner has no keyword argument 'bogus'; choose from backend, " in said["bnn --unlearner-kw bogus=1"]
+    assert all(err.count("\n") == 1 for (_, code), (_, err) in zip(REFUSALS, got["codes"]) if code == 2), said
     assert not got["torch"], "an argument error imported torch (1.4 s) before it was refused"
 
 
@@ -62,7 +84,17 @@ def _help(argv: list[str], lazy: bool) -> str:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["forget", "--help"], ["status", "--help"], ["summary", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["forget", "--help"],
+        ["status", "--help"],
+        ["summary", "--help"],
+        ["demo", "--help"],
+        ["bnn", "--help"],
+    ],
+)
 def test_lazy_parser_is_the_full_one(argv):
     assert _help(argv, lazy=True) == _help(argv, lazy=False)
 
@@ -72,6 +104,41 @@ def test_lazy_parser_parses_as_the_full_one():
 
     argv = ["forget", "--model", "M", "--ids", "I", "--solver", "cg", "--on-failure", "repair", "-v"]
     assert vars(build_parser(argv, lazy=True).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def test_bnn_parses_as_before():
+    from mcmc_unlearner.cli import build_parser
+    from mcmc_unlearner.experiments import bnn
+
+    argv = ["bnn", "--quick", "--solver", "cg", "--damping", "0.5", "--unlearner-kw", "tol=0.01", "--device", "cpu"]
+    args = build_parser().parse_args(argv)
+    cfg = bnn.config_from_args(args)
+    assert (cfg.solver, cfg.damping, cfg.unlearner_kwargs, cfg.device) == ("cg", 0.5, {"tol": 0.01}, "cpu")
+    assert args.func.__module__ == "mcmc_unlearner.experiments.options"
+
+
+def test_the_torch_free_lists_are_the_library_s():
+    import inspect
+
+    from mcmc_unlearner.experiments import bnn
+    from mcmc_unlearner.experiments.options import ARCHITECTURE_NAMES, BNN_DESCRIPTION, UNLEARNER_KEYWORDS
+    from mcmc_unlearner.models.bnn import ARCHITECTURES
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    assert ARCHITECTURE_NAMES == tuple(sorted(ARCHITECTURES))
+
+    taken = set(inspect.signature(MCMCUnlearner.__init__).parameters) - {"self", "model", "sampler", "bank"}
+    assert UNLEARNER_KEYWORDS == tuple(sorted(taken))
+    assert bnn.__doc__.split("\n\n")[0] == BNN_DESCRIPTION
+
+
+def test_the_missing_files_check_is_load_dataset_s(tmp_path):
+    from mcmc_unlearner.image_data import load_dataset, missing_dataset
+
+    with pytest.raises(FileNotFoundError) as exc:
+        load_dataset("fashion-mnist", tmp_path)
+    assert missing_dataset("fashion-mnist", tmp_path) == str(exc.value)
+    assert missing_dataset("digits", tmp_path) is None
 
 
 def test_package_names_resolve():

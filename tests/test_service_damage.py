@@ -158,7 +158,7 @@ def test_repair_needs_twice_the_bank_and_banks_only_second_half_states():
     with pytest.raises(UnlearningError) as exc:  # was: accepted, bank = states 4..7 of 7 (first half included)
         repair_chain(un, sampler, data, 7)
     assert str(exc.value) == (
-        "--repair-steps 7 is too few for the bank of 4 samples: the bank is refreshed from the run's second half "
+        "repair_steps=7 is too few for the bank of 4 samples: the bank is refreshed from the run's second half "
         "only (the first half lets the chain mix on the remaining data), so use at least 8 (twice the bank size)"
     )
     for steps, keep, first in ((9, 1, 6), (21, 2, 14)):
@@ -279,15 +279,22 @@ def test_vectorised_reading_matches_the_grammar_across_pieces():
         parse_ids("1 9223372036854775808 1", unique=True)  # a malformed id is named before a repeat
 
 
-def test_lissa_without_a_round_is_refused_before_any_work(applied, tmp_path):
+def test_lissa_without_a_round_is_refused_before_any_work(applied, tmp_path, capsys):
     # the solver raised a ValueError mid-request (exit 70, internal error) since it refuses iter_T = 0
     m = tmp_path / "m"
     shutil.copytree(applied, m)
     before = folder_state(m)
     with pytest.raises(InvalidRequestError) as exc:
         forget(m, [7, 8], overrides={"solver": "lissa", "iter_T": 0})
-    assert str(exc.value) == (
-        "--iter-T 0 leaves the lissa solver no round of its recursion; use --iter-T 1 or more (e.g. 100)"
+    assert str(exc.value) == (  # Python's spelling (it named the command line's flags)
+        "iter_T=0 leaves the lissa solver no round of its recursion; use iter_T=1 or more (e.g. 100)"
+    )
+    assert folder_state(m) == before
+    args = ["forget", "--model", str(m), "--ids", _ids(tmp_path, "7 8"), "--solver", "lissa", "--iter-T", "0"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (  # the command line's
+        "mcmc-unlearner forget: error: --iter-T 0 leaves the lissa solver no round of its recursion; use --iter-T 1 "
+        "or more (e.g. 100)\n"
     )
     assert folder_state(m) == before
 

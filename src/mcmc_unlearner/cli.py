@@ -3,15 +3,17 @@
 Thin by design: each subcommand lives next to the code it drives and registers itself here through a
 ``register(subparsers)`` function that sets ``func`` (``args -> exit code``):
 
-* ``demo`` — the paper's Gaussian-mixture experiment (:mod:`mcmc_unlearner.experiments.gmm`);
-* ``bnn`` — Bayesian neural networks (:mod:`mcmc_unlearner.experiments.bnn`);
+* ``demo`` — the paper's Gaussian-mixture experiment (:mod:`mcmc_unlearner.experiments.gmm`; its options in
+  :mod:`mcmc_unlearner.experiments.options`);
+* ``bnn`` — Bayesian neural networks (:mod:`mcmc_unlearner.experiments.bnn`; its options there too);
 * ``summary`` — mean ± sd over runs of an experiment's ``metrics.json`` (:mod:`mcmc_unlearner.experiments.summary`);
 * ``forget``, ``status``, ``verify`` — deletion requests against saved models
   (:mod:`mcmc_unlearner.service.commands`).
 
 :func:`main` imports only the named subcommand's module (:func:`build_parser` with ``lazy=True``): ``--version``,
-``--help`` and a bad option or setting of ``forget``, ``status``, ``verify`` or ``summary`` are refused before torch
-is loaded (0.2 s, was 2-3 s).
+``--help`` and a bad option or setting of any subcommand (``demo`` and ``bnn``: their options are parsed by
+:mod:`mcmc_unlearner.experiments.options`, a missing data set's files found there too) are refused before torch is
+loaded (0.2 s, was 2-3 s).
 
 Shared here: the one-line error contract (:class:`Parser`, :func:`main`, :func:`flat`: every refusal is one line on
 stderr and a documented exit code, :class:`ExitCode`; never a traceback), the flags every subcommand spells
@@ -63,8 +65,8 @@ DEBUG_ENV = "MCMC_UNLEARNER_DEBUG"
 
 #: Each subcommand, in ``--help``'s order: the module that registers it (``register(subparsers)``).
 COMMAND_MODULES = {
-    "demo": "experiments.gmm",
-    "bnn": "experiments.bnn",
+    "demo": "experiments.options",
+    "bnn": "experiments.options",
     "summary": "experiments.summary",
     "forget": "service.commands",
     "status": "service.commands",
@@ -320,8 +322,8 @@ def build_parser(argv: list[str] | None = None, *, lazy: bool = False) -> argpar
     Args:
         argv: The arguments to be parsed (default ``sys.argv[1:]``); read only when ``lazy``.
         lazy: Import only the module of the subcommand ``argv`` names, and list the others by name and help line:
-            ``--version``, ``--help`` and a bad option of ``forget``, ``status``, ``verify`` or ``summary`` are
-            answered without importing torch (2-3 s before).
+            ``--version``, ``--help`` and a bad option of any subcommand are answered without importing torch (2-3 s
+            before).
     """
     wanted = _command_in(sys.argv[1:] if argv is None else argv) if lazy else None
     p = Parser(

@@ -31,10 +31,12 @@ import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the CLI finds missing files without loading it
+    from torch import Tensor
 
 __all__ = [
     "DATASETS",
@@ -44,6 +46,7 @@ __all__ = [
     "class_indices",
     "find_mnist_files",
     "load_dataset",
+    "missing_dataset",
     "mnist_search_dirs",
     "read_cifar_batch",
     "read_idx",
@@ -130,6 +133,8 @@ class ImageData:
 
 def class_indices(y: Tensor, cls: int) -> Tensor:
     """Indices (int64, ascending) of the examples whose label equals ``cls``."""
+    import torch
+
     return torch.nonzero(torch.as_tensor(y) == int(cls), as_tuple=False).flatten().long()
 
 
@@ -278,6 +283,8 @@ def find_mnist_files(name: str, root: str | os.PathLike) -> dict[str, Path] | No
 
 def _load_mnist_split(files: dict[str, Path], split: str) -> tuple[Tensor, Tensor]:
     """Read one MNIST-format split and return padded 32x32 images in [0, 1] and labels."""
+    import torch
+
     img_stem, lbl_stem = _MNIST_FILES[split]
     img_path, lbl_path = files[img_stem], files[lbl_stem]
     images, labels = read_idx(img_path), read_idx(lbl_path)
@@ -423,6 +430,8 @@ def _cifar_files(name: str, root: Path) -> tuple[list[Path], list[Path], str]:
 
 
 def _load_cifar_files(paths: list[Path], label_key: str) -> tuple[Tensor, Tensor]:
+    import torch
+
     parts = [read_cifar_batch(p, label_key) for p in paths]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
@@ -432,6 +441,8 @@ def _load_cifar_files(paths: list[Path], label_key: str) -> tuple[Tensor, Tensor
 # --- download ---------------------------------------------------------------------------------------
 def _download(name: str, root: Path, missing: list[Path]) -> None:
     """Download ``name`` into ``root`` with torchvision (imported lazily)."""
+    import torch
+
     paths = "\n  ".join(str(p) for p in missing)
     try:
         import torchvision.datasets as tvd
@@ -460,6 +471,17 @@ def _default_root(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is not None:
         return Path(data_dir).expanduser()
     return Path(os.environ.get("MCMC_UNLEARNER_DATA", "data")).expanduser()
+
+
+def missing_dataset(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
+    """Why :func:`load_dataset` would refuse ``name`` from ``data_dir`` without ``download`` (its message; ``None``:
+    the files are there, or the name is not a data set's), found without loading torch or reading the images."""
+    key = _ALIASES.get(name.strip().lower()) if isinstance(name, str) else None
+    if key is None or key == "digits":
+        return None
+    root = _default_root(data_dir)
+    missing = _missing_files(key, root)
+    return _missing_message(key, root, missing) if missing else None
 
 
 def _missing_files(name: str, root: Path) -> list[Path]:
@@ -519,6 +541,7 @@ def _missing_message(key: str, root: Path, missing: list[Path]) -> str:
 
 
 def _load_digits(seed: int) -> ImageData:
+    import torch
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

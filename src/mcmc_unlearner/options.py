@@ -7,16 +7,21 @@ refused at once; :mod:`~mcmc_unlearner.solvers`, :mod:`~mcmc_unlearner.unlearner
 
 from __future__ import annotations
 
+import math
+import numbers
 from enum import Enum
+from typing import Any
 
 __all__ = [
     "DEFAULT_REPAIR_STEPS",
     "MAX_REPAIR_STEPS",
     "BankShift",
     "EmptiedLabel",
+    "Expectation",
     "HessianKind",
     "OnFailure",
     "SolverName",
+    "check_damping",
 ]
 
 
@@ -36,6 +41,13 @@ class HessianKind(str, Enum):
 
     REMAINING = "remaining"
     FULL = "full"
+
+
+class Expectation(str, Enum):
+    """Where the posterior expectations of G and H come from."""
+
+    BANK = "bank"
+    CHAIN = "chain"
 
 
 class EmptiedLabel(str, Enum):
@@ -67,3 +79,19 @@ class OnFailure(str, Enum):
 
 DEFAULT_REPAIR_STEPS = 1000
 MAX_REPAIR_STEPS = 10**7
+
+
+def check_damping(damping: Any) -> float | None:
+    """The ``damping`` option: ``"auto"`` (``None``: searched per request) or a finite number >= 0 (that number).
+
+    Raises:
+        ValueError: Any other value (the message names the valid ones).
+    """
+    if isinstance(damping, str):
+        if damping != "auto":
+            raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
+        return None
+    real = isinstance(damping, numbers.Real) and not isinstance(damping, bool)  # numpy numbers too
+    if not (real and math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}")
+    return float(damping)

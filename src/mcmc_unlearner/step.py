@@ -110,6 +110,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from .backends.base import CurvatureBackend, NegativeCurvatureError
+from .options import check_damping
 from .solvers import SolveResult
 
 log = logging.getLogger(__name__)  # each damping trial at DEBUG
@@ -877,15 +878,7 @@ class DampingControl:
         screen_accepts: bool = True,
         direct_z: float | None = None,
     ):
-        if isinstance(damping, str):
-            if damping != "auto":
-                raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
-            self.fixed: float | None = None
-        else:
-            real = isinstance(damping, numbers.Real) and not isinstance(damping, bool)  # numpy numbers too
-            if not (real and math.isfinite(damping) and damping >= 0):
-                raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}")
-            self.fixed = float(damping)
+        self.fixed: float | None = check_damping(damping)  # (shared with the CLI's parse-time check)
         if not 0 < eta < 1:
             raise ValueError(f"eta must be in (0, 1), got {eta}")
         if not grow > 1:

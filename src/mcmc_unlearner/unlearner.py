@@ -71,7 +71,7 @@ from .curvature import (
 from .data import epoch_samplers
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
 from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, resolve_budget, row_and_call_bytes
-from .options import BankShift, EmptiedLabel, HessianKind
+from .options import BankShift, EmptiedLabel, Expectation, HessianKind
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import (
@@ -151,13 +151,6 @@ _DENSE = (SolverName.EXACT, SolverName.GGN)
 _HESSIAN_PRODUCTS = (SolverName.EXACT, SolverName.CG, SolverName.LISSA, SolverName.LOWRANK)
 #: The matrix-free backends: the curvature only through Hessian-vector products (``MCMCUnlearner._operator``).
 _MATRIX_FREE = (SolverName.CG, SolverName.LISSA, SolverName.LOWRANK)
-
-
-class Expectation(str, Enum):
-    """Where the posterior expectations of G and H come from."""
-
-    BANK = "bank"
-    CHAIN = "chain"
 
 
 @dataclass
@@ -1588,11 +1581,8 @@ class MCMCUnlearner:
         self.log_prior = log_prior
         self.custom_energy = energy is not None
         self.energy = energy or self._default_energy
-        self._caller_storages = _storages(bank)
-        _own_parameters(model, self._caller_storages)
-        _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
-        self._layout: BankLayout | None = None
-        self._set_bank(bank, fresh=True)  # copied, in the layout it came in; non-finite samples refused
+        # every option is checked before the bank is read (copying and checking a large bank took 1-2 s, and a
+        # misspelt option was refused only after it): a bad configuration is refused at once
         self.memory_budget = resolve_budget(memory_budget)
         self.exact_max_dim = _whole("exact_max_dim", exact_max_dim, 0)
         self.hessian = _choice(HessianKind, "hessian", hessian)  # before the choice: K-FAC builds "remaining" only
@@ -1734,6 +1724,11 @@ class MCMCUnlearner:
         if not (is_integer(seed) and -(2**63) <= int(seed) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
             raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {seed!r}")
         self.generator = torch.Generator().manual_seed(int(seed))
+        self._caller_storages = _storages(bank)
+        _own_parameters(model, self._caller_storages)
+        _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
+        self._layout: BankLayout | None = None
+        self._set_bank(bank, fresh=True)  # copied, in the layout it came in; non-finite samples refused
         self._warn_ineffective(
             {
                 "scaling": scaling != "auto",
@@ -2932,7 +2927,7 @@ class MCMCUnlearner:
                 "the way with half the data removed, a fiftieth with nine tenths) while passing every check, since "
                 "the step does not harm the remaining data. Retrain on the remaining data, or continue the chain on "
                 "it after this request (your own sampler, or the library's SGLD/SGHMC with run_chain, for at least "
-                "a burn-in's worth of steps; the deletion service's --on-failure repair does this only for a "
+                "a burn-in's worth of steps; the deletion service's on_failure='repair' does this only for a "
                 "request that fails its checks)",
                 stacklevel=outside_stacklevel(),
             )

@@ -58,7 +58,6 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +74,26 @@ from ..memory import resolve_budget
 from ..metrics import knn_distances, knn_kl
 from ..models.bnn import ARCHITECTURES, BayesianNet, build_model
 from ..samplers import SGHMC, SGLD, run_chain
-from ..solvers import SolverName
-from ..step import DampingControl, DampingShape, ScreenMode
-from ..unlearner import BankShift, Expectation, HessianKind, MCMCUnlearner
+from ..step import DampingShape, ScreenMode
+from ..unlearner import MCMCUnlearner
 from . import evaluation as ev
-from .report import SEED_LIMIT, claimed_out_dir, out_folder_arg, seed_arg, write_json, write_text
+from .options import (
+    _COUNT_LIMITS,
+    _LIGHT_CHECKS,
+    _POSITIVE,
+    _UNLEARNER_OPTIONS,
+    OPTIONAL_METHODS,
+    PRESETS,
+    QUICK,
+    BNNConfig,
+    RefusalPolicy,
+    _Check,
+    _members,
+    config_from_args,
+    device_problem,
+)
+from .options import register_bnn as register
+from .report import SEED_LIMIT, claimed_out_dir, write_json, write_text
 
 __all__ = [
     "METHODS",
@@ -95,8 +109,6 @@ __all__ = [
     "weighted_knn_kl",
 ]
 
-#: Methods whose runs can be switched on and off (``--methods``); ``origin`` and the retrains always run.
-OPTIONAL_METHODS = ("unlearn", "paper", "finetune", "langevin", "importance")
 #: The methods a default run evaluates, in report order (with three retrain chains).
 METHODS = ("origin", "retrain", "retrain-b", "retrain-c", *OPTIONAL_METHODS)
 #: Methods that process the requests one by one (progress snapshots, refusals, per-request times).
@@ -111,195 +123,6 @@ _DEFAULT_ARCH = {
 }
 #: Splits every method is scored on.
 _SPLITS = ("remaining", "removed", "test", "test_kept")
-
-
-class RefusalPolicy(str, Enum):
-    """What the experiment does with a request the unlearner refuses (it always records it and goes on).
-
-    ``skip``: the points are removed from the data anyway and the posterior is left unshifted.
-    ``sgld``: the same, then the live chain takes ``repair_steps`` sampler steps on the remaining data (the
-    stored bank is left as it is).
-    """
-
-    SKIP = "skip"
-    SGLD = "sgld"
-
-
-@dataclass
-class BNNConfig:
-    """Settings of one BNN unlearning experiment (defaults: the digits run).
-
-    Attributes:
-        dataset: Data set name (see :func:`mcmc_unlearner.image_data.load_dataset`).
-        arch: Architecture (``None``: ``digits_net`` for digits, ``lenet5`` for (Fashion-)MNIST,
-            ``small_cnn`` for CIFAR).
-        remove_class: Class whose training points are removed.
-        remove_count: ``"all"`` or how many points of that class (a seeded random subset).
-        max_requests: If positive, at most this many requests (a seeded subset of the class of
-            ``max_requests·request_size`` points; for reduced validation runs).
-        sampler: ``"sgld"`` or ``"sghmc"`` (friction 0.9).
-        request_size: Points per deletion request.
-        seed: Seed of everything random (initial weights, chains, subsets).
-        device: Torch device.
-        data_dir, download: Where image files live / fetch them with torchvision.
-        pretrain: Data set to pre-train the shared initial weights on (``None``: random initial weights), or
-            ``"self"``: every chain first runs the pre-training optimiser on its *own* training data (origin: all
-            data; retrain: the remaining data) from the shared random initial weights, so no retrain chain ever
-            sees a removed point.
-        pretrain_fallback: What to do when the ``pretrain`` data set's files are missing: ``None`` fails;
-            ``"heldout"`` pre-trains the shared initial weights on a seeded half of the test set, which then leaves
-            the evaluation; ``"self"`` pre-trains each chain on its own data; ``"none"`` keeps random weights (each
-            with a note).
-        pretrain_steps, pretrain_lr, pretrain_momentum: SGD pre-training (paper: 2,000, 0.1, 0.9).
-        explore_steps, explore_lr: Plain SGD on the mean loss ``F/n`` before sampling.
-        sample_steps, sample_lr: Sampler steps and ``lr`` of the step size ``(lr/n)·t^-0.5005``.
-        batch_size: Minibatch size.
-        bank_size: Stored samples, thinned evenly from the sampling phase.
-        prior_std: Prior standard deviation.
-        retrain_chains: Independent retrain chains (at least 2: their pairwise spread is the noise floor).
-        methods: Methods to run besides ``origin`` and the retrains (see :data:`OPTIONAL_METHODS`).
-        solver, damping, iter_T, tol, curvature_draws, grad_draws, precondition_rank, drift_tol, check_draws,
-        expectation, hessian, bank_shift, samp_T: ``unlearn``'s :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`
-            settings; ``None`` (the default for all) keeps the library's default, so ``unlearn`` measures what a
-            user gets with ``MCMCUnlearner(model, sampler, bank=bank)``.
-        unlearner_kwargs: Any other ``MCMCUnlearner`` keyword arguments (CLI: ``--unlearner-kw KEY=VALUE``); one
-            of the settings above given here as well must have the same value (refused otherwise).
-        init_scaling: With ``solver="lissa"``: the LiSSA scaling is ``init_scaling / n``.
-        paper_iter_T, paper_samp_T, paper_init_scaling: ``paper``'s LiSSA rounds, sampler steps per expectation
-            and scaling ``paper_init_scaling / n`` (``n`` counted before the request's removal, as in its code).
-        langevin_steps: ``langevin``'s SGLD steps per request (``0``: ``paper_samp_T + 2·paper_iter_T``).
-        on_refusal, repair_steps: :class:`RefusalPolicy` and its sampler steps.
-        eval_samples: Samples per method in the final evaluation (evenly thinned; a weighted method's by
-            systematic resampling of its weights, the offset seeded by ``seed``; ``0``: all).
-        eval_max: At most this many points per evaluation split (seeded subset; ``0``: all). The membership
-            attack's held-out points (all test points of the removed class) are never subsampled.
-        eval_every: Progress snapshot every this many requests (and after the last).
-        progress_max, progress_samples: Points per split and samples in a progress snapshot.
-        extra_finetune_steps: If positive, also report ``unlearn+finetune``: the unlearned chain followed by
-            this many sampler steps on the remaining data (samples of those steps form its bank).
-        threads: Torch intra-op threads during the run (restored afterwards): a count >= 1, ``"auto"`` (one
-            thread for networks under a million parameters, torch's setting above that or when ``OMP_NUM_THREADS``
-            is set: :func:`mcmc_unlearner.service.deletion.auto_threads`) or ``0`` (leave torch's setting).
-        save_model: Folder to save the chain trained on all data (with its bank and unlearner settings) with
-            :func:`mcmc_unlearner.store.save_model`, ready for ``mcmc-unlearner forget``.
-        progress: Show tqdm progress bars.
-    """
-
-    dataset: str = "digits"
-    arch: str | None = None
-    remove_class: int = 0
-    remove_count: str | int = "all"
-    max_requests: int = 0
-    sampler: str = "sgld"
-    request_size: int = 64
-    seed: int = 0
-    device: str = "cpu"
-    data_dir: str | None = None
-    download: bool = False
-    pretrain: str | None = None
-    pretrain_fallback: str | None = None
-    pretrain_steps: int = 2000
-    pretrain_lr: float = 0.1
-    pretrain_momentum: float = 0.9
-    explore_steps: int = 1000
-    explore_lr: float = 0.3
-    sample_steps: int = 9000
-    sample_lr: float = 1.0
-    batch_size: int = 128
-    bank_size: int = 200
-    prior_std: float = 0.1
-    retrain_chains: int = 3
-    methods: tuple[str, ...] = OPTIONAL_METHODS
-    solver: str | None = None
-    damping: float | None = None
-    iter_T: int | None = None
-    tol: float | None = None
-    curvature_draws: int | None = None
-    grad_draws: int | None = None
-    precondition_rank: int | None = None
-    drift_tol: float | None = None
-    check_draws: int | None = None
-    expectation: str | None = None
-    hessian: str | None = None
-    bank_shift: str | None = None
-    samp_T: int | None = None
-    unlearner_kwargs: dict[str, Any] = field(default_factory=dict)
-    init_scaling: float = 0.05
-    paper_iter_T: int = 64
-    paper_samp_T: int = 1
-    paper_init_scaling: float = 0.05
-    langevin_steps: int = 0
-    on_refusal: str = "skip"
-    repair_steps: int = 64
-    eval_samples: int = 0
-    eval_max: int = 5000
-    eval_every: int = 1
-    progress_max: int = 500
-    progress_samples: int = 10
-    extra_finetune_steps: int = 0
-    threads: int | str = 1
-    progress: bool = True
-    save_model: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-#: The paper's protocol, shared by both presets (training schedule, removal, the ``paper`` method's settings)
-#: and an evaluation sized to fit one seed in under an hour on two CPU cores.
-_PAPER_PROTOCOL: dict[str, Any] = {
-    "explore_lr": 0.01,
-    "sample_lr": 0.01,
-    "remove_class": 0,
-    "remove_count": "all",
-    "request_size": 64,
-    "bank_size": 100,
-    "paper_iter_T": 64,
-    "paper_samp_T": 1,
-    "eval_every": 10,
-    "eval_samples": 32,
-    "eval_max": 3000,
-}
-
-#: Named settings that reproduce the paper's protocols (they override the defaults, CLI flags override them).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper-fmnist": {
-        **_PAPER_PROTOCOL,
-        "dataset": "fashion-mnist",
-        "arch": "lenet5",
-        "pretrain": "mnist",
-        "pretrain_fallback": "heldout",
-        "pretrain_steps": 2000,
-        "explore_steps": 1000,
-        "sample_steps": 9000,
-        "paper_init_scaling": 0.05,
-    },
-    "paper-cifar10": {
-        **_PAPER_PROTOCOL,
-        "dataset": "cifar10",
-        "arch": "small_cnn",
-        "pretrain": "cifar100",
-        "pretrain_fallback": "heldout",
-        "pretrain_steps": 10000,
-        "explore_steps": 5000,
-        "sample_steps": 15000,
-        "paper_init_scaling": 0.08,
-    },
-}
-
-#: ``--quick``: a reduced run to validate the pipeline (a tenth of the steps, at most 10 requests, two retrain
-#: chains, small evaluation sets); applied after the preset, before explicit flags.
-QUICK: dict[str, Any] = {
-    "pretrain_steps": 200,
-    "explore_steps": 100,
-    "sample_steps": 900,
-    "bank_size": 20,
-    "retrain_chains": 2,
-    "max_requests": 10,
-    "eval_every": 5,
-    "eval_samples": 10,
-    "eval_max": 1000,
-    "progress_max": 200,
-    "progress_samples": 5,
-}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -834,86 +657,6 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------- methods
-#: ``unlearn``'s settings that a run may override (``None``: the library's default).
-_UNLEARNER_OPTIONS = (
-    "solver",
-    "expectation",
-    "hessian",
-    "bank_shift",
-    "damping",
-    "iter_T",
-    "tol",
-    "samp_T",
-    "curvature_draws",
-    "precondition_rank",
-    "grad_draws",
-    "drift_tol",
-    "check_draws",
-)
-
-
-_Check = Callable[[str, Any], Any]
-
-
-def _shown(v: Any) -> str:
-    return ascii(v)[:40]
-
-
-def _members(enum: type[Enum], *extra: Any) -> _Check:
-    """A member of the ``str`` Enum ``enum`` (or one of ``extra``), checked by the Enum's own constructor."""
-
-    def check(key: str, v: Any) -> Any:
-        if any(v is e or (isinstance(e, str) and v == e) for e in extra):
-            return v
-        try:
-            return enum(v).value
-        except (ValueError, TypeError):
-            allowed = [*("null" if e is None else str(e) for e in extra), *(m.value for m in enum)]
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {_shown(v)}") from None
-
-    return check
-
-
-def _strings(*allowed: str) -> _Check:
-    """One of ``allowed`` (options the unlearner checks against a fixed list rather than an Enum)."""
-
-    def check(key: str, v: Any) -> Any:
-        if not (isinstance(v, str) and v in allowed):
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {_shown(v)}")
-        return v
-
-    return check
-
-
-def _number(lo: float | None = None, *, above: bool = False, whole: bool = False, special: tuple = ()) -> _Check:
-    """A finite number (``whole``: an integer), ``>= lo`` (``above``: ``> lo``), or one of ``special``."""
-    what = "a whole number" if whole else "a finite number"
-    if lo is not None:
-        what += f" {'>' if above else '>='} {lo:g}"
-    names = [("null" if e is None else repr(e)) for e in special]
-    desc = f"{', '.join(names)} or {what}" if names else what
-
-    def check(key: str, v: Any) -> Any:
-        if any(v is e or (isinstance(e, str) and v == e) for e in special):
-            return v
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if ok and isinstance(v, float):
-            ok = math.isfinite(v) and (not whole or v.is_integer())
-        if ok and lo is not None:
-            ok = v > lo if above else v >= lo
-        if not ok:
-            raise ValueError(f"{key} must be {desc}; got {_shown(v)}")
-        return int(v) if whole else v
-
-    return check
-
-
-def _flag(key: str, v: Any) -> Any:
-    if not isinstance(v, bool):
-        raise ValueError(f"{key} must be true or false; got {_shown(v)}")
-    return v
-
-
 def _library(fn: Callable[[Any], Any]) -> _Check:
     """The library's own check ``fn(value)`` (its message names the option and the valid values)."""
 
@@ -924,50 +667,14 @@ def _library(fn: Callable[[Any], Any]) -> _Check:
     return check
 
 
-def _not_here(why: str) -> _Check:
-    def check(key: str, v: Any) -> Any:
-        raise ValueError(f"{key} {why}")
-
-    return check
-
-
 #: The value check of every ``MCMCUnlearner`` keyword argument a run may set (the same Enums and ranges that
 #: ``MCMCUnlearner.__init__`` refuses, so that a bad value is refused before training instead of after it).
 _UNLEARNER_CHECKS: dict[str, _Check] = {
-    "solver": _members(SolverName, "auto"),
-    "expectation": _members(Expectation, None),
-    "hessian": _members(HessianKind),
-    "bank_shift": _members(BankShift, "auto"),
+    **_LIGHT_CHECKS,  # (checked at parse time without torch)
     "damping_shape": _members(DampingShape),
     "likelihood": _members(Likelihood),
     "check_screen": _library(ScreenMode.parse),
-    "damping": _library(DampingControl),
-    "max_damping_trials": _number(1, whole=True),
     "memory_budget": _library(lambda v: v is None or resolve_budget(v)),
-    "scaling": _number(0, above=True, special=("auto",)),
-    "tol": _number(0, above=True),
-    "iter_T": _number(0, whole=True),
-    "samp_T": _number(0, whole=True),
-    "grad_draws": _number(1, whole=True, special=("auto", None)),
-    "curvature_draws": _number(1, whole=True, special=(None,)),
-    "refresh_every": _number(whole=True, special=(None,)),
-    "precondition_rank": _number(whole=True),
-    "drift_tol": _number(),
-    "check_draws": _number(1, whole=True),
-    "check_rows": _number(1, whole=True),
-    "newton_steps": _number(1, whole=True),
-    "exact_max_dim": _number(whole=True),
-    "mc_samples": _number(1, whole=True),
-    "recenter_every": _number(0, whole=True, special=("auto",)),
-    "recenter_draws": _number(1, whole=True, special=("auto",)),
-    "negative_curvature": _strings("raise", "truncate"),
-    "newton_target": _strings("equilibrium", "relative"),
-    "curvature_data": _strings("auto", "minibatch", "full"),
-    "rescale_lr": _flag,
-    "carry_deficit": _flag,
-    "shorten_steps": _flag,
-    "seed": _not_here("is the run's --seed"),
-    **{k: _not_here("is a Python callable and cannot be set here") for k in ("nll", "log_prior", "energy")},
 }
 _NOT_SETTABLE = ("seed", "nll", "log_prior", "energy")
 
@@ -1185,34 +892,15 @@ def _run_importance(ex: _Experiment, origin: dict[str, Any]) -> _Result:
 
 
 # ---------------------------------------------------------------------------------------------- the run
-#: ``(flag, least value, what the least value means)`` of whole-number settings, checked by :func:`_resolve` and
-#: at parse time (the CLI flag is ``--<flag>``; the setting is ``<flag>`` with ``_`` for ``-``).
-_COUNT_LIMITS: tuple[tuple[str, int, str | None], ...] = (
-    ("max-requests", 0, "0: all requests"),
-    ("pretrain-steps", 0, "0: no pre-training steps"),
-    ("batch-size", 1, None),
-    ("repair-steps", 0, "0: no repair steps, as --on-refusal skip"),
-    ("langevin-steps", 0, "0: the default, paper's samp_T + 2 x iter_T"),
-    ("paper-iter-T", 1, None),
-    ("paper-samp-T", 1, None),
-    ("eval-samples", 0, "0: all samples"),
-    ("eval-max", 0, "0: all points"),
-    ("eval-every", 1, None),
-    ("progress-max", 0, "0: all points"),
-    ("progress-samples", 1, None),
-    ("extra-finetune-steps", 0, "0: no unlearn+finetune"),
-)
-#: Settings that must be positive finite numbers (step sizes, scalings).
-_POSITIVE = ("explore-lr", "sample-lr", "init-scaling", "paper-init-scaling")
-#: ``--device`` values: torch devices this experiment runs on.
-DEVICES = "cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
 
 
 def _check_device(device: str) -> None:
     """Refuse a ``--device`` that is not one of :data:`DEVICES`, or that this machine does not have."""
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::([0-9]{1,3}))?", device) if isinstance(device, str) else None
-    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
-        raise ValueError(f"--device must be {DEVICES}, got {ascii(device)[:40]}")
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(problem)
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::([0-9]{1,3}))?", device)
+    assert m is not None  # (checked above)
     kind, index = m.group(1), m.group(2)
     if kind == "cuda":
         if not torch.cuda.is_available():
@@ -1875,278 +1563,11 @@ def _write_outputs(metrics: dict[str, Any], out: Path) -> None:
     write_json(out / "metrics.json", metrics)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def _count(v: str) -> str | int:
-    if v == "all":
-        return v
-    try:
-        k = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all' or a positive integer, got {v!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected 'all' or a positive integer, got {v!r}")
-    return k
-
-
-def _json_or_str(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def _keyword(v: str) -> tuple[str, Any]:
-    key, sep, raw = v.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword argument name, got {v!r}")
-    try:
-        return key, check_unlearner_kwarg(key, _json_or_str(raw))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _unlearner_flag(key: str, typ: type) -> Callable[[str], Any]:
-    """``type=`` of the flag for the unlearner option ``key``: read as ``typ`` (else as JSON, e.g. ``auto``) and
-    checked at parse time."""
-
-    def parse(v: str) -> Any:
-        value: Any = v
-        if typ is not str:
-            try:
-                value = typ(v)
-            except ValueError:
-                value = _json_or_str(v)
-        try:
-            return check_unlearner_kwarg(key, value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = key
-    return parse
-
-
-def _device(v: str) -> str:
-    """``--device``, checked at parse time: one of :data:`DEVICES` that this machine has."""
-    try:
-        _check_device(v)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return v
-
-
-def _method_list(v: str) -> tuple[str, ...]:
-    names = tuple(x.strip() for x in v.split(",") if x.strip())
-    bad = [x for x in names if x not in OPTIONAL_METHODS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {','.join(OPTIONAL_METHODS)}")
-    if not names:
-        raise argparse.ArgumentTypeError(
-            f"is empty; name at least one of {','.join(OPTIONAL_METHODS)} (origin and the retrain chains always run)"
-        )
-    return names
-
-
-def _quick_help() -> str:
-    """``--quick``'s help, from :data:`QUICK` itself (so that it cannot go stale)."""
-    q = QUICK
-    return (
-        f"a reduced run to check the setup in minutes: {q['pretrain_steps']} pre-training, {q['explore_steps']} "
-        f"exploration and {q['sample_steps']} sampling steps (about a tenth), a bank of {q['bank_size']} samples, "
-        f"{q['retrain_chains']} retrain chains, at most {q['max_requests']} requests, and smaller evaluations "
-        f"(at most {q['eval_max']} points per split, {q['eval_samples']} samples per method); applied after "
-        "--preset, explicit flags override it"
-    )
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``bnn`` subcommand."""
-    from ..cli import (
-        COMMAND_HELP,
-        QUIET_HELP,
-        add_quiet_flag,
-        add_threads_flag,
-        new_folder,
-        positive_number,
-        whole_number,
-    )
-
-    p = subparsers.add_parser(
-        "bnn",
-        help=COMMAND_HELP["bnn"],
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    d = BNNConfig()
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's settings")
-    p.add_argument("--quick", action="store_true", help=_quick_help())
-    p.add_argument("--dataset", default=None, help=f"data set (default {d.dataset})")
-    p.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="architecture (default: per data set)")
-    p.add_argument(
-        "--remove-class", type=whole_number(0), default=None, help=f"class to remove (default {d.remove_class})"
-    )
-    p.add_argument("--remove-count", type=_count, default=None, help="'all' (default) or a number of points")
-    p.add_argument("--sampler", choices=("sgld", "sghmc"), default=None, help="SG-MCMC sampler (default sgld)")
-    p.add_argument(
-        "--request-size", type=whole_number(1), default=None, help=f"points per request (default {d.request_size})"
-    )
-    p.add_argument(
-        "--pretrain",
-        default=None,
-        help="pre-train the initial weights on this data set, or 'self': each chain on its own training data",
-    )
-    p.add_argument("--no-pretrain", action="store_true", help="random initial weights (no pre-training)")
-    p.add_argument("--seed", type=seed_arg, default=None, help=f"random seed, 0 to {SEED_LIMIT - 1} (default 0)")
-    p.add_argument("--device", type=_device, default=None, help=f"torch device: {DEVICES} (default cpu)")
-    p.add_argument(
-        "--data-dir", default=None, help="folder with the image files (the files themselves or torchvision's layout)"
-    )
-    p.add_argument("--download", action="store_true", default=None, help="fetch missing files with torchvision")
-    p.add_argument(
-        "--out", type=out_folder_arg, default=None, metavar="DIR",
-        help="output folder, new or empty (default: a fresh runs/bnn-<time>); a folder holding files (another "
-        "run's results, say) is refused before any work",
-    )  # fmt: skip
-    p.add_argument(
-        "--save-model",
-        type=new_folder,
-        default=None,
-        metavar="DIR",
-        help="save the all-data chain to DIR (new/empty)",
-    )
-    add_quiet_flag(p, dest="no_progress", help=QUIET_HELP)
-    p.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)  # old spelling
-    p.add_argument(
-        "--methods",
-        type=_method_list,
-        default=None,
-        help=f"comma-separated methods besides origin and the retrains (default {','.join(OPTIONAL_METHODS)})",
-    )
-    p.add_argument(
-        "--retrain-chains",
-        type=whole_number(2, "the noise floor is the spread between retrain chains"),
-        default=None,
-        help="independent retrain chains (default 3, >= 2)",
-    )
-    p.add_argument(
-        "--on-refusal",
-        choices=[x.value for x in RefusalPolicy],
-        default=None,
-        help="a refused request: skip = remove the points, leave the posterior unshifted (default); sgld = also "
-        "--repair-steps sampler steps of the live chain (the stored samples, which the evaluation reads, stay as "
-        "they were: the steps show only in the live chain's later requests)",
-    )
-    limit = {flag: whole_number(least, note) for flag, least, note in _COUNT_LIMITS}
-    p.add_argument(
-        "--repair-steps",
-        type=limit["repair-steps"],
-        default=None,
-        help="sampler steps for --on-refusal sgld (default 64; 0: none)",
-    )
-    p.add_argument(
-        "--langevin-steps",
-        type=limit["langevin-steps"],
-        default=None,
-        help="langevin's SGLD steps per request (0, the default: samp_T + 2 x iter_T = 129, at samp_T 1 the paper's "
-        "sampler steps plus Hessian-vector products per request, each counted once)",
-    )
-    p.add_argument(
-        "--eval-samples",
-        type=limit["eval-samples"],
-        default=None,
-        help="samples per method in the final evaluation (0: all)",
-    )
-    p.add_argument("--eval-max", type=limit["eval-max"], default=None, help="points per evaluation split (0: all)")
-    p.add_argument(
-        "--eval-every", type=limit["eval-every"], default=None, help="progress snapshot every this many requests"
-    )
-    p.add_argument(
-        "--max-requests", type=limit["max-requests"], default=None, help="at most this many requests (0: all)"
-    )
-    p.add_argument(
-        "--unlearner-kw",
-        type=_keyword,
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="an MCMCUnlearner keyword argument for unlearn (VALUE parsed as JSON, else a string); repeatable; "
-        "a key also given by its own flag (--solver, --damping, ...) or twice must have one value",
-    )
-    adv = p.add_argument_group(
-        "advanced (shrink or tune the run)",
-        # listed here, not one by one (stop 44's probe found them parsed and working but nowhere in --help)
-        "--explore-steps, --explore-lr, --sample-steps, --sample-lr, --bank-size, --batch-size, --pretrain-steps "
-        "(the chains); --solver, --damping, --iter-T, --curvature-draws, --precondition-rank, --grad-draws, "
-        "--drift-tol, --check-draws, --expectation, --hessian, --bank-shift, --init-scaling (unlearn's "
-        "MCMCUnlearner options, as --unlearner-kw); --paper-iter-T, --paper-samp-T, --paper-init-scaling (the "
-        "paper's procedure: LiSSA iterations, sampler steps per estimate, LiSSA scaling); --progress-max, "
-        "--progress-samples (progress snapshots), --extra-finetune-steps. Each takes one value; a preset's value is "
-        "overridden by the flag",
-    )
-    for flag, typ in (
-        ("explore-steps", whole_number(0, "0: no exploration steps")),
-        ("explore-lr", positive_number),
-        ("sample-steps", whole_number(2)),
-        ("sample-lr", positive_number),
-        ("bank-size", whole_number(2)),
-        ("batch-size", limit["batch-size"]),
-        ("pretrain-steps", limit["pretrain-steps"]),
-        ("solver", str),
-        ("damping", float),
-        ("iter-T", int),
-        ("curvature-draws", int),
-        ("precondition-rank", int),
-        ("grad-draws", int),
-        ("drift-tol", float),
-        ("check-draws", int),
-        ("expectation", str),
-        ("hessian", str),
-        ("bank-shift", str),
-        ("init-scaling", positive_number),
-        ("paper-iter-T", limit["paper-iter-T"]),
-        ("paper-samp-T", limit["paper-samp-T"]),
-        ("paper-init-scaling", positive_number),
-        ("progress-max", limit["progress-max"]),
-        ("progress-samples", limit["progress-samples"]),
-        ("extra-finetune-steps", limit["extra-finetune-steps"]),
-    ):
-        key = flag.replace("-", "_")
-        typ = _unlearner_flag(key, typ) if key in _UNLEARNER_OPTIONS else typ
-        adv.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
-    add_threads_flag(  # default None: BNNConfig's (1: the networks here are small); 0 stays 0 (leave torch's)
-        p, default=None, zero=0, default_help=f"{d.threads}: the networks here are small"
-    )
-    p.set_defaults(func=_main)
-
-
-def config_from_args(args: argparse.Namespace) -> BNNConfig:
-    """Defaults, then the preset, then ``--quick``, then explicit flags."""
-    values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
-    if getattr(args, "quick", False):
-        values.update(QUICK)
-    for f in BNNConfig.__dataclass_fields__:
-        v = getattr(args, f, None)
-        if v is not None and f != "notes":
-            values[f] = v
-    if getattr(args, "unlearner_kw", None):
-        given: dict[str, Any] = {}
-        for key, value in args.unlearner_kw:
-            if key in given and given[key] != value:  # the last one silently won
-                raise ValueError(
-                    f"--unlearner-kw {key}={given[key]!s} and --unlearner-kw {key}={value!s} set {key} to different "
-                    "values; give it once"
-                )
-            given[key] = value
-        values["unlearner_kwargs"] = given
-        values.pop("unlearner_kw", None)
-    if getattr(args, "no_pretrain", False):
-        values["pretrain"] = None
-    values["progress"] = not args.no_progress
-    return BNNConfig(**values)
-
-
 def _main(args: argparse.Namespace) -> int:
     from .report import cannot_create, new_run_dir
 
     cfg = config_from_args(args)
+    _check_device(cfg.device)  # that this machine has it (its spelling was checked at parse time, without torch)
     fresh = args.out is None
     if fresh:
         _resolve(replace(cfg, notes=list(cfg.notes)))  # a bad setting is refused before the folder is made

@@ -56,6 +56,7 @@ from ..metrics import align_mixture_samples, effective_sample_size, knn_kl, samp
 from ..models.gmm import GaussianMixture
 from ..samplers import SGHMC, SGLD
 from ..unlearner import MCMCUnlearner
+from .options import register_demo as register
 from .references import GibbsPosterior, gmm_gibbs
 from .report import (
     SEED_LIMIT,
@@ -63,9 +64,7 @@ from .report import (
     claimed_out_dir,
     fmt,
     markdown_table,
-    out_folder_arg,
     save_figure,
-    seed_arg,
     summarize,
     write_json,
     write_text,
@@ -1146,63 +1145,3 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for key, t in metrics["targets"].items():
         print(f"  target {key}: {'met' if t['met'] else 'MISSED'} ({fmt(t['value'])} vs {fmt(t['limit'])})")
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``demo`` subcommand (the paper's Gaussian-mixture experiment)."""
-    from ..cli import COMMAND_HELP, QUIET_HELP, add_quiet_flag, add_threads_flag, new_folder, whole_number
-
-    p = subparsers.add_parser(
-        "demo",
-        help=COMMAND_HELP["demo"],
-        description=(
-            "Sample a 4-component Gaussian mixture with SG-MCMC, remove 800 points with MCMC unlearning and "
-            "compare against retraining, a second retrain chain (noise floor) and fine-tuning. Writes "
-            "metrics.json, report.md and PNG figures."
-        ),
-    )
-    p.add_argument("--sampler", choices=("sgld", "sghmc"), default="sgld", help="SG-MCMC sampler (default sgld)")
-    p.add_argument(
-        "--out", type=out_folder_arg, default=None, metavar="DIR",
-        help="output folder, new or empty (default: a fresh runs/demo-<sampler>-<time>); a folder holding files "
-        "(another run's results, say) is refused before any work",
-    )  # fmt: skip
-    p.add_argument("--seed", type=seed_arg, default=0, help=f"master seed, 0 to {SEED_LIMIT - 1} (default 0)")
-    p.add_argument("--request-size", type=whole_number(1), default=4, help="points per deletion request (default 4)")
-    p.add_argument(
-        "--save-model",
-        type=new_folder,
-        default=None,
-        metavar="DIR",
-        help="also save the origin model to DIR (new/empty)",
-    )
-    p.add_argument(
-        "--retrain-chains", type=whole_number(2, "a median needs several chains"), default=4, metavar="N",
-        help="independent retrain chains whose median/range is the yardstick (default 4, at least 2)",
-    )  # fmt: skip
-    p.add_argument(
-        "--newton-steps", type=whole_number(1), default=2, metavar="K",
-        help="the unlearner's newton_steps: at most K damped Newton steps per request (default 2: the influence "
-        "step, then one equilibrium step that zeroes the bank-averaged remaining-data gradient; 1: the library's "
-        "default, the influence step alone)",
-    )  # fmt: skip
-    p.add_argument(
-        "--grad-draws", type=whole_number(2), default=256, metavar="N",
-        help="stored samples averaged for the removed points' gradient (default 256)",
-    )  # fmt: skip
-    p.add_argument(
-        "--with-paper", action="store_true",
-        help="also run the paper's procedure as its reference code does (method 'paper'; about 1 min more)",
-    )  # fmt: skip
-    p.add_argument("--burnin", type=whole_number(0), default=4000, help=argparse.SUPPRESS)
-    p.add_argument("--samples", type=whole_number(1), default=4000, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--thin",
-        type=whole_number(1, "1: keep every sample"),
-        default=10,
-        metavar="K",
-        help="keep every K-th sample for the KL estimates (default 10; at least 10 samples must remain)",
-    )
-    add_quiet_flag(p, help=QUIET_HELP)
-    add_threads_flag(p)
-    p.set_defaults(func=_cmd_demo)

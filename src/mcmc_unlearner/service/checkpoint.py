@@ -498,7 +498,7 @@ def _writer_key(loaded: LoadedModel) -> Key | None:
         return integrity.resolve_key()
     if snap.signature == "unchecked":
         raise StoreError(
-            f"{loaded.path} is signed: set {integrity.KEY_ENV} or pass --key-file to write to it (nothing was changed)"
+            f"{loaded.path} is signed: set {integrity.KEY_ENV} or pass key= to write to it (nothing was changed)"
         )
     return snap.key
 

@@ -223,10 +223,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from . import deletion
+    from .requests import as_flags
 
     res = deletion.verify(
         args.model, key=_key(args), expect_head=args.expect_head, wait=args.wait, threads=args.threads
     )
+    res.notes = [as_flags(n) for n in res.notes]  # the library's advice names the keyword (key=): say the flag
     if args.json:
         if not args.quiet:
             emit(

@@ -285,14 +285,14 @@ def forget(
         policy = OnFailure(on_failure)
     except ValueError:
         raise InvalidRequestError(
-            f"--on-failure must be one of {', '.join(p.value for p in OnFailure)}, got {ascii(on_failure)[:40]}"
+            f"on_failure must be one of {', '.join(p.value for p in OnFailure)}, got {ascii(on_failure)[:40]}"
         ) from None
     if (
         isinstance(repair_steps, bool)
         or not isinstance(repair_steps, int)
         or not 1 <= repair_steps <= gate.MAX_REPAIR_STEPS
     ):
-        raise InvalidRequestError(f"--repair-steps must be a whole number in [1, {gate.MAX_REPAIR_STEPS}]")
+        raise InvalidRequestError(f"repair_steps must be a whole number in [1, {gate.MAX_REPAIR_STEPS}]")
     threads_for(threads, 0)  # validated before the folder is touched
     k = integrity.as_key(key)
     root = checkpoint.check_folder(model_dir)  # nothing is created in a folder without a model
@@ -301,8 +301,7 @@ def forget(
         fsio.check_same_folder(root, locked)  # the snapshot is of the folder this process holds
         if snap.signature == "unchecked":
             raise StoreError(
-                f"{str(root)!a} is signed: set {integrity.KEY_ENV} or pass --key-file to write to it "
-                "(nothing was changed)"
+                f"{str(root)!a} is signed: set {integrity.KEY_ENV} or pass key= to write to it (nothing was changed)"
             )
         with torch_threads(_threads_for(threads, snap)):
             loaded = checkpoint.build_loaded(snap)
@@ -319,7 +318,7 @@ def forget(
                     if sorted(e.get("ids", [])) != sorted(id_list):
                         raise InvalidRequestError(
                             f"request id {rid!a} was already used (ledger entry {e.get('seq')}) for different "
-                            "ids; choose a new --request-id"
+                            "ids; choose a new request_id"
                         )
                     fsio.check_same_folder(root, locked)
                     if checkpoint.has_debris(snap):  # otherwise nothing to write: a read-only replica answers too
@@ -334,21 +333,21 @@ def forget(
                 raise InvalidRequestError(str(exc)) from None
             if un.solver is SolverName.LISSA and un.iter_T < 1:  # the solver refuses it mid-request (a ValueError)
                 raise InvalidRequestError(
-                    f"--iter-T {un.iter_T} leaves the lissa solver no round of its recursion; use --iter-T 1 or more "
+                    f"iter_T={un.iter_T} leaves the lissa solver no round of its recursion; use iter_T=1 or more "
                     "(e.g. 100)"
                 )
             if policy is OnFailure.REPAIR:
                 if loaded.sampler is None:
                     raise InvalidRequestError(
-                        "--on-failure repair needs the model's SG-MCMC sampler, and this model was saved without one; "
-                        "use --on-failure refuse or accept"
+                        "on_failure='repair' needs the model's SG-MCMC sampler, and this model was saved without one; "
+                        "use on_failure='refuse' or on_failure='accept'"
                     )
                 size = 0 if un.bank is None else int(un.bank.shape[0])
                 problem = gate.repair_steps_problem(repair_steps, size)
                 if problem:
                     raise InvalidRequestError(problem)
                 if distributed.launched():
-                    raise InvalidRequestError("--on-failure repair runs in one process; run it without torchrun")
+                    raise InvalidRequestError("on_failure='repair' runs in one process; run it without torchrun")
             # the samples before the request, which a repair's result is compared with (gate.repaired_problems)
             before = None
             if policy is OnFailure.REPAIR and un.bank is not None:
@@ -523,7 +522,7 @@ def check_head(expect_head: str) -> str:
     h = expect_head.strip().lower() if isinstance(expect_head, str) else ""
     if not _HEX64.fullmatch(h):
         raise InvalidRequestError(
-            f"--expect-head {ascii(expect_head)[:80]} is not a ledger head: give the 64 hex digits that forget or "
+            f"expect_head={ascii(expect_head)[:80]} is not a ledger head: give the 64 hex digits that forget or "
             "status printed"
         )
     return h
@@ -574,7 +573,7 @@ def verify(
     if snap.signature == "unchecked":
         res.notes.append(
             f"the folder is signed but no key was given: the HMAC was not checked (set {integrity.KEY_ENV} or pass "
-            "--key-file)"
+            "key=)"
         )
     if snap.pending > 0:
         res.notes.append(

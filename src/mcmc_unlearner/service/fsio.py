@@ -387,7 +387,7 @@ def folder_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[tuple
     except FileNotFoundError:
         raise FileNotFoundError(f"model folder {root} not found; save a model there first") from None
     except NotADirectoryError:
-        raise StoreError(f"{root} is not a folder; --model takes the folder a model was saved into") from None
+        raise StoreError(f"{root} is not a folder; model_dir takes the folder a model was saved into") from None
     except PermissionError:  # said "Permission denied: 'ro2'" alone (stop 46's probe)
         raise StoreError(
             f"cannot open the model folder {root}: permission denied; give this user read and execute permission "
@@ -402,7 +402,7 @@ def folder_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[tuple
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    hint = "retry later or pass --wait SECONDS" if wait <= 0 else f"still busy after {wait:g} s"
+                    hint = "retry later or pass wait=SECONDS" if wait <= 0 else f"still busy after {wait:g} s"
                     raise BusyError(
                         f"another mcmc-unlearner process is writing to {root}; {hint} (nothing was changed)"
                     ) from None

@@ -253,9 +253,9 @@ def repair_steps_problem(steps: int, size: int) -> str | None:
     if steps >= need:
         return None
     if not size:
-        return f"--repair-steps must be at least 1, got {steps}"
+        return f"repair_steps must be at least 1, got {steps}"
     return (
-        f"--repair-steps {steps} is too few for the bank of {size} samples: the bank is refreshed from the run's "
+        f"repair_steps={steps} is too few for the bank of {size} samples: the bank is refreshed from the run's "
         f"second half only (the first half lets the chain mix on the remaining data), so use at least {need} "
         f"(twice the bank size)"
     )
@@ -282,8 +282,8 @@ def repair_chain(
     """
     if sampler is None:
         raise UnlearningError(
-            "--on-failure repair needs the model's SG-MCMC sampler, and this model was saved without one; "
-            "use --on-failure refuse or accept"
+            "on_failure='repair' needs the model's SG-MCMC sampler, and this model was saved without one; "
+            "use on_failure='refuse' or on_failure='accept'"
         )
     bank = un.bank
     size = 0 if bank is None else int(bank.shape[0])

@@ -64,14 +64,23 @@ FLAGS = {
     "bank_shift": "--bank-shift",
     "hessian": "--hessian",
     "emptied_label": "--emptied-label",
+    # the service's other arguments (forget, status, verify): advice that names them is spelled the same way
+    "request_id": "--request-id",
+    "expect_head": "--expect-head",
+    "model_dir": "--model",
+    "wait": "--wait",
 }
+#: Advice whose Python keyword and flag differ in more than their spelling: ``key=`` takes the key itself, the
+#: command line a file holding it.
+_PHRASES = {"pass key=": "pass --key-file"}
 _KEYWORD = {flag: key for key, flag in FLAGS.items()}
 _KEYS = "|".join(sorted(FLAGS, key=len, reverse=True))
 # key=value (value quoted or not; a list such as solver='kfac'/'cg' is left as it is) or, for a keyword no English
 # word spells, the bare keyword ("raise iter_T")
 _KEY_VALUE = re.compile(rf"(?<![\w.-])({_KEYS})=(?:'([^'\s]*+)'|([^\s,;:()'\"/]++))(?![\w/'\"])")
 _BARE_KEY = re.compile(
-    r"(?<![\w.-])(on_failure|repair_steps|max_request_bytes|iter_T|curvature_draws|bank_shift|emptied_label)\b(?!=)"
+    r"(?<![\w.-])(on_failure|repair_steps|max_request_bytes|iter_T|curvature_draws|bank_shift|emptied_label|request_id"
+    r"|expect_head|model_dir)\b(?!=)"
 )
 # a flag and, when it is a word the option takes or a number, its value ("--iter-T or use" has none)
 _WORDS = "auto|refuse|accept|repair|lissa|cg|exact|ggn|lowrank|kfac|remaining|full|mean|sample|affine|resample|always"
@@ -84,6 +93,8 @@ def as_flags(message: str) -> str:
     message = _KEY_VALUE.sub(
         lambda m: f"{FLAGS[m.group(1)]} {m.group(2) if m.group(2) is not None else m.group(3)}", message
     )
+    for keyword, flag in _PHRASES.items():
+        message = message.replace(keyword, flag)
     return _BARE_KEY.sub(lambda m: FLAGS[m.group(1)], message)
 
 
@@ -97,6 +108,8 @@ def as_keywords(message: str) -> str:
             return key
         return f"{key}={value}" if value[0].isdigit() else f"{key}={value!r}"
 
+    for key, flag in _PHRASES.items():
+        message = message.replace(flag, key)
     return _FLAG.sub(keyword, message)
 
 

@@ -1,0 +1,123 @@
+"""The deletion service's advice names the Python keyword to a Python caller and the flag on the command line
+(``forget(..., on_failure=)`` / ``--on-failure``): its refusals named the command line's flags to Python callers."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import folder_state, save_gmm, tiny_gmm
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.cli import main
+from mcmc_unlearner.errors import InvalidRequestError
+from mcmc_unlearner.models.linreg import BayesianLinearRegression
+from mcmc_unlearner.service.deletion import forget, verify
+from mcmc_unlearner.service.requests import as_flags
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A saved model with one applied request (ids 4, 17 as request T1)."""
+    m = save_gmm(tmp_path_factory.mktemp("spelling") / "m", tiny_gmm(bank=10))
+    forget(m, [4, 17], request_id="T1")
+    return m
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    m = tmp_path / "m"
+    shutil.copytree(saved, m)
+    return m
+
+
+# each: forget's keyword arguments, what Python says, what the command line says for the same refusal
+CASES = [
+    (
+        {"on_failure": "bogus"},
+        "on_failure must be one of refuse, repair, accept",
+        None,  # (the command line refuses the value in its parser)
+    ),
+    ({"repair_steps": 0}, "repair_steps must be a whole number in [1, ", None),
+    (
+        {"ids": [5, 6], "request_id": "T1"},
+        "was already used (ledger entry 1) for different ids; choose a new request_id",
+        (["--ids-list", "5 6", "--request-id", "T1"], "; choose a new --request-id"),
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs, python, cli", CASES, ids=["on_failure", "repair_steps", "request_id"])
+def test_forget_refusals_name_the_keyword_from_python_and_the_flag_from_the_cli(
+    saved, tmp_path, capsys, kwargs, python, cli
+):
+    m = _copy(saved, tmp_path)
+    before = folder_state(m)
+    kwargs = {"ids": [7, 8], **kwargs}
+    with pytest.raises(InvalidRequestError) as exc:
+        forget(m, kwargs.pop("ids"), **kwargs)
+    assert python in str(exc.value)
+    assert "--" not in str(exc.value), str(exc.value)
+    assert folder_state(m) == before
+    if cli is not None:
+        argv, said = cli
+        ids = tmp_path / "ids.txt"
+        ids.write_text(argv[1])
+        assert main(["forget", "--model", str(m), "--ids", str(ids), *argv[2:]]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "request_id" not in err, err
+        assert folder_state(m) == before
+
+
+def test_repair_without_a_sampler_names_on_failure_for_python(saved, tmp_path):
+    from mcmc_unlearner.service.gate import repair_chain
+
+    _, _, data, un = tiny_gmm(bank=4, burn=50)
+    with pytest.raises(Exception, match=r"on_failure='repair' needs the model's SG-MCMC sampler") as exc:
+        repair_chain(un, None, data, 100)
+    assert "--" not in str(exc.value)
+    assert as_flags(str(exc.value)).startswith("--on-failure repair needs")
+    assert "use --on-failure refuse or --on-failure accept" in as_flags(str(exc.value))
+
+
+def test_verify_expect_head_names_the_keyword_from_python_and_the_flag_from_the_cli(saved, capsys):
+    with pytest.raises(ValueError) as exc:
+        verify(saved, expect_head="xyz")
+    assert str(exc.value).startswith("expect_head='xyz' is not a ledger head"), str(exc.value)
+    assert main(["verify", "--model", str(saved), "--expect-head", "xyz"]) == 2
+    assert "error: --expect-head xyz is not a ledger head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "python, cli",
+    [
+        ("retry later or pass wait=SECONDS (nothing was changed)", "retry later or pass --wait SECONDS (nothing"),
+        ("x is not a folder; model_dir takes the folder a model was saved into", "x is not a folder; --model takes"),
+        ("m is signed: set MCMC_UNLEARNER_KEY or pass key= to write to it", "or pass --key-file to write to it"),
+        ("repair_steps=7 is too few for the bank of 4 samples", "--repair-steps 7 is too few for the bank"),
+    ],
+)
+def test_the_command_line_spells_the_service_advice_as_its_flags(python, cli):
+    assert cli in as_flags(python)
+    assert "--" not in python
+
+
+def test_the_large_removal_warning_names_the_service_keyword_from_python():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=g)
+    y = x.sum(1) + torch.randn(50, generator=g)
+    model = BayesianLinearRegression(3)
+    un = MCMCUnlearner(
+        model, nll=lambda m, b: m.nll(b), log_prior=lambda m: m.log_prior(), bank=torch.randn(40, 3, generator=g) * 0.1
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        un.propose((x[:15], y[:15]), (x[15:], y[15:]))  # 30% of the rows
+    text = [str(w.message) for w in caught if "removes 30% of the data" in str(w.message)]
+    assert text, [str(w.message) for w in caught]
+    assert "on_failure='repair'" in text[0] and "--" not in text[0], text[0]
+    assert "--on-failure repair does this only" in as_flags(text[0])
