@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import warnings
@@ -1123,8 +1124,9 @@ class _ConfirmedCheck:
         (0.001, 0.001, (0.03, 0.003, 1024, 8), False, True),  # clearly within 5% of 1.0: not measured again
         (0.04, 0.01, (0.03, 0.005, 1024, 8), True, True),  # pooled 0.032 ± 0.0045: under 0.05 + 0.009
         (0.04, 0.01, (0.09, 0.005, 1024, 8), True, False),  # pooled 0.080 ± 0.0045: over 0.059
-        (0.04, 0.01, (0.07, 0.005, 256, 8), True, True),  # pooled 0.055 ± 0.0056: under 0.05 + 0.0112
-        (0.04, 0.01, (0.07, 0.005, 256, 16), True, False),  # twice the draws: pooled 0.060 ± 0.0047, over 0.0594
+        (0.04, 0.01, (0.07, 0.005, 256, 8), True, False),  # pooled 0.055 ± 0.0056: over 0.05 (its point estimate)
+        (0.04, 0.01, (0.058, 0.005, 256, 8), True, True),  # pooled 0.049: under 0.05
+        (0.04, 0.01, (0.058, 0.005, 256, 16), True, False),  # twice the draws: pooled 0.052, over 0.05
         (0.04, 0.01, None, True, True),  # no further rows: the first measurement's verdict
     ],
 )
@@ -1132,8 +1134,8 @@ def test_a_passed_step_whose_nll_rise_is_not_clearly_within_tolerance_is_measure
     nll, nll_se, more, measured_again, passed
 ) -> None:
     """The held rows' NLL change pooled over the check's 256 rows at 8 draws and the further measurement (weighted by
-    rows × draws; its standard error from both), judged by the same rule: at most 5% of the NLL plus two standard
-    errors."""
+    rows × draws; its standard error from both), judged on its point estimate: at most 5% of the NLL (until stop 51
+    plus two standard errors, which let a tanh regression's +17% through)."""
     H, G = torch.eye(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
     first = Measurement(-0.5, 0.01, nll, nll_scale=1.0, nll_stderr=nll_se, draws=8, rows=256)
     check = _ConfirmedCheck(first, more)
@@ -1388,26 +1390,27 @@ def test_a_constant_in_nll_does_not_loosen_the_safety_nets_unit() -> None:
     assert nll_unit(torch.full((2, 5), 3.0, dtype=torch.float64), same)[1] == 3.0  # no spread: the mean |h|
 
 
-def test_a_regression_with_a_constant_in_nll_takes_the_step_it_takes_without() -> None:
-    # the probe's network (1-32-32-1 tanh, every row with x > 1.5 removed): with the old unit nll + 30 and nll - 3
-    # took a 860x longer step on this seed, raising the remaining rows' NLL 10x more
-    from torch.utils.data import DataLoader, TensorDataset
+def _nll_plus(c: float):
+    return lambda m, b: (0.5 * ((m(b[0]) - b[1]) / 0.2) ** 2).squeeze(-1) + c
 
-    def nll_plus(c):
-        return lambda m, b: (0.5 * ((m(b[0]) - b[1]) / 0.2) ** 2).squeeze(-1) + c
 
-    def lp(m):
-        return -0.5 * sum((p**2).sum() for p in m.parameters())
+def _sq_prior(m: nn.Module) -> torch.Tensor:
+    return -0.5 * sum((p**2).sum() for p in m.parameters())
 
+
+@functools.cache
+def _tanh_regression() -> tuple[nn.Module, list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe's network (1-32-32-1 tanh) after the user's own SGLD loop: model, 50 samples, ``x``, ``y`` and
+    the rows to forget (every row with x > 1.5)."""
     g = torch.Generator().manual_seed(100)
     x = torch.rand(1000, 1, generator=g) * 6 - 3
     y = torch.sin(2 * x) + 0.3 * x + 0.2 * torch.randn(1000, 1, generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
-    samples, h0 = [], nll_plus(0.0)
+    samples, h0 = [], _nll_plus(0.0)
     for t in range(3000):  # the user's own SGLD loop
         i = torch.randint(1000, (64,))
-        energy = 1000 * h0(model, (x[i], y[i])).mean() - lp(model)
+        energy = 1000 * h0(model, (x[i], y[i])).mean() - _sq_prior(model)
         model.zero_grad()
         energy.backward()
         with torch.no_grad():
@@ -1415,22 +1418,66 @@ def test_a_regression_with_a_constant_in_nll_takes_the_step_it_takes_without() -
                 p.add_(-0.5 * 5e-6 * p.grad + 5e-6**0.5 * torch.randn_like(p))
         if t >= 1500 and (t - 1500) % 30 == 0:
             samples.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    gone = x[:, 0] > 1.5
+    return model, samples, x, y, x[:, 0] > 1.5
+
+
+def _tanh_removal(c: float) -> tuple[MCMCUnlearner, RemovalReport]:
+    """The request on :func:`_tanh_regression` with ``nll + c``, the remaining rows a shuffled ``DataLoader``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, samples, x, y, gone = _tanh_regression()
+    un = MCMCUnlearner(copy.deepcopy(model), nll=_nll_plus(c), log_prior=_sq_prior, bank=samples)
+    torch.manual_seed(0)
+    rows = DataLoader(TensorDataset(x[~gone], y[~gone]), batch_size=128, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.remove((x[gone], y[gone]), rows)
+    return un, report
+
+
+def test_a_regression_with_a_constant_in_nll_takes_the_step_it_takes_without() -> None:
+    # the probe's network (1-32-32-1 tanh, every row with x > 1.5 removed): with the old unit nll + 30 and nll - 3
+    # took a 860x longer step on this seed, raising the remaining rows' NLL 10x more
+    samples = _tanh_regression()[1]
     start = torch.stack([torch.cat([v.flatten() for v in s.values()]) for s in samples])
     banks = []
     for c in (0.0, 30.0, -3.0):
-        un = MCMCUnlearner(copy.deepcopy(model), nll=nll_plus(c), log_prior=lp, bank=samples)
-        torch.manual_seed(0)
-        rows = DataLoader(TensorDataset(x[~gone], y[~gone]), batch_size=128, shuffle=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert un.remove((x[gone], y[gone]), rows).passed
+        un, report = _tanh_removal(c)
+        assert report.passed
         banks.append(un.bank)
     # the same step: to 1e-4 of the step's largest entry (rounding of h + 30 in float32 moves the damping by a few
     # parts in 10^7; stop 49 took a step 860x shorter, identical to atol 1e-5, i.e. 3e-3 of its largest entry)
     scale = float((banks[0] - start).abs().max())
     for b in banks[1:]:
         torch.testing.assert_close(b, banks[0], rtol=0, atol=1e-4 * scale)
+
+
+def test_a_regression_s_step_measured_again_is_taken_only_within_the_tolerance() -> None:
+    """Stop 51: the tanh regression's data-shape step read +0.020 ± 0.046 on the check's 256 rows at 8 samples and,
+    measured again on the other 517 rows at 16 samples, +0.078 ± 0.031 pooled; the rule then allowed 5% of the NLL
+    scale (0.038) plus two standard errors (0.061), and the step taken raised the remaining rows' NLL over every row
+    and sample from 0.80 to 0.94 (+17%; a retrained chain: 0.798). A step measured again is taken only when the
+    pooled rise is within the 5% itself, measured at every stored sample where that is cheap."""
+    model, samples, x, y, gone = _tanh_regression()
+    start = torch.stack([torch.cat([v.flatten() for v in s.values()]) for s in samples])
+    un, report = _tanh_removal(0.0)
+    rest = (x[~gone], y[~gone])
+
+    def mean_nll(bank: torch.Tensor) -> float:  # over every remaining row and every sample
+        m, out = copy.deepcopy(model), []
+        with torch.no_grad():
+            for theta in bank:
+                torch.nn.utils.vector_to_parameters(theta, m.parameters())
+                out.append(_nll_plus(0.0)(m, rest).mean())
+        return float(torch.stack(out).mean())
+
+    before, after = mean_nll(start), mean_nll(un.bank)
+    # taken or refused, the remaining rows' NLL rises by at most the net's 5% (of the NLL 0.80: 0.04)
+    assert after - before <= un.control.max_nll_increase * before, (before, after)
+    refused = [t for t in report.info["trials"] if t.get("confirm_passed") is False]  # the data shape's step
+    assert refused and all(t["pooled_nll_change"] > 0.05 * t["nll_scale"] for t in refused)
+    # measured again at every stored sample (773 rows × 50 samples: a small data set and bank), not 16 of the 50
+    assert all(t["confirm_draws"] == len(samples) for t in refused)
 
 
 @pytest.mark.parametrize(("n", "c", "k"), [(30, 8, 8), (30, 16, 8), (20, 16, 8), (12, 8, 8), (8, 8, 8), (50, 1, 3)])
