@@ -1180,33 +1180,58 @@ class _EagerControl(DampingControl):
 def test_the_second_measurement_of_a_refined_search_step_is_made_only_when_needed(limit) -> None:
     """A search from scratch accepts a step and refines it halfway back: the accepted step's second measurement is
     made only where the refined one fails (``limit=inf``: it passes, one second measurement instead of two). Where
-    the accepted step then fails its own (``limit=0.05``), the search goes on as if it had been measured first: the
-    same trials, verdicts and step."""
+    the accepted step then fails its own (``limit=0.05``), the refinement was tried in vain: it stays in the history,
+    marked ``abandoned``, and counts as a trial; the search goes on measuring each passed step at once and takes the
+    step measuring first takes."""
     H, B = 4 * torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)  # the model: 1/4 the curvature
     G = torch.tensor([1.0, 0.5], dtype=torch.float64)
     lazy = _SizedConfirmCheck(H, G, limit)
     out = DampingControl().step(_QuadraticBackend(B), G, lazy)
-    assert len(lazy.confirmed) == (1 if limit == math.inf else 3)
     eager_check = _SizedConfirmCheck(H, G, limit)
     ref = _EagerControl().step(_QuadraticBackend(B), G, eager_check)
     assert out.safe and ref.safe and out.damping == ref.damping and torch.equal(out.x, ref.x)
     assert (out.nll_rise, out.nll_stderr, out.note) == (ref.nll_rise, ref.nll_stderr, ref.note)
     confirm_keys = ("confirm_rows", "confirm_draws", "confirm_nll_change", "pooled_nll_change", "pooled_nll_stderr")
     plain = [
-        [{k: v for k, v in h.items() if k not in (*confirm_keys, "confirm_passed")} for h in r.history]
-        for r in (out, ref)
+        [{k: v for k, v in h.items() if k not in (*confirm_keys, "confirm_passed")} for h in hist]
+        for hist in ([h for h in out.history if "abandoned" not in h], ref.history)
     ]
-    assert plain[0] == plain[1] and out.trials == ref.trials
+    assert plain[0] == plain[1]
     assert out.history[-1] == ref.history[-1]  # the step taken: measured again in both
+    abandoned = [h for h in out.history if "abandoned" in h]
+    assert out.trials == len(out.history) == ref.trials + len(abandoned)  # every solve and check is a trial
     if limit == math.inf:
+        assert not abandoned
         assert out.damping < ref.history[-2]["damping"]  # refined below the accepted step
         assert len(lazy.confirmed) == 1 and len(eager_check.confirmed) == 2
         assert "confirm_rows" not in out.history[-2]
-    else:  # damping 10 passes the energy check and fails the second measurement; 100 is refined to 31.6 (the
-        # refinement of 10 tried in vain costs its second measurement: 3 in both)
+    else:  # damping 10 passes the energy check and fails the second measurement; its refinement 3.16 was tried in
+        # vain (one trial and one second measurement more); 100 is refined to 31.6, measured at once
         assert [h.get("confirm_passed") for h in out.history if h["damping"] == 10] == [False]
+        assert [h["damping"] for h in abandoned] == [pytest.approx(10**0.5)]
+        assert abandoned[0]["abandoned"] == "the accepted step at damping 10 failed its second measurement"
         assert out.damping < ref.history[-2]["damping"]
-        assert len(lazy.confirmed) == 3 and len(eager_check.confirmed) == 3
+        assert len(lazy.confirmed) == 4 and len(eager_check.confirmed) == 3
+
+
+@pytest.mark.parametrize("max_trials", [5, 6, 7, 8, 12])
+def test_a_deferred_second_measurement_never_takes_more_trials_than_max_trials(max_trials) -> None:
+    """Every solve and check the search makes counts towards ``max_trials`` and is in the history, including a
+    refinement tried while the accepted step's second measurement was deferred and then failed; the search defers at
+    most once, so it makes at most one second measurement more than measuring every passed step at once."""
+
+    class Counting(_SizedConfirmCheck):
+        def __call__(self, x: torch.Tensor) -> Measurement:
+            self.checks = getattr(self, "checks", 0) + 1
+            return super().__call__(x)
+
+    H, B = 4 * torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    G = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    lazy, eager = Counting(H, G, 0.05), Counting(H, G, 0.05)
+    out = DampingControl(max_trials=max_trials).step(_QuadraticBackend(B), G, lazy)
+    DampingControl.step(_EagerControl(max_trials=max_trials), _QuadraticBackend(B), G, eager)
+    assert lazy.checks <= max_trials and out.trials == len(out.history) == lazy.checks
+    assert len(lazy.confirmed) <= len(eager.confirmed) + 1
 
 
 def test_the_confirmation_reads_further_rows_at_the_checks_draws_and_equals_the_direct_mean() -> None:

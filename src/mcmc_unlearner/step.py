@@ -1214,8 +1214,10 @@ class DampingControl:
         a trustworthy model) is followed by a step with ``1/grow`` of its damping, kept only if it passes, its own
         ratio exceeds ``TRUSTED_RATIO`` too, and it lowers the measured energy below the accepted step's by more
         than two standard errors of the two measurements combined (:func:`_clearly_lower`). Every tried step
-        counts towards ``max_trials``. A search whose rejected step has saturated (:meth:`_saturated`: the data
-        shape's step tends to the prior-only one as its damping grows) stops there, a failed search of that shape;
+        counts towards ``max_trials`` (a refinement tried while the accepted step's second measurement was deferred,
+        which then failed, too: marked ``"abandoned"``). A search whose rejected step has saturated
+        (:meth:`_saturated`: the data shape's step tends to the prior-only one as its damping grows) stops there, a
+        failed search of that shape;
         its last trial says why (``"stopped"``).
 
         ``shapes``: the damping shapes to try (``backend.damping_shapes``; default: the one the last request
@@ -1350,13 +1352,15 @@ class DampingControl:
                         if _clearly_lower(nxt.actual, nxt.stderr, best.actual, best.stderr) and self._settle(nxt):
                             best = nxt
             else:
+                deferring = True  # at most once per search: a deferral that fails costs its refinement's trial
                 while True:
                     while len(history) < self.max_trials:
                         failed, prev = lam, out
                         lam = start() if lam < start() else lam * self.grow
                         # a step refined below (a rejected damping above 0 before it, a trial left) has its
                         # second measurement deferred: it is needed only where the refined step fails
-                        out = attempt(lam, expect_reject=fresh, defer=failed > 0 and len(history) + 1 < self.max_trials)
+                        later = deferring and failed > 0 and len(history) + 1 < self.max_trials
+                        out = attempt(lam, expect_reject=fresh, defer=later)
                         if out is not None and out.safe:
                             best = out
                             break
@@ -1379,10 +1383,14 @@ class DampingControl:
                         if out is not None and out.safe:
                             best = out
                         elif not self._settle(best):
-                            # the accepted step fails its second measurement: the search goes on from it as if the
-                            # refinement had not been tried (the same trials, steps and verdicts as measuring it first)
-                            del history[kept[0] :], tried[kept[1] :]
-                            out, lam, best, note = best, best.damping, None, best.note
+                            # the accepted step fails its second measurement: the search goes on from it, measuring
+                            # each passed step at once; the refinement stays in the history, marked, and counts
+                            # towards max_trials (its work was done)
+                            why = f"the accepted step at damping {best.damping:.3g} failed its second measurement"
+                            for h in history[kept[0] :]:
+                                h["abandoned"] = why
+                            del tried[kept[1] :]
+                            out, lam, best, note, deferring = best, best.damping, None, best.note, False
                             continue
                     break
             if best is not None:
