@@ -243,6 +243,42 @@ def test_a_model_of_two_inputs_is_not_told_to_pass_the_likelihood_that_needs_one
     assert torch.equal(un.bank, bank)
 
 
+def test_a_sequence_model_is_told_a_fix_that_works_not_the_categorical_likelihood() -> None:
+    """A per-token cross-entropy over ``[B, T, V]`` logits, summed per sequence: the fallback told it to pass
+    likelihood='categorical', which then refused the output's shape (stop 51's probe, a character GRU), and named
+    solver='ggn' without its cost (the dense Hessian: over 400 s a request on 2,712 parameters). The categorical
+    likelihood is now named only for a [B, C] output, the fix it names works when followed, and the categorical
+    likelihood asked for by name says what it needs, nothing changed."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(5, 3), nn.Linear(3, 5)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.emb(ids)))  # [B, T, V]
+
+    torch.manual_seed(6)
+    model = Tokens().double()
+    g = torch.Generator().manual_seed(6)
+    seq = torch.randint(0, 5, (40, 7), generator=g)
+    batch = (seq[:, :-1], seq[:, 1:])
+    nll = lambda m, b: F.cross_entropy(m(b[0]).transpose(1, 2), b[1], reduction="none").sum(-1)  # noqa: E731
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.05 * torch.randn(6, theta.numel(), dtype=D64, generator=g)
+    caught = _requests(model, nll, "kfac", batch, bank, requests=1)[2]
+    told = str(_fallback_warnings(caught)[0].message)
+    assert "pass likelihood='categorical'" not in told
+    assert "likelihood='categorical' does not apply" in told and "model(x) is of shape [B, 6, 5]" in told
+    assert f"D = {theta.numel()} parameters here" in told  # solver='ggn' with its cost
+    un, reports, caught = _requests(model, nll, "cg", batch, bank, requests=1)  # the fix named first
+    assert reports[0].solver == "cg" and reports[0].passed and reports[0].shift_norm > 0
+    un = MCMCUnlearner(model, nll=nll, log_prior=_prior, bank=bank, solver="kfac", likelihood="categorical")
+    with pytest.raises(ValueError, match=r"needs model\(x\) of shape \[B, C\].*use solver='cg'"):
+        un.remove(tuple(t[:3] for t in batch), [tuple(t[3:] for t in batch)], n_remaining=37)
+    assert torch.equal(un.bank, bank)
+
+
 def test_ignore_index_rows_enter_no_kronecker_factor() -> None:
     """Rows labelled ``-100`` (``cross_entropy``'s ``ignore_index``) have no likelihood term: the factors built with
     them equal those of the labelled rows alone at ``n`` scaled to the labelled share (they made the curvature that

@@ -7,6 +7,7 @@ unchecked, raising the remaining rows' NLL over every sample 1.480 -> 1.509 (ret
 prediction and left out where it does not hold (the common step alone: remaining NLL 1.469, test NLL 1.70).
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,3 +193,70 @@ def test_a_spread_measured_again_reads_no_row_twice() -> None:
         assert infos[0]["spread_check"] == infos[1]["spread_check"], scale  # the same rows, the same verdict
         seen += infos[0]["spread_check"]["nll_change"] > 0
     assert seen  # the scan reaches rises the check judges
+
+
+def _overdispersed_regression(spread: float):
+    """A conjugate Gaussian regression (d = 40, 400 rows, half of them removed) whose bank is ``spread`` times as
+    wide as the posterior (an SGLD chain run with too large a step), removed with the defaults (``exact``, the
+    Gaussian transport); the rows kept, the bank before and the unlearner after, and the remaining rows' mean NLL over
+    every row at every sample of a bank."""
+    import warnings
+
+    d, n, sig = 40, 400, 0.5
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + sig * torch.randn(n, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+
+    def nll(m, b):
+        return 0.5 * ((m(b[0]).squeeze(-1) - b[1]) / sig) ** 2
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)  # parameters [w, b]: precision XᵀX/σ² + I
+    A = X.T @ X / sig**2 + torch.eye(d + 1, dtype=x.dtype)
+    mean, cov = torch.linalg.solve(A, X.T @ y / sig**2), torch.linalg.inv(A)
+    bank = mean + spread * torch.randn(100, d + 1, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.randperm(n, generator=g)[: n // 2]] = False
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the large-removal warning
+        report = un.remove((x[~keep], y[~keep]), (x[keep], y[keep]))
+
+    def remaining_nll(thetas):
+        return float((0.5 * ((thetas @ X[keep].T - y[keep]) / sig) ** 2).mean())
+
+    return report, bank, un, remaining_nll
+
+
+def test_the_reported_remaining_nll_change_includes_the_transport_s():
+    """The report's held-rows NLL change held the common step's alone, the Gaussian transport's own measured change
+    left out (a mixture of experts: -0.012 reported, +0.058 over every row and sample). Here the transport is applied
+    (it passes every check) and the report must match the change over every remaining row and sample within two of
+    its standard errors (it read -0.052 ± 0.022 where the change is +0.048)."""
+    report, bank, un, remaining_nll = _overdispersed_regression(1.4)
+    assert report.solver == "exact" and "bank_shift_fallback" not in report.info and report.passed
+    truth = remaining_nll(un.bank) - remaining_nll(bank)
+    se = report.info["remaining_nll_rise_stderr"]
+    assert abs(report.remaining_nll_change - truth) <= 2 * se, (report.remaining_nll_change, truth, se)
+    assert abs(report.info["remaining_nll_rise"] - truth) <= 2 * se
+    assert report.info["spread_check"]["applied"]
+    assert report.info["remaining_nll_drift"] == report.info["remaining_nll_rise"]
+    assert report.info["remaining_nll_drift_stderr"] == pytest.approx(se)
+
+
+def test_a_transport_that_raises_the_remaining_nll_past_the_safety_net_is_left_out():
+    """The transport was judged on the energy alone: one the curvature predicts exactly (a Gaussian posterior) that
+    widens an over-wide bank raised the remaining rows' NLL 0.78 -> 1.06, every check passed. The safety net's
+    rule now judges the common step and the transport together, and the transport is left out."""
+    report, bank, un, remaining_nll = _overdispersed_regression(2.5)
+    sc = report.info["spread_check"]
+    assert sc["energy_change"] - sc["predicted"] < 3 * sc["energy_stderr"]  # the energy rule alone keeps it
+    allowance = 0.05 * report.info["trials"][-1]["nll_scale"]
+    assert remaining_nll(un.bank) - remaining_nll(bank) <= allowance  # every remaining row and sample
+    moved = un.bank - bank
+    assert torch.allclose(moved, moved[0].expand_as(moved), atol=1e-9)  # the common step alone
+    assert "plus two standard errors" in report.info["bank_shift_fallback"] and not sc["applied"]
+    assert sc["combined_nll_rise"] > allowance + 2 * sc["combined_nll_stderr"]

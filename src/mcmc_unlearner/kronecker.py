@@ -482,8 +482,15 @@ def _class_weight_fit(
     return [float(c) for c in w]
 
 
-def empirical_fallback_message(reason: str) -> str:
-    """What K-FAC says when ``likelihood="auto"`` did not recognise ``nll`` and it uses the empirical Fisher."""
+def empirical_fallback_message(reason: str, output: tuple[int, ...] | str | None = None, dim: int | None = None) -> str:
+    """What K-FAC says when ``likelihood="auto"`` did not recognise ``nll`` and it uses the empirical Fisher.
+
+    Args:
+        reason: Why :func:`detect_likelihood` did not recognise ``nll``.
+        output: What ``model(batch[0])`` returned (:func:`plain_output`): its shape, or the type it is where not a
+            tensor; ``likelihood='categorical'`` is suggested only for a ``[B, C]`` tensor, the one it takes.
+        dim: The model's parameter count (the dense Hessian's cost, said with ``solver='ggn'``).
+    """
     if reason.startswith(_UNCALLABLE):
         # likelihood='categorical' calls model(batch[0]) too: offered here, it failed with the forward's own TypeError
         # (stop 45's probes: forward(ids, mask), forward(dict))
@@ -492,18 +499,45 @@ def empirical_fallback_message(reason: str) -> str:
             "take the first field alone (e.g. compute a padding mask from the token ids inside forward, ids != pad) "
             "and nll call model(b[0]); "
         )
-    else:
+    elif isinstance(output, tuple) and len(output) == 2:
         fix = "Fix: if model(x) returns the logits of nll's softmax cross-entropy, pass likelihood='categorical'; "
+    else:
+        # offered for a sequence model's [B, T, V] logits it failed: "needs model(x) of shape [B, C]" (stop 51)
+        if isinstance(output, tuple):
+            got = "is of shape [" + ", ".join(["B", *map(str, output[1:])]) + "]"
+            if len(output) == 3:
+                got += " (a cross-entropy per position of [B, T, V] logits is no likelihood K-FAC knows)"
+        else:
+            got = "could not be called on a minibatch's first field" if output is None else f"is a {output}"
+        fix = (
+            "likelihood='categorical' does not apply: it takes model(x) itself as [B, C] logits (one row of C "
+            f"classes per row of the minibatch, nll their cross-entropy), and model(x) {got}. Fix: "
+        )
+    cost = f"D = {dim:,} parameters here" if dim else "D the parameter count"
     return (
         "K-FAC uses the EMPIRICAL Fisher (gradients of nll at the true labels), which can be far from the "
         "curvature (0.09-0.63 relative off the dense GGN on probed models), because likelihood='auto' did not "
         f"recognise nll as a categorical or Gaussian likelihood of the model's output ({reason}). Recognised: "
         "cross-entropy or a Gaussian NLL of model(x) or of one tensor of a tuple/dict output, with a temperature, "
         "label smoothing, a constant factor, per-class weight= or per-row weights from a batch field (batch[2:]). "
-        f"{fix}for the exact curvature use solver='ggn' (dense Gauss-Newton, or the dense Hessian for an "
-        "unrecognised likelihood; small models) or solver='cg' (Hessian-vector products); likelihood='empirical' "
-        "keeps this choice without the warning"
+        f"{fix}for the exact curvature use solver='cg' (Hessian-vector products, no dense matrix), or "
+        "solver='ggn' on small models only: for a likelihood it does not recognise it builds the dense Hessian, "
+        f"D Hessian-vector products over the remaining rows and a D x D matrix ({cost}; a 2,712-parameter GRU "
+        "took over 400 s a request where cg took 22 s); likelihood='empirical' keeps this choice without the "
+        "warning"
     )
+
+
+def plain_output(model: nn.Module, batch: Batch) -> tuple[int, ...] | str | None:
+    """The shape of ``model(batch[0])`` on a few rows, the type's name where it is no tensor, ``None`` where it
+    cannot be called (the model, its RNG states and gradients left as they were)."""
+    probe = _head(tuple(batch), _PROBE_ROWS)
+    with preserved(model), torch.no_grad():
+        try:
+            out = model(probe[0])
+        except Exception:  # a probe: detect_likelihood says why
+            return None
+    return tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
 
 
 _UNCALLABLE = "model(batch[0]) cannot be called on its own"
@@ -1381,7 +1415,9 @@ class KroneckerCurvature:
         if detected.get("reason"):
             info["likelihood_reason"] = detected["reason"]
         if auto and lik is Likelihood.EMPIRICAL:
-            info["likelihood_fallback"] = empirical_fallback_message(detected.get("reason", ""))
+            info["likelihood_fallback"] = empirical_fallback_message(
+                detected.get("reason", ""), plain_output(model, batches[0]), int(thetas.shape[1])
+            )
         link = {k: detected[k] for k in _LINK_KEYS if k in detected} if lik is not Likelihood.EMPIRICAL else {}
         notes = {k: v for k, v in detected.items() if k not in ("reason", "sigma", "constant")}
         if notes:
@@ -1731,7 +1767,11 @@ class KroneckerCurvature:
         if not isinstance(out, Tensor) or out.shape[:1] != (B,):
             raise ValueError(f"model(x) must return a tensor with {B} rows for likelihood={lik.value!r}")
         if lik is Likelihood.CATEGORICAL and out.dim() != 2:
-            raise ValueError(f"likelihood='categorical' needs model(x) of shape [B, C], got {tuple(out.shape)}")
+            raise ValueError(
+                f"likelihood='categorical' needs model(x) of shape [B, C] (the logits of nll's cross-entropy, one row "
+                f"per row of the minibatch), got {tuple(out.shape)}: for another output leave likelihood='auto' (the "
+                "empirical Fisher) or use solver='cg' for the exact curvature; nothing was changed"
+            )
         width = math.prod(out.shape[1:])  # (an empty batch: every row ignore_index)
         use_exact = exact if exact is not None else width <= mc_samples
         record["mode"] = "exact" if use_exact else "mc"

@@ -186,7 +186,9 @@ class RemovalReport:
         predicted_change, actual_change: Model-predicted and measured change of the bank-averaged remaining-data
             energy (negative = the fit of the remaining data improved); ``actual_stderr`` is the measurement's
             Monte-Carlo error and ``model_ratio`` = actual/predicted (see :mod:`mcmc_unlearner.step`).
-        remaining_nll_change: Mean change of the per-row negative log-likelihood of the held remaining rows.
+        remaining_nll_change: Mean change of the per-row negative log-likelihood of the held remaining rows: the
+            common step's, plus the measured change of the move of the samples' spread where one was applied
+            (``info["spread_check"]``; ``info["remaining_nll_rise"]`` likewise).
         safe: Whether the step passed the safety check.
         problems: What failed (empty when the removal passed every check; see :func:`quality_problems`).
         info: Backend extras (reuse of cached curvature, eigenvalues, K-FAC likelihood, damping history).
@@ -1034,6 +1036,13 @@ def _refuse_inference_mode() -> None:
 
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _spread_nll_change(info: dict[str, Any]) -> float:
+    """The held rows' mean NLL change that an applied move of the samples' spread added to the common step's
+    (``info["spread_check"]``; 0 where no such move was applied)."""
+    moved = info.get("spread_check")
+    return float(moved["nll_change"]) if isinstance(moved, dict) and moved.get("applied") else 0.0
 
 
 def _evenly(n: int, k: int | None) -> torch.Tensor:
@@ -3549,7 +3558,17 @@ class MCMCUnlearner:
         elif self.carry_deficit:
             carry = measured_deficit(G, outcome)
         x_dev = outcome.length * error_factor * self._error_bar(dev, lam)  # the Monte-Carlo error of the step taken
-        new_live, new_bank = self._shift(live, x, lam, h_f, batch, info, outcome.length, check)
+        before = (outcome.nll_rise, outcome.nll_stderr, outcome.nll_scale)
+        new_live, new_bank = self._shift(live, x, lam, h_f, batch, info, outcome.length, check, before)
+        moved = info.get("spread_check")
+        if isinstance(moved, dict) and moved.get("applied"):
+            # the spread's move is part of the step applied: its measured NLL rise joins the request's and the sum
+            # (they held the common step's alone: a mixture of experts read -0.012 where every row and sample rose
+            # +0.058, the transport's +0.044 left out)
+            info["remaining_nll_rise"] = outcome.nll_rise + moved["nll_rise"]
+            info["remaining_nll_rise_stderr"] = math.hypot(outcome.nll_stderr, moved["nll_stderr"])
+            if outcome.safe:
+                self.control.record_rise(moved["nll_rise"], moved["nll_stderr"], outcome.nll_scale)
         anchor = self._anchor
         if self.recenter_every:
             if anchor is None or anchor.index.max() >= (0 if self.bank is None else self.bank.shape[0]):
@@ -4054,7 +4073,7 @@ class MCMCUnlearner:
             actual_change=outcome.actual,
             actual_stderr=outcome.stderr,
             model_ratio=outcome.ratio,
-            remaining_nll_change=outcome.nll_change,
+            remaining_nll_change=outcome.nll_change + _spread_nll_change(info),
             safe=outcome.safe,
             info=info,
         )
@@ -4098,7 +4117,11 @@ class MCMCUnlearner:
         info: dict[str, Any],
         length: float = 1.0,
         check: EnergyCheck | None = None,
+        before: tuple[float, float, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The live draw and bank moved by the common step ``x`` and, as ``bank_shift`` says, their spread (checked
+        by :meth:`_spread_refused`; ``before``: the common step's held-rows NLL rise, its standard error and
+        unit)."""
         if self.bank_shift is BankShift.MEAN:
             return live + x, (None if self.bank is None else self.bank + x)
         if self.bank_shift is BankShift.SAMPLE:
@@ -4131,7 +4154,7 @@ class MCMCUnlearner:
                 # digits MLP's rise as +0.014 ± 0.0055 on an NLL of 0.095 (within the tolerance), 32 as +0.016 ± 0.004
                 idx = _evenly(self.bank.shape[0], max(check.thetas.shape[0], SPREAD_CHECK_DRAWS))
                 base = self.bank[idx] + x
-                refused = self._spread_refused(check, moved[idx + 1], base, None, info, "per-sample")
+                refused = self._spread_refused(check, moved[idx + 1], base, None, info, "per-sample", before)
                 if refused is not None:
                     info["bank_shift_fallback"] = f"mean shift: {refused}"
                     return live + x, self.bank + x
@@ -4157,7 +4180,9 @@ class MCMCUnlearner:
         if check is not None and self.bank is not None:
             delta = check.thetas - mu
             Tdelta = delta @ T.T
-            refused = self._spread_refused(check, mu + x + Tdelta, check.thetas + x, (delta, Tdelta), info, "Gaussian")
+            refused = self._spread_refused(
+                check, mu + x + Tdelta, check.thetas + x, (delta, Tdelta), info, "Gaussian", before
+            )
         if refused is not None:
             info["bank_shift_fallback"] = f"mean shift: {refused}"
             return live + x, self.bank + x
@@ -4173,6 +4198,7 @@ class MCMCUnlearner:
         deltas: tuple[torch.Tensor, torch.Tensor] | None,
         info: dict[str, Any],
         kind: str,
+        before: tuple[float, float, float] | None = None,
     ) -> str | None:
         """Why the bank's spread is not moved as ``bank_shift`` says (``None``: it is), measured at the check's draws
         and held rows: the remaining-data energy and the rows' NLL at the draws so moved (``moved``) against at the
@@ -4188,9 +4214,17 @@ class MCMCUnlearner:
         * for the Gaussian transport (``deltas``: ``δ_s = θ_s − μ`` and ``Tδ_s``), the energy rises beyond what the
           curvature predicts, ``½ E_s[(Tδ_s)ᵀA'(Tδ_s) − δ_sᵀA'δ_s]`` (about 0 on a Gaussian posterior, where the
           transport is exact), by more than ``TRANSPORT_Z`` standard errors and ``TRANSPORT_SLACK`` of the spread's
-          energy ``½ E_s[δ_sᵀA'δ_s]``.
+          energy ``½ E_s[δ_sᵀA'δ_s]``, or
+        * for either, with ``before`` (the common step's held-rows NLL rise as the net judged it, its standard error
+          and the net's unit), the combined rise (the common step's plus the spread's, less the prior's credit where
+          the spread's move lowers the prior's energy; standard errors in quadrature) exceeds the safety net's limit,
+          ``max_nll_increase`` of the unit plus two standard errors: the move applied is the two together (a
+          mixture of experts: the common step -0.012, the transport +0.044, every row and sample +0.058 of 1.11, the
+          transport judged on the energy alone).
 
         A measurement not clear on the check's rows is repeated with the safety net's further rows (read then).
+        ``info["spread_check"]`` records the measurement, the combined rise (``combined_nll_rise``,
+        ``combined_nll_stderr``) and whether the move was ``applied``.
         """
         predicted = spread = None
         if deltas is not None:
@@ -4229,8 +4263,23 @@ class MCMCUnlearner:
             unit = nll_unit(hb, check.reduce)[1]  # the safety net's unit: a constant in nll does not loosen it
             return float(draws.mean()), math.sqrt(draw_var + n * n * row_var), row_mean, nll_se, unit
 
+        limit_nll = self.control.max_nll_increase
+        b_rise, b_se, b_scale = before if before is not None else (math.nan, math.nan, math.nan)
+        joined = all(math.isfinite(v) for v in (b_rise, b_se, b_scale))
+        credit = min(float(prior.mean()) / n, 0.0) if K else 0.0  # as the net credits the prior's fall
+
+        def combined(meas: tuple[float, float, float, float, float]) -> tuple[float, float]:
+            rise, rise_se = meas[2], meas[3]
+            if not joined:
+                return rise + credit, rise_se
+            return b_rise + rise + credit, math.hypot(b_se, rise_se)
+
         def verdict(meas: tuple[float, float, float, float, float]) -> tuple[bool, bool]:
             energy, stderr, rise, rise_se, scale = meas
+            total, total_se = combined(meas)
+            # the safety net's rule on the move applied, the common step's and the spread's together
+            joint = joined and total > limit_nll * b_scale + 2 * total_se
+            joint_unclear = joined and total > limit_nll * b_scale and not joint
             # the NLL rule judges a move the curvature has no prediction for (bank_shift="sample"): the Gaussian
             # transport widens the samples, raising the held rows' NLL by as much as it should (a conjugate
             # regression, d = 40, half its rows removed: +0.05 ± 0.005 of 1, the exact answer; stop 46's review)
@@ -4240,7 +4289,7 @@ class MCMCUnlearner:
             unclear = (predicted is None and rise > self.control.max_nll_increase * scale and not net) or (
                 excess is not None and excess > stderr and excess > TRANSPORT_SLACK * spread and not model
             )
-            return net or model, unclear
+            return net or model or joint, unclear or joint_unclear
 
         meas = measure(check.rows)
         refused, unclear = verdict(meas)
@@ -4254,15 +4303,23 @@ class MCMCUnlearner:
                 meas = measure(tuple(torch.cat([a, b]) for a, b in zip(check.rows, more)))
                 refused, _ = verdict(meas)
         energy, stderr, rise, rise_se, scale = meas
+        total, total_se = combined(meas)
         info["spread_check"] = {
             "kind": kind, "energy_change": energy, "energy_stderr": stderr, "predicted": predicted,
             "spread_energy": spread, "nll_change": rise, "nll_stderr": rise_se, "nll_scale": scale,
+            "nll_rise": rise + credit, "combined_nll_rise": total, "combined_nll_stderr": total_se,
+            "applied": not refused,
         }  # fmt: skip
         if not refused:
             return None
         said = f"the held rows' NLL {rise:+.4g} ± {rise_se:.2g} (of {scale:.4g})"
         if predicted is not None:
             said += f", the energy {energy:+.4g} ± {stderr:.2g} where the curvature predicted {predicted:+.4g}"
+        if joined and total > limit_nll * b_scale + 2 * total_se:
+            said += (
+                f"; with the common step's {b_rise:+.4g} ± {b_se:.2g} the held rows' NLL rose {total:+.4g} ± "
+                f"{total_se:.2g} (limit {100 * limit_nll:g}% of {b_scale:.4g} plus two standard errors)"
+            )
         return f"the {kind} move of the samples' spread changed, at the check's draws, {said}: not applied"
 
     def _newton_iterations(
