@@ -4312,7 +4312,7 @@ class MCMCUnlearner:
             "kind": kind, "energy_change": energy, "energy_stderr": stderr, "predicted": predicted,
             "spread_energy": spread, "nll_change": rise, "nll_stderr": rise_se, "nll_scale": scale,
             "nll_rise": rise + credit, "combined_nll_rise": total, "combined_nll_stderr": total_se,
-            "applied": not refused,
+            "applied": not refused, "measured_again": again,
         }  # fmt: skip
         if not refused:
             return None
