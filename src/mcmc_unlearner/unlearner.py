@@ -134,6 +134,14 @@ _HVP_MEMORY_FACTOR = 3
 #: across chunks is handed back between them (``_dense_hessian_chunked``); with a margin of 2 the build still
 #: reached 0.99-1.05x a 200 MB budget.
 _DENSE_CHUNK_MARGIN = 3
+#: The dense Hessian over rows shared by every draw is built a draw at a time where one draw's build is planned at
+#: this many bytes or more (:meth:`MCMCUnlearner._dense_hessian`): batched over the draws its intermediates left
+#: the cache (a 467-parameter MLP over 80 rows, 16 draws: 4x slower); below it one batched call saves the per-call
+#: overhead.
+_DENSE_DRAW_LOOP_BYTES = 2**20
+#: A dense Hessian build planned (with the dense matrices) within this fraction of the memory budget skips handing
+#: the heap's free pages back around it (:func:`~mcmc_unlearner.memory.release_free_heap`, ~1 ms a call).
+_DENSE_TRIM_FRACTION = 16
 #: One vmapped forward-over-reverse product at one draw of the iterative solvers' operator holds about this many
 #: times what a backward pass saves (tangents of every activation, the batched copies; measured 5-14x through
 #: convolutions and attention, the factor 3 above ran 3-11x over the budget) ...
@@ -2474,22 +2482,37 @@ class MCMCUnlearner:
             cols = chunk_for(self.memory_budget, _DENSE_CHUNK_MARGIN * per_col, d, reserve)
         S = thetas.shape[0]
         draws = chunk_for(self.memory_budget, per_col * d, S, reserve) if cols == d else 1
+        # the plan counts what is alive; glibc keeps freed heap pages resident, so what earlier steps freed is handed
+        # back first, and what the build freed after it (a no-op where there is no malloc_trim). Not for a build
+        # planned within a sixteenth of the budget: each trim took ~1 ms, 2-3% of a GMM demo request (4 rows, 8
+        # parameters), and what such a build frees cannot carry the process near its budget
+        trim = cols < d or reserve + per_col * d * min(draws, S) > self.memory_budget // _DENSE_TRIM_FRACTION
         if self.backend != "autograd":
             try:  # reverse-over-reverse, ``cols`` Hessian columns and ``draws`` draws at a time
-                # the plan counts what is alive; glibc keeps freed heap pages resident, so what earlier steps freed
-                # is handed back first, and what the build freed after it (a no-op where there is no malloc_trim)
-                release_free_heap()
+                if trim:
+                    release_free_heap()
                 if cols < d:
                     H = self._dense_hessian_chunked(f, thetas, batch, shared, cols, _DENSE_CHUNK_MARGIN * per_col)
                 else:
-                    hess = jacrev(grad(f))
-                    dims = (0, *([None if shared else 0] * len(batch)))
+                    hess = vmap(jacrev(grad(f)), in_dims=(0, *([None if shared else 0] * len(batch))))
                     H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
+                    # rows shared by every draw: one draw at a time into the chunk's [k, D, D] (what the vmapped
+                    # chunk returns), summed as before, the same numbers; all draws at once ran out of cache
+                    # (a 467-parameter MLP's 16 draws over 80 rows: 0.73 s against 0.18 s a draw at a time)
+                    one = shared and draws > 1 and per_col * d >= _DENSE_DRAW_LOOP_BYTES
                     for s0 in range(0, S, draws):
-                        args = batch if shared else tuple(t[s0 : s0 + draws] for t in batch)
-                        H += vmap(hess, in_dims=dims)(thetas[s0 : s0 + draws], *args).sum(0)
+                        th = thetas[s0 : s0 + draws]
+                        if one:
+                            block = torch.empty((th.shape[0], d, d), dtype=thetas.dtype, device=thetas.device)
+                            for i in range(th.shape[0]):
+                                block[i : i + 1] = hess(th[i : i + 1], *batch)
+                        else:
+                            block = hess(th, *(batch if shared else tuple(t[s0 : s0 + draws] for t in batch)))
+                        H += block.sum(0)
+                        del block
                     H = H / S
-                release_free_heap()
+                if trim:
+                    release_free_heap()
                 return H
             except (RuntimeError, NotImplementedError, TypeError):
                 if self.backend == "func":

@@ -53,6 +53,9 @@ class DenseBackend(CurvatureBackend):
         self._H_r: torch.Tensor | None = None
         self._problem: Problem | None = None
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: this request's float64 eigendecompositions of ``A_new`` ("new") and the old Hessian ("old"), each taken
+        #: once: the solves and every :meth:`transport` reuse them (they were taken again per call, the same numbers)
+        self._eighs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         need = dense_memory(problem.dim, problem.thetas.element_size())
@@ -65,6 +68,7 @@ class DenseBackend(CurvatureBackend):
             )
         self._problem = problem
         self._H_r = None
+        self._eighs = {}
         self.products = 0
         reused = self.cache is not None and self.age < self.refresh_every
         if reused:
@@ -78,8 +82,9 @@ class DenseBackend(CurvatureBackend):
                 "exact: the Hessian has non-finite entries; nothing was changed. Check the model and data for overflow"
             )
         self.A_new = A_new
-        self.M = A_new if problem.hessian == "remaining" else self.old_hessian()
-        w, Q = torch.linalg.eigh(self.M.double())
+        which = "new" if problem.hessian == "remaining" else "old"
+        self.M = A_new if which == "new" else self.old_hessian()
+        w, Q = self._eigh(which)
         self._eig = (w, Q)
         self._pending = (A_new, age, int(problem.n))
         return {"hessian_reused": reused, "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
@@ -99,6 +104,13 @@ class DenseBackend(CurvatureBackend):
         if self._H_r is None:
             self._H_r = self._removed_curvature(self._problem)
         return self._H_r
+
+    def _eigh(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eigh`` in float64 of ``A_new`` (``which="new"``) or :meth:`old_hessian` (``"old"``), once a request."""
+        if which not in self._eighs:
+            M = self.A_new if which == "new" else self.old_hessian()
+            self._eighs[which] = torch.linalg.eigh(M.double())
+        return self._eighs[which]
 
     def old_hessian(self) -> torch.Tensor:
         """The Hessian before the removal, ``A = H + E[∇²Σ_{S'} h]`` (symmetrised)."""
@@ -157,8 +169,8 @@ class DenseBackend(CurvatureBackend):
                 the unlearner then moves the bank by the mean shift and says so in ``report.info``).
         """
 
-        def sym_pow(M: torch.Tensor, p: float) -> torch.Tensor:
-            w, V = torch.linalg.eigh(M.double())
+        def sym_pow(which: str, p: float) -> torch.Tensor:
+            w, V = self._eigh(which)
             w = w + damping
             if not bool((w > 0).all()):
                 raise NegativeCurvatureError(
@@ -167,15 +179,17 @@ class DenseBackend(CurvatureBackend):
                 )
             return (V * w**p) @ V.T
 
-        return (sym_pow(self.A_new, -0.5) @ sym_pow(self.old_hessian(), 0.5)).to(self.A_new.dtype)
+        return (sym_pow("new", -0.5) @ sym_pow("old", 0.5)).to(self.A_new.dtype)
 
     def commit(self) -> None:
         if self._pending is not None:
             self.cache, self.age, self.cache_n = self._pending
         self._pending = self._problem = self._H_r = None
+        self._eighs = {}
 
     def reset(self) -> None:
         self.cache, self.age, self._pending, self.cache_n = None, 0, None, None
+        self._eighs = {}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {} if self.cache is None else {"cache": self.cache}
