@@ -80,10 +80,6 @@ def _explain(r: dict[str, Any]) -> str:
 #: transformer's fraction passes since the damping shapes (0.005 -> 1.05: the data term damped alone).
 _MAIN = "main 93b4d6a"
 XFAIL: dict[tuple[str, str], str] = {
-    (
-        "mlp",
-        "fraction",
-    ): f"{_MAIN}: kfac damping=0, shift 8.02: forgotten NLL 0.033 -> 37.9 vs retrain 12.5 (fraction 3.04)",
     ("regression", "fraction"): f"{_MAIN}: kfac damping 8.6e3 (10x mean curvature): fraction 0.45",
     ("bncnn", "fraction"): "kfac damping 10x the mean curvature: fraction 0.15 (step size 5e-5 since stop 23; at "
     f"1e-4, {_MAIN}: damping 174 (3.2x), shift 0.31, forgotten NLL 0.018 -> 0.79 vs 13.4, 0.06)",

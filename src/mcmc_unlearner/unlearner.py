@@ -2497,7 +2497,8 @@ class MCMCUnlearner:
                     hess = vmap(jacrev(grad(f)), in_dims=(0, *([None if shared else 0] * len(batch))))
                     H = torch.zeros(d, d, dtype=thetas.dtype, device=thetas.device)
                     # rows shared by every draw: one draw at a time into the chunk's [k, D, D] (what the vmapped
-                    # chunk returns), summed as before, the same numbers; all draws at once ran out of cache
+                    # chunk returns), summed as before (the same numbers on linear layers, to rounding on others,
+                    # e.g. convolutions: up to 6e-7 on a Conv1d network); all draws at once ran out of cache
                     # (a 467-parameter MLP's 16 draws over 80 rows: 0.73 s against 0.18 s a draw at a time)
                     one = shared and draws > 1 and per_col * d >= _DENSE_DRAW_LOOP_BYTES
                     for s0 in range(0, S, draws):
