@@ -256,3 +256,29 @@ def test_dense_transport_reuses_the_requests_eigendecompositions_and_drops_them_
         assert len(counted) == 2, k  # A_new's (prepare's) and the old Hessian's, once each
         assert torch.equal(T0, reference(b, 0.0)) and torch.equal(T1, reference(b, 0.5)), k
         b.commit()
+
+
+def test_the_second_measurements_further_samples_are_read_in_place_beyond_a_share_of_the_budget() -> None:
+    """The safety net's second measurement may read every other stored sample: copied where the copy takes at most a
+    quarter of the memory budget, read in place (no copy) beyond it, with the same samples; and the measurement over
+    them (``EnergyCheck.confirm``) is the copy's to rounding."""
+    from mcmc_unlearner.unlearner import FURTHER_COPY_SHARE, _further_samples
+
+    f, lp, rows, n, thetas, G = _blr_check_parts(12)
+    index = torch.tensor([1, 4, 6, 9, 11])
+    need = index.numel() * thetas.shape[1] * thetas.element_size()
+    copied = _further_samples(thetas, index, FURTHER_COPY_SHARE * need)
+    assert isinstance(copied, torch.Tensor) and torch.equal(copied, thetas[index])
+    assert copied.data_ptr() != thetas.data_ptr()
+    in_place = _further_samples(thetas, index, FURTHER_COPY_SHARE * need - 1)
+    assert isinstance(in_place, _BankRows) and len(in_place) == index.numel()
+    assert all(r.data_ptr() == thetas[i].data_ptr() for r, i in zip(in_place, index.tolist()))  # views: no copy
+    x = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    results = []
+    for more in (copied, in_place):
+        check = EnergyCheck(f, lp, thetas[:4], tuple(t[:60] for t in rows), n, G)
+        check.confirm_thetas = lambda more=more: more
+        results.append(check.confirm(x))
+    (c1, se1, m1, k1), (c2, se2, m2, k2) = results
+    assert (m1, k1) == (m2, k2) == (60, 4 + index.numel())
+    assert c2 == pytest.approx(c1, rel=1e-12) and se2 == pytest.approx(se1, rel=1e-9)

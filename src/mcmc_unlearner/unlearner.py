@@ -1105,6 +1105,22 @@ def _further_draws(n: int, c: int | None, check: torch.Tensor, k: int) -> torch.
     return _spread_among(pool, curvature, min(k, pool.numel()))
 
 
+#: the second measurement copies its further stored samples where the copy is at most this share of the memory
+#: budget, and reads them in place beyond it
+FURTHER_COPY_SHARE = 4
+
+
+def _further_samples(bank: torch.Tensor, index: torch.Tensor, budget: int) -> torch.Tensor | _BankRows:
+    """The safety net's further stored samples ``bank[index]``: a copy where it takes at most
+    ``1/FURTHER_COPY_SHARE`` of the memory budget (the default experiments' banks, bit for bit as before), else read
+    in place (:class:`_BankRows`: the same numbers, rounded as BLAS does at the bank's alignment), since reading
+    every stored sample could copy most of a large model's bank outside the memory plan (stop 51's review: 24 of 32
+    samples of a 25M-parameter model, 2.4 GB)."""
+    if index.numel() * bank.shape[1] * bank.element_size() <= budget // FURTHER_COPY_SHARE:
+        return bank[index]
+    return _BankRows(bank, index)
+
+
 def _draws(bank: torch.Tensor, k: int | None) -> torch.Tensor:
     """``bank[_evenly(S, k)]``: the same numbers, without a copy when that is every draw."""
     return bank if k is None or k >= bank.shape[0] else bank[_evenly(bank.shape[0], k)]
@@ -3516,8 +3532,10 @@ class MCMCUnlearner:
             rows2 = more if more >= m_all else min(m_all, n)  # the further rows, or the check's (repeats where n < m)
             if S * rows2 <= CONFIRM_ALL_DRAWS_GRID * k_index.numel() * m_all:
                 more_draws = _further_draws(S, self.curvature_draws, k_index, S)  # every other stored sample
-            if more_draws.numel():  # copied only where a second measurement runs
-                check.confirm_thetas = lambda bank=self.bank: bank[more_draws]
+            if more_draws.numel():  # read only where a second measurement runs
+                check.confirm_thetas = lambda bank=self.bank, budget=self.memory_budget: _further_samples(
+                    bank, more_draws, budget
+                )
         # a freshly built curvature tries every damping shape; a reused one keeps the shape accepted last
         # (built by fit() and not yet used by an applied request: as if this request had built it)
         reused = bool(info.get("preconditioner_reused") or info.get("hessian_reused")) and not self._fitted
