@@ -250,3 +250,49 @@ def test_non_finite_rows_of_a_data_set_are_named_by_their_ids():
     with pytest.raises(InvalidRequestError, match=r"removed data: field 0 .* the rows with id\(s\) \[150\]"):
         un.forget([7, 150], data)
     assert data.state_dict().keys() == state.keys() and len(data) == 298  # nothing removed
+
+
+def _markov_text(n=400, V=8, L=3):
+    """A Markov chain's text as rows (the last ``L`` tokens one-hot, the next token): the chain revisits its
+    states, so rows repeat by value, as in real data."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.softmax(1.5 * torch.randn(V, V, generator=g), 1)
+    s = [0]
+    for _ in range(n + L):
+        s.append(int(torch.multinomial(P[s[-1]], 1, generator=g)))
+    s = torch.tensor(s)
+    x = nn.functional.one_hot(torch.stack([s[i : i + n] for i in range(L)], 1), V).reshape(n, -1).float()
+    y = s[L : L + n]
+    model = nn.Linear(L * V, V)
+    bank = 0.1 * torch.randn(16, (L * V + 1) * V, generator=g)
+    return x, y, model, bank
+
+
+@pytest.mark.parametrize("source", ["rows", "loader"])
+@pytest.mark.parametrize("left_in", [False, True])
+def test_removed_rows_that_merely_repeat_remaining_ones_are_noted_not_warned_about(source, left_in):
+    """The warning that the remaining data still hold the removed rows fired on any removed row equal by value to a
+    remaining one: on a Markov chain's text 9 of 30 removed rows (a passage) repeat rows kept elsewhere, and every
+    request there was warned about. It now warns where the removed rows look left in (all 30 found), and notes the
+    9 otherwise; from a loader, on the check's sample of rows."""
+    from mcmc_unlearner.stream import _removed_rows_held
+
+    x, y, model, bank = _markov_text()
+    gone = torch.zeros(x.shape[0], dtype=torch.bool)
+    gone[:30] = True
+    kept = (x, y) if left_in else (x[~gone], y[~gone])
+    assert _removed_rows_held((x[gone], y[gone]), kept) == (30 if left_in else 9)  # the case at issue
+    if source == "loader":
+        kept = DataLoader(TensorDataset(*kept), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0))
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = un.remove((x[gone], y[gone]), kept, strict=False)
+    said = [str(w.message) for w in seen if "identical to removed rows" in str(w.message)]
+    assert len(said) == int(left_in), said
+    noted = report.info.get("removed_rows_coinciding")
+    if left_in:
+        assert noted is None and ("30 of the 30" in said[0] if source == "rows" else "of the 30" in said[0])
+    else:
+        assert noted["removed"] == 30 and 0 < noted["rows"] <= 9
+        assert noted["rows"] == 9 if source == "rows" else noted["compared"].endswith("the safety check drew")

@@ -276,3 +276,54 @@ def test_a_transport_measured_again_is_applied_only_within_the_allowance_itself(
     assert allowance < sc["combined_nll_rise"] < allowance + 2 * sc["combined_nll_stderr"]  # the case at issue
     assert "measured again on further rows" in report.info["bank_shift_fallback"]
     assert remaining_nll(un.bank) - remaining_nll(bank) <= allowance  # every remaining row and sample
+
+
+@pytest.mark.parametrize("spread", [-0.5, 1.0])
+def test_the_combined_rise_s_standard_error_pairs_the_two_changes_on_the_same_rows_and_draws(spread) -> None:
+    """The common step's and the spread move's held-rows NLL changes are measured on the same rows and draws: the
+    combined rise's standard error is that of their per-(row, draw) sum. They were added in quadrature: a spread
+    move that undoes half the common step row by row (``spread=-0.5``) was read 2.2x as uncertain as it is and
+    applied past the limit; one that repeats it (``spread=1``) read 0.7x, and was refused within the limit."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_blr
+    from mcmc_unlearner.curvature import functionalize
+    from mcmc_unlearner.models.linreg import BayesianLinearRegression
+    from mcmc_unlearner.step import EnergyCheck
+
+    prob = make_blr(n=200, dim=3, removed=20, seed=1)
+    model = BayesianLinearRegression(3).double()
+    rows = (prob.x[prob.keep].double(), prob.y[prob.keep].double())
+    f = functionalize(model, lambda m, *b: m.nll(b))
+    thetas = prob.mean_all + torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) @ (
+        torch.linalg.cholesky(prob.cov_all).T
+    )
+    x = torch.tensor([0.08, -0.05, 0.06], dtype=torch.float64)  # the common step
+    un = MCMCUnlearner(model, None, nll=lambda m, b: m.nll(b), bank=thetas.clone())
+    check = EnergyCheck(f, None, thetas, rows, rows[0].shape[0], x)
+    base, moved = thetas + x, thetas + (1 + spread) * x  # the spread's move: a further `spread` of the step
+
+    def mean_se(E):  # over rows (each row's mean over draws) and over draws (each draw's mean over rows)
+        K, m = E.shape
+        return float(E.mean()), float((E.mean(0).var() / m + E.mean(1).var() / K).sqrt())
+
+    with torch.no_grad():
+        h = [torch.stack([f(t, *rows) for t in ts]) for ts in (thetas, base, moved)]
+    (_, b_se), (rise, rise_se), (_, paired) = mean_se(h[1] - h[0]), mean_se(h[2] - h[1]), mean_se(h[2] - h[0])
+    quadrature = (b_se**2 + rise_se**2) ** 0.5
+    assert abs(paired / quadrature - 1) > 0.25  # a case where pairing matters
+    limit, scale = un.control.max_nll_increase, 1.0
+    # the common step's rise placed so the combined rise sits between the limit plus two paired and plus two
+    # quadrature standard errors
+    rise_b = limit * scale + paired + quadrature - rise
+    info: dict = {}
+    said = un._spread_refused(check, moved, base, None, info, "per-sample", (rise_b, b_se, scale), thetas)
+    sc = info["spread_check"]
+    assert sc["nll_change"] == pytest.approx(rise, rel=1e-9)
+    assert sc["combined_nll_rise"] == pytest.approx(rise_b + rise, rel=1e-9)
+    assert sc["combined_nll_stderr"] == pytest.approx(paired, rel=1e-6)
+    # pairing shrinks the error (refused: the rise is past the limit by more than two of its standard errors) or
+    # widens it (applied: not clearly past, and no further rows to measure again on)
+    assert sc["applied"] == (paired > quadrature) and (said is None) == (paired > quadrature)

@@ -936,15 +936,18 @@ class DampingControl:
         if out.safe:
             self.record_rise(out.nll_rise, out.nll_stderr, out.nll_scale)
 
-    def record_rise(self, rise: float, stderr: float, scale: float) -> None:
+    def record_rise(self, rise: float, stderr: float, scale: float, variance: float | None = None) -> None:
         """Add a rise of the remaining rows' mean NLL (``stderr`` its standard error; ``scale`` the NLL it rose
-        from) to the sum :meth:`record` keeps; the first one's NLL is kept as the sum's unit."""
+        from) to the sum :meth:`record` keeps; the first one's NLL is kept as the sum's unit. ``variance``, where
+        given, is what the rise adds to the sum's variance instead of ``stderr²`` (a rise whose error is correlated
+        with the last one's: negative where they partly cancel)."""
         if not (math.isfinite(rise) and math.isfinite(stderr)):
             return
         total, var, first = self.drift if self.drift is not None else (0.0, 0.0, scale)
         if not math.isfinite(first):
             return
-        self.drift = (total + rise, var + stderr**2, first)
+        added = stderr**2 if variance is None or not math.isfinite(variance) else variance
+        self.drift = (total + rise, max(var + added, 0.0), first)
 
     def _verdict(self, pred: float, gx: float, meas: Measurement, z: float | None) -> bool | None:
         """Accept (``True``) or reject (``False``) a step from its measurement, or ``None`` when undecided.

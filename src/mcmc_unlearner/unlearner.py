@@ -93,6 +93,7 @@ from .stream import (
     _as_batch,
     _loader_labels,
     _loader_tensors,
+    _removed_rows_held,
     _repeated_rows,
     _same_state,
     _source_generators,
@@ -538,6 +539,9 @@ def _whole(name: str, v: Any, minimum: int, what: str = "") -> int:
 #: A request removing more than this share of the data gets a warning: one influence step moves the samples only
 #: part of the way to retraining there (a digits MLP: 0.12 of the way at half the data, 0.02 at nine tenths).
 LARGE_REMOVAL = 0.2
+#: The share of a request's removed rows that, found among every remaining row, is warned about as removed rows left
+#: in the remaining data (fewer are rows the data repeat: noted, :meth:`MCMCUnlearner._removed_rows_kept`).
+KEPT_ROWS_SHARE = 0.9
 #: A request after which more than this share of the rows the samples were drawn on is gone (counted from the
 #: remaining rows at the first request since the bank was set: requests and rows removed outside them) gets a
 #: warning, each such request until one is applied (then no more until the count restarts: a new bank,
@@ -3488,15 +3492,8 @@ class MCMCUnlearner:
         managed = not stream.from_rows and (
             hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")
         )
-        present = 0 if managed else _repeated_rows(self._raw(batch), check_rows)
-        if present:
-            warnings.warn(
-                f"{present} of the {m_rows} remaining rows the safety check drew are identical to removed rows: "
-                "remove(rows, remaining) takes the data after the removal, so the remaining data seems still to hold "
-                "the removed rows (their influence is then only partly removed). Leave them out of the remaining "
-                "data, or use forget(ids, RemovableDataset), which removes them",
-                stacklevel=outside_stacklevel(),
-            )
+        if not managed:
+            self._removed_rows_kept(batch, stream, check_rows, n, info)
         if not self._order_checked and self._layout is not None and self._layout.kind in ("flat", "flat_list"):
             self._order_checked = True
             _warn_if_bank_fits_worse(
@@ -3608,9 +3605,11 @@ class MCMCUnlearner:
             # (they held the common step's alone: a mixture of experts read -0.012 where every row and sample rose
             # +0.058, the transport's +0.044 left out)
             info["remaining_nll_rise"] = outcome.nll_rise + moved["nll_rise"]
-            info["remaining_nll_rise_stderr"] = math.hypot(outcome.nll_stderr, moved["nll_stderr"])
+            info["remaining_nll_rise_stderr"] = moved["combined_nll_stderr"]  # the two errors correlated
             if outcome.safe:
-                self.control.record_rise(moved["nll_rise"], moved["nll_stderr"], outcome.nll_scale)
+                # its error correlated with the common step's, recorded just before: the pair's variance in all
+                added = moved["combined_nll_stderr"] ** 2 - outcome.nll_stderr**2
+                self.control.record_rise(moved["nll_rise"], moved["nll_stderr"], outcome.nll_scale, added)
         anchor = self._anchor
         if self.recenter_every:
             if anchor is None or anchor.index.max() >= (0 if self.bank is None else self.bank.shape[0]):
@@ -4010,6 +4009,34 @@ class MCMCUnlearner:
             counts = self._reduce(counts)
         return counts[0], counts[1]
 
+    def _removed_rows_kept(self, batch: Batch, stream: _Stream, check_rows: Batch, n: int, info: dict) -> None:
+        """Warn where the remaining data seem still to hold the removed rows (``remove`` takes the data after the
+        removal): at least ``KEPT_ROWS_SHARE`` of the removed rows found among every remaining row given as a tuple,
+        or, for other sources, among the check's rows at least half as many as a sample of that size from data
+        still holding them would show. Fewer coinciding by value (real data repeat rows: a Markov chain's states)
+        are noted in ``info["removed_rows_coinciding"]`` alone (every such match was warned about: a passage of a
+        Markov-chain text, 9 of its 30 rows repeating rows kept elsewhere)."""
+        removed, k = self._raw(batch), int(batch[0].shape[0])
+        every = stream.given is not None
+        held = _removed_rows_held(removed, self._raw(stream.given) if every else check_rows)
+        if not held:
+            return
+        m = int(check_rows[0].shape[0])
+        expected = k if every else k * min(1.0, m / max(n, 1))  # where the removed rows were left in
+        where = "every remaining row given" if every else f"the {m:,} remaining rows the safety check drew"
+        if held >= (KEPT_ROWS_SHARE if every else 0.5) * expected:
+            said = "" if every else f" (data still holding every removed row would show about {expected:.3g})"
+            warnings.warn(
+                f"rows identical to removed rows are among {where}: {held} of the {k} removed rows{said}. "
+                "remove(rows, remaining) takes the data after the removal, so the remaining data seem still to hold "
+                "the removed rows (their influence is then only partly removed). Leave them out of the remaining "
+                "data, or use forget(ids, RemovableDataset), which removes them",
+                stacklevel=outside_stacklevel(),
+            )
+        else:  # rows the data hold more than once, by value: not a sign of rows left in
+            info["removed_rows_coinciding"] = {"rows": held, "removed": k, "compared": where}
+            log.info("%d of the %d removed rows equal, by value, rows among %s", held, k, where)
+
     def _check_rows(self, stream: _Stream, m: int, screen: int) -> tuple[Batch, int]:
         """The safety check's rows (whole minibatches holding at least ``m`` rows) and how many of them, the first,
         its screen measures (``screen``; the data-parallel version: this rank's share of both)."""
@@ -4196,7 +4223,9 @@ class MCMCUnlearner:
                 # digits MLP's rise as +0.014 ± 0.0055 on an NLL of 0.095 (within the tolerance), 32 as +0.016 ± 0.004
                 idx = _evenly(self.bank.shape[0], max(check.thetas.shape[0], SPREAD_CHECK_DRAWS))
                 base = self.bank[idx] + x
-                refused = self._spread_refused(check, moved[idx + 1], base, None, info, "per-sample", before)
+                refused = self._spread_refused(
+                    check, moved[idx + 1], base, None, info, "per-sample", before, self.bank[idx]
+                )
                 if refused is not None:
                     info["bank_shift_fallback"] = f"mean shift: {refused}"
                     return live + x, self.bank + x
@@ -4216,6 +4245,8 @@ class MCMCUnlearner:
             # no Gaussian to transport between (an indefinite precision, e.g. a mixture's): move by the mean shift
             info["bank_shift_fallback"] = f"mean shift: {exc}"
             return live + x, (None if self.bank is None else self.bank + x)
+        finally:
+            self.curvature.release_transport()  # the old Hessian's eigenvectors: no further use
         ref = self.bank if self.bank is not None else live[None]
         mu = ref.mean(0)
         refused = None
@@ -4223,7 +4254,7 @@ class MCMCUnlearner:
             delta = check.thetas - mu
             Tdelta = delta @ T.T
             refused = self._spread_refused(
-                check, mu + x + Tdelta, check.thetas + x, (delta, Tdelta), info, "Gaussian", before
+                check, mu + x + Tdelta, check.thetas + x, (delta, Tdelta), info, "Gaussian", before, check.thetas
             )
         if refused is not None:
             info["bank_shift_fallback"] = f"mean shift: {refused}"
@@ -4241,6 +4272,7 @@ class MCMCUnlearner:
         info: dict[str, Any],
         kind: str,
         before: tuple[float, float, float] | None = None,
+        start: torch.Tensor | None = None,
     ) -> str | None:
         """Why the bank's spread is not moved as ``bank_shift`` says (``None``: it is), measured at the check's draws
         and held rows: the remaining-data energy and the rows' NLL at the draws so moved (``moved``) against at the
@@ -4259,15 +4291,21 @@ class MCMCUnlearner:
           energy ``½ E_s[δ_sᵀA'δ_s]``, or
         * for either, with ``before`` (the common step's held-rows NLL rise as the net judged it, its standard error
           and the net's unit), the combined rise (the common step's plus the spread's, less the prior's credit where
-          the spread's move lowers the prior's energy; standard errors in quadrature) exceeds the safety net's limit,
+          the spread's move lowers the prior's energy) exceeds the safety net's limit,
           ``max_nll_increase`` of the unit plus two standard errors (measured again on further rows: the point
           estimate beyond the allowance, as the net's second measurement): the move applied is the two together (a
           mixture of experts: the common step -0.012, the transport +0.044, every row and sample +0.058 of 1.11, the
           transport judged on the energy alone).
 
+        The combined rise's standard error joins the two with their correlation, read from the common step's own
+        per-row and per-draw NLL changes (``base`` against the unmoved draws ``start``) paired with the spread's on
+        the same rows and draws: both are measured there, so their errors are correlated (a spread move that undoes
+        part of the common step row by row was judged with the two errors in quadrature, too wide: 2.2x where it
+        undid half; one that repeats it, too narrow). Without ``start`` they are taken as independent.
+
         A measurement not clear on the check's rows is repeated with the safety net's further rows (read then).
         ``info["spread_check"]`` records the measurement, the combined rise (``combined_nll_rise``,
-        ``combined_nll_stderr``) and whether the move was ``applied``.
+        ``combined_nll_stderr``, ``combined_nll_correlation``) and whether the move was ``applied``.
         """
         predicted = spread = None
         if deltas is not None:
@@ -4286,7 +4324,22 @@ class MCMCUnlearner:
             else:
                 prior = torch.zeros(K, dtype=torch.float64)
 
-        def measure(rows: Batch) -> tuple[float, float, float, float, float]:
+        limit_nll = self.control.max_nll_increase
+        b_rise, b_se, b_scale = before if before is not None else (math.nan, math.nan, math.nan)
+        joined = all(math.isfinite(v) for v in (b_rise, b_se, b_scale))
+
+        def mean_se(E: torch.Tensor) -> tuple[float, float]:
+            """The mean of per-draw, per-row changes ``E`` ([K, m]) and its standard error (rows' and draws' parts)."""
+            per_row = E.mean(0)
+            sums = check.reduce(torch.stack([per_row.new_tensor(float(E.shape[1])), per_row.sum(), (per_row**2).sum()]))
+            m = max(float(sums[0]), 1.0)
+            mean = float(sums[1]) / m
+            var = max(float(sums[2]) / m - mean**2, 0.0) / max(m - 1, 1)
+            if K > 1:
+                var += float((check.reduce(E.sum(1)) / m).var()) / K
+            return mean, math.sqrt(var)
+
+        def measure(rows: Batch) -> tuple[float, float, float, float, float, float]:
             parts = check.row_parts(rows)
 
             def h(t: torch.Tensor) -> torch.Tensor:
@@ -4295,6 +4348,8 @@ class MCMCUnlearner:
             with torch.no_grad():
                 hb = torch.stack([h(b) for b in base])  # [K, m]
                 D = torch.stack([h(a) for a in moved]) - hb  # each held row's NLL change, moved against base
+                # the common step's own change on these rows and draws, paired with the spread's
+                B = hb - torch.stack([h(s) for s in start]) if joined and start is not None else None
             per_row = D.mean(0)
             sums = check.reduce(torch.stack([per_row.new_tensor(float(D.shape[1])), per_row.sum(), (per_row**2).sum()]))
             m = max(float(sums[0]), 1.0)
@@ -4304,21 +4359,23 @@ class MCMCUnlearner:
             draw_var = float(draws.var()) / K if K > 1 else 0.0
             nll_se = math.sqrt(row_var + float((draws - prior).var()) / (K * n * n) if K > 1 else row_var)
             unit = nll_unit(hb, check.reduce)[1]  # the safety net's unit: a constant in nll does not loosen it
-            return float(draws.mean()), math.sqrt(draw_var + n * n * row_var), row_mean, nll_se, unit
+            corr = 0.0
+            if B is not None:  # the correlation of the two measured changes' errors, from their paired values
+                se_b, se_d, se_c = mean_se(B)[1], mean_se(D)[1], mean_se(B + D)[1]
+                if se_b > 0 and se_d > 0:
+                    corr = min(max((se_c**2 - se_b**2 - se_d**2) / (2 * se_b * se_d), -1.0), 1.0)
+            return float(draws.mean()), math.sqrt(draw_var + n * n * row_var), row_mean, nll_se, unit, corr
 
-        limit_nll = self.control.max_nll_increase
-        b_rise, b_se, b_scale = before if before is not None else (math.nan, math.nan, math.nan)
-        joined = all(math.isfinite(v) for v in (b_rise, b_se, b_scale))
         credit = min(float(prior.mean()) / n, 0.0) if K else 0.0  # as the net credits the prior's fall
 
-        def combined(meas: tuple[float, float, float, float, float]) -> tuple[float, float]:
-            rise, rise_se = meas[2], meas[3]
+        def combined(meas: tuple[float, float, float, float, float, float]) -> tuple[float, float]:
+            rise, rise_se, corr = meas[2], meas[3], meas[5]
             if not joined:
                 return rise + credit, rise_se
-            return b_rise + rise + credit, math.hypot(b_se, rise_se)
+            return b_rise + rise + credit, math.sqrt(max(b_se**2 + rise_se**2 + 2 * corr * b_se * rise_se, 0.0))
 
-        def verdict(meas: tuple[float, float, float, float, float], again: bool = False) -> tuple[bool, bool]:
-            energy, stderr, rise, rise_se, scale = meas
+        def verdict(meas: tuple[float, float, float, float, float, float], again: bool = False) -> tuple[bool, bool]:
+            energy, stderr, rise, rise_se, scale, _ = meas
             total, total_se = combined(meas)
             # the safety net's rule on the move applied, the common step's and the spread's together (measured
             # again: its point estimate within the allowance, as the net's second measurement)
@@ -4348,12 +4405,13 @@ class MCMCUnlearner:
                 meas = measure(tuple(torch.cat([a, b]) for a, b in zip(check.rows, more)))
                 refused, _ = verdict(meas, again=True)
                 again = True
-        energy, stderr, rise, rise_se, scale = meas
+        energy, stderr, rise, rise_se, scale, corr = meas
         total, total_se = combined(meas)
         info["spread_check"] = {
             "kind": kind, "energy_change": energy, "energy_stderr": stderr, "predicted": predicted,
             "spread_energy": spread, "nll_change": rise, "nll_stderr": rise_se, "nll_scale": scale,
             "nll_rise": rise + credit, "combined_nll_rise": total, "combined_nll_stderr": total_se,
+            "combined_nll_correlation": corr if joined else math.nan,
             "applied": not refused, "measured_again": again,
         }  # fmt: skip
         if not refused:

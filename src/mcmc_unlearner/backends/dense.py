@@ -109,7 +109,8 @@ class DenseBackend(CurvatureBackend):
         """``eigh`` in float64 of ``A_new`` (``which="new"``) or :meth:`old_hessian` (``"old"``), once a request."""
         if which not in self._eighs:
             M = self.A_new if which == "new" else self.old_hessian()
-            self._eighs[which] = torch.linalg.eigh(M.double())
+            # a new dict, not written in place: a proposal's snapshot (a shallow copy) keeps the one it saw
+            self._eighs = {**self._eighs, which: torch.linalg.eigh(M.double())}
         return self._eighs[which]
 
     def old_hessian(self) -> torch.Tensor:
@@ -180,6 +181,14 @@ class DenseBackend(CurvatureBackend):
             return (V * w**p) @ V.T
 
         return (sym_pow("new", -0.5) @ sym_pow("old", 0.5)).to(self.A_new.dtype)
+
+    def release_transport(self) -> None:
+        """Drop the old Hessian's float64 eigenvectors once :meth:`transport` has been formed (a ``D × D`` matrix,
+        128 MB at 4,000 parameters, kept otherwise until :meth:`commit`), unless the solves use them
+        (``hessian="full"``)."""
+        old = self._eighs.get("old")
+        if old is not None and old is not self._eig:
+            self._eighs = {k: v for k, v in self._eighs.items() if k != "old"}
 
     def commit(self) -> None:
         if self._pending is not None:
