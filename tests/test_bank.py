@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
@@ -1054,6 +1056,54 @@ def test_assigning_the_bank_takes_what_bank_takes_and_refuses_non_finite_samples
     with pytest.raises(ValueError, match="the first at index 3"):
         un.bank = bad
     assert un.bank is None
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Records every tensor an operation allocates of at least ``nbytes`` (not a view of its inputs)."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes, self.seen = nbytes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)}
+        for t in pytree.tree_leaves(out):
+            if torch.is_tensor(t) and t.untyped_storage().nbytes() >= self.nbytes:
+                if t.untyped_storage().data_ptr() not in given:
+                    self.seen.append(f"{func}: {tuple(t.shape)}")
+        return out
+
+
+@pytest.mark.parametrize("kind", ["flat", "every_parameter", "vectors", "state_dicts", "stacked"])
+def test_a_non_finite_bank_is_refused_before_it_is_copied(kind) -> None:
+    """The bank was copied (and a boolean [S, D] isfinite temporary made) before its samples were checked for NaN and
+    inf: 1.2-2.9 s to refuse a 1.9M-parameter bank of 50. Now the caller's tensors are read in place first; the
+    message names the samples and the fix, and they are left as they were."""
+    model, _, _, bank = _problem(6)
+    bank[4, 20], bank[9, 1] = float("nan"), float("-inf")
+    if kind == "every_parameter":  # a [S, D_all] bank of a model with a frozen parameter (its columns the model's)
+        bank[:, 12:16] = model[0].bias.detach()
+        model[0].bias.requires_grad_(False)
+        given = bank
+    else:
+        given = {"flat": bank, **_layouts(model, bank)}[kind]
+    before = copy.deepcopy(given)
+    watch = _LargeAllocations(bank.numel() * bank.element_size() // 2)  # half the bank: a copy of it
+    with watch, pytest.raises(ValueError, match=r"in 2 of its 12 samples.*\(samples \[4, 9\]\): drop those samples"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=given)
+    assert watch.seen == [], f"the bank was copied before its refusal: {watch.seen}"
+    torch.testing.assert_close(given, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_float64_sample_beyond_the_models_float32_range_is_named() -> None:
+    """Finite in the caller's float64 but inf in the model's float32: refused naming the sample and the dtype."""
+    model, _, _, bank = _problem(7)
+    big = bank.double()
+    big[5, 3] = 1e300
+    with pytest.raises(ValueError, match=r"\(NaN or inf\) in float32, the model's dtype, in 1 of its 12 .*\[5\]"):
+        MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=big)
+    assert MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank.double()).bank.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])

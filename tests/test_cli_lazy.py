@@ -14,6 +14,12 @@ import pytest
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
+#: ``KEY=VALUE`` of MCMCUnlearner options whose value the library refuses
+LIBRARY_REFUSED = (
+    "memory_budget=0.25", "damping_shape=bogus", "emptied_label=bogus", "tol=2", "samp_T=0", "likelihood=x",
+    "check_screen=x", "backend=x", "drift_tol=0", "refresh_every=0", "exact_max_dim=-1", "turn_draws=1",
+)  # fmt: skip
+
 # each: (argv, exit code); none of them may import torch
 REFUSALS = [
     (["--version"], 0),
@@ -40,6 +46,9 @@ REFUSALS = [
     (["bnn", "--damping", "-1"], 2),
     (["bnn", "--unlearner-kw", "iter_T=-1"], 2),
     (["bnn", "--unlearner-kw", "bogus=1"], 2),
+    # values only the library's checks refused, after torch and the data were loaded (2-5 s before)
+    *((["bnn", "--unlearner-kw", kw], 2) for kw in LIBRARY_REFUSED),
+    (["demo", "--burnin", "10", "--samples", "5", "--thin", "10"], 2),
     (["bnn", "--preset", "paper-fmnist", "--data-dir", "NODATA"], 2),
     (["bnn", "--help"], 0),
     (["demo", "--help"], 0),
@@ -73,6 +82,27 @@ def test_refusals_do_not_import_torch(tmp_path):
     assert "MCMCUnlearner has no keyword argument 'bogus'; choose from backend, " in said["bnn --unlearner-kw bogus=1"]
     assert all(err.count("\n") == 1 for (_, code), (_, err) in zip(REFUSALS, got["codes"]) if code == 2), said
     assert not got["torch"], "an argument error imported torch (1.4 s) before it was refused"
+
+
+@pytest.mark.parametrize("kw", LIBRARY_REFUSED)
+def test_a_value_the_library_refuses_is_refused_at_parse_time_with_its_message(kw, capsys):
+    """The command line's refusal (before torch is loaded, :func:`test_refusals_do_not_import_torch`) says what
+    ``MCMCUnlearner`` says of the same value."""
+    import torch
+    from torch import nn
+
+    from mcmc_unlearner.cli import main
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    key, _, raw = kw.partition("=")
+    value = json.loads(raw) if raw[0].isdigit() or raw[0] == "-" else raw
+    model = nn.Linear(2, 2)
+    bank = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError) as library:
+        MCMCUnlearner(model, nll=lambda m, b: m(b[0]).sum(1), bank=bank, **{key: value})
+    assert main(["bnn", "--unlearner-kw", kw]) == 2
+    err = capsys.readouterr().err
+    assert f"argument --unlearner-kw: {library.value} (see mcmc-unlearner bnn --help)" in err, err
 
 
 def _help(argv: list[str], lazy: bool) -> str:

@@ -417,12 +417,13 @@ def _values(enum) -> list[str]:
         (["--damping", "nan"], ["damping", "'auto'", ">= 0"]),
         (["--unlearner-kw", "damping=abc"], ["damping", "'auto'", ">= 0"]),
         (["--iter-T", "-3"], ["iter_T", ">= 0"]),
-        (["--iter-T", "x"], ["iter_T", "whole number"]),
+        (["--iter-T", "x"], ["iter_T", "an integer"]),
         (["--curvature-draws", "0"], ["curvature_draws", ">= 1"]),
         (["--grad-draws", "0"], ["grad_draws", "'auto'", ">= 1"]),
         (["--check-draws", "0"], ["check_draws", ">= 1"]),
-        (["--unlearner-kw", "tol=0"], ["tol", "> 0"]),
-        (["--unlearner-kw", "iter_T=1.5"], ["iter_T", "whole number"]),
+        (["--unlearner-kw", "tol=0"], ["tol", "(0, 1)"]),
+        (["--unlearner-kw", "tol=2"], ["tol", "(0, 1)"]),
+        (["--unlearner-kw", "iter_T=1.5"], ["iter_T", "an integer"]),
         (["--unlearner-kw", "memory_budget=lots"], ["memory_budget", "2GB"]),
         (["--unlearner-kw", "seed=3"], ["--seed"]),
         (["--unlearner-kw", "bogus=1"], ["no keyword argument 'bogus'", "solver", "damping"]),
@@ -451,9 +452,9 @@ def test_bnn_config_values_checked_before_any_work():
     """The Python API (``run_bnn``) refuses the same values at once; every preset passes."""
     from mcmc_unlearner.experiments import bnn
 
-    with pytest.raises(ValueError, match="solver must be one of auto, lissa"):
+    with pytest.raises(ValueError, match=r"solver must be one of \['auto', 'lissa'"):
         bnn.run_bnn(bnn.BNNConfig(solver="foo"))
-    with pytest.raises(ValueError, match="hessian must be one of remaining, full"):
+    with pytest.raises(ValueError, match=r"hessian must be one of \['remaining', 'full'\], got 'x'"):
         bnn.run_bnn(bnn.BNNConfig(unlearner_kwargs={"hessian": "x"}))
     for preset in (*bnn.PRESETS.values(), bnn.QUICK):
         bnn._resolve(bnn.BNNConfig(**preset))
@@ -461,13 +462,15 @@ def test_bnn_config_values_checked_before_any_work():
     with pytest.raises(ValueError, match="--bank-size 20 is more than --sample-steps 5"):
         bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "sample_steps": 5, "bank_size": 20}))
     # stop 47's probe: values and combinations the library refuses were refused only after the chains were trained
+    # (a value by the library's own check of it, a combination by building the library's unlearner)
     cases = (
-        ({"samp_T": 0}, "samp_T must be an integer >= 1"),
+        ({"samp_T": 0}, "samp_T must be an integer >= 1, got 0"),
         ({"emptied_label": "bogus"}, "emptied_label must be one of"),
-        ({"solver": "cg", "bank_shift": "affine"}, "bank_shift='affine' needs solver='exact' or 'ggn'"),
-    )
+        ({"solver": "cg", "bank_shift": "affine"}, "the unlearner's settings (solver=cg, bank_shift=affine, "
+         "negative_curvature=truncate): bank_shift='affine' needs solver='exact' or 'ggn'"),
+    )  # fmt: skip
     for kw, said in cases:
-        with pytest.raises(ValueError, match=f"the unlearner's settings .*{_re.escape(said)}"):
+        with pytest.raises(ValueError, match=f"^{_re.escape(said)}"):
             bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "unlearner_kwargs": kw}))
     # valid where 'auto' picks kfac for the run's network, though not for the stand-in's (the review of stop 47)
     bnn._resolve(bnn.BNNConfig(**{**bnn.QUICK, "unlearner_kwargs": {"damping_shape": "data"}}))

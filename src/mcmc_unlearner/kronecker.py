@@ -85,7 +85,6 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -94,6 +93,7 @@ from torch import Tensor, nn
 
 from .curvature import ParamSpec, functionalize
 from .errors import SolverDivergedError, outside_stacklevel
+from .options import Likelihood
 
 __all__ = [
     "KroneckerCurvature",
@@ -116,15 +116,6 @@ _KINDS: tuple[tuple[type[nn.Module], str], ...] = ((nn.Linear, "linear"), (nn.Co
 _PROBE_ROWS = 8
 _AUTO_MIN_LOCATIONS = 1024  # max_locations="auto": at least this many locations per layer and draw for A ...
 _AUTO_LOCATIONS_PER_DIM = 2  # ... and at least this many per dimension of A
-
-
-class Likelihood(str, Enum):
-    """Which per-row loss the curvature's label expectation is taken for."""
-
-    AUTO = "auto"
-    CATEGORICAL = "categorical"
-    GAUSSIAN = "gaussian"
-    EMPIRICAL = "empirical"
 
 
 # ------------------------------------------------------------------------------------------------- helpers

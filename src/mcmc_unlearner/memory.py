@@ -4,6 +4,9 @@ Every path that could grow with parameters × rows × draws is planned before it
 the bytes autograd saves per data row of the model's energy (:func:`bytes_per_row`, one probe on one and on
 two rows), and sizes its chunks of draws, rows and Hessian columns so that the estimate stays under a budget
 (:func:`resolve_budget`, by default a quarter of the memory available when the unlearner is built, at most 1 GiB).
+
+torch is imported where it is used, so that the command line checks a budget (the library's
+:func:`resolve_budget`) without loading it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "available_memory",
@@ -103,6 +108,8 @@ def format_bytes(n: float, up: bool = False) -> str:
 
 
 def _saved_bytes(f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Sequence[torch.Tensor]) -> int:
+    import torch
+
     seen: dict[tuple[int, int], int] = {}
 
     kept: list[torch.Tensor] = []
@@ -144,6 +151,8 @@ def row_and_call_bytes(
     ``rows · per_row + per_call``. The per-call part is what does not grow with the rows: a few buffers on most
     models, but the whole graph's activations for a network that computes every node on every call (a graph
     network whose rows are node indices: 1.2 MB against 56 bytes per row), which sizing by rows alone missed."""
+    import torch
+
     floor = sum(t[:1].numel() * t.element_size() for t in batch if isinstance(t, torch.Tensor))
     if batch[0].shape[0] < 2:
         return max(_saved_bytes(f, theta, batch), floor, 1), 0

@@ -2,13 +2,16 @@
 
 The command line parses and checks its arguments against these before it loads torch, so that a bad option is
 refused at once; :mod:`~mcmc_unlearner.solvers`, :mod:`~mcmc_unlearner.unlearner` and
-:mod:`~mcmc_unlearner.service.gate` re-export them under their usual names.
+:mod:`~mcmc_unlearner.service.gate` re-export them under their usual names. :func:`check_option` is
+``MCMCUnlearner``'s own check of each keyword argument's value (the constructor calls it), so the command line
+refuses a bad value with the library's message without loading torch.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -16,12 +19,19 @@ __all__ = [
     "DEFAULT_REPAIR_STEPS",
     "MAX_REPAIR_STEPS",
     "BankShift",
+    "DampingShape",
     "EmptiedLabel",
     "Expectation",
     "HessianKind",
+    "Likelihood",
     "OnFailure",
+    "ScreenMode",
     "SolverName",
     "check_damping",
+    "check_option",
+    "is_bool",
+    "is_integer",
+    "is_number",
 ]
 
 
@@ -95,3 +105,217 @@ def check_damping(damping: Any) -> float | None:
     if not (real and math.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}")
     return float(damping)
+
+
+class DampingShape(str, Enum):
+    """The damping term's form (module docstring): searched automatically, ``λI``, or the data term alone."""
+
+    AUTO = "auto"
+    IDENTITY = "identity"
+    DATA = "data"
+
+
+def is_bool(v: Any) -> bool:
+    """``True``/``False``, numpy's booleans included (``np.bool_``; ``np.bool`` under numpy 2)."""
+    return isinstance(v, bool) or (type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy")
+
+
+def is_number(v: Any) -> bool:
+    """A real number that is not a bool or NaN (an option's value)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def is_integer(v: Any) -> bool:
+    """An integer that is not a bool (``True`` is no row count)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+class ScreenMode(str, Enum):
+    """How the safety check is screened (module docstring, "Screening"): never, to reject only (the default), or to
+    reject and accept."""
+
+    OFF = "off"
+    REJECT = "reject"
+    BOTH = "both"
+
+    @classmethod
+    def parse(cls, value: ScreenMode | str | bool) -> ScreenMode:
+        """A mode from its name, or ``True``/``False`` (the former switch: screening both ways, or none)."""
+        if is_bool(value):
+            return cls.BOTH if value else cls.OFF
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"check_screen must be one of {[m.value for m in cls]} (or True/False), got {value!r}"
+            ) from None
+
+
+class Likelihood(str, Enum):
+    """Which per-row loss the curvature's label expectation is taken for."""
+
+    AUTO = "auto"
+    CATEGORICAL = "categorical"
+    GAUSSIAN = "gaussian"
+    EMPIRICAL = "empirical"
+
+
+def choice(enum: type[Enum], name: str, value: Any, extra: Sequence[str] = ()) -> Any:
+    """``enum(value)``, refused with the option's name and its choices (``'EXACT' is not a valid SolverName``
+    named neither)."""
+    try:
+        return enum(value)
+    except ValueError:
+        choices = [*extra, *(m.value for m in enum)]
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
+def flag(name: str, v: Any) -> bool:
+    """A True/False option; numpy's booleans count (``bool("no")`` is True, so strings and None are refused)."""
+    if not is_bool(v):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return bool(v)
+
+
+def whole(name: str, v: Any, minimum: int, what: str = "") -> int:
+    """An integer option, refused with its name when it is not one (``newton_steps=2.5`` was read as 2,
+    ``check_draws=True`` as 1, ``iter_T="5"`` as 5, ``NaN`` failed inside ``int()``) or is below ``minimum``
+    (``what``: the message's wording after the name)."""
+    if not is_integer(v) or int(v) < minimum:
+        raise ValueError(f"{name} {what or f'must be an integer >= {minimum}'}, got {v!r}")
+    return int(v)
+
+
+def _damping_shape(v: Any) -> DampingShape:
+    if not isinstance(v, str) or v not in {d.value for d in DampingShape}:
+        raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {v!r}")
+    return DampingShape(v)
+
+
+def _scaling(v: Any) -> Any:
+    if not (v == "auto" or (is_number(v) and math.isfinite(float(v)) and float(v) > 0)):
+        raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {v!r}")
+    return v
+
+
+def _tol(v: Any) -> float:
+    # a string, True or a tensor was taken by float(); tol >= 1 is met by the zero step (cg refused it later,
+    # naming only the zero shift; stop 47's probe)
+    if not (is_number(v) and math.isfinite(float(v)) and 0 < float(v) < 1):
+        raise ValueError(f"tol must be a number in (0, 1), the relative residual a solve must reach, got {v!r}")
+    return float(v)
+
+
+def _grad_draws(v: Any) -> Any:
+    if v not in (None, "auto") and not (is_integer(v) and int(v) >= 1):
+        raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {v!r}")
+    return v
+
+
+def _turn_draws(v: Any) -> bool | str:
+    if not (v == "auto" or is_bool(v)):
+        raise ValueError(f"turn_draws must be 'auto', True or False, got {v!r}")
+    return v if v == "auto" else bool(v)
+
+
+def _drift_tol(v: Any) -> float:
+    if not (is_number(v) and float(v) > 0):  # inf: never rebuild on drift
+        raise ValueError(f"drift_tol must be a number > 0, got {v!r}")
+    return float(v)
+
+
+def _one_of(name: str, allowed: Sequence[str], shown: str) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if v not in allowed:
+            raise ValueError(f"{name} must be {shown}, got {v!r}")
+        return v
+
+    return check
+
+
+def _likelihood(v: Any) -> Any:
+    choices = [m.value for m in Likelihood]
+    if v not in choices:
+        raise ValueError(f"likelihood must be one of {choices}, got {v!r}")
+    return v
+
+
+def _mc_samples(v: Any) -> int:
+    if not (is_integer(v) and int(v) >= 1):
+        raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {v!r}")
+    return int(v)
+
+
+def _seed(v: Any) -> int:
+    if not (is_integer(v) and -(2**63) <= int(v) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
+        raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {v!r}")
+    return int(v)
+
+
+def _recenter_every(v: Any) -> Any:
+    if v == "auto":
+        return v
+    if isinstance(v, str):
+        raise ValueError(f"recenter_every must be 'auto' or an integer >= 0, got {v!r}")
+    return whole("recenter_every", v, 0, "must be >= 0 (0: off), an integer")
+
+
+def _memory_budget(v: Any) -> int:
+    from .memory import resolve_budget  # (torch-free)
+
+    return resolve_budget(v)
+
+
+#: ``MCMCUnlearner``'s check of each keyword argument's value on its own (:func:`check_option`); what depends on
+#: the model, the sampler or other options is checked by the constructor.
+_OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "memory_budget": _memory_budget,
+    "exact_max_dim": lambda v: whole("exact_max_dim", v, 0),
+    "hessian": lambda v: choice(HessianKind, "hessian", v),
+    "solver": lambda v: v if v == "auto" else choice(SolverName, "solver", v, extra=("auto",)),
+    "expectation": lambda v: None if v is None else choice(Expectation, "expectation", v),
+    "bank_shift": lambda v: v if v == "auto" else choice(BankShift, "bank_shift", v, extra=("auto",)),
+    "check_screen": lambda v: ScreenMode.parse(v),
+    "max_damping_trials": lambda v: whole("max_damping_trials", v, 1),  # 2.5 was read as 2, "5" failed in <
+    "damping": check_damping,
+    "damping_shape": _damping_shape,
+    "emptied_label": lambda v: choice(EmptiedLabel, "emptied_label", v),
+    "scaling": _scaling,
+    "iter_T": lambda v: whole("iter_T", v, 0),
+    "tol": _tol,
+    "samp_T": lambda v: whole("samp_T", v, 1),
+    "grad_draws": _grad_draws,
+    "turn_draws": _turn_draws,
+    "curvature_draws": lambda v: None if v is None else whole("curvature_draws", v, 1),
+    "refresh_every": lambda v: None if v is None else whole("refresh_every", v, 1),
+    "precondition_rank": lambda v: whole("precondition_rank", v, 0),
+    "drift_tol": _drift_tol,
+    "check_draws": lambda v: whole("check_draws", v, 1),
+    "check_rows": lambda v: whole("check_rows", v, 1),
+    "negative_curvature": _one_of("negative_curvature", ("raise", "truncate"), "'raise' or 'truncate'"),
+    "newton_steps": lambda v: whole("newton_steps", v, 1),
+    "newton_target": _one_of("newton_target", ("equilibrium", "relative"), "'equilibrium' or 'relative'"),
+    "curvature_data": _one_of("curvature_data", ("auto", "minibatch", "full"), "'auto', 'minibatch' or 'full'"),
+    "likelihood": _likelihood,
+    "mc_samples": _mc_samples,
+    "rescale_lr": lambda v: flag("rescale_lr", v),  # "no" was read as True, None as False
+    "backend": _one_of("backend", ("auto", "func", "autograd"), "'auto', 'func' or 'autograd'"),
+    "seed": _seed,
+    "carry_deficit": lambda v: flag("carry_deficit", v),
+    "shorten_steps": lambda v: flag("shorten_steps", v),
+    "recenter_every": _recenter_every,
+    "recenter_draws": lambda v: (
+        v if v == "auto" else whole("recenter_draws", v, 1, "must be 'auto' or an integer >= 1")
+    ),
+}
+
+
+def check_option(key: str, value: Any) -> Any:
+    """``MCMCUnlearner``'s check of the keyword argument ``key``'s value on its own; returns it as the unlearner
+    keeps it (e.g. an Enum member, an ``int``). Imports no torch.
+
+    Raises:
+        ValueError: A value the unlearner refuses (the message names the option and its valid values).
+        KeyError: ``key`` is no option with a value check (``nll``, ``log_prior``, ``energy`` or unknown).
+    """
+    return _OPTION_CHECKS[key](value)

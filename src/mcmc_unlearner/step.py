@@ -100,17 +100,15 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Any
 
 import torch
 from torch.func import grad, jvp, vmap
 
 from .backends.base import CurvatureBackend, NegativeCurvatureError
-from .options import check_damping
+from .options import DampingShape, ScreenMode, check_damping, is_bool, is_integer, is_number  # noqa: F401
 from .solvers import SolveResult
 
 log = logging.getLogger(__name__)  # each damping trial at DEBUG
@@ -123,50 +121,6 @@ Batch = tuple[torch.Tensor, ...]
 #: derivative along the step (``ε² = 1/64`` of the cubic part of ``R_i``) and amplifies the forward passes' rounding by
 #: ``1/2ε`` (4): the measurement's ``resolution`` is ``1 + 1/2ε`` (5) times forward mode's.
 DIFFERENCE_STEP = 0.125
-
-
-class DampingShape(str, Enum):
-    """The damping term's form (module docstring): searched automatically, ``λI``, or the data term alone."""
-
-    AUTO = "auto"
-    IDENTITY = "identity"
-    DATA = "data"
-
-
-def is_bool(v: Any) -> bool:
-    """``True``/``False``, numpy's booleans included (``np.bool_``; ``np.bool`` under numpy 2)."""
-    return isinstance(v, bool) or (type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy")
-
-
-def is_number(v: Any) -> bool:
-    """A real number that is not a bool or NaN (an option's value)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
-
-
-def is_integer(v: Any) -> bool:
-    """An integer that is not a bool (``True`` is no row count)."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-class ScreenMode(str, Enum):
-    """How the safety check is screened (module docstring, "Screening"): never, to reject only (the default), or to
-    reject and accept."""
-
-    OFF = "off"
-    REJECT = "reject"
-    BOTH = "both"
-
-    @classmethod
-    def parse(cls, value: ScreenMode | str | bool) -> ScreenMode:
-        """A mode from its name, or ``True``/``False`` (the former switch: screening both ways, or none)."""
-        if is_bool(value):
-            return cls.BOTH if value else cls.OFF
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"check_screen must be one of {[m.value for m in cls]} (or True/False), got {value!r}"
-            ) from None
 
 
 def unit_of(size: float, spread: float) -> float:

@@ -49,7 +49,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from enum import Enum
 from typing import Any
 
 import torch
@@ -59,7 +58,7 @@ from torch.func import grad, jacrev, vjp, vmap
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .backends.base import NegativeCurvatureError
 from .backends.kfac import kfac_row_need
-from .bank import BankLayout, to_flat
+from .bank import BankLayout, bad_rows, check_finite, to_flat
 from .curvature import (
     ParamSpec,
     SampleAveragedHessian,
@@ -70,8 +69,9 @@ from .curvature import (
 )
 from .data import epoch_samplers
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
-from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, resolve_budget, row_and_call_bytes
-from .options import BankShift, EmptiedLabel, Expectation, HessianKind
+from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, row_and_call_bytes
+from .options import BankShift, EmptiedLabel, Expectation, HessianKind, check_option
+from .options import flag as _flag
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import (
@@ -80,7 +80,6 @@ from .step import (
     EnergyCheck,
     ScreenMode,
     StepOutcome,
-    is_bool,
     is_integer,
     is_number,
     labels_spread,
@@ -508,32 +507,6 @@ def _check_sampler(sampler: Any, rescale_lr: bool, model: nn.Module | None = Non
                 f"sampler {name} has no such groups: pass rescale_lr=False (and rescale it yourself by n_old/n_new), "
                 "or keep the step size in param_groups as torch.optim does"
             )
-
-
-def _choice(enum: type[Enum], name: str, value: Any, extra: Sequence[str] = ()) -> Any:
-    """``enum(value)``, refused with the option's name and its choices (``'EXACT' is not a valid SolverName``
-    named neither)."""
-    try:
-        return enum(value)
-    except ValueError:
-        choices = [*extra, *(m.value for m in enum)]
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
-
-
-def _flag(name: str, v: Any) -> bool:
-    """A True/False option; numpy's booleans count (``bool("no")`` is True, so strings and None are refused)."""
-    if not is_bool(v):
-        raise ValueError(f"{name} must be True or False, got {v!r}")
-    return bool(v)
-
-
-def _whole(name: str, v: Any, minimum: int, what: str = "") -> int:
-    """An integer option, refused with its name when it is not one (``newton_steps=2.5`` was read as 2,
-    ``check_draws=True`` as 1, ``iter_T="5"`` as 5, ``NaN`` failed inside ``int()``) or is below ``minimum``
-    (``what``: the message's wording after the name)."""
-    if not is_integer(v) or int(v) < minimum:
-        raise ValueError(f"{name} {what or f'must be an integer >= {minimum}'}, got {v!r}")
-    return int(v)
 
 
 #: A request removing more than this share of the data gets a warning: one influence step moves the samples only
@@ -1627,9 +1600,10 @@ class MCMCUnlearner:
         self.energy = energy or self._default_energy
         # every option is checked before the bank is read (copying and checking a large bank took 1-2 s, and a
         # misspelt option was refused only after it): a bad configuration is refused at once
-        self.memory_budget = resolve_budget(memory_budget)
-        self.exact_max_dim = _whole("exact_max_dim", exact_max_dim, 0)
-        self.hessian = _choice(HessianKind, "hessian", hessian)  # before the choice: K-FAC builds "remaining" only
+        # (each value on its own by check_option, the command line's parse-time check too)
+        self.memory_budget = check_option("memory_budget", memory_budget)
+        self.exact_max_dim = check_option("exact_max_dim", exact_max_dim)
+        self.hessian = check_option("hessian", hessian)  # before the choice: K-FAC builds "remaining" only
         self.solver, self.solver_reason = self._choose_solver(solver)
         if self.solver in _DENSE:
             need = dense_memory(self.spec.dim, ParamSpec.params(model)[0].element_size())
@@ -1643,14 +1617,13 @@ class MCMCUnlearner:
                     "whose needs depend on the data (a request they do not fit is refused before any step, naming "
                     "the budget each needs)"
                 )
-        self.expectation = None if expectation is None else _choice(Expectation, "expectation", expectation)
+        self.expectation = check_option("expectation", expectation)
         if self.expectation is Expectation.CHAIN and sampler is None:  # was refused at the first request
             raise ValueError(
                 "expectation='chain' draws from the live chain and needs the sampler: pass sampler=, or "
                 "expectation='bank' with your stored samples as bank="
             )
-        if bank_shift != "auto":
-            _choice(BankShift, "bank_shift", bank_shift, extra=("auto",))
+        check_option("bank_shift", bank_shift)
         self._bank_shift_option = "auto" if bank_shift == "auto" else BankShift(bank_shift).value
         if bank_shift == "auto":
             bank_shift = BankShift.AFFINE if self.solver in _DENSE else BankShift.MEAN
@@ -1676,13 +1649,11 @@ class MCMCUnlearner:
                 "solver='kfac' supports hessian='remaining' only: for hessian='full' use solver='cg' (or 'auto', "
                 "which picks it above exact_max_dim), or 'exact' on a small model"
             )
-        self.check_screen = ScreenMode.parse(check_screen)
+        self.check_screen = check_option("check_screen", check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
-        max_damping_trials = _whole("max_damping_trials", max_damping_trials, 1)  # 2.5 was read as 2, "5" failed in <
+        max_damping_trials = check_option("max_damping_trials", max_damping_trials)
         self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
-        if not isinstance(damping_shape, str) or damping_shape not in {d.value for d in DampingShape}:
-            raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {damping_shape!r}")
-        self.damping_shape = DampingShape(damping_shape)
+        self.damping_shape = check_option("damping_shape", damping_shape)
         if self.damping_shape is DampingShape.DATA and self.solver is not SolverName.KFAC:
             raise ValueError(
                 f"damping_shape='data' needs solver='kfac' (the {self.solver.value} backend damps with λI only); use "
@@ -1690,10 +1661,9 @@ class MCMCUnlearner:
             )
         if self.damping_shape is not DampingShape.AUTO:
             self.control.shape = self.damping_shape.value
-        self.emptied_label = _choice(EmptiedLabel, "emptied_label", emptied_label)
+        self.emptied_label = check_option("emptied_label", emptied_label)
         self.damping = damping if isinstance(damping, str) else float(damping)
-        if not (scaling == "auto" or (is_number(scaling) and math.isfinite(float(scaling)) and float(scaling) > 0)):
-            raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {scaling!r}")
+        check_option("scaling", scaling)
         # finite in float64 but not in the parameters' dtype: damping=1e300 in float32 was refused as a solve that
         # stopped after 0 iterations ("raise iter_T"), scaling=1e-50 as one that stopped after iter_T
         dtype = ParamSpec.params(model)[0].dtype
@@ -1708,66 +1678,39 @@ class MCMCUnlearner:
                 "scaling", float(scaling), dtype, "pass scaling='auto' (0.9/λ_max) or a value below 2/λ_max(H)"
             )
         self.scaling = scaling
-        self.iter_T = _whole("iter_T", iter_T, 0)
-        # a string, True or a tensor was taken by float(); tol >= 1 is met by the zero step (cg refused it later,
-        # naming only the zero shift; stop 47's probe)
-        if not (is_number(tol) and math.isfinite(float(tol)) and 0 < float(tol) < 1):
-            raise ValueError(f"tol must be a number in (0, 1), the relative residual a solve must reach, got {tol!r}")
-        self.tol = float(tol)
-        self.samp_T = _whole("samp_T", samp_T, 1)
-        if grad_draws not in (None, "auto") and not (is_integer(grad_draws) and int(grad_draws) >= 1):
-            raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {grad_draws!r}")
-        self.grad_draws = grad_draws
-        if not (turn_draws == "auto" or is_bool(turn_draws)):
-            raise ValueError(f"turn_draws must be 'auto', True or False, got {turn_draws!r}")
-        self.turn_draws: bool | str = turn_draws if turn_draws == "auto" else bool(turn_draws)
+        self.iter_T = check_option("iter_T", iter_T)
+        self.tol = check_option("tol", tol)
+        self.samp_T = check_option("samp_T", samp_T)
+        self.grad_draws = check_option("grad_draws", grad_draws)
+        self.turn_draws: bool | str = check_option("turn_draws", turn_draws)
         default_draws = 8 if self.solver is SolverName.KFAC else 16
-        self.curvature_draws = _whole(
-            "curvature_draws", default_draws if curvature_draws is None else curvature_draws, 1
-        )
+        self.curvature_draws = check_option("curvature_draws", curvature_draws) or default_draws
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
         # asked for by name: a bank smaller than that is said once (the default is capped without a word)
         self._curvature_draws_given = curvature_draws is not None
         default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
-        self.refresh_every = _whole("refresh_every", default_refresh if refresh_every is None else refresh_every, 1)
-        precondition_rank = _whole("precondition_rank", precondition_rank, 0)
+        self.refresh_every = check_option("refresh_every", refresh_every) or default_refresh
+        precondition_rank = check_option("precondition_rank", precondition_rank)
         given_rank = precondition_rank  # (before auto's CG gets its default rank)
         if precondition_rank <= 0 and (
             self.solver is SolverName.LOWRANK or (self.solver is SolverName.CG and solver == "auto")
         ):
             precondition_rank = 20  # lowrank's approximation needs a rank; CG chosen by auto gets its preconditioner
         self.precondition_rank = int(precondition_rank)
-        if not (is_number(drift_tol) and float(drift_tol) > 0):  # inf: never rebuild on drift
-            raise ValueError(f"drift_tol must be a number > 0, got {drift_tol!r}")
-        self.drift_tol = float(drift_tol)
-        self.check_draws, self.check_rows = _whole("check_draws", check_draws, 1), _whole("check_rows", check_rows, 1)
-        if negative_curvature not in ("raise", "truncate"):
-            raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
-        self.negative_curvature = negative_curvature
-        self.newton_steps = _whole("newton_steps", newton_steps, 1)
-        if newton_target not in ("equilibrium", "relative"):
-            raise ValueError(f"newton_target must be 'equilibrium' or 'relative', got {newton_target!r}")
-        self.newton_target = newton_target
-        if curvature_data not in ("auto", "minibatch", "full"):
-            raise ValueError(f"curvature_data must be 'auto', 'minibatch' or 'full', got {curvature_data!r}")
-        self.curvature_data = curvature_data
-        from .kronecker import Likelihood
-
-        choices = [m.value for m in Likelihood]
-        if likelihood not in choices:
-            raise ValueError(f"likelihood must be one of {choices}, got {likelihood!r}")
-        if not (is_integer(mc_samples) and int(mc_samples) >= 1):
-            raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {mc_samples!r}")
-        self.likelihood, self.mc_samples = likelihood, int(mc_samples)
-        self.rescale_lr = _flag("rescale_lr", rescale_lr)  # "no" was read as True, None as False
+        self.drift_tol = check_option("drift_tol", drift_tol)
+        self.check_draws = check_option("check_draws", check_draws)
+        self.check_rows = check_option("check_rows", check_rows)
+        self.negative_curvature = check_option("negative_curvature", negative_curvature)
+        self.newton_steps = check_option("newton_steps", newton_steps)
+        self.newton_target = check_option("newton_target", newton_target)
+        self.curvature_data = check_option("curvature_data", curvature_data)
+        self.likelihood = check_option("likelihood", likelihood)
+        self.mc_samples = check_option("mc_samples", mc_samples)
+        self.rescale_lr = check_option("rescale_lr", rescale_lr)
         _check_sampler(sampler, self.rescale_lr, model)
-        if backend not in ("auto", "func", "autograd"):
-            raise ValueError(f"backend must be 'auto', 'func' or 'autograd', got {backend!r}")
-        self.backend = backend
-        if not (is_integer(seed) and -(2**63) <= int(seed) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
-            raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {seed!r}")
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.backend = check_option("backend", backend)
+        self.generator = torch.Generator().manual_seed(check_option("seed", seed))
         self._caller_storages = _storages(bank)
         _own_parameters(model, self._caller_storages)
         _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
@@ -1796,20 +1739,15 @@ class MCMCUnlearner:
             mc_samples=self.mc_samples,
         )
         self.history: list[RemovalReport] = []
-        self.carry_deficit = _flag("carry_deficit", carry_deficit)
-        self.shorten_steps = _flag("shorten_steps", shorten_steps)
+        self.carry_deficit = check_option("carry_deficit", carry_deficit)
+        self.shorten_steps = check_option("shorten_steps", shorten_steps)
+        recenter_every = check_option("recenter_every", recenter_every)
         if recenter_every == "auto":
             # Kronecker-factored curvature: its approximation error accumulates over a sequence of requests
             on = self.solver is SolverName.KFAC and not self.custom_energy and self._reduce is None
             recenter_every = RECENTER_AUTO_EVERY if on else 0
-        elif isinstance(recenter_every, str):
-            raise ValueError(f"recenter_every must be 'auto' or an integer >= 0, got {recenter_every!r}")
-        self.recenter_every = _whole("recenter_every", recenter_every, 0, "must be >= 0 (0: off), an integer")
-        self.recenter_draws: int | str = (
-            "auto"
-            if recenter_draws == "auto"
-            else _whole("recenter_draws", recenter_draws, 1, "must be 'auto' or an integer >= 1")
-        )
+        self.recenter_every = recenter_every
+        self.recenter_draws: int | str = check_option("recenter_draws", recenter_draws)
         if self.recenter_every and self.custom_energy:
             raise ValueError(
                 "recenter_every measures F = -log prior + Σ nll on every row and cannot use a custom energy=; pass "
@@ -1869,7 +1807,7 @@ class MCMCUnlearner:
 
     def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
         if solver != "auto":
-            return _choice(SolverName, "solver", solver, extra=("auto",)), "chosen by the caller"
+            return check_option("solver", solver), "chosen by the caller"
         d = self.spec.dim
         # in the model's item size: float64 matrices take 4/3 of float32's (dense_memory's default), and 'auto' took
         # the exact path for a 993-parameter float64 model whose 47 MB passed half an 80 MB budget (peak 312 MB)
@@ -2014,18 +1952,11 @@ class MCMCUnlearner:
         if value is not None:
             dtype = ParamSpec.params(self.model)[0].dtype
             layout = self._layout
-            if fresh:
+            if fresh:  # non-finite samples refused on the caller's tensors, before the copy (it took 1-2 s first)
                 caller = _storages(value)
                 value, layout = to_flat(value, self.spec, dtype=dtype, model=self.model)
-            # one reduction pass when every value is finite (a boolean [S, D] temporary per request cost 7% of a
-            # request reusing its curvature on a 1.2M-parameter ResNet); the rows only to name them
-            bad = None if all_finite(value) else ~torch.isfinite(value).all(dim=1)
-            if bad is not None and bool(bad.any()):
-                first = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"the bank has non-finite values (NaN or inf) in {int(bad.sum())} of its {value.shape[0]} samples, "
-                    f"the first at index {first}: drop those samples (a diverged chain's) before unlearning"
-                )
+            elif not all_finite(value):  # one reduction pass (a boolean [S, D] temporary cost 7% of a request)
+                check_finite(bad_rows(value))
             if fresh:  # only now: a refused bank left its layout (and its buffers) for the kept samples' return
                 self._layout, self._caller_storages = layout, caller
         self._bank = value

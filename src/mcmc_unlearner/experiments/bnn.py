@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
@@ -69,17 +68,13 @@ from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..errors import UnlearningError
 from ..image_data import class_indices, load_dataset
-from ..kronecker import Likelihood
-from ..memory import resolve_budget
 from ..metrics import knn_distances, knn_kl
 from ..models.bnn import ARCHITECTURES, BayesianNet, build_model
 from ..samplers import SGHMC, SGLD, run_chain
-from ..step import DampingShape, ScreenMode
 from ..unlearner import MCMCUnlearner
 from . import evaluation as ev
 from .options import (
     _COUNT_LIMITS,
-    _LIGHT_CHECKS,
     _POSITIVE,
     _UNLEARNER_OPTIONS,
     OPTIONAL_METHODS,
@@ -87,8 +82,7 @@ from .options import (
     QUICK,
     BNNConfig,
     RefusalPolicy,
-    _Check,
-    _members,
+    check_kwarg,
     config_from_args,
     device_problem,
 )
@@ -657,41 +651,14 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def _library(fn: Callable[[Any], Any]) -> _Check:
-    """The library's own check ``fn(value)`` (its message names the option and the valid values)."""
-
-    def check(key: str, v: Any) -> Any:
-        fn(v)
-        return v
-
-    return check
-
-
-#: The value check of every ``MCMCUnlearner`` keyword argument a run may set (the same Enums and ranges that
-#: ``MCMCUnlearner.__init__`` refuses, so that a bad value is refused before training instead of after it).
-_UNLEARNER_CHECKS: dict[str, _Check] = {
-    **_LIGHT_CHECKS,  # (checked at parse time without torch)
-    "damping_shape": _members(DampingShape),
-    "likelihood": _members(Likelihood),
-    "check_screen": _library(ScreenMode.parse),
-    "memory_budget": _library(lambda v: v is None or resolve_budget(v)),
-}
-_NOT_SETTABLE = ("seed", "nll", "log_prior", "energy")
-
-
 def check_unlearner_kwarg(key: str, value: Any) -> Any:
-    """Check one ``MCMCUnlearner`` keyword argument before any work; returns it normalised.
+    """Check one ``MCMCUnlearner`` keyword argument before any work (the library's own check of its value,
+    :func:`~mcmc_unlearner.experiments.options.check_kwarg`); returns it as given.
 
     Raises:
-        ValueError: An unknown keyword, or a value ``MCMCUnlearner`` would refuse (one line naming the valid
-            values).
+        ValueError: An unknown keyword, or a value ``MCMCUnlearner`` would refuse (its message).
     """
-    accepted = set(inspect.signature(MCMCUnlearner.__init__).parameters) - {"self", "model", "sampler", "bank"}
-    if key not in accepted:
-        settable = sorted(k for k in accepted if k not in _NOT_SETTABLE)
-        raise ValueError(f"MCMCUnlearner has no keyword argument {key!r}; choose from {', '.join(settable)}")
-    check = _UNLEARNER_CHECKS.get(key)
-    return value if check is None else check(key, value)
+    return check_kwarg(key, value)
 
 
 def _unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:

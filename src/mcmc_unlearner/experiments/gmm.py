@@ -57,6 +57,7 @@ from ..models.gmm import GaussianMixture
 from ..samplers import SGHMC, SGLD
 from ..unlearner import MCMCUnlearner
 from .options import register_demo as register
+from .options import thin_problem
 from .references import GibbsPosterior, gmm_gibbs
 from .report import (
     SEED_LIMIT,
@@ -325,11 +326,8 @@ def run_demo(
         raise ValueError(f"burn-in must be >= 0 and samples >= 1, got {burnin} and {samples}")
     if thin < 1:
         raise ValueError(f"--thin must be a whole number >= 1 (1: keep every sample), got {thin}")
-    if samples // thin < 10:
-        raise ValueError(
-            f"--thin {thin} keeps {samples // thin} of the {samples} samples; the KL estimate needs >= 10 "
-            f"(--thin at most {max(samples // 10, 1)})"
-        )
+    if thin_problem(samples, thin):
+        raise ValueError(thin_problem(samples, thin))
     kind = sampler.lower()
     if kind not in ("sgld", "sghmc"):
         raise ValueError(f"unknown sampler {sampler!r}; choose 'sgld' or 'sghmc'")

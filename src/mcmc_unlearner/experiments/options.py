@@ -1,7 +1,8 @@
 """The experiments' settings and command-line options (``demo``, ``bnn``), in a module that imports no torch.
 
 ``mcmc-unlearner demo`` and ``bnn`` parse and check their options here, so that a bad choice, number or device
-name, an unknown unlearner option value, or a data set whose files are missing, is refused at once (0.2 s)
+name, an unknown unlearner option or a value the library refuses (by its own check,
+:func:`mcmc_unlearner.options.check_option`), or a data set whose files are missing, is refused at once (0.2 s)
 instead of after loading torch and the experiment (2 s and more); :mod:`~mcmc_unlearner.experiments.gmm` and
 :mod:`~mcmc_unlearner.experiments.bnn` run them and re-export these names.
 """
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..options import BankShift, Expectation, HessianKind, SolverName, check_damping
+from ..options import check_option
 from .report import SEED_LIMIT, out_folder_arg, seed_arg
 
 __all__ = [
@@ -252,75 +252,6 @@ _UNLEARNER_OPTIONS = (
 )
 
 
-_Check = Callable[[str, Any], Any]
-
-
-def _shown(v: Any) -> str:
-    return ascii(v)[:40]
-
-
-def _members(enum: type[Enum], *extra: Any) -> _Check:
-    """A member of the ``str`` Enum ``enum`` (or one of ``extra``), checked by the Enum's own constructor."""
-
-    def check(key: str, v: Any) -> Any:
-        if any(v is e or (isinstance(e, str) and v == e) for e in extra):
-            return v
-        try:
-            return enum(v).value
-        except (ValueError, TypeError):
-            allowed = [*("null" if e is None else str(e) for e in extra), *(m.value for m in enum)]
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {_shown(v)}") from None
-
-    return check
-
-
-def _strings(*allowed: str) -> _Check:
-    """One of ``allowed`` (options the unlearner checks against a fixed list rather than an Enum)."""
-
-    def check(key: str, v: Any) -> Any:
-        if not (isinstance(v, str) and v in allowed):
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {_shown(v)}")
-        return v
-
-    return check
-
-
-def _number(lo: float | None = None, *, above: bool = False, whole: bool = False, special: tuple = ()) -> _Check:
-    """A finite number (``whole``: an integer), ``>= lo`` (``above``: ``> lo``), or one of ``special``."""
-    what = "a whole number" if whole else "a finite number"
-    if lo is not None:
-        what += f" {'>' if above else '>='} {lo:g}"
-    names = [("null" if e is None else repr(e)) for e in special]
-    desc = f"{', '.join(names)} or {what}" if names else what
-
-    def check(key: str, v: Any) -> Any:
-        if any(v is e or (isinstance(e, str) and v == e) for e in special):
-            return v
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if ok and isinstance(v, float):
-            ok = math.isfinite(v) and (not whole or v.is_integer())
-        if ok and lo is not None:
-            ok = v > lo if above else v >= lo
-        if not ok:
-            raise ValueError(f"{key} must be {desc}; got {_shown(v)}")
-        return int(v) if whole else v
-
-    return check
-
-
-def _flag(key: str, v: Any) -> Any:
-    if not isinstance(v, bool):
-        raise ValueError(f"{key} must be true or false; got {_shown(v)}")
-    return v
-
-
-def _not_here(why: str) -> _Check:
-    def check(key: str, v: Any) -> Any:
-        raise ValueError(f"{key} {why}")
-
-    return check
-
-
 #: ``(flag, least value, what the least value means)`` of whole-number settings, checked by :func:`_resolve` and
 #: at parse time (the CLI flag is ``--<flag>``; the setting is ``<flag>`` with ``_`` for ``-``).
 _COUNT_LIMITS: tuple[tuple[str, int, str | None], ...] = (
@@ -369,7 +300,7 @@ def _keyword(v: str) -> tuple[str, Any]:
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword argument name, got {v!r}")
     try:
-        return key, _check_kwarg(key, _json_or_str(raw))
+        return key, check_kwarg(key, _json_or_str(raw))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -385,8 +316,10 @@ def _unlearner_flag(key: str, typ: type) -> Callable[[str], Any]:
                 value = typ(v)
             except ValueError:
                 value = _json_or_str(v)
+                if typ is int and isinstance(value, float) and value.is_integer():
+                    value = int(value)  # a whole-number flag written as 1e2
         try:
-            return _check_kwarg(key, value)
+            return check_kwarg(key, value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -622,42 +555,6 @@ def config_from_args(args: argparse.Namespace) -> BNNConfig:
     return BNNConfig(**values)
 
 
-#: The unlearner options whose values are checked here, without torch (the others, such as ``damping_shape`` or
-#: ``memory_budget``, by :func:`mcmc_unlearner.experiments.bnn.check_unlearner_kwarg`, which loads the library).
-_LIGHT_CHECKS: dict[str, _Check] = {
-    "solver": _members(SolverName, "auto"),
-    "expectation": _members(Expectation, None),
-    "hessian": _members(HessianKind),
-    "bank_shift": _members(BankShift, "auto"),
-    "damping": lambda key, v: (check_damping(v), v)[1],
-    "max_damping_trials": _number(1, whole=True),
-    "scaling": _number(0, above=True, special=("auto",)),
-    "tol": _number(0, above=True),
-    "iter_T": _number(0, whole=True),
-    "samp_T": _number(0, whole=True),
-    "grad_draws": _number(1, whole=True, special=("auto", None)),
-    "curvature_draws": _number(1, whole=True, special=(None,)),
-    "refresh_every": _number(whole=True, special=(None,)),
-    "precondition_rank": _number(whole=True),
-    "drift_tol": _number(),
-    "check_draws": _number(1, whole=True),
-    "check_rows": _number(1, whole=True),
-    "newton_steps": _number(1, whole=True),
-    "exact_max_dim": _number(whole=True),
-    "mc_samples": _number(1, whole=True),
-    "recenter_every": _number(0, whole=True, special=("auto",)),
-    "recenter_draws": _number(1, whole=True, special=("auto",)),
-    "negative_curvature": _strings("raise", "truncate"),
-    "newton_target": _strings("equilibrium", "relative"),
-    "curvature_data": _strings("auto", "minibatch", "full"),
-    "rescale_lr": _flag,
-    "carry_deficit": _flag,
-    "shorten_steps": _flag,
-    "seed": _not_here("is the run's --seed"),
-    **{k: _not_here("is a Python callable and cannot be set here") for k in ("nll", "log_prior", "energy")},
-}
-
-
 #: ``MCMCUnlearner``'s keyword arguments: its signature's, less ``model``, ``sampler`` and ``bank`` (listed here
 #: without torch; a test holds them equal).
 UNLEARNER_KEYWORDS = (
@@ -680,19 +577,22 @@ def unknown_keyword(key: str) -> str | None:
     return f"MCMCUnlearner has no keyword argument {key!r}; choose from {', '.join(settable)}"
 
 
-def _check_kwarg(key: str, value: Any) -> Any:
-    """One ``MCMCUnlearner`` keyword argument at parse time: without torch where :data:`_LIGHT_CHECKS` has its
-    check (or the keyword is unknown), else by the library's
-    (:func:`~mcmc_unlearner.experiments.bnn.check_unlearner_kwarg`)."""
+def check_kwarg(key: str, value: Any) -> Any:
+    """One ``MCMCUnlearner`` keyword argument, checked without torch by the library's own check of its value
+    (:func:`mcmc_unlearner.options.check_option`, the one ``MCMCUnlearner`` runs); returns it as given.
+
+    Raises:
+        ValueError: An unknown keyword, one a run cannot set, or a value ``MCMCUnlearner`` refuses (its message).
+    """
     problem = unknown_keyword(key)
     if problem:
         raise ValueError(problem)
-    check = _LIGHT_CHECKS.get(key)
-    if check is not None:
-        return check(key, value)
-    from .bnn import check_unlearner_kwarg
-
-    return check_unlearner_kwarg(key, value)
+    if key == "seed":
+        raise ValueError("seed is the run's --seed")
+    if key in _NOT_SETTABLE:
+        raise ValueError(f"{key} is a Python callable and cannot be set here")
+    check_option(key, value)
+    return value
 
 
 def _bnn(args: argparse.Namespace) -> int:
@@ -711,8 +611,22 @@ def _bnn(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- demo's options
+def thin_problem(samples: int, thin: int) -> str | None:
+    """Why ``--thin`` keeps too few of ``samples`` for the demo's KL estimate (``None``: enough)."""
+    if samples // thin >= 10:
+        return None
+    return (
+        f"--thin {thin} keeps {samples // thin} of the {samples} samples; the KL estimate needs >= 10 "
+        f"(--thin at most {max(samples // 10, 1)})"
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
-    """``mcmc-unlearner demo`` (:func:`mcmc_unlearner.experiments.gmm._cmd_demo`)."""
+    """``mcmc-unlearner demo``: a ``--thin`` that keeps too few samples is refused before torch is loaded, then
+    the run (:func:`mcmc_unlearner.experiments.gmm._cmd_demo`)."""
+    problem = thin_problem(args.samples, args.thin)
+    if problem:
+        raise ValueError(problem)
     from . import gmm
 
     return gmm._cmd_demo(args)
