@@ -1198,3 +1198,37 @@ def test_an_empty_bank_is_refused_as_holding_no_samples(empty) -> None:
     with pytest.raises(ValueError, match=r"bank: it holds no samples \(an empty ") as info:
         to_flat(empty, ParamSpec.of(model), model=model)
     assert "got list" not in str(info.value) and "bank=None" in str(info.value)
+
+
+class _Clamped(torch.nn.Module):
+    """A linear layer clamped between frozen bounds ``[-inf, inf]`` (a frozen parameter that is not finite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.bounds = torch.nn.Parameter(torch.tensor([-float("inf"), float("inf")]), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).clamp(self.bounds[0], self.bounds[1])
+
+
+@pytest.mark.parametrize("layout", ["tensor", "vectors"])
+def test_a_frozen_parameter_holding_inf_does_not_make_the_bank_non_finite(layout) -> None:
+    """The check before the copy read every column of a bank holding every parameter, the frozen ones too: a frozen
+    ``±inf`` (clamp bounds), the model's own value in every sample, refused a valid bank (the review of stop 52). A
+    NaN in a trainable column is still refused, naming its sample."""
+    torch.manual_seed(0)
+    model = _Clamped()
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + torch.cat([torch.zeros(5, 2), 0.05 * torch.randn(5, 8)], 1)  # the module's own bounds first
+
+    def nll(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1], reduction="none").sum(1)
+
+    given = bank if layout == "tensor" else list(bank)
+    un = MCMCUnlearner(model, nll=nll, bank=given)
+    torch.testing.assert_close(un.bank, bank[:, 2:], rtol=0, atol=0)
+    bad = bank.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"in 1 of its 5 samples, the first at index 3"):
+        MCMCUnlearner(model, nll=nll, bank=bad if layout == "tensor" else list(bad))

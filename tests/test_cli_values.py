@@ -340,3 +340,14 @@ def test_marker_of_a_live_or_remote_process(tmp_path):
     (remote / RUN_MARKER).write_text("12345 some-other-host\n")
     problem = out_dir_problem(remote)
     assert "another run is writing to it (process 12345 on 'some-other-host') (or one was killed there)" in problem
+
+
+@pytest.mark.parametrize(
+    ("given", "key", "value"), [("iter_T=5.0", "iter_T", 5), ("exact_max_dim=1e3", "exact_max_dim", 1000)]
+)
+def test_a_whole_number_written_as_a_float_in_unlearner_kw_is_taken_as_an_int(given, key, value):
+    """``--unlearner-kw iter_T=5.0`` ran with 5 until the parser took the library's own check (stop 52), which
+    refuses a float; the dedicated flags take ``1e2``, so this does too, as the int the library accepts."""
+    cfg = bnn.config_from_args(build_parser().parse_args(["bnn", "--unlearner-kw", given]))
+    got = bnn._unlearner_overrides(bnn._resolve(cfg))[key]
+    assert got == value and type(got) is int

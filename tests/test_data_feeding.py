@@ -296,3 +296,17 @@ def test_removed_rows_that_merely_repeat_remaining_ones_are_noted_not_warned_abo
     else:
         assert noted["removed"] == 30 and 0 < noted["rows"] <= 9
         assert noted["rows"] == 9 if source == "rows" else noted["compared"].endswith("the safety check drew")
+
+
+def test_one_removed_row_is_looked_for_without_a_warning():
+    """One removed row of a field wider than the hashed columns: the columns' variance had zero degrees of freedom,
+    and torch warned on every such request (failing runs under ``-W error``; the review of stop 52). The row is still
+    found exactly where it is held, and only there."""
+    from mcmc_unlearner.stream import _removed_rows_held
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(200, 20, generator=g), torch.randint(0, 3, (200,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _removed_rows_held((x[:1], y[:1]), (x, y)) == 1
+        assert _removed_rows_held((x[:1], y[:1]), (x[1:], y[1:])) == 0

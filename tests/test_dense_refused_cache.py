@@ -13,7 +13,7 @@ from mcmc_unlearner.errors import SolverDivergedError
 torch.set_num_threads(1)
 
 
-def _setup(refresh_every: int):
+def _setup(refresh_every: int, **options):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(240, 3, generator=g, dtype=torch.float64)
     y = (x @ torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64) > 0).long()
@@ -30,6 +30,7 @@ def _setup(refresh_every: int):
         bank=bank,
         solver="exact",
         refresh_every=refresh_every,
+        **options,
     )
     return un, x, y
 
@@ -81,3 +82,12 @@ def test_the_transport_s_old_eigenvectors_are_released_once_used_with_the_same_n
         un.apply(prop)
         banks.append(un.bank.clone())
     assert torch.equal(banks[0], banks[1])
+
+
+def test_the_old_eigenvectors_the_solves_use_are_kept_with_hessian_full() -> None:
+    """With ``hessian="full"`` the solves use the old Hessian's eigendecomposition: the transport's release keeps it
+    (the first version compared a new tuple by identity and dropped it always, freeing nothing)."""
+    un, x, y = _setup(1, hessian="full")
+    prop = un.propose((x[:10], y[:10]), (x[10:], y[10:]))
+    assert "bank_shift_fallback" not in prop.report.info
+    assert "old" in prop._backend_state["_eighs"]

@@ -7,6 +7,8 @@ unchecked, raising the remaining rows' NLL over every sample 1.480 -> 1.509 (ret
 prediction and left out where it does not hold (the common step alone: remaining NLL 1.469, test NLL 1.70).
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,7 +208,7 @@ def test_a_spread_measured_again_reads_no_row_twice() -> None:
     assert seen  # the scan reaches rises the check judges
 
 
-def _overdispersed_regression(spread: float, n: int = 400):
+def _overdispersed_regression(spread: float, n: int = 400, **options):
     """A conjugate Gaussian regression (d = 40, ``n`` rows, half of them removed) whose bank is ``spread`` times as
     wide as the posterior (an SGLD chain run with too large a step), removed with the defaults (``exact``, the
     Gaussian transport); the rows kept, the bank before and the unlearner after, and the remaining rows' mean NLL over
@@ -222,7 +224,7 @@ def _overdispersed_regression(spread: float, n: int = 400):
     bank = mean + spread * torch.randn(100, d + 1, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
     keep = torch.ones(n, dtype=torch.bool)
     keep[torch.randperm(n, generator=g)[: n // 2]] = False
-    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the large-removal warning
         report = un.remove((x[~keep], y[~keep]), (x[keep], y[keep]))
@@ -327,3 +329,15 @@ def test_the_combined_rise_s_standard_error_pairs_the_two_changes_on_the_same_ro
     # pairing shrinks the error (refused: the rise is past the limit by more than two of its standard errors) or
     # widens it (applied: not clearly past, and no further rows to measure again on)
     assert sc["applied"] == (paired > quadrature) and (said is None) == (paired > quadrature)
+
+
+def test_the_spread_is_not_paired_with_a_common_step_further_newton_steps_moved_on():
+    """With ``newton_steps > 1`` the common step moved on after the safety net judged its first step: the pairing
+    read the correlation off the whole move (-0.50 where the first step's was +0.36) and applied it to the first
+    step's error (the review of stop 52). The two errors are then joined as independent, and the report says so."""
+    report, *_ = _overdispersed_regression(1.4, newton_steps=3)
+    assert report.info["newton_steps_taken"] > 1
+    sc = report.info["spread_check"]
+    assert sc["applied"] and math.isnan(sc["combined_nll_correlation"])
+    first = report.info["trials"][-1]["nll_stderr"]
+    assert sc["combined_nll_stderr"] == pytest.approx(math.hypot(first, sc["nll_stderr"]), rel=1e-9)

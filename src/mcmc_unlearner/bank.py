@@ -25,7 +25,7 @@ the caller's layout (new tensors, same dtypes and devices).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -221,6 +221,22 @@ def bad_rows(t: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(lo) & torch.isfinite(hi)).cpu()
 
 
+def _trainable_bad(
+    bad: torch.Tensor, row: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter]
+) -> torch.Tensor:
+    """``bad`` (:func:`bad_rows` of rows holding every parameter) narrowed to the samples whose *trainable* columns
+    hold NaN or inf: a frozen parameter may hold ±inf (clamp bounds, masks) in every sample, as the model does.
+    Only the flagged samples (``row(i)``: sample ``i`` as ``[1, D_all]``) are read again."""
+    if not bool(bad.any()) or all(p.requires_grad for p in params):
+        return bad
+    trainable = torch.cat([torch.full((p.numel(),), p.requires_grad, dtype=torch.bool) for p in params])
+    out = bad.clone()
+    for i in bad.nonzero().flatten().tolist():
+        r = row(i)
+        out[i] = bool(bad_rows(r[:, trainable.to(r.device)]).any())
+    return out
+
+
 def check_finite(bad: torch.Tensor, after: str = "") -> None:
     """Refuse a bank whose samples ``bad`` (:func:`bad_rows`) hold NaN or inf, naming them and the fix."""
     if not bool(bad.any()):
@@ -312,8 +328,12 @@ def to_flat(
         and len(bank) > 0
         and all(isinstance(r, torch.Tensor) and r.ndim == 1 for r in bank)
     ):  # a list of flat vectors (rows of parameters_to_vector): stacked, returned as a list again
-        if all(r.shape == bank[0].shape for r in bank):
-            check_finite(torch.cat([bad_rows(r[None]) for r in bank]))  # before stack's copy
+        if all(r.shape == bank[0].shape for r in bank):  # before stack's copy
+            bad = torch.cat([bad_rows(r[None]) for r in bank])
+            everything = [] if model is None else list(model.parameters())
+            if bool(bad.any()) and bank[0].numel() == sum(p.numel() for p in everything) != spec.dim:
+                bad = _trainable_bad(bad, lambda i: bank[i][None], everything)  # frozen columns may hold ±inf
+            check_finite(bad)
         flat, layout = to_flat(torch.stack([r.detach() for r in bank]), spec, dtype, model, _own=True)
         return flat, replace(layout, kind="flat_list")
     elif isinstance(bank, Sequence) and not isinstance(bank, (str, bytes)) and len(bank) > 0:
@@ -496,8 +516,8 @@ def _flat_with_frozen(
             "moves only trainable parameters and computes with the model's frozen values: make the sampled "
             "parameters trainable, or pass only the trainable columns"
         )
-    if not own:
-        check_finite(bad_rows(bank))  # before the copy (the frozen columns equal the model's)
+    if not own:  # before the copy (the frozen columns equal the model's, which may hold ±inf: clamp bounds)
+        check_finite(_trainable_bad(bad_rows(bank), lambda i: bank[i : i + 1], params))
     flat = bank.detach()[:, trainable.to(bank.device)]  # a new tensor (boolean indexing copies)
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")

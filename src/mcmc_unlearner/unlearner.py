@@ -3536,10 +3536,13 @@ class MCMCUnlearner:
             # (they held the common step's alone: a mixture of experts read -0.012 where every row and sample rose
             # +0.058, the transport's +0.044 left out)
             info["remaining_nll_rise"] = outcome.nll_rise + moved["nll_rise"]
-            info["remaining_nll_rise_stderr"] = moved["combined_nll_stderr"]  # the two errors correlated
+            joint = moved["combined_nll_stderr"]  # the two errors correlated
+            if not math.isfinite(moved.get("combined_nll_correlation", math.nan)):  # not judged together
+                joint = math.hypot(outcome.nll_stderr, moved["nll_stderr"])
+            info["remaining_nll_rise_stderr"] = joint
             if outcome.safe:
                 # its error correlated with the common step's, recorded just before: the pair's variance in all
-                added = moved["combined_nll_stderr"] ** 2 - outcome.nll_stderr**2
+                added = joint**2 - outcome.nll_stderr**2
                 self.control.record_rise(moved["nll_rise"], moved["nll_stderr"], outcome.nll_scale, added)
         anchor = self._anchor
         if self.recenter_every:
@@ -4124,6 +4127,10 @@ class MCMCUnlearner:
         unit)."""
         if self.bank_shift is BankShift.MEAN:
             return live + x, (None if self.bank is None else self.bank + x)
+        # the spread's NLL change is paired with the common step's on the same rows and draws where ``x`` is the step
+        # the safety net judged (``before``); further Newton steps moved it on (the review of stop 52: the pairing
+        # then read a correlation of -0.50 off the whole move and applied it to the first step's error)
+        paired = int(info.get("newton_steps_taken", 1)) <= 1
         if self.bank_shift is BankShift.SAMPLE:
             # each sample's own influence about the common shift x: x is what the check measured and carries the
             # further Newton steps and the carried influence of earlier requests, which per-sample gradients of the
@@ -4155,7 +4162,7 @@ class MCMCUnlearner:
                 idx = _evenly(self.bank.shape[0], max(check.thetas.shape[0], SPREAD_CHECK_DRAWS))
                 base = self.bank[idx] + x
                 refused = self._spread_refused(
-                    check, moved[idx + 1], base, None, info, "per-sample", before, self.bank[idx]
+                    check, moved[idx + 1], base, None, info, "per-sample", before, self.bank[idx] if paired else None
                 )
                 if refused is not None:
                     info["bank_shift_fallback"] = f"mean shift: {refused}"
@@ -4185,8 +4192,9 @@ class MCMCUnlearner:
             delta = check.thetas - mu
             Tdelta = delta @ T.T
             refused = self._spread_refused(
-                check, mu + x + Tdelta, check.thetas + x, (delta, Tdelta), info, "Gaussian", before, check.thetas
-            )
+                check, mu + x + Tdelta, check.thetas + x, (delta, Tdelta), info, "Gaussian", before,
+                check.thetas if paired else None,
+            )  # fmt: skip
         if refused is not None:
             info["bank_shift_fallback"] = f"mean shift: {refused}"
             return live + x, self.bank + x
@@ -4342,7 +4350,7 @@ class MCMCUnlearner:
             "kind": kind, "energy_change": energy, "energy_stderr": stderr, "predicted": predicted,
             "spread_energy": spread, "nll_change": rise, "nll_stderr": rise_se, "nll_scale": scale,
             "nll_rise": rise + credit, "combined_nll_rise": total, "combined_nll_stderr": total_se,
-            "combined_nll_correlation": corr if joined else math.nan,
+            "combined_nll_correlation": corr if joined and start is not None else math.nan,  # nan: not paired
             "applied": not refused, "measured_again": again,
         }  # fmt: skip
         if not refused:

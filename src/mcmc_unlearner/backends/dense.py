@@ -187,7 +187,7 @@ class DenseBackend(CurvatureBackend):
         128 MB at 4,000 parameters, kept otherwise until :meth:`commit`), unless the solves use them
         (``hessian="full"``)."""
         old = self._eighs.get("old")
-        if old is not None and old is not self._eig:
+        if old is not None and (self._eig is None or old[1] is not self._eig[1]):  # the solves' own: kept
             self._eighs = {k: v for k, v in self._eighs.items() if k != "old"}
 
     def commit(self) -> None:

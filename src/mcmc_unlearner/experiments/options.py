@@ -579,7 +579,8 @@ def unknown_keyword(key: str) -> str | None:
 
 def check_kwarg(key: str, value: Any) -> Any:
     """One ``MCMCUnlearner`` keyword argument, checked without torch by the library's own check of its value
-    (:func:`mcmc_unlearner.options.check_option`, the one ``MCMCUnlearner`` runs); returns it as given.
+    (:func:`mcmc_unlearner.options.check_option`, the one ``MCMCUnlearner`` runs); returns it as given, a whole
+    number written as a float (``iter_T=5.0``, ``exact_max_dim=1e3``) as an ``int`` where only that is accepted.
 
     Raises:
         ValueError: An unknown keyword, one a run cannot set, or a value ``MCMCUnlearner`` refuses (its message).
@@ -591,7 +592,18 @@ def check_kwarg(key: str, value: Any) -> Any:
         raise ValueError("seed is the run's --seed")
     if key in _NOT_SETTABLE:
         raise ValueError(f"{key} is a Python callable and cannot be set here")
-    check_option(key, value)
+    try:
+        check_option(key, value)
+    except ValueError:
+        if not (isinstance(value, float) and value.is_integer()):
+            raise
+        try:  # a whole number written as 5.0 or 1e3, as the dedicated flags take it
+            check_option(key, int(value))
+        except ValueError:
+            pass
+        else:
+            return int(value)
+        raise
     return value
 
 
