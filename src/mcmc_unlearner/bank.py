@@ -18,12 +18,14 @@ second name kept the old value would, loaded with ``load_state_dict``, put the o
 parameter.
 
 :func:`to_flat` always copies, so the unlearner never writes into the caller's tensors; it refuses samples holding
-NaN or inf by reading the caller's tensors before any copy. :class:`BankLayout` turns a shifted flat bank back into
-the caller's layout (new tensors, same dtypes and devices).
+NaN or inf by reading the caller's tensors before any copy. A list (of state_dicts or of vectors) is copied block by
+block into one preallocated ``[S, D]`` tensor: the build's peak is the one copy. :class:`BankLayout` turns a
+shifted flat bank back into the caller's layout (new tensors, same dtypes and devices).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -254,8 +256,6 @@ def to_flat(
     spec: ParamSpec,
     dtype: torch.dtype | None = None,
     model: torch.nn.Module | None = None,
-    *,
-    _own: bool = False,
 ) -> tuple[torch.Tensor, BankLayout]:
     """Convert ``bank`` (any layout of the module docstring) to a new ``[S, D]`` tensor and its layout.
 
@@ -264,7 +264,6 @@ def to_flat(
         spec: The trainable parameters.
         dtype: The flat bank's dtype (default: the bank's).
         model: The model; with it a tensor bank may also hold every parameter, frozen ones included.
-        _own: ``bank`` is a tensor this module made (checked, not copied again).
 
     Raises:
         ValueError: an unknown layout, a width other than ``D``, missing parameters, mismatched shapes, or samples
@@ -281,16 +280,15 @@ def to_flat(
         everything = [] if model is None else list(model.parameters())
         width = sum(p.numel() for p in everything)
         if bank.ndim == 2 and bank.shape[1] == width != spec.dim:
-            return _flat_with_frozen(bank, spec, everything, dtype, _own)
+            return _flat_with_frozen(bank, spec, everything, dtype)
         if bank.ndim != 2 or bank.shape[1] != spec.dim:
             also = f" or [S, {width}] (every parameter, frozen ones included)" if width != spec.dim and width else ""
             raise ValueError(
                 f"bank: a tensor bank must have shape [S, {spec.dim}] (S samples of the {spec.dim} trainable "
                 f"parameters){also}, got {tuple(bank.shape)}"
             )
-        if not _own:
-            check_finite(bad_rows(bank))  # on the caller's tensor, before the copy
-        flat = bank.detach() if _own else bank.detach().clone()
+        check_finite(bad_rows(bank))  # on the caller's tensor, before the copy
+        flat = bank.detach().clone()
         layout = BankLayout("flat", spec, dtype=bank.dtype)
     elif isinstance(bank, Mapping):
         prefix = _key_prefix(spec, bank)
@@ -328,13 +326,19 @@ def to_flat(
         and len(bank) > 0
         and all(isinstance(r, torch.Tensor) and r.ndim == 1 for r in bank)
     ):  # a list of flat vectors (rows of parameters_to_vector): stacked, returned as a list again
-        if all(r.shape == bank[0].shape for r in bank):  # before stack's copy
-            bad = torch.cat([bad_rows(r[None]) for r in bank])
-            everything = [] if model is None else list(model.parameters())
-            if bool(bad.any()) and bank[0].numel() == sum(p.numel() for p in everything) != spec.dim:
-                bad = _trainable_bad(bad, lambda i: bank[i][None], everything)  # frozen columns may hold ±inf
-            check_finite(bad)
-        flat, layout = to_flat(torch.stack([r.detach() for r in bank]), spec, dtype, model, _own=True)
+        if any(r.shape != bank[0].shape for r in bank):
+            lengths = sorted({r.numel() for r in bank})
+            raise ValueError(
+                f"bank: the flat vectors have different lengths {lengths[:5]}; each must be one sample's [D] vector "
+                "of the same parameters (e.g. parameters_to_vector(model.parameters()))"
+            )
+        bad = torch.cat([bad_rows(r[None]) for r in bank])  # before any copy
+        everything = [] if model is None else list(model.parameters())
+        width = sum(p.numel() for p in everything)
+        if bool(bad.any()) and bank[0].numel() == width != spec.dim:
+            bad = _trainable_bad(bad, lambda i: bank[i][None], everything)  # frozen columns may hold ±inf
+        check_finite(bad)
+        flat, layout = _flat_rows(list(bank), spec, everything, width, dtype)
         return flat, replace(layout, kind="flat_list")
     elif isinstance(bank, Sequence) and not isinstance(bank, (str, bytes)) and len(bank) > 0:
         tied = tied_names(model, spec)
@@ -357,8 +361,8 @@ def to_flat(
         _check_frozen(model, spec, bank, "the state_dicts")
         _warn_varying_buffers(bank, spec, tied, model)
         check_finite(torch.tensor([any(bool(bad_rows(sd[n].detach()[None])) for n in spec.names) for sd in bank]))
-        rows = [torch.cat([sd[n].detach().reshape(-1) for n in spec.names]) for sd in bank]
-        flat, layout = torch.stack(rows), BankLayout("state_dicts", spec, given, tied=tied, prefix=prefix)
+        flat = _fill([[sd[n] for n in spec.names] for sd in bank], dtype)  # one [S, D] tensor, filled in place
+        return flat, BankLayout("state_dicts", spec, given, tied=tied, prefix=prefix)
     else:
         params = " (it has a .params attribute: pass that, e.g. bank=state.params)" if hasattr(bank, "params") else ""
         raise ValueError(
@@ -367,21 +371,76 @@ def to_flat(
         )
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
-    if not (flat.is_floating_point() or flat.is_complex()):
-        # an integer bank was cast to the model's dtype and used, warned about only by the checks it then failed
-        # (stop 45's probe: "1272% off the computed one")
+    _check_floating(flat.dtype)
+    if _all_identical([[r] for r in flat], flat.dtype, flat.device):
+        _refuse_identical(flat.shape[0])
+    return _cast(flat, dtype), layout
+
+
+def _check_floating(dtype: torch.dtype) -> None:
+    """Refuse a bank of integers (it was cast to the model's dtype and used, warned about only by the checks it then
+    failed: stop 45's probe, "1272% off the computed one")."""
+    if not (dtype.is_floating_point or dtype.is_complex):
         raise ValueError(
-            f"bank: the samples are {str(flat.dtype).removeprefix('torch.')}, not floating-point parameter values: "
+            f"bank: the samples are {str(dtype).removeprefix('torch.')}, not floating-point parameter values: "
             "pass the sampler's parameters as they were stored (e.g. parameters_to_vector(model.parameters()))"
         )
-    if flat.shape[0] > 1 and bool((flat == flat[0]).all()):
-        raise ValueError(
-            f"bank: all {flat.shape[0]} samples are identical, so there is no posterior to average over. A sampler "
-            "loop that stores model.state_dict() or model.parameters() without copying keeps references to the live "
-            "parameters, and every stored sample is then the chain's last state: store copies, e.g. "
-            "{k: v.clone() for k, v in model.state_dict().items()} or parameters_to_vector(model.parameters()).clone()"
-        )
-    return _cast(flat, dtype), layout
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=dtype)
+
+
+def _all_identical(rows: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every sample (``rows[i]``: its column blocks) equals the first, compared in ``dtype``; stops at the
+    first difference (no ``[S, D]`` temporary)."""
+    return len(rows) > 1 and all(
+        all(torch.equal(_as(a, dtype, device), _as(b, dtype, device)) for a, b in zip(r, rows[0])) for r in rows[1:]
+    )
+
+
+def _refuse_identical(S: int) -> None:
+    raise ValueError(
+        f"bank: all {S} samples are identical, so there is no posterior to average over. A sampler "
+        "loop that stores model.state_dict() or model.parameters() without copying keeps references to the live "
+        "parameters, and every stored sample is then the chain's last state: store copies, e.g. "
+        "{k: v.clone() for k, v in model.state_dict().items()} or parameters_to_vector(model.parameters()).clone()"
+    )
+
+
+def _promoted(rows: Sequence[Sequence[torch.Tensor]]) -> torch.dtype:
+    """The dtype ``torch.stack`` of the concatenated rows would have (type promotion over every block)."""
+    return functools.reduce(torch.promote_types, (t.dtype for r in rows for t in r))
+
+
+def _fill(rows: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None, checks: bool = True) -> torch.Tensor:
+    """``torch.stack([torch.cat(blocks) for blocks in rows]).to(dtype)`` built into one preallocated ``[S, D]``
+    tensor, each block copied into its slice (the peak is the result, not the rows, their stack and its cast).
+
+    Values and checks as that expression and :func:`to_flat`'s: the blocks (any shape, flattened row-major) promoted
+    to their common dtype, then cast to ``dtype`` (a block of another dtype goes through the common one, so it is
+    rounded as before); with ``checks``, integers and identical samples refused in the common dtype first. The
+    result is on the first block's device.
+    """
+    promoted = _promoted(rows)
+    device = rows[0][0].device
+    if checks:
+        _check_floating(promoted)
+        if _all_identical(rows, promoted, device):
+            _refuse_identical(len(rows))
+    target = promoted if dtype is None else dtype
+    out = torch.empty(len(rows), sum(t.numel() for t in rows[0]), dtype=target, device=device)
+    with torch.no_grad():
+        for i, blocks in enumerate(rows):
+            at = 0
+            for t in blocks:
+                src = t.detach()
+                if src.dtype != promoted and promoted != target:
+                    src = src.to(promoted)  # one block's temporary, only for mixed dtypes
+                out[i, at : at + t.numel()].view(t.shape).copy_(src)
+                at += t.numel()
+    _check_cast(out, promoted)
+    return out
 
 
 def _cast(flat: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -389,9 +448,14 @@ def _cast(flat: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is None or dtype == flat.dtype:
         return flat
     out = flat.to(dtype)
-    if flat.is_floating_point() and out.is_floating_point() and torch.finfo(dtype).max < torch.finfo(flat.dtype).max:
-        check_finite(bad_rows(out), f" in {str(dtype).removeprefix('torch.')}, the model's dtype,")
+    _check_cast(out, flat.dtype)
     return out
+
+
+def _check_cast(out: torch.Tensor, given: torch.dtype) -> None:
+    """Refuse samples that ``out``, a bank cast from ``given``, holds as inf though ``given`` held them finite."""
+    if given.is_floating_point and out.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(given).max:
+        check_finite(bad_rows(out), f" in {str(out.dtype).removeprefix('torch.')}, the model's dtype,")
 
 
 def _stacked_rows(
@@ -500,7 +564,7 @@ def _check_not_aliased(bank: Sequence[Mapping[str, Any]], spec: ParamSpec) -> No
 
 
 def _flat_with_frozen(
-    bank: torch.Tensor, spec: ParamSpec, params: list[torch.nn.Parameter], dtype: torch.dtype | None, own: bool
+    bank: torch.Tensor, spec: ParamSpec, params: list[torch.nn.Parameter], dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, BankLayout]:
     """A ``[S, D_all]`` bank of every parameter (``parameters_to_vector(model.parameters())``): its trainable
     columns, and a layout that puts the frozen ones back. The frozen columns must hold the model's values in every
@@ -516,10 +580,53 @@ def _flat_with_frozen(
             "moves only trainable parameters and computes with the model's frozen values: make the sampled "
             "parameters trainable, or pass only the trainable columns"
         )
-    if not own:  # before the copy (the frozen columns equal the model's, which may hold ±inf: clamp bounds)
-        check_finite(_trainable_bad(bad_rows(bank), lambda i: bank[i : i + 1], params))
+    # before the copy (the frozen columns equal the model's, which may hold ±inf: clamp bounds)
+    check_finite(_trainable_bad(bad_rows(bank), lambda i: bank[i : i + 1], params))
     flat = bank.detach()[:, trainable.to(bank.device)]  # a new tensor (boolean indexing copies)
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
     layout = BankLayout("flat", spec, trainable=trainable.to(bank.device), frozen=frozen, dtype=bank.dtype)
     return _cast(flat, dtype), layout
+
+
+def _flat_rows(
+    bank: list[torch.Tensor], spec: ParamSpec, params: list[torch.nn.Parameter], width: int, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, BankLayout]:
+    """A list of ``[D]`` (or ``[D_all]``, every parameter: ``width``) vectors, checked for NaN/inf already, as
+    :func:`to_flat` takes their ``torch.stack``, built into one ``[S, D]`` tensor without that stack."""
+    promoted, device = _promoted([bank]), bank[0].device
+    if bank[0].numel() != width or width == spec.dim:
+        if bank[0].numel() != spec.dim:
+            also = f" or [S, {width}] (every parameter, frozen ones included)" if width != spec.dim and width else ""
+            raise ValueError(
+                f"bank: a tensor bank must have shape [S, {spec.dim}] (S samples of the {spec.dim} trainable "
+                f"parameters){also}, got {(len(bank), bank[0].numel())}"
+            )
+        return _fill([[r] for r in bank], dtype), BankLayout("flat", spec, dtype=promoted)
+    # rows of every parameter: as _flat_with_frozen, one parameter's block at a time
+    trainable = torch.cat([torch.full((p.numel(),), p.requires_grad, dtype=torch.bool) for p in params])
+    frozen = torch.cat([p.detach().reshape(-1) for p in params if not p.requires_grad]).to(device)
+    keep, fixed, at, f = [], [], 0, 0  # (offset, length) of each trainable block; (offset, frozen's offset, length)
+    for p in params:
+        if p.requires_grad:
+            keep.append((at, p.numel()))
+        else:
+            fixed.append((at, f, p.numel()))
+            f += p.numel()
+        at += p.numel()
+    differ = sum(
+        any(
+            not torch.equal(_as(r.narrow(0, a, n), promoted, device), _as(frozen.narrow(0, b, n), promoted, device))
+            for a, b, n in fixed
+        )
+        for r in bank
+    )
+    if differ:
+        raise ValueError(
+            f"bank: its rows hold all {trainable.numel():,} parameters, but in {differ} of {len(bank)} samples "
+            f"the {int((~trainable).sum()):,} frozen ones (requires_grad=False) differ from the model's. The unlearner "
+            "moves only trainable parameters and computes with the model's frozen values: make the sampled "
+            "parameters trainable, or pass only the trainable columns"
+        )
+    flat = _fill([[r.narrow(0, a, n) for a, n in keep] for r in bank], dtype, checks=False)
+    return flat, BankLayout("flat", spec, trainable=trainable.to(device), frozen=frozen, dtype=promoted)
