@@ -105,6 +105,52 @@ def test_a_value_the_library_refuses_is_refused_at_parse_time_with_its_message(k
     assert f"argument --unlearner-kw: {library.value} (see mcmc-unlearner bnn --help)" in err, err
 
 
+#: ``--unlearner-kw`` pairs of options ``MCMCUnlearner`` refuses together whatever the model (a solver given)
+COMBINATIONS_REFUSED = (
+    ("solver=kfac", "hessian=full"),
+    ("solver=cg", "bank_shift=affine"),
+    ("solver=lissa", "bank_shift=affine"),
+    ("damping_shape=data", "solver=cg"),
+    ("solver=exact", "damping_shape=data"),
+)
+
+
+def test_a_combination_the_library_refuses_whatever_the_model_is_refused_without_torch(tmp_path):
+    """``bnn`` judged these by building the library's unlearner on a stand-in model after loading torch (3.1-3.6 s);
+    now the library's own torch-free rules (:func:`mcmc_unlearner.options.check_combinations`) refuse them at once,
+    with the library's message after the settings."""
+    argvs = [["bnn", "--unlearner-kw", a, "--unlearner-kw", b] for a, b in COMBINATIONS_REFUSED]
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from mcmc_unlearner.cli import main\n"
+        "out = []\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:\n"
+        "        out.append([main(argv), err.getvalue()])\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'codes': out}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argvs)], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    import torch
+    from torch import nn
+
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    for (a, b), (code, err) in zip(COMBINATIONS_REFUSED, got["codes"]):
+        kw = dict(x.split("=") for x in (a, b))
+        with pytest.raises(ValueError) as library:
+            MCMCUnlearner(nn.Linear(2, 2), nll=lambda m, b: m(b[0]).sum(1), bank=torch.randn(3, 6), **kw)
+        assert code == 2 and err.startswith("mcmc-unlearner bnn: error: the unlearner's settings ("), err
+        assert err.endswith(f"): {library.value}\n"), (err, str(library.value))
+    assert not got["torch"], "a combination the library refuses whatever the model imported torch before its refusal"
+
+
 def _help(argv: list[str], lazy: bool) -> str:
     from mcmc_unlearner.cli import build_parser
 

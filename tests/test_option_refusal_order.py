@@ -58,3 +58,39 @@ def test_option_error_wins_over_a_bad_bank():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="solver must be one of"):
         MCMCUnlearner(model, nll=lambda m, b: m(b[0]).sum(1), bank=[], solver="nosuch")
+
+
+COMBINATIONS = [
+    {"solver": "kfac", "hessian": "full"},
+    {"solver": "cg", "bank_shift": "affine"},
+    {"solver": "kfac", "bank_shift": "affine", "hessian": "full"},  # the bank shift's rule comes first
+    {"solver": "lowrank", "hessian": "full", "damping_shape": "data"},  # the Hessian's before the damping's
+    {"solver": "ggn", "damping_shape": "data"},
+    {"solver": "auto", "hessian": "full", "damping_shape": "data"},  # auto: judged on the model only
+    {"solver": "kfac", "damping_shape": "data", "bank_shift": "mean"},  # accepted
+]
+
+
+@pytest.mark.parametrize("kwargs", COMBINATIONS)
+def test_the_torch_free_combination_check_says_what_the_constructor_says(kwargs):
+    """:func:`~mcmc_unlearner.options.check_combinations` (the command line's check before torch) refuses exactly
+    what the constructor refuses whatever the model, with its message and in its order; with ``solver='auto'``
+    nothing (what it picks depends on the model)."""
+    from mcmc_unlearner.options import check_combinations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    nll = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    bank = torch.randn(3, sum(p.numel() for p in model.parameters()))
+    try:
+        MCMCUnlearner(model, nll=nll, bank=bank, **kwargs)
+    except ValueError as exc:
+        library = str(exc)
+    else:
+        library = None
+    try:
+        check_combinations(kwargs)
+    except ValueError as exc:
+        assert str(exc) == library
+    else:
+        assert library is None or kwargs["solver"] == "auto", library

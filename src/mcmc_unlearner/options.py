@@ -4,14 +4,15 @@ The command line parses and checks its arguments against these before it loads t
 refused at once; :mod:`~mcmc_unlearner.solvers`, :mod:`~mcmc_unlearner.unlearner` and
 :mod:`~mcmc_unlearner.service.gate` re-export them under their usual names. :func:`check_option` is
 ``MCMCUnlearner``'s own check of each keyword argument's value (the constructor calls it), so the command line
-refuses a bad value with the library's message without loading torch.
+refuses a bad value with the library's message without loading torch; :func:`check_combinations` is its refusal of
+option combinations that do not depend on the model (the constructor calls its rules one by one).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -27,7 +28,11 @@ __all__ = [
     "OnFailure",
     "ScreenMode",
     "SolverName",
+    "check_bank_shift_solver",
+    "check_combinations",
     "check_damping",
+    "check_damping_shape_solver",
+    "check_hessian_solver",
     "check_option",
     "is_bool",
     "is_integer",
@@ -319,3 +324,49 @@ def check_option(key: str, value: Any) -> Any:
         KeyError: ``key`` is no option with a value check (``nll``, ``log_prior``, ``energy`` or unknown).
     """
     return _OPTION_CHECKS[key](value)
+
+
+def check_bank_shift_solver(bank_shift: Any, solver: Any) -> None:
+    """Refuse ``bank_shift='affine'`` with a solver that keeps no dense curvature matrices (both checked values)."""
+    if bank_shift == BankShift.AFFINE and solver not in (SolverName.EXACT, SolverName.GGN):
+        raise ValueError("bank_shift='affine' needs solver='exact' or 'ggn' (dense curvature matrices)")
+
+
+def check_hessian_solver(solver: Any, hessian: Any) -> None:
+    """Refuse ``solver='kfac'`` with ``hessian='full'`` (K-FAC builds the remaining data's curvature only)."""
+    if solver == SolverName.KFAC and hessian == HessianKind.FULL:
+        raise ValueError(
+            "solver='kfac' supports hessian='remaining' only: for hessian='full' use solver='cg' (or 'auto', "
+            "which picks it above exact_max_dim), or 'exact' on a small model"
+        )
+
+
+def check_damping_shape_solver(damping_shape: Any, solver: Any) -> None:
+    """Refuse ``damping_shape='data'`` with a solver other than K-FAC (the others damp with λI only)."""
+    if damping_shape == DampingShape.DATA and solver != SolverName.KFAC:
+        raise ValueError(
+            f"damping_shape='data' needs solver='kfac' (the {SolverName(solver).value} backend damps with λI only); "
+            "use damping_shape='auto' or 'identity'"
+        )
+
+
+def check_combinations(options: Mapping[str, Any]) -> None:
+    """``MCMCUnlearner``'s refusals of option combinations that do not depend on the model, in its order (its
+    keyword arguments ``options``, the others at their defaults). Imports no torch.
+
+    With ``solver='auto'`` (the default) nothing is refused: what it picks depends on the model, and the
+    constructor judges the combination then. Also left to the constructor: the dense solvers' memory, a custom
+    ``energy=``, ``expectation='chain'`` without a sampler, ``solver='ggn'`` under torch.distributed.
+
+    Raises:
+        ValueError: A combination the constructor refuses (its message), or a value it refuses
+            (:func:`check_option`).
+    """
+    hessian = check_option("hessian", options.get("hessian", HessianKind.REMAINING))
+    solver = check_option("solver", options.get("solver", "auto"))
+    if solver == "auto":
+        return
+    bank_shift = check_option("bank_shift", options.get("bank_shift", "auto"))
+    check_bank_shift_solver(bank_shift, solver)  # ('auto' is 'affine' only with a dense solver)
+    check_hessian_solver(solver, hessian)
+    check_damping_shape_solver(check_option("damping_shape", options.get("damping_shape", "auto")), solver)

@@ -70,7 +70,16 @@ from .curvature import (
 from .data import epoch_samplers
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
 from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, row_and_call_bytes
-from .options import BankShift, EmptiedLabel, Expectation, HessianKind, check_option
+from .options import (
+    BankShift,
+    EmptiedLabel,
+    Expectation,
+    HessianKind,
+    check_bank_shift_solver,
+    check_damping_shape_solver,
+    check_hessian_solver,
+    check_option,
+)
 from .options import flag as _flag
 from .samplers import scale_lr
 from .solvers import SolverName
@@ -1628,8 +1637,7 @@ class MCMCUnlearner:
         if bank_shift == "auto":
             bank_shift = BankShift.AFFINE if self.solver in _DENSE else BankShift.MEAN
         self.bank_shift = BankShift(bank_shift)
-        if self.bank_shift is BankShift.AFFINE and self.solver not in _DENSE:
-            raise ValueError("bank_shift='affine' needs solver='exact' or 'ggn' (dense curvature matrices)")
+        check_bank_shift_solver(self.bank_shift, self.solver)  # (torch-free: the command line's check too)
         if self.solver is SolverName.GGN and self._reduce is not None:
             raise ValueError("solver='ggn' runs in one process; under torch.distributed use solver='kfac' or 'exact'")
         if self.solver is SolverName.GGN and self.custom_energy:
@@ -1644,21 +1652,13 @@ class MCMCUnlearner:
                 "solver='kfac' builds its curvature from nll and log_prior and cannot use a custom energy=; pass "
                 "nll= and log_prior= instead, or solver='exact' or 'cg' (Hessian products of the energy)"
             )
-        if self.solver is SolverName.KFAC and self.hessian is HessianKind.FULL:
-            raise ValueError(
-                "solver='kfac' supports hessian='remaining' only: for hessian='full' use solver='cg' (or 'auto', "
-                "which picks it above exact_max_dim), or 'exact' on a small model"
-            )
+        check_hessian_solver(self.solver, self.hessian)
         self.check_screen = check_option("check_screen", check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
         max_damping_trials = check_option("max_damping_trials", max_damping_trials)
         self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
         self.damping_shape = check_option("damping_shape", damping_shape)
-        if self.damping_shape is DampingShape.DATA and self.solver is not SolverName.KFAC:
-            raise ValueError(
-                f"damping_shape='data' needs solver='kfac' (the {self.solver.value} backend damps with λI only); use "
-                "damping_shape='auto' or 'identity'"
-            )
+        check_damping_shape_solver(self.damping_shape, self.solver)
         if self.damping_shape is not DampingShape.AUTO:
             self.control.shape = self.damping_shape.value
         self.emptied_label = check_option("emptied_label", emptied_label)

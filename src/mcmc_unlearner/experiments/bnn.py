@@ -76,18 +76,20 @@ from . import evaluation as ev
 from .options import (
     _COUNT_LIMITS,
     _POSITIVE,
-    _UNLEARNER_OPTIONS,
     OPTIONAL_METHODS,
     PRESETS,
     QUICK,
     BNNConfig,
     RefusalPolicy,
     check_kwarg,
+    check_settings,
     config_from_args,
     device_problem,
+    settings_refused,
 )
 from .options import register_bnn as register
-from .report import SEED_LIMIT, claimed_out_dir, write_json, write_text
+from .options import unlearner_overrides as _unlearner_overrides
+from .report import claimed_out_dir, write_json, write_text
 
 __all__ = [
     "METHODS",
@@ -661,15 +663,6 @@ def check_unlearner_kwarg(key: str, value: Any) -> Any:
     return check_kwarg(key, value)
 
 
-def _unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:
-    """The ``MCMCUnlearner`` keyword arguments set explicitly (everything else stays at the library default)."""
-    kw = {k: getattr(cfg, k) for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None}
-    kw.update(cfg.unlearner_kwargs)
-    if kw.get("solver") == "cg" and "negative_curvature" not in kw:
-        kw["negative_curvature"] = "truncate"
-    return kw
-
-
 def _check_unlearner_build(cfg: BNNConfig) -> None:
     """Build the library's unlearner with the run's settings on a stand-in classifier, so that a value or a
     combination the library refuses is refused before any training (stop 47's probe: ``samp_T=0``,
@@ -703,8 +696,7 @@ def _check_unlearner_build(cfg: BNNConfig) -> None:
                 return
             except (ValueError, TypeError) as exc:
                 first = first or exc
-    given = ", ".join(f"{k}={v!s}" for k, v in kw.items())
-    raise ValueError(f"the unlearner's settings ({given}): {first}") from None
+    raise settings_refused(kw, first) from None
 
 
 def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:
@@ -882,47 +874,7 @@ def _check_device(device: str) -> None:
 
 
 def _resolve(cfg: BNNConfig) -> BNNConfig:
-    if cfg.sampler not in ("sgld", "sghmc"):
-        raise ValueError(f"unknown sampler {cfg.sampler!r}; choose 'sgld' or 'sghmc'")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < SEED_LIMIT:
-        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {cfg.seed!r}")
-    if cfg.request_size < 1:
-        raise ValueError("--request-size must be at least 1")
-    if cfg.explore_steps < 0 or cfg.sample_steps < 2 or cfg.bank_size < 2:
-        raise ValueError("need --explore-steps >= 0, --sample-steps >= 2 and --bank-size >= 2")
-    if cfg.bank_size > cfg.sample_steps:  # the chains kept one sample per step, fewer than the bank the report named
-        raise ValueError(
-            f"--bank-size {cfg.bank_size} is more than --sample-steps {cfg.sample_steps} (one sample per step at "
-            "most): "
-            f"pass --bank-size {cfg.sample_steps} or fewer, or more --sample-steps"
-        )
-    if cfg.retrain_chains < 2:
-        raise ValueError("--retrain-chains must be at least 2: the noise floor is the spread between retrain chains")
-    if isinstance(cfg.remove_class, bool) or not isinstance(cfg.remove_class, int) or cfg.remove_class < 0:
-        raise ValueError(f"--remove-class must be a class number >= 0, got {cfg.remove_class!r}")
-    if cfg.dataset == "digits" and cfg.pretrain is None and (cfg.data_dir is not None or cfg.download):
-        # scikit-learn's bundled digits need no files: --data-dir was ignored and written into metrics.json
-        raise ValueError(
-            "--data-dir/--download name image files, but the data set is digits (scikit-learn's bundled copy, no "
-            "files): add --dataset fashion-mnist (or mnist, cifar10) to use them, or drop them"
-        )
-    unknown = [m for m in cfg.methods if m not in OPTIONAL_METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(OPTIONAL_METHODS)}")
-    if "finetune" in cfg.methods and "unlearn" not in cfg.methods:
-        raise ValueError("--methods: finetune gets unlearn's wall time per request, so it needs unlearn too")
-    RefusalPolicy(cfg.on_refusal)
-    both = [k for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None and k in cfg.unlearner_kwargs]
-    clash = [k for k in both if cfg.unlearner_kwargs[k] != getattr(cfg, k)]
-    if clash:
-        # the --unlearner-kw value silently won (--solver exact --unlearner-kw solver=cg ran CG)
-        k = clash[0]
-        raise ValueError(
-            f"--{k.replace('_', '-')} {getattr(cfg, k)!s} and --unlearner-kw {k}={cfg.unlearner_kwargs[k]!s} set "
-            f"the same option ({k}) to different values; give it once"
-        )
-    for key, value in _unlearner_overrides(cfg).items():
-        check_unlearner_kwarg(key, value)  # a bad value is refused now, not after training
+    check_settings(cfg)  # torch-free (the command line's check before torch), through the unlearner's combinations
     _check_unlearner_build(cfg)
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
         raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")

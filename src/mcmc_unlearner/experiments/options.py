@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..options import check_option
+from ..options import check_combinations, check_option
 from .report import SEED_LIMIT, out_folder_arg, seed_arg
 
 __all__ = [
@@ -607,6 +607,80 @@ def check_kwarg(key: str, value: Any) -> Any:
     return value
 
 
+def unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:
+    """The ``MCMCUnlearner`` keyword arguments set explicitly (everything else stays at the library default)."""
+    kw = {k: getattr(cfg, k) for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None}
+    kw.update(cfg.unlearner_kwargs)
+    if kw.get("solver") == "cg" and "negative_curvature" not in kw:
+        kw["negative_curvature"] = "truncate"
+    return kw
+
+
+def settings_refused(kw: dict[str, Any], problem: Exception) -> ValueError:
+    """The run's refusal of the unlearner's settings ``kw``: the library's message ``problem``, after the settings."""
+    given = ", ".join(f"{k}={v!s}" for k, v in kw.items())
+    return ValueError(f"the unlearner's settings ({given}): {problem}")
+
+
+def check_settings(cfg: BNNConfig) -> None:
+    """``bnn``'s checks of a run's settings that need no torch, in the run's order (``bnn._resolve`` runs them
+    first): then ``unlearn``'s option combinations that ``MCMCUnlearner`` refuses whatever the model
+    (:func:`mcmc_unlearner.options.check_combinations`) in the run's words. The combinations that depend on the
+    network (``solver='auto'``'s pick) are judged when the run builds a stand-in (``bnn._check_unlearner_build``).
+
+    Raises:
+        ValueError: A setting the run refuses (a combination: the library's message after the settings).
+    """
+    if cfg.sampler not in ("sgld", "sghmc"):
+        raise ValueError(f"unknown sampler {cfg.sampler!r}; choose 'sgld' or 'sghmc'")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {cfg.seed!r}")
+    if cfg.request_size < 1:
+        raise ValueError("--request-size must be at least 1")
+    if cfg.explore_steps < 0 or cfg.sample_steps < 2 or cfg.bank_size < 2:
+        raise ValueError("need --explore-steps >= 0, --sample-steps >= 2 and --bank-size >= 2")
+    if cfg.bank_size > cfg.sample_steps:  # the chains kept one sample per step, fewer than the bank the report named
+        raise ValueError(
+            f"--bank-size {cfg.bank_size} is more than --sample-steps {cfg.sample_steps} (one sample per step at "
+            "most): "
+            f"pass --bank-size {cfg.sample_steps} or fewer, or more --sample-steps"
+        )
+    if cfg.retrain_chains < 2:
+        raise ValueError("--retrain-chains must be at least 2: the noise floor is the spread between retrain chains")
+    if isinstance(cfg.remove_class, bool) or not isinstance(cfg.remove_class, int) or cfg.remove_class < 0:
+        raise ValueError(f"--remove-class must be a class number >= 0, got {cfg.remove_class!r}")
+    if cfg.dataset == "digits" and cfg.pretrain is None and (cfg.data_dir is not None or cfg.download):
+        # scikit-learn's bundled digits need no files: --data-dir was ignored and written into metrics.json
+        raise ValueError(
+            "--data-dir/--download name image files, but the data set is digits (scikit-learn's bundled copy, no "
+            "files): add --dataset fashion-mnist (or mnist, cifar10) to use them, or drop them"
+        )
+    unknown = [m for m in cfg.methods if m not in OPTIONAL_METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(OPTIONAL_METHODS)}")
+    if "finetune" in cfg.methods and "unlearn" not in cfg.methods:
+        raise ValueError("--methods: finetune gets unlearn's wall time per request, so it needs unlearn too")
+    RefusalPolicy(cfg.on_refusal)
+    both = [k for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None and k in cfg.unlearner_kwargs]
+    clash = [k for k in both if cfg.unlearner_kwargs[k] != getattr(cfg, k)]
+    if clash:
+        # the --unlearner-kw value silently won (--solver exact --unlearner-kw solver=cg ran CG)
+        k = clash[0]
+        raise ValueError(
+            f"--{k.replace('_', '-')} {getattr(cfg, k)!s} and --unlearner-kw {k}={cfg.unlearner_kwargs[k]!s} set "
+            f"the same option ({k}) to different values; give it once"
+        )
+    for key, value in unlearner_overrides(cfg).items():
+        check_kwarg(key, value)  # a bad value is refused now, not after training
+    if "unlearn" not in cfg.methods:
+        return
+    kw = unlearner_overrides(cfg)
+    try:
+        check_combinations(kw)
+    except ValueError as exc:
+        raise settings_refused(kw, exc) from None
+
+
 def _bnn(args: argparse.Namespace) -> int:
     """``mcmc-unlearner bnn``: a data set whose files are missing is refused before torch is loaded, then the run
     (:func:`mcmc_unlearner.experiments.bnn._main`)."""
@@ -617,6 +691,7 @@ def _bnn(args: argparse.Namespace) -> int:
         problem = missing_dataset(cfg.dataset, cfg.data_dir)
         if problem:
             raise FileNotFoundError(problem)
+    check_settings(cfg)  # before torch (3.2 s): e.g. the library's refusal of solver=kfac with hessian=full
     from . import bnn
 
     return bnn._main(args)
