@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -1258,15 +1259,28 @@ def _wide_model(frozen: bool = False) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["state_dicts", "state_dicts_float64", "vectors", "every_parameter"])
+@pytest.mark.parametrize(
+    "kind",
+    ["state_dicts", "state_dicts_float64", "vectors", "every_parameter", "stacked_float64", "stacked_transposed"],
+)
 def test_a_list_bank_is_built_into_one_tensor_without_a_second_copy(kind) -> None:
     """A list of state_dicts (or of [D] vectors) was flattened row by row and then stacked (and its identity check
     made a boolean [S, D]): 2-2.25 banks allocated (1.9x the peak RSS of the result for a 1.3M-parameter bank of 50).
-    Now each row is copied into one preallocated [S, D] tensor: the result is all that is allocated."""
+    A dict of stacked tensors was concatenated and then cast (3.0x the result's peak RSS from float64 to float32,
+    1.5x from float32 to float64; a non-contiguous one reshaped into a copy first). Now each row (each stacked
+    block) is copied into one preallocated [S, D] tensor: the result is all that is allocated."""
     model = _wide_model(frozen=kind == "every_parameter")
     g = torch.Generator().manual_seed(1)
-    dt = torch.float64 if kind == "state_dicts_float64" else torch.float32
-    if kind.startswith("state_dicts"):
+    dt = torch.float64 if kind.endswith("float64") else torch.float32
+    if kind.startswith("stacked"):
+        given = {
+            k: (v + 0.1 * torch.randn((12, *v.shape), generator=g, dtype=dt)).to(dt)
+            for k, v in model.state_dict().items()
+        }
+        if kind == "stacked_transposed":  # weights stored transposed: reshape(S, -1) could not be a view
+            given = {k: v.mT.contiguous().mT if v.ndim == 3 else v for k, v in given.items()}
+            assert not given["0.weight"].is_contiguous()
+    elif kind.startswith("state_dicts"):
         given = [{k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(dt) for k, v in model.state_dict().items()}]
         given += [
             {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=dt) for k, v in given[0].items()} for _ in range(11)
@@ -1346,3 +1360,86 @@ def test_a_list_bank_built_in_place_equals_the_stacked_one(layout, dtype) -> Non
         if layout == "tied":
             assert all(b["2.weight"] is b["0.weight"] for b in back)
     assert torch.equal(to_flat(back, spec, dtype=dtype, model=model)[0], lay.as_returned(flat))
+
+
+@pytest.mark.parametrize("layout", ["plain", "mixed_dtypes", "prefix", "tied", "transposed", "buffers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_a_stacked_bank_built_in_place_equals_the_concatenated_one(layout, dtype) -> None:
+    """A dict of stacked tensors built block by block into one [S, D] tensor gives bit for bit the old
+    concatenate-then-cast result (type promotion across blocks, wrapper prefixes, tied names, non-contiguous blocks,
+    carried buffers), the same layout and the same samples() round trip."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    if layout == "tied":
+        model[2].weight = model[0].weight
+    if layout == "mixed_dtypes":  # blocks promoted to float64 in the old concatenation, then cast
+        model[0].bias.data = model[0].bias.data.double()
+        model[2].weight.data = model[2].weight.data.half()
+    spec = ParamSpec.of(model)
+    S = 5
+    given = {
+        k: v + (0.1 * torch.randn((S, *v.shape), generator=g)).to(v.dtype) if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
+    if layout != "buffers":  # the buffers' entries: per-sample ([S, 4]) only here
+        given = {k: v[0] if k.startswith("1.running") else v for k, v in given.items()}
+    if layout == "tied":
+        given["2.weight"] = given["0.weight"]
+    if layout == "transposed":
+        given = {k: v.movedim(0, -1).contiguous().movedim(-1, 0) if v.ndim > 1 else v for k, v in given.items()}
+    names = spec.names
+    if layout == "prefix":
+        given = {"_orig_mod." + k: v for k, v in given.items()}
+        names = ["_orig_mod." + n for n in spec.names]
+    before = copy.deepcopy(given)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the buffers differ from the model's (warned about, tested elsewhere)
+        flat, lay = to_flat(given, spec, dtype=dtype, model=model)
+    want = torch.cat([given[n].detach().reshape(S, -1) for n in names], 1).to(dtype)
+    assert flat.dtype == want.dtype and torch.equal(flat, want) and flat.is_contiguous()
+    torch.testing.assert_close(given, before, rtol=0, atol=0)  # the caller's tensors untouched
+    assert lay.kind == "stacked" and lay.prefix == ("_orig_mod." if layout == "prefix" else "")
+    assert lay.tied == ((("2.weight", "0.weight"),) if layout == "tied" else ())
+    back = lay.restore(flat)
+    assert list(back) == list(given) and all(back[k].dtype == given[k].dtype for k in given)
+    assert all(back[k].shape == given[k].shape for k in given)
+    if layout == "tied":
+        assert back["2.weight"] is back["0.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(to_flat(back, spec, dtype=dtype, model=model)[0], lay.as_returned(flat))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no_samples", r"bank: it holds no samples$"),
+        ("integers", r"bank: the samples are int64, not floating-point"),
+        ("identical", r"bank: all 4 samples are identical"),
+        ("nan_and_identical", r"non-finite values \(NaN or inf\) in 4 of its 4 samples"),
+        ("identical_and_overflow", r"bank: all 4 samples are identical"),
+        ("overflow", r"\(NaN or inf\) in float16, the model's dtype, in 1 of its 4 samples.*\[2\]"),
+    ],
+)
+def test_a_stacked_bank_is_refused_as_before(case, match) -> None:
+    """The in-place build of a dict of stacked tensors keeps the old refusals and their order: NaN/inf (before any
+    copy), no samples, integers, identical samples, then samples that overflow the target dtype."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    g = torch.Generator().manual_seed(4)
+    given = {
+        k: v + 0.1 * torch.randn((4, *v.shape), generator=g, dtype=torch.float64) for k, v in model.state_dict().items()
+    }
+    if case == "no_samples":
+        given = {k: v[:0] for k, v in given.items()}
+    if case == "integers":
+        given = {k: (10 * v).round().long() for k, v in given.items()}
+    if "identical" in case:
+        given = {k: v[:1].expand_as(v).clone() for k, v in given.items()}
+    if case.startswith("nan"):
+        given["0.weight"][:, 0, 0] = float("nan")
+    if "overflow" in case:
+        given["0.bias"][2 if case == "overflow" else slice(None), 1] = 1e300
+    with pytest.raises(ValueError, match=match):
+        to_flat(given, ParamSpec.of(model), dtype=torch.float16, model=model)

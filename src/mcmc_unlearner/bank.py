@@ -18,14 +18,15 @@ second name kept the old value would, loaded with ``load_state_dict``, put the o
 parameter.
 
 :func:`to_flat` always copies, so the unlearner never writes into the caller's tensors; it refuses samples holding
-NaN or inf by reading the caller's tensors before any copy. A list (of state_dicts or of vectors) is copied block by
-block into one preallocated ``[S, D]`` tensor: the build's peak is the one copy. :class:`BankLayout` turns a
-shifted flat bank back into the caller's layout (new tensors, same dtypes and devices).
+NaN or inf by reading the caller's tensors before any copy. A list (of state_dicts or of vectors) or a dict of stacked
+tensors is copied block by block into one preallocated ``[S, D]`` tensor: the build's peak is the one copy.
+:class:`BankLayout` turns a shifted flat bank back into the caller's layout (new tensors, same dtypes and devices).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -298,15 +299,13 @@ def to_flat(
         sizes = {int(bank[n].shape[0]) for n in spec.names}
         if len(sizes) != 1:
             raise ValueError(f"bank: stacked tensors disagree on the number of samples {sorted(sizes)}")
-        parts = []
         for n, shape in zip(spec.names, spec.shapes):
-            t = bank[n].detach()
+            t = bank[n]
             if tuple(t.shape[1:]) != tuple(shape):
                 raise ValueError(f"bank: {n} has sample shape {tuple(t.shape[1:])}, the model's is {tuple(shape)}")
-            parts.append(t.reshape(t.shape[0], -1))
         tied = tied_names(model, spec)
         _check_tied(tied, bank, "the dict of stacked tensors")
-        S = sizes.copy().pop()
+        S = sizes.pop()
         _check_frozen(
             model,
             spec,
@@ -316,10 +315,13 @@ def to_flat(
             ],
             "the dict of stacked tensors",
         )
-        _warn_varying_buffers(_stacked_rows(bank, spec, tied, sizes.pop(), model), spec, tied, model, stacked=True)
+        _warn_varying_buffers(_stacked_rows(bank, spec, tied, S, model), spec, tied, model, stacked=True)
         check_finite(torch.stack([bad_rows(bank[n]) for n in spec.names]).any(0))
+        if S == 0:
+            raise ValueError("bank: it holds no samples")
+        flat = _fill(_Samples([bank[n] for n in spec.names]), dtype)  # one [S, D] tensor, filled in place
         template = {prefix + k: v for k, v in bank.items()}
-        flat, layout = torch.cat(parts, 1), BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
+        return flat, BankLayout("stacked", spec, template, tied=tied, prefix=prefix)
     elif (
         isinstance(bank, Sequence)
         and not isinstance(bank, (str, bytes))
@@ -395,7 +397,8 @@ def _all_identical(rows: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype, d
     """Whether every sample (``rows[i]``: its column blocks) equals the first, compared in ``dtype``; stops at the
     first difference (no ``[S, D]`` temporary)."""
     return len(rows) > 1 and all(
-        all(torch.equal(_as(a, dtype, device), _as(b, dtype, device)) for a, b in zip(r, rows[0])) for r in rows[1:]
+        all(torch.equal(_as(a, dtype, device), _as(b, dtype, device)) for a, b in zip(r, rows[0]))
+        for r in itertools.islice(rows, 1, None)
     )
 
 
@@ -413,6 +416,24 @@ def _promoted(rows: Sequence[Sequence[torch.Tensor]]) -> torch.dtype:
     return functools.reduce(torch.promote_types, (t.dtype for r in rows for t in r))
 
 
+class _Samples(Sequence):
+    """The samples of stacked tensors ``[S, *shape]`` (one per column block) as rows of blocks, each made (as views)
+    when read: :func:`_fill` copies such a bank one column block at a time."""
+
+    def __init__(self, stacked: Sequence[torch.Tensor]) -> None:
+        self.stacked = list(stacked)
+
+    def __len__(self) -> int:
+        return int(self.stacked[0].shape[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return [t[i] for t in self.stacked]
+
+
 def _fill(rows: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None, checks: bool = True) -> torch.Tensor:
     """``torch.stack([torch.cat(blocks) for blocks in rows]).to(dtype)`` built into one preallocated ``[S, D]``
     tensor, each block copied into its slice (the peak is the result, not the rows, their stack and its cast).
@@ -420,25 +441,32 @@ def _fill(rows: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None, che
     Values and checks as that expression and :func:`to_flat`'s: the blocks (any shape, flattened row-major) promoted
     to their common dtype, then cast to ``dtype`` (a block of another dtype goes through the common one, so it is
     rounded as before); with ``checks``, integers and identical samples refused in the common dtype first. The
-    result is on the first block's device.
+    result is on the first block's device. ``rows`` given as :class:`_Samples` (a dict of stacked tensors) are
+    copied one column block, every sample at once, at a time.
     """
-    promoted = _promoted(rows)
-    device = rows[0][0].device
+    stacked = rows.stacked if isinstance(rows, _Samples) else None
+    promoted = _promoted(rows if stacked is None else [stacked])
+    first = rows[0]
+    device = first[0].device
     if checks:
         _check_floating(promoted)
         if _all_identical(rows, promoted, device):
             _refuse_identical(len(rows))
     target = promoted if dtype is None else dtype
-    out = torch.empty(len(rows), sum(t.numel() for t in rows[0]), dtype=target, device=device)
+    widths = [t.numel() for t in first]
+    out = torch.empty(len(rows), sum(widths), dtype=target, device=device)
     with torch.no_grad():
-        for i, blocks in enumerate(rows):
+        # (rows of out, their blocks): one sample's blocks, or each block of every sample
+        for i, blocks in enumerate(rows) if stacked is None else [(slice(None), stacked)]:
             at = 0
-            for t in blocks:
-                src = t.detach()
-                if src.dtype != promoted and promoted != target:
-                    src = src.to(promoted)  # one block's temporary, only for mixed dtypes
-                out[i, at : at + t.numel()].view(t.shape).copy_(src)
-                at += t.numel()
+            for t, n in zip(blocks, widths):
+                dst, src = out[i, at : at + n].view(t.shape), t.detach()
+                if src.dtype != promoted and promoted != target:  # mixed dtypes: through the common one
+                    for d, r in zip(dst, src) if stacked is not None else [(dst, src)]:
+                        d.copy_(r.to(promoted))  # one sample's block as a temporary
+                else:
+                    dst.copy_(src)
+                at += n
     _check_cast(out, promoted)
     return out
 
