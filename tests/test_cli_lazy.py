@@ -55,8 +55,9 @@ REFUSALS = [
 ]
 
 
-def test_refusals_do_not_import_torch(tmp_path):
-    (tmp_path / "IDS").write_text("3\n4\n")
+def _cli_in_a_fresh_process(argvs: list[list[str]], cwd) -> subprocess.CompletedProcess:
+    """Run ``main(argv)`` for each of ``argvs`` in one fresh interpreter; its stdout is JSON: whether torch was
+    imported, and each command's exit code and stderr."""
     script = (
         "import contextlib, io, json, sys\n"
         "from mcmc_unlearner.cli import main\n"
@@ -68,10 +69,14 @@ def test_refusals_do_not_import_torch(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    res = subprocess.run(
-        [sys.executable, "-c", script, json.dumps([a for a, _ in REFUSALS])],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
-    )  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argvs)], capture_output=True, text=True, cwd=cwd, env=env, timeout=60
+    )
+
+
+def test_refusals_do_not_import_torch(tmp_path):
+    (tmp_path / "IDS").write_text("3\n4\n")
+    res = _cli_in_a_fresh_process([a for a, _ in REFUSALS], tmp_path)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     assert [c for c, _ in got["codes"]] == [c for _, c in REFUSALS], got["codes"]
@@ -120,21 +125,7 @@ def test_a_combination_the_library_refuses_whatever_the_model_is_refused_without
     now the library's own torch-free rules (:func:`mcmc_unlearner.options.check_combinations`) refuse them at once,
     with the library's message after the settings."""
     argvs = [["bnn", "--unlearner-kw", a, "--unlearner-kw", b] for a, b in COMBINATIONS_REFUSED]
-    script = (
-        "import contextlib, io, json, sys\n"
-        "from mcmc_unlearner.cli import main\n"
-        "out = []\n"
-        "for argv in json.loads(sys.argv[1]):\n"
-        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:\n"
-        "        out.append([main(argv), err.getvalue()])\n"
-        "print(json.dumps({'torch': 'torch' in sys.modules, 'codes': out}))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    res = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(argvs)], capture_output=True, text=True, cwd=tmp_path, env=env,
-        timeout=60,
-    )  # fmt: skip
+    res = _cli_in_a_fresh_process(argvs, tmp_path)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     import torch
