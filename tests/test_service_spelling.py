@@ -15,7 +15,9 @@ from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.cli import main
 from mcmc_unlearner.errors import InvalidRequestError
 from mcmc_unlearner.models.linreg import BayesianLinearRegression
+from mcmc_unlearner.service.checkpoint import load_model
 from mcmc_unlearner.service.deletion import forget, verify
+from mcmc_unlearner.service.gate import QualityGateError
 from mcmc_unlearner.service.requests import as_flags
 
 torch.set_num_threads(1)
@@ -121,3 +123,63 @@ def test_the_large_removal_warning_names_the_service_keyword_from_python():
     assert text, [str(w.message) for w in caught]
     assert "on_failure='repair'" in text[0] and "--" not in text[0], text[0]
     assert "--on-failure repair does this only" in as_flags(text[0])
+
+
+# a request that fails two quality checks: the cg solve's (no iterations: "raise iter_T, or use solver='auto'")
+# and the large removal's (120 of 200 rows: "on_failure='repair'")
+_FAILING = {"solver": "cg", "bank_shift": "mean", "iter_T": 0}
+_MANY = list(range(120))
+
+
+def test_the_recorded_problems_name_the_keyword_from_python_and_the_flag_from_the_cli(tmp_path, capsys):
+    """A request's quality problems (raised with a refusal, recorded in the ledger under accept) named the command
+    line's flags (``--iter-T``, ``--on-failure repair``) to a Python caller whose error named the keywords: they
+    are spelled as the caller's error is."""
+    python = save_gmm(tmp_path / "py", tiny_gmm(bank=10))
+    cli = tmp_path / "cli"
+    shutil.copytree(python, cli)
+    with pytest.raises(QualityGateError) as exc:  # refused: nothing recorded, the error carries the problems
+        forget(python, _MANY, overrides=_FAILING)
+    assert "raise iter_T, or use solver='auto'" in str(exc.value) and "--" not in str(exc.value)
+    refused = exc.value.problems
+    assert any("raise iter_T, or use solver='auto'" in p for p in refused), refused
+    assert any("(on_failure='repair')" in p for p in refused) and not any("--" in p for p in refused), refused
+
+    out = forget(python, _MANY, overrides=_FAILING, on_failure="accept")
+    (entry,) = load_model(python).requests
+    recorded = entry["quality"]["problems"]
+    assert recorded == out.quality["problems"] == refused, recorded
+    assert entry["quality"]["passed"] is False
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(map(str, _MANY)))
+    flags = [
+        "forget",
+        "--model",
+        str(cli),
+        "--ids",
+        str(ids),
+        "--solver",
+        "cg",
+        "--bank-shift",
+        "mean",
+        "--iter-T",
+        "0",
+    ]
+    assert main(flags) == 4
+    assert "raise --iter-T, or use --solver auto" in capsys.readouterr().err
+    assert main([*flags, "--on-failure", "accept"]) == 0
+    (entry,) = load_model(cli).requests
+    recorded = entry["quality"]["problems"]
+    assert any("raise --iter-T, or use --solver auto" in p for p in recorded), recorded
+    assert any("(--on-failure repair)" in p for p in recorded), recorded
+    assert not any("iter_T" in p or "on_failure" in p for p in recorded), recorded
+    assert recorded == [as_flags(p) for p in refused]  # the same problems, each in the other spelling
+
+
+def test_forget_refuses_an_unknown_interface_before_touching_the_folder(saved, tmp_path):
+    m = _copy(saved, tmp_path)
+    before = folder_state(m)
+    with pytest.raises(InvalidRequestError, match="interface must be 'python' or 'cli'"):
+        forget(m, [7, 8], interface="web")
+    assert folder_state(m) == before

@@ -90,6 +90,7 @@ def _forget(args: argparse.Namespace) -> int:
         key=key,
         wait=args.wait,
         threads=args.threads,
+        interface="cli",  # the ledger's quality problems name the flags, as this command's errors do
     )
     if distributed.launched():  # torchrun: all ranks compute, rank 0 commits and prints
         out = distributed.run_forget(deletion.forget, args.model, ids, **kwargs)

@@ -236,8 +236,8 @@ def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, setting
 
 def _quality_error(message: str, problems: Sequence[str], report: RemovalReport) -> QualityGateError:
     """The refusal of a removal that failed its checks, its advice spelled for Python (``on_failure='repair'``;
-    the command line spells it back as ``--on-failure repair``: :func:`~.requests.as_flags`). ``problems`` stay as
-    the ledger records them."""
+    the command line spells it back as ``--on-failure repair``: :func:`~.requests.as_flags`). ``problems`` are as
+    the ledger records them (in the caller's spelling: :func:`~.requests.spelling`)."""
     return QualityGateError(requests.as_keywords(message), problems, report)
 
 
@@ -252,6 +252,7 @@ def forget(
     key: Key | bytes | str | None = None,
     wait: float = 0.0,
     threads: int | str | None = None,
+    interface: str = "python",
 ) -> ForgetOutcome:
     """Apply one deletion request to a saved model, exactly once, if the removal passes the quality gate.
 
@@ -266,6 +267,9 @@ def forget(
         key: Integrity key (``None``: ``$MCMC_UNLEARNER_KEY`` if set).
         wait: Seconds to wait for another writer to finish.
         threads: Torch threads for the computation (``"auto"``: by model size; ``None``: unchanged).
+        interface: Who asks: ``"python"`` or ``"cli"`` (the command line); the quality problems recorded in the
+            ledger and raised name the options as that caller sets them (``on_failure='repair'`` or
+            ``--on-failure repair``), as the errors' advice does.
 
     Returns:
         A :class:`ForgetOutcome`.
@@ -294,6 +298,7 @@ def forget(
     ):
         raise InvalidRequestError(f"repair_steps must be a whole number in [1, {gate.MAX_REPAIR_STEPS}]")
     threads_for(threads, 0)  # validated before the folder is touched
+    spell = requests.spelling(interface)  # the recorded problems' spelling: the one the caller's errors use
     k = integrity.as_key(key)
     root = checkpoint.check_folder(model_dir)  # nothing is created in a folder without a model
     with fsio.folder_lock(root, wait=wait) as locked:
@@ -356,7 +361,7 @@ def forget(
             flat = ParamSpec.flatten_module(loaded.model)
             if not all_finite(flat) or (un.bank is not None and not all_finite(un.bank)):
                 raise SolverDivergedError("the updated parameters are not finite; nothing was written")
-            problems = gate.quality_problems(report, un)
+            problems = [spell(p) for p in gate.quality_problems(report, un)]
             quality: dict[str, Any] = {"passed": not problems, "problems": problems, "policy": policy.value}
             if problems and policy is OnFailure.REFUSE:
                 raise _quality_error(
@@ -375,6 +380,7 @@ def forget(
                         report,
                     )
                 still, measured = gate.repaired_problems(un, id_list, loaded.data, before, repair_steps)
+                still = [spell(p) for p in still]
                 rec.update(measured)
                 if still:  # the repair did not fix it: refused as under refuse (it was recorded as passed)
                     raise _quality_error(

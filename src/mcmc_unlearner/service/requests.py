@@ -24,7 +24,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,6 +46,7 @@ __all__ = [
     "parse_ids",
     "parse_ids_file",
     "read_ids",
+    "spelling",
 ]
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20  # 16 MiB: about two million ids
@@ -111,6 +112,20 @@ def as_keywords(message: str) -> str:
     for key, flag in _PHRASES.items():
         message = message.replace(flag, key)
     return _FLAG.sub(keyword, message)
+
+
+def _as_cli(message: str) -> str:
+    return as_flags(as_keywords(message))
+
+
+def spelling(interface: str) -> Callable[[str], str]:
+    """How the service spells its advice to a caller of ``interface``: ``"python"`` names the keyword
+    (:func:`as_keywords`), ``"cli"`` the flag (:func:`as_keywords`, then :func:`as_flags`), as its errors do."""
+    if interface == "python":
+        return as_keywords
+    if interface == "cli":
+        return _as_cli
+    raise InvalidRequestError(f"interface must be 'python' or 'cli', got {ascii(interface)[:40]}")
 
 
 MAX_ID = 2**63 - 1
