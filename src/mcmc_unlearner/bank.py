@@ -426,9 +426,7 @@ class _Samples(Sequence):
     def __len__(self) -> int:
         return int(self.stacked[0].shape[0])
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         return [t[i] for t in self.stacked]

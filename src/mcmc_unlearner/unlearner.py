@@ -4300,7 +4300,7 @@ class MCMCUnlearner:
             unit = nll_unit(hb, check.reduce)[1]  # the safety net's unit: a constant in nll does not loosen it
             corr = 0.0
             if B is not None:  # the correlation of the two measured changes' errors, from their paired values
-                se_b, se_d, se_c = mean_se(B)[1], mean_se(D)[1], mean_se(B + D)[1]
+                se_b, se_d, se_c = mean_se(B)[1], nll_se, mean_se(B + D)[1]  # nll_se: mean_se(D)'s, as above
                 if se_b > 0 and se_d > 0:
                     corr = min(max((se_c**2 - se_b**2 - se_d**2) / (2 * se_b * se_d), -1.0), 1.0)
             return float(draws.mean()), math.sqrt(draw_var + n * n * row_var), row_mean, nll_se, unit, corr

@@ -326,8 +326,9 @@ def run_demo(
         raise ValueError(f"burn-in must be >= 0 and samples >= 1, got {burnin} and {samples}")
     if thin < 1:
         raise ValueError(f"--thin must be a whole number >= 1 (1: keep every sample), got {thin}")
-    if thin_problem(samples, thin):
-        raise ValueError(thin_problem(samples, thin))
+    problem = thin_problem(samples, thin)
+    if problem:
+        raise ValueError(problem)
     kind = sampler.lower()
     if kind not in ("sgld", "sghmc"):
         raise ValueError(f"unknown sampler {sampler!r}; choose 'sgld' or 'sghmc'")

@@ -670,11 +670,11 @@ def check_settings(cfg: BNNConfig) -> None:
             f"--{k.replace('_', '-')} {getattr(cfg, k)!s} and --unlearner-kw {k}={cfg.unlearner_kwargs[k]!s} set "
             f"the same option ({k}) to different values; give it once"
         )
-    for key, value in unlearner_overrides(cfg).items():
+    kw = unlearner_overrides(cfg)
+    for key, value in kw.items():
         check_kwarg(key, value)  # a bad value is refused now, not after training
     if "unlearn" not in cfg.methods:
         return
-    kw = unlearner_overrides(cfg)
     try:
         check_combinations(kw)
     except ValueError as exc:
