@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -15,10 +16,11 @@ from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.cli import main
 from mcmc_unlearner.errors import InvalidRequestError
 from mcmc_unlearner.models.linreg import BayesianLinearRegression
+from mcmc_unlearner.service import gate, requests
 from mcmc_unlearner.service.checkpoint import load_model
-from mcmc_unlearner.service.deletion import forget, verify
+from mcmc_unlearner.service.deletion import forget, status, verify
 from mcmc_unlearner.service.gate import QualityGateError
-from mcmc_unlearner.service.requests import as_flags
+from mcmc_unlearner.service.requests import as_flags, as_keywords, shown_as
 
 torch.set_num_threads(1)
 
@@ -183,3 +185,114 @@ def test_forget_refuses_an_unknown_interface_before_touching_the_folder(saved, t
     with pytest.raises(InvalidRequestError, match="interface must be 'python' or 'cli'"):
         forget(m, [7, 8], interface="web")
     assert folder_state(m) == before
+
+
+# ------------------------------------------------------------- recorded problems, shown to the other interface
+def _ids_file(tmp_path: Path) -> Path:
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(map(str, _MANY)))
+    return ids
+
+
+_CLI_FAILING = ["--solver", "cg", "--bank-shift", "mean", "--iter-T", "0", "--on-failure", "accept"]
+
+
+def _cli_status(m: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["status", "--model", str(m), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_problems_recorded_from_python_are_shown_as_flags_by_the_command_line(tmp_path, capsys):
+    """``status`` and a resent request's "DEGRADED (...)" line printed the problems as recorded: Python's
+    keywords (``raise iter_T``, ``on_failure='repair'``) on the command line."""
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    forget(m, _MANY, overrides=_FAILING, on_failure="accept")
+    (entry,) = load_model(m).requests
+    recorded = entry["quality"]["problems"]
+    assert any("raise iter_T" in p for p in recorded), recorded
+    before = folder_state(m)
+
+    st = _cli_status(m, capsys)
+    for shown in (st["degraded_requests"][0]["problems"], st["last_request"]["quality"]["problems"]):
+        assert shown == [as_flags(p) for p in recorded], shown
+        assert any("raise --iter-T, or use --solver auto" in p for p in shown), shown
+        assert any("(--on-failure repair)" in p for p in shown), shown
+        assert not any("iter_T" in p or "on_failure" in p for p in shown), shown
+
+    assert main(["forget", "--model", str(m), "--ids", str(_ids_file(tmp_path)), *_CLI_FAILING]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("already applied") and "model DEGRADED (" in said, said
+    assert "raise --iter-T, or use --solver auto" in said and "iter_T" not in said, said
+
+    assert status(m)["degraded_requests"][0]["problems"] == recorded  # Python is shown what Python recorded
+    assert folder_state(m) == before  # shown, not rewritten: the ledger is as it was
+    assert load_model(m).requests[0]["quality"]["problems"] == recorded
+
+
+def test_problems_recorded_from_the_command_line_are_shown_as_keywords_to_python(tmp_path, capsys):
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    assert main(["forget", "--model", str(m), "--ids", str(_ids_file(tmp_path)), *_CLI_FAILING]) == 0
+    (entry,) = load_model(m).requests
+    recorded = entry["quality"]["problems"]
+    assert any("raise --iter-T" in p for p in recorded), recorded
+    before = folder_state(m)
+
+    st = status(m)
+    for shown in (st["degraded_requests"][0]["problems"], st["last_request"]["quality"]["problems"]):
+        assert shown == [as_keywords(p) for p in recorded], shown
+        assert any("raise iter_T, or use solver='auto'" in p for p in shown), shown
+        assert any("(on_failure='repair')" in p for p in shown), shown
+        assert not any("--" in p for p in shown), shown
+
+    out = forget(m, _MANY, overrides=_FAILING, on_failure="accept")  # resent: already applied
+    assert not out.applied
+    assert out.quality["problems"] == st["degraded_requests"][0]["problems"]
+    assert out.entry["quality"]["problems"] == recorded  # the entry itself as recorded
+
+    assert _cli_status(m, capsys)["degraded_requests"][0]["problems"] == recorded
+    assert folder_state(m) == before
+
+
+# problems an older version recorded: text naming no option, and the mix of flags and keywords of before stop 52
+_OLD = "the step was refused by the safety net: the held rows' NLL rose 12% (limit 5%); see the ledger"
+_MIXED = "the cg solve stopped after 0 iterations: raise --iter-T or use solver='auto'"
+
+
+def test_problems_an_older_version_recorded_are_shown_unchanged_or_respelled(tmp_path, capsys, monkeypatch):
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    with monkeypatch.context() as mp:  # recorded as an older version wrote them: verbatim
+        mp.setattr(gate, "quality_problems", lambda report, un: [_OLD, _MIXED])
+        mp.setattr(requests, "spelling", lambda interface: lambda text: text)
+        forget(m, [3, 5], on_failure="accept")
+    assert load_model(m).requests[0]["quality"]["problems"] == [_OLD, _MIXED]
+
+    cli = _cli_status(m, capsys)["degraded_requests"][0]["problems"]
+    assert cli == [_OLD, "the cg solve stopped after 0 iterations: raise --iter-T or use --solver auto"]
+    python = status(m)["degraded_requests"][0]["problems"]
+    assert python == [_OLD, "the cg solve stopped after 0 iterations: raise iter_T or use solver='auto'"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _OLD,
+        _MIXED,
+        "committed before the quality gate with an unconverged solve (residual 0.3)",
+        "pass wait=SECONDS or --wait SECONDS; raise --repair-steps, e.g. tenfold",
+        "solver='kfac'/'cg' and iter_T=1e-3.",
+        "tol=bank_shift=wait",  # a chain: its second key was spelled by a second pass
+        "x--tol=iter_T=--iter-T damping=-1 a.iter_T iter_T_max",
+        "",
+    ],
+)
+def test_showing_recorded_text_twice_changes_nothing_and_text_naming_no_option_is_left_as_it_is(text):
+    for show in (shown_as("python"), shown_as("cli"), as_flags, as_keywords):
+        assert show(show(text)) == show(text), (show, text)
+    if not any(k in text for k in ("=", "--", "iter_T", "on_failure")):
+        assert shown_as("python")(text) == shown_as("cli")(text) == text
+
+
+def test_status_refuses_an_unknown_interface(saved):
+    with pytest.raises(InvalidRequestError, match="interface must be 'python' or 'cli'"):
+        status(saved, interface="web")

@@ -124,7 +124,9 @@ def _forget(args: argparse.Namespace) -> int:
             if debris
             else "; nothing changed"
         )
-        q = e.get("quality") if isinstance(e.get("quality"), dict) else {}
+        # the entry's quality record, its problems named as flags (out.quality: a request sent from Python recorded
+        # them as keywords)
+        q = out.quality if isinstance(out.quality, dict) else {}
         # a resent request committed with failed checks says so (it said "already applied" alone, exit 0)
         degraded = (
             f"; it FAILED its quality checks and was committed under --on-failure {q.get('policy', 'accept')}: model "
@@ -163,7 +165,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from ..unlearner import CUMULATIVE_REMOVAL
     from . import deletion
 
-    st = deletion.status(args.model, key=_key(args), wait=args.wait, threads=args.threads)
+    # the recorded quality problems it lists name the flags, whoever sent the request
+    st = deletion.status(args.model, key=_key(args), wait=args.wait, threads=args.threads, interface="cli")
     if args.quiet:
         return ExitCode.OK
     if args.json:

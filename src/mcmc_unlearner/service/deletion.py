@@ -25,7 +25,7 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,8 @@ class ForgetOutcome:
         report: The unlearner's report (``None`` when already applied).
         recovered: What :func:`~mcmc_unlearner.service.checkpoint.recover` rolled back first.
         head: The ledger head hash after the request (record it for ``verify --expect-head``).
-        quality: The quality record written to the ledger (``passed``, ``problems``, ``policy``, ...).
+        quality: The quality record written to the ledger (``passed``, ``problems``, ``policy``, ...), its
+            problems spelled for the caller (:func:`~.requests.shown_as`; ``entry`` holds them as recorded).
     """
 
     applied: bool
@@ -329,7 +330,9 @@ def forget(
                     if checkpoint.has_debris(snap):  # otherwise nothing to write: a read-only replica answers too
                         _check_writable(root)
                     recovered = checkpoint.recover(root, snap)  # crash debris only; the folder was checked above
-                    return ForgetOutcome(False, rid, e, None, recovered, loaded.head, e.get("quality") or {})
+                    # its problems as this caller spells them (the entry may have come from the other interface)
+                    quality = _shown_quality(e.get("quality") or {}, requests.shown_as(interface))
+                    return ForgetOutcome(False, rid, e, None, recovered, loaded.head, quality)
             fsio.check_same_folder(root, locked)  # still the locked folder (not moved/replaced while loading)?
             _check_writable(root)  # before any work, so nothing is left half-written
             try:
@@ -409,8 +412,23 @@ def forget(
 
 
 # ---------------------------------------------------------------------------------------------- status
-def _degraded(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Forget entries committed with failed quality (policy accept, or before the gate: not converged)."""
+def _shown_problems(problems: Any, show: Callable[[str], str]) -> Any:
+    """A recorded ``problems`` list as ``show`` spells it, in a new list (anything but text is left as it is)."""
+    if not isinstance(problems, list):
+        return problems
+    return [show(p) if isinstance(p, str) else p for p in problems]
+
+
+def _shown_quality(quality: Any, show: Callable[[str], str]) -> Any:
+    """A copy of a recorded ``quality`` record whose problems ``show`` spells (the entry itself is not changed)."""
+    if not isinstance(quality, dict) or "problems" not in quality:
+        return quality
+    return {**quality, "problems": _shown_problems(quality["problems"], show)}
+
+
+def _degraded(entries: Sequence[Mapping[str, Any]], show: Callable[[str], str]) -> list[dict[str, Any]]:
+    """Forget entries committed with failed quality (policy accept, or before the gate: not converged), their
+    problems as ``show`` spells them."""
     out = []
     for e in entries:
         if e.get("event") != "forget":
@@ -418,7 +436,8 @@ def _degraded(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         q = e.get("quality")
         if isinstance(q, dict):
             if not q.get("passed", True):
-                out.append({"request_id": e.get("request_id"), "seq": e.get("seq"), "problems": q.get("problems", [])})
+                problems = _shown_problems(q.get("problems", []), show)
+                out.append({"request_id": e.get("request_id"), "seq": e.get("seq"), "problems": problems})
         elif e.get("converged") is False or not math.isfinite(float(e.get("residual", 0.0) or 0.0)):
             out.append(
                 {
@@ -438,11 +457,15 @@ def status(
     key: Key | bytes | str | None = None,
     wait: float = 10.0,
     threads: int | str | None = None,
+    interface: str = "python",
 ) -> dict[str, Any]:
     """Summary of a saved model: removals, requests, last residual, quality, bank size, health and head hash.
 
-    Read-only and lock-free (one consistent snapshot).
+    Read-only and lock-free (one consistent snapshot). The recorded quality problems it lists name the options as
+    a caller of ``interface`` (``"python"`` or ``"cli"``) sets them, whoever sent the request
+    (:func:`~.requests.shown_as`).
     """
+    show = requests.shown_as(interface)
     snap = checkpoint.read_snapshot(model_dir, key=key, wait=wait)
     with torch_threads(_threads_for(threads, snap)):
         loaded = checkpoint.build_loaded(snap)
@@ -452,7 +475,7 @@ def status(
     last = reqs[-1] if reqs else None
     save = loaded.entries[0] if loaded.entries else {}
     removed = loaded.data.removed_ids.tolist()
-    degraded = _degraded(loaded.entries)
+    degraded = _degraded(loaded.entries, show)
     # applied requests whose removal changed nothing measurable (info.unresolved; said in the ledger only until
     # stop 43): listed, as a reader of status could take them for removals that moved the samples
     unresolved = [
@@ -475,7 +498,8 @@ def status(
         "last_request": None
         if last is None
         else {
-            k: last.get(k) for k in ("request_id", "time", "n_removed", "solver", "residual", "converged", "quality")
+            **{k: last.get(k) for k in ("request_id", "time", "n_removed", "solver", "residual", "converged")},
+            "quality": _shown_quality(last.get("quality"), show),
         },
         "last_residual": None if last is None else last.get("residual"),
         "bank_size": 0 if bank is None else int(bank.shape[0]),

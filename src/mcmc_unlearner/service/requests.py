@@ -46,6 +46,7 @@ __all__ = [
     "parse_ids",
     "parse_ids_file",
     "read_ids",
+    "shown_as",
     "spelling",
 ]
 
@@ -78,7 +79,8 @@ _KEYWORD = {flag: key for key, flag in FLAGS.items()}
 _KEYS = "|".join(sorted(FLAGS, key=len, reverse=True))
 # key=value (value quoted or not; a list such as solver='kfac'/'cg' is left as it is) or, for a keyword no English
 # word spells, the bare keyword ("raise iter_T")
-_KEY_VALUE = re.compile(rf"(?<![\w.-])({_KEYS})=(?:'([^'\s]*+)'|([^\s,;:()'\"/]++))(?![\w/'\"])")
+# (not a chain such as tol=bank_shift=x: its value would be spelled again by a second pass)
+_KEY_VALUE = re.compile(rf"(?<![\w.=-])({_KEYS})=(?:'([^'\s]*+)'|([^\s,;:()'\"/=]++))(?![\w/'\"=])")
 _BARE_KEY = re.compile(
     r"(?<![\w.-])(on_failure|repair_steps|max_request_bytes|iter_T|curvature_draws|bank_shift|emptied_label|request_id"
     r"|expect_head|model_dir)\b(?!=)"
@@ -125,6 +127,18 @@ def spelling(interface: str) -> Callable[[str], str]:
         return as_keywords
     if interface == "cli":
         return _as_cli
+    raise InvalidRequestError(f"interface must be 'python' or 'cli', got {ascii(interface)[:40]}")
+
+
+def shown_as(interface: str) -> Callable[[str], str]:
+    """How text the ledger recorded (a request's quality problems, in the spelling of whoever sent it) is shown to
+    a reader on ``interface``: ``"python"`` names the keyword (:func:`as_keywords`), ``"cli"`` the flag
+    (:func:`as_flags`). Text that names no option is shown as it is, and showing it again changes nothing; the
+    ledger itself is never rewritten."""
+    if interface == "python":
+        return as_keywords
+    if interface == "cli":
+        return as_flags  # a record made for the command line is already this; the round trip could lose a flag
     raise InvalidRequestError(f"interface must be 'python' or 'cli', got {ascii(interface)[:40]}")
 
 
