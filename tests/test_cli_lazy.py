@@ -116,7 +116,7 @@ COMBINATIONS_REFUSED = (
     ("solver=cg", "bank_shift=affine"),
     ("solver=lissa", "bank_shift=affine"),
     ("damping_shape=data", "solver=cg"),
-    ("solver=exact", "damping_shape=data"),
+    ("solver=lowrank", "damping_shape=data"),  # (exact on bnn's network: its memory first, NETWORK_REFUSED)
 )
 
 
@@ -140,6 +140,72 @@ def test_a_combination_the_library_refuses_whatever_the_model_is_refused_without
         assert code == 2 and err.startswith("mcmc-unlearner bnn: error: the unlearner's settings ("), err
         assert err.endswith(f"): {library.value}\n"), (err, str(library.value))
     assert not got["torch"], "a combination the library refuses whatever the model imported torch before its refusal"
+
+
+#: ``bnn`` arguments whose refusal depends on the run's network (digits: the 8,986-parameter digits_net, or ``--arch
+#: mlp``'s 7,510 parameters): what ``solver='auto'`` picks for it, the dense solvers' memory, float32's range
+NETWORK_REFUSED = (
+    ("--hessian", "full", "--unlearner-kw", "damping_shape=data"),  # auto: cg
+    ("--bank-shift", "affine"),  # auto: kfac (the stand-in accepted it: refused after the chains were trained)
+    ("--bank-shift", "affine", "--unlearner-kw", "damping_shape=data"),
+    ("--hessian", "full", "--bank-shift", "affine"),
+    ("--unlearner-kw", "exact_max_dim=100000", "--unlearner-kw", "memory_budget=100GB", "--unlearner-kw",
+     "damping_shape=data"),  # auto: ggn (convolutions)
+    ("--arch", "mlp", "--unlearner-kw", "exact_max_dim=100000", "--unlearner-kw", "memory_budget=100GB",
+     "--unlearner-kw", "damping_shape=data"),  # auto: exact
+    ("--solver", "exact", "--unlearner-kw", "memory_budget=1GB"),  # 2.8 GiB of dense matrices
+    ("--solver", "exact", "--unlearner-kw", "memory_budget=100GB", "--unlearner-kw", "damping_shape=data"),
+    ("--solver", "ggn", "--unlearner-kw", "memory_budget=2GB", "--unlearner-kw", "hessian=full"),
+    ("--damping", "1e300"),
+    ("--solver", "cg", "--unlearner-kw", "scaling=1e-50"),
+)  # fmt: skip
+
+
+def _run_network_unlearner(argv: tuple[str, ...]) -> str | None:
+    """The message of ``MCMCUnlearner``'s refusal of ``bnn argv``'s settings on the run's own network, as the run
+    builds it (``None``: accepted)."""
+    import warnings
+
+    import torch
+
+    from mcmc_unlearner.cli import build_parser
+    from mcmc_unlearner.experiments import bnn
+    from mcmc_unlearner.image_data import load_dataset
+    from mcmc_unlearner.models.bnn import build_model
+    from mcmc_unlearner.samplers import SGLD
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    cfg = bnn.config_from_args(build_parser().parse_args(["bnn", *argv]))
+    data = load_dataset(cfg.dataset)
+    torch.manual_seed(0)
+    model = build_model(cfg.arch or bnn._DEFAULT_ARCH[data.name], data.in_shape, data.n_classes)
+    dim = sum(p.numel() for p in model.parameters())
+    bank = 0.01 * torch.randn(2, dim, generator=torch.Generator().manual_seed(0))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            MCMCUnlearner(model, SGLD(model.parameters(), lr=1e-4), bank=bank, **bnn._unlearner_overrides(cfg))
+    except (ValueError, MemoryError) as exc:
+        return str(exc)
+    return None
+
+
+def test_a_combination_that_depends_on_the_network_is_refused_without_torch(tmp_path):
+    """``bnn`` judged these by building the unlearner on a 15-parameter stand-in after loading torch (4-6 s), which
+    took whatever one of kfac/exact/cg took under ``solver='auto'``: ``--bank-shift affine`` and ``--solver exact``
+    passed and failed ``unlearn`` after the chains were trained, ``--hessian full`` with ``damping_shape=data`` was
+    refused with K-FAC's message. Now the library's rules on the run's network, stated without torch
+    (:func:`mcmc_unlearner.experiments.options.run_network`), refuse them at once with the message
+    ``MCMCUnlearner`` gives on that network."""
+    res = _cli_in_a_fresh_process([["bnn", *a] for a in NETWORK_REFUSED], tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert not got["torch"], "a combination refused for the run's network imported torch before its refusal"
+    for argv, (code, err) in zip(NETWORK_REFUSED, got["codes"]):
+        library = _run_network_unlearner(argv)
+        assert library is not None, argv
+        assert code == 2 and err.startswith("mcmc-unlearner bnn: error: the unlearner's settings ("), (argv, err)
+        assert err.endswith(f"): {library}\n"), (argv, err, library)
 
 
 def _help(argv: list[str], lazy: bool) -> str:

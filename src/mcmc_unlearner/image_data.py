@@ -43,8 +43,10 @@ __all__ = [
     "DatasetPickleError",
     "ImageData",
     "RestrictedUnpickler",
+    "canonical_name",
     "class_indices",
     "find_mnist_files",
+    "image_shape",
     "load_dataset",
     "missing_dataset",
     "mnist_search_dirs",
@@ -558,6 +560,38 @@ def _load_digits(seed: int) -> ImageData:
         name="digits",
         in_shape=(1, 8, 8),
     )
+
+
+def canonical_name(name: str) -> str | None:
+    """The name in :data:`DATASETS` of ``name`` or its alias (``fmnist``, ``cifar-10``, ...); ``None``: unknown."""
+    return _ALIASES.get(name.strip().lower()) if isinstance(name, str) else None
+
+
+def image_shape(name: str, data_dir: str | os.PathLike | None = None) -> tuple[tuple[int, int, int], int] | None:
+    """The image shape ``(C, H, W)`` and class count :func:`load_dataset` gives ``name``, found without loading torch
+    or the images: (Fashion-)MNIST's image size from its training file's IDX header (torchvision's 28x28 when the
+    files are absent, as ``--download`` fetches them), padded by 2 pixels. ``None``: an unknown name or an unreadable
+    header (:func:`load_dataset` refuses those)."""
+    key = canonical_name(name)
+    if key is None:
+        return None
+    if key == "digits":
+        return (1, 8, 8), 10
+    if key not in _MNIST_DIRS:
+        return (3, 32, 32), 10 if key == "cifar10" else 100  # (_load_cifar_files checks 3x32x32)
+    files = find_mnist_files(key, _default_root(data_dir))
+    if files is None:
+        return (1, 32, 32), 10
+    path = files[_MNIST_FILES["train"][0]]
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            head = f.read(16)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(head) < 16 or head[:4] != b"\x00\x00\x08\x03":  # uint8, 3 dims (what _load_mnist_split accepts)
+        return None
+    h, w = (int.from_bytes(head[i : i + 4], "big") for i in (8, 12))
+    return (1, h + 4, w + 4), 10
 
 
 def load_dataset(

@@ -27,6 +27,7 @@ __all__ = [
     "available_memory",
     "bytes_per_row",
     "chunk_for",
+    "dense_memory",
     "format_bytes",
     "release_free_heap",
     "resident_bytes",
@@ -38,6 +39,12 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 DEFAULT_FRACTION = 0.25
 DEFAULT_CAP = 2**30  # the default's ceiling: a model under 1M parameters then peaks well under 2 GB
+
+
+def dense_memory(dim: int, itemsize: int = 4) -> int:
+    """Bytes of the dense path's matrices: the Hessian, the old Hessian, the cache and a float64 eigendecomposition
+    (the per-row working memory of the build is bounded separately by the column chunks)."""
+    return dim * dim * (3 * itemsize + 3 * 8)
 
 
 def available_memory() -> int:

@@ -5,7 +5,9 @@ refused at once; :mod:`~mcmc_unlearner.solvers`, :mod:`~mcmc_unlearner.unlearner
 :mod:`~mcmc_unlearner.service.gate` re-export them under their usual names. :func:`check_option` is
 ``MCMCUnlearner``'s own check of each keyword argument's value (the constructor calls it), so the command line
 refuses a bad value with the library's message without loading torch; :func:`check_combinations` is its refusal of
-option combinations that do not depend on the model (the constructor calls its rules one by one).
+option combinations that do not depend on the model (the constructor calls its rules one by one), and, given what
+:class:`ModelFacts` says of a model, those that do: what ``solver='auto'`` picks for it (:func:`auto_solver`), the
+dense solvers' memory and the options' range in its dtype.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_REPAIR_STEPS",
+    "FLOAT_LIMITS",
     "MAX_REPAIR_STEPS",
     "BankShift",
     "DampingShape",
@@ -25,18 +28,22 @@ __all__ = [
     "Expectation",
     "HessianKind",
     "Likelihood",
+    "ModelFacts",
     "OnFailure",
     "ScreenMode",
     "SolverName",
+    "auto_solver",
     "check_bank_shift_solver",
     "check_combinations",
     "check_damping",
     "check_damping_shape_solver",
     "check_hessian_solver",
     "check_option",
+    "dense_memory_refusal",
     "is_bool",
     "is_integer",
     "is_number",
+    "representable_refusal",
 ]
 
 
@@ -350,23 +357,145 @@ def check_damping_shape_solver(damping_shape: Any, solver: Any) -> None:
         )
 
 
-def check_combinations(options: Mapping[str, Any]) -> None:
-    """``MCMCUnlearner``'s refusals of option combinations that do not depend on the model, in its order (its
-    keyword arguments ``options``, the others at their defaults). Imports no torch.
+#: ``(largest, smallest normal)`` number of each floating dtype the unlearner takes (``torch.finfo``'s; a test
+#: holds them equal).
+FLOAT_LIMITS: dict[str, tuple[float, float]] = {
+    "float32": (3.4028234663852886e38, 1.1754943508222875e-38),
+    "float64": (1.7976931348623157e308, 2.2250738585072014e-308),
+}
+_ITEMSIZE = {"float32": 4, "float64": 8}
+_DENSE_SOLVERS = (SolverName.EXACT, SolverName.GGN)
 
-    With ``solver='auto'`` (the default) nothing is refused: what it picks depends on the model, and the
-    constructor judges the combination then. Also left to the constructor: the dense solvers' memory, a custom
-    ``energy=``, ``expectation='chain'`` without a sampler, ``solver='ggn'`` under torch.distributed.
+
+class ModelFacts(NamedTuple):
+    """What ``MCMCUnlearner`` reads of a model to pick ``solver='auto'`` and to judge option combinations, stated
+    without building the model (the command line's check before torch, :func:`check_combinations`).
+
+    Attributes:
+        dim: Trainable parameters.
+        dtype: Their dtype's name (``"float32"`` or ``"float64"``).
+        kfac_layers: Trainable ``Linear``/``Conv1d``/``Conv2d`` layers (K-FAC's factored layers).
+        weight_sharing: Sorted type names of the trainable convolution and recurrent layers (``("Conv2d",)``).
+        attention: Whether the model has ``nn.MultiheadAttention``.
+    """
+
+    dim: int
+    dtype: str = "float32"
+    kfac_layers: int = 0
+    weight_sharing: tuple[str, ...] = ()
+    attention: bool = False
+
+
+def auto_solver(
+    model: ModelFacts,
+    hessian: Any,
+    exact_max_dim: int,
+    memory_budget: int,
+    custom_energy: bool = False,
+    distributed: bool = False,
+) -> SolverName:
+    """What ``solver='auto'`` picks for ``model`` (``MCMCUnlearner``'s rule without its reasons; a test holds the
+    two equal): a dense solver when the dense matrices are small (``dim <= exact_max_dim`` and within half of
+    ``memory_budget``, in bytes), else K-FAC on Linear/Conv layers, else CG."""
+    from .memory import dense_memory  # (torch-free)
+
+    need = dense_memory(model.dim, _ITEMSIZE[model.dtype])
+    small = model.dim <= exact_max_dim and need <= memory_budget // 2
+    kfac_ok = not custom_energy and hessian == HessianKind.REMAINING
+    shared = bool(model.weight_sharing)
+    if small and model.attention and kfac_ok and not shared:
+        return SolverName.KFAC
+    if small and not shared:
+        return SolverName.EXACT
+    if small and not custom_energy and not distributed:
+        return SolverName.GGN
+    if model.kfac_layers and kfac_ok:
+        return SolverName.KFAC
+    return SolverName.CG
+
+
+def dense_memory_refusal(solver: SolverName, dim: int, itemsize: int, budget: int, kfac_builds: bool) -> str | None:
+    """Why a dense ``solver``'s matrices of ``dim`` parameters do not fit ``budget`` bytes (``None``: they do, or
+    the solver is not dense); ``kfac_builds``: whether K-FAC builds this curvature (then offered too)."""
+    from .memory import dense_memory, format_bytes  # (torch-free)
+
+    need = dense_memory(dim, itemsize)
+    if solver not in _DENSE_SOLVERS or need <= budget:
+        return None
+    alternatives = "solver='kfac' or 'cg'" if kfac_builds else "solver='cg'"
+    return (
+        f"solver={solver.value!r}: the dense matrices of {dim:,} parameters need "
+        f"{format_bytes(need, up=True)}, over the memory budget of {format_bytes(budget)}: "
+        f"raise memory_budget to at least {format_bytes(need, up=True)}, or use {alternatives}, "
+        "whose needs depend on the data (a request they do not fit is refused before any step, naming "
+        "the budget each needs)"
+    )
+
+
+def representable_refusal(
+    name: str, value: float, dtype: str, limits: tuple[float, float], fix: str, zero_ok: bool = False
+) -> str | None:
+    """Why an option ``value`` is infinite (or, unless ``zero_ok``, nonzero but rounded to zero) in the parameters'
+    ``dtype`` (its ``limits``: largest and smallest normal number), in which the solves apply it (``None``: it is
+    not); ``fix`` says what to pass instead."""
+    largest, smallest = limits
+    if not (value > largest or (not zero_ok and 0 < value < smallest)):
+        return None
+    return (
+        f"{name}={value:g} is {'not finite' if value > largest else 'zero or subnormal'} in the parameters' "
+        f"dtype {dtype} (normal numbers from {smallest:.3g} to {largest:.3g}), in which the solves apply it: {fix}"
+    )
+
+
+#: What a refusal of ``damping``/``scaling`` out of the dtype's range says to pass instead.
+DAMPING_FIX = (
+    "pass damping='auto' (searched per request) or a fixed value of the order of the curvature, far below that"
+)
+SCALING_FIX = "pass scaling='auto' (0.9/λ_max) or a value below 2/λ_max(H)"
+
+
+def check_combinations(options: Mapping[str, Any], model: ModelFacts | None = None) -> None:
+    """``MCMCUnlearner``'s refusals of option combinations, in its order (its keyword arguments ``options``, the
+    others at their defaults). Imports no torch.
+
+    Without ``model``, those that do not depend on the model; with ``solver='auto'`` (the default) nothing is then
+    refused, as what it picks depends on the model. With ``model`` (what the constructor reads of the model it will
+    be given), also ``solver='auto'``'s pick for it (:func:`auto_solver`), the dense solvers' memory (a
+    ``memory_budget`` of ``None`` or a percentage: of the memory available now) and ``damping``/``scaling`` out of
+    its dtype's range. Left to the constructor: a custom ``energy=``, ``expectation='chain'`` without a sampler,
+    ``solver='ggn'`` under torch.distributed.
 
     Raises:
         ValueError: A combination the constructor refuses (its message), or a value it refuses
             (:func:`check_option`).
+        MemoryError: ``model``'s dense matrices over the memory budget (the constructor's message).
     """
     hessian = check_option("hessian", options.get("hessian", HessianKind.REMAINING))
     solver = check_option("solver", options.get("solver", "auto"))
+    if model is not None:
+        budget = check_option("memory_budget", options.get("memory_budget"))
+        if solver == "auto":
+            solver = auto_solver(
+                model, hessian, check_option("exact_max_dim", options.get("exact_max_dim", 1000)), budget
+            )
+        kfac_builds = bool(model.kfac_layers) and hessian == HessianKind.REMAINING
+        problem = dense_memory_refusal(solver, model.dim, _ITEMSIZE[model.dtype], budget, kfac_builds)
+        if problem:
+            raise MemoryError(problem)
     if solver == "auto":
         return
     bank_shift = check_option("bank_shift", options.get("bank_shift", "auto"))
     check_bank_shift_solver(bank_shift, solver)  # ('auto' is 'affine' only with a dense solver)
     check_hessian_solver(solver, hessian)
     check_damping_shape_solver(check_option("damping_shape", options.get("damping_shape", "auto")), solver)
+    if model is None:
+        return
+    limits = FLOAT_LIMITS[model.dtype]
+    scaling = check_option("scaling", options.get("scaling", "auto"))
+    for name, value, fix, zero_ok in (
+        ("damping", check_option("damping", options.get("damping", "auto")), DAMPING_FIX, True),  # (None: auto)
+        ("scaling", None if isinstance(scaling, str) else float(scaling), SCALING_FIX, False),
+    ):
+        problem = None if value is None else representable_refusal(name, value, model.dtype, limits, fix, zero_ok)
+        if problem:
+            raise ValueError(problem)

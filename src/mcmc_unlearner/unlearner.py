@@ -71,6 +71,8 @@ from .data import epoch_samplers
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
 from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, row_and_call_bytes
 from .options import (
+    DAMPING_FIX,
+    SCALING_FIX,
     BankShift,
     EmptiedLabel,
     Expectation,
@@ -79,6 +81,8 @@ from .options import (
     check_damping_shape_solver,
     check_hessian_solver,
     check_option,
+    dense_memory_refusal,
+    representable_refusal,
 )
 from .options import flag as _flag
 from .samplers import scale_lr
@@ -567,14 +571,13 @@ EMPTIED_LABEL_EARLIER_ROWS = 512
 
 def _representable(name: str, value: float, dtype: torch.dtype, fix: str, zero_ok: bool = False) -> None:
     """Refuse an option ``value`` that is infinite (or, unless ``zero_ok``, nonzero but rounded to zero) in the
-    parameters' ``dtype``, in which the solves apply it; ``fix`` says what to pass instead."""
+    parameters' ``dtype``, in which the solves apply it; ``fix`` says what to pass instead
+    (:func:`~mcmc_unlearner.options.representable_refusal`, the command line's torch-free check)."""
     info = torch.finfo(dtype)
-    if value > info.max or (not zero_ok and 0 < value < info.smallest_normal):
-        raise ValueError(
-            f"{name}={value:g} is {'not finite' if value > info.max else 'zero or subnormal'} in the parameters' "
-            f"dtype {str(dtype).removeprefix('torch.')} (normal numbers from {info.smallest_normal:.3g} to "
-            f"{info.max:.3g}), in which the solves apply it: {fix}"
-        )
+    limits = (info.max, info.smallest_normal)
+    problem = representable_refusal(name, value, str(dtype).removeprefix("torch."), limits, fix, zero_ok)
+    if problem:
+        raise ValueError(problem)
 
 
 def _per_row(out: Any, rows: int) -> bool:
@@ -1614,18 +1617,12 @@ class MCMCUnlearner:
         self.exact_max_dim = check_option("exact_max_dim", exact_max_dim)
         self.hessian = check_option("hessian", hessian)  # before the choice: K-FAC builds "remaining" only
         self.solver, self.solver_reason = self._choose_solver(solver)
-        if self.solver in _DENSE:
-            need = dense_memory(self.spec.dim, ParamSpec.params(model)[0].element_size())
-            if need > self.memory_budget:
-                # K-FAC named only where it builds this curvature (stop 50's review: offered with hessian='full')
-                alternatives = "solver='kfac' or 'cg'" if self._kfac_builds() else "solver='cg'"
-                raise MemoryError(
-                    f"solver={self.solver.value!r}: the dense matrices of {self.spec.dim:,} parameters need "
-                    f"{format_bytes(need, up=True)}, over the memory budget of {format_bytes(self.memory_budget)}: "
-                    f"raise memory_budget to at least {format_bytes(need, up=True)}, or use {alternatives}, "
-                    "whose needs depend on the data (a request they do not fit is refused before any step, naming "
-                    "the budget each needs)"
-                )
+        # (torch-free, the command line's check of a network it knows: check_combinations); K-FAC named only where it
+        # builds this curvature (stop 50's review: offered with hessian='full')
+        itemsize = ParamSpec.params(model)[0].element_size()
+        problem = dense_memory_refusal(self.solver, self.spec.dim, itemsize, self.memory_budget, self._kfac_builds())
+        if problem:
+            raise MemoryError(problem)
         self.expectation = check_option("expectation", expectation)
         if self.expectation is Expectation.CHAIN and sampler is None:  # was refused at the first request
             raise ValueError(
@@ -1668,15 +1665,9 @@ class MCMCUnlearner:
         # stopped after 0 iterations ("raise iter_T"), scaling=1e-50 as one that stopped after iter_T
         dtype = ParamSpec.params(model)[0].dtype
         if not isinstance(damping, str):  # (one that rounds to zero is damping=0, allowed)
-            _representable(
-                "damping", self.damping, dtype,
-                "pass damping='auto' (searched per request) or a fixed value of the order of the curvature, far "
-                "below that", zero_ok=True,
-            )  # fmt: skip
+            _representable("damping", self.damping, dtype, DAMPING_FIX, zero_ok=True)
         if not isinstance(scaling, str):
-            _representable(
-                "scaling", float(scaling), dtype, "pass scaling='auto' (0.9/λ_max) or a value below 2/λ_max(H)"
-            )
+            _representable("scaling", float(scaling), dtype, SCALING_FIX)
         self.scaling = scaling
         self.iter_T = check_option("iter_T", iter_T)
         self.tol = check_option("tol", tol)

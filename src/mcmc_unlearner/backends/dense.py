@@ -16,17 +16,11 @@ from typing import Any
 import torch
 
 from ..errors import SolverDivergedError, all_finite
-from ..memory import format_bytes
+from ..memory import dense_memory, format_bytes
 from ..solvers import SolveResult
 from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
 __all__ = ["DenseBackend", "dense_memory"]
-
-
-def dense_memory(dim: int, itemsize: int = 4) -> int:
-    """Bytes of the dense path's matrices: the Hessian, the old Hessian, the cache and a float64 eigendecomposition
-    (the per-row working memory of the build is bounded separately by the column chunks)."""
-    return dim * dim * (3 * itemsize + 3 * 8)
 
 
 class DenseBackend(CurvatureBackend):

@@ -54,7 +54,6 @@ import re
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -85,8 +84,8 @@ from .options import (
     check_settings,
     config_from_args,
     device_problem,
-    settings_refused,
 )
+from .options import DEFAULT_ARCH as _DEFAULT_ARCH
 from .options import register_bnn as register
 from .options import unlearner_overrides as _unlearner_overrides
 from .report import claimed_out_dir, write_json, write_text
@@ -110,13 +109,6 @@ METHODS = ("origin", "retrain", "retrain-b", "retrain-c", *OPTIONAL_METHODS)
 #: Methods that process the requests one by one (progress snapshots, refusals, per-request times).
 _SEQUENTIAL = ("unlearn", "paper", "finetune", "langevin")
 
-_DEFAULT_ARCH = {
-    "digits": "digits_net",
-    "mnist": "lenet5",
-    "fashion-mnist": "lenet5",
-    "cifar10": "small_cnn",
-    "cifar100": "small_cnn",
-}
 #: Splits every method is scored on.
 _SPLITS = ("remaining", "removed", "test", "test_kept")
 
@@ -663,42 +655,6 @@ def check_unlearner_kwarg(key: str, value: Any) -> Any:
     return check_kwarg(key, value)
 
 
-def _check_unlearner_build(cfg: BNNConfig) -> None:
-    """Build the library's unlearner with the run's settings on a stand-in classifier, so that a value or a
-    combination the library refuses is refused before any training (stop 47's probe: ``samp_T=0``,
-    ``emptied_label=bogus`` and ``--solver cg --bank-shift affine`` failed after the chains were trained). Settings
-    whose verdict depends on the run's own network (what ``solver='auto'`` picks for it) are judged when it is
-    built."""
-    if "unlearn" not in cfg.methods:
-        return
-    kw = _unlearner_overrides(cfg)
-    # without a solver, what 'auto' picks depends on the network (the stand-in's 15 parameters: exact; LeNet-5's:
-    # kfac, where damping_shape='data' is valid): refused only when no solver 'auto' can pick takes the settings
-    solvers = [{}] if "solver" in kw else [{"solver": s} for s in ("kfac", "exact", "cg")]
-    first: Exception | None = None
-    # the stand-in's initialisation leaves the run's global generator alone; its solvers are not the run's, whose
-    # unlearner says itself which options it ignores
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"\w+=.* has no effect with ", UserWarning)
-        stand_in = nn.Sequential(nn.Linear(4, 3))
-        theta = torch.nn.utils.parameters_to_vector(stand_in.parameters()).detach()
-        for solver in solvers:
-            try:
-                MCMCUnlearner(
-                    stand_in,
-                    SGLD(stand_in.parameters(), lr=1e-4),
-                    bank=theta + 0.01 * torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(0)),
-                    seed=cfg.seed,
-                    nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
-                    log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
-                    **{k: v for k, v in {**kw, **solver}.items() if k not in ("nll", "log_prior", "energy")},
-                )
-                return
-            except (ValueError, TypeError) as exc:
-                first = first or exc
-    raise settings_refused(kw, first) from None
-
-
 def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:
     """``unlearn``: the library's unlearner, its defaults unless settings were given."""
     return MCMCUnlearner(model, sampler, bank=bank, seed=cfg.seed, **_unlearner_overrides(cfg))
@@ -874,8 +830,8 @@ def _check_device(device: str) -> None:
 
 
 def _resolve(cfg: BNNConfig) -> BNNConfig:
-    check_settings(cfg)  # torch-free (the command line's check before torch), through the unlearner's combinations
-    _check_unlearner_build(cfg)
+    # torch-free (the command line's check before torch), through the unlearner's combinations on the run's network
+    check_settings(cfg)
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
         raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")
     for flag, least, note in _COUNT_LIMITS:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..options import check_combinations, check_option
+from ..options import ModelFacts, check_combinations, check_option
 from .report import SEED_LIMIT, out_folder_arg, seed_arg
 
 __all__ = [
     "ARCHITECTURE_NAMES",
     "BNN_DESCRIPTION",
+    "DEFAULT_ARCH",
     "DEVICES",
     "OPTIONAL_METHODS",
     "PRESETS",
@@ -31,11 +32,21 @@ __all__ = [
     "RefusalPolicy",
     "config_from_args",
     "device_problem",
+    "network_facts",
     "register",
+    "run_network",
 ]
 
 #: The ``--arch`` names: :data:`mcmc_unlearner.models.bnn.ARCHITECTURES`' keys (listed here without torch).
 ARCHITECTURE_NAMES = ("digits_net", "lenet5", "mlp", "small_cnn")
+#: ``--arch``'s default per data set (:data:`mcmc_unlearner.image_data.DATASETS`).
+DEFAULT_ARCH = {
+    "digits": "digits_net",
+    "mnist": "lenet5",
+    "fashion-mnist": "lenet5",
+    "cifar10": "small_cnn",
+    "cifar100": "small_cnn",
+}
 #: ``bnn --help``'s description: the first line of :mod:`mcmc_unlearner.experiments.bnn`'s docstring.
 BNN_DESCRIPTION = (
     "Bayesian neural networks on image data: the paper's class-removal protocol, baselines and evaluation."
@@ -622,11 +633,50 @@ def settings_refused(kw: dict[str, Any], problem: Exception) -> ValueError:
     return ValueError(f"the unlearner's settings ({given}): {problem}")
 
 
+def network_facts(arch: str, in_shape: tuple[int, int, int], n_classes: int) -> ModelFacts | None:
+    """What the unlearner reads of the network ``arch`` for images ``in_shape`` and ``n_classes`` classes
+    (:func:`mcmc_unlearner.models.bnn.build_model`'s; a test holds the two equal), from the architectures' layer
+    sizes without torch. ``None``: an unknown architecture, or images too small for it (``build_model`` refuses
+    those).
+
+    Its parameters are float32 Linear and Conv2d layers (the convolutions share their weights across positions)."""
+    c, h, w = in_shape
+    n = n_classes
+    if arch == "mlp":  # flatten, fc100, fc n
+        return ModelFacts(dim=(c * h * w + 1) * 100 + (100 + 1) * n, kfac_layers=2)
+    if arch == "digits_net":  # conv8@3x3 (pad 1), pool, fc64, fc n
+        oh, ow = h // 2, w // 2
+        layers = [(c * 9 + 1) * 8, (8 * oh * ow + 1) * 64, (64 + 1) * n]
+    elif arch in ("lenet5", "small_cnn"):  # valid 5x5 convolutions, each followed by a 2x2 pool
+        oh, ow = (((s - 4) // 2 - 4) // 2 for s in (h, w))
+        if arch == "lenet5":  # conv6, conv16, fc120, fc84, fc n
+            layers = [(c * 25 + 1) * 6, (6 * 25 + 1) * 16, (16 * oh * ow + 1) * 120, (120 + 1) * 84, (84 + 1) * n]
+        else:  # conv64, conv64, fc384, fc n
+            layers = [(c * 25 + 1) * 64, (64 * 25 + 1) * 64, (64 * oh * ow + 1) * 384, (384 + 1) * n]
+    else:
+        return None
+    if min(oh, ow) < 1:
+        return None
+    return ModelFacts(dim=sum(layers), kfac_layers=len(layers), weight_sharing=("Conv2d",))
+
+
+def run_network(cfg: BNNConfig) -> ModelFacts | None:
+    """:func:`network_facts` of the network ``cfg``'s run unlearns (its data set's images, from the files' headers:
+    :func:`mcmc_unlearner.image_data.image_shape`); ``None`` where the run refuses the data set or architecture."""
+    from ..image_data import canonical_name, image_shape
+
+    shape = image_shape(cfg.dataset, cfg.data_dir)
+    if shape is None:
+        return None
+    arch = cfg.arch or DEFAULT_ARCH[canonical_name(cfg.dataset)]
+    return network_facts(arch, *shape)
+
+
 def check_settings(cfg: BNNConfig) -> None:
     """``bnn``'s checks of a run's settings that need no torch, in the run's order (``bnn._resolve`` runs them
-    first): then ``unlearn``'s option combinations that ``MCMCUnlearner`` refuses whatever the model
-    (:func:`mcmc_unlearner.options.check_combinations`) in the run's words. The combinations that depend on the
-    network (``solver='auto'``'s pick) are judged when the run builds a stand-in (``bnn._check_unlearner_build``).
+    first): then ``unlearn``'s option combinations that ``MCMCUnlearner`` refuses, for the run's network
+    (:func:`mcmc_unlearner.options.check_combinations` given :func:`run_network`: what ``solver='auto'`` picks for
+    it, the dense solvers' memory, ``damping``/``scaling`` out of float32's range), in the run's words.
 
     Raises:
         ValueError: A setting the run refuses (a combination: the library's message after the settings).
@@ -676,8 +726,8 @@ def check_settings(cfg: BNNConfig) -> None:
     if "unlearn" not in cfg.methods:
         return
     try:
-        check_combinations(kw)
-    except ValueError as exc:
+        check_combinations(kw, run_network(cfg))
+    except (ValueError, MemoryError) as exc:
         raise settings_refused(kw, exc) from None
 
 
@@ -691,7 +741,8 @@ def _bnn(args: argparse.Namespace) -> int:
         problem = missing_dataset(cfg.dataset, cfg.data_dir)
         if problem:
             raise FileNotFoundError(problem)
-    check_settings(cfg)  # before torch (3.2 s): e.g. the library's refusal of solver=kfac with hessian=full
+    check_settings(cfg)  # before torch (3.2 s): e.g. the library's refusal of solver=kfac with hessian=full, or of
+    # bank_shift=affine where solver='auto' picks kfac for the network
     from . import bnn
 
     return bnn._main(args)
