@@ -1115,6 +1115,11 @@ def _draws(bank: torch.Tensor, k: int | None) -> torch.Tensor:
     return bank if k is None or k >= bank.shape[0] else bank[_evenly(bank.shape[0], k)]
 
 
+def _draw_count(bank: torch.Tensor, k: int | None) -> int:
+    """``_draws(bank, k).shape[0]`` without the copy."""
+    return int(bank.shape[0]) if k is None else min(int(k), int(bank.shape[0]))
+
+
 class _BankRows:
     """``bank[index]`` read in place, for code that takes per-draw derivatives one draw at a time: iterating gives
     the rows of ``bank`` (views holding the copy's numbers; derivatives there equal the copy's to rounding, which
@@ -2548,7 +2553,7 @@ class MCMCUnlearner:
         if self.bank is None:
             return 1
         given = self.curvature_draws if self._curvature_draws_given else None
-        return _draws(self.bank, given or (8 if solver is SolverName.KFAC else 16)).shape[0]
+        return _draw_count(self.bank, given or (8 if solver is SolverName.KFAC else 16))
 
     def _minibatch_rows(self, stream: _Stream, solver: SolverName | None = None) -> tuple[int | None, str]:
         """The most rows of one draw's curvature minibatch (:meth:`_Stream.stacked`) with ``solver`` (default: this
