@@ -351,3 +351,19 @@ def test_a_whole_number_written_as_a_float_in_unlearner_kw_is_taken_as_an_int(gi
     cfg = bnn.config_from_args(build_parser().parse_args(["bnn", "--unlearner-kw", given]))
     got = bnn._unlearner_overrides(bnn._resolve(cfg))[key]
     assert got == value and type(got) is int
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "value"),
+    [
+        ({"unlearner_kwargs": {"iter_T": 5.0}}, "iter_T", 5),
+        ({"samp_T": 2.0}, "samp_T", 2),
+        ({"unlearner_kwargs": {"exact_max_dim": 1e3}}, "exact_max_dim", 1000),
+    ],
+)
+def test_a_whole_number_written_as_a_float_from_python_reaches_the_run_as_an_int(settings, key, value):
+    """From Python (``BNNConfig``) too: ``check_settings`` accepts ``iter_T=5.0`` as 5 before training, so the run's
+    unlearner must be built with that 5; it was built with 5.0 and refused it after the chains were trained."""
+    cfg = bnn._resolve(bnn.BNNConfig(**settings))
+    got = bnn._unlearner_overrides(cfg)[key]
+    assert got == value and type(got) is int

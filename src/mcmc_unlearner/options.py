@@ -455,8 +455,9 @@ SCALING_FIX = "pass scaling='auto' (0.9/λ_max) or a value below 2/λ_max(H)"
 
 
 def check_combinations(options: Mapping[str, Any], model: ModelFacts | None = None) -> None:
-    """``MCMCUnlearner``'s refusals of option combinations, in its order (its keyword arguments ``options``, the
-    others at their defaults). Imports no torch.
+    """``MCMCUnlearner``'s refusals of option combinations, the rules in its order (its keyword arguments
+    ``options``, the others at their defaults; of two bad single values, the one named may differ from the
+    constructor's, which checks every value first). Imports no torch.
 
     Without ``model``, those that do not depend on the model; with ``solver='auto'`` (the default) nothing is then
     refused, as what it picks depends on the model. With ``model`` (what the constructor reads of the model it will

@@ -10,6 +10,7 @@ instead of after loading torch and the experiment (2 s and more); :mod:`~mcmc_un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -619,9 +620,14 @@ def check_kwarg(key: str, value: Any) -> Any:
 
 
 def unlearner_overrides(cfg: BNNConfig) -> dict[str, Any]:
-    """The ``MCMCUnlearner`` keyword arguments set explicitly (everything else stays at the library default)."""
+    """The ``MCMCUnlearner`` keyword arguments set explicitly (everything else stays at the library default), each
+    as :func:`check_kwarg` takes it (a whole number written as a float, ``iter_T=5.0``, as the ``int`` the library
+    accepts: the run's unlearner gets what :func:`check_settings` checked)."""
     kw = {k: getattr(cfg, k) for k in _UNLEARNER_OPTIONS if getattr(cfg, k) is not None}
     kw.update(cfg.unlearner_kwargs)
+    for key, value in kw.items():
+        with contextlib.suppress(ValueError):  # a bad value stays as given: check_settings refuses it
+            kw[key] = check_kwarg(key, value)
     if kw.get("solver") == "cg" and "negative_curvature" not in kw:
         kw["negative_curvature"] = "truncate"
     return kw
@@ -722,7 +728,7 @@ def check_settings(cfg: BNNConfig) -> None:
         )
     kw = unlearner_overrides(cfg)
     for key, value in kw.items():
-        check_kwarg(key, value)  # a bad value is refused now, not after training
+        kw[key] = check_kwarg(key, value)  # a bad value is refused now, not after training
     if "unlearn" not in cfg.methods:
         return
     try:
