@@ -4,6 +4,7 @@ misreading before (stop 34)."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import warnings
@@ -265,3 +266,19 @@ def test_defaults_and_their_saved_configurations_warn_of_nothing():
         MCMCUnlearner(model, **{**kw, "turn_draws": False})
     with pytest.warns(UserWarning, match=r"turn_draws=False has no effect with expectation='chain'"):
         MCMCUnlearner(model, SGLD(model.parameters(), lr=1e-4), **{**kw, "expectation": "chain", "turn_draws": False})
+
+
+@pytest.mark.parametrize("key", ["damping", "scaling", "tol"])
+def test_an_integer_too_large_for_a_float_is_refused_with_the_option_s_message(key):
+    """``damping=10**400`` (``--unlearner-kw damping=1000...``) raised a bare ``OverflowError`` from
+    ``math.isfinite``; it is refused as any other value out of range, naming the option."""
+    from mcmc_unlearner.options import check_option
+
+    with pytest.raises(ValueError, match=key):
+        check_option(key, 10**400)
+
+
+def test_an_integer_too_large_for_a_float_is_an_unbounded_drift_tol():
+    from mcmc_unlearner.options import check_option
+
+    assert check_option("drift_tol", 10**400) == math.inf

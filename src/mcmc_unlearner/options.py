@@ -114,7 +114,7 @@ def check_damping(damping: Any) -> float | None:
             raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
         return None
     real = isinstance(damping, numbers.Real) and not isinstance(damping, bool)  # numpy numbers too
-    if not (real and math.isfinite(damping) and damping >= 0):
+    if not (real and finite(damping) and damping >= 0):
         raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}")
     return float(damping)
 
@@ -132,9 +132,22 @@ def is_bool(v: Any) -> bool:
     return isinstance(v, bool) or (type(v).__name__ in ("bool_", "bool") and type(v).__module__ == "numpy")
 
 
+def finite(v: numbers.Real) -> bool:
+    """Whether the real number ``v`` is finite as a float (an integer too large for one, ``10**400``, is not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def is_number(v: Any) -> bool:
     """A real number that is not a bool or NaN (an option's value)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return not math.isnan(v)
+    except OverflowError:  # an integer too large for a float is a number, and not NaN
+        return True
 
 
 def is_integer(v: Any) -> bool:
@@ -205,7 +218,7 @@ def _damping_shape(v: Any) -> DampingShape:
 
 
 def _scaling(v: Any) -> Any:
-    if not (v == "auto" or (is_number(v) and math.isfinite(float(v)) and float(v) > 0)):
+    if not (v == "auto" or (is_number(v) and finite(v) and float(v) > 0)):
         raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {v!r}")
     return v
 
@@ -213,7 +226,7 @@ def _scaling(v: Any) -> Any:
 def _tol(v: Any) -> float:
     # a string, True or a tensor was taken by float(); tol >= 1 is met by the zero step (cg refused it later,
     # naming only the zero shift; stop 47's probe)
-    if not (is_number(v) and math.isfinite(float(v)) and 0 < float(v) < 1):
+    if not (is_number(v) and finite(v) and 0 < float(v) < 1):
         raise ValueError(f"tol must be a number in (0, 1), the relative residual a solve must reach, got {v!r}")
     return float(v)
 
@@ -231,9 +244,9 @@ def _turn_draws(v: Any) -> bool | str:
 
 
 def _drift_tol(v: Any) -> float:
-    if not (is_number(v) and float(v) > 0):  # inf: never rebuild on drift
+    if not (is_number(v) and v > 0):  # inf: never rebuild on drift
         raise ValueError(f"drift_tol must be a number > 0, got {v!r}")
-    return float(v)
+    return float(v) if finite(v) else math.inf
 
 
 def _one_of(name: str, allowed: Sequence[str], shown: str) -> Callable[[Any], Any]:
