@@ -133,8 +133,8 @@ def spelling(interface: str) -> Callable[[str], str]:
 def shown_as(interface: str) -> Callable[[str], str]:
     """How text the ledger recorded (a request's quality problems, in the spelling of whoever sent it) is shown to
     a reader on ``interface``: ``"python"`` names the keyword (:func:`as_keywords`), ``"cli"`` the flag
-    (:func:`as_flags`). Text that names no option is shown as it is, and showing it again changes nothing; the
-    ledger itself is never rewritten."""
+    (:func:`as_flags`). Text that names no option is shown as it is, and the problems the library records
+    read the same when shown again; the ledger itself is never rewritten."""
     if interface == "python":
         return as_keywords
     if interface == "cli":
