@@ -69,6 +69,29 @@ def test_every_bank_layout_gives_the_same_shift_returned_in_its_own_layout() -> 
     assert torch.equal(torch.stack(out["vectors"]), ref)  # a list of [D] vectors comes back as one
 
 
+def test_a_tuple_of_samples_comes_back_as_a_list_as_documented() -> None:
+    """A bank given as a tuple (of ``[D]`` vectors or of state_dicts) comes back from ``samples()`` as a list, as the
+    layout code returns every sequence of samples; ``samples()``'s docstring said "in the layout they were given in"
+    without saying so (a probe's tuple of vectors came back as a list)."""
+    model, x, y, bank = _problem()
+    layouts = _layouts(model, bank)
+    ref = None
+    for kind in ("vectors", "state_dicts"):
+        given = tuple(layouts[kind])
+        before = to_flat(list(given), ParamSpec.of(model))[0]
+        un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=given)
+        un.forget([0, 1, 2, 3], RemovableDataset(x, y, batch_size=40, seed=0))
+        out = un.samples()
+        assert type(out) is list and len(out) == len(given)
+        moved = to_flat(out, ParamSpec.of(model))[0]
+        assert torch.equal(moved, un.bank) and not torch.equal(moved, before)
+        assert torch.equal(to_flat(list(given), ParamSpec.of(model))[0], before)  # the caller's samples unchanged
+        ref = moved if ref is None else ref
+        assert torch.equal(moved, ref)  # the same shift in either layout
+    doc = MCMCUnlearner.samples.__doc__
+    assert "list" in doc and "tuple" in doc  # what the docstring promises is what comes back
+
+
 def test_a_tensor_bank_comes_back_in_its_own_dtype_not_the_models() -> None:
     model, x, y, bank = _problem(4)
     for given_dtype, model_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):

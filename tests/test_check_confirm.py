@@ -82,6 +82,18 @@ def test_a_step_whose_damage_the_checks_rows_read_low_is_measured_again_and_refu
     assert any(not t["confirm_passed"] for t in confirmed)  # a step its 256 rows passed, refused on more rows
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_report_s_remaining_nll_change_is_the_pooled_measurement_the_step_was_taken_on(seed: int) -> None:
+    """The report's held-rows NLL change gave the taken step's first measurement on 256 rows where the net had
+    measured it again and taken it on the pooled value (seed 1: +0.0044 reported, +0.0023 pooled; a probe's
+    two-output network: +0.0043 reported, +0.0076 pooled, +0.0105 over every row and sample)."""
+    report, _ = _request(seed)
+    assert report.passed
+    taken = [t for t in report.info["trials"] if t.get("confirm_passed") and t["damping"] == report.damping]
+    assert taken and taken[-1]["pooled_nll_change"] != taken[-1]["nll_change"]
+    assert report.remaining_nll_change == taken[-1]["pooled_nll_change"]
+
+
 @pytest.mark.parametrize(
     "seed",
     [

@@ -125,6 +125,32 @@ def test_no_measurement_while_the_label_remains_or_for_a_gaussian_likelihood() -
     assert "emptied_labels" not in prop.report.info
 
 
+@pytest.mark.parametrize("head", ["poisson", "gaussian"])
+def test_integer_counts_of_a_regression_are_not_read_as_emptied_class_labels(head: str) -> None:
+    """A Poisson regression MLP (one log-rate per row) on int64 counts, and a Gaussian on the same integer targets:
+    a request removing the rows of the largest counts removes no class, and the report said it "removes the last rows
+    of label(s) [...]" (not checked). Targets as large as the model's output is wide index none of its values."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 3, generator=g, dtype=torch.float64)
+    counts = torch.poisson((1.0 + x[:, 0]).exp(), generator=g).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def nll(m, b):
+        out = m(b[0]).squeeze(-1)
+        if head == "poisson":
+            return F.poisson_nll_loss(out, b[1].double(), log_input=True, full=True, reduction="none")
+        return 0.5 * (out - b[1].double()) ** 2
+
+    samples = [{k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in model.state_dict().items()}
+               for _ in range(6)]  # fmt: skip
+    un = MCMCUnlearner(model, nll=nll, bank=samples, seed=0)
+    gone = counts >= int(counts.float().quantile(0.97))  # the largest counts: no remaining row has them
+    assert not torch.isin(counts[gone], counts[~gone]).any()
+    prop = un.propose((x[gone], counts[gone]), (x[~gone], counts[~gone]))
+    assert "emptied_labels" not in prop.report.info, prop.report.info.get("emptied_labels")
+
+
 class _Targets(Dataset):
     """A dataset in torchvision's convention: rows ``(x, label)`` read one by one, and every label in ``targets``
     (a list, as ``CIFAR10`` and ``ImageFolder`` keep it). It counts the rows read."""

@@ -1149,8 +1149,12 @@ def test_a_passed_step_whose_nll_rise_is_not_clearly_within_tolerance_is_measure
         assert h["pooled_nll_change"] == pytest.approx(pooled) and h["pooled_nll_stderr"] == pytest.approx(se)
         assert h["confirm_rows"] == more[2] and h["confirm_draws"] == more[3] and h["confirm_passed"] == passed
         assert ("measured again" in out.note) == (not passed)
+        # the step's NLL change is the pooled one it was judged on (the report's ``remaining_nll_change``; it held
+        # the first 256 rows' alone), the trial's record keeps the first
+        assert out.nll_change == pytest.approx(pooled) and h["nll_change"] == nll
     else:
         assert "confirm_rows" not in h
+        assert out.nll_change == nll
 
 
 class _SizedConfirmCheck:

@@ -3,11 +3,12 @@
 Accepted layouts (``D`` = the model's trainable parameters in ``named_parameters`` order, see
 :class:`~mcmc_unlearner.curvature.ParamSpec`):
 
-* a tensor ``[S, D]`` of flat parameter vectors (e.g. rows of ``parameters_to_vector``), or a list of such
-  ``[D]`` vectors (returned as a list); on a model with frozen parameters also ``[S, D_all]``, rows of
+* a tensor ``[S, D]`` of flat parameter vectors (e.g. rows of ``parameters_to_vector``), or a list (or tuple) of
+  such ``[D]`` vectors (returned as a list); on a model with frozen parameters also ``[S, D_all]``, rows of
   ``parameters_to_vector(model.parameters())`` with the frozen ones included (they must hold the model's frozen
   values; returned in that width, those columns unchanged);
-* a list of ``state_dict``-like mappings ``{name: tensor}`` (buffers and other entries are carried along);
+* a list (or tuple) of ``state_dict``-like mappings ``{name: tensor}`` (returned as a list, each sample in its own
+  mapping type; buffers and other entries are carried along);
 * a dict of stacked tensors ``{name: [S, *shape]}`` (the layout of the ``posteriors`` library; other entries, such
   as buffers, are carried along too).
 

@@ -613,6 +613,21 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
         return Likelihood.EMPIRICAL, {"reason": "; ".join(reasons) + _label_hint(probe)}
 
 
+def output_columns(model: nn.Module, batch: Batch) -> int | None:
+    """The most values per row of any ``[B, ...]`` tensor ``model(x)`` gives (the output itself, or one in a tuple,
+    list or dict), read on a few probe rows: an integer target ``batch[1]`` of that value or more indexes no class
+    of the model's output (a count regression's targets); ``None`` where ``model(x)`` cannot be called alone (only
+    ``nll`` knows how) or gives no such tensor. The model and the RNG states are left as they were."""
+    probe = _head(batch, _PROBE_ROWS)
+    with preserved(model), torch.no_grad():
+        try:
+            out = model(probe[0])
+        except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError):
+            return None
+    widths = [int(t.shape[1:].numel()) for _, t in _output_candidates(out, field_rows(probe))]
+    return max(widths) if widths else None
+
+
 def _label_hint(batch: Batch) -> str:
     """Where ``batch[1]`` holds no integer labels but a later field does (``(ids, mask, y)``): that the labels are read
     from the second field (stop 45's text probe: the mask was taken as the labels, silently)."""

@@ -614,7 +614,9 @@ class StepOutcome:
         solve: The solver result of that step.
         damping: ``λ`` of that step.
         trials: Steps tried (each one checked).
-        predicted, actual, ratio, stderr, nll_change: The check of that step (module docstring).
+        predicted, actual, ratio, stderr, nll_change: The check of that step (module docstring); ``nll_change`` is
+            the held rows' mean NLL change pooled with the second measurement where there was one
+            (:meth:`DampingControl._confirm`; the first alone in ``history``).
         safe: Whether the step passed the check.
         history: ``(damping, predicted, actual, ratio)`` of every trial.
         note: Why the last trial failed, if it did.
@@ -1132,7 +1134,7 @@ class DampingControl:
 
     def _settle(self, out: StepOutcome) -> bool:
         """Make a passed step's pending second measurement (:meth:`_confirm`), if any, and apply its verdict to ``out``
-        (``safe``, the pooled NLL rise, ``history``, ``note``); returns ``out.safe``."""
+        (``safe``, the pooled NLL change and rise, ``history``, ``note``); returns ``out.safe``."""
         if out.pending is None:
             return out.safe
         (check, x), out.pending = out.pending, None
@@ -1141,6 +1143,7 @@ class DampingControl:
         if confirmed is None:
             return out.safe
         out.safe = confirmed["confirm_passed"]
+        out.nll_change = confirmed["pooled_nll_change"]  # what the verdict was taken on, not the first 256 rows'
         out.nll_rise = confirmed["pooled_nll_change"] + min(meas.prior_per_row, 0.0)
         out.nll_stderr = confirmed["pooled_nll_stderr"]
         out.history[0].update(confirmed)

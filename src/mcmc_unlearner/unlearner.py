@@ -209,7 +209,10 @@ class RemovalReport:
             Monte-Carlo error and ``model_ratio`` = actual/predicted (see :mod:`mcmc_unlearner.step`).
         remaining_nll_change: Mean change of the per-row negative log-likelihood of the held remaining rows: the
             common step's, plus the measured change of the move of the samples' spread where one was applied
-            (``info["spread_check"]``; ``info["remaining_nll_rise"]`` likewise).
+            (``info["spread_check"]``; ``info["remaining_nll_rise"]`` likewise). Where the safety net measured the
+            step a second time on further rows, the step's change is the two measurements pooled, the value it
+            judged the step on (``info["trials"]``' ``pooled_nll_change``); unlike ``info["remaining_nll_rise"]``
+            it is not credited with the prior's fall.
         safe: Whether the step passed the safety check.
         problems: What failed (empty when the removal passed every check; see :func:`quality_problems`).
         info: Backend extras (reuse of cached curvature, eigenvalues, K-FAC likelihood, damping history).
@@ -1756,6 +1759,9 @@ class MCMCUnlearner:
         self._plain_categorical: bool | None = None  # nll is a plain cross-entropy (found on the first request)
         self._categorical = False  # a cross-entropy with a temperature, scale, label smoothing or row weights
         self._label_link: tuple[dict[str, Any], str] = ({}, "")  # detect_likelihood's extras; why not categorical
+        #: not categorical: the model's output values per row, which an integer target must index to be a class
+        #: label (0: a Gaussian likelihood, a regression; ``None``: unknown)
+        self._label_columns: int | None = None
         self._version = 0
         self._g_round = 0  # requests applied: which draws the next request's G reads (_turned)
         self._row_bytes: int | None = None
@@ -2188,7 +2194,10 @@ class MCMCUnlearner:
             )
 
     def samples(self) -> Any:
-        """The stored samples in the layout they were given in (new tensors; a ``[S, D]`` tensor by default)."""
+        """The stored samples in the layout they were given in (new tensors; a ``[S, D]`` tensor by default).
+
+        A sequence of samples (of ``[D]`` vectors or of state_dicts) comes back as a list, a tuple included
+        (:mod:`mcmc_unlearner.bank`)."""
         if self.bank is None:
             return None
         return self.bank.clone() if self._layout is None else self._layout.restore(self.bank)
@@ -3647,9 +3656,12 @@ class MCMCUnlearner:
         ``EMPTIED_LABEL_MAX_PROB`` or more the removal did not forget the class: one local influence step from a fit
         that predicts it cannot move that far (a user's digits MLP, its class removed in 17 requests of 8: p = 0.99
         at the last request, every request before it passed). Where the labels cannot be read (an iterator, a
-        ``DataLoader`` over another kind of dataset) ``info["emptied_labels"]`` says it was not checked. Under
-        ``torch.distributed`` every decision is taken on all-reduced counts (:meth:`_reduce_max`, ``_reduce``), so
-        the ranks agree and the result equals one process's.
+        ``DataLoader`` over another kind of dataset) ``info["emptied_labels"]`` says it was not checked, as it does
+        for a loss not recognised as a cross-entropy, unless the integer targets cannot be the model's class labels
+        (a Gaussian likelihood's, or targets as large as the model's output has values per row: a count
+        regression's, :func:`~mcmc_unlearner.kronecker.output_columns`). Under ``torch.distributed`` every decision
+        is taken on all-reduced counts (:meth:`_reduce_max`, ``_reduce``), so the ranks agree and the result equals
+        one process's.
         """
         y = batch[1] if len(batch) > 1 else None
         integer = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
@@ -3680,12 +3692,14 @@ class MCMCUnlearner:
             # on the first request; a rank without removed rows has nothing to probe and defers to the others
             plain = categorical = True
             if y.numel():
-                from .kronecker import Likelihood, detect_likelihood
+                from .kronecker import Likelihood, detect_likelihood, output_columns
 
                 kind, extra = detect_likelihood(self.model, self._row_nll, raw)
                 categorical = kind is Likelihood.CATEGORICAL
                 plain = categorical and set(extra) <= {"output"}
                 self._label_link = (extra, str(extra.get("reason", "")))
+                if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
+                    self._label_columns = 0 if kind is Likelihood.GAUSSIAN else output_columns(self.model, raw)
             has = float(y.numel() > 0)
             flags = self._reduce_max(torch.tensor([has, has * float(not plain), has * float(not categorical)]))
             self._plain_categorical = bool(flags[0] > 0) and not bool(flags[1] > 0)
@@ -3697,7 +3711,11 @@ class MCMCUnlearner:
             if left is not None and self._reduce is None and y.numel():
                 labels = torch.unique(y[y >= 0].long())
                 gone = labels[~torch.isin(labels, left.long().to(labels.device))].tolist()
-                if gone:
+                # targets as large as the model's output is wide index none of its values: counts of a Poisson or
+                # negative-binomial regression, no class labels (a probe's int64 counts were said to empty "labels
+                # [35, 39, ...]"); a Gaussian likelihood's are a regression's
+                top = max([int(y.max())] + ([int(left.max())] if left.numel() else []))
+                if gone and (self._label_columns is None or top < self._label_columns):
                     why = self._label_link[1] or "another loss"
                     info["emptied_labels"] = (
                         f"not checked: the request removes the last rows of label(s) {gone}, but nll is not "
