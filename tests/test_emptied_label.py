@@ -129,7 +129,7 @@ def test_no_measurement_while_the_label_remains_or_for_a_gaussian_likelihood() -
 def test_integer_counts_of_a_regression_are_not_read_as_emptied_class_labels(head: str) -> None:
     """A Poisson regression MLP (one log-rate per row) on int64 counts, and a Gaussian on the same integer targets:
     a request removing the rows of the largest counts removes no class, and the report said it "removes the last rows
-    of label(s) [...]" (not checked). Targets as large as the model's output is wide index none of its values."""
+    of label(s) [...]" (not checked). Targets larger than the model's output is wide index none of its values."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(160, 3, generator=g, dtype=torch.float64)
     counts = torch.poisson((1.0 + x[:, 0]).exp(), generator=g).long()
@@ -149,6 +149,39 @@ def test_integer_counts_of_a_regression_are_not_read_as_emptied_class_labels(hea
     assert not torch.isin(counts[gone], counts[~gone]).any()
     prop = un.propose((x[gone], counts[gone]), (x[~gone], counts[~gone]))
     assert "emptied_labels" not in prop.report.info, prop.report.info.get("emptied_labels")
+
+
+@pytest.mark.parametrize("labels", ["binary_logit", "numbered_from_one"])
+def test_labels_as_large_as_the_output_is_wide_are_still_said_to_be_unchecked(labels: str) -> None:
+    """The other side of the counts' rule: a single logit's 0/1 labels (BCE) and classes numbered 1..C (``nll``
+    subtracting 1) reach the output's width without exceeding it, so they can be class labels, and a request removing
+    every row of one is said not to be checked (the first version of the rule silenced both: review)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    if labels == "binary_logit":
+        y = (x[:, 0] > 1.2).long()  # a small class 1
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+        def nll(m, b):
+            return F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1].double(), reduction="none")
+
+        gone = y == 1
+    else:
+        y = 1 + (x[:, 0] > 0).long() + (x[:, 0] > 1.2).long()  # classes 1, 2, 3
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+        def nll(m, b):
+            return F.cross_entropy(m(b[0]), b[1] - 1, reduction="none", label_smoothing=0.05, weight=w)
+
+        w = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)  # weights with smoothing: not read as categorical
+        gone = y == 3
+    samples = [{k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in model.state_dict().items()}
+               for _ in range(6)]  # fmt: skip
+    un = MCMCUnlearner(model, nll=nll, bank=samples, seed=0)
+    prop = un.propose((x[gone], y[gone]), (x[~gone], y[~gone]))
+    note = prop.report.info.get("emptied_labels", "")
+    assert note.startswith("not checked") and str([int(y[gone][0])]) in note, note
 
 
 class _Targets(Dataset):

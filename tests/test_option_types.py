@@ -282,3 +282,23 @@ def test_an_integer_too_large_for_a_float_is_an_unbounded_drift_tol():
     from mcmc_unlearner.options import check_option
 
     assert check_option("drift_tol", 10**400) == math.inf
+
+
+@pytest.mark.parametrize("key", ["check_rows", "max_damping_trials"])
+def test_an_integer_too_large_for_a_float_as_a_count_runs_as_a_very_large_one(key):
+    """``check_rows=10**400`` is accepted (any integer >= its minimum), and a request then died of a bare
+    ``OverflowError`` (``math.ceil(check_rows / 4)``); ``max_damping_trials=10**400`` made the damping search loop
+    on for ever, growing its reach past infinity. Both now run as a very large count does."""
+    torch.manual_seed(0)
+    x = torch.randn(60, 2, dtype=torch.float64)
+    y = x[:, 0] + 0.1 * torch.randn(60, dtype=torch.float64)
+    model = nn.Linear(2, 1).double()
+    bank = torch.cat([p.detach().flatten() for p in model.parameters()]) + 0.05 * torch.randn(8, 3, dtype=torch.float64)
+
+    def nll(m, b):
+        return 0.5 * (m(b[0]).squeeze(-1) - b[1]) ** 2
+
+    un = MCMCUnlearner(model, None, nll=nll, bank=bank.clone(), **{key: 10**400})
+    ref = MCMCUnlearner(model, None, nll=nll, bank=bank.clone(), **{key: 10**6})
+    got, want = (u.propose((x[:3], y[:3]), (x[3:], y[3:])) for u in (un, ref))
+    assert torch.equal(got.bank, want.bank)

@@ -615,7 +615,7 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
 
 def output_columns(model: nn.Module, batch: Batch) -> int | None:
     """The most values per row of any ``[B, ...]`` tensor ``model(x)`` gives (the output itself, or one in a tuple,
-    list or dict), read on a few probe rows: an integer target ``batch[1]`` of that value or more indexes no class
+    list or dict), read on a few probe rows: an integer target ``batch[1]`` above that value indexes no class
     of the model's output (a count regression's targets); ``None`` where ``model(x)`` cannot be called alone (only
     ``nll`` knows how) or gives no such tensor. The model and the RNG states are left as they were."""
     probe = _head(batch, _PROBE_ROWS)

@@ -1330,6 +1330,8 @@ class DampingControl:
                         reach = lam  # the most damped step the search could still try
                         for _ in range(left):
                             reach = start() if reach < start() else reach * self.grow
+                            if math.isinf(reach):  # (max_damping_trials=10**400 looped on for ever)
+                                break
                         why = self._saturated(backend, G, prev, out, reach)
                         if why is not None:  # a failed search of this shape, as if it had tried every damping left
                             out.history[0]["stopped"] = why

@@ -3444,7 +3444,9 @@ class MCMCUnlearner:
         # at most 4 passes over the remaining rows (the default 256 always): check_rows=10**7 over 195 rows read
         # 10**7 repeated rows (3.2 GB, still running after 25 s)
         check_rows, screen_rows = self._check_rows(
-            stream, min(self.check_rows, max(4 * n, 256)), math.ceil(self.check_rows / 4)
+            stream,
+            min(self.check_rows, max(4 * n, 256)),
+            -(-self.check_rows // 4),  # exact for any int
         )
         screen = (math.ceil(k_thetas.shape[0] / 2), screen_rows) if screened else None
         m_rows = int(check_rows[0].shape[0])
@@ -3691,7 +3693,7 @@ class MCMCUnlearner:
         at the last request, every request before it passed). Where the labels cannot be read (an iterator, a
         ``DataLoader`` over another kind of dataset) ``info["emptied_labels"]`` says it was not checked, as it does
         for a loss not recognised as a cross-entropy, unless the integer targets cannot be the model's class labels
-        (a Gaussian likelihood's, or targets as large as the model's output has values per row: a count
+        (a Gaussian likelihood's, or targets larger than the values the model outputs per row: a count
         regression's, :func:`~mcmc_unlearner.kronecker.output_columns`). Under ``torch.distributed`` every decision
         is taken on all-reduced counts (:meth:`_reduce_max`, ``_reduce``), so the ranks agree and the result equals
         one process's.
@@ -3744,11 +3746,12 @@ class MCMCUnlearner:
             if left is not None and self._reduce is None and y.numel():
                 labels = torch.unique(y[y >= 0].long())
                 gone = labels[~torch.isin(labels, left.long().to(labels.device))].tolist()
-                # targets as large as the model's output is wide index none of its values: counts of a Poisson or
+                # targets larger than the model's output is wide index none of its values: counts of a Poisson or
                 # negative-binomial regression, no class labels (a probe's int64 counts were said to empty "labels
-                # [35, 39, ...]"); a Gaussian likelihood's are a regression's
+                # [35, 39, ...]"); a Gaussian likelihood's are a regression's. Equal to the width is still a label:
+                # a single logit's 0/1 (BCE), classes numbered 1..C (review)
                 top = max([int(y.max())] + ([int(left.max())] if left.numel() else []))
-                if gone and (self._label_columns is None or top < self._label_columns):
+                if gone and (self._label_columns is None or top <= self._label_columns):
                     why = self._label_link[1] or "another loss"
                     info["emptied_labels"] = (
                         f"not checked: the request removes the last rows of label(s) {gone}, but nll is not "
