@@ -137,7 +137,11 @@ def test_accept_commits_and_status_reports_degraded(model, tmp_path, capsys):
     st_ = status(model)
     assert st_["degraded"] and [d["request_id"] for d in st_["degraded_requests"]] == [e["request_id"]]
     assert main(["status", "--model", str(model)]) == 0
-    assert f"DEGRADED: committed with failed quality checks: {e['request_id']} (entry 1)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"DEGRADED: committed with failed quality checks: {e['request_id']} (entry 1)" in shown
+    # and what failed, which forget's DEGRADED line sends the reader to status for
+    (line,) = [ln for ln in shown.splitlines() if ln.startswith(f"  {e['request_id']}: ")]
+    assert "floating-point resolution" in line
     res = verify(model)
     assert res.ok and any("degraded" in n for n in res.notes)
     # a later request that passes does not hide the degraded one

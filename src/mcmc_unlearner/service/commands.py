@@ -192,6 +192,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if st["degraded"]:
         names = ", ".join(f"{one_line(d['request_id'])} (entry {d['seq']})" for d in st["degraded_requests"][:10])
         lines.append(f"quality:          DEGRADED: committed with failed quality checks: {names}")
+        for d in st["degraded_requests"][:10]:  # what failed (the DEGRADED line of forget says "see status")
+            problems = d.get("problems")
+            listed = problems if isinstance(problems, list) else [] if problems is None else [problems]
+            shown = "; ".join(map(one_line, listed))
+            lines.append(f"  {one_line(d['request_id'])}: {shown or 'no problem recorded'}")
     else:
         lines.append("quality:          ok (every request passed the quality checks or was repaired)")
     if st.get("unresolved_requests"):
