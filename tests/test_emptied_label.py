@@ -352,3 +352,47 @@ def test_a_class_removed_over_several_forget_requests_is_judged_on_all_its_remov
     info = un.forget(ids3.tolist(), RemovableDataset(x, y, batch_size=50, seed=0), strict=False).info
     assert "emptied_label_earlier_rows" not in info
     assert info["emptied_labels"]["3"] == pytest.approx(float(_predictive(model, un.bank, x[ids3])[:, 3].mean()))
+
+
+def test_the_label_check_of_a_count_regression_makes_no_forward_beyond_the_likelihood_probe(monkeypatch) -> None:
+    """The width that tells a count regression's integer targets from class labels is read from the forward that
+    the likelihood probe already makes: a user's forward hook fired once more than needed on the first request of a
+    likelihood that is neither categorical nor Gaussian (review: 48 forwards in the request where 47 do). The label
+    check makes exactly the forwards of ``detect_likelihood`` on the removed rows, and still finds the width (the
+    largest counts are not said to empty labels)."""
+    from mcmc_unlearner.kronecker import detect_likelihood
+    from mcmc_unlearner.unlearner import MCMCUnlearner as Unlearner
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 3, generator=g, dtype=torch.float64)
+    counts = torch.poisson((1.0 + x[:, 0]).exp(), generator=g).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(1))
+
+    def nll(m, b):
+        return F.poisson_nll_loss(m(b[0]).squeeze(-1), b[1].double(), log_input=True, full=True, reduction="none")
+
+    samples = [{k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in model.state_dict().items()}
+               for _ in range(6)]  # fmt: skip
+    gone = counts >= int(counts.float().quantile(0.97))
+    removed = (x[gone], counts[gone])
+    assert detect_likelihood(model, nll, removed)[0].value == "empirical"  # the path that needs the width
+    probe = len(calls)
+    assert probe > 0
+    inside = []
+    check = Unlearner._emptied_label_problem
+
+    def counted(self, *args, **kwargs):
+        calls.clear()
+        try:
+            return check(self, *args, **kwargs)
+        finally:
+            inside.append(len(calls))
+
+    monkeypatch.setattr(Unlearner, "_emptied_label_problem", counted)
+    un = MCMCUnlearner(model, nll=nll, bank=samples, seed=0)
+    prop = un.propose(removed, (x[~gone], counts[~gone]))
+    assert "emptied_labels" not in prop.report.info, prop.report.info.get("emptied_labels")
+    assert inside == [probe]  # one check: the probe's forwards and none of its own

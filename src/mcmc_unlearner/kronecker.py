@@ -102,6 +102,7 @@ __all__ = [
     "detect_likelihood",
     "field_rows",
     "labelled",
+    "likelihood_and_columns",
     "preserved",
     "prior_precision",
     "row_weights",
@@ -535,7 +536,25 @@ _UNCALLABLE = "model(batch[0]) cannot be called on its own"
 
 
 def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
-    """Identify the user's per-row NLL from a few probe rows.
+    """Identify the user's per-row NLL from a few probe rows (:func:`likelihood_and_columns` without the width).
+
+    Args:
+        model: The user's model.
+        nll: ``nll(model, batch) -> [B]``.
+        batch: A minibatch; its first rows are probed.
+
+    Returns:
+        The likelihood and its extras, as :func:`likelihood_and_columns` finds them.
+
+    Raises:
+        ValueError: if ``nll`` does not return one value per row.
+    """
+    kind, extra, _ = likelihood_and_columns(model, nll, batch)
+    return kind, extra
+
+
+def likelihood_and_columns(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any], int | None]:
+    """Identify the user's per-row NLL from a few probe rows, and how wide the model's output is.
 
     * ``CATEGORICAL`` if ``y = batch[1]`` holds integer class labels, ``model(x)`` is ``[B, C]`` and
       ``nll(model, batch) == cross_entropy(model(x), y)`` row by row (also checked with shifted labels); also,
@@ -556,6 +575,20 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
     :func:`row_weights` apply the extras. Runs without gradients on at most 8 rows; the model (parameters,
     buffers, ``.grad``) and the global RNG states are left exactly as they were.
 
+    The width is read from the same forward ``model(x)``, none of its own (a user's forward hook fired once more
+    than needed where a second probe read it: review): the most values per row of any ``[B, ...]`` tensor
+    ``model(x)`` gives (the output itself, or one in a tuple, list or dict). An integer target ``batch[1]`` above it
+    indexes no class of the model's output (a count regression's targets). ``None`` where ``model(x)`` cannot be
+    called alone (only ``nll`` knows how) or gives no such tensor.
+
+    Args:
+        model: The user's model.
+        nll: ``nll(model, batch) -> [B]``.
+        batch: A minibatch; its first rows are probed.
+
+    Returns:
+        ``(likelihood, extras, columns)``: the likelihood found, its extras (above) and the output's width.
+
     Raises:
         ValueError: if ``nll`` does not return one value per row.
     """
@@ -573,13 +606,18 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
         except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:
             # e.g. a model of several inputs, forward(x1, x2): only nll knows how to call it
             why = f"{_UNCALLABLE} ({type(e).__name__}: {str(e)[:80]}); nll calls it{_label_hint(probe)}"
-            return Likelihood.EMPIRICAL, {"reason": why}
+            return Likelihood.EMPIRICAL, {"reason": why}, None
         candidates = _output_candidates(raw, rows)
+        columns = max((int(t.shape[1:].numel()) for _, t in candidates), default=None)
         if not candidates or y is None or not isinstance(y, Tensor):
-            return Likelihood.EMPIRICAL, {
-                "reason": "model(x) is not a [B, ...] tensor (nor a tuple or dict holding one) or the batch has no "
-                "labels"
-            }
+            return (
+                Likelihood.EMPIRICAL,
+                {
+                    "reason": "model(x) is not a [B, ...] tensor (nor a tuple or dict holding one) or the batch has "
+                    "no labels"
+                },
+                columns,
+            )
         cache: dict[tuple[int, ...], Tensor | Exception] = {}
 
         def nll_at(labels: Tensor, key: tuple[int, ...]) -> Tensor:
@@ -603,29 +641,14 @@ def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelih
             lambda a, b: bool(((a.double() - b.double()).abs() <= tol * (1 + b.double().abs())).all()),
         )
         if not weights:
-            return Likelihood.EMPIRICAL, {"reason": why}
+            return Likelihood.EMPIRICAL, {"reason": why}, columns
         reasons = []
         for key, out in candidates:
             kind, extra = _detect_in(model, out, y, base, nll_at, weights)
             if kind is not Likelihood.EMPIRICAL:
-                return kind, ({"output": key, **extra} if key is not None else extra)
+                return kind, ({"output": key, **extra} if key is not None else extra), columns
             reasons.append(extra["reason"] if key is None else f"output {key!r}: {extra['reason']}")
-        return Likelihood.EMPIRICAL, {"reason": "; ".join(reasons) + _label_hint(probe)}
-
-
-def output_columns(model: nn.Module, batch: Batch) -> int | None:
-    """The most values per row of any ``[B, ...]`` tensor ``model(x)`` gives (the output itself, or one in a tuple,
-    list or dict), read on a few probe rows: an integer target ``batch[1]`` above that value indexes no class
-    of the model's output (a count regression's targets); ``None`` where ``model(x)`` cannot be called alone (only
-    ``nll`` knows how) or gives no such tensor. The model and the RNG states are left as they were."""
-    probe = _head(batch, _PROBE_ROWS)
-    with preserved(model), torch.no_grad():
-        try:
-            out = model(probe[0])
-        except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError):
-            return None
-    widths = [int(t.shape[1:].numel()) for _, t in _output_candidates(out, field_rows(probe))]
-    return max(widths) if widths else None
+        return Likelihood.EMPIRICAL, {"reason": "; ".join(reasons) + _label_hint(probe)}, columns
 
 
 def _label_hint(batch: Batch) -> str:

@@ -3694,9 +3694,9 @@ class MCMCUnlearner:
         ``DataLoader`` over another kind of dataset) ``info["emptied_labels"]`` says it was not checked, as it does
         for a loss not recognised as a cross-entropy, unless the integer targets cannot be the model's class labels
         (a Gaussian likelihood's, or targets larger than the values the model outputs per row: a count
-        regression's, :func:`~mcmc_unlearner.kronecker.output_columns`). Under ``torch.distributed`` every decision
-        is taken on all-reduced counts (:meth:`_reduce_max`, ``_reduce``), so the ranks agree and the result equals
-        one process's.
+        regression's, read by :func:`~mcmc_unlearner.kronecker.likelihood_and_columns` from its probe's forward).
+        Under ``torch.distributed`` every decision is taken on all-reduced counts (:meth:`_reduce_max`,
+        ``_reduce``), so the ranks agree and the result equals one process's.
         """
         y = batch[1] if len(batch) > 1 else None
         integer = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
@@ -3727,14 +3727,15 @@ class MCMCUnlearner:
             # on the first request; a rank without removed rows has nothing to probe and defers to the others
             plain = categorical = True
             if y.numel():
-                from .kronecker import Likelihood, detect_likelihood, output_columns
+                from .kronecker import Likelihood, likelihood_and_columns
 
-                kind, extra = detect_likelihood(self.model, self._row_nll, raw)
+                # the output's width from the probe's own forward (a second probe fired a user's hook once more)
+                kind, extra, columns = likelihood_and_columns(self.model, self._row_nll, raw)
                 categorical = kind is Likelihood.CATEGORICAL
                 plain = categorical and set(extra) <= {"output"}
                 self._label_link = (extra, str(extra.get("reason", "")))
                 if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
-                    self._label_columns = 0 if kind is Likelihood.GAUSSIAN else output_columns(self.model, raw)
+                    self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
             has = float(y.numel() > 0)
             flags = self._reduce_max(torch.tensor([has, has * float(not plain), has * float(not categorical)]))
             self._plain_categorical = bool(flags[0] > 0) and not bool(flags[1] > 0)
