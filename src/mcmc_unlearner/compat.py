@@ -35,6 +35,7 @@ from torch import nn
 
 from .curvature import plain_attention
 from .errors import InvalidRequestError
+from .options import shown_value
 from .solvers import SolveResult, lissa
 from .stream import _repeated_rows, check_finite_batch
 from .unlearner import _sampler_generator_state, _set_sampler_generator_state
@@ -196,7 +197,10 @@ class sgmcmcUnlearner:
             )
         T, iters = int(self.param_dict["samp_T"]), int(self.param_dict["iter_T"])
         if T < 1 or iters < 1:
-            raise ValueError(f"param_dict['samp_T'] and param_dict['iter_T'] must be >= 1, got {T} and {iters}")
+            raise ValueError(
+                "param_dict['samp_T'] and param_dict['iter_T'] must be >= 1, got "
+                f"{shown_value(T)} and {shown_value(iters)}"
+            )
         scaling = self.param_dict["scaling"]
         scaling = scaling if scaling == "auto" else float(scaling)
         saved = [p.detach().clone() for p in self.params]

@@ -12,6 +12,8 @@ import numbers
 
 import numpy as np
 
+from .options import shown_value
+
 __all__ = ["GMM_CLUSTER_COVS", "gmm_removal_indices", "make_gmm_2d"]
 
 #: Per-cluster covariance matrices of the synthetic 2-D mixture (clusters 0..3).
@@ -70,7 +72,9 @@ def gmm_removal_indices(x: np.ndarray, y: np.ndarray, per_cluster: int = 400) ->
         ValueError: ``per_cluster`` is not a whole number >= 0, or exceeds a cluster's size.
     """
     if isinstance(per_cluster, (bool, np.bool_)) or not isinstance(per_cluster, numbers.Integral) or per_cluster < 0:
-        raise ValueError(f"per_cluster must be a whole number >= 0 (points per cluster), got {per_cluster!r}")
+        raise ValueError(
+            f"per_cluster must be a whole number >= 0 (points per cluster), got {shown_value(per_cluster)}"
+        )
     per_cluster = int(per_cluster)
     x = np.asarray(x)
     y = np.asarray(y)

@@ -93,7 +93,7 @@ from torch import Tensor, nn
 
 from .curvature import ParamSpec, functionalize
 from .errors import SolverDivergedError, outside_stacklevel
-from .options import Likelihood
+from .options import Likelihood, shown_value
 
 __all__ = [
     "KroneckerCurvature",
@@ -1378,7 +1378,7 @@ class KroneckerCurvature:
             lik = Likelihood(likelihood)
         except ValueError:
             options = ", ".join(repr(k.value) for k in Likelihood)
-            raise ValueError(f"unknown likelihood {likelihood!r}: use one of {options}") from None
+            raise ValueError(f"unknown likelihood {shown_value(likelihood)}: use one of {options}") from None
         spec, offsets, by_id = _slices(model)
         if thetas.dim() == 1:
             thetas = thetas[None]
@@ -1391,7 +1391,7 @@ class KroneckerCurvature:
         if len(batches) not in (1, S):
             raise ValueError(f"give one minibatch per draw ({S}) or one for all draws, got {len(batches)}")
         if int(mc_samples) < 1:
-            raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+            raise ValueError(f"mc_samples must be at least 1, got {shown_value(mc_samples)}")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
         if (
@@ -1399,13 +1399,13 @@ class KroneckerCurvature:
             and max_locations != "auto"
             and not (isinstance(max_locations, int) and max_locations > 0)
         ):
-            raise ValueError(f"max_locations must be a positive int, 'auto' or None, got {max_locations!r}")
+            raise ValueError(f"max_locations must be a positive int, 'auto' or None, got {shown_value(max_locations)}")
         if max_factor_dim < 1:
             raise ValueError(f"max_factor_dim must be positive, got {max_factor_dim}")
         if sampling not in ("gaussian", "labels"):
-            raise ValueError(f"sampling must be 'gaussian' or 'labels', got {sampling!r}")
+            raise ValueError(f"sampling must be 'gaussian' or 'labels', got {shown_value(sampling)}")
         if row_chunk is not None and not (isinstance(row_chunk, int) and row_chunk > 0):
-            raise ValueError(f"row_chunk must be a positive int or None, got {row_chunk!r}")
+            raise ValueError(f"row_chunk must be a positive int or None, got {shown_value(row_chunk)}")
         mc_samples = int(mc_samples)
         info: dict[str, Any] = {"draws": S, "mc_samples": mc_samples, "model_training": bool(model.training)}
         if row_chunk is not None:

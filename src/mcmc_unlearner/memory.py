@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .options import shown_value
+
 if TYPE_CHECKING:
     import torch
 
@@ -83,21 +85,23 @@ def resolve_budget(budget: int | float | str | None) -> int:
             except ValueError:
                 frac = float("nan")
             if not 0 < frac <= 1:
-                raise ValueError(f"memory_budget {budget!r}: a percentage must be in (0, 100]")
+                raise ValueError(f"memory_budget {shown_value(budget)}: a percentage must be in (0, 100]")
             return int(frac * available_memory())
         m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)([a-z]*)", s)
         if m is None or m.group(2) not in _UNITS:
-            raise ValueError(f"memory_budget {budget!r}: write bytes as e.g. 2GB, 512MiB or 25%")
+            raise ValueError(f"memory_budget {shown_value(budget)}: write bytes as e.g. 2GB, 512MiB or 25%")
         budget = float(m.group(1)) * _UNITS[m.group(2)]
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise ValueError(f"memory_budget must be bytes, a string such as '2GB' or '25%', or None; got {budget!r}")
+        raise ValueError(
+            f"memory_budget must be bytes, a string such as '2GB' or '25%', or None; got {shown_value(budget)}"
+        )
     if not 0 < budget < float("inf"):
-        raise ValueError(f"memory_budget must be a positive, finite number of bytes, got {budget!r}")
+        raise ValueError(f"memory_budget must be a positive, finite number of bytes, got {shown_value(budget)}")
     if budget < 1:
         # 0.25 read as bytes is 0: every computation would be refused at request time; a fraction was meant
         raise ValueError(
-            f"memory_budget {budget!r} is under one byte (a number is read as bytes): write a fraction of the "
-            "available memory as '25%', or bytes as e.g. 2GB or 512MiB"
+            f"memory_budget {shown_value(budget)} is under one byte (a number is read as bytes): write a fraction of "
+            "the available memory as '25%', or bytes as e.g. 2GB or 512MiB"
         )
     return int(budget)
 

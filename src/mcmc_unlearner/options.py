@@ -44,6 +44,7 @@ __all__ = [
     "is_integer",
     "is_number",
     "representable_refusal",
+    "shown_value",
 ]
 
 
@@ -103,6 +104,55 @@ DEFAULT_REPAIR_STEPS = 1000
 MAX_REPAIR_STEPS = 10**7
 
 
+#: An integer of more digits than this is shown by its size in a refusal, not digit by digit (``damping=10**400``
+#: printed all 401 digits, and past 4,300 Python's own limit on int-to-str conversion raised its ValueError in
+#: place of the refusal: review).
+SHOWN_DIGITS = 30
+#: A value whose ``repr`` is longer than this many characters is shown cut, with its length.
+SHOWN_CHARS = 100
+
+
+def _digits(n: int) -> int:
+    """How many decimal digits ``abs(n)`` has, found without converting it to a string (which Python refuses past
+    4,300 digits)."""
+    n = abs(n)
+    if n == 0:
+        return 1
+    d = int(math.log10(n)) + 1  # log10 takes an int of any size; corrected below where the float rounds
+    if n >= 10**d:
+        d += 1
+    elif n < 10 ** (d - 1):
+        d -= 1
+    return d
+
+
+def shown_value(value: Any) -> str:
+    """An option's value as a refusal shows it: its ``repr``, but an integer of more than ``SHOWN_DIGITS`` digits as
+    its size and leading digits (``10**400``: ``an integer of 401 digits (1.00e+400)``) and a ``repr`` longer than
+    ``SHOWN_CHARS`` cut, with its length; never Python's ValueError for an integer past 4,300 digits.
+
+    Args:
+        value: The value refused.
+
+    Returns:
+        A short rendering of ``value`` for a message.
+    """
+    if isinstance(value, numbers.Integral) and not is_bool(value):
+        n = int(value)
+        d = _digits(n)
+        if d > SHOWN_DIGITS:
+            lead = abs(n) // 10 ** (d - 3)  # the three leading digits
+            sign = "-" if n < 0 else ""
+            return f"an integer of {d} digits ({sign}{lead // 100}.{lead % 100:02d}e+{d - 1})"
+    try:
+        text = repr(value)
+    except ValueError:  # e.g. a Fraction of an integer past Python's digit limit
+        return f"a {type(value).__name__} too large to show"
+    if len(text) > SHOWN_CHARS:
+        return f"{text[: SHOWN_CHARS - 20]}... ({len(text):,} characters)"
+    return text
+
+
 def check_damping(damping: Any) -> float | None:
     """The ``damping`` option: ``"auto"`` (``None``: searched per request) or a finite number >= 0 (that number).
 
@@ -111,11 +161,11 @@ def check_damping(damping: Any) -> float | None:
     """
     if isinstance(damping, str):
         if damping != "auto":
-            raise ValueError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
+            raise ValueError(f"damping must be 'auto' or a number >= 0, got {shown_value(damping)}")
         return None
     real = isinstance(damping, numbers.Real) and not isinstance(damping, bool)  # numpy numbers too
     if not (real and finite(damping) and damping >= 0):
-        raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}")
+        raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {shown_value(damping)}")
     return float(damping)
 
 
@@ -172,7 +222,7 @@ class ScreenMode(str, Enum):
             return cls(value)
         except ValueError:
             raise ValueError(
-                f"check_screen must be one of {[m.value for m in cls]} (or True/False), got {value!r}"
+                f"check_screen must be one of {[m.value for m in cls]} (or True/False), got {shown_value(value)}"
             ) from None
 
 
@@ -192,13 +242,13 @@ def choice(enum: type[Enum], name: str, value: Any, extra: Sequence[str] = ()) -
         return enum(value)
     except ValueError:
         choices = [*extra, *(m.value for m in enum)]
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+        raise ValueError(f"{name} must be one of {choices}, got {shown_value(value)}") from None
 
 
 def flag(name: str, v: Any) -> bool:
     """A True/False option; numpy's booleans count (``bool("no")`` is True, so strings and None are refused)."""
     if not is_bool(v):
-        raise ValueError(f"{name} must be True or False, got {v!r}")
+        raise ValueError(f"{name} must be True or False, got {shown_value(v)}")
     return bool(v)
 
 
@@ -207,19 +257,19 @@ def whole(name: str, v: Any, minimum: int, what: str = "") -> int:
     ``check_draws=True`` as 1, ``iter_T="5"`` as 5, ``NaN`` failed inside ``int()``) or is below ``minimum``
     (``what``: the message's wording after the name)."""
     if not is_integer(v) or int(v) < minimum:
-        raise ValueError(f"{name} {what or f'must be an integer >= {minimum}'}, got {v!r}")
+        raise ValueError(f"{name} {what or f'must be an integer >= {minimum}'}, got {shown_value(v)}")
     return int(v)
 
 
 def _damping_shape(v: Any) -> DampingShape:
     if not isinstance(v, str) or v not in {d.value for d in DampingShape}:
-        raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {v!r}")
+        raise ValueError(f"damping_shape must be 'auto', 'identity' or 'data', got {shown_value(v)}")
     return DampingShape(v)
 
 
 def _scaling(v: Any) -> Any:
     if not (v == "auto" or (is_number(v) and finite(v) and float(v) > 0)):
-        raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {v!r}")
+        raise ValueError(f"scaling must be 'auto' or a finite number > 0, got {shown_value(v)}")
     return v
 
 
@@ -227,32 +277,34 @@ def _tol(v: Any) -> float:
     # a string, True or a tensor was taken by float(); tol >= 1 is met by the zero step (cg refused it later,
     # naming only the zero shift; stop 47's probe)
     if not (is_number(v) and finite(v) and 0 < float(v) < 1):
-        raise ValueError(f"tol must be a number in (0, 1), the relative residual a solve must reach, got {v!r}")
+        raise ValueError(
+            f"tol must be a number in (0, 1), the relative residual a solve must reach, got {shown_value(v)}"
+        )
     return float(v)
 
 
 def _grad_draws(v: Any) -> Any:
     if v not in (None, "auto") and not (is_integer(v) and int(v) >= 1):
-        raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {v!r}")
+        raise ValueError(f"grad_draws must be 'auto', None (all) or an integer >= 1, got {shown_value(v)}")
     return v
 
 
 def _turn_draws(v: Any) -> bool | str:
     if not (v == "auto" or is_bool(v)):
-        raise ValueError(f"turn_draws must be 'auto', True or False, got {v!r}")
+        raise ValueError(f"turn_draws must be 'auto', True or False, got {shown_value(v)}")
     return v if v == "auto" else bool(v)
 
 
 def _drift_tol(v: Any) -> float:
     if not (is_number(v) and v > 0):  # inf: never rebuild on drift
-        raise ValueError(f"drift_tol must be a number > 0, got {v!r}")
+        raise ValueError(f"drift_tol must be a number > 0, got {shown_value(v)}")
     return float(v) if finite(v) else math.inf
 
 
 def _one_of(name: str, allowed: Sequence[str], shown: str) -> Callable[[Any], Any]:
     def check(v: Any) -> Any:
         if v not in allowed:
-            raise ValueError(f"{name} must be {shown}, got {v!r}")
+            raise ValueError(f"{name} must be {shown}, got {shown_value(v)}")
         return v
 
     return check
@@ -261,19 +313,19 @@ def _one_of(name: str, allowed: Sequence[str], shown: str) -> Callable[[Any], An
 def _likelihood(v: Any) -> Any:
     choices = [m.value for m in Likelihood]
     if v not in choices:
-        raise ValueError(f"likelihood must be one of {choices}, got {v!r}")
+        raise ValueError(f"likelihood must be one of {choices}, got {shown_value(v)}")
     return v
 
 
 def _mc_samples(v: Any) -> int:
     if not (is_integer(v) and int(v) >= 1):
-        raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {v!r}")
+        raise ValueError(f"mc_samples must be an integer >= 1 (sampled labels per row), got {shown_value(v)}")
     return int(v)
 
 
 def _seed(v: Any) -> int:
     if not (is_integer(v) and -(2**63) <= int(v) < 2**64):  # np.int64 / "1" / 2**70: raw torch errors
-        raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {v!r}")
+        raise ValueError(f"seed must be an integer (a 64-bit generator seed), got {shown_value(v)}")
     return int(v)
 
 
@@ -281,7 +333,7 @@ def _recenter_every(v: Any) -> Any:
     if v == "auto":
         return v
     if isinstance(v, str):
-        raise ValueError(f"recenter_every must be 'auto' or an integer >= 0, got {v!r}")
+        raise ValueError(f"recenter_every must be 'auto' or an integer >= 0, got {shown_value(v)}")
     return whole("recenter_every", v, 0, "must be >= 0 (0: off), an integer")
 
 

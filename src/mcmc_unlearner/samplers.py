@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from .data import new_pass
+from .options import finite, shown_value
 
 __all__ = ["SGHMC", "SGLD", "run_chain", "scale_lr"]
 
@@ -38,11 +39,11 @@ class _SGMCMC(Optimizer):
         """``lr`` positive and finite (``alpha`` in (0, 1] for SGHMC), in the defaults and in every group."""
         name, lr = type(self).__name__, group["lr"]
         value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-        if isinstance(lr, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}: lr must be positive and finite, got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(value, (int, float)) or not (finite(value) and value > 0):
+            raise ValueError(f"{name}: lr must be positive and finite, got {shown_value(lr)}")
         alpha = group.get("alpha", 1.0)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"{name}: alpha must lie in (0, 1], got {alpha!r}")
+            raise ValueError(f"{name}: alpha must lie in (0, 1], got {shown_value(alpha)}")
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's ``add_param_group``, refusing options the sampler does not have (``weight_decay``, ``momentum``

@@ -31,7 +31,7 @@ import torch
 
 from .curvature import top_eigenvalue
 from .errors import SolverDivergedError, all_finite
-from .options import SolverName
+from .options import SolverName, shown_value
 
 __all__ = ["SolveResult", "SolverName", "cg", "exact", "lissa", "lowrank", "solve"]
 
@@ -125,7 +125,9 @@ def lissa(
     """
     t0 = time.perf_counter()
     if int(iters) < 1:
-        raise ValueError(f"lissa needs at least one round of its recursion: iter_T must be >= 1, got {iters}")
+        raise ValueError(
+            f"lissa needs at least one round of its recursion: iter_T must be >= 1, got {shown_value(iters)}"
+        )
     Hd = (lambda v: _apply(H, v) + damping * v) if damping else (lambda v: _apply(H, v))
     info: dict[str, Any] = {}
     if scaling == "auto":
@@ -142,7 +144,7 @@ def lissa(
     else:
         s = float(scaling)
         if not s > 0:
-            raise ValueError(f"lissa: scaling must be positive or 'auto', got {scaling!r}")
+            raise ValueError(f"lissa: scaling must be positive or 'auto', got {shown_value(scaling)}")
     info["scaling"] = s
     hint = f"LiSSA needs scaling·λ_max(H) < 2; lower the scaling (now {s:.3g}) or pass scaling='auto'{alternative}"
     bn = _col_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
@@ -240,7 +242,7 @@ def cg(
     k = 0
     truncated = False
     if negative_curvature not in ("raise", "truncate"):
-        raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
+        raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {shown_value(negative_curvature)}")
     while res > tol and k < max_iter:
         k += 1
         Ap = A(p)

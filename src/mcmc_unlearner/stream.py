@@ -15,6 +15,7 @@ import torch
 from .curvature import stack_batches
 from .data import new_pass
 from .errors import InvalidRequestError, all_finite, outside_stacklevel
+from .options import shown_value
 from .step import is_integer
 
 Batch = tuple[torch.Tensor, ...]
@@ -490,7 +491,9 @@ class _Stream:
                     f"{type(source).__name__}"
                 )
         elif not (is_integer(n) and int(n) >= 1):  # True was 1 row, 2.7 was 2: the prior's weight silently off
-            raise ValueError(f"n_remaining must be the number of remaining data points, an integer >= 1; got {n!r}")
+            raise ValueError(
+                f"n_remaining must be the number of remaining data points, an integer >= 1; got {shown_value(n)}"
+            )
         self.n = int(n)
         self._peeked: Batch | None = None
 

@@ -83,6 +83,7 @@ from .options import (
     check_option,
     dense_memory_refusal,
     representable_refusal,
+    shown_value,
 )
 from .options import flag as _flag
 from .samplers import scale_lr
@@ -1696,7 +1697,7 @@ class MCMCUnlearner:
         default_draws = 8 if self.solver is SolverName.KFAC else 16
         self.curvature_draws = check_option("curvature_draws", curvature_draws) or default_draws
         if self.curvature_draws < 1:
-            raise ValueError(f"curvature_draws must be >= 1, got {curvature_draws}")
+            raise ValueError(f"curvature_draws must be >= 1, got {shown_value(curvature_draws)}")
         # asked for by name: a bank smaller than that is said once (the default is capped without a word)
         self._curvature_draws_given = curvature_draws is not None
         default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
@@ -1804,15 +1805,15 @@ class MCMCUnlearner:
                 auto = self.solver_reason != "chosen by the caller"
                 how = " (what solver='auto' chose for this model)" if auto else ""
                 warnings.warn(
-                    f"{name}={getattr(self, name)!r} has no effect with solver={self.solver.value!r}{how}: it is {by} "
-                    "option; leave it out, or pass a solver that reads it",
+                    f"{name}={shown_value(getattr(self, name))} has no effect with solver={self.solver.value!r}{how}: "
+                    f"it is {by} option; leave it out, or pass a solver that reads it",
                     UserWarning,
                     stacklevel=outside_stacklevel(),
                 )
         if given["turn_draws"] and self.expectation is Expectation.CHAIN:
             warnings.warn(
-                f"turn_draws={self.turn_draws!r} has no effect with expectation='chain': it picks which stored "
-                "samples G reads, and chain mode reads fresh chain draws instead; leave it out, or use "
+                f"turn_draws={shown_value(self.turn_draws)} has no effect with expectation='chain': it picks which "
+                "stored samples G reads, and chain mode reads fresh chain draws instead; leave it out, or use "
                 "expectation='bank'",
                 UserWarning,
                 stacklevel=outside_stacklevel(),
@@ -1833,27 +1834,28 @@ class MCMCUnlearner:
             }
         )
         small = d <= self.exact_max_dim and need <= self.memory_budget // 2
+        limit = shown_value(self.exact_max_dim)  # (10**5000 is no number Python will print)
         attention = any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules())
         kfac_ok = not self.custom_energy and self.hessian is HessianKind.REMAINING
         if small and attention and kfac_ok and not shared:
             return SolverName.KFAC, (
-                f"{d} parameters <= exact_max_dim {self.exact_max_dim}, but attention applies its projections at "
+                f"{d} parameters <= exact_max_dim {limit}, but attention applies its projections at "
                 "every position, so each dense Hessian column is a pass through attention over every row and draw "
                 "(an 890-parameter attention classifier: 34 s per request against 1.4-1.8 s with K-FAC; the dense "
                 "Gauss-Newton matrix raised its held-out NLL 20-30x): K-FAC (pass solver='exact' for the Hessian)"
             )
         if small and not shared:
-            return SolverName.EXACT, f"{d} parameters <= exact_max_dim {self.exact_max_dim}"
+            return SolverName.EXACT, f"{d} parameters <= exact_max_dim {limit}"
         if small and not self.custom_energy and self._reduce is None:
             return SolverName.GGN, (
-                f"{d} parameters <= exact_max_dim {self.exact_max_dim}, but {'/'.join(shared)} layers share their "
+                f"{d} parameters <= exact_max_dim {limit}, but {'/'.join(shared)} layers share their "
                 "weights across positions or steps, which makes each dense Hessian column cost hundreds of times a "
                 "dense layer's: the dense Gauss-Newton matrix instead (C backward passes per row; pass "
                 "solver='exact' for the Hessian)"
             )
         layers = self._kfac_layers()
         if d > self.exact_max_dim:
-            why = f"{d} parameters > exact_max_dim {self.exact_max_dim}"
+            why = f"{d} parameters > exact_max_dim {limit}"
         elif need > self.memory_budget // 2:
             why = f"dense matrices need {format_bytes(need)}, over half the memory budget"
         else:
@@ -4477,9 +4479,9 @@ class MCMCUnlearner:
                 info["newton_step_norms"] = ""
                 info.update(newton_steps_taken=1, newton_stop=f"skipped: {why}")
                 warnings.warn(
-                    f"newton_steps={self.newton_steps} (newton_target='equilibrium') needs the gradient on every "
-                    f"remaining row, but {why}: only the influence step was taken. Pass the remaining rows as "
-                    "tensors or a RemovableDataset, or newton_target='relative' (or newton_steps=1)",
+                    f"newton_steps={shown_value(self.newton_steps)} (newton_target='equilibrium') needs the "
+                    f"gradient on every remaining row, but {why}: only the influence step was taken. Pass the "
+                    "remaining rows as tensors or a RemovableDataset, or newton_target='relative' (or newton_steps=1)",
                     stacklevel=outside_stacklevel(),
                 )
                 return x, (carry if self.carry_deficit else None)  # as newton_steps=1 would
@@ -4491,7 +4493,7 @@ class MCMCUnlearner:
             energy = self._energy_f(n) if on_check else e_f  # both scale their batch to n
         target = 1e-3 * float(G.norm())
         r_last = float(G.norm())  # the influence step's target gradient, −G
-        stop, t0 = f"newton_steps={self.newton_steps} reached", time.perf_counter()
+        stop, t0 = f"newton_steps={shown_value(self.newton_steps)} reached", time.perf_counter()
         for k in range(2, self.newton_steps + 1):
             if equilibrium:
                 r = self._equilibrium_gradient(energy, pts + x, data, n)

@@ -15,6 +15,7 @@ import torch
 
 from ..curvature import LowRankPreconditioner
 from ..errors import SolverDivergedError
+from ..options import shown_value
 from ..solvers import SolveResult, cg, lissa, lowrank
 from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
@@ -83,7 +84,7 @@ class CGBackend(_OperatorBackend):
     ) -> None:
         super().__init__()
         if negative_curvature not in ("raise", "truncate"):
-            raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {negative_curvature!r}")
+            raise ValueError(f"negative_curvature must be 'raise' or 'truncate', got {shown_value(negative_curvature)}")
         self.iter_T, self.tol = int(iter_T), float(tol)
         self.rank, self.refresh_every = int(precondition_rank), max(1, int(refresh_every))
         self.negative_curvature = negative_curvature

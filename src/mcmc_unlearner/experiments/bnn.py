@@ -69,6 +69,7 @@ from ..errors import UnlearningError
 from ..image_data import class_indices, load_dataset
 from ..metrics import knn_distances, knn_kl
 from ..models.bnn import ARCHITECTURES, BayesianNet, build_model
+from ..options import shown_value
 from ..samplers import SGHMC, SGLD, run_chain
 from ..unlearner import MCMCUnlearner
 from . import evaluation as ev
@@ -833,24 +834,26 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     # torch-free (the command line's check before torch), through the unlearner's combinations on the run's network
     check_settings(cfg)
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
-        raise ValueError(f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {cfg.pretrain_fallback!r}")
+        raise ValueError(
+            f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {shown_value(cfg.pretrain_fallback)}"
+        )
     for flag, least, note in _COUNT_LIMITS:
         v = getattr(cfg, flag.replace("-", "_"))
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             what = f" ({note})" if note else ""
-            raise ValueError(f"--{flag} must be a whole number >= {least}{what}, got {v!r}")
+            raise ValueError(f"--{flag} must be a whole number >= {least}{what}, got {shown_value(v)}")
     for flag in _POSITIVE:
         v = getattr(cfg, flag.replace("-", "_"))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-            raise ValueError(f"--{flag} must be a positive finite number, got {v!r}")
+            raise ValueError(f"--{flag} must be a positive finite number, got {shown_value(v)}")
     if isinstance(cfg.pretrain_lr, bool) or not isinstance(cfg.pretrain_lr, (int, float)) or not cfg.pretrain_lr > 0:
-        raise ValueError(f"pretrain_lr must be a positive number, got {cfg.pretrain_lr!r}")
+        raise ValueError(f"pretrain_lr must be a positive number, got {shown_value(cfg.pretrain_lr)}")
     if not cfg.methods:
         raise ValueError(f"--methods is empty; name at least one of {','.join(OPTIONAL_METHODS)}")
     if cfg.threads != "auto" and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0):
         from ..cli import THREADS_VALUES
 
-        raise ValueError(f"--threads must be {THREADS_VALUES}; got {cfg.threads!r}")
+        raise ValueError(f"--threads must be {THREADS_VALUES}; got {shown_value(cfg.threads)}")
     _check_device(cfg.device)
     if cfg.langevin_steps <= 0:
         cfg = replace(cfg, langevin_steps=cfg.paper_samp_T + 2 * cfg.paper_iter_T)

@@ -54,6 +54,7 @@ from ..datasets import gmm_removal_indices, make_gmm_2d
 from ..errors import UnlearningError
 from ..metrics import align_mixture_samples, effective_sample_size, knn_kl, sample_set_distances, thin
 from ..models.gmm import GaussianMixture
+from ..options import shown_value
 from ..samplers import SGHMC, SGLD
 from ..unlearner import MCMCUnlearner
 from .options import register_demo as register
@@ -317,15 +318,17 @@ def run_demo(
         The metrics dict (as written to ``metrics.json``).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed!r}")
+        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {shown_value(seed)}")
     if isinstance(per_cluster, bool) or not isinstance(per_cluster, numbers.Integral) or per_cluster < 1:
-        raise ValueError(f"per_cluster must be a whole number >= 1 (removed points per cluster), got {per_cluster!r}")
+        raise ValueError(
+            f"per_cluster must be a whole number >= 1 (removed points per cluster), got {shown_value(per_cluster)}"
+        )
     if request_size < 1:
-        raise ValueError(f"--request-size must be >= 1, got {request_size}")
+        raise ValueError(f"--request-size must be >= 1, got {shown_value(request_size)}")
     if burnin < 0 or samples < 1:
-        raise ValueError(f"burn-in must be >= 0 and samples >= 1, got {burnin} and {samples}")
+        raise ValueError(f"burn-in must be >= 0 and samples >= 1, got {shown_value(burnin)} and {shown_value(samples)}")
     if thin < 1:
-        raise ValueError(f"--thin must be a whole number >= 1 (1: keep every sample), got {thin}")
+        raise ValueError(f"--thin must be a whole number >= 1 (1: keep every sample), got {shown_value(thin)}")
     problem = thin_problem(samples, thin)
     if problem:
         raise ValueError(problem)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..options import ModelFacts, check_combinations, check_option
+from ..options import ModelFacts, check_combinations, check_option, shown_value
 from .report import SEED_LIMIT, out_folder_arg, seed_arg
 
 __all__ = [
@@ -690,7 +690,7 @@ def check_settings(cfg: BNNConfig) -> None:
     if cfg.sampler not in ("sgld", "sghmc"):
         raise ValueError(f"unknown sampler {cfg.sampler!r}; choose 'sgld' or 'sghmc'")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < SEED_LIMIT:
-        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {cfg.seed!r}")
+        raise ValueError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {shown_value(cfg.seed)}")
     if cfg.request_size < 1:
         raise ValueError("--request-size must be at least 1")
     if cfg.explore_steps < 0 or cfg.sample_steps < 2 or cfg.bank_size < 2:
@@ -704,7 +704,7 @@ def check_settings(cfg: BNNConfig) -> None:
     if cfg.retrain_chains < 2:
         raise ValueError("--retrain-chains must be at least 2: the noise floor is the spread between retrain chains")
     if isinstance(cfg.remove_class, bool) or not isinstance(cfg.remove_class, int) or cfg.remove_class < 0:
-        raise ValueError(f"--remove-class must be a class number >= 0, got {cfg.remove_class!r}")
+        raise ValueError(f"--remove-class must be a class number >= 0, got {shown_value(cfg.remove_class)}")
     if cfg.dataset == "digits" and cfg.pretrain is None and (cfg.data_dir is not None or cfg.download):
         # scikit-learn's bundled digits need no files: --data-dir was ignored and written into metrics.json
         raise ValueError(

@@ -63,6 +63,7 @@ from torch import nn
 
 from ..compat import sgmcmcUnlearner
 from ..data import RemovableDataset
+from ..options import shown_value
 from ..samplers import scale_lr
 
 __all__ = [
@@ -184,9 +185,11 @@ class PaperUnlearner:
         energy: Callable[[nn.Module, Batch, int], torch.Tensor] | None = None,
     ) -> None:
         if int(iter_T) < 1 or int(samp_T) < 1:
-            raise ValueError(f"iter_T and samp_T must be >= 1, got iter_T={iter_T}, samp_T={samp_T}")
+            raise ValueError(
+                f"iter_T and samp_T must be >= 1, got iter_T={shown_value(iter_T)}, samp_T={shown_value(samp_T)}"
+            )
         if not (float(init_scaling) > 0 and float(init_scaling) < float("inf")):
-            raise ValueError(f"init_scaling must be a positive finite number, got {init_scaling!r}")
+            raise ValueError(f"init_scaling must be a positive finite number, got {shown_value(init_scaling)}")
         self.model = model
         self.sampler = sampler
         self.rescale_lr = bool(rescale_lr)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..options import BankShift, EmptiedLabel, HessianKind, SolverName
+from ..options import BankShift, EmptiedLabel, HessianKind, SolverName, is_integer, shown_value
 from .ledger import strict_loads
 
 __all__ = [
@@ -427,15 +427,28 @@ MAX_ITER_T = 10**6
 MAX_DRAWS = 10**5
 
 
+def _given(value: Any) -> str:
+    """A setting's value as a refusal shows it: an integer by :func:`~mcmc_unlearner.options.shown_value` (``10**400``
+    by its size: Python refuses to print one past 4,300 digits), anything else as its text, cut (:func:`_show`)."""
+    if is_integer(value):
+        return shown_value(value)
+    try:
+        return _show(str(value))
+    except ValueError:  # e.g. a Fraction of an integer past the limit
+        return shown_value(value)
+
+
 def _number(name: str, value: Any, fix: str) -> float:
     if isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be a number, got {_show(repr(value))}; {fix}")
     try:
         x = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidRequestError(f"{name} must be a number, got {_show(str(value))}; {fix}") from None
+    except OverflowError:  # an integer past a float's range (10**400) is as far from finite as inf
+        x = math.inf
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{name} must be a number, got {_given(value)}; {fix}") from None
     if not math.isfinite(x):
-        raise InvalidRequestError(f"{name} must be finite, got {_show(str(value))}; {fix}")
+        raise InvalidRequestError(f"{name} must be finite, got {_given(value)}; {fix}")
     return x
 
 
@@ -449,9 +462,9 @@ def _whole(name: str, value: Any, lo: int, hi: int, fix: str) -> int:
     elif isinstance(value, float) and value.is_integer() and abs(value) < 1e12:
         k = int(value)
     else:
-        raise InvalidRequestError(f"{name} must be a whole number, got {_show(str(value))}; {fix}")
+        raise InvalidRequestError(f"{name} must be a whole number, got {_given(value)}; {fix}")
     if not lo <= k <= hi:
-        raise InvalidRequestError(f"{name} must be between {lo} and {hi}, got {k}; {fix}")
+        raise InvalidRequestError(f"{name} must be between {lo} and {hi}, got {shown_value(k)}; {fix}")
     return k
 
 
@@ -459,7 +472,7 @@ def _choice(name: str, value: Any, enum: Any, extra: tuple[str, ...] = ()) -> st
     allowed = [*extra, *(e.value for e in enum)]
     v = value.value if hasattr(value, "value") else value
     if v not in allowed:
-        raise InvalidRequestError(f"{name} must be one of {', '.join(allowed)}, got {_show(str(v))}")
+        raise InvalidRequestError(f"{name} must be one of {', '.join(allowed)}, got {_given(v)}")
     return str(v)
 
 
@@ -480,9 +493,9 @@ def check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
             # a saved model's requests draw from its saved generator state, which replaces what a seed would set:
             # taken, the ledger recorded a seed that changed nothing (stop 43)
             raise InvalidRequestError(
-                f"seed={value!r} cannot be set per request: a saved model's requests draw from its saved generator "
-                "state (what makes a request reproducible from the folder), so it would change nothing; leave it out "
-                "(the seed is set when the model is saved)"
+                f"seed={shown_value(value)} cannot be set per request: a saved model's requests draw from its saved "
+                "generator state (what makes a request reproducible from the folder), so it would change nothing; "
+                "leave it out (the seed is set when the model is saved)"
             )
         if key == "damping":
             if value == "auto":
