@@ -296,3 +296,59 @@ def test_showing_recorded_text_twice_changes_nothing_and_text_naming_no_option_i
 def test_status_refuses_an_unknown_interface(saved):
     with pytest.raises(InvalidRequestError, match="interface must be 'python' or 'cli'"):
         status(saved, interface="web")
+
+
+# ------------------------------------------------------------- forget --json, as status --json says it
+def test_forget_json_says_the_quality_and_problems_as_status_json_does(tmp_path, capsys):
+    """``forget --json`` printed the ledger entry alone, its problems as recorded: Python's keywords (``raise
+    iter_T``) for a request sent from Python and resent on the command line, where the text and ``status`` name the
+    flags. It keeps ``entry`` as recorded and adds the entry's ``quality``, ``degraded`` and ``problems`` exactly as
+    ``status --json`` gives them for it, and ``recovered``."""
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    forget(m, _MANY, overrides=_FAILING, on_failure="accept")
+    (entry,) = load_model(m).requests
+    assert any("raise iter_T" in p for p in entry["quality"]["problems"])
+    ids = str(_ids_file(tmp_path))
+    capsys.readouterr()
+    assert main(["forget", "--model", str(m), "--ids", ids, *_CLI_FAILING, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    st = _cli_status(m, capsys)
+    assert doc["applied"] is False and doc["entry"] == json.loads(json.dumps(entry))  # the entry as recorded
+    assert doc["quality"] == st["last_request"]["quality"]
+    assert doc["degraded"] is st["degraded"] is True
+    assert doc["problems"] == st["degraded_requests"][0]["problems"] == doc["quality"]["problems"]
+    assert any("raise --iter-T, or use --solver auto" in p for p in doc["problems"]), doc["problems"]
+    assert not any("iter_T" in p or "on_failure" in p for p in doc["problems"]), doc["problems"]
+    assert doc["recovered"] == {"rolled_back": [], "removed_files": []}
+    assert main(["forget", "--model", str(m), "--ids", ids, *_CLI_FAILING]) == 0  # the text says the same
+    said = capsys.readouterr().out
+    assert f"model DEGRADED ({'; '.join(doc['problems'])}; see status)" in said, said
+
+    # applied now from the command line, passing: the same keys, nothing degraded
+    other = tmp_path / "other.txt"
+    other.write_text("150 151")
+    assert main(["forget", "--model", str(m), "--ids", str(other), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    st = _cli_status(m, capsys)
+    assert doc["applied"] is True and doc["entry"] == load_model(m).requests[-1]
+    assert doc["quality"] == st["last_request"]["quality"] == doc["entry"]["quality"]
+    assert doc["quality"]["passed"] is True and doc["degraded"] is False and doc["problems"] == []
+    assert [d["request_id"] for d in st["degraded_requests"]] == [entry["request_id"]]
+
+
+def test_an_entry_from_before_the_quality_gate_is_shown_degraded_as_status_lists_it():
+    """A ledger entry without a quality record (before the gate) whose solve did not converge: ``status`` lists it
+    as degraded, and so does what ``forget`` says of it (it read "already applied" alone)."""
+    from mcmc_unlearner.service.deletion import _degraded, shown_entry
+
+    old = {"event": "forget", "request_id": "R", "seq": 3, "converged": False, "residual": 0.3}
+    for interface in ("python", "cli"):
+        said = shown_entry(old, interface)
+        (listed,) = _degraded([old], shown_as(interface))
+        assert said == {"quality": None, "degraded": True, "problems": listed["problems"]}
+        assert said["problems"] == ["committed before the quality gate with an unconverged solve (residual 0.3)"]
+    assert shown_entry({**old, "converged": True, "residual": 1e-9}, "cli") == {
+        "quality": None,
+        "degraded": False,
+        "problems": [],
+    }

@@ -107,10 +107,21 @@ def _forget(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     e = out.entry
+    # the entry's quality and whether it is degraded as `status` says them (problems named as flags, whoever sent the
+    # request: --json printed the entry alone, its problems as recorded, Python's keywords for a resent request)
+    shown = deletion.shown_entry(e, "cli")
     if args.json:
         emit(
             json.dumps(
-                {"applied": out.applied, "request_id": out.request_id, "ledger_head": out.head, "entry": e}, indent=2
+                {
+                    "applied": out.applied,
+                    "request_id": out.request_id,
+                    "ledger_head": out.head,
+                    "entry": e,  # as the ledger records it
+                    **shown,
+                    "recovered": out.recovered,  # what an interrupted request left, rolled back or removed first
+                },
+                indent=2,
             )
         )
         return ExitCode.OK
@@ -124,14 +135,14 @@ def _forget(args: argparse.Namespace) -> int:
             if debris
             else "; nothing changed"
         )
-        # the entry's quality record, its problems named as flags (out.quality: a request sent from Python recorded
-        # them as keywords)
-        q = out.quality if isinstance(out.quality, dict) else {}
-        # a resent request committed with failed checks says so (it said "already applied" alone, exit 0)
+        # a resent request committed with failed checks says so (it said "already applied" alone, exit 0), with the
+        # problems status lists for it, named as flags (a request sent from Python recorded them as keywords)
+        q = e.get("quality")
+        how = f" and was committed under --on-failure {q.get('policy', 'accept')}" if isinstance(q, dict) else ""
         degraded = (
-            f"; it FAILED its quality checks and was committed under --on-failure {q.get('policy', 'accept')}: model "
-            f"DEGRADED ({'; '.join(map(one_line, q.get('problems', [])))}; see status)"
-            if not q.get("passed", True)
+            f"; it FAILED its quality checks{how}: model DEGRADED ({'; '.join(map(one_line, shown['problems']))}; "
+            "see status)"
+            if shown["degraded"]
             else ""
         )
         emit(

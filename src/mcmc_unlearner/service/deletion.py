@@ -50,6 +50,7 @@ __all__ = [
     "VerifyResult",
     "auto_threads",
     "forget",
+    "shown_entry",
     "status",
     "threads_for",
     "torch_threads",
@@ -426,29 +427,53 @@ def _shown_quality(quality: Any, show: Callable[[str], str]) -> Any:
     return {**quality, "problems": _shown_problems(quality["problems"], show)}
 
 
+def _degraded_record(e: Mapping[str, Any], show: Callable[[str], str]) -> dict[str, Any] | None:
+    """A forget entry committed with failed quality (policy accept, or before the gate: not converged) as
+    :func:`status` lists it, its problems as ``show`` spells them; ``None`` for any other entry."""
+    if e.get("event") != "forget":
+        return None
+    q = e.get("quality")
+    if isinstance(q, dict):
+        if q.get("passed", True):
+            return None
+        problems = _shown_problems(q.get("problems", []), show)
+    elif e.get("converged") is False or not math.isfinite(float(e.get("residual", 0.0) or 0.0)):
+        problems = [f"committed before the quality gate with an unconverged solve (residual {e.get('residual')})"]
+    else:
+        return None
+    return {"request_id": e.get("request_id"), "seq": e.get("seq"), "problems": problems}
+
+
 def _degraded(entries: Sequence[Mapping[str, Any]], show: Callable[[str], str]) -> list[dict[str, Any]]:
-    """Forget entries committed with failed quality (policy accept, or before the gate: not converged), their
-    problems as ``show`` spells them."""
-    out = []
-    for e in entries:
-        if e.get("event") != "forget":
-            continue
-        q = e.get("quality")
-        if isinstance(q, dict):
-            if not q.get("passed", True):
-                problems = _shown_problems(q.get("problems", []), show)
-                out.append({"request_id": e.get("request_id"), "seq": e.get("seq"), "problems": problems})
-        elif e.get("converged") is False or not math.isfinite(float(e.get("residual", 0.0) or 0.0)):
-            out.append(
-                {
-                    "request_id": e.get("request_id"),
-                    "seq": e.get("seq"),
-                    "problems": [
-                        f"committed before the quality gate with an unconverged solve (residual {e.get('residual')})"
-                    ],
-                }
-            )
-    return out
+    """Forget entries committed with failed quality (:func:`_degraded_record`), their problems as ``show`` spells
+    them."""
+    return [r for r in (_degraded_record(e, show) for e in entries) if r is not None]
+
+
+def shown_entry(entry: Mapping[str, Any], interface: str = "python") -> dict[str, Any]:
+    """What :func:`status` says of one request's ledger entry to a reader on ``interface`` (``"python"`` or
+    ``"cli"``), whoever sent the request: the entry itself is shown as recorded, these as the reader spells them.
+
+    Args:
+        entry: A ``forget`` entry of the ledger (e.g. :attr:`ForgetOutcome.entry`).
+        interface: Who reads it (:func:`~.requests.shown_as`).
+
+    Returns:
+        ``{"quality": ..., "degraded": ..., "problems": [...]}``: the entry's quality record with its problems
+        spelled for the reader (``status``'s ``last_request.quality``; ``None`` where the entry has none), whether
+        ``status`` lists the request among ``degraded_requests``, and the problems it lists for it there (``[]``
+        when it does not: a request repaired or passed).
+
+    Raises:
+        InvalidRequestError: ``interface`` is neither ``"python"`` nor ``"cli"``.
+    """
+    show = requests.shown_as(interface)
+    record = _degraded_record(entry, show)
+    return {
+        "quality": _shown_quality(entry.get("quality"), show),
+        "degraded": record is not None,
+        "problems": [] if record is None else record["problems"],
+    }
 
 
 def status(
