@@ -5,6 +5,7 @@ on the network before loading torch with the verdict the run's own unlearner wou
 
 from __future__ import annotations
 
+import copy
 import gzip
 import struct
 import warnings
@@ -27,7 +28,15 @@ from mcmc_unlearner.experiments.options import (
 from mcmc_unlearner.image_data import DATASETS, find_mnist_files, image_shape, load_dataset
 from mcmc_unlearner.memory import resolve_budget
 from mcmc_unlearner.models.bnn import build_model
-from mcmc_unlearner.options import FLOAT_LIMITS, ModelFacts, auto_solver, check_combinations
+from mcmc_unlearner.options import (
+    FLOAT_LIMITS,
+    ModelFacts,
+    SolverName,
+    auto_solver,
+    auto_solver_reason,
+    check_combinations,
+    dense_memory_refusal,
+)
 from mcmc_unlearner.samplers import SGLD
 from mcmc_unlearner.unlearner import MCMCUnlearner
 
@@ -55,12 +64,12 @@ def facts_of(model: nn.Module) -> ModelFacts:
     """What ``MCMCUnlearner`` reads of ``model`` (the inputs of its ``solver='auto'`` rule), from the module."""
     params = [p for p in model.parameters() if p.requires_grad]
     sharing = (nn.modules.conv._ConvNd, nn.RNNBase)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad]
+    weights = [p for _, p in model.named_parameters(remove_duplicate=False)]
     return ModelFacts(
         dim=sum(p.numel() for p in params),
-        dtype=str(params[0].dtype).removeprefix("torch."),
-        kfac_layers=sum(
-            isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad for m in model.modules()
-        ),
+        itemsize=params[0].element_size(),
+        kfac_layers=len(layers),
         weight_sharing=tuple(
             sorted(
                 {
@@ -71,6 +80,7 @@ def facts_of(model: nn.Module) -> ModelFacts:
             )
         ),
         attention=any(isinstance(m, nn.MultiheadAttention) for m in model.modules()),
+        tied_layers=sum(sum(w is m.weight for w in weights) > 1 for m in layers),
     )
 
 
@@ -203,6 +213,44 @@ def test_auto_solver_is_the_constructor_s_rule(hessian, budget):
                     except (ValueError, MemoryError) as exc:
                         said = (type(exc), str(exc))
                     assert said == library, (name, kw)
+
+
+def test_a_float64_model_s_pick_and_refusal_are_auto_solver_s_in_its_item_size():
+    """The constructor picks ``solver='auto'`` with :func:`auto_solver_reason` on the facts it reads of the model
+    (:func:`facts_of`'s, tied layers included), in the parameters' item size: a 67-parameter float64 MLP's dense
+    matrices (215 kB) are over half a 380 kB budget where its float32 twin's (162 kB) are not, and over a 190 kB
+    budget for ``solver='exact'``, refused alike through the constructor and :func:`check_combinations`."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    for name, model in {**_models(), "tied": Tied()}.items():
+        assert _resolved(model, solver="cg")._model_facts() == facts_of(model), name
+    torch.manual_seed(0)
+    mlp32 = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    mlp64 = copy.deepcopy(mlp32).double()
+    assert facts_of(mlp64) == facts_of(mlp32)._replace(itemsize=8)
+    for budget, pick32, pick64 in ((380_000, SolverName.EXACT, SolverName.KFAC), (10**6, "exact", "exact")):
+        for model, pick in ((mlp32, pick32), (mlp64, pick64)):
+            un = _resolved(model, memory_budget=budget)
+            assert (un.solver, un.solver_reason) == auto_solver_reason(facts_of(model), "remaining", 1000, budget)
+            assert un.solver == pick, (model, budget)
+    options = {"solver": "exact", "memory_budget": 190_000}
+    _resolved(mlp32, **options)  # 162 kB fit
+    with pytest.raises(MemoryError) as library:
+        _resolved(mlp64, **options)
+    assert str(library.value) == dense_memory_refusal(SolverName.EXACT, 67, 8, 190_000, kfac_builds=True)
+    with pytest.raises(MemoryError) as said:
+        check_combinations(options, facts_of(mlp64))
+    assert str(said.value) == str(library.value)
+    with pytest.raises(ValueError, match=r"ModelFacts.itemsize 2: the unlearner takes float32 \(4\) or float64"):
+        check_combinations(options, facts_of(mlp32)._replace(itemsize=2))
 
 
 def test_float_limits_are_torch_s():

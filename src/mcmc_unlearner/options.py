@@ -33,6 +33,7 @@ __all__ = [
     "ScreenMode",
     "SolverName",
     "auto_solver",
+    "auto_solver_reason",
     "check_bank_shift_solver",
     "check_combinations",
     "check_damping",
@@ -428,27 +429,33 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {
     "float32": (3.4028234663852886e38, 1.1754943508222875e-38),
     "float64": (1.7976931348623157e308, 2.2250738585072014e-308),
 }
-_ITEMSIZE = {"float32": 4, "float64": 8}
+#: The dtype of each item size :data:`FLOAT_LIMITS` holds (``ModelFacts.itemsize``'s range check).
+_FLOAT_NAMES = {4: "float32", 8: "float64"}
 _DENSE_SOLVERS = (SolverName.EXACT, SolverName.GGN)
 
 
 class ModelFacts(NamedTuple):
-    """What ``MCMCUnlearner`` reads of a model to pick ``solver='auto'`` and to judge option combinations, stated
-    without building the model (the command line's check before torch, :func:`check_combinations`).
+    """What ``MCMCUnlearner`` reads of a model to pick ``solver='auto'`` and to judge option combinations: the
+    constructor builds it from the model it is given, the command line states it without building the model
+    (its check before torch, :func:`check_combinations`).
 
     Attributes:
         dim: Trainable parameters.
-        dtype: Their dtype's name (``"float32"`` or ``"float64"``).
+        itemsize: Bytes per parameter (4: float32, 8: float64): the dense matrices' size, and for these two the
+            dtype whose range :func:`check_combinations` checks ``damping``/``scaling`` in.
         kfac_layers: Trainable ``Linear``/``Conv1d``/``Conv2d`` layers (K-FAC's factored layers).
         weight_sharing: Sorted type names of the trainable convolution and recurrent layers (``("Conv2d",)``).
         attention: Whether the model has ``nn.MultiheadAttention``.
+        tied_layers: Those of the ``kfac_layers`` whose weight the model uses more than once (K-FAC holds them in
+            its diagonal block; the choice's reason says so).
     """
 
     dim: int
-    dtype: str = "float32"
+    itemsize: int = 4
     kfac_layers: int = 0
     weight_sharing: tuple[str, ...] = ()
     attention: bool = False
+    tied_layers: int = 0
 
 
 def auto_solver(
@@ -459,24 +466,76 @@ def auto_solver(
     custom_energy: bool = False,
     distributed: bool = False,
 ) -> SolverName:
-    """What ``solver='auto'`` picks for ``model`` (``MCMCUnlearner``'s rule without its reasons; a test holds the
-    two equal): a dense solver when the dense matrices are small (``dim <= exact_max_dim`` and within half of
-    ``memory_budget``, in bytes), else K-FAC on Linear/Conv layers, else CG."""
-    from .memory import dense_memory  # (torch-free)
+    """What ``solver='auto'`` picks for ``model`` (:func:`auto_solver_reason`'s solver)."""
+    return auto_solver_reason(model, hessian, exact_max_dim, memory_budget, custom_energy, distributed)[0]
 
-    need = dense_memory(model.dim, _ITEMSIZE[model.dtype])
-    small = model.dim <= exact_max_dim and need <= memory_budget // 2
+
+def auto_solver_reason(
+    model: ModelFacts,
+    hessian: Any,
+    exact_max_dim: int,
+    memory_budget: int,
+    custom_energy: bool = False,
+    distributed: bool = False,
+) -> tuple[SolverName, str]:
+    """What ``solver='auto'`` picks for ``model`` and why (``MCMCUnlearner``'s rule, its ``solver_reason``): a
+    dense solver when the dense matrices are small (``dim <= exact_max_dim`` and, in the parameters' item size,
+    within half of ``memory_budget`` bytes), else K-FAC on Linear/Conv layers, else CG.
+
+    Args:
+        model: What the unlearner reads of the model.
+        hessian: Which energy's Hessian is inverted (K-FAC builds ``"remaining"`` only).
+        exact_max_dim: Largest parameter count for the dense solvers.
+        memory_budget: Bytes.
+        custom_energy: Whether a custom ``energy=`` is given (no K-FAC or GGN then).
+        distributed: Whether the unlearner runs under torch.distributed (no GGN then).
+    """
+    from .memory import dense_memory, format_bytes  # (torch-free)
+
+    d = model.dim
+    # in the model's item size: float64 matrices take 4/3 of float32's (dense_memory's default), and 'auto' took
+    # the exact path for a 993-parameter float64 model whose 47 MB passed half an 80 MB budget (peak 312 MB)
+    need = dense_memory(d, model.itemsize)
+    small = d <= exact_max_dim and need <= memory_budget // 2
     kfac_ok = not custom_energy and hessian == HessianKind.REMAINING
-    shared = bool(model.weight_sharing)
+    shared = "/".join(model.weight_sharing)
+    limit = shown_value(exact_max_dim)  # (10**5000 is no number Python will print)
     if small and model.attention and kfac_ok and not shared:
-        return SolverName.KFAC
+        return SolverName.KFAC, (
+            f"{d} parameters <= exact_max_dim {limit}, but attention applies its projections at "
+            "every position, so each dense Hessian column is a pass through attention over every row and draw "
+            "(an 890-parameter attention classifier: 34 s per request against 1.4-1.8 s with K-FAC; the dense "
+            "Gauss-Newton matrix raised its held-out NLL 20-30x): K-FAC (pass solver='exact' for the Hessian)"
+        )
     if small and not shared:
-        return SolverName.EXACT
+        return SolverName.EXACT, f"{d} parameters <= exact_max_dim {limit}"
     if small and not custom_energy and not distributed:
-        return SolverName.GGN
+        return SolverName.GGN, (
+            f"{d} parameters <= exact_max_dim {limit}, but {shared} layers share their "
+            "weights across positions or steps, which makes each dense Hessian column cost hundreds of times a "
+            "dense layer's: the dense Gauss-Newton matrix instead (C backward passes per row; pass "
+            "solver='exact' for the Hessian)"
+        )
+    if d > exact_max_dim:
+        why = f"{d} parameters > exact_max_dim {limit}"
+    elif need > memory_budget // 2:
+        why = f"dense matrices need {format_bytes(need)}, over half the memory budget"
+    else:
+        why = (
+            f"{d} parameters, but {shared} layers share their weights across positions or steps, "
+            "which makes each dense Hessian column cost hundreds of times a dense layer's (pass solver='exact' "
+            "to take it anyway)"
+        )
     if model.kfac_layers and kfac_ok:
-        return SolverName.KFAC
-    return SolverName.CG
+        # a tied weight is held in K-FAC's diagonal block (kronecker.py): the reason counted it as a factored
+        # layer (stop 45's probe: "3 layers for Kronecker factors" where none was factored)
+        tied = model.tied_layers
+        also = f" ({tied} of them with tied weights, which K-FAC holds in its diagonal block)" if tied else ""
+        return SolverName.KFAC, f"{why}; {model.kfac_layers} Linear/Conv layers for Kronecker factors{also}"
+    if model.kfac_layers and not custom_energy:  # hessian="full": the removed rows' curvature too, which K-FAC lacks
+        # (auto picked K-FAC, which then refused hessian='full' without naming a solver that takes it; stop 45)
+        return SolverName.CG, f"{why}; hessian='full', which K-FAC does not build: matrix-free CG"
+    return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
 
 
 def dense_memory_refusal(solver: SolverName, dim: int, itemsize: int, budget: int, kfac_builds: bool) -> str | None:
@@ -539,13 +598,15 @@ def check_combinations(options: Mapping[str, Any], model: ModelFacts | None = No
     hessian = check_option("hessian", options.get("hessian", HessianKind.REMAINING))
     solver = check_option("solver", options.get("solver", "auto"))
     if model is not None:
+        if model.itemsize not in _FLOAT_NAMES:
+            raise ValueError(f"ModelFacts.itemsize {model.itemsize!r}: the unlearner takes float32 (4) or float64 (8)")
         budget = check_option("memory_budget", options.get("memory_budget"))
         if solver == "auto":
             solver = auto_solver(
                 model, hessian, check_option("exact_max_dim", options.get("exact_max_dim", 1000)), budget
             )
         kfac_builds = bool(model.kfac_layers) and hessian == HessianKind.REMAINING
-        problem = dense_memory_refusal(solver, model.dim, _ITEMSIZE[model.dtype], budget, kfac_builds)
+        problem = dense_memory_refusal(solver, model.dim, model.itemsize, budget, kfac_builds)
         if problem:
             raise MemoryError(problem)
     if solver == "auto":
@@ -556,12 +617,13 @@ def check_combinations(options: Mapping[str, Any], model: ModelFacts | None = No
     check_damping_shape_solver(check_option("damping_shape", options.get("damping_shape", "auto")), solver)
     if model is None:
         return
-    limits = FLOAT_LIMITS[model.dtype]
+    dtype = _FLOAT_NAMES[model.itemsize]
+    limits = FLOAT_LIMITS[dtype]
     scaling = check_option("scaling", options.get("scaling", "auto"))
     for name, value, fix, zero_ok in (
         ("damping", check_option("damping", options.get("damping", "auto")), DAMPING_FIX, True),  # (None: auto)
         ("scaling", None if isinstance(scaling, str) else float(scaling), SCALING_FIX, False),
     ):
-        problem = None if value is None else representable_refusal(name, value, model.dtype, limits, fix, zero_ok)
+        problem = None if value is None else representable_refusal(name, value, dtype, limits, fix, zero_ok)
         if problem:
             raise ValueError(problem)

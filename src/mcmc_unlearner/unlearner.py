@@ -77,6 +77,8 @@ from .options import (
     EmptiedLabel,
     Expectation,
     HessianKind,
+    ModelFacts,
+    auto_solver_reason,
     check_bank_shift_solver,
     check_damping_shape_solver,
     check_hessian_solver,
@@ -1636,11 +1638,22 @@ class MCMCUnlearner:
         self.memory_budget = check_option("memory_budget", memory_budget)
         self.exact_max_dim = check_option("exact_max_dim", exact_max_dim)
         self.hessian = check_option("hessian", hessian)  # before the choice: K-FAC builds "remaining" only
-        self.solver, self.solver_reason = self._choose_solver(solver)
+        # the rule solver='auto' follows is the command line's too (torch-free, on facts it states of a network)
+        facts = self._model_facts()
+        if solver == "auto":
+            self.solver, self.solver_reason = auto_solver_reason(
+                facts,
+                self.hessian,
+                self.exact_max_dim,
+                self.memory_budget,
+                self.custom_energy,
+                self._reduce is not None,
+            )
+        else:
+            self.solver, self.solver_reason = check_option("solver", solver), "chosen by the caller"
         # (torch-free, the command line's check of a network it knows: check_combinations); K-FAC named only where it
         # builds this curvature (stop 50's review: offered with hessian='full')
-        itemsize = ParamSpec.params(model)[0].element_size()
-        problem = dense_memory_refusal(self.solver, self.spec.dim, itemsize, self.memory_budget, self._kfac_builds())
+        problem = dense_memory_refusal(self.solver, facts.dim, facts.itemsize, self.memory_budget, self._kfac_builds())
         if problem:
             raise MemoryError(problem)
         self.expectation = check_option("expectation", expectation)
@@ -1819,62 +1832,23 @@ class MCMCUnlearner:
                 stacklevel=outside_stacklevel(),
             )
 
-    def _choose_solver(self, solver: SolverName | str) -> tuple[SolverName, str]:
-        if solver != "auto":
-            return check_option("solver", solver), "chosen by the caller"
-        d = self.spec.dim
-        # in the model's item size: float64 matrices take 4/3 of float32's (dense_memory's default), and 'auto' took
-        # the exact path for a 993-parameter float64 model whose 47 MB passed half an 80 MB budget (peak 312 MB)
-        need = dense_memory(d, ParamSpec.params(self.model)[0].element_size())
-        shared = sorted(
-            {
-                type(m).__name__
-                for m in self.model.modules()
-                if isinstance(m, _WEIGHT_SHARING) and any(p.requires_grad for p in m.parameters(recurse=False))
-            }
-        )
-        small = d <= self.exact_max_dim and need <= self.memory_budget // 2
-        limit = shown_value(self.exact_max_dim)  # (10**5000 is no number Python will print)
-        attention = any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules())
-        kfac_ok = not self.custom_energy and self.hessian is HessianKind.REMAINING
-        if small and attention and kfac_ok and not shared:
-            return SolverName.KFAC, (
-                f"{d} parameters <= exact_max_dim {limit}, but attention applies its projections at "
-                "every position, so each dense Hessian column is a pass through attention over every row and draw "
-                "(an 890-parameter attention classifier: 34 s per request against 1.4-1.8 s with K-FAC; the dense "
-                "Gauss-Newton matrix raised its held-out NLL 20-30x): K-FAC (pass solver='exact' for the Hessian)"
-            )
-        if small and not shared:
-            return SolverName.EXACT, f"{d} parameters <= exact_max_dim {limit}"
-        if small and not self.custom_energy and self._reduce is None:
-            return SolverName.GGN, (
-                f"{d} parameters <= exact_max_dim {limit}, but {'/'.join(shared)} layers share their "
-                "weights across positions or steps, which makes each dense Hessian column cost hundreds of times a "
-                "dense layer's: the dense Gauss-Newton matrix instead (C backward passes per row; pass "
-                "solver='exact' for the Hessian)"
-            )
+    def _model_facts(self) -> ModelFacts:
+        """What ``solver='auto'``'s rule reads of the model (:func:`~mcmc_unlearner.options.auto_solver_reason`)."""
         layers = self._kfac_layers()
-        if d > self.exact_max_dim:
-            why = f"{d} parameters > exact_max_dim {limit}"
-        elif need > self.memory_budget // 2:
-            why = f"dense matrices need {format_bytes(need)}, over half the memory budget"
-        else:
-            why = (
-                f"{d} parameters, but {'/'.join(shared)} layers share their weights across positions or steps, "
-                "which makes each dense Hessian column cost hundreds of times a dense layer's (pass solver='exact' "
-                "to take it anyway)"
-            )
-        if layers and kfac_ok:
-            uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
-            tied = sum(uses[id(m.weight)] > 1 for m in layers)
-            # a tied weight is held in K-FAC's diagonal block (kronecker.py): the reason counted it as a factored
-            # layer (stop 45's probe: "3 layers for Kronecker factors" where none was factored)
-            also = f" ({tied} of them with tied weights, which K-FAC holds in its diagonal block)" if tied else ""
-            return SolverName.KFAC, f"{why}; {len(layers)} Linear/Conv layers for Kronecker factors{also}"
-        if layers and not self.custom_energy:  # hessian="full": the removed rows' curvature too, which K-FAC lacks
-            # (auto picked K-FAC, which then refused hessian='full' without naming a solver that takes it; stop 45)
-            return SolverName.CG, f"{why}; hessian='full', which K-FAC does not build: matrix-free CG"
-        return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
+        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        shared = {
+            type(m).__name__
+            for m in self.model.modules()
+            if isinstance(m, _WEIGHT_SHARING) and any(p.requires_grad for p in m.parameters(recurse=False))
+        }
+        return ModelFacts(
+            dim=self.spec.dim,
+            itemsize=ParamSpec.params(self.model)[0].element_size(),
+            kfac_layers=len(layers),
+            weight_sharing=tuple(sorted(shared)),
+            attention=any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()),
+            tied_layers=sum(uses[id(m.weight)] > 1 for m in layers),
+        )
 
     def _kfac_builds(self) -> bool:
         """Whether ``solver="kfac"`` builds this unlearner's curvature (what a refusal may suggest it for)."""
