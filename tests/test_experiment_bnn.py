@@ -492,6 +492,45 @@ def test_unlearner_keywords_reach_the_unlearner(tmp_path, monkeypatch):
     assert "carry_deficit=False" in m["unlearner_settings"] and "damping=50.0" in m["unlearner_settings"]
 
 
+def test_the_run_s_unlearners_get_the_memory_budget_judged_before_training(tmp_path, monkeypatch):
+    """A percentage (or the default) ``memory_budget`` was resolved in the check before training and again by each
+    unlearner the run built after it, each of the memory available then: the budget judged and the budget used
+    could differ. The check's bytes are now given to the unlearners (here the saved one and ``unlearn``'s, the
+    memory available falling by 1 MiB at each reading)."""
+    import functools
+
+    from mcmc_unlearner import memory
+    from mcmc_unlearner.experiments import options
+    from mcmc_unlearner.experiments.bnn import BNNConfig, run_bnn
+    from mcmc_unlearner.unlearner import MCMCUnlearner
+
+    readings = iter(range(8 * 2**30, 0, -(2**20)))
+    monkeypatch.setattr(memory, "available_memory", lambda: next(readings))
+    judged, used = [], []
+    check = options.check_combinations
+
+    def spy(kw, network):
+        judged.append(kw["memory_budget"])
+        return check(kw, network)
+
+    monkeypatch.setattr(options, "check_combinations", spy)
+    original = MCMCUnlearner.__init__
+
+    @functools.wraps(original)  # keeps the signature the option check reads
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        used.append((kw["memory_budget"], self.memory_budget))
+
+    monkeypatch.setattr(MCMCUnlearner, "__init__", init)
+    cfg = BNNConfig(
+        explore_steps=10, sample_steps=40, bank_size=4, remove_count=10, retrain_chains=2, methods=("unlearn",),
+        progress=False, save_model=str(tmp_path / "model"), unlearner_kwargs={"memory_budget": "50%"},
+    )  # fmt: skip
+    run_bnn(cfg)
+    assert len(judged) == 1 and isinstance(judged[0], int) and 4 * 2**30 - 2**24 < judged[0] <= 4 * 2**30, judged
+    assert used == [(judged[0], judged[0])] * 2, (judged, used)  # the saved unlearner's and unlearn's
+
+
 def test_collapsed_pretraining_is_refused_before_any_chain(tmp_path, monkeypatch):
     """Shared initial weights that predict one class (measured: the paper preset's seed 1) void every comparison:
     refused at once with the fix, instead of 40 minutes of chains that all sit at chance."""

@@ -303,10 +303,12 @@ def confidence_attack(
 
 # ---------------------------------------------------------------------------------------------- experiment
 class _Experiment:
-    """One run: data, requests, evaluation sets, initial weights, training and prediction helpers."""
+    """One run: data, requests, evaluation sets, initial weights, training and prediction helpers;
+    ``memory_budget``: the bytes the run's settings were judged with (:func:`check_settings`), its unlearner's."""
 
-    def __init__(self, cfg: BNNConfig) -> None:
+    def __init__(self, cfg: BNNConfig, memory_budget: int | None = None) -> None:
         self.cfg = cfg
+        self.memory_budget = memory_budget
         self.device = torch.device(cfg.device)
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, seed=cfg.seed)
         self.data = data
@@ -656,9 +658,13 @@ def check_unlearner_kwarg(key: str, value: Any) -> Any:
     return check_kwarg(key, value)
 
 
-def _unlearner(cfg: BNNConfig, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:
-    """``unlearn``: the library's unlearner, its defaults unless settings were given."""
-    return MCMCUnlearner(model, sampler, bank=bank, seed=cfg.seed, **_unlearner_overrides(cfg))
+def _unlearner(ex: _Experiment, model: nn.Module, sampler: torch.optim.Optimizer, bank: torch.Tensor) -> MCMCUnlearner:
+    """``unlearn``: the library's unlearner, its defaults unless settings were given, with the memory budget in
+    bytes that the run's settings were judged with before training (``ex.memory_budget``, where known)."""
+    kw = _unlearner_overrides(ex.cfg)
+    if ex.memory_budget is not None:
+        kw["memory_budget"] = ex.memory_budget
+    return MCMCUnlearner(model, sampler, bank=bank, seed=ex.cfg.seed, **kw)
 
 
 def _sequence(
@@ -719,7 +725,7 @@ def _run_unlearner(ex: _Experiment, origin: dict[str, Any], progress: _Progress,
     """``unlearn``: the library's :class:`MCMCUnlearner` on a live chain and the stored bank."""
     cfg = ex.cfg
     chain = _Chain(ex, origin, seed)
-    un = _unlearner(cfg, chain.model, chain.sampler, origin["bank"])
+    un = _unlearner(ex, chain.model, chain.sampler, origin["bank"])
 
     def request(i: int, ids: torch.Tensor) -> dict[str, Any]:
         if cfg.solver == "lissa":
@@ -831,8 +837,15 @@ def _check_device(device: str) -> None:
 
 
 def _resolve(cfg: BNNConfig) -> BNNConfig:
+    """The run's settings, checked and resolved (:func:`_resolve_run`'s)."""
+    return _resolve_run(cfg)[0]
+
+
+def _resolve_run(cfg: BNNConfig) -> tuple[BNNConfig, int | None]:
+    """The run's settings, checked and resolved, with the memory budget in bytes its unlearner was judged with
+    (:func:`check_settings`'s; ``None``: the run builds no unlearner)."""
     # torch-free (the command line's check before torch), through the unlearner's combinations on the run's network
-    check_settings(cfg)
+    budget = check_settings(cfg)
     if cfg.pretrain_fallback not in (None, "heldout", "self", "none"):
         raise ValueError(
             f"pretrain_fallback must be None, 'heldout', 'self' or 'none', got {shown_value(cfg.pretrain_fallback)}"
@@ -857,7 +870,7 @@ def _resolve(cfg: BNNConfig) -> BNNConfig:
     _check_device(cfg.device)
     if cfg.langevin_steps <= 0:
         cfg = replace(cfg, langevin_steps=cfg.paper_samp_T + 2 * cfg.paper_iter_T)
-    return replace(cfg, methods=tuple(m for m in OPTIONAL_METHODS if m in cfg.methods))
+    return replace(cfg, methods=tuple(m for m in OPTIONAL_METHODS if m in cfg.methods)), budget
 
 
 def _check_save_model_vs_out(save_model: str | Path, out: str | Path) -> None:
@@ -881,13 +894,13 @@ def run_bnn(cfg: BNNConfig, out: str | Path | None = None) -> dict[str, Any]:
         out: Output folder: new or empty (created; checked and held before any work, so that another run's
             results are never replaced or mixed with these); ``None`` writes nothing.
     """
-    cfg = _resolve(replace(cfg, notes=list(cfg.notes)))
+    cfg, budget = _resolve_run(replace(cfg, notes=list(cfg.notes)))
     if out is not None and cfg.save_model is not None:
         _check_save_model_vs_out(cfg.save_model, out)
     # the output folder is checked and held (a marker file) before any work: a second run into it is refused
     with claimed_out_dir(out, "bnn") if out is not None else contextlib.nullcontext() as out_dir:
         with _torch_threads(cfg.threads):
-            metrics = _run(cfg)
+            metrics = _run(cfg, budget)
         if out_dir is not None:
             _write_outputs(metrics, out_dir)
     return metrics
@@ -918,9 +931,9 @@ def _guarded(name: str, cfg: BNNConfig, failures: dict[str, tuple[str, bool]], f
         return None
 
 
-def _run(cfg: BNNConfig) -> dict[str, Any]:
+def _run(cfg: BNNConfig, memory_budget: int | None) -> dict[str, Any]:
     c_start, t_start = time.process_time(), time.perf_counter()
-    ex = _Experiment(cfg)
+    ex = _Experiment(cfg, memory_budget)
     s = cfg.seed * 1000
     origin = ex.train(torch.arange(ex.n_full), s + 1, "origin")
     names = _retrain_names(cfg.retrain_chains)
@@ -1209,7 +1222,7 @@ def _save_origin(cfg: BNNConfig, ex: _Experiment, origin: dict[str, Any]) -> Non
     sampler.load_state_dict(_without_generator(origin["sampler"].state_dict()))
     sampler.generator.set_state(origin["sampler"].generator.get_state())
     data = RemovableDataset(ex.data.x_train, ex.data.y_train, batch_size=cfg.batch_size, seed=cfg.seed)
-    un = _unlearner(cfg, model, sampler, origin["bank"])
+    un = _unlearner(ex, model, sampler, origin["bank"])
     store.save_model(
         cfg.save_model,
         model=model,

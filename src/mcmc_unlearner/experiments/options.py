@@ -678,11 +678,16 @@ def run_network(cfg: BNNConfig) -> ModelFacts | None:
     return network_facts(arch, *shape)
 
 
-def check_settings(cfg: BNNConfig) -> None:
+def check_settings(cfg: BNNConfig) -> int | None:
     """``bnn``'s checks of a run's settings that need no torch, in the run's order (``bnn._resolve`` runs them
     first): then ``unlearn``'s option combinations that ``MCMCUnlearner`` refuses, for the run's network
     (:func:`mcmc_unlearner.options.check_combinations` given :func:`run_network`: what ``solver='auto'`` picks for
     it, the dense solvers' memory, ``damping``/``scaling`` out of float32's range), in the run's words.
+
+    Returns:
+        The memory budget in bytes those were judged with (a percentage or the default: of the memory available
+        now), which the run's unlearner is given, so that it uses the budget judged before training; ``None``
+        without ``unlearn``.
 
     Raises:
         ValueError: A setting the run refuses (a combination: the library's message after the settings).
@@ -730,11 +735,13 @@ def check_settings(cfg: BNNConfig) -> None:
     for key, value in kw.items():
         kw[key] = check_kwarg(key, value)  # a bad value is refused now, not after training
     if "unlearn" not in cfg.methods:
-        return
+        return None
+    budget = check_option("memory_budget", kw.get("memory_budget"))  # resolved once (what a percentage was of)
     try:
-        check_combinations(kw, run_network(cfg))
+        check_combinations({**kw, "memory_budget": budget}, run_network(cfg))
     except (ValueError, MemoryError) as exc:
         raise settings_refused(kw, exc) from None
+    return budget
 
 
 def _bnn(args: argparse.Namespace) -> int:
