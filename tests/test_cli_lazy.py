@@ -208,6 +208,29 @@ def test_a_combination_that_depends_on_the_network_is_refused_without_torch(tmp_
         assert err.endswith(f"): {library}\n"), (argv, err, library)
 
 
+def test_a_combination_refused_for_the_saved_unlearner_is_refused_without_torch(tmp_path):
+    """``--save-model`` saves the run's unlearner even where ``unlearn`` is not in ``--methods``: its settings were
+    checked only when the model was saved, after the chains were trained. They are refused at once too, with the
+    message they get with ``unlearn``; the same run without ``--save-model`` builds no unlearner and is not."""
+    refused = ("--bank-shift", "affine")  # auto: kfac on digits_net (NETWORK_REFUSED)
+    tiny = ("--explore-steps", "20", "--sample-steps", "40", "--bank-size", "6", "--retrain-chains", "2")
+    argvs = [
+        ["bnn", "--methods", "importance", "--save-model", str(tmp_path / "m"), *refused, *tiny],
+        ["bnn", "--methods", "unlearn", *refused, *tiny],
+    ]
+    res = _cli_in_a_fresh_process(argvs, tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert not got["torch"], "a combination refused for the saved unlearner imported torch before its refusal"
+    (saved, err), (with_unlearn, expected) = got["codes"]
+    assert saved == with_unlearn == 2 and err.startswith("mcmc-unlearner bnn: error: the unlearner's settings ("), err
+    assert err == expected and err.endswith(f"): {_run_network_unlearner(refused)}\n"), (err, expected)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "runs").exists()
+    from mcmc_unlearner.experiments.options import BNNConfig, check_settings
+
+    assert check_settings(BNNConfig(methods=("importance",), bank_shift="affine")) is None  # no unlearner built
+
+
 def _help(argv: list[str], lazy: bool) -> str:
     from mcmc_unlearner.cli import build_parser
 

@@ -125,7 +125,8 @@ class BNNConfig:
             thread for networks under a million parameters, torch's setting above that or when ``OMP_NUM_THREADS``
             is set: :func:`mcmc_unlearner.service.deletion.auto_threads`) or ``0`` (leave torch's setting).
         save_model: Folder to save the chain trained on all data (with its bank and unlearner settings) with
-            :func:`mcmc_unlearner.store.save_model`, ready for ``mcmc-unlearner forget``.
+            :func:`mcmc_unlearner.store.save_model`, ready for ``mcmc-unlearner forget`` (its unlearner's settings
+            are checked before training, as ``unlearn``'s are).
         progress: Show tqdm progress bars.
     """
 
@@ -680,14 +681,15 @@ def run_network(cfg: BNNConfig) -> ModelFacts | None:
 
 def check_settings(cfg: BNNConfig) -> int | None:
     """``bnn``'s checks of a run's settings that need no torch, in the run's order (``bnn._resolve`` runs them
-    first): then ``unlearn``'s option combinations that ``MCMCUnlearner`` refuses, for the run's network
+    first): then, where the run builds an unlearner (``unlearn`` in ``--methods``, or ``--save-model``, which saves
+    one), the option combinations that ``MCMCUnlearner`` refuses, for the run's network
     (:func:`mcmc_unlearner.options.check_combinations` given :func:`run_network`: what ``solver='auto'`` picks for
     it, the dense solvers' memory, ``damping``/``scaling`` out of float32's range), in the run's words.
 
     Returns:
         The memory budget in bytes those were judged with (a percentage or the default: of the memory available
         now), which the run's unlearner is given, so that it uses the budget judged before training; ``None``
-        without ``unlearn``.
+        where the run builds no unlearner.
 
     Raises:
         ValueError: A setting the run refuses (a combination: the library's message after the settings).
@@ -734,7 +736,7 @@ def check_settings(cfg: BNNConfig) -> int | None:
     kw = unlearner_overrides(cfg)
     for key, value in kw.items():
         kw[key] = check_kwarg(key, value)  # a bad value is refused now, not after training
-    if "unlearn" not in cfg.methods:
+    if "unlearn" not in cfg.methods and not cfg.save_model:
         return None
     budget = check_option("memory_budget", kw.get("memory_budget"))  # resolved once (what a percentage was of)
     try:
