@@ -1389,6 +1389,16 @@ class Proposal:
     _cumulative_warned: bool = False
 
 
+def _listed_remaining(stream: _Stream) -> Batch | None:
+    """Every remaining row, where they can be listed without a pass over the data: the rows given as a tuple, a
+    ``RemovableDataset`` (``stream.full()``), or a ``DataLoader`` over a ``TensorDataset`` (or a ``Subset`` of one;
+    checked finite here); else ``None``."""
+    listed = stream.full() if stream.listable else _loader_tensors(stream.source)
+    if listed is not None and not stream.listable:
+        check_finite_batch(listed, "the remaining data", "of the rows its DataLoader reads")
+    return listed
+
+
 class MCMCUnlearner:
     """Remove training points from an SG-MCMC posterior (chain state and stored samples) without retraining.
 
@@ -3588,6 +3598,7 @@ class MCMCUnlearner:
             f"{h['damping']:.3g}:" + ("not solvable" if math.isnan(h["predicted"]) else f"{h['ratio']:.3g}")
             for h in outcome.history
         )
+        new_live, new_bank = self._draw_unread_embedding_rows(batch, stream, new_live, new_bank, info)
         emptied = self._emptied_label_problem(batch, stream, new_bank if new_bank is not None else new_live[None], info)
         measured = info.get("emptied_labels") if isinstance(info.get("emptied_labels"), dict) else {}
         always = self.emptied_label is EmptiedLabel.ALWAYS and bool(measured)
@@ -3860,9 +3871,7 @@ class MCMCUnlearner:
             why = None
         listed = None
         if why is None:
-            listed = stream.full() if stream.listable else _loader_tensors(stream.source)
-            if listed is not None and not stream.listable:
-                check_finite_batch(listed, "the remaining data", "of the rows its DataLoader reads")
+            listed = _listed_remaining(stream)
             if listed is None:
                 why = (
                     "the remaining rows cannot be listed without a pass over the data (pass them as a tuple (x, y), a "
@@ -3916,6 +3925,135 @@ class MCMCUnlearner:
             stats["remaining_nll_before"], stats["remaining_nll_after"], stats["seconds"],
         )  # fmt: skip
         return outs[-1][0], (None if bank is None else outs[0])
+
+    def _draw_unread_embedding_rows(
+        self, batch: Batch, stream: _Stream, live: torch.Tensor, bank: torch.Tensor | None, info: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draw the embedding rows that the removed rows read and no remaining row reads from the prior's
+        conditional, in every stored sample and the live chain (:mod:`mcmc_unlearner.unread`, a Gibbs step of the
+        retrained posterior; README step 6). Returns the samples, new tensors where rows were drawn (the ones given
+        are not written into), else the ones given.
+
+        ``info["embedding_rows"]`` says what was found and done wherever the removed rows read a row of a trainable
+        ``nn.Embedding`` (not tied): ``"drawn: name[rows]"`` (``info["embedding_rows_drawn"]``, a dict of the rows,
+        and ``embedding_rows_drawn_count``), ``"none unread"``, or ``"not checked: ..."`` (remaining rows that cannot
+        be listed without a pass, as for the emptied label's draw; ``torch.distributed``; over ``UNREAD_MAX_ROWS``)
+        or ``"not drawn: ..."`` (no ``log_prior``; a prior that is not measurably a Gaussian independent across
+        the rows' entries, also warned about, naming the rows and the fix)."""
+        from .unread import (
+            UNREAD_MAX_ROWS,
+            UNREAD_ROWS,
+            draw_unread_rows,
+            embedding_tables,
+            rows_read,
+            rows_with_gradient,
+        )
+
+        tables = embedding_tables(self.model, self.spec)
+        if not tables:
+            return live, bank
+        rows_f = functionalize(self.model, lambda m, *b: self._row_nll(m, b))
+        removed = self._raw(batch)
+        chunk = chunk_for(self.memory_budget, self._row_bytes or 1, UNREAD_ROWS)  # a backward pass's rows
+        read = rows_read(tables, rows_f, live, removed, chunk)
+        if not any(bool(r.any()) for r in read):
+            return live, bank
+
+        def named(masks: Sequence[torch.Tensor]) -> dict[str, list[int]]:
+            return {t.name: torch.nonzero(m).flatten().tolist() for t, m in zip(tables, masks) if bool(m.any())}
+
+        def said(rows: dict[str, list[int]]) -> str:
+            return ", ".join(f"{name}{r}" for name, r in rows.items())
+
+        why = None
+        if bank is not None and bank.shape[0]:
+            # which rows are read must not depend on θ (a codebook looked up by nearest neighbour): the removed
+            # rows read the same rows at another sample
+            again = rows_read(tables, rows_f, bank[0], removed, chunk)
+            if any(not torch.equal(a, b) for a, b in zip(read, again)):
+                why = "not checked: which embedding rows the removed rows read depends on the parameters"
+        if why is None and self._reduce is not None:
+            why = "not checked: under torch.distributed (each rank holds part of the remaining rows)"
+        listed = None if why is not None else _listed_remaining(stream)
+        if why is None and listed is None:
+            why = (
+                "not checked: the remaining rows cannot be listed without a pass over the data (pass them as a tuple, "
+                "a RemovableDataset, or a DataLoader over a TensorDataset), so whether any of them reads the rows "
+                "the removed rows read cannot be told"
+            )
+        if why is None and int(listed[0].shape[0]) > UNREAD_MAX_ROWS:
+            why = f"not checked: more than {UNREAD_MAX_ROWS:,} remaining rows to read"
+        if why is not None:
+            info["embedding_rows"] = why
+            return live, bank
+        rows = self._raw(listed)
+        kept = rows_read(tables, rows_f, live, rows, chunk, watch=read)
+        unread = [r & ~k for r, k in zip(read, kept)]
+        if not any(bool(u.any()) for u in unread):
+            info["embedding_rows"] = "none unread: a remaining row reads every embedding row the removed rows read"
+            return live, bank
+        # a weight also read outside its module (F.linear(h, emb.weight)) is read by every row: an exactly zero
+        # gradient of the remaining rows' NLL along the row, too
+        other = []
+        for t, u in zip(tables, unread):
+            if bool(u.any()):
+                r = torch.nonzero(u).flatten()
+                hit = rows_with_gradient(rows_f, live, rows, t.index(r), t.width, chunk)
+                u[r[hit]] = False
+                other.append((t.name, r[hit].tolist()))
+        otherwise = {name: r for name, r in other if r}
+        if otherwise:
+            info["embedding_rows_read_otherwise"] = otherwise
+        found = named(unread)
+        if not found:
+            info["embedding_rows"] = "none unread: the remaining rows' NLL depends on every row the removed rows read"
+            return live, bank
+        info["embedding_rows_unread"] = found
+        if self.log_prior is None:
+            info["embedding_rows"] = (
+                f"not drawn: {said(found)} no remaining row reads, but without a log_prior (a flat prior) their "
+                "conditional is improper"
+            )
+            return live, bank
+        lp_f = functionalize(self.model, lambda m: self.log_prior(m))
+        parts = [live[None]] if bank is None else [bank, live[None]]
+        outs: list[list[torch.Tensor]] = [[p] for p in parts]
+        drawn: dict[str, list[int]] = {}
+        failed: dict[str, list[int]] = {}
+        prior: dict[str, dict[str, float]] = {}
+        for t, u in zip(tables, unread):
+            if not bool(u.any()):
+                continue
+            index = t.index(torch.nonzero(u).flatten())
+            results = [draw_unread_rows(lp_f, o[-1], index, self.generator) for o in outs]
+            if any(r is None for r in results):
+                failed[t.name] = found[t.name]
+                continue
+            for o, r in zip(outs, results):
+                o[-1] = r[0]
+            drawn[t.name] = found[t.name]
+            prior[t.name] = results[-1][1]
+        if failed:
+            info["embedding_rows_not_drawn"] = failed
+            warnings.warn(
+                f"this request removes every row that reads embedding row(s) {said(failed)}: no remaining row reads "
+                "them, so retraining leaves them at their prior, but log_prior is not measurably a Gaussian "
+                "independent across their entries there, and they were not drawn from it: the influence step alone "
+                "moved them, which puts them at the prior's mean only from a chain at equilibrium. Use a Gaussian "
+                "prior on that weight, or continue the chain on the remaining data (run_chain, or the deletion "
+                "service's --on-failure repair), or retrain",
+                stacklevel=outside_stacklevel(),
+            )
+        if not drawn:
+            info["embedding_rows"] = f"not drawn: log_prior is not measurably Gaussian along {said(failed)}"
+            return live, bank
+        info["embedding_rows"] = "drawn: " + said(drawn)
+        info["embedding_rows_drawn"] = drawn
+        info["embedding_rows_drawn_count"] = sum(len(r) for r in drawn.values())
+        info["embedding_rows_prior"] = prior
+        log.info("embedding row(s) no remaining row reads, drawn from the prior: %s", said(drawn))
+        new_live = outs[-1][-1][0]
+        return new_live, (None if bank is None else outs[0][-1])
 
     def _not_plain_on(self, rows: Batch) -> str | None:
         """Why ``nll`` is not the plain cross-entropy of the logits on ``rows`` (``rows_per_label``'s, at the live

@@ -1,0 +1,225 @@
+"""The Gibbs step for embedding rows that only the removed rows read (``mcmc_unlearner.unread``, README step 6).
+
+A tabular model with an ``nn.Embedding`` per category: a request that removes every row of one category leaves its
+embedding row read by no remaining row, so under retraining the row's conditional is the prior's. Checked in closed
+form against a Gaussian prior with a non-zero mean (the draws' mean and variance within Monte-Carlo tolerances of
+the bank's size), every other parameter against the same request without the step (``embedding_tables`` patched to
+find no table), and what is not drawn: a row a remaining row reads, a weight read outside its module, remaining data
+that cannot be listed, a prior that is not Gaussian.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mcmc_unlearner.unread as unread
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.curvature import ParamSpec
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:this request removes \d+% of the data")
+
+PRIOR_MEAN, PRIOR_SD = 0.3, 0.5
+CATEGORIES, WIDTH = 5, 3
+
+
+class _Tab(nn.Module):
+    """An embedding of a categorical column beside two numeric ones, and a linear head (``outside``: every row also
+    reads the embedding's row 4 through the weight itself, outside the module)."""
+
+    def __init__(self, outside: bool = False) -> None:
+        super().__init__()
+        self.e = nn.Embedding(CATEGORIES, WIDTH)
+        self.head = nn.Linear(WIDTH + 2, 2)
+        self.outside = outside
+
+    def forward(self, xc: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+        out = self.head(torch.cat([self.e(xc), xn], 1))
+        if self.outside:
+            out = out + 0.1 * xn[:, :1] * self.e.weight[4].sum()
+        return out
+
+
+def _nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return F.cross_entropy(m(b[0], b[1]), b[2], reduction="none")
+
+
+def _gaussian(m: nn.Module) -> torch.Tensor:
+    return -0.5 * sum((((p - PRIOR_MEAN) / PRIOR_SD) ** 2).sum() for p in m.parameters())
+
+
+def _laplace_on_embedding(m: nn.Module) -> torch.Tensor:
+    rest = [p for n, p in m.named_parameters() if not n.startswith("e.")]
+    return -m.e.weight.abs().sum() - 0.5 * sum((p**2).sum() for p in rest)
+
+
+def _problem(outside: bool = False, samples: int = 100, prior=_gaussian):
+    """200 float64 rows whose category sets the label's log-odds, a short SGLD loop's ``samples`` samples from an
+    initialisation whose row 4 is far from the prior (2.0, four prior sd from its mean): a chain not at
+    equilibrium there, as a user's short chain is."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    xc = torch.arange(n) % CATEGORIES
+    xn = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    effect = torch.tensor([-1.5, -0.5, 0.0, 0.7, 1.5], dtype=torch.float64)
+    y = (torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(effect[xc] + xn[:, 0])).long()
+    torch.manual_seed(0)
+    model = _Tab(outside).double()
+    with torch.no_grad():
+        model.e.weight[4] = 2.0
+    lr, bank = 1e-3, []
+    for t in range(200 + 2 * samples):
+        i = torch.randint(n, (50,), generator=g)
+        energy = n * _nll(model, (xc[i], xn[i], y[i])).mean() - prior(model)
+        model.zero_grad()
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-0.5 * lr * p.grad + lr**0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        if t >= 200 and t % 2 == 0:
+            bank.append({k: v.clone() for k, v in model.state_dict().items()})
+    return model, bank, (xc, xn, y)
+
+
+def _row(index: int) -> list[int]:
+    """The flat indices of the embedding's row ``index`` (the embedding's weight comes first in ``θ``)."""
+    return list(range(index * WIDTH, (index + 1) * WIDTH))
+
+
+def _propose(model, bank, removed, remaining, monkeypatch=None, prior=_gaussian, **kw):
+    un = MCMCUnlearner(model, nll=_nll, log_prior=prior, bank=bank, seed=0)
+    if monkeypatch is None:
+        return un.propose(removed, remaining, **kw)
+    with monkeypatch.context() as mp:  # the same request without the step: no embedding table found
+        mp.setattr(unread, "embedding_tables", lambda *_a: [])
+        return un.propose(removed, remaining, **kw)
+
+
+def test_a_row_only_the_removed_rows_read_is_drawn_from_the_prior_and_nothing_else_moves(monkeypatch) -> None:
+    """Category 4's rows all go (and a few of category 1's, whose row the remaining rows still read). Row 4's
+    entries in the 100 stored samples have the prior's mean and variance (mean within 4 sd/√S, variance within 4
+    standard errors of a sample variance, 4·σ²·√(2/(S−1))), where without the step they stay near the chain's 2.0;
+    every other parameter (row 1 too) of every sample and the live chain is the request's without the step, to the
+    bit; the caller's bank and model are not written into; and ``info`` says which rows were drawn."""
+    model, bank, (xc, xn, y) = _problem()
+    gone = (xc == 4) | ((xc == 1) & (torch.arange(200) < 40))
+    removed = (xc[gone], xn[gone], y[gone])
+    remaining = (xc[~gone], xn[~gone], y[~gone])
+    bank_before = [{k: v.clone() for k, v in s.items()} for s in bank]
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    prop = _propose(model, bank, removed, remaining)
+    plain = _propose(model, bank, removed, remaining, monkeypatch)
+    info = prop.report.info
+    assert info["embedding_rows"] == "drawn: e.weight[4]", info.get("embedding_rows")
+    assert info["embedding_rows_drawn"] == {"e.weight": [4]} and info["embedding_rows_drawn_count"] == 1
+    assert "embedding_rows" not in plain.report.info
+    assert info["embedding_rows_prior"]["e.weight"] == pytest.approx({"prior_sd": PRIOR_SD, "prior_mean": PRIOR_MEAN})
+    S = prop.bank.shape[0]
+    assert S == 100
+    draws = prop.bank[:, _row(4)]
+    assert ((draws.mean(0) - PRIOR_MEAN).abs() <= 4 * PRIOR_SD / math.sqrt(S)).all(), draws.mean(0)
+    var_se = PRIOR_SD**2 * math.sqrt(2 / (S - 1))
+    assert ((draws.var(0) - PRIOR_SD**2).abs() <= 4 * var_se).all(), draws.var(0)
+    # without the step the row stays where the short chain left it, far from the prior's mean
+    assert (plain.bank[:, _row(4)].mean(0) - PRIOR_MEAN).abs().min() > 0.5  # 10 of the tolerance's sd/√S
+    others = [i for i in range(prop.bank.shape[1]) if i not in _row(4)]
+    assert torch.equal(prop.bank[:, others], plain.bank[:, others])
+    assert torch.equal(prop.live[others], plain.live[others]) and not torch.equal(prop.live, plain.live)
+    assert not torch.equal(prop.bank[:, _row(1)], torch.stack([s["e.weight"][1] for s in bank]))  # row 1 moved...
+    assert not prop.report.problems
+    for s, t in zip(bank, bank_before):
+        assert all(torch.equal(s[k], t[k]) for k in s)
+    assert all(torch.equal(v, model_before[k]) for k, v in model.state_dict().items())
+    # the same through a DataLoader over a TensorDataset (its rows listed without a pass) and a seed: the same draws
+    loader = DataLoader(TensorDataset(*remaining), batch_size=40, shuffle=True)
+    via = _propose(model, bank, removed, loader)
+    assert via.report.info["embedding_rows"] == "drawn: e.weight[4]"
+    again = _propose(model, bank, removed, remaining)
+    assert torch.equal(again.bank, prop.bank)
+
+
+def test_a_row_a_remaining_row_reads_or_read_outside_its_module_is_not_drawn(monkeypatch) -> None:
+    """Removing category 4's rows but one: a remaining row reads row 4, nothing is drawn and the samples are the
+    request's without the step. A model whose every row also reads row 4 through the weight itself (outside the
+    module, where the forward hook does not see it): the remaining rows' NLL has a gradient along the row, so it
+    is not drawn either (``embedding_rows_read_otherwise``)."""
+    model, bank, (xc, xn, y) = _problem()
+    gone = xc == 4
+    gone[int(torch.nonzero(gone)[0])] = False
+    removed, remaining = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
+    prop = _propose(model, bank, removed, remaining)
+    plain = _propose(model, bank, removed, remaining, monkeypatch)
+    assert prop.report.info["embedding_rows"].startswith("none unread")
+    assert "embedding_rows_drawn" not in prop.report.info
+    assert torch.equal(prop.bank, plain.bank) and torch.equal(prop.live, plain.live)
+
+    model, bank, (xc, xn, y) = _problem(outside=True, samples=20)
+    gone = xc == 4
+    removed, remaining = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
+    prop = _propose(model, bank, removed, remaining)
+    plain = _propose(model, bank, removed, remaining, monkeypatch)
+    assert prop.report.info["embedding_rows"].startswith("none unread")
+    assert prop.report.info["embedding_rows_read_otherwise"] == {"e.weight": [4]}
+    assert torch.equal(prop.bank, plain.bank)
+
+
+def test_remaining_rows_that_cannot_be_listed_are_said_unchecked_and_nothing_is_drawn(monkeypatch) -> None:
+    """A plain iterator of minibatches (``n_remaining`` given): whether a remaining row reads row 4 cannot be told
+    without a pass, so nothing is drawn and ``info["embedding_rows"]`` says it was not checked."""
+    model, bank, (xc, xn, y) = _problem(samples=20)
+    gone = xc == 4
+    removed, kept = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
+
+    def stream():
+        while True:
+            yield from DataLoader(TensorDataset(*kept), batch_size=40, shuffle=True)
+
+    torch.manual_seed(5)
+    prop = _propose(model, bank, removed, stream(), n_remaining=int((~gone).sum()))
+    torch.manual_seed(5)
+    plain = _propose(model, bank, removed, stream(), monkeypatch, n_remaining=int((~gone).sum()))
+    said = prop.report.info["embedding_rows"]
+    assert said.startswith("not checked") and "listed" in said, said
+    assert torch.equal(prop.bank, plain.bank)
+
+
+def test_a_prior_that_is_not_gaussian_there_is_not_drawn_and_is_warned_about(monkeypatch) -> None:
+    """A Laplace prior on the embedding: its conditional is not measurably Gaussian, so the row is not drawn (the
+    samples are the request's without the step), the report says so, and a warning names the row and the fix."""
+    model, bank, (xc, xn, y) = _problem(samples=20, prior=_laplace_on_embedding)
+    gone = xc == 4
+    removed, remaining = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
+    with pytest.warns(UserWarning, match=r"e\.weight\[4\].*Gaussian prior"):
+        prop = _propose(model, bank, removed, remaining, prior=_laplace_on_embedding)
+    plain = _propose(model, bank, removed, remaining, monkeypatch, prior=_laplace_on_embedding)
+    assert prop.report.info["embedding_rows"].startswith("not drawn")
+    assert prop.report.info["embedding_rows_not_drawn"] == {"e.weight": [4]}
+    assert torch.equal(prop.bank, plain.bank)
+
+
+def test_tables_found_are_the_trainable_untied_embeddings_and_padding_is_never_read() -> None:
+    """``embedding_tables`` locates a trainable ``nn.Embedding`` in ``θ`` and leaves out a tied one (its weight is
+    also an output layer's); ``rows_read`` never marks the ``padding_idx`` row."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+            self.e = nn.Embedding(4, 2, padding_idx=0)
+            self.t = nn.Embedding(4, 2)
+            self.out = nn.Linear(2, 4, bias=False)
+            self.out.weight = self.t.weight
+
+    m = Tied().double()
+    spec = ParamSpec.of(m)
+    tables = unread.embedding_tables(m, spec)
+    assert [(t.name, t.offset, t.rows, t.width, t.padding_idx) for t in tables] == [("e.weight", 6, 4, 2, 0)]
+    theta = ParamSpec.flatten_module(m)
+    read = unread.rows_read(tables, lambda th, x: m.e(x).sum(1), theta, (torch.tensor([0, 2, 2]),))
+    assert read[0].tolist() == [False, False, True, False]
+    assert tables[0].index(torch.tensor([2])).tolist() == [10, 11]
