@@ -150,17 +150,20 @@ def _removed_rows_held(removed: Batch, held: Batch) -> int:
 
 
 def _is_fields(source: Any) -> bool:
-    """Whether ``source`` is a tuple of two or more tensors with one row per data point (the data, not batches).
+    """Whether ``source`` is a tuple of tensors with one row per data point (the data, not batches): ``(x, y)``, or
+    ``(x,)`` for data without labels (an autoencoder's, a density model's), as the removed rows are given.
 
-    Tensors of identical shapes are not taken as fields: a tuple of one-field minibatches (``(b1, b2)``, each
-    ``[B, d]``) was always read as minibatches, and reading it as the rows ``(x, y)`` would silently drop ``b2``.
+    Two or more tensors of identical shapes are not taken as fields: a tuple of one-field minibatches (``(b1, b2)``,
+    each ``[B, d]``) was always read as minibatches, and reading it as the rows ``(x, y)`` would silently drop ``b2``.
+    A single tensor drops nothing: ``(x,)`` was read as one minibatch repeated, and told to pass ``n_remaining=``
+    (stop 54's probe).
     """
     return (
         isinstance(source, tuple)
-        and len(source) >= 2
+        and len(source) >= 1
         and all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in source)
         and len({t.shape[0] for t in source}) == 1
-        and len({tuple(t.shape) for t in source}) > 1
+        and (len(source) == 1 or len({tuple(t.shape) for t in source}) > 1)
         and source[0].shape[0] > 0
     )
 
@@ -415,7 +418,8 @@ class _Stream:
     """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
     iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out, a ``DistributedSampler``'s epoch
     advanced before each pass: :func:`~mcmc_unlearner.data.new_pass`), or the remaining rows themselves
-    as a tuple of tensors ``(x, y)`` (shuffled minibatches of 128; every row listable, as a ``RemovableDataset``)."""
+    as a tuple of tensors ``(x, y)`` or ``(x,)`` (shuffled minibatches of 128; every row listable, as a
+    ``RemovableDataset``)."""
 
     def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
         if (
@@ -428,7 +432,7 @@ class _Stream:
         _refuse_misshapen_fields(source)
         self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         self.given: Batch | None = source if self.from_rows else None  # those rows, every one
-        if _is_fields(source):  # the remaining rows themselves, (x, y): shuffled minibatches of 128, listable
+        if _is_fields(source):  # the remaining rows themselves, (x, y) or (x,): shuffled minibatches of 128, listable
             if not rows_as_data:
                 raise TypeError(
                     "remaining is a tuple of tensors; under torch.distributed each rank passes its own shard with "

@@ -1038,6 +1038,22 @@ def _carried_spread(anchor: _Anchor, shift: float) -> float | None:
     return float(anchor.spread) * max(1.0, shift / float(anchor.spread_shift))
 
 
+def _unlisted_why(source: Any) -> str:
+    """Why the recentring is off for remaining data that cannot list its rows, with the fix
+    (``report.info["recenter"]``): a tuple of tensors of one shape (read as one-field minibatches) is told how to pass
+    its rows instead of being told to pass a tuple, as it was (stop 54's probe)."""
+    if isinstance(source, tuple) and source and all(isinstance(t, torch.Tensor) for t in source):
+        return (
+            f"the remaining data cannot list its rows: a tuple of {len(source)} tensors of one shape is read as "
+            "one-field minibatches, not as the rows (x, y); pass the rows as RemovableDataset(x, y, batch_size=128), "
+            "or the rows of data without labels as a tuple of one tensor, (x,)"
+        )
+    return (
+        "the remaining data cannot list its rows (pass them as a tuple (x, y) or a RemovableDataset, or as (x,) for "
+        "data without labels; a DataLoader or an iterator of minibatches cannot)"
+    )
+
+
 def _refuse_inference_mode() -> None:
     """Refuse a request or a fit inside ``torch.inference_mode()`` (torch said only "`inputs` argument to `grad()`
     cannot be empty")."""
@@ -2901,8 +2917,8 @@ class MCMCUnlearner:
             batch: The removed points, a tuple of tensors like the minibatches.
             remaining: The remaining data (after removal): a :class:`~mcmc_unlearner.data.RemovableDataset`, any
                 iterator of minibatches, a re-iterable such as a ``DataLoader``, or the rows themselves as a tuple of
-                tensors ``(x, y)`` of different shapes (read in shuffled minibatches of 128, seed 0; tensors of one
-                shape are read as one-field minibatches).
+                tensors ``(x, y)`` of different shapes, or ``(x,)`` for data without labels (read in shuffled
+                minibatches of 128, seed 0; two or more tensors of one shape are read as one-field minibatches).
             n_remaining: Size of the remaining set (read from ``remaining`` when it can be).
 
         Raises:
@@ -3241,8 +3257,8 @@ class MCMCUnlearner:
             raise TypeError(
                 f"forget(ids, data) needs a RemovableDataset, which removes rows by id and restores itself when a "
                 f"request is refused; got a {type(data).__name__} (it has no {', '.join(missing)}): wrap your tensors, "
-                "data = RemovableDataset(x, y, batch_size=64), or pass the rows themselves, "
-                "unlearner.remove((x[ids], y[ids]), remaining)"
+                "data = RemovableDataset(x, y, batch_size=64) (RemovableDataset(x, batch_size=64) for data without "
+                "labels), or pass the rows themselves, unlearner.remove((x[ids], y[ids]), remaining)"
             )
         ids = data.validate(ids)
         batch = data.get(ids)
@@ -4721,8 +4737,7 @@ class MCMCUnlearner:
             why = (
                 "it needs a sample bank (pass bank=, or collect() samples)"
                 if self.bank is None
-                else "the remaining data cannot list its rows (pass them as a tuple (x, y) or a RemovableDataset; a "
-                "DataLoader or an iterator of minibatches cannot)"
+                else _unlisted_why(stream.source)
             )  # "pass bank= and ..." was said to callers who had passed a bank, with a DataLoader
             info["recenter"] = f"off: {why}"
             return None
