@@ -36,15 +36,28 @@ def check_finite_batch(
             )
 
 
+#: The way out for variable-length sequences handed over packed (the unlearner selects, joins and stacks rows).
+PACKED_FIX = (
+    "; a PackedSequence cannot be split into rows or joined with other minibatches: pad the sequences to one tensor "
+    "[B, L, F] of one fixed length L for every row (torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True), then "
+    "zeros up to L), give their lengths as another field, (x_padded, lengths, y), or as a validity channel of 1s and "
+    "0s in F, and pack inside forward: pack_padded_sequence(x, lengths.cpu(), batch_first=True, "
+    "enforce_sorted=False); nothing was changed"
+)
+
+
 def _as_batch(batch: Any, what: str = "a batch") -> Batch:
     """``batch`` as a tuple of tensors with one row per data point (a bare tensor is one field).
 
     Raises:
-        TypeError: a mapping (e.g. ``{"x": ..., "y": ...}``) or a field that is not a tensor.
+        TypeError: a mapping (e.g. ``{"x": ..., "y": ...}``) or a field that is not a tensor (a ``PackedSequence``:
+            the message says how to pad the sequences instead).
         ValueError: fields with different numbers of rows.
     """
     if isinstance(batch, torch.Tensor):
         return (batch,)
+    if isinstance(batch, torch.nn.utils.rnn.PackedSequence):  # a namedtuple of tensors, none of them one per row
+        raise TypeError(f"{what} is a PackedSequence, not a tuple of tensors (one row per data point){PACKED_FIX}")
     if isinstance(batch, Mapping):
         keys = ", ".join(repr(k) for k in list(batch)[:4])
         raise TypeError(
@@ -64,7 +77,11 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
     out = tuple(batch)
     bad = [f"field {i} is a {type(t).__name__}" for i, t in enumerate(out) if not isinstance(t, torch.Tensor)]
     if bad or not out:
-        raise TypeError(f"{what} must be a tuple of tensors (one row per data point): {', '.join(bad) or 'empty'}")
+        packed = any(isinstance(t, torch.nn.utils.rnn.PackedSequence) for t in out)
+        raise TypeError(
+            f"{what} must be a tuple of tensors (one row per data point): {', '.join(bad) or 'empty'}"
+            + (PACKED_FIX if packed else "")
+        )
     rows = [t.shape[0] if t.ndim else None for t in out]
     if len(set(rows)) != 1 or rows[0] is None:
         one = " (a single row keeps its row dimension: x[i:i+1], not x[i])" if None in rows else ""
