@@ -1509,6 +1509,38 @@ def test_a_regression_s_step_measured_again_is_taken_only_within_the_tolerance()
     assert all(t["confirm_draws"] == len(samples) for t in refused)
 
 
+def test_the_damping_history_names_each_trial_s_shape_and_the_step_taken() -> None:
+    """Stop 54's probe: ``damping_history`` listed ``damping:ratio`` without the shape, so where a rejected
+    data-shape trial at the accepted damping came last the string read as if the taken step had measured its ratio
+    (here ``...;5.96e+04:0.467;1.88e+04:0.12;5.96e+04:0.974``, the identity step at 5.96e+04 taken with 0.467, the
+    data shape's 0.974 refused on its second measurement). Each entry is now ``shape damping:ratio``, the taken one
+    ``shape damping (taken):ratio``."""
+    from mcmc_unlearner.unlearner import damping_history
+
+    _, report = _tanh_removal(0.0)
+    trials, said = report.info["trials"], report.info["damping_history"].split(";")
+    assert len(said) == len(trials) and report.passed
+    taken = [i for i, part in enumerate(said) if " (taken):" in part]
+    assert len(taken) == 1
+    for part, trial in zip(said, trials):
+        head, ratio = part.split(":")  # still damping:ratio after the shape, as the readers split it
+        shape, damping = head.removesuffix(" (taken)").split(" ")
+        assert shape == trial["shape"] and float(damping) == pytest.approx(trial["damping"], rel=1e-2)
+        assert float(ratio) == pytest.approx(trial["ratio"], rel=1e-2)
+    i = taken[0]
+    assert trials[i]["shape"] == report.info["damping_shape"] and trials[i]["damping"] == report.damping
+    # the case that misread: the last trial is the data shape's, at the taken damping, refused
+    assert trials[-1]["shape"] == "data" and trials[-1]["confirm_passed"] is False and i != len(trials) - 1
+    assert said[-1].startswith("data ") and "(taken)" not in said[-1]
+    # no trial is marked where none passed; a trial that could not be solved says so, with its shape
+    record = {"damping": 5.0, "predicted": -1.0, "ratio": -3.0, "shape": "data"}
+    unsolved = {"damping": 0.5, "predicted": math.nan, "ratio": math.nan, "shape": "data"}
+    step = StepOutcome(torch.zeros(1), None, 5.0, 2, -1.0, 3.0, -3.0, 0.1, 0.0, False, history=[unsolved, record])
+    step.record, step.shape = record, "data"
+    assert damping_history(step) == "data 0.5:not solvable;data 5:-3"
+    assert damping_history(replace(step, safe=True)) == "data 0.5:not solvable;data 5 (taken):-3"
+
+
 @pytest.mark.parametrize(("n", "c", "k"), [(30, 8, 8), (30, 16, 8), (20, 16, 8), (12, 8, 8), (8, 8, 8), (50, 1, 3)])
 def test_check_draws_are_others_than_the_curvature_draws_where_the_bank_has_them(n, c, k):
     from mcmc_unlearner.unlearner import _evenly, _held_out

@@ -663,6 +663,8 @@ class StepOutcome:
     #: ``(check, x)`` of a step passed on its first measurement whose second one (:meth:`DampingControl._confirm`)
     #: is deferred until the search needs its verdict (:meth:`DampingControl._settle`)
     pending: tuple[Any, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    #: this step's own entry in ``history`` (the same dict), which marks the taken trial in ``damping_history``
+    record: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def shortened(self) -> StepOutcome:
         """The step cut back towards the measured minimum of the energy along it, when it clearly overshoots it.
@@ -1121,6 +1123,7 @@ class DampingControl:
              "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows,
              "nll_change": meas.nll_change, "nll_stderr": meas.nll_stderr, "shape": shape}
         ]  # fmt: skip
+        out.record = out.history[0]
         if ok:
             out.pending = (check, x)
             if not defer:
@@ -1265,7 +1268,9 @@ class DampingControl:
             if out is None:
                 note = f"the curvature plus damping {lam:.3g} is not positive definite"
                 log.debug("damping trial (%s shape): damping %.3g: %s", shape, lam, note)
-                history.append({"damping": lam, "predicted": math.nan, "actual": math.nan, "ratio": math.nan})
+                history.append(
+                    {"damping": lam, "predicted": math.nan, "actual": math.nan, "ratio": math.nan, "shape": shape}
+                )
                 return None
             history.extend(out.history)
             tried.append(out)

@@ -228,7 +228,10 @@ class RemovalReport:
             it is not credited with the prior's fall.
         safe: Whether the step passed the safety check.
         problems: What failed (empty when the removal passed every check; see :func:`quality_problems`).
-        info: Backend extras (reuse of cached curvature, eigenvalues, K-FAC likelihood, damping history).
+        info: Backend extras (reuse of cached curvature, eigenvalues, K-FAC likelihood, damping history:
+            ``info["trials"]``, one dict per trial, and ``info["damping_history"]``, each trial as ``shape
+            damping:ratio`` joined by ``;``, the taken one ``shape damping (taken):ratio``; see
+            :func:`damping_history`).
     """
 
     n_removed: int
@@ -1036,6 +1039,24 @@ def _carried_spread(anchor: _Anchor, shift: float) -> float | None:
     if anchor.spread is None or anchor.spread_shift is None or not float(anchor.spread_shift) > 0:
         return None
     return float(anchor.spread) * max(1.0, shift / float(anchor.spread_shift))
+
+
+def damping_history(outcome: StepOutcome) -> str:
+    """Every damping trial of a request as ``shape damping:ratio``, joined by ``;``, the taken step's marked
+    ``shape damping (taken):ratio`` (``report.info["damping_history"]``).
+
+    A trial whose curvature plus damping could not be solved (not positive definite) reads ``not solvable`` for its
+    ratio (it read "nan" with no reason given, stop 45's probe, cg). The shape and the mark were missing before stop
+    54: where a rejected ``data``-shape trial at the accepted damping came last, the string read as if the accepted
+    step had measured that trial's ratio (``...;1.88e+04:0.519;5.93e+03:-0.094;1.88e+04:-1.72e+03``, the taken
+    ``identity`` step at 1.88e+04 with 0.519). No trial is marked where none passed the check.
+    """
+    taken = outcome.record if outcome.safe else None
+    return ";".join(
+        f"{h.get('shape', outcome.shape)} {h['damping']:.3g}{' (taken)' if h is taken else ''}:"
+        + ("not solvable" if math.isnan(h["predicted"]) else f"{h['ratio']:.3g}")
+        for h in outcome.history
+    )
 
 
 def _unlisted_why(source: Any) -> str:
@@ -3608,12 +3629,7 @@ class MCMCUnlearner:
         if outcome.shape_scores:
             info["damping_shape_scores"] = outcome.shape_scores
         info["trials"] = outcome.history
-        # damping:ratio of every trial; a trial whose curvature plus damping could not be solved (not positive
-        # definite) read "nan" with no reason given (stop 45's probe, cg)
-        info["damping_history"] = ";".join(
-            f"{h['damping']:.3g}:" + ("not solvable" if math.isnan(h["predicted"]) else f"{h['ratio']:.3g}")
-            for h in outcome.history
-        )
+        info["damping_history"] = damping_history(outcome)
         new_live, new_bank = self._draw_unread_embedding_rows(batch, stream, new_live, new_bank, info)
         emptied = self._emptied_label_problem(batch, stream, new_bank if new_bank is not None else new_live[None], info)
         measured = info.get("emptied_labels") if isinstance(info.get("emptied_labels"), dict) else {}
