@@ -223,3 +223,34 @@ def test_tables_found_are_the_trainable_untied_embeddings_and_padding_is_never_r
     read = unread.rows_read(tables, lambda th, x: m.e(x).sum(1), theta, (torch.tensor([0, 2, 2]),))
     assert read[0].tolist() == [False, False, True, False]
     assert tables[0].index(torch.tensor([2])).tolist() == [10, 11]
+
+
+def test_the_first_moment_correction_leaves_a_drawn_row_where_the_draw_put_it() -> None:
+    """Two requests under K-FAC with ``recenter_every=2``: the first removes category 4 (its row drawn), the second
+    a few of category 1's rows, after which the correction is applied (4 paired draws, whatever its noise). Its
+    target along row 4 is measured on the samples before the first request (row 4 at the short chain's 2.0) and
+    pulled the drawn row back toward there (the bank's mean 0.318 -> 0.575); the drawn entries are excluded from it,
+    so row 4 of every sample is the run's without corrections to the bit, and the excluded entries survive
+    ``curvature_state``/``load_curvature_state``."""
+    from mcmc_unlearner.data import RemovableDataset
+
+    runs = {}
+    kw = {"solver": "kfac", "likelihood": "empirical", "recenter_draws": 4}  # 4: corrected whatever its noise
+    for every in (0, 2):
+        model, bank, (xc, xn, y) = _problem()
+        data = RemovableDataset(xc, xn, y, batch_size=50, seed=0)
+        un = MCMCUnlearner(model, nll=_nll, log_prior=_gaussian, bank=bank, seed=0, **kw, recenter_every=every)
+        reports = [un.forget(ids, data) for ids in (torch.nonzero(xc == 4).flatten(), torch.nonzero(xc == 1)[:10, 0])]
+        assert reports[0].info["embedding_rows"] == "drawn: e.weight[4]"
+        runs[every] = (un, reports)
+    un, reports = runs[2]
+    assert reports[1].info["recenter"] == "applied", reports[1].info.get("recenter")
+    plain = runs[0][0]
+    assert torch.equal(un.bank[:, _row(4)], plain.bank[:, _row(4)])
+    assert not torch.equal(un.bank[:, _row(1)], plain.bank[:, _row(1)])  # the correction moved the rest
+    assert un._anchor.drawn.tolist() == _row(4)
+    tensors, meta = un.curvature_state()
+    model, bank, _ = _problem()
+    fresh = MCMCUnlearner(model, nll=_nll, log_prior=_gaussian, bank=bank, seed=0, **kw, recenter_every=2)
+    fresh.load_curvature_state(tensors, meta)
+    assert fresh._anchor.drawn.tolist() == _row(4)

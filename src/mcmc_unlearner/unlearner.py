@@ -963,6 +963,10 @@ class _Anchor:
             which the variance of ``removed`` (a mean over the ``M`` anchored samples) differs from that of the
             request's ``G`` (a mean over its own draws): its spread is the Monte-Carlo error the deviation carries
             from comparing the two (``None`` while every request's ``G`` used the anchored samples themselves).
+        drawn: Flat indices of the entries drawn from the prior's conditional since the anchor was set (embedding
+            rows no remaining row reads, README step 6; ``None``: none), where the correction is zero: along them
+            ``θ⁰`` still holds the rows before the draw, and the target there (a prior-gradient identity) pulled a
+            drawn row back toward where the influence step had left it.
     """
 
     index: torch.Tensor
@@ -978,6 +982,13 @@ class _Anchor:
     carried: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     removed_noise: torch.Tensor | None = None
+    drawn: torch.Tensor | None = None
+
+    def drawing(self, index: torch.Tensor) -> _Anchor:
+        """With the flat entries ``index`` (drawn from the prior this request) added to ``drawn``."""
+        index = index.long().cpu()
+        both = index if self.drawn is None else torch.cat([self.drawn, index])
+        return replace(self, drawn=torch.unique(both))
 
     def removing(self, grads: torch.Tensor, g_index: torch.Tensor | None) -> _Anchor:
         """With one more request's per-sample removed gradients ``[M, D]`` at ``thetas`` accumulated.
@@ -3630,7 +3641,9 @@ class MCMCUnlearner:
             info["damping_shape_scores"] = outcome.shape_scores
         info["trials"] = outcome.history
         info["damping_history"] = damping_history(outcome)
-        new_live, new_bank = self._draw_unread_embedding_rows(batch, stream, new_live, new_bank, info)
+        new_live, new_bank, drawn_index = self._draw_unread_embedding_rows(batch, stream, new_live, new_bank, info)
+        if anchor is not None and drawn_index is not None:
+            anchor = anchor.drawing(drawn_index)  # no first-moment correction along the drawn rows from now on
         emptied = self._emptied_label_problem(batch, stream, new_bank if new_bank is not None else new_live[None], info)
         measured = info.get("emptied_labels") if isinstance(info.get("emptied_labels"), dict) else {}
         always = self.emptied_label is EmptiedLabel.ALWAYS and bool(measured)
@@ -3960,11 +3973,12 @@ class MCMCUnlearner:
 
     def _draw_unread_embedding_rows(
         self, batch: Batch, stream: _Stream, live: torch.Tensor, bank: torch.Tensor | None, info: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Draw the embedding rows that the removed rows read and no remaining row reads from the prior's
         conditional, in every stored sample and the live chain (:mod:`mcmc_unlearner.unread`, a Gibbs step of the
         retrained posterior; README step 6). Returns the samples, new tensors where rows were drawn (the ones given
-        are not written into), else the ones given.
+        are not written into), else the ones given, and the flat indices of the entries drawn (``None``: none; the
+        first-moment correction leaves them alone from then on, ``_Anchor.drawn``).
 
         ``info["embedding_rows"]`` says what was found and done wherever the removed rows read a row of a trainable
         ``nn.Embedding`` (not tied): ``"drawn: name[rows]"`` (``info["embedding_rows_drawn"]``, a dict of the rows,
@@ -3983,13 +3997,13 @@ class MCMCUnlearner:
 
         tables = embedding_tables(self.model, self.spec)
         if not tables:
-            return live, bank
+            return live, bank, None
         rows_f = functionalize(self.model, lambda m, *b: self._row_nll(m, b))
         removed = self._raw(batch)
         chunk = chunk_for(self.memory_budget, self._row_bytes or 1, UNREAD_ROWS)  # a backward pass's rows
         read = rows_read(tables, rows_f, live, removed, chunk)
         if not any(bool(r.any()) for r in read):
-            return live, bank
+            return live, bank, None
 
         def named(masks: Sequence[torch.Tensor]) -> dict[str, list[int]]:
             return {t.name: torch.nonzero(m).flatten().tolist() for t, m in zip(tables, masks) if bool(m.any())}
@@ -4017,13 +4031,13 @@ class MCMCUnlearner:
             why = f"not checked: more than {UNREAD_MAX_ROWS:,} remaining rows to read"
         if why is not None:
             info["embedding_rows"] = why
-            return live, bank
+            return live, bank, None
         rows = self._raw(listed)
         kept = rows_read(tables, rows_f, live, rows, chunk, watch=read)
         unread = [r & ~k for r, k in zip(read, kept)]
         if not any(bool(u.any()) for u in unread):
             info["embedding_rows"] = "none unread: a remaining row reads every embedding row the removed rows read"
-            return live, bank
+            return live, bank, None
         # a weight also read outside its module (F.linear(h, emb.weight)) is read by every row: an exactly zero
         # gradient of the remaining rows' NLL along the row, too
         other = []
@@ -4039,20 +4053,21 @@ class MCMCUnlearner:
         found = named(unread)
         if not found:
             info["embedding_rows"] = "none unread: the remaining rows' NLL depends on every row the removed rows read"
-            return live, bank
+            return live, bank, None
         info["embedding_rows_unread"] = found
         if self.log_prior is None:
             info["embedding_rows"] = (
                 f"not drawn: {said(found)} no remaining row reads, but without a log_prior (a flat prior) their "
                 "conditional is improper"
             )
-            return live, bank
+            return live, bank, None
         lp_f = functionalize(self.model, lambda m: self.log_prior(m))
         parts = [live[None]] if bank is None else [bank, live[None]]
         outs: list[list[torch.Tensor]] = [[p] for p in parts]
         drawn: dict[str, list[int]] = {}
         failed: dict[str, list[int]] = {}
         prior: dict[str, dict[str, float]] = {}
+        drawn_index: list[torch.Tensor] = []
         for t, u in zip(tables, unread):
             if not bool(u.any()):
                 continue
@@ -4064,6 +4079,7 @@ class MCMCUnlearner:
             for o, r in zip(outs, results):
                 o[-1] = r[0]
             drawn[t.name] = found[t.name]
+            drawn_index.append(index)
             prior[t.name] = results[-1][1]
         if failed:
             info["embedding_rows_not_drawn"] = failed
@@ -4078,14 +4094,14 @@ class MCMCUnlearner:
             )
         if not drawn:
             info["embedding_rows"] = f"not drawn: log_prior is not measurably Gaussian along {said(failed)}"
-            return live, bank
+            return live, bank, None
         info["embedding_rows"] = "drawn: " + said(drawn)
         info["embedding_rows_drawn"] = drawn
         info["embedding_rows_drawn_count"] = sum(len(r) for r in drawn.values())
         info["embedding_rows_prior"] = prior
         log.info("embedding row(s) no remaining row reads, drawn from the prior: %s", said(drawn))
         new_live = outs[-1][-1][0]
-        return new_live, (None if bank is None else outs[0][-1])
+        return new_live, (None if bank is None else outs[0][-1]), torch.cat(drawn_index)
 
     def _not_plain_on(self, rows: Batch) -> str | None:
         """Why ``nll`` is not the plain cross-entropy of the logits on ``rows`` (``rows_per_label``'s, at the live
@@ -4868,6 +4884,9 @@ class MCMCUnlearner:
             spread = torch.tensor(se_pair * math.sqrt(len(paired)), dtype=torch.float64)
             shifted = torch.tensor(shift, dtype=torch.float64)
             anchor = replace(anchor, spread=spread, spread_shift=shifted, carried=torch.zeros_like(anchor.carried))
+        if anchor.drawn is not None:  # entries drawn from the prior since anchoring: no correction there
+            d = d.clone()
+            d[anchor.drawn.to(d.device)] = 0.0
         info.update(recenter_deviation=float(d.norm()), recenter_draws=len(paired), recenter_stderr=se)
         info["recenter_removed_stderr"] = se_removed
         info.update(recenter_noise=noise, recenter_anchor_shift=shift, recenter_spread_stale=stale)
