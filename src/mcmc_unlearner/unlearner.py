@@ -3983,7 +3983,8 @@ class MCMCUnlearner:
         ``info["embedding_rows"]`` says what was found and done wherever the removed rows read a row of a trainable
         ``nn.Embedding`` (not tied): ``"drawn: name[rows]"`` (``info["embedding_rows_drawn"]``, a dict of the rows,
         and ``embedding_rows_drawn_count``), ``"none unread"``, or ``"not checked: ..."`` (remaining rows that cannot
-        be listed without a pass, as for the emptied label's draw; ``torch.distributed``; over ``UNREAD_MAX_ROWS``)
+        be listed without a pass, as for the emptied label's draw; ``torch.distributed``; over ``UNREAD_MAX_ROWS``;
+        a custom ``energy=``, whose conditional ``log_prior`` need not be)
         or ``"not drawn: ..."`` (no ``log_prior``; a prior that is not measurably a Gaussian independent across
         the rows' entries, also warned about, naming the rows and the fix)."""
         from .unread import (
@@ -4012,7 +4013,15 @@ class MCMCUnlearner:
             return ", ".join(f"{name}{r}" for name, r in rows.items())
 
         why = None
-        if bank is not None and bank.shape[0]:
+        if self.custom_energy:
+            # the posterior is exp(-energy): log_prior alone is not the conditional of a row no remaining row reads
+            # (an energy weighting its prior 16x: rows drawn with sd 0.517 where its conditional's is 0.125)
+            why = (
+                "not checked: a custom energy= defines the posterior, and the conditional of an embedding row no "
+                "remaining row reads is the energy's, which log_prior need not be, so no row is drawn (pass nll= and "
+                "log_prior= instead of energy= for the draw)"
+            )
+        if why is None and bank is not None and bank.shape[0]:
             # which rows are read must not depend on θ (a codebook looked up by nearest neighbour): the removed
             # rows read the same rows at another sample
             again = rows_read(tables, rows_f, bank[0], removed, chunk)
