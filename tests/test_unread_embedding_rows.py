@@ -281,3 +281,48 @@ def test_a_custom_energy_draws_nothing_and_says_so(monkeypatch, log_prior) -> No
     assert said.startswith("not checked: a custom energy=") and "improper" not in said, said
     assert "embedding_rows_drawn" not in prop.report.info
     assert torch.equal(prop.bank, plain.bank) and torch.equal(prop.live, plain.live)
+
+
+class _Ids(nn.Embedding):
+    """An embedding whose forward names its indices ``ids``."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(ids)
+
+
+class _Keyword(_Tab):
+    """``_Tab`` calling its embedding by keyword, ``self.e(input=xc)`` (``odd``: an ``nn.Embedding`` subclass called
+    as ``self.e(ids=xc)``, where the hook finds no index tensor by position or as ``input``)."""
+
+    def __init__(self, odd: bool = False) -> None:
+        super().__init__()
+        if odd:
+            self.e = _Ids(CATEGORIES, WIDTH)
+        self.odd = odd
+
+    def forward(self, xc: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+        h = self.e(ids=xc) if self.odd else self.e(input=xc)
+        return self.head(torch.cat([h, xn], 1))
+
+
+def test_an_embedding_called_by_keyword_is_read_and_drawn_and_one_without_indices_is_not_checked(monkeypatch) -> None:
+    """A model calling its embedding as ``self.e(input=xc)`` (the forward hook's positional inputs are empty): its
+    row 4 is drawn as the positional model's is, the same draws to the bit. A module called with no index tensor the
+    hook can find (``self.e(ids=xc)``): the request still succeeds, ``info`` says the rows were not checked, and
+    nothing is drawn."""
+    model, bank, (xc, xn, y) = _problem(samples=20)
+    gone = xc == 4
+    removed, remaining = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
+    by_position = _propose(model, bank, removed, remaining)
+    for odd in (False, True):
+        other = _Keyword(odd).double()
+        other.load_state_dict(model.state_dict())
+        prop = _propose(other, bank, removed, remaining)
+        said = prop.report.info["embedding_rows"]
+        if not odd:
+            assert said == "drawn: e.weight[4]", said
+            assert torch.equal(prop.bank, by_position.bank) and torch.equal(prop.live, by_position.live)
+        else:
+            assert said.startswith("not checked: e.weight's module was called without an index tensor"), said
+            plain = _propose(other, bank, removed, remaining, monkeypatch)
+            assert torch.equal(prop.bank, plain.bank) and torch.equal(prop.live, plain.live)

@@ -3990,6 +3990,7 @@ class MCMCUnlearner:
         from .unread import (
             UNREAD_MAX_ROWS,
             UNREAD_ROWS,
+            UnreadIndexError,
             draw_unread_rows,
             embedding_tables,
             rows_read,
@@ -4002,7 +4003,11 @@ class MCMCUnlearner:
         rows_f = functionalize(self.model, lambda m, *b: self._row_nll(m, b))
         removed = self._raw(batch)
         chunk = chunk_for(self.memory_budget, self._row_bytes or 1, UNREAD_ROWS)  # a backward pass's rows
-        read = rows_read(tables, rows_f, live, removed, chunk)
+        try:
+            read = rows_read(tables, rows_f, live, removed, chunk)
+        except UnreadIndexError as e:
+            info["embedding_rows"] = f"not checked: {e}, so which rows the removed rows read cannot be told"
+            return live, bank, None
         if not any(bool(r.any()) for r in read):
             return live, bank, None
 
@@ -4024,8 +4029,11 @@ class MCMCUnlearner:
         if why is None and bank is not None and bank.shape[0]:
             # which rows are read must not depend on θ (a codebook looked up by nearest neighbour): the removed
             # rows read the same rows at another sample
-            again = rows_read(tables, rows_f, bank[0], removed, chunk)
-            if any(not torch.equal(a, b) for a, b in zip(read, again)):
+            try:
+                again = rows_read(tables, rows_f, bank[0], removed, chunk)
+            except UnreadIndexError as e:
+                again, why = read, f"not checked: {e}, so which rows the removed rows read cannot be told"
+            if why is None and any(not torch.equal(a, b) for a, b in zip(read, again)):
                 why = "not checked: which embedding rows the removed rows read depends on the parameters"
         if why is None and self._reduce is not None:
             why = "not checked: under torch.distributed (each rank holds part of the remaining rows)"
@@ -4042,7 +4050,11 @@ class MCMCUnlearner:
             info["embedding_rows"] = why
             return live, bank, None
         rows = self._raw(listed)
-        kept = rows_read(tables, rows_f, live, rows, chunk, watch=read)
+        try:
+            kept = rows_read(tables, rows_f, live, rows, chunk, watch=read)
+        except UnreadIndexError as e:
+            info["embedding_rows"] = f"not checked: {e}, so which rows the remaining rows read cannot be told"
+            return live, bank, None
         unread = [r & ~k for r, k in zip(read, kept)]
         if not any(bool(u.any()) for u in unread):
             info["embedding_rows"] = "none unread: a remaining row reads every embedding row the removed rows read"

@@ -14,10 +14,11 @@ if the user's chain was at equilibrium; a short chain is not (a tabular model wh
 ~5 prior sd past the prior's mean, the removed rows' NLL 0.53 → 7.31 where retraining gives 0.61, every check
 passed: the safety check's remaining rows do not read the row).
 
-Which rows: those the removed rows' forward pass feeds to the embedding (a forward hook on the module) that no
-remaining row feeds to it, and along which the remaining rows' NLL has an exactly zero gradient (a weight that is
-also read outside the module, ``F.linear(h, emb.weight)``, is read by every row). A weight shared by several
-modules (tied), and a ``padding_idx`` row, are never drawn.
+Which rows: those the removed rows' forward pass feeds to the embedding (a forward hook on the module, reading the
+indices by position or as ``input=``; a module called without them is not checked) that no remaining row feeds to
+it, and along which the remaining rows' NLL has an exactly zero gradient (a weight that is also read outside the
+module, ``F.linear(h, emb.weight)``, is read by every row). A weight shared by several modules (tied), and a
+``padding_idx`` row, are never drawn.
 
 The draw: the prior along the rows is measured as in :class:`mcmc_unlearner.emptied._BlockPrior`, a diagonal
 precision ``P`` from ``log_prior``'s gradient at the sample's own rows and at the rows moved along a random ±1
@@ -46,6 +47,10 @@ UNREAD_MAX_ROWS = 2**22
 UNREAD_ROWS = 1024
 #: Relative tolerance of the prior's gradient against the measured quadratic (as ``emptied._BlockPrior``).
 PRIOR_FIT_TOL = 1e-4
+
+
+class UnreadIndexError(ValueError):
+    """An embedding module was called without an integer index tensor the forward hook can read."""
 
 
 @dataclass(frozen=True)
@@ -118,17 +123,24 @@ def rows_read(
 
     Returns:
         A boolean mask ``[rows]`` per table (the ``padding_idx`` row never marked).
+
+    Raises:
+        UnreadIndexError: a module was called without an integer index tensor as ``input`` (by position or keyword).
     """
     seen = [torch.zeros(t.rows, dtype=torch.bool) for t in tables]
 
     def keeper(j: int) -> Callable[..., None]:
-        def keep(_m: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
-            idx = inp[0].detach().flatten().long().cpu()
+        def keep(_m: nn.Module, args: tuple, kwargs: dict, _out: torch.Tensor) -> None:
+            # the indices by position or by keyword (``emb(input=ids)``: ``args`` is empty)
+            given = args[0] if args else kwargs.get("input")
+            if not isinstance(given, torch.Tensor) or given.is_floating_point() or given.is_complex():
+                raise UnreadIndexError(f"{tables[j].name}'s module was called without an index tensor")
+            idx = given.detach().flatten().long().cpu()
             seen[j][idx[(idx >= 0) & (idx < tables[j].rows)]] = True
 
         return keep
 
-    handles = [t.module.register_forward_hook(keeper(j)) for j, t in enumerate(tables)]
+    handles = [t.module.register_forward_hook(keeper(j), with_kwargs=True) for j, t in enumerate(tables)]
     try:
         with torch.no_grad():
             for i in range(0, int(rows[0].shape[0]), chunk):
