@@ -190,14 +190,21 @@ def test_remaining_rows_that_cannot_be_listed_are_said_unchecked_and_nothing_is_
 
 def test_a_prior_that_is_not_gaussian_there_is_not_drawn_and_is_warned_about(monkeypatch) -> None:
     """A Laplace prior on the embedding: its conditional is not measurably Gaussian, so the row is not drawn (the
-    samples are the request's without the step), the report says so, and a warning names the row and the fix."""
+    samples are the request's without the step), the report says so, and a warning names the row and the fix (and
+    the same condition as the report, and no deletion-service repair, which never runs on a passing request)."""
     model, bank, (xc, xn, y) = _problem(samples=20, prior=_laplace_on_embedding)
     gone = xc == 4
     removed, remaining = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
-    with pytest.warns(UserWarning, match=r"e\.weight\[4\].*Gaussian prior"):
+    with pytest.warns(UserWarning, match=r"e\.weight\[4\].*Gaussian prior") as caught:
         prop = _propose(model, bank, removed, remaining, prior=_laplace_on_embedding)
     plain = _propose(model, bank, removed, remaining, monkeypatch, prior=_laplace_on_embedding)
+    said = [str(w.message) for w in caught if "embedding row" in str(w.message)]
+    # no advice that does not act: the request passes, so a deletion service's --on-failure repair never runs
+    assert prop.report.passed and said and not any("repair" in w for w in said), said
     assert prop.report.info["embedding_rows"].startswith("not drawn")
+    # the report and the warning name the same condition
+    assert "not measurably a Gaussian independent across" in prop.report.info["embedding_rows"]
+    assert all("not measurably a Gaussian independent across" in w for w in said), said
     assert prop.report.info["embedding_rows_not_drawn"] == {"e.weight": [4]}
     assert torch.equal(prop.bank, plain.bank)
 

@@ -4109,12 +4109,13 @@ class MCMCUnlearner:
                 "them, so retraining leaves them at their prior, but log_prior is not measurably a Gaussian "
                 "independent across their entries there, and they were not drawn from it: the influence step alone "
                 "moved them, which puts them at the prior's mean only from a chain at equilibrium. Use a Gaussian "
-                "prior on that weight, or continue the chain on the remaining data (run_chain, or the deletion "
-                "service's --on-failure repair), or retrain",
+                "prior on that weight, or continue the chain on the remaining data (run_chain), or retrain",
                 stacklevel=outside_stacklevel(),
             )
         if not drawn:
-            info["embedding_rows"] = f"not drawn: log_prior is not measurably Gaussian along {said(failed)}"
+            info["embedding_rows"] = (
+                f"not drawn: log_prior is not measurably a Gaussian independent across the entries of {said(failed)}"
+            )
             return live, bank, None
         info["embedding_rows"] = "drawn: " + said(drawn)
         info["embedding_rows_drawn"] = drawn
