@@ -4878,7 +4878,14 @@ class MCMCUnlearner:
             rows[0].shape[0], anchor.pair.numel(),
         )  # fmt: skip
         auto = self.recenter_draws == "auto"
-        shift = float((bank[anchor.index] - anchor.thetas).norm(dim=1).mean())
+        drawn = None if anchor.drawn is None else anchor.drawn.to(bank.device)
+
+        def undrawn(t: torch.Tensor) -> torch.Tensor:
+            """``t`` with the entries drawn from the prior since anchoring zeroed (no correction there: every
+            measurement of the deviation leaves them out, not only its last value; review)."""
+            return t if drawn is None else t.index_fill(-1, drawn, 0.0)
+
+        shift = float(undrawn(bank[anchor.index] - anchor.thetas).norm(dim=1).mean())
         stale = int(anchor.carried) >= RECENTER_CARRY_MAX  # carried too often since it was measured: measure again
         carried = _carried_spread(anchor, shift) if auto and not stale else None
         paired: list[torch.Tensor] = []
@@ -4887,8 +4894,8 @@ class MCMCUnlearner:
         for j, k in enumerate(anchor.pair.tolist()):
             if anchor.moment is None or not bool(anchor.measured_draws[j]):
                 anchor = anchor.measured(j, self._moment(h_f, anchor.thetas[k : k + 1], rows))
-            paired.append(self._moment(h_f, bank[anchor.index[k : k + 1]], rows) - anchor.target(j))
-            d, se_pair = self._deviation(paired, anchor.removed)
+            paired.append(undrawn(self._moment(h_f, bank[anchor.index[k : k + 1]], rows) - anchor.target(j)))
+            d, se_pair = self._deviation(paired, undrawn(anchor.removed))
             log.info("correction: stored sample %d measured (%.1f s)", j + 1, time.perf_counter() - t0)
             se = math.hypot(se_pair, se_removed) if se_removed else se_pair
             if len(paired) == 1 and carried is not None:
@@ -4906,9 +4913,6 @@ class MCMCUnlearner:
             spread = torch.tensor(se_pair * math.sqrt(len(paired)), dtype=torch.float64)
             shifted = torch.tensor(shift, dtype=torch.float64)
             anchor = replace(anchor, spread=spread, spread_shift=shifted, carried=torch.zeros_like(anchor.carried))
-        if anchor.drawn is not None:  # entries drawn from the prior since anchoring: no correction there
-            d = d.clone()
-            d[anchor.drawn.to(d.device)] = 0.0
         info.update(recenter_deviation=float(d.norm()), recenter_draws=len(paired), recenter_stderr=se)
         info["recenter_removed_stderr"] = se_removed
         info.update(recenter_noise=noise, recenter_anchor_shift=shift, recenter_spread_stale=stale)
