@@ -65,3 +65,45 @@ def test_same_model_still_loads():
     tensors, meta = _state_after_two(4, **opts)
     un, _x, _y = _setup(4, **opts)
     un.load_curvature_state(tensors, meta)
+
+
+@pytest.mark.parametrize(
+    "drawn",
+    [
+        torch.tensor([[0, 1]]),  # 2-D
+        torch.tensor([0.0, 1.0], dtype=torch.float32),  # not integer
+        torch.zeros(4, dtype=torch.bool),  # a mask, not flat indices
+        torch.tensor([0, 1], dtype=torch.int32),  # another integer dtype
+        torch.tensor([0, 10_000]),  # past the parameter count
+        torch.tensor([-1, 2]),  # negative
+    ],
+    ids=["2d", "float", "bool", "int32", "past_end", "negative"],
+)
+def test_a_corrupt_recenter_drawn_is_refused_and_nothing_is_loaded(drawn):
+    """The drawn entries' flat indices (``recenter_drawn``, saved with the anchor) are checked like the other
+    per-parameter tensors: a value of another shape, dtype or range is refused at load naming the key, and the
+    unlearner keeps the state it had (its anchor and carried influence unchanged)."""
+    opts = dict(solver="exact", recenter_every=2, damping="auto")
+    tensors, meta = _state_after_two(4, **opts)
+    assert "recenter_thetas" in tensors and "recenter_drawn" not in tensors
+    un, x, y = _setup(4, **opts)
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[:3] = False
+    un.remove((x[:3], y[:3]), (x[keep], y[keep]))  # a state of its own that must survive the refusal
+    before, _ = un.curvature_state()
+    with pytest.raises(ValueError, match=r"'recenter_drawn'.*nothing was loaded"):
+        un.load_curvature_state({**tensors, "recenter_drawn": drawn}, meta)
+    after, _ = un.curvature_state()
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_valid_recenter_drawn_loads_and_one_saved_without_it_too():
+    """In-range int64 flat indices load into the anchor; a state saved before the key existed loads with none."""
+    opts = dict(solver="exact", recenter_every=2, damping="auto")
+    tensors, meta = _state_after_two(4, **opts)
+    un, _x, _y = _setup(4, **opts)
+    un.load_curvature_state(tensors, meta)
+    assert un._anchor is not None and un._anchor.drawn is None
+    un.load_curvature_state({**tensors, "recenter_drawn": torch.tensor([0, 3, 5])}, meta)
+    assert un._anchor.drawn.tolist() == [0, 3, 5]

@@ -4997,7 +4997,8 @@ class MCMCUnlearner:
         """Restore what :meth:`curvature_state` returned (tensors are cloned).
 
         Raises:
-            ValueError: the state was saved for a model of another parameter count or dtype (nothing is loaded).
+            ValueError: the state was saved for a model of another parameter count or dtype, or its
+                ``recenter_drawn`` is not 1-D int64 flat indices within the parameter count (nothing is loaded).
         """
         self._check_curvature_state(tensors)
         self._state_loaded = True  # until a request is applied: a bank set now discards what is loaded
@@ -5069,6 +5070,32 @@ class MCMCUnlearner:
                     f"{str(dtype)[6:]}: the state was saved under another dtype; nothing was loaded (convert the "
                     "state's tensors, or start without it)"
                 )
+        self._check_drawn_state(tensors.get("recenter_drawn"), dim)
+
+    @staticmethod
+    def _check_drawn_state(drawn: torch.Tensor | None, dim: int) -> None:
+        """Refuse a saved ``recenter_drawn`` (``_Anchor.drawn``) that is not a 1-D int64 tensor of flat parameter
+        indices in ``[0, dim)``: loaded anyway, it failed inside the next correction (``index_fill``'s dtype or
+        range error) or masked other entries than the ones drawn. ``None`` (saved before the key existed, or no
+        row drawn) passes."""
+        if drawn is None:
+            return
+        fix = (
+            "the state is corrupt or was saved for another model; nothing was loaded (drop the key "
+            "'recenter_drawn' from the state only if no embedding row was drawn since the first request, else start "
+            "without the state: reset_curvature())"
+        )
+        if drawn.ndim != 1 or drawn.dtype != torch.int64:
+            raise ValueError(
+                f"load_curvature_state: the saved 'recenter_drawn' is a {str(drawn.dtype)[6:]} tensor of shape "
+                f"{tuple(drawn.shape)}, where the flat indices of the entries drawn from the prior (a 1-D int64 "
+                f"tensor) are expected: {fix}"
+            )
+        if drawn.numel() and (int(drawn.min()) < 0 or int(drawn.max()) >= dim):
+            raise ValueError(
+                f"load_curvature_state: the saved 'recenter_drawn' holds flat indices from {int(drawn.min())} to "
+                f"{int(drawn.max())}, but this model's parameter indices run from 0 to {dim - 1}: {fix}"
+            )
 
     def drop_curvature(self) -> None:
         """Forget the cached curvature alone (a :meth:`fit`'s build included), so that the next request builds its
