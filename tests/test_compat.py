@@ -291,3 +291,63 @@ def test_seed_api_refused_request_restores_the_global_rng_its_sampler_draws_from
         un.remove([x[:5], torch.zeros(5)], s)
     assert torch.equal(model.theta.detach(), theta)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+_BAD_PARAMS = [
+    ("scaling", 10**400, "finite number > 0"),  # Python's OverflowError from float() before
+    ("scaling", 0.0, "finite number > 0"),
+    ("scaling", -0.1, "finite number > 0"),
+    ("scaling", float("nan"), "finite number > 0"),
+    ("scaling", float("inf"), "finite number > 0"),
+    ("scaling", "0.1", "finite number > 0"),
+    ("iter_T", 0, "integer >= 1"),
+    ("iter_T", -3, "integer >= 1"),
+    ("iter_T", 2.5, "integer >= 1"),  # ran 2 rounds before
+    ("iter_T", float("nan"), "integer >= 1"),
+    ("samp_T", 0, "integer >= 1"),
+    ("samp_T", float("inf"), "integer >= 1"),
+    ("samp_T", True, "integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), _BAD_PARAMS, ids=lambda v: repr(v)[:12])
+def test_out_of_range_params_are_refused_at_construction_naming_them(key, value, allowed) -> None:
+    """The constructor's ``iter_T``, ``samp_T`` and ``scaling`` are range-checked: a ValueError names the argument,
+    the value and the allowed range."""
+    model = MultiChainBLR(2, 3, 400)
+    opt = SGLD(model.parameters(), lr=1e-5)
+    kw = {"iter_T": 4, "scaling": 0.1, "samp_T": 1, key: value}
+    with pytest.raises(ValueError, match=rf"sgmcmcUnlearner: {key} must be .*{allowed}") as refused:
+        myUnlearner(model=model, optimizer=opt, params=model.parameters(), cpu=True, **kw)
+    assert "got " in str(refused.value)
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), _BAD_PARAMS, ids=lambda v: repr(v)[:12])
+def test_out_of_range_param_dict_is_refused_by_remove_before_anything_moves(blr, key, value, allowed) -> None:
+    """The seed sets its scaling through ``param_dict`` after construction: ``remove`` checks it again and refuses
+    before a sampler step, a minibatch draw or a change to the parameters, the sampler or torch's generator."""
+    n = blr.x.shape[0]
+    model = MultiChainBLR(2, 3, n)
+    opt = SGLD(model.parameters(), lr=1e-5)
+    un = myUnlearner(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=4, scaling=0.1, samp_T=1)
+    un.param_dict[key] = value
+    data = RemovableDataset(blr.x, blr.y, batch_size=50, seed=0)
+    w, data_state, rng = model.w.detach().clone(), copy.deepcopy(data.state_dict()), torch.get_rng_state()
+    with pytest.raises(ValueError, match=rf"param_dict\['{key}'\] must be .*{allowed}"):
+        un.remove([blr.x[:3], blr.y[:3]], data)
+    assert torch.equal(model.w.detach(), w) and torch.equal(torch.get_rng_state(), rng)
+    assert not opt.state_dict()["state"] and un.last_result is None
+    after = data.state_dict()
+    for k, v in data_state.items():
+        assert torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v, k
+
+
+def test_a_one_element_tensor_scaling_and_numpy_counts_are_still_taken(blr) -> None:
+    """``init_scaling / remaining_n`` with a tensor count, and numpy integers, run as before the range checks."""
+    _, un = _run(blr, "sgld", init_scaling=1.0, iter_T=np.int64(3), samp_T=np.int64(1))
+    assert un.last_result.iterations == 3
+    un.param_dict["scaling"] = torch.tensor(1.0) / torch.tensor(blr.x.shape[0])
+    un.param_dict["iter_T"] = 2
+    data = RemovableDataset(blr.x, blr.y, batch_size=100, seed=0)
+    un.remove([blr.x[:2], blr.y[:2]], data)
+    assert un.last_result.iterations == 2 and un.last_result.info["scaling"] == pytest.approx(1.0 / blr.x.shape[0])

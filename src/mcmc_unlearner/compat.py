@@ -35,7 +35,7 @@ from torch import nn
 
 from .curvature import plain_attention
 from .errors import InvalidRequestError
-from .options import shown_value
+from .options import finite, is_number, shown_value, whole
 from .solvers import SolveResult, lissa
 from .stream import _repeated_rows, check_finite_batch
 from .unlearner import _sampler_generator_state, _set_sampler_generator_state
@@ -96,6 +96,39 @@ class _Minibatches:
         )
 
 
+def _scalar(value: Any) -> Any:
+    """A one-element tensor as its Python number (``init_scaling / remaining_n`` with a tensor count is one), any
+    other value as given."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        return value.item()
+    return value
+
+
+def _checked_params(param_dict: dict[str, Any], where: str) -> tuple[int, int, float | str]:
+    """``param_dict``'s ``samp_T``, ``iter_T`` and ``scaling`` as ``remove`` uses them, or a refusal naming the
+    value and its range before anything is touched (``scaling=10**400`` raised Python's OverflowError from
+    ``float()``, ``iter_T=2.5`` ran 2 rounds, ``samp_T=nan`` failed inside ``int()``).
+
+    Args:
+        param_dict: The unlearner's ``param_dict``.
+        where: How the message names a key: ``"{}"`` (the constructor's argument) or ``"param_dict['{}']"``.
+
+    Raises:
+        ValueError: A count that is not an integer >= 1, or a scaling that is neither ``'auto'`` nor a finite
+            number > 0.
+    """
+    counts = []
+    for key in ("samp_T", "iter_T"):
+        counts.append(whole(f"sgmcmcUnlearner: {where.format(key)}", _scalar(param_dict.get(key)), 1))
+    scaling = _scalar(param_dict.get("scaling"))
+    if not (scaling == "auto" or (is_number(scaling) and finite(scaling) and float(scaling) > 0)):
+        raise ValueError(
+            f"sgmcmcUnlearner: {where.format('scaling')} must be 'auto' or a finite number > 0 (the seed recommends "
+            f"init_scaling / remaining_n), got {shown_value(scaling)}"
+        )
+    return counts[0], counts[1], scaling if scaling == "auto" else float(scaling)
+
+
 class sgmcmcUnlearner:
     """Base class of the seed API; override ``_apply_sample``, ``_fun`` and ``_z_fun``.
 
@@ -107,6 +140,10 @@ class sgmcmcUnlearner:
         iter_T: LiSSA rounds.
         scaling: LiSSA scaling ``s`` (the seed recommends ``init_scaling / remaining_n``).
         samp_T: Monte-Carlo sampler steps per expectation.
+
+    Raises:
+        ValueError: ``iter_T`` or ``samp_T`` is not an integer >= 1, or ``scaling`` is neither ``'auto'`` nor a
+            finite number > 0 (``remove`` checks ``param_dict`` again, as the seed sets its scaling there).
     """
 
     def __init__(
@@ -123,6 +160,7 @@ class sgmcmcUnlearner:
         self.optimizer = optimizer
         # as the seed does: parameters with requires_grad=False (frozen layers) are neither differentiated nor
         # shifted (stop 32 refused them, which broke the seed's own call params=model.parameters())
+        _checked_params({"iter_T": iter_T, "scaling": scaling, "samp_T": samp_T}, "{}")
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("params holds no tensor with requires_grad=True: there is nothing to unlearn")
@@ -181,7 +219,10 @@ class sgmcmcUnlearner:
             SolverDivergedError: the recursion diverged; parameters and sampler state are restored.
             InvalidRequestError: the removed batch is empty or not finite, or the sampler ran out (parameters and
                 sampler state restored).
+            ValueError: ``param_dict``'s ``iter_T`` or ``samp_T`` is not an integer >= 1, or its ``scaling`` is
+                neither ``'auto'`` nor a finite number > 0 (nothing is touched).
         """
+        T, iters, scaling = _checked_params(self.param_dict, "param_dict['{}']")
         batch = tuple(target) if isinstance(target, (list, tuple)) else (target,)
         tensors = tuple(t for t in batch if isinstance(t, torch.Tensor))
         check_finite_batch(tensors)
@@ -195,14 +236,6 @@ class sgmcmcUnlearner:
                 "such a row once, pass it once",
                 stacklevel=2,
             )
-        T, iters = int(self.param_dict["samp_T"]), int(self.param_dict["iter_T"])
-        if T < 1 or iters < 1:
-            raise ValueError(
-                "param_dict['samp_T'] and param_dict['iter_T'] must be >= 1, got "
-                f"{shown_value(T)} and {shown_value(iters)}"
-            )
-        scaling = self.param_dict["scaling"]
-        scaling = scaling if scaling == "auto" else float(scaling)
         saved = [p.detach().clone() for p in self.params]
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         gen_state = _sampler_generator_state(self.optimizer)
