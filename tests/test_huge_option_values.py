@@ -125,7 +125,8 @@ def test_a_samplers_huge_step_size_is_refused_by_its_size() -> None:
 
 def test_shown_value_keeps_short_values_and_cuts_long_ones() -> None:
     """Values up to 30 digits are shown as they are (a 64-bit seed's 2**64 too); a long repr is cut with its
-    length; the size of an integer is exact at the powers of ten, where a float's log10 rounds."""
+    length; the size of an integer is exact at the powers of ten, where a float's log10 rounds, and its value is
+    rounded to three significant digits, not cut."""
     from mcmc_unlearner.options import shown_value
 
     assert shown_value(2**64) == "18446744073709551616" and shown_value("auto") == "'auto'"
@@ -133,6 +134,15 @@ def test_shown_value_keeps_short_values_and_cuts_long_ones() -> None:
     assert shown_value(10**30) == "an integer of 31 digits (1.00e+30)"
     for d in (31, 308, 309, 4300, 4301, 9999):
         assert shown_value(10 ** (d - 1)).startswith(f"an integer of {d} digits (1.00e+{d - 1})")
-        assert shown_value(10**d - 1).startswith(f"an integer of {d} digits (9.99e+{d - 1})")
+        # rounded, not cut: 10**d - 1 is 1.00e+d to three digits (it read 9.99e+{d-1})
+        assert shown_value(10**d - 1) == f"an integer of {d} digits (1.00e+{d})"
+        assert shown_value(-(10**d - 1)) == f"an integer of {d} digits (-1.00e+{d})"
+    # three significant digits, rounded half up: below, at and above the half
+    assert shown_value(1234 * 10**30) == "an integer of 34 digits (1.23e+33)"
+    assert shown_value(1235 * 10**30) == "an integer of 34 digits (1.24e+33)"
+    assert shown_value(1234999 * 10**27) == "an integer of 34 digits (1.23e+33)"
+    assert shown_value(9985 * 10**30 - 1) == "an integer of 34 digits (9.98e+33)"
+    assert shown_value(9985 * 10**30) == "an integer of 34 digits (9.99e+33)"
+    assert shown_value(9995 * 10**30) == "an integer of 34 digits (1.00e+34)"
     long = shown_value("x" * 500)
     assert len(long) < 120 and long.endswith("... (502 characters)")

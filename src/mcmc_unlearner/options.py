@@ -129,7 +129,8 @@ def _digits(n: int) -> int:
 
 def shown_value(value: Any) -> str:
     """An option's value as a refusal shows it: its ``repr``, but an integer of more than ``SHOWN_DIGITS`` digits as
-    its size and leading digits (``10**400``: ``an integer of 401 digits (1.00e+400)``) and a ``repr`` longer than
+    its size and its value to three significant digits, rounded (``10**400``: ``an integer of 401 digits
+    (1.00e+400)``; ``10**31 - 1``: ``an integer of 31 digits (1.00e+31)``) and a ``repr`` longer than
     ``SHOWN_CHARS`` cut, with its length; never Python's ValueError for an integer past 4,300 digits.
 
     Args:
@@ -142,9 +143,15 @@ def shown_value(value: Any) -> str:
         n = int(value)
         d = _digits(n)
         if d > SHOWN_DIGITS:
-            lead = abs(n) // 10 ** (d - 3)  # the three leading digits
+            unit = 10 ** (d - 3)
+            lead, rest = divmod(abs(n), unit)  # the three leading digits
+            if 2 * rest >= unit:  # rounded half up (cut, 10**31 - 1 read 9.99e+30)
+                lead += 1
+            exponent = d - 1
+            if lead == 1000:  # rounded up to the next power of ten
+                lead, exponent = 100, d
             sign = "-" if n < 0 else ""
-            return f"an integer of {d} digits ({sign}{lead // 100}.{lead % 100:02d}e+{d - 1})"
+            return f"an integer of {d} digits ({sign}{lead // 100}.{lead % 100:02d}e+{exponent})"
     try:
         text = repr(value)
     except ValueError:  # e.g. a Fraction of an integer past Python's digit limit
