@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 from _distributed_helpers import ce_nll, gaussian_log_prior, small_classifier, spawn
@@ -91,3 +92,20 @@ def test_a_shards_non_finite_rows_are_read_from_inference_tensors_and_again_afte
     assert data.nonfinite_ids().tolist() == [9]
     x.numpy()[9, 1] = 0.0
     assert data.nonfinite_ids().numel() == 0
+
+
+def test_remaining_rows_as_a_tuple_are_refused_with_a_from_global_call_of_as_many_fields():
+    """Under torch.distributed (``rows_as_data=False``) a tuple of remaining rows is refused with the
+    ``ShardedDataset.from_global`` call that shards it: ``(x,)`` was told ``from_global(x, y, ...)``, a field it
+    does not have. The call named for one field builds a shard."""
+    from mcmc_unlearner.stream import _Stream
+
+    x, y = torch.randn(8, 3), torch.arange(8) % 2
+    for rows, names in (((x,), "x"), ((x, y), "x, y"), ((x, y, y.double()), "t0, t1, t2")):
+        with pytest.raises(TypeError) as refused:
+            _Stream(rows, None, rows_as_data=False)
+        said = str(refused.value)
+        assert f"ShardedDataset.from_global({names}, rank=rank" in said, said
+        assert f"a tuple of {len(rows)} tensor" in said, said
+    shard = ShardedDataset.from_global(x, rank=0, world=1, batch_size=4)
+    assert len(shard) == 8

@@ -451,9 +451,12 @@ class _Stream:
         self.given: Batch | None = source if self.from_rows else None  # those rows, every one
         if _is_fields(source):  # the remaining rows themselves, (x, y) or (x,): shuffled minibatches of 128, listable
             if not rows_as_data:
+                k = len(source)  # the call names as many tensors as the tuple holds: (x,) is not (x, y)
+                names = "x" if k == 1 else "x, y" if k == 2 else ", ".join(f"t{i}" for i in range(k))
                 raise TypeError(
-                    "remaining is a tuple of tensors; under torch.distributed each rank passes its own shard with "
-                    "weights: ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=..., seed=...)"
+                    f"remaining is a tuple of {k} tensor{'s' if k > 1 else ''} ({names}); under torch.distributed "
+                    f"each rank passes its own shard with weights: ShardedDataset.from_global({names}, rank=rank, "
+                    "world=world, batch_size=..., seed=...)"
                 )
             from .data import RemovableDataset
 
