@@ -333,3 +333,29 @@ def test_an_embedding_called_by_keyword_is_read_and_drawn_and_one_without_indice
             assert said.startswith("not checked: e.weight's module was called without an index tensor"), said
             plain = _propose(other, bank, removed, remaining, monkeypatch)
             assert torch.equal(prop.bank, plain.bank) and torch.equal(prop.live, plain.live)
+
+
+@pytest.mark.parametrize("given", ["tuple", "loader"])
+def test_too_many_remaining_rows_are_refused_before_they_are_listed(monkeypatch, given) -> None:
+    """Over ``UNREAD_MAX_ROWS`` remaining rows the draw is not checked, and that is told from the rows' count
+    (a ``RemovableDataset``'s, a ``DataLoader``'s selection) before any row is copied: ``_listed_remaining`` is
+    never called (it listed, and checked finite, every remaining row only for the count to refuse them)."""
+    import mcmc_unlearner.unlearner as unlearner_module
+
+    model, bank, (xc, xn, y) = _problem(samples=20)
+    gone = xc == 4
+    removed, kept = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
+    listed = []
+    real = unlearner_module._listed_remaining
+    monkeypatch.setattr(unlearner_module, "_listed_remaining", lambda s: listed.append(1) or real(s))
+    monkeypatch.setattr(unread, "UNREAD_MAX_ROWS", 100)  # 160 rows remain
+    remaining = kept if given == "tuple" else DataLoader(TensorDataset(*kept), batch_size=40, shuffle=True)
+    torch.manual_seed(5)
+    prop = _propose(model, bank, removed, remaining)
+    assert prop.report.info["embedding_rows"] == "not checked: more than 100 remaining rows to read"
+    assert listed == [], "the remaining rows were listed before the count refused them"
+    monkeypatch.setattr(unread, "UNREAD_MAX_ROWS", 160)  # at the limit: listed and checked
+    remaining = kept if given == "tuple" else DataLoader(TensorDataset(*kept), batch_size=40, shuffle=True)
+    torch.manual_seed(5)
+    prop = _propose(model, bank, removed, remaining)
+    assert prop.report.info["embedding_rows"] == "drawn: e.weight[4]" and listed == [1]

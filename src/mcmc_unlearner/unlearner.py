@@ -107,6 +107,7 @@ from .stream import (
     MIN_CURVATURE_ROWS,
     _as_batch,
     _loader_labels,
+    _loader_selection,
     _loader_tensors,
     _removed_rows_held,
     _repeated_rows,
@@ -1435,6 +1436,21 @@ class Proposal:
     _anchor: _Anchor | None = None
     _rows_at_samples: int | None = None
     _cumulative_warned: bool = False
+
+
+def _listed_count(stream: _Stream) -> int | None:
+    """How many rows :func:`_listed_remaining` would list, counted without copying one (a ``RemovableDataset``'s
+    remaining count, the indices a ``DataLoader`` over a ``TensorDataset`` reads); ``None`` where only listing
+    them tells (a source of its own with ``remaining()``, or rows that cannot be listed at all)."""
+    from .data import RemovableDataset
+
+    if stream.listable:
+        return len(stream.source) if isinstance(stream.source, RemovableDataset) else None
+    selected = _loader_selection(stream.source)
+    if selected is None or not isinstance(selected[0], torch.utils.data.TensorDataset):
+        return None
+    ds, index = selected
+    return len(ds) if index is None else int(index.numel())
 
 
 def _listed_remaining(stream: _Stream) -> Batch | None:
@@ -4037,6 +4053,9 @@ class MCMCUnlearner:
                 why = "not checked: which embedding rows the removed rows read depends on the parameters"
         if why is None and self._reduce is not None:
             why = "not checked: under torch.distributed (each rank holds part of the remaining rows)"
+        count = None if why is not None else _listed_count(stream)
+        if why is None and count is not None and count > UNREAD_MAX_ROWS:  # refused before the rows are copied
+            why = f"not checked: more than {UNREAD_MAX_ROWS:,} remaining rows to read"
         listed = None if why is not None else _listed_remaining(stream)
         if why is None and listed is None:
             why = (
@@ -4044,7 +4063,7 @@ class MCMCUnlearner:
                 "a RemovableDataset, or a DataLoader over a TensorDataset), so whether any of them reads the rows "
                 "the removed rows read cannot be told"
             )
-        if why is None and int(listed[0].shape[0]) > UNREAD_MAX_ROWS:
+        if why is None and int(listed[0].shape[0]) > UNREAD_MAX_ROWS:  # a source whose rows only listing counts
             why = f"not checked: more than {UNREAD_MAX_ROWS:,} remaining rows to read"
         if why is not None:
             info["embedding_rows"] = why
