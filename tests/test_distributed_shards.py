@@ -109,3 +109,44 @@ def test_remaining_rows_as_a_tuple_are_refused_with_a_from_global_call_of_as_man
         assert f"a tuple of {len(rows)} tensor" in said, said
     shard = ShardedDataset.from_global(x, rank=0, world=1, batch_size=4)
     assert len(shard) == 8
+
+
+class _Embedded(torch.nn.Module):
+    """A category's 2-wide embedding and a linear head (an ``nn.Embedding`` the draw of unread rows looks at)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = torch.nn.Embedding(5, 2)
+        self.head = torch.nn.Linear(2, 2)
+
+    def forward(self, xc: torch.Tensor) -> torch.Tensor:
+        return self.head(self.e(xc))
+
+
+def _embedding_worker(rank: int, world: int, out: str) -> None:
+    import mcmc_unlearner.unread as unread
+
+    passes = []
+    real = unread.rows_read
+    unread.rows_read = lambda *a, **k: passes.append(1) or real(*a, **k)
+    xc = torch.arange(40) % 5
+    y = (xc > 2).long()
+    torch.manual_seed(0)
+    model = _Embedded()
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(8, theta.numel(), generator=torch.Generator().manual_seed(1))
+    data = ShardedDataset.from_global(xc, y, rank=rank, world=world, batch_size=8)
+    un = DistributedUnlearner(model, bank=bank, nll=_nll, log_prior=_log_prior, solver="exact")
+    report = un.forget(torch.nonzero(xc == 4).flatten()[:4], data)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"said": report.info.get("embedding_rows"), "passes": len(passes)}, f)
+
+
+def test_under_torch_distributed_the_embedding_draw_is_said_not_checked_before_any_pass(tmp_path):
+    """Under torch.distributed the draw of unread embedding rows is "not checked" whatever the rows read, so no
+    ``rows_read`` forward-hook pass runs on any rank (two ran before the answer was given)."""
+    spawn(_embedding_worker, str(tmp_path))
+    for r in (0, 1):
+        found = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert found["said"] == "not checked: under torch.distributed (each rank holds part of the remaining rows)"
+        assert found["passes"] == 0, found

@@ -359,3 +359,24 @@ def test_too_many_remaining_rows_are_refused_before_they_are_listed(monkeypatch,
     torch.manual_seed(5)
     prop = _propose(model, bank, removed, remaining)
     assert prop.report.info["embedding_rows"] == "drawn: e.weight[4]" and listed == [1]
+
+
+def test_a_custom_energy_is_said_not_checked_before_any_pass(monkeypatch) -> None:
+    """With ``energy=`` the draw is "not checked" whatever the rows read, so no ``rows_read`` forward-hook pass
+    runs (one over the removed rows and one at a stored sample ran before the answer was given)."""
+    model, bank, (xc, xn, y) = _problem(samples=20)
+    gone = xc == 4
+    removed, remaining = (xc[gone], xn[gone], y[gone]), (xc[~gone], xn[~gone], y[~gone])
+    passes = []
+    real = unread.rows_read
+    monkeypatch.setattr(unread, "rows_read", lambda *a, **k: passes.append(1) or real(*a, **k))
+
+    def energy(m: nn.Module, b: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
+        return n * _nll(m, b).mean() - _gaussian(m)
+
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_gaussian, energy=energy, bank=bank, seed=0, solver="exact")
+    prop = un.propose(removed, remaining)
+    assert prop.report.info["embedding_rows"].startswith("not checked: a custom energy=")
+    assert passes == [], f"{len(passes)} rows_read pass(es) before the answer 'not checked'"
+    _propose(model, bank, removed, remaining)  # without energy= the passes run (the spy sees them)
+    assert len(passes) >= 2

@@ -3999,8 +3999,9 @@ class MCMCUnlearner:
         ``info["embedding_rows"]`` says what was found and done wherever the removed rows read a row of a trainable
         ``nn.Embedding`` (not tied): ``"drawn: name[rows]"`` (``info["embedding_rows_drawn"]``, a dict of the rows,
         and ``embedding_rows_drawn_count``), ``"none unread"``, or ``"not checked: ..."`` (remaining rows that cannot
-        be listed without a pass, as for the emptied label's draw; ``torch.distributed``; over ``UNREAD_MAX_ROWS``;
-        a custom ``energy=``, whose conditional ``log_prior`` need not be)
+        be listed without a pass, as for the emptied label's draw; over ``UNREAD_MAX_ROWS``; and, said wherever the
+        model has such an embedding and told before any pass over the data, ``torch.distributed`` and a custom
+        ``energy=``, whose conditional ``log_prior`` need not be)
         or ``"not drawn: ..."`` (no ``log_prior``; a prior that is not measurably a Gaussian independent across
         the rows' entries, also warned about, naming the rows and the fix)."""
         from .unread import (
@@ -4015,6 +4016,20 @@ class MCMCUnlearner:
 
         tables = embedding_tables(self.model, self.spec)
         if not tables:
+            return live, bank, None
+        # answers that no pass changes come before any: a forward pass over the removed rows (and one at a stored
+        # sample) ran before these refused the draw anyway
+        if self.custom_energy:
+            # the posterior is exp(-energy): log_prior alone is not the conditional of a row no remaining row reads
+            # (an energy weighting its prior 16x: rows drawn with sd 0.517 where its conditional's is 0.125)
+            info["embedding_rows"] = (
+                "not checked: a custom energy= defines the posterior, and the conditional of an embedding row no "
+                "remaining row reads is the energy's, which log_prior need not be, so no row is drawn (pass nll= and "
+                "log_prior= instead of energy= for the draw)"
+            )
+            return live, bank, None
+        if self._reduce is not None:
+            info["embedding_rows"] = "not checked: under torch.distributed (each rank holds part of the remaining rows)"
             return live, bank, None
         rows_f = functionalize(self.model, lambda m, *b: self._row_nll(m, b))
         removed = self._raw(batch)
@@ -4034,15 +4049,7 @@ class MCMCUnlearner:
             return ", ".join(f"{name}{r}" for name, r in rows.items())
 
         why = None
-        if self.custom_energy:
-            # the posterior is exp(-energy): log_prior alone is not the conditional of a row no remaining row reads
-            # (an energy weighting its prior 16x: rows drawn with sd 0.517 where its conditional's is 0.125)
-            why = (
-                "not checked: a custom energy= defines the posterior, and the conditional of an embedding row no "
-                "remaining row reads is the energy's, which log_prior need not be, so no row is drawn (pass nll= and "
-                "log_prior= instead of energy= for the draw)"
-            )
-        if why is None and bank is not None and bank.shape[0]:
+        if bank is not None and bank.shape[0]:
             # which rows are read must not depend on θ (a codebook looked up by nearest neighbour): the removed
             # rows read the same rows at another sample
             try:
@@ -4051,8 +4058,6 @@ class MCMCUnlearner:
                 again, why = read, f"not checked: {e}, so which rows the removed rows read cannot be told"
             if why is None and any(not torch.equal(a, b) for a, b in zip(read, again)):
                 why = "not checked: which embedding rows the removed rows read depends on the parameters"
-        if why is None and self._reduce is not None:
-            why = "not checked: under torch.distributed (each rank holds part of the remaining rows)"
         count = None if why is not None else _listed_count(stream)
         if why is None and count is not None and count > UNREAD_MAX_ROWS:  # refused before the rows are copied
             why = f"not checked: more than {UNREAD_MAX_ROWS:,} remaining rows to read"
