@@ -237,7 +237,8 @@ def test_the_first_moment_correction_leaves_a_drawn_row_where_the_draw_put_it() 
     a few of category 1's rows, after which the correction is applied (4 paired draws, whatever its noise). Its
     target along row 4 is measured on the samples before the first request (row 4 at the short chain's 2.0) and
     pulled the drawn row back toward there (the bank's mean 0.318 -> 0.575); the drawn entries are excluded from it,
-    so row 4 of every sample is the run's without corrections to the bit, and the excluded entries survive
+    so row 4 of every sample is the run's without corrections to the bit, the removed term's Monte-Carlo error
+    (``recenter_removed_stderr``) leaves them out as well, and the excluded entries survive
     ``curvature_state``/``load_curvature_state``."""
     from mcmc_unlearner.data import RemovableDataset
 
@@ -256,6 +257,13 @@ def test_the_first_moment_correction_leaves_a_drawn_row_where_the_draw_put_it() 
     assert torch.equal(un.bank[:, _row(4)], plain.bank[:, _row(4)])
     assert not torch.equal(un.bank[:, _row(1)], plain.bank[:, _row(1)])  # the correction moved the rest
     assert un._anchor.drawn.tolist() == _row(4)
+    # the removed points' term's Monte-Carlo error leaves the drawn entries out too (it held row 4's variance)
+    noise = un._anchor.removed_noise
+    assert noise is not None and noise.shape[0] >= 2
+    left_out = float((noise.index_fill(-1, torch.tensor(_row(4)), 0.0).var(0).sum() / noise.shape[0]).sqrt())
+    whole = float((noise.var(0).sum() / noise.shape[0]).sqrt())
+    assert reports[1].info["recenter_removed_stderr"] == pytest.approx(left_out, rel=1e-12)
+    assert whole > 1.01 * left_out, (whole, left_out)  # the drawn row's variance would have changed it
     tensors, meta = un.curvature_state()
     model, bank, _ = _problem()
     fresh = MCMCUnlearner(model, nll=_nll, log_prior=_gaussian, bank=bank, seed=0, **kw, recenter_every=2)
@@ -380,3 +388,23 @@ def test_a_custom_energy_is_said_not_checked_before_any_pass(monkeypatch) -> Non
     assert passes == [], f"{len(passes)} rows_read pass(es) before the answer 'not checked'"
     _propose(model, bank, removed, remaining)  # without energy= the passes run (the spy sees them)
     assert len(passes) >= 2
+
+
+def test_the_removed_terms_error_leaves_the_drawn_entries_out() -> None:
+    """``_Anchor.removed_stderr`` with noise only along drawn entries is 0; undrawn, the same noise counts."""
+    from mcmc_unlearner.unlearner import _Anchor
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.zeros(6, 5, dtype=torch.float64)
+    noise[:, 1:3] = torch.randn(6, 2, generator=g, dtype=torch.float64)  # variance on entries 1 and 2 alone
+    base = _Anchor(
+        index=torch.arange(6),
+        thetas=torch.zeros(6, 5, dtype=torch.float64),
+        pair=torch.arange(2),
+        removed=torch.zeros(5, dtype=torch.float64),
+        removed_noise=noise,
+    )
+    assert base.removed_stderr() > 0.1
+    assert base.drawing(torch.tensor([1, 2])).removed_stderr() == 0.0
+    one = base.drawing(torch.tensor([2])).removed_stderr()
+    assert one == pytest.approx(float((noise[:, 1].var() / 6).sqrt()), rel=1e-12)

@@ -1013,10 +1013,14 @@ class _Anchor:
         )
 
     def removed_stderr(self) -> float:
-        """Monte-Carlo standard error (norm) of ``removed`` against the requests' own ``G`` (see ``removed_noise``)."""
+        """Monte-Carlo standard error (norm) of ``removed`` against the requests' own ``G`` (see ``removed_noise``),
+        the ``drawn`` entries left out as every other measurement of the deviation leaves them (no correction
+        there, so their noise is none of the deviation's)."""
         q = self.removed_noise
         if q is None or q.shape[0] < 2:
             return 0.0
+        if self.drawn is not None:
+            q = q.index_fill(-1, self.drawn.to(q.device), 0.0)
         return float((q.var(0).sum() / q.shape[0]).sqrt())
 
     def measured(self, j: int, moment: torch.Tensor) -> _Anchor:
@@ -4914,7 +4918,8 @@ class MCMCUnlearner:
         carried = _carried_spread(anchor, shift) if auto and not stale else None
         paired: list[torch.Tensor] = []
         noise = "measured"
-        se_removed = anchor.removed_stderr()  # 0 when every request's G averaged the anchored samples themselves
+        # 0 when every request's G averaged the anchored samples themselves; the drawn entries left out
+        se_removed = anchor.removed_stderr()
         for j, k in enumerate(anchor.pair.tolist()):
             if anchor.moment is None or not bool(anchor.measured_draws[j]):
                 anchor = anchor.measured(j, self._moment(h_f, anchor.thetas[k : k + 1], rows))
