@@ -56,7 +56,10 @@ per-row weights ``w``) enters as ``z = out/T`` and each row's sample times ``√
 
 **Diagonal fallback.** Every other parameter (BatchNorm/LayerNorm affine terms, embeddings, raw parameters such
 as ``MultiheadAttention.in_proj_weight``, and Linear/Conv layers whose forward hook does not fire because their
-weight is used through ``F.linear`` directly, like ``MultiheadAttention.out_proj``) gets the diagonal
+weight is used through ``F.linear`` directly, like ``MultiheadAttention.out_proj``, and those whose weight or
+bias the first forward's autograd graph reads more often than their hook saw them called - a read outside the
+module, e.g. a tied decoder's ``F.linear(h, enc.weight.t())``, counted structurally by :func:`_graph_uses`) gets
+the diagonal
 ``P + n·diag(E[C_i])``, estimated WITHOUT per-example gradients: the samples have mean zero (``E[s_i] = 0``; for
 labels, the score ``E_ŷ[∇ log p(ŷ|x_i)] = 0``) and are independent across rows, so ``E[g_i] = 0`` and
 
@@ -1253,6 +1256,105 @@ def _factor_form(Q: Tensor | None, dim: int) -> str:
     return "full eigenbasis"
 
 
+#: Autograd nodes that only view, transpose, broadcast or cast their one input (``TBackward0``, ``ToCopyBackward0``,
+#: ...): a parameter read through one is used where the node's own consumers read it (autocast casts a leaf weight
+#: once and hands the cached cast to every later call, so k calls of a layer share one ``ToCopyBackward0``).
+_PASS_THROUGH = frozenset(
+    ("T", "Transpose", "Permute", "View", "UnsafeView", "ReshapeAlias", "Expand", "ToCopy", "Alias", "Squeeze",
+     "Unsqueeze", "AsStrided", "Clone", "Conj")
+)  # fmt: skip
+
+
+def _pass_through(node: Any) -> bool:
+    return type(node).__name__.rstrip("0123456789").removesuffix("Backward") in _PASS_THROUGH
+
+
+def _graph_uses(root: Tensor, params: Mapping[str, Tensor]) -> dict[str, int]:
+    """How many times the autograd graph of ``root`` reads each of ``params`` (its leaf tensor's ``AccumulateGrad``
+    node): every consumer of the leaf is one use, a consumer that only views or casts it (:data:`_PASS_THROUGH`)
+    stands for the uses of its own consumers. Structural: the count depends on which operations ran, not on any
+    value, dtype or rounding. A parameter the graph does not reach (or one that needs no gradient) has 0 uses.
+    """
+    fn = root.grad_fn if isinstance(root, Tensor) else None
+    if fn is None:
+        return dict.fromkeys(params, 0)
+    consumers: dict[Any, list[Any]] = {fn: []}  # node -> the nodes that read its output (one entry per edge)
+    leaves: dict[int, Any] = {}
+    stack = [fn]
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "AccumulateGrad":
+            leaves.setdefault(id(node.variable), node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            if nxt not in consumers:
+                consumers[nxt] = []
+                stack.append(nxt)
+            consumers[nxt].append(node)
+
+    def count(node: Any, seen: set) -> int:
+        total = 0
+        for c in consumers.get(node, ()):
+            if _pass_through(c) and c not in seen:
+                seen.add(c)
+                total += count(c, seen)
+            elif not _pass_through(c):
+                total += 1
+        return total
+
+    return {name: (count(leaves[id(p)], set()) if id(p) in leaves else 0) for name, p in params.items()}
+
+
+def _read_outside(
+    root: Tensor,
+    blocks: Sequence[_Block],
+    named: Mapping[str, Tensor],
+    ncalls: Mapping[str, int],
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> dict[str, str]:
+    """The factored layers whose weight or bias the forward that made ``root`` reads more often than the layer's
+    forward hook saw it called (``ncalls``): a read outside the module (a tied decoder's
+    ``F.linear(h, enc.weight.t())``) that the hooks cannot see, so the layer's Kronecker block would be built from
+    part of its uses. Returns each such layer's reason (for its parameters' entry in ``info["diagonal"]``).
+
+    Structural (:func:`_graph_uses`): counts of graph nodes, not a comparison of numbers, so neither the dtype
+    (bf16, TF32) nor autocast changes it. With ``reduce`` (distributed ranks) the flags are summed over the ranks
+    (one all-reduce, every rank the same blocks): a forward whose reads depend on the data could differ.
+    """
+    if not blocks:
+        return {}
+    pnames = [p for b in blocks for p in (b.weight, b.bias) if p is not None]
+    uses = _graph_uses(root, {p: named[p] for p in pnames})
+    found: dict[str, tuple[int, int]] = {}
+    for b in blocks:
+        most = max(uses[p] for p in (b.weight, b.bias) if p is not None)
+        if most > ncalls.get(b.name, 0):
+            found[b.name] = (most, ncalls.get(b.name, 0))
+    if reduce is not None:
+        flags = torch.tensor([float(b.name in found) for b in blocks], dtype=torch.float64, device=root.device)
+        flags = reduce(flags)
+        for b, f in zip(blocks, flags.tolist()):
+            if f > 0 and b.name not in found:
+                found[b.name] = (-1, ncalls.get(b.name, 0))
+    out = {}
+    for b in blocks:
+        if b.name not in found:
+            continue
+        most, calls = found[b.name]
+        seen = (
+            f"the forward's autograd graph reads its parameters {most} times, its module was called {calls}"
+            if most >= 0
+            else "another rank's forward reads its parameters more often than its module was called"
+        )
+        out[b.name] = (
+            f"{type(b.module).__name__} '{b.name}': read outside its module ({seen}, e.g. a tied decoder's "
+            "F.linear(h, enc.weight.t())); a Kronecker block built from the module's calls alone would miss those "
+            "reads. solver='cg' (Hessian products through autograd) sees every read"
+        )
+    return out
+
+
 def _owner_reason(model: nn.Module, name: str) -> str:
     owner_name = name.rsplit(".", 1)[0] if "." in name else ""
     owner = model.get_submodule(owner_name) if owner_name else model
@@ -1352,7 +1454,8 @@ class KroneckerCurvature:
             generator: Generator for the labels and random signs (default: a fresh one seeded 0); the global RNG
                 is never used.
             reduce: Applied to every accumulated sum (factor sums, location/row counts, squared gradients) before
-                finalising, e.g. an all-reduce over ``torch.distributed`` ranks.
+                finalising, e.g. an all-reduce over ``torch.distributed`` ranks; first, at the first forward, to one
+                flag per factored layer read outside its module (so that every rank leaves out the same layers).
             max_factor_dim: Factors larger than this keep only their diagonal.
             max_locations: Estimate each layer's input factor ``A`` (per draw) from a uniformly drawn subset of
                 rows with about this many locations; ``"auto"``: ``max(1024, 2·dim A)`` per layer and draw;
@@ -1467,6 +1570,7 @@ class KroneckerCurvature:
         by_module = {b.module: b for b in blocks}
         calls: list[tuple[_Block, Tensor]] = []
         fired: set[str] = set()
+        ncalls: Counter[str] = Counter()  # each layer's calls the hook saw (one per location set it factors)
         swapped: set[str] = set()
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
         part: dict[str, Any] = {"span": None}  # (r0, r1, B, draws) while a minibatch runs in row chunks
@@ -1499,6 +1603,7 @@ class KroneckerCurvature:
                     return prev_out.clone()
             same_input.setdefault(blk.name, []).append((args[0].detach(), total, out))
             fired.add(blk.name)
+            ncalls[blk.name] += 1
             x = args[0].detach()
             seen = out.numel() // blk.out_dim
             batched = x.dim() >= (2 if blk.kind == "linear" else 3 if blk.kind == "conv1d" else 4)
@@ -1572,6 +1677,7 @@ class KroneckerCurvature:
                         draws.restart()
                         calls.clear()
                         fired.clear()
+                        ncalls.clear()
                         same_input.clear()
                         losses = cls._losses(
                             model,
@@ -1603,6 +1709,17 @@ class KroneckerCurvature:
                                                 else _owner_reason(model, pname)
                                             )
                             blocks = [b for b in blocks if b.name in fired]
+                            outside = _read_outside(first, blocks, named, ncalls, reduce)
+                            for b in blocks:
+                                if b.name in outside:
+                                    for pname in (b.weight, b.bias):
+                                        if pname is not None:
+                                            reasons[pname] = outside[b.name]
+                                    del by_module[b.module]  # its later calls are not factored
+                            if outside:
+                                blocks = [b for b in blocks if b.name not in outside]
+                                calls[:] = [(b, o) for b, o in calls if b.name not in outside]
+                                info["read_outside_module"] = sorted(outside)
                             covered = {p for b in blocks for p in (b.weight, b.bias) if p is not None}
                             diag_names = [name for name in spec.names if name not in covered]
                             for name in diag_names:
