@@ -202,3 +202,49 @@ def test_a_request_on_a_tied_autoencoder_warns_once_naming_the_layer_and_solver_
     assert len(said) == 1 and "'enc'" in said[0] and "solver='cg'" in said[0], said
     assert report.info["kfac"]["read_outside_module"] == ["enc"]
     assert "read outside its module" in report.info["kfac"]["diagonal"]["enc.weight"]
+
+
+def _auto(model: nn.Module, **kw):
+    from mcmc_unlearner import MCMCUnlearner
+
+    theta = ParamSpec.flatten_module(model).detach()
+    bank = theta[None] + 0.01 * torch.randn(8, theta.numel())
+    return MCMCUnlearner(model, None, nll=_mse, log_prior=_prior, bank=bank, exact_max_dim=10, **kw)
+
+
+def test_solver_auto_takes_cg_for_a_weight_read_outside_its_module_on_the_first_request() -> None:
+    """Measured on a tied autoencoder on digits (docs/curvature.md): K-FAC 0.01-0.04 of the way to retraining,
+    CG 0.27-0.63: auto takes CG, with CG's defaults, where the first request's rows show such a read."""
+    torch.manual_seed(0)
+    x, y = torch.rand(80, 6), torch.zeros(80, dtype=torch.long)
+    un = _auto(TiedAE())
+    assert un.solver.value == "kfac" and un.recenter_every > 0  # at construction: no rows seen yet
+    report = un.remove((x[:5], y[:5]), (x[5:], y[5:]), strict=False)
+    assert report.solver == "cg" and un.solver.value == "cg"
+    assert "'enc'" in un.solver_reason and "read outside their modules" in un.solver_reason
+    assert report.info["solver_reason"] == un.solver_reason
+    assert (un.curvature_draws, un.refresh_every, un.precondition_rank, un.recenter_every) == (16, 10, 20, 0)
+
+
+def test_solver_auto_keeps_kfac_for_an_ordinary_network_and_for_kfac_options_given() -> None:
+    torch.manual_seed(0)
+    x, y = torch.rand(80, 6), torch.zeros(80, dtype=torch.long)
+    un = _auto(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 6)))
+    report = un.remove((x[:5], y[:5]), (x[5:], y[5:]), strict=False)
+    assert report.solver == "kfac" and un.solver.value == "kfac"
+    un = _auto(TiedAE(), mc_samples=2)  # an option given for K-FAC: kept (the request warns, naming cg)
+    report = un.remove((x[:5], y[:5]), (x[5:], y[5:]), strict=False)
+    assert report.solver == "kfac"
+
+
+def test_fit_probes_first_and_builds_nothing_ahead_for_cg() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.rand(80, 6), torch.zeros(80, dtype=torch.long)
+    un = _auto(TiedAE())
+    gen = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(x[5:], y[5:]), batch_size=16, shuffle=True, generator=gen)
+    fit = un.fit(data)
+    assert fit.solver == "cg" and not fit.curvature_kept
+    assert un.remove((x[:5], y[:5]), data, strict=False).solver == "cg"

@@ -108,6 +108,7 @@ __all__ = [
     "likelihood_and_columns",
     "preserved",
     "prior_precision",
+    "read_outside_layers",
     "row_weights",
     "rows_per_label",
     "select_output",
@@ -1353,6 +1354,41 @@ def _read_outside(
             "reads. solver='cg' (Hessian products through autograd) sees every read"
         )
     return out
+
+
+def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch) -> list[str]:
+    """The layers K-FAC would factor whose weight or bias ``nll(model, batch)``'s forward (on the first
+    ``_PROBE_ROWS`` rows) reads more often than the module is called (see :func:`_read_outside`): what
+    ``solver="auto"`` looks for before it builds K-FAC. One forward, no backward; the model is left as it was."""
+    _, offsets, by_id = _slices(model)
+    blocks, _ = _candidates(model, offsets, by_id, max_factor_dim=1)
+    by_module = {b.module: b for b in blocks}
+    ncalls: Counter[str] = Counter()
+
+    def hook(module: nn.Module, args: tuple, out: Any) -> None:
+        blk = by_module[module]
+        if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+            return  # (the build does not factor such a call either)
+        if all(
+            by_id.get(id(module._parameters.get(slot))) == pname
+            for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
+            if pname is not None
+        ):  # (a call with other tensors, torch.func.functional_call inside forward, is not the block's)
+            ncalls[blk.name] += 1
+
+    handle = _first_forward_hook(by_module, hook)
+    try:
+        with preserved(model), torch.enable_grad():
+            values = nll(model, _head(tuple(batch), _PROBE_ROWS))
+            if not isinstance(values, Tensor):
+                return []
+            named = dict(model.named_parameters())
+            fired = [b for b in blocks if ncalls[b.name]]
+            return sorted(_read_outside(values.sum(), fired, named, ncalls, None))
+    finally:
+        handle.remove()
+        for b in blocks:
+            b.module = None
 
 
 def _owner_reason(model: nn.Module, name: str) -> str:

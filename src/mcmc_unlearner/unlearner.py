@@ -1490,8 +1490,10 @@ class MCMCUnlearner:
             parameters and its matrices fit ``memory_budget`` — ``"ggn"`` (the dense generalized Gauss-Newton
             matrix, :mod:`mcmc_unlearner.backends.ggn`) instead when such a model has convolution or recurrent
             layers, ``"kfac"`` when it has ``nn.MultiheadAttention``; else ``"kfac"`` (Kronecker-factored
-            curvature, :mod:`mcmc_unlearner.kronecker`) when the model has ``nn.Linear``/``nn.Conv`` layers; else
-            ``"cg"`` with a rank-20 Lanczos preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
+            curvature, :mod:`mcmc_unlearner.kronecker`) when the model has ``nn.Linear``/``nn.Conv`` layers (in one
+            process ``"cg"`` instead where the first request's or ``fit``'s rows show a factored weight also read
+            outside its module: :meth:`_take_cg_if_read_outside`); else ``"cg"`` with a rank-20 Lanczos
+            preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"auto"`` (``"affine"`` with the dense solvers ``exact``/``ggn``, else ``"mean"``), ``"mean"``,
@@ -1792,7 +1794,9 @@ class MCMCUnlearner:
         # asked for by name: a bank smaller than that is said once (the default is capped without a word)
         self._curvature_draws_given = curvature_draws is not None
         default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
-        self.refresh_every = check_option("refresh_every", refresh_every) or default_refresh
+        refresh = check_option("refresh_every", refresh_every)
+        refresh_given = bool(refresh)
+        self.refresh_every = refresh or default_refresh
         precondition_rank = check_option("precondition_rank", precondition_rank)
         given_rank = precondition_rank  # (before auto's CG gets its default rank)
         if precondition_rank <= 0 and (
@@ -1844,6 +1848,18 @@ class MCMCUnlearner:
         self.carry_deficit = check_option("carry_deficit", carry_deficit)
         self.shorten_steps = check_option("shorten_steps", shorten_steps)
         recenter_every = check_option("recenter_every", recenter_every)
+        # solver='auto' took K-FAC: the first request (or fit) looks on a few rows for a factored weight also read
+        # outside its module, and takes CG where it finds one (_auto_probe): the defaults that depend on the
+        # solver and were not given are then CG's
+        self._auto_probe: dict[str, bool] | None = None
+        if solver == "auto" and self.solver is SolverName.KFAC and self._reduce is None:
+            self._auto_probe = {
+                "curvature_draws": not self._curvature_draws_given,
+                "refresh_every": not refresh_given,
+                "precondition_rank": given_rank <= 0,
+                "recenter_every": recenter_every == "auto",
+                "kfac_options": likelihood != "auto" or self.mc_samples != 1,
+            }
         if recenter_every == "auto":
             # Kronecker-factored curvature: its approximation error accumulates over a sequence of requests
             on = self.solver is SolverName.KFAC and not self.custom_energy and self._reduce is None
@@ -1926,6 +1942,52 @@ class MCMCUnlearner:
             weight_sharing=tuple(sorted(shared)),
             attention=any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()),
             tied_layers=sum(uses[id(m.weight)] > 1 for m in layers),
+        )
+
+    def _take_cg_if_read_outside(self, batch: Batch) -> None:
+        """``solver="auto"`` took K-FAC: once, before the first build, look on a few rows of ``batch`` for a layer
+        K-FAC would factor whose weight is also read outside its module (a tied decoder's
+        ``F.linear(h, enc.weight.t())``; :func:`~mcmc_unlearner.kronecker.read_outside_layers`) and, where one is,
+        take matrix-free CG instead (its defaults where the caller gave none): K-FAC can hold such a weight only in
+        its diagonal (docs/curvature.md, stop 55: a tied autoencoder on digits, its 0 digits forgotten, went 0.01-0.04
+        of the way to retraining with K-FAC, 0.27-0.63 with CG). Kept as K-FAC where an option given for it, or
+        one CG does not take, would be lost. Not under torch.distributed (no probe there)."""
+        probe, self._auto_probe = self._auto_probe, None
+        if probe is None or probe["kfac_options"]:
+            return
+        from .kronecker import read_outside_layers
+
+        try:
+            check_bank_shift_solver(self.bank_shift, SolverName.CG)
+            check_damping_shape_solver(self.damping_shape, SolverName.CG)
+            outside = read_outside_layers(self.model, self._row_nll, batch)
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError):
+            return  # (the build says what is wrong with the rows, as it did)
+        if not outside:
+            return
+        names = ", ".join(repr(n) for n in outside)
+        self.solver = SolverName.CG
+        self.solver_reason += (
+            f"; but the weights of {names} are also read outside their modules (e.g. a tied decoder's "
+            "F.linear(h, enc.weight.t())), which K-FAC's blocks cannot hold (found on the first rows read): "
+            "matrix-free CG"
+        )
+        if probe["curvature_draws"]:
+            self.curvature_draws = 16
+        if probe["refresh_every"]:
+            self.refresh_every = 10
+        if probe["precondition_rank"]:
+            self.precondition_rank = 20
+        if probe["recenter_every"]:
+            self.recenter_every = 0
+        self._fitted, self._fit_data = False, None  # a K-FAC fit() kept (a plain iterator's) is not CG's
+        self.curvature = make_backend(
+            self.solver,
+            refresh_every=self.refresh_every,
+            iter_T=self.iter_T,
+            tol=self.tol,
+            precondition_rank=self.precondition_rank,
+            negative_curvature=self.negative_curvature,
         )
 
     def _kfac_builds(self) -> bool:
@@ -3233,6 +3295,15 @@ class MCMCUnlearner:
         if self.bank is None:
             raise ValueError("fit() builds the curvature at the bank's samples: pass bank= or collect() samples first")
         info: dict[str, Any] = {}
+        if self._auto_probe is not None:  # before K-FAC is built: CG's, built inside the request, is not kept
+            with _source_states_kept(remaining):
+                stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+                if not stream.plain_iterator:  # (a plain iterator's first minibatch is probed by the request)
+                    data_state = stream.state()
+                    try:
+                        self._take_cg_if_read_outside(stream.peek())
+                    finally:
+                        stream.set_state(data_state)
         kept = bool(self.curvature.removed_free) and self.expectation is not Expectation.CHAIN
         if kept:
             gen = self.generator.get_state()
@@ -3353,6 +3424,7 @@ class MCMCUnlearner:
 
     def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation, k: int) -> Proposal:
         t0 = time.perf_counter()
+        self._take_cg_if_read_outside(batch)
         h_f = self._h_f()
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
