@@ -49,8 +49,8 @@ O(draws × mc_samples) backward passes whatever the number of classes. Two sampl
 
 When the model has at most ``mc_samples`` outputs per row (e.g. scalar regression) the exact expectation costs no
 more and is used instead (one backward per output, ``√p_c``-weighted for the softmax). What
-:func:`detect_likelihood` finds beyond the plain forms (one tensor of a tuple/dict output, a temperature ``T``,
-per-row weights ``w``) enters as ``z = out/T`` and each row's sample times ``√w``. With
+:func:`detect_likelihood` finds beyond the plain forms (one tensor of a tuple/dict/dataclass output, a temperature
+``T``, per-row weights ``w``) enters as ``z = out/T`` and each row's sample times ``√w``. With
 ``Likelihood.EMPIRICAL`` (any other ``nll``) the gradients of the user's ``nll`` at the TRUE labels are used: the
 *empirical* Fisher, a weaker approximation of the curvature (Kunstner et al., 2019) - ``info["fisher"]`` says so.
 
@@ -80,6 +80,7 @@ taken per rank). With a ``reduce`` the rows of wide layers are summed rather tha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -260,36 +261,56 @@ def _eps(dtype: torch.dtype) -> float:
 
 
 # ------------------------------------------------------------------------------------------- likelihood
-#: Keys of ``detect_likelihood``'s extras that change the curvature (the rest are notes): which tensor of a tuple
-#: or dict output is the likelihood's, its temperature, a constant factor on the loss, a per-row weight field and
-#: per-class weights (``cross_entropy(..., weight=w)``).
+#: Keys of ``detect_likelihood``'s extras that change the curvature (the rest are notes): which tensor of a tuple,
+#: dict or dataclass output is the likelihood's, its temperature, a constant factor on the loss, a per-row weight field
+#: and per-class weights (``cross_entropy(..., weight=w)``).
 _LINK_KEYS = ("output", "temperature", "scale", "weights", "class_weights")
 #: Most classes for which ``nll`` is probed at every label (one call each) to find per-class weights.
 CLASS_WEIGHT_MAX_CLASSES = 128
 
 
+def output_items(out: Any) -> list[tuple[Any, Any]] | None:
+    """``(key, value)`` for each field of a tuple/list (by position), a dict (by key) or a ``@dataclass`` instance
+    (by field name: a forward returning ``Output(logits=...)`` was read as no tensor at all, so K-FAC fell back to
+    the empirical Fisher and the emptied-label check did not run); ``None`` for any other output."""
+    if isinstance(out, Mapping):
+        return list(out.items())
+    if isinstance(out, (tuple, list)):
+        return list(enumerate(out))
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    return None
+
+
+def output_field(out: Any, key: Any) -> Any:
+    """``out[key]`` of a tuple/list/dict output, ``getattr(out, key)`` of a ``@dataclass`` one
+    (:func:`output_items`)."""
+    if dataclasses.is_dataclass(out) and not isinstance(out, type) and not isinstance(out, Mapping):
+        return getattr(out, key)
+    return out[key]
+
+
 def _output_candidates(out: Any, rows: int) -> list[tuple[Any, Tensor]]:
-    """``(key, tensor)`` for the model's output (key ``None``) or each ``[rows, ...]`` tensor of a tuple/list/dict."""
+    """``(key, tensor)`` for the model's output (key ``None``) or each ``[rows, ...]`` tensor of a tuple/list/dict or
+    dataclass output (:func:`output_items`)."""
     if isinstance(out, Tensor):
         return [(None, out)] if out.dim() >= 1 and out.shape[0] == rows else []
-    if isinstance(out, Mapping):
-        items = list(out.items())
-    elif isinstance(out, (tuple, list)):
-        items = list(enumerate(out))
-    else:
+    items = output_items(out)
+    if items is None:
         return []
     return [(k, v) for k, v in items if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == rows]
 
 
 def select_output(out: Any, extra: dict[str, Any]) -> Tensor:
-    """The tensor the likelihood is of: ``out[extra["output"]]`` for a tuple/dict output, divided by the detected
-    temperature (categorical), else ``out`` itself (``extra`` as :func:`detect_likelihood` returns it)."""
+    """The tensor the likelihood is of: ``out[extra["output"]]`` for a tuple/dict output (the field of that name for a
+    dataclass output), divided by the detected temperature (categorical), else ``out`` itself (``extra`` as
+    :func:`detect_likelihood` returns it)."""
     if extra.get("output") is not None:
-        out = out[extra["output"]]
+        out = output_field(out, extra["output"])
     if not isinstance(out, Tensor):
         raise ValueError(
             f"the model's output is a {type(out).__name__}, not a tensor: pass likelihood='empirical', or return "
-            "the logits / means (or a tuple or dict holding them, which likelihood='auto' detects)"
+            "the logits / means (or a tuple, dict or dataclass holding them, which likelihood='auto' detects)"
         )
     t = extra.get("temperature")
     return out / t if t is not None else out
@@ -514,7 +535,8 @@ def empirical_fallback_message(reason: str, output: tuple[int, ...] | str | None
         "K-FAC uses the EMPIRICAL Fisher (gradients of nll at the true labels), which can be far from the "
         "curvature (0.09-0.63 relative off the dense GGN on probed models), because likelihood='auto' did not "
         f"recognise nll as a categorical or Gaussian likelihood of the model's output ({reason}). Recognised: "
-        "cross-entropy or a Gaussian NLL of model(x) or of one tensor of a tuple/dict output, with a temperature, "
+        "cross-entropy or a Gaussian NLL of model(x) or of one tensor of a tuple/dict/dataclass output, with a "
+        "temperature, "
         "label smoothing, a constant factor, per-class weight= or per-row weights from a batch field (batch[2:]). "
         f"{fix}for the exact curvature use solver='cg' (Hessian-vector products, no dense matrix), or "
         "solver='ggn' on small models only: for a likelihood it does not recognise it builds the dense Hessian, "
@@ -617,8 +639,8 @@ def likelihood_and_columns(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Li
             return (
                 Likelihood.EMPIRICAL,
                 {
-                    "reason": "model(x) is not a [B, ...] tensor (nor a tuple or dict holding one) or the batch has "
-                    "no labels"
+                    "reason": "model(x) is not a [B, ...] tensor (nor a tuple, dict or dataclass holding one) or "
+                    "the batch has no labels"
                 },
                 columns,
             )
