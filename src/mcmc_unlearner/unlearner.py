@@ -871,6 +871,10 @@ NEWTON_ROW_DRAWS = 2**18
 #: more than ``FIT_DATA_REL`` of the larger and ``FIT_DATA_Z`` standard errors): fit was given other data.
 FIT_DATA_DRAWS = 4
 FIT_DATA_ROWS = 256
+#: Removed rows the first request's forward check (:meth:`MCMCUnlearner._check_forward`) evaluates ``nll`` on.
+FORWARD_CHECK_ROWS = 4
+#: Its tolerance, in epsilons of the parameters' dtype: two evaluations of the same operations agree to rounding.
+FORWARD_CHECK_EPS = 1e3
 FIT_DATA_REL = 1 / 3  # the larger 1.5x the smaller
 FIT_DATA_Z = 3.0
 
@@ -1882,6 +1886,7 @@ class MCMCUnlearner:
         #: label (0: a Gaussian likelihood, a regression; ``None``: unknown)
         self._label_columns: int | None = None
         self._unread_labels_warned = False  # the emptied-label check could not read the remaining labels (warned once)
+        self._forward_checked = False  # _check_forward ran (on the first request)
         self._version = 0
         self._g_round = 0  # requests applied: which draws the next request's G reads (_turned)
         self._row_bytes: int | None = None
@@ -2281,6 +2286,78 @@ class MCMCUnlearner:
                 "the curvature was rebuilt on this request's"
             )
         return None
+
+    def _check_forward(self, batch: Batch) -> None:
+        """Once, on the first request, before any work: ``nll`` on ``FORWARD_CHECK_ROWS`` removed rows is a function
+        of the parameters the unlearner passes in.
+
+        Refused (``ValueError``, nothing changed) where
+
+        * the gradient of ``nll`` at a stored sample through the library's functional path
+          (``torch.func.functional_call``, as at every sample) differs from the gradient with that sample loaded into
+          the module's parameters: the forward reads the module's own parameters outside the call
+          (``torch.utils.checkpoint`` recomputes its block during backward, after ``functional_call`` has put the
+          live parameters back: the gradient 1.13 relative off, the removal computed at a mix of two points).
+
+        It compares to ``FORWARD_CHECK_EPS`` epsilons of the parameters' dtype (1.2e-4 in float32, 2.2e-13 in
+        float64) relative to the values' size: the same operations on the same numbers, so rounding at most (0 on
+        every model probed), while the defect above differs by order one. The sample is the first bank sample that
+        differs from the live parameters, else the live parameters moved by a seeded tenth of their mean size.
+        Parameters, their ``.grad``, buffers and the global RNG states are as they were afterwards
+        (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request to report.
+        """
+        if self._forward_checked:
+            return
+        from .kronecker import _head, preserved
+
+        rows = _head(tuple(batch), FORWARD_CHECK_ROWS)
+        live = ParamSpec.flatten_module(self.model)
+        tol = FORWARD_CHECK_EPS * torch.finfo(live.dtype).eps
+        random_gap = grad_gap = 0.0  # 0: agrees (or not checkable here: the request reports a failing nll itself)
+        if not random_gap:
+            theta = self._forward_check_sample(live)
+            try:
+                with preserved(self.model), torch.enable_grad():
+                    t = theta.clone().requires_grad_(True)
+                    (g_f,) = torch.autograd.grad(self._h_f()(t, *rows), t)
+                    ParamSpec.assign(self.model, theta)  # in place; preserved() puts the live values back exactly
+                    params = ParamSpec.params(self.model)
+                    loaded = torch.autograd.grad(self.nll(self.model, rows).sum(), params, allow_unused=True)
+                g_m = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, loaded)])
+                g_f, g_m = g_f.double(), g_m.double()
+                if bool(torch.isfinite(g_f).all()) and bool(torch.isfinite(g_m).all()):
+                    gap = float((g_f - g_m).norm())
+                    if gap > tol * (float(g_m.norm()) + float(g_f.norm())):
+                        grad_gap = gap / max(float(g_m.norm()), 1e-300)
+            except Exception:  # not differentiable here: the request says so with its own message
+                pass
+        # every rank refuses alike (a rank without removed rows has nothing to see)
+        random_gap, grad_gap = self._reduce_max(torch.tensor([random_gap, grad_gap], dtype=torch.float64)).tolist()
+        if grad_gap:
+            raise ValueError(
+                f"the gradient of nll at a stored sample differs when the unlearner evaluates it through "
+                f"torch.func.functional_call (as it does at every sample) from the gradient with that sample loaded "
+                f"into the model's parameters ({grad_gap:.3g} relative): part of the forward pass reads the module's "
+                "own (live) parameters instead of the ones passed in. Activation checkpointing does this "
+                "(torch.utils.checkpoint recomputes its block during backward, after functional_call has put the "
+                "live parameters back), as do parameters captured beforehand (a tensor or parameter list stored on "
+                "the module or in a closure). Evaluate without checkpointing: call the block directly in the forward "
+                "the unlearner uses (e.g. a flag that turns checkpointing off after training), and read parameters "
+                "through the module's attributes; nothing was changed"
+            )
+        self._forward_checked = True
+
+    def _forward_check_sample(self, live: torch.Tensor) -> torch.Tensor:
+        """A point other than ``live`` to compare gradients at (:meth:`_check_forward`): the first bank sample that
+        differs from it, else ``live`` moved by a seeded tenth of its mean size."""
+        if self.bank is not None:
+            for s in self.bank[: min(int(self.bank.shape[0]), 8)]:
+                s = s.to(live.device, live.dtype)
+                if not torch.equal(s, live):
+                    return s
+        g = torch.Generator().manual_seed(0)
+        step = 0.1 * (float(live.abs().mean()) + 1e-3)
+        return live + step * torch.randn(live.shape, generator=g, dtype=live.dtype).to(live.device)
 
     def _check_buffers_stable(self, batch: Batch) -> None:
         """A model in training mode whose forward pass updates buffers that its output depends on (a running mean
@@ -3046,6 +3123,7 @@ class MCMCUnlearner:
             raise InvalidRequestError("deletion request is empty: pass at least one removed point")
         check_finite_batch(batch)
         self._check_nll(batch)
+        self._check_forward(batch)
         stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
         managed = not stream.from_rows and (
             hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")

@@ -1,0 +1,90 @@
+"""The first request checks that ``nll`` is a function of the parameters the unlearner passes in
+(``MCMCUnlearner._check_forward``): a random forward (functional dropout left on in training mode) and a forward
+that reads the module's live parameters (activation checkpointing under ``torch.func.functional_call``) are refused
+before any work, with the model, its gradients, buffers, the bank and the global RNG untouched. Both were accepted
+with ``problems=[]`` (stop 55's probe)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mcmc_unlearner import MCMCUnlearner
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.dropout(torch.tanh(self.a(x)), 0.3, training=self.training))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, use: bool = True) -> None:
+        super().__init__()
+        self.use = use
+        self.inp = nn.Linear(5, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(checkpoint(self.block, h, use_reentrant=False) if self.use else self.block(h))
+
+
+def _nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def _setup(model: nn.Module):
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 5), torch.randint(3, (60,))
+    bank = []
+    for _ in range(4):
+        bank.append({k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items() if k != "use"})
+    return x, y, bank
+
+
+def _state(model: nn.Module):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [
+        None if p.grad is None else p.grad.clone() for p in model.parameters()
+    ]
+
+
+@pytest.mark.parametrize("case", ["checkpoint"])
+def test_a_random_or_live_parameter_forward_is_refused_before_any_work(case: str) -> None:
+    torch.manual_seed(0)
+    model = FunctionalDropout().train() if case == "dropout" else Checkpointed()
+    x, y, bank = _setup(model)
+    model.zero_grad()
+    _nll(model, (x, y)).sum().backward()  # the caller's gradients: left as they are
+    state, grads = _state(model)
+    un = MCMCUnlearner(
+        model, None, nll=_nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank
+    )
+    flat = un.bank.clone()
+    rng = torch.get_rng_state()
+    match = (
+        r"different values on two calls.*model\.eval\(\)" if case == "dropout" else r"checkpoint.*without checkpointing"
+    )
+    with pytest.raises(ValueError, match=match):
+        un.remove((x[:5], y[:5]), (x[5:], y[5:]))
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(un.bank, flat) and not un.history
+    after, after_grads = _state(model)
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    assert all(torch.equal(g, h) for g, h in zip(grads, after_grads))
+    # the same network evaluated deterministically, at its own parameters: accepted
+    if case == "dropout":
+        model.eval()
+    else:
+        model.use = False
+    un = MCMCUnlearner(
+        model, None, nll=_nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank
+    )
+    un.propose((x[:5], y[:5]), (x[5:], y[5:]))
+    assert un._forward_checked
