@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.kronecker import Likelihood, detect_likelihood, empirical_fallback_message
 
 
 class FunctionalDropout(nn.Module):
@@ -56,7 +57,7 @@ def _state(model: nn.Module):
     ]
 
 
-@pytest.mark.parametrize("case", ["checkpoint"])
+@pytest.mark.parametrize("case", ["dropout", "checkpoint"])
 def test_a_random_or_live_parameter_forward_is_refused_before_any_work(case: str) -> None:
     torch.manual_seed(0)
     model = FunctionalDropout().train() if case == "dropout" else Checkpointed()
@@ -88,3 +89,15 @@ def test_a_random_or_live_parameter_forward_is_refused_before_any_work(case: str
     )
     un.propose((x[:5], y[:5]), (x[5:], y[5:]))
     assert un._forward_checked
+
+
+def test_the_likelihood_detection_names_a_random_forward_not_the_loss() -> None:
+    """K-FAC's fallback warning blamed the loss's form (and offered likelihood='categorical') for dropout noise."""
+    torch.manual_seed(0)
+    model = FunctionalDropout().train()
+    x, y = torch.randn(16, 5), torch.randint(3, (16,))
+    kind, extra = detect_likelihood(model, _nll, (x, y))
+    assert kind is Likelihood.EMPIRICAL and "random" in extra["reason"], extra
+    said = empirical_fallback_message(extra["reason"], (16, 3))
+    assert "model.eval()" in said and "likelihood='categorical'" not in said
+    assert detect_likelihood(model.eval(), _nll, (x, y))[0] is Likelihood.CATEGORICAL

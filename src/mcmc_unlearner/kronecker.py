@@ -508,7 +508,9 @@ def empirical_fallback_message(reason: str, output: tuple[int, ...] | str | None
             tensor; ``likelihood='categorical'`` is suggested only for a ``[B, C]`` tensor, the one it takes.
         dim: The model's parameter count (the dense Hessian's cost, said with ``solver='ggn'``).
     """
-    if reason.startswith(_UNCALLABLE):
+    if reason == _RANDOM:  # not the likelihood's form: the forward's noise
+        fix = "Fix: call model.eval() first, or make the forward deterministic (the likelihood is then read); "
+    elif reason.startswith(_UNCALLABLE):
         # likelihood='categorical' calls model(batch[0]) too: offered here, it failed with the forward's own TypeError
         # (stop 45's probes: forward(ids, mask), forward(dict))
         fix = (
@@ -559,6 +561,11 @@ def plain_output(model: nn.Module, batch: Batch) -> tuple[int, ...] | str | None
 
 
 _UNCALLABLE = "model(batch[0]) cannot be called on its own"
+_RANDOM = (
+    "nll gives different values on two calls on the same rows: the forward pass is random (in training mode, dropout "
+    "makes forwards differ: nn.Dropout, or F.dropout(h, p, training=self.training)), so no likelihood can be read "
+    "from it"
+)
 
 
 def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
@@ -627,6 +634,13 @@ def likelihood_and_columns(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Li
         if not isinstance(base, Tensor) or base.shape != (rows,):
             shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
             raise ValueError(f"nll(model, batch) must return one value per row, shape [{rows}], got {shape}")
+        again = nll(model, probe)
+        tol0 = 1e3 * _eps(base.dtype if base.is_floating_point() else torch.float32)
+        if isinstance(again, Tensor) and again.shape == base.shape and bool(torch.isfinite(base).all()):
+            if not bool(((again.double() - base.double()).abs() <= tol0 * (1 + base.double().abs())).all()):
+                # dropout in training mode (F.dropout(h, p, training=self.training)): every probe sees other masks,
+                # and the likelihood's form was blamed (stop 55's probe: "pass likelihood='categorical'")
+                return Likelihood.EMPIRICAL, {"reason": _RANDOM}, None
         try:
             raw = model(x)
         except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:

@@ -2293,15 +2293,18 @@ class MCMCUnlearner:
 
         Refused (``ValueError``, nothing changed) where
 
+        * two evaluations at the same parameters differ: the forward pass is random (``F.dropout(h, p,
+          training=self.training)`` with the model in training mode, which :func:`_check_mode` cannot see by type:
+          stop 55's probe passed with ``problems=[]``, the removed class's test error 0.40 against 1.00 in eval mode);
         * the gradient of ``nll`` at a stored sample through the library's functional path
           (``torch.func.functional_call``, as at every sample) differs from the gradient with that sample loaded into
           the module's parameters: the forward reads the module's own parameters outside the call
           (``torch.utils.checkpoint`` recomputes its block during backward, after ``functional_call`` has put the
           live parameters back: the gradient 1.13 relative off, the removal computed at a mix of two points).
 
-        It compares to ``FORWARD_CHECK_EPS`` epsilons of the parameters' dtype (1.2e-4 in float32, 2.2e-13 in
+        Both compare to ``FORWARD_CHECK_EPS`` epsilons of the parameters' dtype (1.2e-4 in float32, 2.2e-13 in
         float64) relative to the values' size: the same operations on the same numbers, so rounding at most (0 on
-        every model probed), while the defect above differs by order one. The sample is the first bank sample that
+        every model probed), while the defects above differ by order one. The sample is the first bank sample that
         differs from the live parameters, else the live parameters moved by a seeded tenth of their mean size.
         Parameters, their ``.grad``, buffers and the global RNG states are as they were afterwards
         (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request to report.
@@ -2314,6 +2317,13 @@ class MCMCUnlearner:
         live = ParamSpec.flatten_module(self.model)
         tol = FORWARD_CHECK_EPS * torch.finfo(live.dtype).eps
         random_gap = grad_gap = 0.0  # 0: agrees (or not checkable here: the request reports a failing nll itself)
+        try:
+            with preserved(self.model), torch.no_grad():
+                a, b = (self.nll(self.model, rows).detach().double() for _ in range(2))
+            if bool(torch.isfinite(a).all()) and not bool(((a - b).abs() <= tol * (1 + a.abs())).all()):
+                random_gap = float((a - b).abs().max())
+        except Exception:  # the request reports a failing nll with its own message
+            pass
         if not random_gap:
             theta = self._forward_check_sample(live)
             try:
@@ -2333,6 +2343,15 @@ class MCMCUnlearner:
                 pass
         # every rank refuses alike (a rank without removed rows has nothing to see)
         random_gap, grad_gap = self._reduce_max(torch.tensor([random_gap, grad_gap], dtype=torch.float64)).tolist()
+        if random_gap:
+            raise ValueError(
+                f"nll(model, rows) gives different values on two calls on the same removed rows with the same "
+                f"parameters (largest difference {random_gap:.3g}): the forward pass is random, e.g. dropout written "
+                "functionally, F.dropout(h, p, training=self.training), with the model in training mode, or noise "
+                "drawn in forward. The removed rows' gradient, the curvature and the safety check's energy "
+                "differences would measure that noise. Call model.eval() first (the unlearner works on the "
+                "eval-mode network's likelihood), or make the forward deterministic; nothing was changed"
+            )
         if grad_gap:
             raise ValueError(
                 f"the gradient of nll at a stored sample differs when the unlearner evaluates it through "
