@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -107,9 +106,9 @@ def counts_from_tensor(t: torch.Tensor) -> dict[str, dict[str, int]]:
     return {op: {k: int(v) for k, v in zip(("calls", "floats", "other"), row)} for op, row in zip(COLLECTIVES, t)}
 
 
-def _worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
+def _worker(rank: int, world: int, init_method: str, out: str, cfg: dict) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         x, y = _data(cfg["n"])
@@ -176,12 +175,6 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def comm_floats(dim: int, bank: int, rank: int, removed: int, probes: int = 4) -> dict[str, int]:
     """The README table's floats all-reduced per request for the lowrank solver on full-data curvature (bank mode),
     without the ranks' agreement flags and the safety check's sums (a few floats); kept for comparison: the
@@ -246,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             for world in procs if rep % 2 == 0 else procs[::-1]:  # interleaved, the order alternating
                 t0 = time.perf_counter()
-                mp.spawn(_worker, args=(world, _free_port(), out, {**cfg, "rep": rep}), nprocs=world, join=True)
+                # the ranks meet through a new file (no TCP port picked free, then bound: another process could take it)
+                store = "file://" + str(Path(out) / f"rendezvous-w{world}-r{rep}")
+                mp.spawn(_worker, args=(world, store, out, {**cfg, "rep": rep}), nprocs=world, join=True)
                 r = load_file(str(Path(out) / f"w{world}-r{rep}.safetensors"))
                 r["wall"] = torch.tensor(time.perf_counter() - t0)
                 runs[world].append(r)

@@ -1,12 +1,16 @@
 """Two (or more) gloo processes on this machine for the data-parallel tests: one place for the process group's
-start, its teardown and the exit that skips interpreter finalisation."""
+start, its teardown and the exit that skips interpreter finalisation.
+
+The ranks meet through a file in a fresh temporary folder (``init_method="file://..."``), not a TCP port: a port
+picked free and bound later by rank 0 can be taken in between by another test's process (``pytest -n 2`` runs two
+test processes at once), which fails the start with "address already in use"."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -15,25 +19,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(worker: Callable[..., Any], *args: Any, world: int = 2, timeout_s: float = 60.0) -> None:
     """Run ``worker(rank, world, *args)`` in ``world`` processes joined in a gloo process group (one thread each);
     returns when all have finished, raising if one failed. ``worker`` must be importable (a module's top-level
     function) and write its results to disk: the processes end with ``os._exit``."""
-    mp.spawn(_rank, args=(worker, world, free_port(), timeout_s, args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory(prefix="gloo-rendezvous-") as folder:
+        init_method = file_init_method(folder)
+        mp.spawn(_rank, args=(worker, world, init_method, timeout_s, args), nprocs=world, join=True)
 
 
-def _rank(rank: int, worker: Callable[..., Any], world: int, port: int, timeout_s: float, args: tuple) -> None:
+def file_init_method(folder: str | os.PathLike[str]) -> str:
+    """A ``file://`` rendezvous for ``torch.distributed.init_process_group`` in ``folder`` (a fresh folder: the
+    store's file must not exist yet); no TCP port is chosen, so concurrent test processes cannot collide."""
+    return "file://" + os.path.join(os.path.abspath(folder), "rendezvous")
+
+
+def _rank(rank: int, worker: Callable[..., Any], world: int, init_method: str, timeout_s: float, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _distributed_helpers import free_port, spawn
+from _distributed_helpers import spawn
 from conftest import save_gmm, tiny_gmm
 from mcmc_unlearner import cli
 from mcmc_unlearner.data import RemovableDataset
@@ -324,12 +324,14 @@ def _saved_model(path: Path) -> Path:
     return save_gmm(path, tiny_gmm(bank=10, burn=100, sampler="sgld", lr=5e-4))
 
 
-def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m mcmc_unlearner.cli ARGS``: the launcher's store binds a port the
+    system picks (port 0) and the ranks join that store, so two test processes cannot race for one port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    cmd += ["--master-port", str(port), "-m", "mcmc_unlearner.cli", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "mcmc_unlearner.cli", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -343,7 +345,7 @@ def test_forget_command_under_torchrun(tmp_path, capsys):
     ids.write_text(" ".join(map(str, [3, 4, 17, 40, 41, 99, 150])))
     assert cli.main(["forget", "--model", str(single), "--ids", str(ids)]) == 0
     capsys.readouterr()
-    run = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], free_port())
+    run = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)])
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("applied request") == 1  # rank 0 prints, rank 1 is silent
     a, b = load_model(single), load_model(multi)
@@ -356,12 +358,12 @@ def test_forget_command_under_torchrun(tmp_path, capsys):
     for key in ("request_id", "ids", "n_removed", "n_remaining", "solver", "iterations", "config"):
         assert ea[key] == eb[key], key
     assert verify(multi).ok
-    again = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)], free_port())
+    again = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)])
     assert again.returncode == 0 and again.stdout.count("already applied") == 1, again.stderr[-2000:]
     bad = tmp_path / "bad.txt"
     bad.write_text("3 5")  # 3 was removed: every rank refuses, nothing is written
     before = {p.name: p.read_bytes() for p in multi.iterdir() if p.is_file()}
-    refused = _torchrun(["forget", "--model", str(multi), "--ids", str(bad)], free_port())
+    refused = _torchrun(["forget", "--model", str(multi), "--ids", str(bad)])
     assert refused.returncode != 0 and "already removed" in refused.stderr
     assert {p.name: p.read_bytes() for p in multi.iterdir() if p.is_file()} == before
 

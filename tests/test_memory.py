@@ -350,9 +350,9 @@ def status(field):
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
 
 
-rank, port, budget = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rank, init_method, budget = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 dist.init_process_group(
-    "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    "gloo", init_method=init_method, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
 )
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
@@ -388,18 +388,16 @@ def test_removed_rows_gradient_mean_on_two_ranks_is_streamed_within_the_budget(t
     of 2 gloo ranks is measured as in the test above, and its
     ``G`` and half-difference equal the unstreamed ones and one process's over the union of the ranks' rows."""
     import json
-    import socket
     import subprocess
     import sys
 
     env = _measure_env()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # the ranks meet through a file (no TCP port picked free and bound later: a concurrent test could take it)
+    init_method = "file://" + str(tmp_path / "rendezvous")
     budget = 12_000_000
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _MEASURE_RANK, str(r), str(port), str(budget), str(tmp_path)],
+            [sys.executable, "-c", _MEASURE_RANK, str(r), init_method, str(budget), str(tmp_path)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

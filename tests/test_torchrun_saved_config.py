@@ -5,7 +5,6 @@ cannot apply ("pass newton_target='relative' or newton_steps=1" / "pass recenter
 option). The refusal must say what the command-line user can do, and the folder must stay unchanged."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,6 @@ from mcmc_unlearner.models.gmm import GaussianMixture
 from mcmc_unlearner.samplers import run_chain
 from mcmc_unlearner.service.checkpoint import save_model
 from mcmc_unlearner.service.specs import gmm_data_spec, gmm_model_spec
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _save(path: Path, **options) -> Path:
@@ -60,12 +53,9 @@ def test_torchrun_forget_refusal_names_a_command_line_fix(tmp_path, options):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # the launcher's store binds a port the system picks: no race with concurrent tests
         "--nproc-per-node",
         "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_port()),
         "-m",
         "mcmc_unlearner.cli",
         "forget",
