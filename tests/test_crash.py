@@ -124,9 +124,16 @@ def test_sigkill_anywhere_applies_exactly_once(tmp_path):
     assert kills == len(targets) >= 8
 
 
+# The CLI imports a subcommand's modules (torch, the deletion service: 1.6 s on an idle machine) only when it runs:
+# they are imported here, before the gate opens, or the second writer would spend them after it, racing the first
+# writer's 4-s hold of the lock (on a loaded machine, e.g. two test processes on two cores, it lost: the second
+# writer found the folder free and applied its request, exit code 0 instead of 3).
 GATED = """
 import os, sys, time
-from mcmc_unlearner.cli import main  # imports done before the gate opens
+from mcmc_unlearner import distributed, unlearner
+from mcmc_unlearner.cli import build_parser, main
+from mcmc_unlearner.service import commands, deletion
+build_parser()  # every subcommand's module: imports done before the gate opens
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.01)
 sys.exit(main(sys.argv[2:]))
