@@ -28,6 +28,26 @@ def test_quick_start_commands_are_the_ci_commands() -> None:
     assert "python -m pytest -q" in text and "python -m pytest -q" in ci
 
 
+def test_the_readme_test_command_is_the_ci_command_and_its_plugins_are_installed_by_the_extras() -> None:
+    """The quick start's test command, the Development section's and ``.ci/run``'s are one command, and a plugin
+    option in it (``-n``: pytest-xdist) comes with the ``test`` and ``dev`` extras the quick start installs."""
+    text = README.read_text()
+    ci = (README.parent / ".ci" / "run").read_text()
+    quick = re.search(r'pip install "torch==2\.13\.0" -e "\.\[test\]" && (python -m pytest[^\n`]*)\n', text)
+    assert quick, "the quick start's `pip install ... && python -m pytest ...` line"
+    command = quick.group(1).strip()
+    ci_lines = ci.splitlines()
+    ci_command = ci_lines[ci_lines.index("# README test command:") + 1].strip()
+    assert ci_command == command
+    development = text[text.index("## Development") :]
+    assert re.search(r"`(python -m pytest[^`]*)`", development).group(1) == command
+    pyproject = (README.parent / "pyproject.toml").read_text()
+    for extra in ("test", "dev"):
+        deps = re.search(rf"^{extra} = \[(.*)\]$", pyproject, flags=re.M).group(1)
+        if re.search(r"(^| )-n ", command):
+            assert '"pytest-xdist' in deps, f"the {extra} extra lacks pytest-xdist, which `{command}` needs"
+
+
 def test_your_own_network_example_runs_and_returns_the_users_layout() -> None:
     """The first example: a plain nn.Sequential, the user's own SGLD loop, a list of state_dicts, a DataLoader."""
     import torch
