@@ -1972,12 +1972,17 @@ class MCMCUnlearner:
         if not outside:
             return
         names = ", ".join(repr(n) for n in outside)
-        self.solver = SolverName.CG
-        self.solver_reason += (
+        self._switch_to_cg(
+            probe,
             f"; but the weights of {names} are also read outside their modules (e.g. a tied decoder's "
             "F.linear(h, enc.weight.t())), which K-FAC's blocks cannot hold (found on the first rows read): "
-            "matrix-free CG"
+            "matrix-free CG",
         )
+
+    def _switch_to_cg(self, probe: dict[str, bool], why: str) -> None:
+        """``solver="auto"``'s switch from K-FAC to CG, with CG's defaults for what the caller did not give."""
+        self.solver = SolverName.CG
+        self.solver_reason += why
         if probe["curvature_draws"]:
             self.curvature_draws = 16
         if probe["refresh_every"]:
@@ -2329,16 +2334,22 @@ class MCMCUnlearner:
             try:
                 with preserved(self.model), torch.enable_grad():
                     t = theta.clone().requires_grad_(True)
-                    (g_f,) = torch.autograd.grad(self._h_f()(t, *rows), t)
+                    value = self._h_f()(t, *rows)
+                    # structural: a live parameter in the functional evaluation's graph is read outside the call
+                    from .kronecker import _graph_uses
+
+                    live_reads = any(_graph_uses(value, dict(self.model.named_parameters())).values())
+                    (g_f,) = torch.autograd.grad(value, t)
                     ParamSpec.assign(self.model, theta)  # in place; preserved() puts the live values back exactly
-                    params = ParamSpec.params(self.model)
-                    loaded = torch.autograd.grad(self.nll(self.model, rows).sum(), params, allow_unused=True)
-                g_m = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, loaded)])
+                    # the same functional evaluation with the module holding theta too: identical operations on
+                    # identical numbers (autocast's casts included), so any gap is the forward reading live parameters
+                    t = theta.clone().requires_grad_(True)
+                    (g_m,) = torch.autograd.grad(self._h_f()(t, *rows), t)
                 g_f, g_m = g_f.double(), g_m.double()
                 if bool(torch.isfinite(g_f).all()) and bool(torch.isfinite(g_m).all()):
                     gap = float((g_f - g_m).norm())
-                    if gap > tol * (float(g_m.norm()) + float(g_f.norm())):
-                        grad_gap = gap / max(float(g_m.norm()), 1e-300)
+                    if live_reads or gap > tol * (float(g_m.norm()) + float(g_f.norm())):
+                        grad_gap = max(gap / max(float(g_m.norm()), 1e-300), float(live_reads))
             except Exception:  # not differentiable here: the request says so with its own message
                 pass
         # every rank refuses alike (a rank without removed rows has nothing to see)
@@ -3143,6 +3154,7 @@ class MCMCUnlearner:
         check_finite_batch(batch)
         self._check_nll(batch)
         self._check_forward(batch)
+        self._take_cg_if_read_outside(batch)  # before the backend's snapshot: a discarded proposal keeps CG whole
         stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
         managed = not stream.from_rows and (
             hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")
@@ -3522,7 +3534,6 @@ class MCMCUnlearner:
 
     def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation, k: int) -> Proposal:
         t0 = time.perf_counter()
-        self._take_cg_if_read_outside(batch)
         h_f = self._h_f()
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
@@ -5202,6 +5213,8 @@ class MCMCUnlearner:
         checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
         meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
+        # the solver the state belongs to: solver="auto" may have switched from K-FAC to CG on the first request
+        meta["solver"] = self.solver.value
         # always written (null when unset): the deletion service merges a commit's state into the last one's, and a
         # count restarted by a repair's new bank kept the old one's start (stop 45's probe)
         meta["rows_at_samples"] = self._rows_at_samples
@@ -5224,11 +5237,26 @@ class MCMCUnlearner:
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`curvature_state` returned (tensors are cloned).
 
+        A state saved after ``solver="auto"`` switched to CG (a weight read outside its module) is loaded into an
+        ``auto`` unlearner that has not probed yet by making the same switch.
+
         Raises:
-            ValueError: the state was saved for a model of another parameter count or dtype, or its
-                ``recenter_drawn`` is not 1-D int64 flat indices within the parameter count (nothing is loaded).
+            ValueError: the state was saved for a model of another parameter count or dtype, its
+                ``recenter_drawn`` is not 1-D int64 flat indices within the parameter count, or it was saved by
+                another solver (nothing is loaded).
         """
         self._check_curvature_state(tensors)
+        saved = meta.get("solver")  # absent in states saved before stop 55: taken as this unlearner's
+        if saved is not None and saved != self.solver.value:
+            probe = self._auto_probe
+            if not (saved == SolverName.CG.value and probe is not None and not probe["kfac_options"]):
+                raise ValueError(
+                    f"load_curvature_state: the state was saved by solver={saved!r}, this unlearner uses "
+                    f"solver={self.solver.value!r}; nothing was loaded (build the unlearner with solver={saved!r}, "
+                    "or start without the saved state)"
+                )
+            self._auto_probe = None
+            self._switch_to_cg(probe, "; CG as in the loaded state (a weight read outside its module there)")
         self._state_loaded = True  # until a request is applied: a bank set now discards what is loaded
         if self.solver is SolverName.KFAC:
             self.curvature.load_state_dict(tensors, meta, model=self.model)

@@ -320,8 +320,12 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
     except (TypeError, ValueError) as exc:
         raise ValueError(f"configuration override {dict(overrides)} is invalid: {exc}") from None
     un.generator.set_state(base.generator.get_state())
+    tensors, meta = base.curvature_state()
+    # the override may name another solver on purpose: what carries over (the removal count, the damping, the
+    # carried influence) is loaded as before the state named its solver; a cache the new solver cannot read is reset
+    meta.pop("solver", None)
     try:
-        un.load_curvature_state(*base.curvature_state())
+        un.load_curvature_state(tensors, meta)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
         un.reset_curvature()  # another solver: the cache of the saved one does not apply
     else:
