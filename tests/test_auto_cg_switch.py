@@ -1,5 +1,6 @@
-"""Review of s55: solver='auto''s switch to CG survives a discarded proposal, and the forward check accepts a layer
-called several times under bf16 autocast (rounding of the cached cast's summed gradient, not a live-parameter read)."""
+"""solver='auto''s switch to CG (a weight read outside its module) survives a discarded first proposal and a
+saved-and-loaded state, and the forward check accepts a layer called several times under bf16 autocast (rounding of
+the cached cast's summed gradient, not a live-parameter read)."""
 
 import warnings
 
@@ -9,18 +10,9 @@ from torch import nn
 
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
+from test_kfac_read_outside import TiedAE  # the decoder reads the encoder's weight through F.linear
 
 torch.set_num_threads(1)
-
-
-class TiedAE(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.Linear(6, 4)
-        self.dec_b = nn.Parameter(torch.zeros(6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_b)
 
 
 class Recurrent(nn.Module):
