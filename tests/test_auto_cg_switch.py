@@ -109,3 +109,18 @@ def test_a_state_of_another_solver_is_refused_and_nothing_is_loaded() -> None:
     after = other.curvature_state()
     assert other.solver.value == "kfac" and before[1] == after[1]
     assert before[0].keys() == after[0].keys() and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def test_the_request_that_switches_auto_to_cg_warns_once_naming_the_layer_and_how_to_keep_kfac() -> None:
+    """The switch told only ``solver_reason`` (and K-FAC's own warning where K-FAC had been built): the request that
+    switches warns once, naming the layer, that auto now uses CG, and solver='kfac' to keep K-FAC."""
+    un, _, x = _tied()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        un.remove((x[:10],), (x[10:],), strict=False)
+        un.remove((x[10:20],), (x[20:],), strict=False)
+    said = [str(w.message) for w in caught if "now uses matrix-free CG" in str(w.message)]
+    assert len(said) == 1, said
+    assert "'enc'" in said[0] and "solver='auto'" in said[0] and "pass solver='kfac'" in said[0]
+    assert "refresh_every=10" in said[0] and "precondition_rank=20" in said[0]
+    assert all(w.filename == __file__ for w in caught if "now uses matrix-free CG" in str(w.message))

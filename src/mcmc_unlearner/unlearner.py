@@ -1978,6 +1978,20 @@ class MCMCUnlearner:
             "F.linear(h, enc.weight.t())), which K-FAC's blocks cannot hold (found on the first rows read): "
             "matrix-free CG",
         )
+        # said once, here (before: only solver_reason told, and K-FAC's own warning where it had been built)
+        defaults = ", ".join(
+            f"{name}={shown_value(getattr(self, name))}"
+            for name in ("curvature_draws", "refresh_every", "precondition_rank", "recenter_every")
+            if probe[name]
+        )
+        warnings.warn(
+            f"solver='auto' took K-FAC for this model, but the weights of {names} are also read outside their "
+            "modules (e.g. a tied decoder's F.linear(h, enc.weight.t())), which K-FAC can hold only in its "
+            f"diagonal: solver='auto' now uses matrix-free CG{f' (its defaults {defaults})' if defaults else ''}. "
+            "To keep K-FAC, pass solver='kfac'",
+            UserWarning,
+            stacklevel=outside_stacklevel(),
+        )
 
     def _switch_to_cg(self, probe: dict[str, bool], why: str) -> None:
         """``solver="auto"``'s switch from K-FAC to CG, with CG's defaults for what the caller did not give."""
