@@ -124,3 +124,27 @@ def test_the_request_that_switches_auto_to_cg_warns_once_naming_the_layer_and_ho
     assert "'enc'" in said[0] and "solver='auto'" in said[0] and "pass solver='kfac'" in said[0]
     assert "refresh_every=10" in said[0] and "precondition_rank=20" in said[0]
     assert all(w.filename == __file__ for w in caught if "now uses matrix-free CG" in str(w.message))
+
+
+def test_an_option_cg_reads_is_said_to_apply_if_auto_switches_and_does_apply_then() -> None:
+    """``iter_T`` given while auto took K-FAC was warned "has no effect with solver='kfac'", and then took effect when
+    the first request switched to CG: the warning says it applies if auto switches, the switch's warning says it now
+    applies, and CG reads it. Where an option given for K-FAC keeps K-FAC, the plain warning stays."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        un, _, x = _tied(iter_T=5, precondition_rank=4)
+    said = [str(w.message) for w in caught if "has no effect with" in str(w.message)]
+    assert len(said) == 2 and all("unless solver='auto' switches to CG" in m for m in said), said
+    assert all("applies then" in m and "(solver='cg')" in m for m in said), said
+    assert said[0].startswith("iter_T=5 has no effect with solver='kfac'"), said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        un.remove((x[:10],), (x[10:],), strict=False)
+    switch = [str(w.message) for w in caught if "now uses matrix-free CG" in str(w.message)]
+    assert len(switch) == 1 and "iter_T=5, precondition_rank=4, given and not read by K-FAC, now apply" in switch[0]
+    assert un.curvature.iter_T == 5 and un.curvature.rank == 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        un, _, x = _tied(iter_T=5, mc_samples=2)  # kept on K-FAC whatever the rows: no effect, as before
+    said = [str(w.message) for w in caught if "has no effect with" in str(w.message)]
+    assert len(said) == 1 and "switches" not in said[0] and "applies" not in said[0], said

@@ -182,6 +182,8 @@ FULL_ROWS_MAX = 32_768
 FULL_ROWS_DRAWS_WORK = 2**21
 #: The backends that hold the curvature as a dense matrix (affine bank transport, full-data curvature).
 _DENSE = (SolverName.EXACT, SolverName.GGN)
+#: options CG reads and K-FAC does not (said to apply if ``solver='auto'`` switches from K-FAC to CG)
+_CG_READS = ("iter_T", "precondition_rank", "negative_curvature")
 #: The backends built on Hessian-vector products (second derivatives through the model).
 _HESSIAN_PRODUCTS = (SolverName.EXACT, SolverName.CG, SolverName.LISSA, SolverName.LOWRANK)
 #: The matrix-free backends: the curvature only through Hessian-vector products (``MCMCUnlearner._operator``).
@@ -1826,6 +1828,18 @@ class MCMCUnlearner:
         _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
         self._layout: BankLayout | None = None
         self._set_bank(bank, fresh=True)  # copied, in the layout it came in; non-finite samples refused
+        # solver='auto' took K-FAC: the first request (or fit) looks on a few rows for a factored weight also read
+        # outside its module, and takes CG where it finds one (_auto_probe): the defaults that depend on the
+        # solver and were not given are then CG's
+        self._auto_probe: dict[str, bool] | None = None
+        if solver == "auto" and self.solver is SolverName.KFAC and self._reduce is None:
+            self._auto_probe = {
+                "curvature_draws": not self._curvature_draws_given,
+                "refresh_every": not refresh_given,
+                "precondition_rank": given_rank <= 0,
+                "recenter_every": recenter_every == "auto",  # (the option as given)
+                "kfac_options": likelihood != "auto" or self.mc_samples != 1,
+            }
         self._warn_ineffective(
             {
                 "scaling": scaling != "auto",
@@ -1852,18 +1866,6 @@ class MCMCUnlearner:
         self.carry_deficit = check_option("carry_deficit", carry_deficit)
         self.shorten_steps = check_option("shorten_steps", shorten_steps)
         recenter_every = check_option("recenter_every", recenter_every)
-        # solver='auto' took K-FAC: the first request (or fit) looks on a few rows for a factored weight also read
-        # outside its module, and takes CG where it finds one (_auto_probe): the defaults that depend on the
-        # solver and were not given are then CG's
-        self._auto_probe: dict[str, bool] | None = None
-        if solver == "auto" and self.solver is SolverName.KFAC and self._reduce is None:
-            self._auto_probe = {
-                "curvature_draws": not self._curvature_draws_given,
-                "refresh_every": not refresh_given,
-                "precondition_rank": given_rank <= 0,
-                "recenter_every": recenter_every == "auto",
-                "kfac_options": likelihood != "auto" or self.mc_samples != 1,
-            }
         if recenter_every == "auto":
             # Kronecker-factored curvature: its approximation error accumulates over a sequence of requests
             on = self.solver is SolverName.KFAC and not self.custom_energy and self._reduce is None
@@ -1905,7 +1907,10 @@ class MCMCUnlearner:
     # ------------------------------------------------------------------ configuration
     def _warn_ineffective(self, given: Mapping[str, bool]) -> None:
         """Warn (once each) of options set away from their default that the chosen solver or expectation never
-        reads (they were ignored without a word). ``given``: per option, whether it was set."""
+        reads (they were ignored without a word). ``given``: per option, whether it was set. Where ``solver='auto'``
+        took K-FAC and may still switch to CG (:meth:`_take_cg_if_read_outside`), an option CG reads is said to
+        apply then (and the switch's warning names it)."""
+        self._applies_on_switch: list[str] = []  # given options CG reads that K-FAC does not: read once switched
         for name, (used, by) in {
             "scaling": (self.solver is SolverName.LISSA, "LiSSA's"),
             "iter_T": (self.solver in (SolverName.LISSA, SolverName.CG), "LiSSA's and CG's"),
@@ -1917,9 +1922,20 @@ class MCMCUnlearner:
             if given[name] and not used:
                 auto = self.solver_reason != "chosen by the caller"
                 how = " (what solver='auto' chose for this model)" if auto else ""
+                then, instead = "", ""
+                if name in _CG_READS and self._may_switch_to_cg():
+                    # true either way: auto's probe may yet take CG, which reads it (stop 55's review: the warning
+                    # said "no effect" and the option then took effect)
+                    self._applies_on_switch.append(name)
+                    how += (
+                        ", unless solver='auto' switches to CG on the first rows it reads (it does where a factored "
+                        "layer's weight is also read outside its module, e.g. a tied decoder's "
+                        "F.linear(h, enc.weight.t()))"
+                    )
+                    then, instead = ", and applies then", " (solver='cg')"
                 warnings.warn(
                     f"{name}={shown_value(getattr(self, name))} has no effect with solver={self.solver.value!r}{how}: "
-                    f"it is {by} option; leave it out, or pass a solver that reads it",
+                    f"it is {by} option{then}; leave it out, or pass a solver that reads it{instead}",
                     UserWarning,
                     stacklevel=outside_stacklevel(),
                 )
@@ -1958,14 +1974,14 @@ class MCMCUnlearner:
         its diagonal (docs/curvature.md, stop 55: a tied autoencoder on digits, its 0 digits forgotten, went 0.01-0.04
         of the way to retraining with K-FAC, 0.27-0.63 with CG). Kept as K-FAC where an option given for it, or
         one CG does not take, would be lost. Not under torch.distributed (no probe there)."""
-        probe, self._auto_probe = self._auto_probe, None
-        if probe is None or probe["kfac_options"]:
+        if not self._may_switch_to_cg():
+            self._auto_probe = None
             return
+        probe, self._auto_probe = self._auto_probe, None
+        assert probe is not None
         from .kronecker import read_outside_layers
 
         try:
-            check_bank_shift_solver(self.bank_shift, SolverName.CG)
-            check_damping_shape_solver(self.damping_shape, SolverName.CG)
             outside = read_outside_layers(self.model, self._row_nll, batch)
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError):
             return  # (the build says what is wrong with the rows, as it did)
@@ -1984,14 +2000,30 @@ class MCMCUnlearner:
             for name in ("curvature_draws", "refresh_every", "precondition_rank", "recenter_every")
             if probe[name]
         )
+        applies = ", ".join(f"{name}={shown_value(getattr(self, name))}" for name in self._applies_on_switch)
+        verb = "apply" if len(self._applies_on_switch) > 1 else "applies"
         warnings.warn(
             f"solver='auto' took K-FAC for this model, but the weights of {names} are also read outside their "
             "modules (e.g. a tied decoder's F.linear(h, enc.weight.t())), which K-FAC can hold only in its "
-            f"diagonal: solver='auto' now uses matrix-free CG{f' (its defaults {defaults})' if defaults else ''}. "
+            f"diagonal: solver='auto' now uses matrix-free CG{f' (its defaults {defaults})' if defaults else ''}"
+            f"{f'; {applies}, given and not read by K-FAC, now {verb}' if applies else ''}. "
             "To keep K-FAC, pass solver='kfac'",
             UserWarning,
             stacklevel=outside_stacklevel(),
         )
+
+    def _may_switch_to_cg(self) -> bool:
+        """Whether ``solver='auto'``'s pending probe may still take CG: not where an option given for K-FAC
+        (``likelihood``, ``mc_samples``), or one CG does not take (``damping_shape='data'``), would be lost."""
+        probe = self._auto_probe
+        if probe is None or probe["kfac_options"]:
+            return False
+        try:
+            check_bank_shift_solver(self.bank_shift, SolverName.CG)
+            check_damping_shape_solver(self.damping_shape, SolverName.CG)
+        except ValueError:
+            return False
+        return True
 
     def _switch_to_cg(self, probe: dict[str, bool], why: str) -> None:
         """``solver="auto"``'s switch from K-FAC to CG, with CG's defaults for what the caller did not give."""
