@@ -148,3 +148,46 @@ def test_an_option_cg_reads_is_said_to_apply_if_auto_switches_and_does_apply_the
         un, _, x = _tied(iter_T=5, mc_samples=2)  # kept on K-FAC whatever the rows: no effect, as before
     said = [str(w.message) for w in caught if "has no effect with" in str(w.message)]
     assert len(said) == 1 and "switches" not in said[0] and "applies" not in said[0], said
+
+
+def test_fit_on_a_plain_iterator_probes_its_first_minibatch_and_hands_it_to_the_request() -> None:
+    """``fit()`` on a plain iterator built K-FAC (reading several minibatches), which the first request then discarded
+    when it switched to CG. It now probes the first minibatch it reads, builds nothing once auto takes CG, and the
+    next request reads that minibatch first: the iterator is read once, and the result is the one without fit."""
+    import itertools
+
+    def batches(x: torch.Tensor) -> itertools.cycle:
+        return itertools.cycle([(x[i : i + 16],) for i in range(10, 200, 16)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        un, _, x = _tied()
+        it = batches(x)
+        fit = un.fit(it, n_remaining=190)
+        assert fit.solver == "cg" and not fit.curvature_kept and un.solver.value == "cg"
+        got = un.remove((x[:10],), it, n_remaining=190, strict=False)
+        ref, _, _ = _tied()  # the same request without fit, on the same minibatches from their start
+        want = ref.remove((x[:10],), batches(x), n_remaining=190, strict=False)
+    assert got.solver == want.solver == "cg"
+    assert torch.equal(un.bank, ref.bank)
+
+
+def test_fit_on_a_plain_iterator_that_auto_keeps_on_kfac_builds_as_solver_kfac_does() -> None:
+    """The probed minibatch is the build's first (held, not read twice): the curvature is solver='kfac''s."""
+    import itertools
+
+    states = []
+    for solver in ("auto", "kfac"):
+        torch.manual_seed(0)
+        model, x = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 6)), torch.randn(200, 6)
+        bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(6)]
+        un = MCMCUnlearner(
+            model, None, nll=lambda m, b: 0.5 * ((m(b[0]) - b[0]) ** 2).sum(1), log_prior=_prior, bank=bank,
+            solver=solver, seed=1, exact_max_dim=10,
+        )  # fmt: skip
+        it = itertools.cycle([(x[i : i + 16],) for i in range(10, 200, 16)])
+        assert un.fit(it, n_remaining=190).curvature_kept and un.solver.value == "kfac"
+        states.append((un.curvature_state()[0], next(it)[0]))
+    (a, next_a), (b, next_b) = states
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(next_a, next_b)  # the iterator was read as far

@@ -538,6 +538,13 @@ class _Stream:
             self._peeked = batch
         return batch
 
+    def put_back(self, batch: Batch) -> None:
+        """Give ``batch`` (read from this source elsewhere and not used) at the next ``next()``, before the source's
+        own next minibatch."""
+        if self._peeked is not None:
+            raise RuntimeError("a minibatch is already held")
+        self._peeked = batch
+
     def __next__(self) -> Batch:
         if self._peeked is not None:
             batch, self._peeked = self._peeked, None

@@ -1903,6 +1903,9 @@ class MCMCUnlearner:
         self._hvp_checked = False  # Hessian products against finite differences, on the first request
         self._fitted = False  # the cached curvature was built by fit(): the next request takes it as its own build
         self._fit_data: tuple[float, float] | None = None  # fit's data: mean NLL and its standard error (_data_nll)
+        #: (iterator, minibatch): the first minibatch fit() read from a plain iterator to probe, where auto then took
+        #: CG and built nothing: the next request reading that iterator reads it first (read once, not lost)
+        self._held_first: tuple[Any, Batch] | None = None
 
     # ------------------------------------------------------------------ configuration
     def _warn_ineffective(self, given: Mapping[str, bool]) -> None:
@@ -2037,7 +2040,7 @@ class MCMCUnlearner:
             self.precondition_rank = 20
         if probe["recenter_every"]:
             self.recenter_every = 0
-        self._fitted, self._fit_data = False, None  # a K-FAC fit() kept (a plain iterator's) is not CG's
+        self._fitted, self._fit_data = False, None  # a K-FAC fit() kept (a loaded state's switch) is not CG's
         self.curvature = make_backend(
             self.solver,
             refresh_every=self.refresh_every,
@@ -3202,6 +3205,9 @@ class MCMCUnlearner:
         self._check_forward(batch)
         self._take_cg_if_read_outside(batch)  # before the backend's snapshot: a discarded proposal keeps CG whole
         stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+        held, self._held_first = self._held_first, None
+        if held is not None and held[0] is remaining and stream.plain_iterator:
+            stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
         managed = not stream.from_rows and (
             hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")
         )
@@ -3429,6 +3435,10 @@ class MCMCUnlearner:
         carried: a damping found on rows of another kind (a probe of random rows) was too large for a whole class
         or a backdoor, and left those removals a hundredth of their way (``docs/model-matrix.md``, stop 42).
 
+        Where ``solver="auto"`` took K-FAC, fit first runs its probe (:meth:`_take_cg_if_read_outside`) on the
+        first minibatch it reads and builds nothing where that takes CG; from a plain iterator that minibatch is
+        read once: the build's first, or (CG) the first the next request reading that iterator reads.
+
         Samples, live parameters, the remaining data's state and every generator are as they were (a plain iterator
         of minibatches is read from, as a request reads it). Needs a bank (``bank=`` or :meth:`collect`); under
         ``torch.distributed`` every rank calls it, as it calls :meth:`remove`.
@@ -3451,10 +3461,13 @@ class MCMCUnlearner:
         if self.bank is None:
             raise ValueError("fit() builds the curvature at the bank's samples: pass bank= or collect() samples first")
         info: dict[str, Any] = {}
+        probe_first = False  # a plain iterator: probed on the first minibatch the build reads (read once)
         if self._auto_probe is not None:  # before K-FAC is built: CG's, built inside the request, is not kept
             with _source_states_kept(remaining):
                 stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
-                if not stream.plain_iterator:  # (a plain iterator's first minibatch is probed by the request)
+                if stream.plain_iterator:
+                    probe_first = self._may_switch_to_cg()
+                else:
                     data_state = stream.state()
                     try:
                         self._take_cg_if_read_outside(stream.peek())
@@ -3463,40 +3476,47 @@ class MCMCUnlearner:
         kept = bool(self.curvature.removed_free) and self.expectation is not Expectation.CHAIN
         if kept:
             gen = self.generator.get_state()
-            backend = self.curvature.snapshot()  # a curvature cached by earlier requests, put back on failure
             with _source_states_kept(remaining):
                 stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
                 data_state = stream.state()
-                try:
-                    n = stream.n
-                    e_f = self._energy_f(n)
-                    first = next(stream)  # for the checks and the memory plan; read again below where it can be
-                    read = [first]  # and FIT_DATA_ROWS rows for what the request after fit compares (_data_nll)
-                    # (at most the data's n rows: a small data set was read over and over, its rows counted 8 times)
-                    while sum(int(b[0].shape[0]) for b in read) < min(FIT_DATA_ROWS, n) and len(read) < 8:
-                        read.append(next(stream))
-                    stream.set_state(data_state)
-                    self._check_nll(first, role="remaining", again=True)
-                    self._bytes_per_row(e_f, ParamSpec.flatten_module(self.model), first)
-                    c_thetas = _draws(self.bank, self.curvature_draws)
-                    with dense_embedding_grads(self.model):
-                        problem = self._problem(stream, n, first, c_thetas, e_f, self._h_f(), info)
-                        c_thetas = problem.thetas  # fewer where every row is read at fewer draws
-                        self.curvature.reset()
-                        info.update(self.curvature.prepare(problem))
-                    fit_data = self._data_nll(read)
-                except BaseException:
-                    self.curvature.restore(backend)
-                    raise
-                finally:  # the remaining data and the unlearner's generator as they were (the rest: the with)
-                    stream.set_state(data_state)
-                    self.generator.set_state(gen)
-            self.curvature.commit_ahead()  # the next request is its first use, as of a request's own build
-            self._fitted = True  # the next request takes it as its own build (every shape, a fresh search)
-            self._fit_data = fit_data
-            self._version += 1  # an earlier proposal would put back the curvature it saw
-            _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t0)
-        else:
+                if probe_first:  # held by the stream (peek): the build's first minibatch, or the next request's
+                    self._take_cg_if_read_outside(stream.peek())
+                    kept = self.solver is SolverName.KFAC
+                    if not kept:  # read once from the caller's iterator: the next request that reads it takes it
+                        self._held_first = (remaining, stream.peek())
+                if kept:
+                    backend = self.curvature.snapshot()  # a curvature cached by earlier requests, put back on failure
+                    try:
+                        n = stream.n
+                        e_f = self._energy_f(n)
+                        first = next(stream)  # for the checks and the memory plan; read again below where it can be
+                        read = [first]  # and FIT_DATA_ROWS rows for what the request after fit compares (_data_nll)
+                        # (at most the data's n rows: a small data set was read over and over, its rows counted 8 times)
+                        while sum(int(b[0].shape[0]) for b in read) < min(FIT_DATA_ROWS, n) and len(read) < 8:
+                            read.append(next(stream))
+                        stream.set_state(data_state)
+                        self._check_nll(first, role="remaining", again=True)
+                        self._bytes_per_row(e_f, ParamSpec.flatten_module(self.model), first)
+                        c_thetas = _draws(self.bank, self.curvature_draws)
+                        with dense_embedding_grads(self.model):
+                            problem = self._problem(stream, n, first, c_thetas, e_f, self._h_f(), info)
+                            c_thetas = problem.thetas  # fewer where every row is read at fewer draws
+                            self.curvature.reset()
+                            info.update(self.curvature.prepare(problem))
+                        fit_data = self._data_nll(read)
+                    except BaseException:
+                        self.curvature.restore(backend)
+                        raise
+                    finally:  # the remaining data and the unlearner's generator as they were (the rest: the with)
+                        stream.set_state(data_state)
+                        self.generator.set_state(gen)
+            if kept:
+                self.curvature.commit_ahead()  # the next request is its first use, as of a request's own build
+                self._fitted = True  # the next request takes it as its own build (every shape, a fresh search)
+                self._fit_data = fit_data
+                self._version += 1  # an earlier proposal would put back the curvature it saw
+                _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t0)
+        if not kept:
             self._check_fit_data(remaining, n_remaining)
             why = (
                 "its curvature is drawn at the chain's own states during each request"
