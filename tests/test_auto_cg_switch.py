@@ -4,6 +4,7 @@ the cached cast's summed gradient, not a live-parameter read)."""
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -191,3 +192,31 @@ def test_fit_on_a_plain_iterator_that_auto_keeps_on_kfac_builds_as_solver_kfac_d
     (a, next_a), (b, next_b) = states
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(next_a, next_b)  # the iterator was read as far
+
+
+def test_the_switch_warning_raised_as_an_error_changes_nothing_and_loses_no_minibatch() -> None:
+    """With the switch's warning turned into an error, the call that raised leaves ``auto`` pending on K-FAC (it
+    switched first, and a retry went on as CG with no warning), and ``fit()`` keeps the minibatch it read from a
+    plain iterator for the next request (it was lost: that request started at the second minibatch)."""
+    import itertools
+
+    def batches(x: torch.Tensor) -> itertools.cycle:
+        return itertools.cycle([(x[i : i + 16],) for i in range(10, 200, 16)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", message="solver='auto' took K-FAC")
+        un, _, x = _tied()
+        with pytest.raises(UserWarning, match="To keep K-FAC"):
+            un.propose((x[:10],), (x[10:],))
+        assert un.solver.value == "kfac" and un._auto_probe is not None  # nothing changed
+        it = batches(x)
+        with pytest.raises(UserWarning, match="To keep K-FAC"):
+            un.fit(it, n_remaining=190)
+        assert un.solver.value == "kfac" and un._auto_probe is not None
+        warnings.filterwarnings("ignore", message="solver='auto' took K-FAC")
+        got = un.remove((x[:10],), it, n_remaining=190, strict=False)
+        ref, _, _ = _tied()  # the same request without fit, on the same minibatches from their start
+        want = ref.remove((x[:10],), batches(x), n_remaining=190, strict=False)
+    assert got.solver == want.solver == "cg"
+    assert torch.equal(un.bank, ref.bank)

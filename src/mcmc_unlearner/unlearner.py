@@ -1473,6 +1473,16 @@ def _listed_remaining(stream: _Stream) -> Batch | None:
     return listed
 
 
+#: what solver="auto" takes, where the caller gave none, when it switches from K-FAC to CG (a weight read outside
+#: its module): CG's own defaults
+_CG_SWITCH_DEFAULTS: dict[str, int] = {
+    "curvature_draws": 16,
+    "refresh_every": 10,
+    "precondition_rank": 20,
+    "recenter_every": 0,
+}
+
+
 class MCMCUnlearner:
     """Remove training points from an SG-MCMC posterior (chain state and stored samples) without retraining.
 
@@ -1980,29 +1990,22 @@ class MCMCUnlearner:
         if not self._may_switch_to_cg():
             self._auto_probe = None
             return
-        probe, self._auto_probe = self._auto_probe, None
+        probe = self._auto_probe
         assert probe is not None
         from .kronecker import read_outside_layers
 
         try:
             outside = read_outside_layers(self.model, self._row_nll, batch)
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError):
+            self._auto_probe = None
             return  # (the build says what is wrong with the rows, as it did)
         if not outside:
+            self._auto_probe = None
             return
         names = ", ".join(repr(n) for n in outside)
-        self._switch_to_cg(
-            probe,
-            f"; but the weights of {names} are also read outside their modules (e.g. a tied decoder's "
-            "F.linear(h, enc.weight.t())), which K-FAC's blocks cannot hold (found on the first rows read): "
-            "matrix-free CG",
-        )
-        # said once, here (before: only solver_reason told, and K-FAC's own warning where it had been built)
-        defaults = ", ".join(
-            f"{name}={shown_value(getattr(self, name))}"
-            for name in ("curvature_draws", "refresh_every", "precondition_rank", "recenter_every")
-            if probe[name]
-        )
+        # said once, before the switch: a warning raised as an error leaves auto's probe pending and nothing changed
+        # (before: only solver_reason told, and K-FAC's own warning where it had been built)
+        defaults = ", ".join(f"{name}={shown_value(v)}" for name, v in _CG_SWITCH_DEFAULTS.items() if probe[name])
         applies = ", ".join(f"{name}={shown_value(getattr(self, name))}" for name in self._applies_on_switch)
         verb = "apply" if len(self._applies_on_switch) > 1 else "applies"
         warnings.warn(
@@ -2013,6 +2016,13 @@ class MCMCUnlearner:
             "To keep K-FAC, pass solver='kfac'",
             UserWarning,
             stacklevel=outside_stacklevel(),
+        )
+        self._auto_probe = None
+        self._switch_to_cg(
+            probe,
+            f"; but the weights of {names} are also read outside their modules (e.g. a tied decoder's "
+            "F.linear(h, enc.weight.t())), which K-FAC's blocks cannot hold (found on the first rows read): "
+            "matrix-free CG",
         )
 
     def _may_switch_to_cg(self) -> bool:
@@ -2032,14 +2042,9 @@ class MCMCUnlearner:
         """``solver="auto"``'s switch from K-FAC to CG, with CG's defaults for what the caller did not give."""
         self.solver = SolverName.CG
         self.solver_reason += why
-        if probe["curvature_draws"]:
-            self.curvature_draws = 16
-        if probe["refresh_every"]:
-            self.refresh_every = 10
-        if probe["precondition_rank"]:
-            self.precondition_rank = 20
-        if probe["recenter_every"]:
-            self.recenter_every = 0
+        for name, value in _CG_SWITCH_DEFAULTS.items():
+            if probe[name]:
+                setattr(self, name, value)
         self._fitted, self._fit_data = False, None  # a K-FAC fit() kept (a loaded state's switch) is not CG's
         self.curvature = make_backend(
             self.solver,
@@ -3480,10 +3485,15 @@ class MCMCUnlearner:
                 stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
                 data_state = stream.state()
                 if probe_first:  # held by the stream (peek): the build's first minibatch, or the next request's
-                    self._take_cg_if_read_outside(stream.peek())
+                    first = stream.peek()
+                    try:
+                        self._take_cg_if_read_outside(first)
+                    except BaseException:  # (the switch's warning raised as an error): nothing built, none lost
+                        self._held_first = (remaining, first)
+                        raise
                     kept = self.solver is SolverName.KFAC
                     if not kept:  # read once from the caller's iterator: the next request that reads it takes it
-                        self._held_first = (remaining, stream.peek())
+                        self._held_first = (remaining, first)
                 if kept:
                     backend = self.curvature.snapshot()  # a curvature cached by earlier requests, put back on failure
                     try:
