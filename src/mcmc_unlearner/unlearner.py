@@ -3442,7 +3442,8 @@ class MCMCUnlearner:
 
         Where ``solver="auto"`` took K-FAC, fit first runs its probe (:meth:`_take_cg_if_read_outside`) on the
         first minibatch it reads and builds nothing where that takes CG; from a plain iterator that minibatch is
-        read once: the build's first, or (CG) the first the next request reading that iterator reads.
+        read once: the build's first, or (CG) the first the next request reads if it reads that iterator (a
+        request on another source drops it).
 
         Samples, live parameters, the remaining data's state and every generator are as they were (a plain iterator
         of minibatches is read from, as a request reads it). Needs a bank (``bank=`` or :meth:`collect`); under
