@@ -39,9 +39,11 @@ with ``s_i`` a random vector in output space whose covariance is the loss's outp
 O(draws × mc_samples) backward passes whatever the number of classes. Two samplers:
 
 * ``sampling="gaussian"`` (default): ``s = (I − p1ᵀ)(√p ⊙ ε)``, ``ε ~ N(0, I)`` for the softmax, since
-  ``(I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ = H``; ``s = ε/σ`` for the Gaussian likelihood.
+  ``(I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ = H``; ``s = ε/σ`` for the Gaussian likelihood;
+  ``s = √(p(1 − p)) ⊙ ε``, ``p = sigmoid(z)``, for the Bernoulli one (``H = diag(p(1 − p))``, independent logits).
 * ``sampling="labels"``: K-FAC practice (Martens & Grosse, 2015), ``ŷ ~ softmax(model(x))`` and
-  ``s = p − e_ŷ`` (the gradient of ``−log p_ŷ``), also with ``E[s sᵀ] = H``. For a confident model this is far
+  ``s = p − e_ŷ`` (the gradient of ``−log p_ŷ``), also with ``E[s sᵀ] = H`` (Bernoulli: ``ŷ ~ Bernoulli(p)`` per
+  logit, ``s = p − ŷ``). For a confident model this is far
   noisier: a class of probability ``p_a`` contributes only when it is drawn, so ``s_a²`` has relative standard
   deviation ``≈ 1/√p_a``, against ``√2`` for the Gaussian sketch. On trained digits classifiers (4 draws × 128
   rows, one sample, ``benchmarks/kronecker.py --compare-sampling``) the error of ``K⁻¹v`` against the exact
@@ -599,6 +601,11 @@ def likelihood_and_columns(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Li
     * ``GAUSSIAN`` with ``{"sigma": σ}`` if ``nll_i = w_i·(a·Σ_out (model(x)_i − y_i)² + c)`` for the true labels
       and two perturbed label sets (``w_i = 1`` or a batch field as above): ``a`` and ``c`` are fitted by least
       squares on all probe rows, the fit must be exact to float tolerance and ``a > 0``; then ``σ² = 1/(2a)``;
+    * ``BERNOULLI`` if ``nll_i = scale·w_i·Σ_k binary_cross_entropy_with_logits(model(x)_ik, y_ik)`` for targets in
+      ``[0, 1]`` (integer or floating, hard or soft) with as many values per row as the output (``[B]`` or
+      ``[B, 1]`` logits, or multi-label ``[B, K]``), on the true and the flipped targets ``1 − y`` (``scale`` a
+      constant factor such as a mean over ``K``, only when not 1; ``w_i`` a weight field as above);
+      ``pos_weight=``, a focal loss or any other function of the logits differs on one of them;
     * when ``model(x)`` is a tuple, list or dict, each of its ``[B, ...]`` tensors is tried in turn
       (``{"output": key}`` names the one found);
     * ``EMPIRICAL`` otherwise (``{"reason": ...}`` says why).
@@ -725,6 +732,9 @@ def _detect_in(
     def close(a: Tensor, b: Tensor) -> bool:
         return bool(((a.double() - b.double()).abs() <= tol * (1 + b.double().abs())).all())
 
+    found = _bernoulli_fit(out, y, base, nll_at, weights)
+    if found is not None:
+        return Likelihood.BERNOULLI, found
     integer = not (y.is_floating_point() or y.is_complex())
     if integer and out.dim() == 2 and y.shape == (rows,) and 0 <= int(y.min()) and int(y.max()) < out.shape[1]:
         C = out.shape[1]
@@ -811,7 +821,67 @@ def _detect_in(
                 found = {"sigma": math.sqrt(0.5 / a), "constant": c}
                 return Likelihood.GAUSSIAN, (found if j is None else {**found, "weights": j})
         return Likelihood.EMPIRICAL, {"reason": f"nll is not a·Σ(model(x) − y)² + c (fit residual {resid:.3g})"}
-    return Likelihood.EMPIRICAL, {"reason": "labels fit neither the categorical nor the Gaussian check"}
+    return Likelihood.EMPIRICAL, {"reason": "labels fit neither the categorical, Bernoulli nor the Gaussian check"}
+
+
+def _bernoulli_nll(z: Tensor, y: Tensor) -> Tensor:
+    """``Σ_k binary_cross_entropy_with_logits(z_k, y_k)`` per row, in float64 (``z`` and ``y`` of one number of
+    values per row: ``[B]``, ``[B, 1]`` or ``[B, K]``)."""
+    rows = z.shape[0]
+    zz = z.double().reshape(rows, -1)
+    yy = y.double().reshape(rows, -1).to(zz.device)
+    return F.binary_cross_entropy_with_logits(zz, yy, reduction="none").sum(1)
+
+
+def _bernoulli_fit(
+    out: Tensor,
+    y: Tensor,
+    base: Tensor,
+    nll_at: Callable[[Tensor, tuple[int, ...]], Tensor],
+    weights: list[tuple[int | None, Tensor | None]],
+) -> dict[str, Any] | None:
+    """The extras of a Bernoulli likelihood ``nll_i = scale·w_i·Σ_k BCE(model(x)_ik, y_ik)`` on logits (targets in
+    ``[0, 1]``, hard or soft, as many per row as the output has values: ``[B]``/``[B, 1]`` or multi-label ``[B, K]``),
+    ``{}`` for the plain one, ``None`` where ``nll`` is not that loss on the true AND the flipped targets ``1 − y``
+    (``pos_weight=``, a focal loss or a mean over labels with a per-row weight differ on one of them).
+
+    ``scale`` (a constant factor, e.g. ``.mean(1)`` over ``K`` labels) is fitted from the true targets and verified
+    on the flipped ones; ``w_i`` is a per-row weight field (``{"weights": index}``). The output Hessian is then
+    ``scale·w_i·diag(p(1 − p))``, ``p = sigmoid(model(x))``, whatever the targets.
+    """
+    rows = out.shape[0]
+    # the looser of the logits' and the loss's dtypes: float64 logits against y.float() give a float32 loss
+    tol = 1e3 * max(_eps(out.dtype), _eps(base.dtype if base.is_floating_point() else torch.float32))
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        return bool(((a.double() - b.double()).abs() <= tol * (1 + b.double().abs())).all())
+
+    if not (out.is_floating_point() and y.numel() == out.numel() and y.shape[:1] == (rows,) and y.numel()):
+        return None
+    if y.dtype == torch.bool or y.is_complex() or not bool(((y >= 0) & (y <= 1)).all()):
+        return None
+    flipped = 1 - y
+    try:
+        other = nll_at(flipped, (5,))
+    except Exception:  # a probe: any failure means "not this loss"
+        return None
+    if not (isinstance(other, Tensor) and other.shape == base.shape):
+        return None
+    want, want_flip = _bernoulli_nll(out, y), _bernoulli_nll(out, flipped)
+    for j, w in weights:
+        ww = torch.ones_like(want) if w is None else w.double().to(want.device)
+        den = (ww * want).square().sum()
+        if not bool(den > 0):
+            continue
+        scale = float((ww * want * base.double().to(want.device)).sum() / den)
+        if not (scale > 0 and math.isfinite(scale)):
+            continue
+        if abs(scale - 1.0) <= 1e-6:
+            scale = 1.0
+        if close(base, scale * ww * want) and close(other, scale * ww * want_flip):
+            found: dict[str, Any] = {} if scale == 1.0 else {"scale": scale}
+            return found if j is None else {**found, "weights": j}
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ prior
@@ -1521,7 +1591,8 @@ class KroneckerCurvature:
             likelihood: ``"auto"`` (detect from ``nll``, :func:`detect_likelihood`, what it found beyond the
                 plain forms in ``info["likelihood_detected"]``, and where it falls back to the empirical Fisher the
                 reason and what to do in ``info["likelihood_fallback"]``; without ``nll``: categorical for integer
-                labels and ``[B, C]`` outputs), ``"categorical"``, ``"gaussian"`` or ``"empirical"``.
+                labels and ``[B, C]`` outputs), ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` (logits of
+                ``binary_cross_entropy_with_logits``) or ``"empirical"``.
             mc_samples: Sampled labels (one backward pass each) per draw.
             generator: Generator for the labels and random signs (default: a fresh one seeded 0); the global RNG
                 is never used.
@@ -1922,7 +1993,8 @@ class KroneckerCurvature:
         if isinstance(out, Tensor) and out.dim() == 2 and isinstance(y, Tensor) and not y.is_floating_point():
             return Likelihood.CATEGORICAL
         raise ValueError(
-            "cannot tell the likelihood without nll: pass nll=..., or likelihood='categorical' / 'gaussian' (sigma=...)"
+            "cannot tell the likelihood without nll: pass nll=..., or likelihood='categorical' / 'bernoulli' / "
+            "'gaussian' (sigma=...)"
         )
 
     @staticmethod
@@ -2018,6 +2090,30 @@ class KroneckerCurvature:
                     if rw is not None:
                         root = rw[:, None] * root
                     yield (out * (root - probs * root.sum(-1, keepdim=True))).sum()
+        elif lik is Likelihood.BERNOULLI:  # independent logits: output Hessian diag(p(1 − p)), p = sigmoid(z)
+            z = out.reshape(B, -1)
+            probs = torch.sigmoid(z.detach())
+            curv = probs * (1 - probs)
+            if use_exact:  # Σ_k √h_k e_k (√h_k e_k)ᵀ = diag(h)
+                r = signs(out) if rw is None else signs(out) * rw
+                for k in range(width):
+                    yield (r * curv[:, k].sqrt() * z[:, k]).sum()
+            elif sampling == "labels":  # ŷ ~ Bernoulli(p): gradient p − ŷ, E[(p − ŷ)²] = p(1 − p) per logit
+                if span is not None:
+                    raise ValueError("a K-FAC build in row chunks needs sampling='gaussian', not 'labels'")
+                for _ in range(mc_samples):
+                    yhat = torch.bernoulli(probs.to(gen.device, torch.float64), generator=gen).to(z.device, z.dtype)
+                    bce = F.binary_cross_entropy_with_logits(z, yhat, reduction="none").sum(1)
+                    yield (bce if rw is None else rw * bce).sum()
+            else:  # s = √(p(1 − p)) ⊙ ε, ε ~ N(0, I): E[s sᵀ] = diag(p(1 − p))
+                for _ in range(mc_samples):
+                    eps = whole(
+                        lambda k: torch.randn((k, *curv.shape[1:]), generator=gen, device=gen.device, dtype=curv.dtype)
+                    )
+                    root = curv.sqrt() * eps.to(out.device)
+                    if rw is not None:
+                        root = rw[:, None] * root
+                    yield (z * root).sum()
         else:
             if use_exact:  # Σ_k e_k e_kᵀ / σ² = I/σ², the Gaussian's output Hessian
                 r = signs(out) if rw is None else signs(out) * rw

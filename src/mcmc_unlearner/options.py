@@ -240,6 +240,7 @@ class Likelihood(str, Enum):
     AUTO = "auto"
     CATEGORICAL = "categorical"
     GAUSSIAN = "gaussian"
+    BERNOULLI = "bernoulli"
     EMPIRICAL = "empirical"
 
 

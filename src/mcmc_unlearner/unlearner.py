@@ -1572,7 +1572,8 @@ class MCMCUnlearner:
             columns are sized from it before any work; a path that cannot fit is refused before it starts.
         likelihood: For ``kfac``: ``"auto"`` (detected by probing ``nll``; a fallback to the empirical Fisher is
             warned about once and reported in ``report.info["kfac_likelihood_fallback"]``), ``"categorical"``,
-            ``"gaussian"`` or ``"empirical"``; ``mc_samples``: Monte-Carlo labels per example.
+            ``"gaussian"``, ``"bernoulli"`` (logits of ``binary_cross_entropy_with_logits``) or ``"empirical"``;
+            ``mc_samples``: Monte-Carlo labels per example.
         max_damping_trials: Steps tried per damping shape before a request is refused (a request that tries both
             shapes, step 3 of the README, makes up to one more trial, or a second search when the first shape
             accepted none). The damping grows ×10 per rejected
@@ -4043,7 +4044,14 @@ class MCMCUnlearner:
                 kind, extra, columns = likelihood_and_columns(self.model, self._row_nll, raw)
                 categorical = kind is Likelihood.CATEGORICAL
                 plain = categorical and set(extra) <= {"output"}
-                self._label_link = (extra, str(extra.get("reason", "")))
+                # a Bernoulli likelihood (binary cross-entropy) is left unchecked too: the check reads the softmax
+                # probability of each removed label, which one or K independent logits do not give
+                why = (
+                    "a binary cross-entropy, whose labels are no softmax classes"
+                    if kind is Likelihood.BERNOULLI
+                    else ""
+                )
+                self._label_link = (extra, str(extra.get("reason", "")) or why)
                 if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
                     self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
             has = float(y.numel() > 0)

@@ -6,7 +6,8 @@ The remaining-data curvature is taken as
 
 ``J_r = ∂z_r/∂θ`` the Jacobian of row ``r``'s network output ``z_r = model(x_r)`` at draw ``θ_s``, ``Λ_r`` the
 Hessian of the per-row NLL in ``z`` (softmax covariance ``diag(p) − ppᵀ`` for the categorical likelihood,
-``I/σ²`` for a Gaussian one, as :func:`~mcmc_unlearner.kronecker.detect_likelihood` finds them) and ``P`` the
+``diag(p(1 − p))``, ``p = sigmoid(z)``, for a Bernoulli one (``binary_cross_entropy_with_logits``), ``I/σ²`` for a
+Gaussian one, as :func:`~mcmc_unlearner.kronecker.detect_likelihood` finds them) and ``P`` the
 prior's Hessian ``−(1/S) Σ_s ∇²log p(θ_s)``, dense, its negative eigenvalues clamped to 0: the
 generalized Gauss-Newton matrix (Schraudolph 2002; Martens, "New insights and perspectives on the natural
 gradient method", JMLR 2020), the Hessian with the network linearised at each draw. It is positive
@@ -65,10 +66,11 @@ def output_ggn(
     """``Σ_r w_r J_rᵀ Λ_r J_r`` over the rows of ``x`` at the flat trainable parameters ``theta`` (float64 ``[D, D]``).
 
     Args:
-        model: The network; ``model(x)`` gives ``[R, C]`` logits (categorical) or ``[R, ...]`` means (Gaussian).
+        model: The network; ``model(x)`` gives ``[R, C]`` logits (categorical), ``[R]``/``[R, K]`` logits of independent
+            Bernoulli labels (Bernoulli) or ``[R, ...]`` means (Gaussian).
         theta: Flat trainable parameters (``ParamSpec`` order).
         x: Input rows ``[R, ...]``.
-        likelihood: ``CATEGORICAL`` or ``GAUSSIAN``.
+        likelihood: ``CATEGORICAL``, ``BERNOULLI`` or ``GAUSSIAN``.
         sigma: The Gaussian likelihood's noise standard deviation.
         budget: Bytes the per-row Jacobians of one chunk of rows may take.
         link: :func:`~mcmc_unlearner.kronecker.detect_likelihood`'s extras: ``z_r`` is the tensor
@@ -103,6 +105,10 @@ def output_ggn(
                 z = torch.stack([out(theta, r) for r in xc])
                 p = torch.softmax(z.double(), -1)
             LJ = p[:, :, None] * (J - torch.einsum("rc,rcd->rd", p, J)[:, None, :])
+        elif likelihood is Likelihood.BERNOULLI:  # independent logits: Λ = diag(p(1 − p)), p = sigmoid(z)
+            with torch.no_grad():
+                p = torch.sigmoid(torch.stack([out(theta, r) for r in xc]).double())
+            LJ = (p * (1 - p))[:, :, None] * J
         else:
             LJ = J / sigma**2
         if weights is not None:
@@ -177,6 +183,9 @@ class GGNBackend(DenseBackend):
         if self._likelihood is None:
             removed = problem.raw(problem.removed)
             found = detect_likelihood(problem.model, problem.nll, removed)
+            # only the categorical read is checked again on remaining rows of each label: its per-class weights can
+            # read as 1 where the removed rows carry one label; a Bernoulli read is verified on the flipped targets
+            # too, so a pos_weight (a weight per target value) differs there already, and a Gaussian has no labels
             if found[0] is Likelihood.CATEGORICAL:
                 found = _checked_on_remaining(problem, removed, found)
             self._likelihood = found

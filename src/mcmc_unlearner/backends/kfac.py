@@ -34,7 +34,8 @@ class KFACBackend(CurvatureBackend):
 
     Args:
         refresh_every: Requests between rebuilds (the factors are reused in between, rescaled to ``n``).
-        likelihood: ``"auto"`` (detected by probing ``nll``), ``"categorical"``, ``"gaussian"`` or ``"empirical"``.
+        likelihood: ``"auto"`` (detected by probing ``nll``), ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or
+            ``"empirical"``.
         mc_samples: Monte-Carlo labels per example and draw.
     """
 
