@@ -2357,10 +2357,13 @@ class MCMCUnlearner:
           training=self.training)`` with the model in training mode, which :func:`_check_mode` cannot see by type:
           stop 55's probe passed with ``problems=[]``, the removed class's test error 0.40 against 1.00 in eval mode);
         * the gradient of ``nll`` at a stored sample through the library's functional path
-          (``torch.func.functional_call``, as at every sample) differs from the gradient with that sample loaded into
-          the module's parameters: the forward reads the module's own parameters outside the call
+          (``torch.func.functional_call``, as at every sample) changes when that sample is also loaded into the
+          module's parameters (the same evaluation twice, the module holding its live parameters and then the
+          sample: identical operations, autocast's casts included), or a live parameter appears in the
+          evaluation's graph: the forward reads the module's own parameters outside the call
           (``torch.utils.checkpoint`` recomputes its block during backward, after ``functional_call`` has put the
-          live parameters back: the gradient 1.13 relative off, the removal computed at a mix of two points).
+          live parameters back: the gradient 1.13 relative off, the removal computed at a mix of two points; a
+          parameter captured in a closure).
 
         Both compare to ``FORWARD_CHECK_EPS`` epsilons of the parameters' dtype (1.2e-4 in float32, 2.2e-13 in
         float64) relative to the values' size: the same operations on the same numbers, so rounding at most (0 on
