@@ -199,3 +199,100 @@ def test_ctrl_c_after_the_new_state_file_is_renamed_leaves_no_stray_file(tmp_pat
     assert sorted(os.listdir(folder)) == before
     monkeypatch.setattr(checkpoint, "commit_update", real_commit)
     assert deletion.verify(folder).ok and deletion.forget(folder, [5], request_id="r1").applied
+
+
+def _fail_after_manifest_rename(monkeypatch, m, *, reread_fails: bool = False) -> None:
+    """EIO from the folder fsync right after os.replace(manifest) (and, with ``reread_fails``, the manifest cannot be
+    read back then: EMFILE), once."""
+    real_fsync, real_read = fsio.fsync_dir, fsio.read_regular
+    armed = [False]
+
+    def fsync_dir(folder):
+        if not armed[0] and json.loads((m / "manifest.json").read_text())["sequence"] == 1:
+            armed[0] = True
+            monkeypatch.setattr(fsio, "fsync_dir", real_fsync)
+            raise OSError(5, "Input/output error")
+        real_fsync(folder)
+
+    def read_regular(root, name, **kw):
+        if armed[0] and name == "manifest.json":
+            monkeypatch.setattr(fsio, "read_regular", real_read)
+            raise OSError(24, "Too many open files")
+        return real_read(root, name, **kw)
+
+    monkeypatch.setattr(fsio, "fsync_dir", fsync_dir)
+    if reread_fails:
+        monkeypatch.setattr(fsio, "read_regular", read_regular)
+
+
+def test_an_io_error_after_the_commit_point_reports_the_request_applied(tmp_path, monkeypatch, capsys):
+    """Was (stop 56's probe): EIO from the folder fsync after the manifest's rename printed the OS error alone and
+    exited 2, as a refusal, though the request was committed (a resend said "already applied"). Now it is reported
+    as applied (exit 0) with the I/O error as a warning."""
+    from mcmc_unlearner.cli import main
+
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(map(str, IDS)) + "\n")
+    _fail_after_manifest_rename(monkeypatch, m)
+    assert main(["forget", "--model", str(m), "--ids", str(ids), "--request-id", "T1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("applied request T1")
+    assert "warning: request 'T1' IS applied" in err and "Input/output error" in err and "verify" in err
+    assert deletion.verify(m).ok
+    assert deletion.status(m)["n_removed"] == len(IDS)
+    assert not deletion.forget(m, IDS, request_id="T1").applied  # exactly once
+
+
+def test_a_failed_manifest_reread_never_rolls_back_a_committed_update(tmp_path, monkeypatch):
+    """Was (stop 56's probe): EIO after the manifest's rename and then a failed re-read of the manifest (EMFILE)
+    were taken as "not committed": the committed state file was deleted and its ledger line cut, and verify found
+    the folder broken. Whether the rename returned is now recorded, so the update is kept and reported applied."""
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    _fail_after_manifest_rename(monkeypatch, m, reread_fails=True)
+    with pytest.warns(RuntimeWarning, match="IS applied"):
+        out = deletion.forget(m, IDS, request_id="T1")
+    assert out.applied
+    res = deletion.verify(m)
+    assert res.ok, res.problems  # was: state-000001 missing, ledger has 1 line but 2 committed
+    assert deletion.status(m)["n_removed"] == len(IDS)
+    assert not deletion.forget(m, IDS, request_id="T1").applied
+
+
+def test_an_unknown_commit_outcome_rolls_nothing_back(tmp_path, monkeypatch):
+    """The manifest's rename fails and the manifest cannot be read back: whether the update is committed cannot be
+    told, so nothing is rolled back (the error says so) and the next request settles it."""
+    import os
+
+    from mcmc_unlearner.service.fsio import StoreError
+
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    real_replace, real_read = os.replace, fsio.read_regular
+    armed = [False]
+
+    def replace(a, b):
+        if str(b).endswith("manifest.json"):
+            armed[0] = True
+            raise OSError(5, "Input/output error")
+        real_replace(a, b)
+
+    def read_regular(root, name, **kw):
+        if armed[0] and name == "manifest.json":
+            raise OSError(24, "Too many open files")
+        return real_read(root, name, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(fsio, "read_regular", read_regular)
+    with pytest.raises(StoreError, match=r"UNKNOWN; nothing was rolled back.*status"):
+        deletion.forget(m, IDS, request_id="T1")
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(fsio, "read_regular", real_read)
+    assert (m / "state-000001.safetensors").exists()  # not deleted (was: deleted as if not committed)
+    assert len((m / "ledger.jsonl").read_bytes().splitlines()) == 2  # the line is kept for recover() to judge
+    assert deletion.verify(m).ok  # the old manifest is in place: the line is an uncommitted tail
+    out = deletion.forget(m, IDS, request_id="T1")
+    assert out.applied and out.recovered["rolled_back"] == ["T1"]
+    assert deletion.status(m)["n_removed"] == len(IDS)

@@ -103,7 +103,8 @@ class Terminated(KeyboardInterrupt):
 
 
 EXIT_CODES_HELP = """exit codes:
-  0  done (forget: applied now, or already applied before; nothing changed then)
+  0  done (forget: applied now, or already applied before; nothing changed then); a write error after the
+     commit point is a warning: the request IS applied
   1  verify found problems (each listed on stderr)
   2  refused: bad request, option or folder (one line on stderr; nothing changed); bnn: a method refused its work
      (its metrics null, the others written)

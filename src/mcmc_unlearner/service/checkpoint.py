@@ -22,7 +22,9 @@ is type-checked and every file name confined to the folder before use (:mod:`mcm
 **Commit protocol.** An update writes the new state file (atomically), appends its ledger line (fsync), then
 replaces the manifest — the single commit point — and finally deletes the old state file. A crash leaves the
 old manifest naming the old, intact state, possibly with an orphan state file and an uncommitted ledger tail;
-an error before the commit point undoes both at once. :func:`recover` removes crash debris; it runs only
+an error before the commit point undoes both at once; an error after it (the manifest renamed into place) leaves
+the update applied and is reported as a warning; a failure whose side of the commit point cannot be told
+(the manifest unreadable) rolls nothing back. :func:`recover` removes crash debris; it runs only
 under the writer's lock and only after the folder's integrity has been checked.
 
 **Snapshots.** Readers take no lock: they read one consistent snapshot
@@ -536,7 +538,11 @@ def commit_update(
 
     Order: new state file (atomic) → ledger line (appended, fsynced) → manifest (atomic; the commit point) →
     delete the old state file. Call it under :func:`store_lock` after :func:`recover`. An error before the
-    commit point removes the new state file and the appended line again, so the folder is as it was.
+    commit point removes the new state file and the appended line again, so the folder is as it was. An error
+    after it (once ``os.replace`` of the manifest has returned, e.g. in the folder fsync) leaves the update
+    committed: it is returned as applied, with a :class:`RuntimeWarning` naming the error, and the old state file
+    is left for the next :func:`recover`. When the rename's outcome is unknown (it did not return and the manifest
+    cannot be read back), nothing is rolled back and the error says the outcome is unknown.
 
     Args:
         loaded: The loaded model whose live objects were changed (e.g. by ``unlearner.forget``).
@@ -550,7 +556,9 @@ def commit_update(
         The ledger entry as written.
 
     Raises:
-        StoreError: A write failed (nothing changed).
+        StoreError: A write failed before the commit point (nothing changed), or while the manifest was replaced
+            with an outcome that cannot be read back (nothing rolled back; the message says so).
+        fsio.CommittedInterrupt: Ctrl-C after the commit point (the update is applied).
     """
     from .. import __version__
 
@@ -579,6 +587,8 @@ def commit_update(
     manifest = {k: v for k, v in old.items() if k not in ("manifest_sha256", "manifest_hmac", "integrity")}
     wrote_state = False
     mbytes: bytes | None = None
+    renamed: list[bool] = []  # set once os.replace of the manifest (the commit point) has returned
+    late_error: BaseException | None = None  # an error after the commit point: the update IS applied
     try:
         fsio.atomic_write(root, new_state, blob, hook="state-temp-written")
         wrote_state = True
@@ -607,37 +617,52 @@ def commit_update(
             }
         )
         mbytes = manifest_bytes(manifest, key)
-        fsio.atomic_write(root, MANIFEST_NAME, mbytes, hook="manifest-temp-written")
+        fsio.atomic_write(
+            root, MANIFEST_NAME, mbytes, hook="manifest-temp-written", on_replaced=lambda: renamed.append(True)
+        )
     except BaseException as exc:
-        if mbytes is not None and _manifest_on_disk(root) == mbytes:
-            # interrupted (Ctrl-C) after the manifest was renamed into place: the update IS committed; rolling
-            # it back now would delete the state file and the ledger line the committed manifest names
+        on_disk, unreadable = (None, "") if mbytes is None else _manifest_on_disk(root)
+        if mbytes is not None and (renamed or on_disk == mbytes):
+            # the manifest is in place (an error or Ctrl-C after its rename, e.g. in the folder fsync): the update
+            # IS committed; rolling it back now would delete the state file and the ledger line the committed
+            # manifest names (stop 56's probe: it did, when the manifest could not be read back)
             if isinstance(exc, KeyboardInterrupt):
                 raise _committed(full) from None
+            if not isinstance(exc, Exception):
+                raise
+            late_error = exc  # said as a warning below; the request is reported as applied (it was "error", exit 2)
+        elif mbytes is not None and on_disk is None:
+            # the rename may or may not have happened and the manifest cannot be read back to tell: rolling back
+            # could delete a committed update, so nothing is touched; the next request's recover() settles it
+            raise _unknown(full, root, exc, unreadable) from None
+        if late_error is None:
+            with contextlib.suppress(OSError, StoreError):
+                # also a line cut halfway by an interrupt during the append (``appended`` is still False then)
+                if os.lstat(lpath).st_size > size_before:
+                    ledger_mod.truncate_ledger(lpath, size_before)
+                # also a state file renamed into place whose folder fsync was interrupted (``wrote_state`` still
+                # False: it was left beside the manifest's, and verify said nothing; stop 47's probe)
+                if wrote_state or os.path.lexists(root / new_state):
+                    fsio.unlink_name(root, new_state)
+                    fsio.fsync_dir(root)
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"could not write the update into {root} ({exc.strerror or exc}); nothing was changed: check "
+                    "free space and write permission"
+                ) from None
             raise
-        with contextlib.suppress(OSError, StoreError):
-            # also a line cut halfway by an interrupt during the append (``appended`` is still False then)
-            if os.lstat(lpath).st_size > size_before:
-                ledger_mod.truncate_ledger(lpath, size_before)
-            # also a state file renamed into place whose folder fsync was interrupted (``wrote_state`` still False:
-            # it was left beside the manifest's, and verify said nothing; stop 47's probe)
-            if wrote_state or os.path.lexists(root / new_state):
-                fsio.unlink_name(root, new_state)
-                fsio.fsync_dir(root)
-        if isinstance(exc, OSError):
-            raise StoreError(
-                f"could not write the update into {root} ({exc.strerror or exc}); nothing was changed: check free "
-                "space and write permission"
-            ) from None
-        raise
     interrupted = False
-    try:
-        phase("committed")
-        with contextlib.suppress(OSError, StoreError):
-            if old["state_file"] != new_state:
-                fsio.unlink_name(root, old["state_file"])  # left there, the next update's recovery removes it
-    except KeyboardInterrupt:
-        interrupted = True
+    if late_error is not None:
+        # the old state file is kept (the commit may not be durable yet): the next request's recover() removes it
+        warnings.warn(_committed_with_error(full, late_error), RuntimeWarning, stacklevel=2)
+    else:
+        try:
+            phase("committed")
+            with contextlib.suppress(OSError, StoreError):
+                if old["state_file"] != new_state:
+                    fsio.unlink_name(root, old["state_file"])  # left there, the next update's recovery removes it
+        except KeyboardInterrupt:
+            interrupted = True
     loaded.manifest = manifest
     loaded.entries.append(full)
     loaded.ledger_lines.append(line)
@@ -648,18 +673,50 @@ def commit_update(
 
 
 def _committed(entry: dict[str, Any]) -> fsio.CommittedInterrupt:
-    what = f"request {entry.get('request_id')!r}" if entry.get("request_id") else "the update"
+    what = _what(entry)
     return fsio.CommittedInterrupt(
         f"interrupted after the commit: {what} IS applied and recorded in the ledger (nothing half-written; "
         "`mcmc-unlearner status` shows it)"
     )
 
 
-def _manifest_on_disk(root: Path) -> bytes | None:
+def _what(entry: Mapping[str, Any]) -> str:
+    return f"request {entry.get('request_id')!r}" if entry.get("request_id") else "the update"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _committed_with_error(entry: Mapping[str, Any], exc: BaseException) -> str:
+    """The warning for an error after the commit point: the update is applied, the later step failed."""
+    return (
+        f"{_what(entry)} IS applied and recorded in the ledger, but a write step after its commit point failed "
+        f"({_reason(exc)}): the commit may not be on disk yet if the machine loses power now; run "
+        "`mcmc-unlearner verify` (the previous state file is left in the folder; the next request removes it)"
+    )
+
+
+def _unknown(entry: Mapping[str, Any], root: Path, exc: BaseException, unreadable: str) -> BaseException:
+    """The error for a failure while the manifest was replaced whose outcome cannot be read back: nothing is
+    rolled back (a KeyboardInterrupt stays one, so that the CLI's exit code says "interrupted")."""
+    msg = (
+        f"{'interrupted' if isinstance(exc, KeyboardInterrupt) else _reason(exc)} while manifest.json was being "
+        f"replaced, and it cannot be read back ({unreadable}): whether {_what(entry)} is applied is UNKNOWN; "
+        f"nothing was rolled back. Run `mcmc-unlearner status` (or `verify`) on {str(root)!a} to see whether it "
+        "is; resending the same request applies it at most once and removes what this write left behind"
+    )
+    return KeyboardInterrupt(msg) if isinstance(exc, KeyboardInterrupt) else StoreError(msg)
+
+
+def _manifest_on_disk(root: Path) -> tuple[bytes | None, str]:
+    """The manifest's bytes as on disk now, or ``None`` and why it could not be read."""
     try:
-        return fsio.read_regular(root, MANIFEST_NAME, what="manifest")
-    except (OSError, StoreError):
-        return None
+        return fsio.read_regular(root, MANIFEST_NAME, what="manifest"), ""
+    except (OSError, StoreError) as exc:
+        return None, _reason(exc)
 
 
 def has_debris(snapshot: Snapshot) -> bool:

@@ -241,7 +241,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def atomic_write(root: Path, name: str, data: bytes, *, hook: str | None = None) -> None:
+def atomic_write(
+    root: Path, name: str, data: bytes, *, hook: str | None = None, on_replaced: Callable[[], None] | None = None
+) -> None:
     """Write ``root/name`` atomically: fresh temp file in the folder, fsync, rename over ``name``, fsync folder.
 
     A crash at any point leaves either the old file or the new one, never a mix. The temp file is created
@@ -253,6 +255,8 @@ def atomic_write(root: Path, name: str, data: bytes, *, hook: str | None = None)
         name: Plain file name inside it.
         data: Bytes to write.
         hook: Phase announced by the test hook (module docstring) once the temp file is durable.
+        on_replaced: Called as soon as the rename over ``name`` has returned (before the folder fsync), so that a
+            caller can tell "the new file is in place" from "it is not" when a later step fails.
     """
     root = Path(root)
     name = check_name(name)
@@ -267,6 +271,8 @@ def atomic_write(root: Path, name: str, data: bytes, *, hook: str | None = None)
         if hook:
             phase(hook)
         os.replace(tmp, root / name)
+        if on_replaced is not None:
+            on_replaced()
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
