@@ -553,3 +553,19 @@ def test_the_command_line_says_the_flag_where_the_library_says_its_keyword(tmp_p
     assert main(["forget", "--model", str(folder), "--ids", ids, "--iter-T", "0", "--solver", "exact"]) == 0
     err = capsys.readouterr().err
     assert "--iter-T 0 has no effect with --solver exact" in err and "iter_T" not in err
+
+
+def test_a_diverging_repair_run_is_refused_as_a_repair_failure(tmp_path, capsys):
+    """Stop 56's probe: a repair chain that diverged (sampler lr 1e6) raised the bank setter's "the bank has non-finite
+    values ... drop those samples" (exit 2) before its record was checked; it is now the repair failure the deletion
+    guide documents (exit 4, "the repair run produced non-finite parameters"), nothing written."""
+    objs = tiny_gmm(bank=10)
+    for group in objs[1].param_groups:
+        group["lr"] = 1e6
+    model = save_gmm(tmp_path / "m", objs)
+    before = folder_state(model)
+    args = ["forget", "--model", str(model), "--ids", _ids(tmp_path), "--damping", "1e12", "--on-failure", "repair"]
+    assert main([*args, "--repair-steps", "40"]) == 4
+    err = capsys.readouterr().err
+    assert "the repair run produced non-finite parameters; nothing was written" in err and "drop those" not in err
+    assert folder_state(model) == before

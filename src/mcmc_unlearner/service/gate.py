@@ -275,7 +275,8 @@ def repair_chain(
     Returns:
         The record stored in the ledger: steps, ``keep_every`` (``k``), ``bank_steps`` (1-based steps of the
         first and last banked state), seconds, remaining-data NLL of the bank before and after (first 2,000
-        remaining rows, up to 16 bank samples), and ``ok`` (chain and bank finite).
+        remaining rows, up to 16 bank samples), and ``ok`` (chain and bank finite). A chain that diverged (non-finite
+        live parameters or kept states) returns ``ok=False`` with the bank left as it was.
 
     Raises:
         UnlearningError: No sampler was saved, or ``steps`` is below :func:`min_repair_steps` of the bank.
@@ -301,6 +302,13 @@ def repair_chain(
     # request applied the repaired rows' gradient a second time
     un.reset_curvature()
     record: dict[str, Any] = {"steps": int(steps), "keep_every": keep}
+    live = ParamSpec.flatten_module(un.model)
+    if not all_finite(live) or (size and (kept is None or not all_finite(kept[-size:]))):
+        # a diverged chain: its states are not assigned to the bank, whose setter refuses non-finite samples with
+        # advice about data rows ("drop those samples", exit 2); the caller refuses the request (stop 56's probe)
+        record["ok"] = False
+        record["seconds"] = time.perf_counter() - t0
+        return record
     if size:
         assert kept is not None
         un.bank = kept[-size:].detach().clone().to(bank.dtype)
@@ -310,7 +318,6 @@ def repair_chain(
         record["bank_steps"] = [last - (size - 1) * keep, last]
         record["nll_before"] = nll_before
         record["nll_after"] = _mean_nll(un, un.bank[_evenly(size, 16)], data)
-    live = ParamSpec.flatten_module(un.model)
     record["ok"] = bool(all_finite(live) and (un.bank is None or all_finite(un.bank)))
     record["seconds"] = time.perf_counter() - t0
     return record
