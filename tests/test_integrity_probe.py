@@ -104,3 +104,39 @@ def test_expect_head_no_false_rollback_claim(tmp_path, capsys):
     res = verify(folder, expect_head=h1)
     assert not res.ok
     assert not any("rolled back" in x for x in res.problems), res.problems
+
+
+@pytest.mark.parametrize("name", ["sampler/state/0/momentum_buffer", "unlearner/carry", "unlearner/cache"])
+def test_non_finite_sampler_or_unlearner_state_is_reported_and_refused(tmp_path, name):
+    """Stop 56's probe: NaN SGHMC momentum, carried influence or cached curvature (hashes recomputed, as a writer bug
+    would leave them) passed verify and status, and forget committed on top of them (or blamed the model or the
+    damping). Now verify reports it, status and forget refuse it, and no file changes."""
+    from conftest import folder_state
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=8, burn=40, refresh_every=5))
+    forget(folder, [3, 14], request_id="r1")  # refresh_every=5: the curvature cache is kept in the state
+    t = dict(load_file(str(folder / "state-000001.safetensors")))
+    assert name in t
+    t[name] = torch.full_like(t[name], float("nan"))
+    _rewrite(folder, t, fix_ledger=False)
+    before = folder_state(folder)
+    res = verify(folder)
+    assert not res.ok and any("saved sampler/unlearner state is not finite" in p and name in p for p in res.problems)
+    with pytest.raises(StoreError, match=r"saved sampler/unlearner state is not finite.*restore the folder"):
+        status(folder)
+    with pytest.raises(StoreError, match="saved sampler/unlearner state is not finite"):
+        forget(folder, [5], request_id="r2")
+    assert folder_state(folder) == before
+
+
+def test_save_model_refuses_non_finite_sampler_state(tmp_path):
+    """Stop 56's probe: save_model wrote a diverged SGHMC's NaN momentum, and every later request carried it."""
+    from mcmc_unlearner.service.state import nonfinite_state
+
+    objs = tiny_gmm(0, bank=8, burn=40)
+    for st in objs[1].state.values():
+        st["momentum_buffer"].fill_(float("inf"))
+    with pytest.raises(StoreError, match=r"cannot save: .*momentum_buffer\): .*nothing was saved"):
+        save_gmm(tmp_path / "m", objs)
+    assert not (tmp_path / "m").exists()  # refused before the folder is created
+    assert nonfinite_state({"bank": torch.tensor([float("nan")])}) == []  # the bank has its own check

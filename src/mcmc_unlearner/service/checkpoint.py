@@ -75,6 +75,7 @@ from .state import (
     data_fingerprint,
     is_state_file,
     model_digest,
+    nonfinite_state,
     read_tensors,
     read_torch_checkpoint,
     rebuild_sampler,
@@ -174,11 +175,18 @@ def build_loaded(snap: Snapshot, *, check_data: bool = True) -> LoadedModel:
     """Rebuild model, sampler, remaining data and unlearner from an intact snapshot.
 
     Raises:
-        StoreError: The snapshot has integrity problems, or its pieces do not fit together.
+        StoreError: The snapshot has integrity problems, its pieces do not fit together, or its sampler or
+            unlearner state holds NaN or infinite values.
     """
     snap.raise_problems()
     manifest, tensors, root = snap.manifest, snap.state, snap.root
     assert tensors is not None
+    bad = nonfinite_state(tensors)
+    if bad:  # verified OK and carried into every request before (stop 56's probe); nothing is changed here
+        raise StoreError(
+            f"{root / manifest['state_file']}: saved sampler/unlearner state is not finite (NaN or infinite values in "
+            f"{', '.join(bad[:5])}); restore the folder from a backup"
+        )
     model_spec, data_spec = manifest["model_spec"], manifest["data_spec"]
     model, data_tensors = specs.build_from_spec(model_spec, data_spec, stored=snap.stored_data)
     if check_data and data_fingerprint(data_tensors) != manifest["data_sha256"]:
@@ -382,7 +390,8 @@ def save_model(
     Raises:
         StoreError: The folder holds other files, already a model, or the ledger or state files of a model
             whose manifest is missing (a damaged folder: restore it from a backup); the specs do not reproduce
-            the objects, or an object cannot be saved (custom callables or sampler class).
+            the objects, or an object cannot be saved (custom callables or sampler class, or NaN or infinite
+            sampler or unlearner state: SGHMC momentum, carried influence, cached curvature).
     """
     root = Path(path)
     k = integrity.as_key(key)
@@ -416,6 +425,14 @@ def save_model(
                 "differ); fix the spec, or use {'kind': 'tensors'} to store the data in the model folder"
             )
     sampler_cfg, _ = sampler_config(sampler)
+    state = state_tensors(model, sampler, data, unlearner)
+    bad = nonfinite_state(state)
+    if bad:  # a folder every later load refuses: refused before the folder is touched
+        raise StoreError(
+            f"cannot save: the sampler's or unlearner's state is not finite (NaN or infinite values in "
+            f"{', '.join(bad[:5])}): the chain or the unlearner diverged; nothing was saved: save a state from before "
+            "the divergence (or re-run the chain with a smaller step size)"
+        )
 
     if os.path.lexists(root) and not root.is_dir():
         raise StoreError(f"{root} exists and is not a folder; choose another --save-model path")
@@ -450,7 +467,7 @@ def save_model(
             fsio.atomic_write(root, DATA_FILE, blob)
             data_file_sha = sha256_hex(blob)
         new_state = state_name(0)
-        blob = state_bytes(state_tensors(model, sampler, data, unlearner))
+        blob = state_bytes(state)
         fsio.atomic_write(root, new_state, blob)
         digest = model_digest(model, unlearner.bank, data.state_dict()["alive"])
         now = utc_now()

@@ -217,6 +217,26 @@ def _state_views(
     return out
 
 
+#: Prefixes of the state file's tensors that :func:`nonfinite_state` checks (the parameters and the bank have their
+#: own checks: ``params_finite``, the bank setter).
+CHECKED_STATE = ("sampler/state/", "unlearner/")
+
+
+def nonfinite_state(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the sampler's and unlearner's floating-point state tensors (SGHMC momentum, the carried influence,
+    the cached curvature, ...) that hold NaN or infinite values, sorted.
+
+    Such a state was never checked: saved, verified OK, and carried into every later request (stop 56's probe)."""
+    return sorted(
+        k
+        for k, v in tensors.items()
+        if k.startswith(CHECKED_STATE)
+        and (v.is_floating_point() or v.is_complex())
+        and v.numel()
+        and not bool(torch.isfinite(v).all())
+    )
+
+
 def state_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     # one metadata key only: safetensors writes a multi-key metadata map in hash order (not reproducible)
     return st_save(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
