@@ -235,3 +235,22 @@ def test_option_spellings_turn_into_each_other():
     assert as_flags("the solver stopped; un.iter_T and the damping") == "the solver stopped; un.iter_T and the damping"
     # a list of values stays as the library wrote it (no "--solver kfac/'cg'")
     assert as_flags("use solver='kfac'/'cg'") == "use solver='kfac'/'cg'"
+
+
+def test_ids_from_a_closed_standard_input_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """Stop 56's probe: `forget --ids - <&-` (Python then sets sys.stdin to None) was an internal error, exit 70."""
+    import sys
+
+    from mcmc_unlearner.cli import main
+
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(InvalidRequestError, match="standard input is closed; pipe the ids in"):
+        read_ids("-")
+    assert main(["forget", "--model", str(tmp_path), "--ids", "-"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mcmc-unlearner forget: error: --ids - reads the ids from standard input, but standard input")
+    assert err.count("\n") == 1
+    stream = io.BytesIO(b"1")
+    stream.close()  # a closed stream: refused, not a raw ValueError
+    with pytest.raises(InvalidRequestError, match="cannot read the ids from standard input"):
+        read_ids("-", stdin=stream)

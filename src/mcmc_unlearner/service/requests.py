@@ -367,11 +367,25 @@ def read_ids(
         unique: Refuse ids that appear more than once (see :func:`parse_ids`).
 
     Raises:
-        InvalidRequestError: Missing, not a regular file, too large, or malformed (see :func:`parse_ids`).
+        InvalidRequestError: Missing, not a regular file, too large, or malformed (see :func:`parse_ids`); for
+            ``"-"``, standard input closed or unreadable.
     """
     if str(path) == "-":
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        raw = _strip_bom(_read_limited(stream, max_bytes, "standard input"))
+        stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
+        if stream is None:  # `forget --ids - <&-`: Python sets sys.stdin to None (was: internal error, exit 70)
+            raise InvalidRequestError(
+                "--ids - reads the ids from standard input, but standard input is closed; pipe the ids in "
+                "(e.g. `cat ids.txt | mcmc-unlearner forget ... --ids -`) or pass --ids FILE"
+            )
+        try:
+            raw = _strip_bom(_read_limited(stream, max_bytes, "standard input"))
+        except InvalidRequestError:
+            raise
+        except (OSError, ValueError) as exc:  # a closed descriptor (EBADF) or stream
+            raise InvalidRequestError(
+                f"cannot read the ids from standard input ({getattr(exc, 'strerror', None) or exc}); pipe the ids in "
+                "or pass --ids FILE"
+            ) from None
         return parse_ids(raw, "standard input", unique=unique)
     p = Path(path)
     shown = _show(str(p), 120)
