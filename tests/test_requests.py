@@ -254,3 +254,33 @@ def test_ids_from_a_closed_standard_input_are_refused_in_one_line(tmp_path, monk
     stream.close()  # a closed stream: refused, not a raw ValueError
     with pytest.raises(InvalidRequestError, match="cannot read the ids from standard input"):
         read_ids("-", stdin=stream)
+
+
+def test_python_request_id_and_wait_are_checked_in_python_terms(tmp_path):
+    """Stop 56's probe: forget(request_id=5) said "--request-id is empty" (the CLI's flag, and not what was wrong);
+    forget(wait="x") reached the lock as a raw TypeError, and wait=nan or -5 were taken as 0."""
+    import math
+
+    from conftest import folder_state, save_gmm, tiny_gmm
+    from mcmc_unlearner.service.deletion import forget, status, verify
+    from mcmc_unlearner.service.requests import check_wait
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=8, burn=40))
+    before = folder_state(folder)
+    for rid in (5, b"x"):
+        with pytest.raises(InvalidRequestError, match=r"^request_id must be a string, got (int|bytes)") as info:
+            forget(folder, [3], request_id=rid)
+        assert "--request-id" not in str(info.value)
+    with pytest.raises(InvalidRequestError, match=r"^request_id is empty"):
+        forget(folder, [3], request_id="")
+    for wait in ("x", math.nan, -5, True, math.inf, None):
+        with pytest.raises(InvalidRequestError, match=r"^wait must be a number of seconds in \[0, 86400\]"):
+            forget(folder, [3], wait=wait)
+    with pytest.raises(InvalidRequestError, match="wait must be"):
+        status(folder, wait=math.nan)
+    with pytest.raises(InvalidRequestError, match="wait must be"):
+        verify(folder, wait=-1)
+    assert folder_state(folder) == before
+    assert check_wait(0) == 0.0 and check_wait(2.5) == 2.5
+    with pytest.raises(InvalidRequestError, match=r"^--request-id is empty"):  # the CLI's wording is kept
+        check_request_id("")

@@ -267,7 +267,7 @@ def forget(
         on_failure: Policy for a removal that fails the quality checks (:class:`~.gate.OnFailure`).
         repair_steps: SG-MCMC steps of the ``repair`` policy.
         key: Integrity key (``None``: ``$MCMC_UNLEARNER_KEY`` if set).
-        wait: Seconds to wait for another writer to finish.
+        wait: Seconds to wait for another writer to finish, in [0, 86400].
         threads: Torch threads for the computation (``"auto"``: by model size; ``None``: unchanged).
         interface: Who asks: ``"python"`` or ``"cli"`` (the command line); the quality problems recorded in the
             ledger and raised name the options as that caller sets them (``on_failure='repair'`` or
@@ -277,7 +277,7 @@ def forget(
         A :class:`ForgetOutcome`.
 
     Raises:
-        InvalidRequestError: The request or a setting is refused (nothing changed).
+        InvalidRequestError: The request, ``request_id``, ``wait`` or a setting is refused (nothing changed).
         QualityGateError: The removal failed the quality checks under ``refuse`` (nothing changed).
         SolverDivergedError: The solve failed (nothing changed).
         BusyError: Another writer holds the folder (nothing changed).
@@ -285,7 +285,11 @@ def forget(
             read-only (nothing changed).
     """
     id_list = _check_ids(ids)
-    rid = requests.check_request_id(request_id if request_id is not None else ledger_mod.request_id_for(id_list))
+    rid = requests.check_request_id(
+        request_id if request_id is not None else ledger_mod.request_id_for(id_list),
+        "--request-id" if interface == "cli" else "request_id",
+    )
+    wait = requests.check_wait(wait, "--wait" if interface == "cli" else "wait")
     settings = requests.check_settings(overrides)
     try:
         policy = OnFailure(on_failure)
@@ -491,6 +495,7 @@ def status(
     (:func:`~.requests.shown_as`).
     """
     show = requests.shown_as(interface)
+    wait = requests.check_wait(wait, "--wait" if interface == "cli" else "wait")
     snap = checkpoint.read_snapshot(model_dir, key=key, wait=wait)
     with torch_threads(_threads_for(threads, snap)):
         loaded = checkpoint.build_loaded(snap)
@@ -604,10 +609,11 @@ def verify(
         FileNotFoundError: The folder does not exist.
         StoreError: The folder holds no saved model (no manifest, and no ledger or state file; without a
             manifest but with them, the folder is damaged: that is a problem in the result, not an exception).
-        InvalidRequestError: ``expect_head`` is not 64 hex digits.
+        InvalidRequestError: ``expect_head`` is not 64 hex digits, or ``wait`` not a number in [0, 86400].
         BusyError: No consistent snapshot within ``wait`` seconds.
     """
     expected = None if expect_head is None else check_head(expect_head)
+    wait = requests.check_wait(wait)
     res = VerifyResult()
     try:
         checkpoint.check_folder(model_dir)  # not a model folder at all: refused (exit 2), not "FAILED"

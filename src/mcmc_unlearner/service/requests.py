@@ -43,6 +43,7 @@ __all__ = [
     "as_keywords",
     "check_request_id",
     "check_settings",
+    "check_wait",
     "parse_ids",
     "parse_ids_file",
     "read_ids",
@@ -420,20 +421,46 @@ def parse_ids_file(path: str | os.PathLike) -> list[int]:
     return read_ids(path)
 
 
-def check_request_id(rid: object) -> str:
-    """Return ``rid`` if it is a valid request id (1–128 printable ASCII, no outer spaces), else refuse it."""
-    if not isinstance(rid, str) or not rid:
-        raise InvalidRequestError("--request-id is empty; give a non-empty id such as ticket-0001")
+def check_request_id(rid: object, name: str = "--request-id") -> str:
+    """Return ``rid`` if it is a valid request id (1–128 printable ASCII, no outer spaces), else refuse it.
+
+    Args:
+        rid: The request id.
+        name: How the caller sets it, for the message: ``"--request-id"`` (the CLI) or ``"request_id"`` (Python).
+    """
+    if not isinstance(rid, str):  # was "--request-id is empty" for request_id=5 from Python (stop 56's probe)
+        raise InvalidRequestError(
+            f"{name} must be a string, got {type(rid).__name__} {_show(repr(rid))}; give a printable ASCII id such as "
+            "'ticket-0001'"
+        )
+    if not rid:
+        raise InvalidRequestError(f"{name} is empty; give a non-empty id such as ticket-0001")
     if len(rid) > MAX_REQUEST_ID_LENGTH:
         raise InvalidRequestError(
-            f"--request-id has {len(rid)} characters; use at most {MAX_REQUEST_ID_LENGTH} (e.g. a ticket number)"
+            f"{name} has {len(rid)} characters; use at most {MAX_REQUEST_ID_LENGTH} (e.g. a ticket number)"
         )
     if not _REQUEST_ID.fullmatch(rid):
         raise InvalidRequestError(
-            f"--request-id {_show(rid)} must be printable ASCII without control characters or outer spaces "
-            "(e.g. ticket-0001)"
+            f"{name} {_show(rid)} must be printable ASCII without control characters or outer spaces (e.g. ticket-0001)"
         )
     return rid
+
+
+MAX_WAIT = 86400.0
+
+
+def check_wait(wait: object, name: str = "wait") -> float:
+    """Return ``wait`` as seconds if it is a number in [0, :data:`MAX_WAIT`] (as ``--wait`` takes), else refuse it.
+
+    ``nan`` and negative values were taken as 0 and a string reached the lock as a raw ``TypeError`` (stop 56's
+    probe)."""
+    ok = isinstance(wait, (int, float)) and not isinstance(wait, bool) and 0 <= wait <= MAX_WAIT
+    if not ok:
+        raise InvalidRequestError(
+            f"{name} must be a number of seconds in [0, {MAX_WAIT:g}], got {_show(repr(wait))}; e.g. {name}=30 to "
+            "wait for another writer"
+        )
+    return float(wait)
 
 
 # ---------------------------------------------------------------------------------------------- settings
