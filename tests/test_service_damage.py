@@ -328,3 +328,23 @@ def test_a_folder_moved_or_replaced_during_a_request_gets_none_of_its_writes(tmp
         assert verify(m).ok  # was: "has 1 complete lines but 3 are committed", state-000000 deleted
         assert folder_state(m)[1:] == restored[1:]  # every file of the restored copy as it was
     assert verify(tmp_path / "m.old").ok
+
+
+@pytest.mark.parametrize("name", ["state-000002.safetensors", "state-000099.safetensors"])
+def test_a_directory_at_a_state_file_name_is_named_by_verify_and_forget(applied, tmp_path, capsys, name):
+    """Stop 56's probe: a directory at the next state file's name (state-000002 after state-000001) made every
+    request fail with "could not write the update ... (Is a directory); ... check free space and write permission",
+    and verify said OK. Now verify lists it and forget refuses naming it, nothing changed."""
+    m = tmp_path / "m"
+    shutil.copytree(applied, m)
+    (m / name).mkdir()
+    before = folder_state(m)
+    want = f"{m / name} is a directory; remove or rename it"
+    res = verify(m)
+    assert not res.ok and any(p.startswith(want) for p in res.problems), res.problems
+    assert main(["forget", "--model", str(m), "--ids", _ids(tmp_path, "5\n")]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "free space" not in err
+    assert folder_state(m) == before
+    (m / name).rmdir()
+    assert verify(m).ok and forget(m, [5], request_id="T2").applied

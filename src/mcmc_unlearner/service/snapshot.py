@@ -344,6 +344,7 @@ def _read_rest(snap: Snapshot) -> None:
                 for p in chain
             ]
         snap.problems += _restored_lines(root, manifest, read.lines[count:])
+    snap.problems += _obstacles(root, manifest["state_file"])
     if manifest["data_spec"].get("kind") == "tensors":
         try:
             draw = fsio.read_regular(root, DATA_FILE, what="data file")
@@ -357,6 +358,23 @@ def _read_rest(snap: Snapshot) -> None:
                     snap.stored_data = parse_tensors(draw, root / DATA_FILE)
                 except StoreError as exc:
                     snap.problems.append(str(exc))
+
+
+def _obstacles(root: Path, current: str) -> list[str]:
+    """Directories at state-file names other than the current one: recovery cannot remove them, and the one at the
+    next state file's name made every request fail with "check free space and write permission" while verify said
+    OK (stop 56's probe)."""
+    out = []
+    for name in fsio.list_names(root):
+        if name == current or not is_state_file(name):
+            continue
+        with contextlib.suppress(OSError):
+            if stat_mod.S_ISDIR(os.lstat(root / name).st_mode):
+                out.append(
+                    f"{root / name} is a directory; remove or rename it: a model folder holds regular files only, "
+                    "and a directory at a state file's name blocks the state file a request writes"
+                )
+    return out
 
 
 def _restored_lines(root: Path, manifest: dict[str, Any], pending: list[bytes]) -> list[str]:
