@@ -130,6 +130,23 @@ def test_write_failure_mid_commit_leaves_no_orphan(model, tmp_path, capsys, monk
     assert folder_state(model)[1] == before[1]  # every file as it was, no orphan state file
 
 
+def test_write_failure_after_recovery_says_what_recovery_removed(model, tmp_path, capsys, monkeypatch):
+    """Stop 56's probe: a request that first cleaned up an interrupted request's debris and then failed to write
+    said "nothing was changed"; it now says what the cleanup removed (the model itself is unchanged)."""
+    shutil.copy(model / "state-000000.safetensors", model / "state-000007.safetensors")  # an orphan state file
+
+    def fail(*a, **k):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(fsio, "append_bytes", fail)
+    assert main(["forget", "--model", str(model), "--ids", _file(tmp_path, "5")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not write the update" in err and "File too large" in err
+    assert "nothing was changed" not in err and "the model is unchanged" in err
+    assert "removed 'state-000007.safetensors'" in err
+    assert not (model / "state-000007.safetensors").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root overrides file permissions")
 def test_really_read_only_folder(model, tmp_path, capsys):  # pragma: no cover - runs for non-root users
     os.chmod(model / "ledger.jsonl", 0o444)

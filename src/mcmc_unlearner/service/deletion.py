@@ -412,8 +412,31 @@ def forget(
                 )
             fsio.check_same_folder(root, locked)  # writes go by path: still the locked folder (not moved/replaced)?
             recovered = checkpoint.recover(root, snap)  # roll back crash debris, now that the request is good
-            written = checkpoint.commit_update(loaded, entry, unlearner=un)
+            try:
+                written = checkpoint.commit_update(loaded, entry, unlearner=un)
+            except StoreError as exc:
+                raise _with_recovery(exc, recovered) from None
     return ForgetOutcome(True, rid, written, report, recovered, loaded.head, quality)
+
+
+def _with_recovery(exc: StoreError, recovered: Mapping[str, Any]) -> StoreError:
+    """A failed commit's error, saying what :func:`~.checkpoint.recover` removed before it: "nothing was changed"
+    alone was said after the crash debris of an earlier request had been rolled back (stop 56's probe)."""
+    rolled, removed = recovered.get("rolled_back") or [], recovered.get("removed_files") or []
+    text = str(exc)
+    if not (rolled or removed) or "nothing was changed" not in text:
+        return exc
+    done = []
+    if rolled:
+        done.append(f"rolled back {len(rolled)} uncommitted ledger line(s) ({', '.join(map(ascii, rolled[:3]))})")
+    if removed:
+        done.append(f"removed {', '.join(map(ascii, removed[:5]))}")
+    said = (
+        "the model is unchanged, but first the crash debris of an interrupted earlier request was cleaned up ("
+        + "; ".join(done)
+        + ")"
+    )
+    return type(exc)(text.replace("nothing was changed", said, 1))
 
 
 # ---------------------------------------------------------------------------------------------- status
