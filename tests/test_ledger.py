@@ -145,6 +145,21 @@ def test_verify_reports_state_mismatch(m):
     assert any("after_sha256" in p for p in res.problems)
 
 
+@pytest.mark.parametrize("lines", [1, 3])
+def test_more_appended_lines_than_a_crash_leaves_are_not_blamed_on_one(m, lines):
+    """Stop 56's probe: three appended garbage lines were noted as "uncommitted ledger line(s) from an interrupted
+    request", though a crash leaves at most one."""
+    with open(m / "ledger.jsonl", "ab") as f:
+        f.write(b"garbage\n" * lines)
+    res = verify(m)
+    assert res.ok and f"{lines} uncommitted ledger line" in res.notes[0]
+    if lines == 1:
+        assert "from an interrupted request" in res.notes[0]
+    else:
+        assert "from an interrupted request" not in res.notes[0]
+        assert "more than an interrupted request leaves" in res.notes[0] and "something else appended" in res.notes[0]
+
+
 def test_torn_tail_is_a_note_and_recover_rolls_it_back(m, capsys):
     before = (m / "ledger.jsonl").read_bytes()
     with open(m / "ledger.jsonl", "ab") as f:
