@@ -101,3 +101,90 @@ def test_the_likelihood_detection_names_a_random_forward_not_the_loss() -> None:
     said = empirical_fallback_message(extra["reason"], (16, 3))
     assert "model.eval()" in said and "likelihood='categorical'" not in said
     assert detect_likelihood(model.eval(), _nll, (x, y))[0] is Likelihood.CATEGORICAL
+
+
+class InPlaceClamp(nn.Module):
+    """A weight constraint written into the forward, in place (stop 56's probe: torch's raw view error, and the
+    caller's weight changed by up to 0.53)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.a.weight.clamp_(-0.3, 0.3)
+        return self.b(torch.tanh(self.a(x)))
+
+
+class OnlineNorm(nn.Module):
+    """An input normaliser that updates its running mean on every call, eval mode included (stop 56's probe:
+    refused as a random forward, the buffer left changed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(5))
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.mu.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.b(torch.tanh(self.a(x - self.mu)))
+
+
+def _bank_copy(bank: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in s.items()} for s in bank]
+
+
+def _same_bank(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return all(torch.equal(s[k], t[k]) for s, t in zip(a, b) for k in s)
+
+
+@pytest.mark.parametrize("case", ["clamp", "online_norm"])
+def test_a_forward_that_writes_into_the_model_is_refused_and_nothing_changes(case: str) -> None:
+    """A forward writing into a parameter (an in-place constraint) or, in eval mode, into a buffer it reads is refused
+    naming the entry; afterwards every parameter and buffer of the caller's model and the caller's bank are
+    bit-identical to before (they were changed by up to 0.53 and 0.03 in stop 56's probe)."""
+    torch.manual_seed(0)
+    model = InPlaceClamp() if case == "clamp" else OnlineNorm().eval()
+    x, y = torch.randn(60, 5) + 1.0, torch.randint(3, (60,))
+    params = dict(model.named_parameters())
+    bank = [{k: v + 0.3 * torch.randn_like(v) if k in params else v for k, v in model.state_dict().items()}]
+    bank += [{k: v + 0.3 * torch.randn_like(v) if k in params else v for k, v in bank[0].items()} for _ in range(3)]
+    with torch.no_grad():
+        model.a.weight.copy_(bank[-1]["a.weight"])  # the live weights outside the clamp, as a chain leaves them
+    state, _ = _state(model)
+    given = _bank_copy(bank)
+    un = MCMCUnlearner(
+        model, None, nll=_nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank
+    )
+    flat = un.bank.clone()
+    name, fix = ("a.weight", "out of place") if case == "clamp" else ("mu", "only in training mode")
+    with pytest.raises(ValueError, match=rf"writes into {name} in place.*{fix}"):
+        un.remove((x[:5], y[:5]), (x[5:], y[5:]))
+    after, _ = _state(model)
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    assert _same_bank(bank, given) and torch.equal(un.bank, flat) and not un.history
+
+
+def test_an_eval_mode_counter_buffer_the_output_ignores_passes() -> None:
+    """A buffer written in eval mode that the output does not read (a call counter) is no defect: accepted."""
+
+    class Counted(FunctionalDropout):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = Counted().eval()
+    x, y = torch.randn(60, 5), torch.randint(3, (60,))
+    bank = [{k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items() if k != "calls"} for _ in range(4)]
+    un = MCMCUnlearner(
+        model, None, nll=_nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank
+    )
+    un._check_forward((x[:5], y[:5]))
+    assert un._forward_checked

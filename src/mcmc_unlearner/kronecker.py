@@ -147,7 +147,8 @@ def _first_forward_hook(by_module: dict, hook: Callable) -> Any:
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit."""
+    """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit (only the
+    tensors whose values changed are written back, so an unchanged one keeps its version counter)."""
     params = list(model.parameters())
     saved_p = [p.detach().clone() for p in params]
     saved_g = [p.grad for p in params]
@@ -159,10 +160,9 @@ def preserved(model: nn.Module) -> Iterator[None]:
             yield
         finally:
             with torch.no_grad():
-                for p, v in zip(params, saved_p):
-                    p.copy_(v)
-                for b, v in zip(buffers, saved_b):
-                    b.copy_(v)
+                for t, v in zip(params + buffers, saved_p + saved_b):
+                    if not torch.equal(t, v):
+                        t.copy_(v)
             for p, g in zip(params, saved_g):
                 p.grad = g
 

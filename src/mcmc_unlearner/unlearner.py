@@ -2187,11 +2187,15 @@ class MCMCUnlearner:
         reported with what ``remove`` expects. One forward pass without gradients, on every request: a later
         request's malformed rows (a label column, another dtype) failed with torch's own words, or not at all (stop
         48's probe). Skipped for a model in training mode with buffers (a forward would update e.g. BatchNorm
-        statistics; their two-pass probe runs once); the global RNG is left as it was. ``role="remaining"``:
-        a remaining-data minibatch, with messages about that data, once (``again``: also after that, as each
-        :meth:`fit` does); the first request still checks its removed rows (:meth:`fit` had made it skip them, and rows
-        given as indices then failed with torch's dtype error).
+        statistics; their two-pass probe runs once); the model's parameters, buffers and ``.grad`` and the global RNG
+        are left as they were (:func:`~mcmc_unlearner.kronecker.preserved`: a forward that writes into them in place,
+        refused by :meth:`_check_forward`, changed the caller's weights by up to 0.53 in stop 56's probe).
+        ``role="remaining"``: a remaining-data minibatch, with messages about that data, once (``again``: also after
+        that, as each :meth:`fit` does); the first request still checks its removed rows (:meth:`fit` had made it
+        skip them, and rows given as indices then failed with torch's dtype error).
         """
+        from .kronecker import preserved
+
         removed = role == "removed"
         if self._remaining_nll_checked and not removed and not again:
             return
@@ -2204,7 +2208,7 @@ class MCMCUnlearner:
         step = self._check_nll_rows(batch)  # rows per pass: all of them unless the budget asks for fewer
         rows = min(step, k)
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with preserved(self.model), torch.no_grad():
                 if rows == k:  # one pass, as always
                     out = self.nll(self.model, batch)
                 else:
@@ -2256,8 +2260,10 @@ class MCMCUnlearner:
         give a comparable shape, the pass's own, said as such."""
         if rows >= k:
             return list(shape)
+        from .kronecker import preserved
+
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with preserved(self.model), torch.no_grad():
                 out = self.nll(self.model, tuple(t[: rows - 1] for t in batch))
             fewer = list(out.shape) if isinstance(out, torch.Tensor) else None
         except ValueError as e:  # _one_per_row's: the shape it refused
@@ -2353,6 +2359,12 @@ class MCMCUnlearner:
 
         Refused (``ValueError``, nothing changed) where
 
+        * one call with the module holding a stored sample writes into a parameter in place (its values or its
+          version counter change: ``with torch.no_grad(): self.l1.weight.clamp_(-c, c)``), or into a buffer of an
+          eval-mode module that the output reads (an online normaliser's running mean; a counter the output ignores
+          passes): under ``functional_call`` such a write changes the sample or fails (stop 56's probe: torch's raw
+          view error, the caller's weight changed by 0.53; the buffer refused as "random" and left changed), named
+          before the random-forward test below (:meth:`_forward_writes`);
         * two evaluations at the same parameters differ: the forward pass is random (``F.dropout(h, p,
           training=self.training)`` with the model in training mode, which :func:`_check_mode` cannot see by type:
           stop 55's probe passed with ``problems=[]``, the removed class's test error 0.40 against 1.00 in eval mode);
@@ -2379,7 +2391,25 @@ class MCMCUnlearner:
         rows = _head(tuple(batch), FORWARD_CHECK_ROWS)
         live = ParamSpec.flatten_module(self.model)
         tol = FORWARD_CHECK_EPS * torch.finfo(live.dtype).eps
-        random_gap = grad_gap = 0.0  # 0: agrees (or not checkable here: the request reports a failing nll itself)
+        theta = self._forward_check_sample(live)
+        written, moved = self._forward_writes(rows, theta)
+        # every rank refuses alike (a rank without removed rows has nothing to see)
+        if float(self._reduce_max(torch.tensor([float(bool(written or moved))], dtype=torch.float64))[0]):
+            names = written + moved
+            raise ValueError(
+                f"the forward pass writes into {', '.join(names[:4]) or 'a parameter or buffer'}"
+                f"{', ...' if len(names) > 4 else ''} in place: the unlearner evaluates every stored sample through "
+                "torch.func.functional_call, where such a write changes the sample (or fails), and every evaluation "
+                "would see another network. "
+                + (
+                    "Apply the constraint out of place (w = self.layer.weight.clamp(-c, c), then "
+                    "F.linear(x, w, self.layer.bias), or torch.nn.utils.parametrize)"
+                    if written
+                    else "Update the buffer only in training mode (if self.training: ...), and call model.eval()"
+                )
+                + "; nothing was changed"
+            )
+        random_gap = grad_gap = 0.0  # 0: agrees (or not checkable here: the request reports a failing nll)
         try:
             with preserved(self.model), torch.no_grad():
                 a, b = (self.nll(self.model, rows).detach().double() for _ in range(2))
@@ -2388,7 +2418,6 @@ class MCMCUnlearner:
         except Exception:  # the request reports a failing nll with its own message
             pass
         if not random_gap:
-            theta = self._forward_check_sample(live)
             try:
                 with preserved(self.model), torch.enable_grad():
                     t = theta.clone().requires_grad_(True)
@@ -2435,6 +2464,50 @@ class MCMCUnlearner:
             )
         self._forward_checked = True
 
+    def _forward_writes(self, rows: Batch, theta: torch.Tensor) -> tuple[list[str], list[str]]:
+        """The parameters, and the buffers, one ``nll`` call on ``rows`` writes into in place, the module holding the
+        stored sample ``theta`` (:meth:`_check_forward`): a parameter whose values or version counter change (a
+        write that leaves its values as they were still writes into the sample under ``functional_call``); a buffer
+        of a module in eval mode whose values change and whose change moves a second call's output (a counter the
+        output ignores passes; a training-mode module's buffers are :meth:`_check_buffers_stable`'s). Everything is
+        put back (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request."""
+        from .kronecker import preserved
+
+        with preserved(self.model), torch.no_grad():
+            try:
+                ParamSpec.assign(self.model, theta)
+            except Exception:  # the request reports a model it cannot load
+                return [], []
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+            buffers = {
+                f"{name}.{b}" if name else b: t
+                for name, m in self.model.named_modules(remove_duplicate=False)
+                if not m.training
+                for b, t in m.named_buffers(recurse=False)
+                if t is not None and t.layout == torch.strided
+            }
+            before = {k: (t._version, t.detach().clone()) for k, t in {**params, **buffers}.items()}
+            rng = torch.get_rng_state()
+            try:
+                first = self.nll(self.model, rows)
+            except Exception:  # the request reports a failing nll with its own message
+                return [], []
+            changed = {
+                k: t._version != before[k][0] or not torch.equal(t, before[k][1])
+                for k, t in {**params, **buffers}.items()
+            }
+            written = [k for k in params if changed[k]]
+            moved = [k for k in buffers if changed[k] and not torch.equal(buffers[k], before[k][1])]
+            if moved:
+                torch.set_rng_state(rng)  # the same random draws: only the buffers differ
+                try:
+                    second = self.nll(self.model, rows)
+                except Exception:
+                    second = None
+                if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and torch.equal(first, second):
+                    moved = []
+        return written, moved
+
     def _forward_check_sample(self, live: torch.Tensor) -> torch.Tensor:
         """A point other than ``live`` to compare gradients at (:meth:`_check_forward`): the first bank sample that
         differs from it, else ``live`` moved by a seeded tenth of its mean size."""
@@ -2453,13 +2526,15 @@ class MCMCUnlearner:
         would see another network. Two forward passes on the removed rows tell: refused when a buffer changed and
         the second pass's output differs from the first's (a step counter that the output ignores passes). The
         buffers and the global RNG are left as they were."""
+        from .kronecker import preserved
+
         before = {
             k: b.detach().clone()
             for k, b in self.model.named_buffers(remove_duplicate=False)
             if b.layout == torch.strided
         }
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with preserved(self.model), torch.no_grad():
                 rng = torch.get_rng_state()  # the second pass draws the same dropout masks as the first
                 first = self.nll(self.model, batch)
                 changed = [
