@@ -132,12 +132,117 @@ class OnlineNorm(nn.Module):
         return self.b(torch.tanh(self.a(x - self.mu)))
 
 
+def _over_batch(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1], reduction="none") / len(b[1])
+
+
+def _balanced(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1], reduction="none") / torch.bincount(b[1], minlength=3)[b[1]]
+
+
+def _in_batch_softmax(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return -F.log_softmax(m(b[0])[:, 0], 0)
+
+
 def _bank_copy(bank: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     return [{k: v.clone() for k, v in s.items()} for s in bank]
 
 
 def _same_bank(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
     return all(torch.equal(s[k], t[k]) for s, t in zip(a, b) for k in s)
+
+
+@pytest.mark.parametrize(
+    "nll, rows",
+    [(_over_batch, 5), (_over_batch, 1), (_balanced, 5), (_in_batch_softmax, 5)],
+    ids=["over_batch", "over_batch_one_row", "batch_class_weights", "in_batch_softmax"],
+)
+def test_an_nll_whose_rows_depend_on_the_batch_is_refused(nll, rows: int) -> None:
+    """Per-row values divided by the batch size (stop 56's probe: accepted with problems=[], the removed rows moved
+    0.09 of the way where the correct nll moved them 0.79), batch-counted class weights and an in-batch softmax give
+    a row another value in another batch; one removed row is evaluated alone and doubled."""
+    torch.manual_seed(0)
+    model = FunctionalDropout().eval()
+    x, y, bank = _setup(model)
+    state, _ = _state(model)
+    given = _bank_copy(bank)
+    un = MCMCUnlearner(
+        model, None, nll=nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank
+    )
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"depends on the other rows of its batch.*reduction='none'"):
+        un.remove((x[:rows], y[:rows]), (x[rows:], y[rows:]))
+    assert torch.equal(torch.get_rng_state(), rng) and not un.history and _same_bank(bank, given)
+    after, _ = _state(model)
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    # the same loss per row: accepted
+    un = MCMCUnlearner(
+        model, None, nll=_nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank
+    )
+    un.propose((x[:rows], y[:rows]), (x[rows:], y[rows:]))
+    assert un._forward_checked
+
+
+def test_row_dependence_on_ordinary_models_is_rounding() -> None:
+    """The check's measure on models whose rows are independent (an eval-mode BatchNorm, a packed LSTM, attention
+    with a padding mask; float32 and float64) stays far below the tolerance it refuses at."""
+    from mcmc_unlearner.curvature import ParamSpec
+    from mcmc_unlearner.unlearner import FORWARD_CHECK_EPS
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.r, self.o = nn.Embedding(20, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+            p = nn.utils.rnn.pack_padded_sequence(self.e(x), lens, batch_first=True, enforce_sorted=False)
+            return self.o(self.r(p)[1][0][-1])
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.o = nn.Embedding(20, 16), nn.Linear(16, 3)
+            self.a = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+            pad = torch.arange(x.shape[1])[None] >= lens[:, None]
+            h = self.e(x)
+            h = self.a(h, h, h, key_padding_mask=pad)[0]
+            return self.o((h * (~pad)[..., None]).sum(1) / lens[:, None])
+
+    def seq_nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(m(b[0], b[1]), b[2], reduction="none")
+
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    bn(torch.randn(64, 5))  # running statistics of its own
+    lens = torch.randint(2, 9, (8,))
+    toks = torch.randint(1, 20, (8, 8)) * (torch.arange(8)[None] < lens[:, None])
+    cases = [
+        (bn, _nll, (torch.randn(8, 5), torch.randint(3, (8,)))),
+        (Packed(), seq_nll, (toks, lens, torch.randint(3, (8,)))),
+        (Masked(), seq_nll, (toks, lens, torch.randint(3, (8,)))),
+    ]
+    for dtype in (torch.float32, torch.float64):
+        for model, nll, batch in cases:
+            model = model.to(dtype).eval()
+            batch = tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)
+            params = dict(model.named_parameters())
+            bank = [
+                {k: v + 0.3 * torch.randn_like(v) if k in params else v for k, v in model.state_dict().items()}
+                for _ in range(3)
+            ]
+            un = MCMCUnlearner(
+                model, None, nll=nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank
+            )
+            theta = un._forward_check_sample(ParamSpec.flatten_module(model))
+            tol = FORWARD_CHECK_EPS * torch.finfo(dtype).eps
+            for i in (0, 4, 7):
+                gap = un._row_dependence(tuple(t[i : i + 4] for t in batch), theta, 0.0)
+                assert gap < tol / 50, (type(model).__name__, dtype, gap)
+            # the whole first request's checks pass
+            un._check_forward(batch)
+            assert un._forward_checked
 
 
 @pytest.mark.parametrize("case", ["clamp", "online_norm"])
