@@ -14,8 +14,11 @@ Every operator is checked against a dense float64 reference in ``tests/test_curv
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,8 +26,30 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_JVP_DECOMPOSITIONS = False
+
+
+def jvp(func: Callable[..., Any], primals: tuple, tangents: tuple, **kwargs: Any) -> Any:
+    """:func:`torch.func.jvp`, with torch's forward-mode decompositions loaded first with their deprecation warnings
+    silenced. torch (2.13) imports ``torch._decomp.decompositions_for_jvp`` on the first ``make_dual`` of a process,
+    under the same condition as here, and that module scripts 18 functions with ``torch.jit.script``, each warning
+    "``torch.jit.script`` is deprecated" from inside torch (a first request showed 18 of them). The same module,
+    imported a moment earlier: the numbers are the same; only that warning, during that import, is silenced."""
+    global _JVP_DECOMPOSITIONS
+    if not _JVP_DECOMPOSITIONS:
+        _JVP_DECOMPOSITIONS = True
+        if os.environ.get("PYTORCH_JIT", "1") == "1" and __debug__:  # torch.autograd.forward_ad's own condition
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", DeprecationWarning)
+                try:
+                    importlib.import_module("torch._decomp.decompositions_for_jvp")
+                except Exception:  # torch imports it itself at the jvp below, as before
+                    pass
+    return torch.func.jvp(func, primals, tangents, **kwargs)
+
 
 __all__ = [
     "LowRankPreconditioner",

@@ -105,9 +105,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
 from .backends.base import CurvatureBackend, NegativeCurvatureError
+from .curvature import jvp
 from .options import DampingShape, ScreenMode, check_damping, is_bool, is_integer, is_number  # noqa: F401
 from .solvers import SolveResult
 
