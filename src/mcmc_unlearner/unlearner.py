@@ -2405,14 +2405,16 @@ class MCMCUnlearner:
             names = written + moved
             raise ValueError(
                 f"the forward pass writes into {', '.join(names[:4]) or 'a parameter or buffer'}"
-                f"{', ...' if len(names) > 4 else ''} in place: the unlearner evaluates every stored sample through "
-                "torch.func.functional_call, where such a write changes the sample (or fails), and every evaluation "
-                "would see another network. "
+                f"{', ...' if len(names) > 4 else ''} in place: "
                 + (
-                    "Apply the constraint out of place (w = self.layer.weight.clamp(-c, c), then "
-                    "F.linear(x, w, self.layer.bias), or torch.nn.utils.parametrize)"
+                    "the unlearner evaluates every stored sample through torch.func.functional_call, where such a "
+                    "write changes the sample (or fails). Apply the constraint out of place (w = "
+                    "self.layer.weight.clamp(-c, c), then F.linear(x, w, self.layer.bias), or "
+                    "torch.nn.utils.parametrize)"
                     if written
-                    else "Update the buffer only in training mode (if self.training: ...), and call model.eval()"
+                    else "the model is in eval mode and its output reads that buffer, so every evaluation the "
+                    "unlearner makes would see another network. Update the buffer only in training mode (if "
+                    "self.training: ...)"
                 )
                 + "; nothing was changed"
             )
