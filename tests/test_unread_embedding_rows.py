@@ -408,3 +408,74 @@ def test_the_removed_terms_error_leaves_the_drawn_entries_out() -> None:
     assert base.drawing(torch.tensor([1, 2])).removed_stderr() == 0.0
     one = base.drawing(torch.tensor([2])).removed_stderr()
     assert one == pytest.approx(float((noise[:, 1].var() / 6).sqrt()), rel=1e-12)
+
+
+class _LM(nn.Module):
+    """A next-token model with a wide head: what a call saves per row is its ``[T, V]`` log-probabilities."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 4)
+        self.out = nn.Linear(4, vocab)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(t)))
+
+
+def test_the_unread_rows_passes_are_planned_under_the_budget_as_a_gradient_is(monkeypatch, caplog) -> None:
+    """The chunks of ``rows_read`` (no-grad forward over the ``[rows, T, V]`` logits) and ``rows_with_gradient``
+    (forward and backward) are planned at ``GRAD_SAVED_FACTOR`` times what a call saves beside the gradient's
+    copies of the parameters, within the budget: sized at once the saved bytes (``budget // row bytes``, 204 rows
+    here), a 50,000-word head's chunks took 3x the budget. A pass running past ``PROGRESS_EVERY_S`` says how far
+    it got at INFO."""
+    import logging
+
+    import mcmc_unlearner.unlearner as unlearner_module
+
+    vocab, n = 500, 300
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 300, (n, 9), generator=g)
+    x[:10, 4] = 0  # token 0: read by the removed rows alone
+
+    def nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        logits = m(b[0][:, :-1])
+        return F.cross_entropy(logits.reshape(-1, vocab), b[0][:, 1:].reshape(-1), reduction="none").view(-1, 8).sum(1)
+
+    torch.manual_seed(0)
+    model = _LM(vocab)
+    bank = [{k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(2)]
+    chunks: dict[str, list[int]] = {"read": [], "gradient": []}
+    real_read, real_grad = unread.rows_read, unread.rows_with_gradient
+
+    def read(*a, **k):
+        chunks["read"].append(a[4])
+        return real_read(*a, **k)
+
+    def grad(*a, **k):
+        chunks["gradient"].append(a[5])
+        return real_grad(*a, **k)
+
+    monkeypatch.setattr(unread, "rows_read", read)
+    monkeypatch.setattr(unread, "rows_with_gradient", grad)
+    monkeypatch.setattr(unlearner_module, "PROGRESS_EVERY_S", 0.0)
+    budget = 8 * 2**20
+    un = MCMCUnlearner(
+        model, nll=nll, log_prior=_gaussian, bank=bank, seed=0, memory_budget=budget, likelihood="empirical"
+    )
+    with caplog.at_level(logging.INFO, logger="mcmc_unlearner"):
+        prop = un.propose((x[:10],), (x[10:],))
+    assert prop.report.info["embedding_rows"].startswith("drawn: emb.weight[0"), prop.report.info["embedding_rows"]
+    assert len(chunks["read"]) == 3 and len(chunks["gradient"]) == 1, chunks
+    row, call = un._row_bytes, un._call_bytes
+    assert row >= 8 * vocab * 4  # the [T, V] log-probabilities are among what a call saves
+    chunk = chunks["read"][0]
+    assert all(c == chunk for c in chunks["read"] + chunks["gradient"]), chunks
+    planned = unlearner_module.GRAD_SAVED_FACTOR * (row * chunk + call) + unlearner_module.GRAD_COPIES * un.spec.dim * 4
+    assert planned <= budget < planned + unlearner_module.GRAD_SAVED_FACTOR * row, (planned, budget, row, chunk)
+    assert 3 * chunk <= budget // row  # the one-times sizing's chunk (three times this one)
+    # the 290 remaining rows take several passes, their progress logged at INFO
+    lines = [r for r in caplog.records if r.getMessage().startswith("embedding rows:")]
+    assert any(f"{chunk} of 290 rows read in this pass" in r.getMessage() for r in lines), [
+        r.getMessage() for r in lines
+    ]
+    assert all(r.levelno == logging.INFO for r in lines)

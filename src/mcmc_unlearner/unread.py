@@ -110,6 +110,7 @@ def rows_read(
     rows: Batch,
     chunk: int = UNREAD_ROWS,
     watch: list[torch.Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[torch.Tensor]:
     """Which rows of each table the forward pass of ``f(θ, *rows)`` feeds to its module (a forward hook).
 
@@ -120,6 +121,7 @@ def rows_read(
         rows: The data rows, read ``chunk`` at a time.
         chunk: Rows per forward pass.
         watch: A boolean mask per table: stop reading once every row marked there has been read.
+        progress: Called with the rows read and the rows given after each pass (``None``: not called).
 
     Returns:
         A boolean mask ``[rows]`` per table (the ``padding_idx`` row never marked).
@@ -145,6 +147,8 @@ def rows_read(
         with torch.no_grad():
             for i in range(0, int(rows[0].shape[0]), chunk):
                 f(theta, *(r[i : i + chunk] for r in rows))
+                if progress is not None:
+                    progress(min(i + chunk, int(rows[0].shape[0])), int(rows[0].shape[0]))
                 if watch is not None and all(bool((s | ~w).all()) for s, w in zip(seen, watch)):
                     break
     finally:
@@ -157,11 +161,18 @@ def rows_read(
 
 
 def rows_with_gradient(
-    f: Callable[..., torch.Tensor], theta: torch.Tensor, rows: Batch, index: torch.Tensor, width: int, chunk: int
+    f: Callable[..., torch.Tensor],
+    theta: torch.Tensor,
+    rows: Batch,
+    index: torch.Tensor,
+    width: int,
+    chunk: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Which of the embedding rows whose flat entries are ``index`` (``width`` per row, row by row) the summed NLL
     ``Σ f(θ, *rows)`` has a gradient other than exactly zero along (NaN counts as not zero): a weight read outside
-    its module. Stops once every row has one."""
+    its module. Stops once every row has one. ``chunk`` rows per forward and backward pass; ``progress`` is called
+    with the rows done and the rows given after each."""
     found = torch.zeros(index.numel() // max(width, 1), dtype=torch.bool)
     for i in range(0, int(rows[0].shape[0]), chunk):
         with torch.enable_grad():
@@ -170,6 +181,8 @@ def rows_with_gradient(
         if g is None:
             break
         found |= (g[index.to(g.device)].detach().cpu() != 0).view(-1, width).any(1)
+        if progress is not None:
+            progress(min(i + chunk, int(rows[0].shape[0])), int(rows[0].shape[0]))
         if bool(found.all()):
             break
     return found
