@@ -75,3 +75,44 @@ def test_kfac_curvature_does_not_depend_on_how_often_nll_calls_the_model():
         shifts.append(un.remove((X[forget], Y[forget]), (X[keep], Y[keep])).shift_norm)
     # was 0.0411 (one call) against 0.0051 (two calls): the duplicate call counted as a second location
     assert abs(shifts[1] - shifts[0]) <= 1e-3 * shifts[0]
+
+
+def test_kfac_scale_draws_its_probes_in_the_working_dtype_with_the_same_numbers(monkeypatch) -> None:
+    """``KFACBackend.scale``'s Rademacher probes are drawn in the working dtype (``torch.randint`` returned int64,
+    then ``* 2 - 1`` made more int64 copies: 1 GiB beside a 256 MiB float32 probe matrix on a 4096² Linear), and
+    ``tr K / D`` is the int64-drawn probes' to the bit (the damping search starts where it did)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
+
+    def nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def log_prior(m: nn.Module) -> torch.Tensor:
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, solver="kfac", damping_shape="data")
+    un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    backend = un.curvature
+    backend._pending, backend._scale, backend._probes, backend._n = (backend.kfac, backend.age), None, None, 110
+    drawn = []
+    real = torch.randint
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        drawn.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch, "randint", spy)
+    scale = backend.scale()
+    monkeypatch.setattr(torch, "randint", real)
+    assert drawn == [torch.float32], drawn  # no int64 probe matrix
+    k = backend.kfac
+    z = (torch.randint(0, 2, (k.dim, 4), generator=torch.Generator().manual_seed(0)) * 2 - 1).float()
+    k.n = 0.0
+    prior = float((z * (k @ z)).sum())
+    k.n = 1.0
+    per_row = float((z * (k @ z)).sum()) - prior
+    k.n = 110
+    assert scale == (110 * per_row + prior) / float((z * z).sum())

@@ -163,13 +163,16 @@ class KFACBackend(CurvatureBackend):
 
         ``K = n·K₁ + P`` (data term per row, prior), so the probes' ``zᵀK₁z`` and ``zᵀPz`` are kept with the
         factors and a reused curvature at another ``n`` costs no product (on a 1.2M-parameter ResNet the probes
-        were a quarter of a request that reused its curvature).
+        were a quarter of a request that reused its curvature). The probes are drawn in the working dtype: ``D × 4``
+        numbers, with one product's intermediates beside them.
         """
         if self._scale is None:
             k = self._k
             if self._probes is None or self._probes[0] is not k:
                 g = torch.Generator().manual_seed(0)
-                z = (torch.randint(0, 2, (k.dim, 4), generator=g) * 2 - 1).to(self._dtype)
+                # drawn in the working dtype, ±1 in place: the same numbers as int64 draws mapped and cast (which
+                # held three int64 copies, 1 GiB beside a 256 MiB float32 z on a 4096² Linear)
+                z = torch.randint(0, 2, (k.dim, 4), generator=g, dtype=self._dtype).mul_(2).sub_(1)
                 try:
                     k.n = 0.0
                     prior = float((z * (k @ z)).sum())
