@@ -3361,10 +3361,12 @@ class MCMCUnlearner:
         if batch[0].shape[0] == 0:
             raise InvalidRequestError("deletion request is empty: pass at least one removed point")
         check_finite_batch(batch)
+        # the remaining data's form before any forward pass: a tuple (x, y) of one shape was refused 3.3 s and
+        # 623 MiB into a request on a 16.8M-parameter Linear, after the removed rows' checks
+        stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
         self._check_nll(batch)
         self._check_forward(batch)
         self._take_cg_if_read_outside(batch)  # before the backend's snapshot: a discarded proposal keeps CG whole
-        stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
         held, self._held_first = self._held_first, None
         if held is not None and held[0] is remaining and stream.plain_iterator:
             stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
