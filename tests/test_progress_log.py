@@ -154,3 +154,31 @@ def test_under_torch_distributed_every_line_names_its_rank(tmp_path, caplog):
         )
     said = [r.getMessage() for r in caplog.records if r.name.startswith("mcmc_unlearner")]
     assert any(m.startswith("step:") for m in said) and not any("[rank" in m for m in said)
+
+
+def test_a_long_damping_search_says_at_info_what_its_trials_measured(monkeypatch, caplog) -> None:
+    """A damping search running ``PROGRESS_EVERY_S`` since it began (or since its last such line) logs its latest
+    trial at INFO with what it measured (requests on a 16.8M-parameter Linear went 41-105 s between INFO lines,
+    all inside the search); a short one adds no INFO line, its trials DEBUG lines alone."""
+    import mcmc_unlearner.step as step_module
+
+    monkeypatch.setattr(step_module, "PROGRESS_EVERY_S", 0.0)  # every trial counts as long
+    with caplog.at_level(logging.INFO, logger="mcmc_unlearner"):
+        reports, _ = _sequence(requests=1)
+    lines = [r for r in caplog.records if r.name == "mcmc_unlearner.step" and r.levelno == logging.INFO]
+    trials = reports[0].info["trials"]
+    assert len(lines) == len(trials), ([r.getMessage() for r in lines], trials)
+    for rec, trial in zip(lines, trials):
+        m = re.fullmatch(
+            r"damping search \((\w+) shape\), ([0-9.]+) s in: damping ([0-9.e+-]+), predicted ([0-9.e+-]+), "
+            r"measured ([0-9.e+-]+) ± [0-9.e+-]+, ratio ([0-9.e+-]+|nan): (passed|rejected)",
+            rec.getMessage(),
+        )
+        assert m is not None, rec.getMessage()
+        assert float(m.group(3)) == pytest.approx(trial["damping"], rel=1e-2)
+        assert float(m.group(5)) == pytest.approx(trial["actual"], rel=1e-3, abs=1e-9)
+    monkeypatch.setattr(step_module, "PROGRESS_EVERY_S", float("inf"))  # a short search: DEBUG only
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mcmc_unlearner"):
+        _sequence(requests=1)
+    assert not [r for r in caplog.records if r.name == "mcmc_unlearner.step" and r.levelno >= logging.INFO]

@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -112,7 +113,13 @@ from .curvature import jvp
 from .options import DampingShape, ScreenMode, check_damping, is_bool, is_integer, is_number  # noqa: F401
 from .solvers import SolveResult
 
-log = logging.getLogger(__name__)  # each damping trial at DEBUG
+log = logging.getLogger(__name__)  # each damping trial at DEBUG; a long search's progress at INFO
+
+#: Seconds between the INFO lines of a long pass that otherwise logs at INFO only when it ends: a damping search
+#: running this long since it began or since its last such line says at INFO what its latest trial measured (each
+#: trial is also a DEBUG line); the unread embedding rows' check says how many rows it read. Requests on a
+#: 16.8M-parameter Linear went 41-105 s between INFO lines, all inside the damping search.
+PROGRESS_EVERY_S = 10.0
 
 __all__ = ["DampingControl", "DampingShape", "EnergyCheck", "Measurement", "ScreenMode", "StepOutcome", "labels_spread"]
 
@@ -861,6 +868,8 @@ class DampingControl:
         #: the applied steps' summed NLL rise, its variance and the first request's NLL scale (:meth:`record`;
         #: reported, not judged)
         self.drift: tuple[float, float, float] | None = None
+        self._search_start: float | None = None  # when the current search began (:meth:`_progress`)
+        self._progress_at: float | None = None  # its last INFO line, or its start
 
     @property
     def adaptive(self) -> bool:
@@ -1134,7 +1143,23 @@ class DampingControl:
             "ratio %.3g: %s",
             shape, lam, pred, meas.actual, meas.stderr, meas.draws, meas.rows, ratio, "passed" if ok else "rejected",
         )  # fmt: skip
+        self._progress(shape, lam, pred, meas, ratio, ok)
         return out
+
+    def _progress(self, shape: str, lam: float, pred: float, meas: Measurement, ratio: float, ok: bool) -> None:
+        """One INFO line for a trial made ``PROGRESS_EVERY_S`` or more after the search began or its last INFO
+        line (none in a short search): what the trial measured and how long the search has run."""
+        now = time.perf_counter()
+        if self._search_start is None or self._progress_at is None:  # a trial outside step()
+            self._search_start = self._progress_at = now
+        if now - self._progress_at < PROGRESS_EVERY_S:
+            return
+        self._progress_at = now
+        log.info(
+            "damping search (%s shape), %.1f s in: damping %.3g, predicted %.4g, measured %.4g ± %.2g, ratio %.3g: %s",
+            shape, now - self._search_start, lam, pred, meas.actual, meas.stderr, ratio,
+            "passed" if ok else "rejected",
+        )  # fmt: skip
 
     def _settle(self, out: StepOutcome) -> bool:
         """Make a passed step's pending second measurement (:meth:`_confirm`), if any, and apply its verdict to ``out``
@@ -1195,6 +1220,7 @@ class DampingControl:
         expected credit, the predicted change of the step the noise alone would take (``−ε·x_ε + ½x_εᵀHx_ε``,
         ``x_ε`` its damped solve), is taken off.
         """
+        self._search_start = self._progress_at = time.perf_counter()
         offered = tuple(getattr(backend, "damping_shapes", ("identity",)))
         asked = (self.shape,) if shapes is None else tuple(shapes)
         wanted = [sh for sh in asked if sh in offered] or ["identity"]

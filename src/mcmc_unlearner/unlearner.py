@@ -91,6 +91,7 @@ from .options import flag as _flag
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import (
+    PROGRESS_EVERY_S,
     DampingControl,
     DampingShape,
     EnergyCheck,
@@ -345,11 +346,6 @@ def autocast_in_effect(device: torch.device) -> str | None:
         else:
             on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
     return f"{kind} {str(dtype)[6:]}" if on else None
-
-
-#: Seconds between INFO progress lines of a long pass that otherwise logs only when it ends (the unread embedding
-#: rows' check; the damping search's trials, ``step.PROGRESS_EVERY_S``).
-PROGRESS_EVERY_S = 10.0
 
 
 class _Ticker:
