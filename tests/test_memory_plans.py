@@ -358,3 +358,43 @@ def test_the_shape_a_pass_reports_is_the_shape_of_all_the_rows() -> None:
         assert want[name] in whole, (name, whole)
         for rows in (8, 3):  # passes of 8 and of 3 rows, the size of [B, 3]'s other dimension
             assert message(nll, 500 + rows * 1000) == whole, (name, rows)
+
+
+def test_report_info_memory_gives_the_budget_and_what_each_planning_path_planned(monkeypatch) -> None:
+    """``report.info["memory"]``: the budget, each planning path's largest plan in this request (the per-draw
+    gradients and the safety check, as their own planners return them), their largest, and what the plans leave
+    out; a second request's figures are its own."""
+    x, y = _data(200, 5, 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(8)]
+    grads, checks = [], []
+    real_grad, real_check = U.MCMCUnlearner._grad_plan, U.MCMCUnlearner._check_plan
+
+    def grad_plan(self, *a, **k):
+        out = real_grad(self, *a, **k)
+        grads.append(out[2])
+        return out
+
+    def check_plan(self, thetas, rows):
+        out = real_check(self, thetas, rows)
+        K, D = thetas.shape
+        per = U._HVP_MEMORY_FACTOR * self._call_cost(rows)
+        assert out["row_chunk"] is None  # every row at once at this budget
+        checks.append(U.CHECK_D_COPIES * K * D * thetas.element_size() + out["chunk"] * per)
+        return out
+
+    monkeypatch.setattr(U.MCMCUnlearner, "_grad_plan", grad_plan)
+    monkeypatch.setattr(U.MCMCUnlearner, "_check_plan", check_plan)
+    budget = 64 * 2**20
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, seed=0, memory_budget=budget)
+    report = un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    memory = report.info["memory"]
+    assert memory["budget"] == budget
+    assert grads and checks
+    assert memory["planned"]["gradients"] == max(grads) and memory["planned"]["check"] == max(checks)
+    assert memory["planned_peak"] == max(memory["planned"].values()) <= budget
+    assert "[S, D]" in memory["not_planned"]
+    grads.clear()
+    second = un.remove((x[10:12], y[10:12]), (x[12:], y[12:])).info["memory"]
+    assert second["planned"]["gradients"] == max(grads)

@@ -473,6 +473,7 @@ def test_the_unread_rows_passes_are_planned_under_the_budget_as_a_gradient_is(mo
     planned = unlearner_module.GRAD_SAVED_FACTOR * (row * chunk + call) + unlearner_module.GRAD_COPIES * un.spec.dim * 4
     assert planned <= budget < planned + unlearner_module.GRAD_SAVED_FACTOR * row, (planned, budget, row, chunk)
     assert 3 * chunk <= budget // row  # the one-times sizing's chunk (three times this one)
+    assert prop.report.info["memory"]["planned"]["unread_embedding_rows"] == planned
     # the 290 remaining rows take several passes, their progress logged at INFO
     lines = [r for r in caplog.records if r.getMessage().startswith("embedding rows:")]
     assert any(f"{chunk} of 290 rows read in this pass" in r.getMessage() for r in lines), [

@@ -1925,6 +1925,7 @@ class MCMCUnlearner:
         self._asked: tuple[_Stream, int, Batch] | None = None
         self._asked_chain = False  # the request draws from the live chain: its curvature rows are not a minibatch's
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
+        self._planned: dict[str, int] = {}  # this request's planned bytes per path (report.info["memory"])
         self._remaining_nll_checked = False  # nll read a remaining minibatch (fit's or a request's), once
         self._buffers_checked = False  # a training-mode model's buffers, checked once (_check_buffers_stable)
         self._order_checked = False  # a flat bank's column order, checked against the data on the first request
@@ -2699,6 +2700,7 @@ class MCMCUnlearner:
         per_draw = _HVP_MEMORY_FACTOR * self._call_cost(rows)
         chunk = chunk_for(self.memory_budget, per_draw, K)
         if CHECK_D_COPIES * K * d_bytes + chunk * per_draw <= self.memory_budget:
+            self._plan("check", CHECK_D_COPIES * K * d_bytes + chunk * per_draw)
             return {"chunk": chunk, "row_chunk": None}  # as always: every row at once
         reserve = CHECK_D_COPIES * d_bytes  # x, the summed data and prior gradients, G
         room = self.memory_budget - reserve - CHECK_D_COPIES * d_bytes
@@ -2706,7 +2708,27 @@ class MCMCUnlearner:
         if per_draw > room:
             step = int(max(1, (room - _HVP_MEMORY_FACTOR * self._call_bytes) // (_HVP_MEMORY_FACTOR * self._row_bytes)))
         per = _HVP_MEMORY_FACTOR * self._call_cost(step) + CHECK_D_COPIES * d_bytes
-        return {"chunk": chunk_for(self.memory_budget, per, K, reserve), "row_chunk": min(step, rows)}
+        chunk = chunk_for(self.memory_budget, per, K, reserve)
+        self._plan("check", reserve + chunk * per)
+        return {"chunk": chunk, "row_chunk": min(step, rows)}
+
+    def _plan(self, path: str, nbytes: int) -> None:
+        """Record ``nbytes`` planned by ``path`` in this request (the largest of its plans; ``info["memory"]``)."""
+        self._planned[path] = max(self._planned.get(path, 0), int(nbytes))
+
+    def _memory_info(self) -> dict[str, Any]:
+        """``report.info["memory"]``: the budget, the bytes each planning path of the request planned at most
+        (``planned``: ``gradients`` per-draw gradients, ``check`` the safety check, ``unread_embedding_rows``),
+        their largest (``planned_peak``) and what is held outside the plans (``not_planned``)."""
+        return {
+            "budget": int(self.memory_budget),
+            "planned": dict(self._planned),
+            "planned_peak": max(self._planned.values(), default=0),
+            "not_planned": (
+                "the bank's moved copies ([S, D] each: the damping search's trials and the shifted bank, about "
+                "2.5-3 GB at S = 8, D = 16.8M) beside the bank itself"
+            ),
+        }
 
     def _request_floor(self, rows: int = 1) -> int:
         """Bytes the smallest request needs: ``REQUEST_D_COPIES`` copies of the parameters (the live draw, ``G``
@@ -2733,6 +2755,7 @@ class MCMCUnlearner:
         if step < rows:  # the chunk's running sum over the row parts
             per_draw += thetas.shape[1] * thetas.element_size()
         chunk = chunk_for(self.memory_budget, per_draw, thetas.shape[0], reserve)
+        self._plan("gradients", reserve + chunk * per_draw)
         return chunk, step, reserve + chunk * per_draw
 
     def _grad_chunks(
@@ -3353,6 +3376,7 @@ class MCMCUnlearner:
             SolverDivergedError, MemoryError: the computation could not be done (nothing changed).
         """
         t0 = time.perf_counter()
+        self._planned = {}
         batch = _as_batch(batch, "the removed data")
         if batch[0].shape[0] == 0:
             raise InvalidRequestError("deletion request is empty: pass at least one removed point")
@@ -3445,6 +3469,7 @@ class MCMCUnlearner:
                     "F.embedding followed by a sum or mean for F.embedding_bag)"
                 ) from exc
             prop.report.info["removed_share"] = share
+            prop.report.info["memory"] = self._memory_info()
             prop.report.info["removed_since_samples"] = gone
             prop._rows_at_samples = start
             prop._cumulative_warned = self._cumulative_warned or gone > CUMULATIVE_REMOVAL
@@ -4451,7 +4476,9 @@ class MCMCUnlearner:
         per_row = GRAD_SAVED_FACTOR * (self._row_bytes or 1)
         from .unread import UNREAD_ROWS
 
-        return chunk_for(self.memory_budget, per_row, UNREAD_ROWS, reserve)
+        chunk = chunk_for(self.memory_budget, per_row, UNREAD_ROWS, reserve)
+        self._plan("unread_embedding_rows", reserve + chunk * per_row)
+        return chunk
 
     def _draw_unread_embedding_rows(
         self, batch: Batch, stream: _Stream, live: torch.Tensor, bank: torch.Tensor | None, info: dict[str, Any]
