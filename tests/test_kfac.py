@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -116,3 +117,44 @@ def test_kfac_scale_draws_its_probes_in_the_working_dtype_with_the_same_numbers(
     per_row = float((z * (k @ z)).sum()) - prior
     k.n = 110
     assert scale == (110 * per_row + prior) / float((z * z).sum())
+
+
+def test_kfac_scale_multiplies_its_probes_a_few_columns_at_a_time_where_all_do_not_fit(monkeypatch) -> None:
+    """Where the four probe columns and a product's copies of them do not fit the memory budget, ``scale`` takes
+    the products a column at a time, within the budget (a 4096² Linear's four at once grew the resident set by
+    1270 MiB under a 1 GiB budget), and estimates the same ``tr K / D`` to rounding; at the request's budget it
+    takes all four at once, as before."""
+    from mcmc_unlearner.backends import kfac as kfac_module
+    from mcmc_unlearner.kronecker import KroneckerCurvature
+
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
+
+    def nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def log_prior(m: nn.Module) -> torch.Tensor:
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, solver="kfac", damping_shape="data")
+    un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    backend = un.curvature
+    widths = []
+    real = KroneckerCurvature.__matmul__
+    monkeypatch.setattr(KroneckerCurvature, "__matmul__", lambda k, v: widths.append(v.shape[1]) or real(k, v))
+    scales, seen = {}, {}
+    column = backend.kfac.dim * 4
+    for budget in (backend._budget, (kfac_module.SCALE_PROBES + kfac_module.SCALE_COLUMN_COPIES) * column):
+        backend._pending, backend._scale, backend._probes, backend._n = (backend.kfac, backend.age), None, None, 110
+        backend._budget = budget
+        widths.clear()
+        scales[budget] = backend.scale()
+        seen[budget] = list(widths)
+        cols = widths[0]
+        assert kfac_module.SCALE_PROBES * column + kfac_module.SCALE_COLUMN_COPIES * cols * column <= budget
+    first, tight = scales
+    assert seen[first] == [4, 4]  # the request's budget: all four at once, for zᵀPz and zᵀK₁z
+    assert seen[tight] == [1] * 8  # one column a time: four products for each
+    assert scales[tight] == pytest.approx(scales[first], rel=1e-6)
