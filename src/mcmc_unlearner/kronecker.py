@@ -145,26 +145,103 @@ def _first_forward_hook(by_module: dict, hook: Callable) -> Any:
     return handle
 
 
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place write through ``t`` or a view), ``None`` where it has none
+    (an inference-mode tensor)."""
+    try:
+        return int(t._version)
+    except Exception:
+        return None
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are strided tensors of one device, dtype and shape with bit-identical values
+    (``-0.0`` is not ``0.0``; a NaN equals the same NaN). ``False`` where that cannot be told (another layout: torch
+    compares no sparse tensors); never raises."""
+    try:
+        if a.layout != torch.strided or b.layout != torch.strided:
+            return False
+        if a.device != b.device or a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+        if a.is_floating_point() or a.is_complex():
+            return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        return torch.equal(a, b)
+    except Exception:
+        return False
+
+
+def _restore(t: Tensor, saved: Tensor) -> None:
+    """Write ``saved`` (a private copy) back into ``t``: in place where device, dtype, shape and layout still fit
+    (every alias sees it), else by resetting ``t.data``."""
+    if t.layout == saved.layout and t.device == saved.device and t.dtype == saved.dtype and t.shape == saved.shape:
+        t.copy_(saved)
+    else:
+        t.data = saved
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit (only the
-    tensors whose values changed are written back, so an unchanged one keeps its version counter)."""
+    """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit.
+
+    A tensor is written back where it may have been written to: its version counter changed (an in-place write),
+    it changed device, dtype, shape or layout, it is not strided (torch compares no sparse tensors), or its bits
+    differ (a write through ``.data``, which bumps no counter; ``-0.0`` for ``0.0``); an unchanged tensor keeps its
+    version counter. A module entry reassigned during the block (``self.mu = 0.9 * self.mu + ...``, a parameter
+    replaced or deleted) is set back to the original object. A tensor that cannot be written back is named in a
+    ``RuntimeError`` after all others have been restored (chained to the block's own error, if any).
+    """
     params = list(model.parameters())
-    saved_p = [p.detach().clone() for p in params]
-    saved_g = [p.grad for p in params]
     buffers = list(model.buffers())
-    saved_b = [b.detach().clone() for b in buffers]
+    saved = [(t, _version(t), t.detach().clone()) for t in itertools.chain(params, buffers)]
+    saved_g = [p.grad for p in params]
+    slots = [
+        (m, dict(m._parameters), dict(m._buffers), set(getattr(m, "_non_persistent_buffers_set", ())))
+        for m in model.modules()
+    ]
     cuda = sorted({t.device.index or 0 for t in itertools.chain(params, buffers) if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
+        failed: list[str] = []
+        body_error: BaseException | None = None
         try:
             yield
+        except BaseException as exc:
+            body_error = exc
+            raise
         finally:
+            for m, ps, bs, nonpersistent in slots:
+                for live, orig in ((m._parameters, ps), (m._buffers, bs)):
+                    for k in [k for k in live if k not in orig]:
+                        del live[k]  # added during the block
+                    for k, v in orig.items():
+                        if live.get(k, _MISSING) is not v:
+                            live[k] = v
+                if hasattr(m, "_non_persistent_buffers_set") and m._non_persistent_buffers_set != nonpersistent:
+                    m._non_persistent_buffers_set = nonpersistent
             with torch.no_grad():
-                for t, v in zip(params + buffers, saved_p + saved_b):
-                    if not torch.equal(t, v):
-                        t.copy_(v)
+                for t, version, v in saved:
+                    try:
+                        unchanged = (
+                            version is not None and _version(t) == version and t.layout == torch.strided
+                        ) and same_bits(t, v)
+                        if not unchanged:
+                            _restore(t, v)
+                    except Exception as exc:  # e.g. a tensor resized to another storage type: say so below
+                        failed.append(f"{tuple(v.shape)} {v.dtype} ({type(exc).__name__}: {exc})")
             for p, g in zip(params, saved_g):
                 p.grad = g
+            if failed:
+                msg = (
+                    f"could not restore {len(failed)} parameter(s)/buffer(s) of the model after evaluating it: "
+                    f"{'; '.join(failed[:3])}; the model was changed by its own forward pass: reload it"
+                )
+                if body_error is not None and not isinstance(body_error, Exception):
+                    body_error.add_note(msg)  # an interrupt stays one
+                else:
+                    raise RuntimeError(msg) from body_error
+
+
+_MISSING = object()
 
 
 def _slices(model: nn.Module) -> tuple[ParamSpec, dict[str, slice], dict[int, str]]:
