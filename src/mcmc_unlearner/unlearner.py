@@ -2423,7 +2423,7 @@ class MCMCUnlearner:
             names = written + moved
             raise ValueError(
                 f"the forward pass writes into {', '.join(names[:4]) or 'a parameter or buffer'}"
-                f"{', ...' if len(names) > 4 else ''} in place: "
+                f"{', ...' if len(names) > 4 else ''} in place or by assigning it a new tensor: "
                 + (
                     "the unlearner evaluates every stored sample through torch.func.functional_call, where such a "
                     "write changes the sample (or fails). Apply the constraint out of place (w = "
@@ -2507,39 +2507,51 @@ class MCMCUnlearner:
         self._forward_checked = True
 
     def _forward_writes(self, rows: Batch, theta: torch.Tensor) -> tuple[list[str], list[str]]:
-        """The parameters, and the buffers, one ``nll`` call on ``rows`` writes into in place, the module holding the
+        """The parameters, and the buffers, one ``nll`` call on ``rows`` writes into, the module holding the
         stored sample ``theta`` (:meth:`_check_forward`): a parameter whose values or version counter change (a
-        write that leaves its values as they were still writes into the sample under ``functional_call``); a buffer
-        of a module in eval mode whose values change and whose change moves a second call's output (a counter the
-        output ignores passes; a training-mode module's buffers are :meth:`_check_buffers_stable`'s). Everything is
-        put back (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request."""
-        from .kronecker import preserved
+        write that leaves its values as they were still writes into the sample under ``functional_call``) or that
+        is replaced by another object; a buffer of a module in eval mode whose values change, in place or by
+        assigning it a new tensor (``self.mu = 0.9 * self.mu + ...``: missed and refused as a "random forward" in
+        stop 56's review), and whose change moves a second call's output (a counter the output ignores passes; a
+        training-mode module's buffers are :meth:`_check_buffers_stable`'s). Everything is put back
+        (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request."""
+        from .kronecker import preserved, same_bits
+
+        def entries() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+            buffers = {
+                f"{name}.{b}" if name else b: t
+                for name, m in self.model.named_modules(remove_duplicate=False)
+                if not m.training
+                for b, t in m._buffers.items()
+                if t is not None and t.layout == torch.strided
+            }
+            return params, buffers
 
         with preserved(self.model), torch.no_grad():
             try:
                 ParamSpec.assign(self.model, theta)
             except Exception:  # the request reports a model it cannot load
                 return [], []
-            params = dict(self.model.named_parameters(remove_duplicate=False))
-            buffers = {
-                f"{name}.{b}" if name else b: t
-                for name, m in self.model.named_modules(remove_duplicate=False)
-                if not m.training
-                for b, t in m.named_buffers(recurse=False)
-                if t is not None and t.layout == torch.strided
-            }
-            before = {k: (t._version, t.detach().clone()) for k, t in {**params, **buffers}.items()}
+            params, buffers = entries()
+            before = {k: (t, t._version, t.detach().clone()) for k, t in {**params, **buffers}.items()}
             rng = torch.get_rng_state()
             try:
                 first = self.nll(self.model, rows)
             except Exception:  # the request reports a failing nll with its own message
                 return [], []
-            changed = {
-                k: t._version != before[k][0] or not torch.equal(t, before[k][1])
-                for k, t in {**params, **buffers}.items()
-            }
-            written = [k for k in params if changed[k]]
-            moved = [k for k in buffers if changed[k] and not torch.equal(buffers[k], before[k][1])]
+            params_now, buffers_now = entries()
+            now = {**params_now, **buffers_now}
+
+            def changed(k: str, by_version: bool) -> bool:
+                t, version, values = before[k]
+                new = now.get(k)
+                if new is not t:  # reassigned (or removed)
+                    return new is None or not same_bits(new, values) or by_version
+                return (by_version and t._version != version) or not same_bits(t, values)
+
+            written = [k for k in params if changed(k, True)]
+            moved = [k for k in buffers if changed(k, False)]
             if moved:
                 torch.set_rng_state(rng)  # the same random draws: only the buffers differ
                 try:
