@@ -296,3 +296,41 @@ def test_an_unknown_commit_outcome_rolls_nothing_back(tmp_path, monkeypatch):
     out = deletion.forget(m, IDS, request_id="T1")
     assert out.applied and out.recovered["rolled_back"] == ["T1"]
     assert deletion.status(m)["n_removed"] == len(IDS)
+
+
+def test_an_error_before_the_manifest_rename_is_rolled_back_even_if_the_manifest_is_unreadable(tmp_path, monkeypatch):
+    """Was (stop 56's review): EMFILE opening the manifest's temp file, i.e. before the rename was attempted, with
+    the manifest unreadable afterwards (the same EMFILE) was reported as UNKNOWN and nothing rolled back, though the
+    request certainly was not committed. Now only a rename that was attempted and did not return is UNKNOWN."""
+    import os
+
+    from mcmc_unlearner.service.fsio import StoreError
+
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    before = {p.name: p.read_bytes() for p in m.iterdir()}
+    real_open, real_read = os.open, fsio.read_regular
+    armed = [False]
+
+    def fake_open(path, flags, *a, **k):
+        if ".manifest.json.tmp" in str(path):
+            armed[0] = True
+            raise OSError(24, "Too many open files")
+        return real_open(path, flags, *a, **k)
+
+    def read_regular(root, name, **kw):
+        if armed[0] and name == "manifest.json":
+            raise OSError(24, "Too many open files")
+        return real_read(root, name, **kw)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(fsio, "read_regular", read_regular)
+    with pytest.raises(StoreError, match=r"Too many open files.*nothing was changed") as err:
+        deletion.forget(m, IDS, request_id="T1")
+    assert "UNKNOWN" not in str(err.value)
+    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(fsio, "read_regular", real_read)
+    assert {p.name: p.read_bytes() for p in m.iterdir()} == before  # rolled back: the folder as it was
+    assert deletion.verify(m).ok
+    out = deletion.forget(m, IDS, request_id="T1")
+    assert out.applied and not out.recovered.get("rolled_back")

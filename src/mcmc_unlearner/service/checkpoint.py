@@ -23,8 +23,8 @@ is type-checked and every file name confined to the folder before use (:mod:`mcm
 replaces the manifest — the single commit point — and finally deletes the old state file. A crash leaves the
 old manifest naming the old, intact state, possibly with an orphan state file and an uncommitted ledger tail;
 an error before the commit point undoes both at once; an error after it (the manifest renamed into place) leaves
-the update applied and is reported as a warning; a failure whose side of the commit point cannot be told
-(the manifest unreadable) rolls nothing back. :func:`recover` removes crash debris; it runs only
+the update applied and is reported as a warning; a failure during the rename whose side of the commit point
+cannot be told (the manifest unreadable) rolls nothing back. :func:`recover` removes crash debris; it runs only
 under the writer's lock and only after the folder's integrity has been checked.
 
 **Snapshots.** Readers take no lock: they read one consistent snapshot
@@ -558,8 +558,9 @@ def commit_update(
     commit point removes the new state file and the appended line again, so the folder is as it was. An error
     after it (once ``os.replace`` of the manifest has returned, e.g. in the folder fsync) leaves the update
     committed: it is returned as applied, with a :class:`RuntimeWarning` naming the error, and the old state file
-    is left for the next :func:`recover`. When the rename's outcome is unknown (it did not return and the manifest
-    cannot be read back), nothing is rolled back and the error says the outcome is unknown.
+    is left for the next :func:`recover`. When the rename's outcome is unknown (it was attempted and did not return,
+    and the manifest cannot be read back), nothing is rolled back and the error says the outcome is unknown; an
+    error before the rename was attempted is rolled back whether or not the manifest can be read.
 
     Args:
         loaded: The loaded model whose live objects were changed (e.g. by ``unlearner.forget``).
@@ -604,7 +605,8 @@ def commit_update(
     manifest = {k: v for k, v in old.items() if k not in ("manifest_sha256", "manifest_hmac", "integrity")}
     wrote_state = False
     mbytes: bytes | None = None
-    renamed: list[bool] = []  # set once os.replace of the manifest (the commit point) has returned
+    renaming: list[bool] = []  # set immediately before os.replace of the manifest (the commit point)
+    renamed: list[bool] = []  # set once that os.replace has returned
     late_error: BaseException | None = None  # an error after the commit point: the update IS applied
     try:
         fsio.atomic_write(root, new_state, blob, hook="state-temp-written")
@@ -635,7 +637,12 @@ def commit_update(
         )
         mbytes = manifest_bytes(manifest, key)
         fsio.atomic_write(
-            root, MANIFEST_NAME, mbytes, hook="manifest-temp-written", on_replaced=lambda: renamed.append(True)
+            root,
+            MANIFEST_NAME,
+            mbytes,
+            hook="manifest-temp-written",
+            on_renaming=lambda: renaming.append(True),
+            on_replaced=lambda: renamed.append(True),
         )
     except BaseException as exc:
         on_disk, unreadable = (None, "") if mbytes is None else _manifest_on_disk(root)
@@ -648,9 +655,11 @@ def commit_update(
             if not isinstance(exc, Exception):
                 raise
             late_error = exc  # said as a warning below; the request is reported as applied (it was "error", exit 2)
-        elif mbytes is not None and on_disk is None:
-            # the rename may or may not have happened and the manifest cannot be read back to tell: rolling back
-            # could delete a committed update, so nothing is touched; the next request's recover() settles it
+        elif renaming and on_disk is None:
+            # the rename was attempted and did not return, and the manifest cannot be read back to tell whether it
+            # happened: rolling back could delete a committed update, so nothing is touched; the next request's
+            # recover() settles it. (An error before the rename, e.g. EMFILE opening the manifest's temp file, is
+            # certainly not committed and is rolled back below: it was called UNKNOWN in stop 56's review.)
             raise _unknown(full, root, exc, unreadable) from None
         if late_error is None:
             with contextlib.suppress(OSError, StoreError):

@@ -242,7 +242,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def atomic_write(
-    root: Path, name: str, data: bytes, *, hook: str | None = None, on_replaced: Callable[[], None] | None = None
+    root: Path,
+    name: str,
+    data: bytes,
+    *,
+    hook: str | None = None,
+    on_renaming: Callable[[], None] | None = None,
+    on_replaced: Callable[[], None] | None = None,
 ) -> None:
     """Write ``root/name`` atomically: fresh temp file in the folder, fsync, rename over ``name``, fsync folder.
 
@@ -255,8 +261,11 @@ def atomic_write(
         name: Plain file name inside it.
         data: Bytes to write.
         hook: Phase announced by the test hook (module docstring) once the temp file is durable.
+        on_renaming: Called immediately before the rename over ``name`` (after the temp file is written): an error
+            before it left ``name`` as it was for certain (e.g. ``EMFILE`` opening the temp file).
         on_replaced: Called as soon as the rename over ``name`` has returned (before the folder fsync), so that a
-            caller can tell "the new file is in place" from "it is not" when a later step fails.
+            caller can tell "the new file is in place" from "it is not" when a later step fails (between the two
+            calls, the rename's outcome is unknown).
     """
     root = Path(root)
     name = check_name(name)
@@ -270,6 +279,8 @@ def atomic_write(
             os.close(fd)
         if hook:
             phase(hook)
+        if on_renaming is not None:
+            on_renaming()
         os.replace(tmp, root / name)
         if on_replaced is not None:
             on_replaced()
