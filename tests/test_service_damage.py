@@ -348,3 +348,28 @@ def test_a_directory_at_a_state_file_name_is_named_by_verify_and_forget(applied,
     assert folder_state(m) == before
     (m / name).rmdir()
     assert verify(m).ok and forget(m, [5], request_id="T2").applied
+
+
+def test_forget_refuses_to_commit_a_non_finite_unlearner_state(tmp_path: Path, monkeypatch) -> None:
+    """Was (stop 56's review): a request whose carried influence or cached curvature came out NaN was committed,
+    and every later load then refused the folder. Now the same check refuses the commit; no file is touched."""
+    from mcmc_unlearner.service import checkpoint, deletion
+
+    m = tmp_path / "m"
+    save_gmm(m, tiny_gmm(bank=10))
+    assert deletion.forget(m, [4, 17, 18], request_id="T1").applied
+    before = folder_state(m)
+    real = checkpoint.state_tensors
+
+    def diverged(*a, **k):
+        out = real(*a, **k)
+        out["unlearner/carry"] = torch.full_like(out["unlearner/carry"], float("nan"))
+        return out
+
+    monkeypatch.setattr(checkpoint, "state_tensors", diverged)
+    with pytest.raises(StoreError, match=r"not finite.*unlearner/carry.*nothing was changed"):
+        deletion.forget(m, [5, 6], request_id="T2")
+    assert folder_state(m) == before
+    monkeypatch.setattr(checkpoint, "state_tensors", real)
+    assert deletion.verify(m).ok
+    assert deletion.forget(m, [5, 6], request_id="T2").applied

@@ -574,7 +574,8 @@ def commit_update(
         The ledger entry as written.
 
     Raises:
-        StoreError: A write failed before the commit point (nothing changed), or while the manifest was replaced
+        StoreError: The new sampler/unlearner state holds NaN or infinite values (nothing written); a write failed
+            before the commit point (nothing changed), or while the manifest was replaced
             with an outcome that cannot be read back (nothing rolled back; the message says so).
         fsio.CommittedInterrupt: Ctrl-C after the commit point (the update is applied).
     """
@@ -588,7 +589,15 @@ def commit_update(
     old = loaded.manifest
     seq = int(old["sequence"]) + 1
     new_state = state_name(seq)
-    blob = state_bytes(state_tensors(loaded.model, loaded.sampler, loaded.data, un))
+    tensors = state_tensors(loaded.model, loaded.sampler, loaded.data, un)
+    bad = nonfinite_state(tensors)
+    if bad:  # every later load would refuse the folder (build_loaded): refused before anything is written
+        raise StoreError(
+            f"cannot commit the update: the sampler's or unlearner's new state is not finite (NaN or infinite values "
+            f"in {', '.join(bad[:5])}): the request's computation diverged; nothing was changed: resend it with a "
+            "larger damping or fewer rows per request, or restore the folder from a backup if it recurs"
+        )
+    blob = state_bytes(tensors)
     after = model_digest(loaded.model, un.bank, loaded.data.state_dict()["alive"])
     full = {
         **dict(entry),
