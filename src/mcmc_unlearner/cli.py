@@ -106,12 +106,13 @@ EXIT_CODES_HELP = """exit codes:
   0  done (forget: applied now, or already applied before; nothing changed then); a write error after the
      commit point is a warning: the request IS applied
   1  verify found problems (each listed on stderr)
-  2  refused: bad request, option or folder (one line on stderr; nothing changed); bnn: a method refused its work
-     (its metrics null, the others written)
+  2  refused: bad request, option or folder (one line on stderr; nothing changed, except a rare write error
+     during the manifest's rename that cannot be read back: "... is applied is UNKNOWN; nothing was rolled
+     back": run status, then resend); bnn: a method refused its work (its metrics null, the others written)
   3  busy: another process is writing to the model folder (retry, or pass --wait SECONDS)
   4  quality gate: the removal failed its checks and --on-failure is refuse (nothing changed)
   70 internal error (a bug; set MCMC_UNLEARNER_DEBUG=1 for the traceback); bnn: a method failed so
-  130 interrupted (nothing half-written; applied only if the message says so)
+  130 interrupted (nothing half-written; applied only if the message says so; if it says UNKNOWN: run status)
   143 terminated (SIGTERM during demo, bnn or forget: handled as Ctrl-C, the message says what was applied)"""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
