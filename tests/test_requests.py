@@ -284,3 +284,27 @@ def test_python_request_id_and_wait_are_checked_in_python_terms(tmp_path):
     assert check_wait(0) == 0.0 and check_wait(2.5) == 2.5
     with pytest.raises(InvalidRequestError, match=r"^--request-id is empty"):  # the CLI's wording is kept
         check_request_id("")
+
+
+def test_wait_takes_numpy_numbers() -> None:
+    """Stop 56's review: check_wait refused np.int64(5) and np.float32(2.5) (a value read from a config array)."""
+    import numpy as np
+
+    from mcmc_unlearner.service.requests import check_wait
+
+    assert check_wait(np.int64(5)) == 5.0 and type(check_wait(np.int64(5))) is float
+    assert check_wait(np.float32(2.5)) == 2.5 and check_wait(np.uint8(0)) == 0.0
+    for wait in (np.bool_(True), np.float64("nan"), np.int64(-1), np.float64(1e9)):
+        with pytest.raises(InvalidRequestError, match="wait must be a number of seconds"):
+            check_wait(wait)
+
+
+def test_ids_from_a_text_only_standard_input_say_so(monkeypatch) -> None:
+    """Stop 56's review: a sys.stdin without ``.buffer`` (io.StringIO in an embedding program) was called closed."""
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1\n2\n"))
+    with pytest.raises(InvalidRequestError, match=r"StringIO\) is a text stream without a byte buffer") as info:
+        read_ids("-")
+    assert "closed" not in str(info.value) and "stdin=" in str(info.value)
+    assert read_ids("-", stdin=io.BytesIO(b"1\n2\n")) == [1, 2]

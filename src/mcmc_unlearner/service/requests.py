@@ -20,6 +20,7 @@ Everything here is checked **before** the model folder is touched, and every ref
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import stat
@@ -374,9 +375,15 @@ def read_ids(
     if str(path) == "-":
         stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
         if stream is None:  # `forget --ids - <&-`: Python sets sys.stdin to None (was: internal error, exit 70)
+            why = (
+                "standard input is closed"
+                if sys.stdin is None
+                else f"standard input ({type(sys.stdin).__name__}) is a text stream without a byte buffer"
+            )  # e.g. replaced by io.StringIO in an embedding program or a notebook
             raise InvalidRequestError(
-                "--ids - reads the ids from standard input, but standard input is closed; pipe the ids in "
+                f"--ids - reads the ids from standard input, but {why}; pipe the ids in "
                 "(e.g. `cat ids.txt | mcmc-unlearner forget ... --ids -`) or pass --ids FILE"
+                + ("" if sys.stdin is None else " (from Python: read_ids('-', stdin=a binary stream))")
             )
         try:
             raw = _strip_bom(_read_limited(stream, max_bytes, "standard input"))
@@ -450,11 +457,13 @@ MAX_WAIT = 86400.0
 
 
 def check_wait(wait: object, name: str = "wait") -> float:
-    """Return ``wait`` as seconds if it is a number in [0, :data:`MAX_WAIT`] (as ``--wait`` takes), else refuse it.
+    """Return ``wait`` as seconds if it is a real number (Python's or numpy's, not a bool) in [0, :data:`MAX_WAIT`]
+    (as ``--wait`` takes), else refuse it.
 
     ``nan`` and negative values were taken as 0 and a string reached the lock as a raw ``TypeError`` (stop 56's
     probe)."""
-    ok = isinstance(wait, (int, float)) and not isinstance(wait, bool) and 0 <= wait <= MAX_WAIT
+    # numbers.Real: numpy integers and floats too (np.int64(5) was refused); bool is not a number of seconds
+    ok = isinstance(wait, numbers.Real) and not isinstance(wait, (bool, np.bool_)) and 0 <= wait <= MAX_WAIT
     if not ok:
         raise InvalidRequestError(
             f"{name} must be a number of seconds in [0, {MAX_WAIT:g}], got {_show(repr(wait))}; e.g. {name}=30 to "
