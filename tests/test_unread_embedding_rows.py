@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import mcmc_unlearner.step as step_module
 import mcmc_unlearner.unread as unread
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
@@ -457,7 +458,7 @@ def test_the_unread_rows_passes_are_planned_under_the_budget_as_a_gradient_is(mo
 
     monkeypatch.setattr(unread, "rows_read", read)
     monkeypatch.setattr(unread, "rows_with_gradient", grad)
-    monkeypatch.setattr(unlearner_module, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(step_module, "PROGRESS_EVERY_S", 0.0)  # the README names step.PROGRESS_EVERY_S
     budget = 8 * 2**20
     un = MCMCUnlearner(
         model, nll=nll, log_prior=_gaussian, bank=bank, seed=0, memory_budget=budget, likelihood="empirical"

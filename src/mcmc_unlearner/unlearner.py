@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, vjp, vmap
 
+from . import step as step_module
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
 from .backends.base import NegativeCurvatureError
 from .backends.kfac import kfac_row_need
@@ -91,7 +92,6 @@ from .options import flag as _flag
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import (
-    PROGRESS_EVERY_S,
     DampingControl,
     DampingShape,
     EnergyCheck,
@@ -349,7 +349,8 @@ def autocast_in_effect(device: torch.device) -> str | None:
 
 
 class _Ticker:
-    """Logs ``what``'s progress at INFO, at most one line per ``PROGRESS_EVERY_S`` seconds (none for a short pass).
+    """Logs ``what``'s progress at INFO, at most one line per ``step.PROGRESS_EVERY_S`` seconds (read at each
+    call; none for a short pass).
 
     Called with the rows done and the rows of the current pass after each chunk."""
 
@@ -359,7 +360,7 @@ class _Ticker:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
-        if now - self.last >= PROGRESS_EVERY_S:
+        if now - self.last >= step_module.PROGRESS_EVERY_S:  # read at call time: the README's setting
             self.last = now
             log.info("%s: %d of %d rows read in this pass (%.1f s so far)", self.what, done, total, now - self.t0)
 
