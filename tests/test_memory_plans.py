@@ -395,6 +395,9 @@ def test_report_info_memory_gives_the_budget_and_what_each_planning_path_planned
     assert memory["planned"]["gradients"] == max(grads) and memory["planned"]["check"] == max(checks)
     assert memory["planned_peak"] == max(memory["planned"].values()) <= budget
     assert "[S, D]" in memory["not_planned"]
+    S, D = len(bank), un.spec.dim  # this request's bytes per [S, D] copy, not a fixed example's
+    assert format_bytes(S * D * 8) in memory["not_planned"] and f"S = {S}, D = {D:,}" in memory["not_planned"]
+    assert "2.5-3 GB" not in memory["not_planned"]
     grads.clear()
     second = un.remove((x[10:12], y[10:12]), (x[12:], y[12:])).info["memory"]
     assert second["planned"]["gradients"] == max(grads)

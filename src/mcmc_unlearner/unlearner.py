@@ -2754,15 +2754,22 @@ class MCMCUnlearner:
 
     def _memory_info(self) -> dict[str, Any]:
         """``report.info["memory"]``: the budget, the bytes each planning path of the request planned at most
-        (``planned``: ``gradients`` per-draw gradients, ``check`` the safety check, ``unread_embedding_rows``),
-        their largest (``planned_peak``) and what is held outside the plans (``not_planned``)."""
+        (``planned``, keyed by path: ``gradients``, ``check``, ``hessian_products``, ``dense_hessian``,
+        ``dense_matrices``, ``kfac_build``, ``kfac_probes``, ``sample_shift``, ``emptied_label_resample``,
+        ``unread_embedding_rows``), their largest (``planned_peak``) and what is held outside the plans
+        (``not_planned``, with this request's bytes per ``[S, D]`` copy)."""
+        S = 0 if self.bank is None else int(self.bank.shape[0])
+        D = int(self.spec.dim)
+        item = self.bank.element_size() if self.bank is not None else ParamSpec.params(self.model)[0].element_size()
+        copy = S * D * item
         return {
             "budget": int(self.memory_budget),
             "planned": dict(self._planned),
             "planned_peak": max(self._planned.values(), default=0),
             "not_planned": (
-                "the bank's moved copies ([S, D] each: the damping search's trials and the shifted bank, about "
-                "2.5-3 GB at S = 8, D = 16.8M) beside the bank itself"
+                f"the bank's moved copies beside the bank itself: the damping search's trials and the shifted bank, "
+                f"each an [S, D] copy of {format_bytes(copy)} here (S = {S}, D = {D:,}, {item} bytes a number); how "
+                "many the search holds at once is not planned"
             ),
         }
 
