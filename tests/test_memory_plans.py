@@ -401,3 +401,135 @@ def test_report_info_memory_gives_the_budget_and_what_each_planning_path_planned
     grads.clear()
     second = un.remove((x[10:12], y[10:12]), (x[12:], y[12:])).info["memory"]
     assert second["planned"]["gradients"] == max(grads)
+
+
+@pytest.mark.parametrize("solver", ["cg", "exact", "kfac"])
+def test_report_info_memory_counts_the_curvature_plans_that_ran(monkeypatch, solver: str) -> None:
+    """The curvature's own plans are in ``planned`` and so in ``planned_peak``: cg's Hessian-vector products (draws
+    per batch · one product's bytes; 13.1 MB on a 10→256→3 MLP were left out of a 5.5 MB peak), the exact path's
+    dense matrices and column chunks, and the K-FAC build's minibatch."""
+    from mcmc_unlearner.kronecker import KroneckerCurvature
+
+    x, y = _data(300, 10, 3)
+    x = x.float()
+    torch.manual_seed(0)
+    width = 32 if solver == "exact" else 256
+    model = nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 3))
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(6)]
+    seen: dict[str, int] = {}
+    real_op = U.MCMCUnlearner._operator_plan
+
+    def op_plan(self, thetas, rows):
+        draws, products = real_op(self, thetas, rows)
+        per = self._product_bytes(rows, thetas.shape[1], thetas.element_size())
+        seen["hessian_products"] = max(seen.get("hessian_products", 0), draws * per)
+        return draws, products
+
+    real_estimate = KroneckerCurvature.memory_estimate
+
+    def estimate(model, thetas, batch, **kw):
+        out = real_estimate(model, thetas, batch, **kw)
+        seen["kfac_build"] = out(batch[0].shape[0])  # the whole minibatch: it fits this budget
+        return out
+
+    monkeypatch.setattr(U.MCMCUnlearner, "_operator_plan", op_plan)
+    monkeypatch.setattr(KroneckerCurvature, "memory_estimate", staticmethod(estimate))
+    budget = 64 * 2**20
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver=solver, seed=0, memory_budget=budget)
+    memory = un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False).info["memory"]
+    planned, D = memory["planned"], un.spec.dim
+    if solver == "cg":
+        assert seen["hessian_products"] > 2 * 2**20  # larger than the gradients' and the check's plans here
+        assert planned["hessian_products"] == seen["hessian_products"]
+    elif solver == "exact":
+        assert planned["dense_matrices"] == dense_memory(D, 4) > 2**20
+        assert dense_memory(D, 4) < planned["dense_hessian"] <= budget
+    else:
+        assert planned["kfac_build"] == seen["kfac_build"] > 0
+    assert memory["planned_peak"] == max(planned.values()) >= max(seen.get(k, 0) for k in planned)
+
+
+def test_report_info_memory_records_looped_gradients_one_draw_at_a_time(monkeypatch) -> None:
+    """Per-draw gradients looped one draw at a time (``backend="autograd"``) are recorded as one draw beside the
+    reserve, not as the chunk of several draws the planner sized (it recorded all 8 draws: 255,736 bytes for
+    38,260 held)."""
+    x, y = _data(300, 10, 3)
+    x = x.float()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 3))
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(8)]
+    looped, recorded = [], []
+    real_looped, real_plan = U.MCMCUnlearner._looped_grads, U.MCMCUnlearner._plan
+
+    def looped_grads(self, f, thetas, batch, reserve):
+        _, _, chunk_bytes, per_draw = self._grad_plan(thetas, batch[0].shape[0], True, reserve)
+        looped.append((reserve + per_draw, chunk_bytes))
+        return real_looped(self, f, thetas, batch, reserve)
+
+    def plan(self, path, nbytes):
+        recorded.append((path, nbytes))
+        return real_plan(self, path, nbytes)
+
+    monkeypatch.setattr(U.MCMCUnlearner, "_looped_grads", looped_grads)
+    monkeypatch.setattr(U.MCMCUnlearner, "_plan", plan)
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver="kfac", seed=0, backend="autograd")
+    un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
+    assert looped
+    for one, chunk_bytes in looped:
+        assert one < chunk_bytes  # the planner's chunk is of several draws here
+        assert ("gradients", one) in recorded and ("gradients", chunk_bytes) not in recorded
+
+
+def test_report_info_memory_counts_the_kfac_trace_probes() -> None:
+    """K-FAC's ``scale`` (the ``damping_shape="data"`` solve's ``tr K / D``) records the probes and one product's
+    copies of the columns it multiplies at once (``kfac_probes``, as ``_probe_columns`` plans them) in the
+    request's plans: all four columns at the request's budget, one at a time at a tight one."""
+    from mcmc_unlearner.backends.kfac import SCALE_COLUMN_COPIES, SCALE_PROBES
+
+    x, y = _data(120, 6, 3)
+    x = x.float()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver="kfac", damping_shape="data", seed=0)
+    un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
+    backend, column = un.curvature, un.spec.dim * 4
+    for budget, cols in ((backend._budget, SCALE_PROBES), ((SCALE_PROBES + SCALE_COLUMN_COPIES) * column, 1)):
+        un._planned.clear()
+        backend._pending, backend._scale, backend._probes, backend._n = (backend.kfac, backend.age), None, None, 110
+        backend._budget = budget
+        backend.scale()
+        planned = un._memory_info()["planned"]
+        assert planned["kfac_probes"] == (SCALE_PROBES + SCALE_COLUMN_COPIES * cols) * column <= budget
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")
+def test_report_info_memory_counts_the_sample_shift_and_the_emptied_label_draw() -> None:
+    """``bank_shift="sample"``'s copies (the reserve and a chunk of 4 samples, as ``_sample_shift_chunk`` plans
+    them) and the emptied-label draw's features (``resample_label_rows``'s ``held``) are among the request's
+    plans; neither was recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = _data(300, 10, 3)
+    theta = ParamSpec.flatten_module(model)
+    S, D = 64, theta.numel()
+    bank = theta + 0.02 * torch.randn(S, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    row = D * 8
+    budget = U.SAMPLE_SHIFT_RESERVE * (S + 1) * row + 4 * U.SAMPLE_SHIFT_COPIES * row  # 4 samples per chunk
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver="kfac", bank_shift="sample",
+                       memory_budget=budget)  # fmt: skip
+    memory = un.propose((x[:6], y[:6]), (x[6:], y[6:])).report.info["memory"]
+    assert memory["planned"]["sample_shift"] == budget  # the reserve and 4 samples' copies: all of it
+    assert memory["planned_peak"] >= budget
+
+    from test_emptied_label import _softmax_regression
+
+    model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
+    gone = y >= 2
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=100.0)
+    report = un.propose((x[gone], y[gone]), (x[~gone], y[~gone])).report
+    assert report.info["emptied_label_resample"] == "drawn: 2,3"
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    held = 8 * int((~gone).sum()) * (2 * (head.in_features + 1) + 3 * head.out_features)
+    assert report.info["memory"]["planned"]["emptied_label_resample"] == held
+    assert report.info["memory"]["planned_peak"] >= held

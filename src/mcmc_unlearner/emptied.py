@@ -271,11 +271,13 @@ def resample_label_rows(
     gen: torch.Generator,
     steps: int = RESAMPLE_STEPS,
     max_bytes: float = math.inf,
+    plan: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]] | str:
     """Each of ``thetas`` (``[S, D]``) with the output-layer rows of ``labels`` drawn from their conditional given
     the rest of it and the ``remaining`` rows (module docstring); or why it cannot be done.
 
-    ``max_bytes``: the memory the features may hold (refused above it, before any work).
+    ``max_bytes``: the memory the features may hold (refused above it, before any work); ``plan`` is told the bytes
+    they hold once they fit.
 
     Returns:
         The new ``[S, D]`` samples, and what was measured: the acceptance rate, the remaining rows' mean NLL over the
@@ -300,6 +302,8 @@ def resample_label_rows(
     held = 8 * x.shape[0] * (2 * (rows.module.in_features + 1) + 3 * rows.module.out_features)
     if held > max_bytes:
         return f"its features on the {x.shape[0]:,} remaining rows ({held / 2**20:.0f} MB) exceed the memory budget"
+    if plan is not None:
+        plan(held)
     t0 = time.perf_counter()
     out, acc, before, after, size, spread = thetas.clone(), [], 0.0, 0.0, 0.0, 0.0
     priors: dict[int, _BlockPrior] = {}

@@ -2779,9 +2779,11 @@ class MCMCUnlearner:
         item = ParamSpec.params(self.model)[0].element_size()
         return REQUEST_D_COPIES * self.spec.dim * item + _HVP_MEMORY_FACTOR * self._call_cost(rows)
 
-    def _grad_plan(self, thetas: torch.Tensor, rows: int, rowwise: bool, reserve: int) -> tuple[int, int, int]:
-        """``(draws per chunk, rows per part, planned bytes)`` for per-draw gradients over ``rows`` rows within the
-        budget less ``reserve`` (what the caller holds meanwhile, e.g. the output).
+    def _grad_plan(self, thetas: torch.Tensor, rows: int, rowwise: bool, reserve: int) -> tuple[int, int, int, int]:
+        """``(draws per chunk, rows per part, planned bytes, planned bytes per draw)`` for per-draw gradients over
+        ``rows`` rows within the budget less ``reserve`` (what the caller holds meanwhile, e.g. the output; planned
+        bytes: ``reserve + draws per chunk · per draw``). The caller records what it runs once its chunk is final
+        (``_plan("gradients", ...)``: the ranks' agreed chunk, or one draw where it loops over them).
 
         Each draw of a chunk holds what one call saves ``GRAD_SAVED_FACTOR`` times over (``_call_cost``) and its
         gradient ``GRAD_COPIES`` times (the parameters' gradients, their flat concatenation, the chunk's result):
@@ -2798,8 +2800,7 @@ class MCMCUnlearner:
         if step < rows:  # the chunk's running sum over the row parts
             per_draw += thetas.shape[1] * thetas.element_size()
         chunk = chunk_for(self.memory_budget, per_draw, thetas.shape[0], reserve)
-        self._plan("gradients", reserve + chunk * per_draw)
-        return chunk, step, reserve + chunk * per_draw
+        return chunk, step, reserve + chunk * per_draw, per_draw
 
     def _grad_chunks(
         self, f: Callable, thetas: torch.Tensor, batch: Batch, rowwise: bool, reserve: int, agree: bool = False
@@ -2808,11 +2809,12 @@ class MCMCUnlearner:
         (``rowwise``: ``f`` is a sum over rows, split into parts when one draw over all of them would not fit;
         ``agree``: the same chunks on every rank, for a caller that all-reduces each chunk)."""
         rows = batch[0].shape[0]
-        chunk, step, _ = self._grad_plan(thetas, rows, rowwise, reserve)
+        chunk, step, _, per_draw = self._grad_plan(thetas, rows, rowwise, reserve)
         if agree and self._reduce is not None:
             # the same chunks on every rank (the smallest): ranks removing different numbers of rows planned
             # different chunks, and all-reducing each chunk (chain mode's lag sums) aborted gloo on their sizes
             chunk = int(-self._reduce_max(torch.tensor([-float(chunk)], dtype=torch.float64))[0])
+        self._plan("gradients", reserve + chunk * per_draw)  # the chunk as it runs (after the ranks agree)
         parts = [batch] if step >= rows else [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
         for s0 in range(0, thetas.shape[0], chunk):
             th = thetas[s0 : s0 + chunk]
@@ -2841,7 +2843,8 @@ class MCMCUnlearner:
         """``(s, ∇f(θ_s, batch))`` one draw at a time (``f`` a sum over rows, in the parts :meth:`_grad_chunks`
         plans within the budget less ``reserve``, summed in their order as there)."""
         rows = batch[0].shape[0]
-        _, step, _ = self._grad_plan(thetas, rows, True, reserve)
+        _, step, _, per_draw = self._grad_plan(thetas, rows, True, reserve)
+        self._plan("gradients", reserve + per_draw)  # one draw at a time
         parts = [batch] if step >= rows else [tuple(t[i : i + step] for t in batch) for i in range(0, rows, step)]
         for s, t in enumerate(thetas):
             g = None
@@ -2944,6 +2947,9 @@ class MCMCUnlearner:
             cols = chunk_for(self.memory_budget, _DENSE_CHUNK_MARGIN * per_col, d, reserve)
         S = thetas.shape[0]
         draws = chunk_for(self.memory_budget, per_col * d, S, reserve) if cols == d else 1
+        self._plan(
+            "dense_hessian", reserve + (cols * _DENSE_CHUNK_MARGIN * per_col if cols < d else draws * per_col * d)
+        )
         # the plan counts what is alive; glibc keeps freed heap pages resident, so what earlier steps freed is handed
         # back first, and what the build freed after it (a no-op where there is no malloc_trim). Not for a build
         # planned within a sixteenth of the budget: each trim took ~1 ms, 2-3% of a GMM demo request (4 rows, 8
@@ -3182,6 +3188,7 @@ class MCMCUnlearner:
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         rows = batch[0].shape[0 if shared else 1]
         chunk, products = self._operator_plan(thetas, rows)
+        self._plan("hessian_products", chunk * self._product_bytes(rows, thetas.shape[1], thetas.element_size()))
         return SampleAveragedHessian(
             f, thetas, batch, shared_args=shared, backend=self.backend, chunk_size=chunk, max_products=products
         )
@@ -3289,6 +3296,7 @@ class MCMCUnlearner:
             reduce=self._reduce,
             raw=self._raw,
             alternatives=self._alternatives,
+            plan=self._plan,
         )
 
     def _full_rows_fit(self, n: int, budget: int, dense: bool | None = None) -> bool:
@@ -4474,7 +4482,15 @@ class MCMCUnlearner:
         outs = []
         for part in parts:
             drawn = resample_label_rows(
-                self.model, self.spec, lp_f, part, rows, still, self.generator, max_bytes=self.memory_budget
+                self.model,
+                self.spec,
+                lp_f,
+                part,
+                rows,
+                still,
+                self.generator,
+                max_bytes=self.memory_budget,
+                plan=lambda nbytes: self._plan("emptied_label_resample", nbytes),
             )
             if isinstance(drawn, str):
                 info["emptied_label_resample"] = f"not done: {drawn}"
@@ -4934,6 +4950,13 @@ class MCMCUnlearner:
             # removed rows alone would drop
             step = self._sample_shift_chunk()
             pts = live[None] if self.bank is None else torch.cat([live[None], self.bank])
+            row = pts.shape[1] * pts.element_size()  # the samples' copies as _sample_shift_chunk plans them
+            held = (
+                SAMPLE_SHIFT_COPIES * row * pts.shape[0]
+                if step >= pts.shape[0]
+                else (SAMPLE_SHIFT_RESERVE * pts.shape[0] + SAMPLE_SHIFT_COPIES * step) * row
+            )
+            self._plan("sample_shift", held)
             if step >= pts.shape[0]:  # every sample at once (within the budget): as always
                 g_all = self._per_draw_grads(h_f, pts, batch, rowwise=True)
                 own = self.curvature.solve(g_all.T, damping).x.T

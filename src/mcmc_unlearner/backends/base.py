@@ -62,6 +62,7 @@ class Problem:
         info: Notes the unlearner wants in the report (e.g. a curvature-data fallback).
         alternatives: ``(*solvers) -> str``: a memory refusal's suggestion of those solvers, each as fitting this
             request's budget or with the budget it needs (``""``: none).
+        plan: ``(path, nbytes)``: records the bytes a backend's planning path planned (``report.info["memory"]``).
     """
 
     model: nn.Module
@@ -83,6 +84,7 @@ class Problem:
     raw: Callable[[Batch], Batch] = lambda b: b
     info: dict[str, Any] = field(default_factory=dict)
     alternatives: Callable[..., str] = lambda *solvers: ""
+    plan: Callable[[str, int], None] = lambda path, nbytes: None
 
     @property
     def dim(self) -> int:

@@ -60,6 +60,9 @@ class DenseBackend(CurvatureBackend):
                 f"memory_budget to at least {format_bytes(need, up=True)}{problem.alternatives('kfac', 'cg')}; "
                 "nothing was changed"
             )
+        plan = getattr(problem, "plan", None)  # a stand-in problem may have none
+        if plan is not None:
+            plan("dense_matrices", need)  # held whole for the request
         self._problem = problem
         self._H_r = None
         self._eighs = {}

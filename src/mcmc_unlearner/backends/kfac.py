@@ -63,6 +63,7 @@ class KFACBackend(CurvatureBackend):
         self._probes: tuple[Any, float, float, float] | None = None  # (factors, zᵀK₁z, zᵀPz, zᵀz): see scale()
         self._dtype = torch.float32
         self._budget: int | None = None  # the request's memory budget (scale()'s probe columns per product)
+        self._plan: Callable[[str, int], None] = lambda path, nbytes: None  # the request's (Problem.plan)
         self._warned = False  # the empirical-Fisher fallback is warned about once per backend
         self._warned_outside = False  # so are layers read outside their modules (info["read_outside_module"])
 
@@ -73,6 +74,7 @@ class KFACBackend(CurvatureBackend):
             raise ValueError("solver='kfac' supports hessian='remaining' only")
         self.products = 0
         self._budget = problem.budget
+        self._plan = getattr(problem, "plan", self._plan)  # a stand-in problem may have none
         reused = self.kfac is not None and self.age < self.refresh_every
         if reused:
             kfac, age = self.kfac, self.age + 1
@@ -81,7 +83,8 @@ class KFACBackend(CurvatureBackend):
             rows = batches[0][0].shape[0]
             estimate = KroneckerCurvature.memory_estimate(problem.model, None, batches[0], nll=problem.nll)
             row_chunk = None  # every minibatch in one pass when it fits (as always)
-            if estimate(rows) > problem.budget:
+            whole = estimate(rows)
+            if whole > problem.budget:
                 # the minibatch in row chunks (the same factors to rounding): the most rows that fit beside what
                 # the chunks add, each loss's gradient of the diagonal parameters kept until the chunks are summed
                 extra = self.mc_samples * problem.dim * problem.thetas.element_size()
@@ -97,6 +100,8 @@ class KFACBackend(CurvatureBackend):
                         f"{format_bytes(need, up=True)}{problem.alternatives('cg')}; nothing was changed"
                     )
                 row_chunk = lo
+            extra = self.mc_samples * problem.dim * problem.thetas.element_size()
+            self._plan("kfac_build", whole if row_chunk is None else estimate(row_chunk) + extra)
             kfac = KroneckerCurvature.build(
                 problem.model,
                 problem.thetas,
@@ -184,6 +189,8 @@ class KFACBackend(CurvatureBackend):
                 # held three int64 copies, 1 GiB beside a 256 MiB float32 z on a 4096² Linear)
                 z = torch.randint(0, 2, (k.dim, SCALE_PROBES), generator=g, dtype=self._dtype).mul_(2).sub_(1)
                 cols = self._probe_columns(k.dim, z.element_size())
+                column = k.dim * z.element_size()  # the probes and one product's copies of its columns
+                self._plan("kfac_probes", SCALE_PROBES * column + SCALE_COLUMN_COPIES * cols * column)
                 try:
                     k.n = 0.0
                     prior = self._probe_sum(k, z, cols)
