@@ -104,3 +104,44 @@ def test_same_bits_never_raises() -> None:
     assert not same_bits(a, a.clone()) and not same_bits(torch.zeros(2), torch.zeros(3))
     assert same_bits(torch.tensor(0.0), torch.tensor(0.0)) and not same_bits(torch.tensor(-0.0), torch.tensor(0.0))
     assert same_bits(torch.arange(4), torch.arange(4))
+
+
+class _Shifted(nn.Module):
+    """An MLP whose input shift is a buffer made under ``torch.inference_mode()`` (no version counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+        with torch.inference_mode():
+            shift = torch.linspace(-1, 1, 5)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x - self.shift)))
+
+
+def test_an_inference_mode_buffer_is_compared_by_bits_and_written_back_under_inference_mode() -> None:
+    """Stop 56's second review: it had no version counter, so it was always written back, and ``copy_`` into it
+    outside inference mode raised 'could not restore ... changed by its own forward pass' on an unchanged model."""
+    torch.manual_seed(0)
+    m = _Shifted().eval()
+    shift, s0 = m.shift, m.shift.clone()
+    with preserved(m), torch.no_grad():
+        m(torch.randn(4, 5))
+    assert m.shift is shift and same_bits(m.shift, s0)
+    with preserved(m), torch.inference_mode():
+        m.shift.add_(1.0)  # an inference tensor can be written in place under inference mode: put back
+    assert m.shift is shift and m.shift.is_inference() and same_bits(m.shift, s0)
+
+
+def test_a_request_on_a_model_with_an_inference_mode_buffer_runs() -> None:
+    torch.manual_seed(0)
+    m = _Shifted().eval()
+    live = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    bank = torch.stack([live + 0.05 * torch.randn_like(live) for _ in range(8)])
+    x, y = torch.randn(60, 5), torch.randint(3, (60,))
+    nll = lambda mm, b: F.cross_entropy(mm(b[0]), b[1], reduction="none")  # noqa: E731
+    prior = lambda mm: -0.5 * sum((p**2).sum() for p in mm.parameters())  # noqa: E731
+    un = MCMCUnlearner(m, None, nll=nll, log_prior=prior, bank=bank)
+    un.propose((x[:4], y[:4]), (x[4:], y[4:]))  # raised RuntimeError('could not restore 1 parameter(s)/buffer(s)')
+    assert same_bits(m.shift, torch.linspace(-1, 1, 5))

@@ -173,9 +173,11 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
 
 def _restore(t: Tensor, saved: Tensor) -> None:
     """Write ``saved`` (a private copy) back into ``t``: in place where device, dtype, shape and layout still fit
-    (every alias sees it), else by resetting ``t.data``."""
+    (every alias sees it), else by resetting ``t.data``. An inference-mode tensor (written only under inference
+    mode) is written under it."""
     if t.layout == saved.layout and t.device == saved.device and t.dtype == saved.dtype and t.shape == saved.shape:
-        t.copy_(saved)
+        with torch.inference_mode() if t.is_inference() else contextlib.nullcontext():
+            t.copy_(saved)
     else:
         t.data = saved
 
@@ -184,12 +186,13 @@ def _restore(t: Tensor, saved: Tensor) -> None:
 def preserved(model: nn.Module) -> Iterator[None]:
     """Restore every parameter, buffer and ``.grad`` of ``model`` and the global RNG states on exit.
 
-    A tensor is written back where it may have been written to: its version counter changed (an in-place write),
-    it changed device, dtype, shape or layout, it is not strided (torch compares no sparse tensors), or its bits
-    differ (a write through ``.data``, which bumps no counter; ``-0.0`` for ``0.0``); an unchanged tensor keeps its
-    version counter. A module entry reassigned during the block (``self.mu = 0.9 * self.mu + ...``, a parameter
-    replaced or deleted) is set back to the original object. A tensor that cannot be written back is named in a
-    ``RuntimeError`` after all others have been restored (chained to the block's own error, if any).
+    A tensor is written back where it may have been written to: its version counter changed (an in-place write; an
+    inference-mode tensor has none and is compared by its bits alone), it changed device, dtype, shape or layout, it
+    is not strided (torch compares no sparse tensors), or its bits differ (a write through ``.data``, which bumps no
+    counter; ``-0.0`` for ``0.0``); an unchanged tensor keeps its version counter. A module entry reassigned during
+    the block (``self.mu = 0.9 * self.mu + ...``, a parameter replaced or deleted) is set back to the original
+    object. A tensor that cannot be written back is named in a ``RuntimeError`` after all others have been restored
+    (chained to the block's own error, if any).
     """
     params = list(model.parameters())
     buffers = list(model.buffers())
@@ -222,7 +225,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
                 for t, version, v in saved:
                     try:
                         unchanged = (
-                            version is not None and _version(t) == version and t.layout == torch.strided
+                            (version is None or _version(t) == version) and t.layout == torch.strided
                         ) and same_bits(t, v)
                         if not unchanged:
                             _restore(t, v)

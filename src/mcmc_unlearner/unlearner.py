@@ -2539,7 +2539,7 @@ class MCMCUnlearner:
         stop 56's review), and whose change moves a second call's output (a counter the output ignores passes; a
         training-mode module's buffers are :meth:`_check_buffers_stable`'s). Everything is put back
         (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request."""
-        from .kronecker import preserved, same_bits
+        from .kronecker import _version, preserved, same_bits
 
         def entries() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
             params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -2558,7 +2558,7 @@ class MCMCUnlearner:
             except Exception:  # the request reports a model it cannot load
                 return [], []
             params, buffers = entries()
-            before = {k: (t, t._version, t.detach().clone()) for k, t in {**params, **buffers}.items()}
+            before = {k: (t, _version(t), t.detach().clone()) for k, t in {**params, **buffers}.items()}
             rng = torch.get_rng_state()
             try:
                 first = self.nll(self.model, rows)
@@ -2572,7 +2572,7 @@ class MCMCUnlearner:
                 new = now.get(k)
                 if new is not t:  # reassigned (or removed)
                     return new is None or not same_bits(new, values) or by_version
-                return (by_version and t._version != version) or not same_bits(t, values)
+                return (by_version and _version(t) != version) or not same_bits(t, values)
 
             written = [k for k in params if changed(k, True)]
             moved = [k for k in buffers if changed(k, False)]
