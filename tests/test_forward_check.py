@@ -357,3 +357,43 @@ def test_rounding_of_large_regression_targets_is_not_refused() -> None:
     un = MCMCUnlearner(model, None, nll=lambda m, b: gauss(m, b) / len(b[1]), log_prior=prior, bank=bank.clone())
     with pytest.raises(ValueError, match="depends on the other rows of its batch"):
         un._check_forward((x[:4], y[:4]))
+
+
+@pytest.mark.parametrize("rows", [4, 1], ids=["four_rows", "one_row_doubled"])
+def test_a_division_by_the_batch_size_on_well_fitted_rows_is_refused(rows: int) -> None:
+    """Stop 56's second review: removed rows fitted to 2.7e-3-6.5e-3 nats gave ``nll / len(batch)`` a gap of 4.8e-3,
+    below ``FORWARD_ROWS_REFUSE``, and it was accepted. Each row's value alone is the batch size (4, or 2 for one row
+    doubled) times its value in the batch: refused whatever the gap's size, without the rounding hint; the same
+    rows with the per-row loss pass."""
+    from mcmc_unlearner.curvature import ParamSpec
+    from mcmc_unlearner.unlearner import FORWARD_ROWS_REFUSE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2000, 5)
+    with torch.no_grad():
+        model[2].weight.mul_(20.0)
+        y = model(x).argmax(1)  # labels the model fits confidently
+        nll = F.cross_entropy(model(x), y, reduction="none")
+        pick = ((nll > 2e-3) & (nll < 1e-2)).nonzero().squeeze(1)[:rows]
+    x, y = x[pick], y[pick]
+    live = ParamSpec.flatten_module(model).clone()
+    bank = torch.stack([live + 1e-3 * torch.randn_like(live) for _ in range(4)])
+
+    def prior(m: nn.Module) -> torch.Tensor:
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    def over_batch(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1], reduction="none") / len(b[1])
+
+    un = MCMCUnlearner(model, None, nll=over_batch, log_prior=prior, bank=bank.clone())
+    gap = un._row_dependence((x, y), bank[0].clone(), 0.0)
+    assert 1e3 * torch.finfo(torch.float32).eps < gap < FORWARD_ROWS_REFUSE  # the size alone would accept it
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"batch size times its value in the batch.*reduction='none'") as info:
+        un._check_forward((x, y))
+    assert "rounding" not in str(info.value) and not un._forward_checked
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    un = MCMCUnlearner(model, None, nll=_nll, log_prior=prior, bank=bank.clone())
+    un._check_forward((x, y))
+    assert un._forward_checked and un._forward_row_gap is None

@@ -902,7 +902,9 @@ FORWARD_CHECK_EPS = 1e3
 #: unstandardised targets gives rounding gaps that grow with the prediction's size (float32, a 32-256-256-1 MLP,
 #: 50 requests of 4 rows, stop 56's review: at most 1.7e-4 at |y| ~ 3e3, 6.9e-4 at 1e4, 5.5e-3 at 1e5, and 0.064 at
 #: 1e6, where 21 of 50 are still refused: standardise such targets). A smaller gap above the float tolerance is
-#: reported (``report.info["forward_row_gap"]``), not refused.
+#: reported (``report.info["forward_row_gap"]``), not refused, unless the rows follow the batch-size pattern (each
+#: row's value alone the batch size times its value in the batch: refused whatever the gap; removed rows fitted to
+#: 2.7e-3-6.5e-3 nats gave ``nll / len(batch)`` a gap of 4.8e-3, stop 56's second review).
 FORWARD_ROWS_REFUSE = 1e-2
 FIT_DATA_REL = 1 / 3  # the larger 1.5x the smaller
 FIT_DATA_Z = 3.0
@@ -2417,9 +2419,11 @@ class MCMCUnlearner:
         attention with a padding mask), while the defects above differ by order one. The rows' test refuses only
         above ``FORWARD_ROWS_REFUSE`` (1e-2) too: rounding grows with the values' size (a float32 regression on
         targets ~1e4 gave 6.9e-4, refused on 14 of 50 requests before); a gap between the two is recorded in the
-        first request's ``report.info["forward_row_gap"]``. The sample is the first bank
-        sample that differs from the live parameters, else the live parameters moved by a seeded tenth of their mean
-        size.
+        first request's ``report.info["forward_row_gap"]``, unless every row's value alone is the batch size times
+        its value together (to the tolerance, relative to the row's own value: :meth:`_row_check`), which is refused
+        whatever its size (``nll / len(batch)`` on rows fitted to 2.7e-3-6.5e-3 nats: a gap of 4.8e-3). The sample
+        is the first bank sample that differs from the live parameters, else the live parameters moved by a seeded
+        tenth of their mean size.
         Parameters, their ``.grad``, buffers and the global RNG states are as they were afterwards
         (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request to report.
         """
@@ -2450,7 +2454,9 @@ class MCMCUnlearner:
                 )
                 + "; nothing was changed"
             )
-        random_gap = grad_gap = row_gap = 0.0  # 0: agrees (or not checkable here: the request reports a failing nll)
+        random_gap = grad_gap = row_gap = pattern_gap = (
+            0.0  # 0: agrees (or not checkable here: the request reports a failing nll)
+        )
         try:
             with preserved(self.model), torch.no_grad():
                 a, b = (self.nll(self.model, rows).detach().double() for _ in range(2))
@@ -2459,7 +2465,8 @@ class MCMCUnlearner:
         except Exception:  # the request reports a failing nll with its own message
             pass
         if not random_gap:
-            row_gap = self._row_dependence(rows, theta, tol)
+            row_gap, pattern = self._row_check(rows, theta, tol)
+            pattern_gap = row_gap if pattern else 0.0
         if not random_gap:
             try:
                 with preserved(self.model), torch.enable_grad():
@@ -2483,8 +2490,8 @@ class MCMCUnlearner:
             except Exception:  # not differentiable here: the request says so with its own message
                 pass
         # every rank refuses alike (a rank without removed rows has nothing to see)
-        random_gap, grad_gap, row_gap = self._reduce_max(
-            torch.tensor([random_gap, grad_gap, row_gap], dtype=torch.float64)
+        random_gap, grad_gap, row_gap, pattern_gap = self._reduce_max(
+            torch.tensor([random_gap, grad_gap, row_gap, pattern_gap], dtype=torch.float64)
         ).tolist()
         if random_gap:
             raise ValueError(
@@ -2495,26 +2502,35 @@ class MCMCUnlearner:
                 "differences would measure that noise. Call model.eval() first (the unlearner works on the "
                 "eval-mode network's likelihood), or make the forward deterministic; nothing was changed"
             )
-        if row_gap and row_gap <= max(FORWARD_ROWS_REFUSE, tol):
-            # rounding that grows with the values' size (a regression on targets ~1e4 in float32: up to 6.9e-4),
-            # not a row reading its batch: reported with the first request, not refused
+        if row_gap and not pattern_gap and row_gap <= max(FORWARD_ROWS_REFUSE, tol):
+            # without the batch-size pattern: rounding that grows with the values' size (a regression on targets
+            # ~1e4 in float32: up to 6.9e-4), not a row reading its batch: reported with the first request
             log.info(
-                "nll: a row's value alone and in its batch differ by %.3g relative (rounding); not refused", row_gap
+                "nll: a row's value alone and in its batch differ by %.3g relative, without the batch-size pattern "
+                "(rounding of large values?); not refused",
+                row_gap,
             )
             self._forward_row_gap = row_gap
             row_gap = 0.0
         if row_gap:
             raise ValueError(
                 f"nll(model, rows) gives a row a different value when the other rows of its batch change (the same "
-                f"rows evaluated together and each alone differ by {row_gap:.3g} relative): a row's value depends "
-                "on the other rows of its batch, e.g. a per-row loss divided by the batch size (reduction='none' then "
-                "/ len(batch)), class weights counted in the batch, batch statistics, or an in-batch softmax or "
-                "contrastive loss. The unlearner sums per-row values over batches of every size (the removed rows, "
-                "minibatches, single rows), so every gradient and energy would be scaled wrongly. Compute each row's "
-                "value from that row alone: cross_entropy(..., reduction='none') with no division by the batch size "
-                "and no batch statistics (if each row's value already is its own, e.g. a regression, the gap is "
-                "rounding of very large values: float32 reaches 1e-2 near |y| ~ 1e6; standardise the targets); "
-                "nothing was changed"
+                f"rows evaluated together and each alone differ by {row_gap:.3g} relative"
+                + (", each row's value alone being the batch size times its value in the batch" if pattern_gap else "")
+                + "): a row's value depends on the other rows of its batch, e.g. a per-row loss divided by the "
+                "batch size (reduction='none' then / len(batch)), class weights counted in the batch, batch "
+                "statistics, or an in-batch softmax or contrastive loss. The unlearner sums per-row values over "
+                "batches of every size (the removed rows, minibatches, single rows), so every gradient and energy "
+                "would be scaled wrongly. Compute each row's value from that row alone: cross_entropy(..., "
+                "reduction='none') with no division by the batch size "
+                "and no batch statistics"
+                + (
+                    ""
+                    if pattern_gap
+                    else " (if each row's value already is its own, e.g. a regression, the gap is rounding of very "
+                    "large values: float32 reaches 1e-2 near |y| ~ 1e6; standardise the targets)"
+                )
+                + "; nothing was changed"
             )
         if grad_gap:
             raise ValueError(
@@ -2594,7 +2610,16 @@ class MCMCUnlearner:
         here (the request reports that); fields without the rows' leading dimension are passed whole. Alone, a
         per-row loss divided by the batch size gives a row its whole value where the batch gave it a ``k``-th, so the
         gap is about the row's own value (rows all fitted below ``tol`` nats cannot show it); batch-counted class
-        weights and in-batch softmaxes differ by order one. The caller refuses only above ``FORWARD_ROWS_REFUSE``."""
+        weights and in-batch softmaxes differ by order one. The caller refuses only above ``FORWARD_ROWS_REFUSE``,
+        or where the rows follow the batch-size pattern (:meth:`_row_check`)."""
+        return self._row_check(rows, theta, tol)[0]
+
+    def _row_check(self, rows: Batch, theta: torch.Tensor, tol: float) -> tuple[float, bool]:
+        """:meth:`_row_dependence`'s gap, and whether the rows follow the batch-size pattern: every row's value alone
+        is ``n`` times its value together, ``n`` the rows evaluated together (``k``, or 2 for one row doubled), to
+        ``tol`` relative to the row's own value (a row whose values alone and together are both within the gap's
+        own tolerance ``tol * (1 + max|together|)`` shows nothing and is passed over; at least one must show it):
+        a per-row loss divided by the batch size, whatever its size. ``(0.0, False)`` where the gap is."""
         from .kronecker import field_rows, preserved
 
         k = field_rows(rows)
@@ -2611,11 +2636,17 @@ class MCMCUnlearner:
             whole = whole.detach().double().reshape(-1)[:k]
             alone = torch.cat([a.detach().double().reshape(-1) for a in alone])
         except Exception:  # the request reports a failing nll with its own message
-            return 0.0
+            return 0.0, False
         if whole.shape != alone.shape or not bool(torch.isfinite(whole).all() and torch.isfinite(alone).all()):
-            return 0.0
+            return 0.0, False
+        floor = tol * (1.0 + float(whole.abs().max()))
         gap = float((whole - alone).abs().max()) / (1.0 + float(whole.abs().max()))
-        return gap if gap > tol else 0.0
+        if gap <= tol:
+            return 0.0, False
+        n = 2 if k == 1 else k  # rows evaluated together; alone, each is a batch of one
+        shows = torch.maximum(whole.abs(), alone.abs()) > floor
+        fits = (alone - n * whole).abs() <= tol * alone.abs()
+        return gap, bool(shows.any()) and bool((fits | ~shows).all())
 
     def _forward_check_sample(self, live: torch.Tensor) -> torch.Tensor:
         """A point other than ``live`` to compare gradients at (:meth:`_check_forward`): the first bank sample that
