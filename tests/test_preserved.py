@@ -145,3 +145,52 @@ def test_a_request_on_a_model_with_an_inference_mode_buffer_runs() -> None:
     un = MCMCUnlearner(m, None, nll=nll, log_prior=prior, bank=bank)
     un.propose((x[:4], y[:4]), (x[4:], y[4:]))  # raised RuntimeError('could not restore 1 parameter(s)/buffer(s)')
     assert same_bits(m.shift, torch.linspace(-1, 1, 5))
+
+
+def test_entry_order_children_and_plain_attributes_are_put_back() -> None:
+    """Stop 56's second review: a re-registered parameter came back at the end of ``_parameters`` (the flat vector's
+    order changed), and children added or deleted in the block stayed so (a lazily built head kept its parameters)."""
+    from mcmc_unlearner.curvature import ParamSpec
+
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    flat = ParamSpec.flatten_module(m).clone()
+    with preserved(m):
+        m.register_parameter("w", m._parameters.pop("weight"))  # renamed in the block
+    assert list(m._parameters) == ["weight", "bias"] and torch.equal(ParamSpec.flatten_module(m), flat)
+
+    class LazyHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            self.head = None  # a plain attribute until the first forward
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.head is None:
+                self.head = nn.Linear(4, 2)
+            return self.head(self.body(x))
+
+    lazy = LazyHead()
+    with preserved(lazy), torch.no_grad():
+        lazy(torch.randn(2, 3))
+    assert lazy.head is None and [k for k, _ in lazy.named_parameters()] == ["body.weight", "body.bias"]
+    seq = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    children = list(seq)
+    with preserved(seq):
+        del seq[1]
+        seq.append(nn.Tanh())
+    assert list(seq) == children
+
+
+def test_an_lstm_reads_its_restored_weights() -> None:
+    """An LSTM's forward reads ``_flat_weights``, not ``_parameters``: restoring a weight reassigned in the block left
+    it computing with the block's (0.23 off)."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        y0 = lstm(x)[0]
+    with preserved(lstm):
+        lstm.weight_ih_l0 = nn.Parameter(torch.zeros_like(lstm.weight_ih_l0))
+    with torch.no_grad():
+        assert torch.equal(lstm(x)[0], y0)

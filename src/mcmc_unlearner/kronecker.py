@@ -191,15 +191,21 @@ def preserved(model: nn.Module) -> Iterator[None]:
     is not strided (torch compares no sparse tensors), or its bits differ (a write through ``.data``, which bumps no
     counter; ``-0.0`` for ``0.0``); an unchanged tensor keeps its version counter. A module entry reassigned during
     the block (``self.mu = 0.9 * self.mu + ...``, a parameter replaced or deleted) is set back to the original
-    object. A tensor that cannot be written back is named in a ``RuntimeError`` after all others have been restored
-    (chained to the block's own error, if any).
+    object, and so is a child module or an entry's place in its dict (the flat layout follows that order); an RNN's
+    ``_flat_weights`` is rebuilt where its entries were. A tensor that cannot be written back is
+    named in a ``RuntimeError`` after all others have been restored (chained to the block's own error, if any).
     """
     params = list(model.parameters())
     buffers = list(model.buffers())
     saved = [(t, _version(t), t.detach().clone()) for t in itertools.chain(params, buffers)]
     saved_g = [p.grad for p in params]
     slots = [
-        (m, dict(m._parameters), dict(m._buffers), set(getattr(m, "_non_persistent_buffers_set", ())))
+        (
+            m,
+            (dict(m._parameters), dict(m._buffers), dict(m._modules)),
+            dict(m.__dict__),
+            set(getattr(m, "_non_persistent_buffers_set", ())),
+        )
         for m in model.modules()
     ]
     cuda = sorted({t.device.index or 0 for t in itertools.chain(params, buffers) if t.device.type == "cuda"})
@@ -212,13 +218,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
             body_error = exc
             raise
         finally:
-            for m, ps, bs, nonpersistent in slots:
-                for live, orig in ((m._parameters, ps), (m._buffers, bs)):
-                    for k in [k for k in live if k not in orig]:
-                        del live[k]  # added during the block
-                    for k, v in orig.items():
-                        if live.get(k, _MISSING) is not v:
-                            live[k] = v
+            for m, entries, attrs, nonpersistent in slots:
+                _restore_entries(m, entries, attrs)
                 if hasattr(m, "_non_persistent_buffers_set") and m._non_persistent_buffers_set != nonpersistent:
                     m._non_persistent_buffers_set = nonpersistent
             with torch.no_grad():
@@ -245,6 +246,28 @@ def preserved(model: nn.Module) -> Iterator[None]:
 
 
 _MISSING = object()
+
+
+def _restore_entries(m: nn.Module, entries: tuple[dict, dict, dict], attrs: dict) -> None:
+    """Put ``m``'s ``_parameters``, ``_buffers`` and ``_modules`` back to ``entries`` (:func:`preserved`): keys,
+    order (the flat layout follows it) and objects, where any of them differ; a name that moved between those and a
+    plain attribute (``self.head = None`` in ``__init__``, a module assigned to it in the block) gets its attribute
+    back, and an RNN rebuilds ``_flat_weights``, which its forward reads instead of ``_parameters``."""
+    moved: set[str] = set()
+    for live, orig in zip((m._parameters, m._buffers, m._modules), entries):
+        if list(live) != list(orig) or any(live[k] is not v for k, v in orig.items()):
+            moved.update(live, orig)
+            live.clear()
+            live.update(orig)
+    if not moved:
+        return
+    for k in moved:
+        if k in attrs:
+            m.__dict__[k] = attrs[k]
+        else:
+            m.__dict__.pop(k, None)
+    if isinstance(m, nn.RNNBase):
+        m._init_flat_weights()
 
 
 def _slices(model: nn.Module) -> tuple[ParamSpec, dict[str, slice], dict[int, str]]:
