@@ -194,3 +194,15 @@ def test_an_lstm_reads_its_restored_weights() -> None:
         lstm.weight_ih_l0 = nn.Parameter(torch.zeros_like(lstm.weight_ih_l0))
     with torch.no_grad():
         assert torch.equal(lstm(x)[0], y0)
+
+
+def test_a_backward_in_the_block_leaves_the_callers_grad_alone() -> None:
+    """``.grad`` was saved by reference: a backward in the block added into the caller's gradient in place."""
+    torch.manual_seed(0)
+    m = nn.Linear(3, 1)
+    m(torch.randn(4, 3)).sum().backward()
+    g, g0 = m.weight.grad, m.weight.grad.clone()
+    with preserved(m):
+        assert m.weight.grad is None
+        m(torch.randn(4, 3)).sum().backward()
+    assert m.weight.grad is g and torch.equal(g, g0) and m.bias.grad is not None

@@ -192,13 +192,16 @@ def preserved(model: nn.Module) -> Iterator[None]:
     counter; ``-0.0`` for ``0.0``); an unchanged tensor keeps its version counter. A module entry reassigned during
     the block (``self.mu = 0.9 * self.mu + ...``, a parameter replaced or deleted) is set back to the original
     object, and so is a child module or an entry's place in its dict (the flat layout follows that order); an RNN's
-    ``_flat_weights`` is rebuilt where its entries were. A tensor that cannot be written back is
+    ``_flat_weights`` is rebuilt where its entries were. ``.grad`` is ``None`` inside the block (a backward there
+    does not add into the caller's gradient) and the caller's is put back. A tensor that cannot be written back is
     named in a ``RuntimeError`` after all others have been restored (chained to the block's own error, if any).
     """
     params = list(model.parameters())
     buffers = list(model.buffers())
     saved = [(t, _version(t), t.detach().clone()) for t in itertools.chain(params, buffers)]
     saved_g = [p.grad for p in params]
+    for p in params:  # a backward in the block accumulates into new tensors, not into the caller's in place
+        p.grad = None
     slots = [
         (
             m,
