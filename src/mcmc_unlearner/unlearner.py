@@ -2786,9 +2786,9 @@ class MCMCUnlearner:
     def _memory_info(self) -> dict[str, Any]:
         """``report.info["memory"]``: the budget, the bytes each planning path of the request planned at most
         (``planned``, keyed by path: ``gradients``, ``check``, ``hessian_products``, ``dense_hessian``,
-        ``dense_matrices``, ``kfac_build``, ``kfac_probes``, ``sample_shift``, ``emptied_label_resample``,
-        ``unread_embedding_rows``), their largest (``planned_peak``) and what is held outside the plans
-        (``not_planned``, with this request's bytes per ``[S, D]`` copy)."""
+        ``dense_matrices``, ``ggn_jacobians``, ``kfac_build``, ``kfac_probes``, ``sample_shift``,
+        ``emptied_label_resample``, ``unread_embedding_rows``), their largest (``planned_peak``) and what is held
+        outside the plans (``not_planned``, with this request's bytes per ``[S, D]`` copy)."""
         S = 0 if self.bank is None else int(self.bank.shape[0])
         D = int(self.spec.dim)
         item = self.bank.element_size() if self.bank is not None else ParamSpec.params(self.model)[0].element_size()

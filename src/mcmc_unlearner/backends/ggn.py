@@ -28,6 +28,7 @@ The likelihood is read on the removed rows and, when categorical, verified on a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ def output_ggn(
     budget: int = 2**28,
     link: dict[str, Any] | None = None,
     weights: torch.Tensor | None = None,
+    plan: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """``Σ_r w_r J_rᵀ Λ_r J_r`` over the rows of ``x`` at the flat trainable parameters ``theta`` (float64 ``[D, D]``).
 
@@ -77,6 +79,8 @@ def output_ggn(
             :func:`~mcmc_unlearner.kronecker.select_output` takes from the output (one of a tuple/dict, over a
             temperature).
         weights: Per-row factors ``w_r`` on the loss (``[R]``; default 1).
+        plan: Called with the bytes one chunk's Jacobians were planned at (its rows times ``3 · C · D`` items of
+            ``theta``'s size), once the chunk is known (``report.info["memory"]["planned"]["ggn_jacobians"]``).
     """
     link = link or {}
     # through functionalize's wrapper module: torch's functional_call refuses an nn.DataParallel at the top level
@@ -88,7 +92,10 @@ def output_ggn(
     with torch.no_grad():
         C = out(theta, x[0]).numel()
     d = theta.numel()
-    rows = chunk_for(budget, 3 * C * d * theta.element_size(), x.shape[0])
+    per_row = 3 * C * d * theta.element_size()
+    rows = chunk_for(budget, per_row, x.shape[0])
+    if plan is not None:
+        plan(rows * per_row)
     G = torch.zeros(d, d, dtype=torch.float64, device=theta.device)
     vectorise = True
     for i in range(0, x.shape[0], rows):
@@ -195,6 +202,8 @@ class GGNBackend(DenseBackend):
     def _ggn(self, problem: Problem, batches: list, weights: list[float]) -> torch.Tensor:
         lik, info = self._likelihood
         budget = max(problem.budget // 4, 2**20)
+        record = getattr(problem, "plan", None)  # a stand-in problem may have none
+        plan = None if record is None else (lambda nbytes: record("ggn_jacobians", nbytes))
         G = None
         for theta, b, w in zip(problem.thetas, batches, weights):
             if lik is Likelihood.CATEGORICAL:
@@ -205,7 +214,7 @@ class GGNBackend(DenseBackend):
                 if field_rows(b) == 0:
                     continue
             rw = row_weights(b, info)
-            g = w * output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw)
+            g = w * output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw, plan)
             G = g if G is None else G + g
         self.products += len(batches)  # one curvature build per draw (C backward passes per row each)
         if G is None:  # every row ignored
