@@ -308,3 +308,16 @@ def test_ids_from_a_text_only_standard_input_say_so(monkeypatch) -> None:
         read_ids("-")
     assert "closed" not in str(info.value) and "stdin=" in str(info.value)
     assert read_ids("-", stdin=io.BytesIO(b"1\n2\n")) == [1, 2]
+
+
+def test_ids_from_a_text_stream_passed_as_stdin_are_read() -> None:
+    """Stop 56's second review: ``read_ids('-', stdin=io.StringIO(...))`` raised a raw TypeError (bytes.startswith
+    on a str); a text stream is read as UTF-8, with the same limit and the same parse."""
+    assert read_ids("-", stdin=io.StringIO("4\n5\n")) == [4, 5]
+    assert read_ids("-", stdin=io.StringIO("\ufeff[1, 2]")) == [1, 2]  # a byte-order mark read as text
+    with pytest.raises(InvalidRequestError, match="larger than 10 bytes"):
+        read_ids("-", max_bytes=10, stdin=io.StringIO("1 2 3 4 5 6 7 8"))
+    with pytest.raises(InvalidRequestError, match="'a' is not an id"):
+        read_ids("-", stdin=io.StringIO("a\n"))
+    with pytest.raises(InvalidRequestError, match="more than once"):
+        read_ids("-", stdin=io.StringIO("3\n3\n"), unique=True)

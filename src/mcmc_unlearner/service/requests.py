@@ -27,7 +27,7 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -328,13 +328,16 @@ def parse_ids(text: str | bytes, source: str = "request", *, unique: bool = Fals
     return ids
 
 
-def _read_limited(stream: BinaryIO, max_bytes: int, source: str, size: int = 0) -> bytes:
-    """At most ``max_bytes`` of ``stream`` (else refused); ``size``: the file's size, read in one piece then."""
+def _read_limited(stream: BinaryIO | TextIO, max_bytes: int, source: str, size: int = 0) -> bytes:
+    """At most ``max_bytes`` of ``stream`` (else refused); ``size``: the file's size, read in one piece then. A text
+    stream's characters are counted and returned as UTF-8 bytes."""
     chunks: list[bytes] = []
     total = 0
     while True:
         want = min(size + 1, max_bytes + 1) if size and not chunks else min(1 << 20, max_bytes + 1 - total)
         chunk = stream.read(want)
+        if isinstance(chunk, str):  # a text stream (io.StringIO): its UTF-8 bytes
+            chunk = chunk.encode("utf-8")
         if not chunk:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one piece: no copy
         chunks.append(chunk)
@@ -354,7 +357,7 @@ def read_ids(
     path: str | os.PathLike,
     *,
     max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    stdin: BinaryIO | None = None,
+    stdin: BinaryIO | TextIO | None = None,
     unique: bool = False,
 ) -> list[int]:
     """Read and parse the ids of a request from a file, or from standard input when ``path`` is ``"-"``.
@@ -365,7 +368,8 @@ def read_ids(
     Args:
         path: The ids file, or ``"-"``.
         max_bytes: Largest request accepted.
-        stdin: Stream read for ``"-"`` (default: standard input).
+        stdin: Stream read for ``"-"`` (default: standard input's byte buffer): binary, or text (``io.StringIO``),
+            read as UTF-8.
         unique: Refuse ids that appear more than once (see :func:`parse_ids`).
 
     Raises:
@@ -383,7 +387,7 @@ def read_ids(
             raise InvalidRequestError(
                 f"--ids - reads the ids from standard input, but {why}; pipe the ids in "
                 "(e.g. `cat ids.txt | mcmc-unlearner forget ... --ids -`) or pass --ids FILE"
-                + ("" if sys.stdin is None else " (from Python: read_ids('-', stdin=a binary stream))")
+                + ("" if sys.stdin is None else " (from Python: read_ids('-', stdin=a binary or text stream))")
             )
         try:
             raw = _strip_bom(_read_limited(stream, max_bytes, "standard input"))
