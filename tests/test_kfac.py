@@ -78,13 +78,11 @@ def test_kfac_curvature_does_not_depend_on_how_often_nll_calls_the_model():
     assert abs(shifts[1] - shifts[0]) <= 1e-3 * shifts[0]
 
 
-def test_kfac_scale_draws_its_probes_in_the_working_dtype_with_the_same_numbers(monkeypatch) -> None:
-    """``KFACBackend.scale``'s Rademacher probes are drawn in the working dtype (``torch.randint`` returned int64,
-    then ``* 2 - 1`` made more int64 copies: 1 GiB beside a 256 MiB float32 probe matrix on a 4096² Linear), and
-    ``tr K / D`` is the int64-drawn probes' to the bit (the damping search starts where it did)."""
+def _scale_problem(hidden: int) -> MCMCUnlearner:
+    """A K-FAC unlearner on a 6-``hidden``-3 tanh MLP after one request of 10 rows (the ``scale`` tests' setup)."""
     torch.manual_seed(0)
     x, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
     bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
 
     def nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -95,6 +93,14 @@ def test_kfac_scale_draws_its_probes_in_the_working_dtype_with_the_same_numbers(
 
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, solver="kfac", damping_shape="data")
     un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    return un
+
+
+def test_kfac_scale_draws_its_probes_in_the_working_dtype_with_the_same_numbers(monkeypatch) -> None:
+    """``KFACBackend.scale``'s Rademacher probes are drawn in the working dtype (``torch.randint`` returned int64,
+    then ``* 2 - 1`` made more int64 copies: 1 GiB beside a 256 MiB float32 probe matrix on a 4096² Linear), and
+    ``tr K / D`` is the int64-drawn probes' to the bit (the damping search starts where it did)."""
+    un = _scale_problem(hidden=8)
     backend = un.curvature
     backend._pending, backend._scale, backend._probes, backend._n = (backend.kfac, backend.age), None, None, 110
     drawn = []
@@ -127,19 +133,7 @@ def test_kfac_scale_multiplies_its_probes_a_few_columns_at_a_time_where_all_do_n
     from mcmc_unlearner.backends import kfac as kfac_module
     from mcmc_unlearner.kronecker import KroneckerCurvature
 
-    torch.manual_seed(0)
-    x, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
-    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
-    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
-
-    def nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
-
-    def log_prior(m: nn.Module) -> torch.Tensor:
-        return -0.5 * sum((p**2).sum() for p in m.parameters())
-
-    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, solver="kfac", damping_shape="data")
-    un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    un = _scale_problem(hidden=32)
     backend = un.curvature
     widths = []
     real = KroneckerCurvature.__matmul__
