@@ -247,7 +247,7 @@ def test_row_dependence_on_ordinary_models_is_rounding() -> None:
             theta = un._forward_check_sample(ParamSpec.flatten_module(model))
             tol = FORWARD_CHECK_EPS * torch.finfo(dtype).eps
             for i in (0, 4, 7):
-                gap = un._row_dependence(tuple(t[i : i + 4] for t in batch), theta, 0.0)
+                gap = un._row_check(tuple(t[i : i + 4] for t in batch), theta, 0.0)[0]
                 assert gap < tol / 50, (type(model).__name__, dtype, gap)
             # the whole first request's checks pass
             un._check_forward(batch)
@@ -339,7 +339,7 @@ def test_rounding_of_large_regression_targets_is_not_refused() -> None:
     for g in range(20):
         un = MCMCUnlearner(model, None, nll=gauss, log_prior=prior, bank=bank.clone())
         r = slice(4 * g, 4 * g + 4)
-        gaps.append(un._row_dependence((x[r], y[r]), bank[0].clone(), 0.0))
+        gaps.append(un._row_check((x[r], y[r]), bank[0].clone(), 0.0)[0])
         un._check_nll((x[r], y[r]))
         un._check_forward((x[r], y[r]))  # not refused
         assert un._forward_checked
@@ -387,7 +387,7 @@ def test_a_division_by_the_batch_size_on_well_fitted_rows_is_refused(rows: int) 
         return F.cross_entropy(m(b[0]), b[1], reduction="none") / len(b[1])
 
     un = MCMCUnlearner(model, None, nll=over_batch, log_prior=prior, bank=bank.clone())
-    gap = un._row_dependence((x, y), bank[0].clone(), 0.0)
+    gap = un._row_check((x, y), bank[0].clone(), 0.0)[0]
     assert 1e3 * torch.finfo(torch.float32).eps < gap < FORWARD_ROWS_REFUSE  # the size alone would accept it
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"batch size times its value in the batch.*reduction='none'") as info:

@@ -895,7 +895,7 @@ FIT_DATA_ROWS = 256
 FORWARD_CHECK_ROWS = 4
 #: Its tolerance, in epsilons of the parameters' dtype: two evaluations of the same operations agree to rounding.
 FORWARD_CHECK_EPS = 1e3
-#: The rows-alone test (:meth:`MCMCUnlearner._row_dependence`) refuses only above this gap, relative to ``1 +`` the
+#: The rows-alone test (:meth:`MCMCUnlearner._row_check`) refuses only above this gap, relative to ``1 +`` the
 #: largest value (and above ``FORWARD_CHECK_EPS`` epsilons): the defects it exists for gave 0.093–1.4 (a per-row
 #: loss divided by the batch size; 0.093 on one well-fitted row, doubled), 0.41–0.75 (an in-batch softmax) and up to
 #: 0.79 (batch-counted class weights) on the tests' MLP, 0.25–15 in stop 56's probe, while a per-row regression on
@@ -2210,6 +2210,17 @@ class MCMCUnlearner:
         theta = ParamSpec.flatten_module(self.model)[None]
         self._set_bank(theta if self.bank is None else torch.cat([self.bank, theta]), fresh=False)
 
+    def _check_guard(self) -> contextlib.AbstractContextManager:
+        """What :meth:`_check_nll`'s forward passes on the live model run in: a snapshot that puts parameters,
+        buffers, ``.grad`` and the global RNG back (:func:`~mcmc_unlearner.kronecker.preserved`) until
+        :meth:`_check_forward` has shown on the first request that the forward writes into none of them; after it,
+        the RNG alone (the snapshot copies every parameter and buffer: 0.2 s a request on a 50M-parameter MLP)."""
+        from .kronecker import preserved
+
+        if self._forward_checked:
+            return torch.random.fork_rng(devices=[])
+        return preserved(self.model)
+
     def _check_nll(self, batch: Batch, role: str = "removed", again: bool = False) -> None:
         """On every request: ``nll(model, removed rows)`` gives one value per row.
 
@@ -2218,15 +2229,14 @@ class MCMCUnlearner:
         reported with what ``remove`` expects. One forward pass without gradients, on every request: a later
         request's malformed rows (a label column, another dtype) failed with torch's own words, or not at all (stop
         48's probe). Skipped for a model in training mode with buffers (a forward would update e.g. BatchNorm
-        statistics; their two-pass probe runs once); the model's parameters, buffers and ``.grad`` and the global RNG
-        are left as they were (:func:`~mcmc_unlearner.kronecker.preserved`: a forward that writes into them in place,
-        refused by :meth:`_check_forward`, changed the caller's weights by up to 0.53 in stop 56's probe).
+        statistics; their two-pass probe runs once); the global RNG is left as it was, and so are the model's
+        parameters, buffers and ``.grad`` until :meth:`_check_forward` has shown that a forward writes into none of
+        them (:meth:`_check_guard`: a forward that writes into them in place changed the caller's weights by up to
+        0.53 in stop 56's probe).
         ``role="remaining"``: a remaining-data minibatch, with messages about that data, once (``again``: also after
         that, as each :meth:`fit` does); the first request still checks its removed rows (:meth:`fit` had made it
         skip them, and rows given as indices then failed with torch's dtype error).
         """
-        from .kronecker import preserved
-
         removed = role == "removed"
         if self._remaining_nll_checked and not removed and not again:
             return
@@ -2239,7 +2249,7 @@ class MCMCUnlearner:
         step = self._check_nll_rows(batch)  # rows per pass: all of them unless the budget asks for fewer
         rows = min(step, k)
         try:
-            with preserved(self.model), torch.no_grad():
+            with self._check_guard(), torch.no_grad():
                 if rows == k:  # one pass, as always
                     out = self.nll(self.model, batch)
                 else:
@@ -2291,10 +2301,8 @@ class MCMCUnlearner:
         give a comparable shape, the pass's own, said as such."""
         if rows >= k:
             return list(shape)
-        from .kronecker import preserved
-
         try:
-            with preserved(self.model), torch.no_grad():
+            with self._check_guard(), torch.no_grad():
                 out = self.nll(self.model, tuple(t[: rows - 1] for t in batch))
             fewer = list(out.shape) if isinstance(out, torch.Tensor) else None
         except ValueError as e:  # _one_per_row's: the shape it refused
@@ -2408,7 +2416,7 @@ class MCMCUnlearner:
           live parameters back: the gradient 1.13 relative off, the removal computed at a mix of two points; a
           parameter captured in a closure);
         * a row's value depends on the other rows of its batch: the rows evaluated together and each alone (one row
-          doubled) at that sample through the functional path differ (:meth:`_row_dependence`; a per-row loss
+          doubled) at that sample through the functional path differ (:meth:`_row_check`; a per-row loss
           divided by the batch size, stop 56's probe: accepted with ``problems=[]``, the removed rows moved 0.09 /
           0.12 of the way to retraining against 0.79 / 0.41 with the correct ``nll``).
 
@@ -2602,24 +2610,22 @@ class MCMCUnlearner:
                     moved = []
         return written, moved
 
-    def _row_dependence(self, rows: Batch, theta: torch.Tensor, tol: float) -> float:
-        """How far a row's ``nll`` value depends on the other rows of its batch (:meth:`_check_forward`): ``rows``
-        (one row given twice where there is only one) evaluated together and each alone at the stored sample
-        ``theta`` through the functional path; the largest gap relative to ``1 +`` the largest value, 0 within ``tol``
-        (rounding: a row's operations may be blocked differently in a batch of another size), or where ``nll`` fails
-        here (the request reports that); fields without the rows' leading dimension are passed whole. Alone, a
-        per-row loss divided by the batch size gives a row its whole value where the batch gave it a ``k``-th, so the
-        gap is about the row's own value (rows all fitted below ``tol`` nats cannot show it); batch-counted class
-        weights and in-batch softmaxes differ by order one. The caller refuses only above ``FORWARD_ROWS_REFUSE``,
-        or where the rows follow the batch-size pattern (:meth:`_row_check`)."""
-        return self._row_check(rows, theta, tol)[0]
-
     def _row_check(self, rows: Batch, theta: torch.Tensor, tol: float) -> tuple[float, bool]:
-        """:meth:`_row_dependence`'s gap, and whether the rows follow the batch-size pattern: every row's value alone
-        is ``n`` times its value together, ``n`` the rows evaluated together (``k``, or 2 for one row doubled), to
-        ``tol`` relative to the row's own value (a row whose values alone and together are both within the gap's
-        own tolerance ``tol * (1 + max|together|)`` shows nothing and is passed over; at least one must show it):
-        a per-row loss divided by the batch size, whatever its size. ``(0.0, False)`` where the gap is."""
+        """How far a row's ``nll`` value depends on the other rows of its batch (:meth:`_check_forward`), and whether
+        the rows follow the batch-size pattern.
+
+        ``rows`` (one row given twice where there is only one) are evaluated together and each alone at the stored
+        sample ``theta`` through the functional path; the gap is the largest difference relative to ``1 +`` the
+        largest value, 0 within ``tol`` (rounding: a row's operations may be blocked differently in a batch of
+        another size), or where ``nll`` fails here (the request reports that); fields without the rows' leading
+        dimension are passed whole. Alone, a per-row loss divided by the batch size gives a row its whole value
+        where the batch gave it a ``k``-th, so the gap is about the row's own value (rows all fitted below ``tol``
+        nats cannot show it); batch-counted class weights and in-batch softmaxes differ by order one. The pattern:
+        every row's value alone is ``n`` times its value together, ``n`` the rows evaluated together (``k``, or 2
+        for one row doubled), to ``tol`` relative to the row's own value (a row whose values alone and together are
+        both within the gap's own tolerance ``tol * (1 + max|together|)`` shows nothing and is passed over; at least
+        one must show it): a per-row loss divided by the batch size, whatever its size. The caller refuses above
+        ``FORWARD_ROWS_REFUSE``, or with the pattern. ``(0.0, False)`` where the gap is 0."""
         from .kronecker import field_rows, preserved
 
         k = field_rows(rows)
