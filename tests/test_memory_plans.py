@@ -116,18 +116,25 @@ def test_dense_hessian_column_chunks_keep_a_margin_only_when_chunked(monkeypatch
     assert torch.allclose(Hc, H, rtol=1e-12, atol=1e-12)
 
 
-def test_sample_bank_shift_in_chunks_of_samples_equals_all_at_once_and_refuses_what_cannot_fit() -> None:
-    """``bank_shift="sample"`` held ~9.5 copies of the bank unplanned (K-FAC, 64 samples of a 301k-parameter MLP:
-    730 MB under a 64 MB budget, no refusal). Over the budget the samples are solved in chunks (the same shift as
-    all at once, float64), and a budget that holds not even the chunks' reserve is refused before anything runs."""
+def _sample_shift_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
+    """A float64 10-16-3 MLP (227 parameters), 300 rows and a bank of 64 samples, with the per-sample row's bytes and
+    a budget that holds the ``bank_shift="sample"`` reserve and 4 samples per chunk (the sample-shift tests)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()  # 227 parameters
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     x, y = _data(300, 10, 3)
     theta = ParamSpec.flatten_module(model)
     S, D = 64, theta.numel()
     bank = theta + 0.02 * torch.randn(S, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     row = D * 8
-    budget = U.SAMPLE_SHIFT_RESERVE * (S + 1) * row + 4 * U.SAMPLE_SHIFT_COPIES * row  # 4 samples per chunk
+    budget = U.SAMPLE_SHIFT_RESERVE * (S + 1) * row + 4 * U.SAMPLE_SHIFT_COPIES * row
+    return model, x, y, bank, S, row, budget
+
+
+def test_sample_bank_shift_in_chunks_of_samples_equals_all_at_once_and_refuses_what_cannot_fit() -> None:
+    """``bank_shift="sample"`` held ~9.5 copies of the bank unplanned (K-FAC, 64 samples of a 301k-parameter MLP:
+    730 MB under a 64 MB budget, no refusal). Over the budget the samples are solved in chunks (the same shift as
+    all at once, float64), and a budget that holds not even the chunks' reserve is refused before anything runs."""
+    model, x, y, bank, S, row, budget = _sample_shift_problem()
     assert budget < U.SAMPLE_SHIFT_COPIES * (S + 1) * row  # not all at once
 
     def request(force_whole: bool):
@@ -508,14 +515,7 @@ def test_report_info_memory_counts_the_sample_shift_and_the_emptied_label_draw()
     """``bank_shift="sample"``'s copies (the reserve and a chunk of 4 samples, as ``_sample_shift_chunk`` plans
     them) and the emptied-label draw's features (``resample_label_rows``'s ``held``) are among the request's
     plans; neither was recorded."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    x, y = _data(300, 10, 3)
-    theta = ParamSpec.flatten_module(model)
-    S, D = 64, theta.numel()
-    bank = theta + 0.02 * torch.randn(S, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    row = D * 8
-    budget = U.SAMPLE_SHIFT_RESERVE * (S + 1) * row + 4 * U.SAMPLE_SHIFT_COPIES * row  # 4 samples per chunk
+    model, x, y, bank, _, _, budget = _sample_shift_problem()
     un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver="kfac", bank_shift="sample",
                        memory_budget=budget)  # fmt: skip
     memory = un.propose((x[:6], y[:6]), (x[6:], y[6:])).report.info["memory"]
