@@ -224,6 +224,25 @@ def test_diverging_solver_refused_unchanged(store, tmp_path, capsys):
     assert main([*args, "--scaling", "auto", "--iter-T", "200", "--tol", "2e-2"]) == 0
 
 
+def test_invalid_override_combination_is_spelled_one_way(store, tmp_path, capsys):
+    """Was: ``forget --solver lissa --bank-shift affine`` answered "configuration override {'solver': 'lissa',
+    '--bank-shift': 'affine'} is invalid: --bank-shift affine needs --solver exact ...", a dict half in keywords and
+    half in flags. The command line names every setting by its flag, Python by its keyword."""
+    before = snapshot(store)
+    ids = write_ids(tmp_path, "1 2")
+    assert main(["forget", "--model", str(store), "--ids", ids, "--solver", "lissa", "--bank-shift", "affine"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "configuration override --solver lissa, --bank-shift affine is invalid: --bank-shift affine" in err, err
+    assert "'solver'" not in err and "bank_shift" not in err and "'--" not in err, err
+    with pytest.raises(InvalidRequestError) as e:
+        forget(store, [1, 2], overrides={"solver": "lissa", "bank_shift": "affine"})
+    said = str(e.value)
+    assert "configuration override solver='lissa', bank_shift='affine' is invalid: bank_shift='affine'" in said, said
+    assert "--" not in said, said
+    assert snapshot(store) == before
+
+
 def test_non_finite_data_refused_unchanged(tmp_path, capsys):
     model, sampler, data, un = tiny()
     x = data.tensors[0].clone()

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..curvature import ParamSpec
 from ..data import RemovableDataset
+from ..options import shown_value
 from ..unlearner import MCMCUnlearner
 from . import fsio, integrity, specs
 from . import ledger as ledger_mod
@@ -328,7 +329,10 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
                 warnings.filterwarnings("ignore", rf"(?:{kept})=.* has no effect with ", UserWarning)
             un = MCMCUnlearner(loaded.model, loaded.sampler, bank=base.bank, **cfg)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"configuration override {dict(overrides)} is invalid: {exc}") from None
+        # key=value pairs, as the library's messages spell an option: the command line's as_flags turns every one
+        # into its flag (a dict's quoted keys came out half as keywords, half as flags)
+        shown = ", ".join(f"{k}={shown_value(v)}" for k, v in overrides.items())
+        raise ValueError(f"configuration override {shown} is invalid: {exc}") from None
     un.generator.set_state(base.generator.get_state())
     tensors, meta = base.curvature_state()
     # the override may name another solver on purpose: what carries over (the removal count, the damping, the
