@@ -397,3 +397,108 @@ def test_a_division_by_the_batch_size_on_well_fitted_rows_is_refused(rows: int) 
     un = MCMCUnlearner(model, None, nll=_nll, log_prior=prior, bank=bank.clone())
     un._check_forward((x, y))
     assert un._forward_checked and un._forward_row_gap is None
+
+
+def _large_regression(scale: float, cast: str = ""):
+    """A 32-256-256-1 MLP predicting float32 targets ~``scale`` (stop 56's review), its bank, data and Gaussian nll;
+    ``cast``: "inputs" (the forward casts its input to float32) or "output" (the nll returns float32 values)."""
+    from mcmc_unlearner.curvature import ParamSpec
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if cast == "inputs":
+                return self.net(x.float())
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.net[4].weight.mul_(scale / 4)
+        model.net[4].bias.fill_(scale)
+    live = ParamSpec.flatten_module(model).clone()
+    bank = torch.stack([live + 1e-6 * torch.randn_like(live) for _ in range(8)])
+    x = torch.randn(400, 32)
+    with torch.no_grad():
+        ParamSpec.assign(model, bank[0])
+        y = model(x).squeeze(1) + torch.randn(400)
+        ParamSpec.assign(model, live)
+
+    def gauss(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        value = 0.5 * (m(b[0]).squeeze(1) - b[1]) ** 2
+        return value.float() if cast == "output" else value
+
+    return model, bank, x, y, gauss
+
+
+def _prior(m: nn.Module) -> torch.Tensor:
+    return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+
+def test_float32_rounding_above_the_refusal_threshold_is_cleared_in_float64() -> None:
+    """|y| ~ 1e6 in float32: the rows-alone gap reaches 0.064 (> ``FORWARD_ROWS_REFUSE``, no batch-size pattern),
+    refused on 21 of 50 requests before. The test runs again in float64 (gaps ~1e-10): not refused, both gaps
+    reported; a residual centred on its batch's mean (order-one gap, no pattern) and ``nll / len(batch)`` on the
+    same model are still refused, with nothing changed."""
+    from mcmc_unlearner.unlearner import FORWARD_ROWS_REFUSE
+
+    model, bank, x, y, gauss = _large_regression(1e6)
+    over = []
+    for g in range(20):
+        un = MCMCUnlearner(model, None, nll=gauss, log_prior=_prior, bank=bank.clone())
+        r = slice(4 * g, 4 * g + 4)
+        gap = un._row_check((x[r], y[r]), bank[0].clone(), 0.0)[0]
+        if gap > FORWARD_ROWS_REFUSE:
+            over.append(g)
+            un._check_forward((x[r], y[r]))  # refused before the float64 test
+            assert un._forward_checked and un._forward_row_gap == pytest.approx(gap, rel=1e-6)
+            assert 0 <= un._forward_row_gap_float64 < 1e-6
+    assert len(over) >= 3  # the rounding this test is about shows here
+    # the report says both, once
+    g = over[0]
+    keep = torch.ones(400, dtype=torch.bool)
+    keep[4 * g : 4 * g + 4] = False
+    un = MCMCUnlearner(model, None, nll=gauss, log_prior=_prior, bank=bank.clone())
+    report = un.propose((x[4 * g : 4 * g + 4], y[4 * g : 4 * g + 4]), (x[keep], y[keep]))
+    assert report.report.info["forward_row_gap"] > FORWARD_ROWS_REFUSE
+    assert report.report.info["forward_row_gap_float64"] < 1e-6
+
+    def centred(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        r = m(b[0]).squeeze(1) - b[1]
+        return 0.5 * (r - r.mean()) ** 2
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for nll, said in [(centred, "evaluated in float64 too"), (lambda m, b: gauss(m, b) / len(b[1]), "batch size")]:
+        given = bank.clone()
+        un = MCMCUnlearner(model, None, nll=nll, log_prior=_prior, bank=given)
+        with pytest.raises(ValueError, match="depends on the other rows of its batch") as info:
+            un._check_forward((x[4 * g : 4 * g + 4], y[4 * g : 4 * g + 4]))
+        assert said in str(info.value) and "standardise" not in str(info.value) and not un._forward_checked
+        assert torch.equal(given, bank)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("cast", ["inputs", "output"])
+def test_a_model_that_cannot_run_in_float64_keeps_the_float32_verdict(cast: str) -> None:
+    """A forward that casts its input to float32 (float64 weights then fail) or an nll that returns float32 values
+    cannot tell rounding from a row reading its batch in float64: the float32 verdict stands (refused above
+    ``FORWARD_ROWS_REFUSE``), and the message says the float64 test could not run and why; nothing changed."""
+    from mcmc_unlearner.unlearner import FORWARD_ROWS_REFUSE
+
+    model, bank, x, y, gauss = _large_regression(1e6, cast)
+    un = MCMCUnlearner(model, None, nll=gauss, log_prior=_prior, bank=bank.clone())
+    g = next(
+        g
+        for g in range(50)
+        if un._row_check((x[4 * g : 4 * g + 4], y[4 * g : 4 * g + 4]), bank[0], 0.0)[0] > FORWARD_ROWS_REFUSE
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="depends on the other rows of its batch") as info:
+        un._check_forward((x[4 * g : 4 * g + 4], y[4 * g : 4 * g + 4]))
+    said = str(info.value)
+    assert "standardise the targets" in said and "the float64 re-evaluation failed" in said
+    assert ("float32 values" in said) == (cast == "output") and not un._forward_checked
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -901,10 +901,14 @@ FORWARD_CHECK_EPS = 1e3
 #: 0.79 (batch-counted class weights) on the tests' MLP, 0.25–15 in stop 56's probe, while a per-row regression on
 #: unstandardised targets gives rounding gaps that grow with the prediction's size (float32, a 32-256-256-1 MLP,
 #: 50 requests of 4 rows, stop 56's review: at most 1.7e-4 at |y| ~ 3e3, 6.9e-4 at 1e4, 5.5e-3 at 1e5, and 0.064 at
-#: 1e6, where 21 of 50 are still refused: standardise such targets). A smaller gap above the float tolerance is
-#: reported (``report.info["forward_row_gap"]``), not refused, unless the rows follow the batch-size pattern (each
-#: row's value alone the batch size times its value in the batch: refused whatever the gap; removed rows fitted to
-#: 2.7e-3-6.5e-3 nats gave ``nll / len(batch)`` a gap of 4.8e-3, stop 56's second review).
+#: 1e6, where 21 of 50 were refused). A larger gap without the batch-size pattern is measured again in float64
+#: (:meth:`MCMCUnlearner._row_check_double`: rounding shrinks 2^29-fold, a row reading its batch does not; at 1e6
+#: the float64 gaps were at most 8.7e-11, 0 of 50 refused) and refused only if still above this threshold (or
+#: where float64 cannot run: the float32 verdict stands). A smaller gap above the float tolerance is reported
+#: (``report.info["forward_row_gap"]``, and ``"forward_row_gap_float64"`` where float64 cleared one above this),
+#: not refused, unless the rows follow the batch-size pattern (each row's value alone the batch size times its
+#: value in the batch: refused whatever the gap; removed rows fitted to 2.7e-3-6.5e-3 nats gave
+#: ``nll / len(batch)`` a gap of 4.8e-3, stop 56's second review).
 FORWARD_ROWS_REFUSE = 1e-2
 FIT_DATA_REL = 1 / 3  # the larger 1.5x the smaller
 FIT_DATA_Z = 3.0
@@ -1930,6 +1934,7 @@ class MCMCUnlearner:
         self._unread_labels_warned = False  # the emptied-label check could not read the remaining labels (warned once)
         self._forward_checked = False  # _check_forward ran (on the first request)
         self._forward_row_gap: float | None = None  # its rows-alone gap above rounding, below refusal (reported once)
+        self._forward_row_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
         self._version = 0
         self._g_round = 0  # requests applied: which draws the next request's G reads (_turned)
         self._row_bytes: int | None = None
@@ -2429,7 +2434,12 @@ class MCMCUnlearner:
         targets ~1e4 gave 6.9e-4, refused on 14 of 50 requests before); a gap between the two is recorded in the
         first request's ``report.info["forward_row_gap"]``, unless every row's value alone is the batch size times
         its value together (to the tolerance, relative to the row's own value: :meth:`_row_check`), which is refused
-        whatever its size (``nll / len(batch)`` on rows fitted to 2.7e-3-6.5e-3 nats: a gap of 4.8e-3). The sample
+        whatever its size (``nll / len(batch)`` on rows fitted to 2.7e-3-6.5e-3 nats: a gap of 4.8e-3). A gap above
+        ``FORWARD_ROWS_REFUSE`` without that pattern in a lower precision is measured again in float64
+        (:meth:`_row_check_double`; targets ~1e6 gave 0.064 in float32, refused on 21 of 50 requests, and at most
+        8.7e-11 in float64) and refused only if still above it or with the pattern there; otherwise both gaps are
+        recorded (``"forward_row_gap"``, ``"forward_row_gap_float64"``). Where the model cannot run in float64 the
+        float32 verdict stands and the refusal says why. The sample
         is the first bank sample that differs from the live parameters, else the live parameters moved by a seeded
         tenth of their mean size.
         Parameters, their ``.grad``, buffers and the global RNG states are as they were afterwards
@@ -2472,8 +2482,16 @@ class MCMCUnlearner:
                 random_gap = float((a - b).abs().max())
         except Exception:  # the request reports a failing nll with its own message
             pass
+        # the float64 test's gap (-1: not run), whether it could not run (1.0) and why
+        double_gap, double_failed, double_why = -1.0, 0.0, None
         if not random_gap:
             row_gap, pattern = self._row_check(rows, theta, tol)
+            if row_gap > max(FORWARD_ROWS_REFUSE, tol) and not pattern and theta.dtype != torch.float64:
+                # above the refusal threshold without the pattern: rounding of large values, or a row reading its
+                # batch? float64 tells (rounding shrinks by 2^29 from float32, the defects do not)
+                double_gap, pattern, double_why = self._row_check_double(rows, theta, row_gap)
+                if double_why is not None:
+                    double_gap, double_failed = -1.0, 1.0
             pattern_gap = row_gap if pattern else 0.0
         if not random_gap:
             try:
@@ -2498,9 +2516,23 @@ class MCMCUnlearner:
             except Exception:  # not differentiable here: the request says so with its own message
                 pass
         # every rank refuses alike (a rank without removed rows has nothing to see)
-        random_gap, grad_gap, row_gap, pattern_gap = self._reduce_max(
-            torch.tensor([random_gap, grad_gap, row_gap, pattern_gap], dtype=torch.float64)
+        random_gap, grad_gap, row_gap, pattern_gap, double_gap, double_failed = self._reduce_max(
+            torch.tensor([random_gap, grad_gap, row_gap, pattern_gap, double_gap, double_failed], dtype=torch.float64)
         ).tolist()
+        if double_failed:  # on some rank the float64 test could not run: the first verdict stands
+            double_gap = -1.0
+        double_tol = max(FORWARD_ROWS_REFUSE, FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps)
+        if double_gap >= 0 and not pattern_gap and double_gap <= double_tol:
+            # the float32 gap was rounding: float64 leaves at most double_tol (a regression on targets ~1e6 in
+            # float32: 0.064, in float64 ~1e-10)
+            log.info(
+                "nll: a row's value alone and in its batch differ by %.3g relative, %.3g in float64 (rounding of "
+                "large values); not refused",
+                row_gap,
+                double_gap,
+            )
+            self._forward_row_gap, self._forward_row_gap_float64 = row_gap, double_gap
+            row_gap = 0.0
         if random_gap:
             raise ValueError(
                 f"nll(model, rows) gives different values on two calls on the same removed rows with the same "
@@ -2535,8 +2567,12 @@ class MCMCUnlearner:
                 + (
                     ""
                     if pattern_gap
+                    else f" (evaluated in float64 too, the gap is still {double_gap:.3g}: not rounding)"
+                    if double_gap >= 0
                     else " (if each row's value already is its own, e.g. a regression, the gap is rounding of very "
-                    "large values: float32 reaches 1e-2 near |y| ~ 1e6; standardise the targets)"
+                    "large values: float32 reaches 1e-2 near |y| ~ 1e6; standardise the targets; "
+                    + (double_why or "the float64 re-evaluation could not run on some rank")
+                    + ", which would have told rounding from a row reading its batch)"
                 )
                 + "; nothing was changed"
             )
@@ -2610,7 +2646,7 @@ class MCMCUnlearner:
                     moved = []
         return written, moved
 
-    def _row_check(self, rows: Batch, theta: torch.Tensor, tol: float) -> tuple[float, bool]:
+    def _row_check(self, rows: Batch, theta: torch.Tensor, tol: float, double: bool = False) -> tuple[float, bool]:
         """How far a row's ``nll`` value depends on the other rows of its batch (:meth:`_check_forward`), and whether
         the rows follow the batch-size pattern.
 
@@ -2625,7 +2661,11 @@ class MCMCUnlearner:
         for one row doubled), to ``tol`` relative to the row's own value (a row whose values alone and together are
         both within the gap's own tolerance ``tol * (1 + max|together|)`` shows nothing and is passed over; at least
         one must show it): a per-row loss divided by the batch size, whatever its size. The caller refuses above
-        ``FORWARD_ROWS_REFUSE``, or with the pattern. ``(0.0, False)`` where the gap is 0."""
+        ``FORWARD_ROWS_REFUSE``, or with the pattern. ``(0.0, False)`` where the gap is 0.
+
+        ``double``: the same test in float64 (:meth:`_row_check_double`): float64 copies of the sample, of the
+        other floating parameters and buffers and of the rows' floating fields through the same functional path;
+        raises (``RuntimeError``) where the model cannot run so or its ``nll`` does not return float64 values."""
         from .kronecker import field_rows, preserved
 
         k = field_rows(rows)
@@ -2633,17 +2673,28 @@ class MCMCUnlearner:
         def aligned(t: Any) -> bool:
             return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == k
 
-        f = functionalize(self.model, lambda m, *b: self.nll(m, b))
+        if double:
+            f = self._float64_path()
+            theta = theta.double()
+            rows = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in rows)
+        else:
+            f = functionalize(self.model, lambda m, *b: self.nll(m, b))
         try:
             with preserved(self.model), torch.no_grad():
                 # (clones of the sample: no write could reach the bank)
                 whole = f(theta.clone(), *(torch.cat([t, t]) if k == 1 and aligned(t) else t for t in rows))
                 alone = [f(theta.clone(), *(t[i : i + 1] if aligned(t) else t for t in rows)) for i in range(k)]
+            if double and any(v.dtype != torch.float64 for v in [whole, *alone]):
+                raise RuntimeError(f"nll returned {whole.dtype} values from float64 parameters and inputs")
             whole = whole.detach().double().reshape(-1)[:k]
             alone = torch.cat([a.detach().double().reshape(-1) for a in alone])
-        except Exception:  # the request reports a failing nll with its own message
+        except Exception as e:  # the request reports a failing nll with its own message
+            if double:
+                raise RuntimeError(str(e) or type(e).__name__) from e
             return 0.0, False
         if whole.shape != alone.shape or not bool(torch.isfinite(whole).all() and torch.isfinite(alone).all()):
+            if double:
+                raise RuntimeError("no finite values of one per row in float64")
             return 0.0, False
         floor = tol * (1.0 + float(whole.abs().max()))
         gap = float((whole - alone).abs().max()) / (1.0 + float(whole.abs().max()))
@@ -2653,6 +2704,43 @@ class MCMCUnlearner:
         shows = torch.maximum(whole.abs(), alone.abs()) > floor
         fits = (alone - n * whole).abs() <= tol * alone.abs()
         return gap, bool(shows.any()) and bool((fits | ~shows).all())
+
+    def _float64_path(self) -> Callable[..., torch.Tensor]:
+        """``f(θ_flat, *rows)``: ``nll`` through the functional path with float64 copies of the model's other
+        floating parameters (frozen ones) and buffers in place of their own (:meth:`_row_check`'s float64 test;
+        the model itself is not touched: ``functional_call`` swaps the copies in for the call)."""
+        from .curvature import _Call, aliased_parameters, call_with
+
+        spec = ParamSpec.of(self.model)
+        wrapper = _Call(self.model, lambda m, *b: self.nll(m, b))
+        aliased = aliased_parameters(self.model)
+        trained = set(spec.names)
+        others = {
+            "m." + k: t.detach().double()
+            for k, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+            if k not in trained and t.is_floating_point() and t.dtype != torch.float64 and t.layout == torch.strided
+        }
+
+        def f(theta: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+            params = {**others, **{"m." + k: v for k, v in spec.unflatten(theta).items()}}
+            return call_with(wrapper, params, args, aliased, strict=False)
+
+        return f
+
+    def _row_check_double(self, rows: Batch, theta: torch.Tensor, gap: float) -> tuple[float, bool, str | None]:
+        """The rows-alone test again in float64, where the float32 (or half-precision) ``gap`` is above the
+        refusal threshold without the batch-size pattern (:meth:`_check_forward`): rounding shrinks by the
+        epsilons' ratio (2^29 from float32), a row reading its batch does not. Returns the float64 gap (0 within
+        its tolerance), whether its rows follow the batch-size pattern, and ``None``; or, where the model cannot
+        run in float64 (an op without a float64 kernel, a device without float64, a forward that casts to float32
+        itself) or gives no finite comparable values, ``gap`` itself, ``False`` and why: the caller keeps the
+        first verdict."""
+        tol = FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps
+        try:
+            gap64, pattern = self._row_check(rows, theta, tol, double=True)
+        except Exception as e:  # (_row_check's RuntimeError: the float64 evaluation failed)
+            return gap, False, f"the float64 re-evaluation failed ({str(e).splitlines()[0][:200]})"
+        return gap64, pattern, None
 
     def _forward_check_sample(self, live: torch.Tensor) -> torch.Tensor:
         """A point other than ``live`` to compare gradients at (:meth:`_check_forward`): the first bank sample that
@@ -3971,6 +4059,8 @@ class MCMCUnlearner:
             info["autocast"] = autocast
         if self._forward_row_gap is not None:  # the first request's rows-alone gap, not refused (_check_forward)
             info["forward_row_gap"], self._forward_row_gap = self._forward_row_gap, None
+        if self._forward_row_gap_float64 is not None:  # ... above refusal in float32, rounding in float64
+            info["forward_row_gap_float64"], self._forward_row_gap_float64 = self._forward_row_gap_float64, None
         if expectation is not Expectation.CHAIN and c_thetas.shape[0] < self.curvature_draws:
             self._note_curvature_cap(int(c_thetas.shape[0]), info)
         if expectation is not Expectation.CHAIN and k_thetas.shape[0] < self.check_draws:
