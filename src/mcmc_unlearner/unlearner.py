@@ -1333,6 +1333,26 @@ def _check_log_prior(model: nn.Module, log_prior: Callable[[nn.Module], torch.Te
             )
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    """Refuse a model with uninitialized (lazy) parameters or buffers, e.g. ``nn.LazyLinear`` before its first
+    forward pass: they have no shape yet, so no flat parameter vector, bank or curvature can be laid out (torch's
+    own "Can't access the shape of an uninitialized parameter" came from the constructor before)."""
+    lazy = [
+        n
+        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        if nn.parameter.is_lazy(t)
+    ]
+    if lazy:
+        kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)})
+        raise ValueError(
+            f"the model has uninitialized (lazy) parameters or buffers: {', '.join(lazy[:4])}"
+            f"{', ...' if len(lazy) > 4 else ''}{' (' + ', '.join(kinds) + ')' if kinds else ''}: their shapes are "
+            "only fixed by the first forward pass, so the unlearner cannot lay out the parameters, the bank or the "
+            "curvature. Run one forward pass on a batch first to materialise them (with torch.no_grad(): "
+            "model(x_batch)), before training or sampling, then build the unlearner; nothing was changed"
+        )
+
+
 def _check_mode(model: nn.Module) -> None:
     """Refuse a model whose forward pass in its current (training) mode uses and updates batch statistics, or
     drops units at random."""
@@ -1733,6 +1753,7 @@ class MCMCUnlearner:
                 "torch.compile too)"
             )
         model = eager(model)  # a torch.compile'd model: the module it wraps (swapping parameters recompiled it)
+        _refuse_lazy(model)
         _check_mode(model)
         self.model = model
         self.sampler = sampler
