@@ -108,7 +108,7 @@ def test_the_deletion_services_settings_show_a_huge_integer_by_its_size(key: str
     large to print is named by its type."""
     for name in ("10**400", "10**5000"):
         with pytest.raises(InvalidRequestError) as caught:
-            check_settings({key: HUGE[name]})
+            check_settings({key: HUGE[name]}, interface="cli")  # the flags' spelling (Python's: the keyword)
         message = str(caught.value)
         assert message.startswith(f"{words}, got {SIZE[name]}") and len(message) < 300, message
     with pytest.raises(InvalidRequestError, match="too large to show"):

@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 
 from mcmc_unlearner import InvalidRequestError
 from mcmc_unlearner.data import as_id_tensor
+from mcmc_unlearner.service import requests
 from mcmc_unlearner.service.requests import (
     MAX_ID,
+    as_keywords,
     check_request_id,
     check_settings,
     parse_ids,
@@ -181,8 +183,37 @@ def test_bad_request_ids(rid):
     ],
 )
 def test_settings_validated_with_the_fix_named(settings_, match):
-    with pytest.raises(InvalidRequestError, match=match):
+    with pytest.raises(InvalidRequestError, match=match) as cli:
+        check_settings(settings_, interface="cli")  # the command line's spelling: its flags
+    # from Python (forget(..., overrides=), the default) the same message names the keyword, never the flag
+    # (stop 56: overrides={"tol": True} was refused naming --tol)
+    with pytest.raises(InvalidRequestError) as python:
         check_settings(settings_)
+    key = next(iter(settings_))
+    assert str(python.value) == as_keywords(str(cli.value)) and "--" not in str(python.value)
+    assert str(python.value).startswith(f"{key} ") and str(cli.value).startswith(f"{requests.FLAGS[key]} ")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("tol", True, "tol must be a number, got 'True'"),
+        ("damping", False, "damping must be a number, got 'False'"),
+        ("iter_T", True, "iter_T must be a whole number, got 'True'"),
+        ("curvature_draws", 2.5, "curvature_draws must be a whole number, got '2.5'"),
+        ("scaling", [1], "scaling must be a number, got '[1]'"),
+        ("solver", 3, "solver must be one of auto"),
+    ],
+)
+def test_wrong_typed_overrides_name_the_keyword_from_python_and_the_flag_from_the_cli(key, value, words):
+    with pytest.raises(InvalidRequestError) as python:
+        check_settings({key: value})
+    assert str(python.value).startswith(words) and "--" not in str(python.value), str(python.value)
+    with pytest.raises(InvalidRequestError) as cli:
+        check_settings({key: value}, interface="cli")
+    assert str(cli.value).startswith(words.replace(key, requests.FLAGS[key], 1)), str(cli.value)
+    with pytest.raises(InvalidRequestError, match="interface must be 'python' or 'cli'"):
+        check_settings({key: value}, interface="web")
 
 
 def test_good_settings_normalised():

@@ -352,3 +352,23 @@ def test_an_entry_from_before_the_quality_gate_is_shown_degraded_as_status_lists
         "degraded": False,
         "problems": [],
     }
+
+
+def test_a_wrong_typed_override_names_the_keyword_from_python_and_the_flag_from_the_cli(saved, tmp_path, capsys):
+    """Stop 56's closing note: ``forget(..., overrides={"tol": True})`` was refused naming the command line's
+    ``--tol``; from Python it names the keyword, on the command line the flag, and the folder is untouched."""
+    m = _copy(saved, tmp_path)
+    before = folder_state(m)
+    for overrides, said in [({"tol": True}, "tol must be a number"), ({"iter_T": -1}, "iter_T must be between 0")]:
+        with pytest.raises(InvalidRequestError) as exc:
+            forget(m, [7, 8], overrides=overrides)
+        assert str(exc.value).startswith(said) and "--" not in str(exc.value), str(exc.value)
+        with pytest.raises(InvalidRequestError) as exc:
+            forget(m, [7, 8], overrides=overrides, interface="cli")
+        assert str(exc.value).startswith(said.replace("iter_T", "--iter-T").replace("tol", "--tol")), str(exc.value)
+    assert folder_state(m) == before
+    ids = tmp_path / "ids.txt"
+    ids.write_text("7 8")
+    assert main(["forget", "--model", str(m), "--ids", str(ids), "--iter-T", "-1"]) == 2
+    assert "--iter-T must be between 0" in capsys.readouterr().err
+    assert folder_state(m) == before

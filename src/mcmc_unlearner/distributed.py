@@ -1009,7 +1009,7 @@ def _follow_forget(model_dir: str, ids: Sequence[int], request_id: str | None, k
 
     id_list = [int(i) for i in as_id_tensor(ids).tolist()]
     rid = request_id or ledger_mod.request_id_for(id_list)
-    overrides = requests.check_settings(kwargs.get("overrides"))
+    overrides = requests.check_settings(kwargs.get("overrides"), kwargs.get("interface", "python"))
     loaded = checkpoint.load_model(model_dir, key=kwargs.get("key"))
     if any(e.get("request_id") == rid for e in loaded.requests):
         return  # already applied: rank 0 reports it (and refuses reused ids)

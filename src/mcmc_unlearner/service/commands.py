@@ -36,7 +36,7 @@ __all__ = ["register"]
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("solver", "scaling", "damping", "iter_T", "tol", "curvature_draws", "bank_shift", "hessian")
     keys += ("emptied_label",)
-    return requests.check_settings({k: getattr(args, k, None) for k in keys})
+    return requests.check_settings({k: getattr(args, k, None) for k in keys}, interface="cli")
 
 
 def _num(v: Any, fmt: str) -> str:

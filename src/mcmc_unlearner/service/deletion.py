@@ -290,7 +290,7 @@ def forget(
         "--request-id" if interface == "cli" else "request_id",
     )
     wait = requests.check_wait(wait, "--wait" if interface == "cli" else "wait")
-    settings = requests.check_settings(overrides)
+    settings = requests.check_settings(overrides, interface)
     try:
         policy = OnFailure(on_failure)
     except ValueError:

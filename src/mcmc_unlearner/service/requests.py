@@ -14,7 +14,8 @@ Everything here is checked **before** the model folder is touched, and every ref
 * **Settings** (:func:`check_settings`) are validated with messages naming the fix: ``damping`` ``"auto"``
   or finite and ``>= 0``; ``tol`` finite in ``(0, 1)``; ``iter_T`` a whole number in ``[0, 10^6]``;
   ``curvature_draws`` in ``[1, 10^5]``; ``scaling`` ``"auto"`` or finite ``> 0``; solver, Hessian and bank
-  shift from their enums.
+  shift from their enums; the messages name the Python keyword (``tol``) or, for the command line, the flag
+  (``--tol``).
 """
 
 from __future__ import annotations
@@ -530,15 +531,31 @@ def _choice(name: str, value: Any, enum: Any, extra: tuple[str, ...] = ()) -> st
     return str(v)
 
 
-def check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+def check_settings(overrides: Mapping[str, Any] | None, interface: str = "python") -> dict[str, Any]:
     """Validate per-request solver settings before any work; returns them normalised (numbers as numbers).
 
     Known keys are checked here with messages naming the fix; other unlearner options are passed on and
     checked by :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` itself.
 
+    Args:
+        overrides: The settings (``forget(..., overrides=)``, or the command line's flags by keyword).
+        interface: Who asks: ``"python"`` (the messages name the keyword, ``tol``) or ``"cli"`` (the flag,
+            ``--tol``). Stop 56: ``overrides={"tol": True}`` from Python was refused naming ``--tol``.
+
     Raises:
-        InvalidRequestError: A setting is out of range or of the wrong type.
+        InvalidRequestError: A setting is out of range or of the wrong type, or ``interface`` is unknown.
     """
+    spell = as_keywords if spelling(interface) is as_keywords else None  # (spelling refuses an unknown interface)
+    try:
+        return _check_settings(overrides)
+    except InvalidRequestError as e:  # the messages are written with the flags
+        if spell is None:
+            raise
+        raise InvalidRequestError(spell(str(e))) from None
+
+
+def _check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:func:`check_settings`'s checks, their messages naming the command line's flags."""
     out: dict[str, Any] = {}
     for key, value in dict(overrides or {}).items():
         if value is None:
