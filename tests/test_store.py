@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -364,3 +365,49 @@ def test_the_ggn_curvature_survives_save_and_load(tmp_path):
     assert r1.info["trials"][0] == r2.info["trials"][0]
     assert r1.info.get("curvature_rebuilt_for_drift") == r2.info.get("curvature_rebuilt_for_drift")
     assert torch.equal(un.bank, lm.unlearner.bank)
+
+
+@pytest.fixture(scope="module")
+def tiny_objs():
+    return tiny_gmm(bank=6, burn=30)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+@pytest.mark.parametrize(
+    "name",
+    ["state-000000.safetensors", "state-000003.safetensors", "data.safetensors", "ledger.jsonl", "manifest.json"],
+)
+def test_save_model_refuses_a_directory_at_a_model_files_name(tmp_path, tiny_objs, name, overwrite):
+    """Stop 56's closing note: save_model into a folder holding a directory at a state file's (or another model
+    file's) name failed with the raw IsADirectoryError. Refused naming the path and the fix, nothing changed: also
+    with overwrite=True over a saved model, whose manifest was unlinked before the loop reached the directory."""
+    from conftest import folder_state
+
+    root = tmp_path / "m"
+    if overwrite and name != "manifest.json":
+        save_gmm(root, tiny_objs, data_spec={"kind": "tensors"})
+    else:
+        root.mkdir()
+    if (root / name).exists():
+        (root / name).unlink()
+    (root / name).mkdir()
+    (root / name / "inside.txt").write_text("kept")
+    before = folder_state(root)
+    with pytest.raises(StoreError, match=rf"{re.escape(str(root / name))} is a directory; remove or rename it"):
+        save_gmm(root, tiny_objs, data_spec={"kind": "tensors"}, overwrite=overwrite)
+    assert folder_state(root) == before
+    shutil.rmtree(root / name)  # the fix the message names
+    save_gmm(root, tiny_objs, data_spec={"kind": "tensors"}, overwrite=True)
+    assert (root / name).is_file() or name == "state-000003.safetensors"
+
+
+def test_atomic_write_refuses_a_directory_at_its_name(tmp_path):
+    """The store's other writes (a request's state file and manifest, ``atomic_write_bytes``) go through
+    ``fsio.atomic_write``: a directory at the name is refused before anything is written (no temp file left)."""
+    from conftest import folder_state
+
+    (tmp_path / "f.bin").mkdir()
+    before = folder_state(tmp_path)
+    with pytest.raises(StoreError, match=r"f\.bin is a directory; remove or rename it"):
+        atomic_write_bytes(tmp_path / "f.bin", b"x")
+    assert folder_state(tmp_path) == before

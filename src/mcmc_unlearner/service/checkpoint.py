@@ -448,6 +448,9 @@ def save_model(
             raise StoreError(
                 f"{root} is not empty (it holds {ascii(foreign[:3])[:120]}); save into a new or empty folder"
             )
+        for n in names:  # the files this save replaces or removes: a directory there failed with the raw OS error
+            if n != LEGACY_LOCK_NAME:
+                fsio.refuse_directory(root, n, "save_model replaces or removes every entry named as a model's file")
         if MANIFEST_NAME not in names and not overwrite:
             history = history_files(root)
             if history:

@@ -157,6 +157,21 @@ def _refuse_special(path: Path) -> None:
         )
 
 
+def refuse_directory(root: Path, name: str, what: str) -> None:
+    """Refuse a directory at ``root/name`` (not followed through a link: a link there is replaced, never its
+    target), before anything is written: renaming a file over it, or unlinking it, failed with the raw
+    ``IsADirectoryError`` (stop 56: ``save_model`` into a folder holding a directory at a state file's name)."""
+    try:
+        st = os.lstat(Path(root) / name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise StoreError(
+            f"{Path(root) / name} is a directory; remove or rename it: a model folder holds regular files only, "
+            f"and {what}; nothing was changed"
+        )
+
+
 def _regular_fd(path: Path, flags: int, what: str) -> int:
     """Open ``path`` without following a final link and check that it is a regular file (returns the fd).
 
@@ -269,6 +284,7 @@ def atomic_write(
     """
     root = Path(root)
     name = check_name(name)
+    refuse_directory(root, name, "a file is being written at that name")
     tmp = root / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
     try:
