@@ -375,6 +375,9 @@ def _eps(dtype: torch.dtype) -> float:
 _LINK_KEYS = ("output", "temperature", "scale", "weights", "class_weights")
 #: Most classes for which ``nll`` is probed at every label (one call each) to find per-class weights.
 CLASS_WEIGHT_MAX_CLASSES = 128
+#: Factors of more dimensions than this keep only their diagonal (no eigendecomposition: a vocabulary head's
+#: output factor, a layer's input factor beyond 4,095 inputs); the K-FAC backend warns once per unlearner.
+MAX_FACTOR_DIM = 4096
 
 
 def output_items(out: Any) -> list[tuple[Any, Any]] | None:
@@ -1675,7 +1678,7 @@ class KroneckerCurvature:
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
-        max_factor_dim: int = 4096,
+        max_factor_dim: int = MAX_FACTOR_DIM,
         max_locations: int | str | None = "auto",
         sigma: float | None = None,
         exact_expectation: bool | None = None,
@@ -2454,7 +2457,7 @@ class KroneckerCurvature:
         model: nn.Module,
         batch_rows: int | None,
         example_batch: Batch,
-        max_factor_dim: int = 4096,
+        max_factor_dim: int = MAX_FACTOR_DIM,
         nll: Callable[[nn.Module, Batch], Tensor] | None = None,
     ) -> Any:
         """Peak bytes :meth:`build` will allocate for minibatches of ``batch_rows`` rows, estimated before building

@@ -7,7 +7,7 @@ The factors themselves live in :mod:`mcmc_unlearner.kronecker`; this file only d
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,34 @@ def kfac_row_need(estimate: Callable[[int], int], dim: int, itemsize: int, mc_sa
     (:meth:`~mcmc_unlearner.kronecker.KroneckerCurvature.memory_estimate`) and what the chunks add, each Monte-Carlo
     label's gradient of the parameters."""
     return estimate(1) + mc_samples * dim * itemsize
+
+
+def diagonal_factors(info: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    """The Kronecker factors a K-FAC build kept diagonal (``info["kronecker"]``: over
+    :data:`~mcmc_unlearner.kronecker.MAX_FACTOR_DIM` dimensions), as ``(layer, "output" or "input", dimension)``."""
+    out = []
+    for layer, block in (info.get("kronecker") or {}).items():
+        for which, form, dim in (("output", "G", "G_dim"), ("input", "A", "A_dim")):
+            if str(block.get(form, "")).startswith("diagonal"):
+                out.append((str(layer), which, int(block.get(dim, 0))))
+    return out
+
+
+def diagonal_factor_message(diagonal: Sequence[tuple[str, str, int]]) -> str:
+    """The warning for :func:`diagonal_factors`: what was approximated and what the user can do."""
+    from ..kronecker import MAX_FACTOR_DIM
+
+    named = ", ".join(
+        f"the {which} factor of layer {layer!r} ({dim:,} dimensions)" for layer, which, dim in diagonal[:4]
+    )
+    more = f" and {len(diagonal) - 4} more" if len(diagonal) > 4 else ""
+    return (
+        f"K-FAC keeps only the diagonal of {named}{more}: factors over {MAX_FACTOR_DIM:,} dimensions (e.g. a "
+        "vocabulary or class head's outputs) get no eigendecomposition, so the correlations between those outputs "
+        "(or inputs) are left out of the curvature, a coarser approximation than the other layers' full factors "
+        "(report.info['kfac']['kronecker'] records each factor's form). solver='cg' uses exact curvature-vector "
+        "products instead (no factor limit, more time per request); the limit is not an option of the unlearner"
+    )
 
 
 class KFACBackend(CurvatureBackend):
@@ -66,6 +94,7 @@ class KFACBackend(CurvatureBackend):
         self._plan: Callable[[str, int], None] = lambda path, nbytes: None  # the request's (Problem.plan)
         self._warned = False  # the empirical-Fisher fallback is warned about once per backend
         self._warned_outside = False  # so are layers read outside their modules (info["read_outside_module"])
+        self._warned_diagonal = False  # and factors kept diagonal (over MAX_FACTOR_DIM: a vocabulary head's)
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         from ..kronecker import KroneckerCurvature
@@ -142,6 +171,12 @@ class KFACBackend(CurvatureBackend):
                 RuntimeWarning,
                 stacklevel=outside_stacklevel(),
             )
+        diagonal = diagonal_factors(kfac.info)
+        if diagonal and not self._warned_diagonal:  # report.info["kfac"]["kronecker"] records each factor's form
+            from ..errors import outside_stacklevel
+
+            self._warned_diagonal = True
+            warnings.warn(diagonal_factor_message(diagonal), RuntimeWarning, stacklevel=outside_stacklevel())
         return info
 
     @property
