@@ -502,3 +502,47 @@ def test_a_model_that_cannot_run_in_float64_keeps_the_float32_verdict(cast: str)
     assert "standardise the targets" in said and "the float64 re-evaluation failed" in said
     assert ("float32 values" in said) == (cast == "output") and not un._forward_checked
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_division_by_the_batch_size_on_large_well_fitted_targets_is_refused_after_the_float64_test() -> None:
+    """Stop 57's review: |y| ~ 1e6 fitted to ~5e-3 nats (float64 targets), ``nll / len(batch)``: the float32 gap is
+    above ``FORWARD_ROWS_REFUSE`` without the pattern (rounding hides it), so the float64 test runs; there a row's
+    value, a difference of numbers ~1e6, rounds to ~1e-9 of itself, which a float64-sized pattern tolerance (2.2e-13)
+    missed, and a gap under 1e-2 was accepted (1 of 19 such requests). The pattern keeps the first test's
+    tolerance: every one is refused naming the division by the batch size."""
+    from mcmc_unlearner.curvature import ParamSpec
+    from mcmc_unlearner.unlearner import FORWARD_ROWS_REFUSE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 1)).eval()
+    with torch.no_grad():
+        model[4].weight.mul_(1e6 / 4)
+        model[4].bias.fill_(1e6)
+    live = ParamSpec.flatten_module(model).clone()
+    bank = torch.stack([live + 1e-6 * torch.randn_like(live) for _ in range(8)])
+    x = torch.randn(400, 32)
+    with torch.no_grad():
+        ParamSpec.assign(model, bank[0])
+        pred = torch.func.functional_call(model.double(), {}, (x.double(),)).squeeze(1)
+        model.float()
+        ParamSpec.assign(model, live)
+    y = pred + 0.1 * torch.randn(400, dtype=torch.float64)  # well fitted; (pred - y) promotes to float64
+
+    def over_batch(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return 0.5 * (m(b[0]).squeeze(1) - b[1]) ** 2 / len(b[1])
+
+    tol = 1e3 * torch.finfo(torch.float32).eps
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = 0
+    for g in range(100):
+        r = slice(4 * g, 4 * g + 4)
+        un = MCMCUnlearner(model, None, nll=over_batch, log_prior=_prior, bank=bank.clone())
+        gap, pattern = un._row_check((x[r], y[r]), bank[0].clone(), tol)
+        if gap <= FORWARD_ROWS_REFUSE or pattern:
+            continue
+        seen += 1
+        with pytest.raises(ValueError, match="batch size times its value in the batch"):
+            un._check_forward((x[r], y[r]))
+        assert not un._forward_checked
+    assert seen >= 5  # the case this test is about shows here
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
