@@ -142,6 +142,64 @@ def test_a_model_sharing_a_samples_storage_or_pointed_at_a_row_later_does_not_wr
     assert not torch.equal(parameters_to_vector(model2.parameters()), original[-1])  # the live chain moved
 
 
+def _point_model_at(model: nn.Module, sample) -> None:
+    """Load one returned sample into ``model`` the way a user resumes a chain from it, sharing its tensors."""
+    if isinstance(sample, torch.Tensor):
+        vector_to_parameters(sample, model.parameters())  # views of the returned row
+    else:
+        model.load_state_dict(sample, assign=True)  # the parameters ARE the returned tensors (or views of them)
+
+
+def test_the_next_request_does_not_write_into_samples_the_model_was_loaded_from() -> None:
+    # stop 57's probe: only the storages of the bank as given were protected; a model loaded with
+    # model.load_state_dict(un.samples()[-1], assign=True) had that returned sample changed by up to 0.017 by the
+    # next request (apply() wrote the live chain's new state into it); in every layout, through remove and through
+    # propose + apply
+    model, x, y, bank = _problem(6)
+    for kind, given in _layouts(model, bank).items():
+        for via_propose in (False, True):
+            m = copy.deepcopy(model)
+            un = MCMCUnlearner(m, nll=_nll, log_prior=_log_prior, bank=given)
+            data = RemovableDataset(x, y, batch_size=40, seed=0)
+            assert un.forget([0, 1, 2], data).passed
+            got = un.samples()
+            kept = copy.deepcopy(got)
+            last = {k: v[-1] for k, v in got.items()} if kind == "stacked" else got[-1]
+            _point_model_at(m, last)
+            start = parameters_to_vector(m.parameters()).detach().clone()
+            if via_propose:
+                batch = data.get([3, 4, 5])
+                data.remove([3, 4, 5])
+                un.apply(un.propose(batch, data))
+            else:
+                assert un.forget([3, 4, 5], data).passed
+            flat_got, _ = to_flat(got, ParamSpec.of(m))
+            flat_kept, _ = to_flat(kept, ParamSpec.of(m))
+            assert torch.equal(flat_got, flat_kept), (kind, via_propose)  # the returned samples are untouched
+            assert not torch.equal(parameters_to_vector(m.parameters()), start)  # the live chain moved
+
+
+def test_an_earlier_bank_stays_protected_and_freed_samples_are_forgotten() -> None:
+    # a bank replaced by another is still the caller's: a model loaded from it is not written into; samples the
+    # caller dropped are forgotten (weak references), so calling samples() in a loop does not grow the set
+    model, x, y, bank = _problem(7)
+    first = _layouts(model, bank)["state_dicts"]
+    before = copy.deepcopy(first)
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=first)
+    un.bank = [{k: v + 0.01 for k, v in sd.items()} for sd in first]
+    model.load_state_dict(first[-1], assign=True)
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, before) for k in a)
+    held = len(un._caller_storages)
+    for _ in range(5):
+        un.samples()  # dropped at once
+    un.samples()
+    assert len(un._caller_storages) <= held + len(first) * len(first[0])  # at most one call's tensors more
+    again = copy.deepcopy(un)  # a copy starts with no references (its model holds copies), and frees none twice
+    assert len(again._caller_storages) == 0
+    del again
+
+
 def test_a_refused_bank_leaves_the_kept_samples_layout() -> None:
     # stop 47's probe: the refused value's layout was set before the non-finite check, so the kept samples came
     # back as a tensor (or with the refused state_dicts' buffers)

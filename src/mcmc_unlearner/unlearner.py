@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import grad, jacrev, vjp, vmap
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import step as step_module
 from .backends import CurvatureBackend, DenseBackend, Problem, dense_memory, make_backend
@@ -1442,34 +1443,66 @@ def _check_mode(model: nn.Module) -> None:
         )
 
 
-def _storages(value: Any) -> frozenset[int]:
-    """The storages of every tensor in a bank as the caller gave it (a tensor, a dict of tensors, a list of
-    state_dicts or of flat rows)."""
-    found: set[int] = set()
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, torch.Tensor):
-            if v.layout == torch.strided:  # a sparse buffer has no storage to share (and parameters are dense)
-                found.add(v.untyped_storage().data_ptr())
-        elif isinstance(v, Mapping):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-    return frozenset(found)
+class _Protected:
+    """Weak references to the storages of tensors the caller holds: every bank the unlearner was given and every
+    tensor :meth:`MCMCUnlearner.samples` handed out. A storage is protected while it lives (a weak reference does
+    not keep it alive, and a freed storage's address taken by a new tensor is not mistaken for it); a live
+    parameter in one of them gets its own storage before the library writes (:func:`_own_parameters`).
+
+    A copy (``copy.deepcopy`` of an unlearner, whose model then holds copies) starts empty."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, StorageWeakRef] = {}
+
+    def add(self, value: Any) -> None:
+        """Protect the storage of every tensor in ``value`` (a tensor, a mapping or a sequence, nested); freed
+        storages are forgotten first, so the set holds what the caller still holds plus ``value``."""
+        self.prune()
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                if v.layout == torch.strided:  # a sparse buffer has no storage to share (and parameters are dense)
+                    ref = StorageWeakRef(v.untyped_storage())
+                    self._refs.setdefault(ref.cdata, ref)
+            elif isinstance(v, Mapping):
+                stack.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+
+    def prune(self) -> None:
+        """Forget freed storages (the set stays as large as what the caller still holds)."""
+        dead = [k for k, ref in self._refs.items() if ref.expired()]
+        for k in dead:
+            del self._refs[k]
+
+    def __contains__(self, storage: object) -> bool:
+        if not isinstance(storage, torch.UntypedStorage):
+            return False
+        ref = self._refs.get(storage._cdata)
+        return ref is not None and not ref.expired()
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_Protected, ())  # a weak reference copied as an integer would be freed twice
 
 
-def _own_parameters(model: nn.Module, caller: frozenset[int] = frozenset()) -> None:
+def _own_parameters(model: nn.Module, caller: _Protected | None = None) -> None:
     """Give parameters their own storage where they are views of a larger tensor (e.g. loaded with
-    ``vector_to_parameters(bank[-1], ...)``) or share a whole storage with the caller's samples ``caller`` (e.g.
-    ``model.load_state_dict(samples[-1], assign=True)``), so writing the live chain's new state never writes into
-    the caller's tensors. Called before every write, not only when the unlearner is built: a model pointed at a
-    sample later had it overwritten by the next request (stop 47's probe)."""
+    ``vector_to_parameters(bank[-1], ...)``) or share a whole storage with a tensor the caller holds (``caller``:
+    a bank it gave, samples :meth:`MCMCUnlearner.samples` returned, e.g. after
+    ``model.load_state_dict(unlearner.samples()[-1], assign=True)``), so writing the live chain's new state never
+    writes into the caller's tensors. Called before every write, not only when the unlearner is built: a model
+    pointed at a sample later had it overwritten by the next request (stop 47's probe; stop 57's with the samples
+    ``samples()`` returned)."""
     with torch.no_grad():
         for p in ParamSpec.params(model):
             storage = p.untyped_storage()
             whole = storage.nbytes()
-            if p.data._base is not None or whole != p.numel() * p.element_size() or storage.data_ptr() in caller:
+            shared = caller is not None and storage in caller
+            if p.data._base is not None or whole != p.numel() * p.element_size() or shared:
                 p.data = p.data.clone()
 
 
@@ -1888,7 +1921,8 @@ class MCMCUnlearner:
         _check_sampler(sampler, self.rescale_lr, model)
         self.backend = check_option("backend", backend)
         self.generator = torch.Generator().manual_seed(check_option("seed", seed))
-        self._caller_storages = _storages(bank)
+        self._caller_storages = _Protected()  # the caller's tensors: the banks given, the samples returned
+        self._caller_storages.add(bank)
         _own_parameters(model, self._caller_storages)
         _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
         self._layout: BankLayout | None = None
@@ -2205,12 +2239,13 @@ class MCMCUnlearner:
             dtype = ParamSpec.params(self.model)[0].dtype
             layout = self._layout
             if fresh:  # non-finite samples refused on the caller's tensors, before the copy (it took 1-2 s first)
-                caller = _storages(value)
+                caller = value
                 value, layout = to_flat(value, self.spec, dtype=dtype, model=self.model)
             elif not all_finite(value):  # one reduction pass (a boolean [S, D] temporary cost 7% of a request)
                 check_finite(bad_rows(value))
             if fresh:  # only now: a refused bank left its layout (and its buffers) for the kept samples' return
-                self._layout, self._caller_storages = layout, caller
+                self._layout = layout
+                self._caller_storages.add(caller)  # an earlier bank stays protected while the caller holds it
         self._bank = value
         self._version = getattr(self, "_version", 0) + 1
         if fresh and getattr(self, "_state_loaded", False):
@@ -2831,7 +2866,11 @@ class MCMCUnlearner:
         (:mod:`mcmc_unlearner.bank`)."""
         if self.bank is None:
             return None
-        return self.bank.clone() if self._layout is None else self._layout.restore(self.bank)
+        out = self.bank.clone() if self._layout is None else self._layout.restore(self.bank)
+        # the caller's now: a model loaded from them (load_state_dict(..., assign=True)) gets its own storage
+        # before the next write (the next request wrote into samples()[-1], up to 0.017 on stop 57's probe)
+        self._caller_storages.add(out)
+        return out
 
     # ------------------------------------------------------------------ hooks of the data-parallel version
     #: Sum across ranks (``None`` in one process; :class:`~mcmc_unlearner.distributed.DistributedUnlearner`).
