@@ -128,6 +128,23 @@ def test_nan_in_removed_batch_is_refused(blr) -> None:
     assert torch.equal(model.w.detach(), w)
 
 
+def test_removed_fields_of_different_lengths_are_refused_naming_the_rows(blr) -> None:
+    # stop 57's probe: the seed API crashed with torch's "shape '[5, -1]' is invalid" from inside its repeated-row
+    # check; the native API's check names the fields' row counts, and nothing moves
+    model = MultiChainBLR(2, 3, 400)
+    opt = SGLD(model.parameters(), lr=1e-5, generator=torch.Generator().manual_seed(0))
+    un = myUnlearner(model=model, optimizer=opt, params=model.parameters(), cpu=True, iter_T=2, scaling=0.1, samp_T=1)
+    data = RemovableDataset(blr.x, blr.y, batch_size=50, seed=0)
+    w = model.w.detach().clone()
+    state = copy.deepcopy(data.state_dict())
+    with pytest.raises(ValueError, match=r"first \(row\) dimension, got rows \[5, 4\]"):
+        un.remove([blr.x[:5], blr.y[:4]], data)
+    assert torch.equal(model.w.detach(), w)
+    after = data.state_dict()
+    for k, v in state.items():
+        assert torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v, k
+
+
 def test_the_seed_api_works_on_attention_with_torchs_default_kernel() -> None:
     """A user's nn.MultiheadAttention on torch's default fused kernel (no double backward): the seed API's
     Hessian-vector products crashed; they now run on the math kernel and give what the math kernel gives."""

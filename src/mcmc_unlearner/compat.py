@@ -37,7 +37,7 @@ from .curvature import plain_attention
 from .errors import InvalidRequestError
 from .options import finite, is_number, shown_value, whole
 from .solvers import SolveResult, lissa
-from .stream import _repeated_rows, check_finite_batch
+from .stream import _as_batch, _repeated_rows, check_finite_batch
 from .unlearner import _sampler_generator_state, _set_sampler_generator_state
 
 __all__ = ["sgmcmcUnlearner"]
@@ -220,15 +220,19 @@ class sgmcmcUnlearner:
             InvalidRequestError: the removed batch is empty or not finite, or the sampler ran out (parameters and
                 sampler state restored).
             ValueError: ``param_dict``'s ``iter_T`` or ``samp_T`` is not an integer >= 1, or its ``scaling`` is
-                neither ``'auto'`` nor a finite number > 0 (nothing is touched).
+                neither ``'auto'`` nor a finite number > 0, or the removed fields have different numbers of rows
+                (nothing is touched).
         """
         T, iters, scaling = _checked_params(self.param_dict, "param_dict['{}']")
         batch = tuple(target) if isinstance(target, (list, tuple)) else (target,)
         tensors = tuple(t for t in batch if isinstance(t, torch.Tensor))
         check_finite_batch(tensors)
+        rowed = bool(tensors) and all(t.dim() > 0 for t in tensors)
+        if rowed:  # the native API's check: fields of other lengths crashed in _repeated_rows' reshape (stop 57)
+            _as_batch(tensors, "the removed data")
         if tensors and tensors[0].dim() > 0 and tensors[0].shape[0] == 0:
             raise InvalidRequestError("the removed batch is empty: pass at least one data point to forget")
-        repeated = _repeated_rows(tensors) if tensors and all(t.dim() > 0 for t in tensors) else 0
+        repeated = _repeated_rows(tensors) if rowed else 0
         if repeated:
             warnings.warn(
                 f"the removed batch holds {repeated} row(s) identical in every field to another of its rows: each row "
