@@ -62,12 +62,14 @@ def _run(blr, sampler: str, init_scaling: float, iter_T: int = 64, samp_T: int =
     )
     data = RemovableDataset(blr.x, blr.y, batch_size=100, seed=0)
     xx, yy = data.get(blr.removed)
-    data.remove(blr.removed)
-    remaining_n = len(data)
-    model.n = remaining_n
+    remaining_n = len(data) - len(blr.removed)
     before = model.w.detach().double().mean(0).clone()
     unlearner.param_dict["scaling"] = init_scaling / remaining_n
+    # README's order (the seed's forget.py): the sampler still holds the removed rows while remove runs; they leave
+    # it, and model.n drops, afterwards
     unlearner.remove([xx, yy], data)
+    data.remove(blr.removed)
+    model.n = remaining_n
     after = model.w.detach().double().mean(0)
     return float((blr.exact_shift - (after - before)).norm() / blr.exact_shift.norm()), unlearner
 
