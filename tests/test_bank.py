@@ -1202,6 +1202,31 @@ def test_a_bank_of_integers_is_refused_with_what_to_pass(dtype) -> None:
     assert torch.equal(un.bank, bank)  # the setter refused before anything changed
 
 
+def test_a_complex_bank_for_a_real_model_is_refused_naming_the_fix() -> None:
+    # stop 57's probe: a complex bank was cast to the model's float32 with torch's warning only, its imaginary
+    # parts (here up to 1.3) dropped, and samples() came back complex with zero imaginary parts; refused now in
+    # every layout and in the frozen-column paths, as an integer bank is, before anything changes
+    model, _, _, bank = _problem(3)
+    cplx = torch.complex(bank, 0.3 * torch.randn(bank.shape, generator=torch.Generator().manual_seed(0)))
+    fm, _, _, full, n_frozen, log_prior = _frozen_problem()
+    full_c = torch.complex(full, torch.zeros_like(full))
+    full_c[:, n_frozen:] += 0.3j  # imaginary parts only in the trainable columns
+    cases = [(model, _log_prior, given) for given in _layouts(model, cplx).values()]
+    cases += [(fm, log_prior, full_c), (fm, log_prior, list(full_c))]
+    match = r"bank: the samples are complex64 \(complex\) but the model's parameters are float32 \(real\).*bank\.real"
+    for m, prior, given in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused before torch's cast warning
+            with pytest.raises(ValueError, match=match):
+                MCMCUnlearner(copy.deepcopy(m), nll=_nll, log_prior=prior, bank=given)
+    un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank)
+    with pytest.raises(ValueError, match=match):
+        un.bank = cplx
+    assert torch.equal(un.bank, bank)  # the setter refused before anything changed
+    real = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=cplx.real)  # the fix named
+    assert torch.equal(real.bank, bank)
+
+
 def test_a_bank_set_after_loading_a_checkpoint_warns_that_the_loaded_state_is_gone() -> None:
     """A resumed run that set the bank after load_curvature_state() lost the checkpoint's state without a word: its
     banks then differed from the uninterrupted run's by up to 0.044 (stop 45's probe). Setting it first, or resetting

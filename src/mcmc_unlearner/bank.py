@@ -19,8 +19,10 @@ second name kept the old value would, loaded with ``load_state_dict``, put the o
 parameter.
 
 :func:`to_flat` always copies, so the unlearner never writes into the caller's tensors; it refuses samples holding
-NaN or inf by reading the caller's tensors before any copy. A list (of state_dicts or of vectors) or a dict of stacked
-tensors is copied block by block into one preallocated ``[S, D]`` tensor: the build's peak is the one copy.
+NaN or inf by reading the caller's tensors before any copy, and samples of integers or (for a model of real
+parameters) complex numbers, whose cast would drop the imaginary parts. A list (of state_dicts or of vectors) or a
+dict of stacked tensors is copied block by block into one preallocated ``[S, D]`` tensor: the build's peak is the
+one copy.
 :class:`BankLayout` turns a shifted flat bank back into the caller's layout (new tensors, same dtypes and devices).
 """
 
@@ -374,19 +376,29 @@ def to_flat(
         )
     if flat.shape[0] == 0:
         raise ValueError("bank: it holds no samples")
-    _check_floating(flat.dtype)
+    _check_floating(flat.dtype, dtype)
     if _all_identical([[r] for r in flat], flat.dtype, flat.device):
         _refuse_identical(flat.shape[0])
     return _cast(flat, dtype), layout
 
 
-def _check_floating(dtype: torch.dtype) -> None:
+def _check_floating(dtype: torch.dtype, target: torch.dtype | None = None) -> None:
     """Refuse a bank of integers (it was cast to the model's dtype and used, warned about only by the checks it then
-    failed: stop 45's probe, "1272% off the computed one")."""
+    failed: stop 45's probe, "1272% off the computed one"), and a complex bank for a model of real parameters
+    (``target``, the model's dtype: the cast dropped the imaginary parts with torch's warning only, stop 57's
+    probe)."""
+    name = str(dtype).removeprefix("torch.")
     if not (dtype.is_floating_point or dtype.is_complex):
         raise ValueError(
-            f"bank: the samples are {str(dtype).removeprefix('torch.')}, not floating-point parameter values: "
+            f"bank: the samples are {name}, not floating-point parameter values: "
             "pass the sampler's parameters as they were stored (e.g. parameters_to_vector(model.parameters()))"
+        )
+    if dtype.is_complex and target is not None and not target.is_complex:
+        raise ValueError(
+            f"bank: the samples are {name} (complex) but the model's parameters are "
+            f"{str(target).removeprefix('torch.')} (real): casting would drop the imaginary parts. Pass the "
+            "sampler's real parameters as they were stored (e.g. parameters_to_vector(model.parameters())), or "
+            "bank.real if the imaginary parts are zero by construction; nothing was changed"
         )
 
 
@@ -448,7 +460,7 @@ def _fill(rows: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None, che
     first = rows[0]
     device = first[0].device
     if checks:
-        _check_floating(promoted)
+        _check_floating(promoted, dtype)
         if _all_identical(rows, promoted, device):
             _refuse_identical(len(rows))
     target = promoted if dtype is None else dtype
@@ -596,6 +608,7 @@ def _flat_with_frozen(
     """A ``[S, D_all]`` bank of every parameter (``parameters_to_vector(model.parameters())``): its trainable
     columns, and a layout that puts the frozen ones back. The frozen columns must hold the model's values in every
     sample (the unlearner computes with those; a bank that sampled them needs them trainable)."""
+    _check_floating(bank.dtype, dtype)  # integers, complex for a real model: before the frozen columns' comparison
     trainable = torch.cat([torch.full((p.numel(),), p.requires_grad, dtype=torch.bool) for p in params])
     frozen = torch.cat([p.detach().reshape(-1) for p in params if not p.requires_grad]).to(bank.device)
     got = bank.detach()[:, ~trainable.to(bank.device)]
@@ -631,6 +644,7 @@ def _flat_rows(
             )
         return _fill([[r] for r in bank], dtype), BankLayout("flat", spec, dtype=promoted)
     # rows of every parameter: as _flat_with_frozen, one parameter's block at a time
+    _check_floating(promoted, dtype)  # _fill's checks are off below
     trainable = torch.cat([torch.full((p.numel(),), p.requires_grad, dtype=torch.bool) for p in params])
     frozen = torch.cat([p.detach().reshape(-1) for p in params if not p.requires_grad]).to(device)
     keep, fixed, at, f = [], [], 0, 0  # (offset, length) of each trainable block; (offset, frozen's offset, length)
