@@ -50,6 +50,8 @@ def test_metrics_file_has_the_documented_keys(small_run):
     assert 0 < un["seconds_per_request_median"] < un["seconds"]
     assert 0 < un["cpu_seconds"] and 0 < on_disk["methods"]["retrain"]["cpu_seconds"]
     assert len(on_disk["retrain_chains"]["cpu_seconds"]) == 4 and on_disk["total_cpu_seconds"] > 0
+    # what summary compares (stop 57: runs of other --retrain-chains or --with-paper were averaged)
+    assert on_disk["comparison_config"] == {"retrain_chains": 4, "with_paper": False}
     reqs = on_disk["unlearn_requests"]
     assert len(reqs["per_request"]["seconds"]) == 40
     assert reqs["converged_all"] and reqs["residual"]["max"] < 1e-3
@@ -167,6 +169,7 @@ def test_demo_with_the_paper_baseline(tmp_path):
     m = run_demo(sampler="sgld", seed=2, out=tmp_path, burnin=300, samples=300, thin=3, request_size=100,
                  retrain_chains=2, with_paper=True, progress=False)  # fmt: skip
     pa = m["methods"]["paper"]
+    assert m["comparison_config"] == {"retrain_chains": 2, "with_paper": True}
     assert pa["n_requests"] == 8 and pa["settings"]["iter_T"] == 32 and pa["settings"]["samp_T"] == 5
     assert pa["seconds"] > 0 and 0 <= pa["refused"] <= 8
     assert all(math.isfinite(pa["vs_exact"][k]) for k in DISTANCES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ def _metrics(seed: int, kl: float, met: bool, sampler: str = "sgld") -> dict:
         },
         "retrain_chains": {"vs_exact": {"kl_forward": {"median": kl + 1, "values": [kl, kl + 1, kl + 2]}}},
         "targets": {"t": {"met": met}},
+        "comparison_config": {"retrain_chains": 4, "with_paper": False},  # recorded since stop 57
         "out_dir": f"/runs/{seed}",
     }
 
@@ -331,6 +333,39 @@ def test_runs_of_other_settings_are_refused_and_out_stays_outside_the_runs(tmp_p
     for inside in (tmp_path / "a" / "report.md", tmp_path / "a" / "summary.json"):
         assert "inside a run's folder" in _one_line_error([dirs[0], str(tmp_path / "c"), "--out", str(inside)], capsys)
     assert not (tmp_path / "a" / "report.md").exists()
+
+
+def test_demo_runs_of_other_comparisons_are_refused_and_older_runs_are_unknown_there(tmp_path, capsys):
+    """Was (stop 57's probe): demo runs with --retrain-chains 2 and 4, or with and without --with-paper, were
+    averaged (those options were recorded nowhere summary compares). Runs written before comparison_config existed
+    (docs/runs/gmm-stop47-*) are summarised with a warning that those settings are unknown."""
+    base = {**_metrics(0, 1.0, True), "unlearn_config": {"newton_steps": 2}, "thin": 10}
+    runs = {
+        name: {**base, "seed": i, "comparison_config": {"retrain_chains": chains, "with_paper": paper}}
+        for i, (name, chains, paper) in enumerate((("c4", 4, False), ("c2", 2, False), ("p4", 4, True)))
+    }
+    dirs = {name: _run(tmp_path, name, m) for name, m in runs.items()}
+    err = _one_line_error([dirs["c4"], dirs["c2"]], capsys)
+    assert "comparison_config.retrain_chains:" in err and f"'{dirs['c2']}'=2" in err and "--mixed-settings" in err
+    err = _one_line_error([dirs["c4"], dirs["p4"]], capsys)
+    assert "comparison_config.with_paper:" in err and f"'{dirs['p4']}'=true" in err
+    assert main(["summary", dirs["c4"], dirs["c2"], "--mixed-settings"]) == 0
+    capsys.readouterr()
+    old = _run(tmp_path, "old", {k: v for k, v in base.items() if k != "comparison_config"} | {"seed": 5})
+    assert main(["summary", dirs["c4"], old]) == 0
+    err = capsys.readouterr().err
+    assert f"'{old}' record(s) no comparison_config" in err and "--retrain-chains, --with-paper are unknown" in err
+    assert f"'{dirs['c4']}'" not in err  # the run that records them is not named
+    # the unknown run does not hide a difference between the runs that record it
+    assert main(["summary", dirs["c4"], old, dirs["c2"]]) == 2
+    err = capsys.readouterr().err
+    assert "no comparison_config" in err and "error: the runs' settings differ in 1 place(s) (comparison_config" in err
+    stored = [str(Path(__file__).parents[1] / "docs" / "runs" / f"gmm-stop47-{i}") for i in range(5)]
+    assert main(["summary", *stored, "--keys", "methods.unlearn.seconds"]) == 0
+    out, err = capsys.readouterr()
+    assert "5 runs" in out and "record(s) no comparison_config" in err
+    assert main(["summary", old]) == 0  # one run: compared with nothing, nothing to say
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

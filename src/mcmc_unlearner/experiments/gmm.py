@@ -652,6 +652,8 @@ def _run(
             "init": "prior draw per chain (independent)",
         },
         "unlearn_config": {**unlearn_cfg, "request_order": "random permutation of the removed ids (seeded)"},
+        # what the run compares with (--retrain-chains, --with-paper): summary refuses runs that differ here
+        "comparison_config": {"retrain_chains": retrain_chains, "with_paper": with_paper},
         "unlearn_requests": {
             "seconds": summarize(per_req),
             "residual": summarize([r.residual for r in reports]),

@@ -16,8 +16,12 @@ Refused (exit 2, one line): a file that is not the ``metrics.json`` of one of th
 ``demo`` run), runs on different data sets (``dataset.name``, e.g. digits with fashion-mnist) unless
 ``--mixed-datasets`` is given (averaging them was only noted under "Runs differ in"), ``--keys`` that match no
 metric, an ``--out`` that cannot be written (checked before anything is
-printed). Runs that share a seed are summarised with a warning on stderr (the same draw twice, unless their
-settings differ).
+printed), and runs whose settings differ (the sections :data:`_SETTINGS` names: ``demo``'s sampler, sizes, chain,
+unlearner and ``comparison_config``, its ``--retrain-chains`` and ``--with-paper``; ``bnn``'s ``config``) unless
+``--mixed-settings`` is given. A ``demo`` run written before ``comparison_config`` was recorded (stop 57; e.g.
+``docs/runs/gmm-stop47-*``) has those settings unknown: they are compared among the runs that record them, with a
+warning naming the others. Runs that share a seed are summarised with a warning on stderr (the same draw twice,
+unless their settings differ).
 """
 
 from __future__ import annotations
@@ -327,8 +331,14 @@ def _check_runs(loaded: list[tuple[Path, dict[str, Any]]], given: list[str], mix
 #: seed, what only says where or how it ran, and the data set, which _check_runs judges with --mixed-datasets).
 _SETTINGS = {
     "bnn": ("config",),
-    "gmm": ("sampler", "request_size", "thin", "n_train", "n_removed", "chain_config", "unlearn_config"),
-}
+    "gmm": (
+        "sampler", "request_size", "thin", "n_train", "n_removed", "chain_config", "unlearn_config",
+        "comparison_config",
+    ),
+}  # fmt: skip
+#: Sections a run of an older version does not record, with the options they hold: there they are unknown, neither
+#: compared nor refused (stored runs such as docs/runs/gmm-stop47-* lack comparison_config), and summary says so.
+_LATER_SETTINGS = {"comparison_config": "--retrain-chains, --with-paper"}
 _RUN_ONLY = {
     "seed", "threads", "progress", "data_dir", "download", "save_model", "device", "out", "out_dir", "quiet", "dataset",
 }  # fmt: skip
@@ -357,10 +367,24 @@ def _check_settings(loaded: list[tuple[Path, dict[str, Any]]], given: list[str])
     with a full one, newton_steps 1 with 2, another class with the first; stop 47's probe)."""
     settings = [_settings(m, experiment_kind(m)) for _, m in loaded]
     paths = dict.fromkeys(p for s in settings for p in s)
-    values = {p: [s.get(p, "absent") for s in settings] for p in paths}
-    differ = {p: vals for p, vals in values.items() if len(set(vals)) > 1}
+    values = {p: [(arg, s.get(p, "absent")) for arg, s in zip(given, settings)] for p in paths}
+    kinds = {experiment_kind(m) for _, m in loaded}
+    for section, options in _LATER_SETTINGS.items():
+        if not any(section in _SETTINGS.get(kind or "", ()) for kind in kinds):
+            continue
+        unknown = [arg for (_, m), arg in zip(loaded, given) if section not in m]
+        if unknown and len(loaded) > 1:  # one run is compared with nothing
+            print(
+                f"mcmc-unlearner summary: warning: {', '.join(map(ascii, unknown))} record(s) no {section} (written "
+                f"by an older version): their {options} are unknown and not compared",
+                file=sys.stderr,
+            )
+        for p in values:  # compared among the runs that record them
+            if p == section or p.startswith(section + "."):
+                values[p] = [(arg, v) for arg, v in values[p] if arg not in unknown]
+    differ = {p: pairs for p, pairs in values.items() if len({v for _, v in pairs}) > 1}
     if differ:
-        shown = "; ".join(f"{p}: {', '.join(f'{a!a}={v}' for a, v in zip(given, vals))}" for p, vals in differ.items())
+        shown = "; ".join(f"{p}: {', '.join(f'{a!a}={v}' for a, v in pairs)}" for p, pairs in differ.items())
         raise ValueError(
             f"the runs' settings differ in {len(differ)} place(s) ({shown[:600]}): summarise runs of one setting "
             "(seeds of one command), or pass --mixed-settings to average them together"
