@@ -310,6 +310,47 @@ def test_help_is_complete(name):
     assert "UNKNOWN" in two and "nothing was rolled back" in two and "status" in two
 
 
+def test_exit_code_70_says_what_a_failed_bnn_method_means():
+    """cc00553 cut 70's line at "bnn: a method failed so" (README: 70 when a method failed otherwise than by a
+    refusal, its metrics null and the others written)."""
+    seventy = " ".join(EXIT_CODES_HELP.split("\n  70 ")[1].split("\n  130 ")[0].split())
+    assert "bnn: a method failed otherwise (its metrics null, the others written" in seventy, seventy
+    assert not seventy.endswith(" so")
+
+
+def test_bnn_help_shows_every_advanced_flag_and_the_evaluation_flags_with_their_defaults():
+    """Was (stop 57's probe): the advanced flags were named in the group's description only (no meaning, no
+    default) and --eval-samples/--eval-max/--eval-every/--max-requests gave no default."""
+    from mcmc_unlearner.experiments.options import ADVANCED_HELP, PRESETS, BNNConfig
+
+    by_flag = {s: a for a in _subparser("bnn")._actions for s in a.option_strings}
+    d = BNNConfig()
+    flags = [f for f, _ in ADVANCED_HELP] + ["eval-samples", "eval-max", "eval-every", "max-requests"]
+    assert len(flags) == 29
+    for flag in flags:
+        action = by_flag[f"--{flag}"]
+        assert action.help and action.help != argparse.SUPPRESS, flag
+        value = getattr(d, flag.replace("-", "_"))
+        assert (f"(default {value}" if value is not None else "(default: the library's") in action.help, action.help
+    assert "--preset paper-cifar10 or paper-fmnist: 32" in by_flag["--eval-samples"].help  # the presets' own
+    assert PRESETS["paper-cifar10"]["paper_init_scaling"] == 0.08
+    assert "--preset paper-cifar10: 0.08" in by_flag["--paper-init-scaling"].help
+
+
+def test_summary_usage_lists_every_option_and_options_are_not_abbreviated(tmp_path, capsys):
+    """Was: summary's usage line omitted --mixed-datasets and --mixed-settings; argparse took --remove-clas 3 as
+    --remove-class (and --mixed-set as --mixed-settings)."""
+    usage = _subparser("summary").format_usage()
+    for action in _subparser("summary")._actions:
+        for flag in action.option_strings:
+            assert flag in usage or flag in ("-h", "--help"), flag
+    for argv in (["bnn", "--remove-clas", "3"], ["summary", str(tmp_path), "--mixed-set"], ["demo", "--see", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        shortened = next(a for a in argv if a.startswith("--"))
+        assert f"unrecognized arguments: {shortened}" in err, err
+
+
 def test_forget_offers_every_solver():
     (solver,) = [a for a in _subparser("forget")._actions if "--solver" in a.option_strings]
     assert set(solver.choices) == {"auto", *(s.value for s in SolverName)}

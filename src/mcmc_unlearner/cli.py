@@ -111,7 +111,8 @@ EXIT_CODES_HELP = """exit codes:
      back": run status, then resend); bnn: a method refused its work (its metrics null, the others written)
   3  busy: another process is writing to the model folder (retry, or pass --wait SECONDS)
   4  quality gate: the removal failed its checks and --on-failure is refuse (nothing changed)
-  70 internal error (a bug; set MCMC_UNLEARNER_DEBUG=1 for the traceback); bnn: a method failed so
+  70 internal error (a bug; set MCMC_UNLEARNER_DEBUG=1 for the traceback); bnn: a method failed otherwise
+     (its metrics null, the others written; one line on stderr per failed method)
   130 interrupted (nothing half-written; applied only if the message says so; if it says UNKNOWN: run status)
   143 terminated (SIGTERM during demo, bnn or forget: handled as Ctrl-C, the message says what was applied)"""
 
@@ -139,9 +140,13 @@ class Parser(argparse.ArgumentParser):
 
     Negative numbers in any notation (``-1e6``, ``-.5``, ``-inf``) are read as option values, so that the
     option's own validation can name the fix (plain argparse reads ``--damping -1e6`` as a missing value).
+    Options are matched by their full names only (``allow_abbrev=False``, every subcommand's parser too): argparse
+    took ``--remove-clas 3`` as ``--remove-class`` and a shortened flag in a script would change meaning when a
+    later version adds an option sharing its prefix (stop 57).
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.I)
 

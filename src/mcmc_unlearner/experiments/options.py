@@ -381,6 +381,54 @@ def _quick_help() -> str:
     )
 
 
+def _default_help(key: str) -> str:
+    """``(default X; --preset NAME: Y; --quick: Z)`` for :class:`BNNConfig`'s ``key``, from the defaults, the
+    presets and :data:`QUICK` themselves (shown in ``bnn --help``)."""
+    base = getattr(BNNConfig(), key)
+    parts = ["default: the library's" if base is None else f"default {base}"]
+    by_value: dict[str, list[str]] = {}
+    for name, values in sorted(PRESETS.items()):
+        if key in values and values[key] != base:
+            by_value.setdefault(str(values[key]), []).append(name)
+    parts += [f"--preset {' or '.join(names)}: {value}" for value, names in by_value.items()]
+    if key in QUICK and QUICK[key] != base:
+        parts.append(f"--quick: {QUICK[key]}")
+    return "(" + "; ".join(parts) + ")"
+
+
+#: ``bnn``'s advanced flags: ``(flag, what it sets)``; their types are in :func:`register_bnn`.
+ADVANCED_HELP: tuple[tuple[str, str], ...] = (
+    ("explore-steps", "plain SGD steps on the mean loss F/n before sampling"),
+    ("explore-lr", "learning rate of those SGD steps"),
+    ("sample-steps", "sampler steps of every chain"),
+    ("sample-lr", "LR of the sampler's step size (LR/n) * t^-0.5005"),
+    ("bank-size", "stored samples, thinned evenly from the sampling phase"),
+    ("batch-size", "minibatch size of the chains"),
+    ("pretrain-steps", "SGD steps of the pre-training (--pretrain)"),
+    ("solver", "unlearn's MCMCUnlearner solver"),
+    ("damping", "unlearn's damping"),
+    ("iter-T", "unlearn's iter_T (LiSSA/CG rounds)"),
+    ("curvature-draws", "unlearn's curvature_draws: stored samples for the curvature"),
+    ("precondition-rank", "unlearn's precondition_rank: rank of CG's low-rank preconditioner"),
+    ("grad-draws", "unlearn's grad_draws: stored samples for the removed points' gradient"),
+    (
+        "drift-tol",
+        "unlearn's drift_tol: a reused curvature is rebuilt when its step's |actual/predicted - 1| exceeds it",
+    ),
+    ("check-draws", "unlearn's check_draws: stored samples of the safety check"),
+    ("expectation", "unlearn's expectation: bank or chain (samp_T sampler steps)"),
+    ("hessian", "unlearn's hessian: remaining or full"),
+    ("bank-shift", "unlearn's bank_shift: affine, mean or sample"),
+    ("init-scaling", "with --solver lissa: unlearn's LiSSA scaling INIT_SCALING/n (n: rows left after the request)"),
+    ("paper-iter-T", "the paper's procedure: LiSSA rounds per request"),
+    ("paper-samp-T", "the paper's procedure: sampler steps per expectation"),
+    ("paper-init-scaling", "the paper's procedure: LiSSA scaling PAPER_INIT_SCALING/n (n counted before the removal)"),
+    ("progress-max", "points per split in a progress snapshot (0: all)"),
+    ("progress-samples", "samples per method in a progress snapshot"),
+    ("extra-finetune-steps", "if > 0, also report unlearn+finetune: unlearn's chain then this many sampler steps"),
+)
+
+
 def register_bnn(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bnn`` subcommand."""
     from ..cli import (
@@ -477,14 +525,29 @@ def register_bnn(subparsers: argparse._SubParsersAction) -> None:
         "--eval-samples",
         type=limit["eval-samples"],
         default=None,
-        help="samples per method in the final evaluation (0: all)",
-    )
-    p.add_argument("--eval-max", type=limit["eval-max"], default=None, help="points per evaluation split (0: all)")
-    p.add_argument(
-        "--eval-every", type=limit["eval-every"], default=None, help="progress snapshot every this many requests"
+        metavar="N",
+        help=f"samples per method in the final evaluation (0: all) {_default_help('eval_samples')}",
     )
     p.add_argument(
-        "--max-requests", type=limit["max-requests"], default=None, help="at most this many requests (0: all)"
+        "--eval-max",
+        type=limit["eval-max"],
+        default=None,
+        metavar="N",
+        help=f"points per evaluation split (0: all) {_default_help('eval_max')}",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=limit["eval-every"],
+        default=None,
+        metavar="N",
+        help=f"progress snapshot every this many requests {_default_help('eval_every')}",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=limit["max-requests"],
+        default=None,
+        metavar="N",
+        help=f"at most this many requests (0: all) {_default_help('max_requests')}",
     )
     p.add_argument(
         "--unlearner-kw",
@@ -497,45 +560,43 @@ def register_bnn(subparsers: argparse._SubParsersAction) -> None:
     )
     adv = p.add_argument_group(
         "advanced (shrink or tune the run)",
-        # listed here, not one by one (stop 44's probe found them parsed and working but nowhere in --help)
-        "--explore-steps, --explore-lr, --sample-steps, --sample-lr, --bank-size, --batch-size, --pretrain-steps "
-        "(the chains); --solver, --damping, --iter-T, --curvature-draws, --precondition-rank, --grad-draws, "
-        "--drift-tol, --check-draws, --expectation, --hessian, --bank-shift, --init-scaling (unlearn's "
-        "MCMCUnlearner options, as --unlearner-kw); --paper-iter-T, --paper-samp-T, --paper-init-scaling (the "
-        "paper's procedure: LiSSA iterations, sampler steps per estimate, LiSSA scaling); --progress-max, "
-        "--progress-samples (progress snapshots), --extra-finetune-steps. Each takes one value; a preset's value is "
-        "overridden by the flag",
+        # each with its help and default (stop 44's probe found them parsed but nowhere in --help; stop 57's, listed
+        # by name without what they set or their defaults)
+        "Each takes one value; a preset's value is overridden by the flag. The unlearner's options (solver ... "
+        "bank-shift) are MCMCUnlearner's keyword arguments, as --unlearner-kw; the default keeps the library's",
     )
-    for flag, typ in (
-        ("explore-steps", whole_number(0, "0: no exploration steps")),
-        ("explore-lr", positive_number),
-        ("sample-steps", whole_number(2)),
-        ("sample-lr", positive_number),
-        ("bank-size", whole_number(2)),
-        ("batch-size", limit["batch-size"]),
-        ("pretrain-steps", limit["pretrain-steps"]),
-        ("solver", str),
-        ("damping", float),
-        ("iter-T", int),
-        ("curvature-draws", int),
-        ("precondition-rank", int),
-        ("grad-draws", int),
-        ("drift-tol", float),
-        ("check-draws", int),
-        ("expectation", str),
-        ("hessian", str),
-        ("bank-shift", str),
-        ("init-scaling", positive_number),
-        ("paper-iter-T", limit["paper-iter-T"]),
-        ("paper-samp-T", limit["paper-samp-T"]),
-        ("paper-init-scaling", positive_number),
-        ("progress-max", limit["progress-max"]),
-        ("progress-samples", limit["progress-samples"]),
-        ("extra-finetune-steps", limit["extra-finetune-steps"]),
-    ):
+    types: dict[str, Any] = {
+        "explore-steps": whole_number(0, "0: no exploration steps"),
+        "explore-lr": positive_number,
+        "sample-steps": whole_number(2),
+        "sample-lr": positive_number,
+        "bank-size": whole_number(2),
+        "batch-size": limit["batch-size"],
+        "pretrain-steps": limit["pretrain-steps"],
+        "solver": str,
+        "damping": float,
+        "iter-T": int,
+        "curvature-draws": int,
+        "precondition-rank": int,
+        "grad-draws": int,
+        "drift-tol": float,
+        "check-draws": int,
+        "expectation": str,
+        "hessian": str,
+        "bank-shift": str,
+        "init-scaling": positive_number,
+        "paper-iter-T": limit["paper-iter-T"],
+        "paper-samp-T": limit["paper-samp-T"],
+        "paper-init-scaling": positive_number,
+        "progress-max": limit["progress-max"],
+        "progress-samples": limit["progress-samples"],
+        "extra-finetune-steps": limit["extra-finetune-steps"],
+    }
+    for flag, text in ADVANCED_HELP:
         key = flag.replace("-", "_")
-        typ = _unlearner_flag(key, typ) if key in _UNLEARNER_OPTIONS else typ
-        adv.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
+        typ = _unlearner_flag(key, types[flag]) if key in _UNLEARNER_OPTIONS else types[flag]
+        meta = "NAME" if types[flag] is str else "X" if types[flag] in (float, positive_number) else "N"
+        adv.add_argument(f"--{flag}", type=typ, default=None, metavar=meta, help=f"{text} {_default_help(key)}")
     add_threads_flag(  # default None: BNNConfig's (1: the networks here are small); 0 stays 0 (leave torch's)
         p, default=None, zero=0, default_help=f"{d.threads}: the networks here are small"
     )

@@ -472,7 +472,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "summary",
         help=COMMAND_HELP["summary"],
-        usage="%(prog)s RUN_DIR [RUN_DIR ...] [--keys GLOB [GLOB ...]] [--out FILE]",
+        usage="%(prog)s RUN_DIR [RUN_DIR ...] [--keys GLOB [GLOB ...]] [--out FILE] [--mixed-datasets] "
+        "[--mixed-settings]",
         description=(
             "Read RUN_DIR/metrics.json of every run and print, for every numeric leaf of the nested metrics, the "
             "mean ± sample sd, min–max and the number of runs. Works on the output of demo and bnn (a JSON file "
