@@ -1443,6 +1443,25 @@ def _check_mode(model: nn.Module) -> None:
         )
 
 
+def _check_complex_parameters(model: nn.Module) -> None:
+    """Refuse trainable complex parameters (stop 57's probe): every parameter complex crashed inside the request
+    with torch's raw "value cannot be converted to type double without overflow", and complex mixed with real
+    parameters was refused with advice (``model.float()``) that leaves complex tensors as they are.
+
+    Raises:
+        ValueError: naming the complex parameters and the way out; nothing is changed.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+    if names:
+        raise ValueError(
+            f"complex parameters are not supported ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): the "
+            "unlearner's samples, curvature and safety check are real-valued, and model.float() or model.double() "
+            "leave complex tensors complex. Hold the real and imaginary parts as real Parameters and build the "
+            "complex tensor in forward (torch.complex(self.w_re, self.w_im)), or freeze them (requires_grad=False); "
+            "nothing was changed"
+        )
+
+
 class _Protected:
     """Weak references to the storages of tensors the caller holds: every bank the unlearner was given and every
     tensor :meth:`MCMCUnlearner.samples` handed out. A storage is protected while it lives (a weak reference does
@@ -1793,6 +1812,7 @@ class MCMCUnlearner:
         self.spec = ParamSpec.of(model)
         if self.spec.dim == 0:
             raise ValueError("the model has no trainable parameters (requires_grad) to unlearn")
+        _check_complex_parameters(model)
         low = sorted({str(p.dtype) for p in ParamSpec.params(model) if p.dtype in (torch.float16, torch.bfloat16)})
         if low:
             raise ValueError(
