@@ -911,6 +911,9 @@ FORWARD_CHECK_EPS = 1e3
 #: value in the batch: refused whatever the gap; removed rows fitted to 2.7e-3-6.5e-3 nats gave
 #: ``nll / len(batch)`` a gap of 4.8e-3, stop 56's second review).
 FORWARD_ROWS_REFUSE = 1e-2
+#: Rows of the first remaining minibatch that the removed check rows are mixed with
+#: (:meth:`MCMCUnlearner._check_mixed_rows`).
+MIXED_CHECK_ROWS = 28
 FIT_DATA_REL = 1 / 3  # the larger 1.5x the smaller
 FIT_DATA_Z = 3.0
 
@@ -1462,6 +1465,56 @@ def _check_complex_parameters(model: nn.Module) -> None:
         )
 
 
+def _row_gap(
+    together: torch.Tensor, alone: torch.Tensor, n: int, tol: float, pattern_tol: float | None = None
+) -> tuple[float, bool]:
+    """The rows-alone gap (:meth:`MCMCUnlearner._row_check`): the largest difference between rows' values in a batch
+    of ``n`` rows (``together``) and each alone, relative to ``1 +`` the largest value together, 0 within ``tol``;
+    and whether every row showing a difference has its value alone ``n`` times its value together (the batch-size
+    pattern, to ``tol`` relative to the row's own value; a row within ``tol * (1 + max|together|)`` both ways shows
+    nothing and is passed over; at least one must show it; ``pattern_tol`` in place of ``tol`` there where given)."""
+    floor = tol * (1.0 + float(together.abs().max()))
+    gap = float((together - alone).abs().max()) / (1.0 + float(together.abs().max()))
+    if gap <= tol:
+        return 0.0, False
+    shows = torch.maximum(together.abs(), alone.abs()) > floor
+    fits = (alone - n * together).abs() <= (tol if pattern_tol is None else pattern_tol) * alone.abs()
+    return gap, bool(shows.any()) and bool((fits | ~shows).all())
+
+
+def _mixed_batch(removed: Batch, remaining: Batch, rows: int) -> Batch | None:
+    """``removed``'s rows followed by up to ``rows`` rows of the minibatch ``remaining``, field by field
+    (:meth:`MCMCUnlearner._check_mixed_rows`): fields with each batch's leading dimension concatenated (the same
+    trailing shape, dtype and device), fields without it taken from ``remaining`` where both batches hold the same
+    value; ``None`` where the two cannot be mixed (other fields, shapes, or shared values)."""
+    from .kronecker import field_rows, same_bits
+
+    if len(removed) != len(remaining) or not removed or not isinstance(remaining[0], torch.Tensor):
+        return None
+    kr, kb = field_rows(removed), field_rows(remaining)
+    out: list[Any] = []
+    for a, b in zip(removed, remaining):
+        a_rows = isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == kr
+        b_rows = isinstance(b, torch.Tensor) and b.dim() > 0 and b.shape[0] == kb
+        if a_rows and b_rows:
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype or a.device != b.device or a.layout != b.layout:
+                return None
+            out.append(torch.cat([a, b[:rows]]))
+        elif not a_rows and not b_rows:
+            try:
+                same = a is b or (
+                    same_bits(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else bool(a == b)
+                )
+            except Exception:  # values that do not compare: not mixed
+                same = False
+            if not same:
+                return None
+            out.append(b)
+        else:
+            return None
+    return tuple(out)
+
+
 class _Protected:
     """Weak references to the storages of tensors the caller holds: every bank the unlearner was given and every
     tensor :meth:`MCMCUnlearner.samples` handed out. A storage is protected while it lives (a weak reference does
@@ -2010,6 +2063,12 @@ class MCMCUnlearner:
         self._forward_checked = False  # _check_forward ran (on the first request)
         self._forward_row_gap: float | None = None  # its rows-alone gap above rounding, below refusal (reported once)
         self._forward_row_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
+        #: the forward check's sample, rows and their values alone, for the mixed-batch test on the first remaining
+        #: minibatch (:meth:`_check_mixed_rows`); ``None`` once it ran
+        self._row_alone: tuple[torch.Tensor, Batch] | None = None
+        self._mixed_checked = False  # _check_mixed_rows ran (on the first request)
+        self._forward_mixed_gap: float | None = None  # its gap above rounding, below refusal (reported once)
+        self._forward_mixed_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
         self._version = 0
         self._g_round = 0  # requests applied: which draws the next request's G reads (_turned)
         self._row_bytes: int | None = None
@@ -2499,7 +2558,10 @@ class MCMCUnlearner:
         * a row's value depends on the other rows of its batch: the rows evaluated together and each alone (one row
           doubled) at that sample through the functional path differ (:meth:`_row_check`; a per-row loss
           divided by the batch size, stop 56's probe: accepted with ``problems=[]``, the removed rows moved 0.09 /
-          0.12 of the way to retraining against 0.79 / 0.41 with the correct ``nll``).
+          0.12 of the way to retraining against 0.79 / 0.41 with the correct ``nll``); the same rows mixed with
+          rows of the first remaining minibatch are compared with their values alone before the removed rows'
+          gradient (:meth:`_check_mixed_rows`: a batch-hard triplet loss gives a removed class 0 among its own rows,
+          accepted as a no-op in stop 57's probe).
 
         All compare to ``FORWARD_CHECK_EPS`` epsilons of the parameters' dtype (1.2e-4 in float32, 2.2e-13 in
         float64) relative to the values' size (the rows' test: to ``1 +`` the largest value): the same operations on
@@ -2629,29 +2691,7 @@ class MCMCUnlearner:
             self._forward_row_gap = row_gap
             row_gap = 0.0
         if row_gap:
-            raise ValueError(
-                f"nll(model, rows) gives a row a different value when the other rows of its batch change (the same "
-                f"rows evaluated together and each alone differ by {row_gap:.3g} relative"
-                + (", each row's value alone being the batch size times its value in the batch" if pattern_gap else "")
-                + "): a row's value depends on the other rows of its batch, e.g. a per-row loss divided by the "
-                "batch size (reduction='none' then / len(batch)), class weights counted in the batch, batch "
-                "statistics, or an in-batch softmax or contrastive loss. The unlearner sums per-row values over "
-                "batches of every size (the removed rows, minibatches, single rows), so every gradient and energy "
-                "would be scaled wrongly. Compute each row's value from that row alone: cross_entropy(..., "
-                "reduction='none') with no division by the batch size "
-                "and no batch statistics"
-                + (
-                    ""
-                    if pattern_gap
-                    else f" (evaluated in float64 too, the gap is still {double_gap:.3g}: not rounding)"
-                    if double_gap >= 0
-                    else " (if each row's value already is its own, e.g. a regression, the gap is rounding of very "
-                    "large values: float32 reaches 1e-2 near |y| ~ 1e6; standardise the targets; "
-                    + (double_why or "the float64 re-evaluation could not run on some rank")
-                    + ", which would have told rounding from a row reading its batch)"
-                )
-                + "; nothing was changed"
-            )
+            self._refuse_row_gap(row_gap, bool(pattern_gap), "together", double_gap, double_why)
         if grad_gap:
             raise ValueError(
                 f"the gradient of nll at a stored sample differs when the unlearner evaluates it through "
@@ -2665,6 +2705,39 @@ class MCMCUnlearner:
                 "through the module's attributes; nothing was changed"
             )
         self._forward_checked = True
+
+    @staticmethod
+    def _refuse_row_gap(
+        row_gap: float, pattern: bool, how: str, double_gap: float = -1.0, double_why: str | None = None
+    ) -> None:
+        """Refuse an ``nll`` whose row values depend on the other rows of their batch (:meth:`_check_forward`,
+        :meth:`_check_mixed_rows`): ``how`` the removed rows were evaluated besides alone ("together", "mixed with
+        remaining rows"); ``pattern``: each row's value alone was the batch size times its value in the batch;
+        ``double_gap``: the gap in float64 (-1: not measured), ``double_why``: why float64 could not run."""
+        raise ValueError(
+            f"nll(model, rows) gives a row a different value when the other rows of its batch change (the removed "
+            f"rows evaluated {how} and each alone differ by {row_gap:.3g} relative"
+            + (", each row's value alone being the batch size times its value in the batch" if pattern else "")
+            + "): a row's value depends on the other rows of its batch, e.g. a per-row loss divided by the "
+            "batch size (reduction='none' then / len(batch)), class weights counted in the batch, batch "
+            "statistics, or an in-batch softmax. The unlearner sums per-row values over "
+            "batches of every size (the removed rows, minibatches, single rows), so every gradient and energy "
+            "would be scaled wrongly. Losses defined over pairs or triplets of rows (contrastive, triplet, "
+            "batch-hard mining) are not per-row likelihoods and cannot be unlearned row by row: a row's term "
+            "depends on which other rows it is paired with. Compute each row's value from that row alone, e.g. "
+            "cross_entropy(..., reduction='none') with no division by the batch size and no batch statistics"
+            + (
+                ""
+                if pattern
+                else f" (evaluated in float64 too, the gap is still {double_gap:.3g}: not rounding)"
+                if double_gap >= 0
+                else " (if each row's value already is its own, e.g. a regression, the gap is rounding of very "
+                "large values: float32 reaches 1e-2 near |y| ~ 1e6; standardise the targets"
+                + (f"; {double_why}, which would have told rounding from a row reading its batch" if double_why else "")
+                + ")"
+            )
+            + "; nothing was changed"
+        )
 
     def _forward_writes(self, rows: Batch, theta: torch.Tensor) -> tuple[list[str], list[str]]:
         """The parameters, and the buffers, one ``nll`` call on ``rows`` writes into, the module holding the
@@ -2723,7 +2796,13 @@ class MCMCUnlearner:
         return written, moved
 
     def _row_check(
-        self, rows: Batch, theta: torch.Tensor, tol: float, double: bool = False, pattern_tol: float | None = None
+        self,
+        rows: Batch,
+        theta: torch.Tensor,
+        tol: float,
+        double: bool = False,
+        pattern_tol: float | None = None,
+        company: Batch | None = None,
     ) -> tuple[float, bool]:
         """How far a row's ``nll`` value depends on the other rows of its batch (:meth:`_check_forward`), and whether
         the rows follow the batch-size pattern.
@@ -2746,10 +2825,17 @@ class MCMCUnlearner:
         raises (``RuntimeError``) where the model cannot run so or its ``nll`` does not return float64 values.
         ``pattern_tol``: the pattern's relative tolerance where it is not ``tol`` (the float64 test keeps the first
         test's: the pattern is an exact factor ``n``, and a row's value is a difference of large numbers whose float64
-        rounding, relative to it, can exceed ``tol``: |y| ~ 1e6 and a row of 5e-3 nats gave 1.7e-9 against 2.2e-13)."""
+        rounding, relative to it, can exceed ``tol``: |y| ~ 1e6 and a row of 5e-3 nats gave 1.7e-9 against 2.2e-13).
+        ``company``: a remaining minibatch; the rows are evaluated together with up to ``MIXED_CHECK_ROWS`` of its
+        rows (:func:`_mixed_batch`, :meth:`_check_mixed_rows`) instead of among themselves; ``(0.0, False)`` where
+        the two cannot be mixed."""
         from .kronecker import field_rows, preserved
 
         k = field_rows(rows)
+        mixed = None if company is None else _mixed_batch(rows, company, MIXED_CHECK_ROWS)
+        if company is not None and mixed is None:
+            return 0.0, False
+        n = field_rows(mixed) if mixed is not None else 2 if k == 1 else k  # rows evaluated together
 
         def aligned(t: Any) -> bool:
             return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == k
@@ -2758,12 +2844,21 @@ class MCMCUnlearner:
             f = self._float64_path()
             theta = theta.double()
             rows = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in rows)
+            if mixed is not None:
+                mixed = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in mixed)
         else:
             f = functionalize(self.model, lambda m, *b: self.nll(m, b))
         try:
             with preserved(self.model), torch.no_grad():
                 # (clones of the sample: no write could reach the bank)
-                whole = f(theta.clone(), *(torch.cat([t, t]) if k == 1 and aligned(t) else t for t in rows))
+                whole = f(
+                    theta.clone(),
+                    *(
+                        mixed
+                        if mixed is not None
+                        else (torch.cat([t, t]) if k == 1 and aligned(t) else t for t in rows)
+                    ),
+                )
                 alone = [f(theta.clone(), *(t[i : i + 1] if aligned(t) else t for t in rows)) for i in range(k)]
             if double and any(v.dtype != torch.float64 for v in [whole, *alone]):
                 raise RuntimeError(f"nll returned {whole.dtype} values from float64 parameters and inputs")
@@ -2777,14 +2872,61 @@ class MCMCUnlearner:
             if double:
                 raise RuntimeError("no finite values of one per row in float64")
             return 0.0, False
-        floor = tol * (1.0 + float(whole.abs().max()))
-        gap = float((whole - alone).abs().max()) / (1.0 + float(whole.abs().max()))
-        if gap <= tol:
-            return 0.0, False
-        n = 2 if k == 1 else k  # rows evaluated together; alone, each is a batch of one
-        shows = torch.maximum(whole.abs(), alone.abs()) > floor
-        fits = (alone - n * whole).abs() <= (tol if pattern_tol is None else pattern_tol) * alone.abs()
-        return gap, bool(shows.any()) and bool((fits | ~shows).all())
+        if not double and company is None:
+            self._row_alone = (theta, rows)  # for the mixed-batch test on the first remaining minibatch
+        return _row_gap(whole, alone, n, tol, pattern_tol)
+
+    def _check_mixed_rows(self, remaining: Batch) -> None:
+        """Once, on the first request, before the removed rows' gradient: the removed rows the forward check
+        evaluated alone (:meth:`_row_check`) keep their values in a batch mixed with up to ``MIXED_CHECK_ROWS`` rows
+        of the first remaining minibatch ``remaining``.
+
+        The rows-alone test compares the removed rows only among themselves: a batch-hard triplet loss gave a removed
+        class 0 there (no other class in the batch to be a negative) and 3.1 a row in the training's mixed batches,
+        and the request was accepted as a no-op, ``problems=[]`` (stop 57's probe). The mixed batch is the removed
+        rows followed by the remaining rows, field by field as the remaining minibatch gives them (a field without
+        the rows' leading dimension must be the same in both, else nothing is checked); gap, tolerance and
+        batch-size pattern as :meth:`_row_check`'s (``n`` the mixed batch's rows), a gap above the refusal threshold
+        without the pattern measured again in float64 as there (rounding of large regression targets), refused
+        alike (:meth:`_refuse_row_gap`), a gap below refusal recorded in ``report.info["forward_mixed_gap"]`` (and
+        ``"forward_mixed_gap_float64"`` where float64 cleared one above it). Every rank takes part (a rank without
+        removed rows has nothing to see)."""
+        if self._mixed_checked:
+            return
+        self._mixed_checked = True
+        stash, self._row_alone = self._row_alone, None
+        tol = FORWARD_CHECK_EPS * torch.finfo(next(iter(ParamSpec.params(self.model))).dtype).eps
+        row_gap = pattern_gap = 0.0
+        double_gap, double_failed, double_why = -1.0, 0.0, None
+        if stash is not None:
+            theta, rows = stash
+            row_gap, pattern = self._row_check(rows, theta, tol, company=remaining)
+            if row_gap > max(FORWARD_ROWS_REFUSE, tol) and not pattern and theta.dtype != torch.float64:
+                double_gap, pattern, double_why = self._row_check_double(rows, theta, row_gap, tol, company=remaining)
+                if double_why is not None:
+                    double_gap, double_failed = -1.0, 1.0
+            pattern_gap = row_gap if pattern else 0.0
+        row_gap, pattern_gap, double_gap, double_failed = self._reduce_max(
+            torch.tensor([row_gap, pattern_gap, double_gap, double_failed], dtype=torch.float64)
+        ).tolist()
+        if double_failed:
+            double_gap = -1.0
+        double_tol = max(FORWARD_ROWS_REFUSE, FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps)
+        if double_gap >= 0 and not pattern_gap and double_gap <= double_tol:
+            log.info(
+                "nll: removed rows alone and in a mixed batch differ by %.3g relative, %.3g in float64 "
+                "(rounding of large values); not refused",
+                row_gap,
+                double_gap,
+            )
+            self._forward_mixed_gap, self._forward_mixed_gap_float64 = row_gap, double_gap
+            row_gap = 0.0
+        if row_gap and not pattern_gap and row_gap <= max(FORWARD_ROWS_REFUSE, tol):
+            log.info("nll: removed rows alone and in a mixed batch differ by %.3g relative; not refused", row_gap)
+            self._forward_mixed_gap = row_gap
+            row_gap = 0.0
+        if row_gap:
+            self._refuse_row_gap(row_gap, bool(pattern_gap), "mixed with remaining rows", double_gap, double_why)
 
     def _float64_path(self) -> Callable[..., torch.Tensor]:
         """``f(θ_flat, *rows)``: ``nll`` through the functional path with float64 copies of the model's other
@@ -2809,7 +2951,7 @@ class MCMCUnlearner:
         return f
 
     def _row_check_double(
-        self, rows: Batch, theta: torch.Tensor, gap: float, pattern_tol: float
+        self, rows: Batch, theta: torch.Tensor, gap: float, pattern_tol: float, company: Batch | None = None
     ) -> tuple[float, bool, str | None]:
         """The rows-alone test again in float64, where the float32 (or half-precision) ``gap`` is above the
         refusal threshold without the batch-size pattern (:meth:`_check_forward`): rounding shrinks by the
@@ -2818,10 +2960,10 @@ class MCMCUnlearner:
         run in float64 (an op without a float64 kernel, a device without float64, a forward that casts to float32
         itself) or gives no finite comparable values, ``gap`` itself, ``False`` and why: the caller keeps the
         first verdict. ``pattern_tol``: the first test's tolerance, kept for the batch-size pattern
-        (:meth:`_row_check`)."""
+        (:meth:`_row_check`); ``company``: as there."""
         tol = FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps
         try:
-            gap64, pattern = self._row_check(rows, theta, tol, double=True, pattern_tol=pattern_tol)
+            gap64, pattern = self._row_check(rows, theta, tol, double=True, pattern_tol=pattern_tol, company=company)
         except Exception as e:  # (_row_check's RuntimeError: the float64 evaluation failed)
             return gap, False, f"the float64 re-evaluation failed ({str(e).splitlines()[0][:200]})"
         return gap64, pattern, None
@@ -3716,6 +3858,8 @@ class MCMCUnlearner:
                 # stack (1-3 s), and a remaining-data source nll cannot read was refused only after it (stop 45).
                 # The minibatch is read again by the request (peek leaves it to be read)
                 self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
+            if not self._mixed_checked:
+                self._check_mixed_rows(stream.peek())  # the removed rows in a remaining minibatch's company
             try:
                 with dense_embedding_grads(self.model):
                     prop = self._propose(batch, stream, n, expectation, k)
@@ -4134,6 +4278,18 @@ class MCMCUnlearner:
                 "samples; nothing was changed. Check the model and data for overflow"
             )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        if not bool(G.any()):
+            # every draw's gradient of the removed rows is exactly 0 (a hinge or triplet loss at 0 on every removed
+            # row, rows the likelihood does not read): the request moves nothing, which passed with problems=[]
+            warnings.warn(
+                f"nothing to remove: the gradient of the removed rows' nll is exactly 0 at every one of the "
+                f"{int(g_thetas.shape[0])} draw(s), so the request leaves the samples where they are. Their nll "
+                "does not depend on the parameters there (a hinge, margin or triplet loss at 0 on every removed row, "
+                "or a likelihood that does not read these rows): if the rows did influence training, their nll "
+                "is not the term the training summed for them",
+                stacklevel=outside_stacklevel(),
+            )
+            info["zero_gradient"] = True
         log.info(
             "request: %d removed row(s), %d remaining; their gradient G over %d draw(s) (%.2f s)",
             k, n, g_thetas.shape[0], time.perf_counter() - t0,
@@ -4149,6 +4305,10 @@ class MCMCUnlearner:
             info["forward_row_gap"], self._forward_row_gap = self._forward_row_gap, None
         if self._forward_row_gap_float64 is not None:  # ... above refusal in float32, rounding in float64
             info["forward_row_gap_float64"], self._forward_row_gap_float64 = self._forward_row_gap_float64, None
+        if self._forward_mixed_gap is not None:  # the same in a batch mixed with remaining rows (_check_mixed_rows)
+            info["forward_mixed_gap"], self._forward_mixed_gap = self._forward_mixed_gap, None
+        if self._forward_mixed_gap_float64 is not None:  # ... above refusal in float32, rounding in float64
+            info["forward_mixed_gap_float64"], self._forward_mixed_gap_float64 = self._forward_mixed_gap_float64, None
         if expectation is not Expectation.CHAIN and c_thetas.shape[0] < self.curvature_draws:
             self._note_curvature_cap(int(c_thetas.shape[0]), info)
         if expectation is not Expectation.CHAIN and k_thetas.shape[0] < self.check_draws:
