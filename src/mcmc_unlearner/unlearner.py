@@ -1465,6 +1465,25 @@ def _check_complex_parameters(model: nn.Module) -> None:
         )
 
 
+def _not_differentiable_op(exc: BaseException) -> str | None:
+    """The operation named by torch's "derivative for OP is not implemented" in ``exc``, else ``None``."""
+    what = re.search(r"derivative for '?([\w.:]+?)'? is not implemented", str(exc))
+    return what.group(1) if what is not None else None
+
+
+def _second_derivative_refusal(op: str) -> ValueError:
+    """The refusal of an ``nll`` through an operation torch differentiates once but not twice (``op``, as torch
+    names it): before any work on the first request (:meth:`MCMCUnlearner._check_forward`), or where the request
+    meets it."""
+    return ValueError(
+        f"the model uses an operation torch cannot differentiate a second time ({op}), which every curvature "
+        "backend and the safety check need; nothing was changed. Write the loss with differentiable operations "
+        "(e.g. the CTC forward recursion over log-probabilities with torch.logsumexp for F.ctc_loss; F.embedding "
+        "followed by a sum or mean for F.embedding_bag), or freeze the parameters that flow through it "
+        "(requires_grad=False)"
+    )
+
+
 def _row_gap(
     together: torch.Tensor, alone: torch.Tensor, n: int, tol: float, pattern_tol: float | None = None
 ) -> tuple[float, bool]:
@@ -2562,6 +2581,11 @@ class MCMCUnlearner:
           rows of the first remaining minibatch are compared with their values alone before the removed rows'
           gradient (:meth:`_check_mixed_rows`: a batch-hard triplet loss gives a removed class 0 among its own rows,
           accepted as a no-op in stop 57's probe).
+        * one Hessian-vector product of ``nll`` on those rows by double backward fails with torch's "derivative for
+          ... is not implemented": an operation torch differentiates once but not twice (``F.ctc_loss``, stop 57's
+          probe: torch's raw error after seconds of work on every path; ``F.embedding_bag``), which every curvature
+          backend and the safety check need (:meth:`_once_differentiable`; 2.0 ms on a 2,410-parameter MLP, 11 ms
+          on LeNet-5).
 
         All compare to ``FORWARD_CHECK_EPS`` epsilons of the parameters' dtype (1.2e-4 in float32, 2.2e-13 in
         float64) relative to the values' size (the rows' test: to ``1 +`` the largest value): the same operations on
@@ -2653,9 +2677,15 @@ class MCMCUnlearner:
                         grad_gap = max(gap / max(float(g_m.norm()), 1e-300), float(live_reads))
             except Exception:  # not differentiable here: the request says so with its own message
                 pass
+        # one Hessian-vector product by double backward: an operation torch differentiates once but not twice
+        # (F.ctc_loss) died inside the request after seconds of work with torch's raw error (stop 57's probe)
+        once_only = self._once_differentiable(rows, theta) if not random_gap else None
         # every rank refuses alike (a rank without removed rows has nothing to see)
-        random_gap, grad_gap, row_gap, pattern_gap, double_gap, double_failed = self._reduce_max(
-            torch.tensor([random_gap, grad_gap, row_gap, pattern_gap, double_gap, double_failed], dtype=torch.float64)
+        once_flag = float(once_only is not None)
+        random_gap, grad_gap, row_gap, pattern_gap, double_gap, double_failed, once = self._reduce_max(
+            torch.tensor(
+                [random_gap, grad_gap, row_gap, pattern_gap, double_gap, double_failed, once_flag], dtype=torch.float64
+            )
         ).tolist()
         if double_failed:  # on some rank the float64 test could not run: the first verdict stands
             double_gap = -1.0
@@ -2671,6 +2701,8 @@ class MCMCUnlearner:
             )
             self._forward_row_gap, self._forward_row_gap_float64 = row_gap, double_gap
             row_gap = 0.0
+        if once:
+            raise _second_derivative_refusal(once_only or "on another rank")
         if random_gap:
             raise ValueError(
                 f"nll(model, rows) gives different values on two calls on the same removed rows with the same "
@@ -2738,6 +2770,26 @@ class MCMCUnlearner:
             )
             + "; nothing was changed"
         )
+
+    def _once_differentiable(self, rows: Batch, theta: torch.Tensor) -> str | None:
+        """The operation torch names when one Hessian-vector product of ``nll`` on ``rows`` at ``theta`` by double
+        backward fails with its "derivative for ... is not implemented" (``F.ctc_loss``: ``aten::_ctc_loss_backward``;
+        ``F.embedding_bag``), else ``None`` (any other failure is left to the request to report). The model is put
+        back as it was (:func:`~mcmc_unlearner.kronecker.preserved`)."""
+        from .kronecker import preserved
+
+        v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=theta.dtype).to(theta.device)
+        try:
+            with preserved(self.model), torch.enable_grad():
+                t = theta.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(self._h_f()(t, *rows), t, create_graph=True)
+                if g.requires_grad:
+                    torch.autograd.grad(g @ v, t, allow_unused=True)
+        except (NotImplementedError, RuntimeError) as exc:
+            return _not_differentiable_op(exc)
+        except Exception:  # the request reports a failing nll with its own message
+            return None
+        return None
 
     def _forward_writes(self, rows: Batch, theta: torch.Tensor) -> tuple[list[str], list[str]]:
         """The parameters, and the buffers, one ``nll`` call on ``rows`` writes into, the module holding the
@@ -3863,19 +3915,14 @@ class MCMCUnlearner:
             try:
                 with dense_embedding_grads(self.model):
                     prop = self._propose(batch, stream, n, expectation, k)
-            except NotImplementedError as exc:
-                what = re.search(r"derivative for '?([\w.]+)'? is not implemented", str(exc))
+            except (NotImplementedError, RuntimeError) as exc:
+                what = _not_differentiable_op(exc)
                 if what is None:
                     raise
                 # an operation torch differentiates once but not twice (or not in forward mode), used functionally
                 # where construction cannot see it (F.embedding_bag on a trainable weight): torch's own words named
-                # neither the cause nor a way out
-                raise ValueError(
-                    f"the model uses an operation torch cannot differentiate a second time ({what.group(1)}), which "
-                    "every curvature backend and the safety check need; nothing was changed. Freeze the parameters "
-                    "that flow through it (requires_grad=False) or write it with differentiable operations (e.g. "
-                    "F.embedding followed by a sum or mean for F.embedding_bag)"
-                ) from exc
+                # neither the cause nor a way out (the first request's forward check catches double backward)
+                raise _second_derivative_refusal(what) from exc
             prop.report.info["removed_share"] = share
             prop.report.info["memory"] = self._memory_info()
             prop.report.info["removed_since_samples"] = gone
