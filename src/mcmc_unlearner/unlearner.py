@@ -67,6 +67,7 @@ from .curvature import (
     dense_embedding_grads,
     eager,
     functionalize,
+    quiet_vmap_fallbacks,
     second_derivative_gap,
 )
 from .data import epoch_samplers
@@ -1446,6 +1447,20 @@ def _check_mode(model: nn.Module) -> None:
         )
 
 
+def _vmap_fallbacks_noted(method: Callable[..., FitReport]) -> Callable[..., FitReport]:
+    """Run an :class:`MCMCUnlearner` method returning a :class:`FitReport` inside :func:`quiet_vmap_fallbacks`,
+    recording the operations in its ``info`` (:meth:`MCMCUnlearner._note_vmap_fallbacks`)."""
+
+    @functools.wraps(method)
+    def wrapped(self: MCMCUnlearner, *args: Any, **kwargs: Any) -> FitReport:
+        with quiet_vmap_fallbacks() as ops:
+            out = method(self, *args, **kwargs)
+        self._note_vmap_fallbacks(ops, out.info)
+        return out
+
+    return wrapped
+
+
 def _check_complex_parameters(model: nn.Module) -> None:
     """Refuse trainable complex parameters (stop 57's probe): every parameter complex crashed inside the request
     with torch's raw "value cannot be converted to type double without overflow", and complex mixed with real
@@ -2086,6 +2101,7 @@ class MCMCUnlearner:
         #: minibatch (:meth:`_check_mixed_rows`); ``None`` once it ran
         self._row_alone: tuple[torch.Tensor, Batch] | None = None
         self._mixed_checked = False  # _check_mixed_rows ran (on the first request)
+        self._vmap_fallbacks_seen: set[str] = set()  # operations vmap ran unbatched, recorded once (report.info)
         self._forward_mixed_gap: float | None = None  # its gap above rounding, below refusal (reported once)
         self._forward_mixed_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
         self._version = 0
@@ -3806,12 +3822,26 @@ class MCMCUnlearner:
         remaining data's own generators and a ``DistributedSampler``'s epoch (advanced on each pass)."""
         _refuse_inference_mode()
         _own_parameters(self.model, self._caller_storages)  # the curvature's build writes draws into the model
-        with _source_states_kept(remaining) as (gens, epoch_samps):
+        # torch's vmap fallback warnings ("performance drop ... batching rule for aten::mish_backward", 12 a request)
+        # are the library's business: kept from the caller, the operations recorded once in the report
+        with _source_states_kept(remaining) as (gens, epoch_samps), quiet_vmap_fallbacks() as slow_ops:
             prop = self._propose_unguarded(batch, remaining, n_remaining)
             prop._global_rng_after = torch.get_rng_state()
             prop._source_generators_after = [(g, g.get_state()) for g in gens]
             prop._source_epochs_after = [(s, s.epoch) for s in epoch_samps]
+        self._note_vmap_fallbacks(slow_ops, prop.report.info)
         return prop
+
+    def _note_vmap_fallbacks(self, ops: set[str], info: dict[str, Any]) -> None:
+        """Record the operations torch's ``vmap`` ran without a batching rule (:func:`quiet_vmap_fallbacks`) in
+        ``info["vmap_fallbacks"]`` the first time they are seen (logged at DEBUG every time)."""
+        if not ops:
+            return
+        log.debug("vmap ran without a batching rule (one draw at a time): %s", ", ".join(sorted(ops)))
+        new = sorted(ops - self._vmap_fallbacks_seen)
+        if new:
+            self._vmap_fallbacks_seen |= ops
+            info["vmap_fallbacks"] = new
 
     def _propose_unguarded(
         self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None
@@ -4047,6 +4077,7 @@ class MCMCUnlearner:
             )
         return self.apply(prop)
 
+    @_vmap_fallbacks_noted
     def fit(self, remaining: Any, n_remaining: int | None = None) -> FitReport:
         """Build the curvature ahead of the first deletion request, as ``laplace-torch``'s ``fit`` does, so that the
         request does not pay for it.
