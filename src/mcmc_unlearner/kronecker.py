@@ -1571,19 +1571,26 @@ def _read_outside(
     return out
 
 
-def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch) -> list[str]:
+def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: list[str] | None = None) -> list[str]:
     """The layers K-FAC would factor whose weight or bias ``nll(model, batch)``'s forward (on the first
     ``_PROBE_ROWS`` rows) reads more often than the module is called (see :func:`_read_outside`): what
-    ``solver="auto"`` looks for before it builds K-FAC. One forward, no backward; the model is left as it was."""
+    ``solver="auto"`` looks for before it builds K-FAC. One forward, no backward; the model is left as it was.
+    The layers called on an input without the batch's rows (:func:`_unbatched_call`, which the build leaves to the
+    diagonal) are appended to ``unbatched`` where it is given, and left out of the result."""
     _, offsets, by_id = _slices(model)
     blocks, _ = _candidates(model, offsets, by_id, max_factor_dim=1)
     by_module = {b.module: b for b in blocks}
     ncalls: Counter[str] = Counter()
+    flat: dict[str, None] = {}
+    probe = _head(tuple(batch), _PROBE_ROWS)
 
     def hook(module: nn.Module, args: tuple, out: Any) -> None:
         blk = by_module[module]
         if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
             return  # (the build does not factor such a call either)
+        if _unbatched_call(blk.kind, args[0], field_rows(probe)):
+            flat[blk.name] = None
+            return
         if all(
             by_id.get(id(module._parameters.get(slot))) == pname
             for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
@@ -1594,16 +1601,29 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch) -> list[str]:
     handle = _first_forward_hook(by_module, hook)
     try:
         with preserved(model), torch.enable_grad():
-            values = nll(model, _head(tuple(batch), _PROBE_ROWS))
+            values = nll(model, probe)
             if not isinstance(values, Tensor):
                 return []
             named = dict(model.named_parameters())
-            fired = [b for b in blocks if ncalls[b.name]]
+            fired = [b for b in blocks if ncalls[b.name] and b.name not in flat]
+            if unbatched is not None:
+                unbatched.extend(sorted(flat))
             return sorted(_read_outside(values.sum(), fired, named, ncalls, None))
     finally:
         handle.remove()
         for b in blocks:
             b.module = None
+
+
+def _unbatched_call(kind: str, x: Tensor, rows: int) -> bool:
+    """Whether a factored layer's call on input ``x`` in a forward over ``rows`` rows has no batch dimension: fewer
+    dimensions than a batched call of its kind (a ``Linear`` on a ``[4]`` code), or a single leading row where the
+    batch has more (a ``[1, 4]`` code). One location then stands for every row of the batch."""
+    need = 2 if kind == "linear" else 3 if kind == "conv1d" else 4
+    if x.dim() < need:
+        return True
+    lead = x.numel() // max(int(x.shape[-1]), 1) if kind == "linear" else int(x.shape[0])
+    return rows > 1 and lead == 1
 
 
 def _owner_reason(model: nn.Module, name: str) -> str:
@@ -1824,6 +1844,7 @@ class KroneckerCurvature:
         fired: set[str] = set()
         ncalls: Counter[str] = Counter()  # each layer's calls the hook saw (one per location set it factors)
         swapped: set[str] = set()
+        unbatched: dict[str, tuple[int, ...]] = {}  # layers called on an input without the batch's rows: its shape
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
         part: dict[str, Any] = {"span": None}  # (r0, r1, B, draws) while a minibatch runs in row chunks
 
@@ -1840,6 +1861,12 @@ class KroneckerCurvature:
                 # parameters' Kronecker block, so the block is left to the diagonal (autograd differentiates the
                 # parameters through whatever the forward made of them)
                 swapped.add(blk.name)
+                return None
+            if _unbatched_call(blk.kind, args[0], part.get("rows", 0)):
+                # a Linear on a learned code of shape [4] (a hypernetwork generating a layer; stop 57's probe): one
+                # location shared by every row of the batch, whose summed output gradient K-FAC's per-row factors
+                # would take for one row's (undamped ratios -3.4 / -1.4): left to the diagonal, like a swapped call
+                unbatched.setdefault(blk.name, tuple(args[0].shape))
                 return None
             # the same layer called again on the same input in one evaluation (an nll that calls the model twice,
             # k*(y*exp(-m(x)) + m(x))): one use, not two locations — route it through the first call's output so
@@ -1926,6 +1953,7 @@ class KroneckerCurvature:
                     for r0, r1 in parts:
                         span = (r0, r1, B, draws) if chunked else None
                         part["span"] = span
+                        part["rows"] = r1 - r0
                         draws.restart()
                         calls.clear()
                         fired.clear()
@@ -1960,7 +1988,22 @@ class KroneckerCurvature:
                                                 if b.name in swapped
                                                 else _owner_reason(model, pname)
                                             )
-                            blocks = [b for b in blocks if b.name in fired]
+                            for b in blocks:
+                                if b.name in unbatched:
+                                    for pname in (b.weight, b.bias):
+                                        if pname is not None:
+                                            reasons[pname] = (
+                                                f"{type(b.module).__name__} '{b.name}': called on an input without "
+                                                f"the batch's rows (shape {list(unbatched[b.name])}, e.g. a "
+                                                "hypernetwork's learned code), one location shared by every row, "
+                                                "which K-FAC's per-row factors cannot hold. solver='cg' (Hessian "
+                                                "products through autograd) sees it"
+                                            )
+                                    by_module.pop(b.module, None)  # its later calls are not factored
+                            if unbatched:
+                                info["unbatched_input"] = sorted(unbatched)
+                            blocks = [b for b in blocks if b.name in fired and b.name not in unbatched]
+                            calls[:] = [(b, o) for b, o in calls if b.name not in unbatched]
                             outside = _read_outside(first, blocks, named, ncalls, reduce)
                             for b in blocks:
                                 if b.name in outside:

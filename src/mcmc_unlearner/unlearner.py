@@ -2200,13 +2200,20 @@ class MCMCUnlearner:
         assert probe is not None
         from .kronecker import read_outside_layers
 
+        unbatched: list[str] = []
         try:
-            outside = read_outside_layers(self.model, self._row_nll, batch)
+            outside = read_outside_layers(self.model, self._row_nll, batch, unbatched)
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError):
             self._auto_probe = None
             return  # (the build says what is wrong with the rows, as it did)
-        if not outside:
+        if not outside and not unbatched:
             self._auto_probe = None
+            return
+        if not outside:
+            # a layer called on an input without the batch's rows (a hypernetwork's learned code; stop 57's probe:
+            # K-FAC with it left to the diagonal still took undamped ratios -5.5, 0.50 of the way to retraining
+            # against CG's 0.57)
+            self._take_cg_for_unbatched(probe, unbatched)
             return
         names = ", ".join(repr(n) for n in outside)
         # said once, before the switch: a warning raised as an error leaves auto's probe pending and nothing changed
@@ -2229,6 +2236,31 @@ class MCMCUnlearner:
             f"; but the weights of {names} are also read outside their modules (e.g. a tied decoder's "
             "F.linear(h, enc.weight.t())), which K-FAC's blocks cannot hold (found on the first rows read): "
             "matrix-free CG",
+        )
+
+    def _take_cg_for_unbatched(self, probe: dict[str, Any], unbatched: list[str]) -> None:
+        """:meth:`_take_cg_if_read_outside` found layers called on an input without the batch's rows (and none
+        read outside its module): said once, then matrix-free CG as for a read outside."""
+        names = ", ".join(repr(n) for n in unbatched)
+        defaults = ", ".join(f"{name}={shown_value(v)}" for name, v in _CG_SWITCH_DEFAULTS.items() if probe[name])
+        applies = ", ".join(f"{name}={shown_value(getattr(self, name))}" for name in self._applies_on_switch)
+        verb = "apply" if len(self._applies_on_switch) > 1 else "applies"
+        warnings.warn(
+            f"solver='auto' took K-FAC for this model, but {names} {'is' if len(unbatched) == 1 else 'are'} called "
+            "on an input without the batch's rows (e.g. a hypernetwork's learned code of shape [4]), one location "
+            "shared by every row, which K-FAC's per-row factors cannot hold: solver='auto' now uses matrix-free CG"
+            f"{f' (its defaults {defaults})' if defaults else ''}"
+            f"{f'; {applies}, given and not read by K-FAC, now {verb}' if applies else ''}. "
+            "To keep K-FAC (those layers on its diagonal), pass solver='kfac'",
+            UserWarning,
+            stacklevel=outside_stacklevel(),
+        )
+        self._auto_probe = None
+        self._switch_to_cg(
+            probe,
+            f"; but {names} {'is' if len(unbatched) == 1 else 'are'} called on an input without the batch's rows "
+            "(e.g. a hypernetwork's learned code), which K-FAC's per-row factors cannot hold (found on the first "
+            "rows read): matrix-free CG",
         )
 
     def _may_switch_to_cg(self) -> bool:

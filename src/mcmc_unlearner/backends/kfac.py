@@ -95,6 +95,7 @@ class KFACBackend(CurvatureBackend):
         self._warned = False  # the empirical-Fisher fallback is warned about once per backend
         self._warned_outside = False  # so are layers read outside their modules (info["read_outside_module"])
         self._warned_diagonal = False  # and factors kept diagonal (over MAX_FACTOR_DIM: a vocabulary head's)
+        self._warned_unbatched = False  # and layers called on an input without the batch's rows
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         from ..kronecker import KroneckerCurvature
@@ -177,6 +178,20 @@ class KFACBackend(CurvatureBackend):
 
             self._warned_diagonal = True
             warnings.warn(diagonal_factor_message(diagonal), RuntimeWarning, stacklevel=outside_stacklevel())
+        unbatched = kfac.info.get("unbatched_input")
+        if unbatched and not self._warned_unbatched:  # report.info["kfac"]["diagonal"] gives each layer's reason
+            from ..errors import outside_stacklevel
+
+            self._warned_unbatched = True
+            warnings.warn(
+                f"K-FAC: {', '.join(repr(n) for n in unbatched)} {'is' if len(unbatched) == 1 else 'are'} called "
+                "on an input without the batch's rows (e.g. a hypernetwork's learned code of shape [4]): one "
+                "location shared by every row, which K-FAC's per-row factors cannot hold (stop 57's probe: undamped "
+                "ratios -3.4 / -1.4), so those layers get only a diagonal curvature "
+                "(report.info['kfac']['unbatched_input']); solver='cg' uses Hessian products through autograd",
+                RuntimeWarning,
+                stacklevel=outside_stacklevel(),
+            )
         return info
 
     @property
