@@ -1494,7 +1494,8 @@ def _second_derivative_refusal(op: str) -> ValueError:
         f"the model uses an operation torch cannot differentiate a second time ({op}), which every curvature "
         "backend and the safety check need; nothing was changed. Write the loss with differentiable operations "
         "(e.g. the CTC forward recursion over log-probabilities with torch.logsumexp for F.ctc_loss; F.embedding "
-        "followed by a sum or mean for F.embedding_bag), or freeze the parameters that flow through it "
+        "followed by a sum or mean for F.embedding_bag; ((a[:, None] - b[None]) ** 2).sum(-1).sqrt() for "
+        "torch.cdist), or freeze the parameters that flow through it "
         "(requires_grad=False)"
     )
 
@@ -2101,6 +2102,8 @@ class MCMCUnlearner:
         #: minibatch (:meth:`_check_mixed_rows`); ``None`` once it ran
         self._row_alone: tuple[torch.Tensor, Batch] | None = None
         self._mixed_checked = False  # _check_mixed_rows ran (on the first request)
+        #: the operation torch cannot differentiate twice that _check_forward found (every request is refused)
+        self._once_differentiable_op: str | None = None
         self._vmap_fallbacks_seen: set[str] = set()  # operations vmap ran unbatched, recorded once (report.info)
         self._forward_mixed_gap: float | None = None  # its gap above rounding, below refusal (reported once)
         self._forward_mixed_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
@@ -2750,7 +2753,9 @@ class MCMCUnlearner:
             self._forward_row_gap, self._forward_row_gap_float64 = row_gap, double_gap
             row_gap = 0.0
         if once:
-            raise _second_derivative_refusal(once_only or "on another rank")
+            # refused after the mixed-rows test (a batch-hard triplet loss through torch.cdist fails both: the loss's
+            # form is the first thing to fix), on this request and every later one
+            self._once_differentiable_op = once_only or "on another rank"
         if random_gap:
             raise ValueError(
                 f"nll(model, rows) gives different values on two calls on the same removed rows with the same "
@@ -3974,6 +3979,8 @@ class MCMCUnlearner:
                 self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
             if not self._mixed_checked:
                 self._check_mixed_rows(stream.peek())  # the removed rows in a remaining minibatch's company
+            if self._once_differentiable_op is not None:  # found by _check_forward
+                raise _second_derivative_refusal(self._once_differentiable_op)
             try:
                 with dense_embedding_grads(self.model):
                     prop = self._propose(batch, stream, n, expectation, k)
