@@ -200,6 +200,78 @@ def test_an_earlier_bank_stays_protected_and_freed_samples_are_forgotten() -> No
     del again
 
 
+_SECOND_TENSOR = {  # another tensor object (another storage) over a numpy array's memory
+    "from_numpy": torch.from_numpy,
+    "as_tensor": torch.as_tensor,
+    "dlpack": torch.from_dlpack,
+    "frombuffer": lambda a: torch.frombuffer(a, dtype=torch.float32).view(a.shape),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_SECOND_TENSOR))
+@pytest.mark.parametrize("drop_given", [False, True])
+def test_a_bank_the_model_reaches_through_a_second_tensor_over_the_same_memory_is_not_written(
+    how: str, drop_given: bool
+) -> None:
+    # review of stop 57: the bank as state_dicts of torch.from_numpy(arr), the model loaded (assign=True) from the
+    # same arrays through a second tensor: the protection compared storage objects, not memory, and the request
+    # changed the caller's arrays by 0.0066 (the data-pointer check before it protected them)
+    model, x, y, bank = _problem(6)
+    spec = ParamSpec.of(model)
+    arrays = [{k: v.clone().numpy() for k, v in spec.unflatten(r).items()} for r in bank]
+    kept = copy.deepcopy(arrays)
+    given = [{k: torch.from_numpy(a) for k, a in sd.items()} for sd in arrays]
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=given)
+    if drop_given:  # the caller keeps only the numpy arrays: their memory is still the bank's
+        del given
+    model.load_state_dict({k: _SECOND_TENSOR[how](a) for k, a in arrays[-1].items()}, assign=True)
+    assert all(p.data_ptr() == arrays[-1][k].ctypes.data for k, p in model.named_parameters())  # aliased
+    start = parameters_to_vector(model.parameters()).detach().clone()
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    assert all((a[k] == b[k]).all() for a, b in zip(arrays, kept) for k in a)  # the caller's arrays untouched
+    assert not torch.equal(parameters_to_vector(model.parameters()), start)  # the live chain moved
+
+
+def test_parameters_on_pieces_of_a_numpy_bank_given_inline_are_not_written() -> None:
+    # review of stop 57: the bank one numpy [S, D] array given as torch.from_numpy(arr) (a tensor the caller does
+    # not keep), the model loaded from from_numpy pieces of its last row: each piece a storage of its own starting
+    # inside the bank's memory; neither the data-pointer check nor the storage identity one saw it (changed 0.0066)
+    model, x, y, bank = _problem(6)
+    arr = bank.clone().numpy()
+    kept = arr.copy()
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=torch.from_numpy(arr))
+    pieces, at = {}, 0
+    for k, p in model.named_parameters():
+        pieces[k] = torch.from_numpy(arr[-1, at : at + p.numel()].reshape(p.shape))
+        at += p.numel()
+    model.load_state_dict(pieces, assign=True)
+    start = parameters_to_vector(model.parameters()).detach().clone()
+    assert un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).passed
+    assert (arr == kept).all()
+    assert not torch.equal(parameters_to_vector(model.parameters()), start)
+
+
+def test_protection_is_by_memory_while_it_lives_and_only_the_last_banks_outside_memory_outlives_it() -> None:
+    from mcmc_unlearner.unlearner import _Protected
+
+    arr = torch.arange(24.0).numpy()
+    prot = _Protected()
+    prot.add(torch.from_numpy(arr)[4:8])  # dropped at once: a returned sample the caller did not keep
+    assert not prot.overlaps(torch.from_numpy(arr).untyped_storage())  # freed: forgotten, not mistaken
+    assert len(prot) == 0
+    held = torch.from_numpy(arr)
+    prot.add(held)
+    assert prot.overlaps(torch.from_numpy(arr[10:12]).untyped_storage())  # a piece of it, through a new storage
+    assert not prot.overlaps(torch.from_numpy(arr.copy()).untyped_storage())  # other memory
+    del held
+    assert not prot.overlaps(torch.from_numpy(arr).untyped_storage())
+    prot.add(torch.from_numpy(arr), bank=True)  # a bank given inline: numpy's memory outlives the tensor
+    assert prot.overlaps(torch.from_numpy(arr[23:]).untyped_storage())
+    prot.add(torch.zeros(3), bank=True)  # another bank replaces it: the freed one is forgotten
+    assert not prot.overlaps(torch.from_numpy(arr).untyped_storage())
+    assert len(prot) == 0
+
+
 def test_a_refused_bank_leaves_the_kept_samples_layout() -> None:
     # stop 47's probe: the refused value's layout was set before the non-finite check, so the kept samples came
     # back as a tensor (or with the refused state_dicts' buffers)

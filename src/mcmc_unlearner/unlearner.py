@@ -37,10 +37,12 @@ clears the influence carried between requests.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import functools
 import importlib
+import itertools
 import logging
 import math
 import re
@@ -1551,45 +1553,130 @@ def _mixed_batch(removed: Batch, remaining: Batch, rows: int) -> Batch | None:
 
 
 class _Protected:
-    """Weak references to the storages of tensors the caller holds: every bank the unlearner was given and every
-    tensor :meth:`MCMCUnlearner.samples` handed out. A storage is protected while it lives (a weak reference does
-    not keep it alive, and a freed storage's address taken by a new tensor is not mistaken for it); a live
-    parameter in one of them gets its own storage before the library writes (:func:`_own_parameters`).
+    """The memory of tensors the caller holds: every bank the unlearner was given and every tensor
+    :meth:`MCMCUnlearner.samples` handed out. Each storage is held by a weak reference (for liveness) with the
+    address range it covers (for membership): a parameter whose storage overlaps the memory of a live protected
+    storage gets its own storage before the library writes (:func:`_own_parameters`), also where it reaches that
+    memory through another storage object (``torch.from_numpy`` of the same array twice, DLPack,
+    ``torch.frombuffer``, a piece of a row of the bank). A storage is protected while it lives: a weak reference
+    does not keep it alive, and a freed storage's address taken by a new tensor is not mistaken for it.
+
+    One exception: memory torch did not allocate (a non-resizable storage: numpy's, DLPack's, a buffer's) outlives
+    the tensors over it, so the last bank given keeps such ranges after its tensors are freed (e.g. a bank given as
+    ``torch.from_numpy(arr)`` inline), against parameters on such memory too (a later ``torch.from_numpy(arr)``);
+    memory torch allocated there is a reuse and is not mistaken for it. An earlier bank's ranges are forgotten
+    when freed, so the set stays bounded by what the caller holds plus one bank.
 
     A copy (``copy.deepcopy`` of an unlearner, whose model then holds copies) starts empty."""
 
     def __init__(self) -> None:
-        self._refs: dict[int, StorageWeakRef] = {}
+        self._refs: dict[int, tuple[StorageWeakRef, torch.device]] = {}  # storage id (``_cdata``) -> reference
+        # per device: storage id -> (first byte, one past the last byte); no empty or meta storage (no memory)
+        self._spans: dict[torch.device, dict[int, tuple[int, int]]] = {}
+        self._kept: set[int] = set()  # the last bank's storages on memory torch did not allocate (kept when freed)
+        self._moved = 0  # the last key a freed kept storage was moved to (negative: no storage has that id)
+        # per device: the first bytes (sorted), ends, running maximum of the ends, ids (built when asked)
+        self._index: dict[torch.device, tuple[list[int], list[int], list[int], list[int]]] | None = None
 
-    def add(self, value: Any) -> None:
+    def add(self, value: Any, bank: bool = False) -> None:
         """Protect the storage of every tensor in ``value`` (a tensor, a mapping or a sequence, nested); freed
-        storages are forgotten first, so the set holds what the caller still holds plus ``value``."""
+        storages are forgotten first, so the set holds what the caller still holds plus ``value``.
+
+        Args:
+            value: The caller's tensors.
+            bank: ``value`` is a bank given (its storages on memory torch did not allocate are kept when freed,
+                replacing the previous bank's).
+        """
+        if bank:
+            self._kept = set()
         self.prune()
         stack = [value]
         while stack:
             v = stack.pop()
             if isinstance(v, torch.Tensor):
                 if v.layout == torch.strided:  # a sparse buffer has no storage to share (and parameters are dense)
-                    ref = StorageWeakRef(v.untyped_storage())
-                    self._refs.setdefault(ref.cdata, ref)
+                    self._add_storage(v.untyped_storage(), bank)
             elif isinstance(v, Mapping):
                 stack.extend(v.values())
             elif isinstance(v, (list, tuple)):
                 stack.extend(v)
 
-    def prune(self) -> None:
-        """Forget freed storages (the set stays as large as what the caller still holds)."""
-        dead = [k for k, ref in self._refs.items() if ref.expired()]
-        for k in dead:
-            del self._refs[k]
+    def _add_storage(self, storage: torch.UntypedStorage, bank: bool) -> None:
+        """Record one storage (once) with its memory range."""
+        ref = StorageWeakRef(storage)
+        key = ref.cdata
+        known = self._refs.get(key)
+        if known is not None and known[0].expired():  # a kept, freed storage's id, taken by a new one: move it
+            self._moved -= 1
+            self._refs[self._moved] = self._refs.pop(key)
+            spans = self._spans.get(known[1], {})
+            if key in spans:
+                spans[self._moved] = spans.pop(key)
+            self._kept.discard(key)
+            self._kept.add(self._moved)
+            known = None
+        if known is None:
+            device = storage.device
+            self._refs[key] = (ref, device)
+            start = storage.data_ptr()
+            end = start + storage.nbytes()
+            if end > start and device.type != "meta":
+                self._spans.setdefault(device, {})[key] = (start, end)
+            self._index = None
+        if bank and not storage.resizable():
+            self._kept.add(key)
 
-    def __contains__(self, storage: object) -> bool:
-        if not isinstance(storage, torch.UntypedStorage):
+    def prune(self) -> None:
+        """Forget freed storages (the set stays as large as what the caller still holds, plus the last bank's
+        storages on memory torch did not allocate)."""
+        dead = [k for k, (ref, _) in self._refs.items() if ref.expired() and k not in self._kept]
+        for k in dead:
+            _, device = self._refs.pop(k)
+            self._spans.get(device, {}).pop(k, None)
+        if dead:
+            self._index = None
+
+    def _ranges(self) -> dict[torch.device, tuple[list[int], list[int], list[int], list[int]]]:
+        """Per device, the ranges: first bytes (sorted), ends, running maximum of the ends, ids."""
+        if self._index is None:
+            self._index = {}
+            for device, spans in self._spans.items():
+                rows = sorted((start, end, k) for k, (start, end) in spans.items())
+                ends = [r[1] for r in rows]
+                reach = list(itertools.accumulate(ends, max))
+                self._index[device] = ([r[0] for r in rows], ends, reach, [r[2] for r in rows])
+        return self._index
+
+    def overlaps(self, storage: torch.UntypedStorage) -> bool:
+        """Whether ``storage``'s memory overlaps the memory of a live protected storage (the same storage object
+        or another one over the same bytes), or, for memory torch did not allocate, the last bank's."""
+        index = (self._index if self._index is not None else self._ranges()).get(storage.device)
+        if index is None:  # nothing protected on this device (a meta storage's neither)
             return False
-        ref = self._refs.get(storage._cdata)
-        return ref is not None and not ref.expired()
+        start = storage.data_ptr()
+        end = start + storage.nbytes()
+        if end <= start:  # an empty storage holds no memory to share
+            return False
+        starts, ends, reach, ids = index
+        j = bisect.bisect_left(starts, end) - 1  # ranges 0..j begin before this storage ends
+        freed = False
+        while j >= 0 and reach[j] > start:  # some range among 0..j ends after this storage begins
+            if ends[j] > start:
+                k = ids[j]
+                if not self._refs[k][0].expired():
+                    return True
+                if k not in self._kept:
+                    freed = True  # a freed storage's memory, perhaps reused by this one: not the caller's
+                elif not storage.resizable():
+                    return True  # the last bank's external memory (a numpy array) reached through a new storage
+            j -= 1
+        if freed:
+            self.prune()  # so the freed ranges are not scanned again
+        return False
 
     def __len__(self) -> int:
+        """How many storages are protected (freed ones forgotten first)."""
+        self.prune()
         return len(self._refs)
 
     def __reduce__(self) -> tuple[type, tuple]:
@@ -1598,18 +1685,20 @@ class _Protected:
 
 def _own_parameters(model: nn.Module, caller: _Protected | None = None) -> None:
     """Give parameters their own storage where they are views of a larger tensor (e.g. loaded with
-    ``vector_to_parameters(bank[-1], ...)``) or share a whole storage with a tensor the caller holds (``caller``:
-    a bank it gave, samples :meth:`MCMCUnlearner.samples` returned, e.g. after
-    ``model.load_state_dict(unlearner.samples()[-1], assign=True)``), so writing the live chain's new state never
-    writes into the caller's tensors. Called before every write, not only when the unlearner is built: a model
-    pointed at a sample later had it overwritten by the next request (stop 47's probe; stop 57's with the samples
+    ``vector_to_parameters(bank[-1], ...)``) or share memory with a tensor the caller holds (``caller``: a bank it
+    gave, samples :meth:`MCMCUnlearner.samples` returned, e.g. after
+    ``model.load_state_dict(unlearner.samples()[-1], assign=True)``, also through another storage object over the
+    same memory, e.g. ``torch.from_numpy`` of the same array), so writing the live chain's new state never writes
+    into the caller's tensors. Called before every write, not only when the unlearner is built: a model pointed at
+    a sample later had it overwritten by the next request (stop 47's probe; stop 57's with the samples
     ``samples()`` returned)."""
     with torch.no_grad():
         for p in ParamSpec.params(model):
             storage = p.untyped_storage()
             whole = storage.nbytes()
-            shared = caller is not None and storage in caller
-            if p.data._base is not None or whole != p.numel() * p.element_size() or shared:
+            if p.data._base is not None or whole != p.numel() * p.element_size():
+                p.data = p.data.clone()
+            elif caller is not None and caller.overlaps(storage):
                 p.data = p.data.clone()
 
 
@@ -2030,7 +2119,7 @@ class MCMCUnlearner:
         self.backend = check_option("backend", backend)
         self.generator = torch.Generator().manual_seed(check_option("seed", seed))
         self._caller_storages = _Protected()  # the caller's tensors: the banks given, the samples returned
-        self._caller_storages.add(bank)
+        self._caller_storages.add(bank, bank=True)
         _own_parameters(model, self._caller_storages)
         _check_log_prior(model, log_prior)  # after: it writes 0.9·θ into the parameters (then θ back)
         self._layout: BankLayout | None = None
@@ -2394,7 +2483,7 @@ class MCMCUnlearner:
                 check_finite(bad_rows(value))
             if fresh:  # only now: a refused bank left its layout (and its buffers) for the kept samples' return
                 self._layout = layout
-                self._caller_storages.add(caller)  # an earlier bank stays protected while the caller holds it
+                self._caller_storages.add(caller, bank=True)  # earlier banks stay protected while the caller holds them
         self._bank = value
         self._version = getattr(self, "_version", 0) + 1
         if fresh and getattr(self, "_state_loaded", False):
