@@ -384,6 +384,46 @@ def test_every_cli_option_is_documented_and_the_options_page_gives_the_codes_def
         # every preset's and --quick's own value is given
         for override in _default_help(flag.replace("-", "_"))[1:-1].split("; ")[1:]:
             assert override.rsplit(": ", 1)[1] in default, (flag, override, default)
+        # and nothing else: the cell is the same name: value pairs as --help's, both ways (review of stop 57: a
+        # made-up "`--quick`: 64" on --batch-size and swapped preset and --quick values passed the checks above)
+        helped = _default_pairs(_default_help(flag.replace("-", "_"))[1:-1])
+        assert _default_pairs(default) == helped, (flag, default)
+    bnn_flags = {o for a in sub.choices["bnn"]._actions for o in a.option_strings}
+    assert {f"--{flag}" for flag, _ in rows} <= bnn_flags  # a row names an option bnn has
+    # summary's table: one row per option, with its metavar as the usage gives it and its default (a changed
+    # default passed: "`--out FILE` | report.md" for --out, whose default is none)
+    summary = sub.choices["summary"]
+    table = page[page.index("## `summary`") :]
+    got = dict(re.findall(r"^\| `(--[^`]+)` \| ([^|]+) \|", table, re.M))
+    formatter = summary._get_formatter()
+    want = {}
+    for a in summary._actions:
+        if a.option_strings and "--help" not in a.option_strings and a.help != argparse.SUPPRESS:
+            args = formatter._format_args(a, a.dest.upper()) if a.nargs != 0 else ""
+            written = {None: "none", False: "off", True: "on"}.get(a.default, str(a.default))
+            want[f"{a.option_strings[-1]} {args}".strip()] = written
+    assert {k: v.split(" (")[0].strip() for k, v in got.items()} == want
+
+
+def _default_pairs(cell: str) -> dict[str, str]:
+    """A default cell of docs/cli.md (``0 (all); the presets: 32; `--quick`: 10``) or the inside of
+    ``_default_help``'s parenthesis (``default 0; --preset A or B: 32; --quick: 10``) as ``{source: value}``, the
+    source ``default``, a preset's name or ``quick``."""
+    from mcmc_unlearner.experiments.options import PRESETS
+
+    base, *groups = [g.strip() for g in cell.split(";")]
+    base = base.split(" (")[0]
+    base = base[len("default: ") :] if base.startswith("default: ") else base.removeprefix("default ")
+    pairs = {"default": base}
+    for group in groups:
+        for part in _re.split(r", (?=`|the presets)", group):
+            who, value = part.rsplit(": ", 1)
+            who = who.replace("`", "").replace("--preset ", "").strip()
+            names = sorted(PRESETS) if who == "the presets" else who.removeprefix("--").split(" or ")
+            for name in names:
+                assert name not in pairs, (cell, name)  # one value per source
+                pairs[name] = value.strip()
+    return pairs
 
 
 def test_forget_offers_every_solver():
