@@ -426,6 +426,22 @@ def _default_pairs(cell: str) -> dict[str, str]:
     return pairs
 
 
+def test_bnn_help_gives_the_presets_and_quicks_value_of_every_option_they_set():
+    # review of stop 57: --dataset said only "default digits", --pretrain gave no default although the presets set
+    # mnist and cifar100, --retrain-chains said "(default 3, >= 2)" without --quick's 2
+    from mcmc_unlearner.experiments.options import PRESETS, QUICK, _default_help
+
+    bnn = _subparser("bnn")
+    keys = set(QUICK) | {k for values in PRESETS.values() for k in values}
+    by_dest = {a.dest: a for a in bnn._actions if a.option_strings}
+    flagged = keys & set(by_dest)
+    assert {"dataset", "arch", "pretrain", "retrain_chains", "remove_count"} <= flagged
+    missing = {k: by_dest[k].help for k in flagged if _default_help(k) not in by_dest[k].help}
+    assert not missing, missing
+    assert "--preset paper-fmnist: mnist" in _default_help("pretrain")
+    assert _default_help("retrain_chains") == "(default 3; --quick: 2)"
+
+
 def test_forget_offers_every_solver():
     (solver,) = [a for a in _subparser("forget")._actions if "--solver" in a.option_strings]
     assert set(solver.choices) == {"auto", *(s.value for s in SolverName)}

@@ -381,11 +381,16 @@ def _quick_help() -> str:
     )
 
 
+#: What an option left at ``None`` means, where it is not the library's default (``bnn --help``).
+_NONE_MEANS: dict[str, str] = {"arch": "per data set", "pretrain": "none, random initial weights"}
+
+
 def _default_help(key: str) -> str:
     """``(default X; --preset NAME: Y; --quick: Z)`` for :class:`BNNConfig`'s ``key``, from the defaults, the
     presets and :data:`QUICK` themselves (shown in ``bnn --help``)."""
     base = getattr(BNNConfig(), key)
-    parts = ["default: the library's" if base is None else f"default {base}"]
+    none = _NONE_MEANS.get(key, "the library's")
+    parts = [f"default: {none}" if base is None else f"default {base}"]
     by_value: dict[str, list[str]] = {}
     for name, values in sorted(PRESETS.items()):
         if key in values and values[key] != base:
@@ -449,14 +454,16 @@ def register_bnn(subparsers: argparse._SubParsersAction) -> None:
     d = BNNConfig()
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's settings")
     p.add_argument("--quick", action="store_true", help=_quick_help())
-    p.add_argument("--dataset", default=None, help=f"data set (default {d.dataset})")
+    p.add_argument("--dataset", default=None, help=f"data set {_default_help('dataset')}")
     p.add_argument(
-        "--arch", default=None, choices=sorted(ARCHITECTURE_NAMES), help="architecture (default: per data set)"
+        "--arch", default=None, choices=sorted(ARCHITECTURE_NAMES), help=f"architecture {_default_help('arch')}"
     )
     p.add_argument(
         "--remove-class", type=whole_number(0), default=None, help=f"class to remove (default {d.remove_class})"
     )
-    p.add_argument("--remove-count", type=_count, default=None, help="'all' (default) or a number of points")
+    p.add_argument(
+        "--remove-count", type=_count, default=None, help=f"'all' or a number of points {_default_help('remove_count')}"
+    )
     p.add_argument("--sampler", choices=("sgld", "sghmc"), default=None, help="SG-MCMC sampler (default sgld)")
     p.add_argument(
         "--request-size", type=whole_number(1), default=None, help=f"points per request (default {d.request_size})"
@@ -464,7 +471,8 @@ def register_bnn(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pretrain",
         default=None,
-        help="pre-train the initial weights on this data set, or 'self': each chain on its own training data",
+        help="pre-train the initial weights on this data set, or 'self': each chain on its own training data "
+        f"{_default_help('pretrain')}",
     )
     p.add_argument("--no-pretrain", action="store_true", help="random initial weights (no pre-training)")
     p.add_argument("--seed", type=seed_arg, default=None, help=f"random seed, 0 to {SEED_LIMIT - 1} (default 0)")
@@ -497,7 +505,7 @@ def register_bnn(subparsers: argparse._SubParsersAction) -> None:
         "--retrain-chains",
         type=whole_number(2, "the noise floor is the spread between retrain chains"),
         default=None,
-        help="independent retrain chains (default 3, >= 2)",
+        help=f"independent retrain chains, at least 2 {_default_help('retrain_chains')}",
     )
     p.add_argument(
         "--on-refusal",
