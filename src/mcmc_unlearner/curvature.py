@@ -18,6 +18,7 @@ import importlib
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -204,21 +205,48 @@ VMAP_FALLBACK = "There is a performance drop because we have not yet implemented
 def quiet_vmap_fallbacks() -> Iterator[set[str]]:
     """Keep torch's "performance drop ... batching rule for OP" warnings from the caller while the library runs
     (stop 57's probe: 12 a request for Mish, 4 for ``ctc_loss``, on every request): only that ``UserWarning``
-    message, only inside the block; every other warning reaches the caller's filters and handlers as before. The
-    yielded set collects the operations named (``"aten::mish_backward"``), for the report."""
+    message, only inside the block and only on its thread; every other warning reaches the caller's filters and
+    handlers as before. The yielded set collects the operations named (``"aten::mish_backward"``), for the report.
+
+    The filters are not touched (``warnings.catch_warnings`` resets Python's record of warnings already shown, so
+    a once-per-location warning from the user's own ``nll`` came back on every request: stop 57's review); only
+    ``warnings.showwarning`` is wrapped, once while any thread is inside, and put back when the last one leaves
+    (unless the caller replaced it meanwhile)."""
     ops: set[str] = set()
-    shown = warnings.showwarning
-
-    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None):
-        text = str(message)
-        if issubclass(category, UserWarning) and text.startswith(VMAP_FALLBACK):
-            ops.add(text[len(VMAP_FALLBACK) :].split(". ")[0].rstrip("."))
-            return
-        shown(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
+    outer = getattr(_QUIET, "ops", None)
+    with _QUIET_LOCK:
+        if _QUIET_STATE["depth"] == 0:
+            _QUIET_STATE["shown"] = warnings.showwarning
+            warnings.showwarning = _quiet_show
+        _QUIET_STATE["depth"] += 1
+    _QUIET.ops = ops
+    try:
         yield ops
+    finally:
+        _QUIET.ops = outer
+        with _QUIET_LOCK:
+            _QUIET_STATE["depth"] -= 1
+            if _QUIET_STATE["depth"] == 0:
+                if warnings.showwarning is _quiet_show:
+                    warnings.showwarning = _QUIET_STATE["shown"]
+                _QUIET_STATE["shown"] = None
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_STATE: dict[str, Any] = {"depth": 0, "shown": None}  # threads inside, the handler wrapped
+_QUIET = threading.local()  # .ops: this thread's collecting set inside quiet_vmap_fallbacks, else None
+
+
+def _quiet_show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None):
+    """:func:`quiet_vmap_fallbacks`'s ``warnings.showwarning``: a vmap fallback warning on a thread inside it is
+    collected, everything else goes to the handler it wrapped."""
+    text = str(message)
+    ops = getattr(_QUIET, "ops", None)
+    if ops is not None and issubclass(category, UserWarning) and text.startswith(VMAP_FALLBACK):
+        ops.add(text[len(VMAP_FALLBACK) :].split(". ")[0].rstrip("."))
+        return
+    shown = _QUIET_STATE["shown"] or warnings._showwarning_orig  # type: ignore[attr-defined]
+    shown(message, category, filename, lineno, file, line)
 
 
 @contextmanager
