@@ -2190,7 +2190,8 @@ class MCMCUnlearner:
         #: the forward check's sample, rows and their values alone, for the mixed-batch test on the first remaining
         #: minibatch (:meth:`_check_mixed_rows`); ``None`` once it ran
         self._row_alone: tuple[torch.Tensor, Batch] | None = None
-        self._mixed_checked = False  # _check_mixed_rows ran (on the first request)
+        self._mixed_checked = False  # _check_mixed_rows passed (on the first request it could mix the rows)
+        self._mixed_skipped = False  # ... could not mix them on this request (report.info["forward_mixed_check"])
         #: the operation torch cannot differentiate twice that _check_forward found (every request is refused)
         self._once_differentiable_op: str | None = None
         self._vmap_fallbacks_seen: set[str] = set()  # operations vmap ran unbatched, recorded once (report.info)
@@ -3084,24 +3085,30 @@ class MCMCUnlearner:
         without the pattern measured again in float64 as there (rounding of large regression targets), refused
         alike (:meth:`_refuse_row_gap`), a gap below refusal recorded in ``report.info["forward_mixed_gap"]`` (and
         ``"forward_mixed_gap_float64"`` where float64 cleared one above it). Every rank takes part (a rank without
-        removed rows has nothing to see)."""
+        removed rows has nothing to see). Marked done only once passed: a refused request sent again is refused
+        again (stop 57's review: the retry was accepted as a no-op), and where no rank could join the rows and the
+        minibatch (e.g. sequences padded to other lengths) the test runs again on the next request
+        (``report.info["forward_mixed_check"]`` says it did not run)."""
         if self._mixed_checked:
             return
-        self._mixed_checked = True
-        stash, self._row_alone = self._row_alone, None
+        stash = self._row_alone
         tol = FORWARD_CHECK_EPS * torch.finfo(next(iter(ParamSpec.params(self.model))).dtype).eps
-        row_gap = pattern_gap = 0.0
+        row_gap = pattern_gap = mixable = 0.0
         double_gap, double_failed, double_why = -1.0, 0.0, None
-        if stash is not None:
+        if stash is not None and _mixed_batch(stash[1], remaining, MIXED_CHECK_ROWS) is not None:
             theta, rows = stash
+            mixable = 1.0
             row_gap, pattern = self._row_check(rows, theta, tol, company=remaining)
             if row_gap > max(FORWARD_ROWS_REFUSE, tol) and not pattern and theta.dtype != torch.float64:
                 double_gap, pattern, double_why = self._row_check_double(rows, theta, row_gap, tol, company=remaining)
                 if double_why is not None:
                     double_gap, double_failed = -1.0, 1.0
             pattern_gap = row_gap if pattern else 0.0
-        row_gap, pattern_gap, double_gap, double_failed = self._reduce_max(
-            torch.tensor([row_gap, pattern_gap, double_gap, double_failed], dtype=torch.float64)
+        row_gap, pattern_gap, double_gap, double_failed, mixable, held = self._reduce_max(
+            torch.tensor(
+                [row_gap, pattern_gap, double_gap, double_failed, mixable, float(stash is not None)],
+                dtype=torch.float64,
+            )
         ).tolist()
         if double_failed:
             double_gap = -1.0
@@ -3121,6 +3128,15 @@ class MCMCUnlearner:
             row_gap = 0.0
         if row_gap:
             self._refuse_row_gap(row_gap, bool(pattern_gap), "mixed with remaining rows", double_gap, double_why)
+        if held and not mixable:  # the rows and this minibatch could not be joined: tried again on the next request
+            log.info(
+                "nll: the removed rows could not be mixed with the remaining minibatch (fields of other shapes, "
+                "dtypes or devices); the mixed-batch test is tried again on the next request"
+            )
+            self._mixed_skipped = True
+            return
+        # passed (a refusal above leaves the test to run again: a request sent again is refused again)
+        self._mixed_checked, self._row_alone = True, None
 
     def _float64_path(self) -> Callable[..., torch.Tensor]:
         """``f(θ_flat, *rows)``: ``nll`` through the functional path with float64 copies of the model's other
@@ -4513,6 +4529,9 @@ class MCMCUnlearner:
             info["forward_row_gap_float64"], self._forward_row_gap_float64 = self._forward_row_gap_float64, None
         if self._forward_mixed_gap is not None:  # the same in a batch mixed with remaining rows (_check_mixed_rows)
             info["forward_mixed_gap"], self._forward_mixed_gap = self._forward_mixed_gap, None
+        if self._mixed_skipped:  # _check_mixed_rows could not join the removed rows and the remaining minibatch
+            info["forward_mixed_check"] = "not run: the removed rows and the remaining minibatch could not be joined"
+            self._mixed_skipped = False
         if self._forward_mixed_gap_float64 is not None:  # ... above refusal in float32, rounding in float64
             info["forward_mixed_gap_float64"], self._forward_mixed_gap_float64 = self._forward_mixed_gap_float64, None
         if expectation is not Expectation.CHAIN and c_thetas.shape[0] < self.curvature_draws:
