@@ -2830,18 +2830,6 @@ class MCMCUnlearner:
         ).tolist()
         if double_failed:  # on some rank the float64 test could not run: the first verdict stands
             double_gap = -1.0
-        double_tol = max(FORWARD_ROWS_REFUSE, FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps)
-        if double_gap >= 0 and not pattern_gap and double_gap <= double_tol:
-            # the float32 gap was rounding: float64 leaves at most double_tol (a regression on targets ~1e6 in
-            # float32: 0.064, in float64 ~1e-10)
-            log.info(
-                "nll: a row's value alone and in its batch differ by %.3g relative, %.3g in float64 (rounding of "
-                "large values); not refused",
-                row_gap,
-                double_gap,
-            )
-            self._forward_row_gap, self._forward_row_gap_float64 = row_gap, double_gap
-            row_gap = 0.0
         if once:
             # refused after the mixed-rows test (a batch-hard triplet loss through torch.cdist fails both: the loss's
             # form is the first thing to fix), on this request and every later one
@@ -2855,18 +2843,9 @@ class MCMCUnlearner:
                 "differences would measure that noise. Call model.eval() first (the unlearner works on the "
                 "eval-mode network's likelihood), or make the forward deterministic; nothing was changed"
             )
-        if row_gap and not pattern_gap and row_gap <= max(FORWARD_ROWS_REFUSE, tol):
-            # without the batch-size pattern: rounding that grows with the values' size (a regression on targets
-            # ~1e4 in float32: up to 6.9e-4), not a row reading its batch: reported with the first request
-            log.info(
-                "nll: a row's value alone and in its batch differ by %.3g relative, without the batch-size pattern "
-                "(rounding of large values?); not refused",
-                row_gap,
-            )
-            self._forward_row_gap = row_gap
-            row_gap = 0.0
-        if row_gap:
-            self._refuse_row_gap(row_gap, bool(pattern_gap), "together", double_gap, double_why)
+        gap, gap64 = self._row_verdict(row_gap, pattern_gap, double_gap, double_why, tol, "together")
+        if gap is not None:  # rounding, not a row reading its batch: reported with the first request
+            self._forward_row_gap, self._forward_row_gap_float64 = gap, gap64
         if grad_gap:
             raise ValueError(
                 f"the gradient of nll at a stored sample differs when the unlearner evaluates it through "
@@ -2880,6 +2859,37 @@ class MCMCUnlearner:
                 "through the module's attributes; nothing was changed"
             )
         self._forward_checked = True
+
+    def _row_verdict(
+        self, row_gap: float, pattern_gap: float, double_gap: float, double_why: str | None, tol: float, how: str
+    ) -> tuple[float | None, float | None]:
+        """The verdict on a rows test's gaps, agreed by every rank (:meth:`_check_forward`, :meth:`_check_mixed_rows`):
+        ``(None, None)`` where there is no gap; the gap (and its float64 re-measurement, or ``None``) where it is
+        rounding (below ``FORWARD_ROWS_REFUSE`` without the batch-size pattern, or cleared in float64: targets ~1e6
+        gave 0.064 in float32, ~1e-10 in float64), to be reported with the first request; otherwise refused
+        (:meth:`_refuse_row_gap`)."""
+        if not row_gap:
+            return None, None
+        double_tol = max(FORWARD_ROWS_REFUSE, FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps)
+        if double_gap >= 0 and not pattern_gap and double_gap <= double_tol:
+            log.info(
+                "nll: the removed rows evaluated %s and each alone differ by %.3g relative, %.3g in float64 (rounding "
+                "of large values); not refused",
+                how,
+                row_gap,
+                double_gap,
+            )
+            return row_gap, double_gap
+        if not pattern_gap and row_gap <= max(FORWARD_ROWS_REFUSE, tol):
+            log.info(
+                "nll: the removed rows evaluated %s and each alone differ by %.3g relative, without the batch-size "
+                "pattern (rounding of large values?); not refused",
+                how,
+                row_gap,
+            )
+            return row_gap, None
+        self._refuse_row_gap(row_gap, bool(pattern_gap), how, double_gap, double_why)
+        raise AssertionError("unreachable")  # _refuse_row_gap raises
 
     @staticmethod
     def _refuse_row_gap(
@@ -3112,22 +3122,9 @@ class MCMCUnlearner:
         ).tolist()
         if double_failed:
             double_gap = -1.0
-        double_tol = max(FORWARD_ROWS_REFUSE, FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps)
-        if double_gap >= 0 and not pattern_gap and double_gap <= double_tol:
-            log.info(
-                "nll: removed rows alone and in a mixed batch differ by %.3g relative, %.3g in float64 "
-                "(rounding of large values); not refused",
-                row_gap,
-                double_gap,
-            )
-            self._forward_mixed_gap, self._forward_mixed_gap_float64 = row_gap, double_gap
-            row_gap = 0.0
-        if row_gap and not pattern_gap and row_gap <= max(FORWARD_ROWS_REFUSE, tol):
-            log.info("nll: removed rows alone and in a mixed batch differ by %.3g relative; not refused", row_gap)
-            self._forward_mixed_gap = row_gap
-            row_gap = 0.0
-        if row_gap:
-            self._refuse_row_gap(row_gap, bool(pattern_gap), "mixed with remaining rows", double_gap, double_why)
+        gap, gap64 = self._row_verdict(row_gap, pattern_gap, double_gap, double_why, tol, "mixed with remaining rows")
+        if gap is not None:
+            self._forward_mixed_gap, self._forward_mixed_gap_float64 = gap, gap64
         if held and not mixable:  # the rows and this minibatch could not be joined: tried again on the next request
             log.info(
                 "nll: the removed rows could not be mixed with the remaining minibatch (fields of other shapes, "
