@@ -192,32 +192,38 @@ def test_an_nll_whose_rows_depend_on_the_batch_is_refused(nll, rows: int) -> Non
     assert un._forward_checked
 
 
+class _Packed(nn.Module):
+    """A packed LSTM over padded token sequences (rows independent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.r, self.o = nn.Embedding(20, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        p = nn.utils.rnn.pack_padded_sequence(self.e(x), lens, batch_first=True, enforce_sorted=False)
+        return self.o(self.r(p)[1][0][-1])
+
+
+class _Masked(nn.Module):
+    """Attention with a key padding mask over padded token sequences (rows independent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.o = nn.Embedding(20, 16), nn.Linear(16, 3)
+        self.a = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        pad = torch.arange(x.shape[1])[None] >= lens[:, None]
+        h = self.e(x)
+        h = self.a(h, h, h, key_padding_mask=pad)[0]
+        return self.o((h * (~pad)[..., None]).sum(1) / lens[:, None])
+
+
 def test_row_dependence_on_ordinary_models_is_rounding() -> None:
     """The check's measure on models whose rows are independent (an eval-mode BatchNorm, a packed LSTM, attention
     with a padding mask; float32 and float64) stays far below the tolerance it refuses at."""
     from mcmc_unlearner.curvature import ParamSpec
     from mcmc_unlearner.unlearner import FORWARD_CHECK_EPS
-
-    class Packed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.e, self.r, self.o = nn.Embedding(20, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-            p = nn.utils.rnn.pack_padded_sequence(self.e(x), lens, batch_first=True, enforce_sorted=False)
-            return self.o(self.r(p)[1][0][-1])
-
-    class Masked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.e, self.o = nn.Embedding(20, 16), nn.Linear(16, 3)
-            self.a = nn.MultiheadAttention(16, 2, batch_first=True)
-
-        def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-            pad = torch.arange(x.shape[1])[None] >= lens[:, None]
-            h = self.e(x)
-            h = self.a(h, h, h, key_padding_mask=pad)[0]
-            return self.o((h * (~pad)[..., None]).sum(1) / lens[:, None])
 
     def seq_nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return F.cross_entropy(m(b[0], b[1]), b[2], reduction="none")
@@ -229,8 +235,8 @@ def test_row_dependence_on_ordinary_models_is_rounding() -> None:
     toks = torch.randint(1, 20, (8, 8)) * (torch.arange(8)[None] < lens[:, None])
     cases = [
         (bn, _nll, (torch.randn(8, 5), torch.randint(3, (8,)))),
-        (Packed(), seq_nll, (toks, lens, torch.randint(3, (8,)))),
-        (Masked(), seq_nll, (toks, lens, torch.randint(3, (8,)))),
+        (_Packed(), seq_nll, (toks, lens, torch.randint(3, (8,)))),
+        (_Masked(), seq_nll, (toks, lens, torch.randint(3, (8,)))),
     ]
     for dtype in (torch.float32, torch.float64):
         for model, nll, batch in cases:

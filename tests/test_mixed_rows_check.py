@@ -14,6 +14,7 @@ from torch import nn
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.unlearner import FORWARD_CHECK_EPS
+from test_forward_check import _Masked, _Packed
 
 torch.set_num_threads(1)
 
@@ -64,27 +65,6 @@ def test_a_triplet_loss_class_removal_is_refused_not_a_no_op() -> None:
 
 
 def _cases() -> list[tuple[str, nn.Module, object, tuple[torch.Tensor, ...]]]:
-    class Packed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.e, self.r, self.o = nn.Embedding(20, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-            p = nn.utils.rnn.pack_padded_sequence(self.e(x), lens, batch_first=True, enforce_sorted=False)
-            return self.o(self.r(p)[1][0][-1])
-
-    class Masked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.e, self.o = nn.Embedding(20, 16), nn.Linear(16, 3)
-            self.a = nn.MultiheadAttention(16, 2, batch_first=True)
-
-        def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-            pad = torch.arange(x.shape[1])[None] >= lens[:, None]
-            h = self.e(x)
-            h = self.a(h, h, h, key_padding_mask=pad)[0]
-            return self.o((h * (~pad)[..., None]).sum(1) / lens[:, None])
-
     def nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return F.cross_entropy(m(b[0]), b[1], reduction="none")
 
@@ -109,8 +89,8 @@ def _cases() -> list[tuple[str, nn.Module, object, tuple[torch.Tensor, ...]]]:
     return [
         ("mlp", mlp, nll, (x, torch.randint(3, (n,)))),
         ("batchnorm_eval", bn, nll, (x, torch.randint(3, (n,)))),
-        ("packed_lstm", Packed(), seq_nll, (toks, lens, torch.randint(3, (n,)))),
-        ("attention_mask", Masked(), seq_nll, (toks, lens, torch.randint(3, (n,)))),
+        ("packed_lstm", _Packed(), seq_nll, (toks, lens, torch.randint(3, (n,)))),
+        ("attention_mask", _Masked(), seq_nll, (toks, lens, torch.randint(3, (n,)))),
         ("regression_1e4", big, gauss, (x, 1e4 + 1e3 * torch.randn(n))),
     ]
 
