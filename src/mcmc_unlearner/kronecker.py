@@ -1575,22 +1575,21 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
     """The layers K-FAC would factor whose weight or bias ``nll(model, batch)``'s forward (on the first
     ``_PROBE_ROWS`` rows) reads more often than the module is called (see :func:`_read_outside`): what
     ``solver="auto"`` looks for before it builds K-FAC. One forward, no backward; the model is left as it was.
-    The layers called on an input without the batch's rows (:func:`_unbatched_call`, which the build leaves to the
-    diagonal) are appended to ``unbatched`` where it is given, and left out of the result."""
+    The layers whose calls cover fewer rows than the probe has (called on an input without the batch's rows:
+    :func:`_unbatched_call`, which the build leaves to the diagonal) are appended to ``unbatched`` where it is
+    given, and left out of the result."""
     _, offsets, by_id = _slices(model)
     blocks, _ = _candidates(model, offsets, by_id, max_factor_dim=1)
     by_module = {b.module: b for b in blocks}
     ncalls: Counter[str] = Counter()
-    flat: dict[str, None] = {}
+    covered: Counter[str] = Counter()  # each layer's rows covered by its calls (:func:`_rows_covered`)
     probe = _head(tuple(batch), _PROBE_ROWS)
 
     def hook(module: nn.Module, args: tuple, out: Any) -> None:
         blk = by_module[module]
         if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
             return  # (the build does not factor such a call either)
-        if _unbatched_call(blk.kind, args[0], field_rows(probe)):
-            flat[blk.name] = None
-            return
+        covered[blk.name] += _rows_covered(blk.kind, args[0])
         if all(
             by_id.get(id(module._parameters.get(slot))) == pname
             for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
@@ -1605,9 +1604,10 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
             if not isinstance(values, Tensor):
                 return []
             named = dict(model.named_parameters())
+            flat = sorted(name for name, c in covered.items() if c < field_rows(probe))
             fired = [b for b in blocks if ncalls[b.name] and b.name not in flat]
             if unbatched is not None:
-                unbatched.extend(sorted(flat))
+                unbatched.extend(flat)
             return sorted(_read_outside(values.sum(), fired, named, ncalls, None))
     finally:
         handle.remove()
@@ -1615,15 +1615,23 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
             b.module = None
 
 
-def _unbatched_call(kind: str, x: Tensor, rows: int) -> bool:
-    """Whether a factored layer's call on input ``x`` in a forward over ``rows`` rows has no batch dimension: fewer
-    dimensions than a batched call of its kind (a ``Linear`` on a ``[4]`` code), or a single leading row where the
-    batch has more (a ``[1, 4]`` code). One location then stands for every row of the batch."""
+def _rows_covered(kind: str, x: Tensor) -> int:
+    """The rows of the batch one call of a factored layer on input ``x`` can cover: one where ``x`` has fewer
+    dimensions than a batched call of its kind (a ``Linear`` on a ``[6]`` row, a ``Conv2d`` on a ``[C, H, W]``
+    image), else its leading rows (a ``Linear``'s locations, ``[T, B, d]`` counting every one)."""
     need = 2 if kind == "linear" else 3 if kind == "conv1d" else 4
     if x.dim() < need:
-        return True
-    lead = x.numel() // max(int(x.shape[-1]), 1) if kind == "linear" else int(x.shape[0])
-    return rows > 1 and lead == 1
+        return 1
+    return x.numel() // max(int(x.shape[-1]), 1) if kind == "linear" else int(x.shape[0])
+
+
+def _unbatched_call(kind: str, x: Tensor, rows: int) -> bool:
+    """Whether one call of a factored layer on input ``x`` covers fewer locations than a forward over ``rows`` rows
+    has rows (:func:`_rows_covered`: a ``Linear`` on a ``[4]`` or ``[1, 4]`` code where the batch has 8 rows). A
+    layer is taken as called on an input without the batch's rows when its calls in one forward, summed, cover
+    fewer: a model that loops over its rows (``torch.stack([net(x_i) for x_i in x])``) calls it once per row and
+    covers them all; a hypernetwork calls it once on a code shared by every row."""
+    return _rows_covered(kind, x) < rows
 
 
 def _owner_reason(model: nn.Module, name: str) -> str:
@@ -1845,6 +1853,8 @@ class KroneckerCurvature:
         ncalls: Counter[str] = Counter()  # each layer's calls the hook saw (one per location set it factors)
         swapped: set[str] = set()
         unbatched: dict[str, tuple[int, ...]] = {}  # layers called on an input without the batch's rows: its shape
+        rows_seen: Counter[str] = Counter()  # each layer's rows covered by its calls in one forward (_rows_covered)
+        first_shape: dict[str, tuple[int, ...]] = {}  # each layer's first input shape in one forward
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
         part: dict[str, Any] = {"span": None}  # (r0, r1, B, draws) while a minibatch runs in row chunks
 
@@ -1862,12 +1872,6 @@ class KroneckerCurvature:
                 # parameters through whatever the forward made of them)
                 swapped.add(blk.name)
                 return None
-            if _unbatched_call(blk.kind, args[0], part.get("rows", 0)):
-                # a Linear on a learned code of shape [4] (a hypernetwork generating a layer; stop 57's probe): one
-                # location shared by every row of the batch, whose summed output gradient K-FAC's per-row factors
-                # would take for one row's (undamped ratios -3.4 / -1.4): left to the diagonal, like a swapped call
-                unbatched.setdefault(blk.name, tuple(args[0].shape))
-                return None
             # the same layer called again on the same input in one evaluation (an nll that calls the model twice,
             # k*(y*exp(-m(x)) + m(x))): one use, not two locations — route it through the first call's output so
             # that the output gradients of both calls are summed before they are squared
@@ -1883,6 +1887,8 @@ class KroneckerCurvature:
             same_input.setdefault(blk.name, []).append((args[0].detach(), total, out))
             fired.add(blk.name)
             ncalls[blk.name] += 1
+            rows_seen[blk.name] += _rows_covered(blk.kind, args[0])  # (the first forward's calls decide unbatched)
+            first_shape.setdefault(blk.name, tuple(args[0].shape))
             x = args[0].detach()
             seen = out.numel() // blk.out_dim
             batched = x.dim() >= (2 if blk.kind == "linear" else 3 if blk.kind == "conv1d" else 4)
@@ -1958,6 +1964,8 @@ class KroneckerCurvature:
                         calls.clear()
                         fired.clear()
                         ncalls.clear()
+                        rows_seen.clear()
+                        first_shape.clear()
                         same_input.clear()
                         losses = cls._losses(
                             model,
@@ -1988,6 +1996,14 @@ class KroneckerCurvature:
                                                 if b.name in swapped
                                                 else _owner_reason(model, pname)
                                             )
+                            # a layer whose calls in the first forward cover fewer rows than it has: a Linear on
+                            # a learned code of shape [4] (a hypernetwork generating a layer; stop 57's probe), one
+                            # location shared by every row, whose summed output gradient K-FAC's per-row factors
+                            # would take for one row's (undamped ratios -3.4 / -1.4): left to the diagonal, like a
+                            # swapped call. A model looping over its rows calls it once per row: all covered
+                            for name, c in rows_seen.items():
+                                if c < part["rows"]:
+                                    unbatched[name] = first_shape[name]
                             for b in blocks:
                                 if b.name in unbatched:
                                     for pname in (b.weight, b.bias):
