@@ -1573,17 +1573,23 @@ def _read_outside(
 
 def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: list[str] | None = None) -> list[str]:
     """The layers K-FAC would factor whose weight or bias ``nll(model, batch)``'s forward (on the first
-    ``_PROBE_ROWS`` rows) reads more often than the module is called (see :func:`_read_outside`): what
-    ``solver="auto"`` looks for before it builds K-FAC. One forward, no backward; the model is left as it was.
-    The layers whose calls cover fewer rows than the probe has (called on an input without the batch's rows:
-    :func:`_unbatched_call`, which the build leaves to the diagonal) are appended to ``unbatched`` where it is
-    given, and left out of the result."""
+    ``_PROBE_ROWS`` rows, fewer rows repeated to that many) reads more often than the module is called (see
+    :func:`_read_outside`): what ``solver="auto"`` looks for before it builds K-FAC. One forward, no backward; the
+    model is left as it was. The layers whose calls cover fewer rows than the probe has (called on an input without
+    the batch's rows: :func:`_unbatched_call`, which the build leaves to the diagonal) are appended to
+    ``unbatched`` where it is given, and left out of the result."""
     _, offsets, by_id = _slices(model)
     blocks, _ = _candidates(model, offsets, by_id, max_factor_dim=1)
     by_module = {b.module: b for b in blocks}
     ncalls: Counter[str] = Counter()
     covered: Counter[str] = Counter()  # each layer's rows covered by its calls (:func:`_rows_covered`)
     probe = _head(tuple(batch), _PROBE_ROWS)
+    k = field_rows(probe)
+    if 0 < k < _PROBE_ROWS:
+        # a request of fewer rows, repeated to _PROBE_ROWS: a hypernetwork's [1, 4] code covers one row, which
+        # is every row of a one-row probe (solver='auto' kept K-FAC where the first request removed one row)
+        at = torch.arange(_PROBE_ROWS, device=probe[0].device) % k
+        probe = tuple(t[at] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == k else t for t in probe)
 
     def hook(module: nn.Module, args: tuple, out: Any) -> None:
         blk = by_module[module]
