@@ -1591,11 +1591,16 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
         at = torch.arange(_PROBE_ROWS, device=probe[0].device) % k
         probe = tuple(t[at] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == k else t for t in probe)
 
+    first: dict[str, Tensor] = {}
+    reversing = [False]
+
     def hook(module: nn.Module, args: tuple, out: Any) -> None:
         blk = by_module[module]
-        if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+        if reversing[0] or not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
             return  # (the build does not factor such a call either)
         covered[blk.name] += _rows_covered(blk.kind, args[0])
+        if blk.name not in first and _unbatched_call(blk.kind, args[0], field_rows(probe)):
+            first[blk.name] = args[0].detach().clone()  # (a layer whose first call covers every row is covered)
         if all(
             by_id.get(id(module._parameters.get(slot))) == pname
             for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
@@ -1610,7 +1615,10 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
             if not isinstance(values, Tensor):
                 return []
             named = dict(model.named_parameters())
-            flat = sorted(name for name, c in covered.items() if c < field_rows(probe))
+            flat = sorted({name for name, c in covered.items() if c < field_rows(probe)})
+            if flat:
+                reversing[0] = True
+                flat = sorted(_fixed_inputs(lambda b: nll(model, b), probe, by_module, set(flat), first))
             fired = [b for b in blocks if ncalls[b.name] and b.name not in flat]
             if unbatched is not None:
                 unbatched.extend(flat)
@@ -1629,6 +1637,34 @@ def _rows_covered(kind: str, x: Tensor) -> int:
     if x.dim() < need:
         return 1
     return x.numel() // max(int(x.shape[-1]), 1) if kind == "linear" else int(x.shape[0])
+
+
+def _fixed_inputs(
+    forward: Callable[[Batch], Any], batch: Batch, by_module: dict, names: set[str], first: dict[str, Tensor]
+) -> set[str]:
+    """The layers among ``names`` whose first input in ``forward`` over ``batch``'s rows reversed is the one
+    they had on ``batch`` (``first``): a code every row shares (a hypernetwork's), not a subset of the rows (experts
+    a model routes rows to, ``self.a(x[m])``, which also cover fewer rows than the batch). One forward without
+    gradients; every name where it fails (the old verdict: all shared)."""
+    k = field_rows(batch)
+    at = torch.arange(k - 1, -1, -1, device=batch[0].device)  # (a roll keeps a subset's order)
+    flipped = tuple(t[at] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == k else t for t in batch)
+    seen: dict[str, Tensor] = {}
+
+    def record(module: nn.Module, args: tuple, out: Any) -> None:
+        blk = by_module[module]
+        if blk.name in names and args and isinstance(args[0], Tensor):
+            seen.setdefault(blk.name, args[0].detach().clone())
+
+    handle = _first_forward_hook({m: b for m, b in by_module.items() if b.name in names}, record)
+    try:
+        with torch.no_grad():
+            forward(flipped)
+    except Exception:  # (the rows' own forward ran: the layers stay as counted)
+        return set(names)
+    finally:
+        handle.remove()
+    return {n for n in names if n in seen and seen[n].shape == first[n].shape and torch.equal(seen[n], first[n])}
 
 
 def _unbatched_call(kind: str, x: Tensor, rows: int) -> bool:
@@ -1860,13 +1896,15 @@ class KroneckerCurvature:
         swapped: set[str] = set()
         unbatched: dict[str, tuple[int, ...]] = {}  # layers called on an input without the batch's rows: its shape
         rows_seen: Counter[str] = Counter()  # each layer's rows covered by its calls in one forward (_rows_covered)
-        first_shape: dict[str, tuple[int, ...]] = {}  # each layer's first input shape in one forward
+        first_input: dict[str, Tensor] = {}  # each layer's first input in one forward
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
         part: dict[str, Any] = {"span": None}  # (r0, r1, B, draws) while a minibatch runs in row chunks
 
+        s_at = [0]  # the draw the forward is at; -1 while the rows run reversed (_fixed_inputs)
+
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             blk = by_module[module]
-            if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+            if s_at[0] < 0 or not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
                 return None
             if any(
                 pname is not None and by_id.get(id(module._parameters.get(slot))) != pname
@@ -1894,7 +1932,13 @@ class KroneckerCurvature:
             fired.add(blk.name)
             ncalls[blk.name] += 1
             rows_seen[blk.name] += _rows_covered(blk.kind, args[0])  # (the first forward's calls decide unbatched)
-            first_shape.setdefault(blk.name, tuple(args[0].shape))
+            if (
+                s_at[0] == 0
+                and part.get("r0", 0) == 0
+                and blk.name not in first_input
+                and _unbatched_call(blk.kind, args[0], part.get("rows", 0))
+            ):  # (kept for _fixed_inputs; a layer whose first call covers every row is covered)
+                first_input[blk.name] = args[0].detach().clone()
             x = args[0].detach()
             seen = out.numel() // blk.out_dim
             batched = x.dim() >= (2 if blk.kind == "linear" else 3 if blk.kind == "conv1d" else 4)
@@ -1966,12 +2010,14 @@ class KroneckerCurvature:
                         span = (r0, r1, B, draws) if chunked else None
                         part["span"] = span
                         part["rows"] = r1 - r0
+                        part["r0"] = r0
+                        s_at[0] = s
                         draws.restart()
                         calls.clear()
                         fired.clear()
                         ncalls.clear()
                         rows_seen.clear()
-                        first_shape.clear()
+                        first_input.clear()
                         same_input.clear()
                         losses = cls._losses(
                             model,
@@ -2007,9 +2053,20 @@ class KroneckerCurvature:
                             # location shared by every row, whose summed output gradient K-FAC's per-row factors
                             # would take for one row's (undamped ratios -3.4 / -1.4): left to the diagonal, like a
                             # swapped call. A model looping over its rows calls it once per row: all covered
-                            for name, c in rows_seen.items():
-                                if c < part["rows"]:
-                                    unbatched[name] = first_shape[name]
+                            # (not experts a model routes rows to: their inputs move with the rows, a code's not)
+                            few = {name for name, c in rows_seen.items() if c < part["rows"]}
+                            if few:
+                                s_at[0] = -1
+                                shared = _fixed_inputs(
+                                    lambda b: nll(model, b) if nll is not None else model(b[0]),
+                                    _span(batch, r0, r1) if chunked else batch,
+                                    by_module,
+                                    few,
+                                    first_input,
+                                )
+                                s_at[0] = s
+                                for name in sorted(shared):
+                                    unbatched[name] = tuple(first_input[name].shape)
                             for b in blocks:
                                 if b.name in unbatched:
                                     for pname in (b.weight, b.bias):
