@@ -63,9 +63,15 @@ def test_batched_layers_are_still_factored() -> None:
     assert _unbatched_call("conv2d", torch.zeros(1, 5, 5), 8)
 
 
-def test_solver_auto_takes_cg_for_a_layer_on_an_unbatched_code() -> None:
+@pytest.mark.parametrize(
+    ("code_shape", "removed"), [((4,), 4), ((1, 4), 1), ((2, 4), 1)], ids=["code", "one_row_request", "two_row_code"]
+)
+def test_solver_auto_takes_cg_for_a_layer_on_an_unbatched_code(code_shape: tuple[int, ...], removed: int) -> None:
+    """A [4] code on a request of 4 rows; a [1, 4] or [2, 4] code on a request of one row, where auto's probe read
+    the removed rows and one removed row made a [1, 4] code look like that row's (kept K-FAC, the layer on its
+    diagonal): a probe of fewer rows is repeated to 8."""
     torch.manual_seed(0)
-    model = Hyper((4,))
+    model = Hyper(code_shape)
     x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
     theta = ParamSpec.flatten_module(model).detach()
     bank = theta[None] + 0.05 * torch.randn(6, theta.numel())
@@ -75,7 +81,7 @@ def test_solver_auto_takes_cg_for_a_layer_on_an_unbatched_code() -> None:
     )  # fmt: skip
     assert un.solver.value == "kfac"
     with pytest.warns(UserWarning, match="'hyper' is called on an input without the batch's rows.*matrix-free CG"):
-        report = un.remove((x[:4], y[:4]), (x[4:], y[4:]), strict=False)
+        report = un.remove((x[:removed], y[:removed]), (x[removed:], y[removed:]), strict=False)
     assert report.solver == "cg" and "'hyper'" in un.solver_reason
 
 
@@ -129,25 +135,6 @@ def test_a_model_looping_over_its_rows_is_factored_as_the_batched_one(conv: bool
     assert looped.shift_norm == pytest.approx(batched.shift_norm, rel=1e-4)
     assert looped.shift_norm > 0.1  # (0.4355 for the Linear: a shift to compare)
     assert torch.allclose(bank_looped, bank_batched, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("code_shape", [(1, 4), (2, 4)], ids=["one_row", "two_rows"])
-def test_solver_auto_takes_cg_for_an_unbatched_code_on_a_one_row_request(code_shape: tuple[int, ...]) -> None:
-    """auto's probe read the removed rows: one removed row made a [1, 4] code look like that row's (kept K-FAC,
-    the layer on its diagonal). A probe of fewer rows is repeated to 8."""
-    torch.manual_seed(0)
-    model = Hyper(code_shape)
-    x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
-    theta = ParamSpec.flatten_module(model).detach()
-    bank = theta[None] + 0.05 * torch.randn(6, theta.numel())
-    un = MCMCUnlearner(
-        model, None, nll=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
-        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank, exact_max_dim=10,
-    )  # fmt: skip
-    assert un.solver.value == "kfac"
-    with pytest.warns(UserWarning, match="'hyper' is called on an input without the batch's rows.*matrix-free CG"):
-        report = un.remove((x[:1], y[:1]), (x[1:], y[1:]), strict=False)
-    assert report.solver == "cg" and "'hyper'" in un.solver_reason
 
 
 def test_a_looping_model_keeps_kfac_on_a_one_row_request() -> None:
