@@ -2311,21 +2311,11 @@ class MCMCUnlearner:
         names = ", ".join(repr(n) for n in outside)
         # said once, before the switch: a warning raised as an error leaves auto's probe pending and nothing changed
         # (before: only solver_reason told, and K-FAC's own warning where it had been built)
-        defaults = ", ".join(f"{name}={shown_value(v)}" for name, v in _CG_SWITCH_DEFAULTS.items() if probe[name])
-        applies = ", ".join(f"{name}={shown_value(getattr(self, name))}" for name in self._applies_on_switch)
-        verb = "apply" if len(self._applies_on_switch) > 1 else "applies"
-        warnings.warn(
-            f"solver='auto' took K-FAC for this model, but the weights of {names} are also read outside their "
-            "modules (e.g. a tied decoder's F.linear(h, enc.weight.t())), which K-FAC can hold only in its "
-            f"diagonal: solver='auto' now uses matrix-free CG{f' (its defaults {defaults})' if defaults else ''}"
-            f"{f'; {applies}, given and not read by K-FAC, now {verb}' if applies else ''}. "
-            "To keep K-FAC, pass solver='kfac'",
-            UserWarning,
-            stacklevel=outside_stacklevel(),
-        )
-        self._auto_probe = None
-        self._switch_to_cg(
+        self._announce_cg_switch(
             probe,
+            f"the weights of {names} are also read outside their modules (e.g. a tied decoder's "
+            "F.linear(h, enc.weight.t())), which K-FAC can hold only in its diagonal",
+            "",
             f"; but the weights of {names} are also read outside their modules (e.g. a tied decoder's "
             "F.linear(h, enc.weight.t())), which K-FAC's blocks cannot hold (found on the first rows read): "
             "matrix-free CG",
@@ -2335,26 +2325,33 @@ class MCMCUnlearner:
         """:meth:`_take_cg_if_read_outside` found layers called on an input without the batch's rows (and none
         read outside its module): said once, then matrix-free CG as for a read outside."""
         names = ", ".join(repr(n) for n in unbatched)
+        are = "is" if len(unbatched) == 1 else "are"
+        self._announce_cg_switch(
+            probe,
+            f"{names} {are} called on an input without the batch's rows (e.g. a hypernetwork's learned code of shape "
+            "[4]), one location shared by every row, which K-FAC's per-row factors cannot hold",
+            " (those layers on its diagonal)",
+            f"; but {names} {are} called on an input without the batch's rows (e.g. a hypernetwork's learned code), "
+            "which K-FAC's per-row factors cannot hold (found on the first rows read): matrix-free CG",
+        )
+
+    def _announce_cg_switch(self, probe: dict[str, Any], why: str, keep: str, reason: str) -> None:
+        """Say once why ``solver='auto'`` leaves the K-FAC it took (``why``; ``keep``: what ``solver='kfac'`` would
+        do instead), naming CG's defaults and the options given that now apply, then take matrix-free CG
+        (``reason``: appended to ``solver_reason``)."""
         defaults = ", ".join(f"{name}={shown_value(v)}" for name, v in _CG_SWITCH_DEFAULTS.items() if probe[name])
         applies = ", ".join(f"{name}={shown_value(getattr(self, name))}" for name in self._applies_on_switch)
         verb = "apply" if len(self._applies_on_switch) > 1 else "applies"
         warnings.warn(
-            f"solver='auto' took K-FAC for this model, but {names} {'is' if len(unbatched) == 1 else 'are'} called "
-            "on an input without the batch's rows (e.g. a hypernetwork's learned code of shape [4]), one location "
-            "shared by every row, which K-FAC's per-row factors cannot hold: solver='auto' now uses matrix-free CG"
+            f"solver='auto' took K-FAC for this model, but {why}: solver='auto' now uses matrix-free CG"
             f"{f' (its defaults {defaults})' if defaults else ''}"
             f"{f'; {applies}, given and not read by K-FAC, now {verb}' if applies else ''}. "
-            "To keep K-FAC (those layers on its diagonal), pass solver='kfac'",
+            f"To keep K-FAC{keep}, pass solver='kfac'",
             UserWarning,
             stacklevel=outside_stacklevel(),
         )
         self._auto_probe = None
-        self._switch_to_cg(
-            probe,
-            f"; but {names} {'is' if len(unbatched) == 1 else 'are'} called on an input without the batch's rows "
-            "(e.g. a hypernetwork's learned code), which K-FAC's per-row factors cannot hold (found on the first "
-            "rows read): matrix-free CG",
-        )
+        self._switch_to_cg(probe, reason)
 
     def _may_switch_to_cg(self) -> bool:
         """Whether ``solver='auto'``'s pending probe may still take CG: not where an option given for K-FAC
