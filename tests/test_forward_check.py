@@ -519,14 +519,8 @@ def test_a_division_by_the_batch_size_on_large_well_fitted_targets_is_refused_af
     from mcmc_unlearner.curvature import ParamSpec
     from mcmc_unlearner.unlearner import FORWARD_ROWS_REFUSE
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 1)).eval()
-    with torch.no_grad():
-        model[4].weight.mul_(1e6 / 4)
-        model[4].bias.fill_(1e6)
+    model, bank, x, _, _ = _large_regression(1e6)
     live = ParamSpec.flatten_module(model).clone()
-    bank = torch.stack([live + 1e-6 * torch.randn_like(live) for _ in range(8)])
-    x = torch.randn(400, 32)
     with torch.no_grad():
         ParamSpec.assign(model, bank[0])
         pred = torch.func.functional_call(model.double(), {}, (x.double(),)).squeeze(1)
