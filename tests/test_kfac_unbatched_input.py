@@ -101,11 +101,11 @@ class RowLoop(nn.Module):
         return torch.stack([self.net(xi) for xi in x]) if self.loop else self.net(x)
 
 
-def _row_loop_request(loop: bool, conv: bool, solver: str, removed: int = 4) -> tuple[object, list[str], torch.Tensor]:
-    """One request on :class:`RowLoop`: its report, the unbatched-input warnings, the bank afterwards."""
-    torch.manual_seed(0)
-    model = RowLoop(loop, conv).eval()
-    x, y = torch.randn(40, *((1, 5, 5) if conv else (6,))), torch.randint(0, 3, (40,))
+def _request(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, solver: str, removed: int = 4
+) -> tuple[object, list[str], torch.Tensor]:
+    """One request with ``solver`` on a bank around ``model``'s weights: its report, the unbatched-input warnings,
+    the bank afterwards."""
     theta = ParamSpec.flatten_module(model).detach()
     bank = theta[None] + 0.05 * torch.randn(6, theta.numel())
     un = MCMCUnlearner(
@@ -118,6 +118,14 @@ def _row_loop_request(loop: bool, conv: bool, solver: str, removed: int = 4) -> 
         report = un.remove((x[:removed], y[:removed]), (x[removed:], y[removed:]), strict=False)
     said = [str(w.message) for w in caught if "without the batch's rows" in str(w.message)]
     return report, said, torch.as_tensor(un.bank).clone()
+
+
+def _row_loop_request(loop: bool, conv: bool, solver: str, removed: int = 4) -> tuple[object, list[str], torch.Tensor]:
+    """One request on :class:`RowLoop`: its report, the unbatched-input warnings, the bank afterwards."""
+    torch.manual_seed(0)
+    model = RowLoop(loop, conv).eval()
+    x, y = torch.randn(40, *((1, 5, 5) if conv else (6,))), torch.randint(0, 3, (40,))
+    return _request(model, x, y, solver, removed)
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["linear_rows", "conv_images"])
@@ -166,17 +174,8 @@ def test_experts_called_on_a_subset_of_the_rows_are_still_factored(solver: str) 
     torch.manual_seed(0)
     model = Routed().eval()
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    theta = ParamSpec.flatten_module(model).detach()
-    bank = theta[None] + 0.05 * torch.randn(6, theta.numel())
-    un = MCMCUnlearner(
-        model, None, nll=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
-        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank, solver=solver,
-        exact_max_dim=10,
-    )  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = un.remove((x[:4], y[:4]), (x[4:], y[4:]), strict=False)
-    assert not [w for w in caught if "without the batch's rows" in str(w.message)]
+    report, said, _ = _request(model, x, y, solver)
+    assert not said
     kfac = report.info["kfac"]
     assert report.solver == "kfac" and "unbatched_input" not in kfac
     assert sorted(kfac["kronecker"]) == ["a", "b", "head"]
