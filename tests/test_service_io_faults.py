@@ -1,0 +1,93 @@
+"""Real OS errors inside a request's writes (stop 58's probe): the folder is the old model or the new one, and the
+message names the folder and says which.
+
+The faults are injected at the ``os`` calls themselves (``os.fsync``, ``os.open``, ``os.ftruncate``), not at the
+store's helpers, so that a helper that swallows an error is caught too: the folder fsync swallowed every error,
+so the documented warning for an I/O error after the commit point never fired for a real one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import save_gmm, tiny_gmm
+from mcmc_unlearner.service import deletion, fsio
+from mcmc_unlearner.service.fsio import StoreError
+
+IDS = [4, 17, 18]
+
+
+def _contents(folder) -> dict[str, str]:
+    """Each entry's content hash (a rollback keeps contents, not modification times: docs/deletion-service.md)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _sequence(folder) -> int:
+    return json.loads((folder / "manifest.json").read_text())["sequence"]
+
+
+def _fail_folder_fsync(monkeypatch, when, err: int = errno.EIO) -> list[int]:
+    """``os.fsync`` of a folder raises ``err`` once, the first time ``when()`` holds; returns the hit count."""
+    real = os.fsync
+    hits: list[int] = []
+
+    def fsync(fd):
+        if not hits and stat.S_ISDIR(os.fstat(fd).st_mode) and when():
+            hits.append(fd)
+            raise OSError(err, os.strerror(err))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return hits
+
+
+def test_fsync_dir_raises_a_failed_fsync_and_passes_over_an_unsupported_one(tmp_path, monkeypatch):
+    for err, raised in ((errno.EIO, True), (errno.ENOSPC, True), (errno.EINVAL, False)):
+        hits = _fail_folder_fsync(monkeypatch, lambda: True, err)
+        if raised:  # was: every error swallowed
+            with pytest.raises(OSError) as info:
+                fsio.fsync_dir(tmp_path)
+            assert info.value.errno == err
+        else:  # a file system without folder fsync: nothing to report
+            fsio.fsync_dir(tmp_path)
+        assert hits
+    with pytest.raises(FileNotFoundError):  # was: a folder that cannot be opened passed silently too
+        fsio.fsync_dir(tmp_path / "missing")
+
+
+def test_a_real_eio_from_the_folder_fsync_after_the_manifest_rename_is_reported(tmp_path, monkeypatch):
+    """The documented warning ("IS applied ... a write step after its commit point failed") for an ``os.fsync``
+    that fails after the manifest's rename; before, the error was swallowed and the request said nothing."""
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    hits = _fail_folder_fsync(monkeypatch, lambda: _sequence(m) == 1)
+    with pytest.warns(RuntimeWarning, match=r"request 'T1' IS applied.*Input/output error.*verify"):
+        out = deletion.forget(m, IDS, request_id="T1")
+    assert hits and out.applied
+    monkeypatch.undo()
+    assert deletion.verify(m).ok
+    assert deletion.status(m)["n_removed"] == len(IDS)
+    again = deletion.forget(m, IDS, request_id="T1")
+    assert not again.applied  # exactly once
+    assert again.recovered["removed_files"] == ["state-000000.safetensors"]  # kept by the late error, tidied now
+
+
+def test_a_failed_folder_fsync_before_the_commit_point_rolls_the_request_back(tmp_path, monkeypatch):
+    """The folder fsync after the new state file's rename fails (the manifest not yet replaced): the request is
+    refused and rolled back. Before, the error was swallowed and the request committed on a folder fsync that
+    had failed."""
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    before = _contents(m)
+    hits = _fail_folder_fsync(monkeypatch, lambda: (m / "state-000001.safetensors").exists() and _sequence(m) == 0)
+    with pytest.raises(StoreError, match=r"could not write the update into .*Input/output error.*nothing was changed"):
+        deletion.forget(m, IDS, request_id="T1")
+    assert hits
+    monkeypatch.undo()
+    assert _contents(m) == before
+    out = deletion.forget(m, IDS, request_id="T1")
+    assert out.applied and deletion.verify(m).ok
