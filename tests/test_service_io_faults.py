@@ -91,3 +91,26 @@ def test_a_failed_folder_fsync_before_the_commit_point_rolls_the_request_back(tm
     assert _contents(m) == before
     out = deletion.forget(m, IDS, request_id="T1")
     assert out.applied and deletion.verify(m).ok
+
+
+def test_a_ledger_that_cannot_be_opened_for_the_append_says_nothing_was_changed(tmp_path, monkeypatch):
+    """ENOSPC opening the ledger for the append was said as "cannot open file .../ledger.jsonl: No space left on
+    device" (no outcome, no fix), unlike every other failed write of the commit."""
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    before = _contents(m)
+    real = os.open
+
+    def fail_ledger_append(path, flags, *a, **kw):
+        if str(path).endswith("ledger.jsonl") and flags & os.O_APPEND:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", fail_ledger_append)
+    with pytest.raises(StoreError) as info:
+        deletion.forget(m, IDS, request_id="T1")
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert msg.startswith(f"could not write the update into {m} (No space left on device)"), msg
+    assert "nothing was changed: check free space and write permission" in msg
+    assert _contents(m) == before
+    assert deletion.forget(m, IDS, request_id="T1").applied

@@ -687,10 +687,11 @@ def commit_update(
                 if wrote_state or os.path.lexists(root / new_state):
                     fsio.unlink_name(root, new_state)
                     fsio.fsync_dir(root)
-            if isinstance(exc, OSError):
+            failed = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc, StoreError) else None
+            if isinstance(failed, OSError):  # also the ledger's open, said as "cannot open file ..." without the fix
                 raise StoreError(
-                    f"could not write the update into {root} ({exc.strerror or exc}); nothing was changed: check "
-                    "free space and write permission"
+                    f"could not write the update into {root} ({failed.strerror or failed}); nothing was changed: "
+                    "check free space and write permission"
                 ) from None
             raise
     interrupted = False

@@ -186,7 +186,8 @@ def _regular_fd(path: Path, flags: int, what: str) -> int:
         if isinstance(exc, FileNotFoundError):
             raise
         _refuse_special(path)  # swapped for a link or FIFO since the check
-        raise StoreError(f"cannot open {what} {path}: {_os_reason(exc)}") from None
+        # the OS error stays the cause: a writer that rolls back tells a failed write by it (checkpoint.commit_update)
+        raise StoreError(f"cannot open {what} {path}: {_os_reason(exc)}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
