@@ -114,3 +114,39 @@ def test_a_ledger_that_cannot_be_opened_for_the_append_says_nothing_was_changed(
     assert "nothing was changed: check free space and write permission" in msg
     assert _contents(m) == before
     assert deletion.forget(m, IDS, request_id="T1").applied
+
+
+@pytest.mark.parametrize("resend", [False, True], ids=["new-request", "resent-applied-request"])
+def test_a_failed_clean_up_of_crash_debris_names_the_folder(tmp_path, monkeypatch, capsys, resend):
+    """An interrupted request's torn ledger line cannot be cut back (the truncation fails): the error was the bare
+    OS error (`error: No space left on device`, naming no folder, exit 2); now it names the folder, says that the
+    saved model is unchanged and what to do, and the next request cleans up and applies."""
+    from mcmc_unlearner.cli import ExitCode, main
+
+    m = save_gmm(tmp_path / "m", tiny_gmm(bank=10))
+    if resend:
+        deletion.forget(m, IDS, request_id="T1")
+    with open(m / "ledger.jsonl", "ab") as f:  # what a kill inside the ledger append leaves
+        f.write(b'{"event": "forget", "ids": [')
+    before = _contents(m)
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(map(str, IDS)))
+    real = os.ftruncate
+
+    def ftruncate(fd, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    code = main(["forget", "--model", str(m), "--ids", str(ids), "--request-id", "T1"])
+    _, err = capsys.readouterr()
+    monkeypatch.setattr(os, "ftruncate", real)
+    assert code == ExitCode.REFUSED
+    assert f"could not clean up what an interrupted earlier request left in {m} (No space left on device)" in err
+    assert "the saved model is unchanged" in err and "check free space and write permission" in err
+    assert len(err.strip().splitlines()) == 1
+    assert _contents(m) == before
+    assert deletion.verify(m).ok  # the torn line is an uncommitted tail, noted, not a problem
+    out = deletion.forget(m, IDS, request_id="T1")
+    assert out.applied is not resend
+    assert out.recovered["rolled_back"] == ["partial line"]
+    assert deletion.verify(m).ok and deletion.status(m)["n_removed"] == len(IDS)

@@ -786,10 +786,28 @@ def recover(
         ``{"rolled_back": [request ids or "partial line"], "removed_files": [...]}``.
 
     Raises:
-        StoreError: The folder is damaged (nothing is changed then).
+        StoreError: The folder is damaged (nothing is changed then), or a write of the clean-up failed (full disk,
+            read-only file system, I/O error): the message names the folder; the committed model is unchanged.
     """
     snap = snapshot if snapshot is not None else read_snapshot(path, key=key)
     snap.raise_problems()
+    try:
+        return _recover(snap)
+    except (OSError, StoreError) as exc:
+        failed = exc if isinstance(exc, OSError) else exc.__cause__
+        if not isinstance(failed, OSError):
+            raise
+        # was the bare OS error ("error: No space left on device", naming no folder; stop 58's probe)
+        raise StoreError(
+            f"could not clean up what an interrupted earlier request left in {snap.root} ({_reason(failed)}): the "
+            "saved model is unchanged (its manifest, state file and committed ledger lines are as they were; nothing "
+            "was applied now); check free space and write permission, then resend the request (it is applied at most "
+            "once)"
+        ) from None
+
+
+def _recover(snap: Snapshot) -> dict[str, Any]:
+    """:func:`recover`'s clean-up of an intact snapshot's folder (OS errors propagate)."""
     root = snap.root
     read, count = snap.ledger, snap.count
     rolled: list[str] = []
