@@ -17,7 +17,6 @@ then loop, vmap, ...). Printed per way: the median and min-max of the repetition
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 import _benchargs as A  # this folder, as model_matrix
+import _timing as T
 import model_matrix as mm  # the model matrix's networks (this folder)
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec, functionalize
@@ -63,37 +63,9 @@ NETWORKS = {  # --networks key: (label, builder, input shape)
 }
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, dict]:
-    """Time each function once (its one-off costs), then ``reps`` rounds of all of them, the order alternating.
-
-    Returns per name: ``first`` (s), ``times`` (the repetitions, s), their ``median``/``min``/``max`` and
-    ``total`` (first + repetitions); under ``"ratio"``, when there are exactly two functions, the first's time
-    over the second's per repetition, with its ``median``/``min``/``max`` and the ratio of the totals.
-    """
-    names = list(fns)
-    first: dict[str, float] = {}
-    for k in names:
-        t = time.perf_counter()
-        fns[k]()
-        first[k] = time.perf_counter() - t
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(reps):
-        for k in names if r % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    out: dict[str, dict] = {
-        k: {"first": first[k], "times": times[k], **_spread(times[k]), "total": first[k] + sum(times[k])} for k in names
-    }
-    if len(names) == 2:
-        a, b = names
-        ratios = [x / y for x, y in zip(times[a], times[b])]
-        out["ratio"] = {"times": ratios, **_spread(ratios), "total": out[a]["total"] / out[b]["total"]}
-    return out
+    """:func:`_timing.interleaved` on wall time (``time.perf_counter``, read when called)."""
+    return T.interleaved(fns, reps, clock=time.perf_counter)
 
 
 def _time(

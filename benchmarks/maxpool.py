@@ -3,9 +3,12 @@
 For each network (``--models``) the script builds it twice with the same weights, once with torch's
 ``nn.MaxPool2d(2)`` in place of every ``MaxPool2x2``, and times a forward pass without autograd (the unlearner's
 safety check and every prediction run so) and a forward + backward pass of the summed cross-entropy, the two
-versions alternating which goes first for ``--reps`` repetitions. It prints each one's CPU time per row (median
-and range), the ratio, and whether the logits and the parameters' gradients are identical to every bit (they
-must be: the script exits 1 otherwise). One torch thread (``--threads``)::
+versions alternating which goes first for ``--reps`` repetitions after one first call each (timed apart; the
+bit-for-bit comparison's passes run before it). It prints each one's CPU time per row (median and range of the
+repetitions, and the first call), the CPU seconds of all its timed passes (first included), ``nn.MaxPool2d``'s time
+over ``MaxPool2x2``'s per repetition (median and range) and of the totals, and whether the logits and the
+parameters' gradients are identical to every bit (they must be: the script exits 1 otherwise). One torch thread
+(``--threads``)::
 
     OMP_NUM_THREADS=1 python benchmarks/maxpool.py --reps 7
 """
@@ -13,7 +16,6 @@ must be: the script exits 1 otherwise). One torch thread (``--threads``)::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchargs as A
+import _timing as T
 from mcmc_unlearner.models.bnn import LeNet5, MaxPool2x2, SmallCNN
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -44,10 +47,13 @@ def with_torch_pooling(model: nn.Module) -> nn.Module:
     return other
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t = time.process_time()
-    fn()
-    return time.process_time() - t
+def _line(t: dict, rows: int) -> str:
+    """One pass's line: each version's CPU time per row (median and range of the repetitions, the first call) and
+    the CPU seconds of all passes, then ``nn.MaxPool2d`` over ``MaxPool2x2`` per repetition and of the totals."""
+    us = 1e6 / rows
+    ours, theirs = (T.describe(t[k], "us/row", us, 2) for k in ("ours", "theirs"))
+    r = T.paired_ratio(t["theirs"], t["ours"])
+    return f"MaxPool2x2 {ours} | nn.MaxPool2d {theirs} | nn.MaxPool2d / MaxPool2x2 {T.describe_ratio(r)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,17 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             F.cross_entropy(m(x), y, reduction="sum").backward()
 
         for label, fn in (("forward, no autograd", forward), ("forward + backward", backward)):
-            fn(ours), fn(theirs)  # warm-up
-            t_ours, t_theirs = [], []
-            for r in range(args.reps):
-                pair = ((ours, t_ours), (theirs, t_theirs))
-                for m, out in pair if r % 2 == 0 else pair[::-1]:
-                    out.append(_timed(lambda m=m, fn=fn: fn(m)) / args.rows * 1e6)
-            mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-            print(
-                f"{name:10s} {label:22s} MaxPool2x2 {mo:7.2f} us/row ({min(t_ours):.2f}-{max(t_ours):.2f})   "
-                f"nn.MaxPool2d {mt:7.2f} ({min(t_theirs):.2f}-{max(t_theirs):.2f})   ratio {mt / mo:.2f}x"
-            )
+            fns = {"ours": lambda fn=fn, m=ours: fn(m), "theirs": lambda fn=fn, m=theirs: fn(m)}
+            t = T.interleaved(fns, args.reps, clock=time.process_time)
+            print(f"{name:10s} {label:22s} {_line(t, args.rows)}")
         print(f"{name:10s} logits identical: {equal_out}; parameter gradients identical: {equal_grad}")
     return 0 if same else 1
 

@@ -1,0 +1,75 @@
+"""Timing bookkeeping shared by the benchmark scripts that compare two ways in one process.
+
+The project's standard for a speed claim: each way's first call (where the process's one-off costs land) reported
+apart, then at least three repetitions interleaved with the order alternating, their median and range, the total
+(first call included) beside them, and the ratio measured per repetition (its median and range) and of the totals.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of ``values`` (at least one)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, dict]:
+    """Time each function once (its one-off costs), then ``reps`` rounds of all of them, the order alternating.
+
+    Args:
+        fns: The ways to time, by name (called with no arguments).
+        reps: Rounds after the first calls.
+        clock: The clock read around each call (``time.perf_counter`` for wall time, ``time.process_time`` for CPU).
+
+    Returns:
+        Per name: ``first`` (the first call), ``times`` (the repetitions), their ``median``/``min``/``max`` and
+        ``total`` (first + repetitions); under ``"ratio"``, when there are exactly two functions, the first's time
+        over the second's per repetition, with its ``median``/``min``/``max`` and the ratio of the totals.
+    """
+    names = list(fns)
+    first: dict[str, float] = {}
+    for k in names:
+        t = clock()
+        fns[k]()
+        first[k] = clock() - t
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(reps):
+        for k in names if r % 2 == 0 else names[::-1]:
+            t = clock()
+            fns[k]()
+            times[k].append(clock() - t)
+    out: dict[str, dict] = {
+        k: {"first": first[k], "times": times[k], **spread(times[k]), "total": first[k] + sum(times[k])} for k in names
+    }
+    if len(names) == 2:
+        out["ratio"] = paired_ratio(*(out[k] for k in names))
+    return out
+
+
+def paired_ratio(a: dict, b: dict) -> dict:
+    """``a``'s time over ``b``'s per repetition (``times``, matched by position), their median and range, and the
+    ratio of the totals (``total``)."""
+    ratios = [x / y for x, y in zip(a["times"], b["times"], strict=True)]
+    return {"times": ratios, **spread(ratios), "total": a["total"] / b["total"]}
+
+
+def describe(sp: dict, unit: str = "ms", scale: float = 1e3, digits: int = 1) -> str:
+    """``median (min-max) unit, first F unit; total T s`` of one way's :func:`interleaved`/:func:`sequence_summary`
+    entry: the times (clock seconds) multiplied by ``scale`` for ``unit``, the total in seconds."""
+
+    def f(x: float) -> str:
+        return f"{x * scale:.{digits}f}"
+
+    median = f"{f(sp['median'])} ({f(sp['min'])}-{f(sp['max'])}) {unit}"
+    return f"{median}, first {f(sp['first'])} {unit}; total {sp['total']:.3f} s"
+
+
+def describe_ratio(r: dict) -> str:
+    """``median (min-max)x per repetition, totals Tx`` of a :func:`paired_ratio`."""
+    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}) per repetition, totals {r['total']:.2f}x"

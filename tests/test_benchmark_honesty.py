@@ -1,0 +1,97 @@
+"""The project's standard for the benchmark scripts' speed claims (issue 12, "benchmark honesty"): each way's first
+call timed apart, repetitions interleaved with the order alternating, medians with ranges, totals with the first
+call included, ratios measured per repetition and of the totals; and a clear refusal when data are absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))  # the scripts import their neighbours (_benchargs, _timing, model_matrix)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+class FakeClock:
+    """A clock that advances only when a timed function 'runs' for a chosen duration."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interleaved_takes_any_clock_and_keeps_the_first_call_apart() -> None:
+    T = _load("_timing")
+    clock, calls = FakeClock(), []
+
+    def way(name: str, durations: list[float]):
+        it = iter(durations)
+
+        def fn() -> None:
+            calls.append(name)
+            clock.now += next(it)
+
+        return fn
+
+    res = T.interleaved({"a": way("a", [7.0, 2.0, 4.0, 6.0]), "b": way("b", [1.0, 1.0, 2.0, 2.0])}, 3, clock=clock)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert res["a"]["first"] == 7.0 and res["a"]["times"] == [2.0, 4.0, 6.0] and res["a"]["total"] == 19.0
+    assert (res["a"]["median"], res["a"]["min"], res["a"]["max"]) == (4.0, 2.0, 6.0)
+    assert res["ratio"]["times"] == [2.0, 2.0, 3.0] and res["ratio"]["median"] == 2.0
+    assert res["ratio"]["total"] == pytest.approx(19.0 / 6.0)
+    text = T.describe(res["a"], "ms", 1e3, 0)
+    assert text == "4000 (2000-6000) ms, first 7000 ms; total 19.000 s"
+    assert T.describe_ratio(res["ratio"]) == "2.00x (2.00-3.00) per repetition, totals 3.17x"
+
+
+def test_maxpool_prints_first_calls_totals_and_per_repetition_ratios(capsys) -> None:
+    mp = _load("maxpool")
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert mp.main(["--models", "lenet5", "--rows", "2", "--reps", "3"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out.splitlines()
+    assert "1 thread(s)" in out[0]
+    timed = [line for line in out if "MaxPool2x2" in line and "identical" not in line]
+    assert len(timed) == 2
+    for line in timed:
+        assert line.count("first ") == 2 and line.count("; total ") == 2, line
+        assert "per repetition, totals" in line, line
+
+
+def test_moment_chunk_prints_threads_first_calls_totals_and_ratio_ranges(capsys) -> None:
+    mc = _load("moment_chunk")
+    import torch
+
+    import mcmc_unlearner.unlearner as U
+
+    before, rule = torch.get_num_threads(), U.MOMENT_CHUNK_BYTES
+    try:
+        assert mc.main(["--rows", "16", "--reps", "3"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert U.MOMENT_CHUNK_BYTES == rule  # the module's rule restored
+    out = capsys.readouterr().out.splitlines()
+    assert "1 thread(s)" in out[0] and "3 repetitions interleaved" in out[0]
+    assert len(out) == 3
+    for line in out[1:]:
+        assert line.count("first ") == 2 and line.count("; total ") == 2, line
+        assert "fixed / cache rule" in line and "per repetition, totals" in line, line
