@@ -59,6 +59,27 @@ def paired_ratio(a: dict, b: dict) -> dict:
     return {"times": ratios, **spread(ratios), "total": a["total"] / b["total"]}
 
 
+def sequence_summary(times: dict[str, list[float]], start: int) -> dict[str, dict]:
+    """Two ways timed on the same sequence of requests (``times[name][k]``: request ``k``), summarised.
+
+    Request ``start`` on are the steady state: their ``median``/``min``/``max`` per request; ``first`` is request 0
+    (the one-off costs), ``total`` every request's time, the first ones included. Under ``"ratio"``: the first
+    way's time over the second's per steady-state request (median and range) and the ratio of the totals.
+    """
+    names = list(times)
+    if len(names) != 2 or len({len(v) for v in times.values()}) != 1:
+        raise ValueError(f"expected two ways timed on the same requests, got {[(k, len(v)) for k, v in times.items()]}")
+    n = len(times[names[0]])
+    if not 0 <= start < n:
+        raise ValueError(f"start {start} leaves no request of {n} to summarise")
+    out: dict[str, dict] = {}
+    for k in names:
+        steady = times[k][start:]
+        out[k] = {"first": times[k][0], "times": steady, **spread(steady), "total": sum(times[k])}
+    out["ratio"] = paired_ratio(out[names[0]], out[names[1]])
+    return out
+
+
 def describe(sp: dict, unit: str = "ms", scale: float = 1e3, digits: int = 1) -> str:
     """``median (min-max) unit, first F unit; total T s`` of one way's :func:`interleaved`/:func:`sequence_summary`
     entry: the times (clock seconds) multiplied by ``scale`` for ``unit``, the total in seconds."""
@@ -73,3 +94,20 @@ def describe(sp: dict, unit: str = "ms", scale: float = 1e3, digits: int = 1) ->
 def describe_ratio(r: dict) -> str:
     """``median (min-max)x per repetition, totals Tx`` of a :func:`paired_ratio`."""
     return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}) per repetition, totals {r['total']:.2f}x"
+
+
+def sequence_lines(times: dict[str, list[float]], start: int, first_runner: str) -> list[str]:
+    """The printed summary of :func:`sequence_summary`: per way the median (range) of requests ``start`` on, the
+    first request and the total of all requests; then the ratio (first way over second) per request and of the
+    totals. ``first_runner`` is the way that ran first on request 0 (it pays the process's one-off costs)."""
+    s = sequence_summary(times, start)
+    n = len(next(iter(times.values())))
+    a, b = list(times)
+    lines = [f"CPU s per request: median (min-max) of requests {start}-{n - 1}; first: request 0; total: all {n}"]
+    lines += [f"  {k:10s} {describe(s[k], 's', 1.0, 3)}" for k in (a, b)]
+    lines.append(
+        f"{a} / {b}: {s['ratio']['median']:.3f}x ({s['ratio']['min']:.3f}-{s['ratio']['max']:.3f}) per request "
+        f"{start}-{n - 1}, totals {s['ratio']['total']:.3f}x ({first_runner} ran first on request 0, paying the "
+        "process's one-off costs)"
+    )
+    return lines

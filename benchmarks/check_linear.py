@@ -7,7 +7,10 @@ linear term the request took (``jvp`` or ``onesided``).
 Two unlearners on copies of one model-matrix chain take the same requests (the forgotten set first, then random
 kept rows of ``--rows``), alternating which goes first; each request's CPU time, the check's (``_Part.measure``)
 and the removed rows' gradient's (``_grad_means``) are summed per rule from ``--from`` on (the first requests pay
-the one-off K-FAC build and the damping search from scratch). One torch thread (``--threads``)::
+the one-off K-FAC build and the damping search from scratch). Then, per rule, the median and range of a request's
+CPU time from ``--from`` on, the first request's and the total of all requests (the first included), and the
+ratio per request (median and range) and of the totals (``_timing.sequence_lines``). One torch thread
+(``--threads``)::
 
     OMP_NUM_THREADS=1 python benchmarks/check_linear.py --model resnet --requests 10 --chain-cache /tmp/mm/cache
 """
@@ -25,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchargs as A
+import _timing as T
 import mcmc_unlearner.step as st
 import mcmc_unlearner.unlearner as U
 import model_matrix as mm
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         uns[name] = MCMCUnlearner(model, None, nll=p.nll, log_prior=p.log_prior, bank=origin.bank.clone())
     print(f"{p.description}: {p.n_params():,} params, {torch.get_num_threads()} thread(s), SGLD epoch over 10k rows "
           f"{epoch:.2f} s CPU")  # fmt: skip
+    per_request: dict[str, list[float]] = {"difference": [], "forward": []}
     gone = torch.zeros(len(p.x_train), dtype=torch.bool)
     for k, rows in enumerate(requests):
         gone[rows] = True
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             rep = uns[name].remove((p.x_train[rows], p.y_train[rows]), mm.forever(mm.loader(xr, yr, p.batch, k)),
                                    n_remaining=len(xr))  # fmt: skip
             spent = time.process_time() - c0
+            per_request[name].append(spent)
             if k >= args.start:
                 cpu[(name, "request")] += spent
             line.append(f"{name} {spent:.2f} s ({rep.damping_trials} trials, damping {rep.damping_relative:.3g}x, "
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     f, d = (cpu[(name, "request")] for name in RULES)
     cf, cd = (cpu[(name, "check")] for name in RULES)
     print(f"difference / forward: request {d / f:.3f}, check {cd / cf:.3f}")
+    print("\n".join(T.sequence_lines(per_request, args.start, first_runner=next(iter(RULES)))))
     return 0
 
 

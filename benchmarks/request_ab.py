@@ -5,7 +5,9 @@ Another version's ``mcmc_unlearner`` (``--base``: a ``src`` folder, e.g. ``git a
 model-matrix chain take the same requests (the forgotten set, then ``--rows`` random kept rows), alternating which
 goes first. Each request asserts that both took the same damping trials and dampings, and prints how far the banks
 apart are against the shift so far; the CPU time per request from ``--from`` on is given in SGLD epochs over 10k
-rows timed in the same process (issue 11's unit). One torch thread (``--threads``)::
+rows timed in the same process (issue 11's unit); then the median and range of a request's CPU time from ``--from``
+on, the first request's and the total of all requests (the first included), and this tree's time over the base's
+per request (median and range) and of the totals (``_timing.sequence_lines``). One torch thread (``--threads``)::
 
     git archive HEAD~2 src | tar -x -C /tmp/base
     OMP_NUM_THREADS=1 python benchmarks/request_ab.py --base /tmp/base/src --requests 12 --chain-cache /tmp/mm/cache
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchargs as A
+import _timing as T
 import model_matrix as mm
 from mcmc_unlearner import MCMCUnlearner
 
@@ -72,6 +75,7 @@ def _run(args: argparse.Namespace, base_class: type) -> int:
     print(f"{p.description}: {p.n_params():,} params, {torch.get_num_threads()} thread(s), SGLD epoch over 10k rows "
           f"{epoch:.2f} s CPU; base {args.base}")  # fmt: skip
     cpu = dict.fromkeys(classes, 0.0)
+    per_request: dict[str, list[float]] = {"this": [], "base": []}
     gone = torch.zeros(len(p.x_train), dtype=torch.bool)
     for k, rows in enumerate(requests):
         gone[rows] = True
@@ -82,6 +86,7 @@ def _run(args: argparse.Namespace, base_class: type) -> int:
             c0 = time.process_time()
             reps[name] = uns[name].remove((p.x_train[rows], p.y_train[rows]), stream, n_remaining=len(xr))
             spent[name] = time.process_time() - c0
+            per_request[name].append(spent[name])
             if k >= args.start:
                 cpu[name] += spent[name]
         a, b = reps["base"], reps["this"]
@@ -97,6 +102,7 @@ def _run(args: argparse.Namespace, base_class: type) -> int:
     for name in classes:
         print(f"  {name:5s} {cpu[name] / n:.3f} ({cpu[name] / n / epoch:.3f} epochs)")
     print(f"this / base: {cpu['this'] / cpu['base']:.3f}")
+    print("\n".join(T.sequence_lines(per_request, args.start, first_runner=next(iter(classes)))))
     return 0
 
 

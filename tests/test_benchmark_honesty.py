@@ -59,6 +59,24 @@ def test_interleaved_takes_any_clock_and_keeps_the_first_call_apart() -> None:
     assert T.describe_ratio(res["ratio"]) == "2.00x (2.00-3.00) per repetition, totals 3.17x"
 
 
+def test_sequence_summary_counts_every_request_in_the_total_and_ratios_per_request() -> None:
+    T = _load("_timing")
+    times = {"this": [5.0, 2.0, 1.0, 3.0], "base": [1.0, 2.0, 2.0, 2.0]}
+    s = T.sequence_summary(times, start=2)
+    assert s["this"]["first"] == 5.0 and s["this"]["times"] == [1.0, 3.0] and s["this"]["total"] == 11.0
+    assert s["base"]["total"] == 7.0 and s["base"]["median"] == 2.0
+    assert s["ratio"]["times"] == [0.5, 1.5] and (s["ratio"]["min"], s["ratio"]["max"]) == (0.5, 1.5)
+    assert s["ratio"]["total"] == pytest.approx(11.0 / 7.0)
+    lines = T.sequence_lines(times, 2, first_runner="base")
+    assert lines[0] == "CPU s per request: median (min-max) of requests 2-3; first: request 0; total: all 4"
+    assert "first 5.000 s; total 11.000 s" in lines[1] and lines[1].lstrip().startswith("this")
+    assert lines[-1].startswith("this / base: 1.000x (0.500-1.500) per request 2-3, totals 1.571x (base ran first")
+    with pytest.raises(ValueError, match="same requests"):
+        T.sequence_summary({"this": [1.0], "base": [1.0, 2.0]}, 0)
+    with pytest.raises(ValueError, match="leaves no request"):
+        T.sequence_summary(times, 4)
+
+
 def test_maxpool_prints_first_calls_totals_and_per_repetition_ratios(capsys) -> None:
     mp = _load("maxpool")
     import torch
