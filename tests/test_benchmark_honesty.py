@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -113,3 +114,27 @@ def test_moment_chunk_prints_threads_first_calls_totals_and_ratio_ranges(capsys)
     for line in out[1:]:
         assert line.count("first ") == 2 and line.count("; total ") == 2, line
         assert "fixed / cache rule" in line and "per repetition, totals" in line, line
+
+
+def test_service_threads_alternates_and_reports_ratios_with_the_first_repetition(monkeypatch, tmp_path) -> None:
+    sc = _load("service_checks")
+    import mcmc_unlearner.service.deletion as deletion
+
+    order: list[int] = []
+    seconds = {2: iter([9.0, 4.0, 6.0]), 1: iter([1.0, 2.0, 2.0])}
+
+    def fake_forget(path, ids, on_failure, threads):
+        order.append(threads)
+        return SimpleNamespace(report=SimpleNamespace(seconds=next(seconds[threads])))
+
+    monkeypatch.setattr(deletion, "forget", fake_forget)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "x").write_text("x")
+    res = sc.threads(tmp_path / "model", repeats=3, n_threads=2, ids=[5])
+    assert order == [2, 1, 1, 2, 2, 1]  # alternating which goes first
+    compute = res["results"]["2 threads"]["compute"]
+    assert compute["first"] == 9.0 and compute["sum"] == 19.0 and compute["median"] == 6.0
+    ratio = res["results"]["2 threads / 1 thread"]["compute"]
+    assert ratio["times"] == [9.0, 2.0, 3.0] and ratio["median"] == 3.0
+    assert ratio["total"] == pytest.approx(19.0 / 5.0)
+    assert set(res["results"]["2 threads / 1 thread"]) == {"compute", "total"}
