@@ -48,16 +48,22 @@ from mcmc_unlearner.bank import ParamSpec
 from mcmc_unlearner.cli import build_parser
 from mcmc_unlearner.experiments import bnn as B
 from mcmc_unlearner.experiments import evaluation as ev
+from mcmc_unlearner.image_data import missing_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
 import _benchargs as A
 
 
 def _experiment(
-    seed: int, data_dir: str, init: torch.Tensor | None, options: dict, request_size: int = 64
+    seed: int,
+    data_dir: str,
+    init: torch.Tensor | None,
+    options: dict,
+    request_size: int = 64,
+    download: bool = False,
 ) -> B._Experiment:
     argv = ["bnn", "--preset", "paper-fmnist", "--data-dir", data_dir, "--seed", str(seed), "--quiet"]
-    argv += ["--request-size", str(request_size)]
+    argv += ["--request-size", str(request_size)] + (["--download"] if download else [])
     cfg = B._resolve(B.config_from_args(build_parser().parse_args(argv)))
     cfg.unlearner_kwargs = dict(options)
     if init is not None:  # the cached pre-trained initial weights (the same the command computes)
@@ -66,7 +72,7 @@ def _experiment(
 
 
 def _train(args: argparse.Namespace) -> None:
-    ex = _experiment(args.seed, args.data_dir, None, {})
+    ex = _experiment(args.seed, args.data_dir, None, {}, download=args.download)
     s = ex.cfg.seed * 1000
     names = B._retrain_names(ex.cfg.retrain_chains)
     origin = ex.train(torch.arange(ex.n_full), s + 1, "origin")
@@ -88,7 +94,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace, options: dict) -> tuple[B._Experiment, dict, dict]:
     saved = torch.load(args.cache / f"chains-s{args.seed}.pt", weights_only=True)
-    ex = _experiment(args.seed, args.data_dir, saved["init"], options, getattr(args, "request_size", 64))
+    ex = _experiment(args.seed, args.data_dir, saved["init"], options, args.request_size, args.download)
     model = ex.new_model()
     model.load_state_dict(saved["origin_model"])
     sampler = B._make_sampler(ex.cfg, model, 1.0, ex.cfg.seed * 1000 + 1)
@@ -380,9 +386,16 @@ def _decompose(args: argparse.Namespace) -> None:
 
 
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, before any work, what would fail later: a command other than ``train`` without the seed's cached
-    chains, ``residual``/``rownoise`` banks that were never saved, ``rownoise`` without exactly one name, a cache
-    that is no folder."""
+    """Refuse, before any work, what would fail later: Fashion-MNIST's files absent from ``--data-dir`` (without
+    ``--download``), a command other than ``train`` without the seed's cached chains, ``residual``/``rownoise``
+    banks that were never saved, ``rownoise`` without exactly one name, a cache that is no folder."""
+    _check_cache(ap, args)
+    problem = None if args.download else missing_dataset("fashion-mnist", args.data_dir)
+    if problem is not None:
+        ap.error(f"argument --data-dir: {problem}")
+
+
+def _check_cache(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.cache.exists() and not args.cache.is_dir():
         ap.error(f"argument --cache: {str(args.cache)!r} is not a folder")
     if args.command == "train":
@@ -413,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("runs/fmnist-variants"))
-    ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST's IDX files")
+    ap.add_argument("--download", action="store_true", help="fetch missing files into --data-dir (torchvision)")
     ap.add_argument("--name", default="default", help="run, retrain: the row's name")
     ap.add_argument("--options", type=A.json_object_text, default="{}", help="run: JSON dict of MCMCUnlearner options")
     ap.add_argument(

@@ -5,7 +5,10 @@ call included, ratios measured per repetition and of the totals; and a clear ref
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -138,3 +141,17 @@ def test_service_threads_alternates_and_reports_ratios_with_the_first_repetition
     assert ratio["times"] == [9.0, 2.0, 3.0] and ratio["median"] == 3.0
     assert ratio["total"] == pytest.approx(19.0 / 5.0)
     assert set(res["results"]["2 threads / 1 thread"]) == {"compute", "total"}
+
+
+def test_fmnist_variants_without_the_data_is_refused_before_any_work(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "benchmarks/fmnist_variants.py", "train", "--cache", str(tmp_path / "cache"),
+         "--data-dir", str(tmp_path / "none")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "error: argument --data-dir: dataset 'fashion-mnist' not found" in out.stderr
+    assert "To fix:" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cache").exists()  # nothing written
+    assert time.perf_counter() - t0 < 60
