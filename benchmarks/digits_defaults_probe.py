@@ -23,6 +23,7 @@ from mcmc_unlearner.models.bnn import build_model
 
 def main(quick: bool) -> None:
     torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); quick={quick}", flush=True)
     setup = B._digits_setup(quick)
     ds = setup["ds"]
     x, y = ds.x_train, ds.y_train

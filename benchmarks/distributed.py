@@ -1,6 +1,6 @@
 """Scaling of data-parallel sampling and one deletion request from 1 to N gloo processes on this machine.
 
-    python benchmarks/distributed.py [--procs 1,2] [--reps 3] [--n 8000] [--hidden 64] [--json OUT.json]
+    python benchmarks/distributed.py [--procs 1,2] [--reps 3] [--n 8000] [--hidden 32] [--json OUT.json]
 
 Each process runs with one thread (``torch.set_num_threads(1)``), so ``N`` processes use ``N`` cores. Every
 run (``--reps`` repetitions of each process count, interleaved: 1, 2, then 2, 1, ...): a Bayesian MLP on synthetic

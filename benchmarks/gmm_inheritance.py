@@ -146,6 +146,8 @@ def main() -> None:
     p.add_argument("--shifts", nargs="+", default=["affine", "affine:newton2"])
     p.add_argument("--out", type=A.output_file, default=None, help="write the results here (its folder is created)")
     a = p.parse_args()
+    torch.set_num_threads(1)  # before any work (run_seed sets it again for a caller of its own)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); sampler {a.sampler}, seeds {a.seeds}")
     results = []
     for seed in a.seeds:
         r = run_seed(seed, a.sampler, a.shifts)
