@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from .curvature import ParamSpec
 
@@ -102,6 +103,12 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
     w = offsets.get(names.get(id(layer.weight), ""))
     b = None if layer.bias is None else offsets.get(names.get(id(layer.bias), ""))
     if w is None or (layer.bias is not None and b is None):
+        if parametrize.is_parametrized(layer) or "weight" not in layer._parameters:
+            # (stop 58's probe: a weight_norm head was reported as not trainable)
+            return (
+                "the output layer's weight is computed by a parametrization (weight_norm, spectral_norm, "
+                "parametrize.register_parametrization), so its rows are not parameters this draw can sample"
+            )
         return "the output layer's parameters are not all trainable"
     return OutputRows(layer, w, b)
 
