@@ -66,6 +66,7 @@ def facts_of(model: nn.Module) -> ModelFacts:
     sharing = (nn.modules.conv._ConvNd, nn.RNNBase)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad]
     weights = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     return ModelFacts(
         dim=sum(p.numel() for p in params),
         itemsize=params[0].element_size(),
@@ -81,6 +82,7 @@ def facts_of(model: nn.Module) -> ModelFacts:
         ),
         attention=any(isinstance(m, nn.MultiheadAttention) for m in model.modules()),
         tied_layers=sum(sum(w is m.weight for w in weights) > 1 for m in layers),
+        diagonal_layers=sum("weight" not in m._parameters or any(m is a.out_proj for a in attention) for m in layers),
     )
 
 

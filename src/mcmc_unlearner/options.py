@@ -456,6 +456,8 @@ class ModelFacts(NamedTuple):
         attention: Whether the model has ``nn.MultiheadAttention``.
         tied_layers: Those of the ``kfac_layers`` whose weight the model uses more than once (K-FAC holds them in
             its diagonal block; the choice's reason says so).
+        diagonal_layers: Those of the ``kfac_layers`` whose weight a parametrization computes, or that attention
+            reads without calling them (``MultiheadAttention.out_proj``): K-FAC's diagonal block too, said alike.
     """
 
     dim: int
@@ -464,6 +466,7 @@ class ModelFacts(NamedTuple):
     weight_sharing: tuple[str, ...] = ()
     attention: bool = False
     tied_layers: int = 0
+    diagonal_layers: int = 0
 
 
 def auto_solver(
@@ -538,7 +541,15 @@ def auto_solver_reason(
         # a tied weight is held in K-FAC's diagonal block (kronecker.py): the reason counted it as a factored
         # layer (stop 45's probe: "3 layers for Kronecker factors" where none was factored)
         tied = model.tied_layers
-        also = f" ({tied} of them with tied weights, which K-FAC holds in its diagonal block)" if tied else ""
+        held = [
+            f"{tied} of them with tied weights" if tied else "",
+            f"{model.diagonal_layers} of them with a weight computed by a parametrization (weight_norm, "
+            "spectral_norm, ...) or read by attention without calling the layer (out_proj)"
+            if model.diagonal_layers
+            else "",
+        ]
+        held = [h for h in held if h]
+        also = f" ({'; '.join(held)}, which K-FAC holds in its diagonal block)" if held else ""
         return SolverName.KFAC, f"{why}; {model.kfac_layers} Linear/Conv layers for Kronecker factors{also}"
     if model.kfac_layers and not custom_energy:  # hessian="full": the removed rows' curvature too, which K-FAC lacks
         # (auto picked K-FAC, which then refused hessian='full' without naming a solver that takes it; stop 45)

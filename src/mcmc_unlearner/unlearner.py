@@ -1702,6 +1702,17 @@ def _own_parameters(model: nn.Module, caller: _Protected | None = None) -> None:
                 p.data = p.data.clone()
 
 
+def _unfactored_layers(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """Those of ``layers`` (trainable ``Linear``/``Conv`` layers) that K-FAC holds in its diagonal block although
+    ``solver='auto'`` counts them: a weight computed by a parametrization (``weight_norm``, ``spectral_norm``,
+    ``orthogonal``, ``register_parametrization``, the hook-based ``nn.utils.weight_norm``: no ``weight`` parameter
+    of the layer's own), and ``MultiheadAttention.out_proj``, which attention reads through ``F.linear`` without
+    calling it (stop 58's probe: a weight-normed MLP's reason said "2 Linear/Conv layers for Kronecker factors"
+    where none was factored)."""
+    unhooked = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [m for m in layers if id(m) in unhooked or not isinstance(m._parameters.get("weight"), torch.Tensor)]
+
+
 @dataclass
 class Proposal:
     """A computed removal, not yet applied (:meth:`MCMCUnlearner.propose`, :meth:`MCMCUnlearner.apply`).
@@ -2276,6 +2287,7 @@ class MCMCUnlearner:
             weight_sharing=tuple(sorted(shared)),
             attention=any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()),
             tied_layers=sum(uses[id(m.weight)] > 1 for m in layers),
+            diagonal_layers=len(_unfactored_layers(self.model, layers)),
         )
 
     def _take_cg_if_read_outside(self, batch: Batch) -> None:
