@@ -280,3 +280,99 @@ def test_a_log_softmax_head_gets_the_plain_heads_draw_and_hidden_class_weights_g
     weighted = info(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], weight=w, reduction="none"), bank)
     assert weighted["emptied_label_resample"].startswith("not done: nll is not the plain cross-entropy")
     assert "emptied_labels" in weighted  # still measured (and judged)
+
+
+def _two_conditionals() -> tuple:
+    """A 2-2-3 tanh network with a Gaussian prior (σ = 1) and 24 remaining rows of labels 0 and 1: label 2's row of
+    the output layer (2 weights and a bias) has a different conditional at each of two samples that differ in their
+    hidden layer (different features ``φ_i``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 3)).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 2, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    spec, theta = ParamSpec.of(model), ParamSpec.flatten_module(model)
+    other = theta.clone()
+    other[:6] = 2.0 * torch.randn(6, generator=g, dtype=torch.float64)  # the hidden layer's weights and biases
+    lp_f = functionalize(model, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
+    return model, spec, lp_f, torch.stack([theta, other]), x, y
+
+
+def _quadrature_moments(model: nn.Module, spec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """Mean and covariance of label 2's row ``(w_1, w_2, b)`` under its conditional at ``θ``, by quadrature on a
+    3-D grid (the Gaussian prior's ``½|v|²`` plus ``Σ_i logsumexp(z_i) − z_{i,y_i}``)."""
+    from torch.func import functional_call
+
+    params = spec.unflatten(theta)
+    with torch.no_grad():
+        h = torch.tanh(functional_call(model[0], {k[2:]: v for k, v in params.items() if k[0] == "0"}, (x,)))
+        logits = functional_call(model, params, (x,))
+    w_ax, b_ax = torch.linspace(-7, 7, 85, dtype=torch.float64), torch.linspace(-9, 4, 79, dtype=torch.float64)
+    pts = torch.cartesian_prod(w_ax, w_ax, b_ax)  # [G, 3], spacing 1/6
+    z2 = pts[:, :2] @ h.T + pts[:, 2:]  # [G, n]
+    rest = torch.logaddexp(logits[:, 0], logits[:, 1])
+    fixed = logits.gather(1, y[:, None]).squeeze(1)
+    log_p = -(torch.logaddexp(rest, z2) - fixed).sum(1) - 0.5 * (pts**2).sum(1)
+    w = torch.exp(log_p - log_p.max())
+    w = w / w.sum()
+    mean = w @ pts
+    d = pts - mean
+    lo, hi = torch.tensor([-7.0, -7.0, -9.0]), torch.tensor([7.0, 7.0, 4.0])
+    edge = ((pts - lo < 1) | (hi - pts < 1)).any(1)  # within 1 of the grid's border
+    return mean, (w[:, None] * d).T @ d, float(w[edge].sum())
+
+
+def test_a_chunk_of_different_conditionals_is_drawn_each_from_its_own() -> None:
+    """Two samples with different features, each repeated 300 times and interleaved, drawn 7 at a time (every chunk
+    holds both conditionals, batched Newton and chains with per-sample step sizes): each sample's 300 draws match
+    its own conditional's mean to 4 standard errors and its variances to 30% (3-D quadrature); the two means are
+    over 10 standard errors apart, so draws from the other sample's conditional (features, prior or step size mixed
+    up across the chunk) would fail."""
+    model, spec, lp_f, pair, x, y = _two_conditionals()
+    S = 600
+    thetas = pair.repeat(S // 2, 1)  # 0, 1, 0, 1, ...
+    out, stats = resample_label_rows(model, spec, lp_f, thetas, (x, y), [2], torch.Generator().manual_seed(3), chunk=7)
+    idx = output_rows(model, spec, pair[0], x).index(2)
+    assert idx.tolist() == [10, 11, 14]  # the second layer's weight[2, :] and bias[2]
+    means = []
+    for k in range(2):
+        draws = out[k::2, idx]
+        mean, cov, edge = _quadrature_moments(model, spec, pair[k], x, y)
+        assert edge < 1e-6  # the grid holds the conditional
+        se = (torch.diagonal(cov) / draws.shape[0]).sqrt()
+        assert ((draws.mean(0) - mean).abs() <= 4 * se).all(), (k, draws.mean(0), mean, se)
+        assert ((draws.var(0) / torch.diagonal(cov) - 1).abs() <= 0.3).all(), (k, draws.var(0), torch.diagonal(cov))
+        means.append((mean, se))
+    assert float(((means[0][0] - means[1][0]).abs() / means[0][1]).max()) > 10
+    assert 0.3 < stats["acceptance"] < 0.95
+
+
+def test_the_draws_do_not_depend_on_the_chunk() -> None:
+    """Seven samples drawn one at a time, three at a time (as a memory budget of one sample's features and two more
+    samples' sets them, which the plan is told), and all at once give each sample the same draw, acceptance and
+    remaining NLL (a generator per sample and label, the step size tuned on the first sample alone); a budget below
+    one sample's features is refused before any work."""
+    from mcmc_unlearner import emptied
+
+    model, spec, lp_f, pair, x, y = _two_conditionals()
+    g = torch.Generator().manual_seed(4)
+    thetas = pair.repeat(4, 1)[:7] + 0.3 * torch.randn(7, pair.shape[1], generator=g, dtype=torch.float64)
+    n, d, C = x.shape[0], 3, 3
+    per = 8 * (n * (2 * d + C + 8) + emptied.RESAMPLE_STEPS * (d + 1))
+    reserve = 8 * n * (d + C)
+    runs, plans = {}, []
+    for name, kw in {
+        "one": dict(chunk=1),
+        "budget": dict(max_bytes=reserve + 3 * per + 100, plan=plans.append),
+        "all": dict(),
+    }.items():
+        runs[name] = resample_label_rows(model, spec, lp_f, thetas, (x, y), [2], torch.Generator().manual_seed(9), **kw)
+    assert plans == [reserve + 3 * per]
+    out, stats = runs["all"]
+    assert not torch.equal(out, thetas)
+    for name in ("one", "budget"):
+        assert torch.allclose(runs[name][0], out, rtol=0, atol=1e-12), name
+        for k in ("acceptance", "remaining_nll_before", "remaining_nll_after", "remaining_nll_spread"):
+            assert runs[name][1][k] == pytest.approx(stats[k], rel=1e-12, abs=1e-14), (name, k)
+    said = resample_label_rows(model, spec, lp_f, thetas, (x, y), [2], g, max_bytes=reserve + per - 1)
+    assert isinstance(said, str) and "memory budget" in said

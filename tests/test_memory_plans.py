@@ -522,6 +522,7 @@ def test_report_info_memory_counts_the_sample_shift_and_the_emptied_label_draw()
     assert memory["planned"]["sample_shift"] == budget  # the reserve and 4 samples' copies: all of it
     assert memory["planned_peak"] >= budget
 
+    from mcmc_unlearner.emptied import RESAMPLE_STEPS
     from test_emptied_label import _softmax_regression
 
     model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
@@ -530,7 +531,12 @@ def test_report_info_memory_counts_the_sample_shift_and_the_emptied_label_draw()
     report = un.propose((x[gone], y[gone]), (x[~gone], y[~gone])).report
     assert report.info["emptied_label_resample"] == "drawn: 2,3"
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    held = 8 * int((~gone).sum()) * (2 * (head.in_features + 1) + 3 * head.out_features)
+    # a chunk of samples at once (all 12 of the bank here): per sample its float64 features (d = inputs + bias) and
+    # their weighted copy, its logits, 8 working vectors and its chain's random numbers; beside them one sample's
+    # features and logits as the model computes them (float64 here)
+    n, d, C = int((~gone).sum()), head.in_features + 1, head.out_features
+    per = 8 * (n * (2 * d + C + 8) + RESAMPLE_STEPS * (d + 1))
+    held = 8 * n * (d + C) + len(bank) * per
     assert report.info["memory"]["planned"]["emptied_label_resample"] == held
     assert report.info["memory"]["planned_peak"] >= held
 

@@ -14,10 +14,20 @@ label's output directions are damped with every other direction (a user's digits
 requests of 8 kept p = 0.99 on the class's rows; after the draw p = 0.004, the kept classes' test error unchanged).
 
 The draw, per stored sample (and the live chain): quasi-Newton iterations to the conditional's mode (the data term's
-Hessian ``Σ p_ic(1 − p_ic) φ̃_i φ̃_iᵀ`` exactly, the prior's as a measured diagonal), then preconditioned
-MALA (Langevin proposals with the inverse of that Hessian as covariance, Metropolis–Hastings corrected) for
-``steps`` steps from the mode; its step size is adapted during the first fifth (from where the previous sample's
-ended: the same row, a similar conditional) and then fixed.
+Hessian ``Σ p_ic(1 − p_ic) φ̃_i φ̃_iᵀ`` exactly, the prior's as a measured diagonal; each step halved until ``U``
+falls), then preconditioned MALA (Langevin proposals with the inverse of that Hessian as covariance,
+Metropolis–Hastings corrected) for ``steps`` steps from the mode; its step size is adapted during the first fifth
+(× 1.1 on an accepted proposal, × 0.87 on a rejected one) and then fixed. Every sample's chain starts at the step
+size a tuning run on the first sample's conditional ended at (``steps`` steps from ``1.4 d^(−1/6)``, every one
+adapting; its draw is dropped): the same row, a similar conditional. (Until stop 58 each sample started where the
+previous one's warm-up ended: a fresh start at ``1.4 d^(−1/6)`` with 8 adapting steps had left a ResNet's
+acceptance at 0.14–0.20, docs/model-matrix.md.)
+
+The samples' conditionals are independent, so a chunk of samples is drawn at once: their features ``[B, d, n]``,
+Newton's solves batched (each sample halves its own step), and their chains advanced together, each with its own
+step size, accept/reject and random numbers (a generator per sample and label, seeded from ``gen``). A sample's draw
+is therefore the same whatever the chunk, which the memory budget and a cache-sized cap
+(``RESAMPLE_CHUNK_BYTES``) choose (one at a time, as before stop 58, the digits BNN's 200 samples took about 7 CPU s).
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ RESAMPLE_STEPS = 40
 RESAMPLE_MAX_ROW_EVALS = 2**22
 #: Remaining rows per forward pass.
 RESAMPLE_ROWS = 1024
+#: Features (float64 bytes) of the samples drawn at once, at most: a chunk that stays in cache (the chains read them
+#: twice a step; the digits BNN's 200 samples at once, 126 MB, took 7.1 CPU s against 4.3-5.0 s 12 at a time).
+RESAMPLE_CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -114,16 +127,24 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
 
 
 def _features(
-    model: nn.Module, spec: ParamSpec, rows: OutputRows, theta: torch.Tensor, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output layer's inputs ``φ̃`` (with a column of ones for the bias) and its outputs, the logits, in float64,
-    on every row of ``x`` at ``θ``."""
-    feats: list[torch.Tensor] = []
-    logits: list[torch.Tensor] = []
+    model: nn.Module,
+    spec: ParamSpec,
+    rows: OutputRows,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    logits: torch.Tensor,
+) -> None:
+    """Write the output layer's inputs ``φ̃`` (with a row of ones for the bias) into ``phi`` (``[d, n]``: a row per
+    input, the layout the chains read fastest) and its outputs, the logits, into ``logits`` (``[n, C]``), both
+    float64, on every row of ``x`` at ``θ``."""
+    at = [0]
 
     def keep(_m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        feats.append(inp[0].detach())
-        logits.append(out.detach())
+        k = inp[0].shape[0]
+        phi[: rows.module.in_features, at[0] : at[0] + k] = inp[0].detach().flatten(1).T
+        logits[at[0] : at[0] + k] = out.detach()
+        at[0] += k
 
     handle = rows.module.register_forward_hook(keep)
     try:
@@ -133,10 +154,8 @@ def _features(
                 functional_call(model, params, (x[i : i + RESAMPLE_ROWS],))
     finally:
         handle.remove()
-    phi = torch.cat(feats).double().flatten(1)
     if rows.bias is not None:
-        phi = torch.cat([phi, torch.ones(phi.shape[0], 1, dtype=phi.dtype)], 1)
-    return phi, torch.cat(logits).double()
+        phi[-1] = 1.0
 
 
 class _BlockPrior:
@@ -151,15 +170,17 @@ class _BlockPrior:
         self.b: torch.Tensor | None = None
         self.theta: torch.Tensor | None = None
 
-    def _at(self, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda v: -self.lp_f(theta.index_put((self.index,), v.to(theta.dtype)))
-
-    def exact(self, v: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def exact_at(self, theta: torch.Tensor, v: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """``−log p`` and its gradient along the row at ``θ`` with the row set to ``v``, through ``log_prior``."""
         with torch.enable_grad():
             vv = v.detach().clone().requires_grad_(True)
-            u = self._at(self.theta)(vv)
+            u = -self.lp_f(theta.index_put((self.index,), vv.to(theta.dtype)))
             (g,) = torch.autograd.grad(u, vv)
         return float(u.detach()), g.double()
+
+    def exact(self, v: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """:meth:`exact_at` the sample :meth:`prepare` was given."""
+        return self.exact_at(self.theta, v)
 
     def _fits(self, v: torch.Tensor) -> bool:
         _, g = self.exact(v)
@@ -187,84 +208,150 @@ class _BlockPrior:
         if not (bool(torch.isfinite(self.P).all()) and bool((torch.diagonal(self.P) > 0).all()) and self._fits(v1)):
             self.P = self.b = None
 
-    def __call__(self, v: torch.Tensor) -> tuple[float, torch.Tensor]:
-        if self.P is None:
-            return self.exact(v)
-        Pv = self.P @ v
-        return float(0.5 * (v @ Pv) - self.b @ v), Pv - self.b
+
+class _ChunkPrior:
+    """The row's prior at every sample of a chunk (``v``: ``[B, d]``): the quadratic ``½vᵀP_sv − b_sᵀv`` of the
+    samples where :meth:`_BlockPrior.prepare` kept one (``P_s`` diagonal), ``log_prior`` at the others."""
+
+    def __init__(self, prior: _BlockPrior, thetas: torch.Tensor, gens: Sequence[torch.Generator]) -> None:
+        B, d = thetas.shape[0], prior.index.numel()
+        self.prior, self.thetas = prior, thetas
+        self.P = torch.zeros(B, d, dtype=torch.float64)
+        self.b = torch.zeros(B, d, dtype=torch.float64)
+        self.exact: list[int] = []  # the samples without a quadratic
+        for j in range(B):
+            prior.prepare(thetas[j], gens[j])
+            if prior.P is None:
+                self.exact.append(j)
+            else:
+                self.P[j], self.b[j] = torch.diagonal(prior.P), prior.b
+
+    def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U_prior`` (``[B]``) and its gradient (``[B, d]``)."""
+        Pv = self.P * v
+        u, g = (0.5 * Pv - self.b).mul(v).sum(1), Pv - self.b
+        for j in self.exact:
+            u_j, g_j = self.prior.exact_at(self.thetas[j], v[j])
+            u[j], g[j] = u_j, g_j
+        return u, g
+
+    def curvature(self, v: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """The prior's Hessian on the row at the samples ``which`` (``v``: their rows), as diagonals: exact for a
+        Gaussian one; otherwise that of the quadratic about 0 with the same gradient, ``∇U_prior(v)/v`` (a
+        preconditioner only: the Metropolis step corrects the rest)."""
+        P = self.P[which]
+        for k, j in enumerate(which.tolist()):
+            if j in self.exact:
+                _, g = self.prior.exact_at(self.thetas[j], v[k])
+                vj = torch.where(v[k].abs() > 1e-12, v[k], torch.full_like(v[k], 1e-12))
+                P[k] = (g / vj).clamp_min(1e-8)
+        return P
 
 
 class _Conditional:
-    """``U(v) = −log p(θ with row c = v) + Σ_i [logsumexp(z_i) − z_{i,y_i}]`` and its gradient, ``z_ic = φ̃_i·v``."""
+    """``U_s(v) = −log p(θ_s with row c = v) + Σ_i [logsumexp(z_si) − z_{si,y_i}]``, its gradient and the softmax
+    probability of label ``c`` on every row, ``z_sic = φ̃_si·v``, for the ``B`` samples ``s`` of a chunk at once
+    (``v``: ``[B, d]``; ``phi``: ``[B, d, n]``). Only ``z_sic`` moves: the other labels' logits enter through their
+    ``logsumexp``."""
 
-    def __init__(self, prior: _BlockPrior, phi: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, c: int) -> None:
-        self.prior, self.phi, self.c = prior, phi, c
-        self.others = logits.clone()
-        self.fixed = logits.gather(1, y[:, None]).squeeze(1)  # z_{i,y_i}: no remaining row has y_i = c
+    def __init__(self, prior: _ChunkPrior, phi: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, c: int) -> None:
+        self.prior, self.phi = prior, phi
+        others = torch.tensor([k for k in range(logits.shape[2]) if k != c])
+        self.rest = torch.logsumexp(logits.index_select(2, others), 2)  # [B, n]: logsumexp over the labels k ≠ c
+        self.fixed = logits.gather(2, y.expand(logits.shape[:2]).unsqueeze(2)).squeeze(2)  # z_{si,y_i}: y_i ≠ c
 
-    def __call__(self, v: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """``U(v)``, ``∇U(v)`` and the softmax probability of label ``c`` on every row."""
-        z = self.others
-        z[:, self.c] = self.phi @ v
-        lse = torch.logsumexp(z, 1)
-        p = torch.exp(z[:, self.c] - lse)
+    def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U(v)`` (``[B]``), ``∇U(v)`` (``[B, d]``) and ``p_sic`` (``[B, n]``)."""
+        z = torch.bmm(v.unsqueeze(1), self.phi).squeeze(1)
+        lse = torch.logaddexp(self.rest, z)
+        p = torch.exp(z - lse)
         u_prior, g_prior = self.prior(v)
-        return float((lse - self.fixed).sum()) + u_prior, self.phi.T @ p + g_prior, p
+        return (lse - self.fixed).sum(1) + u_prior, torch.bmm(p.unsqueeze(1), self.phi.mT).squeeze(1) + g_prior, p
+
+    def hessian(self, v: torch.Tensor, p: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """``Σ_i p_sic(1 − p_sic) φ̃_si φ̃_siᵀ`` plus the prior's curvature at the samples ``which`` (``v``, ``p``:
+        theirs; ``[len(which), d, d]``)."""
+        phi = self.phi if len(which) == self.phi.shape[0] else self.phi[which]
+        H = torch.bmm(phi * (p * (1 - p)).unsqueeze(1), phi.mT)
+        return H + torch.diag_embed(self.prior.curvature(v, which))
+
+
+def _mode(cond: _Conditional, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Newton to each sample's mode from ``v0`` (``[B, d]``): the steps of all samples solved at once, each halved
+    until its own ``U`` falls (30 halvings at most; a sample that cannot fall, or whose step is below ``1e-8`` of
+    its row, stops there); 50 steps at most. Returns the modes and ``U``, ``∇U``, ``p`` there."""
+    v = v0.clone()
+    u, g, p = cond(v)
+    active = torch.ones(v.shape[0], dtype=torch.bool)
+    for _ in range(50):
+        step = torch.zeros_like(v)  # the Hessian and solve of the samples still moving only
+        act = torch.nonzero(active).squeeze(1)
+        step[act] = torch.linalg.solve(cond.hessian(v[act], p[act], act), g[act])
+        pending = active.clone()
+        for _ in range(30):
+            u_new, g_new, p_new = cond(v - step)
+            ok = pending & (u_new <= u)
+            if bool(ok.any()):
+                v = torch.where(ok[:, None], v - step, v)
+                u, g, p = (
+                    torch.where(ok, u_new, u),
+                    torch.where(ok[:, None], g_new, g),
+                    torch.where(ok[:, None], p_new, p),
+                )
+                small = step.norm(dim=1) <= 1e-8 * v.norm(dim=1).clamp_min(1.0)
+                active &= ~(ok & small)
+                pending &= ~ok
+            if not bool(pending.any()):
+                break
+            step = torch.where(pending[:, None], 0.5 * step, step)
+        active &= ~pending  # U did not fall in 30 halvings: that sample's mode is where it is
+        if not bool(active.any()):
+            break
+    return v, u, g, p
 
 
 def _draw(
-    cond: _Conditional, v0: torch.Tensor, steps: int, gen: torch.Generator, eps: float | None = None
-) -> tuple[torch.Tensor, float, float]:
-    """One draw from the conditional (mode, then preconditioned MALA); returns it, the acceptance rate after the
-    warm-up, and the step size the warm-up ended at (the next sample's start: the same row, a similar
-    conditional)."""
-    d = v0.numel()
-
-    def prior_curvature(v: torch.Tensor) -> torch.Tensor:
-        """The prior's Hessian on the row: exact for a Gaussian one; otherwise the diagonal ``∇U_prior(v)/v`` of the
-        quadratic about 0 with the same gradient (a preconditioner only: the Metropolis step corrects the rest)."""
-        if cond.prior.P is not None:
-            return cond.prior.P
-        _, g = cond.prior(v)
-        return torch.diag((g / torch.where(v.abs() > 1e-12, v, torch.full_like(v, 1e-12))).clamp_min(1e-8))
-
-    def hessian(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return (cond.phi * (p * (1 - p))[:, None]).T @ cond.phi + prior_curvature(v)
-
-    v = v0.clone()
-    u, g, p = cond(v)
-    for _ in range(50):  # Newton to the mode, each step halved until U falls
-        step = torch.linalg.solve(hessian(v, p), g)
-        for _ in range(30):
-            u_new, g_new, p_new = cond(v - step)
-            if u_new <= u:
-                break
-            step = 0.5 * step
-        else:
-            break
-        v, u, g, p = v - step, u_new, g_new, p_new
-        if float(step.norm()) <= 1e-8 * max(float(v.norm()), 1.0):
-            break
-    H = hessian(v, p)
+    cond: _Conditional,
+    v0: torch.Tensor,
+    steps: int,
+    gens: Sequence[torch.Generator],
+    eps: torch.Tensor,
+    warm: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One draw from the conditional per sample of the chunk (``v0``: ``[B, d]``; :func:`_mode`, then
+    preconditioned MALA with the step sizes ``eps`` (``[B]``), adapted during the first ``warm`` steps (a fifth by
+    default), and the samples' generators ``gens``); returns the draws, each sample's acceptance rate after the
+    warm-up, and the step size each warm-up ended at."""
+    B, d = v0.shape
+    v, u, g, p = _mode(cond, v0)
+    H = cond.hessian(v, p, torch.arange(B))
     L = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)))  # C = H⁻¹ = L Lᵀ
-    eps = 1.4 * d ** (-1 / 6) if eps is None else eps
-    accepted, warm = 0, steps // 5
+    noise = torch.stack([torch.randn(steps, d, generator=gen, dtype=torch.float64) for gen in gens], 1)  # [T, B, d]
+    uniform = torch.stack([torch.rand(steps, generator=gen, dtype=torch.float64) for gen in gens], 1)  # [T, B]
+    eps = eps.clone()
+    accepted, warm = torch.zeros(B), steps // 5 if warm is None else warm
 
-    def log_q(to: torch.Tensor, frm: torch.Tensor, g_frm: torch.Tensor) -> float:
-        r = to - frm + 0.5 * eps**2 * (L @ (L.T @ g_frm))
-        return -0.5 * float(r @ (H @ r)) / eps**2
+    def C(w: torch.Tensor) -> torch.Tensor:
+        return (L @ (L.mT @ w.unsqueeze(2))).squeeze(2)
 
+    def log_q(to: torch.Tensor, frm: torch.Tensor, Cg_frm: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        r = to - frm + 0.5 * e**2 * Cg_frm
+        return -0.5 * (r * (H @ r.unsqueeze(2)).squeeze(2)).sum(1) / e[:, 0] ** 2
+
+    Cg = C(g)
     for t in range(steps):
-        prop = v - 0.5 * eps**2 * (L @ (L.T @ g)) + eps * (L @ torch.randn(d, generator=gen, dtype=torch.float64))
+        e = eps[:, None]
+        prop = v - 0.5 * e**2 * Cg + e * (L @ noise[t].unsqueeze(2)).squeeze(2)
         u_p, g_p, _ = cond(prop)
-        log_a = -(u_p - u) + log_q(v, prop, g_p) - log_q(prop, v, g)
-        uniform = float(torch.rand((), generator=gen, dtype=torch.float64))
-        ok = math.isfinite(log_a) and math.log(uniform + 1e-300) < log_a
-        if ok:
-            v, u, g = prop, u_p, g_p
-            accepted += t >= warm
-        if t < warm:  # toward an acceptance rate of about 0.57 (1.1 up, 0.87 down)
-            eps *= 1.1 if ok else 0.87
+        Cg_p = C(g_p)
+        log_a = -(u_p - u) + log_q(v, prop, Cg_p, e) - log_q(prop, v, Cg, e)
+        ok = torch.isfinite(log_a) & (torch.log(uniform[t] + 1e-300) < log_a)
+        v, u = torch.where(ok[:, None], prop, v), torch.where(ok, u_p, u)
+        g, Cg = torch.where(ok[:, None], g_p, g), torch.where(ok[:, None], Cg_p, Cg)
+        if t >= warm:
+            accepted += ok
+        else:  # toward an acceptance rate of about 0.57 (1.1 up, 0.87 down)
+            eps = eps * torch.where(ok, 1.1, 0.87)
     return v, accepted / max(steps - warm, 1), eps
 
 
@@ -279,12 +366,14 @@ def resample_label_rows(
     steps: int = RESAMPLE_STEPS,
     max_bytes: float = math.inf,
     plan: Callable[[int], None] | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]] | str:
     """Each of ``thetas`` (``[S, D]``) with the output-layer rows of ``labels`` drawn from their conditional given
     the rest of it and the ``remaining`` rows (module docstring); or why it cannot be done.
 
-    ``max_bytes``: the memory the features may hold (refused above it, before any work); ``plan`` is told the bytes
-    they hold once they fit.
+    ``max_bytes``: the memory the features may hold (refused above one sample's, before any work; as many samples
+    at once as fit, at most ``RESAMPLE_CHUNK_BYTES`` of features, or ``chunk``); ``plan`` is told the bytes they
+    hold once they fit. The draws do not depend on the chunk.
 
     Returns:
         The new ``[S, D]`` samples, and what was measured: the acceptance rate, the remaining rows' mean NLL over the
@@ -305,37 +394,66 @@ def resample_label_rows(
     rows = output_rows(model, spec, thetas[0], x)
     if isinstance(rows, str):
         return rows
-    # float64 features, logits and their working copies on every remaining row, at one sample at a time
-    held = 8 * x.shape[0] * (2 * (rows.module.in_features + 1) + 3 * rows.module.out_features)
-    if held > max_bytes:
-        return f"its features on the {x.shape[0]:,} remaining rows ({held / 2**20:.0f} MB) exceed the memory budget"
+    S, n, C = thetas.shape[0], x.shape[0], rows.module.out_features
+    d = rows.module.in_features + (rows.bias is not None)
+    # per sample of a chunk, float64: its features and the Hessian's weighted copy of them, its logits, eight
+    # [n] working vectors (the other labels' logsumexp, z_{i,y_i}, z_ic, its logsumexp, p, and a trial's), and its
+    # chain's random numbers; beside them, one sample's hooked features and logits as the model computes them
+    per = 8 * (n * (2 * d + C + 8) + steps * (d + 1))
+    reserve = thetas.element_size() * n * (d + C)
+    if reserve + per > max_bytes:
+        return f"its features on the {n:,} remaining rows ({(reserve + per) / 2**20:.0f} MB) exceed the memory budget"
+    if chunk is None:
+        cap = max(1, RESAMPLE_CHUNK_BYTES // (8 * n * d))
+        chunk = min(cap, int(max(1, (max_bytes - reserve) // per)) if math.isfinite(max_bytes) else cap)
+    chunk = max(1, min(chunk, S))
     if plan is not None:
-        plan(held)
+        plan(reserve + chunk * per)
     t0 = time.perf_counter()
-    out, acc, before, after, size, spread = thetas.clone(), [], 0.0, 0.0, 0.0, 0.0
-    priors: dict[int, _BlockPrior] = {}
-    step_sizes: dict[int, float] = {}
-    for s in range(thetas.shape[0]):
-        phi, logits = _features(model, spec, rows, thetas[s], x)
-        before += float(F.cross_entropy(logits, y))
-        h = F.cross_entropy(logits, y, reduction="none")
-        size += float(h.abs().mean()) if h.numel() else 0.0
-        spread += float(h.var(correction=0).sqrt()) if h.numel() > 1 else math.nan
-        for c in labels:
+    out = thetas.clone()
+    # a generator per sample and label, and one per label for the step size's tuning run
+    seeds = torch.randint(0, 2**62, (S + 1, len(labels)), generator=gen).tolist()
+    priors = {c: _BlockPrior(lp_f, rows.index(c)) for c in labels}
+    nll = torch.zeros(4, S, dtype=torch.float64)  # per sample: mean NLL before, after, mean |NLL|, its spread
+    acc = torch.zeros(S, len(labels), dtype=torch.float64)
+    eps0 = {c: torch.tensor([1.4 * d ** (-1 / 6)], dtype=torch.float64) for c in labels}
+    # the first sample alone: a tuning run on its conditional (every step adapts the step size; its draw is
+    # dropped) gives every sample's chain its start
+    for lo, hi in [(0, 1), *((a, min(a + chunk, S)) for a in range(1, S, chunk))]:
+        B = hi - lo
+        phi = torch.zeros(B, d, n, dtype=torch.float64)
+        logits = torch.empty(B, n, C, dtype=torch.float64)
+        for j in range(B):
+            _features(model, spec, rows, thetas[lo + j], x, phi[j], logits[j])
+        nll[[0, 2, 3], lo:hi] = _nll_stats(logits, y)
+        for k, c in enumerate(labels):
             index = rows.index(c)
-            priors.setdefault(c, _BlockPrior(lp_f, index)).prepare(out[s], gen)
-            cond = _Conditional(priors[c], phi, logits, y, c)
-            v, a, step_sizes[c] = _draw(cond, out[s, index].double(), steps, gen, step_sizes.get(c))
-            out[s, index] = v.to(out.dtype)
-            logits[:, c] = phi @ v
-            acc.append(a)
-        after += float(F.cross_entropy(logits, y))
-    S = thetas.shape[0]
+            gens = [torch.Generator().manual_seed(seeds[lo + j][k]) for j in range(B)]
+            cond = _Conditional(_ChunkPrior(priors[c], out[lo:hi], gens), phi, logits, y, c)
+            v0 = out[lo:hi, index].double()
+            if lo == 0:
+                tune = [torch.Generator().manual_seed(seeds[S][k])]
+                eps0[c] = _draw(cond, v0, steps, tune, eps0[c], warm=steps)[2]
+            v, acc[lo:hi, k], _ = _draw(cond, v0, steps, gens, eps0[c].expand(B))
+            out[lo:hi, index] = v.to(out.dtype)
+            logits[:, :, c] = torch.bmm(v.unsqueeze(1), phi).squeeze(1)
+        nll[1, lo:hi] = _nll_stats(logits, y)[0]
+    before, after, size, spread = nll.mean(1).tolist()
     return out, {
-        "acceptance": sum(acc) / len(acc),
-        "remaining_nll_before": before / S,
-        "remaining_nll_after": after / S,
-        "remaining_nll_abs": size / S,
-        "remaining_nll_spread": spread / S,
+        "acceptance": float(acc.mean()),
+        "remaining_nll_before": before,
+        "remaining_nll_after": after,
+        "remaining_nll_abs": size,
+        "remaining_nll_spread": spread,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _nll_stats(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per sample of ``logits`` (``[B, n, C]``): the rows' mean NLL, mean ``|NLL|`` and standard deviation of the NLL
+    (``[3, B]``)."""
+    B, n, C = logits.shape
+    h = F.cross_entropy(logits.reshape(B * n, C), y.repeat(B), reduction="none").view(B, n)
+    spread = h.var(1, correction=0).sqrt() if n > 1 else torch.full((B,), math.nan, dtype=torch.float64)
+    size = h.abs().mean(1) if n else torch.zeros(B, dtype=torch.float64)
+    return torch.stack([h.mean(1), size, spread])
