@@ -1575,14 +1575,15 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
     """The layers K-FAC would factor whose weight or bias ``nll(model, batch)``'s forward (on the first
     ``_PROBE_ROWS`` rows, fewer rows repeated to that many) reads more often than the module is called (see
     :func:`_read_outside`): what ``solver="auto"`` looks for before it builds K-FAC. One forward, no backward; the
-    model is left as it was. The layers whose calls cover fewer rows than the probe has (called on an input without
-    the batch's rows: :func:`_unbatched_call`, which the build leaves to the diagonal) are appended to
+    model is left as it was. The layers called on an input without the batch's rows (a shared code:
+    :func:`_unbatched_candidates`, :func:`_fixed_inputs`; the build leaves them to the diagonal) are appended to
     ``unbatched`` where it is given, and left out of the result."""
     _, offsets, by_id = _slices(model)
     blocks, _ = _candidates(model, offsets, by_id, max_factor_dim=1)
     by_module = {b.module: b for b in blocks}
     ncalls: Counter[str] = Counter()
     covered: Counter[str] = Counter()  # each layer's rows covered by its calls (:func:`_rows_covered`)
+    on_rows: set[str] = set()  # layers with a call that covers the rows (besides any unbatched one)
     probe = _head(tuple(batch), _PROBE_ROWS)
     k = field_rows(probe)
     if 0 < k < _PROBE_ROWS:
@@ -1599,8 +1600,10 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
         if reversing[0] or not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
             return  # (the build does not factor such a call either)
         covered[blk.name] += _rows_covered(blk.kind, args[0])
-        if blk.name not in first and _unbatched_call(blk.kind, args[0], field_rows(probe)):
-            first[blk.name] = args[0].detach().clone()  # (a layer whose first call covers every row is covered)
+        if not _unbatched_call(blk.kind, args[0], field_rows(probe)):
+            on_rows.add(blk.name)
+        elif blk.name not in first:
+            first[blk.name] = args[0].detach().clone()  # its first unbatched call's input (for _fixed_inputs)
         if all(
             by_id.get(id(module._parameters.get(slot))) == pname
             for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
@@ -1615,7 +1618,7 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
             if not isinstance(values, Tensor):
                 return []
             named = dict(model.named_parameters())
-            flat = sorted({name for name, c in covered.items() if c < field_rows(probe)})
+            flat = sorted(_unbatched_candidates(covered, field_rows(probe), first, on_rows))
             if flat:
                 reversing[0] = True
                 flat = sorted(_fixed_inputs(lambda b: nll(model, b), probe, by_module, set(flat), first))
@@ -1642,10 +1645,11 @@ def _rows_covered(kind: str, x: Tensor) -> int:
 def _fixed_inputs(
     forward: Callable[[Batch], Any], batch: Batch, by_module: dict, names: set[str], first: dict[str, Tensor]
 ) -> set[str]:
-    """The layers among ``names`` whose first input in ``forward`` over ``batch``'s rows reversed is the one
-    they had on ``batch`` (``first``): a code every row shares (a hypernetwork's), not a subset of the rows (experts
-    a model routes rows to, ``self.a(x[m])``, which also cover fewer rows than the batch). One forward without
-    gradients; every name where it fails (the old verdict: all shared)."""
+    """The layers among ``names`` whose first unbatched input (:func:`_unbatched_call`) in ``forward`` over
+    ``batch``'s rows reversed is the one they had on ``batch`` (``first``): a code every row shares (a
+    hypernetwork's, also where the layer is applied to the rows in the same forward), not a subset of the rows
+    (experts a model routes rows to, ``self.a(x[m])``, which also cover fewer rows than the batch). One forward
+    without gradients; every name where it fails (the old verdict: all shared)."""
     k = field_rows(batch)
     at = torch.arange(k - 1, -1, -1, device=batch[0].device)  # (a roll keeps a subset's order)
     flipped = tuple(t[at] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == k else t for t in batch)
@@ -1653,8 +1657,9 @@ def _fixed_inputs(
 
     def record(module: nn.Module, args: tuple, out: Any) -> None:
         blk = by_module[module]
-        if blk.name in names and args and isinstance(args[0], Tensor):
-            seen.setdefault(blk.name, args[0].detach().clone())
+        if blk.name in names and blk.name not in seen and args and isinstance(args[0], Tensor):
+            if _unbatched_call(blk.kind, args[0], k):  # (a call on the rows, besides the code's, passes)
+                seen[blk.name] = args[0].detach().clone()
 
     handle = _first_forward_hook({m: b for m, b in by_module.items() if b.name in names}, record)
     try:
@@ -1665,6 +1670,20 @@ def _fixed_inputs(
     finally:
         handle.remove()
     return {n for n in names if n in seen and seen[n].shape == first[n].shape and torch.equal(seen[n], first[n])}
+
+
+def _unbatched_candidates(
+    covered: Mapping[str, int], rows: int, first: Mapping[str, Tensor], on_rows: set[str]
+) -> set[str]:
+    """The layers a forward over ``rows`` rows may have called on a code without the batch's rows, to be told from
+    subsets of the rows by :func:`_fixed_inputs`: those whose calls, summed, cover fewer locations than the rows
+    (``covered``: a hypernetwork's code, or routed experts), and those with both a call on the rows (``on_rows``)
+    and an unbatched call (``first``): a ``Linear`` applied to ``x`` and to a learned code in the same forward,
+    whose calls cover the rows and more, yet whose per-row factors would mix the code's location, its output
+    gradient summed over every row, with the rows' (stop 58's probe: xᵀKx of such a layer 2.8 relative off the
+    dense GGN, 1.6e-7 without the code's call). A model looping over its rows (every call unbatched, one per row)
+    is neither."""
+    return {name for name, c in covered.items() if c < rows} | (set(first) & on_rows)
 
 
 def _unbatched_call(kind: str, x: Tensor, rows: int) -> bool:
@@ -1896,6 +1915,7 @@ class KroneckerCurvature:
         swapped: set[str] = set()
         unbatched: dict[str, tuple[int, ...]] = {}  # layers called on an input without the batch's rows: its shape
         rows_seen: Counter[str] = Counter()  # each layer's rows covered by its calls in one forward (_rows_covered)
+        on_rows: set[str] = set()  # layers with a call that covers the rows in one forward (_unbatched_candidates)
         first_input: dict[str, Tensor] = {}  # each layer's first input in one forward
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
         part: dict[str, Any] = {"span": None}  # (r0, r1, B, draws) while a minibatch runs in row chunks
@@ -1932,13 +1952,11 @@ class KroneckerCurvature:
             fired.add(blk.name)
             ncalls[blk.name] += 1
             rows_seen[blk.name] += _rows_covered(blk.kind, args[0])  # (the first forward's calls decide unbatched)
-            if (
-                s_at[0] == 0
-                and part.get("r0", 0) == 0
-                and blk.name not in first_input
-                and _unbatched_call(blk.kind, args[0], part.get("rows", 0))
-            ):  # (kept for _fixed_inputs; a layer whose first call covers every row is covered)
-                first_input[blk.name] = args[0].detach().clone()
+            if s_at[0] == 0 and part.get("r0", 0) == 0:
+                if not _unbatched_call(blk.kind, args[0], part.get("rows", 0)):
+                    on_rows.add(blk.name)
+                elif blk.name not in first_input:  # its first unbatched call's input, kept for _fixed_inputs
+                    first_input[blk.name] = args[0].detach().clone()
             x = args[0].detach()
             seen = out.numel() // blk.out_dim
             batched = x.dim() >= (2 if blk.kind == "linear" else 3 if blk.kind == "conv1d" else 4)
@@ -2017,6 +2035,7 @@ class KroneckerCurvature:
                         fired.clear()
                         ncalls.clear()
                         rows_seen.clear()
+                        on_rows.clear()
                         first_input.clear()
                         same_input.clear()
                         losses = cls._losses(
@@ -2054,7 +2073,9 @@ class KroneckerCurvature:
                             # would take for one row's (undamped ratios -3.4 / -1.4): left to the diagonal, like a
                             # swapped call. A model looping over its rows calls it once per row: all covered
                             # (not experts a model routes rows to: their inputs move with the rows, a code's not)
-                            few = {name for name, c in rows_seen.items() if c < part["rows"]}
+                            # (also a layer applied to the rows and to such a code in the same forward, whose
+                            # calls cover the rows: _unbatched_candidates)
+                            few = _unbatched_candidates(rows_seen, part["rows"], first_input, on_rows)
                             if few:
                                 s_at[0] = -1
                                 shared = _fixed_inputs(
