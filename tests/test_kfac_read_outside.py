@@ -170,15 +170,20 @@ def test_ranks_agree_when_another_rank_found_the_reuse() -> None:
     blocks too (every rank the same blocks, so their later all-reduces match)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    agreed: list[torch.Tensor] = []
     seen: list[torch.Tensor] = []
 
     def other_rank_flags_layer_2(t: torch.Tensor) -> torch.Tensor:
-        if not seen:  # the first reduce: one flag per factored layer
+        if not agreed:  # the first reduce (stop 58): two flags per candidate layer, on a shared code and called
+            agreed.append(t.clone())
+            return t
+        if not seen:  # then: one flag per factored layer read outside its module
             seen.append(t.clone())
             return t + torch.tensor([0.0, 1.0], dtype=t.dtype)
         return t
 
     K = _build(model, torch.randn(32, 6), _ce, reduce=other_rank_flags_layer_2)
+    assert agreed[0].tolist() == [0.0, 0.0, 1.0, 1.0]  # no layer on a shared code, both called
     assert seen[0].tolist() == [0.0, 0.0]  # nothing read outside on this rank
     assert set(K.info["kronecker"]) == {"0"}
     assert "another rank" in K.info["diagonal"]["2.weight"]

@@ -1795,8 +1795,9 @@ class KroneckerCurvature:
             generator: Generator for the labels and random signs (default: a fresh one seeded 0); the global RNG
                 is never used.
             reduce: Applied to every accumulated sum (factor sums, location/row counts, squared gradients) before
-                finalising, e.g. an all-reduce over ``torch.distributed`` ranks; first, at the first forward, to one
-                flag per factored layer read outside its module (so that every rank leaves out the same layers).
+                finalising, e.g. an all-reduce over ``torch.distributed`` ranks; first, at the first forward, to two
+                flags per candidate layer (called on a shared code, called at all), then to one per factored layer
+                read outside its module (so that every rank factors the same layers).
             max_factor_dim: Factors larger than this keep only their diagonal.
             max_locations: Estimate each layer's input factor ``A`` (per draw) from a uniformly drawn subset of
                 rows with about this many locations; ``"auto"``: ``max(1024, 2·dim A)`` per layer and draw;
@@ -1911,9 +1912,11 @@ class KroneckerCurvature:
         by_module = {b.module: b for b in blocks}
         calls: list[tuple[_Block, Tensor]] = []
         fired: set[str] = set()
+        elsewhere: set[str] = set()  # layers called at the first forward on another rank only (kept, as there)
         ncalls: Counter[str] = Counter()  # each layer's calls the hook saw (one per location set it factors)
         swapped: set[str] = set()
-        unbatched: dict[str, tuple[int, ...]] = {}  # layers called on an input without the batch's rows: its shape
+        # layers called on an input without the batch's rows: its shape (None: seen on another rank only)
+        unbatched: dict[str, tuple[int, ...] | None] = {}
         rows_seen: Counter[str] = Counter()  # each layer's rows covered by its calls in one forward (_rows_covered)
         on_rows: set[str] = set()  # layers with a call that covers the rows in one forward (_unbatched_candidates)
         first_input: dict[str, Tensor] = {}  # each layer's first input in one forward
@@ -2088,16 +2091,36 @@ class KroneckerCurvature:
                                 s_at[0] = s
                                 for name in sorted(shared):
                                     unbatched[name] = tuple(first_input[name].shape)
+                            if reduce is not None:
+                                # every rank the same blocks: one rank's shard can show a layer on a shared code
+                                # (or call a layer) where another's does not (an expert given one row reads as
+                                # shared), and ranks factoring different layers aborted in the first reduce of
+                                # mismatched sizes (gloo's timeout; stop 58's probe)
+                                flags = torch.tensor(
+                                    [float(b.name in unbatched) for b in blocks]
+                                    + [float(b.name in fired) for b in blocks],
+                                    dtype=torch.float64,
+                                    device=device,
+                                )
+                                flags = reduce(flags).tolist()
+                                for b, on_code, called in zip(blocks, flags[: len(blocks)], flags[len(blocks) :]):
+                                    if on_code > 0 and b.name not in unbatched:
+                                        unbatched[b.name] = None
+                                    if called > 0 and b.name not in fired:
+                                        elsewhere.add(b.name)
+                                        fired.add(b.name)
                             for b in blocks:
                                 if b.name in unbatched:
                                     for pname in (b.weight, b.bias):
                                         if pname is not None:
+                                            shape = unbatched[b.name]
                                             reasons[pname] = (
                                                 f"{type(b.module).__name__} '{b.name}': called on an input without "
-                                                f"the batch's rows (shape {list(unbatched[b.name])}, e.g. a "
-                                                "hypernetwork's learned code), one location shared by every row, "
-                                                "which K-FAC's per-row factors cannot hold. solver='cg' (Hessian "
-                                                "products through autograd) sees it"
+                                                "the batch's rows ("
+                                                + (f"shape {list(shape)}" if shape is not None else "on another rank")
+                                                + ", e.g. a hypernetwork's learned code), one location shared by "
+                                                "every row, which K-FAC's per-row factors cannot hold. solver='cg' "
+                                                "(Hessian products through autograd) sees it"
                                             )
                                     by_module.pop(b.module, None)  # its later calls are not factored
                             if unbatched:
@@ -2123,7 +2146,7 @@ class KroneckerCurvature:
                             diag_sum = torch.zeros(
                                 sum(named[k].numel() for k in diag_names), dtype=dtype, device=device
                             )
-                        missing = {b.name for b in blocks} - fired
+                        missing = {b.name for b in blocks} - fired - elsewhere
                         if missing:
                             raise RuntimeError(
                                 f"layers {sorted(missing)} ran at the first draw but not at draw {s}: the model's "
