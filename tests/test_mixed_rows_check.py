@@ -240,3 +240,79 @@ def test_rows_that_cannot_join_the_remaining_minibatch_leave_the_test_for_the_ne
         report = un.remove((x8[:4], l8[:4], y8[:4]), (x8[keep], l8[keep], y8[keep]), strict=False)
     assert "forward_mixed_check" not in report.info
     assert un._mixed_checked and un._row_alone is None
+
+
+class _MeanEncoder(nn.Module):
+    """A masked mean over a padded sequence's steps: rows padded to any length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        mask = (torch.arange(x.shape[1])[None] < lens[:, None]).to(x.dtype)[..., None]
+        return self.l2((torch.tanh(self.l1(x)) * mask).sum(1) / lens[:, None].to(x.dtype))
+
+
+def _padded_triplet(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Batch-hard triplet loss on ``(x, lens, y)``: one value per row, computed from the whole batch."""
+    z = F.normalize(m(b[0], b[1]), dim=-1)
+    d = ((z[:, None] - z[None]) ** 2).sum(-1).clamp_min(1e-12).sqrt()
+    same = b[2][:, None] == b[2][None, :]
+    return F.relu((d * same).max(1).values - (d + 10.0 * same).min(1).values + 0.3) * 10.0
+
+
+def _padded(n: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y = torch.randint(0, 4, (n,), generator=g)
+    lens = torch.randint(2, length + 1, (n,), generator=g)
+    x = torch.randn(n, length, 3, generator=g) + F.one_hot(y, 4)[:, None, :3].float()
+    return x * (torch.arange(length)[None] < lens[:, None])[..., None], lens, y
+
+
+def test_a_triplet_loss_on_rows_of_another_padded_length_is_refused() -> None:
+    """Stop 58's probe: removed sequences padded to 5 steps, remaining ones to 7, so the removed rows could not be
+    mixed with the remaining minibatch; the mixed test did not run and the class removal was accepted as a no-op
+    (shift 0, problems=[], only report.info["forward_mixed_check"] saying so). The minibatch's own rows, together
+    and each alone, show the loss reading its batch (gap 0.94): refused before any work."""
+    torch.manual_seed(0)
+    model = _MeanEncoder().eval()
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(6)]
+    g = torch.Generator().manual_seed(1)
+    remaining, (xf, lf, yf) = _padded(120, 7, g), _padded(40, 5, g)
+    removed = (xf[yf == 0], lf[yf == 0], yf[yf == 0])
+    with torch.no_grad():  # the defect: among themselves the removed rows give 0
+        assert float(_padded_triplet(model, removed).abs().max()) == 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    given = [{k: v.clone() for k, v in s.items()} for s in bank]
+    un = MCMCUnlearner(model, None, nll=_padded_triplet, log_prior=_prior, bank=bank)
+    for _ in range(2):  # sent again: refused again
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(
+                ValueError, match=r"rows of the first remaining minibatch evaluated together.*pairs or triplets of rows"
+            ):
+                un.remove(removed, remaining, strict=False)
+    assert not un.history and not un._mixed_checked
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(s[k], t[k]) for s, t in zip(bank, given) for k in s)
+
+
+def test_a_per_row_loss_on_rows_of_another_padded_length_is_not_refused() -> None:
+    """The same sequences with a per-row loss (cross-entropy of the encoder's output): the minibatch's own rows
+    agree alone and together, the request goes on, and the report says what was compared instead."""
+    torch.manual_seed(0)
+    model = _MeanEncoder().eval()
+    bank = [{k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(6)]
+    g = torch.Generator().manual_seed(1)
+    remaining, (xf, lf, yf) = _padded(120, 7, g), _padded(4, 5, g)
+
+    def per_row(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(m(b[0], b[1]), b[2], reduction="none")
+
+    un = MCMCUnlearner(model, None, nll=per_row, log_prior=_prior, bank=bank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.remove((xf, lf, yf), remaining, strict=False)
+    assert report.info["forward_mixed_check"].startswith("not run")
+    assert "first 28 rows evaluated together and each alone agree instead" in report.info["forward_mixed_check"]
+    assert un._remaining_rows_checked == 28 and not un._mixed_checked

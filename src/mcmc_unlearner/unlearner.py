@@ -914,8 +914,8 @@ FORWARD_CHECK_EPS = 1e3
 #: value in the batch: refused whatever the gap; removed rows fitted to 2.7e-3-6.5e-3 nats gave
 #: ``nll / len(batch)`` a gap of 4.8e-3, stop 56's second review).
 FORWARD_ROWS_REFUSE = 1e-2
-#: Rows of the first remaining minibatch that the removed check rows are mixed with
-#: (:meth:`MCMCUnlearner._check_mixed_rows`).
+#: Rows of the first remaining minibatch that the removed check rows are mixed with, or, where the two cannot be
+#: joined, that are compared among themselves (:meth:`MCMCUnlearner._check_mixed_rows`).
 MIXED_CHECK_ROWS = 28
 FIT_DATA_REL = 1 / 3  # the larger 1.5x the smaller
 FIT_DATA_Z = 3.0
@@ -2203,6 +2203,9 @@ class MCMCUnlearner:
         self._row_alone: tuple[torch.Tensor, Batch] | None = None
         self._mixed_checked = False  # _check_mixed_rows passed (on the first request it could mix the rows)
         self._mixed_skipped = False  # ... could not mix them on this request (report.info["forward_mixed_check"])
+        #: where they could not be mixed: the remaining minibatch's own rows test (:meth:`_check_mixed_rows`) passed
+        #: (``None``: not run; else the rows it compared, for the report)
+        self._remaining_rows_checked: int | None = None
         #: the operation torch cannot differentiate twice that _check_forward found (every request is refused)
         self._once_differentiable_op: str | None = None
         self._vmap_fallbacks_seen: set[str] = set()  # operations vmap ran unbatched, recorded once (report.info)
@@ -2730,7 +2733,8 @@ class MCMCUnlearner:
           0.12 of the way to retraining against 0.79 / 0.41 with the correct ``nll``); the same rows mixed with
           rows of the first remaining minibatch are compared with their values alone before the removed rows'
           gradient (:meth:`_check_mixed_rows`: a batch-hard triplet loss gives a removed class 0 among its own rows,
-          accepted as a no-op in stop 57's probe).
+          accepted as a no-op in stop 57's probe; where the two cannot be joined, the remaining rows among
+          themselves).
         * one Hessian-vector product of ``nll`` on those rows by double backward fails with torch's "derivative for
           ... is not implemented": an operation torch differentiates once but not twice (``F.ctc_loss``, stop 57's
           probe: torch's raw error after seconds of work on every path; ``F.embedding_bag``), which every curvature
@@ -2870,20 +2874,28 @@ class MCMCUnlearner:
         self._forward_checked = True
 
     def _row_verdict(
-        self, row_gap: float, pattern_gap: float, double_gap: float, double_why: str | None, tol: float, how: str
+        self,
+        row_gap: float,
+        pattern_gap: float,
+        double_gap: float,
+        double_why: str | None,
+        tol: float,
+        how: str,
+        rows_name: str = "the removed rows",
     ) -> tuple[float | None, float | None]:
         """The verdict on a rows test's gaps, agreed by every rank (:meth:`_check_forward`, :meth:`_check_mixed_rows`):
         ``(None, None)`` where there is no gap; the gap (and its float64 re-measurement, or ``None``) where it is
         rounding (below ``FORWARD_ROWS_REFUSE`` without the batch-size pattern, or cleared in float64: targets ~1e6
         gave 0.064 in float32, ~1e-10 in float64), to be reported with the first request; otherwise refused
-        (:meth:`_refuse_row_gap`)."""
+        (:meth:`_refuse_row_gap`). ``rows_name``: which rows were evaluated (for the log and the refusal)."""
         if not row_gap:
             return None, None
         double_tol = max(FORWARD_ROWS_REFUSE, FORWARD_CHECK_EPS * torch.finfo(torch.float64).eps)
         if double_gap >= 0 and not pattern_gap and double_gap <= double_tol:
             log.info(
-                "nll: the removed rows evaluated %s and each alone differ by %.3g relative, %.3g in float64 (rounding "
+                "nll: %s evaluated %s and each alone differ by %.3g relative, %.3g in float64 (rounding "
                 "of large values); not refused",
+                rows_name,
                 how,
                 row_gap,
                 double_gap,
@@ -2891,26 +2903,33 @@ class MCMCUnlearner:
             return row_gap, double_gap
         if not pattern_gap and row_gap <= max(FORWARD_ROWS_REFUSE, tol):
             log.info(
-                "nll: the removed rows evaluated %s and each alone differ by %.3g relative, without the batch-size "
+                "nll: %s evaluated %s and each alone differ by %.3g relative, without the batch-size "
                 "pattern (rounding of large values?); not refused",
+                rows_name,
                 how,
                 row_gap,
             )
             return row_gap, None
-        self._refuse_row_gap(row_gap, bool(pattern_gap), how, double_gap, double_why)
+        self._refuse_row_gap(row_gap, bool(pattern_gap), how, double_gap, double_why, rows_name)
         raise AssertionError("unreachable")  # _refuse_row_gap raises
 
     @staticmethod
     def _refuse_row_gap(
-        row_gap: float, pattern: bool, how: str, double_gap: float = -1.0, double_why: str | None = None
+        row_gap: float,
+        pattern: bool,
+        how: str,
+        double_gap: float = -1.0,
+        double_why: str | None = None,
+        rows_name: str = "the removed rows",
     ) -> None:
         """Refuse an ``nll`` whose row values depend on the other rows of their batch (:meth:`_check_forward`,
         :meth:`_check_mixed_rows`): ``how`` the removed rows were evaluated besides alone ("together", "mixed with
         remaining rows"); ``pattern``: each row's value alone was the batch size times its value in the batch;
-        ``double_gap``: the gap in float64 (-1: not measured), ``double_why``: why float64 could not run."""
+        ``double_gap``: the gap in float64 (-1: not measured), ``double_why``: why float64 could not run;
+        ``rows_name``: which rows were evaluated (the removed rows, or rows of the first remaining minibatch)."""
         raise ValueError(
-            f"nll(model, rows) gives a row a different value when the other rows of its batch change (the removed "
-            f"rows evaluated {how} and each alone differ by {row_gap:.3g} relative"
+            f"nll(model, rows) gives a row a different value when the other rows of its batch change ("
+            f"{rows_name} evaluated {how} and each alone differ by {row_gap:.3g} relative"
             + (", each row's value alone being the batch size times its value in the batch" if pattern else "")
             + "): a row's value depends on the other rows of its batch, e.g. a per-row loss divided by the "
             "batch size (reduction='none' then / len(batch)), class weights counted in the batch, batch "
@@ -3017,6 +3036,7 @@ class MCMCUnlearner:
         double: bool = False,
         pattern_tol: float | None = None,
         company: Batch | None = None,
+        remember: bool = True,
     ) -> tuple[float, bool]:
         """How far a row's ``nll`` value depends on the other rows of its batch (:meth:`_check_forward`), and whether
         the rows follow the batch-size pattern.
@@ -3042,7 +3062,8 @@ class MCMCUnlearner:
         rounding, relative to it, can exceed ``tol``: |y| ~ 1e6 and a row of 5e-3 nats gave 1.7e-9 against 2.2e-13).
         ``company``: a remaining minibatch; the rows are evaluated together with up to ``MIXED_CHECK_ROWS`` of its
         rows (:func:`_mixed_batch`, :meth:`_check_mixed_rows`) instead of among themselves; ``(0.0, False)`` where
-        the two cannot be mixed."""
+        the two cannot be mixed. ``remember``: keep ``theta`` and ``rows`` for the mixed test (the removed rows';
+        not the remaining rows that test compares among themselves)."""
         from .kronecker import field_rows, preserved
 
         k = field_rows(rows)
@@ -3086,7 +3107,7 @@ class MCMCUnlearner:
             if double:
                 raise RuntimeError("no finite values of one per row in float64")
             return 0.0, False
-        if not double and company is None:
+        if not double and company is None and remember:
             self._row_alone = (theta, rows)  # for the mixed-batch test on the first remaining minibatch
         return _row_gap(whole, alone, n, tol, pattern_tol)
 
@@ -3105,44 +3126,76 @@ class MCMCUnlearner:
         alike (:meth:`_refuse_row_gap`), a gap below refusal recorded in ``report.info["forward_mixed_gap"]`` (and
         ``"forward_mixed_gap_float64"`` where float64 cleared one above it). Every rank takes part (a rank without
         removed rows has nothing to see). Marked done only once passed: a refused request sent again is refused
-        again (stop 57's review: the retry was accepted as a no-op), and where no rank could join the rows and the
-        minibatch (e.g. sequences padded to other lengths) the test runs again on the next request
-        (``report.info["forward_mixed_check"]`` says it did not run)."""
+        again (stop 57's review: the retry was accepted as a no-op).
+
+        Where no rank could join the rows and the minibatch (sequences padded to other lengths, fields of other
+        trailing shapes), the minibatch's own first ``MIXED_CHECK_ROWS`` rows are compared together and each alone
+        instead, once, judged alike (:meth:`_remaining_rows_test`): a batch dependence shows wherever a batch holds
+        rows that read each other (the triplet loss on padded sequences of another length than the removed ones:
+        accepted as a no-op before, stop 58's probe), so a removed class among themselves and the remaining rows
+        among themselves leave out only a dependence that neither group shows on its own (a remaining minibatch of
+        one class under a triplet loss). The mixed test runs again on the next request
+        (``report.info["forward_mixed_check"]`` says it did not run, and what was compared instead)."""
         if self._mixed_checked:
             return
+        from .kronecker import _head, field_rows
+
         stash = self._row_alone
         tol = FORWARD_CHECK_EPS * torch.finfo(next(iter(ParamSpec.params(self.model))).dtype).eps
-        row_gap = pattern_gap = mixable = 0.0
-        double_gap, double_failed, double_why = -1.0, 0.0, None
+        mixed = own = (0.0, 0.0, -1.0, 0.0, None)
+        mixable = own_rows = 0.0
         if stash is not None and _mixed_batch(stash[1], remaining, MIXED_CHECK_ROWS) is not None:
-            theta, rows = stash
             mixable = 1.0
-            row_gap, pattern = self._row_check(rows, theta, tol, company=remaining)
-            if row_gap > max(FORWARD_ROWS_REFUSE, tol) and not pattern and theta.dtype != torch.float64:
-                double_gap, pattern, double_why = self._row_check_double(rows, theta, row_gap, tol, company=remaining)
-                if double_why is not None:
-                    double_gap, double_failed = -1.0, 1.0
-            pattern_gap = row_gap if pattern else 0.0
-        row_gap, pattern_gap, double_gap, double_failed, mixable, held = self._reduce_max(
+            mixed = self._rows_test(stash[1], stash[0], tol, company=remaining)
+        elif stash is not None and self._remaining_rows_checked is None:
+            rows = _head(tuple(remaining), MIXED_CHECK_ROWS)
+            if field_rows(rows) >= 2:  # (one row has no other row to read)
+                own_rows = float(field_rows(rows))
+                own = self._rows_test(rows, stash[0], tol)
+        agreed = self._reduce_max(
             torch.tensor(
-                [row_gap, pattern_gap, double_gap, double_failed, mixable, float(stash is not None)],
+                [*mixed[:4], *own[:4], mixable, own_rows, float(stash is not None)],
                 dtype=torch.float64,
             )
         ).tolist()
-        if double_failed:
-            double_gap = -1.0
-        gap, gap64 = self._row_verdict(row_gap, pattern_gap, double_gap, double_why, tol, "mixed with remaining rows")
-        if gap is not None:
-            self._forward_mixed_gap, self._forward_mixed_gap_float64 = gap, gap64
+        for (gap, pattern_gap, double_gap, double_failed), why, how, rows_name in (
+            (agreed[0:4], mixed[4], "mixed with remaining rows", "the removed rows"),
+            (agreed[4:8], own[4], "together", "rows of the first remaining minibatch"),
+        ):
+            verdict = self._row_verdict(
+                gap, pattern_gap, -1.0 if double_failed else double_gap, why, tol, how, rows_name
+            )
+            if verdict[0] is not None and rows_name == "the removed rows":
+                self._forward_mixed_gap, self._forward_mixed_gap_float64 = verdict
+        mixable, own_rows, held = agreed[8:]
         if held and not mixable:  # the rows and this minibatch could not be joined: tried again on the next request
+            if own_rows:
+                self._remaining_rows_checked = int(own_rows)
             log.info(
                 "nll: the removed rows could not be mixed with the remaining minibatch (fields of other shapes, "
-                "dtypes or devices); the mixed-batch test is tried again on the next request"
+                "dtypes or devices)%s; the mixed-batch test is tried again on the next request",
+                f"; its first {int(own_rows)} rows evaluated together and each alone agree" if own_rows else "",
             )
             self._mixed_skipped = True
             return
         # passed (a refusal above leaves the test to run again: a request sent again is refused again)
         self._mixed_checked, self._row_alone = True, None
+
+    def _rows_test(
+        self, rows: Batch, theta: torch.Tensor, tol: float, company: Batch | None = None
+    ) -> tuple[float, float, float, float, str | None]:
+        """One rank's share of a rows test (:meth:`_check_mixed_rows`): ``rows`` evaluated with ``company`` (or
+        among themselves) and each alone at ``theta`` (:meth:`_row_check`), a gap above the refusal threshold
+        without the batch-size pattern measured again in float64 (:meth:`_row_check_double`). Returns the gap, the
+        gap where the rows show the pattern (else 0), the float64 gap (-1: not measured), 1.0 where float64 could
+        not run, and why; to be agreed by every rank and judged by :meth:`_row_verdict`."""
+        double_gap, double_failed, double_why = -1.0, 0.0, None
+        row_gap, pattern = self._row_check(rows, theta, tol, company=company, remember=False)
+        if row_gap > max(FORWARD_ROWS_REFUSE, tol) and not pattern and theta.dtype != torch.float64:
+            double_gap, pattern, double_why = self._row_check_double(rows, theta, row_gap, tol, company=company)
+            if double_why is not None:
+                double_gap, double_failed = -1.0, 1.0
+        return row_gap, row_gap if pattern else 0.0, double_gap, double_failed, double_why
 
     def _float64_path(self) -> Callable[..., torch.Tensor]:
         """``f(θ_flat, *rows)``: ``nll`` through the functional path with float64 copies of the model's other
@@ -4536,7 +4589,15 @@ class MCMCUnlearner:
         if self._forward_mixed_gap is not None:  # the same in a batch mixed with remaining rows (_check_mixed_rows)
             info["forward_mixed_gap"], self._forward_mixed_gap = self._forward_mixed_gap, None
         if self._mixed_skipped:  # _check_mixed_rows could not join the removed rows and the remaining minibatch
-            info["forward_mixed_check"] = "not run: the removed rows and the remaining minibatch could not be joined"
+            info["forward_mixed_check"] = (
+                "not run: the removed rows and the remaining minibatch could not be joined"
+                + (
+                    f"; the minibatch's first {self._remaining_rows_checked} rows evaluated together and each alone "
+                    "agree instead"
+                    if self._remaining_rows_checked
+                    else ""
+                )
+            )
             self._mixed_skipped = False
         if self._forward_mixed_gap_float64 is not None:  # ... above refusal in float32, rounding in float64
             info["forward_mixed_gap_float64"], self._forward_mixed_gap_float64 = self._forward_mixed_gap_float64, None
