@@ -150,3 +150,73 @@ def test_a_failed_clean_up_of_crash_debris_names_the_folder(tmp_path, monkeypatc
     assert out.applied is not resend
     assert out.recovered["rolled_back"] == ["partial line"]
     assert deletion.verify(m).ok and deletion.status(m)["n_removed"] == len(IDS)
+
+
+def _fail_kth_folder_fsync(monkeypatch, k: int, err: int = errno.EIO) -> list[int]:
+    """The ``k``-th ``os.fsync`` of a folder (1-based) raises ``err``; returns the folder fsyncs counted."""
+    real = os.fsync
+    seen: list[int] = []
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            seen.append(fd)
+            if len(seen) == k:
+                raise OSError(err, os.strerror(err))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["after-the-state-file", "after-the-new-ledger"])
+def test_a_failed_folder_fsync_in_save_model_saves_nothing_and_says_so(tmp_path, monkeypatch, k):
+    """save_model's folder fsyncs before its manifest's rename: it raised the bare OS error and left a state file (and
+    ledger) without a manifest, which the next save_model and every request refused as a damaged model."""
+    objs = tiny_gmm(bank=10)
+    m = tmp_path / "m"
+    _fail_kth_folder_fsync(monkeypatch, k)
+    with pytest.raises(StoreError) as info:
+        save_gmm(m, objs)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert msg.startswith(f"could not save the model into {m} (Input/output error); nothing was saved:"), msg
+    assert "check free space and write permission, then save again" in msg
+    assert sorted(os.listdir(m)) == []  # nothing half-written
+    save_gmm(m, objs)  # saving again works
+    assert deletion.verify(m).ok
+
+
+def test_a_failed_folder_fsync_after_save_model_renamed_its_manifest_is_a_warning(tmp_path, monkeypatch):
+    """After the manifest's rename the model IS saved: a warning says so (not an error, and nothing removed)."""
+    objs = tiny_gmm(bank=10)
+    m = tmp_path / "m"
+    seen = _fail_kth_folder_fsync(monkeypatch, 3)
+    with pytest.warns(RuntimeWarning, match=r"the model IS saved in .*Input/output error.*verify --model"):
+        save_gmm(m, objs)
+    monkeypatch.undo()
+    assert len(seen) == 3
+    assert deletion.verify(m).ok
+    assert deletion.forget(m, IDS, request_id="T1").applied
+
+
+def test_save_model_overwrite_that_fails_says_the_earlier_model_was_removed(tmp_path, monkeypatch):
+    """overwrite=True removes the earlier model's files before it writes; a write that then fails says so."""
+    objs = tiny_gmm(bank=10)
+    m = save_gmm(tmp_path / "m", objs)
+    real = os.open
+
+    def no_space_for_temp_files(path, flags, *a, **kw):
+        if flags & os.O_CREAT and ".tmp-" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_space_for_temp_files)
+    with pytest.raises(StoreError) as info:
+        save_gmm(m, objs, overwrite=True)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert msg.startswith(f"could not save the model into {m} (No space left on device); nothing was saved; "), msg
+    assert "model saved there before (manifest.json, ledger.jsonl, state-000000.safetensors) were removed" in msg
+    assert sorted(os.listdir(m)) == []
+    save_gmm(m, objs)
+    assert deletion.verify(m).ok

@@ -66,7 +66,6 @@ from .snapshot import (
     history_files,
     manifest_bytes,
     read_snapshot,
-    write_manifest,
 )
 from .state import (
     DATA_FILE,
@@ -395,7 +394,10 @@ def save_model(
         StoreError: The folder holds other files, already a model, or the ledger or state files of a model
             whose manifest is missing (a damaged folder: restore it from a backup); the specs do not reproduce
             the objects, or an object cannot be saved (custom callables or sampler class, or NaN or infinite
-            sampler or unlearner state: SGHMC momentum, carried influence, cached curvature).
+            sampler or unlearner state: SGHMC momentum, carried influence, cached curvature); a write failed
+            (full disk, read-only file system, I/O error): the files this save wrote are removed again, and the
+            message names the folder (an error after the manifest's rename, in the folder fsync, is a
+            :class:`RuntimeWarning` instead: the model is saved).
     """
     root = Path(path)
     k = integrity.as_key(key)
@@ -460,66 +462,130 @@ def save_model(
                     f"{_no_manifest_message(root, history)} (save_model refused: choose a new folder, or "
                     "overwrite=True to discard that ledger deliberately)"
                 )
-        if MANIFEST_NAME in names:
-            if not overwrite:
-                raise StoreError(f"{root} already holds a saved model; choose another folder (or overwrite=True)")
-            fsio.unlink_name(root, MANIFEST_NAME)  # first: a crash from here on leaves "no saved model"
-            fsio.fsync_dir(root)
-        for n in names:
-            if n != MANIFEST_NAME and n != LEGACY_LOCK_NAME:
-                fsio.unlink_name(root, n)
-        data_file_sha = None
-        if data_spec["kind"] == "tensors":
-            blob = st_save({str(i): t.detach().cpu().contiguous().clone() for i, t in enumerate(data.tensors)})
-            fsio.atomic_write(root, DATA_FILE, blob)
-            data_file_sha = sha256_hex(blob)
-        new_state = state_name(0)
-        blob = state_bytes(state)
-        fsio.atomic_write(root, new_state, blob)
-        digest = model_digest(model, unlearner.bank, data.state_dict()["alive"])
-        now = utc_now()
-        from .. import __version__
+        if MANIFEST_NAME in names and not overwrite:
+            raise StoreError(f"{root} already holds a saved model; choose another folder (or overwrite=True)")
+        discarded: list[str] = []  # the earlier model's files this save removed (overwrite=True)
+        wrote: list[str] = []  # the names this save (may have) created: nothing else is at them once it writes
+        renaming: list[bool] = []  # set immediately before the manifest's rename (the save's commit point)
+        renamed: list[bool] = []  # set once that rename has returned
+        try:
+            if MANIFEST_NAME in names:
+                fsio.unlink_name(root, MANIFEST_NAME)  # first: a crash from here on leaves "no saved model"
+                discarded.append(MANIFEST_NAME)
+                fsio.fsync_dir(root)
+            for n in names:
+                if n != MANIFEST_NAME and n != LEGACY_LOCK_NAME and fsio.unlink_name(root, n):
+                    discarded.append(n)
+            data_file_sha = None
+            if data_spec["kind"] == "tensors":
+                blob = st_save({str(i): t.detach().cpu().contiguous().clone() for i, t in enumerate(data.tensors)})
+                wrote.append(DATA_FILE)
+                fsio.atomic_write(root, DATA_FILE, blob)
+                data_file_sha = sha256_hex(blob)
+            new_state = state_name(0)
+            blob = state_bytes(state)
+            wrote.append(new_state)
+            fsio.atomic_write(root, new_state, blob)
+            digest = model_digest(model, unlearner.bank, data.state_dict()["alive"])
+            now = utc_now()
+            from .. import __version__
 
-        entry = {
-            "event": "save",
-            "seq": 0,
-            "time": now,
-            "n_total": data.n_total,
-            "n_remaining": len(data),
-            "removed_before_save": data.removed_ids.tolist(),
-            "bank_size": 0 if unlearner.bank is None else int(unlearner.bank.shape[0]),
-            "before_sha256": None,
-            "after_sha256": digest,
-            "prev_sha256": ledger_mod.GENESIS,
-            "software_version": __version__,
-            "format_version": FORMAT_VERSION,
-        }
-        head, _ = ledger_mod.append_entry(root / ledger_mod.LEDGER_NAME, entry)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "software_version": __version__,
-            "created": now,
-            "updated": now,
-            "sequence": 0,
-            "state_file": new_state,
-            "state_sha256": sha256_hex(blob),
-            "model_sha256": digest,
-            "model_spec": model_spec,
-            "data_spec": data_spec,
-            "data_sha256": fingerprint,
-            "data_file_sha256": data_file_sha,
-            "data_config": {"batch_size": data.batch_size, "n_total": data.n_total},
-            "sampler": sampler_cfg,
-            "unlearner": unlearner_config(unlearner),
-            "unlearner_state": {**unlearner.curvature_state()[1], "with_sampler": unlearner.sampler is not None},
-            "ledger_entries": 1,
-            "ledger_head": head,
-            "last_request_id": None,
-            "extra": extra,
-        }
-        write_manifest(root, manifest, key=k)
+            entry = {
+                "event": "save",
+                "seq": 0,
+                "time": now,
+                "n_total": data.n_total,
+                "n_remaining": len(data),
+                "removed_before_save": data.removed_ids.tolist(),
+                "bank_size": 0 if unlearner.bank is None else int(unlearner.bank.shape[0]),
+                "before_sha256": None,
+                "after_sha256": digest,
+                "prev_sha256": ledger_mod.GENESIS,
+                "software_version": __version__,
+                "format_version": FORMAT_VERSION,
+            }
+            wrote.append(ledger_mod.LEDGER_NAME)
+            head, _ = ledger_mod.append_entry(root / ledger_mod.LEDGER_NAME, entry)
+            manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "software_version": __version__,
+                "created": now,
+                "updated": now,
+                "sequence": 0,
+                "state_file": new_state,
+                "state_sha256": sha256_hex(blob),
+                "model_sha256": digest,
+                "model_spec": model_spec,
+                "data_spec": data_spec,
+                "data_sha256": fingerprint,
+                "data_file_sha256": data_file_sha,
+                "data_config": {"batch_size": data.batch_size, "n_total": data.n_total},
+                "sampler": sampler_cfg,
+                "unlearner": unlearner_config(unlearner),
+                "unlearner_state": {**unlearner.curvature_state()[1], "with_sampler": unlearner.sampler is not None},
+                "ledger_entries": 1,
+                "ledger_head": head,
+                "last_request_id": None,
+                "extra": extra,
+            }
+            fsio.atomic_write(
+                root,
+                MANIFEST_NAME,
+                manifest_bytes(manifest, k),
+                on_renaming=lambda: renaming.append(True),
+                on_replaced=lambda: renamed.append(True),
+            )
+        except Exception as exc:
+            _save_failed(root, exc, renaming=bool(renaming), renamed=bool(renamed), wrote=wrote, discarded=discarded)
     return root
+
+
+def _save_failed(
+    root: Path, exc: Exception, *, renaming: bool, renamed: bool, wrote: list[str], discarded: list[str]
+) -> None:
+    """:func:`save_model`'s answer to an error while it wrote (``exc``, raised inside ``except``).
+
+    After the manifest's rename (its folder fsync failed) the model IS saved: a :class:`RuntimeWarning` says so
+    and the save returns. Before it, the files this save wrote (``wrote``) are removed again, so that the folder is
+    not left holding a state file or ledger without a manifest (which every later save and request refuses as a
+    damaged model), and an OS error (full disk, read-only file system, I/O error, also a failed folder fsync) is
+    said naming the folder, the outcome and the fix; it was the bare OS error (stop 58's review).
+    """
+    failed = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc, StoreError) else None
+    if renamed:
+        if not isinstance(failed, OSError):
+            raise exc
+        warnings.warn(
+            f"the model IS saved in {root}, but a write step after its manifest was renamed into place failed "
+            f"({_reason(failed)}): the save may not be on disk yet if the machine loses power now; run "
+            f"`mcmc-unlearner verify --model {root}`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    if renaming and os.path.lexists(root / MANIFEST_NAME):  # the rename did not return, yet a manifest is there
+        raise StoreError(
+            f"{_reason(failed or exc)} while {root}/manifest.json was being renamed into place, and one is there now: "
+            f"whether the model is saved is UNKNOWN; nothing was removed: run `mcmc-unlearner verify --model {root}`, "
+            "and save again with overwrite=True if it fails"
+        ) from None
+    with contextlib.suppress(OSError, StoreError):
+        removed = False
+        for n in wrote:
+            removed = fsio.unlink_name(root, n) or removed
+        if removed:
+            fsio.fsync_dir(root)
+    if not isinstance(failed, OSError):
+        raise exc
+    earlier = [n for n in discarded if n in (MANIFEST_NAME, ledger_mod.LEDGER_NAME) or is_state_file(n)]
+    before = (
+        f"; the files of the model saved there before ({', '.join(earlier[:4])}) were removed first" if earlier else ""
+    )
+    raise StoreError(
+        f"could not save the model into {root} ({_reason(failed)}); nothing was saved{before}: check free space and "
+        "write permission, then save again"
+    ) from None
 
 
 def _writer_key(loaded: LoadedModel) -> Key | None:
