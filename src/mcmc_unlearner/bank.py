@@ -23,7 +23,8 @@ NaN or inf by reading the caller's tensors before any copy, and samples of integ
 parameters) complex numbers, whose cast would drop the imaginary parts. A list (of state_dicts or of vectors) or a
 dict of stacked tensors is copied block by block into one preallocated ``[S, D]`` tensor: the build's peak is the
 one copy.
-:class:`BankLayout` turns a shifted flat bank back into the caller's layout (new tensors, same dtypes and devices).
+:class:`BankLayout` turns a shifted flat bank back into the caller's layout (new tensors, same dtypes, devices and
+memory formats: a ``channels_last`` convolution weight comes back ``channels_last``).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class BankLayout:
             out = {}
             for k, v in self.template.items():
                 if k in moved:
-                    out[k] = moved[k].to(dtype=v.dtype, device=v.device)
+                    out[k] = _strided_like(v, moved[k].shape).copy_(moved[k])
                 elif isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == given:
                     out[k] = v.detach()[pick.to(v.device)].clone()
                 else:
@@ -115,12 +116,26 @@ class BankLayout:
             d = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in orig.items()}
             for name in self.spec.names:
                 key = self.prefix + name
-                d[key] = r[name].to(dtype=orig[key].dtype, device=orig[key].device).clone()
+                d[key] = _strided_like(orig[key], r[name].shape).copy_(r[name])
             for alias, name in self.tied:
                 if self.prefix + alias in d:
                     d[self.prefix + alias] = d[self.prefix + name]
             out.append(type(orig)(d) if isinstance(orig, dict) else d)
         return out
+
+
+def _strided_like(template: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An empty tensor of ``shape`` in ``template``'s dtype, device and memory format: its strides where the shapes
+    agree (``torch.empty_like``: a ``channels_last`` convolution weight comes back ``channels_last``; before, every
+    returned sample was standard-contiguous), else its dimensions' order by stride (a stacked bank given fewer
+    samples than it returns)."""
+    if tuple(template.shape) == tuple(shape):
+        return torch.empty_like(template, memory_format=torch.preserve_format)
+    if template.dim() != len(shape):
+        return torch.empty(tuple(shape), dtype=template.dtype, device=template.device)
+    order = sorted(range(template.dim()), key=lambda d: -template.stride(d))  # outermost first (stable on ties)
+    out = torch.empty([shape[d] for d in order], dtype=template.dtype, device=template.device)
+    return out.permute([order.index(d) for d in range(template.dim())])
 
 
 def tied_names(model: torch.nn.Module | None, spec: ParamSpec) -> tuple[tuple[str, str], ...]:
