@@ -118,16 +118,22 @@ def format_bytes(n: float, up: bool = False) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def _saved_bytes(f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Sequence[torch.Tensor]) -> int:
+def _saved_bytes(
+    f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Sequence[torch.Tensor], skip_parameters: bool = False
+) -> int:
     import torch
 
     seen: dict[tuple[int, int], int] = {}
+    own: list[int] = []  # the storage of the parameters passed in (skip_parameters: not counted)
 
     kept: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> None:
         try:
             key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if key[0] in own:
+                kept.append(t)
+                return None
             seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
         except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functorch wrappers)
             pass
@@ -140,6 +146,8 @@ def _saved_bytes(f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Seq
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             t = theta.detach().requires_grad_(True)
+            if skip_parameters:
+                own.append(t.untyped_storage().data_ptr())
             f(t, *batch)
     finally:
         kept.clear()
@@ -156,19 +164,21 @@ def bytes_per_row(f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Se
 
 
 def row_and_call_bytes(
-    f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Sequence[torch.Tensor]
+    f: Callable[..., torch.Tensor], theta: torch.Tensor, batch: Sequence[torch.Tensor], skip_parameters: bool = False
 ) -> tuple[int, int]:
     """``(per row, per call)``: what one call of ``f(θ, *rows)`` saves for its backward pass is about
     ``rows · per_row + per_call``. The per-call part is what does not grow with the rows: a few buffers on most
     models, but the whole graph's activations for a network that computes every node on every call (a graph
-    network whose rows are node indices: 1.2 MB against 56 bytes per row), which sizing by rows alone missed."""
+    network whose rows are node indices: 1.2 MB against 56 bytes per row), which sizing by rows alone missed.
+    ``skip_parameters``: views of ``θ`` itself (a weight saved for a matrix product's backward) are not counted,
+    for a caller that plans the parameters' copies on its own (they take no memory beside ``θ``)."""
     import torch
 
     floor = sum(t[:1].numel() * t.element_size() for t in batch if isinstance(t, torch.Tensor))
     if batch[0].shape[0] < 2:
-        return max(_saved_bytes(f, theta, batch), floor, 1), 0
-    one = _saved_bytes(f, theta, tuple(t[:1] for t in batch))
-    two = _saved_bytes(f, theta, tuple(t[:2] for t in batch))
+        return max(_saved_bytes(f, theta, batch, skip_parameters), floor, 1), 0
+    one = _saved_bytes(f, theta, tuple(t[:1] for t in batch), skip_parameters)
+    two = _saved_bytes(f, theta, tuple(t[:2] for t in batch), skip_parameters)
     per_row = max(two - one, floor, 1)
     return per_row, max(one - per_row, 0)
 

@@ -171,6 +171,12 @@ _HVP_PRODUCT_FACTOR = 12
 #: ... and this many copies of the parameters (the draw's unflattened weights, their tangents, the gradient and
 #: its tangent, the product, its share of the ``[S, D]`` result): 20-30 measured on a 301k-parameter MLP.
 _HVP_D_COPIES = 24
+#: One Hessian-vector product by double backward (the first request's check that ``nll`` can be differentiated twice,
+#: :meth:`MCMCUnlearner._once_differentiable`) holds about this many copies of the parameters (the gradient kept
+#: with its graph, its derivatives, the product, the check's saved copy of the model: 3.85 measured on a 4.3M-parameter
+#: MLP, 6.8 before the seeded vector and the sample's clone were dropped), beside ``_HVP_PRODUCT_FACTOR`` times what
+#: its rows' backward pass saves (1.1x measured through convolutions, 6.9x through attention).
+_ONCE_D_COPIES = 5
 #: Layers whose weights act at many positions or time steps: for a small model with one ``auto`` takes the dense
 #: Gauss-Newton matrix instead of the dense Hessian (one request on 574-954-parameter CNNs took 33-278 s CPU with
 #: the Hessian, 2.8-6.0 s with the Gauss-Newton matrix; the chains trained in 4-10 s).
@@ -2208,6 +2214,8 @@ class MCMCUnlearner:
         self._remaining_rows_checked: int | None = None
         #: the operation torch cannot differentiate twice that _check_forward found (every request is refused)
         self._once_differentiable_op: str | None = None
+        # bytes the double-backward check needs on one row where the budget did not fit it (put off: _check_forward)
+        self._once_deferred: int | None = None
         self._vmap_fallbacks_seen: set[str] = set()  # operations vmap ran unbatched, recorded once (report.info)
         self._forward_mixed_gap: float | None = None  # its gap above rounding, below refusal (reported once)
         self._forward_mixed_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
@@ -2762,6 +2770,8 @@ class MCMCUnlearner:
         (:func:`~mcmc_unlearner.kronecker.preserved`); an ``nll`` that fails here is left to the request to report.
         """
         if self._forward_checked:
+            if self._once_deferred is not None:  # the double-backward check a budget too small for it put off
+                self._deferred_once_check(batch)
             return
         from .kronecker import _head, preserved
 
@@ -2832,8 +2842,9 @@ class MCMCUnlearner:
             except Exception:  # not differentiable here: the request says so with its own message
                 pass
         # one Hessian-vector product by double backward: an operation torch differentiates once but not twice
-        # (F.ctc_loss) died inside the request after seconds of work with torch's raw error (stop 57's probe)
-        once_only = self._once_differentiable(rows, theta) if not random_gap else None
+        # (F.ctc_loss) died inside the request after seconds of work with torch's raw error (stop 57's probe); on as
+        # many of the rows as the memory budget fits (every rank plans alike), put off where not one row fits
+        once_only = self._once_check(rows, theta, run=not random_gap)
         # every rank refuses alike (a rank without removed rows has nothing to see)
         once_flag = float(once_only is not None)
         random_gap, grad_gap, row_gap, pattern_gap, double_gap, double_failed, once = self._reduce_max(
@@ -2952,20 +2963,82 @@ class MCMCUnlearner:
             + "; nothing was changed"
         )
 
+    def _once_check(self, rows: Batch, theta: torch.Tensor, run: bool = True) -> str | None:
+        """:meth:`_once_differentiable` on as many of ``rows`` as :meth:`_once_plan` fits in the memory budget
+        (``run``: else only planned, every rank planning alike). Where not one row fits, the check is put off
+        (``_once_deferred``: its bytes on one row): the request's own refusal names a budget that covers it
+        (:meth:`_propose`), and the first request under a budget that fits it takes it
+        (:meth:`_deferred_once_check`)."""
+        from .kronecker import _head
+
+        fit = self._once_plan(rows, theta)
+        if not fit or not run:
+            return None
+        return self._once_differentiable(_head(rows, fit), theta)
+
+    def _deferred_once_check(self, batch: Batch) -> None:
+        """The double-backward check of :meth:`_check_forward` on a later request, where the first one's budget
+        did not fit it (the same rows' head and sample); the operation it finds is refused before any work, as on
+        the first request."""
+        from .kronecker import _head
+
+        rows = _head(tuple(batch), FORWARD_CHECK_ROWS)
+        theta = self._forward_check_sample(ParamSpec.flatten_module(self.model))
+        once_only = self._once_check(rows, theta)
+        if self._once_deferred is None and float(
+            self._reduce_max(torch.tensor([float(once_only is not None)], dtype=torch.float64))[0]
+        ):
+            self._once_differentiable_op = once_only or "on another rank"
+
+    def _once_plan(self, rows: Batch, theta: torch.Tensor) -> int:
+        """How many of ``rows`` (the first ones) :meth:`_once_differentiable`'s product takes within the memory
+        budget: ``_ONCE_D_COPIES`` copies of the parameters beside ``_HVP_PRODUCT_FACTOR`` times what the rows'
+        backward pass saves besides the parameters (measured here on one and two rows, the largest over the ranks;
+        :func:`~mcmc_unlearner.memory.row_and_call_bytes` with ``skip_parameters``), recorded as
+        ``info["memory"]["planned"]["second_derivative_check"]``; 0 where not even one row fits (its bytes on one
+        row kept in ``_once_deferred``, else ``None``). The product on a 52.7M-parameter MLP took 1,414 MiB (7.0
+        copies of the parameters) beside the request's 1,610 MiB before it was planned (stop 58)."""
+        from .kronecker import field_rows, preserved
+
+        total = field_rows(rows)
+        d_bytes = self.spec.dim * theta.element_size()
+        try:
+            with preserved(self.model):  # a training-mode forward's buffer writes (a call counter) put back
+                per_row, per_call = row_and_call_bytes(self._h_f(), theta, rows, skip_parameters=True)
+        except Exception:  # the request reports a failing nll with its own message
+            per_row = sum(t[:1].numel() * t.element_size() for t in rows if isinstance(t, torch.Tensor)) * 64
+            per_call = 0
+        per_row, per_call = (
+            int(v) for v in self._reduce_max(torch.tensor([float(per_row), float(per_call)], dtype=torch.float64))
+        )
+
+        def need(r: int) -> int:
+            return _ONCE_D_COPIES * d_bytes + _HVP_PRODUCT_FACTOR * (r * per_row + per_call)
+
+        fit = max((r for r in range(1, max(total, 1) + 1) if need(r) <= self.memory_budget), default=0)
+        self._once_deferred = None if fit else need(1)
+        if fit:
+            self._plan("second_derivative_check", need(fit))
+        return fit
+
     def _once_differentiable(self, rows: Batch, theta: torch.Tensor) -> str | None:
         """The operation torch names when one Hessian-vector product of ``nll`` on ``rows`` at ``theta`` by double
         backward fails with its "derivative for ... is not implemented" (``F.ctc_loss``: ``aten::_ctc_loss_backward``;
-        ``F.embedding_bag``), else ``None`` (any other failure is left to the request to report). The model is put
-        back as it was (:func:`~mcmc_unlearner.kronecker.preserved`)."""
+        ``F.embedding_bag``), else ``None`` (any other failure is left to the request to report). The product is of
+        the gradient's sum (the direction does not matter: a missing derivative fails whatever it is), at ``theta``
+        itself (not copied), the gradient freed before the second backward: 3.85 copies of the parameters instead of
+        6.8 with a seeded vector (:meth:`_once_plan` plans them). The model is put back as it was
+        (:func:`~mcmc_unlearner.kronecker.preserved`)."""
         from .kronecker import preserved
 
-        v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=theta.dtype).to(theta.device)
         try:
             with preserved(self.model), torch.enable_grad():
-                t = theta.clone().requires_grad_(True)
+                t = theta.detach().requires_grad_(True)  # read, never written: no copy
                 (g,) = torch.autograd.grad(self._h_f()(t, *rows), t, create_graph=True)
                 if g.requires_grad:
-                    torch.autograd.grad(g @ v, t, allow_unused=True)
+                    total = g.sum()
+                    del g  # its graph keeps what the second backward needs
+                    torch.autograd.grad(total, t, allow_unused=True)
         except (NotImplementedError, RuntimeError) as exc:
             return _not_differentiable_op(exc)
         except Exception:  # the request reports a failing nll with its own message
@@ -3380,8 +3453,9 @@ class MCMCUnlearner:
         """``report.info["memory"]``: the budget, the bytes each planning path of the request planned at most
         (``planned``, keyed by path: ``gradients``, ``check``, ``hessian_products``, ``dense_hessian``,
         ``dense_matrices``, ``ggn_jacobians``, ``kfac_build``, ``kfac_probes``, ``sample_shift``,
-        ``emptied_label_resample``, ``unread_embedding_rows``), their largest (``planned_peak``) and what is held
-        outside the plans (``not_planned``, with this request's bytes per ``[S, D]`` copy)."""
+        ``emptied_label_resample``, ``unread_embedding_rows``, ``second_derivative_check``), their largest
+        (``planned_peak``) and what is held outside the plans (``not_planned``, with this request's bytes per
+        ``[S, D]`` copy)."""
         S = 0 if self.bank is None else int(self.bank.shape[0])
         D = int(self.spec.dim)
         item = self.bank.element_size() if self.bank is not None else ParamSpec.params(self.model)[0].element_size()
@@ -4499,7 +4573,8 @@ class MCMCUnlearner:
             total, row = self.bank.shape[0] + 1, self.spec.dim * self.bank.element_size()
             if self._sample_shift_chunk() <= self.bank.shape[0]:
                 shift = (SAMPLE_SHIFT_RESERVE * total + SAMPLE_SHIFT_COPIES) * row
-        least = max(floor, product, shift)
+        once = self._once_deferred or 0  # the first request's double-backward check, put off: not one row fitted
+        least = max(floor, product, shift, once)
         if least > self.memory_budget and self.solver is SolverName.KFAC:
             # refused anyway: K-FAC's own build (KFACBackend.prepare checks it) named too, where it is the larger
             kfac = self._kfac_need(stream, n, batch, floor) or 0
@@ -4517,6 +4592,15 @@ class MCMCUnlearner:
                 f"{self.spec.dim:,} parameters and one row's derivatives, {format_bytes(self._call_cost(1))} saved "
                 f"per call), over the memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at "
                 f"least {format_bytes(floor, up=True)}; nothing was changed"
+            )
+        if least > self.memory_budget and once == least:
+            raise MemoryError(
+                f"the check that nll can be differentiated twice (one Hessian-vector product by double backward, "
+                f"which every curvature backend and the safety check need; taken once, before the first request's "
+                f"work) needs at least {format_bytes(once, up=True)} on one row ({_ONCE_D_COPIES} copies of the "
+                f"{self.spec.dim:,} parameters and the row's second derivatives), over the memory budget of "
+                f"{format_bytes(self.memory_budget)}: raise memory_budget to at least {format_bytes(once, up=True)}; "
+                "nothing was changed"
             )
         if least > self.memory_budget:
             raise MemoryError(
