@@ -654,6 +654,16 @@ class DistributedUnlearner(MCMCUnlearner):
     ) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared, every_row))
 
+    def _problem(self, stream: Any, n: int, batch: Batch, c_thetas: torch.Tensor, *args: Any) -> Any:
+        """:meth:`MCMCUnlearner._problem`, with the first row of the rank's curvature data (a weight-0 padding row
+        where the rank owns none of it) as the rows K-FAC identifies the likelihood on when it has no real row: a
+        rank holding no remaining row (3 ranks, a request removing all of one rank's rows) failed there while the
+        other ranks waited in the factors' all-reduce until the timeout."""
+        problem = super()._problem(stream, n, batch, c_thetas, *args)
+        first = problem.batch[:-1] if problem.shared else tuple(t[0] for t in problem.batch[:-1])
+        problem.probe = tuple(t[:1] for t in first)
+        return problem
+
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         return AllReducedOperator(super()._operator(f, thetas, batch, shared), self.group)
 

@@ -1773,6 +1773,7 @@ class KroneckerCurvature:
         exact_expectation: bool | None = None,
         sampling: str = "gaussian",
         row_chunk: int | None = None,
+        probe: Batch | None = None,
     ) -> KroneckerCurvature:
         """Accumulate the factors over posterior draws ``thetas[s]`` with minibatches ``batches[s]``.
 
@@ -1814,6 +1815,9 @@ class KroneckerCurvature:
                 made for the whole minibatch first, as in one pass, and the diagonal's minibatch gradients are
                 squared after the chunks are summed: the factors equal the one-pass ones to rounding (the rows must
                 not interact: BatchNorm in training mode does; ``sampling="gaussian"`` only).
+            probe: Rows to identify the likelihood on where no minibatch has any (a data-parallel rank holding none
+                of the curvature rows; its statistics are then zero, and it joins every ``reduce``); default: the
+                first minibatch that has rows.
 
         Raises:
             ValueError: on inconsistent shapes, an unknown likelihood, or a likelihood that cannot be used.
@@ -1864,14 +1868,17 @@ class KroneckerCurvature:
         # ---- likelihood
         detected: dict[str, Any] = {}
         auto = lik is Likelihood.AUTO
+        # the likelihood is read off rows: a data-parallel rank holding none of the curvature rows (3 ranks, a request
+        # removing every row of one) failed on an empty minibatch while the other ranks waited in a collective
+        seen = next((b for b in batches if field_rows(b) > 0), batches[0] if probe is None else tuple(probe))
         if auto:
             if nll is not None:
-                lik, detected = detect_likelihood(model, nll, batches[0])
+                lik, detected = detect_likelihood(model, nll, seen)
             else:
-                lik = cls._guess_without_nll(model, batches[0])
+                lik = cls._guess_without_nll(model, seen)
         if lik is Likelihood.GAUSSIAN and sigma is None:
             if nll is not None and not detected:
-                kind, detected = detect_likelihood(model, nll, batches[0])
+                kind, detected = detect_likelihood(model, nll, seen)
                 if kind is not Likelihood.GAUSSIAN:
                     raise ValueError(
                         "likelihood='gaussian' but nll is not a Gaussian NLL in model(x): pass sigma=... or "
@@ -1890,7 +1897,7 @@ class KroneckerCurvature:
             info["likelihood_reason"] = detected["reason"]
         if auto and lik is Likelihood.EMPIRICAL:
             info["likelihood_fallback"] = empirical_fallback_message(
-                detected.get("reason", ""), plain_output(model, batches[0]), int(thetas.shape[1])
+                detected.get("reason", ""), plain_output(model, seen), int(thetas.shape[1])
             )
         link = {k: detected[k] for k in _LINK_KEYS if k in detected} if lik is not Likelihood.EMPIRICAL else {}
         notes = {k: v for k, v in detected.items() if k not in ("reason", "sigma", "constant")}

@@ -63,6 +63,8 @@ class Problem:
         alternatives: ``(*solvers) -> str``: a memory refusal's suggestion of those solvers, each as fitting this
             request's budget or with the budget it needs (``""``: none).
         plan: ``(path, nbytes)``: records the bytes a backend's planning path planned (``report.info["memory"]``).
+        probe: Rows in ``nll``'s format to identify the likelihood on where the curvature data holds none (a
+            data-parallel rank that owns none of its rows: its weight-0 padding row); ``None``: the data's own.
     """
 
     model: nn.Module
@@ -85,6 +87,7 @@ class Problem:
     info: dict[str, Any] = field(default_factory=dict)
     alternatives: Callable[..., str] = lambda *solvers: ""
     plan: Callable[[str, int], None] = lambda path, nbytes: None
+    probe: Batch | None = None
 
     @property
     def dim(self) -> int:

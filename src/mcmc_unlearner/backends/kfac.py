@@ -143,6 +143,7 @@ class KFACBackend(CurvatureBackend):
                 mc_samples=self.mc_samples,
                 generator=problem.generator,
                 reduce=problem.reduce,  # None in one process (keeps the Gram-matrix path for wide layers)
+                probe=problem.probe,  # a rank holding none of the curvature rows reads the likelihood here
                 **({} if row_chunk is None else {"row_chunk": row_chunk}),
             )
             age = 1
