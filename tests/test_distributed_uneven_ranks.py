@@ -1,6 +1,9 @@
 """Ranks whose shares of a request differ in size (stop 58's probe, issue 11): a rank holding none of the remaining
-rows read K-FAC's likelihood off an empty minibatch (torch's ``min()`` error there, the other ranks waiting in the
-factors' all-reduce until gloo's timeout). It now matches one process on the same rows."""
+rows, and a rank holding one row of the request while another holds several. Each rank decided alone from its own
+rows: K-FAC read the likelihood off an empty minibatch on the first (torch's ``min()`` error there, the other ranks
+waiting in the factors' all-reduce until gloo's timeout), and the memory plan measured bytes per row on one row on
+the second (the per-call bytes counted in every row: one rank read every remaining row for the curvature, the other
+minibatches, a silent mixture 3.3e-3 of the bank off one process). Both now match one process on the same rows."""
 
 from __future__ import annotations
 
@@ -32,10 +35,12 @@ def _setup(hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, to
     return x, y, model, theta + 0.05 * torch.randn(6, theta.numel(), generator=g)
 
 
-# every row of rank 2 of 3 (K-FAC, minibatches of 8)
+# every row of rank 2 of 3 (K-FAC, minibatch of 8); rows 0, 2, 4 (rank 0 of 2) with rank 1's share padded to one row
 CASES = {
     "kfac_empty_rank": dict(hidden=6, ids=list(range(2, N, 3)), kw=dict(solver="kfac", mc_samples=3)),
     "kfac_empty_rank_mc1": dict(hidden=6, ids=list(range(2, N, 3)), kw=dict(solver="kfac")),
+    # every remaining row fits when measured on rows 0, 2, 4 (62 kB), not when a row carries the per-call bytes
+    "memory_plan": dict(hidden=32, ids=[0, 2, 4], kw=dict(solver="cg", curvature_data="full", memory_budget=190_000)),
 }
 
 
@@ -76,3 +81,10 @@ def test_a_rank_holding_no_remaining_row_builds_kfac_with_the_others(tmp_path):
     spawn(_worker, str(tmp_path), cases, world=3)
     # mc_samples=3 ≥ 3 labels: the exact expectation, one process's factors; mc_samples=1 is another Monte-Carlo draw
     _check(tmp_path, 3, cases, one_process=["kfac_empty_rank"])
+
+
+def test_ranks_of_unequal_shares_plan_the_curvature_data_alike(tmp_path):
+    spawn(_worker, str(tmp_path), ["memory_plan"], world=2)
+    _check(tmp_path, 2, ["memory_plan"], one_process=["memory_plan"])
+    ranks = json.loads((tmp_path / "w2-rank1.json").read_text())
+    assert ranks["memory_plan"]["data"] == "full"

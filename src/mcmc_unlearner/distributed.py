@@ -654,6 +654,24 @@ class DistributedUnlearner(MCMCUnlearner):
     ) -> torch.Tensor:
         return self._reduce(super()._dense_hessian(f, thetas, batch, shared, every_row))
 
+    def _bytes_per_row(self, f: Callable, theta: torch.Tensor, batch: Batch) -> int:
+        """:meth:`MCMCUnlearner._bytes_per_row`, the same on every rank: measured on the rank's own share, a rank of
+        one row (a single removed row, or a weight-0 padding row) counts the per-call bytes in every row (an MLP:
+        2,616 bytes a row against 296 a row plus 2,320 a call), so the ranks planned the curvature data differently
+        (every row on one rank, minibatches on the other) under one budget. Every rank takes the largest split
+        measured on two rows or more (one process's measurement on the request's rows), else the largest single-row
+        one."""
+        if self._row_bytes is not None:
+            return self._row_bytes
+        super()._bytes_per_row(f, theta, batch)
+        split = int(batch[0].shape[0]) >= 2
+        row, call = float(self._row_bytes or 1), float(self._call_bytes)
+        both = self._reduce_max(
+            torch.tensor([row if split else 0.0, call if split else 0.0, row], dtype=torch.float64)
+        ).tolist()
+        self._row_bytes, self._call_bytes = (int(both[0]), int(both[1])) if both[0] > 0 else (int(both[2]), 0)
+        return self._row_bytes
+
     def _problem(self, stream: Any, n: int, batch: Batch, c_thetas: torch.Tensor, *args: Any) -> Any:
         """:meth:`MCMCUnlearner._problem`, with the first row of the rank's curvature data (a weight-0 padding row
         where the rank owns none of it) as the rows K-FAC identifies the likelihood on when it has no real row: a
