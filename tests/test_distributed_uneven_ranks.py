@@ -88,3 +88,54 @@ def test_ranks_of_unequal_shares_plan_the_curvature_data_alike(tmp_path):
     _check(tmp_path, 2, ["memory_plan"], one_process=["memory_plan"])
     ranks = json.loads((tmp_path / "w2-rank1.json").read_text())
     assert ranks["memory_plan"]["data"] == "full"
+
+
+RESUME = dict(solver="kfac", mc_samples=3, refresh_every=3, recenter_every=0)
+
+
+def _one_process_first_request() -> tuple:
+    """One process forgets rows 0-4; returns its model, data and curvature state (a checkpoint to resume from)."""
+    x, y, model, bank = _setup(6)
+    data = RemovableDataset(x, y, batch_size=8, seed=4)
+    un = MCMCUnlearner(model, bank=bank, nll=ce_nll, log_prior=gaussian_log_prior, **RESUME)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        un.forget([0, 1, 2, 3, 4], data, strict=False)
+    return model, data, un
+
+
+def _resume_worker(rank: int, world: int, out: str) -> None:
+    found = {}
+    for case in ("every_rank", "rank0_only"):
+        model, data, one = _one_process_first_request()
+        tensors, meta = one.curvature_state()
+        shard = ShardedDataset.from_removable(data, rank, world)
+        un = DistributedUnlearner(model, bank=one.bank, nll=ce_nll, log_prior=gaussian_log_prior, **RESUME)
+        if case == "every_rank" or rank == 0:
+            un.load_curvature_state(tensors, meta)
+        try:
+            report = un.forget([10, 11, 13, 40], shard, strict=False)
+            found[case] = {"bank": un.bank.tolist(), "reused": report.info["preconditioner_reused"]}
+        except Exception as e:  # the message is what is compared
+            found[case] = {"error": f"{type(e).__name__}: {e}", "kept": bool(torch.equal(un.bank, one.bank))}
+    with open(f"{out}/resume-rank{rank}.json", "w") as f:
+        json.dump(found, f)
+
+
+def test_a_state_saved_by_one_process_resumes_on_two_ranks_and_one_loaded_on_one_rank_only_is_refused(tmp_path):
+    """The curvature state does not depend on the world size: saved by one process, it resumes on two ranks (the
+    K-FAC factors reused, the removal one process's); loaded on rank 0 only, rank 0 reused its factors while rank 1
+    built its own and gloo aborted both processes (SIGABRT); now every rank refuses, nothing changed."""
+    spawn(_resume_worker, str(tmp_path), world=2)
+    ranks = [json.loads((tmp_path / f"resume-rank{r}.json").read_text()) for r in range(2)]
+    _, data, one = _one_process_first_request()
+    before = one.bank.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert one.forget([10, 11, 13, 40], data, strict=False).info["preconditioner_reused"]
+    shift = (one.bank - before).norm().item()
+    for r in ranks:
+        assert r["every_rank"]["reused"]
+        assert (torch.tensor(r["every_rank"]["bank"]) - one.bank).norm().item() < 1e-4 * shift  # 3e-8 measured
+        assert r["rank0_only"]["error"].startswith("InvalidRequestError: the ranks hold different curvature states")
+        assert r["rank0_only"]["kept"]

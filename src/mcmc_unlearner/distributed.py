@@ -32,6 +32,7 @@ Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MA
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -429,6 +430,15 @@ def _prefix_progress_with_rank() -> None:
             logger.addFilter(_RANK_PREFIX)
 
 
+def _without_info(meta: Any) -> Any:
+    """``meta`` without its ``"info"`` entries (a build's timings, which differ between two identical builds)."""
+    if isinstance(meta, dict):
+        return {k: _without_info(v) for k, v in meta.items() if k != "info"}
+    if isinstance(meta, (list, tuple)):
+        return [_without_info(v) for v in meta]
+    return meta
+
+
 class DistributedUnlearner(MCMCUnlearner):
     """:class:`~mcmc_unlearner.unlearner.MCMCUnlearner` over a data-parallel group.
 
@@ -491,7 +501,23 @@ class DistributedUnlearner(MCMCUnlearner):
         self._local_nll = self.nll
         self.nll = self._weighted_nll
         self.energy = self._shard_energy
+        self._state_words = [0.0] * 4  # digest of the curvature state loaded last (none: zeros), agreed per request
         self._check_banks_agree()  # on every rank, with or without a bank: a collective every rank must join
+
+    def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """:meth:`MCMCUnlearner.load_curvature_state`, remembering a digest of what was loaded: the next request
+        refuses, on every rank, ranks that loaded different states or where only some ranks loaded one (one rank
+        reusing its loaded K-FAC factors while another built its own aborted both in gloo, SIGABRT: stop 58's
+        probe). The state itself does not depend on the world size: one saved by one process, or by 2 ranks, loads
+        into any number of ranks."""
+        super().load_curvature_state(tensors, meta)
+        h = hashlib.sha256(json.dumps(_without_info(meta), sort_keys=True, default=str).encode())
+        for k in sorted(tensors):
+            t = tensors[k].detach().cpu().contiguous()
+            h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest = h.digest()
+        self._state_words = [float(1 + int.from_bytes(digest[i : i + 6], "big")) for i in (0, 6, 12, 18)]
 
     # ------------------------------------------------------------------ the rank's share of the energy
     def _weighted_nll(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -603,27 +629,34 @@ class DistributedUnlearner(MCMCUnlearner):
                 n = len(remaining)
         except (InvalidRequestError, TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
             err = e
+        same = [float(n or 0), *self._state_words]  # each the same on every rank: their max is minus the min of -x
         flags = torch.tensor(
             [
                 0.0 if err is None else 1.0,
                 float(batch[-1].ne(0).sum()) if err is None else 0.0,
-                float(n or 0),
-                -float(n or 0),
+                *same,
+                *(-v for v in same),
             ],
             dtype=torch.float64,
         )
         flags[:2] = self._reduce(flags[:2].clone())
         flags[2:] = _all_reduce(flags[2:].clone(), self.group, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        high, low = flags[2:7], -flags[7:12]
         if err is not None:
             raise err
         if flags[0] > 0:
             raise InvalidRequestError("another rank refused this request (see its error); nothing was changed")
         if flags[1] == 0:
             raise InvalidRequestError("deletion request is empty on every rank: pass at least one removed point")
-        if flags[2] != -flags[3]:
+        if high[0] != low[0]:
             raise InvalidRequestError(
-                f"the ranks give different numbers of remaining rows ({int(-flags[3])} to {int(flags[2])}): "
+                f"the ranks give different numbers of remaining rows ({int(low[0])} to {int(high[0])}): "
                 "n_remaining must be the global count, the same on every rank; nothing was changed"
+            )
+        if not torch.equal(high[1:], low[1:]):
+            raise InvalidRequestError(
+                "the ranks hold different curvature states (load_curvature_state was called on some ranks only, or "
+                "with different states): load the same saved state on every rank, or none; nothing was changed"
             )
         prop = super().propose(batch, remaining, n)
         prop._removed_total = round(float(flags[1]))  # the weight-1 rows over every rank
