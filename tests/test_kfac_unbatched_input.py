@@ -263,3 +263,38 @@ def test_the_same_linear_without_the_code_call_is_still_factored() -> None:
         report = un.remove((x[:4], y[:4]), (x[4:], y[4:]), strict=False)
     assert not [w for w in caught if "without the batch's rows" in str(w.message)]
     assert report.solver == "kfac" and "lin" in report.info["kfac"]["kronecker"]
+
+
+class RowsAndSelected(nn.Module):
+    """A Linear applied to the rows and again to the rows a feature selects (``refine``), or an expert reached by
+    the rows a feature selects (``expert``): with no row selected, a call on an empty ``[0, 6]`` input."""
+
+    def __init__(self, expert: bool) -> None:
+        super().__init__()
+        self.expert = expert
+        self.lin, self.other, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x[:, 0] > 100.0  # no row of these batches
+        at = m.nonzero().flatten()
+        if self.expert:
+            h = self.other(x).index_put((at,), self.lin(x[m]))
+        else:
+            h = self.lin(x).index_add(0, at, self.lin(x[m]))
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("expert", [False, True], ids=["rows_and_empty", "empty_expert"])
+@pytest.mark.parametrize("solver", ["kfac", "auto"])
+def test_a_call_on_an_empty_selection_is_no_shared_code(expert: bool, solver: str) -> None:
+    """An empty input has no location, let alone one every row shares, and stays empty with the rows reversed: the
+    layer on the rows and on an empty selection was left to the diagonal ('shape [0, 6] ... one location shared by
+    every row', warned) and auto took CG; so was an expert no row reached. Both are factored."""
+    torch.manual_seed(0)
+    model = RowsAndSelected(expert).eval()
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    report, said, _ = _request(model, x, y, solver)
+    assert said == []
+    kfac = report.info["kfac"]
+    assert report.solver == "kfac" and "unbatched_input" not in kfac
+    assert "lin" in kfac["kronecker"]

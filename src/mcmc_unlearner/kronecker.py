@@ -1600,7 +1600,9 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
         if reversing[0] or not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
             return  # (the build does not factor such a call either)
         covered[blk.name] += _rows_covered(blk.kind, args[0])
-        if not _unbatched_call(blk.kind, args[0], field_rows(probe)):
+        if args[0].numel() == 0:
+            pass  # no location (a routed subset no row reaches): neither the rows nor a code (_unbatched_candidates)
+        elif not _unbatched_call(blk.kind, args[0], field_rows(probe)):
             on_rows.add(blk.name)
         elif blk.name not in first:
             first[blk.name] = args[0].detach().clone()  # its first unbatched call's input (for _fixed_inputs)
@@ -1658,7 +1660,7 @@ def _fixed_inputs(
     def record(module: nn.Module, args: tuple, out: Any) -> None:
         blk = by_module[module]
         if blk.name in names and blk.name not in seen and args and isinstance(args[0], Tensor):
-            if _unbatched_call(blk.kind, args[0], k):  # (a call on the rows, besides the code's, passes)
+            if args[0].numel() and _unbatched_call(blk.kind, args[0], k):  # (not a call on the rows, nor an empty one)
                 seen[blk.name] = args[0].detach().clone()
 
     handle = _first_forward_hook({m: b for m, b in by_module.items() if b.name in names}, record)
@@ -1682,8 +1684,10 @@ def _unbatched_candidates(
     whose calls cover the rows and more, yet whose per-row factors would mix the code's location, its output
     gradient summed over every row, with the rows' (stop 58's probe: xᵀKx of such a layer 2.8 relative off the
     dense GGN, 1.6e-7 without the code's call). A model looping over its rows (every call unbatched, one per row)
-    is neither."""
-    return {name for name, c in covered.items() if c < rows} | (set(first) & on_rows)
+    is neither, nor a call on an empty input (``self.f(x[m])`` where no row is selected: no location, no code; its
+    ``[0, d]`` input stays empty with the rows reversed, and such a layer went to the diagonal as 'one location
+    shared by every row'), which ``first`` and ``on_rows`` leave out."""
+    return {name for name, c in covered.items() if c < rows and name in first} | (set(first) & on_rows)
 
 
 def _unbatched_call(kind: str, x: Tensor, rows: int) -> bool:
@@ -1962,7 +1966,7 @@ class KroneckerCurvature:
             fired.add(blk.name)
             ncalls[blk.name] += 1
             rows_seen[blk.name] += _rows_covered(blk.kind, args[0])  # (the first forward's calls decide unbatched)
-            if s_at[0] == 0 and part.get("r0", 0) == 0:
+            if s_at[0] == 0 and part.get("r0", 0) == 0 and args[0].numel():  # (an empty input: no location)
                 if not _unbatched_call(blk.kind, args[0], part.get("rows", 0)):
                     on_rows.add(blk.name)
                 elif blk.name not in first_input:  # its first unbatched call's input, kept for _fixed_inputs
