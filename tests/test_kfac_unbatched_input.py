@@ -298,3 +298,50 @@ def test_a_call_on_an_empty_selection_is_no_shared_code(expert: bool, solver: st
     kfac = report.info["kfac"]
     assert report.solver == "kfac" and "unbatched_input" not in kfac
     assert "lin" in kfac["kronecker"]
+
+
+class RowsAndPrototypes(nn.Module):
+    """One Linear applied to the rows and to ``k`` learned prototypes (a code of ``k`` locations, each shared by
+    every row), one output."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.z = nn.Parameter(torch.randn(k, 6))
+        self.lin = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.lin(self.z).mean(0)
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_a_linear_on_the_rows_and_on_as_many_codes_as_rows_is_left_to_the_diagonal(k: int) -> None:
+    """16 prototypes and a minibatch of 8 rows: the prototypes' call covers 16 locations, no fewer than the rows,
+    so it was taken for a call on the rows and factored (K-FAC's vᵀKv 0.53 relative off the dense GGN's, unflagged);
+    4 prototypes were caught. Both now: their input is not the rows (:func:`_off_rows_call`) and stays with the
+    rows reversed."""
+    from mcmc_unlearner.kronecker import KroneckerCurvature
+
+    torch.manual_seed(0)
+    model = RowsAndPrototypes(k).eval()
+    x = torch.randn(8, 6)
+    theta = ParamSpec.flatten_module(model).detach()[None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kfac = KroneckerCurvature.build(
+            model, theta, [(x, x[:, 0])], 100, nll=lambda m, b: 0.5 * (m(b[0]).squeeze(-1) - b[1]) ** 2
+        )
+    assert kfac.info["unbatched_input"] == ["lin"], [str(w.message) for w in caught]
+    assert "lin" not in kfac.info["kronecker"]
+    assert "without the batch's rows (shape [" + f"{k}, 6]" in kfac.info["diagonal"]["lin.weight"]
+
+
+def test_off_rows_calls() -> None:
+    from mcmc_unlearner.kronecker import _off_rows_call
+
+    assert not _off_rows_call("linear", torch.zeros(8, 4), 8)
+    assert not _off_rows_call("linear", torch.zeros(8, 3, 4), 8)  # [B, T, d]
+    assert not _off_rows_call("linear", torch.zeros(3, 8, 4), 8)  # [T, B, d]
+    assert not _off_rows_call("conv2d", torch.zeros(8, 1, 5, 5), 8)
+    assert _off_rows_call("linear", torch.zeros(16, 4), 8)  # 16 codes (or flattened locations: reversal decides)
+    assert _off_rows_call("conv2d", torch.zeros(16, 1, 5, 5), 8)
+    assert _off_rows_call("linear", torch.zeros(4), 8)

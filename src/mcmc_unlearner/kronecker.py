@@ -1602,7 +1602,7 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
         covered[blk.name] += _rows_covered(blk.kind, args[0])
         if args[0].numel() == 0:
             pass  # no location (a routed subset no row reaches): neither the rows nor a code (_unbatched_candidates)
-        elif not _unbatched_call(blk.kind, args[0], field_rows(probe)):
+        elif not _off_rows_call(blk.kind, args[0], field_rows(probe)):
             on_rows.add(blk.name)
         elif blk.name not in first:
             first[blk.name] = args[0].detach().clone()  # its first unbatched call's input (for _fixed_inputs)
@@ -1647,7 +1647,7 @@ def _rows_covered(kind: str, x: Tensor) -> int:
 def _fixed_inputs(
     forward: Callable[[Batch], Any], batch: Batch, by_module: dict, names: set[str], first: dict[str, Tensor]
 ) -> set[str]:
-    """The layers among ``names`` whose first unbatched input (:func:`_unbatched_call`) in ``forward`` over
+    """The layers among ``names`` whose first input off the rows (:func:`_off_rows_call`) in ``forward`` over
     ``batch``'s rows reversed is the one they had on ``batch`` (``first``): a code every row shares (a
     hypernetwork's, also where the layer is applied to the rows in the same forward), not a subset of the rows
     (experts a model routes rows to, ``self.a(x[m])``, which also cover fewer rows than the batch). One forward
@@ -1660,7 +1660,7 @@ def _fixed_inputs(
     def record(module: nn.Module, args: tuple, out: Any) -> None:
         blk = by_module[module]
         if blk.name in names and blk.name not in seen and args and isinstance(args[0], Tensor):
-            if args[0].numel() and _unbatched_call(blk.kind, args[0], k):  # (not a call on the rows, nor an empty one)
+            if args[0].numel() and _off_rows_call(blk.kind, args[0], k):  # (not a call on the rows, nor an empty one)
                 seen[blk.name] = args[0].detach().clone()
 
     handle = _first_forward_hook({m: b for m, b in by_module.items() if b.name in names}, record)
@@ -1680,7 +1680,8 @@ def _unbatched_candidates(
     """The layers a forward over ``rows`` rows may have called on a code without the batch's rows, to be told from
     subsets of the rows by :func:`_fixed_inputs`: those whose calls, summed, cover fewer locations than the rows
     (``covered``: a hypernetwork's code, or routed experts), and those with both a call on the rows (``on_rows``)
-    and an unbatched call (``first``): a ``Linear`` applied to ``x`` and to a learned code in the same forward,
+    and a call off them (``first``, :func:`_off_rows_call`; a code of exactly as many locations as the rows reads
+    as rows): a ``Linear`` applied to ``x`` and to a learned code in the same forward,
     whose calls cover the rows and more, yet whose per-row factors would mix the code's location, its output
     gradient summed over every row, with the rows' (stop 58's probe: xᵀKx of such a layer 2.8 relative off the
     dense GGN, 1.6e-7 without the code's call). A model looping over its rows (every call unbatched, one per row)
@@ -1697,6 +1698,20 @@ def _unbatched_call(kind: str, x: Tensor, rows: int) -> bool:
     fewer: a model that loops over its rows (``torch.stack([net(x_i) for x_i in x])``) calls it once per row and
     covers them all; a hypernetwork calls it once on a code shared by every row."""
     return _rows_covered(kind, x) < rows
+
+
+def _off_rows_call(kind: str, x: Tensor, rows: int) -> bool:
+    """Whether one call of a factored layer on input ``x`` does not hold a forward's ``rows`` rows on its row axis:
+    an unbatched call (:func:`_unbatched_call`), or an input whose leading dimension (or, for a ``Linear`` on a
+    ``[T, B, d]`` sequence, its second) is not the rows, e.g. ``k`` learned codes ``[k, d]`` with ``k`` at least the
+    rows (a ``Linear`` on ``x`` and on 16 prototypes, 8 rows: its calls covered the rows and more, and K-FAC's
+    xᵀKx was 0.53 relative off the dense GGN, unflagged), also a subset of the rows or their flattened locations,
+    which :func:`_fixed_inputs` tells from a code (they move with the rows). ``[B, ...]`` calls are on the rows."""
+    if _unbatched_call(kind, x, rows):
+        return True
+    if int(x.shape[0]) == rows:
+        return False
+    return not (kind == "linear" and x.dim() >= 3 and int(x.shape[1]) == rows)
 
 
 def _owner_reason(model: nn.Module, name: str) -> str:
@@ -1967,7 +1982,7 @@ class KroneckerCurvature:
             ncalls[blk.name] += 1
             rows_seen[blk.name] += _rows_covered(blk.kind, args[0])  # (the first forward's calls decide unbatched)
             if s_at[0] == 0 and part.get("r0", 0) == 0 and args[0].numel():  # (an empty input: no location)
-                if not _unbatched_call(blk.kind, args[0], part.get("rows", 0)):
+                if not _off_rows_call(blk.kind, args[0], part.get("rows", 0)):
                     on_rows.add(blk.name)
                 elif blk.name not in first_input:  # its first unbatched call's input, kept for _fixed_inputs
                     first_input[blk.name] = args[0].detach().clone()
