@@ -59,3 +59,28 @@ def test_samples_come_back_in_the_callers_memory_format(kind: str) -> None:
     for i, sd in enumerate(rows):
         got = torch.cat([sd[n].reshape(-1) for n, _ in model.named_parameters()])
         assert torch.equal(got, flat[i])
+
+
+def test_samples_collected_beyond_a_stacked_bank_keep_its_layout() -> None:
+    """``collect()`` grows a stacked bank past the samples given: the returned tensors are laid out as torch lays
+    out the given ones densely. A channels_last convolution weight stays channels_last per sample; a weight given
+    expanded (stride 0 over the samples: every sample the same) comes back contiguous, as it does before
+    ``collect()``, not ordered by its raw strides (the samples innermost: strides (1, 320, 5), each sample's slice
+    strided)."""
+    model = _cnn()
+    torch.manual_seed(1)
+    S = 4
+    given = model.state_dict().items()
+    stacked = {k: torch.stack([v + 0.05 * torch.randn_like(v) for _ in range(S)]) for k, v in given}
+    stacked["5.weight"] = model[5].weight.detach().expand(S, -1, -1)
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=stacked, seed=0, solver="kfac")
+    assert un.samples()["5.weight"].is_contiguous()
+    un.collect()
+    out = un.samples()
+    assert out["5.weight"].shape[0] == S + 1
+    assert out["5.weight"].is_contiguous(), out["5.weight"].stride()
+    assert all(_cl(out["0.weight"][i]) and _cl(out["2.weight"][i]) for i in range(S + 1))
+    flat = un.bank
+    for i in range(S + 1):
+        got = torch.cat([out[n][i].reshape(-1) for n, _ in model.named_parameters()])
+        assert torch.equal(got, flat[i])

@@ -127,13 +127,16 @@ class BankLayout:
 def _strided_like(template: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """An empty tensor of ``shape`` in ``template``'s dtype, device and memory format: its strides where the shapes
     agree (``torch.empty_like``: a ``channels_last`` convolution weight comes back ``channels_last``; before, every
-    returned sample was standard-contiguous), else its dimensions' order by stride (a stacked bank given fewer
-    samples than it returns)."""
+    returned sample was standard-contiguous), else its dimensions' order by the strides ``torch.empty_like`` gives
+    it (a stacked bank given fewer samples than it returns, e.g. after ``collect()``): a template that is not dense
+    (expanded, stride 0 over the samples) orders them as a contiguous tensor does, not by its raw strides, which
+    put the samples innermost (each sample's slice strided)."""
     if tuple(template.shape) == tuple(shape):
         return torch.empty_like(template, memory_format=torch.preserve_format)
     if template.dim() != len(shape):
         return torch.empty(tuple(shape), dtype=template.dtype, device=template.device)
-    order = sorted(range(template.dim()), key=lambda d: -template.stride(d))  # outermost first (stable on ties)
+    dense = torch.empty_like(template, device="meta").stride()  # torch's dense layout for it (no memory)
+    order = sorted(range(template.dim()), key=lambda d: -dense[d])  # outermost first (stable on ties)
     out = torch.empty([shape[d] for d in order], dtype=template.dtype, device=template.device)
     return out.permute([order.index(d) for d in range(template.dim())])
 
