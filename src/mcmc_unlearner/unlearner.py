@@ -2978,8 +2978,8 @@ class MCMCUnlearner:
 
     def _deferred_once_check(self, batch: Batch) -> None:
         """The double-backward check of :meth:`_check_forward` on a later request, where the first one's budget
-        did not fit it (the same rows' head and sample); the operation it finds is refused before any work, as on
-        the first request."""
+        did not fit it (on this request's first rows, at the first request's sample where the bank is unchanged); the
+        operation it finds is refused before any work, as on the first request."""
         from .kronecker import _head
 
         rows = _head(tuple(batch), FORWARD_CHECK_ROWS)
