@@ -46,6 +46,7 @@ __all__ = [
     "is_number",
     "representable_refusal",
     "shown_value",
+    "weigh_dense_build",
 ]
 
 
@@ -491,7 +492,8 @@ def auto_solver_reason(
 ) -> tuple[SolverName, str]:
     """What ``solver='auto'`` picks for ``model`` and why (``MCMCUnlearner``'s rule, its ``solver_reason``): a
     dense solver when the dense matrices are small (``dim <= exact_max_dim`` and, in the parameters' item size,
-    within half of ``memory_budget`` bytes), else K-FAC on Linear/Conv layers, else CG.
+    within half of ``memory_budget`` bytes), else K-FAC on Linear/Conv layers, else CG. The unlearner weighs a
+    dense pick again on the first rows it reads (:func:`weigh_dense_build`).
 
     Args:
         model: What the unlearner reads of the model.
@@ -555,6 +557,101 @@ def auto_solver_reason(
         # (auto picked K-FAC, which then refused hessian='full' without naming a solver that takes it; stop 45)
         return SolverName.CG, f"{why}; hessian='full', which K-FAC does not build: matrix-free CG"
     return SolverName.CG, f"{why}; no Linear/Conv layers (or a custom energy): matrix-free CG"
+
+
+#: A dense build's products where the vectorised (``vmap``) product fails on the model (e.g. boolean-mask indexing,
+#: which ``vmap`` cannot batch, or an operation without a batching rule) and falls back to one reverse-mode product
+#: per column and per draw: each costs this many vectorised ones (measured 11-13x on 306-610-parameter MLPs; a
+#: frozen ``nn.EmbeddingBag`` fed by masked ids: 9,792 such products, 23.5 s of a 24 s request).
+UNVECTORIZED_PRODUCT_COST = 12
+#: Outputs per row whose Gauss-Newton Gram product ``J_rᵀΛJ_r`` (``C·D²`` multiply-adds a row) costs as much as one
+#: vectorised Hessian-vector product column over that row (measured 15-85x cheaper per output and column on
+#: 610-1,060-parameter MLPs; the lower end taken).
+GRAM_OUTPUTS_PER_PRODUCT = 16
+#: Solves a request takes (damping trials), counted in CG's estimate.
+CG_SOLVES_ESTIMATE = 3
+
+
+def weigh_dense_build(
+    solver: SolverName,
+    dim: int,
+    outputs: int,
+    vectorized: bool,
+    exact_max_dim: int,
+    kfac: bool,
+    weight_sharing: bool,
+    iter_T: int = 100,
+    mc_samples: int = 1,
+    dense_draws: int = 16,
+    kfac_draws: int = 8,
+) -> tuple[SolverName, str]:
+    """``solver='auto'``'s second look at the dense solver it took (``exact`` or ``ggn``), on the first rows read:
+    the dense build's estimated cost against what auto accepts for one and against the alternative's.
+
+    Costs are in row products, one Hessian-vector product (or gradient pass) over one row at one draw, per row and
+    draw of the dense build (the rows and draws each path reads scale every estimate alike). The dense Hessian
+    takes ``dim`` of them (one per column), the Gauss-Newton matrix ``outputs × dim / GRAM_OUTPUTS_PER_PRODUCT``
+    (its Gram product), either ``UNVECTORIZED_PRODUCT_COST`` times more where the vectorised product fails on the
+    model's rows (``vectorized``). Auto accepts up to ``exact_max_dim`` (a vectorised dense Hessian of
+    ``exact_max_dim`` parameters). Over that, K-FAC (``kfac``: it builds this curvature) costs ``1 + mc_samples``
+    gradient passes per row at its ``kfac_draws`` draws; else matrix-free CG ``iter_T`` products per solve,
+    ``CG_SOLVES_ESTIMATE`` solves (not offered on a model with convolution or recurrent layers, whose Hessian
+    products cost hundreds of times a dense layer's). The alternative is taken where its estimate is lower.
+
+    Args:
+        solver: The dense solver auto took.
+        dim: Trainable parameters.
+        outputs: Model outputs per row (the Gauss-Newton matrix's ``C``).
+        vectorized: Whether the vectorised product ran on a probe of the model's rows.
+        exact_max_dim: The ``exact_max_dim`` option.
+        kfac: Whether K-FAC builds this curvature.
+        weight_sharing: Whether the model has trainable convolution or recurrent layers.
+        iter_T: CG's iteration cap.
+        mc_samples: K-FAC's sampled backward passes per row.
+        dense_draws: Draws the dense build reads.
+        kfac_draws: Draws K-FAC reads.
+
+    Returns:
+        The solver to use (``solver`` where the dense build is kept) and why, with the estimates.
+    """
+    penalty = 1 if vectorized else UNVECTORIZED_PRODUCT_COST
+    if solver is SolverName.GGN:
+        base = max(1, math.ceil(outputs * dim / GRAM_OUTPUTS_PER_PRODUCT))
+        what = (
+            f"the dense Gauss-Newton matrix's Gram product ({outputs} outputs per row × {dim} parameters / "
+            f"{GRAM_OUTPUTS_PER_PRODUCT})"
+        )
+    else:
+        base, what = dim, f"the dense Hessian ({dim} columns)"
+    dense = base * penalty
+    slow = (
+        ""
+        if vectorized
+        else f" × {UNVECTORIZED_PRODUCT_COST} (the vectorised product failed on the model's rows: one reverse-mode "
+        "product per column and draw)"
+    )
+    estimate = f"{what}{slow}: {dense:,} row products per row and draw"
+    if dense <= exact_max_dim:
+        return solver, f"{estimate}, within the {shown_value(exact_max_dim)} of exact_max_dim"
+    if kfac:
+        alt, cost = SolverName.KFAC, (1 + mc_samples) * kfac_draws / max(dense_draws, 1)
+        how = f"K-FAC's {1 + mc_samples} gradient passes per row at {kfac_draws} draws, not {dense_draws}"
+    elif not weight_sharing:
+        alt, cost = SolverName.CG, iter_T * CG_SOLVES_ESTIMATE * penalty
+        times = f" × {penalty}" if penalty > 1 else ""
+        how = f"matrix-free CG about {iter_T} products × {CG_SOLVES_ESTIMATE} solves{times}"
+    else:
+        return solver, f"{estimate}, over exact_max_dim {shown_value(exact_max_dim)}, but no cheaper path builds it"
+    if cost >= dense:
+        return (
+            solver,
+            f"{estimate}, over exact_max_dim {shown_value(exact_max_dim)}, but {how}, {cost:,.3g}, is no cheaper",
+        )
+    return alt, (
+        f"; but {estimate}, over exact_max_dim {shown_value(exact_max_dim)}, and {how}, take {cost:,.3g}: "
+        f"{'K-FAC' if alt is SolverName.KFAC else 'matrix-free CG'} (estimated on the first rows read; pass "
+        f"solver={solver.value!r} to build it anyway)"
+    )
 
 
 def dense_memory_refusal(solver: SolverName, dim: int, itemsize: int, budget: int, kfac_builds: bool) -> str | None:

@@ -91,6 +91,7 @@ from .options import (
     dense_memory_refusal,
     representable_refusal,
     shown_value,
+    weigh_dense_build,
 )
 from .options import flag as _flag
 from .samplers import scale_lr
@@ -1346,6 +1347,17 @@ def _check_log_prior(model: nn.Module, log_prior: Callable[[nn.Module], torch.Te
             )
 
 
+def _first_float(out: Any) -> torch.Tensor:
+    """The model's output tensor, or the first floating-point tensor of a tuple, list or dict of outputs."""
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, dict) else out
+    for t in items:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t
+    raise TypeError("the model's output holds no floating-point tensor")
+
+
 def _refuse_lazy(model: nn.Module) -> None:
     """Refuse a model with uninitialized (lazy) parameters or buffers, e.g. ``nn.LazyLinear`` before its first
     forward pass: they have no shape yet, so no flat parameter vector, bank or curvature can be laid out (torch's
@@ -1808,7 +1820,10 @@ class MCMCUnlearner:
             curvature, :mod:`mcmc_unlearner.kronecker`) when the model has ``nn.Linear``/``nn.Conv`` layers (in one
             process ``"cg"`` instead where the first request's or ``fit``'s rows show a factored weight also read
             outside its module: :meth:`_take_cg_if_read_outside`); else ``"cg"`` with a rank-20 Lanczos
-            preconditioner. Also ``"lissa"`` (the paper's) and ``"lowrank"``.
+            preconditioner. A dense pick is weighed again on the first request's or ``fit``'s rows, in one process
+            with the solvers' own options at their defaults (:meth:`_weigh_dense_build`): where its build's
+            estimated cost is over what ``exact_max_dim`` allows and K-FAC (or CG) is cheaper, that instead.
+            Also ``"lissa"`` (the paper's) and ``"lowrank"``.
         expectation: ``"bank"`` or ``"chain"``; ``None`` picks bank when a bank is present.
         hessian: ``"remaining"`` (Newton step on the remaining-data energy) or ``"full"`` (paper).
         bank_shift: ``"auto"`` (``"affine"`` with the dense solvers ``exact``/``ggn``, else ``"mean"``), ``"mean"``,
@@ -2153,6 +2168,26 @@ class MCMCUnlearner:
                 "recenter_every": recenter_every == "auto",  # (the option as given)
                 "kfac_options": likelihood != "auto" or self.mc_samples != 1,
             }
+        # solver='auto' took a dense solver: the first request (or fit) estimates its build's cost on the first rows
+        # it reads and takes K-FAC or CG where that is over what auto accepts and they are cheaper
+        # (_weigh_dense_build); only with the options that pick a path's behaviour at their defaults
+        self._dense_probe: dict[str, bool] | None = None
+        self._dense_cost = ""  # the estimate where the dense build was kept (report.info["dense_cost"])
+        solver_options = (
+            scaling != "auto",
+            self.iter_T != 100,
+            given_rank != 0,
+            negative_curvature != "raise",
+            likelihood != "auto",
+            self.mc_samples != 1,
+            self._bank_shift_option != "auto",
+        )
+        if solver == "auto" and self.solver in _DENSE and self._reduce is None and not any(solver_options):
+            self._dense_probe = {
+                "curvature_draws": not self._curvature_draws_given,
+                "refresh_every": not refresh_given,
+                "recenter_every": recenter_every == "auto",  # (the option as given)
+            }
         self._warn_ineffective(
             {
                 "scaling": scaling != "auto",
@@ -2405,6 +2440,115 @@ class MCMCUnlearner:
             precondition_rank=self.precondition_rank,
             negative_curvature=self.negative_curvature,
         )
+
+    def _weigh_dense_build(self, batch: Batch, stream: _Stream | None) -> None:
+        """``solver="auto"`` took a dense solver (``exact``/``ggn``): once, before the first build, estimate its cost
+        on two of ``batch``'s rows (:func:`~mcmc_unlearner.options.weigh_dense_build`: the model's outputs per row,
+        and whether the vectorised product the build takes runs on them) and take K-FAC, or matrix-free CG, where
+        the dense build is over what auto accepts and they are cheaper (``solver_reason`` gives the estimates; where
+        kept, ``report.info["dense_cost"]``). A ConvTranspose2d decoder with 64 outputs per row took 77 s CPU with
+        the dense Gauss-Newton matrix, 8x its whole SGLD chain, and 2.2 s with K-FAC; a frozen ``nn.EmbeddingBag``
+        fed by masked ids, whose vectorised product ``vmap`` cannot batch, 24 s with the dense Hessian's 9,792
+        reverse-mode products (stop 58's probe)."""
+        probe, self._dense_probe = self._dense_probe, None
+        if probe is None or self.solver not in _DENSE:
+            return
+        shared = self.curvature_data != "minibatch" and stream is not None and stream.listable
+        try:
+            outputs, vectorized = self._dense_probe_rows(batch, shared)
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError):
+            return  # (the build says what is wrong with the rows, as it did)
+        draws = self.bank.shape[0] if self.bank is not None else self.curvature_draws
+        solver, why = weigh_dense_build(
+            self.solver,
+            self.spec.dim,
+            outputs,
+            vectorized,
+            self.exact_max_dim,
+            self._kfac_builds(),
+            bool(self._model_facts().weight_sharing),
+            self.iter_T,
+            self.mc_samples,
+            min(self.curvature_draws, draws),
+            min(8 if probe["curvature_draws"] else self.curvature_draws, draws),
+        )
+        if solver is self.solver:
+            self._dense_cost = why
+            return
+        self._switch_from_dense(solver, why, probe)
+
+    def _dense_probe_rows(self, batch: Batch, shared: bool) -> tuple[int, bool]:
+        """The model's outputs per row on ``batch``'s first row, and whether the dense build's vectorised product
+        (``vmap`` over draws, with each draw's rows where they are not ``shared``; over rows for the Gauss-Newton
+        matrix's Jacobians) runs on two of its rows at two draws: one vector-Jacobian product of the gradient."""
+        rows = tuple(t[:2] for t in self._raw(batch))
+        theta = self.bank[:2].detach()
+        outputs = 0  # (read for the Gauss-Newton matrix only: the model takes the rows' first field there)
+        if self.solver is SolverName.GGN:
+            with torch.no_grad():
+                outputs = _first_float(self.model(rows[0][:1])).numel()
+            f = functionalize(self.model, lambda m, x: _first_float(m(x)))
+
+            def row_vjp(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                y, pull = vjp(lambda u: f(u, x.unsqueeze(0)).reshape(-1), t)
+                return pull(torch.ones_like(y))[0]
+
+            probe_fn, dims, args = row_vjp, (None, 0), (theta[0], rows[0])
+        else:
+            f = self._h_f()
+            v = torch.ones_like(theta[0])
+
+            def draw_vjp(t: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
+                return vjp(lambda u: grad(f)(u, *b), t)[1](v)[0]
+
+            k = theta.shape[0]
+            args = rows if shared else tuple(t.unsqueeze(0).expand(k, *t.shape) for t in rows)
+            probe_fn, dims = draw_vjp, (0, *([None if shared else 0] * len(rows)))
+            args = (theta, *args)
+        try:
+            with quiet_vmap_fallbacks():
+                vmap(probe_fn, in_dims=dims)(*args)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return outputs, False
+        return outputs, True
+
+    def _switch_from_dense(self, solver: SolverName, why: str, probe: dict[str, bool]) -> None:
+        """``solver="auto"``'s switch from the dense solver it took to K-FAC or CG (:meth:`_weigh_dense_build`),
+        with that solver's defaults for what the caller did not give (as ``solver="auto"`` sets them at
+        construction); K-FAC then still looks for a weight read outside its module
+        (:meth:`_take_cg_if_read_outside`)."""
+        kfac = solver is SolverName.KFAC
+        self.solver = solver
+        self.solver_reason += why
+        if probe["curvature_draws"]:
+            self.curvature_draws = 8 if kfac else 16
+        if probe["refresh_every"]:
+            self.refresh_every = 20 if kfac else 10
+        if not kfac:
+            self.precondition_rank = 20  # (auto's CG gets its preconditioner; none was given: _dense_probe)
+        if probe["recenter_every"]:
+            self.recenter_every = RECENTER_AUTO_EVERY if kfac and not self.custom_energy else 0
+        self.bank_shift = BankShift.MEAN  # (bank_shift='auto': affine only with a dense solver)
+        self._fitted, self._fit_data = False, None
+        self.curvature = make_backend(
+            self.solver,
+            refresh_every=self.refresh_every,
+            iter_T=self.iter_T,
+            tol=self.tol,
+            precondition_rank=self.precondition_rank,
+            negative_curvature=self.negative_curvature,
+            scaling=self.scaling,
+            likelihood=self.likelihood,
+            mc_samples=self.mc_samples,
+        )
+        if kfac:
+            self._auto_probe = {
+                "curvature_draws": probe["curvature_draws"],
+                "refresh_every": probe["refresh_every"],
+                "precondition_rank": True,
+                "recenter_every": probe["recenter_every"],
+                "kfac_options": False,
+            }
 
     def _kfac_builds(self) -> bool:
         """Whether ``solver="kfac"`` builds this unlearner's curvature (what a refusal may suggest it for)."""
@@ -4150,6 +4294,7 @@ class MCMCUnlearner:
         stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
         self._check_nll(batch)
         self._check_forward(batch)
+        self._weigh_dense_build(batch, stream)  # (solver='auto' took a dense solver: its build's cost, once)
         self._take_cg_if_read_outside(batch)  # before the backend's snapshot: a discarded proposal keeps CG whole
         held, self._held_first = self._held_first, None
         if held is not None and held[0] is remaining and stream.plain_iterator:
@@ -4410,6 +4555,17 @@ class MCMCUnlearner:
             raise ValueError("fit() builds the curvature at the bank's samples: pass bank= or collect() samples first")
         info: dict[str, Any] = {}
         probe_first = False  # a plain iterator: probed on the first minibatch the build reads (read once)
+        if self._dense_probe is not None:  # solver='auto' took a dense solver: its build's cost, before it is built
+            with _source_states_kept(remaining):
+                stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+                if stream.plain_iterator:
+                    self._dense_probe = None  # (a minibatch read to weigh it would be lost: the dense solver kept)
+                else:
+                    data_state = stream.state()
+                    try:
+                        self._weigh_dense_build(stream.peek(), stream)
+                    finally:
+                        stream.set_state(data_state)
         if self._auto_probe is not None:  # before K-FAC is built: CG's, built inside the request, is not kept
             with _source_states_kept(remaining):
                 stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
@@ -4654,6 +4810,8 @@ class MCMCUnlearner:
                 "samples; nothing was changed. Check the model and data for overflow"
             )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
+        if self._dense_cost:  # solver='auto''s estimate of the dense build it kept (_weigh_dense_build)
+            info["dense_cost"] = self._dense_cost
         if not bool(G.any()):
             # every draw's gradient of the removed rows is exactly 0 (a hinge or triplet loss at 0 on every removed
             # row, rows the likelihood does not read): the request moves nothing, which passed with problems=[]
@@ -6358,6 +6516,11 @@ class MCMCUnlearner:
         """
         self._check_curvature_state(tensors)
         saved = meta.get("solver")  # absent in states saved before stop 55: taken as this unlearner's
+        probe, self._dense_probe = self._dense_probe, None  # solver='auto''s dense choice: the state's settles it
+        if probe is not None and saved in (SolverName.KFAC.value, SolverName.CG.value):
+            self._switch_from_dense(
+                SolverName(saved), f"; {saved} as in the loaded state (the dense build estimated costlier there)", probe
+            )
         if saved is not None and saved != self.solver.value:
             probe = self._auto_probe
             if not (saved == SolverName.CG.value and probe is not None and not probe["kfac_options"]):

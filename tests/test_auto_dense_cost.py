@@ -1,0 +1,201 @@
+"""solver='auto' weighs the dense build's cost on the first rows read (issue 11, stop 58's probe): a ConvTranspose2d
+decoder of 64 outputs per row, whose dense Gauss-Newton matrix took 8x its whole SGLD chain, and a frozen
+nn.EmbeddingBag fed by masked ids, whose dense Hessian fell back to one reverse-mode product per column and draw,
+get K-FAC with the estimates in solver_reason; a small MLP, whose dense Hessian is cheap, keeps it."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.options import SolverName, weigh_dense_build
+
+torch.set_num_threads(1)
+
+
+class ConvDecoder(nn.Module):
+    """A convolutional autoencoder of 943 parameters whose ConvTranspose2d decoder gives 64 outputs per row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 6))
+        self.dec_in = nn.Linear(6, 64)
+        self.dec = nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.dec_in(self.enc(x.view(-1, 1, 8, 8)))).view(-1, 4, 4, 4)
+        return self.dec(h).view(-1, 64)
+
+
+class Bag(nn.Module):
+    """A frozen EmbeddingBag over each row's nonzero ids (a boolean mask, which vmap cannot batch) and an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(12, 16, mode="mean")
+        self.bag.weight.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lens = (ids != 0).sum(1)
+        offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)[:-1]])
+        return self.head(self.bag(ids[ids != 0], offsets))
+
+
+def _prior(m: nn.Module) -> torch.Tensor:
+    return -0.5 * sum((p**2).sum() for n, p in m.named_parameters() if n != "bag.weight")
+
+
+def _bank(model: nn.Module, draws: int = 6, scale: float = 0.02) -> torch.Tensor:
+    theta = ParamSpec.flatten_module(model).detach()
+    return theta + scale * torch.randn(draws, theta.numel())
+
+
+def _reconstruction(m: nn.Module, b: tuple) -> torch.Tensor:
+    return 0.5 * ((m(b[0]) - b[0]) ** 2).sum(1) / 0.3**2
+
+
+def _ids(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(3, 11, (n,), generator=g)
+    ids = torch.randint(1, 12, (n, 10), generator=g)
+    ids[torch.arange(10)[None] >= lengths[:, None]] = 0
+    return ids, ((ids == 5).sum(1) > (ids == 7).sum(1)).long()
+
+
+def _ce(m: nn.Module, b: tuple) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def test_a_decoder_with_64_outputs_per_row_gets_kfac_with_the_gauss_newton_estimate() -> None:
+    torch.manual_seed(0)
+    model, x = ConvDecoder(), torch.rand(60, 64)
+    un = MCMCUnlearner(model, None, nll=_reconstruction, log_prior=_prior, bank=_bank(model))
+    assert un.solver is SolverName.GGN  # (943 parameters with convolutions: the construction's choice, as before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((x[:6],), (x[6:],)).report
+    # before: the dense Gauss-Newton matrix, 64 backward passes per row and a (rows·64) x 943 x 943 product
+    assert report.solver == "kfac" and un.solver is SolverName.KFAC
+    reason = report.info["solver_reason"]
+    assert "64 outputs per row × 943 parameters" in reason and "3,772 row products per row and draw" in reason
+    assert "over exact_max_dim 1000" in reason and "pass solver='ggn'" in reason
+    # K-FAC's own defaults, as solver='auto' gives them at construction, and the mean bank shift
+    assert un.curvature_draws == 8 and un.refresh_every == 20 and un.bank_shift.value == "mean"
+    assert un.recenter_every == 10
+
+
+def test_a_masked_embedding_bag_whose_product_cannot_be_vectorised_gets_kfac() -> None:
+    torch.manual_seed(0)
+    model = Bag()
+    ids, y = _ids(200)
+    un = MCMCUnlearner(model, None, nll=_ce, log_prior=_prior, bank=_bank(model))
+    assert un.solver is SolverName.EXACT  # 306 trainable parameters
+    remaining = DataLoader(TensorDataset(ids[20:], y[20:]), batch_size=64)  # a minibatch per draw: vmapped ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((ids[:20], y[:20]), remaining).report
+    assert report.solver == "kfac"
+    reason = report.info["solver_reason"]
+    assert "the dense Hessian (306 columns) × 12" in reason and "3,672 row products per row and draw" in reason
+    assert "vectorised product failed" in reason
+
+
+def test_the_same_embedding_bag_over_listed_rows_keeps_the_dense_hessian() -> None:
+    torch.manual_seed(0)
+    model = Bag()
+    ids, y = _ids(200)
+    un = MCMCUnlearner(model, None, nll=_ce, log_prior=_prior, bank=_bank(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((ids[:20], y[:20]), (ids[20:], y[20:])).report  # every row shared by the draws: vectorised
+    assert report.solver == "exact" and report.info["solver_reason"] == "306 parameters <= exact_max_dim 1000"
+    assert report.info["dense_cost"] == (
+        "the dense Hessian (306 columns): 306 row products per row and draw, within the 1000 of exact_max_dim"
+    )
+
+
+def test_a_small_mlp_keeps_the_dense_hessian_and_reports_its_estimate() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3))
+    x, y = torch.randn(120, 8), torch.randint(3, (120,))
+    un = MCMCUnlearner(model, None, nll=_ce, log_prior=_prior, bank=_bank(model))
+    remaining = DataLoader(TensorDataset(x[10:], y[10:]), batch_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((x[:10], y[:10]), remaining).report
+    assert report.solver == "exact" and un.bank_shift.value == "affine"
+    assert "the dense Hessian (147 columns): 147 row products" in report.info["dense_cost"]
+
+
+def test_fit_weighs_the_dense_build_before_building_it() -> None:
+    torch.manual_seed(0)
+    model, x = ConvDecoder(), torch.rand(60, 64)
+    un = MCMCUnlearner(model, None, nll=_reconstruction, log_prior=_prior, bank=_bank(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        un.fit((x,))
+    assert un.solver is SolverName.KFAC and "3,772 row products" in un.solver_reason
+
+
+def test_a_state_saved_after_the_switch_continues_as_kfac_in_a_fresh_auto_unlearner() -> None:
+    """The state names its solver: a fresh ``auto`` unlearner (still on the Gauss-Newton matrix, its estimate
+    pending) that loads a state saved after the switch to K-FAC takes K-FAC and its defaults too, and continues as
+    the uninterrupted run does."""
+
+    def build() -> tuple[MCMCUnlearner, nn.Module]:
+        torch.manual_seed(0)
+        model = ConvDecoder()
+        return MCMCUnlearner(model, None, nll=_reconstruction, log_prior=_prior, bank=_bank(model)), model
+
+    x = torch.rand(60, 64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        un, model = build()
+        un.remove((x[:6],), (x[6:],), strict=False)
+        tensors, meta = un.curvature_state()
+        assert meta["solver"] == "kfac"
+        un2, model2 = build()
+        assert un2.solver is SolverName.GGN
+        model2.load_state_dict(model.state_dict())
+        un2.bank = un.bank.clone()
+        un2.load_curvature_state(tensors, meta)  # refused before: "saved by solver='kfac'" (no switch to take)
+        assert un2.solver is SolverName.KFAC and un2.curvature_draws == 8 and un2.refresh_every == 20
+        un2.remove((x[6:12],), (x[12:],), strict=False)
+        un.remove((x[6:12],), (x[12:],), strict=False)
+    assert torch.equal(un.bank, un2.bank)
+
+
+def test_a_solver_given_by_name_is_never_weighed() -> None:
+    torch.manual_seed(0)
+    model, x = ConvDecoder(), torch.rand(60, 64)
+    un = MCMCUnlearner(model, None, nll=_reconstruction, log_prior=_prior, bank=_bank(model), solver="ggn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((x[:6],), (x[6:],)).report
+    assert report.solver == "ggn" and "dense_cost" not in report.info
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "words"),
+    [
+        # a 954-parameter CNN of 10 classes: 597 row products, within exact_max_dim (the GGN auto took, kept)
+        ((SolverName.GGN, 954, 10, True, 1000, True, True), SolverName.GGN, "597 row products"),
+        ((SolverName.GGN, 943, 64, True, 1000, True, True), SolverName.KFAC, "3,772 row products"),
+        # no K-FAC, and convolutions (their Hessian products cost hundreds of times a dense layer's): kept
+        ((SolverName.GGN, 943, 64, True, 1000, False, True), SolverName.GGN, "no cheaper path"),
+        ((SolverName.EXACT, 1000, 0, True, 1000, True, False), SolverName.EXACT, "within"),
+        ((SolverName.EXACT, 306, 0, False, 1000, True, False), SolverName.KFAC, "3,672 row products"),
+        # no K-FAC: CG's 100 products x 3 solves x 12 against the dense Hessian's 306 x 12 (cheaper) / 200 x 12 (not)
+        ((SolverName.EXACT, 306, 0, False, 1000, False, False), SolverName.CG, "matrix-free CG"),
+        ((SolverName.EXACT, 200, 0, False, 1000, False, False), SolverName.EXACT, "is no cheaper"),
+    ],
+)
+def test_weigh_dense_build_rule(args: tuple, expected: SolverName, words: str) -> None:
+    solver, why = weigh_dense_build(*args)
+    assert solver is expected and words in why
