@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcmc_unlearner.curvature import ParamSpec
-from mcmc_unlearner.kronecker import KroneckerCurvature, _graph_uses
+from mcmc_unlearner.kronecker import KroneckerCurvature, Likelihood, _graph_uses
 
 torch.set_num_threads(1)
 
@@ -170,10 +170,14 @@ def test_ranks_agree_when_another_rank_found_the_reuse() -> None:
     blocks too (every rank the same blocks, so their later all-reduces match)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    voted: list[torch.Tensor] = []
     agreed: list[torch.Tensor] = []
     seen: list[torch.Tensor] = []
 
     def other_rank_flags_layer_2(t: torch.Tensor) -> torch.Tensor:
+        if not voted:  # the very first reduce: the likelihood this rank's rows identify (one flag per Likelihood)
+            voted.append(t.clone())
+            return t
         if not agreed:  # the first reduce (stop 58): two flags per candidate layer, on a shared code and called
             agreed.append(t.clone())
             return t
@@ -183,6 +187,7 @@ def test_ranks_agree_when_another_rank_found_the_reuse() -> None:
         return t
 
     K = _build(model, torch.randn(32, 6), _ce, reduce=other_rank_flags_layer_2)
+    assert voted[0].tolist() == [float(k is Likelihood.CATEGORICAL) for k in Likelihood]
     assert agreed[0].tolist() == [0.0, 0.0, 1.0, 1.0]  # no layer on a shared code, both called
     assert seen[0].tolist() == [0.0, 0.0]  # nothing read outside on this rank
     assert set(K.info["kronecker"]) == {"0"}

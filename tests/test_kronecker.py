@@ -525,12 +525,14 @@ def test_reduce_over_two_halves_equals_one_build() -> None:
     halves = KroneckerCurvature.build(
         model, thetas, [tuple(t[4:] for t in b) for b in batches], **kw, reduce=lambda t: t + next(other)
     )
-    # A, G and two location sums per layer; squared gradients and rows; first of all, two flags per candidate layer
-    # (on a shared code, called: every rank the same blocks; none on a code, both called here), then one flag per
-    # layer read outside its module (summed so that every rank leaves the same layers out; none here)
-    assert len(sent) == 2 + 4 * 2 + 2
-    assert sent[0].tolist() == [0.0, 0.0, 1.0, 1.0]
-    assert sent[1].tolist() == [0.0, 0.0]
+    # A, G and two location sums per layer; squared gradients and rows; first of all, the likelihood each rank's
+    # rows identify (one flag per Likelihood: every rank the same; categorical here), then two flags per candidate
+    # layer (on a shared code, called: every rank the same blocks; none on a code, both called here), then one flag
+    # per layer read outside its module (summed so that every rank leaves the same layers out; none here)
+    assert len(sent) == 3 + 4 * 2 + 2
+    assert sent[0].tolist() == [float(k is Likelihood.CATEGORICAL) for k in Likelihood]
+    assert sent[1].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert sent[2].tolist() == [0.0, 0.0]
     assert next(other, None) is None
     torch.testing.assert_close(dense(halves), dense(full), atol=1e-9, rtol=1e-9)
 

@@ -1815,9 +1815,11 @@ class KroneckerCurvature:
             generator: Generator for the labels and random signs (default: a fresh one seeded 0); the global RNG
                 is never used.
             reduce: Applied to every accumulated sum (factor sums, location/row counts, squared gradients) before
-                finalising, e.g. an all-reduce over ``torch.distributed`` ranks; first, at the first forward, to two
-                flags per candidate layer (called on a shared code, called at all), then to one per factored layer
-                read outside its module (so that every rank factors the same layers).
+                finalising, e.g. an all-reduce over ``torch.distributed`` ranks; first (``likelihood="auto"``) to
+                one flag per :class:`Likelihood`, the one this rank's rows identify (ranks that differ all take the
+                empirical Fisher), then, at the first forward, to two flags per candidate layer (called on a shared
+                code, called at all), then to one per factored layer read outside its module (so that every rank
+                factors the same layers).
             max_factor_dim: Factors larger than this keep only their diagonal.
             max_locations: Estimate each layer's input factor ``A`` (per draw) from a uniformly drawn subset of
                 rows with about this many locations; ``"auto"``: ``max(1024, 2·dim A)`` per layer and draw;
@@ -1895,6 +1897,23 @@ class KroneckerCurvature:
                 lik, detected = detect_likelihood(model, nll, seen)
             else:
                 lik = cls._guess_without_nll(model, seen)
+            if reduce is not None:
+                # every rank the same likelihood: each identifies it on its own rows (a rank without rows on its
+                # weight-0 padding row), and confident rows read a scaled cross-entropy as ambiguous (the empirical
+                # Fisher) where other rows identify it; the ranks then normalised the summed factors by different
+                # label passes (G 2x apart across 2 ranks with mc_samples=2) and computed different removals
+                kinds = list(Likelihood)
+                votes = reduce(
+                    torch.tensor([float(lik is k) for k in kinds], dtype=torch.float64, device=thetas.device)
+                )
+                found = [k.value for k, v in zip(kinds, votes.tolist()) if v > 0]
+                if len(found) > 1:
+                    why = f": {detected['reason']}" if detected.get("reason") else ""
+                    detected = {
+                        "reason": f"the ranks' rows identify different likelihoods ({', '.join(found)}; this rank's "
+                        f"rows {lik.value}{why}), so every rank takes the empirical Fisher"
+                    }
+                    lik = Likelihood.EMPIRICAL
         if lik is Likelihood.GAUSSIAN and sigma is None:
             if nll is not None and not detected:
                 kind, detected = detect_likelihood(model, nll, seen)
