@@ -139,3 +139,45 @@ def test_a_state_saved_by_one_process_resumes_on_two_ranks_and_one_loaded_on_one
         assert (torch.tensor(r["every_rank"]["bank"]) - one.bank).norm().item() < 1e-4 * shift  # 3e-8 measured
         assert r["rank0_only"]["error"].startswith("InvalidRequestError: the ranks hold different curvature states")
         assert r["rank0_only"]["kept"]
+
+
+class _Bag(torch.nn.Module):
+    """Token ids embedded and averaged: a row's saved bytes grow with its length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+def _lengths_worker(rank: int, world: int, out: str) -> None:
+    from mcmc_unlearner.curvature import ParamSpec
+    from mcmc_unlearner.memory import row_and_call_bytes
+
+    torch.manual_seed(0)
+    model = _Bag()
+    theta = ParamSpec.flatten_module(model).detach()
+    bank = theta[None] + 0.01 * torch.randn(4, theta.numel(), generator=torch.Generator().manual_seed(2))
+    un = DistributedUnlearner(model, bank=bank, nll=ce_nll, log_prior=gaussian_log_prior, solver="cg")
+    g = torch.Generator().manual_seed(rank)
+    k, length = (3, 4) if rank == 0 else (1, 400)  # each rank's share padded to its own longest sequence
+    batch = (torch.randint(0, 50, (k, length), generator=g), torch.randint(0, 3, (k,), generator=g), torch.ones(k))
+    f = un._energy_f(100)
+    per_row, per_call = row_and_call_bytes(f, theta, batch)  # what this rank's rows measure alone
+    agreed = un._bytes_per_row(f, theta, batch)
+    found = {"own": per_row * k + per_call, "planned": un._call_cost(k), "agreed": [agreed, un._call_bytes]}
+    with open(f"{out}/lengths-rank{rank}.json", "w") as fh:
+        json.dump(found, fh)
+
+
+def test_a_rank_whose_single_row_is_longer_is_not_planned_below_its_measurement(tmp_path):
+    """Rank 0 removes 3 rows of 4 tokens (376 bytes a row, 3,408 a call), rank 1 one row of 400 tokens (29,084
+    bytes measured): the agreed split of rank 0 alone planned rank 1's row at 3,784 bytes, 7.7x under what it
+    saves. Now every rank plans each of its calls at least at its own measurement, with the same numbers."""
+    spawn(_lengths_worker, str(tmp_path), world=2)
+    ranks = [json.loads((tmp_path / f"lengths-rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["agreed"] == ranks[1]["agreed"]
+    for r in ranks:
+        assert r["planned"] >= r["own"], r
