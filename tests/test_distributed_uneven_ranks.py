@@ -181,3 +181,43 @@ def test_a_rank_whose_single_row_is_longer_is_not_planned_below_its_measurement(
     assert ranks[0]["agreed"] == ranks[1]["agreed"]
     for r in ranks:
         assert r["planned"] >= r["own"], r
+
+
+def _reload_worker(rank: int, world: int, out: str) -> None:
+    model, data, one = _one_process_first_request()
+    tensors, meta = one.curvature_state()
+    shard = ShardedDataset.from_removable(data, rank, world)
+    un = DistributedUnlearner(model, bank=one.bank, nll=ce_nll, log_prior=gaussian_log_prior, **RESUME)
+    un.load_curvature_state(tensors, meta)
+    found = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found["first"] = un.forget([10, 11], shard, strict=False).info["preconditioner_reused"]
+        if rank == 0:
+            un.load_curvature_state(tensors, meta)  # the same state again, on rank 0 alone
+        before = un.bank.clone()
+        try:
+            un.forget([13, 40], shard, strict=False)
+            found["again_on_rank0"] = "accepted"
+        except Exception as e:  # the message is what is compared
+            found["again_on_rank0"] = f"{type(e).__name__}: {e}"
+        found["kept"] = bool(torch.equal(un.bank, before))
+        if rank == 1:
+            un.load_curvature_state(tensors, meta)  # now on every rank: accepted, the loaded factors reused
+        found["then_on_every_rank"] = un.forget([13, 40], shard, strict=False).info["preconditioner_reused"]
+    with open(f"{out}/reload-rank{rank}.json", "w") as f:
+        json.dump(found, f)
+
+
+def test_a_state_loaded_again_on_one_rank_after_a_request_is_refused(tmp_path):
+    """The digest stands for a load since the last agreed request: a state loaded on every rank, a request, then the
+    same state loaded again on rank 0 alone passed the check (the same digest on both ranks), and at the request
+    where rank 1 rebuilt its K-FAC factors (refresh_every) rank 0 reused the reloaded ones: gloo aborted both
+    processes (SIGABRT). Now that request is refused on both ranks, nothing changed."""
+    spawn(_reload_worker, str(tmp_path), world=2)
+    ranks = [json.loads((tmp_path / f"reload-rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["first"]
+        assert r["again_on_rank0"].startswith("InvalidRequestError: the ranks hold different curvature states"), r
+        assert r["kept"]
+        assert r["then_on_every_rank"]

@@ -501,7 +501,8 @@ class DistributedUnlearner(MCMCUnlearner):
         self._local_nll = self.nll
         self.nll = self._weighted_nll
         self.energy = self._shard_energy
-        self._state_words = [0.0] * 4  # digest of the curvature state loaded last (none: zeros), agreed per request
+        # digest of the curvature state loaded since the last agreed request (none: zeros), agreed per request
+        self._state_words = [0.0] * 4
         self._check_banks_agree()  # on every rank, with or without a bank: a collective every rank must join
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -658,6 +659,10 @@ class DistributedUnlearner(MCMCUnlearner):
                 "the ranks hold different curvature states (load_curvature_state was called on some ranks only, or "
                 "with different states): load the same saved state on every rank, or none; nothing was changed"
             )
+        # agreed: the digest stands for a load since the last agreed request, not for the state held since (a state
+        # loaded on every rank, a request, then loaded again on rank 0 alone passed with the same digest, and rank 0
+        # reused its reloaded K-FAC factors where rank 1 rebuilt them: gloo aborted both, SIGABRT)
+        self._state_words = [0.0] * 4
         prop = super().propose(batch, remaining, n)
         prop._removed_total = round(float(flags[1]))  # the weight-1 rows over every rank
         return prop
