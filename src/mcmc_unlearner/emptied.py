@@ -256,8 +256,15 @@ class _Conditional:
 
     def __init__(self, prior: _ChunkPrior, phi: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, c: int) -> None:
         self.prior, self.phi = prior, phi
-        others = torch.tensor([k for k in range(logits.shape[2]) if k != c])
-        self.rest = torch.logsumexp(logits.index_select(2, others), 2)  # [B, n]: logsumexp over the labels k ≠ c
+        # [B, n]: logsumexp over the labels k ≠ c, a sample at a time with its column c masked in place (one
+        # [n, C] temporary: a chunk's copy of the other labels' logits and logsumexp's temporary of it took 3× the
+        # chunk's logits, beyond the memory plan)
+        self.rest = torch.empty(logits.shape[:2], dtype=logits.dtype)
+        for j in range(logits.shape[0]):
+            col = logits[j, :, c].clone()
+            logits[j, :, c] = -math.inf
+            torch.logsumexp(logits[j], 1, out=self.rest[j])
+            logits[j, :, c] = col
         self.fixed = logits.gather(2, y.expand(logits.shape[:2]).unsqueeze(2)).squeeze(2)  # z_{si,y_i}: y_i ≠ c
 
     def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -398,9 +405,11 @@ def resample_label_rows(
     d = rows.module.in_features + (rows.bias is not None)
     # per sample of a chunk, float64: its features and the Hessian's weighted copy of them, its logits, eight
     # [n] working vectors (the other labels' logsumexp, z_{i,y_i}, z_ic, its logsumexp, p, and a trial's), and its
-    # chain's random numbers; beside them, one sample's hooked features and logits as the model computes them
+    # chain's random numbers; beside them, one sample's float64 [n, C] temporaries (logsumexp's over the other
+    # labels, the cross-entropy's log-probabilities: a sample at a time) and hooked features (counted in the model's
+    # dtype until stop 58: a float32 model's draw peaked 1.27x its plan)
     per = 8 * (n * (2 * d + C + 8) + steps * (d + 1))
-    reserve = thetas.element_size() * n * (d + C)
+    reserve = 8 * n * (d + C)
     if reserve + per > max_bytes:
         return f"its features on the {n:,} remaining rows ({(reserve + per) / 2**20:.0f} MB) exceed the memory budget"
     if chunk is None:
@@ -438,6 +447,7 @@ def resample_label_rows(
             out[lo:hi, index] = v.to(out.dtype)
             logits[:, :, c] = torch.bmm(v.unsqueeze(1), phi).squeeze(1)
         nll[1, lo:hi] = _nll_stats(logits, y)[0]
+        phi = logits = cond = None  # freed before the next chunk's: two chunks' features at once were beyond the plan
     before, after, size, spread = nll.mean(1).tolist()
     return out, {
         "acceptance": float(acc.mean()),
@@ -452,8 +462,13 @@ def resample_label_rows(
 def _nll_stats(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per sample of ``logits`` (``[B, n, C]``): the rows' mean NLL, mean ``|NLL|`` and standard deviation of the NLL
     (``[3, B]``)."""
-    B, n, C = logits.shape
-    h = F.cross_entropy(logits.reshape(B * n, C), y.repeat(B), reduction="none").view(B, n)
+    B, n, _ = logits.shape
+    # a sample at a time: cross_entropy's log-probabilities are an [n, C] temporary (the memory plan's reserve)
+    h = (
+        torch.stack([F.cross_entropy(logits[j], y, reduction="none") for j in range(B)])
+        if B
+        else logits.new_empty(0, n)
+    )
     spread = h.var(1, correction=0).sqrt() if n > 1 else torch.full((B,), math.nan, dtype=torch.float64)
     size = h.abs().mean(1) if n else torch.zeros(B, dtype=torch.float64)
     return torch.stack([h.mean(1), size, spread])
