@@ -118,3 +118,24 @@ def test_attentions_out_proj_is_said_to_be_kfacs_diagonal() -> None:
     un = _unlearner(_Attention())
     assert un.solver.value == "kfac"
     assert "2 Linear/Conv layers for Kronecker factors (1 of them with a weight" in un.solver_reason, un.solver_reason
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "hooked_weight_norm", "bias"])
+def test_the_emptied_label_draw_names_the_parametrized_tensor_of_the_head(kind: str) -> None:
+    """The reason names the head's tensor a parametrization computes: its weight (``parametrizations.weight_norm``,
+    the hook-based ``nn.utils.weight_norm``), or its bias alone (a positive bias by ``register_parametrization``),
+    which was called a computed weight."""
+    model = _mlp("plain")
+    head = model[4]
+    if kind == "weight_norm":
+        parametrizations.weight_norm(head)
+    elif kind == "hooked_weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's deprecation of the hook-based form
+            nn.utils.weight_norm(head)
+    else:
+        parametrize.register_parametrization(head, "bias", _Positive())
+    spec = ParamSpec.of(model)
+    why = output_rows(model, spec, ParamSpec.flatten_module(model).detach(), torch.randn(3, 20))
+    tensor = "bias" if kind == "bias" else "weight"
+    assert isinstance(why, str) and f"the output layer's {tensor} is computed by a parametrization" in why, why

@@ -116,11 +116,19 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
     w = offsets.get(names.get(id(layer.weight), ""))
     b = None if layer.bias is None else offsets.get(names.get(id(layer.bias), ""))
     if w is None or (layer.bias is not None and b is None):
-        if parametrize.is_parametrized(layer) or "weight" not in layer._parameters:
-            # (stop 58's probe: a weight_norm head was reported as not trainable)
+        # (stop 58's probe: a weight_norm head was reported as not trainable); the tensors named are those the
+        # layer reads but does not hold as parameters (a parametrized bias alone was called a computed weight)
+        computed = [
+            t
+            for t in ("weight", "bias")
+            if parametrize.is_parametrized(layer, t)
+            or (getattr(layer, t, None) is not None and not isinstance(layer._parameters.get(t), torch.Tensor))
+        ]
+        if computed:
             return (
-                "the output layer's weight is computed by a parametrization (weight_norm, spectral_norm, "
-                "parametrize.register_parametrization), so its rows are not parameters this draw can sample"
+                f"the output layer's {' and '.join(computed)} {'is' if len(computed) == 1 else 'are'} computed by a "
+                "parametrization (weight_norm, spectral_norm, parametrize.register_parametrization), so its rows are "
+                "not parameters this draw can sample"
             )
         return "the output layer's parameters are not all trainable"
     return OutputRows(layer, w, b)
