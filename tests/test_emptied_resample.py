@@ -441,3 +441,14 @@ def test_the_draws_peak_memory_stays_within_its_plan_and_budget(dtype: str) -> N
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["plan"] <= got["budget"]
     assert got["peak"] <= 1.1 * got["plan"], {k: v / 2**20 for k, v in got.items()}
+
+
+@pytest.mark.parametrize("rows", ["none", "ignore_index"])
+def test_no_labelled_remaining_row_is_a_reason_not_a_crash(rows: str) -> None:
+    """Without a remaining row that has a label (none left, or only ``ignore_index`` ones) the draw says why it is
+    not done (it raised ZeroDivisionError sizing the chunk; before the chunks, torch.cat of no features)."""
+    model, spec, lp_f, pair, x, y = _two_conditionals()
+    y = y[:0] if rows == "none" else torch.full_like(y, -100)
+    x = x[: y.shape[0]]
+    said = resample_label_rows(model, spec, lp_f, pair, (x, y), [2], torch.Generator().manual_seed(0))
+    assert isinstance(said, str) and "no remaining row has a label" in said, said

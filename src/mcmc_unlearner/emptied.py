@@ -401,6 +401,8 @@ def resample_label_rows(
         x, y = x[y >= 0], y[y >= 0]
     if bool((y.unsqueeze(1) == torch.tensor(list(labels)).unsqueeze(0)).any()):
         return "a remaining row carries the label"
+    if x.shape[0] == 0:  # (it raised: torch.cat of no features, then a division by zero sizing the chunk)
+        return "no remaining row has a label (none left, or only ignore_index ones): no NLL to check the draw against"
     if thetas.shape[0] * x.shape[0] > RESAMPLE_MAX_ROW_EVALS:
         return (
             f"{thetas.shape[0]} samples × {x.shape[0]:,} remaining rows is more than the "
