@@ -4,7 +4,6 @@ call included, ratios measured per repetition and of the totals; and a clear ref
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,33 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from _bench_helpers import FakeClock, load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))  # the scripts import their neighbours (_benchargs, _timing, model_matrix)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
-
-
-class FakeClock:
-    """A clock that advances only when a timed function 'runs' for a chosen duration."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_interleaved_takes_any_clock_and_keeps_the_first_call_apart() -> None:
-    T = _load("_timing")
+    T = load_bench("_timing")
     clock, calls = FakeClock(), []
 
     def way(name: str, durations: list[float]):
@@ -64,7 +43,7 @@ def test_interleaved_takes_any_clock_and_keeps_the_first_call_apart() -> None:
 
 
 def test_sequence_summary_counts_every_request_in_the_total_and_ratios_per_request() -> None:
-    T = _load("_timing")
+    T = load_bench("_timing")
     times = {"this": [5.0, 2.0, 1.0, 3.0], "base": [1.0, 2.0, 2.0, 2.0]}
     s = T.sequence_summary(times, start=2)
     assert s["this"]["first"] == 5.0 and s["this"]["times"] == [1.0, 3.0] and s["this"]["total"] == 11.0
@@ -82,7 +61,7 @@ def test_sequence_summary_counts_every_request_in_the_total_and_ratios_per_reque
 
 
 def test_maxpool_prints_first_calls_totals_and_per_repetition_ratios(capsys) -> None:
-    mp = _load("maxpool")
+    mp = load_bench("maxpool")
     import torch
 
     before = torch.get_num_threads()
@@ -100,7 +79,7 @@ def test_maxpool_prints_first_calls_totals_and_per_repetition_ratios(capsys) -> 
 
 
 def test_moment_chunk_prints_threads_first_calls_totals_and_ratio_ranges(capsys) -> None:
-    mc = _load("moment_chunk")
+    mc = load_bench("moment_chunk")
     import torch
 
     import mcmc_unlearner.unlearner as U
@@ -120,7 +99,7 @@ def test_moment_chunk_prints_threads_first_calls_totals_and_ratio_ranges(capsys)
 
 
 def test_service_threads_alternates_and_reports_ratios_with_the_first_repetition(monkeypatch, tmp_path) -> None:
-    sc = _load("service_checks")
+    sc = load_bench("service_checks")
     import mcmc_unlearner.service.deletion as deletion
 
     order: list[int] = []

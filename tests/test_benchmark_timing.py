@@ -4,34 +4,12 @@ per-repetition ratios with their ranges. A fake clock makes every duration known
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))  # the scripts import their neighbours (_benchargs, model_matrix)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
-
-
-class FakeClock:
-    """``perf_counter`` that advances only when a timed function 'runs' for a chosen duration."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
+from _bench_helpers import FakeClock, load_bench
 
 
 def _timed(clock: FakeClock, calls: list[str], name: str, durations: list[float]):
@@ -45,7 +23,7 @@ def _timed(clock: FakeClock, calls: list[str], name: str, durations: list[float]
 
 
 def test_draw_batching_interleaves_and_reports_first_total_and_ratio_ranges(monkeypatch) -> None:
-    db = _load("draw_batching")
+    db = load_bench("draw_batching")
     clock, calls = FakeClock(), []
     monkeypatch.setattr(db, "time", clock)
     fns = {
@@ -63,7 +41,7 @@ def test_draw_batching_interleaves_and_reports_first_total_and_ratio_ranges(monk
 
 
 def test_kronecker_timings_keep_the_first_build_and_the_total(monkeypatch) -> None:
-    kr = _load("kronecker")
+    kr = load_bench("kronecker")
     clock, calls = FakeClock(), []
     monkeypatch.setattr(kr, "time", clock)
     res = kr.timings(_timed(clock, calls, "build", [9.0, 1.0, 3.0, 2.0]), repeats=4)
@@ -81,7 +59,7 @@ def test_layer_zoo_threads_are_set_before_any_work_passed_on_printed_and_saved(
 
     import torch
 
-    zoo = _load("layer_zoo")
+    zoo = load_bench("layer_zoo")
     seen: dict[str, object] = {}
 
     def fake_run_one(name: str, seed: int, options: dict) -> dict:
@@ -116,7 +94,7 @@ def test_layer_zoo_threads_are_set_before_any_work_passed_on_printed_and_saved(
 
 
 def test_request_sequence_prints_the_one_offs_also_for_one_request() -> None:
-    rs = _load("request_sequence")
+    rs = load_bench("request_sequence")
     one = [{"cpu_seconds": 4.0, "epochs": 2.0}]
     line = rs.summary_line(one, 1.0, 3.0, 2.0)
     assert "import 1.00 s CPU" in line and "fit 3.00 s CPU = 1.50 epochs" in line
@@ -132,7 +110,7 @@ def test_request_sequence_times_the_modules_a_request_imports(tmp_path, monkeypa
     costs nothing."""
     import time
 
-    rs = _load("request_sequence")
+    rs = load_bench("request_sequence")
     spin = "import time\nc0 = time.process_time()\nwhile time.process_time() - c0 < {}:\n    pass\n"
     (tmp_path / "rs_outer_mod.py").write_text("import rs_inner_mod\n" + spin.format(0.05))
     (tmp_path / "rs_inner_mod.py").write_text(spin.format(0.05))
