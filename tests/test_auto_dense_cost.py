@@ -199,3 +199,33 @@ def test_a_solver_given_by_name_is_never_weighed() -> None:
 def test_weigh_dense_build_rule(args: tuple, expected: SolverName, words: str) -> None:
     solver, why = weigh_dense_build(*args)
     assert solver is expected and words in why
+
+
+class CountingConv(nn.Module):
+    """A small convolutional network (the Gauss-Newton matrix) whose forward counts its calls in a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 3)
+        self.fc = nn.Linear(12, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(torch.tanh(self.conv(x.unsqueeze(1))).flatten(1))
+
+
+def test_the_estimate_leaves_the_models_buffers_and_the_global_rng_as_they_were() -> None:
+    """The probe's forward on the live model ran before the request's snapshot: a discarded proposal left the
+    model's step counter moved by one (propose leaves the model as it was)."""
+    torch.manual_seed(0)
+    model = CountingConv()
+    x, y = torch.randn(80, 8), torch.randint(3, (80,))
+    un = MCMCUnlearner(model, None, nll=_ce, log_prior=_prior, bank=_bank(model))
+    assert un.solver is SolverName.GGN
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((x[:5], y[:5]), (x[5:], y[5:])).report
+    assert report.solver == "ggn" and "dense_cost" in report.info  # (weighed, and kept)
+    assert int(model.calls) == 0 and torch.equal(torch.get_rng_state(), rng)

@@ -2455,7 +2455,12 @@ class MCMCUnlearner:
             return
         shared = self.curvature_data != "minibatch" and stream is not None and stream.listable
         try:
-            outputs, vectorized = self._dense_probe_rows(batch, shared)
+            from .kronecker import preserved
+
+            # the model's buffers (a step counter its forward keeps) and the global RNG as they were: the request's
+            # snapshot is taken after this, and a discarded proposal left the counter moved (stop 58's review)
+            with preserved(self.model):
+                outputs, vectorized = self._dense_probe_rows(batch, shared)
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError):
             return  # (the build says what is wrong with the rows, as it did)
         draws = self.bank.shape[0] if self.bank is not None else self.curvature_draws
