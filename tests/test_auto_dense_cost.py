@@ -229,3 +229,17 @@ def test_the_estimate_leaves_the_models_buffers_and_the_global_rng_as_they_were(
         report = un.propose((x[:5], y[:5]), (x[5:], y[5:])).report
     assert report.solver == "ggn" and "dense_cost" in report.info  # (weighed, and kept)
     assert int(model.calls) == 0 and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_listed_rows_read_a_minibatch_per_draw_are_weighed_as_such() -> None:
+    """5,580 listed rows at 6 draws are over FULL_ROWS_MAX: the dense Hessian reads a minibatch per draw, whose
+    product vmap cannot batch over the masked ids; the estimate had taken every row as shared (vectorised, 306) and
+    kept the dense Hessian, built with 612 reverse-mode products."""
+    torch.manual_seed(0)
+    model = Bag()
+    ids, y = _ids(5600)
+    un = MCMCUnlearner(model, None, nll=_ce, log_prior=_prior, bank=_bank(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((ids[:20], y[:20]), (ids[20:], y[20:])).report
+    assert report.solver == "kfac" and "3,672 row products per row and draw" in report.info["solver_reason"]

@@ -2453,8 +2453,9 @@ class MCMCUnlearner:
         probe, self._dense_probe = self._dense_probe, None
         if probe is None or self.solver not in _DENSE:
             return
-        shared = self.curvature_data != "minibatch" and stream is not None and stream.listable
+        draws = self.bank.shape[0] if self.bank is not None else self.curvature_draws
         try:
+            shared = self._dense_probe_shared(stream, min(self.curvature_draws, draws))
             from .kronecker import preserved
 
             # the model's buffers (a step counter its forward keeps) and the global RNG as they were: the request's
@@ -2463,7 +2464,6 @@ class MCMCUnlearner:
                 outputs, vectorized = self._dense_probe_rows(batch, shared)
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError):
             return  # (the build says what is wrong with the rows, as it did)
-        draws = self.bank.shape[0] if self.bank is not None else self.curvature_draws
         solver, why = weigh_dense_build(
             self.solver,
             self.spec.dim,
@@ -2481,6 +2481,18 @@ class MCMCUnlearner:
             self._dense_cost = why
             return
         self._switch_from_dense(solver, why, probe)
+
+    def _dense_probe_shared(self, stream: _Stream | None, draws: int) -> bool:
+        """Whether the dense build reads every remaining row at every one of ``draws`` draws (shared, the product
+        vectorised over draws alone) rather than a minibatch per draw, as :meth:`_curvature_data` decides it: ``auto``
+        reads every row only for the dense Hessian where rows × draws is within ``FULL_ROWS_MAX`` (5,580 listed rows
+        at 6 draws took a minibatch per draw, whose product ``vmap`` could not batch, while the estimate had taken
+        them as shared: stop 58's review)."""
+        if self.curvature_data == "minibatch" or stream is None or not stream.listable:
+            return False
+        if self.curvature_data == "full":
+            return True
+        return self.solver is SolverName.EXACT and stream.n * draws <= FULL_ROWS_MAX
 
     def _dense_probe_rows(self, batch: Batch, shared: bool) -> tuple[int, bool]:
         """The model's outputs per row on ``batch``'s first row, and whether the dense build's vectorised product
