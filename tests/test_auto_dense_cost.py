@@ -243,3 +243,26 @@ def test_listed_rows_read_a_minibatch_per_draw_are_weighed_as_such() -> None:
         warnings.simplefilter("ignore")
         report = un.propose((ids[:20], y[:20]), (ids[20:], y[20:])).report
     assert report.solver == "kfac" and "3,672 row products per row and draw" in report.info["solver_reason"]
+
+
+def test_a_state_saved_before_the_first_request_is_weighed_after_loading() -> None:
+    """A checkpoint of a fresh ``auto`` unlearner (its dense pick not weighed yet) loaded into another: the first
+    request weighs it as the run it was saved from does (before: the Gauss-Newton matrix kept, 8x the chain)."""
+
+    def build() -> MCMCUnlearner:
+        torch.manual_seed(0)
+        model = ConvDecoder()
+        return MCMCUnlearner(model, None, nll=_reconstruction, log_prior=_prior, bank=_bank(model))
+
+    x = torch.rand(60, 64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        un = build()
+        tensors, meta = un.curvature_state()
+        assert meta["solver"] == "ggn"
+        un2 = build()
+        un2.load_curvature_state(tensors, meta)
+        first = un.remove((x[:6],), (x[6:],), strict=False)
+        second = un2.remove((x[:6],), (x[6:],), strict=False)
+    assert first.solver == second.solver == "kfac"
+    assert torch.equal(un.bank, un2.bank)

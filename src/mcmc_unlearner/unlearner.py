@@ -6506,6 +6506,8 @@ class MCMCUnlearner:
         meta["rows_at_samples"] = self._rows_at_samples
         meta["cumulative_warned"] = self._cumulative_warned
         meta["grad_draw_round"] = self._g_round
+        if self._dense_probe is not None:  # solver='auto''s dense pick not weighed yet: a loaded state weighs it too
+            meta["dense_weigh_pending"] = True
         if self._fitted:  # built by fit() and not yet used: the request after loading takes it as its own build
             meta["built_by_fit"] = True
             if self._fit_data is not None:
@@ -6523,8 +6525,9 @@ class MCMCUnlearner:
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`curvature_state` returned (tensors are cloned).
 
-        A state saved after ``solver="auto"`` switched to CG (a weight read outside its module) is loaded into an
-        ``auto`` unlearner that has not probed yet by making the same switch.
+        A state saved after ``solver="auto"`` switched to CG (a weight read outside its module), or from a dense
+        pick to K-FAC or CG (its build's estimated cost), is loaded into an ``auto`` unlearner that has not probed yet
+        by making the same switch; one saved before its dense pick was weighed leaves it to be weighed.
 
         Raises:
             ValueError: the state was saved for a model of another parameter count or dtype, its
@@ -6538,6 +6541,10 @@ class MCMCUnlearner:
             self._switch_from_dense(
                 SolverName(saved), f"; {saved} as in the loaded state (the dense build estimated costlier there)", probe
             )
+        elif probe is not None and saved == self.solver.value and meta.get("dense_weigh_pending"):
+            # saved before the first request or fit weighed it (a checkpoint of a fresh unlearner): weighed on the
+            # first rows read after loading, as in the run it was saved from (before: never, the dense solver kept)
+            self._dense_probe = probe
         if saved is not None and saved != self.solver.value:
             probe = self._auto_probe
             if not (saved == SolverName.CG.value and probe is not None and not probe["kfac_options"]):
