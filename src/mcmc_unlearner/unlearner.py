@@ -4575,9 +4575,9 @@ class MCMCUnlearner:
         if self._dense_probe is not None:  # solver='auto' took a dense solver: its build's cost, before it is built
             with _source_states_kept(remaining):
                 stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
-                if stream.plain_iterator:
-                    self._dense_probe = None  # (a minibatch read to weigh it would be lost: the dense solver kept)
-                else:
+                # a plain iterator: a minibatch read to weigh it would be lost, and the dense solver builds nothing
+                # here: the first request weighs it on its removed rows (before: never, the dense pick kept)
+                if not stream.plain_iterator:
                     data_state = stream.state()
                     try:
                         self._weigh_dense_build(stream.peek(), stream)
