@@ -2424,6 +2424,21 @@ class MCMCUnlearner:
             return False
         return True
 
+    def _new_backend(self) -> CurvatureBackend:
+        """A fresh backend of ``self.solver`` with this unlearner's settings (``make_backend`` takes the ones it
+        needs): ``solver="auto"``'s switches away from its first pick."""
+        return make_backend(
+            self.solver,
+            refresh_every=self.refresh_every,
+            iter_T=self.iter_T,
+            tol=self.tol,
+            precondition_rank=self.precondition_rank,
+            negative_curvature=self.negative_curvature,
+            scaling=self.scaling,
+            likelihood=self.likelihood,
+            mc_samples=self.mc_samples,
+        )
+
     def _switch_to_cg(self, probe: dict[str, bool], why: str) -> None:
         """``solver="auto"``'s switch from K-FAC to CG, with CG's defaults for what the caller did not give."""
         self.solver = SolverName.CG
@@ -2432,14 +2447,7 @@ class MCMCUnlearner:
             if probe[name]:
                 setattr(self, name, value)
         self._fitted, self._fit_data = False, None  # a K-FAC fit() kept (a loaded state's switch) is not CG's
-        self.curvature = make_backend(
-            self.solver,
-            refresh_every=self.refresh_every,
-            iter_T=self.iter_T,
-            tol=self.tol,
-            precondition_rank=self.precondition_rank,
-            negative_curvature=self.negative_curvature,
-        )
+        self.curvature = self._new_backend()
 
     def _weigh_dense_build(self, batch: Batch, stream: _Stream | None) -> None:
         """``solver="auto"`` took a dense solver (``exact``/``ggn``): once, before the first build, estimate its cost
@@ -2547,17 +2555,7 @@ class MCMCUnlearner:
             self.recenter_every = RECENTER_AUTO_EVERY if kfac and not self.custom_energy else 0
         self.bank_shift = BankShift.MEAN  # (bank_shift='auto': affine only with a dense solver)
         self._fitted, self._fit_data = False, None
-        self.curvature = make_backend(
-            self.solver,
-            refresh_every=self.refresh_every,
-            iter_T=self.iter_T,
-            tol=self.tol,
-            precondition_rank=self.precondition_rank,
-            negative_curvature=self.negative_curvature,
-            scaling=self.scaling,
-            likelihood=self.likelihood,
-            mc_samples=self.mc_samples,
-        )
+        self.curvature = self._new_backend()
         if kfac:
             self._auto_probe = {
                 "curvature_draws": probe["curvature_draws"],
