@@ -2199,17 +2199,7 @@ class MCMCUnlearner:
                 "turn_draws": turn_draws != "auto",
             }
         )
-        self.curvature: CurvatureBackend = make_backend(
-            self.solver,
-            refresh_every=self.refresh_every,
-            iter_T=self.iter_T,
-            tol=self.tol,
-            precondition_rank=self.precondition_rank,
-            negative_curvature=self.negative_curvature,
-            scaling=scaling,
-            likelihood=likelihood,
-            mc_samples=self.mc_samples,
-        )
+        self.curvature: CurvatureBackend = self._new_backend()
         self.history: list[RemovalReport] = []
         self.carry_deficit = check_option("carry_deficit", carry_deficit)
         self.shorten_steps = check_option("shorten_steps", shorten_steps)
@@ -2426,7 +2416,7 @@ class MCMCUnlearner:
 
     def _new_backend(self) -> CurvatureBackend:
         """A fresh backend of ``self.solver`` with this unlearner's settings (``make_backend`` takes the ones it
-        needs): ``solver="auto"``'s switches away from its first pick."""
+        needs): built with the unlearner, and again at ``solver="auto"``'s switches away from its first pick."""
         return make_backend(
             self.solver,
             refresh_every=self.refresh_every,
