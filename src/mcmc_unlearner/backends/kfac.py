@@ -92,10 +92,18 @@ class KFACBackend(CurvatureBackend):
         self._dtype = torch.float32
         self._budget: int | None = None  # the request's memory budget (scale()'s probe columns per product)
         self._plan: Callable[[str, int], None] = lambda path, nbytes: None  # the request's (Problem.plan)
-        self._warned = False  # the empirical-Fisher fallback is warned about once per backend
-        self._warned_outside = False  # so are layers read outside their modules (info["read_outside_module"])
-        self._warned_diagonal = False  # and factors kept diagonal (over MAX_FACTOR_DIM: a vocabulary head's)
-        self._warned_unbatched = False  # and layers called on an input without the batch's rows
+        # what has been warned about, once per backend: the empirical-Fisher fallback ("fallback"), layers read
+        # outside their modules ("outside"), factors kept diagonal over MAX_FACTOR_DIM ("diagonal") and layers called
+        # on an input without the batch's rows ("unbatched"); report.info says each on every request
+        self._warned: set[str] = set()
+
+    def _warn_once(self, what: str, message: str) -> None:
+        """A :class:`RuntimeWarning` at the caller's line, the first time this backend meets ``what``."""
+        if what not in self._warned:
+            from ..errors import outside_stacklevel
+
+            self._warned.add(what)
+            warnings.warn(message, RuntimeWarning, stacklevel=outside_stacklevel())
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         from ..kronecker import KroneckerCurvature
@@ -155,43 +163,29 @@ class KFACBackend(CurvatureBackend):
         info: dict[str, Any] = {"preconditioner_reused": reused, "kfac": kfac.info}
         info.update({f"kfac_{k}": v for k, v in kfac.info.items() if isinstance(v, (int, float, str, bool))})
         fallback = kfac.info.get("likelihood_fallback")
-        if fallback and not self._warned:  # report.info["kfac_likelihood_fallback"] says it on every request
-            from ..errors import outside_stacklevel
-
-            self._warned = True
-            warnings.warn(fallback, RuntimeWarning, stacklevel=outside_stacklevel())
+        if fallback:
+            self._warn_once("fallback", fallback)
         outside = kfac.info.get("read_outside_module")
-        if outside and not self._warned_outside:  # report.info["kfac"]["diagonal"] gives each layer's reason
-            from ..errors import outside_stacklevel
-
-            self._warned_outside = True
-            warnings.warn(
+        if outside:
+            self._warn_once(
+                "outside",
                 f"K-FAC: the weights of {', '.join(repr(n) for n in outside)} are also read outside their modules "
                 "(e.g. a tied decoder's F.linear(h, enc.weight.t())), so those layers get only a diagonal curvature; "
                 "solver='cg' uses every read (a tied autoencoder on digits, its 0 digits forgotten: 0.27-0.63 of the "
                 "way to retraining with cg, 0.01-0.04 with K-FAC; docs/curvature.md)",
-                RuntimeWarning,
-                stacklevel=outside_stacklevel(),
             )
         diagonal = diagonal_factors(kfac.info)
-        if diagonal and not self._warned_diagonal:  # report.info["kfac"]["kronecker"] records each factor's form
-            from ..errors import outside_stacklevel
-
-            self._warned_diagonal = True
-            warnings.warn(diagonal_factor_message(diagonal), RuntimeWarning, stacklevel=outside_stacklevel())
+        if diagonal:
+            self._warn_once("diagonal", diagonal_factor_message(diagonal))
         unbatched = kfac.info.get("unbatched_input")
-        if unbatched and not self._warned_unbatched:  # report.info["kfac"]["diagonal"] gives each layer's reason
-            from ..errors import outside_stacklevel
-
-            self._warned_unbatched = True
-            warnings.warn(
+        if unbatched:
+            self._warn_once(
+                "unbatched",
                 f"K-FAC: {', '.join(repr(n) for n in unbatched)} {'is' if len(unbatched) == 1 else 'are'} called "
                 "on an input without the batch's rows (e.g. a hypernetwork's learned code of shape [4]): one "
                 "location shared by every row, which K-FAC's per-row factors cannot hold (stop 57's probe: undamped "
                 "ratios -3.4 / -1.4), so those layers get only a diagonal curvature "
                 "(report.info['kfac']['unbatched_input']); solver='cg' uses Hessian products through autograd",
-                RuntimeWarning,
-                stacklevel=outside_stacklevel(),
             )
         return info
 
