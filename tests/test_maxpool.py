@@ -1,6 +1,6 @@
 """``models.bnn.MaxPool2x2``: torch's ``nn.MaxPool2d(2)`` to every bit, with a faster forward pass without
-autograd (four strided views) and torch's own kernel wherever a derivative may follow (autograd, ``torch.func``
-transforms, forward-mode AD) or the layer's settings were changed."""
+autograd (four strided views; also under ``vmap`` alone) and torch's own kernel wherever a derivative may follow
+(autograd, ``torch.func``'s derivative transforms, forward-mode AD) or the layer's settings were changed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from mcmc_unlearner.models.bnn import MaxPool2x2, build_model, lenet5
 
@@ -51,12 +51,23 @@ def test_takes_the_strided_views_only_on_plain_tensors_without_autograd(monkeypa
     assert calls == []  # torch's kernel is not called without autograd
     MaxPool2x2()(x.clone().requires_grad_())
     assert calls == [True]  # with autograd on, it is
-    with torch.no_grad():  # and under torch.func transforms and forward-mode AD
+    with torch.no_grad():  # and under torch.func's derivative transforms and forward-mode AD
         jvp(MaxPool2x2(), (x,), (x,))
-        vmap(MaxPool2x2())(x)
         with fwAD.dual_level():
             MaxPool2x2()(fwAD.make_dual(x, x))
-    assert calls == [True, False, False, False]
+    assert calls == [True, False, False]
+    with torch.no_grad():  # vmap alone batches plain values: the strided views (stop 59: the check's passes)
+        ref = F.max_pool2d(x, 2).unsqueeze(0)
+        assert torch.equal(vmap(MaxPool2x2())(x.unsqueeze(0)), ref)
+        assert torch.equal(vmap(vmap(MaxPool2x2()))(x.unsqueeze(0).unsqueeze(0)), ref.unsqueeze(0))
+    assert calls == [True, False, False, False]  # (the last: the reference's own call)
+    with torch.no_grad():  # but a tangent or a derivative transform inside or outside vmap runs torch's kernel
+        vmap(lambda u: jvp(MaxPool2x2(), (u,), (u,)))(x.unsqueeze(0))
+        jvp(vmap(MaxPool2x2()), (x.unsqueeze(0),), (x.unsqueeze(0),))
+        with fwAD.dual_level():
+            vmap(MaxPool2x2())(fwAD.make_dual(x, x).unsqueeze(0))
+    grad(lambda u: vmap(MaxPool2x2())(u).sum())(x.unsqueeze(0))
+    assert calls == [True, False, False, False, False, False, False, True]
 
 
 @pytest.mark.parametrize("arch,shape", [("lenet5", (1, 32, 32)), ("small_cnn", (3, 32, 32)), ("digits_net", (1, 8, 8))])

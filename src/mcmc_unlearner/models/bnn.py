@@ -61,9 +61,11 @@ class MaxPool2x2(nn.MaxPool2d):
     The values are the same to every bit (a maximum is exact). Where no derivative can follow (``torch.no_grad``,
     ``inference_mode``, a plain tensor: the unlearner's safety check on convolutional networks, predictions),
     LeNet-5's whole forward pass on 256 rows of 32x32 is then 2.2x faster on one thread: torch's CPU kernel spends
-    about 4.6 ns per input element there, as long as the convolutions take (``benchmarks/maxpool.py``). Everywhere
-    else torch's kernel runs, so every derivative is exactly torch's: with autograd on (the four views' backward
-    pass was measured no faster in total), and under ``torch.func`` transforms or forward-mode AD, where
+    about 4.6 ns per input element there, as long as the convolutions take (``benchmarks/maxpool.py``). So under
+    ``vmap`` alone (the check's forward passes batched over its draws, where torch's batched kernel took 15 ms
+    against the views' 2.2 ms for 8 draws of 256 rows of the digits net's 16x8x8 maps; stop 59). Everywhere else
+    torch's kernel runs, so every derivative is exactly torch's: with autograd on (the four views' backward pass was
+    measured no faster in total), and under ``torch.func``'s derivative transforms or forward-mode AD, where
     ``torch.maximum``'s tangent ``b' + [a > b]·(a' − b')`` differs from the selected input's tangent in the last
     bits (the digits BNN's check, which takes ``jvp``, moved its end point by 1e-5 relative).
     """
@@ -93,11 +95,21 @@ class MaxPool2x2(nn.MaxPool2d):
 
 
 def _plain(x: Tensor) -> bool:
-    """Whether ``x`` is an ordinary tensor: not inside a ``torch.func`` transform (``vmap``, ``jvp``, ``grad``) and
-    without a forward-mode tangent. ``False`` when torch cannot tell (the private check is missing)."""
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    if wrapped is None or wrapped(x):
+    """Whether ``x``'s values are those of an ordinary tensor: not inside a ``torch.func`` transform that can take a
+    derivative (``grad``, ``jvp``, ``functionalize``) and without a forward-mode tangent. Inside ``vmap`` alone (any
+    number of levels; the unlearner's check batches its draws so) the values are a batch of ordinary tensors, and
+    the maximum of four strided views is the same to every bit: ``True`` there too. ``False`` when torch cannot
+    tell (the private checks are missing)."""
+    functorch = torch._C._functorch
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    batched = getattr(functorch, "is_batchedtensor", None)
+    unwrap = getattr(functorch, "get_unwrapped", None)
+    if wrapped is None:
         return False
+    while wrapped(x):  # vmap's levels only: a derivative transform's wrapper anywhere runs torch's kernel
+        if batched is None or unwrap is None or not batched(x):
+            return False
+        x = unwrap(x)
     return fwAD.unpack_dual(x).tangent is None
 
 
