@@ -1,6 +1,7 @@
 """The safety check made cheaper without changing what it measures (stop 59): its batched forward passes pool
-2x2 through strided views (``models.bnn.MaxPool2x2`` under ``vmap`` alone). Every ``Measurement`` field, and so
-every decision of the damping search, is the same to the bit as the full path's."""
+2x2 through strided views (``models.bnn.MaxPool2x2`` under ``vmap`` alone), and its prior change reads the values of
+``log p(θ_s + x)`` its remainders just took instead of evaluating the prior again one draw at a time. Every
+``Measurement`` field, and so every decision of the damping search, is the same to the bit as the full path's."""
 
 from __future__ import annotations
 
@@ -110,3 +111,44 @@ def test_the_damping_search_takes_the_same_trials_with_the_strided_pooling() -> 
     assert a.history == b.history and len(a.history) > 1
     assert (a.damping, a.safe, a.actual, a.stderr) == (b.damping, b.safe, b.actual, b.stderr)
     assert torch.equal(a.x, b.x)
+
+
+@pytest.mark.parametrize("vectorise", [True, False])
+def test_the_prior_change_reads_the_remainders_values_and_equals_one_draw_at_a_time(vectorise, monkeypatch) -> None:
+    """``_prior_change`` after a measurement evaluates the prior no more (batched or looped, the remainders took
+    ``log p(θ_s + x)`` already), and its value, the measurement's ``direct`` and ``prior_per_row``, equal those from
+    the prior evaluated one draw at a time."""
+    from mcmc_unlearner import step as S
+
+    model, thetas, rows, G = _digits_problem(2)
+    check = _check(model, thetas, rows, G, vectorise=vectorise)
+    x = 0.02 * torch.randn(G.numel(), generator=torch.Generator().manual_seed(4))
+    part = check._part("full")
+    calls = []
+    real_measure = S._Part.measure
+
+    def measure(self, x):
+        lp = self.c.lp
+
+        def counting(t):
+            calls.append(True)
+            return lp(t)
+
+        r, d, p = self._remainders(x)
+        self.c.lp = counting
+        try:
+            self._remainders = lambda _x: (r, d, p)
+            return real_measure(self, x)
+        finally:
+            self.c.lp = lp
+            del self._remainders
+
+    monkeypatch.setattr(S._Part, "measure", measure)
+    meas = check(x)
+    assert calls == []  # no evaluation of the prior after the remainders
+    with torch.no_grad():
+        one_at_a_time = float(torch.stack([-check.lp(t + x) for t in thetas]).mean() + part.lp0.mean())
+    assert part._prior_change(x) == one_at_a_time
+    n = check.n
+    assert meas.prior_per_row == one_at_a_time / n
+    assert meas.direct == one_at_a_time + n * meas.nll_change
