@@ -6494,8 +6494,12 @@ class MCMCUnlearner:
         meta["rows_at_samples"] = self._rows_at_samples
         meta["cumulative_warned"] = self._cumulative_warned
         meta["grad_draw_round"] = self._g_round
-        if self._dense_probe is not None:  # solver='auto''s dense pick not weighed yet: a loaded state weighs it too
-            meta["dense_weigh_pending"] = True
+        # solver='auto''s dense pick not weighed yet: a loaded state weighs it too. The value names the options the
+        # switch may set to K-FAC's or CG's defaults (not given: the deletion service, which rebuilds its unlearner
+        # from the resolved configuration, rebuilds it as auto from them); always written (False once weighed), as
+        # the service merges a commit's state into the last one's and a stale True was weighed again at every load
+        pending = self._dense_probe
+        meta["dense_weigh_pending"] = dict(pending) if pending is not None else False
         if self._fitted:  # built by fit() and not yet used: the request after loading takes it as its own build
             meta["built_by_fit"] = True
             if self._fit_data is not None:

@@ -78,6 +78,7 @@ from .state import (
     nonfinite_state,
     read_tensors,
     read_torch_checkpoint,
+    rebuild_as_auto,
     rebuild_sampler,
     rebuild_unlearner,
     sampler_config,
@@ -332,6 +333,8 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
         # into its flag (a dict's quoted keys came out half as keywords, half as flags)
         shown = ", ".join(f"{k}={shown_value(v)}" for k, v in overrides.items())
         raise ValueError(f"configuration override {shown} is invalid: {exc}") from None
+    if "solver" not in overrides and base._dense_probe is not None:  # auto's weighing pending: the request weighs it
+        un = rebuild_as_auto(loaded.model, loaded.sampler, base.bank, cfg, dict(base._dense_probe), un)
     un.generator.set_state(base.generator.get_state())
     tensors, meta = base.curvature_state()
     # the override may name another solver on purpose: what carries over (the removal count, the damping, the
@@ -610,6 +613,10 @@ def _adopt(base: MCMCUnlearner, done: MCMCUnlearner) -> None:
     tensors, meta = done.curvature_state()
     base._set_bank(done.bank, fresh=False)
     if base.solver is done.solver:
+        if base._dense_probe is not None and not done._dense_cost:
+            # the override ran the folder's dense solver unweighed (its configuration names that solver): the folder's
+            # own weighing stays pending for its next request (loading done's state had dropped it)
+            meta = {**meta, "dense_weigh_pending": dict(base._dense_probe)}
         base.load_curvature_state(tensors, meta)
         base._state_loaded = False
         if curvature_settings_changed(base, done):  # built with the override's settings: not the saved ones'
@@ -712,6 +719,13 @@ def commit_update(
                 "model_sha256": after,
                 "sampler": sampler_config(loaded.sampler)[0],
                 "unlearner_state": {**old.get("unlearner_state", {}), **un.curvature_state()[1]},
+                # solver='auto' switched the folder's own unlearner (its dense build weighed costlier: K-FAC or CG):
+                # the configuration it runs with from now on (kept as saved, a restart took the dense solver again)
+                **(
+                    {"unlearner": unlearner_config(un)}
+                    if un.solver.value != old.get("unlearner", {}).get("solver")
+                    else {}
+                ),
                 "ledger_entries": int(old["ledger_entries"]) + 1,
                 "ledger_head": head,
                 "last_request_id": full.get("request_id", old.get("last_request_id")),

@@ -45,6 +45,7 @@ __all__ = [
     "model_digest",
     "read_tensors",
     "read_torch_checkpoint",
+    "rebuild_as_auto",
     "tensors_digest",
     "unlearner_config",
 ]
@@ -323,6 +324,49 @@ def rebuild_sampler(
     return sampler
 
 
+#: What ``solver='auto'`` sets the options its dense-build weighing may change to where they were not given (a
+#: folder saved by stop 58's code recorded only that the weighing was pending, not which were given).
+_DENSE_AUTO_DEFAULTS = {"curvature_draws": 16, "refresh_every": 10, "recenter_every": 0}
+_DENSE_SOLVERS = ("exact", "ggn")
+
+
+def rebuild_as_auto(
+    model: nn.Module,
+    sampler: torch.optim.Optimizer | None,
+    bank: torch.Tensor | None,
+    given: Mapping[str, Any],
+    pending: Any,
+    un: MCMCUnlearner,
+) -> MCMCUnlearner:
+    """``un`` rebuilt as ``solver='auto'`` where its saved state says auto's weighing of the dense build it took is
+    still pending (:meth:`~mcmc_unlearner.unlearner.MCMCUnlearner._weigh_dense_build`), so that the next request
+    weighs it as the library's own unlearner does; ``un`` itself otherwise.
+
+    The configuration stores the solver auto resolved (``ggn``), which the library takes as asked for by name, so
+    the service never weighed the build: a 668-parameter convolutional net of 64 outputs per row ran the dense
+    Gauss-Newton matrix, 3.3 s CPU per request, where the library's own unlearner took K-FAC, 0.35 s (stop 59's
+    probe). The options the weighing's switch sets to the new solver's defaults are left out where they were not
+    given (``pending`` names them). The rebuild is used only where it resolves to the saved configuration exactly.
+    """
+    if not pending or given.get("solver") not in _DENSE_SOLVERS:
+        return un
+    if isinstance(pending, Mapping):
+        defaulted = {k for k, v in pending.items() if v is True}
+    else:  # saved as True: not given where the value is auto's default for the dense solver
+        defaulted = {k for k, v in _DENSE_AUTO_DEFAULTS.items() if given.get(k) == v}
+    auto = {k: v for k, v in given.items() if k not in defaulted}
+    auto["solver"] = "auto"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            again = MCMCUnlearner(model, sampler, bank=bank, **auto)
+    except (TypeError, ValueError):
+        return un
+    if again.config() != un.config() or getattr(again, "_dense_probe", None) is None:
+        return un
+    return again
+
+
 def rebuild_unlearner(
     model: nn.Module,
     sampler: torch.optim.Optimizer | None,
@@ -372,6 +416,7 @@ def rebuild_unlearner(
             + ", ".join(f"{k}={ascii(given[k])[:40]} (the unlearner keeps {ascii(now[k])[:40]})" for k in odd[:3])
             + "; it was not written by this library: restore the folder from a backup"
         )
+    un = rebuild_as_auto(model, sampler, tensors.get("bank"), given, ustate.get("dense_weigh_pending"), un)
     un.generator.set_state(tensors["unlearner/generator"])
     prefix = "unlearner/"
     curv = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k != "unlearner/generator"}

@@ -1,0 +1,108 @@
+"""The deletion service makes ``solver='auto'``'s dense-build choice as the library does (stop 58's weighing).
+
+A saved folder stores the solver auto resolved (``ggn``), and the service rebuilt its unlearner from it as if that
+solver had been asked for by name: the weighing of the dense build's cost never ran. A convolutional net of 64
+outputs per row (668 parameters) ran the dense Gauss-Newton matrix at every request, 3.3 s CPU, where the library's
+own unlearner took K-FAC, 0.35 s (stop 59's probe). The service now rebuilds such an unlearner as ``auto`` while the
+weighing is pending, and a switch is stored as the folder's configuration, so a restart keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcmc_unlearner import SGLD, MCMCUnlearner, RemovableDataset
+from mcmc_unlearner.models.bnn import build_model
+from mcmc_unlearner.samplers import run_chain
+from mcmc_unlearner.service.checkpoint import load_model, save_model
+from mcmc_unlearner.service.deletion import forget
+from mcmc_unlearner.service.specs import bnn_model_spec
+
+torch.set_num_threads(1)
+KW = {"channels": 2, "hidden": 8}
+
+
+def _saved(tmp_path: Path, classes: int) -> tuple[Path, MCMCUnlearner, RemovableDataset]:
+    """A digits_net of ``classes`` outputs on 4x4 inputs, its SGLD bank, saved before any request."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 1, 4, 4, generator=g)
+    y = torch.randint(0, classes, (120,), generator=g)
+    torch.manual_seed(0)
+    model = build_model("digits_net", [1, 4, 4], classes, prior_std=1.0, **KW)
+    s = SGLD(model.parameters(), lr=1e-4, generator=torch.Generator().manual_seed(1))
+    data = RemovableDataset(x, y, batch_size=40, seed=0)
+    un = MCMCUnlearner(model, s)
+    un.bank = run_chain(model, s, data, un.energy, 30, len(data), keep_every=3)
+    path = tmp_path / "m"
+    save_model(
+        path,
+        model=model,
+        sampler=s,
+        data=data,
+        unlearner=un,
+        model_spec=bnn_model_spec("digits_net", [1, 4, 4], classes, prior_std=1.0, **KW),
+        data_spec={"kind": "tensors"},
+    )
+    return path, un, data
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.simplefilter("ignore")
+
+
+def test_service_takes_autos_kfac_and_a_restart_keeps_it(tmp_path: Path) -> None:
+    path, un, data = _saved(tmp_path, classes=64)
+    assert un.solver.value == "ggn" and _manifest(path)["unlearner"]["solver"] == "ggn"
+    # the library's own unlearner and one loaded from the folder: the weighing switches both to K-FAC
+    direct = un.forget([3, 14, 15], data, strict=False)
+    lib = load_model(path)
+    loaded = lib.unlearner.forget([3, 14, 15], lib.data, strict=False)
+    assert direct.solver == loaded.solver == "kfac"
+    out = forget(path, [3, 14, 15], request_id="t1")
+    assert out.entry["solver"] == "kfac"  # was ggn: the dense build, 10x the CPU
+    assert out.entry["shift_norm"] == pytest.approx(loaded.shift_norm, rel=1e-6)
+    assert out.entry["config"]["curvature_draws"] == 8  # K-FAC's default: it was not given
+    man = _manifest(path)
+    assert man["unlearner"]["solver"] == "kfac" and man["unlearner"]["curvature_draws"] == 8
+    assert man["unlearner_state"]["dense_weigh_pending"] is False
+    # a restart: the next request runs K-FAC from the stored configuration
+    assert load_model(path).unlearner.solver.value == "kfac"
+    again = forget(path, [4], request_id="t2")
+    assert again.entry["solver"] == "kfac"
+
+
+def test_an_override_request_leaves_the_weighing_pending(tmp_path: Path) -> None:
+    path, _, _ = _saved(tmp_path, classes=64)
+    # iter_T given: auto does not weigh (a solver's own option set), and the folder's ggn runs unweighed
+    out = forget(path, [3], request_id="t1", overrides={"iter_T": 50})
+    assert out.entry["solver"] == "ggn"
+    man = _manifest(path)
+    assert man["unlearner"]["solver"] == "ggn"
+    assert man["unlearner_state"]["dense_weigh_pending"] == {
+        "curvature_draws": True,
+        "refresh_every": True,
+        "recenter_every": True,
+    }
+    # the folder's next request weighs it (before: the override's state had dropped the pending weighing)
+    assert forget(path, [4], request_id="t2").entry["solver"] == "kfac"
+
+
+def test_a_kept_dense_build_is_weighed_once(tmp_path: Path) -> None:
+    path, un, _ = _saved(tmp_path, classes=8)  # 8 outputs x 164 parameters / 16: within exact_max_dim
+    assert un.solver.value == "ggn"
+    first = forget(path, [3], request_id="t1")
+    assert first.entry["solver"] == "ggn"
+    assert "within the 1000 of exact_max_dim" in first.entry["info"]["dense_cost"]
+    assert _manifest(path)["unlearner_state"]["dense_weigh_pending"] is False  # was True, merged into every commit
+    second = forget(path, [4], request_id="t2")
+    assert "dense_cost" not in second.entry["info"]
