@@ -15,7 +15,7 @@ from mcmc_unlearner import InvalidRequestError, RemovableDataset
 from mcmc_unlearner.cli import main
 from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.deletion import forget, parse_ids, status, verify
-from mcmc_unlearner.store import MANIFEST_NAME, load_model
+from mcmc_unlearner.store import MANIFEST_NAME, StoreError, load_model
 
 N = 200
 
@@ -243,18 +243,29 @@ def test_invalid_override_combination_is_spelled_one_way(store, tmp_path, capsys
     assert snapshot(store) == before
 
 
-def test_non_finite_data_refused_unchanged(tmp_path, capsys):
+def test_non_finite_data_refused_unchanged(tmp_path, capsys, monkeypatch):
+    """Requests on data with NaN rows are refused with nothing changed. Such a folder can take no request at all, one
+    for the NaN rows included, and verify called it OK (stop 59's probe): save_model now refuses the data, and
+    verify names the rows of a folder saved before."""
     model, sampler, data, un = tiny()
     x = data.tensors[0].clone()
     x[5, 1] = float("nan")
     x[6, 0] = float("inf")
     bad = RemovableDataset(x, data.tensors[1], batch_size=32, seed=1)
-    m = save(tmp_path / "m", (model, sampler, bad, un), data_spec={"kind": "tensors"})
+    said = r"cannot save: the remaining training data hold NaN or infinite values in the rows with id\(s\) \[5, 6\]: "
+    with pytest.raises(StoreError, match=said + r"every deletion request .* nothing was saved: fix those rows"):
+        save(tmp_path / "refused", (model, sampler, bad, un), data_spec={"kind": "tensors"})
+    assert not (tmp_path / "refused").exists()
+    with monkeypatch.context() as mp:  # a folder saved before the check
+        mp.setattr(RemovableDataset, "nonfinite_ids", lambda self: torch.zeros(0, dtype=torch.int64))
+        m = save(tmp_path / "m", (model, sampler, bad, un), data_spec={"kind": "tensors"})
     before = snapshot(m)
     _run_refused(["forget", "--model", str(m), "--ids", write_ids(tmp_path, "4 5")], capsys, "NaN or infinite")
     _run_refused(["forget", "--model", str(m), "--ids", write_ids(tmp_path, "6")], capsys, "NaN or infinite")
     assert snapshot(m) == before
-    assert verify(m).ok
+    problems = verify(m).problems  # (it said OK)
+    assert len(problems) == 1 and "NaN or infinite values in the rows with id(s) [5, 6]" in problems[0], problems
+    assert snapshot(m) == before
     assert json.loads((m / MANIFEST_NAME).read_text())["data_spec"] == {"kind": "tensors"}
 
 

@@ -397,7 +397,8 @@ def save_model(
         StoreError: The folder holds other files, already a model, or the ledger or state files of a model
             whose manifest is missing (a damaged folder: restore it from a backup); the specs do not reproduce
             the objects, or an object cannot be saved (custom callables or sampler class, or NaN or infinite
-            sampler or unlearner state: SGHMC momentum, carried influence, cached curvature); a write failed
+            sampler or unlearner state: SGHMC momentum, carried influence, cached curvature; NaN or infinite values in
+            remaining rows of ``data``, on which every request would be refused); a write failed
             (full disk, read-only file system, I/O error): the files this save wrote are removed again, and the
             message names the folder (an error after the manifest's rename, in the folder fsync, is a
             :class:`RuntimeWarning` instead: the model is saved).
@@ -441,6 +442,14 @@ def save_model(
             f"cannot save: the sampler's or unlearner's state is not finite (NaN or infinite values in "
             f"{', '.join(bad[:5])}): the chain or the unlearner diverged; nothing was saved: save a state from before "
             "the divergence (or re-run the chain with a smaller step size)"
+        )
+    rows = data.nonfinite_ids()
+    if rows.numel():  # every request on such a folder was refused, a request for those rows too (stop 59's probe)
+        raise StoreError(
+            f"cannot save: the remaining training data hold NaN or infinite values in the rows with id(s) "
+            f"{rows[:5].tolist()}{' ...' if rows.numel() > 5 else ''}: every deletion request on the folder would be "
+            "refused (an influence step needs finite rows, and these could not be forgotten either); nothing was "
+            "saved: fix those rows, or train without them and save data with them removed (data.remove(ids))"
         )
 
     if os.path.lexists(root) and not root.is_dir():

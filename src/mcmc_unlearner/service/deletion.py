@@ -738,4 +738,11 @@ def verify(
     bank = loaded.unlearner.bank
     if not all_finite(flat) or (bank is not None and not all_finite(bank)):
         res.problems.append("stored parameters or sample bank contain NaN or infinite values")
+    rows = loaded.data.nonfinite_ids()
+    if rows.numel():  # verify said OK, and every request was refused, one for those rows too (stop 59's probe)
+        res.problems.append(
+            f"the remaining training data hold NaN or infinite values in the rows with id(s) {rows[:5].tolist()}"
+            f"{' ...' if rows.numel() > 5 else ''}: every deletion request will be refused, one for those rows too; "
+            "save the model again from finite data (save_model refuses such data since stop 59)"
+        )
     return res
