@@ -529,34 +529,14 @@ def register_bnn(subparsers: argparse._SubParsersAction) -> None:
         help="langevin's SGLD steps per request (0, the default: samp_T + 2 x iter_T = 129, at samp_T 1 the paper's "
         "sampler steps plus Hessian-vector products per request, each counted once)",
     )
-    p.add_argument(
-        "--eval-samples",
-        type=limit["eval-samples"],
-        default=None,
-        metavar="N",
-        help=f"samples per method in the final evaluation (0: all) {_default_help('eval_samples')}",
-    )
-    p.add_argument(
-        "--eval-max",
-        type=limit["eval-max"],
-        default=None,
-        metavar="N",
-        help=f"points per evaluation split (0: all) {_default_help('eval_max')}",
-    )
-    p.add_argument(
-        "--eval-every",
-        type=limit["eval-every"],
-        default=None,
-        metavar="N",
-        help=f"progress snapshot every this many requests {_default_help('eval_every')}",
-    )
-    p.add_argument(
-        "--max-requests",
-        type=limit["max-requests"],
-        default=None,
-        metavar="N",
-        help=f"at most this many requests (0: all) {_default_help('max_requests')}",
-    )
+    for flag, text in (  # counts of the evaluation and the run, each with its lower limit and default
+        ("eval-samples", "samples per method in the final evaluation (0: all)"),
+        ("eval-max", "points per evaluation split (0: all)"),
+        ("eval-every", "progress snapshot every this many requests"),
+        ("max-requests", "at most this many requests (0: all)"),
+    ):
+        key = flag.replace("-", "_")
+        p.add_argument(f"--{flag}", type=limit[flag], default=None, metavar="N", help=f"{text} {_default_help(key)}")
     p.add_argument(
         "--unlearner-kw",
         type=_keyword,
