@@ -111,3 +111,66 @@ def sequence_lines(times: dict[str, list[float]], start: int, first_runner: str)
         "process's one-off costs)"
     )
     return lines
+
+
+class Baseline:
+    """A unit of cost (the SGLD epoch) timed again between the measured calls, not once before them: each call's
+    ratio to it is taken against the measurements on either side of it, in the same stretch of the run (a machine
+    that slows down halfway moved every ratio measured against one early epoch), and the unit's own first
+    measurement, median, range and total are printed beside the calls'.
+
+    Args:
+        measure: Times the unit once; returns ``(wall, cpu)`` seconds (e.g. ``model_matrix.time_sgld_epoch``).
+    """
+
+    def __init__(self, measure: Callable[[], tuple[float, float]]) -> None:
+        self._measure = measure
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def measure(self) -> None:
+        """Time the unit once more (before the first call, then after each one)."""
+        w, c = self._measure()
+        self.wall.append(w)
+        self.cpu.append(c)
+
+    def around(self, k: int) -> float:
+        """CPU seconds of the unit around call ``k`` (0-based): the mean of measurements ``k`` and ``k + 1``, the
+        ones just before and after it (``k`` alone where no later one was taken)."""
+        near = self.cpu[k : k + 2]
+        if not near:
+            raise ValueError(f"call {k} has no measurement of the unit before it ({len(self.cpu)} taken)")
+        return sum(near) / len(near)
+
+    def summary(self, wall: bool = False) -> dict:
+        """``first`` (the first measurement), ``times`` (the later ones, or the first where it is the only one),
+        their ``median``/``min``/``max``, and ``total`` (every measurement), of CPU (or ``wall``) seconds."""
+        xs = self.wall if wall else self.cpu
+        if not xs:
+            raise ValueError("the unit was never measured")
+        later = xs[1:] or xs[:1]
+        return {"first": xs[0], "times": later, **spread(later), "total": sum(xs)}
+
+    def median(self, wall: bool = False) -> float:
+        """The median of the measurements after the first (the first alone where it is the only one)."""
+        return self.summary(wall)["median"]
+
+
+def per_call_ratios(seconds: Sequence[float], base: Baseline, start: int = 0) -> dict:
+    """Each call's CPU ``seconds`` over the unit measured around it (:meth:`Baseline.around`): ``first`` (call 0),
+    ``times`` (calls ``start`` on), their ``median``/``min``/``max``, and ``total`` (all calls' seconds over the
+    units' mean around them)."""
+    ratios = [s / base.around(k) for k, s in enumerate(seconds)]
+    later = ratios[start:] or ratios[:1]
+    units = sum(base.around(k) for k in range(len(seconds))) / max(len(seconds), 1)
+    return {"first": ratios[0], "times": later, **spread(later), "total": sum(seconds) / units}
+
+
+def baseline_line(base: Baseline, name: str = "SGLD epoch over 10k rows") -> str:
+    """``NAME: median (min-max) s CPU of the N after the first, first F s; total T s``."""
+    s = base.summary()
+    n = len(base.cpu)
+    return (
+        f"{name}, timed {n}x between the requests: {s['median']:.2f} s CPU ({s['min']:.2f}-{s['max']:.2f}) of the "
+        f"{max(n - 1, 1)} after the first, first {s['first']:.2f} s; total {s['total']:.1f} s"
+    )

@@ -9,7 +9,9 @@ kept rows of ``--rows``), alternating which goes first; each request's CPU time,
 and the removed rows' gradient's (``_grad_means``) are summed per rule from ``--from`` on (the first requests pay
 the one-off K-FAC build and the damping search from scratch). Then, per rule, the median and range of a request's
 CPU time from ``--from`` on, the first request's and the total of all requests (the first included), and the
-ratio per request (median and range) and of the totals (``_timing.sequence_lines``). One torch thread
+ratio per request (median and range) and of the totals (``_timing.sequence_lines``). The SGLD epoch the requests
+are given in is timed before the first request and after every one, each request over the epochs on either side of
+it (``_timing.Baseline``; until stop 59 it was timed once, before the requests). One torch thread
 (``--threads``)::
 
     OMP_NUM_THREADS=1 python benchmarks/check_linear.py --model resnet --requests 10 --chain-cache /tmp/mm/cache
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = mm.build_problems([args.model], True, args.seed)[0]
     origin = mm.train_chain(p, torch.arange(len(p.x_train)), 100 * args.seed, args.chain_cache)
-    _, epoch = mm.time_sgld_epoch(p, origin.model, max_steps=None)
+    epochs = T.Baseline(lambda: mm.time_sgld_epoch(p, origin.model, max_steps=None))
+    epochs.measure()  # before the first request; again after each one (both ways)
     requests = mm.sequence_requests(p, args.rows, args.requests, args.seed)
     uns = {}
     for name in RULES:
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.vector_to_parameters(origin.bank[-1], model.parameters())
         uns[name] = MCMCUnlearner(model, None, nll=p.nll, log_prior=p.log_prior, bank=origin.bank.clone())
     print(f"{p.description}: {p.n_params():,} params, {torch.get_num_threads()} thread(s), SGLD epoch over 10k rows "
-          f"{epoch:.2f} s CPU")  # fmt: skip
+          f"{epochs.cpu[0]:.2f} s CPU (first; timed again after every request)")  # fmt: skip
     per_request: dict[str, list[float]] = {"difference": [], "forward": []}
     gone = torch.zeros(len(p.x_train), dtype=torch.bool)
     for k, rows in enumerate(requests):
@@ -115,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
             line.append(f"{name} {spent:.2f} s ({rep.damping_trials} trials, damping {rep.damping_relative:.3g}x, "
                         f"shortfall {rep.step_shortfall:.3g}, {rep.info['check_linear']})")  # fmt: skip
         print(f"  request {k}: " + "; ".join(line), flush=True)
+        epochs.measure()  # after the request: its epochs are over the epochs timed on either side of it
     use_rule("difference")
     n = args.requests - args.start
-    print(f"requests {args.start}-{args.requests - 1}, per request (CPU s; SGLD epochs over 10k rows):")
+    print(T.baseline_line(epochs))
+    print(f"requests {args.start}-{args.requests - 1}, per request (CPU s; SGLD epochs over 10k rows, each request's "
+          "over the epochs timed beside it: median (min-max)):")  # fmt: skip
     for name in RULES:
         r, c, gm = (cpu[(name, key)] / n for key in ("request", "check", "G"))
-        print(f"  {name:10s} request {r:.3f} ({r / epoch:.3f} epochs), check {c:.3f}, removed rows' gradient {gm:.3f}")
+        e = T.per_call_ratios(per_request[name], epochs, start=args.start)
+        print(f"  {name:10s} request {r:.3f} ({e['median']:.3f} ({e['min']:.3f}-{e['max']:.3f}) epochs), check "
+              f"{c:.3f}, removed rows' gradient {gm:.3f}")  # fmt: skip
     f, d = (cpu[(name, "request")] for name in RULES)
     cf, cd = (cpu[(name, "check")] for name in RULES)
     print(f"difference / forward: request {d / f:.3f}, check {cd / cf:.3f}")

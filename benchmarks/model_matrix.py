@@ -30,7 +30,9 @@ For every model: one origin chain on all training rows, ``--retrains`` retrain c
   the request) below 2 GB for models under 1M parameters; the child runs under ``RLIMIT_AS`` = its size at
   the fork + ``--mem-cap-gb`` so a blow-up is recorded as a failure instead of taking the machine down;
 * time of the request over the time of one SGLD epoch over 10k rows of the same model and batch size,
-  measured in the same child process (target ≤ 0.25 epochs for the ≥1M-parameter residual network).
+  measured in the same child process just before the request and again just after it, the request over their
+  mean (``epoch_cpu_seconds``; both in ``epoch_cpu_seconds_runs``: timed once, before, until stop 59) (target
+  ≤ 0.25 epochs for the ≥1M-parameter residual network).
 
 The request runs in a forked child (``fork`` start method: the child inherits the trained chains), which is
 also what makes the memory measurement clean. The user's bank is checked bit for bit after the request: the
@@ -73,6 +75,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _benchargs
 import _benchargs as A
+import _timing as T
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 GB = 2**30
@@ -940,8 +943,9 @@ def unlearn_request(
     xr, yr = problem.x_train[keep], problem.y_train[keep]
     remaining = forever(loader(xr, yr, problem.batch, remaining_seed)) if remaining_as == "iterator" else (xr, yr)
     removed = (problem.x_train[problem.forget], problem.y_train[problem.forget])
+    epochs = T.Baseline(lambda: time_sgld_epoch(problem, model, max_steps=epoch_steps))
     if epoch_steps != 0:
-        out["epoch_seconds"], out["epoch_cpu_seconds"] = time_sgld_epoch(problem, model, max_steps=epoch_steps)
+        epochs.measure()  # before the request; again after it, below
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = _status_kb("VmSize") * 1024 + int(mem_cap_gb * GB)
     resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
@@ -971,6 +975,11 @@ def unlearn_request(
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     out["peak_gb"] = (_status_kb("VmHWM") - rss0) / 2**20 if out["peak_reset"] else None
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    if epoch_steps != 0:  # the epoch after the request: the request is over the mean of the two beside it
+        epochs.measure()
+        out["epoch_cpu_seconds"] = epochs.around(0)
+        out["epoch_seconds"] = sum(epochs.wall) / len(epochs.wall)
+        out["epoch_cpu_seconds_runs"], out["epoch_seconds_runs"] = epochs.cpu, epochs.wall
     if report is not None:
         out["report"] = report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
     out["user_bank_intact"] = same_layout(snapshot, user_bank)
@@ -1227,7 +1236,8 @@ def print_table(results: list[dict[str, Any]], out: Any = sys.stdout) -> None:
     Columns: forgotten rows' NLL fraction (and the retrain pair's own fraction), kept-data test error (points)
     or RMSE for origin / mean retrain / unlearn, distance to retrain (and between the two retrain chains),
     forgotten rows' error for origin / retrain / unlearn (classification), the request's peak memory, wall and
-    CPU seconds, the CPU seconds of one 10k-row SGLD epoch and the request in epochs (CPU over CPU); with ``--fit``
+    CPU seconds, the CPU seconds of one 10k-row SGLD epoch (the mean of the two timed just before and after the
+    request) and the request in epochs (CPU over CPU); with ``--fit``
     also the one-off fit before the request, CPU seconds and epochs (not in the request's columns).
     """
     fits = any("fit_cpu_seconds" in r["request"] for r in results)

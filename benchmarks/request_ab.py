@@ -5,9 +5,11 @@ Another version's ``mcmc_unlearner`` (``--base``: a ``src`` folder, e.g. ``git a
 model-matrix chain take the same requests (the forgotten set, then ``--rows`` random kept rows), alternating which
 goes first. Each request asserts that both took the same damping trials and dampings, and prints how far the banks
 apart are against the shift so far; the CPU time per request from ``--from`` on is given in SGLD epochs over 10k
-rows timed in the same process (issue 11's unit); then the median and range of a request's CPU time from ``--from``
-on, the first request's and the total of all requests (the first included), and this tree's time over the base's
-per request (median and range) and of the totals (``_timing.sequence_lines``). One torch thread (``--threads``)::
+rows timed in the same process before the first request and after every one (issue 11's unit; each request over the
+epochs timed on either side of it: ``_timing.Baseline``); then the median and range of a request's CPU time from
+``--from`` on, the first request's and the total of all requests (the first included), and this tree's time over the
+base's per request (median and range) and of the totals (``_timing.sequence_lines``). One torch thread
+(``--threads``)::
 
     git archive HEAD~2 src | tar -x -C /tmp/base
     OMP_NUM_THREADS=1 python benchmarks/request_ab.py --base /tmp/base/src --requests 12 --chain-cache /tmp/mm/cache
@@ -65,7 +67,8 @@ def _run(args: argparse.Namespace, base_class: type) -> int:
     classes = {"base": base_class, "this": MCMCUnlearner}
     p = mm.build_problems([args.model], True, args.seed)[0]
     origin = mm.train_chain(p, torch.arange(len(p.x_train)), 100 * args.seed, args.chain_cache)
-    _, epoch = mm.time_sgld_epoch(p, origin.model, max_steps=None)
+    epochs = T.Baseline(lambda: mm.time_sgld_epoch(p, origin.model, max_steps=None))
+    epochs.measure()  # before the first request; again after each one (both ways)
     requests = mm.sequence_requests(p, args.rows, args.requests, args.seed)
     uns = {}
     for name, cls in classes.items():
@@ -73,7 +76,7 @@ def _run(args: argparse.Namespace, base_class: type) -> int:
         torch.nn.utils.vector_to_parameters(origin.bank[-1], model.parameters())
         uns[name] = cls(model, None, nll=p.nll, log_prior=p.log_prior, bank=origin.bank.clone())
     print(f"{p.description}: {p.n_params():,} params, {torch.get_num_threads()} thread(s), SGLD epoch over 10k rows "
-          f"{epoch:.2f} s CPU; base {args.base}")  # fmt: skip
+          f"{epochs.cpu[0]:.2f} s CPU (first; timed again after every request); base {args.base}")  # fmt: skip
     cpu = dict.fromkeys(classes, 0.0)
     per_request: dict[str, list[float]] = {"this": [], "base": []}
     gone = torch.zeros(len(p.x_train), dtype=torch.bool)
@@ -97,10 +100,14 @@ def _run(args: argparse.Namespace, base_class: type) -> int:
         print(f"  request {k}: base {spent['base']:.3f} s, this {spent['this']:.3f} s; {b.damping_trials} trial(s), "
               f"damping {b.damping_relative:.3g}x; banks apart {apart:.2e} of the shift so far")  # fmt: skip
         sys.stdout.flush()
+        epochs.measure()  # after the request: its epochs are over the epochs timed on either side of it
     n = args.requests - args.start
-    print(f"requests {args.start}-{args.requests - 1}, per request (CPU s; SGLD epochs over 10k rows):")
+    print(T.baseline_line(epochs))
+    print(f"requests {args.start}-{args.requests - 1}, per request (CPU s; SGLD epochs over 10k rows, each request's "
+          "over the epochs timed beside it: median (min-max)):")  # fmt: skip
     for name in classes:
-        print(f"  {name:5s} {cpu[name] / n:.3f} ({cpu[name] / n / epoch:.3f} epochs)")
+        e = T.per_call_ratios(per_request[name], epochs, start=args.start)
+        print(f"  {name:5s} {cpu[name] / n:.3f} ({e['median']:.3f} ({e['min']:.3f}-{e['max']:.3f}) epochs)")
     print(f"this / base: {cpu['this'] / cpu['base']:.3f}")
     print("\n".join(T.sequence_lines(per_request, args.start, first_runner=next(iter(classes)))))
     return 0

@@ -5,10 +5,13 @@ target: one request of 64 rows on a >= 1M-parameter residual network at most 0.2
 first damping search from zero). A user serving deletions pays those once; later requests reuse the curvature
 (``refresh_every``) and start from the accepted damping. This script runs ``--requests`` sequential requests of 64
 rows on a model-matrix chain — the forgotten set of the matrix first, then random kept rows — with the library's
-defaults, one process, one torch thread (``--threads``), and prints each request's CPU seconds next to a timed
-SGLD epoch over 10k rows measured in the same process. The modules a request imports (torch's lazy imports: on the
-ResNet the first double backward's sympy, 0.2-0.3 s CPU; on networks whose check runs ``torch.func.jvp`` also
-``torch._dynamo``) are timed as they load (:class:`ImportTimer`) and counted apart, as one-offs, in the total.
+defaults, one process, one torch thread (``--threads``), and prints each request's CPU seconds next to an SGLD epoch
+over 10k rows timed in the same process before the first request and again after every request
+(``_timing.Baseline``): a request's epochs are its CPU over the epochs timed on either side of it, and the epoch's
+first time, median, range and total are printed (until stop 59 it was timed once, before the requests). The modules
+a request imports (torch's lazy imports: on the ResNet the first double backward's sympy, 0.2-0.3 s CPU; on networks
+whose check runs ``torch.func.jvp`` also ``torch._dynamo``) are timed as they load (:class:`ImportTimer`) and
+counted apart, as one-offs, in the total.
 
     OMP_NUM_THREADS=1 python benchmarks/request_sequence.py --model resnet --requests 5 --chain-cache /tmp/mm/cache \
         --json docs/runs/request-sequence-resnet.json
@@ -28,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchargs as A
+import _timing as T
 import model_matrix as mm
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 
@@ -143,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     p = mm.build_problems([args.model], not args.full, args.seed)[0]
     origin = mm.train_chain(p, torch.arange(len(p.x_train)), 100 * args.seed, args.chain_cache)
     model = origin.model
-    ep_wall, ep_cpu = mm.time_sgld_epoch(p, model, max_steps=None)
+    epoch = T.Baseline(lambda: mm.time_sgld_epoch(p, model, max_steps=None))
+    epoch.measure()  # before the first request; again after each one
     torch.nn.utils.vector_to_parameters(origin.bank[-1], model.parameters())
     print(
         f"{p.description}: {p.n_params():,} params; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"SGLD epoch over 10k rows: {ep_cpu:.2f} s CPU",
+        f"SGLD epoch over 10k rows: {epoch.cpu[0]:.2f} s CPU (first; timed again after every request)",
         flush=True,
     )
     requests = mm.sequence_requests(p, args.rows, args.requests, args.seed)
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         fitted = un.fit(data, n_remaining=len(p.x_train))
         fit_cpu = time.process_time() - c0
         print(
-            f"one-off: fit {fit_cpu:.2f} s CPU = {fit_cpu / ep_cpu:.2f} epochs "
+            f"one-off: fit {fit_cpu:.2f} s CPU = {fit_cpu / epoch.cpu[0]:.2f} epochs (the first epoch's) "
             f"(curvature kept {fitted.curvature_kept})",
             flush=True,
         )
@@ -189,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                 report = getattr(e, "report", None)
         cpu = time.process_time() - c0 - imports.cpu
         warmup += imports.cpu
+        epoch.measure()  # after the request: its epochs are over the epochs timed on either side of it
         row = {
             "request": k,
             "rows": len(rows),
             "status": status,
             "cpu_seconds": cpu,  # without the imports
             "wall_seconds": time.perf_counter() - t0,
-            "epochs": cpu / ep_cpu,
+            "epochs": cpu / epoch.around(k),
+            "epoch_cpu_seconds": epoch.around(k),
             "import_cpu_seconds": imports.cpu,
             "modules_imported": imports.modules,
         }
@@ -223,11 +230,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{f'; imported {imports.modules} modules, {imports.cpu:.2f} s CPU apart' if imports.modules else ''}",
             flush=True,
         )
+    ep_cpu, ep_wall = epoch.median(), epoch.median(wall=True)
+    ratios = T.per_call_ratios([r["cpu_seconds"] for r in rows_out], epoch, start=1)
+    print(T.baseline_line(epoch))
+    print(
+        f"epochs per request, each over the epochs timed beside it: {ratios['median']:.3f} "
+        f"({ratios['min']:.3f}-{ratios['max']:.3f}) of requests {min(1, len(rows_out) - 1)}-{len(rows_out) - 1}, "
+        f"first {ratios['first']:.3f}; all requests {ratios['total']:.3f} epochs (imports apart)"
+    )
     print(summary_line(rows_out, warmup, fit_cpu if args.fit else None, ep_cpu))
     if args.json:
         meta = {"model": p.name, "description": p.description, "params": p.n_params(), "quick": not args.full,
                 "seed": args.seed, "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "source": args.source, "epoch_cpu_seconds": ep_cpu, "epoch_wall_seconds": ep_wall,
+                "epoch": epoch.summary(), "epoch_cpu_seconds_runs": epoch.cpu, "epoch_wall_seconds_runs": epoch.wall,
+                "epochs_per_request": ratios,
                 "warmup_cpu_seconds": warmup, "options": options, "fit_cpu_seconds": fit_cpu if args.fit else None,
                 "fit": None if fitted is None else fitted.to_dict()}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "requests": rows_out}, indent=1))

@@ -128,3 +128,84 @@ def test_request_sequence_times_the_modules_a_request_imports(tmp_path, monkeypa
     finally:
         sys.modules.pop("rs_outer_mod", None)
         sys.modules.pop("rs_inner_mod", None)
+
+
+def test_baseline_ratios_are_taken_against_the_units_timed_beside_each_call() -> None:
+    tm = load_bench("_timing")
+    units = iter([(20.0, 2.0), (40.0, 4.0), (60.0, 6.0), (10.0, 1.0)])
+    base = tm.Baseline(lambda: next(units))
+    for _ in range(4):
+        base.measure()
+    assert base.around(0) == 3.0 and base.around(2) == 3.5 and base.around(3) == 1.0
+    s = base.summary()
+    assert s["first"] == 2.0 and s["times"] == [4.0, 6.0, 1.0] and (s["median"], s["min"], s["max"]) == (4.0, 1.0, 6.0)
+    assert s["total"] == 13.0 and base.median(wall=True) == 40.0
+    r = tm.per_call_ratios([3.0, 7.0, 7.0], base, start=1)
+    assert r["first"] == 1.0 and r["times"] == [1.4, 2.0] and r["median"] == pytest.approx(1.7)
+    assert r["total"] == pytest.approx(17.0 / ((3.0 + 5.0 + 3.5) / 3))
+    assert "timed 4x between the requests: 4.00 s CPU (1.00-6.00) of the 3 after the first, first 2.00 s" in (
+        tm.baseline_line(base)
+    )
+    with pytest.raises(ValueError, match="no measurement"):
+        base.around(4)
+
+
+def test_request_sequence_times_the_epoch_between_the_requests(tmp_path, monkeypatch, capsys) -> None:
+    """The SGLD epoch was timed once, before the requests: every request's epochs were over that one early epoch.
+    It is now timed before the first request and after each one, a request's epochs over the two beside it."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    rs = load_bench("request_sequence")
+    mm = rs.mm
+    clock, calls = FakeClock(), []
+    fake_time = SimpleNamespace(process_time=clock, perf_counter=clock)
+    monkeypatch.setattr(rs, "time", fake_time)
+    epochs = iter([(20.0, 2.0), (40.0, 4.0), (60.0, 6.0)])
+
+    def epoch(*a, **k):
+        calls.append("epoch")
+        return next(epochs)
+
+    x, y = torch.zeros(10, 2), torch.zeros(10, dtype=torch.long)
+    problem = SimpleNamespace(x_train=x, y_train=y, batch=5, nll=None, log_prior=None, description="fake",
+                              n_params=lambda: 3, name="fake")  # fmt: skip
+    chain = SimpleNamespace(model=torch.nn.Linear(1, 1, bias=True), bank=torch.zeros(2, 2))
+    durations = iter([1.0, 3.0])
+
+    class FakeUnlearner:
+        check_rows = 0
+
+        def __init__(self, *a, **k) -> None:
+            pass
+
+        def remove(self, *a, **k):
+            calls.append("request")
+            clock.now += next(durations)
+            return SimpleNamespace(damping_trials=1, damping_relative=0.0, step_shortfall=0.0, model_ratio=1.0, info={})
+
+    monkeypatch.setattr(mm, "build_problems", lambda *a, **k: [problem])
+    monkeypatch.setattr(mm, "train_chain", lambda *a, **k: chain)
+    monkeypatch.setattr(mm, "time_sgld_epoch", epoch)
+    monkeypatch.setattr(mm, "sequence_requests", lambda *a, **k: [torch.tensor([0]), torch.tensor([1])])
+    monkeypatch.setattr(mm, "loader", lambda *a, **k: None)
+    monkeypatch.setattr(mm, "forever", lambda it: it)
+    monkeypatch.setattr(rs, "MCMCUnlearner", FakeUnlearner)
+    out = tmp_path / "seq.json"
+    torch_threads = torch.get_num_threads()
+    try:
+        assert rs.main(["--model", "mlp", "--requests", "2", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert calls == ["epoch", "request", "epoch", "request", "epoch"]
+    saved = json.loads(out.read_text())
+    # request 0 over the epochs before and after it (2 and 4 s), request 1 over 4 and 6 s
+    assert [r["epochs"] for r in saved["requests"]] == [pytest.approx(1.0 / 3.0), pytest.approx(3.0 / 5.0)]
+    meta = saved["meta"]
+    assert meta["epoch_cpu_seconds"] == 5.0 and meta["epoch_wall_seconds"] == 50.0  # the median after the first
+    assert meta["epoch_cpu_seconds_runs"] == [2.0, 4.0, 6.0] and meta["epoch"]["first"] == 2.0
+    assert meta["epochs_per_request"]["first"] == pytest.approx(1.0 / 3.0)
+    printed = capsys.readouterr().out
+    assert "timed 3x between the requests: 5.00 s CPU (4.00-6.00) of the 2 after the first, first 2.00 s" in printed
