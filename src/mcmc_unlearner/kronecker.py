@@ -1593,6 +1593,7 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
         probe = tuple(t[at] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == k else t for t in probe)
 
     first: dict[str, Tensor] = {}
+    log: dict[str, list[Tensor]] = {}  # each layer's call inputs, in order
     reversing = [False]
 
     def hook(module: nn.Module, args: tuple, out: Any) -> None:
@@ -1612,6 +1613,7 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
             if pname is not None
         ):  # (a call with other tensors, torch.func.functional_call inside forward, is not the block's)
             ncalls[blk.name] += 1
+            log.setdefault(blk.name, []).append(args[0].detach())  # (for _shared_codes)
 
     handle = _first_forward_hook(by_module, hook)
     try:
@@ -1620,10 +1622,9 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
             if not isinstance(values, Tensor):
                 return []
             named = dict(model.named_parameters())
-            flat = sorted(_unbatched_candidates(covered, field_rows(probe), first, on_rows))
-            if flat:
-                reversing[0] = True
-                flat = sorted(_fixed_inputs(lambda b: nll(model, b), probe, by_module, set(flat), first))
+            old = _unbatched_candidates(covered, field_rows(probe), first, on_rows)
+            reversing[0] = True
+            flat = sorted(_shared_codes(lambda b: nll(model, b), probe, by_module, by_id, log, old, first))
             fired = [b for b in blocks if ncalls[b.name] and b.name not in flat]
             if unbatched is not None:
                 unbatched.extend(flat)
@@ -1672,6 +1673,101 @@ def _fixed_inputs(
     finally:
         handle.remove()
     return {n for n in names if n in seen and seen[n].shape == first[n].shape and torch.equal(seen[n], first[n])}
+
+
+def _rows_at(batch: Batch, at: Tensor) -> Batch:
+    """Every field that has the batch's leading dimension, indexed by ``at`` on it (other fields unchanged)."""
+    k = field_rows(batch)
+    return tuple(t[at.to(t.device)] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == k else t for t in batch)
+
+
+def _call_inputs(
+    forward: Callable[[Batch], Any], batch: Batch, by_module: dict, by_id: dict, keep: Mapping[str, set[int]]
+) -> dict[str, list[tuple[tuple[int, ...], Tensor | None]]]:
+    """Each factored layer's calls in one forward over ``batch`` without gradients, in order: the input's shape, and
+    a copy of the input for the calls ``keep`` names (layer: call indices; the others ``None``). A call counts as
+    the build's hook counts it (a tensor output and input, the layer's own parameters)."""
+    got: dict[str, list[tuple[tuple[int, ...], Tensor | None]]] = {}
+
+    def record(module: nn.Module, args: tuple, out: Any) -> None:
+        blk = by_module[module]
+        if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+            return
+        if any(
+            pname is not None and by_id.get(id(module._parameters.get(slot))) != pname
+            for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
+        ):
+            return  # (a swapped call: torch.func.functional_call inside forward; the build does not count it)
+        calls = got.setdefault(blk.name, [])
+        i = len(calls)
+        calls.append((tuple(args[0].shape), args[0].detach().clone() if i in keep.get(blk.name, ()) else None))
+
+    handle = _first_forward_hook(by_module, record)
+    cuda = sorted({t.device.index or 0 for t in batch if isinstance(t, Tensor) and t.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # (a dropout's draws stay the build's)
+            forward(batch)
+    finally:
+        handle.remove()
+    return got
+
+
+def _shared_codes(
+    forward: Callable[[Batch], Any],
+    batch: Batch,
+    by_module: dict,
+    by_id: dict,
+    log: Mapping[str, Sequence[Tensor]],
+    old: set[str],
+    first: Mapping[str, Tensor],
+) -> dict[str, tuple[int, ...]]:
+    """The layers ``forward`` over ``batch`` called on a code without the batch's rows, with that input's shape.
+
+    ``log`` holds each layer's call inputs in that forward, in order. One more forward without gradients on the
+    rows twice over pairs the calls: a call whose input keeps its shape (a learned code, prototypes, a hidden state
+    not per row, whatever their count; a per-row input, a ``[T, B, d]`` sequence or a routed subset of the rows,
+    down to a single row, doubles) is a candidate, and a candidate whose input is the same once more with the rows
+    reversed is a shared location (:func:`_fixed_inputs`' test: a fixed slice ``x[:4]`` moves). Layers whose calls
+    do not pair (a loop over the rows calls them once per row) and every layer where the doubled forward fails (a
+    model written for a fixed batch size) keep the count-based verdict on ``old`` (:func:`_unbatched_candidates`,
+    :func:`_fixed_inputs`)."""
+    k = field_rows(batch)
+    at = torch.arange(k, device=batch[0].device)
+
+    def by_count(names: set[str]) -> dict[str, tuple[int, ...]]:
+        shared = _fixed_inputs(forward, batch, by_module, names, first) if names else set()
+        return {n: tuple(first[n].shape) for n in sorted(shared)}
+
+    try:
+        doubled = _call_inputs(forward, _rows_at(batch, torch.cat([at, at])), by_module, by_id, {})
+    except Exception:
+        return by_count(old)
+    fixed: dict[str, list[int]] = {}
+    unpaired: set[str] = set()
+    for name, inputs in log.items():
+        again = doubled.get(name, [])
+        if len(again) != len(inputs):
+            unpaired.add(name)
+            continue
+        same = [i for i, (x, (shape, _)) in enumerate(zip(inputs, again)) if x.numel() and tuple(x.shape) == shape]
+        if same:
+            fixed[name] = same
+    out = by_count(old & unpaired)
+    if fixed:
+        try:
+            keep = {n: set(i) for n, i in fixed.items()}
+            flipped = _call_inputs(forward, _rows_at(batch, at.flip(0)), by_module, by_id, keep)
+        except Exception:  # (the rows' own forward ran: each candidate stays as counted, shared)
+            flipped = {}
+        for name, same in fixed.items():
+            again = flipped.get(name, [])
+            for i in same:
+                x = log[name][i]
+                y = again[i][1] if len(again) == len(log[name]) else x
+                if y is not None and y.shape == x.shape and torch.equal(y, x.detach()):
+                    out[name] = tuple(x.shape)
+                    break
+    return out
 
 
 def _unbatched_candidates(
@@ -1965,6 +2061,7 @@ class KroneckerCurvature:
         rows_seen: Counter[str] = Counter()  # each layer's rows covered by its calls in one forward (_rows_covered)
         on_rows: set[str] = set()  # layers with a call that covers the rows in one forward (_unbatched_candidates)
         first_input: dict[str, Tensor] = {}  # each layer's first input in one forward
+        call_log: dict[str, list[Tensor]] = {}  # each layer's call inputs in the first forward, in order
         same_input: dict[str, list[tuple[Tensor, float, Tensor]]] = {}
         part: dict[str, Any] = {"span": None}  # (r0, r1, B, draws) while a minibatch runs in row chunks
 
@@ -1984,6 +2081,8 @@ class KroneckerCurvature:
                 # parameters through whatever the forward made of them)
                 swapped.add(blk.name)
                 return None
+            if s_at[0] == 0 and part.get("r0", 0) == 0:
+                call_log.setdefault(blk.name, []).append(args[0].detach())  # (every call, for _shared_codes)
             # the same layer called again on the same input in one evaluation (an nll that calls the model twice,
             # k*(y*exp(-m(x)) + m(x))): one use, not two locations — route it through the first call's output so
             # that the output gradients of both calls are summed before they are squared
@@ -2085,6 +2184,7 @@ class KroneckerCurvature:
                         rows_seen.clear()
                         on_rows.clear()
                         first_input.clear()
+                        call_log.clear()
                         same_input.clear()
                         losses = cls._losses(
                             model,
@@ -2123,24 +2223,27 @@ class KroneckerCurvature:
                             # (not experts a model routes rows to: their inputs move with the rows, a code's not)
                             # (also a layer applied to the rows and to such a code in the same forward, whose
                             # calls cover the rows: _unbatched_candidates)
-                            few = _unbatched_candidates(rows_seen, part["rows"], first_input, on_rows)
-                            if few:
-                                s_at[0] = -1
-                                shared = _fixed_inputs(
-                                    lambda b: nll(model, b) if nll is not None else model(b[0]),
-                                    _span(batch, r0, r1) if chunked else batch,
-                                    by_module,
-                                    few,
-                                    first_input,
-                                )
-                                s_at[0] = s
-                                for name in sorted(shared):
-                                    unbatched[name] = tuple(first_input[name].shape)
+                            # (and a code of as many locations as the rows, a routed expert given one row:
+                            # _shared_codes pairs the calls with those of the rows twice over)
+                            s_at[0] = -1
+                            shared = _shared_codes(
+                                lambda b: nll(model, b) if lik is Likelihood.EMPIRICAL else model(b[0]),
+                                _span(batch, r0, r1) if chunked else batch,
+                                by_module,
+                                by_id,
+                                call_log,
+                                _unbatched_candidates(rows_seen, part["rows"], first_input, on_rows),
+                                first_input,
+                            )
+                            s_at[0] = s
+                            call_log.clear()
+                            unbatched.update(shared)
                             if reduce is not None:
                                 # every rank the same blocks: one rank's shard can show a layer on a shared code
-                                # (or call a layer) where another's does not (an expert given one row reads as
-                                # shared), and ranks factoring different layers aborted in the first reduce of
-                                # mismatched sizes (gloo's timeout; stop 58's probe)
+                                # (or call a layer) where another's does not (a code applied where a shard holds
+                                # some rows; until stop 59 also an expert given one row), and ranks factoring
+                                # different layers aborted in the first reduce of mismatched sizes (gloo's
+                                # timeout; stop 58's probe)
                                 flags = torch.tensor(
                                     [float(b.name in unbatched) for b in blocks]
                                     + [float(b.name in fired) for b in blocks],

@@ -1,0 +1,185 @@
+"""K-FAC's test for a layer called on a location every row shares (stop 59's probe of stop 58's detection).
+
+Three cases were read from the leading dimension alone: a learned code of exactly as many locations as the batch
+has rows passed as the rows (its block factored, 0.88 relative off the dense GGN's, nothing said); an expert a model
+routes exactly one row to read as a shared code (reversing the rows leaves its one-row input as it was) and went to
+the diagonal (0.91 off, where its Kronecker block is exact). The build now pairs each call with the same call on
+the rows twice over (``kronecker._shared_codes``): a shared location keeps its shape, row data doubles."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.curvature import ParamSpec, functionalize
+from mcmc_unlearner.kronecker import KroneckerCurvature
+
+torch.set_num_threads(1)
+D64 = torch.float64
+
+
+def _gauss_nll(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    out = m(b[0])
+    return 0.5 * (out - b[1].reshape(out.shape)).pow(2).reshape(out.shape[0], -1).sum(1)
+
+
+def _dense_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_b J_bᵀ J_b`` in float64: the GGN of ``_gauss_nll`` (σ = 1), from each row's output Jacobian."""
+    theta = ParamSpec.flatten_module(model).detach()
+    f = functionalize(model, lambda m, x: m(x))
+    J = torch.autograd.functional.jacobian(lambda t: f(t, x), theta).reshape(x.shape[0], -1, theta.numel())
+    return torch.einsum("bcd,bce->de", J, J)
+
+
+def _kfac(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
+    """K-FAC (exact label expectation, no prior, n = the rows) as a dense matrix, and its info."""
+    theta = ParamSpec.flatten_module(model).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        K = KroneckerCurvature.build(
+            model, theta[None], [batch], batch[0].shape[0], nll=_gauss_nll, exact_expectation=True
+        )
+    return K @ torch.eye(K.dim, dtype=D64), K.info
+
+
+def _block(model: nn.Module, layer: str) -> torch.Tensor:
+    """The flat indices of ``layer``'s parameters."""
+    idx, pos = [], 0
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[0] == layer:
+            idx += range(pos, pos + p.numel())
+        pos += p.numel()
+    return torch.tensor(idx)
+
+
+def _block_error(K: torch.Tensor, G: torch.Tensor, idx: torch.Tensor) -> float:
+    return float(torch.linalg.norm(K[idx][:, idx] - G[idx][:, idx]) / torch.linalg.norm(G[idx][:, idx]))
+
+
+# ------------------------------------------------------------------------ a code as large as the minibatch
+class Hyper(nn.Module):
+    """A hypernetwork whose ``[k, 4]`` learned code generates the first layer; a one-output head (its Kronecker
+    block is its GGN block exactly)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.z = nn.Parameter(0.5 * torch.randn(k, 4))
+        self.hyper = nn.Linear(4, 6 * 5 + 5)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.hyper(self.z).sum(0)
+        return self.head(torch.tanh(F.linear(x, w[:30].view(5, 6), w[30:])))
+
+
+@pytest.mark.parametrize("k", [8, 16], ids=["as_many_as_rows", "more_than_rows"])
+def test_a_code_as_large_as_the_minibatch_is_no_per_row_layer(k: int) -> None:
+    """8 rows: a ``[8, 4]`` code read as the rows and a ``[16, 4]`` one (called on nothing else, so no call on the
+    rows beside it) covered them; both were factored, the hyper block 0.88 / 0.93 relative off the dense GGN's, and
+    nothing said. Every block K-FAC factors now matches the dense GGN (the head's exactly), the code's layer is
+    named and left to the diagonal."""
+    torch.manual_seed(0)
+    model = Hyper(k).double().eval()
+    x = torch.randn(8, 6, dtype=D64)
+    K, info = _kfac(model, (x, x[:, 0] + 0.1 * torch.randn(8, dtype=D64)))
+    G = _dense_ggn(model, x)
+    assert info["unbatched_input"] == ["hyper"]
+    assert f"shape [{k}, 4]" in info["diagonal"]["hyper.weight"]
+    assert sorted(info["kronecker"]) == ["head"]
+    for layer in info["kronecker"]:
+        assert _block_error(K, G, _block(model, layer)) < 1e-10
+
+
+class RowsAndPrototypes(nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.z = nn.Parameter(torch.randn(k, 6))
+        self.lin = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.lin(self.z).mean(0)
+
+
+def test_a_linear_on_the_rows_and_on_as_many_prototypes_as_rows_is_left_to_the_diagonal() -> None:
+    """8 prototypes beside 8 rows: both calls read as the rows (the lin block factored, 0.61 relative off the dense
+    GGN's, unflagged); 4 or 16 prototypes were caught (stop 58)."""
+    torch.manual_seed(0)
+    model = RowsAndPrototypes(8).double().eval()
+    x = torch.randn(8, 6, dtype=D64)
+    _, info = _kfac(model, (x, x[:, 0]))
+    assert info["unbatched_input"] == ["lin"] and "lin" not in info["kronecker"]
+    assert "without the batch's rows (shape [8, 6]" in info["diagonal"]["lin.weight"]
+
+
+def _request(model: nn.Module, x: torch.Tensor, y: torch.Tensor, solver: str, removed: int) -> tuple[object, list]:
+    """One Gaussian-regression request: its report and the shared-location warnings."""
+    theta = ParamSpec.flatten_module(model).detach()
+    bank = theta[None] + 0.05 * torch.randn(6, theta.numel(), generator=torch.Generator().manual_seed(1))
+    un = MCMCUnlearner(
+        model, None, nll=lambda m, b: 0.5 * (m(b[0]).squeeze(-1) - b[1]) ** 2,
+        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank, solver=solver,
+        exact_max_dim=10,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.remove((x[:removed], y[:removed]), (x[removed:], y[removed:]), strict=False)
+    return report, [str(w.message) for w in caught if "without the batch's rows" in str(w.message)]
+
+
+def test_solver_auto_takes_cg_for_a_code_as_large_as_its_probe() -> None:
+    """auto's first-request probe runs on 8 rows (4 removed rows repeated): an ``[8, 4]`` code read as them and
+    K-FAC was kept with the code's layer factored."""
+    torch.manual_seed(0)
+    model = Hyper(8).eval()
+    x = torch.randn(60, 6)
+    report, said = _request(model, x, x[:, 0] + 0.1 * torch.randn(60), "auto", 4)
+    assert report.solver == "cg"
+    assert len(said) == 1 and "'hyper'" in said[0], said
+
+
+# ---------------------------------------------------------------------------------- an expert given one row
+class Routed(nn.Module):
+    """Rows whose first feature exceeds 1 go to expert ``a``, the others to ``b``; one output (each expert's
+    Kronecker block is its GGN block exactly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 1), nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x[:, 0] > 1.0
+        h = x.new_zeros(x.shape[0], 1)
+        h = h.index_put((m.nonzero().flatten(),), self.a(x[m]))
+        return h.index_put(((~m).nonzero().flatten(),), self.b(x[~m]))
+
+
+@pytest.mark.parametrize("routed", [1, 2], ids=["one_row", "two_rows"])
+def test_an_expert_given_one_row_is_factored_as_its_dense_ggn(routed: int) -> None:
+    """One row routed to ``a`` read as a shared code (reversing the rows leaves a one-row input as it was): its
+    block went to the diagonal, 0.91 relative off the dense GGN's on the probe's 3-class model. The rows twice over
+    give it two rows: it is row data, factored, and here exactly the dense GGN."""
+    torch.manual_seed(0)
+    model = Routed().double().eval()
+    x = torch.randn(8, 6, dtype=D64)
+    x[:, 0] = -1.0
+    x[3 : 3 + routed, 0] = 2.0
+    K, info = _kfac(model, (x, torch.randn(8, dtype=D64)))
+    G = _dense_ggn(model, x)
+    assert "unbatched_input" not in info and sorted(info["kronecker"]) == ["a", "b"]
+    torch.testing.assert_close(K, G, rtol=1e-10, atol=1e-10)
+
+
+def test_solver_auto_keeps_kfac_for_an_expert_given_one_row() -> None:
+    torch.manual_seed(0)
+    model = Routed().eval()
+    x = torch.randn(60, 6)
+    x[:, 0] = -1.0
+    x[[3, 20, 40], 0] = 2.0  # one of the 8 removed rows goes to expert a
+    report, said = _request(model, x, torch.randn(60), "auto", 8)
+    assert said == [] and report.solver == "kfac"
+    assert sorted(report.info["kfac"]["kronecker"]) == ["a", "b"]
