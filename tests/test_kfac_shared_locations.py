@@ -3,8 +3,10 @@
 Three cases were read from the leading dimension alone: a learned code of exactly as many locations as the batch
 has rows passed as the rows (its block factored, 0.88 relative off the dense GGN's, nothing said); an expert a model
 routes exactly one row to read as a shared code (reversing the rows leaves its one-row input as it was) and went to
-the diagonal (0.91 off, where its Kronecker block is exact). The build now pairs each call with the same call on
-the rows twice over (``kronecker._shared_codes``): a shared location keeps its shape, row data doubles."""
+the diagonal (0.91 off, where its Kronecker block is exact); an RNN's zero initial state ``torch.zeros(1, H)`` sent
+the recurrent layer to the diagonal (0.95 off, 0.59 factored). The build now pairs each call with the same call on
+the rows twice over (``kronecker._shared_codes``): a shared location keeps its shape, row data doubles; an exactly
+zero shared input does not count."""
 
 from __future__ import annotations
 
@@ -183,3 +185,52 @@ def test_solver_auto_keeps_kfac_for_an_expert_given_one_row() -> None:
     report, said = _request(model, x, torch.randn(60), "auto", 8)
     assert said == [] and report.solver == "kfac"
     assert sorted(report.info["kfac"]["kronecker"]) == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------ an RNN's zero initial state
+class RNN(nn.Module):
+    """A hand-written RNN over 4 steps; its initial state ``zeros(1, H)`` broadcast over the rows, ``zeros(B, H)``,
+    or a learned ``[1, H]`` state (a true shared location)."""
+
+    def __init__(self, h0: str) -> None:
+        super().__init__()
+        self.h0 = h0
+        self.ih, self.hh, self.out = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+        self.start = nn.Parameter(0.5 * torch.randn(1, 5)) if h0 == "learned" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start is not None:
+            h = self.start
+        else:
+            h = x.new_zeros(1 if self.h0 == "broadcast" else x.shape[0], 5)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.ih(x[:, t]) + self.hh(h))
+        return self.out(h)
+
+
+def _rnn(h0: str) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    """K-FAC and the dense GGN of :class:`RNN` on 16 rows, its info, the recurrent layer's indices."""
+    torch.manual_seed(0)
+    model = RNN(h0).double().eval()
+    x = torch.randn(16, 4, 3, dtype=D64)
+    K, info = _kfac(model, (x, torch.randn(16, 2, dtype=D64)))
+    return K, _dense_ggn(model, x), info, _block(model, "hh")
+
+
+def test_an_rnn_with_a_zero_initial_state_broadcast_over_the_rows_keeps_its_kronecker_block() -> None:
+    """``h0 = torch.zeros(1, H)`` is one location every row shares, but a zero input adds nothing to the weight's
+    curvature: the recurrent layer went to the diagonal, its block 0.95 relative off the dense GGN's (0.59 factored,
+    0.61 with ``zeros(B, H)``, the per-row K-FAC this RNN would get written that way). It is factored again, as
+    close to the dense GGN as the per-row one."""
+    K, G, info, hh = _rnn("broadcast")
+    assert "unbatched_input" not in info and sorted(info["kronecker"]) == ["hh", "ih", "out"]
+    factored = _block_error(K, G, hh)
+    K_rows, G_rows, _, _ = _rnn("per_row")
+    assert torch.allclose(G, G_rows)  # (the same function of the parameters)
+    assert factored < 0.65 and abs(factored - _block_error(K_rows, G_rows, hh)) < 0.05
+
+
+def test_an_rnn_with_a_learned_initial_state_still_goes_to_the_diagonal() -> None:
+    """A learned ``[1, H]`` state is a shared location that is not zero: per-row factors cannot hold it."""
+    _, _, info, _ = _rnn("learned")
+    assert info["unbatched_input"] == ["hh"] and "hh" not in info["kronecker"]

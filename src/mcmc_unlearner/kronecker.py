@@ -1727,16 +1727,17 @@ def _shared_codes(
     rows twice over pairs the calls: a call whose input keeps its shape (a learned code, prototypes, a hidden state
     not per row, whatever their count; a per-row input, a ``[T, B, d]`` sequence or a routed subset of the rows,
     down to a single row, doubles) is a candidate, and a candidate whose input is the same once more with the rows
-    reversed is a shared location (:func:`_fixed_inputs`' test: a fixed slice ``x[:4]`` moves). Layers whose calls
-    do not pair (a loop over the rows calls them once per row) and every layer where the doubled forward fails (a
-    model written for a fixed batch size) keep the count-based verdict on ``old`` (:func:`_unbatched_candidates`,
-    :func:`_fixed_inputs`)."""
+    reversed is a shared location (:func:`_fixed_inputs`' test: a fixed slice ``x[:4]`` moves). A shared input that
+    is exactly zero (an RNN's ``h0 = torch.zeros(1, H)``) contributes to the weight's curvature nothing and to the
+    bias's one location: it does not count, and its layer stays factored. Layers whose calls do not pair (a loop over
+    the rows calls them once per row) and every layer where the doubled forward fails (a model written for a fixed
+    batch size) keep the count-based verdict on ``old`` (:func:`_unbatched_candidates`, :func:`_fixed_inputs`)."""
     k = field_rows(batch)
     at = torch.arange(k, device=batch[0].device)
 
     def by_count(names: set[str]) -> dict[str, tuple[int, ...]]:
         shared = _fixed_inputs(forward, batch, by_module, names, first) if names else set()
-        return {n: tuple(first[n].shape) for n in sorted(shared)}
+        return {n: tuple(first[n].shape) for n in sorted(shared) if bool(first[n].any())}
 
     try:
         doubled = _call_inputs(forward, _rows_at(batch, torch.cat([at, at])), by_module, by_id, {})
@@ -1764,7 +1765,7 @@ def _shared_codes(
             for i in same:
                 x = log[name][i]
                 y = again[i][1] if len(again) == len(log[name]) else x
-                if y is not None and y.shape == x.shape and torch.equal(y, x.detach()):
+                if y is not None and y.shape == x.shape and torch.equal(y, x.detach()) and bool(x.any()):
                     out[name] = tuple(x.shape)
                     break
     return out
@@ -2223,8 +2224,8 @@ class KroneckerCurvature:
                             # (not experts a model routes rows to: their inputs move with the rows, a code's not)
                             # (also a layer applied to the rows and to such a code in the same forward, whose
                             # calls cover the rows: _unbatched_candidates)
-                            # (and a code of as many locations as the rows, a routed expert given one row:
-                            # _shared_codes pairs the calls with those of the rows twice over)
+                            # (and a code of as many locations as the rows, a routed expert given one row, a
+                            # zero initial state: _shared_codes pairs the calls with those of the rows twice over)
                             s_at[0] = -1
                             shared = _shared_codes(
                                 lambda b: nll(model, b) if lik is Likelihood.EMPIRICAL else model(b[0]),
