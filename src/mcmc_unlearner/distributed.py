@@ -722,7 +722,22 @@ class DistributedUnlearner(MCMCUnlearner):
         problem = super()._problem(stream, n, batch, c_thetas, *args)
         first = problem.batch[:-1] if problem.shared else tuple(t[0] for t in problem.batch[:-1])
         problem.probe = tuple(t[:1] for t in first)
+        if self.group_size > 1 and getattr(self.curvature, "name", None) == "kfac":
+            problem.generator = self._rank_generator()
         return problem
+
+    def _rank_generator(self) -> torch.Generator:
+        """A generator of this rank's own for K-FAC's build, seeded from one draw of the unlearner's generator.
+
+        The build draws its Monte-Carlo noise, random signs and location subsets row by row, so a rank holding more
+        of the curvature rows drew more numbers than another: the unlearner's generator, drawn from alike on every
+        rank, came out of each request different on each rank (the ranks' curvature states then differed, and a
+        later shared draw, a Lanczos start or a probe, would too: stop 59's probe). Every rank now draws the one
+        seed from it (so it stays identical across the ranks) and mixes in its rank (so the ranks' noise is
+        independent, where each rank's first rows took the same numbers before)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        mixed = (seed + 0x9E3779B97F4A7C15 * (self.group_rank + 1)) % 2**63
+        return torch.Generator(device=self.generator.device).manual_seed(mixed)
 
     def _operator(self, f: Callable, thetas: torch.Tensor, batch: Batch, shared: bool) -> Any:
         return AllReducedOperator(super()._operator(f, thetas, batch, shared), self.group)
