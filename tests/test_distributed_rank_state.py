@@ -1,11 +1,13 @@
 """What one rank does alone (stop 59's probe): the unlearner's generator drawn from unevenly by K-FAC's build on
-ranks holding unequal shares of the rows, which left the ranks' generators, hence their saved curvature states,
-different. Now the ranks agree."""
+ranks holding unequal shares of the rows, and an ``nll`` that raises on one rank's remaining rows. The first left
+the ranks' generators, hence their saved curvature states, different; in the second the rank that did not fail
+waited in an all-reduce until gloo's timeout. Now the ranks agree, or all raise at once."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 import warnings
 
 import torch
@@ -59,3 +61,40 @@ def test_ranks_of_unequal_shares_keep_one_generator(tmp_path):
     assert len(set(r0["generators"])) == 3  # the build drew from it at every request
     assert r0["banks"] == r1["banks"]
     assert r0["resumed"] == r1["resumed"] == "accepted"
+
+
+def _raising_nll(m: torch.nn.Module, b: tuple) -> torch.Tensor:
+    if bool((b[0][:, 0] > 100).any()):
+        raise RuntimeError("nll: a row out of range")
+    return ce_nll(m, b)
+
+
+def _failing_worker(rank: int, world: int, out: str) -> None:
+    x, y, model, bank = _setup(6)
+    x[41, 0] = 1000.0  # a remaining row of rank 1 (41 % 2)
+    data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=8, seed=4)
+    un = DistributedUnlearner(model, bank=bank, **{**KW, "nll": _raising_nll})
+    n, state = len(data), data.state_dict()["generator"]
+    try:
+        un.forget([0, 1, 2, 3], data, strict=False)
+        found = {"error": "accepted"}
+    except Exception as e:  # the message is what is compared
+        found = {"error": f"{type(e).__name__}: {e}"}
+    found["at"] = time.time()  # one clock: both processes run on this machine
+    found["kept"] = bool(torch.equal(un.bank, bank)) and len(data) == n
+    found["kept"] = found["kept"] and torch.equal(data.state_dict()["generator"], state)
+    with open(f"{out}/fail-rank{rank}.json", "w") as f:
+        json.dump(found, f)
+
+
+def test_an_nll_failing_on_one_ranks_rows_stops_every_rank_at_once(tmp_path):
+    """Rank 1's ``nll`` raises on one of its remaining rows: rank 0 waited in its next all-reduce until gloo's
+    timeout (15 s in the probe, 10 minutes by default), and the teardown failed. Now every all-reduce of a request
+    is preceded by an exchange of which ranks failed: rank 0 raises ``RankFailedError`` naming rank 1 within
+    moments of rank 1's own error, and neither changed anything."""
+    spawn(_failing_worker, str(tmp_path), world=2, timeout_s=40)
+    r0, r1 = (json.loads((tmp_path / f"fail-rank{r}.json").read_text()) for r in range(2))
+    assert r1["error"] == "RuntimeError: nll: a row out of range"
+    assert r0["error"].startswith("RankFailedError: rank 1 of the group failed during this request")
+    assert abs(r0["at"] - r1["at"]) < 10  # not the 40 s timeout
+    assert r0["kept"] and r1["kept"]

@@ -21,7 +21,9 @@ single-process math on the union of the shards, up to floating-point summation o
   run inside ``torch.func`` transforms, so the reduction happens after each local vmapped product.
 * **Requests** name global ids. Every rank validates the whole request against the global alive mask (all
   ranks hold the same one, because requests reach every rank), so all ranks accept or refuse together; the
-  rank that owns an id contributes its row. The ledger is written by rank 0 only (:func:`run_forget`).
+  rank that owns an id contributes its row. The ledger is written by rank 0 only (:func:`run_forget`). An error on
+  one rank during a request makes every rank raise (:class:`RankFailedError` on the others) instead of leaving them
+  waiting.
 * **Ensembles.** :func:`ensemble_groups` splits the world into independent chains (one process group each);
   :func:`gather_banks` collects their sample banks for evaluation.
 
@@ -36,6 +38,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -63,6 +66,7 @@ __all__ = [
     "AllReducedOperator",
     "DistContext",
     "DistributedUnlearner",
+    "RankFailedError",
     "ShardedDataset",
     "agree",
     "allreduce_grads",
@@ -156,15 +160,102 @@ def _comm_device(group: Group) -> torch.device:
 
 
 def _all_reduce(t: torch.Tensor, group: Group, op: Any = None) -> torch.Tensor:
-    """In-place sum (or ``op``) over the group, moving to the backend's device if needed; returns ``t``."""
+    """In-place sum (or ``op``) over the group, moving to the backend's device if needed; returns ``t``.
+
+    Inside :func:`_watched` (a request or a fit of :class:`DistributedUnlearner`) the ranks first exchange whether one
+    of them failed (:meth:`_Watch.check`), so that a rank's error stops the others here instead of leaving them
+    waiting in this all-reduce until the timeout."""
     if _group_info(group)[1] == 1:
         return t
+    watch = _WATCHES[-1] if _WATCHES and _WATCHES[-1].group is group else None
+    if watch is not None:
+        watch.check()
     dev = _comm_device(group)
     buf = t if t.device == dev and t.is_contiguous() else t.to(dev).contiguous()
-    dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=group)
+    try:
+        dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=group)
+    except BaseException:
+        if watch is not None:
+            watch.failed = []  # the communication itself failed: no further exchange (it would wait again)
+        raise
     if buf is not t:
         t.copy_(buf.to(t.device))
     return t
+
+
+class RankFailedError(UnlearningError):
+    """Another rank of the group failed during this request (its own error says why); nothing was changed here."""
+
+
+class _Watch:
+    """Whether some rank of ``group`` failed during a watched call (:func:`_watched`).
+
+    Every all-reduce of the call is preceded by one more of ``W`` numbers (:meth:`check`); a rank whose call raises
+    sends its failure in one such exchange on its way out (:meth:`status`), which the other ranks meet in their next
+    all-reduce or at the call's end: each then raises :class:`RankFailedError`, naming the rank, instead of waiting
+    in a collective the failed rank never joins. ``failed`` is ``None`` while every rank is fine, else the failed
+    ranks (``[]``: the communication itself broke); once set, no further exchange is made."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.failed: list[int] | None = None
+
+    def status(self, failed: bool) -> list[int]:
+        """Exchange this rank's state; returns the ranks that failed (and remembers them when there are any)."""
+        rank, world = _group_info(self.group)
+        flags = torch.zeros(world, dtype=torch.float64, device=_comm_device(self.group))
+        flags[rank] = float(failed)
+        try:
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.group)
+        except BaseException:
+            self.failed = []
+            raise
+        bad = [r for r in range(world) if float(flags[r]) > 0]
+        if bad:
+            self.failed = bad
+        return bad
+
+    def error(self) -> RankFailedError:
+        ranks = self.failed or []
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+        return RankFailedError(
+            f"{who} of the group failed during this request (its error there says why: fix that and send the request "
+            "again on every rank); this rank stopped with it, nothing was changed"
+        )
+
+    def check(self) -> None:
+        """Before an all-reduce: raise :class:`RankFailedError` if another rank failed (known, or told now)."""
+        if self.failed is not None or self.status(False):
+            raise self.error()
+
+
+_WATCHES: list[_Watch] = []
+
+
+@contextmanager
+def _watched(group: Group) -> Iterator[None]:
+    """Run a collective call (a request, a fit) so that an error on one rank makes every rank raise promptly
+    (:class:`_Watch`); a no-op in one process. Before (stop 59's probe), an ``nll`` that raised on one rank's remaining
+    rows (a label out of range) left the other rank waiting in its next all-reduce until gloo's timeout (15 s there, 10
+    minutes by default), and the next collective paired with the wrong one."""
+    if _group_info(group)[1] == 1:
+        yield
+        return
+    watch = _Watch(group)
+    _WATCHES.append(watch)
+    try:
+        yield
+    except BaseException:
+        _WATCHES.remove(watch)
+        if watch.failed is None:  # this rank failed first: tell the others, who wait in an exchange
+            try:
+                watch.status(True)
+            except Exception:  # (the communication broke: this rank's own error is the one to raise)
+                pass
+        raise
+    _WATCHES.remove(watch)
+    if watch.failed is not None or watch.status(False):  # (an error another rank sent was caught on the way)
+        raise watch.error()
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -600,7 +691,14 @@ class DistributedUnlearner(MCMCUnlearner):
 
         What one rank alone could refuse (a malformed or non-finite share, an ``nll`` failing on it, a remaining-data
         size it cannot read) is agreed on first, so that all ranks refuse together instead of one rank leaving the
-        others blocked in a collective."""
+        others blocked in a collective. An error on one rank during the computation (an ``nll`` failing on its
+        remaining rows) makes every other rank raise :class:`RankFailedError` at its next all-reduce, naming the rank;
+        nothing is changed on any rank."""
+        with _watched(self.group):
+            return self._propose_agreed(batch, remaining, n_remaining)
+
+    def _propose_agreed(self, batch: Batch, remaining: Any, n_remaining: int | None) -> Proposal:
+        """:meth:`propose`'s body, inside the watch."""
         self._check_banks_agree()
         err: BaseException | None = None
         n = n_remaining
