@@ -1,7 +1,8 @@
-"""What one rank does alone (stop 59's probe): the unlearner's generator drawn from unevenly by K-FAC's build on
-ranks holding unequal shares of the rows, and an ``nll`` that raises on one rank's remaining rows. The first left
-the ranks' generators, hence their saved curvature states, different; in the second the rank that did not fail
-waited in an all-reduce until gloo's timeout. Now the ranks agree, or all raise at once."""
+"""What one rank does alone between or during requests (stop 59's probe): the unlearner's generator drawn from
+unevenly by K-FAC's build on ranks holding unequal shares of the rows, ``reset_curvature()`` or ``fit()`` called on
+one rank only, and an ``nll`` that raises on one rank's remaining rows. Each left the ranks in disagreement (their
+generators, hence their saved curvature states, differed) or waiting: gloo aborted both processes (SIGABRT), or the
+rank that did not fail waited in an all-reduce until gloo's timeout. Now the ranks agree, or all refuse at once."""
 
 from __future__ import annotations
 
@@ -61,6 +62,62 @@ def test_ranks_of_unequal_shares_keep_one_generator(tmp_path):
     assert len(set(r0["generators"])) == 3  # the build drew from it at every request
     assert r0["banks"] == r1["banks"]
     assert r0["resumed"] == r1["resumed"] == "accepted"
+
+
+def _calls_worker(rank: int, world: int, out: str) -> None:
+    un, data, _ = _unlearner(rank, world)
+    found = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        un.forget([1, 3, 5, 7, 9, 11], data, strict=False)
+        n = len(data)
+        if rank == 1:
+            un.reset_curvature()
+        before = un.bank.clone()
+        t0 = time.perf_counter()
+        try:
+            un.forget([0, 2, 4, 21], data, strict=False)
+            found["reset_on_rank1"] = "accepted"
+        except Exception as e:  # the message is what is compared
+            found["reset_on_rank1"] = f"{type(e).__name__}: {e}"
+        found["seconds"] = time.perf_counter() - t0
+        found["kept"] = bool(torch.equal(un.bank, before)) and len(data) == n
+        un.reset_curvature()  # the fix the message names: on every rank
+        un.forget([0, 2, 4, 21], data, strict=False)
+        found["bank"] = un.bank.tolist()
+        before = un.bank.clone()
+        try:  # rank 0 fits while rank 1 sends the next request
+            if rank == 0:
+                un.fit(data)
+            else:
+                un.forget([30, 31], data, strict=False)
+            found["fit_on_rank0"] = "accepted"
+        except Exception as e:
+            found["fit_on_rank0"] = f"{type(e).__name__}: {e}"
+        found["kept_after_fit"] = bool(torch.equal(un.bank, before)) and not un._fitted
+    with open(f"{out}/calls-rank{rank}.json", "w") as f:
+        json.dump(found, f)
+
+
+def test_reset_curvature_or_fit_on_one_rank_is_refused_on_every_rank(tmp_path):
+    """``reset_curvature()`` on rank 1 alone: rank 1 rebuilt its K-FAC factors while rank 0 reused its own, and
+    ``fit()`` on rank 0 while rank 1 sent a request paired the fit's all-reduces with the request's; gloo aborted
+    both processes each time (SIGABRT). Now the first exchange of a request or a fit compares the call and a
+    fingerprint of the curvature state: both ranks refuse at once, naming what each rank called, nothing changed;
+    ``reset_curvature()`` on every rank then lets the request through."""
+    spawn(_calls_worker, str(tmp_path), world=2, timeout_s=30)
+    ranks = [json.loads((tmp_path / f"calls-rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        msg = r["reset_on_rank1"]
+        assert msg.startswith("InvalidRequestError: the ranks hold different curvature states before this request")
+        assert "rank 1: reset_curvature() x1" in msg and "rank 0: none of them" in msg
+        assert "call reset_curvature() on every rank" in msg
+        assert r["kept"] and r["seconds"] < 15  # refused at once, not at the timeout
+        assert r["fit_on_rank0"].startswith(
+            "InvalidRequestError: the ranks called different methods together (rank 0 fit(), rank 1 forget())"
+        )
+        assert r["kept_after_fit"]
+    assert ranks[0]["bank"] == ranks[1]["bank"]
 
 
 def _raising_nll(m: torch.nn.Module, b: tuple) -> torch.Tensor:

@@ -21,9 +21,10 @@ single-process math on the union of the shards, up to floating-point summation o
   run inside ``torch.func`` transforms, so the reduction happens after each local vmapped product.
 * **Requests** name global ids. Every rank validates the whole request against the global alive mask (all
   ranks hold the same one, because requests reach every rank), so all ranks accept or refuse together; the
-  rank that owns an id contributes its row. The ledger is written by rank 0 only (:func:`run_forget`). An error on
-  one rank during a request makes every rank raise (:class:`RankFailedError` on the others) instead of leaving them
-  waiting.
+  rank that owns an id contributes its row. The ledger is written by rank 0 only (:func:`run_forget`). A request's
+  (or a fit's) first exchange compares the call and a fingerprint of each rank's curvature state, so that
+  ``reset_curvature()`` or ``fit()`` on some ranks only is refused on every rank; an error on one rank during the
+  computation makes every rank raise (:class:`RankFailedError` on the others) instead of leaving them waiting.
 * **Ensembles.** :func:`ensemble_groups` splits the world into independent chains (one process group each);
   :func:`gather_banks` collects their sample banks for evaluation.
 
@@ -230,6 +231,9 @@ class _Watch:
 
 
 _WATCHES: list[_Watch] = []
+
+#: The calls :meth:`DistributedUnlearner._agree_entry` tells apart (its codes: index + 1; 0 is a failure).
+_CALLS = ("forget", "remove", "fit")
 
 
 @contextmanager
@@ -594,6 +598,7 @@ class DistributedUnlearner(MCMCUnlearner):
         self.energy = self._shard_energy
         # digest of the curvature state loaded since the last agreed request (none: zeros), agreed per request
         self._state_words = [0.0] * 4
+        self._entered = False  # forget() agreed on its entry: the propose inside it does not again
         self._check_banks_agree()  # on every rank, with or without a bank: a collective every rank must join
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -610,6 +615,95 @@ class DistributedUnlearner(MCMCUnlearner):
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         digest = h.digest()
         self._state_words = [float(1 + int.from_bytes(digest[i : i + 6], "big")) for i in (0, 6, 12, 18)]
+        self._count_call("load_curvature_state")
+
+    def reset_curvature(self) -> None:
+        """:meth:`MCMCUnlearner.reset_curvature`; call it on every rank together (the next request refuses, on every
+        rank, ranks whose curvature states differ: :meth:`_agree_entry`)."""
+        super().reset_curvature()
+        self._count_call("reset_curvature")
+
+    def fit(self, remaining: Any, n_remaining: int | None = None) -> Any:
+        """:meth:`MCMCUnlearner.fit` on every rank together: the ranks first agree that each of them called it
+        with the same curvature state (:meth:`_agree_entry`; a fit on one rank while another sent a request paired
+        the fit's all-reduces with the request's), and an error on one rank makes every rank raise."""
+        self._agree_entry("fit")
+        with _watched(self.group):
+            out = super().fit(remaining, n_remaining)
+        self._count_call("fit")
+        return out
+
+    def _count_call(self, name: str) -> None:
+        calls = self.__dict__.setdefault("_calls", {})
+        calls[name] = calls.get(name, 0) + 1
+
+    def _curvature_words(self) -> list[float]:
+        """Four 48-bit words of a SHA-256 of what decides the next request's curvature and its collectives: the
+        curvature state's metadata (cached curvature's age and layout, the damping carried, a fit's build), its
+        tensors' names, dtypes and shapes, and the unlearner's generator."""
+        tensors, meta = self.curvature_state()
+        h = hashlib.sha256(json.dumps(_without_info(meta), sort_keys=True, default=str).encode())
+        for k in sorted(tensors):
+            t = tensors[k]
+            h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(self.generator.get_state().numpy().tobytes())
+        digest = h.digest()
+        return [float(int.from_bytes(digest[i : i + 6], "big")) for i in (0, 6, 12, 18)]
+
+    def _agree_entry(self, call: str) -> None:
+        """The first collective of a request or a fit: every rank sends which call it is in and a fingerprint of its
+        curvature state (:meth:`_curvature_words`), and all refuse, before anything else, when they differ. Before
+        (stop 59's probe), ``reset_curvature()`` on one rank made that rank rebuild its curvature while the others
+        reused theirs, and ``fit()`` on one rank paired its all-reduces with the others' request: the ranks computed
+        different things or waited until the timeout.
+
+        Raises:
+            InvalidRequestError: the ranks are in different calls, or hold different curvature states (every rank
+                raises; nothing was changed).
+        """
+        calls = self.__dict__.setdefault("_calls", {})
+        if self.group_size == 1:
+            calls.clear()
+            return
+        names = ("reset_curvature", "fit", "load_curvature_state")
+        err: BaseException | None = None
+        try:
+            words = self._curvature_words()
+        except Exception as e:  # (agreed below: a rank that cannot read its state refuses with the others)
+            err, words = e, [0.0] * 4
+        row = [0.0 if err else float(_CALLS.index(call) + 1), *words, *(float(calls.get(k, 0)) for k in names)]
+        table = torch.zeros(self.group_size, len(row), dtype=torch.float64)
+        table[self.group_rank] = torch.tensor(row, dtype=torch.float64)
+        table = self._reduce(table).tolist()
+        if err is not None:
+            raise err
+        if any(r[0] == 0 for r in table):
+            bad = [i for i, r in enumerate(table) if r[0] == 0]
+            raise InvalidRequestError(f"rank(s) {bad} could not read their curvature state (see their error); nothing "
+                                      "was changed")  # fmt: skip
+        if len({r[0] for r in table}) > 1:
+            said = ", ".join(f"rank {i} {_CALLS[int(r[0]) - 1]}()" for i, r in enumerate(table))
+            raise InvalidRequestError(
+                f"the ranks called different methods together ({said}): every rank must call the same one at the "
+                "same time (fit() on every rank, then each request with forget() or remove() on every rank); "
+                "nothing was changed"
+            )
+        if any(r[1:5] != table[0][1:5] for r in table):
+
+            def since(r: list[float]) -> str:
+                done = [f"{k}() x{int(v)}" for k, v in zip(names, r[5:]) if v]
+                return ", ".join(done) if done else "none of them"
+
+            said = "; ".join(f"rank {i}: {since(r)}" for i, r in enumerate(table))
+            if all(r[5:] == table[0][5:] for r in table):  # the same calls: seeds or generators set apart
+                said += ", alike: the states drifted apart, e.g. an unlearner seeded differently (seed=) on some ranks"
+            raise InvalidRequestError(
+                "the ranks hold different curvature states before this "
+                f"{'fit' if call == 'fit' else 'request'} (calls since they last agreed: {said}): reset_curvature(), "
+                "fit() and load_curvature_state() must be called on every rank together, or on none; to go on, "
+                "call reset_curvature() on every rank (each then builds its curvature afresh); nothing was changed"
+            )
+        calls.clear()
 
     # ------------------------------------------------------------------ the rank's share of the energy
     def _weighted_nll(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -691,9 +785,12 @@ class DistributedUnlearner(MCMCUnlearner):
 
         What one rank alone could refuse (a malformed or non-finite share, an ``nll`` failing on it, a remaining-data
         size it cannot read) is agreed on first, so that all ranks refuse together instead of one rank leaving the
-        others blocked in a collective. An error on one rank during the computation (an ``nll`` failing on its
-        remaining rows) makes every other rank raise :class:`RankFailedError` at its next all-reduce, naming the rank;
-        nothing is changed on any rank."""
+        others blocked in a collective; so are the call itself and the curvature state (:meth:`_agree_entry`). An
+        error on one rank during the computation (an ``nll`` failing on its remaining rows) makes every other rank
+        raise :class:`RankFailedError` at its next all-reduce, naming the rank; nothing is changed on any rank."""
+        entered, self._entered = self._entered, False
+        if not entered:  # (forget agreed on its entry already)
+            self._agree_entry("remove")
         with _watched(self.group):
             return self._propose_agreed(batch, remaining, n_remaining)
 
@@ -1028,6 +1125,7 @@ class DistributedUnlearner(MCMCUnlearner):
         """
         if not isinstance(data, ShardedDataset):
             raise TypeError("DistributedUnlearner.forget needs a ShardedDataset (see ShardedDataset.from_global)")
+        self._agree_entry("forget")
         ids = self._agreed_ids(ids, data)
         batch = data.get(ids)
         # finiteness is checked per owner and agreed on, so that every rank refuses together; by the sorted ids,
@@ -1047,11 +1145,14 @@ class DistributedUnlearner(MCMCUnlearner):
             )
         state = data.state_dict()
         data.remove(ids)
+        self._entered = True
         try:
             return self.remove(batch, data, len(data), n_removed=ids.numel(), strict=strict)
         except BaseException:
             data.load_state_dict(state)
             raise
+        finally:
+            self._entered = False
 
 
 # ---------------------------------------------------------------------------------------------- ensembles
