@@ -1,7 +1,9 @@
 """solver='auto' weighs the dense build's cost on the first rows read (issue 11, stop 58's probe): a ConvTranspose2d
 decoder of 64 outputs per row, whose dense Gauss-Newton matrix took 8x its whole SGLD chain, and a frozen
 nn.EmbeddingBag fed by masked ids, whose dense Hessian fell back to one reverse-mode product per column and draw,
-get K-FAC with the estimates in solver_reason; a small MLP, whose dense Hessian is cheap, keeps it."""
+get K-FAC with the estimates in solver_reason; a small MLP, whose dense Hessian is cheap, keeps it. Stop 59: a
+tied-head language model read at 11 positions a row, whose every weight a row's gradient uses 10 times (its dense
+Hessian 36 s CPU, 8x its chain), gets K-FAC too."""
 
 import warnings
 from collections.abc import Iterator
@@ -288,3 +290,68 @@ def test_fit_over_a_plain_iterator_leaves_the_estimate_to_the_first_request() ->
         assert un.fit(rows, n_remaining=54).solver == "ggn"  # (nothing built ahead, no minibatch read)
         report = un.propose((x[:6],), rows, n_remaining=54).report
     assert report.solver == "kfac" and "3,772 row products" in report.info["solver_reason"]
+
+
+class TiedLM(nn.Module):
+    """A next-token model of 612 parameters whose head is tied to its embedding, read at all 11 positions of a row:
+    each weight is used about 10 times per row (stop 59's probe: its dense Hessian took 36 s CPU, 8x its chain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 20)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def _tokens_nll(m: nn.Module, b: tuple) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]).transpose(1, 2), b[1], reduction="none").sum(1)
+
+
+def test_a_sequence_model_whose_rows_use_each_weight_ten_times_leaves_the_dense_hessian() -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    s = torch.randint(20, (200, 12))
+    un = MCMCUnlearner(model, None, nll=_tokens_nll, log_prior=_prior, bank=_bank(model))
+    remaining = DataLoader(TensorDataset(s[10:, :-1], s[10:, 1:]), batch_size=32, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((s[:10, :-1], s[:10, 1:]), remaining).report
+    assert report.solver != "exact"
+    assert "a row's gradient uses each parameter 10.4 times a dense layer's" in un.solver_reason
+    assert "6,336 row products" in un.solver_reason
+
+
+def test_a_frozen_layer_the_gradient_passes_through_counts_in_the_estimate() -> None:
+    """139 trainable parameters behind a frozen 64-wide layer, which their gradient passes through: 1.88 times a
+    dense layer's cost per row, counted, and still within exact_max_dim (262 row products)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 2), nn.Linear(2, 3))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 139
+    x, y = torch.randn(120, 8), torch.randint(3, (120,))
+    un = MCMCUnlearner(model, None, nll=_ce, log_prior=_prior, bank=_bank(model))
+    remaining = DataLoader(TensorDataset(x[10:], y[10:]), batch_size=32, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = un.propose((x[:10], y[:10]), remaining).report
+    assert report.solver == "exact"
+    assert "(139 columns × 1.88: a row's gradient uses each parameter 1.88 times" in report.info["dense_cost"]
+    assert "262 row products per row and draw, within" in report.info["dense_cost"]
+
+
+@pytest.mark.parametrize(
+    ("uses", "expected", "words"),
+    [
+        (1.0, SolverName.EXACT, "612 row products per row and draw, within"),
+        (0.5, SolverName.EXACT, "612 row products per row and draw, within"),
+        (10.35, SolverName.KFAC, "6,335 row products"),
+    ],
+)
+def test_weigh_dense_build_counts_a_rows_uses_of_each_parameter(uses: float, expected: SolverName, words: str) -> None:
+    solver, why = weigh_dense_build(SolverName.EXACT, 612, 0, True, 1000, True, False, uses=uses)
+    assert solver is expected and words in why

@@ -584,6 +584,7 @@ def weigh_dense_build(
     mc_samples: int = 1,
     dense_draws: int = 16,
     kfac_draws: int = 8,
+    uses: float = 1.0,
 ) -> tuple[SolverName, str]:
     """``solver='auto'``'s second look at the dense solver it took (``exact`` or ``ggn``), on the first rows read:
     the dense build's estimated cost against what auto accepts for one and against the alternative's.
@@ -592,8 +593,12 @@ def weigh_dense_build(
     draw of the dense build (the rows and draws each path reads scale every estimate alike). The dense Hessian
     takes ``dim`` of them (one per column), the Gauss-Newton matrix ``outputs × dim / GRAM_OUTPUTS_PER_PRODUCT``
     (its Gram product), either ``UNVECTORIZED_PRODUCT_COST`` times more where the vectorised product fails on the
-    model's rows (``vectorized``). Auto accepts up to ``exact_max_dim`` (a vectorised dense Hessian of
-    ``exact_max_dim`` parameters). Over that, K-FAC (``kfac``: it builds this curvature) costs ``1 + mc_samples``
+    model's rows (``vectorized``); the dense Hessian's columns ``uses`` times more where a row's gradient uses each
+    parameter that many times a plain dense network's (weights applied at every position of a sequence, frozen layers
+    the gradient passes through: a 612-parameter tied-head language model over 11 tokens, 10.4, took 36 s CPU for
+    its dense Hessian, 8x its SGLD chain; stop 59's probe), and so do the alternatives' passes. Auto accepts up to
+    ``exact_max_dim`` (a vectorised dense Hessian of ``exact_max_dim`` parameters of a plain dense network). Over
+    that, K-FAC (``kfac``: it builds this curvature) costs ``1 + mc_samples``
     gradient passes per row at its ``kfac_draws`` draws; else matrix-free CG ``iter_T`` products per solve,
     ``CG_SOLVES_ESTIMATE`` solves (not offered on a model with convolution or recurrent layers, whose Hessian
     products cost hundreds of times a dense layer's). The alternative is taken where its estimate is lower.
@@ -610,6 +615,7 @@ def weigh_dense_build(
         mc_samples: K-FAC's sampled backward passes per row.
         dense_draws: Draws the dense build reads.
         kfac_draws: Draws K-FAC reads.
+        uses: Multiply-adds of a row's gradient over ``6 × dim`` (at least 1; the dense Hessian only).
 
     Returns:
         The solver to use (``solver`` where the dense build is kept) and why, with the estimates.
@@ -620,6 +626,12 @@ def weigh_dense_build(
         what = (
             f"the dense Gauss-Newton matrix's Gram product ({outputs} outputs per row × {dim} parameters / "
             f"{GRAM_OUTPUTS_PER_PRODUCT})"
+        )
+    elif uses > 1:
+        base = max(1, math.ceil(dim * uses))
+        what = (
+            f"the dense Hessian ({dim} columns × {uses:.3g}: a row's gradient uses each parameter {uses:.3g} times "
+            "a dense layer's)"
         )
     else:
         base, what = dim, f"the dense Hessian ({dim} columns)"
@@ -634,14 +646,16 @@ def weigh_dense_build(
     if dense <= exact_max_dim:
         return solver, f"{estimate}, within the {shown_value(exact_max_dim)} of exact_max_dim"
     if kfac:
-        alt, cost = SolverName.KFAC, (1 + mc_samples) * kfac_draws / max(dense_draws, 1)
+        alt, cost = SolverName.KFAC, (1 + mc_samples) * kfac_draws / max(dense_draws, 1) * max(uses, 1.0)
         how = f"K-FAC's {1 + mc_samples} gradient passes per row at {kfac_draws} draws, not {dense_draws}"
     elif not weight_sharing:
-        alt, cost = SolverName.CG, iter_T * CG_SOLVES_ESTIMATE * penalty
+        alt, cost = SolverName.CG, iter_T * CG_SOLVES_ESTIMATE * penalty * max(uses, 1.0)
         times = f" × {penalty}" if penalty > 1 else ""
         how = f"matrix-free CG about {iter_T} products × {CG_SOLVES_ESTIMATE} solves{times}"
     else:
         return solver, f"{estimate}, over exact_max_dim {shown_value(exact_max_dim)}, but no cheaper path builds it"
+    if uses > 1:
+        how += f", × {uses:.3g} as well"
     if cost >= dense:
         return (
             solver,

@@ -2460,6 +2460,7 @@ class MCMCUnlearner:
             # snapshot is taken after this, and a discarded proposal left the counter moved (stop 58's review)
             with preserved(self.model):
                 outputs, vectorized = self._dense_probe_rows(batch, shared)
+                uses = self._dense_probe_uses(batch) if self.solver is SolverName.EXACT else 1.0
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError):
             return  # (the build says what is wrong with the rows, as it did)
         solver, why = weigh_dense_build(
@@ -2474,6 +2475,7 @@ class MCMCUnlearner:
             self.mc_samples,
             min(self.curvature_draws, draws),
             min(8 if probe["curvature_draws"] else self.curvature_draws, draws),
+            uses,
         )
         if solver is self.solver:
             self._dense_cost = why
@@ -2526,6 +2528,27 @@ class MCMCUnlearner:
         except (RuntimeError, NotImplementedError, TypeError):
             return outputs, False
         return outputs, True
+
+    def _dense_probe_uses(self, batch: Batch) -> float:
+        """How many times a row's gradient uses each trainable parameter: the multiply-adds of one gradient of
+        ``nll`` on ``batch``'s first two rows at the bank's first draw (counted by torch's ``FlopCounterMode``:
+        matrix products and convolutions, a deterministic count) per row, over ``6 × dim``, what a plain dense
+        network's gradient costs per row (its forward and backward products; 0.6-0.7 measured on MLPs). A vectorised
+        Hessian column is one product over the row, so it costs this many times a dense layer's: weights applied at
+        every position of a sequence (a 612-parameter language model over 11 tokens, whose head is tied to its
+        embedding: 10.4) or layers the gradient passes through without training them (a frozen backbone). That
+        language model's dense Hessian took 36 s CPU, 8x its whole SGLD chain (stop 59's probe). At least 1."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        rows = tuple(t[:2] for t in self._raw(batch))
+        n = int(rows[0].shape[0]) if rows and rows[0].dim() else 1
+        theta = self.bank[0].detach()
+        try:
+            with FlopCounterMode(display=False) as counter:
+                grad(self._h_f())(theta, *rows)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return 1.0  # (not counted: the estimate as before)
+        return max(1.0, counter.get_total_flops() / max(n, 1) / (6 * max(self.spec.dim, 1)))
 
     def _switch_from_dense(self, solver: SolverName, why: str, probe: dict[str, bool]) -> None:
         """``solver="auto"``'s switch from the dense solver it took to K-FAC or CG (:meth:`_weigh_dense_build`),
