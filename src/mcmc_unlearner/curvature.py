@@ -39,6 +39,14 @@ def jvp(func: Callable[..., Any], primals: tuple, tangents: tuple, **kwargs: Any
     under the same condition as here, and that module scripts 18 functions with ``torch.jit.script``, each warning
     "``torch.jit.script`` is deprecated" from inside torch (a first request showed 18 of them). The same module,
     imported a moment earlier: the numbers are the same; only that warning, during that import, is silenced."""
+    load_forward_decompositions()
+    return torch.func.jvp(func, primals, tangents, **kwargs)
+
+
+def load_forward_decompositions() -> None:
+    """Import torch's forward-mode decompositions once, their ``torch.jit.script`` deprecation warnings silenced
+    (:func:`jvp`): call before any forward-mode transform, ``torch.func.jvp``, ``jacfwd`` or ``torch.func.hessian``
+    (the Gauss-Newton backend's prior Hessian leaked the 18 warnings to a caller's first request until stop 59)."""
     global _JVP_DECOMPOSITIONS
     if not _JVP_DECOMPOSITIONS:
         _JVP_DECOMPOSITIONS = True
@@ -47,9 +55,8 @@ def jvp(func: Callable[..., Any], primals: tuple, tangents: tuple, **kwargs: Any
                 warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", DeprecationWarning)
                 try:
                     importlib.import_module("torch._decomp.decompositions_for_jvp")
-                except Exception:  # torch imports it itself at the jvp below, as before
+                except Exception:  # torch imports it itself at the first forward-mode product, as before
                     pass
-    return torch.func.jvp(func, primals, tangents, **kwargs)
 
 
 __all__ = [

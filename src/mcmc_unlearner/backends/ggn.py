@@ -35,7 +35,7 @@ import torch
 from torch.autograd.functional import jacobian
 from torch.func import jacrev, vmap
 
-from ..curvature import functionalize
+from ..curvature import functionalize, load_forward_decompositions
 from ..kronecker import (
     Likelihood,
     cross_entropy_misfit,
@@ -261,6 +261,7 @@ class GGNBackend(DenseBackend):
         log_prior = problem.log_prior
         f = functionalize(problem.model, lambda m: -log_prior(m))
         P = torch.zeros(d, d, dtype=torch.float64, device=problem.thetas.device)
+        load_forward_decompositions()  # torch.func.hessian is forward-over-reverse: its warnings silenced first
         for theta in problem.thetas:
             P += torch.func.hessian(f)(theta.detach()).double()
         P = 0.5 * (P + P.T) / problem.thetas.shape[0]
