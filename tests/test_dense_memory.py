@@ -14,10 +14,12 @@ from torch import nn
 from torch.func import grad, jacrev, vmap
 
 import mcmc_unlearner
+from _memory_helpers import STATUS
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
 
-_BUILDS = r"""
+_BUILDS = (
+    r"""
 import gc, json, sys
 import torch
 from torch import nn
@@ -27,11 +29,9 @@ from mcmc_unlearner.memory import release_free_heap
 
 torch.set_num_threads(1)
 
-
-def status(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
+"""
+    + STATUS
+    + r"""
 
 budget = int(sys.argv[1])
 torch.manual_seed(0)
@@ -49,13 +49,13 @@ if not release_free_heap():  # the warm-up's freed heap pages back: the growth b
     print(json.dumps({"skip": "no glibc malloc_trim to hand freed heap pages back"}))
     sys.exit(0)
 rss = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # the high-water mark starts again from the current size
+reset_peak()  # the high-water mark starts again from the current size
 for _ in range(3):
     H = un._dense_hessian(f, thetas, (x, y), True)
     del H
 print(json.dumps({"peak": status("VmHWM") - rss}))
 """
+)
 
 
 def _nll(m, b):

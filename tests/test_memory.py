@@ -6,6 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from _memory_helpers import STATUS
+from _memory_helpers import measure_env as _measure_env
+from _memory_helpers import measured as _measured
 from conftest import TinyRecurrent
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.backends import dense_memory
@@ -247,7 +250,8 @@ def test_check_rows_far_beyond_the_remaining_rows_are_capped() -> None:
     assert time.perf_counter() - t0 < 20 and report.passed
 
 
-_MEASURE = r"""
+_MEASURE = (
+    r"""
 import json, sys
 import torch
 from torch import nn
@@ -256,11 +260,9 @@ from mcmc_unlearner.curvature import ParamSpec
 
 torch.set_num_threads(1)
 
-
-def status(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
+"""
+    + STATUS
+    + r"""
 
 which, budget = sys.argv[1], int(sys.argv[2])
 backend = sys.argv[3] if len(sys.argv) > 3 else "auto"  # "autograd": the draws looped over, one at a time
@@ -287,39 +289,13 @@ def run():
 ref = run()  # pages in the code; its buffers go back to the system (MALLOC_MMAP_THRESHOLD_)
 del ref
 rss = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # the high-water mark starts again from the current size
+reset_peak()  # the high-water mark starts again from the current size
 out = run()
 draws_bytes = bank.numel() * bank.element_size()
 print(json.dumps({"peak": status("VmHWM") - rss, "result": out.numel() if torch.is_tensor(out) else 0,
                   "draws_bytes": draws_bytes}))
 """
-
-
-def _measure_env() -> dict[str, str]:
-    """The environment of a measured child: this source tree, one thread, large buffers returned to the system at
-    once (``MALLOC_MMAP_THRESHOLD_``) so the resident set follows what is held; skips where the peak cannot be reset."""
-    import os
-
-    import mcmc_unlearner
-
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
-    src = os.path.dirname(os.path.dirname(mcmc_unlearner.__file__))
-    return dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-
-
-def _measured(script: str, *args: str, timeout: float) -> dict:
-    """Run ``script`` (``python -c``) in a fresh process and return the JSON of its last line of output."""
-    import json
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args], env=_measure_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+)
 
 
 @pytest.mark.parametrize(("which", "budget"), [("means", 12_000_000), ("per_draw", 32_000_000)])
@@ -334,7 +310,8 @@ def test_removed_rows_gradients_measured_under_vmap_stay_within_the_budget(which
     assert peak <= budget, f"{which}: peak {peak / 1e6:.1f} MB over the {budget / 1e6:.0f} MB budget"
 
 
-_MEASURE_RANK = r"""
+_MEASURE_RANK = (
+    r"""
 import datetime, json, sys
 import torch
 import torch.distributed as dist
@@ -344,11 +321,9 @@ from mcmc_unlearner.distributed import DistributedUnlearner
 
 torch.set_num_threads(1)
 
-
-def status(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
+"""
+    + STATUS
+    + r"""
 
 rank, init_method, budget = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 dist.init_process_group(
@@ -367,8 +342,7 @@ un._bytes_per_row(un._energy_f(1000), theta, share)
 ref = un._grad_means(h, bank, share)  # pages in the code; its buffers go back to the system (MALLOC_MMAP_THRESHOLD_)
 del ref
 rss = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # the high-water mark starts again from the current size
+reset_peak()  # the high-water mark starts again from the current size
 G, dev = un._grad_means(h, bank, share)
 peak = status("VmHWM") - rss
 un.memory_budget = 2**30  # every draw's gradient at once, all-reduced, then averaged: the unstreamed numbers
@@ -379,6 +353,7 @@ print(json.dumps({"peak": peak}))
 dist.barrier()
 dist.destroy_process_group()
 """
+)
 
 
 def test_removed_rows_gradient_mean_on_two_ranks_is_streamed_within_the_budget(tmp_path) -> None:
@@ -420,7 +395,8 @@ def test_removed_rows_gradient_mean_on_two_ranks_is_streamed_within_the_budget(t
         assert float((res["dev"] - 0.5 * (one[:32].mean(0) - one[32:].mean(0))).norm()) <= 1e-5 * scale
 
 
-_WHOLE = r"""
+_WHOLE = (
+    r"""
 import json, sys
 import torch
 from torch import nn
@@ -429,11 +405,9 @@ from mcmc_unlearner.curvature import ParamSpec
 
 torch.set_num_threads(1)
 
-
-def status(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
+"""
+    + STATUS
+    + r"""
 
 class Att(nn.Module):
     def __init__(self):
@@ -461,12 +435,12 @@ kw["log_prior"] = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())
 MCMCUnlearner(model, bank=bank.clone(), **kw).propose((x[:8], y[:8]), (x[8:], y[8:]))  # pages in the code
 un = MCMCUnlearner(model, bank=bank.clone(), **kw)
 rss = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
+reset_peak()  # the high-water mark starts again from the current size
 prop = un.propose((x[:8], y[:8]), (x[8:], y[8:]))
 peak = status("VmHWM")
 print(json.dumps({"transient": peak - status("VmRSS"), "kept": status("VmRSS") - rss}))
 """
+)
 
 
 @pytest.mark.parametrize(("which", "budget"), [("mlp", 16_000_000), ("mlp", 32_000_000), ("att", 16_000_000)])

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 import mcmc_unlearner.unlearner as U
-from test_memory import _measured
+from _memory_helpers import STATUS
+from _memory_helpers import measured as _measured
 from test_recenter import EXACT, REQUESTS, _draws, _run, prob  # noqa: F401 (prob: the fixture)
 
-_WHOLE = r"""
+_WHOLE = (
+    r"""
 import json, sys
 import torch
 from torch import nn
@@ -21,11 +23,9 @@ from mcmc_unlearner.curvature import ParamSpec
 
 torch.set_num_threads(1)
 
-
-def status(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
+"""
+    + STATUS
+    + r"""
 
 budget, S = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
@@ -38,12 +38,12 @@ kw["log_prior"] = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())
 MCMCUnlearner(model, bank=bank.clone(), **kw).propose((x[:8], y[:8]), (x[8:], y[8:]))  # pages in the code
 un = MCMCUnlearner(model, bank=bank.clone(), **kw)
 rss = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
+reset_peak()  # the high-water mark starts again from the current size
 prop = un.propose((x[:8], y[:8]), (x[8:], y[8:]))
 peak = status("VmHWM")
 print(json.dumps({"transient": peak - status("VmRSS"), "draws": prop.report.n_draws}))
 """
+)
 
 
 def test_a_request_on_a_bank_larger_than_the_budget_keeps_its_transient_memory_within_it() -> None:

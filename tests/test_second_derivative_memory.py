@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import mcmc_unlearner.unlearner as U
+from _memory_helpers import STATUS
+from _memory_helpers import measured as _measured
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.memory import resolve_budget
-from test_memory import _measured
 
 torch.set_num_threads(1)
 
-_MEASURE = r"""
+_MEASURE = (
+    r"""
 import json, sys
 import torch
 from torch import nn
@@ -29,11 +31,9 @@ from mcmc_unlearner import MCMCUnlearner
 
 torch.set_num_threads(1)
 
-
-def status(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
-
+"""
+    + STATUS
+    + r"""
 
 budget = int(sys.argv[1])
 torch.manual_seed(0)
@@ -46,8 +46,7 @@ peaks = []
 
 def measured(self, rows, theta):
     rss = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # the high-water mark starts again from the current size
+    reset_peak()  # the high-water mark starts again from the current size
     out = real(self, rows, theta)
     peaks.append(status("VmHWM") - rss)
     return out
@@ -59,6 +58,7 @@ un = MCMCUnlearner(model, nll=nll, memory_budget=budget, solver="cg")
 un._check_forward((x, y))
 print(json.dumps({"peak": peaks[-1], "dim": un.spec.dim, "planned": un._planned.get("second_derivative_check")}))
 """
+)
 
 
 def test_the_double_backward_check_measured_stays_within_a_small_budget() -> None:
