@@ -383,12 +383,13 @@ def test_report_info_memory_gives_the_budget_and_what_each_planning_path_planned
         grads.append(out[2])
         return out
 
-    def check_plan(self, thetas, rows):
-        out = real_check(self, thetas, rows)
+    def check_plan(self, thetas, rows, held=0):
+        out = real_check(self, thetas, rows, held)
         K, D = thetas.shape
         per = U._HVP_MEMORY_FACTOR * self._call_cost(rows)
         assert out["row_chunk"] is None  # every row at once at this budget
-        checks.append(U.CHECK_D_COPIES * K * D * thetas.element_size() + out["chunk"] * per)
+        # held: the copies of the check's draws it holds meanwhile (planned with it since stop 59)
+        checks.append(held + U.CHECK_D_COPIES * K * D * thetas.element_size() + out["chunk"] * per)
         return out
 
     monkeypatch.setattr(U.MCMCUnlearner, "_grad_plan", grad_plan)

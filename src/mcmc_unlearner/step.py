@@ -194,6 +194,11 @@ class Measurement:
     nll_draw_stderr: float = 0.0
 
 
+def _draws_tensor(thetas: Any) -> torch.Tensor:
+    """``thetas`` as a tensor: itself, or the copy of draws read in place (the unlearner's ``_BankRows``)."""
+    return thetas if isinstance(thetas, torch.Tensor) else thetas.tensor()
+
+
 def _directional(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``∇f(θ)·x`` for a vector-valued ``f`` (forward mode; double backward when ``torch.func`` is unsupported)."""
     try:
@@ -385,15 +390,16 @@ class EnergyCheck:
             return f(t, *rows).sum()
 
         g_data: torch.Tensor | None = None
+        thetas = _draws_tensor(self.thetas)  # (draws read in place: the check's plan counts this copy)
         if self.vectorise:
             try:
-                g_data = vmap(grad(data), chunk_size=self.chunk)(self.thetas + x).mean(0)
-                g_prior = vmap(grad(lambda t: -lp(t)))(self.thetas + x).mean(0) if lp is not None else 0.0
+                g_data = vmap(grad(data), chunk_size=self.chunk)(thetas + x).mean(0)
+                g_prior = vmap(grad(lambda t: -lp(t)))(thetas + x).mean(0) if lp is not None else 0.0
             except (RuntimeError, NotImplementedError, TypeError):
                 g_data = None
         if g_data is None:  # one draw at a time
             g_data, g_prior = torch.zeros_like(x), torch.zeros_like(x)
-            for t in self.thetas + x:
+            for t in thetas + x:
                 with torch.enable_grad():
                     tt = t.detach().requires_grad_(True)
                     g_data = g_data + torch.autograd.grad(data(tt), tt)[0]
@@ -408,7 +414,7 @@ class EnergyCheck:
         step = self.chunk or K
         g_data, g_prior = torch.zeros_like(x), torch.zeros_like(x)
         for s0 in range(0, K, step):
-            th = self.thetas[s0 : s0 + step] + x
+            th = _draws_tensor(self.thetas[s0 : s0 + step]) + x
             for part in self.row_parts(self.rows):
 
                 def data(t: torch.Tensor, part: Batch = part) -> torch.Tensor:
@@ -522,7 +528,13 @@ class _Part:
                 return h1, h0, lin, -lp1 + lp0 + dlp, lp1  # R of the energy's prior term −log p
 
             with torch.no_grad():
-                if self.c.vectorise:
+                if self.c.vectorise and not isinstance(self.thetas, torch.Tensor):
+                    # draws read in place (the unlearner's ``_BankRows``): a chunk copied at a time, as vmap's
+                    # chunk_size would split a tensor of them
+                    step, K = self.c.chunk or len(self.thetas), len(self.thetas)
+                    pieces = [vmap(one)(_draws_tensor(self.thetas[s0 : s0 + step])) for s0 in range(0, K, step)]
+                    out = tuple(torch.cat(v) for v in zip(*pieces))
+                elif self.c.vectorise:
                     out = vmap(one, chunk_size=self.c.chunk)(self.thetas)
                 else:
                     kept = [None] * len(self.thetas) if self.lp0 is None else list(self.lp0)

@@ -178,6 +178,12 @@ _HVP_D_COPIES = 24
 #: MLP, 6.8 before the seeded vector and the sample's clone were dropped), beside ``_HVP_PRODUCT_FACTOR`` times what
 #: its rows' backward pass saves (1.1x measured through convolutions, 6.9x through attention).
 _ONCE_D_COPIES = 5
+#: The first request's other checks of ``nll`` (:meth:`MCMCUnlearner._check_forward`: its writes, the rows alone
+#: and together, its gradient through the functional path and with the sample loaded; the mixed-rows test) hold at
+#: most this many copies of the parameters (the check's saved copy of the model, the sample's clone, two gradients
+#: and the one being assembled: 4.8 measured on a 1.1M-parameter MLP, 10.7 before the gradients' float64 copies and
+#: a held flat copy of the model were dropped, stop 59) beside ``GRAD_SAVED_FACTOR`` times what their rows save.
+_FORWARD_D_COPIES = 5
 #: Layers whose weights act at many positions or time steps: for a small model with one ``auto`` takes the dense
 #: Gauss-Newton matrix instead of the dense Hessian (one request on 574-954-parameter CNNs took 33-278 s CPU with
 #: the Hessian, 2.8-6.0 s with the Gauss-Newton matrix; the chains trained in 4-10 s).
@@ -1260,9 +1266,14 @@ class _BankRows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, s: slice) -> _BankRows:
+    def __getitem__(self, s: slice | int | torch.Tensor) -> _BankRows | torch.Tensor:
+        """A slice or an index tensor of draws: those draws, read in place; an int: that draw (a view)."""
+        if isinstance(s, int):
+            return self.bank[int(self.index[s])]
+        if isinstance(s, torch.Tensor) and s.dtype == torch.long and s.dim() == 1:
+            return _BankRows(self.bank, self.index[s.to(self.index.device)])
         if not isinstance(s, slice):
-            raise TypeError(f"_BankRows takes a slice of draws, got {type(s).__name__}")
+            raise TypeError(f"_BankRows takes a slice of draws, an int or a 1-D index tensor, got {type(s).__name__}")
         return _BankRows(self.bank, self.index[s])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -1535,6 +1546,18 @@ def _row_gap(
     shows = torch.maximum(together.abs(), alone.abs()) > floor
     fits = (alone - n * together).abs() <= (tol if pattern_tol is None else pattern_tol) * alone.abs()
     return gap, bool(shows.any()) and bool((fits | ~shows).all())
+
+
+def _norms64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**16) -> tuple[float, float, float] | None:
+    """``(|a|, |b|, |a − b|)`` of two flat tensors in float64, a chunk of ``chunk`` entries at a time (float64 copies
+    of the whole vectors took six copies of the parameters' bytes); ``None`` where an entry is not finite."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i : i + chunk].double(), b[i : i + chunk].double()
+        if not bool(torch.isfinite(x).all() and torch.isfinite(y).all()):
+            return None
+        sums += torch.stack([x.square().sum(), y.square().sum(), (x - y).square().sum()])
+    return sums[0].sqrt().item(), sums[1].sqrt().item(), sums[2].sqrt().item()
 
 
 def _mixed_batch(removed: Batch, remaining: Batch, rows: int) -> Batch | None:
@@ -2241,6 +2264,9 @@ class MCMCUnlearner:
         self._once_differentiable_op: str | None = None
         # bytes the double-backward check needs on one row where the budget did not fit it (put off: _check_forward)
         self._once_deferred: int | None = None
+        # bytes the first request's other checks of nll need on one row where the budget did not fit them (put off)
+        self._forward_deferred: int | None = None
+        self._check_cost = (0, 0, 0)  # (per row, per call, per copy of the parameters) of the forward check's rows
         self._vmap_fallbacks_seen: set[str] = set()  # operations vmap ran unbatched, recorded once (report.info)
         self._forward_mixed_gap: float | None = None  # its gap above rounding, below refusal (reported once)
         self._forward_mixed_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
@@ -2951,6 +2977,12 @@ class MCMCUnlearner:
         live = ParamSpec.flatten_module(self.model)
         tol = FORWARD_CHECK_EPS * torch.finfo(live.dtype).eps
         theta = self._forward_check_sample(live)
+        del live  # (a copy of the parameters: not held through the checks)
+        fit = self._forward_plan(rows, theta)
+        if not fit:  # not one row fits the budget: put off, and the request refused naming a budget that does
+            self._once_check(rows, theta, run=False)  # (the double-backward check's need, named with it)
+            return
+        rows = _head(rows, fit)
         written, moved = self._forward_writes(rows, theta)
         # every rank refuses alike (a rank without removed rows has nothing to see)
         if float(self._reduce_max(torch.tensor([float(bool(written or moved))], dtype=torch.float64))[0]):
@@ -2992,27 +3024,7 @@ class MCMCUnlearner:
                     double_gap, double_failed = -1.0, 1.0
             pattern_gap = row_gap if pattern else 0.0
         if not random_gap:
-            try:
-                with preserved(self.model), torch.enable_grad():
-                    t = theta.clone().requires_grad_(True)
-                    value = self._h_f()(t, *rows)
-                    # structural: a live parameter in the functional evaluation's graph is read outside the call
-                    from .kronecker import _graph_uses
-
-                    live_reads = any(_graph_uses(value, dict(self.model.named_parameters())).values())
-                    (g_f,) = torch.autograd.grad(value, t)
-                    ParamSpec.assign(self.model, theta)  # in place; preserved() puts the live values back exactly
-                    # the same functional evaluation with the module holding theta too: identical operations on
-                    # identical numbers (autocast's casts included), so any gap is the forward reading live parameters
-                    t = theta.clone().requires_grad_(True)
-                    (g_m,) = torch.autograd.grad(self._h_f()(t, *rows), t)
-                g_f, g_m = g_f.double(), g_m.double()
-                if bool(torch.isfinite(g_f).all()) and bool(torch.isfinite(g_m).all()):
-                    gap = float((g_f - g_m).norm())
-                    if live_reads or gap > tol * (float(g_m.norm()) + float(g_f.norm())):
-                        grad_gap = max(gap / max(float(g_m.norm()), 1e-300), float(live_reads))
-            except Exception:  # not differentiable here: the request says so with its own message
-                pass
+            grad_gap = self._grad_gap(rows, theta, tol)
         # one Hessian-vector product by double backward: an operation torch differentiates once but not twice
         # (F.ctc_loss) died inside the request after seconds of work with torch's raw error (stop 57's probe); on as
         # many of the rows as the memory budget fits (every rank plans alike), put off where not one row fits
@@ -3055,6 +3067,39 @@ class MCMCUnlearner:
                 "through the module's attributes; nothing was changed"
             )
         self._forward_checked = True
+
+    def _grad_gap(self, rows: Batch, theta: torch.Tensor, tol: float) -> float:
+        """:meth:`_check_forward`'s gradient test: the gradient of ``nll`` on ``rows`` at ``theta`` through the
+        functional path, with the module holding its live parameters and then ``theta`` too, relative to its size
+        (0 where they agree to ``tol``, or where ``nll`` cannot be differentiated here: the request reports that);
+        1.0 at least where a live parameter is in the evaluation's graph. One clone of the sample (differentiated
+        twice), each graph freed before the next, and the two gradients compared in float64 chunk by chunk:
+        :data:`_FORWARD_D_COPIES` plans it (11.7 copies of the parameters before, the gradients' float64 copies, their
+        difference and a second clone held at once; stop 59)."""
+        from .kronecker import _graph_uses, preserved
+
+        try:
+            with preserved(self.model), torch.enable_grad():
+                t = theta.clone().requires_grad_(True)
+                value = self._h_f()(t, *rows)
+                # structural: a live parameter in the functional evaluation's graph is read outside the call
+                live_reads = any(_graph_uses(value, dict(self.model.named_parameters())).values())
+                (g_f,) = torch.autograd.grad(value, t)
+                del value
+                ParamSpec.assign(self.model, theta)  # in place; preserved() puts the live values back exactly
+                # the same functional evaluation with the module holding theta too: identical operations on
+                # identical numbers (autocast's casts included), so any gap is the forward reading live parameters
+                (g_m,) = torch.autograd.grad(self._h_f()(t, *rows), t)
+                del t
+        except Exception:  # not differentiable here: the request says so with its own message
+            return 0.0
+        norms = _norms64(g_f, g_m)
+        if norms is None:  # not finite: the request reports that
+            return 0.0
+        n_f, n_m, gap = norms
+        if live_reads or gap > tol * (n_m + n_f):
+            return max(gap / max(n_m, 1e-300), float(live_reads))
+        return 0.0
 
     def _row_verdict(
         self,
@@ -3162,18 +3207,13 @@ class MCMCUnlearner:
         ):
             self._once_differentiable_op = once_only or "on another rank"
 
-    def _once_plan(self, rows: Batch, theta: torch.Tensor) -> int:
-        """How many of ``rows`` (the first ones) :meth:`_once_differentiable`'s product takes within the memory
-        budget: ``_ONCE_D_COPIES`` copies of the parameters beside ``_HVP_PRODUCT_FACTOR`` times what the rows'
-        backward pass saves besides the parameters (measured here on one and two rows, the largest over the ranks;
-        :func:`~mcmc_unlearner.memory.row_and_call_bytes` with ``skip_parameters``), recorded as
-        ``info["memory"]["planned"]["second_derivative_check"]``; 0 where not even one row fits (its bytes on one
-        row kept in ``_once_deferred``, else ``None``). The product on a 52.7M-parameter MLP took 1,414 MiB (7.0
-        copies of the parameters) beside the request's 1,610 MiB before it was planned (stop 58)."""
-        from .kronecker import field_rows, preserved
+    def _check_rows_cost(self, rows: Batch, theta: torch.Tensor) -> tuple[int, int]:
+        """``(per row, per call)``: what a backward pass of ``nll`` on ``rows`` at ``theta`` saves besides the
+        parameters (:func:`~mcmc_unlearner.memory.row_and_call_bytes` with ``skip_parameters``, measured on one and two
+        rows), the largest over the ranks; 64 times the rows' inputs where ``nll`` fails here (the request reports
+        that)."""
+        from .kronecker import preserved
 
-        total = field_rows(rows)
-        d_bytes = self.spec.dim * theta.element_size()
         try:
             with preserved(self.model):  # a training-mode forward's buffer writes (a call counter) put back
                 per_row, per_call = row_and_call_bytes(self._h_f(), theta, rows, skip_parameters=True)
@@ -3183,6 +3223,47 @@ class MCMCUnlearner:
         per_row, per_call = (
             int(v) for v in self._reduce_max(torch.tensor([float(per_row), float(per_call)], dtype=torch.float64))
         )
+        return per_row, per_call
+
+    def _forward_plan(self, rows: Batch, theta: torch.Tensor) -> int:
+        """How many of ``rows`` (the first ones) :meth:`_check_forward`'s tests take within the memory budget:
+        ``_FORWARD_D_COPIES`` copies of the parameters beside ``GRAD_SAVED_FACTOR`` times what the rows' backward
+        pass saves (:meth:`_check_rows_cost`), recorded as ``info["memory"]["planned"]["forward_check"]`` (the
+        mixed-rows test's remaining rows are fitted within it: :meth:`_mixed_plan`). 0 where not even one row fits:
+        the checks are put off (their bytes on one row in ``_forward_deferred``), and the request is refused naming a
+        budget that covers them (:meth:`_propose`). Unplanned, they took 10.7 copies of a 1.1M-parameter MLP's
+        parameters (48 MB under a 24 MB budget) before stop 59 cut them to 4.8."""
+        from .kronecker import field_rows
+
+        total = field_rows(rows)
+        d_bytes = self.spec.dim * theta.element_size()
+        # on a clone: a forward that writes into its parameters (refused by the test after this) would write into
+        # the stored sample
+        per_row, per_call = self._check_rows_cost(rows, theta.clone())
+        self._check_cost = (per_row, per_call, d_bytes)  # (the mixed-rows test's plan: _mixed_plan)
+
+        def need(r: int) -> int:
+            return _FORWARD_D_COPIES * d_bytes + GRAD_SAVED_FACTOR * (r * per_row + per_call)
+
+        fit = max((r for r in range(1, max(total, 1) + 1) if need(r) <= self.memory_budget), default=0)
+        self._forward_deferred = None if fit else need(1)
+        if fit:
+            self._plan("forward_check", need(fit))
+        return fit
+
+    def _once_plan(self, rows: Batch, theta: torch.Tensor) -> int:
+        """How many of ``rows`` (the first ones) :meth:`_once_differentiable`'s product takes within the memory
+        budget: ``_ONCE_D_COPIES`` copies of the parameters beside ``_HVP_PRODUCT_FACTOR`` times what the rows'
+        backward pass saves besides the parameters (measured here on one and two rows, the largest over the ranks;
+        :func:`~mcmc_unlearner.memory.row_and_call_bytes` with ``skip_parameters``), recorded as
+        ``info["memory"]["planned"]["second_derivative_check"]``; 0 where not even one row fits (its bytes on one
+        row kept in ``_once_deferred``, else ``None``). The product on a 52.7M-parameter MLP took 1,414 MiB (7.0
+        copies of the parameters) beside the request's 1,610 MiB before it was planned (stop 58)."""
+        from .kronecker import field_rows
+
+        total = field_rows(rows)
+        d_bytes = self.spec.dim * theta.element_size()
+        per_row, per_call = self._check_rows_cost(rows, theta)
 
         def need(r: int) -> int:
             return _ONCE_D_COPIES * d_bytes + _HVP_PRODUCT_FACTOR * (r * per_row + per_call)
@@ -3381,7 +3462,7 @@ class MCMCUnlearner:
         among themselves leave out only a dependence that neither group shows on its own (a remaining minibatch of
         one class under a triplet loss). The mixed test runs again on the next request
         (``report.info["forward_mixed_check"]`` says it did not run, and what was compared instead)."""
-        if self._mixed_checked:
+        if self._mixed_checked or self._forward_deferred is not None:  # (put off with the forward check)
             return
         from .kronecker import _head, field_rows
 
@@ -3389,11 +3470,12 @@ class MCMCUnlearner:
         tol = FORWARD_CHECK_EPS * torch.finfo(next(iter(ParamSpec.params(self.model))).dtype).eps
         mixed = own = (0.0, 0.0, -1.0, 0.0, None)
         mixable = own_rows = 0.0
-        if stash is not None and _mixed_batch(stash[1], remaining, MIXED_CHECK_ROWS) is not None:
+        company = MIXED_CHECK_ROWS if stash is None else self._mixed_plan(field_rows(stash[1]))
+        if stash is not None and _mixed_batch(stash[1], remaining, company) is not None:
             mixable = 1.0
-            mixed = self._rows_test(stash[1], stash[0], tol, company=remaining)
+            mixed = self._rows_test(stash[1], stash[0], tol, company=_head(tuple(remaining), company))
         elif stash is not None and self._remaining_rows_checked is None:
-            rows = _head(tuple(remaining), MIXED_CHECK_ROWS)
+            rows = _head(tuple(remaining), max(company, 2))
             if field_rows(rows) >= 2:  # (one row has no other row to read)
                 own_rows = float(field_rows(rows))
                 own = self._rows_test(rows, stash[0], tol)
@@ -3425,6 +3507,18 @@ class MCMCUnlearner:
             return
         # passed (a refusal above leaves the test to run again: a request sent again is refused again)
         self._mixed_checked, self._row_alone = True, None
+
+    def _mixed_plan(self, k: int) -> int:
+        """Remaining rows the mixed-rows test (:meth:`_check_mixed_rows`) evaluates beside the ``k`` removed ones:
+        ``MIXED_CHECK_ROWS``, or as many as fit the memory budget beside two copies of the parameters (the check's
+        saved copy of the model, the sample's clone), each row at what its backward pass saves
+        (:meth:`_forward_plan`'s measurement; a forward pass without gradients holds less), at least one: within
+        :meth:`_forward_plan`'s plan, as which it is recorded (``info["memory"]["planned"]["forward_check"]``)."""
+        per_row, per_call, d_bytes = self._check_cost
+        room = self.memory_budget - 2 * d_bytes - per_call
+        company = int(max(1, min(MIXED_CHECK_ROWS, room // max(per_row, 1) - k)))
+        self._plan("forward_check", 2 * d_bytes + (k + company) * per_row + per_call)
+        return company
 
     def _rows_test(
         self, rows: Batch, theta: torch.Tensor, tol: float, company: Batch | None = None
@@ -3591,7 +3685,20 @@ class MCMCUnlearner:
         :func:`loop_over_draws` for ``"auto"``)."""
         return self.backend == "func" or (self.backend == "auto" and not loop_over_draws(self.model, dim, check))
 
-    def _check_plan(self, thetas: torch.Tensor, rows: int) -> dict[str, int | None]:
+    def _check_draws(self, index: torch.Tensor, screened: bool) -> tuple[torch.Tensor | _BankRows, int]:
+        """The safety check's draws ``bank[index]`` and the bytes of the copies they hold (planned by
+        :meth:`_check_plan`): the bank itself where they are every sample, else a copy; and the screen's copy of half
+        of them. Read in place instead (:class:`_BankRows`, a chunk of draws copied at a time within the check's
+        plan) where those copies would take over ``1/FURTHER_COPY_SHARE`` of the budget: 8 draws of a
+        1.1M-parameter MLP are 36 MB (stop 59)."""
+        S, k = int(self.bank.shape[0]), int(index.numel())
+        row = self.spec.dim * self.bank.element_size()
+        held = (0 if k == S else k * row) + (math.ceil(k / 2) * row if screened else 0)
+        if held <= self.memory_budget // FURTHER_COPY_SHARE:
+            return (self.bank if k == S else self.bank[index]), held
+        return _BankRows(self.bank, index), 0
+
+    def _check_plan(self, thetas: torch.Tensor | _BankRows, rows: int, held: int = 0) -> dict[str, int | None]:
         """``chunk`` (draws per pass) and ``row_chunk`` (rows per pass; ``None``: all, and the draws' gradients
         formed at once) of the safety check within the budget.
 
@@ -3599,15 +3706,18 @@ class MCMCUnlearner:
         check's gradient also holds ``CHECK_D_COPIES`` copies of every draw's gradient (the moved draws, their
         gradients, the prior's). When that does not fit, the gradients are summed chunk by chunk and the rows are
         split until one draw fits beside its ``D`` numbers (an 85k-parameter MLP's 8 check draws took 8.7 MB
-        under an 8 MB budget, a 10k-parameter CNN's 256 rows 18 MB)."""
+        under an 8 MB budget, a 10k-parameter CNN's 256 rows 18 MB). ``held``: bytes of copies of the draws the
+        check holds meanwhile (:meth:`_check_draws`); draws read in place (:class:`_BankRows`) are copied a chunk at
+        a time, one more copy of every draw where the gradients are formed at once."""
         K, D = thetas.shape
         d_bytes = D * thetas.element_size()
         per_draw = _HVP_MEMORY_FACTOR * self._call_cost(rows)
-        chunk = chunk_for(self.memory_budget, per_draw, K)
-        if CHECK_D_COPIES * K * d_bytes + chunk * per_draw <= self.memory_budget:
-            self._plan("check", CHECK_D_COPIES * K * d_bytes + chunk * per_draw)
+        chunk = chunk_for(self.memory_budget, per_draw, K, held)
+        copies = CHECK_D_COPIES + (0 if isinstance(thetas, torch.Tensor) else 1)
+        if held + copies * K * d_bytes + chunk * per_draw <= self.memory_budget:
+            self._plan("check", held + copies * K * d_bytes + chunk * per_draw)
             return {"chunk": chunk, "row_chunk": None}  # as always: every row at once
-        reserve = CHECK_D_COPIES * d_bytes  # x, the summed data and prior gradients, G
+        reserve = held + CHECK_D_COPIES * d_bytes  # x, the summed data and prior gradients, G
         room = self.memory_budget - reserve - CHECK_D_COPIES * d_bytes
         step = rows
         if per_draw > room:
@@ -3625,8 +3735,8 @@ class MCMCUnlearner:
         """``report.info["memory"]``: the budget, the bytes each planning path of the request planned at most
         (``planned``, keyed by path: ``gradients``, ``check``, ``hessian_products``, ``dense_hessian``,
         ``dense_matrices``, ``ggn_jacobians``, ``kfac_build``, ``kfac_probes``, ``sample_shift``,
-        ``emptied_label_resample``, ``unread_embedding_rows``, ``second_derivative_check``), their largest
-        (``planned_peak``) and what is held outside the plans (``not_planned``, with this request's bytes per
+        ``emptied_label_resample``, ``unread_embedding_rows``, ``second_derivative_check``, ``forward_check``), their
+        largest (``planned_peak``) and what is held outside the plans (``not_planned``, with this request's bytes per
         ``[S, D]`` copy)."""
         S = 0 if self.bank is None else int(self.bank.shape[0])
         D = int(self.spec.dim)
@@ -3638,9 +3748,10 @@ class MCMCUnlearner:
             "planned_peak": max(self._planned.values(), default=0),
             "not_planned": (
                 f"beside the bank itself, the shifted bank (the request's result), an [S, D] copy of "
-                f"{format_bytes(copy)} here (S = {S}, D = {D:,}, {item} bytes a number), and copies of the check's "
-                "draws (at most S of them) that its screen, further Newton steps and corrections hold besides the "
-                "check's plan (the damping search's trials move the check's draws within it)"
+                f"{format_bytes(copy)} here (S = {S}, D = {D:,}, {item} bytes a number), and the moved copy of the "
+                "check's draws (at most S of them) that further Newton steps (newton_target='equilibrium') and the "
+                "affine shift's spread check hold besides the check's plan (the damping search's trials move the "
+                "check's draws within it)"
             ),
         }
 
@@ -4759,7 +4870,8 @@ class MCMCUnlearner:
             if self._sample_shift_chunk() <= self.bank.shape[0]:
                 shift = (SAMPLE_SHIFT_RESERVE * total + SAMPLE_SHIFT_COPIES) * row
         once = self._once_deferred or 0  # the first request's double-backward check, put off: not one row fitted
-        least = max(floor, product, shift, once)
+        forward = self._forward_deferred or 0  # its other checks of nll, put off likewise
+        least = max(floor, product, shift, once, forward)
         if least > self.memory_budget and self.solver is SolverName.KFAC:
             # refused anyway: K-FAC's own build (KFACBackend.prepare checks it) named too, where it is the larger
             kfac = self._kfac_need(stream, n, batch, floor) or 0
@@ -4786,6 +4898,14 @@ class MCMCUnlearner:
                 f"{self.spec.dim:,} parameters and the row's second derivatives), over the memory budget of "
                 f"{format_bytes(self.memory_budget)}: raise memory_budget to at least {format_bytes(once, up=True)}; "
                 "nothing was changed"
+            )
+        if least > self.memory_budget and forward == least:
+            raise MemoryError(
+                f"the first request's checks of nll (its writes, its rows alone and together, its gradient at a stored "
+                f"sample; taken once, before any work) need at least {format_bytes(forward, up=True)} on one row "
+                f"({_FORWARD_D_COPIES} copies of the {self.spec.dim:,} parameters and the row's derivatives), over the "
+                f"memory budget of {format_bytes(self.memory_budget)}: raise memory_budget to at least "
+                f"{format_bytes(forward, up=True)}; nothing was changed"
             )
         if least > self.memory_budget:
             raise MemoryError(
@@ -4827,7 +4947,10 @@ class MCMCUnlearner:
                 g_thetas = self.bank if g_count is None or g_count >= S else self.bank[g_index]
             c_thetas = _draws(self.bank, self.curvature_draws)
             k_index = _held_out(S, self.curvature_draws, self.check_draws)
-            k_thetas = self.bank if k_index.numel() == S else self.bank[k_index]
+            # read (or copied) where the check is built: a copy here was held through the gradients and the
+            # curvature outside their plans (8 draws of a 1.1M-parameter MLP, 36 MB: a request's peak 135 MB
+            # under a 100 MB budget; stop 59)
+            k_thetas = None
             more_draws = _further_draws(S, self.curvature_draws, k_index, k_index.numel())
         # chain mode: consecutive states, whose half-difference understates G's error (chain_error_factor)
         lags = torch.zeros(4, dtype=torch.float64) if expectation is Expectation.CHAIN else None
@@ -4884,10 +5007,11 @@ class MCMCUnlearner:
             info["forward_mixed_gap_float64"], self._forward_mixed_gap_float64 = self._forward_mixed_gap_float64, None
         if expectation is not Expectation.CHAIN and c_thetas.shape[0] < self.curvature_draws:
             self._note_curvature_cap(int(c_thetas.shape[0]), info)
-        if expectation is not Expectation.CHAIN and k_thetas.shape[0] < self.check_draws:
+        k_count = int(k_index.numel()) if k_thetas is None else int(k_thetas.shape[0])
+        if expectation is not Expectation.CHAIN and k_count < self.check_draws:
             # the default 8 capped silently at a smaller bank (recorded); a number asked for by name warned
             self._note_cap(
-                "check_draws", self.check_draws, int(k_thetas.shape[0]), self.check_draws != CHECK_DRAWS, info,
+                "check_draws", self.check_draws, k_count, self.check_draws != CHECK_DRAWS, info,
                 "the safety check measures every step at all {used}",
             )  # fmt: skip
         if (
@@ -4939,7 +5063,10 @@ class MCMCUnlearner:
             min(self.check_rows, max(4 * n, 256)),
             -(-self.check_rows // 4),  # exact for any int
         )
-        screen = (math.ceil(k_thetas.shape[0] / 2), screen_rows) if screened else None
+        screen = (math.ceil(k_count / 2), screen_rows) if screened else None
+        held = 0  # bytes of the check draws' copies (the draws, the screen's): planned with the check
+        if k_thetas is None:
+            k_thetas, held = self._check_draws(k_index, screen is not None)
         m_rows = int(check_rows[0].shape[0])
         if self._fitted and info.get("preconditioner_reused"):
             other = self._fit_data_differs(check_rows)
@@ -4959,7 +5086,7 @@ class MCMCUnlearner:
         if not self._order_checked and self._layout is not None and self._layout.kind in ("flat", "flat_list"):
             self._order_checked = True
             _warn_if_bank_fits_worse(
-                rows_f, live, k_thetas, check_rows, self.spec, self._check_plan(k_thetas, m_rows)["row_chunk"]
+                rows_f, live, k_thetas, check_rows, self.spec, self._check_plan(k_thetas, m_rows, held)["row_chunk"]
             )
         check = EnergyCheck(
             rows_f,
@@ -4974,7 +5101,7 @@ class MCMCUnlearner:
             # draws batched per forward pass and forward-mode derivative (and the rows split, and the draws'
             # gradients summed, when a tight budget needs it): within the memory budget
             linear=check_linear_rule(self.model, G.numel()),
-            **self._check_plan(k_thetas, m_rows),
+            **self._check_plan(k_thetas, m_rows, held),
         )
         info["check_linear"] = check.linear
         # a passed step whose held rows' NLL rise is not clearly within the tolerance is measured again on further
@@ -5957,11 +6084,12 @@ class MCMCUnlearner:
         mu = ref.mean(0)
         refused = None
         if check is not None and self.bank is not None:
-            delta = check.thetas - mu
+            k_thetas = _as_tensor(check.thetas)
+            delta = k_thetas - mu
             Tdelta = delta @ T.T
             refused = self._spread_refused(
-                check, mu + x + Tdelta, check.thetas + x, (delta, Tdelta), info, "Gaussian", before,
-                check.thetas if paired else None,
+                check, mu + x + Tdelta, k_thetas + x, (delta, Tdelta), info, "Gaussian", before,
+                k_thetas if paired else None,
             )  # fmt: skip
         if refused is not None:
             info["bank_shift_fallback"] = f"mean shift: {refused}"
@@ -6223,7 +6351,7 @@ class MCMCUnlearner:
                 stop = f"converged: the target gradient {float(r.norm()):.3g} <= 1e-3·‖G‖ = {target:.3g}"
                 break
             if equilibrium:  # the energy change from the shifted bank, with its measured gradient as control variate
-                here = check.at(check.thetas + x, -r)
+                here = check.at(_as_tensor(check.thetas) + x, -r)
                 step = self.control.step(self.curvature, -r, here)
             else:
 
@@ -6466,7 +6594,9 @@ class MCMCUnlearner:
             info["recenter_seconds"] = time.perf_counter() - t0
             log.info("correction %s (%.1f s)", info["recenter"], info["recenter_seconds"])
             return live, bank, carry, anchor
-        thetas = bank[_held_out(bank.shape[0], self.curvature_draws, self.check_draws)]  # not the curvature's
+        # not the curvature's; read in place where their copy would take over a quarter of the budget (stop 59)
+        held_out = _held_out(bank.shape[0], self.curvature_draws, self.check_draws)
+        thetas = _further_samples(bank, held_out, self.memory_budget)
         here = check.at(thetas, -d)
         control = DampingControl(
             self.damping,
