@@ -167,6 +167,7 @@ def test_request_sequence_times_the_epoch_between_the_requests(tmp_path, monkeyp
 
     def epoch(*a, **k):
         calls.append("epoch")
+        clock.now += 100.0  # an epoch takes time too: not the request's
         return next(epochs)
 
     x, y = torch.zeros(10, 2), torch.zeros(10, dtype=torch.long)
@@ -203,6 +204,7 @@ def test_request_sequence_times_the_epoch_between_the_requests(tmp_path, monkeyp
     saved = json.loads(out.read_text())
     # request 0 over the epochs before and after it (2 and 4 s), request 1 over 4 and 6 s
     assert [r["epochs"] for r in saved["requests"]] == [pytest.approx(1.0 / 3.0), pytest.approx(3.0 / 5.0)]
+    assert [r["wall_seconds"] for r in saved["requests"]] == [1.0, 3.0]  # (was 101 and 103: the epoch after it)
     meta = saved["meta"]
     assert meta["epoch_cpu_seconds"] == 5.0 and meta["epoch_wall_seconds"] == 50.0  # the median after the first
     assert meta["epoch_cpu_seconds_runs"] == [2.0, 4.0, 6.0] and meta["epoch"]["first"] == 2.0
