@@ -106,3 +106,23 @@ def test_a_kept_dense_build_is_weighed_once(tmp_path: Path) -> None:
     assert _manifest(path)["unlearner_state"]["dense_weigh_pending"] is False  # was True, merged into every commit
     second = forget(path, [4], request_id="t2")
     assert "dense_cost" not in second.entry["info"]
+
+
+def test_an_override_that_leaves_the_weighing_on_weighs_it(tmp_path: Path) -> None:
+    """An override auto weighs with (``tol``: not one of a solver's own options) takes K-FAC as the library's own
+    ``auto`` with that option does; the switch is the request's, the folder keeps its dense configuration and its
+    weighing pending. Before, the override's unlearner loaded the folder's state with its solver popped, which
+    dropped the pending weighing: the request ran the dense build unweighed."""
+    path, _, _ = _saved(tmp_path, classes=64)
+    lib = load_model(path)
+    own = MCMCUnlearner(lib.model, lib.sampler, bank=lib.unlearner.bank.clone(), tol=1e-5)
+    assert own.forget([3], lib.data, strict=False).solver == "kfac"  # the library's auto with tol given
+    out = forget(path, [3], request_id="t1", overrides={"tol": 1e-5})
+    assert out.entry["solver"] == "kfac" and out.entry["config"]["tol"] == 1e-5  # was ggn
+    man = _manifest(path)
+    assert man["unlearner"]["solver"] == "ggn" and man["unlearner_state"]["dense_weigh_pending"] == {
+        "curvature_draws": True,
+        "refresh_every": True,
+        "recenter_every": True,
+    }
+    assert forget(path, [4], request_id="t2").entry["solver"] == "kfac"

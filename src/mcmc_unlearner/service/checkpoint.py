@@ -338,8 +338,11 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
     un.generator.set_state(base.generator.get_state())
     tensors, meta = base.curvature_state()
     # the override may name another solver on purpose: what carries over (the removal count, the damping, the
-    # carried influence) is loaded as before the state named its solver; a cache the new solver cannot read is reset
-    meta.pop("solver", None)
+    # carried influence) is loaded as before the state named its solver; a cache the new solver cannot read is reset.
+    # Without one the state's solver is the unlearner's, and it is kept: solver='auto''s pending weighing of its dense
+    # build is loaded only with it (popped, the override's request ran the dense solver unweighed)
+    if "solver" in overrides:
+        meta.pop("solver", None)
     try:
         un.load_curvature_state(tensors, meta)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
