@@ -126,3 +126,31 @@ def test_an_override_that_leaves_the_weighing_on_weighs_it(tmp_path: Path) -> No
         "recenter_every": True,
     }
     assert forget(path, [4], request_id="t2").entry["solver"] == "kfac"
+
+
+def test_a_stale_pending_flag_of_a_folder_that_took_requests_is_not_weighed(tmp_path: Path, monkeypatch) -> None:
+    """A folder saved by stop 58's code says ``dense_weigh_pending: true`` forever: its service never weighed the
+    dense build and merged the save's flag into every commit. After requests ran with that build, auto's weighing
+    (before the first build only) is not due: the folder keeps its dense solver, options and cached curvature."""
+    from mcmc_unlearner.service import state
+
+    real = MCMCUnlearner.curvature_state
+
+    def stop58_state(self: MCMCUnlearner) -> tuple[dict, dict]:
+        tensors, meta = real(self)
+        pending = meta.pop("dense_weigh_pending")
+        return tensors, ({**meta, "dense_weigh_pending": True} if pending else meta)
+
+    with monkeypatch.context() as mp:  # stop 58's code: the flag written only while pending, the service unweighed
+        mp.setattr(state, "rebuild_as_auto", lambda *a: a[-1])
+        mp.setattr(MCMCUnlearner, "curvature_state", stop58_state)
+        path, _, _ = _saved(tmp_path, classes=64)
+        for k, ids in enumerate(([3], [4])):
+            assert forget(path, ids, request_id=f"r{k}").entry["solver"] == "ggn"
+    man = _manifest(path)
+    assert man["unlearner_state"]["dense_weigh_pending"] is True and man["unlearner_state"]["grad_draw_round"] > 0
+    out = forget(path, [5], request_id="r2")
+    assert out.entry["solver"] == "ggn" and out.entry["config"]["curvature_draws"] == 16  # was kfac, 8
+    assert out.entry["info"].get("hessian_reused")  # the cached dense curvature (refresh_every 10), not dropped
+    man = _manifest(path)
+    assert man["unlearner"]["solver"] == "ggn" and man["unlearner_state"]["dense_weigh_pending"] is False

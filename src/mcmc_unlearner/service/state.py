@@ -416,7 +416,13 @@ def rebuild_unlearner(
             + ", ".join(f"{k}={ascii(given[k])[:40]} (the unlearner keeps {ascii(now[k])[:40]})" for k in odd[:3])
             + "; it was not written by this library: restore the folder from a backup"
         )
-    un = rebuild_as_auto(model, sampler, tensors.get("bank"), given, ustate.get("dense_weigh_pending"), un)
+    pending = ustate.get("dense_weigh_pending")
+    if pending is True and int(ustate.get("grad_draw_round") or 0) > 0:
+        # stop 58's service wrote True at the save and merged it into every later commit without weighing: requests
+        # have run with the dense build since, and auto weighs only before its first one (weighed now, the folder's
+        # solver and options changed in the middle of its sequence, its cached dense curvature dropped)
+        pending = False
+    un = rebuild_as_auto(model, sampler, tensors.get("bank"), given, pending, un)
     un.generator.set_state(tensors["unlearner/generator"])
     prefix = "unlearner/"
     curv = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k != "unlearner/generator"}
