@@ -475,7 +475,8 @@ class _Part:
             self.lp0 = None if lp is None else torch.stack([lp(t).detach() for t in thetas])
         self.m = int(check.reduce(torch.tensor(float(rows[0].shape[0]), dtype=torch.float64)))
         self.h0: torch.Tensor | None = None  # [K, m], set by the first measurement (:meth:`_start`)
-        # (x, its version, log p(θ_s + x) one draw at a time) of the last remainders, for :meth:`_prior_change`
+        # (x, its version, log p(θ_s + x) per draw, batched or one at a time) of the last remainders, for
+        # :meth:`_prior_change`
         self._lp1: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.scale = self.magnitude = math.nan
 
