@@ -615,7 +615,7 @@ def weigh_dense_build(
         mc_samples: K-FAC's sampled backward passes per row.
         dense_draws: Draws the dense build reads.
         kfac_draws: Draws K-FAC reads.
-        uses: Multiply-adds of a row's gradient over ``6 × dim`` (at least 1; the dense Hessian only).
+        uses: Multiply-adds of a row's backward pass over ``4 × dim`` (at least 1; the dense Hessian only).
 
     Returns:
         The solver to use (``solver`` where the dense build is kept) and why, with the estimates.

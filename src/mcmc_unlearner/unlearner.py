@@ -2564,25 +2564,33 @@ class MCMCUnlearner:
         return outputs, True
 
     def _dense_probe_uses(self, batch: Batch) -> float:
-        """How many times a row's gradient uses each trainable parameter: the multiply-adds of one gradient of
-        ``nll`` on ``batch``'s first two rows at the bank's first draw (counted by torch's ``FlopCounterMode``:
-        matrix products and convolutions, a deterministic count) per row, over ``6 × dim``, what a plain dense
-        network's gradient costs per row (its forward and backward products; 0.6-0.7 measured on MLPs). A vectorised
-        Hessian column is one product over the row, so it costs this many times a dense layer's: weights applied at
-        every position of a sequence (a 612-parameter language model over 11 tokens, whose head is tied to its
-        embedding: 10.4) or layers the gradient passes through without training them (a frozen backbone). That
-        language model's dense Hessian took 36 s CPU, 8x its whole SGLD chain (stop 59's probe). At least 1."""
+        """How many times a row's gradient uses each trainable parameter: the multiply-adds of the backward pass of
+        one gradient of ``nll`` on ``batch``'s first two rows at the bank's first draw (counted by torch's
+        ``FlopCounterMode``: matrix products and convolutions, a deterministic count: the gradient's less the forward
+        pass's alone) per row, over ``4 × dim``, what a plain dense network's backward costs per row (each layer's
+        weight and input gradients; 0.5-0.6 measured on MLPs). A vectorised Hessian column is one product over the
+        row, so it costs this many times a dense layer's: weights applied at every position of a sequence (a
+        612-parameter language model over 11 tokens, whose head is tied to its embedding: 10.4) or layers the
+        gradient passes through without training them (a frozen layer between trained ones). That language model's
+        dense Hessian took 36 s CPU, 8x its whole SGLD chain (stop 59's probe). A frozen backbone before the trained
+        layers is not counted: its forward does not depend on the parameters, computed once for all the columns (a
+        771-parameter head behind a frozen 32-256-256 backbone: 1.3 s for its dense Hessian, 1.2 s on the
+        backbone's features; its whole gradient counted 32.5 and took K-FAC, stop 59's review). At least 1."""
         from torch.utils.flop_counter import FlopCounterMode
 
         rows = tuple(t[:2] for t in self._raw(batch))
         n = int(rows[0].shape[0]) if rows and rows[0].dim() else 1
         theta = self.bank[0].detach()
+        f = self._h_f()
         try:
             with FlopCounterMode(display=False) as counter:
-                grad(self._h_f())(theta, *rows)
+                grad(f)(theta, *rows)
+            with FlopCounterMode(display=False) as forward:
+                f(theta, *rows)
         except (RuntimeError, NotImplementedError, TypeError):
             return 1.0  # (not counted: the estimate as before)
-        return max(1.0, counter.get_total_flops() / max(n, 1) / (6 * max(self.spec.dim, 1)))
+        backward = max(counter.get_total_flops() - forward.get_total_flops(), 0)
+        return max(1.0, backward / max(n, 1) / (4 * max(self.spec.dim, 1)))
 
     def _switch_from_dense(self, solver: SolverName, why: str, probe: dict[str, bool]) -> None:
         """``solver="auto"``'s switch from the dense solver it took to K-FAC or CG (:meth:`_weigh_dense_build`),
