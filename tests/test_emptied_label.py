@@ -406,3 +406,41 @@ def test_the_label_check_of_a_count_regression_makes_no_forward_beyond_the_likel
     prop = un.propose(removed, (x[~gone], counts[~gone]))
     assert "emptied_labels" not in prop.report.info, prop.report.info.get("emptied_labels")
     assert inside == [probe]  # one check: the probe's forwards and none of its own
+
+
+def test_a_rank_that_read_no_labels_on_its_first_request_reads_a_tuple_outputs_logits() -> None:
+    """Under ``torch.distributed`` a rank whose first request removed no rows takes the other ranks' verdict (a plain
+    cross-entropy) without reading which field of a tuple output holds the logits; the top-class share (stop 59)
+    then took the whole tuple and raised "the model's output is a tuple" on that rank's next class-emptying request.
+    It now reads the field from the rows it checks: the same measurement as a rank that read it on its first."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z = self.lin(x)
+            return z, z.sum(1)
+
+    def nll(m: nn.Module, b: tuple) -> torch.Tensor:
+        return F.cross_entropy(m(b[0])[0], b[1], reduction="none")
+
+    def log_prior(m: nn.Module) -> torch.Tensor:
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    torch.manual_seed(0)
+    model = Two()
+    x, y = torch.randn(80, 3), torch.randint(3, (80,))
+    y[:5] = 3
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    bank = theta + 0.02 * torch.randn(8, theta.numel())
+    infos = []
+    for other_ranks_verdict in (False, True):
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, emptied_label="refuse")
+        if other_ranks_verdict:  # what the all-reduced flags leave on a rank that had no removed rows to read
+            un._plain_categorical = un._categorical = True
+        infos.append(un.propose((x[:5], y[:5]), (x[5:], y[5:])).report.info)
+    assert set(infos[0]["emptied_labels"]) == {"3"}
+    for key in ("emptied_labels", "emptied_labels_top_share"):
+        assert infos[1][key] == infos[0][key]
