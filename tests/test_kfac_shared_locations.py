@@ -234,3 +234,50 @@ def test_an_rnn_with_a_learned_initial_state_still_goes_to_the_diagonal() -> Non
     """A learned ``[1, H]`` state is a shared location that is not zero: per-row factors cannot hold it."""
     _, _, info, _ = _rnn("learned")
     assert info["unbatched_input"] == ["hh"] and "hh" not in info["kronecker"]
+
+
+# ------------------------------------------------------------------------ the extra forwards leave the buffers alone
+class Stateful(nn.Module):
+    """A spectral-normalised layer (its power-iteration vector ``_u``, a buffer, moves at every forward in training
+    mode) and a running statistic the forward updates and uses; every forward with gradients records both buffers
+    as it found and as it left them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.utils.parametrizations.spectral_norm(nn.Linear(5, 8))
+        self.b = nn.Linear(8, 3)
+        self.register_buffer("mu", torch.zeros(8))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _buffers_now(self) -> torch.Tensor:
+        return torch.cat([self.mu, self.a.parametrizations.weight[0]._u]).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        found = self._buffers_now()
+        h = self.a(x)
+        self.mu = 0.5 * self.mu + 0.5 * h.detach().mean(0)
+        out = self.b(torch.tanh(h - self.mu))
+        if torch.is_grad_enabled():
+            self.seen.append((found, self._buffers_now()))
+        return out
+
+
+def test_the_forwards_that_tell_shared_locations_leave_the_buffers_to_the_builds_own() -> None:
+    """The forward on the rows twice over (and reversed) ran between the build's own forwards without gradients, and
+    moved what a forward writes into buffers: spectral_norm's power iteration took one more step and a running
+    statistic one more update, so the build's later draws saw other buffers than its own forwards left (K-FAC
+    ``‖Kv‖`` 89.6113 → 89.6124 with spectral_norm, 53.89 → 51.39 with the statistic; 3 draws, 16 rows). Each of the
+    build's forwards now starts from the buffers the previous one left."""
+    torch.manual_seed(0)
+    model = Stateful().double()
+    x = torch.randn(16, 5, dtype=D64)
+    y = torch.randint(0, 3, (16,))
+    theta = ParamSpec.flatten_module(model).detach()
+    thetas = theta + 0.05 * torch.randn(3, theta.numel(), dtype=D64)
+    nll = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        KroneckerCurvature.build(model, thetas, [(x, y)], 100, nll=nll, likelihood="categorical", mc_samples=2)
+    assert len(model.seen) >= 3  # one forward per draw at least
+    for (_, left), (found, _) in zip(model.seen, model.seen[1:]):
+        assert torch.equal(found, left)

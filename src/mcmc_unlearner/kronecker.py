@@ -248,6 +248,33 @@ def preserved(model: nn.Module) -> Iterator[None]:
                     raise RuntimeError(msg) from body_error
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put ``model``'s buffers back on exit, entries and values, where the block wrote to them (:func:`preserved`'s
+    test: a version counter moved, the bits differ, an entry reassigned). The forwards that tell shared locations
+    (:func:`_shared_codes`) run between the build's own: a buffer they moved was read by the build's later forwards
+    (``spectral_norm``'s power-iteration vectors, a running statistic the forward updates and uses)."""
+    entries = [(m, dict(m._buffers)) for m in model.modules()]
+    saved = [(t, _version(t), t.detach().clone()) for _, bufs in entries for t in bufs.values() if t is not None]
+    try:
+        yield
+    finally:
+        for m, bufs in entries:
+            if list(m._buffers) != list(bufs) or any(m._buffers[k] is not v for k, v in bufs.items()):
+                m._buffers.clear()
+                m._buffers.update(bufs)
+        with torch.no_grad():
+            for t, version, v in saved:
+                if version is None or _version(t) != version or not same_bits(t, v):
+                    fits = t.shape == v.shape and t.dtype == v.dtype and t.device == v.device
+                    if fits and not t.is_inference() and t.layout == torch.strided:
+                        # (through .data: no version bump, the build's graph saved BatchNorm's running statistics,
+                        # which its forward updates without one)
+                        t.data.copy_(v)
+                    else:
+                        _restore(t, v)
+
+
 _MISSING = object()
 
 
@@ -2226,16 +2253,18 @@ class KroneckerCurvature:
                             # calls cover the rows: _unbatched_candidates)
                             # (and a code of as many locations as the rows, a routed expert given one row, a
                             # zero initial state: _shared_codes pairs the calls with those of the rows twice over)
+                            # (the buffers as the build's own forward left them: spectral_norm's vectors)
                             s_at[0] = -1
-                            shared = _shared_codes(
-                                lambda b: nll(model, b) if lik is Likelihood.EMPIRICAL else model(b[0]),
-                                _span(batch, r0, r1) if chunked else batch,
-                                by_module,
-                                by_id,
-                                call_log,
-                                _unbatched_candidates(rows_seen, part["rows"], first_input, on_rows),
-                                first_input,
-                            )
+                            with _buffers_kept(model):
+                                shared = _shared_codes(
+                                    lambda b: nll(model, b) if lik is Likelihood.EMPIRICAL else model(b[0]),
+                                    _span(batch, r0, r1) if chunked else batch,
+                                    by_module,
+                                    by_id,
+                                    call_log,
+                                    _unbatched_candidates(rows_seen, part["rows"], first_input, on_rows),
+                                    first_input,
+                                )
                             s_at[0] = s
                             call_log.clear()
                             unbatched.update(shared)
