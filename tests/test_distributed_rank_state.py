@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import warnings
 
 import torch
 
 from _distributed_helpers import ce_nll, gaussian_log_prior, spawn
+from mcmc_unlearner import distributed
 from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
 from test_distributed_uneven_ranks import _setup
 
@@ -154,4 +156,46 @@ def test_an_nll_failing_on_one_ranks_rows_stops_every_rank_at_once(tmp_path):
     assert r1["error"] == "RuntimeError: nll: a row out of range"
     assert r0["error"].startswith("RankFailedError: rank 1 of the group failed during this request")
     assert abs(r0["at"] - r1["at"]) < 10  # not the 40 s timeout
+    assert r0["kept"] and r1["kept"]
+
+
+def _moving_fails_worker(rank: int, world: int, out: str) -> None:
+    x, y, model, bank = _setup(6)
+    data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=8, seed=4)
+    un = DistributedUnlearner(model, bank=bank, **KW)
+    real, moves = distributed._comm_device, [0]
+
+    def failing(group: object) -> torch.device:
+        """Rank 1's third move of a buffer to the backend's device during the request fails."""
+        if sys._getframe(1).f_code.co_name == "_all_reduce" and distributed._WATCHES:
+            moves[0] += 1
+            if moves[0] == 3:
+                raise MemoryError("moving the buffer to the backend's device failed")
+        return real(group)
+
+    if rank == 1:
+        distributed._comm_device = failing
+    try:
+        un.forget([0, 1, 2, 3], data, strict=False)
+        found = {"error": "accepted"}
+    except Exception as e:  # the message is what is compared
+        found = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        distributed._comm_device = real
+    found["at"] = time.time()
+    found["kept"] = bool(torch.equal(un.bank, bank))
+    with open(f"{out}/move-rank{rank}.json", "w") as f:
+        json.dump(found, f)
+
+
+def test_an_error_moving_a_buffer_before_an_all_reduce_stops_every_rank_at_once(tmp_path):
+    """Rank 1 failed after the failure exchange that precedes an all-reduce and before the all-reduce itself (the
+    move of the buffer to the backend's device: a device out of memory): its failure exchange paired with rank 0's
+    all-reduce, and rank 0 waited until gloo's timeout (15 s in the review's probe). The buffer is now moved before
+    the exchange: rank 0 raises ``RankFailedError`` at once."""
+    spawn(_moving_fails_worker, str(tmp_path), world=2, timeout_s=20)
+    r0, r1 = (json.loads((tmp_path / f"move-rank{r}.json").read_text()) for r in range(2))
+    assert r1["error"] == "MemoryError: moving the buffer to the backend's device failed"
+    assert r0["error"].startswith("RankFailedError: rank 1 of the group failed during this request")
+    assert abs(r0["at"] - r1["at"]) < 10  # not the 20 s timeout
     assert r0["kept"] and r1["kept"]

@@ -169,10 +169,12 @@ def _all_reduce(t: torch.Tensor, group: Group, op: Any = None) -> torch.Tensor:
     if _group_info(group)[1] == 1:
         return t
     watch = _WATCHES[-1] if _WATCHES and _WATCHES[-1].group is group else None
-    if watch is not None:
-        watch.check()
+    # the buffer first: an error between the exchange and the all-reduce (moving t to the backend's device) paired
+    # this rank's failure exchange with the others' all-reduce, and they waited until the timeout
     dev = _comm_device(group)
     buf = t if t.device == dev and t.is_contiguous() else t.to(dev).contiguous()
+    if watch is not None:
+        watch.check()
     try:
         dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=group)
     except BaseException:
