@@ -236,6 +236,28 @@ def test_an_rnn_with_a_learned_initial_state_still_goes_to_the_diagonal() -> Non
     assert info["unbatched_input"] == ["hh"] and "hh" not in info["kronecker"]
 
 
+@pytest.mark.parametrize("zero_first", [True, False])
+def test_a_learned_initial_state_zero_at_one_draw_goes_to_the_diagonal_whatever_the_draw_order(
+    zero_first: bool,
+) -> None:
+    """The zero-input exemption is for a constant zero: a learned state that happens to be zero at the draw the build
+    reads first (a bank whose first sample is the initial ``nn.Parameter(torch.zeros(1, H))``) but not at the others
+    is a shared location all the same (the verdict had depended on which draw came first)."""
+    torch.manual_seed(0)
+    model = RNN("learned").double().eval()
+    theta = ParamSpec.flatten_module(model).detach()
+    thetas = theta.repeat(3, 1)
+    thetas[0, :5], thetas[1:, :5] = 0.0, 0.5  # "start" is the first parameter
+    assert next(iter(dict(model.named_parameters()))) == "start"
+    x, y = torch.randn(16, 4, 3, dtype=D64), torch.randn(16, 2, dtype=D64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        K = KroneckerCurvature.build(
+            model, thetas if zero_first else thetas.flip(0), [(x, y)], 16, nll=_gauss_nll, exact_expectation=True
+        )
+    assert K.info["unbatched_input"] == ["hh"] and "hh" not in K.info["kronecker"]
+
+
 # ------------------------------------------------------------------------ the extra forwards leave the buffers alone
 class Stateful(nn.Module):
     """A spectral-normalised layer (its power-iteration vector ``_u``, a buffer, moves at every forward in training

@@ -1640,7 +1640,7 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
             if pname is not None
         ):  # (a call with other tensors, torch.func.functional_call inside forward, is not the block's)
             ncalls[blk.name] += 1
-            log.setdefault(blk.name, []).append(args[0].detach())  # (for _shared_codes)
+            log.setdefault(blk.name, []).append(_logged(args[0]))  # (for _shared_codes)
 
     handle = _first_forward_hook(by_module, hook)
     try:
@@ -1755,16 +1755,17 @@ def _shared_codes(
     not per row, whatever their count; a per-row input, a ``[T, B, d]`` sequence or a routed subset of the rows,
     down to a single row, doubles) is a candidate, and a candidate whose input is the same once more with the rows
     reversed is a shared location (:func:`_fixed_inputs`' test: a fixed slice ``x[:4]`` moves). A shared input that
-    is exactly zero (an RNN's ``h0 = torch.zeros(1, H)``) contributes to the weight's curvature nothing and to the
-    bias's one location: it does not count, and its layer stays factored. Layers whose calls do not pair (a loop over
-    the rows calls them once per row) and every layer where the doubled forward fails (a model written for a fixed
-    batch size) keep the count-based verdict on ``old`` (:func:`_unbatched_candidates`, :func:`_fixed_inputs`)."""
+    is a constant exactly zero (an RNN's ``h0 = torch.zeros(1, H)``) contributes to the weight's curvature nothing
+    and to the bias's one location: it does not count, and its layer stays factored (:func:`_counts_as_shared`).
+    Layers whose calls do not pair (a loop over the rows calls them once per row) and every layer where the doubled
+    forward fails (a model written for a fixed batch size) keep the count-based verdict on ``old``
+    (:func:`_unbatched_candidates`, :func:`_fixed_inputs`)."""
     k = field_rows(batch)
     at = torch.arange(k, device=batch[0].device)
 
     def by_count(names: set[str]) -> dict[str, tuple[int, ...]]:
         shared = _fixed_inputs(forward, batch, by_module, names, first) if names else set()
-        return {n: tuple(first[n].shape) for n in sorted(shared) if bool(first[n].any())}
+        return {n: tuple(first[n].shape) for n in sorted(shared) if _counts_as_shared(first[n])}
 
     try:
         doubled = _call_inputs(forward, _rows_at(batch, torch.cat([at, at])), by_module, by_id, {})
@@ -1792,10 +1793,25 @@ def _shared_codes(
             for i in same:
                 x = log[name][i]
                 y = again[i][1] if len(again) == len(log[name]) else x
-                if y is not None and y.shape == x.shape and torch.equal(y, x.detach()) and bool(x.any()):
+                if y is not None and y.shape == x.shape and torch.equal(y, x.detach()) and _counts_as_shared(x):
                     out[name] = tuple(x.shape)
                     break
     return out
+
+
+def _logged(x: Tensor) -> Tensor:
+    """A layer call's input as :func:`_shared_codes` reads it: detached (no graph kept), with whether it required
+    grad (computed from parameters) kept as its flag."""
+    return x.detach().requires_grad_(x.requires_grad) if x.is_floating_point() or x.is_complex() else x.detach()
+
+
+def _counts_as_shared(x: Tensor) -> bool:
+    """Whether a shared input ``x`` found by :func:`_shared_codes` sends its layer to the diagonal: all but a constant
+    zero (an input that does not require grad and is exactly zero). A learned state (computed from parameters) counts
+    even where it is zero at the draw the build reads it on: its other draws need not be (a bank whose first sample
+    is the initial ``nn.Parameter(torch.zeros(1, H))`` had kept the layer factored, with the later draws' nonzero
+    state mixed into its per-row factors)."""
+    return bool(x.requires_grad) or bool(x.any())
 
 
 def _unbatched_candidates(
@@ -2110,7 +2126,7 @@ class KroneckerCurvature:
                 swapped.add(blk.name)
                 return None
             if s_at[0] == 0 and part.get("r0", 0) == 0:
-                call_log.setdefault(blk.name, []).append(args[0].detach())  # (every call, for _shared_codes)
+                call_log.setdefault(blk.name, []).append(_logged(args[0]))  # (every call, for _shared_codes)
             # the same layer called again on the same input in one evaluation (an nll that calls the model twice,
             # k*(y*exp(-m(x)) + m(x))): one use, not two locations — route it through the first call's output so
             # that the output gradients of both calls are summed before they are squared
