@@ -8,7 +8,9 @@ cannot draw.
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -502,3 +504,99 @@ def test_no_labelled_remaining_row_is_a_reason_not_a_crash(rows: str) -> None:
     x = x[: y.shape[0]]
     said = resample_label_rows(model, spec, lp_f, pair, (x, y), [2], torch.Generator().manual_seed(0))
     assert isinstance(said, str) and "no remaining row has a label" in said, said
+
+
+def _reference_draw(
+    cond: Any, v0: torch.Tensor, steps: int, gens: list, eps: torch.Tensor, warm: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw as it was until stop 59, one sample at a time: Newton with the float64 curvature, then MALA with the
+    proposal densities written out (``C = H⁻¹``, five ``d × d`` products a step)."""
+    from mcmc_unlearner.emptied import _Conditional
+
+    out, accs = [], []
+    for j in range(v0.shape[0]):
+        at = torch.tensor([j])
+        one = _Conditional.__new__(_Conditional)
+        one.phi, one.rest, one.fixed = cond.phi[at], cond.rest[at], cond.fixed[at]
+        one.prior = lambda v, at=at: tuple(x[at] for x in cond.prior(v.expand(cond.phi.shape[0], -1).clone()))
+        v = v0[at].clone()
+        u, g, p = one(v)
+        for _ in range(50):
+            H = torch.bmm(one.phi * (p * (1 - p)).unsqueeze(1), one.phi.mT) + torch.diag_embed(cond.prior.P[at])
+            step = torch.linalg.solve(H, g)
+            for _ in range(30):
+                u_new, g_new, p_new = one(v - step)
+                if bool(u_new <= u):
+                    break
+                step = 0.5 * step
+            else:
+                break
+            v, u, g, p = v - step, u_new, g_new, p_new
+            if float(step.norm()) <= 1e-8 * max(float(v.norm()), 1.0):
+                break
+        H = (torch.bmm(one.phi * (p * (1 - p)).unsqueeze(1), one.phi.mT) + torch.diag_embed(cond.prior.P[at]))[0]
+        L = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)))
+        noise = torch.randn(steps, v.shape[1], generator=gens[j], dtype=torch.float64)
+        uniform = torch.rand(steps, generator=gens[j], dtype=torch.float64)
+        e, acc = float(eps[j]), 0
+
+        def log_q(
+            to: torch.Tensor, frm: torch.Tensor, g_frm: torch.Tensor, e: float, L: torch.Tensor = L, H: torch.Tensor = H
+        ) -> float:
+            r = to - frm + 0.5 * e**2 * (L @ (L.T @ g_frm[0]))
+            return -0.5 * float(r @ H @ r.T) / e**2
+
+        for t in range(steps):
+            prop = v - 0.5 * e**2 * (L @ (L.T @ g[0])) + e * (L @ noise[t])
+            u_p, g_p, _ = one(prop)
+            log_a = -float(u_p - u) + log_q(v, prop, g_p, e) - log_q(prop, v, g, e)
+            ok = math.isfinite(log_a) and math.log(float(uniform[t]) + 1e-300) < log_a
+            if ok:
+                v, u, g = prop, u_p, g_p
+            if t >= warm:
+                acc += ok
+            else:
+                e *= float(torch.tensor(1.1 if ok else 0.87))  # (torch.where(ok, 1.1, 0.87): float32 factors)
+        out.append(v[0])
+        accs.append(acc / max(steps - warm, 1))
+    return torch.stack(out), torch.tensor(accs, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("features", ["unit", "wide"])
+def test_the_fast_draw_is_the_reference_draw(features: str) -> None:
+    """The draw's Newton steps take their curvature in float32 and its chain the proposal densities' log ratio in
+    closed form (two triangular products a step, stop 59: the depthwise CNN's draw 7.5 -> 5.6 CPU s). Its modes and
+    each of 6 samples' draw (40 steps from its mode, several step sizes) are the written-out float64 reference's to
+    1e-6 of the conditional's standard deviation (``|Δ|_H``, ``H`` the curvature at the mode: the reference's Newton
+    stops where ``U`` no longer falls, its modes themselves that far apart), with the same acceptances; features of
+    unit scale and of a wide range (scales 1e-2 to 3, a weak prior: an ill-conditioned curvature)."""
+    from mcmc_unlearner.emptied import _BlockPrior, _ChunkPrior, _Conditional, _draw, _mode
+
+    g = torch.Generator().manual_seed(12)
+    B, d, n, C, c = 6, 24, 400, 5, 4
+    scale = torch.ones(d) if features == "unit" else torch.logspace(-2, math.log10(3), d)
+    phi = torch.randn(B, d, n, generator=g, dtype=torch.float64) * scale[:, None].double()
+    phi[:, -1] = 1.0
+    logits = torch.randn(B, n, C, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, C - 1, (n,), generator=g)
+    prec = 1.0 if features == "unit" else 1e-3
+    lp_f = lambda t: -0.5 * prec * (t**2).sum()  # noqa: E731
+    thetas = torch.randn(B, d, generator=g, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(100 + j) for j in range(B)]
+    cond = _Conditional(_ChunkPrior(_BlockPrior(lp_f, torch.arange(d)), thetas, gens), phi, logits, y, c)
+    assert not cond.prior.exact  # the quadratic prior (the reference reads its P)
+    mode = _mode(cond, thetas)
+    eps = torch.tensor([0.3, 0.5, 0.8, 1.0, 1.2, 0.4], dtype=torch.float64)
+    ref_mode, _ = _reference_draw(cond, thetas, 0, gens, eps, 0)
+    H = cond.hessian(ref_mode, cond(ref_mode)[2], torch.arange(B))
+
+    def apart(a: torch.Tensor, b: torch.Tensor) -> float:  # in the conditional's standard deviations
+        r = (a - b).unsqueeze(2)
+        return float((r.mT @ H @ r).sqrt().max())
+
+    assert apart(mode[0], ref_mode) <= 1e-6
+    ref, ref_acc = _reference_draw(cond, thetas, 40, [torch.Generator().manual_seed(7 + j) for j in range(B)], eps, 8)
+    v, acc, _ = _draw(cond, thetas, 40, [torch.Generator().manual_seed(7 + j) for j in range(B)], eps)
+    assert float(acc.mean()) > 0.05 and apart(v, ref_mode) > 0.1  # the chains moved
+    assert torch.equal(acc, ref_acc.float()), (acc, ref_acc)
+    assert apart(v, ref) <= 1e-6, apart(v, ref)

@@ -14,9 +14,10 @@ label's output directions are damped with every other direction (a user's digits
 requests of 8 kept p = 0.99 on the class's rows; after the draw p = 0.004, the kept classes' test error unchanged).
 
 The draw, per stored sample (and the live chain): quasi-Newton iterations to the conditional's mode (the data term's
-Hessian ``Σ p_ic(1 − p_ic) φ̃_i φ̃_iᵀ`` exactly, the prior's as a measured diagonal; each step halved until ``U``
-falls), then preconditioned MALA (Langevin proposals with the inverse of that Hessian as covariance,
-Metropolis–Hastings corrected) for ``steps`` steps from the mode; its step size is adapted during the first fifth
+Hessian ``Σ p_ic(1 − p_ic) φ̃_i φ̃_iᵀ`` summed in float32, the draw's main cost, then in float64 for the last step, the
+prior's as a measured diagonal; each step halved until ``U`` falls), then preconditioned MALA (Langevin proposals with
+the inverse of that Hessian as covariance, Metropolis–Hastings corrected, the proposal densities' ratio in closed form)
+for ``steps`` steps from the mode; its step size is adapted during the first fifth
 (× 1.1 on an accepted proposal, × 0.87 on a rejected one) and then fixed. Every sample's chain starts at the step
 size a tuning run on the first sample's conditional ended at (``steps`` steps from ``1.4 d^(−1/6)``, every one
 adapting; its draw is dropped): the same row, a similar conditional. (Until stop 58 each sample started where the
@@ -292,25 +293,50 @@ class _Conditional:
         u_prior, g_prior = self.prior(v)
         return (lse - self.fixed).sum(1) + u_prior, torch.bmm(p.unsqueeze(1), self.phi.mT).squeeze(1) + g_prior, p
 
-    def hessian(self, v: torch.Tensor, p: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    def hessian(
+        self, v: torch.Tensor, p: torch.Tensor, which: torch.Tensor, single: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``Σ_i p_sic(1 − p_sic) φ̃_si φ̃_siᵀ`` plus the prior's curvature at the samples ``which`` (``v``, ``p``:
-        theirs; ``[len(which), d, d]``)."""
-        phi = self.phi if len(which) == self.phi.shape[0] else self.phi[which]
-        H = torch.bmm(phi * (p * (1 - p)).unsqueeze(1), phi.mT)
+        theirs; ``[len(which), d, d]``, float64). ``single``: the features in float32 (``[len(which), d, n]``), the
+        data term's sum taken in float32 (a Newton step's curvature only: the mode is where the float64 gradient
+        vanishes whatever the curvature that led there)."""
+        if single is not None:
+            w = (p * (1 - p)).float().unsqueeze(1)
+            H = torch.bmm(single * w, single.mT).double()
+            H = 0.5 * (H + H.mT)
+        else:
+            phi = self.phi if len(which) == self.phi.shape[0] else self.phi[which]
+            H = torch.bmm(phi * (p * (1 - p)).unsqueeze(1), phi.mT)
         return H + torch.diag_embed(self.prior.curvature(v, which))
 
 
-def _mode(cond: _Conditional, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mode(
+    cond: _Conditional, v0: torch.Tensor, single: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Newton to each sample's mode from ``v0`` (``[B, d]``): the steps of all samples solved at once, each halved
     until its own ``U`` falls (30 halvings at most; a sample that cannot fall, or whose step is below ``1e-8`` of
-    its row, stops there); 50 steps at most. Returns the modes and ``U``, ``∇U``, ``p`` there."""
+    its row, stops there); 50 steps at most. Returns the modes and ``U``, ``∇U``, ``p`` there.
+
+    The steps' curvature sums the data term in float32 (the draw's main cost, the ``d × d`` sum over the rows, in
+    less than half the time; ``U`` and ``∇U``, hence the mode, stay float64) until a sample's step is small or cannot
+    make ``U`` fall; it then goes on with the float64 curvature, and only a float64 step stops it (the mode to
+    Newton's accuracy, as with float64 steps throughout; ``single=False``: those throughout)."""
     v = v0.clone()
     u, g, p = cond(v)
-    active = torch.ones(v.shape[0], dtype=torch.bool)
+    B = v.shape[0]
+    active = torch.ones(B, dtype=torch.bool)
+    exact = torch.full((B,), not single)  # the samples on the float64 curvature
+    # (with its weighted copy: the float64 one's memory, which the plan counts)
+    phi32 = cond.phi.float() if single else cond.phi
     for _ in range(50):
         step = torch.zeros_like(v)  # the Hessian and solve of the samples still moving only
-        act = torch.nonzero(active).squeeze(1)
-        step[act] = torch.linalg.solve(cond.hessian(v[act], p[act], act), g[act])
+        fast = torch.nonzero(active & ~exact).squeeze(1)
+        if len(fast):
+            H = cond.hessian(v[fast], p[fast], fast, phi32 if len(fast) == B else phi32[fast])
+            step[fast] = torch.linalg.solve(H, g[fast])
+        for j in torch.nonzero(active & exact).squeeze(1).tolist():  # one at a time: one float64 weighted copy
+            at = torch.tensor([j])
+            step[j] = torch.linalg.solve(cond.hessian(v[at], p[at], at)[0], g[j])
         pending = active.clone()
         for _ in range(30):
             u_new, g_new, p_new = cond(v - step)
@@ -322,13 +348,17 @@ def _mode(cond: _Conditional, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
                     torch.where(ok[:, None], g_new, g),
                     torch.where(ok[:, None], p_new, p),
                 )
-                small = step.norm(dim=1) <= 1e-8 * v.norm(dim=1).clamp_min(1.0)
-                active &= ~(ok & small)
+                small = ok & (step.norm(dim=1) <= 1e-8 * v.norm(dim=1).clamp_min(1.0))
+                active &= ~(small & exact)
+                exact |= small  # a float32 curvature's small step is followed by a float64 one: Newton's accuracy
                 pending &= ~ok
             if not bool(pending.any()):
                 break
             step = torch.where(pending[:, None], 0.5 * step, step)
-        active &= ~pending  # U did not fall in 30 halvings: that sample's mode is where it is
+        # U did not fall in 30 halvings: a float32 curvature's sample tries again with float64's; a float64 one's
+        # mode is where it is
+        active &= ~(pending & exact)
+        exact |= pending
         if not bool(active.any()):
             break
     return v, u, g, p
@@ -355,23 +385,23 @@ def _draw(
     eps = eps.clone()
     accepted, warm = torch.zeros(B), steps // 5 if warm is None else warm
 
-    def C(w: torch.Tensor) -> torch.Tensor:
-        return (L @ (L.mT @ w.unsqueeze(2))).squeeze(2)
+    def Lt(w: torch.Tensor) -> torch.Tensor:
+        return (L.mT @ w.unsqueeze(2)).squeeze(2)
 
-    def log_q(to: torch.Tensor, frm: torch.Tensor, Cg_frm: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        r = to - frm + 0.5 * e**2 * Cg_frm
-        return -0.5 * (r * (H @ r.unsqueeze(2)).squeeze(2)).sum(1) / e[:, 0] ** 2
-
-    Cg = C(g)
+    # With C = H⁻¹ = LLᵀ and a = Lᵀ∇U: the proposal v − ½ε²C∇U(v) + εLξ is v + εL(ξ − ½εa), and the proposal
+    # densities' log ratio, −½|r_b|²_H/ε² + ½|r_f|²_H/ε² (r_f = εLξ forward, r_b = −εLξ + ½ε²L(a + a′) back), is
+    # ½εξᵀ(a + a′) − ⅛ε²|a + a′|²: two triangular products a step (L·, Lᵀ∇U′) where it took five d × d ones
+    a = Lt(g)
     for t in range(steps):
         e = eps[:, None]
-        prop = v - 0.5 * e**2 * Cg + e * (L @ noise[t].unsqueeze(2)).squeeze(2)
+        prop = v + e * (L @ (noise[t] - 0.5 * e * a).unsqueeze(2)).squeeze(2)
         u_p, g_p, _ = cond(prop)
-        Cg_p = C(g_p)
-        log_a = -(u_p - u) + log_q(v, prop, Cg_p, e) - log_q(prop, v, Cg, e)
+        a_p = Lt(g_p)
+        m = a + a_p
+        log_a = -(u_p - u) + 0.5 * eps * (noise[t] * m).sum(1) - 0.125 * eps**2 * (m * m).sum(1)
         ok = torch.isfinite(log_a) & (torch.log(uniform[t] + 1e-300) < log_a)
         v, u = torch.where(ok[:, None], prop, v), torch.where(ok, u_p, u)
-        g, Cg = torch.where(ok[:, None], g_p, g), torch.where(ok[:, None], Cg_p, Cg)
+        a = torch.where(ok[:, None], a_p, a)
         if t >= warm:
             accepted += ok
         else:  # toward an acceptance rate of about 0.57 (1.1 up, 0.87 down)
