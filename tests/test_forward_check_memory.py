@@ -139,3 +139,40 @@ def test_the_check_draws_are_read_in_place_where_their_copies_would_take_over_a_
         shifts.append(prop.bank)
     scale = float(shifts[1].norm())
     assert float((shifts[0] - shifts[1]).norm()) <= 1e-5 * scale
+
+
+class _Clamped(nn.Module):
+    """An MLP whose forward constrains a weight in place (refused by the forward check's writes test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(64, 256), nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.l1.weight.clamp_(-0.01, 0.01)
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_checks_put_off_leave_the_bank_unchanged_under_a_forward_that_writes_into_its_parameters() -> None:
+    """Where the checks are put off, the writes test does not run, but the double-backward check's need was measured
+    at the stored sample itself (a view of the bank): a forward that clamps a weight in place moved a bank row by
+    0.49 under a refusal saying "nothing was changed" (stop 59's review). The refusal leaves bank and model as they
+    were, and at the budget it names the writes test refuses the forward, the bank still unchanged."""
+    torch.manual_seed(0)
+    model = _Clamped()
+    x, y = torch.randn(300, 64), torch.randint(10, (300,))
+    bank = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(4)]
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, seed=0, memory_budget=300_000)
+    stored = un.bank.clone()
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemoryError, match=r"raise memory_budget to at least") as err:
+        un.remove((x[:8], y[:8]), (x[8:], y[8:]))
+    assert un._forward_deferred is not None and not un._forward_checked  # the checks were put off
+    assert torch.equal(un.bank, stored)
+    assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())
+    un.memory_budget = resolve_budget(re.search(r"at least ([0-9.]+ [KMG]?i?B)", str(err.value)).group(1))
+    with pytest.raises(ValueError, match=r"writes into l1\.weight in place"):
+        un.remove((x[:8], y[:8]), (x[8:], y[8:]))
+    assert torch.equal(un.bank, stored)
+    assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())

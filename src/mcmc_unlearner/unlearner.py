@@ -3230,12 +3230,14 @@ class MCMCUnlearner:
         """``(per row, per call)``: what a backward pass of ``nll`` on ``rows`` at ``theta`` saves besides the
         parameters (:func:`~mcmc_unlearner.memory.row_and_call_bytes` with ``skip_parameters``, measured on one and two
         rows), the largest over the ranks; 64 times the rows' inputs where ``nll`` fails here (the request reports
-        that)."""
+        that). Measured on a clone of ``theta`` (a view of a stored sample): a forward that writes into its
+        parameters in place, which :meth:`_forward_writes` refuses after this or not at all where the checks are
+        put off, wrote into the bank (stop 59's review: a row moved by 0.49 under a refusal saying nothing changed)."""
         from .kronecker import preserved
 
         try:
             with preserved(self.model):  # a training-mode forward's buffer writes (a call counter) put back
-                per_row, per_call = row_and_call_bytes(self._h_f(), theta, rows, skip_parameters=True)
+                per_row, per_call = row_and_call_bytes(self._h_f(), theta.clone(), rows, skip_parameters=True)
         except Exception:  # the request reports a failing nll with its own message
             per_row = sum(t[:1].numel() * t.element_size() for t in rows if isinstance(t, torch.Tensor)) * 64
             per_call = 0
@@ -3256,9 +3258,7 @@ class MCMCUnlearner:
 
         total = field_rows(rows)
         d_bytes = self.spec.dim * theta.element_size()
-        # on a clone: a forward that writes into its parameters (refused by the test after this) would write into
-        # the stored sample
-        per_row, per_call = self._check_rows_cost(rows, theta.clone())
+        per_row, per_call = self._check_rows_cost(rows, theta)  # (on a clone of the stored sample)
         self._check_cost = (per_row, per_call, d_bytes)  # (the mixed-rows test's plan: _mixed_plan)
 
         def need(r: int) -> int:
