@@ -140,14 +140,14 @@ def test_kfac_scale_multiplies_its_probes_a_few_columns_at_a_time_where_all_do_n
     monkeypatch.setattr(KroneckerCurvature, "__matmul__", lambda k, v: widths.append(v.shape[1]) or real(k, v))
     scales, seen = {}, {}
     column = backend.kfac.dim * 4
-    for budget in (backend._budget, (kfac_module.SCALE_PROBES + kfac_module.SCALE_COLUMN_COPIES) * column):
+    for budget in (backend._budget, kfac_module.scale_probe_bytes(column, 1)):
         backend._pending, backend._scale, backend._probes, backend._n = (backend.kfac, backend.age), None, None, 110
         backend._budget = budget
         widths.clear()
         scales[budget] = backend.scale()
         seen[budget] = list(widths)
         cols = widths[0]
-        assert kfac_module.SCALE_PROBES * column + kfac_module.SCALE_COLUMN_COPIES * cols * column <= budget
+        assert kfac_module.scale_probe_bytes(column, cols) <= budget
     first, tight = scales
     assert seen[first] == [4, 4]  # the request's budget: all four at once, for zᵀPz and zᵀK₁z
     assert seen[tight] == [1] * 8  # one column a time: four products for each

@@ -492,7 +492,7 @@ def test_report_info_memory_counts_the_kfac_trace_probes() -> None:
     """K-FAC's ``scale`` (the ``damping_shape="data"`` solve's ``tr K / D``) records the probes and one product's
     copies of the columns it multiplies at once (``kfac_probes``, as ``_probe_columns`` plans them) in the
     request's plans: all four columns at the request's budget, one at a time at a tight one."""
-    from mcmc_unlearner.backends.kfac import SCALE_COLUMN_COPIES, SCALE_PROBES
+    from mcmc_unlearner.backends.kfac import SCALE_PROBES, scale_probe_bytes
 
     x, y = _data(120, 6, 3)
     x = x.float()
@@ -502,13 +502,13 @@ def test_report_info_memory_counts_the_kfac_trace_probes() -> None:
     un = MCMCUnlearner(model, nll=_nll, log_prior=_lp, bank=bank, solver="kfac", damping_shape="data", seed=0)
     un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
     backend, column = un.curvature, un.spec.dim * 4
-    for budget, cols in ((backend._budget, SCALE_PROBES), ((SCALE_PROBES + SCALE_COLUMN_COPIES) * column, 1)):
+    for budget, cols in ((backend._budget, SCALE_PROBES), (scale_probe_bytes(column, 1), 1)):
         un._planned.clear()
         backend._pending, backend._scale, backend._probes, backend._n = (backend.kfac, backend.age), None, None, 110
         backend._budget = budget
         backend.scale()
         planned = un._memory_info()["planned"]
-        assert planned["kfac_probes"] == (SCALE_PROBES + SCALE_COLUMN_COPIES * cols) * column <= budget
+        assert planned["kfac_probes"] == scale_probe_bytes(column, cols) <= budget
 
 
 @pytest.mark.filterwarnings("ignore:this request removes")

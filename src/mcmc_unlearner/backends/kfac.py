@@ -17,14 +17,26 @@ from ..memory import format_bytes
 from ..solvers import SolveResult
 from .base import CurvatureBackend, NegativeCurvatureError, Problem
 
-__all__ = ["KFACBackend", "kfac_row_need"]
+__all__ = ["KFACBackend", "kfac_row_need", "scale_probe_bytes"]
 
 #: Rademacher probes of :meth:`KFACBackend.scale`.
 SCALE_PROBES = 4
-#: Copies of a chunk of probe columns one product ``K z`` holds besides the probes themselves (the chunk, its
-#: coordinates in the eigenbases, the scaled ones, the product, ``z * K z``): a 4096x4096 Linear's four columns
-#: at once grew the resident set by 1270 MiB, five times the 256 MiB probe matrix.
-SCALE_COLUMN_COPIES = 5
+#: Copies of a chunk of probe columns one product ``K z`` holds besides the probes themselves (their coordinates in
+#: the eigenbases, the scaled ones, the product, a layer's columns rotated back and reshaped into it, ``z * K z``,
+#: and for a layer whose eigenbasis misses directions its data part and prior part apart): a 4096x4096 Linear's four
+#: columns at once grew the resident set by 1270 MiB, five times the 256 MiB probe matrix; a 1.1M-parameter MLP
+#: with such a layer, two columns at once, by 5.6 copies of them.
+SCALE_COLUMN_COPIES = 6
+
+
+def scale_probe_bytes(column: int, cols: int) -> int:
+    """Bytes :meth:`KFACBackend.scale` holds with ``cols`` probe columns per product, ``column`` bytes each: the
+    :data:`SCALE_PROBES` probes, :data:`SCALE_COLUMN_COPIES` copies of the product's columns, one more where they are
+    a slice of the probes (their contiguous copy), and one column of eigenvalues (``n·L·λ_G λ_Aᵀ`` of every layer,
+    whatever the columns). The plan without the last two was 85.6 MB where 105 MB was reached (1.1M-parameter MLP,
+    three columns per product)."""
+    copies = SCALE_COLUMN_COPIES + (1 if cols < SCALE_PROBES else 0)
+    return (SCALE_PROBES + copies * cols + 1) * column
 
 
 def kfac_row_need(estimate: Callable[[int], int], dim: int, itemsize: int, mc_samples: int) -> int:
@@ -234,8 +246,7 @@ class KFACBackend(CurvatureBackend):
                 # held three int64 copies, 1 GiB beside a 256 MiB float32 z on a 4096² Linear)
                 z = torch.randint(0, 2, (k.dim, SCALE_PROBES), generator=g, dtype=self._dtype).mul_(2).sub_(1)
                 cols = self._probe_columns(k.dim, z.element_size())
-                column = k.dim * z.element_size()  # the probes and one product's copies of its columns
-                self._plan("kfac_probes", SCALE_PROBES * column + SCALE_COLUMN_COPIES * cols * column)
+                self._plan("kfac_probes", scale_probe_bytes(k.dim * z.element_size(), cols))
                 try:
                     k.n = 0.0
                     prior = self._probe_sum(k, z, cols)
@@ -249,24 +260,27 @@ class KFACBackend(CurvatureBackend):
         return self._scale
 
     def _probe_columns(self, dim: int, itemsize: int) -> int:
-        """Probe columns per product in :meth:`scale`: all ``SCALE_PROBES`` where the probes and one product's
-        ``SCALE_COLUMN_COPIES`` copies of them fit the memory budget (as every model up to ~10M parameters under
-        1 GiB: the estimate as before, to the bit), else as many as fit beside the probes, at least one."""
+        """Probe columns per product in :meth:`scale`: all ``SCALE_PROBES`` where :func:`scale_probe_bytes` of them
+        fits the memory budget (as every model up to ~10M parameters under 1 GiB: the estimate as before, to the bit),
+        else the most that fit, at least one."""
         column = dim * itemsize
-        if self._budget is None or (1 + SCALE_COLUMN_COPIES) * SCALE_PROBES * column <= self._budget:
+        if self._budget is None or scale_probe_bytes(column, SCALE_PROBES) <= self._budget:
             return SCALE_PROBES
-        room = self._budget - SCALE_PROBES * column
-        return int(max(1, min(SCALE_PROBES, room // (SCALE_COLUMN_COPIES * column))))
+        fit = [c for c in range(1, SCALE_PROBES) if scale_probe_bytes(column, c) <= self._budget]
+        return max(fit, default=1)
 
     @staticmethod
     def _probe_sum(k: Any, z: torch.Tensor, cols: int) -> float:
         """``Σ zᵀKz`` over the probe columns, ``cols`` columns per product."""
         if cols >= z.shape[1]:
-            return float((z * (k @ z)).sum())
+            total = float((z * (k @ z)).sum())
+            k.forget(z)  # the cached coordinates of z and of the dead product: a copy of the columns each
+            return total
         total = 0.0
         for j in range(0, z.shape[1], cols):
             zc = z[:, j : j + cols].contiguous()
             total += float((zc * (k @ zc)).sum())
+            k.forget(zc)
         return total
 
     def commit(self) -> None:
