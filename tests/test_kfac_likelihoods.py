@@ -248,7 +248,8 @@ def test_a_sequence_model_is_told_a_fix_that_works_not_the_categorical_likelihoo
     likelihood='categorical', which then refused the output's shape (stop 51's probe, a character GRU), and named
     solver='ggn' without its cost (the dense Hessian: over 400 s a request on 2,712 parameters). The categorical
     likelihood is now named only for a [B, C] output, the fix it names works when followed, and the categorical
-    likelihood asked for by name says what it needs, nothing changed."""
+    likelihood asked for by name says what it needs, nothing changed. Since stop 59 K-FAC reads this loss as the
+    categorical likelihood at every position (``positions_fit``): no fallback, and the request passes."""
 
     class Tokens(nn.Module):
         def __init__(self) -> None:
@@ -266,17 +267,13 @@ def test_a_sequence_model_is_told_a_fix_that_works_not_the_categorical_likelihoo
     nll = lambda m, b: F.cross_entropy(m(b[0]).transpose(1, 2), b[1], reduction="none").sum(-1)  # noqa: E731
     theta = ParamSpec.flatten_module(model)
     bank = theta + 0.05 * torch.randn(6, theta.numel(), dtype=D64, generator=g)
-    caught = _requests(model, nll, "kfac", batch, bank, requests=1)[2]
-    told = str(_fallback_warnings(caught)[0].message)
-    assert "pass likelihood='categorical'" not in told
-    assert "likelihood='categorical' does not apply" in told and "model(x) is of shape [B, 6, 5]" in told
-    assert f"D = {theta.numel()} parameters here" in told  # solver='ggn' with its cost
-    un, reports, caught = _requests(model, nll, "cg", batch, bank, requests=1)  # the fix named first
+    # stop 59: K-FAC reads this per-position cross-entropy as categorical (tests/test_kfac_positions.py checks it
+    # against the dense GGN), so there is no fallback and no fix to name any more
+    _, reports, caught = _requests(model, nll, "kfac", batch, bank, requests=1)
+    assert not _fallback_warnings(caught)
+    assert reports[0].info["kfac"]["likelihood"] == "categorical" and reports[0].passed
+    _, reports, caught = _requests(model, nll, "cg", batch, bank, requests=1)  # the fix once named first
     assert reports[0].solver == "cg" and reports[0].passed and reports[0].shift_norm > 0
-    un = MCMCUnlearner(model, nll=nll, log_prior=_prior, bank=bank, solver="kfac", likelihood="categorical")
-    with pytest.raises(ValueError, match=r"needs model\(x\) of shape \[B, C\].*use solver='cg'"):
-        un.remove(tuple(t[:3] for t in batch), [tuple(t[3:] for t in batch)], n_remaining=37)
-    assert torch.equal(un.bank, bank)
 
 
 def test_ignore_index_rows_enter_no_kronecker_factor() -> None:

@@ -663,7 +663,10 @@ def empirical_fallback_message(reason: str, output: tuple[int, ...] | str | None
         if isinstance(output, tuple):
             got = "is of shape [" + ", ".join(["B", *map(str, output[1:])]) + "]"
             if len(output) == 3:
-                got += " (a cross-entropy per position of [B, T, V] logits is no likelihood K-FAC knows)"
+                got += (
+                    " (a cross-entropy at every position of [B, T, V] logits, summed or averaged per row, is read as "
+                    "categorical; this nll is another loss, e.g. one skipping padded positions)"
+                )
         else:
             got = "could not be called on a minibatch's first field" if output is None else f"is a {output}"
         fix = (
@@ -832,6 +835,45 @@ def likelihood_and_columns(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Li
                 return kind, ({"output": key, **extra} if key is not None else extra), columns
             reasons.append(extra["reason"] if key is None else f"output {key!r}: {extra['reason']}")
         return Likelihood.EMPIRICAL, {"reason": "; ".join(reasons) + _label_hint(probe)}, columns
+
+
+def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | None:
+    """K-FAC's reading of a per-position cross-entropy (a language model's head): ``{"positions": L}`` (with
+    ``"scale": 1/L`` for a mean over positions) where ``batch[1]`` holds integer labels ``[B, L]``, ``model(x)`` is
+    ``[B, L, V]`` and ``nll`` is ``Σ_l cross_entropy(model(x)[:, l], y[:, l])`` (or the mean) row by row, on the true
+    and the shifted labels; else ``None``. Each position's output Hessian is ``diag p − ppᵀ``, so labels sampled
+    per position give the GGN's factors. The model, its RNG states and gradients are left as they were."""
+    probe = _head(tuple(batch), _PROBE_ROWS)
+    y = probe[1] if len(probe) > 1 else None
+    if not isinstance(y, Tensor) or y.dim() != 2 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return None
+    with preserved(model), torch.no_grad():
+        try:
+            out = model(probe[0])
+        except Exception:  # a probe: only nll knows how to call the model
+            return None
+        if not (isinstance(out, Tensor) and out.dim() == 3 and out.shape[:2] == y.shape and y.numel()):
+            return None
+        V = out.shape[2]
+        if not (0 <= int(y.min()) and int(y.max()) < V):
+            return None
+        tol = 1e3 * _eps(out.dtype)
+        sums, values = [], []
+        for labels in (y, (y + 1) % V):
+            try:
+                v = nll(model, (probe[0], labels, *probe[2:]))
+            except Exception:  # a probe
+                return None
+            if not isinstance(v, Tensor) or v.shape != y.shape[:1]:
+                return None
+            ce = F.cross_entropy(out.reshape(-1, V).double(), labels.reshape(-1).long(), reduction="none")
+            sums.append(ce.reshape(y.shape).sum(1))
+            values.append(v.double())
+    L = y.shape[1]
+    for scale in (1.0, 1.0 / L):
+        if all(bool(((v - scale * c).abs() <= tol * (1 + v.abs())).all()) for v, c in zip(values, sums)):
+            return {"positions": L} if scale == 1.0 else {"positions": L, "scale": scale}
+    return None
 
 
 def _label_hint(batch: Batch) -> str:
@@ -2035,6 +2077,10 @@ class KroneckerCurvature:
         if auto:
             if nll is not None:
                 lik, detected = detect_likelihood(model, nll, seen)
+                if lik is Likelihood.EMPIRICAL:  # a language model's head: labels [B, L], logits [B, L, V]
+                    per_position = positions_fit(model, nll, seen)
+                    if per_position is not None:
+                        lik, detected = Likelihood.CATEGORICAL, per_position
             else:
                 lik = cls._guess_without_nll(model, seen)
             if reduce is not None:
@@ -2525,10 +2571,11 @@ class KroneckerCurvature:
         rw = None if w is None else w.to(out.device, out.dtype).sqrt()
         if not isinstance(out, Tensor) or out.shape[:1] != (B,):
             raise ValueError(f"model(x) must return a tensor with {B} rows for likelihood={lik.value!r}")
-        if lik is Likelihood.CATEGORICAL and out.dim() != 2:
+        if lik is Likelihood.CATEGORICAL and out.dim() not in (2, 3):
             raise ValueError(
                 f"likelihood='categorical' needs model(x) of shape [B, C] (the logits of nll's cross-entropy, one row "
-                f"per row of the minibatch), got {tuple(out.shape)}: for another output leave likelihood='auto' (the "
+                f"per row of the minibatch) or [B, L, C] (a cross-entropy at each of L positions), got "
+                f"{tuple(out.shape)}: for another output leave likelihood='auto' (the "
                 "empirical Fisher) or use solver='cg' for the exact curvature; nothing was changed"
             )
         width = math.prod(out.shape[1:])  # (an empty batch: every row ignore_index)
@@ -2539,14 +2586,17 @@ class KroneckerCurvature:
             probs = logp.detach().exp()
             if use_exact:  # Σ_c p_c (p − e_c)(p − e_c)ᵀ = diag(p) − ppᵀ, the softmax's output Hessian
                 r = signs(out) if rw is None else signs(out) * rw
+                flat_p, flat_logp = probs.reshape(B, width), logp.reshape(B, width)  # [B, L·C]: a position's class each
                 for c in range(width):
-                    yield -(r * probs[:, c].sqrt() * logp[:, c]).sum()
+                    yield -(r * flat_p[:, c].sqrt() * flat_logp[:, c]).sum()
             elif sampling == "labels":  # ŷ ~ p: gradient p − e_ŷ, E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ
                 if span is not None:  # the labels drawn depend on every row's probabilities at once
                     raise ValueError("a K-FAC build in row chunks needs sampling='gaussian', not 'labels'")
+                C = probs.shape[-1]  # a label per row, or per row and position ([B, L, C] logits)
                 for _ in range(mc_samples):
-                    yhat = torch.multinomial(probs.to(gen.device, torch.float64), 1, generator=gen)[:, 0]
-                    picked = logp.gather(1, yhat.to(out.device)[:, None])[:, 0]
+                    yhat = torch.multinomial(probs.reshape(-1, C).to(gen.device, torch.float64), 1, generator=gen)
+                    at = yhat.to(out.device).reshape(B, width // C, 1)  # (no rows: every row ignore_index)
+                    picked = logp.reshape(B, width // C, C).gather(2, at).sum((1, 2))
                     yield -(picked if rw is None else rw * picked).sum()
             else:  # s = (I − p1ᵀ)(√p ⊙ ε), ε ~ N(0, I): E[s sᵀ] = (I − p1ᵀ) diag(p) (I − 1pᵀ) = diag(p) − ppᵀ
                 for _ in range(mc_samples):
@@ -2555,9 +2605,9 @@ class KroneckerCurvature:
                             (k, *probs.shape[1:]), generator=gen, device=gen.device, dtype=probs.dtype
                         )
                     )
-                    root = probs.sqrt() * eps.to(out.device)
+                    root = probs.sqrt() * eps.to(out.device)  # independent positions of [B, L, C] logits
                     if rw is not None:
-                        root = rw[:, None] * root
+                        root = rw.reshape(-1, *[1] * (root.dim() - 1)) * root
                     yield (out * (root - probs * root.sum(-1, keepdim=True))).sum()
         elif lik is Likelihood.BERNOULLI:  # independent logits: output Hessian diag(p(1 − p)), p = sigmoid(z)
             z = out.reshape(B, -1)
