@@ -600,3 +600,35 @@ def test_the_fast_draw_is_the_reference_draw(features: str) -> None:
     assert float(acc.mean()) > 0.05 and apart(v, ref_mode) > 0.1  # the chains moved
     assert torch.equal(acc, ref_acc.float()), (acc, ref_acc)
     assert apart(v, ref) <= 1e-6, apart(v, ref)
+
+
+def test_a_singular_float32_curvature_takes_the_float64_one() -> None:
+    """A float64 model's features that differ below float32's precision (two head inputs equal to 1e-12) under a weak
+    prior: the Newton step's float32 curvature is exactly singular where the float64 one is not. The batched solve
+    raised (torch.linalg.solve, "Batch element 1 ... singular") and took the whole request with it; that sample's
+    step now takes the float64 curvature, the chunk's other samples theirs in float32, each as drawn alone."""
+    from mcmc_unlearner.emptied import _BlockPrior, _ChunkPrior, _Conditional, _draw, _mode
+
+    g = torch.Generator().manual_seed(0)
+    B, d, n, C, c = 2, 6, 200, 4, 3
+    phi = torch.randn(B, d, n, generator=g, dtype=torch.float64) * 1e5
+    phi[:, 1] = phi[:, 0] * (1 + 1e-12)
+    phi[:, -1] = 1.0
+    logits = torch.randn(B, n, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C - 1, (n,), generator=g)
+    lp_f = lambda t: -0.5e-6 * (t**2).sum()  # noqa: E731
+    thetas = torch.randn(B, d, generator=g, dtype=torch.float64) * 1e-3
+
+    def cond_of(at: list[int]) -> _Conditional:
+        gens = [torch.Generator().manual_seed(5 + j) for j in at]
+        prior = _ChunkPrior(_BlockPrior(lp_f, torch.arange(d)), thetas[at], gens)
+        return _Conditional(prior, phi[at].clone(), logits[at].clone(), y, c)
+
+    cond = cond_of([0, 1])
+    v, u, _, _ = _mode(cond, thetas)  # (sample 1's float32 curvature is singular at its second step)
+    assert bool(torch.isfinite(v).all()) and bool((u <= cond(thetas)[0]).all())
+    for j in range(B):
+        alone = _mode(cond_of([j]), thetas[[j]])
+        assert torch.equal(alone[0][0], v[j])
+    drawn, acc, _ = _draw(cond, thetas, 10, [torch.Generator().manual_seed(j) for j in range(B)], torch.ones(B))
+    assert bool(torch.isfinite(drawn).all()) and acc.shape == (B,)
