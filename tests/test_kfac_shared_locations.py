@@ -258,6 +258,40 @@ def test_a_learned_initial_state_zero_at_one_draw_goes_to_the_diagonal_whatever_
     assert K.info["unbatched_input"] == ["hh"] and "hh" not in K.info["kronecker"]
 
 
+class _BatchOf16RNN(RNN):
+    """:class:`RNN` written for at most 16 rows: the doubled forward that pairs the calls fails, and the count-based
+    verdict (:func:`_fixed_inputs` on the first unbatched inputs) decides."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 16:
+            raise ValueError("written for at most 16 rows")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("zero_first", [True, False])
+def test_a_learned_state_zero_at_one_draw_goes_to_the_diagonal_where_the_doubled_forward_fails(
+    zero_first: bool,
+) -> None:
+    """The count-based verdict read the first unbatched input detached (not requiring grad): a learned state zero at
+    the draw read first still kept its layer factored there (``unbatched_input`` None, ``hh`` factored with
+    ``zero_first``), as :func:`_shared_codes`' pairing did before stop 59's fix."""
+    torch.manual_seed(0)
+    model = _BatchOf16RNN("learned").double().eval()
+    theta = ParamSpec.flatten_module(model).detach()
+    thetas = theta.repeat(3, 1)
+    thetas[0, :5], thetas[1:, :5] = 0.0, 0.5  # "start" is the first parameter
+    assert next(iter(dict(model.named_parameters()))) == "start"
+    x, y = torch.randn(16, 4, 3, dtype=D64), torch.randn(16, 2, dtype=D64)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        model(torch.cat([x, x]))  # (the pairing's doubled forward fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        K = KroneckerCurvature.build(
+            model, thetas if zero_first else thetas.flip(0), [(x, y)], 16, nll=_gauss_nll, exact_expectation=True
+        )
+    assert K.info["unbatched_input"] == ["hh"] and "hh" not in K.info["kronecker"]
+
+
 # ------------------------------------------------------------------------ the extra forwards leave the buffers alone
 class Stateful(nn.Module):
     """A spectral-normalised layer (its power-iteration vector ``_u``, a buffer, moves at every forward in training

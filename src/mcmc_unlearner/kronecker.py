@@ -1675,7 +1675,7 @@ def read_outside_layers(model: nn.Module, nll: NLL, batch: Batch, unbatched: lis
         elif not _off_rows_call(blk.kind, args[0], field_rows(probe)):
             on_rows.add(blk.name)
         elif blk.name not in first:
-            first[blk.name] = args[0].detach().clone()  # its first unbatched call's input (for _fixed_inputs)
+            first[blk.name] = _logged(args[0], copy=True)  # its first unbatched call's input (for _fixed_inputs)
         if all(
             by_id.get(id(module._parameters.get(slot))) == pname
             for slot, pname in (("weight", blk.weight), ("bias", blk.bias))
@@ -1841,10 +1841,13 @@ def _shared_codes(
     return out
 
 
-def _logged(x: Tensor) -> Tensor:
-    """A layer call's input as :func:`_shared_codes` reads it: detached (no graph kept), with whether it required
-    grad (computed from parameters) kept as its flag."""
-    return x.detach().requires_grad_(x.requires_grad) if x.is_floating_point() or x.is_complex() else x.detach()
+def _logged(x: Tensor, copy: bool = False) -> Tensor:
+    """A layer call's input as :func:`_shared_codes` reads it: detached (no graph kept; ``copy``: a copy, which later
+    in-place writes leave alone), with whether it required grad (computed from parameters) kept as its flag (the
+    count-based verdict's first inputs too: a learned state zero at the first draw had kept its layer factored where
+    the doubled forward fails)."""
+    y = x.detach().clone() if copy else x.detach()
+    return y.requires_grad_(x.requires_grad) if x.is_floating_point() or x.is_complex() else y
 
 
 def _counts_as_shared(x: Tensor) -> bool:
@@ -2193,7 +2196,7 @@ class KroneckerCurvature:
                 if not _off_rows_call(blk.kind, args[0], part.get("rows", 0)):
                     on_rows.add(blk.name)
                 elif blk.name not in first_input:  # its first unbatched call's input, kept for _fixed_inputs
-                    first_input[blk.name] = args[0].detach().clone()
+                    first_input[blk.name] = _logged(args[0], copy=True)
             x = args[0].detach()
             seen = out.numel() // blk.out_dim
             batched = x.dim() >= (2 if blk.kind == "linear" else 3 if blk.kind == "conv1d" else 4)
