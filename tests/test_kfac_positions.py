@@ -132,3 +132,27 @@ def test_kfac_per_position_mean_is_a_scaled_categorical() -> None:
     )
     assert k.info["likelihood"] == "categorical", k.info
     assert _median_error(k, _dense_ggn(model, x), scale=1.0 / L) < 0.2
+
+
+def test_padded_positions_past_the_probe_rows_are_not_read_as_categorical() -> None:
+    """Labels ``-100`` (padding, skipped by the cross-entropy) only past the first rows, which the detection probes:
+    the per-position Fisher counted every position (the curvature of the unpadded labels, to the bit, with 39% of the
+    positions padded); now K-FAC takes the empirical Fisher, which reads nll, and says why."""
+    model, x, y = _problem()
+    padded = y.clone()
+    padded[8:, 3:] = -100
+    assert positions_fit(model, _sum_nll, (x, padded)) == {"positions": L}  # the probe rows hold no padding
+    theta = ParamSpec.flatten_module(model)[None]
+    k = KroneckerCurvature.build(
+        model,
+        theta,
+        [(x, padded)],
+        B,
+        nll=_sum_nll,
+        log_prior=None,
+        likelihood="auto",
+        mc_samples=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert k.info["likelihood"] == "empirical", k.info
+    assert "ignore_index" in k.info["likelihood_reason"], k.info

@@ -876,6 +876,17 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
     return None
 
 
+def _ignored_positions(batches: Sequence[Batch]) -> bool:
+    """Whether a minibatch's integer labels ``batch[1]`` of shape ``[B, L]`` hold a negative one (cross-entropy's
+    ``ignore_index=-100``: a padded position), which :func:`positions_fit`'s probe rows may not show."""
+    for b in batches:
+        y = b[1] if len(b) > 1 else None
+        if isinstance(y, Tensor) and y.dim() == 2 and not y.is_floating_point() and y.dtype != torch.bool:
+            if y.numel() and bool((y < 0).any()):
+                return True
+    return False
+
+
 def _label_hint(batch: Batch) -> str:
     """Where ``batch[1]`` holds no integer labels but a later field does (``(ids, mask, y)``): that the labels are read
     from the second field (stop 45's text probe: the mask was taken as the labels, silently)."""
@@ -2082,7 +2093,15 @@ class KroneckerCurvature:
                 lik, detected = detect_likelihood(model, nll, seen)
                 if lik is Likelihood.EMPIRICAL:  # a language model's head: labels [B, L], logits [B, L, V]
                     per_position = positions_fit(model, nll, seen)
-                    if per_position is not None:
+                    if per_position is not None and _ignored_positions(batches):
+                        # a label -100 past the probe's rows (padding): nll skips the position, the per-position
+                        # Fisher does not (every position counted, the curvature of the unpadded labels)
+                        detected["reason"] = (
+                            "nll reads as a cross-entropy at every position of [B, L, V] logits, but some labels "
+                            "are negative (ignore_index positions, e.g. padding), which it skips and K-FAC's "
+                            "per-position Fisher would count"
+                        )
+                    elif per_position is not None:
                         lik, detected = Likelihood.CATEGORICAL, per_position
             else:
                 lik = cls._guess_without_nll(model, seen)
