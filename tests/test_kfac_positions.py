@@ -156,3 +156,35 @@ def test_padded_positions_past_the_probe_rows_are_not_read_as_categorical() -> N
     )
     assert k.info["likelihood"] == "empirical", k.info
     assert "ignore_index" in k.info["likelihood_reason"], k.info
+
+
+def test_a_per_row_weight_field_is_read_with_the_positions() -> None:
+    """A per-row weight field on the per-position cross-entropy (DistributedUnlearner's ``nll`` is ``w·h``, ``w =
+    1/|B_global|``) was not read (the empirical Fisher); now it is the weighted categorical likelihood, the
+    curvature of the unweighted one times ``w`` (the same draws)."""
+    model, x, y = _problem()
+    w = torch.full((B,), 1.0 / 7)
+
+    def weighted(m: nn.Module, b: tuple) -> torch.Tensor:
+        return _sum_nll(m, b[:2]) * b[2]
+
+    assert positions_fit(model, weighted, (x, y, w)) == {"positions": L, "weights": 2}
+    assert positions_fit(model, lambda m, b: _sum_nll(m, b[:2]), (x, y, w)) == {"positions": L}
+    theta = ParamSpec.flatten_module(model)[None]
+    quads = []
+    for nll in (weighted, lambda m, b: _sum_nll(m, b[:2])):
+        k = KroneckerCurvature.build(
+            model,
+            theta,
+            [(x, y, w)],
+            B,
+            nll=nll,
+            log_prior=None,
+            likelihood="auto",
+            mc_samples=8,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert k.info["likelihood"] == "categorical", k.info
+        v = torch.randn(theta.shape[1], generator=torch.Generator().manual_seed(1))
+        quads.append(float(v @ (k @ v)))
+    assert quads[0] == pytest.approx(quads[1] / 7, rel=1e-4), quads

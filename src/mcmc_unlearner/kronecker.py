@@ -841,8 +841,9 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
     """K-FAC's reading of a per-position cross-entropy (a language model's head): ``{"positions": L}`` (with
     ``"scale": 1/L`` for a mean over positions) where ``batch[1]`` holds integer labels ``[B, L]``, ``model(x)`` is
     ``[B, L, V]`` and ``nll`` is ``Σ_l cross_entropy(model(x)[:, l], y[:, l])`` (or the mean) row by row, on the true
-    and the shifted labels; else ``None``. Each position's output Hessian is ``diag p − ppᵀ``, so labels sampled
-    per position give the GGN's factors. The model, its RNG states and gradients are left as they were."""
+    and the shifted labels, times a per-row weight field where one scales it (``"weights": index``); else ``None``.
+    Each position's output Hessian is ``diag p − ppᵀ``, so labels sampled per position give the GGN's factors. The
+    model, its RNG states and gradients are left as they were."""
     probe = _head(tuple(batch), _PROBE_ROWS)
     y = probe[1] if len(probe) > 1 else None
     if not isinstance(y, Tensor) or y.dim() != 2 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -869,10 +870,19 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
             ce = F.cross_entropy(out.reshape(-1, V).double(), labels.reshape(-1).long(), reduction="none")
             sums.append(ce.reshape(y.shape).sum(1))
             values.append(v.double())
+
+        def close(a: Tensor, b: Tensor) -> bool:
+            return bool(((a.double() - b.double()).abs() <= tol * (1 + a.double().abs())).all())
+
+        # a per-row weight field (DistributedUnlearner's nll is w·h with w = 1/|B_global|)
+        weights, _ = _weight_fields(probe, y.shape[0], values[0], lambda b: nll(model, b), close)
     L = y.shape[1]
-    for scale in (1.0, 1.0 / L):
-        if all(bool(((v - scale * c).abs() <= tol * (1 + v.abs())).all()) for v, c in zip(values, sums)):
-            return {"positions": L} if scale == 1.0 else {"positions": L, "scale": scale}
+    for j, w in weights:
+        factor = 1.0 if w is None else w.double()
+        for scale in (1.0, 1.0 / L):
+            if all(close(v, scale * factor * c) for v, c in zip(values, sums)):
+                found: dict[str, Any] = {"positions": L} if scale == 1.0 else {"positions": L, "scale": scale}
+                return found if j is None else {**found, "weights": j}
     return None
 
 
