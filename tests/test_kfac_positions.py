@@ -188,3 +188,34 @@ def test_a_per_row_weight_field_is_read_with_the_positions() -> None:
         v = torch.randn(theta.shape[1], generator=torch.Generator().manual_seed(1))
         quads.append(float(v @ (k @ v)))
     assert quads[0] == pytest.approx(quads[1] / 7, rel=1e-4), quads
+
+
+def test_a_per_position_mask_field_is_not_read_as_categorical() -> None:
+    """``nll`` keeps the positions a ``[B, L]`` mask field marks (padding), all kept on the probe rows: it read as
+    the per-position cross-entropy and K-FAC counted the masked positions (the curvature of the unmasked batch, to
+    the bit); now a per-position field that ``nll`` reads is not read as categorical (the empirical Fisher)."""
+    model, x, y = _problem()
+
+    def masked(m: nn.Module, b: tuple) -> torch.Tensor:
+        ce = F.cross_entropy(m(b[0]).reshape(-1, V), b[1].reshape(-1), reduction="none").reshape(b[1].shape)
+        return (ce * b[2]).sum(1)
+
+    mask = torch.ones(B, L)
+    mask[8:, 3:] = 0
+    assert positions_fit(model, masked, (x, y, mask)) is None
+    assert positions_fit(model, masked, (x, y, mask.bool())) is None
+    unread = torch.zeros(B, L, dtype=torch.long)  # a per-position field nll does not read: still categorical
+    assert positions_fit(model, lambda m, b: _sum_nll(m, b[:2]), (x, y, unread)) == {"positions": L}
+    theta = ParamSpec.flatten_module(model)[None]
+    k = KroneckerCurvature.build(
+        model,
+        theta,
+        [(x, y, mask)],
+        B,
+        nll=masked,
+        log_prior=None,
+        likelihood="auto",
+        mc_samples=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert k.info["likelihood"] == "empirical", k.info

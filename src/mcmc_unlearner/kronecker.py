@@ -841,7 +841,9 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
     """K-FAC's reading of a per-position cross-entropy (a language model's head): ``{"positions": L}`` (with
     ``"scale": 1/L`` for a mean over positions) where ``batch[1]`` holds integer labels ``[B, L]``, ``model(x)`` is
     ``[B, L, V]`` and ``nll`` is ``Σ_l cross_entropy(model(x)[:, l], y[:, l])`` (or the mean) row by row, on the true
-    and the shifted labels, times a per-row weight field where one scales it (``"weights": index``); else ``None``.
+    and the shifted labels, times a per-row weight field where one scales it (``"weights": index``), and reads no
+    per-position field (``[B, L, ...]``, e.g. a padding mask, whose zeros past the probe rows the Fisher would count);
+    else ``None``.
     Each position's output Hessian is ``diag p − ppᵀ``, so labels sampled per position give the GGN's factors. The
     model, its RNG states and gradients are left as they were."""
     probe = _head(tuple(batch), _PROBE_ROWS)
@@ -874,6 +876,17 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
         def close(a: Tensor, b: Tensor) -> bool:
             return bool(((a.double() - b.double()).abs() <= tol * (1 + a.double().abs())).all())
 
+        for j, t in enumerate(probe[2:], start=2):  # a per-position field nll reads (a padding mask): not read
+            if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[:2] == y.shape:
+                moved = (
+                    t.logical_not() if t.dtype == torch.bool else (t * 0.5 + 0.25 if t.is_floating_point() else t + 1)
+                )
+                try:
+                    other = nll(model, (*probe[:j], moved, *probe[j + 1 :]))
+                except Exception:  # a probe
+                    return None
+                if not (isinstance(other, Tensor) and other.shape == values[0].shape and close(values[0], other)):
+                    return None
         # a per-row weight field (DistributedUnlearner's nll is w·h with w = 1/|B_global|)
         weights, _ = _weight_fields(probe, y.shape[0], values[0], lambda b: nll(model, b), close)
     L = y.shape[1]
