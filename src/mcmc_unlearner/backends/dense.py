@@ -89,10 +89,7 @@ class DenseBackend(CurvatureBackend):
         self.M = A_new if which == "new" else self.old_hessian()
         w, Q = self._eigh(which)
         info = {"hessian_reused": reused, "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
-        # only where the mean curvature is positive: a Hessian whose negative eigenvalues outweigh the positive
-        # ones (a concave energy, a bank far off equilibrium) has no positive part worth solving with; there the
-        # damping is held above |w_min| as before (a concave energy's clamped solve had taken a 400× longer step)
-        self.clamped = int((w < -self._floor_of(w)).sum()) if float(w.sum()) > 0 else 0
+        self.clamped = int((w < -self._floor_of(w)).sum())
         if self.clamped:
             # its positive part: at the posterior E[∇²F] = E[∇F∇Fᵀ] is positive semi-definite, so a negative
             # eigenvalue of the bank's average is its Monte-Carlo error or a bank off equilibrium there; damping it
