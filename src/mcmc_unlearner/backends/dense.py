@@ -182,9 +182,7 @@ class DenseBackend(CurvatureBackend):
 
     def transport(self, damping: float) -> torch.Tensor:
         """``T = (A' + λ)^{-1/2} (A + λ)^{1/2}``: the exact Gaussian transport from the old precision ``A`` to the
-        new ``A'`` (``bank_shift="affine"``), with the request's damping on both; where the request's solves took the
-        Hessian's positive part (:meth:`prepare`), of both precisions' positive parts (the damping the search takes
-        is no longer above a negative eigenvalue: with those kept, every such request fell back to the mean shift).
+        new ``A'`` (``bank_shift="affine"``), with the request's damping on both.
 
         Raises:
             NegativeCurvatureError: ``A + λ`` or ``A' + λ`` is not positive definite (no Gaussian to transport;
@@ -193,7 +191,7 @@ class DenseBackend(CurvatureBackend):
 
         def sym_pow(which: str, p: float) -> torch.Tensor:
             w, V = self._eigh(which)
-            w = (w.clamp_min(0) if self.clamped else w) + damping
+            w = w + damping
             if not bool((w > 0).all()):
                 raise NegativeCurvatureError(
                     "the affine transport needs positive-definite precisions "
