@@ -2,11 +2,7 @@
 
 ``H = (1/S) Σ_s ∇²F(θ_s, S∖S')`` is built column by column in memory-bounded chunks, symmetrised and
 eigendecomposed once per request (``H = Q diag(w) Qᵀ``, in float64), so every damped solve the step control asks
-for costs two ``D × D`` products: ``(H + λI)⁻¹b = Q diag(1/(w + λ)) Qᵀ b``. Negative eigenvalues are set to 0 (the
-positive part is the system matrix and the check's model, ``info["negative_eigenvalues_clamped"]``): at the posterior
-``E[∇²F] = E[∇F∇Fᵀ]`` is positive semi-definite, so a negative one is the bank's error, and a damping above it held
-every direction back (stop 59: a Student-t regression 0.30 and 0.10 of the way to retraining, 1.01 and 1.17 now).
-Across requests the Hessian is reused
+for costs two ``D × D`` products: ``(H + λI)⁻¹b = Q diag(1/(w + λ)) Qᵀ b``. Across requests the Hessian is reused
 for ``refresh_every`` requests and *downdated* in between: the next request's remaining-data Hessian is this one's
 minus the Hessian of the points it removes (exact bookkeeping of ``F(θ, S∖S') = F(θ, S) − Σ_{S'} h``; only the
 drift of the draws is ignored). The old (full-data) Hessian ``A = H + E[∇²Σ_{S'}h]`` is kept for the exact
@@ -54,8 +50,6 @@ class DenseBackend(CurvatureBackend):
         #: this request's float64 eigendecompositions of ``A_new`` ("new") and the old Hessian ("old"), each taken
         #: once: the solves and every :meth:`transport` reuse them (they were taken again per call, the same numbers)
         self._eighs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        #: this request's negative eigenvalues set to 0 (the system matrix is the Hessian's positive part)
-        self.clamped = 0
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         need = dense_memory(problem.dim, problem.thetas.element_size())
@@ -88,19 +82,9 @@ class DenseBackend(CurvatureBackend):
         which = "new" if problem.hessian == "remaining" else "old"
         self.M = A_new if which == "new" else self.old_hessian()
         w, Q = self._eigh(which)
-        info = {"hessian_reused": reused, "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
-        self.clamped = int((w < -self._floor_of(w)).sum())
-        if self.clamped:
-            # its positive part: at the posterior E[∇²F] = E[∇F∇Fᵀ] is positive semi-definite, so a negative
-            # eigenvalue of the bank's average is its Monte-Carlo error or a bank off equilibrium there; damping it
-            # away (λ > |w_min|) damped every direction as much (stop 59: a Student-t regression's −63 set the first
-            # damping to 95 and the step went 0.30 of the way to retraining; 1.01 with the positive part)
-            w = w.clamp_min(0)
-            self.M = ((Q * w) @ Q.T).to(self.M.dtype)
-            info["negative_eigenvalues_clamped"] = self.clamped
         self._eig = (w, Q)
         self._pending = (A_new, age, int(problem.n))
-        return info
+        return {"hessian_reused": reused, "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
 
     def _energy_curvature(self, problem: Problem) -> torch.Tensor:
         """``E_s[∇²F(θ_s, S∖S')]`` on the curvature data (a subclass may use another curvature matrix)."""
@@ -163,21 +147,15 @@ class DenseBackend(CurvatureBackend):
         mean = float(w.mean())
         return mean if mean > 0 else float(w.abs().mean())
 
-    @staticmethod
-    def _floor_of(w: torch.Tensor) -> float:
-        """The rounding level of an eigendecomposition with eigenvalues ``w``: eigenvalues at or below it are not
-        resolved (float64 ``eigh`` has a backward error of about ``D·ε·‖M‖``)."""
-        return w.numel() * torch.finfo(torch.float64).eps * max(float(w.abs().max()), 1e-300)
-
     def _eig_floor(self) -> float:
-        """:meth:`_floor_of` this request's eigenvalues."""
-        return self._floor_of(self._eig[0])
+        """The eigendecomposition's rounding level: eigenvalues at or below it are not resolved (float64 ``eigh``
+        has a backward error of about ``D·ε·‖M‖``)."""
+        w = self._eig[0]
+        return w.numel() * torch.finfo(torch.float64).eps * max(float(w.abs().max()), 1e-300)
 
     def min_damping(self) -> float:
         w = self._eig[0]
         lo = float(w[0])
-        if getattr(self, "clamped", 0):  # the positive part: its zero eigenvalues need a damping, the margin below
-            return 1e-6 * float(w.abs().max())
         return 0.0 if lo > self._eig_floor() else -lo + 1e-6 * float(w.abs().max())
 
     def transport(self, damping: float) -> torch.Tensor:
