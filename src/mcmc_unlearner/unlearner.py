@@ -2253,9 +2253,6 @@ class MCMCUnlearner:
         self._plain_categorical: bool | None = None  # nll is a plain cross-entropy (found on the first request)
         self._categorical = False  # a cross-entropy with a temperature, scale, label smoothing or row weights
         self._label_link: tuple[dict[str, Any], str] = ({}, "")  # detect_likelihood's extras; why not categorical
-        #: whether this process read ``_label_link`` from rows (a rank whose first request had no removed rows took
-        #: the others' verdict on the likelihood, not the output's field: it reads it from the rows it checks)
-        self._label_link_read = False
         #: not categorical: the model's output values per row, which an integer target must index to be a class
         #: label (0: a Gaussian likelihood, a regression; ``None``: unknown)
         self._label_columns: int | None = None
@@ -5385,7 +5382,6 @@ class MCMCUnlearner:
                     else ""
                 )
                 self._label_link = (extra, str(extra.get("reason", "")) or why)
-                self._label_link_read = True
                 if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
                     self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
             has = float(y.numel() > 0)
@@ -5450,8 +5446,10 @@ class MCMCUnlearner:
             return None
         from .kronecker import select_output
 
+        link = self._label_link[0]
+
         def label_logits(m: nn.Module, *b: torch.Tensor) -> torch.Tensor:
-            return select_output(m(b[0]), self._label_link[0]).flatten(1)
+            return select_output(m(b[0]), link).flatten(1)
 
         logits_f = functionalize(self.model, label_logits)
         if self._plain_categorical:
@@ -5472,14 +5470,6 @@ class MCMCUnlearner:
                     # time; each part's softmax averaged over the draws (the posterior predictive) gives its top class
                     for i in range(0, m, EMPTIED_LABEL_ROWS):
                         part = tuple(f[i : i + EMPTIED_LABEL_ROWS] for f in rows)
-                        if not self._label_link_read:
-                            # a rank whose first request had no removed rows (torch.distributed) took the others'
-                            # verdict and no output field: a tuple output's logits failed there (stop 59's review)
-                            from .kronecker import likelihood_and_columns
-
-                            extra = likelihood_and_columns(self.model, self._row_nll, part)[1]
-                            self._label_link = (extra, str(extra.get("reason", "")) or self._label_link[1])
-                            self._label_link_read = True
                         mean = None
                         for t in draws:
                             logits = logits_f(t, *part)
