@@ -232,31 +232,11 @@ def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> N
         prop = un.propose(removed, remaining)
         said = prop.report.info.get("emptied_label_resample", "")
         assert said.startswith("not done") and why in said, (why, said)
-        (problem,) = [q for q in prop.report.problems if "removes the last rows of" in q]
-        assert f"the draw of the label's output-layer row was {said}" in problem  # why no draw (stop 59)
+        assert any("removes the last rows of" in q for q in prop.report.problems), why
         start = un.bank.clone()
         with pytest.raises(QualityError, match="removes the last rows"):
             un.remove(removed, remaining)
         assert torch.equal(un.bank, start)
-
-
-def test_a_label_still_the_top_class_on_most_of_its_rows_is_drawn_whatever_its_mean_probability(monkeypatch) -> None:
-    """The draw is made where the check would refuse: label 2 of the two-label removal at damping 1 keeps p = 0.47
-    on its rows, the top class on 68% of them (``test_emptied_label``). With the draw's probability threshold raised
-    above that p, the default still draws label 2's row (its top share is at ``EMPTIED_LABEL_MAX_TOP`` or more; until
-    stop 59 the share was not measured: nothing drawn), and label 3 (p = 0.20, top on 6%) is left alone."""
-    import mcmc_unlearner.unlearner as U
-
-    monkeypatch.setattr(U, "EMPTIED_RESAMPLE_PROB", 0.9)
-    model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
-    gone = y >= 2
-    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=1.0)
-    prop = un.propose((x[gone], y[gone]), (x[~gone], y[~gone]))
-    info = prop.report.info
-    before = info["emptied_labels_before_resample"]
-    assert before["2"] < min(0.5, U.EMPTIED_RESAMPLE_PROB) and before["3"] < 0.5
-    assert info["emptied_label_resample"] == "drawn: 2" and not prop.report.problems
-    assert info["emptied_labels_top_share"]["2"] < U.EMPTIED_LABEL_MAX_TOP
 
 
 def test_the_draws_nll_limit_is_the_safety_nets_unit() -> None:
