@@ -910,6 +910,48 @@ def _ignored_positions(batches: Sequence[Batch]) -> bool:
     return False
 
 
+def explicit_positions(model: nn.Module, nll: NLL | None, batch: Batch, batches: Sequence[Batch]) -> dict[str, Any]:
+    """The per-position reading of ``likelihood="categorical"`` given explicitly: :func:`positions_fit`'s extras
+    (the same curvature as ``likelihood="auto"``'s reading) where ``batch[1]`` holds integer labels ``[B, L]`` and
+    ``model(x)`` is ``[B, L, V]``; ``{"positions": L}`` (the labels' likelihood at every position) without ``nll``;
+    ``{}`` for other shapes (the ``[B, C]`` categorical). Where it cannot be read: ``{"refuse": why}``.
+
+    It took the curvature of a sum over every position: ``L`` times too large for a mean over positions, and padded
+    positions (label ``-100``, which the cross-entropy skips) counted. The model is left as it was."""
+    probe = _head(tuple(batch), _PROBE_ROWS)
+    y = probe[1] if len(probe) > 1 else None
+    if not isinstance(y, Tensor) or y.dim() != 2 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return {}
+    with preserved(model), torch.no_grad():
+        try:
+            out = model(probe[0])
+        except Exception:  # the categorical likelihood's own call says what failed
+            return {}
+    if not (isinstance(out, Tensor) and out.dim() == 3 and out.shape[:2] == y.shape):
+        return {}
+    what = "likelihood='categorical' on [B, L, V] logits with labels [B, L]"
+    fix = (
+        "Fix: leave likelihood='auto' (the empirical Fisher where the per-position likelihood cannot be read: it "
+        "reads nll), or use solver='cg' for the exact curvature; nothing was changed"
+    )
+    if _ignored_positions([*batches, probe]):
+        return {
+            "refuse": f"{what}: some labels are negative (ignore_index positions, e.g. padding), which the "
+            f"cross-entropy skips and K-FAC's per-position Fisher would count (the curvature of every position "
+            f"labelled). {fix}"
+        }
+    if nll is None:
+        return {"positions": y.shape[1]}
+    found = positions_fit(model, nll, batch)
+    if found is None:
+        return {
+            "refuse": f"{what}: nll is not read as the cross-entropy at every position summed or averaged per row "
+            "(times a per-row weight field at most, reading no per-position field such as a padding mask), so the "
+            f"likelihood's scale over the positions is unknown (a mean taken as a sum is L times too large). {fix}"
+        }
+    return found
+
+
 def _label_hint(batch: Batch) -> str:
     """Where ``batch[1]`` holds no integer labels but a later field does (``(ids, mask, y)``): that the labels are read
     from the second field (stop 45's text probe: the mask was taken as the labels, silently)."""
@@ -2036,9 +2078,10 @@ class KroneckerCurvature:
             reduce: Applied to every accumulated sum (factor sums, location/row counts, squared gradients) before
                 finalising, e.g. an all-reduce over ``torch.distributed`` ranks; first (``likelihood="auto"``) to
                 one flag per :class:`Likelihood`, the one this rank's rows identify (ranks that differ all take the
-                empirical Fisher), then, at the first forward, to two flags per candidate layer (called on a shared
-                code, called at all), then to one per factored layer read outside its module (so that every rank
-                factors the same layers).
+                empirical Fisher), or (``likelihood="categorical"``) to three flags, refused / a mean over positions /
+                read per position (:func:`explicit_positions`: a rank refusing makes every rank refuse), then, at
+                the first forward, to two flags per candidate layer (called on a shared code, called at all), then
+                to one per factored layer read outside its module (so that every rank factors the same layers).
             max_factor_dim: Factors larger than this keep only their diagonal.
             max_locations: Estimate each layer's input factor ``A`` (per draw) from a uniformly drawn subset of
                 rows with about this many locations; ``"auto"``: ``max(1024, 2·dim A)`` per layer and draw;
@@ -2145,6 +2188,30 @@ class KroneckerCurvature:
                         f"rows {lik.value}{why}), so every rank takes the empirical Fisher"
                     }
                     lik = Likelihood.EMPIRICAL
+        elif lik is Likelihood.CATEGORICAL:
+            # [B, L, V] logits: the per-position reading likelihood='auto' takes (a mean's 1/L, a weight field), or a
+            # refusal (padding, an unread nll); the ranks agree, so none raises while the others wait in a collective
+            detected = explicit_positions(model, nll, seen, batches)
+            if reduce is not None:
+                refused, means, read = reduce(
+                    torch.tensor(
+                        [float("refuse" in detected), float("scale" in detected), float(bool(detected))],
+                        dtype=torch.float64,
+                        device=thetas.device,
+                    )
+                ).tolist()
+                if refused > 0 and "refuse" not in detected:
+                    detected = {
+                        "refuse": "likelihood='categorical': another rank's rows cannot be read as a per-position "
+                        "cross-entropy (its error says why); nothing was changed"
+                    }
+                elif 0 < means < read:
+                    detected = {
+                        "refuse": "likelihood='categorical': the ranks' rows read nll as a sum over the positions on "
+                        "some ranks and as a mean on others; nothing was changed"
+                    }
+            if "refuse" in detected:
+                raise ValueError(detected["refuse"])
         if lik is Likelihood.GAUSSIAN and sigma is None:
             if nll is not None and not detected:
                 kind, detected = detect_likelihood(model, nll, seen)
