@@ -159,6 +159,32 @@ def test_an_nll_failing_on_one_ranks_rows_stops_every_rank_at_once(tmp_path):
     assert r0["kept"] and r1["kept"]
 
 
+def _fit_fails_worker(rank: int, world: int, out: str) -> None:
+    x, y, model, bank = _setup(6)
+    x[1::2, 0] = 1000.0  # every row of rank 1 (id % 2 == 1): its nll raises in fit's curvature build
+    data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=8, seed=4)
+    un = DistributedUnlearner(model, bank=bank, **{**KW, "nll": _raising_nll})
+    try:
+        un.fit(data)
+        found = {"error": "accepted"}
+    except Exception as e:  # the message is what is compared
+        found = {"error": f"{type(e).__name__}: {e}"}
+    found["kept"] = bool(torch.equal(un.bank, bank))
+    with open(f"{out}/fit-rank{rank}.json", "w") as f:
+        json.dump(found, f)
+
+
+def test_a_rank_failing_in_fit_is_named_as_failing_in_fit(tmp_path):
+    """Rank 1's ``nll`` raises in ``fit()``: rank 0's ``RankFailedError`` said rank 1 "failed during this request"
+    and to "send the request again", in a fit (stop 59's review). Now it names the fit and says to call it again."""
+    spawn(_fit_fails_worker, str(tmp_path), world=2, timeout_s=40)
+    r0, r1 = (json.loads((tmp_path / f"fit-rank{r}.json").read_text()) for r in range(2))
+    assert "nll: a row out of range" in r1["error"], r1
+    assert r0["error"].startswith("RankFailedError: rank 1 of the group failed during this fit() ("), r0
+    assert "call fit() again on every rank" in r0["error"] and "request" not in r0["error"], r0
+    assert r0["kept"] and r1["kept"]
+
+
 def _moving_fails_worker(rank: int, world: int, out: str) -> None:
     x, y, model, bank = _setup(6)
     data = ShardedDataset.from_global(x, y, rank=rank, world=world, batch_size=8, seed=4)

@@ -187,7 +187,8 @@ def _all_reduce(t: torch.Tensor, group: Group, op: Any = None) -> torch.Tensor:
 
 
 class RankFailedError(UnlearningError):
-    """Another rank of the group failed during this request (its own error says why); nothing was changed here."""
+    """Another rank of the group failed during this request or ``fit()`` (its own error says why; the message names
+    which); nothing was changed here."""
 
 
 class _Watch:
@@ -197,10 +198,12 @@ class _Watch:
     sends its failure in one such exchange on its way out (:meth:`status`), which the other ranks meet in their next
     all-reduce or at the call's end: each then raises :class:`RankFailedError`, naming the rank, instead of waiting
     in a collective the failed rank never joins. ``failed`` is ``None`` while every rank is fine, else the failed
-    ranks (``[]``: the communication itself broke); once set, no further exchange is made."""
+    ranks (``[]``: the communication itself broke); once set, no further exchange is made. ``call``: what is watched,
+    ``"request"`` or ``"fit"``, which the error names."""
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, call: str = "request") -> None:
         self.group = group
+        self.call = call
         self.failed: list[int] | None = None
 
     def status(self, failed: bool) -> list[int]:
@@ -221,9 +224,11 @@ class _Watch:
     def error(self) -> RankFailedError:
         ranks = self.failed or []
         who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+        # (it said "during this request" also in fit(), which the user then looked for among the requests)
+        during, again = ("fit()", "call fit() again") if self.call == "fit" else ("request", "send the request again")
         return RankFailedError(
-            f"{who} of the group failed during this request (its error there says why: fix that and send the request "
-            "again on every rank); this rank stopped with it, nothing was changed"
+            f"{who} of the group failed during this {during} (its error there says why: fix that and {again} on "
+            "every rank); this rank stopped with it, nothing was changed"
         )
 
     def check(self) -> None:
@@ -239,15 +244,16 @@ _CALLS = ("forget", "remove", "fit")
 
 
 @contextmanager
-def _watched(group: Group) -> Iterator[None]:
+def _watched(group: Group, call: str = "request") -> Iterator[None]:
     """Run a collective call (a request, a fit) so that an error on one rank makes every rank raise promptly
     (:class:`_Watch`); a no-op in one process. Before (stop 59's probe), an ``nll`` that raised on one rank's remaining
     rows (a label out of range) left the other rank waiting in its next all-reduce until gloo's timeout (15 s there, 10
-    minutes by default), and the next collective paired with the wrong one."""
+    minutes by default), and the next collective paired with the wrong one. ``call``: ``"request"`` or ``"fit"``,
+    named by the other ranks' :class:`RankFailedError`."""
     if _group_info(group)[1] == 1:
         yield
         return
-    watch = _Watch(group)
+    watch = _Watch(group, call)
     _WATCHES.append(watch)
     try:
         yield
@@ -630,7 +636,7 @@ class DistributedUnlearner(MCMCUnlearner):
         with the same curvature state (:meth:`_agree_entry`; a fit on one rank while another sent a request paired
         the fit's all-reduces with the request's), and an error on one rank makes every rank raise."""
         self._agree_entry("fit")
-        with _watched(self.group):
+        with _watched(self.group, "fit"):
             out = super().fit(remaining, n_remaining)
         self._count_call("fit")
         return out
