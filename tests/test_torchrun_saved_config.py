@@ -4,6 +4,7 @@ library's defaults on a K-FAC model (recenter_every resolved to 10 and stored) i
 cannot apply ("pass newton_target='relative' or newton_steps=1" / "pass recenter_every=0": forget has no such
 option). The refusal must say what the command-line user can do, and the folder must stay unchanged."""
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from mcmc_unlearner.datasets import make_gmm_2d
 from mcmc_unlearner.models.gmm import GaussianMixture
 from mcmc_unlearner.samplers import run_chain
 from mcmc_unlearner.service.checkpoint import save_model
+from mcmc_unlearner.service.deletion import forget
 from mcmc_unlearner.service.specs import gmm_data_spec, gmm_model_spec
 
 
@@ -44,8 +46,16 @@ def _save(path: Path, **options) -> Path:
 def test_torchrun_forget_refusal_names_a_command_line_fix(tmp_path, options):
     folder = _save(tmp_path / "m", **options)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    ids = tmp_path / "ids.txt"
-    ids.write_text("3 14 15")
+    run = _torchrun_forget(folder, tmp_path, "3 14 15")
+    assert run.returncode != 0
+    assert "without torchrun" in run.stderr, run.stderr[-1500:]  # a fix a command-line user can apply
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def _torchrun_forget(folder: Path, tmp_path: Path, ids: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m mcmc_unlearner.cli forget --model folder --ids FILE` (``ids`` in FILE)."""
+    file = tmp_path / "ids.txt"
+    file.write_text(ids)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -62,9 +72,23 @@ def test_torchrun_forget_refusal_names_a_command_line_fix(tmp_path, options):
         "--model",
         str(folder),
         "--ids",
-        str(ids),
+        str(file),
     ]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode != 0
-    assert "without torchrun" in run.stderr, run.stderr[-1500:]  # a fix a command-line user can apply
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_a_torchrun_request_leaves_autos_dense_weighing_pending(tmp_path):
+    """A folder whose ``solver='auto'`` took the dense Hessian and has not weighed it yet (saved before its first
+    request): a request under torchrun runs the dense solver unweighed (the weighing runs in one process), and
+    the folder's flag came out False, so no later request weighed it (stop 59's review). Now it stays pending, and
+    the next request in one process weighs it."""
+    folder = _save(tmp_path / "m")
+    pending = json.loads((folder / "manifest.json").read_text())["unlearner_state"]["dense_weigh_pending"]
+    assert pending == {"curvature_draws": True, "recenter_every": True, "refresh_every": True}
+    run = _torchrun_forget(folder, tmp_path, "3 14 15")
+    assert run.returncode == 0, run.stderr[-1500:]
+    state = json.loads((folder / "manifest.json").read_text())["unlearner_state"]
+    assert state["grad_draw_round"] == 1 and state["dense_weigh_pending"] == pending  # was False: never weighed
+    out = forget(folder, [4, 5], request_id="one-process")
+    assert "dense_cost" in out.report.info, out.report.info  # weighed (and kept: the estimate is recorded)
+    assert json.loads((folder / "manifest.json").read_text())["unlearner_state"]["dense_weigh_pending"] is False

@@ -1283,10 +1283,16 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     dun.load_curvature_state(*un.curvature_state())
     report = dun.forget(ids, shard, strict=False)
     data.load_state_dict(shard.state_dict())
+    probe = un._dense_probe  # solver='auto''s weighing of its dense build, pending (it runs in one process only)
     un.reset_curvature()  # the state loaded with it is replaced by the request's below
     un.bank = dun.bank
     un.generator.set_state(dun.generator.get_state())
-    un.load_curvature_state(*dun.curvature_state())
+    tensors, meta = dun.curvature_state()
+    if probe is not None:
+        # the ranks ran the folder's dense solver unweighed: the weighing stays pending for its next request in one
+        # process (loading the ranks' state, whose flag is False, had cleared it: never weighed from then on)
+        meta = {**meta, "dense_weigh_pending": dict(probe)}
+    un.load_curvature_state(tensors, meta)
     un.history.append(report)
     _STAGE.value = "computed"
     return report
