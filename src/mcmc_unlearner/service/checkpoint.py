@@ -354,6 +354,10 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
 
 
 # ---------------------------------------------------------------------------------------------- save / commit
+#: Keys of the unlearner's curvature state written only while set (a curvature ``fit()`` built that no request has
+#: used yet): a commit's state without them, merged into the last one's, kept them (the next request, loaded, took
+#: the cached curvature as fit's and searched it as its own build).
+_WHILE_SET = ("built_by_fit", "fit_data_nll")
 _OWN_FILES = {MANIFEST_NAME, ledger_mod.LEDGER_NAME, DATA_FILE, LEGACY_LOCK_NAME}
 
 
@@ -730,7 +734,10 @@ def commit_update(
                 "state_sha256": sha256_hex(blob),
                 "model_sha256": after,
                 "sampler": sampler_config(loaded.sampler)[0],
-                "unlearner_state": {**old.get("unlearner_state", {}), **un.curvature_state()[1]},
+                "unlearner_state": {
+                    **{k: v for k, v in old.get("unlearner_state", {}).items() if k not in _WHILE_SET},
+                    **un.curvature_state()[1],
+                },
                 # solver='auto' switched the folder's own unlearner (its dense build weighed costlier: K-FAC or CG):
                 # the configuration it runs with from now on (kept as saved, a restart took the dense solver again)
                 **(
