@@ -3,9 +3,6 @@ glibc's default allocator (``VmHWM``), and the chunked build's numbers against `
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -13,28 +10,18 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, vmap
 
-import mcmc_unlearner
-from _memory_helpers import STATUS
+from _memory_helpers import measured, opening
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
 
 _BUILDS = (
-    r"""
-import gc, json, sys
-import torch
-from torch import nn
-from mcmc_unlearner import MCMCUnlearner
+    opening(
+        r"""import gc
 from mcmc_unlearner.curvature import ParamSpec
 from mcmc_unlearner.memory import release_free_heap
-
-torch.set_num_threads(1)
-
 """
-    + STATUS
+    )
     + r"""
-
-budget = int(sys.argv[1])
-torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 4))  # 1,012 parameters
 x, y = torch.randn(1000, 16), torch.randint(4, (1000,))
 theta = ParamSpec.flatten_module(model)
@@ -70,17 +57,8 @@ def test_chunked_dense_hessian_stays_within_the_budget_under_the_default_allocat
     across them. Measured now at 19-21 MB (0.42-0.46x); one build of the old code varied 0.82-1.33x from run to run
     (the heap's layout), so the bound is asserted with no further margin. Without ``MALLOC_MMAP_THRESHOLD_``: the
     default allocator is what a user runs."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
-    src = os.path.dirname(os.path.dirname(mcmc_unlearner.__file__))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.update(PYTHONPATH=src, OMP_NUM_THREADS="1")
     budget = 45_000_000
-    done = subprocess.run(
-        [sys.executable, "-c", _BUILDS, str(budget)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = measured(_BUILDS, str(budget), timeout=120, default_allocator=True)
     if "skip" in out:
         pytest.skip(out["skip"])
     peak = out["peak"]

@@ -17,7 +17,7 @@ from torch import nn
 
 import mcmc_unlearner.step as St
 import mcmc_unlearner.unlearner as U
-from _memory_helpers import STATUS
+from _memory_helpers import MLP, opening
 from _memory_helpers import measured as _measured
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.memory import resolve_budget
@@ -25,21 +25,9 @@ from mcmc_unlearner.memory import resolve_budget
 torch.set_num_threads(1)
 
 _MEASURE = (
-    r"""
-import json, sys
-import torch
-from torch import nn
-from mcmc_unlearner import MCMCUnlearner
-
-torch.set_num_threads(1)
-"""
-    + STATUS
+    opening()
+    + MLP
     + r"""
-budget = int(sys.argv[1])
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 10))
-x, y = torch.randn(8, 64), torch.randint(10, (8,))
-nll = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
 params = [p.detach() for p in model.parameters()]
 bank = torch.cat([p.reshape(-1) for p in params])[None] + 0.01 * torch.randn(4, sum(p.numel() for p in params))
 MCMCUnlearner(model, nll=nll, bank=bank.clone(), memory_budget=budget, solver="cg")._check_forward((x, y))  # warm
