@@ -3243,20 +3243,9 @@ class MCMCUnlearner:
         the checks are put off (their bytes on one row in ``_forward_deferred``), and the request is refused naming a
         budget that covers them (:meth:`_propose`). Unplanned, they took 10.7 copies of a 1.1M-parameter MLP's
         parameters (48 MB under a 24 MB budget) before stop 59 cut them to 4.8."""
-        from .kronecker import field_rows
-
-        total = field_rows(rows)
-        d_bytes = self.spec.dim * theta.element_size()
-        per_row, per_call = self._check_rows_cost(rows, theta)  # (on a clone of the stored sample)
-        self._check_cost = (per_row, per_call, d_bytes)  # (the mixed-rows test's plan: _mixed_plan)
-
-        def need(r: int) -> int:
-            return _FORWARD_D_COPIES * d_bytes + GRAD_SAVED_FACTOR * (r * per_row + per_call)
-
-        fit = max((r for r in range(1, max(total, 1) + 1) if need(r) <= self.memory_budget), default=0)
-        self._forward_deferred = None if fit else need(1)
-        if fit:
-            self._plan("forward_check", need(fit))
+        fit, one, cost = self._early_check_plan(rows, theta, _FORWARD_D_COPIES, GRAD_SAVED_FACTOR, "forward_check")
+        self._check_cost = cost  # (the mixed-rows test's plan: _mixed_plan)
+        self._forward_deferred = None if fit else one
         return fit
 
     def _once_plan(self, rows: Batch, theta: torch.Tensor) -> int:
@@ -3267,20 +3256,35 @@ class MCMCUnlearner:
         ``info["memory"]["planned"]["second_derivative_check"]``; 0 where not even one row fits (its bytes on one
         row kept in ``_once_deferred``, else ``None``). The product on a 52.7M-parameter MLP took 1,414 MiB (7.0
         copies of the parameters) beside the request's 1,610 MiB before it was planned (stop 58)."""
+        fit, one, _ = self._early_check_plan(
+            rows, theta, _ONCE_D_COPIES, _HVP_PRODUCT_FACTOR, "second_derivative_check"
+        )
+        self._once_deferred = None if fit else one
+        return fit
+
+    def _early_check_plan(
+        self, rows: Batch, theta: torch.Tensor, copies: int, factor: int, path: str
+    ) -> tuple[int, int, tuple[int, int, int]]:
+        """The plan of a first-request check (:meth:`_forward_plan`, :meth:`_once_plan`): ``copies`` copies of the
+        parameters beside ``factor`` times what the rows' backward pass saves (:meth:`_check_rows_cost`), on as many
+        of ``rows`` (the first ones) as fit the memory budget, recorded under ``path`` where one does.
+
+        Returns:
+            ``(rows that fit (0: not one), its bytes on one row, (per row, per call, per copy of the parameters))``.
+        """
         from .kronecker import field_rows
 
         total = field_rows(rows)
         d_bytes = self.spec.dim * theta.element_size()
-        per_row, per_call = self._check_rows_cost(rows, theta)
+        per_row, per_call = self._check_rows_cost(rows, theta)  # (on a clone of the stored sample)
 
         def need(r: int) -> int:
-            return _ONCE_D_COPIES * d_bytes + _HVP_PRODUCT_FACTOR * (r * per_row + per_call)
+            return copies * d_bytes + factor * (r * per_row + per_call)
 
         fit = max((r for r in range(1, max(total, 1) + 1) if need(r) <= self.memory_budget), default=0)
-        self._once_deferred = None if fit else need(1)
         if fit:
-            self._plan("second_derivative_check", need(fit))
-        return fit
+            self._plan(path, need(fit))
+        return fit, need(1), (per_row, per_call, d_bytes)
 
     def _once_differentiable(self, rows: Batch, theta: torch.Tensor) -> str | None:
         """The operation torch names when one Hessian-vector product of ``nll`` on ``rows`` at ``theta`` by double
