@@ -587,7 +587,7 @@ class DistributedUnlearner(MCMCUnlearner):
                 raise ValueError("another rank refused to build the unlearner (see its error); nothing was changed")
         if err is not None:
             raise err
-        if self.newton_steps > 1 and self.newton_target == "equilibrium":
+        if self._newton_limit > 1 and self.newton_target == "equilibrium":
             raise ValueError(
                 "DistributedUnlearner supports further Newton steps only with newton_target='relative' "
                 "(the equilibrium target lists every remaining row, which a shard cannot); pass "
@@ -1263,7 +1263,8 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
 
     cfg = unlearner_config(un)
     unsupported = []
-    if int(cfg.get("newton_steps", 1)) > 1 and cfg.get("newton_target") == "equilibrium":
+    steps = cfg.get("newton_steps", 1)
+    if (steps == "auto" or int(steps) > 1) and cfg.get("newton_target") == "equilibrium":
         unsupported.append(f"newton_steps={cfg['newton_steps']} with newton_target='equilibrium'")
     if cfg.get("recenter_every"):
         unsupported.append(f"recenter_every={cfg['recenter_every']}")

@@ -380,7 +380,9 @@ _OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
     "check_draws": lambda v: whole("check_draws", v, 1),
     "check_rows": lambda v: whole("check_rows", v, 1),
     "negative_curvature": _one_of("negative_curvature", ("raise", "truncate"), "'raise' or 'truncate'"),
-    "newton_steps": lambda v: whole("newton_steps", v, 1),
+    "newton_steps": lambda v: (
+        v if isinstance(v, str) and v == "auto" else whole("newton_steps", v, 1, "must be 'auto' or an integer >= 1")
+    ),
     "newton_target": _one_of("newton_target", ("equilibrium", "relative"), "'equilibrium' or 'relative'"),
     "curvature_data": _one_of("curvature_data", ("auto", "minibatch", "full"), "'auto', 'minibatch' or 'full'"),
     "likelihood": _likelihood,

@@ -1,0 +1,127 @@
+"""``newton_steps="auto"``: further equilibrium Newton steps only where the bank's own gap to equilibrium is small
+against the removal's gradient, and only while they are cheap (a multiple of the influence step's CPU time).
+
+A Bayesian logistic regression (prior N(0, 1)) whose mode moves nonlinearly when a region of rows is removed; its
+new mode is found by Newton's method in float64, so how far a bank at a single point lands from it is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mcmc_unlearner.unlearner as U
+from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+
+
+class _LogReg(torch.nn.Module):
+    """Bayesian logistic regression, prior N(0, 1)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+
+    def log_prior(self) -> torch.Tensor:
+        return -0.5 * (self.w**2).sum()
+
+    def nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits(x @ self.w, y, reduction="none")
+
+
+def _map(x: torch.Tensor, y: torch.Tensor, iters: int = 50) -> torch.Tensor:
+    """The logistic posterior's mode by Newton's method (float64, to machine precision)."""
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+    for _ in range(iters):
+        p = torch.sigmoid(x @ w)
+        H = x.T @ (x * (p * (1 - p))[:, None]) + torch.eye(x.shape[1], dtype=torch.float64)
+        w = w - torch.linalg.solve(H, x.T @ (p - y) + w)
+    return w
+
+
+def _grad(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, prior: bool = True) -> torch.Tensor:
+    """``∇F(w)``: the rows' NLL gradient, plus the prior's where asked."""
+    g = x.T @ (torch.sigmoid(x @ w) - y)
+    return g + w if prior else g
+
+
+@pytest.fixture
+def region():
+    """300 rows; the removed ones are a whole region (``x₀ > 0.8``), so one influence step is not exact."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 300, 3
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    p = torch.sigmoid(x @ torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64))
+    y = (torch.rand(n, generator=g, dtype=torch.float64) < p).double()
+    removed = torch.nonzero(x[:, 0] > 0.8).flatten()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    return x, y, removed, keep
+
+
+def _forget(x, y, removed, bank: torch.Tensor, steps) -> tuple[torch.Tensor, dict]:
+    un = MCMCUnlearner(_LogReg(x.shape[1]), bank=bank.clone(), solver="exact", curvature_draws=1, newton_steps=steps)
+    report = un.forget(removed, RemovableDataset(x, y, batch_size=x.shape[0], seed=0))
+    assert report.converged
+    return un.bank[0].clone(), report.info
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")  # a large removal, on purpose
+def test_auto_takes_further_steps_where_the_bank_is_at_equilibrium_and_lands_on_the_new_mode(
+    region, monkeypatch
+) -> None:
+    """A bank at the old mode is at equilibrium (``E[∇F(θ, S)] = 0``: gap 0): the rule takes further steps, and they
+    reach the exact new mode that one step misses."""
+    x, y, removed, keep = region
+    old, new = _map(x, y), _map(x[keep], y[keep])
+    monkeypatch.setattr(U, "NEWTON_AUTO_COST", 1e9)  # the time cap apart: tested below
+    one, _ = _forget(x, y, removed, old[None], 1)
+    auto, info = _forget(x, y, removed, old[None], "auto")
+    err1 = float((one - new).norm() / (new - old).norm())
+    err_auto = float((auto - new).norm() / (new - old).norm())
+    assert err1 > 0.02  # one step is not exact on this nonlinear problem
+    assert info["newton_bank_gap"] < 1e-6  # the mode zeroes the full data's gradient
+    assert info["newton_steps_taken"] >= 2
+    assert err_auto < 0.05 * err1
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")
+def test_auto_takes_no_further_step_where_the_banks_own_gap_dominates(region) -> None:
+    """A bank off the old mode by more than the removal moves it: its own gap to equilibrium ``e₀ = ∇F(θ, S)``
+    (measured, checked against the closed form) exceeds ``NEWTON_AUTO_BANK_GAP·‖G‖``, further steps would chase it,
+    and the request is the influence step's to the bit; an integer ``newton_steps`` does move on."""
+    x, y, removed, _ = region
+    old = _map(x, y)
+    bank = (old + torch.tensor([1.5, -1.0, 1.0], dtype=torch.float64))[None]
+    gap = float(_grad(x, y, bank[0]).norm() / _grad(x[removed], y[removed], bank[0], prior=False).norm())
+    assert gap > 2 * U.NEWTON_AUTO_BANK_GAP  # the case is what it says
+    one, _ = _forget(x, y, removed, bank, 1)
+    auto, info = _forget(x, y, removed, bank, "auto")
+    four, _ = _forget(x, y, removed, bank, 4)
+    assert info["newton_bank_gap"] == pytest.approx(gap, rel=1e-6)
+    assert info["newton_steps_taken"] == 1 and info["newton_stop"].startswith("not needed"), info
+    assert torch.equal(auto, one)
+    assert float((four - one).norm()) > 0.1 * float((one - bank[0]).norm())
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")
+def test_auto_stops_at_its_cost_cap(region, monkeypatch) -> None:
+    """The further steps' CPU time is capped at ``NEWTON_AUTO_COST`` times the influence step's: at 0 no further step
+    is taken (the gap's pass has already spent some), and the report says why."""
+    x, y, removed, _ = region
+    old = _map(x, y)
+    monkeypatch.setattr(U, "NEWTON_AUTO_COST", 0.0)
+    one, _ = _forget(x, y, removed, old[None], 1)
+    auto, info = _forget(x, y, removed, old[None], "auto")
+    assert info["newton_steps_taken"] == 1 and info["newton_stop"].startswith("cost: "), info
+    assert torch.equal(auto, one)
+
+
+def test_auto_is_validated_and_needs_the_equilibrium_target() -> None:
+    model = _LogReg(3)
+    bank = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(ValueError, match="newton_steps must be 'auto' or an integer >= 1"):
+        MCMCUnlearner(model, bank=bank, newton_steps="Auto")
+    with pytest.raises(ValueError, match="newton_target='equilibrium'"):
+        MCMCUnlearner(model, bank=bank, newton_steps="auto", newton_target="relative")
+    assert MCMCUnlearner(model, bank=bank, newton_steps="auto").newton_steps == "auto"
