@@ -396,3 +396,114 @@ def test_the_label_check_of_a_count_regression_makes_no_forward_beyond_the_likel
     prop = un.propose(removed, (x[~gone], counts[~gone]))
     assert "emptied_labels" not in prop.report.info, prop.report.info.get("emptied_labels")
     assert inside == [probe]  # one check: the probe's forwards and none of its own
+
+
+class _Scaled(nn.Module):
+    """A parametrization that computes the weight as ``1.0 * W``: the same numbers as the plain layer's, but the
+    output layer's weight is no parameter (as under ``spectral_norm`` or ``weight_norm``), so its rows cannot be
+    drawn."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 1.0
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
+def _two_label_removal(damping: float, mode: str, parametrized: bool):
+    """The seed-1 softmax regression's request removing labels 2 and 3, at a fixed ``damping``, its head plain or
+    computed by :class:`_Scaled`."""
+    from torch.nn.utils import parametrize
+
+    model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
+    if parametrized:
+        parametrize.register_parametrization(model, "weight", _Scaled())
+        bank = [{("parametrizations.weight.original" if k == "weight" else k): v for k, v in s.items()} for s in bank]
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=damping, emptied_label=mode)
+    gone = y >= 2
+    return un, model, x, y, gone, un.propose((x[gone], y[gone]), (x[~gone], y[~gone]))
+
+
+def test_a_label_still_the_top_class_whose_row_cannot_be_drawn_is_refused_below_one_half() -> None:
+    """At damping 1 the moved samples give label 2 a mean probability of 0.47, under one half, while it is the top
+    class of their posterior predictive on 68% of its rows (label 3: 0.20, 6%). A plain head's row is drawn (both
+    labels then at 0.07-0.09, top on none of their rows); a head whose weight a parametrization computes (as
+    ``spectral_norm`` does: stop 59's probe, a digits MLP whose removed class stayed the top class on 63% of its rows
+    at p = 0.17) cannot be drawn, and the request passed. It is now refused, naming label 2 alone and why the row was
+    not drawn; the samples stay. ``emptied_label="refuse"`` keeps stop 40's rule (the mean probability alone)."""
+    from mcmc_unlearner.curvature import ParamSpec
+    from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_TOP
+
+    un, model, x, y, gone, prop = _two_label_removal(1.0, "resample", parametrized=True)
+    info = prop.report.info
+    assert info["emptied_label_resample"].startswith("not done: the output layer's weight is computed")
+    # the top share by hand: the rows whose bank-averaged softmax has the label as its top class
+    spec = ParamSpec.of(model)
+    states = [spec.unflatten(t) for t in prop.bank]
+    p = torch.stack(
+        [torch.softmax(x[gone] @ s["parametrizations.weight.original"].T + s["bias"], -1) for s in states]
+    ).mean(0)
+    tops = {str(c): float((p[y[gone] == c].argmax(1) == c).double().mean()) for c in (2, 3)}
+    assert info["emptied_labels_top_share"] == pytest.approx(tops, rel=1e-12)
+    assert info["emptied_label_max_top_share"] == max(tops.values())
+    assert info["emptied_labels"]["2"] < EMPTIED_LABEL_MAX_PROB <= EMPTIED_LABEL_MAX_TOP <= tops["2"]
+    assert tops["3"] < EMPTIED_LABEL_MAX_TOP
+    (problem,) = [q for q in prop.report.problems if "removes the last rows of" in q]
+    assert "(label 2)" in problem and "(label 3)" not in problem and "68% of them" in problem
+    assert "computed by a parametrization" in problem and "Retrain" in problem and "run_chain" in problem
+    before = [{k: v.clone() for k, v in s.items()} for s in un.samples()]
+    with pytest.raises(QualityError, match="top class of their posterior predictive"):
+        un.remove((x[gone], y[gone]), (x[~gone], y[~gone]))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, un.samples()) for k in a)
+    # the plain head: drawn, and passed (a drawn row is not judged by its top share)
+    plain = _two_label_removal(1.0, "resample", parametrized=False)[-1].report
+    assert plain.info["emptied_label_resample"] == "drawn: 2,3"
+    assert plain.info["emptied_labels_top_share_before_resample"] == pytest.approx(tops, rel=1e-12)
+    assert not [q for q in plain.problems if "removes the last rows of" in q]
+    # emptied_label="refuse": the mean probability alone, as before
+    refused = _two_label_removal(1.0, "refuse", parametrized=True)[-1].report
+    assert refused.info["emptied_labels_top_share"] == pytest.approx(tops, rel=1e-12)
+    assert not [q for q in refused.problems if "removes the last rows of" in q]
+
+
+def test_an_undrawable_row_names_the_labels_still_predicted_by_either_measure_in_their_own_problems() -> None:
+    """At damping 10 label 2 keeps p = 0.80 (the check's own problem) and label 3 p = 0.47, the top class on 66% of
+    its rows: with the head's row not drawable each is named once, in its own problem."""
+    prop = _two_label_removal(10.0, "resample", parametrized=True)[-1]
+    named = [q for q in prop.report.problems if "removes the last rows of" in q]
+    assert len(named) == 2
+    assert "(label 2)" in named[0] and "(label 3)" not in named[0] and "mean probability 0.80" in named[0]
+    assert "(label 3)" in named[1] and "(label 2)" not in named[1] and "66% of them" in named[1]
+
+
+def test_a_label_that_is_the_top_class_at_a_low_probability_is_drawn() -> None:
+    """Twenty classes, the removed one's logit 0.5 above the others' on its rows: it is the top class on every row
+    at p = 0.08, under ``EMPTIED_RESAMPLE_PROB`` (no draw until now); the top share makes the draw, which forgets
+    it (p and top share ~0 after it)."""
+    from mcmc_unlearner.unlearner import EMPTIED_RESAMPLE_PROB
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 20
+    x = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 20).double()
+    bank = []
+    for _ in range(8):
+        w = 0.01 * torch.randn(20, 3, generator=g, dtype=torch.float64)
+        b = 0.01 * torch.randn(20, generator=g, dtype=torch.float64)
+        b[7] += 0.5
+        bank.append({"weight": w, "bias": b})
+
+    def nll(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    def log_prior(m):
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    gone = y == 7
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=1e6)
+    info = un.propose((x[gone], y[gone]), (x[~gone], y[~gone])).report.info
+    assert info["emptied_labels_before_resample"]["7"] < EMPTIED_RESAMPLE_PROB
+    assert info["emptied_labels_top_share_before_resample"] == {"7": 1.0}
+    assert info["emptied_label_max_top_share_before_resample"] == 1.0  # a scalar the service's ledger keeps
+    assert info["emptied_label_resample"] == "drawn: 7"
+    assert info["emptied_labels"]["7"] < 0.01 and info["emptied_labels_top_share"] == {"7": 0.0}

@@ -79,7 +79,8 @@ class EmptiedLabel(str, Enum):
     """What a request does when it removes the last rows of a label the moved samples still predict (README step
     6): draw that label's output-layer row from its conditional given the remaining data (``resample``, a Gibbs step
     of the retrained posterior; :mod:`mcmc_unlearner.emptied`) and check again; draw it for every emptied label
-    (``always``); or refuse at once (``refuse``)."""
+    (``always``); or refuse at once (``refuse``). A label still the top class on half its rows whose row cannot be
+    drawn is refused under ``resample`` and ``always`` whatever its probability."""
 
     RESAMPLE = "resample"
     ALWAYS = "always"

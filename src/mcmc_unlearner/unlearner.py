@@ -601,10 +601,20 @@ CUMULATIVE_REMOVAL = 0.5
 #: and a user's digits MLP whose class was removed in 17 requests of 8 still gave its last rows p = 0.99 after every
 #: request before had passed (tests/test_unlearner.py).
 EMPTIED_LABEL_MAX_PROB = 0.5
+#: ... and, where the label's output-layer row could not be drawn (``emptied_label_resample`` "not done" or "not kept":
+#: a head computed by ``spectral_norm`` or another parametrization, logits that are no ``nn.Linear``'s output, no
+#: ``log_prior``, ...), when the label is still the top class of the moved samples' posterior predictive (the argmax of
+#: their averaged softmax) on this share of those rows or more: a label spread against nine others can keep the argmax
+#: at a low mean probability (a spectral-normed digits MLP under CG: the top class on 63% of its rows at a mean
+#: probability of 0.17, and the request passed; stop 59's probe). A drawn row is not judged so: it is a draw from the
+#: retrained conditional, which can leave the label the top class on half its rows (tests/test_label_encodings.py's
+#: blobs: 52% at p = 0.39), and ``emptied_label="refuse"`` keeps stop 40's rule (the mean probability alone).
+EMPTIED_LABEL_MAX_TOP = 0.5
 #: ``emptied_label="resample"`` draws the label's output-layer row (:mod:`mcmc_unlearner.emptied`) where the moved
 #: samples still give its removed rows this much of their own label or more; below it the label is mostly forgotten
 #: (the digits BNN's class 0 in one request: 0.04; retrained digits MLPs give 0.0000–0.003) and the draw's cost is
-#: saved. The user's digits MLP whose class went in 17 requests of 8 ended at 0.15–0.99 on 7 of 8 seeds.
+#: saved. The user's digits MLP whose class went in 17 requests of 8 ended at 0.15–0.99 on 7 of 8 seeds. A label
+#: that is the top class on ``EMPTIED_LABEL_MAX_TOP`` of its rows or more is drawn too, whatever its probability.
 EMPTIED_RESAMPLE_PROB = 0.1
 #: Rows, as a multiple of the safety check's, on which a passed step's held-row NLL rise is measured again when
 #: it is not clearly within the tolerance (:meth:`EnergyCheck.confirm`); at most the remaining rows beyond the check's.
@@ -635,6 +645,43 @@ def _representable(name: str, value: float, dtype: torch.dtype, fix: str, zero_o
     problem = representable_refusal(name, value, str(dtype).removeprefix("torch."), limits, fix, zero_ok)
     if problem:
         raise ValueError(problem)
+
+
+def _still_held(label: str, probability: float, info: dict[str, Any]) -> bool:
+    """Whether ``emptied_label="resample"`` draws the output-layer row of an emptied ``label``: the moved samples give
+    its removed rows ``EMPTIED_RESAMPLE_PROB`` of its probability or more, or make it the top class on
+    ``EMPTIED_LABEL_MAX_TOP`` of them or more (``info["emptied_labels_top_share"]``)."""
+    tops = info.get("emptied_labels_top_share")
+    top = tops.get(label, 0.0) if isinstance(tops, dict) else 0.0
+    return not probability < EMPTIED_RESAMPLE_PROB or not top < EMPTIED_LABEL_MAX_TOP
+
+
+def _undrawn_top_problem(info: dict[str, Any]) -> str | None:
+    """The problem to report when an emptied label's output-layer row was not drawn (``info["emptied_label_resample"]``
+    says why) and the moved samples still make the label the top class on ``EMPTIED_LABEL_MAX_TOP`` of its removed
+    rows or more (``info["emptied_labels_top_share"]``) at a mean probability under ``EMPTIED_LABEL_MAX_PROB`` (a label
+    at that probability or more is named by the check's own problem); ``None`` otherwise."""
+    probs, tops = info.get("emptied_labels"), info.get("emptied_labels_top_share")
+    if not isinstance(probs, dict) or not isinstance(tops, dict):
+        return None
+    still = {c: t for c, t in tops.items() if not t < EMPTIED_LABEL_MAX_TOP and probs[c] < EMPTIED_LABEL_MAX_PROB}
+    if not still:
+        return None
+    said = ", ".join(
+        f"{100 * t:.0f}% of them at a mean probability of {probs[c]:.2f} (label {c})" for c, t in still.items()
+    )
+    why = str(info.get("emptied_label_resample", "not done"))
+    return (
+        f"this request removes the last rows of {'a label' if len(still) == 1 else 'labels'} from the remaining "
+        f"data, but the moved samples still make {'it' if len(still) == 1 else 'each'} the top class of their "
+        f"posterior predictive on {said} (at least {EMPTIED_LABEL_MAX_TOP:.0%} of the rows; spread against the other "
+        "labels, a class stays predicted below a mean probability of one half), and the label's output-layer row, "
+        f"which would be drawn from its conditional given the remaining rows, was {why}. Retrain, or continue the "
+        "chain on the remaining data for at least a burn-in's worth of steps (your own sampler, run_chain, or the "
+        "deletion service's --on-failure repair with --repair-steps that long); or give the model an output layer "
+        "the draw can sample (a final nn.Linear giving the logits, its weight and bias plain trainable parameters: "
+        "no spectral_norm, weight_norm or other parametrization), with a log_prior and remaining rows it can list"
+    )
 
 
 def _per_row(out: Any, rows: int) -> bool:
@@ -1178,6 +1225,40 @@ def _spread_nll_change(info: dict[str, Any]) -> float:
     (``info["spread_check"]``; 0 where no such move was applied)."""
     moved = info.get("spread_check")
     return float(moved["nll_change"]) if isinstance(moved, dict) and moved.get("applied") else 0.0
+
+
+#: Bytes of a part's posterior predictive (float64 ``[rows, classes]``) in the emptied-label check's top share: a
+#: 50,000-word vocabulary's parts after the first are 83 rows.
+EMPTIED_TOP_PART_BYTES = 32 * 2**20
+
+
+def _top_rows(logits_f: Callable[..., torch.Tensor], draws: torch.Tensor, rows: Batch, label: int) -> torch.Tensor:
+    """On the rows ``rows`` of an emptied ``label``: how many have it as the top class of the posterior predictive
+    (the softmax of ``logits_f``, the model's logits ``[rows, classes]``, averaged over the samples ``draws``), and how
+    many could not be read so (logits of another shape, or an output :func:`~mcmc_unlearner.kronecker.select_output`
+    cannot read: no top share is reported then), as float64 ``[2]``."""
+    out = torch.zeros(2, dtype=torch.float64)
+    m, part = int(rows[0].shape[0]), EMPTIED_LABEL_ROWS
+    i = 0
+    while i < m:
+        piece = tuple(f[i : i + part] for f in rows)
+        k = int(piece[0].shape[0])
+        mean = None
+        for t in draws:
+            try:
+                logits = logits_f(t, *piece)
+            except ValueError:  # an output select_output cannot read (a rank that has not seen the output's field)
+                logits = None
+            if logits is None or logits.dim() != 2 or logits.shape[0] != k or logits.shape[1] <= label:
+                out[1] += m - i
+                return out
+            p = torch.softmax(logits.double(), 1)
+            mean = p if mean is None else mean.add_(p)
+        if mean is not None:
+            out[0] += float((mean.argmax(1) == label).sum())
+        i += k
+        part = max(1, min(EMPTIED_LABEL_ROWS, EMPTIED_TOP_PART_BYTES // (8 * max(int(mean.shape[1]), 1))))
+    return out
 
 
 def _evenly(n: int, k: int | None) -> torch.Tensor:
@@ -1983,9 +2064,11 @@ class MCMCUnlearner:
             draws that label's output-layer row, in every sample, from its conditional given the remaining rows (a
             Gibbs step of the retrained posterior, :mod:`mcmc_unlearner.emptied`; needs a final ``nn.Linear``
             giving the logits, a ``log_prior`` and remaining rows it can list: a tuple, a ``RemovableDataset``, a
-            ``DataLoader`` over a ``TensorDataset``) and checks again; ``"always"``: every
-            emptied label's row is drawn so; ``"refuse"``: no draw, a request leaving the label predicted (one half
-            or more) is refused (stop 40's behaviour).
+            ``DataLoader`` over a ``TensorDataset``) and checks again; so does a label that is still the top class
+            of the posterior predictive on half those rows or more (``EMPTIED_LABEL_MAX_TOP``), and where its row
+            cannot be drawn (or the draw is not kept) such a label is refused whatever its probability;
+            ``"always"``: every emptied label's row is drawn so; ``"refuse"``: no draw, a request leaving the label
+            predicted (one half or more in mean probability) is refused (stop 40's behaviour).
 
     Attributes:
         history: Every applied request's :class:`RemovalReport`, in order. It is never trimmed (about a kilobyte per
@@ -5262,14 +5345,20 @@ class MCMCUnlearner:
         emptied = self._emptied_label_problem(batch, stream, new_bank if new_bank is not None else new_live[None], info)
         measured = info.get("emptied_labels") if isinstance(info.get("emptied_labels"), dict) else {}
         always = self.emptied_label is EmptiedLabel.ALWAYS and bool(measured)
-        held = any(not q < EMPTIED_RESAMPLE_PROB for q in measured.values())
+        held = any(_still_held(c, q, info) for c, q in measured.items())
+        undrawn = None
         if always or (held and self.emptied_label is EmptiedLabel.RESAMPLE):
             drawn = self._resample_emptied(stream, new_live, new_bank, info, every=always)
             if drawn is not None:
                 new_live, new_bank = drawn
+                if isinstance(info.get("emptied_labels_top_share"), dict):
+                    info["emptied_labels_top_share_before_resample"] = dict(info["emptied_labels_top_share"])
+                    info["emptied_label_max_top_share_before_resample"] = info["emptied_label_max_top_share"]
                 emptied = self._emptied_label_problem(
                     batch, stream, new_bank if new_bank is not None else new_live[None], info
                 )
+            else:  # the row could not be drawn (or its draw was not kept): is the label still the top class?
+                undrawn = _undrawn_top_problem(info)
         if self.control.drift is not None:  # the measured NLL rises summed across requests (reported, not judged)
             total, var, first = self.control.drift
             info.update(remaining_nll_drift=total, remaining_nll_drift_stderr=math.sqrt(var))
@@ -5280,6 +5369,8 @@ class MCMCUnlearner:
         )
         if emptied:
             report.problems.append(emptied)
+        if undrawn:
+            report.problems.append(undrawn)
         stored = new_bank if new_bank is not None else new_live
         before = self.bank if new_bank is not None else live
         stored_dtype = str(stored.dtype)[6:]
@@ -5450,20 +5541,26 @@ class MCMCUnlearner:
         emptied = torch.nonzero((seen[0] > 0) & (seen[1] == 0)).flatten()
         if emptied.numel() == 0:
             return None
+        from .kronecker import select_output
+
+        link = self._label_link[0]
+
+        def label_logits(m: nn.Module, *b: torch.Tensor) -> torch.Tensor:
+            return select_output(m(b[0]), link).flatten(1)
+
+        logits_f = functionalize(self.model, label_logits)
         if self._plain_categorical:
             rows_f = functionalize(self.model, lambda m, *b: self._row_nll(m, b))
         else:  # temperature, scale, label smoothing, row weights: the label's probability from the logits
-            from .kronecker import select_output
-
-            link = self._label_link[0]
 
             def label_nll(m: nn.Module, *b: torch.Tensor) -> torch.Tensor:
-                logits = select_output(m(b[0]), link).flatten(1)
-                return torch.nn.functional.cross_entropy(logits, b[1].long(), reduction="none")
+                return torch.nn.functional.cross_entropy(label_logits(m, *b), b[1].long(), reduction="none")
 
             rows_f = functionalize(self.model, label_nll)
         draws = moved[_evenly(moved.shape[0], min(moved.shape[0], EMPTIED_LABEL_DRAWS))]
-        totals = torch.zeros(2, emptied.numel(), dtype=torch.float64)  # Σ exp(−h) over rows and draws; rows·draws
+        # Σ exp(−h) over rows and draws; rows·draws; rows whose posterior predictive has the label as its top class;
+        # rows whose logits could not be read as [rows, classes] (no top share then)
+        totals = torch.zeros(4, emptied.numel(), dtype=torch.float64)
         # the label's rows removed by earlier forget() requests too: a class removed a few rows at a time was judged
         # on its last request's rows alone
         earlier = self._earlier_removed(stream, emptied.tolist())
@@ -5480,6 +5577,7 @@ class MCMCUnlearner:
                             h = rows_f(t, *(f[i : i + EMPTIED_LABEL_ROWS] for f in rows))
                             totals[0, j] += torch.exp(-h.double()).sum().cpu()
                     totals[1, j] += m * draws.shape[0]
+                    totals[2:, j] += _top_rows(logits_f, draws, rows, c)
         totals = summed(totals)
         if earlier:
             info["emptied_label_earlier_rows"] = sum(int(b[0].shape[0]) for b in earlier.values())
@@ -5488,6 +5586,15 @@ class MCMCUnlearner:
         # scalars too, which report.to_dict() and the deletion service's ledger keep
         info["emptied_label_max_probability"] = max(probs.values())
         info["emptied_label_ids"] = ",".join(probs)
+        # the share of the label's rows on which it is the posterior predictive's top class (the row's draw is also
+        # made, or the request refused where it cannot be, at EMPTIED_LABEL_MAX_TOP or more: _undrawn_top_problem)
+        counted = totals[1] / draws.shape[0]
+        tops = {str(c): float(totals[2, j] / counted[j]) for j, c in enumerate(emptied.tolist()) if totals[3, j] == 0}
+        info.pop("emptied_labels_top_share", None)
+        info.pop("emptied_label_max_top_share", None)
+        if tops:
+            info["emptied_labels_top_share"] = tops
+            info["emptied_label_max_top_share"] = max(tops.values())
         still = {c: p for c, p in probs.items() if not p < EMPTIED_LABEL_MAX_PROB}
         if not still:
             return None
@@ -5555,7 +5662,7 @@ class MCMCUnlearner:
         NLL by more than the safety check allows."""
         from .emptied import resample_label_rows
 
-        still = [int(c) for c, p in info["emptied_labels"].items() if every or not p < EMPTIED_RESAMPLE_PROB]
+        still = [int(c) for c, p in info["emptied_labels"].items() if every or _still_held(c, p, info)]
         if not self._plain_categorical:
             extras = ", ".join(sorted(set(self._label_link[0]) - {"output"})) or "not a plain cross-entropy"
             why = f"the draw's conditional is a plain cross-entropy's, and nll has {extras}"
