@@ -1608,16 +1608,31 @@ def _not_differentiable_op(exc: BaseException) -> str | None:
     return what.group(1) if what is not None else None
 
 
+# torch's name of an operation without a second derivative -> the same values from operations that have one (stop
+# 60's probe: a MobileNet-style block's nn.Hardsigmoid gate was refused with the CTC, EmbeddingBag and cdist examples)
+_ONCE_ONLY_REWRITES = {
+    "hardsigmoid_backward": "F.relu6(x + 3) / 6 for F.hardsigmoid / nn.Hardsigmoid (the same values)",
+    "_pdist_backward": "the pairs written out, i, j = torch.triu_indices(n, n, 1), then ((a[i] - a[j]) ** 2)"
+    ".sum(-1).sqrt(), for F.pdist",
+    "multi_margin_loss_backward": "the hinge written out, (margin - x.gather(1, y[:, None]) + x).clamp(min=0) summed "
+    "over the other classes and divided by their count, for F.multi_margin_loss",
+    "multilabel_margin_loss_backward": "the hinges written out over (target, other) class pairs for "
+    "F.multilabel_margin_loss",
+}
+
+
 def _second_derivative_refusal(op: str) -> ValueError:
     """The refusal of an ``nll`` through an operation torch differentiates once but not twice (``op``, as torch
     names it): before any work on the first request (:meth:`MCMCUnlearner._check_forward`), or where the request
-    meets it."""
+    meets it. Names a rewrite of that operation where one is known (``_ONCE_ONLY_REWRITES``)."""
+    known = [fix for name, fix in _ONCE_ONLY_REWRITES.items() if op.split("::")[-1] == name]
+    first = f"For this operation: {known[0]}. Otherwise write" if known else "Write"
     return ValueError(
         f"the model uses an operation torch cannot differentiate a second time ({op}), which every curvature "
-        "backend and the safety check need; nothing was changed. Write the loss with differentiable operations "
-        "(e.g. the CTC forward recursion over log-probabilities with torch.logsumexp for F.ctc_loss; F.embedding "
-        "followed by a sum or mean for F.embedding_bag; ((a[:, None] - b[None]) ** 2).sum(-1).sqrt() for "
-        "torch.cdist), or freeze the parameters that flow through it "
+        f"backend and the safety check need; nothing was changed. {first} the model and the loss with operations "
+        "torch differentiates twice (e.g. the CTC forward recursion over log-probabilities with torch.logsumexp for "
+        "F.ctc_loss; F.embedding followed by a sum or mean for F.embedding_bag; ((a[:, None] - b[None]) ** 2)"
+        ".sum(-1).sqrt() for torch.cdist), or freeze the parameters that flow through it "
         "(requires_grad=False)"
     )
 
@@ -4546,8 +4561,11 @@ class MCMCUnlearner:
         stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
         self._check_nll(batch)
         self._check_forward(batch)
-        self._weigh_dense_build(batch, stream)  # (solver='auto' took a dense solver: its build's cost, once)
-        self._take_cg_if_read_outside(batch)  # before the backend's snapshot: a discarded proposal keeps CG whole
+        if self._once_differentiable_op is None:  # else refused below, after the mixed-rows test, before any work
+            # (stop 60's probe: a Hardsigmoid gate was refused only after the dense cost's vmapped probe, whose first
+            # torch.func transform imports torch's compiler stack: 1.8 s instead of 0.03 s)
+            self._weigh_dense_build(batch, stream)  # (solver='auto' took a dense solver: its build's cost, once)
+            self._take_cg_if_read_outside(batch)  # before the backend's snapshot: a discarded proposal keeps CG whole
         held, self._held_first = self._held_first, None
         if held is not None and held[0] is remaining and stream.plain_iterator:
             stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
