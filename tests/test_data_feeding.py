@@ -310,3 +310,31 @@ def test_one_removed_row_is_looked_for_without_a_warning():
         warnings.simplefilter("error")
         assert _removed_rows_held((x[:1], y[:1]), (x, y)) == 1
         assert _removed_rows_held((x[:1], y[:1]), (x[1:], y[1:])) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool])
+def test_an_nll_returning_integers_is_refused_before_any_work(dtype, monkeypatch) -> None:
+    """Stop 60's probe: an ``nll`` returning a 0-1 error count as ``long`` crashed inside the safety check, after the
+    request's work, with torch's raw "torch.finfo() requires a floating point input type"; now refused by the first
+    check of ``nll``, naming the fix, nothing changed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    bank = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()} for _ in range(6)]
+    un = MCMCUnlearner(
+        model,
+        nll=lambda m, b: (m(b[0]).argmax(-1) != b[1]).to(dtype),
+        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+        bank=bank,
+    )
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the request started its work")
+
+    monkeypatch.setattr(un, "_propose", no_work)
+    before = [{k: v.clone() for k, v in s.items()} for s in un.samples()]
+    with pytest.raises(TypeError, match=rf"must return floating-point values .*got {dtype}.*reduction='none'"):
+        un.remove((x[:8], y[:8]), (x[8:], y[8:]))
+    assert not un.history
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, un.samples()) for k in a)

@@ -2932,6 +2932,15 @@ class MCMCUnlearner:
                 f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
+        if not out.is_floating_point():
+            # stop 60's probe: an integer nll (a 0-1 error count) crashed in the safety check with torch's raw
+            # "torch.finfo() requires a floating point input type" after the request's work
+            raise TypeError(
+                f"nll(model, batch) must return floating-point values (each row's negative log-likelihood, "
+                f"differentiable in the parameters), got {out.dtype} on these {k} {role} rows: an integer or boolean "
+                "result (e.g. a count of errors) has no gradient; return the likelihood the chain sampled, e.g. "
+                "F.cross_entropy(model(b[0]), b[1], reduction='none'); nothing was changed"
+            )
         self._remaining_nll_checked = self._remaining_nll_checked or not removed
 
     def _whole_shape(self, batch: Batch, shape: list[int], rows: int, k: int) -> list[int] | str:
