@@ -135,6 +135,19 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> DataLoade
     )
 
 
+def remaining_data(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, form: str) -> Any:
+    """The data as the user passes it: ``"iterator"``, an endless generator over a shuffled ``DataLoader``'s
+    minibatches (the library cannot list its rows); ``"loader"``, that ``DataLoader`` over a ``TensorDataset`` itself
+    (listable: the library reads its tensors); ``"rows"``, the tuple ``(x, y)``."""
+    if form == "iterator":
+        return forever(loader(x, y, batch, seed))
+    if form == "loader":
+        return loader(x, y, batch, seed)
+    if form == "rows":
+        return x, y
+    raise ValueError(f"unknown remaining-data form {form!r}: choose iterator, loader or rows")
+
+
 def sgld_step(
     model: nn.Module,
     nll: Callable,
@@ -925,8 +938,9 @@ def unlearn_request(
     ``epoch_steps``: ``0`` skips the SGLD-epoch timing, ``None`` times a full 10k-row epoch, ``k`` times k steps.
     ``options`` (diagnostics only, *not* the defaults under test): extra ``MCMCUnlearner`` keyword arguments;
     ``strict=False`` applies a removal that fails the library's checks (to score it anyway). ``remaining_as``: the
-    remaining data as the user's endless minibatch iterator (``"iterator"``, default) or as the rows themselves
-    (``"rows"``, a tuple ``(x, y)``: listable, so a class removal's emptied-label check runs). ``fit``: call
+    remaining data as the user's endless minibatch iterator (``"iterator"``, default), the ``DataLoader`` over a
+    ``TensorDataset`` it iterates (``"loader"``) or the rows themselves (``"rows"``, a tuple ``(x, y)``); the last two
+    are listable, so a class removal's emptied-label check runs (:func:`remaining_data`). ``fit``: call
     ``MCMCUnlearner.fit`` on all training rows (in the same form) before the request, timed apart
     (``fit_seconds``, ``fit_cpu_seconds``; the request's own seconds exclude it, its peak memory includes it).
     """
@@ -941,7 +955,7 @@ def unlearn_request(
     snapshot = clone_layout(user_bank)
     keep = problem.keep_mask
     xr, yr = problem.x_train[keep], problem.y_train[keep]
-    remaining = forever(loader(xr, yr, problem.batch, remaining_seed)) if remaining_as == "iterator" else (xr, yr)
+    remaining = remaining_data(xr, yr, problem.batch, remaining_seed, remaining_as)
     removed = (problem.x_train[problem.forget], problem.y_train[problem.forget])
     epochs = T.Baseline(lambda: time_sgld_epoch(problem, model, max_steps=epoch_steps))
     if epoch_steps != 0:
@@ -957,7 +971,7 @@ def unlearn_request(
         un = MCMCUnlearner(model, None, nll=problem.nll, log_prior=problem.log_prior, bank=user_bank, **(options or {}))
         if fit:  # before the request arrives: every training row is still in the data
             full = problem.x_train, problem.y_train
-            data = forever(loader(*full, problem.batch, remaining_seed + 1)) if remaining_as == "iterator" else full
+            data = remaining_data(*full, problem.batch, remaining_seed + 1, remaining_as)
             fitted = un.fit(data, n_remaining=len(problem.x_train))
             out["fit_seconds"], out["fit_cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
             out["fit"] = fitted.to_dict()
@@ -1373,10 +1387,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", choices=("tensor", "list", "dict"), default="tensor", help="the user's bank layout")
     ap.add_argument(
         "--remaining",
-        choices=("iterator", "rows"),
+        choices=("iterator", "loader", "rows"),
         default="iterator",
-        help="the remaining data as the user's endless minibatch iterator (default) or as the rows (x, y), which "
-        "the library can list (then a class removal's emptied-label check runs)",
+        help="the remaining data as the user's endless minibatch iterator (default), as the shuffled DataLoader over "
+        "a TensorDataset itself, or as the rows (x, y); the library can list the last two (then a class removal's "
+        "emptied-label check runs)",
     )
     ap.add_argument(
         "--fit",

@@ -325,3 +325,27 @@ def test_harness_tables_show_the_one_off_fit_cost() -> None:
     buf = io.StringIO()
     mm.print_table([r], out=buf)
     assert "fit" not in buf.getvalue().splitlines()[0] and "fit" not in mm.markdown_table([r])
+
+
+def test_harness_remaining_data_forms_and_which_the_library_can_list() -> None:
+    """``--remaining``: the endless iterator cannot be listed (no emptied-label check), the ``DataLoader`` over a
+    ``TensorDataset`` a user passes can (the library reads its tensors, every row once), and so can the tuple; the
+    loader's minibatches are the iterator's, so only the listing differs between those two."""
+    from torch.utils.data import DataLoader
+
+    from mcmc_unlearner.stream import _loader_tensors
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, generator=g), torch.randint(0, 4, (10,), generator=g)
+    it = mm.remaining_data(x, y, 4, 7, "iterator")
+    dl = mm.remaining_data(x, y, 4, 7, "loader")
+    assert isinstance(dl, DataLoader) and dl.batch_size == 4
+    assert _loader_tensors(it) is None
+    listed = _loader_tensors(dl)
+    assert listed is not None and torch.equal(listed[0], x) and torch.equal(listed[1], y)
+    for a, b in zip([next(it) for _ in range(2)], dl):  # the same shuffled minibatches, first pass
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    rows = mm.remaining_data(x, y, 4, 7, "rows")
+    assert rows[0] is x and rows[1] is y
+    with pytest.raises(ValueError, match="iterator, loader or rows"):
+        mm.remaining_data(x, y, 4, 7, "list")
