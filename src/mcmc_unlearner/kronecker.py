@@ -96,6 +96,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .curvature import ParamSpec, functionalize
 from .errors import SolverDivergedError, outside_stacklevel
@@ -314,6 +316,59 @@ def _slices(model: nn.Module) -> tuple[ParamSpec, dict[str, slice], dict[int, st
 def field_rows(batch: Batch) -> int:
     """The batch's number of rows: the first field's leading dimension."""
     return int(batch[0].shape[0])
+
+
+class _LivePeak(TorchDispatchMode):
+    """The most bytes the tensors made by the ops run under it held at once (``peak``): each op's output storage
+    counted from the op until its last tensor is gone (views and in-place results of a storage counted once; storages
+    from before, the batch's and the parameters', not at all). Kernels' own workspaces are not seen. Used by
+    :meth:`KroneckerCurvature.memory_estimate` for the forward without gradients on the rows twice over
+    (:func:`_shared_codes`), whose activations are freed as it goes: what autograd saves does not bound it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage address: [tensors alive on it, bytes]
+        self.now = 0
+        self.peak = 0
+
+    def _drop(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.now -= entry[1]
+                del self.live[key]
+
+    @staticmethod
+    def _storage(t: Any) -> tuple[int, int] | None:
+        """``t``'s storage as (address, bytes); ``None`` for what has none to read (not a tensor, meta, sparse,
+        nested: not counted)."""
+        if not isinstance(t, Tensor) or t.device.type == "meta":
+            return None
+        try:
+            storage = t.untyped_storage()
+            return storage.data_ptr(), storage.nbytes()
+        except (NotImplementedError, RuntimeError):
+            return None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        before = {got[0] for got in map(self._storage, tree_leaves((args, kwargs))) if got is not None}
+        for t in tree_leaves(out):
+            got = self._storage(t)
+            if got is None:
+                continue
+            key, nbytes = got
+            entry = self.live.get(key)
+            if entry is None:
+                if key == 0 or key in before:  # (empty, or a view / in-place result of memory from before)
+                    continue
+                entry = self.live[key] = [0, nbytes]
+                self.now += entry[1]
+                self.peak = max(self.peak, self.now)
+            entry[0] += 1
+            weakref.finalize(t, self._drop, key)
+        return out
 
 
 def _head(batch: Batch, rows: int) -> Batch:
@@ -1992,6 +2047,30 @@ def _owner_reason(model: nn.Module, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- main class
+def _doubled_peak(model: nn.Module, forward: Callable[[Batch], Any], head: Batch, inputs: int) -> int:
+    """The most bytes a forward without gradients over ``head``'s rows twice over holds at once (:class:`_LivePeak`),
+    as :func:`_shared_codes` runs it (the copied rows included); where that forward fails (a model written for a
+    fixed batch size), the rows' own forward and a copy of the factored layers' call inputs (``inputs`` bytes),
+    which the rows reversed keep there."""
+    k = field_rows(head)
+    at = torch.arange(k, device=head[0].device)
+    cuda = sorted({t.device.index or 0 for t in head if isinstance(t, Tensor) and t.device.type == "cuda"})
+    with preserved(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        try:
+            with _LivePeak() as live:
+                forward(_rows_at(head, torch.cat([at, at])))
+            return live.peak
+        except Exception:
+            pass
+        live = _LivePeak()
+        try:
+            with live:
+                forward(_rows_at(head, at.flip(0)))
+        except Exception:  # (the rows' own forward ran with gradients: what it held until it failed here)
+            pass
+        return live.peak + inputs
+
+
 class KroneckerCurvature:
     r"""``K = P + n·E[C_i]``: Kronecker blocks for Linear/Conv layers, a diagonal for every other parameter.
 
@@ -2994,9 +3073,13 @@ class KroneckerCurvature:
         Two tiny probe forward passes (with gradients, on 1-4 rows of ``example_batch``; through ``nll`` when given,
         which calls the model as the user does, else ``model(batch[0])``) measure the bytes autograd
         saves per row and in total (``saved_tensors_hooks``), the layer outputs that the build clones and
-        differentiates, and the largest unfolded layer input; the factors add ``Σ (in² + out²)`` elements twice
-        (sums and eigenbases) plus the eigen-solver's workspace, the parameters a few copies of ``D``. Activation
-        memory is linear in rows, so the estimate is too; allocator overhead and fragmentation are not included.
+        differentiates, the largest unfolded layer input and the largest tensor the forward makes (not the batch's
+        storage its rows are a view of), and a forward without gradients on the rows twice over measures the most
+        its tensors hold at once (:class:`_LivePeak`): the build runs one beside its first forward's graph
+        (:func:`_shared_codes`). The peak is the larger of that and the backward's (the graph, the layer outputs'
+        gradients and two of the largest tensors). The factors add ``Σ (in² + out²)`` elements twice (sums and
+        eigenbases) plus the eigen-solver's workspace, the parameters a few copies of ``D``. Activation memory is
+        linear in rows, so the estimate is too; allocator overhead and fragmentation are not included.
         """
         batch = tuple(example_batch)
         have = field_rows(batch)
@@ -3005,8 +3088,16 @@ class KroneckerCurvature:
         blocks, _ = _candidates(model, offsets, by_id, max_factor_dim)
         by_module = {b.module: b for b in blocks}
         measured = []
+        forward = (lambda b: nll(model, b)) if nll is not None else (lambda b: model(b[0]))
+        # storages from before the probe (the batch's, which its rows are a view of, and the parameters'): saved
+        # by autograd, but not made by the forward, so not the largest tensor the build's backward doubles
+        ahead = {
+            t.untyped_storage().data_ptr()
+            for t in [*batch, *model.parameters(), *model.buffers()]
+            if isinstance(t, Tensor) and t.device.type != "meta"
+        }
         for rows in sizes:
-            stats = {"saved": 0, "block_out": 0, "patch": 0, "largest": 0}
+            stats = {"saved": 0, "block_out": 0, "block_in": 0, "patch": 0, "largest": 0, "doubled": 0}
             seen: set[int] = set()
 
             kept: list[Tensor] = []
@@ -3016,7 +3107,8 @@ class KroneckerCurvature:
                 if key not in seen and not isinstance(t, nn.Parameter):
                     seen.add(key)
                     stats["saved"] += t.untyped_storage().nbytes()
-                    stats["largest"] = max(stats["largest"], t.untyped_storage().nbytes())
+                    if key not in ahead:
+                        stats["largest"] = max(stats["largest"], t.untyped_storage().nbytes())
                 # held here until the probe ends, as autograd would hold it (a freed storage's address reused by a
                 # later tensor would be counted once: the estimate read low), and not by the graph: an output saved by
                 # its own node (a ReLU's, a log-softmax's) returned to autograd made a cycle through its C++ graph that
@@ -3028,6 +3120,7 @@ class KroneckerCurvature:
                 blk = by_module[module]
                 if isinstance(out, Tensor) and args and isinstance(args[0], Tensor):
                     stats["block_out"] += out.numel() * out.element_size()
+                    stats["block_in"] += args[0].numel() * args[0].element_size()
                     a = _patches(blk, args[0].detach())
                     stats["patch"] = max(stats["patch"], a.numel() * a.element_size())
 
@@ -3039,11 +3132,12 @@ class KroneckerCurvature:
                     torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None),
                 ):
                     head = _head(batch, rows)
-                    nll(model, head) if nll is not None else model(head[0])
+                    forward(head)
             finally:
                 for h in handles:
                     h.remove()
                 kept.clear()
+            stats["doubled"] = _doubled_peak(model, forward, head, stats["block_in"])
             measured.append((rows, stats))
         (r1, s1), (r2, s2) = measured
         per_row = {k: (s2[k] - s1[k]) / (r2 - r1) if r2 > r1 else s2[k] / r2 for k in s1}
@@ -3059,7 +3153,9 @@ class KroneckerCurvature:
         def estimate(rows: int) -> int:
             est = {k: fixed[k] + per_row[k] * rows for k in s1}
             patch = min(est["patch"], _CHUNK_BYTES + per_row["patch"])  # unfolded in chunks of rows
-            passes = est["saved"] + 2 * est["block_out"] + 2 * max(patch, est["largest"])
+            backward = est["saved"] + 2 * est["block_out"] + 2 * max(patch, est["largest"])
+            shared = est["saved"] + est["block_out"] + est["doubled"]  # beside the graph, one forward on 2x rows
+            passes = max(backward, shared)
             return int(passes + 2 * factors * itemsize + eig + params)
 
         return estimate if batch_rows is None else estimate(batch_rows)
