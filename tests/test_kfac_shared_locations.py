@@ -337,3 +337,69 @@ def test_the_forwards_that_tell_shared_locations_leave_the_buffers_to_the_builds
     assert len(model.seen) >= 3  # one forward per draw at least
     for (_, left), (found, _) in zip(model.seen, model.seen[1:]):
         assert torch.equal(found, left)
+
+
+# ------------------------------------------------------------------------ a model written for a fixed batch size
+class _FixedHyper(Hyper):
+    """:class:`Hyper` written for exactly 8 rows (``x.view(8, 6)``): its ``[8, 4]`` code has as many locations as
+    the rows, and the forward on the rows twice over fails."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.hyper(self.z).sum(0)
+        return self.head(torch.tanh(F.linear(x.view(8, 6), w[:30].view(5, 6), w[30:])))
+
+
+class _FixedMLP(nn.Module):
+    """A plain MLP written for exactly 8 rows: every call is on the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.l1(x.view(8, 6))))
+
+
+def test_a_code_as_large_as_the_minibatch_of_a_fixed_batch_size_model_is_told_by_the_rows_reversed() -> None:
+    """Stop 59's pairing needs the forward on the rows twice over; where it failed, the count-based verdict read the
+    ``[8, 4]`` code as the rows and factored its layer (``unbatched_input`` None, stop 59's probe ``edge.py``). The
+    calls read as on the rows are now told by the rows reversed: the code stays, the rows move. The code's layer is
+    named and left to the diagonal, the head's block is the dense GGN's, and the note says how it was told."""
+    torch.manual_seed(0)
+    model = _FixedHyper(8).double().eval()
+    x = torch.randn(8, 6, dtype=D64)
+    with pytest.raises(RuntimeError):
+        model(torch.cat([x, x]))  # (the pairing's doubled forward fails)
+    K, info = _kfac(model, (x, x[:, 0] + 0.1 * torch.randn(8, dtype=D64)))
+    assert info.get("unbatched_input") == ["hyper"]
+    assert "shape [8, 4]" in info["diagonal"]["hyper.weight"]
+    assert sorted(info["kronecker"]) == ["head"]
+    assert "['hyper']" in info["unbatched_note"] and "failed (RuntimeError" in info["unbatched_note"]
+    assert _block_error(K, _dense_ggn(model, x), _block(model, "head")) < 1e-10
+
+
+def test_a_fixed_batch_size_model_without_a_code_keeps_its_layers_factored() -> None:
+    """The rows reversed move every per-row input: no layer of a plain MLP written for 8 rows goes to the diagonal,
+    and the head's block is the dense GGN's."""
+    torch.manual_seed(0)
+    model = _FixedMLP().double().eval()
+    x = torch.randn(8, 6, dtype=D64)
+    K, info = _kfac(model, (x, x[:, 0] + 0.1 * torch.randn(8, dtype=D64)))
+    assert "unbatched_input" not in info and "unbatched_note" not in info
+    assert sorted(info["kronecker"]) == ["head", "l1"]
+    assert _block_error(K, _dense_ggn(model, x), _block(model, "head")) < 1e-10
+
+
+def test_a_fixed_batch_size_model_on_rows_that_read_the_same_reversed_goes_to_the_diagonal() -> None:
+    """Rows that are the same in reverse order (here two copies, mirrored) leave a per-row input as it was, and a
+    code cannot be told from them: every layer called on as many locations as the rows goes to the diagonal (the
+    safe reading), with the reason in ``info["unbatched_note"]``."""
+    torch.manual_seed(0)
+    model = _FixedMLP().double().eval()
+    half = torch.randn(4, 6, dtype=D64)
+    x = torch.cat([half, half.flip(0)])
+    y = x[:, 0].clone()
+    _, info = _kfac(model, (x, y))
+    assert info["unbatched_input"] == ["head", "l1"]
+    assert "cannot be told from the rows" in info["unbatched_note"]

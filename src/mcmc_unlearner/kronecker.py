@@ -1920,6 +1920,7 @@ def _shared_codes(
     log: Mapping[str, Sequence[Tensor]],
     old: set[str],
     first: Mapping[str, Tensor],
+    notes: list[str] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """The layers ``forward`` over ``batch`` called on a code without the batch's rows, with that input's shape.
 
@@ -1932,29 +1933,58 @@ def _shared_codes(
     and to the bias's one location: it does not count, and its layer stays factored (:func:`_counts_as_shared`).
     Layers whose calls do not pair (a loop over the rows calls them once per row) and every layer where the doubled
     forward fails (a model written for a fixed batch size) keep the count-based verdict on ``old``
-    (:func:`_unbatched_candidates`, :func:`_fixed_inputs`)."""
+    (:func:`_unbatched_candidates`, :func:`_fixed_inputs`) for their calls off the rows; where the doubled forward
+    fails, the calls read as on the rows (a ``[B, k]`` input, which a model's own ``[B, k]`` code is too) are
+    candidates for the rows reversed as well: one that stays as it was is a shared location. Where the rows reversed
+    are the rows (more than one row, all alike in reverse order) the test cannot tell, and such a layer goes to the
+    diagonal (the safe reading: a code read as rows was 0.9 off its dense block). What happened is appended to
+    ``notes``."""
     k = field_rows(batch)
     at = torch.arange(k, device=batch[0].device)
+    kinds = {b.name: b.kind for b in by_module.values()}
 
     def by_count(names: set[str]) -> dict[str, tuple[int, ...]]:
         shared = _fixed_inputs(forward, batch, by_module, names, first) if names else set()
         return {n: tuple(first[n].shape) for n in sorted(shared) if _counts_as_shared(first[n])}
 
+    failed: str | None = None
     try:
         doubled = _call_inputs(forward, _rows_at(batch, torch.cat([at, at])), by_module, by_id, {})
-    except Exception:
-        return by_count(old)
+    except Exception as err:  # (a model written for a fixed batch size)
+        doubled, failed = {}, f"{type(err).__name__}: {str(err)[:200]}"
     fixed: dict[str, list[int]] = {}
     unpaired: set[str] = set()
     for name, inputs in log.items():
         again = doubled.get(name, [])
-        if len(again) != len(inputs):
+        if failed is not None:
+            unpaired.add(name)
+            # a call read as on the rows: the rows or a code of as many locations (one row: one location either way)
+            rowlike = [i for i, x in enumerate(inputs) if k > 1 and x.numel() and not _off_rows_call(kinds[name], x, k)]
+            if rowlike:
+                fixed[name] = rowlike
+            continue
+        if len(again) != len(inputs):  # (a per-row loop; a fast path without gradients that skips the layer)
             unpaired.add(name)
             continue
         same = [i for i, (x, (shape, _)) in enumerate(zip(inputs, again)) if x.numel() and tuple(x.shape) == shape]
         if same:
             fixed[name] = same
     out = by_count(old & unpaired)
+    ambiguous = {n for n in fixed if n in unpaired}  # (the forward on the rows twice over failed)
+    if ambiguous and all(
+        torch.equal(t, u) for t, u in zip(batch, _rows_at(batch, at.flip(0))) if isinstance(t, Tensor)
+    ):  # the rows reversed are the rows: a code cannot be told from them
+        for name in sorted(ambiguous):
+            x = log[name][fixed.pop(name)[0]]
+            out.setdefault(name, tuple(x.shape))
+        if notes is not None:
+            notes.append(
+                f"the layers {sorted(ambiguous)} were called on an input of as many locations as the batch has rows, "
+                f"and the forward on the rows twice over failed ({failed}); the rows reversed are the same rows, "
+                "so a code of the model's own (e.g. a learned [B, k] input of a model written for a fixed batch "
+                "size) cannot be told from the rows: left to the diagonal"
+            )
+        ambiguous = set()
     if fixed:
         try:
             keep = {n: set(i) for n, i in fixed.items()}
@@ -1969,6 +1999,14 @@ def _shared_codes(
                 if y is not None and y.shape == x.shape and torch.equal(y, x.detach()) and _counts_as_shared(x):
                     out[name] = tuple(x.shape)
                     break
+        told = sorted(n for n in ambiguous if n in out)
+        if told and notes is not None:
+            notes.append(
+                f"the layers {told} were called on an input of as many locations as the batch has rows, where the "
+                f"forward on the rows twice over failed ({failed}), and the rows reversed left that input as it was "
+                "(a code of the model's own, e.g. a learned [B, k] input; or that forward did not call them as "
+                "often, and they could not be told): shared locations, left to the diagonal"
+            )
     return out
 
 
@@ -2508,6 +2546,7 @@ class KroneckerCurvature:
                             # zero initial state: _shared_codes pairs the calls with those of the rows twice over)
                             # (the buffers as the build's own forward left them: spectral_norm's vectors)
                             s_at[0] = -1
+                            notes: list[str] = []
                             with _buffers_kept(model):
                                 shared = _shared_codes(
                                     lambda b: nll(model, b) if lik is Likelihood.EMPIRICAL else model(b[0]),
@@ -2517,7 +2556,10 @@ class KroneckerCurvature:
                                     call_log,
                                     _unbatched_candidates(rows_seen, part["rows"], first_input, on_rows),
                                     first_input,
+                                    notes,
                                 )
+                            if notes:  # (a model written for a fixed batch size: how its layers were told)
+                                info["unbatched_note"] = " ".join(notes)
                             s_at[0] = s
                             call_log.clear()
                             unbatched.update(shared)
