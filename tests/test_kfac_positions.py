@@ -287,3 +287,60 @@ def test_ranks_agree_on_an_explicit_categorical_reading() -> None:
             model, theta, [(x, y)], B, nll=_sum_nll, log_prior=None, likelihood="categorical", reduce=other_rank_refused
         )
     assert sent[0].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_a_label_smoothed_per_position_cross_entropy_is_read_as_categorical() -> None:
+    """``cross_entropy(..., label_smoothing=ε)`` at every position has the plain cross-entropy's output Hessian, so
+    its curvature is the plain one's (times ``1/L`` for a mean). An explicit ``likelihood="categorical"`` took it
+    right for a sum until stop 60, which refused it ("nll is not read as the cross-entropy at every position") and
+    ``"auto"`` took the empirical Fisher; now both read it (``ε`` fitted), the plain curvature to the bit. A
+    temperature or a constant factor (another output Hessian) is still not read."""
+    model, x, y = _problem()
+    theta = ParamSpec.flatten_module(model)[None]
+    G = _dense_ggn(model, x)
+    v = torch.randn(theta.shape[1], generator=torch.Generator().manual_seed(1))
+
+    def build(nll: object, likelihood: str) -> KroneckerCurvature:
+        return KroneckerCurvature.build(
+            model,
+            theta,
+            [(x, y)],
+            B,
+            nll=nll,
+            log_prior=None,
+            likelihood=likelihood,
+            mc_samples=64,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def smoothed(over: int) -> object:
+        def nll(m: nn.Module, b: tuple) -> torch.Tensor:
+            out = m(b[0]).reshape(-1, V)
+            ce = F.cross_entropy(out, b[1].reshape(-1), reduction="none", label_smoothing=0.1)
+            return ce.reshape(b[1].shape).sum(1) / over
+
+        return nll
+
+    for over, plain, scale in ((1, _sum_nll, 1.0), (L, _mean_nll, 1.0 / L)):
+        found = positions_fit(model, smoothed(over), (x, y))
+        assert found is not None and found.pop("label_smoothing") == pytest.approx(0.1, abs=1e-5), found
+        assert found == positions_fit(model, plain, (x, y))
+        want = float(v @ (build(plain, "categorical") @ v))
+        for likelihood in ("auto", "categorical"):
+            k = build(smoothed(over), likelihood)
+            assert k.info["likelihood"] == "categorical", k.info
+            assert float(v @ (k @ v)) == want
+            assert _median_error(k, G, scale) < 0.2
+
+    def tempered(m: nn.Module, b: tuple) -> torch.Tensor:
+        ce = F.cross_entropy(m(b[0]).reshape(-1, V) / 2.0, b[1].reshape(-1), reduction="none")
+        return ce.reshape(b[1].shape).sum(1)
+
+    def doubled(m: nn.Module, b: tuple) -> torch.Tensor:
+        return 2.0 * _sum_nll(m, b)
+
+    for nll in (doubled, lambda m, b: _sum_nll(m, b) / 2.0):
+        assert positions_fit(model, nll, (x, y)) is None
+        with pytest.raises(ValueError, match="nll is not read as the cross-entropy at every position"):
+            build(nll, "categorical")
+    assert positions_fit(model, tempered, (x, y)) is None

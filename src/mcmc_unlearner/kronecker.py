@@ -896,7 +896,8 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
     """K-FAC's reading of a per-position cross-entropy (a language model's head): ``{"positions": L}`` (with
     ``"scale": 1/L`` for a mean over positions) where ``batch[1]`` holds integer labels ``[B, L]``, ``model(x)`` is
     ``[B, L, V]`` and ``nll`` is ``Σ_l cross_entropy(model(x)[:, l], y[:, l])`` (or the mean) row by row, on the true
-    and the shifted labels, times a per-row weight field where one scales it (``"weights": index``), and reads no
+    and the shifted labels, also with ``label_smoothing=ε`` (``"label_smoothing": ε``, fitted: the output Hessian is
+    the plain one's), times a per-row weight field where one scales it (``"weights": index``), and reads no
     per-position field (``[B, L, ...]``, e.g. a padding mask, whose zeros past the probe rows the Fisher would count);
     else ``None``.
     Each position's output Hessian is ``diag p − ppᵀ``, so labels sampled per position give the GGN's factors. The
@@ -927,6 +928,8 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
             ce = F.cross_entropy(out.reshape(-1, V).double(), labels.reshape(-1).long(), reduction="none")
             sums.append(ce.reshape(y.shape).sum(1))
             values.append(v.double())
+        # label smoothing's term, the same for every label set: Σ_l mean_v(−log p_v) per row
+        smooth = (-torch.log_softmax(out.double(), -1)).mean(-1).sum(1)
 
         def close(a: Tensor, b: Tensor) -> bool:
             return bool(((a.double() - b.double()).abs() <= tol * (1 + a.double().abs())).all())
@@ -945,12 +948,41 @@ def positions_fit(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | 
         # a per-row weight field (DistributedUnlearner's nll is w·h with w = 1/|B_global|)
         weights, _ = _weight_fields(probe, y.shape[0], values[0], lambda b: nll(model, b), close)
     L = y.shape[1]
-    for j, w in weights:
-        factor = 1.0 if w is None else w.double()
-        for scale in (1.0, 1.0 / L):
-            if all(close(v, scale * factor * c) for v, c in zip(values, sums)):
+    for smoothed in (False, True):
+        for j, w in weights:
+            factor = 1.0 if w is None else w.double()
+            for scale in (1.0, 1.0 / L):
+                eps = _smoothing_fit(values, sums, smooth, scale * factor, close) if smoothed else 0.0
+                if eps is None or not (smoothed or all(close(v, scale * factor * c) for v, c in zip(values, sums))):
+                    continue
                 found: dict[str, Any] = {"positions": L} if scale == 1.0 else {"positions": L, "scale": scale}
+                found = found if eps == 0.0 else {**found, "label_smoothing": eps}
                 return found if j is None else {**found, "weights": j}
+    return None
+
+
+def _smoothing_fit(
+    values: list[Tensor],
+    sums: list[Tensor],
+    smooth: Tensor,
+    factor: Tensor | float,
+    close: Callable[[Tensor, Tensor], bool],
+) -> float | None:
+    """The label smoothing ``ε ∈ (0, 1]`` for which every probed ``nll = factor·Σ_l cross_entropy(out_l, y_l,
+    label_smoothing=ε)`` row by row (``values`` and the plain sums ``sums`` per label set, ``smooth`` the rows'
+    ``Σ_l mean_v(−log p_v)``), else ``None``. Its output Hessian is the plain cross-entropy's (the targets do not
+    enter it): only the scale must be known. ``ε`` is read off the difference between the label sets, then verified
+    on each of them."""
+    a = torch.as_tensor(factor, dtype=torch.float64)
+    d_nll, d_ce = values[0] - values[1], a * (sums[0] - sums[1])
+    den = float((d_ce * d_ce).sum())
+    if not den > 0:
+        return None
+    eps = 1.0 - float((d_nll * d_ce).sum()) / den
+    if not (0.0 < eps <= 1.0):
+        return None
+    if all(close(v, a * ((1.0 - eps) * c + eps * smooth)) for v, c in zip(values, sums)):
+        return eps
     return None
 
 
@@ -1001,7 +1033,8 @@ def explicit_positions(model: nn.Module, nll: NLL | None, batch: Batch, batches:
     if found is None:
         return {
             "refuse": f"{what}: nll is not read as the cross-entropy at every position summed or averaged per row "
-            "(times a per-row weight field at most, reading no per-position field such as a padding mask), so the "
+            "(label-smoothed or not, times a per-row weight field at most, reading no per-position field such as a "
+            "padding mask), so the "
             f"likelihood's scale over the positions is unknown (a mean taken as a sum is L times too large). {fix}"
         }
     return found
