@@ -375,6 +375,9 @@ def test_equilibrium_newton_target_is_refused_under_distributed_with_the_fix() -
     model = torch.nn.Linear(2, 1)
     with pytest.raises(ValueError, match="newton_target='relative'"):
         DistributedUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, newton_steps=2)
+    # "auto" is refused naming a fix that builds: an integer (it named newton_target='relative', which "auto" refuses)
+    with pytest.raises(ValueError, match=r"does not support newton_steps='auto'.*pass newton_steps=1"):
+        DistributedUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, newton_steps="auto")
 
 
 def test_the_dense_gauss_newton_backend_is_refused_under_distributed_and_auto_avoids_it() -> None:

@@ -587,6 +587,12 @@ class DistributedUnlearner(MCMCUnlearner):
                 raise ValueError("another rank refused to build the unlearner (see its error); nothing was changed")
         if err is not None:
             raise err
+        if self.newton_steps == "auto":  # the relative target, which the message below names, refuses "auto"
+            raise ValueError(
+                "DistributedUnlearner does not support newton_steps='auto' (it measures the bank's gap to equilibrium "
+                "on every remaining row, which a shard cannot list); pass newton_steps=1, or an integer above 1 with "
+                "newton_target='relative'"
+            )
         if self._newton_limit > 1 and self.newton_target == "equilibrium":
             raise ValueError(
                 "DistributedUnlearner supports further Newton steps only with newton_target='relative' "
