@@ -2089,7 +2089,8 @@ class MCMCUnlearner:
             of the posterior predictive on half those rows or more (``EMPTIED_LABEL_MAX_TOP``), and where its row
             cannot be drawn (or the draw is not kept) such a label is refused whatever its probability;
             ``"always"``: every emptied label's row is drawn so; ``"refuse"``: no draw, a request leaving the label
-            predicted (one half or more in mean probability) is refused (stop 40's behaviour).
+            predicted (one half or more in mean probability) is refused (stop 40's behaviour; the top share is
+            measured, ``info["emptied_labels_top_share"]``, but not judged).
 
     Attributes:
         history: Every applied request's :class:`RemovalReport`, in order. It is never trimmed (about a kilobyte per
