@@ -84,7 +84,9 @@ def test_the_measured_probability_is_the_moved_samples_predictive_of_the_removed
 def test_a_request_that_empties_two_labels_measures_both_and_names_those_still_predicted(damping, still) -> None:
     """With the defaults this removal forgets both classes (p = 0.31 and 0.23); a fixed damping holds the step back
     until one (p = 0.80 and 0.47) or both (0.84, 0.66) stay predicted, and exactly those are named. (The check
-    itself: ``emptied_label="refuse"`` draws nothing; the default's draw is tested below.)"""
+    itself: ``emptied_label="refuse"`` draws nothing; the default's draw is tested below.) At damping 10 label 3,
+    at p = 0.47, is still the top class on 66% of its rows: since stop 60 ``refuse`` names it too, in a problem of
+    its own (the top share)."""
     model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=damping, emptied_label="refuse")
     gone = y >= 2
@@ -95,9 +97,15 @@ def test_a_request_that_empties_two_labels_measures_both_and_names_those_still_p
         rows = y[gone] == c
         assert measured[str(c)] == pytest.approx(float(p[rows, c].mean()), rel=1e-10)
     assert [c for c in ("2", "3") if measured[c] >= EMPTIED_LABEL_MAX_PROB] == still
-    (problem,) = [q for q in prop.report.problems if "removes the last rows of" in q]
+    problem, *by_top = [q for q in prop.report.problems if "removes the last rows of" in q]
     assert [c for c in ("2", "3") if f"(label {c})" in problem] == still
     assert ("of a label" in problem) == (len(still) == 1)
+    if damping == 10.0:  # label 3: under one half in probability, the top class on 66% of its rows
+        (top,) = by_top
+        assert "(label 3)" in top and "(label 2)" not in top and "66% of them" in top
+        assert "emptied_label='refuse'" in top and "emptied_label='resample'" in top
+    else:
+        assert by_top == []
     before = [{k: v.clone() for k, v in s.items()} for s in un.samples()]
     with pytest.raises(QualityError, match="removes the last rows"):  # remove() refuses; the samples stay
         un.remove((x[gone], y[gone]), (x[~gone], y[~gone]))
@@ -430,7 +438,7 @@ def test_a_label_still_the_top_class_whose_row_cannot_be_drawn_is_refused_below_
     labels then at 0.07-0.09, top on none of their rows); a head whose weight a parametrization computes (as
     ``spectral_norm`` does: stop 59's probe, a digits MLP whose removed class stayed the top class on 63% of its rows
     at p = 0.17) cannot be drawn, and the request passed. It is now refused, naming label 2 alone and why the row was
-    not drawn; the samples stay. ``emptied_label="refuse"`` keeps stop 40's rule (the mean probability alone)."""
+    not drawn; the samples stay. ``emptied_label="refuse"``, which draws no row, refuses it too."""
     from mcmc_unlearner.curvature import ParamSpec
     from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_TOP
 
@@ -460,10 +468,12 @@ def test_a_label_still_the_top_class_whose_row_cannot_be_drawn_is_refused_below_
     assert plain.info["emptied_label_resample"] == "drawn: 2,3"
     assert plain.info["emptied_labels_top_share_before_resample"] == pytest.approx(tops, rel=1e-12)
     assert not [q for q in plain.problems if "removes the last rows of" in q]
-    # emptied_label="refuse": the mean probability alone, as before
-    refused = _two_label_removal(1.0, "refuse", parametrized=True)[-1].report
-    assert refused.info["emptied_labels_top_share"] == pytest.approx(tops, rel=1e-12)
-    assert not [q for q in refused.problems if "removes the last rows of" in q]
+    # emptied_label="refuse" draws no row: label 2 is refused by its top share there too, plain head or not
+    for parametrized in (True, False):
+        refused = _two_label_removal(1.0, "refuse", parametrized=parametrized)[-1].report
+        assert refused.info["emptied_labels_top_share"] == pytest.approx(tops, rel=1e-12)
+        (named,) = [q for q in refused.problems if "removes the last rows of" in q]
+        assert "(label 2)" in named and "(label 3)" not in named and "emptied_label='refuse'" in named
 
 
 def test_an_undrawable_row_names_the_labels_still_predicted_by_either_measure_in_their_own_problems() -> None:

@@ -80,7 +80,7 @@ class EmptiedLabel(str, Enum):
     6): draw that label's output-layer row from its conditional given the remaining data (``resample``, a Gibbs step
     of the retrained posterior; :mod:`mcmc_unlearner.emptied`) and check again; draw it for every emptied label
     (``always``); or refuse at once (``refuse``). A label still the top class on half its rows whose row cannot be
-    drawn is refused under ``resample`` and ``always`` whatever its probability."""
+    drawn (or, under ``refuse``, is not drawn) is refused whatever its probability."""
 
     RESAMPLE = "resample"
     ALWAYS = "always"

@@ -608,7 +608,7 @@ EMPTIED_LABEL_MAX_PROB = 0.5
 #: at a low mean probability (a spectral-normed digits MLP under CG: the top class on 63% of its rows at a mean
 #: probability of 0.17, and the request passed; stop 59's probe). A drawn row is not judged so: it is a draw from the
 #: retrained conditional, which can leave the label the top class on half its rows (tests/test_label_encodings.py's
-#: blobs: 52% at p = 0.39), and ``emptied_label="refuse"`` keeps stop 40's rule (the mean probability alone).
+#: blobs: 52% at p = 0.39); ``emptied_label="refuse"``, which draws none, refuses such a label too.
 EMPTIED_LABEL_MAX_TOP = 0.5
 #: ``emptied_label="resample"`` draws the label's output-layer row (:mod:`mcmc_unlearner.emptied`) where the moved
 #: samples still give its removed rows this much of their own label or more; below it the label is mostly forgotten
@@ -656,11 +656,12 @@ def _still_held(label: str, probability: float, info: dict[str, Any]) -> bool:
     return not probability < EMPTIED_RESAMPLE_PROB or not top < EMPTIED_LABEL_MAX_TOP
 
 
-def _undrawn_top_problem(info: dict[str, Any]) -> str | None:
+def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False) -> str | None:
     """The problem to report when an emptied label's output-layer row was not drawn (``info["emptied_label_resample"]``
-    says why) and the moved samples still make the label the top class on ``EMPTIED_LABEL_MAX_TOP`` of its removed
-    rows or more (``info["emptied_labels_top_share"]``) at a mean probability under ``EMPTIED_LABEL_MAX_PROB`` (a label
-    at that probability or more is named by the check's own problem); ``None`` otherwise."""
+    says why; ``refuse``: ``emptied_label="refuse"`` draws none) and the moved samples still make the label the top
+    class on ``EMPTIED_LABEL_MAX_TOP`` of its removed rows or more (``info["emptied_labels_top_share"]``) at a mean
+    probability under ``EMPTIED_LABEL_MAX_PROB`` (a label at that probability or more is named by the check's own
+    problem); ``None`` otherwise."""
     probs, tops = info.get("emptied_labels"), info.get("emptied_labels_top_share")
     if not isinstance(probs, dict) or not isinstance(tops, dict):
         return None
@@ -670,7 +671,11 @@ def _undrawn_top_problem(info: dict[str, Any]) -> str | None:
     said = ", ".join(
         f"{100 * t:.0f}% of them at a mean probability of {probs[c]:.2f} (label {c})" for c, t in still.items()
     )
-    why = str(info.get("emptied_label_resample", "not done"))
+    why = (
+        "not drawn (emptied_label='refuse' draws none)"
+        if refuse
+        else str(info.get("emptied_label_resample", "not done"))
+    )
     return (
         f"this request removes the last rows of {'a label' if len(still) == 1 else 'labels'} from the remaining "
         f"data, but the moved samples still make {'it' if len(still) == 1 else 'each'} the top class of their "
@@ -678,9 +683,14 @@ def _undrawn_top_problem(info: dict[str, Any]) -> str | None:
         "labels, a class stays predicted below a mean probability of one half), and the label's output-layer row, "
         f"which would be drawn from its conditional given the remaining rows, was {why}. Retrain, or continue the "
         "chain on the remaining data for at least a burn-in's worth of steps (your own sampler, run_chain, or the "
-        "deletion service's --on-failure repair with --repair-steps that long); or give the model an output layer "
-        "the draw can sample (a final nn.Linear giving the logits, its weight and bias plain trainable parameters: "
-        "no spectral_norm, weight_norm or other parametrization), with a log_prior and remaining rows it can list"
+        "deletion service's --on-failure repair with --repair-steps that long); or "
+        + (
+            "pass emptied_label='resample' (the default), which draws that row"
+            if refuse
+            else "give the model an output layer the draw can sample (a final nn.Linear giving the logits, its weight "
+            "and bias plain trainable parameters: no spectral_norm, weight_norm or other parametrization), with a "
+            "log_prior and remaining rows it can list"
+        )
     )
 
 
@@ -2089,8 +2099,8 @@ class MCMCUnlearner:
             of the posterior predictive on half those rows or more (``EMPTIED_LABEL_MAX_TOP``), and where its row
             cannot be drawn (or the draw is not kept) such a label is refused whatever its probability;
             ``"always"``: every emptied label's row is drawn so; ``"refuse"``: no draw, a request leaving the label
-            predicted (one half or more in mean probability) is refused (stop 40's behaviour; the top share is
-            measured, ``info["emptied_labels_top_share"]``, but not judged).
+            predicted (one half or more in mean probability, or the top class on half its rows or more,
+            ``info["emptied_labels_top_share"]``) is refused.
 
     Attributes:
         history: Every applied request's :class:`RemovalReport`, in order. It is never trimmed (about a kilobyte per
@@ -5392,6 +5402,8 @@ class MCMCUnlearner:
                 )
             else:  # the row could not be drawn (or its draw was not kept): is the label still the top class?
                 undrawn = _undrawn_top_problem(info)
+        elif self.emptied_label is EmptiedLabel.REFUSE:  # no draw asked: judged by its top share too
+            undrawn = _undrawn_top_problem(info, refuse=True)
         if self.control.drift is not None:  # the measured NLL rises summed across requests (reported, not judged)
             total, var, first = self.control.drift
             info.update(remaining_nll_drift=total, remaining_nll_drift_stderr=math.sqrt(var))
