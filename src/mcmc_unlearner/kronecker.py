@@ -1968,9 +1968,10 @@ def _shared_codes(
     forward fails (a model written for a fixed batch size) keep the count-based verdict on ``old``
     (:func:`_unbatched_candidates`, :func:`_fixed_inputs`) for their calls off the rows; where the doubled forward
     fails, the calls read as on the rows (a ``[B, k]`` input, which a model's own ``[B, k]`` code is too) are
-    candidates for the rows reversed as well: one that stays as it was is a shared location. Where the rows reversed
-    are the rows (more than one row, all alike in reverse order) the test cannot tell, and such a layer goes to the
-    diagonal (the safe reading: a code read as rows was 0.9 off its dense block). What happened is appended to
+    candidates for the rows reversed as well: one that stays as it was is a shared location, one that forward does not
+    call as often (it fails too, or a fast path without gradients skips the layer) keeps that verdict. Where the rows
+    reversed are the rows (more than one row, all alike in reverse order) the test cannot tell, and such a layer goes
+    to the diagonal (the safe reading: a code read as rows was 0.9 off its dense block). What happened is appended to
     ``notes``."""
     k = field_rows(batch)
     at = torch.arange(k, device=batch[0].device)
@@ -2024,8 +2025,14 @@ def _shared_codes(
             flipped = _call_inputs(forward, _rows_at(batch, at.flip(0)), by_module, by_id, keep)
         except Exception:  # (the rows' own forward ran: each candidate stays as counted, shared)
             flipped = {}
+        untold: list[str] = []
         for name, same in fixed.items():
             again = flipped.get(name, [])
+            if name in ambiguous and len(again) != len(log[name]):
+                # (the rows reversed failed too, or a fast path without gradients skipped the layer: nothing tells
+                # its calls on the rows from a code, and nothing marked them as one: the count-based verdict stands)
+                untold.append(name)
+                continue
             for i in same:
                 x = log[name][i]
                 y = again[i][1] if len(again) == len(log[name]) else x
@@ -2037,8 +2044,14 @@ def _shared_codes(
             notes.append(
                 f"the layers {told} were called on an input of as many locations as the batch has rows, where the "
                 f"forward on the rows twice over failed ({failed}), and the rows reversed left that input as it was "
-                "(a code of the model's own, e.g. a learned [B, k] input; or that forward did not call them as "
-                "often, and they could not be told): shared locations, left to the diagonal"
+                "(a code of the model's own, e.g. a learned [B, k] input): shared locations, left to the diagonal"
+            )
+        if untold and notes is not None:
+            notes.append(
+                f"the layers {sorted(untold)} were called on an input of as many locations as the batch has rows, "
+                f"where the forward on the rows twice over failed ({failed}), and the forward on the rows reversed "
+                "did not call them as often (it failed, or a fast path without gradients skipped them): not told "
+                "from a code of the model's own, they keep the count of the rows their calls cover"
             )
     return out
 
