@@ -338,3 +338,50 @@ def test_an_nll_returning_integers_is_refused_before_any_work(dtype, monkeypatch
         un.remove((x[:8], y[:8]), (x[8:], y[8:]))
     assert not un.history
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, un.samples()) for k in a)
+
+
+class _Scaled(nn.Module):
+    """A fixed input scaling kept as a buffer (as a positional encoding is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.full((4,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_an_nll_returning_integers_is_refused_for_a_model_in_training_mode_with_a_buffer(monkeypatch) -> None:
+    """A model left in training mode (the default) with a buffer skips the per-request check of ``nll`` (its buffers
+    are checked by two passes instead), and the integer refusal with it: the request ran its work and crashed with
+    torch's raw "torch.finfo() requires a floating point input type" (3.6 s). Now refused there too, on every
+    request, nothing changed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(_Scaled(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    assert model.training
+    bank = [
+        {
+            k: v + 0.05 * torch.randn(v.shape, generator=g) if k != "0.scale" else v
+            for k, v in model.state_dict().items()
+        }
+        for _ in range(6)
+    ]
+    un = MCMCUnlearner(
+        model,
+        nll=lambda m, b: (m(b[0]).argmax(-1) != b[1]).long(),
+        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+        bank=bank,
+    )
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the request started its work")
+
+    monkeypatch.setattr(un, "_propose", no_work)
+    before = [{k: v.clone() for k, v in s.items()} for s in un.samples()]
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"must return floating-point values .*got torch\.int64 on these 8 removed"):
+            un.remove((x[:8], y[:8]), (x[8:], y[8:]))
+    assert not un.history
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, un.samples()) for k in a)

@@ -2901,7 +2901,11 @@ class MCMCUnlearner:
             return
         if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
             if not self._buffers_checked:  # two forward passes: once, not on every request
-                self._check_buffers_stable(batch)
+                out = self._check_buffers_stable(batch)
+                if isinstance(out, torch.Tensor):
+                    # (its dtype too: an integer nll of a model in training mode with a buffer crashed in the
+                    # safety check, after the request's work; refused on every request until it passes)
+                    self._check_nll_dtype(out, batch[0].shape[0], role)
                 self._buffers_checked = True
             return
         k = batch[0].shape[0]
@@ -2949,16 +2953,21 @@ class MCMCUnlearner:
                 f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
+        self._check_nll_dtype(out, k, role)
+        self._remaining_nll_checked = self._remaining_nll_checked or not removed
+
+    @staticmethod
+    def _check_nll_dtype(out: torch.Tensor, k: int, role: str) -> None:
+        """Refuses an ``nll`` result ``out`` on ``k`` rows that is not floating point."""
         if not out.is_floating_point():
             # stop 60's probe: an integer nll (a 0-1 error count) crashed in the safety check with torch's raw
             # "torch.finfo() requires a floating point input type" after the request's work
             raise TypeError(
                 f"nll(model, batch) must return floating-point values (each row's negative log-likelihood, "
-                f"differentiable in the parameters), got {out.dtype} on these {k} {role} rows: an integer or boolean "
-                "result (e.g. a count of errors) has no gradient; return the likelihood the chain sampled, e.g. "
-                "F.cross_entropy(model(b[0]), b[1], reduction='none'); nothing was changed"
+                f"differentiable in the parameters), got {out.dtype} on these {k} {role} rows: an integer "
+                "or boolean result (e.g. a count of errors) has no gradient; return the likelihood the chain sampled, "
+                "e.g. F.cross_entropy(model(b[0]), b[1], reduction='none'); nothing was changed"
             )
-        self._remaining_nll_checked = self._remaining_nll_checked or not removed
 
     def _whole_shape(self, batch: Batch, shape: list[int], rows: int, k: int) -> list[int] | str:
         """The shape ``nll`` would give on all ``k`` rows of ``batch``, from the ``shape`` it gave a pass of ``rows``
@@ -3742,12 +3751,13 @@ class MCMCUnlearner:
         step = 0.1 * (float(live.abs().mean()) + 1e-3)
         return live + step * torch.randn(live.shape, generator=g, dtype=live.dtype).to(live.device)
 
-    def _check_buffers_stable(self, batch: Batch) -> None:
+    def _check_buffers_stable(self, batch: Batch) -> Any:
         """A model in training mode whose forward pass updates buffers that its output depends on (a running mean
         of its own, like BatchNorm's, which :func:`_check_mode` refuses by type): every evaluation the request makes
         would see another network. Two forward passes on the removed rows tell: refused when a buffer changed and
         the second pass's output differs from the first's (a step counter that the output ignores passes). The
-        buffers and the global RNG are left as they were."""
+        buffers and the global RNG are left as they were. Returns the first pass's ``nll`` (``None`` where it
+        failed)."""
         from .kronecker import preserved
 
         before = {
@@ -3768,7 +3778,7 @@ class MCMCUnlearner:
                     torch.set_rng_state(rng)
                 second = self.nll(self.model, batch) if changed else first
         except Exception:  # the request itself reports a failing nll, with its own message
-            return
+            return None
         finally:
             with torch.no_grad():
                 for k, b in self.model.named_buffers(remove_duplicate=False):
@@ -3782,6 +3792,7 @@ class MCMCUnlearner:
                 "model.eval() first (or keep those statistics fixed while sampling): the bank's posterior is that of "
                 "the network with its statistics frozen"
             )
+        return first
 
     def samples(self) -> Any:
         """The stored samples in the layout they were given in (new tensors; a ``[S, D]`` tensor by default).
