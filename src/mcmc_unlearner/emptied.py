@@ -275,15 +275,22 @@ class _ChunkPrior:
         self.P = torch.zeros(B, d, dtype=torch.float64)
         self.b = torch.zeros(B, d, dtype=torch.float64)
         self.exact: list[int] = []  # the samples without a quadratic
-        fits, P = prior.fits_own_rows(thetas), prior.P
+        # the samples are checked a window at a time: the whole chunk first, then, after each measurement, 2 samples,
+        # twice as many each time a window fits. Checking every later sample after each measurement took B²/2
+        # evaluations where the quadratic changes at every sample (a hierarchical prior; 200 samples: 19,900, 2.2x the
+        # draw's CPU time); a window's samples past a measurement are at most those checked since the one before
+        fits: dict[int, bool] = {}
+        P, window = prior.P, B
         for j in range(B):
-            if fits is not None and fits[j] and prior.P is P:  # what prepare would find, without its own call
+            if j not in fits and prior.P is P:
+                got = prior.fits_own_rows(thetas[j : j + window])
+                fits, window = ({} if got is None else {j + k: f for k, f in enumerate(got)}), 2 * window
+            if fits.get(j, False) and prior.P is P:  # what prepare would find, without its own call
                 prior.theta = thetas[j].detach()
             else:
                 prior.prepare(thetas[j], gens[j])
                 if prior.P is not P:  # measured again (or given up): the later samples' checks are against it
-                    fits, P = prior.fits_own_rows(thetas[j + 1 :]), prior.P
-                    fits = None if fits is None else [True] * (j + 1) + fits
+                    fits, P, window = {}, prior.P, 2
             if prior.P is None:
                 self.exact.append(j)
             else:
