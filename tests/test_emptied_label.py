@@ -474,6 +474,9 @@ def test_a_label_still_the_top_class_whose_row_cannot_be_drawn_is_refused_below_
         assert refused.info["emptied_labels_top_share"] == pytest.approx(tops, rel=1e-12)
         (named,) = [q for q in refused.problems if "removes the last rows of" in q]
         assert "(label 2)" in named and "(label 3)" not in named and "emptied_label='refuse'" in named
+        # its fix names what the default's draw needs: with the spectral-normed head the default refuses it too
+        assert "emptied_label='resample'" in named and "spectral_norm" in named
+        assert "where it cannot, the default refuses this request too" in named
 
 
 def test_an_undrawable_row_names_the_labels_still_predicted_by_either_measure_in_their_own_problems() -> None:

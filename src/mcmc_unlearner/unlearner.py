@@ -685,7 +685,10 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False) -> str | No
         "chain on the remaining data for at least a burn-in's worth of steps (your own sampler, run_chain, or the "
         "deletion service's --on-failure repair with --repair-steps that long); or "
         + (
-            "pass emptied_label='resample' (the default), which draws that row"
+            "pass emptied_label='resample' (the default), which draws that row where the draw can sample it (a final "
+            "nn.Linear giving the logits, its weight and bias plain trainable parameters: no spectral_norm, "
+            "weight_norm or other parametrization, with a log_prior, a plain cross-entropy nll and remaining rows it "
+            "can list, not under torch.distributed); where it cannot, the default refuses this request too"
             if refuse
             else "give the model an output layer the draw can sample (a final nn.Linear giving the logits, its weight "
             "and bias plain trainable parameters: no spectral_norm, weight_norm or other parametrization), with a "
