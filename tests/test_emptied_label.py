@@ -520,3 +520,20 @@ def test_a_label_that_is_the_top_class_at_a_low_probability_is_drawn() -> None:
     assert info["emptied_label_max_top_share_before_resample"] == 1.0  # a scalar the service's ledger keeps
     assert info["emptied_label_resample"] == "drawn: 7"
     assert info["emptied_labels"]["7"] < 0.01 and info["emptied_labels_top_share"] == {"7": 0.0}
+
+
+def test_the_check_on_the_samples_as_they_are_judges_the_top_share_too() -> None:
+    """``emptied_label_problem`` (what the deletion service's repair gate runs on the repaired samples) judged the
+    mean probability alone: on the very samples whose request is refused for label 2 (the top class on 68% of its
+    rows at p = 0.47, seed-1 two-label removal at damping 1) it found no problem, so a repair run leaving the label
+    so would pass. It now names label 2 by its top share, drawing nothing."""
+    un, _, x, y, gone, prop = _two_label_removal(1.0, "refuse", parametrized=False)
+    assert [q for q in prop.report.problems if "removes the last rows of" in q]
+    assert prop.report.info["emptied_labels_top_share"]["2"] == pytest.approx(0.68)
+    un.bank = prop.bank.clone()  # the refused request's moved samples, as a repair run might leave them
+    before = un.bank.clone()
+    found, info = un.emptied_label_problem((x[gone], y[gone]), (x[~gone], y[~gone]))
+    assert info["emptied_labels"]["2"] < 0.5 and info["emptied_labels_top_share"]["2"] == pytest.approx(0.68)
+    assert found is not None and "(label 2)" in found and "(label 3)" not in found and "68% of them" in found
+    assert "this check of the samples as they are draws none" in found and "emptied_label='resample'" not in found
+    assert torch.equal(un.bank, before)

@@ -656,12 +656,13 @@ def _still_held(label: str, probability: float, info: dict[str, Any]) -> bool:
     return not probability < EMPTIED_RESAMPLE_PROB or not top < EMPTIED_LABEL_MAX_TOP
 
 
-def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False) -> str | None:
+def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False, checked: bool = False) -> str | None:
     """The problem to report when an emptied label's output-layer row was not drawn (``info["emptied_label_resample"]``
-    says why; ``refuse``: ``emptied_label="refuse"`` draws none) and the moved samples still make the label the top
-    class on ``EMPTIED_LABEL_MAX_TOP`` of its removed rows or more (``info["emptied_labels_top_share"]``) at a mean
-    probability under ``EMPTIED_LABEL_MAX_PROB`` (a label at that probability or more is named by the check's own
-    problem); ``None`` otherwise."""
+    says why; ``refuse``: ``emptied_label="refuse"`` draws none; ``checked``: the check of
+    :meth:`MCMCUnlearner.emptied_label_problem`, on the samples as they are, draws none) and the moved samples still
+    make the label the top class on ``EMPTIED_LABEL_MAX_TOP`` of its removed rows or more
+    (``info["emptied_labels_top_share"]``) at a mean probability under ``EMPTIED_LABEL_MAX_PROB`` (a label at that
+    probability or more is named by the check's own problem); ``None`` otherwise."""
     probs, tops = info.get("emptied_labels"), info.get("emptied_labels_top_share")
     if not isinstance(probs, dict) or not isinstance(tops, dict):
         return None
@@ -671,11 +672,23 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False) -> str | No
     said = ", ".join(
         f"{100 * t:.0f}% of them at a mean probability of {probs[c]:.2f} (label {c})" for c, t in still.items()
     )
-    why = (
-        "not drawn (emptied_label='refuse' draws none)"
-        if refuse
-        else str(info.get("emptied_label_resample", "not done"))
-    )
+    if checked:
+        why, fix = "not drawn (this check of the samples as they are draws none)", ""
+    elif refuse:
+        why = "not drawn (emptied_label='refuse' draws none)"
+        fix = (
+            "; or pass emptied_label='resample' (the default), which draws that row where the draw can sample it (a "
+            "final nn.Linear giving the logits, its weight and bias plain trainable parameters: no spectral_norm, "
+            "weight_norm or other parametrization, with a log_prior, a plain cross-entropy nll and remaining rows it "
+            "can list, not under torch.distributed); where it cannot, the default refuses this request too"
+        )
+    else:
+        why = str(info.get("emptied_label_resample", "not done"))
+        fix = (
+            "; or give the model an output layer the draw can sample (a final nn.Linear giving the logits, its "
+            "weight and bias plain trainable parameters: no spectral_norm, weight_norm or other parametrization), "
+            "with a log_prior and remaining rows it can list"
+        )
     return (
         f"this request removes the last rows of {'a label' if len(still) == 1 else 'labels'} from the remaining "
         f"data, but the moved samples still make {'it' if len(still) == 1 else 'each'} the top class of their "
@@ -683,17 +696,7 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False) -> str | No
         "labels, a class stays predicted below a mean probability of one half), and the label's output-layer row, "
         f"which would be drawn from its conditional given the remaining rows, was {why}. Retrain, or continue the "
         "chain on the remaining data for at least a burn-in's worth of steps (your own sampler, run_chain, or the "
-        "deletion service's --on-failure repair with --repair-steps that long); or "
-        + (
-            "pass emptied_label='resample' (the default), which draws that row where the draw can sample it (a final "
-            "nn.Linear giving the logits, its weight and bias plain trainable parameters: no spectral_norm, "
-            "weight_norm or other parametrization, with a log_prior, a plain cross-entropy nll and remaining rows it "
-            "can list, not under torch.distributed); where it cannot, the default refuses this request too"
-            if refuse
-            else "give the model an output layer the draw can sample (a final nn.Linear giving the logits, its weight "
-            "and bias plain trainable parameters: no spectral_norm, weight_norm or other parametrization), with a "
-            "log_prior and remaining rows it can list"
-        )
+        f"deletion service's --on-failure repair with --repair-steps that long){fix}"
     )
 
 
@@ -5686,7 +5689,8 @@ class MCMCUnlearner:
     ) -> tuple[str | None, dict[str, Any]]:
         """The emptied-label check of a request (README step 6) on the samples as they are now: whether the rows
         ``removed`` carry a label no row of ``remaining`` carries and the stored samples (the live chain without a
-        bank) still give them that label. What the deletion service's repair checks again after its chain run.
+        bank) still give them that label: a mean probability of one half or more, or (drawing no row) the top class
+        on half its rows or more. What the deletion service's repair checks again after its chain run.
 
         Args:
             removed: The request's rows.
@@ -5706,9 +5710,13 @@ class MCMCUnlearner:
             None if ids is None else (remaining, torch.as_tensor(ids, dtype=torch.long)),
         )
         try:
-            return self._emptied_label_problem(batch, stream, moved, info), info
+            found = self._emptied_label_problem(batch, stream, moved, info)
         finally:
             self._forget_request = held
+        # the top-share rule too (README step 6): a label still the top class on half its rows at a mean probability
+        # under one half was passed here (the deletion service's repair gate) while the request's own check refuses it
+        top = _undrawn_top_problem(info, checked=True)
+        return (found if top is None else top if found is None else f"{found} Also: {top}"), info
 
     def _resample_emptied(
         self, stream: _Stream, live: torch.Tensor, bank: torch.Tensor | None, info: dict[str, Any], every: bool = False

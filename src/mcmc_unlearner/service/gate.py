@@ -160,7 +160,8 @@ def repaired_problems(
     """The checks a repaired removal must still pass, on the repaired samples (empty: passed), and what was measured.
 
     * the emptied-label check (``MCMCUnlearner.emptied_label_problem``): the removed rows' labels that no remaining
-      row carries are not still predicted for them;
+      row carries are not still predicted for them (a mean probability of one half, or the top class on half their
+      rows: the request's own rule where the row is not drawn);
     * the samples spread about their mean at least ``REPAIR_MIN_SPREAD`` (half) as far as the samples before the
       request (stop 46);
     * the chain settled: the remaining rows' mean NLL (the first 2,000) under the repaired bank's later half (up to 8
