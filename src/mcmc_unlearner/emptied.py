@@ -51,6 +51,13 @@ Batch = tuple[torch.Tensor, ...]
 
 #: MALA steps per stored sample after the conditional's mode (the first fifth adapt the step size).
 RESAMPLE_STEPS = 40
+#: After the MALA warm-up, every this many steps is a MALA step and the others are elliptical slice steps, where the
+#: row's prior is Gaussian (stop 60): MALA's proposal, the mode's curvature, is far narrower than the conditional along
+#: the directions only the prior bounds (the remaining rows push the label's logit down only); a slice step's ellipse
+#: is prior-wide. (MALA's steps keep the acceptance rate a measure of its step size.)
+RESAMPLE_MALA_EVERY = 4
+#: Angles an elliptical slice step tries (its bracket shrunk after each) before it leaves the row where it was.
+RESAMPLE_SLICE_TRIES = 6
 #: Stored samples × remaining rows the draw may read (one forward pass of the model per sample over every remaining
 #: row); beyond that the request is refused as before, with the reason.
 RESAMPLE_MAX_ROW_EVALS = 2**22
@@ -345,6 +352,15 @@ class _Conditional:
         u_prior, g_prior = self.prior(v)
         return (lse - self.fixed).sum(1) + u_prior, torch.bmm(p.unsqueeze(1), self.phi.mT).squeeze(1) + g_prior, p
 
+    def data(self, v: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """The data term ``Σ_i [logsumexp(z_si) − z_{si,y_i}]`` alone (no prior, no gradient) at the samples ``which``
+        (``v``: their rows, ``[len(which), d]``; their features gathered when not all of them)."""
+        every = len(which) == self.phi.shape[0]
+        phi = self.phi if every else self.phi[which]
+        z = torch.bmm(v.unsqueeze(1), phi).squeeze(1)
+        rest, fixed = (self.rest, self.fixed) if every else (self.rest[which], self.fixed[which])
+        return (torch.logaddexp(rest, z) - fixed).sum(1)
+
     def hessian(
         self, v: torch.Tensor, p: torch.Tensor, which: torch.Tensor, single: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -422,6 +438,49 @@ def _mode(
     return v, u, g, p
 
 
+def _slice_step(
+    cond: _Conditional, v: torch.Tensor, u: torch.Tensor, gauss: torch.Tensor, xi: torch.Tensor, r: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One elliptical slice sampling step (Murray, Adams & MacKay 2010) at the samples ``gauss`` (those whose prior
+    on the row is the Gaussian ``N(m, P⁻¹)``, ``m = P⁻¹b``; the others stay): the ellipse through the current row
+    and a prior draw ``m + P^(−½)ξ`` (``xi``: ``[B, d]``), a level below the current likelihood (``r[:, 0]``), an
+    angle uniform on the ellipse (``r[:, 1]``), its bracket shrunk toward 0 at each angle below the level (the next
+    angles from ``r[:, 2:]``; after them the sample stays where it is, which leaves the conditional invariant as
+    the unbounded loop does: the reverse path meets the same rejected angles). Exact for any likelihood: its moves
+    are prior-wide, the conditional's scale along the directions only the prior bounds. Returns the rows, ``U``
+    there, which samples moved and which at the first angle."""
+    P, b = cond.prior.P, cond.prior.b
+    m, sd = b / P.clamp_min(1e-300), P.clamp_min(1e-300).rsqrt()
+    x, nu = v - m, sd * xi
+    data = u - ((0.5 * P * v - b) * v).sum(1)  # the current data term (U less the prior's quadratic)
+    level = data - torch.log(r[:, 0] + 1e-300)  # accept where the data term is below it
+    angle = 2 * math.pi * r[:, 1]
+    lo, hi = angle - 2 * math.pi, angle.clone()
+    pending = gauss & torch.isfinite(data)
+    moved, first = torch.zeros_like(pending), torch.zeros_like(pending)
+    v, u = v.clone(), u.clone()
+    for k in range(2, r.shape[1] + 1):
+        which = torch.nonzero(pending).squeeze(1)
+        if not len(which):
+            break
+        c, s = torch.cos(angle[which])[:, None], torch.sin(angle[which])[:, None]
+        prop = m[which] + x[which] * c + nu[which] * s
+        d_p = cond.data(prop, which)
+        ok = torch.isfinite(d_p) & (d_p < level[which])
+        at = which[ok]
+        v[at] = prop[ok]
+        u[at] = d_p[ok] + ((0.5 * P[at] * prop[ok] - b[at]) * prop[ok]).sum(1)
+        moved[at], pending[at] = True, False
+        if k == 2:
+            first[at] = True
+        if k < r.shape[1]:  # shrink the bracket toward the current row (angle 0), draw the next angle in it
+            left = pending & (angle < 0)
+            lo = torch.where(left, angle, lo)
+            hi = torch.where(pending & ~left, angle, hi)
+            angle = torch.where(pending, lo + (hi - lo) * r[:, k], angle)
+    return v, u, moved, first
+
+
 def _draw(
     cond: _Conditional,
     v0: torch.Tensor,
@@ -429,19 +488,27 @@ def _draw(
     gens: Sequence[torch.Generator],
     eps: torch.Tensor,
     warm: int | None = None,
+    slices: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One draw from the conditional per sample of the chunk (``v0``: ``[B, d]``; :func:`_mode`, then
-    preconditioned MALA with the step sizes ``eps`` (``[B]``), adapted during the first ``warm`` steps (a fifth by
-    default), and the samples' generators ``gens``); returns the draws, each sample's acceptance rate after the
-    warm-up, and the step size each warm-up ended at."""
+    """One draw from the conditional per sample of the chunk (``v0``: ``[B, d]``): :func:`_mode`, then ``steps``
+    steps with the samples' generators ``gens``: preconditioned MALA with the step sizes ``eps`` (``[B]``), adapted
+    during the first ``warm`` steps (a fifth by default); after them, at the samples whose prior on the row is
+    Gaussian, elliptical slice steps (:func:`_slice_step`) but for every ``RESAMPLE_MALA_EVERY``-th step, MALA's
+    (``slices=False``: MALA throughout, the draw until stop 60). Returns the draws, each sample's MALA acceptance
+    rate after the warm-up, and the step size each warm-up ended at."""
     B, d = v0.shape
     v, u, g, p = _mode(cond, v0)
     H = cond.hessian(v, p, torch.arange(B))
     L = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)))  # C = H⁻¹ = L Lᵀ
     noise = torch.stack([torch.randn(steps, d, generator=gen, dtype=torch.float64) for gen in gens], 1)  # [T, B, d]
     uniform = torch.stack([torch.rand(steps, generator=gen, dtype=torch.float64) for gen in gens], 1)  # [T, B]
+    warm = steps // 5 if warm is None else warm
+    gauss = torch.ones(B, dtype=torch.bool)
+    gauss[cond.prior.exact] = False
+    every = RESAMPLE_MALA_EVERY
+    sliced = [slices and bool(gauss.any()) and t >= warm and (t - warm) % every != every - 1 for t in range(steps)]
     eps = eps.clone()
-    accepted, warm = torch.zeros(B), steps // 5 if warm is None else warm
+    accepted, mala_steps = torch.zeros(B), torch.zeros(B)
 
     def Lt(w: torch.Tensor) -> torch.Tensor:
         return (L.mT @ w.unsqueeze(2)).squeeze(2)
@@ -450,21 +517,38 @@ def _draw(
     # densities' log ratio, −½|r_b|²_H/ε² + ½|r_f|²_H/ε² (r_f = εLξ forward, r_b = −εLξ + ½ε²L(a + a′) back), is
     # ½εξᵀ(a + a′) − ⅛ε²|a + a′|²: two triangular products a step (L·, Lᵀ∇U′) where it took five d × d ones
     a = Lt(g)
+    stale = torch.zeros(B, dtype=torch.bool)  # rows a slice step moved since their gradient
     for t in range(steps):
+        mala = torch.ones(B, dtype=torch.bool)  # the samples this step moves by MALA
+        if sliced[t]:
+            # each slice step's random numbers drawn as it comes (after the chains': those stay as they were; the
+            # memory plan's as before), from each sample's own generator
+            xi = torch.stack([torch.randn(d, generator=gen, dtype=torch.float64) for gen in gens])
+            r = torch.stack([torch.rand(2 + RESAMPLE_SLICE_TRIES, generator=gen, dtype=torch.float64) for gen in gens])
+            v, u, moved, _ = _slice_step(cond, v, u, gauss, xi, r)
+            stale |= moved
+            mala = ~gauss
+            if not bool(mala.any()):
+                continue
+        elif bool(stale.any()):  # the MALA drift at the rows slice steps moved (a gradient, no slice step needs it)
+            _, g_new, _ = cond(v)
+            a = torch.where(stale[:, None], Lt(g_new), a)
+            stale[:] = False
         e = eps[:, None]
         prop = v + e * (L @ (noise[t] - 0.5 * e * a).unsqueeze(2)).squeeze(2)
         u_p, g_p, _ = cond(prop)
         a_p = Lt(g_p)
         m = a + a_p
         log_a = -(u_p - u) + 0.5 * eps * (noise[t] * m).sum(1) - 0.125 * eps**2 * (m * m).sum(1)
-        ok = torch.isfinite(log_a) & (torch.log(uniform[t] + 1e-300) < log_a)
+        ok = mala & torch.isfinite(log_a) & (torch.log(uniform[t] + 1e-300) < log_a)
         v, u = torch.where(ok[:, None], prop, v), torch.where(ok, u_p, u)
         a = torch.where(ok[:, None], a_p, a)
         if t >= warm:
             accepted += ok
+            mala_steps += mala
         else:  # toward an acceptance rate of about 0.57 (1.1 up, 0.87 down)
             eps = eps * torch.where(ok, 1.1, 0.87)
-    return v, accepted / max(steps - warm, 1), eps
+    return v, accepted / mala_steps.clamp_min(1), eps
 
 
 def resample_label_rows(
