@@ -18,11 +18,16 @@ Hessian ``Σ p_ic(1 − p_ic) φ̃_i φ̃_iᵀ`` summed in float32, the draw's m
 prior's as a measured diagonal; each step halved until ``U`` falls), then preconditioned MALA (Langevin proposals with
 the inverse of that Hessian as covariance, Metropolis–Hastings corrected, the proposal densities' ratio in closed form)
 for ``steps`` steps from the mode; its step size is adapted during the first fifth
-(× 1.1 on an accepted proposal, × 0.87 on a rejected one) and then fixed. Every sample's chain starts at the step
-size a tuning run on the first sample's conditional ended at (``steps`` steps from ``1.4 d^(−1/6)``, every one
-adapting; its draw is dropped): the same row, a similar conditional. (Until stop 58 each sample started where the
-previous one's warm-up ended: a fresh start at ``1.4 d^(−1/6)`` with 8 adapting steps had left a ResNet's
-acceptance at 0.14–0.20, docs/model-matrix.md.)
+(× 1.1 on an accepted proposal, × 0.87 on a rejected one) and then fixed. After that fifth, where the row's prior is
+Gaussian (the quadratic below), three of every four steps are elliptical slice steps (Murray, Adams & MacKay 2010:
+the ellipse through the row and a draw from its prior, exact for a Gaussian prior times any likelihood): the remaining
+rows only push ``z_ic`` down, so along those directions only the prior bounds the row, and MALA's proposal, the mode's
+curvature, is far narrower than the conditional there (stop 60: on a BN-CNN sample the forgotten rows' mean ``z_c``
+was −46 after 40 MALA steps, −104 after 400); a slice step's ellipse is prior-wide. Elsewhere, MALA throughout.
+Every sample's chain starts at the step size a tuning run on the first sample's conditional ended at (``steps`` steps
+from ``1.4 d^(−1/6)``, every one adapting; its draw is dropped): the same row, a similar conditional. (Until stop 58
+each sample started where the previous one's warm-up ended: a fresh start at ``1.4 d^(−1/6)`` with 8 adapting steps had
+left a ResNet's acceptance at 0.14–0.20, docs/model-matrix.md.)
 
 The samples' conditionals are independent, so a chunk of samples is drawn at once: their features ``[B, d, n]``,
 Newton's solves batched (each sample halves its own step), and their chains advanced together, each with its own
@@ -49,7 +54,8 @@ from .curvature import ParamSpec
 
 Batch = tuple[torch.Tensor, ...]
 
-#: MALA steps per stored sample after the conditional's mode (the first fifth adapt the step size).
+#: Steps per stored sample after the conditional's mode: MALA's (the first fifth adapt its step size), then mostly
+#: slice ones.
 RESAMPLE_STEPS = 40
 #: After the MALA warm-up, every this many steps is a MALA step and the others are elliptical slice steps, where the
 #: row's prior is Gaussian (stop 60): MALA's proposal, the mode's curvature, is far narrower than the conditional along
