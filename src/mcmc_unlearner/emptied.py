@@ -361,11 +361,14 @@ class _Conditional:
     def data(self, v: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """The data term ``Σ_i [logsumexp(z_si) − z_{si,y_i}]`` alone (no prior, no gradient) at the samples ``which``
         (``v``: their rows, ``[len(which), d]``; their features gathered when not all of them)."""
-        every = len(which) == self.phi.shape[0]
-        phi = self.phi if every else self.phi[which]
-        z = torch.bmm(v.unsqueeze(1), phi).squeeze(1)
-        rest, fixed = (self.rest, self.fixed) if every else (self.rest[which], self.fixed[which])
-        return (torch.logaddexp(rest, z) - fixed).sum(1)
+        B = self.phi.shape[0]
+        if 2 * len(which) >= B:  # at every sample (the others' rows at 0): no copy of the features
+            at = torch.zeros(B, v.shape[1], dtype=v.dtype)
+            at[which] = v
+            z = torch.bmm(at.unsqueeze(1), self.phi).squeeze(1)
+            return (torch.logaddexp(self.rest, z) - self.fixed).sum(1)[which]
+        z = torch.bmm(v.unsqueeze(1), self.phi[which]).squeeze(1)
+        return (torch.logaddexp(self.rest[which], z) - self.fixed[which]).sum(1)
 
     def hessian(
         self, v: torch.Tensor, p: torch.Tensor, which: torch.Tensor, single: torch.Tensor | None = None
