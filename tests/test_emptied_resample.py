@@ -818,3 +818,40 @@ def test_the_slice_steps_cross_the_prior_bounded_tail_at_the_mala_draws_cost() -
     assert apart(old_r2, ref_r2) > 4, (old_r2.mean(), ref_r2.mean())
     assert apart(new_z, ref_z) <= 4, (new_z.mean(), ref_z.mean())
     assert apart(new_r2, ref_r2) <= 4, (new_r2.mean(), ref_r2.mean())
+
+
+def test_a_slice_step_tries_at_most_its_angles_then_stays(monkeypatch) -> None:
+    """Where no angle reaches the level (a data term never finite there), a slice step of the draw evaluates
+    ``RESAMPLE_SLICE_TRIES`` angles per sample, as the constant says, and leaves the rows where they were (it took
+    one more: ``2 + RESAMPLE_SLICE_TRIES`` random numbers a step, the level and an angle from each of the rest)."""
+    import mcmc_unlearner.emptied as E
+
+    B, d, n, C, c, steps = 3, 2, 5, 3, 2, 10
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(B, d, n, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (n,), generator=g)
+    thetas = torch.zeros(B, d, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(10 + j) for j in range(B)]
+    prior = E._ChunkPrior(E._BlockPrior(lambda t: -0.5 * (t**2).sum(), torch.arange(d)), thetas, gens)
+    assert prior.exact == []
+    cond = E._Conditional(prior, phi, torch.zeros(B, n, C, dtype=torch.float64), y, c)
+    angles, slice_steps, rows = [0], [0], []
+    step = E._slice_step
+
+    def never(self: Any, v: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        angles[0] += 1
+        return torch.full((len(which),), math.inf, dtype=torch.float64)
+
+    def counted(cond: Any, v: torch.Tensor, *args: Any) -> Any:
+        slice_steps[0] += 1
+        out = step(cond, v, *args)
+        rows.append(bool(torch.equal(out[0], v)) and not bool(out[2].any()))
+        return out
+
+    monkeypatch.setattr(E._Conditional, "data", never)
+    monkeypatch.setattr(E, "_slice_step", counted)
+    eps = torch.full((B,), 0.5, dtype=torch.float64)
+    E._draw(cond, thetas, steps, gens, eps, warm=2)
+    assert slice_steps[0] == 6  # steps 2-9 after the warm-up, but for every fourth (5 and 9)
+    assert angles[0] == slice_steps[0] * E.RESAMPLE_SLICE_TRIES, (angles[0], slice_steps[0])
+    assert all(rows)

@@ -62,8 +62,9 @@ RESAMPLE_STEPS = 40
 #: the directions only the prior bounds (the remaining rows push the label's logit down only); a slice step's ellipse
 #: is prior-wide. (MALA's steps keep the acceptance rate a measure of its step size.)
 RESAMPLE_MALA_EVERY = 4
-#: Angles an elliptical slice step tries (its bracket shrunk after each) before it leaves the row where it was.
-RESAMPLE_SLICE_TRIES = 6
+#: Angles an elliptical slice step tries (its bracket shrunk after each) before it leaves the row where it was (its
+#: random numbers: the level and one per angle).
+RESAMPLE_SLICE_TRIES = 7
 #: Stored samples × remaining rows the draw may read (one forward pass of the model per sample over every remaining
 #: row); beyond that the request is refused as before, with the reason.
 RESAMPLE_MAX_ROW_EVALS = 2**22
@@ -454,10 +455,10 @@ def _slice_step(
     on the row is the Gaussian ``N(m, P⁻¹)``, ``m = P⁻¹b``; the others stay): the ellipse through the current row
     and a prior draw ``m + P^(−½)ξ`` (``xi``: ``[B, d]``), a level below the current likelihood (``r[:, 0]``), an
     angle uniform on the ellipse (``r[:, 1]``), its bracket shrunk toward 0 at each angle below the level (the next
-    angles from ``r[:, 2:]``; after them the sample stays where it is, which leaves the conditional invariant as
-    the unbounded loop does: the reverse path meets the same rejected angles). Exact for any likelihood: its moves
-    are prior-wide, the conditional's scale along the directions only the prior bounds. Returns the rows, ``U``
-    there, which samples moved and which at the first angle."""
+    angles from ``r[:, 2:]``: ``r.shape[1] − 1`` angles in all; after them the sample stays where it is, which
+    leaves the conditional invariant as the unbounded loop does: the reverse path meets the same rejected angles).
+    Exact for any likelihood: its moves are prior-wide, the conditional's scale along the directions only the prior
+    bounds. Returns the rows, ``U`` there, which samples moved and which at the first angle."""
     P, b = cond.prior.P, cond.prior.b
     m, sd = b / P.clamp_min(1e-300), P.clamp_min(1e-300).rsqrt()
     x, nu = v - m, sd * xi
@@ -533,7 +534,7 @@ def _draw(
             # each slice step's random numbers drawn as it comes (after the chains': those stay as they were; the
             # memory plan's as before), from each sample's own generator
             xi = torch.stack([torch.randn(d, generator=gen, dtype=torch.float64) for gen in gens])
-            r = torch.stack([torch.rand(2 + RESAMPLE_SLICE_TRIES, generator=gen, dtype=torch.float64) for gen in gens])
+            r = torch.stack([torch.rand(1 + RESAMPLE_SLICE_TRIES, generator=gen, dtype=torch.float64) for gen in gens])
             v, u, moved, _ = _slice_step(cond, v, u, gauss, xi, r)
             stale |= moved
             mala = ~gauss
