@@ -855,3 +855,51 @@ def test_a_slice_step_tries_at_most_its_angles_then_stays(monkeypatch) -> None:
     assert slice_steps[0] == 6  # steps 2-9 after the warm-up, but for every fourth (5 and 9)
     assert angles[0] == slice_steps[0] * E.RESAMPLE_SLICE_TRIES, (angles[0], slice_steps[0])
     assert all(rows)
+
+
+def test_the_slice_steps_keep_a_conditional_under_a_prior_of_nonzero_mean_and_unequal_scales() -> None:
+    """The slice kernel alone, 4000 chains of 60 steps on a 2-entry row under the prior ``N(m, diag(s²))`` with
+    ``m = (1.5, −0.7)``, ``s = (0.6, 2)`` (so ``b = m/s²`` ≠ 0: the ellipse's centre ``P⁻¹b`` and its scale ``P^(−½)``
+    are both tested, where every other test's prior has mean 0) and six logistic rows pushing label 2's logit down:
+    the chains' mean is the conditional's by quadrature to 4 standard errors, their variances to 10%. An ellipse
+    centred at 0 or ``−P⁻¹b``, or scaled by ``P^(½)``, is many standard errors off."""
+    import mcmc_unlearner.emptied as E
+
+    g = torch.Generator().manual_seed(0)
+    B, d, n, C, c, T = 4000, 2, 6, 3, 2, 60
+    m = torch.tensor([1.5, -0.7], dtype=torch.float64)
+    s = torch.tensor([0.6, 2.0], dtype=torch.float64)
+    phi = torch.randn(d, n, generator=g, dtype=torch.float64) * 1.5
+    phi[1] = 1.0  # a bias
+    y = torch.randint(0, 2, (n,), generator=g)
+
+    def lp(t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (((t - m.to(t.dtype)) / s.to(t.dtype)) ** 2).sum()
+
+    thetas = torch.zeros(B, d, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(100 + j) for j in range(B)]
+    prior = E._ChunkPrior(E._BlockPrior(lp, torch.arange(d)), thetas, gens)
+    assert prior.exact == []
+    assert torch.allclose(prior.b[0], m / s**2, rtol=1e-9)  # the quadratic ½vᵀPv − bᵀv: its mean P⁻¹b = m
+    cond = E._Conditional(prior, phi.expand(B, d, n).clone(), torch.zeros(B, n, C, dtype=torch.float64), y, c)
+    v = thetas.clone()
+    u = cond(v)[0]
+    gauss = torch.ones(B, dtype=torch.bool)
+    for _ in range(T):
+        xi = torch.randn(B, d, generator=g, dtype=torch.float64)
+        r = torch.rand(B, 1 + E.RESAMPLE_SLICE_TRIES, generator=g, dtype=torch.float64)
+        v, u, _, _ = E._slice_step(cond, v, u, gauss, xi, r)
+    assert torch.allclose(u, cond(v)[0], rtol=1e-12, atol=1e-9)  # U kept as the rows moved
+
+    w = torch.linspace(-4, 6, 501, dtype=torch.float64)
+    bb = torch.linspace(-16, 10, 1301, dtype=torch.float64)
+    W, Bb = torch.meshgrid(w, bb, indexing="ij")
+    log_density = -0.5 * (((W - m[0]) / s[0]) ** 2 + ((Bb - m[1]) / s[1]) ** 2)
+    for i in range(n):  # the rows' NLL: logsumexp of labels 0, 1 (logits 0) and z_2 = v·φ_i, less z_{y_i} = 0
+        z = W * phi[0, i] + Bb * phi[1, i]
+        log_density -= torch.logaddexp(torch.tensor(math.log(2.0), dtype=torch.float64), z)
+    mean, cov = _grid_moments(log_density, w, bb)
+    var = v.var(0)
+    se = (var / B).sqrt()
+    assert float(((v.mean(0) - mean).abs() / se).max()) <= 4, (v.mean(0), mean)
+    assert torch.allclose(var, cov.diagonal(), rtol=0.1), (var, cov.diagonal())
