@@ -312,16 +312,17 @@ def test_one_removed_row_is_looked_for_without_a_warning():
         assert _removed_rows_held((x[:1], y[:1]), (x[1:], y[1:])) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.long, torch.bool])
-def test_an_nll_returning_integers_is_refused_before_any_work(dtype, monkeypatch) -> None:
-    """Stop 60's probe: an ``nll`` returning a 0-1 error count as ``long`` crashed inside the safety check, after the
-    request's work, with torch's raw "torch.finfo() requires a floating point input type"; now refused by the first
-    check of ``nll``, naming the fix, nothing changed."""
+def _integer_nll_unlearner(model: nn.Module, dtype: torch.dtype, monkeypatch) -> tuple:
+    """An unlearner whose ``nll`` is a 0-1 error count in ``dtype`` over a bank of 6 perturbed copies of ``model``
+    (its buffers kept), its request work replaced by a failure; returns it, the rows and a copy of its samples."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(120, 4, generator=g)
     y = (x[:, 0] > 0).long()
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
-    bank = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()} for _ in range(6)]
+    buffers = {k for k, _ in model.named_buffers()}
+    bank = [
+        {k: v if k in buffers else v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+        for _ in range(6)
+    ]
     un = MCMCUnlearner(
         model,
         nll=lambda m, b: (m(b[0]).argmax(-1) != b[1]).to(dtype),
@@ -333,7 +334,16 @@ def test_an_nll_returning_integers_is_refused_before_any_work(dtype, monkeypatch
         raise AssertionError("the request started its work")
 
     monkeypatch.setattr(un, "_propose", no_work)
-    before = [{k: v.clone() for k, v in s.items()} for s in un.samples()]
+    return un, x, y, [{k: v.clone() for k, v in s.items()} for s in un.samples()]
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool])
+def test_an_nll_returning_integers_is_refused_before_any_work(dtype, monkeypatch) -> None:
+    """Stop 60's probe: an ``nll`` returning a 0-1 error count as ``long`` crashed inside the safety check, after the
+    request's work, with torch's raw "torch.finfo() requires a floating point input type"; now refused by the first
+    check of ``nll``, naming the fix, nothing changed."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    un, x, y, before = _integer_nll_unlearner(model, dtype, monkeypatch)
     with pytest.raises(TypeError, match=rf"must return floating-point values .*got {dtype}.*reduction='none'"):
         un.remove((x[:8], y[:8]), (x[8:], y[8:]))
     assert not un.history
@@ -356,30 +366,9 @@ def test_an_nll_returning_integers_is_refused_for_a_model_in_training_mode_with_
     are checked by two passes instead), and the integer refusal with it: the request ran its work and crashed with
     torch's raw "torch.finfo() requires a floating point input type" (3.6 s). Now refused there too, on every
     request, nothing changed."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(120, 4, generator=g)
-    y = (x[:, 0] > 0).long()
     model = nn.Sequential(_Scaled(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     assert model.training
-    bank = [
-        {
-            k: v + 0.05 * torch.randn(v.shape, generator=g) if k != "0.scale" else v
-            for k, v in model.state_dict().items()
-        }
-        for _ in range(6)
-    ]
-    un = MCMCUnlearner(
-        model,
-        nll=lambda m, b: (m(b[0]).argmax(-1) != b[1]).long(),
-        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
-        bank=bank,
-    )
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("the request started its work")
-
-    monkeypatch.setattr(un, "_propose", no_work)
-    before = [{k: v.clone() for k, v in s.items()} for s in un.samples()]
+    un, x, y, before = _integer_nll_unlearner(model, torch.long, monkeypatch)
     for _ in range(2):
         with pytest.raises(TypeError, match=r"must return floating-point values .*got torch\.int64 on these 8 removed"):
             un.remove((x[:8], y[:8]), (x[8:], y[8:]))
