@@ -236,6 +236,15 @@ def test_an_rnn_with_a_learned_initial_state_still_goes_to_the_diagonal() -> Non
     assert info["unbatched_input"] == ["hh"] and "hh" not in info["kronecker"]
 
 
+def _start_zero_at_first_draw(model: nn.Module) -> torch.Tensor:
+    """Three draws of ``model`` whose learned initial state ``start`` (its first parameter, 5 entries) is zero at
+    the first draw and 0.5 at the others."""
+    thetas = ParamSpec.flatten_module(model).detach().repeat(3, 1)
+    thetas[0, :5], thetas[1:, :5] = 0.0, 0.5
+    assert next(iter(dict(model.named_parameters()))) == "start"
+    return thetas
+
+
 @pytest.mark.parametrize("zero_first", [True, False])
 def test_a_learned_initial_state_zero_at_one_draw_goes_to_the_diagonal_whatever_the_draw_order(
     zero_first: bool,
@@ -245,10 +254,7 @@ def test_a_learned_initial_state_zero_at_one_draw_goes_to_the_diagonal_whatever_
     is a shared location all the same (the verdict had depended on which draw came first)."""
     torch.manual_seed(0)
     model = RNN("learned").double().eval()
-    theta = ParamSpec.flatten_module(model).detach()
-    thetas = theta.repeat(3, 1)
-    thetas[0, :5], thetas[1:, :5] = 0.0, 0.5  # "start" is the first parameter
-    assert next(iter(dict(model.named_parameters()))) == "start"
+    thetas = _start_zero_at_first_draw(model)
     x, y = torch.randn(16, 4, 3, dtype=D64), torch.randn(16, 2, dtype=D64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -277,10 +283,7 @@ def test_a_learned_state_zero_at_one_draw_goes_to_the_diagonal_where_the_doubled
     ``zero_first``), as :func:`_shared_codes`' pairing did before stop 59's fix."""
     torch.manual_seed(0)
     model = _BatchOf16RNN("learned").double().eval()
-    theta = ParamSpec.flatten_module(model).detach()
-    thetas = theta.repeat(3, 1)
-    thetas[0, :5], thetas[1:, :5] = 0.0, 0.5  # "start" is the first parameter
-    assert next(iter(dict(model.named_parameters()))) == "start"
+    thetas = _start_zero_at_first_draw(model)
     x, y = torch.randn(16, 4, 3, dtype=D64), torch.randn(16, 2, dtype=D64)
     with pytest.raises(ValueError, match="at most 16 rows"):
         model(torch.cat([x, x]))  # (the pairing's doubled forward fails)
