@@ -68,6 +68,24 @@ def _dense_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nvd,nvw,nwe->de", J, H, J)
 
 
+def _build(
+    model: nn.Module, theta: torch.Tensor, batch: list, nll, likelihood: str = "auto", mc_samples: int = 64
+) -> KroneckerCurvature:
+    """K-FAC of ``model`` at the draws ``theta`` on the one minibatch ``batch`` (all ``B`` rows), no prior, the
+    output sketch's generator seeded 0."""
+    return KroneckerCurvature.build(
+        model,
+        theta,
+        batch,
+        B,
+        nll=nll,
+        log_prior=None,
+        likelihood=likelihood,
+        mc_samples=mc_samples,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 def _median_error(k: KroneckerCurvature, G: torch.Tensor, scale: float = 1.0) -> float:
     gen = torch.Generator().manual_seed(1)
     errs = []
@@ -88,17 +106,7 @@ def test_kfac_reads_a_per_position_cross_entropy_as_categorical(mc_samples: int)
     G = _dense_ggn(model, x)
     errors = {}
     for lik in ("auto", "empirical"):
-        k = KroneckerCurvature.build(
-            model,
-            theta,
-            [(x, y)],
-            B,
-            nll=_sum_nll,
-            log_prior=None,
-            likelihood=lik,
-            mc_samples=mc_samples,
-            generator=torch.Generator().manual_seed(0),
-        )
+        k = _build(model, theta, [(x, y)], _sum_nll, likelihood=lik, mc_samples=mc_samples)
         errors[lik] = _median_error(k, G)
         if lik == "auto":
             assert k.info["likelihood"] == "categorical", k.info
@@ -119,17 +127,7 @@ def test_kfac_per_position_mean_is_a_scaled_categorical() -> None:
 
     assert positions_fit(model, last, (x, y)) is None
     theta = ParamSpec.flatten_module(model)[None]
-    k = KroneckerCurvature.build(
-        model,
-        theta,
-        [(x, y)],
-        B,
-        nll=_mean_nll,
-        log_prior=None,
-        likelihood="auto",
-        mc_samples=64,
-        generator=torch.Generator().manual_seed(0),
-    )
+    k = _build(model, theta, [(x, y)], _mean_nll)
     assert k.info["likelihood"] == "categorical", k.info
     assert _median_error(k, _dense_ggn(model, x), scale=1.0 / L) < 0.2
 
@@ -143,17 +141,7 @@ def test_padded_positions_past_the_probe_rows_are_not_read_as_categorical() -> N
     padded[8:, 3:] = -100
     assert positions_fit(model, _sum_nll, (x, padded)) == {"positions": L}  # the probe rows hold no padding
     theta = ParamSpec.flatten_module(model)[None]
-    k = KroneckerCurvature.build(
-        model,
-        theta,
-        [(x, padded)],
-        B,
-        nll=_sum_nll,
-        log_prior=None,
-        likelihood="auto",
-        mc_samples=64,
-        generator=torch.Generator().manual_seed(0),
-    )
+    k = _build(model, theta, [(x, padded)], _sum_nll)
     assert k.info["likelihood"] == "empirical", k.info
     assert "ignore_index" in k.info["likelihood_reason"], k.info
 
@@ -173,17 +161,7 @@ def test_a_per_row_weight_field_is_read_with_the_positions() -> None:
     theta = ParamSpec.flatten_module(model)[None]
     quads = []
     for nll in (weighted, lambda m, b: _sum_nll(m, b[:2])):
-        k = KroneckerCurvature.build(
-            model,
-            theta,
-            [(x, y, w)],
-            B,
-            nll=nll,
-            log_prior=None,
-            likelihood="auto",
-            mc_samples=8,
-            generator=torch.Generator().manual_seed(0),
-        )
+        k = _build(model, theta, [(x, y, w)], nll, mc_samples=8)
         assert k.info["likelihood"] == "categorical", k.info
         v = torch.randn(theta.shape[1], generator=torch.Generator().manual_seed(1))
         quads.append(float(v @ (k @ v)))
@@ -207,17 +185,7 @@ def test_a_per_position_mask_field_is_not_read_as_categorical() -> None:
     unread = torch.zeros(B, L, dtype=torch.long)  # a per-position field nll does not read: still categorical
     assert positions_fit(model, lambda m, b: _sum_nll(m, b[:2]), (x, y, unread)) == {"positions": L}
     theta = ParamSpec.flatten_module(model)[None]
-    k = KroneckerCurvature.build(
-        model,
-        theta,
-        [(x, y, mask)],
-        B,
-        nll=masked,
-        log_prior=None,
-        likelihood="auto",
-        mc_samples=64,
-        generator=torch.Generator().manual_seed(0),
-    )
+    k = _build(model, theta, [(x, y, mask)], masked)
     assert k.info["likelihood"] == "empirical", k.info
 
 
@@ -233,17 +201,7 @@ def test_an_explicit_categorical_likelihood_reads_the_positions_as_auto_does() -
     v = torch.randn(theta.shape[1], generator=torch.Generator().manual_seed(1))
 
     def build(nll: object, likelihood: str, labels: torch.Tensor, *extra: torch.Tensor) -> KroneckerCurvature:
-        return KroneckerCurvature.build(
-            model,
-            theta,
-            [(x, labels, *extra)],
-            B,
-            nll=nll,
-            log_prior=None,
-            likelihood=likelihood,
-            mc_samples=64,
-            generator=torch.Generator().manual_seed(0),
-        )
+        return _build(model, theta, [(x, labels, *extra)], nll, likelihood=likelihood)
 
     for nll, scale in ((_sum_nll, 1.0), (_mean_nll, 1.0 / L)):
         auto, explicit = build(nll, "auto", y), build(nll, "categorical", y)
@@ -301,17 +259,7 @@ def test_a_label_smoothed_per_position_cross_entropy_is_read_as_categorical() ->
     v = torch.randn(theta.shape[1], generator=torch.Generator().manual_seed(1))
 
     def build(nll: object, likelihood: str) -> KroneckerCurvature:
-        return KroneckerCurvature.build(
-            model,
-            theta,
-            [(x, y)],
-            B,
-            nll=nll,
-            log_prior=None,
-            likelihood=likelihood,
-            mc_samples=64,
-            generator=torch.Generator().manual_seed(0),
-        )
+        return _build(model, theta, [(x, y)], nll, likelihood=likelihood)
 
     def smoothed(over: int) -> object:
         def nll(m: nn.Module, b: tuple) -> torch.Tensor:
