@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -383,9 +384,11 @@ def test_a_constant_in_nll_does_not_stop_newton_steps_that_still_converge() -> N
 def test_equilibrium_step_is_skipped_with_a_warning_where_the_rows_cannot_be_listed() -> None:
     """Through a ``DataLoader`` the equilibrium target was measured on the safety check's 256 rows and checked on
     them: the step fitted their noise (a conjugate regression, n = 1,900: the bank's mean 6-10 posterior sd from the
-    exact answer, every check passed, against 0.2-0.3 for the influence step alone). The further step is now
-    skipped, with a warning naming the fix, and the request is the influence step's; on the same rows as tensors
-    the further step is taken and lands closer than one step."""
+    exact answer, every check passed, against 0.2-0.3 for the influence step alone). Where the rows cannot be listed
+    (an endless iterator over the loader) the further step is skipped, with a warning naming the fix, and the request
+    is the influence step's; on the same rows as tensors, or through the ``DataLoader`` over a ``TensorDataset``
+    itself (its rows listed without a pass), the further step is taken on every row and lands closer than one
+    step."""
     from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(0)
@@ -408,17 +411,28 @@ def test_equilibrium_step_is_skipped_with_a_warning_where_the_rows_cannot_be_lis
     def run(steps: int, remaining) -> tuple[MCMCUnlearner, object]:
         torch.manual_seed(1)  # the loader's shuffle: the same minibatches in every run
         un = MCMCUnlearner(_LinReg(d), bank=bank.clone(), solver="exact", newton_steps=steps)
-        return un, un.remove((x[:k], y[:k]), remaining)
+        return un, un.remove((x[:k], y[:k]), remaining, n_remaining=n - k)
 
     loader = DataLoader(TensorDataset(x[k:], y[k:]), batch_size=128, shuffle=True)
-    one, _ = run(1, loader)
-    with pytest.warns(UserWarning, match="newton_steps=2 .*cannot list its rows.*as tensors or a RemovableDataset"):
-        two, r2 = run(2, loader)
+
+    def endless() -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            yield from loader
+
+    one, _ = run(1, endless())
+    with pytest.warns(UserWarning, match="newton_steps=2 .*cannot list its rows.*as tensors, a RemovableDataset"):
+        two, r2 = run(2, endless())
     assert r2.info["newton_data"].startswith("skipped") and r2.problems == []
     assert torch.equal(two.bank, one.bank), "the request is the influence step's alone"
     assert sd_error(two) < 1.0, sd_error(two)  # was 6-10
-    tensors, _ = run(2, (x[k:], y[k:]))
+    tensors, rt = run(2, (x[k:], y[k:]))
     assert sd_error(tensors) < sd_error(one), (sd_error(tensors), sd_error(one))
+    one_l, _ = run(1, loader)
+    listed, rl = run(2, loader)  # the loader's TensorDataset lists its rows: the step on every row, as with tensors
+    assert rl.info["newton_data"] == rt.info["newton_data"], (rl.info["newton_data"], rt.info["newton_data"])
+    assert rl.info["newton_data"].startswith(f"all {n - k} remaining rows at "), rl.info
+    assert rl.info["newton_steps_taken"] == 2 and rl.problems == []
+    assert sd_error(listed) < sd_error(one_l), (sd_error(listed), sd_error(one_l))
 
 
 def test_failure_after_curvature_update_restores_the_cache(blr, monkeypatch) -> None:

@@ -2022,7 +2022,8 @@ class MCMCUnlearner:
             gradient passes over the remaining rows (the gap's included) take at most ``NEWTON_AUTO_PASSES`` times
             ``NEWTON_ROW_DRAWS`` row-draw gradients (a counted budget: the same bank on a loaded machine;
             :meth:`_newton_iterations`; ``report.info["newton_bank_gap"]``, ``["newton_row_gradients"]``); skipped
-            without a warning where the rows cannot be listed.
+            without a warning where the rows cannot be listed (rows as tensors, a ``RemovableDataset`` and a
+            ``DataLoader`` over a ``TensorDataset`` list them; an iterator of minibatches cannot).
         newton_target: What further Newton steps zero: ``"equilibrium"`` — the bank-averaged gradient of the
             remaining-data energy, ``E[∇F(θ', S∖S')] = 0``, the first-moment identity of the new posterior, on every
             remaining row when the data can list them (also corrects the bank's own Monte-Carlo location error,
@@ -6483,7 +6484,9 @@ class MCMCUnlearner:
         ``newton_target="equilibrium"``: steps ``p = −(H + λ)⁻¹ E_s[∇F(θ_s + x, S∖S')]`` zero the bank-averaged
         remaining-data gradient (at the new posterior ``E_θ[∇F(θ, S∖S')] = 0``, by integration by parts); the
         gradient is taken on every remaining row, at as many evenly spaced draws as fit ``NEWTON_ROW_DRAWS``
-        row-draws (at least 2). Where the data cannot list their rows, or two draws do not fit, the further steps are
+        row-draws (at least 2); the rows are listed from tensors, a ``RemovableDataset``, or a ``DataLoader`` over a
+        ``TensorDataset`` (:func:`_listed_remaining`). Where the data cannot list their rows (an iterator of
+        minibatches, a ``DataLoader`` over another dataset), or two draws do not fit, the further steps are
         skipped with a warning (on a subset of rows the target is that subset's noise, which the check on the same
         rows cannot see). Each step is checked from the shifted bank.
 
@@ -6523,7 +6526,7 @@ class MCMCUnlearner:
         last = first  # a relative run's last accepted step (its NLL rise is the request's whole)
         if equilibrium:
             pts = k_thetas if self.bank is None else self.bank[_evenly(self.bank.shape[0], self._grad_draw_count(1))]
-            full = stream.full()
+            full = _listed_remaining(stream)  # a DataLoader over a TensorDataset too (its rows, without a pass)
             fit = min(pts.shape[0], NEWTON_ROW_DRAWS // max(n, 1))  # draws whose gradients on every row fit the cap
             on_check = full is None and check.m >= n  # the check holds every remaining row
             full = check.rows if on_check else full
@@ -6544,7 +6547,8 @@ class MCMCUnlearner:
                 warnings.warn(
                     f"newton_steps={shown_value(self.newton_steps)} (newton_target='equilibrium') needs the "
                     f"gradient on every remaining row, but {why}: only the influence step was taken. Pass the "
-                    "remaining rows as tensors or a RemovableDataset, or newton_target='relative' (or newton_steps=1)",
+                    "remaining rows as tensors, a RemovableDataset or a DataLoader over a TensorDataset, or "
+                    "newton_target='relative' (or newton_steps=1)",
                     stacklevel=outside_stacklevel(),
                 )
                 return x, (carry if self.carry_deficit else None)  # as newton_steps=1 would
