@@ -214,7 +214,9 @@ def test_the_empirical_fisher_fallback_is_warned_once_and_reported_on_every_requ
 def test_a_model_of_two_inputs_is_not_told_to_pass_the_likelihood_that_needs_one() -> None:
     """forward(x, mask): the fallback's fix was likelihood='categorical', which then failed with the forward's bare
     TypeError (stop 45's probes of a text model and of a dict-input model). The fix named is now one that works, and
-    the categorical likelihood asked for says what it needs; nothing changes on the refusal."""
+    the categorical likelihood asked for says what it needs; nothing changes on the refusal. (A mask of the inputs'
+    dtype is read since stop 61, the two fields packed into one: tests/test_kfac_several_inputs.py; a bool mask is
+    not.)"""
 
     class TwoInputs(nn.Module):
         def __init__(self) -> None:
@@ -228,7 +230,7 @@ def test_a_model_of_two_inputs_is_not_told_to_pass_the_likelihood_that_needs_one
     model = TwoInputs().double()
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(40, 4, dtype=D64, generator=g), torch.randint(0, 3, (40,), generator=g)
-    mask = (torch.rand(40, 4, generator=g) > 0.2).to(D64)
+    mask = torch.rand(40, 4, generator=g) > 0.2
     nll = lambda m, b: F.cross_entropy(m(b[0], b[1]), b[2], reduction="none")  # noqa: E731
     theta = ParamSpec.flatten_module(model)
     bank = theta + 0.05 * torch.randn(6, theta.numel(), dtype=D64, generator=g)

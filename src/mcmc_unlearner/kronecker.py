@@ -709,7 +709,8 @@ def empirical_fallback_message(reason: str, output: tuple[int, ...] | str | None
         fix = (
             "Fix: K-FAC's categorical and Gaussian likelihoods take the output from model(batch[0]), so let forward "
             "take the first field alone (e.g. compute a padding mask from the token ids inside forward, ids != pad) "
-            "and nll call model(b[0]); "
+            "and nll call model(b[0]) (a forward(a, b) on rows (a, b, y) is read as it is where a and b have one "
+            "dtype: K-FAC packs them into one field); "
         )
     elif isinstance(output, tuple) and len(output) == 2:
         fix = "Fix: if model(x) returns the logits of nll's softmax cross-entropy, pass likelihood='categorical'; "
@@ -754,6 +755,82 @@ def plain_output(model: nn.Module, batch: Batch) -> tuple[int, ...] | str | None
         except Exception:  # a probe: detect_likelihood says why
             return None
     return tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+
+
+def input_fields(model: nn.Module, batch: Batch) -> int | None:
+    """The number ``k >= 2`` of leading batch fields a model of several inputs takes (``forward(a, b)``, a Siamese
+    pair, rows ``(a, b, y)``): where ``model(batch[0])`` raises a ``TypeError`` (a missing argument) and
+    ``model(*batch[:k])`` runs on a few rows, the first ``k`` fields being tensors of one dtype and device with the
+    batch's rows and a further field (the labels) following; else ``None``. K-FAC then packs those fields into one
+    (:func:`packed_inputs`) and reads the likelihood as for a one-input model. The model is left as it was."""
+    probe = _head(tuple(batch), _PROBE_ROWS)
+    if len(probe) < 3 or not all(isinstance(t, Tensor) for t in probe[:2]):
+        return None
+    with preserved(model), torch.no_grad():
+        try:
+            model(probe[0])
+        except TypeError:
+            pass
+        except Exception:  # another failure: not a missing input
+            return None
+        else:
+            return None
+        rows = field_rows(probe)
+        for k in range(2, len(probe)):
+            head = probe[:k]
+            if not all(
+                isinstance(t, Tensor)
+                and t.dim() > 0
+                and t.shape[0] == rows
+                and t.dtype == head[0].dtype
+                and t.device == head[0].device
+                for t in head
+            ):
+                return None
+            try:
+                model(*head)
+            except TypeError:
+                continue
+            except Exception:  # the forward itself fails on these fields: not read
+                return None
+            return k
+    return None
+
+
+@contextlib.contextmanager
+def packed_inputs(model: nn.Module, nll: NLL, batches: Sequence[Batch], k: int) -> Iterator[tuple[list[Batch], NLL]]:
+    """Within the block, ``model`` also takes the first ``k`` fields of a minibatch packed into one ``[B, Σ d_i]``
+    tensor (each field flattened per row, in order), so K-FAC's forward ``model(batch[0])``, its label field
+    ``batch[1]`` and its weight fields ``batch[2:]`` read a model of several inputs as a one-input one: yields the
+    packed minibatches and ``nll`` on them (unpacking the field before calling the user's). The model's other calls
+    are its own; its ``forward`` is restored on exit."""
+    shapes = [tuple(t.shape[1:]) for t in batches[0][:k]]
+    widths = [math.prod(sh) for sh in shapes]
+    total = sum(widths)
+
+    def unpack(x: Tensor) -> list[Tensor]:
+        return [part.reshape(x.shape[0], *sh) for part, sh in zip(x.split(widths, 1), shapes)]
+
+    def pack(b: Batch) -> Batch:
+        return (torch.cat([t.reshape(t.shape[0], -1) for t in b[:k]], 1), *b[k:])
+
+    inner = model.forward
+    own = model.__dict__.get("forward")
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if isinstance(x, Tensor) and x.dim() == 2 and x.shape[1] == total:  # (one field: the forward takes k)
+            return inner(*unpack(x))
+        return inner(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield [pack(b) for b in batches], lambda m, b: nll(m, (*unpack(b[0]), *b[1:]))
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 _UNCALLABLE = "model(batch[0]) cannot be called on its own"
@@ -2314,9 +2391,39 @@ class KroneckerCurvature:
         # ---- likelihood
         detected: dict[str, Any] = {}
         auto = lik is Likelihood.AUTO
-        # the likelihood is read off rows: a data-parallel rank holding none of the curvature rows (3 ranks, a request
-        # removing every row of one) failed on an empty minibatch while the other ranks waited in a collective
         seen = next((b for b in batches if field_rows(b) > 0), batches[0] if probe is None else tuple(probe))
+        k = (
+            input_fields(model, seen)
+            if lik is not Likelihood.EMPIRICAL and nll is not None and reduce is None
+            else None
+        )
+        if k is not None:
+            # forward(a, b) with rows (a, b, y): model(batch[0]) failed, and K-FAC took the empirical Fisher (a Siamese
+            # pair moved 0.12 of the way where its one-input rewrite's Bernoulli Fisher moved 0.50; stop 61)
+            given = [] if probe is None else [tuple(probe)]
+            with packed_inputs(model, nll, [*batches, *given], k) as (packed, packed_nll):
+                built = cls.build(
+                    model,
+                    thetas,
+                    packed[: len(batches)],
+                    n,
+                    nll=packed_nll,
+                    log_prior=log_prior,
+                    likelihood=likelihood,
+                    mc_samples=mc_samples,
+                    generator=generator,
+                    max_factor_dim=max_factor_dim,
+                    max_locations=max_locations,
+                    sigma=sigma,
+                    exact_expectation=exact_expectation,
+                    sampling=sampling,
+                    row_chunk=row_chunk,
+                    probe=packed[-1] if given else None,
+                )
+            built.info["input_fields"] = k
+            return built
+        # (seen: the likelihood is read off rows; a data-parallel rank holding none of the curvature rows (3 ranks, a
+        # request removing every row of one) failed on an empty minibatch while the other ranks waited in a collective)
         if auto:
             if nll is not None:
                 lik, detected = detect_likelihood(model, nll, seen)
