@@ -918,13 +918,20 @@ def test_samples_of_a_data_parallel_wrappers_state_dict_are_read_and_returned_un
 
 
 def test_a_bank_of_one_sample_reports_its_monte_carlo_error_as_not_estimable() -> None:
+    # and says what it leaves out (accepted without a word until stop 61), once per unlearner
     model, x, y, bank = _problem(20)
-    errors = []
+    errors, told = [], []
     for S in (1, 2):
         un = MCMCUnlearner(copy.deepcopy(model), nll=_nll, log_prior=_log_prior, bank=bank[:S])
-        errors.append(un.forget([0, 1, 2], RemovableDataset(x, y, batch_size=40, seed=0)).shift_stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reports = [un.forget([i], RemovableDataset(x, y, batch_size=40, seed=0)) for i in (0, 1)]
+        errors.append(reports[0].shift_stderr)
+        told.append([str(w.message) for w in caught if "the bank holds one sample" in str(w.message)])
+        assert all(("one_sample_bank" in r.info) == (S == 1) for r in reports)
     assert math.isnan(errors[0])  # was 0.0: "no Monte-Carlo error" from one sample
     assert math.isfinite(errors[1]) and errors[1] > 0
+    assert len(told[0]) == 1 and "Store more samples" in told[0][0] and not told[1]
 
 
 @pytest.mark.parametrize("persistent", [True, False])

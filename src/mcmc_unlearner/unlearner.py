@@ -4387,6 +4387,22 @@ class MCMCUnlearner:
             "says so)",
         )  # fmt: skip
 
+    def _note_one_sample(self, info: dict[str, Any]) -> None:
+        """Say (``info["one_sample_bank"]``, and a warning once per unlearner) what a bank of one sample leaves out:
+        it was accepted without a word (stop 60's probe), its expectations and checks degenerate."""
+        told = (
+            "the bank holds one sample, so every expectation over the posterior is that one sample's: the shift's "
+            "Monte-Carlo error cannot be estimated (report.shift_stderr is NaN) and the safety check measures the "
+            "step at the draw its curvature was built from (no held-out draw, no second measurement on other "
+            f"draws). Store more samples of the chain (e.g. every k-th state of its second half; the defaults read "
+            f"{CHECK_DRAWS} for the check and up to {self.curvature_draws} others for the curvature)"
+        )
+        info["one_sample_bank"] = told
+        warned = self.__dict__.setdefault("_warned_caps", set())
+        if "one_sample_bank" not in warned:
+            warned.add("one_sample_bank")
+            warnings.warn(told, stacklevel=outside_stacklevel())
+
     def _note_cap(self, name: str, asked: int, used: int, given: bool, info: dict[str, Any], what: str) -> None:
         """Record that the option ``name`` (``asked`` draws) was capped at the bank's ``used`` samples
         (``info[name + "_capped"]``) and, when the user asked for that many by name (``given``), warn once per
@@ -5180,6 +5196,8 @@ class MCMCUnlearner:
             self._mixed_skipped = False
         if self._forward_mixed_gap_float64 is not None:  # ... above refusal in float32, rounding in float64
             info["forward_mixed_gap_float64"], self._forward_mixed_gap_float64 = self._forward_mixed_gap_float64, None
+        if expectation is not Expectation.CHAIN and self.bank is not None and self.bank.shape[0] == 1:
+            self._note_one_sample(info)
         if expectation is not Expectation.CHAIN and c_thetas.shape[0] < self.curvature_draws:
             self._note_curvature_cap(int(c_thetas.shape[0]), info)
         k_count = int(k_index.numel()) if k_thetas is None else int(k_thetas.shape[0])
