@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -1094,6 +1095,24 @@ def test_samples_that_are_references_to_the_live_parameters_are_refused_with_the
         MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=copies)
     one = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank[-1:])  # one sample: a bank of one
     assert one.bank.shape == (1, bank.shape[1])
+
+
+def test_a_bank_on_the_meta_device_is_refused_naming_it() -> None:
+    # state_dicts on meta were refused as "the same memory" (every meta tensor's address is 0), a tensor bank crashed
+    # in Tensor.item() (stop 60's probe)
+    model, _, _, bank = _problem(16)
+    un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)
+    state = [{k: v.to("meta") for k, v in ParamSpec.of(model).unflatten(row).items()} for row in bank[:3]]
+    meta = bank.to("meta")
+    for given, what in (
+        (meta, "the bank tensor"),
+        (list(meta), "sample 0"),
+        (state, "sample 0's '0.weight'"),
+        ({k: torch.stack([sd[k] for sd in state]) for k in state[0]}, "'0.weight'"),
+    ):
+        with pytest.raises(ValueError, match=rf"bank: {re.escape(what)} is on the meta device.*map_location='cpu'"):
+            un.bank = given
+        assert torch.equal(un.bank, bank)
 
 
 def test_non_finite_remaining_data_is_refused_naming_the_rows_and_nothing_changes() -> None:

@@ -298,6 +298,7 @@ def to_flat(
             "list of state_dicts, a tensor [S, D] or a dict of stacked tensors), or bank=None with sampler= for the "
             "chain expectation"
         )
+    _refuse_meta(bank)
     if isinstance(bank, torch.Tensor):
         everything = [] if model is None else list(model.parameters())
         width = sum(p.numel() for p in everything)
@@ -422,6 +423,35 @@ def _check_floating(dtype: torch.dtype, target: torch.dtype | None = None) -> No
 
 def _as(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.detach().to(device=device, dtype=dtype)
+
+
+def _refuse_meta(bank: Any) -> None:
+    """Refuse samples on the ``meta`` device (shapes without values: a ``state_dict`` of a model built under
+    ``torch.device("meta")``, or a checkpoint loaded with ``map_location="meta"``), naming the first. They were
+    refused as "the same memory" (state_dicts: every meta tensor's address is 0) or crashed in ``Tensor.item()``
+    (a tensor bank; stop 60's probe)."""
+    if isinstance(bank, torch.Tensor):
+        found = "the bank tensor" if bank.device.type == "meta" else None
+    elif isinstance(bank, Mapping):
+        found = next(
+            (f"{k!r}" for k, v in bank.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"), None
+        )
+    elif isinstance(bank, Sequence) and not isinstance(bank, (str, bytes)):
+        found = None
+        for i, item in enumerate(bank):
+            values = item.items() if isinstance(item, Mapping) else [(None, item)]
+            key = next((k for k, v in values if isinstance(v, torch.Tensor) and v.device.type == "meta"), False)
+            if key is not False:
+                found = f"sample {i}" + ("" if key is None else f"'s {key!r}")
+                break
+    else:
+        return
+    if found is not None:
+        raise ValueError(
+            f"bank: {found} is on the meta device, which holds shapes but no values, so there are no samples to "
+            "move. Pass the stored samples' values on a real device (e.g. torch.load(path, map_location='cpu', "
+            "weights_only=True)), not the state_dict of a model built on the meta device"
+        )
 
 
 def _all_identical(rows: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype, device: torch.device) -> bool:
