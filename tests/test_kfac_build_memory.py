@@ -69,12 +69,13 @@ def test_the_build_of_a_conv_net_peaks_under_its_memory_estimate(rows: int) -> N
 
 def test_live_peak_counts_each_storage_once_until_its_last_tensor_is_gone() -> None:
     """``_LivePeak``'s exact accounting: an op's output storage counts from the op until its last tensor (views
-    included) is gone, an in-place result or a view of memory from before not at all, a sparse result is skipped."""
+    included, and a tensor set to it through ``.data``) is gone, an in-place result or a view of memory from before
+    not at all, a sparse result is skipped."""
     import torch
 
     from mcmc_unlearner.kronecker import _LivePeak
 
-    x = torch.ones(1000)  # 4,000 bytes from before
+    x, holder = torch.ones(1000), torch.zeros(1)  # 4,000 and 4 bytes from before
     with torch.no_grad(), _LivePeak() as live:
         a = x * 2  # 4,000
         v = a[:10]  # a view of a: nothing more
@@ -88,4 +89,11 @@ def test_live_peak_counts_each_storage_once_until_its_last_tensor_is_gone() -> N
         del b, c
         s = torch.eye(3).to_sparse() * 2  # (no storage to read: skipped, no error)
         del s
-    assert live.peak == 8000 and live.now == 0
+        d = x * 4  # 4,000 then held by a tensor from before alone, through .data's setter (no op sees it)
+        holder.data = d
+        del d
+        e = x * 5  # (the storage was dropped with d until stop 61: 4,000 here)
+        assert live.now == 8000
+        del e
+        holder.data = x.new_zeros(1)  # 4 bytes, and d's storage is freed
+    assert live.peak == 8000 and live.now == 4

@@ -320,54 +320,47 @@ def field_rows(batch: Batch) -> int:
 
 class _LivePeak(TorchDispatchMode):
     """The most bytes the tensors made by the ops run under it held at once (``peak``): each op's output storage
-    counted from the op until its last tensor is gone (views and in-place results of a storage counted once; storages
-    from before, the batch's and the parameters', not at all). Kernels' own workspaces are not seen. Used by
-    :meth:`KroneckerCurvature.memory_estimate` for the forward without gradients on the rows twice over
-    (:func:`_shared_codes`), whose activations are freed as it goes: what autograd saves does not bound it."""
+    counted from the op until the storage itself is freed (views, in-place results and ``.data`` aliases of a storage
+    counted once, and for as long as any of them lives: counting the op's tensors instead dropped a storage whose
+    only holder left was a ``.data`` alias; storages from before, the batch's and the parameters', not at all).
+    Kernels' own workspaces are not seen. Used by :meth:`KroneckerCurvature.memory_estimate` for the forward without
+    gradients on the rows twice over (:func:`_shared_codes`), whose activations are freed as it goes: what autograd
+    saves does not bound it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.live: dict[int, list[int]] = {}  # storage address: [tensors alive on it, bytes]
+        self.live: dict[int, int] = {}  # storage address: bytes
         self.now = 0
         self.peak = 0
 
     def _drop(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is not None:
-            entry[0] -= 1
-            if entry[0] == 0:
-                self.now -= entry[1]
-                del self.live[key]
+        self.now -= self.live.pop(key, 0)
 
     @staticmethod
-    def _storage(t: Any) -> tuple[int, int] | None:
-        """``t``'s storage as (address, bytes); ``None`` for what has none to read (not a tensor, meta, sparse,
-        nested: not counted)."""
+    def _storage(t: Any) -> torch.UntypedStorage | None:
+        """``t``'s storage; ``None`` for what has none to read (not a tensor, meta, sparse, nested: not counted)."""
         if not isinstance(t, Tensor) or t.device.type == "meta":
             return None
         try:
-            storage = t.untyped_storage()
-            return storage.data_ptr(), storage.nbytes()
+            return t.untyped_storage()
         except (NotImplementedError, RuntimeError):
             return None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        before = {got[0] for got in map(self._storage, tree_leaves((args, kwargs))) if got is not None}
+        before = {got.data_ptr() for got in map(self._storage, tree_leaves((args, kwargs))) if got is not None}
         for t in tree_leaves(out):
-            got = self._storage(t)
-            if got is None:
+            storage = self._storage(t)
+            if storage is None:
                 continue
-            key, nbytes = got
-            entry = self.live.get(key)
-            if entry is None:
-                if key == 0 or key in before:  # (empty, or a view / in-place result of memory from before)
-                    continue
-                entry = self.live[key] = [0, nbytes]
-                self.now += entry[1]
-                self.peak = max(self.peak, self.now)
-            entry[0] += 1
-            weakref.finalize(t, self._drop, key)
+            key = storage.data_ptr()
+            if key == 0 or key in before or key in self.live:  # (empty, a view / in-place result, or counted)
+                continue
+            self.live[key] = storage.nbytes()
+            self.now += self.live[key]
+            self.peak = max(self.peak, self.now)
+            # the storage's own lifetime (its Python object lives as long as the storage does), not a tensor's
+            weakref.finalize(storage, self._drop, key)
         return out
 
 
