@@ -1095,7 +1095,9 @@ def explicit_positions(model: nn.Module, nll: NLL | None, batch: Batch, batches:
         return {
             "refuse": f"{what}: some labels are negative (ignore_index positions, e.g. padding), which the "
             f"cross-entropy skips and K-FAC's per-position Fisher would count (the curvature of every position "
-            f"labelled). {fix}"
+            f"labelled; it does not mask them). Fix: give minibatches of sequences of one length (rows bucketed by "
+            f"length, so that no label is negative: each bucket is then read per position as it is), or "
+            f"{fix.removeprefix('Fix: ')}"
         }
     if nll is None:
         return {"positions": y.shape[1]}
