@@ -413,7 +413,33 @@ def test_an_applied_correction_clears_the_carried_influence() -> None:
     assert nxt.info.get("carried_norm", 0.0) == 0.0
 
 
-def test_later_corrections_carry_the_measured_spread(prob) -> None:
+@pytest.fixture(scope="module")
+def spread_run(prob) -> tuple[MCMCUnlearner, list]:
+    """Per-sample shifts (the draws spread), a correction after every request: the unlearner and its reports."""
+    return _run(prob, _draws(prob), hessian="full", bank_shift="sample", recenter_every=1)
+
+
+def test_the_kept_anchor_side_is_its_gradient_on_the_rows_that_remain_now(prob, spread_run) -> None:
+    """Each paired draw's ``θ⁰`` side is measured once (a pass over the rows that remain then) and kept up to date
+    by subtracting the later requests' removed points' gradients at ``θ⁰`` (no second pass): after the last request
+    it equals the closed form on the rows that remain now, ``∇F(θ⁰_s, R) = A_R θ⁰_s − b_R``, to rounding. A cache
+    that missed the later requests' removed rows is off by their gradient (checked to be large here)."""
+    a = spread_run[0]._anchor
+    kept = torch.ones(len(prob.y), dtype=torch.bool)
+    kept[prob.removed[: 10 * REQUESTS]] = False
+    A_R, b_R = _precision(prob.x[kept]), prob.x[kept].T @ prob.y[kept]
+    measured = torch.nonzero(a.measured_draws).flatten().tolist()
+    earlier = 0
+    for j in measured:
+        expected = A_R @ a.thetas[int(a.pair[j])] - b_R
+        torch.testing.assert_close(a.target(j), expected, rtol=0, atol=1e-9 * float(expected.norm()))
+        if float(a.removed_pair[j].norm()) > 0:  # measured at an earlier request: the update was needed
+            earlier += 1
+            assert float((a.moment[j] - expected).norm()) > 1e-3 * float(expected.norm())
+    assert len(measured) >= 2 and earlier >= 2
+
+
+def test_later_corrections_carry_the_measured_spread(prob, spread_run) -> None:
     """After a correction that measured its paired draws' spread, the next starts from one draw and takes that
     draw's error from the spread, scaled up by the growth of the anchored samples' mean displacement ``‖θ'_s − θ⁰_s‖``.
 
@@ -455,7 +481,7 @@ def test_later_corrections_carry_the_measured_spread(prob) -> None:
     torch.testing.assert_close(un.bank, fixed.bank, rtol=0, atol=1e-10)
     assert float((un.bank - plain.bank).abs().max()) > 1e-3  # the corrections did move it
 
-    spread_un, spread_reports = _run(prob, bank, hessian="full", bank_shift="sample", recenter_every=1)
+    spread_un, spread_reports = spread_run
     first, second = spread_reports[0].info, spread_reports[1].info
     k = first["recenter_draws"]
     assert first["recenter_noise"] == "measured" and 2 <= k < RECENTER_MAX_DRAWS and first["recenter"] == "applied"
