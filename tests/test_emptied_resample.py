@@ -392,7 +392,7 @@ def test_the_draws_do_not_depend_on_the_chunk() -> None:
     g = torch.Generator().manual_seed(4)
     thetas = pair.repeat(4, 1)[:7] + 0.3 * torch.randn(7, pair.shape[1], generator=g, dtype=torch.float64)
     n, d, C = x.shape[0], 3, 3
-    per = 8 * (n * (2 * d + C + 8) + emptied.RESAMPLE_STEPS * (d + 1))
+    per = 8 * (n * (2 * d + C + 12 + 3 * (emptied.RESAMPLE_SLICE_TRIES - 1)) + emptied.RESAMPLE_STEPS * (d + 1))
     reserve = 8 * n * (d + C)
     runs, plans = {}, []
     for name, kw in {
@@ -416,7 +416,7 @@ _DRAW_PEAK_SCRIPT = r"""
 import ctypes, json, sys, torch
 from torch import nn
 from mcmc_unlearner.curvature import ParamSpec, functionalize
-from mcmc_unlearner.emptied import RESAMPLE_STEPS, resample_label_rows
+from mcmc_unlearner.emptied import RESAMPLE_SLICE_TRIES, RESAMPLE_STEPS, resample_label_rows
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -428,7 +428,7 @@ spec, theta = ParamSpec.of(model), ParamSpec.flatten_module(model)
 thetas = theta.repeat(S, 1) + 0.01 * torch.randn(S, theta.numel(), dtype=dtype)
 lp_f = functionalize(model, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
 d = h + 1
-per = 8 * (n * (2 * d + C + 8) + RESAMPLE_STEPS * (d + 1))
+per = 8 * (n * (2 * d + C + 12 + 3 * (RESAMPLE_SLICE_TRIES - 1)) + RESAMPLE_STEPS * (d + 1))
 budget = 8 * n * (d + C) + 2 * per + 1000  # two samples at a time
 resample_label_rows(model, spec, lp_f, thetas[:1], (x[:50], y[:50]), [C - 1], torch.Generator().manual_seed(1))
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the draw's peak shows in the RSS
@@ -783,15 +783,15 @@ def test_the_slice_steps_cross_the_prior_bounded_tail_at_the_mala_draws_cost() -
     thetas = torch.zeros(B, d, dtype=torch.float64)
     probe = phi.mean(1)
     passes = [0]
-    full, data = E._Conditional.__call__, E._Conditional.data
+    full, logits = E._Conditional.__call__, E._Conditional.logits
 
-    def counted_full(self: Any, v: torch.Tensor) -> Any:
-        passes[0] += 2 * v.shape[0]  # z and the gradient
-        return full(self, v)
+    def counted_full(self: Any, v: torch.Tensor, z: torch.Tensor | None = None) -> Any:
+        passes[0] += v.shape[0]  # the gradient (z, where not given, through logits)
+        return full(self, v, z)
 
-    def counted_data(self: Any, v: torch.Tensor, which: torch.Tensor) -> Any:
+    def counted_logits(self: Any, v: torch.Tensor, which: torch.Tensor | None = None) -> Any:
         passes[0] += v.shape[0]
-        return data(self, v, which)
+        return logits(self, v, which)
 
     def draw(steps: int, slices: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
         gens = [torch.Generator().manual_seed(100 + j) for j in range(B)]
@@ -801,7 +801,7 @@ def test_the_slice_steps_cross_the_prior_bounded_tail_at_the_mala_draws_cost() -
         eps = torch.full((B,), 1.4 * d ** (-1 / 6), dtype=torch.float64)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(E._Conditional, "__call__", counted_full)
-            mp.setattr(E._Conditional, "data", counted_data)
+            mp.setattr(E._Conditional, "logits", counted_logits)
             v, acc, _ = E._draw(cond, thetas, steps, gens, eps, slices=slices)
         assert 0.2 < float(acc.mean()) < 0.99
         return v @ probe, (v * v).sum(1), passes[0]
@@ -822,8 +822,9 @@ def test_the_slice_steps_cross_the_prior_bounded_tail_at_the_mala_draws_cost() -
 
 def test_a_slice_step_tries_at_most_its_angles_then_stays(monkeypatch) -> None:
     """Where no angle reaches the level (a data term never finite there), a slice step of the draw evaluates
-    ``RESAMPLE_SLICE_TRIES`` angles per sample, as the constant says, and leaves the rows where they were (it took
-    one more: ``2 + RESAMPLE_SLICE_TRIES`` random numbers a step, the level and an angle from each of the rest)."""
+    ``RESAMPLE_SLICE_TRIES`` angles per sample (the first alone, the rest at once), as the constant says, and leaves
+    the rows where they were (it took one more: ``2 + RESAMPLE_SLICE_TRIES`` random numbers a step, the level and an
+    angle from each of the rest)."""
     import mcmc_unlearner.emptied as E
 
     B, d, n, C, c, steps = 3, 2, 5, 3, 2, 10
@@ -838,22 +839,22 @@ def test_a_slice_step_tries_at_most_its_angles_then_stays(monkeypatch) -> None:
     angles, slice_steps, rows = [0], [0], []
     step = E._slice_step
 
-    def never(self: Any, v: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        angles[0] += 1
-        return torch.full((len(which),), math.inf, dtype=torch.float64)
+    def never(self: Any, z: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        angles[0] += z.numel() // n  # the samples' angles (several a call: [samples, angles, n])
+        return torch.full(z.shape[:-1], math.inf, dtype=torch.float64)
 
     def counted(cond: Any, v: torch.Tensor, *args: Any) -> Any:
         slice_steps[0] += 1
         out = step(cond, v, *args)
-        rows.append(bool(torch.equal(out[0], v)) and not bool(out[2].any()))
+        rows.append(bool(torch.equal(out[0], v)) and not bool(out[3].any()))
         return out
 
-    monkeypatch.setattr(E._Conditional, "data", never)
+    monkeypatch.setattr(E._Conditional, "data_of", never)
     monkeypatch.setattr(E, "_slice_step", counted)
     eps = torch.full((B,), 0.5, dtype=torch.float64)
     E._draw(cond, thetas, steps, gens, eps, warm=2)
     assert slice_steps[0] == 6  # steps 2-9 after the warm-up, but for every fourth (5 and 9)
-    assert angles[0] == slice_steps[0] * E.RESAMPLE_SLICE_TRIES, (angles[0], slice_steps[0])
+    assert angles[0] == slice_steps[0] * B * E.RESAMPLE_SLICE_TRIES, (angles[0], slice_steps[0])
     assert all(rows)
 
 
@@ -883,13 +884,14 @@ def test_the_slice_steps_keep_a_conditional_under_a_prior_of_nonzero_mean_and_un
     assert torch.allclose(prior.b[0], m / s**2, rtol=1e-9)  # the quadratic ½vᵀPv − bᵀv: its mean P⁻¹b = m
     cond = E._Conditional(prior, phi.expand(B, d, n).clone(), torch.zeros(B, n, C, dtype=torch.float64), y, c)
     v = thetas.clone()
-    u = cond(v)[0]
+    u, z, z_m = cond(v)[0], cond.logits(v), cond.logits(m.expand(B, d))
     gauss = torch.ones(B, dtype=torch.bool)
     for _ in range(T):
         xi = torch.randn(B, d, generator=g, dtype=torch.float64)
         r = torch.rand(B, 1 + E.RESAMPLE_SLICE_TRIES, generator=g, dtype=torch.float64)
-        v, u, _, _ = E._slice_step(cond, v, u, gauss, xi, r)
+        v, u, z, _ = E._slice_step(cond, v, u, z, z_m, gauss, xi, r)
     assert torch.allclose(u, cond(v)[0], rtol=1e-12, atol=1e-9)  # U kept as the rows moved
+    assert torch.allclose(z, cond.logits(v), rtol=1e-12, atol=1e-9)  # and the logits
 
     w = torch.linspace(-4, 6, 501, dtype=torch.float64)
     bb = torch.linspace(-16, 10, 1301, dtype=torch.float64)

@@ -523,7 +523,7 @@ def test_report_info_memory_counts_the_sample_shift_and_the_emptied_label_draw()
     assert memory["planned"]["sample_shift"] == budget  # the reserve and 4 samples' copies: all of it
     assert memory["planned_peak"] >= budget
 
-    from mcmc_unlearner.emptied import RESAMPLE_STEPS
+    from mcmc_unlearner.emptied import RESAMPLE_SLICE_TRIES, RESAMPLE_STEPS
     from test_emptied_label import _softmax_regression
 
     model, nll, log_prior, bank, x, y = _softmax_regression(seed=1)
@@ -533,10 +533,11 @@ def test_report_info_memory_counts_the_sample_shift_and_the_emptied_label_draw()
     assert report.info["emptied_label_resample"] == "drawn: 2,3"
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     # a chunk of samples at once (all 12 of the bank here): per sample its float64 features (d = inputs + bias) and
-    # their weighted copy, its logits, 8 working vectors and its chain's random numbers; beside them one sample's
-    # features and logits as the model computes them (float64 here)
+    # their weighted copy, its logits, 8 working vectors, the slice steps' 4 and 3 per angle they try at once beyond
+    # the first, and its chain's random numbers; beside them one sample's features and logits as the model computes
+    # them (float64 here)
     n, d, C = int((~gone).sum()), head.in_features + 1, head.out_features
-    per = 8 * (n * (2 * d + C + 8) + RESAMPLE_STEPS * (d + 1))
+    per = 8 * (n * (2 * d + C + 12 + 3 * (RESAMPLE_SLICE_TRIES - 1)) + RESAMPLE_STEPS * (d + 1))
     held = 8 * n * (d + C) + len(bank) * per
     assert report.info["memory"]["planned"]["emptied_label_resample"] == held
     assert report.info["memory"]["planned_peak"] >= held

@@ -351,25 +351,37 @@ class _Conditional:
             logits[j, :, c] = col
         self.fixed = logits.gather(2, y.expand(logits.shape[:2]).unsqueeze(2)).squeeze(2)  # z_{si,y_i}: y_i ≠ c
 
-    def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``U(v)`` (``[B]``), ``∇U(v)`` (``[B, d]``) and ``p_sic`` (``[B, n]``)."""
-        z = torch.bmm(v.unsqueeze(1), self.phi).squeeze(1)
+    def logits(self, v: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """``z_sic = φ̃_si·v_s`` on every remaining row (``[len(v), n]``): one pass over the features, at every sample
+        (``which=None``) or at the samples ``which`` (``v``: their rows; their features gathered when not most of
+        them, the others' rows put at 0 otherwise: no copy of the features)."""
+        B = self.phi.shape[0]
+        if which is None or len(which) == B:
+            return torch.bmm(v.unsqueeze(1), self.phi).squeeze(1)
+        if 2 * len(which) >= B:
+            at = torch.zeros(B, v.shape[1], dtype=v.dtype)
+            at[which] = v
+            return torch.bmm(at.unsqueeze(1), self.phi).squeeze(1)[which]
+        return torch.bmm(v.unsqueeze(1), self.phi[which]).squeeze(1)
+
+    def data_of(self, z: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """The data term ``Σ_i [logsumexp(z_si) − z_{si,y_i}]`` (no prior) of the label's logits ``z`` (``[len(z), n]``,
+        at every sample or at the samples ``which``): no pass over the features."""
+        rest, fixed = (self.rest, self.fixed) if which is None else (self.rest[which], self.fixed[which])
+        if z.dim() == 3:  # [len(z), k, n]: k points per sample
+            rest, fixed = rest.unsqueeze(1), fixed.unsqueeze(1)
+        return (torch.logaddexp(rest, z) - fixed).sum(-1)
+
+    def __call__(
+        self, v: torch.Tensor, z: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U(v)`` (``[B]``), ``∇U(v)`` (``[B, d]``) and ``p_sic`` (``[B, n]``); ``z``: the label's logits at ``v``
+        where already known (:meth:`logits`; then one pass over the features, the gradient's, instead of two)."""
+        z = self.logits(v) if z is None else z
         lse = torch.logaddexp(self.rest, z)
         p = torch.exp(z - lse)
         u_prior, g_prior = self.prior(v)
         return (lse - self.fixed).sum(1) + u_prior, torch.bmm(p.unsqueeze(1), self.phi.mT).squeeze(1) + g_prior, p
-
-    def data(self, v: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        """The data term ``Σ_i [logsumexp(z_si) − z_{si,y_i}]`` alone (no prior, no gradient) at the samples ``which``
-        (``v``: their rows, ``[len(which), d]``; their features gathered when not all of them)."""
-        B = self.phi.shape[0]
-        if 2 * len(which) >= B:  # at every sample (the others' rows at 0): no copy of the features
-            at = torch.zeros(B, v.shape[1], dtype=v.dtype)
-            at[which] = v
-            z = torch.bmm(at.unsqueeze(1), self.phi).squeeze(1)
-            return (torch.logaddexp(self.rest, z) - self.fixed).sum(1)[which]
-        z = torch.bmm(v.unsqueeze(1), self.phi[which]).squeeze(1)
-        return (torch.logaddexp(self.rest[which], z) - self.fixed[which]).sum(1)
 
     def hessian(
         self, v: torch.Tensor, p: torch.Tensor, which: torch.Tensor, single: torch.Tensor | None = None
@@ -449,7 +461,14 @@ def _mode(
 
 
 def _slice_step(
-    cond: _Conditional, v: torch.Tensor, u: torch.Tensor, gauss: torch.Tensor, xi: torch.Tensor, r: torch.Tensor
+    cond: _Conditional,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    z: torch.Tensor,
+    z_m: torch.Tensor,
+    gauss: torch.Tensor,
+    xi: torch.Tensor,
+    r: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One elliptical slice sampling step (Murray, Adams & MacKay 2010) at the samples ``gauss`` (those whose prior
     on the row is the Gaussian ``N(m, P⁻¹)``, ``m = P⁻¹b``; the others stay): the ellipse through the current row
@@ -458,37 +477,56 @@ def _slice_step(
     angles from ``r[:, 2:]``: ``r.shape[1] − 1`` angles in all; after them the sample stays where it is, which
     leaves the conditional invariant as the unbounded loop does: the reverse path meets the same rejected angles).
     Exact for any likelihood: its moves are prior-wide, the conditional's scale along the directions only the prior
-    bounds. Returns the rows, ``U`` there, which samples moved and which at the first angle."""
+    bounds. ``z``, ``z_m``: the label's logits at the rows and at ``m`` (:meth:`_Conditional.logits`); the logits on
+    the ellipse are ``z_m + (z − z_m) cos α + z_ν sin α``, so a step makes one pass over the features (``z_ν``)
+    whatever the angles it tries (stop 61: each angle took one). Returns the rows, ``U`` and the logits there, and
+    which samples moved."""
     P, b = cond.prior.P, cond.prior.b
     m, sd = b / P.clamp_min(1e-300), P.clamp_min(1e-300).rsqrt()
     x, nu = v - m, sd * xi
     data = u - ((0.5 * P * v - b) * v).sum(1)  # the current data term (U less the prior's quadratic)
     level = data - torch.log(r[:, 0] + 1e-300)  # accept where the data term is below it
+    # the angles a sample tries, each after all before it were rejected: fixed by its random numbers, so known
+    # before any is tried (the first uniform on the ellipse, its bracket [α − 2π, α] shrunk toward 0 after each)
+    tries = r.shape[1] - 1
+    angles = torch.empty(r.shape[0], tries, dtype=r.dtype)
     angle = 2 * math.pi * r[:, 1]
     lo, hi = angle - 2 * math.pi, angle.clone()
-    pending = gauss & torch.isfinite(data)
-    moved, first = torch.zeros_like(pending), torch.zeros_like(pending)
-    v, u = v.clone(), u.clone()
-    for k in range(2, r.shape[1] + 1):
-        which = torch.nonzero(pending).squeeze(1)
-        if not len(which):
+    for k in range(tries):
+        angles[:, k] = angle
+        if k + 1 < tries:
+            left = angle < 0
+            lo, hi = torch.where(left, angle, lo), torch.where(left, hi, angle)
+            angle = lo + (hi - lo) * r[:, k + 2]
+    moved = gauss & torch.isfinite(data)  # (the samples that may move; those that do, below)
+    v, u, z = v.clone(), u.clone(), z.clone()
+    which = torch.nonzero(moved).squeeze(1)
+    moved[:] = False
+    if not len(which):
+        return v, u, z, moved
+    z_x, z_nu = (z - z_m)[which], cond.logits(nu[which], which)  # [len(which), n]: the ellipse's logits
+    # the first angle, then the others at once where it was rejected (a slice step took 6.5 passes of the angle
+    # loop on the digits BNN's chunks of 13 where a sample tried 3.5 angles: the loop's per-angle overhead)
+    for first, last in ((0, 1), (1, tries)):
+        at = torch.arange(len(which))
+        if first:
+            at = at[~moved[which]]
+        if not len(at) or first >= last:
             break
-        c, s = torch.cos(angle[which])[:, None], torch.sin(angle[which])[:, None]
-        prop = m[which] + x[which] * c + nu[which] * s
-        d_p = cond.data(prop, which)
-        ok = torch.isfinite(d_p) & (d_p < level[which])
-        at = which[ok]
-        v[at] = prop[ok]
-        u[at] = d_p[ok] + ((0.5 * P[at] * prop[ok] - b[at]) * prop[ok]).sum(1)
-        moved[at], pending[at] = True, False
-        if k == 2:
-            first[at] = True
-        if k < r.shape[1]:  # shrink the bracket toward the current row (angle 0), draw the next angle in it
-            left = pending & (angle < 0)
-            lo = torch.where(left, angle, lo)
-            hi = torch.where(pending & ~left, angle, hi)
-            angle = torch.where(pending, lo + (hi - lo) * r[:, k], angle)
-    return v, u, moved, first
+        k = which[at]
+        c, s = torch.cos(angles[k, first:last]).unsqueeze(2), torch.sin(angles[k, first:last]).unsqueeze(2)
+        z_p = z_m[k].unsqueeze(1) + z_x[at].unsqueeze(1) * c + z_nu[at].unsqueeze(1) * s  # [len(k), angles, n]
+        d_p = cond.data_of(z_p, k)
+        ok = torch.isfinite(d_p) & (d_p < level[k].unsqueeze(1))
+        hit = ok.any(1)
+        j = ok.to(torch.int8).argmax(1)[hit]  # the first angle below the level
+        k, rows = k[hit], torch.arange(len(j))
+        c, s = c[hit][rows, j], s[hit][rows, j]
+        prop = m[k] + x[k] * c + nu[k] * s
+        v[k], z[k] = prop, z_p[hit][rows, j]
+        u[k] = d_p[hit][rows, j] + ((0.5 * P[k] * prop - b[k]) * prop).sum(1)
+        moved[k] = True
+    return v, u, z, moved
 
 
 def _draw(
@@ -528,6 +566,10 @@ def _draw(
     # ½εξᵀ(a + a′) − ⅛ε²|a + a′|²: two triangular products a step (L·, Lᵀ∇U′) where it took five d × d ones
     a = Lt(g)
     stale = torch.zeros(B, dtype=torch.bool)  # rows a slice step moved since their gradient
+    # the label's logits at the rows, and at the slice steps' ellipse centres m = P⁻¹b (the prior's mean, fixed):
+    # kept as the rows move, so a slice step makes one pass over the features and the gradient after it one
+    z = cond.logits(v)
+    z_m = cond.logits(cond.prior.b / cond.prior.P.clamp_min(1e-300)) if any(sliced) else None
     for t in range(steps):
         mala = torch.ones(B, dtype=torch.bool)  # the samples this step moves by MALA
         if sliced[t]:
@@ -535,23 +577,24 @@ def _draw(
             # memory plan's as before), from each sample's own generator
             xi = torch.stack([torch.randn(d, generator=gen, dtype=torch.float64) for gen in gens])
             r = torch.stack([torch.rand(1 + RESAMPLE_SLICE_TRIES, generator=gen, dtype=torch.float64) for gen in gens])
-            v, u, moved, _ = _slice_step(cond, v, u, gauss, xi, r)
+            v, u, z, moved = _slice_step(cond, v, u, z, z_m, gauss, xi, r)
             stale |= moved
             mala = ~gauss
             if not bool(mala.any()):
                 continue
         elif bool(stale.any()):  # the MALA drift at the rows slice steps moved (a gradient, no slice step needs it)
-            _, g_new, _ = cond(v)
+            _, g_new, _ = cond(v, z)
             a = torch.where(stale[:, None], Lt(g_new), a)
             stale[:] = False
         e = eps[:, None]
         prop = v + e * (L @ (noise[t] - 0.5 * e * a).unsqueeze(2)).squeeze(2)
-        u_p, g_p, _ = cond(prop)
+        z_p = cond.logits(prop)
+        u_p, g_p, _ = cond(prop, z_p)
         a_p = Lt(g_p)
         m = a + a_p
         log_a = -(u_p - u) + 0.5 * eps * (noise[t] * m).sum(1) - 0.125 * eps**2 * (m * m).sum(1)
         ok = mala & torch.isfinite(log_a) & (torch.log(uniform[t] + 1e-300) < log_a)
-        v, u = torch.where(ok[:, None], prop, v), torch.where(ok, u_p, u)
+        v, u, z = torch.where(ok[:, None], prop, v), torch.where(ok, u_p, u), torch.where(ok[:, None], z_p, z)
         a = torch.where(ok[:, None], a_p, a)
         if t >= warm:
             accepted += ok
@@ -605,11 +648,13 @@ def resample_label_rows(
     S, n, C = thetas.shape[0], x.shape[0], rows.module.out_features
     d = rows.module.in_features + (rows.bias is not None)
     # per sample of a chunk, float64: its features and the Hessian's weighted copy of them, its logits, eight
-    # [n] working vectors (the other labels' logsumexp, z_{i,y_i}, z_ic, its logsumexp, p, and a trial's), and its
-    # chain's random numbers; beside them, one sample's float64 [n, C] temporaries (logsumexp's over the other
-    # labels, the cross-entropy's log-probabilities: a sample at a time) and hooked features (counted in the model's
-    # dtype until stop 58: a float32 model's draw peaked 1.27x its plan)
-    per = 8 * (n * (2 * d + C + 8) + steps * (d + 1))
+    # [n] working vectors (the other labels' logsumexp, z_{i,y_i}, z_ic, its logsumexp, p, and a trial's), four the
+    # slice steps keep (z_ic at the row, at the prior's mean, along the ellipse's two axes) and three per angle they
+    # try at once beyond the first (its logits, their logsumexp, less z_{i,y_i}), and its chain's random numbers;
+    # beside them, one sample's float64 [n, C] temporaries (logsumexp's over the other labels, the cross-entropy's
+    # log-probabilities: a sample at a time) and hooked features (counted in the model's dtype until stop 58: a
+    # float32 model's draw peaked 1.27x its plan)
+    per = 8 * (n * (2 * d + C + 12 + 3 * (RESAMPLE_SLICE_TRIES - 1)) + steps * (d + 1))
     reserve = 8 * n * (d + C)
     if reserve + per > max_bytes:
         return f"its features on the {n:,} remaining rows ({(reserve + per) / 2**20:.0f} MB) exceed the memory budget"
