@@ -24,6 +24,9 @@ the ellipse through the row and a draw from its prior, exact for a Gaussian prio
 rows only push ``z_ic`` down, so along those directions only the prior bounds the row, and MALA's proposal, the mode's
 curvature, is far narrower than the conditional there (stop 60: on a BN-CNN sample the forgotten rows' mean ``z_c``
 was −46 after 40 MALA steps, −104 after 400); a slice step's ellipse is prior-wide. Elsewhere, MALA throughout.
+The label's logits ``z_ic`` at the rows are kept as the chains move: the logits on a slice step's ellipse are
+``z`` at its centre, the row and the prior draw combined by the angle, so a slice step reads the features once
+whatever the angles it tries (it read them at every angle until stop 61), and the gradient after it once.
 Every sample's chain starts at the step size a tuning run on the first sample's conditional ended at (``steps`` steps
 from ``1.4 d^(−1/6)``, every one adapting; its draw is dropped): the same row, a similar conditional. (Until stop 58
 each sample started where the previous one's warm-up ended: a fresh start at ``1.4 d^(−1/6)`` with 8 adapting steps had
