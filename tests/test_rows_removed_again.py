@@ -80,3 +80,23 @@ def test_rows_not_removed_before_are_accepted() -> None:
     assert len(report.problems) == 1 and "identical to rows an earlier request removed" in report.problems[0]
     un.bank = bank  # the caller's own samples again: which rows they hold is the caller's to say
     assert un.remove(_rows(x, y, ids), _without(x, y, ids)).passed
+
+
+def test_forget_takes_another_id_whose_row_equals_one_removed_before() -> None:
+    # forget(ids, data) checks the ids (an id removed before is refused by the data set), so a row equal to one
+    # removed earlier is another data point with the same values (a duplicate in the data), not a resent row: it was
+    # refused, strict=True, telling the caller to leave out rows that were never removed
+    from mcmc_unlearner import RemovableDataset
+
+    _, un, _, x, y = _setup()
+    x, y = x.clone(), y.clone()
+    x[1], y[1] = x[0], y[0]  # rows 0 and 1: two points with equal values
+    data = RemovableDataset(x, y, batch_size=64)
+    assert un.forget([0], data).passed
+    report = un.forget([1], data)
+    assert report.passed and not any("earlier request removed" in p for p in report.problems)
+    with pytest.raises(InvalidRequestError, match=r"id\(s\) \[1\] were already removed"):
+        un.forget([1], data)  # the id itself again: the data set's refusal
+    # rows given by remove() carry no ids: the one removed by forget is still caught
+    with pytest.raises(InvalidRequestError, match="identical to rows an earlier request removed"):
+        un.remove(_rows(x, y, torch.tensor([0])), _without(x, y, torch.tensor([0, 1])))

@@ -4604,7 +4604,9 @@ class MCMCUnlearner:
         digits rows repeated, their NLL 0.125 → 0.269 against retraining's 0.153). A row's digest is a BLAKE2b hash
         of its bytes (−0.0 as 0.0), dtype and shape in every field; only digests are kept, in memory, never the
         rows. Rows equal within one request are warned about elsewhere. Not looked for under torch.distributed,
-        where each rank holds its own rows and a refusal on one rank alone would leave the others waiting.
+        where each rank holds its own rows and a refusal on one rank alone would leave the others waiting, nor in
+        :meth:`forget`, whose data set refuses an id removed before: a row of another id equal to one removed is
+        another data point with the same values (it was refused, telling the caller to leave it out).
         """
         b = int(batch[0].shape[0])
         hashes = [hashlib.blake2b(digest_size=16) for _ in range(b)]
@@ -4620,7 +4622,9 @@ class MCMCUnlearner:
                 h.update(data[i if per_row else 0].numpy().tobytes())
         digests = [h.digest() for h in hashes]
         seen = self._removed_digests
-        again = [i for i, d in enumerate(digests) if d in seen] if seen and self._reduce is None else []
+        by_id = self._forget_request is not None  # forget(ids, data): the ids were checked, not the values
+        looked = seen and self._reduce is None and not by_id
+        again = [i for i, d in enumerate(digests) if d in seen] if looked else []
         if not again:
             return digests, None
         shown = ", ".join(str(i) for i in again[:8]) + (", ..." if len(again) > 8 else "")
