@@ -107,3 +107,43 @@ def test_fields_of_different_dtypes_are_not_packed() -> None:
     thetas = torch.cat([p.detach().flatten() for p in model.parameters()])[None]
     got = KroneckerCurvature.build(model, thetas, [(ids, b, y)], 200, nll=lambda m, r: loss(m(r[0], r[1]), r[2]))
     assert got.info["likelihood"] == "empirical" and "cannot be called on its own" in got.info["likelihood_fallback"]
+
+
+class _Sequences(nn.Module):
+    """A premise ``[B, L1, 2]`` and a hypothesis ``[B, L2, 2]``, each padded per minibatch, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(8, 3)
+
+    def forward(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.tanh(self.a(p)).mean(1), torch.tanh(self.b(q)).mean(1)], 1))
+
+
+@pytest.mark.parametrize("lengths", [((5, 7), (7, 5)), ((5, 7), (6, 9))])
+def test_fields_whose_shapes_change_between_minibatches_are_not_packed(lengths) -> None:
+    # one packing for every minibatch: (5, 7) then (7, 5) were split as the first's, each branch reading the other's
+    # tokens, every curvature read as if right; (5, 7) then (6, 9) failed in the forward (raised, where the
+    # empirical Fisher had been taken). Both now take the empirical Fisher, as before the packing
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(16, l1, 2, generator=g, dtype=D64),
+            torch.randn(16, l2, 2, generator=g, dtype=D64),
+            torch.randint(3, (16,), generator=g),
+        )
+        for l1, l2 in lengths
+    ]
+    torch.manual_seed(0)
+    model = _Sequences().double()
+    thetas = torch.cat([p.detach().flatten() for p in model.parameters()])[None].repeat(2, 1)  # one draw per minibatch
+    got = KroneckerCurvature.build(
+        model, thetas, batches, 200, nll=lambda m, r: F.cross_entropy(m(r[0], r[1]), r[2], reduction="none")
+    )
+    assert got.info["likelihood"] == "empirical" and "input_fields" not in got.info
+    assert "forward" not in model.__dict__
+    # minibatches of one shape each are packed
+    same = KroneckerCurvature.build(
+        model, thetas, batches[:1] * 2, 200, nll=lambda m, r: F.cross_entropy(m(r[0], r[1]), r[2], reduction="none")
+    )
+    assert same.info["likelihood"] == "categorical" and same.info["input_fields"] == 2

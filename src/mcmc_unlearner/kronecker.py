@@ -703,7 +703,7 @@ def empirical_fallback_message(reason: str, output: tuple[int, ...] | str | None
             "Fix: K-FAC's categorical and Gaussian likelihoods take the output from model(batch[0]), so let forward "
             "take the first field alone (e.g. compute a padding mask from the token ids inside forward, ids != pad) "
             "and nll call model(b[0]) (a forward(a, b) on rows (a, b, y) is read as it is where a and b have one "
-            "dtype: K-FAC packs them into one field); "
+            "dtype and the same shapes in every minibatch: K-FAC packs them into one field); "
         )
     elif isinstance(output, tuple) and len(output) == 2:
         fix = "Fix: if model(x) returns the logits of nll's softmax cross-entropy, pass likelihood='categorical'; "
@@ -755,7 +755,8 @@ def input_fields(model: nn.Module, batch: Batch) -> int | None:
     pair, rows ``(a, b, y)``): where ``model(batch[0])`` raises a ``TypeError`` (a missing argument) and
     ``model(*batch[:k])`` runs on a few rows, the first ``k`` fields being tensors of one dtype and device with the
     batch's rows and a further field (the labels) following; else ``None``. K-FAC then packs those fields into one
-    (:func:`packed_inputs`) and reads the likelihood as for a one-input model. The model is left as it was."""
+    (:func:`packed_inputs`, where every minibatch's fields have the first's shapes) and reads the likelihood as for a
+    one-input model. The model is left as it was."""
     probe = _head(tuple(batch), _PROBE_ROWS)
     if len(probe) < 3 or not all(isinstance(t, Tensor) for t in probe[:2]):
         return None
@@ -2392,10 +2393,14 @@ class KroneckerCurvature:
             if lik is not Likelihood.EMPIRICAL and nll is not None and reduce is None
             else None
         )
+        given = [] if probe is None else [tuple(probe)]
+        if k is not None and len({tuple(tuple(t.shape[1:]) for t in b[:k]) for b in [*batches, *given]}) > 1:
+            # one packing for every minibatch: fields padded per minibatch to their own lengths were split as the
+            # first minibatch's (each branch reading the other's values) or failed in the forward
+            k = None
         if k is not None:
             # forward(a, b) with rows (a, b, y): model(batch[0]) failed, and K-FAC took the empirical Fisher (a Siamese
             # pair moved 0.12 of the way where its one-input rewrite's Bernoulli Fisher moved 0.50; stop 61)
-            given = [] if probe is None else [tuple(probe)]
             with packed_inputs(model, nll, [*batches, *given], k) as (packed, packed_nll):
                 built = cls.build(
                     model,
