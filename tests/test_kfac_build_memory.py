@@ -97,3 +97,35 @@ def test_live_peak_counts_each_storage_once_until_its_last_tensor_is_gone() -> N
         del e
         holder.data = x.new_zeros(1)  # 4 bytes, and d's storage is freed
     assert live.peak == 8000 and live.now == 4
+
+
+def test_live_peak_skips_a_tensor_subclass_without_storage() -> None:
+    """A wrapper subclass (``_make_wrapper_subclass``: torchao's quantized weights, ``DTensor``) has a storage object
+    whose data pointer cannot be read: ``_LivePeak`` raised on it (stop 61's storage-lifetime change) where it had
+    skipped it."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from mcmc_unlearner.kronecker import _LivePeak
+
+    class Wrapped(torch.Tensor):
+        @staticmethod
+        def __new__(cls, inner: torch.Tensor) -> Wrapped:
+            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+        def __init__(self, inner: torch.Tensor) -> None:
+            self.inner = inner
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            args, kwargs = tree_map(lambda t: t.inner if isinstance(t, Wrapped) else t, (args, kwargs or {}))
+            out = func(*args, **kwargs)
+            return tree_map(lambda t: Wrapped(t) if isinstance(t, torch.Tensor) else t, out)
+
+    x = torch.ones(1000)
+    with torch.no_grad(), _LivePeak() as live:
+        w = Wrapped(x) * 2  # (not counted: no storage to read)
+        a = x * 2  # 4,000
+        assert live.now == 4000
+        del w, a
+    assert live.peak == 4000 and live.now == 0

@@ -337,23 +337,25 @@ class _LivePeak(TorchDispatchMode):
         self.now -= self.live.pop(key, 0)
 
     @staticmethod
-    def _storage(t: Any) -> torch.UntypedStorage | None:
-        """``t``'s storage; ``None`` for what has none to read (not a tensor, meta, sparse, nested: not counted)."""
+    def _storage(t: Any) -> tuple[torch.UntypedStorage, int] | None:
+        """``t``'s storage and its address; ``None`` for what has none to read (not a tensor, meta, sparse, nested,
+        a wrapper subclass, whose storage's address raises: not counted)."""
         if not isinstance(t, Tensor) or t.device.type == "meta":
             return None
         try:
-            return t.untyped_storage()
+            storage = t.untyped_storage()
+            return storage, storage.data_ptr()
         except (NotImplementedError, RuntimeError):
             return None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        before = {got.data_ptr() for got in map(self._storage, tree_leaves((args, kwargs))) if got is not None}
+        before = {got[1] for got in map(self._storage, tree_leaves((args, kwargs))) if got is not None}
         for t in tree_leaves(out):
-            storage = self._storage(t)
-            if storage is None:
+            got = self._storage(t)
+            if got is None:
                 continue
-            key = storage.data_ptr()
+            storage, key = got
             if key == 0 or key in before or key in self.live:  # (empty, a view / in-place result, or counted)
                 continue
             self.live[key] = storage.nbytes()
