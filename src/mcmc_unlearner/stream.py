@@ -385,6 +385,23 @@ def _concat(parts: Sequence[Batch]) -> Batch:
     return tuple(torch.cat(f) for f in zip(*parts))
 
 
+def _minibatch_list_rows(source: Any) -> Batch | None:
+    """The rows of a list (or tuple) of minibatches held in memory, ``[(x1, y1), (x2, y2), ...]``, joined into the
+    fields ``(x, y)``; ``None`` for anything else. Every minibatch a tuple or list of as many tensors, each with one
+    row per data point; a minibatch list whose fields differ beyond the row dimension is refused by
+    :func:`_same_shapes` (stop 61's probe: such a list was told to pass ``n_remaining=``, though it holds every
+    remaining row and its length is the sum of its minibatches')."""
+    if not isinstance(source, (list, tuple)) or not source:
+        return None
+    if not all(isinstance(b, (tuple, list)) and b and all(isinstance(t, torch.Tensor) for t in b) for b in source):
+        return None
+    if len({len(b) for b in source}) > 1 or not all(
+        all(t.ndim > 0 for t in b) and len({t.shape[0] for t in b}) == 1 for b in source
+    ):
+        return None
+    return _concat([tuple(b) for b in source])
+
+
 def _refuse_misshapen_fields(source: Any) -> None:
     """Refuse remaining data that looks like the rows' fields but cannot be read as them: a tuple or a list whose
     tensors differ in row shape and in row count, or a list ``[x, y]`` (it was told to pass ``n_remaining=``, then
@@ -436,7 +453,8 @@ class _Stream:
     iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out, a ``DistributedSampler``'s epoch
     advanced before each pass: :func:`~mcmc_unlearner.data.new_pass`), or the remaining rows themselves
     as a tuple of tensors ``(x, y)`` or ``(x,)`` (shuffled minibatches of 128; every row listable, as a
-    ``RemovableDataset``)."""
+    ``RemovableDataset``); a list of minibatches ``[(x1, y1), ...]`` is read as the rows it joins (unless ``n``
+    counts other rows: then as minibatches of a larger set)."""
 
     def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
         if (
@@ -446,6 +464,9 @@ class _Stream:
         ):  # the remaining rows given as empty tensors: the request removes everything; it was told to pass
             # n_remaining=, which was then refused as not >= 1
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
+        joined = _minibatch_list_rows(source) if rows_as_data else None
+        if joined is not None and _is_fields(joined) and (n is None or (is_integer(n) and int(n) == len(joined[0]))):
+            source = joined  # a list of minibatches in memory holding every remaining row: read as the tuple (x, y)
         _refuse_misshapen_fields(source)
         self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         self.given: Batch | None = source if self.from_rows else None  # those rows, every one

@@ -1248,6 +1248,10 @@ def _spread_nll_change(info: dict[str, Any]) -> float:
     return float(moved["nll_change"]) if isinstance(moved, dict) and moved.get("applied") else 0.0
 
 
+#: A later integer batch field is read as possible class labels (:meth:`MCMCUnlearner._later_labels_emptied`) where
+#: its rows hold at most one distinct value per this many rows (row ids, one value per row, are not labels).
+LATER_LABEL_ROWS_PER_VALUE = 4
+
 #: Bytes of a part's posterior predictive (float64 ``[rows, classes]``) in the emptied-label check's top share: a
 #: 50,000-word vocabulary's parts after the first are 83 rows.
 EMPTIED_TOP_PART_BYTES = 32 * 2**20
@@ -2390,6 +2394,7 @@ class MCMCUnlearner:
         #: label (0: a Gaussian likelihood, a regression; ``None``: unknown)
         self._label_columns: int | None = None
         self._unread_labels_warned = False  # the emptied-label check could not read the remaining labels (warned once)
+        self._later_labels_read: bool | None = None  # later integer fields may hold the labels (nll unrecognised)
         self._forward_checked = False  # _check_forward ran (on the first request)
         self._forward_row_gap: float | None = None  # its rows-alone gap above rounding, below refusal (reported once)
         self._forward_row_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
@@ -5602,6 +5607,8 @@ class MCMCUnlearner:
                     "labels; whether the request removes a class's last rows is checked with integer labels there "
                     "(pass the targets' argmax in batch[1])"
                 )
+            else:
+                self._later_labels_emptied(batch, stream, info)
             return None
         summed = self._reduce or (lambda t: t)
         raw = self._raw(batch)
@@ -5650,6 +5657,8 @@ class MCMCUnlearner:
                         "cannot be read from it"
                     )
                     self._warn_emptied_unchecked(info["emptied_labels"])
+                elif not gone:
+                    self._later_labels_emptied(batch, stream, info)
             elif left is None and self._reduce is None and y.numel():
                 top = int(y.max())
                 if self._label_columns is None or top <= self._label_columns:  # the targets may be class labels
@@ -5752,6 +5761,66 @@ class MCMCUnlearner:
             "Continue the chain on the remaining data for at least a burn-in's worth of steps (your own sampler, "
             "run_chain, or the deletion service's --on-failure repair with --repair-steps that long), or retrain"
         )
+
+    def _later_labels_emptied(self, batch: Batch, stream: _Stream, info: dict[str, Any]) -> None:
+        """Say (``info["emptied_labels"]`` and a warning) that the emptied-label check did not run where ``batch[1]``
+        is not verified as the class labels and a later integer ``[B]`` field looks like them: a few values shared by
+        many rows (at most one per ``LATER_LABEL_ROWS_PER_VALUE`` rows, so row ids are not taken for labels), one of
+        which this request removes the last remaining rows of, and ``nll`` is none of the likelihoods
+        :func:`~mcmc_unlearner.kronecker.likelihood_and_columns` recognises (a Gaussian's reads no class labels).
+        Stop 61's probe: a GRU classifier whose batches are ``(x, lengths, y)`` had its class removed with
+        ``problems=[]`` and nothing said, the class still predicted on 44% of its test digits (retraining: none),
+        the lengths read as the labels. Single-process, with the remaining rows listable (:meth:`_remaining_field`);
+        nothing is measured, so the report is not refused."""
+        raw = self._raw(batch)
+        if self._reduce is not None or len(raw) < 3 or not raw[0].shape[0]:
+            return
+        if self._later_labels_read is None:  # a likelihood recognised (a Gaussian's) reads no class labels at all
+            from .kronecker import Likelihood, likelihood_and_columns
+
+            self._later_labels_read = likelihood_and_columns(self.model, self._row_nll, raw)[0] is Likelihood.EMPIRICAL
+        if not self._later_labels_read:
+            return
+        for k in range(2, len(raw)):
+            y = raw[k]
+            if not isinstance(y, torch.Tensor) or y.dim() != 1 or not y.numel() or y.is_floating_point():
+                continue
+            if y.is_complex() or y.dtype == torch.bool:
+                continue
+            left = self._remaining_field(stream, k)
+            if left is None or left.dim() != 1:
+                continue
+            values = torch.unique(torch.cat([y.long(), left.long().to(y.device)]))
+            if values.numel() * LATER_LABEL_ROWS_PER_VALUE > y.numel() + left.numel():
+                continue
+            labels = torch.unique(y[y >= 0].long())
+            gone = labels[~torch.isin(labels, left.long().to(labels.device))].tolist()
+            if gone:
+                info["emptied_labels"] = (
+                    f"not checked: the check reads class labels from batch[1], which is not verified as them here, "
+                    f"and the request removes the last rows whose batch[{k}] is {gone[:10]}; if batch[{k}] holds the "
+                    f"class labels, put them in batch[1] (e.g. (x, y, ...) with nll reading b[1]): the check reads "
+                    "them there, and measures a removed class where nll is the cross-entropy of model(batch[0])"
+                )
+                self._warn_emptied_unchecked(info["emptied_labels"])
+                return
+
+    def _remaining_field(self, stream: _Stream, k: int) -> torch.Tensor | None:
+        """Field ``k`` of every remaining row, read without a pass over the data (as :meth:`_remaining_labels`
+        reads field 1); ``None`` where it cannot be read so."""
+        src = stream.source
+        if isinstance(getattr(src, "tensors", None), tuple) and hasattr(src, "remaining_ids"):
+            return src.tensors[k][src.remaining_ids] if k < len(src.tensors) else None
+        if stream.listable:
+            rows = self._raw(stream.full())
+            return rows[k] if k < len(rows) else None
+        selected = _loader_selection(src)
+        if selected is None or not isinstance(selected[0], torch.utils.data.TensorDataset):
+            return None
+        tensors, index = selected[0].tensors, selected[1]
+        if k >= len(tensors):
+            return None
+        return tensors[k] if index is None else tensors[k][index]
 
     def _warn_emptied_unchecked(self, said: str) -> None:
         """Warn that the emptied-label check (README step 6) did not run, with ``said``, its ``info["emptied_labels"]``
