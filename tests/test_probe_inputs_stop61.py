@@ -75,3 +75,20 @@ def test_labels_in_a_later_field_emptied_by_a_request_are_said_unchecked() -> No
             warnings.simplefilter("always")
             prop = un.propose(tuple(f[:5] for f in fields), tuple(f[5:] for f in fields))
         assert not _unchecked(caught) and "emptied_labels" not in prop.report.info, prop.report.info["emptied_labels"]
+
+
+def test_the_later_label_check_probes_the_likelihood_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the emptied-label check's probe already tells whether nll is recognised: a second probe ran the user's model
+    # (and its forward hooks) once more per probed label set (review: 75 forwards in a request instead of 69)
+    from mcmc_unlearner import kronecker
+
+    model, _, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    fields = (x, torch.arange(200) % 3, y)
+    probes = []
+    real = kronecker.likelihood_and_columns
+    monkeypatch.setattr(kronecker, "likelihood_and_columns", lambda *a: probes.append(1) or real(*a))
+    un = MCMCUnlearner(model, nll=_last_field_nll, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.warns(UserWarning, match=r"the last rows whose batch\[2\] is \[3\]"):
+        un.propose(tuple(f[gone] for f in fields), tuple(f[~gone] for f in fields))
+    assert len(probes) == 1

@@ -5631,6 +5631,9 @@ class MCMCUnlearner:
                     else ""
                 )
                 self._label_link = (extra, str(extra.get("reason", "")) or why)
+                # a later field is read as possible labels where nll is unrecognised (this probe's kind: a second
+                # probe fired a user's forward hooks once more)
+                self._later_labels_read = kind is Likelihood.EMPIRICAL
                 if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
                     self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
             has = float(y.numel() > 0)
