@@ -92,3 +92,21 @@ def test_the_later_label_check_probes_the_likelihood_once(monkeypatch: pytest.Mo
     with pytest.warns(UserWarning, match=r"the last rows whose batch\[2\] is \[3\]"):
         un.propose(tuple(f[gone] for f in fields), tuple(f[~gone] for f in fields))
     assert len(probes) == 1
+
+
+def test_a_first_field_emptied_above_the_outputs_width_still_checks_later_fields() -> None:
+    # batch[1] lengths 10..13, above the model's 4 outputs (no class labels), one length held only by the removed
+    # class: the request empties a value of batch[1] too, which was taken as reason to skip the later fields, and the
+    # removal of class 3 (batch[2]) passed with nothing said (review)
+    model, _, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    lengths = 10 + torch.arange(200) % 3
+    lengths[gone] = 10 + torch.arange(50) % 4  # 13: only in class 3
+    fields = (x, lengths, y)
+    un = MCMCUnlearner(model, nll=_last_field_nll, log_prior=log_prior, bank=bank, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prop = un.propose(tuple(f[gone] for f in fields), tuple(f[~gone] for f in fields))
+    said = _unchecked(caught)
+    assert len(said) == 1 and "the last rows whose batch[2] is [3]" in said[0], said
+    assert str(prop.report.info["emptied_labels"]).startswith("not checked")

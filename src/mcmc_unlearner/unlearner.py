@@ -5660,7 +5660,7 @@ class MCMCUnlearner:
                         "cannot be read from it"
                     )
                     self._warn_emptied_unchecked(info["emptied_labels"])
-                elif not gone:
+                else:  # batch[1] empties no value, or only values above the output's width (lengths, counts)
                     self._later_labels_emptied(batch, stream, info)
             elif left is None and self._reduce is None and y.numel():
                 top = int(y.max())
