@@ -52,6 +52,10 @@ def test_a_list_of_minibatches_is_read_as_the_rows_it_joins() -> None:
     assert torch.equal(un.propose((x[gone], y[gone]), as_list, n_remaining=xk.shape[0]).bank, props[1].bank)
     with pytest.warns(UserWarning, match="the emptied-label check did not run"):
         assert un.propose((x[gone], y[gone]), as_list, n_remaining=1000).report.n_remaining == 1000
+    # a list holding a row twice (here every minibatch listed twice) is not read as rows, which would count them
+    # twice: read as minibatches, it asks for n_remaining= as before
+    with pytest.raises(ValueError, match="n_remaining"):
+        un.propose((x[gone], y[gone]), as_list * 2)
     ragged = [(torch.zeros(4, 3, dtype=x.dtype), yk[:4]), (torch.zeros(4, 5, dtype=x.dtype), yk[:4])]
     with pytest.raises(ValueError, match="pad every minibatch to one fixed length"):
         un.propose((x[gone], y[gone]), ragged)

@@ -390,7 +390,10 @@ def _minibatch_list_rows(source: Any) -> Batch | None:
     fields ``(x, y)``; ``None`` for anything else. Every minibatch a tuple or list of as many tensors, each with one
     row per data point; a minibatch list whose fields differ beyond the row dimension is refused by
     :func:`_same_shapes` (stop 61's probe: such a list was told to pass ``n_remaining=``, though it holds every
-    remaining row and its length is the sum of its minibatches')."""
+    remaining row and its length is the sum of its minibatches'). A list in which a row appears twice (the same
+    minibatch listed twice, minibatches gathered over several epochs or redrawn from a shuffling loader) is not
+    joined (``None``: read as minibatches, which asks for ``n_remaining=``): its rows would be counted as many
+    times as they appear (a review: ``[(xa, ya), (xb, yb)] * 2`` was read as twice the rows, nothing said)."""
     if not isinstance(source, (list, tuple)) or not source:
         return None
     if not all(isinstance(b, (tuple, list)) and b and all(isinstance(t, torch.Tensor) for t in b) for b in source):
@@ -399,7 +402,8 @@ def _minibatch_list_rows(source: Any) -> Batch | None:
         all(t.ndim > 0 for t in b) and len({t.shape[0] for t in b}) == 1 for b in source
     ):
         return None
-    return _concat([tuple(b) for b in source])
+    joined = _concat([tuple(b) for b in source])
+    return None if _repeated_rows(joined) else joined
 
 
 def _refuse_misshapen_fields(source: Any) -> None:
