@@ -77,10 +77,11 @@ class Expectation(str, Enum):
 
 class EmptiedLabel(str, Enum):
     """What a request does when it removes the last rows of a label the moved samples still predict (README step
-    6): draw that label's output-layer row from its conditional given the remaining data (``resample``, a Gibbs step
-    of the retrained posterior; :mod:`mcmc_unlearner.emptied`) and check again; draw it for every emptied label
-    (``always``); or refuse at once (``refuse``). A label still the top class on half its rows whose row cannot be
-    drawn (or, under ``refuse``, is not drawn) is refused whatever its probability."""
+    6): draw that label's output-layer row from its conditional given the remaining data (a Gibbs step of the
+    retrained posterior; :mod:`mcmc_unlearner.emptied`) and check again, for every emptied label (``always``, the
+    default since stop 61) or only for one the moved samples still give a tenth of the probability or make the top
+    class on half its rows (``resample``); or refuse at once (``refuse``). A label still the top class on half its
+    rows whose row cannot be drawn (or, under ``refuse``, is not drawn) is refused whatever its probability."""
 
     RESAMPLE = "resample"
     ALWAYS = "always"

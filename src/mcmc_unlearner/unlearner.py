@@ -611,11 +611,14 @@ EMPTIED_LABEL_MAX_PROB = 0.5
 #: retrained conditional, which can leave the label the top class on half its rows (tests/test_label_encodings.py's
 #: blobs: 52% at p = 0.39); ``emptied_label="refuse"``, which draws none, refuses such a label too.
 EMPTIED_LABEL_MAX_TOP = 0.5
-#: ``emptied_label="resample"`` draws the label's output-layer row (:mod:`mcmc_unlearner.emptied`) where the moved
-#: samples still give its removed rows this much of their own label or more; below it the label is mostly forgotten
-#: (the digits BNN's class 0 in one request: 0.04; retrained digits MLPs give 0.0000–0.003) and the draw's cost is
-#: saved. The user's digits MLP whose class went in 17 requests of 8 ended at 0.15–0.99 on 7 of 8 seeds. A label
-#: that is the top class on ``EMPTIED_LABEL_MAX_TOP`` of its rows or more is drawn too, whatever its probability.
+#: ``emptied_label="resample"`` (not the default since stop 61) draws the label's output-layer row
+#: (:mod:`mcmc_unlearner.emptied`) only where the moved samples still give its removed rows this much of their own
+#: label or more; below it the label is mostly forgotten (the digits BNN's class 0 in one request: 0.04; retrained
+#: digits MLPs give 0.0000–0.003) and the draw's cost is saved. A label that is the top class on
+#: ``EMPTIED_LABEL_MAX_TOP`` of its rows or more is drawn too, whatever its probability. The default, ``"always"``,
+#: draws every emptied label's row: the draw is a Gibbs step of the retrained posterior whatever the probability, and
+#: the threshold made the bank depend on which side of it a request fell (the quick model matrix's MLP seed 2 at
+#: p = 0.026: 0.39 of the way to retraining undrawn, 0.69 drawn; docs/model-matrix.md, stop 61).
 EMPTIED_RESAMPLE_PROB = 0.1
 #: Rows, as a multiple of the safety check's, on which a passed step's held-row NLL rise is measured again when
 #: it is not clearly within the tolerance (:meth:`EnergyCheck.confirm`); at most the remaining rows beyond the check's.
@@ -678,7 +681,8 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False, checked: bo
     elif refuse:
         why = "not drawn (emptied_label='refuse' draws none)"
         fix = (
-            "; or pass emptied_label='resample' (the default), which draws that row where the draw can sample it (a "
+            "; or pass emptied_label='always' (the default) or emptied_label='resample', which draw that row where "
+            "the draw can sample it (a "
             "final nn.Linear giving the logits, its weight and bias plain trainable parameters: no spectral_norm, "
             "weight_norm or other parametrization, with a log_prior, a plain cross-entropy nll and remaining rows it "
             "can list, not under torch.distributed); where it cannot, the default refuses this request too"
@@ -2102,16 +2106,18 @@ class MCMCUnlearner:
             remaining rows' (:func:`~mcmc_unlearner.step.labels_spread`: random rows, not a class removed in pieces)
             searches the data shape first and takes ``H + λI`` only where it is clearly better, also after
             corrections (``report.info["removed_labels_spread"]``). ``"identity"`` or ``"data"`` (K-FAC) fix it.
-        emptied_label: ``"resample"`` (default): a request that removes the last rows of a label the moved samples
-            still give a tenth of the probability or more on those rows (``EMPTIED_RESAMPLE_PROB``; README step 6)
-            draws that label's output-layer row, in every sample, from its conditional given the remaining rows (a
-            Gibbs step of the retrained posterior, :mod:`mcmc_unlearner.emptied`; needs a final ``nn.Linear``
-            giving the logits, a ``log_prior`` and remaining rows it can list: a tuple, a ``RemovableDataset``, a
-            ``DataLoader`` over a ``TensorDataset``) and checks again; so does a label that is still the top class
-            of the posterior predictive on half those rows or more (``EMPTIED_LABEL_MAX_TOP``), and where its row
-            cannot be drawn (or the draw is not kept) such a label is refused whatever its probability;
-            ``"always"``: every emptied label's row is drawn so; ``"refuse"``: no draw, a request leaving the label
-            predicted (one half or more in mean probability, or the top class on half its rows or more,
+        emptied_label: ``"always"`` (default since stop 61): a request that removes the last rows of a label draws
+            that label's output-layer row, in every sample, from its conditional given the remaining rows (a Gibbs
+            step of the retrained posterior, :mod:`mcmc_unlearner.emptied`; README step 6; needs a final
+            ``nn.Linear`` giving the logits, a ``log_prior`` and remaining rows it can list: a tuple, a
+            ``RemovableDataset``, a ``DataLoader`` over a ``TensorDataset``, and at most
+            ``emptied.RESAMPLE_MAX_ROW_EVALS`` sample-row evaluations) and checks again; where its row cannot be
+            drawn (or the draw is not kept) a label still the top class of the posterior predictive on half those
+            rows or more (``EMPTIED_LABEL_MAX_TOP``) is refused whatever its probability; ``"resample"``: the same,
+            but only for a label the moved samples still give a tenth of the probability or more on those rows
+            (``EMPTIED_RESAMPLE_PROB``) or make the top class on half of them or more (saves the draw's cost where
+            the label reads forgotten); ``"refuse"``: no draw, a request leaving the label predicted (one half or
+            more in mean probability, or the top class on half its rows or more,
             ``info["emptied_labels_top_share"]``) is refused.
 
     Attributes:
@@ -2164,7 +2170,7 @@ class MCMCUnlearner:
         recenter_every: int | str = "auto",
         recenter_draws: int | str = "auto",
         damping_shape: DampingShape | str = "auto",
-        emptied_label: EmptiedLabel | str = "resample",
+        emptied_label: EmptiedLabel | str = "always",
     ) -> None:
         if eager(model) is not model and any(
             getattr(model, k, None)

@@ -411,9 +411,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--emptied-label",
         choices=[e.value for e in EmptiedLabel],
         default=None,
-        help="a request that removes a class's last rows while the samples still give them that class: draw the "
-        "class's output-layer row from its conditional given the remaining rows (resample, default), always draw it "
-        "(always), or refuse (refuse)",
+        help="a request that removes a class's last rows: draw the class's output-layer row from its conditional "
+        "given the remaining rows (always, default), draw it only where the samples still give those rows that "
+        "class (resample), or refuse where they do (refuse)",
     )
     f.add_argument(
         "-v",
