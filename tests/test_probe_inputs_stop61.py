@@ -53,9 +53,15 @@ def test_a_list_of_minibatches_is_read_as_the_rows_it_joins() -> None:
     with pytest.warns(UserWarning, match="the emptied-label check did not run"):
         assert un.propose((x[gone], y[gone]), as_list, n_remaining=1000).report.n_remaining == 1000
     # a list holding a row twice (here every minibatch listed twice) is not read as rows, which would count them
-    # twice: read as minibatches, it asks for n_remaining= as before
-    with pytest.raises(ValueError, match="n_remaining"):
+    # twice: read as minibatches, it asks for n_remaining= and says why (it said "cannot be read from a list")
+    with pytest.raises(ValueError, match=f"whose {2 * xk.shape[0]} rows hold {xk.shape[0]} equal in every field"):
         un.propose((x[gone], y[gone]), as_list * 2)
+    # so does a list of a data set holding one point twice (two ids, equal values), which the tuple reads, as rows
+    twice = torch.cat([xk, xk[:1]]), torch.cat([yk, yk[:1]])
+    twice_list = [(twice[0][i : i + 40], twice[1][i : i + 40]) for i in range(0, len(twice[1]), 40)]
+    with pytest.raises(ValueError, match=r"whose \d+ rows hold 1 equal .* a tuple \(x, y\) if equal rows are distinct"):
+        un.propose((x[gone], y[gone]), twice_list)
+    assert un.propose((x[gone], y[gone]), twice).report.n_remaining == xk.shape[0] + 1
     ragged = [(torch.zeros(4, 3, dtype=x.dtype), yk[:4]), (torch.zeros(4, 5, dtype=x.dtype), yk[:4])]
     with pytest.raises(ValueError, match="pad every minibatch to one fixed length"):
         un.propose((x[gone], y[gone]), ragged)

@@ -390,10 +390,8 @@ def _minibatch_list_rows(source: Any) -> Batch | None:
     fields ``(x, y)``; ``None`` for anything else. Every minibatch a tuple or list of as many tensors, each with one
     row per data point; a minibatch list whose fields differ beyond the row dimension is refused by
     :func:`_same_shapes` (stop 61's probe: such a list was told to pass ``n_remaining=``, though it holds every
-    remaining row and its length is the sum of its minibatches'). A list in which a row appears twice (the same
-    minibatch listed twice, minibatches gathered over several epochs or redrawn from a shuffling loader) is not
-    joined (``None``: read as minibatches, which asks for ``n_remaining=``): its rows would be counted as many
-    times as they appear (a review: ``[(xa, ya), (xb, yb)] * 2`` was read as twice the rows, nothing said)."""
+    remaining row and its length is the sum of its minibatches'). :class:`_Stream` does not read a list in which a
+    row appears twice as its rows (:func:`_repeated_rows`)."""
     if not isinstance(source, (list, tuple)) or not source:
         return None
     if not all(isinstance(b, (tuple, list)) and b and all(isinstance(t, torch.Tensor) for t in b) for b in source):
@@ -402,8 +400,7 @@ def _minibatch_list_rows(source: Any) -> Batch | None:
         all(t.ndim > 0 for t in b) and len({t.shape[0] for t in b}) == 1 for b in source
     ):
         return None
-    joined = _concat([tuple(b) for b in source])
-    return None if _repeated_rows(joined) else joined
+    return _concat([tuple(b) for b in source])
 
 
 def _refuse_misshapen_fields(source: Any) -> None:
@@ -469,8 +466,15 @@ class _Stream:
             # n_remaining=, which was then refused as not >= 1
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
         joined = _minibatch_list_rows(source) if rows_as_data else None
+        repeated = listed = 0
         if joined is not None and _is_fields(joined) and (n is None or (is_integer(n) and int(n) == len(joined[0]))):
-            source = joined  # a list of minibatches in memory holding every remaining row: read as the tuple (x, y)
+            # a list of minibatches in memory holding every remaining row: read as the tuple (x, y), unless a row
+            # appears twice (the same minibatch listed twice, minibatches gathered over several epochs or redrawn
+            # from a shuffling loader): its rows would be counted as many times as they appear (a review:
+            # [(xa, ya), (xb, yb)] * 2 was read as twice the rows, nothing said); then read as minibatches
+            repeated, listed = _repeated_rows(joined), len(joined[0])
+            if not repeated:
+                source = joined
         _refuse_misshapen_fields(source)
         self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         self.given: Batch | None = source if self.from_rows else None  # those rows, every one
@@ -533,6 +537,14 @@ class _Stream:
                     "labels of the same shape look alike). Pass the rows as RemovableDataset(x, y, batch_size=128) "
                     "or a DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True); if they really are "
                     "minibatches, pass n_remaining="
+                )
+            elif repeated:  # (it said only "cannot be read from a list", also where equal rows are distinct points)
+                raise ValueError(
+                    f"remaining is a list of minibatches whose {listed:,} rows hold {repeated:,} equal in "
+                    "every field to an earlier one (a minibatch listed twice, minibatches gathered over several "
+                    "epochs?), so it is not read as the remaining rows, which would count those rows twice: pass each "
+                    "remaining row once, or the rows as a tuple (x, y) if equal rows are distinct data points, or "
+                    "pass n_remaining= (the number of remaining data points) to read the list as minibatches"
                 )
             else:
                 raise ValueError(
