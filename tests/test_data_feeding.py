@@ -374,3 +374,15 @@ def test_an_nll_returning_integers_is_refused_for_a_model_in_training_mode_with_
             un.remove((x[:8], y[:8]), (x[8:], y[8:]))
     assert not un.history
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, un.samples()) for k in a)
+
+
+def test_repeated_rows_of_a_complex_field_are_counted() -> None:
+    """A complex field's rows are compared as their real and imaginary parts: torch.unique(dim=0) has no complex
+    kernel, and counting a request's repeated removed rows (or a minibatch list's) raised NotImplementedError."""
+    from mcmc_unlearner.stream import _repeated_rows
+
+    z = torch.randn(50, 3, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    z[1], z[5] = z[0], z[0].conj()  # a conjugate differs
+    y = torch.arange(50) % 2
+    assert _repeated_rows((z,)) == 1 and _repeated_rows((z, y)) == 0 and _repeated_rows((z[:2], y[:2] * 0)) == 1
+    assert _repeated_rows((z[:10],), (z[10:],)) == 0 and _repeated_rows((z[:10],), (z[:3],)) == 3

@@ -94,7 +94,7 @@ def _row_ids(batch: Batch) -> torch.Tensor:
     k = batch[0].shape[0]
     keys = torch.zeros(k, 0, dtype=torch.int64)
     for t in batch:
-        _, inv = torch.unique(t.detach().reshape(k, -1), dim=0, return_inverse=True)
+        _, inv = torch.unique(_flat_real(t), dim=0, return_inverse=True)  # (torch.unique(dim=0) has no complex)
         keys = torch.cat([keys, inv.reshape(k, 1)], 1)
     return torch.unique(keys, dim=0, return_inverse=True)[1]
 
