@@ -120,3 +120,31 @@ def test_a_first_field_emptied_above_the_outputs_width_still_checks_later_fields
     said = _unchecked(caught)
     assert len(said) == 1 and "the last rows whose batch[2] is [3]" in said[0], said
     assert str(prop.report.info["emptied_labels"]).startswith("not checked")
+
+
+def test_the_spread_rule_reads_labels_where_the_emptied_label_check_does() -> None:
+    # the damping-order rule read batch[1] as the labels: a GRU's (x, lengths, y) had its class removal logged as
+    # removed_labels_spread=True (the lengths spread like the remaining rows') and searched the data-term shape first
+    # (stop 61's probe). It now reads batch[1] where the emptied-label check does: always for (x, y); for more fields
+    # where nll is the cross-entropy of model(x) reading it, or no later integer field may hold the labels and its
+    # values are within the output's width (4 here)
+    model, ce, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    lengths, w = torch.arange(200) % 3, torch.ones(200, dtype=x.dtype)
+
+    def squared(m: nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:  # no likelihood recognised
+        return b[2] * F.cross_entropy(m(b[0]), b[1] % 10, reduction="none") ** 2
+
+    cases = (
+        ((x, y), ce, False),  # as before
+        ((x, y, lengths), ce, False),  # a cross-entropy reading batch[1]
+        ((x, y, w), squared, False),  # no later integer field: batch[1] read
+        ((x, lengths, y), _last_field_nll, None),  # was True: the lengths read as the labels
+        ((x, y + 10, w), squared, None),  # above the output's width: counts, no labels (was False)
+    )
+    for fields, nll, spread in cases:
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver="kfac")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = un.propose(tuple(f[gone] for f in fields), tuple(f[~gone] for f in fields)).report.info
+        assert info.get("removed_labels_spread") is spread, (len(fields), nll, info.get("removed_labels_spread"))

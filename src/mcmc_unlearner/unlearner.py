@@ -52,7 +52,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -1243,6 +1243,15 @@ def _refuse_inference_mode() -> None:
 
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _integer_rows(y: Any) -> bool:
+    """Whether ``y`` is a ``[B]`` tensor of integers (not bool, float or complex): what may hold class labels."""
+    return (
+        isinstance(y, torch.Tensor)
+        and y.ndim == 1
+        and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    )
 
 
 def _spread_nll_change(info: dict[str, Any]) -> float:
@@ -5398,7 +5407,8 @@ class MCMCUnlearner:
         auto = self.damping_shape is DampingShape.AUTO
         spread = None
         if auto and "data" in self.curvature.damping_shapes:
-            counts = self._label_counts(batch, check_rows)
+            width = self._spread_label_width(batch)
+            counts = None if width is False else self._label_counts(batch, check_rows, width)
             spread = None if counts is None else labels_spread(*counts)
             if spread is not None:
                 info["removed_labels_spread"] = spread
@@ -5619,33 +5629,7 @@ class MCMCUnlearner:
         summed = self._reduce or (lambda t: t)
         raw = self._raw(batch)
         y = raw[1]
-        if self._plain_categorical is None:
-            # on the first request; a rank without removed rows has nothing to probe and defers to the others
-            plain = categorical = True
-            if y.numel():
-                from .kronecker import Likelihood, likelihood_and_columns
-
-                # the output's width from the probe's own forward (a second probe fired a user's hook once more)
-                kind, extra, columns = likelihood_and_columns(self.model, self._row_nll, raw)
-                categorical = kind is Likelihood.CATEGORICAL
-                plain = categorical and set(extra) <= {"output"}
-                # a Bernoulli likelihood (binary cross-entropy) is left unchecked too: the check reads the softmax
-                # probability of each removed label, which one or K independent logits do not give
-                why = (
-                    "a binary cross-entropy, whose labels are no softmax classes"
-                    if kind is Likelihood.BERNOULLI
-                    else ""
-                )
-                self._label_link = (extra, str(extra.get("reason", "")) or why)
-                # a later field is read as possible labels where nll is unrecognised (this probe's kind: a second
-                # probe fired a user's forward hooks once more)
-                self._later_labels_read = kind is Likelihood.EMPIRICAL
-                if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
-                    self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
-            has = float(y.numel() > 0)
-            flags = self._reduce_max(torch.tensor([has, has * float(not plain), has * float(not categorical)]))
-            self._plain_categorical = bool(flags[0] > 0) and not bool(flags[1] > 0)
-            self._categorical = bool(flags[0] > 0) and not bool(flags[2] > 0)
+        self._probe_labels(raw)
         if not self._categorical and not self._plain_categorical:
             # a request that empties a label says it was not checked (it said nothing: a class-weighted, smoothed
             # cross-entropy left a removed class the top prediction on 78-94% of its test digits, every check passed)
@@ -5770,6 +5754,37 @@ class MCMCUnlearner:
             "Continue the chain on the remaining data for at least a burn-in's worth of steps (your own sampler, "
             "run_chain, or the deletion service's --on-failure repair with --repair-steps that long), or retrain"
         )
+
+    def _probe_labels(self, raw: Batch) -> None:
+        """Probe once (on the first request whose ``batch[1]`` is a ``[B]`` integer tensor) whether ``nll`` is a
+        cross-entropy of ``model(batch[0])`` reading its class labels from ``batch[1]`` (``_plain_categorical``,
+        ``_categorical``), the output's width an integer target above which is no label (``_label_columns``), and
+        whether later fields may hold the labels (``_later_labels_read``); the ranks agree on the result."""
+        if self._plain_categorical is not None:
+            return
+        y = raw[1]
+        # on the first request; a rank without removed rows has nothing to probe and defers to the others
+        plain = categorical = True
+        if y.numel():
+            from .kronecker import Likelihood, likelihood_and_columns
+
+            # the output's width from the probe's own forward (a second probe fired a user's hook once more)
+            kind, extra, columns = likelihood_and_columns(self.model, self._row_nll, raw)
+            categorical = kind is Likelihood.CATEGORICAL
+            plain = categorical and set(extra) <= {"output"}
+            # a Bernoulli likelihood (binary cross-entropy) is left unchecked too: the check reads the softmax
+            # probability of each removed label, which one or K independent logits do not give
+            why = "a binary cross-entropy, whose labels are no softmax classes" if kind is Likelihood.BERNOULLI else ""
+            self._label_link = (extra, str(extra.get("reason", "")) or why)
+            # a later field is read as possible labels where nll is unrecognised (this probe's kind: a second
+            # probe fired a user's forward hooks once more)
+            self._later_labels_read = kind is Likelihood.EMPIRICAL
+            if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
+                self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
+        has = float(y.numel() > 0)
+        flags = self._reduce_max(torch.tensor([has, has * float(not plain), has * float(not categorical)]))
+        self._plain_categorical = bool(flags[0] > 0) and not bool(flags[1] > 0)
+        self._categorical = bool(flags[0] > 0) and not bool(flags[2] > 0)
 
     def _later_labels_emptied(self, batch: Batch, stream: _Stream, info: dict[str, Any]) -> None:
         """Say (``info["emptied_labels"]`` and a warning) that the emptied-label check did not run where ``batch[1]``
@@ -6177,20 +6192,35 @@ class MCMCUnlearner:
             return self._raw(stream.full())[1]
         return _loader_labels(src)
 
-    def _label_counts(self, removed: Batch, rows: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _spread_label_width(self, removed: Batch) -> int | Literal[False] | None:
+        """Whether the spread rule (``info["removed_labels_spread"]``) may read ``batch[1]`` as the class labels, as
+        the emptied-label check decides it: ``False`` where a batch of three or more fields has ``batch[1]`` not
+        verified as the labels (``nll`` no cross-entropy of ``model(batch[0])`` reading it) and a later integer
+        ``[B]`` field may hold them (stop 61's probe: a GRU's ``(x, lengths, y)``, the lengths read as the labels,
+        said a class removal's rows were spread like the remaining rows'); else the output's width, an integer
+        target above which is no label (a count regression's), where it is known; else ``None``. ``(x, y)`` batches
+        are read as before, without a probe."""
+        raw = self._raw(removed)
+        if len(raw) < 3 or not _integer_rows(raw[1]):
+            return None
+        self._probe_labels(raw)
+        if self._categorical or self._plain_categorical:
+            return None
+        return False if any(_integer_rows(f) for f in raw[2:]) else self._label_columns
+
+    def _label_counts(
+        self, removed: Batch, rows: Batch, width: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The removed rows' and the check's remaining rows' integer labels (field 1, one non-negative integer per
-        row) counted per label, summed over ranks; ``None`` when either has no such labels (on any rank)."""
+        row) counted per label, summed over ranks; ``None`` when either has no such labels (on any rank), or one is
+        above ``width``, the model output's (no label then: a count regression's target)."""
         r = self._raw(removed)
         ys = [b[1] if len(b) > 1 else None for b in (r, rows)]
-        fits = all(
-            isinstance(y, torch.Tensor) and y.ndim == 1 and not y.is_floating_point() and not y.is_complex()
-            and y.dtype != torch.bool and (y.numel() == 0 or int(y.min()) >= 0)
-            for y in ys
-        )  # fmt: skip
+        fits = all(_integer_rows(y) and (y.numel() == 0 or int(y.min()) >= 0) for y in ys)
         top = max((int(y.max()) for y in ys if fits and y.numel()), default=-1)
         agreed = self._reduce_max(torch.tensor([0.0 if fits else 1.0, float(top)], dtype=torch.float64))
         labels = int(agreed[1]) + 1
-        if bool(agreed[0] > 0) or not 1 < labels <= 100_000:
+        if bool(agreed[0] > 0) or not 1 < labels <= 100_000 or (width is not None and labels - 1 > width):
             return None
         counts = torch.stack([torch.bincount(y.cpu(), minlength=labels) for y in ys]).double()
         if self._reduce is not None:
