@@ -184,6 +184,8 @@ def test_a_prior_that_curves_upwards_somewhere_is_clamped_in_the_ggn_and_said() 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(50, 4, dtype=torch.float64, generator=g)
     y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)  # the layer's initial weights (they read torch's global generator: unseeded, this test's
+    # outcome depended on what earlier tests in the process drew; 2 of 12 seeds gave no eigenvalue to clamp)
     model = nn.Sequential(nn.Linear(4, 2)).double()
 
     def log_prior(m):  # Student-t, nu = 1 (Cauchy), scale 0.3: curves upwards beyond |w| > 0.3
