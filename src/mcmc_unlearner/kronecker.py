@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import math
 import time
@@ -762,6 +763,8 @@ def input_fields(model: nn.Module, batch: Batch) -> int | None:
     probe = _head(tuple(batch), _PROBE_ROWS)
     if len(probe) < 3 or not all(isinstance(t, Tensor) for t in probe[:2]):
         return None
+    if _required_inputs(model) in (0, 1):  # read off forward's signature: no probe forward (nor the user's hooks)
+        return None
     with preserved(model), torch.no_grad():
         try:
             model(probe[0])
@@ -791,6 +794,19 @@ def input_fields(model: nn.Module, batch: Batch) -> int | None:
                 return None
             return k
     return None
+
+
+def _required_inputs(model: nn.Module) -> int | None:
+    """How many positional arguments ``model.forward`` requires (those without a default); ``None`` where its
+    signature cannot tell (no signature, or ``*args``): then :func:`input_fields` calls the model to find out."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
 
 
 @contextlib.contextmanager

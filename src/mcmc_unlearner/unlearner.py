@@ -5807,9 +5807,7 @@ class MCMCUnlearner:
             return
         for k in range(2, len(raw)):
             y = raw[k]
-            if not isinstance(y, torch.Tensor) or y.dim() != 1 or not y.numel() or y.is_floating_point():
-                continue
-            if y.is_complex() or y.dtype == torch.bool:
+            if not _integer_rows(y) or not y.numel():
                 continue
             left = self._remaining_field(stream, k)
             if left is None or left.dim() != 1:
