@@ -51,6 +51,9 @@ CASES = [
     ("service_checks.py", ["verify-race", "--json", UNWRITABLE], "--json"),
     ("gmm_seed_table.py", ["docs/runs/digits-s0"], "runs"),
     ("gmm_inheritance.py", ["--out", UNWRITABLE], "--out"),
+    ("regression_newton.py", ["--variants", "bogus"], "--variants"),
+    ("regression_newton.py", ["--seeds", "x"], "--seeds"),
+    ("regression_newton.py", ["--threads", "0"], "--threads"),
 ]
 
 
