@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .curvature import stack_batches
@@ -46,6 +47,38 @@ PACKED_FIX = (
 )
 
 
+#: The way out for data handed over as numpy arrays (the unlearner indexes, joins and differentiates through tensors).
+NUMPY_FIX = (
+    "convert each array with torch.from_numpy(a) (torch.as_tensor(a, dtype=...) to change its dtype: the dtypes the "
+    "model was trained on, e.g. float32 features and int64 class labels), as the minibatches your nll reads are "
+    "tensors; nothing was changed"
+)
+
+
+def _numpy_fields(batch: Any) -> list[int]:
+    """The positions of a tuple's or list's fields that are numpy arrays (``[0]`` for a bare array)."""
+    if isinstance(batch, np.ndarray):
+        return [0]
+    if isinstance(batch, (tuple, list)):
+        return [i for i, t in enumerate(batch) if isinstance(t, np.ndarray)]
+    return []
+
+
+def _refuse_numpy_source(source: Any) -> None:
+    """Refuse remaining data given as numpy arrays (a tuple of arrays, or a list of minibatches of arrays), naming the
+    conversion: it was asked for ``n_remaining=``, then told to pass the rows as one batch."""
+    if not isinstance(source, (tuple, list)):
+        return
+    fields = _numpy_fields(source)
+    where = f"field(s) {fields} of the remaining data are" if fields else ""
+    if not fields:
+        listed = [i for i, b in enumerate(source) if _numpy_fields(b)]
+        if not listed:
+            return
+        where = f"the remaining data's minibatch(es) {listed[:5]}{' and more' if len(listed) > 5 else ''} hold"
+    raise TypeError(f"{where} numpy array(s), not tensors: {NUMPY_FIX}")
+
+
 def _as_batch(batch: Any, what: str = "a batch") -> Batch:
     """``batch`` as a tuple of tensors with one row per data point (a bare tensor is one field).
 
@@ -67,6 +100,11 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
             "has no row count), or a DataLoader whose collate_fn returns a tuple; nll = lambda m, b: "
             "...(m(b[0]), b[1]), and the removed rows as (x, y)"
         )
+    numpy_fields = _numpy_fields(batch)
+    if numpy_fields:  # (an array is iterable: it was told to pass its rows as one batch, next(iter(loader)))
+        bare = isinstance(batch, np.ndarray)
+        named = "is a numpy array" if bare else f"has numpy array(s) in field(s) {numpy_fields}"
+        raise TypeError(f"{what} {named}, not tensors: {NUMPY_FIX}")
     if not isinstance(batch, (tuple, list)):
         hint = (
             ": pass its rows as one batch, e.g. (x[ids], y[ids]) or next(iter(loader))"
@@ -458,6 +496,7 @@ class _Stream:
     counts other rows: then as minibatches of a larger set)."""
 
     def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
+        _refuse_numpy_source(source)
         if (
             isinstance(source, tuple)
             and source

@@ -1,0 +1,69 @@
+"""Data handed over as numpy arrays, which stop 62's probe of a new user's usages found answered with the wrong fix.
+
+The remaining rows as a tuple of arrays ``(x.numpy(), y.numpy())`` were refused with "pass n_remaining= ... it cannot
+be read from a tuple"; passing ``n_remaining=`` as told was then refused with "a remaining-data minibatch must be a
+tensor ... pass its rows as one batch, e.g. (x[ids], y[ids]) or next(iter(loader))", the advice for removed rows. A
+list of array minibatches likewise asked for ``n_remaining=``. Each is now refused at once naming the conversion
+(``torch.from_numpy``), with the model and the samples left as they were; the same rows as tensors are accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mcmc_unlearner import MCMCUnlearner
+from test_emptied_label import _softmax_regression
+
+FIX = r"torch\.from_numpy"
+
+
+@pytest.fixture(scope="module")
+def chain() -> tuple:
+    """One sampled softmax regression for the module (its SGLD loop is most of a test's time)."""
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    gone = torch.arange(200) < 10
+    return model, nll, log_prior, bank, (x[gone], y[gone]), (x[~gone], y[~gone])
+
+
+def _setup(chain: tuple) -> tuple:
+    model, nll, log_prior, bank, removed, remaining = chain
+    return copy.deepcopy(model), nll, log_prior, copy.deepcopy(bank), removed, remaining
+
+
+@pytest.mark.parametrize(
+    ("form", "n_remaining"),
+    [("tuple", None), ("tuple", 190), ("minibatch list", None), ("minibatch list", 190), ("iterator", 190)],
+)
+def test_remaining_numpy_arrays_are_refused_naming_the_conversion(
+    chain: tuple, form: str, n_remaining: int | None
+) -> None:
+    model, nll, log_prior, bank, removed, (xk, yk) = _setup(chain)
+    xa, ya = xk.numpy(), yk.numpy()
+    if form == "tuple":
+        remaining = (xa, ya)
+    elif form == "minibatch list":
+        remaining = [(xa[i : i + 40], ya[i : i + 40]) for i in range(0, len(ya), 40)]
+    else:  # (an iterator needs n_remaining=: asked for first, rightly)
+        remaining = iter([(xa[i : i + 40], ya[i : i + 40]) for i in range(0, len(ya), 40)] * 50)
+    state, samples = copy.deepcopy(model.state_dict()), copy.deepcopy(bank)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(TypeError, match=f"numpy array.*{FIX}") as caught:
+        un.remove(removed, remaining, n_remaining)
+    assert "n_remaining" not in str(caught.value) and "next(iter(loader))" not in str(caught.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(samples, un.samples()) for k in a)
+
+
+def test_removed_numpy_arrays_are_refused_naming_the_conversion(chain: tuple) -> None:
+    model, nll, log_prior, bank, (xr, yr), remaining = _setup(chain)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    for removed in ((xr.numpy(), yr.numpy()), xr.numpy()):
+        with pytest.raises(TypeError, match=f"numpy array.*{FIX}") as caught:
+            un.remove(removed, remaining)
+        assert "next(iter(loader))" not in str(caught.value)
+    # the same rows as tensors: accepted, the samples moved
+    report = un.remove((torch.from_numpy(xr.numpy()), torch.from_numpy(yr.numpy())), remaining)
+    assert report.shift_norm > 0
