@@ -55,6 +55,13 @@ NUMPY_FIX = (
 )
 
 
+#: The way out for sparse batch fields (the unlearner selects, hashes and joins rows of dense tensors).
+SPARSE_FIX = (
+    "the unlearner selects, joins and hashes rows of dense tensors; pass the field dense (t.to_dense()), and turn it "
+    "sparse again inside forward if the model needs it (x.to_sparse()); nothing was changed"
+)
+
+
 def _numpy_fields(batch: Any) -> list[int]:
     """The positions of a tuple's or list's fields that are numpy arrays (``[0]`` for a bare array)."""
     if isinstance(batch, np.ndarray):
@@ -66,9 +73,13 @@ def _numpy_fields(batch: Any) -> list[int]:
 
 def _refuse_numpy_source(source: Any) -> None:
     """Refuse remaining data given as numpy arrays (a tuple of arrays, or a list of minibatches of arrays), naming the
-    conversion: it was asked for ``n_remaining=``, then told to pass the rows as one batch."""
+    conversion: it was asked for ``n_remaining=``, then told to pass the rows as one batch; and a tuple of rows with a
+    sparse field, naming ``to_dense``."""
     if not isinstance(source, (tuple, list)):
         return
+    sparse = [i for i, t in enumerate(source) if isinstance(t, torch.Tensor) and t.layout != torch.strided]
+    if sparse:  # (its finiteness test crashed in torch: aten::aminmax has no sparse kernel)
+        raise TypeError(f"field(s) {sparse} of the remaining data are sparse tensors: {SPARSE_FIX}")
     fields = _numpy_fields(source)
     where = f"field(s) {fields} of the remaining data are" if fields else ""
     if not fields:
@@ -88,7 +99,7 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
         ValueError: fields with different numbers of rows.
     """
     if isinstance(batch, torch.Tensor):
-        return (batch,)
+        return (_plain(batch, what, 0),)
     if isinstance(batch, torch.nn.utils.rnn.PackedSequence):  # a namedtuple of tensors, none of them one per row
         raise TypeError(f"{what} is a PackedSequence, not a tuple of tensors (one row per data point){PACKED_FIX}")
     if isinstance(batch, Mapping):
@@ -124,7 +135,16 @@ def _as_batch(batch: Any, what: str = "a batch") -> Batch:
     if len(set(rows)) != 1 or rows[0] is None:
         one = " (a single row keeps its row dimension: x[i:i+1], not x[i])" if None in rows else ""
         raise ValueError(f"{what}: its fields must share their first (row) dimension, got rows {rows}{one}")
-    return out
+    return tuple(_plain(t, what, i) for i, t in enumerate(out))
+
+
+def _plain(t: torch.Tensor, what: str, i: int) -> torch.Tensor:
+    """A batch field as the unlearner reads it: refused where it is not a dense (strided) tensor, detached from the
+    caller's graph where it requires grad (every gradient taken through it, the removed rows' ``G`` included, held
+    a graph back to the caller's tensor, and torch warned on reading ``G``'s norm); the caller's tensor untouched."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{what}: field {i} is a {t.layout} tensor: {SPARSE_FIX}")
+    return t.detach() if t.requires_grad else t
 
 
 def _row_ids(batch: Batch) -> torch.Tensor:

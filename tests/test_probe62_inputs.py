@@ -1,15 +1,22 @@
-"""Data handed over as numpy arrays, which stop 62's probe of a new user's usages found answered with the wrong fix.
+"""Data fields stop 62's probe of a new user's usages found mishandled.
 
+*Numpy arrays*, answered with the wrong fix.
 The remaining rows as a tuple of arrays ``(x.numpy(), y.numpy())`` were refused with "pass n_remaining= ... it cannot
 be read from a tuple"; passing ``n_remaining=`` as told was then refused with "a remaining-data minibatch must be a
 tensor ... pass its rows as one batch, e.g. (x[ids], y[ids]) or next(iter(loader))", the advice for removed rows. A
 list of array minibatches likewise asked for ``n_remaining=``. Each is now refused at once naming the conversion
 (``torch.from_numpy``), with the model and the samples left as they were; the same rows as tensors are accepted.
+
+*Sparse fields* crashed with torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU' backend"; they
+are refused naming ``to_dense()``. *Rows that require grad* (features left from an attack or a feature extractor)
+were accepted with the same samples, but every gradient through them held a graph back to the caller's tensor and
+torch's "Converting a tensor with requires_grad=True to a scalar" warning reached the caller; they are read detached.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -67,3 +74,36 @@ def test_removed_numpy_arrays_are_refused_naming_the_conversion(chain: tuple) ->
     # the same rows as tensors: accepted, the samples moved
     report = un.remove((torch.from_numpy(xr.numpy()), torch.from_numpy(yr.numpy())), remaining)
     assert report.shift_norm > 0
+
+
+@pytest.mark.parametrize("where", ["removed", "remaining"])
+def test_sparse_fields_are_refused_naming_to_dense(chain: tuple, where: str) -> None:
+    model, nll, log_prior, bank, (xr, yr), (xk, yk) = _setup(chain)
+    removed, remaining = (xr, yr), (xk, yk)
+    if where == "removed":
+        removed = (xr.to_sparse(), yr)
+    else:
+        remaining = (xk.to_sparse(), yk)
+    state = copy.deepcopy(model.state_dict())
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(TypeError, match=r"sparse_coo tensor.*to_dense\(\)|sparse tensors.*to_dense\(\)"):
+        un.remove(removed, remaining)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_rows_that_require_grad_are_read_detached(chain: tuple) -> None:
+    model, nll, log_prior, bank, (xr, yr), (xk, yk) = _setup(chain)
+    plain = MCMCUnlearner(copy.deepcopy(model), nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    expected = plain.propose((xr, yr), (xk, yk))
+    xg, kg = xr.clone().requires_grad_(True), xk.clone().requires_grad_(True)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Converting a tensor with requires_grad")
+        got = un.propose((xg, yr), (kg, yk))
+    assert (
+        torch.equal(got.bank, expected.bank)
+        if isinstance(got.bank, torch.Tensor)
+        else all(torch.equal(a[k], b[k]) for a, b in zip(got.bank, expected.bank) for k in a)
+    )
+    assert got.report.info["gradient_norm"] == expected.report.info["gradient_norm"]
+    assert xg.grad is None and kg.grad is None and xg.requires_grad and kg.requires_grad
