@@ -107,3 +107,19 @@ def test_rows_that_require_grad_are_read_detached(chain: tuple) -> None:
     )
     assert got.report.info["gradient_norm"] == expected.report.info["gradient_norm"]
     assert xg.grad is None and kg.grad is None and xg.requires_grad and kg.requires_grad
+
+
+@pytest.mark.parametrize("where", ["removed", "remaining"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rows_of_another_float_dtype_are_refused_naming_the_cast(chain: tuple, where: str, dtype: torch.dtype) -> None:
+    model, nll, log_prior, bank, (xr, yr), (xk, yk) = _setup(chain)  # a float64 model
+    removed, remaining = (xr, yr), (xk, yk)
+    if where == "removed":
+        removed = (xr.to(dtype), yr)
+    else:
+        remaining = (xk.to(dtype), yk)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(
+        RuntimeError, match=rf"Field\(s\) \[0\] are {dtype} where the model's parameters are torch\.float64"
+    ):
+        un.remove(removed, remaining)

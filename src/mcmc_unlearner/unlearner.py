@@ -2913,6 +2913,23 @@ class MCMCUnlearner:
             return torch.random.fork_rng(devices=[])
         return preserved(self.model)
 
+    def _dtype_hint(self, batch: Batch) -> str:
+        """Where a failed ``nll``'s batch holds floating fields of a dtype other than the model's parameters' (rows in
+        float16 or float64 for a float32 model: torch said only "mat1 and mat2 must have the same dtype"), the cast
+        that fixes it; else ``""``."""
+        dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        if len(dtypes) != 1:
+            return ""
+        (want,) = dtypes
+        off = [i for i, t in enumerate(batch) if t.is_floating_point() and t.dtype != want]
+        if not off:
+            return ""
+        got = ", ".join(sorted({str(batch[i].dtype) for i in off}))
+        return (
+            f"Field(s) {off} are {got} where the model's parameters are {want}: cast them to the model's dtype "
+            f"(x.to({want})) or the model to theirs, as the chain was sampled. "
+        )
+
     def _check_nll(self, batch: Batch, role: str = "removed", again: bool = False) -> None:
         """On every request: ``nll(model, removed rows)`` gives one value per row.
 
@@ -2964,6 +2981,7 @@ class MCMCUnlearner:
             raise _same_kind(
                 e,
                 f"nll(model, {role} data) failed: {said}. "
+                + self._dtype_hint(batch)
                 + (
                     "remove() takes the removed rows' data as a batch shaped like the minibatches (e.g. (x, y)), not "
                     "their indices; to remove by index use forget(ids, RemovableDataset)"
