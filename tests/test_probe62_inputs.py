@@ -123,3 +123,23 @@ def test_rows_of_another_float_dtype_are_refused_naming_the_cast(chain: tuple, w
         RuntimeError, match=rf"Field\(s\) \[0\] are {dtype} where the model's parameters are torch\.float64"
     ):
         un.remove(removed, remaining)
+
+
+def test_a_remaining_source_nll_cannot_read_is_refused_before_the_dense_probe(
+    chain: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dense cost's probe (whose first torch.func transform imports torch's compiler stack, 1.2 s CPU in a fresh
+    process) ran before a float16 remaining DataLoader was refused; the remaining minibatch is now read first."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, nll, log_prior, bank, removed, (xk, yk) = _setup(chain)
+
+    def probe(self: MCMCUnlearner, *args: object) -> None:
+        raise AssertionError("the dense probe ran before the remaining data was checked")
+
+    monkeypatch.setattr(MCMCUnlearner, "_weigh_dense_build", probe)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    assert un.solver.value in ("exact", "ggn")  # auto took a dense solver: its probe is pending
+    loader = DataLoader(TensorDataset(xk.half(), yk), batch_size=64, shuffle=True)
+    with pytest.raises(RuntimeError, match=r"nll\(model, remaining data\) failed"):
+        un.remove(removed, loader)

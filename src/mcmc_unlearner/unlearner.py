@@ -4712,14 +4712,19 @@ class MCMCUnlearner:
             raise InvalidRequestError(f"the removal was refused, nothing was changed: {again}")
         self._check_nll(batch)
         self._check_forward(batch)
+        held, self._held_first = self._held_first, None
+        if held is not None and held[0] is remaining and stream.plain_iterator:
+            stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
+        if self._dense_probe is not None and self.solver in _DENSE and not self._remaining_nll_checked:
+            # a remaining source nll cannot read (float16 rows for a float32 model) was refused only after the
+            # dense cost's probe below, whose first torch.func transform imports torch's compiler stack: 1.2 s CPU
+            # instead of 0.03 s in a fresh process (stop 62's probe); the minibatch is left to be read again
+            self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
         if self._once_differentiable_op is None:  # else refused below, after the mixed-rows test, before any work
             # (stop 60's probe: a Hardsigmoid gate was refused only after the dense cost's vmapped probe, whose first
             # torch.func transform imports torch's compiler stack: 1.8 s instead of 0.03 s)
             self._weigh_dense_build(batch, stream)  # (solver='auto' took a dense solver: its build's cost, once)
             self._take_cg_if_read_outside(batch)  # before the backend's snapshot: a discarded proposal keeps CG whole
-        held, self._held_first = self._held_first, None
-        if held is not None and held[0] is remaining and stream.plain_iterator:
-            stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
         managed = not stream.from_rows and (
             hasattr(stream.source, "remaining_ids") or hasattr(stream.source, "remaining")
         )
