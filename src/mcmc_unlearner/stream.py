@@ -615,14 +615,14 @@ class _Stream:
                 f"n_remaining must be the number of remaining data points, an integer >= 1; got {shown_value(n)}"
             )
         self.n = int(n)
-        self._peeked: Batch | None = None
+        self._held: list[Batch] = []  # read from the source, given in order by the next next() calls
 
     def peek(self) -> Batch:
         """The next minibatch, left to be read again: a source that is its own iterator with a state (a
         ``RemovableDataset``) is put back to where it was, any other's minibatch is held and given by the next
         ``next()``."""
-        if self._peeked is not None:
-            return self._peeked
+        if self._held:
+            return self._held[0]
         # rewound only where the source is its own iterator (a RemovableDataset): a re-iterable loader with a state
         # (torchdata's StatefulDataLoader) applies a loaded state at its next iter(), not to the live iterator, and
         # the request then started one minibatch late (stop 46's review)
@@ -631,20 +631,19 @@ class _Stream:
         if state is not None:
             self.set_state(state)
         else:
-            self._peeked = batch
+            self._held.append(batch)
         return batch
 
     def put_back(self, batch: Batch) -> None:
         """Give ``batch`` (read from this source elsewhere and not used) at the next ``next()``, before the source's
         own next minibatch."""
-        if self._peeked is not None:
+        if self._held:
             raise RuntimeError("a minibatch is already held")
-        self._peeked = batch
+        self._held.append(batch)
 
     def __next__(self) -> Batch:
-        if self._peeked is not None:
-            batch, self._peeked = self._peeked, None
-            return batch
+        if self._held:
+            return self._held.pop(0)
         try:
             batch = _as_batch(next(self._it), "a remaining-data minibatch")
         except StopIteration:
@@ -688,23 +687,49 @@ class _Stream:
     def rows(self, m: int) -> Batch:
         """Whole minibatches holding at least ``m`` rows (``⌈m / batch_size⌉`` of them when the source has a
         ``batch_size``, so a sharded source advances exactly as a single-process one)."""
+        return _concat(self._rows_read(m)[0])
+
+    def _rows_read(self, m: int) -> tuple[list[Batch], list[Batch]]:
+        """The minibatches :meth:`rows` joins for ``m`` rows, and every one it reads (also an empty one, which ends
+        the reading)."""
         bs = getattr(self.source, "batch_size", None)
-        parts, have = [], 0
         if isinstance(bs, int) and bs > 0:
             parts = [next(self) for _ in range(math.ceil(m / bs))]
-        else:
-            while have < m:
-                b = next(self)
-                if b[0].shape[0] == 0:
-                    break
-                parts.append(b)
-                have += b[0].shape[0]
-        return _concat(parts)
+            return parts, parts
+        parts, read, have = [], [], 0
+        while have < m:
+            b = next(self)
+            read.append(b)
+            if b[0].shape[0] == 0:
+                break
+            parts.append(b)
+            have += b[0].shape[0]
+        return parts, read
+
+    def read_ahead(self, count: int, m: int) -> None:
+        """Read now, and give in order by the next ``next()`` calls, the minibatches :meth:`stacked` reads for
+        ``count`` draws (none for 0) and then those :meth:`rows` reads for ``m`` rows: what a request reads from a
+        plain iterator before its check (its curvature's minibatches, then its check's rows). An iterator too short
+        for them is refused before the request's work (stop 61: a one-epoch generator was refused after 1.5 s of it),
+        and the request reads the same minibatches, in the same order, as without."""
+        ahead = self._stacked_read(count) if count else []
+        ahead += self._rows_read(m)[1]
+        self._held = ahead + self._held
 
     def stacked(self, count: int) -> Batch:
         """``count`` fresh minibatches stacked on a leading dimension. Minibatches of different sizes (a
         ``DataLoader``'s last, partial one) are pooled and split evenly: cut to the smallest, the 19-row tail of an
         epoch made every draw's curvature batch 19 rows instead of 64."""
+        batches = self._stacked_read(count)
+        if len(batches) == count and len({b[0].shape[0] for b in batches}) == 1:
+            _same_shapes(batches)  # the same shape beyond the row dimension, or refused with the fix
+            return stack_batches(batches)
+        rows = _concat(batches)
+        bsz = rows[0].shape[0] // count
+        return stack_batches([tuple(t[i * bsz : (i + 1) * bsz] for t in rows) for i in range(count)])
+
+    def _stacked_read(self, count: int) -> list[Batch]:
+        """The minibatches :meth:`stacked` reads for ``count`` draws."""
         batches = [next(self) for _ in range(count)]
         # minibatches of a few rows (a DataLoader with batch_size=1) would give each draw's curvature those few
         # rows: pool further minibatches until every draw has MIN_CURVATURE_ROWS (the rows an epoch holds at most);
@@ -714,12 +739,7 @@ class _Stream:
         while small and have < limit and len(batches) < count * MIN_CURVATURE_ROWS and have < count * self.n:
             batches.append(next(self))
             have += batches[-1][0].shape[0]
-        if len(batches) == count and len({b[0].shape[0] for b in batches}) == 1:
-            _same_shapes(batches)  # the same shape beyond the row dimension, or refused with the fix
-            return stack_batches(batches)
-        rows = _concat(batches)
-        bsz = rows[0].shape[0] // count
-        return stack_batches([tuple(t[i * bsz : (i + 1) * bsz] for t in rows) for i in range(count)])
+        return batches
 
     def state(self) -> Any:
         return self.source.state_dict() if hasattr(self.source, "load_state_dict") else None
@@ -727,7 +747,7 @@ class _Stream:
     def set_state(self, state: Any) -> None:
         if state is not None:
             self.source.load_state_dict(state)
-            self._peeked = None
+            self._held = []
 
 
 def _source_generators(source: Any) -> list[torch.Generator]:

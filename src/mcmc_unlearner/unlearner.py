@@ -5146,6 +5146,12 @@ class MCMCUnlearner:
 
     def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation, k: int) -> Proposal:
         t0 = time.perf_counter()
+        if expectation is not Expectation.CHAIN and self._reduce is None and stream.plain_iterator:
+            # the fewest minibatches the request reads (the curvature's, then the check's rows), read now and given
+            # in order where it reads them: an iterator that runs out is refused before the work (stop 61: a
+            # one-epoch generator after 1.5 s). A source that lists its rows may give the curvature every one
+            curvature = 0 if stream.listable else _draw_count(self.bank, self.curvature_draws)
+            stream.read_ahead(curvature, self._check_row_count(n))
         h_f = self._h_f()
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
@@ -5356,11 +5362,9 @@ class MCMCUnlearner:
         rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
         lp_f = None if self.log_prior is None else functionalize(self.model, lambda m: self.log_prior(m))
         screened = self.check_screen is not ScreenMode.OFF
-        # at most 4 passes over the remaining rows (the default 256 always): check_rows=10**7 over 195 rows read
-        # 10**7 repeated rows (3.2 GB, still running after 25 s)
         check_rows, screen_rows = self._check_rows(
             stream,
-            min(self.check_rows, max(4 * n, 256)),
+            self._check_row_count(n),
             -(-self.check_rows // 4),  # exact for any int
         )
         screen = (math.ceil(k_count / 2), screen_rows) if screened else None
@@ -6275,6 +6279,11 @@ class MCMCUnlearner:
         else:  # rows the data hold more than once, by value: not a sign of rows left in
             info["removed_rows_coinciding"] = {"rows": held, "removed": k, "compared": where}
             log.info("%d of the %d removed rows equal, by value, rows among %s", held, k, where)
+
+    def _check_row_count(self, n: int) -> int:
+        """The rows the safety check reads of ``n`` remaining: ``check_rows``, at most 4 passes over them (the default
+        256 always): check_rows=10**7 over 195 rows read 10**7 repeated rows (3.2 GB, still running after 25 s)."""
+        return min(self.check_rows, max(4 * n, 256))
 
     def _check_rows(self, stream: _Stream, m: int, screen: int) -> tuple[Batch, int]:
         """The safety check's rows (whole minibatches holding at least ``m`` rows) and how many of them, the first,
