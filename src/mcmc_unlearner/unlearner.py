@@ -1367,6 +1367,29 @@ def _further_samples(bank: torch.Tensor, index: torch.Tensor, budget: int) -> to
     return _BankRows(bank, index)
 
 
+def _row_digests(batch: Batch) -> list[bytes]:
+    """A BLAKE2b digest of each row of ``batch``: its bytes (−0.0 as 0.0), dtype and shape in every field (a field
+    without one row per row of ``batch[0]`` is hashed whole into every row's)."""
+    b = int(batch[0].shape[0])
+    hashes = [hashlib.blake2b(digest_size=16) for _ in range(b)]
+    for t in batch:
+        per_row = t.ndim > 0 and t.shape[0] == b
+        raw = t.detach().cpu()
+        raw = (raw + 0.0 if raw.is_floating_point() else raw).contiguous()
+        head = f"{raw.dtype}{tuple(raw.shape[1:] if per_row else raw.shape)}".encode()
+        flat = raw.reshape(b, -1) if per_row else raw.reshape(1, -1)
+        data = (flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)).numpy()
+        if per_row:  # (numpy rows, no copies: 6,000 rows of 784 floats 0.06 s, against 0.11 s indexed as tensors)
+            for h, row in zip(hashes, data):
+                h.update(head)
+                h.update(row)
+        else:
+            whole = head + data[0].tobytes()
+            for h in hashes:
+                h.update(whole)
+    return [h.digest() for h in hashes]
+
+
 def _draws(bank: torch.Tensor, k: int | None) -> torch.Tensor:
     """``bank[_evenly(S, k)]``: the same numbers, without a copy when that is every draw."""
     return bank if k is None or k >= bank.shape[0] else bank[_evenly(bank.shape[0], k)]
@@ -4641,32 +4664,19 @@ class MCMCUnlearner:
         again moved the samples past retraining with every check passed (stop 61: 20 of a second request's 40
         digits rows repeated, their NLL 0.125 → 0.269 against retraining's 0.153). A row's digest is a BLAKE2b hash
         of its bytes (−0.0 as 0.0), dtype and shape in every field; only digests are kept, in memory, never the
-        rows. Rows equal within one request are warned about elsewhere. Not looked for under torch.distributed,
-        where each rank holds its own rows and a refusal on one rank alone would leave the others waiting, nor in
-        :meth:`forget`, whose data set refuses an id removed before: a row of another id equal to one removed is
-        another data point with the same values (it was refused, telling the caller to leave it out).
+        rows. Rows equal within one request are warned about elsewhere. Not looked for under torch.distributed
+        (nor computed: none are kept), where each rank holds its own rows and a refusal on one rank alone would leave
+        the others waiting, nor in :meth:`forget`, whose data set refuses an id removed before: a row of another id
+        equal to one removed is another data point with the same values (it was refused, telling the caller to leave
+        it out; its digests are kept for later requests).
         """
+        if self._reduce is not None:  # never compared: not computed (6,000 rows of 784 floats: 0.06 s a request)
+            return [], None
         b = int(batch[0].shape[0])
-        hashes = [hashlib.blake2b(digest_size=16) for _ in range(b)]
-        for t in batch:
-            per_row = t.ndim > 0 and t.shape[0] == b
-            raw = t.detach().cpu()
-            raw = (raw + 0.0 if raw.is_floating_point() else raw).contiguous()
-            head = f"{raw.dtype}{tuple(raw.shape[1:] if per_row else raw.shape)}".encode()
-            flat = raw.reshape(b, -1) if per_row else raw.reshape(1, -1)
-            data = (flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)).numpy()
-            if per_row:  # (numpy rows, no copies: 6,000 rows of 784 floats 0.06 s, against 0.11 s indexed as tensors)
-                for h, row in zip(hashes, data):
-                    h.update(head)
-                    h.update(row)
-            else:
-                whole = head + data[0].tobytes()
-                for h in hashes:
-                    h.update(whole)
-        digests = [h.digest() for h in hashes]
+        digests = _row_digests(batch)
         seen = self._removed_digests
         by_id = self._forget_request is not None  # forget(ids, data): the ids were checked, not the values
-        looked = seen and self._reduce is None and not by_id
+        looked = seen and not by_id
         again = [i for i, d in enumerate(digests) if d in seen] if looked else []
         if not again:
             return digests, None
