@@ -91,3 +91,46 @@ def test_row_digests_are_computed_only_where_they_are_compared(monkeypatch: pyte
     assert hashed == [10] and len(un._removed_digests) == 10
     with pytest.raises(InvalidRequestError, match="1 of the 2 rows of this request"):
         un.remove((x[9:11], y[9:11]), (x[11:], y[11:]))
+
+
+def _laplace_nll(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return (m(b[0]).squeeze(-1) - b[1]).abs()  # no likelihood the library recognises: read as an empirical loss
+
+
+def _focal_nll(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    ce = torch.nn.functional.cross_entropy(m(b[0]), b[-1], reduction="none")
+    return b[1] * (1 - torch.exp(-ce)) ** 2 * ce  # a weighted focal loss, labels in the last field
+
+
+def test_the_later_label_warning_needs_a_field_that_can_be_the_models_classes() -> None:
+    # (x, t, site): a regression with an integer group field (5 sites) and an unrecognised nll was told on every
+    # request removing a site that "the emptied-label check did not run", to move batch[2] into batch[1]: the model
+    # has one output, which no site above 1 indexes, so the check could not run on them wherever they were
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    site = torch.arange(200) % 5
+    t = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1 * torch.randn(
+        200, generator=g, dtype=torch.float64
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    bank = [
+        {k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in model.state_dict().items()}
+        for _ in range(8)
+    ]
+    gone = site == 2
+    un = MCMCUnlearner(model, nll=_laplace_nll, bank=bank, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.propose((x[gone], t[gone], site[gone]), (x[~gone], t[~gone], site[~gone])).report
+    assert not [w for w in caught if "emptied-label check did not run" in str(w.message)]
+    assert "emptied_labels" not in report.info, report.info.get("emptied_labels")
+    # the other side: (x, w, y), a weighted focal loss on a 4-class softmax regression, a class's last rows removed:
+    # the labels in batch[2] index the model's 4 outputs, and the warning still names the field to move
+    model, _, log_prior, bank, x, y = _softmax_regression()
+    w = torch.ones(200, dtype=torch.float64)
+    gone = y == 3
+    un = MCMCUnlearner(model, nll=_focal_nll, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.warns(UserWarning, match=r"emptied-label check did not run .*batch\[2\] is \[3\]"):
+        report = un.propose((x[gone], w[gone], y[gone]), (x[~gone], w[~gone], y[~gone])).report
+    assert report.info["emptied_labels"].startswith("not checked: the check reads class labels from batch[1]")

@@ -2433,6 +2433,7 @@ class MCMCUnlearner:
         self._label_columns: int | None = None
         self._unread_labels_warned = False  # the emptied-label check could not read the remaining labels (warned once)
         self._later_labels_read: bool | None = None  # later integer fields may hold the labels (nll unrecognised)
+        self._output_width: int | None = None  # the model's output width, from that probe (None: not read)
         self._forward_checked = False  # _check_forward ran (on the first request)
         self._forward_row_gap: float | None = None  # its rows-alone gap above rounding, below refusal (reported once)
         self._forward_row_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
@@ -5816,6 +5817,7 @@ class MCMCUnlearner:
             # a later field is read as possible labels where nll is unrecognised (this probe's kind: a second
             # probe fired a user's forward hooks once more)
             self._later_labels_read = kind is Likelihood.EMPIRICAL
+            self._output_width = columns
             if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
                 self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
         has = float(y.numel() > 0)
@@ -5826,7 +5828,8 @@ class MCMCUnlearner:
     def _later_labels_emptied(self, batch: Batch, stream: _Stream, info: dict[str, Any]) -> None:
         """Say (``info["emptied_labels"]`` and a warning) that the emptied-label check did not run where ``batch[1]``
         is not verified as the class labels and a later integer ``[B]`` field looks like them: a few values shared by
-        many rows (at most one per ``LATER_LABEL_ROWS_PER_VALUE`` rows, so row ids are not taken for labels), one of
+        many rows (at most one per ``LATER_LABEL_ROWS_PER_VALUE`` rows, so row ids are not taken for labels), none
+        above the model's output width (which they could not index as classes: a regression's site ids), one of
         which this request removes the last remaining rows of, and ``nll`` is none of the likelihoods
         :func:`~mcmc_unlearner.kronecker.likelihood_and_columns` recognises (a Gaussian's reads no class labels).
         Stop 61's probe: a GRU classifier whose batches are ``(x, lengths, y)`` had its class removed with
@@ -5839,7 +5842,8 @@ class MCMCUnlearner:
         if self._later_labels_read is None:  # a likelihood recognised (a Gaussian's) reads no class labels at all
             from .kronecker import Likelihood, likelihood_and_columns
 
-            self._later_labels_read = likelihood_and_columns(self.model, self._row_nll, raw)[0] is Likelihood.EMPIRICAL
+            kind, _, self._output_width = likelihood_and_columns(self.model, self._row_nll, raw)
+            self._later_labels_read = kind is Likelihood.EMPIRICAL
         if not self._later_labels_read:
             return
         for k in range(2, len(raw)):
@@ -5848,6 +5852,11 @@ class MCMCUnlearner:
                 continue
             left = self._remaining_field(stream, k)
             if left is None or left.dim() != 1:
+                continue
+            top = max(int(y.max()), int(left.max()) if left.numel() else -1)
+            if self._output_width is not None and top > self._output_width:
+                # values above the output's width index none of its classes (a regression's group or site ids,
+                # 5 sites of a one-output model): the check could not read them as labels in batch[1] either
                 continue
             values = torch.unique(torch.cat([y.long(), left.long().to(y.device)]))
             if values.numel() * LATER_LABEL_ROWS_PER_VALUE > y.numel() + left.numel():
