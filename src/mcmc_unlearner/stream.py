@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from .curvature import stack_batches
 from .data import new_pass
 from .errors import InvalidRequestError, all_finite, outside_stacklevel
+from .memory import format_bytes
 from .options import shown_value
 from .step import is_integer
 
@@ -443,13 +445,13 @@ def _concat(parts: Sequence[Batch]) -> Batch:
     return tuple(torch.cat(f) for f in zip(*parts))
 
 
-def _minibatch_list_rows(source: Any) -> Batch | None:
-    """The rows of a list (or tuple) of minibatches held in memory, ``[(x1, y1), (x2, y2), ...]``, joined into the
-    fields ``(x, y)``; ``None`` for anything else. Every minibatch a tuple or list of as many tensors, each with one
-    row per data point; a minibatch list whose fields differ beyond the row dimension is refused by
-    :func:`_same_shapes` (stop 61's probe: such a list was told to pass ``n_remaining=``, though it holds every
-    remaining row and its length is the sum of its minibatches'). :class:`_Stream` does not read a list in which a
-    row appears twice as its rows (:func:`_repeated_rows`)."""
+def _minibatch_list(source: Any) -> list[Batch] | None:
+    """The minibatches of a list (or tuple) of them held in memory, ``[(x1, y1), (x2, y2), ...]``, each as a tuple;
+    ``None`` for anything else. Every minibatch a tuple or list of as many tensors, each with one row per data point;
+    a minibatch list whose fields differ beyond the row dimension is refused by :func:`_same_shapes` (stop 61's
+    probe: such a list was told to pass ``n_remaining=``, though it holds every remaining row and its length is the
+    sum of its minibatches'). :class:`_Stream` reads it as the rows it joins unless a row appears twice
+    (:func:`_repeated_rows_hashed`)."""
     if not isinstance(source, (list, tuple)) or not source:
         return None
     if not all(isinstance(b, (tuple, list)) and b and all(isinstance(t, torch.Tensor) for t in b) for b in source):
@@ -458,7 +460,97 @@ def _minibatch_list_rows(source: Any) -> Batch | None:
         all(t.ndim > 0 for t in b) and len({t.shape[0] for t in b}) == 1 for b in source
     ):
         return None
-    return _concat([tuple(b) for b in source])
+    parts = [tuple(b) for b in source]
+    _same_shapes(parts)
+    return parts
+
+
+def _repeated_rows_hashed(rows: Batch) -> int:
+    """:func:`_repeated_rows` of ``rows`` in memory bounded by :func:`_repeated_rows_bytes`. A row whose integer hash
+    (:func:`_row_hashes`) on a few columns of each field (those of most variance among its first rows) no other row
+    shares is distinct; the others are hashed on every column, and each compared exactly with the first row of its
+    hash (all rows so compared, where two rows share a hash but differ). 60,000 rows of 784 floats: see
+    ``benchmarks/list_rows.py`` (``torch.unique`` over the rows took 0.52-0.57 CPU s and 370 MiB)."""
+    r = int(rows[0].shape[0])
+    flats = [_flat_real(t) for t in rows]
+    keys = []
+    for f in flats:
+        if f.shape[1] > _KEY_COLUMNS:
+            cols = f[:_HASH_ROWS].double().var(0, correction=0).topk(_KEY_COLUMNS).indices
+            f = f[:, cols]
+        keys.append(_row_hashes(f))
+    idx = torch.arange(r, device=flats[0].device)
+    idx = idx[_shared(torch.stack(keys, 1))]  # rows that may repeat another
+    if not idx.numel():
+        return 0
+    keys = [torch.cat([_row_hashes(f[c]) for c in idx.split(_HASH_ROWS)]) for f in flats]
+    inv = torch.unique(_one_key(torch.stack(keys, 1)), return_inverse=True)[1]
+    order = torch.arange(idx.numel(), device=idx.device)
+    first = torch.full((int(inv.max()) + 1,), idx.numel(), dtype=torch.int64, device=idx.device)
+    first = first.scatter_reduce(0, inv, order, "amin")[inv]  # each candidate's first of its hash
+    later = torch.nonzero(first != order).flatten()
+    for c in later.split(_HASH_ROWS):
+        if not all(bool((f[idx[c]] == f[idx[first[c]]]).all()) for f in flats):
+            return _repeated_rows(tuple(t[idx] for t in rows))  # rows that differ share every hash (rare)
+    return int(later.numel())
+
+
+def _one_key(keys: torch.Tensor) -> torch.Tensor:
+    """One int64 per row of ``keys`` (``[rows, k]``), equal for equal rows (:func:`_row_hashes` of its columns):
+    ``torch.unique`` over one column is several times faster than over rows."""
+    return keys[:, 0] if keys.shape[1] == 1 else _row_hashes(keys)
+
+
+def _shared(keys: torch.Tensor) -> torch.Tensor:
+    """Which rows of ``keys`` (``[rows, k]``) share their key with another row."""
+    _, inv, counts = torch.unique(_one_key(keys), return_inverse=True, return_counts=True)
+    return counts[inv] > 1
+
+
+def _repeated_rows_bytes(rows: int, fields: Sequence[tuple[int, int]]) -> int:
+    """Bytes :func:`_repeated_rows_hashed` holds at most for ``rows`` rows of ``fields`` (values per row, bytes per
+    value; without its rare exact fallback): a chunk of every field's rows as int64 and their products, two chunks
+    compared, and a few int64 per row and field for the hashes and their order (60,000 rows of 784 floats: 56 MB
+    planned, 27 MiB measured)."""
+    widest = max(width * max(item, 8) for width, item in fields)
+    return 2 * _HASH_ROWS * widest + 8 * rows * (2 * len(fields) + 6)
+
+
+class _JoinedList:
+    """The rows a list of minibatches joins and how many of them repeat (:class:`_Stream`), kept for the next
+    request while the list is unchanged: the same list object, the same tensors (held weakly) at the same memory,
+    shapes and ``_version`` counters (an in-place write advances it). 60,000 rows of 784 floats in minibatches of
+    128 were joined and searched on every request (0.7-0.85 CPU s); comparing the list costs ~1 ms."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._refs: list[weakref.ref] = []
+        self.rows: Batch | None = None  # the joined rows (None: a row repeats, the list is read as minibatches)
+        self.repeated = 0
+        self.finite = False  # the joined rows were checked finite
+
+    @staticmethod
+    def _key_of(source: Any, tensors: list[torch.Tensor]) -> tuple:
+        seen = [(t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors]
+        return (id(source), len(source), *seen)
+
+    def get(self, source: Any, parts: list[Batch]) -> bool:
+        """Whether the kept rows are those of ``source`` (its minibatches ``parts``)."""
+        tensors = [t for b in parts for t in b]
+        mine = list(self.rows) if self.rows is not None else []
+        return (
+            self._key is not None
+            and len(tensors) + len(mine) == len(self._refs)
+            and all(r() is t for r, t in zip(self._refs, tensors + mine))
+            and self._key == self._key_of(source, tensors + mine)
+        )
+
+    def put(self, source: Any, parts: list[Batch], rows: Batch | None, repeated: int) -> None:
+        """Keep ``rows`` (or none) and ``repeated`` for ``source``."""
+        tensors = [t for b in parts for t in b] + (list(rows) if rows is not None else [])
+        self._refs = [weakref.ref(t) for t in tensors]
+        self._key = self._key_of(source, tensors)
+        self.rows, self.repeated, self.finite = rows, repeated, False
 
 
 def _refuse_misshapen_fields(source: Any) -> None:
@@ -515,7 +607,16 @@ class _Stream:
     ``RemovableDataset``); a list of minibatches ``[(x1, y1), ...]`` is read as the rows it joins (unless ``n``
     counts other rows: then as minibatches of a larger set)."""
 
-    def __init__(self, source: Any, n: int | None, rows_as_data: bool = True) -> None:
+    def __init__(
+        self,
+        source: Any,
+        n: int | None,
+        rows_as_data: bool = True,
+        budget: int | None = None,
+        joined: _JoinedList | None = None,
+    ) -> None:
+        """``budget``: the bytes a list of minibatches may take to be joined into its rows (``None``: unbounded);
+        ``joined``: where those rows are kept for the next request while the list is unchanged."""
         _refuse_numpy_source(source)
         if (
             isinstance(source, tuple)
@@ -524,16 +625,28 @@ class _Stream:
         ):  # the remaining rows given as empty tensors: the request removes everything; it was told to pass
             # n_remaining=, which was then refused as not >= 1
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
-        joined = _minibatch_list_rows(source) if rows_as_data else None
-        repeated = listed = 0
-        if joined is not None and _is_fields(joined) and (n is None or (is_integer(n) and int(n) == len(joined[0]))):
+        repeated, listed, kept = 0, 0, None
+        parts = _minibatch_list(source) if rows_as_data else None
+        if parts is not None:
+            listed = sum(int(b[0].shape[0]) for b in parts)
+        # (the rows joined are fields as _is_fields reads them: one field, or fields of different row shapes)
+        fields = parts is not None and (len(parts[0]) == 1 or len({tuple(t.shape[1:]) for t in parts[0]}) > 1)
+        if fields and listed > 0 and (n is None or (is_integer(n) and int(n) == listed)):
             # a list of minibatches in memory holding every remaining row: read as the tuple (x, y), unless a row
             # appears twice (the same minibatch listed twice, minibatches gathered over several epochs or redrawn
             # from a shuffling loader): its rows would be counted as many times as they appear (a review:
             # [(xa, ya), (xb, yb)] * 2 was read as twice the rows, nothing said); then read as minibatches
-            repeated, listed = _repeated_rows(joined), len(joined[0])
-            if not repeated:
-                source = joined
+            cache = joined if joined is not None else _JoinedList()
+            hit = cache.get(source, parts)
+            if not hit and self._join_fits(parts, listed, n, budget):
+                rows = _concat(parts)
+                found = _repeated_rows_hashed(rows)
+                cache.put(source, parts, None if found else rows, found)
+                hit = True
+            if hit:
+                repeated = cache.repeated
+                if cache.rows is not None:
+                    source, kept = cache.rows, cache
         _refuse_misshapen_fields(source)
         self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         self.given: Batch | None = source if self.from_rows else None  # those rows, every one
@@ -548,7 +661,10 @@ class _Stream:
                 )
             from .data import RemovableDataset
 
-            check_finite_batch(source, "the remaining data", "of the rows given")
+            if kept is None or not kept.finite:  # (rows kept from an earlier request: checked there)
+                check_finite_batch(source, "the remaining data", "of the rows given")
+                if kept is not None:
+                    kept.finite = True
             rows = int(source[0].shape[0])
             if n is not None and is_integer(n) and int(n) != rows:
                 # taken as given, the energy's scale and the prior's weight were those of n rows while every row
@@ -616,6 +732,27 @@ class _Stream:
             )
         self.n = int(n)
         self._held: list[Batch] = []  # read from the source, given in order by the next next() calls
+
+    @staticmethod
+    def _join_fits(parts: list[Batch], rows: int, n: int | None, budget: int | None) -> bool:
+        """Whether joining the list of minibatches ``parts`` (``rows`` rows) and looking for repeated rows fits
+        ``budget``; where it does not, ``False`` with ``n_remaining=`` given (the list is read as minibatches, no
+        copy), else refused with the fixes."""
+        fields = [(int(t[0].numel()) * (2 if t.is_complex() else 1), t.element_size()) for t in parts[0]]
+        copy = sum(int(t.numel()) * t.element_size() for b in parts for t in b)
+        need = copy + _repeated_rows_bytes(rows, fields)
+        if budget is None or need <= budget:
+            return True
+        if n is not None:
+            return False
+        raise MemoryError(
+            f"remaining is a list of {len(parts):,} minibatches holding {rows:,} rows: reading it as the rows joins "
+            f"them into one copy ({format_bytes(copy, up=True)}) and looks for repeated rows, "
+            f"{format_bytes(need, up=True)} in all, over the memory budget of {format_bytes(budget)}: pass "
+            f"n_remaining={rows} to read the list as minibatches (no copy; its rows are then neither listed nor "
+            "shuffled), pass the rows as a tuple (x, y) or a RemovableDataset, or raise memory_budget to at least "
+            f"{format_bytes(need, up=True)}; nothing was changed"
+        )
 
     def peek(self) -> Batch:
         """The next minibatch, left to be read again: a source that is its own iterator with a state (a

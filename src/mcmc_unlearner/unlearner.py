@@ -113,6 +113,7 @@ from .step import (
 from .stream import (
     MIN_CURVATURE_ROWS,
     _as_batch,
+    _JoinedList,
     _loader_labels,
     _loader_selection,
     _loader_tensors,
@@ -2434,6 +2435,7 @@ class MCMCUnlearner:
         self._unread_labels_warned = False  # the emptied-label check could not read the remaining labels (warned once)
         self._later_labels_read: bool | None = None  # later integer fields may hold the labels (nll unrecognised)
         self._output_width: int | None = None  # the model's output width, from that probe (None: not read)
+        self._joined = _JoinedList()  # a list of minibatches' rows, kept while the list is unchanged (_stream)
         self._forward_checked = False  # _check_forward ran (on the first request)
         self._forward_row_gap: float | None = None  # its rows-alone gap above rounding, below refusal (reported once)
         self._forward_row_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
@@ -4718,7 +4720,7 @@ class MCMCUnlearner:
         digests, again = self._removed_before(batch)
         # the remaining data's form before any forward pass: a tuple (x, y) of one shape was refused 3.3 s and
         # 623 MiB into a request on a 16.8M-parameter Linear, after the removed rows' checks
-        stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+        stream = self._stream(remaining, n_remaining)
         if again and self._refuse_again:  # after the data's form (its errors name the call), before any work
             raise InvalidRequestError(f"the removal was refused, nothing was changed: {again}")
         self._check_nll(batch)
@@ -5002,7 +5004,7 @@ class MCMCUnlearner:
         probe_first = False  # a plain iterator: probed on the first minibatch the build reads (read once)
         if self._dense_probe is not None:  # solver='auto' took a dense solver: its build's cost, before it is built
             with _source_states_kept(remaining):
-                stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+                stream = self._stream(remaining, n_remaining)
                 # a plain iterator: a minibatch read to weigh it would be lost, and the dense solver builds nothing
                 # here: the first request weighs it on its removed rows (before: never, the dense pick kept)
                 if not stream.plain_iterator:
@@ -5013,7 +5015,7 @@ class MCMCUnlearner:
                         stream.set_state(data_state)
         if self._auto_probe is not None:  # before K-FAC is built: CG's, built inside the request, is not kept
             with _source_states_kept(remaining):
-                stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+                stream = self._stream(remaining, n_remaining)
                 if stream.plain_iterator:
                     probe_first = self._may_switch_to_cg()
                 else:
@@ -5026,7 +5028,7 @@ class MCMCUnlearner:
         if kept:
             gen = self.generator.get_state()
             with _source_states_kept(remaining):
-                stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+                stream = self._stream(remaining, n_remaining)
                 data_state = stream.state()
                 if probe_first:  # held by the stream (peek): the build's first minibatch, or the next request's
                     first = stream.peek()
@@ -5086,7 +5088,7 @@ class MCMCUnlearner:
         request reads them, and ``nll`` on a first minibatch where it can be read and put back (not from a plain
         iterator, whose minibatch would be lost to the next request). Every state is left as it was."""
         with _source_states_kept(remaining):
-            stream = _Stream(remaining, n_remaining, rows_as_data=self._reduce is None)
+            stream = self._stream(remaining, n_remaining)
             if stream.plain_iterator:
                 return  # a plain iterator: its first minibatch is checked by the request that reads it
             data_state = stream.state()
@@ -5154,6 +5156,14 @@ class MCMCUnlearner:
                 pick = pick[_evenly(pick.numel(), EMPTIED_LABEL_EARLIER_ROWS)]
                 out[c] = self._raw(tuple(t[pick] for t in tensors))
         return out
+
+    def _stream(self, remaining: Any, n_remaining: int | None) -> _Stream:
+        """The remaining data as a request reads them (:class:`~mcmc_unlearner.stream._Stream`): a list of minibatches
+        joined into its rows within ``memory_budget``, those rows kept for the next request while the list is
+        unchanged."""
+        return _Stream(
+            remaining, n_remaining, rows_as_data=self._reduce is None, budget=self.memory_budget, joined=self._joined
+        )
 
     def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation, k: int) -> Proposal:
         t0 = time.perf_counter()
@@ -5922,7 +5932,7 @@ class MCMCUnlearner:
             The problem (``None``: none, or not checkable) and what was measured (``"emptied_labels"``, ...).
         """
         batch = _as_batch(removed, "the removed data")
-        stream = _Stream(remaining, None, rows_as_data=self._reduce is None)
+        stream = self._stream(remaining, None)
         moved = self.bank if self.bank is not None else ParamSpec.flatten_module(self.model)[None]
         info: dict[str, Any] = {}
         held, self._forget_request = (
