@@ -885,11 +885,16 @@ def reset_peak_rss() -> bool:
 
 
 def sequence_requests(problem: Problem, rows: int, count: int, seed: int) -> list[torch.Tensor]:
-    """A request sequence's row indices: the forgotten set, then ``count − 1`` sets of ``rows`` random kept rows
-    (seeded by ``seed``), as ``request_sequence.py``, ``check_linear.py`` and ``request_ab.py`` send them."""
+    """A request sequence's row indices: the forgotten set, then ``count − 1`` disjoint sets of ``rows`` random kept
+    rows (consecutive slices of one permutation seeded by ``seed``; the first as before), as ``request_sequence.py``,
+    ``check_linear.py`` and ``request_ab.py`` send them. Until stop 62 each set was drawn afresh, so later sets shared
+    rows with earlier ones, which the library has refused since stop 61 (a row removed twice)."""
     kept = problem.keep_mask.nonzero().squeeze(1)
-    g = torch.Generator().manual_seed(seed)
-    return [problem.forget] + [kept[torch.randperm(len(kept), generator=g)[:rows]] for _ in range(count - 1)]
+    if (count - 1) * rows > len(kept):
+        need = (count - 1) * rows
+        raise ValueError(f"{count - 1} requests of {rows} rows need {need} kept rows; {len(kept)} are kept")
+    order = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed))]
+    return [problem.forget] + [order[i * rows : (i + 1) * rows] for i in range(count - 1)]
 
 
 def time_sgld_epoch(
