@@ -143,3 +143,23 @@ def test_a_remaining_source_nll_cannot_read_is_refused_before_the_dense_probe(
     loader = DataLoader(TensorDataset(xk.half(), yk), batch_size=64, shuffle=True)
     with pytest.raises(RuntimeError, match=r"nll\(model, remaining data\) failed"):
         un.remove(removed, loader)
+
+
+@pytest.mark.filterwarnings("ignore:the emptied-label check did not run")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_the_early_remaining_check_leaves_a_stateful_loader_where_it_was(chain: tuple, dtype: torch.dtype) -> None:
+    """The early check before auto's dense probe peeked a loader with a state (torchdata's StatefulDataLoader) before
+    the request's snapshot of that state: a refused request (float16 rows) and a discarded proposal (float64 rows)
+    left it one minibatch on, where without the early check they left it as it was."""
+    from test_request_messages import _StatefulLoader
+
+    model, nll, log_prior, bank, removed, (xk, yk) = _setup(chain)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    assert un.solver.value in ("exact", "ggn") and un._dense_probe is not None  # the early check's path
+    loader = _StatefulLoader(xk.to(dtype), yk)
+    if dtype == torch.float16:
+        with pytest.raises(RuntimeError, match=r"nll\(model, remaining data\) failed"):
+            un.remove(removed, loader, n_remaining=190)
+    else:
+        un.propose(removed, loader, n_remaining=190)
+    assert loader.state_dict() == {"pos": 0}

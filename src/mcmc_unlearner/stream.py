@@ -800,6 +800,13 @@ class _Stream:
         return batch
 
     @property
+    def peek_keeps_state(self) -> bool:
+        """Whether :meth:`peek` leaves the source's state as it was: a source without one, or one that is its own
+        iterator (rewound); a re-iterable loader with a state (torchdata's StatefulDataLoader) moves on by the
+        minibatch held, and only a snapshot taken before the peek puts it back."""
+        return self._it is self.source or self.state() is None
+
+    @property
     def plain_iterator(self) -> bool:
         """Whether the source is read once, as given (an iterator that cannot be restarted or put back): a
         minibatch read from it is lost to whoever reads next."""

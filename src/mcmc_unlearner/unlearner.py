@@ -4728,10 +4728,17 @@ class MCMCUnlearner:
         held, self._held_first = self._held_first, None
         if held is not None and held[0] is remaining and stream.plain_iterator:
             stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
-        if self._dense_probe is not None and self.solver in _DENSE and not self._remaining_nll_checked:
+        if (
+            self._dense_probe is not None
+            and self.solver in _DENSE
+            and not self._remaining_nll_checked
+            and stream.peek_keeps_state
+        ):
             # a remaining source nll cannot read (float16 rows for a float32 model) was refused only after the
             # dense cost's probe below, whose first torch.func transform imports torch's compiler stack: 1.2 s CPU
-            # instead of 0.03 s in a fresh process (stop 62's probe); the minibatch is left to be read again
+            # instead of 0.03 s in a fresh process (stop 62's probe); the minibatch is left to be read again. Not
+            # for a loader with a state, which the peek moves on before the request's snapshot of it: a refusal
+            # and a discarded proposal left it a minibatch late (stop 62's review; checked below, after the snapshot)
             self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
         if self._once_differentiable_op is None:  # else refused below, after the mixed-rows test, before any work
             # (stop 60's probe: a Hardsigmoid gate was refused only after the dense cost's vmapped probe, whose first
