@@ -163,3 +163,25 @@ def test_the_early_remaining_check_leaves_a_stateful_loader_where_it_was(chain: 
     else:
         un.propose(removed, loader, n_remaining=190)
     assert loader.state_dict() == {"pos": 0}
+
+
+@pytest.mark.parametrize("error", ["missing field", "label out of range", "float labels"])
+def test_the_cast_is_not_named_for_an_nll_error_of_another_kind(chain: tuple, error: str) -> None:
+    """A float32 field beside a float64 model, read by an nll that casts it itself, is valid: an nll failing for
+    another reason (a field it reads that is not there, a label out of range) was told to cast that field to
+    float64; and float32 class labels, which cross_entropy wants as int64, were told to become float64."""
+    model, nll, log_prior, bank, (xr, yr), remaining = _setup(chain)
+    weight = torch.ones(len(yr), dtype=torch.float32)
+
+    def weighted(m: torch.nn.Module, b: tuple) -> torch.Tensor:
+        return nll(m, b) * b[2 if error == "label out of range" else 3].double()
+
+    un = MCMCUnlearner(model, nll=nll if error == "float labels" else weighted, log_prior=log_prior, bank=bank, seed=0)
+    removed = {
+        "missing field": (xr, yr, weight),
+        "label out of range": (xr, yr + 4, weight),
+        "float labels": (xr, yr.float()),
+    }[error]
+    with pytest.raises((IndexError, RuntimeError), match=r"nll\(model, removed data\) failed") as caught:
+        un.remove(removed, remaining)
+    assert "cast them" not in str(caught.value)

@@ -323,6 +323,14 @@ class FitReport:
         return d
 
 
+#: torch's words where operands' dtypes differ ("mat1 and mat2 must have the same dtype", "Input type (double) and
+#: bias type (float) should be the same", "RNN input dtype ... does not match", "mixed dtype (CPU)", "Found dtype
+#: Double but expected Float", "to have the same type as tensor"); not where an integer dtype was expected (float class
+#: labels: "expected target dtype to be Long or Byte", cast to int64, not to the model's dtype)
+_DTYPE_ERROR = re.compile(r"dtype|datatype|scalar type|same type|type \(", re.IGNORECASE)
+_INTEGER_WANTED = re.compile(r"\b(Long|Int|Byte)\b")
+
+
 @contextlib.contextmanager
 def _source_states_kept(remaining: Any) -> Iterator[tuple[list[torch.Generator], list[Any]]]:
     """On exit (normal or not) torch's global generator, the remaining data's own generators and its
@@ -2939,10 +2947,14 @@ class MCMCUnlearner:
             return torch.random.fork_rng(devices=[])
         return preserved(self.model)
 
-    def _dtype_hint(self, batch: Batch) -> str:
+    def _dtype_hint(self, batch: Batch, said: str) -> str:
         """Where a failed ``nll``'s batch holds floating fields of a dtype other than the model's parameters' (rows in
         float16 or float64 for a float32 model: torch said only "mat1 and mat2 must have the same dtype"), the cast
-        that fixes it; else ``""``."""
+        that fixes it; else ``""``. Only where torch's words ``said`` are about dtypes: an nll that casts such a field
+        itself (a float32 weight column beside a float64 model) and failed otherwise (a label out of range, a field
+        not there) was told to cast it, and float class labels to become float64 (stop 62's review)."""
+        if not _DTYPE_ERROR.search(said) or _INTEGER_WANTED.search(said):
+            return ""
         dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
         if len(dtypes) != 1:
             return ""
@@ -3007,7 +3019,7 @@ class MCMCUnlearner:
             raise _same_kind(
                 e,
                 f"nll(model, {role} data) failed: {said}. "
-                + self._dtype_hint(batch)
+                + self._dtype_hint(batch, str(e))
                 + (
                     "remove() takes the removed rows' data as a batch shaped like the minibatches (e.g. (x, y)), not "
                     "their indices; to remove by index use forget(ids, RemovableDataset)"
