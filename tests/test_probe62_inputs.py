@@ -185,3 +185,33 @@ def test_the_cast_is_not_named_for_an_nll_error_of_another_kind(chain: tuple, er
     with pytest.raises((IndexError, RuntimeError), match=r"nll\(model, removed data\) failed") as caught:
         un.remove(removed, remaining)
     assert "cast them" not in str(caught.value)
+
+
+def test_an_nll_differentiating_through_its_rows_is_told_they_are_read_detached() -> None:
+    """A physics-informed nll (the residual of u' = cos x, its derivative taken with respect to the rows) read its
+    rows' requires_grad from the caller's tensor, and was accepted before the rows were read detached; it then
+    failed with torch's "One of the differentiated Tensors does not require grad" alone. The message names the
+    detaching and the way out, with which the same nll is accepted."""
+    torch.manual_seed(0)
+    x = torch.rand(60, 1, dtype=torch.float64)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    bank = [{k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(6)]
+
+    def residual(own: bool):
+        def nll(m: torch.nn.Module, b: tuple) -> torch.Tensor:
+            with torch.enable_grad():
+                xx = b[0].detach().requires_grad_() if own else b[0]
+                (du,) = torch.autograd.grad(m(xx).sum(), xx, create_graph=True)
+            return 0.5 * (du - torch.cos(xx)).squeeze(-1) ** 2
+
+        return nll
+
+    def log_prior(m: torch.nn.Module) -> torch.Tensor:
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    xg = x.clone().requires_grad_(True)
+    un = MCMCUnlearner(model, nll=residual(False), log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(RuntimeError, match=r"read detached.*b\[0\]\.detach\(\)\.requires_grad_\(\)"):
+        un.propose((xg[:5],), (xg[5:],))
+    un = MCMCUnlearner(model, nll=residual(True), log_prior=log_prior, bank=bank, seed=0)
+    assert un.propose((xg[:5],), (xg[5:],)).report.shift_norm > 0

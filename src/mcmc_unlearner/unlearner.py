@@ -330,6 +330,13 @@ class FitReport:
 _DTYPE_ERROR = re.compile(r"dtype|datatype|scalar type|same type|type \(", re.IGNORECASE)
 _INTEGER_WANTED = re.compile(r"\b(Long|Int|Byte)\b")
 
+#: Where an nll differentiates with respect to its rows (a physics-informed residual) and torch said "does not require
+#: grad": rows given requiring grad are read detached (stream._plain), and such an nll was accepted before that.
+_DETACHED_HINT = (
+    "Every field is read detached from the caller's graph, one that requires grad too: an nll that differentiates "
+    "with respect to its rows turns that on itself, x = b[0].detach().requires_grad_() under torch.enable_grad(). "
+)
+
 
 @contextlib.contextmanager
 def _source_states_kept(remaining: Any) -> Iterator[tuple[list[torch.Generator], list[Any]]]:
@@ -3020,6 +3027,7 @@ class MCMCUnlearner:
                 e,
                 f"nll(model, {role} data) failed: {said}. "
                 + self._dtype_hint(batch, str(e))
+                + (_DETACHED_HINT if "does not require grad" in str(e) else "")
                 + (
                     "remove() takes the removed rows' data as a batch shaped like the minibatches (e.g. (x, y)), not "
                     "their indices; to remove by index use forget(ids, RemovableDataset)"
