@@ -76,17 +76,21 @@ def test_removed_numpy_arrays_are_refused_naming_the_conversion(chain: tuple) ->
     assert report.shift_norm > 0
 
 
-@pytest.mark.parametrize("where", ["removed", "remaining"])
+@pytest.mark.parametrize("where", ["removed", "remaining", "minibatch list"])
 def test_sparse_fields_are_refused_naming_to_dense(chain: tuple, where: str) -> None:
+    """(A list of minibatches with a sparse field, joined as the remaining rows, failed in torch: "reshape is not
+    implemented for sparse tensors"; stop 62's review.)"""
     model, nll, log_prior, bank, (xr, yr), (xk, yk) = _setup(chain)
     removed, remaining = (xr, yr), (xk, yk)
     if where == "removed":
         removed = (xr.to_sparse(), yr)
-    else:
+    elif where == "remaining":
         remaining = (xk.to_sparse(), yk)
+    else:
+        remaining = [(xk[i : i + 40].to_sparse(), yk[i : i + 40]) for i in range(0, len(yk), 40)]
     state = copy.deepcopy(model.state_dict())
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
-    with pytest.raises(TypeError, match=r"sparse_coo tensor.*to_dense\(\)|sparse tensors.*to_dense\(\)"):
+    with pytest.raises(TypeError, match=r"sparse_coo tensor.*to_dense\(\)|sparse tensors?.*to_dense\(\)"):
         un.remove(removed, remaining)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 

@@ -73,15 +73,24 @@ def _numpy_fields(batch: Any) -> list[int]:
     return []
 
 
+def _sparse(t: Any) -> bool:
+    """Whether ``t`` is a tensor of a layout other than dense (strided): sparse, sparse CSR, ..."""
+    return isinstance(t, torch.Tensor) and t.layout != torch.strided
+
+
 def _refuse_numpy_source(source: Any) -> None:
     """Refuse remaining data given as numpy arrays (a tuple of arrays, or a list of minibatches of arrays), naming the
     conversion: it was asked for ``n_remaining=``, then told to pass the rows as one batch; and a tuple of rows with a
     sparse field, naming ``to_dense``."""
     if not isinstance(source, (tuple, list)):
         return
-    sparse = [i for i, t in enumerate(source) if isinstance(t, torch.Tensor) and t.layout != torch.strided]
+    sparse = [i for i, t in enumerate(source) if _sparse(t)]
     if sparse:  # (its finiteness test crashed in torch: aten::aminmax has no sparse kernel)
         raise TypeError(f"field(s) {sparse} of the remaining data are sparse tensors: {SPARSE_FIX}")
+    sparse = [i for i, b in enumerate(source) if isinstance(b, (tuple, list)) and any(_sparse(t) for t in b)]
+    if sparse:  # (joined as the remaining rows, a list of them failed in torch: "reshape is not implemented")
+        shown = f"{sparse[:5]}{' and more' if len(sparse) > 5 else ''}"
+        raise TypeError(f"the remaining data's minibatch(es) {shown} hold sparse tensor(s): {SPARSE_FIX}")
     fields = _numpy_fields(source)
     where = f"field(s) {fields} of the remaining data are" if fields else ""
     if not fields:
