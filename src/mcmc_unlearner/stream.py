@@ -635,6 +635,7 @@ class _Stream:
             # n_remaining=, which was then refused as not >= 1
             raise InvalidRequestError("no data would remain: the posterior would be the prior; retrain instead")
         repeated, listed, kept = 0, 0, None
+        sizes: list[int] | None = None
         parts = _minibatch_list(source) if rows_as_data else None
         if parts is not None:
             listed = sum(int(b[0].shape[0]) for b in parts)
@@ -655,10 +656,13 @@ class _Stream:
             if hit:
                 repeated = cache.repeated
                 if cache.rows is not None:
+                    sizes = [int(b[0].shape[0]) for b in parts]
                     source, kept = cache.rows, cache
         _refuse_misshapen_fields(source)
         self.from_rows = _is_fields(source)  # the user's own rows (not a data set the library removes from)
         self.given: Batch | None = source if self.from_rows else None  # those rows, every one
+        #: the rows of each minibatch of a list read as its joined rows (a row named by its minibatch); else None
+        self.joined_sizes = sizes
         if _is_fields(source):  # the remaining rows themselves, (x, y) or (x,): shuffled minibatches of 128, listable
             if not rows_as_data:
                 k = len(source)  # the call names as many tensors as the tuple holds: (x,) is not (x, y)

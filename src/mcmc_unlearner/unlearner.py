@@ -1270,6 +1270,23 @@ def _integer_rows(y: Any) -> bool:
     )
 
 
+#: torch's words (``F.cross_entropy``, ``F.nll_loss``) for a class label the output has no column for
+_TARGET_OUT_OF_BOUNDS = re.compile(r"Target (-?\d+) is out of bounds\.?")
+
+#: Distinct remaining labels outside those already read (the removed rows', earlier requests') whose first row's
+#: ``nll`` a request evaluates before its work (:meth:`MCMCUnlearner._check_remaining_labels`), largest first.
+LABEL_RANGE_PROBES = 8
+
+
+def _label_out_of_bounds(exc: BaseException) -> int | None:
+    """The label in torch's ``IndexError`` "Target 9 is out of bounds." (a class label outside a cross-entropy's
+    output); ``None`` for any other error."""
+    if not isinstance(exc, IndexError):
+        return None
+    found = _TARGET_OUT_OF_BOUNDS.fullmatch(str(exc).strip())
+    return int(found.group(1)) if found else None
+
+
 def _spread_nll_change(info: dict[str, Any]) -> float:
     """The held rows' mean NLL change that an applied move of the samples' spread added to the common step's
     (``info["spread_check"]``; 0 where no such move was applied)."""
@@ -2447,6 +2464,7 @@ class MCMCUnlearner:
         #: not categorical: the model's output values per row, which an integer target must index to be a class
         #: label (0: a Gaussian likelihood, a regression; ``None``: unknown)
         self._label_columns: int | None = None
+        self._labels_read: set[int] = set()  # remaining labels nll was seen to read (_check_remaining_labels)
         self._unread_labels_warned = False  # the emptied-label check could not read the remaining labels (warned once)
         self._later_labels_read: bool | None = None  # later integer fields may hold the labels (nll unrecognised)
         self._output_width: int | None = None  # the model's output width, from that probe (None: not read)
@@ -4748,6 +4766,7 @@ class MCMCUnlearner:
         held, self._held_first = self._held_first, None
         if held is not None and held[0] is remaining and stream.plain_iterator:
             stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
+        self._check_remaining_labels(batch, stream)
         if (
             self._dense_probe is not None
             and self.solver in _DENSE
@@ -4834,6 +4853,17 @@ class MCMCUnlearner:
             try:
                 with dense_embedding_grads(self.model):
                     prop = self._propose(batch, stream, n, expectation, k)
+            except IndexError as exc:
+                label = _label_out_of_bounds(exc)
+                if label is None:
+                    raise
+                # a label out of range past the first request's checked rows (an iterator, whose labels cannot be
+                # read before the work): torch said only "Target 9 is out of bounds." from inside the curvature
+                where = (
+                    "in a remaining minibatch this request read: its labels cannot be read before the work, and the "
+                    "first request checks only its first minibatch's first rows"
+                )
+                raise IndexError(self._label_refusal(label, where, batch)) from exc
             except (NotImplementedError, RuntimeError) as exc:
                 what = _not_differentiable_op(exc)
                 if what is None:
@@ -6272,6 +6302,98 @@ class MCMCUnlearner:
         if stream.listable:
             return self._raw(stream.full())[1]
         return _loader_labels(src)
+
+    def _check_remaining_labels(self, batch: Batch, stream: _Stream) -> None:
+        """Refuse, before the request's work, remaining data holding a class label ``nll`` cannot read, naming the
+        row, the label, the output's width and the fix. The remaining labels are read as the emptied-label check
+        reads them, without a pass over the rows (:meth:`_remaining_label_rows`); the labels the removed rows hold
+        (their ``nll`` was read) and those read before pass; for each other value (at most ``LABEL_RANGE_PROBES``,
+        largest first) ``nll`` is evaluated on its first row, and torch's "Target 9 is out of bounds." there is
+        refused (any other outcome passes: a label ``ignore_index`` skips, a count regression's target). Stop 62's
+        probe: label 9 of a 4-class model past the first minibatch's first rows failed with torch's bare
+        ``IndexError`` from inside the curvature build, 1.6 s CPU into the request. Single-process; a model in
+        training mode with buffers (a forward would update them) is left to the request."""
+        raw = self._raw(batch)
+        y = raw[1] if len(raw) > 1 else None
+        if self._reduce is not None or not _integer_rows(y) or not y.numel():
+            return
+        located = self._remaining_label_rows(stream)
+        if located is None:
+            return
+        left, row_of = located
+        if not _integer_rows(left) or not left.numel():
+            return
+        left = left.long()
+        read = torch.tensor(sorted(self._labels_read | set(torch.unique(y.long()).tolist())), dtype=torch.long)
+        odd = ((left > read.max()) | (left < 0)) & ~torch.isin(left, read)
+        if not bool(odd.any()):
+            return
+        if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
+            return
+        for value in torch.unique(left[odd]).flip(0)[:LABEL_RANGE_PROBES].tolist():
+            where = ""
+            try:  # (the row read inside the guard too: a dataset's random transform draws from the global RNG)
+                with self._check_guard(), torch.no_grad():
+                    row, where = row_of(int(torch.nonzero(left == value)[0, 0]))
+                    self.nll(self.model, row)
+            except Exception as exc:  # a probe of the label alone: any other failure is left to the request
+                if _label_out_of_bounds(exc) is not None:
+                    raise IndexError(self._label_refusal(value, where, batch)) from exc
+                continue
+            self._labels_read.add(value)
+
+    def _remaining_label_rows(self, stream: _Stream) -> tuple[torch.Tensor, Callable[[int], tuple[Batch, str]]] | None:
+        """The remaining rows' labels where they are read without a pass (a ``RemovableDataset``, the rows or a
+        list of minibatches given, a ``DataLoader`` over a ``TensorDataset`` or a dataset with torchvision's
+        ``targets``), with a function giving the row at a position of them as a one-row batch and where it is;
+        ``None`` for other sources."""
+        src = stream.source
+        tensors = getattr(src, "tensors", None)
+        if isinstance(tensors, tuple) and hasattr(src, "remaining_ids"):
+            if len(tensors) < 2:
+                return None
+            ids, sizes = src.remaining_ids, stream.joined_sizes
+            starts = list(itertools.accumulate(sizes, initial=0)) if sizes else None
+
+            def in_rows(i: int) -> tuple[Batch, str]:
+                j = int(ids[i])
+                if starts is not None:
+                    b = bisect.bisect_right(starts, j) - 1
+                    where = f"in row {j - starts[b]} of minibatch {b} of the remaining list, row {j} of its rows"
+                else:
+                    where = f"in row {j} of the remaining rows" if stream.from_rows else f"in the row with id {j}"
+                return tuple(t[j : j + 1] for t in tensors), where
+
+            return tensors[1][ids], in_rows
+        labels = _loader_labels(src)
+        if labels is None:
+            return None
+        dataset, index = _loader_selection(src)
+
+        def in_loader(i: int) -> tuple[Batch, str]:
+            j = i if index is None else int(index[i])
+            row = _as_batch(torch.utils.data.default_collate([dataset[j]]), "a remaining-data row")
+            return row, f"in row {j} of the DataLoader's dataset"
+
+        return labels, in_loader
+
+    def _label_refusal(self, label: int, where: str, batch: Batch) -> str:
+        """The refusal of a remaining row whose class ``label`` ``nll`` cannot read (torch's "Target 9 is out of
+        bounds."), found in ``where``: the output's width where the removed rows ``batch`` show it, and the fix."""
+        from .kronecker import likelihood_and_columns
+
+        try:  # the width for the message only (the removed rows' nll was read): the refusal stands without it
+            width = likelihood_and_columns(self.model, self._row_nll, self._raw(batch))[2]
+        except Exception:
+            width = None
+        wide = f"the model's output has {width} classes (labels 0 to {width - 1})" if width else "no such class"
+        return (
+            f"the remaining data holds class label {label} ({where}), which nll cannot read: {wide}, and torch said "
+            f"'Target {label} is out of bounds.'. Fix the label (or leave the row out of the remaining data), or "
+            "give the model as many outputs as the data has classes, as the chain was sampled (a DataLoader over a "
+            "TensorDataset, a list of minibatches or the rows (x, y) have their labels checked before the request's "
+            "work, the row named); nothing was changed"
+        )
 
     def _spread_label_width(self, removed: Batch) -> int | Literal[False] | None:
         """Whether the spread rule (``info["removed_labels_spread"]``) may read ``batch[1]`` as the class labels, as
