@@ -121,3 +121,22 @@ def test_ignored_label_value_not_refused(problem):
     prop = un.propose((x[:10], y[:10]), _shuffled(x[10:], y[10:], 2))
     assert 255 in un._labels_read
     assert prop.bank.shape == un.bank.shape and bool(torch.isfinite(prop.bank).all())
+
+
+def test_label_out_of_range_refused_beside_ignored_value(problem):
+    """An ignore_index (255) read in the removed rows, or by an earlier request, bounds no class: label 9 of the
+    4-class output is still refused before the work, the row named (review: with 255 read it was left to the build,
+    torch's error named as in an iterator's minibatch)."""
+    model, _, log_prior, bank, x, y = problem  # y[BAD] == 9
+
+    def nll(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none", ignore_index=255)
+
+    y = y.clone()
+    y[3] = 255  # a removed row
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(IndexError) as caught:
+        un.propose((x[:10], y[:10]), _shuffled(x[10:], y[10:], 0))
+    said = str(caught.value)
+    assert "class label 9" in said and "row 140 of the DataLoader's dataset" in said, said
+    assert 255 not in un._labels_read  # (read from the removed rows, not probed)

@@ -6325,7 +6325,15 @@ class MCMCUnlearner:
             return
         left = left.long()
         read = torch.tensor(sorted(self._labels_read | set(torch.unique(y.long()).tolist())), dtype=torch.long)
-        odd = ((left > read.max()) | (left < 0)) & ~torch.isin(left, read)
+        unseen = ~torch.isin(left, read)
+        odd = ((left > read.max()) | (left < 0)) & unseen
+        below = unseen & (left >= 0) & (left < read.max())
+        if bool(below.any()):
+            # one value read beyond the output's width is an ignore_index (255), not a class: it bounds nothing
+            # below it (a review: with 255 read, label 9 of a 4-class output was left to torch's bare error)
+            width = self._label_width(batch)
+            if width and int((read >= width).sum()) == 1:
+                odd |= below & (left >= width)
         if not bool(odd.any()):
             return
         if any(m.training and next(m.buffers(recurse=False), None) is not None for m in self.model.modules()):
@@ -6377,15 +6385,20 @@ class MCMCUnlearner:
 
         return labels, in_loader
 
+    def _label_width(self, batch: Batch) -> int | None:
+        """The model's output width as the removed rows ``batch`` show it (their ``nll`` was read); ``None`` where
+        it cannot be read."""
+        from .kronecker import likelihood_and_columns
+
+        try:
+            return likelihood_and_columns(self.model, self._row_nll, self._raw(batch))[2]
+        except Exception:
+            return None
+
     def _label_refusal(self, label: int, where: str, batch: Batch) -> str:
         """The refusal of a remaining row whose class ``label`` ``nll`` cannot read (torch's "Target 9 is out of
         bounds."), found in ``where``: the output's width where the removed rows ``batch`` show it, and the fix."""
-        from .kronecker import likelihood_and_columns
-
-        try:  # the width for the message only (the removed rows' nll was read): the refusal stands without it
-            width = likelihood_and_columns(self.model, self._row_nll, self._raw(batch))[2]
-        except Exception:
-            width = None
+        width = self._label_width(batch)  # for the message only: the refusal stands without it
         wide = f"the model's output has {width} classes (labels 0 to {width - 1})" if width else "no such class"
         return (
             f"the remaining data holds class label {label} ({where}), which nll cannot read: {wide}, and torch said "
