@@ -140,3 +140,12 @@ def test_label_out_of_range_refused_beside_ignored_value(problem):
     said = str(caught.value)
     assert "class label 9" in said and "row 140 of the DataLoader's dataset" in said, said
     assert 255 not in un._labels_read  # (read from the removed rows, not probed)
+
+
+def test_subset_loader_row_named_in_its_dataset(problem):
+    """A DataLoader over a Subset: the row named is the one of the dataset under it (review: 'row 150 of the
+    DataLoader's dataset' named the base dataset's row 150, the Subset's row 140)."""
+    _, _, _, _, x, y = problem
+    sub = torch.utils.data.Subset(TensorDataset(x, y), list(range(10, 200)))
+    said = str(_request(problem, DataLoader(sub, batch_size=32, shuffle=True)))
+    assert "row 150 of the dataset under the DataLoader's Subset" in said, said

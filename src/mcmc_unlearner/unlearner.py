@@ -6381,7 +6381,11 @@ class MCMCUnlearner:
         def in_loader(i: int) -> tuple[Batch, str]:
             j = i if index is None else int(index[i])
             row = _as_batch(torch.utils.data.default_collate([dataset[j]]), "a remaining-data row")
-            return row, f"in row {j} of the DataLoader's dataset"
+            # (j indexes the dataset under the loader's Subsets, as _loader_selection unwraps them)
+            under = "the DataLoader's dataset"
+            if dataset is not src.dataset:
+                under = "the dataset under the DataLoader's Subset"
+            return row, f"in row {j} of {under}"
 
         return labels, in_loader
 
