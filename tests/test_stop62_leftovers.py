@@ -200,3 +200,40 @@ def test_joining_a_list_is_planned_within_the_memory_budget() -> None:
     data = _Stream(as_list, 2000, budget=3 * 2**20)  # n_remaining= given: read as minibatches, nothing copied
     assert not data.from_rows and data.n == 2000 and next(data)[0] is as_list[0][0]
     assert _Stream(as_list, None, budget=2**30).from_rows  # within the budget: the rows it joins
+
+
+def _one_buffer(x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator:
+    """Endless minibatches of ``size`` rows in order, every one written into the same two tensors (a loader that
+    reuses its output buffer): a minibatch is valid until the next is read."""
+    bx, by = x[:size].clone(), y[:size].clone()
+    while True:
+        for i in range(0, x.shape[0] - size + 1, size):
+            bx.copy_(x[i : i + size])
+            by.copy_(y[i : i + size])
+            yield bx, by
+
+
+def test_the_read_ahead_keeps_minibatches_an_iterator_writes_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the read-ahead holds the curvature's minibatch while it reads the check's: an iterator writing each minibatch
+    # into one buffer gave the curvature the check's rows (samples moved by up to 4.1 against the same iterator
+    # without the read-ahead, which reads one minibatch before using it here)
+    from mcmc_unlearner.stream import _Stream
+
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    xk, yk = x[~gone], y[~gone]
+    banks = []
+    for ahead in (True, False):
+        if not ahead:
+            monkeypatch.setattr(_Stream, "read_ahead", lambda *a: None)
+        for solver in ("kfac", "cg"):
+            un = MCMCUnlearner(
+                model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver=solver, curvature_draws=1, check_rows=50
+            )
+            data = _one_buffer(xk, yk, 75)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for part in (slice(0, 20), slice(20, 50)):
+                    un.apply(un.propose((x[gone][part], y[gone][part]), data, n_remaining=xk.shape[0]))
+            banks.append(un.bank.clone())
+    assert torch.equal(banks[0], banks[2]) and torch.equal(banks[1], banks[3])

@@ -745,6 +745,7 @@ class _Stream:
             )
         self.n = int(n)
         self._held: list[Batch] = []  # read from the source, given in order by the next next() calls
+        self._copying = False  # read_ahead: every minibatch next() gives is a copy
 
     @staticmethod
     def _join_fits(parts: list[Batch], rows: int, n: int | None, budget: int | None) -> bool:
@@ -792,6 +793,10 @@ class _Stream:
         self._held.append(batch)
 
     def __next__(self) -> Batch:
+        batch = self._next()
+        return tuple(t.clone() for t in batch) if self._copying else batch
+
+    def _next(self) -> Batch:
         if self._held:
             return self._held.pop(0)
         try:
@@ -868,9 +873,15 @@ class _Stream:
         ``count`` draws (none for 0) and then those :meth:`rows` reads for ``m`` rows: what a request reads from a
         plain iterator before its check (its curvature's minibatches, then its check's rows). An iterator too short
         for them is refused before the request's work (stop 61: a one-epoch generator was refused after 1.5 s of it),
-        and the request reads the same minibatches, in the same order, as without."""
-        ahead = self._stacked_read(count) if count else []
-        ahead += self._rows_read(m)[1]
+        and the request reads the same minibatches, in the same order, as without. Each is copied as it is read (an
+        iterator that writes every minibatch into one buffer gave the curvature the check's rows: samples moved by up
+        to 4.1); the copies are of the rows the request reads anyway."""
+        self._copying = True  # each copied as read: an iterator may write the next minibatch into this one's memory
+        try:
+            ahead = self._stacked_read(count) if count else []
+            ahead += self._rows_read(m)[1]
+        finally:
+            self._copying = False
         self._held = ahead + self._held
 
     def stacked(self, count: int) -> Batch:
