@@ -237,3 +237,18 @@ def test_the_read_ahead_keeps_minibatches_an_iterator_writes_over(monkeypatch: p
                     un.apply(un.propose((x[gone][part], y[gone][part]), data, n_remaining=xk.shape[0]))
             banks.append(un.bank.clone())
     assert torch.equal(banks[0], banks[2]) and torch.equal(banks[1], banks[3])
+
+
+def test_a_memory_refusal_before_the_work_reads_nothing_ahead() -> None:
+    # the read-ahead ran before the request's memory refusals ("nothing was changed"): one refused for solver='cg'
+    # took 22 minibatches of a plain iterator, against the one it peeks before (which the refusal keeps as before)
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    xk, yk = x[~gone], y[~gone]
+    un, taken = (
+        MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver="cg", memory_budget=2000),
+        [0],
+    )
+    with pytest.raises(MemoryError, match="solver='cg': one Hessian-vector product"):
+        un.propose((x[gone][:10], y[gone][:10]), _minibatches(xk, yk, 30, None, taken), n_remaining=xk.shape[0])
+    assert taken[0] == 1

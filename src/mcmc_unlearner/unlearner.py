@@ -5227,12 +5227,6 @@ class MCMCUnlearner:
 
     def _propose(self, batch: Batch, stream: _Stream, n: int, expectation: Expectation, k: int) -> Proposal:
         t0 = time.perf_counter()
-        if expectation is not Expectation.CHAIN and self._reduce is None and stream.plain_iterator:
-            # the fewest minibatches the request reads (the curvature's, then the check's rows), read now and given
-            # in order where it reads them: an iterator that runs out is refused before the work (stop 61: a
-            # one-epoch generator after 1.5 s). A source that lists its rows may give the curvature every one
-            curvature = 0 if stream.listable else _draw_count(self.bank, self.curvature_draws)
-            stream.read_ahead(curvature, self._check_row_count(n))
         h_f = self._h_f()
         e_f = self._energy_f(n)
         live = ParamSpec.flatten_module(self.model)
@@ -5300,6 +5294,14 @@ class MCMCUnlearner:
                 f"{format_bytes(shift, up=True)}, use bank_shift='mean', or keep fewer samples in the bank; "
                 "nothing was changed"
             )
+        if expectation is not Expectation.CHAIN and self._reduce is None and stream.plain_iterator:
+            # the fewest minibatches the request reads (the curvature's, then the check's rows), read now and given
+            # in order where it reads them: an iterator that runs out is refused before the work (stop 61: a
+            # one-epoch generator after 1.5 s); after the memory refusals above, which read none of them (a
+            # refusal before them took 22 minibatches from a plain iterator, and "nothing was changed"). A source
+            # that lists its rows may give the curvature every one
+            curvature = 0 if stream.listable else _draw_count(self.bank, self.curvature_draws)
+            stream.read_ahead(curvature, self._check_row_count(n))
         sampler_state = None
         if expectation is Expectation.CHAIN:
             draws = self._chain_draws(stream, n, batch)
