@@ -252,3 +252,17 @@ def test_a_memory_refusal_before_the_work_reads_nothing_ahead() -> None:
     with pytest.raises(MemoryError, match="solver='cg': one Hessian-vector product"):
         un.propose((x[gone][:10], y[gone][:10]), _minibatches(xk, yk, 30, None, taken), n_remaining=xk.shape[0])
     assert taken[0] == 1
+
+
+def test_a_list_of_inference_tensors_is_read_as_its_rows() -> None:
+    # minibatches made under torch.inference_mode have no _version counter: the list's cache key raised
+    # "Inference tensors do not track version counter" on a list read as its rows before (stop 61) the cache
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    xk, yk = x[~gone], y[~gone]
+    with torch.inference_mode():
+        as_list = [(xk[i : i + 40].clone(), yk[i : i + 40].clone()) for i in range(0, xk.shape[0], 40)]
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    ref = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0).propose((x[gone], y[gone]), (xk, yk))
+    for _ in range(2):  # joined, then kept
+        assert torch.equal(un.propose((x[gone], y[gone]), as_list).bank, ref.bank)

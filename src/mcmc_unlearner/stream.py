@@ -540,7 +540,11 @@ class _JoinedList:
 
     @staticmethod
     def _key_of(source: Any, tensors: list[torch.Tensor]) -> tuple:
-        seen = [(t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors]
+        # (an inference tensor, made under torch.inference_mode, has no _version: reading it raised)
+        seen = [
+            (None if t.is_inference() else t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+            for t in tensors
+        ]
         return (id(source), len(source), *seen)
 
     def get(self, source: Any, parts: list[Batch]) -> bool:
