@@ -266,3 +266,27 @@ def test_a_list_of_inference_tensors_is_read_as_its_rows() -> None:
     ref = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0).propose((x[gone], y[gone]), (xk, yk))
     for _ in range(2):  # joined, then kept
         assert torch.equal(un.propose((x[gone], y[gone]), as_list).bank, ref.bank)
+
+
+def test_a_kept_list_is_compared_with_its_rows_by_value() -> None:
+    # the list's rows were kept while its tensors' _version counters stood still: a write the counter does not see
+    # (into the numpy array under torch.from_numpy, through .data, through another tensor on the same storage) was
+    # read as the rows kept before it, the samples those of the old values
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    gone = y == 3
+    removed = (x[gone], y[gone])
+    xn, yk = x[~gone].numpy().copy(), y[~gone]
+    as_list = [(torch.from_numpy(xn[i : i + 40]), yk[i : i + 40]) for i in range(0, xn.shape[0], 40)]
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    un.propose(removed, as_list)
+    writes = [
+        lambda: xn.__setitem__((45, 0), xn[45, 0] + 3.0),
+        lambda: as_list[2][0].data[5, 1].add_(3.0),
+        lambda: torch.empty(0, dtype=torch.float64).set_(as_list[0][0].untyped_storage(), 0, (40, 3))[7, 2].add_(3.0),
+    ]
+    for write in writes:
+        version = as_list[1][0]._version, as_list[2][0]._version, as_list[0][0]._version
+        write()
+        assert (as_list[1][0]._version, as_list[2][0]._version, as_list[0][0]._version) == version  # unseen
+        ref = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+        assert torch.equal(un.propose(removed, as_list).bank, ref.propose(removed, (torch.from_numpy(xn), yk)).bank)
