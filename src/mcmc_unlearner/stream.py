@@ -518,11 +518,14 @@ def _shared(keys: torch.Tensor) -> torch.Tensor:
 
 def _repeated_rows_bytes(rows: int, fields: Sequence[tuple[int, int]]) -> int:
     """Bytes :func:`_repeated_rows_hashed` holds at most for ``rows`` rows of ``fields`` (values per row, bytes per
-    value; without its rare exact fallback): a chunk of every field's rows as int64 and their products, two chunks
-    compared, and a few int64 per row and field for the hashes and their order (60,000 rows of 784 floats: 56 MB
-    planned, 27 MiB measured)."""
+    value; without its rare exact fallback): a chunk of a field's rows gathered, copied (``+ 0.0``), as int64 and
+    their products (three chunks of int64 at most: a float32 row's 4 + 4 + 8 + 8 bytes a value, a float64's 8 + 8 + 8),
+    and a few int64 per row and field for the hashes and their order. Peak resident memory above the rows (glibc's
+    mmap threshold fixed at 1 MiB, so freed chunks leave): 60,000 rows of 784 floats 26 MiB, with half of them
+    repeated (every repeat a candidate, hashed on every column) 81-83 MiB, 79 MiB planned (54 MiB before a review,
+    which counted two chunks); 2,000,000 narrow rows of 1-4 fields 56-112 bytes a row, 80-128 planned (64-112)."""
     widest = max(width * max(item, 8) for width, item in fields)
-    return 2 * _HASH_ROWS * widest + 8 * rows * (2 * len(fields) + 6)
+    return 3 * min(rows, _HASH_ROWS) * widest + 8 * rows * (2 * len(fields) + 8)
 
 
 class _JoinedList:
