@@ -290,3 +290,23 @@ def test_a_kept_list_is_compared_with_its_rows_by_value() -> None:
         assert (as_list[1][0]._version, as_list[2][0]._version, as_list[0][0]._version) == version  # unseen
         ref = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
         assert torch.equal(un.propose(removed, as_list).bank, ref.propose(removed, (torch.from_numpy(xn), yk)).bank)
+
+
+def test_a_changed_list_lets_the_old_copy_go_before_joining(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the copy kept for the list was held while a changed list was joined: two copies at once where the plan
+    # (memory_budget) counts one
+    from mcmc_unlearner import stream
+    from mcmc_unlearner.stream import _JoinedList, _Stream
+
+    x, y = torch.randn(200, 5), torch.randint(0, 3, (200,))
+    as_list = [(x[i : i + 50].clone(), y[i : i + 50].clone()) for i in range(0, 200, 50)]
+    kept = _JoinedList()
+    _Stream(as_list, None, budget=2**30, joined=kept)
+    first = kept.rows
+    assert first is not None
+    held: list[bool] = []
+    real = stream._concat
+    monkeypatch.setattr(stream, "_concat", lambda parts: held.append(kept.rows is not None) or real(parts))
+    as_list[0][0][0, 0] += 1.0
+    assert _Stream(as_list, None, budget=2**30, joined=kept).given[0][0, 0] == as_list[0][0][0, 0]
+    assert held == [False] and kept.rows is not first

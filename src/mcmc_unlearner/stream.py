@@ -574,6 +574,10 @@ class _JoinedList:
             start = end
         return True
 
+    def drop(self) -> None:
+        """Keep nothing."""
+        self._key, self._refs, self.rows, self.repeated, self.finite = None, [], None, 0, False
+
     def put(self, source: Any, parts: list[Batch], rows: Batch | None, repeated: int) -> None:
         """Keep ``rows`` (or none) and ``repeated`` for ``source``."""
         tensors = [t for b in parts for t in b] + (list(rows) if rows is not None else [])
@@ -668,6 +672,8 @@ class _Stream:
             # [(xa, ya), (xb, yb)] * 2 was read as twice the rows, nothing said); then read as minibatches
             cache = joined if joined is not None else _JoinedList()
             hit = cache.get(source, parts)
+            if not hit:  # another list's copy, or this one's before a write, let go before the join (not planned)
+                cache.drop()
             if not hit and self._join_fits(parts, listed, n, budget):
                 rows = _concat(parts)
                 found = _repeated_rows_hashed(rows)
