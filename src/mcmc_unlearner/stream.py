@@ -665,7 +665,10 @@ class _Stream:
             listed = sum(int(b[0].shape[0]) for b in parts)
         # (the rows joined are fields as _is_fields reads them: one field, or fields of different row shapes)
         fields = parts is not None and (len(parts[0]) == 1 or len({tuple(t.shape[1:]) for t in parts[0]}) > 1)
-        if fields and listed > 0 and (n is None or (is_integer(n) and int(n) == listed)):
+        read_as_rows = fields and listed > 0 and (n is None or (is_integer(n) and int(n) == listed))
+        if not read_as_rows and joined is not None:  # another source: a list's copy is not kept past its use
+            joined.drop()
+        if read_as_rows:
             # a list of minibatches in memory holding every remaining row: read as the tuple (x, y), unless a row
             # appears twice (the same minibatch listed twice, minibatches gathered over several epochs or redrawn
             # from a shuffling loader): its rows would be counted as many times as they appear (a review:
