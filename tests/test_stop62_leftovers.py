@@ -17,6 +17,7 @@ import torch
 
 from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.curvature import ParamSpec
+from mcmc_unlearner.errors import SolverDivergedError
 from test_emptied_label import _softmax_regression
 
 pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
@@ -252,6 +253,39 @@ def test_a_memory_refusal_before_the_work_reads_nothing_ahead() -> None:
     with pytest.raises(MemoryError, match="solver='cg': one Hessian-vector product"):
         un.propose((x[gone][:10], y[gone][:10]), _minibatches(xk, yk, 30, None, taken), n_remaining=xk.shape[0])
     assert taken[0] == 1
+
+
+def test_a_non_finite_gradient_refusal_leaves_the_minibatches_read_ahead_to_the_next_request() -> None:
+    # the read-ahead runs before the removed rows' gradient (a fresh process's first torch.func transform: 1.1 s),
+    # whose non-finite refusal says "nothing was changed": it took 24 minibatches of a plain iterator (the one
+    # peeked, 1, before the read-ahead). They are read first by the next request reading that iterator: the refused
+    # request then the next one read the iterator and move the samples as the next one alone (stop 62's review)
+    torch.manual_seed(0)
+    x = torch.randn(600, 3)
+    y = x @ torch.tensor([1.0, -1.0, 0.5]) + 0.1 * torch.randn(600)
+    w = torch.randn(1, 3)
+
+    def nll(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.sqrt((m(b[0]).squeeze(-1) - b[1]) ** 2)  # 0/0 in its gradient at a residual of 0
+
+    banks, reads = [], []
+    for refused_first in (True, False):
+        model = torch.nn.Linear(3, 1, bias=False)
+        model.weight.data.copy_(w)
+        bank = w.flatten()[None] + 0.01 * torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+        un, taken = MCMCUnlearner(model, nll=nll, bank=bank.clone(), solver="cg", seed=0), [0]
+        data = _minibatches(x, y, 32, None, taken)
+        if refused_first:
+            with pytest.raises(SolverDivergedError, match="not finite"):
+                un.propose((torch.zeros(2, 3), torch.zeros(2)), data, n_remaining=600)
+            assert torch.equal(un.bank, bank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            un.apply(un.propose((x[:5], y[:5]), data, n_remaining=595))
+        banks.append(un.bank.clone())
+        reads.append(taken[0])
+    assert reads[0] == reads[1] and torch.equal(banks[0], banks[1]), reads
+    assert not torch.equal(banks[1], bank)  # the request moved the samples
 
 
 def test_a_list_of_inference_tensors_is_read_as_its_rows() -> None:

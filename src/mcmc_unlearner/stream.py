@@ -814,12 +814,18 @@ class _Stream:
             self._held.append(batch)
         return batch
 
-    def put_back(self, batch: Batch) -> None:
-        """Give ``batch`` (read from this source elsewhere and not used) at the next ``next()``, before the source's
-        own next minibatch."""
+    def put_back(self, *batches: Batch) -> None:
+        """Give ``batches`` (read from this source elsewhere and not used) at the next ``next()`` calls, in order,
+        before the source's own next minibatch."""
         if self._held:
             raise RuntimeError("a minibatch is already held")
-        self._held.append(batch)
+        self._held.extend(batches)
+
+    def take_held(self) -> list[Batch]:
+        """The minibatches read from the source and not yet given (:meth:`peek`, :meth:`read_ahead`), no longer
+        held: for a plain iterator, what a refused request gives the next one (read once, not lost)."""
+        held, self._held = self._held, []
+        return held
 
     def __next__(self) -> Batch:
         batch = self._next()

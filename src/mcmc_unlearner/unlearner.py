@@ -2511,9 +2511,10 @@ class MCMCUnlearner:
         self._hvp_checked = False  # Hessian products against finite differences, on the first request
         self._fitted = False  # the cached curvature was built by fit(): the next request takes it as its own build
         self._fit_data: tuple[float, float] | None = None  # fit's data: mean NLL and its standard error (_data_nll)
-        #: (iterator, minibatch): the first minibatch fit() read from a plain iterator to probe, where auto then took
-        #: CG and built nothing: the next request reading that iterator reads it first (read once, not lost)
-        self._held_first: tuple[Any, Batch] | None = None
+        #: (iterator, minibatches): the first minibatch fit() read from a plain iterator to probe, where auto then
+        #: took CG and built nothing, or those a request refused before its work read ahead: the next request reading
+        #: that iterator reads them first (read once, not lost)
+        self._held_first: tuple[Any, list[Batch]] | None = None
 
     # ------------------------------------------------------------------ configuration
     def _warn_ineffective(self, given: Mapping[str, bool]) -> None:
@@ -4768,7 +4769,7 @@ class MCMCUnlearner:
         self._check_forward(batch)
         held, self._held_first = self._held_first, None
         if held is not None and held[0] is remaining and stream.plain_iterator:
-            stream.put_back(held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
+            stream.put_back(*held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
         self._check_remaining_labels(batch, stream)
         if (
             self._dense_probe is not None
@@ -5095,11 +5096,11 @@ class MCMCUnlearner:
                     try:
                         self._take_cg_if_read_outside(first)
                     except BaseException:  # (the switch's warning raised as an error): nothing built, none lost
-                        self._held_first = (remaining, first)
+                        self._held_first = (remaining, [first])
                         raise
                     kept = self.solver is SolverName.KFAC
                     if not kept:  # read once from the caller's iterator: the next request that reads it takes it
-                        self._held_first = (remaining, first)
+                        self._held_first = (remaining, [first])
                 if kept:
                     backend = self.curvature.snapshot()  # a curvature cached by earlier requests, put back on failure
                     try:
@@ -5341,12 +5342,19 @@ class MCMCUnlearner:
             more_draws = _further_draws(S, self.curvature_draws, k_index, k_index.numel())
         # chain mode: consecutive states, whose half-difference understates G's error (chain_error_factor)
         lags = torch.zeros(4, dtype=torch.float64) if expectation is Expectation.CHAIN else None
-        G, dev = self._grad_means(h_f, g_thetas, batch, lags)
-        if not all_finite(G):
-            raise SolverDivergedError(
-                "the gradient of the removed points' negative log-likelihood is not finite at the current "
-                "samples; nothing was changed. Check the model and data for overflow"
-            )
+        try:
+            G, dev = self._grad_means(h_f, g_thetas, batch, lags)
+            if not all_finite(G):
+                raise SolverDivergedError(
+                    "the gradient of the removed points' negative log-likelihood is not finite at the current "
+                    "samples; nothing was changed. Check the model and data for overflow"
+                )
+        except BaseException:
+            if stream.plain_iterator:  # read ahead (above) and not used: the next request reading it reads them
+                # first (a review: a non-finite G's refusal took 24 minibatches of a plain iterator, 1 before the
+                # read-ahead, and said nothing was changed)
+                self._held_first = (stream.source, stream.take_held())
+            raise
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
         if self._dense_cost:  # solver='auto''s estimate of the dense build it kept (_weigh_dense_build)
             info["dense_cost"] = self._dense_cost
