@@ -19,7 +19,7 @@ import torch
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.errors import QualityError
 from mcmc_unlearner.models.linreg import BayesianLinearRegression, exact_posterior
-from mcmc_unlearner.step import SLOPE_ETA, DampingControl, Measurement, StepOutcome
+from mcmc_unlearner.step import SLOPE_ETA, DampingControl, Measurement
 
 S = 64  # bank draws
 
@@ -293,37 +293,3 @@ def test_a_relative_newton_steps_slope_is_the_banks_own_along_it_from_where_it_s
         slope = DampingControl._bank_slope(gx, shifted(p))[0]
         truth = DampingControl._bank_slope(gx, check.at(check.thetas + moved, G)(p))[0]
         assert slope == pytest.approx(truth, rel=1e-4, abs=1e-9)
-
-
-def test_the_saturation_tests_hypothetical_measurement_fails_no_trial_by_the_slope(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``_saturated`` judges a measurement made up of two failed trials' (the most favourable within their
-    differences); a slope-test failure there is no trial's and must not mark the search as failed by the slope test
-    (which sends it to the search again without the test and the cut). It did, and with the slope made lower than
-    either trial's (actual lowered by ``da``, direct by ``dd``: the slope moved by ``dd − da``): two trials failing
-    the ratio whose slopes, 0.16 and 0.12, pass the test (0.25 of ``G·x`` less 3 errors of 0.05) were read as 0.08."""
-    from test_step import _QuadraticBackend
-
-    G = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    backend = _QuadraticBackend(torch.eye(2, dtype=torch.float64))
-    backend.cheap_damping = True
-    control = DampingControl(slope_eta=SLOPE_ETA)
-
-    def outcome(x: torch.Tensor, actual: float) -> StepOutcome:
-        m = Measurement(actual, 0.05, 0.0, direct=0.74, direct_stderr=0.0, nll_scale=1.0, nll_stderr=0.01, draws=8)
-        gx = float(G @ x)
-        return StepOutcome(x, None, 1.0, 1, -0.6, actual, actual / -0.6, 0.05, 0.0, False, gx=gx, measurement=m)  # type: ignore[arg-type]
-
-    x = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    prev, out = outcome(x, -0.10), outcome(0.999 * x, -0.14)  # ratios 0.17 and 0.23: both fail
-    assert not control._slope_fails(prev.gx, prev.measurement) and not control._slope_fails(out.gx, out.measurement)
-    seen: list[float] = []
-    real = DampingControl._bank_slope
-    monkeypatch.setattr(
-        DampingControl, "_bank_slope", staticmethod(lambda gx, m: seen.append(real(gx, m)[0]) or real(gx, m))
-    )
-    control._saturated(backend, G, prev, out, 10.0)
-    assert control._slope_failed is False
-    # the slope judged is the most favourable: the later trial's 0.119 + 0.04 (da) + 0 (dd)
-    assert seen and all(s == pytest.approx(0.999 - 0.14 - 0.74 + 0.04) for s in seen)

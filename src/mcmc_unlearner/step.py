@@ -1156,22 +1156,16 @@ class DampingControl:
         if not (dp <= mb.stderr and da <= mb.stderr and dn <= mb.nll_stderr and dq <= mb.nll_stderr):
             return None
         dd = abs(mb.direct - ma.direct)
-        # the most favourable within the two trials' differences: the bank's slope G·x + actual − direct too (with
-        # actual lowered by da, direct by dd + 2·da: the slope raised by da + dd, not changed by dd − da)
         worst = replace(
             mb,
             actual=mb.actual - da,
             nll_change=mb.nll_change - dn,
             prior_per_row=mb.prior_per_row - dq,
-            direct=mb.direct - dd - 2 * da if math.isfinite(dd) else mb.direct,
+            direct=mb.direct - dd if math.isfinite(dd) else mb.direct,
         )
         z = self.screen_z if out.screened else None
-        slope_failed = self._slope_failed  # a verdict on this hypothetical measurement is no trial's
-        try:
-            if any(self._verdict(p, out.gx, worst, z) is not False for p in (out.predicted - dp, out.predicted + dp)):
-                return None
-        finally:
-            self._slope_failed = slope_failed
+        if any(self._verdict(p, out.gx, worst, z) is not False for p in (out.predicted - dp, out.predicted + dp)):
+            return None
         try:
             far = backend.solve(G, reach).x
         except NegativeCurvatureError:
