@@ -734,8 +734,8 @@ class StepOutcome:
         ``G·x / (2(actual + G·x))``. The curvature is taken at its *lower* confidence bound (``actual − 2·stderr``),
         so the returned length ``α̂`` is the longest the measurement allows: a step is shortened only when the
         overshoot is larger than the check's Monte-Carlo error (an exact Newton step on a Gaussian, whose ratio
-        is 1 up to that error, stays whole). With ``α̂ < 1`` the returned outcome moves by ``α̂x`` (``length``
-        times α̂), with ``predicted``, ``actual`` and ``stderr`` those of the quadratics at ``α̂`` (``nll_change`` stays
+        is 1 up to that error, stays whole). With ``α̂ < 1`` the returned outcome moves by ``α̂x`` (``length`` =
+        α̂), with ``predicted``, ``actual`` and ``stderr`` those of the quadratics at ``α̂`` (``nll_change`` stays
         the one measured at the full step, an upper bound for a convex fit). Unchanged when ``α̂ ≥ 1``, the step
         was rejected, or the energy is not clearly convex along it. With ``η = 0.25`` an accepted step has
         ``α̂ ≥ 4/7``.
@@ -760,7 +760,7 @@ class StepOutcome:
             ratio=actual / predicted if predicted < 0 else self.ratio,
             stderr=a * a * self.stderr,
             gx=a * gx,
-            length=self.length * a,  # of the solver's step: a step already cut (_along_bank_slope) is cut further
+            length=a,
             damping_quad=a * a * self.damping_quad,
         )
 
