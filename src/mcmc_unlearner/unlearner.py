@@ -7034,18 +7034,10 @@ class MCMCUnlearner:
                 here = check.at(_as_tensor(check.thetas) + x, -r)
                 step = self.control.step(self.curvature, -r, here)
             else:
-                base: list[float] = []  # the direct energy change at x, measured once (the slope test's)
 
-                def shifted(p: torch.Tensor, x: torch.Tensor = x, phi: float = phi, base: list[float] = base) -> Any:
+                def shifted(p: torch.Tensor, x: torch.Tensor = x, phi: float = phi) -> Any:
                     m = check(x + p)  # the change of φ from here; the NLL change from the original bank
                     m.actual -= phi
-                    if self.control.slope_eta is not None:
-                        # the direct change from here too: the slope test reads G·p + actual − direct as the bank's
-                        # own slope along p, and the change from the original bank added −direct(x) to it (stop 62's
-                        # review: 0.0142 read for an exact bank's 0.0068, its first step's fall; one more check a step)
-                        if not base:
-                            base.append(check(x).direct)
-                        m.direct -= base[0]
                     return m
 
                 step = self.control.step(self.curvature, -r, shifted)
