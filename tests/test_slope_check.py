@@ -239,21 +239,3 @@ def test_a_step_along_which_the_banks_energy_rises_is_refused_also_where_its_cur
     out = DampingControl(slope_eta=SLOPE_ETA).step(backend, G, check)
     assert not out.safe
     assert "does not fall along the step" in out.note
-
-
-def test_a_search_that_escapes_the_slope_test_by_shrinking_its_step_is_judged_at_the_undamped_step() -> None:
-    """A bank of exact draws whose ``G`` (64 draws × 10 rows) has the wrong sign along the third weight: the bank's
-    energy rises along every step. The damping search shrank the step until the check's rounding flipped the
-    slope's sign (damping 2.4·10⁷) and accepted that, refused by the unlearner as below the parameters' resolution
-    ("more check rows or another solver"). The step taken without the test, searched from the damping the request
-    started with, is judged: refused for the bank's energy, naming G's error, and the bank is as it was."""
-    x, y, removed, _, _, _ = _at_equilibrium(15, draws=64)
-    g = torch.Generator().manual_seed(15 + 1000)
-    m_all, c_all = exact_posterior(x, y)
-    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
-    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
-    state = un.control.state()
-    with pytest.raises(QualityError, match="does not fall along the step") as info:
-        un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
-    assert "Monte-Carlo error" in str(info.value)
-    assert torch.equal(un.bank, bank) and un.control.state() == state
