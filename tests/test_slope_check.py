@@ -11,7 +11,6 @@ third weight by many prior standard deviations (the far-rows overshoot of stop 6
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -209,33 +208,3 @@ def test_a_request_on_a_bank_at_equilibrium_is_not_refused_by_the_slope_test(see
     assert reports[1].safe and reports[1].damping == reports[0].damping
     assert reports[1].step_length == reports[0].step_length
     assert torch.equal(banks[1], banks[0]) and not torch.equal(banks[1], bank)
-
-
-def _scripted(slope_share: float, stderr: Callable[[torch.Tensor, float, float], float], direct: float = 1.0):
-    """An exact quadratic model whose bank slope is ``slope_share`` of ``G·x``, with ``stderr(x, G·x, xᵀHx)`` as
-    the controlled measurement's error and ``direct`` times it as the direct one's."""
-    from test_step import _QuadraticBackend
-
-    H = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
-    G = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
-
-    def check(x: torch.Tensor) -> Measurement:
-        gx, quad = float(G @ x), float(x @ H @ x)
-        se = stderr(x, gx, quad)
-        direct_change = -slope_share * gx + 0.5 * quad
-        return Measurement(
-            -gx + 0.5 * quad, se, 0.0, direct=direct_change, direct_stderr=direct * se, nll_scale=1.0, nll_stderr=0.0
-        )
-
-    return _QuadraticBackend(H), G, check
-
-
-def test_a_step_along_which_the_banks_energy_rises_is_refused_also_where_its_curvature_is_unresolved() -> None:
-    """The bank's energy clearly rises along every step (slope −2·G·x, below 0 by more than its 3 errors, 0.9·G·x:
-    the controlled measurement's error is 0.3 of ``xᵀHx = G·x``, the direct one's 0), whose curvature's lower bound
-    ``actual + G·x − 2·stderr`` is below 0: refused like a step whose curvature is resolved, not taken whole (it was:
-    the unresolved curvature set the cut to ∞)."""
-    backend, G, check = _scripted(-2.0, lambda x, gx, quad: 0.3 * quad, direct=0.0)
-    out = DampingControl(slope_eta=SLOPE_ETA).step(backend, G, check)
-    assert not out.safe
-    assert "does not fall along the step" in out.note

@@ -1404,10 +1404,8 @@ class DampingControl:
         c2_low = meas.actual + again.gx - 2.0 * (meas.stderr if math.isfinite(meas.stderr) else 0.0)
         if not math.isfinite(slope + err):  # no direct measurement of the step taken: the model's step
             return replace(again, history=history, trials=len(history))
-        # the bank's energy does not fall along the step at any length: refused (also where its curvature is not
-        # resolved, c2_low <= 0, which leaves no finite minimum to cut to but no fall either)
-        a = (slope + err) / (2.0 * c2_low) if c2_low > 0 else math.inf if slope + err > 0 else 0.0
-        if not a > 0:
+        a = (slope + err) / (2.0 * c2_low) if c2_low > 0 else math.inf
+        if not a > 0:  # the bank's energy does not fall along the step at any length: refused
             why = (
                 f"the bank's own energy does not fall along the step (its slope {slope:.4g} ± {err / SLOPE_Z:.2g} "
                 f"against the model's {again.gx:.4g}): its draws are not at equilibrium along it (a chain too short "
