@@ -98,7 +98,6 @@ from .options import flag as _flag
 from .samplers import scale_lr
 from .solvers import SolverName
 from .step import (
-    SLOPE_ETA,
     DampingControl,
     DampingShape,
     EnergyCheck,
@@ -2334,9 +2333,7 @@ class MCMCUnlearner:
         self.check_screen = check_option("check_screen", check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
         max_damping_trials = check_option("max_damping_trials", max_damping_trials)
-        self.control = DampingControl(
-            damping, max_trials=max_damping_trials, screen_accepts=screen_accepts, slope_eta=SLOPE_ETA
-        )
+        self.control = DampingControl(damping, max_trials=max_damping_trials, screen_accepts=screen_accepts)
         self.damping_shape = check_option("damping_shape", damping_shape)
         check_damping_shape_solver(self.damping_shape, self.solver)
         if self.damping_shape is not DampingShape.AUTO:
