@@ -12,8 +12,12 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def _gmm_block() -> str:
+    return next(b for b in _python_blocks() if "MCMCUnlearner(model, sampler" in b)
+
+
 def test_our_api_example_runs_and_removes_the_points() -> None:
-    block = next(b for b in _python_blocks() if "MCMCUnlearner(model, sampler" in b)
+    block = _gmm_block()
     ns: dict = {}
     exec(compile(block, "README.md", "exec"), ns)
     report, data = ns["report"], ns["data"]
@@ -64,3 +68,19 @@ def test_your_own_network_example_runs_and_returns_the_users_layout() -> None:
     assert isinstance(new, list) and len(new) == len(samples) and new[0].keys() == samples[0].keys()
     moved = [float((new[i][k] - samples[i][k]).norm()) for i in range(len(new)) for k in new[i]]
     assert max(moved) > 0  # the samples moved; the user's own state_dicts are separate objects
+
+
+def test_the_deletion_service_pages_python_example_runs_on_the_gmm_example(tmp_path, monkeypatch) -> None:
+    """docs/deletion-service.md's Python block, after the GMM example "up to its `unlearner.bank = ...` line" as it
+    says: saved, one request applied and verified against the head it returned, the folder loaded back."""
+    gmm = _gmm_block()
+    gmm = gmm[: gmm.index("\n", gmm.index("unlearner.bank = "))]
+    page = (README.parent / "docs" / "deletion-service.md").read_text()
+    service = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "save_model(" in b)
+    monkeypatch.chdir(tmp_path)  # the block saves into models/gmm
+    ns: dict = {}
+    exec(compile(gmm + "\n" + service, "docs/deletion-service.md", "exec"), ns)
+    out, loaded = ns["out"], ns["loaded"]
+    assert out.applied and out.quality["passed"] and re.fullmatch(r"[0-9a-f]{64}", out.head)
+    assert ns["status"]("models/gmm")["n_remaining"] == 1997 and ns["verify"]("models/gmm", expect_head=out.head).ok
+    assert len(loaded.data) == 1997 and 3 not in loaded.data.remaining_ids.tolist()
