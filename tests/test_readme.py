@@ -84,3 +84,59 @@ def test_the_deletion_service_pages_python_example_runs_on_the_gmm_example(tmp_p
     assert out.applied and out.quality["passed"] and re.fullmatch(r"[0-9a-f]{64}", out.head)
     assert ns["status"]("models/gmm")["n_remaining"] == 1997 and ns["verify"]("models/gmm", expect_head=out.head).ok
     assert len(loaded.data) == 1997 and 3 not in loaded.data.remaining_ids.tolist()
+
+
+def _options_table() -> list[tuple[list[str], str, str]]:
+    """The README's Options table: each row's option names, its default cell and what it says the options do."""
+    text = README.read_text()
+    table = text[text.index("### Options") : text.index("### Curvature backends")]
+    rows = re.findall(r"^\| (`[^|]+`) \| ([^|]+) \| (.*) \|$", table, flags=re.M)
+    return [(re.findall(r"`(\w+)`", names), default, what) for names, default, what in rows]
+
+
+def _top_level_parts(cell: str) -> list[str]:
+    """``cell`` cut at the commas outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(cell):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(cell[start:i])
+            start = i + 1
+    return [p.strip() for p in [*parts, cell[start:]]]
+
+
+def test_the_options_table_names_every_keyword_with_the_codes_default() -> None:
+    """Every keyword of ``MCMCUnlearner`` is a row of the README's Options table (``exact_max_dim`` in ``solver``'s),
+    no row names another, and a default the signature gives as a value is the one the row gives first (a default
+    of ``None``, resolved per model, is described in words and left to the Options prose)."""
+    import inspect
+    from enum import Enum
+
+    from mcmc_unlearner import MCMCUnlearner
+
+    signature = inspect.signature(MCMCUnlearner.__init__).parameters
+    rows = _options_table()
+    named = [n for names, _, _ in rows for n in names]
+    given = set(signature) - {"self", "model", "sampler", "nll", "log_prior", "energy", "bank", "exact_max_dim"}
+    assert sorted(named) == sorted(given), "rows without a keyword, or keywords without a row"
+    solver_row = next(what for names, _, what in rows if names == ["solver"])
+    assert f"`exact` up to `exact_max_dim={signature['exact_max_dim'].default}` parameters" in solver_row
+    compared = 0
+    for names, cell, _ in rows:
+        parts = _top_level_parts(cell)
+        defaults = [signature[n].default for n in names]
+        if None in defaults and len(parts) != len(names):
+            continue  # e.g. memory_budget: "¼ of available RAM, at most 1 GiB"
+        assert len(parts) == len(names), (names, cell)
+        for name, default, part in zip(names, defaults, parts):
+            if default is None:
+                continue
+            shown = part.split(" (")[0].strip("`\"' ")
+            if isinstance(default, Enum):
+                default = default.value
+            if isinstance(default, (bool, str)):
+                assert shown == str(default), (name, shown, default)
+            else:
+                assert float(shown) == default, (name, shown, default)
+            compared += 1
+    assert compared >= 30
