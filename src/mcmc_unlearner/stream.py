@@ -772,6 +772,7 @@ class _Stream:
         self.n = int(n)
         self._held: list[Batch] = []  # read from the source, given in order by the next next() calls
         self._copying = False  # read_ahead: every minibatch next() gives is a copy
+        self._given: list[Batch] | None = None  # after read_ahead: the held minibatches given since (unread())
 
     @staticmethod
     def _join_fits(parts: list[Batch], rows: int, n: int | None, budget: int | None) -> bool:
@@ -824,13 +825,24 @@ class _Stream:
         held, self._held = self._held, []
         return held
 
+    def unread(self) -> list[Batch]:
+        """Every minibatch read from the source ahead of its use (:meth:`peek`, :meth:`read_ahead`,
+        :meth:`put_back`) that a request either has not used yet or used after :meth:`read_ahead`, in the order read,
+        no longer held: for a plain iterator, what a refused request gives the next one, so that the refusal took
+        none of them (a minibatch the request read beyond them is not kept, and is lost to the next reader)."""
+        given, self._given = self._given or [], None
+        return given + self.take_held()
+
     def __next__(self) -> Batch:
         batch = self._next()
         return tuple(t.clone() for t in batch) if self._copying else batch
 
     def _next(self) -> Batch:
         if self._held:
-            return self._held.pop(0)
+            batch = self._held.pop(0)
+            if self._given is not None:
+                self._given.append(batch)
+            return batch
         try:
             batch = _as_batch(next(self._it), "a remaining-data minibatch")
         except StopIteration:
@@ -915,6 +927,7 @@ class _Stream:
         finally:
             self._copying = False
         self._held = ahead + self._held
+        self._given = []  # the read-ahead minibatches given from now on, kept for a refusal (unread())
 
     def stacked(self, count: int) -> Batch:
         """``count`` fresh minibatches stacked on a leading dimension. Minibatches of different sizes (a

@@ -4842,17 +4842,18 @@ class MCMCUnlearner:
             torch.get_rng_state() if expectation is Expectation.CHAIN and _uses_global_rng(self.sampler) else None
         )
         try:
-            if not self._remaining_nll_checked:
-                # before the removed rows' gradient: a process's first torch.func transform imports torch's compiler
-                # stack (1-3 s), and a remaining-data source nll cannot read was refused only after it (stop 45).
-                # The minibatch is read again by the request (peek leaves it to be read)
-                self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
-            if not self._mixed_checked:
-                self._check_mixed_rows(stream.peek())  # the removed rows in a remaining minibatch's company
-            if self._once_differentiable_op is not None:  # found by _check_forward
-                raise _second_derivative_refusal(self._once_differentiable_op)
+            with self._unread_kept(stream):
+                if not self._remaining_nll_checked:
+                    # before the removed rows' gradient: a process's first torch.func transform imports torch's
+                    # compiler stack (1-3 s), and a remaining-data source nll cannot read was refused only after it
+                    # (stop 45). The minibatch is read again by the request (peek leaves it to be read)
+                    self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
+                if not self._mixed_checked:
+                    self._check_mixed_rows(stream.peek())  # the removed rows in a remaining minibatch's company
+                if self._once_differentiable_op is not None:  # found by _check_forward
+                    raise _second_derivative_refusal(self._once_differentiable_op)
             try:
-                with dense_embedding_grads(self.model):
+                with dense_embedding_grads(self.model), self._unread_kept(stream):
                     prop = self._propose(batch, stream, n, expectation, k)
             except IndexError as exc:
                 label = _label_out_of_bounds(exc)
@@ -5215,6 +5216,20 @@ class MCMCUnlearner:
                 out[c] = self._raw(tuple(t[pick] for t in tensors))
         return out
 
+    @contextlib.contextmanager
+    def _unread_kept(self, stream: _Stream) -> Iterator[None]:
+        """On a refusal (any exception) from inside the block, keep the minibatches a plain iterator gave ahead of
+        their use (:meth:`~mcmc_unlearner.stream._Stream.unread`) for the next request reading that iterator, which
+        reads them first: a refusal saying "nothing was changed" took them from the caller (a non-finite G's 24
+        minibatches, stop 62's review; K-FAC's memory refusal in its build, after the curvature's minibatches were
+        used: 20 of the 20 read ahead, stop 62's notes)."""
+        try:
+            yield
+        except BaseException:
+            if stream.plain_iterator:
+                self._held_first = (stream.source, stream.unread())
+            raise
+
     def _stream(self, remaining: Any, n_remaining: int | None) -> _Stream:
         """The remaining data as a request reads them (:class:`~mcmc_unlearner.stream._Stream`): a list of minibatches
         joined into its rows within ``memory_budget``, those rows kept for the next request while the list is
@@ -5339,19 +5354,13 @@ class MCMCUnlearner:
             more_draws = _further_draws(S, self.curvature_draws, k_index, k_index.numel())
         # chain mode: consecutive states, whose half-difference understates G's error (chain_error_factor)
         lags = torch.zeros(4, dtype=torch.float64) if expectation is Expectation.CHAIN else None
-        try:
-            G, dev = self._grad_means(h_f, g_thetas, batch, lags)
-            if not all_finite(G):
-                raise SolverDivergedError(
-                    "the gradient of the removed points' negative log-likelihood is not finite at the current "
-                    "samples; nothing was changed. Check the model and data for overflow"
-                )
-        except BaseException:
-            if stream.plain_iterator:  # read ahead (above) and not used: the next request reading it reads them
-                # first (a review: a non-finite G's refusal took 24 minibatches of a plain iterator, 1 before the
-                # read-ahead, and said nothing was changed)
-                self._held_first = (stream.source, stream.take_held())
-            raise
+        # (a refusal from here on leaves the minibatches read ahead to the next request: _unread_kept)
+        G, dev = self._grad_means(h_f, g_thetas, batch, lags)
+        if not all_finite(G):
+            raise SolverDivergedError(
+                "the gradient of the removed points' negative log-likelihood is not finite at the current "
+                "samples; nothing was changed. Check the model and data for overflow"
+            )
         info: dict[str, Any] = {"gradient_norm": float(G.norm()), "solver_reason": self.solver_reason}
         if self._dense_cost:  # solver='auto''s estimate of the dense build it kept (_weigh_dense_build)
             info["dense_cost"] = self._dense_cost

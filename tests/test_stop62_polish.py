@@ -1,0 +1,48 @@
+"""Five leftovers of stop 62's notes (issue 11 polish), each found by a trace of a request or a probe of bad input.
+
+* A K-FAC memory refusal inside its build took the minibatches read ahead from a plain iterator.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mcmc_unlearner import MCMCUnlearner
+from test_emptied_label import _softmax_regression
+from test_stop62_leftovers import _minibatches
+
+pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """The 4-class softmax regression (200 rows) and its 12 samples."""
+    return _softmax_regression(0, classes=4)
+
+
+def test_a_kfac_memory_refusal_in_its_build_leaves_the_minibatches_to_the_next_request(regression) -> None:
+    # the refusal in K-FAC's build (its one-row need over the budget, planned on the curvature's minibatches, after
+    # the read-ahead) said "nothing was changed" and took the 20 minibatches read ahead from the caller's iterator:
+    # the refused request then the next one read the iterator and move the samples as the next one alone
+    model, nll, log_prior, bank, x, y = regression
+    banks, reads = [], []
+    for refused_first in (True, False):
+        un, taken = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver="kfac"), [0]
+        data = _minibatches(x[10:], y[10:], 30, None, taken)
+        budget, start = un.memory_budget, un.bank.clone()
+        if refused_first:
+            un.memory_budget = 4000  # the request's own floor fits; K-FAC's one row (about 10.6 KiB) does not
+            with pytest.raises(MemoryError, match=r"K-FAC needs about .* for one row at a time"):
+                un.propose((x[:10], y[:10]), data, n_remaining=190)
+            assert taken[0] == 20 and torch.equal(un.bank, start)  # read ahead before the build's refusal
+            un.memory_budget = budget
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            un.apply(un.propose((x[:10], y[:10]), data, n_remaining=190))
+        banks.append(un.bank.clone())
+        reads.append(taken[0])
+    assert reads[0] == reads[1] and torch.equal(banks[0], banks[1]), reads
+    assert not torch.equal(banks[1], start)  # the request moved the samples
