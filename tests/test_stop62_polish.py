@@ -1,6 +1,7 @@
 """Five leftovers of stop 62's notes (issue 11 polish), each found by a trace of a request or a probe of bad input.
 
 * A K-FAC memory refusal inside its build took the minibatches read ahead from a plain iterator.
+* ``fit()`` building K-FAC on data holding a class label out of the output's range raised torch's bare error.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from mcmc_unlearner import MCMCUnlearner
 from test_emptied_label import _softmax_regression
+from test_label_range import BAD, _shuffled, _torch_said
 from test_stop62_leftovers import _minibatches
 
 pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
@@ -46,3 +48,30 @@ def test_a_kfac_memory_refusal_in_its_build_leaves_the_minibatches_to_the_next_r
         reads.append(taken[0])
     assert reads[0] == reads[1] and torch.equal(banks[0], banks[1]), reads
     assert not torch.equal(banks[1], start)  # the request moved the samples
+
+
+@pytest.mark.parametrize("source", ["loader", "iterator"])
+def test_fit_refuses_a_label_out_of_range_naming_it(regression, source: str) -> None:
+    # fit(solver="kfac") raised torch's bare "Target 9 is out of bounds." from inside its build; now refused as a
+    # request refuses it: before the build, the row named, where the labels can be read without a pass (a
+    # DataLoader over a TensorDataset); torch's error named as such where an iterator's minibatch shows it
+    model, nll, log_prior, bank, x, y = regression
+    y = y.clone()
+    y[BAD] = 9
+
+    def minibatches():
+        while True:
+            for i in range(0, 200, 32):
+                yield x[i : i + 32], y[i : i + 32]
+
+    data = _shuffled(x, y, 0) if source == "loader" else minibatches()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver="kfac")
+    start = un.bank.clone(), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(IndexError, match="class label 9") as caught:
+        un.fit(data, None if source == "loader" else 200)
+    said = str(caught.value)
+    assert "4 classes (labels 0 to 3)" in said and _torch_said(caught.value.__cause__), said
+    where = f"row {BAD} of the DataLoader's dataset" if source == "loader" else "a remaining minibatch fit() read"
+    assert where in said, said
+    assert not un._fitted and un.curvature.kfac is None  # nothing built nor kept
+    assert torch.equal(un.bank, start[0]) and all(torch.equal(v, start[1][k]) for k, v in model.state_dict().items())

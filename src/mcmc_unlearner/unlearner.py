@@ -5111,6 +5111,9 @@ class MCMCUnlearner:
                             read.append(next(stream))
                         stream.set_state(data_state)
                         self._check_nll(first, role="remaining", again=True)
+                        # a class label nll cannot read, refused before the build as a request refuses it, the row
+                        # named (stop 62's notes: torch's bare "Target 9 is out of bounds." from inside the build)
+                        self._check_remaining_labels(first, stream)
                         self._bytes_per_row(e_f, ParamSpec.flatten_module(self.model), first)
                         c_thetas = _draws(self.bank, self.curvature_draws)
                         with dense_embedding_grads(self.model):
@@ -5119,9 +5122,14 @@ class MCMCUnlearner:
                             self.curvature.reset()
                             info.update(self.curvature.prepare(problem))
                         fit_data = self._data_nll(read)
-                    except BaseException:
+                    except BaseException as exc:
                         self.curvature.restore(backend)
-                        raise
+                        label = _label_out_of_bounds(exc)
+                        if label is None:
+                            raise
+                        # (a source whose labels cannot be read before the build: an iterator)
+                        where = "in a remaining minibatch fit() read: its labels cannot be read before the build"
+                        raise IndexError(self._label_refusal(label, where, first)) from exc
                     finally:  # the remaining data and the unlearner's generator as they were (the rest: the with)
                         stream.set_state(data_state)
                         self.generator.set_state(gen)
