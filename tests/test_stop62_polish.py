@@ -2,6 +2,7 @@
 
 * A K-FAC memory refusal inside its build took the minibatches read ahead from a plain iterator.
 * ``fit()`` building K-FAC on data holding a class label out of the output's range raised torch's bare error.
+* A list read as minibatches (a sample of a larger set) had such a label refused only from inside the work.
 """
 
 from __future__ import annotations
@@ -75,3 +76,33 @@ def test_fit_refuses_a_label_out_of_range_naming_it(regression, source: str) -> 
     assert where in said, said
     assert not un._fitted and un.curvature.kfac is None  # nothing built nor kept
     assert torch.equal(un.bank, start[0]) and all(torch.equal(v, start[1][k]) for k, v in model.state_dict().items())
+
+
+def test_a_list_read_as_minibatches_has_its_labels_checked_before_the_work(regression, monkeypatch) -> None:
+    # a list of minibatches of a larger set (n_remaining= counts other rows) is not joined as the remaining rows,
+    # and a label out of range in its minibatch 4 was refused from inside the work (after the removed rows'
+    # gradient and the curvature), the row not named; its labels are read without a pass like a joined list's
+    from mcmc_unlearner import unlearner
+
+    model, nll, log_prior, bank, x, y = regression
+    y = y.clone()
+    y[BAD] = 9
+    xr, yr = x[10:], y[10:]
+    listed = [(xr[i : i + 32], yr[i : i + 32]) for i in range(0, xr.shape[0], 32)]
+    grads: list[int] = []
+    real = unlearner.MCMCUnlearner._grad_means
+    monkeypatch.setattr(unlearner.MCMCUnlearner, "_grad_means", lambda *a: grads.append(1) or real(*a))
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    start = un.bank.clone()
+    with pytest.raises(IndexError, match="class label 9") as caught:
+        un.propose((x[:10], y[:10]), listed, n_remaining=1000)
+    said = str(caught.value)
+    assert "in row 12 of minibatch 4 of the remaining list" in said and "4 classes" in said, said
+    assert grads == [] and torch.equal(un.bank, start)  # before the work
+    assert torch.equal(listed[4][1], yr[128:160])  # the data as they were
+    # the valid labels of such a list pass, and the request runs: its labels are not read as those that remain
+    listed[4][1][12] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prop = un.propose((x[:10], y[:10]), listed, n_remaining=1000)
+    assert grads and bool(torch.isfinite(prop.bank).all()) and not torch.equal(prop.bank, start)

@@ -117,6 +117,7 @@ from .stream import (
     _loader_labels,
     _loader_selection,
     _loader_tensors,
+    _minibatch_list,
     _removed_rows_held,
     _repeated_rows,
     _same_state,
@@ -6379,10 +6380,23 @@ class MCMCUnlearner:
 
     def _remaining_label_rows(self, stream: _Stream) -> tuple[torch.Tensor, Callable[[int], tuple[Batch, str]]] | None:
         """The remaining rows' labels where they are read without a pass (a ``RemovableDataset``, the rows or a
-        list of minibatches given, a ``DataLoader`` over a ``TensorDataset`` or a dataset with torchvision's
-        ``targets``), with a function giving the row at a position of them as a one-row batch and where it is;
-        ``None`` for other sources."""
+        list of minibatches given, read as its rows or as minibatches, a ``DataLoader`` over a ``TensorDataset`` or a
+        dataset with torchvision's ``targets``), with a function giving the row at a position of them as a one-row
+        batch and where it is; ``None`` for other sources."""
         src = stream.source
+        parts = _minibatch_list(src)  # a list read as minibatches (n_remaining= counts other rows, or a row repeats)
+        if parts is not None:
+            if len(parts[0]) < 2:
+                return None
+            starts = list(itertools.accumulate((int(b[0].shape[0]) for b in parts), initial=0))
+
+            def in_list(i: int) -> tuple[Batch, str]:
+                b = bisect.bisect_right(starts, i) - 1
+                r = i - starts[b]
+                return tuple(t[r : r + 1] for t in parts[b]), f"in row {r} of minibatch {b} of the remaining list"
+
+            # (labels of a list read as a sample of a larger set: checked for their range only, not for which remain)
+            return torch.cat([b[1] for b in parts]), in_list
         tensors = getattr(src, "tensors", None)
         if isinstance(tensors, tuple) and hasattr(src, "remaining_ids"):
             if len(tensors) < 2:
