@@ -3,6 +3,7 @@
 * A K-FAC memory refusal inside its build took the minibatches read ahead from a plain iterator.
 * ``fit()`` building K-FAC on data holding a class label out of the output's range raised torch's bare error.
 * A list read as minibatches (a sample of a larger set) had such a label refused only from inside the work.
+* A request read the remaining rows' labels twice (the label-range check, then the emptied-label check).
 """
 
 from __future__ import annotations
@@ -106,3 +107,32 @@ def test_a_list_read_as_minibatches_has_its_labels_checked_before_the_work(regre
         warnings.simplefilter("ignore")
         prop = un.propose((x[:10], y[:10]), listed, n_remaining=1000)
     assert grads and bool(torch.isfinite(prop.bank).all()) and not torch.equal(prop.bank, start)
+
+
+def test_a_request_reads_the_remaining_labels_once(regression, monkeypatch) -> None:
+    # the label-range check and the emptied-label check each gathered the remaining labels (from a DataLoader's
+    # dataset, or a RemovableDataset's kept rows): read once a request now, the same proposals to the bit
+    from mcmc_unlearner import unlearner
+    from mcmc_unlearner.data import RemovableDataset
+
+    model, nll, log_prior, bank, x, y = regression
+    real = unlearner._loader_labels
+    reads: list[int] = []
+    monkeypatch.setattr(unlearner, "_loader_labels", lambda src: reads.append(1) or real(src))
+    gone = torch.arange(0, 40, 4)  # ten rows of class 0
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[gone] = False
+    data = RemovableDataset(x, y, batch_size=32, seed=0)
+    data.remove(gone)
+    props = []
+    for once in (True, False):
+        if not once:  # every read gathers again, as before
+            monkeypatch.setattr(unlearner._Stream, "once", lambda self, name, read: read())
+        reads.clear()
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+        for _ in range(2):  # two requests through a loader: each reads them once
+            props.append(un.propose((x[gone], y[gone]), _shuffled(x[keep], y[keep], 3)))
+        assert reads == [1, 1] if once else [1] * 4, reads
+        props.append(un.propose((x[gone], y[gone]), data))
+    for a, b in zip(props[:3], props[3:]):
+        assert torch.equal(a.bank, b.bank) and a.report.problems == b.report.problems

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -773,6 +773,14 @@ class _Stream:
         self._held: list[Batch] = []  # read from the source, given in order by the next next() calls
         self._copying = False  # read_ahead: every minibatch next() gives is a copy
         self._given: list[Batch] | None = None  # after read_ahead: the held minibatches given since (unread())
+        self._once: dict[str, Any] = {}  # what once() read from the source, by name
+
+    def once(self, name: str, read: Callable[[], Any]) -> Any:
+        """``read()``, called on the first use of ``name`` for this stream (one request's remaining data) and kept
+        for the later ones: what several checks of a request read from the source alike (the remaining labels)."""
+        if name not in self._once:
+            self._once[name] = read()
+        return self._once[name]
 
     @staticmethod
     def _join_fits(parts: list[Batch], rows: int, n: int | None, budget: int | None) -> bool:

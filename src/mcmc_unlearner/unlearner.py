@@ -6326,10 +6326,18 @@ class MCMCUnlearner:
         a dataset with torchvision's ``targets`` (:func:`_loader_labels`); ``None`` where they cannot be read so."""
         src = stream.source
         if isinstance(getattr(src, "tensors", None), tuple) and hasattr(src, "remaining_ids"):
-            return src.tensors[1][src.remaining_ids]  # the labels alone: not a copy of every remaining row
+            return self._kept_labels(stream)  # the labels alone: not a copy of every remaining row
         if stream.listable:
             return self._raw(stream.full())[1]
-        return _loader_labels(src)
+        return stream.once("loader_labels", lambda: _loader_labels(src))
+
+    @staticmethod
+    def _kept_labels(stream: _Stream) -> torch.Tensor:
+        """The labels (second tensor) of the rows a ``RemovableDataset`` (or the rows given) still holds, gathered
+        once per request: the label-range check and the emptied-label check both read them (they were gathered
+        twice: 0.2 ms CPU each on 54k rows)."""
+        src = stream.source
+        return stream.once("kept_labels", lambda: src.tensors[1][src.remaining_ids])
 
     def _check_remaining_labels(self, batch: Batch, stream: _Stream) -> None:
         """Refuse, before the request's work, remaining data holding a class label ``nll`` cannot read, naming the
@@ -6413,8 +6421,8 @@ class MCMCUnlearner:
                     where = f"in row {j} of the remaining rows" if stream.from_rows else f"in the row with id {j}"
                 return tuple(t[j : j + 1] for t in tensors), where
 
-            return tensors[1][ids], in_rows
-        labels = _loader_labels(src)
+            return self._kept_labels(stream), in_rows
+        labels = stream.once("loader_labels", lambda: _loader_labels(src))
         if labels is None:
             return None
         dataset, index = _loader_selection(src)
