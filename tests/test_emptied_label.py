@@ -419,7 +419,8 @@ def test_the_label_check_of_a_count_regression_makes_no_forward_beyond_the_likel
     the likelihood probe already makes: a user's forward hook fired once more than needed on the first request of a
     likelihood that is neither categorical nor Gaussian (review: 48 forwards in the request where 47 do). The label
     check makes exactly the forwards of ``detect_likelihood`` on the removed rows, and still finds the width (the
-    largest counts are not said to empty labels)."""
+    largest counts are not said to empty labels). The label-range check before the work reads the same probe (one
+    a request: it was made there and again here, twice the forwards)."""
     from mcmc_unlearner.kronecker import detect_likelihood
     from mcmc_unlearner.unlearner import MCMCUnlearner as Unlearner
 
@@ -442,20 +443,23 @@ def test_the_label_check_of_a_count_regression_makes_no_forward_beyond_the_likel
     probe = len(calls)
     assert probe > 0
     inside = []
-    check = Unlearner._emptied_label_problem
 
-    def counted(self, *args, **kwargs):
-        calls.clear()
-        try:
-            return check(self, *args, **kwargs)
-        finally:
-            inside.append(len(calls))
+    def counted(check):
+        def run(self, *args, **kwargs):
+            calls.clear()
+            try:
+                return check(self, *args, **kwargs)
+            finally:
+                inside.append(len(calls))
 
-    monkeypatch.setattr(Unlearner, "_emptied_label_problem", counted)
+        return run
+
+    for name in ("_check_remaining_labels", "_emptied_label_problem"):
+        monkeypatch.setattr(Unlearner, name, counted(getattr(Unlearner, name)))
     un = MCMCUnlearner(model, nll=nll, bank=samples, seed=0)
     prop = un.propose(removed, (x[~gone], counts[~gone]))
     assert "emptied_labels" not in prop.report.info, prop.report.info.get("emptied_labels")
-    assert inside == [probe]  # one check: the probe's forwards and none of its own
+    assert sum(inside) == probe and len(inside) == 2, inside  # both checks: the probe's forwards, once
 
 
 class _Scaled(nn.Module):

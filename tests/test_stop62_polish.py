@@ -4,6 +4,7 @@
 * ``fit()`` building K-FAC on data holding a class label out of the output's range raised torch's bare error.
 * A list read as minibatches (a sample of a larger set) had such a label refused only from inside the work.
 * A request read the remaining rows' labels twice (the label-range check, then the emptied-label check).
+* The model's output width was probed on the removed rows by up to three probes a request.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mcmc_unlearner import MCMCUnlearner
 from test_emptied_label import _softmax_regression
@@ -136,3 +138,46 @@ def test_a_request_reads_the_remaining_labels_once(regression, monkeypatch) -> N
         props.append(un.propose((x[gone], y[gone]), data))
     for a, b in zip(props[:3], props[3:]):
         assert torch.equal(a.bank, b.bank) and a.report.problems == b.report.problems
+
+
+def _ignoring_nll(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1], reduction="none", ignore_index=255)
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_likelihood_is_probed_once_a_request(regression, monkeypatch, refused: bool) -> None:
+    # removed rows holding an ignore_index (255): the label-range check reads the output's width (and again for its
+    # refusal's message), the first request's label probe reads it once more, each a probe of nll and the model on
+    # the removed rows; now one probe a request, the same proposal to the bit
+    from mcmc_unlearner import kronecker
+
+    model, _, log_prior, bank, x, y = regression
+    y = y.clone()
+    y[0] = 255  # a removed row; the others of label 0 alone, so that labels 1-3 are read beside the width
+    if refused:
+        y[BAD] = 9
+    gone = torch.arange(0, 40, 4)
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[gone] = False
+    removed, remaining = (x[gone], y[gone]), (x[keep], y[keep])
+    real = kronecker.likelihood_and_columns
+    probes: list[int] = []
+    monkeypatch.setattr(kronecker, "likelihood_and_columns", lambda *a: probes.append(1) or real(*a))
+    banks = []
+    for once in (True, False):
+        if not once:  # every probe run, as before
+            monkeypatch.setattr(
+                MCMCUnlearner,
+                "_likelihood_probe",
+                lambda self, raw: kronecker.likelihood_and_columns(self.model, self._row_nll, raw),
+            )
+        probes.clear()
+        un = MCMCUnlearner(model, nll=_ignoring_nll, log_prior=log_prior, bank=bank, seed=0)
+        if refused:
+            with pytest.raises(IndexError, match=r"class label 9 .*4 classes \(labels 0 to 3\)"):
+                un.propose(removed, _shuffled(*remaining, 0))
+        else:
+            banks.append(un.propose(removed, _shuffled(*remaining, 0)).bank)
+            assert un._output_width == 4
+        assert len(probes) == (1 if once else 2), probes
+    assert refused or torch.equal(banks[0], banks[1])

@@ -49,6 +49,7 @@ import math
 import re
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -2469,6 +2470,7 @@ class MCMCUnlearner:
         self._unread_labels_warned = False  # the emptied-label check could not read the remaining labels (warned once)
         self._later_labels_read: bool | None = None  # later integer fields may hold the labels (nll unrecognised)
         self._output_width: int | None = None  # the model's output width, from that probe (None: not read)
+        self._probed: tuple[list[weakref.ref], Any] | None = None  # _likelihood_probe's, this request's removed rows
         self._joined = _JoinedList()  # a list of minibatches' rows, kept while the list is unchanged (_stream)
         self._forward_checked = False  # _check_forward ran (on the first request)
         self._forward_row_gap: float | None = None  # its rows-alone gap above rounding, below refusal (reported once)
@@ -4753,6 +4755,7 @@ class MCMCUnlearner:
         """
         t0 = time.perf_counter()
         self._planned = {}
+        self._probed = None  # the likelihood's probe, read once a request (_likelihood_probe)
         batch = _as_batch(batch, "the removed data")
         if batch[0].shape[0] == 0:
             raise InvalidRequestError("deletion request is empty: pass at least one removed point")
@@ -5899,10 +5902,10 @@ class MCMCUnlearner:
         # on the first request; a rank without removed rows has nothing to probe and defers to the others
         plain = categorical = True
         if y.numel():
-            from .kronecker import Likelihood, likelihood_and_columns
+            from .kronecker import Likelihood
 
             # the output's width from the probe's own forward (a second probe fired a user's hook once more)
-            kind, extra, columns = likelihood_and_columns(self.model, self._row_nll, raw)
+            kind, extra, columns = self._likelihood_probe(raw)
             categorical = kind is Likelihood.CATEGORICAL
             plain = categorical and set(extra) <= {"output"}
             # a Bernoulli likelihood (binary cross-entropy) is left unchecked too: the check reads the softmax
@@ -5935,9 +5938,9 @@ class MCMCUnlearner:
         if self._reduce is not None or len(raw) < 3 or not raw[0].shape[0]:
             return
         if self._later_labels_read is None:  # a likelihood recognised (a Gaussian's) reads no class labels at all
-            from .kronecker import Likelihood, likelihood_and_columns
+            from .kronecker import Likelihood
 
-            kind, _, self._output_width = likelihood_and_columns(self.model, self._row_nll, raw)
+            kind, _, self._output_width = self._likelihood_probe(raw)
             self._later_labels_read = kind is Likelihood.EMPIRICAL
         if not self._later_labels_read:
             return
@@ -6441,12 +6444,25 @@ class MCMCUnlearner:
     def _label_width(self, batch: Batch) -> int | None:
         """The model's output width as the removed rows ``batch`` show it (their ``nll`` was read); ``None`` where
         it cannot be read."""
-        from .kronecker import likelihood_and_columns
-
         try:
-            return likelihood_and_columns(self.model, self._row_nll, self._raw(batch))[2]
+            return self._likelihood_probe(self._raw(batch))[2]
         except Exception:
             return None
+
+    def _likelihood_probe(self, raw: Batch) -> tuple[Any, dict[str, Any], int | None]:
+        """:func:`~mcmc_unlearner.kronecker.likelihood_and_columns` on the rows ``raw`` (the likelihood, its extras,
+        the output's width), probed once a request: the label-range check (twice where it refuses), the first
+        request's label probe and the later-label check each probed the same removed rows (each probe runs ``nll``
+        several times and the model once, firing a user's hooks). Kept for the same tensors only (held weakly),
+        until the next request."""
+        from .kronecker import likelihood_and_columns
+
+        memo = self._probed
+        if memo is not None and len(memo[0]) == len(raw) and all(r() is t for r, t in zip(memo[0], raw)):
+            return memo[1]
+        found = likelihood_and_columns(self.model, self._row_nll, raw)
+        self._probed = ([weakref.ref(t) for t in raw], found)
+        return found
 
     def _label_refusal(self, label: int, where: str, batch: Batch) -> str:
         """The refusal of a remaining row whose class ``label`` ``nll`` cannot read (torch's "Target 9 is out of
