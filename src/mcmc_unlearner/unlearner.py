@@ -5055,6 +5055,8 @@ class MCMCUnlearner:
 
         Raises:
             ValueError: no bank; data that ``nll`` cannot read (nothing was changed).
+            IndexError: a remaining row's class label the model's output has no class for, the row named where the
+                labels are read without a pass (nothing was changed).
             MemoryError: the curvature does not fit the memory budget (nothing was changed).
             RuntimeError: called inside ``torch.inference_mode()``.
         """
