@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -268,24 +268,45 @@ def test_a_non_finite_gradient_refusal_leaves_the_minibatches_read_ahead_to_the_
     def nll(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.sqrt((m(b[0]).squeeze(-1) - b[1]) ** 2)  # 0/0 in its gradient at a residual of 0
 
-    banks, reads = [], []
-    for refused_first in (True, False):
+    bank = w.flatten()[None] + 0.01 * torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+
+    def make() -> MCMCUnlearner:
         model = torch.nn.Linear(3, 1, bias=False)
         model.weight.data.copy_(w)
-        bank = w.flatten()[None] + 0.01 * torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
-        un, taken = MCMCUnlearner(model, nll=nll, bank=bank.clone(), solver="cg", seed=0), [0]
-        data = _minibatches(x, y, 32, None, taken)
+        return MCMCUnlearner(model, nll=nll, bank=bank.clone(), solver="cg", seed=0)
+
+    def refuse(un: MCMCUnlearner, data: Iterator) -> None:
+        with pytest.raises(SolverDivergedError, match="not finite"):
+            un.propose((torch.zeros(2, 3), torch.zeros(2)), data, n_remaining=600)
+
+    _refused_then_applied(make, lambda taken: _minibatches(x, y, 32, None, taken), refuse, (x[:5], y[:5]), 595)
+
+
+def _refused_then_applied(
+    make: Callable[[], MCMCUnlearner],
+    data: Callable[[list[int]], Iterator],
+    refuse: Callable[[MCMCUnlearner, Iterator], None],
+    removed: tuple[torch.Tensor, ...],
+    n: int,
+) -> None:
+    """A refused request (``refuse(un, iterator)``, which raises) then the request for ``removed`` applied, both
+    reading one plain iterator ``data(taken)`` (minibatches counted in ``taken[0]``), against that request alone on
+    a fresh unlearner ``make()`` and iterator: the refusal leaves the samples as they were, and the two read the
+    iterator as far and move the samples to the bit alike (nothing the refused request read is lost)."""
+    banks, reads = [], []
+    for refused_first in (True, False):
+        un, taken = make(), [0]
+        start, stream = un.bank.clone(), data(taken)
         if refused_first:
-            with pytest.raises(SolverDivergedError, match="not finite"):
-                un.propose((torch.zeros(2, 3), torch.zeros(2)), data, n_remaining=600)
-            assert torch.equal(un.bank, bank)
+            refuse(un, stream)
+            assert torch.equal(un.bank, start)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            un.apply(un.propose((x[:5], y[:5]), data, n_remaining=595))
+            un.apply(un.propose(removed, stream, n_remaining=n))
         banks.append(un.bank.clone())
         reads.append(taken[0])
     assert reads[0] == reads[1] and torch.equal(banks[0], banks[1]), reads
-    assert not torch.equal(banks[1], bank)  # the request moved the samples
+    assert not torch.equal(banks[1], start)  # the request moved the samples
 
 
 def test_a_list_of_inference_tensors_is_read_as_its_rows() -> None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from mcmc_unlearner import MCMCUnlearner
 from test_emptied_label import _softmax_regression
 from test_label_range import BAD, _shuffled, _torch_said
-from test_stop62_leftovers import _minibatches
+from test_stop62_leftovers import _minibatches, _refused_then_applied
 
 pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
 
@@ -34,24 +35,23 @@ def test_a_kfac_memory_refusal_in_its_build_leaves_the_minibatches_to_the_next_r
     # the read-ahead) said "nothing was changed" and took the 20 minibatches read ahead from the caller's iterator:
     # the refused request then the next one read the iterator and move the samples as the next one alone
     model, nll, log_prior, bank, x, y = regression
-    banks, reads = [], []
-    for refused_first in (True, False):
-        un, taken = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver="kfac"), [0]
-        data = _minibatches(x[10:], y[10:], 30, None, taken)
-        budget, start = un.memory_budget, un.bank.clone()
-        if refused_first:
-            un.memory_budget = 4000  # the request's own floor fits; K-FAC's one row (about 10.6 KiB) does not
-            with pytest.raises(MemoryError, match=r"K-FAC needs about .* for one row at a time"):
-                un.propose((x[:10], y[:10]), data, n_remaining=190)
-            assert taken[0] == 20 and torch.equal(un.bank, start)  # read ahead before the build's refusal
-            un.memory_budget = budget
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            un.apply(un.propose((x[:10], y[:10]), data, n_remaining=190))
-        banks.append(un.bank.clone())
-        reads.append(taken[0])
-    assert reads[0] == reads[1] and torch.equal(banks[0], banks[1]), reads
-    assert not torch.equal(banks[1], start)  # the request moved the samples
+
+    def refuse(un: MCMCUnlearner, data: Iterator) -> None:
+        budget, un.memory_budget = un.memory_budget, 4000  # the request's floor fits; K-FAC's one row does not
+        with pytest.raises(MemoryError, match=r"K-FAC needs about .* for one row at a time"):
+            un.propose((x[:10], y[:10]), data, n_remaining=190)
+        un.memory_budget = budget
+
+    def data(taken: list[int]) -> Iterator:
+        return _minibatches(x[10:], y[10:], 30, None, taken)
+
+    def make() -> MCMCUnlearner:
+        return MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver="kfac")
+
+    taken = [0]
+    refuse(make(), data(taken))
+    assert taken[0] == 20  # read ahead before the build's refusal
+    _refused_then_applied(make, data, refuse, (x[:10], y[:10]), 190)
 
 
 @pytest.mark.parametrize("source", ["loader", "iterator"])
