@@ -2239,6 +2239,15 @@ class MCMCUnlearner:
         damping_shape: DampingShape | str = "auto",
         emptied_label: EmptiedLabel | str = "always",
     ) -> None:
+        if not isinstance(model, nn.Module):
+            # stop 63's probe: a function wrapping the model (``lambda x: net(x)``) failed with Python's bare
+            # "'function' object has no attribute 'named_parameters'"
+            raise TypeError(
+                f"model must be a torch.nn.Module (the network whose parameters the bank holds), got "
+                f"{type(model).__name__}: pass the module itself; a function around it (e.g. lambda x: net(x)) "
+                "hides the parameters the unlearner moves. Put what the function adds into the module's forward or "
+                "into nll(model, batch)"
+            )
         if eager(model) is not model and any(
             getattr(model, k, None)
             for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
