@@ -7,6 +7,11 @@ has no attribute 'named_parameters'"; it is refused naming ``torch.nn.Module`` a
 damping trials, 2.3 s, and was refused as "the check measured nan ± nan", naming neither the rows nor the ``nll``. The
 first check of ``nll`` (the removed rows, then the first remaining minibatch) now refuses it at once, naming how many
 rows and which.
+
+*An nll that writes into its batch in place* (``b[0].mul_(1.5)``, harmless in a user's loop over ``f[idx]`` copies)
+was given the caller's own rows: a refused request left the removed rows scaled by 1.5² and said "the forward pass is
+random ... nothing was changed". The first check now calls ``nll`` on copies and refuses a changed copy, naming the
+field and the out-of-place form; the caller's rows stay as they were.
 """
 
 from __future__ import annotations
@@ -62,3 +67,25 @@ def test_an_nll_nan_on_the_first_remaining_minibatch_is_refused_naming_it(chain:
     with pytest.raises(ValueError, match=r"is NaN on 1 of the \d+ rows read from the first remaining minibatch"):
         un.remove(removed, remaining)
     assert _unchanged(before, un)
+
+
+def test_an_nll_writing_into_its_batch_is_refused_and_the_rows_kept(chain: tuple) -> None:  # noqa: F811
+    model, nll, log_prior, bank, removed, remaining = _setup(chain)
+    rows, rest = tuple(t.clone() for t in removed), tuple(t.clone() for t in remaining)
+
+    def scaling(m, b):
+        b[0].mul_(1.5)  # in place
+        return nll(m, b)
+
+    before = [{k: v.clone() for k, v in s.items()} for s in bank]
+    un = MCMCUnlearner(model, nll=scaling, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(ValueError, match=r"writes into field 0 of its batch in place.*x = b\[0\]\.clone\(\)"):
+        un.remove(rows, rest)
+    assert torch.equal(rows[0], removed[0]) and torch.equal(rest[0], remaining[0]) and _unchanged(before, un)
+    # writing the values it read (a no-op clamp) changes nothing: accepted as before
+
+    def clamping(m, b):
+        b[0].clamp_(-1e9, 1e9)
+        return nll(m, b)
+
+    assert MCMCUnlearner(model, nll=clamping, log_prior=log_prior, bank=bank, seed=0).remove(rows, rest).passed

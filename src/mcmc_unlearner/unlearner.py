@@ -723,6 +723,17 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False, checked: bo
     )
 
 
+class _BatchWritten(ValueError):
+    """``nll`` wrote into the rows it was given (:meth:`MCMCUnlearner._nll_on_copies`)."""
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` still holds ``a``'s shape, dtype and values (NaN where ``a`` has NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all()))
+
+
 def _per_row(out: Any, rows: int) -> bool:
     """Whether ``nll``'s ``out`` holds one value per row of ``rows`` (shape ``[rows]``, or ``[rows, 1, ...]``)."""
     return isinstance(out, torch.Tensor) and out.numel() == rows and (out.ndim <= 1 or out.shape[0] == rows)
@@ -3040,9 +3051,11 @@ class MCMCUnlearner:
         try:
             with self._check_guard(), torch.no_grad():
                 if rows == k:  # one pass, as always
-                    out = self.nll(self.model, batch)
+                    out = self._nll_on_copies(batch, role)
                 else:
-                    out = self._check_nll_passes(batch, rows)
+                    out = self._check_nll_passes(batch, rows, role)
+        except _BatchWritten as e:  # (a ValueError of its own: not re-worded below as a failure of nll)
+            raise ValueError(str(e)) from None
         except AttributeError as e:
             raise AttributeError(
                 f"nll(model, {role} data) failed: {e}. The unlearner passes every batch to nll as a plain tuple of "
@@ -3153,7 +3166,30 @@ class MCMCUnlearner:
             return f"{list(shape)} for a pass of {rows} of them"
         return [d + (d - e) * (k - rows) for d, e in zip(shape, fewer)]
 
-    def _check_nll_passes(self, batch: Batch, rows: int) -> Any:
+    def _nll_on_copies(self, batch: Batch, role: str) -> Any:
+        """``nll(model, batch)`` on copies of ``batch``'s tensors; refuses an ``nll`` that changed a copy's values.
+
+        Every later evaluation passes ``nll`` the caller's own rows (detached views, many times a request), so an
+        ``nll`` that writes into its batch in place, harmless in a user's loop over ``f[idx]`` copies, changed the
+        caller's data: stop 63's probe (``b[0].mul_(1.5)``) left the removed rows scaled by 1.5² and was refused as
+        "the forward pass is random ... nothing was changed". The copies cost one pass of the rows this check
+        reads (its passes' rows where it reads them in passes).
+        """
+        copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in batch)
+        versions = [t._version if isinstance(t, torch.Tensor) else None for t in copies]
+        out = self.nll(self.model, copies)
+        for i, (a, b, v) in enumerate(zip(batch, copies, versions)):
+            if isinstance(a, torch.Tensor) and b._version != v and not _same_values(a, b):
+                raise _BatchWritten(
+                    f"nll(model, batch) writes into field {i} of its batch in place (e.g. b[{i}].mul_(...), "
+                    f"b[{i}] -= ..., b[{i}].clamp_(...)): the unlearner passes nll the caller's own {role} rows, many "
+                    "times a request, so every call would change your data (your loop's minibatches, f[idx], were "
+                    f"copies). Compute out of place (x = b[{i}] * c) or copy first (x = b[{i}].clone()); nothing "
+                    "was changed"
+                )
+        return out
+
+    def _check_nll_passes(self, batch: Batch, rows: int, role: str = "removed") -> Any:
         """``nll`` on ``batch`` in passes of ``rows`` rows (the last as full as the others: a mean over one row
         would look per-row), with the verdict of one pass over all of them: a failure raised in any pass comes
         before a wrong shape (a whole pass raises before its shape is judged); else the first pass's output that
@@ -3162,7 +3198,7 @@ class MCMCUnlearner:
         for s0 in range(0, k, rows):
             s0 = min(s0, k - rows)
             try:
-                out = self.nll(self.model, tuple(t[s0 : s0 + rows] for t in batch))
+                out = self._nll_on_copies(tuple(t[s0 : s0 + rows] for t in batch), role)
             except ValueError as e:
                 if getattr(e, "nll_shape", None) is None:
                     raise
