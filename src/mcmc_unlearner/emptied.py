@@ -110,7 +110,9 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
     finally:
         for h in handles:
             h.remove()
-    layer = next((mod for mod, o in outputs if o is out), None)
+    if isinstance(out, torch.distributions.Categorical):  # its logits: the last linear output, shifted per row
+        out = out.logits
+    layer = next((mod for mod, o in outputs if o is out and isinstance(o, torch.Tensor)), None)
     if layer is None and isinstance(out, torch.Tensor) and outputs:
         # model(x) = log_softmax(Linear(φ)) (an nn.LogSoftmax head for nll_loss), or any other per-row shift of the
         # last linear layer's output: the same softmax, so the same conditional, with that output as the logits

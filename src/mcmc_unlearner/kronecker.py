@@ -461,20 +461,27 @@ MAX_FACTOR_DIM = 4096
 def output_items(out: Any) -> list[tuple[Any, Any]] | None:
     """``(key, value)`` for each field of a tuple/list (by position), a dict (by key) or a ``@dataclass`` instance
     (by field name: a forward returning ``Output(logits=...)`` was read as no tensor at all, so K-FAC fell back to
-    the empirical Fisher and the emptied-label check did not run); ``None`` for any other output."""
+    the empirical Fisher and the emptied-label check did not run), ``("logits", out.logits)`` for a
+    ``torch.distributions.Categorical``; ``None`` for any other output."""
     if isinstance(out, Mapping):
         return list(out.items())
     if isinstance(out, (tuple, list)):
         return list(enumerate(out))
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    if isinstance(out, torch.distributions.Categorical):
+        # a forward returning Categorical(logits=...) (nll = -dist.log_prob(y)) was read as no tensor at all:
+        # K-FAC fell back to the empirical Fisher and the emptied-label check did not run (stop 63's probe)
+        return [("logits", out.logits)]
     return None
 
 
 def output_field(out: Any, key: Any) -> Any:
-    """``out[key]`` of a tuple/list/dict output, ``getattr(out, key)`` of a ``@dataclass`` one
+    """``out[key]`` of a tuple/list/dict output, ``getattr(out, key)`` of a ``@dataclass`` or ``Categorical`` one
     (:func:`output_items`)."""
-    if dataclasses.is_dataclass(out) and not isinstance(out, type) and not isinstance(out, Mapping):
+    if (dataclasses.is_dataclass(out) and not isinstance(out, type) and not isinstance(out, Mapping)) or isinstance(
+        out, torch.distributions.Categorical
+    ):
         return getattr(out, key)
     return out[key]
 
@@ -943,8 +950,8 @@ def likelihood_and_columns(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Li
             return (
                 Likelihood.EMPIRICAL,
                 {
-                    "reason": "model(x) is not a [B, ...] tensor (nor a tuple, dict or dataclass holding one) or "
-                    "the batch has no labels"
+                    "reason": "model(x) is not a [B, ...] tensor (nor a tuple, dict, dataclass or Categorical holding "
+                    "one) or the batch has no labels"
                 },
                 columns,
             )
