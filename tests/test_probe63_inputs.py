@@ -17,6 +17,9 @@ field and the out-of-place form; the caller's rows stay as they were.
 to the empirical Fisher and the emptied-label check did not run (both warned); a class removal was accepted with the
 class still the top prediction on 75% of its test digits (retraining 0%). Its logits are now read as a dataclass
 output's are.
+
+*Labels of another integer dtype* (``torch.from_numpy`` keeps numpy's int32) were refused with torch's "expected target
+dtype to be Long or Byte, but got Int" alone; the message now names the field and ``y.long()``.
 """
 
 from __future__ import annotations
@@ -132,3 +135,19 @@ def test_a_categorical_distribution_output_is_read_as_its_logits(chain: tuple) -
     assert dist.passed and "0" in str(dist.info.get("emptied_labels")) and dist.solver == plain.solver
     for a, b in zip(plain_samples, dist_samples):
         assert all(torch.allclose(a[k], b[f"lin.{k}"], atol=1e-7, rtol=0) for k in a)
+
+
+@pytest.mark.parametrize("where", ["removed", "remaining"])
+def test_int32_labels_are_refused_naming_the_cast(chain: tuple, where: str) -> None:  # noqa: F811
+    model, nll, log_prior, bank, removed, remaining = _setup(chain)
+    if where == "removed":
+        removed = (removed[0], removed[1].to(torch.int32))
+    else:
+        remaining = (remaining[0], remaining[1].to(torch.int32))
+    before = [{k: v.clone() for k, v in s.items()} for s in bank]
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(
+        RuntimeError, match=rf"nll\(model, {where} data\) failed.*Field\(s\) \[1\] are torch\.int32.*y\.long\(\)"
+    ):
+        un.remove(removed, remaining)
+    assert _unchanged(before, un)

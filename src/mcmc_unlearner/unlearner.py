@@ -3002,8 +3002,25 @@ class MCMCUnlearner:
         that fixes it; else ``""``. Only where torch's words ``said`` are about dtypes: an nll that casts such a field
         itself (a float32 weight column beside a float64 model) and failed otherwise (a label out of range, a field
         not there) was told to cast it, and float class labels to become float64 (stop 62's review)."""
-        if not _DTYPE_ERROR.search(said) or _INTEGER_WANTED.search(said):
+        if not _DTYPE_ERROR.search(said):
             return ""
+        if _INTEGER_WANTED.search(said):
+            # labels of another integer dtype (torch.from_numpy of numpy's int32): torch said only "expected target
+            # dtype to be Long or Byte, but got Int" (stop 63's probe)
+            narrow = [
+                i
+                for i, t in enumerate(batch)
+                if not t.is_floating_point()
+                and not t.is_complex()
+                and t.dtype not in (torch.int64, torch.uint8, torch.bool)
+            ]
+            if not narrow or "Long" not in said:
+                return ""
+            got = ", ".join(sorted({str(batch[i].dtype) for i in narrow}))
+            return (
+                f"Field(s) {narrow} are {got} where torch wants int64 labels: cast them (y.long(); torch.from_numpy "
+                "keeps numpy's int32), as the chain was sampled. "
+            )
         dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
         if len(dtypes) != 1:
             return ""
