@@ -181,3 +181,26 @@ def test_the_likelihood_is_probed_once_a_request(regression, monkeypatch, refuse
             assert un._output_width == 4
         assert len(probes) == (1 if once else 2), probes
     assert refused or torch.equal(banks[0], banks[1])
+
+
+def test_a_refusal_before_a_requests_own_reading_keeps_what_an_earlier_refusal_left(regression) -> None:
+    # a refused request leaves the minibatches it read ahead to the next request reading the iterator, which puts
+    # them back first; a refusal of that next request before its own reading (here a large removal's warning raised
+    # as an error, outside the blocks that kept them) took all 20 from the caller's iterator
+    model, nll, log_prior, bank, x, y = regression
+
+    def refuse(un: MCMCUnlearner, data: Iterator) -> None:
+        budget, un.memory_budget = un.memory_budget, 4000
+        with pytest.raises(MemoryError, match=r"K-FAC needs about .* for one row at a time"):
+            un.propose((x[:10], y[:10]), data, n_remaining=190)
+        un.memory_budget = budget
+        with warnings.catch_warnings(), pytest.raises(UserWarning, match="this request removes"):
+            warnings.simplefilter("error")
+            un.propose((x[:100], y[:100]), data, n_remaining=100)
+
+    def make() -> MCMCUnlearner:
+        return MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, solver="kfac")
+
+    _refused_then_applied(
+        make, lambda taken: _minibatches(x[10:], y[10:], 30, None, taken), refuse, (x[:10], y[:10]), 190
+    )

@@ -4868,6 +4868,16 @@ class MCMCUnlearner:
         held, self._held_first = self._held_first, None
         if held is not None and held[0] is remaining and stream.plain_iterator:
             stream.put_back(*held[1])  # fit() read it from this iterator to probe, and built nothing (auto took CG)
+        # a refusal from here on leaves the minibatches read ahead of their use to the next request reading a plain
+        # iterator (_unread_kept), those an earlier refusal left, put back above, among them: a refusal before this
+        # request's own reading (a large removal's warning raised as an error) took them from the caller
+        with self._unread_kept(stream):
+            return self._propose_read(batch, stream, t0, digests, again)
+
+    def _propose_read(
+        self, batch: Batch, stream: _Stream, t0: float, digests: list[bytes], again: str | None
+    ) -> Proposal:
+        """:meth:`_propose_unguarded` once the remaining data are a stream and the removed rows are checked."""
         self._check_remaining_labels(batch, stream)
         if (
             self._dense_probe is not None
@@ -4943,18 +4953,17 @@ class MCMCUnlearner:
             torch.get_rng_state() if expectation is Expectation.CHAIN and _uses_global_rng(self.sampler) else None
         )
         try:
-            with self._unread_kept(stream):
-                if not self._remaining_nll_checked:
-                    # before the removed rows' gradient: a process's first torch.func transform imports torch's
-                    # compiler stack (1-3 s), and a remaining-data source nll cannot read was refused only after it
-                    # (stop 45). The minibatch is read again by the request (peek leaves it to be read)
-                    self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
-                if not self._mixed_checked:
-                    self._check_mixed_rows(stream.peek())  # the removed rows in a remaining minibatch's company
-                if self._once_differentiable_op is not None:  # found by _check_forward
-                    raise _second_derivative_refusal(self._once_differentiable_op)
+            if not self._remaining_nll_checked:
+                # before the removed rows' gradient: a process's first torch.func transform imports torch's compiler
+                # stack (1-3 s), and a remaining-data source nll cannot read was refused only after it (stop 45).
+                # The minibatch is read again by the request (peek leaves it to be read)
+                self._check_nll(tuple(t[:FIT_DATA_ROWS] for t in stream.peek()), role="remaining")
+            if not self._mixed_checked:
+                self._check_mixed_rows(stream.peek())  # the removed rows in a remaining minibatch's company
+            if self._once_differentiable_op is not None:  # found by _check_forward
+                raise _second_derivative_refusal(self._once_differentiable_op)
             try:
-                with dense_embedding_grads(self.model), self._unread_kept(stream):
+                with dense_embedding_grads(self.model):
                     prop = self._propose(batch, stream, n, expectation, k)
             except IndexError as exc:
                 label = _label_out_of_bounds(exc)
