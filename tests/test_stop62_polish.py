@@ -204,3 +204,33 @@ def test_a_refusal_before_a_requests_own_reading_keeps_what_an_earlier_refusal_l
     _refused_then_applied(
         make, lambda taken: _minibatches(x[10:], y[10:], 30, None, taken), refuse, (x[:10], y[:10]), 190
     )
+
+
+def test_a_proposal_holds_none_of_the_minibatches_read_ahead(regression, monkeypatch) -> None:
+    # the read-ahead's copies of a plain iterator's minibatches, kept while the request runs for a refusal to give
+    # back, were kept by the proposal too (it holds the request's stream): 25 minibatches per proposal, freed after
+    # their use before
+    import gc
+    import weakref
+
+    from mcmc_unlearner.stream import _Stream
+
+    model, nll, log_prior, bank, x, y = regression
+    copies: list[weakref.ref] = []
+    real = _Stream.read_ahead
+
+    def read_ahead(self: _Stream, count: int, m: int) -> None:
+        real(self, count, m)
+        copies.extend(weakref.ref(t) for b in self._held for t in b)
+
+    monkeypatch.setattr(_Stream, "read_ahead", read_ahead)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    prop = un.propose((x[:10], y[:10]), _minibatches(x[10:], y[10:], 30, None, [0]), n_remaining=190)
+    gc.collect()
+    assert len(copies) >= 40 and [r for r in copies if r() is not None] == []
+    assert prop._data is not None  # (the proposal does hold the stream)
+    # nor the remaining labels a request gathered once (a RemovableDataset's kept rows: a copy of their labels)
+    from mcmc_unlearner.data import RemovableDataset
+
+    prop = un.propose((x[:10], y[:10]), RemovableDataset(x[10:], y[10:], batch_size=32, seed=0))
+    assert prop._data._once == {}

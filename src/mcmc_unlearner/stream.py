@@ -841,6 +841,13 @@ class _Stream:
         given, self._given = self._given or [], None
         return given + self.take_held()
 
+    def used(self) -> None:
+        """Keep no more the minibatches given since :meth:`read_ahead` (for :meth:`unread`), nor what :meth:`once`
+        read: the request that read them returned, and its proposal, which holds this stream, held every one of
+        them (25 copies of a plain iterator's minibatches, freed after their use before; a data set's kept labels)."""
+        self._given = None
+        self._once = {}
+
     def __next__(self) -> Batch:
         batch = self._next()
         return tuple(t.clone() for t in batch) if self._copying else batch

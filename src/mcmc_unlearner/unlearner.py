@@ -5349,6 +5349,7 @@ class MCMCUnlearner:
             if stream.plain_iterator:
                 self._held_first = (stream.source, stream.unread())
             raise
+        stream.used()  # (returned: the proposal holds the stream, not the minibatches it used)
 
     def _stream(self, remaining: Any, n_remaining: int | None) -> _Stream:
         """The remaining data as a request reads them (:class:`~mcmc_unlearner.stream._Stream`): a list of minibatches
