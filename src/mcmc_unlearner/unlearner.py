@@ -5165,6 +5165,9 @@ class MCMCUnlearner:
                 labels are read without a pass (nothing was changed).
             MemoryError: the curvature does not fit the memory budget (nothing was changed).
             RuntimeError: called inside ``torch.inference_mode()``.
+
+        On any of these the minibatches ``fit`` read from a plain iterator are consumed (unlike a refused request,
+        which leaves its read-ahead to the next one): pass a ``DataLoader`` or the rows to lose none.
         """
         t0 = time.perf_counter()
         _refuse_inference_mode()
