@@ -1622,3 +1622,28 @@ def test_a_second_measurement_on_the_checks_own_rows_is_judged_alone_not_pooled_
     change, se, m, k = check.confirm(x)
     w1, w2 = meas.rows * meas.draws, m * k
     assert out["pooled_nll_change"] == pytest.approx((w1 * meas.nll_change + w2 * change) / (w1 + w2), rel=1e-12)
+
+
+def test_a_step_already_cut_and_shortened_again_keeps_its_length_the_fraction_of_the_solvers_step() -> None:
+    """``length`` is the fraction of the solver's step taken (the sample shift scales each sample's own term by it,
+    the error bar too): a step the slope test's fallback cut to ``L`` (:meth:`DampingControl._along_bank_slope`,
+    which moves by ``L·x`` with the quadratics at ``L``) and then shortened to the measured minimum moves by ``α̂·x``
+    from the solver's ``x``, and its ``length`` is ``α̂``, not ``α̂ / L`` (it was the latter: the second cut's own
+    fraction)."""
+    torch.manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    H = Q @ torch.diag(torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], dtype=torch.float64)) @ Q.T
+    B = Q @ torch.diag(torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 12.0], dtype=torch.float64)) @ Q.T
+    G = Q @ torch.ones(6, dtype=torch.float64)
+    out = DampingControl(damping=0.0).step(_QuadraticBackend(B), G, _true_check(H, G))
+    alpha = out.shortened().length
+    assert alpha < 1
+    L = 0.5 * (1 + alpha)  # a cut the overshoot still passes
+    c2 = out.actual + out.gx
+    cut = replace(
+        out, x=L * out.x, gx=L * out.gx, actual=-L * out.gx + L * L * c2, stderr=L * L * out.stderr,
+        predicted=-L * out.gx + L * L * (out.predicted + out.gx), length=L, damping_quad=L * L * out.damping_quad,
+    )  # fmt: skip
+    again = cut.shortened()
+    assert again.length == pytest.approx(alpha, rel=1e-10)
+    torch.testing.assert_close(again.x, again.length * out.x, rtol=1e-10, atol=0)

@@ -45,6 +45,17 @@ docs/fashion-mnist.md). A step whose predicted and measured changes are both bel
 resolution (``Measurement.resolution``) is judged by the NLL safety net alone: its ratio is rounding noise. A
 request whose steps all fail is refused. A fixed ``damping`` disables the search, not the checks.
 
+**The bank's own slope** (``DampingControl(slope_eta=...)``, the requests' :data:`SLOPE_ETA` = 0.25). The direct and
+controlled measurements share the step's remainders, so ``G·x + actual − direct`` is the bank's own decrease of the
+remaining energy per unit step, which the model takes to be ``G·x``. A step whose bank slope is clearly (3 standard
+errors, the rows' and the draws') below a quarter of ``G·x`` is rejected like a failed ratio: the bank is not at
+equilibrium along it (a chain too short to have moved where only the removed rows pulled, or ``G``'s Monte-Carlo
+error pointing where the bank's energy does not fall), and the step would undo a pull the chain never made
+(stop 62: 30 inverted digits with random labels forgotten from a CELU MLP, K-FAC's data-shape step at ratio 0.99 took
+their NLL 3.8× and 5.9× as far as retraining did, the bank's slope 3% of ``G·x``; rejected, the identity shape's step
+moved them 1.07× and 0.88×). A search every step of which fails, some by this test alone, is searched again without
+it and its step cut to the bank's own minimum along it, or refused where the bank's energy does not fall along it.
+
 **Across requests** each applied step's measured rise of the held rows' NLL (less the prior's credit) is added up
 (:meth:`DampingControl.record`; the requests' errors in quadrature; each request measures other rows, so the sum
 telescopes to the rise since the first request) and reported, not judged: every request of a sequence can pass its
@@ -115,6 +126,12 @@ from .solvers import SolveResult
 
 log = logging.getLogger(__name__)  # each damping trial at DEBUG; a long search's progress at INFO
 
+#: The requests' ``DampingControl(slope_eta=...)``: the bank's own slope of the remaining-data energy along a step
+#: must not be clearly below this share of the model's ``G·x`` (the trust ratio's ``eta``).
+SLOPE_ETA = 0.25
+#: Standard errors by which the slope test (``DampingControl._slope_fails``) must be clear (the screen's ``screen_z``).
+SLOPE_Z = 3.0
+
 #: Seconds between the INFO lines of a long pass that otherwise logs at INFO only when it ends: a damping search
 #: running this long since it began or since its last such line says at INFO what its latest trial measured (each
 #: trial is also a DEBUG line); the unread embedding rows' check says how many rows it read. Requests on a
@@ -178,6 +195,10 @@ class Measurement:
         nll_draw_stderr: The part of ``nll_change``'s error that comes from measuring on ``draws`` of the bank's
             :attr:`EnergyCheck.population` samples (the spread of the draws' own mean changes, with the finite
             population's correction; 0 where every sample is measured or the population is not known).
+        slope_draw_stderr: The draws' part of the error of the bank's own slope ``direct − actual`` (the spread of
+            the draws' own ``∇E(θ_s)·x``, prior included, over ``√draws``), which ``stderr`` and ``direct_stderr``,
+            spreads over the rows, do not see: along a direction the remaining rows do not touch they are 0 and
+            the slope's whole error is the draws' (:meth:`DampingControl._bank_slope`).
     """
 
     actual: float
@@ -192,6 +213,7 @@ class Measurement:
     resolution: float = 0.0
     prior_per_row: float = 0.0
     nll_draw_stderr: float = 0.0
+    slope_draw_stderr: float = 0.0
 
 
 def _draws_tensor(thetas: Any) -> torch.Tensor:
@@ -486,8 +508,9 @@ class _Part:
         self.h0 = h0.detach()
         self.magnitude, self.scale = nll_unit(self.h0, self.c.reduce)
 
-    def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder (``torch.func``: vmapped
+    def _remainders(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, torch.Tensor]]:
+        """Per draw and row ``R`` and ``h(θ+x) − h(θ)``, and the summed prior remainder with the prior's linear term
+        ``∇(−log p)(θ_s)·x`` per draw (for the slope's error; ``torch.func``: vmapped
         over draws, or one draw at a time when the check does not vectorise; the rows in parts of ``row_chunk``,
         joined along the rows, when it is set)."""
         f, lp = self.c.f, self.c.lp
@@ -515,7 +538,8 @@ class _Part:
                 else:
                     h0, lin = jvp(lambda u: f(u, *rows), (t,), (x,))
                 if lp is None or not prior:  # the prior's remainder does not depend on the rows: the first part's
-                    return h1, h0, lin, torch.zeros((), dtype=h1.dtype), torch.zeros((), dtype=h1.dtype)
+                    zero = torch.zeros((), dtype=h1.dtype)
+                    return h1, h0, lin, zero, zero, zero
                 lp1 = lp(tx)
                 if difference:  # the prior's too (forward mode on D numbers cost 20 ms a draw on a 1.2M ResNet)
                     # one draw at a time log p(θ_s) is the value kept at the start (the same call on the same θ_s)
@@ -526,7 +550,7 @@ class _Part:
                         dlp = (lp(tp) - lp(tm)) / (2 * e)
                 else:
                     lp0, dlp = jvp(lp, (t,), (x,))
-                return h1, h0, lin, -lp1 + lp0 + dlp, lp1  # R of the energy's prior term −log p
+                return h1, h0, lin, -lp1 + lp0 + dlp, lp1, -dlp  # R of the energy's prior term −log p, its ∇·x
 
             with torch.no_grad():
                 if self.c.vectorise and not isinstance(self.thetas, torch.Tensor):
@@ -542,6 +566,8 @@ class _Part:
                     out = tuple(torch.stack(v) for v in zip(*(one(t, l0) for t, l0 in zip(self.thetas, kept))))
                 if i == 0 and lp is not None:  # log p(θ_s + x) of every draw, for _prior_change
                     lp1s = out[4]
+                if i == 0:
+                    prior_lin = out[5]
                 outs.append(out[:4])
         self._lp1 = None if lp1s is None else (x, x._version, lp1s)
         if len(outs) == 1:
@@ -553,9 +579,9 @@ class _Part:
             self._start(h0)
         if onesided:  # lin holds h(θ + εx): the quadratic through h(θ), h(θ + εx), h(θ + x)
             lin = (lin - self.h0 - e * e * (h1 - self.h0)) / (e * (1 - e))
-        return h1 - self.h0 - lin, h1 - self.h0, float(rp.sum())
+        return h1 - self.h0 - lin, h1 - self.h0, (float(rp.sum()), prior_lin.double().reshape(-1))
 
-    def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _remainders_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, torch.Tensor]]:
         """The same one draw at a time, with double-backward directional derivatives (no ``torch.func``)."""
         f, lp, rows = self.c.f, self.c.lp, self.rows
         parts = self.c.row_parts(rows)
@@ -572,6 +598,7 @@ class _Part:
             with torch.no_grad():
                 self._start(torch.stack([at(t) for t in self.thetas]))
         R, dh, prior = torch.zeros_like(self.h0), torch.zeros_like(self.h0), 0.0
+        prior_lin = torch.zeros(len(self.thetas), dtype=torch.float64)
         for s, t in enumerate(self.thetas):
             with torch.no_grad():
                 h1 = at(t + x)
@@ -580,18 +607,26 @@ class _Part:
             if lp is not None:
                 with torch.no_grad():
                     lp1 = float(lp(t + x))
-                prior += -lp1 + float(self.lp0[s]) + float(_directional(lambda u: lp(u).reshape(1), t, x)[0])
-        return R, dh, prior
+                dlp = float(_directional(lambda u: lp(u).reshape(1), t, x)[0])
+                prior += -lp1 + float(self.lp0[s]) + dlp
+                prior_lin[s] = -dlp
+        return R, dh, (prior, prior_lin)
 
     def measure(self, x: torch.Tensor) -> Measurement:
         try:
-            R, dh, prior = self._remainders(x)
+            R, dh, (prior, prior_lin) = self._remainders(x)
         except (RuntimeError, NotImplementedError, TypeError):
-            R, dh, prior = self._remainders_loop(x)
+            R, dh, (prior, prior_lin) = self._remainders_loop(x)
         K, n = self.thetas.shape[0], self.c.n
         per_row = R.double().mean(0)  # [m]: each held row's remainder averaged over the draws
         dh_row = dh.double().mean(0)
-        sums = self.c.reduce(torch.stack([per_row.sum(), (per_row**2).sum(), dh_row.sum(), (dh_row**2).sum()]))
+        lin_draw = (dh.double() - R.double()).sum(1)  # [K]: each draw's ∇h·x summed over this rank's rows
+        sums = torch.stack([per_row.sum(), (per_row**2).sum(), dh_row.sum(), (dh_row**2).sum()])
+        sums = self.c.reduce(torch.cat([sums, lin_draw]))  # one reduction: the rows' sums and the draws' slopes
+        slope_se = 0.0
+        if K > 1:  # the draws' own ∇E(θ_s)·x (prior included): their spread is the slope's error the rows miss
+            per_draw = n * sums[4:] / max(self.m, 1) + prior_lin.to(sums.device)
+            slope_se = math.sqrt(float(per_draw.var()) / K)
         mean, dmean = float(sums[0]) / self.m, float(sums[2]) / self.m
         denom = max(self.m - 1, 1)
         stderr = n * math.sqrt(max(float(sums[1]) / self.m - mean**2, 0.0) / denom)
@@ -612,7 +647,7 @@ class _Part:
             resolution *= 1 + (1 + e * e) / (e * (1 - e))
         return Measurement(
             actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m, resolution, prior_change / n,
-            draw_se,
+            draw_se, slope_se,
         )  # fmt: skip
 
     def _prior_change(self, x: torch.Tensor) -> float:
@@ -699,8 +734,8 @@ class StepOutcome:
         ``G·x / (2(actual + G·x))``. The curvature is taken at its *lower* confidence bound (``actual − 2·stderr``),
         so the returned length ``α̂`` is the longest the measurement allows: a step is shortened only when the
         overshoot is larger than the check's Monte-Carlo error (an exact Newton step on a Gaussian, whose ratio
-        is 1 up to that error, stays whole). With ``α̂ < 1`` the returned outcome moves by ``α̂x`` (``length`` =
-        α̂), with ``predicted``, ``actual`` and ``stderr`` those of the quadratics at ``α̂`` (``nll_change`` stays
+        is 1 up to that error, stays whole). With ``α̂ < 1`` the returned outcome moves by ``α̂x`` (``length``
+        times α̂), with ``predicted``, ``actual`` and ``stderr`` those of the quadratics at ``α̂`` (``nll_change`` stays
         the one measured at the full step, an upper bound for a convex fit). Unchanged when ``α̂ ≥ 1``, the step
         was rejected, or the energy is not clearly convex along it. With ``η = 0.25`` an accepted step has
         ``α̂ ≥ 4/7``.
@@ -725,7 +760,7 @@ class StepOutcome:
             ratio=actual / predicted if predicted < 0 else self.ratio,
             stderr=a * a * self.stderr,
             gx=a * gx,
-            length=a,
+            length=self.length * a,  # of the solver's step: a step already cut (_along_bank_slope) is cut further
             damping_quad=a * a * self.damping_quad,
         )
 
@@ -847,6 +882,9 @@ class DampingControl:
             term by ``−G·x``, exact only when ``G`` is the bank's own mean remaining-data gradient; a ``G`` with
             Monte-Carlo error credits the step for following that error, which the direct measurement does not.
             The unlearner's corrections across requests, whose ``G`` is measured at as few as one draw, use 2.
+        slope_eta: Reject a step along which the bank's own slope of the remaining-data energy is clearly less than
+            ``slope_eta`` of the slope ``−G·x`` the model assumes (``None``: no such test; see :meth:`_slope_fails`).
+            The unlearner's requests use :data:`SLOPE_ETA`.
     """
 
     def __init__(
@@ -860,6 +898,7 @@ class DampingControl:
         accept_z: float = 0.0,
         screen_accepts: bool = True,
         direct_z: float | None = None,
+        slope_eta: float | None = None,
     ):
         self.fixed: float | None = check_damping(damping)  # (shared with the CLI's parse-time check)
         if not 0 < eta < 1:
@@ -880,6 +919,10 @@ class DampingControl:
         if direct_z is not None and not (math.isfinite(direct_z) and direct_z >= 0):
             raise ValueError(f"direct_z must be a finite number >= 0 or None, got {direct_z}")
         self.direct_z = None if direct_z is None else float(direct_z)
+        if slope_eta is not None and not (math.isfinite(slope_eta) and 0 < slope_eta < 1):
+            raise ValueError(f"slope_eta must be a number in (0, 1) or None, got {slope_eta}")
+        self.slope_eta = None if slope_eta is None else float(slope_eta)
+        self._slope_failed = False  # whether a trial of the current step() failed the slope test
         self.shape = "identity"  # the damping shape the last request accepted
         self._relatives: dict[str, float] = {}  # per shape: the damping carried to the next request (× scale)
         #: the applied steps' summed NLL rise, its variance and the first request's NLL scale (:meth:`record`;
@@ -982,6 +1025,9 @@ class DampingControl:
             nll_ok = None
         if z is None and self._direct_rise(meas.direct, meas.direct_stderr):
             return False
+        if z is None and not (gx == 0.0 and pred == 0.0) and self._slope_fails(gx, meas):
+            self._slope_failed = True
+            return False
         if energy_ok is False or nll_ok is False:
             return False
         if energy_ok and nll_ok:
@@ -1033,6 +1079,55 @@ class DampingControl:
             return False
         return direct - self.direct_z * stderr > 0
 
+    def _slope_fails(self, gx: float, meas: Measurement) -> bool:
+        """Whether the bank's own slope of the remaining-data energy along the step is clearly less than
+        ``slope_eta`` of the model's ``G·x``: the bank is not at equilibrium along the step.
+
+        The direct and controlled measurements share the step's remainders, so ``direct − actual − (−G·x)`` is the
+        bank's mean remaining-energy gradient along ``x``, ``E_s[∇F(θ_s, S∖S')]·x``, which the model takes to be
+        ``−G·x`` (the removed rows' pull balanced by the rest at equilibrium). A chain too short to have moved
+        where only the removed rows pulled (first-layer weights of inputs that only they light up) has not
+        balanced that pull: ``G`` points there anyway, the remaining energy is flat there, and the step undoes a
+        pull the chain never made, pushing the removed rows far past retraining (30 inverted digits with random
+        labels: their NLL 1.9 → 35.6 nats against retraining's 10.8; the bank's slope along the step was 2.7% of
+        ``G·x``). Fails when even ``slope + z·stderr`` (``z`` = :data:`SLOPE_Z`; the error of :meth:`_bank_slope`)
+        is below ``slope_eta·G·x``; no test where ``G·x`` itself is within ``z·stderr`` of zero (the
+        measurement cannot tell the model's slope from none: 2σ failed 23 of a GMM run's 785 such tests, all on
+        steps 40× smaller than their error) or without a direct measurement."""
+        if self.slope_eta is None or not gx > 0:
+            return False
+        slope, err = self._bank_slope(gx, meas)
+        if not math.isfinite(slope + err):
+            return False
+        return gx > err and slope + err < self.slope_eta * gx
+
+    def _slope_untested(self, out: StepOutcome) -> bool:
+        """Whether an accepted step escaped the slope test by its size alone, after a larger one of the same search
+        failed it: its ``G·x`` within the test's error of 0, or its change below the check's floating-point
+        resolution. The search's damping shrinks a step whose slope share it cannot raise (along ``G`` itself) until
+        the error, whose floor is the rounding's, swamps it: on exact-posterior banks (tests/test_slope_check.py)
+        such a search ended at damping 10⁵–10⁷, taking a step of nothing or refused as below the parameters'
+        resolution ("more check rows or another solver"), where the bank's own energy rose along the step."""
+        meas = out.measurement
+        if meas is None or not out.gx > 0:
+            return out.negligible
+        _, err = self._bank_slope(out.gx, meas)
+        return out.negligible or (math.isfinite(err) and not out.gx > err)
+
+    @staticmethod
+    def _bank_slope(gx: float, meas: Measurement) -> tuple[float, float]:
+        """The bank's own slope ``G·x + actual − direct`` (``−E_s[∇F]·x``: the decrease per unit step the bank
+        itself shows) and :data:`SLOPE_Z` of its standard errors: the rows' (the two measurements' combined) and
+        the draws' (:attr:`Measurement.slope_draw_stderr`). Counting the rows alone, 12 of 100 banks of 8 exact
+        draws of a conjugate posterior failed the test along a weight only the removed rows touch, where the rows'
+        errors are 0 (tests/test_slope_check.py); the draws' spread brings that to none. ``nan`` without a direct
+        measurement."""
+        if not all(math.isfinite(v) for v in (meas.direct, meas.direct_stderr, meas.actual, meas.stderr)):
+            return math.nan, math.nan
+        draws = meas.slope_draw_stderr if math.isfinite(meas.slope_draw_stderr) else 0.0
+        err = SLOPE_Z * math.sqrt(meas.direct_stderr**2 + meas.stderr**2 + draws**2)
+        return gx + meas.actual - meas.direct, err
+
     def _saturated(
         self, backend: CurvatureBackend, G: torch.Tensor, prev: StepOutcome, out: StepOutcome, reach: float
     ) -> str | None:
@@ -1061,16 +1156,22 @@ class DampingControl:
         if not (dp <= mb.stderr and da <= mb.stderr and dn <= mb.nll_stderr and dq <= mb.nll_stderr):
             return None
         dd = abs(mb.direct - ma.direct)
+        # the most favourable within the two trials' differences: the bank's slope G·x + actual − direct too (with
+        # actual lowered by da, direct by dd + 2·da: the slope raised by da + dd, not changed by dd − da)
         worst = replace(
             mb,
             actual=mb.actual - da,
             nll_change=mb.nll_change - dn,
             prior_per_row=mb.prior_per_row - dq,
-            direct=mb.direct - dd if math.isfinite(dd) else mb.direct,
+            direct=mb.direct - dd - 2 * da if math.isfinite(dd) else mb.direct,
         )
         z = self.screen_z if out.screened else None
-        if any(self._verdict(p, out.gx, worst, z) is not False for p in (out.predicted - dp, out.predicted + dp)):
-            return None
+        slope_failed = self._slope_failed  # a verdict on this hypothetical measurement is no trial's
+        try:
+            if any(self._verdict(p, out.gx, worst, z) is not False for p in (out.predicted - dp, out.predicted + dp)):
+                return None
+        finally:
+            self._slope_failed = slope_failed
         try:
             far = backend.solve(G, reach).x
         except NegativeCurvatureError:
@@ -1238,6 +1339,8 @@ class DampingControl:
         ``x_ε`` its damped solve), is taken off.
         """
         self._search_start = self._progress_at = time.perf_counter()
+        self._slope_failed = False
+        carried = dict(self._relatives)  # the search again without the slope test starts where this one did
         offered = tuple(getattr(backend, "damping_shapes", ("identity",)))
         asked = (self.shape,) if shapes is None else tuple(shapes)
         wanted = [sh for sh in asked if sh in offered] or ["identity"]
@@ -1285,9 +1388,68 @@ class DampingControl:
             if not accepted:
                 best.note = "; ".join(f"{r.shape} damping: {r.note}" for r in results if r.note)
         backend.damping_shape = best.shape
+        if self._slope_failed and self.slope_eta is not None and (not best.safe or self._slope_untested(best)):
+            self._relatives = carried
+            return self._along_bank_slope(backend, G, check, shapes, noise, best)
         if best.safe and self.fixed is None:
             self.shape = best.shape
         return best
+
+    def _along_bank_slope(
+        self,
+        backend: CurvatureBackend,
+        G: torch.Tensor,
+        check: Callable[[torch.Tensor], Any],
+        shapes: Sequence[str] | None,
+        noise: torch.Tensor | None,
+        failed: StepOutcome,
+    ) -> StepOutcome:
+        """A search every step of which failed, some by the slope test alone: searched again without it, and the
+        step it accepts cut to the minimiser of the bank's *own* energy along it.
+
+        Damping cannot remove the part of ``G`` the bank has not balanced when it dominates (as the damping grows
+        the step tends to ``G`` itself, whose slope share stays below ``slope_eta``). Along the step the bank's
+        energy is ``φ(αx) ≈ −α·slope + α²(actual + G·x)``; the step is cut to ``α̂ = (slope + z·stderr) / (2(actual
+        + G·x − 2·stderr))`` (the longest the two measurements allow; :meth:`StepOutcome.shortened` with the bank's
+        slope in place of ``G·x``) when that is below 1. The failed search's trials stay in the history."""
+        eta, self.slope_eta = self.slope_eta, None
+        try:
+            again = self.step(backend, G, check, shapes=shapes, noise=noise)
+        finally:
+            self.slope_eta = eta
+        history = failed.history + again.history
+        meas = again.measurement
+        if not again.safe or meas is None:
+            return replace(again, history=history, trials=len(history))
+        slope, err = self._bank_slope(again.gx, meas)
+        c2_low = meas.actual + again.gx - 2.0 * (meas.stderr if math.isfinite(meas.stderr) else 0.0)
+        if not math.isfinite(slope + err):  # no direct measurement of the step taken: the model's step
+            return replace(again, history=history, trials=len(history))
+        # the bank's energy does not fall along the step at any length: refused (also where its curvature is not
+        # resolved, c2_low <= 0, which leaves no finite minimum to cut to but no fall either)
+        a = (slope + err) / (2.0 * c2_low) if c2_low > 0 else math.inf if slope + err > 0 else 0.0
+        if not a > 0:
+            why = (
+                f"the bank's own energy does not fall along the step (its slope {slope:.4g} ± {err / SLOPE_Z:.2g} "
+                f"against the model's {again.gx:.4g}): its draws are not at equilibrium along it (a chain too short "
+                "to have moved where only the removed rows pulled), or G's Monte-Carlo error points the step where "
+                "they are; longer chains or more draws for G (grad_draws, a larger bank) help, and "
+                "`unlearner.control.slope_eta = None` takes the model's step anyway"
+            )
+            note = f"{failed.note}; {why}" if failed.note and not failed.safe else why
+            return replace(failed, safe=False, note=note, history=history, trials=len(history))
+        if not (math.isfinite(a) and a < 1):
+            return replace(again, history=history, trials=len(history))
+        log.info("the bank's own slope along the step is %.3g of G·x: the step is cut to %.3g of its length",
+                 slope / again.gx, a)  # fmt: skip
+        c2 = meas.actual + again.gx
+        actual = -a * again.gx + a * a * c2
+        predicted = -a * again.gx + a * a * (again.predicted + again.gx)
+        return replace(
+            again, x=a * again.x, predicted=predicted, actual=actual, stderr=a * a * again.stderr, gx=a * again.gx,
+            ratio=actual / predicted if predicted < 0 else again.ratio, length=a,
+            damping_quad=a * a * again.damping_quad, history=history, trials=len(history),
+        )  # fmt: skip
 
     def _search(
         self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any], shape: str

@@ -1,0 +1,329 @@
+"""The slope test (``DampingControl(slope_eta=...)``): a bank not at equilibrium along a step is not moved along it.
+
+A conjugate linear regression whose third input only the removed rows light up: the remaining rows' exact posterior
+is the prior ``N(0, 1)`` along that weight and independent of the others. The bank holds exact draws of the
+full-data posterior along the first two weights but, along the third, draws of the prior (a chain too short to have
+moved where only the removed rows pulled): it is already at the remaining posterior there, so the right step along
+it is none, while ``G``'s third component (the removed rows' unbalanced pull) makes the model's Newton step move the
+third weight by many prior standard deviations (the far-rows overshoot of stop 62's probe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+from mcmc_unlearner.errors import QualityError
+from mcmc_unlearner.models.linreg import BayesianLinearRegression, exact_posterior
+from mcmc_unlearner.step import SLOPE_ETA, DampingControl, Measurement, StepOutcome
+
+S = 64  # bank draws
+
+
+def _problem(live: float, shift: float = 0.0):
+    """Rows, removed ids, the bank, the remaining rows' exact posterior mean and ``H_r = I + X_rᵀX_r``; the removed
+    rows' labels are also off by ``live·sign(x₀)`` (a pull the first two weights saw and the bank balanced); the
+    bank's third weight is drawn from the prior moved by ``shift``."""
+    g = torch.Generator().manual_seed(0)
+    n, removed = 400, 20
+    x = torch.randn(n, 3, generator=g)
+    x[:, 2] = 0.0
+    x[-removed:, 2] = 1.0  # only the removed rows light up the third input
+    y = x[:, :2] @ torch.tensor([1.0, -0.5]) + torch.randn(n, generator=g)
+    y[-removed:] += 2.0 + live * torch.sign(x[-removed:, 0])
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[-removed:] = False
+    m_all, c_all = (t.float() for t in exact_posterior(x, y))
+    m_kept = exact_posterior(x[keep], y[keep])[0].double()
+    draws = m_all + torch.randn(S, 3, generator=g) @ torch.linalg.cholesky(c_all).T
+    draws[:, 2] = torch.randn(S, generator=g) + shift  # the chain never moved along the third weight: the prior's
+    H_r = torch.eye(3, dtype=torch.float64) + x[keep].double().T @ x[keep].double()
+    return x, y, torch.arange(n - removed, n), draws, m_kept, H_r
+
+
+def _forget(live: float, slope_eta: float | None, shift: float = 0.0):
+    x, y, removed, draws, m_kept, H_r = _problem(live, shift)
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=draws.clone(), curvature_draws=4)
+    un.control.slope_eta = slope_eta
+    return un, lambda: un.forget(removed, RemovableDataset(x, y, batch_size=50, seed=0)), draws, m_kept, H_r
+
+
+def _bank_minimiser(draws: torch.Tensor, m_kept: torch.Tensor, H_r: torch.Tensor, u: torch.Tensor) -> float:
+    """Closed form: the length along ``u`` minimising the draws' mean remaining-data energy (a quadratic with
+    gradient ``H_r(θ − m_kept)``)."""
+    slope = H_r @ (draws.double().mean(0) - m_kept)
+    return float(-(slope @ u) / (u @ H_r @ u))
+
+
+def test_the_defaults_do_not_move_the_bank_where_it_is_already_at_the_remaining_posterior() -> None:
+    """Without the test the undamped exact step is taken (the model is exact along it) and moves the third weight by
+    more than 10 prior standard deviations, a step along which the bank's own remaining energy is lowest at under
+    5% of its length. With the defaults the damping grows until the step's slope share passes: the third weight
+    moves by less than one prior standard deviation, the first two within 30% of their exact shift, and the bank's
+    energy along the step taken is lowest within a third of its full length."""
+    un, forget, draws, m_kept, H_r = _forget(3.0, None)
+    plain = forget()
+    u = (un.bank - draws).double().mean(0)
+    assert plain.safe and plain.damping == 0.0
+    assert float(u[2]) < -10.0
+    assert abs(_bank_minimiser(draws, m_kept, H_r, u)) < 0.05
+    un, forget, draws, m_kept, H_r = _forget(3.0, SLOPE_ETA)
+    report = forget()
+    u = (un.bank - draws).double().mean(0)
+    assert report.safe and report.damping > 0
+    assert abs(float(u[2])) < 1.0
+    exact = (m_kept - draws.double().mean(0))[:2]
+    assert float((u[:2] - exact).norm()) < 0.3 * float(exact.norm())
+    assert 0.75 < _bank_minimiser(draws, m_kept, H_r, u) < 1.33
+
+
+def test_a_step_along_which_the_banks_energy_does_not_fall_is_refused_and_nothing_changes() -> None:
+    """Only the unbalanced pull (no live misfit), the bank's third weight two prior deviations past the remaining
+    posterior's mean on the side the step moves it to: every damping's step tends to ``G``, whose slope share stays
+    below ``slope_eta``, and the search again without the test finds a step along which the bank's own energy
+    clearly rises (by more than its draws' error): refused, naming the cause and the override, the bank as it was.
+    (Drawn from the prior itself, the bank is at the remaining posterior along that weight and its slope is the
+    8 check draws' noise: the refusal then hung on that noise's sign before the draws' error was counted.)"""
+    un, forget, draws, _, _ = _forget(0.0, SLOPE_ETA, shift=-2.0)
+    with pytest.raises(QualityError, match="not at equilibrium along it") as info:
+        forget()
+    assert "slope_eta = None" in str(info.value)
+    assert torch.equal(un.bank, draws)
+
+
+def test_a_search_failed_by_the_slope_test_alone_takes_the_step_cut_to_the_banks_own_minimum() -> None:
+    """A bank whose slope along every step is 10% of ``G·x`` (an exact quadratic model, no measurement noise):
+    every damping fails the test, the search without it takes the undamped Newton step, and the step is cut to
+    the minimiser of the bank's energy along it, ``φ(α) = −0.1α·G·x + ½α²·G·x``: ``α = 0.1`` exactly."""
+    from test_step import _QuadraticBackend
+
+    H = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    G = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+
+    def check(x: torch.Tensor) -> Measurement:
+        gx, quad = float(G @ x), float(x @ H @ x)
+        actual = -gx + 0.5 * quad  # the model is exact: ratio 1
+        direct = -0.1 * gx + 0.5 * quad  # the bank's own slope is a tenth of the model's
+        return Measurement(actual, 0.0, 0.0, direct=direct, direct_stderr=0.0, nll_scale=1.0, nll_stderr=0.0)
+
+    plain = DampingControl().step(_QuadraticBackend(H), G, check)
+    assert plain.safe and plain.damping == 0.0 and plain.length == 1.0
+    out = DampingControl(slope_eta=SLOPE_ETA).step(_QuadraticBackend(H), G, check)
+    assert out.safe and out.damping == 0.0
+    assert out.length == pytest.approx(0.1, rel=1e-9)
+    assert torch.allclose(out.x, 0.1 * torch.linalg.solve(H, G))
+    assert out.trials == len(out.history) > plain.trials  # the failed search's trials are kept
+
+
+def _measurement(gx: float, slope: float, se: float) -> Measurement:
+    """A measurement whose bank slope along the step is ``slope`` (``direct − actual = gx − slope``)."""
+    actual = -0.5 * gx
+    return Measurement(actual, se, 0.0, direct=actual + gx - slope, direct_stderr=se, nll_scale=1.0, nll_stderr=0.01)
+
+
+@pytest.mark.parametrize(
+    ("gx", "slope", "se", "fails"),
+    [
+        (100.0, 2.0, 1.0, True),  # the bank shows 2% of the model's slope, clear by many errors
+        (100.0, 30.0, 1.0, False),  # 30%: above slope_eta
+        (100.0, 10.0, 5.0, False),  # 10% but within 3 errors of 25%
+        (0.5, -3.0, 1.0, False),  # the model's own slope within its error: no test
+    ],
+)
+def test_the_slope_test_fails_only_a_clear_shortfall(gx: float, slope: float, se: float, fails: bool) -> None:
+    control = DampingControl(slope_eta=0.25)
+    assert control._slope_fails(gx, _measurement(gx, slope, se)) is fails
+    assert DampingControl()._slope_fails(gx, _measurement(gx, slope, se)) is False  # off by default
+
+
+def test_slope_eta_must_be_in_the_open_unit_interval() -> None:
+    for bad in (0.0, 1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="slope_eta"):
+            DampingControl(slope_eta=bad)
+
+
+def _at_equilibrium(seed: int, removed: int = 10, draws: int = 8):
+    """A bank of exact draws of the full-data posterior (at equilibrium along every direction) whose third input
+    only the removed rows light up (and nothing else of theirs): along it the remaining rows' gradients are zero,
+    so the slope's error is all the draws' (``∇(−log p)·x`` of each draw). Rows, removed ids, the draws and the
+    exact ``G`` (``E[∇F(θ, S∖S')] = −G`` over the full posterior)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 400
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    x[:, 2] = 0.0
+    x[-removed:, :2] = 0.0
+    x[-removed:, 2] = 1.0
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    w[2] = 0.0
+    y = x @ w + torch.randn(n, generator=g, dtype=torch.float64)
+    m_all, c_all = exact_posterior(x, y)
+    m_kept, c_kept = exact_posterior(x[:-removed], y[:-removed])
+    G = -torch.linalg.solve(c_kept, m_all - m_kept)
+    bank = m_all + torch.randn(draws, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T
+    return x, y, torch.arange(n - removed, n), bank, G, torch.linalg.inv(c_kept)
+
+
+def test_the_slope_error_counts_the_draws_so_a_bank_at_equilibrium_passes() -> None:
+    """At an exact posterior with the exact ``G`` the bank's slope along the Newton step equals ``G·x`` in
+    expectation; along the third weight only the 8 draws' spread makes it noisy, which the rows' errors do not
+    see (0 there). Counting the rows alone failed 12 of 100 such banks; with the draws' spread the 3-error test
+    should fail about none (a t-distributed z with 7 degrees of freedom past 3 + 0.75·G·x/SE)."""
+    from mcmc_unlearner.step import EnergyCheck
+
+    def nll(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (b - a @ t) ** 2
+
+    def log_prior(t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (t**2).sum()
+
+    control, fails = DampingControl(slope_eta=SLOPE_ETA), 0
+    for seed in range(100):
+        x, y, removed, bank, G, H_r = _at_equilibrium(seed)
+        kept = (x[: removed[0]], y[: removed[0]])
+        check = EnergyCheck(nll, log_prior, bank, kept, kept[0].shape[0], G)
+        step = torch.linalg.solve(H_r, G)
+        meas = check(step)
+        assert meas.stderr < 1e-9 * abs(float(G @ step))  # the rows see nothing of the step along the third weight
+        fails += control._slope_fails(float(G @ step), meas)
+    assert fails <= 2
+
+
+@pytest.mark.parametrize("seed", [8, 13])
+def test_a_request_on_a_bank_at_equilibrium_is_not_refused_by_the_slope_test(seed: int) -> None:
+    """Two banks of 64 exact draws at the full-data posterior whose requests the slope test refused or held back
+    (its error counted the rows alone): the request takes the step it takes without the test."""
+    x, y, removed, _, _, _ = _at_equilibrium(seed, draws=64)
+    g = torch.Generator().manual_seed(seed + 1000)
+    m_all, c_all = exact_posterior(x, y)
+    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    banks, reports = [], []
+    for slope_eta in (None, SLOPE_ETA):
+        un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+        un.control.slope_eta = slope_eta
+        reports.append(un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0)))
+        banks.append(un.bank.clone())
+    assert reports[1].safe and reports[1].damping == reports[0].damping
+    assert reports[1].step_length == reports[0].step_length
+    assert torch.equal(banks[1], banks[0]) and not torch.equal(banks[1], bank)
+
+
+def _scripted(slope_share: float, stderr: Callable[[torch.Tensor, float, float], float], direct: float = 1.0):
+    """An exact quadratic model whose bank slope is ``slope_share`` of ``G·x``, with ``stderr(x, G·x, xᵀHx)`` as
+    the controlled measurement's error and ``direct`` times it as the direct one's."""
+    from test_step import _QuadraticBackend
+
+    H = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    G = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+
+    def check(x: torch.Tensor) -> Measurement:
+        gx, quad = float(G @ x), float(x @ H @ x)
+        se = stderr(x, gx, quad)
+        direct_change = -slope_share * gx + 0.5 * quad
+        return Measurement(
+            -gx + 0.5 * quad, se, 0.0, direct=direct_change, direct_stderr=direct * se, nll_scale=1.0, nll_stderr=0.0
+        )
+
+    return _QuadraticBackend(H), G, check
+
+
+def test_a_step_along_which_the_banks_energy_rises_is_refused_also_where_its_curvature_is_unresolved() -> None:
+    """The bank's energy clearly rises along every step (slope −2·G·x, below 0 by more than its 3 errors, 0.9·G·x:
+    the controlled measurement's error is 0.3 of ``xᵀHx = G·x``, the direct one's 0), whose curvature's lower bound
+    ``actual + G·x − 2·stderr`` is below 0: refused like a step whose curvature is resolved, not taken whole (it was:
+    the unresolved curvature set the cut to ∞)."""
+    backend, G, check = _scripted(-2.0, lambda x, gx, quad: 0.3 * quad, direct=0.0)
+    out = DampingControl(slope_eta=SLOPE_ETA).step(backend, G, check)
+    assert not out.safe
+    assert "does not fall along the step" in out.note
+
+
+def test_a_search_that_escapes_the_slope_test_by_shrinking_its_step_is_judged_at_the_undamped_step() -> None:
+    """A bank of exact draws whose ``G`` (64 draws × 10 rows) has the wrong sign along the third weight: the bank's
+    energy rises along every step. The damping search shrank the step until the check's rounding flipped the
+    slope's sign (damping 2.4·10⁷) and accepted that, refused by the unlearner as below the parameters' resolution
+    ("more check rows or another solver"). The step taken without the test, searched from the damping the request
+    started with, is judged: refused for the bank's energy, naming G's error, and the bank is as it was."""
+    x, y, removed, _, _, _ = _at_equilibrium(15, draws=64)
+    g = torch.Generator().manual_seed(15 + 1000)
+    m_all, c_all = exact_posterior(x, y)
+    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    state = un.control.state()
+    with pytest.raises(QualityError, match="does not fall along the step") as info:
+        un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    assert "Monte-Carlo error" in str(info.value)
+    assert torch.equal(un.bank, bank) and un.control.state() == state
+
+
+def test_a_relative_newton_steps_slope_is_the_banks_own_along_it_from_where_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``newton_target="relative"``: a further step ``p`` is measured from the moved bank ``θ + x`` (its ``actual``
+    less the energy change ``φ`` already made), and the slope test reads ``G·p + actual − direct`` as the bank's own
+    slope along ``p``. Its ``direct`` is then the change from ``θ + x`` too: the change from the original bank added
+    ``−direct(x)``, the first step's whole fall (here twice the bank's own slope), to the slope. The slope read off
+    each further step's check equals that of the same check placed at the moved bank, up to rounding."""
+    from mcmc_unlearner.step import EnergyCheck
+
+    seen: list[tuple[torch.Tensor, Callable[[torch.Tensor], Measurement]]] = []
+    real = DampingControl.step
+
+    def spy(self: DampingControl, backend, G: torch.Tensor, check, **kw):
+        if not isinstance(check, EnergyCheck):  # a relative further step's check (a closure over the first's)
+            seen.append((G.clone(), check))
+        return real(self, backend, G, check, **kw)
+
+    monkeypatch.setattr(DampingControl, "step", spy)
+    x, y, removed, _, _, H_r = _at_equilibrium(8, draws=64)
+    g = torch.Generator().manual_seed(1008)
+    m_all, c_all = exact_posterior(x, y)
+    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank, newton_steps=2, newton_target="relative", damping=1.0)
+    un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    assert seen
+    for G, shifted in seen:
+        cells = dict(zip(shifted.__code__.co_freevars, (c.cell_contents for c in shifted.__closure__)))
+        check, moved = cells["check"], shifted.__defaults__[0]
+        p = torch.linalg.solve(H_r.float(), G)
+        gx = float(G @ p)
+        slope = DampingControl._bank_slope(gx, shifted(p))[0]
+        truth = DampingControl._bank_slope(gx, check.at(check.thetas + moved, G)(p))[0]
+        assert slope == pytest.approx(truth, rel=1e-4, abs=1e-9)
+
+
+def test_the_saturation_tests_hypothetical_measurement_fails_no_trial_by_the_slope(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_saturated`` judges a measurement made up of two failed trials' (the most favourable within their
+    differences); a slope-test failure there is no trial's and must not mark the search as failed by the slope test
+    (which sends it to the search again without the test and the cut). It did, and with the slope made lower than
+    either trial's (actual lowered by ``da``, direct by ``dd``: the slope moved by ``dd − da``): two trials failing
+    the ratio whose slopes, 0.16 and 0.12, pass the test (0.25 of ``G·x`` less 3 errors of 0.05) were read as 0.08."""
+    from test_step import _QuadraticBackend
+
+    G = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    backend = _QuadraticBackend(torch.eye(2, dtype=torch.float64))
+    backend.cheap_damping = True
+    control = DampingControl(slope_eta=SLOPE_ETA)
+
+    def outcome(x: torch.Tensor, actual: float) -> StepOutcome:
+        m = Measurement(actual, 0.05, 0.0, direct=0.74, direct_stderr=0.0, nll_scale=1.0, nll_stderr=0.01, draws=8)
+        gx = float(G @ x)
+        return StepOutcome(x, None, 1.0, 1, -0.6, actual, actual / -0.6, 0.05, 0.0, False, gx=gx, measurement=m)  # type: ignore[arg-type]
+
+    x = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    prev, out = outcome(x, -0.10), outcome(0.999 * x, -0.14)  # ratios 0.17 and 0.23: both fail
+    assert not control._slope_fails(prev.gx, prev.measurement) and not control._slope_fails(out.gx, out.measurement)
+    seen: list[float] = []
+    real = DampingControl._bank_slope
+    monkeypatch.setattr(
+        DampingControl, "_bank_slope", staticmethod(lambda gx, m: seen.append(real(gx, m)[0]) or real(gx, m))
+    )
+    control._saturated(backend, G, prev, out, 10.0)
+    assert control._slope_failed is False
+    # the slope judged is the most favourable: the later trial's 0.119 + 0.04 (da) + 0 (dd)
+    assert seen and all(s == pytest.approx(0.999 - 0.14 - 0.74 + 0.04) for s in seen)
