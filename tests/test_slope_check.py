@@ -327,3 +327,52 @@ def test_the_saturation_tests_hypothetical_measurement_fails_no_trial_by_the_slo
     assert control._slope_failed is False
     # the slope judged is the most favourable: the later trial's 0.119 + 0.04 (da) + 0 (dd)
     assert seen and all(s == pytest.approx(0.999 - 0.14 - 0.74 + 0.04) for s in seen)
+
+
+def test_slope_eta_is_an_option_kept_in_the_configuration_and_a_saved_folder(tmp_path) -> None:
+    """``MCMCUnlearner(slope_eta=...)`` sets the control's, ``config()`` holds it (0 for off: a stored ``None`` would
+    be read back as the default) and a saved folder loads with it, also after ``un.control.slope_eta`` was changed."""
+    from conftest import save_gmm, tiny_gmm
+    from mcmc_unlearner.store import load_model
+
+    _, _, _, draws, _, _ = _problem(0.0)
+    for given, control, config in (
+        (SLOPE_ETA, SLOPE_ETA, SLOPE_ETA),
+        (0.1, 0.1, 0.1),
+        (0, None, 0.0),
+        (None, None, 0.0),
+    ):
+        un = MCMCUnlearner(BayesianLinearRegression(3), bank=draws, slope_eta=given)
+        assert un.control.slope_eta == control and un.config()["slope_eta"] == config
+    assert MCMCUnlearner(BayesianLinearRegression(3), bank=draws).control.slope_eta == SLOPE_ETA
+    objs = tiny_gmm(bank=3, burn=5)
+    for value in (0.1, None):
+        objs[3].control.slope_eta = value
+        loaded = load_model(save_gmm(tmp_path / f"m{value}", objs))
+        assert loaded.unlearner.control.slope_eta == value
+        assert loaded.unlearner.config() == objs[3].config()
+
+
+def test_slope_eta_zero_takes_the_step_the_test_would_hold_back() -> None:
+    """The option off (``slope_eta=0``) is the control's ``None``: the same bank to the bit, and not the default's
+    (the far weight's step the default holds back)."""
+    banks = []
+    for off in ("option", "control", None):
+        x, y, removed, draws, _, _ = _problem(0.0)
+        un = MCMCUnlearner(BayesianLinearRegression(3), bank=draws.clone(), curvature_draws=4,
+                           slope_eta=0 if off == "option" else SLOPE_ETA)  # fmt: skip
+        if off == "control":
+            un.control.slope_eta = None
+        un.forget(removed, RemovableDataset(x, y, batch_size=50, seed=0))
+        banks.append(un.bank.clone())
+    assert torch.equal(banks[0], banks[1]) and not torch.equal(banks[0], banks[2])
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, math.nan, math.inf, "0.2", True])
+def test_a_bad_slope_eta_is_refused_by_name_before_any_work(bad) -> None:
+    draws = _problem(0.0)[3]
+    model = BayesianLinearRegression(3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^slope_eta must be a number in \[0, 1\).*0 or None: no slope test"):
+        MCMCUnlearner(model, bank=draws, slope_eta=bad)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -349,6 +349,17 @@ def _recenter_every(v: Any) -> Any:
     return whole("recenter_every", v, 0, "must be >= 0 (0: off), an integer")
 
 
+def _slope_eta(v: Any) -> float:
+    if v is None:
+        return 0.0
+    if not (is_number(v) and finite(v) and 0 <= float(v) < 1):
+        raise ValueError(
+            "slope_eta must be a number in [0, 1), the share of the model's G·x the bank's own slope along a step "
+            f"must not clearly fall below (0 or None: no slope test; the default 0.25), got {shown_value(v)}"
+        )
+    return float(v)
+
+
 def _memory_budget(v: Any) -> int:
     from .memory import resolve_budget  # (torch-free)
 
@@ -366,6 +377,7 @@ _OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
     "bank_shift": lambda v: v if v == "auto" else choice(BankShift, "bank_shift", v, extra=("auto",)),
     "check_screen": lambda v: ScreenMode.parse(v),
     "max_damping_trials": lambda v: whole("max_damping_trials", v, 1),  # 2.5 was read as 2, "5" failed in <
+    "slope_eta": _slope_eta,
     "damping": check_damping,
     "damping_shape": _damping_shape,
     "emptied_label": lambda v: choice(EmptiedLabel, "emptied_label", v),

@@ -1251,6 +1251,12 @@ class DampingControl:
              "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows,
              "nll_change": meas.nll_change, "nll_stderr": meas.nll_stderr, "shape": shape}
         ]  # fmt: skip
+        # whether the step failed the slope test (judged on the full check only) and, where the check measured it
+        # directly, the bank's own slope along it (no NaN: a trial's record compares equal to itself)
+        out.history[0]["slope_failed"] = not decided and self._slope_fails(gx, meas)
+        slope, slope_err = self._bank_slope(gx, meas)
+        if math.isfinite(slope) and math.isfinite(slope_err):
+            out.history[0].update(slope=slope, slope_stderr=slope_err / SLOPE_Z)
         out.record = out.history[0]
         if ok:
             out.pending = (check, x)
@@ -1433,8 +1439,9 @@ class DampingControl:
                 f"the bank's own energy does not fall along the step (its slope {slope:.4g} ± {err / SLOPE_Z:.2g} "
                 f"against the model's {again.gx:.4g}): its draws are not at equilibrium along it (a chain too short "
                 "to have moved where only the removed rows pulled), or G's Monte-Carlo error points the step where "
-                "they are; longer chains or more draws for G (grad_draws, a larger bank) help, and "
-                "`unlearner.control.slope_eta = None` takes the model's step anyway"
+                "they are; longer chains or more draws for G (grad_draws, a larger bank) help, and the unlearner's "
+                "option slope_eta=0 (on a built one, `unlearner.control.slope_eta = None`) takes the model's step "
+                "anyway"
             )
             note = f"{failed.note}; {why}" if failed.note and not failed.safe else why
             return replace(failed, safe=False, note=note, history=history, trials=len(history))

@@ -2198,6 +2198,13 @@ class MCMCUnlearner:
             the label reads forgotten); ``"refuse"``: no draw, a request leaving the label predicted (one half or
             more in mean probability, or the top class on half its rows or more,
             ``info["emptied_labels_top_share"]``) is refused.
+        slope_eta: The slope test of the damping search (:meth:`DampingControl._slope_fails
+            <mcmc_unlearner.step.DampingControl._slope_fails>`, since stop 63): a step along which the bank's own
+            slope of the remaining data's energy is clearly (3 standard errors) below this share of the model's
+            ``G·x`` is rejected, the bank not being at equilibrium along it (a chain too short to have moved where
+            only the removed rows pull); a search every step of which fails, some by this test, is cut to the bank's
+            own minimum along its step or refused. A number in ``[0, 1)``; ``0`` or ``None`` turns the test off
+            (``un.control.slope_eta``; :data:`~mcmc_unlearner.step.SLOPE_ETA` = 0.25 by default).
 
     Attributes:
         history: Every applied request's :class:`RemovalReport`, in order. It is never trimmed (about a kilobyte per
@@ -2250,6 +2257,7 @@ class MCMCUnlearner:
         recenter_draws: int | str = "auto",
         damping_shape: DampingShape | str = "auto",
         emptied_label: EmptiedLabel | str = "always",
+        slope_eta: float | None = SLOPE_ETA,
     ) -> None:
         if not isinstance(model, nn.Module):
             # stop 63's probe: a function wrapping the model (``lambda x: net(x)``) failed with Python's bare
@@ -2356,8 +2364,9 @@ class MCMCUnlearner:
         self.check_screen = check_option("check_screen", check_screen)
         screen_accepts = self.check_screen is ScreenMode.BOTH
         max_damping_trials = check_option("max_damping_trials", max_damping_trials)
+        slope_eta = check_option("slope_eta", slope_eta)
         self.control = DampingControl(
-            damping, max_trials=max_damping_trials, screen_accepts=screen_accepts, slope_eta=SLOPE_ETA
+            damping, max_trials=max_damping_trials, screen_accepts=screen_accepts, slope_eta=slope_eta or None
         )
         self.damping_shape = check_option("damping_shape", damping_shape)
         check_damping_shape_solver(self.damping_shape, self.solver)
@@ -2910,6 +2919,7 @@ class MCMCUnlearner:
             "likelihood": self.likelihood,
             "mc_samples": self.mc_samples,
             "max_damping_trials": self.control.max_trials,
+            "slope_eta": self.control.slope_eta or 0.0,  # 0: off (a None would be read back as the default)
             "rescale_lr": bool(self.rescale_lr),
             "backend": self.backend,
         }

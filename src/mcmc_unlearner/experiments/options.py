@@ -625,7 +625,7 @@ UNLEARNER_KEYWORDS = (
     "expectation", "grad_draws", "hessian", "iter_T", "likelihood", "log_prior", "max_damping_trials", "mc_samples",
     "memory_budget", "negative_curvature", "newton_steps", "newton_target", "nll", "precondition_rank",
     "recenter_draws", "recenter_every", "refresh_every", "rescale_lr", "samp_T", "scaling", "seed", "shorten_steps",
-    "solver", "tol", "turn_draws",
+    "slope_eta", "solver", "tol", "turn_draws",
 )  # fmt: skip
 #: Keyword arguments a run cannot set (its own seed; Python callables).
 _NOT_SETTABLE = ("seed", "nll", "log_prior", "energy")
