@@ -9,6 +9,7 @@ is ``‖Δ − (mean after − mean before)‖ / ‖Δ‖``: doing nothing leave
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from torch import nn
 from conftest import MultiChainBLR, make_blr, start_at_posterior
 from mcmc_unlearner import SGHMC, SGLD, InvalidRequestError, MCMCUnlearner, RemovableDataset, SolverDivergedError
 from mcmc_unlearner.samplers import run_chain
+from mcmc_unlearner.step import SLOPE_ETA
 
 CHAINS = 64
 
@@ -917,15 +919,34 @@ def test_a_class_removal_that_leaves_the_class_predicted_is_refused_and_the_advi
     assert err >= 0.9 and p0 <= 0.1, (err, p0)
 
 
-def test_class_removal_in_17_requests_forgets_the_class_without_the_correction() -> None:
-    """The same sequence with ``recenter_every=0`` forgets the class as retraining does (error 1.0 at retraining):
-    the influence steps alone can get there on this seed; its last request, which empties label 0, passes the
-    emptied-label check (p(0) on those rows far below one half) with nothing drawn under ``emptied_label="resample"``
-    (below a tenth; the default, ``"always"``, would draw the row, stop 61: this test is about the steps alone)."""
-    err, p0, reports = _digits_class_sequence(3, recenter_every=0, emptied_label="resample")
+@pytest.mark.parametrize("slope_eta", [0.0, SLOPE_ETA], ids=["steps_alone", "slope_test"])
+def test_class_removal_in_17_requests_forgets_the_class_without_the_correction(slope_eta: float) -> None:
+    """The same sequence with ``recenter_every=0`` forgets the class as retraining does (error 1.0 at retraining).
+    Without the slope test the influence steps alone get there on this seed: the last request, which empties label
+    0, passes the emptied-label check (p(0) on those rows far below one half) with nothing drawn under
+    ``emptied_label="resample"`` (below a tenth; the default, ``"always"``, would draw the row, stop 61).
+
+    With it (the default since stop 63) that last step is held back, rightly: the 16 earlier steps had moved the bank
+    to where the remaining rows exert no force along it (its own slope 0.03 ± 0.27 against G·x 28.0 over all 75
+    draws and rows; a chain continued there 30,000 steps pushes back, 4.62 ± 0.76 against 3.67 ± 0.42:
+    docs/model-matrix.md, "Why the six tests failed"), so the whole step over-moves. What remains true, and is
+    asserted: the slope test is what held it back (a trial recorded as failing it, the step taken shorter), the
+    steps then leave label 0 above a tenth on its last rows, and the emptied label's draw, which ``"resample"`` runs
+    for that, completes the removal: the class is forgotten as before, the kept rows' fit not given up for it."""
+    err, p0, reports = _digits_class_sequence(3, recenter_every=0, emptied_label="resample", slope_eta=slope_eta)
     assert err >= 0.9 and p0 <= 0.1, (err, p0)
     assert all(r.passed for r in reports) and reports[-1].info["emptied_labels"]["0"] < 0.01
-    assert "emptied_label_resample" not in reports[-1].info
+    last = reports[-1].info
+    if not slope_eta:
+        assert "emptied_label_resample" not in last
+        assert not any(t.get("slope_failed") for r in reports for t in r.info.get("trials", []))
+        return
+    failed = [t for t in last["trials"] if t["slope_failed"]]
+    assert failed and all(t["slope"] + 3 * t["slope_stderr"] < SLOPE_ETA * t["gx"] for t in failed)
+    assert reports[-1].shift_norm < min(math.sqrt(t["xx"]) for t in failed)  # the step taken is shorter
+    assert last["emptied_labels_before_resample"]["0"] >= 0.1 and last["emptied_label_resample"] == "drawn: 0"
+    before, after = (last[f"emptied_label_resample_remaining_nll_{k}"] for k in ("before", "after"))
+    assert after <= 1.05 * before
 
 
 @pytest.mark.parametrize(
