@@ -9,6 +9,7 @@ is ``‖Δ − (mean after − mean before)‖ / ‖Δ‖``: doing nothing leave
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -810,6 +811,42 @@ def test_large_removal_warning_neither_rounds_to_100_percent_nor_advises_a_repai
     assert "only for a request that fails its checks" in text
 
 
+def _digits_nll(m: nn.Module, b: tuple) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def _digits_log_prior(m: nn.Module) -> torch.Tensor:
+    return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+
+@functools.cache
+def _digits_class_chain() -> tuple:
+    """The user's digits split and SGLD chain of :func:`_digits_class_sequence`, run once per process (each of the
+    class-removal tests starts from it): the rows, the live model's final weights, the bank of 75 and the chain's
+    generator state."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    xtr, ytr, xte, yte = x[perm[:1300]], y[perm[:1300]], x[perm[1300:]], y[perm[1300:]]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    g, n, lr, samples = torch.Generator().manual_seed(1), len(xtr), 5e-5, []
+    for t in range(6000):
+        i = torch.randint(n, (100,), generator=g)
+        energy = n * _digits_nll(model, (xtr[i], ytr[i])).mean() - _digits_log_prior(model)
+        model.zero_grad()
+        energy.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(-lr * p.grad + (2 * lr) ** 0.5 * torch.randn(p.shape, generator=g))
+        if t >= 3000 and (t - 3000) % 40 == 0:
+            samples.append({k: v.clone() for k, v in model.state_dict().items()})
+    return xtr, ytr, xte, yte, model.state_dict(), samples, g.get_state()
+
+
 def _digits_class_sequence(seed: int, continue_steps: int = 0, **opts):
     """A user's digits MLP (64-32-10 ReLU) sampled by a plain SGLD loop (bank of 75); class 0 (131 rows) removed in
     17 requests of 8 with the defaults; returns the removed class's test error, mean p(0) on its test digits and the
@@ -818,34 +855,16 @@ def _digits_class_sequence(seed: int, continue_steps: int = 0, **opts):
     user's own SGLD loop instead continues the live chain on the remaining data for that many steps, what the
     refusal's message advises (the test error and p(0) are then the live model's)."""
     import numpy as np
-    from sklearn.datasets import load_digits
     from torch.func import functional_call
 
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    xtr, ytr, xte, yte = x[perm[:1300]], y[perm[:1300]], x[perm[1300:]], y[perm[1300:]]
-
-    def nll(m, b):
-        return F.cross_entropy(m(b[0]), b[1], reduction="none")
-
-    def log_prior(m):
-        return -0.5 * sum((p**2).sum() for p in m.parameters())
-
-    torch.manual_seed(0)
+    xtr, ytr, xte, yte, state, bank, g_state = _digits_class_chain()
+    nll, log_prior = _digits_nll, _digits_log_prior
+    torch.manual_seed(0)  # the global generator as the chain left it (it draws only the model's initial weights)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    g, n, lr, samples = torch.Generator().manual_seed(1), len(xtr), 5e-5, []
-    for t in range(6000):
-        i = torch.randint(n, (100,), generator=g)
-        energy = n * nll(model, (xtr[i], ytr[i])).mean() - log_prior(model)
-        model.zero_grad()
-        energy.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(-lr * p.grad + (2 * lr) ** 0.5 * torch.randn(p.shape, generator=g))
-        if t >= 3000 and (t - 3000) % 40 == 0:
-            samples.append({k: v.clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(state)
+    g, lr = torch.Generator(), 5e-5
+    g.set_state(g_state)
+    samples = [{k: v.clone() for k, v in s.items()} for s in bank]
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples, seed=seed, **opts)
     rows = np.random.default_rng(5).permutation(np.where(ytr.numpy() == 0)[0])
     keep = torch.ones(len(xtr), dtype=torch.bool)
