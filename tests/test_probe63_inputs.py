@@ -151,3 +151,22 @@ def test_int32_labels_are_refused_naming_the_cast(chain: tuple, where: str) -> N
     ):
         un.remove(removed, remaining)
     assert _unchanged(before, un)
+
+
+def test_an_nll_not_finite_is_found_in_every_pass_of_the_check(chain: tuple) -> None:  # noqa: F811
+    """Rows read in passes (a memory budget below one pass over all of them): a NaN row in any pass is refused,
+    numbered in the removed batch (the last pass's values alone were read: row 1 was missed, row 30 called 19)."""
+    model, nll, log_prior, bank, (xr, yr), (xk, yk) = _setup(chain)
+    x, y = torch.cat([xr, xk]), torch.cat([yr, yk])
+    removed, remaining = (x[:40], y[:40]), (x[40:], y[40:])
+    marked = removed[0][[1, 30], 0]
+
+    def broken(m, b):
+        return nll(m, b) + torch.where((b[0][:, :1] == marked).any(1), math.nan, 0.0).to(b[0].dtype)
+
+    before = [{k: v.clone() for k, v in s.items()} for s in bank]
+    un = MCMCUnlearner(model, nll=broken, log_prior=log_prior, bank=bank, seed=0, memory_budget=60_000, solver="cg")
+    assert un._check_nll_rows(removed) < 30  # passes: rows 1 and 30 not in one, row 1 not in the last
+    with pytest.raises(ValueError, match=r"is NaN on 2 of the 40 removed rows \(rows 1, 30 of the removed batch\)"):
+        un.remove(removed, remaining)
+    assert _unchanged(before, un)

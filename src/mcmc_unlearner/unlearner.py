@@ -3081,9 +3081,9 @@ class MCMCUnlearner:
         try:
             with self._check_guard(), torch.no_grad():
                 if rows == k:  # one pass, as always
-                    out = self._nll_on_copies(batch, role)
+                    out = values = self._nll_on_copies(batch, role)
                 else:
-                    out = self._check_nll_passes(batch, rows, role)
+                    out, values = self._check_nll_passes(batch, rows, role)
         except _BatchWritten as e:  # (a ValueError of its own: not re-worded below as a failure of nll)
             raise ValueError(str(e)) from None
         except AttributeError as e:
@@ -3125,7 +3125,8 @@ class MCMCUnlearner:
                 f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
             )
         self._check_nll_dtype(out, k, role)
-        self._check_nll_finite(out, k, role)
+        # every pass's rows (the last pass's alone missed a NaN row in the others, and misnumbered its own)
+        self._check_nll_finite(out if values is None else values, k, role)
         self._remaining_nll_checked = self._remaining_nll_checked or not removed
 
     @staticmethod
@@ -3219,12 +3220,14 @@ class MCMCUnlearner:
                 )
         return out
 
-    def _check_nll_passes(self, batch: Batch, rows: int, role: str = "removed") -> Any:
+    def _check_nll_passes(self, batch: Batch, rows: int, role: str = "removed") -> tuple[Any, torch.Tensor | None]:
         """``nll`` on ``batch`` in passes of ``rows`` rows (the last as full as the others: a mean over one row
         would look per-row), with the verdict of one pass over all of them: a failure raised in any pass comes
         before a wrong shape (a whole pass raises before its shape is judged); else the first pass's output that
-        is not one value per row, or the last pass's."""
-        k, shape_error, wrong = int(batch[0].shape[0]), None, None
+        is not one value per row, or the last pass's. Also the ``k`` rows' values, every pass's in its rows' places,
+        where every pass gave one value per row (else ``None``): the finiteness check read the last pass's alone,
+        missing a NaN row in any other and numbering the rows it found from that pass's first."""
+        k, shape_error, wrong, values = int(batch[0].shape[0]), None, None, None
         for s0 in range(0, k, rows):
             s0 = min(s0, k - rows)
             try:
@@ -3236,9 +3239,13 @@ class MCMCUnlearner:
                 continue
             if wrong is None and not _per_row(out, rows):
                 wrong = out
+            elif wrong is None:
+                if values is None:
+                    values = out.new_zeros(k)
+                values[s0 : s0 + rows] = out.detach().reshape(-1)
         if shape_error is not None:
             raise shape_error
-        return out if wrong is None else wrong
+        return (out, values) if wrong is None else (wrong, None)
 
     def _check_nll_rows(self, batch: Batch) -> int:
         """Rows per forward pass of :meth:`_check_nll`: as many as fit the memory budget beside what one call holds,
