@@ -170,3 +170,24 @@ def test_an_nll_not_finite_is_found_in_every_pass_of_the_check(chain: tuple) -> 
     with pytest.raises(ValueError, match=r"is NaN on 2 of the 40 removed rows \(rows 1, 30 of the removed batch\)"):
         un.remove(removed, remaining)
     assert _unchanged(before, un)
+
+
+@pytest.mark.parametrize("how", ["data", "numpy"])
+def test_an_nll_writing_past_the_version_counter_is_refused(chain: tuple, how: str) -> None:  # noqa: F811
+    """A write through ``.data`` or ``.numpy()`` leaves the tensor's version counter as it was: it was missed, the
+    caller's removed rows were scaled, and the request refused as a random forward pass."""
+    model, nll, log_prior, bank, removed, remaining = _setup(chain)
+    rows, rest = tuple(t.clone() for t in removed), tuple(t.clone() for t in remaining)
+
+    def scaling(m, b):
+        if how == "data":
+            b[0].data.mul_(1.5)
+        else:
+            b[0].numpy()[:] *= 1.5
+        return nll(m, b)
+
+    before = [{k: v.clone() for k, v in s.items()} for s in bank]
+    un = MCMCUnlearner(model, nll=scaling, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(ValueError, match=r"writes into field 0 of its batch in place"):
+        un.remove(rows, rest)
+    assert torch.equal(rows[0], removed[0]) and torch.equal(rest[0], remaining[0]) and _unchanged(before, un)

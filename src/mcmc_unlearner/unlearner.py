@@ -3204,13 +3204,14 @@ class MCMCUnlearner:
         ``nll`` that writes into its batch in place, harmless in a user's loop over ``f[idx]`` copies, changed the
         caller's data: stop 63's probe (``b[0].mul_(1.5)``) left the removed rows scaled by 1.5² and was refused as
         "the forward pass is random ... nothing was changed". The copies cost one pass of the rows this check
-        reads (its passes' rows where it reads them in passes).
+        reads (its passes' rows where it reads them in passes), and the comparison one read of them.
         """
         copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in batch)
-        versions = [t._version if isinstance(t, torch.Tensor) else None for t in copies]
         out = self.nll(self.model, copies)
-        for i, (a, b, v) in enumerate(zip(batch, copies, versions)):
-            if isinstance(a, torch.Tensor) and b._version != v and not _same_values(a, b):
+        # values, not the version counter: a write through .data or .numpy() leaves it as it was (b[0].data.mul_(1.5)
+        # was missed, scaled the caller's rows and was refused as a random forward pass)
+        for i, (a, b) in enumerate(zip(batch, copies)):
+            if isinstance(a, torch.Tensor) and not _same_values(a, b):
                 raise _BatchWritten(
                     f"nll(model, batch) writes into field {i} of its batch in place (e.g. b[{i}].mul_(...), "
                     f"b[{i}] -= ..., b[{i}].clamp_(...)): the unlearner passes nll the caller's own {role} rows, many "
