@@ -29,6 +29,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mcmc_unlearner import MCMCUnlearner
 from test_probe62_inputs import _setup, chain  # noqa: F401 (a fixture)
@@ -191,3 +192,31 @@ def test_an_nll_writing_past_the_version_counter_is_refused(chain: tuple, how: s
     with pytest.raises(ValueError, match=r"writes into field 0 of its batch in place"):
         un.remove(rows, rest)
     assert torch.equal(rows[0], removed[0]) and torch.equal(rest[0], remaining[0]) and _unchanged(before, un)
+
+
+def test_an_nll_not_finite_at_the_live_parameters_alone_is_accepted(chain: tuple) -> None:  # noqa: F811
+    """The request reads ``nll`` at the stored samples: live parameters that are none of them (a module beside a
+    loaded bank, here its weight × 1000) where a naive ``-log(softmax(z)[y])`` is +inf on two removed rows, finite at
+    every sample, were refused; the request is accepted as it was before the check, and a term that is NaN at every
+    parameter is still refused."""
+    model, _, log_prior, bank, removed, remaining = _setup(chain)
+
+    def naive(m, b):
+        return -torch.log(F.softmax(m(b[0]), -1).gather(1, b[1][:, None])[:, 0])
+
+    with torch.no_grad():
+        model.weight.mul_(1000)
+        assert not bool(torch.isfinite(naive(model, removed)).all())  # what the check sees at the live parameters
+    assert MCMCUnlearner(model, nll=naive, log_prior=log_prior, bank=bank, seed=0).remove(removed, remaining).passed
+    marked = removed[0][[2], 0]
+
+    def broken(m, b):
+        return naive(m, b) + torch.where((b[0][:, :1] == marked).any(1), math.nan, 0.0).to(b[0].dtype)
+
+    un = MCMCUnlearner(model, nll=broken, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"is NaN on 1 of the 10 removed rows \(rows 2 of the removed batch\) at "
+        r"the model's parameters and at 4 of 4 stored samples",
+    ):
+        un.remove(removed, remaining)

@@ -3126,7 +3126,7 @@ class MCMCUnlearner:
             )
         self._check_nll_dtype(out, k, role)
         # every pass's rows (the last pass's alone missed a NaN row in the others, and misnumbered its own)
-        self._check_nll_finite(out if values is None else values, k, role)
+        self._check_nll_finite(out if values is None else values, batch, k, role)
         self._remaining_nll_checked = self._remaining_nll_checked or not removed
 
     @staticmethod
@@ -3142,38 +3142,58 @@ class MCMCUnlearner:
                 "e.g. F.cross_entropy(model(b[0]), b[1], reduction='none'); nothing was changed"
             )
 
-    @staticmethod
-    def _check_nll_finite(out: torch.Tensor, k: int, role: str) -> None:
-        """Refuses an ``nll`` result ``out`` on ``k`` rows that holds NaN or inf at the model's parameters.
+    def _check_nll_finite(self, out: torch.Tensor, batch: Batch, k: int, role: str) -> None:
+        """Refuses an ``nll`` result ``out`` on the ``k`` rows of ``batch`` that holds NaN or inf at the model's
+        parameters and, on those rows, at one of ``FIT_DATA_DRAWS`` evenly spaced stored samples.
 
         Stop 63's probe: an ``nll`` giving NaN on some rows (a constant NaN term, so the gradients stayed finite)
         ran 24 damping trials, 2.3 s, and was refused as "measured nan ± nan", naming neither the rows nor the
-        ``nll``.
+        ``nll``. The request reads ``nll`` at the stored samples, not at the live parameters, which need not be one
+        of them (a fresh module beside a loaded bank): a naive ``-log(softmax(z)[y])``, +inf on two removed rows at
+        such parameters and finite at every sample, was refused, where it had been accepted (stop 63's review).
         """
         bad = ~torch.isfinite(out.detach().reshape(-1))
         if not bool(bad.any()):
             return
-        where = torch.nonzero(bad).reshape(-1)
+        where = torch.nonzero(bad).reshape(-1).cpu()
+        tried = _draws(self.bank, FIT_DATA_DRAWS) if self.bank is not None else torch.zeros(0, 0)
+        hits, at = torch.zeros_like(where, dtype=torch.bool), 0
+        if tried.shape[0]:
+            aligned = all(isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == k for t in batch)
+            rows = tuple(t[where.to(t.device)] for t in batch) if aligned else batch
+            row_nll = self.nll
+            rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
+            with self._check_guard(), torch.no_grad():
+                for theta in tried:
+                    v = rows_f(theta, *rows).detach().reshape(-1)
+                    hit = ~torch.isfinite(v if aligned else v[where.to(v.device)]).cpu()
+                    hits |= hit
+                    at += bool(hit.any())
+            if not at:  # finite at every sample tried: the live parameters' alone (not a sample the request reads)
+                return
+            where = where[hits]
+        live = out.detach().reshape(-1)[where.to(out.device)]
         first = ", ".join(str(int(i)) for i in where[:5]) + (", ..." if where.numel() > 5 else "")
         kinds = "/".join(
             name
             for name, hit in (
-                ("NaN", torch.isnan(out).any()),
-                ("+inf", (out == math.inf).any()),
-                ("-inf", (out == -math.inf).any()),
+                ("NaN", torch.isnan(live).any()),
+                ("+inf", (live == math.inf).any()),
+                ("-inf", (live == -math.inf).any()),
             )
             if bool(hit)
         )
-        rows = (
+        rows_said = (
             f"{where.numel()} of the {k} removed rows (rows {first} of the removed batch)"
             if role == "removed"
             else f"{where.numel()} of the {k} rows read from the first remaining minibatch (rows {first} of it)"
         )
+        samples = f" and at {at} of {tried.shape[0]} stored samples" if tried.shape[0] else ""
         raise ValueError(
-            f"nll(model, batch) is {kinds} on {rows} at the model's parameters: every energy, gradient and check of "
-            "the request would be undefined there. Make nll finite on every row the chain was trained on (a log of "
-            "a value that can reach 0 or go negative: clamp it or use log_softmax / softplus; NaN in the data: "
-            "clean or drop those rows); nothing was changed"
+            f"nll(model, batch) is {kinds} on {rows_said} at the model's parameters{samples}: every energy, gradient "
+            "and check of the request would be undefined there. Make nll finite on every row the chain was trained "
+            "on (a log of a value that can reach 0 or go negative: clamp it or use log_softmax / softplus; NaN in the "
+            "data: clean or drop those rows); nothing was changed"
         )
 
     def _whole_shape(self, batch: Batch, shape: list[int], rows: int, k: int) -> list[int] | str:
