@@ -140,10 +140,27 @@ def test_the_slope_test_fails_only_a_clear_shortfall(gx: float, slope: float, se
     assert DampingControl()._slope_fails(gx, _measurement(gx, slope, se)) is False  # off by default
 
 
-def test_slope_eta_must_be_in_the_open_unit_interval() -> None:
-    for bad in (0.0, 1.0, -0.1, math.nan):
+def test_slope_eta_must_be_in_the_unit_interval_0_being_off() -> None:
+    for bad in (1.0, -0.1, math.nan):
         with pytest.raises(ValueError, match="slope_eta"):
             DampingControl(slope_eta=bad)
+    assert DampingControl(slope_eta=0.0).slope_eta is None  # off, as the unlearner's option (it was refused here)
+
+
+def test_slope_eta_set_on_a_built_unlearners_control_is_checked_and_0_is_off() -> None:
+    """``un.control.slope_eta`` (the README's way on a built unlearner): a ``0`` was kept as ``0.0``, a test at
+    η = 0 (a request on starting weights plus noise refused, whose bank's slope was clearly negative) while
+    ``config()`` stored 0.0, which a saved folder reloads as off; a ``1.5`` was taken as it was. Now ``0`` is off
+    (``None``), as the option's, and a bad value is refused leaving the control's as it was."""
+    draws = _problem(0.0)[3]
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=draws)
+    un.control.slope_eta = 0
+    assert un.control.slope_eta is None and un.config()["slope_eta"] == 0.0
+    un.control.slope_eta = 0.1
+    for bad in (1.5, -0.1, math.nan, "0.2", True):
+        with pytest.raises(ValueError, match=r"^slope_eta must be a number in \[0, 1\)"):
+            un.control.slope_eta = bad
+        assert un.control.slope_eta == 0.1
 
 
 def _at_equilibrium(seed: int, removed: int = 10, draws: int = 8):

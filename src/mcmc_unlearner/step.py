@@ -121,7 +121,7 @@ from torch.func import grad, vmap
 
 from .backends.base import CurvatureBackend, NegativeCurvatureError
 from .curvature import jvp
-from .options import DampingShape, ScreenMode, check_damping, is_bool, is_integer, is_number  # noqa: F401
+from .options import DampingShape, ScreenMode, check_damping, check_option, is_bool, is_integer, is_number  # noqa: F401
 from .solvers import SolveResult
 
 log = logging.getLogger(__name__)  # each damping trial at DEBUG; a long search's progress at INFO
@@ -883,8 +883,8 @@ class DampingControl:
             Monte-Carlo error credits the step for following that error, which the direct measurement does not.
             The unlearner's corrections across requests, whose ``G`` is measured at as few as one draw, use 2.
         slope_eta: Reject a step along which the bank's own slope of the remaining-data energy is clearly less than
-            ``slope_eta`` of the slope ``−G·x`` the model assumes (``None``: no such test; see :meth:`_slope_fails`).
-            The unlearner's requests use :data:`SLOPE_ETA`.
+            ``slope_eta`` of the slope ``−G·x`` the model assumes (``None`` or ``0``: no such test; see
+            :meth:`_slope_fails`). The unlearner's requests use :data:`SLOPE_ETA`.
     """
 
     def __init__(
@@ -919,9 +919,7 @@ class DampingControl:
         if direct_z is not None and not (math.isfinite(direct_z) and direct_z >= 0):
             raise ValueError(f"direct_z must be a finite number >= 0 or None, got {direct_z}")
         self.direct_z = None if direct_z is None else float(direct_z)
-        if slope_eta is not None and not (math.isfinite(slope_eta) and 0 < slope_eta < 1):
-            raise ValueError(f"slope_eta must be a number in (0, 1) or None, got {slope_eta}")
-        self.slope_eta = None if slope_eta is None else float(slope_eta)
+        self.slope_eta = slope_eta  # (checked and kept by the property: 0 is off, as None)
         self._slope_failed = False  # whether a trial of the current step() failed the slope test
         self.shape = "identity"  # the damping shape the last request accepted
         self._relatives: dict[str, float] = {}  # per shape: the damping carried to the next request (× scale)
@@ -944,6 +942,19 @@ class DampingControl:
     @relative.setter
     def relative(self, value: float) -> None:
         self._relatives[self.shape] = float(value)
+
+    @property
+    def slope_eta(self) -> float | None:
+        """The slope test's share of ``G·x`` (:meth:`_slope_fails`), ``None`` when off. Set on a built control (the
+        unlearner's ``un.control.slope_eta``) it is checked as the unlearner's option is: a number in ``[0, 1)``,
+        ``0`` or ``None`` off (kept as ``None``). A ``0`` kept as ``0.0`` ran a test at η = 0 (a request on a bank
+        whose slope was clearly negative refused) while ``config()`` stored 0.0, which a saved folder reloads as
+        off; a ``1.5`` was taken as it was."""
+        return self._slope_eta
+
+    @slope_eta.setter
+    def slope_eta(self, value: float | None) -> None:
+        self._slope_eta: float | None = check_option("slope_eta", value) or None
 
     def state(self) -> dict[str, Any]:
         """What the control carries between requests (JSON-able; :meth:`set_state` restores it)."""
