@@ -1677,6 +1677,23 @@ def _check_mode(model: nn.Module) -> None:
         )
 
 
+def _check_mode_at_call(model: nn.Module, call: str) -> None:
+    """:func:`_check_mode` again at a request or ``fit()``: a model switched to training mode after the unlearner was
+    built (``model.train()`` to continue its chain) ran dropout in every pass of the request (stop 63's flows probe:
+    random rows accepted with ``problems=[]``; a class's last rows refused as "nll is not the plain cross-entropy").
+
+    Raises:
+        InvalidRequestError: naming the layers and ``model.eval()``; nothing is changed.
+    """
+    try:
+        _check_mode(model)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"{call}: {exc} (the model was switched to training mode after the unlearner was built, which checked it "
+            "then); nothing was changed"
+        ) from None
+
+
 def _vmap_fallbacks_noted(method: Callable[..., FitReport]) -> Callable[..., FitReport]:
     """Run an :class:`MCMCUnlearner` method returning a :class:`FitReport` inside :func:`quiet_vmap_fallbacks`,
     recording the operations in its ``info`` (:meth:`MCMCUnlearner._note_vmap_fallbacks`)."""
@@ -4818,6 +4835,7 @@ class MCMCUnlearner:
         generator of its own draw their noise from it; :meth:`apply` sets the state the computation left. So are the
         remaining data's own generators and a ``DistributedSampler``'s epoch (advanced on each pass)."""
         _refuse_inference_mode()
+        _check_mode_at_call(self.model, "propose()")
         _own_parameters(self.model, self._caller_storages)  # the curvature's build writes draws into the model
         # torch's vmap fallback warnings ("performance drop ... batching rule for aten::mish_backward", 12 a request)
         # are the library's business: kept from the caller, the operations recorded once in the report
@@ -5212,6 +5230,7 @@ class MCMCUnlearner:
         """
         t0 = time.perf_counter()
         _refuse_inference_mode()
+        _check_mode_at_call(self.model, "fit()")
         _own_parameters(self.model, self._caller_storages)  # the curvature's build writes draws into the model
         if self.bank is None:
             raise ValueError("fit() builds the curvature at the bank's samples: pass bank= or collect() samples first")
