@@ -5,6 +5,11 @@
 request without ``model.eval()`` had every pass of that request drop units at random: random rows were accepted with
 ``problems=[]``, and a class's last rows were refused blaming the ``nll``'s form. Each request and ``fit()`` now check
 the mode again, naming the layers and ``model.eval()``.
+
+*A model converted or frozen between calls* (``model.float()``, ``requires_grad_(False)`` on a layer) crashed the
+next request with torch's "mat1 and mat2 must have the same dtype" or "split_with_sizes expects split_sizes to sum
+exactly to ...": the samples and state are in the old dtype and layout. It is refused naming what changed and the way
+back.
 """
 
 from __future__ import annotations
@@ -66,3 +71,37 @@ def test_fit_on_a_model_switched_to_training_mode_is_refused(chain: tuple) -> No
         un.fit(remaining)
     tensors, _ = un.curvature_state()
     assert not any(k.startswith("kfac/") for k in tensors)  # nothing built
+
+
+@pytest.mark.parametrize(
+    ("change", "undo", "said"),
+    [
+        (lambda m: m.float(), lambda m: m.double(), r"parameters are float32, but .* float64 model.*model\.double\(\)"),
+        (
+            lambda m: m.bias.requires_grad_(False),
+            lambda m: m.bias.requires_grad_(True),
+            r"trainable parameters changed .*no longer trainable or gone: bias.*requires_grad_\(True\)",
+        ),
+    ],
+    ids=["float", "frozen"],
+)
+def test_a_model_converted_or_frozen_between_requests_is_refused(chain: tuple, change, undo, said: str) -> None:  # noqa: F811
+    model, nll, log_prior, bank, removed, remaining = chain
+    first, after_first, second, after_second = _split(removed, remaining)
+    ref = MCMCUnlearner(copy.deepcopy(model), nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    ref.remove(first, after_first)
+    ref.remove(second, after_second)
+
+    net = copy.deepcopy(model)
+    un = MCMCUnlearner(net, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    un.remove(first, after_first)
+    kept = un.samples()
+    change(net)
+    with pytest.raises(InvalidRequestError, match=f"propose\\(\\): .*{said}.*nothing was changed"):
+        un.remove(second, after_second)
+    with pytest.raises(InvalidRequestError, match=f"fit\\(\\): .*{said}"):
+        un.fit(after_second)
+    assert _same(kept, un.samples())
+    undo(net)
+    un.remove(second, after_second)
+    assert _same(ref.samples(), un.samples())

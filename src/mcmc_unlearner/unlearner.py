@@ -2304,6 +2304,7 @@ class MCMCUnlearner:
         if self.spec.dim == 0:
             raise ValueError("the model has no trainable parameters (requires_grad) to unlearn")
         _check_complex_parameters(model)
+        self._param_dtype = ParamSpec.params(model)[0].dtype  # a request refuses a model converted since
         low = sorted({str(p.dtype) for p in ParamSpec.params(model) if p.dtype in (torch.float16, torch.bfloat16)})
         if low:
             raise ValueError(
@@ -4828,6 +4829,52 @@ class MCMCUnlearner:
                     b.copy_(old)
 
     # ------------------------------------------------------------------ the request
+    def _check_model_unchanged(self, call: str) -> None:
+        """Refuse a request or ``fit()`` on a model whose trainable parameters were converted to another dtype
+        (``model.double()``) or changed in which are trainable (``requires_grad_(False)``) or their shapes since the
+        unlearner was built: its bank, curvature and state are in the parameters' old dtype and layout, and the
+        request crashed with torch's "mat1 and mat2 must have the same dtype" or "split_with_sizes expects
+        split_sizes to sum exactly to ..." (stop 63's flows probe).
+
+        Raises:
+            InvalidRequestError: naming what changed and the way back; nothing is changed.
+        """
+        spec = ParamSpec.of(self.model)
+        fix = (
+            "; nothing was changed. Put the model back as it was, or build a new unlearner for the model as it is "
+            "now, with its samples in that form (e.g. from unlearner.samples())"
+        )
+        if spec != self.spec:
+            was, now = dict(zip(self.spec.names, self.spec.shapes)), dict(zip(spec.names, spec.shapes))
+            parts = []
+            if was.keys() - now.keys():
+                gone = sorted(was.keys() - now.keys())
+                parts.append(f"no longer trainable or gone: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}")
+            if now.keys() - was.keys():
+                new = sorted(now.keys() - was.keys())
+                parts.append(f"trainable since: {', '.join(new[:5])}{' ...' if len(new) > 5 else ''}")
+            shaped = [f"{n} {tuple(was[n])} -> {tuple(now[n])}" for n in was.keys() & now.keys() if was[n] != now[n]]
+            if shaped:
+                parts.append(f"other shapes: {', '.join(sorted(shaped)[:5])}")
+            if not parts:
+                parts.append("the same parameters in another order")
+            raise InvalidRequestError(
+                f"{call}: the model's trainable parameters changed since the unlearner was built ({'; '.join(parts)}): "
+                "its samples, curvature and state hold the parameters it was built with (requires_grad_(True) "
+                f"puts a frozen one back){fix}"
+            )
+        dtype = ParamSpec.params(self.model)[0].dtype
+        was_dtype = getattr(self, "_param_dtype", dtype)
+        if dtype != was_dtype:
+            back = {torch.float32: "model.float()", torch.float64: "model.double()"}.get(
+                was_dtype, f"model.to({was_dtype})"
+            )
+            raise InvalidRequestError(
+                f"{call}: the model's parameters are {str(dtype)[6:]}, but the unlearner was built on a "
+                f"{str(was_dtype)[6:]} model and holds its samples and state in {str(was_dtype)[6:]}: the model was "
+                f"converted since ({back} converts it back, and the rows with it){fix}"
+            )
+
     def propose(self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None) -> Proposal:
         """Compute the removal of ``batch`` without changing anything; :meth:`apply` commits it (see
         :meth:`_propose_unguarded` for the arguments). torch's global generator, too, is as it was when this returns
@@ -4836,6 +4883,7 @@ class MCMCUnlearner:
         remaining data's own generators and a ``DistributedSampler``'s epoch (advanced on each pass)."""
         _refuse_inference_mode()
         _check_mode_at_call(self.model, "propose()")
+        self._check_model_unchanged("propose()")
         _own_parameters(self.model, self._caller_storages)  # the curvature's build writes draws into the model
         # torch's vmap fallback warnings ("performance drop ... batching rule for aten::mish_backward", 12 a request)
         # are the library's business: kept from the caller, the operations recorded once in the report
@@ -5231,6 +5279,7 @@ class MCMCUnlearner:
         t0 = time.perf_counter()
         _refuse_inference_mode()
         _check_mode_at_call(self.model, "fit()")
+        self._check_model_unchanged("fit()")
         _own_parameters(self.model, self._caller_storages)  # the curvature's build writes draws into the model
         if self.bank is None:
             raise ValueError("fit() builds the curvature at the bank's samples: pass bank= or collect() samples first")
