@@ -10,6 +10,13 @@ the mode again, naming the layers and ``model.eval()``.
 next request with torch's "mat1 and mat2 must have the same dtype" or "split_with_sizes expects split_sizes to sum
 exactly to ...": the samples and state are in the old dtype and layout. It is refused naming what changed and the way
 back.
+
+*An edited or damaged checkpoint* (``curvature_state()`` saved by the user, then ``load_curvature_state``) was loaded
+with NaN in the carried influence (every later request refused, "the shifted parameters are not finite"), with K-FAC
+factors of other shapes (torch's "mat1 and mat2 shapes cannot be multiplied" at the next request), with a factor's
+eigenbasis missing (used as a diagonal), with part of the corrections' anchor (dropped without a word), a negative
+eigenvalue or a NaN damping; a missing factor or a damping state of the wrong type raised a bare ``KeyError`` or
+``AttributeError``. Each is refused at the load, naming the entry, with nothing loaded.
 """
 
 from __future__ import annotations
@@ -105,3 +112,74 @@ def test_a_model_converted_or_frozen_between_requests_is_refused(chain: tuple, c
     undo(net)
     un.remove(second, after_second)
     assert _same(ref.samples(), un.samples())
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+CORRUPT = {
+    "nan factor": (
+        lambda t, m: ({**t, "kfac/block0.lA": _nan(t["kfac/block0.lA"])}, m),
+        r"'kfac/block0\.lA' holds NaN",
+    ),
+    "nan carry": (
+        lambda t, m: ({**t, "carry": torch.full_like(t["kfac/prior"], float("nan"))}, m),
+        r"'carry' holds NaN",
+    ),
+    "factor missing": (
+        lambda t, m: ({k: v for k, v in t.items() if k != "kfac/block0.QA"}, m),
+        r"lacks 'block0\.QA'",
+    ),
+    "factor reshaped": (lambda t, m: ({**t, "kfac/block0.lG": t["kfac/block0.lG"][:-1]}, m), r"'block0\.lG' has shape"),
+    "negative eigenvalue": (
+        lambda t, m: ({**t, "kfac/block0.lA": -1 - t["kfac/block0.lA"]}, m),
+        r"'block0\.lA' holds a negative eigenvalue",
+    ),
+    "part of the anchor": (
+        lambda t, m: ({k: v for k, v in t.items() if k != "recenter_pair"}, m),
+        r"part of the corrections' anchor .*without recenter_pair",
+    ),
+    "nan damping": (
+        lambda t, m: (t, {**m, "damping_state": {**m["damping_state"], "relatives": {"data": float("nan")}}}),
+        r"'damping_state' is",
+    ),
+    "damping state not a dict": (lambda t, m: (t, {**m, "damping_state": "x"}), r"'damping_state' is 'x'"),
+    "count not a count": (
+        lambda t, m: (t, {**m, "rows_at_samples": "abc"}),
+        r"'rows_at_samples' is 'abc', not a count",
+    ),
+    "factors without their metadata": (
+        lambda t, m: (t, {k: v for k, v in m.items() if k != "kfac"}),
+        r"factors \(kfac/\.\.\.\) without their metadata",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(chain: tuple) -> tuple:  # noqa: F811
+    """A K-FAC state after one request, and the samples the next request gives from it."""
+    model, nll, log_prior, bank, removed, remaining = chain
+    first, after_first, second, after_second = _split(removed, remaining)
+    options = dict(nll=nll, log_prior=log_prior, seed=0, solver="kfac")
+    saved = MCMCUnlearner(copy.deepcopy(model), bank=bank, **options)
+    saved.remove(first, after_first)
+    tensors, meta = saved.curvature_state()
+    ref = MCMCUnlearner(copy.deepcopy(model), bank=saved.samples(), **options)
+    ref.load_curvature_state(tensors, meta)
+    ref.remove(second, after_second)
+    return model, options, saved.samples(), tensors, meta, (second, after_second), ref.samples()
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_a_corrupt_checkpoint_is_refused_at_the_load_and_nothing_is_loaded(checkpoint: tuple, case: str) -> None:
+    model, options, samples, tensors, meta, (second, after_second), expected = checkpoint
+    un = MCMCUnlearner(copy.deepcopy(model), bank=samples, **options)
+    un.load_curvature_state(tensors, meta)
+    edit, said = CORRUPT[case]
+    with pytest.raises(ValueError, match=f"load_curvature_state: .*{said}.*nothing was loaded"):
+        un.load_curvature_state(*edit(tensors, copy.deepcopy(meta)))
+    un.remove(second, after_second)  # as if the refused load had not been tried
+    assert _same(expected, un.samples())

@@ -3231,6 +3231,61 @@ class KroneckerCurvature:
         meta["info"] = self.info
         return tensors, meta
 
+    @staticmethod
+    def check_state(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Refuse a saved curvature that :meth:`from_state_dict` cannot rebuild whole: another format, a block's
+        factor missing (a bare ``KeyError`` before stop 63) or of another shape than its layer's (accepted, and the
+        next request failed with torch's "mat1 and mat2 shapes cannot be multiplied"), a diagonal part whose index and
+        values disagree.
+
+        Raises:
+            ValueError: naming the entry.
+        """
+        if not isinstance(meta, dict) or meta.get("format") != "kronecker-curvature/1":
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"not a saved KroneckerCurvature (format {got!r})")
+        blocks = meta.get("blocks")
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+            raise ValueError("saved curvature has no list of blocks in its metadata")
+        for i, bm in enumerate(blocks):
+            try:
+                out_dim, in_dim, eig_a, eig_g = int(bm["out_dim"]), int(bm["in_dim"]), bm["eig_A"], bm["eig_G"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"saved curvature's block {i} metadata lacks out_dim, in_dim, eig_A or eig_G"
+                ) from None
+            for side, dim, full in (("A", in_dim, eig_a), ("G", out_dim, eig_g)):
+                lam, Q = tensors.get(f"block{i}.l{side}"), tensors.get(f"block{i}.Q{side}")
+                for name, t in ((f"block{i}.l{side}", lam), (f"block{i}.Q{side}", Q)):
+                    if t is None and (full or name.endswith(f"l{side}")):
+                        raise ValueError(f"saved curvature lacks {name!r} (layer {bm.get('name')!r})")
+                # an eigenbasis [dim, r] (r < dim where the build kept rows) with r eigenvalues; a diagonal: dim values
+                rank = Q.shape[1] if full and Q.ndim == 2 else dim
+                if full and (Q.ndim != 2 or Q.shape[0] != dim or Q.shape[1] > dim):
+                    raise ValueError(
+                        f"saved curvature's 'block{i}.Q{side}' has shape {tuple(Q.shape)}, layer {bm.get('name')!r} "
+                        f"needs ({dim}, r) with r <= {dim}"
+                    )
+                if tuple(lam.shape) != (rank,):
+                    raise ValueError(
+                        f"saved curvature's 'block{i}.l{side}' has shape {tuple(lam.shape)}, layer {bm.get('name')!r} "
+                        f"needs ({rank},)"
+                    )
+                if lam.numel() and float(lam.min()) < 0:
+                    raise ValueError(
+                        f"saved curvature's 'block{i}.l{side}' holds a negative eigenvalue ({float(lam.min()):.3g}); a "
+                        "factor's eigenvalues are never negative"
+                    )
+        for name in ("prior", "diag_index", "diag_fisher"):
+            if tensors.get(name) is None:
+                raise ValueError(f"saved curvature lacks {name!r}")
+        d_index, d_fisher = tensors["diag_index"], tensors["diag_fisher"]
+        if d_index.ndim != 1 or d_index.shape != d_fisher.shape:
+            raise ValueError(
+                f"saved curvature's 'diag_index' {tuple(d_index.shape)} and 'diag_fisher' {tuple(d_fisher.shape)} "
+                "differ in shape"
+            )
+
     @classmethod
     def from_state_dict(cls, model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any]) -> KroneckerCurvature:
         """Rebuild from :meth:`state_dict` output; ``model`` must have the same trainable parameters.
@@ -3238,8 +3293,7 @@ class KroneckerCurvature:
         Raises:
             ValueError: if the saved curvature does not match the model's parameters.
         """
-        if meta.get("format") != "kronecker-curvature/1":
-            raise ValueError(f"not a saved KroneckerCurvature (format {meta.get('format')!r})")
+        cls.check_state(model, tensors, meta)
         spec, offsets, _ = _slices(model)
         if int(meta["dim"]) != spec.dim:
             raise ValueError(f"saved curvature has {meta['dim']} parameters, the model {spec.dim}: wrong model")

@@ -1694,6 +1694,42 @@ def _check_mode_at_call(model: nn.Module, call: str) -> None:
         ) from None
 
 
+def _check_state_meta(meta: Mapping[str, Any], corrupt: str) -> None:
+    """Refuse :meth:`MCMCUnlearner.load_curvature_state` metadata of the wrong type (counts that are not
+    non-negative integers, a damping state that is not a dict of finite non-negative dampings): loaded, they raised
+    ``AttributeError`` or ``int()``'s error part way through the load, or set a NaN damping."""
+    for key in ("precond_age", "cache_age", "cache_n", "grad_draw_round", "rows_at_samples"):
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"load_curvature_state: the saved {key!r} is {ascii(v)[:40]}, not a count: {corrupt}")
+    if "damping_relative" in meta:
+        v = meta["damping_relative"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"load_curvature_state: the saved 'damping_relative' is {ascii(v)[:40]}: {corrupt}")
+    state = meta.get("damping_state")
+    if state is None:
+        return
+    rel = state.get("relatives", {}) if isinstance(state, Mapping) else None
+    ok = isinstance(rel, Mapping) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in rel.values()
+    )
+    drift = state.get("drift") if isinstance(state, Mapping) else None
+    ok = ok and (
+        drift is None
+        or (
+            isinstance(drift, (list, tuple))
+            and len(drift) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in drift)
+        )
+    )
+    if not ok or not isinstance(state.get("shape", "identity"), str):
+        raise ValueError(
+            f"load_curvature_state: the saved 'damping_state' is {ascii(state)[:120]}, where a dict with 'shape' (a "
+            "name), 'relatives' (finite non-negative dampings by shape) and optionally 'drift' (three numbers) is "
+            f"expected: {corrupt}"
+        )
+
+
 def _vmap_fallbacks_noted(method: Callable[..., FitReport]) -> Callable[..., FitReport]:
     """Run an :class:`MCMCUnlearner` method returning a :class:`FitReport` inside :func:`quiet_vmap_fallbacks`,
     recording the operations in its ``info`` (:meth:`MCMCUnlearner._note_vmap_fallbacks`)."""
@@ -7642,9 +7678,12 @@ class MCMCUnlearner:
         Raises:
             ValueError: the state was saved for a model of another parameter count or dtype, its
                 ``recenter_drawn`` is not 1-D int64 flat indices within the parameter count, or it was saved by
-                another solver (nothing is loaded).
+                another solver; or it is damaged or edited (non-finite tensors, K-FAC factors missing, of other
+                shapes or with negative eigenvalues, part of the corrections' anchor, a generator state of another
+                size, metadata of the wrong type: :meth:`_check_curvature_state`). Nothing is loaded.
+            TypeError: ``tensors`` or ``meta`` is not a dict.
         """
-        self._check_curvature_state(tensors)
+        self._check_curvature_state(tensors, meta)
         saved = meta.get("solver")  # absent in states saved before stop 55: taken as this unlearner's
         probe, self._dense_probe = self._dense_probe, None  # solver='auto''s dense choice: the state's settles it
         if probe is not None and saved in (SolverName.KFAC.value, SolverName.CG.value):
@@ -7701,10 +7740,54 @@ class MCMCUnlearner:
             parts["pair"] = self._pair_positions(parts["index"].numel())
         self._anchor = _Anchor(**parts) if whole else None
 
-    def _check_curvature_state(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _check_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
         """Refuse, before anything is loaded, a state whose per-parameter tensors do not fit this model: loaded
         anyway, a carried influence, anchored samples or a dense Hessian of another size failed inside the next
-        request with torch's size-mismatch error, and float32 anchored samples in a float64 model with a dtype error."""
+        request with torch's size-mismatch error, and float32 anchored samples in a float64 model with a dtype error.
+        Since stop 63 (the flows probe's edited checkpoints) also a state that is not whole or not finite: NaN in the
+        carried influence (accepted: every later request refused as "the shifted parameters are not finite"), K-FAC
+        factors of other shapes (torch's "mat1 and mat2 shapes cannot be multiplied" at the next request), a missing
+        factor (a bare ``KeyError``), part of the corrections' anchor (dropped without a word), a generator state of
+        another size, and metadata of the wrong type (``AttributeError``, ``int()``'s error) or a non-finite damping."""
+        corrupt = (
+            "the state is corrupt or was edited; nothing was loaded (load the state as curvature_state() gave it, or "
+            "start without it)"
+        )
+        if not isinstance(tensors, Mapping) or not isinstance(meta if meta is not None else {}, Mapping):
+            raise TypeError(
+                "load_curvature_state takes the (tensors, meta) pair curvature_state() returned: a dict of tensors "
+                f"and a dict, got {type(tensors).__name__} and {type(meta).__name__}"
+            )
+        odd = sorted(str(k) for k, t in tensors.items() if not isinstance(t, torch.Tensor))
+        if odd:
+            raise ValueError(
+                f"load_curvature_state: the saved {', '.join(map(repr, odd[:5]))} is not a tensor: {corrupt}"
+            )
+        bad = sorted(
+            k
+            for k, t in tensors.items()
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+        )
+        if bad:
+            raise ValueError(
+                f"load_curvature_state: the saved {', '.join(map(repr, bad[:5]))} hold{'s' if len(bad) == 1 else ''} "
+                f"NaN or infinite values: {corrupt}"
+            )
+        gen = tensors.get("generator")
+        want = self.generator.get_state()
+        if gen is not None and (gen.dtype != want.dtype or gen.shape != want.shape):
+            raise ValueError(
+                f"load_curvature_state: the saved 'generator' is a {str(gen.dtype)[6:]} tensor of shape "
+                f"{tuple(gen.shape)}, where a generator's state is {str(want.dtype)[6:]} of shape {tuple(want.shape)}: "
+                f"{corrupt}"
+            )
+        self._check_anchor_state(tensors, corrupt)
+        if meta is not None:
+            _check_state_meta(meta, corrupt)
+            if self.solver is SolverName.KFAC or any(k.startswith("kfac/") for k in tensors) or "kfac" in meta:
+                from .backends.kfac import KFACBackend
+
+                KFACBackend.check_state(self.model, tensors, meta, corrupt)
         dim = self.spec.dim
         dtype = ParamSpec.flatten_module(self.model).dtype
         # name -> which dimensions must equal the parameter count
@@ -7735,6 +7818,49 @@ class MCMCUnlearner:
                     "state's tensors, or start without it)"
                 )
         self._check_drawn_state(tensors.get("recenter_drawn"), dim)
+
+    @staticmethod
+    def _check_anchor_state(tensors: Mapping[str, torch.Tensor], corrupt: str) -> None:
+        """Refuse part of the corrections' anchor (``recenter_*``; :meth:`load_curvature_state` dropped a partial
+        one without a word) or one whose parts disagree in their numbers of samples."""
+        parts = {f.name: tensors.get(f"recenter_{f.name}") for f in fields(_Anchor)}
+        have = {k for k, v in parts.items() if v is not None}
+        if not have:
+            return
+        missing = sorted({"index", "thetas", "pair", "removed"} - have)
+        if missing:
+            raise ValueError(
+                "load_curvature_state: the state holds part of the corrections' anchor (recenter_every) without "
+                f"{', '.join(f'recenter_{k}' for k in missing)}: {corrupt}"
+            )
+        index, pair = parts["index"], parts["pair"]
+        m = index.numel()
+        measured = parts["measured_draws"]
+        rows = {"thetas": m, "removed_noise": m, "moment": pair.numel(), "removed_pair": pair.numel()}
+        # saved before the moment was kept per draw: one [D] mean, no measured_draws (measured again when loaded)
+        old = {"moment", "removed_pair"} if measured is None else set()
+        wrong = [
+            f"recenter_{k} {tuple(parts[k].shape)}"
+            for k, r in rows.items()
+            if parts[k] is not None
+            and not (k in old and parts[k].ndim == 1)
+            and (parts[k].ndim != 2 or parts[k].shape[0] != r)
+        ]
+        if index.ndim != 1 or index.dtype != torch.int64:
+            wrong.append(f"recenter_index {str(index.dtype)[6:]} {tuple(index.shape)}")
+        if (
+            pair.ndim != 1
+            or pair.dtype != torch.int64
+            or (pair.numel() and not 0 <= int(pair.min()) <= int(pair.max()) < m)
+        ):
+            wrong.append(f"recenter_pair {str(pair.dtype)[6:]} {tuple(pair.shape)}")
+        if measured is not None and measured.shape != pair.shape:
+            wrong.append(f"recenter_measured_draws {tuple(measured.shape)}")
+        if wrong:
+            raise ValueError(
+                f"load_curvature_state: the corrections' anchor does not fit together ({'; '.join(wrong)}; its "
+                f"{m} samples' index a 1-D int64 tensor, {pair.numel()} paired positions among them): {corrupt}"
+            )
 
     @staticmethod
     def _check_drawn_state(drawn: torch.Tensor | None, dim: int) -> None:

@@ -316,12 +316,33 @@ class KFACBackend(CurvatureBackend):
         meta["kfac"] = kmeta
         return {f"kfac/{k}": v for k, v in tensors.items()}, meta
 
+    @staticmethod
+    def check_state(model: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], corrupt: str) -> None:
+        """Refuse a saved K-FAC state whose factors and metadata do not come together or do not fit the layers
+        (:meth:`~mcmc_unlearner.kronecker.KroneckerCurvature.check_state`), before anything is loaded.
+
+        Raises:
+            ValueError: naming the entry and ``corrupt`` (what to do).
+        """
+        from ..kronecker import KroneckerCurvature
+
+        sub = {k[len("kfac/") :]: v for k, v in tensors.items() if k.startswith("kfac/")}
+        if bool(sub) != ("kfac" in meta):
+            has = "factors (kfac/...) without their metadata ('kfac')" if sub else "metadata ('kfac') without factors"
+            raise ValueError(f"load_curvature_state: the K-FAC state holds {has}: {corrupt}")
+        if sub:
+            try:
+                KroneckerCurvature.check_state(model, sub, meta["kfac"])
+            except ValueError as exc:
+                raise ValueError(f"load_curvature_state: {exc}: {corrupt}") from None
+
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: Any = None) -> None:
         from ..kronecker import KroneckerCurvature
 
-        self.age = int(meta.get("precond_age", 0))
+        age = int(meta.get("precond_age", 0))
         sub = {k[len("kfac/") :]: v for k, v in tensors.items() if k.startswith("kfac/")}
         if sub and "kfac" in meta and model is not None:
-            self.kfac = KroneckerCurvature.from_state_dict(model, sub, meta["kfac"])
+            self.kfac = KroneckerCurvature.from_state_dict(model, sub, meta["kfac"])  # raises before anything is set
+            self.age = age
         else:
             self.kfac, self.age = None, 0
