@@ -155,7 +155,26 @@ CORRUPT = {
         lambda t, m: (t, {k: v for k, v in m.items() if k != "kfac"}),
         r"factors \(kfac/\.\.\.\) without their metadata",
     ),
+    # the K-FAC metadata from_state_dict reads (a bare KeyError, or its error, after the load had begun)
+    "a block's locations missing": (
+        lambda t, m: (t, _block0(m, lambda b: {k: v for k, v in b.items() if k != "locations"})),
+        r"block 0 metadata lacks .*locations",
+    ),
+    "a layer of another model": (
+        lambda t, m: (t, _block0(m, lambda b: {**b, "weight": "encoder.weight"})),
+        r"refers to parameter 'encoder\.weight', which the model lacks",
+    ),
+    "no count of rows": (
+        lambda t, m: (t, {**m, "kfac": {k: v for k, v in m["kfac"].items() if k != "n"}}),
+        r"metadata lacks its 'n' or 'dim'",
+    ),
 }
+
+
+def _block0(meta: dict, edit) -> dict:
+    """``meta`` with its first K-FAC block's metadata edited."""
+    blocks = meta["kfac"]["blocks"]
+    return {**meta, "kfac": {**meta["kfac"], "blocks": [edit(blocks[0]), *blocks[1:]]}}
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +202,18 @@ def test_a_corrupt_checkpoint_is_refused_at_the_load_and_nothing_is_loaded(check
         un.load_curvature_state(*edit(tensors, copy.deepcopy(meta)))
     un.remove(second, after_second)  # as if the refused load had not been tried
     assert _same(expected, un.samples())
+
+
+def test_a_corrupt_kfac_state_leaves_an_auto_unlearner_on_its_own_solver(checkpoint: tuple) -> None:
+    """solver='auto' takes a loaded state's solver (K-FAC) before loading its factors: a state whose K-FAC metadata
+    was damaged switched the unlearner from its dense pick to K-FAC, then raised a bare ``KeyError``."""
+    model, options, samples, tensors, meta, _, _ = checkpoint
+    un = MCMCUnlearner(copy.deepcopy(model), bank=samples, **{**options, "solver": "auto"})
+    solver, probe = un.solver, copy.deepcopy(un._dense_probe)
+    assert probe is not None  # (the dense pick, its cost not weighed yet: what a K-FAC state settles)
+    edit, said = CORRUPT["a block's locations missing"]
+    with pytest.raises(ValueError, match=f"load_curvature_state: .*{said}.*nothing was loaded"):
+        un.load_curvature_state(*edit(tensors, copy.deepcopy(meta)))
+    assert un.solver is solver and un._dense_probe == probe
+    un.load_curvature_state(tensors, meta)  # the state as saved: the switch, then the factors
+    assert un.solver.value == "kfac"

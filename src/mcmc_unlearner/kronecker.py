@@ -3236,7 +3236,11 @@ class KroneckerCurvature:
         """Refuse a saved curvature that :meth:`from_state_dict` cannot rebuild whole: another format, a block's
         factor missing (a bare ``KeyError`` before stop 63) or of another shape than its layer's (accepted, and the
         next request failed with torch's "mat1 and mat2 shapes cannot be multiplied"), a diagonal part whose index and
-        values disagree.
+        values disagree; and metadata that does not fit ``model`` or lacks an entry :meth:`from_state_dict` reads (a
+        block's ``locations``, ``prior``, ``kind``, layer names or parameter count of another model, ``n``, ``info``:
+        stop 63's review found these still raised a bare ``KeyError`` or ``from_state_dict``'s error after
+        :meth:`~mcmc_unlearner.unlearner.MCMCUnlearner.load_curvature_state` had begun, an ``auto`` unlearner's
+        solver already switched to the state's).
 
         Raises:
             ValueError: naming the entry.
@@ -3247,13 +3251,36 @@ class KroneckerCurvature:
         blocks = meta.get("blocks")
         if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
             raise ValueError("saved curvature has no list of blocks in its metadata")
+        spec, offsets, _ = _slices(model)
+        try:
+            n, dim_all = int(meta["n"]), int(meta["dim"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("saved curvature's metadata lacks its 'n' or 'dim' (or they are not counts)") from None
+        if n < 0 or not isinstance(meta.get("info"), dict):
+            raise ValueError("saved curvature's metadata has a negative 'n' or no 'info' dict")
+        if dim_all != spec.dim:
+            raise ValueError(f"saved curvature has {dim_all} parameters, the model {spec.dim}: wrong model")
         for i, bm in enumerate(blocks):
             try:
                 out_dim, in_dim, eig_a, eig_g = int(bm["out_dim"]), int(bm["in_dim"]), bm["eig_A"], bm["eig_G"]
+                located, prior = float(bm["locations"]), float(bm["prior"])
+                names = (str(bm["name"]), str(bm["kind"]), bm["weight"], bm["bias"])
             except (KeyError, TypeError, ValueError):
                 raise ValueError(
-                    f"saved curvature's block {i} metadata lacks out_dim, in_dim, eig_A or eig_G"
+                    f"saved curvature's block {i} metadata lacks out_dim, in_dim, eig_A, eig_G, locations, prior, "
+                    "name, kind, weight or bias, or holds one of another type"
                 ) from None
+            if not (math.isfinite(located) and math.isfinite(prior) and located >= 0):
+                raise ValueError(f"saved curvature's block {i} has locations {located} and prior {prior}")
+            for pname in names[2:]:
+                if pname is not None and (not isinstance(pname, str) or pname not in offsets):
+                    raise ValueError(f"saved curvature refers to parameter {pname!r}, which the model lacks")
+            if names[2] is None:
+                raise ValueError(f"saved curvature's block {i} names no weight")
+            w, bias = offsets[names[2]], offsets[names[3]] if names[3] is not None else None
+            size = (w.stop - w.start) + (bias.stop - bias.start if bias is not None else 0)
+            if size != out_dim * in_dim or (bias is not None and bias.stop - bias.start != out_dim):
+                raise ValueError(f"layer {names[0]!r} has a different shape in the model than in the saved curvature")
             for side, dim, full in (("A", in_dim, eig_a), ("G", out_dim, eig_g)):
                 lam, Q = tensors.get(f"block{i}.l{side}"), tensors.get(f"block{i}.Q{side}")
                 for name, t in ((f"block{i}.l{side}", lam), (f"block{i}.Q{side}", Q)):
@@ -3285,6 +3312,14 @@ class KroneckerCurvature:
                 f"saved curvature's 'diag_index' {tuple(d_index.shape)} and 'diag_fisher' {tuple(d_fisher.shape)} "
                 "differ in shape"
             )
+        if (
+            d_index.is_floating_point()
+            or d_index.is_complex()
+            or (d_index.numel() and not 0 <= int(d_index.min()) <= int(d_index.max()) < spec.dim)
+        ):
+            raise ValueError(f"saved curvature's 'diag_index' is not integer indices below {spec.dim}")
+        if tuple(tensors["prior"].shape) != (spec.dim,):
+            raise ValueError(f"saved prior has shape {tuple(tensors['prior'].shape)}, expected [{spec.dim}]")
 
     @classmethod
     def from_state_dict(cls, model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any]) -> KroneckerCurvature:
@@ -3293,19 +3328,11 @@ class KroneckerCurvature:
         Raises:
             ValueError: if the saved curvature does not match the model's parameters.
         """
-        cls.check_state(model, tensors, meta)
+        cls.check_state(model, tensors, meta)  # every check, so that a caller can run them before loading anything
         spec, offsets, _ = _slices(model)
-        if int(meta["dim"]) != spec.dim:
-            raise ValueError(f"saved curvature has {meta['dim']} parameters, the model {spec.dim}: wrong model")
         blocks = []
         for i, bm in enumerate(meta["blocks"]):
-            for pname in (bm["weight"], bm["bias"]):
-                if pname is not None and pname not in offsets:
-                    raise ValueError(f"saved curvature refers to parameter '{pname}', which the model lacks")
             w, bias = offsets[bm["weight"]], offsets[bm["bias"]] if bm["bias"] is not None else None
-            size = (w.stop - w.start) + (bias.stop - bias.start if bias is not None else 0)
-            if size != bm["out_dim"] * bm["in_dim"]:
-                raise ValueError(f"layer '{bm['name']}' has a different shape in the model than in the saved curvature")
             blk = _Block(
                 name=bm["name"],
                 kind=bm["kind"],
@@ -3325,11 +3352,14 @@ class KroneckerCurvature:
                 prior=float(bm["prior"]),
             )
             blocks.append(blk)
-        prior = tensors["prior"]
-        if prior.shape != (spec.dim,):
-            raise ValueError(f"saved prior has shape {tuple(prior.shape)}, expected [{spec.dim}]")
         return cls(
-            blocks, spec.dim, prior, tensors["diag_index"].long(), tensors["diag_fisher"], int(meta["n"]), meta["info"]
+            blocks,
+            spec.dim,
+            tensors["prior"],
+            tensors["diag_index"].long(),
+            tensors["diag_fisher"],
+            int(meta["n"]),
+            meta["info"],
         )
 
     # ---------------------------------------------------------------------------------------- memory
