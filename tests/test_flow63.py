@@ -217,3 +217,23 @@ def test_a_corrupt_kfac_state_leaves_an_auto_unlearner_on_its_own_solver(checkpo
     assert un.solver is solver and un._dense_probe == probe
     un.load_curvature_state(tensors, meta)  # the state as saved: the switch, then the factors
     assert un.solver.value == "kfac"
+
+
+def test_a_factor_psd_up_to_rounding_is_loaded(checkpoint: tuple) -> None:
+    """An eigenvalue negative by rounding is not damage: loaded, and the next request runs as from the same state
+    with that eigenvalue 0. The size: torch's eigh of 200 random singular PSD factors 5-600 wide (rank a third) gave
+    eigenvalues down to -0.15·n·eps·max|λ| in float32, -0.064 in float64 (stop 63's review); the build clamps its
+    own at 0, a factor decomposed elsewhere does not."""
+    model, options, samples, tensors, meta, (second, after_second), _ = checkpoint
+    lam = tensors["kfac/block0.lA"]
+    k = int(lam.argmin())
+    rounding = -0.15 * lam.numel() * torch.finfo(lam.dtype).eps * float(lam.abs().max())
+    runs = []
+    for value in (0.0, rounding):
+        edited = lam.clone()
+        edited[k] = value
+        un = MCMCUnlearner(copy.deepcopy(model), bank=samples, **options)
+        un.load_curvature_state({**tensors, "kfac/block0.lA": edited}, meta)
+        un.remove(second, after_second)
+        runs.append(un.samples())
+    assert all(torch.allclose(a[n], b[n], rtol=1e-9, atol=1e-12) for a, b in zip(*runs) for n in a)

@@ -3298,10 +3298,15 @@ class KroneckerCurvature:
                         f"saved curvature's 'block{i}.l{side}' has shape {tuple(lam.shape)}, layer {bm.get('name')!r} "
                         f"needs ({rank},)"
                     )
-                if lam.numel() and float(lam.min()) < 0:
+                if not lam.is_floating_point() or (full and not Q.is_floating_point()):
+                    raise ValueError(f"saved curvature's block {i} factor {side} is not floating point")
+                # negative beyond rounding: an eigendecomposition's eigenvalues are exact to about rank·eps·‖M‖ (the
+                # build clamps its own at 0; a factor decomposed elsewhere may hold -1e-9·‖M‖)
+                tol = lam.numel() * torch.finfo(lam.dtype).eps * float(lam.abs().max()) if lam.numel() else 0.0
+                if lam.numel() and float(lam.min()) < -tol:
                     raise ValueError(
-                        f"saved curvature's 'block{i}.l{side}' holds a negative eigenvalue ({float(lam.min()):.3g}); a "
-                        "factor's eigenvalues are never negative"
+                        f"saved curvature's 'block{i}.l{side}' holds a negative eigenvalue ({float(lam.min()):.3g}, "
+                        f"beyond rounding: {tol:.3g}); a factor's eigenvalues are never negative"
                     )
         for name in ("prior", "diag_index", "diag_fisher"):
             if tensors.get(name) is None:
