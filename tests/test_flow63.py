@@ -237,3 +237,24 @@ def test_a_factor_psd_up_to_rounding_is_loaded(checkpoint: tuple) -> None:
         un.remove(second, after_second)
         runs.append(un.samples())
     assert all(torch.allclose(a[n], b[n], rtol=1e-9, atol=1e-12) for a, b in zip(*runs) for n in a)
+
+
+def test_a_state_of_another_solver_leaves_auto_s_pending_weighing(checkpoint: tuple) -> None:
+    """A state refused as another solver's left solver='auto''s dense pick with its cost never weighed (the
+    pending weighing was dropped before the refusal), though nothing was loaded."""
+    model, options, samples, tensors, meta, _, _ = checkpoint
+    un = MCMCUnlearner(copy.deepcopy(model), bank=samples, **{**options, "solver": "auto"})
+    solver, probe = un.solver, copy.deepcopy(un._dense_probe)
+    assert probe is not None and solver.value in ("exact", "ggn")
+    other = "exact" if solver.value == "ggn" else "ggn"
+    with pytest.raises(ValueError, match=f"saved by solver='{other}'.*nothing was loaded"):
+        un.load_curvature_state(tensors, {**meta, "solver": other})
+    assert un.solver is solver and un._dense_probe == probe
+
+
+def test_a_fit_s_data_record_of_the_wrong_type_is_refused_before_loading(checkpoint: tuple) -> None:
+    model, options, samples, tensors, meta, _, _ = checkpoint
+    un = MCMCUnlearner(copy.deepcopy(model), bank=samples, **options)
+    with pytest.raises(ValueError, match=r"'fit_data_nll' is \['x', 1\].*nothing was loaded"):
+        un.load_curvature_state(tensors, {**meta, "built_by_fit": True, "fit_data_nll": ["x", 1]})
+    assert not any(k.startswith("kfac/") for k in un.curvature_state()[0])

@@ -1706,6 +1706,14 @@ def _check_state_meta(meta: Mapping[str, Any], corrupt: str) -> None:
         v = meta["damping_relative"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"load_curvature_state: the saved 'damping_relative' is {ascii(v)[:40]}: {corrupt}")
+    fit_nll = meta.get("fit_data_nll")
+    if fit_nll is not None and not (
+        isinstance(fit_nll, (list, tuple))
+        and len(fit_nll) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fit_nll)
+    ):
+        # (read after the curvature was loaded: float()'s error left the load half done)
+        raise ValueError(f"load_curvature_state: the saved 'fit_data_nll' is {ascii(fit_nll)[:40]}: {corrupt}")
     state = meta.get("damping_state")
     if state is None:
         return
@@ -7685,8 +7693,19 @@ class MCMCUnlearner:
         """
         self._check_curvature_state(tensors, meta)
         saved = meta.get("solver")  # absent in states saved before stop 55: taken as this unlearner's
+        from_dense = self._dense_probe is not None and saved in (SolverName.KFAC.value, SolverName.CG.value)
+        if saved is not None and saved != self.solver.value and not from_dense:
+            # refused before solver='auto''s pending weighing is dropped below (stop 63's review: a refused state
+            # left an auto unlearner's dense pick unweighed for good)
+            auto = self._auto_probe
+            if not (saved == SolverName.CG.value and auto is not None and not auto["kfac_options"]):
+                raise ValueError(
+                    f"load_curvature_state: the state was saved by solver={saved!r}, this unlearner uses "
+                    f"solver={self.solver.value!r}; nothing was loaded (build the unlearner with solver={saved!r}, "
+                    "or start without the saved state)"
+                )
         probe, self._dense_probe = self._dense_probe, None  # solver='auto''s dense choice: the state's settles it
-        if probe is not None and saved in (SolverName.KFAC.value, SolverName.CG.value):
+        if from_dense:
             self._switch_from_dense(
                 SolverName(saved), f"; {saved} as in the loaded state (the dense build estimated costlier there)", probe
             )
@@ -7694,14 +7713,8 @@ class MCMCUnlearner:
             # saved before the first request or fit weighed it (a checkpoint of a fresh unlearner): weighed on the
             # first rows read after loading, as in the run it was saved from (before: never, the dense solver kept)
             self._dense_probe = probe
-        if saved is not None and saved != self.solver.value:
+        if saved is not None and saved != self.solver.value:  # (auto's K-FAC that takes CG: allowed above)
             probe = self._auto_probe
-            if not (saved == SolverName.CG.value and probe is not None and not probe["kfac_options"]):
-                raise ValueError(
-                    f"load_curvature_state: the state was saved by solver={saved!r}, this unlearner uses "
-                    f"solver={self.solver.value!r}; nothing was loaded (build the unlearner with solver={saved!r}, "
-                    "or start without the saved state)"
-                )
             self._auto_probe = None
             self._switch_to_cg(probe, "; CG as in the loaded state (a weight read outside its module there)")
         self._state_loaded = True  # until a request is applied: a bank set now discards what is loaded
