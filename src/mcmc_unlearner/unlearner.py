@@ -4907,14 +4907,19 @@ class MCMCUnlearner:
                 "its samples, curvature and state hold the parameters it was built with (requires_grad_(True) "
                 f"puts a frozen one back){fix}"
             )
-        dtype = ParamSpec.params(self.model)[0].dtype
-        was_dtype = getattr(self, "_param_dtype", dtype)
-        if dtype != was_dtype:
+        params = ParamSpec.params(self.model)
+        was_dtype = getattr(self, "_param_dtype", params[0].dtype)
+        # every parameter: one layer converted (model[2].double()) failed inside nll, blaming the removed rows
+        other = [(n, p.dtype) for n, p in zip(self.spec.names, params) if p.dtype != was_dtype]
+        if other:
             back = {torch.float32: "model.float()", torch.float64: "model.double()"}.get(
                 was_dtype, f"model.to({was_dtype})"
             )
+            now = sorted({str(d)[6:] for _, d in other})
+            names = ", ".join(n for n, _ in other[:5]) + (" ..." if len(other) > 5 else "")
+            part = "" if len(other) == len(params) else f" ({names})"
             raise InvalidRequestError(
-                f"{call}: the model's parameters are {str(dtype)[6:]}, but the unlearner was built on a "
+                f"{call}: the model's parameters are {'/'.join(now)}{part}, but the unlearner was built on a "
                 f"{str(was_dtype)[6:]} model and holds its samples and state in {str(was_dtype)[6:]}: the model was "
                 f"converted since ({back} converts it back, and the rows with it){fix}"
             )
