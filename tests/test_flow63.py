@@ -263,3 +263,28 @@ def test_a_fit_s_data_record_of_the_wrong_type_is_refused_before_loading(checkpo
     with pytest.raises(ValueError, match=r"'fit_data_nll' is \['x', 1\].*nothing was loaded"):
         un.load_curvature_state(tensors, {**meta, "built_by_fit": True, "fit_data_nll": ["x", 1]})
     assert not any(k.startswith("kfac/") for k in un.curvature_state()[0])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t, m: (t, {**m, "precond_c": "x"}),  # float()'s error, after the load had begun
+        lambda t, m: ({k: v for k, v in t.items() if k != "precond_lam"}, m),  # a bare KeyError
+        lambda t, m: ({**t, "precond_lam": t["precond_lam"][:-1]}, m),  # loaded: the next request's size error
+    ],
+    ids=["precond_c not a number", "precond_lam missing", "precond_lam short"],
+)
+def test_a_corrupt_cg_preconditioner_is_refused_at_the_load(chain: tuple, edit) -> None:  # noqa: F811
+    model, nll, log_prior, bank, removed, remaining = chain
+    first, after_first, second, after_second = _split(removed, remaining)
+    options = dict(nll=nll, log_prior=log_prior, seed=0, solver="cg", precondition_rank=3)
+    saved = MCMCUnlearner(copy.deepcopy(model), bank=bank, **options)
+    saved.remove(first, after_first)
+    tensors, meta = saved.curvature_state()
+    assert "precond_U" in tensors
+    un = MCMCUnlearner(copy.deepcopy(model), bank=saved.samples(), **options)
+    with pytest.raises(ValueError, match=r"load_curvature_state: CG's preconditioner does not fit.*nothing was loaded"):
+        un.load_curvature_state(*edit(tensors, meta))
+    assert not un.curvature_state()[0].keys() & {"precond_U", "carry"}
+    un.load_curvature_state(tensors, meta)
+    un.remove(second, after_second)

@@ -7692,8 +7692,9 @@ class MCMCUnlearner:
             ValueError: the state was saved for a model of another parameter count or dtype, its
                 ``recenter_drawn`` is not 1-D int64 flat indices within the parameter count, or it was saved by
                 another solver; or it is damaged or edited (non-finite tensors, K-FAC factors missing, of other
-                shapes or with negative eigenvalues, part of the corrections' anchor, a generator state of another
-                size, metadata of the wrong type: :meth:`_check_curvature_state`). Nothing is loaded.
+                shapes or with negative eigenvalues, CG's preconditioner in parts that do not fit together, part
+                of the corrections' anchor, a generator state of another size, metadata of the wrong type:
+                :meth:`_check_curvature_state`). Nothing is loaded.
             TypeError: ``tensors`` or ``meta`` is not a dict.
         """
         self._check_curvature_state(tensors, meta)
@@ -7806,6 +7807,22 @@ class MCMCUnlearner:
                 from .backends.kfac import KFACBackend
 
                 KFACBackend.check_state(self.model, tensors, meta, corrupt)
+            U, c = tensors.get("precond_U"), meta.get("precond_c")
+            if U is not None and "precond_c" in meta:  # CG's preconditioner (loaded only with its precond_c)
+                lam = tensors.get("precond_lam")
+                if (
+                    lam is None
+                    or U.ndim != 2
+                    or tuple(lam.shape) != (U.shape[1],)
+                    or isinstance(c, bool)
+                    or not isinstance(c, (int, float))
+                    or not math.isfinite(c)
+                ):
+                    shown = "missing" if lam is None else tuple(lam.shape)
+                    raise ValueError(
+                        f"load_curvature_state: CG's preconditioner does not fit together (precond_U "
+                        f"{tuple(U.shape)}, precond_lam {shown}, precond_c {ascii(c)[:20]}): {corrupt}"
+                    )
         dim = self.spec.dim
         dtype = ParamSpec.flatten_module(self.model).dtype
         # name -> which dimensions must equal the parameter count
