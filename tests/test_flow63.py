@@ -169,6 +169,19 @@ CORRUPT = {
         lambda t, m: (t, _block0(m, lambda b: {**b, "weight": "encoder.weight"})),
         r"refers to parameter 'encoder\.weight', which the model lacks",
     ),
+    # loaded before (a kind none of the build's; int() truncated a hand-edited 4.5 to the layer's size)
+    "a kind no layer has": (
+        lambda t, m: (t, _block0(m, lambda b: {**b, "kind": "dense"})),
+        r"has kind 'dense', not one of",
+    ),
+    "a fractional in_dim": (
+        lambda t, m: (t, _block0(m, lambda b: {**b, "in_dim": b["in_dim"] + 0.5})),
+        r"has in_dim \d+\.5, not a whole positive number",
+    ),
+    "a textual out_dim": (
+        lambda t, m: (t, _block0(m, lambda b: {**b, "out_dim": str(b["out_dim"])})),
+        r"has out_dim '\d+', not a whole positive number",
+    ),
     "no count of rows": (
         lambda t, m: (t, {**m, "kfac": {k: v for k, v in m["kfac"].items() if k != "n"}}),
         r"metadata lacks its 'n' or 'dim'",

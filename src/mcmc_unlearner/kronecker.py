@@ -1626,6 +1626,13 @@ class _Block:
         }
 
 
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is a whole number (an int, or a float without a fraction), not a bool or a string."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
 def _kind(module: nn.Module) -> str | None:
     for cls, kind in _KINDS:
         if isinstance(module, cls) and type(module).forward is cls.forward:
@@ -3240,7 +3247,8 @@ class KroneckerCurvature:
         block's ``locations``, ``prior``, ``kind``, layer names or parameter count of another model, ``n``, ``info``:
         stop 63's review found these still raised a bare ``KeyError`` or ``from_state_dict``'s error after
         :meth:`~mcmc_unlearner.unlearner.MCMCUnlearner.load_curvature_state` had begun, an ``auto`` unlearner's
-        solver already switched to the state's).
+        solver already switched to the state's). A block's ``kind`` none of ``linear``/``conv1d``/``conv2d`` and an
+        ``out_dim``/``in_dim`` not a whole positive number are refused too (a hand-edited ``4.5`` was loaded as 4).
 
         Raises:
             ValueError: naming the entry.
@@ -3272,6 +3280,18 @@ class KroneckerCurvature:
                 ) from None
             if not (math.isfinite(located) and math.isfinite(prior) and located >= 0):
                 raise ValueError(f"saved curvature's block {i} has locations {located} and prior {prior}")
+            known = [k for _, k in _KINDS]
+            if names[1] not in known:
+                raise ValueError(
+                    f"saved curvature's block {i} (layer {names[0]!r}) has kind {bm['kind']!r}, not one of {known}"
+                )
+            for key in ("out_dim", "in_dim"):
+                # int() took 4.5 as 4 and "4" as 4: a hand-edited entry that happened to truncate to the layer's size
+                if not (_whole(bm[key]) and bm[key] > 0):
+                    raise ValueError(
+                        f"saved curvature's block {i} (layer {names[0]!r}) has {key} {bm[key]!r}, not a whole "
+                        "positive number"
+                    )
             for pname in names[2:]:
                 if pname is not None and (not isinstance(pname, str) or pname not in offsets):
                     raise ValueError(f"saved curvature refers to parameter {pname!r}, which the model lacks")
