@@ -24,6 +24,7 @@ dtype to be Long or Byte, but got Int" alone; the message now names the field an
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -207,3 +208,27 @@ def test_an_nll_not_finite_at_the_live_parameters_alone_is_accepted(chain: tuple
         r"the model's parameters and at 4 of 4 stored samples",
     ):
         un.remove(removed, remaining)
+
+
+def test_an_nll_failing_at_the_stored_samples_in_the_finite_check_is_said_and_nothing_changes(chain: tuple) -> None:  # noqa: F811
+    """Where ``nll`` is not finite at the live parameters the check reads it on those rows at up to 4 stored samples;
+    an ``nll`` that raises there (here one written for batches of 10 rows, given the 2 rows alone) came out as torch's
+    bare "shape '[10, -1]' is invalid": now the same error type, naming the check, the rows and the fix."""
+    model, nll, log_prior, bank, removed, remaining = _setup(chain)
+    marked = removed[0][[2, 7], 0]
+
+    def fixed_size(m, b):
+        x = b[0].reshape(10, -1)  # the batch size it was written for
+        return nll(m, (x, b[1])) + torch.where((x[:, :1] == marked).any(1), math.nan, 0.0).to(x.dtype)
+
+    before, state = [{k: v.clone() for k, v in s.items()} for s in bank], copy.deepcopy(model.state_dict())
+    un = MCMCUnlearner(model, nll=fixed_size, log_prior=log_prior, bank=bank, seed=0)
+    with pytest.raises(
+        RuntimeError,
+        match=r"nll\(model, batch\) failed at stored sample 1 of the 4 read to check whether it is finite there, on "
+        r"2 of the 10 removed rows \(rows 2, 7 of the removed batch\), where it is not finite at the model's "
+        r"parameters: shape '\[10, -1\]' is invalid.*on those rows alone \(a batch of 2\).*nothing was changed",
+    ):
+        un.remove(removed, remaining)
+    assert _unchanged(before, un)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

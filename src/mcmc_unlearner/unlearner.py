@@ -3226,8 +3226,20 @@ class MCMCUnlearner:
             row_nll = self.nll
             rows_f = functionalize(self.model, lambda m, *b: row_nll(m, b))
             with self._check_guard(), torch.no_grad():
-                for theta in tried:
-                    v = rows_f(theta, *rows).detach().reshape(-1)
+                for j, theta in enumerate(tried):
+                    try:
+                        v = rows_f(theta, *rows).detach().reshape(-1)
+                    except (RuntimeError, TypeError, IndexError, KeyError, ValueError, AttributeError) as e:
+                        # raw before: torch's or the nll's own words alone, nothing said of the check or the rows
+                        called = f"those rows alone (a batch of {where.numel()})" if aligned else "the whole batch"
+                        raise _same_kind(
+                            e,
+                            f"nll(model, batch) failed at stored sample {j + 1} of the {tried.shape[0]} read to "
+                            f"check whether it is finite there, on {self._rows_said(where, k, role)}, where it is "
+                            f"not finite at the model's parameters: {e}. The check calls nll on {called} at each "
+                            "sample: make nll finite on every row the chain was trained on, and able to read any "
+                            "number of rows at any stored sample; nothing was changed",
+                        ) from e
                     hit = ~torch.isfinite(v if aligned else v[where.to(v.device)]).cpu()
                     hits |= hit
                     at += bool(hit.any())
@@ -3235,7 +3247,6 @@ class MCMCUnlearner:
                 return
             where = where[hits]
         live = out.detach().reshape(-1)[where.to(out.device)]
-        first = ", ".join(str(int(i)) for i in where[:5]) + (", ..." if where.numel() > 5 else "")
         kinds = "/".join(
             name
             for name, hit in (
@@ -3245,18 +3256,21 @@ class MCMCUnlearner:
             )
             if bool(hit)
         )
-        rows_said = (
-            f"{where.numel()} of the {k} removed rows (rows {first} of the removed batch)"
-            if role == "removed"
-            else f"{where.numel()} of the {k} rows read from the first remaining minibatch (rows {first} of it)"
-        )
         samples = f" and at {at} of {tried.shape[0]} stored samples" if tried.shape[0] else ""
         raise ValueError(
-            f"nll(model, batch) is {kinds} on {rows_said} at the model's parameters{samples}: every energy, gradient "
-            "and check of the request would be undefined there. Make nll finite on every row the chain was trained "
-            "on (a log of a value that can reach 0 or go negative: clamp it or use log_softmax / softplus; NaN in the "
-            "data: clean or drop those rows); nothing was changed"
+            f"nll(model, batch) is {kinds} on {self._rows_said(where, k, role)} at the model's parameters{samples}: "
+            "every energy, gradient and check of the request would be undefined there. Make nll finite on every row "
+            "the chain was trained on (a log of a value that can reach 0 or go negative: clamp it or use log_softmax "
+            "/ softplus; NaN in the data: clean or drop those rows); nothing was changed"
         )
+
+    @staticmethod
+    def _rows_said(where: torch.Tensor, k: int, role: str) -> str:
+        """The rows ``where`` of the ``k`` ``role`` rows :meth:`_check_nll_finite` read, as its messages name them."""
+        first = ", ".join(str(int(i)) for i in where[:5]) + (", ..." if where.numel() > 5 else "")
+        if role == "removed":
+            return f"{where.numel()} of the {k} removed rows (rows {first} of the removed batch)"
+        return f"{where.numel()} of the {k} rows read from the first remaining minibatch (rows {first} of it)"
 
     def _whole_shape(self, batch: Batch, shape: list[int], rows: int, k: int) -> list[int] | str:
         """The shape ``nll`` would give on all ``k`` rows of ``batch``, from the ``shape`` it gave a pass of ``rows``
