@@ -99,3 +99,25 @@ def test_a_curvature_override_builds_its_own_curvature_and_the_ledger_says_so(tm
     assert reuse["hessian_reused"] is True and "curvature_rebuilt" not in reuse  # refresh_every holds as before
     assert load_model(folder).unlearner.curvature_draws == 4  # the saved configuration is kept
     assert verify(folder).ok
+
+
+def test_a_slope_eta_of_none_is_refused_naming_zero_and_zero_turns_the_test_off(tmp_path) -> None:
+    """``None`` in a request's settings means "not given" (the command line's flags left out), so
+    ``overrides={"slope_eta": None}``, the slope test off in the library, was dropped without a word and the request
+    ran with the folder's test on. It is refused before any work, naming ``slope_eta=0``, which turns it off."""
+    import json
+
+    from mcmc_unlearner.errors import InvalidRequestError
+    from mcmc_unlearner.step import SLOPE_ETA
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="exact"))
+    files = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    with pytest.raises(InvalidRequestError, match=r"^slope_eta=None cannot be given per request.*give slope_eta=0"):
+        forget(folder, [1, 2], request_id="r1", overrides={"slope_eta": None})
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == files  # nothing written
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert forget(folder, [1, 2], request_id="r1", overrides={"slope_eta": 0}).applied
+    entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
+    assert entry["overrides"] == {"slope_eta": 0} and entry["config"]["slope_eta"] == 0.0  # the request ran it off
+    assert load_model(folder).unlearner.control.slope_eta == SLOPE_ETA  # the folder's own setting kept

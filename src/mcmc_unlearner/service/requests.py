@@ -15,7 +15,8 @@ Everything here is checked **before** the model folder is touched, and every ref
   or finite and ``>= 0``; ``tol`` finite in ``(0, 1)``; ``iter_T`` a whole number in ``[0, 10^6]``;
   ``curvature_draws`` in ``[1, 10^5]``; ``scaling`` ``"auto"`` or finite ``> 0``; solver, Hessian and bank
   shift from their enums; the messages name the Python keyword (``tol``) or, for the command line, the flag
-  (``--tol``).
+  (``--tol``). ``None`` means "not given" (the folder's setting is kept); ``slope_eta=None``, the slope test off in
+  the library, is refused naming ``slope_eta=0``, which turns it off for the request.
 """
 
 from __future__ import annotations
@@ -554,10 +555,22 @@ def check_settings(overrides: Mapping[str, Any] | None, interface: str = "python
         raise InvalidRequestError(spell(str(e))) from None
 
 
+#: Unlearner options whose ``None`` is a value in :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` other than the
+#: folder's setting, with what it means there and how a request says it.
+_NONE_IS_A_VALUE = {"slope_eta": "the slope test off: give slope_eta=0 to turn it off for this request"}
+
+
 def _check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """:func:`check_settings`'s checks, their messages naming the command line's flags."""
     out: dict[str, Any] = {}
     for key, value in dict(overrides or {}).items():
+        if value is None and key in _NONE_IS_A_VALUE:
+            # None is "not given" here (the command line's flags left out), but a value of these options in the
+            # library: skipped, slope_eta=None (the test off in MCMCUnlearner) ran the request with the test on
+            raise InvalidRequestError(
+                f"{key}=None cannot be given per request: a request's None means 'not given' (the folder's setting "
+                f"is kept), while the library reads it as {_NONE_IS_A_VALUE[key]}"
+            )
         if value is None:
             continue
         if key == "seed":
