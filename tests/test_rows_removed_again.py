@@ -100,3 +100,62 @@ def test_forget_takes_another_id_whose_row_equals_one_removed_before() -> None:
     # rows given by remove() carry no ids: the one removed by forget is still caught
     with pytest.raises(InvalidRequestError, match="identical to rows an earlier request removed"):
         un.remove(_rows(x, y, torch.tensor([0])), _without(x, y, torch.tensor([0, 1])))
+
+
+def _reloaded(un: MCMCUnlearner, tensors: dict[str, torch.Tensor], meta: dict) -> MCMCUnlearner:
+    """A new unlearner resumed from ``un``'s checkpoint as the README's checkpointing flow does (model state, bank,
+    then ``load_curvature_state``)."""
+    model = nn.Linear(3, 1, bias=False).double()
+    model.load_state_dict(un.model.state_dict())
+    again = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=un.bank.clone(), solver="exact", newton_steps=1)
+    again.load_curvature_state(tensors, meta)
+    return again
+
+
+def test_a_checkpoint_carries_the_removed_rows_so_a_row_sent_again_after_reloading_is_refused() -> None:
+    # stop 63's flows probe: the digests were held in memory only, and after a reload the same rows were removed a
+    # second time (shift 0.17, problems=[])
+    prob, un, _, x, y = _setup()
+    first, second = prob.removed[:20], prob.removed[20:]
+    assert un.remove(_rows(x, y, first), _without(x, y, first)).passed
+    tensors, meta = un.curvature_state()
+    assert tensors["removed_digests"].dtype == torch.uint8 and tuple(tensors["removed_digests"].shape) == (20, 16)
+    resumed = _reloaded(un, tensors, meta)
+    kept = resumed.bank.clone()
+    resent = torch.cat([first[10:], second])
+    again = r"10 of the 30 rows of this request \(positions 0, 1, 2, .*, \.\.\.\) are identical to rows an earlier"
+    for u in (un, resumed):  # refused alike, uninterrupted and resumed
+        with pytest.raises(InvalidRequestError, match=again):
+            u.remove(_rows(x, y, resent), _without(x, y, prob.removed))
+    assert torch.equal(resumed.bank, kept)
+    # the new rows alone: the resumed run lands where the uninterrupted one does
+    assert un.remove(_rows(x, y, second), _without(x, y, prob.removed)).passed
+    assert resumed.remove(_rows(x, y, second), _without(x, y, prob.removed)).passed
+    torch.testing.assert_close(resumed.bank, un.bank, rtol=0, atol=1e-12)
+    # saved again after both requests: all 40 rows' digests, the same bytes from either run
+    assert torch.equal(resumed.curvature_state()[0]["removed_digests"], un.curvature_state()[0]["removed_digests"])
+    assert un.curvature_state()[0]["removed_digests"].shape[0] == 40
+
+
+def test_an_older_state_without_digests_loads_and_a_damaged_entry_is_refused_by_name() -> None:
+    prob, un, _, x, y = _setup()
+    first = prob.removed[:20]
+    assert un.remove(_rows(x, y, first), _without(x, y, first)).passed
+    tensors, meta = un.curvature_state()
+    older = {k: v for k, v in tensors.items() if k != "removed_digests"}  # saved before stop 63: no digests
+    resumed = _reloaded(un, older, meta)
+    report = resumed.propose(_rows(x, y, first[:5]), _without(x, y, prob.removed[:25]))
+    assert not any("earlier request removed" in p for p in report.report.problems)  # as before: nothing to compare with
+    fresh = _reloaded(un, tensors, meta)
+    before = fresh.curvature_state()[0]
+    for bad in (
+        tensors["removed_digests"].float(),
+        tensors["removed_digests"][:, :8],
+        torch.zeros(16, dtype=torch.uint8),
+    ):
+        with pytest.raises(ValueError, match=r"'removed_digests' is a .* where the removed rows' digests are a uint8"):
+            fresh.load_curvature_state({**tensors, "removed_digests": bad}, meta)
+    after = fresh.curvature_state()[0]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded
+    with pytest.raises(InvalidRequestError, match="identical to rows an earlier request removed"):
+        fresh.remove(_rows(x, y, first[:5]), _without(x, y, prob.removed[:25]))

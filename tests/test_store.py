@@ -278,9 +278,10 @@ def test_lowrank_curvature_survives_save_and_load(tmp_path):
     lm = save(tmp_path / "b")
     saved_t, saved_m = un.curvature_state()
     loaded_t, loaded_m = lm.unlearner.curvature_state()
-    # the reused approximation and the influence carried to the next request both survive
-    expected = {"precond_U", "precond_lam", "carry", "generator"}
+    # the reused approximation, the influence carried to the next request and the removed rows' digests survive
+    expected = {"precond_U", "precond_lam", "carry", "generator", "removed_digests"}
     assert saved_m == loaded_m and saved_t.keys() == loaded_t.keys() == expected
+    assert tuple(saved_t["removed_digests"].shape) == (2, 16)  # rows 0 and 1
     assert all(torch.equal(saved_t[k], loaded_t[k]) for k in saved_t)
     r1 = un.forget([2, 3], data)
     r2 = lm.unlearner.forget([2, 3], lm.data)

@@ -1414,11 +1414,15 @@ def _further_samples(bank: torch.Tensor, index: torch.Tensor, budget: int) -> to
     return _BankRows(bank, index)
 
 
+#: bytes in a removed row's digest (:func:`_row_digests`; a saved state's ``removed_digests`` rows)
+_DIGEST_BYTES = 16
+
+
 def _row_digests(batch: Batch) -> list[bytes]:
     """A BLAKE2b digest of each row of ``batch``: its bytes (−0.0 as 0.0), dtype and shape in every field (a field
     without one row per row of ``batch[0]`` is hashed whole into every row's)."""
     b = int(batch[0].shape[0])
-    hashes = [hashlib.blake2b(digest_size=16) for _ in range(b)]
+    hashes = [hashlib.blake2b(digest_size=_DIGEST_BYTES) for _ in range(b)]
     for t in batch:
         per_row = t.ndim > 0 and t.shape[0] == b
         raw = t.detach().cpu()
@@ -2588,8 +2592,8 @@ class MCMCUnlearner:
         self._forward_mixed_gap: float | None = None  # its gap above rounding, below refusal (reported once)
         self._forward_mixed_gap_float64: float | None = None  # that gap in float64, where float32's was above refusal
         self._version = 0
-        #: a digest of every row that applied requests removed since the caller's bank was set (never the rows): a
-        #: row sent again is refused (:meth:`_refuse_removed_before`)
+        #: a digest of every row that applied requests removed since the caller's bank was set (never the rows; saved
+        #: by :meth:`curvature_state`): a row sent again is refused (:meth:`_removed_before`)
         self._removed_digests = set()
         self._g_round = 0  # requests applied: which draws the next request's G reads (_turned)
         self._row_bytes: int | None = None
@@ -4975,12 +4979,12 @@ class MCMCUnlearner:
         A row sent again (a retried or resent deletion list) had its influence removed once already: removing it
         again moved the samples past retraining with every check passed (stop 61: 20 of a second request's 40
         digits rows repeated, their NLL 0.125 → 0.269 against retraining's 0.153). A row's digest is a BLAKE2b hash
-        of its bytes (−0.0 as 0.0), dtype and shape in every field; only digests are kept, in memory, never the
-        rows. Rows equal within one request are warned about elsewhere. Not looked for under torch.distributed
-        (nor computed: none are kept), where each rank holds its own rows and a refusal on one rank alone would leave
-        the others waiting, nor in :meth:`forget`, whose data set refuses an id removed before: a row of another id
-        equal to one removed is another data point with the same values (it was refused, telling the caller to leave
-        it out; its digests are kept for later requests).
+        of its bytes (−0.0 as 0.0), dtype and shape in every field; only digests are kept (in memory and in
+        :meth:`curvature_state`), never the rows. Rows equal within one request are warned about elsewhere. Not
+        looked for under torch.distributed (nor computed: none are kept), where each rank holds its own rows and a
+        refusal on one rank alone would leave the others waiting, nor in :meth:`forget`, whose data set refuses an id
+        removed before: a row of another id equal to one removed is another data point with the same values (it was
+        refused, telling the caller to leave it out; its digests are kept for later requests).
         """
         if self._reduce is not None:  # never compared: not computed (6,000 rows of 784 floats: 0.06 s a request)
             return [], None
@@ -7663,9 +7667,9 @@ class MCMCUnlearner:
 
     # ------------------------------------------------------------------ checkpoints
     def curvature_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Cached curvature, the damping state, the carried influence, the unlearner's generator and the anchored
-        first moment (``recenter_every``) as tensors plus JSON metadata (for
-        checkpoints; see :meth:`load_curvature_state`)."""
+        """Cached curvature, the damping state, the carried influence, the unlearner's generator, the anchored
+        first moment (``recenter_every``) and the digests of the rows applied requests removed (``removed_digests``,
+        uint8 ``[rows, 16]``) as tensors plus JSON metadata (for checkpoints; see :meth:`load_curvature_state`)."""
         tensors, meta = self.curvature.state_dict()
         meta = {**meta, "damping_relative": float(self.control.relative), "damping_state": self.control.state()}
         # the solver the state belongs to: solver="auto" may have switched from K-FAC to CG on the first request
@@ -7693,6 +7697,12 @@ class MCMCUnlearner:
         if self._anchor is not None:
             kept = {f"recenter_{k}": v for k, v in asdict(self._anchor).items() if v is not None}
             tensors = {**tensors, **kept}
+        # the removed rows' digests (sorted: the same set saves the same bytes): without them a row removed before a
+        # checkpoint and sent again after reloading it was removed a second time (stop 63's flows probe). Always
+        # written, empty included: a loaded state's set replaces the unlearner's
+        seen = sorted(self._removed_digests)
+        digests = torch.frombuffer(bytearray(b"".join(seen)), dtype=torch.uint8) if seen else torch.empty(0)
+        tensors["removed_digests"] = digests.to(torch.uint8).reshape(len(seen), _DIGEST_BYTES)
         return tensors, meta
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -7707,7 +7717,8 @@ class MCMCUnlearner:
                 ``recenter_drawn`` is not 1-D int64 flat indices within the parameter count, or it was saved by
                 another solver; or it is damaged or edited (non-finite tensors, K-FAC factors missing, of other
                 shapes or with negative eigenvalues, CG's preconditioner in parts that do not fit together, part
-                of the corrections' anchor, a generator state of another size, metadata of the wrong type:
+                of the corrections' anchor, a generator state of another size, removed rows' digests that are not
+                uint8 ``[rows, 16]``, metadata of the wrong type:
                 :meth:`_check_curvature_state`). Nothing is loaded.
             TypeError: ``tensors`` or ``meta`` is not a dict.
         """
@@ -7760,6 +7771,9 @@ class MCMCUnlearner:
             self.generator.set_state(tensors["generator"].clone())
         carry = tensors.get("carry")
         self._carry = None if carry is None else carry.clone()
+        digests = tensors.get("removed_digests")
+        if digests is not None:  # absent from states saved before stop 63: the unlearner's own are kept
+            self._removed_digests = {bytes(row) for row in digests.contiguous().numpy().tolist()}
         saved = {f.name: tensors.get(f"recenter_{f.name}") for f in fields(_Anchor)}
         parts = {k: v.clone() for k, v in saved.items() if v is not None}
         whole = {"index", "thetas", "pair", "removed"} <= parts.keys()
@@ -7815,6 +7829,15 @@ class MCMCUnlearner:
                 f"{corrupt}"
             )
         self._check_anchor_state(tensors, corrupt)
+        digests = tensors.get("removed_digests")
+        if digests is not None and (
+            digests.dtype != torch.uint8 or digests.ndim != 2 or digests.shape[1] != _DIGEST_BYTES
+        ):
+            raise ValueError(
+                f"load_curvature_state: the saved 'removed_digests' is a {str(digests.dtype)[6:]} tensor of shape "
+                f"{tuple(digests.shape)}, where the removed rows' digests are a uint8 tensor of shape [rows, "
+                f"{_DIGEST_BYTES}]: {corrupt}"
+            )
         if meta is not None:
             _check_state_meta(meta, corrupt)
             if self.solver is SolverName.KFAC or any(k.startswith("kfac/") for k in tensors) or "kfac" in meta:

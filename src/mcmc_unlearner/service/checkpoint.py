@@ -347,6 +347,7 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
         un.load_curvature_state(tensors, meta)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
         un.reset_curvature()  # another solver: the cache of the saved one does not apply
+        un._removed_digests = set(base._removed_digests)  # the rows removed so far (a new bank started none)
     else:
         if curvature_settings_changed(base, un):
             un.drop_curvature()
@@ -641,6 +642,7 @@ def _adopt(base: MCMCUnlearner, done: MCMCUnlearner) -> None:
         base.reset_curvature()
         base._rows_at_samples, base._cumulative_warned = done._rows_at_samples, done._cumulative_warned
         base._g_round = done._g_round
+        base._removed_digests = set(done._removed_digests)  # the rows removed so far, as a loaded state carries them
     base.generator.set_state(done.generator.get_state())
 
 
