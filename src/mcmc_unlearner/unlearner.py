@@ -4926,7 +4926,7 @@ class MCMCUnlearner:
                 f"puts a frozen one back){fix}"
             )
         params = ParamSpec.params(self.model)
-        was_dtype = getattr(self, "_param_dtype", params[0].dtype)
+        was_dtype = self._param_dtype
         # every parameter: one layer converted (model[2].double()) failed inside nll, blaming the removed rows
         other = [(n, p.dtype) for n, p in zip(self.spec.names, params) if p.dtype != was_dtype]
         if other:
