@@ -202,7 +202,8 @@ def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> N
     """Remaining rows that cannot be listed without a pass (a ``DataLoader`` over a torchvision-style dataset: its
     labels are read from ``targets``, its rows only by reading them), no ``log_prior`` (a flat prior leaves the row
     improper), or logits that are not an ``nn.Linear``'s output: nothing is drawn, the report says why, and the
-    request, which leaves the labels predicted, is refused by ``remove`` with the samples unchanged."""
+    request, which leaves the labels predicted, is refused by ``remove`` with the samples unchanged, saying why and
+    naming the fix."""
     from torch.utils.data import DataLoader
 
     from test_emptied_label import _Targets
@@ -234,9 +235,14 @@ def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> N
         assert said.startswith("not done") and why in said, (why, said)
         assert any("removes the last rows of" in q for q in prop.report.problems), why
         start = un.bank.clone()
-        with pytest.raises(QualityError, match="removes the last rows"):
+        with pytest.raises(QualityError, match="removes the last rows") as refused:
             un.remove(removed, remaining)
         assert torch.equal(un.bank, start)
+        # the refusal says why no row was drawn and what lets the draw be done, where the labels are still
+        # predicted at the check's probability (it named only retraining and continuing the chain)
+        assert min(prop.report.info["emptied_labels"].values()) >= 0.5, why
+        message = str(refused.value)
+        assert f"was {said}" in message and "give the model an output layer the draw can sample" in message, why
 
 
 def test_the_draws_nll_limit_is_the_safety_nets_unit() -> None:

@@ -679,6 +679,25 @@ def _still_held(label: str, probability: float, info: dict[str, Any]) -> bool:
     return not probability < EMPTIED_RESAMPLE_PROB or not top < EMPTIED_LABEL_MAX_TOP
 
 
+#: The fix named where an emptied label's output-layer row could not be drawn.
+_DRAWABLE = (
+    "give the model an output layer the draw can sample (a final nn.Linear giving the logits, its weight and bias "
+    "plain trainable parameters: no spectral_norm, weight_norm or other parametrization), with a log_prior and "
+    "remaining rows it can list"
+)
+
+
+def _with_undrawn_reason(problem: str, info: dict[str, Any]) -> str:
+    """``problem`` (the emptied-label check's, a label still at ``EMPTIED_LABEL_MAX_PROB`` or more) with why the
+    label's output-layer row was not drawn (``info["emptied_label_resample"]``) and, where the draw could not be
+    done, the fix that lets it be (a probe's learned-temperature head, ``Linear(h) / T``, was refused naming only
+    retraining and continuing the chain)."""
+    why = str(info.get("emptied_label_resample", "not done"))
+    drawable = why.startswith("not done") and "torch.distributed" not in why  # no head lets the ranks draw it
+    fix = f"; or {_DRAWABLE}, and the default draws that row" if drawable else ""
+    return f"{problem}. The label's output-layer row, which would be drawn from its conditional, was {why}{fix}"
+
+
 def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False, checked: bool = False) -> str | None:
     """The problem to report when an emptied label's output-layer row was not drawn (``info["emptied_label_resample"]``
     says why; ``refuse``: ``emptied_label="refuse"`` draws none; ``checked``: the check of
@@ -708,11 +727,7 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False, checked: bo
         )
     else:
         why = str(info.get("emptied_label_resample", "not done"))
-        fix = (
-            "; or give the model an output layer the draw can sample (a final nn.Linear giving the logits, its "
-            "weight and bias plain trainable parameters: no spectral_norm, weight_norm or other parametrization), "
-            "with a log_prior and remaining rows it can list"
-        )
+        fix = f"; or {_DRAWABLE}"
     return (
         f"this request removes the last rows of {'a label' if len(still) == 1 else 'labels'} from the remaining "
         f"data, but the moved samples still make {'it' if len(still) == 1 else 'each'} the top class of their "
@@ -5947,6 +5962,8 @@ class MCMCUnlearner:
                 )
             else:  # the row could not be drawn (or its draw was not kept): is the label still the top class?
                 undrawn = _undrawn_top_problem(info)
+                if emptied:  # still at a probability the check refuses: say why no draw took it down
+                    emptied = _with_undrawn_reason(emptied, info)
         elif self.emptied_label is EmptiedLabel.REFUSE:  # no draw asked: judged by its top share too
             undrawn = _undrawn_top_problem(info, refuse=True)
         if self.control.drift is not None:  # the measured NLL rises summed across requests (reported, not judged)
