@@ -121,3 +121,28 @@ def test_a_slope_eta_of_none_is_refused_naming_zero_and_zero_turns_the_test_off(
     entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
     assert entry["overrides"] == {"slope_eta": 0} and entry["config"]["slope_eta"] == 0.0  # the request ran it off
     assert load_model(folder).unlearner.control.slope_eta == SLOPE_ETA  # the folder's own setting kept
+
+
+def test_a_none_that_is_a_library_value_reaches_the_library(tmp_path) -> None:
+    """Stop 63: a request's ``None`` of ``grad_draws`` (every bank draw), ``curvature_draws``/``refresh_every`` (the
+    solver's default) and ``memory_budget`` (the default budget) was skipped as "not given", and the request ran with
+    the folder's setting (curvature_draws=4, refresh_every=1, grad_draws='auto'). It now reaches the unlearner; other
+    options' ``None`` is still "not given", as is an absent command-line flag."""
+    import json
+
+    from mcmc_unlearner.service.requests import check_settings
+
+    given = {"grad_draws": None, "curvature_draws": None, "refresh_every": None, "memory_budget": None}
+    assert check_settings({**given, "tol": None, "damping": None}) == given
+    assert check_settings({**given, "tol": None}, interface="cli") == given
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="exact"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert forget(folder, [1, 2], request_id="r1", overrides=given).applied
+    entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
+    assert entry["overrides"] == given
+    config = entry["config"]
+    assert (config["grad_draws"], config["curvature_draws"], config["refresh_every"]) == (None, 16, 10)
+    saved = load_model(folder).unlearner.config()  # the folder's own settings kept
+    assert (saved["grad_draws"], saved["curvature_draws"], saved["refresh_every"]) == ("auto", 4, 1)
+    assert verify(folder).ok

@@ -36,7 +36,9 @@ __all__ = ["register"]
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("solver", "scaling", "damping", "iter_T", "tol", "curvature_draws", "bank_shift", "hessian")
     keys += ("emptied_label",)
-    return requests.check_settings({k: getattr(args, k, None) for k in keys}, interface="cli")
+    # an absent flag is None: left out, as "not given" (a request's None of some options is a value of the library)
+    given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return requests.check_settings(given, interface="cli")
 
 
 def _num(v: Any, fmt: str) -> str:

@@ -15,8 +15,10 @@ Everything here is checked **before** the model folder is touched, and every ref
   or finite and ``>= 0``; ``tol`` finite in ``(0, 1)``; ``iter_T`` a whole number in ``[0, 10^6]``;
   ``curvature_draws`` in ``[1, 10^5]``; ``scaling`` ``"auto"`` or finite ``> 0``; solver, Hessian and bank
   shift from their enums; the messages name the Python keyword (``tol``) or, for the command line, the flag
-  (``--tol``). ``None`` means "not given" (the folder's setting is kept); ``slope_eta=None``, the slope test off in
-  the library, is refused naming ``slope_eta=0``, which turns it off for the request.
+  (``--tol``). ``None`` means "not given" (the folder's setting is kept), except for the options whose ``None``
+  is a value in the library: ``grad_draws``, ``curvature_draws``, ``refresh_every`` and ``memory_budget`` pass it
+  on (every bank draw; the solver's default draws and reuse; the default budget), and ``slope_eta=None``, the slope
+  test off in the library, is refused naming ``slope_eta=0``, which turns it off for the request.
 """
 
 from __future__ import annotations
@@ -558,6 +560,11 @@ def check_settings(overrides: Mapping[str, Any] | None, interface: str = "python
 #: Unlearner options whose ``None`` is a value in :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` other than the
 #: folder's setting, with what it means there and how a request says it.
 _NONE_IS_A_VALUE = {"slope_eta": "the slope test off: give slope_eta=0 to turn it off for this request"}
+#: Unlearner options whose ``None`` a request passes on to :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`, where it
+#: is a value: every bank draw for ``G`` (``grad_draws``), the solver's default number of curvature draws and reuse
+#: (``curvature_draws``, ``refresh_every``), the default memory budget (``memory_budget``). Skipped as "not given"
+#: (stop 63), the request ran with the folder's setting instead. The command line leaves an absent flag out.
+_NONE_PASSED_ON = ("grad_draws", "curvature_draws", "refresh_every", "memory_budget")
 
 
 def _check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -572,6 +579,8 @@ def _check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"is kept), while the library reads it as {_NONE_IS_A_VALUE[key]}"
             )
         if value is None:
+            if key in _NONE_PASSED_ON:
+                out[key] = None
             continue
         if key == "seed":
             # a saved model's requests draw from its saved generator state, which replaces what a seed would set:
