@@ -64,6 +64,33 @@ def test_round_trip_restores_every_piece_of_state(tmp_path):
     assert torch.equal(ParamSpec.flatten_module(lm.model), ParamSpec.flatten_module(model))
 
 
+def test_options_that_take_none_round_trip_exactly(tmp_path):
+    """Every option the unlearner takes ``None`` for, saved at ``None`` and at a value other than its default, loads
+    back with the same configuration: ``grad_draws=None`` (every bank draw) was dropped at the load as its default is
+    not ``None``, and the folder reloaded with ``'auto'``. (``memory_budget`` is the machine's, not saved.)"""
+    model, sampler, data, base = tiny_gmm(bank=10, burn=60)
+    cases = [
+        {"grad_draws": None},
+        {"grad_draws": 3},
+        {"curvature_draws": None, "refresh_every": None},
+        {"curvature_draws": 3, "refresh_every": 2},
+        {"expectation": None},
+        {"expectation": "chain"},
+        {"slope_eta": None},
+        {"slope_eta": 0.1},
+    ]
+    for i, options in enumerate(cases):
+        un = MCMCUnlearner(model, sampler, bank=base.bank, solver="exact", **options)
+        save_gmm(tmp_path / str(i), (model, sampler, data, un))
+        back = load_model(tmp_path / str(i)).unlearner
+        assert back.config() == un.config(), options
+        assert (back.grad_draws, back.expectation, back.control.slope_eta) == (
+            un.grad_draws,
+            un.expectation,
+            un.control.slope_eta,
+        ), options
+
+
 def test_no_pickle_only_safetensors_and_json(tmp_path):
     save_tiny(tmp_path / "m")
     names = sorted(p.name for p in (tmp_path / "m").iterdir())

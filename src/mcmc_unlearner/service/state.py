@@ -32,6 +32,7 @@ from torch import nn
 
 from ..curvature import ParamSpec
 from ..data import RemovableDataset
+from ..options import check_option
 from ..samplers import SGHMC, SGLD
 from ..unlearner import MCMCUnlearner, _default_nll
 from . import fsio, specs
@@ -128,18 +129,29 @@ def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
 
 def _constructor_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A stored unlearner configuration as constructor arguments, including ones written by earlier versions:
-    options the constructor no longer takes are dropped, and so are ``None`` values of options whose default
-    is not ``None`` (e.g. ``check_draws``, whose meaning changed), which then take their current default."""
+    options the constructor no longer takes are dropped, and so are ``None`` values of options that refuse ``None``
+    (e.g. ``check_draws``, whose meaning changed), which then take their current default. A ``None`` the option
+    takes is kept: ``grad_draws=None`` (every bank draw) was dropped as its default is not ``None``, and the folder
+    reloaded with ``'auto'``."""
     params = inspect.signature(MCMCUnlearner.__init__).parameters
     out = {}
     for k, v in config.items():
         p = params.get(k)
         if p is None or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or k in ("model", "sampler", "bank"):
             continue
-        if v is None and p.default is not None:
+        if v is None and p.default is not None and not _takes_none(k):
             continue
         out[k] = v
     return out
+
+
+def _takes_none(key: str) -> bool:
+    """Whether the unlearner's check of option ``key`` takes ``None`` as a value."""
+    try:
+        check_option(key, None)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _json_kind(v: Any) -> str:
@@ -153,7 +165,7 @@ def _json_kind(v: Any) -> str:
 
 def defaulted_options(config: Mapping[str, Any], un: MCMCUnlearner) -> dict[str, Any]:
     """The options a stored configuration does not hold (saved by an earlier version, before they existed, or
-    ``None`` where the current default is not), with the current defaults they take when the folder is loaded."""
+    ``None`` where the option no longer takes it), with the current defaults they take when the folder is loaded."""
     kept = _constructor_config(config)
     return {k: v for k, v in un.config().items() if k not in kept}
 
