@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.errors import InvalidRequestError
 from test_probe62_inputs import chain  # noqa: F401 (a fixture)
 
@@ -80,6 +80,20 @@ def test_fit_on_a_model_switched_to_training_mode_is_refused(chain: tuple) -> No
     assert not any(k.startswith("kfac/") for k in tensors)  # nothing built
 
 
+def _one_request_in(chain: tuple) -> tuple:  # noqa: F811
+    """A reference unlearner that ran both of :func:`_split`'s requests, and one on a copy of the model that ran the
+    first: ``(ref, net, un, second, after_second)``."""
+    model, nll, log_prior, bank, removed, remaining = chain
+    first, after_first, second, after_second = _split(removed, remaining)
+    ref = MCMCUnlearner(copy.deepcopy(model), nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    ref.remove(first, after_first)
+    ref.remove(second, after_second)
+    net = copy.deepcopy(model)
+    un = MCMCUnlearner(net, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    un.remove(first, after_first)
+    return ref, net, un, second, after_second
+
+
 @pytest.mark.parametrize(
     ("change", "undo", "said"),
     [
@@ -98,15 +112,7 @@ def test_fit_on_a_model_switched_to_training_mode_is_refused(chain: tuple) -> No
     ids=["float", "one parameter float", "frozen"],
 )
 def test_a_model_converted_or_frozen_between_requests_is_refused(chain: tuple, change, undo, said: str) -> None:  # noqa: F811
-    model, nll, log_prior, bank, removed, remaining = chain
-    first, after_first, second, after_second = _split(removed, remaining)
-    ref = MCMCUnlearner(copy.deepcopy(model), nll=nll, log_prior=log_prior, bank=bank, seed=0)
-    ref.remove(first, after_first)
-    ref.remove(second, after_second)
-
-    net = copy.deepcopy(model)
-    un = MCMCUnlearner(net, nll=nll, log_prior=log_prior, bank=bank, seed=0)
-    un.remove(first, after_first)
+    ref, net, un, second, after_second = _one_request_in(chain)
     kept = un.samples()
     change(net)
     with pytest.raises(InvalidRequestError, match=f"propose\\(\\): .*{said}.*nothing was changed"):
@@ -115,6 +121,32 @@ def test_a_model_converted_or_frozen_between_requests_is_refused(chain: tuple, c
         un.fit(after_second)
     assert _same(kept, un.samples())
     undo(net)
+    un.remove(second, after_second)
+    assert _same(ref.samples(), un.samples())
+
+
+def test_a_model_moved_to_another_device_between_requests_is_refused(chain: tuple) -> None:  # noqa: F811
+    """A model moved since the unlearner was built (here to ``meta``, the device torch has on every machine) failed
+    inside ``nll`` ("Tensor on device meta is not on the expected device cpu!"); each request, ``forget()`` and
+    ``fit()`` now refuse it before any work, naming both devices."""
+    ref, net, un, second, after_second = _one_request_in(chain)
+    _, _, _, _, removed, remaining = chain
+    kept, weights, drawn = un.samples(), copy.deepcopy(net.state_dict()), un.generator.get_state()
+    data = RemovableDataset(torch.cat([removed[0], remaining[0]]), torch.cat([removed[1], remaining[1]]), batch_size=40)
+    index = copy.deepcopy(data.state_dict())
+    net.to("meta")
+    said = r"the model's parameters are on meta, but the unlearner was built with them on cpu .*"
+    said += r"model\.to\('cpu'\) moves it back"
+    with pytest.raises(InvalidRequestError, match=f"^propose\\(\\): {said}.*nothing was changed"):
+        un.remove(second, after_second)
+    with pytest.raises(InvalidRequestError, match=f"^forget\\(\\): {said}"):
+        un.forget([5, 6], data)
+    with pytest.raises(InvalidRequestError, match=f"^fit\\(\\): {said}"):
+        un.fit(after_second)
+    assert _same(kept, un.samples()) and torch.equal(un.generator.get_state(), drawn)
+    assert all(torch.equal(a, b) for a, b in zip(data.state_dict().values(), index.values()) if torch.is_tensor(a))
+    assert data.state_dict().keys() == index.keys() and len(data) == 200
+    net.to_empty(device="cpu").load_state_dict(weights)
     un.remove(second, after_second)
     assert _same(ref.samples(), un.samples())
 

@@ -2368,6 +2368,7 @@ class MCMCUnlearner:
             raise ValueError("the model has no trainable parameters (requires_grad) to unlearn")
         _check_complex_parameters(model)
         self._param_dtype = ParamSpec.params(model)[0].dtype  # a request refuses a model converted since
+        self._param_devices = tuple(p.device for p in ParamSpec.params(model))  # ... or moved since
         low = sorted({str(p.dtype) for p in ParamSpec.params(model) if p.dtype in (torch.float16, torch.bfloat16)})
         if low:
             raise ValueError(
@@ -4908,10 +4909,11 @@ class MCMCUnlearner:
     # ------------------------------------------------------------------ the request
     def _check_model_unchanged(self, call: str) -> None:
         """Refuse a request or ``fit()`` on a model whose trainable parameters were converted to another dtype
-        (``model.double()``) or changed in which are trainable (``requires_grad_(False)``) or their shapes since the
-        unlearner was built: its bank, curvature and state are in the parameters' old dtype and layout, and the
-        request crashed with torch's "mat1 and mat2 must have the same dtype" or "split_with_sizes expects
-        split_sizes to sum exactly to ..." (stop 63's flows probe).
+        (``model.double()``), moved to another device (``model.to("meta")``) or changed in which are trainable
+        (``requires_grad_(False)``) or their shapes since the unlearner was built: its bank, curvature and state are
+        in the parameters' old dtype, device and layout, and the request crashed with torch's "mat1 and mat2 must
+        have the same dtype", "split_with_sizes expects split_sizes to sum exactly to ..." (stop 63's flows probe) or
+        "Tensor on device meta is not on the expected device cpu!".
 
         Raises:
             InvalidRequestError: naming what changed and the way back; nothing is changed.
@@ -4955,6 +4957,20 @@ class MCMCUnlearner:
                 f"{call}: the model's parameters are {'/'.join(now)}{part}, but the unlearner was built on a "
                 f"{str(was_dtype)[6:]} model and holds its samples and state in {str(was_dtype)[6:]}: the model was "
                 f"converted since ({back} converts it back, and the rows with it){fix}"
+            )
+        # a model moved to another device (model.to("meta"), .cuda()) was used as it is: the bank and state stayed on
+        # the old device, and the request failed inside torch or ran on parameters without values
+        moved = [(n, p.device, d) for n, p, d in zip(self.spec.names, params, self._param_devices) if p.device != d]
+        if moved:
+            was = sorted({str(d) for _, _, d in moved})
+            now = sorted({str(p) for _, p, _ in moved})
+            names = ", ".join(n for n, _, _ in moved[:5]) + (" ..." if len(moved) > 5 else "")
+            part = "" if len(moved) == len(params) else f" ({names})"
+            back = f"model.to('{was[0]}')" if len(was) == 1 else "moving each parameter back"
+            raise InvalidRequestError(
+                f"{call}: the model's parameters are on {'/'.join(now)}{part}, but the unlearner was built with them "
+                f"on {'/'.join(was)} and holds its samples and state there: the model was moved since ({back} moves it "
+                f"back){fix}"
             )
 
     def propose(self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None) -> Proposal:
@@ -5488,6 +5504,7 @@ class MCMCUnlearner:
                 "data = RemovableDataset(x, y, batch_size=64) (RemovableDataset(x, batch_size=64) for data without "
                 "labels), or pass the rows themselves, unlearner.remove((x[ids], y[ids]), remaining)"
             )
+        self._check_model_unchanged("forget()")  # before the rows are read and removed from ``data``
         ids = data.validate(ids)
         batch = data.get(ids)
         check_finite_batch(_as_batch(batch, "the removed data"), "removed data", ids=ids)  # named by id, not position
