@@ -543,6 +543,51 @@ def test_the_credit_for_following_gs_monte_carlo_error_is_taken_off_before_shape
     assert out.shape_scores["identity"] < out.shape_scores["data"]
 
 
+def _bank_slope_check(H: torch.Tensor, G: torch.Tensor, bank: torch.Tensor, calls: list):
+    """The true energy change, with a direct measurement whose bank slope along ``x`` is ``bank·x`` (the bank's own
+    mean remaining-energy gradient, less than ``G`` where the chain did not balance the removed rows' pull)."""
+
+    def check(x: torch.Tensor) -> Measurement:
+        calls.append(x)
+        gx, actual = float(G @ x), -float(G @ x) + 0.5 * float(x @ H @ x)
+        direct = gx + actual - float(bank @ x)
+        return Measurement(actual, 0.01, 0.0, direct=direct, direct_stderr=0.01, nll_scale=1.0, nll_stderr=0.01)
+
+    return check
+
+
+@pytest.mark.parametrize(("bank", "stops"), [((10.0, 0.0), True), ((-8.0, 1.0), False)])
+def test_a_data_shape_search_stops_when_its_slope_share_falls_and_measures_the_undamped_step_once(
+    monkeypatch, bank: tuple, stops: bool
+) -> None:
+    """The model 10× too flat along the data direction: the data shape's search raises its damping, and its step
+    tends to the prior-only direction's. (a) A bank that never balanced the pull along that direction (its slope
+    ``(10, 0)·x``): the step fails the slope test, its share of ``G·x`` falling 8% → 1% with the damping; the search
+    stops at the second such trial (it ran on to saturation, and to its last trial where nothing saturated: the
+    far-rows case's eight trials, stop 63), and the identity search takes the step the search with the rule off
+    takes. (b) A bank whose slope share rises with the damping: the rule leaves the search alone. Either way the
+    undamped step, the same in every shape, is measured once (it was measured again by the identity search)."""
+    backend, H, G = _two_directions(1010.0, 1.0)
+    calls: list = []
+    out = DampingControl(slope_eta=step_module.SLOPE_ETA).step(
+        backend, G, _bank_slope_check(H, G, torch.tensor(bank).double(), calls), ("data", "identity")
+    )
+    monkeypatch.setattr(step_module, "_slope_share_falls", lambda prev, out: None, raising=False)  # the rule off
+    ref = DampingControl(slope_eta=step_module.SLOPE_ETA).step(
+        backend, G, _bank_slope_check(H, G, torch.tensor(bank).double(), []), ("data", "identity")
+    )
+    assert out.safe and out.shape == ref.shape and out.damping == ref.damping and torch.equal(out.x, ref.x)
+    assert len(calls) == out.trials and [h["damping"] for h in out.history].count(0.0) == 1
+    data = [h for h in out.history if h["shape"] == "data"]
+    if not stops:
+        assert out.shape == "data" and out.history == ref.history and any(h["slope_failed"] for h in data)
+        return
+    shares = [h["slope"] / h["gx"] for h in data if h["slope_failed"]]
+    assert len(shares) == 2 and 0 < shares[1] < shares[0] < 0.25 and data[-1]["stopped"].startswith("the step failed")
+    assert out.shape == "identity" and len(data) < len([h for h in ref.history if h["shape"] == "data"])
+    assert out.history[len(data) :] == [h for h in ref.history if h["shape"] == "identity"]
+
+
 def test_an_accepted_undamped_step_is_not_searched_again_in_another_shape() -> None:
     """At zero damping every shape is the same step: when it is accepted the other shapes are not tried."""
     backend, H, G = _two_directions(100.0, 0.0)

@@ -819,6 +819,28 @@ TRUSTED_RATIO = 0.75
 SATURATION_RTOL = 0.01
 
 
+def _slope_share_falls(prev: StepOutcome, out: StepOutcome) -> str | None:
+    """Why a data-shape search may stop after consecutive trials ``prev`` and ``out`` that both failed the slope test
+    (:meth:`DampingControl._slope_fails`), the later one's bank slope a smaller share of its ``G·x``; else ``None``.
+
+    As its damping grows, the data shape's step tends to the prior-only step: the directions the remaining rows do
+    not constrain, where the slope test's failure lives (a chain that never balanced what only the removed rows
+    pull). A share falling with the damping is that limit showing: the far-rows case's search ran its last eight
+    trials to damping 2.8·10⁹, the share falling from 4.3% to 1.1% of ``G·x`` (stop 63), before the identity shape
+    was searched."""
+    a, b = prev.record, out.record
+    if not (a.get("slope_failed") and b.get("slope_failed") and prev.gx > 0 and out.gx > 0):
+        return None
+    was, now = a["slope"] / prev.gx, b["slope"] / out.gx
+    if not now < was:
+        return None
+    return (
+        f"the step failed the slope test at damping {prev.damping:.3g} and {out.damping:.3g}, the bank's own slope "
+        f"falling from {was:.2g} to {now:.2g} of G·x: more damping of the data shape leaves the directions only the "
+        "removed rows pull"
+    )
+
+
 #: A request's removed labels are "spread like the remaining data's" unless some label is over-represented among them
 #: at this significance (a binomial upper tail, Bonferroni over the labels): :func:`labels_spread`.
 LABEL_SPREAD_ALPHA = 0.01
@@ -921,6 +943,7 @@ class DampingControl:
         self.direct_z = None if direct_z is None else float(direct_z)
         self.slope_eta = slope_eta  # (checked and kept by the property: 0 is off, as None)
         self._slope_failed = False  # whether a trial of the current step() failed the slope test
+        self._undamped: StepOutcome | None = None  # step()'s rejected undamped trial (the same in every shape)
         self.shape = "identity"  # the damping shape the last request accepted
         self._relatives: dict[str, float] = {}  # per shape: the damping carried to the next request (× scale)
         #: the applied steps' summed NLL rise, its variance and the first request's NLL scale (:meth:`record`;
@@ -1341,8 +1364,10 @@ class DampingControl:
         counts towards ``max_trials`` (a refinement tried while the accepted step's second measurement was deferred,
         which then failed, too: marked ``"abandoned"``). A search whose rejected step has saturated
         (:meth:`_saturated`: the data shape's step tends to the prior-only one as its damping grows) stops there, a
-        failed search of that shape;
-        its last trial says why (``"stopped"``).
+        failed search of that shape, as does a data-shape search whose step failed the slope test at two consecutive
+        dampings, the bank's slope a falling share of ``G·x`` (:func:`_slope_share_falls`); its last trial says why
+        (``"stopped"``). The undamped step, the same in every shape, is measured once per request: a shape searched
+        after another rejected it starts above it.
 
         ``shapes``: the damping shapes to try (``backend.damping_shapes``; default: the one the last request
         accepted). The first is searched as above; the others are tried once, at the damping it accepted (or
@@ -1357,6 +1382,7 @@ class DampingControl:
         """
         self._search_start = self._progress_at = time.perf_counter()
         self._slope_failed = False
+        self._undamped = None
         carried = dict(self._relatives)  # the search again without the slope test starts where this one did
         offered = tuple(getattr(backend, "damping_shapes", ("identity",)))
         asked = (self.shape,) if shapes is None else tuple(shapes)
@@ -1498,6 +1524,8 @@ class DampingControl:
                 return None
             history.extend(out.history)
             tried.append(out)
+            if lam == 0 and not out.safe:
+                self._undamped = out
             if out.note:  # a second measurement of the held rows' NLL refused it
                 note = out.note
             elif not out.safe:
@@ -1526,7 +1554,13 @@ class DampingControl:
             best: StepOutcome | None = None
             failed: float | None = None
             fresh = not carried > 0  # a search from scratch: its first, least damped steps mostly overshoot
-            out = attempt(lam, expect_reject=fresh)
+            undamped = self._undamped if lam == 0 else None
+            if undamped is not None and undamped.shape != shape:
+                # the undamped step is the same in every shape: another shape's search measured and rejected it (the
+                # far-rows case measured it twice, stop 63); not a trial of this search
+                out: StepOutcome | None = replace(undamped, shape=shape, history=[], pending=None)
+            else:
+                out = attempt(lam, expect_reject=fresh)
             if out is not None and out.safe:
                 best = out
                 if len(history) < self.max_trials and best.ratio > TRUSTED_RATIO and best.damping > 0:
@@ -1561,7 +1595,8 @@ class DampingControl:
                             reach = start() if reach < start() else reach * self.grow
                             if math.isinf(reach):  # (max_damping_trials=10**400 looped on for ever)
                                 break
-                        why = self._saturated(backend, G, prev, out, reach)
+                        why = _slope_share_falls(prev, out) if shape == "data" else None
+                        why = why or self._saturated(backend, G, prev, out, reach)
                         if why is not None:  # a failed search of this shape, as if it had tried every damping left
                             out.history[0]["stopped"] = why
                             note = f"{note}; the search stopped: {why}"
