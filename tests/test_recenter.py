@@ -7,6 +7,7 @@ influence step is exact there, so an exact removal must be a fixed point of the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -573,3 +574,42 @@ def test_the_corrections_check_is_measured_at_other_samples_than_the_curvatures(
     for thetas in seen:  # rows of the bank as it was when the correction measured: match them by index
         rows = {int(i) for t in thetas for i in torch.nonzero((un.bank - t).abs().sum(1) < 1e-9).flatten()}
         assert rows and not rows & curvature, sorted(rows)
+
+
+@pytest.mark.parametrize("where", ["anchored", "current"])
+def test_a_first_moment_that_overflows_never_reaches_the_saved_state(prob, monkeypatch, where: str) -> None:
+    """The remaining rows' gradient overflowing (scripted: set to inf) at the anchored samples (the bank before the
+    first request) was kept in the anchor, the request applied ("skipped: the measured first moment is not
+    finite"), and the unlearner's own checkpoint refused at the load. Now that request is refused naming the anchor,
+    nothing changed; overflowing at the current samples only, the correction is skipped as before and the request
+    stands, with no NaN spread kept."""
+    from mcmc_unlearner.errors import SolverDivergedError
+
+    bank = _draws(prob)
+    model = BayesianLinearRegression(prob.x.shape[1]).double()
+    data = RemovableDataset(prob.x, prob.y, batch_size=50, seed=0)
+    options = dict(EXACT, hessian="full", recenter_every=2)
+    un = MCMCUnlearner(model, bank=bank, **options)
+    un.forget(prob.removed[:10], data)  # anchored
+    measure = MCMCUnlearner._moment
+
+    def overflowing(self, h_f, thetas, rows, scale=1.0):
+        anchored = any(torch.equal(thetas[0], b) for b in bank)
+        out = measure(self, h_f, thetas, rows, scale)
+        return torch.full_like(out, math.inf) if anchored == (where == "anchored") else out
+
+    monkeypatch.setattr(MCMCUnlearner, "_moment", overflowing)
+    kept, index, (state, _) = un.bank.clone(), data.state_dict(), un.curvature_state()
+    if where == "anchored":
+        with pytest.raises(SolverDivergedError, match=r"anchor \(recenter_every\) .* not finite \(moment.*nothing was"):
+            un.forget(prob.removed[10:20], data)
+        assert torch.equal(un.bank, kept) and torch.equal(data.state_dict()["alive"], index["alive"])
+        after, _ = un.curvature_state()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    else:
+        assert (
+            un.forget(prob.removed[10:20], data).info["recenter"] == "skipped: the measured first moment is not finite"
+        )
+    again = MCMCUnlearner(model, bank=un.bank, **options)
+    again.load_curvature_state(*un.curvature_state())  # the unlearner's own checkpoint loads
+    assert not again._anchor.not_finite()

@@ -1223,6 +1223,11 @@ class _Anchor:
         """``∇F(θ⁰_s, S∖S')`` of paired draw ``j``: what ``∇F(θ'_s, S∖S')`` is compared with."""
         return self.moment[j] - self.removed_pair[j]
 
+    def not_finite(self) -> list[str]:
+        """The floating-point parts holding NaN or infinite values (a saved state with one is refused at the load)."""
+        parts = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return [k for k, v in parts if v is not None and v.is_floating_point() and not all_finite(v)]
+
 
 def _spread_order(k: int) -> torch.Tensor:
     """``0..k-1`` in an order that halves the gaps first (0, k/2, k/4, 3k/4, …)."""
@@ -5951,6 +5956,18 @@ class MCMCUnlearner:
                     new_live, new_bank, carry, anchor = self._recenter(
                         anchor, new_live, new_bank, h_f, check, stream, info, carry
                     )
+                bad = anchor.not_finite()
+                if bad:
+                    # kept, the unlearner's own checkpoint (curvature_state) was refused at the load, and every later
+                    # correction skipped as "the measured first moment is not finite"
+                    raise SolverDivergedError(
+                        "the corrections' anchor (recenter_every) would hold values that are not finite ("
+                        + ", ".join(bad)
+                        + "): the gradient of the nll at the anchored samples (the bank as it was before the first "
+                        "request), on the removed rows or on the remaining ones, overflowed; nothing was changed. "
+                        "Check the model and data for overflow at those samples, or build the unlearner with "
+                        "recenter_every=0 (no corrections)"
+                    )
         if not all_finite(new_live) or (new_bank is not None and not all_finite(new_bank)):
             raise SolverDivergedError("the shifted parameters are not finite; nothing was changed")
         info.update(outcome.solve.info)
@@ -7637,7 +7654,7 @@ class MCMCUnlearner:
                 break
             if auto and len(paired) >= 2 and se_removed > RECENTER_REL_SE * float(d.norm()):
                 break  # the removed points' term alone is too noisy: more paired draws cannot make d clear
-        if auto and len(paired) >= 2:
+        if auto and len(paired) >= 2 and math.isfinite(se_pair):  # (a moment not finite here: skipped below)
             spread = torch.tensor(se_pair * math.sqrt(len(paired)), dtype=torch.float64)
             shifted = torch.tensor(shift, dtype=torch.float64)
             anchor = replace(anchor, spread=spread, spread_shift=shifted, carried=torch.zeros_like(anchor.carried))
