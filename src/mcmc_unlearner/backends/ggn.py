@@ -89,6 +89,12 @@ def output_ggn(
     def out(t: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return f(t, row.unsqueeze(0)).reshape(-1)
 
+    # the same one-row forward passes as ``out`` row by row, inside one functional call: the parameters are swapped
+    # in once per chunk rather than once per row (stop 64: 0.2-0.5 ms a row, 9% of a digits CNN's request sequence)
+    rows_out = functionalize(
+        model, lambda m, xs: torch.stack([select_output(m(r.unsqueeze(0)), link).reshape(-1) for r in xs])
+    )
+
     with torch.no_grad():
         C = out(theta, x[0]).numel()
     d = theta.numel()
@@ -96,7 +102,7 @@ def output_ggn(
     rows = chunk_for(budget, per_row, x.shape[0])
     if plan is not None:
         plan(rows * per_row)
-    G = torch.zeros(d, d, dtype=torch.float64, device=theta.device)
+    G: torch.Tensor | None = None
     vectorise = True
     for i in range(0, x.shape[0], rows):
         xc = x[i : i + rows]
@@ -109,19 +115,24 @@ def output_ggn(
             J = torch.stack([jacobian(lambda t, r=r: out(t, r), theta) for r in xc]).double()
         if likelihood is Likelihood.CATEGORICAL:
             with torch.no_grad():
-                z = torch.stack([out(theta, r) for r in xc])
+                z = rows_out(theta, xc)
                 p = torch.softmax(z.double(), -1)
             LJ = p[:, :, None] * (J - torch.einsum("rc,rcd->rd", p, J)[:, None, :])
         elif likelihood is Likelihood.BERNOULLI:  # independent logits: Λ = diag(p(1 − p)), p = sigmoid(z)
             with torch.no_grad():
-                p = torch.sigmoid(torch.stack([out(theta, r) for r in xc]).double())
+                p = torch.sigmoid(rows_out(theta, xc).double())
             LJ = (p * (1 - p))[:, :, None] * J
         else:
             LJ = J / sigma**2
         if weights is not None:
             LJ = weights[i : i + rows].to(LJ.device, LJ.dtype)[:, None, None] * LJ
-        G += J.reshape(-1, d).T @ LJ.reshape(-1, d)
-    return 0.5 * (G + G.T)
+        part = J.reshape(-1, d).T @ LJ.reshape(-1, d)
+        # the sum in place: a new [D, D] matrix per chunk cost as much as the product at a few rows (fresh pages);
+        # ``part + 0`` is ``0 + part`` to the bit (a -0 entry becomes +0 as the zeros' sum made it)
+        G = part.add_(0.0) if G is None else G.add_(part)
+    if G is None:  # no rows
+        G = torch.zeros(d, d, dtype=torch.float64, device=theta.device)
+    return (G + G.T).mul_(0.5)
 
 
 def _misfit(model: torch.nn.Module, nll: Any, rows: tuple, info: dict[str, Any]) -> str | None:
@@ -214,12 +225,14 @@ class GGNBackend(DenseBackend):
                 if field_rows(b) == 0:
                     continue
             rw = row_weights(b, info)
-            g = w * output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw, plan)
-            G = g if G is None else G + g
+            g = output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw, plan)
+            if w != 1.0:  # w·g in place (1·g is g to the bit)
+                g.mul_(w)
+            G = g if G is None else G.add_(g)
         self.products += len(batches)  # one curvature build per draw (C backward passes per row each)
         if G is None:  # every row ignored
             return torch.zeros(problem.dim, problem.dim, dtype=problem.thetas.dtype, device=problem.thetas.device)
-        return (G / len(batches)).to(problem.thetas.dtype)
+        return G.div_(len(batches)).to(problem.thetas.dtype)
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         lik, info = self._detect(problem)
