@@ -167,7 +167,8 @@ class DenseBackend(CurvatureBackend):
                 the unlearner then moves the bank by the mean shift and says so in ``report.info``).
         """
 
-        def sym_pow(which: str, p: float) -> torch.Tensor:
+        damped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for which in ("new", "old"):  # both checked before either power is formed (a [D, D] product each)
             w, V = self._eigh(which)
             w = w + damping
             if not bool((w > 0).all()):
@@ -175,6 +176,10 @@ class DenseBackend(CurvatureBackend):
                     "the affine transport needs positive-definite precisions "
                     f"(smallest eigenvalue {float(w.min()):.3g})"
                 )
+            damped[which] = (w, V)
+
+        def sym_pow(which: str, p: float) -> torch.Tensor:
+            w, V = damped[which]
             return (V * w**p) @ V.T
 
         return (sym_pow("new", -0.5) @ sym_pow("old", 0.5)).to(self.A_new.dtype)
