@@ -9,6 +9,10 @@ where ``φ_i`` is the output layer's input on remaining row ``i`` and every othe
 remaining row has ``y_i = c``, so each row only pushes ``z_ic`` down; the prior keeps the row proper. Replacing the
 row of every stored sample by a draw from this conditional is a Gibbs update of the *retrained* posterior: it leaves
 that posterior invariant, so it moves the samples toward it in this block however far the influence step left them.
+Logits that are a fixed multiple ``α`` of a sum of ``nn.Linear`` outputs (heads averaged, one head mean-pooled over
+tokens, a constant or learned temperature; :class:`OutputRows` ``pooled``) are ``z_ic = v·φ̃_i`` for the heads' rows
+``c`` stacked in ``v`` and their inputs summed over calls, times ``α``, in ``φ̃_i``: the same conditional. A
+cross-entropy times a factor ``ω_i`` per row (``weight=`` class weights) weights each row's term by it.
 The influence step cannot get there itself: the removed rows were well fit, so their gradient is small, and the
 label's output directions are damped with every other direction (a user's digits MLP whose class 0 went in 17
 requests of 8 kept p = 0.99 on the class's rows; after the draw p = 0.004, the kept classes' test error unchanged).
@@ -81,50 +85,74 @@ RESAMPLE_CHUNK_BYTES = 8 * 2**20
 @dataclass(frozen=True)
 class OutputRows:
     """Where the output layer's rows sit in the flat parameter vector: its weight ``[C, h]`` and its bias ``[C]``
-    (``None`` without one), as offsets into ``θ``."""
+    (``None`` without one), as offsets into ``θ``; ``more``: further heads, the same for each, and ``pooled``:
+    the logits are a multiple ``α`` (measured at each sample) of the sum of these heads' outputs over their calls
+    and positions, up to a per-row shift (logits averaged over heads or over the positions one head is applied
+    to): ``z_ic = α Σ_heads (w_c·Σ_calls h + b_c·calls)``, the plain conditional of the heads' rows ``c`` together,
+    on the features ``α Σ_calls [h; 1]`` of each head."""
 
     module: nn.Linear
     weight: int
     bias: int | None
+    more: tuple[tuple[nn.Linear, int, int | None], ...] = ()
+    pooled: bool = False
+
+    @property
+    def heads(self) -> tuple[tuple[nn.Linear, int, int | None], ...]:
+        """Every head: ``(module, weight offset, bias offset)``, the first the one ``module`` names."""
+        return ((self.module, self.weight, self.bias), *self.more)
+
+    @property
+    def width(self) -> int:
+        """Entries of one label's row over every head (the conditional's dimension)."""
+        return sum(m.in_features + (b is not None) for m, _, b in self.heads)
 
     def index(self, c: int) -> torch.Tensor:
-        """The flat indices of row ``c``: its ``h`` weights, then its bias."""
-        h = self.module.in_features
-        idx = torch.arange(self.weight + c * h, self.weight + (c + 1) * h)
-        return idx if self.bias is None else torch.cat([idx, torch.tensor([self.bias + c])])
+        """The flat indices of row ``c``: its ``h`` weights, then its bias (head after head)."""
+        parts = []
+        for module, weight, bias in self.heads:
+            h = module.in_features
+            parts.append(torch.arange(weight + c * h, weight + (c + 1) * h))
+            if bias is not None:
+                parts.append(torch.tensor([bias + c]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor) -> OutputRows | str:
-    """The ``nn.Linear`` whose output *is* ``model(x)`` (the logits), or the last one whose output ``model(x)``
-    shifts by a constant per row (an ``nn.LogSoftmax`` head: the same softmax), located in the flat vector; or why
-    there is none (the logits come from another operation, the layer's parameters are not trainable, ...)."""
-    outputs: list[tuple[nn.Linear, torch.Tensor]] = []
-    handles = [
-        m.register_forward_hook(lambda mod, _i, out: outputs.append((mod, out)))
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-    ]
-    try:
-        with torch.no_grad():
-            out = functional_call(model, spec.unflatten(theta), (x[:2],))
-    finally:
-        for h in handles:
-            h.remove()
-    if isinstance(out, torch.distributions.Categorical):  # its logits: the last linear output, shifted per row
-        out = out.logits
-    layer = next((mod for mod, o in outputs if o is out and isinstance(o, torch.Tensor)), None)
-    if layer is None and isinstance(out, torch.Tensor) and outputs:
-        # model(x) = log_softmax(Linear(φ)) (an nn.LogSoftmax head for nll_loss), or any other per-row shift of the
-        # last linear layer's output: the same softmax, so the same conditional, with that output as the logits
-        mod, o = outputs[-1]
-        if isinstance(o, torch.Tensor) and o.shape == out.shape and out.dim() == 2 and out.shape[1] > 1:
-            shift = (out.double() - o.double()).detach()
-            size = 1 + float(o.double().abs().max()) + float(out.double().abs().max())
-            tol = 1e3 * torch.finfo(out.dtype).eps * size
-            if bool(torch.isfinite(shift).all()) and float((shift - shift[:, :1]).abs().max()) <= tol:
-                layer = mod
-    if layer is None:
-        return "the logits are not the output of an nn.Linear (model(x) is computed after its last linear layer)"
+def _scale_of(out: torch.Tensor, total: torch.Tensor, alpha: float | None = None) -> float | None:
+    """The ``α`` with ``out = α·total`` up to a per-row shift (``[B, C]`` both), to ``1e3`` epsilons of ``out``'s
+    dtype, or ``None`` where there is none (``alpha``: whether that one fits)."""
+    o, t = out.double(), total.double()
+    oc, tc = o - o.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    den = float((tc * tc).sum())
+    if not (math.isfinite(den) and den > 0.0) or not bool(torch.isfinite(oc).all()):
+        return None
+    alpha = float((oc * tc).sum()) / den if alpha is None else alpha
+    size = 1 + float(o.abs().max()) + abs(alpha) * float(t.abs().max())
+    ok = alpha != 0.0 and float((oc - alpha * tc).abs().max()) <= 1e3 * torch.finfo(out.dtype).eps * size
+    return alpha if ok else None
+
+
+def _pooled_heads(outputs: list[tuple[nn.Linear, Any]], out: Any) -> list[nn.Linear] | None:
+    """The ``nn.Linear`` modules whose last calls' outputs, summed over the calls and the positions between the
+    rows and the classes (``[B, ..., C]``) and scaled, are ``out`` up to a per-row shift: the shortest such run of
+    calls ending at the last one (their modules in the order first called), or ``None``."""
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] > 1 and out.is_floating_point()):
+        return None
+    B, C = out.shape
+    total, run = None, []
+    for mod, o in reversed(outputs):
+        if not (isinstance(o, torch.Tensor) and o.dim() >= 2 and o.shape[0] == B and o.shape[-1] == C):
+            return None
+        part = o.detach().double().reshape(B, -1, C).sum(1)
+        total = part if total is None else total + part
+        run.append(mod)
+        if _scale_of(out, total) is not None:
+            return list(dict.fromkeys(reversed(run)))
+    return None
+
+
+def _locate(model: nn.Module, spec: ParamSpec, layer: nn.Linear) -> tuple[int, int | None] | str:
+    """The offsets of ``layer``'s weight and bias in ``θ``, or why its rows cannot be drawn."""
     owners = sum(p is layer.weight for m in model.modules() for p in m._parameters.values())
     if owners > 1:  # a tied head (an LM's embedding): its row is also an input, not this conditional's alone
         return "the output layer's weight is shared with another layer (tied)"
@@ -151,7 +179,75 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
                 "not parameters this draw can sample"
             )
         return "the output layer's parameters are not all trainable"
-    return OutputRows(layer, w, b)
+    return w, b
+
+
+def _linear_calls(
+    model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor
+) -> tuple[list[tuple[nn.Linear, Any]], Any]:
+    """Every ``nn.Linear`` call's module and output in ``model(x)`` at ``θ``, in order, and ``model(x)`` (a
+    ``Categorical``'s logits)."""
+    outputs: list[tuple[nn.Linear, Any]] = []
+    handles = [
+        m.register_forward_hook(lambda mod, _i, out: outputs.append((mod, out)))
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            out = functional_call(model, spec.unflatten(theta), (x,))
+    finally:
+        for h in handles:
+            h.remove()
+    if isinstance(out, torch.distributions.Categorical):  # its logits: the last linear output, shifted per row
+        out = out.logits
+    return outputs, out
+
+
+def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor) -> OutputRows | str:
+    """The ``nn.Linear`` whose output *is* ``model(x)`` (the logits), or the last one whose output ``model(x)``
+    shifts by a constant per row (an ``nn.LogSoftmax`` head: the same softmax), located in the flat vector; else the
+    heads whose outputs, summed over their last calls and positions and scaled, are ``model(x)`` up to a per-row
+    shift (:class:`OutputRows` ``pooled``: heads averaged, a head mean-pooled over tokens, logits times a constant);
+    or why there is none (the logits come from another operation, the layer's parameters are not trainable, ...)."""
+    outputs, out = _linear_calls(model, spec, theta, x[:2])
+    layer = next((mod for mod, o in outputs if o is out and isinstance(o, torch.Tensor)), None)
+    if layer is None and isinstance(out, torch.Tensor) and outputs:
+        # the forms below are read at parameters moved at random: where heads coincide (copies of one head, heads
+        # initialised alike) the last one's output alone equals their mean, and its row alone was taken for the
+        # logits' (the same moves at every call: no generator of the caller's is read)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(theta.shape, generator=g, dtype=torch.float64).to(theta.device, theta.dtype)
+        outputs, out = _linear_calls(model, spec, theta + 0.1 * (1 + theta.abs()) * noise, x[:2])
+    if layer is None and isinstance(out, torch.Tensor) and outputs:
+        # model(x) = log_softmax(Linear(φ)) (an nn.LogSoftmax head for nll_loss), or any other per-row shift of the
+        # last linear layer's output: the same softmax, so the same conditional, with that output as the logits
+        mod, o = outputs[-1]
+        if isinstance(o, torch.Tensor) and o.shape == out.shape and out.dim() == 2 and out.shape[1] > 1:
+            shift = (out.double() - o.double()).detach()
+            size = 1 + float(o.double().abs().max()) + float(out.double().abs().max())
+            tol = 1e3 * torch.finfo(out.dtype).eps * size
+            if bool(torch.isfinite(shift).all()) and float((shift - shift[:, :1]).abs().max()) <= tol:
+                layer = mod
+    pooled: list[nn.Linear] | None = None
+    if layer is None:
+        # model(x) = α Σ of Linear outputs (heads averaged, one head's positions mean-pooled, a fixed scale), up to a
+        # per-row shift: one linear map of the heads' rows, the plain conditional on the pooled features
+        pooled = _pooled_heads(outputs, out)
+        if pooled is None:
+            return (
+                "the logits are not the output of an nn.Linear (model(x) is computed after its last linear layer, "
+                "and is no fixed multiple of a sum of its last linear layers' outputs up to a per-row shift)"
+            )
+    heads = []
+    for mod in pooled or [layer]:
+        at = _locate(model, spec, mod)
+        if isinstance(at, str):
+            return at
+        heads.append((mod, *at))
+    if pooled is None:
+        return OutputRows(*heads[0])
+    return OutputRows(*heads[0], more=tuple(heads[1:]), pooled=True)
 
 
 def _features(
@@ -162,10 +258,12 @@ def _features(
     x: torch.Tensor,
     phi: torch.Tensor,
     logits: torch.Tensor,
-) -> None:
+) -> str | None:
     """Write the output layer's inputs ``φ̃`` (with a row of ones for the bias) into ``phi`` (``[d, n]``: a row per
     input, the layout the chains read fastest) and its outputs, the logits, into ``logits`` (``[n, C]``), both
-    float64, on every row of ``x`` at ``θ``."""
+    float64, on every row of ``x`` at ``θ`` (pooled heads: :func:`_pooled_features`, which may say why not)."""
+    if rows.pooled:
+        return _pooled_features(model, spec.unflatten(theta), rows, x, phi, logits)
     at = [0]
 
     def keep(_m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
@@ -184,6 +282,68 @@ def _features(
         handle.remove()
     if rows.bias is not None:
         phi[-1] = 1.0
+    return None
+
+
+def _pooled_features(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    rows: OutputRows,
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    logits: torch.Tensor,
+) -> str | None:
+    """:func:`_features` for pooled heads (:class:`OutputRows` ``pooled``): each head's inputs summed over its calls
+    and positions, with their count for the bias, times ``α`` (``[d, n]``, head after head), and ``α`` times the
+    heads' outputs summed so (``[n, C]``), where ``model(x)`` is that up to a per-row shift on every row, ``α``
+    measured on the first rows; else why not (nothing is written then that the caller keeps)."""
+    heads = {id(m): k for k, (m, _, _) in enumerate(rows.heads)}
+    starts = [0]
+    for m, _, b in rows.heads:
+        starts.append(starts[-1] + m.in_features + (b is not None))
+    C = logits.shape[1]
+    acc: dict[str, Any] = {}
+
+    def keep(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        k, h = acc["rows"], inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
+        if h is None or h.shape[0] != k or out.shape[0] != k or out.shape[-1] != C:
+            acc["bad"] = True
+            return
+        j, start = heads[id(mod)], starts[heads[id(mod)]]
+        # summed in float64 as read (no float64 copy of a call's [k, T, h] inputs)
+        h = h.detach().reshape(k, -1, mod.in_features)
+        acc["phi"][start : start + mod.in_features] += h.sum(1, dtype=torch.float64).T
+        if rows.heads[j][2] is not None:
+            acc["phi"][starts[j + 1] - 1] += h.shape[1]
+        acc["total"] += out.detach().reshape(k, -1, C).sum(1, dtype=torch.float64)
+
+    handles = [m.register_forward_hook(keep) for m, _, _ in rows.heads]
+    alpha = None
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], RESAMPLE_ROWS):
+                k = min(RESAMPLE_ROWS, x.shape[0] - i)
+                acc.update(rows=k, bad=False, phi=phi[:, i : i + k], total=logits[i : i + k])
+                acc["phi"].zero_()
+                acc["total"].zero_()
+                out = functional_call(model, params, (x[i : i + k],))
+                if isinstance(out, torch.distributions.Categorical):
+                    out = out.logits
+                if acc["bad"] or not isinstance(out, torch.Tensor) or out.shape != (k, C):
+                    return "an output head is called on inputs whose first dimension is not the rows'"
+                if alpha is None:
+                    alpha = _scale_of(out, acc["total"])
+                if alpha is None or _scale_of(out, acc["total"], alpha) is None:
+                    return (
+                        "the logits are no fixed multiple of the sum of the output heads' outputs at every sample and "
+                        "row (up to a per-row shift)"
+                    )
+    finally:
+        for h in handles:
+            h.remove()
+    phi *= alpha
+    logits *= alpha
+    return None
 
 
 class _BlockPrior:
@@ -341,10 +501,22 @@ class _Conditional:
     """``U_s(v) = −log p(θ_s with row c = v) + Σ_i [logsumexp(z_si) − z_{si,y_i}]``, its gradient and the softmax
     probability of label ``c`` on every row, ``z_sic = φ̃_si·v``, for the ``B`` samples ``s`` of a chunk at once
     (``v``: ``[B, d]``; ``phi``: ``[B, d, n]``). Only ``z_sic`` moves: the other labels' logits enter through their
-    ``logsumexp``."""
+    ``logsumexp``. ``weights``: a factor ``ω_i`` on each row's term (``cross_entropy(..., weight=w)``: ``ω_i =
+    w[y_i]``), in the data term, its gradient and its Hessian alike."""
 
-    def __init__(self, prior: _ChunkPrior, phi: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, c: int) -> None:
+    w: torch.Tensor | None = None  # (the class's: an instance built without __init__ weighs every row 1)
+
+    def __init__(
+        self,
+        prior: _ChunkPrior,
+        phi: torch.Tensor,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        c: int,
+        weights: torch.Tensor | None = None,
+    ) -> None:
         self.prior, self.phi = prior, phi
+        self.w = weights  # [n] float64: each row's factor on its cross-entropy (class weights w[y_i]), or None: 1
         # [B, n]: logsumexp over the labels k ≠ c, a sample at a time with its column c masked in place (one
         # [n, C] temporary: a chunk's copy of the other labels' logits and logsumexp's temporary of it took 3× the
         # chunk's logits, beyond the memory plan)
@@ -375,6 +547,8 @@ class _Conditional:
         rest, fixed = (self.rest, self.fixed) if which is None else (self.rest[which], self.fixed[which])
         if z.dim() == 3:  # [len(z), k, n]: k points per sample
             rest, fixed = rest.unsqueeze(1), fixed.unsqueeze(1)
+        if self.w is not None:
+            return ((torch.logaddexp(rest, z) - fixed) * self.w).sum(-1)
         return (torch.logaddexp(rest, z) - fixed).sum(-1)
 
     def __call__(
@@ -386,22 +560,26 @@ class _Conditional:
         lse = torch.logaddexp(self.rest, z)
         p = torch.exp(z - lse)
         u_prior, g_prior = self.prior(v)
+        if self.w is not None:
+            data, pw = ((lse - self.fixed) * self.w).sum(1), p * self.w
+            return data + u_prior, torch.bmm(pw.unsqueeze(1), self.phi.mT).squeeze(1) + g_prior, p
         return (lse - self.fixed).sum(1) + u_prior, torch.bmm(p.unsqueeze(1), self.phi.mT).squeeze(1) + g_prior, p
 
     def hessian(
         self, v: torch.Tensor, p: torch.Tensor, which: torch.Tensor, single: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``Σ_i p_sic(1 − p_sic) φ̃_si φ̃_siᵀ`` plus the prior's curvature at the samples ``which`` (``v``, ``p``:
+        """``Σ_i ω_i p_sic(1 − p_sic) φ̃_si φ̃_siᵀ`` plus the prior's curvature at the samples ``which`` (``v``, ``p``:
         theirs; ``[len(which), d, d]``, float64). ``single``: the features in float32 (``[len(which), d, n]``), the
         data term's sum taken in float32 (a Newton step's curvature only: the mode is where the float64 gradient
         vanishes whatever the curvature that led there)."""
+        curv = p * (1 - p) if self.w is None else p * (1 - p) * self.w
         if single is not None:
-            w = (p * (1 - p)).float().unsqueeze(1)
+            w = curv.float().unsqueeze(1)
             H = torch.bmm(single * w, single.mT).double()
             H = 0.5 * (H + H.mT)
         else:
             phi = self.phi if len(which) == self.phi.shape[0] else self.phi[which]
-            H = torch.bmm(phi * (p * (1 - p)).unsqueeze(1), phi.mT)
+            H = torch.bmm(phi * curv.unsqueeze(1), phi.mT)
         return H + torch.diag_embed(self.prior.curvature(v, which))
 
 
@@ -621,13 +799,16 @@ def resample_label_rows(
     max_bytes: float = math.inf,
     plan: Callable[[int], None] | None = None,
     chunk: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]] | str:
     """Each of ``thetas`` (``[S, D]``) with the output-layer rows of ``labels`` drawn from their conditional given
     the rest of it and the ``remaining`` rows (module docstring); or why it cannot be done.
 
     ``max_bytes``: the memory the features may hold (refused above one sample's, before any work; as many samples
     at once as fit, at most ``RESAMPLE_CHUNK_BYTES`` of features, or ``chunk``); ``plan`` is told the bytes they
-    hold once they fit. The draws do not depend on the chunk.
+    hold once they fit. The draws do not depend on the chunk. ``weights``: each remaining row's factor on its
+    cross-entropy (``[n]``: a class-weighted one's ``w[y_i]``, :func:`~.kronecker.row_weights`), in the conditional
+    and the NLL measured.
 
     Returns:
         The new ``[S, D]`` samples, and what was measured: the acceptance rate, the remaining rows' mean NLL over the
@@ -635,9 +816,12 @@ def resample_label_rows(
         samples: the safety net's unit is :func:`~.step.unit_of` of the two), the seconds.
     """
     x, y = remaining[0], remaining[1].long()
+    w = None if weights is None else torch.as_tensor(weights).double().expand(y.shape[0])
     if bool((y < 0).any()):  # cross_entropy's ignore_index rows carry no label: no term of the conditional (their
         # label -100 was gathered and crashed the draw; stop 47's probe)
-        x, y = x[y >= 0], y[y >= 0]
+        x, y, w = x[y >= 0], y[y >= 0], None if w is None else w[y >= 0]
+    if w is not None and not (bool(torch.isfinite(w).all()) and bool((w >= 0).all())):
+        return "the rows' weights on the cross-entropy are not all finite and non-negative"
     if bool((y.unsqueeze(1) == torch.tensor(list(labels)).unsqueeze(0)).any()):
         return "a remaining row carries the label"
     if x.shape[0] == 0:  # (it raised: torch.cat of no features, then a division by zero sizing the chunk)
@@ -650,8 +834,7 @@ def resample_label_rows(
     rows = output_rows(model, spec, thetas[0], x)
     if isinstance(rows, str):
         return rows
-    S, n, C = thetas.shape[0], x.shape[0], rows.module.out_features
-    d = rows.module.in_features + (rows.bias is not None)
+    S, n, C, d = thetas.shape[0], x.shape[0], rows.module.out_features, rows.width
     # per sample of a chunk, float64: its features and the Hessian's weighted copy of them, its logits, eight
     # [n] working vectors (the other labels' logsumexp, z_{i,y_i}, z_ic, its logsumexp, p, and a trial's), four the
     # slice steps keep (z_ic at the row, at the prior's mean, along the ellipse's two axes) and three per angle they
@@ -684,12 +867,14 @@ def resample_label_rows(
         phi = torch.zeros(B, d, n, dtype=torch.float64)
         logits = torch.empty(B, n, C, dtype=torch.float64)
         for j in range(B):
-            _features(model, spec, rows, thetas[lo + j], x, phi[j], logits[j])
-        nll[[0, 2, 3], lo:hi] = _nll_stats(logits, y)
+            why = _features(model, spec, rows, thetas[lo + j], x, phi[j], logits[j])
+            if why is not None:
+                return why
+        nll[[0, 2, 3], lo:hi] = _nll_stats(logits, y, w)
         for k, c in enumerate(labels):
             index = rows.index(c)
             gens = [torch.Generator().manual_seed(seeds[lo + j][k]) for j in range(B)]
-            cond = _Conditional(_ChunkPrior(priors[c], out[lo:hi], gens), phi, logits, y, c)
+            cond = _Conditional(_ChunkPrior(priors[c], out[lo:hi], gens), phi, logits, y, c, w)
             v0 = out[lo:hi, index].double()
             if lo == 0:
                 tune = [torch.Generator().manual_seed(seeds[S][k])]
@@ -697,7 +882,7 @@ def resample_label_rows(
             v, acc[lo:hi, k], _ = _draw(cond, v0, steps, gens, eps0[c].expand(B))
             out[lo:hi, index] = v.to(out.dtype)
             logits[:, :, c] = torch.bmm(v.unsqueeze(1), phi).squeeze(1)
-        nll[1, lo:hi] = _nll_stats(logits, y)[0]
+        nll[1, lo:hi] = _nll_stats(logits, y, w)[0]
         phi = logits = cond = None  # freed before the next chunk's: two chunks' features at once were beyond the plan
     before, after, size, spread = nll.mean(1).tolist()
     return out, {
@@ -710,9 +895,9 @@ def resample_label_rows(
     }
 
 
-def _nll_stats(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _nll_stats(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Per sample of ``logits`` (``[B, n, C]``): the rows' mean NLL, mean ``|NLL|`` and standard deviation of the NLL
-    (``[3, B]``)."""
+    (``[3, B]``); ``w``: each row's factor on its NLL."""
     B, n, _ = logits.shape
     # a sample at a time: cross_entropy's log-probabilities are an [n, C] temporary (the memory plan's reserve)
     h = (
@@ -720,6 +905,8 @@ def _nll_stats(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if B
         else logits.new_empty(0, n)
     )
+    if w is not None:
+        h = h * w
     spread = h.var(1, correction=0).sqrt() if n > 1 else torch.full((B,), math.nan, dtype=torch.float64)
     size = h.abs().mean(1) if n else torch.zeros(B, dtype=torch.float64)
     return torch.stack([h.mean(1), size, spread])

@@ -630,6 +630,10 @@ EMPTIED_LABEL_MAX_PROB = 0.5
 #: retrained conditional, which can leave the label the top class on half its rows (tests/test_label_encodings.py's
 #: blobs: 52% at p = 0.39); ``emptied_label="refuse"``, which draws none, refuses such a label too.
 EMPTIED_LABEL_MAX_TOP = 0.5
+#: The likelihood extras (:func:`~.kronecker.detect_likelihood`) under which the emptied label's draw still applies: a
+#: cross-entropy times a factor per row (``weight=`` class weights, a weight field, a constant), whose conditional is
+#: the plain one with each remaining row's term times its factor.
+_WEIGHTED_LINK = frozenset({"output", "scale", "weights", "class_weights"})
 #: ``emptied_label="resample"`` (not the default since stop 61) draws the label's output-layer row
 #: (:mod:`mcmc_unlearner.emptied`) only where the moved samples still give its removed rows this much of their own
 #: label or more; below it the label is mostly forgotten (the digits BNN's class 0 in one request: 0.04; retrained
@@ -681,9 +685,9 @@ def _still_held(label: str, probability: float, info: dict[str, Any]) -> bool:
 
 #: The fix named where an emptied label's output-layer row could not be drawn.
 _DRAWABLE = (
-    "give the model an output layer the draw can sample (a final nn.Linear giving the logits, its weight and bias "
-    "plain trainable parameters: no spectral_norm, weight_norm or other parametrization), with a log_prior and "
-    "remaining rows it can list"
+    "give the model an output layer the draw can sample (a final nn.Linear giving the logits, or several, or one "
+    "over several positions, whose outputs are averaged, its weight and bias plain trainable parameters: no "
+    "spectral_norm, weight_norm or other parametrization), with a log_prior and remaining rows it can list"
 )
 
 
@@ -721,8 +725,9 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False, checked: bo
         fix = (
             "; or pass emptied_label='always' (the default) or emptied_label='resample', which draw that row where "
             "the draw can sample it (a "
-            "final nn.Linear giving the logits, its weight and bias plain trainable parameters: no spectral_norm, "
-            "weight_norm or other parametrization, with a log_prior, a plain cross-entropy nll and remaining rows it "
+            "final nn.Linear giving the logits, or several, or one over several positions, whose outputs are "
+            "averaged, its weight and bias plain trainable parameters: no spectral_norm, weight_norm or other "
+            "parametrization, with a log_prior, a plain or class-weighted cross-entropy nll and remaining rows it "
             "can list, not under torch.distributed); where it cannot, the default refuses this request too"
         )
     else:
@@ -2273,7 +2278,9 @@ class MCMCUnlearner:
         emptied_label: ``"always"`` (default since stop 61): a request that removes the last rows of a label draws
             that label's output-layer row, in every sample, from its conditional given the remaining rows (a Gibbs
             step of the retrained posterior, :mod:`mcmc_unlearner.emptied`; README step 6; needs a final
-            ``nn.Linear`` giving the logits, a ``log_prior`` and remaining rows it can list: a tuple, a
+            ``nn.Linear`` giving the logits (or a fixed multiple of a sum of ``nn.Linear`` outputs: heads averaged,
+            a head mean-pooled over tokens), a plain or row-weighted cross-entropy (``weight=``), a ``log_prior``
+            and remaining rows it can list: a tuple, a
             ``RemovableDataset``, a ``DataLoader`` over a ``TensorDataset``, and at most
             ``emptied.RESAMPLE_MAX_ROW_EVALS`` sample-row evaluations) and checks again; where its row cannot be
             drawn (or the draw is not kept) a label still the top class of the posterior predictive on half those
@@ -6387,9 +6394,16 @@ class MCMCUnlearner:
         from .emptied import resample_label_rows
 
         still = [int(c) for c, p in info["emptied_labels"].items() if every or _still_held(c, p, info)]
-        if not self._plain_categorical:
-            extras = ", ".join(sorted(set(self._label_link[0]) - {"output"})) or "not a plain cross-entropy"
-            why = f"the draw's conditional is a plain cross-entropy's, and nll has {extras}"
+        link = self._label_link[0]
+        # a cross-entropy times a factor per row (class weights w[y_i], a weight field, a constant): the same
+        # conditional with each row's term weighted, exactly (:func:`~.kronecker.row_weights`)
+        weighted = not self._plain_categorical and bool(self._categorical) and set(link) <= _WEIGHTED_LINK
+        if not (self._plain_categorical or weighted):
+            extras = ", ".join(sorted(set(link) - {"output"})) or "not a plain cross-entropy"
+            why = (
+                "the draw's conditional is a plain or row-weighted (weight=, a weight field, a constant factor) "
+                f"cross-entropy's, and nll has {extras}"
+            )
         elif self._reduce is not None:
             why = "not under torch.distributed (each rank holds part of the remaining rows)"
         elif self.log_prior is None:
@@ -6408,10 +6422,13 @@ class MCMCUnlearner:
             info["emptied_label_resample"] = f"not done: {why}"
             return None
         rows = self._raw(listed)
-        why = self._not_plain_on(rows)
+        why = self._not_plain_on(rows, weighted)
         if why is not None:
             info["emptied_label_resample"] = f"not done: {why}"
             return None
+        from .kronecker import row_weights
+
+        weights = row_weights(rows, link) if weighted else None
         lp_f = functionalize(self.model, lambda m: self.log_prior(m))
         parts = [live[None]] if bank is None else [bank, live[None]]  # drawn apart: no third copy of the bank
         stats = dict.fromkeys(("acceptance", "remaining_nll_before", "remaining_nll_after", "seconds"), 0.0)
@@ -6428,6 +6445,7 @@ class MCMCUnlearner:
                 self.generator,
                 max_bytes=self.memory_budget,
                 plan=lambda nbytes: self._plan("emptied_label_resample", nbytes),
+                weights=weights,
             )
             if isinstance(drawn, str):
                 info["emptied_label_resample"] = f"not done: {drawn}"
@@ -6640,11 +6658,11 @@ class MCMCUnlearner:
         new_live = outs[-1][-1][0]
         return new_live, (None if bank is None else outs[0][-1]), torch.cat(drawn_index)
 
-    def _not_plain_on(self, rows: Batch) -> str | None:
+    def _not_plain_on(self, rows: Batch, weighted: bool = False) -> str | None:
         """Why ``nll`` is not the plain cross-entropy of the logits on ``rows`` (``rows_per_label``'s, at the live
         parameters), or ``None``. The likelihood was read on the removed rows, often of one label: a class-weighted
         cross-entropy whose weights are 1 on the labels probed there read as plain, and the draw took the unweighted
-        conditional."""
+        conditional. ``weighted``: the cross-entropy times the row weights found (:func:`~.kronecker.row_weights`)."""
         from .kronecker import cross_entropy_misfit, rows_per_label
 
         sub = rows_per_label(rows)
@@ -6656,9 +6674,13 @@ class MCMCUnlearner:
             sub,
             self._label_link[0],
             failed="nll could not be compared with the cross-entropy on the remaining rows ({})",
-            differs="nll is not the plain cross-entropy of the logits on the remaining rows (e.g. per-class weights "
-            "on labels the removed rows do not carry), and the draw's conditional is a plain cross-entropy's",
-            plain=True,
+            differs=(
+                "nll is not the row-weighted cross-entropy found on the removed rows, on the remaining rows"
+                if weighted
+                else "nll is not the plain cross-entropy of the logits on the remaining rows (e.g. per-class weights "
+                "on labels the removed rows do not carry), and the draw's conditional is a plain cross-entropy's"
+            ),
+            plain=not weighted,
             flatten=True,
         )
 
