@@ -246,6 +246,31 @@ def test_where_it_cannot_draw_it_says_why_and_the_check_refuses_as_before() -> N
         assert f"was {said}" in message and "give the model an output layer the draw can sample" in message, why
 
 
+def test_where_no_output_layer_lets_it_draw_the_refusal_names_none() -> None:
+    """A class-weighted cross-entropy on a plain ``nn.Linear`` head: the row is not drawn because the ``nll`` is not
+    the plain cross-entropy the draw's conditional is, which no output layer changes. The refusal says why and names
+    no head (it said "give the model an output layer the draw can sample ..., and the default draws that row", the
+    head already being one)."""
+    import torch.nn.functional as F
+
+    model, _, log_prior, bank, x, y = _softmax_regression(seed=1)
+    gone = y >= 2
+    removed, kept = (x[gone], y[gone]), (x[~gone], y[~gone])
+    w = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+
+    def weighted(m: nn.Module, b: tuple) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1], weight=w, reduction="none")
+
+    un = MCMCUnlearner(model, nll=weighted, log_prior=log_prior, bank=bank, seed=0, damping=1e3)
+    start = un.bank.clone()
+    with pytest.raises(QualityError, match="removes the last rows") as refused:
+        un.remove(removed, kept)
+    assert torch.equal(un.bank, start)
+    message = str(refused.value)
+    assert "was not done: nll is not the plain cross-entropy" in message
+    assert "output layer the draw can sample" not in message and "the default draws that row" not in message
+
+
 def test_the_draws_nll_limit_is_the_safety_nets_unit() -> None:
     """The draw is kept only if the remaining rows' mean NLL rises by at most ``max_nll_increase`` of the safety
     net's unit (``step.nll_unit``: the mean ``|NLL|`` or, where smaller, the rows' spread of it), not of the mean

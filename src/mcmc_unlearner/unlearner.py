@@ -691,13 +691,25 @@ _DRAWABLE = (
 )
 
 
+#: Why an emptied label's row was not drawn, where no output layer, ``log_prior`` or remaining-data form lets it be:
+#: the ranks under ``torch.distributed``, an ``nll`` other than the plain cross-entropy (class weights: the head may
+#: already be a plain ``nn.Linear``), the memory budget, the labels themselves (:func:`_head_would_draw`).
+_NOT_THE_HEAD = ("torch.distributed", "cross-entropy", "memory budget", "a remaining row carries", "no remaining row")
+
+
+def _head_would_draw(why: str) -> bool:
+    """Whether the draw, ``"not done"`` for reason ``why``, would be done with a head it can sample, a ``log_prior``
+    and remaining rows it can list (:data:`_DRAWABLE`)."""
+    return why.startswith("not done") and not any(k in why for k in _NOT_THE_HEAD)
+
+
 def _with_undrawn_reason(problem: str, info: dict[str, Any]) -> str:
     """``problem`` (the emptied-label check's, a label still at ``EMPTIED_LABEL_MAX_PROB`` or more) with why the
-    label's output-layer row was not drawn (``info["emptied_label_resample"]``) and, where the draw could not be
-    done, the fix that lets it be (a probe's learned-temperature head, ``Linear(h) / T``, was refused naming only
+    label's output-layer row was not drawn (``info["emptied_label_resample"]``) and, where another head would let the
+    draw be done, that fix (a probe's learned-temperature head, ``Linear(h) / T``, was refused naming only
     retraining and continuing the chain)."""
     why = str(info.get("emptied_label_resample", "not done"))
-    drawable = why.startswith("not done") and "torch.distributed" not in why  # no head lets the ranks draw it
+    drawable = _head_would_draw(why)  # (no head lets the ranks draw it, nor a class-weighted nll)
     fix = f"; or {_DRAWABLE}, and the default draws that row" if drawable else ""
     return f"{problem}. The label's output-layer row, which would be drawn from its conditional, was {why}{fix}"
 
@@ -732,7 +744,7 @@ def _undrawn_top_problem(info: dict[str, Any], refuse: bool = False, checked: bo
         )
     else:
         why = str(info.get("emptied_label_resample", "not done"))
-        fix = f"; or {_DRAWABLE}"
+        fix = f"; or {_DRAWABLE}" if _head_would_draw(why) else ""
     return (
         f"this request removes the last rows of {'a label' if len(still) == 1 else 'labels'} from the remaining "
         f"data, but the moved samples still make {'it' if len(still) == 1 else 'each'} the top class of their "
