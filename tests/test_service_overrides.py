@@ -146,3 +146,28 @@ def test_a_none_that_is_a_library_value_reaches_the_library(tmp_path) -> None:
     saved = load_model(folder).unlearner.config()  # the folder's own settings kept
     assert (saved["grad_draws"], saved["curvature_draws"], saved["refresh_every"]) == ("auto", 4, 1)
     assert verify(folder).ok
+
+
+def test_a_requests_expectation_none_reaches_the_library(tmp_path) -> None:
+    """``expectation=None`` (the library's default: the bank where there is one) is a value of the option, as
+    ``grad_draws=None`` is: a request giving it on a folder saved with ``expectation='chain'`` ran with the chain (it
+    was skipped as "not given"); the folder keeps its own setting."""
+    import json
+
+    model, sampler, data, base = tiny_gmm(0, bank=10, burn=60, solver="exact")
+    un = MCMCUnlearner(model, sampler, bank=base.bank, solver="exact", expectation="chain")
+    folder = save_gmm(tmp_path / "m", (model, sampler, data, un))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert forget(folder, [1, 2], request_id="r1", overrides={"expectation": None}).applied
+    entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
+    assert entry["overrides"] == {"expectation": None} and entry["config"]["expectation"] is None
+    assert load_model(folder).unlearner.config()["expectation"] == "chain"
+    # every option whose None the unlearner takes is passed on or refused, none skipped as "not given"
+    import inspect
+
+    from mcmc_unlearner.service import requests
+    from mcmc_unlearner.service.state import _takes_none
+
+    takes = {k for k in inspect.signature(MCMCUnlearner.__init__).parameters if _takes_none(k)}
+    assert takes == {*requests._NONE_PASSED_ON, *requests._NONE_IS_A_VALUE}, takes

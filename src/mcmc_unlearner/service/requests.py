@@ -16,8 +16,9 @@ Everything here is checked **before** the model folder is touched, and every ref
   ``curvature_draws`` in ``[1, 10^5]``; ``scaling`` ``"auto"`` or finite ``> 0``; solver, Hessian and bank
   shift from their enums; the messages name the Python keyword (``tol``) or, for the command line, the flag
   (``--tol``). ``None`` means "not given" (the folder's setting is kept), except for the options whose ``None``
-  is a value in the library: ``grad_draws``, ``curvature_draws``, ``refresh_every`` and ``memory_budget`` pass it
-  on (every bank draw; the solver's default draws and reuse; the default budget), and ``slope_eta=None``, the slope
+  is a value in the library: ``grad_draws``, ``curvature_draws``, ``refresh_every``, ``memory_budget`` and
+  ``expectation`` pass it on (every bank draw; the solver's default draws and reuse; the default budget; the bank
+  where there is one), and ``slope_eta=None``, the slope
   test off in the library, is refused naming ``slope_eta=0``, which turns it off for the request.
 """
 
@@ -562,9 +563,10 @@ def check_settings(overrides: Mapping[str, Any] | None, interface: str = "python
 _NONE_IS_A_VALUE = {"slope_eta": "the slope test off: give slope_eta=0 to turn it off for this request"}
 #: Unlearner options whose ``None`` a request passes on to :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`, where it
 #: is a value: every bank draw for ``G`` (``grad_draws``), the solver's default number of curvature draws and reuse
-#: (``curvature_draws``, ``refresh_every``), the default memory budget (``memory_budget``). Skipped as "not given"
-#: (stop 63), the request ran with the folder's setting instead. The command line leaves an absent flag out.
-_NONE_PASSED_ON = ("grad_draws", "curvature_draws", "refresh_every", "memory_budget")
+#: (``curvature_draws``, ``refresh_every``), the default memory budget (``memory_budget``), the bank where there is
+#: one (``expectation``). Skipped as "not given" (stop 63), the request ran with the folder's setting instead. The
+#: command line leaves an absent flag out.
+_NONE_PASSED_ON = ("grad_draws", "curvature_draws", "refresh_every", "memory_budget", "expectation")
 
 
 def _check_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
