@@ -151,6 +151,27 @@ def test_a_model_moved_to_another_device_between_requests_is_refused(chain: tupl
     assert _same(ref.samples(), un.samples())
 
 
+@pytest.mark.parametrize("change", ["to meta", "float"])
+def test_apply_refuses_a_model_moved_or_converted_since_propose(chain: tuple, change: str) -> None:  # noqa: F811
+    """A proposal applied to a model moved since ``propose()`` failed inside ``apply()`` with torch's "aten::equal:
+    attempted to run this operator with Meta tensors"; one converted was refused as "stale" (float64 -> float32
+    rounds its values) or, converted without rounding (a float32 model's ``.double()``), committed into it.
+    ``apply()`` refuses both as ``propose()`` does, nothing changed; put back, the proposal applies."""
+    ref, net, un, second, after_second = _one_request_in(chain)
+    kept, weights, drawn, version = un.samples(), copy.deepcopy(net.state_dict()), un.generator.get_state(), un._version
+    prop = un.propose(second, after_second)
+    net.to("meta") if change == "to meta" else net.float()
+    said = "are on meta, but the unlearner was built with them on cpu" if change == "to meta" else "are float32"
+    with pytest.raises(InvalidRequestError, match=f"^apply\\(\\): the model's parameters {said}.*nothing was changed"):
+        un.apply(prop)
+    assert _same(kept, un.samples()) and torch.equal(un.generator.get_state(), drawn) and un._version == version
+    if change == "to meta":
+        net.to_empty(device="cpu")
+    net.double().load_state_dict(weights)
+    un.apply(prop)
+    assert _same(ref.samples(), un.samples())
+
+
 def _nan(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     t.view(-1)[0] = float("nan")

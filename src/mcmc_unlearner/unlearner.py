@@ -5255,11 +5255,15 @@ class MCMCUnlearner:
 
         Raises:
             ValueError: the proposal belongs to another unlearner or the unlearner changed since it was made.
+            InvalidRequestError: the model was converted, moved or changed in its trainable parameters since the
+                unlearner was built (as :meth:`propose` refuses it); nothing is changed.
         """
         if not isinstance(proposal, Proposal):
             raise TypeError(f"apply() takes the Proposal that propose() returned, got {type(proposal).__name__}")
         if proposal._owner is not self or proposal._version != self._version:
             raise ValueError("stale proposal: it was made by another unlearner or before a later change; propose again")
+        # a model moved since propose() failed in torch.equal below (meta tensors), and one converted was committed
+        self._check_model_unchanged("apply()")
         before = getattr(proposal, "_live_before", None)
         if before is not None and not torch.equal(ParamSpec.flatten_module(self.model), before):
             raise ValueError(
