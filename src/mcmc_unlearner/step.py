@@ -827,12 +827,16 @@ def _slope_share_falls(prev: StepOutcome, out: StepOutcome) -> str | None:
     not constrain, where the slope test's failure lives (a chain that never balanced what only the removed rows
     pull). A share falling with the damping is that limit showing: the far-rows case's search ran its last eight
     trials to damping 2.8·10⁹, the share falling from 4.3% to 1.1% of ``G·x`` (stop 63), before the identity shape
-    was searched."""
+    was searched. The fall must exceed one standard error of the later share: read on the point estimates, a
+    measurement half an error low stopped a search whose share rose, and whose data step the search then took
+    anyway, at twice the trials (the review of stop 64; the far-rows case's falls, 4.3% -> 2.8% ± 1.2% and 3.9% ->
+    3.1% ± 0.6%, are beyond it)."""
     a, b = prev.record, out.record
     if not (a.get("slope_failed") and b.get("slope_failed") and prev.gx > 0 and out.gx > 0):
         return None
     was, now = a["slope"] / prev.gx, b["slope"] / out.gx
-    if not now < was:
+    error = b.get("slope_stderr", 0.0) / out.gx
+    if not now + (error if math.isfinite(error) else 0.0) < was:
         return None
     return (
         f"the step failed the slope test at damping {prev.damping:.3g} and {out.damping:.3g}, the bank's own slope "
@@ -1365,9 +1369,9 @@ class DampingControl:
         which then failed, too: marked ``"abandoned"``). A search whose rejected step has saturated
         (:meth:`_saturated`: the data shape's step tends to the prior-only one as its damping grows) stops there, a
         failed search of that shape, as does a data-shape search whose step failed the slope test at two consecutive
-        dampings, the bank's slope a falling share of ``G·x`` (:func:`_slope_share_falls`); its last trial says why
-        (``"stopped"``). The undamped step, the same in every shape, is measured once per request: a shape searched
-        after another rejected it starts above it.
+        dampings, the bank's slope a share of ``G·x`` falling beyond its error (:func:`_slope_share_falls`); its last
+        trial says why (``"stopped"``). The undamped step, the same in every shape, is measured once per request: a
+        shape searched after another rejected it starts above it.
 
         ``shapes``: the damping shapes to try (``backend.damping_shapes``; default: the one the last request
         accepted). The first is searched as above; the others are tried once, at the damping it accepted (or
