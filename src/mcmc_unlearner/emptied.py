@@ -218,7 +218,8 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
         # logits' (the same moves at every call: no generator of the caller's is read)
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(theta.shape, generator=g, dtype=torch.float64).to(theta.device, theta.dtype)
-        outputs, out = _linear_calls(model, spec, theta + 0.1 * (1 + theta.abs()) * noise, x[:2])
+        theta = theta + 0.1 * (1 + theta.abs()) * noise
+        outputs, out = _linear_calls(model, spec, theta, x[:2])
     if layer is None and isinstance(out, torch.Tensor) and outputs:
         # model(x) = log_softmax(Linear(φ)) (an nn.LogSoftmax head for nll_loss), or any other per-row shift of the
         # last linear layer's output: the same softmax, so the same conditional, with that output as the logits
@@ -247,7 +248,39 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
         heads.append((mod, *at))
     if pooled is None:
         return OutputRows(*heads[0])
-    return OutputRows(*heads[0], more=tuple(heads[1:]), pooled=True)
+    rows = OutputRows(*heads[0], more=tuple(heads[1:]), pooled=True)
+    why = _linear_in_rows(model, spec, rows, theta, x[:2])
+    return rows if why is None else why
+
+
+def _linear_in_rows(
+    model: nn.Module, spec: ParamSpec, rows: OutputRows, theta: torch.Tensor, x: torch.Tensor
+) -> str | None:
+    """Why ``model(x)`` is not, up to a per-row shift, ``z_ic = φ̃_i·v_c`` for the features ``φ̃`` (with ``α``) read at
+    ``θ`` and the heads' rows ``v_c`` moved at random (every label's, every head's), or ``None``. The pooled form is
+    read at one point; a head whose input is another head's output (``a(h) + b(a(h))``) or a multiple computed from
+    the heads' own weights (``fc(h) / ‖W‖``) matched it there, and their rows were drawn from a conditional that is not
+    the model's (the review of stop 64: 7 and 12 nats off at a row moved by N(0, I))."""
+    C, n = rows.module.out_features, x.shape[0]
+    phi = torch.zeros(rows.width, n, dtype=torch.float64)
+    logits = torch.empty(n, C, dtype=torch.float64)
+    why = _features(model, spec, rows, theta, x, phi, logits)
+    if why is not None:
+        return why
+    index = torch.stack([rows.index(c) for c in range(C)])  # [C, d]: every label's row over every head
+    at = index.flatten().to(theta.device)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(at.numel(), generator=g, dtype=torch.float64).to(theta.device)
+    moved = theta.clone()
+    moved[at] = (theta[at].double() + (1 + theta[at].double().abs()) * noise).to(theta.dtype)
+    _, out = _linear_calls(model, spec, moved, x)
+    want = phi.T @ moved[index.to(theta.device)].double().cpu().T  # [n, C]
+    if not (isinstance(out, torch.Tensor) and out.shape == (n, C) and _scale_of(out.cpu(), want, 1.0) is not None):
+        return (
+            "the logits are not linear in the output heads' rows (a head's input or the logits' multiple moves "
+            "with them: a head on another head's output, a scale computed from the heads' weights)"
+        )
+    return None
 
 
 def _features(
