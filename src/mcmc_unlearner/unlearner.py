@@ -693,8 +693,16 @@ _DRAWABLE = (
 
 #: Why an emptied label's row was not drawn, where no output layer, ``log_prior`` or remaining-data form lets it be:
 #: the ranks under ``torch.distributed``, an ``nll`` other than the plain cross-entropy (class weights: the head may
-#: already be a plain ``nn.Linear``), the memory budget, the labels themselves (:func:`_head_would_draw`).
-_NOT_THE_HEAD = ("torch.distributed", "cross-entropy", "memory budget", "a remaining row carries", "no remaining row")
+#: already be a plain ``nn.Linear``), the memory budget, the limit on sample-row evaluations, the labels themselves
+#: (:func:`_head_would_draw`).
+_NOT_THE_HEAD = (
+    "torch.distributed",
+    "cross-entropy",
+    "memory budget",
+    "row evaluations",
+    "a remaining row carries",
+    "no remaining row",
+)
 
 
 def _head_would_draw(why: str) -> bool:
