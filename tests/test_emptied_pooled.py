@@ -274,3 +274,48 @@ def test_logits_not_linear_in_the_heads_rows_are_refused(form) -> None:
     lp_f = functionalize(model, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
     said = resample_label_rows(model, spec, lp_f, theta[None], (x, y), [3], torch.Generator().manual_seed(0))
     assert said == why
+
+
+def test_class_weights_of_one_on_the_removed_label_get_the_weighted_draw() -> None:
+    """Class weights 1 on the removed label and on the next (the labels the likelihood probe tries on the removed
+    rows) read as the plain cross-entropy there; the remaining rows' check found otherwise and the row was not drawn
+    ("not the plain cross-entropy ... on the remaining rows"; 'Found, not fixed' at stop 64). Read again on the
+    remaining rows, the weights are found and the row is drawn under them: the NLL the draw measured before it is
+    the weighted one of the samples it started from (the refused proposal's), by hand, to 1e-9."""
+    from mcmc_unlearner.kronecker import row_weights
+
+    model, _, log_prior, bank, x, y = _softmax_regression(seed=1, classes=5)
+    gone = y == 3
+    removed, remaining = (x[gone], y[gone]), (x[~gone], y[~gone])
+    w = torch.tensor([2.0, 0.5, 3.0, 1.0, 1.0], dtype=torch.float64)  # 1 on label 3 and on 4 = (3 + 1) % 5
+
+    def nll(m: nn.Module, b: tuple) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1], weight=w, reduction="none")
+
+    kw = dict(nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=100.0)
+    before = MCMCUnlearner(model, **kw, emptied_label="refuse").propose(removed, remaining)
+    un = MCMCUnlearner(model, **kw)
+    prop = un.propose(removed, remaining)
+    info = prop.report.info
+    assert un._label_link[0] == {}  # read as plain on the removed rows
+    assert info["emptied_label_resample"] == "drawn: 3", info["emptied_label_resample"]
+    assert row_weights(remaining, {"class_weights": w.tolist()}) is not None
+    spec = ParamSpec.of(model)
+    starts = torch.cat([before.bank, before.live[None]])
+    per = [
+        float(
+            (
+                w[remaining[1]]
+                * F.cross_entropy(
+                    functional_call(model, spec.unflatten(t), (remaining[0],)), remaining[1], reduction="none"
+                )
+            ).mean()
+        )
+        for t in starts
+    ]
+    want = sum(per) / len(per)
+    assert info["emptied_label_resample_remaining_nll_before"] == pytest.approx(want, rel=1e-9)
+    plain = sum(
+        float(F.cross_entropy(functional_call(model, spec.unflatten(t), (remaining[0],)), remaining[1])) for t in starts
+    ) / len(starts)
+    assert abs(plain - want) > 1e-3 * abs(want)  # the weighted NLL, not the plain one

@@ -6446,7 +6446,14 @@ class MCMCUnlearner:
             info["emptied_label_resample"] = f"not done: {why}"
             return None
         rows = self._raw(listed)
-        why = self._not_plain_on(rows, weighted)
+        why = self._not_plain_on(rows, link, weighted)
+        if why is not None and not weighted:
+            # read on the removed rows, class weights that are 1 on their labels (and on those the probe shifts them
+            # to) read as plain: read again on the remaining rows, a row-weighted cross-entropy is drawn as such
+            again = self._weighted_link_on(rows, link)
+            if again is not None:
+                link, weighted = again, True
+                why = self._not_plain_on(rows, link, True)
         if why is not None:
             info["emptied_label_resample"] = f"not done: {why}"
             return None
@@ -6682,11 +6689,12 @@ class MCMCUnlearner:
         new_live = outs[-1][-1][0]
         return new_live, (None if bank is None else outs[0][-1]), torch.cat(drawn_index)
 
-    def _not_plain_on(self, rows: Batch, weighted: bool = False) -> str | None:
+    def _not_plain_on(self, rows: Batch, link: dict[str, Any], weighted: bool = False) -> str | None:
         """Why ``nll`` is not the plain cross-entropy of the logits on ``rows`` (``rows_per_label``'s, at the live
         parameters), or ``None``. The likelihood was read on the removed rows, often of one label: a class-weighted
         cross-entropy whose weights are 1 on the labels probed there read as plain, and the draw took the unweighted
-        conditional. ``weighted``: the cross-entropy times the row weights found (:func:`~.kronecker.row_weights`)."""
+        conditional. ``link``: the likelihood's extras; ``weighted``: the cross-entropy times the row weights they
+        give (:func:`~.kronecker.row_weights`)."""
         from .kronecker import cross_entropy_misfit, rows_per_label
 
         sub = rows_per_label(rows)
@@ -6696,7 +6704,7 @@ class MCMCUnlearner:
             self.model,
             lambda m, b: self._row_nll(m, b).double(),  # a result that is not a tensor: "could not be compared"
             sub,
-            self._label_link[0],
+            link,
             failed="nll could not be compared with the cross-entropy on the remaining rows ({})",
             differs=(
                 "nll is not the row-weighted cross-entropy found on the removed rows, on the remaining rows"
@@ -6707,6 +6715,23 @@ class MCMCUnlearner:
             plain=not weighted,
             flatten=True,
         )
+
+    def _weighted_link_on(self, rows: Batch, link: dict[str, Any]) -> dict[str, Any] | None:
+        """The extras of a row-weighted cross-entropy (class weights, a weight field, a constant factor:
+        ``_WEIGHTED_LINK``) that ``nll`` is on ``rows_per_label(rows)``, read from the same output as ``link``; or
+        ``None`` (another loss there, or the plain one)."""
+        from .kronecker import Likelihood, likelihood_and_columns, rows_per_label
+
+        sub = rows_per_label(rows)
+        if sub is None:
+            return None
+        try:
+            kind, extra, _ = likelihood_and_columns(self.model, self._row_nll, sub)
+        except Exception:  # a probe: nll fails or gives no value per row there, no cross-entropy the draw can weigh
+            return None
+        if kind is not Likelihood.CATEGORICAL or not set(extra) <= _WEIGHTED_LINK or set(extra) <= {"output"}:
+            return None
+        return extra if extra.get("output") == link.get("output") else None
 
     def _remaining_labels(self, stream: _Stream) -> torch.Tensor | None:
         """The second field (labels) of every remaining row, read without a pass over the data: from a
