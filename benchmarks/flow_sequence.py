@@ -2,7 +2,7 @@
 process (stop 63's usage flows, docs/model-matrix.md 'Stop 63: usage flows'; stop 64's cost work).
 
 The user's setup as stop 63's probe had it: a 64-32-10 MLP (2,410 parameters) or a two-conv CNN (Conv 1→6, Conv 6→8,
-max-pools, Linear 32→10; 1,228 parameters, the dense ``ggn`` by default) on 1,000 training rows of scikit-learn's
+max-pools, Linear 32→10; 830 parameters, the dense ``ggn`` by default) on 1,000 training rows of scikit-learn's
 digits split by ``--seed``, sampled by a hand-written SGLD loop outside the library (ε = 10⁻⁴, minibatches of 64,
 ``--steps`` steps, ``--draws`` ``state_dict`` copies from the second half), the library's defaults, ``--requests``
 requests of ``--rows`` random rows on one unlearner, the remaining rows given as the tuple ``(x[keep], y[keep])``.
@@ -49,7 +49,7 @@ from request_sequence import ImportTimer
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 convolutions with max-pools and a linear head on 8x8 digits (1,228 parameters)."""
+    """Two 3x3 convolutions with max-pools and a linear head on 8x8 digits (830 parameters)."""
 
     def __init__(self) -> None:
         super().__init__()

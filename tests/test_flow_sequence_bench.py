@@ -70,3 +70,11 @@ def test_a_refused_request_is_recorded_and_the_sequence_goes_on(bench, tmp_path:
     assert d["same_to_the_bit"] is True
     for v in d["versions"].values():
         assert v["refused"] == 1 and len(v["request_cpu"]) == 2  # the second request still ran
+
+
+def test_the_networks_have_the_parameters_the_docs_quote(bench) -> None:
+    """docs/performance.md 'Stop 64' and the script's docstring quote 830 (the CNN; 1,228 until the review of stop
+    64) and 2,410 (the MLP) parameters, and the CNN's dense curvature as 830 x 830."""
+    assert sum(p.numel() for p in bench.build("cnn").parameters()) == 830
+    assert sum(p.numel() for p in bench.build("mlp").parameters()) == 2410
+    assert "830 parameters" in bench.__doc__
