@@ -6,8 +6,9 @@ max-pools, Linear 32→10; 830 parameters, the dense ``ggn`` by default) on 1,00
 digits split by ``--seed``, sampled by a hand-written SGLD loop outside the library (ε = 10⁻⁴, minibatches of 64,
 ``--steps`` steps, ``--draws`` ``state_dict`` copies from the second half), the library's defaults, ``--requests``
 requests of ``--rows`` random rows on one unlearner, the remaining rows given as the tuple ``(x[keep], y[keep])``.
-The retrain chain is the same loop on the rows the requests remove, from the same initialisation and seed (its cost
-does not depend on which rows: a refused request's rows stay in the unlearner's data, not in the chain's).
+The retrain chain is the same loop on the rows left once every request has removed its rows (not on the rows
+removed), from the same initialisation and seed (its cost does not depend on which rows: a refused request's rows
+stay in the unlearner's data, not in the chain's).
 
 Printed: each request's CPU seconds (``time.process_time``, one torch thread), the modules the requests import
 (torch's lazy ``torch._dynamo`` at the first ``torch.func`` gradient: a one-off per process, counted apart), the
