@@ -208,8 +208,9 @@ def output_rows(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch
     """The ``nn.Linear`` whose output *is* ``model(x)`` (the logits), or the last one whose output ``model(x)``
     shifts by a constant per row (an ``nn.LogSoftmax`` head: the same softmax), located in the flat vector; else the
     heads whose outputs, summed over their last calls and positions and scaled, are ``model(x)`` up to a per-row
-    shift (:class:`OutputRows` ``pooled``: heads averaged, a head mean-pooled over tokens, logits times a constant);
-    or why there is none (the logits come from another operation, the layer's parameters are not trainable, ...)."""
+    shift (:class:`OutputRows` ``pooled``: heads averaged, a head mean-pooled over tokens, logits times a constant),
+    the logits linear in the heads' rows (:func:`_linear_in_rows`); or why there is none (the logits come from
+    another operation, the layer's parameters are not trainable, ...)."""
     outputs, out = _linear_calls(model, spec, theta, x[:2])
     layer = next((mod for mod, o in outputs if o is out and isinstance(o, torch.Tensor)), None)
     if layer is None and isinstance(out, torch.Tensor) and outputs:
