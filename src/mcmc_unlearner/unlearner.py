@@ -692,9 +692,9 @@ _DRAWABLE = (
 
 
 #: Why an emptied label's row was not drawn, where no output layer, ``log_prior`` or remaining-data form lets it be:
-#: the ranks under ``torch.distributed``, an ``nll`` other than the plain cross-entropy (class weights: the head may
-#: already be a plain ``nn.Linear``), the memory budget, the limit on sample-row evaluations, the labels themselves
-#: (:func:`_head_would_draw`).
+#: the ranks under ``torch.distributed``, an ``nll`` other than the plain or row-weighted cross-entropy (label
+#: smoothing: the head may already be a plain ``nn.Linear``), the memory budget, the limit on sample-row evaluations,
+#: the labels themselves (:func:`_head_would_draw`).
 _NOT_THE_HEAD = (
     "torch.distributed",
     "cross-entropy",
@@ -717,7 +717,7 @@ def _with_undrawn_reason(problem: str, info: dict[str, Any]) -> str:
     draw be done, that fix (a probe's learned-temperature head, ``Linear(h) / T``, was refused naming only
     retraining and continuing the chain)."""
     why = str(info.get("emptied_label_resample", "not done"))
-    drawable = _head_would_draw(why)  # (no head lets the ranks draw it, nor a class-weighted nll)
+    drawable = _head_would_draw(why)  # (no head lets the ranks draw it, nor an nll the draw cannot take)
     fix = f"; or {_DRAWABLE}, and the default draws that row" if drawable else ""
     return f"{problem}. The label's output-layer row, which would be drawn from its conditional, was {why}{fix}"
 
