@@ -90,10 +90,12 @@ def test_the_draws_have_the_conditionals_moments_by_quadrature(prior) -> None:
     assert 0.2 < stats["acceptance"] < 0.95
 
 
-def test_a_refusal_over_the_draws_limits_names_no_head() -> None:
-    """Over the sample-row evaluations' limit or the memory budget the row was not drawn whatever the head: the
-    emptied-label refusal names no head to give the model (it named one for the evaluations' limit, on a plain
-    ``nn.Linear`` head), and it still names one where the head is what stops the draw."""
+def test_the_draw_is_refused_before_any_work_over_its_limits() -> None:
+    """More sample-row evaluations than ``RESAMPLE_MAX_ROW_EVALS``, features over the memory budget, a remaining
+    row that still carries the label, or an output layer whose weight another layer shares: the reason, and the
+    samples untouched (none are returned). Over the first two limits no head lets the row be drawn: the
+    emptied-label refusal names none (it named one for the evaluations' limit, on a plain ``nn.Linear`` head), and
+    it still names one where the head is what stops the draw."""
     from mcmc_unlearner import emptied
     from mcmc_unlearner.unlearner import _head_would_draw, _with_undrawn_reason
 
@@ -103,33 +105,18 @@ def test_a_refusal_over_the_draws_limits_names_no_head() -> None:
     x, y = torch.randn(10, 3, dtype=torch.float64), torch.arange(10) % 2
     gen = torch.Generator().manual_seed(0)
     many = theta.expand(emptied.RESAMPLE_MAX_ROW_EVALS // 10 + 1, -1)
-    for why in (
-        resample_label_rows(model, spec, lp_f, many, (x, y), [3], gen),
-        resample_label_rows(model, spec, lp_f, theta[None], (x, y), [3], gen, max_bytes=100),
-    ):
+    over = resample_label_rows(model, spec, lp_f, many, (x, y), [3], gen)
+    budget = resample_label_rows(model, spec, lp_f, theta[None], (x, y), [3], gen, max_bytes=100)
+    assert "row evaluations" in over and "memory budget" in budget
+    for why in (over, budget):
         info = {"emptied_label_resample": f"not done: {why}"}
         assert not _head_would_draw(info["emptied_label_resample"]), why
         assert "output layer the draw can sample" not in _with_undrawn_reason("label 3 keeps 0.9", info)
     scaled = nn.Sequential(nn.Linear(3, 4), nn.Softplus()).double()  # logits no Linear's output
-    s_spec, s_theta = ParamSpec.of(scaled), ParamSpec.flatten_module(scaled)
-    why = resample_label_rows(scaled, s_spec, lp_f, s_theta[None], (x, y), [3], gen)
+    why = resample_label_rows(
+        scaled, ParamSpec.of(scaled), lp_f, ParamSpec.flatten_module(scaled)[None], (x, y), [3], gen
+    )
     assert _head_would_draw(f"not done: {why}"), why
-
-
-def test_the_draw_is_refused_before_any_work_over_its_limits() -> None:
-    """More sample-row evaluations than ``RESAMPLE_MAX_ROW_EVALS``, features over the memory budget, a remaining
-    row that still carries the label, or an output layer whose weight another layer shares: the reason, and the
-    samples untouched (none are returned)."""
-    from mcmc_unlearner import emptied
-
-    model = nn.Linear(3, 4).double()
-    spec, theta = ParamSpec.of(model), ParamSpec.flatten_module(model)
-    lp_f = functionalize(model, lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()))
-    x, y = torch.randn(10, 3, dtype=torch.float64), torch.arange(10) % 2
-    gen = torch.Generator().manual_seed(0)
-    many = theta.expand(emptied.RESAMPLE_MAX_ROW_EVALS // 10 + 1, -1)
-    assert "row evaluations" in resample_label_rows(model, spec, lp_f, many, (x, y), [3], gen)
-    assert "memory budget" in resample_label_rows(model, spec, lp_f, theta[None], (x, y), [3], gen, max_bytes=100)
     assert "carries the label" in resample_label_rows(model, spec, lp_f, theta[None], (x, y), [1], gen)
     tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double()
     tied[2].weight = tied[0].weight  # a head sharing its weight with another layer
