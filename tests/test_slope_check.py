@@ -209,14 +209,21 @@ def test_the_slope_error_counts_the_draws_so_a_bank_at_equilibrium_passes() -> N
     assert fails <= 2
 
 
+def _float_bank(seed: int):
+    """:func:`_at_equilibrium`'s rows with a float32 bank of 64 other exact draws of the full-data posterior (from
+    ``seed + 1000``): rows, removed ids, the bank and ``H_r``."""
+    x, y, removed, _, _, H_r = _at_equilibrium(seed, draws=64)
+    g = torch.Generator().manual_seed(seed + 1000)
+    m_all, c_all = exact_posterior(x, y)
+    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    return x, y, removed, bank, H_r
+
+
 @pytest.mark.parametrize("seed", [8, 13])
 def test_a_request_on_a_bank_at_equilibrium_is_not_refused_by_the_slope_test(seed: int) -> None:
     """Two banks of 64 exact draws at the full-data posterior whose requests the slope test refused or held back
     (its error counted the rows alone): the request takes the step it takes without the test."""
-    x, y, removed, _, _, _ = _at_equilibrium(seed, draws=64)
-    g = torch.Generator().manual_seed(seed + 1000)
-    m_all, c_all = exact_posterior(x, y)
-    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    x, y, removed, bank, _ = _float_bank(seed)
     banks, reports = [], []
     for slope_eta in (None, SLOPE_ETA):
         un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
@@ -264,10 +271,7 @@ def test_a_search_that_escapes_the_slope_test_by_shrinking_its_step_is_judged_at
     slope's sign (damping 2.4·10⁷) and accepted that, refused by the unlearner as below the parameters' resolution
     ("more check rows or another solver"). The step taken without the test, searched from the damping the request
     started with, is judged: refused for the bank's energy, naming G's error, and the bank is as it was."""
-    x, y, removed, _, _, _ = _at_equilibrium(15, draws=64)
-    g = torch.Generator().manual_seed(15 + 1000)
-    m_all, c_all = exact_posterior(x, y)
-    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    x, y, removed, bank, _ = _float_bank(15)
     un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
     state = un.control.state()
     with pytest.raises(QualityError, match="does not fall along the step") as info:
@@ -295,10 +299,7 @@ def test_a_relative_newton_steps_slope_is_the_banks_own_along_it_from_where_it_s
         return real(self, backend, G, check, **kw)
 
     monkeypatch.setattr(DampingControl, "step", spy)
-    x, y, removed, _, _, H_r = _at_equilibrium(8, draws=64)
-    g = torch.Generator().manual_seed(1008)
-    m_all, c_all = exact_posterior(x, y)
-    bank = (m_all + torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    x, y, removed, bank, H_r = _float_bank(8)
     un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank, newton_steps=2, newton_target="relative", damping=1.0)
     un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
     assert seen
@@ -393,3 +394,66 @@ def test_a_bad_slope_eta_is_refused_by_name_before_any_work(bad) -> None:
     with pytest.raises(ValueError, match=r"^slope_eta must be a number in \[0, 1\).*0 or None: no slope test"):
         MCMCUnlearner(model, bank=draws, slope_eta=bad)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def _pulled(seed: int = 0):
+    """A conjugate regression whose 20 removed rows pull all three weights (inputs offset by 1, labels by 4), a bank
+    of 64 exact draws of the full-data posterior: rows, removed ids, the bank, the full and remaining rows' exact
+    means, the full posterior's covariance and the remaining rows' ``H_r``."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = 400, 20
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    x[-k:] += 1.0
+    y = x @ torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    y[-k:] += 4.0
+    m_all, c_all = exact_posterior(x, y)
+    m_kept, c_kept = exact_posterior(x[:-k], y[:-k])
+    bank = (m_all + torch.randn(S, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(c_all).T).float()
+    return x, y, torch.arange(n - k, n), bank, m_all, m_kept, c_all, torch.linalg.inv(c_kept)
+
+
+def test_a_carried_deficit_the_bank_contradicts_is_dropped_and_the_requests_own_step_taken() -> None:
+    """A deficit carried from earlier requests (``carry_deficit``) that the bank does not show: twice the request's
+    exact ``G``, pointing against it. With it the step moves the bank back along the removed rows' pull, along which
+    the bank's own energy clearly rises: the slope test refuses it. The request is searched once more with the carry
+    dropped and takes its own Newton step, which passes the slope test by a measured balance (not by abstaining);
+    the bank's mean moves to the closed-form remaining posterior's within 4 Monte-Carlo errors of ``G`` (its
+    covariance ``H_r⁻¹ A C A H_r⁻¹ / draws``, ``A`` the removed rows' ``XᵀX``, ``C`` the full posterior's); the
+    record is in the report (JSON-able, as the ledger stores it) and the dropped carry is not carried on."""
+    import json
+
+    x, y, removed, bank, m_all, m_kept, c_all, H_r = _pulled()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    G = H_r @ (m_kept - m_all)  # E[∇ of the removed rows' nll] over the full posterior: x = H_r⁻¹G
+    un._carry = (-2.0 * G).float()  # what earlier requests' damped steps would have left, here contradicted
+    report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    record = report.info["carry_dropped"]
+    assert report.safe and not report.problems and record["accepted"]
+    assert record["carried_share"] == pytest.approx(2.0, abs=0.1)  # (−2G)·x / (−G)·x on the refused step
+    assert record["slope_test"] == "passed" and record["slope"] > SLOPE_ETA * record["gx"] > 0
+    json.dumps(record, allow_nan=False)
+    shift = (un.bank.double() - bank.double()).mean(0)
+    rows = x[removed]
+    A = rows.T @ rows
+    cov = torch.linalg.solve(H_r, torch.linalg.solve(H_r, A @ c_all @ A).T) / report.n_draws
+    assert torch.all((shift - (m_kept - m_all)).abs() < 4 * cov.diagonal().sqrt())
+    assert un._carry is None or float(un._carry.norm()) < 1e-3 * float(G.norm())
+
+
+def test_a_request_refused_again_with_its_carry_dropped_is_refused_and_nothing_changes() -> None:
+    """The bank whose ``G`` has the wrong sign along the third weight (refused without a carry: above) with a carried
+    deficit: refused by the slope test, searched again without the carry, refused too. The refusal names the first
+    search's cause and says the retry was made; the bank, the carry and the damping state are as they were."""
+    x, y, removed, bank, _ = _float_bank(15)
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    rows = x[removed]
+    pull = rows.T @ (rows @ bank.double().mean(0) - y[removed])  # G at the bank's draws: the wrong sign along w₃
+    carry = (4.0 * pull).float()  # 80% of G·x: a bank showing the request's pull alone would fail the test too
+    un._carry = carry.clone()
+    state = un.control.state()
+    with pytest.raises(QualityError, match="does not fall along the step") as info:
+        un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    assert "searched again with the deficit carried from earlier requests dropped" in str(info.value)
+    assert "refused too (the bank's own energy does not fall along its step either)" in str(info.value)
+    assert torch.equal(un.bank, bank) and torch.equal(un._carry, carry) and un.control.state() == state
+    assert not un.history

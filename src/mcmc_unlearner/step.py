@@ -725,6 +725,9 @@ class StepOutcome:
     pending: tuple[Any, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     #: this step's own entry in ``history`` (the same dict), which marks the taken trial in ``damping_history``
     record: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    #: refused by the slope test: the step the search again without it accepted, along which the bank's own energy
+    #: does not fall (:meth:`DampingControl._along_bank_slope`); ``None`` otherwise
+    slope_refused: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def shortened(self) -> StepOutcome:
         """The step cut back towards the measured minimum of the energy along it, when it clearly overshoots it.
@@ -1485,7 +1488,7 @@ class DampingControl:
                 "anyway"
             )
             note = f"{failed.note}; {why}" if failed.note and not failed.safe else why
-            return replace(failed, safe=False, note=note, history=history, trials=len(history))
+            return replace(failed, safe=False, note=note, history=history, trials=len(history), slope_refused=again.x)
         if not (math.isfinite(a) and a < 1):
             return replace(again, history=history, trials=len(history))
         log.info("the bank's own slope along the step is %.3g of G·x: the step is cut to %.3g of its length",
