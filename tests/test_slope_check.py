@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -457,3 +458,31 @@ def test_a_request_refused_again_with_its_carry_dropped_is_refused_and_nothing_c
     assert "refused too (the bank's own energy does not fall along its step either)" in str(info.value)
     assert torch.equal(un.bank, bank) and torch.equal(un._carry, carry) and un.control.state() == state
     assert not un.history
+
+
+def test_a_retry_that_rejects_a_trial_by_the_slope_test_and_accepts_a_measured_pass_is_not_called_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The retry's search may reject a trial by the slope test and go on to accept a more damped one that passes it
+    measured, whole (no cut to the bank's slope): its record says ``"passed"``. Here the retry's own search of the
+    test above is given such a rejected trial before the one it accepts (the record was ``"cut"`` for any rejected
+    trial in the retry's history, the step taken whole)."""
+    import sys
+
+    real = DampingControl.step
+
+    def spy(self, backend, G, check, **kw):
+        out = real(self, backend, G, check, **kw)
+        if sys._getframe(1).f_code.co_name == "_without_carry" and out.safe:
+            failed = {**out.history[0], "damping": out.history[0]["damping"] / 10, "slope_failed": True}
+            out = replace(out, history=[failed, *out.history], trials=len(out.history) + 1)
+        return out
+
+    monkeypatch.setattr(DampingControl, "step", spy)
+    x, y, removed, bank, m_all, m_kept, _, H_r = _pulled()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    un._carry = (-2.0 * H_r @ (m_kept - m_all)).float()
+    report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    record = report.info["carry_dropped"]
+    assert report.safe and record["accepted"] and report.step_length == 1.0
+    assert record["slope_test"] == "passed"

@@ -6119,7 +6119,8 @@ class MCMCUnlearner:
         ``G·x``, and the retried step's ``G·x``, bank slope and its standard error, and how it met the slope test
         (``"passed"``: measured, ``G·x`` beyond the slope's error, and the slope not clearly below ``slope_eta`` of
         it; ``"abstained"``: ``G·x`` within the slope's error, no test; ``"cut"``: the retry failed it too and its
-        step was cut to the bank's own slope)."""
+        step was cut to the bank's own slope, or taken whole where the bank's minimum along it lies beyond it). Judged
+        on the step taken: a trial the retry's search rejected by the test before it accepted one is not counted."""
         x = refused.slope_refused
         gx = float(G @ x) if x is not None else math.nan
         share = float(carried @ x) / gx if gx > 0 else math.nan
@@ -6155,9 +6156,14 @@ class MCMCUnlearner:
             return replace(refused, note=note, history=history, trials=len(history)), G
         taken = retry.record or {}
         slope, stderr, gx = taken.get("slope"), taken.get("slope_stderr"), taken.get("gx", retry.gx)
-        if any(h.get("slope_failed") for h in retry.history):
+        measured = slope is not None and stderr is not None and gx > SLOPE_Z * stderr
+        # judged on the step taken, not on the search's rejected trials (a trial rejected by the slope test and a
+        # more damped one passing it, measured and whole, is "passed"): cut to the bank's own slope where its
+        # length is below 1, or taken by that rule whole where the test, off for it, would have failed it
+        eta = self.control.slope_eta or 0.0
+        if retry.length < 1 or (measured and slope + SLOPE_Z * stderr < eta * gx):
             how = "cut"
-        elif slope is not None and stderr is not None and gx > SLOPE_Z * stderr:
+        elif measured:
             how = "passed"
         else:
             how = "abstained"
