@@ -486,3 +486,23 @@ def test_a_retry_that_rejects_a_trial_by_the_slope_test_and_accepts_a_measured_p
     record = report.info["carry_dropped"]
     assert report.safe and record["accepted"] and report.step_length == 1.0
     assert record["slope_test"] == "passed"
+
+
+def test_the_carry_drop_reaches_the_deletion_services_ledger() -> None:
+    """``report.to_dict()`` (what the deletion service's ledger entry stores as ``info``) keeps scalars only: the
+    ``carry_dropped`` record is a dict, so the ledger held no trace of the retry. Its scalars are kept too."""
+    import json
+
+    from mcmc_unlearner.service.deletion import _entry
+
+    x, y, removed, bank, m_all, m_kept, _, H_r = _pulled()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    un._carry = (-2.0 * H_r @ (m_kept - m_all)).float()
+    report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    record = report.info["carry_dropped"]
+    entry = _entry("r1", removed.tolist(), report, un, {}, {})
+    json.dumps(entry, allow_nan=False)
+    info = entry["info"]
+    assert info["carry_dropped_accepted"] is True
+    assert info["carry_dropped_share"] == record["carried_share"]
+    assert info["carry_dropped_slope_test"] == record["slope_test"] == "passed"

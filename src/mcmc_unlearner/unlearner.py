@@ -411,6 +411,18 @@ def _log_curvature(solver: str, info: Mapping[str, Any], draws: int, seconds: fl
         log.info("curvature (%s): built over %d draw(s) in %.2f s", solver, draws, seconds)
 
 
+def _record_carry_dropped(info: dict[str, Any], record: dict[str, Any]) -> None:
+    """``info["carry_dropped"]`` (:meth:`MCMCUnlearner._without_carry`), and its scalars as ``carry_dropped_accepted``,
+    ``carry_dropped_share`` and ``carry_dropped_slope_test``, which ``report.to_dict()`` and the deletion service's
+    ledger keep (they keep scalars only: the record alone left the ledger no trace of the retry)."""
+    info["carry_dropped"] = record
+    info["carry_dropped_accepted"] = bool(record["accepted"])
+    if record.get("carried_share") is not None:
+        info["carry_dropped_share"] = float(record["carried_share"])
+    if record.get("slope_test") is not None:
+        info["carry_dropped_slope_test"] = str(record["slope_test"])
+
+
 def quality_problems(
     report: RemovalReport,
     tol: float,
@@ -6143,7 +6155,7 @@ class MCMCUnlearner:
         record: dict[str, Any] = {"accepted": bool(retry.safe), "carried_share": None if math.isnan(share) else share}
         if not retry.safe:
             check.G = G
-            info["carry_dropped"] = record
+            _record_carry_dropped(info, record)
             why = (
                 "the bank's own energy does not fall along its step either"
                 if retry.slope_refused is not None
@@ -6168,7 +6180,7 @@ class MCMCUnlearner:
         else:
             how = "abstained"
         record.update(gx=gx, slope=slope, slope_stderr=stderr, slope_test=how)
-        info["carry_dropped"] = record
+        _record_carry_dropped(info, record)
         log.info(
             "accepted with the carried deficit dropped: G·x %.3g, the bank's slope %s (slope test %s)",
             gx, "not measured" if slope is None else f"{slope:.3g} ± {stderr:.2g}", how,
