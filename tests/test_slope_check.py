@@ -506,3 +506,22 @@ def test_the_carry_drop_reaches_the_deletion_services_ledger() -> None:
     assert info["carry_dropped_accepted"] is True
     assert info["carry_dropped_share"] == record["carried_share"]
     assert info["carry_dropped_slope_test"] == record["slope_test"] == "passed"
+
+
+def test_a_step_made_by_the_damping_after_the_carry_was_dropped_does_not_blame_the_carry() -> None:
+    """A retried step taken without the carry, judged made by the damping (its ``step_shortfall`` set past the limit
+    here): the advice named the carry ("this request carries the undone part of earlier requests ... reset_curvature()
+    clears what is carried") though the step had dropped it; without the retry (the carry kept) it still does."""
+    from mcmc_unlearner.unlearner import MAX_STEP_SHORTFALL, quality_problems
+
+    x, y, removed, bank, m_all, m_kept, _, H_r = _pulled()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    un._carry = (-2.0 * H_r @ (m_kept - m_all)).float()
+    report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    assert report.info["carried_norm"] > report.info["gradient_norm"]
+    report.damping, report.step_shortfall = 1.0, 2 * MAX_STEP_SHORTFALL
+    problems = quality_problems(report, un.tol)
+    assert any("made by the damping" in p for p in problems)
+    assert not any("carries the undone part" in p for p in problems)
+    report.info["carry_dropped"] = {**report.info["carry_dropped"], "accepted": False}
+    assert any("carries the undone part" in p for p in quality_problems(report, un.tol))

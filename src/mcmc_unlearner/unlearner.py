@@ -491,6 +491,9 @@ def quality_problems(
             "curvature draws (curvature_draws), another solver, or retraining"
         )
         carried, own = report.info.get("carried_norm", 0.0), report.info.get("gradient_norm", 0.0)
+        dropped = report.info.get("carry_dropped")
+        if isinstance(dropped, dict) and dropped.get("accepted"):  # the step taken had the carry dropped
+            carried = 0.0
         if not fixed_damping and carried > own:
             # one request whose rows the model never fitted (outliers, rows outside its training data) leaves a
             # large undone part that every later request carries: a user serving a sequence sees refusals only
