@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,24 @@ def test_options_that_take_none_round_trip_exactly(tmp_path):
             un.expectation,
             un.control.slope_eta,
         ), options
+
+
+def test_curvature_draws_not_given_is_saved_as_none(tmp_path):
+    """``curvature_draws`` left at ``None`` (the solver's default) is saved as ``None``: the resolved 16 was saved,
+    and the reloaded unlearner took it as asked for by name, warning on its first request that a bank of 10 samples
+    caps it (the in-memory unlearner caps it without a word). A number given is saved as given."""
+    model, sampler, data, base = tiny_gmm(bank=10, burn=60)
+    for i, draws in enumerate((None, 3)):
+        un = MCMCUnlearner(model, sampler, bank=base.bank, solver="exact", curvature_draws=draws)
+        save_gmm(tmp_path / str(i), (model, sampler, data, un))
+        assert json.loads((tmp_path / str(i) / MANIFEST_NAME).read_text())["unlearner"]["curvature_draws"] == draws
+    back = load_model(tmp_path / "0")
+    assert back.unlearner.curvature_draws == 16 and back.unlearner.config() == un.config() | {"curvature_draws": 16}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = back.unlearner.forget([3, 4, 5], back.data)
+    assert report.info["curvature_draws_capped"] == 10
+    assert not [str(w.message) for w in caught if "curvature_draws" in str(w.message)]
 
 
 def test_no_pickle_only_safetensors_and_json(tmp_path):

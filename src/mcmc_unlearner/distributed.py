@@ -1266,6 +1266,7 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
 
         return apply_removal(un, ids, data)
     from .service.checkpoint import unlearner_config
+    from .service.state import saved_config
 
     cfg = unlearner_config(un)
     unsupported = []
@@ -1285,7 +1286,7 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     _STAGE.value = "computing"
     agree(COMPUTE)
     shard = ShardedDataset.from_removable(data, ctx.rank, ctx.world)
-    dun = DistributedUnlearner(un.model, un.sampler, bank=un.bank, **unlearner_config(un))
+    dun = DistributedUnlearner(un.model, un.sampler, bank=un.bank, **saved_config(un))
     dun.generator.set_state(un.generator.get_state())
     dun.load_curvature_state(*un.curvature_state())
     report = dun.forget(ids, shard, strict=False)

@@ -82,6 +82,7 @@ from .state import (
     rebuild_sampler,
     rebuild_unlearner,
     sampler_config,
+    saved_config,
     state_bytes,
     state_layout,
     state_name,
@@ -313,7 +314,7 @@ def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlear
     if not overrides:
         return loaded.unlearner
     base = loaded.unlearner
-    cfg = {**unlearner_config(base), **overrides}
+    cfg = {**saved_config(base), **overrides}
     if (
         "solver" in overrides
         and "bank_shift" not in overrides
@@ -542,7 +543,7 @@ def save_model(
                 "data_file_sha256": data_file_sha,
                 "data_config": {"batch_size": data.batch_size, "n_total": data.n_total},
                 "sampler": sampler_cfg,
-                "unlearner": unlearner_config(unlearner),
+                "unlearner": saved_config(unlearner),
                 "unlearner_state": {**unlearner.curvature_state()[1], "with_sampler": unlearner.sampler is not None},
                 "ledger_entries": 1,
                 "ledger_head": head,
@@ -743,9 +744,7 @@ def commit_update(
                 # solver='auto' switched the folder's own unlearner (its dense build weighed costlier: K-FAC or CG):
                 # the configuration it runs with from now on (kept as saved, a restart took the dense solver again)
                 **(
-                    {"unlearner": unlearner_config(un)}
-                    if un.solver.value != old.get("unlearner", {}).get("solver")
-                    else {}
+                    {"unlearner": saved_config(un)} if un.solver.value != old.get("unlearner", {}).get("solver") else {}
                 ),
                 "ledger_entries": int(old["ledger_entries"]) + 1,
                 "ledger_head": head,

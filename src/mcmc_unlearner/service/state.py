@@ -47,6 +47,7 @@ __all__ = [
     "read_tensors",
     "read_torch_checkpoint",
     "rebuild_as_auto",
+    "saved_config",
     "tensors_digest",
     "unlearner_config",
 ]
@@ -125,6 +126,17 @@ def read_tensors(root: Path, name: str) -> tuple[bytes, dict[str, torch.Tensor]]
 def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
     """The JSON configuration that rebuilds ``un`` (callables must be the defaults)."""
     return specs.json_ok(un.config(), "unlearner configuration")
+
+
+def saved_config(un: MCMCUnlearner) -> dict[str, Any]:
+    """The configuration a model folder keeps for ``un`` and that rebuilds it as built: :func:`unlearner_config`
+    (what a request ran with, as a ledger entry records it) with ``curvature_draws=None`` where none was given (the
+    solver's default). The resolved number was saved, and the reloaded unlearner took it as asked for by name: a
+    bank smaller than it was then warned about, and the draws on full rows were no longer capped."""
+    cfg = unlearner_config(un)
+    if not un._curvature_draws_given:
+        cfg["curvature_draws"] = None
+    return cfg
 
 
 def _constructor_config(config: Mapping[str, Any]) -> dict[str, Any]:
