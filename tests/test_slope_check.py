@@ -460,6 +460,41 @@ def test_a_request_refused_again_with_its_carry_dropped_is_refused_and_nothing_c
     assert not un.history
 
 
+def test_a_refused_retry_applied_anyway_commits_the_first_searchs_damping_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request of the test above applied with ``strict=False``: the refused step taken is the first search's
+    (carry kept), so the damping state committed is that search's, as without a retry. The retry's search is made
+    to end at another damping here (its state was committed: the damping carried to the next request came from a
+    search for another ``G`` whose step was not taken)."""
+    import sys
+
+    real = DampingControl.step
+
+    def spy(self, backend, G, check, **kw):
+        out = real(self, backend, G, check, **kw)
+        if sys._getframe(1).f_code.co_name == "_without_carry":
+            self.relative, self.drift = 7.0, (1.0, 0.0, 1.0)
+        return out
+
+    monkeypatch.setattr(DampingControl, "step", spy)
+    x, y, removed, bank, _ = _float_bank(15)
+    rows = x[removed]
+    carry = (4.0 * rows.T @ (rows @ bank.double().mean(0) - y[removed])).float()
+    states, banks = [], []
+    for retry in (True, False):
+        un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+        un._carry = carry.clone()
+        if not retry:
+            monkeypatch.setattr(un, "_without_carry", lambda refused, G, *args: (refused, G))
+        report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0), strict=False)
+        assert report.problems and ("carry_dropped" in report.info) == retry
+        states.append(un.control.state())
+        banks.append(un.bank.clone())
+    assert states[0] == states[1] and states[0]["relatives"].get("identity") != 7.0
+    assert torch.equal(banks[0], banks[1])
+
+
 def test_a_retry_that_rejects_a_trial_by_the_slope_test_and_accepts_a_measured_pass_is_not_called_cut(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -6147,6 +6147,9 @@ class MCMCUnlearner:
             "the step failed the slope test with a carried deficit %.3g of its G·x: searching again without it",
             share,
         )  # fmt: skip
+        # a retry refused too leaves the refused step, carry kept: the damping state it goes with is the first
+        # search's (a proposal applied anyway with strict=False committed the retry's, searched for another G)
+        refused_state, refused_shape = self.control.state(), getattr(self.curvature, "damping_shape", None)
         self.control.set_state(start)
         check.G = G_own  # the step's linear term: kept for the checks after the step where the retry is taken
         try:
@@ -6158,6 +6161,9 @@ class MCMCUnlearner:
         record: dict[str, Any] = {"accepted": bool(retry.safe), "carried_share": None if math.isnan(share) else share}
         if not retry.safe:
             check.G = G
+            self.control.set_state(refused_state)
+            if refused_shape is not None:
+                self.curvature.damping_shape = refused_shape
             _record_carry_dropped(info, record)
             why = (
                 "the bank's own energy does not fall along its step either"
