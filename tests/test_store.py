@@ -68,7 +68,7 @@ def test_round_trip_restores_every_piece_of_state(tmp_path):
 def test_options_that_take_none_round_trip_exactly(tmp_path):
     """Every option the unlearner takes ``None`` for, saved at ``None`` and at a value other than its default, loads
     back with the same configuration: ``grad_draws=None`` (every bank draw) was dropped at the load as its default is
-    not ``None``, and the folder reloaded with ``'auto'``. (``memory_budget`` is the machine's, not saved.)"""
+    not ``None``, and the folder reloaded with ``'auto'``. (``memory_budget``: the test below.)"""
     model, sampler, data, base = tiny_gmm(bank=10, burn=60)
     cases = [
         {"grad_draws": None},
@@ -108,6 +108,41 @@ def test_curvature_draws_not_given_is_saved_as_none(tmp_path):
         report = back.unlearner.forget([3, 4, 5], back.data)
     assert report.info["curvature_draws_capped"] == 10
     assert not [str(w.message) for w in caught if "curvature_draws" in str(w.message)]
+
+
+def test_memory_budget_is_saved_as_given_and_checked_at_the_load(tmp_path):
+    """``memory_budget`` was not saved: every load took the default budget of the machine loading the folder. It is
+    saved as given (``None`` and a percentage stay the loading machine's share), or in bytes where it was set on the
+    built unlearner; a folder written before (no such key) loads with the default as before, and a value this
+    library would not write is refused at the load naming it, the folder unchanged."""
+    from conftest import folder_state
+    from mcmc_unlearner.memory import resolve_budget
+    from test_snapshot import resign
+
+    model, sampler, data, base = tiny_gmm(bank=10, burn=60)
+    for i, budget in enumerate((None, "2GB", 123_456_789, 5e8, "25%", "set")):
+        un = MCMCUnlearner(
+            model, sampler, bank=base.bank, solver="exact", memory_budget=None if budget == "set" else budget
+        )
+        if budget == "set":
+            un.memory_budget = 7_654_321
+        save_gmm(tmp_path / str(i), (model, sampler, data, un))
+        saved = json.loads((tmp_path / str(i) / MANIFEST_NAME).read_text())["unlearner"]["memory_budget"]
+        assert saved == {"set": 7_654_321, 5e8: 500_000_000}.get(budget, budget), budget
+        back = load_model(tmp_path / str(i)).unlearner
+        if budget in (None, "25%"):
+            assert back._memory_budget_option == budget
+        else:
+            assert back.memory_budget == un.memory_budget == resolve_budget(saved), budget
+    resign(tmp_path / "1", lambda man: man["unlearner"].pop("memory_budget"))  # the format before
+    back = load_model(tmp_path / "1").unlearner
+    assert back._memory_budget_option is None and back.memory_budget != 2 * 10**9
+    for bad, said in (("lots", "write bytes as e.g. 2GB"), (0.25, "under one byte"), (True, "must be bytes")):
+        resign(tmp_path / "2", lambda man, bad=bad: man["unlearner"].update(memory_budget=bad))
+        before = folder_state(tmp_path / "2")
+        with pytest.raises(StoreError, match=f"unlearner configuration is invalid: memory_budget.*{said}"):
+            load_model(tmp_path / "2")
+        assert folder_state(tmp_path / "2") == before
 
 
 def test_no_pickle_only_safetensors_and_json(tmp_path):

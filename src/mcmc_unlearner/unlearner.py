@@ -2444,6 +2444,11 @@ class MCMCUnlearner:
         # misspelt option was refused only after it): a bad configuration is refused at once
         # (each value on its own by check_option, the command line's parse-time check too)
         self.memory_budget = check_option("memory_budget", memory_budget)
+        # as given (None: the default budget, a percentage: of the memory available), which a saved folder keeps
+        # while the budget is the one it resolved to here (service.state.saved_config)
+        given_budget = memory_budget is None or isinstance(memory_budget, str)
+        self._memory_budget_option: int | str | None = memory_budget if given_budget else self.memory_budget
+        self._memory_budget_built = self.memory_budget
         self.exact_max_dim = check_option("exact_max_dim", exact_max_dim)
         self.hessian = check_option("hessian", hessian)  # before the choice: K-FAC builds "remaining" only
         # the rule solver='auto' follows is the command line's too (torch-free, on facts it states of a network)

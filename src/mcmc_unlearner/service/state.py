@@ -131,12 +131,15 @@ def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
 def saved_config(un: MCMCUnlearner) -> dict[str, Any]:
     """The configuration a model folder keeps for ``un`` and that rebuilds it as built: :func:`unlearner_config`
     (what a request ran with, as a ledger entry records it) with ``curvature_draws=None`` where none was given (the
-    solver's default). The resolved number was saved, and the reloaded unlearner took it as asked for by name: a
-    bank smaller than it was then warned about, and the draws on full rows were no longer capped."""
+    solver's default; the resolved number was saved, and the reloaded unlearner took it as asked for by name: a
+    bank smaller than it was then warned about, and the draws on full rows were no longer capped) and
+    ``memory_budget`` as given (not saved before: every load took the default budget of the machine loading it)."""
     cfg = unlearner_config(un)
     if not un._curvature_draws_given:
         cfg["curvature_draws"] = None
-    return cfg
+    # as given (None, "25%": the machine's share where the folder is loaded) unless set on the built unlearner since
+    budget = un._memory_budget_option if un.memory_budget == un._memory_budget_built else int(un.memory_budget)
+    return {**cfg, "memory_budget": budget}
 
 
 def _constructor_config(config: Mapping[str, Any]) -> dict[str, Any]:
