@@ -151,6 +151,24 @@ def test_a_model_moved_to_another_device_between_requests_is_refused(chain: tupl
     assert _same(ref.samples(), un.samples())
 
 
+def test_a_model_built_on_several_devices_is_told_to_move_each_parameter_back() -> None:
+    """A model whose parameters were on several devices when the unlearner was built (here ``cpu`` and ``meta``),
+    then moved to one: the refusal advised ``model.to('cpu')``, which moves the parameters built on ``meta`` too. It
+    names each moved parameter's own device; moved back so, the model is accepted."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    net[1].to("meta")
+    un = MCMCUnlearner(net, nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), solver="cg")
+    weights = copy.deepcopy(net[0].state_dict())
+    net.to("meta")
+    said = r"on meta \(0\.weight, 0\.bias\), but .* built with them on cpu .*its parameters were on cpu/meta: move "
+    said += r"each back to its own device, 0\.weight to cpu, 0\.bias to cpu; model\.to\(\) puts every one on one device"
+    with pytest.raises(InvalidRequestError, match=f"^propose\\(\\): the model's parameters are {said}") as refused:
+        un._check_model_unchanged("propose()")
+    assert "model.to('cpu') moves it back" not in str(refused.value)
+    net[0].to_empty(device="cpu").load_state_dict(weights)
+    un._check_model_unchanged("propose()")  # as built: accepted
+
+
 @pytest.mark.parametrize("change", ["to meta", "float"])
 def test_apply_refuses_a_model_moved_or_converted_since_propose(chain: tuple, change: str) -> None:  # noqa: F811
     """A proposal applied to a model moved since ``propose()`` failed inside ``apply()`` with torch's "aten::equal:

@@ -5019,11 +5019,18 @@ class MCMCUnlearner:
             now = sorted({str(p) for _, p, _ in moved})
             names = ", ".join(n for n, _, _ in moved[:5]) + (" ..." if len(moved) > 5 else "")
             part = "" if len(moved) == len(params) else f" ({names})"
-            back = f"model.to('{was[0]}')" if len(was) == 1 else "moving each parameter back"
+            built = sorted({str(d) for d in self._param_devices})
+            if len(built) == 1:
+                back = f"model.to('{built[0]}') moves it back"
+            else:  # model.to(one device) would move the parameters that stayed where they were too
+                pairs = ", ".join(f"{n} to {d}" for n, _, d in moved[:5]) + (" ..." if len(moved) > 5 else "")
+                back = (
+                    f"its parameters were on {'/'.join(built)}: move each back to its own device, {pairs}; "
+                    "model.to() puts every one on one device"
+                )
             raise InvalidRequestError(
                 f"{call}: the model's parameters are on {'/'.join(now)}{part}, but the unlearner was built with them "
-                f"on {'/'.join(was)} and holds its samples and state there: the model was moved since ({back} moves it "
-                f"back){fix}"
+                f"on {'/'.join(was)} and holds its samples and state there: the model was moved since ({back}){fix}"
             )
 
     def propose(self, batch: Batch | torch.Tensor, remaining: Any, n_remaining: int | None = None) -> Proposal:
