@@ -1142,6 +1142,35 @@ class DampingControl:
             return False
         return gx > err and slope + err < self.slope_eta * gx
 
+    def carry_contradicted(self, out: StepOutcome, carry: torch.Tensor) -> str | None:
+        """Why an accepted step whose ``G`` holds ``carry``, a deficit carried from earlier requests, is refused by
+        the slope test after all (``None`` where it is not): its ``G·x`` within the test's error of 0, where
+        :meth:`_slope_fails` abstains, mostly the carry's (``carry·x`` above ``1 − slope_eta`` of it, the share at
+        which ``MCMCUnlearner._without_carry`` searches again without the carry), and the bank's own slope along
+        it clearly below zero (``slope + z·stderr < 0``: the bank's energy clearly rises along the step).
+
+        The carry is the model's extrapolation of what earlier damped steps left; a bank that clearly contradicts it
+        sends the request to the search without it. An exact conjugate bank given a carry of −1.5·``G`` took its
+        step at damping 377, ``G·x`` 8.6, the bank's slope −15.1 ± 3.1, and moved the mean away from the remaining
+        posterior's. Judged on the accepted step only, the search unchanged: failing such trials inside the
+        search shrank a digits MLP flow's step (request 17, seed 1) to damping 1.2·10⁵, where its slope's error
+        swamped it; failing them in every request refused 11 that other tests accept (stop 64). Requests without a
+        carry are judged as before."""
+        meas = out.measurement
+        if self.slope_eta is None or not out.safe or meas is None or out.length < 1 or not out.gx > 0:
+            return None
+        slope, err = self._bank_slope(out.gx, meas)
+        carried = float(carry @ out.x)
+        if not (math.isfinite(slope + err) and out.gx <= err and carried > (1.0 - self.slope_eta) * out.gx):
+            return None
+        if not slope + err < 0:
+            return None
+        return (
+            f"damping {out.damping:.3g}: the bank's own energy rises along the step (its slope {slope:.4g} ± "
+            f"{err / SLOPE_Z:.2g} against the model's {out.gx:.4g}, {carried / out.gx:.0%} of it the deficit carried "
+            "from earlier requests)"
+        )
+
     def _slope_untested(self, out: StepOutcome) -> bool:
         """Whether an accepted step escaped the slope test by its size alone, after a larger one of the same search
         failed it: its ``G·x`` within the test's error of 0, or its change below the check's floating-point

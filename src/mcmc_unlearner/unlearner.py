@@ -5964,6 +5964,10 @@ class MCMCUnlearner:
                 _log_curvature(self.solver.value, info, c_thetas.shape[0], time.perf_counter() - t_c)
                 info["curvature_rebuilt_for_drift"] = True
                 outcome = self.control.step(self.curvature, G, check, shapes=all_shapes, noise=dev)
+        if carried is not None and outcome.slope_refused is None and control_start is not None:
+            contradicted = self.control.carry_contradicted(outcome, carried)
+            if contradicted is not None:  # taken where the slope test abstains: the carry is what the bank refutes
+                outcome = replace(outcome, safe=False, note=contradicted, slope_refused=outcome.x)
         if carried is not None and outcome.slope_refused is not None and control_start is not None:
             outcome, G = self._without_carry(outcome, G, G_own, carried, check, all_shapes, dev, control_start, info)
         if outcome.safe and not (self._newton_limit > 1 and self.newton_target == "relative"):
