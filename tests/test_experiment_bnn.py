@@ -195,6 +195,8 @@ def test_save_model_writes_a_loadable_folder(tmp_path):
     assert main(args) == 0
     loaded = store.load_model(folder)
     assert loaded.unlearner.bank.shape[0] == 4
+    # no budget given: none saved (the loading machine's default), not the bytes this run judged its settings with
+    assert loaded.manifest["unlearner"]["memory_budget"] is None
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -502,6 +504,7 @@ def test_the_run_s_unlearners_get_the_memory_budget_judged_before_training(tmp_p
     from mcmc_unlearner import memory
     from mcmc_unlearner.experiments import options
     from mcmc_unlearner.experiments.bnn import BNNConfig, run_bnn
+    from mcmc_unlearner.store import load_model
     from mcmc_unlearner.unlearner import MCMCUnlearner
 
     readings = iter(range(8 * 2**30, 0, -(2**20)))
@@ -529,6 +532,8 @@ def test_the_run_s_unlearners_get_the_memory_budget_judged_before_training(tmp_p
     run_bnn(cfg)
     assert len(judged) == 1 and isinstance(judged[0], int) and 4 * 2**30 - 2**24 < judged[0] <= 4 * 2**30, judged
     assert used == [(judged[0], judged[0])] * 2, (judged, used)  # the saved unlearner's and unlearn's
+    # the folder keeps the budget as given (a share of the memory where it is loaded), not this machine's bytes
+    assert load_model(tmp_path / "model").manifest["unlearner"]["memory_budget"] == "50%"
 
 
 def test_collapsed_pretraining_is_refused_before_any_chain(tmp_path, monkeypatch):

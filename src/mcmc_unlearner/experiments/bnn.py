@@ -1223,6 +1223,11 @@ def _save_origin(cfg: BNNConfig, ex: _Experiment, origin: dict[str, Any]) -> Non
     sampler.generator.set_state(origin["sampler"].generator.get_state())
     data = RemovableDataset(ex.data.x_train, ex.data.y_train, batch_size=cfg.batch_size, seed=cfg.seed)
     un = _unlearner(ex, model, sampler, origin["bank"])
+    # built with the bytes this run judged its settings with; the folder keeps the budget as given (None, "25%": the
+    # share of the memory where it is loaded, as the library saves them), not this machine's bytes
+    given = _unlearner_overrides(cfg).get("memory_budget")
+    if given is None or isinstance(given, str):
+        un._memory_budget_option = given
     store.save_model(
         cfg.save_model,
         model=model,
