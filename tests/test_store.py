@@ -113,8 +113,8 @@ def test_curvature_draws_not_given_is_saved_as_none(tmp_path):
 def test_memory_budget_is_saved_as_given_and_checked_at_the_load(tmp_path):
     """``memory_budget`` was not saved: every load took the default budget of the machine loading the folder. It is
     saved as given (``None`` and a percentage stay the loading machine's share), or in bytes where it was set on the
-    built unlearner; a folder written before (no such key) loads with the default as before, and a value this
-    library would not write is refused at the load naming it, the folder unchanged."""
+    built unlearner; a folder written before (no such key) loads with the default as before, and a value the
+    constructor refuses is refused at the load naming it, the folder unchanged."""
     from conftest import folder_state
     from mcmc_unlearner.memory import resolve_budget
     from test_snapshot import resign
