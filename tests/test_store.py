@@ -95,12 +95,19 @@ def test_options_that_take_none_round_trip_exactly(tmp_path):
 def test_curvature_draws_not_given_is_saved_as_none(tmp_path):
     """``curvature_draws`` left at ``None`` (the solver's default) is saved as ``None``: the resolved 16 was saved,
     and the reloaded unlearner took it as asked for by name, warning on its first request that a bank of 10 samples
-    caps it (the in-memory unlearner caps it without a word). A number given is saved as given."""
+    caps it (the in-memory unlearner caps it without a word). A number given is saved as given, and so is one set on
+    the built unlearner (saved as None, it reloaded at the default)."""
     model, sampler, data, base = tiny_gmm(bank=10, burn=60)
-    for i, draws in enumerate((None, 3)):
-        un = MCMCUnlearner(model, sampler, bank=base.bank, solver="exact", curvature_draws=draws)
+    for i, draws in enumerate((None, 3, "set")):
+        un = MCMCUnlearner(
+            model, sampler, bank=base.bank, solver="exact", curvature_draws=None if draws == "set" else draws
+        )
+        if draws == "set":
+            un.curvature_draws = draws = 5
         save_gmm(tmp_path / str(i), (model, sampler, data, un))
         assert json.loads((tmp_path / str(i) / MANIFEST_NAME).read_text())["unlearner"]["curvature_draws"] == draws
+    assert load_model(tmp_path / "2").unlearner.curvature_draws == 5
+    un = MCMCUnlearner(model, sampler, bank=base.bank, solver="exact")
     back = load_model(tmp_path / "0")
     assert back.unlearner.curvature_draws == 16 and back.unlearner.config() == un.config() | {"curvature_draws": 16}
     with warnings.catch_warnings(record=True) as caught:

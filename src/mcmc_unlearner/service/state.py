@@ -135,7 +135,8 @@ def saved_config(un: MCMCUnlearner) -> dict[str, Any]:
     bank smaller than it was then warned about, and the draws on full rows were no longer capped) and
     ``memory_budget`` as given (not saved before: every load took the default budget of the machine loading it)."""
     cfg = unlearner_config(un)
-    if not un._curvature_draws_given:
+    # not given and still the solver's default (a number set on the built unlearner since is kept, as before)
+    if not un._curvature_draws_given and un.curvature_draws == (8 if un.solver.value == "kfac" else 16):
         cfg["curvature_draws"] = None
     # as given (None, "25%": the machine's share where the folder is loaded) unless set on the built unlearner since
     budget = un._memory_budget_option if un.memory_budget == un._memory_budget_built else int(un.memory_budget)
