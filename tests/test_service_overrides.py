@@ -101,6 +101,29 @@ def test_a_curvature_override_builds_its_own_curvature_and_the_ledger_says_so(tm
     assert verify(folder).ok
 
 
+def test_a_solver_override_on_default_draws_takes_the_solvers_own_and_is_not_called_a_curvature_override(
+    tmp_path,
+) -> None:
+    """A folder whose ``curvature_draws`` was not given (saved as ``None`` since stop 65): a request overriding the
+    solver to or from K-FAC runs that solver's default draws, and its ledger entry said the request's curvature was
+    "built for this request's curvature_draws=8 (the folder's configuration ...: curvature_draws=16)", a setting the
+    request did not override (it named only the solver)."""
+    model, sampler, data, base = tiny_gmm(0, bank=10, burn=60)
+    for saved, override, draws in (("exact", "kfac", 8), ("kfac", "cg", 16)):
+        un = MCMCUnlearner(model, sampler, bank=base.bank, solver=saved)
+        folder = save_gmm(tmp_path / saved, (model, sampler, data, un))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = forget(folder, [1, 2], request_id="r1", overrides={"solver": override})
+        assert out.entry["config"]["curvature_draws"] == draws, saved
+        assert "curvature_rebuilt" not in out.entry["info"], out.entry["info"]["curvature_rebuilt"]
+        # an override of the draws themselves is still said
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = forget(folder, [3], request_id="r2", overrides={"curvature_draws": 3})
+        assert "curvature_draws=3" in out.entry["info"]["curvature_rebuilt"]
+
+
 def test_a_slope_eta_of_none_is_refused_naming_zero_and_zero_turns_the_test_off(tmp_path) -> None:
     """``None`` in a request's settings means "not given" (the command line's flags left out), so
     ``overrides={"slope_eta": None}``, the slope test off in the library, was dropped without a word and the request

@@ -300,9 +300,15 @@ CURVATURE_SETTINGS = ("hessian", "curvature_draws", "curvature_data", "precondit
 
 
 def curvature_settings_changed(base: MCMCUnlearner, other: MCMCUnlearner) -> dict[str, tuple[Any, Any]]:
-    """The :data:`CURVATURE_SETTINGS` in which ``other`` differs from ``base``: name -> (base's, other's)."""
+    """The :data:`CURVATURE_SETTINGS` in which ``other`` differs from ``base``: name -> (base's, other's);
+    ``curvature_draws`` not where neither was given (each solver's default)."""
     a, b = unlearner_config(base), unlearner_config(other)
-    return {k: (a.get(k), b.get(k)) for k in CURVATURE_SETTINGS if a.get(k) != b.get(k)}
+    changed = {k: (a.get(k), b.get(k)) for k in CURVATURE_SETTINGS if a.get(k) != b.get(k)}
+    if not base._curvature_draws_given and not other._curvature_draws_given:
+        # each solver's own default (a folder saved without them, a request overriding the solver): no override of
+        # the draws, which the ledger named as one (another solver's cache is not read anyway)
+        changed.pop("curvature_draws", None)
+    return changed
 
 
 def with_config(loaded: LoadedModel, overrides: Mapping[str, Any]) -> MCMCUnlearner:
