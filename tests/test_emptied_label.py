@@ -545,9 +545,10 @@ def test_an_undrawable_row_names_the_labels_still_predicted_by_either_measure_in
     assert "(label 3)" in named[1] and "(label 2)" not in named[1] and "66% of them" in named[1]
 
 
-def _twenty_classes(lift: float, emptied_label: str = "always") -> dict:
+def _twenty_classes(lift: float, emptied_label: str = "always", **options) -> dict:
     """The report's info of a request removing class 7 of twenty (400 rows, 3 standard normal inputs; 8 samples of
-    small random weights, class 7's bias ``lift`` above) at damping 1e6 (the samples barely move)."""
+    small random weights, class 7's bias ``lift`` above) at damping 1e6 (the samples barely move); ``options``: more
+    ``MCMCUnlearner`` keyword arguments. The report's problems are under ``info["problems"]``."""
     g = torch.Generator().manual_seed(0)
     y = torch.arange(400) % 20
     x = torch.randn(400, 3, generator=g, dtype=torch.float64)
@@ -566,8 +567,11 @@ def _twenty_classes(lift: float, emptied_label: str = "always") -> dict:
         return -0.5 * sum((p**2).sum() for p in m.parameters())
 
     gone = y == 7
-    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=1e6, emptied_label=emptied_label)
-    return un.propose((x[gone], y[gone]), (x[~gone], y[~gone])).report.info
+    un = MCMCUnlearner(
+        model, nll=nll, log_prior=log_prior, bank=bank, seed=0, damping=1e6, emptied_label=emptied_label, **options
+    )
+    report = un.propose((x[gone], y[gone]), (x[~gone], y[~gone])).report
+    return {**report.info, "problems": list(report.problems)}
 
 
 def test_a_label_that_is_the_top_class_at_a_low_probability_is_drawn() -> None:
@@ -620,3 +624,26 @@ def test_the_default_draws_an_emptied_label_at_a_low_probability() -> None:
     assert info["emptied_labels"]["7"] < 0.01 and info["emptied_labels_top_share"] == {"7": 0.0}
     before, after = (info[f"emptied_label_resample_remaining_nll_{k}"] for k in ("before", "after"))
     assert after <= before + 1e-3  # the other rows lose nothing: class 7's probability goes to them
+
+
+def test_the_draws_row_budget_is_an_option_refused_one_evaluation_short() -> None:
+    """``emptied_max_row_evals`` bounds stored samples × remaining rows the draw reads (the bank's 8 samples and
+    the live chain, each × 380 remaining rows: 3,040 for the bank). One short, the row is not drawn, the message
+    names the option, and class 7 (the top class on all its rows) is refused; at 3,040 the same request draws it
+    exactly as the default budget does. A budget that is no integer >= 1 is refused naming the option."""
+    short = _twenty_classes(0.5, emptied_max_row_evals=8 * 380 - 1)
+    assert short["emptied_label_resample"].startswith("not done: 8 samples × 380 remaining rows")
+    assert "emptied_max_row_evals" in short["emptied_label_resample"]
+    assert short["emptied_labels_top_share"] == {"7": 1.0}
+    assert any("removes the last rows of" in q for q in short["problems"])
+    enough = _twenty_classes(0.5, emptied_max_row_evals=8 * 380)
+    default = _twenty_classes(0.5)
+    assert enough["emptied_label_resample"] == default["emptied_label_resample"] == "drawn: 7"
+    assert enough["emptied_labels"]["7"] == default["emptied_labels"]["7"] < 0.01
+    assert not any("removes the last rows of" in q for q in enough["problems"])
+    model = nn.Linear(3, 2).double()
+    for bad in (0, 2.5, "big", True):
+        with pytest.raises(ValueError, match="emptied_max_row_evals must be an integer >= 1"):
+            MCMCUnlearner(
+                model, nll=lambda m, b: m(b[0]).sum(1), bank=[model.state_dict()] * 2, emptied_max_row_evals=bad
+            )

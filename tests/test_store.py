@@ -152,6 +152,22 @@ def test_memory_budget_is_saved_as_given_and_checked_at_the_load(tmp_path):
         assert folder_state(tmp_path / "2") == before
 
 
+def test_the_emptied_draws_row_budget_round_trips(tmp_path):
+    """``emptied_max_row_evals`` is saved with the folder and loads back (the default, 2**22, and another value); a
+    configuration from before the option (no such key) builds the default."""
+    from mcmc_unlearner.emptied import RESAMPLE_MAX_ROW_EVALS
+
+    model, sampler, data, base = tiny_gmm(bank=10, burn=60)
+    for i, budget in enumerate((RESAMPLE_MAX_ROW_EVALS, 12_345)):
+        un = MCMCUnlearner(model, sampler, bank=base.bank, solver="exact", emptied_max_row_evals=budget)
+        save_gmm(tmp_path / str(i), (model, sampler, data, un))
+        back = load_model(tmp_path / str(i)).unlearner
+        assert back.emptied_max_row_evals == budget and back.config() == un.config()
+    assert json.loads((tmp_path / "1" / MANIFEST_NAME).read_text())["unlearner"]["emptied_max_row_evals"] == 12_345
+    old = {k: v for k, v in un.config().items() if k != "emptied_max_row_evals"}  # a folder from before the option
+    assert MCMCUnlearner(model, sampler, bank=base.bank, **old).emptied_max_row_evals == RESAMPLE_MAX_ROW_EVALS
+
+
 def test_no_pickle_only_safetensors_and_json(tmp_path):
     save_tiny(tmp_path / "m")
     names = sorted(p.name for p in (tmp_path / "m").iterdir())

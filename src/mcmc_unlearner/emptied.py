@@ -73,7 +73,7 @@ RESAMPLE_MALA_EVERY = 4
 #: random numbers: the level and one per angle).
 RESAMPLE_SLICE_TRIES = 7
 #: Stored samples × remaining rows the draw may read (one forward pass of the model per sample over every remaining
-#: row); beyond that the request is refused as before, with the reason.
+#: row) by default (``MCMCUnlearner(emptied_max_row_evals=...)``); beyond that the draw is not done, with the reason.
 RESAMPLE_MAX_ROW_EVALS = 2**22
 #: Remaining rows per forward pass.
 RESAMPLE_ROWS = 1024
@@ -834,6 +834,7 @@ def resample_label_rows(
     plan: Callable[[int], None] | None = None,
     chunk: int | None = None,
     weights: torch.Tensor | None = None,
+    max_row_evals: int = RESAMPLE_MAX_ROW_EVALS,
 ) -> tuple[torch.Tensor, dict[str, Any]] | str:
     """Each of ``thetas`` (``[S, D]``) with the output-layer rows of ``labels`` drawn from their conditional given
     the rest of it and the ``remaining`` rows (module docstring); or why it cannot be done.
@@ -842,7 +843,7 @@ def resample_label_rows(
     at once as fit, at most ``RESAMPLE_CHUNK_BYTES`` of features, or ``chunk``); ``plan`` is told the bytes they
     hold once they fit. The draws do not depend on the chunk. ``weights``: each remaining row's factor on its
     cross-entropy (``[n]``: a class-weighted one's ``w[y_i]``, :func:`~.kronecker.row_weights`), in the conditional
-    and the NLL measured.
+    and the NLL measured. ``max_row_evals``: samples × remaining rows it may read (refused above, before any work).
 
     Returns:
         The new ``[S, D]`` samples, and what was measured: the acceptance rate, the remaining rows' mean NLL over the
@@ -860,10 +861,11 @@ def resample_label_rows(
         return "a remaining row carries the label"
     if x.shape[0] == 0:  # (it raised: torch.cat of no features, then a division by zero sizing the chunk)
         return "no remaining row has a label (none left, or only ignore_index ones): no NLL to check the draw against"
-    if thetas.shape[0] * x.shape[0] > RESAMPLE_MAX_ROW_EVALS:
+    if thetas.shape[0] * x.shape[0] > max_row_evals:
         return (
             f"{thetas.shape[0]} samples × {x.shape[0]:,} remaining rows is more than the "
-            f"{RESAMPLE_MAX_ROW_EVALS:,} row evaluations it may take"
+            f"{max_row_evals:,} row evaluations it may take (emptied_max_row_evals; raise it to draw the row: "
+            "one forward pass of the model per sample over the remaining rows)"
         )
     rows = output_rows(model, spec, thetas[0], x)
     if isinstance(rows, str):

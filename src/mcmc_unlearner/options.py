@@ -381,6 +381,9 @@ _OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
     "damping": check_damping,
     "damping_shape": _damping_shape,
     "emptied_label": lambda v: choice(EmptiedLabel, "emptied_label", v),
+    "emptied_max_row_evals": lambda v: whole(
+        "emptied_max_row_evals", v, 1, "must be an integer >= 1 (stored samples × remaining rows the draw may read)"
+    ),
     "scaling": _scaling,
     "iter_T": lambda v: whole("iter_T", v, 0),
     "tol": _tol,

@@ -75,6 +75,7 @@ from .curvature import (
     second_derivative_gap,
 )
 from .data import epoch_samplers
+from .emptied import RESAMPLE_MAX_ROW_EVALS
 from .errors import InvalidRequestError, QualityError, SolverDivergedError, all_finite, outside_stacklevel
 from .memory import chunk_for, format_bytes, release_free_heap, resident_bytes, row_and_call_bytes
 from .options import (
@@ -2317,8 +2318,8 @@ class MCMCUnlearner:
             ``nn.Linear`` giving the logits (or a fixed multiple of a sum of ``nn.Linear`` outputs: heads averaged,
             a head mean-pooled over tokens), a plain or row-weighted cross-entropy (``weight=``), a ``log_prior``
             and remaining rows it can list: a tuple, a
-            ``RemovableDataset``, a ``DataLoader`` over a ``TensorDataset``, and at most
-            ``emptied.RESAMPLE_MAX_ROW_EVALS`` sample-row evaluations) and checks again; where its row cannot be
+            ``RemovableDataset``, a ``DataLoader`` over a ``TensorDataset``, and at most ``emptied_max_row_evals``
+            sample-row evaluations) and checks again; where its row cannot be
             drawn (or the draw is not kept) a label still the top class of the posterior predictive on half those
             rows or more (``EMPTIED_LABEL_MAX_TOP``) is refused whatever its probability; ``"resample"``: the same,
             but only for a label the moved samples still give a tenth of the probability or more on those rows
@@ -2333,6 +2334,11 @@ class MCMCUnlearner:
             only the removed rows pull); a search every step of which fails, some by this test, is cut to the bank's
             own minimum along its step or refused. A number in ``[0, 1)``; ``0`` or ``None`` turns the test off
             (``un.control.slope_eta``; :data:`~mcmc_unlearner.step.SLOPE_ETA` = 0.25 by default).
+        emptied_max_row_evals: Stored samples (the bank's and the live chain's) × remaining rows the emptied-class
+            draw (``emptied_label``) may read, one forward pass of the model per sample over every remaining row;
+            beyond it the row is not drawn (``info["emptied_label_resample"]`` says so) and the request is judged
+            as without the draw. An integer >= 1; :data:`~mcmc_unlearner.emptied.RESAMPLE_MAX_ROW_EVALS` = 2**22
+            by default (Fashion-MNIST's 100 samples × 54,000 rows need 5.4e6: docs/fashion-mnist.md, stop 65).
 
     Attributes:
         history: Every applied request's :class:`RemovalReport`, in order. It is never trimmed (about a kilobyte per
@@ -2386,6 +2392,7 @@ class MCMCUnlearner:
         damping_shape: DampingShape | str = "auto",
         emptied_label: EmptiedLabel | str = "always",
         slope_eta: float | None = SLOPE_ETA,
+        emptied_max_row_evals: int = RESAMPLE_MAX_ROW_EVALS,
     ) -> None:
         if not isinstance(model, nn.Module):
             # stop 63's probe: a function wrapping the model (``lambda x: net(x)``) failed with Python's bare
@@ -2508,6 +2515,7 @@ class MCMCUnlearner:
         if self.damping_shape is not DampingShape.AUTO:
             self.control.shape = self.damping_shape.value
         self.emptied_label = check_option("emptied_label", emptied_label)
+        self.emptied_max_row_evals = check_option("emptied_max_row_evals", emptied_max_row_evals)
         self.damping = damping if isinstance(damping, str) else float(damping)
         check_option("scaling", scaling)
         # finite in float64 but not in the parameters' dtype: damping=1e300 in float32 was refused as a solve that
@@ -3049,6 +3057,7 @@ class MCMCUnlearner:
             "recenter_draws": self.recenter_draws,
             "damping_shape": self.damping_shape.value,
             "emptied_label": self.emptied_label.value,
+            "emptied_max_row_evals": self.emptied_max_row_evals,
             "curvature_data": self.curvature_data,
             "exact_max_dim": self.exact_max_dim,
             "likelihood": self.likelihood,
@@ -6604,6 +6613,7 @@ class MCMCUnlearner:
                 max_bytes=self.memory_budget,
                 plan=lambda nbytes: self._plan("emptied_label_resample", nbytes),
                 weights=weights,
+                max_row_evals=self.emptied_max_row_evals,
             )
             if isinstance(drawn, str):
                 info["emptied_label_resample"] = f"not done: {drawn}"
