@@ -497,6 +497,59 @@ def test_a_request_refused_again_with_its_carry_dropped_is_refused_and_nothing_c
     assert not un.history
 
 
+def _retry_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the retry without the carry (``_without_carry``'s search) refuse its step and end at another damping
+    state (a search for another ``G`` whose state must not be kept)."""
+    import sys
+
+    real = DampingControl.step
+
+    def spy(self, backend, G, check, **kw):
+        out = real(self, backend, G, check, **kw)
+        if sys._getframe(1).f_code.co_name == "_without_carry":
+            self.relative, self.drift = 7.0, (1.0, 0.0, 1.0)
+            out = replace(out, safe=False, note="no step passed (made to refuse here)")
+        return out
+
+    monkeypatch.setattr(DampingControl, "step", spy)
+
+
+def test_a_contradicted_carry_whose_retry_is_refused_too_is_refused_and_nothing_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exact bank given a carry of −1.5·``G``: its accepted step contradicts the carry and goes to the retry,
+    which is made to refuse here. The request is refused naming the contradiction and the retry; the bank, the carry,
+    the damping state and the history are as they were. Applied anyway (``strict=False``) it takes the first
+    search's step with the carry and commits that search's damping state, not the retry's."""
+    _retry_refused(monkeypatch)
+    x, y, removed, bank, m_all, m_kept, _, H_r = _pulled()
+    carry = (-1.5 * H_r @ (m_kept - m_all)).float()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    un._carry = carry.clone()
+    state = un.control.state()
+    data = RemovableDataset(x.float(), y.float(), batch_size=50, seed=0)
+    with pytest.raises(QualityError, match="the bank's own energy rises along the step") as info:
+        un.forget(removed, data)
+    assert "searched again with the deficit carried from earlier requests dropped" in str(info.value)
+    assert "refused too (no step passed (made to refuse here))" in str(info.value)
+    assert torch.equal(un.bank, bank) and torch.equal(un._carry, carry) and un.control.state() == state
+    assert not un.history and len(data) == x.shape[0]
+    # applied anyway, against the same request without the retry (the first search's step and state)
+    states, banks = [], []
+    for retry in (True, False):
+        un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+        un._carry = carry.clone()
+        if not retry:
+            monkeypatch.setattr(un, "_without_carry", lambda refused, G, *args: (refused, G))
+        report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0), strict=False)
+        assert report.problems and ("carry_dropped" in report.info) == retry
+        assert report.info.get("carry_dropped_accepted", False) is False
+        states.append(un.control.state())
+        banks.append(un.bank.clone())
+    assert states[0] == states[1] and states[0]["relatives"].get("identity") != 7.0
+    assert torch.equal(banks[0], banks[1]) and not torch.equal(banks[0], bank)
+
+
 def test_a_refused_retry_applied_anyway_commits_the_first_searchs_damping_state(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
