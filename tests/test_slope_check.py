@@ -469,6 +469,12 @@ def test_a_carried_deficit_the_bank_contradicts_is_dropped_and_the_requests_own_
     # denominator, 1 / (t − 1) times the share it is of the carried part
     assert record["carried_share"] == pytest.approx(times / (times - 1.0), abs=0.1 / (times - 1.0))
     assert record["slope_test"] == "passed" and record["slope"] > SLOPE_ETA * record["gx"] > 0
+    # what refused the step with the carry: the slope test at 2, the carry contradicted where the test abstains
+    assert record["refused_by"] == ("slope_test" if times == 2.0 else "carry_contradicted")
+    assert report.info["carry_dropped_refused_by"] == record["refused_by"]
+    assert ("carry_contradicted" in report.info) is (times != 2.0)
+    if times != 2.0:
+        assert report.info["carry_contradicted"].endswith("the deficit carried from earlier requests)")
     json.dumps(record, allow_nan=False)
     shift = (un.bank.double() - bank.double()).mean(0)
     rows = x[removed]
@@ -544,6 +550,7 @@ def test_a_contradicted_carry_whose_retry_is_refused_too_is_refused_and_nothing_
         report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0), strict=False)
         assert report.problems and ("carry_dropped" in report.info) == retry
         assert report.info.get("carry_dropped_accepted", False) is False
+        assert report.info.get("carry_dropped_refused_by", "carry_contradicted") == "carry_contradicted"
         states.append(un.control.state())
         banks.append(un.bank.clone())
     assert states[0] == states[1] and states[0]["relatives"].get("identity") != 7.0
@@ -631,6 +638,7 @@ def test_the_carry_drop_reaches_the_deletion_services_ledger() -> None:
     assert info["carry_dropped_accepted"] is True
     assert info["carry_dropped_share"] == record["carried_share"]
     assert info["carry_dropped_slope_test"] == record["slope_test"] == "passed"
+    assert info["carry_dropped_refused_by"] == record["refused_by"] == "slope_test"
 
 
 def test_a_step_made_by_the_damping_after_the_carry_was_dropped_does_not_blame_the_carry() -> None:

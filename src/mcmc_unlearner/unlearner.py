@@ -414,10 +414,12 @@ def _log_curvature(solver: str, info: Mapping[str, Any], draws: int, seconds: fl
 
 def _record_carry_dropped(info: dict[str, Any], record: dict[str, Any]) -> None:
     """``info["carry_dropped"]`` (:meth:`MCMCUnlearner._without_carry`), and its scalars as ``carry_dropped_accepted``,
-    ``carry_dropped_share`` and ``carry_dropped_slope_test``, which ``report.to_dict()`` and the deletion service's
-    ledger keep (they keep scalars only: the record alone left the ledger no trace of the retry)."""
+    ``carry_dropped_refused_by``, ``carry_dropped_share`` and ``carry_dropped_slope_test``, which
+    ``report.to_dict()`` and the deletion service's ledger keep (they keep scalars only: the record alone left the
+    ledger no trace of the retry)."""
     info["carry_dropped"] = record
     info["carry_dropped_accepted"] = bool(record["accepted"])
+    info["carry_dropped_refused_by"] = str(record["refused_by"])
     if record.get("carried_share") is not None:
         info["carry_dropped_share"] = float(record["carried_share"])
     if record.get("slope_test") is not None:
@@ -5977,6 +5979,7 @@ class MCMCUnlearner:
             contradicted = self.control.carry_contradicted(outcome, carried)
             if contradicted is not None:  # taken where the slope test abstains: the carry is what the bank refutes
                 outcome = replace(outcome, safe=False, note=contradicted, slope_refused=outcome.x)
+                info["carry_contradicted"] = contradicted
         if carried is not None and outcome.slope_refused is not None and control_start is not None:
             outcome, G = self._without_carry(outcome, G, G_own, carried, check, all_shapes, dev, control_start, info)
         if outcome.safe and not (self._newton_limit > 1 and self.newton_target == "relative"):
@@ -6156,7 +6159,10 @@ class MCMCUnlearner:
         the carry is dropped for good (the accepted step's own deficit is carried on), as keeping it would put the
         same contradicted deficit to the next request. Refused again, the request is refused with the first search's
         reasons and the retry said. Recorded in ``info["carry_dropped"]``: the carry's share of the refused step's
-        ``G·x``, and the retried step's ``G·x``, bank slope and its standard error, and how it met the slope test
+        ``G·x``, what refused the step with the carry (``refused_by``: ``"slope_test"``, or
+        ``"carry_contradicted"`` where the test abstained and :meth:`DampingControl.carry_contradicted` refused it,
+        its words in ``info["carry_contradicted"]``), and the retried step's ``G·x``, bank slope and its standard
+        error, and how it met the slope test
         (``"passed"``: measured, ``G·x`` beyond the slope's error, and the slope not clearly below ``slope_eta`` of
         it; ``"abstained"``: ``G·x`` within the slope's error, no test; ``"cut"``: the retry failed it too and its
         step was cut to the bank's own slope, or taken whole where the bank's minimum along it lies beyond it). Judged
@@ -6183,7 +6189,13 @@ class MCMCUnlearner:
             check.G = G
             raise
         history = refused.history + retry.history
-        record: dict[str, Any] = {"accepted": bool(retry.safe), "carried_share": None if math.isnan(share) else share}
+        record: dict[str, Any] = {
+            "accepted": bool(retry.safe),
+            "carried_share": None if math.isnan(share) else share,
+            # what refused the step with the carry: the slope test, or, where it abstained, the bank's slope
+            # contradicting the carry (DampingControl.carry_contradicted, stop 65)
+            "refused_by": "carry_contradicted" if "carry_contradicted" in info else "slope_test",
+        }
         if not retry.safe:
             check.G = G
             self.control.set_state(refused_state)
