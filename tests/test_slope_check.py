@@ -507,6 +507,26 @@ def test_a_request_refused_again_with_its_carry_dropped_is_refused_and_nothing_c
     assert not un.history
 
 
+def test_a_request_without_a_carry_is_not_judged_by_the_carry_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DampingControl.carry_contradicted`` judges only a step whose ``G`` holds a carry: a first request (no carry
+    yet) and one of an unlearner built with ``carry_deficit=False`` (a carry left in it unused) take the same step
+    with the rule made to refuse every step as with it as it is."""
+    x, y, removed, bank, m_all, m_kept, _, H_r = _pulled()
+    carry = (-1.5 * H_r @ (m_kept - m_all)).float()  # contradicted where it is used (above)
+    banks = []
+    for refuse_all in (False, True):
+        if refuse_all:
+            monkeypatch.setattr(DampingControl, "carry_contradicted", lambda self, out, carry: "refused")
+        for carry_deficit in (True, False):
+            un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone(), carry_deficit=carry_deficit)
+            if not carry_deficit:
+                un._carry = carry.clone()
+            report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+            assert report.safe and "carry_dropped" not in report.info and "carry_contradicted" not in report.info
+            banks.append(un.bank.clone())
+    assert all(torch.equal(b, banks[0]) for b in banks[1:])
+
+
 def _retry_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the retry without the carry (``_without_carry``'s search) refuse its step and end at another damping
     state (a search for another ``G`` whose state must not be kept)."""
