@@ -527,6 +527,24 @@ def test_a_request_without_a_carry_is_not_judged_by_the_carry_rule(monkeypatch: 
     assert all(torch.equal(b, banks[0]) for b in banks[1:])
 
 
+def _applied_anyway(monkeypatch: pytest.MonkeyPatch, x, y, removed, bank, carry):
+    """The request forgotten with ``strict=False`` given ``carry``, with the retry without the carry and with
+    ``_without_carry`` made to return the refusal as it is: the damping states committed, the banks, the reports
+    (each listing problems, ``carry_dropped`` recorded with the retry only)."""
+    states, banks, reports = [], [], []
+    for retry in (True, False):
+        un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+        un._carry = carry.clone()
+        if not retry:
+            monkeypatch.setattr(un, "_without_carry", lambda refused, G, *args: (refused, G))
+        report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0), strict=False)
+        assert report.problems and ("carry_dropped" in report.info) == retry
+        states.append(un.control.state())
+        banks.append(un.bank.clone())
+        reports.append(report)
+    return states, banks, reports
+
+
 def _retry_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the retry without the carry (``_without_carry``'s search) refuse its step and end at another damping
     state (a search for another ``G`` whose state must not be kept)."""
@@ -565,18 +583,9 @@ def test_a_contradicted_carry_whose_retry_is_refused_too_is_refused_and_nothing_
     assert torch.equal(un.bank, bank) and torch.equal(un._carry, carry) and un.control.state() == state
     assert not un.history and len(data) == x.shape[0]
     # applied anyway, against the same request without the retry (the first search's step and state)
-    states, banks = [], []
-    for retry in (True, False):
-        un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
-        un._carry = carry.clone()
-        if not retry:
-            monkeypatch.setattr(un, "_without_carry", lambda refused, G, *args: (refused, G))
-        report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0), strict=False)
-        assert report.problems and ("carry_dropped" in report.info) == retry
-        assert report.info.get("carry_dropped_accepted", False) is False
-        assert report.info.get("carry_dropped_refused_by", "carry_contradicted") == "carry_contradicted"
-        states.append(un.control.state())
-        banks.append(un.bank.clone())
+    states, banks, reports = _applied_anyway(monkeypatch, x, y, removed, bank, carry)
+    assert reports[0].info["carry_dropped_accepted"] is False
+    assert reports[0].info["carry_dropped_refused_by"] == "carry_contradicted"
     assert states[0] == states[1] and states[0]["relatives"].get("identity") != 7.0
     assert torch.equal(banks[0], banks[1]) and not torch.equal(banks[0], bank)
 
@@ -602,16 +611,7 @@ def test_a_refused_retry_applied_anyway_commits_the_first_searchs_damping_state(
     x, y, removed, bank, _ = _float_bank(15)
     rows = x[removed]
     carry = (4.0 * rows.T @ (rows @ bank.double().mean(0) - y[removed])).float()
-    states, banks = [], []
-    for retry in (True, False):
-        un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
-        un._carry = carry.clone()
-        if not retry:
-            monkeypatch.setattr(un, "_without_carry", lambda refused, G, *args: (refused, G))
-        report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0), strict=False)
-        assert report.problems and ("carry_dropped" in report.info) == retry
-        states.append(un.control.state())
-        banks.append(un.bank.clone())
+    states, banks, _ = _applied_anyway(monkeypatch, x, y, removed, bank, carry)
     assert states[0] == states[1] and states[0]["relatives"].get("identity") != 7.0
     assert torch.equal(banks[0], banks[1])
 
