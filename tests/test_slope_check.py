@@ -149,6 +149,7 @@ def test_the_slope_test_fails_only_a_clear_shortfall(gx: float, slope: float, se
         (0.5, -1.0, -10.0, 1.0, False),  # ... the carry against the step
         (0.5, 1.5, -3.0, 1.0, False),  # the bank's slope not clearly below 0
         (100.0, 90.0, 30.0, 1.0, False),  # beyond the error: the slope test proper, which this one passed
+        (100.0, 90.0, -10.0, 1.0, False),  # beyond the error, the slope clearly negative: the slope test's to judge
     ],
 )
 def test_an_accepted_step_mostly_a_carry_along_which_the_banks_energy_clearly_rises_is_contradicted(
