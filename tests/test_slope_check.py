@@ -450,7 +450,7 @@ def test_a_carried_deficit_the_bank_contradicts_is_dropped_and_the_requests_own_
     request's exact ``G``, pointing against it. With it the step moves the bank back along the removed rows' pull,
     along which the bank's own energy clearly rises: the slope test refuses it. At 1.5 and 1.1 the model's ``G·x``
     is within the test's error of 0, where the test abstains: until stop 65 the step was taken (at 1.5: damping
-    377, ``G·x`` 8.6, the bank's slope −15.1 ± 3.1; at 1.1 undamped, ``G·x`` 0.48, slope −4.1 ± 0.8), each moving
+    377, ``G·x`` 5.6, the bank's slope −9.9 ± 2.0; at 1.1 undamped, ``G·x`` 0.48, slope −4.1 ± 0.8), each moving
     the mean away from the remaining posterior's; now the accepted step contradicts the carry
     (``DampingControl.carry_contradicted``). The request is searched once more with the carry dropped and takes
     its own Newton step, which passes the slope test by a measured balance (not by abstaining); the bank's mean

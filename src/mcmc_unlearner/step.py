@@ -1151,7 +1151,7 @@ class DampingControl:
 
         The carry is the model's extrapolation of what earlier damped steps left; a bank that clearly contradicts it
         sends the request to the search without it. An exact conjugate bank given a carry of −1.5·``G`` took its
-        step at damping 377, ``G·x`` 8.6, the bank's slope −15.1 ± 3.1, and moved the mean away from the remaining
+        step at damping 377, ``G·x`` 5.6, the bank's slope −9.9 ± 2.0, and moved the mean away from the remaining
         posterior's. Judged on the accepted step only, the search unchanged: failing such trials inside the
         search shrank a digits MLP flow's step (request 17, seed 1) to damping 1.2·10⁵, where its slope's error
         swamped it; failing them in every request refused 11 that other tests accept (stop 64). Requests without a
