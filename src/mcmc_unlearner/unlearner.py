@@ -2336,11 +2336,12 @@ class MCMCUnlearner:
             only the removed rows pull); a search every step of which fails, some by this test, is cut to the bank's
             own minimum along its step or refused. A number in ``[0, 1)``; ``0`` or ``None`` turns the test off
             (``un.control.slope_eta``; :data:`~mcmc_unlearner.step.SLOPE_ETA` = 0.25 by default).
-        emptied_max_row_evals: Stored samples (the bank's and the live chain's) × remaining rows the emptied-class
-            draw (``emptied_label``) may read, one forward pass of the model per sample over every remaining row;
-            beyond it the row is not drawn (``info["emptied_label_resample"]`` says so) and the request is judged
-            as without the draw. An integer >= 1; :data:`~mcmc_unlearner.emptied.RESAMPLE_MAX_ROW_EVALS` = 2**22
-            by default (Fashion-MNIST's 100 samples × 54,000 rows need 5.4e6: docs/fashion-mnist.md, stop 65).
+        emptied_max_row_evals: The bank's samples × remaining rows the emptied-class draw (``emptied_label``) may
+            read, one forward pass of the model per sample over every remaining row (the live chain's sample, drawn
+            apart, is held to it too: 1 × the rows); beyond it the row is not drawn (``info["emptied_label_resample"]``
+            says so) and the request is judged as without the draw. An integer >= 1;
+            :data:`~mcmc_unlearner.emptied.RESAMPLE_MAX_ROW_EVALS` = 2**22 by default (Fashion-MNIST's 100 samples ×
+            54,000 rows need 5.4e6: docs/fashion-mnist.md, stop 65).
 
     Attributes:
         history: Every applied request's :class:`RemovalReport`, in order. It is never trimmed (about a kilobyte per
