@@ -8,5 +8,7 @@ import sys
 import mcmc_unlearner.emptied as emptied
 from mcmc_unlearner.cli import main
 
-emptied.RESAMPLE_MAX_ROW_EVALS = 2**24  # read at call time by resample_label_rows
+# since stop 65 the default of MCMCUnlearner(emptied_max_row_evals=), read when mcmc_unlearner.unlearner is first
+# imported (after this line: the CLI imports it lazily); `--unlearner-kw emptied_max_row_evals=16777216` does the same
+emptied.RESAMPLE_MAX_ROW_EVALS = 2**24
 sys.exit(main(sys.argv[1:]))

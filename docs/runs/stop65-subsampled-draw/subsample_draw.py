@@ -1,13 +1,14 @@
 """The emptied-class draw on a subset of the remaining rows (likelihood reweighted per label) against the full draw.
 
 Digits BNN (the ``bnn`` experiment's defaults, ``--seed S``): the origin chain's bank; class 0's output-layer row
-drawn from its conditional given the remaining rows (``emptied.resample_label_rows``), exactly (two independent
-draws: the Monte Carlo noise floor) and on a stratified random subset of ``f`` of the remaining rows of each label,
-each row's cross-entropy weighted ``n_c / m_c`` (an unbiased estimate of the data term; the draw is then one from a
-randomly perturbed conditional, no longer a Gibbs step of the retrained posterior). ``groups`` subsets per draw
-(samples split evenly; one subset shared by all samples at 1).
+drawn from its conditional given the remaining rows (``emptied.resample_label_rows``), exactly (``--repeats``
+independent draws, 4: the Monte Carlo noise floor) and on a stratified random subset of ``f`` of the remaining rows
+of each label, each row's cross-entropy weighted ``n_c / m_c`` (an unbiased estimate of the data term; the draw is
+then one from a randomly perturbed conditional, no longer a Gibbs step of the retrained posterior). ``groups``
+subsets per draw (samples split evenly; one subset shared by all samples at 1).
 
-Run: ``OMP_NUM_THREADS=1 PYTHONPATH=src python docs/runs/stop65-subsampled-draw/subsample_draw.py --seed 0``.
+Run (``digits-s{0,1}.jsonl``): ``OMP_NUM_THREADS=1 PYTHONPATH=src python
+docs/runs/stop65-subsampled-draw/subsample_draw.py --seed 0 --fracs 0.5,0.125``.
 """
 
 from __future__ import annotations
