@@ -194,3 +194,26 @@ def test_a_requests_expectation_none_reaches_the_library(tmp_path) -> None:
 
     takes = {k for k in inspect.signature(MCMCUnlearner.__init__).parameters if _takes_none(k)}
     assert takes == {*requests._NONE_PASSED_ON, *requests._NONE_IS_A_VALUE}, takes
+
+
+def test_the_emptied_draws_row_budget_is_a_request_override_checked_before_any_work(tmp_path) -> None:
+    """``overrides={"emptied_max_row_evals": N}`` (passed on to ``MCMCUnlearner``, which checks it): a value that is
+    no integer >= 1 is refused naming the option with nothing written; a valid one runs the request with it (the
+    ledger entry's config) and the folder keeps its own budget."""
+    import json
+
+    from mcmc_unlearner.emptied import RESAMPLE_MAX_ROW_EVALS
+    from mcmc_unlearner.errors import InvalidRequestError
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="exact"))
+    files = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    for bad in (0, -1, 2.5, True, "big"):
+        with pytest.raises(InvalidRequestError, match=r"emptied_max_row_evals must be an integer >= 1"):
+            forget(folder, [1, 2], request_id="r1", overrides={"emptied_max_row_evals": bad})
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == files  # nothing written
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert forget(folder, [1, 2], request_id="r1", overrides={"emptied_max_row_evals": 10**7}).applied
+    entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
+    assert entry["overrides"] == {"emptied_max_row_evals": 10**7} and entry["config"]["emptied_max_row_evals"] == 10**7
+    assert load_model(folder).unlearner.emptied_max_row_evals == RESAMPLE_MAX_ROW_EVALS  # the folder's own kept
