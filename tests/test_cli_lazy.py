@@ -18,7 +18,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 LIBRARY_REFUSED = (
     "memory_budget=0.25", "damping_shape=bogus", "emptied_label=bogus", "tol=2", "samp_T=0", "likelihood=x",
     "check_screen=x", "backend=x", "drift_tol=0", "refresh_every=0", "exact_max_dim=-1", "turn_draws=1",
-    "slope_eta=1.5", "emptied_max_row_evals=0", "emptied_max_row_evals=2.5",
+    "slope_eta=1.5", "emptied_max_row_evals=0", "emptied_max_row_evals=2.5", "newton_gate=-1",
 )  # fmt: skip
 
 # each: (argv, exit code); none of them may import torch

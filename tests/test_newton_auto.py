@@ -59,8 +59,11 @@ def region():
     return x, y, removed, keep
 
 
-def _forget(x, y, removed, bank: torch.Tensor, steps) -> tuple[torch.Tensor, dict]:
-    un = MCMCUnlearner(_LogReg(x.shape[1]), bank=bank.clone(), solver="exact", curvature_draws=1, newton_steps=steps)
+def _forget(x, y, removed, bank: torch.Tensor, steps, **kw) -> tuple[torch.Tensor, dict]:
+    """Forget ``removed`` with ``newton_steps=steps`` (``newton_gate`` off unless given: the rule tested here is
+    ``"auto"``'s own)."""
+    kw = {"newton_gate": 0, "curvature_draws": 1, **kw}
+    un = MCMCUnlearner(_LogReg(x.shape[1]), bank=bank.clone(), solver="exact", newton_steps=steps, **kw)
     report = un.forget(removed, RemovableDataset(x, y, batch_size=x.shape[0], seed=0))
     assert report.converged
     return un.bank[0].clone(), report.info

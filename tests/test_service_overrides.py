@@ -124,26 +124,30 @@ def test_a_solver_override_on_default_draws_takes_the_solvers_own_and_is_not_cal
         assert "curvature_draws=3" in out.entry["info"]["curvature_rebuilt"]
 
 
-def test_a_slope_eta_of_none_is_refused_naming_zero_and_zero_turns_the_test_off(tmp_path) -> None:
+@pytest.mark.parametrize("option", ["slope_eta", "newton_gate"])
+def test_an_option_off_at_none_is_refused_naming_zero_and_zero_turns_it_off(tmp_path, option: str) -> None:
     """``None`` in a request's settings means "not given" (the command line's flags left out), so
     ``overrides={"slope_eta": None}``, the slope test off in the library, was dropped without a word and the request
-    ran with the folder's test on. It is refused before any work, naming ``slope_eta=0``, which turns it off."""
+    ran with the folder's test on. It is refused before any work, naming ``slope_eta=0``, which turns it off; the
+    Newton gate's ``newton_gate=None`` likewise."""
     import json
 
     from mcmc_unlearner.errors import InvalidRequestError
     from mcmc_unlearner.step import SLOPE_ETA
+    from mcmc_unlearner.unlearner import NEWTON_GATE_Z
 
     folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="exact"))
     files = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-    with pytest.raises(InvalidRequestError, match=r"^slope_eta=None cannot be given per request.*give slope_eta=0"):
-        forget(folder, [1, 2], request_id="r1", overrides={"slope_eta": None})
+    with pytest.raises(InvalidRequestError, match=rf"^{option}=None cannot be given per request.*give {option}=0"):
+        forget(folder, [1, 2], request_id="r1", overrides={option: None})
     assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == files  # nothing written
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert forget(folder, [1, 2], request_id="r1", overrides={"slope_eta": 0}).applied
+        assert forget(folder, [1, 2], request_id="r1", overrides={option: 0}).applied
     entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
-    assert entry["overrides"] == {"slope_eta": 0} and entry["config"]["slope_eta"] == 0.0  # the request ran it off
-    assert load_model(folder).unlearner.control.slope_eta == SLOPE_ETA  # the folder's own setting kept
+    assert entry["overrides"] == {option: 0} and entry["config"][option] == 0.0  # the request ran it off
+    back = load_model(folder).unlearner
+    assert (back.control.slope_eta, back.newton_gate) == (SLOPE_ETA, NEWTON_GATE_Z)  # the folder's own settings kept
 
 
 def test_a_none_that_is_a_library_value_reaches_the_library(tmp_path) -> None:

@@ -79,16 +79,19 @@ def test_options_that_take_none_round_trip_exactly(tmp_path):
         {"expectation": "chain"},
         {"slope_eta": None},
         {"slope_eta": 0.1},
+        {"newton_gate": None},
+        {"newton_gate": 1.5},
     ]
     for i, options in enumerate(cases):
         un = MCMCUnlearner(model, sampler, bank=base.bank, solver="exact", **options)
         save_gmm(tmp_path / str(i), (model, sampler, data, un))
         back = load_model(tmp_path / str(i)).unlearner
         assert back.config() == un.config(), options
-        assert (back.grad_draws, back.expectation, back.control.slope_eta) == (
+        assert (back.grad_draws, back.expectation, back.control.slope_eta, back.newton_gate) == (
             un.grad_draws,
             un.expectation,
             un.control.slope_eta,
+            un.newton_gate,
         ), options
 
 

@@ -593,6 +593,9 @@ class DistributedUnlearner(MCMCUnlearner):
                 "on every remaining row, which a shard cannot list); pass newton_steps=1, or an integer above 1 with "
                 "newton_target='relative'"
             )
+        # newton_gate's estimate and the steps it starts list every remaining row, which a shard cannot: off, the
+        # influence step alone as before (as "auto" skips its steps without a warning where the rows are not listed)
+        self.newton_gate = 0.0
         if self._newton_limit > 1 and self.newton_target == "equilibrium":
             raise ValueError(
                 "DistributedUnlearner supports further Newton steps only with newton_target='relative' "

@@ -360,6 +360,18 @@ def _slope_eta(v: Any) -> float:
     return float(v)
 
 
+def _newton_gate(v: Any) -> float:
+    if v is None:
+        return 0.0
+    if not (is_number(v) and finite(v) and float(v) >= 0):
+        raise ValueError(
+            "newton_gate must be a number >= 0, the standard errors by which a sampled estimate of the bank's gap to "
+            "equilibrium must lie below a third of the removal's ‖G‖ before newton_steps=1 takes newton_steps='auto''s "
+            f"further steps (0 or None: never; the default 3), got {shown_value(v)}"
+        )
+    return float(v)
+
+
 def _memory_budget(v: Any) -> int:
     from .memory import resolve_budget  # (torch-free)
 
@@ -378,6 +390,7 @@ _OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
     "check_screen": lambda v: ScreenMode.parse(v),
     "max_damping_trials": lambda v: whole("max_damping_trials", v, 1),  # 2.5 was read as 2, "5" failed in <
     "slope_eta": _slope_eta,
+    "newton_gate": _newton_gate,
     "damping": check_damping,
     "damping_shape": _damping_shape,
     "emptied_label": lambda v: choice(EmptiedLabel, "emptied_label", v),

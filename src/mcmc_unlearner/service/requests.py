@@ -18,8 +18,8 @@ Everything here is checked **before** the model folder is touched, and every ref
   (``--tol``). ``None`` means "not given" (the folder's setting is kept), except for the options whose ``None``
   is a value in the library: ``grad_draws``, ``curvature_draws``, ``refresh_every``, ``memory_budget`` and
   ``expectation`` pass it on (every bank draw; the solver's default draws and reuse; the default budget; the bank
-  where there is one), and ``slope_eta=None``, the slope
-  test off in the library, is refused naming ``slope_eta=0``, which turns it off for the request.
+  where there is one), and ``slope_eta=None`` (``newton_gate=None``), the slope test (the gate) off in the library,
+  is refused naming ``slope_eta=0`` (``newton_gate=0``), which turns it off for the request.
 """
 
 from __future__ import annotations
@@ -560,7 +560,10 @@ def check_settings(overrides: Mapping[str, Any] | None, interface: str = "python
 
 #: Unlearner options whose ``None`` is a value in :class:`~mcmc_unlearner.unlearner.MCMCUnlearner` other than the
 #: folder's setting, with what it means there and how a request says it.
-_NONE_IS_A_VALUE = {"slope_eta": "the slope test off: give slope_eta=0 to turn it off for this request"}
+_NONE_IS_A_VALUE = {
+    "slope_eta": "the slope test off: give slope_eta=0 to turn it off for this request",
+    "newton_gate": "the gate off: give newton_gate=0 to turn it off for this request",
+}
 #: Unlearner options whose ``None`` a request passes on to :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`, where it
 #: is a value: every bank draw for ``G`` (``grad_draws``), the solver's default number of curvature draws and reuse
 #: (``curvature_draws``, ``refresh_every``), the default memory budget (``memory_budget``), the bank where there is
