@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 kfac_build_seconds=info.get("kfac_build_seconds"),
                 recenter=str(info.get("recenter", ""))[:60],  # "applied", "skipped: ...", "off: ...", ...
                 recenter_seconds=info.get("recenter_seconds"),
+                newton_gate=info.get("newton_gate"),  # None: not consulted (newton_steps above 1, or the gate off)
+                newton_gate_cpu_seconds=info.get("newton_gate_cpu_seconds"),  # None: no gap estimated
             )
         rows_out.append(row)
         print(
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             f"shortfall {row.get('step_shortfall', math.nan):.3g}, curvature reused {row.get('curvature_reused')}"
             f"{' (rebuilt: drift)' if row.get('rebuilt_for_drift') else ''}, screened {row.get('screened_trials')}"
             f"{'; correction ' + row['recenter'] if row.get('recenter_seconds') is not None else ''}"
+            f"{'; newton gate ' + row['newton_gate'][:40] if row.get('newton_gate') else ''}"
+            f"{f' ({g:.2f} s CPU)' if (g := row.get('newton_gate_cpu_seconds')) is not None else ''}"
             f"{f'; imported {imports.modules} modules, {imports.cpu:.2f} s CPU apart' if imports.modules else ''}",
             flush=True,
         )

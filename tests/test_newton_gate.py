@@ -112,7 +112,7 @@ def test_the_default_is_the_influence_step_where_the_quadratic_model_holds(regio
     one, _ = _forget(x, y, removed, old[None], 1)
     gated, info = _forget(x, y, removed, old[None], 1, newton_gate=U.NEWTON_GATE_Z)
     assert info["newton_gate"].startswith("not fired: the least-damped trial"), info
-    assert "newton_row_gradients" not in info
+    assert "newton_row_gradients" not in info and "newton_gate_cpu_seconds" not in info  # no estimate made
     assert torch.equal(gated, one)
 
 
@@ -133,6 +133,23 @@ def test_the_default_is_the_influence_step_where_the_banks_own_gap_dominates(far
     assert est == pytest.approx(gap**2, rel=1e-3)
     assert info.get("newton_steps_taken", 1) == 1
     assert torch.equal(gated, one)
+
+
+def test_rows_that_cannot_be_listed_get_the_influence_step_and_say_why(far) -> None:
+    """The far removal's remaining rows as an endless iterator of minibatches, the check holding half of them: the
+    undamped step overshoots, but no estimate can be made, so the bank is the gate-off one and the report says why."""
+    x, y, removed, old, _ = far
+
+    def run(**kw) -> tuple[torch.Tensor, dict]:
+        un = MCMCUnlearner(_Huber(), bank=old[None].clone(), solver="exact", curvature_draws=1, check_rows=50, **kw)
+        batches = iter([(x[i : i + 25], y[i : i + 25]) for i in range(0, 100, 25)] * 1000)
+        report = un.remove((x[removed], y[removed]), batches, n_remaining=100)
+        return un.bank[0].clone(), report.info
+
+    (gated, info), (off, info_off) = run(), run(newton_gate=0)
+    assert info["newton_gate"].startswith("not fired: the undamped step overshot, but the remaining rows cannot"), info
+    assert "newton_gate_cpu_seconds" not in info and "newton_gate" not in info_off
+    assert torch.equal(gated, off)
 
 
 def test_a_sampled_bank_estimates_the_full_passs_gap_within_its_error(far) -> None:

@@ -7802,15 +7802,21 @@ class MCMCUnlearner:
         fired nor showed that they could not (a class removal's error, hundreds of times the threshold). Where the
         first, free signal (:meth:`_undamped_overshoots`, which also checks that the gate is on and the target the
         equilibrium) did not fire, this is not called. ``info["newton_gate"]`` records the estimate over ``‖G‖²`` and
-        the verdict."""
+        the verdict, ``info["newton_gate_cpu_seconds"]`` its CPU seconds (this process's)."""
         full = _listed_remaining(stream)
         if full is None and check.m >= n:
             full = check.rows
         rows = 0 if full is None else int(full[0].shape[0])
         per = math.ceil(rows * NEWTON_GATE_SHARE / NEWTON_GATE_GROUPS)
         if full is None or per < 1 or per * NEWTON_GATE_GROUPS > rows:
+            info["newton_gate"] = (
+                "not fired: the undamped step overshot, but the remaining rows cannot be listed (pass them as a tuple, "
+                "a RemovableDataset or a DataLoader over a TensorDataset)"
+                if full is None
+                else f"not fired: the undamped step overshot, but {rows} remaining rows are too few for the estimate"
+            )
             return False
-        pts = self._gap_points(k_thetas, n)
+        c0, pts = time.process_time(), self._gap_points(k_thetas, n)
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
         h_f, mean = self._h_f(), pts.mean(0, keepdim=True)
         # every row at the draws' mean
@@ -7846,7 +7852,8 @@ class MCMCUnlearner:
             f"{'fired' if fires else 'not fired'}: the bank's gap estimated at ‖e₀‖² = {est / g2:.3g} ± {se / g2:.3g}"
             f" ·‖G‖² on {used * NEWTON_GATE_GROUPS} of {rows} rows (threshold {limit:.3g})"
         )
-        log.info("newton gate: %s", info["newton_gate"])
+        info["newton_gate_cpu_seconds"] = time.process_time() - c0
+        log.info("newton gate: %s (%.2f s CPU)", info["newton_gate"], info["newton_gate_cpu_seconds"])
         return bool(fires)
 
     @property
