@@ -178,3 +178,19 @@ def test_newton_gate_is_validated() -> None:
         with pytest.raises(ValueError, match="newton_gate must be a number >= 0"):
             U.MCMCUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, bank=bank, newton_gate=bad)
     assert U.MCMCUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1), bank=bank, newton_gate=None).newton_gate == 0
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.3])
+def test_the_gap_estimate_is_exact_where_the_groups_cover_every_row(mean: float) -> None:
+    """Disjoint groups are anticorrelated; the finite-population term must take back exactly that: where the
+    ``B`` groups of ``per`` rows cover all ``rows``, every grouping's estimate is ``‖e₀‖²`` itself (the rows' mean,
+    here ``mean`` in each of 3 coordinates). The term was ``per/(rows − per)`` of the spread (a group's variance
+    alone, not its difference from the anticorrelated covariance): above a zero gap here, and biased upward by
+    ``per/(rows − per)`` of the correction wherever the groups are drawn."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    x = x - x.mean(0) + mean
+    for _ in range(5):
+        us = x[torch.randperm(16, generator=g)].reshape(8, 2, 3).mean(1)
+        est, _ = U._gap_estimate(us, 2, 16)
+        assert est == pytest.approx(3 * mean**2, abs=1e-12)

@@ -1312,8 +1312,11 @@ def _carried_spread(anchor: _Anchor, shift: float) -> float | None:
 
 def _gap_estimate(us: torch.Tensor, per: int, rows: int) -> tuple[float, float]:
     """``‖e₀‖²`` from ``B`` disjoint groups' estimates ``us`` (``B × d``) of ``e₀``, each on ``per`` of ``rows``
-    rows: ``Σ_{b≠c} u_b·u_c / (B(B−1))`` plus the finite-population term (``per/(rows−per)`` times the groups'
-    spread; disjoint groups are anticorrelated), and its jackknife standard error over the groups."""
+    rows: ``Σ_{b≠c} u_b·u_c / (B(B−1))`` plus the finite-population term (``per/rows`` times the groups' spread;
+    disjoint groups are anticorrelated: ``E[u_b·u_c] = ‖e₀‖² + C`` with ``C = −σ²/(rows−1)``, the rows' variance
+    ``σ²`` scaled to ``u``, and the spread estimates ``V − C = σ²·rows/((rows−1)·per)``, ``V`` a group's variance, so
+    ``per/rows`` of it is ``−C``; groups covering every row give ``‖e₀‖²`` exactly), and its jackknife standard error
+    over the groups."""
     B = us.shape[0]
     tot, sq = us.sum(0), (us * us).sum(1)
 
@@ -1321,7 +1324,7 @@ def _gap_estimate(us: torch.Tensor, per: int, rows: int) -> tuple[float, float]:
         return float(tot @ tot - sq) / (k * (k - 1))
 
     spread = float(((us - us.mean(0)) ** 2).sum()) / (B - 1)
-    est = cross(tot, float(sq.sum()), B) + per / (rows - per) * spread
+    est = cross(tot, float(sq.sum()), B) + per / rows * spread
     loo = torch.tensor([cross(tot - us[b], float(sq.sum() - sq[b]), B - 1) for b in range(B)], dtype=torch.float64)
     return est, float(((B - 1) / B * ((loo - loo.mean()) ** 2).sum()).sqrt())
 
