@@ -194,3 +194,21 @@ def test_the_gap_estimate_is_exact_where_the_groups_cover_every_row(mean: float)
         us = x[torch.randperm(16, generator=g)].reshape(8, 2, 3).mean(1)
         est, _ = U._gap_estimate(us, 2, 16)
         assert est == pytest.approx(3 * mean**2, abs=1e-12)
+
+
+@pytest.mark.parametrize("cap", [150, 50])
+def test_no_estimate_where_two_draws_on_every_row_exceed_the_cap(far, monkeypatch, cap: int) -> None:
+    """Where two draws' gradients on every remaining row exceed ``NEWTON_ROW_DRAWS`` (here lowered: 100 rows, room
+    for one draw or none), ``"auto"`` skips its steps; the gate makes no estimate either and says why, the bank the
+    gate-off one. The estimate was made on one draw (fired, then no step: CPU spent for nothing) or on none (a
+    ZeroDivisionError in a default request, over 2¹⁸ remaining rows)."""
+    x, y, _, old, _ = far
+    z = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    bank = old + 0.1 * z @ torch.linalg.cholesky(torch.linalg.inv(_hessian(x, y, old))).T  # fires at the full cap
+    monkeypatch.setattr(U, "NEWTON_ROW_DRAWS", cap)
+    kw = {"curvature_draws": 8, "grad_draws": 256}
+    gated, info = _forget_far(far, bank, 1, **kw)
+    off, _ = _forget_far(far, bank, 1, newton_gate=0, **kw)
+    assert info["newton_gate"].startswith("not fired: the undamped step overshot, but the gradient on all 100"), info
+    assert "newton_gate_cpu_seconds" not in info and info.get("newton_steps_taken", 1) == 1
+    assert torch.equal(gated, off)

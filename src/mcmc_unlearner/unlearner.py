@@ -7619,12 +7619,11 @@ class MCMCUnlearner:
         equilibrium = self.newton_target == "equilibrium"
         last = first  # a relative run's last accepted step (its NLL rise is the request's whole)
         if equilibrium:
-            pts = k_thetas if self.bank is None else self.bank[_evenly(self.bank.shape[0], self._grad_draw_count(1))]
+            pts = self._gap_points(k_thetas, n)
             full = _listed_remaining(stream)  # a DataLoader over a TensorDataset too (its rows, without a pass)
-            fit = min(pts.shape[0], NEWTON_ROW_DRAWS // max(n, 1))  # draws whose gradients on every row fit the cap
             on_check = full is None and check.m >= n  # the check holds every remaining row
             full = check.rows if on_check else full
-            if full is None or fit < min(2, pts.shape[0]):
+            if full is None or pts is None:
                 # the target on a subset of rows (the check's, until stop 33) is that subset's sampling noise scaled
                 # to n, and the check on the same rows cannot see it: a conjugate regression through a DataLoader
                 # moved 6-10 posterior sd off the exact answer, every check passed, against 0.2-0.3 for one step
@@ -7646,8 +7645,6 @@ class MCMCUnlearner:
                     stacklevel=outside_stacklevel(),
                 )
                 return x, (carry if self.carry_deficit else None)  # as newton_steps=1 would
-            if fit < pts.shape[0]:
-                pts = pts[_evenly(pts.shape[0], fit)]
             data = full
             info["newton_data"] = f"all {n} remaining rows at {pts.shape[0]} draws"
             energy = self._energy_f(n) if on_check else e_f  # both scale their batch to n
@@ -7757,11 +7754,14 @@ class MCMCUnlearner:
             self.control.record(last)
         return x, (carry if self.carry_deficit else None)
 
-    def _gap_points(self, k_thetas: torch.Tensor, n: int) -> torch.Tensor:
+    def _gap_points(self, k_thetas: torch.Tensor, n: int) -> torch.Tensor | None:
         """The draws the equilibrium target is taken at: ``grad_draws``' evenly spaced bank samples (``k_thetas``
-        without a bank), no more than fit ``NEWTON_ROW_DRAWS`` row-draw gradients on ``n`` rows."""
+        without a bank), no more than fit ``NEWTON_ROW_DRAWS`` row-draw gradients on ``n`` rows; ``None`` where
+        fewer than two draws (of at least two) fit: the further steps are not taken then."""
         pts = k_thetas if self.bank is None else self.bank[_evenly(self.bank.shape[0], self._grad_draw_count(1))]
-        fit = min(pts.shape[0], NEWTON_ROW_DRAWS // max(n, 1))
+        fit = min(pts.shape[0], NEWTON_ROW_DRAWS // max(n, 1))  # draws whose gradients on every row fit the cap
+        if fit < min(2, pts.shape[0]):
+            return None
         return pts[_evenly(pts.shape[0], fit)] if fit < pts.shape[0] else pts
 
     def _undamped_overshoots(self, outcome: StepOutcome, info: dict[str, Any]) -> bool:
@@ -7811,15 +7811,19 @@ class MCMCUnlearner:
             full = check.rows
         rows = 0 if full is None else int(full[0].shape[0])
         per = math.ceil(rows * NEWTON_GATE_SHARE / NEWTON_GATE_GROUPS)
-        if full is None or per < 1 or per * NEWTON_GATE_GROUPS > rows:
+        c0, pts = time.process_time(), self._gap_points(k_thetas, n)
+        if full is None or per < 1 or per * NEWTON_GATE_GROUPS > rows or pts is None:
+            # (no draws fit: the estimate divided by zero; one: it was made and fired, and "auto" skipped its steps)
             info["newton_gate"] = (
                 "not fired: the undamped step overshot, but the remaining rows cannot be listed (pass them as a tuple, "
                 "a RemovableDataset or a DataLoader over a TensorDataset)"
                 if full is None
                 else f"not fired: the undamped step overshot, but {rows} remaining rows are too few for the estimate"
+                if per < 1 or per * NEWTON_GATE_GROUPS > rows
+                else f"not fired: the undamped step overshot, but the gradient on all {n} remaining rows at two draws "
+                f"exceeds {NEWTON_ROW_DRAWS} row-gradients (the further steps could not be taken)"
             )
             return False
-        c0, pts = time.process_time(), self._gap_points(k_thetas, n)
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
         h_f, mean = self._h_f(), pts.mean(0, keepdim=True)
         # every row at the draws' mean
