@@ -212,3 +212,30 @@ def test_no_estimate_where_two_draws_on_every_row_exceed_the_cap(far, monkeypatc
     assert info["newton_gate"].startswith("not fired: the undamped step overshot, but the gradient on all 100"), info
     assert "newton_gate_cpu_seconds" not in info and info.get("newton_steps_taken", 1) == 1
     assert torch.equal(gated, off)
+
+
+def test_a_gate_that_estimates_and_does_not_fire_leaves_the_sequence_as_the_gate_off(far) -> None:
+    """A 64-sample bank off the old mode: the first request's undamped step overshoots, the gap is estimated (the
+    whole groups) and found large; that request, the next one (its damping search and draws from the same data
+    stream) and everything the unlearner carries between them (damping state, carried deficit), and the global
+    generator, are the gate-off run's to the bit: the estimate draws from its own generator and changes no state."""
+    x, y, _, old, _ = far
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    root = torch.linalg.cholesky(torch.linalg.inv(_hessian(x, y, old))).T
+    bank = old + torch.tensor([0.0, -0.4], dtype=torch.float64) + 0.3 * z @ root
+
+    def run(**kw) -> tuple:
+        torch.manual_seed(5)
+        un = MCMCUnlearner(_Huber(), bank=bank.clone(), solver="exact", curvature_draws=8, grad_draws=32, **kw)
+        data = RemovableDataset(x, y, batch_size=x.shape[0], seed=0)
+        first = un.forget(torch.arange(100, 250), data).info
+        un.forget(torch.arange(0, 10), data)
+        return un.bank.clone(), first, torch.random.get_rng_state(), un.control.state(), un._carry
+
+    gated, off = run(), run(newton_gate=0)
+    assert (
+        gated[1]["newton_gate"].startswith("not fired: the bank's gap") and " on 16 of 100" in gated[1]["newton_gate"]
+    )
+    assert "newton_gate" not in off[1]
+    assert torch.equal(gated[0], off[0]) and torch.equal(gated[2], off[2]) and gated[3] == off[3]
+    assert (gated[4] is None and off[4] is None) or torch.equal(gated[4], off[4])
