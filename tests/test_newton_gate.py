@@ -239,3 +239,25 @@ def test_a_gate_that_estimates_and_does_not_fire_leaves_the_sequence_as_the_gate
     assert "newton_gate" not in off[1]
     assert torch.equal(gated[0], off[0]) and torch.equal(gated[2], off[2]) and gated[3] == off[3]
     assert (gated[4] is None and off[4] is None) or torch.equal(gated[4], off[4])
+
+
+def test_after_a_retry_without_the_carry_the_gate_reads_the_retrys_own_trials(monkeypatch) -> None:
+    """A carried deficit the bank contradicts (``test_slope_check``'s conjugate regression, the carry 1.1 times the
+    request's ``G`` against it): the search with the carry is refused and the retry without it takes the request's
+    own step. The gate judges the step taken: its verdict quotes the retry's undamped trial (``G·x`` the request's
+    own), not the refused search's, whose trials come first in the history (it quoted -0.2453 measured against
+    -0.2377 predicted, the carried step's, where the step taken measured -23.08 against -22.43)."""
+    from test_slope_check import BayesianLinearRegression, _pulled
+
+    x, y, removed, bank, m_all, m_kept, _, H_r = _pulled()
+    un = MCMCUnlearner(BayesianLinearRegression(3), bank=bank.clone())
+    un._carry = (-1.1 * H_r @ (m_kept - m_all)).float()
+    report = un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
+    assert report.info["carry_dropped"]["accepted"]
+    trials = report.info["trials"]
+    retry = trials[-1]  # the retry: one undamped trial, accepted
+    assert trials[0]["damping"] == retry["damping"] == 0 and trials[0]["gx"] < 0.1 * retry["gx"]
+    assert report.info["newton_gate"] == (
+        f"not fired: the least-damped trial (damping 0) measured {retry['actual']:.4g} ± {retry['stderr']:.2g} "
+        f"against {retry['predicted']:.4g} predicted"
+    )

@@ -6026,8 +6026,11 @@ class MCMCUnlearner:
             if contradicted is not None:  # taken where the slope test abstains: the carry is what the bank refutes
                 outcome = replace(outcome, safe=False, note=contradicted, slope_refused=outcome.x)
                 info["carry_contradicted"] = contradicted
+        searched = 0  # the trials before the search whose step is taken (newton_gate reads that search's)
         if carried is not None and outcome.slope_refused is not None and control_start is not None:
+            refused_trials = len(outcome.history)
             outcome, G = self._without_carry(outcome, G, G_own, carried, check, all_shapes, dev, control_start, info)
+            searched = refused_trials if G is G_own else 0  # the retry's step taken: its trials follow the refused
         if outcome.safe and not (self._newton_limit > 1 and self.newton_target == "relative"):
             self.control.record(outcome)  # the NLL rises summed across requests (a relative Newton run: its last)
         # as the net judged it: less the prior's credit, pooled with a second measurement where there was one
@@ -6049,7 +6052,7 @@ class MCMCUnlearner:
         gated = (
             outcome.safe
             and self._newton_limit == 1
-            and self._undamped_overshoots(outcome, info)
+            and self._undamped_overshoots(outcome.history[searched:], info)
             and self._gap_gate(check, G, info, stream, n, k_thetas)
         )
         if outcome.safe and (self._newton_limit > 1 or gated):
@@ -7764,17 +7767,19 @@ class MCMCUnlearner:
             return None
         return pts[_evenly(pts.shape[0], fit)] if fit < pts.shape[0] else pts
 
-    def _undamped_overshoots(self, outcome: StepOutcome, info: dict[str, Any]) -> bool:
+    def _undamped_overshoots(self, trials: list[dict[str, Any]], info: dict[str, Any]) -> bool:
         """``newton_gate``'s first signal, free: did the damping search's least-damped measured trial (the undamped
         step in a fresh search) *raise* the remaining-data energy by more than its quadratic model predicted it to
         fall, and by more than ``newton_gate`` standard errors? Then the energy is quadratic only within a small
         part of the undamped step, which one linearised step cannot cross (stop 64: the regression's +4.3·10⁵ ±
         6.1·10⁴ against −7,159 predicted), while an affine model's exact step (the conjugate regression) measures
         what it predicts. Only where it fires is :meth:`_gap_gate`'s estimate made; ``info["newton_gate"]`` says
-        why not where it does not."""
+        why not where it does not. ``trials``: the damping trials of the search whose step is taken (after a retry
+        without the carried deficit, :meth:`_without_carry`, the retry's: the refused search's undamped step, on the
+        carried ``G``, is not the one taken)."""
         if not self.newton_gate or self.newton_target != "equilibrium" or self.custom_energy:
             return False
-        measured = [h for h in outcome.history if math.isfinite(h.get("actual", math.nan))]
+        measured = [h for h in trials if math.isfinite(h.get("actual", math.nan))]
         if not measured:
             return False
         low = min(measured, key=lambda h: h["damping"])
