@@ -2279,10 +2279,13 @@ class MCMCUnlearner:
             without a warning where the rows cannot be listed (rows as tensors, a ``RemovableDataset`` and a
             ``DataLoader`` over a ``TensorDataset`` list them; an iterator of minibatches cannot).
         newton_gate: With ``newton_steps=1`` (and ``newton_target="equilibrium"``): take ``"auto"``'s further steps
-            where a sampled estimate of the bank's gap to equilibrium lies this many standard errors below
-            ``NEWTON_AUTO_BANK_GAP·‖G‖`` (:meth:`_gap_gate`; a tenth of the remaining rows, its cost a few percent
-            of a request; ``report.info["newton_gate"]``). Where the rows cannot be listed, or the estimate is not
-            clearly small (a class removal's), only the influence step is taken, as before. ``0`` or ``None``: never.
+            where the damping search's least-damped trial raised the remaining-data energy beyond its predicted fall
+            by this many standard errors (:meth:`_undamped_overshoots`, free) and then a sampled estimate of the
+            bank's gap to equilibrium lies this many standard errors below ``NEWTON_AUTO_BANK_GAP·‖G‖``
+            (:meth:`_gap_gate`; a tenth of the remaining rows, its cost 3-13% of a first request where it runs, stop
+            65; ``report.info["newton_gate"]``, ``["newton_gate_cpu_seconds"]``). Where the rows cannot be listed,
+            the undamped step did not overshoot, or the estimate is not clearly small (a class removal's), only the
+            influence step is taken, as before. ``0`` or ``None``: never; off on ``DistributedUnlearner``.
         newton_target: What further Newton steps zero: ``"equilibrium"`` — the bank-averaged gradient of the
             remaining-data energy, ``E[∇F(θ', S∖S')] = 0``, the first-moment identity of the new posterior, on every
             remaining row when the data can list them (also corrects the bank's own Monte-Carlo location error,
