@@ -261,3 +261,19 @@ def test_after_a_retry_without_the_carry_the_gate_reads_the_retrys_own_trials(mo
         f"not fired: the least-damped trial (damping 0) measured {retry['actual']:.4g} ± {retry['stderr']:.2g} "
         f"against {retry['predicted']:.4g} predicted"
     )
+
+
+def test_no_estimate_where_it_would_not_fit_the_memory_budget(far) -> None:
+    """The estimate's memory (a pass of rows' activations twice and the draws' gradients) is checked against
+    ``memory_budget`` before any row is listed: under a budget it would not fit, the far removal's overshooting step
+    is the influence step alone (the gate off's bank, to the bit) and the report says why (stop 65's CI: a K-FAC
+    request under a 16 MB budget peaked at 19.7 MB with the gate's estimate)."""
+    _, _, _, old, _ = far
+    budget = U._gap_gate_bytes(old[None]) - 1  # one draw: the estimate needs one byte more than the budget
+    gated, info = _forget_far(far, old[None], 1, memory_budget=budget)
+    off, _ = _forget_far(far, old[None], 1, memory_budget=budget, newton_gate=0)
+    assert info["newton_gate"].startswith("not fired: the undamped step overshot, but the estimate's"), info
+    assert "over the memory budget" in info["newton_gate"] and "newton_gate_cpu_seconds" not in info
+    assert torch.equal(gated, off)
+    _, info_fits = _forget_far(far, old[None], 1, memory_budget=budget + 1)
+    assert info_fits["newton_gate"].startswith("fired"), info_fits

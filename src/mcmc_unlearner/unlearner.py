@@ -1310,6 +1310,14 @@ def _carried_spread(anchor: _Anchor, shift: float) -> float | None:
     return float(anchor.spread) * max(1.0, shift / float(anchor.spread_shift))
 
 
+def _gap_gate_bytes(pts: torch.Tensor) -> int:
+    """Memory the Newton gate's estimate may hold at once, checked against ``memory_budget`` before it is made: a
+    pass of :meth:`MCMCUnlearner._moment` (``MOMENT_CHUNK_BYTES`` of rows' saved activations) twice over, and four
+    copies of the draws' gradients (``[draws, parameters]``: the draws, their gradients, the sums and the groups').
+    Stop 65's CI: without it a K-FAC request under a 16 MB (8 MB) budget peaked at 19.7 MB (10.2 MB)."""
+    return 2 * MOMENT_CHUNK_BYTES + 4 * pts.numel() * pts.element_size()
+
+
 def _gap_estimate(us: torch.Tensor, per: int, rows: int) -> tuple[float, float]:
     """``‖e₀‖²`` from ``B`` disjoint groups' estimates ``us`` (``B × d``) of ``e₀``, each on ``per`` of ``rows``
     rows: ``Σ_{b≠c} u_b·u_c / (B(B−1))`` plus the finite-population term (``per/rows`` times the groups' spread;
@@ -7814,12 +7822,20 @@ class MCMCUnlearner:
         first, free signal (:meth:`_undamped_overshoots`, which also checks that the gate is on and the target the
         equilibrium) did not fire, this is not called. ``info["newton_gate"]`` records the estimate over ``‖G‖²`` and
         the verdict, ``info["newton_gate_cpu_seconds"]`` its CPU seconds (this process's)."""
+        pts = self._gap_points(k_thetas, n)
+        need = 0 if pts is None else _gap_gate_bytes(pts)
+        if need > self.memory_budget:
+            info["newton_gate"] = (
+                f"not fired: the undamped step overshot, but the estimate's {need / 1e6:.3g} MB (a pass of rows and "
+                f"the draws' gradients) is over the memory budget's {self.memory_budget / 1e6:.3g} MB"
+            )
+            return False
         full = _listed_remaining(stream)
         if full is None and check.m >= n:
             full = check.rows
         rows = 0 if full is None else int(full[0].shape[0])
         per = math.ceil(rows * NEWTON_GATE_SHARE / NEWTON_GATE_GROUPS)
-        c0, pts = time.process_time(), self._gap_points(k_thetas, n)
+        c0 = time.process_time()
         if full is None or per < 1 or per * NEWTON_GATE_GROUPS > rows or pts is None:
             # (no draws fit: the estimate divided by zero; one: it was made and fired, and "auto" skipped its steps)
             info["newton_gate"] = (
