@@ -1555,6 +1555,11 @@ def _draws(bank: torch.Tensor, k: int | None) -> torch.Tensor:
     return bank if k is None or k >= bank.shape[0] else bank[_evenly(bank.shape[0], k)]
 
 
+def default_curvature_draws(solver: SolverName) -> int:
+    """``curvature_draws`` where none is given: 8 for ``kfac``, 16 for the other solvers."""
+    return 8 if solver is SolverName.KFAC else 16
+
+
 def _draw_count(bank: torch.Tensor, k: int | None) -> int:
     """``_draws(bank, k).shape[0]`` without the copy."""
     return int(bank.shape[0]) if k is None else min(int(k), int(bank.shape[0]))
@@ -2588,8 +2593,7 @@ class MCMCUnlearner:
         self.samp_T = check_option("samp_T", samp_T)
         self.grad_draws = check_option("grad_draws", grad_draws)
         self.turn_draws: bool | str = check_option("turn_draws", turn_draws)
-        default_draws = 8 if self.solver is SolverName.KFAC else 16
-        self.curvature_draws = check_option("curvature_draws", curvature_draws) or default_draws
+        self.curvature_draws = check_option("curvature_draws", curvature_draws) or default_curvature_draws(self.solver)
         if self.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be >= 1, got {shown_value(curvature_draws)}")
         # asked for by name: a bank smaller than that is said once (the default is capped without a word)
@@ -3053,7 +3057,7 @@ class MCMCUnlearner:
         self.solver = solver
         self.solver_reason += why
         if probe["curvature_draws"]:
-            self.curvature_draws = 8 if kfac else 16
+            self.curvature_draws = default_curvature_draws(solver)
         if probe["refresh_every"]:
             self.refresh_every = 20 if kfac else 10
         if not kfac:
@@ -4695,7 +4699,7 @@ class MCMCUnlearner:
         if self.bank is None:
             return 1
         given = self.curvature_draws if self._curvature_draws_given else None
-        return _draw_count(self.bank, given or (8 if solver is SolverName.KFAC else 16))
+        return _draw_count(self.bank, given or default_curvature_draws(solver))
 
     def _minibatch_rows(self, stream: _Stream, solver: SolverName | None = None) -> tuple[int | None, str]:
         """The most rows of one draw's curvature minibatch (:meth:`_Stream.stacked`) with ``solver`` (default: this

@@ -34,7 +34,7 @@ from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..options import check_option
 from ..samplers import SGHMC, SGLD
-from ..unlearner import MCMCUnlearner, _default_nll
+from ..unlearner import MCMCUnlearner, _default_nll, default_curvature_draws
 from . import fsio, specs
 from .fsio import StoreError
 
@@ -136,7 +136,7 @@ def saved_config(un: MCMCUnlearner) -> dict[str, Any]:
     ``memory_budget`` as given (not saved before: every load took the default budget of the machine loading it)."""
     cfg = unlearner_config(un)
     # not given and still the solver's default (a number set on the built unlearner since is kept, as before)
-    if not un._curvature_draws_given and un.curvature_draws == (8 if un.solver.value == "kfac" else 16):
+    if not un._curvature_draws_given and un.curvature_draws == default_curvature_draws(un.solver):
         cfg["curvature_draws"] = None
     # as given (None, "25%": the machine's share where the folder is loaded) unless set on the built unlearner since
     budget = un._memory_budget_option if un.memory_budget == un._memory_budget_built else int(un.memory_budget)
