@@ -629,6 +629,12 @@ def check_finite_source(source: Any) -> None:
         )
 
 
+class IteratorRanOut(ValueError):
+    """A plain remaining-data iterator (one that cannot be restarted) gave no further minibatch: a reader that can do
+    without its rows (the Newton gate's sample, :meth:`~mcmc_unlearner.unlearner.MCMCUnlearner._gap_gate`) catches
+    it; elsewhere it refuses the request as the ``ValueError`` it is."""
+
+
 class _Stream:
     """Endless minibatches of the remaining data from a :class:`~mcmc_unlearner.data.RemovableDataset`, any
     iterator, a re-iterable such as a ``DataLoader`` (restarted when it runs out, a ``DistributedSampler``'s epoch
@@ -862,7 +868,7 @@ class _Stream:
             batch = _as_batch(next(self._it), "a remaining-data minibatch")
         except StopIteration:
             if self._again is None:
-                raise ValueError(
+                raise IteratorRanOut(
                     "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
                 ) from None
             self._it = new_pass(self._again)

@@ -116,6 +116,7 @@ from .step import (
 )
 from .stream import (
     MIN_CURVATURE_ROWS,
+    IteratorRanOut,
     _as_batch,
     _JoinedList,
     _loader_labels,
@@ -1092,6 +1093,11 @@ NEWTON_GATE_FIRST = 0.25
 NEWTON_GATE_FIRST_DRAWS = 8
 #: ``newton_gate``'s default
 NEWTON_GATE_Z = 3.0
+#: Remaining rows that cannot be listed (a plain iterator of minibatches): the gate's estimate reads this many times
+#: ``n`` rows from the stream, taken as a with-replacement sample of the remaining rows
+#: (:meth:`MCMCUnlearner._gap_sample`), each at the draws' mean (one draw; the groups' term there), ``n`` of them at the
+#: draws (the further steps' rows)
+NEWTON_GATE_STREAM_PASSES = 8
 #: :meth:`MCMCUnlearner.fit` records its data's mean NLL at this many evenly spaced stored samples, on at most
 #: ``FIT_DATA_ROWS`` rows; the request after it rebuilds the curvature when its remaining rows' clearly differs (by
 #: more than ``FIT_DATA_REL`` of the larger and ``FIT_DATA_Z`` standard errors): fit was given other data.
@@ -6064,14 +6070,18 @@ class MCMCUnlearner:
             if unresolved is not None:
                 info["unresolved"] = unresolved
         x, lam, carry = outcome.x, outcome.damping, None
+        # the rows the gate sampled from a stream that cannot list them, where it fired, and their control variate
+        sample: list[tuple[Batch, torch.Tensor]] = []
         gated = (
             outcome.safe
             and self._newton_limit == 1
             and self._undamped_overshoots(outcome.history[searched:], info)
-            and self._gap_gate(check, G, info, stream, n, k_thetas)
+            and self._gap_gate(check, G, info, stream, n, k_thetas, sample)
         )
         if outcome.safe and (self._newton_limit > 1 or gated):
-            x, carry = self._newton_iterations(check, G, outcome, info, stream, e_f, n, k_thetas, gated)
+            x, carry = self._newton_iterations(
+                check, G, outcome, info, stream, e_f, n, k_thetas, gated, sample[0] if sample else None
+            )
         elif self.carry_deficit:
             carry = measured_deficit(G, outcome)
         x_dev = outcome.length * error_factor * self._error_bar(dev, lam)  # the Monte-Carlo error of the step taken
@@ -7588,6 +7598,7 @@ class MCMCUnlearner:
         n: int,
         k_thetas: torch.Tensor,
         gated: bool = False,
+        sampled: tuple[Batch, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Damped Newton steps after the influence step, each checked like the first (same rule, same safety net).
 
@@ -7623,7 +7634,9 @@ class MCMCUnlearner:
         row-draw gradients (rows times draws; the damping trials' checks, on the check's rows, are not counted):
         counted, not timed, so a loaded machine gives the same bank. ``info["newton_row_gradients"]`` is what the
         passes took. Where the rows cannot be listed the steps are skipped without a warning. ``gated``
-        (:meth:`_gap_gate` fired for ``newton_steps=1``): as ``"auto"``.
+        (:meth:`_gap_gate` fired for ``newton_steps=1``): as ``"auto"``; ``sampled``: ``n`` rows the gate sampled from
+        a stream that cannot list them, read (scaled to ``n``) in place of every remaining row, and the offset added to
+        their gradient: the larger sample's term at the draws' mean less theirs (:meth:`_gap_gate`).
 
         Returns:
             The total shift, and the influence to carry to the next request (``relative`` only).
@@ -7637,10 +7650,10 @@ class MCMCUnlearner:
         equilibrium = self.newton_target == "equilibrium"
         last = first  # a relative run's last accepted step (its NLL rise is the request's whole)
         if equilibrium:
-            pts = self._gap_points(k_thetas, n)
-            full = _listed_remaining(stream)  # a DataLoader over a TensorDataset too (its rows, without a pass)
+            full = _listed_remaining(stream) if sampled is None else sampled[0]  # a DataLoader's rows without a pass
             on_check = full is None and check.m >= n  # the check holds every remaining row
             full = check.rows if on_check else full
+            pts = self._gap_points(k_thetas, n)
             if full is None or pts is None:
                 # the target on a subset of rows (the check's, until stop 33) is that subset's sampling noise scaled
                 # to n, and the check on the same rows cannot see it: a conjugate regression through a DataLoader
@@ -7664,11 +7677,16 @@ class MCMCUnlearner:
                 )
                 return x, (carry if self.carry_deficit else None)  # as newton_steps=1 would
             data = full
-            info["newton_data"] = f"all {n} remaining rows at {pts.shape[0]} draws"
+            info["newton_data"] = (
+                f"all {n} remaining rows at {pts.shape[0]} draws"
+                if sampled is None
+                else f"{int(full[0].shape[0])} rows sampled from the stream (scaled to {n}) at {pts.shape[0]} draws"
+            )
             energy = self._energy_f(n) if on_check else e_f  # both scale their batch to n
+            offset = 0.0 if sampled is None else sampled[1]  # a sample's control variate (_gap_gate)
             if auto:
                 per_pass = int(data[0].shape[0]) * int(pts.shape[0])  # row-draw gradients of one pass
-                gap = float((self._equilibrium_gradient(energy, pts, data, n) + G).norm()) / float(G.norm())
+                gap = float((self._equilibrium_gradient(energy, pts, data, n) + offset + G).norm()) / float(G.norm())
                 spent = per_pass
                 info.update(newton_bank_gap=gap, newton_row_gradients=spent)
                 log.info(
@@ -7697,7 +7715,7 @@ class MCMCUnlearner:
                 )
                 break
             if equilibrium:
-                r = self._equilibrium_gradient(energy, pts + x, data, n)
+                r = self._equilibrium_gradient(energy, pts + x, data, n) + offset
                 if auto:
                     spent += per_pass
                     info["newton_row_gradients"] = spent
@@ -7808,8 +7826,54 @@ class MCMCUnlearner:
             )
         return fires
 
+    def _gap_sample(
+        self, check: EnergyCheck, stream: _Stream, n: int, k_thetas: torch.Tensor, info: dict[str, Any]
+    ) -> Batch | None:
+        """``NEWTON_GATE_STREAM_PASSES·n`` rows read from a stream whose rows cannot be listed (whole minibatches,
+        as the safety check's further rows are read: :meth:`_check_rows`; cut to that count), for :meth:`_gap_gate`;
+        ``None``, with ``info["newton_gate"]`` saying why, where two draws' gradients on ``n`` rows, or one draw's on
+        the sample, exceed ``NEWTON_ROW_DRAWS`` row-gradients, where they and the estimate would not fit the memory
+        budget (counted before any is read, at the check's rows' bytes per row), or where a one-pass iterator ran out
+        (the minibatches it gave are spent, nothing else changed: the request goes on as with the gate off)."""
+        m = NEWTON_GATE_STREAM_PASSES * n
+        pts = self._gap_points(k_thetas, n)
+        why = None
+        if pts is None or m > NEWTON_ROW_DRAWS:
+            why = (
+                f"the gradient on {n} rows at two draws exceeds {NEWTON_ROW_DRAWS} row-gradients"
+                if pts is None
+                else f"the {m} rows it samples from the stream exceed {NEWTON_ROW_DRAWS} row-gradients at one draw"
+            )
+        else:
+            per_row = sum(t[:1].numel() * t.element_size() for t in check.rows)
+            need = _gap_gate_bytes(pts) + m * per_row
+            if need > self.memory_budget:
+                why = (
+                    f"the estimate's {need / 1e6:.3g} MB ({m} rows sampled from the stream, a pass of them and the "
+                    f"draws' gradients) is over the memory budget's {self.memory_budget / 1e6:.3g} MB"
+                )
+        if why is None:
+            try:
+                rows = self._check_rows(stream, m, 0)[0]
+            except IteratorRanOut:
+                why = (
+                    f"the remaining-data iterator ran out before the {m} rows the estimate samples "
+                    f"({NEWTON_GATE_STREAM_PASSES}·n) were read (pass an endless iterator, a DataLoader or the rows)"
+                )
+        if why is not None:
+            info["newton_gate"] = f"not fired: the undamped step overshot, but {why}"
+            return None
+        return tuple(t[:m] for t in rows)
+
     def _gap_gate(
-        self, check: EnergyCheck, G: torch.Tensor, info: dict[str, Any], stream: _Stream, n: int, k_thetas: torch.Tensor
+        self,
+        check: EnergyCheck,
+        G: torch.Tensor,
+        info: dict[str, Any],
+        stream: _Stream,
+        n: int,
+        k_thetas: torch.Tensor,
+        sample: list[Batch],
     ) -> bool:
         """``newton_gate``: is the bank's own gap to equilibrium, ``e₀ = E_s[∇F(θ_s, S∖S')] + G``, clearly small
         (``‖e₀‖ ≤ NEWTON_AUTO_BANK_GAP·‖G‖`` by ``newton_gate`` standard errors), so that ``"auto"``'s further
@@ -7825,7 +7889,16 @@ class MCMCUnlearner:
         fired nor showed that they could not (a class removal's error, hundreds of times the threshold). Where the
         first, free signal (:meth:`_undamped_overshoots`, which also checks that the gate is on and the target the
         equilibrium) did not fire, this is not called. ``info["newton_gate"]`` records the estimate over ``‖G‖²`` and
-        the verdict, ``info["newton_gate_cpu_seconds"]`` its CPU seconds (this process's)."""
+        the verdict, ``info["newton_gate_cpu_seconds"]`` its CPU seconds (this process's).
+
+        Rows that cannot be listed (a plain iterator of minibatches; not under ``torch.distributed``):
+        :meth:`_gap_sample` reads ``NEWTON_GATE_STREAM_PASSES·n`` rows from the stream, *assumed a with-replacement
+        sample of the remaining rows* (an endless iterator reshuffling each pass is close to one). The groups are then
+        independent: each group's own rows at ``θ̄`` stand for every row's (scaled to ``n``), so the standard error
+        holds their sampling error too, and no finite-population term is added. Where it fires the further steps read
+        ``n`` of the sampled rows in place of every row, their term at ``θ̄`` replaced by the whole sample's (appended
+        to ``sample`` with that offset), so their target carries the sample's error at ``θ̄``: the gate fires only
+        where its expected ``‖·‖²`` (the groups' spread at ``θ̄`` over ``B``) is within the threshold too."""
         pts = self._gap_points(k_thetas, n)
         need = 0 if pts is None else _gap_gate_bytes(pts)
         if need > self.memory_budget:
@@ -7837,9 +7910,14 @@ class MCMCUnlearner:
         full = _listed_remaining(stream)
         if full is None and check.m >= n:
             full = check.rows
-        rows = 0 if full is None else int(full[0].shape[0])
-        per = math.ceil(rows * NEWTON_GATE_SHARE / NEWTON_GATE_GROUPS)
         c0 = time.process_time()
+        sampled = full is None and self._reduce is None
+        if sampled:  # a plain iterator's minibatches, read as a with-replacement sample of the remaining rows
+            full = self._gap_sample(check, stream, n, k_thetas, info)
+            if full is None:
+                return False
+        rows = 0 if full is None else int(full[0].shape[0])
+        per = math.ceil((n if sampled else rows) * NEWTON_GATE_SHARE / NEWTON_GATE_GROUPS)
         if full is None or per < 1 or per * NEWTON_GATE_GROUPS > rows or pts is None:
             # (no draws fit: the estimate divided by zero; one: it was made and fired, and "auto" skipped its steps)
             info["newton_gate"] = (
@@ -7848,25 +7926,38 @@ class MCMCUnlearner:
                 if full is None
                 else f"not fired: the undamped step overshot, but {rows} remaining rows are too few for the estimate"
                 if per < 1 or per * NEWTON_GATE_GROUPS > rows
-                else f"not fired: the undamped step overshot, but the gradient on all {n} remaining rows at two draws "
-                f"exceeds {NEWTON_ROW_DRAWS} row-gradients (the further steps could not be taken)"
+                else f"not fired: the undamped step overshot, but the gradient on all {rows} remaining rows at two "
+                f"draws exceeds {NEWTON_ROW_DRAWS} row-gradients (the further steps could not be taken)"
             )
             return False
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
         h_f, mean = self._h_f(), pts.mean(0, keepdim=True)
-        # every row at the draws' mean
-        at_mean = self._moment(h_f, mean, full, scale=n / rows, prior=False)
+        whole = rows // NEWTON_GATE_GROUPS  # a sample's group at θ̄: its share of the sample
+        if sampled:  # each group's own rows at θ̄, scaled to n: the groups independent estimates of the whole term
+            at_means = [
+                self._moment(h_f, mean, tuple(t[order[b * whole : (b + 1) * whole]] for t in full), n / whole, False)
+                for b in range(NEWTON_GATE_GROUPS)
+            ]
+        else:  # every row at the draws' mean
+            at_means = [self._moment(h_f, mean, full, scale=n / rows, prior=False)] * NEWTON_GATE_GROUPS
+        at_mean = sum(at_means) / NEWTON_GATE_GROUPS
+        # the further steps' target on the sample: its expected squared sampling error, that of the groups' mean
+        B = NEWTON_GATE_GROUPS
+        noise = sum(float(((a - at_mean).double() ** 2).sum()) for a in at_means) / ((B - 1) * B) if sampled else 0.0
 
         def estimate(draws: torch.Tensor, size: int) -> tuple[float, float]:
             """The estimate on the first ``size`` rows of each group at ``draws``: each group's draw-averaged
-            gradients less those at ``θ̄``, scaled to ``n``, plus every row's at ``θ̄`` and the draws' prior term."""
-            s, base = n / size, at_mean - self._prior_moment(draws, full) + G
+            gradients less those at ``θ̄``, scaled to ``n``, plus every row's at ``θ̄`` (a sample's: the group's
+            own) and the draws' prior term."""
+            s, prior = n / size, self._prior_moment(draws, full)
             u = []
             for b in range(NEWTON_GATE_GROUPS):
-                part = tuple(t[order[b * per : b * per + size]] for t in full)
+                start = b * (whole if sampled else per)
+                part = tuple(t[order[start : start + size]] for t in full)
                 d = self._moment(h_f, draws, part, scale=s, prior=False) - self._moment(h_f, mean, part, s, prior=False)
-                u.append((d + base).double())
-            return _gap_estimate(torch.stack(u), size, rows)
+                u.append((d + at_means[b] - prior + G).double())
+            # a sample's groups are independent (drawn with replacement): no finite-population term
+            return _gap_estimate(torch.stack(u), size, math.inf if sampled else rows)
 
         g2, limit, z = float(G.double().norm()) ** 2, NEWTON_AUTO_BANK_GAP**2, self.newton_gate
         # a first look on a share of each group's rows at a few of the draws: a draw's gradient costs more than its
@@ -7875,18 +7966,24 @@ class MCMCUnlearner:
         first = max(1, math.ceil(per * NEWTON_GATE_FIRST))
         few = pts[_evenly(pts.shape[0], min(pts.shape[0], NEWTON_GATE_FIRST_DRAWS))]
         (est, se), used = estimate(few, first), first
-        fires = est + z * se <= limit * g2
+        quiet = noise <= limit * g2  # a sample's: the further steps' target no noisier than the gap allowed
+        fires = est + z * se <= limit * g2 and quiet
         # it decides where it fires, and where even the whole groups at every draw could not: their error is at
         # least this one's times √(first/per · few/draws) (a class removal's, hundreds of times the threshold, stop
         # 65); else the whole groups at every draw
-        hopeless = se * math.sqrt(first / per * few.shape[0] / pts.shape[0]) * z > limit * g2
+        hopeless = se * math.sqrt(first / per * few.shape[0] / pts.shape[0]) * z > limit * g2 or not quiet
         if not fires and not hopeless and (first < per or few.shape[0] < pts.shape[0]):
             (est, se), used = estimate(pts, per), per
             fires = est + z * se <= limit * g2
+        of = f"{rows} sampled from the stream for {n}" if sampled else f"{rows}"
         info["newton_gate"] = (
             f"{'fired' if fires else 'not fired'}: the bank's gap estimated at ‖e₀‖² = {est / g2:.3g} ± {se / g2:.3g}"
-            f" ·‖G‖² on {used * NEWTON_GATE_GROUPS} of {rows} rows (threshold {limit:.3g})"
+            f" ·‖G‖² on {used * NEWTON_GATE_GROUPS} of {of} rows (threshold {limit:.3g})"
+            + (f"; the sample's own error ‖·‖² = {noise / g2:.3g} ·‖G‖²" if sampled else "")
         )
+        if fires and sampled:  # the further steps' rows (_newton_iterations): n of the sample, their term at θ̄ replaced
+            steps = tuple(t[order[:n]] for t in full)
+            sample.append((steps, at_mean - self._moment(h_f, mean, steps, scale=1.0, prior=False)))
         info["newton_gate_cpu_seconds"] = time.process_time() - c0
         log.info("newton gate: %s (%.2f s CPU)", info["newton_gate"], info["newton_gate_cpu_seconds"])
         return bool(fires)
