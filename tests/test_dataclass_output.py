@@ -73,7 +73,7 @@ def test_a_request_emptying_a_label_the_check_cannot_read_warns() -> None:
     """A loss not recognised as a cross-entropy (class weights with label smoothing) on a request that removes label
     3's last rows: the check does not run, and a warning says so (it was an ``info`` line alone). Where no label is
     emptied there is no warning. Remaining rows whose labels cannot be listed (an iterator) warn once per
-    unlearner."""
+    unlearner, and at every request whose removed label none of the remaining rows it read holds."""
     model, nll, log_prior, bank, x, y = _softmax_regression()
     weights = torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
 
@@ -93,10 +93,14 @@ def test_a_request_emptying_a_label_the_check_cannot_read_warns() -> None:
         while True:
             yield x[~gone][:50], y[~gone][:50]
 
+    # the generic warning once per unlearner; a request whose removed label none of the rows read holds (label 3:
+    # the stream gives other labels only) warns at every such request, naming it (it warned once: stop 66)
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
-    for expected in (1, 0):
+    for removed in (gone, gone, torch.arange(200) < 3, torch.arange(200) < 3):  # then labels 0, 1, 2: all read
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            prop = un.propose((x[gone], y[gone]), stream(), n_remaining=int((~gone).sum()))
-        said = [w for w in caught if "the emptied-label check did not run" in str(w.message)]
-        assert len(said) == expected and str(prop.report.info["emptied_labels"]).startswith("not checked")
+            prop = un.propose((x[removed], y[removed]), stream(), n_remaining=int((~gone).sum()))
+        said = [str(w.message) for w in caught if "the emptied-label check did not run" in str(w.message)]
+        named = removed is gone
+        assert len(said) == int(named) and str(prop.report.info["emptied_labels"]).startswith("not checked")
+        assert all("hold label 3, which none of the" in w for w in said)

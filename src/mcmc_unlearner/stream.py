@@ -780,6 +780,29 @@ class _Stream:
         self._copying = False  # read_ahead: every minibatch next() gives is a copy
         self._given: list[Batch] | None = None  # after read_ahead: the held minibatches given since (unread())
         self._once: dict[str, Any] = {}  # what once() read from the source, by name
+        #: rows this request read from the source (or was given back: put_back), and the values of their second field
+        #: while every minibatch's is a ``[B]`` integer tensor (``None`` from the first that is not): the labels where
+        #: ``nll`` reads them there, what a request can say about labels it cannot list (:meth:`seen_labels`)
+        self.rows_read = 0
+        self._second: set[int] | None = set()
+
+    def _tally(self, batch: Batch) -> Batch:
+        """Count ``batch``, read from the source for this request, in :attr:`rows_read` and its second field's
+        values; returns it."""
+        self.rows_read += int(batch[0].shape[0])
+        if self._second is not None:
+            y = batch[1] if len(batch) > 1 else None
+            whole = isinstance(y, torch.Tensor) and y.ndim == 1 and not (y.is_floating_point() or y.is_complex())
+            if whole and y.dtype != torch.bool:
+                self._second.update(torch.unique(y).tolist())
+            else:
+                self._second = None
+        return batch
+
+    def seen_labels(self) -> tuple[int, set[int] | None]:
+        """The rows this request read from the source and the values of their second field (``None`` where a
+        minibatch's was not a ``[B]`` integer tensor): read from the minibatches the request used, no further pass."""
+        return self.rows_read, None if self._second is None else set(self._second)
 
     def once(self, name: str, read: Callable[[], Any]) -> Any:
         """``read()``, called on the first use of ``name`` for this stream (one request's remaining data) and kept
@@ -822,6 +845,7 @@ class _Stream:
         batch = next(self)
         if state is not None:
             self.set_state(state)
+            self.rows_read -= int(batch[0].shape[0])  # read again from the source, and counted then
         else:
             self._held.append(batch)
         return batch
@@ -831,7 +855,7 @@ class _Stream:
         before the source's own next minibatch."""
         if self._held:
             raise RuntimeError("a minibatch is already held")
-        self._held.extend(batches)
+        self._held.extend(self._tally(b) for b in batches)
 
     def take_held(self) -> list[Batch]:
         """The minibatches read from the source and not yet given (:meth:`peek`, :meth:`read_ahead`), no longer
@@ -880,7 +904,7 @@ class _Stream:
                     "drop_last=True over fewer rows than its batch_size): pass a source that yields at least one"
                 ) from None
         check_finite_batch(batch, "the remaining data", "of a minibatch it gave (numbered within that minibatch)")
-        return batch
+        return self._tally(batch)
 
     @property
     def peek_keeps_state(self) -> bool:

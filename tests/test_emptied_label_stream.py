@@ -1,0 +1,140 @@
+"""A class removed through remaining data whose labels cannot be listed (an endless iterator of minibatches): the
+request cannot check or draw the emptied label's output row, and says so where the removed rows hold a label that
+none of the remaining rows it read holds (``info["emptied_labels_unseen"]``, a warning naming the label and the rows
+read), counted from the minibatches it used; where the label is among those rows, or the targets are no labels, it
+says nothing of the kind (issue 11: "a deletion can be recorded as applied when the removal did not work")."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from _banks import langevin_bank
+from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner.service.deletion import _entry
+from mcmc_unlearner.service.ledger import canonical_json
+from test_emptied_label import _softmax_regression
+
+# a class of four is a quarter of the rows: the large-removal warning is expected and not what is tested here
+pytestmark = pytest.mark.filterwarnings("ignore:this request removes")
+
+UNSEEN = "which none of the"
+
+
+class _Counted:
+    """An endless iterator over shuffled minibatches of ``(x, y)`` of 50 rows, counting the rows it gives."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        order = torch.Generator().manual_seed(0)
+        self.rows = 0
+        self._it = self._forever(DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True, generator=order))
+
+    @staticmethod
+    def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            yield from loader
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        batch = next(self._it)
+        self.rows += int(batch[0].shape[0])
+        return batch
+
+
+def _request(removed: tuple, kept: tuple, **kw) -> tuple[MCMCUnlearner, object, _Counted, list[str]]:
+    """The softmax regression's request through a counted iterator: the unlearner, its report, the iterator and
+    the messages of the warnings it gave (the large-removal warning left out)."""
+    model, nll, log_prior, bank, _, _ = _softmax_regression()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0, **kw)
+    stream = _Counted(*kept)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.remove(removed, stream, n_remaining=int(kept[0].shape[0]))
+    said = [str(w.message) for w in caught if not str(w.message).startswith("this request removes")]
+    return un, report, stream, said
+
+
+def test_a_label_none_of_the_rows_read_holds_is_named_and_recorded_and_the_step_applied() -> None:
+    """Label 3 removed whole, through an iterator: the warning names it and the rows read, which are every row the
+    iterator gave (each counted once, though a request reads some minibatches ahead of their use); the report
+    records it and passes (nothing was measured to fail: the step is applied as computed, the samples those of the
+    same request with the warning unsaid); a second such request warns again."""
+    _, _, _, _, x, y = _softmax_regression()
+    gone = y == 3
+    removed, kept = (x[gone], y[gone]), (x[~gone], y[~gone])
+    un, report, stream, said = _request(removed, kept)
+    info = report.info
+    assert info["emptied_labels_unseen"] == "3" and info["emptied_labels_rows_read"] == stream.rows > 0
+    ours = [s for s in said if UNSEEN in s]
+    assert len(ours) == 1 and said == ours  # the named warning, not the one saying only that the check did not run
+    assert f"label 3, which none of the {stream.rows:,} remaining rows" in ours[0]
+    assert f"{3 / stream.rows:.2%} (3/m)" in ours[0] and "a DataLoader over a TensorDataset" in ours[0]
+    assert report.passed and str(info["emptied_labels"]).startswith("not checked")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet = _request(removed, kept)[0]
+    assert torch.equal(un.bank, quiet.bank)  # the warning changes nothing applied
+    # the next request through such data, removing label 2 whole: warned again, for label 2
+    two = torch.nonzero(kept[1] == 2).flatten()
+    left = torch.ones(len(kept[1]), dtype=torch.bool)
+    left[two] = False
+    stream = _Counted(kept[0][left], kept[1][left])
+    with pytest.warns(UserWarning, match="hold label 2, which none of the") as caught:
+        again = un.remove((kept[0][two], kept[1][two]), stream, n_remaining=int(left.sum()))
+    assert again.info["emptied_labels_unseen"] == "2" and again.info["emptied_labels_rows_read"] == stream.rows
+    assert sum(UNSEEN in str(w.message) for w in caught) == 1
+
+
+def test_a_label_the_rows_read_hold_and_targets_that_are_no_labels_are_not_said_to_be_emptied() -> None:
+    """Ten rows of label 3 removed, its other 40 remaining (a removal of a few rows): label 3 is among the rows
+    read, and nothing is said of it beyond the once-per-unlearner note that the check could not run. A Gaussian
+    regression through an iterator (float targets, no labels): nothing of the kind either."""
+    _, _, _, _, x, y = _softmax_regression()
+    some = torch.nonzero(y == 3).flatten()[:10]
+    gone = torch.zeros(len(y), dtype=torch.bool)
+    gone[some] = True
+    _, report, stream, said = _request((x[gone], y[gone]), (x[~gone], y[~gone]))
+    assert "emptied_labels_unseen" not in report.info and report.info["emptied_labels_rows_read"] == stream.rows
+    assert not any(UNSEEN in s for s in said) and any("check did not run" in s for s in said)
+    g = torch.Generator().manual_seed(0)
+    xr = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    yr = xr @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(200, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+
+    def nll(m: nn.Module, b: tuple) -> torch.Tensor:
+        return 0.5 * ((m(b[0]).squeeze(-1) - b[1]) / 0.3) ** 2
+
+    def log_prior(m: nn.Module) -> torch.Tensor:
+        return -0.5 * sum((p**2).sum() for p in m.parameters())
+
+    bank = langevin_bank(model, nll, log_prior, (xr, yr), draws=12, steps=500, lr=2e-4)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.remove((xr[:5], yr[:5]), _Counted(xr[5:], yr[5:]), n_remaining=195)
+    assert not any(UNSEEN in str(w.message) for w in caught)
+    assert "emptied_labels_unseen" not in report.info and "emptied_labels_rows_read" not in report.info
+    assert not torch.equal(un.bank, bank)  # applied
+
+
+def test_the_ledger_entry_of_such_a_request_records_the_unseen_label() -> None:
+    """The deletion service's ledger entry (``info``, canonical JSON) keeps the unseen labels and the rows read,
+    as it keeps the emptied-label check's scalars."""
+    _, _, _, _, x, y = _softmax_regression()
+    gone = y == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        un, report, stream, _ = _request((x[gone], y[gone]), (x[~gone], y[~gone]))
+    ids = torch.nonzero(gone).flatten().tolist()
+    entry = _entry("class-3", ids, report, un, {}, {"passed": True})
+    kept = json.loads(canonical_json(entry))["info"]
+    assert kept["emptied_labels_unseen"] == "3" and kept["emptied_labels_rows_read"] == stream.rows
