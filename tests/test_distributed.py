@@ -379,10 +379,13 @@ def test_equilibrium_newton_target_is_refused_under_distributed_with_the_fix() -
     with pytest.raises(ValueError, match=r"does not support newton_steps='auto'.*pass newton_steps=1"):
         DistributedUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, newton_steps="auto")
     # newton_gate (on by default, stop 65) lists every remaining row for its estimate and "auto"'s steps: off here,
-    # and its configuration says so (a folder saved from it reloads with the gate off)
-    for kw in ({}, {"newton_gate": 3}):
+    # and its configuration says so (a folder saved from it reloads with the gate off); asked for by name, refused
+    # (tests/test_newton_gate.py: the report says why it is off)
+    for kw in ({}, {"newton_gate": 0}):
         un = DistributedUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, **kw)
         assert un.newton_gate == 0 and un.config()["newton_gate"] == 0
+    with pytest.raises(ValueError, match=r"does not support newton_gate=3 .*pass newton_gate=0"):
+        DistributedUnlearner(model, nll=lambda m, b: m(b[0]).squeeze(-1) ** 2, newton_gate=3)
 
 
 def test_the_dense_gauss_newton_backend_is_refused_under_distributed_and_auto_avoids_it() -> None:

@@ -326,3 +326,25 @@ def test_no_estimate_where_it_would_not_fit_the_memory_budget(far) -> None:
     assert torch.equal(gated, off)
     _, info_fits = _forget_far(far, old[None], 1, memory_budget=budget + 1)
     assert info_fits["newton_gate"].startswith("fired"), info_fits
+
+
+def test_distributed_unlearner_refuses_the_gate_by_name_and_says_why_it_is_off(far) -> None:
+    """``DistributedUnlearner`` cannot list every remaining row for the gate's estimate: ``newton_gate=3`` given by
+    name is refused naming the fix (it was set to 0 without a word); not given (or 0, None) it is off, and on the far
+    removal, where one process's default fires, the report says why and the bank is the gate-off one's."""
+    from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
+
+    x, y, removed, old, _ = far
+    for given in (3, 0.5, U.NEWTON_GATE_Z):
+        with pytest.raises(ValueError, match=rf"does not support newton_gate={given:g}.*pass newton_gate=0"):
+            DistributedUnlearner(_Huber(), bank=old[None].clone(), newton_gate=given)
+    for kw in ({}, {"newton_gate": 0}, {"newton_gate": None}):
+        un = DistributedUnlearner(_Huber(), bank=old[None].clone(), solver="exact", curvature_draws=1, **kw)
+        assert un.newton_gate == 0 and un.config()["newton_gate"] == 0
+    shard = ShardedDataset.from_removable(RemovableDataset(x, y, batch_size=x.shape[0], seed=0), 0, 1)
+    report = un.forget(removed, shard)
+    assert report.info["newton_gate"] == "off: not under DistributedUnlearner (a shard cannot list every remaining row)"
+    _, single = _forget_far(far, old[None], 1)
+    assert single["newton_gate"].startswith("fired"), single
+    off, _ = _forget_far(far, old[None], 1, newton_gate=0)
+    assert torch.allclose(un.bank[0], off, rtol=1e-10, atol=1e-12)

@@ -221,3 +221,18 @@ def test_the_emptied_draws_row_budget_is_a_request_override_checked_before_any_w
     entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
     assert entry["overrides"] == {"emptied_max_row_evals": 10**7} and entry["config"]["emptied_max_row_evals"] == 10**7
     assert load_model(folder).unlearner.emptied_max_row_evals == RESAMPLE_MAX_ROW_EVALS  # the folder's own kept
+
+
+def test_a_newton_gate_override_under_torchrun_is_refused_naming_the_fix(tmp_path, monkeypatch) -> None:
+    """Under torchrun the ranks run without the Newton gate (its estimate lists every remaining row): a request that
+    asks for it by name (``newton_gate=3``) is refused before any work, nothing written; it was dropped without a
+    word. (``newton_gate=0`` is what the ranks run: not refused.)"""
+    from mcmc_unlearner import distributed
+    from mcmc_unlearner.errors import InvalidRequestError
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="exact"))
+    files = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    with pytest.raises(InvalidRequestError, match=r"^newton_gate=3 runs in one process.*leave it out under torchrun"):
+        forget(folder, [1, 2], request_id="r1", overrides={"newton_gate": 3})
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == files  # nothing written

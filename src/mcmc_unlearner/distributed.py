@@ -51,6 +51,7 @@ from torch import nn
 from .curvature import ParamSpec, stack_batches
 from .data import RemovableDataset, as_id_tensor, cached_nonfinite
 from .errors import InvalidRequestError, QualityError, UnlearningError
+from .options import shown_value
 from .stream import (
     MIN_CURVATURE_ROWS,
     _as_batch,
@@ -593,8 +594,16 @@ class DistributedUnlearner(MCMCUnlearner):
                 "on every remaining row, which a shard cannot list); pass newton_steps=1, or an integer above 1 with "
                 "newton_target='relative'"
             )
-        # newton_gate's estimate and the steps it starts list every remaining row, which a shard cannot: off, the
-        # influence step alone as before (as "auto" skips its steps without a warning where the rows are not listed)
+        # newton_gate's estimate and the steps it starts list every remaining row, which a shard cannot: asked for by
+        # name, refused (it was set to 0 without a word); not given, off, the influence step alone as before, and
+        # each request's report.info["newton_gate"] says why (_undamped_overshoots)
+        if kwargs.get("newton_gate") is not None and self.newton_gate:
+            raise ValueError(
+                f"DistributedUnlearner does not support newton_gate={shown_value(kwargs['newton_gate'])} (its estimate "
+                "of the bank's gap to equilibrium and the further Newton steps it starts list every remaining row, "
+                "which a shard cannot); leave newton_gate out or pass newton_gate=0 (off, as it is by default here), "
+                "or run the request in one process"
+            )
         self.newton_gate = 0.0
         if self._newton_limit > 1 and self.newton_target == "equilibrium":
             raise ValueError(
@@ -617,6 +626,13 @@ class DistributedUnlearner(MCMCUnlearner):
         self._state_words = [0.0] * 4
         self._entered = False  # forget() agreed on its entry: the propose inside it does not again
         self._check_banks_agree()  # on every rank, with or without a bank: a collective every rank must join
+
+    def _undamped_overshoots(self, trials: list[dict[str, Any]], info: dict[str, Any]) -> bool:
+        """``newton_gate`` is off here (its estimate lists every remaining row): never fires, and where one process
+        would have looked (``newton_target="equilibrium"``), ``info["newton_gate"]`` says why."""
+        if self.newton_target == "equilibrium":
+            info["newton_gate"] = "off: not under DistributedUnlearner (a shard cannot list every remaining row)"
+        return False
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """:meth:`MCMCUnlearner.load_curvature_state`, remembering a digest of what was loaded: the next request
@@ -1289,7 +1305,10 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     _STAGE.value = "computing"
     agree(COMPUTE)
     shard = ShardedDataset.from_removable(data, ctx.rank, ctx.world)
-    dun = DistributedUnlearner(un.model, un.sampler, bank=un.bank, **saved_config(un))
+    # the folder's newton_gate (on by default) runs in one process: left out, the ranks run without it (refused by
+    # name; each report says why), and the folder keeps it for requests in one process
+    cfg = {k: v for k, v in saved_config(un).items() if k != "newton_gate"}
+    dun = DistributedUnlearner(un.model, un.sampler, bank=un.bank, **cfg)
     dun.generator.set_state(un.generator.get_state())
     dun.load_curvature_state(*un.curvature_state())
     report = dun.forget(ids, shard, strict=False)

@@ -36,6 +36,7 @@ from .. import distributed
 from ..curvature import ParamSpec
 from ..data import as_id_tensor
 from ..errors import InvalidRequestError, SolverDivergedError, all_finite
+from ..options import shown_value
 from ..solvers import SolverName
 from ..unlearner import RemovalReport, _evenly
 from . import checkpoint, fsio, gate, integrity, requests, state
@@ -344,6 +345,12 @@ def forget(
                 un = checkpoint.with_config(loaded, settings)
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from None
+            if distributed.launched() and settings.get("newton_gate"):  # the ranks run without it (apply_request)
+                raise InvalidRequestError(
+                    f"newton_gate={shown_value(settings['newton_gate'])} runs in one process (its estimate lists every "
+                    "remaining row, which a rank's shard cannot); leave it out under torchrun, or run the request "
+                    "without torchrun"
+                )
             if un.solver is SolverName.LISSA and un.iter_T < 1:  # the solver refuses it mid-request (a ValueError)
                 raise InvalidRequestError(
                     f"iter_T={un.iter_T} leaves the lissa solver no round of its recursion; use iter_T=1 or more "
