@@ -120,6 +120,28 @@ def test_curvature_draws_not_given_is_saved_as_none(tmp_path):
     assert not [str(w.message) for w in caught if "curvature_draws" in str(w.message)]
 
 
+def test_refresh_every_not_given_is_saved_as_none(tmp_path):
+    """``refresh_every`` left at ``None`` (the solver's default: K-FAC 20, the others 10) is saved as ``None``, as
+    ``curvature_draws`` is: the resolved 20 was saved, and a request on the folder overriding the solver to CG reused
+    its curvature 20 times, not CG's 10. A number given is saved as given, and so is one set on the built unlearner."""
+    from mcmc_unlearner.service.checkpoint import with_config
+
+    model, sampler, data, base = tiny_gmm(bank=10, burn=60)
+    for i, (solver, every) in enumerate((("kfac", None), ("kfac", 3), ("exact", "set"))):
+        un = MCMCUnlearner(
+            model, sampler, bank=base.bank, solver=solver, refresh_every=None if every == "set" else every
+        )
+        if every == "set":
+            un.refresh_every = every = 7
+        save_gmm(tmp_path / str(i), (model, sampler, data, un))
+        assert json.loads((tmp_path / str(i) / MANIFEST_NAME).read_text())["unlearner"]["refresh_every"] == every
+    default = load_model(tmp_path / "0")
+    assert default.unlearner.refresh_every == 20
+    assert with_config(default, {"solver": "cg"}).refresh_every == 10
+    assert with_config(load_model(tmp_path / "1"), {"solver": "cg"}).refresh_every == 3
+    assert load_model(tmp_path / "2").unlearner.refresh_every == 7
+
+
 def test_memory_budget_is_saved_as_given_and_checked_at_the_load(tmp_path):
     """``memory_budget`` was not saved: every load took the default budget of the machine loading the folder. It is
     saved as given (``None`` and a percentage stay the loading machine's share), or in bytes where it was set on the

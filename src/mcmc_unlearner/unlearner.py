@@ -1566,6 +1566,11 @@ def default_curvature_draws(solver: SolverName) -> int:
     return 8 if solver is SolverName.KFAC else 16
 
 
+def default_refresh_every(solver: SolverName) -> int:
+    """``refresh_every`` where none is given: 20 for ``kfac``, 10 for the other solvers."""
+    return 20 if solver is SolverName.KFAC else 10
+
+
 def _draw_count(bank: torch.Tensor, k: int | None) -> int:
     """``_draws(bank, k).shape[0]`` without the copy."""
     return int(bank.shape[0]) if k is None else min(int(k), int(bank.shape[0]))
@@ -2604,10 +2609,10 @@ class MCMCUnlearner:
             raise ValueError(f"curvature_draws must be >= 1, got {shown_value(curvature_draws)}")
         # asked for by name: a bank smaller than that is said once (the default is capped without a word)
         self._curvature_draws_given = curvature_draws is not None
-        default_refresh = {SolverName.KFAC: 20}.get(self.solver, 10)
         refresh = check_option("refresh_every", refresh_every)
-        refresh_given = bool(refresh)
-        self.refresh_every = refresh or default_refresh
+        # given (a folder saves it as given: not given, the solver's default where it is loaded, as curvature_draws)
+        self._refresh_every_given = refresh_given = bool(refresh)
+        self.refresh_every = refresh or default_refresh_every(self.solver)
         precondition_rank = check_option("precondition_rank", precondition_rank)
         given_rank = precondition_rank  # (before auto's CG gets its default rank)
         if precondition_rank <= 0 and (
@@ -3065,7 +3070,7 @@ class MCMCUnlearner:
         if probe["curvature_draws"]:
             self.curvature_draws = default_curvature_draws(solver)
         if probe["refresh_every"]:
-            self.refresh_every = 20 if kfac else 10
+            self.refresh_every = default_refresh_every(solver)
         if not kfac:
             self.precondition_rank = 20  # (auto's CG gets its preconditioner; none was given: _dense_probe)
         if probe["recenter_every"]:

@@ -34,7 +34,7 @@ from ..curvature import ParamSpec
 from ..data import RemovableDataset
 from ..options import check_option
 from ..samplers import SGHMC, SGLD
-from ..unlearner import MCMCUnlearner, _default_nll, default_curvature_draws
+from ..unlearner import MCMCUnlearner, _default_nll, default_curvature_draws, default_refresh_every
 from . import fsio, specs
 from .fsio import StoreError
 
@@ -130,7 +130,8 @@ def unlearner_config(un: MCMCUnlearner) -> dict[str, Any]:
 
 def saved_config(un: MCMCUnlearner) -> dict[str, Any]:
     """The configuration a model folder keeps for ``un`` and that rebuilds it as built: :func:`unlearner_config`
-    (what a request ran with, as a ledger entry records it) with ``curvature_draws=None`` where none was given (the
+    (what a request ran with, as a ledger entry records it) with ``curvature_draws=None`` (and ``refresh_every=None``)
+    where none was given (the
     solver's default; the resolved number was saved, and the reloaded unlearner took it as asked for by name: a
     bank smaller than it was then warned about, and the draws on full rows were no longer capped) and
     ``memory_budget`` as given (not saved before: every load took the default budget of the machine loading it)."""
@@ -138,6 +139,10 @@ def saved_config(un: MCMCUnlearner) -> dict[str, Any]:
     # not given and still the solver's default (a number set on the built unlearner since is kept, as before)
     if not un._curvature_draws_given and un.curvature_draws == default_curvature_draws(un.solver):
         cfg["curvature_draws"] = None
+    # refresh_every likewise: the resolved 20 (K-FAC's) was saved, and a request overriding the solver to CG reused
+    # its curvature 20 times, not CG's 10
+    if not un._refresh_every_given and un.refresh_every == default_refresh_every(un.solver):
+        cfg["refresh_every"] = None
     # as given (None, "25%": the machine's share where the folder is loaded) unless set on the built unlearner since
     budget = un._memory_budget_option if un.memory_budget == un._memory_budget_built else int(un.memory_budget)
     return {**cfg, "memory_budget": budget}
