@@ -88,12 +88,33 @@ PROBES = [
     ("threads -1", "5", ["--threads", "-1"], "--threads must be 'auto' (by model size), 0 (leave torch's"),
     ("max-request-bytes 0", "5", ["--max-request-bytes", "0"], "--max-request-bytes must be"),
     ("request above the size limit", "1 2 3 4 5", ["--max-request-bytes", "4"], "max-request-bytes"),
+    ("unlearner-kw value", "5", ["--unlearner-kw", "emptied_max_row_evals=0"], "emptied_max_row_evals must be an"),
+    ("unlearner-kw unknown", "5", ["--unlearner-kw", "row_evals=5"], "has no keyword argument 'row_evals'"),
+    ("unlearner-kw no value", "5", ["--unlearner-kw", "emptied_max_row_evals"], "expected KEY=VALUE"),
+    ("unlearner-kw of a flag", "5", ["--unlearner-kw", "tol=0.1"], "sets what --tol sets; use --tol 0.1"),
+    ("unlearner-kw twice", "5", ["--unlearner-kw", "refresh_every=2", "--unlearner-kw", "refresh_every=3"], "once"),
+    ("unlearner-kw gate None", "5", ["--unlearner-kw", "newton_gate=null"], "give newton_gate=0"),
 ]
 
 
 @pytest.mark.parametrize(("case", "text", "opts", "match"), PROBES, ids=[p[0] for p in PROBES])
 def test_probe_refused_cleanly(model, tmp_path, capsys, case, text, opts, match):
     refused(["forget", "--model", str(model), "--ids", _file(tmp_path, text), *opts], capsys, model, match=match)
+
+
+def test_unlearner_options_without_a_flag_of_their_own_go_through_unlearner_kw(model, tmp_path, capsys):
+    """``forget --unlearner-kw KEY=VALUE`` sets an unlearner option with no flag of its own for the request (stop
+    65's ``emptied_max_row_evals`` could be set from Python's ``overrides=`` only): the ledger entry records it as an
+    override and the request ran with it; the folder keeps its own setting; a ``null`` the library takes reaches it."""
+    from mcmc_unlearner.emptied import RESAMPLE_MAX_ROW_EVALS
+
+    kw = ["--unlearner-kw", "emptied_max_row_evals=12345", "--unlearner-kw", "refresh_every=null"]
+    assert main(["forget", "--model", str(model), "--ids", _file(tmp_path, "5 6"), "--quiet", *kw]) == 0, capsys
+    entry = json.loads((model / "ledger.jsonl").read_text().splitlines()[-1])
+    assert entry["overrides"] == {"emptied_max_row_evals": 12345, "refresh_every": None}
+    assert (entry["config"]["emptied_max_row_evals"], entry["config"]["refresh_every"]) == (12345, 10)
+    back = load_model(model).unlearner
+    assert (back.emptied_max_row_evals, back.refresh_every) == (RESAMPLE_MAX_ROW_EVALS, 1)
 
 
 def test_big_id_file_refused_by_size_before_reading(model, tmp_path, capsys):

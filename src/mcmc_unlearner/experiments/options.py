@@ -308,7 +308,10 @@ def _json_or_str(raw: str) -> Any:
         return raw
 
 
-def _keyword(v: str) -> tuple[str, Any]:
+def unlearner_keyword(v: str) -> tuple[str, Any]:
+    """``--unlearner-kw KEY=VALUE`` (``bnn``, ``forget``): an ``MCMCUnlearner`` keyword argument, ``VALUE`` read as
+    JSON (else a string) and checked by :func:`check_kwarg`; raises ``argparse.ArgumentTypeError`` naming the
+    problem."""
     key, sep, raw = v.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword argument name, got {v!r}")
@@ -539,7 +542,7 @@ def register_bnn(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{flag}", type=limit[flag], default=None, metavar="N", help=f"{text} {_default_help(key)}")
     p.add_argument(
         "--unlearner-kw",
-        type=_keyword,
+        type=unlearner_keyword,
         action="append",
         default=None,
         metavar="KEY=VALUE",

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..cli import COMMAND_HELP, EXIT_CODES_HELP, ExitCode, add_quiet_flag, add_threads_flag, emit, one_line
+from ..errors import InvalidRequestError
+from ..experiments.options import unlearner_keyword
 from ..options import (
     DEFAULT_REPAIR_STEPS,
     MAX_REPAIR_STEPS,
@@ -24,6 +26,7 @@ from ..options import (
     HessianKind,
     OnFailure,
     SolverName,
+    shown_value,
 )
 from . import integrity, requests
 
@@ -33,12 +36,37 @@ from . import integrity, requests
 __all__ = ["register"]
 
 
+#: The unlearner options ``forget`` has a flag of its own for (the others: ``--unlearner-kw KEY=VALUE``).
+_FLAGGED = (
+    "solver",
+    "scaling",
+    "damping",
+    "iter_T",
+    "tol",
+    "curvature_draws",
+    "bank_shift",
+    "hessian",
+    "emptied_label",
+)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("solver", "scaling", "damping", "iter_T", "tol", "curvature_draws", "bank_shift", "hessian")
-    keys += ("emptied_label",)
     # an absent flag is None: left out, as "not given" (a request's None of some options is a value of the library)
-    given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    return requests.check_settings(given, interface="cli")
+    given = {k: getattr(args, k) for k in _FLAGGED if getattr(args, k, None) is not None}
+    extra: dict[str, Any] = {}
+    for key, value in getattr(args, "unlearner_kw", None) or ():
+        if key in _FLAGGED:  # two spellings of one setting: the flag's
+            flag = requests.FLAGS[key]
+            raise InvalidRequestError(
+                f"--unlearner-kw {key}=... sets what {flag} sets; use {flag} {shown_value(value)}"
+            )
+        if key in extra and extra[key] != value:  # the last one silently won
+            raise InvalidRequestError(
+                f"--unlearner-kw {key}={shown_value(extra[key])} and --unlearner-kw {key}={shown_value(value)} set "
+                f"{key} to different values; give it once"
+            )
+        extra[key] = value
+    return requests.check_settings({**given, **extra}, interface="cli")
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -416,6 +444,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a request that removes a class's last rows: draw the class's output-layer row from its conditional "
         "given the remaining rows (always, default), draw it only where the samples still give those rows that "
         "class (resample), or refuse where they do (refuse)",
+    )
+    g.add_argument(
+        "--unlearner-kw",
+        type=unlearner_keyword,
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="another MCMCUnlearner option for this request (VALUE read as JSON, else a string), e.g. "
+        "emptied_max_row_evals=8388608 or refresh_every=null; repeatable; an option with a flag of its own above "
+        "takes that flag",
     )
     f.add_argument(
         "-v",
