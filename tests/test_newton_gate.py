@@ -203,7 +203,7 @@ def test_a_one_pass_iterator_that_runs_out_gets_the_influence_step_and_says_why(
 
 def test_a_sampled_bank_estimates_the_full_passs_gap_within_its_error(far) -> None:
     """256 draws of the old posterior's Laplace approximation (not its equilibrium: the posterior is far from
-    Gaussian): the first look (a quarter of each group, 8 draws) neither fires nor rules firing out, and the whole
+    Gaussian): the first look (a quarter of each group, 2 draws) neither fires nor rules firing out, and the whole
     groups at every draw estimate ``‖e₀‖²`` within three standard errors of ``"auto"``'s pass over every row (gap
     0.76: not fired); 256 draws of a tenfold narrower one (gap 0.006) fire at the first look."""
     x, y, _, old, _ = far

@@ -1089,8 +1089,12 @@ NEWTON_GATE_GROUPS = 8
 #: (quick matrix seed 0): LeNet-5's class removal, whose estimate's error is ~170× the threshold, spent 1.43 CPU s
 #: (31% of its request) on the whole groups.
 NEWTON_GATE_FIRST = 0.25
-#: ... at this many of the draws
-NEWTON_GATE_FIRST_DRAWS = 8
+#: ... at this many of the draws: a draw costs more than its few rows (each draw's call on a group's 4 rows ~40-60
+#: rows' worth of one draw's pass, LeNet-5 and the ResNet alike), so the first look's draws, not its rows, were its
+#: cost. Stop 66 (quick matrix seed 0, `--remaining loader`): 8 -> 2 cut the gate's CPU on the ResNet 1.58 -> 0.84 s,
+#: the transformer 0.22 -> 0.08 s, LeNet-5 0.13 -> 0.08 s, every verdict the same (fewer draws only add their
+#: Monte-Carlo error to ``‖e₀‖²``: firing stays conservative)
+NEWTON_GATE_FIRST_DRAWS = 2
 #: ``newton_gate``'s default
 NEWTON_GATE_Z = 3.0
 #: Remaining rows that cannot be listed (a plain iterator of minibatches): the gate's estimate reads this many times
@@ -2306,8 +2310,8 @@ class MCMCUnlearner:
             where the damping search's least-damped trial raised the remaining-data energy beyond its predicted fall
             by this many standard errors (:meth:`_undamped_overshoots`, free) and then a sampled estimate of the
             bank's gap to equilibrium lies this many standard errors below ``NEWTON_AUTO_BANK_GAP·‖G‖``
-            (:meth:`_gap_gate`; a tenth of the remaining rows, its cost 3-13% of a first request where it runs, stop
-            65; ``report.info["newton_gate"]``, ``["newton_gate_cpu_seconds"]``). Where the rows cannot be listed,
+            (:meth:`_gap_gate`; a tenth of the remaining rows, its cost 2-6% of a first request where it runs, stop
+            66; ``report.info["newton_gate"]``, ``["newton_gate_cpu_seconds"]``). Where the rows cannot be listed,
             the undamped step did not overshoot, or the estimate is not clearly small (a class removal's), only the
             influence step is taken, as before. ``0`` or ``None``: never; off on ``DistributedUnlearner``.
         newton_target: What further Newton steps zero: ``"equilibrium"`` — the bank-averaged gradient of the
