@@ -1347,6 +1347,89 @@ def _gap_estimate(us: torch.Tensor, per: int, rows: int) -> tuple[float, float]:
     return est, float(((B - 1) / B * ((loo - loo.mean()) ** 2).sum()).sqrt())
 
 
+def _upper_quantile(sf: Callable[[float], float], p: float) -> float:
+    """The ``x ≥ 0`` where a decreasing survival function ``sf`` equals ``p`` (bisection to double precision)."""
+    lo, hi = 0.0, 1.0
+    while sf(hi) > p:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sf(mid) > p else (lo, mid)
+        if hi - lo <= 1e-15 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def _chi2_sf(df: int, x: float) -> float:
+    """``P(χ²_df > x)``, the regularized upper incomplete gamma ``Q(df/2, x/2)``."""
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64))
+    )
+
+
+def _t_sf(df: int, t: float) -> float:
+    """``P(T_df > t)`` for ``t ≥ 0`` and a whole number of degrees of freedom: ``(1 − A)/2`` with ``A = P(|T| ≤ t)``
+    in closed form (Abramowitz and Stegun 26.7.3-4: a finite series in ``cos θ``, ``θ = atan(t/√df)``)."""
+    th = math.atan(t / math.sqrt(df))
+    c2, term, total = math.cos(th) ** 2, 1.0, 1.0
+    if df % 2 == 0:
+        for j in range(1, df // 2):  # 1 + (1/2)c² + (1·3)/(2·4)c⁴ + … up to c^(df−2)
+            term *= (2 * j - 1) / (2 * j) * c2
+            total += term
+        a = math.sin(th) * total
+    else:
+        for j in range(1, (df - 1) // 2):  # 1 + (2/3)c² + (2·4)/(3·5)c⁴ + … up to c^(df−3)
+            term *= (2 * j) / (2 * j + 1) * c2
+            total += term
+        a = 2 / math.pi * (th + (math.sin(th) * math.cos(th) * total if df > 1 else 0.0))
+    return (1 - a) / 2
+
+
+def _gap_early_stop(
+    us: torch.Tensor, at_means: Sequence[torch.Tensor], groups: int, limit: float, z: float, project: float
+) -> str | None:
+    """Why the Newton gate's first look on a sample from the stream can stop before its last group (the verdict
+    "not fired"), ``None`` where it cannot yet: ``us`` (``k × d``) and ``at_means`` are the first ``k`` of ``groups``
+    groups' first-look estimates and terms at ``θ̄``, ``limit`` the threshold on ``‖e₀‖²``, ``z`` ``newton_gate``,
+    ``project`` the full look's standard error over the first look's, ``√(first/per · few/draws)``.
+
+    Every rule only ever stops with "not fired", so the gate fires no more often than on the full evidence, and where
+    it goes on to the last group it computes what it did (bit for bit). Three rules:
+
+    * *certain*: the ``k`` terms' sum of squares about their mean, which never falls as groups are added, over
+      ``groups(groups−1)`` is already above ``limit``: the full sample's own error is, and the gate would not fire;
+    * *hopeless*: even a lower confidence bound of the full look's standard error, times ``z``, is above ``limit``;
+    * *clearly large*: the estimate's lower bound, ``est − t·se`` with Student's ``t`` quantile for ``k−1`` degrees
+      of freedom (a standard error from ``k`` groups), is above ``limit``.
+
+    The last two are tests at ``k = 3 … groups−1`` (the jackknife needs three groups), the error ``Φ(−z)`` split
+    evenly (Bonferroni) over those looks and the two rules, so a bank the full look would have fired on is stopped
+    with at most that probability in all, under the normal approximation the gate already uses: for the hopeless
+    rule ``k`` groups' squared standard error read as ``χ²`` with ``k−1`` degrees of freedom (the true one's lower
+    bound from that distribution's upper quantile at the split error), projected to ``groups`` by
+    ``√(k(k−1)/(groups(groups−1)))`` (the smaller of the ways a pair statistic's error falls with its groups: the
+    projection that stops least). With so few groups the bounds are wide (``t`` = 61 at three groups, 7.6 at seven,
+    for ``z = 3``): the clearly-large rule stops only far above the threshold; the other two stop the class
+    removals (stop 66: LeNet-5, BN-CNN, transformer, ResNet), whose error is far above the threshold."""
+    from statistics import NormalDist
+
+    k = us.shape[0]
+    terms = torch.stack([a.double() for a in at_means])
+    ss = float(((terms - terms.mean(0)) ** 2).sum())
+    if ss / (groups * (groups - 1)) > limit * (1 + 1e-6):  # (the margin: the full rule's rounding)
+        return "the sample's own error is already above the threshold"
+    if k < 3 or z <= 0:
+        return None
+    split = NormalDist().cdf(-z) / (2 * (groups - 3))  # each look's, each rule's share of the error
+    est, se = _gap_estimate(us, 1, math.inf)
+    low = se * math.sqrt((k - 1) / _upper_quantile(functools.partial(_chi2_sf, k - 1), split))  # the true one's bound
+    if low * math.sqrt(k * (k - 1) / (groups * (groups - 1))) * project * z > limit:
+        return "even the full look's standard error would be too large to fire"
+    if est - _upper_quantile(functools.partial(_t_sf, k - 1), split) * se > limit:
+        return "the gap is clearly above the threshold"
+    return None
+
+
 def damping_history(outcome: StepOutcome) -> str:
     """Every damping trial of a request as ``shape damping:ratio``, joined by ``;``, the taken step's marked
     ``shape damping (taken):ratio`` (``report.info["damping_history"]``).
@@ -7945,7 +8028,10 @@ class MCMCUnlearner:
         holds their sampling error too, and no finite-population term is added. Where it fires the further steps read
         ``n`` of the sampled rows in place of every row, their term at ``θ̄`` replaced by the whole sample's (appended
         to ``sample`` with that offset), so their target carries the sample's error at ``θ̄``: the gate fires only
-        where its expected ``‖·‖²`` (the groups' spread at ``θ̄`` over ``B``) is within the threshold too."""
+        where its expected ``‖·‖²`` (the groups' spread at ``θ̄`` over ``B``) is within the threshold too. A sample's
+        groups are measured one at a time (each its ``n`` rows at ``θ̄``, ``NEWTON_GATE_STREAM_PASSES`` gradient
+        passes over ``n`` rows in all, and its first look), and the estimate stops, not fired, as soon as
+        :func:`_gap_early_stop` finds the verdict clear; where it does not stop, every number is the full estimate's."""
         pts = self._gap_points(k_thetas, n)
         need = 0 if pts is None else _gap_gate_bytes(pts)
         if need > self.memory_budget:
@@ -7980,29 +8066,21 @@ class MCMCUnlearner:
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
         h_f, mean = self._h_f(), pts.mean(0, keepdim=True)
         whole = rows // NEWTON_GATE_GROUPS  # a sample's group at θ̄: its share of the sample
-        if sampled:  # each group's own rows at θ̄, scaled to n: the groups independent estimates of the whole term
-            at_means = [
-                self._moment(h_f, mean, tuple(t[order[b * whole : (b + 1) * whole]] for t in full), n / whole, False)
-                for b in range(NEWTON_GATE_GROUPS)
-            ]
-        else:  # every row at the draws' mean
-            at_means = [self._moment(h_f, mean, full, scale=n / rows, prior=False)] * NEWTON_GATE_GROUPS
-        at_mean = sum(at_means) / NEWTON_GATE_GROUPS
-        # the further steps' target on the sample: its expected squared sampling error, that of the groups' mean
         B = NEWTON_GATE_GROUPS
-        noise = sum(float(((a - at_mean).double() ** 2).sum()) for a in at_means) / ((B - 1) * B) if sampled else 0.0
+
+        def group_u(b: int, draws: torch.Tensor, size: int, prior: torch.Tensor) -> torch.Tensor:
+            """Group ``b``'s estimate on its first ``size`` rows at ``draws``: their draw-averaged gradients less
+            those at ``θ̄``, scaled to ``n``, plus every row's at ``θ̄`` (a sample's: the group's own) and the draws'
+            prior term ``prior``."""
+            s, start = n / size, b * (whole if sampled else per)
+            part = tuple(t[order[start : start + size]] for t in full)
+            d = self._moment(h_f, draws, part, scale=s, prior=False) - self._moment(h_f, mean, part, s, prior=False)
+            return (d + at_means[b] - prior + G).double()
 
         def estimate(draws: torch.Tensor, size: int) -> tuple[float, float]:
-            """The estimate on the first ``size`` rows of each group at ``draws``: each group's draw-averaged
-            gradients less those at ``θ̄``, scaled to ``n``, plus every row's at ``θ̄`` (a sample's: the group's
-            own) and the draws' prior term."""
-            s, prior = n / size, self._prior_moment(draws, full)
-            u = []
-            for b in range(NEWTON_GATE_GROUPS):
-                start = b * (whole if sampled else per)
-                part = tuple(t[order[start : start + size]] for t in full)
-                d = self._moment(h_f, draws, part, scale=s, prior=False) - self._moment(h_f, mean, part, s, prior=False)
-                u.append((d + at_means[b] - prior + G).double())
+            """The estimate on the first ``size`` rows of each group at ``draws`` (:func:`group_u`)."""
+            prior = self._prior_moment(draws, full)
+            u = [group_u(b, draws, size, prior) for b in range(B)]
             # a sample's groups are independent (drawn with replacement): no finite-population term
             return _gap_estimate(torch.stack(u), size, math.inf if sampled else rows)
 
@@ -8012,7 +8090,36 @@ class MCMCUnlearner:
         # error to the gap (E‖ê₀‖² grows), so firing there is conservative
         first = max(1, math.ceil(per * NEWTON_GATE_FIRST))
         few = pts[_evenly(pts.shape[0], min(pts.shape[0], NEWTON_GATE_FIRST_DRAWS))]
-        (est, se), used = estimate(few, first), first
+        if sampled:
+            # each group's own rows at θ̄, scaled to n (the groups independent estimates of the whole term), and its
+            # first look, one group at a time: a pass of n rows each, stopped once the verdict is "not fired" either
+            # way (_gap_early_stop; a class removal's after 3 of the 8, stop 66's review)
+            at_means, u, project = [], [], math.sqrt(first / per * few.shape[0] / pts.shape[0])
+            prior = self._prior_moment(few, full)
+            for b in range(B):
+                own = tuple(t[order[b * whole : (b + 1) * whole]] for t in full)
+                at_means.append(self._moment(h_f, mean, own, n / whole, False))
+                u.append(group_u(b, few, first, prior))
+                why = _gap_early_stop(torch.stack(u), at_means, B, limit * g2, z, project) if b + 1 < B else None
+                if why is not None:
+                    est, se = _gap_estimate(torch.stack(u), first, math.inf) if len(u) >= 3 else (None, None)
+                    info["newton_gate"] = (
+                        f"not fired: the bank's gap estimated at ‖e₀‖² = {est / g2:.3g} ± {se / g2:.3g} ·‖G‖² on "
+                        f"{len(u) * first} of {rows} sampled from the stream for {n} rows (threshold {limit:.3g}); "
+                        if est is not None
+                        else f"not fired: the undamped step overshot, but on {rows} rows sampled from the stream for "
+                        f"{n} "
+                    ) + f"stopped after {len(u)} of {B} groups ({len(u) * whole} rows at θ̄): {why}"
+                    info["newton_gate_cpu_seconds"] = time.process_time() - c0
+                    log.info("newton gate: %s (%.2f s CPU)", info["newton_gate"], info["newton_gate_cpu_seconds"])
+                    return False
+            (est, se), used = _gap_estimate(torch.stack(u), first, math.inf), first
+        else:  # every row at the draws' mean
+            at_means = [self._moment(h_f, mean, full, scale=n / rows, prior=False)] * B
+            (est, se), used = estimate(few, first), first
+        at_mean = sum(at_means) / B
+        # the further steps' target on the sample: its expected squared sampling error, that of the groups' mean
+        noise = sum(float(((a - at_mean).double() ** 2).sum()) for a in at_means) / ((B - 1) * B) if sampled else 0.0
         quiet = noise <= limit * g2  # a sample's: the further steps' target no noisier than the gap allowed
         fires = est + z * se <= limit * g2 and quiet
         # it decides where it fires, and where even the whole groups at every draw could not: their error is at
