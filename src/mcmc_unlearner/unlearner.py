@@ -1095,6 +1095,11 @@ NEWTON_GATE_FIRST = 0.25
 #: the transformer 0.22 -> 0.08 s, LeNet-5 0.13 -> 0.08 s, every verdict the same (fewer draws only add their
 #: Monte-Carlo error to ``‖e₀‖²``: firing stays conservative)
 NEWTON_GATE_FIRST_DRAWS = 2
+#: ... and through a stream (rows that cannot be listed), where the groups are read one at a time and stopped once
+#: the verdict is clear (:func:`_gap_early_stop`): there a pass of a group's rows at ``θ̄`` costs more than the first
+#: look's draws, and fewer draws widen the first look's error so that more groups are read (the far removal's Laplace
+#: bank through an iterator: 3 groups at 8 draws, 5 at 2)
+NEWTON_GATE_SAMPLED_FIRST_DRAWS = 8
 #: ``newton_gate``'s default
 NEWTON_GATE_Z = 3.0
 #: Remaining rows that cannot be listed (a plain iterator of minibatches): the gate's estimate reads this many times
@@ -8089,7 +8094,8 @@ class MCMCUnlearner:
         # rows (LeNet-5: 50 draws on 4 rows 0.1 s, one draw on 1,214 rows 0.06 s). Fewer draws add their Monte-Carlo
         # error to the gap (E‖ê₀‖² grows), so firing there is conservative
         first = max(1, math.ceil(per * NEWTON_GATE_FIRST))
-        few = pts[_evenly(pts.shape[0], min(pts.shape[0], NEWTON_GATE_FIRST_DRAWS))]
+        looks = NEWTON_GATE_SAMPLED_FIRST_DRAWS if sampled else NEWTON_GATE_FIRST_DRAWS
+        few = pts[_evenly(pts.shape[0], min(pts.shape[0], looks))]
         if sampled:
             # each group's own rows at θ̄, scaled to n (the groups independent estimates of the whole term), and its
             # first look, one group at a time: a pass of n rows each, stopped once the verdict is "not fired" either
