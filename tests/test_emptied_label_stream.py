@@ -28,12 +28,13 @@ UNSEEN = "which none of the"
 
 
 class _Counted:
-    """An endless iterator over shuffled minibatches of ``(x, y)`` of 50 rows, counting the rows it gives."""
+    """An endless iterator over shuffled minibatches of ``(x, y)`` (50 rows), counting the rows it gives."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 50) -> None:
         order = torch.Generator().manual_seed(0)
         self.rows = 0
-        self._it = self._forever(DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True, generator=order))
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=order)
+        self._it = self._forever(loader)
 
     @staticmethod
     def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -75,7 +76,7 @@ def test_a_label_none_of_the_rows_read_holds_is_named_and_recorded_and_the_step_
     assert info["emptied_labels_unseen"] == "3" and info["emptied_labels_rows_read"] == stream.rows > 0
     ours = [s for s in said if UNSEEN in s]
     assert len(ours) == 1 and said == ours  # the named warning, not the one saying only that the check did not run
-    assert f"label 3, which none of the {stream.rows:,} remaining rows" in ours[0]
+    assert f"label 3, which none of the {stream.rows:,} rows this request read from the 150 remaining" in ours[0]
     assert f"{3 / stream.rows:.2%} (3/m)" in ours[0] and "a DataLoader over a TensorDataset" in ours[0]
     assert report.passed and str(info["emptied_labels"]).startswith("not checked")
     with warnings.catch_warnings():
@@ -91,6 +92,26 @@ def test_a_label_none_of_the_rows_read_holds_is_named_and_recorded_and_the_step_
         again = un.remove((kept[0][two], kept[1][two]), stream, n_remaining=int(left.sum()))
     assert again.info["emptied_labels_unseen"] == "2" and again.info["emptied_labels_rows_read"] == stream.rows
     assert sum(UNSEEN in str(w.message) for w in caught) == 1
+
+
+def test_the_warning_counts_reads_not_remaining_rows_where_it_read_rows_again() -> None:
+    """Six remaining rows read in minibatches of two: the request reads each of them many times (m reads), and the
+    warning says m rows were read from the six remaining rows, not that there are m remaining rows (it said "none of
+    the 328 remaining rows" of six)."""
+    _, _, _, _, x, y = _softmax_regression()
+    gone = y == 3
+    keep = torch.nonzero(~gone).flatten()[:6]
+    model, nll, log_prior, bank, _, _ = _softmax_regression()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    stream = _Counted(x[keep], y[keep], batch_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.propose((x[gone][:5], y[gone][:5]), stream, n_remaining=6).report
+    m = report.info["emptied_labels_rows_read"]
+    assert m == stream.rows > 6
+    said = [str(w.message) for w in caught if UNSEEN in str(w.message)]
+    assert len(said) == 1 and f"which none of the {m:,} rows this request read from the 6 remaining rows" in said[0]
+    assert f"{m:,} remaining rows" not in said[0]
 
 
 def test_a_label_the_rows_read_hold_and_targets_that_are_no_labels_are_not_said_to_be_emptied() -> None:

@@ -6591,9 +6591,10 @@ class MCMCUnlearner:
     def _unseen_labels(self, y: torch.Tensor, stream: _Stream, info: dict[str, Any]) -> bool:
         """Where the remaining labels cannot be listed (a plain iterator), whether the removed labels ``y`` (read by
         a cross-entropy from ``batch[1]``) hold one that none of the remaining rows this request read holds
-        (:meth:`~mcmc_unlearner.stream._Stream.seen_labels`, counted from the minibatches it used: no further pass);
-        if so, warn naming them, the rows read and the fix, and record ``info["emptied_labels_unseen"]`` (the labels,
-        comma-joined: a ledger scalar) beside ``info["emptied_labels_rows_read"]``. Nothing is measured (the
+        (:meth:`~mcmc_unlearner.stream._Stream.seen_labels`, counted from the minibatches it used: no further pass;
+        a row read twice counts twice, so the rows read may outnumber ``n_remaining``); if so, warn naming them, the
+        rows read and the fix, and record ``info["emptied_labels_unseen"]`` (the labels, comma-joined: a ledger
+        scalar) beside ``info["emptied_labels_rows_read"]``. Nothing is measured (the
         labels may remain on rows not read; the samples' predictions are not read), so the step is applied as
         computed: stop 61's quick matrix through an iterator left a removed class predicted on 78-100% of its rows
         on 7 of its 9 CNN runs (LeNet-5, BN-CNN, ResNet; retraining: none) with ``problems=[]`` and one warning, at
@@ -6610,9 +6611,10 @@ class MCMCUnlearner:
         whose = "that label's" if one else "those labels'"
         warnings.warn(
             f"the emptied-label check did not run, and the removed rows hold label{'' if one else 's'} "
-            f"{', '.join(map(str, gone))}, which none of the {m:,} remaining rows this request read holds: it "
-            f"likely removes {whose} last rows (were the minibatches drawn at random, a label on {3 / m:.2%} (3/m) "
-            "of the remaining rows or more would have shown among them with probability 95%). Where a class is "
+            f"{', '.join(map(str, gone))}, which none of the {m:,} rows this request read from the {stream.n:,} "
+            f"remaining rows holds (a row read again counted again): it likely removes {whose} last rows (were the "
+            f"minibatches drawn at random, a label on {3 / m:.2%} (3/m) of the remaining rows or more would have "
+            "shown among the rows read with probability 95%). Where a class is "
             "removed whole, one influence step often leaves it predicted (on 78-100% of its rows in 7 of 9 runs of "
             "the model matrix's CNNs), and the draw of its output-layer row that forgets it needs every remaining "
             "row: from this data neither that draw nor the check of the class's predictions could run, and the step "
