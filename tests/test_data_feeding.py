@@ -86,9 +86,15 @@ def test_a_batch_sampler_of_the_users_own_is_not_read_as_drawing_every_row():
     with pytest.raises(ValueError, match=r"batch_sampler of its own \(Subclassed\)"):
         un.remove((x[y == 0], y[y == 0]), DataLoader(TensorDataset(x, y), batch_sampler=sub))
     assert torch.equal(un.bank, bank) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    report = un.remove(
-        (x[y == 0], y[y == 0]), DataLoader(TensorDataset(x, y), batch_sampler=OwnBatches()), len(keep), strict=False
-    )
+    # the class removed whole through it is named (stop 66), and the fix named is torch's own samplers: the warning
+    # said "a DataLoader over a TensorDataset", which this loader is (the once-per-unlearner note it replaces named
+    # the batch_sampler)
+    with pytest.warns(UserWarning, match="which none of the") as caught:
+        report = un.remove(
+            (x[y == 0], y[y == 0]), DataLoader(TensorDataset(x, y), batch_sampler=OwnBatches()), len(keep), strict=False
+        )
+    named = [str(w.message) for w in caught if "which none of the" in str(w.message)]
+    assert len(named) == 1 and "drawing with torch's own samplers" in named[0], named
     assert report.n_remaining == len(keep)
     assert str(report.info["emptied_labels"]).startswith("not checked")  # was None: "no label emptied"
 

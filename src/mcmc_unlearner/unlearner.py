@@ -6619,9 +6619,10 @@ class MCMCUnlearner:
             "the model matrix's CNNs), and the draw of its output-layer row that forgets it needs every remaining "
             "row: from this data neither that draw nor the check of the class's predictions could run, and the step "
             "is applied as computed. Pass the remaining rows listable to have them run: a tuple (x, y), a "
-            "RemovableDataset, or a DataLoader over a TensorDataset, the loader itself rather than an endless "
-            "iterator over it (a request restarts a DataLoader that runs out); or check the removed class's "
-            "predictions yourself (report.info['emptied_labels_unseen'] records this)",
+            "RemovableDataset, or a DataLoader over a TensorDataset (or a dataset with torchvision's targets) drawing "
+            "with torch's own samplers (a batch_sampler of your own may leave any rows out), the loader itself rather "
+            "than an endless iterator over it (a request restarts a DataLoader that runs out); or check the removed "
+            "class's predictions yourself (report.info['emptied_labels_unseen'] records this)",
             stacklevel=outside_stacklevel(),
         )
         return True
