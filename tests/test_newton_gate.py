@@ -26,6 +26,25 @@ pytestmark = [
 _DELTA = 0.1  # the pseudo-Huber loss's width
 
 
+_CAUCHY = 0.5  # the Cauchy loss's width
+
+
+class _Cauchy(torch.nn.Module):
+    """Linear regression with the Cauchy loss ``log(1 + (r/δ)²)`` (its curvature negative beyond ``|r| = δ``),
+    prior N(0, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def log_prior(self) -> torch.Tensor:
+        return -0.5 * (self.w**2).sum()
+
+    def nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return torch.log1p(((y - x @ self.w) / _CAUCHY) ** 2)
+
+
 class _Huber(torch.nn.Module):
     """Linear regression with the pseudo-Huber loss ``δ²(√(1 + (r/δ)²) − 1)``, prior N(0, 1)."""
 
@@ -49,13 +68,20 @@ def _hessian(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.autograd.functional.hessian(lambda v: _energy(x, y, v), w)
 
 
-def _mode(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The posterior's mode by Newton's method with backtracking (float64, to machine precision: at most 100 steps)."""
-    w = torch.zeros(2, dtype=torch.float64)
-    for _ in range(100):
-        grad = torch.autograd.functional.jacobian(lambda v: _energy(x, y, v), w)
-        step, t = torch.linalg.solve(_hessian(x, y, w), grad), 1.0
-        while _energy(x, y, w - t * step) > _energy(x, y, w) and t > 1e-12:
+def _cauchy_energy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.log1p(((y - x @ w) / _CAUCHY) ** 2).sum() + 0.5 * (w**2).sum()
+
+
+def _mode(x: torch.Tensor, y: torch.Tensor, energy=_energy, start: torch.Tensor | None = None) -> torch.Tensor:
+    """The posterior's mode by Newton's method with backtracking, its Hessian shifted to 1.5 times its most negative
+    eigenvalue where indefinite (float64, to machine precision: at most 200 steps)."""
+    w = torch.zeros(2, dtype=torch.float64) if start is None else start.clone()
+    for _ in range(200):
+        grad = torch.autograd.functional.jacobian(lambda v: energy(x, y, v), w)
+        hess = torch.autograd.functional.hessian(lambda v: energy(x, y, v), w)
+        shift = max(0.0, -1.5 * float(torch.linalg.eigvalsh(hess)[0]))
+        step, t = torch.linalg.solve(hess + shift * torch.eye(2, dtype=w.dtype), grad), 1.0
+        while energy(x, y, w - t * step) > energy(x, y, w) and t > 1e-12:
             t /= 2
         w = w - t * step
         if float(step.norm()) < 1e-14:  # converged: further steps change nothing
@@ -74,10 +100,10 @@ def far():
     return x, y, removed, _mode(x, y), _mode(x[:100], y[:100])
 
 
-def _forget_far(far, bank: torch.Tensor, steps, **kw) -> tuple[torch.Tensor, dict]:
+def _forget_far(far, bank: torch.Tensor, steps, model=_Huber, **kw) -> tuple[torch.Tensor, dict]:
     x, y, removed, _, _ = far
     kw = {"curvature_draws": 1, **kw}
-    un = MCMCUnlearner(_Huber(), bank=bank.clone(), solver="exact", newton_steps=steps, **kw)
+    un = MCMCUnlearner(model(), bank=bank.clone(), solver="exact", newton_steps=steps, **kw)
     report = un.forget(removed, RemovableDataset(x, y, batch_size=x.shape[0], seed=0))
     assert report.converged
     return un.bank[0].clone(), report.info
@@ -104,6 +130,33 @@ def test_the_default_takes_further_steps_where_the_undamped_step_overshoots_and_
     assert float((gated - new).norm() / (new - old).norm()) < 1e-3
     auto, _ = _forget_far(far, old[None], "auto")
     assert torch.equal(gated, auto)  # "auto"'s steps, to the bit
+
+
+def test_an_indefinite_curvature_counts_as_the_signal_and_the_default_lands_on_the_new_mode(far) -> None:
+    """The far removal under the Cauchy loss: at the old mode the kept rows' residuals lie beyond the loss's width,
+    so the remaining data's Hessian is indefinite and no undamped step exists; the search's least damped trial sits
+    just above its most negative eigenvalue, and raised the energy by less than its predicted fall. That trial said
+    nothing about an undamped step, yet the gate read it as its signal and never estimated (stop 66: one step 63%
+    short of the new mode); now the estimate decides (gap 0: fired) and the default lands on the mode as "auto"."""
+    x, y, removed, _, _ = far
+    old = _mode(x, y, _cauchy_energy, torch.tensor([-1.0, 1.5], dtype=torch.float64))
+    new = _mode(x[:100], y[:100], _cauchy_energy, old)
+    kept = torch.autograd.functional.hessian(lambda v: _cauchy_energy(x[:100], y[:100], v), old)
+    assert float(torch.linalg.eigvalsh(kept)[0]) < 0  # indefinite where the request starts
+    one, info1 = _forget_far(far, old[None], 1, _Cauchy, newton_gate=0)
+    gated, info = _forget_far(far, old[None], 1, _Cauchy)
+    low_damping, low_ratio = _trial(info1)
+    assert low_damping > 0 and -1 < low_ratio < 0  # rose, but less than predicted to fall: not the old signal
+    assert float((one - new).norm() / (new - old).norm()) > 0.3
+    assert info.get("newton_gate_signal", "").startswith("the curvature is indefinite"), info
+    assert info["newton_gate"].startswith("fired"), info
+    assert float((gated - new).norm() / (new - old).norm()) < 1e-3
+    auto, _ = _forget_far(far, old[None], "auto", _Cauchy)
+    assert torch.equal(gated, auto)  # "auto"'s steps, to the bit
+    un = MCMCUnlearner(_Cauchy(), bank=old[None].clone(), solver="exact", curvature_draws=1, check_rows=50)
+    batches = iter([(x[i : i + 25], y[i : i + 25]) for i in range(0, 100, 25)] * 1000)
+    unlisted = un.remove((x[removed], y[removed]), batches, n_remaining=100).info["newton_gate"]
+    assert unlisted.startswith("not fired: the curvature is indefinite, but the remaining rows cannot"), unlisted
 
 
 def test_the_default_is_the_influence_step_where_the_quadratic_model_holds(region) -> None:  # noqa: F811
