@@ -95,6 +95,27 @@ def test_the_gate_and_the_library_agree_on_shifts_below_the_float_resolution():
     assert "floating-point resolution" in p
 
 
+@pytest.mark.parametrize(("actual", "unresolved"), [(0.5, True), (-1.9, True), (10.0, False), (-10.0, False)])
+def test_a_least_damped_step_whose_measured_change_is_clear_is_not_called_unresolved(actual, unresolved):
+    """``info["unresolved"]`` (which lets a search's step damped below the resolution pass as changing nothing
+    measurable) says the check cannot tell the least damped step from no step. Its predicted change (−1.5, the
+    undamped Newton step of ``H = I₃``, ``G = (1, 1, 1)``) within two standard errors (1.0) is not enough: a
+    measured change beyond them (the quick matrix's LeNet-5, seed 1: K-FAC's undamped step raised the energy by
+    5.0·10⁸ ± 3.7·10⁷, then the slope test damped the step to norm 3·10⁻⁷) was rejected on a measurement, and the
+    no-op is refused (``quality_problems``), not passed as unresolved."""
+    from types import SimpleNamespace
+
+    from mcmc_unlearner.step import Measurement
+    from test_step import _QuadraticBackend
+
+    G = torch.ones(3, dtype=torch.float64)
+    host = SimpleNamespace(curvature=_QuadraticBackend(torch.eye(3, dtype=torch.float64)))
+    why = MCMCUnlearner._unresolved(host, lambda x: Measurement(actual, 1.0, 0.0), G)  # type: ignore[arg-type]
+    assert (why is not None) is unresolved
+    if why is not None:
+        assert "predicts a change of the remaining-data energy of -1.5, within two of the standard errors" in why
+
+
 FAILING = [
     (["--solver", "cg", "--bank-shift", "mean", "--iter-T", "0"], "the cg solve stopped at relative residual 1 > tol"),
     (["--damping", "1e12"], "floating-point resolution"),

@@ -20,7 +20,7 @@ import torch
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.errors import QualityError
 from mcmc_unlearner.models.linreg import BayesianLinearRegression, exact_posterior
-from mcmc_unlearner.step import SLOPE_ETA, DampingControl, Measurement, StepOutcome
+from mcmc_unlearner.step import SLOPE_ETA, SLOPE_Z, DampingControl, Measurement, StepOutcome
 
 S = 64  # bank draws
 
@@ -310,6 +310,40 @@ def test_a_search_that_escapes_the_slope_test_by_shrinking_its_step_is_judged_at
         un.forget(removed, RemovableDataset(x.float(), y.float(), batch_size=50, seed=0))
     assert "Monte-Carlo error" in str(info.value)
     assert torch.equal(un.bank, bank) and un.control.state() == state
+
+
+def test_a_step_that_passes_the_slope_test_on_its_error_alone_is_judged_at_the_undamped_step() -> None:
+    """A bank not relaxed along the steps (its slope share ``−0.3·(1 − ‖x‖/‖x₀‖)`` of ``G·x``, ``x₀`` the Newton step:
+    0 there, falling as the damping shrinks the step) measured with an error floor (``0.02·G·x + 0.005``, the
+    rounding's): every damping up to 17.5 fails the test, and at damping 175 the floor lifts the slope's error
+    over the gap though its share (−0.30) is below every failed trial's. That step of norm 0.013 was taken whole
+    (the quick matrix's LeNet-5, seed 1: damping 4.8·10⁹, a step of norm 3·10⁻⁷, the bank's share −0.28 ± 0.24
+    where the failed trials had −0.01 to −0.21). Now the search without the test is judged: its undamped step is
+    cut to the longest the bank's slope allows, ``α = 3σ_slope / (2(actual + G·x − 2·stderr))``."""
+    from test_step import _QuadraticBackend
+
+    H = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    G = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    newton = torch.linalg.solve(H, G)
+
+    def check(x: torch.Tensor) -> Measurement:
+        gx, quad = float(G @ x), float(x @ H @ x)
+        share = -0.3 * (1.0 - float(x.norm() / newton.norm()))
+        se = 0.02 * gx + 0.005
+        actual = -gx + 0.5 * quad
+        return Measurement(actual, se, 0.0, direct=actual + gx - share * gx, direct_stderr=se, nll_scale=1.0,
+                           nll_stderr=0.0)  # fmt: skip
+
+    out = DampingControl(slope_eta=SLOPE_ETA).step(_QuadraticBackend(H), G, check)
+    se = 0.02 * 3.0 + 0.005  # at the undamped step G·x = xᵀHx = 3, the bank's slope 0
+    expected = SLOPE_Z * math.sqrt(2) * se / (2 * (0.5 * 3.0 - 2 * se))
+    assert out.safe and out.damping == 0.0
+    assert out.length == pytest.approx(expected, rel=1e-9) and 0.1 < expected < 0.11
+    assert torch.allclose(out.x, expected * newton)
+    (escaped,) = [h for h in out.history if h["damping"] == pytest.approx(175.0)]
+    share = escaped["slope"] / escaped["gx"]
+    assert not escaped["slope_failed"] and share < -0.29  # passed on its error alone
+    assert any(h["slope_failed"] and h["slope"] / h["gx"] > share for h in out.history)
 
 
 def test_a_relative_newton_steps_slope_is_the_banks_own_along_it_from_where_it_starts(
