@@ -91,7 +91,9 @@ PROBES = [
     ("unlearner-kw value", "5", ["--unlearner-kw", "emptied_max_row_evals=0"], "emptied_max_row_evals must be an"),
     ("unlearner-kw unknown", "5", ["--unlearner-kw", "row_evals=5"], "has no keyword argument 'row_evals'"),
     ("unlearner-kw no value", "5", ["--unlearner-kw", "emptied_max_row_evals"], "expected KEY=VALUE"),
-    ("unlearner-kw of a flag", "5", ["--unlearner-kw", "tol=0.1"], "sets what --tol sets; use --tol 0.1"),
+    # the key=value spelled back as it was given (as_flags made it "--unlearner-kw --tol ... sets what --tol sets")
+    ("unlearner-kw of a flag", "5", ["--unlearner-kw", "tol=0.1"], "-kw 'tol=...' sets what --tol sets; use --tol"),
+    ("unlearner-kw of flag 2", "5", ["--unlearner-kw", "solver=cg"], "-kw 'solver=...' sets what --solver sets"),
     ("unlearner-kw twice", "5", ["--unlearner-kw", "refresh_every=2", "--unlearner-kw", "refresh_every=3"], "once"),
     ("unlearner-kw gate None", "5", ["--unlearner-kw", "newton_gate=null"], "give newton_gate=0"),
 ]

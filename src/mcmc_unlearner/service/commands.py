@@ -57,8 +57,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in getattr(args, "unlearner_kw", None) or ():
         if key in _FLAGGED:  # two spellings of one setting: the flag's
             flag = requests.FLAGS[key]
+            # quoted: as_flags spells an unquoted key=... as its flag ("--unlearner-kw --tol ... sets what --tol sets")
             raise InvalidRequestError(
-                f"--unlearner-kw {key}=... sets what {flag} sets; use {flag} {shown_value(value)}"
+                f"--unlearner-kw '{key}=...' sets what {flag} sets; use {flag} {shown_value(value)}"
             )
         if key in extra and extra[key] != value:  # the last one silently won
             raise InvalidRequestError(
