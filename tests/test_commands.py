@@ -94,6 +94,8 @@ PROBES = [
     # the key=value spelled back as it was given (as_flags made it "--unlearner-kw --tol ... sets what --tol sets")
     ("unlearner-kw of a flag", "5", ["--unlearner-kw", "tol=0.1"], "-kw 'tol=...' sets what --tol sets; use --tol"),
     ("unlearner-kw of flag 2", "5", ["--unlearner-kw", "solver=cg"], "-kw 'solver=...' sets what --solver sets"),
+    # the service's refusal: bnn's "seed is the run's --seed" named a flag forget has not
+    ("unlearner-kw seed", "5", ["--unlearner-kw", "seed=3"], "seed=3 cannot be set per request: a saved model's"),
     ("unlearner-kw twice", "5", ["--unlearner-kw", "refresh_every=2", "--unlearner-kw", "refresh_every=3"], "once"),
     ("unlearner-kw gate None", "5", ["--unlearner-kw", "newton_gate=null"], "give newton_gate=0"),
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..cli import COMMAND_HELP, EXIT_CODES_HELP, ExitCode, add_quiet_flag, add_threads_flag, emit, one_line
 from ..errors import InvalidRequestError
-from ..experiments.options import unlearner_keyword
+from ..experiments.options import _json_or_str, unlearner_keyword
 from ..options import (
     DEFAULT_REPAIR_STEPS,
     MAX_REPAIR_STEPS,
@@ -48,6 +48,16 @@ _FLAGGED = (
     "hessian",
     "emptied_label",
 )
+
+
+def _request_keyword(v: str) -> tuple[str, Any]:
+    """``forget --unlearner-kw KEY=VALUE``: :func:`unlearner_keyword`, but ``seed`` is left to the service's refusal
+    (:func:`requests.check_settings`: a saved model's requests draw from its saved generator state); ``bnn``'s
+    "seed is the run's --seed" named a flag ``forget`` has not."""
+    key, sep, raw = v.partition("=")
+    if sep and key == "seed":
+        return key, _json_or_str(raw)
+    return unlearner_keyword(v)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -448,7 +458,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--unlearner-kw",
-        type=unlearner_keyword,
+        type=_request_keyword,
         action="append",
         default=None,
         metavar="KEY=VALUE",
