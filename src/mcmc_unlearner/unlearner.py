@@ -8167,9 +8167,11 @@ class MCMCUnlearner:
         noise = sum(float(((a - at_mean).double() ** 2).sum()) for a in at_means) / ((B - 1) * B) if sampled else 0.0
         quiet = noise <= limit * g2  # a sample's: the further steps' target no noisier than the gap allowed
         fires = est + z * se <= limit * g2 and quiet
-        # it decides where it fires, and where even the whole groups at every draw could not: their error is at
+        # it decides where it fires, and where even the whole groups at every draw could not: their error taken as at
         # least this one's times √(first/per · few/draws) (a class removal's, hundreds of times the threshold, stop
-        # 65); else the whole groups at every draw
+        # 65); else the whole groups at every draw. Not a bound at fewer draws than the whole: the few draws' own
+        # Monte-Carlo error is in this estimate and its error, not in theirs (a removal that fires at every draw can
+        # be ruled out here: tests/test_newton_gate.py's strict xfail, docs/model-matrix.md, stop 66's review)
         hopeless = se * math.sqrt(first / per * few.shape[0] / pts.shape[0]) * z > limit * g2 or not quiet
         if not fires and not hopeless and (first < per or few.shape[0] < pts.shape[0]):
             (est, se), used = estimate(pts, per), per
