@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=A.positive_int, default=1)
     ap.add_argument("--chain-cache", type=Path, default=None, help="model_matrix.py's chain cache folder")
     args = ap.parse_args(argv)
+    if args.other == U.NEWTON_GATE_FIRST_DRAWS:  # one count against itself: one set of runs, banks "equal" trivially
+        ap.error(f"--other must differ from the library's NEWTON_GATE_FIRST_DRAWS ({U.NEWTON_GATE_FIRST_DRAWS})")
     torch.set_num_threads(args.threads)
     counts = (U.NEWTON_GATE_FIRST_DRAWS, args.other)
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -58,6 +58,8 @@ CASES = [
     ("regression_newton.py", ["--variants", "bogus"], "--variants"),
     ("regression_newton.py", ["--seeds", "x"], "--seeds"),
     ("regression_newton.py", ["--threads", "0"], "--threads"),
+    ("gate_first_look.py", ["--other", "2"], "--other"),  # the library's own count: compared with itself
+    ("gate_first_look.py", ["--models", "bogus"], "--models"),
 ]
 
 
