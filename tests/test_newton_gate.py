@@ -29,9 +29,8 @@ _DELTA = 0.1  # the pseudo-Huber loss's width
 _CAUCHY = 0.5  # the Cauchy loss's width
 
 
-class _Cauchy(torch.nn.Module):
-    """Linear regression with the Cauchy loss ``log(1 + (r/δ)²)`` (its curvature negative beyond ``|r| = δ``),
-    prior N(0, 1)."""
+class _Line(torch.nn.Module):
+    """A line's two weights (float64), prior N(0, 1); the loss is the subclass's ``nll``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,21 +38,19 @@ class _Cauchy(torch.nn.Module):
 
     def log_prior(self) -> torch.Tensor:
         return -0.5 * (self.w**2).sum()
+
+
+class _Cauchy(_Line):
+    """Linear regression with the Cauchy loss ``log(1 + (r/δ)²)`` (its curvature negative beyond ``|r| = δ``),
+    prior N(0, 1)."""
 
     def nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         return torch.log1p(((y - x @ self.w) / _CAUCHY) ** 2)
 
 
-class _Huber(torch.nn.Module):
+class _Huber(_Line):
     """Linear regression with the pseudo-Huber loss ``δ²(√(1 + (r/δ)²) − 1)``, prior N(0, 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
-
-    def log_prior(self) -> torch.Tensor:
-        return -0.5 * (self.w**2).sum()
 
     def nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
