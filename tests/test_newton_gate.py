@@ -537,3 +537,55 @@ def test_the_first_looks_not_fired_agrees_with_the_whole_groups_at_every_draw(mo
     whole = verdict()
     assert whole.startswith("fired") and " on 40 of 340 rows" in whole, whole
     assert look.startswith("fired"), look
+
+
+def test_a_stream_giving_each_row_once_a_pass_fires_only_where_the_exact_gap_is_within(monkeypatch) -> None:
+    """A linear regression (20 parameters, 200 remaining rows) through an iterator giving every row once a pass, a
+    one-sample bank off the old mode with ``‖e₀‖²`` in closed form just over the threshold (0.119·‖G‖²), the first
+    signal forced: the ``8·n`` rows are 8 copies of the data, so the groups' terms at ``θ̄`` sum to the whole data's
+    and the pair estimate reads ``‖e₀‖²`` less the sample's own error (0.039 = 0.119 − 0.081, to the printed digits).
+    At ``newton_gate=1`` that fired (0.039 + 0.069 below 0.111); judged with the sample's error it does not, and the
+    bank is the gate-off one."""
+    d, n, r = 20, 200, 20
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + r, d, generator=g, dtype=torch.float64)
+    w_true = torch.randn(d, generator=g, dtype=torch.float64)
+    y = x @ w_true + 0.6 * torch.randn(n + r, generator=g, dtype=torch.float64)
+    y[n:] += 3.0  # the removed rows off the line
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+
+        def log_prior(self) -> torch.Tensor:
+            return -0.5 * (self.w**2).sum()
+
+        def nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return 0.5 * (batch[1] - batch[0] @ self.w) ** 2
+
+    w_old = torch.linalg.solve(x.T @ x + torch.eye(d, dtype=torch.float64), x.T @ y)
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    bank = (w_old + 0.059 * v / v.norm())[None]
+    e0 = (x.T @ x + torch.eye(d, dtype=torch.float64)) @ (bank[0] - w_old)  # ∇F(θ, S) at the bank
+    G = x[n:].T @ (x[n:] @ bank[0] - y[n:])  # the removed rows' gradient
+    gap2 = float(e0.norm() / G.norm()) ** 2
+    assert U.NEWTON_AUTO_BANK_GAP**2 < gap2 < 0.12, gap2
+    monkeypatch.setattr(U.MCMCUnlearner, "_undamped_overshoots", lambda self, trials, info: True)
+
+    def run(**kw) -> tuple[torch.Tensor, dict]:
+        def passes():  # every remaining row once a pass, in one order
+            while True:
+                for i in range(0, n, 25):
+                    yield x[i : i + 25], y[i : i + 25]
+
+        un = MCMCUnlearner(Linear(), bank=bank.clone(), solver="exact", curvature_draws=1, check_rows=50, **kw)
+        return un.bank, un.remove((x[n:], y[n:]), passes(), n_remaining=n).info
+
+    (gated, info), (off, _) = run(newton_gate=1), run(newton_gate=0)
+    said = info["newton_gate"]
+    assert said.startswith("not fired: the bank's gap") and "judged with the gap" in said, said
+    est = float(said.split("= ")[1].split(" ±")[0])
+    noise = float(said.split("own error ‖·‖² = ")[1].split(" ·")[0])
+    assert est + noise == pytest.approx(gap2, rel=0.01), (est, noise, gap2)
+    assert torch.equal(gated, off)

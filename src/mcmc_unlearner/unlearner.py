@@ -8067,14 +8067,20 @@ class MCMCUnlearner:
 
         Rows that cannot be listed (a plain iterator of minibatches; not under ``torch.distributed``):
         :meth:`_gap_sample` reads ``NEWTON_GATE_STREAM_PASSES·n`` rows from the stream, *assumed a with-replacement
-        sample of the remaining rows* (an endless iterator reshuffling each pass is close to one). The groups are then
-        independent: each group's own rows at ``θ̄`` stand for every row's (scaled to ``n``), so the standard error
-        holds their sampling error too, and no finite-population term is added. Where it fires the further steps read
-        ``n`` of the sampled rows in place of every row, their term at ``θ̄`` replaced by the whole sample's (appended
-        to ``sample`` with that offset), so their target carries the sample's error at ``θ̄``: the gate fires only
-        where its expected ``‖·‖²`` (the groups' spread at ``θ̄`` over ``B``) is within the threshold too. A sample's
-        groups are measured one at a time (each its ``n`` rows at ``θ̄``, ``NEWTON_GATE_STREAM_PASSES`` gradient
-        passes over ``n`` rows in all, and its first look), and the estimate stops, not fired, as soon as
+        sample of the remaining rows*. The groups are then independent: each group's own rows at ``θ̄`` stand for
+        every row's (scaled to ``n``), so the standard error holds their sampling error too, and no finite-population
+        term is added. Where it fires the further steps read ``n`` of the sampled rows in place of every row, their
+        term at ``θ̄`` replaced by the whole sample's (appended to ``sample`` with that offset), so their target
+        carries the sample's error at ``θ̄``: the gate fires only where its expected ``‖·‖²`` (the groups' spread at
+        ``θ̄`` over ``B``, ``noise``) is within the threshold, and ``est + noise + z·se`` is too. The pair estimate is
+        ``‖ū‖²`` less ``noise`` (an identity): on a with-replacement sample ``est + noise`` estimates
+        ``E‖e₀ + ε‖²``, the gap the further steps chase on the sample (``ε`` their target's error); on a stream
+        giving each row once a pass (an endless iterator reshuffling each pass: *not* a with-replacement sample, the
+        ``8·n`` rows nearly 8 copies of the data, the groups' terms at ``θ̄`` summing to the whole data's) ``est``
+        alone reads ``‖e₀‖² − noise`` and ``est + noise`` reads ``‖e₀‖²`` (stop 66's review: a linear regression
+        whose exact ``‖e₀‖²`` was 0.119·‖G‖², over the threshold, fired at ``newton_gate=1`` on ``est`` alone).
+        A sample's groups are measured one at a time (each its ``n`` rows at ``θ̄``, ``NEWTON_GATE_STREAM_PASSES``
+        gradient passes over ``n`` rows in all, and its first look), and the estimate stops, not fired, as soon as
         :func:`_gap_early_stop` finds the verdict clear; where it does not stop, every number is the full estimate's."""
         signal = _gate_signal(info)  # which first signal fired: the refusals below name it
         pts = self._gap_points(k_thetas, n)
@@ -8166,7 +8172,11 @@ class MCMCUnlearner:
         # the further steps' target on the sample: its expected squared sampling error, that of the groups' mean
         noise = sum(float(((a - at_mean).double() ** 2).sum()) for a in at_means) / ((B - 1) * B) if sampled else 0.0
         quiet = noise <= limit * g2  # a sample's: the further steps' target no noisier than the gap allowed
-        fires = est + z * se <= limit * g2 and quiet
+        # ... and the gap with it: the pair estimate is ‖ū‖² less the groups' spread over B(B−1) (an identity), so on
+        # a stream giving each row once a pass (8 passes: the groups' terms at θ̄ sum to the whole data's) it reads
+        # ‖e₀‖² − noise; on a with-replacement sample, est + noise estimates E‖e₀ + ε‖², ε the further steps'
+        # target error at θ̄ (0.0 where the rows are listed: bit for bit as before)
+        fires = est + noise + z * se <= limit * g2 and quiet
         # it decides where it fires, and where even the whole groups at every draw could not: their error taken as at
         # least this one's times √(first/per · few/draws) (a class removal's, hundreds of times the threshold, stop
         # 65); else the whole groups at every draw. Not a bound at fewer draws than the whole: the few draws' own
@@ -8175,12 +8185,12 @@ class MCMCUnlearner:
         hopeless = se * math.sqrt(first / per * few.shape[0] / pts.shape[0]) * z > limit * g2 or not quiet
         if not fires and not hopeless and (first < per or few.shape[0] < pts.shape[0]):
             (est, se), used = estimate(pts, per), per
-            fires = est + z * se <= limit * g2
+            fires = est + noise + z * se <= limit * g2
         of = f"{rows} sampled from the stream for {n}" if sampled else f"{rows}"
         info["newton_gate"] = (
             f"{'fired' if fires else 'not fired'}: the bank's gap estimated at ‖e₀‖² = {est / g2:.3g} ± {se / g2:.3g}"
             f" ·‖G‖² on {used * NEWTON_GATE_GROUPS} of {of} rows (threshold {limit:.3g})"
-            + (f"; the sample's own error ‖·‖² = {noise / g2:.3g} ·‖G‖²" if sampled else "")
+            + (f"; the sample's own error ‖·‖² = {noise / g2:.3g} ·‖G‖², judged with the gap" if sampled else "")
         )
         if fires and sampled:  # the further steps' rows (_newton_iterations): n of the sample, their term at θ̄ replaced
             steps = tuple(t[order[:n]] for t in full)
