@@ -589,3 +589,24 @@ def test_a_stream_giving_each_row_once_a_pass_fires_only_where_the_exact_gap_is_
     noise = float(said.split("own error ‖·‖² = ")[1].split(" ·")[0])
     assert est + noise == pytest.approx(gap2, rel=0.01), (est, noise, gap2)
     assert torch.equal(gated, off)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 6, 7])
+def test_the_early_stops_quantiles_hold_at_a_large_newton_gate(df: int) -> None:
+    """``newton_gate`` is any number ``>= 0``: at ``z`` = 6 to 15 the looks' split error ``Φ(−z)/10`` is 1e-10 to
+    4e-52, and it and the quantiles there match SciPy's (``norm.sf``, ``t.isf``, ``chi2.isf``) to 1e-9 relative. It
+    was ``NormalDist().cdf(−z)`` (``(1 + erf)/2``: one digit at ``z = 8``, 0 from ``z ≈ 8.3``) and the ``t`` tail
+    ``(1 − A)/2`` by subtraction (no digit below 1e-16: the quantile 51% low at ``df = 1``, ``z = 8``); a split error
+    of 0 has no finite quantile."""
+    import functools
+
+    from scipy import stats
+
+    for z in (3.0, 6.0, 8.0, 10.0, 15.0):
+        p = U._split_error(z, 8)
+        assert p == pytest.approx(stats.norm.sf(z) / 10, rel=1e-12), z
+        t = U._upper_quantile(functools.partial(U._t_sf, df), p)
+        assert t == pytest.approx(stats.t.isf(p, df), rel=1e-9), (z, t)
+        c = U._upper_quantile(functools.partial(U._chi2_sf, df), p)
+        assert c == pytest.approx(stats.chi2.isf(p, df), rel=1e-9), (z, c)
+    assert U._upper_quantile(functools.partial(U._t_sf, df), 0.0) == math.inf
