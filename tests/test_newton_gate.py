@@ -610,3 +610,55 @@ def test_the_early_stops_quantiles_hold_at_a_large_newton_gate(df: int) -> None:
         c = U._upper_quantile(functools.partial(U._chi2_sf, df), p)
         assert c == pytest.approx(stats.chi2.isf(p, df), rel=1e-9), (z, c)
     assert U._upper_quantile(functools.partial(U._t_sf, df), 0.0) == math.inf
+
+
+_SAMPLED_MEMORY = r"""
+sys.path.insert(0, sys.argv[3])
+import warnings
+warnings.filterwarnings("ignore")
+import test_newton_gate as T
+x, y, removed, old, _ = T.far.__wrapped__()
+W = 32768  # an unused field of 128 KiB a row: the sample's bytes dominate
+
+
+class Padded(T._Huber):
+    def nll(self, batch):
+        return super().nll(batch[:2])
+
+
+def passes():
+    g = torch.Generator().manual_seed(7)
+    while True:
+        for i in torch.randperm(100, generator=g).view(4, 25):
+            yield x[i], y[i], torch.zeros(25, W)
+
+
+un = MCMCUnlearner(Padded(), bank=old[None].clone(), solver="exact", curvature_draws=1, check_rows=50,
+                   newton_gate=float(sys.argv[2]), memory_budget=budget)
+start = status("VmRSS")
+reset_peak()
+info = un.remove((x[removed], y[removed], torch.zeros(150, W)), passes(), n_remaining=100).info
+print(json.dumps({"added": status("VmHWM") - start, "gate": info.get("newton_gate", "")}))
+"""
+
+
+def test_the_sample_from_the_stream_counts_what_it_holds_against_the_memory_budget() -> None:
+    """The far removal through a reshuffling iterator whose rows carry 128 KiB each (a fresh process, the peak
+    resident set): the estimate's ``8·n`` rows are held twice while they are read (the minibatches and their joined
+    copy), so the request's peak with the gate exceeds the gate-off one's by more than the rows once. Under a budget
+    of 0.9 of what the gate added, the estimate is not made and the report says why (counting the rows once, 138 MB,
+    it ran under a ~160 MB budget and added ~178 MB; twice: 243 MB)."""
+    from pathlib import Path
+
+    from _memory_helpers import measured, opening
+
+    script = opening() + _SAMPLED_MEMORY
+    here = str(Path(__file__).resolve().parent)
+    off = measured(script, str(2**40), "0", here, timeout=300)
+    on = measured(script, str(2**40), "3", here, timeout=300)
+    assert on["gate"].startswith("fired"), on
+    added = on["added"] - off["added"]
+    assert added > 800 * 32768 * 4, added  # more than the sample's rows once
+    tight = measured(script, str(int(0.9 * added)), "3", here, timeout=300)
+    assert tight["gate"].startswith("not fired: the undamped step overshot, but the estimate's"), tight
+    assert "over the memory budget" in tight["gate"], tight

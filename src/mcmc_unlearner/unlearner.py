@@ -8033,7 +8033,8 @@ class MCMCUnlearner:
         as the safety check's further rows are read: :meth:`_check_rows`; cut to that count), for :meth:`_gap_gate`;
         ``None``, with ``info["newton_gate"]`` saying why, where two draws' gradients on ``n`` rows, or one draw's on
         the sample, exceed ``NEWTON_ROW_DRAWS`` row-gradients, where they and the estimate would not fit the memory
-        budget (counted before any is read, at the check's rows' bytes per row), or where a one-pass iterator ran out
+        budget (counted before any is read, at the check's rows' bytes per row, twice: the minibatches and their
+        joined copy), or where a one-pass iterator ran out
         (the minibatches it gave are spent, nothing else changed: the request goes on as with the gate off)."""
         m = NEWTON_GATE_STREAM_PASSES * n
         pts = self._gap_points(k_thetas, n)
@@ -8045,8 +8046,11 @@ class MCMCUnlearner:
                 else f"the {m} rows it samples from the stream exceed {NEWTON_ROW_DRAWS} row-gradients at one draw"
             )
         else:
+            # the rows twice: the minibatches read and their joined copy are held together (torch.cat); after it, the
+            # sample and a group's copy of n rows (stop 66's review: counted once, the estimate added 342 MB to a
+            # request where it counted 243)
             per_row = sum(t[:1].numel() * t.element_size() for t in check.rows)
-            need = _gap_gate_bytes(pts) + m * per_row
+            need = _gap_gate_bytes(pts) + 2 * m * per_row
             if need > self.memory_budget:
                 why = (
                     f"the estimate's {need / 1e6:.3g} MB ({m} rows sampled from the stream, a pass of them and the "
