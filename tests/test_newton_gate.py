@@ -160,6 +160,38 @@ def test_an_indefinite_curvature_counts_as_the_signal_and_the_default_lands_on_t
     assert float((un.bank[0] - new).norm() / (new - old).norm()) < float((one - new).norm() / (new - old).norm())
 
 
+class _Twin(_Huber):
+    """The pseudo-Huber regression on three inputs, the third a copy of the first, the prior N(0, 1) on the second
+    weight only: the Hessian is positive semi-definite with an exact zero eigenvalue (along ``(1, 0, −1)``) that
+    rounding leaves at or just below zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def log_prior(self) -> torch.Tensor:
+        return -0.5 * self.w[1] ** 2
+
+
+def test_a_positive_semidefinite_curvature_is_not_read_as_indefinite(far) -> None:
+    """A zero eigenvalue that rounding puts at or below zero makes the damping search start above 0 (no damping is
+    solvable below the eigendecomposition's rounding level), as an indefinite one does; but the curvature is not
+    indefinite, and the least-damped trial (10⁻⁶ of the largest eigenvalue) is the undamped step along every
+    direction the removal moves. The signal stays the undamped step's: not "the curvature is indefinite" (which it
+    read before, firing the estimate)."""
+    x, y, removed, old, _ = far
+    x3 = torch.cat([x, x[:, :1]], 1)
+    bank = torch.cat([old, torch.zeros(1, dtype=old.dtype)])[None]
+    un = MCMCUnlearner(_Twin(), bank=bank, solver="exact", newton_steps=1, curvature_draws=1)
+    info = un.forget(removed, RemovableDataset(x3, y, batch_size=x.shape[0], seed=0)).info
+    w = un.curvature._eig[0]
+    assert float(w[0]) <= un.curvature._eig_floor() and un.curvature.min_damping() > 0  # the search starts above 0
+    assert float(w[0]) > -1e-9 * float(w[-1])  # at the rounding level: not a negative curvature
+    assert _trial(info)[0] <= 1.5 * un.curvature.min_damping() * (1 + 1e-9)  # its least-damped trial at that floor
+    assert not info.get("newton_gate_signal", "").startswith("the curvature is indefinite"), info
+    assert un.curvature.clear_negative_eigenvalue() == 0
+
+
 def test_the_default_is_the_influence_step_where_the_quadratic_model_holds(region) -> None:  # noqa: F811
     """The logistic region removal: one step is 2% short, but its undamped step measured what the model predicted,
     so no gap estimate is made (the conjugate case's exact step likewise) and the bank is the influence step's."""

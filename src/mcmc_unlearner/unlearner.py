@@ -8005,7 +8005,11 @@ class MCMCUnlearner:
             return False
         low = min(measured, key=lambda h: h["damping"])
         floor = self.curvature.min_damping()
-        if floor > 0 and low["damping"] <= 1.5 * floor * (1 + 1e-9):  # DampingControl._search's least damping
+        # DampingControl._search's least damping, where the curvature is clearly indefinite: a positive semi-definite
+        # one whose zero eigenvalue rounded below zero also starts the search above 0, but at a damping that leaves
+        # its trial the undamped step's on every direction the removal moves
+        at_floor = floor > 0 and low["damping"] <= 1.5 * floor * (1 + 1e-9)
+        if at_floor and self.curvature.clear_negative_eigenvalue() > 0:
             info["newton_gate_signal"] = (
                 f"the curvature is indefinite (no undamped step: the least-damped trial, damping {low['damping']:.3g}, "
                 f"sat just above its most negative eigenvalue)"

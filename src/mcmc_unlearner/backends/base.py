@@ -156,6 +156,12 @@ class CurvatureBackend:
         """Smallest damping known to make ``H + λI`` positive definite (0 when unknown or already PD)."""
         return 0.0
 
+    def clear_negative_eigenvalue(self) -> float:
+        """Minus the curvature's least eigenvalue where it is clearly negative, beyond the rounding of the matrix's
+        own dtype (0 where it is not, or where the backend does not know it): an indefinite curvature, not a
+        positive semi-definite one whose zero eigenvalue rounding put below zero."""
+        return 0.0
+
     def commit(self) -> None:
         """The request was applied: keep what :meth:`prepare` built for the next request (default: nothing)."""
 

@@ -158,6 +158,13 @@ class DenseBackend(CurvatureBackend):
         lo = float(w[0])
         return 0.0 if lo > self._eig_floor() else -lo + 1e-6 * float(w.abs().max())
 
+    def clear_negative_eigenvalue(self) -> float:
+        # the matrix's own rounding (a float32 Hessian's entries carry float32's), not only the float64 eigh's
+        w = self._eig[0]
+        eps = torch.finfo(self.M.dtype if self.M is not None else torch.float64).eps
+        lo, level = float(w[0]), w.numel() * eps * max(float(w.abs().max()), 1e-300)
+        return -lo if lo < -level else 0.0
+
     def transport(self, damping: float) -> torch.Tensor:
         """``T = (A' + λ)^{-1/2} (A + λ)^{1/2}``: the exact Gaussian transport from the old precision ``A`` to the
         new ``A'`` (``bank_shift="affine"``), with the request's damping on both.
