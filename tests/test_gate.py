@@ -95,14 +95,19 @@ def test_the_gate_and_the_library_agree_on_shifts_below_the_float_resolution():
     assert "floating-point resolution" in p
 
 
-@pytest.mark.parametrize(("actual", "unresolved"), [(0.5, True), (-1.9, True), (10.0, False), (-10.0, False)])
+@pytest.mark.parametrize(
+    ("actual", "unresolved"), [(0.5, True), (-1.9, True), (3.8, True), (-3.8, True), (10.0, False), (-10.0, False)]
+)
 def test_a_least_damped_step_whose_measured_change_is_clear_is_not_called_unresolved(actual, unresolved):
     """``info["unresolved"]`` (which lets a search's step damped below the resolution pass as changing nothing
     measurable) says the check cannot tell the least damped step from no step. Its predicted change (−1.5, the
     undamped Newton step of ``H = I₃``, ``G = (1, 1, 1)``) within two standard errors (1.0) is not enough: a
-    measured change beyond them (the quick matrix's LeNet-5, seed 1: K-FAC's undamped step raised the energy by
-    5.0·10⁸ ± 3.7·10⁷, then the slope test damped the step to norm 3·10⁻⁷) was rejected on a measurement, and the
-    no-op is refused (``quality_problems``), not passed as unresolved."""
+    measured change clearly beyond them (the quick matrix's LeNet-5, seed 1: K-FAC's undamped step raised the energy
+    by 5.0·10⁸ ± 3.7·10⁷, then the slope test damped the step to norm 3·10⁻⁷) was rejected on a measurement, and the
+    no-op is refused (``quality_problems``), not passed as unresolved. "Clearly" is beyond
+    ``UNRESOLVED_MEASURED_Z`` (5) errors, not two: the check's ``stderr`` is its rows' alone, and 80 steps below the
+    float32 resolution of a digits MLP (predicted changes 10⁻¹⁶–10⁻⁵ of an error; the next test) measured
+    ``actual/stderr`` with a spread of 1.3, up to ±3.8 (±3.8 here: unresolved, refused at two errors)."""
     from types import SimpleNamespace
 
     from mcmc_unlearner.step import Measurement
@@ -335,7 +340,23 @@ def test_a_few_rows_whose_effect_the_check_cannot_resolve_are_applied_not_refuse
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank)
     first = un.forget(order[:8], data)
     assert first.passed
+    step, said = un.control.step, []
+
+    def step_and_probe(backend, G, check, *args, **kwargs):
+        """The request's search, then its check asked of 80 least damped steps whose effect is far below the float32
+        resolution (random directions at 10⁻²–10⁻⁶ of ``G``'s size): every one is "unresolved". At two errors on the
+        measured change (stop 66) 5 of them were refused, their ``actual`` 2.0–3.8 of the rows' errors from 0."""
+        out = step(backend, G, check, *args, **kwargs)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(0 if said else 80):  # (once: the reused curvature drifted, and step() is called again)
+            u = torch.randn(G.shape, generator=gen, dtype=G.dtype) * G.norm() / G.numel() ** 0.5
+            said.append(un._unresolved(check, u * 10 ** (-2 - 4 * torch.rand((), generator=gen).item())))
+        return out
+
+    un.control.step = step_and_probe  # type: ignore[method-assign]
     small = un.forget(order[8:16][order[8:16] % 2 == 1][:3], data)  # refused with QualityError before
+    del un.control.step
+    assert len(said) == 80 and all(why is not None for why in said)
     assert small.passed and small.problems == []
     if "unresolved" in small.info:  # the case this test was written for (the chain is seeded, the search noisy)
         assert "within two of the standard errors" in small.info["unresolved"]

@@ -923,6 +923,13 @@ def _one_per_row(nll: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[n
     return rows
 
 
+#: ``info["unresolved"]`` (:meth:`MCMCUnlearner._unresolved`): the least damped step's measured change is "clear", a
+#: measurement and not noise, beyond the rounding and this many of the check's standard errors. That error is the rows'
+#: alone (the check's few draws add theirs): 80 steps below the float32 resolution of a digits MLP (their predicted
+#: changes 10⁻¹⁶–10⁻⁵ of an error) measured ``actual/stderr`` spread 1.3, up to ±3.8 (tests/test_gate.py); the quick
+#: matrix's LeNet-5 (seed 1), rejected on a measurement, read a rise of 5.0·10⁸ against errors of 1.8–3.7·10⁷ (14–27).
+UNRESOLVED_MEASURED_Z = 5.0
+
 #: Posterior draws of the safety check by default (``MCMCUnlearner(check_draws=...)``; fewer where the bank is smaller,
 #: recorded as ``report.info["check_draws_capped"]``).
 CHECK_DRAWS = 8
@@ -7399,13 +7406,14 @@ class MCMCUnlearner:
     def _unresolved(self, check: EnergyCheck, G: torch.Tensor) -> str | None:
         """Why a request whose search damped its step below the parameters' resolution has no effect the safety
         check can resolve, or ``None``: the least damped step's predicted change of the remaining-data energy is
-        within two of the standard errors with which the check measures that very step, and so is the change the
-        check measured there (a few rows from many: the check cannot tell the influence step from no step, so the
-        search damps it on noise). Such a request changes nothing measurable and is not refused for it
-        (``quality_problems``); one more check measurement. A least damped step whose measured change is clear (the
-        quick matrix's LeNet-5, seed 1: K-FAC's undamped step raised the energy by 5.0·10⁸ ± 3.7·10⁷ against a
-        predicted −7.1·10⁴) was rejected on a measurement, not on noise: a search that then damps its step away has
-        not found an effect too small to measure, and the request is refused as changing nothing."""
+        within two of the standard errors with which the check measures that very step, and the change the check
+        measured there is within :data:`UNRESOLVED_MEASURED_Z` of them, less the rounding (a few rows from many: the
+        check cannot tell the influence step from no step, so the search damps it on noise). Such a request changes
+        nothing measurable and is not refused for it (``quality_problems``); one more check measurement. A least
+        damped step whose measured change is clear (the quick matrix's LeNet-5, seed 1: K-FAC's undamped step raised
+        the energy by 5.0·10⁸ ± 3.7·10⁷ against a predicted −7.1·10⁴) was rejected on a measurement, not on noise: a
+        search that then damps its step away has not found an effect too small to measure, and the request is
+        refused as changing nothing."""
         floor = self.curvature.min_damping()
         lam = floor * 1.5 if floor > 0 else 0.0
         try:
@@ -7420,7 +7428,7 @@ class MCMCUnlearner:
         if not (
             math.isfinite(meas.stderr)
             and abs(pred) <= 2.0 * meas.stderr
-            and abs(meas.actual) <= res + 2.0 * meas.stderr
+            and abs(meas.actual) <= res + UNRESOLVED_MEASURED_Z * meas.stderr
         ):
             return None
         return (
