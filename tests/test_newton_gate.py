@@ -712,7 +712,8 @@ class _Gaussian(_Twin):
     strict=True,
     reason="stop 66: the sound rule (rule out at the look only where it looked at every draw) was measured and not "
     "taken: it sent every class removal to the whole groups at every draw (the quick matrix's LeNet-5 / BN-CNN / "
-    "transformer gate 0.10-0.14 -> 0.23-0.80 CPU s, verdicts the same; the ResNet not measured, an estimated 1-2 epochs more); the old rule "
+    "transformer gate 0.10-0.14 -> 0.23-0.80 CPU s, verdicts the same; the ResNet not measured, an estimated 1-2 "
+    "epochs more); the old rule "
     "errs toward the influence step alone (docs/model-matrix.md, 'a cheaper first look')",
 )
 def test_a_few_draws_look_does_not_rule_out_the_whole_groups(monkeypatch) -> None:
