@@ -156,6 +156,8 @@ def test_a_removal_with_an_exactly_zero_gradient_warns() -> None:
     with pytest.warns(UserWarning, match="nothing to remove: the gradient of the removed rows' nll is exactly 0"):
         prop = un.propose((x[:6], w[:6]), (x[6:], w[6:]))
     assert prop.report.info["zero_gradient"] is True
+    # the Newton gate's threshold is a share of ‖G‖²: with G = 0 it says so (it divided by zero, stop 66's integration)
+    assert prop.report.info["newton_gate"].endswith("the removed rows' gradient G is exactly zero")
     # rows with a gradient: no such warning
     un = MCMCUnlearner(model, None, nll=nll, log_prior=_prior, bank=bank)
     with warnings.catch_warnings(record=True) as seen:

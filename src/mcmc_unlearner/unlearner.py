@@ -8125,6 +8125,9 @@ class MCMCUnlearner:
         gradient passes over ``n`` rows in all, and its first look), and the estimate stops, not fired, as soon as
         :func:`_gap_early_stop` finds the verdict clear; where it does not stop, every number is the full estimate's."""
         signal = _gate_signal(info)  # which first signal fired: the refusals below name it
+        if not float(G.double().norm()) > 0:  # the threshold is a share of ‖G‖²: no gap can be judged against 0
+            info["newton_gate"] = f"not fired: {signal}, but the removed rows' gradient G is exactly zero"
+            return False
         pts = self._gap_points(k_thetas, n)
         need = 0 if pts is None else _gap_gate_bytes(pts)
         if need > self.memory_budget:
