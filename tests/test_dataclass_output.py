@@ -104,3 +104,12 @@ def test_a_request_emptying_a_label_the_check_cannot_read_warns() -> None:
         named = removed is gone
         assert len(said) == int(named) and str(prop.report.info["emptied_labels"]).startswith("not checked")
         assert all("hold label 3, which none of the" in w for w in said)
+    # where every removed label is among the rows read, the generic warning once per unlearner (stop 65's check)
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    for expected in (1, 0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prop = un.propose((x[:3], y[:3]), stream(), n_remaining=int((~gone).sum()))
+        said = [str(w.message) for w in caught if "the emptied-label check did not run" in str(w.message)]
+        assert len(said) == expected and str(prop.report.info["emptied_labels"]).startswith("not checked")
+        assert not any("which none of the" in w for w in said)
