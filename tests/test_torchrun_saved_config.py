@@ -15,11 +15,13 @@ import torch
 
 from mcmc_unlearner import SGLD, MCMCUnlearner, RemovableDataset
 from mcmc_unlearner.datasets import make_gmm_2d
+from mcmc_unlearner.distributed import GATE_OFF
 from mcmc_unlearner.models.gmm import GaussianMixture
 from mcmc_unlearner.samplers import run_chain
 from mcmc_unlearner.service.checkpoint import save_model
 from mcmc_unlearner.service.deletion import forget
 from mcmc_unlearner.service.specs import gmm_data_spec, gmm_model_spec
+from mcmc_unlearner.unlearner import NEWTON_GATE_Z
 
 
 def _save(path: Path, **options) -> Path:
@@ -81,7 +83,10 @@ def test_a_torchrun_request_leaves_autos_dense_weighing_pending(tmp_path):
     """A folder whose ``solver='auto'`` took the dense Hessian and has not weighed it yet (saved before its first
     request): a request under torchrun runs the dense solver unweighed (the weighing runs in one process), and
     the folder's flag came out False, so no later request weighed it (stop 59's review). Now it stays pending, and
-    the next request in one process weighs it."""
+    the next request in one process weighs it.
+
+    The same request's ledger entry records the ``newton_gate`` that ran: 0 (off), with the reason in its info; it
+    said the folder's 3, which no rank ran (stop 66's review). The folder keeps its 3 for requests in one process."""
     folder = _save(tmp_path / "m")
     pending = json.loads((folder / "manifest.json").read_text())["unlearner_state"]["dense_weigh_pending"]
     assert pending == {"curvature_draws": True, "recenter_every": True, "refresh_every": True}
@@ -89,6 +94,12 @@ def test_a_torchrun_request_leaves_autos_dense_weighing_pending(tmp_path):
     assert run.returncode == 0, run.stderr[-1500:]
     state = json.loads((folder / "manifest.json").read_text())["unlearner_state"]
     assert state["grad_draw_round"] == 1 and state["dense_weigh_pending"] == pending  # was False: never weighed
+    (entry,) = [
+        e for e in map(json.loads, (folder / "ledger.jsonl").read_text().splitlines()) if e["event"] == "forget"
+    ]
+    assert entry["config"]["newton_gate"] == 0.0, entry["config"]  # was 3.0
+    assert entry["info"]["newton_gate"] == GATE_OFF, entry["info"]
+    assert json.loads((folder / "manifest.json").read_text())["unlearner"]["newton_gate"] == NEWTON_GATE_Z
     out = forget(folder, [4, 5], request_id="one-process")
     assert "dense_cost" in out.report.info, out.report.info  # weighed (and kept: the estimate is recorded)
     assert json.loads((folder / "manifest.json").read_text())["unlearner_state"]["dense_weigh_pending"] is False

@@ -88,6 +88,18 @@ Group = Any  # torch.distributed.ProcessGroup or None (the default group)
 
 
 # ---------------------------------------------------------------------------------------------- launch
+#: ``info["newton_gate"]`` under :class:`DistributedUnlearner`, where the gate is off
+GATE_OFF = "off: not under DistributedUnlearner (a shard cannot list every remaining row)"
+
+
+def ran_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a request under torchrun ran with, as its ledger entry records it: the folder's
+    ``config`` with ``newton_gate`` 0 (off: :func:`apply_request` builds the ranks' unlearner without it). The
+    entry said the folder's 3 (the default), which no rank ran (stop 66's review); the folder keeps its value for
+    requests in one process."""
+    return {**config, "newton_gate": 0.0}
+
+
 def launched() -> bool:
     """True when started by ``torchrun`` (or similar) with more than one process (``WORLD_SIZE > 1``)."""
     try:
@@ -631,7 +643,7 @@ class DistributedUnlearner(MCMCUnlearner):
         """``newton_gate`` is off here (its estimate lists every remaining row): never fires, and where one process
         would have looked (``newton_target="equilibrium"``), ``info["newton_gate"]`` says why."""
         if self.newton_target == "equilibrium":
-            info["newton_gate"] = "off: not under DistributedUnlearner (a shard cannot list every remaining row)"
+            info["newton_gate"] = GATE_OFF
         return False
 
     def load_curvature_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -1312,6 +1324,8 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     dun.generator.set_state(un.generator.get_state())
     dun.load_curvature_state(*un.curvature_state())
     report = dun.forget(ids, shard, strict=False)
+    if un.newton_gate:  # the folder's gate did not run: said where the search did not reach the gate (ran_config)
+        report.info.setdefault("newton_gate", GATE_OFF)
     data.load_state_dict(shard.state_dict())
     probe = un._dense_probe  # solver='auto''s weighing of its dense build, pending (it runs in one process only)
     un.reset_curvature()  # the state loaded with it is replaced by the request's below

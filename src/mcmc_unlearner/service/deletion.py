@@ -211,6 +211,7 @@ def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, setting
     extra = {
         k: (None if isinstance(info[k], float) and not math.isfinite(info[k]) else info[k]) for k in step if k in info
     }
+    config = checkpoint.unlearner_config(un)
     return {
         "event": "forget",
         "request_id": rid,
@@ -229,7 +230,8 @@ def _entry(rid: str, id_list: list[int], report: RemovalReport, un: Any, setting
         "expectation": report.expectation,
         "hessian": report.hessian,
         "bank_shift": report.bank_shift,
-        "config": checkpoint.unlearner_config(un),
+        # what ran: under torchrun the ranks' unlearner, without the folder's newton_gate (distributed.ran_config)
+        "config": distributed.ran_config(config) if distributed.launched() else config,
         "overrides": dict(settings),
         "info": {k: _json_number(v) for k, v in info.get("info", {}).items()},
         "quality": quality,
