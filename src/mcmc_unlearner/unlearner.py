@@ -8004,7 +8004,8 @@ class MCMCUnlearner:
         the search starts just above that eigenvalue (:meth:`DampingControl._search`), and a trial there fitting its
         model says nothing about the undamped step. Stop 66: on small tanh, GELU and Poisson regressions (the exact
         solver, 369-746 parameters) the gate never estimated; now the estimate fired on 5 of their 6 runs and the
-        kept RMSE went from 14-164% off retraining's to -16-+71%. There the signal counts as fired and the estimate
+        kept RMSE went from +15% to +164% off retraining's to -16% to +80% (the tanh network's seed 0, not fired,
+        stayed at +80%; docs/model-matrix.md, stop 66's probe). There the signal counts as fired and the estimate
         decides (``info["newton_gate_signal"]`` says which)."""
         if not self.newton_gate or self.newton_target != "equilibrium" or self.custom_energy:
             return False
