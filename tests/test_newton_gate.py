@@ -499,6 +499,57 @@ def test_the_early_stop_rules() -> None:
     assert U._gap_early_stop(small, quiet, 8, 0.1, 3.0, 1.0) is None
 
 
+def _rule_texts() -> dict[str, str]:
+    """Each early-stop rule's own reason, as ``_gap_early_stop`` gives it on groups that stop by that rule alone."""
+    g = torch.Generator().manual_seed(0)
+    quiet = [torch.zeros(3, dtype=torch.float64)] * 3
+    spread = [torch.zeros(3, dtype=torch.float64), torch.tensor([8.0, 0.0, 0.0], dtype=torch.float64)]
+    large = 100 + 0.01 * torch.randn(3, 3, generator=g, dtype=torch.float64)  # est ≈ 3·10⁴, se ≈ 1
+    texts = {
+        "certain": U._gap_early_stop(torch.zeros(2, 3), spread, 8, 0.5, 3.0, 1.0),
+        "hopeless": U._gap_early_stop(100 * torch.randn(3, 3, generator=g, dtype=torch.float64), quiet, 8, 0.1, 3, 1),
+        "clearly large": U._gap_early_stop(large, quiet, 8, 0.1, 3.0, 0.0),
+    }
+    assert len(set(texts.values())) == 3 and None not in texts.values(), texts
+    return texts
+
+
+@pytest.mark.parametrize("rule", ["certain", "hopeless", "clearly large"])
+def test_the_early_stops_message_reads_for_every_count(rule: str) -> None:
+    """``info["newton_gate"]`` of an early stop, for one group, two (no estimate: the jackknife needs three; it read
+    "but on 800 rows sampled from the stream for 100 stopped after 2 of 8 groups") and three, a single row at
+    ``θ̄`` counted as one, each with the rule's own reason at the end."""
+    why, signal = _rule_texts()[rule], "the undamped step overshot"
+    said = U._early_stop_said(signal, why, 1, 8, 1, 1, 8, 1, None, 4.0, 0.111)
+    assert said == (
+        "not fired: the undamped step overshot, but the bank's gap was not estimated: its sample of 8 rows from the "
+        f"stream for 1 stopped after 1 of 8 groups (1 row at θ̄; an estimate needs 3 groups): {why}"
+    )
+    said = U._early_stop_said(signal, why, 2, 8, 100, 25, 800, 100, None, 4.0, 0.111)
+    assert said == (
+        "not fired: the undamped step overshot, but the bank's gap was not estimated: its sample of 800 rows from "
+        f"the stream for 100 stopped after 2 of 8 groups (200 rows at θ̄; an estimate needs 3 groups): {why}"
+    )
+    said = U._early_stop_said(signal, why, 3, 8, 100, 25, 800, 100, (2.0, 0.5), 4.0, 0.111)
+    assert said == (
+        "not fired: the bank's gap estimated at ‖e₀‖² = 0.5 ± 0.125 ·‖G‖² on 75 of 800 sampled from the stream for "
+        f"100 rows (threshold 0.111); stopped after 3 of 8 groups (300 rows at θ̄): {why}"
+    )
+
+
+def test_an_iterators_estimate_stopped_at_two_groups_says_so(far, monkeypatch) -> None:
+    """The far removal through the iterator, its estimate stopped by the certain rule after two of its eight groups
+    (the rule forced there): the request's message names the count, the rows read and the reason, no estimate."""
+    _, _, _, old, _ = far
+    why = _rule_texts()["certain"]
+    monkeypatch.setattr(U, "_gap_early_stop", lambda us, *a: why if us.shape[0] == 2 else None)
+    _, info = _from_iterator(far, old[None], None)
+    assert info["newton_gate"] == (
+        "not fired: the undamped step overshot, but the bank's gap was not estimated: its sample of 800 rows from "
+        f"the stream for 100 stopped after 2 of 8 groups (200 rows at θ̄; an estimate needs 3 groups): {why}"
+    )
+
+
 @pytest.mark.parametrize("gap", [0.0, 0.5])
 def test_early_stops_lose_at_most_the_gates_error_rate(gap: float) -> None:
     """The looks' Bonferroni split: Gaussian group estimates (``B = 8``, 4 coordinates, unit spread, ``‖e₀‖²`` 0 or

@@ -1475,6 +1475,42 @@ def _gap_early_stop(
     return None
 
 
+def _counted(k: int, noun: str) -> str:
+    """``k`` and ``noun``, plural unless ``k`` is 1 (``"1 row"``, ``"2 rows"``)."""
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
+def _early_stop_said(
+    signal: str,
+    why: str,
+    k: int,
+    groups: int,
+    whole: int,
+    first: int,
+    rows: int,
+    n: int,
+    gap: tuple[float, float] | None,
+    g2: float,
+    limit: float,
+) -> str:
+    """``info["newton_gate"]`` where :func:`_gap_early_stop` stopped the sample's estimate after ``k`` of ``groups``
+    groups (``why``, its rule): ``whole`` rows at ``θ̄`` each, the first look on ``first`` of them, ``rows`` sampled
+    from the stream for ``n`` remaining rows; ``gap`` the estimate and its standard error (from three groups, else
+    ``None``), ``g2`` ``‖G‖²``. Before one or two groups' stop it read "but on 800 rows sampled from the stream for
+    100 stopped after 2 of 8 groups", with no estimate and no word of why (stop 66's review)."""
+    stopped = f"stopped after {k} of {groups} groups ({_counted(k * whole, 'row')} at θ̄"
+    if gap is None:  # the jackknife needs three groups: no estimate to report
+        return (
+            f"not fired: {signal}, but the bank's gap was not estimated: its sample of {rows} rows from the stream "
+            f"for {n} {stopped}; an estimate needs 3 groups): {why}"
+        )
+    est, se = gap
+    return (
+        f"not fired: the bank's gap estimated at ‖e₀‖² = {est / g2:.3g} ± {se / g2:.3g} ·‖G‖² on {k * first} of "
+        f"{rows} sampled from the stream for {n} rows (threshold {limit:.3g}); {stopped}): {why}"
+    )
+
+
 def damping_history(outcome: StepOutcome) -> str:
     """Every damping trial of a request as ``shape damping:ratio``, joined by ``;``, the taken step's marked
     ``shape damping (taken):ratio`` (``report.info["damping_history"]``).
@@ -8200,13 +8236,9 @@ class MCMCUnlearner:
                 u.append(group_u(b, few, first, prior))
                 why = _gap_early_stop(torch.stack(u), at_means, B, limit * g2, z, project) if b + 1 < B else None
                 if why is not None:
-                    est, se = _gap_estimate(torch.stack(u), first, math.inf) if len(u) >= 3 else (None, None)
-                    info["newton_gate"] = (
-                        f"not fired: the bank's gap estimated at ‖e₀‖² = {est / g2:.3g} ± {se / g2:.3g} ·‖G‖² on "
-                        f"{len(u) * first} of {rows} sampled from the stream for {n} rows (threshold {limit:.3g}); "
-                        if est is not None
-                        else f"not fired: {signal}, but on {rows} rows sampled from the stream for {n} "
-                    ) + f"stopped after {len(u)} of {B} groups ({len(u) * whole} rows at θ̄): {why}"
+                    gap = _gap_estimate(torch.stack(u), first, math.inf) if len(u) >= 3 else None
+                    said = _early_stop_said(signal, why, len(u), B, whole, first, rows, n, gap, g2, limit)
+                    info["newton_gate"] = said
                     info["newton_gate_cpu_seconds"] = time.process_time() - c0
                     log.info("newton gate: %s (%.2f s CPU)", info["newton_gate"], info["newton_gate_cpu_seconds"])
                     return False
