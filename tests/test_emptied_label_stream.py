@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _banks import langevin_bank
-from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner import MCMCUnlearner, stream
 from mcmc_unlearner.service.deletion import _entry
 from mcmc_unlearner.service.ledger import canonical_json
 from mcmc_unlearner.stream import _Stream
@@ -167,3 +167,40 @@ def test_the_ledger_entry_of_such_a_request_records_the_unseen_label() -> None:
     entry = _entry("class-3", ids, report, un, {}, {"passed": True})
     kept = json.loads(canonical_json(entry))["info"]
     assert kept["emptied_labels_unseen"] == "3" and kept["emptied_labels_rows_read"] == stream.rows
+
+
+class _Refilled:
+    """An endless iterator that refills one label tensor in place for every minibatch (as a prefetching loader with
+    fixed buffers may): labels ``0 … 9``, ten rows a minibatch, all one label, the label advancing each time."""
+
+    def __init__(self) -> None:
+        self.x, self.y, self.k = torch.zeros(10, 3), torch.zeros(10, dtype=torch.long), 0
+
+    def __iter__(self) -> _Refilled:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.y.fill_(self.k % 10)
+        self.k += 1
+        return self.x, self.y
+
+
+@pytest.mark.parametrize("pending", [stream.LABELS_PENDING_ROWS, 30])
+def test_the_labels_read_are_counted_without_a_unique_per_minibatch(monkeypatch, pending: int) -> None:
+    """Twenty minibatches of a source refilling its one label tensor in place: every label read is counted (the
+    values copied as read), with one ``torch.unique`` when they are asked for, not one a minibatch (on a GPU each
+    waited for the device; stop 66's review); with the pending rows bounded at 30, one per three minibatches and
+    one for the rest when asked."""
+    monkeypatch.setattr(stream, "LABELS_PENDING_ROWS", pending)
+    calls = []
+    unique = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda t, *a, **kw: calls.append(t.shape[0]) or unique(t, *a, **kw))
+    s = _Stream(_Refilled(), 200)
+    for _ in range(7):
+        next(s)
+    assert len(calls) == (0 if pending > 30 else 2)
+    assert s.seen_labels() == (70, set(range(7)))
+    for _ in range(13):
+        next(s)
+    assert s.seen_labels() == (200, set(range(10)))
+    assert sum(calls) == 200 and len(calls) == (2 if pending > 30 else 8), calls  # each row read once

@@ -430,6 +430,9 @@ def _check_loader_order(loader: Any, warn: bool = True) -> None:
             )
 
 
+#: A request's stream reads the second field's values of the minibatches it counted (``_Stream.seen_labels``) once
+#: this many rows are pending, else when asked: a bound on the copies held (8 bytes a row for int64 labels)
+LABELS_PENDING_ROWS = 1 << 20
 #: Rows each curvature draw gets at least from a data source of small minibatches (pooled; see ``_Stream.stacked``).
 MIN_CURVATURE_ROWS = 32
 
@@ -785,24 +788,46 @@ class _Stream:
         #: ``nll`` reads them there, what a request can say about labels it cannot list (:meth:`seen_labels`)
         self.rows_read = 0
         self._second: set[int] | None = set()
+        #: second fields not yet in ``_second``: copies on their device, read at :meth:`seen_labels` (one
+        #: synchronisation, not one a minibatch) or once they hold ``LABELS_PENDING_ROWS`` rows
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
 
     def _tally(self, batch: Batch) -> Batch:
         """Count ``batch``, read from the source for this request, in :attr:`rows_read` and its second field's
-        values; returns it."""
+        values; returns it. The values are kept as a copy on their device (a source may refill one label tensor in
+        place) and read later (:meth:`_read_pending`): ``torch.unique`` here waited for the device at every
+        minibatch (stop 66's review)."""
         self.rows_read += int(batch[0].shape[0])
         if self._second is not None:
             y = batch[1] if len(batch) > 1 else None
             whole = isinstance(y, torch.Tensor) and y.ndim == 1 and not (y.is_floating_point() or y.is_complex())
             if whole and y.dtype != torch.bool:
-                self._second.update(torch.unique(y).tolist())
+                self._pending.append(y.detach().clone())
+                self._pending_rows += int(y.shape[0])
+                if self._pending_rows >= LABELS_PENDING_ROWS:
+                    self._read_pending()
             else:
-                self._second = None
+                self._second, self._pending, self._pending_rows = None, [], 0
         return batch
+
+    def _read_pending(self) -> None:
+        """Move the pending second fields' values into ``_second``: one ``torch.unique`` (one synchronisation) per
+        device and dtype they come in (joined as given: no conversion)."""
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for t in self._pending:
+            by_device.setdefault((t.device, t.dtype), []).append(t)
+        for parts in by_device.values():
+            self._second.update(torch.unique(torch.cat(parts)).tolist())
+        self._pending, self._pending_rows = [], 0
 
     def seen_labels(self) -> tuple[int, set[int] | None]:
         """The rows this request read from the source and the values of their second field (``None`` where a
         minibatch's was not a ``[B]`` integer tensor): read from the minibatches the request used, no further pass."""
-        return self.rows_read, None if self._second is None else set(self._second)
+        if self._second is None:
+            return self.rows_read, None
+        self._read_pending()
+        return self.rows_read, set(self._second)
 
     def once(self, name: str, read: Callable[[], Any]) -> Any:
         """``read()``, called on the first use of ``name`` for this stream (one request's remaining data) and kept
