@@ -223,22 +223,30 @@ def test_the_default_is_the_influence_step_where_the_banks_own_gap_dominates(far
     assert torch.equal(gated, one)
 
 
-def _from_iterator(far, bank: torch.Tensor, batches: int | None, **kw) -> tuple[torch.Tensor, dict]:
+def _draws(far, batches: int | None):
     """The far removal's 100 remaining rows as a plain iterator of minibatches of 25 rows, reshuffled every pass
-    (``batches`` of them, ``None``: endless; a seeded generator), the check holding half of them."""
-    x, y, removed, _, _ = far
+    (``batches`` of them, ``None``: endless; a seeded generator)."""
+    x, y, _, _, _ = far
+    g, k = torch.Generator().manual_seed(7), 0
+    while batches is None or k < batches:
+        order = torch.randperm(100, generator=g)
+        for i in order.view(4, 25)[: None if batches is None else batches - k]:
+            yield x[i], y[i]
+        k += 4
 
-    def draws():
-        g, k = torch.Generator().manual_seed(7), 0
-        while batches is None or k < batches:
-            order = torch.randperm(100, generator=g)
-            for i in order.view(4, 25)[: None if batches is None else batches - k]:
-                yield x[i], y[i]
-            k += 4
 
+def _iterator_unlearner(far, bank: torch.Tensor, **kw) -> MCMCUnlearner:
+    """The far removal's unlearner for a request through :func:`_draws`, the check holding half of its rows."""
     kw = {"curvature_draws": 1, "check_rows": 50, **kw}
-    un = MCMCUnlearner(_Huber(), bank=bank.clone(), solver="exact", **kw)
-    report = un.remove((x[removed], y[removed]), draws(), n_remaining=100)
+    return MCMCUnlearner(_Huber(), bank=bank.clone(), solver="exact", **kw)
+
+
+def _from_iterator(far, bank: torch.Tensor, batches: int | None, **kw) -> tuple[torch.Tensor, dict]:
+    """The far removal through :func:`_draws` (``batches`` minibatches, ``None``: endless): the bank after, and
+    the report's info."""
+    x, y, removed, _, _ = far
+    un = _iterator_unlearner(far, bank, **kw)
+    report = un.remove((x[removed], y[removed]), _draws(far, batches), n_remaining=100)
     return un.bank.clone(), report.info
 
 
@@ -287,6 +295,30 @@ def test_a_one_pass_iterator_that_runs_out_gets_the_influence_step_and_says_why(
     assert info["newton_gate"].startswith("not fired: the undamped step overshot, but the remaining-data iterator ran")
     assert "newton_gate_cpu_seconds" not in info
     assert torch.equal(gated, off)
+
+
+def test_a_one_pass_iterator_the_gate_spent_is_refused_at_the_next_request_naming_why(far) -> None:
+    """The twelve minibatches again: the gate's sample reads them to the end, and a second request through the same
+    iterator finds none. It is refused saying the iterator was read to the end before it (by the gate's sample) and
+    how to pass the data instead (it said only that the iterator "ran out"); the bank and the model are unchanged."""
+    x, y, removed, old, _ = far
+    un, source = _iterator_unlearner(far, old[None]), _draws(far, 12)
+    first = un.remove((x[removed], y[removed]), source, n_remaining=100)
+    assert "the remaining-data iterator ran out before" in first.info["newton_gate"], first.info
+    bank, weights, history, state = (
+        un.bank.clone(),
+        un.model.w.detach().clone(),
+        len(un.history),
+        un.generator.get_state(),
+    )
+    with pytest.raises(
+        ValueError, match="gave no minibatch: it is empty, or was read to the end before this request"
+    ) as err:
+        un.remove((x[:5], y[:5]), source, n_remaining=95)
+    assert "newton_gate" in str(err.value) and "a new iterator over the remaining data" in str(err.value)
+    assert str(err.value).endswith("nothing was changed")
+    assert torch.equal(un.bank, bank) and torch.equal(un.model.w, weights) and len(un.history) == history
+    assert torch.equal(un.generator.get_state(), state)
 
 
 def test_a_sampled_bank_estimates_the_full_passs_gap_within_its_error(far) -> None:

@@ -632,6 +632,20 @@ def check_finite_source(source: Any) -> None:
         )
 
 
+def _ran_out(read_any: bool) -> str:
+    """Why a plain remaining-data iterator gave no further minibatch, with the fix: one that gave none at all to this
+    reader was empty or read to the end before (stop 66's review: an earlier request's Newton gate reads ``8·n`` rows
+    from it, and the next request was told only that it "ran out")."""
+    if read_any:
+        return "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
+    return (
+        "the remaining-data iterator gave no minibatch: it is empty, or was read to the end before this request "
+        "(an earlier request's newton_gate samples up to 8·n rows from a plain iterator; its "
+        "report.info['newton_gate'] says where it ran out). Pass a new iterator over the remaining data, an endless "
+        "iterator, or a re-iterable such as the DataLoader itself; nothing was changed"
+    )
+
+
 class IteratorRanOut(ValueError):
     """A plain remaining-data iterator (one that cannot be restarted) gave no further minibatch: a reader that can do
     without its rows (the Newton gate's sample, :meth:`~mcmc_unlearner.unlearner.MCMCUnlearner._gap_gate`) catches
@@ -792,6 +806,7 @@ class _Stream:
         #: synchronisation, not one a minibatch) or once they hold ``LABELS_PENDING_ROWS`` rows
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
+        self._read_any = False  # a minibatch was read from the source (a plain iterator empty from the start: spent)
 
     def _tally(self, batch: Batch) -> Batch:
         """Count ``batch``, read from the source for this request, in :attr:`rows_read` and its second field's
@@ -917,9 +932,7 @@ class _Stream:
             batch = _as_batch(next(self._it), "a remaining-data minibatch")
         except StopIteration:
             if self._again is None:
-                raise IteratorRanOut(
-                    "the remaining-data iterator ran out; pass an endless iterator or a re-iterable (a DataLoader)"
-                ) from None
+                raise IteratorRanOut(_ran_out(self._read_any)) from None
             self._it = new_pass(self._again)
             try:
                 batch = _as_batch(next(self._it), "a remaining-data minibatch")
@@ -928,6 +941,7 @@ class _Stream:
                     "the remaining data yields no minibatches (e.g. an empty list, or a DataLoader with "
                     "drop_last=True over fewer rows than its batch_size): pass a source that yields at least one"
                 ) from None
+        self._read_any = True
         check_finite_batch(batch, "the remaining data", "of a minibatch it gave (numbered within that minibatch)")
         return self._tally(batch)
 
