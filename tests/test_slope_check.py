@@ -65,7 +65,11 @@ def test_the_defaults_do_not_move_the_bank_where_it_is_already_at_the_remaining_
     more than 10 prior standard deviations, a step along which the bank's own remaining energy is lowest at under
     5% of its length. With the defaults the damping grows until the step's slope share passes: the third weight
     moves by less than one prior standard deviation, the first two within 30% of their exact shift, and the bank's
-    energy along the step taken is lowest within a third of its full length."""
+    energy along the step taken is lowest within a third of its full length. (The step taken, at damping 80, passes
+    on its error: its share 0.074 ± 0.071, the bank's exact share along it 0.098, after a failed trial's
+    0.027 ± 0.029 at damping 25. Compared within their errors the two shares do not differ, and the step went to
+    the search without the test, whose undamped step cut to the bank's minimum moved the first two weights by 2% of
+    their exact shift and the third by −0.95: docs/model-matrix.md 'Stop 67'.)"""
     un, forget, draws, m_kept, H_r = _forget(3.0, None)
     plain = forget()
     u = (un.bank - draws).double().mean(0)
@@ -344,6 +348,62 @@ def test_a_step_that_passes_the_slope_test_on_its_error_alone_is_judged_at_the_u
     share = escaped["slope"] / escaped["gx"]
     assert not escaped["slope_failed"] and share < -0.29  # passed on its error alone
     assert any(h["slope_failed"] and h["slope"] / h["gx"] > share for h in out.history)
+
+
+def _constant_share_search(seed: int, slope_eta: float | None) -> tuple[StepOutcome, float]:
+    """A damping search on an exact quadratic model whose bank slope is 10% of ``G·x`` along every step, measured
+    with noise: a part linear in the step (``ξ·x``, ``ξ ~ N(0, 0.02²I)`` drawn once per search: the check's fixed
+    rows and draws) and a floor drawn afresh per measurement (sd 0.002, the rounding's). The reported error is the
+    noise's own sd. The outcome and the undamped step's slope error as a share of its ``G·x``."""
+    from test_step import _QuadraticBackend
+
+    H = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    G = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    xi = 0.02 * torch.randn(3, generator=g, dtype=torch.float64)
+
+    def sd(x: torch.Tensor) -> float:
+        return math.hypot(0.02 * float(x.norm()), 0.002)
+
+    def check(x: torch.Tensor) -> Measurement:
+        gx, quad = float(G @ x), float(x @ H @ x)
+        floor = 0.002 * float(torch.randn((), generator=g, dtype=torch.float64))
+        slope = 0.1 * gx + float(xi @ x) + floor
+        actual = -gx + 0.5 * quad  # the model is exact
+        return Measurement(actual, 0.0, 0.0, direct=actual + gx - slope, direct_stderr=sd(x), nll_scale=1.0,
+                           nll_stderr=0.0)  # fmt: skip
+
+    newton = torch.linalg.solve(H, G)
+    out = DampingControl(slope_eta=slope_eta).step(_QuadraticBackend(H), G, check)
+    return out, sd(newton) / float(G @ newton)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (docs/model-matrix.md 'Stop 67'): _slope_untested compares the slope shares as point "
+    "estimates, and taking their errors into account reroutes the exact bank of "
+    "test_the_defaults_do_not_move_the_bank_where_it_is_already_at_the_remaining_posterior to a worse step",
+)
+def test_a_step_whose_share_is_within_its_error_of_a_failed_trials_is_judged_at_the_undamped_step() -> None:
+    """The bank's share of ``G·x`` is 0.1 along every step: the damping cannot raise it. Trials fail the test until
+    the error floor swamps the shrinking step (damping about 10³, the share's error there about 0.4) and a step
+    passes on its error alone. Compared as point estimates with the failed trials' shares (stop 66), such a step is
+    taken whole in 19 of these 40 seeded searches (its share read above the largest failed one by noise); compared
+    within :data:`SLOPE_Z` errors of their difference (docs/runs/stop67-share-rise.patch), a share no larger keeps
+    it with probability under Φ(−3) = 0.0013 a search, so at most 2 of 40 (2·10⁻⁵ to see 3 or more): 0 of 40. The
+    others take the undamped step cut to the bank's own minimum along it: the measured share plus its 3 errors
+    (``α = (slope + 3σ)/(2·½G·x)``), the measured share within 4 of its errors of the true 0.1."""
+    whole = 0
+    for seed in range(40):
+        out, se = _constant_share_search(seed, SLOPE_ETA)
+        assert out.safe and any(h["slope_failed"] for h in out.history)
+        if out.damping > 0:  # the step that passed on its error, taken whole
+            assert out.length == 1.0
+            whole += 1
+            continue
+        assert out.damping == 0.0 and out.length < 1.0
+        assert abs(out.length - SLOPE_Z * se - 0.1) < 4 * se
+    assert whole <= 2
 
 
 def test_a_relative_newton_steps_slope_is_the_banks_own_along_it_from_where_it_starts(
