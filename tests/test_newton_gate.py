@@ -321,6 +321,29 @@ def test_a_one_pass_iterator_the_gate_spent_is_refused_at_the_next_request_namin
     assert torch.equal(un.generator.get_state(), state)
 
 
+def test_an_iterator_that_gave_only_minibatches_put_back_is_not_said_to_have_given_none(far, monkeypatch) -> None:
+    """A request refused after its read-ahead leaves those minibatches to the next request through the same plain
+    iterator (put back); the iterator held no more. The next request, reading more check rows, reads the four put
+    back and then finds the iterator at its end: it ran out in this request, after giving it minibatches. It was
+    told the iterator "gave no minibatch: it is empty, or was read to the end before this request (an earlier
+    request's newton_gate ...); nothing was changed" (stop 67's review), where the four it was given are gone."""
+    x, y, removed, old, _ = far
+    un, source = _iterator_unlearner(far, old[None]), _draws(far, 4)  # 4: what the request reads ahead
+
+    def refused(*_):
+        raise ValueError("refused after the read-ahead (a stand-in); nothing was changed")
+
+    with monkeypatch.context() as m:
+        m.setattr(MCMCUnlearner, "_grad_draw_count", refused)
+        with pytest.raises(ValueError, match="a stand-in"):
+            un.remove((x[removed], y[removed]), source, n_remaining=100)
+    assert un._held_first is not None and len(un._held_first[1]) == 4  # all four kept for the next request
+    un.check_rows = 100  # two more minibatches than the iterator holds
+    with pytest.raises(ValueError, match="the remaining-data iterator ran out") as err:
+        un.remove((x[removed], y[removed]), source, n_remaining=100)
+    assert "gave no minibatch" not in str(err.value) and "nothing was changed" not in str(err.value)
+
+
 def test_a_sampled_bank_estimates_the_full_passs_gap_within_its_error(far) -> None:
     """256 draws of the old posterior's Laplace approximation (not its equilibrium: the posterior is far from
     Gaussian): the first look (a quarter of each group, 2 draws) neither fires nor rules firing out, and the whole

@@ -806,7 +806,9 @@ class _Stream:
         #: synchronisation, not one a minibatch) or once they hold ``LABELS_PENDING_ROWS`` rows
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
-        self._read_any = False  # a minibatch was read from the source (a plain iterator empty from the start: spent)
+        #: a minibatch was read from the source, or given back to this request (:meth:`put_back`): a plain iterator
+        #: that gives none is empty or spent before the request (:func:`_ran_out`)
+        self._read_any = False
 
     def _tally(self, batch: Batch) -> Batch:
         """Count ``batch``, read from the source for this request, in :attr:`rows_read` and its second field's
@@ -896,6 +898,8 @@ class _Stream:
         if self._held:
             raise RuntimeError("a minibatch is already held")
         self._held.extend(self._tally(b) for b in batches)
+        # given to this request: a source that ends after them ran out in it, not "gave no minibatch" (_ran_out)
+        self._read_any = self._read_any or bool(batches)
 
     def take_held(self) -> list[Batch]:
         """The minibatches read from the source and not yet given (:meth:`peek`, :meth:`read_ahead`), no longer
