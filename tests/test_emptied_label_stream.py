@@ -204,3 +204,18 @@ def test_the_labels_read_are_counted_without_a_unique_per_minibatch(monkeypatch,
         next(s)
     assert s.seen_labels() == (200, set(range(10)))
     assert sum(calls) == 200 and len(calls) == (2 if pending > 30 else 8), calls  # each row read once
+
+
+def test_a_returned_requests_proposal_keeps_no_copies_of_the_labels_read() -> None:
+    """The proposal holds the request's stream (for the data's state): the copies of the labels read, pending their
+    one ``torch.unique``, were kept with it, up to ``LABELS_PENDING_ROWS`` rows (8 MiB of int64 labels on their
+    device, for every proposal held) where nothing asked for them, as through a ``DataLoader`` whose labels are
+    listed (stop 67's review). They are read when the request returns: the same labels, no copy kept."""
+    model, nll, log_prior, bank, x, y = _softmax_regression()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    keep = y != 3
+    loader = DataLoader(TensorDataset(x[keep][:-5], y[keep][:-5]), batch_size=50, shuffle=True)
+    prop = un.propose((x[keep][-5:], y[keep][-5:]), loader)
+    s = prop._data
+    assert s.rows_read > 0 and s._pending == [] and s._pending_rows == 0
+    assert s.seen_labels() == (s.rows_read, {0, 1, 2})

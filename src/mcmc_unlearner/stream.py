@@ -431,7 +431,8 @@ def _check_loader_order(loader: Any, warn: bool = True) -> None:
 
 
 #: A request's stream reads the second field's values of the minibatches it counted (``_Stream.seen_labels``) once
-#: this many rows are pending, else when asked: a bound on the copies held (8 bytes a row for int64 labels)
+#: this many rows are pending, else when asked or the request returns (``_Stream.used``): a bound on the copies held
+#: (8 bytes a row for int64 labels)
 LABELS_PENDING_ROWS = 1 << 20
 #: Rows each curvature draw gets at least from a data source of small minibatches (pooled; see ``_Stream.stacked``).
 MIN_CURVATURE_ROWS = 32
@@ -918,9 +919,13 @@ class _Stream:
     def used(self) -> None:
         """Keep no more the minibatches given since :meth:`read_ahead` (for :meth:`unread`), nor what :meth:`once`
         read: the request that read them returned, and its proposal, which holds this stream, held every one of
-        them (25 copies of a plain iterator's minibatches, freed after their use before; a data set's kept labels)."""
+        them (25 copies of a plain iterator's minibatches, freed after their use before; a data set's kept labels);
+        nor the copies of the labels read (:meth:`_tally`): read now, up to ``LABELS_PENDING_ROWS`` rows held with
+        the proposal otherwise (stop 67's review)."""
         self._given = None
         self._once = {}
+        if self._second is not None:
+            self._read_pending()
 
     def __next__(self) -> Batch:
         batch = self._next()
