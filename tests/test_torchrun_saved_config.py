@@ -103,3 +103,20 @@ def test_a_torchrun_request_leaves_autos_dense_weighing_pending(tmp_path):
     out = forget(folder, [4, 5], request_id="one-process")
     assert "dense_cost" in out.report.info, out.report.info  # weighed (and kept: the estimate is recorded)
     assert json.loads((folder / "manifest.json").read_text())["unlearner_state"]["dense_weigh_pending"] is False
+
+
+def test_a_torchrun_request_names_the_gate_off_only_where_one_process_would_have_looked(tmp_path):
+    """A folder saved with ``newton_target='relative'``: its gate is never consulted, in one process or under
+    torchrun (it decides ``"auto"``'s further steps toward equilibrium). Its torchrun request's ledger entry said
+    ``info.newton_gate`` "off: not under DistributedUnlearner", a reason the request in one process does not have
+    (it says nothing), where ``DistributedUnlearner`` itself says so only for the equilibrium target (stop 67's
+    review). The entry's ``config.newton_gate`` is 0, what ran."""
+    folder = _save(tmp_path / "m", newton_target="relative")
+    run = _torchrun_forget(folder, tmp_path, "3 14 15")
+    assert run.returncode == 0, run.stderr[-1500:]
+    (entry,) = [
+        e for e in map(json.loads, (folder / "ledger.jsonl").read_text().splitlines()) if e["event"] == "forget"
+    ]
+    assert entry["config"]["newton_gate"] == 0.0 and entry["config"]["newton_target"] == "relative", entry["config"]
+    assert "newton_gate" not in entry["info"], entry["info"]
+    assert "newton_gate" not in forget(folder, [4, 5], request_id="one-process").report.info

@@ -1324,7 +1324,9 @@ def apply_request(un: MCMCUnlearner, ids: Sequence[int], data: RemovableDataset)
     dun.generator.set_state(un.generator.get_state())
     dun.load_curvature_state(*un.curvature_state())
     report = dun.forget(ids, shard, strict=False)
-    if un.newton_gate:  # the folder's gate did not run: said where the search did not reach the gate (ran_config)
+    if un.newton_gate and un.newton_target == "equilibrium":
+        # the folder's gate did not run: said where the search did not reach the gate (ran_config); only where one
+        # process would have looked, as DistributedUnlearner says it (newton_target='relative' never looks)
         report.info.setdefault("newton_gate", GATE_OFF)
     data.load_state_dict(shard.state_dict())
     probe = un._dense_probe  # solver='auto''s weighing of its dense build, pending (it runs in one process only)
