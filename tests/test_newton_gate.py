@@ -16,6 +16,7 @@ import torch
 
 import mcmc_unlearner.unlearner as U
 from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+from mcmc_unlearner.step import DampingControl
 from test_newton_auto import _forget, _map, region  # noqa: F401 (a fixture)
 
 pytestmark = [
@@ -859,3 +860,69 @@ def test_a_few_draws_look_does_not_rule_out_the_whole_groups(monkeypatch) -> Non
     assert abs(est) <= 1e-20 * scale and se <= 1e-20 * scale
     # ... where the old rule read the first look as hopeless
     assert se1 * math.sqrt(first / per * few / draws) * 3.0 > U.NEWTON_AUTO_BANK_GAP**2 * scale
+
+
+class _CountedClock:
+    """A CPU clock that advances by counted costs, not time (``U._cpu_seconds``): the request before the further
+    steps (charged at its first damping search) costs ``before`` s and each gradient pass over the remaining rows
+    ``per_pass`` s, so the cost cap decides the same on any machine."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, per_pass: float, before: float = 1.0) -> None:
+        self.t, self.searched = 0.0, False
+        step, gradient = DampingControl.step, U.MCMCUnlearner._equilibrium_gradient
+
+        def counted_step(*a: object, **k: object) -> object:
+            self.t += 0.0 if self.searched else before
+            self.searched = True
+            return step(*a, **k)
+
+        def counted_gradient(*a: object, **k: object) -> torch.Tensor:
+            self.t += per_pass
+            return gradient(*a, **k)
+
+        monkeypatch.setattr(U, "_cpu_seconds", lambda: self.t)
+        monkeypatch.setattr(U, "NEWTON_AUTO_COST_FLOOR", 0.0)  # counted seconds: the ratio alone
+        monkeypatch.setattr(DampingControl, "step", counted_step)
+        monkeypatch.setattr(U.MCMCUnlearner, "_equilibrium_gradient", counted_gradient)
+
+    def reset(self) -> None:
+        """A new request: its first search is charged again."""
+        self.searched = False
+
+
+def test_the_gates_steps_stop_at_their_cost_cap_where_a_pass_is_dear(far, monkeypatch) -> None:
+    """Passes dear against the request before them (a GRU's rows, in counted seconds): the gate's further steps stop
+    where another would take their CPU (its mean so far added) past ``NEWTON_AUTO_COST`` times the request's before
+    them, before they converge; the steps taken are ``newton_steps=k``'s to the bit, closer to the new mode than the
+    influence step alone, and the report says why they stopped. ``"auto"``, asked for, keeps its counted budget."""
+    _, _, _, old, new = far
+    free, info_free = _forget_far(far, old[None], 1)
+    assert info_free["newton_gate"].startswith("fired") and info_free["newton_stop"].startswith("converged")
+    assert U.NEWTON_AUTO_COST == 4.0  # the counted costs below are set against it
+    clock = _CountedClock(monkeypatch, per_pass=1.5)  # the gap's pass 1.5 s, a step's 3 s: 3 + 1.5 > 4·1.0
+    capped, info = _forget_far(far, old[None], 1)
+    assert info["newton_cpu_before"] == 1.0 and info["newton_cpu_seconds"] == 3.0, info
+    assert info["newton_steps_taken"] == 2 < info_free["newton_steps_taken"], info
+    assert info["newton_stop"].startswith("cost: another step (~1.5 CPU s, the mean of the 2 pass(es) so far)")
+    two, _ = _forget_far(far, old[None], 2, newton_gate=0)
+    one, _ = _forget_far(far, old[None], 1, newton_gate=0)
+    assert torch.equal(capped, two)
+    assert float((capped - new).norm()) < 0.5 * float((one - new).norm())
+    clock.reset()
+    auto, info_auto = _forget_far(far, old[None], "auto")
+    assert torch.equal(auto, free) and info_auto["newton_stop"] == info_free["newton_stop"]  # not capped
+
+
+def test_a_cost_cap_that_does_not_bind_changes_nothing(far, monkeypatch) -> None:
+    """Cheaper passes (0.1 s against the request's 1 s before them): the cap does not bind, and the bank and every
+    decision are those without a cap, to the bit."""
+    _, _, _, old, _ = far
+    clock = _CountedClock(monkeypatch, per_pass=0.1)
+    capped, info = _forget_far(far, old[None], 1)
+    monkeypatch.setattr(U, "NEWTON_AUTO_COST", math.inf)
+    clock.reset()
+    free, info_free = _forget_far(far, old[None], 1)
+    assert torch.equal(capped, free)
+    assert {k: v for k, v in info.items() if "cpu" not in k} == {k: v for k, v in info_free.items() if "cpu" not in k}
+    assert info["newton_stop"].startswith("converged")
+    assert info["newton_cpu_seconds"] == pytest.approx(0.1 * (info["newton_steps_taken"] + 1))  # the last: converged

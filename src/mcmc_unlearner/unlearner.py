@@ -1082,6 +1082,19 @@ NEWTON_AUTO_BANK_GAP = 1 / 3
 #: 70 steps (71 with the influence step): test RMSE 11.2% / 12.2% off retraining's (seeds 0 / 2; stop 60). Where two
 #: draws on every row fill ``NEWTON_ROW_DRAWS``: the gap's pass and 9 steps.
 NEWTON_AUTO_PASSES = 10
+#: ``newton_gate``'s further steps (taken on the library's own decision, not asked for) also stop before their CPU
+#: time (the gap's pass and each step's pass and damping search, measured) would pass this many times the request's
+#: CPU time before them (its gradient, curvature, first step and gate), or ``NEWTON_AUTO_COST_FLOOR`` CPU seconds
+#: where that is more: a cost cap where a row-draw gradient is dear. Stop 66's probe: a GRU regression's 71 further
+#: steps took 39 CPU s (0.41 s a pass of 600 rows at 60 draws, 12x the quick matrix regression's at the same count)
+#: after 7 s before them, against a 4.3 s retrain chain; the quick matrix regression's take 3.2-4.1 s after 1.7-1.8 s
+#: (1.8-2.3x; stop 67, one shared core), so the cap leaves it alone. Timed, not counted: where it binds, the number
+#: of steps (and so the bank) can differ from run to run with the machine's load (``info["newton_stop"]`` says so);
+#: ``newton_steps="auto"``, asked for, keeps the counted budget alone and the same bank on any machine.
+NEWTON_AUTO_COST = 4.0
+#: ... the cap's least CPU seconds: a few seconds are not what the cap is for, and below them the ratio is the
+#: timer's noise and one-off costs (a 300-row logistic regression's gap pass took 1.5x its 0.03 s request).
+NEWTON_AUTO_COST_FLOOR = 5.0
 #: ``newton_gate`` (the default ``newton_steps=1``): ``"auto"``'s further steps are taken where a sampled estimate of
 #: the bank's gap, ``‖e₀‖²`` on ``NEWTON_GATE_SHARE`` of the remaining rows in ``NEWTON_GATE_GROUPS`` groups at
 #: ``"auto"``'s draws, each row's gradient less its gradient at the draws' mean (a control variate whose sum over
@@ -1627,6 +1640,11 @@ def _top_rows(logits_f: Callable[..., torch.Tensor], draws: torch.Tensor, rows: 
         i += k
         part = max(1, min(EMPTIED_LABEL_ROWS, EMPTIED_TOP_PART_BYTES // (8 * max(int(mean.shape[1]), 1))))
     return out
+
+
+def _cpu_seconds() -> float:
+    """The process's CPU clock (``NEWTON_AUTO_COST``'s cap reads it; a test replaces it with a counted one)."""
+    return time.process_time()
 
 
 def _evenly(n: int, k: int | None) -> torch.Tensor:
@@ -2922,6 +2940,7 @@ class MCMCUnlearner:
         self._asked_chain = False  # the request draws from the live chain: its curvature rows are not a minibatch's
         self._call_bytes = 0  # saved per call whatever the rows (memory.row_and_call_bytes)
         self._planned: dict[str, int] = {}  # this request's planned bytes per path (report.info["memory"])
+        self._request_cpu = 0.0  # the CPU clock at this request's start (_cpu_seconds)
         self._remaining_nll_checked = False  # nll read a remaining minibatch (fit's or a request's), once
         self._buffers_checked = False  # a training-mode model's buffers, checked once (_check_buffers_stable)
         self._order_checked = False  # a flat bank's column order, checked against the data on the first request
@@ -5368,6 +5387,7 @@ class MCMCUnlearner:
             SolverDivergedError, MemoryError: the computation could not be done (nothing changed).
         """
         t0 = time.perf_counter()
+        self._request_cpu = _cpu_seconds()  # the further Newton steps' cost cap reads it
         self._planned = {}
         self._probed = None  # the likelihood's probe, read once a request (_likelihood_probe)
         batch = _as_batch(batch, "the removed data")
@@ -7858,8 +7878,12 @@ class MCMCUnlearner:
         while their gradient passes, the gap's included, take at most ``NEWTON_AUTO_PASSES · NEWTON_ROW_DRAWS``
         row-draw gradients (rows times draws; the damping trials' checks, on the check's rows, are not counted):
         counted, not timed, so a loaded machine gives the same bank. ``info["newton_row_gradients"]`` is what the
-        passes took. Where the rows cannot be listed the steps are skipped without a warning. ``gated``
-        (:meth:`_gap_gate` fired for ``newton_steps=1``): as ``"auto"``; ``sampled``: ``n`` rows the gate sampled from
+        passes took, ``info["newton_cpu_seconds"]`` their CPU time (each step's search included) and
+        ``info["newton_cpu_before"]`` the request's before them. Where the rows cannot be listed the steps are
+        skipped without a warning. ``gated`` (:meth:`_gap_gate` fired for ``newton_steps=1``): as ``"auto"``, and the
+        steps, not asked for, also stop where another would take their CPU time past ``NEWTON_AUTO_COST`` times the
+        request's before them (at least ``NEWTON_AUTO_COST_FLOOR`` s; timed: where it binds, the count varies with the
+        machine's load); ``sampled``: ``n`` rows the gate sampled from
         a stream that cannot list them, read (scaled to ``n``) in place of every remaining row, and the offset added to
         their gradient: the larger sample's term at the draws' mean less theirs (:meth:`_gap_gate`).
 
@@ -7869,6 +7893,8 @@ class MCMCUnlearner:
         auto = gated or self.newton_steps == "auto"
         limit = NEWTON_AUTO_STEPS if auto else self._newton_limit
         spent, per_pass, budget = 0, 0, NEWTON_AUTO_PASSES * NEWTON_ROW_DRAWS
+        cpu, before = 0.0, math.inf  # the further steps' CPU and the request's before them (NEWTON_AUTO_COST)
+        c0: float | None = None
         x, phi = first.x, first.actual
         carry = measured_deficit(G, first)
         norms: list[float] = []
@@ -7911,9 +7937,12 @@ class MCMCUnlearner:
             offset = 0.0 if sampled is None else sampled[1]  # a sample's control variate (_gap_gate)
             if auto:
                 per_pass = int(data[0].shape[0]) * int(pts.shape[0])  # row-draw gradients of one pass
+                g0 = _cpu_seconds()
+                before = g0 - self._request_cpu  # the request's CPU before the further steps: the cost cap's unit
                 gap = float((self._equilibrium_gradient(energy, pts, data, n) + offset + G).norm()) / float(G.norm())
-                spent = per_pass
+                spent, cpu = per_pass, _cpu_seconds() - g0
                 info.update(newton_bank_gap=gap, newton_row_gradients=spent)
+                info.update(newton_cpu_before=before, newton_cpu_seconds=cpu)
                 log.info(
                     "newton steps: the bank's own gap to equilibrium is %.3g·‖G‖ (one pass, %d row-draw gradients)",
                     gap, per_pass,
@@ -7939,6 +7968,15 @@ class MCMCUnlearner:
                     f"{NEWTON_AUTO_PASSES}·{NEWTON_ROW_DRAWS} (spent {spent}, the gap's pass included)"
                 )
                 break
+            if gated and equilibrium and cpu + cpu / (k - 1) > max(NEWTON_AUTO_COST * before, NEWTON_AUTO_COST_FLOOR):
+                stop = (
+                    f"cost: another step (~{cpu / (k - 1):.3g} CPU s, the mean of the {k - 1} pass(es) so far) would "
+                    f"take the further steps past {NEWTON_AUTO_COST:g}x the request's {before:.3g} CPU s before them "
+                    f"(at least {NEWTON_AUTO_COST_FLOOR:g} s; spent {cpu:.3g} s, the gap's pass included; timed: the "
+                    "count can vary with the machine's load; newton_steps='auto' or an integer pins it)"
+                )
+                break
+            c0 = _cpu_seconds()
             if equilibrium:
                 r = self._equilibrium_gradient(energy, pts + x, data, n) + offset
                 if auto:
@@ -8008,6 +8046,11 @@ class MCMCUnlearner:
                 )
                 break
             r_last = float(r.norm())
+            if auto and equilibrium and c0 is not None:
+                cpu, c0 = cpu + _cpu_seconds() - c0, None
+                info["newton_cpu_seconds"] = cpu
+        if auto and equilibrium and c0 is not None:  # a pass whose step was not taken
+            info["newton_cpu_seconds"] = cpu + _cpu_seconds() - c0
         info["newton_step_norms"] = ",".join(f"{v:.3g}" for v in norms)
         info.update(newton_steps_taken=1 + len(norms), newton_stop=stop)
         log.info("newton steps: %d of at most %d taken; %s", 1 + len(norms), limit, stop)
