@@ -2496,7 +2496,9 @@ class MCMCUnlearner:
             (:meth:`_gap_gate`; a tenth of the remaining rows, its cost 2-6% of a first request where it runs, stop
             66; ``report.info["newton_gate"]``, ``["newton_gate_cpu_seconds"]``). Where the rows cannot be listed,
             the undamped step did not overshoot, or the estimate is not clearly small (a class removal's), only the
-            influence step is taken, as before. ``0`` or ``None``: never; off on ``DistributedUnlearner``.
+            influence step is taken, as before. Its further steps also stop at a cost cap, ``NEWTON_AUTO_COST``
+            times the request's CPU time before them (timed; :meth:`_newton_iterations`). ``0`` or ``None``: never;
+            off on ``DistributedUnlearner``.
         newton_target: What further Newton steps zero: ``"equilibrium"`` — the bank-averaged gradient of the
             remaining-data energy, ``E[∇F(θ', S∖S')] = 0``, the first-moment identity of the new posterior, on every
             remaining row when the data can list them (also corrects the bank's own Monte-Carlo location error,
