@@ -911,6 +911,8 @@ def test_the_gates_steps_stop_at_their_cost_cap_where_a_pass_is_dear(far, monkey
     clock.reset()
     auto, info_auto = _forget_far(far, old[None], "auto")
     assert torch.equal(auto, free) and info_auto["newton_stop"] == info_free["newton_stop"]  # not capped
+    # each request's CPU before its further steps is read from its own start, not the clock's (or the first's)
+    assert info_auto["newton_cpu_before"] == 1.0 and info_auto["newton_cpu_seconds"] > 4.0, info_auto
 
 
 def test_a_cost_cap_that_does_not_bind_changes_nothing(far, monkeypatch) -> None:
@@ -923,6 +925,7 @@ def test_a_cost_cap_that_does_not_bind_changes_nothing(far, monkeypatch) -> None
     clock.reset()
     free, info_free = _forget_far(far, old[None], 1)
     assert torch.equal(capped, free)
+    assert info["newton_cpu_before"] == info_free["newton_cpu_before"] == 1.0  # each from its own request's start
     assert {k: v for k, v in info.items() if "cpu" not in k} == {k: v for k, v in info_free.items() if "cpu" not in k}
     assert info["newton_stop"].startswith("converged")
     assert info["newton_cpu_seconds"] == pytest.approx(0.1 * (info["newton_steps_taken"] + 1))  # the last: converged
