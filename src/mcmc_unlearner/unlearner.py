@@ -1087,8 +1087,8 @@ NEWTON_AUTO_PASSES = 10
 #: CPU time before them (its gradient, curvature, first step and gate), or ``NEWTON_AUTO_COST_FLOOR`` CPU seconds
 #: where that is more: a cost cap where a row-draw gradient is dear. Stop 66's probe: a GRU regression's 71 further
 #: steps took 39 CPU s (0.41 s a pass of 600 rows at 60 draws, 12x the quick matrix regression's at the same count)
-#: after 7 s before them, against a 4.3 s retrain chain; the quick matrix regression's take 3.2-4.1 s after 1.7-1.8 s
-#: (1.8-2.3x; stop 67, one shared core), so the cap leaves it alone. Timed, not counted: where it binds, the number
+#: after 7 s before them, against a 4.3 s retrain chain; the quick matrix regression's take 3.2-4.1 s after 1.5-1.8 s
+#: (1.8-2.4x; stop 67, one shared core), so the cap leaves it alone. Timed, not counted: where it binds, the number
 #: of steps (and so the bank) can differ from run to run with the machine's load (``info["newton_stop"]`` says so);
 #: ``newton_steps="auto"``, asked for, keeps the counted budget alone and the same bank on any machine.
 NEWTON_AUTO_COST = 4.0
