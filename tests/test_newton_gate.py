@@ -898,12 +898,12 @@ def test_the_gates_steps_stop_at_their_cost_cap_where_a_pass_is_dear(far, monkey
     _, _, _, old, new = far
     free, info_free = _forget_far(far, old[None], 1)
     assert info_free["newton_gate"].startswith("fired") and info_free["newton_stop"].startswith("converged")
-    assert U.NEWTON_AUTO_COST == 4.0  # the counted costs below are set against it
-    clock = _CountedClock(monkeypatch, per_pass=1.5)  # the gap's pass 1.5 s, a step's 3 s: 3 + 1.5 > 4·1.0
+    assert U.NEWTON_AUTO_COST == 6.0  # the counted costs below are set against it
+    clock = _CountedClock(monkeypatch, per_pass=2.25)  # the gap's pass 2.25 s, a step's 4.5 s: 4.5 + 2.25 > 6·1.0
     capped, info = _forget_far(far, old[None], 1)
-    assert info["newton_cpu_before"] == 1.0 and info["newton_cpu_seconds"] == 3.0, info
+    assert info["newton_cpu_before"] == 1.0 and info["newton_cpu_seconds"] == 4.5, info
     assert info["newton_steps_taken"] == 2 < info_free["newton_steps_taken"], info
-    assert info["newton_stop"].startswith("cost: another step (~1.5 CPU s, the mean of the 2 pass(es) so far)")
+    assert info["newton_stop"].startswith("cost: another step (~2.25 CPU s, the mean of the 2 pass(es) so far)")
     two, _ = _forget_far(far, old[None], 2, newton_gate=0)
     one, _ = _forget_far(far, old[None], 1, newton_gate=0)
     assert torch.equal(capped, two)

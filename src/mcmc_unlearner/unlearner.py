@@ -1078,20 +1078,25 @@ NEWTON_AUTO_BANK_GAP = 1 / 3
 #: ... and while their gradient passes over every remaining row (the gap's pass included) take at most this many times
 #: ``NEWTON_ROW_DRAWS`` row-draw gradients in all: a counted budget, so that the same request on the same data gives the
 #: same bank on a loaded machine as on an idle one (a budget of 3x the influence step's CPU time stopped the quick
-#: matrix's regression after 54-72 steps from run to run). There each pass is 736 rows at 50 draws: the gap's pass and
-#: 70 steps (71 with the influence step): test RMSE 11.2% / 12.2% off retraining's (seeds 0 / 2; stop 60). Where two
-#: draws on every row fill ``NEWTON_ROW_DRAWS``: the gap's pass and 9 steps.
-NEWTON_AUTO_PASSES = 10
+#: matrix's regression after 54-72 steps from run to run). There each pass is 736 rows at 50 draws: at 10 (stops 60-67)
+#: the gap's pass and 70 steps, kept RMSE 11.3% / 13.2% off retraining's (seeds 0 / 2, rows listed), not converged;
+#: at 20 (stop 67) ``NEWTON_AUTO_STEPS`` stops them first, 9.0% / 8.8% (30 gives the same bank), the further steps
+#: 2.8-3.7x the request's CPU before them (``NEWTON_AUTO_COST``'s cap, 6x, leaves them). Where two draws fill
+#: ``NEWTON_ROW_DRAWS`` on every row: the gap's pass and 19 steps.
+NEWTON_AUTO_PASSES = 20
 #: ``newton_gate``'s further steps (taken on the library's own decision, not asked for) also stop before their CPU
 #: time (the gap's pass and each step's pass and damping search, measured) would pass this many times the request's
 #: CPU time before them (its gradient, curvature, first step and gate), or ``NEWTON_AUTO_COST_FLOOR`` CPU seconds
 #: where that is more: a cost cap where a row-draw gradient is dear. Stop 66's probe: a GRU regression's 71 further
 #: steps took 39 CPU s (0.41 s a pass of 600 rows at 60 draws, 12x the quick matrix regression's at the same count)
-#: after 7 s before them, against a 4.3 s retrain chain; the quick matrix regression's take 3.2-4.1 s after 1.5-1.8 s
-#: (1.8-2.4x; stop 67, one shared core), so the cap leaves it alone. Timed, not counted: where it binds, the number
-#: of steps (and so the bank) can differ from run to run with the machine's load (``info["newton_stop"]`` says so);
+#: after 7 s before them, against a 4.3 s retrain chain (6x; ~10x at 100 steps; at 6x: 68 steps, 41 s after 6.9 s,
+#: a 49 s request, kept RMSE 0.193 against 0.197 at 4x's 35 steps and 33 s). The quick matrix regression's 99
+#: (``NEWTON_AUTO_PASSES`` = 20) take 2.8-3.2x the request's before them with its rows listed and 3.5-3.7x through an
+#: iterator (stop 67, shared cores): the factor sits between the two, ~1.6x from each, so the cap leaves the regression
+#: alone (at 4x, stop 67's first value, its iterator runs came within 7% of it). Timed, not counted: where it binds,
+#: the number of steps (and so the bank) can differ from run to run with the machine's load (``info["newton_stop"]``);
 #: ``newton_steps="auto"``, asked for, keeps the counted budget alone and the same bank on any machine.
-NEWTON_AUTO_COST = 4.0
+NEWTON_AUTO_COST = 6.0
 #: ... the cap's least CPU seconds: a few seconds are not what the cap is for, and below them the ratio is the
 #: timer's noise and one-off costs (a 300-row logistic regression's gap pass took 1.5x its 0.03 s request).
 NEWTON_AUTO_COST_FLOOR = 5.0
