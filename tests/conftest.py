@@ -123,6 +123,19 @@ def save_gmm(path, objs, data_spec=None, **kwargs):
     return path
 
 
+def control_option_round_trips(path, name: str, values) -> None:
+    """``un.control.<name>`` set on :func:`tiny_gmm`'s built unlearner to each of ``values`` is what its saved folder
+    (under ``path``) loads with, and the loaded unlearner's ``config()`` is the built one's."""
+    from mcmc_unlearner.store import load_model
+
+    objs = tiny_gmm(bank=3, burn=5)
+    for value in values:
+        setattr(objs[3].control, name, value)
+        loaded = load_model(save_gmm(path / f"m{value}", objs))
+        assert getattr(loaded.unlearner.control, name) == value
+        assert loaded.unlearner.config() == objs[3].config()
+
+
 # ------------------------------------------------------------------------------ refusal-contract helpers
 def folder_state(folder) -> tuple:
     """Everything observable about a folder: its mtime and, per entry, type, size, mtime, links and content hash.

@@ -124,12 +124,12 @@ def test_a_solver_override_on_default_draws_takes_the_solvers_own_and_is_not_cal
         assert "curvature_draws=3" in out.entry["info"]["curvature_rebuilt"]
 
 
-@pytest.mark.parametrize("option", ["slope_eta", "newton_gate"])
+@pytest.mark.parametrize("option", ["slope_eta", "newton_gate", "direct_z"])
 def test_an_option_off_at_none_is_refused_naming_zero_and_zero_turns_it_off(tmp_path, option: str) -> None:
     """``None`` in a request's settings means "not given" (the command line's flags left out), so
     ``overrides={"slope_eta": None}``, the slope test off in the library, was dropped without a word and the request
     ran with the folder's test on. It is refused before any work, naming ``slope_eta=0``, which turns it off; the
-    Newton gate's ``newton_gate=None`` likewise."""
+    Newton gate's ``newton_gate=None`` and the direct test's ``direct_z=None`` likewise."""
     import json
 
     from mcmc_unlearner.errors import InvalidRequestError
@@ -147,7 +147,8 @@ def test_an_option_off_at_none_is_refused_naming_zero_and_zero_turns_it_off(tmp_
     entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
     assert entry["overrides"] == {option: 0} and entry["config"][option] == 0.0  # the request ran it off
     back = load_model(folder).unlearner
-    assert (back.control.slope_eta, back.newton_gate) == (SLOPE_ETA, NEWTON_GATE_Z)  # the folder's own settings kept
+    # the folder's own settings kept (the direct test off by default)
+    assert (back.control.slope_eta, back.newton_gate, back.control.direct_z) == (SLOPE_ETA, NEWTON_GATE_Z, None)
 
 
 def test_a_none_that_is_a_library_value_reaches_the_library(tmp_path) -> None:

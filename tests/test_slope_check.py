@@ -476,8 +476,7 @@ def test_the_saturation_tests_hypothetical_measurement_fails_no_trial_by_the_slo
 def test_slope_eta_is_an_option_kept_in_the_configuration_and_a_saved_folder(tmp_path) -> None:
     """``MCMCUnlearner(slope_eta=...)`` sets the control's, ``config()`` holds it (0 for off: a stored ``None`` would
     be read back as the default) and a saved folder loads with it, also after ``un.control.slope_eta`` was changed."""
-    from conftest import save_gmm, tiny_gmm
-    from mcmc_unlearner.store import load_model
+    from conftest import control_option_round_trips
 
     _, _, _, draws, _, _ = _problem(0.0)
     for given, control, config in (
@@ -489,12 +488,7 @@ def test_slope_eta_is_an_option_kept_in_the_configuration_and_a_saved_folder(tmp
         un = MCMCUnlearner(BayesianLinearRegression(3), bank=draws, slope_eta=given)
         assert un.control.slope_eta == control and un.config()["slope_eta"] == config
     assert MCMCUnlearner(BayesianLinearRegression(3), bank=draws).control.slope_eta == SLOPE_ETA
-    objs = tiny_gmm(bank=3, burn=5)
-    for value in (0.1, None):
-        objs[3].control.slope_eta = value
-        loaded = load_model(save_gmm(tmp_path / f"m{value}", objs))
-        assert loaded.unlearner.control.slope_eta == value
-        assert loaded.unlearner.config() == objs[3].config()
+    control_option_round_trips(tmp_path, "slope_eta", (0.1, None))
 
 
 def test_slope_eta_zero_takes_the_step_the_test_would_hold_back() -> None:

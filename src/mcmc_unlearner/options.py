@@ -372,6 +372,18 @@ def _newton_gate(v: Any) -> float:
     return float(v)
 
 
+def _direct_z(v: Any) -> float:
+    if v is None:
+        return 0.0
+    if not (is_number(v) and finite(v) and float(v) >= 0):
+        raise ValueError(
+            "direct_z must be a number >= 0, the standard errors by which a step's directly measured change of the "
+            f"remaining energy may rise before the step is rejected (0 or None: no such test; the default 5), got "
+            f"{shown_value(v)}"
+        )
+    return float(v)
+
+
 def _memory_budget(v: Any) -> int:
     from .memory import resolve_budget  # (torch-free)
 
@@ -391,6 +403,7 @@ _OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_damping_trials": lambda v: whole("max_damping_trials", v, 1),  # 2.5 was read as 2, "5" failed in <
     "slope_eta": _slope_eta,
     "newton_gate": _newton_gate,
+    "direct_z": _direct_z,
     "damping": check_damping,
     "damping_shape": _damping_shape,
     "emptied_label": lambda v: choice(EmptiedLabel, "emptied_label", v),

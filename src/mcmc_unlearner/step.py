@@ -131,6 +131,13 @@ log = logging.getLogger(__name__)  # each damping trial at DEBUG; a long search'
 SLOPE_ETA = 0.25
 #: Standard errors by which the slope test (``DampingControl._slope_fails``) must be clear (the screen's ``screen_z``).
 SLOPE_Z = 3.0
+#: ``MCMCUnlearner(direct_z=...)``'s value measured at stop 67 (the option is off by default): a request's step whose
+#: *direct* measurement of the remaining energy's change (no control variate) rises by more than this many of its
+#: standard errors, the rows' and the check draws', is rejected. The taken steps of the GMM demo (402), the digits BNN
+#: and three of the four flows read at most 4.2; it changes the MLP flow of seed 1 (three steps at 5.9-7.0) and not
+#: the gaussian_nll_loss sequence's step that made the kept fit worse (4.4 with the draws' spread; 7.6 on the rows'
+#: alone), docs/model-matrix.md "Stop 67: a request's direct rise refused".
+DIRECT_Z = 5.0
 
 #: Seconds between the INFO lines of a long pass that otherwise logs at INFO only when it ends: a damping search
 #: running this long since it began or since its last such line says at INFO what its latest trial measured (each
@@ -199,6 +206,10 @@ class Measurement:
             the draws' own ``∇E(θ_s)·x``, prior included, over ``√draws``), which ``stderr`` and ``direct_stderr``,
             spreads over the rows, do not see: along a direction the remaining rows do not touch they are 0 and
             the slope's whole error is the draws' (:meth:`DampingControl._bank_slope`).
+        direct_draw_stderr: The draws' part of the error of ``direct`` as a measurement of the bank's change (the
+            spread of the draws' own direct changes, prior included, over ``√draws``, with the finite population's
+            correction where :attr:`EnergyCheck.population` is known: 0 where every sample is measured), which
+            ``direct_stderr`` does not see (:meth:`DampingControl._direct_rise`).
     """
 
     actual: float
@@ -214,6 +225,7 @@ class Measurement:
     prior_per_row: float = 0.0
     nll_draw_stderr: float = 0.0
     slope_draw_stderr: float = 0.0
+    direct_draw_stderr: float = 0.0
 
 
 def _draws_tensor(thetas: Any) -> torch.Tensor:
@@ -621,12 +633,19 @@ class _Part:
         per_row = R.double().mean(0)  # [m]: each held row's remainder averaged over the draws
         dh_row = dh.double().mean(0)
         lin_draw = (dh.double() - R.double()).sum(1)  # [K]: each draw's ∇h·x summed over this rank's rows
+        dh_draw = dh.double().sum(1)  # [K]: each draw's change of h summed over this rank's rows
         sums = torch.stack([per_row.sum(), (per_row**2).sum(), dh_row.sum(), (dh_row**2).sum()])
-        sums = self.c.reduce(torch.cat([sums, lin_draw]))  # one reduction: the rows' sums and the draws' slopes
-        slope_se = 0.0
+        # one reduction: the rows' sums, the draws' slopes and their changes
+        sums = self.c.reduce(torch.cat([sums, lin_draw, dh_draw]))
+        slope_se = direct_draw_se = 0.0
         if K > 1:  # the draws' own ∇E(θ_s)·x (prior included): their spread is the slope's error the rows miss
-            per_draw = n * sums[4:] / max(self.m, 1) + prior_lin.to(sums.device)
+            per_draw = n * sums[4 : 4 + K] / max(self.m, 1) + prior_lin.to(sums.device)
             slope_se = math.sqrt(float(per_draw.var()) / K)
+            # and their own direct changes: the spread the direct measurement's rows miss
+            pop = self.c.population
+            share = 1.0 if pop is None else max(1.0 - K / pop, 0.0)
+            changes = n * sums[4 + K :] / max(self.m, 1) + self._prior_changes(x).to(sums.device)
+            direct_draw_se = math.sqrt(float(changes.var()) / K * share)
         mean, dmean = float(sums[0]) / self.m, float(sums[2]) / self.m
         denom = max(self.m - 1, 1)
         stderr = n * math.sqrt(max(float(sums[1]) / self.m - mean**2, 0.0) / denom)
@@ -647,8 +666,21 @@ class _Part:
             resolution *= 1 + (1 + e * e) / (e * (1 - e))
         return Measurement(
             actual, stderr, dmean, direct, dstderr, self.scale, dstderr / n, K, self.m, resolution, prior_change / n,
-            draw_se, slope_se,
+            draw_se, slope_se, direct_draw_se,
         )  # fmt: skip
+
+    def _prior_changes(self, x: torch.Tensor) -> torch.Tensor:
+        """Each draw's ``−log p(θ_s + x) + log p(θ_s)`` (``[K]``, float64; zeros without a prior), from the values
+        :meth:`_remainders` just took where it kept them (as :meth:`_prior_change`)."""
+        if self.c.lp is None:
+            return torch.zeros(len(self.thetas), dtype=torch.float64)
+        kept = getattr(self, "_lp1", None)
+        with torch.no_grad():
+            if kept is not None and kept[0] is x and kept[1] == x._version:
+                lp1 = kept[2]
+            else:
+                lp1 = torch.stack([self.c.lp(t + x) for t in self.thetas])
+            return (self.lp0.double() - lp1.double()).reshape(-1)
 
     def _prior_change(self, x: torch.Tensor) -> float:
         """``E_s[−log p(θ_s + x) + log p(θ_s)]``: from the values of ``log p(θ_s + x)`` that :meth:`_remainders` just
@@ -910,10 +942,16 @@ class DampingControl:
             ``direct_z`` standard errors (``None``: no such test). The control variate replaces the first-order
             term by ``−G·x``, exact only when ``G`` is the bank's own mean remaining-data gradient; a ``G`` with
             Monte-Carlo error credits the step for following that error, which the direct measurement does not.
-            The unlearner's corrections across requests, whose ``G`` is measured at as few as one draw, use 2.
+            The unlearner's corrections across requests, whose ``G`` is measured at as few as one draw, use 2;
+            its requests the option ``direct_z`` (off by default) with ``direct_draws``. A trial failing it marks
+            the search as one failing the slope test (:meth:`_along_bank_slope`).
         slope_eta: Reject a step along which the bank's own slope of the remaining-data energy is clearly less than
             ``slope_eta`` of the slope ``−G·x`` the model assumes (``None`` or ``0``: no such test; see
             :meth:`_slope_fails`). The unlearner's requests use :data:`SLOPE_ETA`.
+        direct_draws: Whether ``direct_z``'s standard error counts the check draws' spread too
+            (:attr:`Measurement.direct_draw_stderr`; the requests') or the rows' alone (the corrections', as stop 35
+            set them). Along a direction the remaining rows do not touch the rows' error is 0 and the prior's change
+            over 8 draws is all the noise: counting the rows alone failed an exact bank's request there.
     """
 
     def __init__(
@@ -928,6 +966,7 @@ class DampingControl:
         screen_accepts: bool = True,
         direct_z: float | None = None,
         slope_eta: float | None = None,
+        direct_draws: bool = False,
     ):
         self.fixed: float | None = check_damping(damping)  # (shared with the CLI's parse-time check)
         if not 0 < eta < 1:
@@ -948,8 +987,9 @@ class DampingControl:
         if direct_z is not None and not (math.isfinite(direct_z) and direct_z >= 0):
             raise ValueError(f"direct_z must be a finite number >= 0 or None, got {direct_z}")
         self.direct_z = None if direct_z is None else float(direct_z)
+        self.direct_draws = bool(direct_draws)
         self.slope_eta = slope_eta  # (checked and kept by the property: 0 is off, as None)
-        self._slope_failed = False  # whether a trial of the current step() failed the slope test
+        self._slope_failed = False  # whether a trial of the current step() failed the slope or the direct test
         self._undamped: StepOutcome | None = None  # step()'s rejected undamped trial (the same in every shape)
         self.shape = "identity"  # the damping shape the last request accepted
         self._relatives: dict[str, float] = {}  # per shape: the damping carried to the next request (× scale)
@@ -1064,9 +1104,12 @@ class DampingControl:
             nll_ok = True
         else:
             nll_ok = None
-        if z is None and self._direct_rise(meas.direct, meas.direct_stderr):
-            return False
         if z is None and not (gx == 0.0 and pred == 0.0) and self._slope_fails(gx, meas):
+            self._slope_failed = True
+            return False
+        if z is None and self._direct_rise(meas):
+            # the bank's own energy rises along the step: it is not at equilibrium along it, as where the slope
+            # test fails, and a search failing so is searched again as one failing that test (_along_bank_slope)
             self._slope_failed = True
             return False
         if energy_ok is False or nll_ok is False:
@@ -1113,9 +1156,18 @@ class DampingControl:
             "confirm_passed": not pooled + credit > allowance,
         }
 
-    def _direct_rise(self, direct: float, stderr: float) -> bool:
-        """Whether a direct measurement ``direct ± stderr`` shows the energy rising by more than ``direct_z``
-        standard errors."""
+    def _direct_error(self, meas: Measurement | dict[str, Any]) -> float:
+        """The standard error the direct test judges a measurement (or a trial's record) by: the rows' and, with
+        ``direct_draws``, the draws' (:attr:`Measurement.direct_draw_stderr`)."""
+        get = meas.get if isinstance(meas, dict) else lambda k, d=0.0: getattr(meas, k, d)
+        rows, draws = get("direct_stderr", math.nan), get("direct_draw_stderr", 0.0)
+        return math.hypot(rows, draws) if self.direct_draws else rows
+
+    def _direct_rise(self, meas: Measurement | dict[str, Any]) -> bool:
+        """Whether a measurement's (or a trial's record's) direct energy change shows a rise by more than
+        ``direct_z`` of its standard errors (:meth:`_direct_error`)."""
+        direct = meas["direct"] if isinstance(meas, dict) else meas.direct
+        stderr = self._direct_error(meas)
         if self.direct_z is None or not (math.isfinite(direct) and math.isfinite(stderr)):
             return False
         return direct - self.direct_z * stderr > 0
@@ -1323,13 +1375,15 @@ class DampingControl:
         out.nll_scale = meas.nll_scale
         out.history = [
             {"damping": lam, "predicted": pred, "actual": meas.actual, "stderr": meas.stderr, "ratio": ratio, "gx": gx,
-             "direct": meas.direct, "direct_stderr": meas.direct_stderr, "nll_scale": meas.nll_scale,
+             "direct": meas.direct, "direct_stderr": meas.direct_stderr,
+             "direct_draw_stderr": meas.direct_draw_stderr, "nll_scale": meas.nll_scale,
              "quad": quad, "xx": float(x @ x), "check_draws": meas.draws, "check_rows": meas.rows,
              "nll_change": meas.nll_change, "nll_stderr": meas.nll_stderr, "shape": shape}
         ]  # fmt: skip
         # whether the step failed the slope test (judged on the full check only) and, where the check measured it
         # directly, the bank's own slope along it (no NaN: a trial's record compares equal to itself)
         out.history[0]["slope_failed"] = not decided and self._slope_fails(gx, meas)
+        out.history[0]["direct_failed"] = not decided and self._direct_rise(meas)
         slope, slope_err = self._bank_slope(gx, meas)
         if math.isfinite(slope) and math.isfinite(slope_err):
             out.history[0].update(slope=slope, slope_stderr=slope_err / SLOPE_Z)
@@ -1489,8 +1543,9 @@ class DampingControl:
         noise: torch.Tensor | None,
         failed: StepOutcome,
     ) -> StepOutcome:
-        """A search every step of which failed, some by the slope test alone: searched again without it, and the
-        step it accepts cut to the minimiser of the bank's *own* energy along it.
+        """A search every step of which failed, some by the slope test or the direct test (``direct_z``: the bank's
+        energy measured directly rising along the step) alone: searched again without both, and the step it accepts
+        cut to the minimiser of the bank's *own* energy along it.
 
         Damping cannot remove the part of ``G`` the bank has not balanced when it dominates (as the damping grows
         the step tends to ``G`` itself, whose slope share stays below ``slope_eta``). Along the step the bank's
@@ -1498,10 +1553,11 @@ class DampingControl:
         + G·x − 2·stderr))`` (the longest the two measurements allow; :meth:`StepOutcome.shortened` with the bank's
         slope in place of ``G·x``) when that is below 1. The failed search's trials stay in the history."""
         eta, self.slope_eta = self.slope_eta, None
+        direct_z, self.direct_z = self.direct_z, None
         try:
             again = self.step(backend, G, check, shapes=shapes, noise=noise)
         finally:
-            self.slope_eta = eta
+            self.slope_eta, self.direct_z = eta, direct_z
         history = failed.history + again.history
         meas = again.measurement
         if not again.safe or meas is None:
@@ -1522,6 +1578,8 @@ class DampingControl:
                 "option slope_eta=0 (on a built one, `unlearner.control.slope_eta = None`) takes the model's step "
                 "anyway"
             )
+            if direct_z is not None and any(h.get("direct_failed") for h in failed.history):
+                why += " (with direct_z=0 too, `unlearner.control.direct_z = None`: the direct test failed steps too)"
             note = f"{failed.note}; {why}" if failed.note and not failed.safe else why
             return replace(failed, safe=False, note=note, history=history, trials=len(history), slope_refused=again.x)
         if not (math.isfinite(a) and a < 1):
@@ -1571,17 +1629,24 @@ class DampingControl:
             if out.note:  # a second measurement of the held rows' NLL refused it
                 note = out.note
             elif not out.safe:
+                h = out.history[0]
                 note = (
                     f"damping {lam:.3g}: the model predicted an energy change of {out.predicted:.4g}, the check "
                     f"measured {out.actual:.4g} ± {out.stderr:.2g} (ratio {out.ratio:.3g}, needs >= {self.eta}); the "
                     f"held remaining rows' mean NLL changed by {out.nll_change:+.4g} (limit "
-                    f"{100 * self.max_nll_increase:g}% of {out.history[0]['nll_scale']:.3g})"
+                    f"{100 * self.max_nll_increase:g}% of {h['nll_scale']:.3g})"
                 )
-                h = out.history[0]
-                if self._direct_rise(h["direct"], h["direct_stderr"]):
+                if h.get("direct_failed"):  # the ratio may have passed: the direct rise is what refused the step
+                    note = (
+                        f"damping {lam:.3g}: measured directly, without the control variate, the remaining data's "
+                        f"energy rose by {h['direct']:.4g} ± {self._direct_error(h):.2g} (more than {self.direct_z:g} "
+                        f"standard errors; the control variate, which credits the step with −G·x, measured "
+                        f"{out.actual:.4g} ± {out.stderr:.2g} against the model's {out.predicted:.4g})"
+                    )
+                elif self._direct_rise(h):
                     note += (
                         f"; measured directly, without the control variate, the energy rose by {h['direct']:.4g} ± "
-                        f"{h['direct_stderr']:.2g} (more than {self.direct_z:g} standard errors)"
+                        f"{self._direct_error(h):.2g} (more than {self.direct_z:g} standard errors)"
                     )
             return out
 

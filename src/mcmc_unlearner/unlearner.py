@@ -413,6 +413,23 @@ def _log_curvature(solver: str, info: Mapping[str, Any], draws: int, seconds: fl
         log.info("curvature (%s): built over %d draw(s) in %.2f s", solver, draws, seconds)
 
 
+def _direct_fix(trials: Any) -> str | None:
+    """What a request whose last trial the direct test (``direct_z``) rejected can do (``None``: not the case).
+    Damping cannot help there: along a step the bank's own energy rises on, the rise shrinks with the step as its
+    error does."""
+    if not (isinstance(trials, list) and trials and isinstance(trials[-1], dict) and trials[-1].get("direct_failed")):
+        return None
+    failed = sum(bool(isinstance(t, dict) and t.get("direct_failed")) for t in trials)
+    return (
+        f"the remaining data's energy, measured directly, rose by more than direct_z standard errors along {failed} "
+        f"of the {len(trials)} steps tried, the last among them: the bank is not at equilibrium along them (a "
+        "curvature approximation's error accumulated "
+        "over earlier requests, or a chain too short), which more damping cannot remove; a correction across "
+        "requests (recenter_every, with rows it can list), longer chains or more draws help, and the unlearner's "
+        "option direct_z=0 (on a built one, `unlearner.control.direct_z = None`) takes the step anyway"
+    )
+
+
 def _record_carry_dropped(info: dict[str, Any], record: dict[str, Any]) -> None:
     """``info["carry_dropped"]`` (:meth:`MCMCUnlearner._without_carry`), and its scalars as ``carry_dropped_accepted``,
     ``carry_dropped_refused_by``, ``carry_dropped_share`` and ``carry_dropped_slope_test``, which
@@ -470,7 +487,8 @@ def quality_problems(
             f"the fixed damping={report.damping:g} is the only step tried: pass damping='auto' (the default), which "
             "searches for a damping the check accepts, or a larger fixed damping"
             if fixed_damping
-            else "more curvature draws (curvature_draws), more check rows, or another solver may help"
+            else _direct_fix(report.info.get("trials"))
+            or "more curvature draws (curvature_draws), more check rows, or another solver may help"
         )
         out.append(
             f"the step failed the safety check after {report.damping_trials} damping trial(s): "
@@ -2599,6 +2617,15 @@ class MCMCUnlearner:
             only the removed rows pull); a search every step of which fails, some by this test, is cut to the bank's
             own minimum along its step or refused. A number in ``[0, 1)``; ``0`` or ``None`` turns the test off
             (``un.control.slope_eta``; :data:`~mcmc_unlearner.step.SLOPE_ETA` = 0.25 by default).
+        direct_z: Reject a request's step whose energy change measured *directly* (the held rows' energies and the
+            prior's, without the control variate, which credits the step with ``−G·x`` as if the bank were at
+            equilibrium along it) rises by more than this many of its standard errors; a search every step of which
+            it rejects goes where one the slope test fails goes (searched again without both, cut to the bank's own
+            minimum along its step or refused; ``report.info["direct_rejected"]``: the trials it rejected). Its
+            standard error counts the check draws' spread as well as the rows'. A number ``>= 0``; ``0`` (the
+            default) or ``None`` turns the test off (``un.control.direct_z``; stop 67 measured
+            :data:`~mcmc_unlearner.step.DIRECT_Z` = 5, docs/model-matrix.md "Stop 67: a request's direct rise
+            refused", and did not make it the default; the corrections across requests use 2, the rows' error alone).
         emptied_max_row_evals: The bank's samples × remaining rows the emptied-class draw (``emptied_label``) may
             read, one forward pass of the model per sample over every remaining row (the live chain's sample, drawn
             apart, is held to it too: 1 × the rows); beyond it the row is not drawn (``info["emptied_label_resample"]``
@@ -2660,6 +2687,7 @@ class MCMCUnlearner:
         slope_eta: float | None = SLOPE_ETA,
         emptied_max_row_evals: int = RESAMPLE_MAX_ROW_EVALS,
         newton_gate: float | None = NEWTON_GATE_Z,
+        direct_z: float | None = 0.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             # stop 63's probe: a function wrapping the model (``lambda x: net(x)``) failed with Python's bare
@@ -2774,8 +2802,14 @@ class MCMCUnlearner:
         screen_accepts = self.check_screen is ScreenMode.BOTH
         max_damping_trials = check_option("max_damping_trials", max_damping_trials)
         slope_eta = check_option("slope_eta", slope_eta)
+        direct_z = check_option("direct_z", direct_z)
         self.control = DampingControl(
-            damping, max_trials=max_damping_trials, screen_accepts=screen_accepts, slope_eta=slope_eta or None
+            damping,
+            max_trials=max_damping_trials,
+            screen_accepts=screen_accepts,
+            slope_eta=slope_eta or None,
+            direct_z=direct_z or None,
+            direct_draws=True,
         )
         self.damping_shape = check_option("damping_shape", damping_shape)
         check_damping_shape_solver(self.damping_shape, self.solver)
@@ -3333,6 +3367,7 @@ class MCMCUnlearner:
             "max_damping_trials": self.control.max_trials,
             "slope_eta": self.control.slope_eta or 0.0,  # 0: off (a None would be read back as the default)
             "newton_gate": self.newton_gate,  # 0: off
+            "direct_z": self.control.direct_z or 0.0,  # 0: off (a None would be read back as the default)
             "rescale_lr": bool(self.rescale_lr),
             "backend": self.backend,
         }
@@ -6337,6 +6372,9 @@ class MCMCUnlearner:
             info["damping_shape_scores"] = outcome.shape_scores
         info["trials"] = outcome.history
         info["damping_history"] = damping_history(outcome)
+        direct = sum(bool(h.get("direct_failed")) for h in outcome.history)
+        if direct:  # trials whose directly measured energy clearly rose (DampingControl(direct_z=...))
+            info["direct_rejected"] = direct
         new_live, new_bank, drawn_index = self._draw_unread_embedding_rows(batch, stream, new_live, new_bank, info)
         if anchor is not None and drawn_index is not None:
             anchor = anchor.drawing(drawn_index)  # no first-moment correction along the drawn rows from now on
@@ -6442,7 +6480,8 @@ class MCMCUnlearner:
         reasons and the retry said. Recorded in ``info["carry_dropped"]``: the carry's share of the refused step's
         ``G·x``, what refused the step with the carry (``refused_by``: ``"slope_test"``, or
         ``"carry_contradicted"`` where the test abstained and :meth:`DampingControl.carry_contradicted` refused it,
-        its words in ``info["carry_contradicted"]``), and the retried step's ``G·x``, bank slope and its standard
+        its words in ``info["carry_contradicted"]``, or ``"direct_test"`` where only the direct test, ``direct_z``,
+        failed its trials), and the retried step's ``G·x``, bank slope and its standard
         error, and how it met the slope test
         (``"passed"``: measured, ``G·x`` beyond the slope's error, and the slope not clearly below ``slope_eta`` of
         it; ``"abstained"``: ``G·x`` within the slope's error, no test; ``"cut"``: the retry failed it too and its
@@ -6473,9 +6512,13 @@ class MCMCUnlearner:
         record: dict[str, Any] = {
             "accepted": bool(retry.safe),
             "carried_share": None if math.isnan(share) else share,
-            # what refused the step with the carry: the slope test, or, where it abstained, the bank's slope
-            # contradicting the carry (DampingControl.carry_contradicted, stop 65)
-            "refused_by": "carry_contradicted" if "carry_contradicted" in info else "slope_test",
+            # what refused the step with the carry: the slope test, the direct test alone (stop 67), or, where the
+            # slope test abstained, the bank's slope contradicting the carry (DampingControl.carry_contradicted)
+            "refused_by": "carry_contradicted"
+            if "carry_contradicted" in info
+            else "slope_test"
+            if any(h.get("slope_failed") for h in refused.history)
+            else "direct_test",
         }
         if not retry.safe:
             check.G = G

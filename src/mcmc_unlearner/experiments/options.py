@@ -624,11 +624,11 @@ def config_from_args(args: argparse.Namespace) -> BNNConfig:
 #: without torch; a test holds them equal).
 UNLEARNER_KEYWORDS = (
     "backend", "bank_shift", "carry_deficit", "check_draws", "check_rows", "check_screen", "curvature_data",
-    "curvature_draws", "damping", "damping_shape", "drift_tol", "emptied_label", "emptied_max_row_evals", "energy",
-    "exact_max_dim", "expectation", "grad_draws", "hessian", "iter_T", "likelihood", "log_prior", "max_damping_trials",
-    "mc_samples", "memory_budget", "negative_curvature", "newton_gate", "newton_steps", "newton_target", "nll",
-    "precondition_rank", "recenter_draws", "recenter_every", "refresh_every", "rescale_lr", "samp_T", "scaling", "seed",
-    "shorten_steps", "slope_eta", "solver", "tol", "turn_draws",
+    "curvature_draws", "damping", "damping_shape", "direct_z", "drift_tol", "emptied_label", "emptied_max_row_evals",
+    "energy", "exact_max_dim", "expectation", "grad_draws", "hessian", "iter_T", "likelihood", "log_prior",
+    "max_damping_trials", "mc_samples", "memory_budget", "negative_curvature", "newton_gate", "newton_steps",
+    "newton_target", "nll", "precondition_rank", "recenter_draws", "recenter_every", "refresh_every", "rescale_lr",
+    "samp_T", "scaling", "seed", "shorten_steps", "slope_eta", "solver", "tol", "turn_draws",
 )  # fmt: skip
 #: Keyword arguments a run cannot set (its own seed; Python callables).
 _NOT_SETTABLE = ("seed", "nll", "log_prior", "energy")

@@ -18,8 +18,9 @@ Everything here is checked **before** the model folder is touched, and every ref
   (``--tol``). ``None`` means "not given" (the folder's setting is kept), except for the options whose ``None``
   is a value in the library: ``grad_draws``, ``curvature_draws``, ``refresh_every``, ``memory_budget`` and
   ``expectation`` pass it on (every bank draw; the solver's default draws and reuse; the default budget; the bank
-  where there is one), and ``slope_eta=None`` (``newton_gate=None``), the slope test (the gate) off in the library,
-  is refused naming ``slope_eta=0`` (``newton_gate=0``), which turns it off for the request.
+  where there is one), and ``slope_eta=None`` (``newton_gate=None``, ``direct_z=None``), the slope test (the gate,
+  the direct test) off in the library, is refused naming ``slope_eta=0`` (``newton_gate=0``, ``direct_z=0``), which
+  turns it off for the request.
 """
 
 from __future__ import annotations
@@ -563,6 +564,7 @@ def check_settings(overrides: Mapping[str, Any] | None, interface: str = "python
 _NONE_IS_A_VALUE = {
     "slope_eta": "the slope test off: give slope_eta=0 to turn it off for this request",
     "newton_gate": "the gate off: give newton_gate=0 to turn it off for this request",
+    "direct_z": "the direct test off: give direct_z=0 to turn it off for this request",
 }
 #: Unlearner options whose ``None`` a request passes on to :class:`~mcmc_unlearner.unlearner.MCMCUnlearner`, where it
 #: is a value: every bank draw for ``G`` (``grad_draws``), the solver's default number of curvature draws and reuse
