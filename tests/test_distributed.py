@@ -33,6 +33,7 @@ from mcmc_unlearner.distributed import (
     ensemble_groups,
     gather_banks,
     params_in_sync,
+    ran_config,
 )
 from mcmc_unlearner.errors import InvalidRequestError, UnlearningError
 from mcmc_unlearner.models.gmm import GaussianMixture
@@ -355,8 +356,11 @@ def test_forget_command_under_torchrun(tmp_path, capsys):
         assert torch.equal(b.data.state_dict()[key], val), key  # removals and shuffle state identical
     assert b.sampler.param_groups[0]["lr"] == pytest.approx(a.sampler.param_groups[0]["lr"], rel=1e-12)
     ea, eb = a.requests[-1], b.requests[-1]
-    for key in ("request_id", "ids", "n_removed", "n_remaining", "solver", "iterations", "config"):
+    for key in ("request_id", "ids", "n_removed", "n_remaining", "solver", "iterations"):
         assert ea[key] == eb[key], key
+    # the ranks ran without the Newton gate (a shard cannot list every remaining row): the entry records what ran
+    assert ea["config"]["newton_gate"] == 3.0 and eb["config"]["newton_gate"] == 0.0
+    assert eb["config"] == ran_config(ea["config"])
     assert verify(multi).ok
     again = _torchrun(["forget", "--model", str(multi), "--ids", str(ids)])
     assert again.returncode == 0 and again.stdout.count("already applied") == 1, again.stderr[-2000:]
