@@ -109,8 +109,10 @@ def test_direct_z_is_an_option_kept_in_the_configuration_and_a_saved_folder(tmp_
 def test_a_bad_direct_z_is_refused_by_name_before_any_work(bad) -> None:
     model = BayesianLinearRegression(3)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"^direct_z must be a number >= 0.*0 or None: no such test"):
+    refused = r"^direct_z must be a number >= 0.*0 \(the default\) or None: no such test"
+    with pytest.raises(ValueError, match=refused) as info:
         MCMCUnlearner(model, bank=_problem(0.0)[3].float(), direct_z=bad)
+    assert "the default 5" not in str(info.value)  # off by default: 5 is the value stop 67 measured
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 

@@ -378,8 +378,8 @@ def _direct_z(v: Any) -> float:
     if not (is_number(v) and finite(v) and float(v) >= 0):
         raise ValueError(
             "direct_z must be a number >= 0, the standard errors by which a step's directly measured change of the "
-            f"remaining energy may rise before the step is rejected (0 or None: no such test; the default 5), got "
-            f"{shown_value(v)}"
+            f"remaining energy may rise before the step is rejected (0 (the default) or None: no such test; stop 67 "
+            f"measured 5), got {shown_value(v)}"
         )
     return float(v)
 
