@@ -77,6 +77,19 @@ def test_a_step_along_which_the_remaining_fit_clearly_worsens_is_refused_and_not
     assert torch.equal(un.bank, bank)
 
 
+def test_with_the_slope_test_off_a_search_the_direct_test_fails_is_refused_as_it_stands() -> None:
+    """``slope_eta=0``: the search again without the bank's tests (:meth:`DampingControl._along_bank_slope`) is the
+    slope test's, so a search every trial of which the direct test failed is not searched again nor cut: refused
+    after its ``max_trials`` trials, naming ``direct_z=0``, the bank as it was."""
+    x, y, removed, bank, _, _ = _problem(1.0)
+    un = MCMCUnlearner(BayesianLinearRegression(3).double(), bank=bank.clone(), direct_z=DIRECT_Z, slope_eta=0)
+    with pytest.raises(QualityError, match="direct_z=0") as info:
+        un.forget(removed, RemovableDataset(x, y, batch_size=50, seed=0))
+    trials = info.value.report.info["trials"]
+    assert len(trials) == un.control.max_trials and all(t["direct_failed"] for t in trials)
+    assert "does not fall along the step" not in str(info.value) and torch.equal(un.bank, bank)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_direct_test_leaves_a_bank_at_equilibrium_alone(seed: int) -> None:
     """Exact draws of the full-data posterior: the request takes the same step, to the bit, as with the test off,

@@ -944,7 +944,7 @@ class DampingControl:
             Monte-Carlo error credits the step for following that error, which the direct measurement does not.
             The unlearner's corrections across requests, whose ``G`` is measured at as few as one draw, use 2;
             its requests the option ``direct_z`` (off by default) with ``direct_draws``. A trial failing it marks
-            the search as one failing the slope test (:meth:`_along_bank_slope`).
+            the search as one failing the slope test (:meth:`_along_bank_slope`; with ``slope_eta`` off, none).
         slope_eta: Reject a step along which the bank's own slope of the remaining-data energy is clearly less than
             ``slope_eta`` of the slope ``−G·x`` the model assumes (``None`` or ``0``: no such test; see
             :meth:`_slope_fails`). The unlearner's requests use :data:`SLOPE_ETA`.

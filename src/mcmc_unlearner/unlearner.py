@@ -2621,7 +2621,8 @@ class MCMCUnlearner:
             prior's, without the control variate, which credits the step with ``−G·x`` as if the bank were at
             equilibrium along it) rises by more than this many of its standard errors; a search every step of which
             it rejects goes where one the slope test fails goes (searched again without both, cut to the bank's own
-            minimum along its step or refused; ``report.info["direct_rejected"]``: the trials it rejected). Its
+            minimum along its step or refused; with ``slope_eta=0`` refused as it stands;
+            ``report.info["direct_rejected"]``: the trials it rejected). Its
             standard error counts the check draws' spread as well as the rows'. A number ``>= 0``; ``0`` (the
             default) or ``None`` turns the test off (``un.control.direct_z``; stop 67 measured
             :data:`~mcmc_unlearner.step.DIRECT_Z` = 5, docs/model-matrix.md "Stop 67: a request's direct rise
