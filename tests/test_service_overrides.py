@@ -151,6 +151,21 @@ def test_an_option_off_at_none_is_refused_naming_zero_and_zero_turns_it_off(tmp_
     assert (back.control.slope_eta, back.newton_gate, back.control.direct_z) == (SLOPE_ETA, NEWTON_GATE_Z, None)
 
 
+def test_a_requests_direct_z_is_what_the_request_ran_and_the_folder_keeps_its_own(tmp_path) -> None:
+    """The direct test is off by default, so ``overrides={"direct_z": 0}`` above cannot show an override reaching the
+    unlearner: ``direct_z=5`` per request is what its ledger entry ran, and the folder's own setting (off) stays."""
+    import json
+
+    folder = save_gmm(tmp_path / "m", tiny_gmm(0, bank=10, burn=60, solver="exact"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert forget(folder, [1, 2], request_id="r1", overrides={"direct_z": 5}).applied
+    entry = json.loads((folder / "ledger.jsonl").read_text().splitlines()[-1])
+    assert entry["overrides"] == {"direct_z": 5} and entry["config"]["direct_z"] == 5.0
+    back = load_model(folder).unlearner
+    assert back.control.direct_z is None and back.config()["direct_z"] == 0.0
+
+
 def test_a_none_that_is_a_library_value_reaches_the_library(tmp_path) -> None:
     """Stop 63: a request's ``None`` of ``grad_draws`` (every bank draw), ``curvature_draws``/``refresh_every`` (the
     solver's default) and ``memory_budget`` (the default budget) was skipped as "not given", and the request ran with
