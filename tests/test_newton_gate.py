@@ -898,8 +898,12 @@ def test_the_gates_steps_stop_at_their_cost_cap_where_a_pass_is_dear(far, monkey
     _, _, _, old, new = far
     free, info_free = _forget_far(far, old[None], 1)
     assert info_free["newton_gate"].startswith("fired") and info_free["newton_stop"].startswith("converged")
-    assert U.NEWTON_AUTO_COST == 6.0  # the counted costs below are set against it
+    assert U.NEWTON_AUTO_COST is None  # off by default: where it would bind, the bank would follow the load
     clock = _CountedClock(monkeypatch, per_pass=2.25)  # the gap's pass 2.25 s, a step's 4.5 s: 4.5 + 2.25 > 6·1.0
+    default, info_default = _forget_far(far, old[None], 1)
+    assert torch.equal(default, free) and info_default["newton_stop"] == info_free["newton_stop"]  # not capped
+    clock.reset()
+    monkeypatch.setattr(U, "NEWTON_AUTO_COST", 6.0)  # the counted costs below are set against it
     capped, info = _forget_far(far, old[None], 1)
     assert info["newton_cpu_before"] == 1.0 and info["newton_cpu_seconds"] == 4.5, info
     assert info["newton_steps_taken"] == 2 < info_free["newton_steps_taken"], info
@@ -920,8 +924,9 @@ def test_a_cost_cap_that_does_not_bind_changes_nothing(far, monkeypatch) -> None
     decision are those without a cap, to the bit."""
     _, _, _, old, _ = far
     clock = _CountedClock(monkeypatch, per_pass=0.1)
+    monkeypatch.setattr(U, "NEWTON_AUTO_COST", 6.0)
     capped, info = _forget_far(far, old[None], 1)
-    monkeypatch.setattr(U, "NEWTON_AUTO_COST", math.inf)
+    monkeypatch.setattr(U, "NEWTON_AUTO_COST", None)
     clock.reset()
     free, info_free = _forget_far(far, old[None], 1)
     assert torch.equal(capped, free)
