@@ -652,7 +652,7 @@ class _Part:
         pop = self.c.population
         draw_se = 0.0
         if pop is not None and 1 < K < pop:  # the draws' own mean changes: a sample of the bank's
-            per_draw = self.c.reduce(dh.double().sum(1)) / max(self.m, 1)
+            per_draw = sums[4 + K :] / max(self.m, 1)  # each draw's change, reduced above with the rows' sums
             draw_se = math.sqrt(float(per_draw.var()) / K * (1 - K / pop))
         dstderr = n * math.sqrt(max(float(sums[3]) / self.m - dmean**2, 0.0) / denom)
         actual = -float(self.c.G @ x) + prior / K + n * mean
