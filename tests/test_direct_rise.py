@@ -154,3 +154,26 @@ def test_a_carried_deficit_whose_step_the_direct_test_fails_is_dropped_and_the_r
     cov = torch.linalg.solve(H_r, torch.linalg.solve(H_r, A @ c_all @ A).T) / report.n_draws
     shift = (un.bank.double() - bank.double()).mean(0)
     assert torch.all((shift - (m_kept - m_all)).abs() < 4 * cov.diagonal().sqrt())
+
+
+def test_a_trial_the_slope_test_rejected_first_is_not_counted_as_the_direct_tests() -> None:
+    """``DampingControl.step`` judges the slope test before the direct test: a trial whose bank slope is 0 (the slope
+    test fails it) and whose direct change rises (the direct test would too) is the slope test's, and only trials the
+    slope test passed are marked ``direct_failed`` (which ``info["direct_rejected"]`` counts and the refusal's note
+    names)."""
+    from mcmc_unlearner.step import SLOPE_ETA, DampingControl, Measurement
+    from test_step import _QuadraticBackend
+
+    H = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    G = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+
+    def check(x: torch.Tensor) -> Measurement:
+        gx, quad = float(G @ x), float(x @ H @ x)
+        actual = -gx + 0.5 * quad  # the model is exact; the bank's own slope along x is 0: direct = ½xᵀHx > 0
+        se = 1e-3 * float(x.norm())
+        return Measurement(actual, se, 0.0, direct=0.5 * quad, direct_stderr=se, nll_scale=1.0, nll_stderr=0.0)
+
+    out = DampingControl(slope_eta=SLOPE_ETA, direct_z=DIRECT_Z).step(_QuadraticBackend(H), G, check)
+    slope = [h for h in out.history if h.get("slope_failed")]
+    assert slope and not any(h["direct_failed"] for h in slope)
+    assert any(h["direct"] > DIRECT_Z * h["direct_stderr"] for h in slope)  # ones the direct test would fail too

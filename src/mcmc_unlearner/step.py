@@ -1383,7 +1383,8 @@ class DampingControl:
         # whether the step failed the slope test (judged on the full check only) and, where the check measured it
         # directly, the bank's own slope along it (no NaN: a trial's record compares equal to itself)
         out.history[0]["slope_failed"] = not decided and self._slope_fails(gx, meas)
-        out.history[0]["direct_failed"] = not decided and self._direct_rise(meas)
+        # the direct test's own rejections: step() judges the slope test first
+        out.history[0]["direct_failed"] = not decided and not out.history[0]["slope_failed"] and self._direct_rise(meas)
         slope, slope_err = self._bank_slope(gx, meas)
         if math.isfinite(slope) and math.isfinite(slope_err):
             out.history[0].update(slope=slope, slope_stderr=slope_err / SLOPE_Z)
