@@ -251,12 +251,15 @@ def _from_iterator(far, bank: torch.Tensor, batches: int | None, **kw) -> tuple[
     return un.bank.clone(), report.info
 
 
-def test_an_endless_iterator_is_sampled_and_its_steps_land_near_the_new_mode(far) -> None:
+def test_an_endless_iterator_is_sampled_and_its_steps_land_near_the_new_mode(far, monkeypatch) -> None:
     """Rows that cannot be listed: the estimate reads ``NEWTON_GATE_STREAM_PASSES·n`` rows from the stream as a
     with-replacement sample (here an iterator reshuffling every pass; the exact gap at the old mode is 0: the
     estimate lies within three of its standard errors), fires, and the further steps on the sample land ten times
-    closer to the new mode than the influence step alone (the gate off), which misses it by 20%."""
+    closer to the new mode than the influence step alone (the gate off), which misses it by 20%. (Since stop 68 the
+    steps read the sample's distinct rows where they are every remaining row, as here: the sample's own rows, the
+    path of a stream whose distinct rows are not ``n``, are forced by finding no distinct rows.)"""
     _, _, _, old, new = far
+    monkeypatch.setattr(U, "_distinct_rows", lambda rows: None)
     gated, info = _from_iterator(far, old[None], None)
     off, info_off = _from_iterator(far, old[None], None, newton_gate=0)
     assert (
@@ -268,6 +271,59 @@ def test_an_endless_iterator_is_sampled_and_its_steps_land_near_the_new_mode(far
     err, err_off = (float((b[0] - new).norm() / (new - old).norm()) for b in (gated, off))
     assert err_off > 0.1 and err < 0.1 * err_off, (err, err_off)
     assert "newton_gate" not in info_off
+
+
+def test_an_endless_iterators_steps_read_every_remaining_row_and_land_on_the_new_mode(far) -> None:
+    """The reshuffling iterator's ``8·n`` rows hold each of the ``n`` remaining rows: the further steps read those
+    ``n`` distinct rows once each (no control variate), as listed rows, and land on the new mode (the float64 closed
+    form by Newton's method) to 1e-4 of the way there; on ``n`` rows of the sample (before stop 68) they missed it by
+    1.4%, the sample's own mode."""
+    _, _, _, old, new = far
+    gated, info = _from_iterator(far, old[None], None)
+    assert (
+        info["newton_gate"].startswith("fired") and "of 800 sampled from the stream for 100 rows" in info["newton_gate"]
+    )
+    assert info["newton_data"].startswith("all 100 remaining rows (the distinct rows of the gate's sample"), info
+    assert info["newton_stop"].startswith("converged"), info["newton_stop"]
+    err = float((gated[0] - new).norm() / (new - old).norm())
+    assert err < 1e-4, err
+
+
+def test_a_stream_whose_distinct_rows_are_not_every_row_keeps_the_samples_rows(far) -> None:
+    """The remaining rows holding one row twice (row 1 a copy of row 0: 99 distinct of 100): the sample's distinct
+    rows are not every remaining row, and the further steps read ``n`` of the sample with its control variate."""
+    x, y, removed, old, _ = far
+    xr, yr = x[:100].clone(), y[:100].clone()
+    xr[1], yr[1] = xr[0], yr[0]
+
+    def draws():
+        g = torch.Generator().manual_seed(7)
+        while True:
+            for i in torch.randperm(100, generator=g).view(4, 25):
+                yield xr[i], yr[i]
+
+    un = _iterator_unlearner(far, old[None])
+    info = un.remove((x[removed], y[removed]), draws(), n_remaining=100).info
+    assert info["newton_gate"].startswith("fired"), info
+    assert info["newton_data"].startswith("100 rows sampled from the stream (scaled to 100)"), info
+
+
+def test_distinct_rows_are_exact_and_in_the_order_they_first_appear() -> None:
+    """Rows equal byte for byte in every tensor are one row (a label, an image, a float and an integer tensor);
+    ``-0.0`` and ``0.0`` differ in a byte and are two; rows wider than one hashed part (2¹⁴ bytes) too; the first
+    copy of each, in order."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, 2, generator=g), torch.arange(6)
+    pick = torch.tensor([4, 1, 4, 0, 5, 1, 1, 2, 0, 4])
+    assert U._distinct_rows((x[pick], y[pick])).tolist() == [0, 1, 3, 4, 7]
+    y2 = y[pick].clone()
+    y2[2] = 9  # the same image, another label: another row
+    assert U._distinct_rows((x[pick], y2)).tolist() == [0, 1, 2, 3, 4, 7]
+    assert U._distinct_rows((torch.tensor([0.0, -0.0, 0.0]),)).tolist() == [0, 1]
+    wide = torch.randn(3, 5000, generator=g, dtype=torch.float64)  # 40 kB a row: three hashed parts
+    again = wide[[0, 1, 0, 2, 1]].clone()
+    again[4, -1] += 1.0  # differs only in its last part
+    assert U._distinct_rows((again,)).tolist() == [0, 1, 3, 4]
 
 
 def test_an_iterators_estimate_finds_the_closed_form_gap(far) -> None:
