@@ -324,6 +324,7 @@ def test_distinct_rows_are_exact_and_in_the_order_they_first_appear() -> None:
     again = wide[[0, 1, 0, 2, 1]].clone()
     again[4, -1] += 1.0  # differs only in its last part
     assert U._distinct_rows((again,)).tolist() == [0, 1, 3, 4]
+    assert U._distinct_rows((torch.zeros(3, 0), torch.arange(3))) is None  # rows of no bytes: nothing claimed
 
 
 def test_an_iterators_estimate_finds_the_closed_form_gap(far) -> None:

@@ -1463,14 +1463,16 @@ def _t_sf(df: int, t: float) -> float:
 
 def _distinct_rows(rows: Batch) -> torch.Tensor | None:
     """Indices of the first copy of each distinct row of ``rows`` (equal byte for byte in every tensor of the
-    batch), in the order they first appear; ``None`` where a tensor cannot be read as bytes (not a strided tensor)
-    or where two different rows shared a hash (then nothing is claimed). Each row's bytes, read as 16-bit integers,
-    are hashed twice by a float64 product with fixed integer coefficients small enough that every sum is an integer
-    below ``2⁵³`` (exact in any summation order: equal rows, equal hashes), and every row is then compared with its
-    group's first, so the answer is exact. :meth:`MCMCUnlearner._gap_gate`: the rows a stream gave that hold each
-    remaining row."""
+    batch), in the order they first appear; ``None`` where a tensor cannot be read as bytes (not a strided tensor,
+    or empty rows) or where two different rows shared a hash (then nothing is claimed). Each row's bytes, read as
+    16-bit integers, are hashed twice by a float64 product with fixed integer coefficients small enough that every
+    sum is an integer below ``2⁵³`` (exact in any summation order: equal rows, equal hashes), and every row is then
+    compared with its group's first, so the answer is exact. :meth:`MCMCUnlearner._gap_gate`: the rows a stream gave
+    that hold each remaining row."""
     m = int(rows[0].shape[0])
     if m == 0 or not all(isinstance(t, torch.Tensor) and t.layout == torch.strided for t in rows):
+        return None
+    if any(t.shape[0] != m or t[:1].numel() == 0 for t in rows):  # (rows of no bytes: nothing to tell them apart)
         return None
     views = []
     for t in rows:
