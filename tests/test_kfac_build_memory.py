@@ -129,3 +129,52 @@ def test_live_peak_skips_a_tensor_subclass_without_storage() -> None:
         assert live.now == 4000
         del w, a
     assert live.peak == 4000 and live.now == 0
+
+
+_NO_DYNAMO = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from mcmc_unlearner import kronecker
+from mcmc_unlearner.kronecker import KroneckerCurvature
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+nll = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")
+before = "torch._dynamo" in sys.modules
+plain = KroneckerCurvature.memory_estimate(model, 8, (x, y), nll=nll)
+after = "torch._dynamo" in sys.modules
+theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+thetas = theta + 0.01 * torch.randn(2, theta.numel())
+log_prior = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())
+KroneckerCurvature.build(model, thetas, [(x, y)], 100, nll=nll, log_prior=log_prior, likelihood="empirical")
+built = sorted(m for m in ("torch._dynamo", "sympy", "torch.fx.experimental.symbolic_shapes") if m in sys.modules)
+import torch._dynamo  # a process that compiles: the mode kept from dynamo's tracing, the same bytes counted
+
+kind = type(kronecker._live_peak()).__name__
+loaded = KroneckerCurvature.memory_estimate(model, 8, (x, y), nll=nll)
+print(json.dumps({"before": before, "after": after, "built": built, "plain": plain, "loaded": loaded, "kind": kind}))
+"""
+
+
+def test_the_memory_estimate_and_the_build_import_neither_dynamo_nor_sympy() -> None:
+    """``_LivePeak``'s dispatch was wrapped by torch in ``torch._disable_dynamo``, whose first call imports
+    ``torch._dynamo`` (797 modules, 1.1 s CPU: a tenth of a 1.2M-parameter ResNet's first request; stop 68), and the
+    prior's Hessian probe (``torch.autograd.grad`` with ``grad_outputs``) imported sympy (485 modules, 0.4 s CPU):
+    the estimate and a build, in a fresh process, leave both unimported; where ``torch._dynamo`` is imported already
+    the mode is the wrapped ``_LivePeakDynamo`` and the estimate the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _NO_DYNAMO], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not got["before"] and not got["after"] and got["built"] == [], got
+    assert got["kind"] == "_LivePeakDynamo" and got["plain"] == got["loaded"], got

@@ -86,6 +86,7 @@ import dataclasses
 import inspect
 import itertools
 import math
+import sys
 import time
 import warnings
 import weakref
@@ -328,6 +329,14 @@ class _LivePeak(TorchDispatchMode):
     gradients on the rows twice over (:func:`_shared_codes`), whose activations are freed as it goes: what autograd
     saves does not bound it."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """``False``: ``__torch_dispatch__`` is not wrapped in ``torch._disable_dynamo`` at class creation, whose first
+        call imports ``torch._dynamo`` (797 modules, sympy among them: 1.1 s CPU, a tenth of a 1.2M-parameter
+        ResNet's first request; stop 68). Where ``torch._dynamo`` is loaded already (a compiled
+        model or function may run under the mode) :func:`_live_peak` gives :class:`_LivePeakDynamo`, which is."""
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[int, int] = {}  # storage address: bytes
@@ -365,6 +374,24 @@ class _LivePeak(TorchDispatchMode):
             # the storage's own lifetime (its Python object lives as long as the storage does), not a tensor's
             weakref.finalize(storage, self._drop, key)
         return out
+
+
+class _LivePeakDynamo(_LivePeak):
+    """:class:`_LivePeak` with its ``__torch_dispatch__`` kept out of ``torch.compile``'s tracing, as torch does for
+    every dispatch mode by default: used where ``torch._dynamo`` is loaded (:func:`_live_peak`)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """``True``: torch's default (``__init_subclass__`` wraps the ``__torch_dispatch__`` below)."""
+        return True
+
+    __torch_dispatch__ = _LivePeak.__torch_dispatch__
+
+
+def _live_peak() -> _LivePeak:
+    """A :class:`_LivePeak`; a :class:`_LivePeakDynamo` where ``torch._dynamo`` is imported already (a process that
+    compiles: the mode's frames are then kept from its tracing at no import cost)."""
+    return _LivePeakDynamo() if "torch._dynamo" in sys.modules else _LivePeak()
 
 
 def _head(batch: Batch, rows: int) -> Batch:
@@ -1350,7 +1377,9 @@ def _measure_prior(
             return P, notes
 
         def quotients(v: Tensor, names: Sequence[str]) -> Tensor:
-            (hv,) = torch.autograd.grad(g, t, grad_outputs=v, retain_graph=True, allow_unused=True)
+            # v through g·v's sum (the same hv to every bit: 1·v is v), not grad_outputs=v, whose first use in a
+            # process imports sympy (torch.autograd's _make_grads: 485 modules, 0.4 s CPU of a first request; stop 68)
+            (hv,) = torch.autograd.grad((g * v).sum(), t, retain_graph=True, allow_unused=True)
             if hv is None:
                 return torch.zeros(len(names), dtype=torch.float64)
             f64 = torch.float64
@@ -2246,12 +2275,12 @@ def _doubled_peak(model: nn.Module, forward: Callable[[Batch], Any], head: Batch
     cuda = sorted({t.device.index or 0 for t in head if isinstance(t, Tensor) and t.device.type == "cuda"})
     with preserved(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
         try:
-            with _LivePeak() as live:
+            with _live_peak() as live:
                 forward(_rows_at(head, torch.cat([at, at])))
             return live.peak
         except Exception:
             pass
-        live = _LivePeak()
+        live = _live_peak()
         try:
             with live:
                 forward(_rows_at(head, at.flip(0)))
