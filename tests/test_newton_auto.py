@@ -154,3 +154,72 @@ def test_auto_gives_the_same_bank_on_a_loaded_machine(region, monkeypatch) -> No
     assert again["newton_steps_taken"] == info["newton_steps_taken"], again
     assert again["newton_stop"] == info["newton_stop"]
     assert torch.equal(loaded, idle)
+
+
+class _LogRegMM(_LogReg):
+    """The same logistic regression, its logits a matrix product ``x @ w[:, None]`` (an ``mm`` whose FLOPs torch
+    counts: ``2·d`` a row forward and ``2·d`` for the weights' gradient)."""
+
+    def nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits((x @ self.w[:, None])[:, 0], y, reduction="none")
+
+
+def _forget_mm(x, y, removed, bank: torch.Tensor, steps, **kw) -> tuple[torch.Tensor, dict]:
+    """:func:`_forget` on :class:`_LogRegMM`."""
+    kw = {"newton_gate": 0, "curvature_draws": 1, **kw}
+    un = MCMCUnlearner(_LogRegMM(x.shape[1]), bank=bank.clone(), solver="exact", newton_steps=steps, **kw)
+    report = un.forget(removed, RemovableDataset(x, y, batch_size=x.shape[0], seed=0))
+    assert report.converged
+    return un.bank[0].clone(), report.info
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")
+def test_auto_counts_a_row_draw_gradients_flops_in_closed_form(region) -> None:
+    """The further steps' work is counted, not timed: one row-draw gradient of the logits' matrix product is ``4·d``
+    FLOPs (``2·d`` forward, ``2·d`` for the weights' gradient; the data need none), and the passes' FLOPs are that
+    times their row-draw gradients. The default budget leaves this converging run its steps."""
+    x, y, removed, _ = region
+    old = _map(x, y)
+    _, info = _forget_mm(x, y, removed, old[None], "auto")
+    assert info["newton_row_flops"] == 4 * x.shape[1]
+    assert info["newton_flops"] == info["newton_row_flops"] * info["newton_row_gradients"]
+    assert info["newton_flops"] < U.NEWTON_AUTO_FLOPS
+    assert info["newton_stop"].startswith("converged"), info
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")
+def test_auto_stops_at_its_counted_work(region, monkeypatch) -> None:
+    """The passes stop before their counted FLOPs would pass ``NEWTON_AUTO_FLOPS`` (a row-draw gradient's cost, which
+    the row-draw budget does not see): with room for two and a half passes, the gap's pass and one further step are
+    taken, as ``newton_steps=2`` takes them, and the report says why; with room for one and a half, the gap's alone."""
+    x, y, removed, keep = region
+    old = _map(x, y)
+    rows, d = int(keep.sum()), x.shape[1]
+    monkeypatch.setattr(U, "NEWTON_AUTO_FLOPS", 2.5 * rows * 4 * d)
+    two, _ = _forget_mm(x, y, removed, old[None], 2)
+    auto, info = _forget_mm(x, y, removed, old[None], "auto")
+    assert info["newton_steps_taken"] == 2 and info["newton_stop"].startswith("work: "), info
+    assert info["newton_flops"] == 2 * rows * 4 * d
+    assert torch.equal(auto, two)
+    monkeypatch.setattr(U, "NEWTON_AUTO_FLOPS", 1.5 * rows * 4 * d)
+    one, _ = _forget_mm(x, y, removed, old[None], 1)
+    auto, info = _forget_mm(x, y, removed, old[None], "auto")
+    assert info["newton_steps_taken"] == 1 and info["newton_stop"].startswith("work: "), info
+    assert torch.equal(auto, one)
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")
+def test_the_counted_work_gives_the_same_bank_on_a_loaded_machine(region, monkeypatch) -> None:
+    """Where the FLOP budget binds, a CPU clock that runs ever longer between its reads gives the same steps, the
+    same stop and the same bank to the bit (stop 67's timed cap did not: its count moved with the machine's load)."""
+    x, y, removed, keep = region
+    old = _map(x, y)
+    monkeypatch.setattr(U, "NEWTON_AUTO_FLOPS", 3.5 * int(keep.sum()) * 4 * x.shape[1])
+    idle, info = _forget_mm(x, y, removed, old[None], "auto")
+    assert info["newton_steps_taken"] == 3 and info["newton_stop"].startswith("work: "), info
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(U.time, "process_time", lambda: 1000.0 * next(ticks) ** 2)
+    loaded, again = _forget_mm(x, y, removed, old[None], "auto")
+    assert (again["newton_steps_taken"], again["newton_stop"]) == (info["newton_steps_taken"], info["newton_stop"])
+    assert torch.equal(loaded, idle)

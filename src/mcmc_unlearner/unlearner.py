@@ -1102,6 +1102,22 @@ NEWTON_AUTO_BANK_GAP = 1 / 3
 #: 2.8-3.7x the request's CPU before them (``NEWTON_AUTO_COST``'s cap, off by default, set to 6x leaves them).
 #: Where two draws fill ``NEWTON_ROW_DRAWS`` on every row: the gap's pass and 19 steps.
 NEWTON_AUTO_PASSES = 20
+#: ... and while their gradient passes (the gap's included) take at most this many FLOPs in all, counted once per
+#: request by ``torch.utils.flop_counter.FlopCounterMode`` on one draw's gradient over a few rows
+#: (:meth:`MCMCUnlearner._row_draw_flops`) and multiplied by the passes' row-draw gradients: the budget above counts
+#: row-draw gradients, not what one costs (stop 66's GRU regression: 72 passes of 600 rows x 60 draws, 39 CPU s
+#: against the quick matrix regression's 5 s for 100 passes of 736 x 50). Counted, so the same request on the same data
+#: gives the same bank on any machine's load (stop 67's timed cap, ``NEWTON_AUTO_COST``, did not). Stop 68 (one
+#: torch thread): the quick matrix regression (2-32-32-1 tanh MLP) counts 6,592 FLOPs a row-draw gradient, its gap's
+#: pass and 99 steps 2.43e10 (a pass of 736 rows x 50 draws 2.43e8), so 3e10 leaves it its 100 steps and its bank
+#: (kept RMSE 9.0% / 8.8% off retraining with its rows listed); a two-layer GRU regression (8 hidden units, 10-step
+#: sequences, 600 rows x 60 draws) counts 34,800 (1.25e9 a pass): 23 steps, not 100, its request 62.3 -> 24.8 CPU s
+#: against a 14.7 s retrain chain, kept RMSE 0.198 -> 0.219 (retraining 0.231). FLOPs miss a recurrence's
+#: per-operation cost (5.3x the MLP's row in FLOPs, ~12x in time): a bound on counted work, not on seconds.
+#: ``None``: no FLOP budget.
+NEWTON_AUTO_FLOPS: float | None = 3e10
+#: The rows :meth:`MCMCUnlearner._row_draw_flops` counts one draw's gradient on (FLOPs grow with the rows).
+NEWTON_FLOP_ROWS = 16
 #: ``newton_gate``'s further steps (taken on the library's own decision, not asked for) also stop before their CPU
 #: time (the gap's pass and each step's pass and damping search, measured) would pass this many times the request's
 #: CPU time before them (its gradient, curvature, first step and gate), or ``NEWTON_AUTO_COST_FLOOR`` CPU seconds
@@ -2558,8 +2574,10 @@ class MCMCUnlearner:
             decrease. ``"auto"`` (with ``newton_target="equilibrium"``; opt-in): up to ``NEWTON_AUTO_STEPS``, taken
             only where the bank's own gap to equilibrium is small against the removal's gradient and while their
             gradient passes over the remaining rows (the gap's included) take at most ``NEWTON_AUTO_PASSES`` times
-            ``NEWTON_ROW_DRAWS`` row-draw gradients (a counted budget: the same bank on a loaded machine;
-            :meth:`_newton_iterations`; ``report.info["newton_bank_gap"]``, ``["newton_row_gradients"]``); skipped
+            ``NEWTON_ROW_DRAWS`` row-draw gradients and ``NEWTON_AUTO_FLOPS`` counted FLOPs (stop 68: a row-draw
+            gradient's FLOPs counted once by ``FlopCounterMode``; both counted budgets: the same bank on a loaded
+            machine; :meth:`_newton_iterations`; ``report.info["newton_bank_gap"]``, ``["newton_row_gradients"]``,
+            ``["newton_row_flops"]``, ``["newton_flops"]``); skipped
             without a warning where the rows cannot be listed (rows as tensors, a ``RemovableDataset`` and a
             ``DataLoader`` over a ``TensorDataset`` list them; an iterator of minibatches cannot).
         newton_gate: With ``newton_steps=1`` (and ``newton_target="equilibrium"``): take ``"auto"``'s further steps
@@ -7979,8 +7997,11 @@ class MCMCUnlearner:
         SG-MCMC bank, and a chain retrained the same way, are not at equilibrium), which further steps would chase,
         and only the influence step is taken (``info["newton_bank_gap"]`` is ``‖e₀‖/‖G‖``). Else the steps continue
         while their gradient passes, the gap's included, take at most ``NEWTON_AUTO_PASSES · NEWTON_ROW_DRAWS``
-        row-draw gradients (rows times draws; the damping trials' checks, on the check's rows, are not counted):
-        counted, not timed, so a loaded machine gives the same bank. ``info["newton_row_gradients"]`` is what the
+        row-draw gradients (rows times draws; the damping trials' checks, on the check's rows, are not counted)
+        and at most ``NEWTON_AUTO_FLOPS`` FLOPs (a row-draw gradient's FLOPs counted once,
+        :meth:`_row_draw_flops`, times those row-draw gradients; ``info["newton_row_flops"]``, ``["newton_flops"]``,
+        ``newton_stop`` "work: ..."): counted, not timed, so a loaded machine gives the same bank.
+        ``info["newton_row_gradients"]`` is what the
         passes took, ``info["newton_cpu_seconds"]`` their CPU time (each step's search included) and
         ``info["newton_cpu_before"]`` the request's before them. Where the rows cannot be listed the steps are
         skipped without a warning. ``gated`` (:meth:`_gap_gate` fired for ``newton_steps=1``): as ``"auto"``, and the
@@ -7997,6 +8018,7 @@ class MCMCUnlearner:
         auto = gated or self.newton_steps == "auto"
         limit = NEWTON_AUTO_STEPS if auto else self._newton_limit
         spent, per_pass, budget = 0, 0, NEWTON_AUTO_PASSES * NEWTON_ROW_DRAWS
+        row_flops, pass_flops = 0.0, 0.0  # counted FLOPs of one row-draw gradient and of one pass (NEWTON_AUTO_FLOPS)
         cpu, before = 0.0, math.inf  # the further steps' CPU and the request's before them (NEWTON_AUTO_COST)
         c0: float | None = None
         x, phi = first.x, first.actual
@@ -8045,11 +8067,14 @@ class MCMCUnlearner:
             offset = 0.0 if sampled is None or sampled[1] is None else sampled[1]
             if auto:
                 per_pass = int(data[0].shape[0]) * int(pts.shape[0])  # row-draw gradients of one pass
+                row_flops = self._row_draw_flops(energy, pts, data, n)
+                pass_flops = row_flops * per_pass
                 g0 = _cpu_seconds()
                 before = g0 - self._request_cpu  # the request's CPU before the further steps: the cost cap's unit
                 gap = float((self._equilibrium_gradient(energy, pts, data, n) + offset + G).norm()) / float(G.norm())
                 spent, cpu = per_pass, _cpu_seconds() - g0
                 info.update(newton_bank_gap=gap, newton_row_gradients=spent)
+                info.update(newton_row_flops=row_flops, newton_flops=pass_flops * spent / per_pass)
                 info.update(newton_cpu_before=before, newton_cpu_seconds=cpu)
                 log.info(
                     "newton steps: the bank's own gap to equilibrium is %.3g·‖G‖ (one pass, %d row-draw gradients)",
@@ -8077,6 +8102,18 @@ class MCMCUnlearner:
                 )
                 break
             if (
+                auto
+                and equilibrium
+                and NEWTON_AUTO_FLOPS is not None
+                and pass_flops * (spent / per_pass + 1) > NEWTON_AUTO_FLOPS
+            ):
+                stop = (
+                    f"work: another pass ({pass_flops:.3g} counted FLOPs: {per_pass} row-draw gradients of "
+                    f"{row_flops:.3g}) would take the further steps past NEWTON_AUTO_FLOPS = {NEWTON_AUTO_FLOPS:.3g} "
+                    f"(spent {pass_flops * spent / per_pass:.3g}, the gap's pass included)"
+                )
+                break
+            if (
                 gated
                 and equilibrium
                 and NEWTON_AUTO_COST is not None
@@ -8095,6 +8132,7 @@ class MCMCUnlearner:
                 if auto:
                     spent += per_pass
                     info["newton_row_gradients"] = spent
+                    info["newton_flops"] = pass_flops * spent / per_pass
             else:
                 r = check.gradient(x)
             if not all_finite(r):
@@ -8170,6 +8208,30 @@ class MCMCUnlearner:
         if not equilibrium:
             self.control.record(last)
         return x, (carry if self.carry_deficit else None)
+
+    def _row_draw_flops(self, energy: Callable, pts: torch.Tensor, data: Batch, n: int) -> float:
+        """FLOPs of one row-draw gradient of the further steps' passes, counted (not timed) by
+        ``torch.utils.flop_counter.FlopCounterMode`` on one draw's gradient over the first ``NEWTON_FLOP_ROWS`` rows
+        and divided by those rows (``NEWTON_AUTO_FLOPS``): the same data and draws give the same count on any
+        machine. Only the operations torch counts (matrix products, convolutions, attention) are in it, not
+        elementwise ones nor an operation's own overhead (a recurrent row's many small products cost more time per
+        counted FLOP). ``0.0`` where counting fails (the FLOP budget then never binds; the row-draw one still does)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        rows = min(int(data[0].shape[0]), NEWTON_FLOP_ROWS)
+        if rows <= 0:
+            return 0.0
+        part = tuple(t[:rows] if torch.is_tensor(t) and t.dim() > 0 else t for t in data)
+        try:
+            with FlopCounterMode(display=False) as counter:  # _equilibrium_gradient's work, not one of its passes
+                if self.custom_energy:
+                    self._per_draw_grads(energy, pts[:1], part)
+                else:
+                    self._moment(self._h_f(), pts[:1], part, scale=n / rows)
+        except Exception as e:  # a count is a budget's input, never a reason to refuse the request
+            log.info("newton steps: the row-draw gradient's FLOPs could not be counted (%s)", e)
+            return 0.0
+        return float(counter.get_total_flops()) / rows
 
     def _gap_points(self, k_thetas: torch.Tensor, n: int) -> torch.Tensor | None:
         """The draws the equilibrium target is taken at: ``grad_draws``' evenly spaced bank samples (``k_thetas``
