@@ -223,3 +223,101 @@ def test_the_counted_work_gives_the_same_bank_on_a_loaded_machine(region, monkey
     loaded, again = _forget_mm(x, y, removed, old[None], "auto")
     assert (again["newton_steps_taken"], again["newton_stop"]) == (info["newton_steps_taken"], info["newton_stop"])
     assert torch.equal(loaded, idle)
+
+
+_NO_DYNAMO = r"""
+import json, sys
+import torch
+import mcmc_unlearner.unlearner as U
+from mcmc_unlearner import MCMCUnlearner, RemovableDataset
+
+U.CHECK_DIFFERENCE_FROM_DIM = U.LOOP_DRAWS_FROM_DIM = 1  # a large model's path (a ResNet's: no torch.func)
+
+
+class LogReg(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, 1, bias=False, dtype=torch.float64)
+
+    def log_prior(self):
+        return -0.5 * (self.lin.weight**2).sum()
+
+    def nll(self, batch):
+        x, y = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.lin(x)[:, 0], y, reduction="none")
+
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(300, 3, generator=g, dtype=torch.float64)
+p = torch.sigmoid(x @ torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64))
+y = (torch.rand(300, generator=g, dtype=torch.float64) < p).double()
+removed = torch.nonzero(x[:, 0] > 0.8).flatten()
+w = torch.zeros(3, dtype=torch.float64)
+for _ in range(50):  # the posterior's mode: a bank at equilibrium (gap 0), so the further steps run
+    p = torch.sigmoid(x @ w)
+    w = w - torch.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + torch.eye(3).double(), x.T @ (p - y) + w)
+info = {}
+for bank in (w[None], w[None] + 5.0):  # steps taken; not needed (the bank far from equilibrium)
+    un = MCMCUnlearner(LogReg(3), bank=bank, solver="kfac", newton_steps="auto", newton_gate=0, curvature_draws=1)
+    r = un.forget(removed, RemovableDataset(x, y, batch_size=300, seed=0))
+    info[len(info)] = {k: str(v) for k, v in r.info.items() if k.startswith("newton_")}
+loaded = sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules)
+print(json.dumps({"loaded": loaded, "info": info}))
+"""
+
+
+def test_the_counted_work_imports_neither_dynamo_nor_sympy() -> None:
+    """``FlopCounterMode``'s dispatch is wrapped by torch in ``torch._disable_dynamo``, whose first call imports
+    ``torch._dynamo`` and sympy (830 modules, 1.1 s CPU), which stop 68 had cut from a large model's first request:
+    on that path (no ``torch.func``), a request with ``newton_steps="auto"`` counts its row-draw gradient's FLOPs
+    (4·d for this logistic regression, as in closed form) and imports neither; a request whose further steps are not
+    needed does not count them at all."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _NO_DYNAMO], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    taken, skipped = got["info"]["0"], got["info"]["1"]
+    assert float(taken["newton_row_flops"]) == 4 * 3 and int(taken["newton_steps_taken"]) > 1, got
+    assert skipped["newton_stop"].startswith("not needed") and "newton_row_flops" not in skipped, got
+    assert got["loaded"] == [], got
+
+
+def test_the_plain_flop_count_is_flop_counter_modes() -> None:
+    """The count that imports nothing (:func:`_count_flops` outside a process that loaded ``torch._dynamo``) counts
+    what ``FlopCounterMode`` counts, through ``vmap(grad(...))`` and autograd, on a convolution and an MLP, and
+    through autograd on a GRU."""
+    from torch.func import functional_call, grad, vmap
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    models = [
+        (torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 1)),
+         torch.randn(5, 1, 8, 8)),
+        (torch.nn.GRU(3, 8, num_layers=2, batch_first=True), torch.randn(5, 10, 3)),
+        (torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)), torch.randn(5, 2)),
+    ]  # fmt: skip
+    for model, x in models:
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def f(p, x, model=model):
+            out = functional_call(model, p, (x,))
+            return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+
+        def run(f=f, params=params, x=x, model=model):
+            if isinstance(model, torch.nn.GRU):  # (its functional call under vmap is not batched by torch)
+                model(x)[0].sum().backward()
+            else:
+                vmap(grad(f), in_dims=(None, 0))(params, x[:, None])
+                model(x).sum().backward()
+
+        with FlopCounterMode(display=False) as counter:
+            run()
+        plain = U._count_flops(run, plain=True)
+        assert plain == counter.get_total_flops() > 0, (type(model).__name__, plain, counter.get_total_flops())

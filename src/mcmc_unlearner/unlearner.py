@@ -47,6 +47,7 @@ import itertools
 import logging
 import math
 import re
+import sys
 import time
 import warnings
 import weakref
@@ -1519,6 +1520,48 @@ def _distinct_rows(rows: Batch) -> torch.Tensor | None:
             if not torch.equal(v[i : i + step], v[first[inverse[i : i + step]]]):
                 return None  # a hash shared by two different rows
     return first.sort().values
+
+
+@functools.cache
+def _plain_flop_mode() -> type | None:
+    """``torch.utils.flop_counter``'s dispatch mode with its ``__torch_dispatch__`` not wrapped in
+    ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` and sympy (830 modules, 1.1 s CPU: what
+    stop 68 cut from a large model's first request, :class:`~mcmc_unlearner.kronecker._LivePeak`); ``None`` where
+    this torch's module does not have the parts it is made of (then ``FlopCounterMode`` itself counts)."""
+    from torch.utils import flop_counter
+
+    base = getattr(flop_counter, "_FlopCounterMode", None)
+    raw = getattr(getattr(base, "__torch_dispatch__", None), "__wrapped__", None)
+    if base is None or raw is None:
+        return None
+
+    class _PlainFlopCounterMode(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:
+            return False
+
+        __torch_dispatch__ = raw
+
+    return _PlainFlopCounterMode
+
+
+def _count_flops(run: Callable[[], Any], plain: bool | None = None) -> int:
+    """The FLOPs ``torch.utils.flop_counter.FlopCounterMode`` counts while ``run()`` runs (its module hierarchy
+    apart: the total alone). ``plain`` (by default where ``torch._dynamo`` is not imported yet): through the same mode
+    not wrapped in ``torch._disable_dynamo`` (:func:`_plain_flop_mode`), which imports neither it nor sympy; where
+    ``torch._dynamo`` is loaded (a process that compiles) ``FlopCounterMode`` itself, kept from dynamo's tracing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    mode = _plain_flop_mode() if (plain if plain is not None else "torch._dynamo" not in sys.modules) else None
+    if mode is None:
+        with counter:
+            run()
+    else:
+        counter.flop_counts.clear()
+        with mode(counter):
+            run()
+    return int(counter.get_total_flops())
 
 
 def _gate_signal(info: dict[str, Any]) -> str:
@@ -7998,10 +8041,10 @@ class MCMCUnlearner:
         and only the influence step is taken (``info["newton_bank_gap"]`` is ``‖e₀‖/‖G‖``). Else the steps continue
         while their gradient passes, the gap's included, take at most ``NEWTON_AUTO_PASSES · NEWTON_ROW_DRAWS``
         row-draw gradients (rows times draws; the damping trials' checks, on the check's rows, are not counted)
-        and at most ``NEWTON_AUTO_FLOPS`` FLOPs (a row-draw gradient's FLOPs counted once,
-        :meth:`_row_draw_flops`, times those row-draw gradients; ``info["newton_row_flops"]``, ``["newton_flops"]``,
-        ``newton_stop`` "work: ..."): counted, not timed, so a loaded machine gives the same bank.
-        ``info["newton_row_gradients"]`` is what the
+        and at most ``NEWTON_AUTO_FLOPS`` FLOPs (a row-draw gradient's FLOPs counted once, before the first
+        further step, :meth:`_row_draw_flops`, times those row-draw gradients; ``info["newton_row_flops"]``,
+        ``["newton_flops"]``, ``newton_stop`` "work: ..."): counted, not timed, so a loaded machine gives the same
+        bank. ``info["newton_row_gradients"]`` is what the
         passes took, ``info["newton_cpu_seconds"]`` their CPU time (each step's search included) and
         ``info["newton_cpu_before"]`` the request's before them. Where the rows cannot be listed the steps are
         skipped without a warning. ``gated`` (:meth:`_gap_gate` fired for ``newton_steps=1``): as ``"auto"``, and the
@@ -8067,14 +8110,11 @@ class MCMCUnlearner:
             offset = 0.0 if sampled is None or sampled[1] is None else sampled[1]
             if auto:
                 per_pass = int(data[0].shape[0]) * int(pts.shape[0])  # row-draw gradients of one pass
-                row_flops = self._row_draw_flops(energy, pts, data, n)
-                pass_flops = row_flops * per_pass
                 g0 = _cpu_seconds()
                 before = g0 - self._request_cpu  # the request's CPU before the further steps: the cost cap's unit
                 gap = float((self._equilibrium_gradient(energy, pts, data, n) + offset + G).norm()) / float(G.norm())
                 spent, cpu = per_pass, _cpu_seconds() - g0
                 info.update(newton_bank_gap=gap, newton_row_gradients=spent)
-                info.update(newton_row_flops=row_flops, newton_flops=pass_flops * spent / per_pass)
                 info.update(newton_cpu_before=before, newton_cpu_seconds=cpu)
                 log.info(
                     "newton steps: the bank's own gap to equilibrium is %.3g·‖G‖ (one pass, %d row-draw gradients)",
@@ -8101,6 +8141,11 @@ class MCMCUnlearner:
                     f"{NEWTON_AUTO_PASSES}·{NEWTON_ROW_DRAWS} (spent {spent}, the gap's pass included)"
                 )
                 break
+            if auto and equilibrium and NEWTON_AUTO_FLOPS is not None and k == 2:
+                # counted where a further step would be taken, not on a request whose gap says none is needed
+                row_flops = self._row_draw_flops(energy, pts, data, n)
+                pass_flops = row_flops * per_pass
+                info.update(newton_row_flops=row_flops, newton_flops=pass_flops * spent / per_pass)
             if (
                 auto
                 and equilibrium
@@ -8132,7 +8177,8 @@ class MCMCUnlearner:
                 if auto:
                     spent += per_pass
                     info["newton_row_gradients"] = spent
-                    info["newton_flops"] = pass_flops * spent / per_pass
+                    if NEWTON_AUTO_FLOPS is not None:
+                        info["newton_flops"] = pass_flops * spent / per_pass
             else:
                 r = check.gradient(x)
             if not all_finite(r):
@@ -8216,22 +8262,23 @@ class MCMCUnlearner:
         machine. Only the operations torch counts (matrix products, convolutions, attention) are in it, not
         elementwise ones nor an operation's own overhead (a recurrent row's many small products cost more time per
         counted FLOP). ``0.0`` where counting fails (the FLOP budget then never binds; the row-draw one still does)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         rows = min(int(data[0].shape[0]), NEWTON_FLOP_ROWS)
         if rows <= 0:
             return 0.0
         part = tuple(t[:rows] if torch.is_tensor(t) and t.dim() > 0 else t for t in data)
-        try:
-            with FlopCounterMode(display=False) as counter:  # _equilibrium_gradient's work, not one of its passes
-                if self.custom_energy:
-                    self._per_draw_grads(energy, pts[:1], part)
-                else:
-                    self._moment(self._h_f(), pts[:1], part, scale=n / rows)
+
+        def run() -> None:  # _equilibrium_gradient's work, not one of its passes
+            if self.custom_energy:
+                self._per_draw_grads(energy, pts[:1], part)
+            else:
+                self._moment(self._h_f(), pts[:1], part, scale=n / rows)
+
+        try:  # (FlopCounterMode as it is imported torch._dynamo and sympy: 830 modules, 1.1 s CPU; _count_flops)
+            flops = _count_flops(run)
         except Exception as e:  # a count is a budget's input, never a reason to refuse the request
             log.info("newton steps: the row-draw gradient's FLOPs could not be counted (%s)", e)
             return 0.0
-        return float(counter.get_total_flops()) / rows
+        return float(flops) / rows
 
     def _gap_points(self, k_thetas: torch.Tensor, n: int) -> torch.Tensor | None:
         """The draws the equilibrium target is taken at: ``grad_draws``' evenly spaced bank samples (``k_thetas``
