@@ -321,3 +321,43 @@ def test_the_plain_flop_count_is_flop_counter_modes() -> None:
             run()
         plain = U._count_flops(run, plain=True)
         assert plain == counter.get_total_flops() > 0, (type(model).__name__, plain, counter.get_total_flops())
+
+
+class _LogRegMMPrior(_LogRegMM):
+    """:class:`_LogRegMM` whose N(0, 1) prior is taken through matrix products (``D`` copies of ``w`` times the
+    identity): FLOPs a draw costs once, whatever its rows."""
+
+    def __init__(self, d: int, copies: int) -> None:
+        super().__init__(d)
+        self.register_buffer("eye", torch.eye(d, dtype=torch.float64))
+        self.copies = copies
+
+    def log_prior(self) -> torch.Tensor:
+        w = self.w[None].expand(self.copies, -1)
+        return -0.5 * ((w @ self.eye) * w).sum() / self.copies
+
+
+@pytest.mark.filterwarnings("ignore:this request removes")
+def test_a_priors_flops_are_counted_once_a_draw_not_once_a_row(region) -> None:
+    """A prior's matrix products run once a draw in a pass, not once a row: the count on 16 rows divided by 16 read
+    them as a row's (a 1,000-copy prior: 2,262 FLOPs a row-draw gradient for the rows' 12, a pass counted 13x its
+    FLOPs). A row's FLOPs are the closed form's ``4·d`` and a draw's its prior's, as ``FlopCounterMode`` counts that
+    prior's gradient alone; the passes' FLOPs are both, and the bank is the one without a matrix-product prior."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y, removed, keep = region
+    old, d = _map(x, y), x.shape[1]
+    model = _LogRegMMPrior(d, 1000)
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.grad(model.log_prior(), model.w)
+    prior = counter.get_total_flops()
+    assert prior > 1000 * d
+    kw = {"newton_gate": 0, "curvature_draws": 1}
+    un = MCMCUnlearner(model, bank=old[None].clone(), solver="exact", newton_steps="auto", **kw)
+    info = un.forget(removed, RemovableDataset(x, y, batch_size=x.shape[0], seed=0)).info
+    assert info["newton_row_flops"] == 4 * d, info
+    assert info["newton_draw_flops"] == prior, info
+    passes = info["newton_row_gradients"] // int(keep.sum())
+    assert info["newton_flops"] == passes * (int(keep.sum()) * 4 * d + prior), info
+    plain, _ = _forget_mm(x, y, removed, old[None], "auto")
+    assert torch.allclose(un.bank[0], plain, rtol=0, atol=1e-12)

@@ -1105,7 +1105,8 @@ NEWTON_AUTO_BANK_GAP = 1 / 3
 NEWTON_AUTO_PASSES = 20
 #: ... and while their gradient passes (the gap's included) take at most this many FLOPs in all, counted once per
 #: request by ``torch.utils.flop_counter.FlopCounterMode`` on one draw's gradient over a few rows
-#: (:meth:`MCMCUnlearner._row_draw_flops`) and multiplied by the passes' row-draw gradients: the budget above counts
+#: (:meth:`MCMCUnlearner._row_draw_flops`) and multiplied by the passes' row-draw gradients (a draw's own FLOPs, its
+#: prior's, counted apart and multiplied by the passes' draws; stop 68's review): the budget above counts
 #: row-draw gradients, not what one costs (stop 66's GRU regression: 72 passes of 600 rows x 60 draws, 39 CPU s
 #: against the quick matrix regression's 5 s for 100 passes of 736 x 50). Counted, so the same request on the same data
 #: gives the same bank on any machine's load (stop 67's timed cap, ``NEWTON_AUTO_COST``, did not). Stop 68 (one
@@ -8061,7 +8062,8 @@ class MCMCUnlearner:
         auto = gated or self.newton_steps == "auto"
         limit = NEWTON_AUTO_STEPS if auto else self._newton_limit
         spent, per_pass, budget = 0, 0, NEWTON_AUTO_PASSES * NEWTON_ROW_DRAWS
-        row_flops, pass_flops = 0.0, 0.0  # counted FLOPs of one row-draw gradient and of one pass (NEWTON_AUTO_FLOPS)
+        # counted FLOPs of one row-draw gradient, of a draw's own part (its prior's) and of one pass (NEWTON_AUTO_FLOPS)
+        row_flops, draw_flops, pass_flops = 0.0, 0.0, 0.0
         cpu, before = 0.0, math.inf  # the further steps' CPU and the request's before them (NEWTON_AUTO_COST)
         c0: float | None = None
         x, phi = first.x, first.actual
@@ -8143,9 +8145,10 @@ class MCMCUnlearner:
                 break
             if auto and equilibrium and NEWTON_AUTO_FLOPS is not None and k == 2:
                 # counted where a further step would be taken, not on a request whose gap says none is needed
-                row_flops = self._row_draw_flops(energy, pts, data, n)
-                pass_flops = row_flops * per_pass
-                info.update(newton_row_flops=row_flops, newton_flops=pass_flops * spent / per_pass)
+                row_flops, draw_flops = self._row_draw_flops(energy, pts, data, n)
+                pass_flops = row_flops * per_pass + draw_flops * int(pts.shape[0])
+                info.update(newton_row_flops=row_flops, newton_draw_flops=draw_flops)
+                info.update(newton_flops=pass_flops * spent / per_pass)
             if (
                 auto
                 and equilibrium
@@ -8154,7 +8157,8 @@ class MCMCUnlearner:
             ):
                 stop = (
                     f"work: another pass ({pass_flops:.3g} counted FLOPs: {per_pass} row-draw gradients of "
-                    f"{row_flops:.3g}) would take the further steps past NEWTON_AUTO_FLOPS = {NEWTON_AUTO_FLOPS:.3g} "
+                    f"{row_flops:.3g}, {int(pts.shape[0])} draws' own {draw_flops:.3g}) would take the further steps "
+                    f"past NEWTON_AUTO_FLOPS = {NEWTON_AUTO_FLOPS:.3g} "
                     f"(spent {pass_flops * spent / per_pass:.3g}, the gap's pass included)"
                 )
                 break
@@ -8255,30 +8259,44 @@ class MCMCUnlearner:
             self.control.record(last)
         return x, (carry if self.carry_deficit else None)
 
-    def _row_draw_flops(self, energy: Callable, pts: torch.Tensor, data: Batch, n: int) -> float:
-        """FLOPs of one row-draw gradient of the further steps' passes, counted (not timed) by
+    def _row_draw_flops(self, energy: Callable, pts: torch.Tensor, data: Batch, n: int) -> tuple[float, float]:
+        """FLOPs of one row-draw gradient of the further steps' passes and those of one draw's own (its prior's, or a
+        custom energy's part that does not grow with the rows), counted (not timed) by
         ``torch.utils.flop_counter.FlopCounterMode`` on one draw's gradient over the first ``NEWTON_FLOP_ROWS`` rows
-        and divided by those rows (``NEWTON_AUTO_FLOPS``): the same data and draws give the same count on any
-        machine. Only the operations torch counts (matrix products, convolutions, attention) are in it, not
-        elementwise ones nor an operation's own overhead (a recurrent row's many small products cost more time per
-        counted FLOP). ``0.0`` where counting fails (the FLOP budget then never binds; the row-draw one still does)."""
-        rows = min(int(data[0].shape[0]), NEWTON_FLOP_ROWS)
+        and over half of them (the difference, divided by the rows it adds, is a row's; what is left of the first
+        count, a draw's): the same data and draws give the same count on any machine (``NEWTON_AUTO_FLOPS``). Divided
+        by the rows alone, a prior's matrix products were counted once a row and not once a draw (a prior of 36,000
+        FLOPs a draw, 2,250 a row: a pass of 227 rows counted 13x its FLOPs; stop 68's review). Where the data hold
+        at most ``NEWTON_FLOP_ROWS`` rows they are counted once, whole (a row's FLOPs their mean, a draw's 0). Only
+        the operations torch counts (matrix products, convolutions, attention) are in it, not elementwise ones nor an
+        operation's own overhead (a recurrent row's many small products cost more time per counted FLOP).
+        ``(0.0, 0.0)`` where counting fails (the FLOP budget then never binds; the row-draw one still does)."""
+        total = int(data[0].shape[0])
+        rows = min(total, NEWTON_FLOP_ROWS)
         if rows <= 0:
-            return 0.0
-        part = tuple(t[:rows] if torch.is_tensor(t) and t.dim() > 0 else t for t in data)
+            return 0.0, 0.0
 
-        def run() -> None:  # _equilibrium_gradient's work, not one of its passes
-            if self.custom_energy:
-                self._per_draw_grads(energy, pts[:1], part)
-            else:
-                self._moment(self._h_f(), pts[:1], part, scale=n / rows)
+        def count(k: int) -> float:
+            part = tuple(t[:k] if torch.is_tensor(t) and t.dim() > 0 else t for t in data)
+
+            def run() -> None:  # _equilibrium_gradient's work, not one of its passes
+                if self.custom_energy:
+                    self._per_draw_grads(energy, pts[:1], part)
+                else:
+                    self._moment(self._h_f(), pts[:1], part, scale=n / k)
+
+            return float(_count_flops(run))
 
         try:  # (FlopCounterMode as it is imported torch._dynamo and sympy: 830 modules, 1.1 s CPU; _count_flops)
-            flops = _count_flops(run)
+            whole = count(rows)
+            if rows == total:  # every row counted: the pass's FLOPs a draw, exactly
+                return whole / rows, 0.0
+            half = count(rows // 2)
         except Exception as e:  # a count is a budget's input, never a reason to refuse the request
             log.info("newton steps: the row-draw gradient's FLOPs could not be counted (%s)", e)
-            return 0.0
-        return float(flops) / rows
+            return 0.0, 0.0
+        row = max(whole - half, 0.0) / (rows - rows // 2)
+        return row, max(whole - rows * row, 0.0)
 
     def _gap_points(self, k_thetas: torch.Tensor, n: int) -> torch.Tensor | None:
         """The draws the equilibrium target is taken at: ``grad_draws``' evenly spaced bank samples (``k_thetas``
