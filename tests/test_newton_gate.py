@@ -991,3 +991,21 @@ def test_a_cost_cap_that_does_not_bind_changes_nothing(far, monkeypatch) -> None
     assert {k: v for k, v in info.items() if "cpu" not in k} == {k: v for k, v in info_free.items() if "cpu" not in k}
     assert info["newton_stop"].startswith("converged")
     assert info["newton_cpu_seconds"] == pytest.approx(0.1 * (info["newton_steps_taken"] + 1))  # the last: converged
+
+
+def test_distinct_rows_hold_at_most_four_fifths_of_the_samples_bytes_with_rows_of_odd_bytes() -> None:
+    """``DISTINCT_CHUNK_BYTES``' other bound, 0.8 of the rows' own bytes (the gate counts the sample twice against
+    ``memory_budget``), holds where a tensor's row is an odd number of bytes (a uint8 image of 3x15x15): its rows were
+    padded to whole 16-bit words in one copy of the whole field, 1.65x the sample's bytes at once."""
+    from mcmc_unlearner.kronecker import _LivePeak
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (4096, 3, 15, 15), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (4096,), generator=g)
+    pick = torch.cat([torch.arange(4096), torch.arange(0, 4096, 3)])
+    rows = (x[pick], y[pick])
+    with _LivePeak() as live:
+        got = U._distinct_rows(rows)
+    assert got is not None and got.tolist() == list(range(4096))
+    sample = sum(t.nbytes for t in rows)
+    assert live.peak <= 0.8 * sample + 64 * pick.numel(), (live.peak, sample)  # (+ the hashes and indices, a row)
