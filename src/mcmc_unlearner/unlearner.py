@@ -1113,12 +1113,14 @@ NEWTON_AUTO_PASSES = 20
 #: torch thread): the quick matrix regression (2-32-32-1 tanh MLP) counts 6,592 FLOPs a row-draw gradient, its gap's
 #: pass and 99 steps 2.43e10 (a pass of 736 rows x 50 draws 2.43e8), so 3e10 leaves it its 100 steps and its bank
 #: (kept RMSE 9.0% / 8.8% off retraining with its rows listed); a two-layer GRU regression (8 hidden units, 10-step
-#: sequences, 600 rows x 60 draws) counts 34,800 (1.25e9 a pass): 23 steps, not 100, its request 62.3 -> 24.8 CPU s
-#: against a 14.7 s retrain chain, kept RMSE 0.198 -> 0.219 (retraining 0.231). FLOPs miss a recurrence's
-#: per-operation cost (5.3x the MLP's row in FLOPs, ~12x in time): a bound on counted work, not on seconds.
+#: sequences, 600 rows x 60 draws) counts 34,800 (1.25e9 a pass): 23 steps, not 100, its request 62.3 -> 24.3 CPU s
+#: (the gate's steps; 24.8 with newton_steps='auto') against a 14.7 s retrain chain, kept RMSE 0.198 -> 0.219
+#: (retraining 0.231). FLOPs miss a recurrence's per-operation cost (5.3x the MLP's row in FLOPs, ~12x in time): a
+#: bound on counted work, not on seconds.
 #: ``None``: no FLOP budget.
 NEWTON_AUTO_FLOPS: float | None = 3e10
-#: The rows :meth:`MCMCUnlearner._row_draw_flops` counts one draw's gradient on (FLOPs grow with the rows).
+#: The rows :meth:`MCMCUnlearner._row_draw_flops` counts one draw's gradient on (FLOPs grow with the rows; and on
+#: half of them, which parts a row's FLOPs from a draw's own).
 NEWTON_FLOP_ROWS = 16
 #: ``newton_gate``'s further steps (taken on the library's own decision, not asked for) also stop before their CPU
 #: time (the gap's pass and each step's pass and damping search, measured) would pass this many times the request's
