@@ -393,3 +393,53 @@ def test_a_frozen_backbone_before_the_trained_layers_is_not_counted() -> None:
 def test_weigh_dense_build_counts_a_rows_uses_of_each_parameter(uses: float, expected: SolverName, words: str) -> None:
     solver, why = weigh_dense_build(SolverName.EXACT, 612, 0, True, 1000, True, False, uses=uses)
     assert solver is expected and words in why
+
+
+_PROBE_USES_FRESH = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from mcmc_unlearner import MCMCUnlearner
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3))  # weights used at 6 positions
+dim = sum(p.numel() for p in model.parameters())
+bank = torch.randn(4, dim) * 0.3
+nll = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")
+prior = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())
+un = MCMCUnlearner(model, None, nll=nll, log_prior=prior, bank=bank)
+x, y = torch.randn(5, 1, 8), torch.tensor([0, 1, 2, 0, 1])
+loaded = lambda: sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules)
+before = loaded()
+uses = un._dense_probe_uses((x, y))
+after = loaded()
+from torch.func import grad
+from torch.utils.flop_counter import FlopCounterMode
+f = un._h_f()
+with FlopCounterMode(display=False) as g:
+    grad(f)(un.bank[0], x[:2], y[:2])
+with FlopCounterMode(display=False) as fw:
+    f(un.bank[0], x[:2], y[:2])
+old = max(1.0, (g.get_total_flops() - fw.get_total_flops()) / 2 / (4 * dim))
+print(json.dumps({"before": before, "after": after, "uses": uses, "old": old}))
+"""
+
+
+def test_the_dense_probes_flop_count_imports_neither_dynamo_nor_sympy() -> None:
+    """``_dense_probe_uses`` counted with ``FlopCounterMode`` itself on ``torch.func.grad``: each imports
+    ``torch._dynamo`` and sympy at its first use (829 modules, 1.05 s CPU, stop 69). Through ``_count_flops`` on
+    ``torch.autograd.grad`` a fresh process leaves both unimported, and the count is the one the old path gave."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _PROBE_USES_FRESH]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["before"] == [] and got["after"] == [], got
+    assert got["uses"] == got["old"] > 1.0, got
