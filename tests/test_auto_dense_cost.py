@@ -443,3 +443,42 @@ def test_the_dense_probes_flop_count_imports_neither_dynamo_nor_sympy() -> None:
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["before"] == [] and got["after"] == [], got
     assert got["uses"] == got["old"] > 1.0, got
+
+
+class _OldStyleSquare(torch.autograd.Function):
+    """A custom autograd.Function without ``setup_context``: ``torch.func`` transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _ConvSquare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 3, 3)
+        self.head = nn.Linear(18, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_OldStyleSquare.apply(self.conv(x)).flatten(1))
+
+
+def test_the_dense_probe_counts_a_model_torch_func_cannot_transform() -> None:
+    """``torch.func.grad`` refused an ``autograd.Function`` without ``setup_context`` and the probe read 1 (not
+    counted); through ``torch.autograd.grad`` (stop 69) it counts the same uses as the model without the Function:
+    its convolution's weights used at 6 positions a row (1.17)."""
+    torch.manual_seed(0)
+    model = _ConvSquare()
+    dim = sum(p.numel() for p in model.parameters())
+    nll = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    un = MCMCUnlearner(model, None, nll=nll, bank=torch.randn(4, dim) * 0.3)
+    rows = (torch.randn(5, 1, 8), torch.tensor([0, 1, 2, 0, 1]))
+    plain = nn.Sequential(model.conv, nn.Flatten(), model.head)  # the same FLOPs: the square is elementwise
+    ref = MCMCUnlearner(plain, None, nll=nll, bank=un.bank.clone())
+    assert un._dense_probe_uses(rows) == pytest.approx(ref._dense_probe_uses(rows)) and un._dense_probe_uses(rows) > 1.1
