@@ -111,7 +111,9 @@ __all__ = [
     "cross_entropy_misfit",
     "detect_likelihood",
     "field_rows",
+    "gaussian_in_targets",
     "labelled",
+    "learned_variance",
     "likelihood_and_columns",
     "preserved",
     "prior_precision",
@@ -477,7 +479,7 @@ def _eps(dtype: torch.dtype) -> float:
 #: Keys of ``detect_likelihood``'s extras that change the curvature (the rest are notes): which tensor of a tuple,
 #: dict or dataclass output is the likelihood's, its temperature, a constant factor on the loss, a per-row weight field
 #: and per-class weights (``cross_entropy(..., weight=w)``).
-_LINK_KEYS = ("output", "temperature", "scale", "weights", "class_weights")
+_LINK_KEYS = ("output", "temperature", "scale", "weights", "class_weights", "variance")
 #: Most classes for which ``nll`` is probed at every label (one call each) to find per-class weights.
 CLASS_WEIGHT_MAX_CLASSES = 128
 #: Factors of more dimensions than this keep only their diagonal (no eigendecomposition: a vocabulary head's
@@ -885,6 +887,83 @@ _RANDOM = (
     "makes forwards differ: nn.Dropout, or F.dropout(h, p, training=self.training)), so no likelihood can be read "
     "from it"
 )
+
+
+class _Given:
+    """A stand-in for the model in ``nll(model, batch)``: returns the given output, whatever it is called with."""
+
+    def __init__(self, out: Tensor) -> None:
+        self.out = out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.out
+
+
+def gaussian_in_targets(nll: NLL, out: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """The mean ``m`` and variance ``v`` of a Gaussian NLL in a scalar target (one per row), as functions of ``out``.
+
+    ``nll`` is called on ``out`` itself (through :class:`_Given`) at the targets ``y`` and ``y ± 1``; for
+    ``nll_i = ½log v_i + (y_i − m_i)²/(2v_i) + c`` the second difference is ``1/v_i`` and the central one
+    ``(y_i − m_i)/v_i``, exact for any ``m``, ``v`` of the output (a learned variance head through any link).
+    Computed in float64 where ``out`` requires gradients: ``m``, ``v`` are then differentiable in ``out``.
+
+    Args:
+        nll: ``nll(model, batch) -> [B]``, calling ``model`` on ``batch[0]`` only.
+        out: The model's output ``[B, ...]``.
+        batch: ``(x, y, ...)`` with ``y`` floating, one value per row.
+
+    Returns:
+        ``(m, v)``, each ``[B]`` float64.
+    """
+    x, y = batch[0], batch[1]
+    y0 = y.detach().to(torch.float64)
+    given = _Given(out)
+    lo, mid, hi = (nll(given, (x, (y0 + t).reshape(y.shape), *batch[2:])).double() for t in (-1.0, 0.0, 1.0))
+    inv = hi + lo - 2 * mid
+    v = 1 / inv
+    return y0.reshape(-1) - v * (hi - lo) / 2, v
+
+
+def learned_variance(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any] | None:
+    """``{"variance": "learned"}`` where ``nll`` is, row by row, a normalised Gaussian NLL in a scalar target
+    whose mean and variance are functions of the tensor ``model(x)`` (:func:`gaussian_in_targets`;
+    ``F.gaussian_nll_loss`` on a mean head and a variance head); else ``None``. Read on the first
+    ``_PROBE_ROWS`` rows, checked at ``y + 2`` (the quadratic's prediction) and by ``nll(m) − ½log(1/v)`` being one
+    constant across the rows (a scaled NLL, whose Fisher is not the Gaussian's, differs where the variances do).
+    K-FAC takes this Gaussian's Fisher where :func:`detect_likelihood` finds no likelihood (its other readers,
+    e.g. the GGN backend, keep their fallbacks). The model, its RNG states and gradients are left as they were."""
+    probe = _head(tuple(batch), _PROBE_ROWS)
+    y = probe[1] if len(probe) > 1 else None
+    if not (isinstance(y, Tensor) and y.is_floating_point()):
+        return None
+    with preserved(model), torch.no_grad():
+        try:
+            out = model(probe[0])
+        except Exception:  # a probe: only nll knows how to call the model
+            return None
+    if not (isinstance(out, Tensor) and out.dim() >= 2 and y.numel() == out.shape[0] >= 1):
+        return None
+    try:
+        o = out.detach().to(torch.float64)
+        m, v = gaussian_in_targets(nll, o, probe)
+        y0 = y.detach().to(torch.float64).reshape(-1)
+        far = nll(_Given(o), (probe[0], (y0 + 2).reshape(y.shape), *probe[2:])).double()
+        at = nll(_Given(o), (probe[0], m.reshape(y.shape), *probe[2:])).double()
+        base = nll(_Given(o), (probe[0], y0.reshape(y.shape), *probe[2:])).double()
+    except Exception:  # a probe: any failure means "not this likelihood"
+        return None
+    if not (bool(torch.isfinite(v).all()) and bool((v > 0).all()) and bool(torch.isfinite(far).all())):
+        return None
+    tol = 1e3 * _eps(torch.float32)
+    quad = at + (y0 + 2 - m).square() / (2 * v)
+    const = at + 0.5 * torch.log(1 / v)
+    if not bool(((far - quad).abs() <= tol * (1 + far.abs())).all()):
+        return None
+    if not bool(((base - at - (y0 - m).square() / (2 * v)).abs() <= tol * (1 + base.abs())).all()):
+        return None
+    if not bool(((const - const[0]).abs() <= tol * (1 + const.abs())).all()):
+        return None
+    return {"variance": "learned"}
 
 
 def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
@@ -2500,6 +2579,13 @@ class KroneckerCurvature:
                         )
                     elif per_position is not None:
                         lik, detected = Likelihood.CATEGORICAL, per_position
+                    else:
+                        # a Gaussian whose variance the model learns (F.gaussian_nll_loss on a mean and a variance
+                        # head): its Fisher, not the empirical one (stop 69's probe: K-FAC of the empirical Fisher
+                        # 0.91 off the dense Hessian in Frobenius norm, the dense Gaussian Fisher 0.07)
+                        reading = learned_variance(model, nll, seen)
+                        if reading is not None:
+                            lik, detected = Likelihood.GAUSSIAN, reading
             else:
                 lik = cls._guess_without_nll(model, seen)
             if reduce is not None:
@@ -2543,7 +2629,8 @@ class KroneckerCurvature:
                     }
             if "refuse" in detected:
                 raise ValueError(detected["refuse"])
-        if lik is Likelihood.GAUSSIAN and sigma is None:
+        learned = lik is Likelihood.GAUSSIAN and detected.get("variance") == "learned"
+        if lik is Likelihood.GAUSSIAN and sigma is None and not learned:
             if nll is not None and not detected:
                 kind, detected = detect_likelihood(model, nll, seen)
                 if kind is not Likelihood.GAUSSIAN:
@@ -2556,10 +2643,10 @@ class KroneckerCurvature:
                 raise ValueError("likelihood='gaussian' needs the noise scale: pass sigma=... or a Gaussian nll")
         if lik is Likelihood.EMPIRICAL and nll is None:
             raise ValueError("likelihood='empirical' needs nll(model, batch) -> [B]")
-        if lik is Likelihood.GAUSSIAN and not (sigma > 0):
+        if lik is Likelihood.GAUSSIAN and not learned and not (sigma > 0):
             raise ValueError(f"sigma must be positive, got {sigma}")
         info["likelihood"] = lik.value
-        info["sigma"] = float(sigma) if lik is Likelihood.GAUSSIAN else None
+        info["sigma"] = float(sigma) if lik is Likelihood.GAUSSIAN and not learned else None
         if detected.get("reason"):
             info["likelihood_reason"] = detected["reason"]
         if auto and lik is Likelihood.EMPIRICAL:
@@ -3080,6 +3167,23 @@ class KroneckerCurvature:
                     if rw is not None:
                         root = rw[:, None] * root
                     yield (z * root).sum()
+        elif link.get("variance") == "learned":
+            # a Gaussian N(m, v) in the target with m, v functions of the output: its Fisher in the output is
+            # ∇m∇mᵀ/v + ∇v∇vᵀ/(2v²) (exact, two backward passes), m and v read off nll (gaussian_in_targets)
+            record["mode"] = "exact"
+            with torch.enable_grad():
+                leaf = out.detach().to(torch.float64).requires_grad_(True)
+                m, v = gaussian_in_targets(nll, leaf, batch)
+            dm, dv = (
+                torch.autograd.grad(m.sum(), leaf, retain_graph=True, allow_unused=True, materialize_grads=True)[0],
+                torch.autograd.grad(v.sum(), leaf, allow_unused=True, materialize_grads=True)[0],
+            )
+            r = signs(out) if rw is None else signs(out) * rw
+            flat = out.reshape(B, -1)
+            vd = v.detach()
+            for d, scale in ((dm, vd.rsqrt()), (dv, 1 / (math.sqrt(2) * vd))):
+                coef = (d.reshape(B, -1) * scale[:, None]).to(out.dtype)
+                yield (r * (flat * coef).sum(1)).sum()
         else:
             if use_exact:  # Σ_k e_k e_kᵀ / σ² = I/σ², the Gaussian's output Hessian
                 r = signs(out) if rw is None else signs(out) * rw

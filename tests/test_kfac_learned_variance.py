@@ -1,0 +1,134 @@
+"""K-FAC on a Gaussian whose variance the model learns (``F.gaussian_nll_loss`` on a mean and a variance head):
+the Gaussian's Fisher ``∇m∇mᵀ/v + ∇v∇vᵀ/(2v²)`` in the output, against dense float64 forms (stop 69; it was the
+empirical Fisher, gradients at the true targets)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.functional import jacobian
+
+from mcmc_unlearner.curvature import ParamSpec, functionalize
+from mcmc_unlearner.kronecker import KroneckerCurvature, learned_variance
+
+D64 = torch.float64
+
+
+def _softplus_head(z: torch.Tensor, b: tuple) -> torch.Tensor:
+    var = F.softplus(z[:, 1]) + 1e-3
+    return F.gaussian_nll_loss(z[:, 0], b[1], var, full=True, reduction="none")
+
+
+def _log_variance(z: torch.Tensor, b: tuple) -> torch.Tensor:  # written out, variance exp(z₁), full=False
+    return 0.5 * z[:, 1] + 0.5 * (b[1] - z[:, 0]) ** 2 * torch.exp(-z[:, 1])
+
+
+# name: (per-row loss of the output z and batch b, mean and variance of z)
+LINKS: dict[str, tuple[Callable, Callable]] = {
+    "softplus": (_softplus_head, lambda z: (z[:, 0], F.softplus(z[:, 1]) + 1e-3)),
+    "log variance": (_log_variance, lambda z: (z[:, 0], torch.exp(z[:, 1]))),
+}
+
+
+def _setup(rows: int, seed: int, loss: Callable):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 2).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, dtype=D64, generator=g)
+    y = torch.randn(rows, dtype=D64, generator=g) + 2.0  # misfit rows: the empirical Fisher differs more
+
+    def nll(m, b):
+        return loss(m(b[0]), b)
+
+    return model, nll, (x, y)
+
+
+def _output_fisher(z: torch.Tensor, moments: Callable) -> torch.Tensor:
+    """``[B, 2, 2]``: ``∇m∇mᵀ/v + ∇v∇vᵀ/(2v²)`` in the output ``z``, row by row (autograd, float64)."""
+    out = []
+    for r in range(z.shape[0]):
+        zr = z[r : r + 1].detach().requires_grad_(True)
+        m, v = moments(zr)
+        dm = torch.autograd.grad(m.sum(), zr, retain_graph=True)[0][0]
+        dv = torch.autograd.grad(v.sum(), zr)[0][0]
+        vr = float(v.detach())
+        out.append(torch.outer(dm, dm) / vr + torch.outer(dv, dv) / (2 * vr**2))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", list(LINKS))
+def test_kfac_on_one_row_is_the_dense_gaussian_fisher_of_a_learned_variance(name: str) -> None:
+    """One row at one linear layer: K-FAC is ``Jᵀ F J`` with the Gaussian's Fisher ``F`` exactly (before: the
+    empirical Fisher, ``Jᵀ r rᵀ J`` with the output gradient ``r`` at the true target)."""
+    loss, moments = LINKS[name]
+    model, nll, batch = _setup(1, 0, loss)
+    theta = ParamSpec.flatten_module(model)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=1, nll=nll)
+    assert K.info["likelihood"] == "gaussian" and "likelihood_fallback" not in K.info
+    assert K.info["likelihood_detected"] == {"variance": "learned"} and K.info["sigma"] is None
+    out = functionalize(model, lambda m, x: m(x))
+    J = jacobian(lambda t: out(t, batch[0])[0], theta)  # [2, D]
+    Fz = _output_fisher(out(theta, batch[0]), moments)[0]
+    torch.testing.assert_close(K @ torch.eye(K.dim, dtype=D64), J.T @ Fz @ J, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LINKS))
+def test_kfac_on_many_rows_is_the_kronecker_form_of_the_gaussian_fisher(name: str) -> None:
+    """Twelve rows at one linear layer, two draws: ``K = P + n·A ⊗ G`` with ``A`` the mean of the inputs' (with a
+    one for the bias) outer products and ``G`` the mean of the rows' output Fisher ``F_r`` over rows and draws (the
+    exact GGN's Kronecker-factored form); the prior precision ``P = I``."""
+    loss, moments = LINKS[name]
+    model, nll, batch = _setup(12, 1, loss)
+    theta = ParamSpec.flatten_module(model)
+    thetas = theta + 0.1 * torch.randn(2, theta.numel(), dtype=D64, generator=torch.Generator().manual_seed(2))
+    n = 30
+    K = KroneckerCurvature.build(
+        model,
+        thetas,
+        [batch, batch],
+        n=n,
+        nll=nll,
+        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+    )
+    assert K.info["likelihood"] == "gaussian"
+    out = functionalize(model, lambda m, x: m(x))
+    G = torch.stack([_output_fisher(out(t, batch[0]), moments).mean(0) for t in thetas]).mean(0)  # [2, 2]
+    a = torch.cat([batch[0], torch.ones(12, 1, dtype=D64)], 1)
+    A = a.T @ a / 12  # [5, 5]
+    # the weight W[o, i] is θ[4o + i], the bias b[o] θ[8 + o]: W̃ = [W | b] at W̃[o, i], o-major
+    order = [4 * o + i if i < 4 else 8 + o for o in range(2) for i in range(5)]
+    ref = torch.zeros(10, 10, dtype=D64)
+    ref[torch.tensor(order)[:, None], torch.tensor(order)[None, :]] = n * torch.kron(G, A)
+    ref += torch.eye(10, dtype=D64)
+    torch.testing.assert_close(K @ torch.eye(K.dim, dtype=D64), ref, rtol=1e-7, atol=1e-10)
+
+
+def test_only_a_normalised_gaussian_in_the_target_is_read_as_one() -> None:
+    """Scaled by 2 (its Fisher is not the Gaussian's), without the log-variance term, or a Student-t: none is read
+    as a learned-variance Gaussian (K-FAC keeps the empirical Fisher and says so); ``full=False`` is."""
+    model, _, batch = _setup(8, 3, _softplus_head)
+
+    def wrap(loss: Callable) -> Callable:
+        return lambda m, b: loss(m(b[0]), b)
+
+    assert learned_variance(model, wrap(_softplus_head), batch) == {"variance": "learned"}
+    assert learned_variance(model, wrap(_log_variance), batch) == {"variance": "learned"}
+
+    def partial(z, b):
+        return F.gaussian_nll_loss(z[:, 0], b[1], F.softplus(z[:, 1]) + 1e-3, full=False, reduction="none")
+
+    assert learned_variance(model, wrap(partial), batch) == {"variance": "learned"}
+    others = {
+        "scaled": lambda z, b: 2 * _softplus_head(z, b),
+        "no log term": lambda z, b: 0.5 * (b[1] - z[:, 0]) ** 2 * torch.exp(-z[:, 1]),
+        "student-t": lambda z, b: 2.5 * torch.log1p((b[1] - z[:, 0]) ** 2 * torch.exp(-z[:, 1]) / 4) + 0.5 * z[:, 1],
+    }
+    theta = ParamSpec.flatten_module(model)
+    for name, loss in others.items():
+        assert learned_variance(model, wrap(loss), batch) is None, name
+        K = KroneckerCurvature.build(model, theta[None], [batch], n=8, nll=wrap(loss))
+        assert K.info["likelihood"] == "empirical" and "likelihood_fallback" in K.info, name
