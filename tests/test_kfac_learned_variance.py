@@ -13,7 +13,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 from mcmc_unlearner.curvature import ParamSpec, functionalize
-from mcmc_unlearner.kronecker import KroneckerCurvature, learned_variance
+from mcmc_unlearner.kronecker import KroneckerCurvature, Likelihood, learned_variance
 
 D64 = torch.float64
 
@@ -132,3 +132,53 @@ def test_only_a_normalised_gaussian_in_the_target_is_read_as_one() -> None:
         assert learned_variance(model, wrap(loss), batch) is None, name
         K = KroneckerCurvature.build(model, theta[None], [batch], n=8, nll=wrap(loss))
         assert K.info["likelihood"] == "empirical" and "likelihood_fallback" in K.info, name
+
+
+@pytest.mark.parametrize("name", list(LINKS))
+def test_the_dense_ggn_of_a_learned_variance_is_the_gaussian_fisher(name: str) -> None:
+    """``solver="ggn"``'s ``Σ_r J_rᵀ Λ_r J_r`` with ``Λ_r`` the Gaussian's Fisher, on a hidden-layer network (before:
+    the dense Hessian of ``nll``)."""
+    from mcmc_unlearner.backends.ggn import output_ggn
+
+    loss, moments = LINKS[name]
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, 4, dtype=D64, generator=g), torch.randn(7, dtype=D64, generator=g)
+
+    def nll(m, b):
+        return loss(m(b[0]), b)
+
+    theta = ParamSpec.flatten_module(model)
+    link = learned_variance(model, nll, (x, y))
+    assert link == {"variance": "learned"}
+    got = output_ggn(model, theta, x, Likelihood.GAUSSIAN, link=link, nll=nll, targets=y)
+    out = functionalize(model, lambda m, x: m(x))
+    Fz = _output_fisher(out(theta, x), moments)
+    ref = sum(
+        J.T @ F_r @ J for J, F_r in zip((jacobian(lambda t, r=r: out(t, x[r : r + 1])[0], theta) for r in range(7)), Fz)
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
+
+
+def test_solver_ggn_takes_the_gaussian_fisher_of_a_learned_variance() -> None:
+    """``solver="ggn"`` on ``F.gaussian_nll_loss``: the Gauss-Newton matrix with the Gaussian's Fisher (before: the
+    dense Hessian of ``nll``, ``ggn_curvature == "hessian"``)."""
+    from mcmc_unlearner import MCMCUnlearner
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(30, 4, dtype=D64, generator=g), torch.randn(30, dtype=D64, generator=g)
+
+    def nll(m, b):
+        return _softplus_head(m(b[0]), b)
+
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.05 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
+    un = MCMCUnlearner(
+        model, nll=nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank, solver="ggn"
+    )
+    report = un.remove((x[:3], y[:3]), (x[3:], y[3:]), strict=False)
+    assert report.info["ggn_curvature"] == "ggn" and report.info["ggn_likelihood"] == "gaussian"
+    assert report.info["ggn_likelihood_detected"] == {"variance": "learned"}

@@ -7,7 +7,8 @@ The remaining-data curvature is taken as
 ``J_r = ∂z_r/∂θ`` the Jacobian of row ``r``'s network output ``z_r = model(x_r)`` at draw ``θ_s``, ``Λ_r`` the
 Hessian of the per-row NLL in ``z`` (softmax covariance ``diag(p) − ppᵀ`` for the categorical likelihood,
 ``diag(p(1 − p))``, ``p = sigmoid(z)``, for a Bernoulli one (``binary_cross_entropy_with_logits``), ``I/σ²`` for a
-Gaussian one, as :func:`~mcmc_unlearner.kronecker.detect_likelihood` finds them) and ``P`` the
+Gaussian one, as :func:`~mcmc_unlearner.kronecker.detect_likelihood` finds them; for a Gaussian whose variance the
+model learns, :func:`~mcmc_unlearner.kronecker.learned_variance`, its Fisher ``∇m∇mᵀ/v + ∇v∇vᵀ/(2v²)``) and ``P`` the
 prior's Hessian ``−(1/S) Σ_s ∇²log p(θ_s)``, dense, its negative eigenvalues clamped to 0: the
 generalized Gauss-Newton matrix (Schraudolph 2002; Martens, "New insights and perspectives on the natural
 gradient method", JMLR 2020), the Hessian with the network linearised at each draw. It is positive
@@ -41,7 +42,9 @@ from ..kronecker import (
     cross_entropy_misfit,
     detect_likelihood,
     field_rows,
+    gaussian_in_targets,
     labelled,
+    learned_variance,
     prior_precision,
     row_weights,
     rows_per_label,
@@ -64,6 +67,8 @@ def output_ggn(
     link: dict[str, Any] | None = None,
     weights: torch.Tensor | None = None,
     plan: Callable[[int], None] | None = None,
+    nll: Callable | None = None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_r w_r J_rᵀ Λ_r J_r`` over the rows of ``x`` at the flat trainable parameters ``theta`` (float64 ``[D, D]``).
 
@@ -81,6 +86,9 @@ def output_ggn(
         weights: Per-row factors ``w_r`` on the loss (``[R]``; default 1).
         plan: Called with the bytes one chunk's Jacobians were planned at (its rows times ``3 · C · D`` items of
             ``theta``'s size), once the chunk is known (``report.info["memory"]["planned"]["ggn_jacobians"]``).
+        nll: The user's ``nll``, for a Gaussian with a learned variance (``link["variance"] == "learned"``): ``Λ_r``
+            is its Fisher ``∇m∇mᵀ/v + ∇v∇vᵀ/(2v²)`` in ``z_r`` (:func:`~mcmc_unlearner.kronecker.gaussian_in_targets`).
+        targets: The rows' targets ``y`` for that ``nll`` call (their values do not enter ``Λ_r``).
     """
     link = link or {}
     # through functionalize's wrapper module: torch's functional_call refuses an nn.DataParallel at the top level
@@ -122,6 +130,16 @@ def output_ggn(
             with torch.no_grad():
                 p = torch.sigmoid(rows_out(theta, xc).double())
             LJ = (p * (1 - p))[:, :, None] * J
+        elif link.get("variance") == "learned":  # Λ = ∇m∇mᵀ/v + ∇v∇vᵀ/(2v²) in z, m and v read off nll
+            with torch.enable_grad():
+                z = rows_out(theta, xc).detach().double().requires_grad_(True)
+                m, v = gaussian_in_targets(nll, z, (xc, targets[i : i + rows]))
+                dm = torch.autograd.grad(m.sum(), z, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+                dv = torch.autograd.grad(v.sum(), z, allow_unused=True, materialize_grads=True)[0]
+            vd = v.detach()
+            a, b = dm.reshape(len(xc), -1) * vd.rsqrt()[:, None], dv.reshape(len(xc), -1) / (2**0.5 * vd)[:, None]
+            LJ = a[:, :, None] * torch.einsum("rc,rcd->rd", a, J)[:, None, :]
+            LJ += b[:, :, None] * torch.einsum("rc,rcd->rd", b, J)[:, None, :]
         else:
             LJ = J / sigma**2
         if weights is not None:
@@ -206,6 +224,12 @@ class GGNBackend(DenseBackend):
             # too, so a pos_weight (a weight per target value) differs there already, and a Gaussian has no labels
             if found[0] is Likelihood.CATEGORICAL:
                 found = _checked_on_remaining(problem, removed, found)
+            elif found[0] is Likelihood.EMPIRICAL:
+                # a Gaussian whose variance the model learns (F.gaussian_nll_loss on two heads): its Fisher, as K-FAC
+                # takes it (stop 69), not the dense Hessian
+                reading = learned_variance(problem.model, problem.nll, removed)
+                if reading is not None:
+                    found = (Likelihood.GAUSSIAN, reading)
             self._likelihood = found
             self._prior = prior_precision(problem.model, problem.log_prior, problem.thetas[0])
         return self._likelihood
@@ -225,7 +249,9 @@ class GGNBackend(DenseBackend):
                 if field_rows(b) == 0:
                     continue
             rw = row_weights(b, info)
-            g = output_ggn(problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw, plan)
+            g = output_ggn(
+                problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw, plan, problem.nll, b[1]
+            )
             if w != 1.0:  # w·g in place (1·g is g to the bit)
                 g.mul_(w)
             G = g if G is None else G.add_(g)
