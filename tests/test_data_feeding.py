@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
-from mcmc_unlearner import MCMCUnlearner
+from mcmc_unlearner import MCMCUnlearner, unlearner
 from mcmc_unlearner.errors import InvalidRequestError
 
 torch.set_num_threads(1)
@@ -53,10 +53,12 @@ def test_a_subset_random_sampler_over_the_full_dataset_counts_the_rows_it_draws(
     assert torch.allclose(out[0], out[1], atol=1e-6)
 
 
-def test_a_batch_sampler_of_the_users_own_is_not_read_as_drawing_every_row():
+def test_a_batch_sampler_of_the_users_own_is_not_read_as_drawing_every_row(monkeypatch):
     """DataLoader(full, batch_sampler=own batches of the remaining ids): DataLoader reports a SequentialSampler over
     the full dataset that it never uses, which was read as the sampler: n was len(full) and the emptied-label check
-    read the full dataset's labels, so emptying class 0 was not seen (stop 45's probe)."""
+    read the full dataset's labels, so emptying class 0 was not seen (stop 45's probe). Since stop 69 the rows such a
+    loader gives are read for the emptied label (every remaining row each pass: found, checked and drawn on); stop
+    66's warning, where they are not read (``EMPTIED_STREAM_PASSES = 0``)."""
     model, samples, x, y = _setup()
     keep = (y == 1).nonzero().flatten()  # every row of class 0 is removed
 
@@ -89,14 +91,29 @@ def test_a_batch_sampler_of_the_users_own_is_not_read_as_drawing_every_row():
     # the class removed whole through it is named (stop 66), and the fix named is torch's own samplers: the warning
     # said "a DataLoader over a TensorDataset", which this loader is (the once-per-unlearner note it replaces named
     # the batch_sampler)
-    with pytest.warns(UserWarning, match="which none of the") as caught:
-        report = un.remove(
-            (x[y == 0], y[y == 0]), DataLoader(TensorDataset(x, y), batch_sampler=OwnBatches()), len(keep), strict=False
-        )
+    with monkeypatch.context() as mp:
+        mp.setattr(unlearner, "EMPTIED_STREAM_PASSES", 0)
+        with pytest.warns(UserWarning, match="which none of the") as caught:
+            report = un.remove(
+                (x[y == 0], y[y == 0]),
+                DataLoader(TensorDataset(x, y), batch_sampler=OwnBatches()),
+                len(keep),
+                strict=False,
+            )
     named = [str(w.message) for w in caught if "which none of the" in str(w.message)]
     assert len(named) == 1 and "drawing with torch's own samplers" in named[0], named
     assert report.n_remaining == len(keep)
     assert str(report.info["emptied_labels"]).startswith("not checked")  # was None: "no label emptied"
+    # read for the emptied label (stop 69): its rows are every remaining row, so class 0 is checked, and not warned of
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=samples)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.remove(
+            (x[y == 0], y[y == 0]), DataLoader(TensorDataset(x, y), batch_sampler=OwnBatches()), len(keep), strict=False
+        )
+    assert not [w for w in caught if "which none of the" in str(w.message)]
+    assert report.info["emptied_labels_stream"].startswith(f"every remaining row: the {len(keep):,} distinct rows")
+    assert isinstance(report.info["emptied_labels"], dict) and set(report.info["emptied_labels"]) == {"0"}
 
 
 def test_remaining_rows_as_a_list_or_fields_of_unequal_length_are_named():

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, SubsetRandomSampler, TensorDataset
 
-from mcmc_unlearner import MCMCUnlearner, QualityError
+from mcmc_unlearner import MCMCUnlearner, QualityError, unlearner
 from mcmc_unlearner.stream import _loader_labels
 from mcmc_unlearner.unlearner import EMPTIED_LABEL_MAX_PROB
 
@@ -250,11 +250,15 @@ class _Targets(Dataset):
         return self.x[i], self.labels[i]
 
 
-def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_iterator_is_not_checked() -> None:
+def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_iterator_is_not_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A ``DataLoader`` over a ``TensorDataset`` or a dataset with torchvision's ``targets`` (also a ``Subset`` of
     one, or one whose ``SubsetRandomSampler`` keeps the remaining rows, or a ``DistributedSampler``'s) says which
     labels remain without reading a minibatch; an iterator cannot, and the report says the request was not
-    checked."""
+    checked. (Since stop 69 a request that empties a label as far as the rows it read show reads the stream further
+    and checks the label on the rows read where they are every remaining row: a ``targets`` not read as the labels
+    is then checked on the rows the loader gives, which is what ``nll`` reads.)"""
     model, nll, log_prior, bank, x, y = _softmax_regression()
     gone = y == 3
     keep = torch.nonzero(~gone).flatten().tolist()
@@ -287,12 +291,20 @@ def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_
     # which are not guessed from it: the report says the request was not checked
     odd = [(y[~gone].tolist()[:-1], None), ((y[~gone] + 0.5).tolist(), None), (y[~gone].tolist(), lambda c: c)]
     for targets, transform in odd:
-        read: list = []
-        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
-        loader = DataLoader(_Targets(x[~gone], y[~gone].tolist(), read), batch_size=50, shuffle=True)
-        loader.dataset.targets, loader.dataset.target_transform = targets, transform
-        said = un.propose((x[gone], y[gone]), loader).report.info["emptied_labels"]
-        assert isinstance(said, str) and said.startswith("not checked") and "targets" in said
+        for passes in (0, unlearner.EMPTIED_STREAM_PASSES):  # the stream not read further (stop 66), and read
+            read: list = []
+            monkeypatch.setattr(unlearner, "EMPTIED_STREAM_PASSES", passes)
+            un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+            loader = DataLoader(_Targets(x[~gone], y[~gone].tolist(), read), batch_size=50, shuffle=True)
+            loader.dataset.targets, loader.dataset.target_transform = targets, transform
+            prop = un.propose((x[gone], y[gone]), loader)
+            said = prop.report.info["emptied_labels"]
+            if passes == 0:
+                assert isinstance(said, str) and said.startswith("not checked") and "targets" in said
+            else:  # its 150 rows found by reading it: checked on them, as on the loaders above
+                assert prop.report.info["emptied_labels_stream"].startswith("every remaining row: the 150 distinct")
+                assert isinstance(said, dict) and set(said) == {"3"}
+                assert said["3"] == pytest.approx(float(_predictive(model, prop.bank, x[gone])[:, 3].mean()), rel=1e-10)
     read = []
     loader = DataLoader(_Targets(x[~gone], y[~gone].tolist(), read), batch_size=50, shuffle=True)
     assert torch.equal(_loader_labels(loader), y[~gone]) and not read  # the labels, without reading a row
@@ -301,11 +313,21 @@ def test_the_labels_of_a_dataloader_over_tensors_are_read_without_a_pass_and_an_
         while True:
             yield from DataLoader(TensorDataset(x[~gone], y[~gone]), batch_size=50, shuffle=True)
 
+    monkeypatch.setattr(unlearner, "EMPTIED_STREAM_PASSES", 0)  # not read further (stop 66)
     un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
     prop = un.propose((x[gone], y[gone]), stream(), n_remaining=int((~gone).sum()))
     said = prop.report.info["emptied_labels"]
     assert isinstance(said, str) and said.startswith("not checked") and "RemovableDataset" in said
     assert not any("removes the last rows" in p for p in prop.report.problems)
+    # read further (stop 69): the reshuffling iterator's rows hold every remaining row, and the label is checked
+    monkeypatch.undo()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    prop = un.propose((x[gone], y[gone]), stream(), n_remaining=int((~gone).sum()))
+    said = prop.report.info["emptied_labels"]
+    assert prop.report.info["emptied_labels_stream"].startswith("every remaining row: the 150 distinct rows")
+    assert isinstance(said, dict) and said["3"] == pytest.approx(
+        float(_predictive(model, prop.bank, x[gone])[:, 3].mean()), rel=1e-10
+    )
 
 
 def test_rows_without_a_class_are_not_a_label_to_empty() -> None:

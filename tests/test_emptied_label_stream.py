@@ -6,6 +6,7 @@ says nothing of the kind (issue 11: "a deletion can be recorded as applied when 
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _banks import langevin_bank
-from mcmc_unlearner import MCMCUnlearner, stream
+from mcmc_unlearner import MCMCUnlearner, stream, unlearner
 from mcmc_unlearner.service.deletion import _entry
 from mcmc_unlearner.service.ledger import canonical_json
 from mcmc_unlearner.stream import _Stream
@@ -51,6 +52,14 @@ class _Counted:
         return batch
 
 
+@pytest.fixture
+def unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No further rows read from the stream for the emptied label (``EMPTIED_STREAM_PASSES = 0``, stop 66's
+    behaviour): since stop 69 a reshuffling iterator's rows are found (every remaining row) and the label checked and
+    drawn on them, so the warning these tests read is given only where they are not found."""
+    monkeypatch.setattr(unlearner, "EMPTIED_STREAM_PASSES", 0)
+
+
 def _request(removed: tuple, kept: tuple, **kw) -> tuple[MCMCUnlearner, object, _Counted, list[str]]:
     """The softmax regression's request through a counted iterator: the unlearner, its report, the iterator and
     the messages of the warnings it gave (the large-removal warning left out)."""
@@ -64,6 +73,7 @@ def _request(removed: tuple, kept: tuple, **kw) -> tuple[MCMCUnlearner, object, 
     return un, report, stream, said
 
 
+@pytest.mark.usefixtures("unread")
 def test_a_label_none_of_the_rows_read_holds_is_named_and_recorded_and_the_step_applied(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -102,6 +112,7 @@ def test_a_label_none_of_the_rows_read_holds_is_named_and_recorded_and_the_step_
     assert sum(UNSEEN in str(w.message) for w in caught) == 1
 
 
+@pytest.mark.usefixtures("unread")
 def test_the_warning_counts_reads_not_remaining_rows_where_it_read_rows_again() -> None:
     """Six remaining rows read in minibatches of two: the request reads each of them many times (m reads), and the
     warning says m rows were read from the six remaining rows, not that there are m remaining rows (it said "none of
@@ -155,6 +166,7 @@ def test_a_label_the_rows_read_hold_and_targets_that_are_no_labels_are_not_said_
     assert not torch.equal(un.bank, bank)  # applied
 
 
+@pytest.mark.usefixtures("unread")
 def test_the_ledger_entry_of_such_a_request_records_the_unseen_label() -> None:
     """The deletion service's ledger entry (``info``, canonical JSON) keeps the unseen labels and the rows read,
     as it keeps the emptied-label check's scalars."""
@@ -219,3 +231,164 @@ def test_a_returned_requests_proposal_keeps_no_copies_of_the_labels_read() -> No
     s = prop._data
     assert s.rows_read > 0 and s._pending == [] and s._pending_rows == 0
     assert s.seen_labels() == (s.rows_read, {0, 1, 2})
+
+
+def _class_three() -> tuple[tuple, tuple]:
+    """The softmax regression's label-3 rows (removed) and the others (remaining, 150)."""
+    _, _, _, _, x, y = _softmax_regression()
+    gone = y == 3
+    return (x[gone], y[gone]), (x[~gone], y[~gone])
+
+
+def test_a_class_emptied_through_a_reshuffling_iterator_is_drawn_on_every_remaining_row_as_if_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Label 3 removed whole through an endless iterator over a shuffled ``DataLoader`` (stop 66: a warning, no
+    check, no draw): the further rows read from it hold the 150 remaining rows (each pass reshuffled), found as
+    every remaining row, so the label is checked and its output-layer row drawn on them, and nothing is warned. The
+    draw equals the one on the rows listed (a tuple ``(x, y)``) from the same generator state and moved samples,
+    within float64 rounding (the rows' order differs: sums in another order, 4.7e-11 at most); the bank kept is that
+    draw."""
+    removed, kept = _class_three()
+    seen: dict[str, object] = {}
+    original = MCMCUnlearner._resample_emptied
+
+    def both(self, stream, live, bank, info, every=False):
+        state, control = self.generator.get_state(), copy.deepcopy(self.control)
+        listed = original(self, _Stream(kept, None), live, bank, dict(info), every)
+        self.control = control
+        self.generator.set_state(state)
+        drawn = original(self, stream, live, bank, info, every)
+        seen.update(listed=listed, drawn=drawn)
+        return drawn
+
+    monkeypatch.setattr(MCMCUnlearner, "_resample_emptied", both)
+    un, report, _, said = _request(removed, kept)
+    info = report.info
+    assert not said and "emptied_labels_unseen" not in info and report.passed
+    assert info["emptied_labels_stream"].startswith("every remaining row: the 150 distinct rows of ")
+    assert info["emptied_label_resample"] == "drawn: 3" and isinstance(info["emptied_labels"], dict)
+    read = info["emptied_labels_stream_rows_read"]
+    assert 2 * 150 <= read <= unlearner.EMPTIED_STREAM_PASSES * 150  # n distinct, then n more among them
+    listed, drawn = seen["listed"], seen["drawn"]
+    assert listed is not None and drawn is not None
+    # measured 4.7e-11 at most on entries of order 1: the rows' sums in another order, through the draw's iterations
+    for a, b in zip(listed, drawn):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    torch.testing.assert_close(un.bank, drawn[1], rtol=0, atol=0)
+    # stop 66's request (no rows read further): warned, nothing drawn, the label kept more of its probability
+    monkeypatch.setattr(unlearner, "EMPTIED_STREAM_PASSES", 0)
+    monkeypatch.setattr(MCMCUnlearner, "_resample_emptied", original)
+    _, before, _, said = _request(removed, kept)
+    assert any(UNSEEN in s for s in said) and "emptied_label_resample" not in before.info
+    assert info["emptied_label_max_probability"] < info["emptied_label_max_probability_before_resample"]
+
+
+def _held_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows each :func:`~mcmc_unlearner.unlearner._distinct_rows` call is given, recorded."""
+    held: list[int] = []
+    original = unlearner._distinct_rows
+    monkeypatch.setattr(unlearner, "_distinct_rows", lambda rows: held.append(int(rows[0].shape[0])) or original(rows))
+    return held
+
+
+def test_a_stream_of_duplicated_or_augmented_rows_keeps_the_warning_within_its_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the rows read are not every remaining row the label is not checked and stop 66's warning is given, the
+    reason in ``info["emptied_labels_stream"]``: the 150 rows each listed twice as 300 remaining (150 distinct,
+    never 300: read up to ``EMPTIED_STREAM_PASSES·n`` rows, a minibatch's 50 beyond at most) and a stream adding
+    fresh noise to every minibatch (more distinct rows than remain: stopped at its second read). The reading holds
+    at most ``n`` distinct rows and one read of ``n / 2`` (and a minibatch) at a time, not the rows read."""
+    removed, kept = _class_three()
+    held = _held_rows(monkeypatch)
+    twice = tuple(torch.cat([t, t]) for t in kept)
+    _, report, _, said = _request(removed, twice)
+    info = report.info
+    assert any(UNSEEN in s for s in said) and info["emptied_labels_unseen"] == "3"
+    assert "emptied_label_resample" not in info and str(info["emptied_labels"]).startswith("not checked")
+    assert (
+        info["emptied_labels_stream"].startswith("not found: ")
+        and "hold 150 distinct rows" in info["emptied_labels_stream"]
+    )
+    assert 8 * 300 <= info["emptied_labels_stream_rows_read"] <= 8 * 300 + 50
+    assert max(held) <= 300 + 150 + 50 and sum(held) > 8 * 300
+
+    class Noisy(_Counted):
+        def __next__(self) -> tuple[torch.Tensor, ...]:
+            x, y = super().__next__()
+            return x + 1e-3 * torch.randn(x.shape, dtype=x.dtype), y
+
+    held.clear()
+    model, nll, log_prior, bank, _, _ = _softmax_regression()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.remove(removed, Noisy(*kept), n_remaining=150)
+    assert any(UNSEEN in str(w.message) for w in caught)
+    assert "more than the 150 remaining" in report.info["emptied_labels_stream"]
+    assert report.info["emptied_labels_stream_rows_read"] <= 2 * (75 + 50) and max(held) <= 150 + 75 + 50
+
+
+def test_a_label_found_among_further_rows_is_not_emptied_and_nothing_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two label-3 rows remain, but the stream gives them only after the rows the request read (from then on every
+    pass holds them): the further rows read show label 3, so it is not emptied, exactly; no warning, no check of
+    the label's predictions and no draw."""
+    removed, kept = _class_three()
+    _, _, _, _, x, y = _softmax_regression()
+    three = torch.nonzero(y == 3).flatten()
+    removed = (x[three[2:]], y[three[2:]])
+    late = (torch.cat([kept[0], x[three[:2]]]), torch.cat([kept[1], y[three[:2]]]))
+
+    class Late(_Counted):
+        switched = False
+
+        def __init__(self) -> None:
+            super().__init__(*kept)
+            self.after = _Counted(*late)
+
+        def __next__(self) -> tuple[torch.Tensor, ...]:
+            return next(self.after) if Late.switched else super().__next__()
+
+    original = MCMCUnlearner._streamed_remaining
+
+    def switch(self, *a, **kw):
+        Late.switched = True
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(MCMCUnlearner, "_streamed_remaining", switch)
+    model, nll, log_prior, bank, _, _ = _softmax_regression()
+    un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = un.remove(removed, Late(), n_remaining=152)
+    said = [str(w.message) for w in caught if "emptied-label check" in str(w.message)]
+    assert Late.switched and not said, said
+    info = report.info
+    assert info["emptied_labels_stream"].startswith("not emptied") and "emptied_labels_unseen" not in info
+    assert "emptied_labels" not in info and "emptied_label_resample" not in info
+    assert info["emptied_labels_stream_rows_read"] <= 76 + 50
+
+
+def test_the_stream_is_not_read_over_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``n`` distinct rows and a read of ``n / 2`` (four copies: the read, the joined rows, the hash's
+    temporaries, the gathered rows) exceed ``memory_budget`` no further row is read: the warning is given, the
+    reason recorded, and the plan recorded at the budget. (The budget is lowered for this reading alone: the
+    request's other work needs more than these 150 rows of 32 bytes.)"""
+    removed, kept = _class_three()
+    original = MCMCUnlearner._read_remaining
+    need = 4 * (150 + 75) * (3 * 8 + 8)
+
+    def tight(self, *a, **kw):
+        budget, self.memory_budget = self.memory_budget, need - 1
+        try:
+            return original(self, *a, **kw)
+        finally:
+            self.memory_budget = budget
+
+    monkeypatch.setattr(MCMCUnlearner, "_read_remaining", tight)
+    _, report, _, said = _request(removed, kept)
+    info = report.info
+    assert any(UNSEEN in s for s in said) and info["emptied_labels_stream_rows_read"] == 0
+    assert f"would take {need / 1e6:.3g} MB, over the memory budget" in info["emptied_labels_stream"]
+    assert info["memory"]["planned"]["emptied_label_stream_rows"] == need - 1

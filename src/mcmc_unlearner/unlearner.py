@@ -692,6 +692,12 @@ CONFIRM_ROWS_FACTOR = 4
 #: beyond the tolerance, and 16 of 50 a tanh regression's +0.138 as +0.078 (stop 51). At 32 LeNet-5's request in the
 #: quick model matrix took 2.3 s CPU instead of 1.2 s, the same step.
 CONFIRM_ALL_DRAWS_GRID = 16
+#: Remaining rows that cannot be listed (a plain iterator of minibatches) where the request empties a label as far
+#: as the rows it read show (:meth:`MCMCUnlearner._unseen_labels`): the emptied-label check and draw read at most this
+#: many times ``n`` further rows from the stream (:meth:`MCMCUnlearner._streamed_remaining`), looking for the label
+#: (then it remains: nothing emptied) or for every remaining row (``n`` distinct rows, byte for byte, and then at
+#: least ``n`` more rows all among them), read then as the listed rows; 0: none read (stop 66's warning alone).
+EMPTIED_STREAM_PASSES = 8
 #: Stored samples (evenly spaced) over which that probability is averaged, and removed rows per forward pass.
 EMPTIED_LABEL_DRAWS = 16
 EMPTIED_LABEL_ROWS = 512
@@ -6766,6 +6772,12 @@ class MCMCUnlearner:
                         self._warn_emptied_unchecked(info["emptied_labels"])
             return None
         left = self._remaining_labels(stream)
+        if left is None and self._reduce is None:  # a plain iterator: its rows, where reading it finds every one
+            found = self._streamed_remaining(y, stream, info)
+            if found is True:  # every removed label that the rows read before lacked is among further rows read
+                return None
+            if found is not None:
+                left = self._raw(found)[1]
         if bool(self._reduce_max(torch.tensor([float(left is None)]))[0] > 0):
             info["emptied_labels"] = (
                 "not checked: which labels remain cannot be read from the remaining data without a pass over it "
@@ -6857,6 +6869,98 @@ class MCMCUnlearner:
             "Continue the chain on the remaining data for at least a burn-in's worth of steps (your own sampler, "
             "run_chain, or the deletion service's --on-failure repair with --repair-steps that long), or retrain"
         )
+
+    def _streamed_remaining(self, y: torch.Tensor, stream: _Stream, info: dict[str, Any]) -> Batch | bool | None:
+        """Where the remaining rows cannot be listed (a plain iterator) and the removed labels ``y`` hold one that
+        none of the rows this request read holds (:meth:`~mcmc_unlearner.stream._Stream.seen_labels`), read further
+        rows from the stream, whole minibatches of about ``n / 2`` rows at a time, keeping its distinct rows
+        (:func:`_distinct_rows`, byte for byte in every field): ``True`` as soon as every such label shows among them
+        (it remains: nothing is emptied, nothing said); every remaining row (the distinct rows, in the order first
+        read) where they are ``n`` and at least ``n`` further rows read after that are all among them (an endless
+        iterator reshuffling a ``DataLoader`` each pass: 2-3 passes), read then as the listed rows by the check and
+        the draw; else ``None`` (more than ``n`` distinct rows: augmented, or not the remaining rows; fewer after
+        ``EMPTIED_STREAM_PASSES·n`` rows: duplicated rows, a sampler that leaves some out; a one-pass iterator that
+        ran out; over the memory budget), stop 66's warning then given, ``info["emptied_labels_stream"]`` saying
+        why. Bounded: at most ``EMPTIED_STREAM_PASSES·n`` rows read, and at most ``n`` distinct rows and one read of
+        about ``n / 2`` held, with their joined copy and the hash's temporaries (at most 0.8 of it), planned as
+        ``emptied_label_stream_rows`` at four times ``n + n / 2`` rows' bytes (the first minibatch's per row) and
+        not read where that exceeds ``memory_budget``. Read once per request (kept with the stream for the draw and
+        the check after it). Single-process: the caller asks only there."""
+        if EMPTIED_STREAM_PASSES < 1 or not y.numel():
+            return None
+        m, seen = stream.seen_labels()
+        if seen is None or m == 0:
+            return None
+        gone = set(torch.unique(y[y >= 0]).tolist()) - seen
+        if not gone:
+            return None
+        return stream.once("streamed_remaining", lambda: self._read_remaining(stream, gone, info))
+
+    def _read_remaining(self, stream: _Stream, gone: set[int], info: dict[str, Any]) -> Batch | bool | None:
+        """The reading of :meth:`_streamed_remaining` for the labels ``gone``."""
+        n, c0, read = stream.n, time.process_time(), 0
+        limit, chunk = EMPTIED_STREAM_PASSES * n, max(1, -(-n // 2))
+        kept: Batch | None = None
+        whole_at: int | None = None  # rows read when the distinct rows first numbered n
+        found: Batch | bool | None = None
+        why = None
+        try:
+            first = self._raw(stream.peek())
+            per_row = sum(t[:1].numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+            need = 4 * (n + chunk) * per_row
+            self._plan("emptied_label_stream_rows", min(need, self.memory_budget))
+            if need > self.memory_budget:
+                why = (
+                    f"its {n:,} rows, held to find every remaining row, would take {need / 1e6:.3g} MB, over the "
+                    f"memory budget's {self.memory_budget / 1e6:.3g} MB"
+                )
+            while why is None and found is None and read < limit:
+                part = self._raw(stream.rows(min(chunk, limit - read)))
+                read += int(part[0].shape[0])
+                labels = part[1] if len(part) > 1 else None
+                if isinstance(labels, torch.Tensor) and labels.dim() == 1:
+                    gone -= set(torch.unique(labels).tolist())
+                if not gone:
+                    found = True
+                    break
+                joined = part if kept is None else tuple(torch.cat([a, b]) for a, b in zip(kept, part))
+                first_rows = _distinct_rows(joined)
+                if first_rows is None:
+                    why = "its rows could not be told apart byte for byte (or two different rows shared a hash)"
+                    break
+                kept = tuple(t[first_rows] for t in joined)
+                distinct = int(kept[0].shape[0])
+                if distinct > n:
+                    why = (
+                        f"{read:,} rows read from it hold {distinct:,} distinct rows, more than the {n:,} remaining "
+                        "(augmented rows, or not the remaining rows)"
+                    )
+                elif distinct == n:
+                    whole_at = read if whole_at is None else whole_at
+                    if read - whole_at >= n:
+                        found = kept
+            if why is None and found is None:
+                have = 0 if kept is None else int(kept[0].shape[0])
+                why = (
+                    f"{read:,} rows read from it ({EMPTIED_STREAM_PASSES}·n) hold {have:,} distinct rows, not all "
+                    f"{n:,} remaining (duplicated rows, or a sampler that leaves some out)"
+                )
+        except IteratorRanOut:
+            why = f"the iterator ran out after {read:,} further rows"
+        info["emptied_labels_stream_rows_read"] = read
+        info["emptied_labels_stream_cpu_seconds"] = time.process_time() - c0
+        if found is True:
+            info["emptied_labels_stream"] = (
+                f"not emptied: the removed label(s) the rows read lacked are among {read:,} further rows read"
+            )
+        elif found is not None:
+            info["emptied_labels_stream"] = (
+                f"every remaining row: the {n:,} distinct rows of {read:,} further rows read from the stream"
+            )
+        else:
+            info["emptied_labels_stream"] = f"not found: {why}"
+        log.info("emptied label(s) through a stream: %s", info["emptied_labels_stream"])
+        return found
 
     def _unseen_labels(self, y: torch.Tensor, stream: _Stream, info: dict[str, Any]) -> bool:
         """Where the remaining labels cannot be listed (a plain iterator), whether the removed labels ``y`` (read by
@@ -7073,6 +7177,9 @@ class MCMCUnlearner:
         listed = None
         if why is None:
             listed = _listed_remaining(stream)
+            if listed is None:  # a plain iterator whose rows the emptied-label check found: every remaining row
+                streamed = stream.once("streamed_remaining", lambda: None)
+                listed = streamed if isinstance(streamed, tuple) else None
             if listed is None:
                 why = (
                     "the remaining rows cannot be listed without a pass over the data (pass them as a tuple (x, y), a "
