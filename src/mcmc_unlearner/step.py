@@ -1596,6 +1596,55 @@ class DampingControl:
             damping_quad=a * a * again.damping_quad, history=history, trials=len(history),
         )  # fmt: skip
 
+    def _predicted_rung(
+        self, backend: CurvatureBackend, G: torch.Tensor, undamped: StepOutcome, rungs: list[float]
+    ) -> int | None:
+        """The first rung of a fresh search's ladder (``rungs``: its dampings above 0) at which the rejected undamped
+        step's own measurement predicts the step to pass, or ``None`` where that is the ladder's first rung, none
+        is predicted to pass, or the undamped step says nothing about the step's length.
+
+        The undamped step ``x₀`` measured an energy change ``actual₀`` against the model's ``pred₀`` and a rise
+        ``r₀`` of the held rows' mean NLL (less the prior's credit). Both misses are taken to scale as the step's
+        quadratic form in the curvature model, ``q(λ) = x(λ)ᵀHx(λ)``, of which ``q₀`` is the undamped step's: a
+        rung ``λ`` is predicted to pass where ``pred(λ) + (actual₀ − pred₀)·q(λ)/q₀ ≤ η·pred(λ)`` and ``r₀·q(λ)/q₀``
+        is within ``max_nll_increase`` of the NLL. Only the start moves: the search is the ladder's wherever its
+        verdicts grow monotonically with the damping, the prediction's error costing trials, not a worse step
+        (from a rung that passes the rungs below are tried down to the first that fails, and the step refined
+        between the two as the ladder does). The rungs' solves, found by bisection (the model's ``q`` falls as the
+        damping grows), are the cost: for backends whose solve at a new damping is cheap (``cheap_damping``)."""
+        meas = undamped.measurement
+        if meas is None or undamped.damping != 0 or undamped.safe or undamped.negligible:
+            return None
+        rec = undamped.record
+        q0, pred0, act0, rise = float(rec["quad"]), undamped.predicted, undamped.actual, undamped.nll_rise
+        allowance = self.max_nll_increase * meas.nll_scale
+        if not (all(map(math.isfinite, (q0, pred0, act0, rise, allowance))) and q0 > 0 and pred0 < 0):
+            return None
+        excess = max(act0 - pred0, 0.0)
+        if act0 <= self.eta * pred0 and rise <= allowance:
+            return None  # neither miss explains the rejection (the slope or the direct test): the ladder as it was
+
+        def passes(i: int) -> bool:
+            try:
+                x = backend.solve(G, rungs[i]).x
+            except NegativeCurvatureError:
+                return False
+            q = backend.quad(x)
+            pred = -float(G @ x) + 0.5 * q
+            share = q / q0
+            return pred < 0 and pred + excess * share <= self.eta * pred and max(rise, 0.0) * share <= allowance
+
+        lo, hi = 0, len(rungs) - 1  # the least rung predicted to pass lies in [lo, hi] (hi: where it is checked)
+        if not passes(hi):
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if passes(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi if hi > 0 else None
+
     def _search(
         self, backend: CurvatureBackend, G: torch.Tensor, check: Callable[[torch.Tensor], Any], shape: str
     ) -> StepOutcome:
@@ -1684,8 +1733,33 @@ class DampingControl:
                             best = nxt
             else:
                 deferring = True  # at most once per search: a deferral that fails costs its refinement's trial
+                rungs: list[float] = []  # the ladder's dampings, each the last times grow, as the climb below
+                pending_at: tuple[int, int] | None = None  # where the trials made while best's verdict is pending begin
+                if fresh and lam == 0 and out is not None and getattr(backend, "cheap_damping", False):
+                    for _ in range(self.max_trials - len(history) - 1):  # the rungs the ladder could reach
+                        rungs.append(rungs[-1] * self.grow if rungs else start())
+                k = self._predicted_rung(backend, G, out, rungs) if rungs and out is not None else None
+                if k is not None:  # the ladder from its predicted rung, bracketed from above where that passes
+                    lam, down, below = rungs[k], attempt(rungs[k], expect_reject=fresh, defer=True), 0.0
+                    while down is not None and down.safe:
+                        best, pending_at = down, (len(history), len(tried))
+                        if k == 0 or len(history) + 2 > self.max_trials:
+                            break  # below: the undamped step, rejected (or no trial left for the rung and the mid)
+                        k -= 1
+                        down = attempt(rungs[k], expect_reject=fresh, defer=True)
+                        if down is None or not down.safe:
+                            below = rungs[k]  # the rung below failed: refined between it and the best as the ladder
+                    if best is None:  # the rung failed: the ladder climbs on from it (its rungs below not tried;
+                        out = None  # the saturation and slope-share tests compare consecutive rungs: none yet)
+                    else:
+                        lam = failed = below
+                        if below == 0:  # no refinement follows: the pending second measurement is made now; a
+                            # step failing it is a rejected rung, and the ladder climbs on from it
+                            if not self._settle(best):
+                                out, lam, note, best, deferring = best, best.damping, best.note, None, False
+                deferring = deferring and best is None
                 while True:
-                    while len(history) < self.max_trials:
+                    while best is None and len(history) < self.max_trials:
                         failed, prev = lam, out
                         lam = start() if lam < start() else lam * self.grow
                         # a step refined below (a rejected damping above 0 before it, a trial left) has its
@@ -1712,7 +1786,7 @@ class DampingControl:
                             break
                     if best is not None and failed is not None and failed > 0 and len(history) < self.max_trials:
                         mid = math.sqrt(failed * best.damping)  # refine once between the rejected and accepted
-                        kept = len(history), len(tried)
+                        kept = pending_at or (len(history), len(tried))  # (from above: the rungs below it too)
                         out = attempt(mid)
                         if out is not None and out.safe:
                             best = out
@@ -1725,6 +1799,7 @@ class DampingControl:
                                 h["abandoned"] = why
                             del tried[kept[1] :]
                             out, lam, best, note, deferring = best, best.damping, None, best.note, False
+                            pending_at = None
                             continue
                     break
             if best is not None:
