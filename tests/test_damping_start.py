@@ -209,3 +209,42 @@ def test_an_undamped_step_rejected_by_neither_miss_gives_no_prediction() -> None
     overshooting = DampingControl()._try(_Backend(B), G, _check(100 * B, G), 0.0)
     assert overshooting is not None and not overshooting.safe
     assert DampingControl()._predicted_rung(_Backend(B), G, overshooting, rungs) is not None
+
+
+class _ConfirmedCheck:
+    """The true energy of ``B`` itself and a held-rows NLL rise ``‖x‖⁴`` with a standard error that leaves every
+    step above 0.01 to a second measurement, which passes only the steps no longer than ``limit``; counting them."""
+
+    def __init__(self, G: torch.Tensor, limit: float) -> None:
+        self.G, self.limit, self.confirmed = G, limit, []
+
+    def __call__(self, x: torch.Tensor) -> Measurement:
+        actual = -float(self.G @ x) + 0.5 * float(x @ x)
+        return Measurement(actual, 0.0, float(x.norm()) ** 4, nll_scale=1.0, nll_stderr=0.03, draws=8, rows=256)
+
+    def confirm(self, x: torch.Tensor) -> tuple[float, float, int, int]:
+        self.confirmed.append(float(x.norm()))
+        return (0.0 if float(x.norm()) <= self.limit else 1.0), 0.001, 1024, 8
+
+
+def test_a_rung_the_bracketing_passed_is_not_measured_again_when_the_ladder_climbs_back_to_it() -> None:
+    """A start too high (the rise ``‖x‖⁴`` falls faster than the model's form): the rungs 10⁴, 10³, 10² pass their
+    first measurement with their verdicts pending, 10 fails, and the refinement between 10 and 10² fails; 10² then
+    fails its second measurement and the search climbs back as the ladder does. The rung 10³ it reaches was measured
+    on the way down: it is measured again only by its second measurement, not a new trial. The step is the
+    ladder's (10³ refined to 316), the rung 10³ in the history once."""
+    B = torch.eye(3, dtype=torch.float64)
+    G = torch.tensor([20.0, -10.0, 5.0], dtype=torch.float64)
+    limit = 0.1  # the step at 10² (norm 0.227) fails its second measurement, at 10³ (0.0229) passes
+    ladder_check, check = _ConfirmedCheck(G, limit), _ConfirmedCheck(G, limit)
+    ladder = _Ladder().step(_Backend(B), G, ladder_check)
+    out = DampingControl().step(_Backend(B), G, check)
+    assert ladder.safe and out.safe and out.damping == ladder.damping and torch.equal(out.x, ladder.x)
+    assert out.damping == pytest.approx(math.sqrt(1e2 * 1e3))
+    lams = [h["damping"] for h in out.history]
+    assert lams[:4] == [0.0, 1e4, pytest.approx(1e3), pytest.approx(1e2)]
+    assert sum(1 for lam in lams if lam == pytest.approx(1e3)) == 1  # not tried again on the climb
+    assert [h["damping"] for h in out.history if "abandoned" in h] == [pytest.approx(10.0), pytest.approx(10**1.5)]
+    assert next(h for h in out.history if h["damping"] == pytest.approx(1e3))["confirm_passed"] is True
+    assert out.trials == len(out.history) == 7 < ladder.trials == 9
+    assert len(check.confirmed) == len(ladder_check.confirmed) == 3  # 10², 10³, 316 measured again in both

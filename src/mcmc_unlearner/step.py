@@ -1735,6 +1735,7 @@ class DampingControl:
                 deferring = True  # at most once per search: a deferral that fails costs its refinement's trial
                 rungs: list[float] = []  # the ladder's dampings, each the last times grow, as the climb below
                 pending_at: tuple[int, int] | None = None  # where the trials made while best's verdict is pending begin
+                passed: dict[float, StepOutcome] = {}  # rungs above best that passed their first measurement, pending
                 if fresh and lam == 0 and out is not None and getattr(backend, "cheap_damping", False):
                     for _ in range(self.max_trials - len(history) - 1):  # the rungs the ladder could reach
                         rungs.append(rungs[-1] * self.grow if rungs else start())
@@ -1742,6 +1743,8 @@ class DampingControl:
                 if k is not None:  # the ladder from its predicted rung, bracketed from above where that passes
                     lam, down, below = rungs[k], attempt(rungs[k], expect_reject=fresh, defer=True), 0.0
                     while down is not None and down.safe:
+                        if best is not None:
+                            passed[best.damping] = best
                         best, pending_at = down, (len(history), len(tried))
                         if k == 0 or len(history) + 2 > self.max_trials:
                             break  # below: the undamped step, rejected (or no trial left for the rung and the mid)
@@ -1765,7 +1768,12 @@ class DampingControl:
                         # a step refined below (a rejected damping above 0 before it, a trial left) has its
                         # second measurement deferred: it is needed only where the refined step fails
                         later = deferring and failed > 0 and len(history) + 1 < self.max_trials
-                        out = attempt(lam, expect_reject=fresh, defer=later)
+                        if lam in passed:  # a rung the bracketing passed on its first measurement: not measured again
+                            out = passed.pop(lam)
+                            if not self._settle(out):
+                                note = out.note
+                        else:
+                            out = attempt(lam, expect_reject=fresh, defer=later)
                         if out is not None and out.safe:
                             best = out
                             break
