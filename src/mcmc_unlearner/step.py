@@ -1760,6 +1760,7 @@ class DampingControl:
                             # step failing it is a rejected rung, and the ladder climbs on from it
                             if not self._settle(best):
                                 out, lam, note, best, deferring = best, best.damping, best.note, None, False
+                                pending_at = None
                 deferring = deferring and best is None
                 while True:
                     while best is None and len(history) < self.max_trials:
