@@ -3410,9 +3410,10 @@ class MCMCUnlearner:
 
         try:
             counted = _count_flops(gradient)
+            plain = theta.detach()  # (nothing requiring grad: the mode's module tracker hooks no parametrization)
             with torch.no_grad():
-                forward = _count_flops(lambda: f(theta, *rows))
-        except (RuntimeError, NotImplementedError, TypeError):
+                forward = _count_flops(lambda: f(plain, *rows))
+        except (RuntimeError, NotImplementedError, TypeError, AssertionError):  # (AssertionError: torch's tracker)
             return 1.0  # (not counted: the estimate as before)
         backward = max(counted - forward, 0)
         return max(1.0, backward / max(n, 1) / (4 * max(self.spec.dim, 1)))
