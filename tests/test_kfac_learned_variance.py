@@ -182,3 +182,39 @@ def test_solver_ggn_takes_the_gaussian_fisher_of_a_learned_variance() -> None:
     report = un.remove((x[:3], y[:3]), (x[3:], y[3:]), strict=False)
     assert report.info["ggn_curvature"] == "ggn" and report.info["ggn_likelihood"] == "gaussian"
     assert report.info["ggn_likelihood_detected"] == {"variance": "learned"}
+
+
+def test_the_dense_ggn_reads_every_field_and_the_outputs_shape() -> None:
+    """An ``nll`` reading a third field (a per-row variance floor) on a ``[B, 2, 1]`` output: ``solver="ggn"`` called
+    it on ``(x, y)`` alone (IndexError) and on the output flattened to ``[B, 2]`` (IndexError); now the Gaussian's
+    Fisher, against the dense float64 form (stop 69's review)."""
+    from mcmc_unlearner import MCMCUnlearner
+    from mcmc_unlearner.backends.ggn import output_ggn
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2), nn.Unflatten(1, (2, 1))).double()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(30, 4, dtype=D64, generator=g), torch.randn(30, dtype=D64, generator=g)
+    floor = torch.rand(30, dtype=D64, generator=g) + 0.1
+
+    def nll(m, b):
+        z = m(b[0])
+        return F.gaussian_nll_loss(z[:, 0, 0], b[1], F.softplus(z[:, 1, 0]) + b[2], reduction="none")
+
+    batch = (x, y, floor)
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.05 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
+    prior = lambda m: -0.5 * sum((p**2).sum() for p in m.parameters())  # noqa: E731
+    un = MCMCUnlearner(model, nll=nll, log_prior=prior, bank=bank, solver="ggn")
+    report = un.remove(tuple(t[:3] for t in batch), tuple(t[3:] for t in batch), strict=False)
+    assert report.info["ggn_curvature"] == "ggn" and report.info["ggn_likelihood_detected"] == {"variance": "learned"}
+    rows = tuple(t[:9] for t in batch)
+    link = learned_variance(model, nll, rows)
+    got = output_ggn(model, theta, x[:9], Likelihood.GAUSSIAN, budget=4096, link=link, nll=nll, targets=rows[1:])
+    out = functionalize(model, lambda m, x: m(x).reshape(len(x), -1))
+    zs = out(theta, x[:9])
+    Fz = [_output_fisher(zs[r : r + 1], lambda z, r=r: (z[:, 0], F.softplus(z[:, 1]) + floor[r]))[0] for r in range(9)]
+    ref = sum(
+        J.T @ F_r @ J for J, F_r in zip((jacobian(lambda t, r=r: out(t, x[r : r + 1])[0], theta) for r in range(9)), Fz)
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)

@@ -68,7 +68,7 @@ def output_ggn(
     weights: torch.Tensor | None = None,
     plan: Callable[[int], None] | None = None,
     nll: Callable | None = None,
-    targets: torch.Tensor | None = None,
+    targets: torch.Tensor | tuple | None = None,
 ) -> torch.Tensor:
     """``Σ_r w_r J_rᵀ Λ_r J_r`` over the rows of ``x`` at the flat trainable parameters ``theta`` (float64 ``[D, D]``).
 
@@ -88,7 +88,9 @@ def output_ggn(
             ``theta``'s size), once the chunk is known (``report.info["memory"]["planned"]["ggn_jacobians"]``).
         nll: The user's ``nll``, for a Gaussian with a learned variance (``link["variance"] == "learned"``): ``Λ_r``
             is its Fisher ``∇m∇mᵀ/v + ∇v∇vᵀ/(2v²)`` in ``z_r`` (:func:`~mcmc_unlearner.kronecker.gaussian_in_targets`).
-        targets: The rows' targets ``y`` for that ``nll`` call (their values do not enter ``Λ_r``).
+        targets: The rows' targets ``y`` for that ``nll`` call (their values do not enter ``Λ_r``), or every field of
+            the batch after ``x`` (``batch[1:]``: an ``nll`` may read a third field, e.g. a per-row variance floor);
+            each cut to a chunk's rows where it has ``x``'s rows. ``nll`` sees ``z_r`` in ``model(x)``'s shape.
     """
     link = link or {}
     # through functionalize's wrapper module: torch's functional_call refuses an nn.DataParallel at the top level
@@ -131,9 +133,18 @@ def output_ggn(
                 p = torch.sigmoid(rows_out(theta, xc).double())
             LJ = (p * (1 - p))[:, :, None] * J
         elif link.get("variance") == "learned":  # Λ = ∇m∇mᵀ/v + ∇v∇vᵀ/(2v²) in z, m and v read off nll
+            # nll on the output in model(x)'s shape ([R, 2, 1] was passed as [R, 2]: IndexError) and on every field
+            # of the rows (a third one, e.g. a variance floor nll reads, was dropped: IndexError; stop 69's review)
+            fields = (targets,) if isinstance(targets, torch.Tensor) else tuple(targets or ())
+            cut = tuple(
+                t[i : i + rows] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == x.shape[0] else t
+                for t in fields
+            )
+            with torch.no_grad():
+                shape = f(theta, x[:1]).shape[1:]
             with torch.enable_grad():
-                z = rows_out(theta, xc).detach().double().requires_grad_(True)
-                m, v = gaussian_in_targets(nll, z, (xc, targets[i : i + rows]))
+                z = rows_out(theta, xc).detach().double().reshape(len(xc), *shape).requires_grad_(True)
+                m, v = gaussian_in_targets(nll, z, (xc, *cut))
                 dm = torch.autograd.grad(m.sum(), z, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
                 dv = torch.autograd.grad(v.sum(), z, allow_unused=True, materialize_grads=True)[0]
             vd = v.detach()
@@ -250,7 +261,7 @@ class GGNBackend(DenseBackend):
                     continue
             rw = row_weights(b, info)
             g = output_ggn(
-                problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw, plan, problem.nll, b[1]
+                problem.model, theta, b[0], lik, info.get("sigma", 1.0), budget, info, rw, plan, problem.nll, b[1:]
             )
             if w != 1.0:  # w·g in place (1·g is g to the bit)
                 g.mul_(w)
