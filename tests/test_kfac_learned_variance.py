@@ -218,3 +218,40 @@ def test_the_dense_ggn_reads_every_field_and_the_outputs_shape() -> None:
         J.T @ F_r @ J for J, F_r in zip((jacobian(lambda t, r=r: out(t, x[r : r + 1])[0], theta) for r in range(9)), Fz)
     )
     torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
+
+
+class _SharedLogVariance(nn.Module):
+    """A mean head and one learned log-variance for every row (homoscedastic): ``[B, 2]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 1).double()
+        self.log_var = nn.Parameter(torch.tensor([-0.5], dtype=D64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.body(x), self.log_var.expand(len(x), 1)], 1)
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_a_scaled_nll_with_one_variance_on_every_row_is_not_read_as_the_gaussian(factor: float) -> None:
+    """``k·gaussian_nll_loss`` with a variance equal on every probe row is ``N(m, v/k)`` in ``y`` on those rows and
+    passed the constant-across-rows check: its variance term read as ``1/k`` of the NLL's Fisher. The constant is
+    checked again on the output shifted by ½ (the variance moves): read as not this likelihood, K-FAC the empirical
+    Fisher; the unscaled NLL on the same model still reads as the Gaussian (stop 69's review)."""
+    torch.manual_seed(8)
+    model = _SharedLogVariance()
+    g = torch.Generator().manual_seed(8)
+    batch = (torch.randn(12, 4, dtype=D64, generator=g), torch.randn(12, dtype=D64, generator=g))
+
+    def plain(m, b):
+        z = m(b[0])
+        return F.gaussian_nll_loss(z[:, 0], b[1], z[:, 1].exp(), full=True, reduction="none")
+
+    def scaled(m, b):
+        return factor * plain(m, b)
+
+    assert learned_variance(model, plain, batch) == {"variance": "learned"}
+    assert learned_variance(model, scaled, batch) is None
+    theta = ParamSpec.flatten_module(model)
+    K = KroneckerCurvature.build(model, theta[None], [batch], n=12, nll=scaled)
+    assert K.info["likelihood"] == "empirical" and "likelihood_fallback" in K.info

@@ -929,7 +929,8 @@ def learned_variance(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any]
     whose mean and variance are functions of the tensor ``model(x)`` (:func:`gaussian_in_targets`;
     ``F.gaussian_nll_loss`` on a mean head and a variance head); else ``None``. Read on the first
     ``_PROBE_ROWS`` rows, checked at ``y + 2`` (the quadratic's prediction) and by ``nll(m) − ½log(1/v)`` being one
-    constant across the rows (a scaled NLL, whose Fisher is not the Gaussian's, differs where the variances do).
+    constant across the rows and on the output shifted by ½ (a scaled NLL, whose Fisher is not the Gaussian's,
+    differs where the variances do: across the rows, or under the shift where they are equal on every row).
     K-FAC takes this Gaussian's Fisher where :func:`detect_likelihood` finds no likelihood (its other readers,
     e.g. the GGN backend, keep their fallbacks). The model, its RNG states and gradients are left as they were."""
     probe = _head(tuple(batch), _PROBE_ROWS)
@@ -962,6 +963,19 @@ def learned_variance(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any]
     if not bool(((base - at - (y0 - m).square() / (2 * v)).abs() <= tol * (1 + base.abs())).all()):
         return None
     if not bool(((const - const[0]).abs() <= tol * (1 + const.abs())).all()):
+        return None
+    # the same constant on the output shifted by ½, where the variances move: a scaled NLL k·N whose variances are
+    # equal on the probe rows (a homoscedastic learned variance, one parameter broadcast) read as N(m, v/k) there,
+    # its variance term's Fisher 1/k of the NLL's (stop 69's review)
+    try:
+        m2, v2 = gaussian_in_targets(nll, o + 0.5, probe)
+        at2 = nll(_Given(o + 0.5), (probe[0], m2.reshape(y.shape), *probe[2:])).double()
+    except Exception:  # a probe: any failure means "not this likelihood"
+        return None
+    if not (bool(torch.isfinite(v2).all()) and bool((v2 > 0).all())):
+        return None
+    moved = at2 + 0.5 * torch.log(1 / v2)
+    if not bool(((moved - const[0]).abs() <= tol * (1 + moved.abs())).all()):
         return None
     return {"variance": "learned"}
 
