@@ -931,8 +931,9 @@ def learned_variance(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any]
     ``_PROBE_ROWS`` rows, checked at ``y + 2`` (the quadratic's prediction) and by ``nll(m) − ½log(1/v)`` being one
     constant across the rows and on the output shifted by ½ (a scaled NLL, whose Fisher is not the Gaussian's,
     differs where the variances do: across the rows, or under the shift where they are equal on every row).
-    K-FAC takes this Gaussian's Fisher where :func:`detect_likelihood` finds no likelihood (its other readers,
-    e.g. the GGN backend, keep their fallbacks). The model, its RNG states and gradients are left as they were."""
+    K-FAC and the GGN backend (``solver="ggn"``) take this Gaussian's Fisher where :func:`detect_likelihood` finds no
+    likelihood (its other readers keep their fallbacks). The model, its RNG states and gradients are left as they
+    were."""
     probe = _head(tuple(batch), _PROBE_ROWS)
     y = probe[1] if len(probe) > 1 else None
     if not (isinstance(y, Tensor) and y.is_floating_point()):
