@@ -255,3 +255,16 @@ def test_a_scaled_nll_with_one_variance_on_every_row_is_not_read_as_the_gaussian
     theta = ParamSpec.flatten_module(model)
     K = KroneckerCurvature.build(model, theta[None], [batch], n=12, nll=scaled)
     assert K.info["likelihood"] == "empirical" and "likelihood_fallback" in K.info
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_nll_reduced_over_the_rows_is_not_a_learned_variance(reduction: str) -> None:
+    """``learned_variance`` (public) on an ``nll`` returning one number for the batch: ``None``, as its docstring
+    says for anything else (it raised IndexError on the 0-dim constant, stop 69's review)."""
+    model, _, batch = _setup(8, 4, _softplus_head)
+
+    def nll(m, b):
+        z = m(b[0])
+        return F.gaussian_nll_loss(z[:, 0], b[1], F.softplus(z[:, 1]) + 1e-3, reduction=reduction)
+
+    assert learned_variance(model, nll, batch) is None

@@ -954,6 +954,8 @@ def learned_variance(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any]
         base = nll(_Given(o), (probe[0], y0.reshape(y.shape), *probe[2:])).double()
     except Exception:  # a probe: any failure means "not this likelihood"
         return None
+    if any(t.shape != (y.numel(),) for t in (v, far, at, base)):  # not one value per row (a mean or sum reduction)
+        return None
     if not (bool(torch.isfinite(v).all()) and bool((v > 0).all()) and bool(torch.isfinite(far).all())):
         return None
     tol = 1e3 * _eps(torch.float32)
