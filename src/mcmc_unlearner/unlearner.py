@@ -7916,14 +7916,25 @@ class MCMCUnlearner:
             return moved[0], (moved[1:] if self.bank is not None else None)
         assert isinstance(self.curvature, DenseBackend)
         # the exact Gaussian transport from the old to the new precision: undamped when both are positive definite
-        # (the damping regularises the step, it is not part of the posterior), else with the step's damping
+        # (the damping regularises the step, it is not part of the posterior), else with the step's damping; applied
+        # to the rows it moves at once (the check's draws, the live draw, the bank), the [D, D] matrix never formed
+        ref = self.bank if self.bank is not None else live[None]
+        mu = ref.mean(0)
+        checked = check is not None and self.bank is not None
+        k_thetas = _as_tensor(check.thetas) if checked else None
+        parts = (
+            ([k_thetas - mu] if checked else [])
+            + [(live - mu)[None]]
+            + ([self.bank - mu] if self.bank is not None else [])
+        )
+        rows = torch.cat(parts)
         try:
             try:
-                T = self.curvature.transport(0.0)
+                moved = self.curvature.transport_rows(0.0, rows)
             except NegativeCurvatureError:
                 if damping <= 0:
                     raise
-                T = self.curvature.transport(damping)
+                moved = self.curvature.transport_rows(damping, rows)
                 info["bank_shift_damped"] = damping
         except NegativeCurvatureError as exc:
             # no Gaussian to transport between (an indefinite precision, e.g. a mixture's): move by the mean shift
@@ -7931,13 +7942,10 @@ class MCMCUnlearner:
             return live + x, (None if self.bank is None else self.bank + x)
         finally:
             self.curvature.release_transport()  # the old Hessian's eigenvectors: no further use
-        ref = self.bank if self.bank is not None else live[None]
-        mu = ref.mean(0)
+        n_check = parts[0].shape[0] if checked else 0
         refused = None
-        if check is not None and self.bank is not None:
-            k_thetas = _as_tensor(check.thetas)
-            delta = k_thetas - mu
-            Tdelta = delta @ T.T
+        if checked:
+            delta, Tdelta = parts[0], moved[:n_check]
             refused = self._spread_refused(
                 check, mu + x + Tdelta, k_thetas + x, (delta, Tdelta), info, "Gaussian", before,
                 k_thetas if paired else None,
@@ -7945,8 +7953,8 @@ class MCMCUnlearner:
         if refused is not None:
             info["bank_shift_fallback"] = f"mean shift: {refused}"
             return live + x, self.bank + x
-        new_live = mu + x + (live - mu) @ T.T
-        new_bank = mu + x + (self.bank - mu) @ T.T if self.bank is not None else None
+        new_live = mu + x + moved[n_check]
+        new_bank = mu + x + moved[n_check + 1 :] if self.bank is not None else None
         return new_live, new_bank
 
     def _spread_refused(

@@ -6,7 +6,9 @@ for costs two ``D × D`` products: ``(H + λI)⁻¹b = Q diag(1/(w + λ)) Qᵀ b
 for ``refresh_every`` requests and *downdated* in between: the next request's remaining-data Hessian is this one's
 minus the Hessian of the points it removes (exact bookkeeping of ``F(θ, S∖S') = F(θ, S) − Σ_{S'} h``; only the
 drift of the draws is ignored). The old (full-data) Hessian ``A = H + E[∇²Σ_{S'}h]`` is kept for the exact
-Gaussian transport of the bank (``bank_shift="affine"``).
+Gaussian transport of the bank (``bank_shift="affine"``). On a downdate that is the cached Hessian itself (``A =
+(C − E[∇²Σ_{S'}h]) + E[∇²Σ_{S'}h] = C``), whose float64 eigendecomposition the previous request took as its own new
+one: it is kept with the cache and reused, so a downdated request takes one ``eigh``, not two (stop 69).
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class DenseBackend(CurvatureBackend):
         #: this request's float64 eigendecompositions of ``A_new`` ("new") and the old Hessian ("old"), each taken
         #: once: the solves and every :meth:`transport` reuse them (they were taken again per call, the same numbers)
         self._eighs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: the float64 eigendecomposition of :attr:`cache` (the request that built it took it as its "new" one;
+        #: ``None``: not taken, or the cache came from a checkpoint): a downdated request's old Hessian is the cache
+        self.cache_eigh: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: whether this request's Hessian is the cache downdated (its old Hessian is then the cache itself)
+        self._downdated = False
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
         need = dense_memory(problem.dim, problem.thetas.element_size())
@@ -68,6 +75,9 @@ class DenseBackend(CurvatureBackend):
         self._eighs = {}
         self.products = 0
         reused = self.cache is not None and self.age < self.refresh_every
+        self._downdated = reused
+        if reused and self.cache_eigh is not None:  # the cache's own decomposition: the old Hessian's, exactly
+            self._eighs = {"old": self.cache_eigh}
         if reused:
             A_new, age = self.cache - self._removed_hessian(), self.age + 1
         else:
@@ -111,7 +121,11 @@ class DenseBackend(CurvatureBackend):
         return self._eighs[which]
 
     def old_hessian(self) -> torch.Tensor:
-        """The Hessian before the removal, ``A = H + E[∇²Σ_{S'} h]`` (symmetrised)."""
+        """The Hessian before the removal, ``A = H + E[∇²Σ_{S'} h]`` (symmetrised): on a downdate ``H = C − E[∇²Σ_{S'}
+        h]`` for the cache ``C``, so ``A`` is ``C`` itself (until stop 69 ``H + E[∇²Σ_{S'} h]`` was summed again, ``C``
+        up to the rounding of the matrix's dtype)."""
+        if self._downdated:
+            return self.cache
         A = self.A_new + self._removed_hessian()
         return 0.5 * (A + A.T)
 
@@ -165,17 +179,11 @@ class DenseBackend(CurvatureBackend):
         lo, level = float(w[0]), w.numel() * eps * max(float(w.abs().max()), 1e-300)
         return -lo if lo < -level else 0.0
 
-    def transport(self, damping: float) -> torch.Tensor:
-        """``T = (A' + λ)^{-1/2} (A + λ)^{1/2}``: the exact Gaussian transport from the old precision ``A`` to the
-        new ``A'`` (``bank_shift="affine"``), with the request's damping on both.
-
-        Raises:
-            NegativeCurvatureError: ``A + λ`` or ``A' + λ`` is not positive definite (no Gaussian to transport;
-                the unlearner then moves the bank by the mean shift and says so in ``report.info``).
-        """
-
+    def _damped_eighs(self, damping: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Both precisions' float64 eigendecompositions with ``damping`` added to the eigenvalues, both checked
+        positive definite before either is used (:meth:`transport`'s ``Raises``)."""
         damped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for which in ("new", "old"):  # both checked before either power is formed (a [D, D] product each)
+        for which in ("new", "old"):
             w, V = self._eigh(which)
             w = w + damping
             if not bool((w > 0).all()):
@@ -184,6 +192,17 @@ class DenseBackend(CurvatureBackend):
                     f"(smallest eigenvalue {float(w.min()):.3g})"
                 )
             damped[which] = (w, V)
+        return damped
+
+    def transport(self, damping: float) -> torch.Tensor:
+        """``T = (A' + λ)^{-1/2} (A + λ)^{1/2}``: the exact Gaussian transport from the old precision ``A`` to the
+        new ``A'`` (``bank_shift="affine"``), with the request's damping on both.
+
+        Raises:
+            NegativeCurvatureError: ``A + λ`` or ``A' + λ`` is not positive definite (no Gaussian to transport;
+                the unlearner then moves the bank by the mean shift and says so in ``report.info``).
+        """
+        damped = self._damped_eighs(damping)  # both checked before either power is formed (a [D, D] product each)
 
         def sym_pow(which: str, p: float) -> torch.Tensor:
             w, V = damped[which]
@@ -191,10 +210,26 @@ class DenseBackend(CurvatureBackend):
 
         return (sym_pow("new", -0.5) @ sym_pow("old", 0.5)).to(self.A_new.dtype)
 
+    def transport_rows(self, damping: float, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ Tᵀ`` for :meth:`transport`'s ``T`` without forming it: ``rows (A + λ)^{1/2} (A' + λ)^{-1/2}`` as
+        four ``[N, D] × [D, D]`` products of the eigenvectors in float64 (``T`` takes three ``D × D × D`` ones: at
+        830 parameters and 40 rows 0.2 GFLOP, not 3.4), cast back to ``rows``' dtype (stop 69; ``T`` was cast to
+        the Hessian's dtype first and multiplied there, so the results differ by that dtype's rounding).
+
+        Raises:
+            NegativeCurvatureError: as :meth:`transport`.
+        """
+        damped = self._damped_eighs(damping)
+        y = rows.double()
+        for which, p in (("old", 0.5), ("new", -0.5)):  # the symmetric powers, the old precision's first
+            w, V = damped[which]
+            y = ((y @ V) * w**p) @ V.T
+        return y.to(rows.dtype)
+
     def release_transport(self) -> None:
-        """Drop the old Hessian's float64 eigenvectors once :meth:`transport` has been formed (a ``D × D`` matrix,
-        128 MB at 4,000 parameters, kept otherwise until :meth:`commit`), unless the solves use them
-        (``hessian="full"``)."""
+        """Drop the old Hessian's float64 eigenvectors once :meth:`transport` has been formed or applied (a ``D × D``
+        matrix, 128 MB at 4,000 parameters, kept otherwise until :meth:`commit`), unless the solves use them
+        (``hessian="full"``; on a downdate they are also the cache's, kept for the next request)."""
         old = self._eighs.get("old")
         if old is not None and (self._eig is None or old[1] is not self._eig[1]):  # the solves' own: kept
             self._eighs = {k: v for k, v in self._eighs.items() if k != "old"}
@@ -202,12 +237,16 @@ class DenseBackend(CurvatureBackend):
     def commit(self) -> None:
         if self._pending is not None:
             self.cache, self.age, self.cache_n = self._pending
+            self.cache_eigh = self._eighs.get("new")  # the next downdate's old Hessian is this request's new one
         self._pending = self._problem = self._H_r = None
         self._eighs = {}
+        self._downdated = False
 
     def reset(self) -> None:
         self.cache, self.age, self._pending, self.cache_n = None, 0, None, None
         self._eighs = {}
+        self.cache_eigh = None
+        self._downdated = False
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {} if self.cache is None else {"cache": self.cache}
@@ -219,6 +258,7 @@ class DenseBackend(CurvatureBackend):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         cache = tensors.get("cache")
         self.cache = None if cache is None else cache.clone()
+        self.cache_eigh = None  # not saved: the next downdate takes the cache's decomposition again
         self.age = int(meta.get("cache_age", 0))
         n = meta.get("cache_n")
         self.cache_n = None if n is None or self.cache is None else int(n)
