@@ -268,3 +268,39 @@ def test_an_nll_reduced_over_the_rows_is_not_a_learned_variance(reduction: str) 
         return F.gaussian_nll_loss(z[:, 0], b[1], F.softplus(z[:, 1]) + 1e-3, reduction=reduction)
 
     assert learned_variance(model, nll, batch) is None
+
+
+def test_the_removed_rows_ggn_of_a_learned_variance_is_each_draws_gaussian_fisher(monkeypatch) -> None:
+    """The removed rows' GGN at every draw together (``output_ggn_draws``, stop 69's cut of the CNN flow's upkeep)
+    knows no learned variance: it would take ``J/σ²``. A learned-variance request keeps the per-draw Gaussian Fisher:
+    the same request with every draw's GGN formed one at a time (``same=False``) gives the same bank to the bit."""
+    from mcmc_unlearner import MCMCUnlearner
+    from mcmc_unlearner.backends import ggn
+
+    def run() -> torch.Tensor:
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+        g = torch.Generator().manual_seed(6)
+        x, y = torch.randn(30, 4, dtype=D64, generator=g), torch.randn(30, dtype=D64, generator=g)
+
+        def nll(m, b):
+            return _softplus_head(m(b[0]), b)
+
+        theta = ParamSpec.flatten_module(model)
+        bank = theta + 0.05 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
+        un = MCMCUnlearner(
+            model,
+            nll=nll,
+            log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
+            bank=bank,
+            solver="ggn",
+        )
+        un.remove((x[:3], y[:3]), (x[3:], y[3:]), strict=False)
+        return un.bank.clone()
+
+    together = run()
+    one_at_a_time = ggn.GGNBackend._ggn
+    monkeypatch.setattr(
+        ggn.GGNBackend, "_ggn", lambda self, p, b, w, same=False: one_at_a_time(self, p, b, w, same=False)
+    )
+    torch.testing.assert_close(run(), together, rtol=0, atol=0)
