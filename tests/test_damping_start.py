@@ -248,3 +248,27 @@ def test_a_rung_the_bracketing_passed_is_not_measured_again_when_the_ladder_clim
     assert next(h for h in out.history if h["damping"] == pytest.approx(1e3))["confirm_passed"] is True
     assert out.trials == len(out.history) == 7 < ladder.trials == 9
     assert len(check.confirmed) == len(ladder_check.confirmed) == 3  # 10², 10³, 316 measured again in both
+
+
+def test_where_the_verdicts_are_not_monotone_the_search_can_take_a_more_damped_step_than_the_ladder() -> None:
+    """The search is the ladder's only where a higher damping never turns a passing step into a failing one. A check
+    that passes the first rung (damping 0.01), fails the rungs above it up to 100 and passes from 1,000 on (a noisy
+    check's verdicts, made deterministic here): the ladder takes 0.01 in 2 trials; the undamped step's NLL rise
+    predicts the rung 10, which fails, and the search climbs from there as the ladder would have, never trying the
+    rungs below: it takes 1,000, a step 10⁵ times shorter (stop 69's review)."""
+    B = torch.eye(3, dtype=torch.float64)
+    G = torch.tensor([20.0, -10.0, 5.0], dtype=torch.float64)
+    size = float(G.norm())
+
+    def check(x: torch.Tensor) -> Measurement:  # the model's energy exactly; the NLL net decides by 1 + damping
+        actual = -float(G @ x) + 0.5 * float(x @ x)
+        r = size / float(x.norm())
+        ok = 1.005 < r < 1.05 or r > 999.0
+        return Measurement(actual, 0.0, 0.0 if ok else 1.0, nll_scale=1.0, nll_stderr=0.0, draws=8, rows=256)
+
+    ladder = _Ladder().step(_Backend(B), G, check)
+    out = DampingControl().step(_Backend(B), G, check)
+    assert ladder.safe and ladder.damping == pytest.approx(0.01) and ladder.trials == 2
+    assert out.safe and out.damping == pytest.approx(1e3) and out.damping > 1e4 * ladder.damping
+    assert [h["damping"] for h in out.history] == [0.0, pytest.approx(10.0), pytest.approx(100.0), pytest.approx(1e3),
+                                                   pytest.approx(10**2.5)]  # fmt: skip

@@ -1459,7 +1459,8 @@ class DampingControl:
         ratio exceeds ``TRUSTED_RATIO`` too, and it lowers the measured energy below the accepted step's by more
         than two standard errors of the two measurements combined (:func:`_clearly_lower`). Every tried step
         counts towards ``max_trials`` (a refinement tried while the accepted step's second measurement was deferred,
-        which then failed, too: marked ``"abandoned"``). A search whose rejected step has saturated
+        which then failed, too: marked ``"abandoned"``, as are the rungs below it that a search from a predicted
+        start tried then, :meth:`_predicted_rung`). A search whose rejected step has saturated
         (:meth:`_saturated`: the data shape's step tends to the prior-only one as its damping grows) stops there, a
         failed search of that shape, as does a data-shape search whose step failed the slope test at two consecutive
         dampings, the bank's slope a share of ``G·x`` falling beyond its error (:func:`_slope_share_falls`); its last
@@ -1610,8 +1611,12 @@ class DampingControl:
         is within ``max_nll_increase`` of the NLL. Only the start moves: the search is the ladder's wherever its
         verdicts grow monotonically with the damping, the prediction's error costing trials, not a worse step
         (from a rung that passes the rungs below are tried down to the first that fails, and the step refined
-        between the two as the ladder does). The rungs' solves, found by bisection (the model's ``q`` falls as the
-        damping grows), are the cost: for backends whose solve at a new damping is cheap (``cheap_damping``)."""
+        between the two as the ladder does). Where they are not monotone (a noisy check passing a low rung and
+        failing a higher one) the step can be more damped than the ladder's: the rungs below a predicted rung that
+        fails, or below the first that fails under one that passes, are never tried (a first rung passing, the
+        rungs up to 100 failing: 1,000 taken where the ladder took 0.01; stop 69's review). The rungs' solves,
+        found by bisection (the model's ``q`` falls as the damping grows), are the cost: for backends whose solve at
+        a new damping is cheap (``cheap_damping``)."""
         meas = undamped.measurement
         if meas is None or undamped.damping != 0 or undamped.safe or undamped.negligible:
             return None
