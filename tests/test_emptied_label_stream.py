@@ -392,3 +392,39 @@ def test_the_stream_is_not_read_over_the_memory_budget(monkeypatch: pytest.Monke
     assert any(UNSEEN in s for s in said) and info["emptied_labels_stream_rows_read"] == 0
     assert f"would take {need / 1e6:.3g} MB, over the memory budget" in info["emptied_labels_stream"]
     assert info["memory"]["planned"]["emptied_label_stream_rows"] == need - 1
+
+
+def test_a_one_pass_iterator_that_runs_out_while_read_further_counts_every_row_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A one-pass iterator (seven shuffled passes over the 150 remaining rows, 1,050 rows) that runs out while the
+    request reads it further for the emptied label: the request stands, warned as in stop 66, and the rows it read
+    further are counted whole, also the minibatch read in the read that ran out (it said 100 of the 150 read: the
+    last read's 50 rows were left out; stop 69's review)."""
+    removed, kept = _class_three()
+
+    def request(passes: int) -> tuple[object, int]:
+        monkeypatch.setattr(unlearner, "EMPTIED_STREAM_PASSES", passes)
+        model, nll, log_prior, bank, _, _ = _softmax_regression()
+        un = MCMCUnlearner(model, nll=nll, log_prior=log_prior, bank=bank, seed=0)
+        order, given = torch.Generator().manual_seed(0), [0]
+
+        def one_pass() -> Iterator[tuple[torch.Tensor, ...]]:
+            for _ in range(7):
+                for b in DataLoader(TensorDataset(*kept), batch_size=50, shuffle=True, generator=order):
+                    given[0] += int(b[0].shape[0])
+                    yield b
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = un.remove(removed, one_pass(), n_remaining=150)
+        assert any(UNSEEN in str(w.message) for w in caught) and report.passed
+        return report, given[0]
+
+    passes = unlearner.EMPTIED_STREAM_PASSES
+    _, used = request(0)
+    report, given = request(passes)
+    info = report.info
+    assert given == 1050 and given - used == 150  # the request's own 900 rows, then 150 further
+    assert info["emptied_labels_stream"] == "not found: the iterator ran out after 150 further rows"
+    assert info["emptied_labels_stream_rows_read"] == 150

@@ -6905,6 +6905,7 @@ class MCMCUnlearner:
         whole_at: int | None = None  # rows read when the distinct rows first numbered n
         found: Batch | bool | None = None
         why = None
+        source_rows = stream.rows_read  # (rows taken from the source: a read that runs out is counted from them)
         try:
             first = self._raw(stream.peek())
             per_row = sum(t[:1].numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
@@ -6946,7 +6947,8 @@ class MCMCUnlearner:
                     f"{read:,} rows read from it ({EMPTIED_STREAM_PASSES}·n) hold {have:,} distinct rows, not all "
                     f"{n:,} remaining (duplicated rows, or a sampler that leaves some out)"
                 )
-        except IteratorRanOut:
+        except IteratorRanOut:  # (the read that ran out took minibatches too: counted, not lost from the count)
+            read = max(read, stream.rows_read - source_rows)
             why = f"the iterator ran out after {read:,} further rows"
         info["emptied_labels_stream_rows_read"] = read
         info["emptied_labels_stream_cpu_seconds"] = time.process_time() - c0
