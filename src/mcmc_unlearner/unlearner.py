@@ -6878,10 +6878,11 @@ class MCMCUnlearner:
         (:func:`_distinct_rows`, byte for byte in every field): ``True`` as soon as every such label shows among them
         (it remains: nothing is emptied, nothing said); every remaining row (the distinct rows, in the order first
         read) where they are ``n`` and at least ``n`` further rows read after that are all among them (an endless
-        iterator reshuffling a ``DataLoader`` each pass: 2-3 passes), read then as the listed rows by the check and
-        the draw; else ``None`` (more than ``n`` distinct rows: augmented, or not the remaining rows; fewer after
-        ``EMPTIED_STREAM_PASSES·n`` rows: duplicated rows, a sampler that leaves some out; a one-pass iterator that
-        ran out; over the memory budget), stop 66's warning then given, ``info["emptied_labels_stream"]`` saying
+        iterator reshuffling a ``DataLoader`` each pass: 2-3 passes' rows, 3-6 where each pass drops its last
+        partial minibatch), read then as the listed rows by the check and the draw; else ``None`` (more than ``n``
+        distinct rows: augmented, or not the remaining rows; fewer after ``EMPTIED_STREAM_PASSES·n`` rows: duplicated
+        rows, a sampler that leaves some out; a one-pass iterator that ran out; over the memory budget), stop 66's
+        warning then given, ``info["emptied_labels_stream"]`` saying
         why. Bounded: at most ``EMPTIED_STREAM_PASSES·n`` rows read, and at most ``n`` distinct rows and one read of
         about ``n / 2`` held, with their joined copy and the hash's temporaries (at most 0.8 of it), planned as
         ``emptied_label_stream_rows`` at four times ``n + n / 2`` rows' bytes (the first minibatch's per row) and
