@@ -272,3 +272,15 @@ def test_where_the_verdicts_are_not_monotone_the_search_can_take_a_more_damped_s
     assert out.safe and out.damping == pytest.approx(1e3) and out.damping > 1e4 * ladder.damping
     assert [h["damping"] for h in out.history] == [0.0, pytest.approx(10.0), pytest.approx(100.0), pytest.approx(1e3),
                                                    pytest.approx(10**2.5)]  # fmt: skip
+
+
+def test_a_huge_trial_budget_predicts_from_the_finite_rungs_alone() -> None:
+    """``max_damping_trials=10**400`` (accepted: it runs as a very large count, tests/test_option_types.py) made the
+    prediction list a rung for every trial the budget allows, infinite ones beyond ``10³⁰⁸``: a fresh search whose
+    undamped step was rejected filled memory (MemoryError after 15 s under a 1.5 GB limit; stop 69's review). The
+    rungs end where the damping would be infinite: the same step as a budget of 12."""
+    H, B, G = _problem(0, 1e4)
+    huge = DampingControl(max_trials=10**400).step(_Backend(B), G, _check(H, G))
+    usual = DampingControl().step(_Backend(B), G, _check(H, G))
+    assert huge.safe and huge.damping == usual.damping and torch.equal(huge.x, usual.x)
+    assert [h["damping"] for h in huge.history] == [h["damping"] for h in usual.history]

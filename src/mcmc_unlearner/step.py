@@ -1743,7 +1743,10 @@ class DampingControl:
                 passed: dict[float, StepOutcome] = {}  # rungs above best that passed their first measurement, pending
                 if fresh and lam == 0 and out is not None and getattr(backend, "cheap_damping", False):
                     for _ in range(self.max_trials - len(history) - 1):  # the rungs the ladder could reach
-                        rungs.append(rungs[-1] * self.grow if rungs else start())
+                        rung = rungs[-1] * self.grow if rungs else start()
+                        if math.isinf(rung):  # (max_damping_trials=10**400 filled memory with infinite rungs)
+                            break
+                        rungs.append(rung)
                 k = self._predicted_rung(backend, G, out, rungs) if rungs and out is not None else None
                 if k is not None:  # the ladder from its predicted rung, bracketed from above where that passes
                     lam, down, below = rungs[k], attempt(rungs[k], expect_reject=fresh, defer=True), 0.0
