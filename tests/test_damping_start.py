@@ -15,35 +15,17 @@ import math
 import pytest
 import torch
 
-from mcmc_unlearner.backends.base import CurvatureBackend, NegativeCurvatureError
-from mcmc_unlearner.solvers import SolveResult
 from mcmc_unlearner.step import DampingControl, Measurement
+from test_step import _QuadraticBackend
 
 
-class _Backend(CurvatureBackend):
-    """A curvature model ``B`` (dense solves; ``cheap`` sets ``cheap_damping``), counting its solves."""
-
-    name = "test"
+class _Backend(_QuadraticBackend):
+    """A curvature model ``B`` (dense solves, tests/test_step.py's; ``cheap`` sets ``cheap_damping``), counting its
+    solves."""
 
     def __init__(self, B: torch.Tensor, cheap: bool = True) -> None:
-        super().__init__()
-        self.B, self.solves, self.cheap_damping = B, 0, cheap  # (an instance attribute over the class's)
-
-    def prepare(self, problem):  # pragma: no cover - not used here
-        return {}
-
-    def solve(self, rhs, damping):
-        self.solves += 1
-        if float(torch.linalg.eigvalsh(self.B).min()) + damping <= 0:
-            raise NegativeCurvatureError("indefinite")
-        x = torch.linalg.solve(self.B + damping * torch.eye(self.B.shape[0], dtype=self.B.dtype), rhs)
-        return SolveResult(x, "test", 0, 0.0, True)
-
-    def quad(self, x):
-        return float(x @ self.B @ x)
-
-    def scale(self):
-        return float(torch.diagonal(self.B).mean())
+        super().__init__(B)
+        self.cheap_damping = cheap  # (an instance attribute over the class's)
 
 
 class _Ladder(DampingControl):

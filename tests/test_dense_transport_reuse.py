@@ -6,34 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from mcmc_unlearner import MCMCUnlearner
 from mcmc_unlearner.backends.base import NegativeCurvatureError
+from test_dense_refused_cache import _setup  # (the same exact-solver classifier)
 
 torch.set_num_threads(1)
-
-
-def _setup(refresh_every: int, **options):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(240, 3, generator=g, dtype=torch.float64)
-    y = (x @ torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64) > 0).long()
-    model = nn.Linear(3, 2).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    bank = theta + 0.1 * torch.randn(24, theta.numel(), generator=g, dtype=torch.float64)
-    un = MCMCUnlearner(
-        model,
-        nll=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
-        log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
-        bank=bank,
-        solver="exact",
-        refresh_every=refresh_every,
-        **options,
-    )
-    return un, x, y
 
 
 def _sym_pow(M: torch.Tensor, p: float) -> torch.Tensor:

@@ -161,9 +161,9 @@ def test_the_dense_ggn_of_a_learned_variance_is_the_gaussian_fisher(name: str) -
     torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
 
 
-def test_solver_ggn_takes_the_gaussian_fisher_of_a_learned_variance() -> None:
-    """``solver="ggn"`` on ``F.gaussian_nll_loss``: the Gauss-Newton matrix with the Gaussian's Fisher (before: the
-    dense Hessian of ``nll``, ``ggn_curvature == "hessian"``)."""
+def _ggn_request():
+    """A ``solver="ggn"`` request of 3 rows on a learned-variance network (``_softplus_head``); its unlearner and
+    report."""
     from mcmc_unlearner import MCMCUnlearner
 
     torch.manual_seed(6)
@@ -179,7 +179,13 @@ def test_solver_ggn_takes_the_gaussian_fisher_of_a_learned_variance() -> None:
     un = MCMCUnlearner(
         model, nll=nll, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank, solver="ggn"
     )
-    report = un.remove((x[:3], y[:3]), (x[3:], y[3:]), strict=False)
+    return un, un.remove((x[:3], y[:3]), (x[3:], y[3:]), strict=False)
+
+
+def test_solver_ggn_takes_the_gaussian_fisher_of_a_learned_variance() -> None:
+    """``solver="ggn"`` on ``F.gaussian_nll_loss``: the Gauss-Newton matrix with the Gaussian's Fisher (before: the
+    dense Hessian of ``nll``, ``ggn_curvature == "hessian"``)."""
+    _, report = _ggn_request()
     assert report.info["ggn_curvature"] == "ggn" and report.info["ggn_likelihood"] == "gaussian"
     assert report.info["ggn_likelihood_detected"] == {"variance": "learned"}
 
@@ -274,33 +280,11 @@ def test_the_removed_rows_ggn_of_a_learned_variance_is_each_draws_gaussian_fishe
     """The removed rows' GGN at every draw together (``output_ggn_draws``, stop 69's cut of the CNN flow's upkeep)
     knows no learned variance: it would take ``J/σ²``. A learned-variance request keeps the per-draw Gaussian Fisher:
     the same request with every draw's GGN formed one at a time (``same=False``) gives the same bank to the bit."""
-    from mcmc_unlearner import MCMCUnlearner
     from mcmc_unlearner.backends import ggn
 
-    def run() -> torch.Tensor:
-        torch.manual_seed(6)
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
-        g = torch.Generator().manual_seed(6)
-        x, y = torch.randn(30, 4, dtype=D64, generator=g), torch.randn(30, dtype=D64, generator=g)
-
-        def nll(m, b):
-            return _softplus_head(m(b[0]), b)
-
-        theta = ParamSpec.flatten_module(model)
-        bank = theta + 0.05 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
-        un = MCMCUnlearner(
-            model,
-            nll=nll,
-            log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()),
-            bank=bank,
-            solver="ggn",
-        )
-        un.remove((x[:3], y[:3]), (x[3:], y[3:]), strict=False)
-        return un.bank.clone()
-
-    together = run()
+    together = _ggn_request()[0].bank.clone()
     one_at_a_time = ggn.GGNBackend._ggn
     monkeypatch.setattr(
         ggn.GGNBackend, "_ggn", lambda self, p, b, w, same=False: one_at_a_time(self, p, b, w, same=False)
     )
-    torch.testing.assert_close(run(), together, rtol=0, atol=0)
+    torch.testing.assert_close(_ggn_request()[0].bank, together, rtol=0, atol=0)
