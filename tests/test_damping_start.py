@@ -89,10 +89,12 @@ def test_an_nll_bound_search_is_started_from_the_rung_the_undamped_rise_predicts
     assert out.trials == 4 < ladder.trials == 8
 
 
-def test_a_start_predicted_too_low_climbs_on_to_the_ladders_step() -> None:
+def test_a_start_predicted_too_low_falls_back_to_the_ladder() -> None:
     """A rise growing more slowly than the model's quadratic form as the step shrinks (``‖x‖``): the prediction is
-    too low, its rung fails, and the search climbs from it as the ladder does, to the same step, without trying the
-    rungs below."""
+    too low and its rung fails; the search then takes the ladder from its bottom, the failed rung's measurement
+    standing (not measured again): the ladder's step in the ladder's trials. (It climbed on from the failed rung at
+    first, never trying the rungs below: where the verdicts do not grow with the damping that refused a request the
+    ladder accepted, tests/test_bernoulli_likelihood.py, stop 69's integration.)"""
     B = torch.eye(3, dtype=torch.float64)
     G = torch.tensor([20.0, -10.0, 5.0], dtype=torch.float64)
     check = _check(B, G, nll_coef=1.0, nll_power=1.0)
@@ -101,8 +103,9 @@ def test_a_start_predicted_too_low_climbs_on_to_the_ladders_step() -> None:
     assert out.safe and out.damping == ladder.damping and torch.equal(out.x, ladder.x)
     lams = [h["damping"] for h in out.history]
     assert out.history[1]["nll_change"] > 0.05  # the predicted rung failed
-    assert lams[2] == lams[1] * 10 and set(lams[1:]) <= {h["damping"] for h in ladder.history}
-    assert out.trials < ladder.trials
+    rest = [h["damping"] for h in ladder.history if h["damping"] != lams[1]]
+    assert lams[:2] == [0.0, lams[1]] and lams[2:] == rest[1:]  # the ladder from its bottom, the failed rung reused
+    assert out.trials == ladder.trials
 
 
 def test_a_start_predicted_too_high_brackets_down_to_the_ladders_step() -> None:
@@ -140,10 +143,13 @@ def test_the_step_taken_is_the_ladders_wherever_the_verdicts_are_monotone(seed, 
 
 
 def test_the_predicted_start_saves_trials_over_the_ladder_in_all() -> None:
-    """Over the grid above: 114 / 129 / 128 / 122 trials of the ladder against 66 / 89 / 72 / 106 from the predicted
-    start (rises none, quadratic, linear, cubic in ‖x‖); a start too high can cost trials on one problem (a cubic rise
-    falls faster than the prediction: 4 of its 18 problems took more trials than the ladder, 1 of the quadratic's)."""
-    for nll, (ladder_total, total) in zip(_RISES, [(114, 66), (129, 89), (128, 72), (122, 106)], strict=True):
+    """Over the grid above: 114 / 129 / 128 / 122 trials of the ladder against 66 / 89 / 85 / 106 from the predicted
+    start (rises none, quadratic, linear, cubic in ‖x‖; the linear rise's 85 was 72 while a failed predicted rung
+    climbed on instead of falling back to the ladder's bottom); a start too high can cost trials on one problem (a
+    cubic rise falls faster than the prediction: 4 of its 18 problems took more trials than the ladder, 1 of the
+    quadratic's). The step is the ladder's on all 72
+    (``test_the_step_taken_is_the_ladders_wherever_the_verdicts_are_monotone``)."""
+    for nll, (ladder_total, total) in zip(_RISES, [(114, 66), (129, 89), (128, 85), (122, 106)], strict=True):
         counts = []
         for flat in (3.0, 1e2, 1e4):
             for seed in range(6):
@@ -232,12 +238,13 @@ def test_a_rung_the_bracketing_passed_is_not_measured_again_when_the_ladder_clim
     assert len(check.confirmed) == len(ladder_check.confirmed) == 3  # 10², 10³, 316 measured again in both
 
 
-def test_where_the_verdicts_are_not_monotone_the_search_can_take_a_more_damped_step_than_the_ladder() -> None:
-    """The search is the ladder's only where a higher damping never turns a passing step into a failing one. A check
-    that passes the first rung (damping 0.01), fails the rungs above it up to 100 and passes from 1,000 on (a noisy
-    check's verdicts, made deterministic here): the ladder takes 0.01 in 2 trials; the undamped step's NLL rise
-    predicts the rung 10, which fails, and the search climbs from there as the ladder would have, never trying the
-    rungs below: it takes 1,000, a step 10⁵ times shorter (stop 69's review)."""
+def test_where_the_verdicts_are_not_monotone_a_failed_prediction_falls_back_to_the_ladder() -> None:
+    """A check that passes the first rung (damping 0.01), fails the rungs above it up to 100 and passes from 1,000 on
+    (a noisy check's verdicts, made deterministic here): the ladder takes 0.01 in 2 trials; the undamped step's NLL
+    rise predicts the rung 10, which fails, and the search falls back to the ladder from its bottom: 0.01, in 3
+    trials. (Stop 69's review found it climbing on from the failed rung to 1,000, a step 10⁵ times shorter; the
+    same order refused a sound request in tests/test_bernoulli_likelihood.py.) Where the predicted rung passes and
+    a rung below it fails while one further below would pass, the bracketing still stops above: not the ladder's."""
     B = torch.eye(3, dtype=torch.float64)
     G = torch.tensor([20.0, -10.0, 5.0], dtype=torch.float64)
     size = float(G.norm())
@@ -251,9 +258,8 @@ def test_where_the_verdicts_are_not_monotone_the_search_can_take_a_more_damped_s
     ladder = _Ladder().step(_Backend(B), G, check)
     out = DampingControl().step(_Backend(B), G, check)
     assert ladder.safe and ladder.damping == pytest.approx(0.01) and ladder.trials == 2
-    assert out.safe and out.damping == pytest.approx(1e3) and out.damping > 1e4 * ladder.damping
-    assert [h["damping"] for h in out.history] == [0.0, pytest.approx(10.0), pytest.approx(100.0), pytest.approx(1e3),
-                                                   pytest.approx(10**2.5)]  # fmt: skip
+    assert out.safe and out.damping == ladder.damping and torch.equal(out.x, ladder.x)
+    assert [h["damping"] for h in out.history] == [0.0, pytest.approx(10.0), pytest.approx(0.01)]
 
 
 def test_a_huge_trial_budget_predicts_from_the_finite_rungs_alone() -> None:

@@ -272,9 +272,11 @@ def test_a_class_emptied_through_a_reshuffling_iterator_is_drawn_on_every_remain
     assert 2 * 150 <= read <= unlearner.EMPTIED_STREAM_PASSES * 150  # n distinct, then n more among them
     listed, drawn = seen["listed"], seen["drawn"]
     assert listed is not None and drawn is not None
-    # measured 4.7e-11 at most on entries of order 1: the rows' sums in another order, through the draw's iterations
+    # measured 4.7e-11 at most on entries of order 1 at the helper's tree, 1.6e-8 on 3 of 192 entries (7.7e-8
+    # relative) once stop 69's dense upkeep cut moved the samples by float rounding: the rows' sums in another order,
+    # amplified through the draw's slice iterations (one kept row left out of the listed rows moves them by 2.2e-3)
     for a, b in zip(listed, drawn):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     torch.testing.assert_close(un.bank, drawn[1], rtol=0, atol=0)
     # stop 66's request (no rows read further): warned, nothing drawn, the label kept more of its probability
     monkeypatch.setattr(unlearner, "EMPTIED_STREAM_PASSES", 0)

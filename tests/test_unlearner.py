@@ -455,6 +455,7 @@ def test_failure_after_curvature_update_restores_the_cache(blr, monkeypatch) -> 
                     raise SolverDivergedError("injected failure after the cache update")
 
                 mp.setattr(DenseBackend, "transport", boom)
+                mp.setattr(DenseBackend, "transport_rows", boom)  # (the request's since stop 69: rows moved, no T)
                 with pytest.raises(SolverDivergedError, match="injected"):
                     un.forget(blr.removed[10:20], data)
             assert un.curvature_state()[1] == state[1]

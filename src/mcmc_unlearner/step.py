@@ -1611,10 +1611,12 @@ class DampingControl:
         is within ``max_nll_increase`` of the NLL. Only the start moves: the search is the ladder's wherever its
         verdicts grow monotonically with the damping, the prediction's error costing trials, not a worse step
         (from a rung that passes the rungs below are tried down to the first that fails, and the step refined
-        between the two as the ladder does). Where they are not monotone (a noisy check passing a low rung and
-        failing a higher one) the step can be more damped than the ladder's: the rungs below a predicted rung that
-        fails, or below the first that fails under one that passes, are never tried (a first rung passing, the
-        rungs up to 100 failing: 1,000 taken where the ladder took 0.01; stop 69's review). The rungs' solves,
+        between the two as the ladder does; from a rung that fails its energy or NLL check the ladder from its
+        bottom, that rung's measurement standing: stop 69's integration, where climbing on from it refused a request
+        the ladder accepted). Where the verdicts are not monotone (a noisy check passing a low rung and failing a
+        higher one) the step can still be more damped than the ladder's where the predicted rung passes: the rungs
+        below the first that fails under it are never tried; and a predicted rung refused by its second measurement
+        climbs on from there, as where that measurement is deferred. The rungs' solves,
         found by bisection (the model's ``q`` falls as the damping grows), are the cost: for backends whose solve at
         a new damping is cheap (``cheap_damping``)."""
         meas = undamped.measurement
@@ -1741,6 +1743,7 @@ class DampingControl:
                 rungs: list[float] = []  # the ladder's dampings, each the last times grow, as the climb below
                 pending_at: tuple[int, int] | None = None  # where the trials made while best's verdict is pending begin
                 passed: dict[float, StepOutcome] = {}  # rungs above best that passed their first measurement, pending
+                refused: dict[float, StepOutcome] = {}  # a predicted rung that failed: the ladder's climb reuses it
                 if fresh and lam == 0 and out is not None and getattr(backend, "cheap_damping", False):
                     for _ in range(self.max_trials - len(history) - 1):  # the rungs the ladder could reach
                         rung = rungs[-1] * self.grow if rungs else start()
@@ -1760,8 +1763,16 @@ class DampingControl:
                         down = attempt(rungs[k], expect_reject=fresh, defer=True)
                         if down is None or not down.safe:
                             below = rungs[k]  # the rung below failed: refined between it and the best as the ladder
-                    if best is None:  # the rung failed: the ladder climbs on from it (its rungs below not tried;
-                        out = None  # the saturation and slope-share tests compare consecutive rungs: none yet)
+                    if best is None:  # the rung failed: the ladder from its bottom, the failed rung not measured
+                        # again (verdicts need not grow with the damping: a rung below may pass where the ladder
+                        # would have taken it; climbing on from the failed rung refused a request the ladder accepted,
+                        # tests/test_bernoulli_likelihood.py, stop 69's integration)
+                        if down is not None and down.note:  # its second measurement refused it: the ladder
+                            out = None  # climbs on from it, as where that measurement is deferred
+                        else:
+                            if down is not None:
+                                refused[lam] = down
+                            out, lam = None, 0.0
                     else:
                         lam = failed = below
                         if below == 0:  # no refinement follows: the pending second measurement is made now; a
@@ -1781,6 +1792,8 @@ class DampingControl:
                             out = passed.pop(lam)
                             if not self._settle(out):
                                 note = out.note
+                        elif lam in refused:  # the predicted rung, failed: its measurement stands
+                            out = refused.pop(lam)
                         else:
                             out = attempt(lam, expect_reject=fresh, defer=later)
                         if out is not None and out.safe:
