@@ -125,6 +125,59 @@ def test_kfac_scale_draws_its_probes_in_the_working_dtype_with_the_same_numbers(
     assert scale == (110 * per_row + prior) / float((z * z).sum())
 
 
+def test_kfac_scale_rotates_each_probe_chunk_into_the_eigenbases_once(monkeypatch) -> None:
+    """``scale``'s two products with a chunk of probe columns (``zᵀPz`` at ``n = 0``, then ``zᵀ(K₁ + P)z``) share
+    the chunk's eigenbasis coordinates: one rotation a chunk, not two (stop 70: one of the first request's four
+    rotations of the 1.2M-parameter ResNet's probes), to the bit of the products taken one at a time with every
+    cached coordinate dropped between them (the estimate before); no more is cached during the second product than
+    the chunk's coordinates (the dead first product's dropped), and nothing after; the same at a tight budget."""
+    from mcmc_unlearner.backends import kfac as kfac_module
+    from mcmc_unlearner.kronecker import KroneckerCurvature
+
+    un = _scale_problem(hidden=32)
+    backend = un.curvature
+    k = backend.kfac
+    column = k.dim * 4
+    real_coords, real_matmul = KroneckerCurvature._coords, KroneckerCurvature.__matmul__
+    misses, held = [], []
+
+    def coords(self, v):
+        misses.append(self._lookup(v) is None)
+        return real_coords(self, v)
+
+    def matmul(self, v):
+        held.append(len([e for e in self._cache if e[0]() is not None]))
+        return real_matmul(self, v)
+
+    for budget, products in ((backend._budget, 2), (kfac_module.scale_probe_bytes(column, 1), 8)):
+        backend._pending, backend._scale, backend._probes, backend._n = (k, backend.age), None, None, 110
+        backend._budget = budget
+        k._cache = []
+        misses.clear()
+        held.clear()
+        monkeypatch.setattr(KroneckerCurvature, "_coords", coords)
+        monkeypatch.setattr(KroneckerCurvature, "__matmul__", matmul)
+        scale = backend.scale()
+        monkeypatch.setattr(KroneckerCurvature, "_coords", real_coords)
+        monkeypatch.setattr(KroneckerCurvature, "__matmul__", real_matmul)
+        assert misses == [True, False] * (products // 2)  # each chunk rotated once, its second product cached
+        assert held == [0, 1] * (products // 2)  # the second product: the chunk's coordinates alone
+        assert not [e for e in k._cache if e[0]() is not None] and len(k._cache) == 0
+        # the estimate before: every product from scratch (its coordinates dropped after it), chunk by chunk
+        z = torch.randint(0, 2, (k.dim, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2 - 1
+        cols = 4 if products == 2 else 1
+        sums = []
+        for n in (0.0, 1.0):
+            k.n, total = n, 0.0
+            for j in range(0, 4, cols):
+                zc = z if cols == 4 else z[:, j : j + cols].contiguous()
+                total += float((zc * (k @ zc)).sum())
+                k.forget(zc)
+            sums.append(total)
+        k.n = 110
+        assert scale == (110 * (sums[1] - sums[0]) + sums[0]) / float((z * z).sum())
+
+
 def test_kfac_scale_multiplies_its_probes_a_few_columns_at_a_time_where_all_do_not_fit(monkeypatch) -> None:
     """Where the four probe columns and a product's copies of them do not fit the memory budget, ``scale`` takes
     the products a column at a time, within the budget (a 4096² Linear's four at once grew the resident set by

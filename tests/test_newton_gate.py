@@ -273,6 +273,20 @@ def test_an_endless_iterator_is_sampled_and_its_steps_land_near_the_new_mode(far
     assert "newton_gate" not in info_off
 
 
+def test_an_iterators_estimate_takes_its_draws_from_the_bank_once(far, monkeypatch) -> None:
+    """The sampled estimate's draws (``_gap_points``: a copy of the bank's rows, 98 MB on the quick ResNet) are
+    taken once by the gate and handed to ``_gap_sample`` (it took them again, stop 70), and once more by the further
+    steps where it fires: two calls for a request that fires on an endless iterator, not three."""
+    _, _, _, old, _ = far
+    calls = []
+    real = U.MCMCUnlearner._gap_points
+    monkeypatch.setattr(U.MCMCUnlearner, "_gap_points", lambda self, *a: calls.append(a[1]) or real(self, *a))
+    _, info = _from_iterator(far, old[None], None)
+    assert info["newton_gate"].startswith("fired") and "sampled from the stream" in info["newton_gate"]
+    assert info["newton_steps_taken"] >= 2
+    assert calls == [100, 100], calls
+
+
 def test_an_endless_iterators_steps_read_every_remaining_row_and_land_on_the_new_mode(far) -> None:
     """The reshuffling iterator's ``8·n`` rows hold each of the ``n`` remaining rows: the further steps read those
     ``n`` distinct rows once each (no control variate), as listed rows, and land on the new mode (the float64 closed

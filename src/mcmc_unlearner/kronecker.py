@@ -3250,11 +3250,12 @@ class KroneckerCurvature:
         self._cache = [e for e in self._cache if e[0]() is not None and e[0]() is not v][-(self._CACHE - 1) :]
         self._cache.append((weakref.ref(v), v._version, coords))
 
-    def forget(self, v: Tensor) -> None:
+    def forget(self, v: Tensor | None = None) -> None:
         """Drop the cached coordinates of ``v`` and of every vector no longer alive (a dead vector's entry holds a
         copy of its columns until the next product would push it out): for products whose inputs are thrown away,
-        as :meth:`~mcmc_unlearner.backends.kfac.KFACBackend.scale`'s probe columns."""
-        self._cache = [e for e in self._cache if e[0]() is not None and e[0]() is not v]
+        as :meth:`~mcmc_unlearner.backends.kfac.KFACBackend.scale`'s probe columns. ``None``: the dead vectors'
+        alone (a product's, its input's coordinates kept for another product with it)."""
+        self._cache = [e for e in self._cache if e[0]() is not None and (v is None or e[0]() is not v)]
 
     def _coords(self, v: Tensor) -> list[Tensor]:
         """Eigenbasis coordinates of ``v`` (``[D]`` or ``[D, k]``): ``[k, out, in]`` per block, then ``[Dd, k]``."""

@@ -8486,7 +8486,7 @@ class MCMCUnlearner:
         return fires
 
     def _gap_sample(
-        self, check: EnergyCheck, stream: _Stream, n: int, k_thetas: torch.Tensor, info: dict[str, Any]
+        self, check: EnergyCheck, stream: _Stream, n: int, pts: torch.Tensor | None, info: dict[str, Any]
     ) -> Batch | None:
         """``NEWTON_GATE_STREAM_PASSES·n`` rows read from a stream whose rows cannot be listed (whole minibatches,
         as the safety check's further rows are read: :meth:`_check_rows`; cut to that count), for :meth:`_gap_gate`;
@@ -8494,9 +8494,9 @@ class MCMCUnlearner:
         the sample, exceed ``NEWTON_ROW_DRAWS`` row-gradients, where they and the estimate would not fit the memory
         budget (counted before any is read, at the check's rows' bytes per row, twice: the minibatches and their
         joined copy), or where a one-pass iterator ran out
-        (the minibatches it gave are spent, nothing else changed: the request goes on as with the gate off)."""
+        (the minibatches it gave are spent, nothing else changed: the request goes on as with the gate off).
+        ``pts``: :meth:`_gap_points` as the gate took them (a copy of the bank's rows: taken once, stop 70)."""
         m = NEWTON_GATE_STREAM_PASSES * n
-        pts = self._gap_points(k_thetas, n)
         why = None
         if pts is None or m > NEWTON_ROW_DRAWS:
             why = (
@@ -8592,7 +8592,7 @@ class MCMCUnlearner:
         c0 = time.process_time()
         sampled = full is None and self._reduce is None
         if sampled:  # a plain iterator's minibatches, read as a with-replacement sample of the remaining rows
-            full = self._gap_sample(check, stream, n, k_thetas, info)
+            full = self._gap_sample(check, stream, n, pts, info)
             if full is None:
                 return False
         rows = 0 if full is None else int(full[0].shape[0])

@@ -248,12 +248,10 @@ class KFACBackend(CurvatureBackend):
                 cols = self._probe_columns(k.dim, z.element_size())
                 self._plan("kfac_probes", scale_probe_bytes(k.dim * z.element_size(), cols))
                 try:
-                    k.n = 0.0
-                    prior = self._probe_sum(k, z, cols)
-                    k.n = 1.0
-                    per_row = self._probe_sum(k, z, cols) - prior
+                    prior, total = self._probe_sums(k, z, cols)
                 finally:
                     k.n = self._n
+                per_row = total - prior
                 self._probes = (k, per_row, prior, float((z * z).sum()))
             _, per_row, prior, zz = self._probes
             self._scale = (self._n * per_row + prior) / zz
@@ -270,18 +268,21 @@ class KFACBackend(CurvatureBackend):
         return max(fit, default=1)
 
     @staticmethod
-    def _probe_sum(k: Any, z: torch.Tensor, cols: int) -> float:
-        """``Σ zᵀKz`` over the probe columns, ``cols`` columns per product."""
-        if cols >= z.shape[1]:
-            total = float((z * (k @ z)).sum())
-            k.forget(z)  # the cached coordinates of z and of the dead product: a copy of the columns each
-            return total
-        total = 0.0
+    def _probe_sums(k: Any, z: torch.Tensor, cols: int) -> tuple[float, float]:
+        """``Σ zᵀPz`` and ``Σ zᵀ(K₁ + P)z`` over the probe columns (``k.n`` set to 0, then 1; the caller restores
+        it), ``cols`` columns per product. A chunk's two products rotate it into the eigenbases once: the first
+        product's coordinates of the chunk are kept for the second (the dead product's dropped before it, so no
+        more is held than by one product; stop 70: one rotation of the ResNet's four probe columns saved, each sum
+        to the bit), the chunk's dropped after both. Each sum adds its chunks in order, as one product a chunk did."""
+        totals = [0.0, 0.0]
         for j in range(0, z.shape[1], cols):
-            zc = z[:, j : j + cols].contiguous()
-            total += float((zc * (k @ zc)).sum())
-            k.forget(zc)
-        return total
+            zc = z if cols >= z.shape[1] else z[:, j : j + cols].contiguous()
+            for i, n in enumerate((0.0, 1.0)):
+                k.n = n
+                totals[i] += float((zc * (k @ zc)).sum())
+                k.forget()  # the dead product's copy of the columns; zc's coordinates kept for its other product
+            k.forget(zc)  # the cached coordinates of the chunk: a copy of its columns
+        return totals[0], totals[1]
 
     def commit(self) -> None:
         if self._pending is not None:
