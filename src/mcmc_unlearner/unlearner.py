@@ -1524,8 +1524,8 @@ def _row_hashes(rows: Batch) -> tuple[torch.Tensor, list[torch.Tensor], int] | N
 
 def _hash_groups(h: torch.Tensor) -> torch.Tensor:
     """Each row of the hashes ``h`` (``[m, 2]``)'s group: its index among the distinct hash pairs sorted
-    lexicographically, what ``torch.unique(h, dim=0, return_inverse=True)`` gives, by two stable sorts (its
-    row-wise unique took 0.04 of the 0.05 s CPU the distinct rows of the quick matrix's 9,712-row gate sample took)."""
+    lexicographically, what ``torch.unique(h, dim=0, return_inverse=True)`` gives, by two stable sorts (on the
+    quick matrix's 9,712-row gate sample 0.0013 s CPU, the row-wise unique's 0.013 s)."""
     m = int(h.shape[0])
     order = torch.argsort(h[:, 1], stable=True)
     order = order[torch.argsort(h[order, 0], stable=True)]
