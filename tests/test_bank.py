@@ -467,6 +467,38 @@ def test_an_nll_that_reduces_over_the_batch_or_fails_on_the_request_is_refused_w
     assert report.passed and report.shift_norm > 0
 
 
+@pytest.mark.parametrize("remaining_as", ["rows", "iterator"])
+def test_a_multi_output_nll_left_unsummed_is_told_to_sum_its_outputs(remaining_as) -> None:
+    """A 3-output regression's ``mse_loss(out, y, reduction="none")`` gives ``[B, 3]``; the refusal told the user to
+    compute it "without reducing over the batch (e.g. reduction='none')", what the nll already did (stop 70's unseen
+    networks). It now names the sum over the outputs, and the summed nll serves the same request."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(240, 4, generator=g)
+    y = torch.stack([x[:, 0], x[:, 1] * x[:, 2], torch.tanh(x[:, 3])], 1) + 0.3 * torch.randn(240, 3, generator=g)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(12, theta.numel(), generator=g)
+    state = copy.deepcopy(model.state_dict())
+
+    def remaining():
+        if remaining_as == "rows":
+            return x[6:], y[6:]
+        return iter([(x[6 + i : 46 + i], y[6 + i : 46 + i]) for i in range(0, 160, 40)] * 10)
+
+    def unsummed(m, b):
+        return nn.functional.mse_loss(m(b[0]), b[1], reduction="none")
+
+    un = MCMCUnlearner(model, nll=unsummed, log_prior=_log_prior, bank=bank)
+    with pytest.raises(ValueError, match=r"got \[6, 3\]: it gives several values per row: sum .*\.sum\(-1\)") as e:
+        un.remove((x[:6], y[:6]), remaining(), n_remaining=234)
+    assert "without reducing over the batch" not in str(e.value)
+    assert torch.equal(un.bank, bank)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    un = MCMCUnlearner(model, nll=lambda m, b: unsummed(m, b).sum(-1), log_prior=_log_prior, bank=bank)
+    report = un.remove((x[:6], y[:6]), remaining(), n_remaining=234, strict=False)
+    assert report.shift_norm > 0
+
+
 def test_batches_that_are_dicts_or_hold_non_tensors_are_refused_with_the_fix() -> None:
     model, x, y, bank = _problem(7)
     un = MCMCUnlearner(model, nll=_nll, log_prior=_log_prior, bank=bank)

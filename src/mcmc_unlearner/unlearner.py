@@ -913,10 +913,33 @@ def _default_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model.nll(batch)
 
 
+def _several_per_row(rows: int, shape: list[int] | str) -> bool:
+    """Whether an ``nll`` result of ``shape`` on ``rows`` rows holds several values per row (``[B, 3]`` from an
+    unsummed multi-output ``mse_loss(..., reduction="none")``), not a broadcast ``[B, B]`` or a batch reduction."""
+    return (
+        isinstance(shape, list)
+        and len(shape) >= 2
+        and shape[0] == rows
+        and shape[1] != rows
+        and math.prod(shape) > rows
+    )
+
+
+#: The fix :func:`_not_per_row` names for several values per row (stop 70: "without reducing over the batch" was
+#: named to a multi-output regression whose ``nll`` already had ``reduction="none"``).
+SUM_PER_ROW = (
+    "it gives several values per row: sum each row's terms over the other dimensions (e.g. "
+    "F.mse_loss(out, y, reduction='none').sum(-1) for a multi-output regression, the same .sum(-1) for a multi-label "
+    "binary_cross_entropy_with_logits), a row's negative log-likelihood being the sum of its outputs' terms"
+)
+
+
 def _not_per_row(rows: int, shape: list[int]) -> str:
     """What :func:`_one_per_row` says of an ``nll`` that gave ``shape`` for ``rows`` rows."""
-    return (
-        f"nll(model, batch) must return one value per row (shape [{rows}] for a batch of {rows} rows), got {shape}: "
+    head = f"nll(model, batch) must return one value per row (shape [{rows}] for a batch of {rows} rows), got {shape}: "
+    if _several_per_row(rows, shape):
+        return head + SUM_PER_ROW
+    return head + (
         "compute it without reducing over the batch (e.g. reduction='none'), and give every batch (removed rows and "
         "remaining minibatches) the fields in the same shapes (a label column y[:, None] against outputs [B] "
         "broadcasts to [B, B])"
@@ -3741,9 +3764,14 @@ class MCMCUnlearner:
                 if isinstance(out, torch.Tensor)
                 else type(out).__name__
             )
+            fix = (
+                SUM_PER_ROW
+                if _several_per_row(k, shape)
+                else "compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
+            )
             raise ValueError(
                 f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
-                f"{shape}: compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
+                f"{shape}: {fix}"
             )
         self._check_nll_dtype(out, k, role)
         # every pass's rows (the last pass's alone missed a NaN row in the others, and misnumbered its own)
