@@ -186,9 +186,11 @@ _KEY_COLUMNS = 16  # the columns of each field a row's hash reads (the removed r
 
 
 def _flat_real(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``[rows, columns]`` of real numbers (a complex number as two)."""
-    flat = t.detach().reshape(t.shape[0], -1)
-    return torch.view_as_real(flat).reshape(t.shape[0], -1) if flat.is_complex() else flat
+    """``t`` as ``[rows, columns]`` of real numbers (a complex number as two); zero rows too (``reshape(0, -1)``
+    refused them: a rank whose share of a request is empty crashed in the removed-rows-kept check, stop 70)."""
+    r, width = t.shape[0], math.prod(t.shape[1:])
+    flat = t.detach().reshape(r, width)
+    return torch.view_as_real(flat).reshape(r, 2 * width) if flat.is_complex() else flat
 
 
 def _row_hashes(t: torch.Tensor) -> torch.Tensor:
@@ -215,10 +217,12 @@ def _removed_rows_held(removed: Batch, held: Batch) -> int:
     removed, few where some rows merely coincide by value (a Markov chain's repeated states). Every held row is
     compared, by an integer hash of its bits and then exactly; 0 where the fields are not comparable."""
     k = removed[0].shape[0]
-    if len(held) != len(removed) or any(
-        a.shape[1:] != b.shape[1:] or a.dtype != b.dtype for a, b in zip(removed, held)
+    if (
+        k == 0
+        or len(held) != len(removed)
+        or any(a.shape[1:] != b.shape[1:] or a.dtype != b.dtype for a, b in zip(removed, held))
     ):
-        return 0  # not comparable (e.g. padded to other lengths)
+        return 0  # none to find (a rank whose share is empty), or not comparable (e.g. padded to other lengths)
     keep = torch.ones(held[0].shape[0], dtype=torch.bool, device=held[0].device)
     for a, b in zip(removed, held):  # candidates: rows whose every field's hash is some removed row's ...
         a, b = _flat_real(a), _flat_real(b)

@@ -7169,9 +7169,14 @@ class MCMCUnlearner:
             if not categorical:  # are the integer targets class labels at all? (a count regression's are not)
                 self._label_columns = 0 if kind is Likelihood.GAUSSIAN else columns
         has = float(y.numel() > 0)
-        flags = self._reduce_max(torch.tensor([has, has * float(not plain), has * float(not categorical)]))
+        # the width too (+1, 0 for none): a rank without removed rows kept None where the others read the output's
+        # width, and the spread rule's label counts (_label_counts) all-reduced on that rank alone (gloo aborted both
+        # ranks, "Received data size doesn't match expected size": a Poisson regression, stop 70)
+        width = float(self._label_columns + 1) if y.numel() and self._label_columns is not None else 0.0
+        flags = self._reduce_max(torch.tensor([has, has * float(not plain), has * float(not categorical), width]))
         self._plain_categorical = bool(flags[0] > 0) and not bool(flags[1] > 0)
         self._categorical = bool(flags[0] > 0) and not bool(flags[2] > 0)
+        self._label_columns = int(flags[3]) - 1 if flags[3] > 0 else None
 
     def _later_labels_emptied(self, batch: Batch, stream: _Stream, info: dict[str, Any]) -> None:
         """Say (``info["emptied_labels"]`` and a warning) that the emptied-label check did not run where ``batch[1]``
