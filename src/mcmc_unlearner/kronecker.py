@@ -983,6 +983,26 @@ def learned_variance(model: nn.Module, nll: NLL, batch: Batch) -> dict[str, Any]
     return {"variance": "learned"}
 
 
+def gaussian_refusal(learned: bool) -> str:
+    """The refusal of ``likelihood="gaussian"`` where ``nll`` is no Gaussian NLL of ``model(x)`` with one noise
+    scale, naming the fix: ``likelihood="auto"``, which reads a Gaussian whose variance the model learns
+    (``learned``: ``F.gaussian_nll_loss`` on a mean and a variance head, since stop 69) and takes the empirical Fisher
+    for another nll. ``sigma=`` is ``KroneckerCurvature.build``'s alone (``MCMCUnlearner`` has no such option: the
+    message named it to every user, stop 70)."""
+    if learned:
+        return (
+            "likelihood='gaussian' reads a Gaussian NLL with one noise scale (a mean squared error), but nll is a "
+            "Gaussian whose variance the model learns (F.gaussian_nll_loss on a mean and a variance head): leave "
+            "likelihood='auto' (the default), which takes that Gaussian's Fisher; nothing was changed"
+        )
+    return (
+        "likelihood='gaussian' but nll is not a Gaussian NLL in model(x): leave likelihood='auto' (the default: it "
+        "reads a Gaussian NLL, one whose variance the model learns, and takes the empirical Fisher for another nll) "
+        "or pass likelihood='empirical' (KroneckerCurvature.build: or sigma=..., the noise scale); nothing was "
+        "changed"
+    )
+
+
 def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
     """Identify the user's per-row NLL from a few probe rows (:func:`likelihood_and_columns` without the width).
 
@@ -2651,10 +2671,7 @@ class KroneckerCurvature:
             if nll is not None and not detected:
                 kind, detected = detect_likelihood(model, nll, seen)
                 if kind is not Likelihood.GAUSSIAN:
-                    raise ValueError(
-                        "likelihood='gaussian' but nll is not a Gaussian NLL in model(x): pass sigma=... or "
-                        "likelihood='empirical'"
-                    )
+                    raise ValueError(gaussian_refusal(learned_variance(model, nll, seen) is not None))
             sigma = detected.get("sigma")
             if sigma is None:
                 raise ValueError("likelihood='gaussian' needs the noise scale: pass sigma=... or a Gaussian nll")
