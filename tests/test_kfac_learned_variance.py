@@ -288,3 +288,41 @@ def test_the_removed_rows_ggn_of_a_learned_variance_is_each_draws_gaussian_fishe
         ggn.GGNBackend, "_ggn", lambda self, p, b, w, same=False: one_at_a_time(self, p, b, w, same=False)
     )
     torch.testing.assert_close(_ggn_request()[0].bank, together, rtol=0, atol=0)
+
+
+def test_a_gaussian_read_on_the_removed_rows_only_is_checked_on_the_remaining_rows() -> None:
+    """``solver="ggn"`` read the learned-variance Gaussian on the removed rows alone: a Huber loss (``delta=5``) whose
+    removed rows sit inside its quadratic zone reads as a Gaussian of variance 1 there, and on remaining rows past the
+    zone its variance read as ``∞``: a NaN Gauss-Newton matrix, the request refused as "non-finite entries ... overflow"
+    (stop 70). The reading is now checked on the remaining rows: not holding there, the exact dense Hessian is used,
+    and the request is ``solver="exact"``'s."""
+    from mcmc_unlearner import MCMCUnlearner
+
+    def huber(m, b):
+        return F.huber_loss(m(b[0])[:, 0], b[1], delta=5.0, reduction="none")
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 4, dtype=D64, generator=g)
+    with torch.no_grad():
+        y = model(x)[:, 0]
+    y[:10] += 0.01 * torch.randn(10, dtype=D64, generator=g)  # removed: residuals 0.01, inside the quadratic zone
+    y[10:] += 6.0 * torch.sign(torch.randn(50, dtype=D64, generator=g))  # remaining: residuals 6, past delta
+    assert learned_variance(model, huber, (x[:10], y[:10])) == {"variance": "learned"}
+    assert learned_variance(model, huber, (x[10:], y[10:])) is None
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.01 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
+    banks = {}
+    for solver in ("ggn", "exact"):
+        un = MCMCUnlearner(
+            model, nll=huber, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank.clone(),
+            solver=solver,
+        )  # fmt: skip
+        report = un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
+        assert report.problems == [], (solver, report.problems)
+        banks[solver] = un.bank
+        if solver == "ggn":
+            assert report.info["ggn_curvature"] == "hessian"
+    assert report.shift_norm > 1e-4  # 3.8e-4 at damping 131
+    torch.testing.assert_close(banks["ggn"], banks["exact"], rtol=1e-10, atol=1e-12)
