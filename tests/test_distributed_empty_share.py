@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _distributed_helpers import ce_nll, gaussian_log_prior, spawn
 from mcmc_unlearner import MCMCUnlearner
+from test_distributed_uneven_ranks import _setup as _uneven_setup
 
 N, BATCH = 120, 16  # BATCH rows a rank's loader yields: global minibatches of 2·BATCH rows
 REMOVED = [0, 2, 4, 6, 8, 10, 12, 14]  # rows 0-14 even: every one on rank 0 (row i lives on rank i % 2)
@@ -34,19 +35,9 @@ SOLVERS = {
 
 
 def _setup() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, torch.Tensor]:
-    """Three labels from two features, a 5-6-3 tanh network fitted a little, and a bank of 6 samples around it."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 5, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(100):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-    return x, y, model, theta + 0.05 * torch.randn(6, theta.numel(), generator=g)
+    """Three labels from two features, a 5-6-3 tanh network fitted a little, and a bank of 6 samples around it
+    (`test_distributed_uneven_ranks`'s setup on ``N`` rows)."""
+    return _uneven_setup(6, N)
 
 
 def _kept(rank: int, world: int) -> torch.Tensor:

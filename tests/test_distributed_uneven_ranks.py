@@ -19,10 +19,11 @@ from mcmc_unlearner.distributed import DistributedUnlearner, ShardedDataset
 N = 60
 
 
-def _setup(hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, torch.Tensor]:
-    """Three labels from two features, a 5-``hidden``-3 tanh network fitted a little, and a bank of 6 around it."""
+def _setup(hidden: int, n: int = N) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, torch.Tensor]:
+    """Three labels from two features (``n`` rows), a 5-``hidden``-3 tanh network fitted a little, and a bank of 6
+    around it."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 5, generator=g)
+    x = torch.randn(n, 5, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(5, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3))
