@@ -439,6 +439,23 @@ def test_a_one_pass_iterator_that_runs_out_while_read_further_counts_every_row_r
     assert info["emptied_labels_stream_rows_read"] == 150
 
 
+def test_removed_rows_left_in_the_iterator_are_warned_about_though_their_label_is_not_said_emptied() -> None:
+    """Label 3 removed whole, the iterator still giving its 50 rows (the remaining data not taken after the removal):
+    the label is among the rows read, and, as listed rows holding it would show, nothing is said of it as emptied
+    (stop 70: "not emptied", no longer the once-per-unlearner note that the check did not run); the safety net for
+    that misuse is the warning that the remaining data seem to hold the removed rows, which still fires (stop 70's
+    review)."""
+    _, _, _, _, x, y = _softmax_regression()
+    gone = y == 3
+    _, report, stream, said = _request((x[gone], y[gone]), (x, y))
+    assert (
+        report.info["emptied_labels_stream"]
+        == f"not emptied: every removed label is among the {stream.rows:,} rows read"
+    )
+    assert not any("check did not run" in s or UNSEEN in s for s in said), said
+    assert any(s.startswith("rows identical to removed rows are among") for s in said), said
+
+
 def _gated_request(removed: tuple, source: object, n: int) -> tuple[MCMCUnlearner, object]:
     """The softmax regression's request through ``source`` with the Newton gate's estimate made on a sample of the
     stream: its first signal taken as fired, and the safety check's 64 rows fewer than the remaining rows (else the

@@ -341,6 +341,31 @@ def test_distinct_rows_are_exact_and_in_the_order_they_first_appear() -> None:
     assert U._distinct_rows((torch.zeros(3, 0), torch.arange(3))) is None  # rows of no bytes: nothing claimed
 
 
+def test_hash_groups_are_torch_uniques_and_the_hash_order_depends_on_the_rows_alone(monkeypatch) -> None:
+    """:func:`_hash_groups` (two stable sorts, stop 70) gives ``torch.unique(h, dim=0, return_inverse=True)``'s
+    groups, ties in either column included, one row and all rows equal too; :func:`_hash_order` puts the same
+    distinct rows given in any order in one order, and where two different rows share a hash pair it claims
+    nothing: :func:`_distinct_rows` answers ``None`` (the rows are compared, not only their hashes) and
+    :func:`_hash_order` gives the rows as given (stop 70's review)."""
+    g = torch.Generator().manual_seed(0)
+    for case in range(200):
+        m = int(torch.randint(1, 40, (1,), generator=g))
+        h = torch.randint(0, 3, (m, 2), generator=g).double() * 2.0**40
+        if case % 4 == 0:
+            h[:, 0] = 7.0  # the first column tied throughout
+        assert torch.equal(U._hash_groups(h), torch.unique(h, dim=0, return_inverse=True)[1]), h
+    x, y = torch.randn(7, 3, generator=g), torch.arange(7) % 3
+    first = U._hash_order((x, y))
+    for _ in range(3):
+        p = torch.randperm(7, generator=g)
+        assert all(torch.equal(a, b) for a, b in zip(U._hash_order((x[p], y[p])), first))
+    real = U._row_hashes
+    monkeypatch.setattr(U, "_row_hashes", lambda rows: (torch.zeros_like(real(rows)[0]), *real(rows)[1:]))
+    assert U._distinct_rows((x[[0, 1, 0]], y[[0, 1, 0]])) is None  # a shared hash: nothing claimed
+    shared = U._hash_order((x, y))
+    assert torch.equal(shared[0], x) and torch.equal(shared[1], y)
+
+
 def test_an_iterators_estimate_finds_the_closed_form_gap(far) -> None:
     """The bank off the old mode (its gap in closed form above twice the threshold) through the iterator: the sampled
     estimate is within three of its standard errors of the exact ``‖e₀‖²``, not fired, the gate-off bank."""
