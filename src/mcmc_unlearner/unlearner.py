@@ -7007,7 +7007,7 @@ class MCMCUnlearner:
         ``rows`` (read from a plain iterator: :meth:`_gap_sample`) holds them by :meth:`_read_remaining`'s criterion,
         and the removed labels ``y`` (``batch[1]``) hold one that none of the rows this request read holds: then
         :meth:`_streamed_remaining` would read the stream again for the emptied label (``EMPTIED_STREAM_PASSES·n``
-        rows at most: 5,120 rows, 0.06-0.09 s CPU on the quick matrix's LeNet-5 and BN-CNN, stop 69) and find the
+        rows at most; 5,120 rows, 0.06-0.12 s CPU on the quick matrix's LeNet-5 and BN-CNN, stop 69) and find the
         rows the sample holds. The criterion: among its first ``EMPTIED_STREAM_PASSES·n`` rows exactly ``n`` distinct
         rows (byte for byte, :func:`_distinct_rows`), and at least ``n`` rows after the first copy of the last of
         them (the reading counts them from the end of the read of about ``n / 2`` rows that completed them), within
