@@ -400,12 +400,29 @@ def exact_diag_fisher(model, x) -> torch.Tensor:
     return total / x.shape[0]
 
 
-@pytest.mark.parametrize("which, sampling", [("conv_bn", "labels"), ("encoder", "gaussian")])
+def linear_bn1d_stale() -> nn.Module:
+    """Linear → eval-mode BatchNorm1d whose running statistics are far below the activations' (a gain of ~5,
+    the mean off: stop 70's ``frozenbuf``, statistics fitted at the initial weights) → ReLU → Linear."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.3, 0.3)
+        model[1].running_var.uniform_(0.02, 0.06)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "which, sampling", [("conv_bn", "labels"), ("encoder", "gaussian"), ("linear_bn1d", "gaussian")]
+)
 def test_fallback_diagonal_matches_the_exact_diagonal_fisher(which, sampling) -> None:
     """Diagonal fallback (BN, Embedding, MHA, raw params) vs the per-example float64 diagonal Fisher, within
     5 standard errors estimated from 12 independent builds."""
     if which == "conv_bn":
         model, x = conv_bn(), torch.randn(6, 1, 4, 4, dtype=D64)
+    elif which == "linear_bn1d":
+        model, x = linear_bn1d_stale(), torch.randn(6, 5, dtype=D64)
     else:
         torch.manual_seed(6)
         model, x = TinyEncoder().double().eval(), torch.randint(0, 7, (6, 5))
@@ -423,6 +440,10 @@ def test_fallback_diagonal_matches_the_exact_diagonal_fisher(which, sampling) ->
         assert set(info["kronecker"]) == {"conv", "fc"}
         assert set(info["diagonal"]) == {"bn.weight", "bn.bias", "scale"}
         assert "BatchNorm2d" in info["diagonal"]["bn.weight"]
+    elif which == "linear_bn1d":
+        assert set(info["kronecker"]) == {"0", "3"}
+        assert set(info["diagonal"]) == {"1.weight", "1.bias"}
+        assert "BatchNorm1d" in info["diagonal"]["1.weight"]
     else:
         assert set(info["kronecker"]) == {"layer.linear1", "layer.linear2", "head"}
         assert info["kronecker"]["layer.linear1"]["locations"] == 5  # every token is a location
