@@ -238,13 +238,13 @@ def test_ranks_agree_on_an_explicit_categorical_reading() -> None:
 
     def other_rank_refused(t: torch.Tensor) -> torch.Tensor:
         sent.append(t.clone())
-        return t + torch.tensor([1.0, 0.0, 0.0], dtype=t.dtype) if len(sent) == 1 else t
+        return t + torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=t.dtype) if len(sent) == 1 else t
 
     with pytest.raises(ValueError, match="another rank's rows cannot be read"):
         KroneckerCurvature.build(
             model, theta, [(x, y)], B, nll=_sum_nll, log_prior=None, likelihood="categorical", reduce=other_rank_refused
         )
-    assert sent[0].tolist() == [0.0, 0.0, 1.0]
+    assert sent[0].tolist() == [0.0, 0.0, 1.0, 0.0]  # (the fourth: this rank's rows contradict the likelihood)
 
 
 def test_a_label_smoothed_per_position_cross_entropy_is_read_as_categorical() -> None:

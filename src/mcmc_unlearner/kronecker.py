@@ -1003,6 +1003,40 @@ def gaussian_refusal(learned: bool) -> str:
     )
 
 
+#: what :func:`detect_likelihood` found, in words (the refusal of an explicit likelihood that the probe contradicts)
+_READ_AS = {
+    Likelihood.CATEGORICAL: "a cross-entropy over the model's output's classes (likelihood='categorical')",
+    Likelihood.GAUSSIAN: "a Gaussian NLL, a squared error (likelihood='gaussian')",
+    Likelihood.BERNOULLI: "a binary cross-entropy with logits (likelihood='bernoulli')",
+}
+
+
+def contradicted_likelihood(model: nn.Module, nll: NLL | None, batch: Batch, lik: Likelihood) -> str:
+    """The refusal of an explicit ``likelihood="categorical"`` or ``"bernoulli"`` that the probe rows contradict
+    (empty where they do not): :func:`detect_likelihood` identifies ``nll`` as another likelihood (or
+    :func:`learned_variance` as a Gaussian whose variance the model learns). Only a positive identification
+    contradicts it: an ``nll`` the detector cannot read (``EMPIRICAL``: a focal loss, a ``pos_weight``, ``[B, L, V]``
+    logits) keeps the likelihood the user named. Before (stop 70): a mean squared error on float targets with
+    ``likelihood="categorical"`` was accepted without a word and K-FAC took the softmax Fisher of a regression's
+    outputs as its curvature. The model is left as it was (the detector's probe)."""
+    if nll is None or lik not in (Likelihood.CATEGORICAL, Likelihood.BERNOULLI):
+        return ""
+    try:
+        kind, _ = detect_likelihood(model, nll, batch)
+        read = _READ_AS.get(kind)
+        if kind is Likelihood.EMPIRICAL and learned_variance(model, nll, batch) is not None:
+            kind, read = Likelihood.GAUSSIAN, "a Gaussian whose variance the model learns (F.gaussian_nll_loss)"
+    except Exception:  # a probe: the likelihood's own build says what fails
+        return ""
+    if kind is lik or kind is Likelihood.EMPIRICAL or read is None:
+        return ""
+    return (
+        f"likelihood='{lik.value}' but nll reads, on the probe rows, as {read}: K-FAC would take the "
+        f"{lik.value} Fisher, another loss's curvature. Leave likelihood='auto' (the default), which reads nll and "
+        "takes its likelihood's Fisher, or pass likelihood='empirical'; nothing was changed"
+    )
+
+
 def detect_likelihood(model: nn.Module, nll: NLL, batch: Batch) -> tuple[Likelihood, dict[str, Any]]:
     """Identify the user's per-row NLL from a few probe rows (:func:`likelihood_and_columns` without the width).
 
@@ -2642,18 +2676,32 @@ class KroneckerCurvature:
                         f"rows {lik.value}{why}), so every rank takes the empirical Fisher"
                     }
                     lik = Likelihood.EMPIRICAL
-        elif lik is Likelihood.CATEGORICAL:
-            # [B, L, V] logits: the per-position reading likelihood='auto' takes (a mean's 1/L, a weight field), or a
-            # refusal (padding, an unread nll); the ranks agree, so none raises while the others wait in a collective
-            detected = explicit_positions(model, nll, seen, batches)
+        elif lik in (Likelihood.CATEGORICAL, Likelihood.BERNOULLI):
+            # an explicit likelihood the probe rows read as another is refused (an MSE regression's softmax Fisher
+            # was taken without a word, stop 70); [B, L, V] logits: the per-position reading likelihood='auto' takes
+            # (a mean's 1/L, a weight field), or a refusal (padding, an unread nll); the ranks agree, so none raises
+            # while the others wait in a collective (one all-reduce, as before for 'categorical')
+            contradicted = contradicted_likelihood(model, nll, seen, lik)
+            detected = explicit_positions(model, nll, seen, batches) if lik is Likelihood.CATEGORICAL else {}
             if reduce is not None:
-                refused, means, read = reduce(
+                refused, means, read, other = reduce(
                     torch.tensor(
-                        [float("refuse" in detected), float("scale" in detected), float(bool(detected))],
+                        [
+                            float("refuse" in detected),
+                            float("scale" in detected),
+                            float(bool(detected)),
+                            float(bool(contradicted)),
+                        ],
                         dtype=torch.float64,
                         device=thetas.device,
                     )
                 ).tolist()
+                if other > 0 and not contradicted:
+                    contradicted = (
+                        f"likelihood='{lik.value}': another rank's probe rows read nll as another likelihood (its "
+                        "error names it): leave likelihood='auto' (the default) or pass likelihood='empirical'; "
+                        "nothing was changed"
+                    )
                 if refused > 0 and "refuse" not in detected:
                     detected = {
                         "refuse": "likelihood='categorical': another rank's rows cannot be read as a per-position "
@@ -2664,6 +2712,8 @@ class KroneckerCurvature:
                         "refuse": "likelihood='categorical': the ranks' rows read nll as a sum over the positions on "
                         "some ranks and as a mean on others; nothing was changed"
                     }
+            if contradicted:
+                raise ValueError(contradicted)
             if "refuse" in detected:
                 raise ValueError(detected["refuse"])
         learned = lik is Likelihood.GAUSSIAN and detected.get("variance") == "learned"
