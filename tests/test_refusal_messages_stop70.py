@@ -98,3 +98,35 @@ def test_a_direct_solves_residual_over_tol_names_tol_not_iter_t() -> None:
         warnings.simplefilter("ignore")
         report = un.forget([0, 1, 2], data)
     assert report.problems == [] and report.residual == pytest.approx(exc.value.report.residual)
+
+
+def test_a_direct_solves_residual_far_above_rounding_names_no_tol() -> None:
+    """A direct solve's residual far above its dtype's rounding is a nearly singular damped system, not rounding
+    (stop 70's review): a three-layer linear network's ``lowrank`` solve at ``damping=1e-6`` stopped at residual
+    0.23, and the message named ``tol=1``, a value ``tol`` refuses, for a step 23% off its own equation. It now names
+    the damping, not a tol."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = x[:, 0] + 0.3 * torch.randn(200, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 1))
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.01 * torch.randn(4, theta.numel(), generator=g)
+    un = MCMCUnlearner(
+        model,
+        nll=lambda m, b: 0.5 * (m(b[0])[:, 0] - b[1]) ** 2,
+        log_prior=lambda m: -1e-6 * sum((p**2).sum() for p in m.parameters()),
+        bank=bank.clone(),
+        solver="lowrank",
+        damping=1e-6,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(QualityError) as exc:
+            un.remove((x[:10], y[:10]), (x[10:], y[10:]))
+    report = exc.value.report
+    assert report.iterations == 0 and report.residual > 1e-2  # 0.23 measured
+    said = [p for p in report.problems if "solve stopped" in p]
+    assert len(said) == 1 and "iter_T does not apply" in said[0], said
+    assert "tol=" not in said[0] and "nearly singular" in said[0] and "damping='auto'" in said[0], said
+    assert torch.equal(un.bank, bank)  # refused: nothing changed

@@ -450,15 +450,28 @@ def _record_carry_dropped(info: dict[str, Any], record: dict[str, Any]) -> None:
 _DIRECT_SOLVES = ("exact", "ggn", "kfac", "lowrank")
 
 
-def _direct_residual_fix(residual: float) -> str:
+def _direct_residual_fix(residual: float, dtype: torch.dtype | None = None) -> str:
     """The fix of a direct solve's residual over ``tol``: ``iter_T`` reads no direct solve (``solver="lowrank"`` at its
     defaults on a 66-parameter MLP in float32: residual 1.3e-4 over tol 1e-4 at damping 0.23, 1.3e-13 in float64,
-    and "raise iter_T" sent the user where iter_T=1000 changed nothing: stop 70)."""
-    top = 10.0 ** math.ceil(math.log10(residual)) if math.isfinite(residual) and residual > 0 else None
-    above = f" (e.g. tol={top:g})" if top is not None else ""
+    and "raise iter_T" sent the user where iter_T=1000 changed nothing: stop 70).
+
+    A tol above the residual is named only where the residual is within ``√ε`` of the parameters' dtype (3.5e-4 in
+    float32, the default where the dtype is not known): rounding amplified by a moderate condition number. Above it
+    the damped system is nearly singular and the step inexact: a three-layer linear network's ``lowrank`` solve at
+    ``damping=1e-6`` stopped at residual 0.23, and the message named ``tol=1`` (an option value refused: tol lies in
+    (0, 1)) for a step 23% off its own equation (stop 70's review); it names the damping, float64 and ``auto``."""
+    floor = math.sqrt(torch.finfo(dtype if dtype is not None and dtype.is_floating_point else torch.float32).eps)
+    if not (math.isfinite(residual) and 0 < residual <= floor):
+        return (
+            "the solve is direct, no iterations (iter_T does not apply), and its residual is above the rounding of "
+            f"its arithmetic (√ε of the parameters' dtype, {floor:.2g}): the damped system is nearly singular and "
+            "the step inexact (raising tol would accept it): pass damping='auto' (the default) or a larger damping, "
+            "a float64 model and bank, or solver='auto'"
+        )
+    top = 10.0 ** math.ceil(math.log10(residual))
     return (
         "the solve is direct, no iterations (iter_T does not apply), and its residual is the rounding of its "
-        f"arithmetic: pass a tol above the residual{above}, a float64 model and bank, or solver='auto'"
+        f"arithmetic: pass a tol above the residual (e.g. tol={top:g}), a float64 model and bank, or solver='auto'"
     )
 
 
@@ -492,7 +505,7 @@ def quality_problems(
             "precision than the solve's tolerance needs; run the request outside autocast (inside it: with "
             f"torch.autocast('{autocast.split()[0]}', enabled=False): unlearner.forget(...))"
             if autocast
-            else _direct_residual_fix(report.residual)
+            else _direct_residual_fix(report.residual, None if theta is None else theta.dtype)
             if report.iterations == 0 and report.solver in _DIRECT_SOLVES
             else "raise iter_T, or use solver='auto'"
         )
