@@ -1683,3 +1683,21 @@ def test_a_stacked_bank_is_refused_as_before(case, match) -> None:
         given["0.bias"][2 if case == "overflow" else slice(None), 1] = 1e300
     with pytest.raises(ValueError, match=match):
         to_flat(given, ParamSpec.of(model), dtype=torch.float16, model=model)
+
+
+def test_a_multi_output_nll_left_unsummed_on_as_many_rows_as_outputs_is_told_to_sum_too() -> None:
+    """Three removed rows of a 3-output regression's unsummed ``mse_loss`` give ``[3, 3]``, which reads as a
+    broadcast alone: the refusal named only "reduction='none'", what the nll already did (stop 70's review). The sum
+    over each row's terms is named beside it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 4, generator=g)
+    y = torch.randn(60, 3, generator=g)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    theta = parameters_to_vector(model.parameters()).detach()
+    bank = theta + 0.05 * torch.randn(4, theta.numel(), generator=g)
+    un = MCMCUnlearner(
+        model, nll=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1], reduction="none"), log_prior=_log_prior, bank=bank
+    )
+    with pytest.raises(ValueError, match=r"got \[3, 3\]: .*sum them: .*\.sum\(-1\)"):
+        un.remove((x[:3], y[:3]), (x[3:], y[3:]))
+    assert torch.equal(un.bank, bank)

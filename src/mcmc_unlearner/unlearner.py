@@ -966,6 +966,15 @@ SUM_PER_ROW = (
 )
 
 
+def _square_per_row(rows: int, shape: list[int] | str) -> str:
+    """For an ``nll`` result ``[rows, rows]``: the sum over each row's terms as a second fix (as many outputs as rows:
+    a 3-output regression's unsummed ``mse_loss`` on 3 removed rows gives ``[3, 3]``, read as a broadcast alone and
+    told "reduction='none'", what it already did: stop 70's review); else ``""``."""
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == shape[1] == rows > 1):
+        return ""
+    return "; or, where it gives several values per row, sum them: " + SUM_PER_ROW.split(": ", 1)[1]
+
+
 def _not_per_row(rows: int, shape: list[int]) -> str:
     """What :func:`_one_per_row` says of an ``nll`` that gave ``shape`` for ``rows`` rows."""
     head = f"nll(model, batch) must return one value per row (shape [{rows}] for a batch of {rows} rows), got {shape}: "
@@ -974,7 +983,7 @@ def _not_per_row(rows: int, shape: list[int]) -> str:
     return head + (
         "compute it without reducing over the batch (e.g. reduction='none'), and give every batch (removed rows and "
         "remaining minibatches) the fields in the same shapes (a label column y[:, None] against outputs [B] "
-        "broadcasts to [B, B])"
+        "broadcasts to [B, B])" + _square_per_row(rows, shape)
     )
 
 
@@ -3800,6 +3809,7 @@ class MCMCUnlearner:
                 SUM_PER_ROW
                 if _several_per_row(k, shape)
                 else "compute it without reducing over the batch (e.g. cross_entropy(..., reduction='none'))"
+                + _square_per_row(k, shape)
             )
             raise ValueError(
                 f"nll(model, batch) must return one value per row (shape [{k}] for these {k} {role} rows), got "
