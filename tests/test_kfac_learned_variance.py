@@ -326,3 +326,39 @@ def test_a_gaussian_read_on_the_removed_rows_only_is_checked_on_the_remaining_ro
             assert report.info["ggn_curvature"] == "hessian"
     assert report.shift_norm > 1e-4  # 3.8e-4 at damping 131
     torch.testing.assert_close(banks["ggn"], banks["exact"], rtol=1e-10, atol=1e-12)
+
+
+def test_a_gaussian_read_on_the_probe_rows_only_falls_back_where_the_remaining_ggn_is_not_finite() -> None:
+    """The learned-variance reading is verified on the remaining rows' first probe rows only: a Huber loss whose rows
+    past its quadratic zone (2 of 50) lie beyond them read ``v = ∞`` there, and ``solver="ggn"`` was refused with
+    "non-finite entries ... check the model and data for overflow" (stop 70's review). A non-finite Gauss-Newton
+    matrix of a learned variance now falls back to the exact dense Hessian, the request then ``solver="exact"``'s."""
+    from mcmc_unlearner import MCMCUnlearner
+
+    def huber(m, b):
+        return F.huber_loss(m(b[0])[:, 0], b[1], delta=5.0, reduction="none")
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 4, dtype=D64, generator=g)
+    with torch.no_grad():
+        y = model(x)[:, 0]
+    y[:58] += 0.01 * torch.randn(58, dtype=D64, generator=g)  # removed rows and 48 remaining: inside the zone
+    y[58:] += 6.0 * torch.sign(torch.randn(2, dtype=D64, generator=g))  # the last 2 remaining: past delta
+    assert learned_variance(model, huber, (x[10:], y[10:])) == {"variance": "learned"}  # the probe rows hold it
+    theta = ParamSpec.flatten_module(model)
+    bank = theta + 0.01 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
+    banks = {}
+    for solver in ("ggn", "exact"):
+        un = MCMCUnlearner(
+            model, nll=huber, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank.clone(),
+            solver=solver,
+        )  # fmt: skip
+        report = un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
+        assert report.problems == [], (solver, report.problems)
+        banks[solver] = un.bank
+        if solver == "ggn":
+            assert report.info["ggn_curvature"] == "hessian"
+            assert "not finite" in report.info["ggn_fallback"]
+    torch.testing.assert_close(banks["ggn"], banks["exact"], rtol=1e-10, atol=1e-12)

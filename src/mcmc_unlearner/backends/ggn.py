@@ -370,8 +370,9 @@ class GGNBackend(DenseBackend):
         return G.div_(len(weights)).to(problem.thetas.dtype)
 
     def prepare(self, problem: Problem) -> dict[str, Any]:
-        lik, info = self._detect(problem)
+        self._detect(problem)
         out = super().prepare(problem)
+        lik, info = self._likelihood  # (the build may have fallen back: _energy_curvature)
         if lik is Likelihood.EMPIRICAL:  # no likelihood is used: the exact Hessian of the user's nll
             out["ggn_likelihood"] = None
             out["ggn_curvature"] = "hessian"
@@ -395,7 +396,22 @@ class GGNBackend(DenseBackend):
             return super()._energy_curvature(problem)
         batches = problem.draw_batches()
         weights = [problem.n / b[0].shape[0] for b in batches]
-        return self._ggn(problem, batches, weights) + self._prior_hessian(problem).to(problem.thetas.dtype)
+        A = self._ggn(problem, batches, weights) + self._prior_hessian(problem).to(problem.thetas.dtype)
+        if self._likelihood[1].get("variance") == "learned" and not bool(torch.isfinite(A).all()):
+            # the learned-variance Gaussian is verified on the remaining rows' first probe rows only
+            # (_learned_on_remaining): a Huber loss whose rows past its quadratic zone lie beyond them read v = ∞
+            # there, and the NaN matrix was refused as "overflow" (stop 70's review). The exact dense Hessian then,
+            # as where the check fails (its overflow, if any, is refused by the dense build as before)
+            self._likelihood = (
+                Likelihood.EMPIRICAL,
+                {
+                    "reason": "nll reads as a Gaussian whose variance the model learns on the probe rows, but its "
+                    "Gauss-Newton matrix on the remaining rows is not finite (a variance read as infinite or zero "
+                    "on some row)"
+                },
+            )
+            return super()._energy_curvature(problem)
+        return A
 
     def _prior_hessian(self, problem: Problem) -> torch.Tensor:
         """``−E_s ∇² log p(θ_s)`` over the draws, dense, its negative eigenvalues clamped to 0 (the GGN stays positive
