@@ -290,41 +290,53 @@ def test_the_removed_rows_ggn_of_a_learned_variance_is_each_draws_gaussian_fishe
     torch.testing.assert_close(_ggn_request()[0].bank, together, rtol=0, atol=0)
 
 
-def test_a_gaussian_read_on_the_removed_rows_only_is_checked_on_the_remaining_rows() -> None:
-    """``solver="ggn"`` read the learned-variance Gaussian on the removed rows alone: a Huber loss (``delta=5``) whose
-    removed rows sit inside its quadratic zone reads as a Gaussian of variance 1 there, and on remaining rows past the
-    zone its variance read as ``∞``: a NaN Gauss-Newton matrix, the request refused as "non-finite entries ... overflow"
-    (stop 70). The reading is now checked on the remaining rows: not holding there, the exact dense Hessian is used,
-    and the request is ``solver="exact"``'s."""
-    from mcmc_unlearner import MCMCUnlearner
+def _huber(m, b):
+    return F.huber_loss(m(b[0])[:, 0], b[1], delta=5.0, reduction="none")
 
-    def huber(m, b):
-        return F.huber_loss(m(b[0])[:, 0], b[1], delta=5.0, reduction="none")
 
+def _huber_case(inside: int):
+    """A 4-6-2 tanh network in float64 and 60 rows whose first ``inside`` residuals are 0.01 (inside the Huber loss's
+    quadratic zone) and the rest 6 (past ``delta=5``); a bank of 4 around the network."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
     g = torch.Generator().manual_seed(5)
     x = torch.randn(60, 4, dtype=D64, generator=g)
     with torch.no_grad():
         y = model(x)[:, 0]
-    y[:10] += 0.01 * torch.randn(10, dtype=D64, generator=g)  # removed: residuals 0.01, inside the quadratic zone
-    y[10:] += 6.0 * torch.sign(torch.randn(50, dtype=D64, generator=g))  # remaining: residuals 6, past delta
-    assert learned_variance(model, huber, (x[:10], y[:10])) == {"variance": "learned"}
-    assert learned_variance(model, huber, (x[10:], y[10:])) is None
+    y[:inside] += 0.01 * torch.randn(inside, dtype=D64, generator=g)
+    y[inside:] += 6.0 * torch.sign(torch.randn(60 - inside, dtype=D64, generator=g))
     theta = ParamSpec.flatten_module(model)
-    bank = theta + 0.01 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
-    banks = {}
+    return model, x, y, theta + 0.01 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
+
+
+def _ggn_and_exact(model, x, y, bank) -> tuple[dict, dict]:
+    """The first 10 rows removed under ``solver="ggn"`` and ``"exact"``: the banks and the ggn request's info."""
+    from mcmc_unlearner import MCMCUnlearner
+
+    banks, infos = {}, {}
     for solver in ("ggn", "exact"):
         un = MCMCUnlearner(
-            model, nll=huber, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank.clone(),
+            model, nll=_huber, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank.clone(),
             solver=solver,
         )  # fmt: skip
         report = un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
         assert report.problems == [], (solver, report.problems)
-        banks[solver] = un.bank
-        if solver == "ggn":
-            assert report.info["ggn_curvature"] == "hessian"
-    assert report.shift_norm > 1e-4  # 3.8e-4 at damping 131
+        banks[solver], infos[solver] = un.bank, dict(report.info, shift_norm=report.shift_norm)
+    return banks, infos["ggn"]
+
+
+def test_a_gaussian_read_on_the_removed_rows_only_is_checked_on_the_remaining_rows() -> None:
+    """``solver="ggn"`` read the learned-variance Gaussian on the removed rows alone: a Huber loss (``delta=5``) whose
+    removed rows sit inside its quadratic zone reads as a Gaussian of variance 1 there, and on remaining rows past the
+    zone its variance read as ``∞``: a NaN Gauss-Newton matrix, the request refused as "non-finite entries ... overflow"
+    (stop 70). The reading is now checked on the remaining rows: not holding there, the exact dense Hessian is used,
+    and the request is ``solver="exact"``'s."""
+    model, x, y, bank = _huber_case(inside=10)  # removed: inside the quadratic zone; remaining: past delta
+    assert learned_variance(model, _huber, (x[:10], y[:10])) == {"variance": "learned"}
+    assert learned_variance(model, _huber, (x[10:], y[10:])) is None
+    banks, info = _ggn_and_exact(model, x, y, bank)
+    assert info["ggn_curvature"] == "hessian"
+    assert info["shift_norm"] > 1e-4  # 3.8e-4 at damping 131
     torch.testing.assert_close(banks["ggn"], banks["exact"], rtol=1e-10, atol=1e-12)
 
 
@@ -333,32 +345,9 @@ def test_a_gaussian_read_on_the_probe_rows_only_falls_back_where_the_remaining_g
     past its quadratic zone (2 of 50) lie beyond them read ``v = ∞`` there, and ``solver="ggn"`` was refused with
     "non-finite entries ... check the model and data for overflow" (stop 70's review). A non-finite Gauss-Newton
     matrix of a learned variance now falls back to the exact dense Hessian, the request then ``solver="exact"``'s."""
-    from mcmc_unlearner import MCMCUnlearner
-
-    def huber(m, b):
-        return F.huber_loss(m(b[0])[:, 0], b[1], delta=5.0, reduction="none")
-
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(60, 4, dtype=D64, generator=g)
-    with torch.no_grad():
-        y = model(x)[:, 0]
-    y[:58] += 0.01 * torch.randn(58, dtype=D64, generator=g)  # removed rows and 48 remaining: inside the zone
-    y[58:] += 6.0 * torch.sign(torch.randn(2, dtype=D64, generator=g))  # the last 2 remaining: past delta
-    assert learned_variance(model, huber, (x[10:], y[10:])) == {"variance": "learned"}  # the probe rows hold it
-    theta = ParamSpec.flatten_module(model)
-    bank = theta + 0.01 * torch.randn(4, theta.numel(), dtype=D64, generator=g)
-    banks = {}
-    for solver in ("ggn", "exact"):
-        un = MCMCUnlearner(
-            model, nll=huber, log_prior=lambda m: -0.5 * sum((p**2).sum() for p in m.parameters()), bank=bank.clone(),
-            solver=solver,
-        )  # fmt: skip
-        report = un.remove((x[:10], y[:10]), (x[10:], y[10:]), strict=False)
-        assert report.problems == [], (solver, report.problems)
-        banks[solver] = un.bank
-        if solver == "ggn":
-            assert report.info["ggn_curvature"] == "hessian"
-            assert "not finite" in report.info["ggn_fallback"]
+    model, x, y, bank = _huber_case(inside=58)  # removed rows and 48 remaining inside the zone; the last 2 past delta
+    assert learned_variance(model, _huber, (x[10:], y[10:])) == {"variance": "learned"}  # the probe rows hold it
+    banks, info = _ggn_and_exact(model, x, y, bank)
+    assert info["ggn_curvature"] == "hessian"
+    assert "not finite" in info["ggn_fallback"]
     torch.testing.assert_close(banks["ggn"], banks["exact"], rtol=1e-10, atol=1e-12)
